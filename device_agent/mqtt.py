@@ -1,0 +1,131 @@
+"""A thin client over paho-mqtt: keyword-only settings, handlers per topic filter,
+and paho's error codes mapped into MqttError."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_agent.errors import BrokerUnreachable, ConfigError, MqttError
+
+log = logging.getLogger(__name__)
+Handler = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str = "127.0.0.1"
+    port: int = 1883
+
+    @classmethod
+    def parse(cls, text: str) -> "BrokerAddress":
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            return cls(host=text)
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"broker address {text!r} is not HOST:PORT")
+        return cls(host=host.strip("[]"), port=int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class MqttClient:
+    """One connection to a broker. Handlers run on paho's network thread: keep them short."""
+
+    def __init__(self, *, client_id: str, broker: BrokerAddress, will: Will | None = None,
+                 clean_session: bool = True, keepalive: int = 30) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                   clean_session=clean_session, protocol=paho.MQTTv311)
+        self._client.max_inflight_messages_set(64)
+        self._client.max_queued_messages_set(0)
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._keepalive = keepalive
+        self._handlers: dict[str, tuple[int, Handler]] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    # -- connection -------------------------------------------------------------------
+    def connect(self, timeout: float = 10.0) -> None:
+        try:
+            self._client.connect(self.broker.host, self.broker.port, keepalive=self._keepalive)
+        except (OSError, ValueError) as exc:
+            raise BrokerUnreachable(f"cannot reach MQTT broker at {self.broker}: {exc}") from None
+        self._client.loop_start()
+        if not self._connected.wait(timeout):
+            self._client.loop_stop()
+            raise BrokerUnreachable(f"MQTT broker at {self.broker} did not accept the connection "
+                                    f"within {timeout:g}s")
+
+    def disconnect(self) -> None:
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker %s refused the connection: %s", self.broker, reason_code)
+            return
+        with self._lock:
+            subs = [(f, qos) for f, (qos, _) in self._handlers.items()]
+        for topic_filter, qos in subs:  # resubscribe after every reconnect
+            client.subscribe(topic_filter, qos)
+        self._connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        if reason_code != 0:
+            log.warning("lost the connection to %s (%s); reconnecting", self.broker, reason_code)
+
+    # -- messages ---------------------------------------------------------------------
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        with self._lock:
+            self._handlers[topic_filter] = (qos, handler)
+        if self.connected:
+            self._client.subscribe(topic_filter, qos)
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                wait: float | None = None) -> None:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        if wait is not None:
+            try:
+                info.wait_for_publish(wait)
+            except (RuntimeError, ValueError) as exc:
+                raise MqttError(f"publish to {topic} was not acknowledged: {exc}") from None
+            if not info.is_published():
+                raise MqttError(f"publish to {topic} was not acknowledged within {wait:g}s")
+
+    def _on_message(self, client, userdata, message) -> None:
+        with self._lock:
+            matches = [h for f, (_, h) in self._handlers.items() if paho.topic_matches_sub(f, message.topic)]
+        for handler in matches:
+            try:
+                handler(message.topic, message.payload)
+            except Exception:  # a bad handler must not kill the network thread
+                log.exception("handler for %s failed", message.topic)

@@ -1,0 +1,1 @@
+"""What crosses MQTT: topic names (``topics``) and message schemas (``messages``)."""

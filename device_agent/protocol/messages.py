@@ -1,0 +1,222 @@
+"""The messages that cross MQTT, each a small frozen class with one encoding.
+
+JSON messages are UTF-8 objects with a ``type`` field; decoding validates
+types and bounds and raises ProtocolError, never KeyError or TypeError, so a
+malformed message from the network is logged and dropped, never a crash.
+Chunks are binary: a 4-byte big-endian header length, a JSON header, the data.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from device_agent.errors import ProtocolError
+
+MAX_JSON_BYTES = 256 * 1024
+MAX_CHUNK_SIZE = 1 << 20
+DEFAULT_CHUNK_SIZE = 64 * 1024
+
+
+def _decode(payload: bytes, expected_type: str) -> dict[str, Any]:
+    if len(payload) > MAX_JSON_BYTES:
+        raise ProtocolError(f"{expected_type} message of {len(payload)} bytes exceeds {MAX_JSON_BYTES}")
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"{expected_type} message is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("type") != expected_type:
+        raise ProtocolError(f"expected a {expected_type!r} message")
+    return doc
+
+
+def _get(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
+    value = doc.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ProtocolError(f"field {key!r} has the wrong type")
+    if not isinstance(value, kind):
+        raise ProtocolError(f"field {key!r} is missing or has the wrong type")
+    return value
+
+
+def _encode(kind: str, body: dict[str, Any]) -> bytes:
+    return json.dumps({"type": kind, **body}, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class BundleOffer:
+    """What a device needs to fetch a bundle: its identity, size and chunking."""
+
+    sha256: str
+    size: int
+    chunk_size: int
+    name: str
+    version: str
+
+    @property
+    def chunk_count(self) -> int:
+        return max(1, -(-self.size // self.chunk_size))
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> "BundleOffer":
+        if not isinstance(doc, dict):
+            raise ProtocolError("bundle offer must be an object")
+        offer = cls(sha256=_get(doc, "sha256", str), size=_get(doc, "size", int),
+                    chunk_size=_get(doc, "chunk_size", int), name=_get(doc, "name", str),
+                    version=_get(doc, "version", str))
+        if len(offer.sha256) != 64 or any(c not in "0123456789abcdef" for c in offer.sha256):
+            raise ProtocolError("bundle sha256 must be 64 lower-case hex digits")
+        if not 0 < offer.size or not 0 < offer.chunk_size <= MAX_CHUNK_SIZE:
+            raise ProtocolError("bundle size and chunk size must be positive (chunk size at most 1 MiB)")
+        return offer
+
+
+@dataclass(frozen=True)
+class DeployCommand:
+    command_id: str
+    bundle: BundleOffer
+    issued_at: float
+    type: str = field(default="deploy", init=False)
+
+    def to_payload(self) -> bytes:
+        return _encode("deploy", {"command_id": self.command_id, "issued_at": self.issued_at,
+                                  "bundle": asdict(self.bundle)})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "DeployCommand":
+        doc = _decode(payload, "deploy")
+        return cls(command_id=_get(doc, "command_id", str), issued_at=float(_get(doc, "issued_at", (int, float))),
+                   bundle=BundleOffer.from_dict(doc.get("bundle")))
+
+
+@dataclass(frozen=True)
+class ChunkRequest:
+    device_id: str
+    chunks: tuple[int, ...]
+
+    def to_payload(self) -> bytes:
+        return _encode("chunk_request", {"device_id": self.device_id, "chunks": list(self.chunks)})
+
+    @classmethod
+    def from_payload(cls, payload: bytes, max_chunks: int = 1024) -> "ChunkRequest":
+        doc = _decode(payload, "chunk_request")
+        chunks = _get(doc, "chunks", list)
+        if not 0 < len(chunks) <= max_chunks or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in chunks):
+            raise ProtocolError(f"chunks must be 1..{max_chunks} non-negative integers")
+        return cls(device_id=_get(doc, "device_id", str), chunks=tuple(chunks))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    bundle_sha256: str
+    index: int
+    data: bytes
+
+    _LEN = struct.Struct(">I")
+
+    def to_payload(self) -> bytes:
+        header = json.dumps({"bundle": self.bundle_sha256, "index": self.index}).encode()
+        return self._LEN.pack(len(header)) + header + self.data
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "Chunk":
+        if len(payload) < cls._LEN.size:
+            raise ProtocolError("chunk message is truncated")
+        (header_len,) = cls._LEN.unpack_from(payload)
+        if header_len > 1024 or cls._LEN.size + header_len > len(payload):
+            raise ProtocolError("chunk header length is out of range")
+        header_end = cls._LEN.size + header_len
+        try:
+            header = json.loads(payload[cls._LEN.size:header_end])
+        except (ValueError, UnicodeDecodeError):
+            raise ProtocolError("chunk header is not JSON") from None
+        if not isinstance(header, dict):
+            raise ProtocolError("chunk header must be an object")
+        index = _get(header, "index", int)
+        if index < 0:
+            raise ProtocolError("chunk index must be non-negative")
+        return cls(bundle_sha256=_get(header, "bundle", str), index=index, data=payload[header_end:])
+
+
+# Deployment states a device reports, in the order a successful deployment passes them.
+DEPLOY_STATES = ("accepted", "downloading", "verifying", "activating", "active")
+DEPLOY_FINAL = ("active", "failed", "already_installed")
+
+
+@dataclass(frozen=True)
+class DeploymentEvent:
+    device_id: str
+    command_id: str
+    state: str
+    bundle: str  # "name version"
+    progress: float = 0.0
+    reason: str | None = None
+    timestamp: float = 0.0
+
+    def to_payload(self) -> bytes:
+        return _encode("deployment", asdict(self))
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "DeploymentEvent":
+        doc = _decode(payload, "deployment")
+        state = _get(doc, "state", str)
+        if state not in DEPLOY_STATES + DEPLOY_FINAL:
+            raise ProtocolError(f"unknown deployment state {state!r}")
+        return cls(device_id=_get(doc, "device_id", str), command_id=_get(doc, "command_id", str),
+                   state=state, bundle=_get(doc, "bundle", str),
+                   progress=float(_get(doc, "progress", (int, float))),
+                   reason=_get(doc, "reason", str, optional=True),
+                   timestamp=float(_get(doc, "timestamp", (int, float))))
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """The retained status a device announces; its last will says ``online: false``."""
+
+    device_id: str
+    online: bool
+    timestamp: float
+    agent_version: str = ""
+    active_bundle: str | None = None  # "name version"
+    active_sha256: str | None = None
+
+    def to_payload(self) -> bytes:
+        return _encode("status", asdict(self))
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "DeviceStatus":
+        doc = _decode(payload, "status")
+        return cls(device_id=_get(doc, "device_id", str), online=_get(doc, "online", bool),
+                   timestamp=float(_get(doc, "timestamp", (int, float))),
+                   agent_version=_get(doc, "agent_version", str, optional=True) or "",
+                   active_bundle=_get(doc, "active_bundle", str, optional=True),
+                   active_sha256=_get(doc, "active_sha256", str, optional=True))
+
+
+@dataclass(frozen=True)
+class TelemetrySample:
+    """One reporting interval of a device. Absent readings are absent, never zero."""
+
+    device_id: str
+    seq: int
+    timestamp: float
+    interval_s: float
+    bundle: str | None
+    readings: dict[str, Any]  # collector name -> its readings
+
+    def to_payload(self) -> bytes:
+        return _encode("telemetry", asdict(self))
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "TelemetrySample":
+        doc = _decode(payload, "telemetry")
+        return cls(device_id=_get(doc, "device_id", str), seq=_get(doc, "seq", int),
+                   timestamp=float(_get(doc, "timestamp", (int, float))),
+                   interval_s=float(_get(doc, "interval_s", (int, float))),
+                   bundle=_get(doc, "bundle", str, optional=True),
+                   readings=_get(doc, "readings", dict))

@@ -1,0 +1,68 @@
+"""Every MQTT topic edgefleet uses, built in one place.
+
+Layout (protocol v1, documented in docs/protocol.md)::
+
+    edgefleet/v1/devices/{device}/status      device -> host, retained, QoS 1 (last will: offline)
+    edgefleet/v1/devices/{device}/cmd         host -> device, QoS 1
+    edgefleet/v1/devices/{device}/events      device -> host, QoS 1 (deployment progress and outcome)
+    edgefleet/v1/devices/{device}/telemetry   device -> host, QoS 1
+    edgefleet/v1/devices/{device}/chunks      host -> device, QoS 1 (bundle chunks it asked for)
+    edgefleet/v1/transfer/{sha256}/request    device -> host, QoS 1 (which chunks it lacks)
+"""
+
+from __future__ import annotations
+
+import re
+
+ROOT = "edgefleet/v1"
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def valid_device_id(device_id: str) -> bool:
+    """Device ids become topic levels, so no wildcards, slashes or empty ids."""
+    return bool(_DEVICE_ID.match(device_id))
+
+
+def _device(device_id: str, leaf: str) -> str:
+    if not valid_device_id(device_id):
+        raise ValueError(f"invalid device id {device_id!r}")
+    return f"{ROOT}/devices/{device_id}/{leaf}"
+
+
+def status(device_id: str) -> str:
+    return _device(device_id, "status")
+
+
+def command(device_id: str) -> str:
+    return _device(device_id, "cmd")
+
+
+def events(device_id: str) -> str:
+    return _device(device_id, "events")
+
+
+def telemetry(device_id: str) -> str:
+    return _device(device_id, "telemetry")
+
+
+def chunks(device_id: str) -> str:
+    return _device(device_id, "chunks")
+
+
+def chunk_request(bundle_sha256: str) -> str:
+    return f"{ROOT}/transfer/{bundle_sha256}/request"
+
+
+ALL_CHUNK_REQUESTS = f"{ROOT}/transfer/+/request"
+
+
+def all_devices(leaf: str) -> str:
+    return f"{ROOT}/devices/+/{leaf}"
+
+
+def device_of(topic: str) -> str | None:
+    """The device id in a per-device topic, or None for any other topic."""
+    parts = topic.split("/")
+    if len(parts) == 5 and "/".join(parts[:3]) == f"{ROOT}/devices" and valid_device_id(parts[3]):
+        return parts[3]
+    return None

@@ -1,0 +1,69 @@
+"""The active model on a device: one slot that inference goes through and that a deployment swaps."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Mapping
+
+import numpy as np
+
+from device_agent.errors import ModelError
+from device_agent.runtime import ModelRuntime
+from device_agent.store import InstalledBundle
+from device_agent.telemetry.histogram import LatencyHistogram
+
+log = logging.getLogger(__name__)
+
+
+class ModelSlot:
+    """Holds the active (bundle, runtime) pair; a swap never interrupts a running call."""
+
+    def __init__(self, latency: LatencyHistogram) -> None:
+        self._lock = threading.Lock()
+        self._bundle: InstalledBundle | None = None
+        self._runtime: ModelRuntime | None = None
+        self._sample: dict[str, np.ndarray] = {}
+        self._latency = latency
+        self.errors = 0
+
+    @property
+    def bundle(self) -> InstalledBundle | None:
+        return self._bundle
+
+    def swap(self, bundle: InstalledBundle, runtime: ModelRuntime, sample: dict[str, np.ndarray]) -> None:
+        with self._lock:
+            self._bundle, self._runtime, self._sample = bundle, runtime, sample
+
+    def infer(self, feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Run the active model (on its sample input when *feeds* is None) and record the latency."""
+        with self._lock:
+            runtime, sample = self._runtime, self._sample
+        if runtime is None:
+            raise ModelError("no model is active on this device")
+        start = time.perf_counter()
+        try:
+            out = runtime.run(sample if feeds is None else feeds)
+        except ModelError:
+            self.errors += 1
+            raise
+        self._latency.record(time.perf_counter() - start)
+        return out
+
+
+class SampleWorkload(threading.Thread):
+    """Runs the active model on its sample input at a fixed interval."""
+
+    def __init__(self, slot: ModelSlot, interval: float, stop: threading.Event) -> None:
+        super().__init__(name="sample-workload", daemon=True)
+        self._slot, self._interval, self._stop = slot, interval, stop
+
+    def run(self) -> None:
+        while not self._stop.wait(self._interval):
+            if self._slot.bundle is None:
+                continue
+            try:
+                self._slot.infer()
+            except ModelError as exc:
+                log.warning("inference failed: %s", exc)

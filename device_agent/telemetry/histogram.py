@@ -1,0 +1,55 @@
+"""A fixed-size latency histogram: log-spaced buckets, constant memory, ~2% resolution."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+_MIN_S = 1e-6          # 1 µs
+_MAX_S = 100.0         # 100 s; anything slower lands in the last bucket
+_GROWTH = 1.02
+_BUCKETS = int(math.ceil(math.log(_MAX_S / _MIN_S) / math.log(_GROWTH))) + 1
+_UPPER = _MIN_S * _GROWTH ** np.arange(1, _BUCKETS + 1)  # upper bound of each bucket
+
+
+class LatencyHistogram:
+    """Thread-safe: inference threads record, the telemetry thread snapshots and resets."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = np.zeros(_BUCKETS, dtype=np.int64)
+        self._max = 0.0
+        self._sum = 0.0
+
+    def record(self, seconds: float) -> None:
+        index = 0 if seconds <= _MIN_S else min(_BUCKETS - 1, int(math.log(seconds / _MIN_S) / math.log(_GROWTH)))
+        with self._lock:
+            self._counts[index] += 1
+            self._sum += seconds
+            self._max = max(self._max, seconds)
+
+    def snapshot_and_reset(self) -> "HistogramSnapshot":
+        with self._lock:
+            snap = HistogramSnapshot(self._counts.copy(), self._max, self._sum)
+            self._counts[:] = 0
+            self._max = 0.0
+            self._sum = 0.0
+        return snap
+
+
+class HistogramSnapshot:
+    def __init__(self, counts: np.ndarray, max_s: float, sum_s: float) -> None:
+        self.counts = counts
+        self.count = int(counts.sum())
+        self.max_s = max_s
+        self.mean_s = sum_s / self.count if self.count else None
+
+    def percentile(self, q: float) -> float | None:
+        """Upper bound of the bucket holding the q-th percentile (never above the observed max)."""
+        if self.count == 0:
+            return None
+        rank = max(1, math.ceil(q / 100.0 * self.count))
+        index = int(np.searchsorted(np.cumsum(self.counts), rank))
+        return float(min(_UPPER[index], self.max_s))

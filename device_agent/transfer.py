@@ -1,0 +1,123 @@
+"""Device side of bundle transfer: fetch a bundle over MQTT as chunks it asks for.
+
+The device keeps a window of chunk requests in flight, writes each chunk at its
+offset in a partial file, re-asks for chunks that have not arrived after a
+timeout, and checks the whole file's SHA-256 at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from device_agent.bundle import sha256_file
+from device_agent.errors import ProtocolError, TransferError, TransferTimeout
+from device_agent.mqtt import MqttClient
+from device_agent.protocol import topics
+from device_agent.protocol.messages import BundleOffer, Chunk, ChunkRequest
+
+
+class ChunkRouter:
+    """Subscribed once at start-up, so chunks never race a fresh subscription; hands
+    each chunk message to the download in progress, if any."""
+
+    def __init__(self) -> None:
+        self.target: Callable[[str, bytes], None] | None = None
+
+    def __call__(self, topic: str, payload: bytes) -> None:
+        target = self.target
+        if target is not None:
+            target(topic, payload)
+
+
+class Download:
+    def __init__(self, client: MqttClient, router: ChunkRouter, device_id: str, offer: BundleOffer,
+                 dest: Path, *,
+                 window: int = 8, retry_after: float = 3.0, stall_timeout: float = 30.0,
+                 on_progress: Callable[[float], None] | None = None) -> None:
+        self._client = client
+        self._router = router
+        self._device_id = device_id
+        self._offer = offer
+        self._dest = dest
+        self._window = window
+        self._retry_after = retry_after
+        self._stall_timeout = stall_timeout
+        self._on_progress = on_progress
+        self._cond = threading.Condition()
+        self._received: set[int] = set()
+        self._requested: dict[int, float] = {}
+        self._next_new = 0
+        self._last_progress = time.monotonic()
+
+    def run(self) -> Path:
+        """Fetch the bundle; returns the path of the complete, hash-checked file."""
+        offer = self._offer
+        with open(self._dest, "wb") as fh:
+            fh.truncate(offer.size)
+        self._fh = open(self._dest, "r+b")
+        self._router.target = self._on_chunk
+        try:
+            self._fetch()
+        finally:
+            self._router.target = None
+            self._fh.close()
+        if sha256_file(self._dest) != offer.sha256:
+            self._dest.unlink(missing_ok=True)
+            raise TransferError("downloaded bundle does not match its SHA-256")
+        return self._dest
+
+    def _fetch(self) -> None:
+        total = self._offer.chunk_count
+        with self._cond:
+            while len(self._received) < total:
+                now = time.monotonic()
+                if now - self._last_progress > self._stall_timeout:
+                    raise TransferTimeout(f"no chunk arrived for {self._stall_timeout:g}s "
+                                          f"({len(self._received)}/{total} received)")
+                wanted = self._due(now, total)
+                if wanted:
+                    for i in wanted:
+                        self._requested[i] = now
+                    self._client.publish(topics.chunk_request(self._offer.sha256),
+                                         ChunkRequest(self._device_id, tuple(wanted)).to_payload(), qos=1)
+                self._cond.wait(0.5)
+
+    def _due(self, now: float, total: int) -> list[int]:
+        """Chunks to ask for now: timed-out ones again, then new ones up to the window."""
+        in_flight = [i for i, t in self._requested.items() if now - t < self._retry_after]
+        wanted = [i for i, t in self._requested.items() if now - t >= self._retry_after]
+        while len(in_flight) + len(wanted) < self._window and self._next_new < total:
+            wanted.append(self._next_new)
+            self._next_new += 1
+        return wanted
+
+    def _on_chunk(self, topic: str, payload: bytes) -> None:
+        try:
+            chunk = Chunk.from_payload(payload)
+        except ProtocolError:
+            return
+        offer = self._offer
+        if chunk.bundle_sha256 != offer.sha256 or chunk.index >= offer.chunk_count:
+            return
+        expected_len = min(offer.chunk_size, offer.size - chunk.index * offer.chunk_size)
+        if len(chunk.data) != expected_len:
+            return  # a device never writes more (or less) than the offer declared
+        with self._cond:
+            if chunk.index in self._received:
+                return
+            self._fh.seek(chunk.index * offer.chunk_size)
+            self._fh.write(chunk.data)
+            self._received.add(chunk.index)
+            self._requested.pop(chunk.index, None)
+            self._last_progress = time.monotonic()
+            done = len(self._received) / offer.chunk_count
+            if len(self._received) == offer.chunk_count:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            self._cond.notify_all()
+        if self._on_progress is not None:
+            self._on_progress(done)

@@ -1,0 +1,248 @@
+"""``edgefleet``: the host command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from device_agent import __version__
+from device_agent.cli import fail_cleanly
+from device_agent.errors import ConfigError
+from device_agent.mqtt import BrokerAddress, MqttClient
+from host_tools.terminal import console
+
+DEFAULT_HOME = Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".local/share/edgefleet"))
+
+broker_option = click.option("--broker", envvar="EDGEFLEET_BROKER", default="127.0.0.1:1883", show_default=True,
+                             help="MQTT broker as HOST:PORT (env EDGEFLEET_BROKER).")
+db_option = click.option("--db", type=click.Path(path_type=Path), default=DEFAULT_HOME / "fleet.db",
+                         show_default=True, help="Fleet database written by `edgefleet monitor`.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def host_client(broker: str, role: str) -> MqttClient:
+    client = MqttClient(client_id=f"edgefleet-{role}-{os.getpid()}", broker=BrokerAddress.parse(broker))
+    client.connect(timeout=5)
+    return client
+
+
+@click.group(help="edgefleet host tools: compress models, build signed bundles, deploy them to devices "
+                  "over MQTT, and watch fleet telemetry.")
+@click.version_option(__version__, prog_name="edgefleet")
+def main() -> None:
+    pass
+
+
+# -- keys ---------------------------------------------------------------------------------
+@main.group(help="Signing keys for bundles.")
+def keys() -> None:
+    pass
+
+
+@keys.command("gen", help="Create an Ed25519 key pair: NAME.key (keep secret) and NAME.pub (give to devices).")
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_HOME / "keys", show_default=True)
+@click.option("--name", default="release", show_default=True)
+@json_option
+@fail_cleanly
+def keys_gen(out, name, as_json) -> None:
+    from device_agent.bundle.signing import generate_key_pair, key_id, load_public_key
+
+    private, public = generate_key_pair(out, name)
+    doc = {"private_key": str(private), "public_key": str(public), "key_id": key_id(load_public_key(public))}
+    click.echo(json.dumps(doc) if as_json else f"wrote {private} and {public} (key id {doc['key_id']})")
+
+
+# -- compress -----------------------------------------------------------------------------
+@main.command(help="Quantize an ONNX model to int8 (dynamic) and compare it with the original.")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
+@click.option("--eval", "eval_data", type=click.Path(path_type=Path),
+              help="Evaluation data: .npz with 'x' (inputs) and optional 'y' (labels).")
+@json_option
+@fail_cleanly
+def compress(model, out, eval_data, as_json) -> None:
+    from host_tools.compress import EvalData, evaluate_model, quantize_dynamic_int8
+    from host_tools.compress.report import compression_table
+
+    provenance = quantize_dynamic_int8(model, out)
+    if eval_data is None:
+        click.echo(json.dumps(provenance) if as_json else f"wrote {out} (no --eval data: nothing measured)")
+        return
+    data = EvalData.load(eval_data)
+    before, after = evaluate_model(model, data), evaluate_model(out, data)
+    if as_json:
+        click.echo(json.dumps({"compression": provenance, "original": before.as_metrics(),
+                               "compressed": after.as_metrics()}))
+    else:
+        console().print(compression_table(before, after))
+
+
+# -- bundle -------------------------------------------------------------------------------
+@main.group(help="Build, inspect and verify signed model bundles.")
+def bundle() -> None:
+    pass
+
+
+@bundle.command("build", help="Package MODEL into a signed, versioned bundle.")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="Model name, e.g. digits-cnn.")
+@click.option("--version", "version", required=True, help="Semantic version, e.g. 1.2.0.")
+@click.option("--key", type=click.Path(path_type=Path), required=True, help="Private signing key (PEM).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Bundle file (default NAME-VERSION.efb).")
+@click.option("--sample", type=click.Path(path_type=Path),
+              help=".npz with one array per model input, used as the device's health-check input.")
+@click.option("--atol", default=1e-3, show_default=True, help="Absolute tolerance of the sample check.")
+@json_option
+@fail_cleanly
+def bundle_build(model, name, version, key, out, sample, atol, as_json) -> None:
+    import numpy as np
+
+    from host_tools.packaging import build_bundle
+
+    out = out or Path(f"{name}-{version}.efb")
+    feeds = None
+    if sample is not None:
+        try:
+            with np.load(sample, allow_pickle=False) as data:
+                feeds = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read sample file {sample}: {exc}") from None
+    manifest = build_bundle(model, name=name, version=version, key=key, out=out, sample=feeds, atol=atol)
+    click.echo(json.dumps({"bundle": str(out), "manifest": manifest.to_dict()}) if as_json
+               else f"wrote {out}: {manifest.label} ({out.stat().st_size} bytes)")
+
+
+@bundle.command("inspect", help="Show a bundle's manifest (without checking its signature).")
+@click.argument("bundle_path", type=click.Path(path_type=Path))
+@json_option
+@fail_cleanly
+def bundle_inspect(bundle_path, as_json) -> None:
+    from device_agent.bundle import BundleReader
+
+    with BundleReader(bundle_path) as reader:
+        m = reader.manifest
+    if as_json:
+        click.echo(json.dumps(m.to_dict()))
+        return
+    click.echo(f"{m.label}  runtime={m.runtime}  created={m.created_at}")
+    for f in m.files:
+        click.echo(f"  {f.path:<24} {f.size:>10} bytes  sha256 {f.sha256[:16]}…")
+    for kind, specs in (("input", m.inputs), ("output", m.outputs)):
+        for s in specs:
+            click.echo(f"  {kind:<6} {s.name}: {s.dtype}{list(s.shape)}")
+    if m.compression:
+        click.echo(f"  compression: {json.dumps(m.compression)}")
+    if m.metrics:
+        click.echo(f"  metrics: {json.dumps(m.metrics)}")
+
+
+@bundle.command("verify", help="Check a bundle's signature and every file's hash against trusted keys.")
+@click.argument("bundle_path", type=click.Path(path_type=Path))
+@click.option("--key", "keys_", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Trusted public key (PEM); repeatable.")
+@json_option
+@fail_cleanly
+def bundle_verify(bundle_path, keys_, as_json) -> None:
+    from device_agent.bundle import BundleReader
+    from device_agent.bundle.signing import trusted_keys
+
+    with BundleReader(bundle_path) as reader:
+        verified = reader.verify(trusted_keys(keys_))
+    doc = {"bundle": str(bundle_path), "valid": True, "model": verified.manifest.label,
+           "key_id": verified.key_id, "sha256": verified.sha256}
+    click.echo(json.dumps(doc) if as_json else
+               f"OK: {verified.manifest.label} signed by key {verified.key_id}, all files match")
+
+
+# -- deploy -------------------------------------------------------------------------------
+@main.command(help="Send BUNDLE to devices over MQTT and follow each until it is active or failed.")
+@click.argument("bundle_path", type=click.Path(path_type=Path))
+@click.option("--device", "devices", multiple=True, required=True, help="Target device id; repeatable.")
+@broker_option
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every device.")
+@click.option("--chunk-size", default=64 * 1024, show_default=True, help="Transfer chunk size in bytes.")
+@json_option
+@fail_cleanly
+def deploy(bundle_path, devices, broker, timeout, chunk_size, as_json) -> None:
+    from host_tools.deploy import run_deployment
+
+    client = host_client(broker, "deploy")
+    try:
+        results = run_deployment(client, bundle_path, devices, timeout=timeout, chunk_size=chunk_size,
+                                 show_progress=not as_json)
+    finally:
+        client.disconnect()
+    if as_json:
+        click.echo(json.dumps({d: vars(p) for d, p in results.items()}))
+    if not all(p.succeeded for p in results.values()):
+        sys.exit(1)
+
+
+# -- fleet --------------------------------------------------------------------------------
+@main.group(help="The fleet as the ingest (`edgefleet monitor`) recorded it.")
+def fleet() -> None:
+    pass
+
+
+@fleet.command("status", help="One row per device: state, bundle, latency, throughput, memory, CPU, power.")
+@db_option
+@json_option
+@fail_cleanly
+def fleet_status(db, as_json) -> None:
+    from host_tools.fleet.store import FleetStore
+    from host_tools.fleet.view import fleet_table, summarize
+
+    if not db.exists():
+        raise ConfigError(f"no fleet database at {db}: run `edgefleet monitor` first")
+    store = FleetStore(db)
+    rows = store.devices()
+    store.close()
+    if as_json:
+        click.echo(json.dumps([summarize(r) for r in rows]))
+    else:
+        console().print(fleet_table(rows))
+
+
+@main.command(help="Run the ingest: store every device's status, telemetry and events in the fleet database.")
+@broker_option
+@db_option
+@fail_cleanly
+def monitor(broker, db) -> None:
+    from host_tools.fleet.ingest import Ingest
+    from host_tools.fleet.store import FleetStore
+
+    store = FleetStore(db)
+    client = host_client(broker, "monitor")
+    Ingest(client, store).start()
+    click.echo(f"ingesting from {broker} into {db}; Ctrl-C to stop", err=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.disconnect()
+        store.close()
+
+
+@main.command(help="Run the whole path on this machine: broker, compression, signed bundle, "
+                   "three device agents, deployment over MQTT, and the fleet table.")
+@click.option("--broker", default=None, help="Use this MQTT broker (HOST:PORT) instead of an embedded one.")
+@click.option("--devices", default=3, show_default=True, type=click.IntRange(1, 20))
+@click.option("--workdir", type=click.Path(path_type=Path), help="Keep keys, bundles and agent state here "
+              "(default: a temporary directory, removed afterwards).")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for the deployment.")
+@fail_cleanly
+def demo(broker, devices, workdir, timeout) -> None:
+    from host_tools.demo import run_demo
+
+    sys.exit(0 if run_demo(broker=broker, device_count=devices, workdir=workdir, timeout=timeout) else 1)
+
+
+if __name__ == "__main__":
+    main()

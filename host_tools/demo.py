@@ -1,0 +1,157 @@
+"""``edgefleet demo``: the whole path on one machine, with real parts.
+
+Embedded broker (or --broker) -> key pair -> int8 compression with a before/after
+table -> signed bundle -> three agent processes -> deployment over MQTT with
+progress -> telemetry -> fleet table -> clean shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from device_agent.bundle.signing import generate_key_pair
+from device_agent.errors import ConfigError
+from device_agent.mqtt import BrokerAddress, MqttClient
+from host_tools import terminal
+
+REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
+MODEL_NAME = "digits-cnn"
+MODEL_VERSION = "1.0.0"
+
+
+def find_reference_model() -> tuple[Path, Path]:
+    for root in (REPO_MODELS, Path.cwd() / "models"):
+        model, heldout = root / "digits_cnn.onnx", root / "digits_heldout.npz"
+        if model.is_file() and heldout.is_file():
+            return model, heldout
+    raise ConfigError("reference model models/digits_cnn.onnx not found: run the demo from an edgefleet checkout")
+
+
+class AgentProcesses:
+    """Device agents as separate OS processes, as if each were its own Raspberry Pi."""
+
+    def __init__(self, workdir: Path, broker: BrokerAddress, public_key: Path) -> None:
+        self._workdir, self._broker, self._key = workdir, broker, public_key
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, device_id: str, *, telemetry_interval: float = 1.0) -> None:
+        state = self._workdir / "devices" / device_id
+        state.mkdir(parents=True, exist_ok=True)
+        log = open(state / "agent.log", "ab")
+        self.procs[device_id] = subprocess.Popen(
+            [sys.executable, "-m", "device_agent", "run", "--device-id", device_id, "--state-dir", str(state),
+             "--broker", str(self._broker), "--trusted-key", str(self._key),
+             "--telemetry-interval", str(telemetry_interval)],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, timeout: float) -> bool:
+    from host_tools.broker import EmbeddedBroker
+    from host_tools.compress import EvalData, evaluate_model, quantize_dynamic_int8
+    from host_tools.compress.report import compression_table
+    from host_tools.deploy import run_deployment
+    from host_tools.fleet.ingest import Ingest
+    from host_tools.fleet.store import FleetStore
+    from host_tools.fleet.view import fleet_table
+    from host_tools.packaging import build_bundle
+
+    console = terminal.console()
+    model, heldout = find_reference_model()
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgefleet-demo-")))
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+
+        if broker is None:
+            address = stack.enter_context(EmbeddedBroker()).address
+            console.print(f"[bold]1.[/] embedded MQTT broker (amqtt) on {address}")
+        else:
+            address = BrokerAddress.parse(broker)
+            console.print(f"[bold]1.[/] using MQTT broker at {address}")
+        host = MqttClient(client_id="edgefleet-demo-host", broker=address)
+        host.connect(timeout=5)
+        stack.callback(host.disconnect)
+
+        private_key, public_key = generate_key_pair(workdir / "keys", f"demo-{int(time.time())}")
+        console.print(f"[bold]2.[/] signing key pair: {private_key.name} / {public_key.name}")
+
+        console.print(f"[bold]3.[/] compressing {model.name} with ONNX Runtime dynamic int8 quantization; "
+                      f"measuring both on the {heldout.name} held-out set…")
+        quantized = workdir / "digits_cnn.int8.onnx"
+        provenance = quantize_dynamic_int8(model, quantized)
+        data = EvalData.load(heldout)
+        before, after = evaluate_model(model, data), evaluate_model(quantized, data)
+        console.print(compression_table(before, after, title="before / after (measured on this machine)"))
+
+        bundle = workdir / f"{MODEL_NAME}-{MODEL_VERSION}.efb"
+        manifest = build_bundle(quantized, name=MODEL_NAME, version=MODEL_VERSION, key=private_key, out=bundle,
+                                sample={"image": data.inputs[:1]}, atol=1e-4, compression=provenance,
+                                metrics={"original": before.as_metrics(), "compressed": after.as_metrics()})
+        console.print(f"[bold]4.[/] signed bundle {bundle.name}: {manifest.label}, {bundle.stat().st_size} bytes")
+
+        store = FleetStore(workdir / "fleet.db")
+        stack.callback(store.close)
+        Ingest(host, store).start()
+
+        devices = [f"pi-{i:02d}" for i in range(1, device_count + 1)]
+        agents = AgentProcesses(workdir, address, public_key)
+        stack.callback(agents.stop)
+        for device in devices:
+            agents.start(device)
+        console.print(f"[bold]5.[/] started {len(devices)} agent processes: {', '.join(devices)}")
+        online = lambda: {r.device_id for r in store.devices() if r.online} >= set(devices)  # noqa: E731
+        if not _wait_for(online, 30):
+            console.print("[red]not every agent came online within 30s; see the agent logs in "
+                          f"{workdir / 'devices'}[/]")
+            return False
+
+        console.print("[bold]6.[/] deploying over MQTT (devices fetch chunks they ask for):")
+        results = run_deployment(host, bundle, devices, timeout=timeout, chunk_size=16 * 1024)
+        failed = {d: p for d, p in results.items() if not p.succeeded}
+        for d, p in failed.items():
+            console.print(f"[red]{d}: {p.state}: {p.reason}[/]")
+
+        console.print("[bold]7.[/] waiting for telemetry from the new model…")
+        reporting = lambda: all(store.telemetry_count(d, manifest.label) >= 2 for d in devices)  # noqa: E731
+        telemetry_ok = _wait_for(reporting, 20)
+        rows = store.devices()
+        console.print(fleet_table(rows))
+        active_ok = all(r.active_bundle == manifest.label for r in rows if r.device_id in devices)
+        ok = not failed and telemetry_ok and active_ok
+        console.print("[bold]8.[/] shutting down agents and broker")
+    if ok:
+        console.print(f"[green]demo passed:[/] {len(devices)} devices run {manifest.label} and report telemetry")
+    else:
+        console.print("[red]demo failed:[/] not every device activated the bundle and reported telemetry")
+    return ok

@@ -1,0 +1,133 @@
+"""Send a bundle to named devices and follow each one until it is active or has failed."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+from device_agent.bundle import BundleReader
+from device_agent.errors import ConfigError, ProtocolError
+from device_agent.mqtt import MqttClient
+from device_agent.protocol import topics
+from device_agent.protocol.messages import DEPLOY_FINAL, DeployCommand, DeploymentEvent
+from host_tools.serve import BundleServer
+from host_tools.terminal import console
+
+
+@dataclass(frozen=True)
+class DeviceProgress:
+    device_id: str
+    state: str = "pending"
+    progress: float = 0.0
+    reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in DEPLOY_FINAL or self.state == "timed_out"
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state in ("active", "already_installed")
+
+
+class Deployment:
+    def __init__(self, client: MqttClient, server: BundleServer, bundle: Path, devices: Iterable[str],
+                 on_update: Callable[[DeviceProgress], None] | None = None) -> None:
+        self._client = client
+        self._server = server
+        self.bundle = Path(bundle)
+        with BundleReader(self.bundle) as reader:  # refuse what is not a bundle before telling anyone
+            self.manifest = reader.manifest
+        self.devices = list(dict.fromkeys(devices))
+        bad = [d for d in self.devices if not topics.valid_device_id(d)]
+        if not self.devices or bad:
+            raise ConfigError(f"invalid device id(s): {', '.join(bad) or '(none given)'}")
+        self._on_update = on_update
+        self._lock = threading.Condition()
+        self.command_id = uuid.uuid4().hex
+        self.progress = {d: DeviceProgress(d) for d in self.devices}
+
+    def start(self) -> None:
+        offer = self._server.offer(self.bundle, self.manifest.name, self.manifest.version)
+        for device in self.devices:
+            self._client.subscribe(topics.events(device), self._on_event, qos=1)
+        command = DeployCommand(self.command_id, offer, time.time())
+        for device in self.devices:
+            self._client.publish(topics.command(device), command.to_payload(), qos=1)
+
+    def wait(self, timeout: float) -> dict[str, DeviceProgress]:
+        """Block until every device is done or *timeout* passes; late devices are marked timed_out."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not all(p.done for p in self.progress.values()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    for d, p in self.progress.items():
+                        if not p.done:
+                            self.progress[d] = replace(p, state="timed_out",
+                                                       reason=f"no outcome within {timeout:g}s (device offline?)")
+                    break
+                self._lock.wait(min(remaining, 0.5))
+            return dict(self.progress)
+
+    def _on_event(self, topic: str, payload: bytes) -> None:
+        try:
+            event = DeploymentEvent.from_payload(payload)
+        except ProtocolError:
+            return
+        if event.command_id != self.command_id or event.device_id not in self.progress:
+            return
+        with self._lock:
+            if self.progress[event.device_id].done:
+                return
+            update = DeviceProgress(event.device_id, event.state, event.progress, event.reason)
+            self.progress[event.device_id] = update
+            self._lock.notify_all()
+        if self._on_update is not None:
+            self._on_update(update)
+
+
+def run_deployment(client: MqttClient, bundle: Path, devices: Iterable[str], *, timeout: float,
+                   chunk_size: int, show_progress: bool = True) -> dict[str, DeviceProgress]:
+    """Serve *bundle*, deploy it to *devices* and show one progress bar per device until all are done."""
+    server = BundleServer(client, chunk_size=chunk_size)
+    server.start()
+    try:
+        if not show_progress:
+            deployment = Deployment(client, server, bundle, devices)
+            deployment.start()
+            return deployment.wait(timeout)
+        return _with_progress(client, server, bundle, devices, timeout)
+    finally:
+        server.stop()
+
+
+def _with_progress(client, server, bundle, devices, timeout) -> dict[str, DeviceProgress]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = console(stderr=True)
+    progress = Progress(TextColumn("{task.fields[device]:<14}"), BarColumn(),
+                        TextColumn("{task.percentage:>3.0f}%"), TextColumn("{task.fields[state]}"),
+                        TimeElapsedColumn(), console=err)
+    tasks: dict[str, int] = {}
+
+    def on_update(p: DeviceProgress) -> None:
+        state = p.state if p.reason is None else f"{p.state}: {p.reason}"
+        progress.update(tasks[p.device_id], completed=p.progress * 100, state=state)
+
+    deployment = Deployment(client, server, bundle, devices, on_update=on_update)
+    err.print(f"deploying {deployment.manifest.label} ({Path(bundle).stat().st_size} bytes) "
+                  f"to {len(deployment.devices)} device(s)")
+    with progress:
+        for d in deployment.devices:
+            tasks[d] = progress.add_task(d, total=100, device=d, state="pending")
+        deployment.start()
+        results = deployment.wait(timeout)
+        for p in results.values():
+            if p.state == "timed_out":
+                on_update(p)
+    return results

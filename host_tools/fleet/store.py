@@ -1,0 +1,124 @@
+"""The fleet database (SQLite): device status, telemetry samples and deployment events.
+
+Telemetry is keyed by (device, seq), so a sample delivered twice is stored once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from device_agent.errors import ConfigError
+from device_agent.protocol.messages import DeploymentEvent, DeviceStatus, TelemetrySample
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id     TEXT PRIMARY KEY,
+    online        INTEGER NOT NULL,
+    status_at     REAL NOT NULL,
+    agent_version TEXT,
+    active_bundle TEXT,
+    active_sha256 TEXT,
+    last_seen     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS telemetry (
+    device_id TEXT NOT NULL,
+    seq       INTEGER NOT NULL,
+    timestamp REAL NOT NULL,
+    bundle    TEXT,
+    readings  TEXT NOT NULL,
+    PRIMARY KEY (device_id, seq)
+);
+CREATE TABLE IF NOT EXISTS events (
+    device_id  TEXT NOT NULL,
+    command_id TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    bundle     TEXT NOT NULL,
+    progress   REAL NOT NULL,
+    reason     TEXT,
+    timestamp  REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    device_id: str
+    online: bool
+    since: float
+    agent_version: str | None
+    active_bundle: str | None
+    last_seen: float
+    telemetry: dict[str, Any] | None  # readings of the newest sample
+    telemetry_bundle: str | None
+    telemetry_at: float | None
+    samples: int
+
+
+class FleetStore:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open fleet database {self.path}: {exc}") from None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def record_status(self, status: DeviceStatus, received_at: float) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO devices VALUES (?,?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
+                "online=excluded.online, status_at=excluded.status_at, agent_version=excluded.agent_version, "
+                "active_bundle=COALESCE(excluded.active_bundle, devices.active_bundle), "
+                "active_sha256=COALESCE(excluded.active_sha256, devices.active_sha256), "
+                "last_seen=MAX(devices.last_seen, excluded.last_seen)",
+                (status.device_id, int(status.online), status.timestamp or received_at, status.agent_version,
+                 status.active_bundle, status.active_sha256, received_at if status.online else 0.0))
+
+    def record_telemetry(self, sample: TelemetrySample, received_at: float) -> bool:
+        """Store *sample*; False when that (device, seq) was stored before."""
+        with self._lock:
+            cur = self._db.execute("INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?)",
+                                   (sample.device_id, sample.seq, sample.timestamp, sample.bundle,
+                                    json.dumps(sample.readings)))
+            self._db.execute("UPDATE devices SET last_seen=MAX(last_seen, ?) WHERE device_id=?",
+                             (received_at, sample.device_id))
+            return cur.rowcount == 1
+
+    def record_event(self, event: DeploymentEvent) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?)",
+                             (event.device_id, event.command_id, event.state, event.bundle, event.progress,
+                              event.reason, event.timestamp))
+
+    def devices(self) -> list[DeviceRow]:
+        with self._lock:
+            rows = self._db.execute("""
+                SELECT d.device_id, d.online, d.status_at, d.agent_version, d.active_bundle, d.last_seen,
+                       t.readings, t.bundle, t.timestamp,
+                       (SELECT COUNT(*) FROM telemetry c WHERE c.device_id = d.device_id)
+                FROM devices d
+                LEFT JOIN telemetry t ON t.device_id = d.device_id
+                     AND t.seq = (SELECT MAX(seq) FROM telemetry m WHERE m.device_id = d.device_id)
+                ORDER BY d.device_id""").fetchall()
+        return [DeviceRow(r[0], bool(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None,
+                          r[7], r[8], r[9]) for r in rows]
+
+    def telemetry_count(self, device_id: str, bundle: str | None = None) -> int:
+        with self._lock:
+            if bundle is None:
+                q, args = "SELECT COUNT(*) FROM telemetry WHERE device_id=?", (device_id,)
+            else:
+                q, args = "SELECT COUNT(*) FROM telemetry WHERE device_id=? AND bundle=?", (device_id, bundle)
+            return self._db.execute(q, args).fetchone()[0]

@@ -1,0 +1,67 @@
+"""The fleet as rows: one summary per device, rendered as a rich table or JSON."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from host_tools.fleet.store import DeviceRow
+
+NA = "n/a"
+
+
+def summarize(row: DeviceRow) -> dict[str, Any]:
+    """Flatten a device's newest readings; a reading the device did not send is None, never 0."""
+    t = row.telemetry or {}
+    inf, mem, cpu, power = t.get("inference", {}), t.get("memory", {}), t.get("cpu", {}), t.get("power")
+    return {
+        "device_id": row.device_id,
+        "online": row.online,
+        "since": row.since,
+        "active_bundle": row.active_bundle,
+        "latency_p50_ms": inf.get("p50_ms"),
+        "latency_p95_ms": inf.get("p95_ms"),
+        "latency_p99_ms": inf.get("p99_ms"),
+        "inferences_per_s": inf.get("per_s"),
+        "process_rss_bytes": mem.get("process_rss_bytes"),
+        "process_cpu_percent": cpu.get("process_percent"),
+        "power_watts": power.get("watts") if isinstance(power, dict) else None,
+        "power_source": power.get("source") if isinstance(power, dict) else None,
+        "telemetry_samples": row.samples,
+        "last_seen": row.last_seen or None,
+    }
+
+
+def _num(value: Any, fmt: str) -> str:
+    return NA if value is None else format(value, fmt)
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if not ts:
+        return NA
+    s = max(0, int(now - ts))
+    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
+
+
+def fleet_table(rows: list[DeviceRow], now: float | None = None):
+    from rich.table import Table
+
+    now = time.time() if now is None else now
+    table = Table(title="fleet status", header_style="bold", caption="latency in ms over the last "
+                  "telemetry interval; RSS in MiB; CPU in % of one core; n/a = not reported by the device")
+    for header in ("device", "state", "bundle", "p50", "p95", "p99", "inf/s", "RSS", "CPU", "power W", "seen"):
+        table.add_column(header, justify="left" if header in ("device", "state", "bundle") else "right",
+                         no_wrap=header != "bundle")
+    for row in rows:
+        s = summarize(row)
+        state = "[green]online[/]" if s["online"] else f"[red]offline[/] {_ago(s['since'], now)}"
+        rss = s["process_rss_bytes"]
+        power = _num(s["power_watts"], ".2f")
+        if s["power_source"]:
+            power += f" ({s['power_source']})"
+        table.add_row(s["device_id"], state, s["active_bundle"] or "none",
+                      _num(s["latency_p50_ms"], ".3f"), _num(s["latency_p95_ms"], ".3f"),
+                      _num(s["latency_p99_ms"], ".3f"), _num(s["inferences_per_s"], ".1f"),
+                      NA if rss is None else f"{rss / 2**20:.1f}", _num(s["process_cpu_percent"], ".1f"),
+                      power, _ago(s["last_seen"], now))
+    return table

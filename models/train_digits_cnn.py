@@ -1,0 +1,97 @@
+"""Train the reference model: a small CNN on scikit-learn's bundled 8x8 digits.
+
+Writes, next to this script:
+  digits_cnn.onnx        the fp32 model (input "image" [N,1,8,8] float32 in 0..1,
+                         output "logits" [N,10])
+  digits_heldout.npz     the held-out split (x, y) the accuracy guard evaluates on
+  digits_cnn.json        how it was made and the accuracy it reached
+
+Needs the `models` extra (torch, scikit-learn): pip install -e '.[models]'.
+Deterministic: same seed, same split, same weights on the same torch build.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+HERE = pathlib.Path(__file__).resolve().parent
+SEED = 0
+EPOCHS = 40
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
+    y = digits.target.astype(np.int64)
+    return train_test_split(x, y, test_size=0.2, random_state=SEED, stratify=y)
+
+
+def main() -> None:
+    torch.manual_seed(SEED)
+    x_train, x_test, y_train, y_test = load_split()
+    model = DigitsCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    generator = torch.Generator().manual_seed(SEED)
+    for epoch in range(EPOCHS):
+        model.train()
+        order = torch.randperm(len(xt), generator=generator)
+        for start in range(0, len(xt), 64):
+            idx = order[start:start + 64]
+            optimizer.zero_grad()
+            loss = loss_fn(model(xt[idx]), yt[idx])
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
+    print(f"held-out accuracy: {accuracy:.4f} on {len(y_test)} samples")
+
+    onnx_path = HERE / "digits_cnn.onnx"
+    torch.onnx.export(
+        model, (torch.from_numpy(x_test[:1]),), str(onnx_path),
+        input_names=["image"], output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17, dynamo=False,
+    )
+    np.savez_compressed(HERE / "digits_heldout.npz", x=x_test, y=y_test)
+    meta = {
+        "model": "digits-cnn",
+        "file": onnx_path.name,
+        "dataset": "sklearn.datasets.load_digits, 80/20 stratified split, random_state=0",
+        "input": {"name": "image", "shape": ["batch", 1, 8, 8], "dtype": "float32", "range": [0, 1]},
+        "output": {"name": "logits", "shape": ["batch", 10], "dtype": "float32"},
+        "epochs": EPOCHS,
+        "heldout_samples": int(len(y_test)),
+        "heldout_accuracy": round(accuracy, 4),
+        "torch": torch.__version__,
+    }
+    (HERE / "digits_cnn.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
