@@ -47,9 +47,12 @@ class HistogramSnapshot:
         self.mean_s = sum_s / self.count if self.count else None
 
     def percentile(self, q: float) -> float | None:
-        """Upper bound of the bucket holding the q-th percentile (never above the observed max)."""
+        """Upper bound of the bucket holding the q-th percentile, never above the observed max;
+        the overflow bucket has no upper bound, so it reports the max itself."""
         if self.count == 0:
             return None
         rank = max(1, math.ceil(q / 100.0 * self.count))
         index = int(np.searchsorted(np.cumsum(self.counts), rank))
+        if index == _BUCKETS - 1:
+            return self.max_s
         return float(min(_UPPER[index], self.max_s))

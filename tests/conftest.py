@@ -1,0 +1,162 @@
+"""Shared fixtures: a real Mosquitto broker, signing keys, the reference model and bundles,
+and real agent processes that are killed when a test ends."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agent.bundle.signing import generate_key_pair
+from device_agent.mqtt import BrokerAddress
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "models"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+class Mosquitto:
+    """A real Mosquitto on a free loopback port; can be stopped and started again on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(exe).exists():
+            pytest.fail("mosquitto is not installed: run the README's test command (make test), "
+                        "which installs it", pytrace=False)
+        self.exe = exe
+        self.address = BrokerAddress("127.0.0.1", free_port())
+        self.config = workdir / "mosquitto.conf"
+        self.config.write_text(f"listener {self.address.port} 127.0.0.1\nallow_anonymous true\n"
+                               "persistence false\nmax_queued_messages 10000\n")
+        self.log = workdir / "mosquitto.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([self.exe, "-c", str(self.config)], stdout=log, stderr=log)
+
+        def accepting() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex((self.address.host, self.address.port)) == 0
+        if not wait_until(accepting, 10):
+            raise RuntimeError(f"mosquitto did not start: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory) -> BrokerAddress:
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    yield broker.address
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory) -> dict[str, Path]:
+    """Two key pairs: 'release' (devices trust it) and 'rogue' (nobody does)."""
+    d = tmp_path_factory.mktemp("keys")
+    release_key, release_pub = generate_key_pair(d, "release")
+    rogue_key, rogue_pub = generate_key_pair(d, "rogue")
+    return {"key": release_key, "pub": release_pub, "rogue_key": rogue_key, "rogue_pub": rogue_pub}
+
+
+@pytest.fixture(scope="session")
+def reference_model() -> Path:
+    return MODELS / "digits_cnn.onnx"
+
+
+@pytest.fixture(scope="session")
+def heldout() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(MODELS / "digits_heldout.npz") as data:
+        return data["x"], data["y"]
+
+
+@pytest.fixture(scope="session")
+def make_bundle(tmp_path_factory, keys, reference_model, heldout):
+    """Build (and cache) a bundle of the reference model: make_bundle(version, key=..., model=...)."""
+    from host_tools.packaging import build_bundle
+
+    out_dir = tmp_path_factory.mktemp("bundles")
+    cache: dict[tuple, Path] = {}
+
+    def make(version: str = "1.0.0", *, key: Path | None = None, model: Path | None = None,
+             name: str = "digits-cnn") -> Path:
+        ident = (version, str(key), str(model), name)
+        if ident not in cache:
+            out = out_dir / f"{name}-{version}-{len(cache)}.efb"
+            build_bundle(model or reference_model, name=name, version=version, key=key or keys["key"],
+                         out=out, sample={"image": heldout[0][:1]})
+            cache[ident] = out
+        return cache[ident]
+    return make
+
+
+class AgentProcess:
+    def __init__(self, device_id: str, state_dir: Path, broker: BrokerAddress, trusted: Path,
+                 telemetry_interval: float) -> None:
+        self.device_id, self.state_dir = device_id, state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.log = state_dir / "agent.log"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "device_agent", "run", "--device-id", device_id,
+                 "--state-dir", str(state_dir), "--broker", str(broker), "--trusted-key", str(trusted),
+                 "--telemetry-interval", str(telemetry_interval)], stdout=log, stderr=subprocess.STDOUT)
+
+    def terminate(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def agents(tmp_path, mosquitto, keys):
+    """Start real agent processes: agents.start('pi-01'); all are killed when the test ends."""
+    started: list[AgentProcess] = []
+
+    class Factory:
+        def start(self, device_id: str, *, telemetry_interval: float = 1.0, broker=None) -> AgentProcess:
+            agent = AgentProcess(device_id, tmp_path / "devices" / device_id, broker or mosquitto,
+                                 keys["pub"], telemetry_interval)
+            started.append(agent)
+            return agent
+
+    yield Factory()
+    for agent in started:
+        agent.kill()

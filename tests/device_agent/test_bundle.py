@@ -1,0 +1,102 @@
+"""Bundles are verified (signature, then every file's size and hash) before anything is used."""
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from device_agent.bundle import BundleReader
+from device_agent.bundle.signing import trusted_keys
+from device_agent.errors import BundleError, IntegrityError, SignatureError
+
+
+def rewrite(src: Path, dst: Path, edit) -> Path:
+    """Copy bundle *src* to *dst*, passing each (TarInfo, bytes) member through *edit*."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as tout:
+        for member in tin.getmembers():
+            data = tin.extractfile(member).read()
+            for info, payload in edit(member, data):
+                info.size = len(payload)
+                tout.addfile(info, io.BytesIO(payload))
+    return dst
+
+
+def test_valid_bundle_verifies_and_extracts_every_file(make_bundle, keys, tmp_path):
+    bundle = make_bundle()
+    with BundleReader(bundle) as reader:
+        verified = reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "out")
+    assert verified.manifest.name == "digits-cnn" and verified.manifest.version == "1.0.0"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["digits_cnn.onnx", "sample.npz"]
+    assert verified.key_id in trusted_keys([keys["pub"]])
+
+
+def test_bundle_signed_by_an_untrusted_key_is_refused(make_bundle, keys):
+    bundle = make_bundle(key=keys["rogue_key"])
+    with BundleReader(bundle) as reader, pytest.raises(SignatureError, match="does not trust"):
+        reader.verify(trusted_keys([keys["pub"]]))
+
+
+def test_a_changed_manifest_breaks_the_signature(make_bundle, keys, tmp_path):
+    def edit(info, data):
+        if info.name == "manifest.json":
+            data = data.replace(b'"version":"1.0.0"', b'"version":"9.0.0"')
+        yield info, data
+    bad = rewrite(make_bundle(), tmp_path / "bad.efb", edit)
+    with BundleReader(bad) as reader, pytest.raises(SignatureError, match="does not match"):
+        reader.verify(trusted_keys([keys["pub"]]))
+
+
+def test_a_flipped_bit_in_the_model_is_caught_and_nothing_is_left_extracted(make_bundle, keys, tmp_path):
+    def edit(info, data):
+        if info.name.endswith(".onnx"):
+            data = bytearray(data)
+            data[len(data) // 2] ^= 0x01
+            data = bytes(data)
+        yield info, data
+    bad = rewrite(make_bundle(), tmp_path / "bad.efb", edit)
+    out = tmp_path / "out"
+    with BundleReader(bad) as reader, pytest.raises(IntegrityError, match="SHA-256"):
+        reader.verify(trusted_keys([keys["pub"]]), extract_to=out)
+    assert not out.exists()
+
+
+def test_a_member_not_in_the_manifest_is_refused(make_bundle, keys, tmp_path):
+    def edit(info, data):
+        yield info, data
+        if info.name == "sample.npz":
+            yield tarfile.TarInfo("../../evil.sh"), b"#!/bin/sh\n"
+    bad = rewrite(make_bundle(), tmp_path / "bad.efb", edit)
+    with BundleReader(bad) as reader, pytest.raises(IntegrityError, match="unexpected"):
+        reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "out")
+    assert not (tmp_path / "evil.sh").exists()
+
+
+def test_symlink_members_are_refused(make_bundle, tmp_path):
+    def edit(info, data):
+        if info.name.endswith(".onnx"):
+            link = tarfile.TarInfo(info.name)
+            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            yield link, b""
+        else:
+            yield info, data
+    bad = rewrite(make_bundle(), tmp_path / "bad.efb", edit)
+    with pytest.raises(IntegrityError, match="not a regular file"):
+        BundleReader(bad)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", b"\0" * 2048])
+def test_files_that_are_not_bundles_get_a_bundle_error(tmp_path, content):
+    path = tmp_path / "x.efb"
+    path.write_bytes(content)
+    with pytest.raises(BundleError):
+        BundleReader(path)
+
+
+def test_truncated_bundle_is_refused(make_bundle, tmp_path):
+    data = make_bundle().read_bytes()
+    path = tmp_path / "short.efb"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError):
+        with BundleReader(path) as reader:
+            reader.verify({})

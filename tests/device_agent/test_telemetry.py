@@ -1,0 +1,45 @@
+"""Collectors report what they measured; a broken one is reported, not fatal; no sensor, no field."""
+
+import time
+
+from device_agent.telemetry import REGISTRY, CollectorContext, TelemetryCollectors, register
+from device_agent.telemetry.histogram import LatencyHistogram
+
+
+def test_default_collectors_report_real_process_readings():
+    hist = LatencyHistogram()
+    for _ in range(10):
+        hist.record(0.002)
+    readings = TelemetryCollectors(CollectorContext(latency=hist)).collect()
+    assert readings["inference"]["count"] == 10
+    assert abs(readings["inference"]["p50_ms"] - 2.0) < 0.05
+    assert readings["memory"]["process_rss_bytes"] > 10 * 2**20
+    assert 0 < readings["memory"]["system_available_bytes"] <= readings["memory"]["system_total_bytes"]
+    assert readings["cpu"]["cores"] >= 1
+    assert all(h["ok"] for h in readings["collectors"].values())
+    assert "power" not in readings  # this machine has no power sensor: absent, never zero
+
+
+def test_an_idle_interval_reports_zero_inferences_and_no_latency():
+    readings = TelemetryCollectors(CollectorContext(), ["inference"]).collect()
+    assert readings["inference"]["count"] == 0
+    assert readings["inference"]["p50_ms"] is None
+
+
+def test_a_failing_collector_is_reported_and_the_others_still_run():
+    @register("broken_sensor", default=False)
+    class Broken:
+        def __init__(self, ctx):
+            pass
+
+        def collect(self):
+            raise OSError("i2c bus error")
+    try:
+        start = time.monotonic()
+        readings = TelemetryCollectors(CollectorContext(), ["broken_sensor", "memory"]).collect()
+        assert time.monotonic() - start < 5
+        assert readings["collectors"]["broken_sensor"]["ok"] is False
+        assert "broken_sensor" not in readings
+        assert readings["memory"]["process_rss_bytes"] > 0
+    finally:
+        del REGISTRY["broken_sensor"]

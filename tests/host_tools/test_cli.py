@@ -1,0 +1,77 @@
+"""Bad input gets one clear line on stderr and a non-zero exit, never a traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def edgefleet(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "host_tools", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, *fragments, code=1):
+    assert result.returncode == code, result
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_missing_model_file(tmp_path, keys):
+    result = edgefleet("bundle", "build", tmp_path / "missing.onnx", "--name", "m", "--version", "1.0.0",
+                       "--key", keys["key"], "-o", tmp_path / "b.efb")
+    assert_one_line_error(result, "error:", "missing.onnx", "does not exist")
+
+
+def test_bundle_with_a_signature_from_an_untrusted_key(make_bundle, keys):
+    result = edgefleet("bundle", "verify", make_bundle(key=keys["rogue_key"]), "--key", keys["pub"])
+    assert_one_line_error(result, "error:", "does not trust")
+
+
+def test_unreachable_broker(make_bundle):
+    result = edgefleet("deploy", make_bundle(), "--device", "pi-01", "--broker", "127.0.0.1:1", "--timeout", "5")
+    assert_one_line_error(result, "error:", "127.0.0.1:1")
+
+
+def test_not_a_bundle(tmp_path):
+    path = tmp_path / "x.efb"
+    path.write_text("hello")
+    assert_one_line_error(edgefleet("bundle", "inspect", path), "error:", "not a")
+
+
+def test_bad_broker_address_is_a_usage_level_error(make_bundle):
+    result = edgefleet("deploy", make_bundle(), "--device", "pi-01", "--broker", "localhost:notaport")
+    assert_one_line_error(result, "HOST:PORT")
+
+
+def test_signing_key_is_never_overwritten(tmp_path):
+    assert edgefleet("keys", "gen", "--out", tmp_path, "--name", "k").returncode == 0
+    before = (tmp_path / "k.key").read_bytes()
+    assert_one_line_error(edgefleet("keys", "gen", "--out", tmp_path, "--name", "k"), "refusing to overwrite")
+    assert (tmp_path / "k.key").read_bytes() == before
+    assert oct((tmp_path / "k.key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_fleet_status_without_a_database(tmp_path):
+    assert_one_line_error(edgefleet("fleet", "status", "--db", tmp_path / "none.db"), "edgefleet monitor")
+
+
+def test_build_inspect_verify_round_trip_in_json(tmp_path, keys, reference_model):
+    out = tmp_path / "b.efb"
+    built = edgefleet("bundle", "build", reference_model, "--name", "digits-cnn", "--version", "2.1.0",
+                      "--key", keys["key"], "-o", out, "--json")
+    assert built.returncode == 0, built.stderr
+    assert json.loads(built.stdout)["manifest"]["version"] == "2.1.0"
+    inspected = json.loads(edgefleet("bundle", "inspect", out, "--json").stdout)
+    assert {f["path"] for f in inspected["files"]} == {"digits_cnn.onnx", "sample.npz"}
+    verified = edgefleet("bundle", "verify", out, "--key", keys["pub"], "--json")
+    assert verified.returncode == 0 and json.loads(verified.stdout)["valid"] is True
+
+
+@pytest.mark.parametrize("args", [["bundle", "build"], ["deploy"], ["nonsense"]])
+def test_usage_errors_exit_2(args):
+    assert edgefleet(*args).returncode == 2

@@ -1,0 +1,39 @@
+"""The fleet database stores each telemetry sample once, whatever the redelivery."""
+
+from device_agent.protocol.messages import DeviceStatus, TelemetrySample
+from host_tools.fleet.store import FleetStore
+from host_tools.fleet.view import summarize
+
+
+def sample(seq, bundle="m 1.0.0", readings=None):
+    return TelemetrySample("pi-01", seq, 100.0 + seq, 1.0, bundle, readings or {"inference": {"p50_ms": seq}})
+
+
+def test_redelivered_samples_are_stored_once_and_newest_wins(tmp_path):
+    store = FleetStore(tmp_path / "fleet.db")
+    store.record_status(DeviceStatus("pi-01", True, 1.0, "0.1.0", "m 1.0.0", "ab" * 32), 1.0)
+    assert store.record_telemetry(sample(1), 2.0)
+    assert store.record_telemetry(sample(2), 3.0)
+    assert not store.record_telemetry(sample(1), 4.0)  # duplicate
+    (row,) = store.devices()
+    assert row.samples == 2 and row.telemetry["inference"]["p50_ms"] == 2
+    assert store.telemetry_count("pi-01", "m 1.0.0") == 2
+
+
+def test_offline_will_keeps_the_last_known_bundle_and_missing_readings_stay_missing(tmp_path):
+    store = FleetStore(tmp_path / "fleet.db")
+    store.record_status(DeviceStatus("pi-01", True, 1.0, "0.1.0", "m 1.0.0", "ab" * 32), 1.0)
+    store.record_telemetry(sample(1, readings={"memory": {"process_rss_bytes": 5}}), 2.0)
+    store.record_status(DeviceStatus("pi-01", False, 0.0, "0.1.0"), 5.0)  # the last will carries no bundle
+    (row,) = store.devices()
+    s = summarize(row)
+    assert s["online"] is False and s["active_bundle"] == "m 1.0.0"
+    assert s["power_watts"] is None and s["latency_p50_ms"] is None
+    assert s["process_rss_bytes"] == 5
+
+
+def test_the_database_survives_reopening(tmp_path):
+    store = FleetStore(tmp_path / "fleet.db")
+    store.record_status(DeviceStatus("pi-01", True, 1.0), 1.0)
+    store.close()
+    assert [r.device_id for r in FleetStore(tmp_path / "fleet.db").devices()] == ["pi-01"]

@@ -1,0 +1,27 @@
+"""The README's first command: `edgefleet demo` (what `make demo` runs) with its embedded broker."""
+
+import subprocess
+import sys
+
+
+def test_demo_runs_the_whole_path_and_exits_0(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "host_tools", "demo", "--workdir", tmp_path],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "demo passed" in out
+    for device in ("pi-01", "pi-02", "pi-03"):
+        assert device in out
+    assert out.count("digits-cnn 1.0.0") >= 3
+    assert "digits_cnn.int8.onnx" in out  # the before/after table
+    assert (tmp_path / "digits-cnn-1.0.0.efb").exists()
+    for device in ("pi-01", "pi-02", "pi-03"):
+        assert (tmp_path / "devices" / device / "current").is_symlink()
+
+
+def test_demo_with_an_unreachable_broker_fails_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "host_tools", "demo", "--broker", "127.0.0.1:1",
+                             "--workdir", tmp_path], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "cannot reach MQTT broker at 127.0.0.1:1" in result.stderr

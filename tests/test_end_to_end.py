@@ -1,0 +1,103 @@
+"""The demo's path with real parts: Mosquitto, agent processes, the CLI, the ingest and SQLite."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from host_tools.fleet.store import FleetStore
+from tests.conftest import wait_until
+
+DEVICES = ["pi-01", "pi-02", "pi-03"]
+V1 = "digits-cnn 1.0.0"
+
+
+def edgefleet(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "host_tools", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def monitor(tmp_path, mosquitto):
+    db = tmp_path / "fleet.db"
+    proc = subprocess.Popen([sys.executable, "-m", "host_tools", "monitor", "--broker", str(mosquitto),
+                             "--db", str(db)], stderr=subprocess.PIPE, text=True)
+    assert wait_until(db.exists, 15), "monitor did not create its database"
+    yield db
+    proc.send_signal(signal.SIGINT)
+    proc.wait(10)
+
+
+def fleet_status(db):
+    result = edgefleet("fleet", "status", "--db", db, "--json")
+    assert result.returncode == 0, result.stderr
+    return {row["device_id"]: row for row in json.loads(result.stdout)}
+
+
+def deploy(bundle, devices, broker):
+    args = ["deploy", bundle, "--broker", broker, "--timeout", "60", "--chunk-size", "8192", "--json"]
+    for d in devices:
+        args += ["--device", d]
+    result = edgefleet(*args)
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_bundle_reaches_three_devices_over_mqtt_and_telemetry_comes_back(
+        mosquitto, agents, monitor, make_bundle, keys):
+    procs = {d: agents.start(d) for d in DEVICES}
+    store = FleetStore(monitor)
+    assert wait_until(lambda: {r.device_id for r in store.devices() if r.online} == set(DEVICES), 30)
+    assert all(row["active_bundle"] is None for row in fleet_status(monitor).values())
+
+    code, results = deploy(make_bundle("1.0.0"), DEVICES, mosquitto)
+    assert code == 0 and {d: r["state"] for d, r in results.items()} == {d: "active" for d in DEVICES}
+
+    # every device runs the model and says so in telemetry
+    assert wait_until(lambda: all(store.telemetry_count(d, V1) >= 2 for d in DEVICES), 20)
+    rows = fleet_status(monitor)
+    for d in DEVICES:
+        row = rows[d]
+        assert row["online"] and row["active_bundle"] == V1
+        assert row["inferences_per_s"] > 1
+        assert 0 < row["latency_p50_ms"] <= row["latency_p95_ms"] <= row["latency_p99_ms"]
+        assert row["process_rss_bytes"] > 20 * 2**20
+        assert row["power_watts"] is None  # no sensor here: n/a, not 0
+    table = edgefleet("fleet", "status", "--db", monitor)
+    assert table.returncode == 0 and V1 in table.stdout and "n/a" in table.stdout
+
+    # a bundle signed by a key the devices do not trust is refused, and the old model keeps running
+    code, results = deploy(make_bundle("2.0.0", key=keys["rogue_key"]), ["pi-01"], mosquitto)
+    assert code == 1 and results["pi-01"]["state"] == "failed"
+    assert "does not trust" in results["pi-01"]["reason"]
+    before = store.telemetry_count("pi-01", V1)
+    assert wait_until(lambda: store.telemetry_count("pi-01", V1) > before + 1, 10)
+    assert fleet_status(monitor)["pi-01"]["active_bundle"] == V1
+    assert procs["pi-01"].proc.poll() is None
+
+    # the same bundle again is a no-op
+    code, results = deploy(make_bundle("1.0.0"), ["pi-02"], mosquitto)
+    assert code == 0 and results["pi-02"]["state"] == "already_installed"
+
+    # a clean stop says offline; a restart comes back on the committed bundle, from disk
+    assert procs["pi-03"].terminate() == 0
+    assert wait_until(lambda: not fleet_status(monitor)["pi-03"]["online"], 10)
+    agents.start("pi-03")
+    assert wait_until(lambda: fleet_status(monitor)["pi-03"]["online"], 20)
+    assert fleet_status(monitor)["pi-03"]["active_bundle"] == V1
+
+
+def test_a_killed_agent_is_reported_offline_by_its_last_will(mosquitto, agents, monitor):
+    agent = agents.start("pi-09")
+    store = FleetStore(monitor)
+    assert wait_until(lambda: any(r.device_id == "pi-09" and r.online for r in store.devices()), 30)
+    agent.kill()  # SIGKILL: no goodbye, the broker publishes the will after the keep-alive lapses
+    assert wait_until(lambda: not fleet_status(monitor)["pi-09"]["online"], 60, interval=1)
+
+
+def test_deploying_to_a_device_that_is_not_there_times_out_with_a_reason(mosquitto, make_bundle):
+    result = edgefleet("deploy", make_bundle(), "--device", "ghost-1", "--broker", mosquitto,
+                       "--timeout", "3", "--json")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["ghost-1"]["state"] == "timed_out"
