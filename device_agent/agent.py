@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -36,7 +37,8 @@ class Agent:
         self._stop = threading.Event()
         self._commands: queue.Queue[DeployCommand] = queue.Queue()
         self._seen_commands: set[str] = set()
-        self._seq = 0
+        self._seq_file = self.store.root / "telemetry.seq"
+        self._seq = self._load_seq()
         self._chunks = ChunkRouter()
         offline = DeviceStatus(config.device_id, online=False, timestamp=0.0, agent_version=__version__)
         self.client = MqttClient(client_id=f"edgefleet-agent-{config.device_id}", broker=config.broker,
@@ -121,11 +123,26 @@ class Agent:
             if final.state == "active":
                 self._publish_status(online=True)
 
+    def _load_seq(self) -> int:
+        try:
+            return int(self._seq_file.read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def _next_seq(self) -> int:
+        # The host stores samples keyed by (device, seq): the sequence must survive restarts,
+        # or a restarted agent's samples would be dropped as duplicates.
+        self._seq += 1
+        tmp = self._seq_file.with_suffix(".tmp")
+        tmp.write_text(str(self._seq))
+        os.replace(tmp, self._seq_file)
+        return self._seq
+
     def _telemetry_loop(self) -> None:
         interval = self.config.telemetry_interval
         while not self._stop.wait(interval):
-            self._seq += 1
+            seq = self._next_seq()
             bundle = self.slot.bundle
-            sample = TelemetrySample(self.config.device_id, self._seq, time.time(), interval,
+            sample = TelemetrySample(self.config.device_id, seq, time.time(), interval,
                                      bundle.label if bundle else None, self._collectors.collect())
             self.client.publish(topics.telemetry(self.config.device_id), sample.to_payload(), qos=1)
