@@ -88,7 +88,7 @@ def test_bundle_reaches_three_devices_over_mqtt_and_telemetry_comes_back(
     assert wait_until(lambda: fleet_status(monitor)["pi-03"]["online"], 20)
     assert fleet_status(monitor)["pi-03"]["active_bundle"] == V1
     # its new samples are stored, not mistaken for ones the host already has
-    assert wait_until(lambda: store.telemetry_count("pi-03", V1) >= samples_before_restart + 2, 10)
+    assert wait_until(lambda: store.telemetry_count("pi-03", V1) >= samples_before_restart + 2, 5)
 
 
 def test_a_killed_agent_is_reported_offline_by_its_last_will(mosquitto, agents, monitor):
