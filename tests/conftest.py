@@ -16,15 +16,16 @@ import pytest
 
 from device_agent.bundle.signing import generate_key_pair
 from device_agent.mqtt import BrokerAddress
+from host_tools.broker import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def edgefleet(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the host CLI as a user would, in its own process."""
+    return subprocess.run([sys.executable, "-m", "host_tools", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1):

@@ -8,15 +8,11 @@ import sys
 import pytest
 
 from host_tools.fleet.store import FleetStore
-from tests.conftest import wait_until
+from tests.conftest import edgefleet, wait_until
 
 DEVICES = ["pi-01", "pi-02", "pi-03"]
 V1 = "digits-cnn 1.0.0"
 
-
-def edgefleet(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "host_tools", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
 
 
 @pytest.fixture

@@ -1,15 +1,11 @@
 """Bad input gets one clear line on stderr and a non-zero exit, never a traceback."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
+from tests.conftest import edgefleet
 
-def edgefleet(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "host_tools", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def assert_one_line_error(result, *fragments, code=1):
