@@ -11,7 +11,7 @@ import time
 from device_agent import __version__
 from device_agent.bundle.signing import trusted_keys
 from device_agent.config import AgentConfig
-from device_agent.errors import EdgefleetError, ProtocolError
+from device_agent.errors import EdgefleetError, MqttError, ProtocolError
 from device_agent.mqtt import MqttClient, Will
 from device_agent.protocol import topics
 from device_agent.protocol.messages import DeployCommand, DeploymentEvent, DeviceStatus, TelemetrySample
@@ -63,7 +63,10 @@ class Agent:
         for t in threads:
             t.start()
         self._stop.wait()
-        self._publish_status(online=False)
+        try:
+            self._publish_status(online=False)
+        except MqttError as exc:  # the broker may be gone; its last will says offline for us
+            log.warning("could not announce going offline: %s", exc)
         self.client.disconnect()
 
     def stop(self) -> None:
