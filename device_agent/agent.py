@@ -52,8 +52,10 @@ class Agent:
         self._restore_active()
         self.client.subscribe(topics.command(self.config.device_id), self._on_command, qos=1)
         self.client.subscribe(topics.chunks(self.config.device_id), self._chunks, qos=1)
+        # After a dropped connection the broker has published our last will (offline);
+        # announce again on every reconnect, not only the first connect.
+        self.client.on_connected(lambda: self._publish_status(online=True))
         self.client.connect()
-        self._publish_status(online=True)
         log.info("agent %s connected to %s", self.config.device_id, self.config.broker)
         threads = [
             SampleWorkload(self.slot, self.config.inference_interval, self._stop),

@@ -58,6 +58,8 @@ class MqttClient:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self._keepalive = keepalive
         self._handlers: dict[str, tuple[int, Handler]] = {}
+        self._connected_callbacks: list[Callable[[], None]] = []
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._client.on_connect = self._on_connect
@@ -82,6 +84,10 @@ class MqttClient:
         finally:
             self._client.loop_stop()
 
+    def on_connected(self, callback: Callable[[], None]) -> None:
+        """Call *callback* on the network thread after every (re)connection, e.g. to re-announce."""
+        self._connected_callbacks.append(callback)
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
@@ -95,6 +101,11 @@ class MqttClient:
         for topic_filter, qos in subs:  # resubscribe after every reconnect
             client.subscribe(topic_filter, qos)
         self._connected.set()
+        for callback in list(self._connected_callbacks):
+            try:
+                callback()
+            except Exception:
+                log.exception("on-connect callback failed")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()

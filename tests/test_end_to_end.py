@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from device_agent.protocol.messages import DeviceStatus
 from host_tools.fleet.store import FleetStore
 from tests.conftest import edgefleet, wait_until
 
@@ -93,6 +94,33 @@ def test_a_killed_agent_is_reported_offline_by_its_last_will(mosquitto, agents, 
     assert wait_until(lambda: any(r.device_id == "pi-09" and r.online for r in store.devices()), 30)
     agent.kill()  # SIGKILL: no goodbye, the broker publishes the will after the keep-alive lapses
     assert wait_until(lambda: not fleet_status(monitor)["pi-09"]["online"], 60, interval=1)
+
+
+def test_agent_and_ingest_come_back_after_a_broker_restart(tmp_path, agents, make_bundle):
+    from host_tools.fleet.ingest import Ingest
+    from device_agent.mqtt import MqttClient
+    from tests.conftest import Mosquitto
+
+    broker = Mosquitto(tmp_path)  # its own broker: this test restarts it
+    broker.start()
+    store = FleetStore(tmp_path / "fleet.db")
+    host = MqttClient(client_id="test-ingest", broker=broker.address)
+    Ingest(host, store).start()
+    host.connect()
+    try:
+        agent = agents.start("pi-20", broker=broker.address)
+        online = lambda: any(r.device_id == "pi-20" and r.online for r in store.devices())  # noqa: E731
+        assert wait_until(online, 30)
+        broker.stop()  # no persistence: retained status is gone with it
+        store.record_status(DeviceStatus("pi-20", False, 0.0), 0.0)  # what the host knew after the outage
+        broker.start()
+        assert wait_until(online, 40, interval=0.5), "agent did not re-announce itself after reconnecting"
+        seq_before = store.telemetry_count("pi-20")
+        assert wait_until(lambda: store.telemetry_count("pi-20") > seq_before, 10)
+        assert agent.proc.poll() is None
+    finally:
+        host.disconnect()
+        broker.stop()
 
 
 def test_deploying_to_a_device_that_is_not_there_times_out_with_a_reason(mosquitto, make_bundle):
