@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -16,8 +17,6 @@ from device_agent.errors import EdgefleetError
 
 def fail_cleanly(fn):
     """Turn any edgefleet error into one line on stderr and exit status 1."""
-    import functools
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from device_agent.errors import ProtocolError
@@ -80,7 +80,6 @@ class DeployCommand:
     command_id: str
     bundle: BundleOffer
     issued_at: float
-    type: str = field(default="deploy", init=False)
 
     def to_payload(self) -> bytes:
         return _encode("deploy", {"command_id": self.command_id, "issued_at": self.issued_at,
