@@ -7,9 +7,11 @@ import sys
 
 import pytest
 
+from device_agent.mqtt import MqttClient
 from device_agent.protocol.messages import DeviceStatus
+from host_tools.fleet.ingest import Ingest
 from host_tools.fleet.store import FleetStore
-from tests.conftest import edgefleet, wait_until
+from tests.conftest import Mosquitto, edgefleet, wait_until
 
 DEVICES = ["pi-01", "pi-02", "pi-03"]
 V1 = "digits-cnn 1.0.0"
@@ -25,6 +27,10 @@ def monitor(tmp_path, mosquitto):
     yield db
     proc.send_signal(signal.SIGINT)
     proc.wait(10)
+
+
+def is_online(store, device_id):
+    return any(r.device_id == device_id and r.online for r in store.devices())
 
 
 def fleet_status(db):
@@ -91,16 +97,12 @@ def test_bundle_reaches_three_devices_over_mqtt_and_telemetry_comes_back(
 def test_a_killed_agent_is_reported_offline_by_its_last_will(mosquitto, agents, monitor):
     agent = agents.start("pi-09")
     store = FleetStore(monitor)
-    assert wait_until(lambda: any(r.device_id == "pi-09" and r.online for r in store.devices()), 30)
+    assert wait_until(lambda: is_online(store, "pi-09"), 30)
     agent.kill()  # SIGKILL: no goodbye, the broker publishes the will after the keep-alive lapses
     assert wait_until(lambda: not fleet_status(monitor)["pi-09"]["online"], 60, interval=1)
 
 
-def test_agent_and_ingest_come_back_after_a_broker_restart(tmp_path, agents, make_bundle):
-    from host_tools.fleet.ingest import Ingest
-    from device_agent.mqtt import MqttClient
-    from tests.conftest import Mosquitto
-
+def test_agent_and_ingest_come_back_after_a_broker_restart(tmp_path, agents):
     broker = Mosquitto(tmp_path)  # its own broker: this test restarts it
     broker.start()
     store = FleetStore(tmp_path / "fleet.db")
@@ -109,7 +111,7 @@ def test_agent_and_ingest_come_back_after_a_broker_restart(tmp_path, agents, mak
     host.connect()
     try:
         agent = agents.start("pi-20", broker=broker.address)
-        online = lambda: any(r.device_id == "pi-20" and r.online for r in store.devices())  # noqa: E731
+        online = lambda: is_online(store, "pi-20")  # noqa: E731
         assert wait_until(online, 30)
         broker.stop()  # no persistence: retained status is gone with it
         store.record_status(DeviceStatus("pi-20", False, 0.0), 0.0)  # what the host knew after the outage

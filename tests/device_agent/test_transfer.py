@@ -8,7 +8,7 @@ import pytest
 from device_agent.errors import TransferError, TransferTimeout
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
-from device_agent.protocol.messages import BundleOffer, Chunk
+from device_agent.protocol.messages import BundleOffer, Chunk, ChunkRequest
 from device_agent.transfer import ChunkRouter, Download
 from host_tools.serve import BundleServer
 
@@ -56,11 +56,12 @@ def test_a_corrupted_chunk_fails_the_whole_file_hash(clients, tmp_path):
     server = BundleServer(host, chunk_size=16 * 1024)
     offer = server.offer(blob, "m", "1.0.0")
 
+    content = blob.read_bytes()
+
     def evil(topic, payload):  # answers requests with flipped data instead of the real server
-        from device_agent.protocol.messages import ChunkRequest
         req = ChunkRequest.from_payload(payload)
         for i in req.chunks:
-            data = blob.read_bytes()[i * offer.chunk_size:(i + 1) * offer.chunk_size]
+            data = content[i * offer.chunk_size:(i + 1) * offer.chunk_size]
             host.publish(topics.chunks(req.device_id), Chunk(offer.sha256, i, bytes(b ^ 1 for b in data)).to_payload())
     host.subscribe(topics.chunk_request(offer.sha256), evil)
     client, router = device(clients, "dev-b")
