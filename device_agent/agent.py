@@ -1,4 +1,4 @@
-"""The device agent: announce, take deploy commands, serve the active model, report telemetry."""
+"""The device agent: recover, serve the active model locally, take commands, report telemetry."""
 
 from __future__ import annotations
 
@@ -7,22 +7,31 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import Future
+from typing import Any
 
 from device_agent import __version__
+from device_agent.bench import benchmark
 from device_agent.bundle.signing import trusted_keys
+from device_agent.command_log import CommandLog
 from device_agent.config import AgentConfig
 from device_agent.errors import EdgefleetError, MqttError, ProtocolError
+from device_agent.local_api import LocalApi
+from device_agent.local_api import framing
 from device_agent.mqtt import MqttClient, Will
 from device_agent.protocol import topics
-from device_agent.protocol.messages import DeployCommand, DeploymentEvent, DeviceStatus, TelemetrySample
-from device_agent.runtime import load_runtime
-from device_agent.sample import load_sample
+from device_agent.protocol.messages import (
+    BenchCommand, DeployCommand, DeploymentEvent, DeviceStatus, Reply, RollbackCommand, StatusRequest,
+    TelemetrySample, parse_command,
+)
 from device_agent.serving import ModelSlot, SampleWorkload
 from device_agent.store import BundleStore
+from device_agent.systemd import notify, start_watchdog
 from device_agent.telemetry import CollectorContext, TelemetryCollectors
 from device_agent.telemetry.histogram import LatencyHistogram
-from device_agent.transfer import ChunkRouter
-from device_agent.update import UpdateContext, deploy
+from device_agent.transfer import ChunkRouter, Download
+from device_agent.update import UpdateContext, UpdateMachine
+from device_agent.update.health import health_check
 
 log = logging.getLogger(__name__)
 
@@ -35,58 +44,81 @@ class Agent:
         self.latency = LatencyHistogram()
         self.slot = ModelSlot(self.latency)
         self._stop = threading.Event()
-        self._commands: queue.Queue[DeployCommand] = queue.Queue()
-        self._seen_commands: set[str] = set()
+        self._work: queue.Queue[tuple[Any, Future | None]] = queue.Queue()
+        self._commands = CommandLog(config.state_dir)
         self._seq_file = self.store.root / "telemetry.seq"
         self._seq = self._load_seq()
         self._chunks = ChunkRouter()
         offline = DeviceStatus(config.device_id, online=False, timestamp=0.0, agent_version=__version__)
+        # A persistent session: commands sent while the device is offline wait at the broker.
         self.client = MqttClient(client_id=f"edgefleet-agent-{config.device_id}", broker=config.broker,
-                                 will=Will(topics.status(config.device_id), offline.to_payload()))
+                                 will=Will(topics.status(config.device_id), offline.to_payload()),
+                                 clean_session=False, tls=config.tls)
+        self.machine = UpdateMachine(UpdateContext(config, self.client, self._chunks, self.store, self.slot,
+                                                   self.keys, self._emit))
+        self.api = LocalApi(config.inference_socket, self.slot, mode=0o660)
+        self.control = LocalApi(config.control_socket_path, self.slot, mode=0o600, control={
+            framing.STATUS: self.report, framing.ROLLBACK: self._local_rollback})
         self._collectors = TelemetryCollectors(CollectorContext(latency=self.latency,
                                                                 errors=lambda: self.slot.errors))
+        self._update_thread: threading.Thread | None = None
 
     # -- life cycle -------------------------------------------------------------------
     def run(self) -> None:
         """Run until stop() is called (SIGTERM/SIGINT in the CLI)."""
-        self._restore_active()
+        plan = self.machine.plan_recovery()  # before any model is loaded: counts crash loops
+        if plan.state != "rolling_back":
+            self._restore_active()
+        self.api.start()
+        self.control.start()
         self.client.subscribe(topics.command(self.config.device_id), self._on_command, qos=1)
         self.client.subscribe(topics.chunks(self.config.device_id), self._chunks, qos=1)
         # After a dropped connection the broker has published our last will (offline);
         # announce again on every reconnect, not only the first connect.
         self.client.on_connected(lambda: self._publish_status(online=True))
-        self.client.connect()
-        log.info("agent %s connected to %s", self.config.device_id, self.config.broker)
-        threads = [
-            SampleWorkload(self.slot, self.config.inference_interval, self._stop),
-            threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True),
-            threading.Thread(target=self._deploy_loop, name="deploy", daemon=True),
-        ]
+        self.client.connect_in_background()  # serve the local API even while the broker is away
+        self._update_thread = threading.Thread(target=self._update_loop, name="update", daemon=True)
+        threads = [self._update_thread,
+                   threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True)]
+        if self.config.inference_interval > 0:
+            threads.append(SampleWorkload(self.slot, self.config.inference_interval, self._stop))
         for t in threads:
             t.start()
+        notify("READY=1")
+        start_watchdog(lambda: self._update_thread.is_alive(), self._stop)
+        log.info("agent %s up: api %s, broker %s", self.config.device_id, self.api.path, self.config.broker)
         self._stop.wait()
-        try:
-            self._publish_status(online=False)
-        except MqttError as exc:  # the broker may be gone; its last will says offline for us
-            log.warning("could not announce going offline: %s", exc)
+        notify("STOPPING=1")
+        self.api.stop()
+        self.control.stop()
+        if self.client.connected:
+            try:
+                self._publish_status(online=False)
+            except MqttError as exc:  # the broker may be gone; its last will says offline for us
+                log.warning("could not announce going offline: %s", exc)
         self.client.disconnect()
 
     def stop(self) -> None:
         self._stop.set()
 
     def _restore_active(self) -> None:
+        """Serve the current bundle; if it no longer loads, the newest committed one that does."""
         active = self.store.active()
-        if active is None:
+        candidates = ([active] if active else []) + [
+            b for b in (self.store.by_name(n) for n in reversed(self.store.committed()))
+            if b is not None and (active is None or b.directory != active.directory)]
+        for bundle in candidates:
+            try:
+                runtime, sample = health_check(bundle, self.config.runtime)
+            except EdgefleetError as exc:
+                log.error("cannot serve %s: %s", bundle.label, exc)
+                continue
+            if bundle is not active:
+                log.warning("fell back to %s", bundle.label)
+                self.store.activate(bundle)
+            self.slot.swap(bundle, runtime, sample)
+            log.info("serving %s", bundle.label)
             return
-        try:
-            runtime = load_runtime(active.manifest.runtime, active.files / active.manifest.model_file,
-                                   threads=self.config.runtime_threads)
-            sample, _ = load_sample(active.files / active.manifest.sample.file)
-        except EdgefleetError as exc:
-            log.error("cannot load the active bundle %s: %s", active.label, exc)
-            return
-        self.slot.swap(active, runtime, sample)
-        log.info("serving %s", active.label)
 
     # -- messages ---------------------------------------------------------------------
     def _publish_status(self, *, online: bool) -> None:
@@ -100,33 +132,94 @@ class Agent:
 
     def _on_command(self, topic: str, payload: bytes) -> None:
         try:
-            command = DeployCommand.from_payload(payload)
+            command = parse_command(payload)
         except ProtocolError as exc:
             log.warning("ignoring malformed command: %s", exc)
             return
-        if command.command_id in self._seen_commands:
-            return  # at-least-once delivery: a redelivered command is done already
-        self._seen_commands.add(command.command_id)
-        self._commands.put(command)
+        if isinstance(command, StatusRequest):
+            self._reply(Reply(self.config.device_id, command.command_id, "status", True, self.report()))
+            return
+        if command.command_id == self.machine.busy_with or not self._commands.first_time(command.command_id):
+            log.info("command %s was delivered again; it is done or under way", command.command_id)
+            return  # at-least-once delivery
+        self._work.put((command, None))
 
     def _emit(self, event: DeploymentEvent) -> None:
         self.client.publish(topics.events(self.config.device_id), event.to_payload(), qos=1)
 
+    def _reply(self, reply: Reply) -> None:
+        self.client.publish(topics.reply(self.config.device_id), reply.to_payload(), qos=1)
+
+    def report(self) -> dict[str, Any]:
+        """What `status` shows: the active bundle, the versions kept, and any update under way."""
+        bundle = self.slot.bundle
+        record = self.machine.record
+        kept = [b.label for b in (self.store.by_name(n) for n in self.store.committed()) if b is not None]
+        return {"device_id": self.config.device_id, "agent_version": __version__,
+                "active_bundle": bundle.label if bundle else None, "sha256": bundle.sha256 if bundle else None,
+                "committed": kept, "update_state": record.state,
+                "update": None if record.state == "idle" else {"command_id": record.command_id,
+                                                               "bundle": record.label, "kind": record.kind,
+                                                               "attempts": record.attempts},
+                "connected": self.client.connected, "pid": os.getpid()}
+
+    def _local_rollback(self) -> dict[str, Any]:
+        done: Future = Future()
+        self._work.put((RollbackCommand(f"local-{time.time_ns()}", time.time()), done))
+        event = done.result(timeout=300)
+        return {"state": event.state, "bundle": event.bundle, "reason": event.reason} if event else {}
+
     # -- workers ----------------------------------------------------------------------
-    def _deploy_loop(self) -> None:
-        ctx = UpdateContext(self.config.device_id, self.client, self._chunks, self.store, self.slot,
-                            self.keys, self._emit,
-                            chunk_window=self.config.chunk_window,
-                            stall_timeout=self.config.download_stall_timeout,
-                            runtime_threads=self.config.runtime_threads)
+    def _update_loop(self) -> None:
+        self._after_update(self.machine.resume())
         while not self._stop.is_set():
             try:
-                command = self._commands.get(timeout=0.5)
+                command, done = self._work.get(timeout=0.5)
             except queue.Empty:
                 continue
-            final = deploy(ctx, command)
-            if final.state == "active":
-                self._publish_status(online=True)
+            result = None
+            try:
+                if isinstance(command, DeployCommand):
+                    result = self.machine.deploy(command)
+                    self._after_update(result)
+                elif isinstance(command, RollbackCommand):
+                    result = self.machine.rollback(command.command_id)
+                    self._after_update(result)
+                elif isinstance(command, BenchCommand):
+                    self._bench(command)
+            except Exception as exc:  # the update thread must survive anything one command does
+                log.exception("command %s failed", command.command_id)
+                if done is not None:
+                    done.set_exception(exc)
+                continue
+            if done is not None:
+                done.set_result(result)
+
+    def _after_update(self, event: DeploymentEvent | None) -> None:
+        if event is not None and self.client.connected:
+            self._publish_status(online=True)
+
+    def _bench(self, command: BenchCommand) -> None:
+        try:
+            if command.bundle is None:
+                bundle = self.slot.bundle
+                if bundle is None:
+                    raise EdgefleetError("no bundle is active to benchmark")
+            else:
+                bundle = self.store.installed(command.bundle.sha256)
+                if bundle is None:  # fetch and verify it, but do not activate it
+                    path = self.store.download_path(command.bundle.sha256)
+                    Download(self.client, self._chunks, self.config.device_id, command.bundle, path,
+                             window=self.config.chunk_window,
+                             stall_timeout=self.config.download_stall_timeout).run()
+                    try:
+                        bundle = self.store.install(path, self.keys)
+                    finally:
+                        path.unlink(missing_ok=True)
+            result = benchmark(bundle, self.config.runtime, runs=command.runs, warmup=command.warmup)
+            self._reply(Reply(self.config.device_id, command.command_id, "bench", True, result))
+        except EdgefleetError as exc:
+            self._reply(Reply(self.config.device_id, command.command_id, "bench", False, {}, str(exc)))
 
     def _load_seq(self) -> int:
         try:
@@ -146,8 +239,13 @@ class Agent:
     def _telemetry_loop(self) -> None:
         interval = self.config.telemetry_interval
         while not self._stop.wait(interval):
+            if not self.client.connected:
+                continue  # the SQLite queue that keeps samples across outages is issue 6's
             seq = self._next_seq()
             bundle = self.slot.bundle
             sample = TelemetrySample(self.config.device_id, seq, time.time(), interval,
                                      bundle.label if bundle else None, self._collectors.collect())
-            self.client.publish(topics.telemetry(self.config.device_id), sample.to_payload(), qos=1)
+            try:
+                self.client.publish(topics.telemetry(self.config.device_id), sample.to_payload(), qos=1)
+            except MqttError as exc:
+                log.warning("telemetry not sent: %s", exc)

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from device_agent import __version__
-from device_agent.errors import EdgefleetError
+from device_agent.errors import ConfigError, EdgefleetError
 
 
 def fail_cleanly(fn):
@@ -28,60 +28,187 @@ def fail_cleanly(fn):
 
 
 @click.group(help="The edgefleet device agent: verifies, activates and runs model bundles "
-                  "pushed over MQTT, and reports telemetry.")
+                  "pushed over MQTT, serves them to local applications, and reports telemetry.")
 @click.version_option(__version__, prog_name="edgefleet-agent")
 def main() -> None:
     pass
 
 
-@main.command(help="Run the agent in the foreground until SIGTERM or Ctrl-C.")
-@click.option("--device-id", envvar="EDGEFLEET_DEVICE_ID", required=True, help="This device's id in the fleet.")
-@click.option("--state-dir", envvar="EDGEFLEET_STATE_DIR", type=click.Path(path_type=Path), required=True,
-              help="Where bundles and agent state live.")
-@click.option("--broker", envvar="EDGEFLEET_BROKER", default="127.0.0.1:1883", show_default=True,
-              help="MQTT broker as HOST:PORT.")
-@click.option("--trusted-key", "trusted", envvar="EDGEFLEET_TRUSTED_KEYS", multiple=True, required=True,
+def config_options(fn):
+    """The settings every command that needs the agent's configuration accepts."""
+    options = [
+        click.option("--config", "config_file", envvar="EDGEFLEET_CONFIG", type=click.Path(path_type=Path),
+                     help="TOML config file [default: /etc/edgefleet/agent.toml if it exists]."),
+        click.option("--device-id", envvar="EDGEFLEET_DEVICE_ID", help="This device's id in the fleet."),
+        click.option("--state-dir", envvar="EDGEFLEET_STATE_DIR", type=click.Path(path_type=Path),
+                     help="Where bundles and agent state live."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def load_settings(config_file: Path | None, **flags) -> dict:
+    """Config file settings, overridden by every flag or environment variable that is set."""
+    from device_agent.config import DEFAULT_CONFIG, read_config_file
+
+    if config_file is None and DEFAULT_CONFIG.is_file():
+        config_file = DEFAULT_CONFIG
+    settings = read_config_file(config_file) if config_file is not None else {}
+    settings.update({k: v for k, v in flags.items() if v is not None and v != ()})
+    return settings
+
+
+@main.command(help="Run the agent in the foreground until SIGTERM or Ctrl-C (systemd runs this).")
+@config_options
+@click.option("--broker", envvar="EDGEFLEET_BROKER", help="MQTT broker as HOST:PORT [default: 127.0.0.1:1883].")
+@click.option("--trusted-key", "trusted_keys", envvar="EDGEFLEET_TRUSTED_KEYS", multiple=True,
               type=click.Path(path_type=Path), help="Public key (PEM) whose bundles this device accepts; repeatable.")
-@click.option("--telemetry-interval", default=5.0, show_default=True, help="Seconds between telemetry samples.")
-@click.option("--inference-interval", default=0.05, show_default=True,
-              help="Seconds between runs of the active model on its sample input (0 = as fast as possible).")
-@click.option("--threads", type=int, default=None, help="Runtime threads (default: the runtime's choice).")
+@click.option("--telemetry-interval", type=float, help="Seconds between telemetry samples [default: 5].")
+@click.option("--inference-interval", type=float,
+              help="Run the active model on its sample input every this many seconds, standing in for an "
+                   "application [default: 0, off].")
+@click.option("--threads", type=int, help="Runtime threads [default: the runtime's choice].")
+@click.option("--api-socket", type=click.Path(path_type=Path), help="Local inference socket [default: STATE_DIR/inference.sock].")
+@click.option("--control-socket", type=click.Path(path_type=Path), help="Control socket [default: STATE_DIR/control.sock].")
+@click.option("--trial-seconds", type=float, help="How long a new bundle serves before it is committed [default: 2].")
+@click.option("--keep-versions", type=int, help="Committed versions kept for rollback [default: 3].")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @fail_cleanly
-def run(device_id, state_dir, broker, trusted, telemetry_interval, inference_interval, threads, log_level) -> None:
+def run(config_file, log_level, **flags) -> None:
     from device_agent.agent import Agent
-    from device_agent.config import AgentConfig
-    from device_agent.mqtt import BrokerAddress
+    from device_agent.config import build_config
 
     # journald adds its own timestamps; keep lines short and greppable
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    config = AgentConfig(device_id=device_id, state_dir=state_dir, trusted_keys=tuple(trusted),
-                         broker=BrokerAddress.parse(broker), telemetry_interval=telemetry_interval,
-                         inference_interval=inference_interval, runtime_threads=threads)
+    config = build_config(load_settings(config_file, **flags))
     agent = Agent(config)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     agent.run()
 
 
-@main.command(help="Show the bundle this device runs (read from the state directory).")
-@click.option("--state-dir", envvar="EDGEFLEET_STATE_DIR", type=click.Path(path_type=Path), required=True)
+def _control_client(config_file, device_id, state_dir, control_socket):
+    from device_agent.local_api import AgentClient
+
+    settings = load_settings(config_file, device_id=device_id, state_dir=state_dir, control_socket=control_socket)
+    path = settings.get("control_socket") or (Path(settings["state_dir"]) / "control.sock"
+                                              if settings.get("state_dir") else None)
+    if path is None:
+        raise click.UsageError("give --state-dir or --control-socket (or a config file)")
+    return AgentClient(path), settings
+
+
+@main.command(help="Show what this device runs, the versions kept for rollback, and any update under way.")
+@config_options
+@click.option("--control-socket", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @fail_cleanly
-def status(state_dir, as_json) -> None:
+def status(config_file, device_id, state_dir, control_socket, as_json) -> None:
     from device_agent.store import BundleStore
 
-    if not state_dir.is_dir():
-        raise click.UsageError(f"state directory {state_dir} does not exist")
-    active = BundleStore(state_dir).active()
-    doc = {"active_bundle": active.label if active else None, "sha256": active.sha256 if active else None}
+    client, settings = _control_client(config_file, device_id, state_dir, control_socket)
+    try:
+        with client:
+            doc = client.status()
+        doc["running"] = True
+    except ConnectionError:
+        if not settings.get("state_dir") or not Path(settings["state_dir"]).is_dir():
+            raise ConfigError("the agent is not running and no state directory was found") from None
+        store = BundleStore(Path(settings["state_dir"]))  # not running: read what is on disk
+        active = store.active()
+        doc = {"running": False, "active_bundle": active.label if active else None,
+               "sha256": active.sha256 if active else None,
+               "committed": [b.label for b in map(store.by_name, store.committed()) if b is not None]}
     if as_json:
         click.echo(json.dumps(doc))
+        return
+    click.echo(f"agent:         {'running' if doc['running'] else 'not running'}")
+    click.echo(f"active bundle: {doc['active_bundle'] or 'none'}")
+    if doc.get("sha256"):
+        click.echo(f"sha256:        {doc['sha256']}")
+    click.echo(f"kept versions: {', '.join(doc['committed']) or 'none'}")
+    if doc.get("update"):
+        u = doc["update"]
+        click.echo(f"update:        {u['kind']} {u['bundle']} in state {doc['update_state']}")
+
+
+@main.command(help="Roll back to the previous committed version (the agent must be running).")
+@config_options
+@click.option("--control-socket", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@fail_cleanly
+def rollback(config_file, device_id, state_dir, control_socket, as_json) -> None:
+    client, _ = _control_client(config_file, device_id, state_dir, control_socket)
+    try:
+        with client:
+            result = client.rollback()
+    except ConnectionError as exc:
+        raise ConfigError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(result))
     else:
-        click.echo(f"active bundle: {doc['active_bundle'] or 'none'}")
-        if active:
-            click.echo(f"sha256:        {active.sha256}")
+        click.echo(f"{result.get('state')}: {result.get('reason') or result.get('bundle')}")
+    sys.exit(0 if result.get("state") == "rolled_back" else 1)
+
+
+@main.command(help="Benchmark a bundle's model on this device: load, first inference, warm latency, memory.")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--trusted-key", "trusted", multiple=True, type=click.Path(path_type=Path), required=True,
+              help="Public key the bundle must be signed with; repeatable.")
+@click.option("--runs", default=100, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(0, 100_000))
+@click.option("--threads", type=int, help="Runtime threads [default: the runtime's choice].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@fail_cleanly
+def bench(bundle, trusted, runs, warmup, threads, as_json) -> None:
+    import tempfile
+
+    from device_agent.bench import benchmark
+    from device_agent.bundle.signing import trusted_keys
+    from device_agent.runtime import RuntimeOptions
+    from device_agent.store import BundleStore
+
+    if not bundle.is_file():
+        raise ConfigError(f"bundle {bundle} does not exist")
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
+        installed = BundleStore(Path(tmp)).install(bundle, trusted_keys(trusted))
+        result = benchmark(installed, RuntimeOptions(threads=threads), runs=runs, warmup=warmup)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    print_bench(result)
+
+
+def print_bench(r: dict) -> None:
+    click.echo(f"{r['bundle']} on {r['runtime']} ({r['runs']} runs after {r['warmup']} warm-up)")
+    for label, key in (("load", "load_ms"), ("first inference", "first_inference_ms"), ("p50", "p50_ms"),
+                       ("p90", "p90_ms"), ("p99", "p99_ms"), ("mean", "mean_ms")):
+        click.echo(f"  {label:<16} {r[key]:>10.3f} ms")
+    click.echo(f"  {'peak RSS':<16} {r['peak_rss_bytes'] / 2**20:>10.1f} MiB")
+
+
+@main.command(help="Install the agent as a systemd service: unit file, config file, user and state directory.")
+@click.option("--device-id", required=True, help="This device's id in the fleet.")
+@click.option("--broker", required=True, help="MQTT broker as HOST:PORT.")
+@click.option("--trusted-key", "trusted", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Public key (PEM) of the release signer; copied to /etc/edgefleet/keys; repeatable.")
+@click.option("--tls-ca", type=click.Path(path_type=Path), help="CA certificate of the broker (turns TLS on).")
+@click.option("--tls-cert", type=click.Path(path_type=Path), help="This device's client certificate.")
+@click.option("--tls-key", type=click.Path(path_type=Path), help="This device's client key.")
+@click.option("--root", type=click.Path(path_type=Path), default=Path("/"), show_default=True,
+              help="Install under this root (an image being built, or a test).")
+@click.option("--no-systemctl", is_flag=True, help="Write the files only; do not create the user or start the service.")
+@click.option("--force", is_flag=True, help="Overwrite an existing config file.")
+@fail_cleanly
+def install(device_id, broker, trusted, tls_ca, tls_cert, tls_key, root, no_systemctl, force) -> None:
+    from device_agent.install import install_service
+
+    for line in install_service(device_id=device_id, broker=broker, trusted=trusted, tls_ca=tls_ca,
+                                tls_cert=tls_cert, tls_key=tls_key, root=root, systemctl=not no_systemctl,
+                                force=force):
+        click.echo(line)
 
 
 if __name__ == "__main__":

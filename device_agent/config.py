@@ -1,13 +1,48 @@
-"""Agent configuration as one frozen value."""
+"""Agent configuration: one frozen value, read from a TOML file and overridden by flags.
+
+``/etc/edgefleet/agent.toml`` (written by ``edgefleet-agent install``)::
+
+    device_id = "pi-01"
+    state_dir = "/var/lib/edgefleet"
+    trusted_keys = ["/etc/edgefleet/keys/release.pub"]
+
+    [broker]
+    address = "broker.example:8883"
+    tls_ca = "/etc/edgefleet/tls/ca.pem"      # TLS is on when tls_ca is set
+    tls_cert = "/etc/edgefleet/tls/device.pem" # client certificate (optional)
+    tls_key = "/etc/edgefleet/tls/device.key"
+
+    [runtime]
+    threads = 2
+    onnx_providers = []                         # empty: the best the device has
+
+    [limits]
+    telemetry_interval = 5.0
+    keep_versions = 3
+    trial_seconds = 2.0
+    max_start_attempts = 3
+    download_stall_timeout = 30.0
+
+    [api]
+    socket = "/run/edgefleet/inference.sock"
+    control_socket = "/run/edgefleet/control.sock"
+
+Command-line flags and ``EDGEFLEET_*`` environment variables override the file.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import tomllib
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from device_agent.errors import ConfigError
-from device_agent.mqtt import BrokerAddress
+from device_agent.mqtt import BrokerAddress, TlsFiles
 from device_agent.protocol import topics
+from device_agent.runtime.base import RuntimeOptions
+
+DEFAULT_CONFIG = Path("/etc/edgefleet/agent.toml")
 
 
 @dataclass(frozen=True)
@@ -16,18 +51,94 @@ class AgentConfig:
     state_dir: Path
     trusted_keys: tuple[Path, ...]
     broker: BrokerAddress = field(default_factory=BrokerAddress)
+    tls: TlsFiles | None = None
     telemetry_interval: float = 5.0
-    # How often the built-in workload runs the active model on its sample input,
-    # standing in for the application until one uses the local inference API.
-    inference_interval: float = 0.05
-    runtime_threads: int | None = None
+    # How often the built-in workload runs the active model on its sample input, standing in
+    # for an application until one uses the local API; 0 turns it off.
+    inference_interval: float = 0.0
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     chunk_window: int = 8
     download_stall_timeout: float = 30.0
+    keep_versions: int = 3           # committed versions kept on disk for instant rollback
+    trial_seconds: float = 2.0       # a new bundle serves this long without errors before it is committed
+    max_start_attempts: int = 3      # starts in one update state before the agent gives up on it
+    api_socket: Path | None = None   # default: <state_dir>/inference.sock
+    control_socket: Path | None = None  # default: <state_dir>/control.sock
 
     def __post_init__(self) -> None:
         if not topics.valid_device_id(self.device_id):
             raise ConfigError(f"device id {self.device_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
         if not self.trusted_keys:
             raise ConfigError("no trusted public key given: the agent would accept no bundle")
-        if self.telemetry_interval <= 0 or self.inference_interval < 0:
+        if self.telemetry_interval <= 0 or self.inference_interval < 0 or self.trial_seconds < 0:
             raise ConfigError("intervals must be positive")
+        if self.keep_versions < 1 or self.max_start_attempts < 1:
+            raise ConfigError("keep_versions and max_start_attempts must be at least 1")
+
+    @property
+    def inference_socket(self) -> Path:
+        return self.api_socket or Path(self.state_dir) / "inference.sock"
+
+    @property
+    def control_socket_path(self) -> Path:
+        return self.control_socket or Path(self.state_dir) / "control.sock"
+
+
+# TOML table.key -> AgentConfig field
+_FILE_KEYS = {
+    ("", "device_id"): "device_id", ("", "state_dir"): "state_dir", ("", "trusted_keys"): "trusted_keys",
+    ("broker", "address"): "broker", ("broker", "tls_ca"): "tls_ca", ("broker", "tls_cert"): "tls_cert",
+    ("broker", "tls_key"): "tls_key",
+    ("runtime", "threads"): "threads", ("runtime", "onnx_providers"): "onnx_providers",
+    ("limits", "telemetry_interval"): "telemetry_interval", ("limits", "inference_interval"): "inference_interval",
+    ("limits", "keep_versions"): "keep_versions", ("limits", "trial_seconds"): "trial_seconds",
+    ("limits", "max_start_attempts"): "max_start_attempts",
+    ("limits", "download_stall_timeout"): "download_stall_timeout", ("limits", "chunk_window"): "chunk_window",
+    ("api", "socket"): "api_socket", ("api", "control_socket"): "control_socket",
+}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings in a TOML config file, flattened to setting names; unknown keys are an error."""
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        tables = value.items() if isinstance(value, dict) else None
+        for sub, item in (tables if tables is not None else [(key, value)]):
+            name = _FILE_KEYS.get((key, sub) if tables is not None else ("", key))
+            if name is None:
+                raise ConfigError(f"config file {path}: unknown setting {key + '.' + sub if tables else key!r}")
+            flat[name] = item
+    return flat
+
+
+def build_config(settings: dict[str, Any]) -> AgentConfig:
+    """An AgentConfig from flat settings (file values already overridden by flags)."""
+    s = {k: v for k, v in settings.items() if v is not None and v != ()}
+    for required in ("device_id", "state_dir"):
+        if required not in s:
+            raise ConfigError(f"no {required.replace('_', ' ')} given (flag, environment or config file)")
+    try:
+        tls = None
+        if s.get("tls_ca"):
+            tls = TlsFiles(ca=Path(s["tls_ca"]), cert=_path(s.get("tls_cert")), key=_path(s.get("tls_key")))
+        runtime = RuntimeOptions(threads=s.get("threads"), onnx_providers=tuple(s.get("onnx_providers", ())))
+        plain = {f.name for f in fields(AgentConfig)} - {"broker", "tls", "runtime", "trusted_keys", "state_dir"}
+        return AgentConfig(
+            device_id=s["device_id"], state_dir=Path(s["state_dir"]),
+            trusted_keys=tuple(Path(p) for p in s.get("trusted_keys", ())),
+            broker=BrokerAddress.parse(s["broker"]) if "broker" in s else BrokerAddress(),
+            tls=tls, runtime=runtime,
+            **{k: (Path(v) if k.endswith("socket") else v) for k, v in s.items() if k in plain and k != "device_id"},
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid setting: {exc}") from None
+
+
+def _path(value: Any) -> Path | None:
+    return Path(value) if value else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import paho.mqtt.client as paho
@@ -36,6 +37,15 @@ class BrokerAddress:
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """TLS to the broker: the CA that signed its certificate, and optionally our client certificate."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True)
 class Will:
     topic: str
     payload: bytes
@@ -47,13 +57,19 @@ class MqttClient:
     """One connection to a broker. Handlers run on paho's network thread: keep them short."""
 
     def __init__(self, *, client_id: str, broker: BrokerAddress, will: Will | None = None,
-                 clean_session: bool = True, keepalive: int = 30) -> None:
+                 clean_session: bool = True, keepalive: int = 30, tls: TlsFiles | None = None) -> None:
         self.broker = broker
         self.client_id = client_id
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                    clean_session=clean_session, protocol=paho.MQTTv311)
         self._client.max_inflight_messages_set(64)
         self._client.max_queued_messages_set(0)
+        if tls is not None:
+            try:
+                self._client.tls_set(ca_certs=str(tls.ca), certfile=str(tls.cert) if tls.cert else None,
+                                     keyfile=str(tls.key) if tls.key else None)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot use the TLS files {tls.ca}: {exc}") from None
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self._keepalive = keepalive
@@ -77,6 +93,11 @@ class MqttClient:
             self._client.loop_stop()
             raise BrokerUnreachable(f"MQTT broker at {self.broker} did not accept the connection "
                                     f"within {timeout:g}s")
+
+    def connect_in_background(self) -> None:
+        """Connect now if the broker is there, else keep trying (1-30 s back-off) without blocking."""
+        self._client.connect_async(self.broker.host, self.broker.port, keepalive=self._keepalive)
+        self._client.loop_start()
 
     def disconnect(self) -> None:
         try:

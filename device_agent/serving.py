@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Mapping
+from dataclasses import asdict
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -36,15 +37,42 @@ class ModelSlot:
         with self._lock:
             self._bundle, self._runtime, self._sample = bundle, runtime, sample
 
+    def clear(self) -> None:
+        with self._lock:
+            self._bundle, self._runtime, self._sample = None, None, {}
+
+    def describe(self) -> dict[str, Any]:
+        with self._lock:
+            bundle, runtime = self._bundle, self._runtime
+        if bundle is None or runtime is None:
+            return {"bundle": None, "sha256": None, "runtime": None, "inputs": [], "outputs": []}
+        return {"bundle": bundle.label, "sha256": bundle.sha256, "runtime": runtime.name,
+                "inputs": [asdict(s) for s in runtime.inputs], "outputs": [asdict(s) for s in runtime.outputs]}
+
     def infer(self, feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Run the active model (on its sample input when *feeds* is None) and record the latency."""
         with self._lock:
             runtime, sample = self._runtime, self._sample
+        return self._run(runtime, sample if feeds is None else feeds)
+
+    def infer_request(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Run a local API request: bind *inputs* to the model that is active now, and run that model."""
+        from device_agent.local_api.server import as_feeds
+
+        with self._lock:
+            runtime = self._runtime
+        if runtime is None:
+            raise ModelError("no model is active on this device")
+        return self._run(runtime, as_feeds(inputs, runtime.inputs))
+
+    def _run(self, runtime: ModelRuntime | None, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # The runtime was taken under the lock; a swap now does not affect this call, which
+        # finishes on the model it started with.
         if runtime is None:
             raise ModelError("no model is active on this device")
         start = time.perf_counter()
         try:
-            out = runtime.run(sample if feeds is None else feeds)
+            out = runtime.run(feeds)
         except ModelError:
             self.errors += 1
             raise

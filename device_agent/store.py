@@ -5,6 +5,7 @@ Layout under the agent's state directory::
     bundles/<name>-<version>-<sha12>/manifest.json   the verified manifest
     bundles/<name>-<version>-<sha12>/files/...       the verified payload
     current -> bundles/<...>                          the active version (symlink)
+    committed.json                                    committed versions, oldest first
     downloads/<sha256>.part                           bundles being fetched
     staging/                                          extraction in progress
 """
@@ -39,12 +40,23 @@ class InstalledBundle:
         return self.manifest.label
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace *path* with *data* so that a crash leaves either the old or the new bytes, durably."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 class BundleStore:
@@ -54,6 +66,7 @@ class BundleStore:
         self.downloads = self.root / "downloads"
         self.staging = self.root / "staging"
         self.current_link = self.root / "current"
+        self._committed_file = self.root / "committed.json"
         for d in (self.bundles, self.downloads, self.staging):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -64,6 +77,12 @@ class BundleStore:
         if not self.current_link.is_symlink():
             return None
         return self._load(self.current_link.resolve())
+
+    def by_name(self, directory_name: str | None) -> InstalledBundle | None:
+        """The installed bundle in ``bundles/<directory_name>``, if it is there and intact."""
+        if not directory_name or "/" in directory_name or directory_name.startswith("."):
+            return None
+        return self._load(self.bundles / directory_name)
 
     def installed(self, sha256: str) -> InstalledBundle | None:
         for directory in self.bundles.glob(f"*-{sha256[:12]}"):
@@ -94,10 +113,15 @@ class BundleStore:
             target = self.bundles / f"{m.name}-{m.version}-{verified.sha256[:12]}"
             shutil.rmtree(target, ignore_errors=True)
             os.replace(work, target)
-            _fsync_dir(self.bundles)
+            fsync_dir(self.bundles)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return InstalledBundle(target, m, verified.sha256)
+
+    def remove(self, bundle: InstalledBundle) -> None:
+        """Delete an installed version that is neither active nor committed."""
+        shutil.rmtree(bundle.directory, ignore_errors=True)
+        fsync_dir(self.bundles)
 
     def activate(self, bundle: InstalledBundle) -> None:
         """Point ``current`` at *bundle* with one atomic rename."""
@@ -106,4 +130,57 @@ class BundleStore:
             tmp.unlink()
         os.symlink(os.path.relpath(bundle.directory, self.root), tmp)
         os.replace(tmp, self.current_link)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
+
+    def deactivate(self) -> None:
+        """Remove ``current``: the device runs no model (a first install that had to be rolled back)."""
+        self.current_link.unlink(missing_ok=True)
+        fsync_dir(self.root)
+
+    # -- committed versions -------------------------------------------------------------
+    def committed(self) -> list[str]:
+        """Directory names of committed versions, oldest first (missing or corrupt file: none)."""
+        try:
+            names = json.loads(self._committed_file.read_text())
+        except (OSError, ValueError):
+            return []
+        return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+    def commit(self, bundle: InstalledBundle, keep: int) -> list[str]:
+        """Record *bundle* as the newest committed version and remove all but the newest *keep*.
+
+        Returns the directory names removed. Whatever ``current`` points at is never removed.
+        """
+        names = [n for n in self.committed() if n != bundle.directory.name] + [bundle.directory.name]
+        kept = names[-max(1, keep):]
+        write_atomically(self._committed_file, json.dumps(kept).encode())
+        return self._prune(set(kept))
+
+    def uncommit(self, directory_name: str) -> None:
+        """Forget a committed version (after rolling back from it); its files go at the next prune."""
+        names = [n for n in self.committed() if n != directory_name]
+        write_atomically(self._committed_file, json.dumps(names).encode())
+
+    def rollback_target(self) -> InstalledBundle | None:
+        """The newest committed version other than the active one that is still intact on disk."""
+        active = self.active()
+        for name in reversed(self.committed()):
+            if active is not None and name == active.directory.name:
+                continue
+            bundle = self.by_name(name)
+            if bundle is not None:
+                return bundle
+        return None
+
+    def _prune(self, keep: set[str]) -> list[str]:
+        active = self.active()
+        if active is not None:
+            keep.add(active.directory.name)
+        removed = []
+        for directory in self.bundles.iterdir():
+            if directory.name not in keep:
+                shutil.rmtree(directory, ignore_errors=True)
+                removed.append(directory.name)
+        if removed:
+            fsync_dir(self.bundles)
+        return sorted(removed)

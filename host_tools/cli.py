@@ -97,9 +97,11 @@ def bundle() -> None:
 @click.option("--sample", type=click.Path(path_type=Path),
               help=".npz with one array per model input, used as the device's health-check input.")
 @click.option("--atol", default=1e-3, show_default=True, help="Absolute tolerance of the sample check.")
+@click.option("--latency-budget-ms", type=float, default=None,
+              help="Median sample latency a device must meet before it commits the bundle.")
 @json_option
 @fail_cleanly
-def bundle_build(model, name, version, key, out, sample, atol, as_json) -> None:
+def bundle_build(model, name, version, key, out, sample, atol, latency_budget_ms, as_json) -> None:
     import numpy as np
 
     from host_tools.packaging import build_bundle
@@ -112,7 +114,8 @@ def bundle_build(model, name, version, key, out, sample, atol, as_json) -> None:
                 feeds = {k: data[k] for k in data.files}
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read sample file {sample}: {exc}") from None
-    manifest = build_bundle(model, name=name, version=version, key=key, out=out, sample=feeds, atol=atol)
+    manifest = build_bundle(model, name=name, version=version, key=key, out=out, sample=feeds, atol=atol,
+                            latency_budget_ms=latency_budget_ms)
     click.echo(json.dumps({"bundle": str(out), "manifest": manifest.to_dict()}) if as_json
                else f"wrote {out}: {manifest.label} ({out.stat().st_size} bytes)")
 

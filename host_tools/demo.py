@@ -49,7 +49,9 @@ class AgentProcesses:
         self.procs[device_id] = subprocess.Popen(
             [sys.executable, "-m", "device_agent", "run", "--device-id", device_id, "--state-dir", str(state),
              "--broker", str(self._broker), "--trusted-key", str(self._key),
-             "--telemetry-interval", str(telemetry_interval)],
+             "--telemetry-interval", str(telemetry_interval),
+             # stand in for an application, so the demo's telemetry has inferences to show
+             "--inference-interval", "0.05"],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
 

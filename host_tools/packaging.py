@@ -47,6 +47,7 @@ def sample_inputs(runtime, given: Mapping[str, np.ndarray] | None) -> dict[str, 
 
 def build_bundle(model: Path, *, name: str, version: str, key: Path, out: Path,
                  sample: Mapping[str, np.ndarray] | None = None, atol: float = 1e-3, rtol: float = 1e-3,
+                 latency_budget_ms: float | None = None,
                  compression: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Manifest:
     """Package *model* with a sample check into a bundle signed by *key*; returns its manifest."""
     model = Path(model)
@@ -65,7 +66,7 @@ def build_bundle(model: Path, *, name: str, version: str, key: Path, out: Path,
             name=name, version=version, runtime=runtime_name, model_file=model.name,
             files=tuple(FileEntry(p, src.stat().st_size, sha256_file(src)) for p, src in sources.items()),
             inputs=runtime.inputs, outputs=runtime.outputs,
-            sample=SampleCheck(SAMPLE_FILE, atol=atol, rtol=rtol),
+            sample=SampleCheck(SAMPLE_FILE, atol=atol, rtol=rtol, latency_budget_ms=latency_budget_ms),
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             compression=compression or {}, metrics=metrics or {},
         )

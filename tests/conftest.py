@@ -3,11 +3,13 @@ and real agent processes that are killed when a test ends."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -119,16 +121,36 @@ def make_bundle(tmp_path_factory, keys, reference_model, heldout):
 
 
 class AgentProcess:
-    def __init__(self, device_id: str, state_dir: Path, broker: BrokerAddress, trusted: Path,
-                 telemetry_interval: float) -> None:
+    """A real `edgefleet-agent run` process. Its sockets live in a short directory of their own
+    (a Unix socket path must fit in 107 bytes; pytest's tmp paths may not)."""
+
+    def __init__(self, device_id: str, state_dir: Path, broker: BrokerAddress, trusted: Path, *,
+                 telemetry_interval: float = 1.0, inference_interval: float = 0.05,
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.device_id, self.state_dir = device_id, state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="ef-", dir="/tmp"))
+        self.api_socket = self.socket_dir / "inference.sock"
+        self.control_socket = self.socket_dir / "control.sock"
+        self.args = [sys.executable, "-m", "device_agent", "run", "--device-id", device_id,
+                     "--state-dir", str(state_dir), "--broker", str(broker), "--trusted-key", str(trusted),
+                     "--telemetry-interval", str(telemetry_interval),
+                     "--inference-interval", str(inference_interval),
+                     "--api-socket", str(self.api_socket), "--control-socket", str(self.control_socket),
+                     "--trial-seconds", "0.5", *extra_args]
         self.log = state_dir / "agent.log"
+        self.proc: subprocess.Popen | None = None
+        self.start(env)
+
+    def start(self, env: dict[str, str] | None = None) -> "AgentProcess":
+        """(Re)start the process on the same state directory, optionally with fault-injection *env*."""
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "device_agent", "run", "--device-id", device_id,
-                 "--state-dir", str(state_dir), "--broker", str(broker), "--trusted-key", str(trusted),
-                 "--telemetry-interval", str(telemetry_interval)], stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **(env or {})})
+        return self
+
+    def wait_for_api(self, timeout: float = 30) -> bool:
+        return bool(wait_until(self.api_socket.is_socket, timeout))
 
     def terminate(self) -> int:
         if self.proc.poll() is None:
@@ -145,6 +167,10 @@ class AgentProcess:
             self.proc.kill()
             self.proc.wait()
 
+    def cleanup(self) -> None:
+        self.kill()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
 
 @pytest.fixture
 def agents(tmp_path, mosquitto, keys):
@@ -152,12 +178,12 @@ def agents(tmp_path, mosquitto, keys):
     started: list[AgentProcess] = []
 
     class Factory:
-        def start(self, device_id: str, *, telemetry_interval: float = 1.0, broker=None) -> AgentProcess:
+        def start(self, device_id: str, *, broker=None, **options) -> AgentProcess:
             agent = AgentProcess(device_id, tmp_path / "devices" / device_id, broker or mosquitto,
-                                 keys["pub"], telemetry_interval)
+                                 keys["pub"], **options)
             started.append(agent)
             return agent
 
     yield Factory()
     for agent in started:
-        agent.kill()
+        agent.cleanup()

@@ -43,6 +43,8 @@ class SampleCheck:
     file: str
     atol: float = 1e-3
     rtol: float = 1e-3
+    # Median latency of the sample input the device must meet before it commits; None: no budget.
+    latency_budget_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,9 @@ def _validate(m: Manifest) -> None:
                      f"{kind} {spec.name!r} has an invalid shape")
     _require(all(isinstance(x, (int, float)) and x >= 0 for x in (m.sample.atol, m.sample.rtol)),
              "sample tolerances must be non-negative numbers")
+    budget = m.sample.latency_budget_ms
+    _require(budget is None or (isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0),
+             "the latency budget must be a positive number of milliseconds")
     _require(isinstance(m.compression, dict) and isinstance(m.metrics, dict),
              "compression and metrics must be objects")
 

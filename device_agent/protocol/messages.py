@@ -21,13 +21,8 @@ DEFAULT_CHUNK_SIZE = 64 * 1024
 
 
 def _decode(payload: bytes, expected_type: str) -> dict[str, Any]:
-    if len(payload) > MAX_JSON_BYTES:
-        raise ProtocolError(f"{expected_type} message of {len(payload)} bytes exceeds {MAX_JSON_BYTES}")
-    try:
-        doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"{expected_type} message is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("type") != expected_type:
+    doc = _decode_any(payload)
+    if doc.get("type") != expected_type:
         raise ProtocolError(f"expected a {expected_type!r} message")
     return doc
 
@@ -93,6 +88,114 @@ class DeployCommand:
 
 
 @dataclass(frozen=True)
+class RollbackCommand:
+    """Go back to the newest committed version before the active one."""
+
+    command_id: str
+    issued_at: float
+
+    def to_payload(self) -> bytes:
+        return _encode("rollback", {"command_id": self.command_id, "issued_at": self.issued_at})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "RollbackCommand":
+        doc = _decode(payload, "rollback")
+        return cls(command_id=_get(doc, "command_id", str), issued_at=float(_get(doc, "issued_at", (int, float))))
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    """Ask a device for an AgentReport on its reply topic."""
+
+    command_id: str
+    issued_at: float
+
+    def to_payload(self) -> bytes:
+        return _encode("status_request", {"command_id": self.command_id, "issued_at": self.issued_at})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "StatusRequest":
+        doc = _decode(payload, "status_request")
+        return cls(command_id=_get(doc, "command_id", str), issued_at=float(_get(doc, "issued_at", (int, float))))
+
+
+MAX_BENCH_RUNS = 100_000
+
+
+@dataclass(frozen=True)
+class BenchCommand:
+    """Benchmark a bundle on the device (fetched and verified if it is not there); None: the active one."""
+
+    command_id: str
+    issued_at: float
+    bundle: BundleOffer | None = None
+    runs: int = 100
+    warmup: int = 10
+
+    def to_payload(self) -> bytes:
+        return _encode("bench", {"command_id": self.command_id, "issued_at": self.issued_at,
+                                 "bundle": asdict(self.bundle) if self.bundle else None,
+                                 "runs": self.runs, "warmup": self.warmup})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "BenchCommand":
+        doc = _decode(payload, "bench")
+        runs, warmup = _get(doc, "runs", int), _get(doc, "warmup", int)
+        if not 0 < runs <= MAX_BENCH_RUNS or not 0 <= warmup <= MAX_BENCH_RUNS:
+            raise ProtocolError(f"runs must be 1..{MAX_BENCH_RUNS} and warmup 0..{MAX_BENCH_RUNS}")
+        bundle = doc.get("bundle")
+        return cls(command_id=_get(doc, "command_id", str), issued_at=float(_get(doc, "issued_at", (int, float))),
+                   bundle=None if bundle is None else BundleOffer.from_dict(bundle), runs=runs, warmup=warmup)
+
+
+COMMANDS = {"deploy": DeployCommand, "rollback": RollbackCommand, "status_request": StatusRequest,
+            "bench": BenchCommand}
+
+
+def parse_command(payload: bytes):
+    """Decode any host -> device command by its ``type``."""
+    doc = _decode_any(payload)
+    cls = COMMANDS.get(doc.get("type"))
+    if cls is None:
+        raise ProtocolError(f"unknown command type {doc.get('type')!r}")
+    return cls.from_payload(payload)
+
+
+def _decode_any(payload: bytes) -> dict[str, Any]:
+    if len(payload) > MAX_JSON_BYTES:
+        raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_JSON_BYTES}")
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"message is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("message must be a JSON object")
+    return doc
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A device's answer to a status request or bench command, on its reply topic."""
+
+    device_id: str
+    command_id: str
+    kind: str  # "status" or "bench"
+    ok: bool
+    body: dict[str, Any]
+    error: str | None = None
+
+    def to_payload(self) -> bytes:
+        return _encode("reply", asdict(self))
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "Reply":
+        doc = _decode(payload, "reply")
+        return cls(device_id=_get(doc, "device_id", str), command_id=_get(doc, "command_id", str),
+                   kind=_get(doc, "kind", str), ok=_get(doc, "ok", bool), body=_get(doc, "body", dict),
+                   error=_get(doc, "error", str, optional=True))
+
+
+@dataclass(frozen=True)
 class ChunkRequest:
     device_id: str
     chunks: tuple[int, ...]
@@ -143,8 +246,8 @@ class Chunk:
 
 
 # Deployment states a device reports, in the order a successful deployment passes them.
-DEPLOY_STATES = ("accepted", "downloading", "verifying", "activating", "active")
-DEPLOY_FINAL = ("active", "failed", "already_installed")
+DEPLOY_STATES = ("accepted", "downloading", "verifying", "health_check", "activating", "active")
+DEPLOY_FINAL = ("active", "failed", "already_installed", "rolled_back")
 
 
 @dataclass(frozen=True)

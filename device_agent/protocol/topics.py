@@ -6,6 +6,7 @@ Layout (protocol v1, documented in docs/protocol.md)::
     edgefleet/v1/devices/{device}/cmd         host -> device, QoS 1
     edgefleet/v1/devices/{device}/events      device -> host, QoS 1 (deployment progress and outcome)
     edgefleet/v1/devices/{device}/telemetry   device -> host, QoS 1
+    edgefleet/v1/devices/{device}/reply       device -> host, QoS 1 (answers to status and bench)
     edgefleet/v1/devices/{device}/chunks      host -> device, QoS 1 (bundle chunks it asked for)
     edgefleet/v1/transfer/{sha256}/request    device -> host, QoS 1 (which chunks it lacks)
 """
@@ -43,6 +44,10 @@ def events(device_id: str) -> str:
 
 def telemetry(device_id: str) -> str:
     return _device(device_id, "telemetry")
+
+
+def reply(device_id: str) -> str:
+    return _device(device_id, "reply")
 
 
 def chunks(device_id: str) -> str:

@@ -5,16 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from device_agent.errors import ModelError
-from device_agent.runtime.base import ModelRuntime
+from device_agent.runtime.base import ModelRuntime, RuntimeOptions
 
 
-def load_runtime(runtime: str, model_path: Path, *, threads: int | None = None) -> ModelRuntime:
-    """Load *model_path* with the runtime a manifest names."""
+def load_runtime(runtime: str, model_path: Path, options: RuntimeOptions | None = None) -> ModelRuntime:
+    """Load *model_path* with the runtime a manifest names (``onnxruntime`` or ``tflite``)."""
+    options = options or RuntimeOptions()
     if runtime == "onnxruntime":
         from device_agent.runtime.onnx import OnnxRuntime
 
-        return OnnxRuntime(model_path, threads=threads)
+        return OnnxRuntime(model_path, options)
+    if runtime == "tflite":
+        from device_agent.runtime.tflite import TFLiteRuntime
+
+        return TFLiteRuntime(model_path, options)
     raise ModelError(f"runtime {runtime!r} is not available in this agent")
 
 
-__all__ = ["ModelRuntime", "load_runtime"]
+__all__ = ["ModelRuntime", "RuntimeOptions", "load_runtime"]

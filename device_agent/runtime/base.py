@@ -1,7 +1,8 @@
-"""The one small interface every model runtime implements."""
+"""The one small interface every model runtime implements, and the options they take."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Protocol
 
 import numpy as np
@@ -9,8 +10,21 @@ import numpy as np
 from device_agent.bundle.manifest import TensorSpec
 
 
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How runtimes are set up on this device (from the agent's config)."""
+
+    threads: int | None = None  # None: the runtime's own choice
+    # ONNX Runtime execution providers in order of preference; empty: pick from what the device has.
+    onnx_providers: tuple[str, ...] = ()
+
+
 class ModelRuntime(Protocol):
-    """A loaded model: what it takes, what it gives, and a way to run it."""
+    """A loaded model: what it takes, what it gives, and a way to run it.
+
+    ``run`` may be called from several threads at once; a runtime that is not
+    thread-safe serialises calls itself.
+    """
 
     name: str
 
@@ -21,3 +35,8 @@ class ModelRuntime(Protocol):
     def outputs(self) -> tuple[TensorSpec, ...]: ...
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

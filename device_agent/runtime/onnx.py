@@ -9,6 +9,10 @@ import numpy as np
 
 from device_agent.bundle.manifest import TensorSpec
 from device_agent.errors import ModelError
+from device_agent.runtime.base import RuntimeOptions, first_line as _first_line
+
+# Preferred first: TensorRT and CUDA where a Jetson's build has them, the CPU always.
+PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 # ONNX Runtime's type strings -> NumPy dtype names.
 _ORT_TYPES = {
@@ -21,21 +25,22 @@ _ORT_TYPES = {
 class OnnxRuntime:
     name = "onnxruntime"
 
-    def __init__(self, model_path: Path, *, threads: int | None = None,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
+    def __init__(self, model_path: Path, options: RuntimeOptions = RuntimeOptions()) -> None:
         import onnxruntime as ort  # imported here so a TFLite-only device never loads it
 
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        providers = choose_providers(ort.get_available_providers(), options.onnx_providers)
+        session_options = ort.SessionOptions()
+        if options.threads:
+            session_options.intra_op_num_threads = options.threads
+        session_options.log_severity_level = 3
         # Spinning worker threads burn a core between calls; on a battery or a Pi that is the wrong trade.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self._session = ort.InferenceSession(str(model_path), sess_options=options,
+            self._session = ort.InferenceSession(str(model_path), sess_options=session_options,
                                                  providers=list(providers))
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... family
             raise ModelError(f"ONNX Runtime cannot load {Path(model_path).name}: {_first_line(exc)}") from None
+        self.providers = tuple(self._session.get_providers())
         self._inputs = tuple(_spec(i) for i in self._session.get_inputs())
         self._outputs = tuple(_spec(o) for o in self._session.get_outputs())
 
@@ -60,6 +65,13 @@ def _spec(arg) -> TensorSpec:
     return TensorSpec(name=arg.name, shape=shape, dtype=_ORT_TYPES.get(arg.type, arg.type))
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def choose_providers(available: list[str], override: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The execution providers to ask for: the override (all must exist), else the best the device has."""
+    if override:
+        missing = [p for p in override if p not in available]
+        if missing:
+            raise ModelError(f"execution provider(s) {', '.join(missing)} not available here "
+                             f"(this onnxruntime has {', '.join(available)})")
+        return tuple(override)
+    chosen = tuple(p for p in PROVIDER_PREFERENCE if p in available)
+    return chosen or ("CPUExecutionProvider",)

@@ -1,0 +1,137 @@
+"""``edgefleet-agent install``: the unit file, the config file, the keys and the state directory.
+
+Nothing already there is harmed: an existing config file is kept unless forced, and
+every input is checked before the first file is written.
+"""
+
+from __future__ import annotations
+
+import pwd
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+from device_agent.bundle.signing import trusted_keys
+from device_agent.config import build_config
+from device_agent.errors import ConfigError
+from device_agent.mqtt import BrokerAddress
+
+UNIT_NAME = "edgefleet-agent.service"
+SERVICE_USER = "edgefleet"
+
+
+def unit_text(exec_start: str) -> str:
+    """The packaged unit with ExecStart pointing at this installation's agent."""
+    text = resources.files("device_agent").joinpath("service", UNIT_NAME).read_text()
+    lines = [f"ExecStart={exec_start}" if line.startswith("ExecStart=") else line for line in text.splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+def agent_command() -> str:
+    exe = shutil.which("edgefleet-agent")
+    if exe is None:  # running from a checkout: the same interpreter, as a module
+        return f"{sys.executable} -m device_agent"
+    return str(Path(exe).resolve())
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def config_text(device_id: str, broker: str, keys: list[str], tls: dict[str, str]) -> str:
+    lines = ["# edgefleet agent configuration; flags and EDGEFLEET_* variables override it.",
+             f"device_id = {_toml_str(device_id)}",
+             'state_dir = "/var/lib/edgefleet"',
+             "trusted_keys = [" + ", ".join(map(_toml_str, keys)) + "]", "",
+             "[broker]", f"address = {_toml_str(broker)}"]
+    lines += [f"{k} = {_toml_str(v)}" for k, v in tls.items()]
+    lines += ["", "[runtime]", "# threads = 2", "onnx_providers = []  # empty: the best this device has", "",
+              "[limits]", "telemetry_interval = 5.0", "keep_versions = 3", "trial_seconds = 2.0",
+              "max_start_attempts = 3", "download_stall_timeout = 30.0", "",
+              "[api]", 'socket = "/run/edgefleet/inference.sock"',
+              'control_socket = "/run/edgefleet/control.sock"', ""]
+    return "\n".join(lines)
+
+
+def install_service(*, device_id: str, broker: str, trusted: tuple[Path, ...], tls_ca: Path | None,
+                    tls_cert: Path | None, tls_key: Path | None, root: Path, systemctl: bool,
+                    force: bool) -> list[str]:
+    """Write everything; returns one line per step for the user."""
+    root = Path(root)
+    etc = root / "etc/edgefleet"
+    config_path = etc / "agent.toml"
+    unit_path = root / "etc/systemd/system" / UNIT_NAME
+    state_dir = root / "var/lib/edgefleet"
+
+    # -- check everything before writing anything --
+    BrokerAddress.parse(broker)
+    trusted_keys(trusted)  # readable Ed25519 public keys
+    tls_files = {name: path for name, path in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key))
+                 if path is not None}
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if tls_files and tls_ca is None:
+        raise ConfigError("a client certificate needs --tls-ca too")
+    for path in tls_files.values():
+        if not Path(path).is_file():
+            raise ConfigError(f"TLS file {path} does not exist")
+    key_names = [f"/etc/edgefleet/keys/{Path(k).name}" for k in trusted]
+    if len(set(key_names)) != len(key_names):
+        raise ConfigError("two trusted keys have the same file name")
+    tls_targets = {name: f"/etc/edgefleet/tls/{Path(p).name}" for name, p in tls_files.items()}
+    text = config_text(device_id, broker, key_names, tls_targets)
+    build_config({"device_id": device_id, "state_dir": "/var/lib/edgefleet", "trusted_keys": key_names,
+                  "broker": broker})  # the same validation the agent does at start
+    if config_path.exists() and not force:
+        raise ConfigError(f"{config_path} exists; keeping it (use --force to overwrite)")
+    if systemctl and shutil.which("systemctl") is None:
+        raise ConfigError("systemctl not found: use --no-systemctl to write the files only")
+
+    done = []
+    (etc / "keys").mkdir(parents=True, exist_ok=True)
+    for key in trusted:
+        shutil.copyfile(key, etc / "keys" / Path(key).name)
+    if tls_files:
+        (etc / "tls").mkdir(parents=True, exist_ok=True)
+        for name, path in tls_files.items():
+            target = etc / "tls" / Path(path).name
+            shutil.copyfile(path, target)
+            if name == "tls_key":
+                target.chmod(0o640)
+    done.append(f"copied {len(trusted)} trusted key(s){' and TLS files' if tls_files else ''} to {etc}")
+    config_path.write_text(text)
+    config_path.chmod(0o644)
+    done.append(f"wrote {config_path}")
+    unit_path.parent.mkdir(parents=True, exist_ok=True)
+    unit_path.write_text(unit_text(f"{agent_command()} run --config /etc/edgefleet/agent.toml"))
+    done.append(f"wrote {unit_path}")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.chmod(0o750)
+    done.append(f"created {state_dir}")
+    if systemctl:
+        done += _enable(state_dir)
+    else:
+        done.append("next: useradd --system edgefleet; systemctl daemon-reload; "
+                    "systemctl enable --now edgefleet-agent")
+    return done
+
+
+def _enable(state_dir: Path) -> list[str]:
+    def run(*cmd: str) -> None:
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ConfigError(f"{' '.join(cmd)} failed: {result.stderr.strip().splitlines()[-1:]}")
+
+    done = []
+    try:
+        pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        run("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER)
+        done.append(f"created system user {SERVICE_USER}")
+    shutil.chown(state_dir, SERVICE_USER, SERVICE_USER)
+    run("systemctl", "daemon-reload")
+    run("systemctl", "enable", "--now", UNIT_NAME)
+    done.append(f"enabled and started {UNIT_NAME}")
+    return done

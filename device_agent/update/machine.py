@@ -1,0 +1,105 @@
+"""Runs the update state machine: saves each state before entering it, recovers after a crash."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from device_agent.protocol.messages import DeployCommand, DeploymentEvent
+from device_agent.update import faults
+from device_agent.update.record import IDLE, CorruptRecord, UpdateJournal, UpdateRecord
+from device_agent.update.states import (
+    RECOVERY, STATES, TRANSITIONS, UNKNOWN_STATE_RECOVERY, UpdateContext,
+)
+
+log = logging.getLogger(__name__)
+
+
+class UpdateMachine:
+    def __init__(self, ctx: UpdateContext) -> None:
+        self.ctx = ctx
+        self.journal = UpdateJournal(ctx.config.state_dir)
+        self.record = IDLE
+
+    # -- start-up ---------------------------------------------------------------------
+    def plan_recovery(self) -> UpdateRecord:
+        """Decide what to do about the record a previous run left, and save that decision.
+
+        Runs before any model is loaded, so a model that crashes the agent on load is
+        counted too: each start in the same state is an attempt, and past the limit the
+        machine takes the state's ``fail`` edge (clean up, or roll back).
+        """
+        try:
+            saved = self.journal.load()
+        except CorruptRecord as exc:
+            log.error("%s: keeping or restoring the last committed bundle", exc)
+            saved = UpdateRecord(state="unknown", kind="recover", reason=str(exc))
+        if saved.state == "idle":
+            self.record = IDLE
+            return IDLE
+        state = RECOVERY.get(saved.state)
+        if state is None:
+            record = replace(saved, kind="recover", reason=saved.reason or f"unknown saved state {saved.state!r}")
+            record = record.entering(UNKNOWN_STATE_RECOVERY)
+        else:
+            record = saved.entering(state)
+            if record.attempts > self.ctx.config.max_start_attempts:
+                fail = TRANSITIONS[(saved.state, "fail")] if (saved.state, "fail") in TRANSITIONS else "idle"
+                reason = (f"the agent stopped {saved.attempts} times in state {saved.state} "
+                          f"(crash loop){'; ' + saved.reason if saved.reason else ''}")
+                record = replace(saved, reason=reason).entering(fail)
+        log.warning("found update %s of %s in state %s: %s", record.command_id or "-", record.label or "-",
+                    saved.state, record.state)
+        self._save(record)
+        return record
+
+    def resume(self) -> DeploymentEvent | None:
+        """Carry on with what plan_recovery decided (on the update thread, once MQTT is up)."""
+        if self.record.state == "idle":
+            return None
+        return self._run(self.record)
+
+    # -- commands ---------------------------------------------------------------------
+    @property
+    def busy_with(self) -> str | None:
+        return self.record.command_id if self.record.state != "idle" else None
+
+    def deploy(self, command: DeployCommand) -> DeploymentEvent:
+        offer = command.bundle
+        record = UpdateRecord(state="idle", kind="deploy", command_id=command.command_id,
+                              label=f"{offer.name} {offer.version}", offer=_offer_dict(offer))
+        active = self.ctx.slot.bundle
+        if active is not None and active.sha256 == offer.sha256:
+            return self.ctx.event(record, "already_installed", 1.0)
+        record = replace(record, previous=active.directory.name if active is not None else None)
+        self.ctx.event(record, "accepted")
+        return self._run(record.entering(TRANSITIONS[("idle", "deploy")]))
+
+    def rollback(self, command_id: str) -> DeploymentEvent:
+        active = self.ctx.slot.bundle
+        record = UpdateRecord(state="idle", kind="rollback", command_id=command_id,
+                              label=active.label if active is not None else "",
+                              previous=active.directory.name if active is not None else None)
+        return self._run(record.entering(TRANSITIONS[("idle", "rollback")]))
+
+    # -- the loop ---------------------------------------------------------------------
+    def _run(self, record: UpdateRecord) -> DeploymentEvent:
+        self.ctx.last_event = None
+        while record.state != "idle":
+            self._save(record)  # durable before the state's side effect
+            faults.entered(record.state, self.ctx.config.state_dir)
+            log.info("update %s: %s", record.command_id, record.state)
+            event, record = STATES[record.state].enter(self.ctx, record)
+            following = TRANSITIONS[(record.state, event)]
+            record = IDLE if following == "idle" else record.entering(following)
+        self._save(IDLE)
+        return self.ctx.last_event
+
+    def _save(self, record: UpdateRecord) -> None:
+        self.journal.save(record)
+        self.record = record
+
+
+def _offer_dict(offer) -> dict:
+    return {"sha256": offer.sha256, "size": offer.size, "chunk_size": offer.chunk_size,
+            "name": offer.name, "version": offer.version}
