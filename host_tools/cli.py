@@ -186,6 +186,102 @@ def deploy(bundle_path, devices, broker, timeout, chunk_size, as_json) -> None:
         sys.exit(1)
 
 
+@main.command(help="Roll devices back to their previous committed version and follow each until done.")
+@click.option("--device", "devices", multiple=True, required=True, help="Target device id; repeatable.")
+@broker_option
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every device.")
+@json_option
+@fail_cleanly
+def rollback(devices, broker, timeout, as_json) -> None:
+    from host_tools.deploy import run_rollback
+
+    client = host_client(broker, "rollback")
+    try:
+        results = run_rollback(client, devices, timeout=timeout)
+    finally:
+        client.disconnect()
+    if as_json:
+        click.echo(json.dumps({d: vars(p) for d, p in results.items()}))
+    else:
+        for d, p in results.items():
+            click.echo(f"{d}: {p.state}" + (f" ({p.reason})" if p.reason else ""))
+    if not all(p.succeeded for p in results.values()):
+        sys.exit(1)
+
+
+# -- device -------------------------------------------------------------------------------
+@main.group(help="Ask one device directly, over MQTT.")
+def device() -> None:
+    pass
+
+
+@device.command("status", help="The device's own account: active bundle, kept versions, update under way.")
+@click.argument("device_id")
+@broker_option
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the answer.")
+@json_option
+@fail_cleanly
+def device_status(device_id, broker, timeout, as_json) -> None:
+    from host_tools.ask import device_status as ask_status
+
+    client = host_client(broker, "status")
+    try:
+        reply = ask_status(client, device_id, timeout)
+    finally:
+        client.disconnect()
+    doc = reply.body
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    click.echo(f"device:        {doc['device_id']} (agent {doc['agent_version']})")
+    click.echo(f"active bundle: {doc['active_bundle'] or 'none'}")
+    click.echo(f"kept versions: {', '.join(doc['committed']) or 'none'}")
+    click.echo(f"update:        {doc['update_state']}" + (f" ({doc['update']['kind']} {doc['update']['bundle']})"
+                                                           if doc.get("update") else ""))
+
+
+@main.command(help="Benchmark BUNDLE on a device (like TFLite's benchmark_model): load time, first "
+                   "inference, warm latency p50/p90/p99, peak memory.")
+@click.argument("bundle_path", type=click.Path(path_type=Path))
+@click.option("--device", "device_id", required=True, help="The device to run it on.")
+@broker_option
+@click.option("--runs", default=100, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(0, 100_000))
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for the result.")
+@json_option
+@fail_cleanly
+def bench(bundle_path, device_id, broker, runs, warmup, timeout, as_json) -> None:
+    from host_tools.ask import bench_bundle
+
+    if not bundle_path.is_file():
+        raise ConfigError(f"bundle {bundle_path} does not exist")
+    client = host_client(broker, "bench")
+    try:
+        if not as_json:
+            console(stderr=True).print(f"benchmarking {bundle_path.name} on {device_id} "
+                                       f"({warmup} warm-up + {runs} runs)...")
+        reply = bench_bundle(client, device_id, bundle_path, runs=runs, warmup=warmup, timeout=timeout)
+    finally:
+        client.disconnect()
+    if not reply.ok:
+        raise ConfigError(f"{device_id} could not benchmark the bundle: {reply.error}")
+    if as_json:
+        click.echo(json.dumps(reply.body))
+        return
+    from rich.table import Table
+
+    r = reply.body
+    table = Table(title=f"{r['bundle']} on {device_id} ({r['runtime']}, {r['runs']} runs after {r['warmup']} warm-up)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for label, key in (("load", "load_ms"), ("first inference", "first_inference_ms"), ("p50", "p50_ms"),
+                       ("p90", "p90_ms"), ("p99", "p99_ms"), ("mean", "mean_ms")):
+        table.add_row(label, f"{r[key]:.3f} ms")
+    table.add_row("peak RSS (agent process)", f"{r['peak_rss_bytes'] / 2**20:.1f} MiB")
+    table.add_row("RSS after load and runs", f"{r['rss_after_runs_bytes'] / 2**20:.1f} MiB")
+    console().print(table)
+
+
 # -- fleet --------------------------------------------------------------------------------
 @main.group(help="The fleet as the ingest (`edgefleet monitor`) recorded it.")
 def fleet() -> None:

@@ -1,4 +1,4 @@
-"""Send a bundle to named devices and follow each one until it is active or has failed."""
+"""Send a bundle (or a rollback) to named devices and follow each one until it is done."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from device_agent.bundle import BundleReader
 from device_agent.errors import ConfigError, ProtocolError
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
-from device_agent.protocol.messages import DEPLOY_FINAL, DeployCommand, DeploymentEvent
+from device_agent.protocol.messages import DEPLOY_FINAL, DeployCommand, DeploymentEvent, RollbackCommand
 from host_tools.serve import BundleServer
 from host_tools.terminal import console
 
@@ -31,17 +31,15 @@ class DeviceProgress:
 
     @property
     def succeeded(self) -> bool:
-        return self.state in ("active", "already_installed")
+        return self.state in ("active", "already_installed", "rolled_back")
 
 
-class Deployment:
-    def __init__(self, client: MqttClient, server: BundleServer, bundle: Path, devices: Iterable[str],
+class EventTracker:
+    """Follows one command's deployment events from each device until every device has a final state."""
+
+    def __init__(self, client: MqttClient, devices: Iterable[str],
                  on_update: Callable[[DeviceProgress], None] | None = None) -> None:
         self._client = client
-        self._server = server
-        self.bundle = Path(bundle)
-        with BundleReader(self.bundle) as reader:  # refuse what is not a bundle before telling anyone
-            self.manifest = reader.manifest
         self.devices = list(dict.fromkeys(devices))
         bad = [d for d in self.devices if not topics.valid_device_id(d)]
         if not self.devices or bad:
@@ -51,13 +49,12 @@ class Deployment:
         self.command_id = uuid.uuid4().hex
         self.progress = {d: DeviceProgress(d) for d in self.devices}
 
-    def start(self) -> None:
-        offer = self._server.offer(self.bundle, self.manifest.name, self.manifest.version)
+    def send(self, payload: bytes) -> None:
+        """Subscribe to the devices' events, then send them *payload* (a command with our id)."""
         for device in self.devices:
             self._client.subscribe(topics.events(device), self._on_event, qos=1)
-        command = DeployCommand(self.command_id, offer, time.time())
         for device in self.devices:
-            self._client.publish(topics.command(device), command.to_payload(), qos=1)
+            self._client.publish(topics.command(device), payload, qos=1)
 
     def wait(self, timeout: float) -> dict[str, DeviceProgress]:
         """Block until every device is done or *timeout* passes; late devices are marked timed_out."""
@@ -89,6 +86,27 @@ class Deployment:
             self._lock.notify_all()
         if self._on_update is not None:
             self._on_update(update)
+
+
+class Deployment(EventTracker):
+    def __init__(self, client: MqttClient, server: BundleServer, bundle: Path, devices: Iterable[str],
+                 on_update: Callable[[DeviceProgress], None] | None = None) -> None:
+        self.bundle = Path(bundle)
+        with BundleReader(self.bundle) as reader:  # refuse what is not a bundle before telling anyone
+            self.manifest = reader.manifest
+        super().__init__(client, devices, on_update)
+        self._server = server
+
+    def start(self) -> None:
+        offer = self._server.offer(self.bundle, self.manifest.name, self.manifest.version)
+        self.send(DeployCommand(self.command_id, offer, time.time()).to_payload())
+
+
+def run_rollback(client: MqttClient, devices: Iterable[str], *, timeout: float) -> dict[str, DeviceProgress]:
+    """Ask *devices* to go back to their previous committed version and wait for each outcome."""
+    tracker = EventTracker(client, devices)
+    tracker.send(RollbackCommand(tracker.command_id, time.time()).to_payload())
+    return tracker.wait(timeout)
 
 
 def run_deployment(client: MqttClient, bundle: Path, devices: Iterable[str], *, timeout: float,

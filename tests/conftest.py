@@ -109,15 +109,49 @@ def make_bundle(tmp_path_factory, keys, reference_model, heldout):
     cache: dict[tuple, Path] = {}
 
     def make(version: str = "1.0.0", *, key: Path | None = None, model: Path | None = None,
-             name: str = "digits-cnn") -> Path:
-        ident = (version, str(key), str(model), name)
+             name: str = "digits-cnn", input_name: str = "image", latency_budget_ms: float | None = None) -> Path:
+        ident = (version, str(key), str(model), name, input_name, latency_budget_ms)
         if ident not in cache:
             out = out_dir / f"{name}-{version}-{len(cache)}.efb"
             build_bundle(model or reference_model, name=name, version=version, key=key or keys["key"],
-                         out=out, sample={"image": heldout[0][:1]})
+                         out=out, sample={input_name: heldout[0][:1]}, latency_budget_ms=latency_budget_ms)
             cache[ident] = out
         return cache[ident]
     return make
+
+
+@pytest.fixture(scope="session")
+def forge_bundle(tmp_path_factory, keys, reference_model, heldout):
+    """A correctly signed bundle whose *content* is bad, as a broken build would make it:
+    forge_bundle(version, model_bytes=...) or forge_bundle(version, output_offset=...)."""
+    import datetime as dt
+
+    from device_agent.bundle import FileEntry, Manifest, SampleCheck, sha256_file, write_bundle
+    from device_agent.bundle.signing import load_private_key, sign
+    from device_agent.runtime import load_runtime
+    from device_agent.sample import save_sample
+
+    out_dir = tmp_path_factory.mktemp("forged")
+
+    def forge(version: str, *, model_bytes: bytes | None = None, output_offset: float = 0.0) -> Path:
+        work = out_dir / version
+        work.mkdir()
+        model = work / "model.onnx"
+        model.write_bytes(model_bytes if model_bytes is not None else reference_model.read_bytes())
+        reference = load_runtime("onnxruntime", reference_model)
+        inputs = {"image": heldout[0][:1]}
+        expected = {k: v + output_offset for k, v in reference.run(inputs).items()}
+        save_sample(work / "sample.npz", inputs, expected)
+        files = {"model.onnx": model, "sample.npz": work / "sample.npz"}
+        manifest = Manifest(
+            name="digits-cnn", version=version, runtime="onnxruntime", model_file="model.onnx",
+            files=tuple(FileEntry(p, f.stat().st_size, sha256_file(f)) for p, f in files.items()),
+            inputs=reference.inputs, outputs=reference.outputs, sample=SampleCheck("sample.npz"),
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        out = out_dir / f"digits-cnn-{version}.efb"
+        write_bundle(out, manifest, sign(load_private_key(keys["key"]), manifest.to_json()), files)
+        return out
+    return forge
 
 
 class AgentProcess:

@@ -1,0 +1,62 @@
+"""Ask one device something over MQTT and wait for its reply: status, or a benchmark."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from device_agent.bundle import BundleReader
+from device_agent.errors import ConfigError, EdgefleetError, ProtocolError
+from device_agent.mqtt import MqttClient
+from device_agent.protocol import topics
+from device_agent.protocol.messages import BenchCommand, Reply, StatusRequest
+from host_tools.serve import BundleServer
+
+
+class DeviceTimeout(EdgefleetError):
+    pass
+
+
+def ask(client: MqttClient, device: str, make_command, timeout: float) -> Reply:
+    """Send make_command(command_id) to *device*; return its Reply (raises DeviceTimeout)."""
+    if not topics.valid_device_id(device):
+        raise ConfigError(f"invalid device id {device!r}")
+    command_id = uuid.uuid4().hex
+    got: list[Reply] = []
+    arrived = threading.Event()
+
+    def on_reply(topic: str, payload: bytes) -> None:
+        try:
+            reply = Reply.from_payload(payload)
+        except ProtocolError:
+            return
+        if reply.command_id == command_id:
+            got.append(reply)
+            arrived.set()
+
+    client.subscribe(topics.reply(device), on_reply, qos=1)
+    time.sleep(0.1)  # let the subscription reach the broker before the device can answer
+    client.publish(topics.command(device), make_command(command_id).to_payload(), qos=1)
+    if not arrived.wait(timeout):
+        raise DeviceTimeout(f"{device} did not answer within {timeout:g}s (offline?)")
+    return got[0]
+
+
+def device_status(client: MqttClient, device: str, timeout: float) -> Reply:
+    return ask(client, device, lambda cid: StatusRequest(cid, time.time()), timeout)
+
+
+def bench_bundle(client: MqttClient, device: str, bundle: Path, *, runs: int, warmup: int, timeout: float,
+                 chunk_size: int = 64 * 1024) -> Reply:
+    """Benchmark *bundle* on *device* (which fetches and verifies it first if it lacks it)."""
+    with BundleReader(bundle) as reader:
+        manifest = reader.manifest
+    server = BundleServer(client, chunk_size=chunk_size)
+    server.start()
+    try:
+        offer = server.offer(bundle, manifest.name, manifest.version)
+        return ask(client, device, lambda cid: BenchCommand(cid, time.time(), offer, runs, warmup), timeout)
+    finally:
+        server.stop()

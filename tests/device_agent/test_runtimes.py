@@ -1,0 +1,160 @@
+"""Both runtimes behind one interface, on models nobody here made and on every input kind a
+device meets: several inputs and outputs, dynamic dimensions, int64/uint8/int8, state inputs."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper, TensorProto
+
+from device_agent.errors import ModelError
+from device_agent.runtime import RuntimeOptions, load_runtime
+from device_agent.runtime.onnx import choose_providers
+from device_agent.runtime.tflite import find_interpreter
+from tests.conftest import MODELS
+
+ONNX_TEST_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
+
+
+def shipped_case(relative: str):
+    """A model the onnx package ships with its recorded inputs and expected outputs."""
+    case = ONNX_TEST_DATA / relative
+    model = onnx.load(str(case / "model.onnx"))
+    data = case / "test_data_set_0"
+    load = lambda p: numpy_helper.to_array(onnx.load_tensor(str(p)))  # noqa: E731
+    inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    feeds = {name: load(data / f"input_{i}.pb") for i, name in enumerate(inputs)}
+    outputs = [load(p) for p in sorted(data.glob("output_*.pb"))]
+    return case / "model.onnx", feeds, outputs
+
+
+@pytest.mark.parametrize("case", [
+    "pytorch-converted/test_Embedding",                     # int64 input
+    "pytorch-operator/test_operator_symbolic_override_nested",  # three inputs, three outputs
+    "pytorch-operator/test_operator_chunk",                 # one input, two outputs
+    "pytorch-converted/test_Conv2d",                        # a conv layer with its weights
+    "simple/test_expand_shape_model1",                      # float + int64 shape input
+])
+def test_onnx_runtime_reproduces_the_outputs_shipped_with_third_party_models(case):
+    path, feeds, expected = shipped_case(case)
+    runtime = load_runtime("onnxruntime", path)
+    assert [s.name for s in runtime.inputs] == list(feeds)
+    got = runtime.run(feeds)
+    assert len(got) == len(expected)
+    for have, want in zip(got.values(), expected):
+        np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_real_architecture_shipped_by_onnx_loads_and_runs():
+    runtime = load_runtime("onnxruntime", ONNX_TEST_DATA / "light" / "light_resnet50.onnx")
+    (spec,) = runtime.inputs
+    out = runtime.run({spec.name: np.random.default_rng(0).random(spec.shape, dtype=np.float32)})
+    assert next(iter(out.values())).shape == (1, 1000)
+
+
+def test_dynamic_dimensions_follow_the_input_given():
+    path, _, _ = shipped_case("simple/test_sequence_model8")  # X: ['n'], Splits: int64[3] -> len
+    runtime = load_runtime("onnxruntime", path)
+    assert runtime.inputs[0].shape == ("n",)
+    for n in (6, 9):
+        out = runtime.run({"X": np.arange(n, dtype=np.float32), "Splits": np.array([1, 2, n - 3], dtype=np.int64)})
+        assert out["len"].tolist() == 3
+
+
+def _graph_model(nodes, inputs, outputs, initializers=()):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("dtype, onnx_type", [(np.uint8, TensorProto.UINT8), (np.int8, TensorProto.INT8)])
+def test_integer_image_inputs_are_taken_as_they_are(tmp_path, dtype, onnx_type):
+    # DequantizeLinear: the usual front of a model fed raw camera bytes
+    x = helper.make_tensor_value_info("pixels", onnx_type, ["batch", 4])
+    y = helper.make_tensor_value_info("value", TensorProto.FLOAT, ["batch", 4])
+    scale = numpy_helper.from_array(np.array(0.5, dtype=np.float32), "scale")
+    zero = numpy_helper.from_array(np.array(2, dtype=dtype), "zero")
+    path = tmp_path / "dq.onnx"
+    onnx.save(_graph_model([helper.make_node("DequantizeLinear", ["pixels", "scale", "zero"], ["value"])],
+                           [x], [y], [scale, zero]), str(path))
+    runtime = load_runtime("onnxruntime", path)
+    assert runtime.inputs[0].dtype == np.dtype(dtype).name
+    pixels = np.array([[2, 4, 6, 12]], dtype=dtype)
+    np.testing.assert_allclose(runtime.run({"pixels": pixels})["value"], [[0, 1, 2, 5]])
+
+
+def test_a_model_with_state_inputs_carries_its_state_across_calls(tmp_path):
+    # A streaming GRU: the hidden state comes back out and is fed into the next call.
+    hidden, features = 3, 2
+    rng = np.random.default_rng(0)
+    W = numpy_helper.from_array(rng.random((1, 3 * hidden, features), dtype=np.float32), "W")
+    R = numpy_helper.from_array(rng.random((1, 3 * hidden, hidden), dtype=np.float32), "R")
+    node = helper.make_node("GRU", ["x", "W", "R", "", "", "h_in"], ["", "h_out"], hidden_size=hidden)
+    model = _graph_model([node],
+                         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["time", 1, features]),
+                          helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [1, 1, hidden])],
+                         [helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [1, 1, hidden])], [W, R])
+    path = tmp_path / "gru.onnx"
+    onnx.save(model, str(path))
+    runtime = load_runtime("onnxruntime", path)
+    x = rng.random((4, 1, features), dtype=np.float32)
+    whole = runtime.run({"x": x, "h_in": np.zeros((1, 1, hidden), np.float32)})["h_out"]
+    state = np.zeros((1, 1, hidden), np.float32)
+    for step in range(4):  # one step at a time, state carried by the caller
+        state = runtime.run({"x": x[step:step + 1], "h_in": state})["h_out"]
+    np.testing.assert_allclose(state, whole, rtol=1e-5)
+
+
+def test_tflite_runs_the_converted_reference_model_like_onnx_does(heldout):
+    tflite = load_runtime("tflite", MODELS / "digits_cnn.tflite", RuntimeOptions(threads=1))
+    reference = load_runtime("onnxruntime", MODELS / "digits_cnn.onnx")
+    (spec,) = tflite.inputs
+    assert spec.shape == (1, 1, 8, 8) and spec.dtype == "float32"
+    x, y = heldout
+    agree = 0
+    for sample in x[:50]:
+        a = next(iter(tflite.run({spec.name: sample[None]}).values()))
+        b = reference.run({"image": sample[None]})["logits"]
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        agree += int(a.argmax() == b.argmax())
+    assert agree == 50
+
+
+def test_tflite_package_is_found_in_the_documented_order():
+    _, package = find_interpreter()
+    assert package == "ai_edge_litert"  # installed by the test extra; tflite_runtime would come next
+
+
+def test_tflite_refuses_wrong_dtypes_with_a_clear_error():
+    runtime = load_runtime("tflite", MODELS / "digits_cnn.tflite")
+    with pytest.raises(ModelError, match="is float64, the model takes float32"):
+        runtime.run({runtime.inputs[0].name: np.zeros((1, 1, 8, 8))})
+
+
+def test_a_file_that_is_not_a_tflite_model_does_not_load(tmp_path):
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"not a flatbuffer" * 10)
+    with pytest.raises(ModelError, match="TFLite cannot load bad.tflite"):
+        load_runtime("tflite", bad)
+
+
+@pytest.mark.parametrize("available, override, chosen", [
+    (["CPUExecutionProvider"], (), ("CPUExecutionProvider",)),
+    (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], (),
+     ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")),
+    (["CUDAExecutionProvider", "AzureExecutionProvider", "CPUExecutionProvider"], (),
+     ("CUDAExecutionProvider", "CPUExecutionProvider")),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], ("CPUExecutionProvider",), ("CPUExecutionProvider",)),
+])
+def test_execution_providers_come_from_what_the_device_has_unless_overridden(available, override, chosen):
+    assert choose_providers(available, override) == chosen
+
+
+def test_an_override_naming_a_missing_provider_is_refused():
+    with pytest.raises(ModelError, match="CUDAExecutionProvider not available"):
+        choose_providers(["CPUExecutionProvider"], ("CUDAExecutionProvider",))
+
+
+def test_the_session_uses_the_providers_chosen(reference_model):
+    runtime = load_runtime("onnxruntime", reference_model)
+    assert runtime.providers == ("CPUExecutionProvider",)
