@@ -67,16 +67,19 @@ class Agent:
     def run(self) -> None:
         """Run until stop() is called (SIGTERM/SIGINT in the CLI)."""
         plan = self.machine.plan_recovery()  # before any model is loaded: counts crash loops
-        if plan.state != "rolling_back":
-            self._restore_active()
-        self.api.start()
-        self.control.start()
         self.client.subscribe(topics.command(self.config.device_id), self._on_command, qos=1)
         self.client.subscribe(topics.chunks(self.config.device_id), self._chunks, qos=1)
         # After a dropped connection the broker has published our last will (offline);
         # announce again on every reconnect, not only the first connect.
         self.client.on_connected(lambda: self._publish_status(online=True))
         self.client.connect_in_background()  # serve the local API even while the broker is away
+        if plan.state == "rolling_back":
+            # Finish the rollback before serving: the current bundle may be the one that crashed us.
+            self.machine.resume()
+        else:
+            self._restore_active()
+        self.api.start()
+        self.control.start()
         self._update_thread = threading.Thread(target=self._update_loop, name="update", daemon=True)
         threads = [self._update_thread,
                    threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True)]

@@ -184,7 +184,13 @@ class AgentProcess:
         return self
 
     def wait_for_api(self, timeout: float = 30) -> bool:
-        return bool(wait_until(self.api_socket.is_socket, timeout))
+        """Wait until the agent answers on its inference socket (a killed agent leaves a stale file)."""
+        def answers() -> bool:
+            if self.proc.poll() is not None:
+                return False
+            with socket.socket(socket.AF_UNIX) as s:
+                return s.connect_ex(str(self.api_socket)) == 0
+        return bool(wait_until(answers, timeout))
 
     def terminate(self) -> int:
         if self.proc.poll() is None:

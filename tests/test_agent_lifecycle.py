@@ -1,0 +1,295 @@
+"""The update lifecycle with real agent processes, a real Mosquitto and real runtimes.
+
+Like Mender's ``Killed_in_<State>`` cases: the agent is SIGKILLed in every state of the
+update machine, restarted, and must either finish the update or be back on the previous
+bundle — answering correctly on its local API throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from device_agent.local_api import AgentClient, InferenceClient
+from device_agent.mqtt import MqttClient
+from device_agent.protocol import topics
+from device_agent.protocol.messages import DeployCommand, DeploymentEvent
+from device_agent.runtime import load_runtime
+from device_agent.update import STATES
+from device_agent.update.faults import CRASH_ENV, HOLD_ENV
+from host_tools.serve import BundleServer
+from tests.conftest import MODELS, edgefleet, wait_until
+
+V1, V2 = "digits-cnn 1.0.0", "digits-cnn 2.0.0"
+
+
+@pytest.fixture(scope="module")
+def expected_logits(heldout):
+    reference = load_runtime("onnxruntime", MODELS / "digits_cnn.onnx")
+    return heldout[0][:4], reference.run({"image": heldout[0][:4]})["logits"]
+
+
+def host_command(*args) -> subprocess.Popen:
+    """A host CLI command running in the background, as an operator's terminal would."""
+    return subprocess.Popen([sys.executable, "-m", "host_tools", *map(str, args), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def outcome(proc: subprocess.Popen, device: str, timeout: float = 90) -> dict:
+    out, err = proc.communicate(timeout=timeout)
+    assert out, err
+    return json.loads(out)[device]
+
+
+def deploy(bundle, device, broker, timeout=60) -> dict:
+    return outcome(host_command("deploy", bundle, "--device", device, "--broker", broker, "--timeout", timeout,
+                                "--chunk-size", 8192), device)
+
+
+def status(agent) -> dict:
+    with AgentClient(agent.control_socket, timeout=10) as client:
+        return client.status()
+
+
+def assert_answers_correctly(agent, expected_logits) -> None:
+    x, want = expected_logits
+    with InferenceClient(agent.api_socket, timeout=10) as model:
+        got = model.infer({"image": x})["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def start_on_v1(agents, make_bundle, mosquitto, device, **options):
+    agent = agents.start(device, **options)
+    assert agent.wait_for_api(), agent.log.read_text()
+    assert deploy(make_bundle("1.0.0"), device, mosquitto)["state"] == "active"
+    return agent
+
+
+def restart(agent, env=None):
+    agent.kill()
+    agent.start(env)
+    assert agent.wait_for_api(), agent.log.read_text()[-3000:]
+
+
+# state -> (how to reach it, what the device runs once the restarted agent is done, the host's outcome)
+KILLED_IN = {
+    "downloading":  ("deploy v2",       V2, "active"),
+    "verifying":    ("deploy v2",       V2, "active"),
+    "health_check": ("deploy v2",       V2, "active"),
+    "activating":   ("deploy v2",       V2, "active"),
+    "trial":        ("deploy v2",       V2, "active"),
+    "committing":   ("deploy v2",       V2, "active"),
+    "cleanup":      ("deploy broken",   V1, "failed"),
+    "rolling_back": ("rollback to v1",  V1, "rolled_back"),
+}
+
+
+def test_the_kill_table_has_a_row_for_every_state():
+    assert set(KILLED_IN) == set(STATES)
+
+
+@pytest.mark.parametrize("state", list(KILLED_IN))
+def test_killed_in_state(state, agents, mosquitto, make_bundle, forge_bundle, expected_logits):
+    how, runs_after, host_sees = KILLED_IN[state]
+    device = f"kill-{state.replace('_', '-')}"
+    agent = start_on_v1(agents, make_bundle, mosquitto, device)
+    if how == "rollback to v1":
+        assert deploy(make_bundle("2.0.0"), device, mosquitto)["state"] == "active"
+    restart(agent, env={HOLD_ENV: state})
+
+    if how == "rollback to v1":
+        host = host_command("rollback", "--device", device, "--broker", mosquitto, "--timeout", 90)
+    else:
+        bundle = make_bundle("2.0.0") if how == "deploy v2" else forge_bundle(f"2.0.{len(state)}", output_offset=5.0)
+        host = host_command("deploy", bundle, "--device", device, "--broker", mosquitto, "--timeout", 90,
+                            "--chunk-size", 8192)
+    held = agent.state_dir / f"held-in-{state}"
+    assert wait_until(held.exists, 60), agent.log.read_text()[-3000:]
+    held.unlink()
+    restart(agent)  # SIGKILL in the state, then a plain start, as systemd would
+    assert_answers_correctly(agent, expected_logits)  # from the first moment the API is up
+
+    result = outcome(host, device)
+    assert result["state"] == host_sees, result
+    assert wait_until(lambda: status(agent)["update_state"] == "idle", 30)
+    assert status(agent)["active_bundle"] == runs_after
+    assert_answers_correctly(agent, expected_logits)
+
+
+def test_bad_models_are_refused_each_with_its_own_reason(agents, mosquitto, make_bundle, forge_bundle,
+                                                         expected_logits):
+    agent = start_on_v1(agents, make_bundle, mosquitto, "bad-models")
+    cases = {
+        "does not load": forge_bundle("3.0.0", model_bytes=b"\x08\x07garbage, not a protobuf"),
+        "differs from the expected sample output": forge_bundle("3.0.1", output_offset=1.0),
+        "too slow": make_bundle("3.0.2", latency_budget_ms=1e-6),
+    }
+    for reason, bundle in cases.items():
+        result = deploy(bundle, "bad-models", mosquitto)
+        assert result["state"] == "failed" and reason in result["reason"], result
+        assert status(agent)["active_bundle"] == V1
+        assert_answers_correctly(agent, expected_logits)
+    # nothing of the refused versions is left on the device
+    current = (agent.state_dir / "current").resolve().name
+    assert [p.name for p in (agent.state_dir / "bundles").iterdir()] == [current]
+
+
+def test_a_crash_loop_after_activation_ends_in_rollback(agents, mosquitto, make_bundle, expected_logits):
+    agent = start_on_v1(agents, make_bundle, mosquitto, "crashy")
+    restart(agent, env={CRASH_ENV: "trial"})  # from now on the agent dies whenever v2 goes live
+    host = host_command("deploy", make_bundle("2.0.0"), "--device", "crashy", "--broker", mosquitto,
+                        "--timeout", 90, "--chunk-size", 8192)
+    crashes = 0
+    for _ in range(10):  # restart it like systemd's Restart=on-failure
+        agent.proc.wait(60)
+        crashes += 1
+        agent.start({CRASH_ENV: "trial"})
+        time.sleep(1.5)
+        if agent.proc.poll() is None and status(agent)["update_state"] == "idle":
+            break
+    assert crashes == 3  # v2 went live three times (the limit); the fourth start rolled back
+    result = outcome(host, "crashy")
+    assert result["state"] == "failed" and "crash loop" in result["reason"] and "rolled back to " + V1 in result["reason"]
+    assert status(agent)["active_bundle"] == V1
+    assert_answers_correctly(agent, expected_logits)
+
+
+def test_a_duplicate_command_installs_once_even_across_a_restart(agents, mosquitto, make_bundle):
+    agent = agents.start("dupes")
+    assert agent.wait_for_api()
+    events: list[DeploymentEvent] = []
+    host = MqttClient(client_id="test-dupes", broker=mosquitto)
+    host.subscribe(topics.events("dupes"), lambda t, p: events.append(DeploymentEvent.from_payload(p)))
+    host.connect()
+    server = BundleServer(host, chunk_size=8192)
+    server.start()
+    try:
+        offer = server.offer(make_bundle("1.0.0"), "digits-cnn", "1.0.0")
+        command = DeployCommand("dup-1", offer, time.time()).to_payload()
+        host.publish(topics.command("dupes"), command)
+        assert wait_until(lambda: any(e.state == "active" for e in events), 30)
+        host.publish(topics.command("dupes"), command)  # the broker redelivers, or the host retries
+        restart(agent)
+        host.publish(topics.command("dupes"), command)
+        time.sleep(3)
+    finally:
+        server.stop()
+        host.disconnect()
+    assert [e.state for e in events].count("accepted") == 1
+    assert [e.state for e in events].count("active") == 1
+    assert "delivered again" in agent.log.read_text()
+
+
+def test_a_command_sent_while_the_device_is_offline_is_carried_out_when_it_returns(
+        agents, mosquitto, make_bundle):
+    agent = agents.start("sleepy")
+    assert agent.wait_for_api()  # its persistent session exists at the broker from now on
+    assert agent.terminate() == 0
+    host = host_command("deploy", make_bundle("1.0.0"), "--device", "sleepy", "--broker", mosquitto,
+                        "--timeout", 60, "--chunk-size", 8192)
+    time.sleep(2)
+    agent.start()
+    assert outcome(host, "sleepy")["state"] == "active"
+
+
+def test_the_same_version_again_is_already_installed(agents, mosquitto, make_bundle):
+    start_on_v1(agents, make_bundle, mosquitto, "again")
+    assert deploy(make_bundle("1.0.0"), "again", mosquitto)["state"] == "already_installed"
+
+
+def test_rollback_over_mqtt_and_locally_and_old_versions_are_pruned(agents, mosquitto, make_bundle,
+                                                                   expected_logits):
+    agent = start_on_v1(agents, make_bundle, mosquitto, "roller", extra_args=("--keep-versions", "2"))
+    for version in ("2.0.0", "3.0.0"):
+        assert deploy(make_bundle(version), "roller", mosquitto)["state"] == "active"
+    kept = status(agent)["committed"]
+    assert kept == ["digits-cnn 2.0.0", "digits-cnn 3.0.0"]  # keep 2: 1.0.0 is gone from disk
+    assert len(list((agent.state_dir / "bundles").iterdir())) == 2
+
+    result = edgefleet("rollback", "--device", "roller", "--broker", mosquitto, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["roller"]["state"] == "rolled_back"
+    assert status(agent)["active_bundle"] == "digits-cnn 2.0.0"
+    assert_answers_correctly(agent, expected_logits)
+
+    # nothing earlier is kept, so a second rollback (here, locally) refuses and changes nothing
+    local = subprocess.run([sys.executable, "-m", "device_agent", "rollback", "--control-socket",
+                            agent.control_socket, "--json"], capture_output=True, text=True, timeout=60)
+    assert local.returncode == 1 and "no earlier committed version" in local.stdout
+    assert status(agent)["active_bundle"] == "digits-cnn 2.0.0"
+
+    shown = subprocess.run([sys.executable, "-m", "device_agent", "status", "--control-socket",
+                            agent.control_socket, "--json"], capture_output=True, text=True, timeout=30)
+    assert json.loads(shown.stdout)["active_bundle"] == "digits-cnn 2.0.0"
+    remote = edgefleet("device", "status", "roller", "--broker", mosquitto, "--json")
+    assert json.loads(remote.stdout)["committed"] == ["digits-cnn 2.0.0"]
+
+
+def test_the_inference_api_drops_no_request_during_swaps_and_rollbacks(agents, mosquitto, make_bundle,
+                                                                       expected_logits):
+    agent = start_on_v1(agents, make_bundle, mosquitto, "busy", inference_interval=0)
+    x, want = expected_logits
+    stop = threading.Event()
+    counts = {"ok": 0, "failed": 0, "wrong": 0}
+    errors: list[str] = []
+
+    def hammer(fmt: str) -> None:
+        with InferenceClient(agent.api_socket, timeout=30) as model:
+            while not stop.is_set():
+                try:
+                    got = model.infer({"image": x}, format=fmt)["logits"]
+                except Exception as exc:  # noqa: BLE001 - any failure is what this test counts
+                    counts["failed"] += 1
+                    errors.append(repr(exc))
+                    continue
+                counts["ok" if np.allclose(got, want, rtol=1e-4, atol=1e-4) else "wrong"] += 1
+
+    threads = [threading.Thread(target=hammer, args=(fmt,)) for fmt in ("npz", "json")]
+    for t in threads:
+        t.start()
+    try:
+        assert deploy(make_bundle("2.0.0"), "busy", mosquitto)["state"] == "active"
+        assert edgefleet("rollback", "--device", "busy", "--broker", mosquitto).returncode == 0
+        assert deploy(make_bundle("3.0.0"), "busy", mosquitto)["state"] == "active"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert counts["failed"] == 0 and counts["wrong"] == 0, errors[:3]
+    assert counts["ok"] > 200
+
+
+def test_the_agent_serves_and_reports_a_tflite_bundle(agents, mosquitto, make_bundle, expected_logits):
+    agent = agents.start("tflite-pi")
+    assert agent.wait_for_api()
+    bundle = make_bundle("1.0.0", name="digits-tflite", model=MODELS / "digits_cnn.tflite",
+                         input_name="serving_default_args_0")
+    assert deploy(bundle, "tflite-pi", mosquitto)["state"] == "active"
+    x, want = expected_logits
+    with InferenceClient(agent.api_socket) as model:
+        described = model.describe()
+        assert described["runtime"] == "tflite" and described["bundle"] == "digits-tflite 1.0.0"
+        got = model.infer(x[:1])  # a bare array, sent as .npy, for the model's only input
+    np.testing.assert_allclose(next(iter(got.values())), want[:1], rtol=1e-4, atol=1e-4)
+
+
+def test_bench_reports_load_first_inference_and_warm_latency(agents, mosquitto, make_bundle):
+    agent = start_on_v1(agents, make_bundle, mosquitto, "bencher")
+    result = edgefleet("bench", make_bundle("2.0.0"), "--device", "bencher", "--broker", mosquitto,
+                       "--runs", 50, "--warmup", 5, "--json")
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    assert r["bundle"] == V2 and r["runs"] == 50 and r["runtime"] == "onnxruntime"
+    assert r["load_ms"] > 0 and r["first_inference_ms"] > 0
+    assert 0 < r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+    assert r["peak_rss_bytes"] >= r["rss_after_runs_bytes"] > 0
+    assert status(agent)["active_bundle"] == V1  # benchmarking a bundle does not activate it
+
+    table = edgefleet("bench", make_bundle("2.0.0"), "--device", "bencher", "--broker", mosquitto, "--runs", 20)
+    assert table.returncode == 0 and "p99" in table.stdout and "first inference" in table.stdout
