@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test mosquitto clean
+.PHONY: install demo test system-tools clean
 
 # A virtual environment with edgefleet (host and test extras), rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -17,13 +17,16 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/edgefleet demo
 
-# The tests start their own Mosquitto on a free port; install it when the machine lacks it.
-mosquitto:
-	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
-	  { echo "installing mosquitto (apt-get)"; $(SUDO) apt-get update -qq && \
-	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
+# The tests start their own Mosquitto on a free port and check the systemd unit with
+# systemd-analyze; install what the machine lacks.
+system-tools:
+	@missing=""; \
+	  { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } || missing="$$missing mosquitto"; \
+	  command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	  [ -z "$$missing" ] || { echo "installing$$missing (apt-get)"; $(SUDO) apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }
 
-test: install mosquitto
+test: install system-tools
 	$(BIN)/python -m pytest
 
 clean:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import queue
@@ -91,6 +92,9 @@ class Agent:
         start_watchdog(lambda: self._update_thread.is_alive(), self._stop)
         log.info("agent %s up: api %s, broker %s", self.config.device_id, self.api.path, self.config.broker)
         self._stop.wait()
+        log.info("stopping")
+        # A shutdown that hangs is a bug worth a report: dump every thread's stack if it takes long.
+        faulthandler.dump_traceback_later(8, exit=False)
         notify("STOPPING=1")
         self.api.stop()
         self.control.stop()
@@ -100,6 +104,8 @@ class Agent:
             except MqttError as exc:  # the broker may be gone; its last will says offline for us
                 log.warning("could not announce going offline: %s", exc)
         self.client.disconnect()
+        faulthandler.cancel_dump_traceback_later()
+        log.info("stopped")
 
     def stop(self) -> None:
         self._stop.set()
@@ -199,8 +205,12 @@ class Agent:
                 done.set_result(result)
 
     def _after_update(self, event: DeploymentEvent | None) -> None:
-        if event is not None and self.client.connected:
+        if event is None:
+            return
+        try:  # QoS 1: sent now, or queued by the client until the connection is back
             self._publish_status(online=True)
+        except MqttError as exc:
+            log.warning("could not announce the new active bundle: %s", exc)
 
     def _bench(self, command: BenchCommand) -> None:
         try:

@@ -145,7 +145,10 @@ def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, tim
             console.print(f"[red]{d}: {p.state}: {p.reason}[/]")
 
         console.print("[bold]7.[/] waiting for telemetry from the new model…")
-        reporting = lambda: all(store.telemetry_count(d, manifest.label) >= 2 for d in devices)  # noqa: E731
+        def reporting() -> bool:
+            # telemetry from the new model, and each device's status naming it (sent once committed)
+            announced = {r.device_id for r in store.devices() if r.active_bundle == manifest.label}
+            return all(d in announced and store.telemetry_count(d, manifest.label) >= 2 for d in devices)
         telemetry_ok = _wait_for(reporting, 20)
         rows = store.devices()
         console.print(fleet_table(rows))

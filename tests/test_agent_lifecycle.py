@@ -293,3 +293,24 @@ def test_bench_reports_load_first_inference_and_warm_latency(agents, mosquitto, 
 
     table = edgefleet("bench", make_bundle("2.0.0"), "--device", "bencher", "--broker", mosquitto, "--runs", 20)
     assert table.returncode == 0 and "p99" in table.stdout and "first inference" in table.stdout
+
+
+@pytest.mark.parametrize("saved", [b"\x00\x01 torn write", b'{"state": "teleporting"}'])
+def test_a_corrupt_or_unknown_saved_state_restores_the_last_committed_bundle(
+        saved, agents, mosquitto, make_bundle, keys, tmp_path, expected_logits):
+    from device_agent.bundle.signing import trusted_keys
+    from device_agent.store import BundleStore
+
+    # v1 committed; v2 unpacked and made current but never committed; then the record is garbage
+    store = BundleStore(tmp_path / "devices" / "confused")
+    trusted = trusted_keys([keys["pub"]])
+    v1 = store.install(make_bundle("1.0.0"), trusted)
+    store.activate(v1)
+    store.commit(v1, keep=3)
+    store.activate(store.install(make_bundle("2.0.0"), trusted))
+    (store.root / "update.json").write_bytes(saved)
+
+    agent = agents.start("confused")
+    assert agent.wait_for_api(), agent.log.read_text()
+    assert status(agent)["active_bundle"] == V1 and status(agent)["update_state"] == "idle"
+    assert_answers_correctly(agent, expected_logits)

@@ -59,6 +59,7 @@ def test_bundle_reaches_three_devices_over_mqtt_and_telemetry_comes_back(
 
     # every device runs the model and says so in telemetry
     assert wait_until(lambda: all(store.telemetry_count(d, V1) >= 2 for d in DEVICES), 20)
+    assert wait_until(lambda: all(fleet_status(monitor)[d]["active_bundle"] == V1 for d in DEVICES), 10)
     rows = fleet_status(monitor)
     for d in DEVICES:
         row = rows[d]

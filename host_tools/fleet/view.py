@@ -49,9 +49,11 @@ def fleet_table(rows: list[DeviceRow], now: float | None = None):
     now = time.time() if now is None else now
     table = Table(title="fleet status", header_style="bold", caption="latency in ms over the last "
                   "telemetry interval; RSS in MiB; CPU in % of one core; n/a = not reported by the device")
+    # a bundle label wraps only past 40 characters: "name version" split over two lines misleads
+    bundle_width = min(40, max((len(r.active_bundle or "") for r in rows), default=0))
     for header in ("device", "state", "bundle", "p50", "p95", "p99", "inf/s", "RSS", "CPU", "power W", "seen"):
         table.add_column(header, justify="left" if header in ("device", "state", "bundle") else "right",
-                         no_wrap=header != "bundle")
+                         no_wrap=header != "bundle", min_width=bundle_width if header == "bundle" else None)
     for row in rows:
         s = summarize(row)
         state = "[green]online[/]" if s["online"] else f"[red]offline[/] {_ago(s['since'], now)}"

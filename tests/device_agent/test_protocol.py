@@ -7,12 +7,19 @@ from hypothesis import strategies as st
 from device_agent.errors import ProtocolError
 from device_agent.protocol import topics
 from device_agent.protocol.messages import (
-    BundleOffer, Chunk, ChunkRequest, DeployCommand, DeploymentEvent, DeviceStatus, TelemetrySample,
+    BenchCommand, BundleOffer, Chunk, ChunkRequest, DeployCommand, DeploymentEvent, DeviceStatus, Reply,
+    RollbackCommand, StatusRequest, TelemetrySample, parse_command,
 )
 
 OFFER = BundleOffer(sha256="ab" * 32, size=100_000, chunk_size=16_384, name="digits-cnn", version="1.0.0")
 MESSAGES = [
     DeployCommand("c1", OFFER, 1.5),
+    RollbackCommand("c2", 1.5),
+    StatusRequest("c3", 1.5),
+    BenchCommand("c4", 1.5, OFFER, runs=50, warmup=5),
+    BenchCommand("c5", 1.5, None),
+    Reply("pi-01", "c4", "bench", True, {"p50_ms": 0.3}),
+    Reply("pi-01", "c5", "bench", False, {}, "no bundle is active"),
     ChunkRequest("pi-01", (0, 1, 7)),
     Chunk("ab" * 32, 3, b"\x00\xffdata"),
     DeploymentEvent("pi-01", "c1", "downloading", "digits-cnn 1.0.0", 0.5, None, 2.0),
@@ -32,7 +39,7 @@ def test_chunk_count_rounds_up():
 
 
 @pytest.mark.parametrize("cls", [DeployCommand, ChunkRequest, Chunk, DeploymentEvent, DeviceStatus,
-                                 TelemetrySample])
+                                 TelemetrySample, RollbackCommand, StatusRequest, BenchCommand, Reply])
 @settings(max_examples=300, deadline=None)
 @given(payload=st.binary(max_size=512))
 def test_arbitrary_bytes_never_raise_anything_but_protocol_error(cls, payload):
@@ -49,10 +56,12 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 
 @pytest.mark.parametrize("cls, kind", [(DeployCommand, "deploy"), (ChunkRequest, "chunk_request"),
                                        (DeploymentEvent, "deployment"), (DeviceStatus, "status"),
-                                       (TelemetrySample, "telemetry")])
-@settings(max_examples=300, deadline=None)
+                                       (TelemetrySample, "telemetry"), (BenchCommand, "bench"),
+                                       (Reply, "reply"), (RollbackCommand, "rollback")])
+@settings(max_examples=100, deadline=None)
 @given(body=st.dictionaries(st.sampled_from(["command_id", "bundle", "device_id", "chunks", "state", "seq",
-                                             "online", "timestamp", "readings", "progress", "issued_at"]),
+                                             "online", "timestamp", "readings", "progress", "issued_at",
+                                             "runs", "warmup", "kind", "ok", "body"]),
                             json_values))
 def test_wrongly_typed_json_is_a_protocol_error(cls, kind, body):
     import json
@@ -78,3 +87,26 @@ def test_topics_are_versioned_and_parse_back():
     assert topics.telemetry("pi-01") == "edgefleet/v1/devices/pi-01/telemetry"
     assert topics.device_of(topics.events("pi-01")) == "pi-01"
     assert topics.device_of("edgefleet/v1/transfer/x/request") is None
+
+
+@pytest.mark.parametrize("message", [m for m in MESSAGES
+                                     if isinstance(m, (DeployCommand, RollbackCommand, StatusRequest, BenchCommand))],
+                         ids=lambda m: type(m).__name__)
+def test_a_device_tells_commands_apart_by_type(message):
+    assert parse_command(message.to_payload()) == message
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=512))
+def test_any_bytes_on_the_command_topic_are_a_command_or_a_protocol_error(payload):
+    try:
+        parse_command(payload)
+    except ProtocolError:
+        pass
+
+
+def test_a_bench_asking_for_absurd_runs_is_refused():
+    import json
+    with pytest.raises(ProtocolError, match="runs must be"):
+        BenchCommand.from_payload(json.dumps({"type": "bench", "command_id": "c", "issued_at": 1,
+                                              "bundle": None, "runs": 10**9, "warmup": 1}).encode())

@@ -1,0 +1,112 @@
+"""The local inference API in-process: formats, clear errors, and sockets it must not steal."""
+
+import shutil
+import socket
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agent.bundle.signing import trusted_keys
+from device_agent.errors import ConfigError, ModelError
+from device_agent.local_api import InferenceClient, LocalApi
+from device_agent.local_api import framing
+from device_agent.serving import ModelSlot
+from device_agent.store import BundleStore
+from device_agent.telemetry.histogram import LatencyHistogram
+from device_agent.runtime import RuntimeOptions, load_runtime
+from device_agent.update.health import health_check
+
+
+@pytest.fixture
+def socket_dir():
+    d = Path(tempfile.mkdtemp(prefix="ef-api-", dir="/tmp"))  # pytest's tmp paths can be too long
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def served(make_bundle, keys, tmp_path, socket_dir):
+    store = BundleStore(tmp_path)
+    bundle = store.install(make_bundle("1.0.0"), trusted_keys([keys["pub"]]))
+    latency = LatencyHistogram()
+    slot = ModelSlot(latency)
+    slot.swap(bundle, *health_check(bundle, RuntimeOptions()))
+    api = LocalApi(socket_dir / "inference.sock", slot)
+    api.start()
+    yield api, latency
+    api.stop()
+
+
+@pytest.mark.parametrize("fmt", ["npz", "npy", "json"])
+def test_every_format_gives_the_models_outputs(served, heldout, reference_model, fmt):
+    api, latency = served
+    x = heldout[0][:3]
+    want = load_runtime("onnxruntime", reference_model).run({"image": x})["logits"]
+    with InferenceClient(api.path) as model:
+        got = model.infer(x if fmt == "npy" else {"image": x}, format=fmt)
+    np.testing.assert_allclose(got["logits"], want, rtol=1e-5, atol=1e-5)
+    assert latency.snapshot_and_reset().count == 1  # the request's latency feeds the telemetry
+
+
+def test_describe_names_the_bundle_and_its_tensors(served):
+    with InferenceClient(served[0].path) as model:
+        d = model.describe()
+    assert d["bundle"] == "digits-cnn 1.0.0" and d["runtime"] == "onnxruntime"
+    assert d["inputs"] == [{"name": "image", "shape": ["batch", 1, 8, 8], "dtype": "float32"}]
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"pixels": np.zeros((1, 1, 8, 8), np.float32)}, r"missing input\(s\) image"),
+    ({"image": np.zeros((1, 8, 8), np.float32)}, "inference failed"),
+])
+def test_bad_inputs_get_one_clear_error_and_the_connection_stays_usable(served, inputs, message):
+    with InferenceClient(served[0].path) as model:
+        with pytest.raises(ModelError, match=message):
+            model.infer(inputs)
+        assert model.infer({"image": np.zeros((1, 1, 8, 8), np.float32)})["logits"].shape == (1, 10)
+
+
+def test_garbage_on_the_socket_does_not_take_the_server_down(served):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(served[0].path))
+        s.sendall(struct.pack(">I", 5) + b"zjunk")
+        kind, payload = framing.recv_frame(s)
+        assert kind == framing.ERROR and b"cannot decode" in payload
+        s.sendall(struct.pack(">I", 0xFFFFFFFF))  # an absurd length: the server hangs up
+        assert s.recv(10) == b""
+    with InferenceClient(served[0].path) as model:
+        assert model.describe()["bundle"] == "digits-cnn 1.0.0"
+
+
+def test_a_second_agent_does_not_steal_a_live_socket_but_replaces_a_stale_one(served, socket_dir):
+    api, _ = served
+    with pytest.raises(ConfigError, match="another agent is already serving"):
+        LocalApi(api.path, api.slot).start()
+    stale = socket_dir / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # the file stays, nobody listens: what a SIGKILLed agent leaves
+    replacement = LocalApi(stale, api.slot)
+    replacement.start()
+    with InferenceClient(stale) as model:
+        assert model.describe()["bundle"] == "digits-cnn 1.0.0"
+    replacement.stop()
+
+
+def test_a_socket_path_too_long_for_unix_sockets_is_a_config_error(served):
+    with pytest.raises(ConfigError, match="longer than 107 bytes"):
+        LocalApi("/tmp/" + "x" * 120, served[0].slot)
+
+
+def test_no_active_model_is_an_error_not_a_hang(socket_dir):
+    api = LocalApi(socket_dir / "empty.sock", ModelSlot(LatencyHistogram()))
+    api.start()
+    try:
+        with InferenceClient(api.path) as model:
+            with pytest.raises(ModelError, match="no model is active"):
+                model.infer({"image": np.zeros((1, 1, 8, 8), np.float32)})
+    finally:
+        api.stop()

@@ -1,0 +1,128 @@
+"""`edgefleet-agent install`, the systemd unit it writes, the config file, and the notify protocol."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from device_agent.cli import load_settings
+from device_agent.config import build_config, read_config_file
+from device_agent.errors import ConfigError
+from tests.conftest import wait_until
+
+
+def agent_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "device_agent", *map(str, args)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def installed(tmp_path, keys):
+    result = agent_cli("install", "--device-id", "pi-07", "--broker", "broker.lan:8883",
+                       "--trusted-key", keys["pub"], "--root", tmp_path, "--no-systemctl")
+    assert result.returncode == 0, result.stderr
+    return tmp_path
+
+
+def test_install_writes_a_unit_that_systemd_accepts(installed):
+    unit = installed / "etc/systemd/system/edgefleet-agent.service"
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze is not installed: run the README's test command (make test)", pytrace=False)
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = unit.read_text()
+    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "User=edgefleet", "StateDirectory=edgefleet",
+                 "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "ProtectHome=yes"):
+        assert line in text
+    assert "run --config /etc/edgefleet/agent.toml" in text
+
+
+def test_install_writes_a_config_the_agent_reads(installed, keys):
+    settings = read_config_file(installed / "etc/edgefleet/agent.toml")
+    config = build_config(settings)
+    assert config.device_id == "pi-07" and str(config.broker) == "broker.lan:8883"
+    assert [p.name for p in config.trusted_keys] == [keys["pub"].name]
+    assert (installed / "etc/edgefleet/keys" / keys["pub"].name).read_bytes() == keys["pub"].read_bytes()
+    assert str(config.inference_socket) == "/run/edgefleet/inference.sock"
+    assert (installed / "var/lib/edgefleet").is_dir()
+
+
+def test_install_keeps_an_existing_config(installed, keys):
+    config = installed / "etc/edgefleet/agent.toml"
+    config.write_text(config.read_text() + "# edited by hand\n")
+    result = agent_cli("install", "--device-id", "pi-08", "--broker", "b:1883", "--trusted-key", keys["pub"],
+                       "--root", installed, "--no-systemctl")
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and "--force" in result.stderr
+    assert "# edited by hand" in config.read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device-id", "pi 1", "--broker", "b:1883"], "device id"),
+    (["--device-id", "pi-1", "--broker", "b:99999"], "HOST:PORT"),
+])
+def test_install_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, keys, args, message):
+    result = agent_cli("install", *args, "--trusted-key", keys["pub"], "--root", tmp_path, "--no-systemctl")
+    assert result.returncode == 1 and message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "etc").exists()
+
+
+def test_a_file_that_is_not_a_key_is_refused_before_anything_is_written(tmp_path):
+    not_a_key = tmp_path / "release.pub"
+    not_a_key.write_text("hello")
+    result = agent_cli("install", "--device-id", "pi-1", "--broker", "b:1883", "--trusted-key", not_a_key,
+                       "--root", tmp_path, "--no-systemctl")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "etc").exists()
+
+
+def test_flags_override_the_config_file(installed):
+    settings = load_settings(installed / "etc/edgefleet/agent.toml", device_id="bench-rig", broker=None,
+                             keep_versions=5)
+    config = build_config(settings)
+    assert config.device_id == "bench-rig" and str(config.broker) == "broker.lan:8883"
+    assert config.keep_versions == 5
+
+
+@pytest.mark.parametrize("text, message", [("device_id = 'x'\n[limits]\nspeed = 3\n", "unknown setting"),
+                                            ("device_id = \n", "not valid TOML")])
+def test_a_bad_config_file_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        read_config_file(path)
+
+
+def test_the_agent_tells_systemd_it_is_ready_and_feeds_the_watchdog(tmp_path, mosquitto, keys):
+    notify_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(0.5)
+    state = tmp_path / "s"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "device_agent", "run", "--device-id", "notify-1", "--state-dir", str(state),
+         "--broker", str(mosquitto), "--trusted-key", str(keys["pub"]),
+         "--api-socket", f"/tmp/ef-notify-{os.getpid()}.sock",
+         "--control-socket", f"/tmp/ef-notify-{os.getpid()}.ctl"],
+        stderr=subprocess.DEVNULL, env={**os.environ, "NOTIFY_SOCKET": str(notify_path),
+                                        "WATCHDOG_USEC": "400000"})
+    messages: list[str] = []
+
+    def received(want: str) -> bool:
+        try:
+            messages.append(listener.recv(1024).decode())
+        except socket.timeout:
+            pass
+        return want in messages
+    try:
+        assert wait_until(lambda: received("READY=1"), 30)
+        assert wait_until(lambda: received("WATCHDOG=1"), 5)
+        proc.terminate()
+        assert proc.wait(10) == 0
+        assert wait_until(lambda: received("STOPPING=1"), 5)
+    finally:
+        proc.kill()
+        listener.close()

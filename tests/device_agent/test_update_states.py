@@ -1,0 +1,62 @@
+"""The update machine's tables, read on their own, and the record they are saved in."""
+
+import json
+
+import pytest
+
+from device_agent.update.record import CorruptRecord, IDLE, UpdateJournal, UpdateRecord
+from device_agent.update.states import DONE, FAIL, RECOVERY, STATES, TRANSITIONS, check_tables
+
+BEFORE_LIVE = ["downloading", "verifying", "health_check"]  # the old bundle is still current
+LIVE = ["activating", "trial", "committing"]                 # the new bundle may be serving
+
+
+def test_the_tables_agree_with_each_other():
+    check_tables()
+
+
+def test_a_successful_update_walks_the_documented_path():
+    path, state = ["idle"], TRANSITIONS[("idle", "deploy")]
+    while state != "idle":
+        path.append(state)
+        state = TRANSITIONS[(state, DONE)]
+    assert path == ["idle", "downloading", "verifying", "health_check", "activating", "trial", "committing"]
+
+
+@pytest.mark.parametrize("state", BEFORE_LIVE)
+def test_failing_before_the_bundle_is_live_only_cleans_up(state):
+    assert TRANSITIONS[(state, FAIL)] == "cleanup"
+
+
+@pytest.mark.parametrize("state", LIVE)
+def test_failing_once_the_bundle_may_be_live_rolls_back(state):
+    assert TRANSITIONS[(state, FAIL)] == "rolling_back"
+
+
+def test_every_state_a_crash_can_leave_has_a_recovery():
+    assert set(RECOVERY) == set(STATES) | {"idle"}
+
+
+def test_reentering_a_state_counts_attempts_and_a_new_state_starts_at_one():
+    r = UpdateRecord(state="idle").entering("trial")
+    assert r.attempts == 1
+    assert r.entering("trial").entering("trial").attempts == 3
+    assert r.entering("committing").attempts == 1
+
+
+def test_the_record_round_trips_and_a_missing_file_means_idle(tmp_path):
+    journal = UpdateJournal(tmp_path)
+    assert journal.load() == IDLE
+    record = UpdateRecord(state="trial", command_id="c1", label="m 1.0.0", target="m-1.0.0-abc", attempts=2)
+    journal.save(record)
+    assert journal.load() == record
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b"[]", json.dumps({"state": 3}).encode(),
+                                     json.dumps({"state": "trial", "surprise": 1}).encode(),
+                                     json.dumps({"state": "trial", "attempts": "many"}).encode()])
+def test_a_corrupt_record_is_reported_not_trusted(tmp_path, content):
+    (tmp_path / "update.json").write_bytes(content)
+    with pytest.raises(CorruptRecord):
+        UpdateJournal(tmp_path).load()
