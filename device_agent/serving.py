@@ -57,8 +57,6 @@ class ModelSlot:
 
     def infer_request(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         """Run a local API request: bind *inputs* to the model that is active now, and run that model."""
-        from device_agent.local_api.server import as_feeds
-
         with self._lock:
             runtime = self._runtime
         if runtime is None:
@@ -78,6 +76,28 @@ class ModelSlot:
             raise
         self._latency.record(time.perf_counter() - start)
         return out
+
+
+def as_feeds(inputs: dict[str, Any], specs) -> dict[str, np.ndarray]:
+    """Bind decoded request arrays to the model's inputs, casting JSON lists to the declared dtype."""
+    if set(inputs) == {""}:
+        if len(specs) != 1:
+            raise ModelError(f"a bare .npy fits a model with one input; this one takes "
+                             f"{', '.join(s.name for s in specs)}")
+        inputs = {specs[0].name: inputs[""]}
+    missing = [s.name for s in specs if s.name not in inputs]
+    if missing:
+        raise ModelError(f"missing input(s) {', '.join(missing)}")
+    feeds = {}
+    for spec in specs:
+        value = inputs[spec.name]
+        if not isinstance(value, np.ndarray):
+            try:
+                value = np.asarray(value, dtype=spec.dtype)
+            except (ValueError, TypeError) as exc:
+                raise ModelError(f"input {spec.name!r} is not a {spec.dtype} array: {exc}") from None
+        feeds[spec.name] = value
+    return feeds
 
 
 class SampleWorkload(threading.Thread):

@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from device_agent.bundle.signing import generate_key_pair
 from device_agent.errors import ConfigError

@@ -12,7 +12,6 @@ Needs torch==2.13.0, litert-torch and onnx: pip install torch==2.13.0 litert-tor
 from __future__ import annotations
 
 import json
-import pathlib
 
 import numpy as np
 import onnx

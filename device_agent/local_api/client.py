@@ -50,9 +50,10 @@ class _Connection:
                 sock.close()
                 raise ConnectionError(f"cannot reach the edgefleet agent at {self.path}: {exc}") from None
             self._sock = sock
+            self._reader = framing.FrameReader(sock)
         try:
             framing.send_frame(self._sock, kind, payload)
-            frame = framing.recv_frame(self._sock)
+            frame = self._reader.read()
         except OSError:
             self.close()
             raise
@@ -78,13 +79,13 @@ class InferenceClient(_Connection):
         """The active bundle, its runtime, and its inputs and outputs."""
         return self._json(framing.DESCRIBE)
 
-    def infer(self, inputs: Mapping[str, Any] | np.ndarray, *, format: str = "npz") -> dict[str, np.ndarray]:
+    def infer(self, inputs: Mapping[str, Any] | np.ndarray, *, format: str = "raw") -> dict[str, np.ndarray]:
         """Outputs by name. *inputs*: {name: array}, or one array for a single-input model.
-        *format*: "npz" (default), "npy" (one array) or "json" (small inputs)."""
-        kind = {"npz": framing.NPZ, "npy": framing.NPY, "json": framing.JSON}[format]
+        *format*: "raw" (default, fastest), "npz", "npy" (one array) or "json" (small inputs)."""
+        kind = {"raw": framing.RAW, "npz": framing.NPZ, "npy": framing.NPY, "json": framing.JSON}[format]
         arrays = {"": inputs} if isinstance(inputs, np.ndarray) else dict(inputs)
         if kind == framing.NPZ and "" in arrays:
-            kind = framing.NPY
+            kind = framing.NPY  # a bare array has no name to put in an archive
         if kind == framing.JSON:
             payload = json.dumps({k: np.asarray(v).tolist() for k, v in arrays.items()}).encode()
         else:

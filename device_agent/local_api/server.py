@@ -16,9 +16,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import numpy as np
 
-from device_agent.errors import ConfigError, EdgefleetError, ModelError, ProtocolError
+from device_agent.errors import ConfigError, EdgefleetError, ProtocolError
 from device_agent.local_api import framing
 from device_agent.serving import ModelSlot
 
@@ -67,9 +66,10 @@ class LocalApi:
 
     # -- one connection ---------------------------------------------------------------
     def _serve_connection(self, sock: socket.socket) -> None:
+        reader = framing.FrameReader(sock)
         while True:
             try:
-                frame = framing.recv_frame(sock)
+                frame = reader.read()
             except (ProtocolError, OSError):
                 return
             if frame is None:
@@ -92,7 +92,7 @@ class LocalApi:
             return framing.JSON, json.dumps(self.control[kind]()).encode()
         if kind == framing.DESCRIBE:
             return framing.JSON, json.dumps(self.slot.describe()).encode()
-        if kind not in (framing.JSON, framing.NPZ, framing.NPY):
+        if kind not in (framing.RAW, framing.JSON, framing.NPZ, framing.NPY):
             raise ProtocolError(f"request kind {kind.decode(errors='replace')!r} is not served on this socket")
         outputs = self.slot.infer_request(framing.decode_arrays(kind, payload))
         if kind == framing.NPY:
@@ -112,25 +112,3 @@ def _refuse_if_live(path: Path) -> None:
     finally:
         probe.close()
     raise ConfigError(f"another agent is already serving on {path}")
-
-
-def as_feeds(inputs: dict[str, Any], specs) -> dict[str, np.ndarray]:
-    """Bind decoded request arrays to the model's inputs, casting JSON lists to the declared dtype."""
-    if set(inputs) == {""}:
-        if len(specs) != 1:
-            raise ModelError(f"a bare .npy fits a model with one input; this one takes "
-                             f"{', '.join(s.name for s in specs)}")
-        inputs = {specs[0].name: inputs[""]}
-    missing = [s.name for s in specs if s.name not in inputs]
-    if missing:
-        raise ModelError(f"missing input(s) {', '.join(missing)}")
-    feeds = {}
-    for spec in specs:
-        value = inputs[spec.name]
-        if not isinstance(value, np.ndarray):
-            try:
-                value = np.asarray(value, dtype=spec.dtype)
-            except (ValueError, TypeError) as exc:
-                raise ModelError(f"input {spec.name!r} is not a {spec.dtype} array: {exc}") from None
-        feeds[spec.name] = value
-    return feeds

@@ -29,7 +29,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_agent.config import AgentConfig
-from device_agent.errors import EdgefleetError, HealthCheckError
+from device_agent.errors import EdgefleetError
 from device_agent.mqtt import MqttClient
 from device_agent.protocol.messages import BundleOffer, DeploymentEvent
 from device_agent.runtime import ModelRuntime

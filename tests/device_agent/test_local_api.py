@@ -40,7 +40,7 @@ def served(make_bundle, keys, tmp_path, socket_dir):
     api.stop()
 
 
-@pytest.mark.parametrize("fmt", ["npz", "npy", "json"])
+@pytest.mark.parametrize("fmt", ["raw", "npz", "npy", "json"])
 def test_every_format_gives_the_models_outputs(served, heldout, reference_model, fmt):
     api, latency = served
     x = heldout[0][:3]
@@ -67,6 +67,16 @@ def test_bad_inputs_get_one_clear_error_and_the_connection_stays_usable(served, 
         with pytest.raises(ModelError, match=message):
             model.infer(inputs)
         assert model.infer({"image": np.zeros((1, 1, 8, 8), np.float32)})["logits"].shape == (1, 10)
+
+
+@pytest.mark.parametrize("payload", [b"\x00\x00\x00\x02[]junk", b"\x00\x00\x00\x20[[\"image\",\"<f4\",[1,1,8,8]]]",
+                                     b"\x00\x00\x00\x1d[[\"image\",\"|O\",[1]]]\x00" + b"\x00" * 7])
+def test_raw_tensors_that_do_not_match_their_header_are_refused(served, payload):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(served[0].path))
+        framing.send_frame(s, framing.RAW, payload)
+        kind, reply = framing.recv_frame(s)
+    assert kind == framing.ERROR and b"cannot decode the raw tensors" in reply
 
 
 def test_garbage_on_the_socket_does_not_take_the_server_down(served):
