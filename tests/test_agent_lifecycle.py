@@ -314,3 +314,15 @@ def test_a_corrupt_or_unknown_saved_state_restores_the_last_committed_bundle(
     assert agent.wait_for_api(), agent.log.read_text()
     assert status(agent)["active_bundle"] == V1 and status(agent)["update_state"] == "idle"
     assert_answers_correctly(agent, expected_logits)
+
+
+def test_the_shipped_client_example_runs_against_a_live_agent(agents, mosquitto, make_bundle):
+    from tests.conftest import REPO
+
+    agent = start_on_v1(agents, make_bundle, mosquitto, "example-pi")
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "local_inference.py"), "--socket",
+                             agent.api_socket, "--count", "3"], capture_output=True, text=True, timeout=60,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert f"active model: {V1} on onnxruntime" in result.stdout
+    assert result.stdout.count("logits: shape [1, 10]") == 3
