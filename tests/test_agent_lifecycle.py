@@ -326,3 +326,24 @@ def test_the_shipped_client_example_runs_against_a_live_agent(agents, mosquitto,
     assert result.returncode == 0, result.stderr
     assert f"active model: {V1} on onnxruntime" in result.stdout
     assert result.stdout.count("logits: shape [1, 10]") == 3
+
+
+def test_a_third_party_model_with_three_inputs_and_outputs_goes_through_the_whole_path(
+        agents, mosquitto, keys, tmp_path):
+    """A model the onnx package ships (not made here), its recorded inputs as the sample."""
+    from host_tools.packaging import build_bundle
+    from tests.device_agent.test_runtimes import shipped_case
+
+    model, feeds, expected = shipped_case("pytorch-operator/test_operator_symbolic_override_nested")
+    bundle = tmp_path / "nested.efb"
+    build_bundle(model, name="nested", version="1.0.0", key=keys["key"], out=bundle, sample=feeds)
+    agent = agents.start("third-party", inference_interval=0)
+    assert agent.wait_for_api()
+    assert deploy(bundle, "third-party", mosquitto)["state"] == "active"
+    with InferenceClient(agent.api_socket) as client:
+        assert [i["name"] for i in client.describe()["inputs"]] == list(feeds)
+        for fmt in ("raw", "npz", "json"):
+            got = client.infer(feeds, format=fmt)
+            assert len(got) == 3
+            for have, want in zip(got.values(), expected):
+                np.testing.assert_allclose(have, want, rtol=1e-5)
