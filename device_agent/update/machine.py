@@ -77,9 +77,11 @@ class UpdateMachine:
 
     def rollback(self, command_id: str) -> DeploymentEvent:
         active = self.ctx.slot.bundle
+        target = self.ctx.store.rollback_target()
         record = UpdateRecord(state="idle", kind="rollback", command_id=command_id,
-                              label=active.label if active is not None else "",
-                              previous=active.directory.name if active is not None else None)
+                              label=target.label if target is not None else "",
+                              previous=active.directory.name if active is not None else None,
+                              target=target.directory.name if target is not None else None)
         return self._run(record.entering(TRANSITIONS[("idle", "rollback")]))
 
     # -- the loop ---------------------------------------------------------------------

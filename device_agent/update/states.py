@@ -257,10 +257,10 @@ class RollingBack(State):
 
     def enter(self, ctx, record):
         active = ctx.store.active()
-        failed_dir = active.directory.name if active is not None else None
-        if record.kind == "rollback":  # asked for by an operator
-            candidates = [b.directory.name for b in [ctx.store.rollback_target()] if b is not None]
-            if not candidates:
+        if record.kind == "rollback":  # asked for by an operator; both ends chosen when it was asked,
+            failed_dir = record.previous  # so a crash half-way does not roll back twice
+            candidates = [record.target]
+            if record.target is None:
                 ctx.event(record, "failed", reason="no earlier committed version to roll back to")
                 return DONE, record
         elif record.kind == "deploy":
