@@ -91,7 +91,10 @@ class Agent:
         notify("READY=1")
         start_watchdog(lambda: self._update_thread.is_alive(), self._stop)
         log.info("agent %s up: api %s, broker %s", self.config.device_id, self.api.path, self.config.broker)
-        self._stop.wait()
+        # Wake up now and then: a SIGTERM the kernel hands to another thread only runs its Python
+        # handler when the main thread executes bytecode again, and an untimed wait never does.
+        while not self._stop.wait(0.5):
+            pass
         log.info("stopping")
         # A shutdown that hangs is a bug worth a report: dump every thread's stack if it takes long.
         faulthandler.dump_traceback_later(8, exit=False)
