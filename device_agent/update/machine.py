@@ -48,13 +48,13 @@ class UpdateMachine:
                 reason = (f"the agent stopped {saved.attempts} times in state {saved.state} "
                           f"(crash loop){'; ' + saved.reason if saved.reason else ''}")
                 record = replace(saved, reason=reason).entering(fail)
-        log.warning("found update %s of %s in state %s: %s", record.command_id or "-", record.label or "-",
-                    saved.state, record.state)
+        log.warning("found update %s (%s) in state %s after a restart; going on with %s",
+                    record.command_id or "-", record.label or "-", saved.state, record.state)
         self._save(record)
         return record
 
     def resume(self) -> DeploymentEvent | None:
-        """Carry on with what plan_recovery decided (on the update thread, once MQTT is up)."""
+        """Carry on with what plan_recovery decided (a download waits for the broker like any other)."""
         if self.record.state == "idle":
             return None
         return self._run(self.record)

@@ -38,3 +38,35 @@ def test_a_refused_bundle_leaves_no_trace_and_does_not_touch_current(make_bundle
 
 def test_no_current_link_means_no_active_bundle(tmp_path):
     assert BundleStore(tmp_path).active() is None
+
+
+def test_commit_keeps_the_newest_versions_and_never_the_current_one(make_bundle, keys, tmp_path):
+    store = BundleStore(tmp_path)
+    trusted = trusted_keys([keys["pub"]])
+    versions = [store.install(make_bundle(v), trusted) for v in ("1.0.0", "1.1.0", "1.2.0")]
+    for bundle in versions:
+        store.activate(bundle)
+        store.commit(bundle, keep=2)
+    assert store.committed() == [v.directory.name for v in versions[1:]]
+    assert sorted(p.name for p in store.bundles.iterdir()) == sorted(v.directory.name for v in versions[1:])
+    assert store.rollback_target().manifest.version == "1.1.0"
+
+
+def test_a_committed_version_whose_files_are_gone_is_not_a_rollback_target(make_bundle, keys, tmp_path):
+    import shutil
+
+    store = BundleStore(tmp_path)
+    trusted = trusted_keys([keys["pub"]])
+    for v in ("1.0.0", "1.1.0", "1.2.0"):
+        bundle = store.install(make_bundle(v), trusted)
+        store.activate(bundle)
+        store.commit(bundle, keep=3)
+    shutil.rmtree(store.bundles / store.committed()[1])  # 1.1.0 damaged on the SD card
+    assert store.rollback_target().manifest.version == "1.0.0"
+
+
+def test_a_corrupt_committed_list_means_nothing_to_roll_back_to_not_a_crash(make_bundle, keys, tmp_path):
+    store = BundleStore(tmp_path)
+    store.activate(store.install(make_bundle("1.0.0"), trusted_keys([keys["pub"]])))
+    (tmp_path / "committed.json").write_text("{torn")
+    assert store.committed() == [] and store.rollback_target() is None
