@@ -40,13 +40,14 @@ def test_no_current_link_means_no_active_bundle(tmp_path):
     assert BundleStore(tmp_path).active() is None
 
 
-def test_commit_keeps_the_newest_versions_and_never_the_current_one(make_bundle, keys, tmp_path):
+def test_commit_keeps_the_newest_versions_and_removes_the_rest(make_bundle, keys, tmp_path):
     store = BundleStore(tmp_path)
     trusted = trusted_keys([keys["pub"]])
-    versions = [store.install(make_bundle(v), trusted) for v in ("1.0.0", "1.1.0", "1.2.0")]
-    for bundle in versions:
-        store.activate(bundle)
-        store.commit(bundle, keep=2)
+    versions = []
+    for v in ("1.0.0", "1.1.0", "1.2.0"):  # as updates do it: install, activate, commit
+        versions.append(store.install(make_bundle(v), trusted))
+        store.activate(versions[-1])
+        store.commit(versions[-1], keep=2)
     assert store.committed() == [v.directory.name for v in versions[1:]]
     assert sorted(p.name for p in store.bundles.iterdir()) == sorted(v.directory.name for v in versions[1:])
     assert store.rollback_target().manifest.version == "1.1.0"
@@ -70,3 +71,16 @@ def test_a_corrupt_committed_list_means_nothing_to_roll_back_to_not_a_crash(make
     store.activate(store.install(make_bundle("1.0.0"), trusted_keys([keys["pub"]])))
     (tmp_path / "committed.json").write_text("{torn")
     assert store.committed() == [] and store.rollback_target() is None
+
+
+def test_commit_removes_leftovers_but_never_the_current_version(make_bundle, keys, tmp_path):
+    store = BundleStore(tmp_path)
+    trusted = trusted_keys([keys["pub"]])
+    v1 = store.install(make_bundle("1.0.0"), trusted)
+    store.activate(v1)
+    store.commit(v1, keep=1)
+    leftover = store.install(make_bundle("1.1.0"), trusted)  # e.g. a version rolled back from
+    v2 = store.install(make_bundle("1.2.0"), trusted)
+    store.activate(v2)
+    removed = store.commit(v1, keep=1)  # even a commit that does not name the current version
+    assert leftover.directory.name in removed and v2.directory.is_dir() and v1.directory.is_dir()
