@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -32,6 +33,26 @@ def fail_cleanly(fn):
 @click.version_option(__version__, prog_name="edgefleet-agent")
 def main() -> None:
     pass
+
+
+SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def configure_logging(level: str) -> None:
+    """One line per record on stderr. Under systemd (JOURNAL_STREAM is set) each line starts with
+    its syslog priority, ``<4>``, which journald turns into the entry's priority; journald adds
+    its own timestamps, so neither form repeats them."""
+    class Priority(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.priority = SYSLOG_PRIORITY.get(record.levelno, 6)
+            return True
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(Priority())
+    fmt = "<%(priority)d>%(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+        "%(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def config_options(fn):
@@ -79,9 +100,7 @@ def run(config_file, log_level, **flags) -> None:
     from device_agent.agent import Agent
     from device_agent.config import build_config
 
-    # journald adds its own timestamps; keep lines short and greppable
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     config = build_config(load_settings(config_file, **flags))
     agent = Agent(config)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())

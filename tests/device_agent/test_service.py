@@ -5,6 +5,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -126,3 +127,19 @@ def test_the_agent_tells_systemd_it_is_ready_and_feeds_the_watchdog(tmp_path, mo
     finally:
         proc.kill()
         listener.close()
+
+
+def test_under_systemd_log_lines_carry_their_syslog_priority_and_no_broker_is_not_fatal(tmp_path, keys):
+    # JOURNAL_STREAM tells a service its stderr goes to the journal; a bad broker gives a warning line
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "device_agent", "run", "--device-id", "journal-1", "--state-dir", str(tmp_path / "s"),
+         "--broker", "127.0.0.1:1", "--trusted-key", str(keys["pub"]),
+         "--api-socket", f"/tmp/ef-journal-{os.getpid()}.sock", "--control-socket", f"/tmp/ef-journal-{os.getpid()}.ctl"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "JOURNAL_STREAM": "8:1234"})
+    time.sleep(2)
+    proc.terminate()
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0  # no broker is no reason to stop serving the local API
+    lines = [line for line in err.splitlines() if line]
+    assert any(line.startswith("<6>device_agent.agent: agent journal-1 up") for line in lines), err
+    assert all(line[0] == "<" and line[2] == ">" for line in lines), err
