@@ -71,3 +71,21 @@ def test_build_inspect_verify_round_trip_in_json(tmp_path, keys, reference_model
 @pytest.mark.parametrize("args", [["bundle", "build"], ["deploy"], ["nonsense"]])
 def test_usage_errors_exit_2(args):
     assert edgefleet(*args).returncode == 2
+
+
+def test_asking_a_device_that_is_not_there_is_one_line(mosquitto, make_bundle):
+    result = edgefleet("device", "status", "ghost-7", "--broker", mosquitto, "--timeout", "2")
+    assert_one_line_error(result, "error:", "ghost-7 did not answer within 2s")
+    result = edgefleet("bench", make_bundle(), "--device", "ghost-7", "--broker", mosquitto, "--timeout", "2")
+    assert result.returncode == 1 and "Traceback" not in result.stderr  # after its "benchmarking..." line
+    assert result.stderr.strip().splitlines()[-1] == "error: ghost-7 did not answer within 2s (offline?)"
+
+
+def test_rolling_back_a_device_that_is_not_there_times_out(mosquitto):
+    result = edgefleet("rollback", "--device", "ghost-8", "--broker", mosquitto, "--timeout", "2", "--json")
+    assert result.returncode == 1 and json.loads(result.stdout)["ghost-8"]["state"] == "timed_out"
+
+
+def test_bench_of_a_missing_bundle_is_one_line(mosquitto, tmp_path):
+    result = edgefleet("bench", tmp_path / "nope.efb", "--device", "pi-1", "--broker", mosquitto)
+    assert_one_line_error(result, "error:", "nope.efb does not exist")

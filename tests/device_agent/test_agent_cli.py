@@ -1,0 +1,48 @@
+"""`edgefleet-agent bench|status|rollback` on their own, as a user on a device types them."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import MODELS
+
+
+def agent_cli(*args):
+    return subprocess.run([sys.executable, "-m", "device_agent", *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_bench_runs_a_verified_bundle_locally(make_bundle, keys):
+    result = agent_cli("bench", make_bundle(), "--trusted-key", keys["pub"], "--runs", 30, "--warmup", 3, "--json")
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    assert r["runs"] == 30 and r["load_ms"] > 0 and 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+    table = agent_cli("bench", make_bundle(), "--trusted-key", keys["pub"], "--runs", 10)
+    assert table.returncode == 0 and "first inference" in table.stdout and "peak RSS" in table.stdout
+
+
+def test_bench_of_a_tflite_bundle(make_bundle, keys):
+    bundle = make_bundle("1.0.0", name="digits-tflite", model=MODELS / "digits_cnn.tflite",
+                         input_name="serving_default_args_0")
+    result = agent_cli("bench", bundle, "--trusted-key", keys["pub"], "--runs", 20, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["runtime"] == "tflite"
+
+
+def test_bench_refuses_a_bundle_signed_by_an_unknown_key_in_one_line(make_bundle, keys):
+    result = agent_cli("bench", make_bundle(key=keys["rogue_key"]), "--trusted-key", keys["pub"])
+    assert result.returncode == 1 and result.stderr.startswith("error:") and "does not trust" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_status_of_a_stopped_agent_reads_the_state_directory(tmp_path):
+    (tmp_path / "state").mkdir()
+    result = agent_cli("status", "--state-dir", tmp_path / "state", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"running": False, "active_bundle": None, "sha256": None, "committed": []}
+
+
+def test_rollback_without_a_running_agent_is_one_line(tmp_path):
+    result = agent_cli("rollback", "--state-dir", tmp_path)
+    assert result.returncode == 1 and "cannot reach the edgefleet agent" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
