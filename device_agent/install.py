@@ -111,14 +111,14 @@ def install_service(*, device_id: str, broker: str, trusted: tuple[Path, ...], t
     state_dir.chmod(0o750)
     done.append(f"created {state_dir}")
     if systemctl:
-        done += _enable(state_dir)
+        done += _enable(state_dir, etc / "tls")
     else:
         done.append("next: useradd --system edgefleet; systemctl daemon-reload; "
                     "systemctl enable --now edgefleet-agent")
     return done
 
 
-def _enable(state_dir: Path) -> list[str]:
+def _enable(state_dir: Path, tls_dir: Path) -> list[str]:
     def run(*cmd: str) -> None:
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
@@ -131,6 +131,9 @@ def _enable(state_dir: Path) -> list[str]:
         run("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER)
         done.append(f"created system user {SERVICE_USER}")
     shutil.chown(state_dir, SERVICE_USER, SERVICE_USER)
+    if tls_dir.is_dir():  # the client key is 0640: readable by the agent's group, nobody else
+        for path in tls_dir.iterdir():
+            shutil.chown(path, "root", SERVICE_USER)
     run("systemctl", "daemon-reload")
     run("systemctl", "enable", "--now", UNIT_NAME)
     done.append(f"enabled and started {UNIT_NAME}")
