@@ -90,6 +90,9 @@ def load_settings(config_file: Path | None, **flags) -> dict:
               help="Run the active model on its sample input every this many seconds, standing in for an "
                    "application [default: 0, off].")
 @click.option("--threads", type=int, help="Runtime threads [default: the runtime's choice].")
+@click.option("--onnx-provider", "onnx_providers", multiple=True,
+              help="ONNX Runtime execution provider to use, in order; repeatable [default: the best this "
+                   "device has: TensorRT, CUDA, then CPU].")
 @click.option("--api-socket", type=click.Path(path_type=Path), help="Local inference socket [default: STATE_DIR/inference.sock].")
 @click.option("--control-socket", type=click.Path(path_type=Path), help="Control socket [default: STATE_DIR/control.sock].")
 @click.option("--trial-seconds", type=float, help="How long a new bundle serves before it is committed [default: 2].")

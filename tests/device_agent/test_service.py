@@ -143,3 +143,17 @@ def test_under_systemd_log_lines_carry_their_syslog_priority_and_no_broker_is_no
     lines = [line for line in err.splitlines() if line]
     assert any(line.startswith("<6>device_agent.agent: agent journal-1 up") for line in lines), err
     assert all(line[0] == "<" and line[2] == ">" for line in lines), err
+
+
+def test_an_execution_provider_the_device_lacks_is_reported_when_the_model_loads(tmp_path, keys, make_bundle):
+    from device_agent.bundle.signing import trusted_keys
+    from device_agent.errors import ModelError
+    from device_agent.store import BundleStore
+    from device_agent.update.health import health_check
+
+    config = build_config(load_settings(None, device_id="gpu-less", state_dir=tmp_path, trusted_keys=(keys["pub"],),
+                                        onnx_providers=("CUDAExecutionProvider",)))
+    assert config.runtime.onnx_providers == ("CUDAExecutionProvider",)
+    bundle = BundleStore(tmp_path).install(make_bundle(), trusted_keys([keys["pub"]]))
+    with pytest.raises(ModelError, match="CUDAExecutionProvider not available"):
+        health_check(bundle, config.runtime)
