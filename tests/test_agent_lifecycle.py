@@ -64,6 +64,38 @@ def assert_answers_correctly(agent, expected_logits) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+class Hammer:
+    """Clients calling the local API in a loop until stopped, counting right, wrong and failed answers."""
+
+    def __init__(self, agent, expected_logits, formats=("raw",)) -> None:
+        self.x, self.want = expected_logits
+        self.counts = {"ok": 0, "failed": 0, "wrong": 0}
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(agent, fmt)) for fmt in formats]
+
+    def __enter__(self) -> "Hammer":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def _run(self, agent, fmt: str) -> None:
+        with InferenceClient(agent.api_socket, timeout=30) as model:
+            while not self._stop.is_set():
+                try:
+                    got = model.infer({"image": self.x}, format=fmt)["logits"]
+                except Exception as exc:  # noqa: BLE001 - any failure is what the tests count
+                    self.counts["failed"] += 1
+                    self.errors.append(repr(exc))
+                    continue
+                self.counts["ok" if np.allclose(got, self.want, rtol=1e-4, atol=1e-4) else "wrong"] += 1
+
+
 def start_on_v1(agents, make_bundle, mosquitto, device, **options):
     agent = agents.start(device, **options)
     assert agent.wait_for_api(), agent.log.read_text()
@@ -113,9 +145,10 @@ def test_killed_in_state(state, agents, mosquitto, make_bundle, forge_bundle, ex
     assert wait_until(held.exists, 60), agent.log.read_text()[-3000:]
     held.unlink()
     restart(agent)  # SIGKILL in the state, then a plain start, as systemd would
-    assert_answers_correctly(agent, expected_logits)  # from the first moment the API is up
-
-    result = outcome(host, device)
+    with Hammer(agent, expected_logits) as hammer:  # from the first moment the API is up to the end
+        result = outcome(host, device)
+    assert hammer.counts["failed"] == hammer.counts["wrong"] == 0, hammer.errors[:3]
+    assert hammer.counts["ok"] > 0
     assert result["state"] == host_sees, result
     assert wait_until(lambda: status(agent)["update_state"] == "idle", 30)
     assert status(agent)["active_bundle"] == runs_after
@@ -234,35 +267,12 @@ def test_rollback_over_mqtt_and_locally_and_old_versions_are_pruned(agents, mosq
 def test_the_inference_api_drops_no_request_during_swaps_and_rollbacks(agents, mosquitto, make_bundle,
                                                                        expected_logits):
     agent = start_on_v1(agents, make_bundle, mosquitto, "busy", inference_interval=0)
-    x, want = expected_logits
-    stop = threading.Event()
-    counts = {"ok": 0, "failed": 0, "wrong": 0}
-    errors: list[str] = []
-
-    def hammer(fmt: str) -> None:
-        with InferenceClient(agent.api_socket, timeout=30) as model:
-            while not stop.is_set():
-                try:
-                    got = model.infer({"image": x}, format=fmt)["logits"]
-                except Exception as exc:  # noqa: BLE001 - any failure is what this test counts
-                    counts["failed"] += 1
-                    errors.append(repr(exc))
-                    continue
-                counts["ok" if np.allclose(got, want, rtol=1e-4, atol=1e-4) else "wrong"] += 1
-
-    threads = [threading.Thread(target=hammer, args=(fmt,)) for fmt in ("npz", "json")]
-    for t in threads:
-        t.start()
-    try:
+    with Hammer(agent, expected_logits, formats=("raw", "npz", "json")) as hammer:
         assert deploy(make_bundle("2.0.0"), "busy", mosquitto)["state"] == "active"
         assert edgefleet("rollback", "--device", "busy", "--broker", mosquitto).returncode == 0
         assert deploy(make_bundle("3.0.0"), "busy", mosquitto)["state"] == "active"
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-    assert counts["failed"] == 0 and counts["wrong"] == 0, errors[:3]
-    assert counts["ok"] > 200
+    assert hammer.counts["failed"] == 0 and hammer.counts["wrong"] == 0, hammer.errors[:3]
+    assert hammer.counts["ok"] > 200
 
 
 def test_the_agent_serves_and_reports_a_tflite_bundle(agents, mosquitto, make_bundle, expected_logits):
