@@ -65,25 +65,10 @@ def install_service(*, device_id: str, broker: str, trusted: tuple[Path, ...], t
     unit_path = root / "etc/systemd/system" / UNIT_NAME
     state_dir = root / "var/lib/edgefleet"
 
-    # -- check everything before writing anything --
-    BrokerAddress.parse(broker)
-    trusted_keys(trusted)  # readable Ed25519 public keys
-    tls_files = {name: path for name, path in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key))
-                 if path is not None}
-    if (tls_cert is None) != (tls_key is None):
-        raise ConfigError("--tls-cert and --tls-key go together")
-    if tls_files and tls_ca is None:
-        raise ConfigError("a client certificate needs --tls-ca too")
-    for path in tls_files.values():
-        if not Path(path).is_file():
-            raise ConfigError(f"TLS file {path} does not exist")
+    tls_files = _checked_inputs(device_id, broker, trusted, tls_ca, tls_cert, tls_key)
     key_names = [f"/etc/edgefleet/keys/{Path(k).name}" for k in trusted]
-    if len(set(key_names)) != len(key_names):
-        raise ConfigError("two trusted keys have the same file name")
-    tls_targets = {name: f"/etc/edgefleet/tls/{Path(p).name}" for name, p in tls_files.items()}
-    text = config_text(device_id, broker, key_names, tls_targets)
-    build_config({"device_id": device_id, "state_dir": "/var/lib/edgefleet", "trusted_keys": key_names,
-                  "broker": broker})  # the same validation the agent does at start
+    text = config_text(device_id, broker, key_names,
+                       {name: f"/etc/edgefleet/tls/{Path(p).name}" for name, p in tls_files.items()})
     if config_path.exists() and not force:
         raise ConfigError(f"{config_path} exists; keeping it (use --force to overwrite)")
     if systemctl and shutil.which("systemctl") is None:
@@ -116,6 +101,29 @@ def install_service(*, device_id: str, broker: str, trusted: tuple[Path, ...], t
         done.append("next: useradd --system edgefleet; systemctl daemon-reload; "
                     "systemctl enable --now edgefleet-agent")
     return done
+
+
+def _checked_inputs(device_id: str, broker: str, trusted: tuple[Path, ...], tls_ca: Path | None,
+                    tls_cert: Path | None, tls_key: Path | None) -> dict[str, Path]:
+    """Check everything before anything is written; returns the TLS files given, by setting name."""
+    BrokerAddress.parse(broker)
+    trusted_keys(trusted)  # readable Ed25519 public keys
+    tls_files = {name: Path(path) for name, path in (("tls_ca", tls_ca), ("tls_cert", tls_cert),
+                                                      ("tls_key", tls_key)) if path is not None}
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if tls_files and tls_ca is None:
+        raise ConfigError("a client certificate needs --tls-ca too")
+    for path in tls_files.values():
+        if not path.is_file():
+            raise ConfigError(f"TLS file {path} does not exist")
+    names = [Path(k).name for k in trusted]
+    if len(set(names)) != len(names):
+        raise ConfigError("two trusted keys have the same file name")
+    build_config({"device_id": device_id, "state_dir": "/var/lib/edgefleet",
+                  "trusted_keys": [f"/etc/edgefleet/keys/{n}" for n in names],
+                  "broker": broker})  # the same validation the agent does at start
+    return tls_files
 
 
 def _enable(state_dir: Path, tls_dir: Path) -> list[str]:

@@ -157,3 +157,25 @@ def test_an_execution_provider_the_device_lacks_is_reported_when_the_model_loads
     bundle = BundleStore(tmp_path).install(make_bundle(), trusted_keys([keys["pub"]]))
     with pytest.raises(ModelError, match="CUDAExecutionProvider not available"):
         health_check(bundle, config.runtime)
+
+
+def test_install_with_tls_copies_the_files_and_the_config_points_at_them(tmp_path, keys):
+    for name in ("ca.pem", "pi.pem", "pi.key"):
+        (tmp_path / name).write_text(name)
+    root = tmp_path / "root"
+    result = agent_cli("install", "--device-id", "pi-9", "--broker", "b:8883", "--trusted-key", keys["pub"],
+                       "--tls-ca", tmp_path / "ca.pem", "--tls-cert", tmp_path / "pi.pem",
+                       "--tls-key", tmp_path / "pi.key", "--root", root, "--no-systemctl")
+    assert result.returncode == 0, result.stderr
+    config = build_config(read_config_file(root / "etc/edgefleet/agent.toml"))
+    assert str(config.tls.ca) == "/etc/edgefleet/tls/ca.pem" and str(config.tls.key) == "/etc/edgefleet/tls/pi.key"
+    assert (root / "etc/edgefleet/tls/pi.key").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_client_certificate_without_its_key_is_refused(tmp_path, keys):
+    (tmp_path / "pi.pem").write_text("x")
+    result = agent_cli("install", "--device-id", "pi-9", "--broker", "b:8883", "--trusted-key", keys["pub"],
+                       "--tls-ca", tmp_path / "pi.pem", "--tls-cert", tmp_path / "pi.pem",
+                       "--root", tmp_path / "root", "--no-systemctl")
+    assert result.returncode == 1 and "--tls-cert and --tls-key go together" in result.stderr
+    assert not (tmp_path / "root").exists()
