@@ -80,6 +80,8 @@ class ModelSlot:
 
 def as_feeds(inputs: dict[str, Any], specs) -> dict[str, np.ndarray]:
     """Bind decoded request arrays to the model's inputs, casting JSON lists to the declared dtype."""
+    if len(inputs) == len(specs) and all(isinstance(inputs.get(s.name), np.ndarray) for s in specs):
+        return inputs  # the common case: arrays named as the model names them
     if set(inputs) == {""}:
         if len(specs) != 1:
             raise ModelError(f"a bare .npy fits a model with one input; this one takes "

@@ -55,9 +55,9 @@ class FrameReader:
             raise ProtocolError(f"frame length {length} is out of range")
         end = _LEN.size + length
         self._fill(end)
-        body = bytes(self._buf[_LEN.size:end])
+        kind, payload = bytes(self._buf[_LEN.size:_LEN.size + 1]), bytes(self._buf[_LEN.size + 1:end])
         del self._buf[:end]
-        return body[:1], body[1:]
+        return kind, payload
 
     def _fill(self, n: int, allow_eof: bool = False) -> bool:
         while len(self._buf) < n:
