@@ -19,6 +19,7 @@ from device_agent.config import AgentConfig
 from device_agent.errors import EdgefleetError, MqttError, ProtocolError
 from device_agent.local_api import LocalApi
 from device_agent.local_api import framing
+from device_agent.local_api.http import HttpApi
 from device_agent.mqtt import MqttClient, Will
 from device_agent.protocol import topics
 from device_agent.protocol.messages import (
@@ -58,6 +59,7 @@ class Agent:
         self.machine = UpdateMachine(UpdateContext(config, self.client, self._chunks, self.store, self.slot,
                                                    self.keys, self._emit))
         self.api = LocalApi(config.inference_socket, self.slot, mode=0o660)
+        self.http = HttpApi(config.http_port, self.slot) if config.http_port is not None else None
         self.control = LocalApi(config.control_socket_path, self.slot, mode=0o600, control={
             framing.STATUS: self.report, framing.ROLLBACK: self._local_rollback})
         self._collectors = TelemetryCollectors(CollectorContext(latency=self.latency,
@@ -81,6 +83,8 @@ class Agent:
             self._restore_active()
         self.api.start()
         self.control.start()
+        if self.http is not None:
+            log.info("local API also on http://127.0.0.1:%d", self.http.start())
         self._update_thread = threading.Thread(target=self._update_loop, name="update", daemon=True)
         threads = [self._update_thread,
                    threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True)]
@@ -101,6 +105,8 @@ class Agent:
         notify("STOPPING=1")
         self.api.stop()
         self.control.stop()
+        if self.http is not None:
+            self.http.stop()
         if self.client.connected:
             try:
                 self._publish_status(online=False)

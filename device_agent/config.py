@@ -26,6 +26,7 @@
     [api]
     socket = "/run/edgefleet/inference.sock"
     control_socket = "/run/edgefleet/control.sock"
+    # http_port = 8765                            # the same API over HTTP on 127.0.0.1 (off by default)
 
 Command-line flags and ``EDGEFLEET_*`` environment variables override the file.
 """
@@ -64,6 +65,7 @@ class AgentConfig:
     max_start_attempts: int = 3      # starts in one update state before the agent gives up on it
     api_socket: Path | None = None   # default: <state_dir>/inference.sock
     control_socket: Path | None = None  # default: <state_dir>/control.sock
+    http_port: int | None = None     # the local API over HTTP on 127.0.0.1; None: off
 
     def __post_init__(self) -> None:
         if not topics.valid_device_id(self.device_id):
@@ -72,6 +74,8 @@ class AgentConfig:
             raise ConfigError("no trusted public key given: the agent would accept no bundle")
         if self.telemetry_interval <= 0 or self.inference_interval < 0 or self.trial_seconds < 0:
             raise ConfigError("intervals must be positive")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ConfigError(f"http port {self.http_port} is out of range")
         if self.keep_versions < 1 or self.max_start_attempts < 1:
             raise ConfigError("keep_versions and max_start_attempts must be at least 1")
 
@@ -95,6 +99,7 @@ _FILE_KEYS = {
     ("limits", "max_start_attempts"): "max_start_attempts",
     ("limits", "download_stall_timeout"): "download_stall_timeout", ("limits", "chunk_window"): "chunk_window",
     ("api", "socket"): "api_socket", ("api", "control_socket"): "control_socket",
+    ("api", "http_port"): "http_port",
 }
 
 

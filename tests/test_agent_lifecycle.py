@@ -357,3 +357,20 @@ def test_a_third_party_model_with_three_inputs_and_outputs_goes_through_the_whol
             assert len(got) == 3
             for have, want in zip(got.values(), expected):
                 np.testing.assert_allclose(have, want, rtol=1e-5)
+
+
+def test_the_agent_serves_the_local_api_over_http_when_asked(agents, mosquitto, make_bundle, expected_logits):
+    import urllib.request
+
+    from host_tools.broker import free_port
+
+    port = free_port()
+    agent = start_on_v1(agents, make_bundle, mosquitto, "http-pi", extra_args=("--http-port", str(port)))
+    x, want = expected_logits
+    body = json.dumps({"inputs": {"image": x.tolist()}}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/infer", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        got = json.loads(response.read())["outputs"]["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert agent.proc.poll() is None

@@ -120,3 +120,55 @@ def test_no_active_model_is_an_error_not_a_hang(socket_dir):
                 model.infer({"image": np.zeros((1, 1, 8, 8), np.float32)})
     finally:
         api.stop()
+
+
+@pytest.fixture
+def http_api(served):
+    from device_agent.local_api.http import HttpApi
+
+    api = HttpApi(0, served[0].slot)
+    port = api.start()
+    yield f"http://127.0.0.1:{port}"
+    api.stop()
+
+
+def http(url, body=None, content_type=None):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type} if content_type else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+def test_http_serves_the_model_description_and_json_and_npz_inference(http_api, heldout, reference_model):
+    import io
+    import json
+
+    want = load_runtime("onnxruntime", reference_model).run({"image": heldout[0][:2]})["logits"]
+    status, _, body = http(http_api + "/v1/model")
+    assert status == 200 and json.loads(body)["bundle"] == "digits-cnn 1.0.0"
+    doc = json.dumps({"inputs": {"image": heldout[0][:2].tolist()}}).encode()
+    status, kind, body = http(http_api + "/v1/infer", doc, "application/json")
+    assert status == 200 and kind == "application/json"
+    np.testing.assert_allclose(json.loads(body)["outputs"]["logits"], want, rtol=1e-5, atol=1e-5)
+    buf = io.BytesIO()
+    np.savez(buf, image=heldout[0][:2])
+    status, kind, body = http(http_api + "/v1/infer", buf.getvalue(), "application/x-npz")
+    assert status == 200 and kind == "application/x-npz"
+    np.testing.assert_allclose(np.load(io.BytesIO(body))["logits"], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("body, content_type, status, message", [
+    (b"{}", "text/plain", 415, "send application/json"),
+    (b'{"inputs": {"pixels": [1]}}', "application/json", 400, "missing input(s) image"),
+    (b"not json", "application/json", 400, "cannot decode"),
+])
+def test_http_bad_requests_get_a_status_and_one_clear_message(http_api, body, content_type, status, message):
+    import json
+
+    got_status, _, reply = http(http_api + "/v1/infer", body, content_type)
+    assert got_status == status and message in json.loads(reply)["error"]
