@@ -59,7 +59,9 @@ class AgentConfig:
     inference_interval: float = 0.0
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     chunk_window: int = 8
-    download_stall_timeout: float = 30.0
+    download_stall_timeout: float = 30.0  # no new chunk for this long: the attempt has stalled
+    download_attempts: int = 3        # stalled attempts before the download fails (each resumes)
+    download_backoff: float = 5.0     # seconds before the 2nd attempt, doubling after that
     keep_versions: int = 3           # committed versions kept on disk for instant rollback
     trial_seconds: float = 2.0       # a new bundle serves this long without errors before it is committed
     max_start_attempts: int = 3      # starts in one update state before the agent gives up on it
@@ -76,8 +78,8 @@ class AgentConfig:
             raise ConfigError("intervals must be positive")
         if self.http_port is not None and not 0 <= self.http_port < 65536:
             raise ConfigError(f"http port {self.http_port} is out of range")
-        if self.keep_versions < 1 or self.max_start_attempts < 1:
-            raise ConfigError("keep_versions and max_start_attempts must be at least 1")
+        if self.keep_versions < 1 or self.max_start_attempts < 1 or self.download_attempts < 1:
+            raise ConfigError("keep_versions, max_start_attempts and download_attempts must be at least 1")
 
     @property
     def inference_socket(self) -> Path:
@@ -98,6 +100,7 @@ _FILE_KEYS = {
     ("limits", "keep_versions"): "keep_versions", ("limits", "trial_seconds"): "trial_seconds",
     ("limits", "max_start_attempts"): "max_start_attempts",
     ("limits", "download_stall_timeout"): "download_stall_timeout", ("limits", "chunk_window"): "chunk_window",
+    ("limits", "download_attempts"): "download_attempts", ("limits", "download_backoff"): "download_backoff",
     ("api", "socket"): "api_socket", ("api", "control_socket"): "control_socket",
     ("api", "http_port"): "http_port",
 }

@@ -7,6 +7,7 @@ Layout under the agent's state directory::
     current -> bundles/<...>                          the active version (symlink)
     committed.json                                    committed versions, oldest first
     downloads/<sha256>.part                           bundles being fetched
+    downloads/<sha256>.chunks                         which of their chunks are on disk (resume)
     staging/                                          extraction in progress
 """
 
@@ -72,6 +73,12 @@ class BundleStore:
 
     def download_path(self, sha256: str) -> Path:
         return self.downloads / f"{sha256}.part"
+
+    def discard_download(self, sha256: str) -> None:
+        """Remove a partial download and its received-chunk record."""
+        path = self.download_path(sha256)
+        path.unlink(missing_ok=True)
+        path.with_suffix(".chunks").unlink(missing_ok=True)
 
     def active(self) -> InstalledBundle | None:
         if not self.current_link.is_symlink():

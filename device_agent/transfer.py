@@ -3,11 +3,17 @@
 The device keeps a window of chunk requests in flight, writes each chunk at its
 offset in a partial file, re-asks for chunks that have not arrived after a
 timeout, and checks the whole file's SHA-256 at the end.
+
+Downloads resume: next to ``<sha>.part`` a ``<sha>.chunks`` record (one byte per
+chunk) lists the chunks already written. It is saved at most once a second and
+only after the partial file was fsync'd, so it never claims a chunk the disk does
+not hold; after a restart or a failed attempt, those chunks are not fetched again.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -18,6 +24,9 @@ from device_agent.errors import ProtocolError, TransferError, TransferTimeout
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.messages import BundleOffer, Chunk, ChunkRequest
+from device_agent.store import write_atomically
+
+RECORD_EVERY = 1.0  # seconds between saves of the received-chunk record
 
 
 class ChunkRouter:
@@ -52,23 +61,65 @@ class Download:
         self._requested: dict[int, float] = {}
         self._next_new = 0
         self._last_progress = time.monotonic()
+        self._resumed = 0
+
+    @property
+    def record_path(self) -> Path:
+        return self._dest.with_suffix(".chunks")
+
+    @property
+    def resumed_chunks(self) -> int:
+        """How many chunks an earlier attempt had already written (not fetched again)."""
+        return self._resumed
 
     def run(self) -> Path:
         """Fetch the bundle; returns the path of the complete, hash-checked file."""
         offer = self._offer
-        with open(self._dest, "wb") as fh:
-            fh.truncate(offer.size)
-        self._fh = open(self._dest, "r+b")
+        self._open_partial()
         self._router.target = self._on_chunk
         try:
             self._fetch()
         finally:
             self._router.target = None
+            self._save_record()
             self._fh.close()
         if sha256_file(self._dest) != offer.sha256:
-            self._dest.unlink(missing_ok=True)
+            self.discard()
             raise TransferError("downloaded bundle does not match its SHA-256")
+        self.record_path.unlink(missing_ok=True)
         return self._dest
+
+    def discard(self) -> None:
+        self._dest.unlink(missing_ok=True)
+        self.record_path.unlink(missing_ok=True)
+
+    def _open_partial(self) -> None:
+        offer = self._offer
+        try:
+            record = self.record_path.read_bytes()
+        except OSError:
+            record = b""
+        if len(record) == offer.chunk_count and self._dest.is_file() and self._dest.stat().st_size == offer.size:
+            self._received = {i for i, have in enumerate(record) if have}
+        else:
+            self.discard()
+            free = shutil.disk_usage(self._dest.parent).free
+            if free < offer.size:
+                raise TransferError(f"not enough disk space: the bundle needs {offer.size / 2**20:.1f} MiB, "
+                                    f"{free / 2**20:.1f} MiB are free")
+            with open(self._dest, "wb") as fh:
+                fh.truncate(offer.size)
+        self._resumed = len(self._received)
+        self._fh = open(self._dest, "r+b")
+        self._saved_at = time.monotonic()
+
+    def _save_record(self) -> None:
+        """Persist which chunks are on disk: data first (fsync), then the record that points at it."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        record = bytes(1 if i in self._received else 0 for i in range(self._offer.chunk_count))
+        write_atomically(self.record_path, record)
+        self._saved_at = time.monotonic()
 
     def _fetch(self) -> None:
         total = self._offer.chunk_count
@@ -91,7 +142,8 @@ class Download:
         in_flight = [i for i, t in self._requested.items() if now - t < self._retry_after]
         wanted = [i for i, t in self._requested.items() if now - t >= self._retry_after]
         while len(in_flight) + len(wanted) < self._window and self._next_new < total:
-            wanted.append(self._next_new)
+            if self._next_new not in self._received:
+                wanted.append(self._next_new)
             self._next_new += 1
         return wanted
 
@@ -115,9 +167,8 @@ class Download:
             self._requested.pop(chunk.index, None)
             self._last_progress = time.monotonic()
             done = len(self._received) / offer.chunk_count
-            if len(self._received) == offer.chunk_count:
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
+            if time.monotonic() - self._saved_at >= RECORD_EVERY:
+                self._save_record()
             self._cond.notify_all()
         if self._on_progress is not None:
             self._on_progress(done)

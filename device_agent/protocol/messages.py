@@ -8,6 +8,7 @@ Chunks are binary: a 4-byte big-endian header length, a JSON header, the data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import asdict, dataclass
@@ -215,6 +216,9 @@ class ChunkRequest:
 
 @dataclass(frozen=True)
 class Chunk:
+    """One piece of a bundle. The header carries the SHA-256 of the data, so a chunk damaged on
+    the way is dropped (and asked for again) instead of spoiling the whole download."""
+
     bundle_sha256: str
     index: int
     data: bytes
@@ -222,7 +226,8 @@ class Chunk:
     _LEN = struct.Struct(">I")
 
     def to_payload(self) -> bytes:
-        header = json.dumps({"bundle": self.bundle_sha256, "index": self.index}).encode()
+        header = json.dumps({"bundle": self.bundle_sha256, "index": self.index,
+                             "sha256": hashlib.sha256(self.data).hexdigest()}).encode()
         return self._LEN.pack(len(header)) + header + self.data
 
     @classmethod
@@ -242,7 +247,10 @@ class Chunk:
         index = _get(header, "index", int)
         if index < 0:
             raise ProtocolError("chunk index must be non-negative")
-        return cls(bundle_sha256=_get(header, "bundle", str), index=index, data=payload[header_end:])
+        data = payload[header_end:]
+        if hashlib.sha256(data).hexdigest() != _get(header, "sha256", str):
+            raise ProtocolError(f"chunk {index} does not match its SHA-256 (damaged on the way)")
+        return cls(bundle_sha256=_get(header, "bundle", str), index=index, data=data)
 
 
 # Deployment states a device reports, in the order a successful deployment passes them.

@@ -29,7 +29,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_agent.config import AgentConfig
-from device_agent.errors import EdgefleetError
+from device_agent.errors import EdgefleetError, TransferTimeout
 from device_agent.mqtt import MqttClient
 from device_agent.protocol.messages import BundleOffer, DeploymentEvent
 from device_agent.runtime import ModelRuntime
@@ -138,13 +138,24 @@ class Downloading(State):
                 ctx.event(record, "downloading", fraction)
 
         progress(0.0)
-        try:
-            Download(ctx.client, ctx.chunks, ctx.config.device_id, offer, path,
-                     window=ctx.config.chunk_window, stall_timeout=ctx.config.download_stall_timeout,
-                     on_progress=progress).run()
-        except EdgefleetError as exc:
-            return _fail(record, f"download failed: {exc}")
-        return DONE, record
+        attempts = ctx.config.download_attempts
+        for attempt in range(1, attempts + 1):
+            download = Download(ctx.client, ctx.chunks, ctx.config.device_id, offer, path,
+                                window=ctx.config.chunk_window, stall_timeout=ctx.config.download_stall_timeout,
+                                on_progress=progress)
+            try:
+                download.run()  # resumes from the chunks an earlier attempt (or run) wrote
+                return DONE, record
+            except TransferTimeout as exc:
+                if attempt == attempts:
+                    return _fail(record, f"download failed after {attempts} attempts: {exc}")
+                wait = ctx.config.download_backoff * 2 ** (attempt - 1)
+                log.warning("download of %s stalled (%s); attempt %d of %d in %g s", record.label, exc,
+                            attempt + 1, attempts, wait)
+                time.sleep(wait)
+            except EdgefleetError as exc:
+                return _fail(record, f"download failed: {exc}")
+        raise AssertionError("unreachable")
 
 
 class Verifying(State):
@@ -312,7 +323,7 @@ class Cleanup(State):
     def enter(self, ctx, record):
         if record.offer is not None:
             try:
-                ctx.store.download_path(BundleOffer.from_dict(record.offer).sha256).unlink(missing_ok=True)
+                ctx.store.discard_download(BundleOffer.from_dict(record.offer).sha256)
             except EdgefleetError:
                 pass
         active = ctx.store.active()

@@ -75,3 +75,64 @@ def test_nobody_serving_the_bundle_ends_in_a_timeout_not_a_hang(clients, tmp_pat
     client, router = device(clients, "dev-c")
     with pytest.raises(TransferTimeout, match="no chunk arrived"):
         Download(client, router, "dev-c", offer, tmp_path / "x.part", stall_timeout=1.5).run()
+
+
+def test_a_chunk_damaged_on_the_way_is_dropped_and_fetched_again(clients, tmp_path):
+    blob = tmp_path / "bundle.efb"
+    blob.write_bytes(os.urandom(50_000))
+    host = clients("host")
+    offer = BundleServer(host, chunk_size=16 * 1024).offer(blob, "m", "1.0.0")
+    content, damaged = blob.read_bytes(), set()
+
+    def flaky(topic, payload):  # the first copy of every chunk has one bit flipped after it was hashed
+        for i in ChunkRequest.from_payload(payload).chunks:
+            good = Chunk(offer.sha256, i, content[i * offer.chunk_size:(i + 1) * offer.chunk_size]).to_payload()
+            if i not in damaged:
+                damaged.add(i)
+                good = good[:-1] + bytes([good[-1] ^ 1])
+            host.publish(topics.chunks("dev-d"), good)
+    host.subscribe(topics.chunk_request(offer.sha256), flaky)
+    client, router = device(clients, "dev-d")
+    out = Download(client, router, "dev-d", offer, tmp_path / "got.part", retry_after=0.5).run()
+    assert out.read_bytes() == content and damaged == set(range(offer.chunk_count))
+
+
+def test_an_interrupted_download_resumes_without_fetching_chunks_again(clients, tmp_path):
+    blob = tmp_path / "bundle.efb"
+    blob.write_bytes(os.urandom(160_000))  # 10 chunks of 16 KiB
+    host = clients("host")
+    offer = BundleServer(host, chunk_size=16 * 1024).offer(blob, "m", "1.0.0")
+    content, sent = blob.read_bytes(), []
+
+    def cut_after_four(topic, payload):  # the link dies after four chunks
+        for i in ChunkRequest.from_payload(payload).chunks:
+            if len(sent) < 4:
+                sent.append(i)
+                host.publish(topics.chunks("dev-e"),
+                             Chunk(offer.sha256, i, content[i * offer.chunk_size:(i + 1) * offer.chunk_size]).to_payload())
+    host.subscribe(topics.chunk_request(offer.sha256), cut_after_four)
+    client, router = device(clients, "dev-e")
+    dest = tmp_path / "got.part"
+    with pytest.raises(TransferTimeout):
+        Download(client, router, "dev-e", offer, dest, window=2, stall_timeout=1.5).run()
+    assert dest.exists() and sum(dest.with_suffix(".chunks").read_bytes()) == 4
+
+    server = BundleServer(clients("host2"), chunk_size=16 * 1024)  # the link is back
+    server.start()
+    server.offer(blob, "m", "1.0.0")
+    again = Download(client, router, "dev-e", offer, dest, window=2)
+    assert again.run().read_bytes() == content
+    server.stop()
+    assert again.resumed_chunks == 4 and server.chunks_sent == offer.chunk_count - 4
+    assert not dest.with_suffix(".chunks").exists()
+
+
+def test_a_bundle_larger_than_the_free_disk_is_refused_before_anything_is_written(clients, tmp_path):
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    offer = BundleOffer(sha256="ef" * 32, size=free + 2**30, chunk_size=64 * 1024, name="m", version="1.0.0")
+    client, router = device(clients, "dev-f")
+    with pytest.raises(TransferError, match="not enough disk space"):
+        Download(client, router, "dev-f", offer, tmp_path / "huge.part").run()
+    assert list(tmp_path.iterdir()) == []
