@@ -9,6 +9,7 @@ import pytest
 from device_agent.bundle import BundleReader
 from device_agent.bundle.signing import trusted_keys
 from device_agent.errors import BundleError, IntegrityError, SignatureError
+from tests.conftest import MODELS
 
 
 def rewrite(src: Path, dst: Path, edit) -> Path:
@@ -100,3 +101,64 @@ def test_truncated_bundle_is_refused(make_bundle, tmp_path):
     with pytest.raises(BundleError):
         with BundleReader(path) as reader:
             reader.verify({})
+
+
+@pytest.mark.parametrize("kind", [tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE,
+                                  tarfile.DIRTYPE], ids=["hardlink", "char-device", "block-device", "fifo", "dir"])
+def test_members_that_are_not_regular_files_are_refused(make_bundle, tmp_path, kind):
+    def edit(info, data):
+        if info.name.endswith(".onnx"):
+            odd = tarfile.TarInfo(info.name)
+            odd.type = kind
+            if kind == tarfile.LNKTYPE:
+                odd.linkname = "manifest.json"
+            yield odd, b""
+        else:
+            yield info, data
+    bad = rewrite(make_bundle(), tmp_path / "bad.efb", edit)
+    with pytest.raises(IntegrityError, match="not a regular file"):
+        BundleReader(bad)
+
+
+@pytest.mark.parametrize("name", ["/etc/cron.d/evil", "../evil.onnx", "files/../../evil", "sample.npz"])
+def test_extra_members_with_escaping_or_duplicate_names_are_refused_and_nothing_escapes(
+        make_bundle, keys, tmp_path, name):
+    def edit(info, data):
+        yield info, data
+        if info.name == "sample.npz":
+            yield tarfile.TarInfo(name), b"payload"
+    bad = rewrite(make_bundle(), tmp_path / "bad.efb", edit)
+    out = tmp_path / "deep" / "out"
+    with BundleReader(bad) as reader, pytest.raises(IntegrityError, match="differ from the manifest"):
+        reader.verify(trusted_keys([keys["pub"]]), extract_to=out)
+    assert not out.exists() and not (tmp_path / "deep" / "evil.onnx").exists()
+
+
+def test_a_model_from_another_bundle_under_this_manifest_is_refused(make_bundle, keys, tmp_path, reference_model):
+    other = make_bundle("9.9.9", model=MODELS / "digits_cnn.tflite", input_name="serving_default_args_0")
+    with tarfile.open(other) as t:
+        foreign = t.extractfile("digits_cnn.tflite").read()
+
+    def edit(info, data):  # mix and match: bundle A's manifest and signature, bundle B's model bytes
+        yield info, (foreign[:info.size].ljust(info.size, b"\0") if info.name.endswith(".onnx") else data)
+    bad = rewrite(make_bundle(), tmp_path / "mixed.efb", edit)
+    with BundleReader(bad) as reader, pytest.raises(IntegrityError, match="SHA-256 does not match"):
+        reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_data_than_the_manifest_declares_is_refused(make_bundle, keys, tmp_path):
+    def edit(info, data):
+        yield info, data + b"\0" * 4096 if info.name.endswith(".onnx") else data
+    bad = rewrite(make_bundle(), tmp_path / "long.efb", edit)
+    with BundleReader(bad) as reader, pytest.raises(IntegrityError, match="manifest says"):
+        reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "out")
+
+
+def test_an_unsigned_bundle_is_not_a_bundle(make_bundle, tmp_path):
+    def edit(info, data):
+        if info.name != "manifest.sig":
+            yield info, data
+    bad = rewrite(make_bundle(), tmp_path / "unsigned.efb", edit)
+    with pytest.raises(BundleError, match="manifest.sig"):
+        BundleReader(bad)
