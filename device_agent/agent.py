@@ -16,7 +16,7 @@ from device_agent.bench import benchmark
 from device_agent.bundle.signing import trusted_keys
 from device_agent.command_log import CommandLog
 from device_agent.config import AgentConfig
-from device_agent.errors import EdgefleetError, MqttError, ProtocolError
+from device_agent.errors import EdgefleetError, MqttError, ProtocolError, SignatureError
 from device_agent.local_api import LocalApi
 from device_agent.local_api import framing
 from device_agent.local_api.http import HttpApi
@@ -24,7 +24,7 @@ from device_agent.mqtt import MqttClient, Will
 from device_agent.protocol import topics
 from device_agent.protocol.messages import (
     BenchCommand, DeployCommand, DeploymentEvent, DeviceStatus, Reply, RollbackCommand, StatusRequest,
-    TelemetrySample, parse_command,
+    TelemetrySample, command_id_of, parse_command,
 )
 from device_agent.serving import ModelSlot, SampleWorkload
 from device_agent.store import BundleStore
@@ -150,9 +150,9 @@ class Agent:
 
     def _on_command(self, topic: str, payload: bytes) -> None:
         try:
-            command = parse_command(payload)
-        except ProtocolError as exc:
-            log.warning("ignoring malformed command: %s", exc)
+            command = parse_command(payload, self.keys)
+        except (ProtocolError, SignatureError) as exc:
+            self._refuse(payload, exc)
             return
         if isinstance(command, StatusRequest):
             self._reply(Reply(self.config.device_id, command.command_id, "status", True, self.report()))
@@ -161,6 +161,19 @@ class Agent:
             log.info("command %s was delivered again; it is done or under way", command.command_id)
             return  # at-least-once delivery
         self._work.put((command, None))
+
+    def _refuse(self, payload: bytes, exc: EdgefleetError) -> None:
+        """Tell the host why a command was not carried out; nothing on the device changes."""
+        kind, command_id = command_id_of(payload)
+        log.warning("refused command %s (%s): %s", command_id or "-", kind or "?", exc)
+        if command_id is None:
+            return
+        reason = f"command refused: {exc}"
+        if kind in ("bench", "status_request"):
+            self._reply(Reply(self.config.device_id, command_id, "bench" if kind == "bench" else "status",
+                              False, {}, reason))
+        else:
+            self._emit(DeploymentEvent(self.config.device_id, command_id, "failed", "", 0.0, reason, time.time()))
 
     def _emit(self, event: DeploymentEvent) -> None:
         self.client.publish(topics.events(self.config.device_id), event.to_payload(), qos=1)

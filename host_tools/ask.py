@@ -19,8 +19,9 @@ class DeviceTimeout(EdgefleetError):
     pass
 
 
-def ask(client: MqttClient, device: str, make_command, timeout: float) -> Reply:
-    """Send make_command(command_id) to *device*; return its Reply (raises DeviceTimeout)."""
+def ask(client: MqttClient, device: str, make_command, timeout: float, signer=None) -> Reply:
+    """Send make_command(command_id), signed by *signer* if given, to *device*; return its Reply
+    (raises DeviceTimeout)."""
     if not topics.valid_device_id(device):
         raise ConfigError(f"invalid device id {device!r}")
     command_id = uuid.uuid4().hex
@@ -38,7 +39,8 @@ def ask(client: MqttClient, device: str, make_command, timeout: float) -> Reply:
 
     client.subscribe(topics.reply(device), on_reply, qos=1)
     time.sleep(0.1)  # let the subscription reach the broker before the device can answer
-    client.publish(topics.command(device), make_command(command_id).to_payload(), qos=1)
+    payload = make_command(command_id).to_payload()
+    client.publish(topics.command(device), signer(payload) if signer else payload, qos=1)
     if not arrived.wait(timeout):
         raise DeviceTimeout(f"{device} did not answer within {timeout:g}s (offline?)")
     return got[0]
@@ -49,7 +51,7 @@ def device_status(client: MqttClient, device: str, timeout: float) -> Reply:
 
 
 def bench_bundle(client: MqttClient, device: str, bundle: Path, *, runs: int, warmup: int, timeout: float,
-                 chunk_size: int = 64 * 1024) -> Reply:
+                 signer, chunk_size: int = 64 * 1024) -> Reply:
     """Benchmark *bundle* on *device* (which fetches and verifies it first if it lacks it)."""
     with BundleReader(bundle) as reader:
         manifest = reader.manifest
@@ -57,6 +59,7 @@ def bench_bundle(client: MqttClient, device: str, bundle: Path, *, runs: int, wa
     server.start()
     try:
         offer = server.offer(bundle, manifest.name, manifest.version)
-        return ask(client, device, lambda cid: BenchCommand(cid, time.time(), offer, runs, warmup), timeout)
+        return ask(client, device, lambda cid: BenchCommand(cid, time.time(), offer, runs, warmup), timeout,
+                   signer)
     finally:
         server.stop()

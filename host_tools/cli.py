@@ -25,6 +25,24 @@ db_option = click.option("--db", type=click.Path(path_type=Path), default=DEFAUL
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
+def signing_options(fn):
+    """--key and --expires-in for commands that change or load something on devices."""
+    fn = click.option("--expires-in", type=click.FloatRange(1, 30 * 86400), default=86400.0, show_default=True,
+                      help="Seconds the signed command stays valid (e.g. for a device that is offline).")(fn)
+    return click.option("--key", "signing_key", envvar="EDGEFLEET_SIGNING_KEY", type=click.Path(path_type=Path),
+                        default=DEFAULT_HOME / "keys" / "release.key", show_default=True,
+                        help="Private key that signs the command; devices must trust its public key "
+                             "(env EDGEFLEET_SIGNING_KEY).")(fn)
+
+
+def command_signer(signing_key: Path, expires_in: float):
+    from host_tools.signer import CommandSigner
+
+    if not signing_key.is_file():
+        raise ConfigError(f"no signing key at {signing_key}: give --key, or make one with `edgefleet keys gen`")
+    return CommandSigner.load(signing_key, expires_in)
+
+
 def host_client(broker: str, role: str) -> MqttClient:
     client = MqttClient(client_id=f"edgefleet-{role}-{os.getpid()}", broker=BrokerAddress.parse(broker))
     client.connect(timeout=5)
@@ -169,14 +187,16 @@ def bundle_verify(bundle_path, keys_, as_json) -> None:
 @broker_option
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every device.")
 @click.option("--chunk-size", default=64 * 1024, show_default=True, help="Transfer chunk size in bytes.")
+@signing_options
 @json_option
 @fail_cleanly
-def deploy(bundle_path, devices, broker, timeout, chunk_size, as_json) -> None:
+def deploy(bundle_path, devices, broker, timeout, chunk_size, signing_key, expires_in, as_json) -> None:
     from host_tools.deploy import run_deployment
 
+    signer = command_signer(signing_key, expires_in)
     client = host_client(broker, "deploy")
     try:
-        results = run_deployment(client, bundle_path, devices, timeout=timeout, chunk_size=chunk_size,
+        results = run_deployment(client, bundle_path, devices, signer=signer, timeout=timeout, chunk_size=chunk_size,
                                  show_progress=not as_json)
     finally:
         client.disconnect()
@@ -190,14 +210,16 @@ def deploy(bundle_path, devices, broker, timeout, chunk_size, as_json) -> None:
 @click.option("--device", "devices", multiple=True, required=True, help="Target device id; repeatable.")
 @broker_option
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every device.")
+@signing_options
 @json_option
 @fail_cleanly
-def rollback(devices, broker, timeout, as_json) -> None:
+def rollback(devices, broker, timeout, signing_key, expires_in, as_json) -> None:
     from host_tools.deploy import run_rollback
 
+    signer = command_signer(signing_key, expires_in)
     client = host_client(broker, "rollback")
     try:
-        results = run_rollback(client, devices, timeout=timeout)
+        results = run_rollback(client, devices, signer=signer, timeout=timeout)
     finally:
         client.disconnect()
     if as_json:
@@ -248,19 +270,22 @@ def device_status(device_id, broker, timeout, as_json) -> None:
 @click.option("--runs", default=100, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0, 100_000))
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for the result.")
+@signing_options
 @json_option
 @fail_cleanly
-def bench(bundle_path, device_id, broker, runs, warmup, timeout, as_json) -> None:
+def bench(bundle_path, device_id, broker, runs, warmup, timeout, signing_key, expires_in, as_json) -> None:
     from host_tools.ask import bench_bundle
 
     if not bundle_path.is_file():
         raise ConfigError(f"bundle {bundle_path} does not exist")
+    signer = command_signer(signing_key, expires_in)
     client = host_client(broker, "bench")
     try:
         if not as_json:
             console(stderr=True).print(f"benchmarking {bundle_path.name} on {device_id} "
                                        f"({warmup} warm-up + {runs} runs)...")
-        reply = bench_bundle(client, device_id, bundle_path, runs=runs, warmup=warmup, timeout=timeout)
+        reply = bench_bundle(client, device_id, bundle_path, runs=runs, warmup=warmup, timeout=timeout,
+                             signer=signer)
     finally:
         client.disconnect()
     if not reply.ok:

@@ -81,6 +81,7 @@ def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, tim
     from host_tools.compress import EvalData, evaluate_model, quantize_dynamic_int8
     from host_tools.compress.report import compression_table
     from host_tools.deploy import run_deployment
+    from host_tools.signer import CommandSigner
     from host_tools.fleet.ingest import Ingest
     from host_tools.fleet.store import FleetStore
     from host_tools.fleet.view import fleet_table
@@ -138,7 +139,8 @@ def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, tim
             return False
 
         console.print("[bold]6.[/] deploying over MQTT (devices fetch chunks they ask for):")
-        results = run_deployment(host, bundle, devices, timeout=timeout, chunk_size=16 * 1024)
+        results = run_deployment(host, bundle, devices, signer=CommandSigner.load(private_key), timeout=timeout,
+                                 chunk_size=16 * 1024)
         failed = {d: p for d, p in results.items() if not p.succeeded}
         for d, p in failed.items():
             console.print(f"[red]{d}: {p.state}: {p.reason}[/]")

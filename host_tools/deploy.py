@@ -37,9 +37,10 @@ class DeviceProgress:
 class EventTracker:
     """Follows one command's deployment events from each device until every device has a final state."""
 
-    def __init__(self, client: MqttClient, devices: Iterable[str],
+    def __init__(self, client: MqttClient, devices: Iterable[str], signer: Callable[[bytes], bytes],
                  on_update: Callable[[DeviceProgress], None] | None = None) -> None:
         self._client = client
+        self._signer = signer
         self.devices = list(dict.fromkeys(devices))
         bad = [d for d in self.devices if not topics.valid_device_id(d)]
         if not self.devices or bad:
@@ -50,7 +51,8 @@ class EventTracker:
         self.progress = {d: DeviceProgress(d) for d in self.devices}
 
     def send(self, payload: bytes) -> None:
-        """Subscribe to the devices' events, then send them *payload* (a command with our id)."""
+        """Subscribe to the devices' events, then send them *payload* (a command with our id), signed."""
+        payload = self._signer(payload)
         for device in self.devices:
             self._client.subscribe(topics.events(device), self._on_event, qos=1)
         for device in self.devices:
@@ -90,11 +92,11 @@ class EventTracker:
 
 class Deployment(EventTracker):
     def __init__(self, client: MqttClient, server: BundleServer, bundle: Path, devices: Iterable[str],
-                 on_update: Callable[[DeviceProgress], None] | None = None) -> None:
+                 signer: Callable[[bytes], bytes], on_update: Callable[[DeviceProgress], None] | None = None) -> None:
         self.bundle = Path(bundle)
         with BundleReader(self.bundle) as reader:  # refuse what is not a bundle before telling anyone
             self.manifest = reader.manifest
-        super().__init__(client, devices, on_update)
+        super().__init__(client, devices, signer, on_update)
         self._server = server
 
     def start(self) -> None:
@@ -102,29 +104,30 @@ class Deployment(EventTracker):
         self.send(DeployCommand(self.command_id, offer, time.time()).to_payload())
 
 
-def run_rollback(client: MqttClient, devices: Iterable[str], *, timeout: float) -> dict[str, DeviceProgress]:
+def run_rollback(client: MqttClient, devices: Iterable[str], *, signer: Callable[[bytes], bytes],
+                 timeout: float) -> dict[str, DeviceProgress]:
     """Ask *devices* to go back to their previous committed version and wait for each outcome."""
-    tracker = EventTracker(client, devices)
+    tracker = EventTracker(client, devices, signer)
     tracker.send(RollbackCommand(tracker.command_id, time.time()).to_payload())
     return tracker.wait(timeout)
 
 
-def run_deployment(client: MqttClient, bundle: Path, devices: Iterable[str], *, timeout: float,
-                   chunk_size: int, show_progress: bool = True) -> dict[str, DeviceProgress]:
+def run_deployment(client: MqttClient, bundle: Path, devices: Iterable[str], *, signer: Callable[[bytes], bytes],
+                   timeout: float, chunk_size: int, show_progress: bool = True) -> dict[str, DeviceProgress]:
     """Serve *bundle*, deploy it to *devices* and show one progress bar per device until all are done."""
     server = BundleServer(client, chunk_size=chunk_size)
     server.start()
     try:
         if not show_progress:
-            deployment = Deployment(client, server, bundle, devices)
+            deployment = Deployment(client, server, bundle, devices, signer)
             deployment.start()
             return deployment.wait(timeout)
-        return _with_progress(client, server, bundle, devices, timeout)
+        return _with_progress(client, server, bundle, devices, signer, timeout)
     finally:
         server.stop()
 
 
-def _with_progress(client, server, bundle, devices, timeout) -> dict[str, DeviceProgress]:
+def _with_progress(client, server, bundle, devices, signer, timeout) -> dict[str, DeviceProgress]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     err = console(stderr=True)
@@ -137,7 +140,7 @@ def _with_progress(client, server, bundle, devices, timeout) -> dict[str, Device
         state = p.state if p.reason is None else f"{p.state}: {p.reason}"
         progress.update(tasks[p.device_id], completed=p.progress * 100, state=state)
 
-    deployment = Deployment(client, server, bundle, devices, on_update=on_update)
+    deployment = Deployment(client, server, bundle, devices, signer, on_update=on_update)
     err.print(f"deploying {deployment.manifest.label} ({Path(bundle).stat().st_size} bytes) "
                   f"to {len(deployment.devices)} device(s)")
     with progress:

@@ -86,6 +86,8 @@ def keys(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("keys")
     release_key, release_pub = generate_key_pair(d, "release")
     rogue_key, rogue_pub = generate_key_pair(d, "rogue")
+    # The host CLI signs commands with EDGEFLEET_SIGNING_KEY, as with a user's own default key.
+    os.environ["EDGEFLEET_SIGNING_KEY"] = str(release_key)
     return {"key": release_key, "pub": release_pub, "rogue_key": rogue_key, "rogue_pub": rogue_pub}
 
 

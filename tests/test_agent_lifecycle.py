@@ -16,10 +16,12 @@ import time
 import numpy as np
 import pytest
 
+from device_agent.bundle.signing import load_private_key
 from device_agent.local_api import AgentClient, InferenceClient
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
-from device_agent.protocol.messages import DeployCommand, DeploymentEvent
+from device_agent.protocol.messages import DeployCommand, DeploymentEvent, RollbackCommand
+from device_agent.protocol.signed import sign_command
 from device_agent.runtime import load_runtime
 from device_agent.update import STATES
 from device_agent.update.faults import CRASH_ENV, HOLD_ENV
@@ -193,7 +195,7 @@ def test_a_crash_loop_after_activation_ends_in_rollback(agents, mosquitto, make_
     assert_answers_correctly(agent, expected_logits)
 
 
-def test_a_duplicate_command_installs_once_even_across_a_restart(agents, mosquitto, make_bundle):
+def test_a_duplicate_command_installs_once_even_across_a_restart(agents, mosquitto, make_bundle, keys):
     agent = agents.start("dupes")
     assert agent.wait_for_api()
     events: list[DeploymentEvent] = []
@@ -204,7 +206,7 @@ def test_a_duplicate_command_installs_once_even_across_a_restart(agents, mosquit
     server.start()
     try:
         offer = server.offer(make_bundle("1.0.0"), "digits-cnn", "1.0.0")
-        command = DeployCommand("dup-1", offer, time.time()).to_payload()
+        command = sign_command(DeployCommand("dup-1", offer, time.time()).to_payload(), load_private_key(keys["key"]))
         host.publish(topics.command("dupes"), command)
         assert wait_until(lambda: any(e.state == "active" for e in events), 30)
         host.publish(topics.command("dupes"), command)  # the broker redelivers, or the host retries
@@ -374,3 +376,35 @@ def test_the_agent_serves_the_local_api_over_http_when_asked(agents, mosquitto, 
         got = json.loads(response.read())["outputs"]["logits"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert agent.proc.poll() is None
+
+
+def test_commands_that_are_unsigned_forged_expired_or_tampered_are_refused_with_their_reason(
+        agents, mosquitto, make_bundle, keys, expected_logits):
+    agent = start_on_v1(agents, make_bundle, mosquitto, "guarded")
+    assert deploy(make_bundle("2.0.0"), "guarded", mosquitto)["state"] == "active"
+    events: dict[str, DeploymentEvent] = {}
+    host = MqttClient(client_id="test-guarded", broker=mosquitto)
+    host.subscribe(topics.events("guarded"), lambda t, p: events.setdefault(
+        DeploymentEvent.from_payload(p).command_id, DeploymentEvent.from_payload(p)))
+    host.connect()
+    release, rogue = load_private_key(keys["key"]), load_private_key(keys["rogue_key"])
+    rollback = lambda cid: RollbackCommand(cid, time.time()).to_payload()  # noqa: E731
+    tampered = json.loads(sign_command(rollback("tampered"), release))
+    tampered["issued_at"] += 1  # changed after signing
+    cases = {
+        "unsigned": (rollback("unsigned"), "command is not signed"),
+        "rogue": (sign_command(rollback("rogue"), rogue), "does not trust"),
+        "expired": (sign_command(rollback("expired"), release, expires_in=-5), "expired"),
+        "tampered": (json.dumps(tampered).encode(), "does not match the command"),
+    }
+    try:
+        for payload, _ in cases.values():
+            host.publish(topics.command("guarded"), payload)
+        assert wait_until(lambda: set(cases) <= set(events), 15), events
+    finally:
+        host.disconnect()
+    for cid, (_, reason) in cases.items():
+        assert events[cid].state == "failed" and reason in events[cid].reason, events[cid]
+    assert status(agent)["active_bundle"] == V2  # nothing was rolled back
+    assert status(agent)["committed"] == [V1, V2]
+    assert_answers_correctly(agent, expected_logits)

@@ -110,13 +110,14 @@ def sign(private_key: Ed25519PrivateKey, message: bytes) -> Signature:
     return Signature(key_id=key_id(private_key.public_key()), signature=private_key.sign(message))
 
 
-def verify(message: bytes, signature: Signature, keys: Mapping[str, Ed25519PublicKey]) -> str:
-    """Check *signature* over *message* against the trusted *keys*; return the key id used."""
+def verify(message: bytes, signature: Signature, keys: Mapping[str, Ed25519PublicKey],
+           what: str = "the manifest") -> str:
+    """Check *signature* over *message* (*what* it signs) against the trusted *keys*; return the key id."""
     key = keys.get(signature.key_id)
     if key is None:
         raise SignatureError(f"signed by key {signature.key_id}, which this device does not trust")
     try:
         key.verify(signature.signature, message)
     except InvalidSignature:
-        raise SignatureError(f"signature by key {signature.key_id} does not match the manifest") from None
+        raise SignatureError(f"signature by key {signature.key_id} does not match {what}") from None
     return signature.key_id

@@ -153,13 +153,29 @@ COMMANDS = {"deploy": DeployCommand, "rollback": RollbackCommand, "status_reques
             "bench": BenchCommand}
 
 
-def parse_command(payload: bytes):
-    """Decode any host -> device command by its ``type``."""
+def parse_command(payload: bytes, keys=None):
+    """Decode any host -> device command by its ``type``; with *keys*, it must be signed by one
+    of them and not expired (see ``protocol.signed``)."""
     doc = _decode_any(payload)
     cls = COMMANDS.get(doc.get("type"))
     if cls is None:
         raise ProtocolError(f"unknown command type {doc.get('type')!r}")
-    return cls.from_payload(payload)
+    command = cls.from_payload(payload)
+    if keys is not None:
+        from device_agent.protocol.signed import verify_command
+
+        verify_command(doc, keys)
+    return command
+
+
+def command_id_of(payload: bytes) -> tuple[str | None, str | None]:
+    """(type, command id) of a command, as far as they can be read, to report a rejection."""
+    try:
+        doc = _decode_any(payload)
+    except ProtocolError:
+        return None, None
+    kind, cid = doc.get("type"), doc.get("command_id")
+    return (kind if isinstance(kind, str) else None), (cid if isinstance(cid, str) and len(cid) <= 128 else None)
 
 
 def _decode_any(payload: bytes) -> dict[str, Any]:

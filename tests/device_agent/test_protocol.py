@@ -110,3 +110,58 @@ def test_a_bench_asking_for_absurd_runs_is_refused():
     with pytest.raises(ProtocolError, match="runs must be"):
         BenchCommand.from_payload(json.dumps({"type": "bench", "command_id": "c", "issued_at": 1,
                                               "bundle": None, "runs": 10**9, "warmup": 1}).encode())
+
+
+@pytest.fixture(scope="module")
+def command_keys(tmp_path_factory):
+    from device_agent.bundle.signing import generate_key_pair, load_private_key, trusted_keys
+
+    d = tmp_path_factory.mktemp("cmdkeys")
+    key, pub = generate_key_pair(d, "release")
+    return load_private_key(key), trusted_keys([pub])
+
+
+def test_a_signed_command_verifies_and_any_change_breaks_it(command_keys):
+    import json
+
+    from device_agent.errors import SignatureError
+    from device_agent.protocol.signed import sign_command
+
+    private, trusted = command_keys
+    payload = sign_command(RollbackCommand("c9", 1.0).to_payload(), private, expires_in=60)
+    assert parse_command(payload, trusted) == RollbackCommand("c9", 1.0)
+    doc = json.loads(payload)
+    doc["command_id"] = "c10"
+    with pytest.raises(SignatureError, match="does not match the command"):
+        parse_command(json.dumps(doc).encode(), trusted)
+    doc = json.loads(payload)
+    doc["expires_at"] += 3600  # extending the expiry is a change too
+    with pytest.raises(SignatureError):
+        parse_command(json.dumps(doc).encode(), trusted)
+
+
+def test_unsigned_and_expired_commands_are_refused_but_a_status_request_needs_no_signature(command_keys):
+    from device_agent.errors import SignatureError
+    from device_agent.protocol.signed import sign_command
+
+    private, trusted = command_keys
+    with pytest.raises(SignatureError, match="not signed"):
+        parse_command(DeployCommand("c1", OFFER, 1.5).to_payload(), trusted)
+    with pytest.raises(ProtocolError, match="expired"):
+        parse_command(sign_command(DeployCommand("c1", OFFER, 1.5).to_payload(), private, expires_in=-1), trusted)
+    assert parse_command(StatusRequest("c3", 1.5).to_payload(), trusted) == StatusRequest("c3", 1.5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(signature=json_values)
+def test_any_signature_field_is_a_signature_error_or_protocol_error_never_a_crash(command_keys, signature):
+    import json
+
+    from device_agent.errors import SignatureError
+
+    doc = json.loads(RollbackCommand("c", 1.0).to_payload())
+    doc["signature"], doc["expires_at"] = signature, 1e12
+    try:
+        parse_command(json.dumps(doc).encode(), command_keys[1])
+    except (SignatureError, ProtocolError):
+        pass

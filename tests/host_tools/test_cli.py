@@ -81,11 +81,17 @@ def test_asking_a_device_that_is_not_there_is_one_line(mosquitto, make_bundle):
     assert result.stderr.strip().splitlines()[-1] == "error: ghost-7 did not answer within 2s (offline?)"
 
 
-def test_rolling_back_a_device_that_is_not_there_times_out(mosquitto):
+def test_rolling_back_a_device_that_is_not_there_times_out(mosquitto, keys):
     result = edgefleet("rollback", "--device", "ghost-8", "--broker", mosquitto, "--timeout", "2", "--json")
     assert result.returncode == 1 and json.loads(result.stdout)["ghost-8"]["state"] == "timed_out"
 
 
-def test_bench_of_a_missing_bundle_is_one_line(mosquitto, tmp_path):
+def test_bench_of_a_missing_bundle_is_one_line(mosquitto, tmp_path, keys):
     result = edgefleet("bench", tmp_path / "nope.efb", "--device", "pi-1", "--broker", mosquitto)
     assert_one_line_error(result, "error:", "nope.efb does not exist")
+
+
+def test_sending_a_command_without_a_signing_key_is_one_line(mosquitto, make_bundle, tmp_path):
+    result = edgefleet("deploy", make_bundle(), "--device", "pi-1", "--broker", mosquitto,
+                       "--key", tmp_path / "none.key")
+    assert_one_line_error(result, "error:", "no signing key at", "edgefleet keys gen")
