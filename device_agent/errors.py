@@ -9,8 +9,10 @@ can turn any edgefleet failure into a single clear line::
     ├── BundleError              anything wrong with a bundle file
     │   ├── ManifestError        malformed or unsupported manifest
     │   ├── SignatureError       no signature, unknown key, signature does not match
-    │   └── IntegrityError       a file's size or SHA-256 differs from the manifest,
-    │                            unsafe or unexpected archive members
+    │   ├── IntegrityError       a file's size or SHA-256 differs from the manifest,
+    │   │                        unsafe or unexpected archive members
+    │   └── PolicyError          a genuine bundle this device must not run: expired, an older
+    │                            release than the one committed, or made for other hardware
     ├── ProtocolError            a malformed MQTT message
     ├── TransferError            a bundle download failed
     │   └── TransferTimeout      no progress before the deadline
@@ -44,6 +46,10 @@ class SignatureError(BundleError):
 
 
 class IntegrityError(BundleError):
+    pass
+
+
+class PolicyError(BundleError):
     pass
 
 

@@ -6,6 +6,7 @@ Layout under the agent's state directory::
     bundles/<name>-<version>-<sha12>/files/...       the verified payload
     current -> bundles/<...>                          the active version (symlink)
     committed.json                                    committed versions, oldest first
+    releases.json                                     highest release committed per model name
     downloads/<sha256>.part                           bundles being fetched
     downloads/<sha256>.chunks                         which of their chunks are on disk (resume)
     staging/                                          extraction in progress
@@ -68,6 +69,7 @@ class BundleStore:
         self.staging = self.root / "staging"
         self.current_link = self.root / "current"
         self._committed_file = self.root / "committed.json"
+        self._releases_file = self.root / "releases.json"
         for d in (self.bundles, self.downloads, self.staging):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -162,6 +164,25 @@ class BundleStore:
         kept = names[-max(1, keep):]
         write_atomically(self._committed_file, json.dumps(kept).encode())
         return self._prune(set(kept))
+
+    def highest_release(self, name: str) -> dict | None:
+        """{"release", "version"} of the highest bundle of model *name* ever committed here."""
+        try:
+            doc = json.loads(self._releases_file.read_text())
+        except (OSError, ValueError):
+            return None
+        entry = doc.get(name) if isinstance(doc, dict) else None
+        return entry if isinstance(entry, dict) and isinstance(entry.get("version"), str) else None
+
+    def record_release(self, manifest: Manifest) -> None:
+        """Remember *manifest* as the highest release of its name committed here."""
+        try:
+            doc = json.loads(self._releases_file.read_text())
+            doc = doc if isinstance(doc, dict) else {}
+        except (OSError, ValueError):
+            doc = {}
+        doc[manifest.name] = {"release": manifest.release, "version": manifest.version}
+        write_atomically(self._releases_file, json.dumps(doc, sort_keys=True).encode())
 
     def uncommit(self, directory_name: str) -> None:
         """Forget a committed version (after rolling back from it); its files go at the next prune."""

@@ -58,7 +58,7 @@ def bench_bundle(client: MqttClient, device: str, bundle: Path, *, runs: int, wa
     server = BundleServer(client, chunk_size=chunk_size)
     server.start()
     try:
-        offer = server.offer(bundle, manifest.name, manifest.version)
+        offer = server.offer(bundle, manifest.name, manifest.version, manifest.target)
         return ask(client, device, lambda cid: BenchCommand(cid, time.time(), offer, runs, warmup), timeout,
                    signer)
     finally:

@@ -117,9 +117,17 @@ def bundle() -> None:
 @click.option("--atol", default=1e-3, show_default=True, help="Absolute tolerance of the sample check.")
 @click.option("--latency-budget-ms", type=float, default=None,
               help="Median sample latency a device must meet before it commits the bundle.")
+@click.option("--release", type=click.IntRange(0), help="Release counter of this model name; devices refuse "
+              "a lower one than they have committed [default: compare versions].")
+@click.option("--expires-in-days", type=click.FloatRange(min=0, min_open=True),
+              help="Devices refuse the bundle after this many days [default: never].")
+@click.option("--arch", multiple=True, help="CPU architecture the bundle runs on (uname -m, e.g. aarch64); repeatable.")
+@click.option("--min-ram-mb", type=click.IntRange(1), help="RAM a device needs for this bundle.")
+@click.option("--accelerator", type=click.Choice(["cuda", "tensorrt"]), help="Accelerator the bundle needs.")
 @json_option
 @fail_cleanly
-def bundle_build(model, name, version, key, out, sample, atol, latency_budget_ms, as_json) -> None:
+def bundle_build(model, name, version, key, out, sample, atol, latency_budget_ms, release, expires_in_days,
+                 arch, min_ram_mb, accelerator, as_json) -> None:
     import numpy as np
 
     from host_tools.packaging import build_bundle
@@ -132,8 +140,10 @@ def bundle_build(model, name, version, key, out, sample, atol, latency_budget_ms
                 feeds = {k: data[k] for k in data.files}
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read sample file {sample}: {exc}") from None
+    target = {k: v for k, v in (("arch", list(arch)), ("min_ram_mb", min_ram_mb), ("accelerator", accelerator)) if v}
     manifest = build_bundle(model, name=name, version=version, key=key, out=out, sample=feeds, atol=atol,
-                            latency_budget_ms=latency_budget_ms)
+                            latency_budget_ms=latency_budget_ms, release=release, target=target,
+                            expires_at=time.time() + expires_in_days * 86400 if expires_in_days else None)
     click.echo(json.dumps({"bundle": str(out), "manifest": manifest.to_dict()}) if as_json
                else f"wrote {out}: {manifest.label} ({out.stat().st_size} bytes)")
 
@@ -187,16 +197,20 @@ def bundle_verify(bundle_path, keys_, as_json) -> None:
 @broker_option
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every device.")
 @click.option("--chunk-size", default=64 * 1024, show_default=True, help="Transfer chunk size in bytes.")
+@click.option("--allow-downgrade", is_flag=True,
+              help="Let devices install a lower release than the one they have committed.")
 @signing_options
 @json_option
 @fail_cleanly
-def deploy(bundle_path, devices, broker, timeout, chunk_size, signing_key, expires_in, as_json) -> None:
+def deploy(bundle_path, devices, broker, timeout, chunk_size, allow_downgrade, signing_key, expires_in,
+           as_json) -> None:
     from host_tools.deploy import run_deployment
 
     signer = command_signer(signing_key, expires_in)
     client = host_client(broker, "deploy")
     try:
         results = run_deployment(client, bundle_path, devices, signer=signer, timeout=timeout, chunk_size=chunk_size,
+                                 allow_downgrade=allow_downgrade,
                                  show_progress=not as_json)
     finally:
         client.disconnect()

@@ -92,16 +92,18 @@ class EventTracker:
 
 class Deployment(EventTracker):
     def __init__(self, client: MqttClient, server: BundleServer, bundle: Path, devices: Iterable[str],
-                 signer: Callable[[bytes], bytes], on_update: Callable[[DeviceProgress], None] | None = None) -> None:
+                 signer: Callable[[bytes], bytes], on_update: Callable[[DeviceProgress], None] | None = None,
+                 allow_downgrade: bool = False) -> None:
         self.bundle = Path(bundle)
+        self.allow_downgrade = allow_downgrade
         with BundleReader(self.bundle) as reader:  # refuse what is not a bundle before telling anyone
             self.manifest = reader.manifest
         super().__init__(client, devices, signer, on_update)
         self._server = server
 
     def start(self) -> None:
-        offer = self._server.offer(self.bundle, self.manifest.name, self.manifest.version)
-        self.send(DeployCommand(self.command_id, offer, time.time()).to_payload())
+        offer = self._server.offer(self.bundle, self.manifest.name, self.manifest.version, self.manifest.target)
+        self.send(DeployCommand(self.command_id, offer, time.time(), self.allow_downgrade).to_payload())
 
 
 def run_rollback(client: MqttClient, devices: Iterable[str], *, signer: Callable[[bytes], bytes],
@@ -113,21 +115,22 @@ def run_rollback(client: MqttClient, devices: Iterable[str], *, signer: Callable
 
 
 def run_deployment(client: MqttClient, bundle: Path, devices: Iterable[str], *, signer: Callable[[bytes], bytes],
-                   timeout: float, chunk_size: int, show_progress: bool = True) -> dict[str, DeviceProgress]:
+                   timeout: float, chunk_size: int, show_progress: bool = True,
+                   allow_downgrade: bool = False) -> dict[str, DeviceProgress]:
     """Serve *bundle*, deploy it to *devices* and show one progress bar per device until all are done."""
     server = BundleServer(client, chunk_size=chunk_size)
     server.start()
     try:
         if not show_progress:
-            deployment = Deployment(client, server, bundle, devices, signer)
+            deployment = Deployment(client, server, bundle, devices, signer, allow_downgrade=allow_downgrade)
             deployment.start()
             return deployment.wait(timeout)
-        return _with_progress(client, server, bundle, devices, signer, timeout)
+        return _with_progress(client, server, bundle, devices, signer, timeout, allow_downgrade)
     finally:
         server.stop()
 
 
-def _with_progress(client, server, bundle, devices, signer, timeout) -> dict[str, DeviceProgress]:
+def _with_progress(client, server, bundle, devices, signer, timeout, allow_downgrade) -> dict[str, DeviceProgress]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     err = console(stderr=True)
@@ -140,7 +143,8 @@ def _with_progress(client, server, bundle, devices, signer, timeout) -> dict[str
         state = p.state if p.reason is None else f"{p.state}: {p.reason}"
         progress.update(tasks[p.device_id], completed=p.progress * 100, state=state)
 
-    deployment = Deployment(client, server, bundle, devices, signer, on_update=on_update)
+    deployment = Deployment(client, server, bundle, devices, signer, on_update=on_update,
+                            allow_downgrade=allow_downgrade)
     err.print(f"deploying {deployment.manifest.label} ({Path(bundle).stat().st_size} bytes) "
                   f"to {len(deployment.devices)} device(s)")
     with progress:

@@ -47,7 +47,8 @@ def sample_inputs(runtime, given: Mapping[str, np.ndarray] | None) -> dict[str, 
 
 def build_bundle(model: Path, *, name: str, version: str, key: Path, out: Path,
                  sample: Mapping[str, np.ndarray] | None = None, atol: float = 1e-3, rtol: float = 1e-3,
-                 latency_budget_ms: float | None = None,
+                 latency_budget_ms: float | None = None, release: int | None = None,
+                 expires_at: float | None = None, target: dict[str, Any] | None = None,
                  compression: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Manifest:
     """Package *model* with a sample check into a bundle signed by *key*; returns its manifest."""
     model = Path(model)
@@ -69,6 +70,7 @@ def build_bundle(model: Path, *, name: str, version: str, key: Path, out: Path,
             sample=SampleCheck(SAMPLE_FILE, atol=atol, rtol=rtol, latency_budget_ms=latency_budget_ms),
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             compression=compression or {}, metrics=metrics or {},
+            release=release, expires_at=expires_at, target=target or {},
         )
         out.parent.mkdir(parents=True, exist_ok=True)
         write_bundle(out, manifest, sign(private_key, manifest.to_json()), sources)

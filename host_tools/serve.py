@@ -31,10 +31,10 @@ class BundleServer:
         self._worker = threading.Thread(target=self._serve, name="bundle-server", daemon=True)
         self.chunks_sent = 0
 
-    def offer(self, path: Path, name: str, version: str) -> BundleOffer:
+    def offer(self, path: Path, name: str, version: str, target: dict | None = None) -> BundleOffer:
         path = Path(path)
         offer = BundleOffer(sha256=sha256_file(path), size=path.stat().st_size,
-                            chunk_size=self._chunk_size, name=name, version=version)
+                            chunk_size=self._chunk_size, name=name, version=version, target=target or None)
         self._bundles[offer.sha256] = (path, offer)
         return offer
 

@@ -408,3 +408,31 @@ def test_commands_that_are_unsigned_forged_expired_or_tampered_are_refused_with_
     assert status(agent)["active_bundle"] == V2  # nothing was rolled back
     assert status(agent)["committed"] == [V1, V2]
     assert_answers_correctly(agent, expected_logits)
+
+
+def test_expired_older_and_foreign_bundles_are_refused_and_a_signed_downgrade_is_allowed(
+        agents, mosquitto, make_bundle, keys, tmp_path, heldout, expected_logits):
+    from host_tools.packaging import build_bundle
+
+    def bundle(version, **policy):
+        out = tmp_path / f"{version}-{len(policy)}.efb"
+        build_bundle(MODELS / "digits_cnn.onnx", name="digits-cnn", version=version, key=keys["key"], out=out,
+                     sample={"image": heldout[0][:1]}, **policy)
+        return out
+
+    agent = start_on_v1(agents, make_bundle, mosquitto, "policy")
+    assert deploy(make_bundle("2.0.0"), "policy", mosquitto)["state"] == "active"
+
+    expired = deploy(bundle("3.0.0", expires_at=time.time() - 60), "policy", mosquitto)
+    assert expired["state"] == "failed" and "expired on" in expired["reason"]
+    foreign = deploy(bundle("3.0.1", target={"arch": ["riscv64"]}), "policy", mosquitto)
+    assert foreign["state"] == "failed" and "refused before download" in foreign["reason"]
+    assert "riscv64" in foreign["reason"] and not list((agent.state_dir / "downloads").iterdir())
+    older = deploy(make_bundle("1.0.0"), "policy", mosquitto)  # validly signed, but older: a rollback attack
+    assert older["state"] == "failed" and "older than 2.0.0" in older["reason"]
+    assert status(agent)["active_bundle"] == V2
+
+    on_purpose = outcome(host_command("deploy", make_bundle("1.0.0"), "--device", "policy", "--broker", mosquitto,
+                                      "--timeout", 60, "--chunk-size", 8192, "--allow-downgrade"), "policy")
+    assert on_purpose["state"] == "active" and status(agent)["active_bundle"] == V1
+    assert_answers_correctly(agent, expected_logits)

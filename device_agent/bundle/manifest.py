@@ -60,6 +60,12 @@ class Manifest:
     created_at: str
     compression: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Anti-rollback: releases of one model name only go up; a device refuses a lower one than it
+    # has committed unless a signed command allows the downgrade. None: compare versions instead.
+    release: int | None = None
+    expires_at: float | None = None  # Unix time after which devices refuse the bundle
+    # What the bundle needs: {"arch": [...], "min_ram_mb": n, "accelerator": "cuda"}; empty: anything.
+    target: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -107,6 +113,7 @@ class Manifest:
                 created_at=doc["created_at"],
                 compression=doc.get("compression", {}),
                 metrics=doc.get("metrics", {}),
+                release=doc.get("release"), expires_at=doc.get("expires_at"), target=doc.get("target", {}),
             )
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"manifest is missing or mistypes a field: {exc}") from None
@@ -153,6 +160,24 @@ def _validate(m: Manifest) -> None:
              "the latency budget must be a positive number of milliseconds")
     _require(isinstance(m.compression, dict) and isinstance(m.metrics, dict),
              "compression and metrics must be objects")
+    _require(m.release is None or (isinstance(m.release, int) and not isinstance(m.release, bool) and m.release >= 0),
+             "release must be a non-negative integer")
+    _require(m.expires_at is None or (isinstance(m.expires_at, (int, float)) and not isinstance(m.expires_at, bool)),
+             "expires_at must be a Unix time")
+    validate_target(m.target)
+
+
+TARGET_KEYS = {"arch": list, "min_ram_mb": int, "accelerator": str}
+
+
+def validate_target(target: Any) -> None:
+    """A target is {"arch": [names], "min_ram_mb": int, "accelerator": str}, each part optional."""
+    _require(isinstance(target, dict), "target must be an object")
+    for key, value in target.items():
+        kind = TARGET_KEYS.get(key)
+        _require(kind is not None, f"unknown target field {key!r}")
+        _require(isinstance(value, kind) and not isinstance(value, bool), f"target field {key!r} has the wrong type")
+    _require(all(isinstance(a, str) for a in target.get("arch", [])), "target arch must be a list of names")
 
 
 def _safe_member_name(path: str) -> bool:

@@ -52,6 +52,9 @@ class BundleOffer:
     chunk_size: int
     name: str
     version: str
+    # The manifest's target, repeated here so a device can refuse a bundle it cannot run before
+    # downloading it (the signed manifest is checked again after the download).
+    target: dict[str, Any] | None = None
 
     @property
     def chunk_count(self) -> int:
@@ -63,7 +66,7 @@ class BundleOffer:
             raise ProtocolError("bundle offer must be an object")
         offer = cls(sha256=_get(doc, "sha256", str), size=_get(doc, "size", int),
                     chunk_size=_get(doc, "chunk_size", int), name=_get(doc, "name", str),
-                    version=_get(doc, "version", str))
+                    version=_get(doc, "version", str), target=_get(doc, "target", dict, optional=True))
         if len(offer.sha256) != 64 or any(c not in "0123456789abcdef" for c in offer.sha256):
             raise ProtocolError("bundle sha256 must be 64 lower-case hex digits")
         if not 0 < offer.size or not 0 < offer.chunk_size <= MAX_CHUNK_SIZE:
@@ -76,16 +79,18 @@ class DeployCommand:
     command_id: str
     bundle: BundleOffer
     issued_at: float
+    allow_downgrade: bool = False  # install a lower release than the one committed (signed, so deliberate)
 
     def to_payload(self) -> bytes:
         return _encode("deploy", {"command_id": self.command_id, "issued_at": self.issued_at,
-                                  "bundle": asdict(self.bundle)})
+                                  "bundle": asdict(self.bundle), "allow_downgrade": self.allow_downgrade})
 
     @classmethod
     def from_payload(cls, payload: bytes) -> "DeployCommand":
         doc = _decode(payload, "deploy")
         return cls(command_id=_get(doc, "command_id", str), issued_at=float(_get(doc, "issued_at", (int, float))),
-                   bundle=BundleOffer.from_dict(doc.get("bundle")))
+                   bundle=BundleOffer.from_dict(doc.get("bundle")),
+                   allow_downgrade=bool(_get(doc, "allow_downgrade", bool, optional=True)))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from device_agent.protocol.messages import DeployCommand, DeploymentEvent
 from device_agent.update import faults
@@ -67,7 +67,8 @@ class UpdateMachine:
     def deploy(self, command: DeployCommand) -> DeploymentEvent:
         offer = command.bundle
         record = UpdateRecord(state="idle", kind="deploy", command_id=command.command_id,
-                              label=f"{offer.name} {offer.version}", offer=_offer_dict(offer))
+                              label=f"{offer.name} {offer.version}", offer=asdict(offer),
+                              allow_downgrade=command.allow_downgrade)
         active = self.ctx.slot.bundle
         if active is not None and active.sha256 == offer.sha256:
             return self.ctx.event(record, "already_installed", 1.0)
@@ -101,7 +102,3 @@ class UpdateMachine:
         self.journal.save(record)
         self.record = record
 
-
-def _offer_dict(offer) -> dict:
-    return {"sha256": offer.sha256, "size": offer.size, "chunk_size": offer.chunk_size,
-            "name": offer.name, "version": offer.version}

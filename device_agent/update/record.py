@@ -27,6 +27,7 @@ class UpdateRecord:
     target: str | None = None       # bundle directory being installed or rolled back to
     previous: str | None = None     # the directory that was active when the update began
     attempts: int = 0               # times the current state was entered (bounds crash loops)
+    allow_downgrade: bool = False   # the signed command allows a lower release than committed
     reason: str | None = None       # why the update is failing, once it is
 
     def entering(self, state: str) -> "UpdateRecord":

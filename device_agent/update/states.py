@@ -29,7 +29,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_agent.config import AgentConfig
-from device_agent.errors import EdgefleetError, TransferTimeout
+from device_agent.errors import EdgefleetError, PolicyError, TransferTimeout
 from device_agent.mqtt import MqttClient
 from device_agent.protocol.messages import BundleOffer, DeploymentEvent
 from device_agent.runtime import ModelRuntime
@@ -37,6 +37,7 @@ from device_agent.serving import ModelSlot
 from device_agent.store import BundleStore, InstalledBundle
 from device_agent.transfer import ChunkRouter, Download
 from device_agent.update.health import health_check
+from device_agent.update.policy import check_expiry, check_release, check_target, device_facts
 from device_agent.update.record import UpdateRecord
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,10 @@ class Downloading(State):
 
     def enter(self, ctx, record):
         offer = BundleOffer.from_dict(record.offer)
+        try:
+            check_target(offer.target, device_facts())  # before a byte is fetched
+        except PolicyError as exc:
+            return _fail(record, f"refused before download: {exc}")
         if ctx.store.installed(offer.sha256) is not None:
             return DONE, record  # installed before (e.g. an earlier version we rolled back from)
         path = ctx.store.download_path(offer.sha256)
@@ -179,6 +184,13 @@ class Verifying(State):
         record = replace(record, target=installed.directory.name)
         if installed.label != record.label:
             return _fail(record, f"bundle holds {installed.label}, the command announced {record.label}")
+        manifest = installed.manifest
+        try:
+            check_expiry(manifest)
+            check_target(manifest.target, device_facts())
+            check_release(manifest, ctx.store.highest_release(manifest.name), record.allow_downgrade)
+        except PolicyError as exc:
+            return _fail(record, f"refused: {exc}")
         return DONE, record
 
 
@@ -251,6 +263,7 @@ class Committing(State):
             return _fail(record, f"installed bundle {record.target} is missing")
         try:
             removed = ctx.store.commit(bundle, keep=ctx.config.keep_versions)
+            _raise_high_water_mark(ctx.store, bundle.manifest)
         except OSError as exc:
             return _fail(record, f"cannot record the commit: {exc}")
         if removed:
@@ -258,6 +271,14 @@ class Committing(State):
         ctx.event(record, "active", 1.0)
         log.info("committed %s", bundle.label)
         return DONE, record
+
+
+def _raise_high_water_mark(store: BundleStore, manifest) -> None:
+    try:
+        check_release(manifest, store.highest_release(manifest.name), allow_downgrade=False)
+    except PolicyError:
+        return  # a deliberate downgrade: the highest release committed stays what it was
+    store.record_release(manifest)
 
 
 class RollingBack(State):
