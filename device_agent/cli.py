@@ -96,6 +96,8 @@ def load_settings(config_file: Path | None, **flags) -> dict:
 @click.option("--api-socket", type=click.Path(path_type=Path), help="Local inference socket [default: STATE_DIR/inference.sock].")
 @click.option("--control-socket", type=click.Path(path_type=Path), help="Control socket [default: STATE_DIR/control.sock].")
 @click.option("--http-port", type=int, help="Also serve the local API over HTTP on 127.0.0.1:PORT [default: off].")
+@click.option("--api-spin-us", type=int, help="Microseconds the local API polls for a client's next request "
+              "before sleeping [default: 200, or 0 on a single core].")
 @click.option("--trial-seconds", type=float, help="How long a new bundle serves before it is committed [default: 2].")
 @click.option("--keep-versions", type=int, help="Committed versions kept for rollback [default: 3].")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))

@@ -33,8 +33,9 @@ class LocalApi:
     """Serves *slot* on a Unix socket. *control* answers the control kinds (status, rollback)."""
 
     def __init__(self, path: Path, slot: ModelSlot, *, mode: int = 0o660,
-                 control: Mapping[bytes, Callable[[], dict[str, Any]]] | None = None) -> None:
+                 control: Mapping[bytes, Callable[[], dict[str, Any]]] | None = None, spin_us: int = 0) -> None:
         self.path = Path(path)
+        self.spin = spin_us / 1e6  # see framing.FrameReader
         if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
             raise ConfigError(f"socket path {self.path} is longer than {MAX_SOCKET_PATH} bytes")
         self.slot, self.mode, self.control = slot, mode, dict(control or {})
@@ -66,7 +67,7 @@ class LocalApi:
 
     # -- one connection ---------------------------------------------------------------
     def _serve_connection(self, sock: socket.socket) -> None:
-        reader = framing.FrameReader(sock)
+        reader = framing.FrameReader(sock, spin=self.spin)
         while True:
             try:
                 frame = reader.read()

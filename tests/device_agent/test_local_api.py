@@ -4,6 +4,8 @@ import shutil
 import socket
 import struct
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,7 @@ def served(make_bundle, keys, tmp_path, socket_dir):
     latency = LatencyHistogram()
     slot = ModelSlot(latency)
     slot.swap(bundle, *health_check(bundle, RuntimeOptions()))
-    api = LocalApi(socket_dir / "inference.sock", slot)
+    api = LocalApi(socket_dir / "inference.sock", slot, spin_us=200)  # the agent's default on 2+ cores
     api.start()
     yield api, latency
     api.stop()
@@ -77,6 +79,28 @@ def test_raw_tensors_that_do_not_match_their_header_are_refused(served, payload)
         framing.send_frame(s, framing.RAW, payload)
         kind, reply = framing.recv_frame(s)
     assert kind == framing.ERROR and b"cannot decode the raw tensors" in reply
+
+
+def test_a_spinning_reader_gets_every_frame_and_sleeps_once_its_window_is_over():
+    a, b = socket.socketpair()
+    reader = framing.FrameReader(b, spin=0.05)
+    frame = struct.pack(">I", 6) + b"thello"
+
+    a.sendall(frame)  # already there
+    assert reader.read() == (b"t", b"hello")
+    threading.Timer(0.01, a.sendall, [frame]).start()  # arrives while the reader polls
+    assert reader.read() == (b"t", b"hello")
+    threading.Timer(0.01, a.sendall, [frame[:3]]).start()  # split across the window's end
+    threading.Timer(0.2, a.sendall, [frame[3:] + frame]).start()
+    assert reader.read() == (b"t", b"hello") and reader.read() == (b"t", b"hello")
+
+    # Idle: the reader polls for its 50 ms, then blocks without using the CPU.
+    threading.Timer(0.6, a.sendall, [frame]).start()
+    cpu = time.thread_time()
+    assert reader.read() == (b"t", b"hello")
+    assert time.thread_time() - cpu < 0.2
+    a.close()  # EOF while polling is a clean end, not an error
+    assert reader.read() is None
 
 
 def test_garbage_on_the_socket_does_not_take_the_server_down(served):

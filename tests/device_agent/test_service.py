@@ -88,6 +88,17 @@ def test_flags_override_the_config_file(installed):
     assert config.keep_versions == 5
 
 
+def test_the_api_polling_window_comes_from_the_file_and_is_bounded(installed, tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text((installed / "etc/edgefleet/agent.toml").read_text() + "\n")
+    text = path.read_text().replace("[api]\n", "[api]\nspin_us = 0\n")
+    path.write_text(text)
+    assert build_config(read_config_file(path)).api_spin_us == 0
+    assert build_config(load_settings(path, api_spin_us=500)).api_spin_us == 500
+    with pytest.raises(ConfigError, match="spin_us"):
+        build_config(load_settings(path, api_spin_us=-1))
+
+
 @pytest.mark.parametrize("text, message", [("device_id = 'x'\n[limits]\nspeed = 3\n", "unknown setting"),
                                             ("device_id = \n", "not valid TOML")])
 def test_a_bad_config_file_is_one_clear_error(tmp_path, text, message):
