@@ -24,11 +24,12 @@ from device_agent.mqtt import MqttClient, Will
 from device_agent.protocol import topics
 from device_agent.protocol.messages import (
     BenchCommand, DeployCommand, DeploymentEvent, DeviceStatus, Reply, RollbackCommand, StatusRequest,
-    TelemetrySample, command_id_of, parse_command,
+    TelemetrySample, TrustCommand, command_id_of, parse_command,
 )
 from device_agent.serving import ModelSlot, SampleWorkload
 from device_agent.store import BundleStore
 from device_agent.systemd import notify, start_watchdog
+from device_agent.trust import TrustStore
 from device_agent.telemetry import CollectorContext, TelemetryCollectors
 from device_agent.telemetry.histogram import LatencyHistogram
 from device_agent.transfer import ChunkRouter, Download
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.keys = trusted_keys(config.trusted_keys)
+        self.keys = TrustStore(config.state_dir, trusted_keys(config.trusted_keys))
         self.store = BundleStore(config.state_dir)
         self.latency = LatencyHistogram()
         self.slot = ModelSlot(self.latency)
@@ -58,7 +59,7 @@ class Agent:
                                  clean_session=False, tls=config.tls)
         self.machine = UpdateMachine(UpdateContext(config, self.client, self._chunks, self.store, self.slot,
                                                    self.keys, self._emit))
-        self.api = LocalApi(config.inference_socket, self.slot, mode=0o660)
+        self.api = LocalApi(config.inference_socket, self.slot, mode=0o660, spin_us=config.api_spin_us)
         self.http = HttpApi(config.http_port, self.slot) if config.http_port is not None else None
         self.control = LocalApi(config.control_socket_path, self.slot, mode=0o600, control={
             framing.STATUS: self.report, framing.ROLLBACK: self._local_rollback})
@@ -169,8 +170,8 @@ class Agent:
         if command_id is None:
             return
         reason = f"command refused: {exc}"
-        if kind in ("bench", "status_request"):
-            self._reply(Reply(self.config.device_id, command_id, "bench" if kind == "bench" else "status",
+        if kind in ("bench", "status_request", "trust"):
+            self._reply(Reply(self.config.device_id, command_id, "status" if kind == "status_request" else kind,
                               False, {}, reason))
         else:
             self._emit(DeploymentEvent(self.config.device_id, command_id, "failed", "", 0.0, reason, time.time()))
@@ -192,7 +193,7 @@ class Agent:
                 "update": None if record.state == "idle" else {"command_id": record.command_id,
                                                                "bundle": record.label, "kind": record.kind,
                                                                "attempts": record.attempts},
-                "connected": self.client.connected, "pid": os.getpid()}
+                "connected": self.client.connected, "pid": os.getpid(), "keys": self.keys.describe()}
 
     def _local_rollback(self) -> dict[str, Any]:
         done: Future = Future()
@@ -218,6 +219,8 @@ class Agent:
                     self._after_update(result)
                 elif isinstance(command, BenchCommand):
                     self._bench(command)
+                elif isinstance(command, TrustCommand):
+                    self._change_trust(command)
             except Exception as exc:  # the update thread must survive anything one command does
                 log.exception("command %s failed", command.command_id)
                 if done is not None:
@@ -255,6 +258,14 @@ class Agent:
             self._reply(Reply(self.config.device_id, command.command_id, "bench", True, result))
         except EdgefleetError as exc:
             self._reply(Reply(self.config.device_id, command.command_id, "bench", False, {}, str(exc)))
+
+    def _change_trust(self, command: TrustCommand) -> None:
+        try:
+            body = self.keys.change(list(command.add), list(command.revoke))
+        except EdgefleetError as exc:
+            self._refuse(command.to_payload(), exc)
+            return
+        self._reply(Reply(self.config.device_id, command.command_id, "trust", True, body))
 
     def _load_seq(self) -> int:
         try:

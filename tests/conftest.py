@@ -103,6 +103,15 @@ def heldout() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
+def expected_logits(heldout):
+    """Four held-out images and the reference model's logits for them."""
+    from device_agent.runtime import load_runtime
+
+    reference = load_runtime("onnxruntime", MODELS / "digits_cnn.onnx")
+    return heldout[0][:4], reference.run({"image": heldout[0][:4]})["logits"]
+
+
+@pytest.fixture(scope="session")
 def make_bundle(tmp_path_factory, keys, reference_model, heldout):
     """Build (and cache) a bundle of the reference model: make_bundle(version, key=..., model=...)."""
     from host_tools.packaging import build_bundle

@@ -22,19 +22,12 @@ from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.messages import DeployCommand, DeploymentEvent, RollbackCommand
 from device_agent.protocol.signed import sign_command
-from device_agent.runtime import load_runtime
 from device_agent.update import STATES
 from device_agent.update.faults import CRASH_ENV, HOLD_ENV
 from host_tools.serve import BundleServer
 from tests.conftest import MODELS, edgefleet, wait_until
 
 V1, V2 = "digits-cnn 1.0.0", "digits-cnn 2.0.0"
-
-
-@pytest.fixture(scope="module")
-def expected_logits(heldout):
-    reference = load_runtime("onnxruntime", MODELS / "digits_cnn.onnx")
-    return heldout[0][:4], reference.run({"image": heldout[0][:4]})["logits"]
 
 
 def host_command(*args) -> subprocess.Popen:

@@ -113,6 +113,11 @@ def sign(private_key: Ed25519PrivateKey, message: bytes) -> Signature:
 def verify(message: bytes, signature: Signature, keys: Mapping[str, Ed25519PublicKey],
            what: str = "the manifest") -> str:
     """Check *signature* over *message* (*what* it signs) against the trusted *keys*; return the key id."""
+    problem = getattr(keys, "problem", None)  # a TrustStore that cannot be read trusts nothing
+    if problem:
+        raise SignatureError(problem)
+    if signature.key_id in getattr(keys, "revoked", ()):
+        raise SignatureError(f"signed by key {signature.key_id}, which has been revoked")
     key = keys.get(signature.key_id)
     if key is None:
         raise SignatureError(f"signed by key {signature.key_id}, which this device does not trust")

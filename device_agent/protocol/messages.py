@@ -154,8 +154,37 @@ class BenchCommand:
                    bundle=None if bundle is None else BundleOffer.from_dict(bundle), runs=runs, warmup=warmup)
 
 
+MAX_TRUST_CHANGES = 16
+
+
+@dataclass(frozen=True)
+class TrustCommand:
+    """Change the keys a device trusts: add PEM public keys (rotation: signed by a key the device
+    already trusts) and revoke key ids. Applied all or nothing; answered with a Reply."""
+
+    command_id: str
+    issued_at: float
+    add: tuple[str, ...] = ()
+    revoke: tuple[str, ...] = ()
+
+    def to_payload(self) -> bytes:
+        return _encode("trust", {"command_id": self.command_id, "issued_at": self.issued_at,
+                                 "add": list(self.add), "revoke": list(self.revoke)})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "TrustCommand":
+        doc = _decode(payload, "trust")
+        add, revoke = _get(doc, "add", list), _get(doc, "revoke", list)
+        if not all(isinstance(x, str) for x in add + revoke):
+            raise ProtocolError("'add' and 'revoke' must be lists of strings")
+        if not add and not revoke or len(add) > MAX_TRUST_CHANGES or len(revoke) > MAX_TRUST_CHANGES:
+            raise ProtocolError(f"a trust change adds or revokes 1..{MAX_TRUST_CHANGES} keys")
+        return cls(command_id=_get(doc, "command_id", str), issued_at=float(_get(doc, "issued_at", (int, float))),
+                   add=tuple(add), revoke=tuple(revoke))
+
+
 COMMANDS = {"deploy": DeployCommand, "rollback": RollbackCommand, "status_request": StatusRequest,
-            "bench": BenchCommand}
+            "bench": BenchCommand, "trust": TrustCommand}
 
 
 def parse_command(payload: bytes, keys=None):
@@ -201,7 +230,7 @@ class Reply:
 
     device_id: str
     command_id: str
-    kind: str  # "status" or "bench"
+    kind: str  # "status", "bench" or "trust"
     ok: bool
     body: dict[str, Any]
     error: str | None = None
