@@ -93,6 +93,11 @@ def load_settings(config_file: Path | None, **flags) -> dict:
 @click.option("--onnx-provider", "onnx_providers", multiple=True,
               help="ONNX Runtime execution provider to use, in order; repeatable [default: the best this "
                    "device has: TensorRT, CUDA, then CPU].")
+@click.option("--tls-ca", envvar="EDGEFLEET_TLS_CA", type=click.Path(path_type=Path),
+              help="CA certificate of the broker (turns TLS on).")
+@click.option("--tls-cert", envvar="EDGEFLEET_TLS_CERT", type=click.Path(path_type=Path),
+              help="This device's client certificate.")
+@click.option("--tls-key", envvar="EDGEFLEET_TLS_KEY", type=click.Path(path_type=Path), help="This device's client key.")
 @click.option("--api-socket", type=click.Path(path_type=Path), help="Local inference socket [default: STATE_DIR/inference.sock].")
 @click.option("--control-socket", type=click.Path(path_type=Path), help="Control socket [default: STATE_DIR/control.sock].")
 @click.option("--http-port", type=int, help="Also serve the local API over HTTP on 127.0.0.1:PORT [default: off].")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -60,6 +61,7 @@ class MqttClient:
                  clean_session: bool = True, keepalive: int = 30, tls: TlsFiles | None = None) -> None:
         self.broker = broker
         self.client_id = client_id
+        self.tls = tls
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                    clean_session=clean_session, protocol=paho.MQTTv311)
         self._client.max_inflight_messages_set(64)
@@ -78,6 +80,9 @@ class MqttClient:
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._refused = threading.Event()  # the broker turned a blocking connect() away
+        self._refusal = ""
+        self._waiting_to_connect = False
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -88,11 +93,18 @@ class MqttClient:
             self._client.connect(self.broker.host, self.broker.port, keepalive=self._keepalive)
         except (OSError, ValueError) as exc:
             raise BrokerUnreachable(f"cannot reach MQTT broker at {self.broker}: {exc}") from None
+        self._waiting_to_connect = True
         self._client.loop_start()
-        if not self._connected.wait(timeout):
-            self._client.loop_stop()
-            raise BrokerUnreachable(f"MQTT broker at {self.broker} did not accept the connection "
-                                    f"within {timeout:g}s")
+        deadline = time.monotonic() + timeout
+        try:
+            while not self._connected.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+                if self._refused.is_set() or time.monotonic() >= deadline:
+                    self._client.disconnect()
+                    self._client.loop_stop()
+                    raise BrokerUnreachable(f"MQTT broker at {self.broker} " + (
+                        self._refusal or f"did not accept the connection within {timeout:g}s"))
+        finally:
+            self._waiting_to_connect = False
 
     def connect_in_background(self) -> None:
         """Connect now if the broker is there, else keep trying (1-30 s back-off) without blocking."""
@@ -115,6 +127,10 @@ class MqttClient:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            if self._waiting_to_connect:  # connect() reports it
+                self._refusal = f"refused the connection: {reason_code}"
+                self._refused.set()
+                return
             log.error("broker %s refused the connection: %s", self.broker, reason_code)
             return
         with self._lock:
@@ -129,7 +145,17 @@ class MqttClient:
                 log.exception("on-connect callback failed")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self._connected.is_set()
         self._connected.clear()
+        if self._waiting_to_connect and not was_connected:
+            self._refusal = self._refusal or (
+                "closed the connection before accepting it (does it require TLS or a client certificate? "
+                "see --tls-ca, --tls-cert, --tls-key)" if self.tls is None else
+                "closed the TLS connection before accepting it (it wants a client certificate: --tls-cert, "
+                "--tls-key)" if self.tls.cert is None else
+                "closed the TLS connection before accepting it (is the client certificate from the broker's CA?)")
+            self._refused.set()
+            return
         if reason_code != 0:
             log.warning("lost the connection to %s (%s); reconnecting", self.broker, reason_code)
 

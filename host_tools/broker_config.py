@@ -1,0 +1,108 @@
+"""A Mosquitto configuration for a fleet: TLS with client certificates, no anonymous clients,
+and an ACL under which each device reaches only its own topics.
+
+Identities come from ``host_tools.certs``: the broker takes a client certificate's common name
+as the username. A device (CN = its device id) may subscribe to its own command and chunk
+topics and publish to its own status, events, telemetry and reply topics, plus chunk requests
+(which name a bundle, not a device). Host tools (CN = ``host:NAME``) may use everything under
+the protocol's root; they are listed by name, so issue a host certificate before writing the
+configuration (or write it again after).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from device_agent.errors import ConfigError
+from device_agent.protocol import topics
+from host_tools.certs import HOST_PREFIX, Pki
+
+DEVICE_READS = ("cmd", "chunks")
+DEVICE_WRITES = ("status", "events", "telemetry", "reply")
+
+
+def acl_text(host_users: list[str]) -> str:
+    lines = ["# edgefleet ACL, written by `edgefleet broker config`.",
+             "# Devices: a device's certificate CN is its device id, which Mosquitto substitutes for %u.",
+             *(f"pattern read {topics.ROOT}/devices/%u/{leaf}" for leaf in DEVICE_READS),
+             *(f"pattern write {topics.ROOT}/devices/%u/{leaf}" for leaf in DEVICE_WRITES),
+             f"pattern write {topics.ALL_CHUNK_REQUESTS}",
+             "", "# Host tools (certificate CN host:NAME): the whole protocol."]
+    for user in host_users:
+        lines += [f"user {user}", f"topic readwrite {topics.ROOT}/#"]
+    return "\n".join(lines) + "\n"
+
+
+def mosquitto_conf(out: Path, *, port: int, bind: str, persistence_dir: Path | None) -> str:
+    lines = ["# edgefleet broker, written by `edgefleet broker config`.",
+             "per_listener_settings false",
+             "allow_anonymous false",
+             f"acl_file {out / 'acl'}",
+             f"listener {port} {bind}".rstrip(),
+             f"cafile {out / 'ca.crt'}",
+             f"certfile {out / 'broker.crt'}",
+             f"keyfile {out / 'broker.key'}",
+             "require_certificate true",
+             "use_identity_as_username true",
+             "tls_version tlsv1.2",
+             # Commands for offline devices wait in their persistent sessions.
+             "max_queued_messages 10000"]
+    if persistence_dir is None:
+        lines.append("persistence false")
+    else:
+        lines += ["persistence true", f"persistence_location {persistence_dir}/"]
+    return "\n".join(lines) + "\n"
+
+
+def host_users(pki: Pki) -> list[str]:
+    users = []
+    for cert in sorted((pki.dir / "clients").glob("*.crt")):
+        try:
+            cn = x509.load_pem_x509_certificate(cert.read_bytes()).subject.get_attributes_for_oid(
+                NameOID.COMMON_NAME)[0].value
+        except (ValueError, IndexError):
+            continue
+        if isinstance(cn, str) and cn.startswith(HOST_PREFIX):
+            users.append(cn)
+    return users
+
+
+def _give_to_broker_user(*paths: Path) -> None:
+    """Mosquitto started as root drops to its own user before it reads the key and the ACL."""
+    if os.geteuid() != 0:
+        return
+    try:
+        user = pwd.getpwnam("mosquitto")
+    except KeyError:
+        return
+    for path in paths:
+        os.chown(path, user.pw_uid, user.pw_gid)
+
+
+def write_broker_config(pki: Pki, out: Path, *, port: int = 8883, bind: str = "",
+                        persistence_dir: Path | None = Path("/var/lib/mosquitto")) -> list[Path]:
+    """Write mosquitto.conf, acl and the broker's TLS files into *out*; returns what was written."""
+    for needed in (pki.ca_cert, pki.broker_cert, pki.broker_key):
+        if not needed.is_file():
+            raise ConfigError(f"{needed} is missing: run `edgefleet certs init` first")
+    users = host_users(pki)
+    if not users:
+        raise ConfigError("no host certificate (CN host:NAME) in the PKI: host tools could not connect; "
+                          "issue one with `edgefleet certs client host:NAME` first")
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(pki.ca_cert, out / "ca.crt")
+    shutil.copyfile(pki.broker_cert, out / "broker.crt")
+    shutil.copyfile(pki.broker_key, out / "broker.key")
+    (out / "broker.key").chmod(0o600)
+    (out / "acl").write_text(acl_text(users))
+    (out / "mosquitto.conf").write_text(mosquitto_conf(out, port=port, bind=bind,
+                                                       persistence_dir=persistence_dir))
+    _give_to_broker_user(out / "broker.key", out / "acl")
+    return [out / "mosquitto.conf", out / "acl", out / "ca.crt", out / "broker.crt", out / "broker.key"]

@@ -1,0 +1,139 @@
+"""A small PKI for the broker: a CA, the broker's server certificate, and one client certificate
+per device (and per host tool), made with the ``cryptography`` package.
+
+The broker takes the client certificate's common name as the MQTT username
+(``use_identity_as_username``), and the ACL (``host_tools.broker_config``) keys on it: a
+device's CN is its device id; a host tool's CN is ``host:NAME``, which no device id can be
+(device ids have no colon). Layout of the PKI directory::
+
+    ca.key ca.crt                   the CA (keep ca.key off the broker and the devices)
+    broker.key broker.crt           the broker's server certificate (SANs: the names given)
+    clients/NAME.key clients/NAME.crt   devices and host tools
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from device_agent.errors import ConfigError
+from device_agent.protocol import topics
+
+HOST_PREFIX = "host:"
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _issue(subject: str, public_key, issuer_name: x509.Name, issuer_key, *, days: int, ca: bool = False,
+           sans: list[x509.GeneralName] | None = None, usage: list | None = None) -> x509.Certificate:
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+               .issuer_name(issuer_name).public_key(public_key).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+            decipher_only=False), critical=True)
+    else:
+        builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+                                        critical=False)
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    if usage:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+class Pki:
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.dir / "ca.crt"
+
+    @property
+    def broker_cert(self) -> Path:
+        return self.dir / "broker.crt"
+
+    @property
+    def broker_key(self) -> Path:
+        return self.dir / "broker.key"
+
+    def client_files(self, name: str) -> tuple[Path, Path]:
+        """(cert, key) of a device or host tool; *name* is a device id or ``host:NAME``."""
+        stem = name.replace(":", "-")  # file names stay portable
+        return self.dir / "clients" / f"{stem}.crt", self.dir / "clients" / f"{stem}.key"
+
+    def init(self, broker_names: list[str], *, days: int = 3650) -> list[Path]:
+        """Create the CA and the broker certificate (valid for *broker_names*: DNS names or IPs)."""
+        if self.ca_cert.exists() or (self.dir / "ca.key").exists():
+            raise ConfigError(f"{self.dir} already holds a CA; refusing to overwrite it")
+        if not broker_names:
+            raise ConfigError("give at least one --broker-host name or IP the devices will connect to")
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgefleet CA")])
+        ca = _issue("edgefleet CA", ca_key.public_key(), ca_name, ca_key, days=days, ca=True)
+        _write_private(self.dir / "ca.key", _key_pem(ca_key))
+        self.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        broker_key = ec.generate_private_key(ec.SECP256R1())
+        broker = _issue(broker_names[0], broker_key.public_key(), ca_name, ca_key, days=days,
+                        sans=[_general_name(n) for n in broker_names], usage=[ExtendedKeyUsageOID.SERVER_AUTH])
+        _write_private(self.broker_key, _key_pem(broker_key))
+        self.broker_cert.write_bytes(broker.public_bytes(serialization.Encoding.PEM))
+        return [self.dir / "ca.key", self.ca_cert, self.broker_key, self.broker_cert]
+
+    def issue_client(self, name: str, *, days: int = 825) -> tuple[Path, Path]:
+        """A client certificate whose common name is *name*: a device id, or ``host:NAME``."""
+        plain = name[len(HOST_PREFIX):] if name.startswith(HOST_PREFIX) else name
+        if not topics.valid_device_id(plain):
+            raise ConfigError(f"{name!r} is not a device id (1-64 letters, digits, '.', '_' or '-') "
+                              f"or host:NAME")
+        cert_path, key_path = self.client_files(name)
+        if cert_path.exists() or key_path.exists():
+            raise ConfigError(f"{cert_path} already exists; refusing to overwrite it")
+        ca_key, ca = self._load_ca()
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _issue(name, key.public_key(), ca.subject, ca_key, days=days,
+                      usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
+        _write_private(key_path, _key_pem(key))
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return cert_path, key_path
+
+    def _load_ca(self):
+        try:
+            ca_key = serialization.load_pem_private_key((self.dir / "ca.key").read_bytes(), password=None)
+            ca = x509.load_pem_x509_certificate(self.ca_cert.read_bytes())
+        except FileNotFoundError:
+            raise ConfigError(f"no CA in {self.dir}: run `edgefleet certs init` first") from None
+        except ValueError as exc:
+            raise ConfigError(f"the CA in {self.dir} is unreadable: {exc}") from None
+        return ca_key, ca

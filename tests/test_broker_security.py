@@ -1,0 +1,131 @@
+"""Broker security with a real Mosquitto running the configuration `edgefleet broker config`
+writes: TLS with client certificates from `edgefleet certs`, and a per-device ACL."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from device_agent.errors import BrokerUnreachable
+from device_agent.mqtt import BrokerAddress, MqttClient, TlsFiles
+from device_agent.protocol import topics
+from host_tools.broker import free_port
+from host_tools.certs import Pki
+from tests.conftest import edgefleet, wait_until
+
+
+@pytest.fixture(scope="module")
+def secure_broker(tmp_path_factory):
+    """A CA, certificates for devices sec-a and sec-b and the host tool host:ops, and Mosquitto
+    running the generated configuration on a free port."""
+    # Mosquitto started as root drops to its own user before it reads the ACL, as it would
+    # from /etc/mosquitto: the broker's directory must be readable to it (pytest's is not).
+    work = Path(tempfile.mkdtemp(prefix="ef-broker-", dir="/tmp"))
+    work.chmod(0o755)
+    pki = work / "pki"
+    for args in (("certs", "init", "--dir", pki, "--broker-host", "127.0.0.1", "--broker-host", "localhost"),
+                 ("certs", "client", "sec-a", "sec-b", "tls-dev", "host:ops", "--dir", pki)):
+        result = edgefleet(*args)
+        assert result.returncode == 0, result.stderr
+    port = free_port()
+    result = edgefleet("broker", "config", "--pki", pki, "--out", work / "broker", "--port", port,
+                       "--bind", "127.0.0.1", "--no-persistence")
+    assert result.returncode == 0, result.stderr
+    log = open(work / "mosquitto.log", "ab")
+    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                             str(work / "broker" / "mosquitto.conf")], stdout=log, stderr=log)
+    address = BrokerAddress("127.0.0.1", port)
+    if not wait_until(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 10):
+        pytest.fail((work / "mosquitto.log").read_text())
+    yield address, Pki(pki), work
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def tls_for(pki: Pki, name: str) -> TlsFiles:
+    cert, key = pki.client_files(name)
+    return TlsFiles(ca=pki.ca_cert, cert=cert, key=key)
+
+
+class Listener:
+    """An MQTT client as *name* that records what it receives."""
+
+    def __init__(self, address, pki, name, filters):
+        self.got: list[tuple[str, bytes]] = []
+        self.client = MqttClient(client_id=f"test-{name}-{time.time_ns()}", broker=address, tls=tls_for(pki, name))
+        for f in filters:
+            self.client.subscribe(f, lambda t, p: self.got.append((t, p)))
+        self.client.connect()
+        time.sleep(0.3)  # subscriptions reach the broker
+
+    def topics(self):
+        return {t for t, _ in self.got}
+
+
+def test_a_device_reads_only_its_own_commands_and_publishes_only_as_itself(secure_broker):
+    address, pki, _ = secure_broker
+    a = Listener(address, pki, "sec-a", [topics.command("sec-a"), topics.command("sec-b")])
+    b = Listener(address, pki, "sec-b", [topics.command("sec-b")])
+    host = Listener(address, pki, "host:ops", [topics.all_devices("telemetry"), topics.all_devices("status")])
+    try:
+        host.client.publish(topics.command("sec-a"), b"for a", qos=1)
+        host.client.publish(topics.command("sec-b"), b"for b", qos=1)
+        a.client.publish(topics.telemetry("sec-a"), b"a as a", qos=1)
+        a.client.publish(topics.telemetry("sec-b"), b"a as b", qos=1)  # impersonation: dropped
+        a.client.publish(topics.status("sec-b"), b"a as b", qos=1)
+        assert wait_until(lambda: b.got and a.got and host.got, 5)
+        time.sleep(0.5)  # what was going to arrive has arrived
+        assert a.got == [(topics.command("sec-a"), b"for a")]  # not B's command
+        assert b.got == [(topics.command("sec-b"), b"for b")]
+        assert host.got == [(topics.telemetry("sec-a"), b"a as a")]  # nothing under B's name
+    finally:
+        for c in (a, b, host):
+            c.client.disconnect()
+
+
+@pytest.mark.parametrize("how, message", [("no certificate", "it wants a client certificate"),
+                                          ("certificate from another CA", "from the broker's CA?"),
+                                          ("plain TCP", "does it require TLS")])
+def test_a_client_without_a_valid_certificate_is_refused(secure_broker, tmp_path, how, message):
+    address, pki, _ = secure_broker
+    if how == "plain TCP":
+        client = MqttClient(client_id="test-plain", broker=address)
+    elif how == "no certificate":
+        client = MqttClient(client_id="test-nocert", broker=address, tls=TlsFiles(ca=pki.ca_cert))
+    else:
+        other = Pki(tmp_path / "other")
+        other.init(["127.0.0.1"])
+        cert, key = other.issue_client("sec-a")  # the right name, the wrong CA
+        client = MqttClient(client_id="test-forged", broker=address, tls=TlsFiles(ca=pki.ca_cert, cert=cert, key=key))
+    with pytest.raises(BrokerUnreachable) as refused:
+        client.connect(timeout=3)
+    assert message in str(refused.value)
+    client.disconnect()
+
+
+def test_deploy_and_telemetry_work_over_tls(secure_broker, agents, make_bundle, keys):
+    address, pki, work = secure_broker
+    tls = tls_for(pki, "tls-dev")
+    agent = agents.start("tls-dev", broker=address, extra_args=(
+        "--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)))
+    assert agent.wait_for_api(), agent.log.read_text()
+    host_tls = tls_for(pki, "host:ops")
+    result = edgefleet("--tls-ca", host_tls.ca, "--tls-cert", host_tls.cert, "--tls-key", host_tls.key,
+                       "deploy", make_bundle("1.0.0"), "--device", "tls-dev", "--broker", address, "--json")
+    assert result.returncode == 0, result.stderr + agent.log.read_text()[-2000:]
+    assert json.loads(result.stdout)["tls-dev"]["state"] == "active"
+    status = edgefleet("--tls-ca", host_tls.ca, "--tls-cert", host_tls.cert, "--tls-key", host_tls.key,
+                       "device", "status", "tls-dev", "--broker", address, "--json")
+    assert json.loads(status.stdout)["active_bundle"] == "digits-cnn 1.0.0"
+    without = edgefleet("device", "status", "tls-dev", "--broker", address)  # no certificate: one line, exit 1
+    assert without.returncode == 1 and len(without.stderr.splitlines()) == 1
+    assert "does it require TLS or a client certificate?" in without.stderr
