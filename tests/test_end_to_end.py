@@ -21,8 +21,9 @@ V1 = "digits-cnn 1.0.0"
 @pytest.fixture
 def monitor(tmp_path, mosquitto):
     db = tmp_path / "fleet.db"
-    proc = subprocess.Popen([sys.executable, "-m", "host_tools", "monitor", "--broker", str(mosquitto),
-                             "--db", str(db)], stderr=subprocess.PIPE, text=True)
+    with open(tmp_path / "monitor.log", "wb") as log:  # a file, not a pipe nobody reads that could fill up
+        proc = subprocess.Popen([sys.executable, "-m", "host_tools", "monitor", "--broker", str(mosquitto),
+                                 "--db", str(db)], stderr=log)
     assert wait_until(db.exists, 15), "monitor did not create its database"
     yield db
     proc.send_signal(signal.SIGINT)
@@ -131,3 +132,38 @@ def test_deploying_to_a_device_that_is_not_there_times_out_with_a_reason(mosquit
                        "--timeout", "3", "--json")
     assert result.returncode == 1
     assert json.loads(result.stdout)["ghost-1"]["state"] == "timed_out"
+
+
+GARBAGE = [b"", b"\xff\xfe\x00", b"[]", b"{}", b"null", b'"text"', b"[" * 100_000, b"{" + b" " * 300_000 + b"}",
+           b'{"type": ["deploy"]}', b'{"type": "deploy", "command_id": 5, "bundle": []}',
+           b'{"type": "telemetry", "device_id": "pi-30", "seq": "x", "readings": 7}',
+           b'{"type": "status", "device_id": {"a": 1}, "online": "yes"}',
+           b'{"type": "chunk_request", "device_id": "pi-30", "chunks": [-1, 1e9, "a"]}',
+           b'{"type": "trust", "command_id": "t", "issued_at": 1, "add": [1], "revoke": null}',
+           b"\x00\x00\x00\x10{\"index\": \"x\"}data"]
+
+
+def test_garbage_on_every_topic_harms_neither_the_agent_nor_the_ingest(mosquitto, agents, monitor, make_bundle):
+    from device_agent.protocol import topics
+
+    agent = agents.start("pi-30")
+    store = FleetStore(monitor)
+    assert wait_until(lambda: is_online(store, "pi-30"), 30)
+    vandal = MqttClient(client_id="test-vandal", broker=mosquitto)
+    vandal.connect()
+    try:
+        for topic in (topics.command("pi-30"), topics.chunks("pi-30"), topics.status("pi-30"),
+                      topics.events("pi-30"), topics.telemetry("pi-30"), topics.reply("pi-30"),
+                      topics.chunk_request("ab" * 32)):
+            for payload in GARBAGE:
+                vandal.publish(topic, payload, qos=1, wait=5.0)  # delivered before we hang up
+    finally:
+        vandal.disconnect()
+    code, results = deploy(make_bundle("1.0.0"), ["pi-30"], mosquitto)  # both still do their work
+    assert code == 0 and results["pi-30"]["state"] == "active"
+    assert wait_until(lambda: store.telemetry_count("pi-30", V1) >= 2, 20)
+    log = agent.log.read_text()
+    assert agent.proc.poll() is None and "Traceback" not in log
+    assert log.count("refused command") == len(GARBAGE)  # every one arrived, and was refused with a reason
+    assert fleet_status(monitor)["pi-30"]["active_bundle"] == V1
+    assert "Traceback" not in (monitor.parent / "monitor.log").read_text()

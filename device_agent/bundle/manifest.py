@@ -91,7 +91,7 @@ class Manifest:
     def from_json(cls, data: bytes) -> "Manifest":
         try:
             doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ManifestError(f"manifest is not valid JSON: {exc}") from None
         return cls.from_dict(doc)
 

@@ -49,7 +49,7 @@ class Signature:
             doc = json.loads(data)
             sig = cls(key_id=str(doc["key_id"]), alg=str(doc["alg"]),
                       signature=base64.b64decode(doc["signature"], validate=True))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise SignatureError(f"malformed signature document: {exc}") from None
         if sig.alg != ALGORITHM:
             raise SignatureError(f"unsupported signature algorithm {sig.alg!r}")

@@ -171,6 +171,6 @@ def decode_arrays(kind: bytes, payload: bytes) -> dict[str, Any]:
             if not isinstance(doc, dict):
                 raise ValueError("expected an object of input name -> nested list")
             return doc
-    except (ValueError, OSError, EOFError, UnicodeDecodeError) as exc:
+    except (ValueError, OSError, EOFError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(f"cannot decode the {kind.decode(errors='replace')!r} payload: {exc}") from None
     raise ProtocolError(f"unknown request kind {kind!r}")

@@ -191,7 +191,8 @@ def parse_command(payload: bytes, keys=None):
     """Decode any host -> device command by its ``type``; with *keys*, it must be signed by one
     of them and not expired (see ``protocol.signed``)."""
     doc = _decode_any(payload)
-    cls = COMMANDS.get(doc.get("type"))
+    kind = doc.get("type")
+    cls = COMMANDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown command type {doc.get('type')!r}")
     command = cls.from_payload(payload)
@@ -217,7 +218,7 @@ def _decode_any(payload: bytes) -> dict[str, Any]:
         raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_JSON_BYTES}")
     try:
         doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: [[[[... nested deep
         raise ProtocolError(f"message is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ProtocolError("message must be a JSON object")
