@@ -86,6 +86,9 @@ class MqttClient:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._subacks: dict[int, bool] = {}  # mid -> granted, for the last few SUBACKs
+        self._suback_arrived = threading.Condition()
 
     # -- connection -------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> None:
@@ -160,11 +163,32 @@ class MqttClient:
             log.warning("lost the connection to %s (%s); reconnecting", self.broker, reason_code)
 
     # -- messages ---------------------------------------------------------------------
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, *, wait: float | None = None) -> bool:
+        """Handle messages on *topic_filter* from now on (and after every reconnect). With *wait*,
+        block until the broker has granted the subscription; returns whether it did in time."""
         with self._lock:
             self._handlers[topic_filter] = (qos, handler)
+        if not self.connected:
+            return False
+        rc, mid = self._client.subscribe(topic_filter, qos)
+        if rc != paho.MQTT_ERR_SUCCESS or wait is None:
+            return rc == paho.MQTT_ERR_SUCCESS
+        with self._suback_arrived:
+            self._suback_arrived.wait_for(lambda: mid in self._subacks, wait)
+            return self._subacks.pop(mid, False)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._handlers.pop(topic_filter, None)
         if self.connected:
-            self._client.subscribe(topic_filter, qos)
+            self._client.unsubscribe(topic_filter)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._suback_arrived:
+            self._subacks[mid] = not any(getattr(rc, "is_failure", False) for rc in reason_codes)
+            while len(self._subacks) > 64:  # nobody waited for the oldest
+                del self._subacks[next(iter(self._subacks))]
+            self._suback_arrived.notify_all()
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 wait: float | None = None) -> None:

@@ -4,6 +4,10 @@ The device keeps a window of chunk requests in flight, writes each chunk at its
 offset in a partial file, re-asks for chunks that have not arrived after a
 timeout, and checks the whole file's SHA-256 at the end.
 
+With *fanout* the device also listens on the bundle's shared chunk topic while it downloads:
+a chunk the server publishes there once reaches every device fetching the same bundle, so a
+fleet pulls one copy through the host's uplink instead of one per device.
+
 Downloads resume: next to ``<sha>.part`` a ``<sha>.chunks`` record (one byte per
 chunk) lists the chunks already written. It is saved at most once a second and
 only after the partial file was fsync'd, so it never claims a chunk the disk does
@@ -46,7 +50,7 @@ class Download:
     def __init__(self, client: MqttClient, router: ChunkRouter, device_id: str, offer: BundleOffer,
                  dest: Path, *,
                  window: int = 8, retry_after: float = 3.0, stall_timeout: float = 30.0,
-                 on_progress: Callable[[float], None] | None = None) -> None:
+                 fanout: bool = True, on_progress: Callable[[float], None] | None = None) -> None:
         self._client = client
         self._router = router
         self._device_id = device_id
@@ -56,6 +60,7 @@ class Download:
         self._retry_after = retry_after
         self._stall_timeout = stall_timeout
         self._on_progress = on_progress
+        self._fanout = fanout
         self._cond = threading.Condition()
         self._received: set[int] = set()
         self._requested: dict[int, float] = {}
@@ -77,9 +82,14 @@ class Download:
         offer = self._offer
         self._open_partial()
         self._router.target = self._on_chunk
+        shared = topics.bundle_chunks(offer.sha256, offer.chunk_size)
+        if self._fanout:  # only once the broker has granted it: else chunks sent there would be lost
+            self._fanout = self._client.subscribe(shared, self._router, qos=1, wait=5.0)
         try:
             self._fetch()
         finally:
+            if self._fanout:
+                self._client.unsubscribe(shared)
             self._router.target = None
             self._save_record()
             self._fh.close()
@@ -133,8 +143,8 @@ class Download:
                 if wanted:
                     for i in wanted:
                         self._requested[i] = now
-                    self._client.publish(topics.chunk_request(self._offer.sha256),
-                                         ChunkRequest(self._device_id, tuple(wanted)).to_payload(), qos=1)
+                    request = ChunkRequest(self._device_id, tuple(wanted), self._offer.chunk_size, self._fanout)
+                    self._client.publish(topics.chunk_request(self._offer.sha256), request.to_payload(), qos=1)
                 self._cond.wait(0.5)
 
     def _due(self, now: float, total: int) -> list[int]:

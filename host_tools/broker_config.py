@@ -33,6 +33,8 @@ def acl_text(host_users: list[str]) -> str:
              *(f"pattern read {topics.ROOT}/devices/%u/{leaf}" for leaf in DEVICE_READS),
              *(f"pattern write {topics.ROOT}/devices/%u/{leaf}" for leaf in DEVICE_WRITES),
              f"pattern write {topics.ALL_CHUNK_REQUESTS}",
+             "# Bundle chunks fanned out to every device fetching the bundle (any device may fetch any).",
+             f"pattern read {topics.ROOT}/transfer/+/chunks/+",
              "", "# Host tools (certificate CN host:NAME): the whole protocol."]
     for user in host_users:
         lines += [f"user {user}", f"topic readwrite {topics.ROOT}/#"]

@@ -249,11 +249,22 @@ class Reply:
 
 @dataclass(frozen=True)
 class ChunkRequest:
+    """A device asking for chunks of a bundle (the bundle is in the topic). *chunk_size* says how
+    the device cut the bundle, so any server answers it alike; *fanout*: the device also listens
+    on the bundle's shared chunk topic, and the answer may go there, for every device at once."""
+
     device_id: str
     chunks: tuple[int, ...]
+    chunk_size: int | None = None
+    fanout: bool = False
 
     def to_payload(self) -> bytes:
-        return _encode("chunk_request", {"device_id": self.device_id, "chunks": list(self.chunks)})
+        body: dict[str, Any] = {"device_id": self.device_id, "chunks": list(self.chunks)}
+        if self.chunk_size is not None:
+            body["chunk_size"] = self.chunk_size
+        if self.fanout:
+            body["fanout"] = True
+        return _encode("chunk_request", body)
 
     @classmethod
     def from_payload(cls, payload: bytes, max_chunks: int = 1024) -> "ChunkRequest":
@@ -262,7 +273,11 @@ class ChunkRequest:
         if not 0 < len(chunks) <= max_chunks or not all(
                 isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in chunks):
             raise ProtocolError(f"chunks must be 1..{max_chunks} non-negative integers")
-        return cls(device_id=_get(doc, "device_id", str), chunks=tuple(chunks))
+        chunk_size = _get(doc, "chunk_size", int, optional=True)
+        if chunk_size is not None and not 0 < chunk_size <= MAX_CHUNK_SIZE:
+            raise ProtocolError("chunk size must be 1 byte to 1 MiB")
+        return cls(device_id=_get(doc, "device_id", str), chunks=tuple(chunks), chunk_size=chunk_size,
+                   fanout=bool(_get(doc, "fanout", bool, optional=True)))
 
 
 @dataclass(frozen=True)

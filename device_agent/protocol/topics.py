@@ -9,6 +9,8 @@ Layout (protocol v1, documented in docs/protocol.md)::
     edgefleet/v1/devices/{device}/reply       device -> host, QoS 1 (answers to status and bench)
     edgefleet/v1/devices/{device}/chunks      host -> device, QoS 1 (bundle chunks it asked for)
     edgefleet/v1/transfer/{sha256}/request    device -> host, QoS 1 (which chunks it lacks)
+    edgefleet/v1/transfer/{sha256}/chunks/{chunk_size}
+                                              host -> every device fetching it, QoS 1 (fan-out)
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ def chunk_request(bundle_sha256: str) -> str:
 
 
 ALL_CHUNK_REQUESTS = f"{ROOT}/transfer/+/request"
+
+
+def bundle_chunks(bundle_sha256: str, chunk_size: int) -> str:
+    """Chunks of one bundle for every device fetching it: one publish, the broker fans it out."""
+    return f"{ROOT}/transfer/{bundle_sha256}/chunks/{chunk_size}"
 
 
 def all_devices(leaf: str) -> str:
