@@ -81,6 +81,7 @@ def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, tim
     from host_tools.compress import EvalData, evaluate_model, quantize_dynamic_int8
     from host_tools.compress.report import compression_table
     from host_tools.deploy import run_deployment
+    from host_tools.serve import BundleDirectory, BundleServer
     from host_tools.signer import CommandSigner
     from host_tools.fleet.ingest import Ingest
     from host_tools.fleet.store import FleetStore
@@ -116,7 +117,8 @@ def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, tim
         before, after = evaluate_model(model, data), evaluate_model(quantized, data)
         console.print(compression_table(before, after, title="before / after (measured on this machine)"))
 
-        bundle = workdir / f"{MODEL_NAME}-{MODEL_VERSION}.efb"
+        (workdir / "bundles").mkdir(exist_ok=True)
+        bundle = workdir / "bundles" / f"{MODEL_NAME}-{MODEL_VERSION}.efb"
         manifest = build_bundle(quantized, name=MODEL_NAME, version=MODEL_VERSION, key=private_key, out=bundle,
                                 sample={"image": data.inputs[:1]}, atol=1e-4, compression=provenance,
                                 metrics={"original": before.as_metrics(), "compressed": after.as_metrics()})
@@ -138,9 +140,15 @@ def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, tim
                           f"{workdir / 'devices'}[/]")
             return False
 
-        console.print("[bold]6.[/] deploying over MQTT (devices fetch chunks they ask for):")
+        # What `edgefleet serve --dir <workdir>/bundles` does: answer chunk requests for every bundle there.
+        server = BundleServer(host)
+        BundleDirectory(server, [], bundle.parent).scan()
+        server.start()
+        stack.callback(server.stop)
+        console.print(f"[bold]6.[/] serving {bundle.parent} (as `edgefleet serve` does) and deploying over MQTT "
+                      "(devices fetch the chunks they ask for; the broker fans them out):")
         results = run_deployment(host, bundle, devices, signer=CommandSigner.load(private_key), timeout=timeout,
-                                 chunk_size=16 * 1024)
+                                 chunk_size=16 * 1024, serve=False)
         failed = {d: p for d, p in results.items() if not p.succeeded}
         for d, p in failed.items():
             console.print(f"[red]{d}: {p.state}: {p.reason}[/]")

@@ -116,10 +116,12 @@ def run_rollback(client: MqttClient, devices: Iterable[str], *, signer: Callable
 
 def run_deployment(client: MqttClient, bundle: Path, devices: Iterable[str], *, signer: Callable[[bytes], bytes],
                    timeout: float, chunk_size: int, show_progress: bool = True,
-                   allow_downgrade: bool = False) -> dict[str, DeviceProgress]:
-    """Serve *bundle*, deploy it to *devices* and show one progress bar per device until all are done."""
+                   allow_downgrade: bool = False, serve: bool = True) -> dict[str, DeviceProgress]:
+    """Serve *bundle* (unless *serve* is False: a running `edgefleet serve` does), deploy it to
+    *devices* and show one progress bar per device until all are done."""
     server = BundleServer(client, chunk_size=chunk_size)
-    server.start()
+    if serve:
+        server.start()
     try:
         if not show_progress:
             deployment = Deployment(client, server, bundle, devices, signer, allow_downgrade=allow_downgrade)
@@ -127,7 +129,8 @@ def run_deployment(client: MqttClient, bundle: Path, devices: Iterable[str], *, 
             return deployment.wait(timeout)
         return _with_progress(client, server, bundle, devices, signer, timeout, allow_downgrade)
     finally:
-        server.stop()
+        if serve:
+            server.stop()
 
 
 def _with_progress(client, server, bundle, devices, signer, timeout, allow_downgrade) -> dict[str, DeviceProgress]:

@@ -4,8 +4,11 @@ A request names the bundle (in its topic), the chunk indices, the chunk size the
 bundle into, and whether the device listens on the bundle's shared chunk topic (fan-out). A
 fan-out answer is published once to that topic and the broker delivers it to every device
 fetching the bundle; the same chunk is not published there again within FANOUT_REPEAT seconds,
-however many devices ask for it (a device that missed it asks again after its retry time).
-Other answers go to the asking device's own chunk topic.
+however many devices ask for it. That is safe for a device that was already listening when it
+went out: a device subscribes to the shared topic before its first request, so one whose first
+request reached us before the publish has it (or will ask again after its retry time). A device
+that joined after the publish gets the chunk on its own topic instead. Other answers go to the
+asking device's own chunk topic.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from device_agent.protocol.messages import DEFAULT_CHUNK_SIZE, BundleOffer, Chun
 
 log = logging.getLogger(__name__)
 FANOUT_REPEAT = 1.0  # seconds before the same chunk is published to a bundle's shared topic again
+REJOIN_AFTER = 5.0   # a device silent this long may have stopped listening (restarted): a new joiner
 MAX_QUEUED_REQUESTS = 10_000
 
 
@@ -52,6 +56,7 @@ class BundleServer:
         self._requests: queue.Queue[tuple[str, ChunkRequest] | None] = queue.Queue(MAX_QUEUED_REQUESTS)
         self._worker = threading.Thread(target=self._serve, name="bundle-server", daemon=True)
         self._fanned_out: dict[tuple[str, int, int], float] = {}
+        self._listening: dict[tuple[str, int, str], list[float]] = {}  # -> [first request, last request]
         self.stats = ServerStats()
 
     @property
@@ -119,20 +124,22 @@ class BundleServer:
         stats.requests += 1
         stats.devices.add(request.device_id)
         now = time.monotonic()
+        since = self._listening_since(sha, chunk_size, request.device_id, now) if request.fanout else None
         with open(path, "rb") as fh:
             for index in request.chunks:
                 if index >= count:
                     continue
-                if request.fanout:
+                topic = topics.chunks(request.device_id)
+                if since is not None:
                     key = (sha, chunk_size, index)
-                    if now - self._fanned_out.get(key, -FANOUT_REPEAT) < FANOUT_REPEAT:
-                        stats.fanout_saved += 1
+                    published = self._fanned_out.get(key, -FANOUT_REPEAT)
+                    if now - published >= FANOUT_REPEAT:
+                        self._fanned_out[key] = now
+                        topic = topics.bundle_chunks(sha, chunk_size)
+                        stats.fanout_chunks += 1
+                    elif since < published:
+                        stats.fanout_saved += 1  # it was listening when the chunk went out
                         continue
-                    self._fanned_out[key] = now
-                    topic = topics.bundle_chunks(sha, chunk_size)
-                    stats.fanout_chunks += 1
-                else:
-                    topic = topics.chunks(request.device_id)
                 fh.seek(index * chunk_size)
                 data = fh.read(chunk_size)
                 self._client.publish(topic, Chunk(sha, index, data).to_payload(), qos=1)
@@ -140,3 +147,55 @@ class BundleServer:
                 stats.bytes_sent += len(data)
         if len(self._fanned_out) > 100_000:  # forget chunks published long ago
             self._fanned_out = {k: t for k, t in self._fanned_out.items() if now - t < FANOUT_REPEAT}
+        if len(self._listening) > 100_000:
+            self._listening = {k: v for k, v in self._listening.items() if now - v[1] < REJOIN_AFTER}
+
+    def _listening_since(self, sha: str, chunk_size: int, device: str, now: float) -> float:
+        """When we got this device's first request in its current run of requests for the bundle."""
+        seen = self._listening.get((sha, chunk_size, device))
+        if seen is None or now - seen[1] > REJOIN_AFTER:
+            seen = self._listening[(sha, chunk_size, device)] = [now, now]
+            return now
+        seen[1] = now
+        return seen[0]
+
+
+class BundleDirectory:
+    """What `edgefleet serve` serves: given bundle files, and every ``*.efb`` in a directory,
+    looked at again on each scan() so that new bundles are served without a restart."""
+
+    def __init__(self, server: BundleServer, files: list[Path], directory: Path | None = None) -> None:
+        self._server, self._files, self._dir = server, [Path(f) for f in files], directory
+        self._seen: dict[Path, tuple[float, int]] = {}
+        self._by_path: dict[Path, str] = {}
+
+    def scan(self) -> list[str]:
+        """Offer new or changed bundles, withdraw vanished ones; returns one line per change."""
+        from device_agent.bundle import BundleReader
+        from device_agent.errors import EdgefleetError
+
+        paths = list(self._files) + (sorted(self._dir.glob("*.efb")) if self._dir and self._dir.is_dir() else [])
+        lines = []
+        for path in paths:
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if self._seen.get(path) == (st.st_mtime, st.st_size):
+                continue
+            self._seen[path] = (st.st_mtime, st.st_size)
+            try:
+                with BundleReader(path) as reader:
+                    manifest = reader.manifest
+                offer = self._server.offer(path, manifest.name, manifest.version, manifest.target)
+            except (EdgefleetError, OSError) as exc:
+                lines.append(f"skipping {path}: {exc}")
+                continue
+            self._by_path[path] = offer.sha256
+            lines.append(f"serving {manifest.label} ({offer.size / 2**20:.1f} MiB, sha256 {offer.sha256[:12]}) "
+                         f"from {path}")
+        for path in [p for p in self._by_path if p not in paths or not p.exists()]:
+            self._server.withdraw(self._by_path.pop(path))
+            self._seen.pop(path, None)
+            lines.append(f"no longer serving {path}")
+        return lines

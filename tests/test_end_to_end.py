@@ -167,3 +167,35 @@ def test_garbage_on_every_topic_harms_neither_the_agent_nor_the_ingest(mosquitto
     assert log.count("refused command") == len(GARBAGE)  # every one arrived, and was refused with a reason
     assert fleet_status(monitor)["pi-30"]["active_bundle"] == V1
     assert "Traceback" not in (monitor.parent / "monitor.log").read_text()
+
+
+def test_edgefleet_serve_answers_for_deploys_that_do_not_serve_and_picks_up_new_bundles(
+        mosquitto, agents, make_bundle, tmp_path):
+    import shutil
+
+    shelf = tmp_path / "bundles"
+    shelf.mkdir()
+    shutil.copy(make_bundle("1.0.0"), shelf / "v1.efb")
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "host_tools", "serve", "--dir", str(shelf),
+                                   "--broker", str(mosquitto), "--stats-every", "1"], stderr=log)
+    try:
+        agents.start("pi-40")
+        assert wait_until(lambda: "answering chunk requests" in (tmp_path / "serve.log").read_text(), 20)
+        code, results = deploy_args(make_bundle("1.0.0"), "pi-40", mosquitto, "--no-serve")
+        assert code == 0 and results["pi-40"]["state"] == "active"
+        shutil.copy(make_bundle("2.0.0"), shelf / "v2.efb")  # served without a restart
+        assert wait_until(lambda: "digits-cnn 2.0.0" in (tmp_path / "serve.log").read_text(), 10)
+        code, results = deploy_args(make_bundle("2.0.0"), "pi-40", mosquitto, "--no-serve")
+        assert code == 0 and results["pi-40"]["state"] == "active"
+        assert wait_until(lambda: "chunks," in (tmp_path / "serve.log").read_text(), 5)  # its progress line
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(10) == 0
+    missing = edgefleet("serve", tmp_path / "nope.efb", "--broker", mosquitto)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr
+
+
+def deploy_args(bundle, device, broker, *extra):
+    result = edgefleet("deploy", bundle, "--device", device, "--broker", broker, "--timeout", "60", "--json", *extra)
+    return result.returncode, json.loads(result.stdout)

@@ -183,3 +183,18 @@ def test_a_request_is_answered_in_the_chunk_size_the_device_asks_for(clients, tm
     out = Download(client, router, "dev-size", offer, tmp_path / "got.part").run()
     server.stop()
     assert out.read_bytes() == blob.read_bytes() and server.stats.chunks_sent >= offer.chunk_count == 13
+
+
+def test_a_device_that_joins_after_a_chunk_went_out_still_gets_it_without_asking_twice(clients, tmp_path):
+    blob = tmp_path / "bundle.efb"
+    blob.write_bytes(os.urandom(200_000))
+    server = BundleServer(clients("host"), chunk_size=16 * 1024)
+    server.start()
+    offer = server.offer(blob, "m", "1.0.0")
+    first = Download(*device(clients, "early"), "early", offer, tmp_path / "early.part").run()
+    # Within a second of the first device's download: each chunk was just on the shared topic,
+    # before this device listened. With no second asking (retry after 60 s), it must get them all.
+    client, router = device(clients, "late")
+    late = Download(client, router, "late", offer, tmp_path / "late.part", retry_after=60, stall_timeout=10).run()
+    server.stop()
+    assert first.read_bytes() == late.read_bytes() == blob.read_bytes()
