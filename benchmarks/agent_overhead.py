@@ -13,7 +13,6 @@ embedded broker) for the telemetry part.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -25,14 +24,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, machine_line, start_broker  # noqa: E402
 
 from device_agent.bundle.signing import generate_key_pair, trusted_keys  # noqa: E402
 from device_agent.local_api import InferenceClient  # noqa: E402
 from device_agent.runtime import load_runtime  # noqa: E402
 from device_agent.store import BundleStore  # noqa: E402
-from host_tools.broker import EmbeddedBroker, free_port  # noqa: E402
 from host_tools.packaging import build_bundle  # noqa: E402
 
 
@@ -43,20 +41,6 @@ def timed_calls(fn, n: int) -> list[float]:
         fn()
         out.append((time.perf_counter() - start) * 1e6)
     return out
-
-
-def start_broker(workdir: Path):
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    if exe:
-        port = free_port()
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-        proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-        return f"127.0.0.1:{port}", proc.terminate, "mosquitto"
-    broker = EmbeddedBroker()
-    broker.start()
-    return str(broker.address), broker.stop, "amqtt (embedded)"
 
 
 def agent_cpu_and_rss(proc: psutil.Process, seconds: float) -> tuple[float, float]:
@@ -167,7 +151,7 @@ def main() -> None:
     print(f"{'idle (telemetry every 5 s)':<30} {idle_cpu:>18.2f} {idle_rss:>9.1f}  "
           f"{'meets' if idle_cpu <= 0.5 else 'MISSES'} (≤ 0.5%)")
     print(f"{'reporting every 1 s':<30} {report_cpu:>18.2f} {report_rss:>9.1f}")
-    print(f"\nmachine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; python {sys.version.split()[0]}")
+    print(f"\n{machine_line()}")
 
 
 if __name__ == "__main__":

@@ -5,15 +5,18 @@ bundle into, and whether the device listens on the bundle's shared chunk topic (
 fan-out answer is published once to that topic and the broker delivers it to every device
 fetching the bundle; the same chunk is not published there again within FANOUT_REPEAT seconds,
 however many devices ask for it. That is safe for a device that was already listening when it
-went out: a device subscribes to the shared topic before its first request, so one whose first
-request reached us before the publish has it (or will ask again after its retry time). A device
-that joined after the publish gets the chunk on its own topic instead. Other answers go to the
+went out: a device subscribes to the shared topic before the first request of a download (its
+``session``), so one whose session's first request reached us before the publish has it (or
+will ask again after its retry time). A device that joined after the publish gets the chunk on
+its own topic instead. Other answers go to the
 asking device's own chunk topic.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -28,8 +31,8 @@ from device_agent.protocol.messages import DEFAULT_CHUNK_SIZE, BundleOffer, Chun
 
 log = logging.getLogger(__name__)
 FANOUT_REPEAT = 1.0  # seconds before the same chunk is published to a bundle's shared topic again
-REJOIN_AFTER = 5.0   # a device silent this long may have stopped listening (restarted): a new joiner
 MAX_QUEUED_REQUESTS = 10_000
+INLINE_CHUNKS = 16  # requests this small are answered on the network thread (see _on_request)
 
 
 @dataclass
@@ -45,8 +48,9 @@ class ServerStats:
 class BundleServer:
     """Serves the bundles it was given to any device that asks for their chunks.
 
-    Requests are handled on a worker thread so that reading files never blocks
-    the MQTT network loop.
+    Small requests (a device refilling its window as chunks arrive) are answered on the MQTT
+    network thread; larger ones on a worker thread, so that reading many chunks never holds up
+    the network loop.
     """
 
     def __init__(self, client: MqttClient, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
@@ -56,7 +60,10 @@ class BundleServer:
         self._requests: queue.Queue[tuple[str, ChunkRequest] | None] = queue.Queue(MAX_QUEUED_REQUESTS)
         self._worker = threading.Thread(target=self._serve, name="bundle-server", daemon=True)
         self._fanned_out: dict[tuple[str, int, int], float] = {}
-        self._listening: dict[tuple[str, int, str], list[float]] = {}  # -> [first request, last request]
+        self._lock = threading.Lock()
+        self._files: dict[str, int] = {}  # bundle sha -> open fd, read with pread from any thread
+        self._digests: dict[tuple[str, int, int], str] = {}  # (sha, chunk size, index) -> chunk SHA-256
+        self._listening: dict[tuple, float] = {}  # (sha, chunk size, device, session) -> its first request
         self.stats = ServerStats()
 
     @property
@@ -72,6 +79,11 @@ class BundleServer:
 
     def withdraw(self, sha256: str) -> None:
         self._bundles.pop(sha256, None)
+        with self._lock:
+            fd = self._files.pop(sha256, None)
+            self._digests = {k: v for k, v in self._digests.items() if k[0] != sha256}
+        if fd is not None:
+            os.close(fd)
 
     @property
     def bundles(self) -> dict[str, Path]:
@@ -88,6 +100,10 @@ class BundleServer:
         except queue.Full:
             pass
         self._worker.join(timeout=5)
+        with self._lock:
+            for fd in self._files.values():
+                os.close(fd)
+            self._files.clear()
 
     def _on_request(self, topic: str, payload: bytes) -> None:
         sha = topic.split("/")[-2]
@@ -100,10 +116,25 @@ class BundleServer:
             return
         if not topics.valid_device_id(request.device_id):
             return
+        if len(request.chunks) <= INLINE_CHUNKS and self._requests.empty():
+            # A window's refill: answered on the network thread, as a hand-off to the worker would
+            # cost a thread switch (up to Python's 5 ms switch interval) per request.
+            try:
+                self._answer(sha, request)
+            except OSError as exc:
+                log.error("cannot serve %s: %s", sha[:12], exc)
+            return
         try:
             self._requests.put_nowait((sha, request))
         except queue.Full:  # the device asks again after its retry time
             log.warning("chunk request queue is full; dropping a request from %s", request.device_id)
+
+    def _fd(self, sha: str, path: Path) -> int:
+        with self._lock:
+            fd = self._files.get(sha)
+            if fd is None:
+                fd = self._files[sha] = os.open(path, os.O_RDONLY)
+            return fd
 
     def _serve(self) -> None:
         while (item := self._requests.get()) is not None:
@@ -114,6 +145,8 @@ class BundleServer:
                 log.error("cannot serve %s: %s", sha[:12], exc)
 
     def _answer(self, sha: str, request: ChunkRequest) -> None:
+        """Publish the asked-for chunks (on the network thread or the worker: the bookkeeping is
+        shared, so it is decided under a lock; reading and publishing are not)."""
         entry = self._bundles.get(sha)
         if entry is None:
             return
@@ -121,11 +154,14 @@ class BundleServer:
         chunk_size = request.chunk_size or offer.chunk_size
         count = max(1, -(-offer.size // chunk_size))
         stats = self.stats
-        stats.requests += 1
-        stats.devices.add(request.device_id)
         now = time.monotonic()
-        since = self._listening_since(sha, chunk_size, request.device_id, now) if request.fanout else None
-        with open(path, "rb") as fh:
+        plan = []
+        with self._lock:
+            stats.requests += 1
+            stats.devices.add(request.device_id)
+            since = None
+            if request.fanout:
+                since = self._listening.setdefault((sha, chunk_size, request.device_id, request.session), now)
             for index in request.chunks:
                 if index >= count:
                     continue
@@ -140,24 +176,24 @@ class BundleServer:
                     elif since < published:
                         stats.fanout_saved += 1  # it was listening when the chunk went out
                         continue
-                fh.seek(index * chunk_size)
-                data = fh.read(chunk_size)
-                self._client.publish(topic, Chunk(sha, index, data).to_payload(), qos=1)
-                stats.chunks_sent += 1
-                stats.bytes_sent += len(data)
-        if len(self._fanned_out) > 100_000:  # forget chunks published long ago
-            self._fanned_out = {k: t for k, t in self._fanned_out.items() if now - t < FANOUT_REPEAT}
-        if len(self._listening) > 100_000:
-            self._listening = {k: v for k, v in self._listening.items() if now - v[1] < REJOIN_AFTER}
-
-    def _listening_since(self, sha: str, chunk_size: int, device: str, now: float) -> float:
-        """When we got this device's first request in its current run of requests for the bundle."""
-        seen = self._listening.get((sha, chunk_size, device))
-        if seen is None or now - seen[1] > REJOIN_AFTER:
-            seen = self._listening[(sha, chunk_size, device)] = [now, now]
-            return now
-        seen[1] = now
-        return seen[0]
+                plan.append((index, topic))
+        sent = 0
+        fd = self._fd(sha, path)
+        for index, topic in plan:
+            data = os.pread(fd, chunk_size, index * chunk_size)
+            key = (sha, chunk_size, index)
+            digest = self._digests.get(key)
+            if digest is None:  # hashed once, however many devices fetch the chunk
+                digest = self._digests[key] = hashlib.sha256(data).hexdigest()
+            self._client.publish(topic, Chunk(sha, index, data).to_payload(digest), qos=1)
+            sent += len(data)
+        with self._lock:
+            stats.chunks_sent += len(plan)
+            stats.bytes_sent += sent
+            if len(self._fanned_out) > 100_000:  # forget chunks published long ago
+                self._fanned_out = {k: t for k, t in self._fanned_out.items() if now - t < FANOUT_REPEAT}
+            if len(self._listening) > 100_000:  # downloads that began over an hour ago are long done
+                self._listening = {k: t for k, t in self._listening.items() if now - t < 3600}
 
 
 class BundleDirectory:

@@ -52,7 +52,7 @@ class Mosquitto:
         self.address = BrokerAddress("127.0.0.1", free_port())
         self.config = workdir / "mosquitto.conf"
         self.config.write_text(f"listener {self.address.port} 127.0.0.1\nallow_anonymous true\n"
-                               "persistence false\nmax_queued_messages 10000\n")
+                               "persistence false\nmax_queued_messages 10000\nset_tcp_nodelay true\n")
         self.log = workdir / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
 

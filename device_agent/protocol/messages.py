@@ -251,12 +251,15 @@ class Reply:
 class ChunkRequest:
     """A device asking for chunks of a bundle (the bundle is in the topic). *chunk_size* says how
     the device cut the bundle, so any server answers it alike; *fanout*: the device also listens
-    on the bundle's shared chunk topic, and the answer may go there, for every device at once."""
+    on the bundle's shared chunk topic, and the answer may go there, for every device at once;
+    *session* names one download (one subscription to that topic), so the server knows when the
+    device started listening."""
 
     device_id: str
     chunks: tuple[int, ...]
     chunk_size: int | None = None
     fanout: bool = False
+    session: str | None = None
 
     def to_payload(self) -> bytes:
         body: dict[str, Any] = {"device_id": self.device_id, "chunks": list(self.chunks)}
@@ -264,6 +267,8 @@ class ChunkRequest:
             body["chunk_size"] = self.chunk_size
         if self.fanout:
             body["fanout"] = True
+        if self.session is not None:
+            body["session"] = self.session
         return _encode("chunk_request", body)
 
     @classmethod
@@ -276,8 +281,11 @@ class ChunkRequest:
         chunk_size = _get(doc, "chunk_size", int, optional=True)
         if chunk_size is not None and not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise ProtocolError("chunk size must be 1 byte to 1 MiB")
+        session = _get(doc, "session", str, optional=True)
+        if session is not None and len(session) > 32:
+            raise ProtocolError("session must be at most 32 characters")
         return cls(device_id=_get(doc, "device_id", str), chunks=tuple(chunks), chunk_size=chunk_size,
-                   fanout=bool(_get(doc, "fanout", bool, optional=True)))
+                   fanout=bool(_get(doc, "fanout", bool, optional=True)), session=session)
 
 
 @dataclass(frozen=True)
@@ -291,10 +299,11 @@ class Chunk:
 
     _LEN = struct.Struct(">I")
 
-    def to_payload(self) -> bytes:
+    def to_payload(self, digest: str | None = None) -> bytes:
+        """The message; *digest*: the data's SHA-256 if the caller already has it."""
         header = json.dumps({"bundle": self.bundle_sha256, "index": self.index,
-                             "sha256": hashlib.sha256(self.data).hexdigest()}).encode()
-        return self._LEN.pack(len(header)) + header + self.data
+                             "sha256": digest or hashlib.sha256(self.data).hexdigest()}).encode()
+        return b"".join((self._LEN.pack(len(header)), header, self.data))
 
     @classmethod
     def from_payload(cls, payload: bytes) -> "Chunk":

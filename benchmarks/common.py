@@ -1,0 +1,56 @@
+"""What the benchmark scripts share: a broker of their own, and the machine they ran on."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from host_tools.broker import EmbeddedBroker, free_port  # noqa: E402
+
+
+def mosquitto_exe() -> str | None:
+    return shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+
+
+def start_broker(workdir: Path, *, require_mosquitto: bool = False, extra_conf: str = ""):
+    """(address, stop, name) of a broker on a free loopback port: Mosquitto if installed, else
+    (unless *require_mosquitto*) the host extra's embedded broker."""
+    exe = mosquitto_exe()
+    if exe:
+        port = free_port()
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n{extra_conf}")
+        proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+
+        def stop() -> None:
+            proc.terminate()
+            proc.wait(10)
+        version = subprocess.run([exe, "-h"], capture_output=True, text=True).stdout.split("\n", 1)[0]
+        return f"127.0.0.1:{port}", stop, version.strip() or "mosquitto"
+    if require_mosquitto:
+        sys.exit("this benchmark needs Mosquitto (apt-get install mosquitto)")
+    broker = EmbeddedBroker()
+    broker.start()
+    return str(broker.address), broker.stop, "amqtt (embedded)"
+
+
+def machine_line() -> str:
+    return (f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
+            f"python {sys.version.split()[0]}")

@@ -1,0 +1,373 @@
+"""Bundle delivery over MQTT against raw MQTT and HTTP, in one run against one local Mosquitto.
+
+    python benchmarks/delivery.py            # 64 MiB to one device, 16 MiB to 100 devices (~5 min)
+    python benchmarks/delivery.py --quick    # 16 MiB to one device, 4 MiB to 20 devices
+
+(a) One device fetches a 64 MiB signed bundle the way the agent does (device_agent.transfer:
+    windowed chunk requests, per-chunk SHA-256, written to disk, whole-file SHA-256, then
+    BundleStore.install: signature and file hashes, unpacked), against the same bytes as raw
+    QoS 1 messages of the same size through the same broker (received and counted, nothing
+    else; and once more with the subscriber doing the device's per-chunk work: hash, write,
+    whole-file hash), and an HTTP GET of the file from a local stdlib server (read and discarded).
+(b) 100 devices fetch a 16 MiB bundle at once (fan-out on), until every one has verified and
+    installed it, against the broker fanning the same bytes out raw to 100 subscribers.
+(c) The device process's CPU seconds per MiB in (a), and what that would be on a Raspberry Pi 4
+    (taken as 5x slower per core than this machine) downloading at 10 MB/s.
+
+Devices run in worker processes of their own (25 per process, each with its own MQTT
+connection and state directory); the host side (the BundleServer, the raw publisher, the HTTP
+server) runs in this process. Every number is measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.server
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_line, start_broker  # noqa: E402
+
+from device_agent.bundle import sha256_file  # noqa: E402
+from device_agent.bundle.signing import generate_key_pair, trusted_keys  # noqa: E402
+from device_agent.mqtt import BrokerAddress, MqttClient  # noqa: E402
+from device_agent.protocol import topics  # noqa: E402
+from device_agent.protocol.messages import BundleOffer  # noqa: E402
+from device_agent.store import BundleStore  # noqa: E402
+from device_agent.transfer import ChunkRouter, Download  # noqa: E402
+from host_tools.serve import BundleServer  # noqa: E402
+
+CHUNK = 64 * 1024
+DEVICES_PER_WORKER = 25
+MiB = 2**20
+
+
+# -- the device side, in worker processes ----------------------------------------------------
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Connect args.devices MQTT clients, say "ready", wait for "go" on stdin, receive, report JSON."""
+    broker = BrokerAddress.parse(args.broker)
+    work = Path(args.workdir)
+    ids = [f"{args.prefix}-{i}" for i in range(args.first, args.first + args.devices)]
+    offer = BundleOffer(**json.loads(args.offer)) if args.offer else None
+    clients, routers, counters = {}, {}, {}
+    done, finished, downloaded = threading.Event(), {}, {}
+    lock = threading.Lock()
+
+    for device_id in ids:
+        client = MqttClient(client_id=f"bench-{device_id}", broker=broker)
+        if args.mode in ("raw", "rawcheck"):
+            counters[device_id] = 0
+            # rawcheck: what the device does with each chunk (hash it, write it), without asking
+            out = open(work / f"{device_id}.raw", "wb") if args.mode == "rawcheck" else None
+
+            def on_raw(topic, payload, device_id=device_id, out=out):
+                if out is not None:
+                    hashlib.sha256(payload).hexdigest()
+                    out.write(payload)
+                with lock:
+                    counters[device_id] += len(payload)
+                    if counters[device_id] >= args.size and device_id not in finished:
+                        if out is not None:
+                            out.close()
+                            sha256_file(Path(out.name))
+                        finished[device_id] = time.time()
+                        if len(finished) == len(ids):
+                            done.set()
+            client.subscribe(args.topic, on_raw, qos=1)
+        else:
+            routers[device_id] = ChunkRouter()
+            client.subscribe(topics.chunks(device_id), routers[device_id], qos=1)
+        client.connect(timeout=30)
+        clients[device_id] = client
+    time.sleep(0.5)  # subscriptions granted
+    print("ready", flush=True)
+    sys.stdin.readline()
+    cpu0 = cpu_seconds()
+    errors = []
+    if args.mode != "bundle":
+        done.wait(600)
+    else:
+        keys = trusted_keys([Path(args.trusted)])
+
+        def fetch(device_id: str) -> None:
+            try:
+                state = work / device_id
+                store = BundleStore(state)
+                path = Download(clients[device_id], routers[device_id], device_id, offer,
+                                store.download_path(offer.sha256), window=args.window).run()
+                downloaded[device_id] = (time.time(), cpu_seconds())
+                store.install(path, keys)
+                finished[device_id] = time.time()
+            except Exception as exc:  # noqa: BLE001 - reported to the parent
+                errors.append(f"{device_id}: {exc}")
+        threads = [threading.Thread(target=fetch, args=(d,)) for d in ids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+    cpu = cpu_seconds() - cpu0
+    for client in clients.values():
+        client.disconnect()
+    download_cpu = max((c for _, c in downloaded.values()), default=cpu0) - cpu0
+    print(json.dumps({"finished": finished, "downloaded": {d: t for d, (t, _) in downloaded.items()},
+                      "cpu_s": cpu, "download_cpu_s": download_cpu, "errors": errors}), flush=True)
+
+
+class Workers:
+    """Device worker processes for one measurement."""
+
+    def __init__(self, count: int, mode: str, broker: str, workdir: Path, *, size: int, topic: str = "",
+                 offer: BundleOffer | None = None, trusted: Path | None = None, prefix: str = "dev",
+                 window: int = 8) -> None:
+        self.procs = []
+        for first in range(0, count, DEVICES_PER_WORKER):
+            n = min(DEVICES_PER_WORKER, count - first)
+            cmd = [sys.executable, __file__, "--worker", mode, "--broker", broker, "--workdir", str(workdir),
+                   "--prefix", prefix, "--first", str(first), "--devices", str(n), "--size", str(size),
+                   "--topic", topic, "--offer", json.dumps(offer.__dict__) if offer else "",
+                   "--trusted", str(trusted or ""), "--window", str(window)]
+            self.procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        for p in self.procs:
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError("a device worker did not start")
+
+    def go(self) -> float:
+        start = time.time()
+        for p in self.procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        return start
+
+    def results(self) -> dict:
+        """finished/downloaded: {device: Unix time}; cpu_s, download_cpu_s: summed over workers."""
+        out = {"finished": {}, "downloaded": {}, "cpu_s": 0.0, "download_cpu_s": 0.0, "errors": []}
+        for p in self.procs:
+            doc = json.loads(p.stdout.readline())
+            for key in ("finished", "downloaded"):
+                out[key].update(doc[key])
+            for key in ("cpu_s", "download_cpu_s"):
+                out[key] += doc[key]
+            out["errors"] += doc["errors"]
+            p.wait(30)
+        return out
+
+
+# -- the host side ---------------------------------------------------------------------------
+def make_bundle(work: Path, size: int, key: Path) -> Path:
+    """A signed bundle whose model is a MatMul with a size-byte weight, summed to one number: a real,
+    loadable ONNX model, and a bundle of about *size* bytes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from host_tools.packaging import build_bundle
+
+    cols = size // (16 * 4)
+    weight = np.random.default_rng(0).standard_normal((16, cols)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("ReduceSum", ["xw"], ["y"], keepdims=0)],
+        "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(weight, "w")])
+    model = work / f"big-{size // MiB}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    out = work / f"big-{size // MiB}.efb"
+    build_bundle(model, name="big", version="1.0.0", key=key, out=out,
+                 sample={"x": np.ones((1, 16), np.float32)})
+    return out
+
+
+def publish_raw(client: MqttClient, topic: str, data: bytes) -> None:
+    for offset in range(0, len(data), CHUNK):
+        client.publish(topic, data[offset:offset + CHUNK], qos=1)
+
+
+def serve_http(directory: Path) -> tuple[str, http.server.ThreadingHTTPServer]:
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(directory), **kw)
+
+        def log_message(self, *a):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
+
+
+def http_get(url: str) -> int:
+    import urllib.request
+
+    total = 0
+    with urllib.request.urlopen(url) as response:
+        while block := response.read(1 << 20):
+            total += len(block)
+    return total
+
+
+def single(label: str, size: int, seconds: float) -> str:
+    return f"{label:<52} {size / MiB:>7.0f} {seconds:>9.2f} {size / MiB / seconds:>9.1f}"
+
+
+def measure_one(host: MqttClient, server: BundleServer, broker: str, work: Path, bundle: Path, pub: Path,
+                window: int) -> dict:
+    """(a) and (c): raw MQTT, HTTP, then our transfer + verify + install, to one device."""
+    data = bundle.read_bytes()
+    log("(a) raw QoS 1 publish/subscribe to one subscriber")
+    w = Workers(1, "raw", broker, work, size=len(data), topic="bench/raw/one", prefix="raw1")
+    start = w.go()
+    publish_raw(host, "bench/raw/one", data)
+    raw = w.results()
+    log("(a) raw QoS 1 publish/subscribe, the subscriber hashing and writing each message as a device does")
+    w = Workers(1, "rawcheck", broker, work, size=len(data), topic="bench/raw/checked", prefix="rawc")
+    checked_start = w.go()
+    publish_raw(host, "bench/raw/checked", data)
+    checked = w.results()
+    log("(a) HTTP GET from a local stdlib server")
+    url, httpd = serve_http(bundle.parent)
+    http_start = time.time()
+    assert http_get(f"{url}/{bundle.name}") == len(data)
+    http_seconds = time.time() - http_start
+    httpd.shutdown()
+    log(f"(a) edgefleet transfer, then verify + install, one device (window {window})")
+    offer = server.offer(bundle, "big", "1.0.0")
+    w = Workers(1, "bundle", broker, work, size=len(data), offer=offer, trusted=pub, prefix="one", window=window)
+    ours_start = w.go()
+    ours = w.results()
+    if ours["errors"]:
+        sys.exit(f"delivery failed: {ours['errors']}")
+    return {"size": len(data), "raw_s": max(raw["finished"].values()) - start, "raw_cpu_s": raw["cpu_s"],
+            "checked_s": max(checked["finished"].values()) - checked_start, "checked_cpu_s": checked["cpu_s"],
+            "http_s": http_seconds, "fetched_s": max(ours["downloaded"].values()) - ours_start,
+            "installed_s": max(ours["finished"].values()) - ours_start,
+            "download_cpu_s": ours["download_cpu_s"], "cpu_s": ours["cpu_s"]}
+
+
+def measure_fleet(host: MqttClient, server: BundleServer, broker: str, work: Path, bundle: Path, pub: Path,
+                  window: int, fleet: int) -> dict:
+    """(b): raw fan-out to the fleet, then our transfer + verify + install on every device."""
+    data = bundle.read_bytes()
+    log(f"(b) raw fan-out of {len(data) / MiB:.0f} MiB to {fleet} subscribers")
+    w = Workers(fleet, "raw", broker, work, size=len(data), topic="bench/raw/fleet", prefix="rawf")
+    start = w.go()
+    publish_raw(host, "bench/raw/fleet", data)
+    raw_s = max(w.results()["finished"].values()) - start
+    log(f"(b) edgefleet transfer + verify + install on {fleet} devices")
+    offer = server.offer(bundle, "big", "1.0.0")
+    sent_before = server.stats.bytes_sent
+    w = Workers(fleet, "bundle", broker, work, size=len(data), offer=offer, trusted=pub, prefix="fleet",
+                window=window)
+    start = w.go()
+    ours = w.results()
+    if ours["errors"] or len(ours["finished"]) != fleet:
+        sys.exit(f"fleet delivery failed: {len(ours['finished'])}/{fleet} finished; {ours['errors'][:3]}")
+    return {"size": len(data), "fleet": fleet, "raw_s": raw_s, "ours_s": max(ours["finished"].values()) - start,
+            "sent": server.stats.bytes_sent - sent_before, "cpu_s": ours["cpu_s"]}
+
+
+def report_one(r: dict, window: int, broker_name: str) -> None:
+    size = r["size"]
+    print(f"\n(a) one device, {size / MiB:.0f} MiB, {CHUNK // 1024} KiB chunks/messages, device window {window}, "
+          f"broker {broker_name}")
+    print(f"{'path':<52} {'MiB':>7} {'seconds':>9} {'MiB/s':>9}")
+    print(single("raw MQTT QoS 1 publish -> subscribe", size, r["raw_s"]))
+    print(single("raw MQTT, subscriber hashes + writes like a device", size, r["checked_s"]))
+    print(single("HTTP GET (stdlib server, read and discard)", size, r["http_s"]))
+    print(single("edgefleet transfer (chunks checked, on disk, SHA-256)", size, r["fetched_s"]))
+    print(single("edgefleet transfer, then verify + install", size, r["installed_s"]))
+    ratio = r["raw_s"] / r["fetched_s"]
+    print(f"edgefleet transfer / raw MQTT throughput: {ratio:.2f}  target ≥ 0.70: "
+          f"{'meets' if ratio >= 0.7 else 'MISSES'}; / raw MQTT with the same per-chunk work: "
+          f"{r['checked_s'] / r['fetched_s']:.2f}")
+    mib = size / MiB
+    per_mib = r["download_cpu_s"] / mib
+    pi = per_mib * 5 * (10e6 / MiB) * 100
+    print(f"\n(c) device CPU while downloading in (a): {r['download_cpu_s']:.2f} s for {mib:.0f} MiB = "
+          f"{per_mib * 1000:.2f} ms per MiB (raw subscriber: {r['raw_cpu_s'] / mib * 1000:.2f} ms, with the same "
+          f"per-chunk work: {r['checked_cpu_s'] / mib * 1000:.2f} ms; "
+          f"verify + install after it: {(r['cpu_s'] - r['download_cpu_s']) / mib * 1000:.2f} ms)")
+    print(f"    a Raspberry Pi 4 (5x slower per core) downloading at 10 MB/s: {pi:.0f}% of one core  "
+          f"target < 25%: {'meets' if pi < 25 else 'MISSES'}")
+
+
+def report_fleet(r: dict) -> None:
+    fleet, size = r["fleet"], r["size"]
+    print(f"\n(b) {fleet} devices, {size / MiB:.0f} MiB each, until every one has verified and installed it")
+    print(f"{'path':<52} {'seconds':>9}")
+    print(f"{'raw MQTT fan-out to ' + str(fleet) + ' subscribers':<52} {r['raw_s']:>9.2f}")
+    print(f"{'edgefleet, fan-out on':<52} {r['ours_s']:>9.2f}")
+    ratio = r["ours_s"] / r["raw_s"]
+    print(f"edgefleet / raw fan-out time: {ratio:.2f}  target ≤ 1.5: {'meets' if ratio <= 1.5 else 'MISSES'}")
+    print(f"host uplink: {r['sent'] / MiB:.1f} MiB published for {fleet} x {size / MiB:.0f} MiB delivered "
+          f"({r['sent'] / (fleet * size):.3f} copies per device); device CPU for download + verify + install: "
+          f"{r['cpu_s'] / fleet / (size / MiB) * 1000:.2f} ms per MiB per device")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--part", choices=["a", "b", "all"], default="all",
+                        help="Only (a) one device (with (c)), or only (b) the fleet.")
+    parser.add_argument("--window", type=int, default=16, help="Chunk requests a device keeps in flight "
+                        "(the agent's limits.chunk_window).")
+    parser.add_argument("--worker", choices=["raw", "rawcheck", "bundle"], help=argparse.SUPPRESS)
+    for opt in ("--broker", "--workdir", "--prefix", "--topic", "--offer", "--trusted"):
+        parser.add_argument(opt, default="", help=argparse.SUPPRESS)
+    for opt in ("--first", "--devices", "--size"):
+        parser.add_argument(opt, type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.mode = args.worker
+        worker(args)
+        return
+
+    one_size, fleet_size, fleet = (16 * MiB, 4 * MiB, 20) if args.quick else (64 * MiB, 16 * MiB, 100)
+    work = Path(tempfile.mkdtemp(prefix="ef-delivery-", dir="/tmp"))
+    broker, stop_broker, broker_name = start_broker(work, require_mosquitto=True,
+                                                    extra_conf="max_queued_messages 100000\nset_tcp_nodelay true\n")
+    host = MqttClient(client_id="bench-host", broker=BrokerAddress.parse(broker))
+    host.connect()
+    one = many = None
+    try:
+        key, pub = generate_key_pair(work, "bench")
+        server = BundleServer(host, chunk_size=CHUNK)
+        server.start()
+        if args.part in ("a", "all"):
+            log(f"building a {one_size // MiB} MiB signed bundle")
+            one = measure_one(host, server, broker, work, make_bundle(work, one_size, key), pub, args.window)
+        if args.part in ("b", "all"):
+            log(f"building a {fleet_size // MiB} MiB signed bundle")
+            many = measure_fleet(host, server, broker, work, make_bundle(work, fleet_size, key), pub, args.window,
+                                 fleet)
+        server.stop()
+    finally:
+        host.disconnect()
+        stop_broker()
+        shutil.rmtree(work, ignore_errors=True)
+    if one:
+        report_one(one, args.window, broker_name)
+    if many:
+        report_fleet(many)
+    print(f"\n{machine_line()}")
+
+
+if __name__ == "__main__":
+    main()
