@@ -69,6 +69,7 @@ class Download:
         self._next_new = 0
         self._last_progress = time.monotonic()
         self._resumed = 0
+        self.messages = self.duplicates = 0  # chunk messages seen, and those not needed
 
     @property
     def record_path(self) -> Path:
@@ -165,7 +166,12 @@ class Download:
         return wanted
 
     def _on_chunk(self, topic: str, payload: bytes) -> None:
+        self.messages += 1
         try:
+            bundle, index, _, _ = Chunk.peek(payload)
+            if bundle != self._offer.sha256 or index in self._received:
+                self.duplicates += 1  # another device's answer, or one we have: not worth a hash
+                return
             chunk = Chunk.from_payload(payload)
         except ProtocolError:
             return

@@ -30,7 +30,8 @@ from device_agent.protocol import topics
 from device_agent.protocol.messages import DEFAULT_CHUNK_SIZE, BundleOffer, Chunk, ChunkRequest
 
 log = logging.getLogger(__name__)
-FANOUT_REPEAT = 1.0  # seconds before the same chunk is published to a bundle's shared topic again
+FANOUT_REPEAT = 60.0  # seconds before the same chunk is published to a bundle's shared topic again
+FANOUT_QUIET = 2.5    # seconds a device listening at the publish is assumed to have the chunk (its retry: 3 s)
 MAX_QUEUED_REQUESTS = 10_000
 INLINE_CHUNKS = 16  # requests this small are answered on the network thread (see _on_request)
 
@@ -173,7 +174,7 @@ class BundleServer:
                         self._fanned_out[key] = now
                         topic = topics.bundle_chunks(sha, chunk_size)
                         stats.fanout_chunks += 1
-                    elif since < published:
+                    elif since < published and now - published < FANOUT_QUIET:
                         stats.fanout_saved += 1  # it was listening when the chunk went out
                         continue
                 plan.append((index, topic))

@@ -306,7 +306,9 @@ class Chunk:
         return b"".join((self._LEN.pack(len(header)), header, self.data))
 
     @classmethod
-    def from_payload(cls, payload: bytes) -> "Chunk":
+    def peek(cls, payload: bytes) -> tuple[str, int, dict[str, Any], int]:
+        """(bundle, index, header, where the data starts), without touching the data: a device
+        drops a chunk it already has before paying for its hash."""
         if len(payload) < cls._LEN.size:
             raise ProtocolError("chunk message is truncated")
         (header_len,) = cls._LEN.unpack_from(payload)
@@ -322,10 +324,15 @@ class Chunk:
         index = _get(header, "index", int)
         if index < 0:
             raise ProtocolError("chunk index must be non-negative")
+        return _get(header, "bundle", str), index, header, header_end
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "Chunk":
+        bundle, index, header, header_end = cls.peek(payload)
         data = payload[header_end:]
         if hashlib.sha256(data).hexdigest() != _get(header, "sha256", str):
             raise ProtocolError(f"chunk {index} does not match its SHA-256 (damaged on the way)")
-        return cls(bundle_sha256=_get(header, "bundle", str), index=index, data=data)
+        return cls(bundle_sha256=bundle, index=index, data=data)
 
 
 # Deployment states a device reports, in the order a successful deployment passes them.
