@@ -260,7 +260,8 @@ def measure_one(host: MqttClient, server: BundleServer, broker: str, work: Path,
             "checked_s": max(checked["finished"].values()) - checked_start, "checked_cpu_s": checked["cpu_s"],
             "http_s": http_seconds, "fetched_s": max(ours["downloaded"].values()) - ours_start,
             "installed_s": max(ours["finished"].values()) - ours_start,
-            "download_cpu_s": ours["download_cpu_s"], "cpu_s": ours["cpu_s"]}
+            "download_cpu_s": ours["download_cpu_s"], "cpu_s": ours["cpu_s"],
+            "messages": ours["messages"], "duplicates": ours["duplicates"]}
 
 
 def measure_fleet(host: MqttClient, server: BundleServer, broker: str, work: Path, bundle: Path, pub: Path,
@@ -304,6 +305,7 @@ def report_one(r: dict, window: int, broker_name: str) -> None:
     print(single("edgefleet transfer (chunks checked, on disk, SHA-256)", size, r["fetched_s"]))
     print(single("edgefleet transfer, then verify + install", size, r["installed_s"]))
     ratio = r["raw_s"] / r["fetched_s"]
+    print(f"chunk messages the device received: {r['messages']} ({r['duplicates']} not needed)")
     print(f"edgefleet transfer / raw MQTT throughput: {ratio:.2f}  target ≥ 0.70: "
           f"{'meets' if ratio >= 0.7 else 'MISSES'}; / raw MQTT with the same per-chunk work: "
           f"{r['checked_s'] / r['fetched_s']:.2f}")
