@@ -182,6 +182,14 @@ def test_edgefleet_serve_answers_for_deploys_that_do_not_serve_and_picks_up_new_
     try:
         agents.start("pi-40")
         assert wait_until(lambda: "answering chunk requests" in (tmp_path / "serve.log").read_text(), 20)
+        from device_agent.bundle import sha256_file
+        from device_agent.protocol import topics
+
+        vandal = MqttClient(client_id="test-vandal-serve", broker=mosquitto)
+        vandal.connect()
+        for payload in GARBAGE:  # on the very topic the server answers
+            vandal.publish(topics.chunk_request(sha256_file(shelf / "v1.efb")), payload, qos=1, wait=5.0)
+        vandal.disconnect()
         code, results = deploy_args(make_bundle("1.0.0"), "pi-40", mosquitto, "--no-serve")
         assert code == 0 and results["pi-40"]["state"] == "active"
         shutil.copy(make_bundle("2.0.0"), shelf / "v2.efb")  # served without a restart
@@ -192,6 +200,7 @@ def test_edgefleet_serve_answers_for_deploys_that_do_not_serve_and_picks_up_new_
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(10) == 0
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
     missing = edgefleet("serve", tmp_path / "nope.efb", "--broker", mosquitto)
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr
 
