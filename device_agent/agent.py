@@ -15,15 +15,15 @@ from device_agent import __version__
 from device_agent.bench import benchmark
 from device_agent.bundle.signing import trusted_keys
 from device_agent.command_log import CommandLog
-from device_agent.config import AgentConfig
-from device_agent.errors import EdgefleetError, MqttError, ProtocolError, SignatureError
+from device_agent.config import AgentConfig, RemoteSettings
+from device_agent.errors import ConfigError, EdgefleetError, MqttError, ProtocolError, SignatureError
 from device_agent.local_api import LocalApi
 from device_agent.local_api import framing
 from device_agent.local_api.http import HttpApi
 from device_agent.mqtt import MqttClient, Will
 from device_agent.protocol import topics
 from device_agent.protocol.messages import (
-    BenchCommand, DeployCommand, DeploymentEvent, DeviceStatus, Reply, RollbackCommand, StatusRequest,
+    BenchCommand, ConfigCommand, DeployCommand, DeploymentEvent, DeviceStatus, Reply, RollbackCommand, StatusRequest,
     TelemetrySample, TrustCommand, command_id_of, parse_command,
 )
 from device_agent.serving import ModelSlot, SampleWorkload
@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
+        self.settings = RemoteSettings(config)  # what the host changed over MQTT wins over the file
+        try:
+            config = self.settings.apply(config)
+        except ConfigError as exc:  # saved by an older agent with other rules: keep the file's
+            log.error("ignoring the remotely changed settings: %s", exc)
         self.config = config
         self.keys = TrustStore(config.state_dir, trusted_keys(config.trusted_keys))
         self.store = BundleStore(config.state_dir)
@@ -170,7 +175,7 @@ class Agent:
         if command_id is None:
             return
         reason = f"command refused: {exc}"
-        if kind in ("bench", "status_request", "trust"):
+        if kind in ("bench", "status_request", "trust", "config"):
             self._reply(Reply(self.config.device_id, command_id, "status" if kind == "status_request" else kind,
                               False, {}, reason))
         else:
@@ -193,7 +198,8 @@ class Agent:
                 "update": None if record.state == "idle" else {"command_id": record.command_id,
                                                                "bundle": record.label, "kind": record.kind,
                                                                "attempts": record.attempts},
-                "connected": self.client.connected, "pid": os.getpid(), "keys": self.keys.describe()}
+                "connected": self.client.connected, "pid": os.getpid(), "keys": self.keys.describe(),
+                **self.settings.describe(self.config)}
 
     def _local_rollback(self) -> dict[str, Any]:
         done: Future = Future()
@@ -221,6 +227,8 @@ class Agent:
                     self._bench(command)
                 elif isinstance(command, TrustCommand):
                     self._change_trust(command)
+                elif isinstance(command, ConfigCommand):
+                    self._change_settings(command)
             except Exception as exc:  # the update thread must survive anything one command does
                 log.exception("command %s failed", command.command_id)
                 if done is not None:
@@ -267,6 +275,18 @@ class Agent:
             return
         self._reply(Reply(self.config.device_id, command.command_id, "trust", True, body))
 
+    def _change_settings(self, command: ConfigCommand) -> None:
+        try:
+            config = self.settings.apply(self.config, command.settings)
+        except EdgefleetError as exc:
+            self._refuse(command.to_payload(), exc)
+            return
+        self.config = self.machine.ctx.config = config  # the loops read it afresh each round
+        if command.settings:
+            log.info("settings changed by the host: %s", command.settings)
+        self._reply(Reply(self.config.device_id, command.command_id, "config", True,
+                          self.settings.describe(self.config)))
+
     def _load_seq(self) -> int:
         try:
             return int(self._seq_file.read_text())
@@ -283,8 +303,7 @@ class Agent:
         return self._seq
 
     def _telemetry_loop(self) -> None:
-        interval = self.config.telemetry_interval
-        while not self._stop.wait(interval):
+        while not self._stop.wait(interval := self.config.telemetry_interval):
             if not self.client.connected:
                 continue  # the SQLite queue that keeps samples across outages is issue 6's
             seq = self._next_seq()

@@ -35,9 +35,10 @@ Command-line flags and ``EDGEFLEET_*`` environment variables override the file.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from device_agent.errors import ConfigError
 from device_agent.mqtt import BrokerAddress, TlsFiles
 from device_agent.protocol import topics
 from device_agent.runtime.base import RuntimeOptions
+from device_agent.store import write_atomically
 
 DEFAULT_CONFIG = Path("/etc/edgefleet/agent.toml")
 
@@ -89,6 +91,10 @@ class AgentConfig:
             raise ConfigError(f"api spin_us {self.api_spin_us} must be between 0 and 100000")
         if self.keep_versions < 1 or self.max_start_attempts < 1 or self.download_attempts < 1:
             raise ConfigError("keep_versions, max_start_attempts and download_attempts must be at least 1")
+        if not 1 <= self.chunk_window <= 1024:
+            raise ConfigError("chunk_window must be 1 to 1024")
+        if self.download_stall_timeout <= 0 or self.download_backoff < 0:
+            raise ConfigError("download_stall_timeout must be positive and download_backoff not negative")
 
     @property
     def inference_socket(self) -> Path:
@@ -97,6 +103,56 @@ class AgentConfig:
     @property
     def control_socket_path(self) -> Path:
         return self.control_socket or Path(self.state_dir) / "control.sock"
+
+
+# Settings the host may change on a running device with a signed `config` command; they take
+# effect at once and are kept in <state_dir>/remote_config.json, over the config file's values.
+REMOTE_SETTINGS = ("telemetry_interval", "chunk_window", "download_stall_timeout", "download_attempts",
+                   "download_backoff", "keep_versions", "trial_seconds", "max_start_attempts")
+_INTEGER_SETTINGS = {"chunk_window", "download_attempts", "keep_versions", "max_start_attempts"}
+
+
+class RemoteSettings:
+    """The settings changed over MQTT, persisted in the state directory, over *config*'s (the
+    config file's and flags') values, which a setting returns to when the host clears it."""
+
+    def __init__(self, config: "AgentConfig") -> None:
+        self.path = Path(config.state_dir) / "remote_config.json"
+        self.base = {k: getattr(config, k) for k in REMOTE_SETTINGS}
+        try:
+            doc = json.loads(self.path.read_text())
+            self.values = {k: v for k, v in doc.items() if k in REMOTE_SETTINGS} if isinstance(doc, dict) else {}
+        except FileNotFoundError:
+            self.values = {}
+        except (OSError, ValueError):  # damaged: the config file's values hold until the host sets them again
+            self.values = {}
+
+    def apply(self, config: "AgentConfig", changes: dict[str, Any] | None = None) -> "AgentConfig":
+        """*config* with the saved settings and then *changes* applied (a value of None: back to
+        the config file's). Raises ConfigError, saving nothing, for an unknown setting or a bad value."""
+        values = dict(self.values)
+        for key, value in (changes or {}).items():
+            if key not in REMOTE_SETTINGS:
+                raise ConfigError(f"{key!r} cannot be set remotely; these can: {', '.join(REMOTE_SETTINGS)}")
+            if value is None:
+                values.pop(key, None)
+            elif key in _INTEGER_SETTINGS:
+                if value != int(value):
+                    raise ConfigError(f"{key} must be a whole number")
+                values[key] = int(value)
+            else:
+                values[key] = float(value)
+        try:
+            updated = replace(config, **{**self.base, **values})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid setting: {exc}") from None
+        if changes:
+            write_atomically(self.path, json.dumps(values, indent=1, sort_keys=True).encode())
+            self.values = values
+        return updated
+
+    def describe(self, config: "AgentConfig") -> dict[str, Any]:
+        return {"settings": {k: getattr(config, k) for k in REMOTE_SETTINGS}, "changed_remotely": sorted(self.values)}
 
 
 # TOML table.key -> AgentConfig field

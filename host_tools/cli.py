@@ -488,6 +488,47 @@ def device_status(device_id, broker, timeout, as_json) -> None:
                                                            if doc.get("update") else ""))
 
 
+@device.command("config", help="Show or change a device's settings over MQTT (signed): --set NAME=VALUE, "
+                                "--reset NAME (back to its config file's value). Changes apply at once and "
+                                "survive restarts.")
+@click.argument("device_id")
+@click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE", help="Repeatable.")
+@click.option("--reset", "resets", multiple=True, metavar="NAME", help="Repeatable.")
+@broker_option
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the answer.")
+@signing_options
+@json_option
+@fail_cleanly
+def device_config(device_id, assignments, resets, broker, timeout, signing_key, expires_in, as_json) -> None:
+    from device_agent.protocol.messages import ConfigCommand
+    from host_tools.ask import ask
+
+    settings: dict = {name: None for name in resets}
+    for item in assignments:
+        name, sep, value = item.partition("=")
+        try:
+            settings[name.strip()] = float(value) if sep else None
+        except ValueError:
+            settings[name.strip()] = None
+            sep = ""
+        if not sep or not name.strip():
+            raise click.UsageError(f"--set takes NAME=NUMBER, not {item!r}")
+    signer = command_signer(signing_key, expires_in)
+    client = host_client(broker, "config")
+    try:
+        reply = ask(client, device_id, lambda cid: ConfigCommand(cid, time.time(), settings), timeout, signer)
+    finally:
+        client.disconnect()
+    if not reply.ok:
+        raise ConfigError(f"{device_id} refused: {reply.error}")
+    if as_json:
+        click.echo(json.dumps(reply.body))
+        return
+    changed = set(reply.body["changed_remotely"])
+    for name, value in reply.body["settings"].items():
+        click.echo(f"{name:<24} {value:<10g} {'(set remotely)' if name in changed else ''}".rstrip())
+
+
 @main.command(help="Benchmark BUNDLE on a device (like TFLite's benchmark_model): load time, first "
                    "inference, warm latency p50/p90/p99, peak memory.")
 @click.argument("bundle_path", type=click.Path(path_type=Path))

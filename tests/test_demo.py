@@ -14,7 +14,8 @@ def test_demo_runs_the_whole_path_and_exits_0(tmp_path):
         assert device in out
     assert out.count("digits-cnn 1.0.0") >= 3
     assert "digits_cnn.int8.onnx" in out  # the before/after table
-    assert (tmp_path / "digits-cnn-1.0.0.efb").exists()
+    assert (tmp_path / "bundles" / "digits-cnn-1.0.0.efb").exists()  # the directory it serves, as `edgefleet serve`
+    assert "as `edgefleet serve` does" in out
     for device in ("pi-01", "pi-02", "pi-03"):
         assert (tmp_path / "devices" / device / "current").is_symlink()
 

@@ -183,8 +183,34 @@ class TrustCommand:
                    add=tuple(add), revoke=tuple(revoke))
 
 
+@dataclass(frozen=True)
+class ConfigCommand:
+    """Change settings on a device (the ones listed in ``device_agent.config.REMOTE_SETTINGS``);
+    applied all or nothing, kept across restarts, answered with a Reply of the settings in force.
+    An empty *settings* asks for them; a value of None returns a setting to the config file's."""
+
+    command_id: str
+    issued_at: float
+    settings: dict[str, Any]
+
+    def to_payload(self) -> bytes:
+        return _encode("config", {"command_id": self.command_id, "issued_at": self.issued_at,
+                                  "settings": self.settings})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "ConfigCommand":
+        doc = _decode(payload, "config")
+        settings = _get(doc, "settings", dict)
+        if len(settings) > 32 or not all(
+                isinstance(k, str) and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
+                for k, v in settings.items()):
+            raise ProtocolError("settings must map up to 32 names to numbers (or null)")
+        return cls(command_id=_get(doc, "command_id", str), issued_at=float(_get(doc, "issued_at", (int, float))),
+                   settings=settings)
+
+
 COMMANDS = {"deploy": DeployCommand, "rollback": RollbackCommand, "status_request": StatusRequest,
-            "bench": BenchCommand, "trust": TrustCommand}
+            "bench": BenchCommand, "trust": TrustCommand, "config": ConfigCommand}
 
 
 def parse_command(payload: bytes, keys=None):
@@ -231,7 +257,7 @@ class Reply:
 
     device_id: str
     command_id: str
-    kind: str  # "status", "bench" or "trust"
+    kind: str  # "status", "bench", "trust" or "config"
     ok: bool
     body: dict[str, Any]
     error: str | None = None
