@@ -28,6 +28,15 @@ class CollectorContext:
     procfs: Path = Path("/proc")
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     errors: Callable[[], int] = lambda: 0
+    # Runs `vcgencmd ARGS` and returns its output, None where there is none (tests: recorded output).
+    vcgencmd: Callable[..., str | None] = field(default_factory=lambda: _real_vcgencmd)
+    clock: Callable[[], float] = time.monotonic
+
+
+def _real_vcgencmd(*args: str) -> str | None:
+    from device_agent.telemetry.power import run_vcgencmd
+
+    return run_vcgencmd(*args)
 
 
 class Collector(Protocol):
@@ -80,9 +89,19 @@ class TelemetryCollectors:
             if value is not None:
                 readings[collector.name] = value
         readings["collectors"] = health
+        _energy_per_inference(readings)
         return readings
+
+
+def _energy_per_inference(readings: dict[str, Any]) -> None:
+    """Where power is measured: the board's (or SoC's) energy over the interval per inference, in
+    mJ. All of it is charged to inference; it is what a deployment costs, idle draw included."""
+    watts = (readings.get("power") or {}).get("total_watts")
+    per_s = (readings.get("inference") or {}).get("per_s")
+    if watts is not None and per_s:
+        readings["inference"]["energy_mj"] = round(watts / per_s * 1000, 3)
 
 
 def _load_builtin() -> None:
     # Importing a collector module registers it.
-    from device_agent.telemetry import cpu, inference, memory  # noqa: F401
+    from device_agent.telemetry import cpu, inference, memory, power, thermal  # noqa: F401

@@ -14,6 +14,7 @@ def summarize(row: DeviceRow) -> dict[str, Any]:
     """Flatten a device's newest readings; a reading the device did not send is None, never 0."""
     t = row.telemetry or {}
     inf, mem, cpu, power = t.get("inference", {}), t.get("memory", {}), t.get("cpu", {}), t.get("power")
+    thermal = t.get("thermal") or {}
     return {
         "device_id": row.device_id,
         "online": row.online,
@@ -25,8 +26,10 @@ def summarize(row: DeviceRow) -> dict[str, Any]:
         "inferences_per_s": inf.get("per_s"),
         "process_rss_bytes": mem.get("process_rss_bytes"),
         "process_cpu_percent": cpu.get("process_percent"),
-        "power_watts": power.get("watts") if isinstance(power, dict) else None,
+        "power_watts": power.get("total_watts") if isinstance(power, dict) else None,
         "power_source": power.get("source") if isinstance(power, dict) else None,
+        "energy_per_inference_mj": inf.get("energy_mj"),
+        "temperature_c": thermal.get("max_c") if isinstance(thermal, dict) else None,
         "telemetry_samples": row.samples,
         "last_seen": row.last_seen or None,
     }
@@ -48,10 +51,11 @@ def fleet_table(rows: list[DeviceRow], now: float | None = None):
 
     now = time.time() if now is None else now
     table = Table(title="fleet status", header_style="bold", caption="latency in ms over the last "
-                  "telemetry interval; RSS in MiB; CPU in % of one core; n/a = not reported by the device")
+                  "telemetry interval; RSS in MiB; CPU in % of one core; °C: hottest zone; power: what the device's "
+                  "sensor measures (source in brackets); n/a = not reported by the device")
     # a bundle label wraps only past 40 characters: "name version" split over two lines misleads
     bundle_width = min(40, max((len(r.active_bundle or "") for r in rows), default=0))
-    for header in ("device", "state", "bundle", "p50", "p95", "p99", "inf/s", "RSS", "CPU", "power W", "seen"):
+    for header in ("device", "state", "bundle", "p50", "p95", "p99", "inf/s", "RSS", "CPU", "°C", "power W", "seen"):
         table.add_column(header, justify="left" if header in ("device", "state", "bundle") else "right",
                          no_wrap=header != "bundle", min_width=bundle_width if header == "bundle" else None)
     for row in rows:
@@ -65,5 +69,5 @@ def fleet_table(rows: list[DeviceRow], now: float | None = None):
                       _num(s["latency_p50_ms"], ".3f"), _num(s["latency_p95_ms"], ".3f"),
                       _num(s["latency_p99_ms"], ".3f"), _num(s["inferences_per_s"], ".1f"),
                       NA if rss is None else f"{rss / 2**20:.1f}", _num(s["process_cpu_percent"], ".1f"),
-                      power, _ago(s["last_seen"], now))
+                      _num(s["temperature_c"], ".1f"), power, _ago(s["last_seen"], now))
     return table

@@ -37,3 +37,25 @@ def test_the_database_survives_reopening(tmp_path):
     store.record_status(DeviceStatus("pi-01", True, 1.0), 1.0)
     store.close()
     assert [r.device_id for r in FleetStore(tmp_path / "fleet.db").devices()] == ["pi-01"]
+
+
+def test_a_jetsons_power_and_temperature_reach_the_fleet_view_with_their_source(tmp_path):
+    from pathlib import Path
+
+    from device_agent.telemetry import CollectorContext, TelemetryCollectors
+    from host_tools.fleet.view import fleet_table
+    from rich.console import Console
+
+    board = Path(__file__).resolve().parent.parent / "fixtures" / "boards" / "jetson-orin-nano-jp6" / "sys"
+    readings = TelemetryCollectors(CollectorContext(sysfs=board, vcgencmd=lambda *a: None),
+                                   ["power", "thermal"]).collect()
+    store = FleetStore(tmp_path / "fleet.db")
+    store.record_status(DeviceStatus("pi-01", True, 1.0, "0.1.0", "m 1.0.0", "ab" * 32), 1.0)
+    store.record_telemetry(sample(1, readings=readings), 2.0)
+    (row,) = store.devices()
+    s = summarize(row)
+    assert (s["power_watts"], s["power_source"], s["temperature_c"]) == (5.996, "jetson-ina3221", 48.25)
+    console = Console(width=200, record=True)
+    console.print(fleet_table([row], now=3.0))
+    text = console.export_text()
+    assert "6.00 (jetson-ina3221)" in text and "48.2" in text
