@@ -24,11 +24,12 @@ from device_agent.mqtt import MqttClient, Will
 from device_agent.protocol import topics
 from device_agent.protocol.messages import (
     BenchCommand, ConfigCommand, DeployCommand, DeploymentEvent, DeviceStatus, Reply, RollbackCommand, StatusRequest,
-    TelemetrySample, TrustCommand, command_id_of, parse_command,
+    TelemetryBatch, TelemetrySample, TrustCommand, command_id_of, parse_command,
 )
 from device_agent.serving import ModelSlot, SampleWorkload
 from device_agent.store import BundleStore
 from device_agent.systemd import notify, start_watchdog
+from device_agent.telemetry.queue import TelemetryQueue
 from device_agent.trust import TrustStore
 from device_agent.telemetry import CollectorContext, TelemetryCollectors
 from device_agent.telemetry.histogram import LatencyHistogram
@@ -37,6 +38,7 @@ from device_agent.update import UpdateContext, UpdateMachine
 from device_agent.update.health import health_check
 
 log = logging.getLogger(__name__)
+TELEMETRY_BATCH = 50  # samples per telemetry message when catching up after an outage
 
 
 class Agent:
@@ -54,8 +56,9 @@ class Agent:
         self._stop = threading.Event()
         self._work: queue.Queue[tuple[Any, Future | None]] = queue.Queue()
         self._commands = CommandLog(config.state_dir)
-        self._seq_file = self.store.root / "telemetry.seq"
-        self._seq = self._load_seq()
+        self.telemetry_queue = TelemetryQueue(self.store.root / "telemetry.db", config.telemetry_queue_max)
+        self._adopt_old_sequence()
+        self._sending = threading.Lock()  # one sender at a time: the telemetry loop, or a reconnect
         self._chunks = ChunkRouter()
         offline = DeviceStatus(config.device_id, online=False, timestamp=0.0, agent_version=__version__)
         # A persistent session: commands sent while the device is offline wait at the broker.
@@ -81,6 +84,10 @@ class Agent:
         # After a dropped connection the broker has published our last will (offline);
         # announce again on every reconnect, not only the first connect.
         self.client.on_connected(lambda: self._publish_status(online=True))
+        # Samples queued while the broker was away go out at once, not at the next interval (on
+        # a thread of their own: waiting for acknowledgements on the network thread would hang it).
+        self.client.on_connected(lambda: threading.Thread(target=self._send_queued, name="telemetry-catch-up",
+                                                          daemon=True).start())
         self.client.connect_in_background()  # serve the local API even while the broker is away
         if plan.state == "rolling_back":
             # Finish the rollback before serving: the current bundle may be the one that crashed us.
@@ -287,30 +294,41 @@ class Agent:
         self._reply(Reply(self.config.device_id, command.command_id, "config", True,
                           self.settings.describe(self.config)))
 
-    def _load_seq(self) -> int:
+    def _adopt_old_sequence(self) -> None:
+        # Agents before the queue kept the last sequence number in telemetry.seq; carry on after
+        # it, or the host would take new samples for ones it already has.
+        old = self.store.root / "telemetry.seq"
         try:
-            return int(self._seq_file.read_text())
+            self.telemetry_queue.continue_after(int(old.read_text()))
+            old.unlink()
         except (OSError, ValueError):
-            return 0
-
-    def _next_seq(self) -> int:
-        # The host stores samples keyed by (device, seq): the sequence must survive restarts,
-        # or a restarted agent's samples would be dropped as duplicates.
-        self._seq += 1
-        tmp = self._seq_file.with_suffix(".tmp")
-        tmp.write_text(str(self._seq))
-        os.replace(tmp, self._seq_file)
-        return self._seq
+            pass
 
     def _telemetry_loop(self) -> None:
+        """Every interval: measure, queue (connected or not), and send what is queued."""
         while not self._stop.wait(interval := self.config.telemetry_interval):
-            if not self.client.connected:
-                continue  # the SQLite queue that keeps samples across outages is issue 6's
-            seq = self._next_seq()
             bundle = self.slot.bundle
-            sample = TelemetrySample(self.config.device_id, seq, time.time(), interval,
-                                     bundle.label if bundle else None, self._collectors.collect())
+            readings = self._collectors.collect()
+            readings["queue"] = self.telemetry_queue.stats()  # what is waiting, and what was ever dropped
+            self.telemetry_queue.put({"device_id": self.config.device_id, "timestamp": time.time(),
+                                      "interval_s": interval, "bundle": bundle.label if bundle else None,
+                                      "readings": readings})
+            self._send_queued()
+
+    def _send_queued(self) -> None:
+        """Publish queued samples oldest first, in batches; each leaves the queue once acknowledged."""
+        with self._sending:
+            self._send_batches()
+
+    def _send_batches(self) -> None:
+        while self.client.connected and not self._stop.is_set():
+            samples = self.telemetry_queue.oldest(TELEMETRY_BATCH)
+            if not samples:
+                return
+            batch = TelemetryBatch(self.config.device_id, tuple(TelemetrySample.from_dict(s) for s in samples))
             try:
-                self.client.publish(topics.telemetry(self.config.device_id), sample.to_payload(), qos=1)
-            except MqttError as exc:
-                log.warning("telemetry not sent: %s", exc)
+                self.client.publish(topics.telemetry(self.config.device_id), batch.to_payload(), qos=1, wait=10.0)
+            except MqttError as exc:  # not acknowledged: they stay queued and go again later
+                log.warning("telemetry not sent yet (%d queued): %s", self.telemetry_queue.stats()["pending"], exc)
+                return
+            self.telemetry_queue.remove_through(samples[-1]["seq"])

@@ -59,6 +59,7 @@ class AgentConfig:
     broker: BrokerAddress = field(default_factory=BrokerAddress)
     tls: TlsFiles | None = None
     telemetry_interval: float = 5.0
+    telemetry_queue_max: int = 10_000  # samples kept while the broker is away (~14 h at 5 s); then the oldest go
     # How often the built-in workload runs the active model on its sample input, standing in
     # for an application until one uses the local API; 0 turns it off.
     inference_interval: float = 0.0
@@ -91,6 +92,8 @@ class AgentConfig:
             raise ConfigError(f"api spin_us {self.api_spin_us} must be between 0 and 100000")
         if self.keep_versions < 1 or self.max_start_attempts < 1 or self.download_attempts < 1:
             raise ConfigError("keep_versions, max_start_attempts and download_attempts must be at least 1")
+        if self.telemetry_queue_max < 1:
+            raise ConfigError("telemetry_queue_max must be at least 1")
         if not 1 <= self.chunk_window <= 1024:
             raise ConfigError("chunk_window must be 1 to 1024")
         if self.download_stall_timeout <= 0 or self.download_backoff < 0:
@@ -162,6 +165,7 @@ _FILE_KEYS = {
     ("broker", "tls_key"): "tls_key",
     ("runtime", "threads"): "threads", ("runtime", "onnx_providers"): "onnx_providers",
     ("limits", "telemetry_interval"): "telemetry_interval", ("limits", "inference_interval"): "inference_interval",
+    ("limits", "telemetry_queue_max"): "telemetry_queue_max",
     ("limits", "keep_versions"): "keep_versions", ("limits", "trial_seconds"): "trial_seconds",
     ("limits", "max_start_attempts"): "max_start_attempts",
     ("limits", "download_stall_timeout"): "download_stall_timeout", ("limits", "chunk_window"): "chunk_window",

@@ -432,9 +432,42 @@ class TelemetrySample:
 
     @classmethod
     def from_payload(cls, payload: bytes) -> "TelemetrySample":
-        doc = _decode(payload, "telemetry")
+        return cls.from_dict(_decode(payload, "telemetry"))
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> "TelemetrySample":
+        if not isinstance(doc, dict):
+            raise ProtocolError("a telemetry sample must be an object")
         return cls(device_id=_get(doc, "device_id", str), seq=_get(doc, "seq", int),
                    timestamp=float(_get(doc, "timestamp", (int, float))),
                    interval_s=float(_get(doc, "interval_s", (int, float))),
                    bundle=_get(doc, "bundle", str, optional=True),
                    readings=_get(doc, "readings", dict))
+
+
+MAX_BATCH = 100
+
+
+@dataclass(frozen=True)
+class TelemetryBatch:
+    """Samples a device queued (while offline, or since the last interval), oldest first."""
+
+    device_id: str
+    samples: tuple[TelemetrySample, ...]
+
+    def to_payload(self) -> bytes:
+        return _encode("telemetry_batch", {"device_id": self.device_id,
+                                           "samples": [asdict(s) for s in self.samples]})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "TelemetryBatch":
+        doc = _decode(payload, "telemetry_batch")
+        raw = _get(doc, "samples", list)
+        if not 0 < len(raw) <= MAX_BATCH:
+            raise ProtocolError(f"a batch holds 1..{MAX_BATCH} samples")
+        batch = cls(device_id=_get(doc, "device_id", str),
+                    samples=tuple(TelemetrySample.from_dict(s)
+                                  for s in raw))
+        if any(s.device_id != batch.device_id for s in batch.samples):
+            raise ProtocolError("every sample in a batch must be the batch's device's")
+        return batch

@@ -8,7 +8,7 @@ import time
 from device_agent.errors import ProtocolError
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
-from device_agent.protocol.messages import DeploymentEvent, DeviceStatus, TelemetrySample
+from device_agent.protocol.messages import DeploymentEvent, DeviceStatus, TelemetryBatch, TelemetrySample
 from host_tools.fleet.store import FleetStore
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,12 @@ class Ingest:
             self.store.record_status(status, time.time())
 
     def _on_telemetry(self, topic: str, payload: bytes) -> None:
-        if sample := self._decode(topic, payload, TelemetrySample):
-            self.store.record_telemetry(sample, time.time())
+        # Agents send batches (what they queued, oldest first); a single sample is still understood.
+        batch = b'"telemetry_batch"' in payload[:64]
+        if message := self._decode(topic, payload, TelemetryBatch if batch else TelemetrySample):
+            now = time.time()
+            for sample in (message.samples if batch else (message,)):
+                self.store.record_telemetry(sample, now)
 
     def _on_event(self, topic: str, payload: bytes) -> None:
         if event := self._decode(topic, payload, DeploymentEvent):

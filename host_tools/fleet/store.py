@@ -115,6 +115,13 @@ class FleetStore:
         return [DeviceRow(r[0], bool(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None,
                           r[7], r[8], r[9]) for r in rows]
 
+    def sample_index(self, device_id: str) -> list[tuple[int, float]]:
+        """(sequence number, device timestamp) of every stored sample of *device_id*, in order;
+        a gap in the numbers is a sample never received."""
+        with self._lock:
+            return [(r[0], r[1]) for r in self._db.execute(
+                "SELECT seq, timestamp FROM telemetry WHERE device_id=? ORDER BY seq", (device_id,))]
+
     def telemetry_count(self, device_id: str, bundle: str | None = None) -> int:
         with self._lock:
             if bundle is None:

@@ -8,7 +8,7 @@ from device_agent.errors import ProtocolError
 from device_agent.protocol import topics
 from device_agent.protocol.messages import (
     BenchCommand, BundleOffer, Chunk, ChunkRequest, DeployCommand, DeploymentEvent, DeviceStatus, Reply,
-    RollbackCommand, StatusRequest, TelemetrySample, parse_command,
+    RollbackCommand, StatusRequest, TelemetryBatch, TelemetrySample, parse_command,
 )
 
 OFFER = BundleOffer(sha256="ab" * 32, size=100_000, chunk_size=16_384, name="digits-cnn", version="1.0.0")
@@ -26,6 +26,8 @@ MESSAGES = [
     DeploymentEvent("pi-01", "c1", "failed", "digits-cnn 1.0.0", 0.0, "signature mismatch", 2.0),
     DeviceStatus("pi-01", True, 3.0, "0.1.0", "digits-cnn 1.0.0", "ab" * 32),
     TelemetrySample("pi-01", 7, 4.0, 1.0, "digits-cnn 1.0.0", {"inference": {"p50_ms": 0.4}}),
+    TelemetryBatch("pi-01", (TelemetrySample("pi-01", 8, 5.0, 1.0, None, {}),
+                             TelemetrySample("pi-01", 9, 6.0, 1.0, None, {"power": {"total_watts": 5.0}}))),
 ]
 
 
@@ -39,7 +41,8 @@ def test_chunk_count_rounds_up():
 
 
 @pytest.mark.parametrize("cls", [DeployCommand, ChunkRequest, Chunk, DeploymentEvent, DeviceStatus,
-                                 TelemetrySample, RollbackCommand, StatusRequest, BenchCommand, Reply])
+                                 TelemetrySample, RollbackCommand, StatusRequest, BenchCommand, Reply,
+                                 TelemetryBatch])
 @settings(max_examples=300, deadline=None)
 @given(payload=st.binary(max_size=512))
 def test_arbitrary_bytes_never_raise_anything_but_protocol_error(cls, payload):

@@ -1,0 +1,76 @@
+"""The device's telemetry queue: every sample is kept in SQLite until the broker has it.
+
+Samples get the device's sequence number when they are queued (it lives in the same
+database, so it survives restarts and never repeats), wait there while the broker is
+unreachable, and go out oldest first, in batches, removed only once the broker acknowledged
+the batch (QoS 1). The queue is bounded: past ``max_samples`` the oldest are dropped and
+counted, and the count travels with every later sample, so the host knows what it missed.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS samples (seq INTEGER PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO counters VALUES ('next_seq', 1), ('dropped', 0);
+"""
+
+
+class TelemetryQueue:
+    def __init__(self, path: Path, max_samples: int = 10_000) -> None:
+        self.path = Path(path)
+        self.max_samples = max_samples
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        # WAL with synchronous=NORMAL: one sequential write per sample, durable up to the last
+        # checkpoint on power loss (a few samples at worst), and kind to SD cards.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def _counter(self, name: str) -> int:
+        return self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
+
+    def put(self, sample: dict[str, Any]) -> int:
+        """Queue *sample* (a TelemetrySample's fields without ``seq``); returns its sequence number."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            seq = self._counter("next_seq")
+            self._db.execute("UPDATE counters SET value = ? WHERE name = 'next_seq'", (seq + 1,))
+            self._db.execute("INSERT INTO samples VALUES (?, ?)", (seq, json.dumps({**sample, "seq": seq})))
+            excess = self._db.execute("SELECT COUNT(*) FROM samples").fetchone()[0] - self.max_samples
+            if excess > 0:
+                self._db.execute("DELETE FROM samples WHERE seq IN (SELECT seq FROM samples ORDER BY seq LIMIT ?)",
+                                 (excess,))
+                self._db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (excess,))
+        return seq
+
+    def continue_after(self, seq: int) -> None:
+        """Number new samples after *seq* (the last one an older agent sent)."""
+        with self._lock:
+            self._db.execute("UPDATE counters SET value = MAX(value, ?) WHERE name = 'next_seq'", (seq + 1,))
+
+    def oldest(self, limit: int) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT body FROM samples ORDER BY seq LIMIT ?", (limit,)).fetchall()
+        return [json.loads(body) for (body,) in rows]
+
+    def remove_through(self, seq: int) -> None:
+        """The broker has every sample up to *seq*."""
+        with self._lock:
+            self._db.execute("DELETE FROM samples WHERE seq <= ?", (seq,))
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"pending": self._db.execute("SELECT COUNT(*) FROM samples").fetchone()[0],
+                    "dropped": self._counter("dropped")}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
