@@ -43,6 +43,20 @@ def command_signer(signing_key: Path, expires_in: float):
     return CommandSigner.load(signing_key, expires_in)
 
 
+def signed_request(broker: str, role: str, signing_key: Path, expires_in: float, refused: str, send) -> dict:
+    """Connect, run send(client, signer) for a device's Reply, and return its body; a refusal is
+    one line: "<refused>: <the device's reason>"."""
+    signer = command_signer(signing_key, expires_in)
+    client = host_client(broker, role)
+    try:
+        reply = send(client, signer)
+    finally:
+        client.disconnect()
+    if not reply.ok:
+        raise ConfigError(f"{refused}: {reply.error}")
+    return reply.body
+
+
 def host_client(broker: str, role: str) -> MqttClient:
     from device_agent.mqtt import TlsFiles
 
@@ -505,27 +519,20 @@ def device_config(device_id, assignments, resets, broker, timeout, signing_key, 
 
     settings: dict = {name: None for name in resets}
     for item in assignments:
-        name, sep, value = item.partition("=")
+        name, _, value = item.partition("=")
         try:
-            settings[name.strip()] = float(value) if sep else None
+            settings[name.strip() or "?"] = float(value)
         except ValueError:
-            settings[name.strip()] = None
-            sep = ""
-        if not sep or not name.strip():
-            raise click.UsageError(f"--set takes NAME=NUMBER, not {item!r}")
-    signer = command_signer(signing_key, expires_in)
-    client = host_client(broker, "config")
-    try:
-        reply = ask(client, device_id, lambda cid: ConfigCommand(cid, time.time(), settings), timeout, signer)
-    finally:
-        client.disconnect()
-    if not reply.ok:
-        raise ConfigError(f"{device_id} refused: {reply.error}")
+            raise click.UsageError(f"--set takes NAME=NUMBER, not {item!r}") from None
+    body = signed_request(broker, "config", signing_key, expires_in, f"{device_id} refused",
+                          lambda client, signer: ask(client, device_id,
+                                                     lambda cid: ConfigCommand(cid, time.time(), settings),
+                                                     timeout, signer))
     if as_json:
-        click.echo(json.dumps(reply.body))
+        click.echo(json.dumps(body))
         return
-    changed = set(reply.body["changed_remotely"])
-    for name, value in reply.body["settings"].items():
+    changed = set(body["changed_remotely"])
+    for name, value in body["settings"].items():
         click.echo(f"{name:<24} {value:<10g} {'(set remotely)' if name in changed else ''}".rstrip())
 
 
@@ -545,24 +552,17 @@ def bench(bundle_path, device_id, broker, runs, warmup, timeout, signing_key, ex
 
     if not bundle_path.is_file():
         raise ConfigError(f"bundle {bundle_path} does not exist")
-    signer = command_signer(signing_key, expires_in)
-    client = host_client(broker, "bench")
-    try:
-        if not as_json:
-            console(stderr=True).print(f"benchmarking {bundle_path.name} on {device_id} "
-                                       f"({warmup} warm-up + {runs} runs)...")
-        reply = bench_bundle(client, device_id, bundle_path, runs=runs, warmup=warmup, timeout=timeout,
-                             signer=signer)
-    finally:
-        client.disconnect()
-    if not reply.ok:
-        raise ConfigError(f"{device_id} could not benchmark the bundle: {reply.error}")
+    if not as_json:
+        console(stderr=True).print(f"benchmarking {bundle_path.name} on {device_id} "
+                                   f"({warmup} warm-up + {runs} runs)...")
+    r = signed_request(broker, "bench", signing_key, expires_in, f"{device_id} could not benchmark the bundle",
+                       lambda client, signer: bench_bundle(client, device_id, bundle_path, runs=runs, warmup=warmup,
+                                                           timeout=timeout, signer=signer))
     if as_json:
-        click.echo(json.dumps(reply.body))
+        click.echo(json.dumps(r))
         return
     from rich.table import Table
 
-    r = reply.body
     table = Table(title=f"{r['bundle']} on {device_id} ({r['runtime']}, {r['runs']} runs after {r['warmup']} warm-up)")
     table.add_column("measure")
     table.add_column("value", justify="right")
