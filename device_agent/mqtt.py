@@ -38,6 +38,13 @@ class BrokerAddress:
         return f"{self.host}:{self.port}"
 
 
+def _unshared(topic_filter: str) -> str:
+    """The filter a shared subscription ($share/GROUP/filter) delivers messages for."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else topic_filter
+    return topic_filter
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """TLS to the broker: the CA that signed its certificate, and optionally our client certificate."""
@@ -216,7 +223,8 @@ class MqttClient:
 
     def _on_message(self, client, userdata, message) -> None:
         with self._lock:
-            matches = [h for f, (_, h) in self._handlers.items() if paho.topic_matches_sub(f, message.topic)]
+            matches = [h for f, (_, h) in self._handlers.items()
+                       if paho.topic_matches_sub(_unshared(f), message.topic)]
         for handler in matches:
             try:
                 handler(message.topic, message.payload)

@@ -57,13 +57,15 @@ def signed_request(broker: str, role: str, signing_key: Path, expires_in: float,
     return reply.body
 
 
-def host_client(broker: str, role: str) -> MqttClient:
+def host_client(broker: str, role: str, *, client_id: str | None = None) -> MqttClient:
+    """A connected client; with *client_id*, a persistent session under that id (messages for it
+    wait at the broker while it is away), else a throwaway one."""
     from device_agent.mqtt import TlsFiles
 
     ctx = click.get_current_context(silent=True)
     tls = (ctx.find_root().obj or {}).get("tls") if ctx else None
-    client = MqttClient(client_id=f"edgefleet-{role}-{os.getpid()}", broker=BrokerAddress.parse(broker),
-                        tls=TlsFiles(**tls) if tls else None)
+    client = MqttClient(client_id=client_id or f"edgefleet-{role}-{os.getpid()}", broker=BrokerAddress.parse(broker),
+                        tls=TlsFiles(**tls) if tls else None, clean_session=client_id is None)
     client.connect(timeout=5)
     return client
 
@@ -602,15 +604,29 @@ def fleet_status(db, as_json) -> None:
 @main.command(help="Run the ingest: store every device's status, telemetry and events in the fleet database.")
 @broker_option
 @db_option
+@click.option("--name", default="default", show_default=True,
+              help="This monitor's name: its MQTT session, kept while it is away. Give each monitor its own.")
+@click.option("--share", metavar="GROUP", help="Split telemetry and events with the other monitors of GROUP "
+              "(MQTT shared subscription): how ingest scales past one process.")
 @fail_cleanly
-def monitor(broker, db) -> None:
+def monitor(broker, db, name, share) -> None:
+    import signal as signals
+
+    from device_agent.protocol import topics
     from host_tools.fleet.ingest import Ingest
     from host_tools.fleet.store import FleetStore
 
+    for what, value in (("--name", name), ("--share", share)):
+        if value is not None and not topics.valid_device_id(value):
+            raise click.UsageError(f"{what} takes 1-64 letters, digits, '.', '_' or '-', not {value!r}")
+    signals.signal(signals.SIGTERM, lambda *_: sys.exit(0))  # systemd's stop: close the database cleanly
     store = FleetStore(db)
-    client = host_client(broker, "monitor")
-    Ingest(client, store).start()
-    click.echo(f"ingesting from {broker} into {db}; Ctrl-C to stop", err=True)
+    # A persistent session: what devices report while the monitor restarts waits at the broker.
+    client = host_client(broker, "monitor", client_id=f"edgefleet-monitor-{name}")
+    ingest = Ingest(client, store, share=share)
+    ingest.start()
+    click.echo(f"ingesting from {broker} into {db}" + (f" (sharing the load in group {share!r})" if share else "")
+               + "; Ctrl-C to stop", err=True)
     try:
         while True:
             time.sleep(3600)
@@ -619,6 +635,7 @@ def monitor(broker, db) -> None:
     finally:
         client.disconnect()
         store.close()
+        click.echo(f"stored {ingest.samples} new telemetry samples", err=True)
 
 
 @main.command(help="Run the whole path on this machine: broker, compression, signed bundle, "

@@ -208,3 +208,29 @@ def test_edgefleet_serve_answers_for_deploys_that_do_not_serve_and_picks_up_new_
 def deploy_args(bundle, device, broker, *extra):
     result = edgefleet("deploy", bundle, "--device", device, "--broker", broker, "--timeout", "60", "--json", *extra)
     return result.returncode, json.loads(result.stdout)
+
+
+def test_two_monitors_in_one_share_group_split_the_telemetry_and_store_each_sample_once(mosquitto, agents,
+                                                                                        tmp_path):
+    stores, clients = [], []
+    for i in range(2):
+        store = FleetStore(tmp_path / f"fleet-{i}.db")  # a database each, to see who got what
+        client = MqttClient(client_id=f"test-monitor-{i}", broker=mosquitto)
+        Ingest(client, store, share="ingest").start()
+        client.connect()
+        stores.append(store)
+        clients.append(client)
+    try:
+        for d in ("pi-50", "pi-51", "pi-52"):
+            agents.start(d, telemetry_interval=0.2)
+        assert wait_until(lambda: all(sum(s.telemetry_count(d) for s in stores) >= 20
+                                      for d in ("pi-50", "pi-51", "pi-52")), 30)
+    finally:
+        for c in clients:
+            c.disconnect()
+    for d in ("pi-50", "pi-51", "pi-52"):
+        got = [{seq for seq, _ in s.sample_index(d)} for s in stores]
+        assert not got[0] & got[1]  # no sample went to both
+        union = got[0] | got[1]
+        assert union == set(range(1, max(union) + 1))  # and none went to neither
+    assert all(sum(s.telemetry_count(d) for d in ("pi-50", "pi-51", "pi-52")) > 0 for s in stores)  # both worked

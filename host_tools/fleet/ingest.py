@@ -15,15 +15,21 @@ log = logging.getLogger(__name__)
 
 
 class Ingest:
-    def __init__(self, client: MqttClient, store: FleetStore) -> None:
+    """Stores what devices report. With *share*, telemetry and events come through the MQTT shared
+    subscription group of that name: several ingests (processes, machines) then split the load,
+    each message going to one of them. Status is not shared: every ingest keeps every device's."""
+
+    def __init__(self, client: MqttClient, store: FleetStore, *, share: str | None = None) -> None:
         self._client = client
         self.store = store
         self.rejected = 0
+        self.samples = 0
+        self._prefix = f"$share/{share}/" if share else ""
 
     def start(self) -> None:
         self._client.subscribe(topics.all_devices("status"), self._on_status, qos=1)
-        self._client.subscribe(topics.all_devices("telemetry"), self._on_telemetry, qos=1)
-        self._client.subscribe(topics.all_devices("events"), self._on_event, qos=1)
+        self._client.subscribe(self._prefix + topics.all_devices("telemetry"), self._on_telemetry, qos=1)
+        self._client.subscribe(self._prefix + topics.all_devices("events"), self._on_event, qos=1)
 
     def _decode(self, topic: str, payload: bytes, cls):
         """Decode a per-device message and check it speaks for the device whose topic it came on."""
@@ -47,9 +53,8 @@ class Ingest:
         # Agents send batches (what they queued, oldest first); a single sample is still understood.
         batch = b'"telemetry_batch"' in payload[:64]
         if message := self._decode(topic, payload, TelemetryBatch if batch else TelemetrySample):
-            now = time.time()
-            for sample in (message.samples if batch else (message,)):
-                self.store.record_telemetry(sample, now)
+            self.samples += self.store.record_telemetry_many(list(message.samples if batch else (message,)),
+                                                             time.time())
 
     def _on_event(self, topic: str, payload: bytes) -> None:
         if event := self._decode(topic, payload, DeploymentEvent):

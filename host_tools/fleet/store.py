@@ -67,6 +67,7 @@ class FleetStore:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=10000")  # several monitors may share the file
             self._db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open fleet database {self.path}: {exc}") from None
@@ -88,13 +89,28 @@ class FleetStore:
 
     def record_telemetry(self, sample: TelemetrySample, received_at: float) -> bool:
         """Store *sample*; False when that (device, seq) was stored before."""
+        return self.record_telemetry_many([sample], received_at) == 1
+
+    def record_telemetry_many(self, samples: list[TelemetrySample], received_at: float) -> int:
+        """Store *samples* in one transaction; returns how many were new (the rest were redelivered)."""
+        if not samples:
+            return 0
         with self._lock:
-            cur = self._db.execute("INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?)",
-                                   (sample.device_id, sample.seq, sample.timestamp, sample.bundle,
-                                    json.dumps(sample.readings)))
-            self._db.execute("UPDATE devices SET last_seen=MAX(last_seen, ?) WHERE device_id=?",
-                             (received_at, sample.device_id))
-            return cur.rowcount == 1
+            before = self._db.total_changes
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?)",
+                                     [(s.device_id, s.seq, s.timestamp, s.bundle, json.dumps(s.readings))
+                                      for s in samples])
+                new = self._db.total_changes - before
+                for device in {s.device_id for s in samples}:
+                    self._db.execute("UPDATE devices SET last_seen=MAX(last_seen, ?) WHERE device_id=?",
+                                     (received_at, device))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return new
 
     def record_event(self, event: DeploymentEvent) -> None:
         with self._lock:
