@@ -23,6 +23,14 @@ def mosquitto_exe() -> str | None:
     return shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
 
+def _more_files() -> None:
+    """Let the broker hold thousands of connections (the default soft limit is 1024 files)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+
+
 def start_broker(workdir: Path, *, require_mosquitto: bool = False, extra_conf: str = ""):
     """(address, stop, name) of a broker on a free loopback port: Mosquitto if installed, else
     (unless *require_mosquitto*) the host extra's embedded broker."""
@@ -31,7 +39,8 @@ def start_broker(workdir: Path, *, require_mosquitto: bool = False, extra_conf: 
         port = free_port()
         conf = workdir / "mosquitto.conf"
         conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n{extra_conf}")
-        proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=_more_files)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with socket.socket() as s:
