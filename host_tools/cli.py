@@ -608,8 +608,11 @@ def fleet_status(db, as_json) -> None:
               help="This monitor's name: its MQTT session, kept while it is away. Give each monitor its own.")
 @click.option("--share", metavar="GROUP", help="Split telemetry and events with the other monitors of GROUP "
               "(MQTT shared subscription): how ingest scales past one process.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535),
+              help="Also serve the fleet as Prometheus metrics on http://ADDRESS:PORT/metrics.")
+@click.option("--metrics-address", default="0.0.0.0", show_default=True)
 @fail_cleanly
-def monitor(broker, db, name, share) -> None:
+def monitor(broker, db, name, share, metrics_port, metrics_address) -> None:
     import signal as signals
 
     from device_agent.protocol import topics
@@ -625,6 +628,14 @@ def monitor(broker, db, name, share) -> None:
     client = host_client(broker, "monitor", client_id=f"edgefleet-monitor-{name}")
     ingest = Ingest(client, store, share=share)
     ingest.start()
+    if metrics_port is not None:
+        from host_tools.fleet.metrics import serve_metrics
+
+        try:
+            serve_metrics(store, metrics_port, metrics_address)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {metrics_address}:{metrics_port}: {exc.strerror}") from None
+        click.echo(f"Prometheus metrics on http://{metrics_address}:{metrics_port}/metrics", err=True)
     click.echo(f"ingesting from {broker} into {db}" + (f" (sharing the load in group {share!r})" if share else "")
                + "; Ctrl-C to stop", err=True)
     try:

@@ -234,3 +234,33 @@ def test_two_monitors_in_one_share_group_split_the_telemetry_and_store_each_samp
         union = got[0] | got[1]
         assert union == set(range(1, max(union) + 1))  # and none went to neither
     assert all(sum(s.telemetry_count(d) for d in ("pi-50", "pi-51", "pi-52")) > 0 for s in stores)  # both worked
+
+
+def test_the_monitor_serves_prometheus_metrics_without_made_up_power(mosquitto, agents, make_bundle, tmp_path):
+    import urllib.request
+
+    from host_tools.broker import free_port
+
+    port, db = free_port(), tmp_path / "fleet.db"
+    with open(tmp_path / "monitor.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "host_tools", "monitor", "--broker", str(mosquitto),
+                                 "--db", str(db), "--name", "metrics-test", "--metrics-port", str(port),
+                                 "--metrics-address", "127.0.0.1"], stderr=log)
+    try:
+        agents.start("pi-60")
+        assert wait_until(lambda: "Prometheus metrics" in (tmp_path / "monitor.log").read_text(), 15)
+        code, _ = deploy(make_bundle("1.0.0"), ["pi-60"], mosquitto)
+        assert code == 0
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                return response.read().decode()
+        line = 'edgefleet_inferences_per_second{bundle="digits-cnn 1.0.0",device="pi-60"}'
+        assert wait_until(lambda: line in scrape(), 20), scrape()[-2000:]
+        text = scrape()
+        assert 'edgefleet_device_online{bundle="digits-cnn 1.0.0",device="pi-60"} 1.0' in text
+        assert 'edgefleet_inference_latency_p99_seconds{bundle="digits-cnn 1.0.0",device="pi-60"}' in text
+        assert 'edgefleet_power_watts{' not in text  # no sensor on this machine: no series, not a zero
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0

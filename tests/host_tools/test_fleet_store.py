@@ -59,3 +59,40 @@ def test_a_jetsons_power_and_temperature_reach_the_fleet_view_with_their_source(
     console.print(fleet_table([row], now=3.0))
     text = console.export_text()
     assert "6.00 (jetson-ina3221)" in text and "48.2" in text
+
+
+def test_prometheus_series_carry_the_power_source_and_exist_only_for_readings_sent(tmp_path):
+    from pathlib import Path
+
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from device_agent.telemetry import CollectorContext, TelemetryCollectors
+    from host_tools.fleet.metrics import FleetMetrics
+
+    board = Path(__file__).resolve().parent.parent / "fixtures" / "boards" / "jetson-nano-jp4" / "sys"
+    store = FleetStore(tmp_path / "fleet.db")
+    store.record_status(DeviceStatus("nano-1", True, 1.0, "0.1.0", "m 1.0.0", "ab" * 32), 1.0)
+    store.record_telemetry(TelemetrySample("nano-1", 1, 1.0, 1.0, "m 1.0.0", TelemetryCollectors(
+        CollectorContext(sysfs=board, vcgencmd=lambda *a: None), ["power", "thermal"]).collect()), 2.0)
+    store.record_status(DeviceStatus("pi-2", True, 1.0, "0.1.0", "m 1.0.0", "cd" * 32), 1.0)
+    registry = CollectorRegistry()
+    registry.register(FleetMetrics(store))
+    text = generate_latest(registry).decode()
+    assert 'edgefleet_power_watts{bundle="m 1.0.0",device="nano-1",source="jetson-ina3221"} 2.964' in text
+    assert 'edgefleet_temperature_celsius{bundle="m 1.0.0",device="nano-1"} 36.5' in text
+    assert 'device="pi-2"' in text and 'edgefleet_power_watts{bundle="m 1.0.0",device="pi-2"' not in text
+
+
+def test_the_shipped_grafana_dashboard_queries_only_metrics_the_monitor_exports():
+    import json
+    import re
+    from pathlib import Path
+
+    from host_tools.fleet.metrics import GAUGES
+
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "docs/grafana/edgefleet-fleet.json").read_text())
+    exported = {name for name, *_ in GAUGES}
+    queried = {m for panel in dashboard["panels"] for t in panel["targets"]
+               for m in re.findall(r"edgefleet_[a-z_0-9]+", t["expr"])}
+    assert queried and queried <= exported, queried - exported
