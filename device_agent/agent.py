@@ -155,7 +155,7 @@ class Agent:
     def _publish_status(self, *, online: bool) -> None:
         bundle = self.slot.bundle
         status = DeviceStatus(self.config.device_id, online=online, timestamp=time.time(),
-                              agent_version=__version__,
+                              agent_version=__version__, labels=dict(self.config.labels) or None,
                               active_bundle=bundle.label if bundle else None,
                               active_sha256=bundle.sha256 if bundle else None)
         self.client.publish(topics.status(self.config.device_id), status.to_payload(), qos=1, retain=True,

@@ -23,6 +23,10 @@
     max_start_attempts = 3
     download_stall_timeout = 30.0
 
+    [labels]                                      # free-form; `edgefleet fleet status --label`
+    # site = "kitchen"                            # filters by them, rollouts target them
+    # group = "canary"
+
     [api]
     socket = "/run/edgefleet/inference.sock"
     control_socket = "/run/edgefleet/control.sock"
@@ -74,6 +78,7 @@ class AgentConfig:
     api_socket: Path | None = None   # default: <state_dir>/inference.sock
     control_socket: Path | None = None  # default: <state_dir>/control.sock
     http_port: int | None = None     # the local API over HTTP on 127.0.0.1; None: off
+    labels: dict[str, str] = field(default_factory=dict)  # e.g. site, group: the host filters and targets by them
     # Microseconds the local API polls for a connection's next request before blocking: saves the
     # wake-up (tens of µs) for clients that call back to back. Off on one core, where it would
     # take the CPU from the client itself.
@@ -92,6 +97,9 @@ class AgentConfig:
             raise ConfigError(f"api spin_us {self.api_spin_us} must be between 0 and 100000")
         if self.keep_versions < 1 or self.max_start_attempts < 1 or self.download_attempts < 1:
             raise ConfigError("keep_versions, max_start_attempts and download_attempts must be at least 1")
+        if not all(isinstance(k, str) and isinstance(v, str) and k and len(k) <= 64 and len(v) <= 128
+                   for k, v in self.labels.items()) or len(self.labels) > 32:
+            raise ConfigError("labels are up to 32 NAME = \"value\" strings")
         if self.telemetry_queue_max < 1:
             raise ConfigError("telemetry_queue_max must be at least 1")
         if not 1 <= self.chunk_window <= 1024:
@@ -185,6 +193,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     flat: dict[str, Any] = {}
     for key, value in doc.items():
+        if key == "labels" and isinstance(value, dict):  # [labels] site = "kitchen": free-form
+            flat["labels"] = {str(k): str(v) for k, v in value.items()}
+            continue
         tables = value.items() if isinstance(value, dict) else None
         for sub, item in (tables if tables is not None else [(key, value)]):
             name = _FILE_KEYS.get((key, sub) if tables is not None else ("", key))
@@ -206,6 +217,8 @@ def build_config(settings: dict[str, Any]) -> AgentConfig:
             tls = TlsFiles(ca=Path(s["tls_ca"]), cert=_path(s.get("tls_cert")), key=_path(s.get("tls_key")))
         runtime = RuntimeOptions(threads=s.get("threads"), onnx_providers=tuple(s.get("onnx_providers", ())))
         plain = {f.name for f in fields(AgentConfig)} - {"broker", "tls", "runtime", "trusted_keys", "state_dir"}
+        if isinstance(s.get("labels"), (list, tuple)):  # from --label NAME=VALUE flags
+            s["labels"] = dict(_label_flag(item) for item in s["labels"])
         return AgentConfig(
             device_id=s["device_id"], state_dir=Path(s["state_dir"]),
             trusted_keys=tuple(Path(p) for p in s.get("trusted_keys", ())),
@@ -215,6 +228,13 @@ def build_config(settings: dict[str, Any]) -> AgentConfig:
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid setting: {exc}") from None
+
+
+def _label_flag(item: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name.strip():
+        raise ConfigError(f"--label takes NAME=VALUE, not {item!r}")
+    return name.strip(), value.strip()
 
 
 def _path(value: Any) -> Path | None:

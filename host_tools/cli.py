@@ -582,23 +582,68 @@ def fleet() -> None:
     pass
 
 
-@fleet.command("status", help="One row per device: state, bundle, latency, throughput, memory, CPU, power.")
-@db_option
-@json_option
-@fail_cleanly
-def fleet_status(db, as_json) -> None:
+label_filter = click.option("--label", "selectors", multiple=True, metavar="NAME=VALUE",
+                            help="Only devices with this label (as their agent config sets it); repeatable.")
+group_filter = click.option("--group", help="Only devices whose label group is GROUP (--label group=GROUP).")
+
+
+def _fleet_rows(db: Path, selectors, group):
     from host_tools.fleet.store import FleetStore
-    from host_tools.fleet.view import fleet_table, summarize
+    from host_tools.fleet.view import matching
 
     if not db.exists():
         raise ConfigError(f"no fleet database at {db}: run `edgefleet monitor` first")
     store = FleetStore(db)
-    rows = store.devices()
-    store.close()
+    try:
+        rows = store.devices()
+    finally:
+        store.close()
+    try:
+        return matching(rows, list(selectors) + ([f"group={group}"] if group else []))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@fleet.command("status", help="One row per device: state, bundle, latency, throughput, memory, CPU, "
+                              "temperature, power.")
+@db_option
+@label_filter
+@group_filter
+@json_option
+@fail_cleanly
+def fleet_status(db, selectors, group, as_json) -> None:
+    from host_tools.fleet.view import fleet_table, summarize
+
+    rows = _fleet_rows(db, selectors, group)
     if as_json:
         click.echo(json.dumps([summarize(r) for r in rows]))
     else:
         console().print(fleet_table(rows))
+
+
+@fleet.command("watch", help="The fleet status table, live: redrawn every --every seconds until Ctrl-C.")
+@db_option
+@label_filter
+@group_filter
+@click.option("--every", default=2.0, show_default=True, type=click.FloatRange(0.2))
+@click.option("--count", type=click.IntRange(1), help="Stop after this many redraws (for scripts and tests).")
+@fail_cleanly
+def fleet_watch(db, selectors, group, every, count) -> None:
+    from rich.live import Live
+
+    from host_tools.fleet.view import fleet_table
+
+    drawn = 0
+    out = console()
+    with Live(fleet_table(_fleet_rows(db, selectors, group)), console=out, auto_refresh=False) as live:
+        try:
+            while count is None or drawn < count:
+                live.update(fleet_table(_fleet_rows(db, selectors, group)), refresh=True)
+                drawn += 1
+                if count is None or drawn < count:
+                    time.sleep(every)
+        except KeyboardInterrupt:
+            pass
 
 
 @main.command(help="Run the ingest: store every device's status, telemetry and events in the fleet database.")

@@ -264,3 +264,20 @@ def test_the_monitor_serves_prometheus_metrics_without_made_up_power(mosquitto, 
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
+
+
+def test_devices_carry_their_labels_and_the_fleet_views_filter_by_them(mosquitto, agents, monitor):
+    agents.start("pi-70", extra_args=("--label", "group=canary", "--label", "site=lab"))
+    agents.start("pi-71", extra_args=("--label", "group=main",))
+    store = FleetStore(monitor)
+    assert wait_until(lambda: is_online(store, "pi-70") and is_online(store, "pi-71"), 30)
+
+    result = edgefleet("fleet", "status", "--db", monitor, "--group", "canary", "--json")
+    rows = json.loads(result.stdout)
+    assert [r["device_id"] for r in rows] == ["pi-70"] and rows[0]["labels"] == {"group": "canary", "site": "lab"}
+    assert [r["device_id"] for r in json.loads(edgefleet("fleet", "status", "--db", monitor, "--label", "site=lab",
+                                                         "--label", "group=main", "--json").stdout)] == []
+    watch = edgefleet("fleet", "watch", "--db", monitor, "--label", "group=main", "--count", "2", "--every", "0.2")
+    assert watch.returncode == 0 and "pi-71" in watch.stdout and "pi-70" not in watch.stdout
+    bad = edgefleet("fleet", "status", "--db", monitor, "--label", "canary")
+    assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr

@@ -402,6 +402,7 @@ class DeviceStatus:
     agent_version: str = ""
     active_bundle: str | None = None  # "name version"
     active_sha256: str | None = None
+    labels: dict[str, str] | None = None  # the device's own labels (site, group, ...), from its config
 
     def to_payload(self) -> bytes:
         return _encode("status", asdict(self))
@@ -413,7 +414,17 @@ class DeviceStatus:
                    timestamp=float(_get(doc, "timestamp", (int, float))),
                    agent_version=_get(doc, "agent_version", str, optional=True) or "",
                    active_bundle=_get(doc, "active_bundle", str, optional=True),
-                   active_sha256=_get(doc, "active_sha256", str, optional=True))
+                   active_sha256=_get(doc, "active_sha256", str, optional=True),
+                   labels=_labels(_get(doc, "labels", dict, optional=True)))
+
+
+def _labels(value: dict | None) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if len(value) > 32 or not all(isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 128
+                                  for k, v in value.items()):
+        raise ProtocolError("labels must be up to 32 short strings")
+    return dict(value)
 
 
 @dataclass(frozen=True)

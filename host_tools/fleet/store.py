@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS devices (
     agent_version TEXT,
     active_bundle TEXT,
     active_sha256 TEXT,
-    last_seen     REAL NOT NULL
+    last_seen     REAL NOT NULL,
+    labels        TEXT
 );
 CREATE TABLE IF NOT EXISTS telemetry (
     device_id TEXT NOT NULL,
@@ -57,6 +58,7 @@ class DeviceRow:
     telemetry_bundle: str | None
     telemetry_at: float | None
     samples: int
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 class FleetStore:
@@ -69,6 +71,9 @@ class FleetStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=10000")  # several monitors may share the file
             self._db.executescript(SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
+            if "labels" not in columns:  # a database from before labels
+                self._db.execute("ALTER TABLE devices ADD COLUMN labels TEXT")
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open fleet database {self.path}: {exc}") from None
         self._lock = threading.Lock()
@@ -79,13 +84,16 @@ class FleetStore:
     def record_status(self, status: DeviceStatus, received_at: float) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO devices VALUES (?,?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
+                "INSERT INTO devices (device_id, online, status_at, agent_version, active_bundle, active_sha256, "
+                "last_seen, labels) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
                 "online=excluded.online, status_at=excluded.status_at, agent_version=excluded.agent_version, "
                 "active_bundle=COALESCE(excluded.active_bundle, devices.active_bundle), "
                 "active_sha256=COALESCE(excluded.active_sha256, devices.active_sha256), "
-                "last_seen=MAX(devices.last_seen, excluded.last_seen)",
+                "last_seen=MAX(devices.last_seen, excluded.last_seen), "
+                "labels=COALESCE(excluded.labels, devices.labels)",  # the last will carries none: keep them
                 (status.device_id, int(status.online), status.timestamp or received_at, status.agent_version,
-                 status.active_bundle, status.active_sha256, received_at if status.online else 0.0))
+                 status.active_bundle, status.active_sha256, received_at if status.online else 0.0,
+                 json.dumps(status.labels) if status.labels is not None else None))
 
     def record_telemetry(self, sample: TelemetrySample, received_at: float) -> bool:
         """Store *sample*; False when that (device, seq) was stored before."""
@@ -123,13 +131,13 @@ class FleetStore:
             rows = self._db.execute("""
                 SELECT d.device_id, d.online, d.status_at, d.agent_version, d.active_bundle, d.last_seen,
                        t.readings, t.bundle, t.timestamp,
-                       (SELECT COUNT(*) FROM telemetry c WHERE c.device_id = d.device_id)
+                       (SELECT COUNT(*) FROM telemetry c WHERE c.device_id = d.device_id), d.labels
                 FROM devices d
                 LEFT JOIN telemetry t ON t.device_id = d.device_id
                      AND t.seq = (SELECT MAX(seq) FROM telemetry m WHERE m.device_id = d.device_id)
                 ORDER BY d.device_id""").fetchall()
         return [DeviceRow(r[0], bool(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None,
-                          r[7], r[8], r[9]) for r in rows]
+                          r[7], r[8], r[9], json.loads(r[10]) if r[10] else {}) for r in rows]
 
     def sample_index(self, device_id: str) -> list[tuple[int, float]]:
         """(sequence number, device timestamp) of every stored sample of *device_id*, in order;

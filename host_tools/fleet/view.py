@@ -17,6 +17,7 @@ def summarize(row: DeviceRow) -> dict[str, Any]:
     thermal = t.get("thermal") or {}
     return {
         "device_id": row.device_id,
+        "labels": row.labels,
         "online": row.online,
         "since": row.since,
         "active_bundle": row.active_bundle,
@@ -33,6 +34,17 @@ def summarize(row: DeviceRow) -> dict[str, Any]:
         "telemetry_samples": row.samples,
         "last_seen": row.last_seen or None,
     }
+
+
+def matching(rows: list[DeviceRow], selectors: list[str]) -> list[DeviceRow]:
+    """The rows whose labels match every NAME=VALUE selector."""
+    wanted = []
+    for selector in selectors:
+        name, sep, value = selector.partition("=")
+        if not sep or not name:
+            raise ValueError(f"a label selector is NAME=VALUE, not {selector!r}")
+        wanted.append((name, value))
+    return [r for r in rows if all(r.labels.get(name) == value for name, value in wanted)]
 
 
 def _num(value: Any, fmt: str) -> str:

@@ -88,6 +88,15 @@ def test_flags_override_the_config_file(installed):
     assert config.keep_versions == 5
 
 
+def test_labels_come_from_the_file_and_flags_replace_them(installed, tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text((installed / "etc/edgefleet/agent.toml").read_text() + '\n[labels]\nsite = "kitchen"\n')
+    assert build_config(read_config_file(path)).labels == {"site": "kitchen"}
+    assert build_config(load_settings(path, labels=("group=canary",))).labels == {"group": "canary"}
+    with pytest.raises(ConfigError, match="NAME=VALUE"):
+        build_config(load_settings(path, labels=("canary",)))
+
+
 def test_the_api_polling_window_comes_from_the_file_and_is_bounded(installed, tmp_path):
     path = tmp_path / "agent.toml"
     path.write_text((installed / "etc/edgefleet/agent.toml").read_text() + "\n")
