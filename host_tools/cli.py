@@ -656,8 +656,12 @@ def fleet_watch(db, selectors, group, every, count) -> None:
 @click.option("--metrics-port", type=click.IntRange(1, 65535),
               help="Also serve the fleet as Prometheus metrics on http://ADDRESS:PORT/metrics.")
 @click.option("--metrics-address", default="0.0.0.0", show_default=True)
+@click.option("--keep-days", default=7.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Keep every sample this long; older ones are folded into hourly summaries.")
+@click.option("--keep-hourly-days", default=90.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Keep hourly summaries this long.")
 @fail_cleanly
-def monitor(broker, db, name, share, metrics_port, metrics_address) -> None:
+def monitor(broker, db, name, share, metrics_port, metrics_address, keep_days, keep_hourly_days) -> None:
     import signal as signals
 
     from device_agent.protocol import topics
@@ -684,8 +688,12 @@ def monitor(broker, db, name, share, metrics_port, metrics_address) -> None:
     click.echo(f"ingesting from {broker} into {db}" + (f" (sharing the load in group {share!r})" if share else "")
                + "; Ctrl-C to stop", err=True)
     try:
-        while True:
-            time.sleep(3600)
+        while True:  # retention: now, then every ten minutes
+            folded, dropped = store.retain(time.time(), raw_days=keep_days, hourly_days=keep_hourly_days)
+            if folded or dropped:
+                click.echo(f"retention: {folded} samples folded into hourly summaries, {dropped} old hours dropped",
+                           err=True)
+            time.sleep(600)
     except KeyboardInterrupt:
         pass
     finally:

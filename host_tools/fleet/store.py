@@ -34,6 +34,14 @@ CREATE TABLE IF NOT EXISTS telemetry (
     readings  TEXT NOT NULL,
     PRIMARY KEY (device_id, seq)
 );
+CREATE TABLE IF NOT EXISTS telemetry_hourly (
+    device_id TEXT NOT NULL,
+    hour      REAL NOT NULL,         -- start of the hour, Unix time
+    samples   INTEGER NOT NULL,
+    bundle    TEXT,                  -- the last sample's
+    summary   TEXT NOT NULL,         -- JSON: {reading: {mean, max}} over the hour
+    PRIMARY KEY (device_id, hour)
+);
 CREATE TABLE IF NOT EXISTS events (
     device_id  TEXT NOT NULL,
     command_id TEXT NOT NULL,
@@ -139,6 +147,39 @@ class FleetStore:
         return [DeviceRow(r[0], bool(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None,
                           r[7], r[8], r[9], json.loads(r[10]) if r[10] else {}) for r in rows]
 
+    def retain(self, now: float, *, raw_days: float = 7.0, hourly_days: float = 90.0) -> tuple[int, int]:
+        """Keep raw samples for *raw_days*; fold older ones into hourly summaries (mean and max of
+        each number the view shows), kept for *hourly_days*. Returns (samples folded, hours dropped)."""
+        cutoff, oldest = now - raw_days * 86400, now - hourly_days * 86400
+        with self._lock:
+            rows = self._db.execute("SELECT device_id, timestamp, bundle, readings FROM telemetry "
+                                    "WHERE timestamp < ? ORDER BY device_id, timestamp", (cutoff,)).fetchall()
+            hours: dict[tuple[str, float], list] = {}
+            for device, ts, bundle, readings in rows:
+                hours.setdefault((device, ts - ts % 3600), []).append((bundle, json.loads(readings)))
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for (device, hour), samples in hours.items():
+                    prior = self._db.execute("SELECT samples, summary FROM telemetry_hourly WHERE device_id=? "
+                                             "AND hour=?", (device, hour)).fetchone()
+                    summary = _summarize_hour([r for _, r in samples],
+                                              (prior[0], json.loads(prior[1])) if prior else None)
+                    self._db.execute("INSERT OR REPLACE INTO telemetry_hourly VALUES (?,?,?,?,?)",
+                                     (device, hour, len(samples) + (prior[0] if prior else 0), samples[-1][0],
+                                      json.dumps(summary)))
+                self._db.execute("DELETE FROM telemetry WHERE timestamp < ?", (cutoff,))
+                dropped = self._db.execute("DELETE FROM telemetry_hourly WHERE hour < ?", (oldest,)).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return len(rows), dropped
+
+    def hourly(self, device_id: str) -> list[tuple[float, int, dict[str, Any]]]:
+        with self._lock:
+            return [(r[0], r[1], json.loads(r[2])) for r in self._db.execute(
+                "SELECT hour, samples, summary FROM telemetry_hourly WHERE device_id=? ORDER BY hour", (device_id,))]
+
     def sample_index(self, device_id: str) -> list[tuple[int, float]]:
         """(sequence number, device timestamp) of every stored sample of *device_id*, in order;
         a gap in the numbers is a sample never received."""
@@ -153,3 +194,26 @@ class FleetStore:
             else:
                 q, args = "SELECT COUNT(*) FROM telemetry WHERE device_id=? AND bundle=?", (device_id, bundle)
             return self._db.execute(q, args).fetchone()[0]
+
+
+# What an hourly summary keeps: (collector, reading) pairs the views and metrics use.
+SUMMARIZED = [("inference", "p50_ms"), ("inference", "p99_ms"), ("inference", "per_s"), ("inference", "energy_mj"),
+              ("memory", "process_rss_bytes"), ("cpu", "process_percent"), ("thermal", "max_c"),
+              ("power", "total_watts")]
+
+
+def _summarize_hour(samples: list[dict[str, Any]], prior: tuple[int, dict] | None) -> dict[str, Any]:
+    """{"collector.reading": {"mean", "max", "n"}}, merged with an earlier summary of the same hour.
+    A reading no sample had stays out: a summary never invents a number."""
+    out: dict[str, Any] = dict(prior[1]) if prior else {}
+    for collector, reading in SUMMARIZED:
+        values = [s[collector][reading] for s in samples
+                  if isinstance(s.get(collector), dict) and isinstance(s[collector].get(reading), (int, float))]
+        if not values:
+            continue
+        key = f"{collector}.{reading}"
+        old = out.get(key)
+        n = len(values) + (old["n"] if old else 0)
+        total = sum(values) + (old["mean"] * old["n"] if old else 0.0)
+        out[key] = {"mean": total / n, "max": max(values + ([old["max"]] if old else [])), "n": n}
+    return out

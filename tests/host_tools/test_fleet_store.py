@@ -96,3 +96,26 @@ def test_the_shipped_grafana_dashboard_queries_only_metrics_the_monitor_exports(
     queried = {m for panel in dashboard["panels"] for t in panel["targets"]
                for m in re.findall(r"edgefleet_[a-z_0-9]+", t["expr"])}
     assert queried and queried <= exported, queried - exported
+
+
+def test_old_samples_fold_into_hourly_summaries_and_very_old_hours_go(tmp_path):
+    store = FleetStore(tmp_path / "fleet.db")
+    now = 100 * 86400.0
+    store.record_status(DeviceStatus("pi-01", True, 1.0), 1.0)
+    old_hour = now - 10 * 86400 - (now - 10 * 86400) % 3600  # ten days ago, on the hour
+    for i, (p50, watts) in enumerate([(1.0, 5.0), (3.0, None), (2.0, 7.0)]):
+        readings = {"inference": {"p50_ms": p50}}
+        if watts is not None:
+            readings["power"] = {"total_watts": watts}
+        store.record_telemetry(TelemetrySample("pi-01", i + 1, old_hour + 60 * i, 60.0, "m 1.0.0", readings), now)
+    store.record_telemetry(TelemetrySample("pi-01", 9, now - 3600, 60.0, "m 2.0.0", {"inference": {"p50_ms": 9.0}}),
+                           now)
+    store.record_telemetry(TelemetrySample("pi-01", 10, now - 200 * 86400, 60.0, "m 0.1.0", {}), now)
+
+    assert store.retain(now, raw_days=7, hourly_days=90) == (4, 1)
+    assert [seq for seq, _ in store.sample_index("pi-01")] == [9]  # the recent one stays raw
+    ((hour, samples, summary),) = store.hourly("pi-01")
+    assert hour == old_hour and samples == 3
+    assert summary["inference.p50_ms"] == {"mean": 2.0, "max": 3.0, "n": 3}
+    assert summary["power.total_watts"] == {"mean": 6.0, "max": 7.0, "n": 2}  # only the samples that had it
+    assert "thermal.max_c" not in summary
