@@ -17,12 +17,13 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/edgefleet demo
 
-# The tests start their own Mosquitto on a free port and check the systemd unit with
-# systemd-analyze; install what the machine lacks.
+# The tests start their own Mosquitto on a free port, check the systemd unit with
+# systemd-analyze and load the dashboard in headless Chromium; install what the machine lacks.
 system-tools:
 	@missing=""; \
 	  { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } || missing="$$missing mosquitto"; \
 	  command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	  { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; } || missing="$$missing chromium"; \
 	  [ -z "$$missing" ] || { echo "installing$$missing (apt-get)"; $(SUDO) apt-get update -qq && \
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }
 

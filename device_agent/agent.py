@@ -71,7 +71,7 @@ class Agent:
         self.http = HttpApi(config.http_port, self.slot) if config.http_port is not None else None
         self.control = LocalApi(config.control_socket_path, self.slot, mode=0o600, control={
             framing.STATUS: self.report, framing.ROLLBACK: self._local_rollback})
-        self._collectors = TelemetryCollectors(CollectorContext(latency=self.latency,
+        self._collectors = TelemetryCollectors(CollectorContext(sysfs=config.sysfs, latency=self.latency,
                                                                 errors=lambda: self.slot.errors))
         self._update_thread: threading.Thread | None = None
 

@@ -101,6 +101,8 @@ def load_settings(config_file: Path | None, **flags) -> dict:
 @click.option("--api-socket", type=click.Path(path_type=Path), help="Local inference socket [default: STATE_DIR/inference.sock].")
 @click.option("--control-socket", type=click.Path(path_type=Path), help="Control socket [default: STATE_DIR/control.sock].")
 @click.option("--http-port", type=int, help="Also serve the local API over HTTP on 127.0.0.1:PORT [default: off].")
+@click.option("--sysfs", type=click.Path(path_type=Path), help="Read sensors under this /sys "
+              "(e.g. /host/sys in a container) [default: /sys].")
 @click.option("--label", "labels", multiple=True, metavar="NAME=VALUE",
               help="A label the host can filter and target by (site, group, ...); repeatable.")
 @click.option("--api-spin-us", type=int, help="Microseconds the local API polls for a client's next request "

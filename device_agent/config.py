@@ -79,6 +79,7 @@ class AgentConfig:
     control_socket: Path | None = None  # default: <state_dir>/control.sock
     http_port: int | None = None     # the local API over HTTP on 127.0.0.1; None: off
     labels: dict[str, str] = field(default_factory=dict)  # e.g. site, group: the host filters and targets by them
+    sysfs: Path = Path("/sys")  # where sensors are read: /host/sys when the agent runs in a container
     # Microseconds the local API polls for a connection's next request before blocking: saves the
     # wake-up (tens of µs) for clients that call back to back. Off on one core, where it would
     # take the CPU from the client itself.
@@ -173,7 +174,7 @@ _FILE_KEYS = {
     ("broker", "tls_key"): "tls_key",
     ("runtime", "threads"): "threads", ("runtime", "onnx_providers"): "onnx_providers",
     ("limits", "telemetry_interval"): "telemetry_interval", ("limits", "inference_interval"): "inference_interval",
-    ("limits", "telemetry_queue_max"): "telemetry_queue_max",
+    ("limits", "telemetry_queue_max"): "telemetry_queue_max", ("telemetry", "sysfs"): "sysfs",
     ("limits", "keep_versions"): "keep_versions", ("limits", "trial_seconds"): "trial_seconds",
     ("limits", "max_start_attempts"): "max_start_attempts",
     ("limits", "download_stall_timeout"): "download_stall_timeout", ("limits", "chunk_window"): "chunk_window",
@@ -219,6 +220,8 @@ def build_config(settings: dict[str, Any]) -> AgentConfig:
         plain = {f.name for f in fields(AgentConfig)} - {"broker", "tls", "runtime", "trusted_keys", "state_dir"}
         if isinstance(s.get("labels"), (list, tuple)):  # from --label NAME=VALUE flags
             s["labels"] = dict(_label_flag(item) for item in s["labels"])
+        if "sysfs" in s:
+            s["sysfs"] = Path(s["sysfs"])
         return AgentConfig(
             device_id=s["device_id"], state_dir=Path(s["state_dir"]),
             trusted_keys=tuple(Path(p) for p in s.get("trusted_keys", ())),

@@ -646,6 +646,36 @@ def fleet_watch(db, selectors, group, every, count) -> None:
             pass
 
 
+@main.command(help="A local web page of the fleet: per-device plots of latency, memory, power and temperature, "
+                   "rollout marks, current versions. Reads the database `edgefleet monitor` writes.")
+@db_option
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--address", default="127.0.0.1", show_default=True, help="Listen here (0.0.0.0: every interface).")
+@fail_cleanly
+def dashboard(db, port, address) -> None:
+    import signal as signals
+
+    from host_tools.fleet.dashboard import Dashboard
+    from host_tools.fleet.store import FleetStore
+
+    if not db.exists():
+        raise ConfigError(f"no fleet database at {db}: run `edgefleet monitor` first")
+    store = FleetStore(db)
+    try:
+        page = Dashboard(store, port, address)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {address}:{port}: {exc.strerror}") from None
+    signals.signal(signals.SIGTERM, lambda *_: sys.exit(0))
+    click.echo(f"dashboard on {page.url}; Ctrl-C to stop", err=True)
+    try:
+        page.server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        page.server.server_close()
+        store.close()
+
+
 @main.command(help="Run the ingest: store every device's status, telemetry and events in the fleet database.")
 @broker_option
 @db_option

@@ -1,9 +1,11 @@
 """The demo's path with real parts: Mosquitto, agent processes, the CLI, the ingest and SQLite."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -281,3 +283,51 @@ def test_devices_carry_their_labels_and_the_fleet_views_filter_by_them(mosquitto
     assert watch.returncode == 0 and "pi-71" in watch.stdout and "pi-70" not in watch.stdout
     bad = edgefleet("fleet", "status", "--db", monitor, "--label", "canary")
     assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr
+
+
+def test_the_dashboard_renders_real_plots_rollout_marks_and_versions_in_headless_chromium(
+        mosquitto, agents, monitor, make_bundle, tmp_path):
+    import shutil as sh
+    import socket
+
+    from host_tools.broker import free_port
+
+    chromium = sh.which("chromium") or sh.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("chromium is not installed: run the README's test command (make test), which installs it",
+                    pytrace=False)
+    jetson = Path(__file__).resolve().parent / "fixtures" / "boards" / "jetson-orin-nano-jp6" / "sys"
+    agents.start("pi-80", telemetry_interval=0.3, extra_args=("--sysfs", str(jetson)))  # a Jetson's sensors
+    agents.start("pi-81", telemetry_interval=0.3)  # this machine: no power sensor
+    store = FleetStore(monitor)
+    assert wait_until(lambda: is_online(store, "pi-80") and is_online(store, "pi-81"), 30)
+    for version in ("1.0.0", "2.0.0"):  # two rollouts to mark
+        code, _ = deploy(make_bundle(version), ["pi-80", "pi-81"], mosquitto)
+        assert code == 0
+    assert wait_until(lambda: store.telemetry_count("pi-80", "digits-cnn 2.0.0") >= 4
+                      and store.telemetry_count("pi-81", "digits-cnn 2.0.0") >= 4, 20)
+
+    port = free_port()
+    page = subprocess.Popen([sys.executable, "-m", "host_tools", "dashboard", "--db", str(monitor),
+                             "--port", str(port)], stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 15)
+        dom = subprocess.run([chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                              f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=10000",
+                              "--dump-dom", f"http://127.0.0.1:{port}/"],
+                             capture_output=True, text=True, timeout=90).stdout
+    finally:
+        page.terminate()
+        page.wait(10)
+    assert 'data-ready="1"' in dom, dom[-2000:]
+    cards = {m.group(1): m.group(0) for m in re.finditer(r'<div class="device" data-device="([^"]+)">.*?(?=<div class="device"|$)',
+                                                         dom, re.S)}
+    jetson_card, plain_card = cards["pi-80"], cards["pi-81"]
+    for card in (jetson_card, plain_card):
+        assert '<span class="version">digits-cnn 2.0.0</span>' in card
+        latency = re.search(r'data-series="p50_ms" points="([^"]+)"', card)
+        assert latency and len(latency.group(1).split()) >= 4  # a line through the real samples
+        assert re.search(r'class="rollout"[^>]*data-bundle="digits-cnn 2.0.0"', card)
+    watts = re.search(r'data-series="watts" points="([^"]+)"', jetson_card)
+    assert watts and len(watts.group(1).split()) >= 4 and "power (W) — jetson-ina3221" in jetson_card
+    assert 'data-plot="watts">not reported by this device' in plain_card  # not a line at zero

@@ -180,6 +180,22 @@ class FleetStore:
             return [(r[0], r[1], json.loads(r[2])) for r in self._db.execute(
                 "SELECT hour, samples, summary FROM telemetry_hourly WHERE device_id=? ORDER BY hour", (device_id,))]
 
+    def series(self, device_id: str, since: float = 0.0, limit: int = 5000) -> list[tuple[float, str | None, dict]]:
+        """(device timestamp, bundle, readings) of *device_id*'s samples since *since*, oldest first
+        (the newest *limit* of them)."""
+        with self._lock:
+            rows = self._db.execute("SELECT timestamp, bundle, readings FROM telemetry WHERE device_id=? AND "
+                                    "timestamp >= ? ORDER BY seq DESC LIMIT ?", (device_id, since, limit)).fetchall()
+        return [(r[0], r[1], json.loads(r[2])) for r in reversed(rows)]
+
+    def events(self, device_id: str, states: tuple[str, ...] = ("active", "rolled_back", "failed")) -> list[dict]:
+        """Deployment outcomes of *device_id*, oldest first: where a rollout (or a rollback) happened."""
+        marks = ",".join("?" * len(states))
+        with self._lock:
+            rows = self._db.execute(f"SELECT timestamp, state, bundle, reason FROM events WHERE device_id=? AND "
+                                    f"state IN ({marks}) ORDER BY timestamp", (device_id, *states)).fetchall()
+        return [{"timestamp": r[0], "state": r[1], "bundle": r[2], "reason": r[3]} for r in rows]
+
     def sample_index(self, device_id: str) -> list[tuple[int, float]]:
         """(sequence number, device timestamp) of every stored sample of *device_id*, in order;
         a gap in the numbers is a sample never received."""
