@@ -28,6 +28,7 @@ class InferenceCollector:
             "errors": new_errors,
             "per_s": round(snap.count / elapsed, 3) if elapsed > 0 else None,
             "p50_ms": ms(snap.percentile(50)),
+            "p90_ms": ms(snap.percentile(90)),
             "p95_ms": ms(snap.percentile(95)),
             "p99_ms": ms(snap.percentile(99)),
             "max_ms": ms(snap.max_s if snap.count else None),

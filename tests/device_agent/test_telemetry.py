@@ -20,6 +20,15 @@ def test_default_collectors_report_real_process_readings():
     assert "power" not in readings  # this machine has no power sensor: absent, never zero
 
 
+def test_the_latency_distribution_over_an_interval_has_its_percentiles_and_max():
+    hist = LatencyHistogram()
+    for ms in range(1, 101):  # 1 ms .. 100 ms, one each
+        hist.record(ms / 1000)
+    inf = TelemetryCollectors(CollectorContext(latency=hist), ["inference"]).collect()["inference"]
+    for name, want in (("p50_ms", 50), ("p90_ms", 90), ("p99_ms", 99), ("max_ms", 100)):
+        assert abs(inf[name] - want) <= want * 0.021, (name, inf[name])  # the histogram's 2% buckets
+
+
 def test_an_idle_interval_reports_zero_inferences_and_no_latency():
     readings = TelemetryCollectors(CollectorContext(), ["inference"]).collect()
     assert readings["inference"]["count"] == 0
