@@ -52,18 +52,19 @@ class ModelSlot:
     def infer(self, feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Run the active model (on its sample input when *feeds* is None) and record the latency."""
         with self._lock:
-            runtime, sample = self._runtime, self._sample
-        return self._run(runtime, sample if feeds is None else feeds)
+            runtime, sample, bundle = self._runtime, self._sample, self._bundle
+        return self._run(runtime, sample if feeds is None else feeds, bundle)
 
     def infer_request(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         """Run a local API request: bind *inputs* to the model that is active now, and run that model."""
         with self._lock:
-            runtime = self._runtime
+            runtime, bundle = self._runtime, self._bundle
         if runtime is None:
             raise ModelError("no model is active on this device")
-        return self._run(runtime, as_feeds(inputs, runtime.inputs))
+        return self._run(runtime, as_feeds(inputs, runtime.inputs), bundle)
 
-    def _run(self, runtime: ModelRuntime | None, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, runtime: ModelRuntime | None, feeds: Mapping[str, np.ndarray],
+             bundle: InstalledBundle | None = None) -> dict[str, np.ndarray]:
         # The runtime was taken under the lock; a swap now does not affect this call, which
         # finishes on the model it started with.
         if runtime is None:
@@ -74,7 +75,7 @@ class ModelSlot:
         except ModelError:
             self.errors += 1
             raise
-        self._latency.record(time.perf_counter() - start)
+        self._latency.record(time.perf_counter() - start, bundle.label if bundle is not None else None)
         return out
 
 

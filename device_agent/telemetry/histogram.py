@@ -22,25 +22,37 @@ class LatencyHistogram:
         self._counts = np.zeros(_BUCKETS, dtype=np.int64)
         self._max = 0.0
         self._sum = 0.0
+        # The same, per model version that served requests this interval (two around a swap).
+        self._versions: dict[str, list] = {}
 
-    def record(self, seconds: float) -> None:
+    def record(self, seconds: float, version: str | None = None) -> None:
         index = 0 if seconds <= _MIN_S else min(_BUCKETS - 1, int(math.log(seconds / _MIN_S) / math.log(_GROWTH)))
         with self._lock:
             self._counts[index] += 1
             self._sum += seconds
             self._max = max(self._max, seconds)
+            if version is not None:
+                entry = self._versions.get(version)
+                if entry is None:
+                    entry = self._versions[version] = [np.zeros(_BUCKETS, dtype=np.int64), 0.0, 0.0]
+                entry[0][index] += 1
+                entry[1] = max(entry[1], seconds)
+                entry[2] += seconds
 
     def snapshot_and_reset(self) -> "HistogramSnapshot":
         with self._lock:
             snap = HistogramSnapshot(self._counts.copy(), self._max, self._sum)
+            snap.by_version = {v: HistogramSnapshot(c, m, t) for v, (c, m, t) in self._versions.items()}
             self._counts[:] = 0
             self._max = 0.0
             self._sum = 0.0
+            self._versions = {}
         return snap
 
 
 class HistogramSnapshot:
     def __init__(self, counts: np.ndarray, max_s: float, sum_s: float) -> None:
+        self.by_version: dict[str, "HistogramSnapshot"] = {}
         self.counts = counts
         self.count = int(counts.sum())
         self.max_s = max_s

@@ -22,14 +22,15 @@ class InferenceCollector:
         errors = self._errors()
         elapsed, self._last = now - self._last, now
         new_errors, self._last_errors = errors - self._last_errors, errors
-        ms = lambda s: None if s is None else round(s * 1e3, 4)  # noqa: E731
-        return {
-            "count": snap.count,
-            "errors": new_errors,
-            "per_s": round(snap.count / elapsed, 3) if elapsed > 0 else None,
-            "p50_ms": ms(snap.percentile(50)),
-            "p90_ms": ms(snap.percentile(90)),
-            "p95_ms": ms(snap.percentile(95)),
-            "p99_ms": ms(snap.percentile(99)),
-            "max_ms": ms(snap.max_s if snap.count else None),
-        }
+        out = {"count": snap.count, "errors": new_errors,
+               "per_s": round(snap.count / elapsed, 3) if elapsed > 0 else None, **_distribution(snap)}
+        if len(snap.by_version) > 1:  # a swap this interval: each version's own distribution
+            out["versions"] = {v: {"count": s.count, **_distribution(s)} for v, s in sorted(snap.by_version.items())}
+        return out
+
+
+def _distribution(snap) -> dict[str, Any]:
+    ms = lambda s: None if s is None else round(s * 1e3, 4)  # noqa: E731
+    return {"p50_ms": ms(snap.percentile(50)), "p90_ms": ms(snap.percentile(90)),
+            "p95_ms": ms(snap.percentile(95)), "p99_ms": ms(snap.percentile(99)),
+            "max_ms": ms(snap.max_s if snap.count else None)}

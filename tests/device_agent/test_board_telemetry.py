@@ -97,6 +97,16 @@ def test_a_laptop_reports_its_battery_draw_and_rapl_over_the_interval_across_a_c
                                              "rapl_watts": 5.0}
 
 
+def test_a_battery_without_power_now_is_current_times_voltage(tmp_path):
+    battery = tmp_path / "sys" / "class" / "power_supply" / "BAT1"
+    battery.mkdir(parents=True)
+    for name, value in [("type", "Battery"), ("status", "Discharging"), ("current_now", "-1250000"),
+                        ("voltage_now", "7600000")]:  # some drivers sign the current of a discharge
+        (battery / name).write_text(value + "\n")
+    assert sample(tmp_path / "sys", "none")["power"] == {"source": "battery", "total_watts": 9.5,
+                                                         "total_is": "battery discharge"}
+
+
 def test_no_sensor_means_no_power_field_not_a_zero(tmp_path):
     (tmp_path / "sys").mkdir()
     readings = sample(tmp_path / "sys", "none")

@@ -29,6 +29,20 @@ def test_the_latency_distribution_over_an_interval_has_its_percentiles_and_max()
         assert abs(inf[name] - want) <= want * 0.021, (name, inf[name])  # the histogram's 2% buckets
 
 
+def test_an_interval_with_a_swap_reports_each_versions_latency_on_its_own():
+    hist = LatencyHistogram()
+    for _ in range(30):
+        hist.record(0.002, "m 1.0.0")
+    for _ in range(10):
+        hist.record(0.010, "m 2.0.0")
+    inf = TelemetryCollectors(CollectorContext(latency=hist), ["inference"]).collect()["inference"]
+    assert inf["count"] == 40
+    assert inf["versions"]["m 1.0.0"]["count"] == 30 and abs(inf["versions"]["m 1.0.0"]["p99_ms"] - 2.0) < 0.05
+    assert inf["versions"]["m 2.0.0"]["count"] == 10 and abs(inf["versions"]["m 2.0.0"]["p50_ms"] - 10.0) < 0.2
+    hist.record(0.003, "m 2.0.0")  # one version only: no breakdown needed
+    assert "versions" not in TelemetryCollectors(CollectorContext(latency=hist), ["inference"]).collect()["inference"]
+
+
 def test_an_idle_interval_reports_zero_inferences_and_no_latency():
     readings = TelemetryCollectors(CollectorContext(), ["inference"]).collect()
     assert readings["inference"]["count"] == 0
