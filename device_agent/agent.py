@@ -16,6 +16,7 @@ from device_agent.bench import benchmark
 from device_agent.bundle.signing import trusted_keys
 from device_agent.command_log import CommandLog
 from device_agent.config import AgentConfig, RemoteSettings
+from device_agent.hardware import describe as describe_hardware
 from device_agent.errors import ConfigError, EdgefleetError, MqttError, ProtocolError, SignatureError
 from device_agent.local_api import LocalApi
 from device_agent.local_api import framing
@@ -58,6 +59,7 @@ class Agent:
         self._commands = CommandLog(config.state_dir)
         self.telemetry_queue = TelemetryQueue(self.store.root / "telemetry.db", config.telemetry_queue_max)
         self._adopt_old_sequence()
+        self._hardware = describe_hardware(config.sysfs)
         self._sending = threading.Lock()  # one sender at a time: the telemetry loop, or a reconnect
         self._chunks = ChunkRouter()
         offline = DeviceStatus(config.device_id, online=False, timestamp=0.0, agent_version=__version__)
@@ -156,6 +158,7 @@ class Agent:
         bundle = self.slot.bundle
         status = DeviceStatus(self.config.device_id, online=online, timestamp=time.time(),
                               agent_version=__version__, labels=dict(self.config.labels) or None,
+                              hardware=self._hardware if online else None,
                               active_bundle=bundle.label if bundle else None,
                               active_sha256=bundle.sha256 if bundle else None)
         self.client.publish(topics.status(self.config.device_id), status.to_payload(), qos=1, retain=True,

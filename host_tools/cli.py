@@ -380,21 +380,32 @@ def bundle_verify(bundle_path, keys_, as_json) -> None:
 @click.option("--allow-downgrade", is_flag=True,
               help="Let devices install a lower release than the one they have committed.")
 @click.option("--no-serve", is_flag=True, help="Do not answer chunk requests here: `edgefleet serve` does.")
+@click.option("--db", type=click.Path(path_type=Path), default=DEFAULT_HOME / "fleet.db", show_default=True,
+              help="Device registry: devices it knows cannot run the bundle (its target) are skipped, not sent it.")
 @signing_options
 @json_option
 @fail_cleanly
-def deploy(bundle_path, devices, broker, timeout, chunk_size, allow_downgrade, no_serve, signing_key, expires_in,
+def deploy(bundle_path, devices, broker, timeout, chunk_size, allow_downgrade, no_serve, db, signing_key, expires_in,
            as_json) -> None:
-    from host_tools.deploy import run_deployment
+    from device_agent.bundle import BundleReader
+    from host_tools.deploy import DeviceProgress, incompatible, run_deployment
 
+    with BundleReader(bundle_path) as reader:  # one clear line if it is not a bundle
+        target = reader.manifest.target
+    registry = {r.device_id: r.hardware for r in _fleet_rows(db, (), None)} if db.exists() and target else {}
+    skipped = incompatible(devices, target, registry)
+    for device, why in skipped.items():
+        click.echo(f"{device}: {why}", err=True)
+    send = [d for d in devices if d not in skipped]
     signer = command_signer(signing_key, expires_in)
     client = host_client(broker, "deploy")
     try:
-        results = run_deployment(client, bundle_path, devices, signer=signer, timeout=timeout, chunk_size=chunk_size,
+        results = run_deployment(client, bundle_path, send, signer=signer, timeout=timeout, chunk_size=chunk_size,
                                  allow_downgrade=allow_downgrade, serve=not no_serve,
-                                 show_progress=not as_json)
+                                 show_progress=not as_json) if send else {}
     finally:
         client.disconnect()
+    results.update({d: DeviceProgress(d, "skipped", 0.0, why) for d, why in skipped.items()})
     if as_json:
         click.echo(json.dumps({d: vars(p) for d, p in results.items()}))
     if not all(p.succeeded for p in results.values()):
@@ -644,6 +655,99 @@ def fleet_watch(db, selectors, group, every, count) -> None:
                     time.sleep(every)
         except KeyboardInterrupt:
             pass
+
+
+# -- registry ---------------------------------------------------------------------------------
+@main.group(help="The device registry: what each device is (reported by its agent at connect) and its labels.")
+def devices() -> None:
+    pass
+
+
+@devices.command("list", help="One row per device: hardware class, arch, RAM, runtimes, accelerators, labels.")
+@db_option
+@label_filter
+@group_filter
+@json_option
+@fail_cleanly
+def devices_list(db, selectors, group, as_json) -> None:
+    rows = _fleet_rows(db, selectors, group)
+    if as_json:
+        click.echo(json.dumps([{"device_id": r.device_id, "online": r.online, "hardware": r.hardware,
+                                "labels": r.labels, "active_bundle": r.active_bundle} for r in rows]))
+        return
+    from rich.table import Table
+
+    table = Table(title="devices", header_style="bold")
+    for header in ("device", "class", "arch", "RAM MiB", "runtimes", "accelerators", "labels", "bundle", "state"):
+        table.add_column(header)
+    for r in rows:
+        hw = r.hardware or {}
+        table.add_row(r.device_id, hw.get("class", "?"), hw.get("arch", "?"), str(hw.get("ram_mb", "?")),
+                      ", ".join(hw.get("runtimes", [])) or "?", ", ".join(hw.get("accelerators", [])) or "none",
+                      ", ".join(f"{k}={v}" for k, v in sorted(r.labels.items())), r.active_bundle or "none",
+                      "online" if r.online else "offline")
+    console().print(table)
+
+
+@devices.command("show", help="Everything the registry knows about DEVICE_ID, and its recent deployments.")
+@click.argument("device_id")
+@db_option
+@json_option
+@fail_cleanly
+def devices_show(device_id, db, as_json) -> None:
+    from host_tools.fleet.store import FleetStore
+
+    rows = [r for r in _fleet_rows(db, (), None) if r.device_id == device_id]
+    if not rows:
+        raise ConfigError(f"no device {device_id!r} in the registry at {db}")
+    store = FleetStore(db)
+    try:
+        events = store.events(device_id, states=("accepted", "active", "failed", "rolled_back", "already_installed"))
+    finally:
+        store.close()
+    r = rows[0]
+    doc = {"device_id": r.device_id, "online": r.online, "since": r.since, "agent_version": r.agent_version,
+           "hardware": r.hardware, "labels": r.labels, "active_bundle": r.active_bundle, "last_seen": r.last_seen,
+           "deployments": events[-10:]}
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    hw = r.hardware or {}
+    click.echo(f"device:     {r.device_id} ({'online' if r.online else 'offline'}, agent {r.agent_version or '?'})")
+    click.echo(f"hardware:   {hw.get('class', '?')} ({hw.get('model') or 'model not reported'}), {hw.get('arch', '?')}, "
+               f"{hw.get('ram_mb', '?')} MiB RAM")
+    click.echo(f"runtimes:   {', '.join(hw.get('runtimes', [])) or '?'}; accelerators: "
+               f"{', '.join(hw.get('accelerators', [])) or 'none'}")
+    click.echo(f"labels:     {', '.join(f'{k}={v}' for k, v in sorted(r.labels.items())) or 'none'}")
+    click.echo(f"bundle:     {r.active_bundle or 'none'}")
+    for e in events[-10:]:
+        click.echo(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['timestamp']))}  {e['state']:<17} "
+                   f"{e['bundle']}" + (f"  ({e['reason']})" if e["reason"] else ""))
+
+
+@devices.command("label", help="Set labels on DEVICE_ID in the registry (NAME=VALUE), or remove them (NAME=). "
+                               "They win over the labels the device reports and are used by --label/--group.")
+@click.argument("device_id")
+@click.argument("assignments", nargs=-1, required=True)
+@db_option
+@fail_cleanly
+def devices_label(device_id, assignments, db) -> None:
+    from host_tools.fleet.store import FleetStore
+
+    changes: dict[str, str | None] = {}
+    for item in assignments:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise click.UsageError(f"a label is NAME=VALUE (or NAME= to remove it), not {item!r}")
+        changes[name.strip()] = value.strip() or None
+    if not db.exists():
+        raise ConfigError(f"no fleet database at {db}: run `edgefleet monitor` first")
+    store = FleetStore(db)
+    try:
+        store.set_labels(device_id, changes)
+    finally:
+        store.close()
+    click.echo(", ".join(f"{k}={v}" if v is not None else f"{k} removed" for k, v in changes.items()))
 
 
 @main.command(help="A local web page of the fleet: per-device plots of latency, memory, power and temperature, "

@@ -31,7 +31,25 @@ class DeviceProgress:
 
     @property
     def succeeded(self) -> bool:
-        return self.state in ("active", "already_installed", "rolled_back")
+        return self.state in ("active", "already_installed", "rolled_back", "skipped")
+
+
+def incompatible(devices: Iterable[str], target: dict | None, registry: dict[str, dict | None]) -> dict[str, str]:
+    """{device: why} for the devices the registry says cannot run a bundle made for *target*; a
+    device the registry does not know is left to check for itself (it refuses before downloading)."""
+    from device_agent.errors import PolicyError
+    from device_agent.update.policy import check_target
+
+    out = {}
+    for device in devices:
+        hardware = registry.get(device)
+        if not target or not hardware:
+            continue
+        try:
+            check_target(target, hardware)
+        except (PolicyError, KeyError) as exc:
+            out[device] = f"skipped: {exc}" if isinstance(exc, PolicyError) else "skipped: registry entry incomplete"
+    return out
 
 
 class EventTracker:

@@ -13,7 +13,7 @@ from device_agent.mqtt import MqttClient
 from device_agent.protocol.messages import DeviceStatus
 from host_tools.fleet.ingest import Ingest
 from host_tools.fleet.store import FleetStore
-from tests.conftest import Mosquitto, edgefleet, wait_until
+from tests.conftest import MODELS, Mosquitto, edgefleet, wait_until
 
 DEVICES = ["pi-01", "pi-02", "pi-03"]
 V1 = "digits-cnn 1.0.0"
@@ -331,3 +331,31 @@ def test_the_dashboard_renders_real_plots_rollout_marks_and_versions_in_headless
     watts = re.search(r'data-series="watts" points="([^"]+)"', jetson_card)
     assert watts and len(watts.group(1).split()) >= 4 and "power (W) — jetson-ina3221" in jetson_card
     assert 'data-plot="watts">not reported by this device' in plain_card  # not a line at zero
+
+
+def test_the_registry_knows_each_devices_hardware_takes_labels_and_keeps_bundles_from_devices_that_cannot_run_them(
+        mosquitto, agents, monitor, keys, heldout, tmp_path):
+    from host_tools.packaging import build_bundle
+
+    agent = agents.start("pi-90")
+    store = FleetStore(monitor)
+    assert wait_until(lambda: is_online(store, "pi-90"), 30)
+    listed = json.loads(edgefleet("devices", "list", "--db", monitor, "--json").stdout)
+    (row,) = [r for r in listed if r["device_id"] == "pi-90"]
+    assert row["hardware"]["arch"] == "x86_64" and row["hardware"]["class"] == "x86_64-generic"
+    assert "onnxruntime" in row["hardware"]["runtimes"] and row["hardware"]["ram_mb"] > 1000
+
+    assert edgefleet("devices", "label", "pi-90", "group=canary", "--db", monitor).returncode == 0
+    assert [r["device_id"] for r in json.loads(edgefleet("fleet", "status", "--db", monitor, "--group", "canary",
+                                                         "--json").stdout)] == ["pi-90"]
+    shown = edgefleet("devices", "show", "pi-90", "--db", monitor)
+    assert shown.returncode == 0 and "x86_64-generic" in shown.stdout and "group=canary" in shown.stdout
+    assert edgefleet("devices", "label", "pi-99", "a=b", "--db", monitor).returncode == 1  # never connected
+
+    riscv = tmp_path / "riscv.efb"
+    build_bundle(MODELS / "digits_cnn.onnx", name="digits-cnn", version="1.0.0", key=keys["key"], out=riscv,
+                 sample={"image": heldout[0][:1]}, target={"arch": ["riscv64"]})
+    result = edgefleet("deploy", riscv, "--device", "pi-90", "--broker", mosquitto, "--db", monitor, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["pi-90"]["state"] == "skipped" and "riscv64" in result.stderr
+    assert "update" not in agent.log.read_text()  # it was never sent the command

@@ -403,6 +403,7 @@ class DeviceStatus:
     active_bundle: str | None = None  # "name version"
     active_sha256: str | None = None
     labels: dict[str, str] | None = None  # the device's own labels (site, group, ...), from its config
+    hardware: dict[str, Any] | None = None  # device_agent.hardware.describe(): class, arch, RAM, runtimes, ...
 
     def to_payload(self) -> bytes:
         return _encode("status", asdict(self))
@@ -415,7 +416,8 @@ class DeviceStatus:
                    agent_version=_get(doc, "agent_version", str, optional=True) or "",
                    active_bundle=_get(doc, "active_bundle", str, optional=True),
                    active_sha256=_get(doc, "active_sha256", str, optional=True),
-                   labels=_labels(_get(doc, "labels", dict, optional=True)))
+                   labels=_labels(_get(doc, "labels", dict, optional=True)),
+                   hardware=_get(doc, "hardware", dict, optional=True))
 
 
 def _labels(value: dict | None) -> dict[str, str] | None:

@@ -24,7 +24,14 @@ CREATE TABLE IF NOT EXISTS devices (
     active_bundle TEXT,
     active_sha256 TEXT,
     last_seen     REAL NOT NULL,
-    labels        TEXT
+    labels        TEXT,
+    hardware      TEXT
+);
+CREATE TABLE IF NOT EXISTS host_labels (   -- labels the operator gives devices in the registry
+    device_id TEXT NOT NULL,
+    name      TEXT NOT NULL,
+    value     TEXT NOT NULL,
+    PRIMARY KEY (device_id, name)
 );
 CREATE TABLE IF NOT EXISTS telemetry (
     device_id TEXT NOT NULL,
@@ -66,7 +73,8 @@ class DeviceRow:
     telemetry_bundle: str | None
     telemetry_at: float | None
     samples: int
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # the device's own, then the operator's over them
+    hardware: dict[str, Any] | None = None
 
 
 class FleetStore:
@@ -80,8 +88,9 @@ class FleetStore:
             self._db.execute("PRAGMA busy_timeout=10000")  # several monitors may share the file
             self._db.executescript(SCHEMA)
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
-            if "labels" not in columns:  # a database from before labels
-                self._db.execute("ALTER TABLE devices ADD COLUMN labels TEXT")
+            for column in ("labels", "hardware"):  # a database from before them
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE devices ADD COLUMN {column} TEXT")
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open fleet database {self.path}: {exc}") from None
         self._lock = threading.Lock()
@@ -93,15 +102,17 @@ class FleetStore:
         with self._lock:
             self._db.execute(
                 "INSERT INTO devices (device_id, online, status_at, agent_version, active_bundle, active_sha256, "
-                "last_seen, labels) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
+                "last_seen, labels, hardware) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
                 "online=excluded.online, status_at=excluded.status_at, agent_version=excluded.agent_version, "
                 "active_bundle=COALESCE(excluded.active_bundle, devices.active_bundle), "
                 "active_sha256=COALESCE(excluded.active_sha256, devices.active_sha256), "
                 "last_seen=MAX(devices.last_seen, excluded.last_seen), "
-                "labels=COALESCE(excluded.labels, devices.labels)",  # the last will carries none: keep them
+                "labels=COALESCE(excluded.labels, devices.labels), "  # the last will carries none: keep them
+                "hardware=COALESCE(excluded.hardware, devices.hardware)",
                 (status.device_id, int(status.online), status.timestamp or received_at, status.agent_version,
                  status.active_bundle, status.active_sha256, received_at if status.online else 0.0,
-                 json.dumps(status.labels) if status.labels is not None else None))
+                 json.dumps(status.labels) if status.labels is not None else None,
+                 json.dumps(status.hardware) if status.hardware is not None else None))
 
     def record_telemetry(self, sample: TelemetrySample, received_at: float) -> bool:
         """Store *sample*; False when that (device, seq) was stored before."""
@@ -139,13 +150,29 @@ class FleetStore:
             rows = self._db.execute("""
                 SELECT d.device_id, d.online, d.status_at, d.agent_version, d.active_bundle, d.last_seen,
                        t.readings, t.bundle, t.timestamp,
-                       (SELECT COUNT(*) FROM telemetry c WHERE c.device_id = d.device_id), d.labels
+                       (SELECT COUNT(*) FROM telemetry c WHERE c.device_id = d.device_id), d.labels, d.hardware
                 FROM devices d
                 LEFT JOIN telemetry t ON t.device_id = d.device_id
                      AND t.seq = (SELECT MAX(seq) FROM telemetry m WHERE m.device_id = d.device_id)
                 ORDER BY d.device_id""").fetchall()
+            given: dict[str, dict[str, str]] = {}
+            for device, name, value in self._db.execute("SELECT device_id, name, value FROM host_labels"):
+                given.setdefault(device, {})[name] = value
         return [DeviceRow(r[0], bool(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None,
-                          r[7], r[8], r[9], json.loads(r[10]) if r[10] else {}) for r in rows]
+                          r[7], r[8], r[9], {**(json.loads(r[10]) if r[10] else {}), **given.get(r[0], {})},
+                          json.loads(r[11]) if r[11] else None) for r in rows]
+
+    def set_labels(self, device_id: str, labels: dict[str, str | None]) -> None:
+        """Give *device_id* labels in the registry (a value of None removes one); they win over the
+        labels the device reports itself."""
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM devices WHERE device_id=?", (device_id,)).fetchone() is None:
+                raise ConfigError(f"no device {device_id!r} in the registry (it has never connected)")
+            for name, value in labels.items():
+                if value is None:
+                    self._db.execute("DELETE FROM host_labels WHERE device_id=? AND name=?", (device_id, name))
+                else:
+                    self._db.execute("INSERT OR REPLACE INTO host_labels VALUES (?,?,?)", (device_id, name, value))
 
     def retain(self, now: float, *, raw_days: float = 7.0, hourly_days: float = 90.0) -> tuple[int, int]:
         """Keep raw samples for *raw_days*; fold older ones into hourly summaries (mean and max of
