@@ -123,3 +123,14 @@ def test_energy_per_inference_where_power_is_known():
     readings = collectors.collect()
     per_s = readings["inference"]["per_s"]
     assert readings["inference"]["energy_mj"] == round(5.996 / per_s * 1000, 3)
+
+
+@pytest.mark.parametrize("board, expected", [("jetson-orin-nano-jp6", "jetson-orin-nano"), ("jetson-nano-jp4", "jetson-nano"),
+                                             ("rpi5", "rpi5"), ("x86-laptop", "x86_64-generic")])
+def test_the_hardware_class_comes_from_the_device_tree_and_an_unknown_board_is_generic(board, expected, tmp_path):
+    from device_agent.hardware import board_model, hardware_class
+
+    sysfs = BOARDS / board / "sys"
+    arch = "aarch64" if board != "x86-laptop" else "x86_64"
+    assert hardware_class(board_model(sysfs, tmp_path), arch) == expected
+    assert hardware_class(None, "riscv64") == "riscv64-generic"  # never a guess
