@@ -151,9 +151,11 @@ def test_many_devices_fetching_one_bundle_share_one_copy_through_the_broker(clie
     devices = {f"fan-{i}": device(clients, f"fan-{i}") for i in range(6)}
     # one device of an older kind, which takes its chunks on its own topic only
     results, errors = {}, []
+    start_together = threading.Barrier(len(devices))
 
     def fetch(device_id, fanout=True):
         client, router = devices[device_id]
+        start_together.wait(10)
         try:
             results[device_id] = Download(client, router, device_id, offer, tmp_path / f"{device_id}.part",
                                           fanout=fanout).run().read_bytes()
@@ -167,12 +169,14 @@ def test_many_devices_fetching_one_bundle_share_one_copy_through_the_broker(clie
         t.join(60)
     server.stop()
     assert not errors and all(data == blob.read_bytes() for data in results.values()) and len(results) == 6
-    # Five fan-out devices share about one copy (a chunk is published again only to a device that
-    # missed it for a second); the sixth gets its own. Without fan-out: 6 x 40 chunks.
+    # Every chunk went to the shared topic once, for all five fan-out devices. Direct sends: the
+    # sixth device's 40, and what a fan-out device asked for that had gone out before its first
+    # request (typically a first window; ~110 chunks in all). Without fan-out: 6 x 40 = 240.
     stats = server.stats
-    assert offer.chunk_count <= stats.fanout_chunks <= 1.5 * offer.chunk_count, stats
+    assert stats.fanout_chunks == offer.chunk_count, stats
     assert stats.chunks_sent - stats.fanout_chunks >= offer.chunk_count and stats.fanout_saved > 0
-    assert stats.chunks_sent <= 3 * offer.chunk_count and stats.devices == set(devices)
+    assert stats.chunks_sent <= 4 * offer.chunk_count, stats  # at least a third less than a copy each
+    assert stats.devices == set(devices)
 
 
 def test_a_request_is_answered_in_the_chunk_size_the_device_asks_for(clients, tmp_path):
