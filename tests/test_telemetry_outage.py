@@ -42,7 +42,7 @@ def test_a_60_second_broker_outage_with_an_agent_restart_loses_and_duplicates_no
         # Measured during the outage (a sample a second, but for the agent's few seconds of
         # restart), kept on the device and delivered afterwards.
         during = [t for _, t in store.sample_index("pi-outage") if outage_from <= t <= outage_to]
-        assert len(during) >= OUTAGE_S - 8, len(during)
+        assert len(during) >= OUTAGE_S - 15, len(during)  # less the agent's restart (a few seconds)
     finally:
         host.disconnect()
         broker.stop()
