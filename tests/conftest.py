@@ -238,3 +238,17 @@ def agents(tmp_path, mosquitto, keys):
     yield Factory()
     for agent in started:
         agent.cleanup()
+
+
+@pytest.fixture
+def monitor(tmp_path, mosquitto):
+    """`edgefleet monitor` ingesting from the test broker; yields its database (the fleet registry)."""
+    db = tmp_path / "fleet.db"
+    with open(tmp_path / "monitor.log", "wb") as log:  # a file, not a pipe nobody reads that could fill up
+        # A name of its own: monitors keep persistent sessions, and one test's must not inherit another's.
+        proc = subprocess.Popen([sys.executable, "-m", "host_tools", "monitor", "--broker", str(mosquitto),
+                                 "--db", str(db), "--name", f"test-{time.time_ns()}"], stderr=log)
+    assert wait_until(db.exists, 15), "monitor did not create its database"
+    yield db
+    proc.send_signal(signal.SIGINT)
+    proc.wait(10)

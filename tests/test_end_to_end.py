@@ -20,18 +20,6 @@ V1 = "digits-cnn 1.0.0"
 
 
 
-@pytest.fixture
-def monitor(tmp_path, mosquitto):
-    db = tmp_path / "fleet.db"
-    with open(tmp_path / "monitor.log", "wb") as log:  # a file, not a pipe nobody reads that could fill up
-        proc = subprocess.Popen([sys.executable, "-m", "host_tools", "monitor", "--broker", str(mosquitto),
-                                 "--db", str(db)], stderr=log)
-    assert wait_until(db.exists, 15), "monitor did not create its database"
-    yield db
-    proc.send_signal(signal.SIGINT)
-    proc.wait(10)
-
-
 def is_online(store, device_id):
     return any(r.device_id == device_id and r.online for r in store.devices())
 

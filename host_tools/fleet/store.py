@@ -98,6 +98,16 @@ class FleetStore:
     def close(self) -> None:
         self._db.close()
 
+    def run(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """One statement against the fleet database, for the modules that keep their own tables in it
+        (rollouts); returns its rows."""
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def ensure_schema(self, script: str) -> None:
+        with self._lock:
+            self._db.executescript(script)
+
     def record_status(self, status: DeviceStatus, received_at: float) -> None:
         with self._lock:
             self._db.execute(

@@ -1,0 +1,249 @@
+"""Staged rollouts: a bundle goes to a fleet in stages (e.g. 10% → 50% → 100%), and a stage that
+goes badly stops the rollout before the rest of the fleet sees the bundle.
+
+A stage deploys to its share of the eligible devices (the registry's devices matching the
+selector whose hardware the bundle's target allows), waits for each device's outcome, then
+watches them for a health window. It is judged on what the devices report:
+
+- the update lifecycle's outcomes: the share of the stage that failed or rolled back, against
+  ``max_failure_rate``;
+- model behaviour after activation: each updated device's p99 latency in the window against its
+  own p99 on the previous version before the rollout, against ``max_p99_ratio`` (the median over
+  the stage's devices; read from the fleet database, so `edgefleet monitor` must be running).
+
+Crossing a threshold halts the rollout; with ``rollback_on_halt`` the stage's updated devices are
+rolled back. Devices that do not answer (offline) are reported as pending: the command waits in
+their persistent session and runs when they return. The rollout's state is kept in the fleet
+database (tables ``rollouts`` and ``rollout_devices``), so `edgefleet rollout status` reads it from
+anywhere and `edgefleet rollout resume` carries on after the host restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from device_agent.bundle import BundleReader
+from device_agent.errors import ConfigError
+from host_tools.deploy import Deployment, incompatible, run_rollback
+from host_tools.fleet.store import FleetStore
+from host_tools.fleet.view import matching
+from host_tools.serve import BundleServer
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rollouts (
+    rollout_id TEXT PRIMARY KEY,
+    created    REAL NOT NULL,
+    plan       TEXT NOT NULL,    -- RolloutPlan as JSON
+    state      TEXT NOT NULL,    -- running, paused, halted, aborted, done
+    stage      INTEGER NOT NULL, -- the stage under way (0-based)
+    reason     TEXT
+);
+CREATE TABLE IF NOT EXISTS rollout_devices (
+    rollout_id TEXT NOT NULL,
+    device_id  TEXT NOT NULL,
+    stage      INTEGER NOT NULL,
+    state      TEXT NOT NULL,    -- queued, active, already_installed, failed, rolled_back, pending, skipped
+    reason     TEXT,
+    PRIMARY KEY (rollout_id, device_id)
+);
+"""
+SUCCESS = ("active", "already_installed")
+MIN_SAMPLES = 3  # telemetry samples per device and version before latency is compared
+FAILURE = ("failed", "rolled_back")
+
+
+@dataclass
+class RolloutPlan:
+    bundle: str                       # path of the bundle file
+    selectors: list[str]              # NAME=VALUE label selectors (a group is group=NAME)
+    stages: list[float] = field(default_factory=lambda: [10.0, 50.0, 100.0])  # cumulative % of the fleet
+    window_s: float = 60.0            # health window after each stage
+    stage_timeout_s: float = 300.0    # how long a stage waits for its devices' outcomes
+    max_failure_rate: float = 0.1
+    max_p99_ratio: float | None = 1.5
+    rollback_on_halt: bool = False
+    devices: list[str] = field(default_factory=list)  # explicit device ids, instead of selectors
+
+    def __post_init__(self) -> None:
+        if not self.stages or any(not 0 < s <= 100 for s in self.stages) or self.stages != sorted(self.stages):
+            raise ConfigError("stages are increasing percentages of the fleet, the last one at most 100")
+        if self.stages[-1] != 100:
+            self.stages = [*self.stages, 100.0]
+        if not 0 <= self.max_failure_rate <= 1:
+            raise ConfigError("max failure rate is a fraction between 0 and 1")
+
+
+class RolloutStore:
+    def __init__(self, store: FleetStore) -> None:
+        self.fleet = store  # one database: the registry, telemetry and rollouts
+        store.ensure_schema(SCHEMA)
+
+    def _execute(self, sql: str, args: tuple = ()) -> list[tuple]:
+        return self.fleet.run(sql, args)
+
+    def create(self, plan: RolloutPlan) -> str:
+        rollout_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        self._execute("INSERT INTO rollouts VALUES (?,?,?,?,?,?)",
+                      (rollout_id, time.time(), json.dumps(asdict(plan)), "running", 0, None))
+        return rollout_id
+
+    def get(self, rollout_id: str) -> dict[str, Any]:
+        rows = self._execute("SELECT rollout_id, created, plan, state, stage, reason FROM rollouts WHERE rollout_id=?",
+                             (rollout_id,))
+        if not rows:
+            raise ConfigError(f"no rollout {rollout_id!r}")
+        r = rows[0]
+        devices = self._execute("SELECT device_id, stage, state, reason FROM rollout_devices WHERE rollout_id=? "
+                                "ORDER BY stage, device_id", (rollout_id,))
+        return {"rollout_id": r[0], "created": r[1], "plan": json.loads(r[2]), "state": r[3], "stage": r[4],
+                "reason": r[5], "devices": [{"device_id": d[0], "stage": d[1], "state": d[2], "reason": d[3]}
+                                            for d in devices]}
+
+    def all(self) -> list[dict[str, Any]]:
+        ids = self._execute("SELECT rollout_id FROM rollouts ORDER BY created")
+        return [self.get(i) for (i,) in ids]
+
+    def set_state(self, rollout_id: str, state: str, *, stage: int | None = None, reason: str | None = None) -> None:
+        self._execute("UPDATE rollouts SET state=?, stage=COALESCE(?, stage), reason=? WHERE rollout_id=?",
+                      (state, stage, reason, rollout_id))
+
+    def set_device(self, rollout_id: str, device: str, stage: int, state: str, reason: str | None = None) -> None:
+        self._execute("INSERT OR REPLACE INTO rollout_devices VALUES (?,?,?,?,?)",
+                      (rollout_id, device, stage, state, reason))
+
+
+class Rollout:
+    """Runs one rollout to its end (done, halted, aborted) or until paused; safe to run again."""
+
+    def __init__(self, store: RolloutStore, rollout_id: str, client, signer,
+                 log: Callable[[str], None] = lambda line: None) -> None:
+        self.store, self.rollout_id, self.client, self.signer, self.log = store, rollout_id, client, signer, log
+        doc = store.get(rollout_id)
+        self.plan = RolloutPlan(**doc["plan"])
+        with BundleReader(Path(self.plan.bundle)) as reader:
+            self.manifest = reader.manifest
+
+    def eligible(self) -> tuple[list[str], dict[str, str]]:
+        """(devices this rollout is for, {device: why skipped}) from the registry, in a stable order."""
+        rows = self.store.fleet.devices()
+        if self.plan.devices:
+            rows = [r for r in rows if r.device_id in self.plan.devices]
+            unknown = sorted(set(self.plan.devices) - {r.device_id for r in rows})
+        else:
+            rows, unknown = matching(rows, self.plan.selectors), []
+        skipped = incompatible([r.device_id for r in rows], self.manifest.target,
+                               {r.device_id: r.hardware for r in rows})
+        skipped.update({d: "skipped: not in the registry (never connected)" for d in unknown})
+        return sorted(r.device_id for r in rows if r.device_id not in skipped), skipped
+
+    def run(self) -> dict[str, Any]:
+        doc = self.store.get(self.rollout_id)
+        if doc["state"] not in ("running",):
+            return doc
+        devices, skipped = self.eligible()
+        for device, why in skipped.items():
+            self.store.set_device(self.rollout_id, device, -1, "skipped", why)
+        if not devices:
+            self.store.set_state(self.rollout_id, "halted", reason="no eligible device")
+            return self.store.get(self.rollout_id)
+        baseline = self._p99(devices, time.time() - 600, exclude=self.manifest.label, last=10)  # the version before
+        server = BundleServer(self.client)
+        server.start()
+        try:
+            for stage in range(doc["stage"], len(self.plan.stages)):
+                state = self.store.get(self.rollout_id)["state"]
+                if state != "running":  # paused or aborted from another terminal
+                    self.log(f"rollout {state}; stopping before stage {stage + 1}")
+                    return self.store.get(self.rollout_id)
+                self.store.set_state(self.rollout_id, "running", stage=stage)
+                verdict = self._stage(stage, devices, server, baseline)
+                if verdict:
+                    self.store.set_state(self.rollout_id, "halted", reason=verdict)
+                    self.log(f"halted at stage {stage + 1}: {verdict}")
+                    if self.plan.rollback_on_halt:
+                        self._roll_back(stage)
+                    return self.store.get(self.rollout_id)
+            self.store.set_state(self.rollout_id, "done", stage=len(self.plan.stages) - 1)
+            return self.store.get(self.rollout_id)
+        finally:
+            server.stop()
+
+    # -- one stage ------------------------------------------------------------------------
+    def _stage(self, stage: int, devices: list[str], server: BundleServer, baseline: dict[str, float]) -> str | None:
+        """Deploy to this stage's devices and judge them; returns why to halt, or None."""
+        started = time.time()
+        done = {d["device_id"] for d in self.store.get(self.rollout_id)["devices"] if d["stage"] >= 0}
+        want = math.ceil(len(devices) * self.plan.stages[stage] / 100)
+        batch = [d for d in devices if d not in done][:max(0, want - len(done))]
+        self.log(f"stage {stage + 1}/{len(self.plan.stages)} ({self.plan.stages[stage]:g}%): {len(batch)} device(s)")
+        if batch:
+            for device in batch:
+                self.store.set_device(self.rollout_id, device, stage, "queued")
+            deployment = Deployment(self.client, server, Path(self.plan.bundle), batch, self.signer)
+            deployment.start()
+            for device, p in deployment.wait(self.plan.stage_timeout_s).items():
+                state = "pending" if p.state == "timed_out" else p.state
+                self.store.set_device(self.rollout_id, device, stage, state, p.reason)
+        stage_rows = [d for d in self.store.get(self.rollout_id)["devices"] if d["stage"] == stage]
+        answered = [d for d in stage_rows if d["state"] in SUCCESS + FAILURE]
+        failed = [d for d in answered if d["state"] in FAILURE]
+        if answered and len(failed) / len(answered) > self.plan.max_failure_rate:
+            reasons = "; ".join(f"{d['device_id']}: {d['reason']}" for d in failed[:3])
+            return (f"{len(failed)} of {len(answered)} devices in the stage failed "
+                    f"(more than {self.plan.max_failure_rate:.0%}): {reasons}")
+        if self.plan.window_s > 0 and stage < len(self.plan.stages) - 1:
+            self.log(f"watching stage {stage + 1} for {self.plan.window_s:g}s")
+            time.sleep(self.plan.window_s)
+        return self._latency_verdict([d["device_id"] for d in stage_rows if d["state"] == "active"], baseline,
+                                     started)
+
+    def _p99(self, devices: list[str], since: float, *, only: str | None = None,
+             exclude: str | None = None, last: int | None = None) -> dict[str, float]:
+        """Each device's median p99 over its samples since *since* from the version *only* (or any
+        version but *exclude*), for devices with at least MIN_SAMPLES of them (one interval's p99
+        is too noisy to halt a rollout on); with *last*, only each device's newest *last* samples."""
+        out = {}
+        for device in devices:
+            values = [r["inference"]["p99_ms"] for _, bundle, r in self.store.fleet.series(device, since)
+                      if (only is None or bundle == only) and (exclude is None or bundle != exclude)
+                      and isinstance(r.get("inference"), dict) and r["inference"].get("p99_ms") is not None]
+            values = values[-last:] if last else values
+            if len(values) >= MIN_SAMPLES:
+                out[device] = statistics.median(values)
+        return out
+
+    def _latency_verdict(self, updated: list[str], baseline: dict[str, float], since: float) -> str | None:
+        if self.plan.max_p99_ratio is None or not updated:
+            return None
+        now = self._p99(updated, since, only=self.manifest.label)
+        ratios = [now[d] / baseline[d] for d in updated if d in now and baseline.get(d)]
+        if not ratios:
+            self.log(f"fewer than {MIN_SAMPLES} latency samples from before and after on the same devices "
+                     f"(before: {len(baseline)} devices, after: {len(now)} of {len(updated)}): judged on outcomes "
+                     "only (a longer --window gives the new version time to report)")
+            return None
+        ratio = statistics.median(ratios)
+        if ratio > self.plan.max_p99_ratio:
+            return (f"p99 latency is {ratio:.2f}x the previous version's on the same devices "
+                    f"(limit {self.plan.max_p99_ratio:g}x)")
+        return None
+
+    def _roll_back(self, stage: int) -> None:
+        """Take every device this rollout updated back to its previous version."""
+        updated = {d["device_id"]: d["stage"] for d in self.store.get(self.rollout_id)["devices"]
+                   if d["state"] in SUCCESS and d["stage"] >= 0}
+        if not updated:
+            return
+        self.log(f"rolling back {len(updated)} device(s)")
+        results = run_rollback(self.client, list(updated), signer=self.signer, timeout=self.plan.stage_timeout_s)
+        for device, p in results.items():
+            self.store.set_device(self.rollout_id, device, updated[device],
+                                  "rolled_back" if p.state == "rolled_back" else "pending",
+                                  "rolled back: the rollout halted" if p.state == "rolled_back" else p.reason)
