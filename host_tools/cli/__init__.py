@@ -1,0 +1,7 @@
+"""``edgefleet``: the host command line. One module per group of commands; importing them
+registers their commands on ``main``."""
+
+from host_tools.cli.base import main
+from host_tools.cli import bundles, delivery, demo, device, fleet, keys, registry, rollouts, security  # noqa: F401,E402
+
+__all__ = ["main"]

@@ -1,0 +1,83 @@
+"""The `edgefleet` group and what its commands share: options, the broker client, signing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from device_agent import __version__
+from device_agent.errors import ConfigError
+from device_agent.mqtt import BrokerAddress, MqttClient
+
+DEFAULT_HOME = Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".local/share/edgefleet"))
+
+broker_option = click.option("--broker", envvar="EDGEFLEET_BROKER", default="127.0.0.1:1883", show_default=True,
+                             help="MQTT broker as HOST:PORT (env EDGEFLEET_BROKER).")
+db_option = click.option("--db", type=click.Path(path_type=Path), default=DEFAULT_HOME / "fleet.db",
+                         show_default=True, help="Fleet database written by `edgefleet monitor`.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def signing_options(fn):
+    """--key and --expires-in for commands that change or load something on devices."""
+    fn = click.option("--expires-in", type=click.FloatRange(1, 30 * 86400), default=86400.0, show_default=True,
+                      help="Seconds the signed command stays valid (e.g. for a device that is offline).")(fn)
+    return click.option("--key", "signing_key", envvar="EDGEFLEET_SIGNING_KEY", type=click.Path(path_type=Path),
+                        default=DEFAULT_HOME / "keys" / "release.key", show_default=True,
+                        help="Private key that signs the command; devices must trust its public key "
+                             "(env EDGEFLEET_SIGNING_KEY).")(fn)
+
+
+def command_signer(signing_key: Path, expires_in: float):
+    from host_tools.signer import CommandSigner
+
+    if not signing_key.is_file():
+        raise ConfigError(f"no signing key at {signing_key}: give --key, or make one with `edgefleet keys gen`")
+    return CommandSigner.load(signing_key, expires_in)
+
+
+def signed_request(broker: str, role: str, signing_key: Path, expires_in: float, refused: str, send) -> dict:
+    """Connect, run send(client, signer) for a device's Reply, and return its body; a refusal is
+    one line: "<refused>: <the device's reason>"."""
+    signer = command_signer(signing_key, expires_in)
+    client = host_client(broker, role)
+    try:
+        reply = send(client, signer)
+    finally:
+        client.disconnect()
+    if not reply.ok:
+        raise ConfigError(f"{refused}: {reply.error}")
+    return reply.body
+
+
+def host_client(broker: str, role: str, *, client_id: str | None = None) -> MqttClient:
+    """A connected client; with *client_id*, a persistent session under that id (messages for it
+    wait at the broker while it is away), else a throwaway one."""
+    from device_agent.mqtt import TlsFiles
+
+    ctx = click.get_current_context(silent=True)
+    tls = (ctx.find_root().obj or {}).get("tls") if ctx else None
+    client = MqttClient(client_id=client_id or f"edgefleet-{role}-{os.getpid()}", broker=BrokerAddress.parse(broker),
+                        tls=TlsFiles(**tls) if tls else None, clean_session=client_id is None)
+    client.connect(timeout=5)
+    return client
+
+
+@click.group(help="edgefleet host tools: compress models, build signed bundles, deploy them to devices "
+                  "over MQTT, and watch fleet telemetry.")
+@click.version_option(__version__, prog_name="edgefleet")
+@click.option("--tls-ca", envvar="EDGEFLEET_TLS_CA", type=click.Path(path_type=Path),
+              help="CA certificate of the broker: talk TLS to it (env EDGEFLEET_TLS_CA).")
+@click.option("--tls-cert", envvar="EDGEFLEET_TLS_CERT", type=click.Path(path_type=Path),
+              help="This host tool's client certificate, CN host:NAME (env EDGEFLEET_TLS_CERT).")
+@click.option("--tls-key", envvar="EDGEFLEET_TLS_KEY", type=click.Path(path_type=Path),
+              help="Its private key (env EDGEFLEET_TLS_KEY).")
+@click.pass_context
+def main(ctx, tls_ca, tls_cert, tls_key) -> None:
+    if (tls_cert or tls_key) and not tls_ca:
+        raise click.UsageError("--tls-cert and --tls-key need --tls-ca")
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("give --tls-cert and --tls-key together")
+    ctx.obj = {"tls": {"ca": tls_ca, "cert": tls_cert, "key": tls_key} if tls_ca else None}

@@ -1,0 +1,127 @@
+"""Compressing models and building, inspecting and verifying bundles."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from device_agent.cli import fail_cleanly
+from device_agent.errors import ConfigError
+from host_tools.cli.base import json_option, main
+from host_tools.terminal import console
+
+
+@main.command(help="Quantize an ONNX model to int8 (dynamic) and compare it with the original.")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
+@click.option("--eval", "eval_data", type=click.Path(path_type=Path),
+              help="Evaluation data: .npz with 'x' (inputs) and optional 'y' (labels).")
+@json_option
+@fail_cleanly
+def compress(model, out, eval_data, as_json) -> None:
+    from host_tools.compress import EvalData, evaluate_model, quantize_dynamic_int8
+    from host_tools.compress.report import compression_table
+
+    provenance = quantize_dynamic_int8(model, out)
+    if eval_data is None:
+        click.echo(json.dumps(provenance) if as_json else f"wrote {out} (no --eval data: nothing measured)")
+        return
+    data = EvalData.load(eval_data)
+    before, after = evaluate_model(model, data), evaluate_model(out, data)
+    if as_json:
+        click.echo(json.dumps({"compression": provenance, "original": before.as_metrics(),
+                               "compressed": after.as_metrics()}))
+    else:
+        console().print(compression_table(before, after))
+
+
+@main.group(help="Build, inspect and verify signed model bundles.")
+def bundle() -> None:
+    pass
+
+
+@bundle.command("build", help="Package MODEL into a signed, versioned bundle.")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="Model name, e.g. digits-cnn.")
+@click.option("--version", "version", required=True, help="Semantic version, e.g. 1.2.0.")
+@click.option("--key", type=click.Path(path_type=Path), required=True, help="Private signing key (PEM).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Bundle file (default NAME-VERSION.efb).")
+@click.option("--sample", type=click.Path(path_type=Path),
+              help=".npz with one array per model input, used as the device's health-check input.")
+@click.option("--atol", default=1e-3, show_default=True, help="Absolute tolerance of the sample check.")
+@click.option("--latency-budget-ms", type=float, default=None,
+              help="Median sample latency a device must meet before it commits the bundle.")
+@click.option("--release", type=click.IntRange(0), help="Release counter of this model name; devices refuse "
+              "a lower one than they have committed [default: compare versions].")
+@click.option("--expires-in-days", type=click.FloatRange(min=0, min_open=True),
+              help="Devices refuse the bundle after this many days [default: never].")
+@click.option("--arch", multiple=True, help="CPU architecture the bundle runs on (uname -m, e.g. aarch64); repeatable.")
+@click.option("--min-ram-mb", type=click.IntRange(1), help="RAM a device needs for this bundle.")
+@click.option("--accelerator", type=click.Choice(["cuda", "tensorrt"]), help="Accelerator the bundle needs.")
+@json_option
+@fail_cleanly
+def bundle_build(model, name, version, key, out, sample, atol, latency_budget_ms, release, expires_in_days,
+                 arch, min_ram_mb, accelerator, as_json) -> None:
+    import numpy as np
+
+    from host_tools.packaging import build_bundle
+
+    out = out or Path(f"{name}-{version}.efb")
+    feeds = None
+    if sample is not None:
+        try:
+            with np.load(sample, allow_pickle=False) as data:
+                feeds = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read sample file {sample}: {exc}") from None
+    target = {k: v for k, v in (("arch", list(arch)), ("min_ram_mb", min_ram_mb), ("accelerator", accelerator)) if v}
+    manifest = build_bundle(model, name=name, version=version, key=key, out=out, sample=feeds, atol=atol,
+                            latency_budget_ms=latency_budget_ms, release=release, target=target,
+                            expires_at=time.time() + expires_in_days * 86400 if expires_in_days else None)
+    click.echo(json.dumps({"bundle": str(out), "manifest": manifest.to_dict()}) if as_json
+               else f"wrote {out}: {manifest.label} ({out.stat().st_size} bytes)")
+
+
+@bundle.command("inspect", help="Show a bundle's manifest (without checking its signature).")
+@click.argument("bundle_path", type=click.Path(path_type=Path))
+@json_option
+@fail_cleanly
+def bundle_inspect(bundle_path, as_json) -> None:
+    from device_agent.bundle import BundleReader
+
+    with BundleReader(bundle_path) as reader:
+        m = reader.manifest
+    if as_json:
+        click.echo(json.dumps(m.to_dict()))
+        return
+    click.echo(f"{m.label}  runtime={m.runtime}  created={m.created_at}")
+    for f in m.files:
+        click.echo(f"  {f.path:<24} {f.size:>10} bytes  sha256 {f.sha256[:16]}…")
+    for kind, specs in (("input", m.inputs), ("output", m.outputs)):
+        for s in specs:
+            click.echo(f"  {kind:<6} {s.name}: {s.dtype}{list(s.shape)}")
+    if m.compression:
+        click.echo(f"  compression: {json.dumps(m.compression)}")
+    if m.metrics:
+        click.echo(f"  metrics: {json.dumps(m.metrics)}")
+
+
+@bundle.command("verify", help="Check a bundle's signature and every file's hash against trusted keys.")
+@click.argument("bundle_path", type=click.Path(path_type=Path))
+@click.option("--key", "keys_", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Trusted public key (PEM); repeatable.")
+@json_option
+@fail_cleanly
+def bundle_verify(bundle_path, keys_, as_json) -> None:
+    from device_agent.bundle import BundleReader
+    from device_agent.bundle.signing import trusted_keys
+
+    with BundleReader(bundle_path) as reader:
+        verified = reader.verify(trusted_keys(keys_))
+    doc = {"bundle": str(bundle_path), "valid": True, "model": verified.manifest.label,
+           "key_id": verified.key_id, "sha256": verified.sha256}
+    click.echo(json.dumps(doc) if as_json else
+               f"OK: {verified.manifest.label} signed by key {verified.key_id}, all files match")

@@ -1,0 +1,132 @@
+"""Sending bundles to devices: deploy, serve, rollback."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from device_agent.cli import fail_cleanly
+from device_agent.errors import ConfigError
+from host_tools.cli.base import (
+    DEFAULT_HOME, broker_option, command_signer, host_client, json_option, main, signing_options,
+)
+from host_tools.cli.fleet import fleet_rows
+from host_tools.terminal import console
+
+
+@main.command(help="Send BUNDLE to devices over MQTT and follow each until it is active or failed.")
+@click.argument("bundle_path", type=click.Path(path_type=Path))
+@click.option("--device", "devices", multiple=True, required=True, help="Target device id; repeatable.")
+@broker_option
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every device.")
+@click.option("--chunk-size", default=64 * 1024, show_default=True, type=click.IntRange(1024, 1 << 20),
+              help="Transfer chunk size in bytes (keep it under the broker's packet limit).")
+@click.option("--allow-downgrade", is_flag=True,
+              help="Let devices install a lower release than the one they have committed.")
+@click.option("--no-serve", is_flag=True, help="Do not answer chunk requests here: `edgefleet serve` does.")
+@click.option("--db", type=click.Path(path_type=Path), default=DEFAULT_HOME / "fleet.db", show_default=True,
+              help="Device registry: devices it knows cannot run the bundle (its target) are skipped, not sent it.")
+@signing_options
+@json_option
+@fail_cleanly
+def deploy(bundle_path, devices, broker, timeout, chunk_size, allow_downgrade, no_serve, db, signing_key, expires_in,
+           as_json) -> None:
+    from device_agent.bundle import BundleReader
+    from host_tools.deploy import DeviceProgress, incompatible, run_deployment
+
+    with BundleReader(bundle_path) as reader:  # one clear line if it is not a bundle
+        target = reader.manifest.target
+    registry = {r.device_id: r.hardware for r in fleet_rows(db, (), None)} if db.exists() and target else {}
+    skipped = incompatible(devices, target, registry)
+    for device, why in skipped.items():
+        click.echo(f"{device}: {why}", err=True)
+    send = [d for d in devices if d not in skipped]
+    signer = command_signer(signing_key, expires_in)
+    client = host_client(broker, "deploy")
+    try:
+        results = run_deployment(client, bundle_path, send, signer=signer, timeout=timeout, chunk_size=chunk_size,
+                                 allow_downgrade=allow_downgrade, serve=not no_serve,
+                                 show_progress=not as_json) if send else {}
+    finally:
+        client.disconnect()
+    results.update({d: DeviceProgress(d, "skipped", 0.0, why) for d, why in skipped.items()})
+    if as_json:
+        click.echo(json.dumps({d: vars(p) for d, p in results.items()}))
+    if not all(p.succeeded for p in results.values()):
+        sys.exit(1)
+
+
+@main.command(help="Answer devices' chunk requests for BUNDLES and every *.efb in --dir (looked at again every "
+                   "few seconds) until Ctrl-C. Many devices fetching one bundle share one copy through the broker.")
+@click.argument("bundles", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--dir", "bundle_dir", type=click.Path(path_type=Path), help="Serve every bundle in this directory.")
+@broker_option
+@click.option("--stats-every", default=10.0, show_default=True, type=click.FloatRange(0.5),
+              help="Seconds between progress lines (only when something was served).")
+@fail_cleanly
+def serve(bundles, bundle_dir, broker, stats_every) -> None:
+    import signal as signals
+    import threading
+
+    from host_tools.serve import BundleDirectory, BundleServer
+
+    if not bundles and bundle_dir is None:
+        raise click.UsageError("give bundle files, --dir, or both")
+    if bundle_dir is not None and not bundle_dir.is_dir():
+        raise ConfigError(f"{bundle_dir} is not a directory")
+    for b in bundles:
+        if not b.is_file():
+            raise ConfigError(f"bundle {b} does not exist")
+    client = host_client(broker, "serve")
+    server = BundleServer(client)
+    catalog = BundleDirectory(server, list(bundles), bundle_dir)
+    stop = threading.Event()
+    signals.signal(signals.SIGTERM, lambda *_: stop.set())
+    signals.signal(signals.SIGINT, lambda *_: stop.set())
+    err = console(stderr=True)
+    for line in catalog.scan():
+        err.print(line)
+    server.start()
+    err.print(f"answering chunk requests on {broker}; Ctrl-C to stop")
+    last, shown = time.monotonic(), (0, 0)
+    try:
+        while not stop.wait(2.0):
+            for line in catalog.scan():
+                err.print(line)
+            s = server.stats
+            if time.monotonic() - last >= stats_every and (s.requests, s.chunks_sent) != shown:
+                err.print(f"{s.requests} requests from {len(s.devices)} device(s): {s.chunks_sent} chunks, "
+                          f"{s.bytes_sent / 2**20:.1f} MiB sent; fan-out spared {s.fanout_saved} chunks")
+                last, shown = time.monotonic(), (s.requests, s.chunks_sent)
+    finally:
+        server.stop()
+        client.disconnect()
+
+
+@main.command(help="Roll devices back to their previous committed version and follow each until done.")
+@click.option("--device", "devices", multiple=True, required=True, help="Target device id; repeatable.")
+@broker_option
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every device.")
+@signing_options
+@json_option
+@fail_cleanly
+def rollback(devices, broker, timeout, signing_key, expires_in, as_json) -> None:
+    from host_tools.deploy import run_rollback
+
+    signer = command_signer(signing_key, expires_in)
+    client = host_client(broker, "rollback")
+    try:
+        results = run_rollback(client, devices, signer=signer, timeout=timeout)
+    finally:
+        client.disconnect()
+    if as_json:
+        click.echo(json.dumps({d: vars(p) for d, p in results.items()}))
+    else:
+        for d, p in results.items():
+            click.echo(f"{d}: {p.state}" + (f" ({p.reason})" if p.reason else ""))
+    if not all(p.succeeded for p in results.values()):
+        sys.exit(1)

@@ -1,0 +1,106 @@
+"""The device registry."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from device_agent.cli import fail_cleanly
+from device_agent.errors import ConfigError
+from host_tools.cli.base import db_option, json_option, main
+from host_tools.cli.fleet import fleet_rows, group_filter, label_filter
+from host_tools.terminal import console
+
+
+@main.group(help="The device registry: what each device is (reported by its agent at connect) and its labels.")
+def devices() -> None:
+    pass
+
+
+@devices.command("list", help="One row per device: hardware class, arch, RAM, runtimes, accelerators, labels.")
+@db_option
+@label_filter
+@group_filter
+@json_option
+@fail_cleanly
+def devices_list(db, selectors, group, as_json) -> None:
+    rows = fleet_rows(db, selectors, group)
+    if as_json:
+        click.echo(json.dumps([{"device_id": r.device_id, "online": r.online, "hardware": r.hardware,
+                                "labels": r.labels, "active_bundle": r.active_bundle} for r in rows]))
+        return
+    from rich.table import Table
+
+    table = Table(title="devices", header_style="bold")
+    for header in ("device", "class", "arch", "RAM MiB", "runtimes", "accelerators", "labels", "bundle", "state"):
+        table.add_column(header)
+    for r in rows:
+        hw = r.hardware or {}
+        table.add_row(r.device_id, hw.get("class", "?"), hw.get("arch", "?"), str(hw.get("ram_mb", "?")),
+                      ", ".join(hw.get("runtimes", [])) or "?", ", ".join(hw.get("accelerators", [])) or "none",
+                      ", ".join(f"{k}={v}" for k, v in sorted(r.labels.items())), r.active_bundle or "none",
+                      "online" if r.online else "offline")
+    console().print(table)
+
+
+@devices.command("show", help="Everything the registry knows about DEVICE_ID, and its recent deployments.")
+@click.argument("device_id")
+@db_option
+@json_option
+@fail_cleanly
+def devices_show(device_id, db, as_json) -> None:
+    from host_tools.fleet.store import FleetStore
+
+    rows = [r for r in fleet_rows(db, (), None) if r.device_id == device_id]
+    if not rows:
+        raise ConfigError(f"no device {device_id!r} in the registry at {db}")
+    store = FleetStore(db)
+    try:
+        events = store.events(device_id, states=("accepted", "active", "failed", "rolled_back", "already_installed"))
+    finally:
+        store.close()
+    r = rows[0]
+    doc = {"device_id": r.device_id, "online": r.online, "since": r.since, "agent_version": r.agent_version,
+           "hardware": r.hardware, "labels": r.labels, "active_bundle": r.active_bundle, "last_seen": r.last_seen,
+           "deployments": events[-10:]}
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    hw = r.hardware or {}
+    click.echo(f"device:     {r.device_id} ({'online' if r.online else 'offline'}, agent {r.agent_version or '?'})")
+    click.echo(f"hardware:   {hw.get('class', '?')} ({hw.get('model') or 'model not reported'}), {hw.get('arch', '?')}, "
+               f"{hw.get('ram_mb', '?')} MiB RAM")
+    click.echo(f"runtimes:   {', '.join(hw.get('runtimes', [])) or '?'}; accelerators: "
+               f"{', '.join(hw.get('accelerators', [])) or 'none'}")
+    click.echo(f"labels:     {', '.join(f'{k}={v}' for k, v in sorted(r.labels.items())) or 'none'}")
+    click.echo(f"bundle:     {r.active_bundle or 'none'}")
+    for e in events[-10:]:
+        click.echo(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['timestamp']))}  {e['state']:<17} "
+                   f"{e['bundle']}" + (f"  ({e['reason']})" if e["reason"] else ""))
+
+
+@devices.command("label", help="Set labels on DEVICE_ID in the registry (NAME=VALUE), or remove them (NAME=). "
+                               "They win over the labels the device reports and are used by --label/--group.")
+@click.argument("device_id")
+@click.argument("assignments", nargs=-1, required=True)
+@db_option
+@fail_cleanly
+def devices_label(device_id, assignments, db) -> None:
+    from host_tools.fleet.store import FleetStore
+
+    changes: dict[str, str | None] = {}
+    for item in assignments:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise click.UsageError(f"a label is NAME=VALUE (or NAME= to remove it), not {item!r}")
+        changes[name.strip()] = value.strip() or None
+    if not db.exists():
+        raise ConfigError(f"no fleet database at {db}: run `edgefleet monitor` first")
+    store = FleetStore(db)
+    try:
+        store.set_labels(device_id, changes)
+    finally:
+        store.close()
+    click.echo(", ".join(f"{k}={v}" if v is not None else f"{k} removed" for k, v in changes.items()))

@@ -1,0 +1,167 @@
+"""Staged rollouts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from device_agent.cli import fail_cleanly
+from device_agent.errors import ConfigError
+from host_tools.cli.base import (
+    broker_option, command_signer, db_option, host_client, json_option, main, signing_options,
+)
+from host_tools.terminal import console
+
+
+@main.group(help="Staged rollouts: a bundle to a fleet in stages, halted when a stage goes badly.")
+def rollout() -> None:
+    pass
+
+
+def _rollout_store(db: Path):
+    from host_tools.fleet.store import FleetStore
+    from host_tools.rollout import RolloutStore
+
+    if not db.exists():
+        raise ConfigError(f"no fleet database at {db}: run `edgefleet monitor` first (it is the device registry)")
+    return RolloutStore(FleetStore(db))
+
+
+def _print_rollout(doc: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    counts: dict[str, int] = {}
+    for d in doc["devices"]:
+        counts[d["state"]] = counts.get(d["state"], 0) + 1
+    plan = doc["plan"]
+    click.echo(f"rollout {doc['rollout_id']}: {doc['state']} (stage {doc['stage'] + 1} of {len(plan['stages'])}: "
+               f"{', '.join(f'{s:g}%' for s in plan['stages'])}) of {Path(plan['bundle']).name}"
+               + (f" — {doc['reason']}" if doc["reason"] else ""))
+    click.echo("  " + (", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no device yet"))
+    for d in doc["devices"]:
+        click.echo(f"  {d['device_id']:<20} stage {d['stage'] + 1 if d['stage'] >= 0 else '-':<3} {d['state']:<17}"
+                   + (f" {d['reason']}" if d["reason"] else ""))
+
+
+def _run_rollout(store, rollout_id, broker, signing_key, expires_in, as_json) -> None:
+    from host_tools.rollout import Rollout
+
+    signer = command_signer(signing_key, expires_in)
+    client = host_client(broker, "rollout")
+    err = console(stderr=True)
+    try:
+        doc = Rollout(store, rollout_id, client, signer, log=lambda line: err.print(line)).run()
+    finally:
+        client.disconnect()
+    _print_rollout(doc, as_json)
+    if doc["state"] not in ("done", "paused"):
+        sys.exit(1)
+
+
+@rollout.command("start", help="Roll BUNDLE out to the devices selected (--group, --label or --device) in stages; "
+                               "runs until the rollout is done, halted, paused or aborted.")
+@click.argument("bundle_path", type=click.Path(path_type=Path))
+@click.option("--group", help="Devices whose label group is GROUP.")
+@click.option("--label", "selectors", multiple=True, metavar="NAME=VALUE", help="Devices with this label; repeatable.")
+@click.option("--device", "devices", multiple=True, help="These devices; repeatable.")
+@click.option("--stages", default="10,50,100", show_default=True, help="Cumulative percentages of the devices.")
+@click.option("--window", default=60.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds to watch a stage before the next.")
+@click.option("--stage-timeout", default=300.0, show_default=True, type=click.FloatRange(1),
+              help="Seconds a stage waits for its devices' outcomes; later ones are reported pending.")
+@click.option("--max-failure-rate", default=0.1, show_default=True, type=click.FloatRange(0, 1),
+              help="Halt when more than this share of a stage fails or rolls back.")
+@click.option("--max-p99-ratio", default=1.5, show_default=True, type=click.FloatRange(1),
+              help="Halt when the stage's p99 latency is more than this times the previous version's.")
+@click.option("--rollback-on-halt", is_flag=True, help="When halting, roll back the devices already updated.")
+@db_option
+@broker_option
+@signing_options
+@json_option
+@fail_cleanly
+def rollout_start(bundle_path, group, selectors, devices, stages, window, stage_timeout, max_failure_rate,
+                  max_p99_ratio, rollback_on_halt, db, broker, signing_key, expires_in, as_json) -> None:
+    from device_agent.bundle import BundleReader
+    from host_tools.rollout import RolloutPlan
+
+    with BundleReader(bundle_path):  # one clear line if it is not a bundle
+        pass
+    if not (group or selectors or devices):
+        raise click.UsageError("say which devices: --group, --label or --device")
+    try:
+        percents = [float(x) for x in stages.split(",")]
+    except ValueError:
+        raise click.UsageError(f"--stages takes percentages like 10,50,100, not {stages!r}") from None
+    plan = RolloutPlan(bundle=str(bundle_path.resolve()), selectors=list(selectors) + ([f"group={group}"] if group else []),
+                       stages=percents, window_s=window, stage_timeout_s=stage_timeout,
+                       max_failure_rate=max_failure_rate, max_p99_ratio=max_p99_ratio,
+                       rollback_on_halt=rollback_on_halt, devices=list(devices))
+    store = _rollout_store(db)
+    rollout_id = store.create(plan)
+    console(stderr=True).print(f"rollout {rollout_id} started")
+    _run_rollout(store, rollout_id, broker, signing_key, expires_in, as_json)
+
+
+@rollout.command("resume", help="Carry on with ROLLOUT_ID (paused, or interrupted by a host restart).")
+@click.argument("rollout_id")
+@db_option
+@broker_option
+@signing_options
+@json_option
+@fail_cleanly
+def rollout_resume(rollout_id, db, broker, signing_key, expires_in, as_json) -> None:
+    store = _rollout_store(db)
+    if store.get(rollout_id)["state"] not in ("running", "paused"):
+        raise ConfigError(f"rollout {rollout_id} is {store.get(rollout_id)['state']}; only a running or paused one resumes")
+    store.set_state(rollout_id, "running")
+    _run_rollout(store, rollout_id, broker, signing_key, expires_in, as_json)
+
+
+@rollout.command("status", help="Where ROLLOUT_ID is: its stage, and each device's outcome and reason.")
+@click.argument("rollout_id")
+@db_option
+@json_option
+@fail_cleanly
+def rollout_status(rollout_id, db, as_json) -> None:
+    _print_rollout(_rollout_store(db).get(rollout_id), as_json)
+
+
+@rollout.command("list", help="Every rollout, newest last.")
+@db_option
+@json_option
+@fail_cleanly
+def rollout_list(db, as_json) -> None:
+    docs = _rollout_store(db).all()
+    if as_json:
+        click.echo(json.dumps(docs))
+        return
+    for doc in docs:
+        click.echo(f"{doc['rollout_id']}  {doc['state']:<8} stage {doc['stage'] + 1}/{len(doc['plan']['stages'])}  "
+                   f"{Path(doc['plan']['bundle']).name}  {len(doc['devices'])} device(s)")
+
+
+@rollout.command("pause", help="Stop ROLLOUT_ID before its next stage (`rollout resume` carries on).")
+@click.argument("rollout_id")
+@db_option
+@fail_cleanly
+def rollout_pause(rollout_id, db) -> None:
+    store = _rollout_store(db)
+    if store.get(rollout_id)["state"] != "running":
+        raise ConfigError(f"rollout {rollout_id} is {store.get(rollout_id)['state']}, not running")
+    store.set_state(rollout_id, "paused", reason="paused by the operator")
+    click.echo(f"rollout {rollout_id} paused")
+
+
+@rollout.command("abort", help="Stop ROLLOUT_ID for good; devices already updated stay as they are.")
+@click.argument("rollout_id")
+@db_option
+@fail_cleanly
+def rollout_abort(rollout_id, db) -> None:
+    store = _rollout_store(db)
+    store.get(rollout_id)  # one clear line if there is no such rollout
+    store.set_state(rollout_id, "aborted", reason="aborted by the operator")
+    click.echo(f"rollout {rollout_id} aborted")
