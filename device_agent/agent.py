@@ -16,8 +16,8 @@ from device_agent.bench import benchmark
 from device_agent.bundle.signing import trusted_keys
 from device_agent.command_log import CommandLog
 from device_agent.config import AgentConfig, RemoteSettings
-from device_agent.hardware import describe as describe_hardware
 from device_agent.errors import ConfigError, EdgefleetError, MqttError, ProtocolError, SignatureError
+from device_agent.hardware import describe as describe_hardware
 from device_agent.local_api import LocalApi
 from device_agent.local_api import framing
 from device_agent.local_api.http import HttpApi
@@ -30,11 +30,11 @@ from device_agent.protocol.messages import (
 from device_agent.serving import ModelSlot, SampleWorkload
 from device_agent.store import BundleStore
 from device_agent.systemd import notify, start_watchdog
-from device_agent.telemetry.queue import TelemetryQueue
-from device_agent.trust import TrustStore
 from device_agent.telemetry import CollectorContext, TelemetryCollectors
 from device_agent.telemetry.histogram import LatencyHistogram
+from device_agent.telemetry.queue import TelemetryQueue
 from device_agent.transfer import ChunkRouter, Download
+from device_agent.trust import TrustStore
 from device_agent.update import UpdateContext, UpdateMachine
 from device_agent.update.health import health_check
 
@@ -168,7 +168,7 @@ class Agent:
         try:
             command = parse_command(payload, self.keys)
         except (ProtocolError, SignatureError) as exc:
-            self._refuse(payload, exc)
+            self._refuse(*command_id_of(payload), exc)
             return
         if isinstance(command, StatusRequest):
             self._reply(Reply(self.config.device_id, command.command_id, "status", True, self.report()))
@@ -178,9 +178,8 @@ class Agent:
             return  # at-least-once delivery
         self._work.put((command, None))
 
-    def _refuse(self, payload: bytes, exc: EdgefleetError) -> None:
+    def _refuse(self, kind: str | None, command_id: str | None, exc: EdgefleetError) -> None:
         """Tell the host why a command was not carried out; nothing on the device changes."""
-        kind, command_id = command_id_of(payload)
         log.warning("refused command %s (%s): %s", command_id or "-", kind or "?", exc)
         if command_id is None:
             return
@@ -281,7 +280,7 @@ class Agent:
         try:
             body = self.keys.change(list(command.add), list(command.revoke))
         except EdgefleetError as exc:
-            self._refuse(command.to_payload(), exc)
+            self._refuse("trust", command.command_id, exc)
             return
         self._reply(Reply(self.config.device_id, command.command_id, "trust", True, body))
 
@@ -289,7 +288,7 @@ class Agent:
         try:
             config = self.settings.apply(self.config, command.settings)
         except EdgefleetError as exc:
-            self._refuse(command.to_payload(), exc)
+            self._refuse("config", command.command_id, exc)
             return
         self.config = self.machine.ctx.config = config  # the loops read it afresh each round
         if command.settings:

@@ -134,9 +134,7 @@ class RemoteSettings:
         try:
             doc = json.loads(self.path.read_text())
             self.values = {k: v for k, v in doc.items() if k in REMOTE_SETTINGS} if isinstance(doc, dict) else {}
-        except FileNotFoundError:
-            self.values = {}
-        except (OSError, ValueError):  # damaged: the config file's values hold until the host sets them again
+        except (OSError, ValueError):  # none, or damaged: the config file's values hold until the host sets them
             self.values = {}
 
     def apply(self, config: "AgentConfig", changes: dict[str, Any] | None = None) -> "AgentConfig":

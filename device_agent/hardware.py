@@ -11,6 +11,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from device_agent.sysfs import read
 from device_agent.update.policy import device_facts
 
 # (substring of the device-tree model, hardware class), most specific first
@@ -23,17 +24,10 @@ _MODELS = [
 ]
 
 
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_bytes().rstrip(b"\x00\n").decode(errors="replace").strip() or None
-    except OSError:
-        return None
-
-
 def board_model(sysfs: Path = Path("/sys"), procfs: Path = Path("/proc")) -> str | None:
-    return (_read(sysfs / "firmware" / "devicetree" / "base" / "model")
-            or _read(procfs / "device-tree" / "model")
-            or _read(sysfs / "class" / "dmi" / "id" / "product_name"))
+    return (read(sysfs / "firmware" / "devicetree" / "base" / "model")
+            or read(procfs / "device-tree" / "model")
+            or read(sysfs / "class" / "dmi" / "id" / "product_name"))
 
 
 def hardware_class(model: str | None, arch: str) -> str:

@@ -168,11 +168,12 @@ class Download:
     def _on_chunk(self, topic: str, payload: bytes) -> None:
         self.messages += 1
         try:
-            bundle, index, _, _ = Chunk.peek(payload)
+            peeked = Chunk.peek(payload)
+            bundle, index = peeked[:2]
             if bundle != self._offer.sha256 or index in self._received:
                 self.duplicates += 1  # another device's answer, or one we have: not worth a hash
                 return
-            chunk = Chunk.from_payload(payload)
+            chunk = Chunk.from_payload(payload, peeked)
         except ProtocolError:
             return
         offer = self._offer

@@ -17,10 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from device_agent.bundle.signing import key_id
+from device_agent.bundle.signing import key_id, public_key_from_pem, public_key_pem
 from device_agent.errors import PolicyError
 from device_agent.store import write_atomically
 
@@ -92,7 +91,7 @@ class TrustStore(Mapping[str, Ed25519PublicKey]):
 
     # -- persistence ----------------------------------------------------------------------
     def _save(self, added: Mapping[str, Ed25519PublicKey], revoked: set[str] | frozenset[str]) -> None:
-        doc = {"added": {k: _pem(v) for k, v in sorted(added.items())}, "revoked": sorted(revoked)}
+        doc = {"added": {k: public_key_pem(v) for k, v in sorted(added.items())}, "revoked": sorted(revoked)}
         write_atomically(self._path, json.dumps(doc, indent=1).encode())
 
     def _load(self) -> None:
@@ -118,13 +117,6 @@ def _parse_public_key(pem: Any) -> Ed25519PublicKey:
     if not isinstance(pem, str) or len(pem) > 4096:
         raise PolicyError("a key to add must be a PEM string")
     try:
-        key = serialization.load_pem_public_key(pem.encode())
+        return public_key_from_pem(pem.encode())
     except ValueError as exc:
-        raise PolicyError(f"not a PEM public key: {exc}") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise PolicyError("only Ed25519 keys can be trusted")
-    return key
-
-
-def _pem(key: Ed25519PublicKey) -> str:
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        raise PolicyError(str(exc)) from None

@@ -68,8 +68,7 @@ def generate_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
-    public_path.write_bytes(private.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    public_path.write_text(public_key_pem(private.public_key()))
     return private_path, public_path
 
 
@@ -87,14 +86,26 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
+        return public_key_from_pem(Path(path).read_bytes())
     except OSError as exc:
         raise ConfigError(f"cannot read public key {path}: {exc.strerror}") from None
     except ValueError as exc:
-        raise ConfigError(f"{path} is not a PEM public key: {exc}") from None
+        raise ConfigError(f"{path} is {exc}") from None
+
+
+def public_key_from_pem(pem: bytes) -> Ed25519PublicKey:
+    """The Ed25519 public key in *pem*; ValueError saying what it is not otherwise."""
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError as exc:
+        raise ValueError(f"not a PEM public key: {exc}") from None
     if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(f"{path} is not an Ed25519 public key")
+        raise ValueError("not an Ed25519 public key")
     return key
+
+
+def public_key_pem(key: Ed25519PublicKey) -> str:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
 def trusted_keys(paths: Iterable[Path]) -> dict[str, Ed25519PublicKey]:

@@ -353,8 +353,9 @@ class Chunk:
         return _get(header, "bundle", str), index, header, header_end
 
     @classmethod
-    def from_payload(cls, payload: bytes) -> "Chunk":
-        bundle, index, header, header_end = cls.peek(payload)
+    def from_payload(cls, payload: bytes, peeked: tuple[str, int, dict[str, Any], int] | None = None) -> "Chunk":
+        """The chunk, its data checked against its SHA-256; *peeked*: what peek() already said of it."""
+        bundle, index, header, header_end = peeked or cls.peek(payload)
         data = payload[header_end:]
         if hashlib.sha256(data).hexdigest() != _get(header, "sha256", str):
             raise ProtocolError(f"chunk {index} does not match its SHA-256 (damaged on the way)")
@@ -479,8 +480,7 @@ class TelemetryBatch:
         if not 0 < len(raw) <= MAX_BATCH:
             raise ProtocolError(f"a batch holds 1..{MAX_BATCH} samples")
         batch = cls(device_id=_get(doc, "device_id", str),
-                    samples=tuple(TelemetrySample.from_dict(s)
-                                  for s in raw))
+                    samples=tuple(TelemetrySample.from_dict(s) for s in raw))
         if any(s.device_id != batch.device_id for s in batch.samples):
             raise ProtocolError("every sample in a batch must be the batch's device's")
         return batch

@@ -19,34 +19,27 @@ class LatencyHistogram:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts = np.zeros(_BUCKETS, dtype=np.int64)
-        self._max = 0.0
-        self._sum = 0.0
-        # The same, per model version that served requests this interval (two around a swap).
-        self._versions: dict[str, list] = {}
+        # One part per model version that served requests this interval (two around a swap; None
+        # for requests with no version); the interval's whole distribution is their sum.
+        self._parts: dict[str | None, list] = {}
 
     def record(self, seconds: float, version: str | None = None) -> None:
         index = 0 if seconds <= _MIN_S else min(_BUCKETS - 1, int(math.log(seconds / _MIN_S) / math.log(_GROWTH)))
         with self._lock:
-            self._counts[index] += 1
-            self._sum += seconds
-            self._max = max(self._max, seconds)
-            if version is not None:
-                entry = self._versions.get(version)
-                if entry is None:
-                    entry = self._versions[version] = [np.zeros(_BUCKETS, dtype=np.int64), 0.0, 0.0]
-                entry[0][index] += 1
-                entry[1] = max(entry[1], seconds)
-                entry[2] += seconds
+            part = self._parts.get(version)
+            if part is None:
+                part = self._parts[version] = [np.zeros(_BUCKETS, dtype=np.int64), 0.0, 0.0]  # counts, max, sum
+            part[0][index] += 1
+            part[1] = max(part[1], seconds)
+            part[2] += seconds
 
     def snapshot_and_reset(self) -> "HistogramSnapshot":
         with self._lock:
-            snap = HistogramSnapshot(self._counts.copy(), self._max, self._sum)
-            snap.by_version = {v: HistogramSnapshot(c, m, t) for v, (c, m, t) in self._versions.items()}
-            self._counts[:] = 0
-            self._max = 0.0
-            self._sum = 0.0
-            self._versions = {}
+            parts, self._parts = self._parts, {}
+        snap = HistogramSnapshot(sum((c for c, _, _ in parts.values()), np.zeros(_BUCKETS, dtype=np.int64)),
+                                 max((m for _, m, _ in parts.values()), default=0.0),
+                                 sum(t for _, _, t in parts.values()))
+        snap.by_version = {v: HistogramSnapshot(c, m, t) for v, (c, m, t) in parts.items() if v is not None}
         return snap
 
 

@@ -29,24 +29,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from device_agent.sysfs import number, read
 from device_agent.telemetry import CollectorContext, register
 
 TOTAL_RAILS = ("VDD_IN", "POM_5V_IN")  # a Jetson board's input, as its INA3221 labels it
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
-
-
-def _number(path: Path) -> float | None:
-    text = _read(path)
-    try:
-        return float(text.split()[0]) if text else None
-    except ValueError:
-        return None
 
 
 # -- NVIDIA Jetson INA3221 ------------------------------------------------------------------
@@ -54,28 +40,36 @@ def _ina3221_devices(sysfs: Path) -> list[Path]:
     devices = sysfs / "bus" / "i2c" / "devices"
     if not devices.is_dir():
         return []
-    return sorted(d for d in devices.iterdir() if "ina3221" in (_read(d / "name") or ""))
+    return sorted(d for d in devices.iterdir() if "ina3221" in (read(d / "name") or ""))
 
 
-def jetson_rails(sysfs: Path) -> dict[str, float]:
-    """{rail label: watts} from every INA3221 on the board, hwmon or iio layout."""
-    rails: dict[str, float] = {}
+def jetson_rail_files(sysfs: Path) -> dict[str, tuple[Path, ...]]:
+    """{rail label: the files that give its power} on every INA3221 of the board: (mV, mA) in the
+    hwmon layout, (mW,) in the iio one. Found once; read every interval by jetson_rails()."""
+    rails: dict[str, tuple[Path, ...]] = {}
     for device in _ina3221_devices(sysfs):
         for hwmon in sorted(device.glob("hwmon/hwmon*")):  # JetPack 5/6
             for label_file in sorted(hwmon.glob("in*_label")):
                 n = label_file.name[2:-len("_label")]
-                label = _read(label_file)
-                if not label or "NC" == label or n == "7":  # unconnected; in7 is the sum of shunt voltages
-                    continue
-                mv, ma = _number(hwmon / f"in{n}_input"), _number(hwmon / f"curr{n}_input")
-                if mv is not None and ma is not None:
-                    rails[label] = mv * ma / 1e6
+                label = read(label_file)
+                if label and label != "NC" and n != "7":  # unconnected; in7 is the sum of shunt voltages
+                    rails[label] = (hwmon / f"in{n}_input", hwmon / f"curr{n}_input")
         for iio in sorted(device.glob("iio:device*")):  # JetPack 4
             for name_file in sorted(iio.glob("rail_name_*")):
-                n = name_file.name[len("rail_name_"):]
-                label, mw = _read(name_file), _number(iio / f"in_power{n}_input")
-                if label and mw is not None:
-                    rails[label] = mw / 1e3
+                label = read(name_file)
+                if label:
+                    rails[label] = (iio / f"in_power{name_file.name[len('rail_name_'):]}_input",)
+    return rails
+
+
+def jetson_rails(files: dict[str, tuple[Path, ...]]) -> dict[str, float]:
+    """{rail label: watts} now, for the rails jetson_rail_files() found."""
+    rails: dict[str, float] = {}
+    for label, paths in files.items():
+        values = [number(p) for p in paths]
+        if any(v is None for v in values):
+            continue
+        rails[label] = values[0] * values[1] / 1e6 if len(values) == 2 else values[0] / 1e3
     return rails
 
 
@@ -114,14 +108,14 @@ class Rapl:
         root = sysfs / "class" / "powercap"
         zones = sorted(root.glob("intel-rapl:*")) if root.is_dir() else []
         top = [z for z in zones if z.name.count(":") == 1]  # intel-rapl:N; intel-rapl:N:M are inside
-        psys = [z for z in top if _read(z / "name") == "psys"]
-        self.zones = psys or [z for z in top if (_read(z / "name") or "").startswith("package")]
+        psys = [z for z in top if read(z / "name") == "psys"]
+        self.zones = psys or [z for z in top if (read(z / "name") or "").startswith("package")]
         self.label = "psys" if psys else "packages"
         self._clock = clock
         self._last: tuple[float, list[float]] | None = self._sample()
 
     def _sample(self) -> tuple[float, list[float]] | None:
-        values = [_number(z / "energy_uj") for z in self.zones]
+        values = [number(z / "energy_uj") for z in self.zones]
         if not self.zones or any(v is None for v in values):
             return None
         return self._clock(), values  # type: ignore[return-value]
@@ -135,7 +129,7 @@ class Rapl:
         for zone, before, after in zip(self.zones, last[1], now[1]):
             delta = after - before
             if delta < 0:  # the counter wrapped at max_energy_range_uj
-                delta += _number(zone / "max_energy_range_uj") or 0
+                delta += number(zone / "max_energy_range_uj") or 0
             joules += delta / 1e6
         return joules / (now[0] - last[0])
 
@@ -148,11 +142,11 @@ def battery_watts(sysfs: Path) -> float | None:
         return None
     total, found = 0.0, False
     for supply in sorted(supplies.iterdir()):
-        if _read(supply / "type") != "Battery" or _read(supply / "status") != "Discharging":
+        if read(supply / "type") != "Battery" or read(supply / "status") != "Discharging":
             continue
-        uw = _number(supply / "power_now")
+        uw = number(supply / "power_now")
         if uw is None:
-            ua, uv = _number(supply / "current_now"), _number(supply / "voltage_now")
+            ua, uv = number(supply / "current_now"), number(supply / "voltage_now")
             uw = abs(ua) * uv / 1e6 if ua is not None and uv is not None else None
         if uw is not None:
             total, found = total + abs(uw) / 1e6, True
@@ -165,18 +159,19 @@ class PowerCollector:
         self._sysfs = context.sysfs
         self._vcgencmd = context.vcgencmd
         self._rapl = Rapl(context.sysfs, context.clock)
+        self._rail_files = jetson_rail_files(context.sysfs)  # sensors do not come and go: found once
         # vcgencmd is only run if it answered once (on a Pi 5): elsewhere it costs a fork every interval
-        self._has_pmic = not jetson_rails(context.sysfs) and self._vcgencmd("pmic_read_adc") is not None
+        self._has_pmic = not self._rail_files and self._vcgencmd("pmic_read_adc") is not None
 
     def collect(self) -> dict[str, Any] | None:
-        rails = jetson_rails(self._sysfs)
+        rails = jetson_rails(self._rail_files)
         if rails:
-            total = next((rails[r] for r in TOTAL_RAILS if r in rails), None)
             out: dict[str, Any] = {"source": "jetson-ina3221",
                                    "rails_watts": {k: round(v, 3) for k, v in sorted(rails.items())}}
-            if total is not None:
-                out["total_watts"] = round(total, 3)
-                out["total_is"] = "board input rail " + next(r for r in TOTAL_RAILS if r in rails)
+            board_input = next((r for r in TOTAL_RAILS if r in rails), None)
+            if board_input is not None:
+                out["total_watts"] = round(rails[board_input], 3)
+                out["total_is"] = f"board input rail {board_input}"
             return out
         if self._has_pmic:
             output = self._vcgencmd("pmic_read_adc")

@@ -16,17 +16,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from device_agent.sysfs import read
 from device_agent.telemetry import CollectorContext, register
 
 NOT_MEASURED = ("PMIC-Die",)
 THROTTLE_FLAGS = ("under_voltage", "frequency_capped", "throttled", "soft_temp_limit")
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
 
 
 def thermal_zones(sysfs: Path) -> dict[str, float]:
@@ -35,7 +29,7 @@ def thermal_zones(sysfs: Path) -> dict[str, float]:
     if not root.is_dir():
         return zones
     for zone in sorted(root.glob("thermal_zone*"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0)):
-        kind, temp = _read(zone / "type"), _read(zone / "temp")
+        kind, temp = read(zone / "type"), read(zone / "temp")
         try:
             value = int(temp) / 1000 if temp is not None else None
         except ValueError:
@@ -51,7 +45,7 @@ def thermal_zones(sysfs: Path) -> dict[str, float]:
 def cpu_clocks_mhz(sysfs: Path) -> dict[str, float] | None:
     freqs = []
     for f in sorted((sysfs / "devices" / "system" / "cpu").glob("cpu[0-9]*/cpufreq/scaling_cur_freq")):
-        text = _read(f)
+        text = read(f)
         if text and text.isdigit():
             freqs.append(int(text) / 1000)
     return {"min": min(freqs), "max": max(freqs)} if freqs else None
