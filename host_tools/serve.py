@@ -3,13 +3,14 @@
 A request names the bundle (in its topic), the chunk indices, the chunk size the device cut the
 bundle into, and whether the device listens on the bundle's shared chunk topic (fan-out). A
 fan-out answer is published once to that topic and the broker delivers it to every device
-fetching the bundle; the same chunk is not published there again within FANOUT_REPEAT seconds,
-however many devices ask for it. That is safe for a device that was already listening when it
-went out: a device subscribes to the shared topic before the first request of a download (its
-``session``), so one whose session's first request reached us before the publish has it (or
-will ask again after its retry time). A device that joined after the publish gets the chunk on
-its own topic instead. Other answers go to the
-asking device's own chunk topic.
+fetching the bundle. Later requests for the same chunk are answered on the asking device's own
+topic, so one slow or unlucky device does not make every device receive it again; and not at
+all, for FANOUT_QUIET seconds after the publish, to a device that was already listening then (it
+has the chunk, or the broker is still delivering it; if it was lost, the device asks again after
+its retry time). A device subscribes to the shared topic before the first request of a download
+(its ``session``), so "listening then" means: its session's first request reached us before the
+publish. The shared topic carries a chunk again only after FANOUT_REPEAT seconds. Requests
+without fan-out are answered on the device's own topic.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from device_agent.bundle import sha256_file
@@ -86,10 +87,6 @@ class BundleServer:
         if fd is not None:
             os.close(fd)
 
-    @property
-    def bundles(self) -> dict[str, Path]:
-        return {sha: path for sha, (path, _) in self._bundles.items()}
-
     def start(self) -> None:
         self._client.subscribe(topics.ALL_CHUNK_REQUESTS, self._on_request, qos=1)
         self._worker.start()
@@ -153,7 +150,7 @@ class BundleServer:
             return
         path, offer = entry
         chunk_size = request.chunk_size or offer.chunk_size
-        count = max(1, -(-offer.size // chunk_size))
+        count = replace(offer, chunk_size=chunk_size).chunk_count
         stats = self.stats
         now = time.monotonic()
         plan = []

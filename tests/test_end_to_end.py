@@ -30,8 +30,8 @@ def fleet_status(db):
     return {row["device_id"]: row for row in json.loads(result.stdout)}
 
 
-def deploy(bundle, devices, broker):
-    args = ["deploy", bundle, "--broker", broker, "--timeout", "60", "--chunk-size", "8192", "--json"]
+def deploy(bundle, devices, broker, *extra):
+    args = ["deploy", bundle, "--broker", broker, "--timeout", "60", "--chunk-size", "8192", "--json", *extra]
     for d in devices:
         args += ["--device", d]
     result = edgefleet(*args)
@@ -180,11 +180,11 @@ def test_edgefleet_serve_answers_for_deploys_that_do_not_serve_and_picks_up_new_
         for payload in GARBAGE:  # on the very topic the server answers
             vandal.publish(topics.chunk_request(sha256_file(shelf / "v1.efb")), payload, qos=1, wait=5.0)
         vandal.disconnect()
-        code, results = deploy_args(make_bundle("1.0.0"), "pi-40", mosquitto, "--no-serve")
+        code, results = deploy(make_bundle("1.0.0"), ["pi-40"], mosquitto, "--no-serve")
         assert code == 0 and results["pi-40"]["state"] == "active"
         shutil.copy(make_bundle("2.0.0"), shelf / "v2.efb")  # served without a restart
         assert wait_until(lambda: "digits-cnn 2.0.0" in (tmp_path / "serve.log").read_text(), 10)
-        code, results = deploy_args(make_bundle("2.0.0"), "pi-40", mosquitto, "--no-serve")
+        code, results = deploy(make_bundle("2.0.0"), ["pi-40"], mosquitto, "--no-serve")
         assert code == 0 and results["pi-40"]["state"] == "active"
         assert wait_until(lambda: "chunks," in (tmp_path / "serve.log").read_text(), 5)  # its progress line
     finally:
@@ -193,11 +193,6 @@ def test_edgefleet_serve_answers_for_deploys_that_do_not_serve_and_picks_up_new_
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
     missing = edgefleet("serve", tmp_path / "nope.efb", "--broker", mosquitto)
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr
-
-
-def deploy_args(bundle, device, broker, *extra):
-    result = edgefleet("deploy", bundle, "--device", device, "--broker", broker, "--timeout", "60", "--json", *extra)
-    return result.returncode, json.loads(result.stdout)
 
 
 def test_two_monitors_in_one_share_group_split_the_telemetry_and_store_each_sample_once(mosquitto, agents,

@@ -115,8 +115,9 @@ def rollout_start(bundle_path, group, selectors, devices, stages, window, stage_
 @fail_cleanly
 def rollout_resume(rollout_id, db, broker, signing_key, expires_in, as_json) -> None:
     store = _rollout_store(db)
-    if store.get(rollout_id)["state"] not in ("running", "paused"):
-        raise ConfigError(f"rollout {rollout_id} is {store.get(rollout_id)['state']}; only a running or paused one resumes")
+    state = store.get(rollout_id)["state"]
+    if state not in ("running", "paused"):
+        raise ConfigError(f"rollout {rollout_id} is {state}; only a running or paused one resumes")
     store.set_state(rollout_id, "running")
     _run_rollout(store, rollout_id, broker, signing_key, expires_in, as_json)
 
@@ -150,8 +151,9 @@ def rollout_list(db, as_json) -> None:
 @fail_cleanly
 def rollout_pause(rollout_id, db) -> None:
     store = _rollout_store(db)
-    if store.get(rollout_id)["state"] != "running":
-        raise ConfigError(f"rollout {rollout_id} is {store.get(rollout_id)['state']}, not running")
+    state = store.get(rollout_id)["state"]
+    if state != "running":
+        raise ConfigError(f"rollout {rollout_id} is {state}, not running")
     store.set_state(rollout_id, "paused", reason="paused by the operator")
     click.echo(f"rollout {rollout_id} paused")
 

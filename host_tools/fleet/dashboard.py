@@ -15,32 +15,29 @@ A reading a device never sent is plotted as "not reported", never as a line at z
 from __future__ import annotations
 
 import json
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from host_tools.fleet.store import FleetStore
-from host_tools.fleet.view import summarize
+from host_tools.fleet.view import readings_summary, summarize
 
 PAGE = Path(__file__).with_name("static") / "dashboard.html"
-# plot name -> (collector, reading, scale to the plot's unit)
+# plot series -> (the views' reading, scale to the plot's unit)
 PLOTTED = {
-    "p50_ms": ("inference", "p50_ms", 1),
-    "p99_ms": ("inference", "p99_ms", 1),
-    "rss_mib": ("memory", "process_rss_bytes", 1 / 2**20),
-    "watts": ("power", "total_watts", 1),
-    "temp_c": ("thermal", "max_c", 1),
+    "p50_ms": ("latency_p50_ms", 1),
+    "p99_ms": ("latency_p99_ms", 1),
+    "rss_mib": ("process_rss_bytes", 1 / 2**20),
+    "watts": ("power_watts", 1),
+    "temp_c": ("temperature_c", 1),
 }
 
 
 def flatten(readings: dict) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for name, (collector, reading, scale) in PLOTTED.items():
-        value = (readings.get(collector) or {}).get(reading) if isinstance(readings.get(collector), dict) else None
-        out[name] = value * scale if isinstance(value, (int, float)) else None
-    return out
+    values = readings_summary(readings)
+    return {name: values[field] * scale if isinstance(values[field], (int, float)) else None
+            for name, (field, scale) in PLOTTED.items()}
 
 
 class Dashboard:
@@ -89,12 +86,3 @@ class Dashboard:
     def url(self) -> str:
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}/"
-
-    def serve_in_background(self) -> threading.Thread:
-        thread = threading.Thread(target=self.server.serve_forever, name="dashboard", daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()

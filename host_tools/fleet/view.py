@@ -10,27 +10,36 @@ from host_tools.fleet.store import DeviceRow
 NA = "n/a"
 
 
-def summarize(row: DeviceRow) -> dict[str, Any]:
-    """Flatten a device's newest readings; a reading the device did not send is None, never 0."""
-    t = row.telemetry or {}
-    inf, mem, cpu, power = t.get("inference", {}), t.get("memory", {}), t.get("cpu", {}), t.get("power")
-    thermal = t.get("thermal") or {}
+def readings_summary(readings: dict[str, Any] | None) -> dict[str, Any]:
+    """The numbers the views show, from one sample's readings; one the device did not send is
+    None, never 0."""
+    def part(name: str) -> dict[str, Any]:
+        value = (readings or {}).get(name)
+        return value if isinstance(value, dict) else {}
+    inf, mem, cpu, power, thermal = (part(n) for n in ("inference", "memory", "cpu", "power", "thermal"))
     return {
-        "device_id": row.device_id,
-        "labels": row.labels,
-        "online": row.online,
-        "since": row.since,
-        "active_bundle": row.active_bundle,
         "latency_p50_ms": inf.get("p50_ms"),
         "latency_p95_ms": inf.get("p95_ms"),
         "latency_p99_ms": inf.get("p99_ms"),
         "inferences_per_s": inf.get("per_s"),
         "process_rss_bytes": mem.get("process_rss_bytes"),
         "process_cpu_percent": cpu.get("process_percent"),
-        "power_watts": power.get("total_watts") if isinstance(power, dict) else None,
-        "power_source": power.get("source") if isinstance(power, dict) else None,
+        "power_watts": power.get("total_watts"),
+        "power_source": power.get("source"),
         "energy_per_inference_mj": inf.get("energy_mj"),
-        "temperature_c": thermal.get("max_c") if isinstance(thermal, dict) else None,
+        "temperature_c": thermal.get("max_c"),
+    }
+
+
+def summarize(row: DeviceRow) -> dict[str, Any]:
+    """A device's row: who and where it is, and its newest readings (readings_summary)."""
+    return {
+        "device_id": row.device_id,
+        "labels": row.labels,
+        "online": row.online,
+        "since": row.since,
+        "active_bundle": row.active_bundle,
+        **readings_summary(row.telemetry),
         "telemetry_samples": row.samples,
         "last_seen": row.last_seen or None,
     }
