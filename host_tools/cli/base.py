@@ -17,6 +17,8 @@ broker_option = click.option("--broker", envvar="EDGEFLEET_BROKER", default="127
                              help="MQTT broker as HOST:PORT (env EDGEFLEET_BROKER).")
 db_option = click.option("--db", type=click.Path(path_type=Path), default=DEFAULT_HOME / "fleet.db",
                          show_default=True, help="Fleet database written by `edgefleet monitor`.")
+devices_option = click.option("--device", "devices", multiple=True, required=True,
+                              help="Target device id; repeatable.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 

@@ -12,7 +12,7 @@ import click
 from device_agent.cli import fail_cleanly
 from device_agent.errors import ConfigError
 from host_tools.cli.base import (
-    DEFAULT_HOME, broker_option, command_signer, host_client, json_option, main, signing_options,
+    DEFAULT_HOME, broker_option, command_signer, host_client, json_option, main, signing_options, devices_option,
 )
 from host_tools.cli.fleet import fleet_rows
 from host_tools.terminal import console
@@ -20,7 +20,7 @@ from host_tools.terminal import console
 
 @main.command(help="Send BUNDLE to devices over MQTT and follow each until it is active or failed.")
 @click.argument("bundle_path", type=click.Path(path_type=Path))
-@click.option("--device", "devices", multiple=True, required=True, help="Target device id; repeatable.")
+@devices_option
 @broker_option
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every device.")
 @click.option("--chunk-size", default=64 * 1024, show_default=True, type=click.IntRange(1024, 1 << 20),
@@ -108,7 +108,7 @@ def serve(bundles, bundle_dir, broker, stats_every) -> None:
 
 
 @main.command(help="Roll devices back to their previous committed version and follow each until done.")
-@click.option("--device", "devices", multiple=True, required=True, help="Target device id; repeatable.")
+@devices_option
 @broker_option
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every device.")
 @signing_options

@@ -11,7 +11,7 @@ import click
 from device_agent.cli import fail_cleanly
 from device_agent.errors import ConfigError
 from host_tools.cli.base import (
-    DEFAULT_HOME, broker_option, command_signer, host_client, json_option, main, signing_options,
+    DEFAULT_HOME, broker_option, command_signer, host_client, json_option, main, signing_options, devices_option,
 )
 
 
@@ -88,7 +88,7 @@ def _change_trust(devices, broker, timeout, signing_key, expires_in, as_json, *,
 @keys.command("rotate", help="Make devices trust NEW_PUBLIC_KEY, vouched for by --key (a key they trust now); "
                              "--retire also revokes --key's own key in the same step.")
 @click.argument("new_public_key", type=click.Path(path_type=Path))
-@click.option("--device", "devices", multiple=True, required=True, help="Target device id; repeatable.")
+@devices_option
 @click.option("--retire", is_flag=True, help="Revoke the key that signs this command once the new one is in.")
 @broker_option
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for each device.")
@@ -106,7 +106,7 @@ def keys_rotate(new_public_key, devices, retire, broker, timeout, signing_key, e
 
 @keys.command("revoke", help="Make devices stop trusting KEY_ID (as `keys list` shows it), for good.")
 @click.argument("revoked_key_id")
-@click.option("--device", "devices", multiple=True, required=True, help="Target device id; repeatable.")
+@devices_option
 @broker_option
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for each device.")
 @signing_options
