@@ -9,7 +9,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Callable
 
 from device_agent import __version__
 from device_agent.bench import benchmark
@@ -43,7 +43,12 @@ TELEMETRY_BATCH = 50  # samples per telemetry message when catching up after an 
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    """One device's agent. ``run()`` is the service; ``start()`` and ``shutdown()`` let a host
+    process run many (``edgefleet simulate``), which passes a shared *check* (one loaded runtime per
+    model for all of them), only the collectors that mean something per device, and no local API."""
+
+    def __init__(self, config: AgentConfig, *, check: Callable = health_check,
+                 collectors: list[str] | None = None, local_api: bool = True) -> None:
         self.settings = RemoteSettings(config)  # what the host changed over MQTT wins over the file
         try:
             config = self.settings.apply(config)
@@ -55,7 +60,8 @@ class Agent:
         self.latency = LatencyHistogram()
         self.slot = ModelSlot(self.latency)
         self._stop = threading.Event()
-        self._work: queue.Queue[tuple[Any, Future | None]] = queue.Queue()
+        self._work: queue.Queue[tuple[Any, Future | None] | None] = queue.Queue()  # None: stop
+        self._check = check
         self._commands = CommandLog(config.state_dir)
         self.telemetry_queue = TelemetryQueue(self.store.root / "telemetry.db", config.telemetry_queue_max)
         self._adopt_old_sequence()
@@ -68,18 +74,41 @@ class Agent:
                                  will=Will(topics.status(config.device_id), offline.to_payload()),
                                  clean_session=False, tls=config.tls)
         self.machine = UpdateMachine(UpdateContext(config, self.client, self._chunks, self.store, self.slot,
-                                                   self.keys, self._emit))
-        self.api = LocalApi(config.inference_socket, self.slot, mode=0o660, spin_us=config.api_spin_us)
-        self.http = HttpApi(config.http_port, self.slot) if config.http_port is not None else None
-        self.control = LocalApi(config.control_socket_path, self.slot, mode=0o600, control={
-            framing.STATUS: self.report, framing.ROLLBACK: self._local_rollback})
+                                                   self.keys, self._emit, check))
+        self._servers: list[LocalApi | HttpApi] = []
+        if local_api:
+            self._servers = [
+                LocalApi(config.inference_socket, self.slot, mode=0o660, spin_us=config.api_spin_us),
+                LocalApi(config.control_socket_path, self.slot, mode=0o600, control={
+                    framing.STATUS: self.report, framing.ROLLBACK: self._local_rollback})]
+            if config.http_port is not None:
+                self._servers.append(HttpApi(config.http_port, self.slot))
         self._collectors = TelemetryCollectors(CollectorContext(sysfs=config.sysfs, latency=self.latency,
-                                                                errors=lambda: self.slot.errors))
+                                                                errors=lambda: self.slot.errors), collectors)
         self._update_thread: threading.Thread | None = None
 
     # -- life cycle -------------------------------------------------------------------
     def run(self) -> None:
         """Run until stop() is called (SIGTERM/SIGINT in the CLI)."""
+        self.start()
+        notify("READY=1")
+        start_watchdog(lambda: self._update_thread.is_alive(), self._stop)
+        log.info("agent %s up: api %s, broker %s", self.config.device_id, self.config.inference_socket,
+                 self.config.broker)
+        # Wake up now and then: a SIGTERM the kernel hands to another thread only runs its Python
+        # handler when the main thread executes bytecode again, and an untimed wait never does.
+        while not self._stop.wait(0.5):
+            pass
+        log.info("stopping")
+        # A shutdown that hangs is a bug worth a report: dump every thread's stack if it takes long.
+        faulthandler.dump_traceback_later(8, exit=False)
+        notify("STOPPING=1")
+        self.shutdown()
+        faulthandler.cancel_dump_traceback_later()
+        log.info("stopped")
+
+    def start(self) -> None:
+        """Recover, connect (in the background), serve the active model and start the workers."""
         plan = self.machine.plan_recovery()  # before any model is loaded: counts crash loops
         self.client.subscribe(topics.command(self.config.device_id), self._on_command, qos=1)
         self.client.subscribe(topics.chunks(self.config.device_id), self._chunks, qos=1)
@@ -90,16 +119,18 @@ class Agent:
         # a thread of their own: waiting for acknowledgements on the network thread would hang it).
         self.client.on_connected(lambda: threading.Thread(target=self._send_queued, name="telemetry-catch-up",
                                                           daemon=True).start())
-        self.client.connect_in_background()  # serve the local API even while the broker is away
         if plan.state == "rolling_back":
             # Finish the rollback before serving: the current bundle may be the one that crashed us.
             self.machine.resume()
         else:
             self._restore_active()
-        self.api.start()
-        self.control.start()
-        if self.http is not None:
-            log.info("local API also on http://127.0.0.1:%d", self.http.start())
+        # After the model is back, so the first status announces it; in the background, so the
+        # local API serves even while the broker is away.
+        self.client.connect_in_background()
+        for server in self._servers:
+            port = server.start()
+            if isinstance(server, HttpApi):
+                log.info("local API also on http://127.0.0.1:%d", port)
         self._update_thread = threading.Thread(target=self._update_loop, name="update", daemon=True)
         threads = [self._update_thread,
                    threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True)]
@@ -107,32 +138,21 @@ class Agent:
             threads.append(SampleWorkload(self.slot, self.config.inference_interval, self._stop))
         for t in threads:
             t.start()
-        notify("READY=1")
-        start_watchdog(lambda: self._update_thread.is_alive(), self._stop)
-        log.info("agent %s up: api %s, broker %s", self.config.device_id, self.api.path, self.config.broker)
-        # Wake up now and then: a SIGTERM the kernel hands to another thread only runs its Python
-        # handler when the main thread executes bytecode again, and an untimed wait never does.
-        while not self._stop.wait(0.5):
-            pass
-        log.info("stopping")
-        # A shutdown that hangs is a bug worth a report: dump every thread's stack if it takes long.
-        faulthandler.dump_traceback_later(8, exit=False)
-        notify("STOPPING=1")
-        self.api.stop()
-        self.control.stop()
-        if self.http is not None:
-            self.http.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._work.put(None)
+
+    def shutdown(self) -> None:
+        """After stop(): close the local API, say offline, disconnect."""
+        for server in self._servers:
+            server.stop()
         if self.client.connected:
             try:
                 self._publish_status(online=False)
             except MqttError as exc:  # the broker may be gone; its last will says offline for us
                 log.warning("could not announce going offline: %s", exc)
         self.client.disconnect()
-        faulthandler.cancel_dump_traceback_later()
-        log.info("stopped")
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def _restore_active(self) -> None:
         """Serve the current bundle; if it no longer loads, the newest committed one that does."""
@@ -142,7 +162,7 @@ class Agent:
             if b is not None and (active is None or b.directory != active.directory)]
         for bundle in candidates:
             try:
-                runtime, sample = health_check(bundle, self.config.runtime)
+                runtime, sample = self._check(bundle, self.config.runtime)
             except EdgefleetError as exc:
                 log.error("cannot serve %s: %s", bundle.label, exc)
                 continue
@@ -220,10 +240,10 @@ class Agent:
     def _update_loop(self) -> None:
         self._after_update(self.machine.resume())
         while not self._stop.is_set():
-            try:
-                command, done = self._work.get(timeout=0.5)
-            except queue.Empty:
-                continue
+            item = self._work.get()
+            if item is None:  # stop()
+                return
+            command, done = item
             result = None
             try:
                 if isinstance(command, DeployCommand):

@@ -38,6 +38,10 @@ class BrokerAddress:
         return f"{self.host}:{self.port}"
 
 
+def _is_pattern(topic_filter: str) -> bool:
+    return "+" in topic_filter or "#" in topic_filter or topic_filter.startswith("$share/")
+
+
 def _unshared(topic_filter: str) -> str:
     """The filter a shared subscription ($share/GROUP/filter) delivers messages for."""
     if topic_filter.startswith("$share/"):
@@ -84,6 +88,9 @@ class MqttClient:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self._keepalive = keepalive
         self._handlers: dict[str, tuple[int, Handler]] = {}
+        # The filters with wildcards (or $share/): a message is matched against these one by one;
+        # plain topics are one dictionary lookup (a host following 1,000 devices has 1,000).
+        self._patterns: dict[str, Handler] = {}
         self._connected_callbacks: list[Callable[[], None]] = []
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._lock = threading.Lock()
@@ -128,6 +135,16 @@ class MqttClient:
             self._client.disconnect()
         finally:
             self._client.loop_stop()
+
+    def drop(self) -> None:
+        """Cut the connection the way a network failure does: no DISCONNECT, so the broker
+        publishes our will. Stays offline until connect_in_background() (the simulator's devices
+        go offline this way)."""
+        self._client.loop_stop()
+        sock = self._client.socket()
+        if sock is not None:
+            sock.close()
+        self._connected.clear()
 
     def on_connected(self, callback: Callable[[], None]) -> None:
         """Call *callback* on the network thread after every (re)connection, e.g. to re-announce."""
@@ -186,6 +203,8 @@ class MqttClient:
         block until the broker has granted the subscription; returns whether it did in time."""
         with self._lock:
             self._handlers[topic_filter] = (qos, handler)
+            if _is_pattern(topic_filter):
+                self._patterns[topic_filter] = handler
         if not self.connected:
             return False
         rc, mid = self._client.subscribe(topic_filter, qos)
@@ -198,6 +217,7 @@ class MqttClient:
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
             self._handlers.pop(topic_filter, None)
+            self._patterns.pop(topic_filter, None)
         if self.connected:
             self._client.unsubscribe(topic_filter)
 
@@ -223,8 +243,9 @@ class MqttClient:
 
     def _on_message(self, client, userdata, message) -> None:
         with self._lock:
-            matches = [h for f, (_, h) in self._handlers.items()
-                       if paho.topic_matches_sub(_unshared(f), message.topic)]
+            exact = self._handlers.get(message.topic)
+            matches = [exact[1]] if exact is not None else []
+            matches += [h for f, h in self._patterns.items() if paho.topic_matches_sub(_unshared(f), message.topic)]
         for handler in matches:
             try:
                 handler(message.topic, message.payload)

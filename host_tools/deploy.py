@@ -77,17 +77,16 @@ class EventTracker:
             self._client.publish(topics.command(device), payload, qos=1)
 
     def wait(self, timeout: float) -> dict[str, DeviceProgress]:
-        """Block until every device is done or *timeout* passes; late devices are marked timed_out."""
+        """Block until every device is done or *timeout* passes; devices without an outcome by then
+        are timed_out in what this returns (their events still count if they come later)."""
         deadline = time.monotonic() + timeout
         with self._lock:
             while not all(p.done for p in self.progress.values()):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    for d, p in self.progress.items():
-                        if not p.done:
-                            self.progress[d] = replace(p, state="timed_out",
-                                                       reason=f"no outcome within {timeout:g}s (device offline?)")
-                    break
+                    return {d: p if p.done else replace(p, state="timed_out",
+                                                        reason=f"no outcome within {timeout:g}s (device offline?)")
+                            for d, p in self.progress.items()}
                 self._lock.wait(min(remaining, 0.5))
             return dict(self.progress)
 

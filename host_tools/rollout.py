@@ -25,6 +25,7 @@ import math
 import statistics
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,7 +42,7 @@ CREATE TABLE IF NOT EXISTS rollouts (
     rollout_id TEXT PRIMARY KEY,
     created    REAL NOT NULL,
     plan       TEXT NOT NULL,    -- RolloutPlan as JSON
-    state      TEXT NOT NULL,    -- running, paused, halted, aborted, done
+    state      TEXT NOT NULL,    -- running, paused, halted, aborted, pending, done
     stage      INTEGER NOT NULL, -- the stage under way (0-based)
     reason     TEXT
 );
@@ -69,6 +70,7 @@ class RolloutPlan:
     max_failure_rate: float = 0.1
     max_p99_ratio: float | None = 1.5
     rollback_on_halt: bool = False
+    pending_timeout_s: float = 600.0  # after the last stage, how long to wait for devices that were offline
     devices: list[str] = field(default_factory=list)  # explicit device ids, instead of selectors
 
     def __post_init__(self) -> None:
@@ -119,12 +121,26 @@ class RolloutStore:
                       (rollout_id, device, stage, state, reason))
 
 
+class _Subset:
+    """Some of a deployment's devices, waited for like a deployment."""
+
+    def __init__(self, deployment: Deployment, devices: list[str]) -> None:
+        self._deployment, self.devices = deployment, devices
+
+    def wait(self, timeout: float) -> dict:
+        results = self._deployment.wait(timeout) if self.devices else {}
+        return {d: results[d] for d in self.devices}
+
+
 class Rollout:
     """Runs one rollout to its end (done, halted, aborted) or until paused; safe to run again."""
 
     def __init__(self, store: RolloutStore, rollout_id: str, client, signer,
-                 log: Callable[[str], None] = lambda line: None) -> None:
-        self.store, self.rollout_id, self.client, self.signer, self.log = store, rollout_id, client, signer, log
+                 log: Callable[[str], None] = lambda line: None,
+                 progress: Callable[[int, Counter], None] = lambda stage, counts: None) -> None:
+        self.store, self.rollout_id, self.client, self.signer = store, rollout_id, client, signer
+        self.log, self.progress = log, progress  # progress: (stage, devices per state) as they change
+        self._deployments: list[Deployment] = []
         doc = store.get(rollout_id)
         self.plan = RolloutPlan(**doc["plan"])
         with BundleReader(Path(self.plan.bundle)) as reader:
@@ -170,7 +186,13 @@ class Rollout:
                     if self.plan.rollback_on_halt:
                         self._roll_back(stage)
                     return self.store.get(self.rollout_id)
-            self.store.set_state(self.rollout_id, "done", stage=len(self.plan.stages) - 1)
+            waiting = self._wait_for_pending(server)
+            if waiting:
+                self.store.set_state(self.rollout_id, "pending", stage=len(self.plan.stages) - 1,
+                                     reason=f"{waiting} device(s) have not answered; `edgefleet rollout resume "
+                                            f"{self.rollout_id}` sends them the bundle again")
+            else:
+                self.store.set_state(self.rollout_id, "done", stage=len(self.plan.stages) - 1)
             return self.store.get(self.rollout_id)
         finally:
             server.stop()
@@ -179,18 +201,19 @@ class Rollout:
     def _stage(self, stage: int, devices: list[str], server: BundleServer, baseline: dict[str, float]) -> str | None:
         """Deploy to this stage's devices and judge them; returns why to halt, or None."""
         started = time.time()
-        done = {d["device_id"] for d in self.store.get(self.rollout_id)["devices"] if d["stage"] >= 0}
+        rows = self.store.get(self.rollout_id)["devices"]
+        # queued: sent before the host stopped, with no outcome recorded; they are sent again
+        # (a device that already has the bundle answers already_installed)
+        requeued = [d["device_id"] for d in rows if d["stage"] == stage and d["state"] == "queued"]
+        done = {d["device_id"] for d in rows if d["stage"] >= 0}
         want = math.ceil(len(devices) * self.plan.stages[stage] / 100)
-        batch = [d for d in devices if d not in done][:max(0, want - len(done))]
+        batch = requeued + [d for d in devices if d not in done][:max(0, want - len(done))]
         self.log(f"stage {stage + 1}/{len(self.plan.stages)} ({self.plan.stages[stage]:g}%): {len(batch)} device(s)")
         if batch:
-            for device in batch:
-                self.store.set_device(self.rollout_id, device, stage, "queued")
-            deployment = Deployment(self.client, server, Path(self.plan.bundle), batch, self.signer)
-            deployment.start()
-            for device, p in deployment.wait(self.plan.stage_timeout_s).items():
-                state = "pending" if p.state == "timed_out" else p.state
-                self.store.set_device(self.rollout_id, device, stage, state, p.reason)
+            self.store.fleet.run_many("INSERT OR REPLACE INTO rollout_devices VALUES (?,?,?,?,?)",
+                                      [(self.rollout_id, d, stage, "queued", None) for d in batch])
+            deployment = self._deploy(server, batch)
+            self._follow(deployment, stage, self.plan.stage_timeout_s)
         stage_rows = [d for d in self.store.get(self.rollout_id)["devices"] if d["stage"] == stage]
         answered = [d for d in stage_rows if d["state"] in SUCCESS + FAILURE]
         failed = [d for d in answered if d["state"] in FAILURE]
@@ -203,6 +226,57 @@ class Rollout:
             time.sleep(self.plan.window_s)
         return self._latency_verdict([d["device_id"] for d in stage_rows if d["state"] == "active"], baseline,
                                      started)
+
+    def _deploy(self, server: BundleServer, devices: list[str]) -> Deployment:
+        deployment = Deployment(self.client, server, Path(self.plan.bundle), devices, self.signer)
+        deployment.start()
+        self._deployments.append(deployment)
+        return deployment
+
+    def _follow(self, deployment: Deployment, stage: int, timeout: float) -> None:
+        """Record the devices' states as they change (so `rollout status` is live from anywhere)
+        until each has an outcome or *timeout* passes; those without one are pending."""
+        deadline = time.monotonic() + timeout
+        recorded: dict[str, tuple[str, str | None]] = {}
+        while True:
+            remaining = deadline - time.monotonic()
+            results = deployment.wait(max(0.0, min(1.0, remaining)))
+            finished = all(p.done and p.state != "timed_out" for p in results.values())
+            last = finished or remaining <= 1.0
+            changed = {}
+            for device, p in results.items():
+                state = ("pending" if last else "queued") if p.state == "timed_out" else p.state
+                if recorded.get(device) != (state, p.reason):
+                    changed[device] = recorded[device] = (state, p.reason)
+            if changed:
+                self.store.fleet.run_many("INSERT OR REPLACE INTO rollout_devices VALUES (?,?,?,?,?)",
+                                          [(self.rollout_id, d, stage, st, why) for d, (st, why) in changed.items()])
+                self.progress(stage, Counter(st for st, _ in recorded.values()))
+            if last:
+                return
+
+    def _wait_for_pending(self, server: BundleServer) -> int:
+        """After the last stage: wait up to pending_timeout_s for the devices that had not answered
+        in their stage (offline ones get the command from their persistent session when they
+        return); devices this process did not send it to (a resumed rollout) are sent it again.
+        Returns how many are still pending."""
+        rows = [d for d in self.store.get(self.rollout_id)["devices"] if d["state"] in ("pending", "queued")]
+        if not rows or self.plan.pending_timeout_s <= 0:
+            return len(rows)
+        self.log(f"waiting for {len(rows)} pending device(s), up to {self.plan.pending_timeout_s:g}s")
+        followed = {d for dep in self._deployments for d in dep.devices}
+        stage_of = {d["device_id"]: d["stage"] for d in rows}
+        resend = [d for d in stage_of if d not in followed]
+        if resend:
+            self._deploy(server, resend)
+        deadline = time.monotonic() + self.plan.pending_timeout_s
+        for deployment in self._deployments:
+            mine = [d for d in deployment.devices if d in stage_of]
+            for stage in sorted({stage_of[d] for d in mine}):
+                # one stage's devices at a time, so each is recorded under its own stage
+                self._follow(_Subset(deployment, [d for d in mine if stage_of[d] == stage]), stage,
+                             max(0.0, deadline - time.monotonic()))
+        return sum(d["state"] in ("pending", "queued") for d in self.store.get(self.rollout_id)["devices"])
 
     def _p99(self, devices: list[str], since: float, *, only: str | None = None,
              exclude: str | None = None, last: int | None = None) -> dict[str, float]:

@@ -32,7 +32,7 @@ from device_agent.config import AgentConfig
 from device_agent.errors import EdgefleetError, PolicyError, TransferTimeout
 from device_agent.mqtt import MqttClient
 from device_agent.protocol.messages import BundleOffer, DeploymentEvent
-from device_agent.runtime import ModelRuntime
+from device_agent.runtime import ModelRuntime, RuntimeOptions
 from device_agent.serving import ModelSlot
 from device_agent.store import BundleStore, InstalledBundle
 from device_agent.transfer import ChunkRouter, Download
@@ -91,6 +91,8 @@ class UpdateContext:
     slot: ModelSlot
     keys: Mapping[str, Ed25519PublicKey]
     emit: Callable[[DeploymentEvent], None]
+    # Loads and checks a bundle's model (the simulator shares one loaded runtime among its devices).
+    check: Callable[[InstalledBundle, RuntimeOptions], tuple[ModelRuntime, dict[str, np.ndarray]]] = health_check
     # Runtimes that passed their health check in this process, by bundle directory name,
     # so activating does not load the model a second time.
     checked: dict[str, tuple[ModelRuntime, dict[str, np.ndarray]]] = field(default_factory=dict)
@@ -203,7 +205,7 @@ class HealthCheck(State):
         if bundle is None:
             return _fail(record, f"installed bundle {record.target} is missing")
         try:
-            ctx.checked[bundle.directory.name] = health_check(bundle, ctx.config.runtime)
+            ctx.checked[bundle.directory.name] = ctx.check(bundle, ctx.config.runtime)
         except EdgefleetError as exc:
             return _fail(record, f"health check failed: {exc}")
         return DONE, record
@@ -218,7 +220,7 @@ class Activating(State):
         if bundle is None:
             return _fail(record, f"installed bundle {record.target} is missing")
         try:
-            checked = ctx.checked.pop(bundle.directory.name, None) or health_check(bundle, ctx.config.runtime)
+            checked = ctx.checked.pop(bundle.directory.name, None) or ctx.check(bundle, ctx.config.runtime)
         except EdgefleetError as exc:
             return _fail(record, f"health check failed: {exc}")
         ctx.store.activate(bundle)
@@ -239,7 +241,7 @@ class Trial(State):
             if bundle is None:
                 return _fail(record, f"installed bundle {record.target} is missing")
             try:
-                ctx.slot.swap(bundle, *health_check(bundle, ctx.config.runtime))
+                ctx.slot.swap(bundle, *ctx.check(bundle, ctx.config.runtime))
             except EdgefleetError as exc:
                 return _fail(record, f"the new bundle no longer passes its health check: {exc}")
         errors_before = ctx.slot.errors
@@ -307,7 +309,7 @@ class RollingBack(State):
             if bundle is None:
                 continue
             try:
-                checked = health_check(bundle, ctx.config.runtime)
+                checked = ctx.check(bundle, ctx.config.runtime)
             except EdgefleetError as exc:
                 reasons.append(f"{bundle.label}: {exc}")
                 continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -47,15 +48,45 @@ def _print_rollout(doc: dict, as_json: bool) -> None:
                    + (f" {d['reason']}" if d["reason"] else ""))
 
 
+class _Progress:
+    """Devices per state as a stage goes: one line kept up to date on a terminal, else a line
+    at most every few seconds (and whenever the stage changes)."""
+
+    def __init__(self, err) -> None:
+        self.err, self.last, self.stage = err, 0.0, None
+        self.live = None
+        if err.is_terminal:
+            from rich.live import Live
+
+            self.live = Live("", console=err, transient=True, refresh_per_second=4)
+            self.live.start()
+
+    def log(self, line: str) -> None:
+        self.err.print(line, highlight=False)
+
+    def update(self, stage: int, counts) -> None:
+        line = f"  stage {stage + 1}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        if self.live is not None:
+            self.live.update(line)
+        elif stage != self.stage or time.monotonic() - self.last >= 5:
+            self.err.print(line, highlight=False)
+            self.last, self.stage = time.monotonic(), stage
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
 def _run_rollout(store, rollout_id, broker, signing_key, expires_in, as_json) -> None:
     from host_tools.rollout import Rollout
 
     signer = command_signer(signing_key, expires_in)
     client = host_client(broker, "rollout")
-    err = console(stderr=True)
+    shown = _Progress(console(stderr=True))
     try:
-        doc = Rollout(store, rollout_id, client, signer, log=lambda line: err.print(line)).run()
+        doc = Rollout(store, rollout_id, client, signer, log=shown.log, progress=shown.update).run()
     finally:
+        shown.close()
         client.disconnect()
     _print_rollout(doc, as_json)
     if doc["state"] not in ("done", "paused"):
@@ -78,13 +109,15 @@ def _run_rollout(store, rollout_id, broker, signing_key, expires_in, as_json) ->
 @click.option("--max-p99-ratio", default=1.5, show_default=True, type=click.FloatRange(1),
               help="Halt when the stage's p99 latency is more than this times the previous version's.")
 @click.option("--rollback-on-halt", is_flag=True, help="When halting, roll back the devices already updated.")
+@click.option("--pending-timeout", default=600.0, show_default=True, type=click.FloatRange(0),
+              help="After the last stage, seconds to wait for devices that were offline in theirs.")
 @db_option
 @broker_option
 @signing_options
 @json_option
 @fail_cleanly
 def rollout_start(bundle_path, group, selectors, devices, stages, window, stage_timeout, max_failure_rate,
-                  max_p99_ratio, rollback_on_halt, db, broker, signing_key, expires_in, as_json) -> None:
+                  max_p99_ratio, rollback_on_halt, pending_timeout, db, broker, signing_key, expires_in, as_json) -> None:
     from device_agent.bundle import BundleReader
     from host_tools.rollout import RolloutPlan
 
@@ -99,14 +132,16 @@ def rollout_start(bundle_path, group, selectors, devices, stages, window, stage_
     plan = RolloutPlan(bundle=str(bundle_path.resolve()), selectors=list(selectors) + ([f"group={group}"] if group else []),
                        stages=percents, window_s=window, stage_timeout_s=stage_timeout,
                        max_failure_rate=max_failure_rate, max_p99_ratio=max_p99_ratio,
-                       rollback_on_halt=rollback_on_halt, devices=list(devices))
+                       rollback_on_halt=rollback_on_halt, pending_timeout_s=pending_timeout,
+                       devices=list(devices))
     store = _rollout_store(db)
     rollout_id = store.create(plan)
     console(stderr=True).print(f"rollout {rollout_id} started")
     _run_rollout(store, rollout_id, broker, signing_key, expires_in, as_json)
 
 
-@rollout.command("resume", help="Carry on with ROLLOUT_ID (paused, or interrupted by a host restart).")
+@rollout.command("resume", help="Carry on with ROLLOUT_ID (paused, interrupted by a host restart, or waiting "
+                                "for devices that were offline: they are sent the bundle again).")
 @click.argument("rollout_id")
 @db_option
 @broker_option
@@ -116,8 +151,8 @@ def rollout_start(bundle_path, group, selectors, devices, stages, window, stage_
 def rollout_resume(rollout_id, db, broker, signing_key, expires_in, as_json) -> None:
     store = _rollout_store(db)
     state = store.get(rollout_id)["state"]
-    if state not in ("running", "paused"):
-        raise ConfigError(f"rollout {rollout_id} is {state}; only a running or paused one resumes")
+    if state not in ("running", "paused", "pending"):
+        raise ConfigError(f"rollout {rollout_id} is {state}; only a running, paused or pending one resumes")
     store.set_state(rollout_id, "running")
     _run_rollout(store, rollout_id, broker, signing_key, expires_in, as_json)
 

@@ -104,6 +104,17 @@ class FleetStore:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
+    def run_many(self, sql: str, rows: list[tuple]) -> None:
+        """One statement for each of *rows*, in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(sql, rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
     def ensure_schema(self, script: str) -> None:
         with self._lock:
             self._db.executescript(script)

@@ -1,0 +1,94 @@
+"""Rollouts over a simulated fleet of 100 devices: `edgefleet simulate` (real agents sharing one
+loaded model per process) against a real broker, with the monitor's registry and the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from host_tools.fleet.store import FleetStore
+from tests.conftest import edgefleet, wait_until
+
+FLEET = 100
+
+
+@pytest.fixture
+def simulate(tmp_path, mosquitto, monitor, keys):
+    """simulate(*flags): start `edgefleet simulate` with 100 devices and wait until the registry
+    has them all online; yields the function, stops the simulator afterwards."""
+    procs = []
+
+    def start(*flags, prefix="sim"):
+        log = open(tmp_path / f"simulate-{len(procs)}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "host_tools", "simulate", "--devices", str(FLEET),
+                                 "--broker", str(mosquitto), "--trusted", str(keys["pub"]), "--prefix", prefix,
+                                 "--group", prefix, "--per-worker", "50", "--telemetry-interval", "1",
+                                 "--trial-seconds", "0.2", "--state-dir", str(tmp_path / f"sim-{prefix}"),
+                                 *map(str, flags)], stderr=log)
+        procs.append((proc, log))
+        store = FleetStore(monitor)
+        ok = wait_until(lambda: sum(r.online for r in store.devices() if r.device_id.startswith(prefix)) == FLEET,
+                        90, 0.5)
+        assert ok, (tmp_path / f"simulate-{len(procs) - 1}.log").read_text()[-3000:]
+        return store
+
+    yield start
+    for proc, log in procs:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+        log.close()
+
+
+def rollout(monitor, mosquitto, bundle, group, *extra):
+    result = edgefleet("rollout", "start", bundle, "--group", group, "--db", monitor, "--broker", mosquitto,
+                       "--stages", "10,50,100", "--window", "0", "--stage-timeout", "60", "--json", *extra,
+                       timeout=400)
+    return result.returncode, json.loads(result.stdout), result.stderr
+
+
+def by_stage(doc):
+    stages: dict[int, dict[str, int]] = {}
+    for d in doc["devices"]:
+        stages.setdefault(d["stage"], {}).setdefault(d["state"], 0)
+        stages[d["stage"]][d["state"]] += 1
+    return stages
+
+
+def test_a_staged_rollout_over_100_simulated_devices_completes(simulate, monitor, mosquitto, make_bundle):
+    store = simulate("--bundle", make_bundle("1.0.0"))
+    assert all(r.active_bundle == "digits-cnn 1.0.0" for r in store.devices())
+    code, doc, log = rollout(monitor, mosquitto, make_bundle("2.0.0"), "sim")
+    assert code == 0 and doc["state"] == "done", log[-2000:]
+    assert by_stage(doc) == {0: {"active": 10}, 1: {"active": 40}, 2: {"active": 50}}
+    assert wait_until(lambda: sum(r.active_bundle == "digits-cnn 2.0.0" for r in store.devices()) == FLEET, 30)
+
+
+def test_when_20_percent_of_the_canary_fails_the_rollout_halts_there_and_rolls_it_back(simulate, monitor, mosquitto,
+                                                                                      make_bundle):
+    store = simulate("--bundle", make_bundle("1.0.0"), "--reject", "0.2")
+    code, doc, log = rollout(monitor, mosquitto, make_bundle("2.0.0"), "sim", "--rollback-on-halt")
+    assert code == 1 and doc["state"] == "halted", log[-2000:]
+    assert "2 of 10 devices in the stage failed" in doc["reason"]
+    assert "simulated fault: this device rejects every new model" in doc["reason"]
+    # only the canary was sent the bundle: 2 refused it, the 8 that took it went back to 1.0.0
+    assert by_stage(doc) == {0: {"failed": 2, "rolled_back": 8}}
+    assert wait_until(lambda: sum(r.active_bundle == "digits-cnn 1.0.0" for r in store.devices()) == FLEET, 30)
+
+
+def test_devices_that_go_offline_mid_rollout_get_the_bundle_when_they_return(simulate, monitor, mosquitto,
+                                                                            make_bundle):
+    store = simulate("--bundle", make_bundle("1.0.0"), "--offline", "0.1", "--offline-for", "12")
+    started = time.monotonic()
+    code, doc, log = rollout(monitor, mosquitto, make_bundle("2.0.0"), "sim", "--stage-timeout", "5",
+                             "--pending-timeout", "120")
+    assert code == 0 and doc["state"] == "done", log[-2000:]
+    assert {d["state"] for d in doc["devices"]} == {"active"} and len(doc["devices"]) == FLEET
+    assert re.search(r"waiting for \d+ pending device\(s\)", log)  # they missed their stage, came back later
+    assert time.monotonic() - started >= 12
+    assert sum(r.active_bundle == "digits-cnn 2.0.0" for r in store.devices()) == FLEET
