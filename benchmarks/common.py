@@ -63,3 +63,26 @@ def start_broker(workdir: Path, *, require_mosquitto: bool = False, extra_conf: 
 def machine_line() -> str:
     return (f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
             f"python {sys.version.split()[0]}")
+
+
+def make_bundle(work: Path, size: int, key: Path, *, name: str = "big", version: str = "1.0.0") -> Path:
+    """A signed bundle whose model is a MatMul with a size-byte weight, summed to one number: a real,
+    loadable ONNX model, and a bundle of about *size* bytes (random weights do not compress)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from host_tools.packaging import build_bundle
+
+    cols = max(1, size // (16 * 4))
+    weight = np.random.default_rng(0).standard_normal((16, cols)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("ReduceSum", ["xw"], ["y"], keepdims=0)],
+        name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(weight, "w")])
+    model = work / f"{name}-{version}-{size}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    out = work / f"{name}-{version}-{size}.efb"
+    build_bundle(model, name=name, version=version, key=key, out=out, sample={"x": np.ones((1, 16), np.float32)})
+    return out

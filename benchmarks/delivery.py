@@ -34,10 +34,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, start_broker  # noqa: E402
+from common import machine_line, make_bundle, start_broker  # noqa: E402
 
 from device_agent.bundle import sha256_file  # noqa: E402
 from device_agent.bundle.signing import generate_key_pair, trusted_keys  # noqa: E402
@@ -175,29 +174,6 @@ class Workers:
 
 
 # -- the host side ---------------------------------------------------------------------------
-def make_bundle(work: Path, size: int, key: Path) -> Path:
-    """A signed bundle whose model is a MatMul with a size-byte weight, summed to one number: a real,
-    loadable ONNX model, and a bundle of about *size* bytes."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from host_tools.packaging import build_bundle
-
-    cols = size // (16 * 4)
-    weight = np.random.default_rng(0).standard_normal((16, cols)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("ReduceSum", ["xw"], ["y"], keepdims=0)],
-        "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
-        [numpy_helper.from_array(weight, "w")])
-    model = work / f"big-{size // MiB}.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
-    out = work / f"big-{size // MiB}.efb"
-    build_bundle(model, name="big", version="1.0.0", key=key, out=out,
-                 sample={"x": np.ones((1, 16), np.float32)})
-    return out
-
-
 def publish_raw(client: MqttClient, topic: str, data: bytes) -> None:
     for offset in range(0, len(data), CHUNK):
         client.publish(topic, data[offset:offset + CHUNK], qos=1)

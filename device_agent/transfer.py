@@ -39,8 +39,10 @@ class ChunkRouter:
 
     def __init__(self) -> None:
         self.target: Callable[[str, bytes], None] | None = None
+        self.received = 0  # bytes of chunk messages that reached this device, needed or not
 
     def __call__(self, topic: str, payload: bytes) -> None:
+        self.received += len(payload)
         target = self.target
         if target is not None:
             target(topic, payload)

@@ -188,7 +188,8 @@ class SimulatedDevice(Agent):
     def describe(self) -> dict[str, Any]:
         bundle = self.slot.bundle
         return {"id": self.config.device_id, "online": self.client.connected,
-                "bundle": bundle.label if bundle else None, "update": self.machine.record.state}
+                "bundle": bundle.label if bundle else None, "update": self.machine.record.state,
+                "chunk_bytes": self._chunks.received}
 
 
 def _is_deploy(payload: bytes, keys) -> bool:
