@@ -5,7 +5,7 @@
 
 Set-up (not timed): a Mosquitto of its own; `edgefleet monitor` as its own process (the device
 registry the rollout reads); 1,000 devices from `edgefleet simulate`'s machinery (host_tools.simulate:
-real agents, 250 to a worker process, each with its own MQTT session, state directory, update
+real agents, 100 to a worker process, each with its own MQTT session, state directory, update
 lifecycle and telemetry, sharing one loaded model per process), every one provisioned with a small
 1.0.0 of the model and online in the registry.
 
@@ -128,7 +128,7 @@ def main() -> None:
         fleet = SimulatedFleet(FleetSpec(broker=broker, trusted=[str(pub)], state_root=str(work / "devices"),
                                          first=0, count=count, total=count, labels={"group": "bench"},
                                          bundle=str(old), telemetry_interval=10.0, inference_interval=2.0,
-                                         trial_seconds=TRIAL_S), per_worker=250)
+                                         trial_seconds=TRIAL_S), per_worker=100)
         fleet.start()
         wait_for_fleet(db, count, "fleet-model 1.0.0", fleet)
         host = MqttClient(client_id="bench-rollout", broker=BrokerAddress.parse(broker))
@@ -189,7 +189,7 @@ def main() -> None:
 
     most = max(received.values())
     print(f"\nrollout of a {size / MiB:.2f} MiB bundle to {count} simulated devices "
-          f"({-(-count // 250)} worker processes), stages {' -> '.join(f'{s:g}%' for s in STAGES)}, "
+          f"({-(-count // 100)} worker processes), stages {' -> '.join(f'{s:g}%' for s in STAGES)}, "
           f"health window 0, {TRIAL_S:g} s trial per device, broker {broker_name}")
     print(f"{'':<48} {'value':>12}")
     for n, seconds in enumerate(stage_times):

@@ -22,7 +22,8 @@ order, so any run of k devices has about k x share of them):
 - ``offline``: the device drops off the network (no DISCONNECT: the broker publishes its will) as its
   first deploy command arrives, and comes back ``offline_for`` seconds later to carry it out.
 
-`edgefleet simulate` runs the devices in worker processes of `--per-worker` each (this module's
+`edgefleet simulate` runs the devices in worker processes of `--per-worker` each (100 by default:
+about 7 open files per device, and paho's select() cannot watch files numbered past 1,023) (this module's
 ``worker`` entry point) and shows how many are online and what they run.
 """
 
@@ -239,7 +240,7 @@ def worker(spec: FleetSpec) -> None:
 class SimulatedFleet:
     """The worker processes that together simulate *base.total* devices, *per_worker* each."""
 
-    def __init__(self, base: FleetSpec, per_worker: int = 250) -> None:
+    def __init__(self, base: FleetSpec, per_worker: int = 100) -> None:
         self.base, self.per_worker = base, per_worker
         self._procs: list[subprocess.Popen] = []
         self._latest: dict[int, list[dict[str, Any]]] = {}

@@ -15,6 +15,10 @@ from device_agent.errors import ConfigError
 from host_tools.cli.base import DEFAULT_HOME, broker_option, host_client, main
 from host_tools.terminal import console
 
+# Each device holds about 7 files (its MQTT socket and paho's wake-up pair, its SQLite queue with
+# WAL); paho waits on them with select(), which cannot watch a file numbered 1,024 or more.
+MAX_PER_WORKER = 125
+
 
 @main.command(help="Run N simulated devices: real agents (own MQTT session, state directory, update "
                    "lifecycle and telemetry) sharing one loaded model per process, some told to fail. "
@@ -43,7 +47,7 @@ from host_tools.terminal import console
 @click.option("--inference-interval", default=0.5, show_default=True, type=click.FloatRange(0),
               help="Seconds between each device's runs of its model on the sample input (0: none).")
 @click.option("--trial-seconds", default=1.0, show_default=True, type=click.FloatRange(0))
-@click.option("--per-worker", default=250, show_default=True, type=click.IntRange(1, 1000),
+@click.option("--per-worker", default=100, show_default=True, type=click.IntRange(1, MAX_PER_WORKER),
               help="Devices per worker process.")
 @click.option("--duration", type=click.FloatRange(0), help="Stop after this many seconds [default: run until Ctrl-C].")
 @fail_cleanly
