@@ -158,9 +158,13 @@ class Download:
             self._client.publish(topics.chunk_request(self._offer.sha256), request.to_payload(), qos=1)
 
     def _due(self, now: float, total: int) -> list[int]:
-        """Chunks to ask for now: timed-out ones again, then new ones up to the window."""
-        in_flight = [i for i, t in self._requested.items() if now - t < self._retry_after]
-        wanted = [i for i, t in self._requested.items() if now - t >= self._retry_after]
+        """Chunks to ask for now: timed-out ones again, then new ones up to the window. A request
+        times out *retry_after* seconds after it was sent or after the last chunk that arrived,
+        whichever is later: while chunks keep coming (a broker fanning a bundle out to hundreds
+        of devices delivers them late, not never) asking again would only add to the queue."""
+        since = self._last_progress
+        in_flight = [i for i, t in self._requested.items() if now - max(t, since) < self._retry_after]
+        wanted = [i for i, t in self._requested.items() if now - max(t, since) >= self._retry_after]
         while len(in_flight) + len(wanted) < self._window and self._next_new < total:
             if self._next_new not in self._received:
                 wanted.append(self._next_new)

@@ -122,14 +122,15 @@ class RolloutStore:
 
 
 class _Subset:
-    """Some of a deployment's devices, waited for like a deployment."""
+    """Some of a deployment's devices, followed like a deployment."""
 
     def __init__(self, deployment: Deployment, devices: list[str]) -> None:
-        self._deployment, self.devices = deployment, devices
+        self._deployment, self.devices, self.progress = deployment, devices, deployment.progress
 
-    def wait(self, timeout: float) -> dict:
-        results = self._deployment.wait(timeout) if self.devices else {}
-        return {d: results[d] for d in self.devices}
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(self.progress[d].done for d in self.devices) and time.monotonic() < deadline:
+            self._deployment.wait(min(0.5, deadline - time.monotonic()))
 
 
 class Rollout:
@@ -141,6 +142,7 @@ class Rollout:
         self.store, self.rollout_id, self.client, self.signer = store, rollout_id, client, signer
         self.log, self.progress = log, progress  # progress: (stage, devices per state) as they change
         self._deployments: list[Deployment] = []
+        self.server: BundleServer | None = None
         doc = store.get(rollout_id)
         self.plan = RolloutPlan(**doc["plan"])
         with BundleReader(Path(self.plan.bundle)) as reader:
@@ -170,7 +172,7 @@ class Rollout:
             self.store.set_state(self.rollout_id, "halted", reason="no eligible device")
             return self.store.get(self.rollout_id)
         baseline = self._p99(devices, time.time() - 600, exclude=self.manifest.label, last=10)  # the version before
-        server = BundleServer(self.client)
+        server = self.server = BundleServer(self.client)  # its stats stay readable afterwards
         server.start()
         try:
             for stage in range(doc["stage"], len(self.plan.stages)):
@@ -240,12 +242,13 @@ class Rollout:
         recorded: dict[str, tuple[str, str | None]] = {}
         while True:
             remaining = deadline - time.monotonic()
-            results = deployment.wait(max(0.0, min(1.0, remaining)))
-            finished = all(p.done and p.state != "timed_out" for p in results.values())
-            last = finished or remaining <= 1.0
+            deployment.wait(max(0.0, min(1.0, remaining)))
+            now = {d: deployment.progress[d] for d in deployment.devices}  # as reported so far
+            last = all(p.done for p in now.values()) or remaining <= 1.0
             changed = {}
-            for device, p in results.items():
-                state = ("pending" if last else "queued") if p.state == "timed_out" else p.state
+            for device, p in now.items():
+                # no outcome yet: still queued (no event) or in its update state, pending at the end
+                state = p.state if p.done else "pending" if last else "queued" if p.state == "pending" else p.state
                 if recorded.get(device) != (state, p.reason):
                     changed[device] = recorded[device] = (state, p.reason)
             if changed:

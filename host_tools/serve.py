@@ -35,6 +35,10 @@ FANOUT_REPEAT = 60.0  # seconds before the same chunk is published to a bundle's
 FANOUT_QUIET = 2.5    # seconds a device listening at the publish is assumed to have the chunk (its retry: 3 s)
 MAX_QUEUED_REQUESTS = 10_000
 INLINE_CHUNKS = 16  # requests this small are answered on the network thread (see _on_request)
+# Chunks on their way to the broker (published, not acknowledged) past which answers wait on the
+# worker thread until the broker has caught up. Without a bound, hundreds of devices asking while
+# the broker is busy grow the host's queue without limit (and run paho out of its 65,535 message ids).
+MAX_UNACKED = 512
 
 
 @dataclass
@@ -44,6 +48,7 @@ class ServerStats:
     bytes_sent: int = 0
     fanout_chunks: int = 0        # published once to a shared topic
     fanout_saved: int = 0         # asked for, but just published to the shared topic: not sent again
+    waited_s: float = 0.0         # time answers waited for the broker to acknowledge (MAX_UNACKED)
     devices: set[str] = field(default_factory=set)
 
 
@@ -114,7 +119,7 @@ class BundleServer:
             return
         if not topics.valid_device_id(request.device_id):
             return
-        if len(request.chunks) <= INLINE_CHUNKS and self._requests.empty():
+        if len(request.chunks) <= INLINE_CHUNKS and self._requests.empty() and self._client.unacked < MAX_UNACKED:
             # A window's refill: answered on the network thread, as a hand-off to the worker would
             # cost a thread switch (up to Python's 5 ms switch interval) per request.
             try:
@@ -177,7 +182,13 @@ class BundleServer:
                 plan.append((index, topic))
         sent = 0
         fd = self._fd(sha, path)
+        on_worker = threading.current_thread() is self._worker
         for index, topic in plan:
+            if on_worker and self._client.unacked >= MAX_UNACKED:  # (the network thread never waits)
+                began = time.monotonic()
+                while self._client.unacked >= MAX_UNACKED and self._client.connected:
+                    time.sleep(0.002)
+                stats.waited_s += time.monotonic() - began
             data = os.pread(fd, chunk_size, index * chunk_size)
             key = (sha, chunk_size, index)
             digest = self._digests.get(key)
