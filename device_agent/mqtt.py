@@ -103,8 +103,6 @@ class MqttClient:
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
         self._client.on_socket_open = self._on_socket_open
-        self._client.on_publish = self._on_publish
-        self._unacked = 0  # QoS 1 publishes the broker has not acknowledged yet (queued ones too)
         self._subacks: dict[int, bool] = {}  # mid -> granted, for the last few SUBACKs
         self._suback_arrived = threading.Condition()
 
@@ -232,23 +230,15 @@ class MqttClient:
 
     @property
     def unacked(self) -> int:
-        """QoS 1 messages published and not yet acknowledged by the broker: how far behind we are."""
-        return self._unacked
-
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        with self._lock:
-            self._unacked = max(0, self._unacked - 1)
+        """QoS 1 messages published and not yet acknowledged by the broker (queued ones too): how
+        far behind the broker we are. paho keeps each in ``_out_messages`` until its PUBACK and
+        has no public accessor; a paho without it reads 0 (no back-pressure, nothing breaks)."""
+        return len(getattr(self._client, "_out_messages", ()))
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 wait: float | None = None) -> None:
-        if qos:  # counted before: the acknowledgement may come before publish() returns
-            with self._lock:
-                self._unacked += 1
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-            if qos:
-                with self._lock:
-                    self._unacked -= 1
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         if wait is not None:
             try:

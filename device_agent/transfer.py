@@ -71,6 +71,7 @@ class Download:
         self._next_new = 0
         self._last_progress = time.monotonic()
         self._resumed = 0
+        self._closed = False  # run() has ended: a chunk still arriving is not written
         self.messages = self.duplicates = 0  # chunk messages seen, and those not needed
 
     @property
@@ -96,8 +97,10 @@ class Download:
             if self._fanout:
                 self._client.unsubscribe(shared)
             self._router.target = None
-            self._save_record()
-            self._fh.close()
+            with self._cond:  # a chunk being handled on the network thread finishes first
+                self._closed = True
+                self._save_record()
+                self._fh.close()
         if sha256_file(self._dest) != offer.sha256:
             self.discard()
             raise TransferError("downloaded bundle does not match its SHA-256")
@@ -189,7 +192,7 @@ class Download:
         if len(chunk.data) != expected_len:
             return  # a device never writes more (or less) than the offer declared
         with self._cond:
-            if chunk.index in self._received:
+            if self._closed or chunk.index in self._received:
                 return
             self._fh.seek(chunk.index * offer.chunk_size)
             self._fh.write(chunk.data)

@@ -116,6 +116,9 @@ class RolloutStore:
         self._execute("UPDATE rollouts SET state=?, stage=COALESCE(?, stage), reason=? WHERE rollout_id=?",
                       (state, stage, reason, rollout_id))
 
+    def set_plan(self, rollout_id: str, plan: RolloutPlan) -> None:
+        self._execute("UPDATE rollouts SET plan=? WHERE rollout_id=?", (json.dumps(asdict(plan)), rollout_id))
+
     def set_device(self, rollout_id: str, device: str, stage: int, state: str, reason: str | None = None) -> None:
         self._execute("INSERT OR REPLACE INTO rollout_devices VALUES (?,?,?,?,?)",
                       (rollout_id, device, stage, state, reason))

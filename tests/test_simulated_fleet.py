@@ -96,3 +96,22 @@ def test_devices_that_go_offline_mid_rollout_get_the_bundle_when_they_return(sim
     assert re.search(r"waiting for \d+ pending device\(s\)", log)  # they missed their stage, came back later
     assert time.monotonic() - started >= 12
     assert sum(r.active_bundle == "digits-cnn 2.0.0" for r in sims(store)) == FLEET
+
+
+def test_devices_still_offline_at_the_end_are_reported_pending_and_resume_sends_them_the_bundle(
+        simulate, monitor, mosquitto, make_bundle):
+    store = simulate("--bundle", make_bundle("1.0.0"), "--offline", "0.05", "--offline-for", "8")
+    code, doc, log = rollout(monitor, mosquitto, make_bundle("2.0.0"), "sim", "--stage-timeout", "3",
+                             "--pending-timeout", "0")
+    assert code == 1 and doc["state"] == "pending" and "rollout resume" in doc["reason"], log[-2000:]
+    pending = sorted(d["device_id"] for d in doc["devices"] if d["state"] == "pending")
+    assert pending == [f"sim-{i:04d}" for i in range(19, 100, 20)]  # 5%: every 20th device
+    assert {d["state"] for d in doc["devices"] if d["device_id"] not in pending} == {"active"}
+    # they come back with no rollout running; `resume` (as after a host restart) finishes the job
+    assert wait_until(lambda: sum(r.online for r in sims(store)) == FLEET, 30)
+    result = edgefleet("rollout", "resume", doc["rollout_id"], "--pending-timeout", "60", "--db", monitor,
+                       "--broker", mosquitto, "--json", timeout=300)
+    resumed = json.loads(result.stdout)
+    assert result.returncode == 0 and resumed["state"] == "done", result.stderr[-2000:]
+    assert {d["state"] for d in resumed["devices"]} == {"active"}
+    assert wait_until(lambda: sum(r.active_bundle == "digits-cnn 2.0.0" for r in sims(store)) == FLEET, 30)

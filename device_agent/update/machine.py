@@ -9,7 +9,7 @@ from device_agent.protocol.messages import DeployCommand, DeploymentEvent
 from device_agent.update import faults
 from device_agent.update.record import IDLE, CorruptRecord, UpdateJournal, UpdateRecord
 from device_agent.update.states import (
-    RECOVERY, STATES, TRANSITIONS, UNKNOWN_STATE_RECOVERY, UpdateContext,
+    FAIL, RECOVERY, STATES, TRANSITIONS, UNKNOWN_STATE_RECOVERY, UpdateContext,
 )
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,15 @@ class UpdateMachine:
             self._save(record)  # durable before the state's side effect
             faults.entered(record.state, self.ctx.config.state_dir)
             log.info("update %s: %s", record.command_id, record.state)
-            event, record = STATES[record.state].enter(self.ctx, record)
+            try:
+                event, record = STATES[record.state].enter(self.ctx, record)
+            except Exception as exc:  # a bug or an unforeseen OS error must not leave the update stuck here
+                log.exception("update %s: %s failed unexpectedly", record.command_id, record.state)
+                record = replace(record, reason=f"{record.state} failed unexpectedly: {exc}")
+                if (record.state, FAIL) not in TRANSITIONS:  # rolling back or cleaning up: report, stop
+                    self.ctx.event(record, "failed", reason=record.reason)
+                    break
+                event = FAIL
             following = TRANSITIONS[(record.state, event)]
             record = IDLE if following == "idle" else record.entering(following)
         self._save(IDLE)

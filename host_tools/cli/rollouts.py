@@ -143,16 +143,22 @@ def rollout_start(bundle_path, group, selectors, devices, stages, window, stage_
 @rollout.command("resume", help="Carry on with ROLLOUT_ID (paused, interrupted by a host restart, or waiting "
                                 "for devices that were offline: they are sent the bundle again).")
 @click.argument("rollout_id")
+@click.option("--pending-timeout", type=click.FloatRange(0),
+              help="Change how long the last stage waits for devices that were offline [default: as started].")
 @db_option
 @broker_option
 @signing_options
 @json_option
 @fail_cleanly
-def rollout_resume(rollout_id, db, broker, signing_key, expires_in, as_json) -> None:
+def rollout_resume(rollout_id, pending_timeout, db, broker, signing_key, expires_in, as_json) -> None:
+    from host_tools.rollout import RolloutPlan
+
     store = _rollout_store(db)
-    state = store.get(rollout_id)["state"]
-    if state not in ("running", "paused", "pending"):
-        raise ConfigError(f"rollout {rollout_id} is {state}; only a running, paused or pending one resumes")
+    doc = store.get(rollout_id)
+    if doc["state"] not in ("running", "paused", "pending"):
+        raise ConfigError(f"rollout {rollout_id} is {doc['state']}; only a running, paused or pending one resumes")
+    if pending_timeout is not None:
+        store.set_plan(rollout_id, RolloutPlan(**{**doc["plan"], "pending_timeout_s": pending_timeout}))
     store.set_state(rollout_id, "running")
     _run_rollout(store, rollout_id, broker, signing_key, expires_in, as_json)
 

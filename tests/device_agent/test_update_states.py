@@ -60,3 +60,34 @@ def test_a_corrupt_record_is_reported_not_trusted(tmp_path, content):
     (tmp_path / "update.json").write_bytes(content)
     with pytest.raises(CorruptRecord):
         UpdateJournal(tmp_path).load()
+
+
+def test_an_unexpected_error_in_a_state_takes_its_fail_edge_and_is_reported(tmp_path, monkeypatch):
+    """Found at 1,000 simulated devices: an OSError escaping a state left the update "downloading"
+    for good. Any exception now counts as the state failing, with the error as the reason."""
+    from device_agent.bundle.signing import generate_key_pair
+    from device_agent.config import AgentConfig
+    from device_agent.mqtt import BrokerAddress, MqttClient
+    from device_agent.protocol.messages import BundleOffer, DeployCommand
+    from device_agent.serving import ModelSlot
+    from device_agent.store import BundleStore
+    from device_agent.telemetry.histogram import LatencyHistogram
+    from device_agent.transfer import ChunkRouter
+    from device_agent.update.machine import UpdateMachine
+    from device_agent.update.states import UpdateContext
+
+    _, pub = generate_key_pair(tmp_path, "k")
+    config = AgentConfig(device_id="dev", state_dir=tmp_path / "state", trusted_keys=(pub,))
+    events = []
+    ctx = UpdateContext(config, MqttClient(client_id="unused", broker=BrokerAddress()), ChunkRouter(),
+                        BundleStore(config.state_dir), ModelSlot(LatencyHistogram()), {}, events.append)
+
+    def broken(self, ctx, record):
+        raise FileNotFoundError("the disk went away")
+    monkeypatch.setattr(type(STATES["downloading"]), "enter", broken)
+    offer = BundleOffer(sha256="ab" * 32, size=10, chunk_size=4, name="m", version="1.0.0")
+    machine = UpdateMachine(ctx)
+    event = machine.deploy(DeployCommand("c1", offer, 0.0))
+    assert event.state == "failed" and "downloading failed unexpectedly: the disk went away" in event.reason
+    assert [e.state for e in events] == ["accepted", "failed"]
+    assert machine.record.state == "idle"  # cleaned up, not stuck
