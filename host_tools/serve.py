@@ -3,14 +3,21 @@
 A request names the bundle (in its topic), the chunk indices, the chunk size the device cut the
 bundle into, and whether the device listens on the bundle's shared chunk topic (fan-out). A
 fan-out answer is published once to that topic and the broker delivers it to every device
-fetching the bundle. Later requests for the same chunk are answered on the asking device's own
-topic, so one slow or unlucky device does not make every device receive it again; and not at
-all, for FANOUT_QUIET seconds after the publish, to a device that was already listening then (it
-has the chunk, or the broker is still delivering it; if it was lost, the device asks again after
-its retry time). A device subscribes to the shared topic before the first request of a download
-(its ``session``), so "listening then" means: its session's first request reached us before the
-publish. The shared topic carries a chunk again only after FANOUT_REPEAT seconds. Requests
-without fan-out are answered on the device's own topic.
+fetching the bundle. A device subscribes to the shared topic before the first request of a
+download (its ``session``), so "listening at a publish" means: its session's first request reached
+us before it. For a chunk a fan-out device asks for:
+
+- not published to the shared topic in the last FANOUT_REPEAT seconds: published there now;
+- the device began listening after the last publish (many devices starting a stage together):
+  published there again FANOUT_QUIET seconds after the last one, which serves every device that
+  joined in between with one message;
+- the device was listening at the last publish: not answered for FANOUT_QUIET seconds (it has the
+  chunk, or the broker is still delivering it), then answered on the device's own topic (it was
+  lost: one unlucky device does not make every device receive the chunk again).
+
+Requests without fan-out are answered on the device's own topic. Answers are published with
+back-pressure: past MAX_UNACKED unacknowledged messages they wait for the broker, and a device
+asking again for a chunk whose direct answer is still queued is not answered twice.
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ INLINE_CHUNKS = 16  # requests this small are answered on the network thread (se
 # worker thread until the broker has caught up. Without a bound, hundreds of devices asking while
 # the broker is busy grow the host's queue without limit (and run paho out of its 65,535 message ids).
 MAX_UNACKED = 512
+# While answers queue up (a quarter of MAX_UNACKED unacknowledged), a device asking again for a chunk
+# answered on its own topic less than this long ago is not answered again: the first answer is on its way.
+DIRECT_QUIET = 10.0
 
 
 @dataclass
@@ -71,6 +81,8 @@ class BundleServer:
         self._files: dict[str, int] = {}  # bundle sha -> open fd, read with pread from any thread
         self._digests: dict[tuple[str, int, int], str] = {}  # (sha, chunk size, index) -> chunk SHA-256
         self._listening: dict[tuple, float] = {}  # (sha, chunk size, device, session) -> its first request
+        self._refan: dict[tuple[str, int, int], float] = {}  # chunks to publish to the shared topic again, when
+        self._direct: dict[tuple, float] = {}  # (device, session, sha, chunk size, index) -> last direct answer
         self.stats = ServerStats()
 
     @property
@@ -140,12 +152,32 @@ class BundleServer:
             return fd
 
     def _serve(self) -> None:
-        while (item := self._requests.get()) is not None:
-            sha, request = item
+        while True:
             try:
-                self._answer(sha, request)
+                item = self._requests.get(timeout=0.1)  # and publish the fan-outs that are due
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            try:
+                if item:
+                    self._answer(*item)
+                self._fan_out_again()
             except OSError as exc:  # the file went away or cannot be read: the device will time out
-                log.error("cannot serve %s: %s", sha[:12], exc)
+                log.error("cannot serve: %s", exc)
+
+    def _fan_out_again(self) -> None:
+        """Publish the chunks that devices which began listening after their last fan-out asked for."""
+        now = time.monotonic()
+        with self._lock:
+            due = [key for key, at in self._refan.items() if at <= now]
+            for key in due:
+                del self._refan[key]
+                self._fanned_out[key] = now
+                self.stats.fanout_chunks += 1
+        for sha, chunk_size, index in due:
+            if sha in self._bundles:
+                self._publish(sha, self._bundles[sha][0], chunk_size, [(index, topics.bundle_chunks(sha, chunk_size))])
 
     def _answer(self, sha: str, request: ChunkRequest) -> None:
         """Publish the asked-for chunks (on the network thread or the worker: the bookkeeping is
@@ -165,21 +197,47 @@ class BundleServer:
             since = None
             if request.fanout:
                 since = self._listening.setdefault((sha, chunk_size, request.device_id, request.session), now)
+            backlogged = self._client.unacked >= MAX_UNACKED // 4
             for index in request.chunks:
                 if index >= count:
                     continue
-                topic = topics.chunks(request.device_id)
+                key = (sha, chunk_size, index)
                 if since is not None:
-                    key = (sha, chunk_size, index)
                     published = self._fanned_out.get(key, -FANOUT_REPEAT)
-                    if now - published >= FANOUT_REPEAT:
-                        self._fanned_out[key] = now
-                        topic = topics.bundle_chunks(sha, chunk_size)
+                    age = now - published
+                    if age >= FANOUT_REPEAT or (since >= published and age >= FANOUT_QUIET):
+                        self._fanned_out[key] = now  # everyone listening now gets it from this one publish
+                        self._refan.pop(key, None)
                         stats.fanout_chunks += 1
-                    elif since < published and now - published < FANOUT_QUIET:
+                        plan.append((index, topics.bundle_chunks(sha, chunk_size)))
+                        continue
+                    if since >= published:
+                        # It began listening after the chunk went out, as many devices starting a stage
+                        # together do: one more publish, FANOUT_QUIET after the last, serves them all.
+                        self._refan.setdefault(key, published + FANOUT_QUIET)
+                        stats.fanout_saved += 1
+                        continue
+                    if age < FANOUT_QUIET:
                         stats.fanout_saved += 1  # it was listening when the chunk went out
                         continue
-                plan.append((index, topic))
+                direct = (request.device_id, request.session, *key)
+                if backlogged and now - self._direct.get(direct, -DIRECT_QUIET) < DIRECT_QUIET:
+                    stats.fanout_saved += 1  # its last answer is still in the queue: asking again adds nothing
+                    continue
+                self._direct[direct] = now
+                plan.append((index, topics.chunks(request.device_id)))
+        self._publish(sha, path, chunk_size, plan)
+        with self._lock:
+            if len(self._fanned_out) > 100_000:  # forget chunks published long ago
+                self._fanned_out = {k: t for k, t in self._fanned_out.items() if now - t < FANOUT_REPEAT}
+            if len(self._listening) > 100_000:  # downloads that began over an hour ago are long done
+                self._listening = {k: t for k, t in self._listening.items() if now - t < 3600}
+            if len(self._direct) > 100_000:
+                self._direct = {k: t for k, t in self._direct.items() if now - t < DIRECT_QUIET}
+
+    def _publish(self, sha: str, path: Path, chunk_size: int, plan: list[tuple[int, str]]) -> None:
+        """Read, and publish each (index, topic) of *plan* (never under the lock)."""
+        stats = self.stats
         sent = 0
         fd = self._fd(sha, path)
         on_worker = threading.current_thread() is self._worker
@@ -199,10 +257,6 @@ class BundleServer:
         with self._lock:
             stats.chunks_sent += len(plan)
             stats.bytes_sent += sent
-            if len(self._fanned_out) > 100_000:  # forget chunks published long ago
-                self._fanned_out = {k: t for k, t in self._fanned_out.items() if now - t < FANOUT_REPEAT}
-            if len(self._listening) > 100_000:  # downloads that began over an hour ago are long done
-                self._listening = {k: t for k, t in self._listening.items() if now - t < 3600}
 
 
 class BundleDirectory:

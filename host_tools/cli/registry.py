@@ -26,22 +26,33 @@ def devices() -> None:
 @json_option
 @fail_cleanly
 def devices_list(db, selectors, group, as_json) -> None:
+    from host_tools.fleet.store import FleetStore
+
     rows = fleet_rows(db, selectors, group)
+    store = FleetStore(db)
+    try:
+        updating = store.in_flight()
+    finally:
+        store.close()
     if as_json:
         click.echo(json.dumps([{"device_id": r.device_id, "online": r.online, "hardware": r.hardware,
-                                "labels": r.labels, "active_bundle": r.active_bundle} for r in rows]))
+                                "labels": r.labels, "active_bundle": r.active_bundle,
+                                "in_flight": updating.get(r.device_id), "last_seen": r.last_seen or None}
+                               for r in rows]))
         return
     from rich.table import Table
 
     table = Table(title="devices", header_style="bold")
-    for header in ("device", "class", "arch", "RAM MiB", "runtimes", "accelerators", "labels", "bundle", "state"):
+    for header in ("device", "class", "arch", "RAM MiB", "runtimes", "accelerators", "labels", "bundle", "updating",
+                   "state"):
         table.add_column(header)
     for r in rows:
         hw = r.hardware or {}
+        u = updating.get(r.device_id)
         table.add_row(r.device_id, hw.get("class", "?"), hw.get("arch", "?"), str(hw.get("ram_mb", "?")),
                       ", ".join(hw.get("runtimes", [])) or "?", ", ".join(hw.get("accelerators", [])) or "none",
                       ", ".join(f"{k}={v}" for k, v in sorted(r.labels.items())), r.active_bundle or "none",
-                      "online" if r.online else "offline")
+                      f"{u['bundle']}: {u['state']}" if u else "", "online" if r.online else "offline")
     console().print(table)
 
 
@@ -59,12 +70,13 @@ def devices_show(device_id, db, as_json) -> None:
     store = FleetStore(db)
     try:
         events = store.events(device_id, states=("accepted", "active", "failed", "rolled_back", "already_installed"))
+        updating = store.in_flight().get(device_id)
     finally:
         store.close()
     r = rows[0]
     doc = {"device_id": r.device_id, "online": r.online, "since": r.since, "agent_version": r.agent_version,
-           "hardware": r.hardware, "labels": r.labels, "active_bundle": r.active_bundle, "last_seen": r.last_seen,
-           "deployments": events[-10:]}
+           "hardware": r.hardware, "labels": r.labels, "active_bundle": r.active_bundle, "in_flight": updating,
+           "last_seen": r.last_seen, "deployments": events[-10:]}
     if as_json:
         click.echo(json.dumps(doc))
         return
@@ -75,7 +87,9 @@ def devices_show(device_id, db, as_json) -> None:
     click.echo(f"runtimes:   {', '.join(hw.get('runtimes', [])) or '?'}; accelerators: "
                f"{', '.join(hw.get('accelerators', [])) or 'none'}")
     click.echo(f"labels:     {', '.join(f'{k}={v}' for k, v in sorted(r.labels.items())) or 'none'}")
-    click.echo(f"bundle:     {r.active_bundle or 'none'}")
+    click.echo(f"bundle:     {r.active_bundle or 'none'}"
+               + (f"; updating to {updating['bundle']}: {updating['state']} ({updating['progress']:.0%})"
+                  if updating else ""))
     for e in events[-10:]:
         click.echo(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['timestamp']))}  {e['state']:<17} "
                    f"{e['bundle']}" + (f"  ({e['reason']})" if e["reason"] else ""))

@@ -244,6 +244,17 @@ class FleetStore:
                                     f"state IN ({marks}) ORDER BY timestamp", (device_id, *states)).fetchall()
         return [{"timestamp": r[0], "state": r[1], "bundle": r[2], "reason": r[3]} for r in rows]
 
+    def in_flight(self) -> dict[str, dict]:
+        """{device: its update under way} from each device's newest deployment event, for devices
+        whose newest event is not an outcome (accepted, downloading, verifying, ...)."""
+        from device_agent.protocol.messages import DEPLOY_FINAL
+
+        with self._lock:
+            rows = self._db.execute("SELECT device_id, state, bundle, progress, timestamp, MAX(rowid) FROM events "
+                                    "GROUP BY device_id").fetchall()
+        return {r[0]: {"bundle": r[2], "state": r[1], "progress": r[3], "since": r[4]}
+                for r in rows if r[1] not in DEPLOY_FINAL}
+
     def sample_index(self, device_id: str) -> list[tuple[int, float]]:
         """(sequence number, device timestamp) of every stored sample of *device_id*, in order;
         a gap in the numbers is a sample never received."""
