@@ -172,7 +172,8 @@ def main() -> None:
         for d in doc["devices"]:
             states[d["state"]] = states.get(d["state"], 0) + 1
         if doc["state"] != "done" or states != {"active": count}:
-            sys.exit(f"rollout ended {doc['state']} ({doc['reason']}): {states}")
+            why = "; ".join(f"{d['device_id']}: {d['reason']}" for d in doc["devices"] if d["state"] != "active")
+            sys.exit(f"rollout ended {doc['state']} ({doc['reason']}): {states}: {why[:2000]}")
         sent = counter.fresh() - sent_before
         cpu = {k: v - cpu_before[k] for k, v in {"host": cpu_of([me]), "monitor": cpu_of([psutil.Process(monitor.pid)]),
                                                   "broker": cpu_of([broker_proc]), "devices": cpu_of(workers)}.items()}

@@ -40,8 +40,8 @@ from device_agent.protocol.messages import DEFAULT_CHUNK_SIZE, BundleOffer, Chun
 log = logging.getLogger(__name__)
 FANOUT_REPEAT = 60.0  # seconds before the same chunk is published to a bundle's shared topic again
 FANOUT_QUIET = 2.5    # seconds a device listening at the publish is assumed to have the chunk (its retry: 3 s)
-MAX_QUEUED_REQUESTS = 10_000
-INLINE_CHUNKS = 16  # requests this small are answered on the network thread (see _on_request)
+MAX_QUEUED_ANSWERS = 10_000
+INLINE_CHUNKS = 16  # answers this small are published on the network thread (see _on_request)
 # Chunks on their way to the broker (published, not acknowledged) past which answers wait on the
 # worker thread until the broker has caught up. Without a bound, hundreds of devices asking while
 # the broker is busy grow the host's queue without limit (and run paho out of its 65,535 message ids).
@@ -59,6 +59,7 @@ class ServerStats:
     fanout_chunks: int = 0        # published once to a shared topic
     fanout_saved: int = 0         # asked for, but just published to the shared topic: not sent again
     waited_s: float = 0.0         # time answers waited for the broker to acknowledge (MAX_UNACKED)
+    dropped: int = 0              # answers not sent: MAX_QUEUED_ANSWERS were waiting already
     devices: set[str] = field(default_factory=set)
 
 
@@ -74,7 +75,8 @@ class BundleServer:
         self._client = client
         self._chunk_size = chunk_size
         self._bundles: dict[str, tuple[Path, BundleOffer]] = {}
-        self._requests: queue.Queue[tuple[str, ChunkRequest] | None] = queue.Queue(MAX_QUEUED_REQUESTS)
+        self._jobs: queue.Queue[tuple | None] = queue.Queue(MAX_QUEUED_ANSWERS)  # answers for the worker
+        self._dropped_logged = 0.0
         self._worker = threading.Thread(target=self._serve, name="bundle-server", daemon=True)
         self._fanned_out: dict[tuple[str, int, int], float] = {}
         self._lock = threading.Lock()
@@ -111,7 +113,7 @@ class BundleServer:
     def stop(self) -> None:
         self._client.unsubscribe(topics.ALL_CHUNK_REQUESTS)
         try:
-            self._requests.put_nowait(None)
+            self._jobs.put_nowait(None)
         except queue.Full:
             pass
         self._worker.join(timeout=5)
@@ -131,18 +133,25 @@ class BundleServer:
             return
         if not topics.valid_device_id(request.device_id):
             return
-        if len(request.chunks) <= INLINE_CHUNKS and self._requests.empty() and self._client.unacked < MAX_UNACKED:
-            # A window's refill: answered on the network thread, as a hand-off to the worker would
+        job = self._plan(sha, request)  # decided at once, on the network thread: it is cheap
+        if job is None:
+            return
+        if len(job[3]) <= INLINE_CHUNKS and self._jobs.empty() and self._client.unacked < MAX_UNACKED:
+            # A window's refill: published on the network thread, as a hand-off to the worker would
             # cost a thread switch (up to Python's 5 ms switch interval) per request.
             try:
-                self._answer(sha, request)
-            except OSError as exc:
+                self._publish(*job)
+            except OSError as exc:  # the file went away or cannot be read: the device will time out
                 log.error("cannot serve %s: %s", sha[:12], exc)
             return
         try:
-            self._requests.put_nowait((sha, request))
+            self._jobs.put_nowait(job)
         except queue.Full:  # the device asks again after its retry time
-            log.warning("chunk request queue is full; dropping a request from %s", request.device_id)
+            self.stats.dropped += 1
+            if time.monotonic() - self._dropped_logged > 10:
+                self._dropped_logged = time.monotonic()
+                log.warning("the broker is not keeping up: %d chunk answers dropped so far (devices ask again)",
+                            self.stats.dropped)
 
     def _fd(self, sha: str, path: Path) -> int:
         with self._lock:
@@ -154,14 +163,14 @@ class BundleServer:
     def _serve(self) -> None:
         while True:
             try:
-                item = self._requests.get(timeout=0.1)  # and publish the fan-outs that are due
+                job = self._jobs.get(timeout=0.1)  # and publish the fan-outs that are due
             except queue.Empty:
-                item = ()
-            if item is None:
+                job = ()
+            if job is None:
                 return
             try:
-                if item:
-                    self._answer(*item)
+                if job:
+                    self._publish(*job)
                 self._fan_out_again()
             except OSError as exc:  # the file went away or cannot be read: the device will time out
                 log.error("cannot serve: %s", exc)
@@ -179,12 +188,11 @@ class BundleServer:
             if sha in self._bundles:
                 self._publish(sha, self._bundles[sha][0], chunk_size, [(index, topics.bundle_chunks(sha, chunk_size))])
 
-    def _answer(self, sha: str, request: ChunkRequest) -> None:
-        """Publish the asked-for chunks (on the network thread or the worker: the bookkeeping is
-        shared, so it is decided under a lock; reading and publishing are not)."""
+    def _plan(self, sha: str, request: ChunkRequest) -> tuple[str, Path, int, list[tuple[int, str]]] | None:
+        """What to publish for *request*: (sha, path, chunk size, [(index, topic)]), or None."""
         entry = self._bundles.get(sha)
         if entry is None:
-            return
+            return None
         path, offer = entry
         chunk_size = request.chunk_size or offer.chunk_size
         count = replace(offer, chunk_size=chunk_size).chunk_count
@@ -226,7 +234,6 @@ class BundleServer:
                     continue
                 self._direct[direct] = now
                 plan.append((index, topics.chunks(request.device_id)))
-        self._publish(sha, path, chunk_size, plan)
         with self._lock:
             if len(self._fanned_out) > 100_000:  # forget chunks published long ago
                 self._fanned_out = {k: t for k, t in self._fanned_out.items() if now - t < FANOUT_REPEAT}
@@ -234,9 +241,11 @@ class BundleServer:
                 self._listening = {k: t for k, t in self._listening.items() if now - t < 3600}
             if len(self._direct) > 100_000:
                 self._direct = {k: t for k, t in self._direct.items() if now - t < DIRECT_QUIET}
+        return (sha, path, chunk_size, plan) if plan else None
 
     def _publish(self, sha: str, path: Path, chunk_size: int, plan: list[tuple[int, str]]) -> None:
-        """Read, and publish each (index, topic) of *plan* (never under the lock)."""
+        """Read, and publish each (index, topic) of *plan* (never under the lock); on the worker,
+        wait while MAX_UNACKED messages are on their way to the broker."""
         stats = self.stats
         sent = 0
         fd = self._fd(sha, path)
