@@ -105,12 +105,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="200 devices instead of 1,000")
     parser.add_argument("--devices", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--size-mib", type=float, default=4.0, help="The new bundle's size [4].")
+    parser.add_argument("--max-in-flight", type=int, default=250, help="Devices updating at once [250].")
+    parser.add_argument("--keep", action="store_true", help="Keep the work directory (logs, databases).")
     args = parser.parse_args()
     count = args.devices or (200 if args.quick else 1000)
 
     work = Path(tempfile.mkdtemp(prefix="ef-rollout-", dir="/tmp"))
     broker, stop_broker, broker_name = start_broker(
-        work, require_mosquitto=True, extra_conf="max_queued_messages 100000\nset_tcp_nodelay true\nsys_interval 1\n")
+        work, require_mosquitto=True, extra_conf="max_queued_messages 100000\nset_tcp_nodelay true\nsys_interval 1\n"
+                   f"log_dest file {work}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\n")
     me = psutil.Process()
     monitor = fleet = host = None
     try:
@@ -144,7 +147,8 @@ def main() -> None:
 
         store = RolloutStore(FleetStore(db))
         plan = RolloutPlan(bundle=str(new), selectors=["group=bench"], stages=STAGES, window_s=0.0,
-                           stage_timeout_s=600.0, max_p99_ratio=None)
+                           stage_timeout_s=600.0, max_p99_ratio=None,
+                           max_in_flight=args.max_in_flight)
         rollout_id = store.create(plan)
         stage_started: list[float] = []
 
@@ -188,12 +192,16 @@ def main() -> None:
             monitor.send_signal(signal.SIGINT)
             monitor.wait(30)
         stop_broker()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
     most = max(received.values())
     print(f"\nrollout of a {size / MiB:.2f} MiB bundle to {count} simulated devices "
           f"({-(-count // 100)} worker processes), stages {' -> '.join(f'{s:g}%' for s in STAGES)}, "
-          f"health window 0, {TRIAL_S:g} s trial per device, broker {broker_name}")
+          f"at most {args.max_in_flight} updating at once, health window 0, {TRIAL_S:g} s trial per device, "
+          f"broker {broker_name}")
     print(f"{'':<48} {'value':>12}")
     for n, seconds in enumerate(stage_times):
         print(f"{f'stage {n + 1} ({STAGES[n]:g}%) wall time, s':<48} {seconds:>12.1f}")

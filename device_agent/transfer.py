@@ -146,7 +146,9 @@ class Download:
                 now = time.monotonic()
                 if now - self._last_progress > self._stall_timeout:
                     raise TransferTimeout(f"no chunk arrived for {self._stall_timeout:g}s "
-                                          f"({len(self._received)}/{total} received)")
+                                          f"({len(self._received)}/{total} received"
+                                          + ("" if self._client.connected else "; not connected to the broker")
+                                          + ")")
                 self._ask(now)  # the first window, and chunks whose answer is overdue
                 self._cond.wait(0.5)
 

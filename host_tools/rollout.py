@@ -71,6 +71,7 @@ class RolloutPlan:
     max_p99_ratio: float | None = 1.5
     rollback_on_halt: bool = False
     pending_timeout_s: float = 600.0  # after the last stage, how long to wait for devices that were offline
+    max_in_flight: int | None = None  # devices updating at once within a stage (waves); None: the whole stage
     devices: list[str] = field(default_factory=list)  # explicit device ids, instead of selectors
 
     def __post_init__(self) -> None:
@@ -80,6 +81,8 @@ class RolloutPlan:
             self.stages = [*self.stages, 100.0]
         if not 0 <= self.max_failure_rate <= 1:
             raise ConfigError("max failure rate is a fraction between 0 and 1")
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            raise ConfigError("max in flight is at least 1 device")
 
 
 class RolloutStore:
@@ -214,23 +217,34 @@ class Rollout:
         want = math.ceil(len(devices) * self.plan.stages[stage] / 100)
         batch = requeued + [d for d in devices if d not in done][:max(0, want - len(done))]
         self.log(f"stage {stage + 1}/{len(self.plan.stages)} ({self.plan.stages[stage]:g}%): {len(batch)} device(s)")
-        if batch:
-            self.store.fleet.run_many("INSERT OR REPLACE INTO rollout_devices VALUES (?,?,?,?,?)",
-                                      [(self.rollout_id, d, stage, "queued", None) for d in batch])
-            deployment = self._deploy(server, batch)
-            self._follow(deployment, stage, self.plan.stage_timeout_s)
+        self.store.fleet.run_many("INSERT OR REPLACE INTO rollout_devices VALUES (?,?,?,?,?)",
+                                  [(self.rollout_id, d, stage, "queued", None) for d in batch])
+        # At most max_in_flight devices updating at once: waves, each followed to its outcomes and
+        # judged before the next is sent
+        size = self.plan.max_in_flight or max(1, len(batch))
+        finished: Counter = Counter()
+        for first in range(0, max(1, len(batch)), size):
+            if wave := batch[first:first + size]:
+                finished += self._follow(self._deploy(server, wave), stage, self.plan.stage_timeout_s, finished)
+            verdict = self._failure_verdict(stage)
+            if verdict:
+                return verdict
         stage_rows = [d for d in self.store.get(self.rollout_id)["devices"] if d["stage"] == stage]
-        answered = [d for d in stage_rows if d["state"] in SUCCESS + FAILURE]
-        failed = [d for d in answered if d["state"] in FAILURE]
-        if answered and len(failed) / len(answered) > self.plan.max_failure_rate:
-            reasons = "; ".join(f"{d['device_id']}: {d['reason']}" for d in failed[:3])
-            return (f"{len(failed)} of {len(answered)} devices in the stage failed "
-                    f"(more than {self.plan.max_failure_rate:.0%}): {reasons}")
         if self.plan.window_s > 0 and stage < len(self.plan.stages) - 1:
             self.log(f"watching stage {stage + 1} for {self.plan.window_s:g}s")
             time.sleep(self.plan.window_s)
         return self._latency_verdict([d["device_id"] for d in stage_rows if d["state"] == "active"], baseline,
                                      started)
+
+    def _failure_verdict(self, stage: int) -> str | None:
+        answered = [d for d in self.store.get(self.rollout_id)["devices"]
+                    if d["stage"] == stage and d["state"] in SUCCESS + FAILURE]
+        failed = [d for d in answered if d["state"] in FAILURE]
+        if answered and len(failed) / len(answered) > self.plan.max_failure_rate:
+            reasons = "; ".join(f"{d['device_id']}: {d['reason']}" for d in failed[:3])
+            return (f"{len(failed)} of {len(answered)} devices in the stage failed "
+                    f"(more than {self.plan.max_failure_rate:.0%}): {reasons}")
+        return None
 
     def _deploy(self, server: BundleServer, devices: list[str]) -> Deployment:
         deployment = Deployment(self.client, server, Path(self.plan.bundle), devices, self.signer)
@@ -238,9 +252,10 @@ class Rollout:
         self._deployments.append(deployment)
         return deployment
 
-    def _follow(self, deployment: Deployment, stage: int, timeout: float) -> None:
+    def _follow(self, deployment: Deployment, stage: int, timeout: float, earlier: Counter | None = None) -> Counter:
         """Record the devices' states as they change (so `rollout status` is live from anywhere)
-        until each has an outcome or *timeout* passes; those without one are pending."""
+        until each has an outcome or *timeout* passes; those without one are pending. Returns
+        their final states' counts (*earlier*: the stage's earlier waves', for the progress line)."""
         deadline = time.monotonic() + timeout
         recorded: dict[str, tuple[str, str | None]] = {}
         while True:
@@ -257,9 +272,9 @@ class Rollout:
             if changed:
                 self.store.fleet.run_many("INSERT OR REPLACE INTO rollout_devices VALUES (?,?,?,?,?)",
                                           [(self.rollout_id, d, stage, st, why) for d, (st, why) in changed.items()])
-                self.progress(stage, Counter(st for st, _ in recorded.values()))
+                self.progress(stage, Counter(st for st, _ in recorded.values()) + (earlier or Counter()))
             if last:
-                return
+                return Counter(st for st, _ in recorded.values())
 
     def _wait_for_pending(self, server: BundleServer) -> int:
         """After the last stage: wait up to pending_timeout_s for the devices that had not answered

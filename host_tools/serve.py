@@ -83,7 +83,9 @@ class BundleServer:
         self._files: dict[str, int] = {}  # bundle sha -> open fd, read with pread from any thread
         self._digests: dict[tuple[str, int, int], str] = {}  # (sha, chunk size, index) -> chunk SHA-256
         self._listening: dict[tuple, float] = {}  # (sha, chunk size, device, session) -> its first request
-        self._refan: dict[tuple[str, int, int], float] = {}  # chunks to publish to the shared topic again, when
+        # chunks asked for by devices that began listening after their last fan-out: when to answer,
+        # and who asked (one device: on its own topic; more: on the shared topic again)
+        self._refan: dict[tuple[str, int, int], tuple[float, set[str]]] = {}
         self._direct: dict[tuple, float] = {}  # (device, session, sha, chunk size, index) -> last direct answer
         self.stats = ServerStats()
 
@@ -178,15 +180,20 @@ class BundleServer:
     def _fan_out_again(self) -> None:
         """Publish the chunks that devices which began listening after their last fan-out asked for."""
         now = time.monotonic()
+        jobs = []
         with self._lock:
-            due = [key for key, at in self._refan.items() if at <= now]
-            for key in due:
-                del self._refan[key]
-                self._fanned_out[key] = now
-                self.stats.fanout_chunks += 1
-        for sha, chunk_size, index in due:
-            if sha in self._bundles:
-                self._publish(sha, self._bundles[sha][0], chunk_size, [(index, topics.bundle_chunks(sha, chunk_size))])
+            for key in [key for key, (at, _) in self._refan.items() if at <= now]:
+                (sha, chunk_size, index), (_, asked) = key, self._refan.pop(key)
+                if len(asked) > 1:
+                    self._fanned_out[key] = now
+                    self.stats.fanout_chunks += 1
+                    topic = topics.bundle_chunks(sha, chunk_size)
+                else:
+                    topic = topics.chunks(next(iter(asked)))
+                if sha in self._bundles:
+                    jobs.append((sha, self._bundles[sha][0], chunk_size, [(index, topic)]))
+        for job in jobs:
+            self._publish(*job)
 
     def _plan(self, sha: str, request: ChunkRequest) -> tuple[str, Path, int, list[tuple[int, str]]] | None:
         """What to publish for *request*: (sha, path, chunk size, [(index, topic)]), or None."""
@@ -213,7 +220,7 @@ class BundleServer:
                 if since is not None:
                     published = self._fanned_out.get(key, -FANOUT_REPEAT)
                     age = now - published
-                    if age >= FANOUT_REPEAT or (since >= published and age >= FANOUT_QUIET):
+                    if age >= FANOUT_REPEAT:
                         self._fanned_out[key] = now  # everyone listening now gets it from this one publish
                         self._refan.pop(key, None)
                         stats.fanout_chunks += 1
@@ -221,8 +228,9 @@ class BundleServer:
                         continue
                     if since >= published:
                         # It began listening after the chunk went out, as many devices starting a stage
-                        # together do: one more publish, FANOUT_QUIET after the last, serves them all.
-                        self._refan.setdefault(key, published + FANOUT_QUIET)
+                        # together do: one more publish, FANOUT_QUIET after the last, serves them all
+                        # (a lone straggler gets it on its own topic then).
+                        self._refan.setdefault(key, (published + FANOUT_QUIET, set()))[1].add(request.device_id)
                         stats.fanout_saved += 1
                         continue
                     if age < FANOUT_QUIET:

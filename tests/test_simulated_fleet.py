@@ -85,6 +85,15 @@ def test_when_20_percent_of_the_canary_fails_the_rollout_halts_there_and_rolls_i
     assert wait_until(lambda: sum(r.active_bundle == "digits-cnn 1.0.0" for r in sims(store)) == FLEET, 30)
 
 
+def test_a_stage_goes_in_waves_and_a_bad_wave_stops_the_next(simulate, monitor, mosquitto, make_bundle):
+    store = simulate("--bundle", make_bundle("1.0.0"), "--reject", "0.1")
+    code, doc, log = rollout(monitor, mosquitto, make_bundle("2.0.0"), "sim", "--stages", "100",
+                             "--max-in-flight", "20", "--max-failure-rate", "0.05")
+    assert code == 1 and doc["state"] == "halted" and "2 of 20 devices in the stage failed" in doc["reason"], log
+    assert by_stage(doc) == {0: {"active": 18, "failed": 2}}  # the other 80 were never sent it
+    assert wait_until(lambda: sum(r.active_bundle == "digits-cnn 2.0.0" for r in sims(store)) == 18, 30)
+
+
 def test_devices_that_go_offline_mid_rollout_get_the_bundle_when_they_return(simulate, monitor, mosquitto,
                                                                             make_bundle):
     store = simulate("--bundle", make_bundle("1.0.0"), "--offline", "0.1", "--offline-for", "12")

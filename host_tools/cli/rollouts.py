@@ -111,13 +111,15 @@ def _run_rollout(store, rollout_id, broker, signing_key, expires_in, as_json) ->
 @click.option("--rollback-on-halt", is_flag=True, help="When halting, roll back the devices already updated.")
 @click.option("--pending-timeout", default=600.0, show_default=True, type=click.FloatRange(0),
               help="After the last stage, seconds to wait for devices that were offline in theirs.")
+@click.option("--max-in-flight", type=click.IntRange(1), help="At most this many devices updating at once "
+              "(a stage goes in waves) [default: a whole stage at once].")
 @db_option
 @broker_option
 @signing_options
 @json_option
 @fail_cleanly
 def rollout_start(bundle_path, group, selectors, devices, stages, window, stage_timeout, max_failure_rate,
-                  max_p99_ratio, rollback_on_halt, pending_timeout, db, broker, signing_key, expires_in, as_json) -> None:
+                  max_p99_ratio, rollback_on_halt, pending_timeout, max_in_flight, db, broker, signing_key, expires_in, as_json) -> None:
     from device_agent.bundle import BundleReader
     from host_tools.rollout import RolloutPlan
 
@@ -133,6 +135,7 @@ def rollout_start(bundle_path, group, selectors, devices, stages, window, stage_
                        stages=percents, window_s=window, stage_timeout_s=stage_timeout,
                        max_failure_rate=max_failure_rate, max_p99_ratio=max_p99_ratio,
                        rollback_on_halt=rollback_on_halt, pending_timeout_s=pending_timeout,
+                       max_in_flight=max_in_flight,
                        devices=list(devices))
     store = _rollout_store(db)
     rollout_id = store.create(plan)
