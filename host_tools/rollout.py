@@ -217,14 +217,14 @@ class Rollout:
         want = math.ceil(len(devices) * self.plan.stages[stage] / 100)
         batch = requeued + [d for d in devices if d not in done][:max(0, want - len(done))]
         self.log(f"stage {stage + 1}/{len(self.plan.stages)} ({self.plan.stages[stage]:g}%): {len(batch)} device(s)")
-        self.store.fleet.run_many("INSERT OR REPLACE INTO rollout_devices VALUES (?,?,?,?,?)",
-                                  [(self.rollout_id, d, stage, "queued", None) for d in batch])
         # At most max_in_flight devices updating at once: waves, each followed to its outcomes and
         # judged before the next is sent
         size = self.plan.max_in_flight or max(1, len(batch))
         finished: Counter = Counter()
         for first in range(0, max(1, len(batch)), size):
             if wave := batch[first:first + size]:
+                self.store.fleet.run_many("INSERT OR REPLACE INTO rollout_devices VALUES (?,?,?,?,?)",
+                                          [(self.rollout_id, d, stage, "queued", None) for d in wave])
                 finished += self._follow(self._deploy(server, wave), stage, self.plan.stage_timeout_s, finished)
             verdict = self._failure_verdict(stage)
             if verdict:

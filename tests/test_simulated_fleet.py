@@ -109,8 +109,8 @@ def test_devices_that_go_offline_mid_rollout_get_the_bundle_when_they_return(sim
 
 def test_devices_still_offline_at_the_end_are_reported_pending_and_resume_sends_them_the_bundle(
         simulate, monitor, mosquitto, make_bundle):
-    store = simulate("--bundle", make_bundle("1.0.0"), "--offline", "0.05", "--offline-for", "8")
-    code, doc, log = rollout(monitor, mosquitto, make_bundle("2.0.0"), "sim", "--stage-timeout", "3",
+    store = simulate("--bundle", make_bundle("1.0.0"), "--offline", "0.05", "--offline-for", "20")
+    code, doc, log = rollout(monitor, mosquitto, make_bundle("2.0.0"), "sim", "--stage-timeout", "10",
                              "--pending-timeout", "0")
     assert code == 1 and doc["state"] == "pending" and "rollout resume" in doc["reason"], log[-2000:]
     pending = sorted(d["device_id"] for d in doc["devices"] if d["state"] == "pending")
@@ -128,5 +128,7 @@ def test_devices_still_offline_at_the_end_are_reported_pending_and_resume_sends_
                        "--broker", mosquitto, "--json", timeout=300)
     resumed = json.loads(result.stdout)
     assert result.returncode == 0 and resumed["state"] == "done", result.stderr[-2000:]
-    assert {d["state"] for d in resumed["devices"]} == {"active"}
+    # (those that finished the first command once the resumed rollout served the bundle answer the
+    # second with already_installed)
+    assert {d["state"] for d in resumed["devices"]} <= {"active", "already_installed"}
     assert wait_until(lambda: sum(r.active_bundle == "digits-cnn 2.0.0" for r in sims(store)) == FLEET, 30)
