@@ -49,6 +49,11 @@ MAX_UNACKED = 512
 # While answers queue up (a quarter of MAX_UNACKED unacknowledged), a device asking again for a chunk
 # answered on its own topic less than this long ago is not answered again: the first answer is on its way.
 DIRECT_QUIET = 10.0
+# A chunk asked for by devices that began listening after its last fan-out is fanned out again when
+# at least 1 in REFAN_SHARE of the devices listening (asked for something in the last ACTIVE_S
+# seconds) asked for it; else it goes to each of them on their own topics.
+REFAN_SHARE = 3
+ACTIVE_S = 10.0
 
 
 @dataclass
@@ -86,6 +91,7 @@ class BundleServer:
         # chunks asked for by devices that began listening after their last fan-out: when to answer,
         # and who asked (one device: on its own topic; more: on the shared topic again)
         self._refan: dict[tuple[str, int, int], tuple[float, set[str]]] = {}
+        self._active: dict[tuple, float] = {}  # (sha, chunk size, device, session) -> its last request
         self._direct: dict[tuple, float] = {}  # (device, session, sha, chunk size, index) -> last direct answer
         self.stats = ServerStats()
 
@@ -182,16 +188,23 @@ class BundleServer:
         now = time.monotonic()
         jobs = []
         with self._lock:
+            listening: dict[tuple[str, int], int] = {}
+            for (sha, chunk_size, _, _), at in self._active.items():
+                if now - at < ACTIVE_S:
+                    listening[(sha, chunk_size)] = listening.get((sha, chunk_size), 0) + 1
             for key in [key for key, (at, _) in self._refan.items() if at <= now]:
                 (sha, chunk_size, index), (_, asked) = key, self._refan.pop(key)
-                if len(asked) > 1:
+                if sha not in self._bundles:
+                    continue
+                # Everyone listening gets a fan-out, so it is worth it when enough of them need the
+                # chunk: then one publish serves them all; else each asker gets it on its own topic.
+                if len(asked) > 1 and len(asked) * REFAN_SHARE >= listening.get((sha, chunk_size), 0):
                     self._fanned_out[key] = now
                     self.stats.fanout_chunks += 1
-                    topic = topics.bundle_chunks(sha, chunk_size)
+                    plan = [(index, topics.bundle_chunks(sha, chunk_size))]
                 else:
-                    topic = topics.chunks(next(iter(asked)))
-                if sha in self._bundles:
-                    jobs.append((sha, self._bundles[sha][0], chunk_size, [(index, topic)]))
+                    plan = [(index, topics.chunks(device)) for device in sorted(asked)]
+                jobs.append((sha, self._bundles[sha][0], chunk_size, plan))
         for job in jobs:
             self._publish(*job)
 
@@ -212,6 +225,7 @@ class BundleServer:
             since = None
             if request.fanout:
                 since = self._listening.setdefault((sha, chunk_size, request.device_id, request.session), now)
+                self._active[(sha, chunk_size, request.device_id, request.session)] = now
             backlogged = self._client.unacked >= MAX_UNACKED // 4
             for index in request.chunks:
                 if index >= count:
@@ -247,6 +261,8 @@ class BundleServer:
                 self._fanned_out = {k: t for k, t in self._fanned_out.items() if now - t < FANOUT_REPEAT}
             if len(self._listening) > 100_000:  # downloads that began over an hour ago are long done
                 self._listening = {k: t for k, t in self._listening.items() if now - t < 3600}
+            if len(self._active) > 10_000:
+                self._active = {k: t for k, t in self._active.items() if now - t < ACTIVE_S}
             if len(self._direct) > 100_000:
                 self._direct = {k: t for k, t in self._direct.items() if now - t < DIRECT_QUIET}
         return (sha, path, chunk_size, plan) if plan else None
