@@ -9,8 +9,9 @@ us before it. For a chunk a fan-out device asks for:
 
 - not published to the shared topic in the last FANOUT_REPEAT seconds: published there now;
 - the device began listening after the last publish (many devices starting a stage together):
-  published there again FANOUT_QUIET seconds after the last one, which serves every device that
-  joined in between with one message;
+  answered FANOUT_QUIET seconds after that publish, on the shared topic again if at least one in
+  REFAN_SHARE of the devices listening asked (one message serves them all), else on each asker's
+  own topic (a fan-out also reaches every device that already has the chunk);
 - the device was listening at the last publish: not answered for FANOUT_QUIET seconds (it has the
   chunk, or the broker is still delivering it), then answered on the device's own topic (it was
   lost: one unlucky device does not make every device receive the chunk again).
