@@ -7,9 +7,11 @@ watches them for a health window. It is judged on what the devices report:
 
 - the update lifecycle's outcomes: the share of the stage that failed or rolled back, against
   ``max_failure_rate``;
-- model behaviour after activation: each updated device's p99 latency in the window against its
-  own p99 on the previous version before the rollout, against ``max_p99_ratio`` (the median over
-  the stage's devices; read from the fleet database, so `edgefleet monitor` must be running).
+- model behaviour after activation, read from the telemetry in the fleet database (so `edgefleet
+  monitor` must be running): the share of inference calls that failed on the new version against
+  the previous version's on the same devices, against ``max_error_rate``; and each updated device's
+  p99 latency in the window against its own p99 on the previous version before the rollout, against
+  ``max_p99_ratio`` (the median over the stage's devices).
 
 Crossing a threshold halts the rollout; with ``rollback_on_halt`` the stage's updated devices are
 rolled back. Devices that do not answer (offline) are reported as pending: the command waits in
@@ -69,6 +71,7 @@ class RolloutPlan:
     stage_timeout_s: float = 300.0    # how long a stage waits for its devices' outcomes
     max_failure_rate: float = 0.1
     max_p99_ratio: float | None = 1.5
+    max_error_rate: float | None = 0.02  # the new version's inference error share may exceed the old's by this
     rollback_on_halt: bool = False
     pending_timeout_s: float = 600.0  # after the last stage, how long to wait for devices that were offline
     max_in_flight: int | None = None  # devices updating at once within a stage (waves); None: the whole stage
@@ -149,6 +152,7 @@ class Rollout:
         self.log, self.progress = log, progress  # progress: (stage, devices per state) as they change
         self._deployments: list[Deployment] = []
         self.server: BundleServer | None = None
+        self._errors_before: tuple[float | None, int] = (None, 0)
         doc = store.get(rollout_id)
         self.plan = RolloutPlan(**doc["plan"])
         with BundleReader(Path(self.plan.bundle)) as reader:
@@ -177,7 +181,9 @@ class Rollout:
         if not devices:
             self.store.set_state(self.rollout_id, "halted", reason="no eligible device")
             return self.store.get(self.rollout_id)
-        baseline = self._p99(devices, time.time() - 600, exclude=self.manifest.label, last=10)  # the version before
+        # the version before, on the same devices, in its last ten minutes
+        baseline = self._p99(devices, time.time() - 600, exclude=self.manifest.label, last=10)
+        self._errors_before = self._error_rate(devices, time.time() - 600, exclude=self.manifest.label)
         server = self.server = BundleServer(self.client)  # its stats stay readable afterwards
         server.start()
         try:
@@ -233,8 +239,8 @@ class Rollout:
         if self.plan.window_s > 0 and stage < len(self.plan.stages) - 1:
             self.log(f"watching stage {stage + 1} for {self.plan.window_s:g}s")
             time.sleep(self.plan.window_s)
-        return self._latency_verdict([d["device_id"] for d in stage_rows if d["state"] == "active"], baseline,
-                                     started)
+        updated = [d["device_id"] for d in stage_rows if d["state"] == "active"]
+        return self._error_verdict(updated, started) or self._latency_verdict(updated, baseline, started)
 
     def _failure_verdict(self, stage: int) -> str | None:
         answered = [d for d in self.store.get(self.rollout_id)["devices"]
@@ -313,6 +319,30 @@ class Rollout:
             if len(values) >= MIN_SAMPLES:
                 out[device] = statistics.median(values)
         return out
+
+    def _error_rate(self, devices: list[str], since: float, *, only: str | None = None,
+                    exclude: str | None = None) -> tuple[float | None, int]:
+        """(share of inference calls that failed, calls) over *devices*' samples since *since* from
+        the version *only* (or any but *exclude*); (None, 0) without calls."""
+        errors = calls = 0
+        for device in devices:
+            for _, bundle, r in self.store.fleet.series(device, since):
+                inference = r.get("inference")
+                if (only is None or bundle == only) and (exclude is None or bundle != exclude) \
+                        and isinstance(inference, dict):
+                    errors += inference.get("errors") or 0
+                    calls += (inference.get("count") or 0) + (inference.get("errors") or 0)
+        return (errors / calls if calls else None), calls
+
+    def _error_verdict(self, updated: list[str], since: float) -> str | None:
+        if self.plan.max_error_rate is None or not updated:
+            return None
+        rate, calls = self._error_rate(updated, since, only=self.manifest.label)
+        before = self._errors_before[0] or 0.0  # no calls before: judged against none failing
+        if rate is not None and calls >= MIN_SAMPLES and rate - before > self.plan.max_error_rate:
+            return (f"{rate:.1%} of inference calls on the new version failed ({calls} calls), against "
+                    f"{before:.1%} on the previous version (limit +{self.plan.max_error_rate:.1%})")
+        return None
 
     def _latency_verdict(self, updated: list[str], baseline: dict[str, float], since: float) -> str | None:
         if self.plan.max_p99_ratio is None or not updated:

@@ -19,6 +19,8 @@ order, so any run of k devices has about k x share of them):
 - ``reject``: the health check refuses every bundle the device did not have when it started;
 - ``slow``:   the model really runs ``slow_factor`` times longer (the runtime sleeps after each call
   for (factor - 1) x the call's time), so the latency the device measures and reports is that long;
+- ``errors``: every fifth inference call of a model the device did not start with fails (the
+  health check's calls pass; the failures show in its telemetry);
 - ``offline``: the device drops off the network (no DISCONNECT: the broker publishes its will) as its
   first deploy command arrives, and comes back ``offline_for`` seconds later to carry it out.
 
@@ -48,7 +50,7 @@ import numpy as np
 from device_agent.agent import Agent
 from device_agent.bundle.signing import trusted_keys
 from device_agent.config import AgentConfig
-from device_agent.errors import EdgefleetError, HealthCheckError
+from device_agent.errors import EdgefleetError, HealthCheckError, ModelError
 from device_agent.mqtt import BrokerAddress
 from device_agent.protocol.messages import DeployCommand, parse_command
 from device_agent.runtime import ModelRuntime, RuntimeOptions
@@ -56,7 +58,7 @@ from device_agent.store import InstalledBundle
 from device_agent.update.health import health_check
 
 log = logging.getLogger(__name__)
-FAULTS = ("reject", "slow", "offline")
+FAULTS = ("reject", "slow", "offline", "errors")
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,11 @@ class Faults:
     slow_factor: float = 5.0
     offline: float = 0.0
     offline_for: float = 30.0
+    errors: float = 0.0
 
     def __post_init__(self) -> None:
         if any(not 0 <= getattr(self, f) <= 1 for f in FAULTS):
-            raise EdgefleetError("fault shares (--reject, --slow, --offline) are fractions between 0 and 1")
+            raise EdgefleetError("fault shares (--reject, --slow, --offline, --errors) are fractions between 0 and 1")
         if self.slow_factor < 1 or self.offline_for < 0:
             raise EdgefleetError("--slow-factor is at least 1 and --offline-for is not negative")
 
@@ -146,6 +149,32 @@ class SlowRuntime:
         return out
 
 
+class FlakyRuntime:
+    """A runtime whose every FAIL_EVERY-th call fails (the first succeeds: it passes the health check)."""
+
+    FAIL_EVERY = 5
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self._runtime, self.name, self._calls = runtime, runtime.name, 0
+        self._lock = threading.Lock()
+
+    @property
+    def inputs(self):
+        return self._runtime.inputs
+
+    @property
+    def outputs(self):
+        return self._runtime.outputs
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            self._calls += 1
+            fail = self._calls % self.FAIL_EVERY == 0
+        if fail:
+            raise ModelError("simulated fault: this inference failed")
+        return self._runtime.run(feeds)
+
+
 class SimulatedDevice(Agent):
     """The real agent with a shared runtime, no local API, and its faults."""
 
@@ -161,6 +190,8 @@ class SimulatedDevice(Agent):
         runtime, sample = self._models.check(bundle, options)
         if "slow" in self.faults:
             runtime = SlowRuntime(runtime, self._spec.faults.slow_factor)
+        if "errors" in self.faults and bundle.sha256 not in self._accepted:
+            runtime = FlakyRuntime(runtime)
         return runtime, sample
 
     def preinstall(self, bundle_path: Path) -> None:

@@ -85,6 +85,17 @@ def test_when_20_percent_of_the_canary_fails_the_rollout_halts_there_and_rolls_i
     assert wait_until(lambda: sum(r.active_bundle == "digits-cnn 1.0.0" for r in sims(store)) == FLEET, 30)
 
 
+def test_a_canary_whose_inferences_fail_more_often_than_before_halts_and_is_rolled_back(simulate, monitor,
+                                                                                       mosquitto, make_bundle):
+    # 2 of the canary's 10 devices fail every fifth call of the new model: 4% of the stage's calls
+    store = simulate("--bundle", make_bundle("1.0.0"), "--errors", "0.2", "--inference-interval", "0.1")
+    code, doc, log = rollout(monitor, mosquitto, make_bundle("2.0.0"), "sim", "--window", "4", "--rollback-on-halt")
+    assert code == 1 and doc["state"] == "halted", log[-2000:]
+    assert "of inference calls on the new version failed" in doc["reason"] and "against 0.0%" in doc["reason"]
+    assert by_stage(doc) == {0: {"rolled_back": 10}}  # every device took it; all went back
+    assert wait_until(lambda: sum(r.active_bundle == "digits-cnn 1.0.0" for r in sims(store)) == FLEET, 30)
+
+
 def test_a_stage_goes_in_waves_and_a_bad_wave_stops_the_next(simulate, monitor, mosquitto, make_bundle):
     store = simulate("--bundle", make_bundle("1.0.0"), "--reject", "0.1")
     code, doc, log = rollout(monitor, mosquitto, make_bundle("2.0.0"), "sim", "--stages", "100",

@@ -108,6 +108,9 @@ def _run_rollout(store, rollout_id, broker, signing_key, expires_in, as_json) ->
               help="Halt when more than this share of a stage fails or rolls back.")
 @click.option("--max-p99-ratio", default=1.5, show_default=True, type=click.FloatRange(1),
               help="Halt when the stage's p99 latency is more than this times the previous version's.")
+@click.option("--max-error-rate", default=0.02, show_default=True, type=click.FloatRange(0, 1),
+              help="Halt when the share of inference calls that fail on the new version exceeds the previous "
+                   "version's by more than this.")
 @click.option("--rollback-on-halt", is_flag=True, help="When halting, roll back the devices already updated.")
 @click.option("--pending-timeout", default=600.0, show_default=True, type=click.FloatRange(0),
               help="After the last stage, seconds to wait for devices that were offline in theirs.")
@@ -119,7 +122,7 @@ def _run_rollout(store, rollout_id, broker, signing_key, expires_in, as_json) ->
 @json_option
 @fail_cleanly
 def rollout_start(bundle_path, group, selectors, devices, stages, window, stage_timeout, max_failure_rate,
-                  max_p99_ratio, rollback_on_halt, pending_timeout, max_in_flight, db, broker, signing_key, expires_in, as_json) -> None:
+                  max_p99_ratio, max_error_rate, rollback_on_halt, pending_timeout, max_in_flight, db, broker, signing_key, expires_in, as_json) -> None:
     from device_agent.bundle import BundleReader
     from host_tools.rollout import RolloutPlan
 
@@ -133,7 +136,7 @@ def rollout_start(bundle_path, group, selectors, devices, stages, window, stage_
         raise click.UsageError(f"--stages takes percentages like 10,50,100, not {stages!r}") from None
     plan = RolloutPlan(bundle=str(bundle_path.resolve()), selectors=list(selectors) + ([f"group={group}"] if group else []),
                        stages=percents, window_s=window, stage_timeout_s=stage_timeout,
-                       max_failure_rate=max_failure_rate, max_p99_ratio=max_p99_ratio,
+                       max_failure_rate=max_failure_rate, max_p99_ratio=max_p99_ratio, max_error_rate=max_error_rate,
                        rollback_on_halt=rollback_on_halt, pending_timeout_s=pending_timeout,
                        max_in_flight=max_in_flight,
                        devices=list(devices))

@@ -39,6 +39,8 @@ MAX_PER_WORKER = 125
               "refuses every new model.")
 @click.option("--slow", default=0.0, type=click.FloatRange(0, 1), help="Share of devices that run models slower.")
 @click.option("--slow-factor", default=5.0, show_default=True, type=click.FloatRange(1), help="How much slower.")
+@click.option("--errors", default=0.0, type=click.FloatRange(0, 1), help="Share of devices on which every fifth "
+              "inference of a new model fails.")
 @click.option("--offline", default=0.0, type=click.FloatRange(0, 1), help="Share of devices that drop off the "
               "network when their first deploy arrives.")
 @click.option("--offline-for", default=30.0, show_default=True, type=click.FloatRange(0),
@@ -51,7 +53,7 @@ MAX_PER_WORKER = 125
               help="Devices per worker process.")
 @click.option("--duration", type=click.FloatRange(0), help="Stop after this many seconds [default: run until Ctrl-C].")
 @fail_cleanly
-def simulate(count, broker, trusted, bundle, state_dir, prefix, group, labels, reject, slow, slow_factor, offline,
+def simulate(count, broker, trusted, bundle, state_dir, prefix, group, labels, reject, slow, slow_factor, errors, offline,
              offline_for, telemetry_interval, inference_interval, trial_seconds, per_worker, duration) -> None:
     from device_agent.bundle import BundleReader
     from device_agent.bundle.signing import trusted_keys
@@ -71,7 +73,8 @@ def simulate(count, broker, trusted, bundle, state_dir, prefix, group, labels, r
     if not topics.valid_device_id(f"{prefix}-{count - 1:04d}"):
         raise click.UsageError(f"--prefix {prefix!r} does not make valid device ids")
     host_client(broker, "simulate").disconnect()  # one line if the broker is not there
-    faults = Faults(reject=reject, slow=slow, slow_factor=slow_factor, offline=offline, offline_for=offline_for)
+    faults = Faults(reject=reject, slow=slow, slow_factor=slow_factor, offline=offline, offline_for=offline_for,
+                    errors=errors)
     temporary = state_dir is None
     root = Path(tempfile.mkdtemp(prefix="edgefleet-sim-")) if temporary else state_dir.resolve()
     spec = FleetSpec(broker=broker, trusted=[str(Path(k).resolve()) for k in trusted], state_root=str(root), first=0,
@@ -85,7 +88,7 @@ def simulate(count, broker, trusted, bundle, state_dir, prefix, group, labels, r
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     err.print(f"simulating {count} devices ({spec.device_id(0)} to {spec.device_id(count - 1)}, group {group}) "
               f"on {broker} in {-(-count // per_worker)} process(es); state in {root}"
-              + "".join(f"; {getattr(faults, f):.0%} {f}" for f in ("reject", "slow", "offline")
+              + "".join(f"; {getattr(faults, f):.0%} {f}" for f in ("reject", "slow", "offline", "errors")
                         if getattr(faults, f)))
     fleet.start()
     started, last = time.monotonic(), ""
