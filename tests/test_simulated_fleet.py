@@ -50,9 +50,11 @@ def sims(store):
 
 
 def rollout(monitor, mosquitto, bundle, group, *extra):
+    """`edgefleet rollout start`, latency not judged: 100 simulated devices downloading on two shared
+    cores run their model slower meanwhile (a slower model halting a rollout: tests/test_rollout.py)."""
     result = edgefleet("rollout", "start", bundle, "--group", group, "--db", monitor, "--broker", mosquitto,
-                       "--stages", "10,50,100", "--window", "0", "--stage-timeout", "60", "--json", *extra,
-                       timeout=400)
+                       "--stages", "10,50,100", "--window", "0", "--stage-timeout", "60", "--max-p99-ratio", "1000",
+                       "--json", *extra, timeout=400)
     return result.returncode, json.loads(result.stdout), result.stderr
 
 
@@ -143,3 +145,60 @@ def test_devices_still_offline_at_the_end_are_reported_pending_and_resume_sends_
     # second with already_installed)
     assert {d["state"] for d in resumed["devices"]} <= {"active", "already_installed"}
     assert wait_until(lambda: sum(r.active_bundle == "digits-cnn 2.0.0" for r in sims(store)) == FLEET, 30)
+
+
+def start_in_background(tmp_path, monitor, mosquitto, bundle, *extra):
+    """`edgefleet rollout start` as its own process, latency not judged (see rollout()); returns
+    (process, rollout id, stderr path)."""
+    err = tmp_path / f"rollout-{time.monotonic_ns()}.log"
+    with open(err, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "host_tools", "rollout", "start", str(bundle), "--group", "sim",
+                                 "--db", str(monitor), "--broker", str(mosquitto), "--stages", "10,50,100",
+                                 "--stage-timeout", "60", "--max-p99-ratio", "1000", "--json", *map(str, extra)],
+                                stdout=subprocess.PIPE,
+                                stderr=log)
+    found = wait_until(lambda: re.search(r"rollout (\S+) started", err.read_text()), 30)
+    assert found, err.read_text()
+    return proc, found.group(1), err
+
+
+def rollout_doc(monitor, rollout_id):
+    result = edgefleet("rollout", "status", rollout_id, "--db", monitor, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_a_rollout_survives_its_host_process_being_killed_and_resumes_where_it_was(simulate, monitor, mosquitto,
+                                                                                   make_bundle, tmp_path):
+    store = simulate("--bundle", make_bundle("1.0.0"))
+    proc, rollout_id, _ = start_in_background(tmp_path, monitor, mosquitto, make_bundle("2.0.0"), "--window", "3")
+    assert wait_until(lambda: rollout_doc(monitor, rollout_id)["stage"] >= 1, 60)  # into the second stage
+    proc.kill()  # the host goes away mid-rollout, without a word
+    proc.wait(10)
+    doc = rollout_doc(monitor, rollout_id)
+    assert doc["state"] == "running" and doc["stage"] >= 1
+    result = edgefleet("rollout", "resume", rollout_id, "--db", monitor, "--broker", mosquitto, "--json", timeout=300)
+    doc = json.loads(result.stdout)
+    assert result.returncode == 0 and doc["state"] == "done", result.stderr[-2000:]
+    assert len(doc["devices"]) == FLEET and {d["state"] for d in doc["devices"]} <= {"active", "already_installed"}
+    assert wait_until(lambda: sum(r.active_bundle == "digits-cnn 2.0.0" for r in sims(store)) == FLEET, 30)
+
+
+def test_pause_stops_a_rollout_before_its_next_stage_and_abort_ends_it(simulate, monitor, mosquitto, make_bundle,
+                                                                       tmp_path):
+    store = simulate("--bundle", make_bundle("1.0.0"))
+    proc, rollout_id, err = start_in_background(tmp_path, monitor, mosquitto, make_bundle("2.0.0"), "--window", "5")
+    assert wait_until(lambda: "watching stage 1" in err.read_text(), 60), err.read_text()
+    paused = edgefleet("rollout", "pause", rollout_id, "--db", monitor)
+    assert paused.returncode == 0 and "paused" in paused.stdout
+    assert proc.wait(60) == 0  # the controller stops before stage 2 and says so
+    assert "stopping before stage 2" in err.read_text()
+    doc = rollout_doc(monitor, rollout_id)
+    assert doc["state"] == "paused" and len(doc["devices"]) == 10  # only the canary has it
+    listed = json.loads(edgefleet("rollout", "list", "--db", monitor, "--json").stdout)
+    assert [(d["rollout_id"], d["state"]) for d in listed] == [(rollout_id, "paused")]
+    aborted = edgefleet("rollout", "abort", rollout_id, "--db", monitor)
+    assert aborted.returncode == 0 and rollout_doc(monitor, rollout_id)["state"] == "aborted"
+    refused = edgefleet("rollout", "resume", rollout_id, "--db", monitor, "--broker", mosquitto)
+    assert refused.returncode == 1 and "aborted; only a running, paused or pending one resumes" in refused.stderr
+    assert sum(r.active_bundle == "digits-cnn 2.0.0" for r in sims(store)) == 10
