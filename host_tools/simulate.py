@@ -16,8 +16,10 @@ What is shared, so that 1,000 fit on one machine:
 Faults, so rollout policies can be tried (each a share of the fleet, spread evenly over the ids in
 order, so any run of k devices has about k x share of them):
 
+(faults concern the models a device did not have when it started: it can always go back)
+
 - ``reject``: the health check refuses every bundle the device did not have when it started;
-- ``slow``:   the model really runs ``slow_factor`` times longer (the runtime sleeps after each call
+- ``slow``:   a new model really runs ``slow_factor`` times longer (the runtime sleeps after each call
   for (factor - 1) x the call's time), so the latency the device measures and reports is that long;
 - ``errors``: every fifth inference call of a model the device did not start with fails (the
   health check's calls pass; the failures show in its telemetry);
@@ -127,12 +129,11 @@ class SharedModels:
         return result
 
 
-class SlowRuntime:
-    """A runtime that takes *factor* times as long: it sleeps (factor - 1) x each call's time."""
+class _Wrapped:
+    """A runtime that behaves like *runtime* except for how it runs."""
 
-    def __init__(self, runtime: ModelRuntime, factor: float) -> None:
-        self._runtime, self._factor = runtime, factor
-        self.name = runtime.name
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self._runtime, self.name = runtime, runtime.name
 
     @property
     def inputs(self):
@@ -141,6 +142,14 @@ class SlowRuntime:
     @property
     def outputs(self):
         return self._runtime.outputs
+
+
+class SlowRuntime(_Wrapped):
+    """A runtime that takes *factor* times as long: it sleeps (factor - 1) x each call's time."""
+
+    def __init__(self, runtime: ModelRuntime, factor: float) -> None:
+        super().__init__(runtime)
+        self._factor = factor
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
@@ -149,22 +158,14 @@ class SlowRuntime:
         return out
 
 
-class FlakyRuntime:
+class FlakyRuntime(_Wrapped):
     """A runtime whose every FAIL_EVERY-th call fails (the first succeeds: it passes the health check)."""
 
     FAIL_EVERY = 5
 
     def __init__(self, runtime: ModelRuntime) -> None:
-        self._runtime, self.name, self._calls = runtime, runtime.name, 0
-        self._lock = threading.Lock()
-
-    @property
-    def inputs(self):
-        return self._runtime.inputs
-
-    @property
-    def outputs(self):
-        return self._runtime.outputs
+        super().__init__(runtime)
+        self._calls, self._lock = 0, threading.Lock()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
@@ -188,9 +189,11 @@ class SimulatedDevice(Agent):
         if "reject" in self.faults and bundle.sha256 not in self._accepted:
             raise HealthCheckError("simulated fault: this device rejects every new model")
         runtime, sample = self._models.check(bundle, options)
+        if bundle.sha256 in self._accepted:  # faults are about models the device did not start with
+            return runtime, sample
         if "slow" in self.faults:
             runtime = SlowRuntime(runtime, self._spec.faults.slow_factor)
-        if "errors" in self.faults and bundle.sha256 not in self._accepted:
+        if "errors" in self.faults:
             runtime = FlakyRuntime(runtime)
         return runtime, sample
 

@@ -98,6 +98,19 @@ def test_a_canary_whose_inferences_fail_more_often_than_before_halts_and_is_roll
     assert wait_until(lambda: sum(r.active_bundle == "digits-cnn 1.0.0" for r in sims(store)) == FLEET, 30)
 
 
+def test_a_canary_on_which_the_new_model_runs_much_slower_halts_and_is_rolled_back(simulate, monitor, mosquitto,
+                                                                                    make_bundle):
+    store = simulate("--bundle", make_bundle("1.0.0"), "--slow", "1", "--slow-factor", "30",
+                     "--inference-interval", "0.1")
+    # the previous version's latency on every device, in steady state, is what the canary is compared with
+    assert wait_until(lambda: all(store.telemetry_count(r.device_id, "digits-cnn 1.0.0") >= 5 for r in sims(store)),
+                      30)
+    code, doc, log = rollout(monitor, mosquitto, make_bundle("2.0.0"), "sim", "--window", "4", "--max-p99-ratio", "5",
+                             "--rollback-on-halt")
+    assert code == 1 and doc["state"] == "halted" and "p99 latency is" in doc["reason"], log[-2000:]
+    assert by_stage(doc) == {0: {"rolled_back": 10}}
+
+
 def test_a_stage_goes_in_waves_and_a_bad_wave_stops_the_next(simulate, monitor, mosquitto, make_bundle):
     store = simulate("--bundle", make_bundle("1.0.0"), "--reject", "0.1")
     code, doc, log = rollout(monitor, mosquitto, make_bundle("2.0.0"), "sim", "--stages", "100",
@@ -193,6 +206,7 @@ def test_pause_stops_a_rollout_before_its_next_stage_and_abort_ends_it(simulate,
     assert paused.returncode == 0 and "paused" in paused.stdout
     assert proc.wait(60) == 0  # the controller stops before stage 2 and says so
     assert "stopping before stage 2" in err.read_text()
+    assert re.search(r"stage 1: \d+ active", err.read_text())  # the progress line (devices per state)
     doc = rollout_doc(monitor, rollout_id)
     assert doc["state"] == "paused" and len(doc["devices"]) == 10  # only the canary has it
     listed = json.loads(edgefleet("rollout", "list", "--db", monitor, "--json").stdout)
