@@ -189,11 +189,12 @@ class BundleServer:
         now = time.monotonic()
         jobs = []
         with self._lock:
+            due = [key for key, (at, _) in self._refan.items() if at <= now]
             listening: dict[tuple[str, int], int] = {}
-            for (sha, chunk_size, _, _), at in self._active.items():
+            for (sha, chunk_size, _, _), at in self._active.items() if due else ():
                 if now - at < ACTIVE_S:
                     listening[(sha, chunk_size)] = listening.get((sha, chunk_size), 0) + 1
-            for key in [key for key, (at, _) in self._refan.items() if at <= now]:
+            for key in due:
                 (sha, chunk_size, index), (_, asked) = key, self._refan.pop(key)
                 if sha not in self._bundles:
                     continue
