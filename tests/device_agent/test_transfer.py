@@ -169,11 +169,12 @@ def test_many_devices_fetching_one_bundle_share_one_copy_through_the_broker(clie
         t.join(60)
     server.stop()
     assert not errors and all(data == blob.read_bytes() for data in results.values()) and len(results) == 6
-    # Every chunk went to the shared topic once, for all five fan-out devices. Direct sends: the
-    # sixth device's 40, and what a fan-out device asked for that had gone out before its first
-    # request (typically a first window; ~110 chunks in all). Without fan-out: 6 x 40 = 240.
+    # Every chunk went to the shared topic for all five fan-out devices: once, or twice when devices
+    # that began listening after its first publish asked for it together (a first window, say).
+    # Direct sends: the sixth device's 40, and what a lone late fan-out device asked for. Without
+    # fan-out: 6 x 40 = 240.
     stats = server.stats
-    assert stats.fanout_chunks == offer.chunk_count, stats
+    assert offer.chunk_count <= stats.fanout_chunks <= 2 * offer.chunk_count, stats
     assert stats.chunks_sent - stats.fanout_chunks >= offer.chunk_count and stats.fanout_saved > 0
     assert stats.chunks_sent <= 4 * offer.chunk_count, stats  # at least a third less than a copy each
     assert stats.devices == set(devices)
