@@ -58,7 +58,7 @@ def simulate(count, broker, trusted, bundle, state_dir, prefix, group, labels, r
     from device_agent.bundle import BundleReader
     from device_agent.bundle.signing import trusted_keys
     from device_agent.protocol import topics
-    from host_tools.simulate import Faults, FleetSpec, SimulatedFleet, summarize
+    from host_tools.simulate import FAULTS, Faults, FleetSpec, SimulatedFleet, summarize
 
     extra = {}
     for label in labels:
@@ -88,8 +88,7 @@ def simulate(count, broker, trusted, bundle, state_dir, prefix, group, labels, r
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     err.print(f"simulating {count} devices ({spec.device_id(0)} to {spec.device_id(count - 1)}, group {group}) "
               f"on {broker} in {-(-count // per_worker)} process(es); state in {root}"
-              + "".join(f"; {getattr(faults, f):.0%} {f}" for f in ("reject", "slow", "offline", "errors")
-                        if getattr(faults, f)))
+              + "".join(f"; {getattr(faults, f):.0%} {f}" for f in FAULTS if getattr(faults, f)))
     fleet.start()
     started, last = time.monotonic(), ""
     try:
