@@ -142,8 +142,8 @@ def main() -> None:
         time.sleep(2)
         devices_before = {d["id"]: d["chunk_bytes"] for d in fleet.devices()}
         sent_before = counter.fresh()
-        cpu_before = {"host": cpu_of([me]), "monitor": cpu_of([psutil.Process(monitor.pid)]),
-                      "broker": cpu_of([broker_proc]), "devices": cpu_of(workers)}
+        groups = {"host": [me], "monitor": [psutil.Process(monitor.pid)], "broker": [broker_proc], "devices": workers}
+        cpu_before = {name: cpu_of(procs) for name, procs in groups.items()}
 
         store = RolloutStore(FleetStore(db))
         plan = RolloutPlan(bundle=str(new), selectors=["group=bench"], stages=STAGES, window_s=0.0,
@@ -179,8 +179,7 @@ def main() -> None:
             why = "; ".join(f"{d['device_id']}: {d['reason']}" for d in doc["devices"] if d["state"] != "active")
             sys.exit(f"rollout ended {doc['state']} ({doc['reason']}): {states}: {why[:2000]}")
         sent = counter.fresh() - sent_before
-        cpu = {k: v - cpu_before[k] for k, v in {"host": cpu_of([me]), "monitor": cpu_of([psutil.Process(monitor.pid)]),
-                                                  "broker": cpu_of([broker_proc]), "devices": cpu_of(workers)}.items()}
+        cpu = {name: cpu_of(procs) - cpu_before[name] for name, procs in groups.items()}
         time.sleep(2)  # the workers' next report
         received = {d["id"]: d["chunk_bytes"] - devices_before.get(d["id"], 0) for d in fleet.devices()}
     finally:

@@ -126,8 +126,12 @@ class RolloutStore:
         self._execute("UPDATE rollouts SET plan=? WHERE rollout_id=?", (json.dumps(asdict(plan)), rollout_id))
 
     def set_device(self, rollout_id: str, device: str, stage: int, state: str, reason: str | None = None) -> None:
-        self._execute("INSERT OR REPLACE INTO rollout_devices VALUES (?,?,?,?,?)",
-                      (rollout_id, device, stage, state, reason))
+        self.set_devices(rollout_id, stage, {device: (state, reason)})
+
+    def set_devices(self, rollout_id: str, stage: int, states: dict[str, tuple[str, str | None]]) -> None:
+        """{device: (state, reason)} of one stage, in one transaction."""
+        self.fleet.run_many("INSERT OR REPLACE INTO rollout_devices VALUES (?,?,?,?,?)",
+                            [(rollout_id, d, stage, state, why) for d, (state, why) in states.items()])
 
 
 class _Subset:
@@ -152,6 +156,7 @@ class Rollout:
         self.log, self.progress = log, progress  # progress: (stage, devices per state) as they change
         self._deployments: list[Deployment] = []
         self.server: BundleServer | None = None
+        self._p99_before: dict[str, float] = {}  # the previous version's, measured when run() starts
         self._errors_before: tuple[float | None, int] = (None, 0)
         doc = store.get(rollout_id)
         self.plan = RolloutPlan(**doc["plan"])
@@ -182,8 +187,8 @@ class Rollout:
             self.store.set_state(self.rollout_id, "halted", reason="no eligible device")
             return self.store.get(self.rollout_id)
         # the version before, on the same devices, in its last ten minutes
-        baseline = self._p99(devices, time.time() - 600, exclude=self.manifest.label, last=10)
-        self._errors_before = self._error_rate(devices, time.time() - 600, exclude=self.manifest.label)
+        before = self._inference(devices, time.time() - 600, exclude=self.manifest.label)
+        self._p99_before, self._errors_before = _p99(before, last=10), _error_rate(before)
         server = self.server = BundleServer(self.client)  # its stats stay readable afterwards
         server.start()
         try:
@@ -193,7 +198,7 @@ class Rollout:
                     self.log(f"rollout {state}; stopping before stage {stage + 1}")
                     return self.store.get(self.rollout_id)
                 self.store.set_state(self.rollout_id, "running", stage=stage)
-                verdict = self._stage(stage, devices, server, baseline)
+                verdict = self._stage(stage, devices, server)
                 if verdict:
                     self.store.set_state(self.rollout_id, "halted", reason=verdict)
                     self.log(f"halted at stage {stage + 1}: {verdict}")
@@ -212,7 +217,7 @@ class Rollout:
             server.stop()
 
     # -- one stage ------------------------------------------------------------------------
-    def _stage(self, stage: int, devices: list[str], server: BundleServer, baseline: dict[str, float]) -> str | None:
+    def _stage(self, stage: int, devices: list[str], server: BundleServer) -> str | None:
         """Deploy to this stage's devices and judge them; returns why to halt, or None."""
         started = time.time()
         rows = self.store.get(self.rollout_id)["devices"]
@@ -229,8 +234,7 @@ class Rollout:
         finished: Counter = Counter()
         for first in range(0, max(1, len(batch)), size):
             if wave := batch[first:first + size]:
-                self.store.fleet.run_many("INSERT OR REPLACE INTO rollout_devices VALUES (?,?,?,?,?)",
-                                          [(self.rollout_id, d, stage, "queued", None) for d in wave])
+                self.store.set_devices(self.rollout_id, stage, {d: ("queued", None) for d in wave})
                 finished += self._follow(self._deploy(server, wave), stage, self.plan.stage_timeout_s, finished)
             verdict = self._failure_verdict(stage)
             if verdict:
@@ -240,7 +244,8 @@ class Rollout:
             self.log(f"watching stage {stage + 1} for {self.plan.window_s:g}s")
             time.sleep(self.plan.window_s)
         updated = [d["device_id"] for d in stage_rows if d["state"] == "active"]
-        return self._error_verdict(updated, started) or self._latency_verdict(updated, baseline, started)
+        after = self._inference(updated, started, only=self.manifest.label)
+        return self._error_verdict(after) or self._latency_verdict(updated, after)
 
     def _failure_verdict(self, stage: int) -> str | None:
         answered = [d for d in self.store.get(self.rollout_id)["devices"]
@@ -276,8 +281,7 @@ class Rollout:
                 if recorded.get(device) != (state, p.reason):
                     changed[device] = recorded[device] = (state, p.reason)
             if changed:
-                self.store.fleet.run_many("INSERT OR REPLACE INTO rollout_devices VALUES (?,?,?,?,?)",
-                                          [(self.rollout_id, d, stage, st, why) for d, (st, why) in changed.items()])
+                self.store.set_devices(self.rollout_id, stage, changed)
                 self.progress(stage, Counter(st for st, _ in recorded.values()) + (earlier or Counter()))
             if last:
                 return Counter(st for st, _ in recorded.values())
@@ -305,49 +309,29 @@ class Rollout:
                              max(0.0, deadline - time.monotonic()))
         return sum(d["state"] in ("pending", "queued") for d in self.store.get(self.rollout_id)["devices"])
 
-    def _p99(self, devices: list[str], since: float, *, only: str | None = None,
-             exclude: str | None = None, last: int | None = None) -> dict[str, float]:
-        """Each device's median p99 over its samples since *since* from the version *only* (or any
-        version but *exclude*), for devices with at least MIN_SAMPLES of them (one interval's p99
-        is too noisy to halt a rollout on); with *last*, only each device's newest *last* samples."""
-        out = {}
-        for device in devices:
-            values = [r["inference"]["p99_ms"] for _, bundle, r in self.store.fleet.series(device, since)
-                      if (only is None or bundle == only) and (exclude is None or bundle != exclude)
-                      and isinstance(r.get("inference"), dict) and r["inference"].get("p99_ms") is not None]
-            values = values[-last:] if last else values
-            if len(values) >= MIN_SAMPLES:
-                out[device] = statistics.median(values)
-        return out
+    def _inference(self, devices: list[str], since: float, *, only: str | None = None,
+                   exclude: str | None = None) -> dict[str, list[dict]]:
+        """Each device's inference readings since *since*, oldest first, from the version *only*
+        (or any version but *exclude*): one read of the telemetry for every verdict."""
+        return {device: [r["inference"] for _, bundle, r in self.store.fleet.series(device, since)
+                         if (only is None or bundle == only) and (exclude is None or bundle != exclude)
+                         and isinstance(r.get("inference"), dict)]
+                for device in devices}
 
-    def _error_rate(self, devices: list[str], since: float, *, only: str | None = None,
-                    exclude: str | None = None) -> tuple[float | None, int]:
-        """(share of inference calls that failed, calls) over *devices*' samples since *since* from
-        the version *only* (or any but *exclude*); (None, 0) without calls."""
-        errors = calls = 0
-        for device in devices:
-            for _, bundle, r in self.store.fleet.series(device, since):
-                inference = r.get("inference")
-                if (only is None or bundle == only) and (exclude is None or bundle != exclude) \
-                        and isinstance(inference, dict):
-                    errors += inference.get("errors") or 0
-                    calls += (inference.get("count") or 0) + (inference.get("errors") or 0)
-        return (errors / calls if calls else None), calls
-
-    def _error_verdict(self, updated: list[str], since: float) -> str | None:
-        if self.plan.max_error_rate is None or not updated:
+    def _error_verdict(self, after: dict[str, list[dict]]) -> str | None:
+        if self.plan.max_error_rate is None or not after:
             return None
-        rate, calls = self._error_rate(updated, since, only=self.manifest.label)
+        rate, calls = _error_rate(after)
         before = self._errors_before[0] or 0.0  # no calls before: judged against none failing
         if rate is not None and calls >= MIN_SAMPLES and rate - before > self.plan.max_error_rate:
             return (f"{rate:.1%} of inference calls on the new version failed ({calls} calls), against "
                     f"{before:.1%} on the previous version (limit +{self.plan.max_error_rate:.1%})")
         return None
 
-    def _latency_verdict(self, updated: list[str], baseline: dict[str, float], since: float) -> str | None:
+    def _latency_verdict(self, updated: list[str], after: dict[str, list[dict]]) -> str | None:
         if self.plan.max_p99_ratio is None or not updated:
             return None
-        now = self._p99(updated, since, only=self.manifest.label)
+        baseline, now = self._p99_before, _p99(after)
         ratios = [now[d] / baseline[d] for d in updated if d in now and baseline.get(d)]
         if not ratios:
             self.log(f"fewer than {MIN_SAMPLES} latency samples from before and after on the same devices "
@@ -372,3 +356,25 @@ class Rollout:
             self.store.set_device(self.rollout_id, device, updated[device],
                                   "rolled_back" if p.state == "rolled_back" else "pending",
                                   "rolled back: the rollout halted" if p.state == "rolled_back" else p.reason)
+
+
+def _p99(readings: dict[str, list[dict]], last: int | None = None) -> dict[str, float]:
+    """Each device's median p99 over its readings (with *last*, its newest *last*), for devices with
+    at least MIN_SAMPLES of them (one interval's p99 is too noisy to halt a rollout on)."""
+    out = {}
+    for device, inference in readings.items():
+        values = [i["p99_ms"] for i in inference if i.get("p99_ms") is not None]
+        values = values[-last:] if last else values
+        if len(values) >= MIN_SAMPLES:
+            out[device] = statistics.median(values)
+    return out
+
+
+def _error_rate(readings: dict[str, list[dict]]) -> tuple[float | None, int]:
+    """(share of inference calls that failed, calls) over all *readings*; (None, 0) without calls."""
+    errors = calls = 0
+    for inference in readings.values():
+        for i in inference:
+            errors += i.get("errors") or 0
+            calls += (i.get("count") or 0) + (i.get("errors") or 0)
+    return (errors / calls if calls else None), calls
