@@ -18,6 +18,8 @@ can turn any edgefleet failure into a single clear line::
     │   └── TransferTimeout      no progress before the deadline
     ├── ModelError               a runtime could not load or run a model
     │   └── HealthCheckError     the model ran but its output is not what the bundle promises
+    ├── CompressionError         a compression pass failed on a model (host only)
+    │   └── NotApplicable        the technique does not apply to this model; other passes go on
     └── MqttError                broker connection or publish failures
         └── BrokerUnreachable    could not connect to the broker at all
 """
@@ -70,6 +72,14 @@ class ModelError(EdgefleetError):
 
 
 class HealthCheckError(ModelError):
+    pass
+
+
+class CompressionError(EdgefleetError):
+    pass
+
+
+class NotApplicable(CompressionError):
     pass
 
 

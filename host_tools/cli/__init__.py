@@ -2,6 +2,6 @@
 registers their commands on ``main``."""
 
 from host_tools.cli.base import main
-from host_tools.cli import bundles, delivery, demo, device, fleet, keys, registry, rollouts, security, simulate  # noqa: F401,E402
+from host_tools.cli import bundles, compress, delivery, demo, device, fleet, keys, registry, rollouts, security, simulate  # noqa: F401,E402
 
 __all__ = ["main"]

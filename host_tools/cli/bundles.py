@@ -1,4 +1,4 @@
-"""Compressing models and building, inspecting and verifying bundles."""
+"""Building, inspecting and verifying bundles."""
 
 from __future__ import annotations
 
@@ -11,31 +11,6 @@ import click
 from device_agent.cli import fail_cleanly
 from device_agent.errors import ConfigError
 from host_tools.cli.base import json_option, main
-from host_tools.terminal import console
-
-
-@main.command(help="Quantize an ONNX model to int8 (dynamic) and compare it with the original.")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Where to write the result.")
-@click.option("--eval", "eval_data", type=click.Path(path_type=Path),
-              help="Evaluation data: .npz with 'x' (inputs) and optional 'y' (labels).")
-@json_option
-@fail_cleanly
-def compress(model, out, eval_data, as_json) -> None:
-    from host_tools.compress import EvalData, evaluate_model, quantize_dynamic_int8
-    from host_tools.compress.report import compression_table
-
-    provenance = quantize_dynamic_int8(model, out)
-    if eval_data is None:
-        click.echo(json.dumps(provenance) if as_json else f"wrote {out} (no --eval data: nothing measured)")
-        return
-    data = EvalData.load(eval_data)
-    before, after = evaluate_model(model, data), evaluate_model(out, data)
-    if as_json:
-        click.echo(json.dumps({"compression": provenance, "original": before.as_metrics(),
-                               "compressed": after.as_metrics()}))
-    else:
-        console().print(compression_table(before, after))
 
 
 @main.group(help="Build, inspect and verify signed model bundles.")

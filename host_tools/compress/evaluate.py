@@ -1,64 +1,120 @@
-"""Measure a model the way the accuracy guard compares them: size, host latency, accuracy."""
+"""How a compressed model is compared with its original: fidelity, sizes, host latency.
+
+Fidelity is measured output against output on the evaluation data: top-1 agreement and task
+accuracy (with labels) for classifier outputs, cosine similarity and max/mean absolute error
+for every output. Latency is measured for all models in the same interleaved rounds, so a
+noisy, shared machine slows each of them alike and the ratios stay honest.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from device_agent.errors import ConfigError
-from device_agent.runtime import load_runtime
+from device_agent.errors import ModelError
+from host_tools.compress.data import BoundData
+from host_tools.compress.model import ModelFile
+
+# The level bundles are compressed with for download; the report's download size uses the same.
+DOWNLOAD_ZSTD_LEVEL = 10
 
 
 @dataclass(frozen=True)
-class EvalData:
-    inputs: np.ndarray
-    labels: np.ndarray | None = None
+class Fidelity:
+    accuracy: float | None  # task accuracy on labelled data, 0..1
+    agreement: float | None  # top-1 agreement with the original, 0..1 (classifier outputs)
+    cosine: float  # worst output's mean per-sample cosine similarity to the original
+    max_abs_error: float
+    mean_abs_error: float
 
-    @classmethod
-    def load(cls, path: Path) -> "EvalData":
-        """An ``.npz`` with ``x`` (inputs) and optionally ``y`` (integer labels)."""
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                if "x" not in data.files:
-                    raise ConfigError(f"{path}: evaluation data needs an array named 'x'")
-                return cls(data["x"], data["y"] if "y" in data.files else None)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read evaluation data {path}: {exc}") from None
+    def as_dict(self) -> dict:
+        return {k: None if v is None else round(float(v), 6) for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)
-class ModelReport:
-    path: Path
-    size_bytes: int
-    latency_p50_ms: float
-    latency_runs: int
-    accuracy: float | None
-    predictions: np.ndarray
+class Latency:
+    p50_ms: float
+    p90_ms: float
+    runs: int
 
-    def as_metrics(self) -> dict:
-        return {"size_bytes": self.size_bytes, "host_latency_p50_ms": round(self.latency_p50_ms, 4),
-                "host_latency_runs": self.latency_runs, "batch": 1,
-                "accuracy": None if self.accuracy is None else round(self.accuracy, 4)}
+    def as_dict(self) -> dict:
+        return {"p50_ms": round(self.p50_ms, 4), "p90_ms": round(self.p90_ms, 4), "runs": self.runs}
 
 
-def evaluate_model(path: Path, data: EvalData, *, latency_runs: int = 200, warmup: int = 20) -> ModelReport:
-    """Run *path* on all of *data* (batched) for accuracy, then time single-sample calls."""
-    runtime = load_runtime("onnxruntime", path)
-    name = runtime.inputs[0].name
-    logits = runtime.run({name: data.inputs})[runtime.outputs[0].name]
-    predictions = logits.argmax(axis=1)
-    accuracy = float((predictions == data.labels).mean()) if data.labels is not None else None
-    one = {name: data.inputs[:1]}
-    for _ in range(warmup):
-        runtime.run(one)
-    times = []
-    for i in range(latency_runs):
-        feed = {name: data.inputs[i % len(data.inputs)][None]}
-        start = time.perf_counter()
-        runtime.run(feed)
-        times.append(time.perf_counter() - start)
-    return ModelReport(Path(path), Path(path).stat().st_size, float(np.median(times)) * 1e3,
-                       latency_runs, accuracy, predictions)
+def outputs_on(model: ModelFile, data: BoundData) -> dict[str, np.ndarray]:
+    """Every output of *model* over all of *data*, samples along axis 0."""
+    runtime = model.load(threads=None)
+    parts: dict[str, list[np.ndarray]] = {o.name: [] for o in runtime.outputs}
+    for feeds in data.batches():
+        for name, value in runtime.run(feeds).items():
+            parts[name].append(np.asarray(value))
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def is_classifier(output: np.ndarray) -> bool:
+    return output.dtype.kind == "f" and output.ndim >= 2 and output.shape[-1] >= 2
+
+
+def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray | None) -> float | None:
+    first = next(iter(outputs.values()))
+    if labels is None or not is_classifier(first):
+        return None
+    predictions = first.argmax(axis=-1)
+    if predictions.shape != np.shape(labels):
+        return None
+    return float((predictions == labels).mean())
+
+
+def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+             labels: np.ndarray | None) -> Fidelity:
+    missing = set(reference) - set(outputs)
+    if missing:
+        raise ModelError(f"the compressed model lacks output(s) {', '.join(sorted(missing))}")
+    cosines, max_errors, mean_errors = [], [], []
+    for name, ref in reference.items():
+        out = outputs[name]
+        if out.shape != ref.shape:
+            raise ModelError(f"output {name!r} changed shape: {list(ref.shape)} -> {list(out.shape)}")
+        a = ref.reshape(len(ref), -1).astype(np.float64)
+        b = out.reshape(len(out), -1).astype(np.float64)
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        same = np.all(a == b, axis=1)
+        cos = np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1), np.where(same, 1.0, 0.0))
+        cosines.append(float(cos.mean()))
+        diff = np.abs(a - b)
+        max_errors.append(float(diff.max()) if diff.size else 0.0)
+        mean_errors.append(float(diff.mean()) if diff.size else 0.0)
+    first = next(iter(reference))
+    agreement = None
+    if is_classifier(reference[first]):
+        agreement = float((reference[first].argmax(axis=-1) == outputs[first].argmax(axis=-1)).mean())
+    return Fidelity(accuracy(outputs, labels), agreement, min(cosines), max(max_errors), float(np.mean(mean_errors)))
+
+
+def latencies(models: list[ModelFile], data: BoundData, *, runs: int = 200, rounds: int = 5,
+              threads: int | None = 1, warmup: int = 10) -> list[Latency]:
+    """Single-sample latency of each model, measured in *rounds* interleaved rounds of
+    runs/rounds calls each on the same samples; p50 and p90 over all of a model's calls."""
+    runtimes = [m.load(threads=threads) for m in models]
+    samples = [data.sample(i % len(data)) for i in range(max(runs // rounds, 1))]
+    for runtime in runtimes:
+        for i in range(warmup):
+            runtime.run(samples[i % len(samples)])
+    times: list[list[float]] = [[] for _ in runtimes]
+    for _ in range(rounds):
+        for runtime, bucket in zip(runtimes, times):
+            for feeds in samples:
+                start = time.perf_counter()
+                runtime.run(feeds)
+                bucket.append(time.perf_counter() - start)
+    return [Latency(float(np.percentile(t, 50)) * 1e3, float(np.percentile(t, 90)) * 1e3, len(t)) for t in times]
+
+
+def download_size(path: Path) -> int:
+    """Bytes a device downloads for this file: zstd at the level bundles use."""
+    import zstandard
+
+    return len(zstandard.ZstdCompressor(level=DOWNLOAD_ZSTD_LEVEL).compress(Path(path).read_bytes()))

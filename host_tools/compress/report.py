@@ -1,23 +1,56 @@
-"""The before/after table of a compression, as the terminal shows it."""
+"""The compression report as the terminal shows it: one row per model, measured, never guessed."""
 
 from __future__ import annotations
 
-from host_tools.compress.evaluate import ModelReport
+from host_tools.compress.workflow import CompressionReport, Measured, quality_drop
+
+NA = "n/a"
 
 
-def compression_table(before: ModelReport, after: ModelReport, title: str = "compression"):
+def report_table(report: CompressionReport, title: str = "compression"):
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title, header_style="bold",
-                  caption=f"p50: median of {before.latency_runs} single-sample runs on this host's CPU; "
-                          f"accuracy and agreement over {len(before.predictions)} held-out samples")
-    for header in ("model", "KiB", "× size", "p50 ms", "× p50", "accuracy", "agreement"):
-        table.add_column(header, justify="left" if header == "model" else "right", no_wrap=True)
-    agreement = float((after.predictions == before.predictions).mean())
-    acc = lambda r: "n/a" if r.accuracy is None else f"{r.accuracy * 100:.2f}%"  # noqa: E731
-    table.add_row(before.path.name, f"{before.size_bytes / 1024:.1f}", "1.00",
-                  f"{before.latency_p50_ms:.3f}", "1.00", acc(before), "—")
-    table.add_row(after.path.name, f"{after.size_bytes / 1024:.1f}",
-                  f"{after.size_bytes / before.size_bytes:.2f}", f"{after.latency_p50_ms:.3f}",
-                  f"{after.latency_p50_ms / before.latency_p50_ms:.2f}", acc(after), f"{agreement * 100:.2f}%")
+    original = report.original
+    caption = []
+    if original.latency:
+        caption.append(f"p50: median of {original.latency.runs} single-sample runs per model, interleaved, "
+                       f"{report.latency_threads or 'default'} thread(s) on this host's CPU")
+    if report.eval_samples:
+        caption.append(f"fidelity over {report.eval_samples} samples of {report.eval_source}"
+                       + "; top-1|cos: top-1 agreement with the original (classifiers), else cosine similarity"
+                       + ("" if report.labels else "; no labels: drop = top-1 disagreement or 1 - cosine"))
+    else:
+        caption.append("no evaluation data: fidelity and latency not measured")
+    table = Table(title=title, header_style="bold", caption="; ".join(caption), box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True)
+    for header in ("model", "KiB", "×size", "dl KiB", "p50 ms", "×p50", "acc", "drop", "top-1|cos"):
+        if header == "model":
+            table.add_column(header, min_width=12)
+        else:
+            table.add_column(header, justify="right", no_wrap=True)
+    for m in [original] + [s for s in report.steps if s.status == "ok"]:
+        table.add_row(*_cells(m, original))
     return table
+
+
+def skipped_lines(report: CompressionReport) -> list[str]:
+    return [f"{s.label}: {s.status}: {s.note}" for s in report.steps if s.status != "ok"]
+
+
+def _cells(m: Measured, original: Measured) -> list[str]:
+    f = m.fidelity
+    drop = quality_drop(original, m)
+    ratio = lambda a, b: f"{a / b:.2f}" if a is not None and b else NA  # noqa: E731
+    p50 = m.latency.p50_ms if m.latency else None
+    return [
+        m.label,
+        f"{m.size_bytes / 1024:.1f}",
+        ratio(m.size_bytes, original.size_bytes),
+        f"{m.download_bytes / 1024:.1f}",
+        NA if p50 is None else f"{p50:.3g}",
+        ratio(p50, original.latency.p50_ms if original.latency else None),
+        NA if f is None or f.accuracy is None else f"{f.accuracy * 100:.1f}%",
+        "—" if m is original else (NA if drop is None else f"{drop:+.2f}"),
+        NA if f is None else (f"{f.agreement * 100:.1f}%" if f.agreement is not None else f"{f.cosine:.4f}"),
+    ]

@@ -1,0 +1,124 @@
+"""`edgefleet compress`: run a recipe of compression passes and compare the result with the original."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import click
+
+from device_agent.cli import fail_cleanly
+from device_agent.errors import ConfigError
+from host_tools.cli.base import json_option, main
+from host_tools.terminal import console
+
+DATA_HELP = ".npz, a folder of .npy/.npz samples, or a loader (file.py defining load(), or module:function)"
+
+
+@main.command(help="Compress MODEL (ONNX or TFLite) with a recipe of passes and measure every step "
+                   "against the original: size, download size, host latency, accuracy/fidelity.\n\n"
+                   "  edgefleet compress model.onnx --recipe int8-static --calib calib.npz --eval heldout.npz "
+                   "-o model.int8.onnx\n\n"
+                   "Without --recipe or --pass: int8-static when --calib is given, else int8-dynamic. "
+                   "`edgefleet compress --list` shows the passes and named recipes.")
+@click.argument("model", type=click.Path(path_type=Path), required=False)
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Where to write the compressed model.")
+@click.option("--recipe", help="A named recipe (see --list) or a .toml/.yaml/.json recipe file.")
+@click.option("--pass", "steps", multiple=True, metavar="'NAME key=value …'",
+              help="A pass and its options, instead of a recipe; repeatable, applied in order.")
+@click.option("--calib", help=f"Calibration inputs: {DATA_HELP}.")
+@click.option("--eval", "eval_data", help=f"Evaluation inputs, labels optional: {DATA_HELP}.")
+@click.option("--max-drop", type=click.FloatRange(min=0), help="Accuracy guard: refuse (exit 1, write nothing) "
+              "if the result loses more than this many points against the original.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Also write the report as JSON (for `edgefleet bundle build --compression-report`).")
+@click.option("--latency-runs", type=click.IntRange(10), default=200, show_default=True,
+              help="Single-sample runs per model for the latency columns.")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+              help="Inference threads while timing (a device core or several).")
+@click.option("--list", "list_only", is_flag=True, help="List the passes and the named recipes.")
+@json_option
+@fail_cleanly
+def compress(model, out, recipe, steps, calib, eval_data, max_drop, report_path, latency_runs, threads,
+             list_only, as_json) -> None:
+    if list_only:
+        _list(as_json)
+        return
+    if model is None:
+        raise click.UsageError("MODEL is required (or --list)")
+    if out is None:
+        raise click.UsageError("-o/--out is required")
+    from host_tools.compress import ModelFile, load_recipe
+    from host_tools.compress.recipes import Recipe, parse_step
+    from host_tools.compress.report import report_table, skipped_lines
+    from host_tools.compress.workflow import quality_drop, run_recipe
+
+    if recipe and steps:
+        raise click.UsageError("give --recipe or --pass, not both")
+    model = ModelFile.open(model)
+    if steps:
+        plan = Recipe("command line", tuple(parse_step(s) for s in steps))
+    else:
+        plan = load_recipe(recipe or ("int8-static" if calib else "int8-dynamic"), model.format)
+    if max_drop is not None and eval_data is None:
+        raise click.UsageError("--max-drop needs --eval data to measure the drop on")
+    err = console(stderr=True)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp:
+        report = run_recipe(model, plan, calib=calib, eval_data=eval_data, workdir=Path(tmp),
+                            latency_runs=latency_runs, latency_threads=threads,
+                            progress=lambda msg: err.print(f"[dim]{msg}[/]"))
+        doc = report.to_dict()
+        if not as_json:
+            console().print(report_table(report, title=f"{model.path.name}: {plan.name}"))
+            for line in skipped_lines(report):
+                err.print(line)
+        drop = quality_drop(report.original, report.result)
+        refused = None
+        if not report.compressed:
+            refused = f"no pass of {plan.name} applied to {model.path.name}; nothing written to {out}"
+        elif max_drop is not None and drop is not None and drop > max_drop:
+            refused = (f"accuracy guard: {report.result.label} loses {drop:.2f} points, more than "
+                       f"--max-drop {max_drop:g}; nothing written to {out}")
+        if not refused:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(report.result.model.path, out)
+            doc["result"]["file"] = out.name
+        if report_path:
+            report_path.write_text(json.dumps(doc, indent=2) + "\n")
+        if as_json:
+            click.echo(json.dumps(doc))
+    if refused:
+        raise ConfigError(refused)
+    if not as_json:
+        click.echo(f"wrote {out} ({report.result.label})" + (f"; report {report_path}" if report_path else ""))
+
+
+def _list(as_json: bool) -> None:
+    from host_tools.compress import NAMED_RECIPES, all_passes
+    from host_tools.compress.passes import describe_options
+
+    passes = all_passes()
+    if as_json:
+        click.echo(json.dumps({
+            "passes": {n: {"formats": list(c.formats), "summary": c.summary, "options": describe_options(c)}
+                       for n, c in passes.items()},
+            "recipes": {n: {"description": d, "formats": {f: [s.to_dict() for s in steps]
+                                                          for f, steps in by.items()}}
+                        for n, (d, by) in NAMED_RECIPES.items()}}))
+        return
+    from rich.table import Table
+
+    table = Table(title="passes", header_style="bold")
+    for header in ("pass", "formats", "what", "options"):
+        table.add_column(header)
+    for name, cls in passes.items():
+        table.add_row(name, ", ".join(cls.formats), cls.summary,
+                      ", ".join(o["name"] for o in describe_options(cls)))
+    recipes = Table(title="named recipes", header_style="bold")
+    for header in ("recipe", "formats", "what"):
+        recipes.add_column(header)
+    for name, (description, by_format) in NAMED_RECIPES.items():
+        recipes.add_row(name, ", ".join(by_format), description)
+    console().print(table, recipes)

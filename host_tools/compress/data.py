@@ -1,0 +1,231 @@
+"""Calibration and evaluation inputs: from an ``.npz``, a folder of ``.npy``/``.npz`` files, or a loader.
+
+What a source may be:
+
+- ``data.npz``: one array per model input, named after it, samples along the first axis
+  (a single-input model may call it anything, e.g. ``x``); labels, if any, in ``y`` or ``labels``.
+- a folder: one sample per ``.npy`` file (single-input models) or per ``.npz`` file (one array
+  per input), in file-name order; labels, if any, in ``labels.npy`` in the same folder.
+- ``loader.py`` (a file defining ``load()``) or ``package.module:function``: returns what an
+  ``.npz`` holds (a dict of arrays), or an iterable of samples (arrays or dicts of arrays),
+  optionally as a pair ``(inputs, labels)``.
+
+Arrays are matched to the model's inputs when a pass or the evaluation binds them, so one
+file serves any model that takes the same inputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from device_agent.errors import ConfigError
+
+LABEL_NAMES = ("y", "labels")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    arrays: Mapping[str, np.ndarray]  # name -> samples along axis 0
+    labels: np.ndarray | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def head(self, count: int) -> "Dataset":
+        return Dataset({k: v[:count] for k, v in self.arrays.items()},
+                       None if self.labels is None else self.labels[:count], self.source)
+
+    def bind(self, specs: Sequence) -> "BoundData":
+        """These arrays as feeds for a model whose inputs are *specs* (TensorSpec-like)."""
+        arrays = dict(self.arrays)
+        if len(specs) == 1 and specs[0].name not in arrays:
+            if len(arrays) != 1:
+                raise ConfigError(f"{self.source}: the model's input is {specs[0].name!r}; the data has "
+                                  f"{', '.join(sorted(arrays))}: name one array after the input")
+            arrays = {specs[0].name: next(iter(arrays.values()))}
+        missing = [s.name for s in specs if s.name not in arrays]
+        if missing:
+            raise ConfigError(f"{self.source}: no data for model input(s) {', '.join(missing)} "
+                              f"(the data has {', '.join(sorted(arrays))})")
+        feeds = {s.name: _conform(arrays[s.name], s, self.source) for s in specs}
+        return BoundData(feeds, self.labels, fixed_batch=any(s.shape and s.shape[0] == 1 for s in specs))
+
+
+@dataclass(frozen=True)
+class BoundData:
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    fixed_batch: bool  # the model takes exactly one sample per call
+
+    def __len__(self) -> int:
+        return len(next(iter(self.feeds.values())))
+
+    def sample(self, index: int) -> dict[str, np.ndarray]:
+        return {k: v[index:index + 1] for k, v in self.feeds.items()}
+
+    def batches(self, size: int = 64) -> Iterator[dict[str, np.ndarray]]:
+        step = 1 if self.fixed_batch else size
+        for start in range(0, len(self), step):
+            yield {k: v[start:start + step] for k, v in self.feeds.items()}
+
+
+def _conform(array: np.ndarray, spec, source: str) -> np.ndarray:
+    array = np.asarray(array)
+    rank = len(spec.shape)
+    if rank and array.ndim == rank + 1 and array.shape[1] == 1:
+        array = array[:, 0]  # samples saved with their own batch axis of 1
+    if rank and array.ndim != rank:
+        raise ConfigError(f"{source}: input {spec.name!r} takes rank-{rank} tensors {list(spec.shape)}; "
+                          f"the data's samples stack to shape {list(array.shape)}")
+    for i, (want, have) in enumerate(zip(spec.shape[1:], array.shape[1:]), start=1):
+        if isinstance(want, int) and want > 0 and want != have:
+            raise ConfigError(f"{source}: input {spec.name!r} has {want} in dimension {i}, the data {have}")
+    want = np.dtype(spec.dtype) if _is_numpy_dtype(spec.dtype) else None
+    if want is not None and array.dtype != want:
+        if array.dtype.kind != want.kind and not (array.dtype.kind in "iu" and want.kind in "iu"):
+            raise ConfigError(f"{source}: input {spec.name!r} is {want.name} in the model, "
+                              f"{array.dtype.name} in the data")
+        array = array.astype(want)
+    return np.ascontiguousarray(array)
+
+
+def _is_numpy_dtype(name: str) -> bool:
+    try:
+        np.dtype(name)
+        return True
+    except TypeError:
+        return False
+
+
+def load_dataset(source: str | Path | Dataset) -> Dataset:
+    """Read *source* (see the module docstring); a Dataset passes through."""
+    if isinstance(source, Dataset):
+        return source
+    text = str(source)
+    path = Path(text)
+    if path.is_dir():
+        return _from_folder(path)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise ConfigError(f"data file {path} does not exist")
+        return _from_arrays(_read_npz(path), text)
+    if path.suffix == ".py" or (":" in text and not path.exists()):
+        return _from_loader(text)
+    if not path.exists():
+        raise ConfigError(f"data {text} does not exist")
+    raise ConfigError(f"{text}: data must be an .npz, a folder of .npy/.npz files, or a Python loader")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+
+
+def _from_arrays(arrays: dict[str, Any], source: str) -> Dataset:
+    labels = next((np.asarray(arrays.pop(n)) for n in LABEL_NAMES if n in arrays), None)
+    if not arrays:
+        raise ConfigError(f"{source}: no input arrays (only labels)")
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    counts = {k: len(v) for k, v in arrays.items() if v.ndim}
+    if len(counts) != len(arrays) or len(set(counts.values())) != 1:
+        raise ConfigError(f"{source}: every input array needs the same number of samples along its first "
+                          f"axis (got {counts})")
+    count = next(iter(counts.values()))
+    if count == 0:
+        raise ConfigError(f"{source}: no samples")
+    if labels is not None and len(labels) != count:
+        raise ConfigError(f"{source}: {len(labels)} labels for {count} samples")
+    return Dataset(arrays, labels, source)
+
+
+def _from_samples(samples: list, labels, source: str) -> Dataset:
+    if not samples:
+        raise ConfigError(f"{source}: no samples")
+    if all(isinstance(s, Mapping) for s in samples):
+        names = set(samples[0])
+        if any(set(s) != names for s in samples):
+            raise ConfigError(f"{source}: every sample must have the same inputs")
+        arrays = {n: _stack([s[n] for s in samples], source) for n in names}
+    else:
+        arrays = {"x": _stack(samples, source)}
+    return _from_arrays({**arrays, **({"labels": labels} if labels is not None else {})}, source)
+
+
+def _stack(samples: list, source: str) -> np.ndarray:
+    try:
+        return np.stack([np.asarray(s) for s in samples])
+    except ValueError as exc:
+        raise ConfigError(f"{source}: samples differ in shape ({exc})") from None
+
+
+def _from_folder(folder: Path) -> Dataset:
+    labels_file = folder / "labels.npy"
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz") and p != labels_file)
+    if not files:
+        raise ConfigError(f"{folder}: no .npy or .npz files")
+    if {p.suffix for p in files} != {files[0].suffix}:
+        raise ConfigError(f"{folder}: mix of .npy and .npz files; use one kind")
+    samples = [_read_npy(p) if p.suffix == ".npy" else _read_npz(p) for p in files]
+    labels = _read_npy(labels_file) if labels_file.is_file() else None
+    return _from_samples(samples, labels, str(folder))
+
+
+def _from_loader(spec: str) -> Dataset:
+    function = _loader_function(spec)
+    try:
+        result = function()
+    except Exception as exc:  # the user's code: any failure is theirs, reported in one line
+        raise ConfigError(f"data loader {spec} failed: {type(exc).__name__}: {exc}") from None
+    labels = None
+    if isinstance(result, tuple) and len(result) == 2:
+        result, labels = result
+    if isinstance(result, Mapping):
+        return _from_arrays({**result, **({"labels": labels} if labels is not None else {})}, spec)
+    if isinstance(result, np.ndarray):
+        return _from_arrays({"x": result, **({"labels": labels} if labels is not None else {})}, spec)
+    try:
+        samples = list(result)
+    except TypeError:
+        raise ConfigError(f"data loader {spec} returned {type(result).__name__}, not arrays or samples") from None
+    return _from_samples(samples, labels, spec)
+
+
+def _loader_function(spec: str):
+    if spec.endswith(".py"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"data loader {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"edgefleet_loader_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ConfigError(f"cannot import data loader {path}: {type(exc).__name__}: {exc}") from None
+        name = "load"
+    else:
+        module_name, _, name = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(f"cannot import data loader module {module_name}: {exc}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ConfigError(f"data loader {spec} has no function {name}()")
+    return function

@@ -1,0 +1,37 @@
+"""float16 weights and compute: half the size; fast where the hardware has fp16 (Jetson GPUs),
+often slower on CPUs that convert back and forth, which the report shows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from host_tools.compress.model import ModelFile
+from host_tools.compress.onnx.boundary import failing_as, output_path
+from host_tools.compress.passes import Pass, PassConfig, register
+
+
+@register
+class OnnxFp16(Pass):
+    name = "onnx-fp16"
+    formats = ("onnx",)
+    summary = "float16 weights and compute"
+    requires = ("onnx", "onnxruntime")
+
+    @dataclass(frozen=True)
+    class Config(PassConfig):
+        keep_io_types: bool = field(default=True, metadata={
+            "help": "keep float32 inputs and outputs, so callers and health checks need no change"})
+        exclude_op_types: tuple[str, ...] = field(default=(), metadata={"help": "op types to keep in float32"})
+        exclude: tuple[str, ...] = field(default=(), metadata={"help": "node names to keep in float32"})
+
+    def run(self, model, config, workdir):
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        out = output_path(workdir, model, "fp16")
+        with failing_as(self.name, model):
+            converted = convert_float_to_float16(
+                onnx.load(str(model.path)), keep_io_types=config.keep_io_types,
+                op_block_list=list(config.exclude_op_types) or None, node_block_list=list(config.exclude) or None)
+            onnx.save(converted, str(out))
+        return ModelFile(out, "onnx")

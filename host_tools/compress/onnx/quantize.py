@@ -1,0 +1,167 @@
+"""int8 quantization with ONNX Runtime: dynamic, and static QDQ calibrated on the user's data."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from device_agent.errors import ConfigError, NotApplicable
+from host_tools.compress.data import Dataset, load_dataset
+from host_tools.compress.model import ModelFile
+from host_tools.compress.onnx.boundary import failing_as, output_path, quiet_ort_quantizer, weighted_nodes
+from host_tools.compress.passes import Pass, PassConfig, register
+
+_EXCLUDE_HELP = "node names to leave in float"
+_OPS_HELP = "only quantize these op types (empty: all ORT can)"
+
+
+@register
+class OnnxDynamicInt8(Pass):
+    """Weights stored as int8, activations quantized at run time. Suits MatMul-heavy models
+    (transformers, RNNs); on CPUs without int8 dot products its convolutions can be slower."""
+
+    name = "onnx-dynamic"
+    formats = ("onnx",)
+    summary = "dynamic int8 (weights int8, activations quantized at run time)"
+    requires = ("onnx", "onnxruntime")
+
+    @dataclass(frozen=True)
+    class Config(PassConfig):
+        per_channel: bool = field(default=False, metadata={"help": "one scale per output channel"})
+        reduce_range: bool = field(default=False, metadata={
+            "help": "7-bit weights (avoids u8s8 saturation on AVX2/AVX-512 without VNNI)"})
+        op_types: tuple[str, ...] = field(default=(), metadata={"help": _OPS_HELP})
+        exclude: tuple[str, ...] = field(default=(), metadata={"help": _EXCLUDE_HELP})
+
+    def run(self, model, config, workdir):
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quiet_ort_quantizer()
+        _require_weighted_nodes(self.name, model, config.op_types)
+        out = output_path(workdir, model, "dynamic")
+        with failing_as(self.name, model):
+            quantize_dynamic(str(model.path), str(out), weight_type=QuantType.QInt8,
+                             per_channel=config.per_channel, reduce_range=config.reduce_range,
+                             op_types_to_quantize=list(config.op_types) or None,
+                             nodes_to_exclude=list(config.exclude) or None)
+        return ModelFile(out, "onnx")
+
+
+@register
+class OnnxStaticInt8(Pass):
+    """Weights and activations int8 in QDQ format, activation ranges calibrated on real inputs.
+    Refuses to run without calibration data rather than calibrate on noise."""
+
+    name = "onnx-static"
+    formats = ("onnx",)
+    summary = "static int8 QDQ, calibrated (MinMax, Entropy or Percentile)"
+    requires = ("onnx", "onnxruntime")
+
+    @dataclass(frozen=True)
+    class Config(PassConfig):
+        calibration: Dataset | str | None = field(default=None, metadata={
+            "help": "calibration inputs (.npz, folder, loader); default: --calib"})
+        method: Literal["minmax", "entropy", "percentile"] = field(default="minmax", metadata={
+            "help": "how activation ranges are chosen from the calibration outputs"})
+        percentile: float = field(default=99.999, metadata={"help": "for method=percentile"})
+        samples: int = field(default=256, metadata={"help": "calibration samples used at most"})
+        per_channel: bool = field(default=False, metadata={"help": "one weight scale per output channel"})
+        reduce_range: bool = field(default=False, metadata={
+            "help": "7-bit weights (avoids u8s8 saturation on AVX2/AVX-512 without VNNI)"})
+        activations: Literal["uint8", "int8"] = field(default="uint8", metadata={
+            "help": "activation type (uint8 with int8 weights is ORT's fast CPU path)"})
+        op_types: tuple[str, ...] = field(default=(), metadata={"help": _OPS_HELP})
+        exclude: tuple[str, ...] = field(default=(), metadata={"help": _EXCLUDE_HELP})
+        auto_exclude: int = field(default=0, metadata={
+            "help": "also leave the N nodes in float whose quantization alone hurts the output most"})
+
+    def run(self, model, config, workdir):
+        quiet_ort_quantizer()
+        if config.calibration is None:
+            raise ConfigError(f"{self.name} needs calibration data (--calib): static quantization will not "
+                              f"calibrate on random noise")
+        candidates = _require_weighted_nodes(self.name, model, config.op_types)
+        data = load_dataset(config.calibration).head(config.samples)
+        feeds = data.bind(model.load(threads=1).inputs)
+        out = output_path(workdir, model, "static")
+        with failing_as(self.name, model), tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            cache = Path(tmp) / "ranges"  # calibrate once, reuse for every sensitivity probe
+            exclude = list(config.exclude)
+            if config.auto_exclude > 0:
+                ranked = sensitivity(model, config, feeds, [n for n, _ in candidates if n not in exclude],
+                                     Path(tmp), cache)
+                exclude += [name for name, _ in ranked[:config.auto_exclude]]
+            _quantize_static(model.path, out, config, feeds, cache, exclude=exclude)
+        return ModelFile(out, "onnx")
+
+
+def sensitivity(model: ModelFile, config, feeds, nodes: list[str], tmp: Path, cache: Path
+                ) -> list[tuple[str, float]]:
+    """Nodes ranked by how much quantizing each one alone moves the model's outputs (most first):
+    1 - cosine similarity to the float outputs on up to 64 calibration samples."""
+    probe = _probe_feeds(feeds, 64)
+    reference = _run(model.path, probe)
+    scores = []
+    for i, node in enumerate(nodes):
+        path = tmp / f"probe{i}.onnx"
+        _quantize_static(model.path, path, config, feeds, cache, only=[node])
+        scores.append((node, _distance(reference, _run(path, probe))))
+    return sorted(scores, key=lambda s: -s[1])
+
+
+def _quantize_static(source: Path, dest: Path, config, feeds, cache: Path, *, exclude=(), only=None) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[config.method]
+    extra = {"CalibPercentile": config.percentile} if config.method == "percentile" else {}
+    quantize_static(str(source), str(dest), _Reader(feeds), quant_format=QuantFormat.QDQ,
+                    per_channel=config.per_channel, reduce_range=config.reduce_range,
+                    activation_type=QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=method,
+                    op_types_to_quantize=list(config.op_types) or None, nodes_to_quantize=only,
+                    nodes_to_exclude=list(exclude) or None, extra_options=extra,
+                    calibration_cache_path=str(cache))
+
+
+class _Reader:
+    """ORT's CalibrationDataReader: one batch of feeds per call, then None."""
+
+    def __init__(self, feeds) -> None:
+        self._batches = iter(list(feeds.batches(32)))
+
+    def get_next(self):
+        return next(self._batches, None)
+
+    def rewind(self) -> None:  # ORT calls this between calibration passes in some versions
+        pass
+
+
+def _probe_feeds(feeds, count: int):
+    return [feeds.sample(i) for i in range(min(count, len(feeds)))]
+
+
+def _run(path: Path, probe: list[dict]) -> list[np.ndarray]:
+    runtime = ModelFile(path, "onnx").load(threads=1)
+    return [np.concatenate([runtime.run(f)[o.name].reshape(1, -1) for f in probe]) for o in runtime.outputs]
+
+
+def _distance(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
+    worst = 0.0
+    for a, b in zip(reference, other):
+        a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        denom = np.linalg.norm(a) * np.linalg.norm(b)
+        worst = max(worst, 0.0 if denom == 0 else 1.0 - float(a @ b / denom))
+    return worst
+
+
+def _require_weighted_nodes(pass_name: str, model: ModelFile, op_types: tuple[str, ...]) -> list[tuple[str, str]]:
+    nodes = [(n, t) for n, t in weighted_nodes(model.path) if not op_types or t in op_types]
+    if not nodes:
+        kinds = ", ".join(op_types) if op_types else "Conv, Gemm or MatMul"
+        raise NotApplicable(f"{model.path.name} has no {kinds} node with constant weights")
+    return nodes

@@ -1,0 +1,139 @@
+"""Recipes: an ordered list of passes with their options, named or from a file.
+
+A recipe file (TOML, YAML or JSON) is::
+
+    description = "static int8, entropy calibration"
+    [[passes]]
+    pass = "onnx-preprocess"
+    [[passes]]
+    pass = "onnx-static"
+    method = "entropy"
+    per_channel = true
+
+On the command line a step is ``NAME key=value key=value`` (lists comma-separated).
+Named recipes pick the passes for the model's format, so ``int8-static`` means the same
+thing for an ONNX and a TFLite model.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from device_agent.errors import ConfigError
+
+FILE_SUFFIXES = (".toml", ".json", ".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class Step:
+    pass_name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pass": self.pass_name, **self.options}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    steps: tuple[Step, ...]
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "passes": [s.to_dict() for s in self.steps]}
+
+
+_PRE = Step("onnx-preprocess")
+# name -> (description, {model format: steps})
+NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
+    "int8-dynamic": ("int8 weights, activations quantized at run time (no calibration data needed)", {
+        "onnx": (_PRE, Step("onnx-dynamic")),
+        "tflite": (Step("tflite-dynamic"),)}),
+    "int8-static": ("int8 weights and activations, per-channel weights, calibrated on --calib", {
+        "onnx": (_PRE, Step("onnx-static", {"per_channel": True})),
+        "tflite": (Step("tflite-int8"),)}),
+    "int8-static-safe": ("static int8 with the 2 most sensitive nodes left in float", {
+        "onnx": (_PRE, Step("onnx-static", {"per_channel": True, "auto_exclude": 2}))}),
+    "int8-weights": ("int8 weights only, float compute", {
+        "tflite": (Step("tflite-weight-only"),)}),
+    "fp16": ("float16 weights (and compute where the runtime has it)", {
+        "onnx": (Step("onnx-fp16"),),
+        "tflite": (Step("tflite-fp16"),)}),
+    "int4-weights": ("int4 blockwise MatMul weights, for transformer-style models", {
+        "onnx": (_PRE, Step("onnx-int4"))}),
+}
+
+
+def named_recipe(name: str, model_format: str) -> Recipe:
+    description, by_format = NAMED[name]
+    if model_format not in by_format:
+        raise ConfigError(f"recipe {name} has no {model_format} version "
+                          f"(it is for {', '.join(by_format)} models)")
+    return Recipe(name, by_format[model_format], description)
+
+
+def load_recipe(spec: str, model_format: str) -> Recipe:
+    """A named recipe, or a recipe file."""
+    if spec in NAMED:
+        return named_recipe(spec, model_format)
+    path = Path(spec)
+    if path.suffix in FILE_SUFFIXES:
+        return recipe_from_file(path)
+    raise ConfigError(f"no recipe named {spec!r} (named recipes: {', '.join(NAMED)}; or give a "
+                      f"{'/'.join(FILE_SUFFIXES)} file)")
+
+
+def recipe_from_file(path: Path) -> Recipe:
+    if not path.is_file():
+        raise ConfigError(f"recipe file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+            doc = tomllib.loads(text)
+        elif path.suffix == ".json":
+            doc = json.loads(text)
+        else:
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(f"{path.name}: YAML recipes need PyYAML (pip install pyyaml), or use TOML/JSON") from None
+            doc = yaml.safe_load(text)
+    except ConfigError:
+        raise
+    except Exception as exc:  # tomllib/json/yaml each have their own decode error
+        raise ConfigError(f"cannot parse recipe {path}: {exc}") from None
+    return recipe_from_dict(doc, path.stem, str(path))
+
+
+def recipe_from_dict(doc: Any, default_name: str, where: str) -> Recipe:
+    if not isinstance(doc, dict) or not isinstance(doc.get("passes"), list) or not doc["passes"]:
+        raise ConfigError(f"{where}: a recipe needs a non-empty list 'passes'")
+    steps = []
+    for i, entry in enumerate(doc["passes"], start=1):
+        if not isinstance(entry, dict) or not isinstance(entry.get("pass"), str):
+            raise ConfigError(f"{where}: pass {i} needs a 'pass' name")
+        options = {k: v for k, v in entry.items() if k != "pass"}
+        steps.append(Step(entry["pass"], options))
+    return Recipe(str(doc.get("name", default_name)), tuple(steps), str(doc.get("description", "")))
+
+
+def parse_step(text: str) -> Step:
+    """``NAME key=value ...`` as typed after --pass."""
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"--pass {text!r}: {exc}") from None
+    if not words:
+        raise ConfigError("--pass needs a pass name")
+    options = {}
+    for word in words[1:]:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--pass {text!r}: options are key=value, not {word!r}")
+        options[key.replace("-", "_")] = value
+    return Step(words[0], options)

@@ -1,0 +1,1 @@
+"""PyTorch passes (knowledge distillation); extra `distill`."""

@@ -1,0 +1,208 @@
+"""Run a recipe on a model, checking every pass's output against the original."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from device_agent.errors import CompressionError, ConfigError, ModelError, NotApplicable
+from host_tools.compress import evaluate
+from host_tools.compress.data import Dataset, load_dataset
+from host_tools.compress.model import ModelFile
+from host_tools.compress.passes import DATA_FIELD, check_requirements, get_pass, make_config
+from host_tools.compress.recipes import Recipe
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Measured:
+    """One model as the report shows it: the original or a pass's output."""
+
+    label: str
+    model: ModelFile
+    status: str = "ok"  # ok | skipped | failed
+    note: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    compresses: bool = True  # False for graph preparation
+    seconds: float = 0.0
+    size_bytes: int = 0
+    download_bytes: int = 0
+    fidelity: evaluate.Fidelity | None = None
+    latency: evaluate.Latency | None = None
+    outputs: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+
+@dataclass
+class CompressionReport:
+    original: Measured
+    steps: list[Measured]
+    recipe: Recipe
+    eval_source: str | None
+    eval_samples: int
+    labels: bool
+    latency_threads: int | None
+
+    @property
+    def compressed(self) -> bool:
+        """Whether any pass that compresses (not only prepares the graph) succeeded."""
+        return any(s.status == "ok" and s.compresses for s in self.steps)
+
+    @property
+    def result(self) -> Measured:
+        done = [s for s in self.steps if s.status == "ok"]
+        return done[-1] if done else self.original
+
+    def to_dict(self) -> dict[str, Any]:
+        from onnxruntime import __version__ as ort_version
+
+        def row(m: Measured) -> dict[str, Any]:
+            out = {"label": m.label, "file": m.model.path.name, "format": m.model.format, "status": m.status,
+                   "size_bytes": m.size_bytes, "download_bytes": m.download_bytes}
+            if m is not self.original:
+                out.update(note=m.note or None, options=m.config, seconds=round(m.seconds, 3))
+            if m.latency:
+                out["latency"] = m.latency.as_dict()
+                if m is not self.original and self.original.latency:
+                    out["latency_ratio"] = round(m.latency.p50_ms / self.original.latency.p50_ms, 4)
+            if m.fidelity:
+                out["fidelity"] = m.fidelity.as_dict()
+                drop = quality_drop(self.original, m)
+                out["drop_points"] = None if drop is None else round(drop, 3)
+            return out
+
+        return {
+            "recipe": self.recipe.to_dict(),
+            "original": row(self.original),
+            "steps": [row(s) for s in self.steps],
+            "result": {"label": self.result.label, "file": self.result.model.path.name},
+            "evaluation": {"data": self.eval_source, "samples": self.eval_samples, "labels": self.labels},
+            "latency_method": None if self.original.latency is None else
+            f"median of {self.original.latency.runs} single-sample runs per model in interleaved rounds, "
+            f"{self.latency_threads or 'default'} thread(s), host CPU",
+            "host": {"machine": platform.machine(), "processor": _cpu_name(), "onnxruntime": ort_version},
+        }
+
+
+def quality_drop(original: Measured, candidate: Measured) -> float | None:
+    """Points lost: task accuracy with labels; else top-1 disagreement for classifiers;
+    else (1 - cosine similarity) x 100 of the worst output."""
+    f = candidate.fidelity
+    if f is None:
+        return None
+    if f.accuracy is not None and original.fidelity is not None and original.fidelity.accuracy is not None:
+        return (original.fidelity.accuracy - f.accuracy) * 100
+    if f.agreement is not None:
+        return (1 - f.agreement) * 100
+    return (1 - f.cosine) * 100
+
+
+def run_recipe(model: ModelFile, recipe: Recipe, *, calib: str | Dataset | None = None,
+               eval_data: str | Dataset | None = None, out: Path | None = None,
+               workdir: Path | None = None, latency_runs: int = 200, latency_threads: int | None = 1,
+               progress: Progress | None = None) -> CompressionReport:
+    """Apply *recipe*'s passes in order; measure the original and each output on *eval_data*.
+
+    A pass that does not apply to the model (or fails on it) is reported and skipped; the
+    next pass takes the last good model. The last good model is copied to *out*.
+    """
+    say = progress or (lambda _msg: None)
+    plan = [(get_pass(s.pass_name), s.options) for s in recipe.steps]
+    configs = []
+    for cls, options in plan:
+        if model.format in cls.formats:
+            check_requirements(cls)
+        configs.append(make_config(cls, _with_data(cls, options, calib)))
+    data = load_dataset(eval_data) if eval_data is not None else None
+    with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp:
+        workdir = Path(workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        original = _measured("original", model)
+        bound = data.bind(model.load().inputs) if data is not None else None
+        if bound is not None:
+            say(f"evaluating the original on {len(bound)} samples")
+            _score(original, bound, original)
+        steps, current = [], model
+        for i, ((cls, _), config) in enumerate(zip(plan, configs), start=1):
+            say(f"[{i}/{len(plan)}] {cls.name}")
+            step = _apply(cls, config, current, workdir / f"{i:02d}-{cls.name}")
+            if step.status == "ok" and bound is not None:
+                _score(step, bound, original)
+            if step.status == "ok":
+                current = step.model
+            steps.append(step)
+        report = CompressionReport(original, steps, recipe, None if data is None else data.source,
+                                   0 if bound is None else len(bound),
+                                   bound is not None and bound.labels is not None, latency_threads)
+        if bound is not None:
+            say(f"timing {1 + len([s for s in steps if s.status == 'ok'])} models, {latency_runs} runs each")
+            timed = [original] + [s for s in steps if s.status == "ok"]
+            for m, lat in zip(timed, evaluate.latencies([m.model for m in timed], bound, runs=latency_runs,
+                                                        threads=latency_threads)):
+                m.latency = lat
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(report.result.model.path, out)
+            report.result.model = ModelFile(Path(out), report.result.model.format)
+        if workdir == Path(tmp):  # the intermediate files go with the temporary directory
+            for s in steps:
+                if s is not report.result:
+                    s.model = ModelFile(Path(s.model.path.name), s.model.format)
+        return report
+
+
+def _with_data(cls, options: dict, calib) -> dict:
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    if DATA_FIELD in fields and options.get(DATA_FIELD) is None and calib is not None:
+        return {**options, DATA_FIELD: calib}
+    return options
+
+
+def _apply(cls, config, model: ModelFile, workdir: Path) -> Measured:
+    if model.format not in cls.formats:
+        return Measured(cls.name, model, "skipped", f"does not apply to {model.format} models "
+                        f"(it takes {', '.join(cls.formats)})", config.to_dict())
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    try:
+        result = cls().run(model, config, workdir)
+    except NotApplicable as exc:
+        return Measured(cls.name, model, "skipped", str(exc), config.to_dict())
+    except (CompressionError, ModelError) as exc:
+        return Measured(cls.name, model, "failed", str(exc), config.to_dict())
+    step = _measured(cls.name, result)
+    step.config, step.seconds, step.compresses = config.to_dict(), time.monotonic() - start, cls.compresses
+    return step
+
+
+def _measured(label: str, model: ModelFile) -> Measured:
+    return Measured(label, model, size_bytes=model.size_bytes, download_bytes=evaluate.download_size(model.path))
+
+
+def _score(m: Measured, bound, original: Measured) -> None:
+    try:
+        m.outputs = evaluate.outputs_on(m.model, bound)
+    except ModelError as exc:
+        if m is original:
+            raise ConfigError(f"the original model does not run on the evaluation data: {exc}") from None
+        m.status, m.note = "failed", f"does not run: {exc}"
+        return
+    m.fidelity = evaluate.fidelity(original.outputs, m.outputs, bound.labels)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
