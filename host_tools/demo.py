@@ -26,11 +26,12 @@ MODEL_NAME = "digits-cnn"
 MODEL_VERSION = "1.0.0"
 
 
-def find_reference_model() -> tuple[Path, Path]:
+def find_reference_model() -> tuple[Path, Path, Path]:
+    """The reference model, its held-out evaluation set and its calibration set."""
     for root in (REPO_MODELS, Path.cwd() / "models"):
-        model, heldout = root / "digits_cnn.onnx", root / "digits_heldout.npz"
-        if model.is_file() and heldout.is_file():
-            return model, heldout
+        files = root / "digits_cnn.onnx", root / "digits_heldout.npz", root / "digits_calib.npz"
+        if all(f.is_file() for f in files):
+            return files
     raise ConfigError("reference model models/digits_cnn.onnx not found: run the demo from an edgefleet checkout")
 
 
@@ -78,8 +79,8 @@ def _wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
 
 def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, timeout: float) -> bool:
     from host_tools.broker import EmbeddedBroker
-    from host_tools.compress import EvalData, evaluate_model, quantize_dynamic_int8
-    from host_tools.compress.report import compression_table
+    from host_tools.compress import ModelFile, load_dataset, load_recipe, run_recipe
+    from host_tools.compress.report import report_table
     from host_tools.deploy import run_deployment
     from host_tools.serve import BundleDirectory, BundleServer
     from host_tools.signer import CommandSigner
@@ -89,7 +90,7 @@ def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, tim
     from host_tools.packaging import build_bundle
 
     console = terminal.console()
-    model, heldout = find_reference_model()
+    model, heldout, calib = find_reference_model()
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgefleet-demo-")))
@@ -109,19 +110,18 @@ def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, tim
         private_key, public_key = generate_key_pair(workdir / "keys", f"demo-{int(time.time())}")
         console.print(f"[bold]2.[/] signing key pair: {private_key.name} / {public_key.name}")
 
-        console.print(f"[bold]3.[/] compressing {model.name} with ONNX Runtime dynamic int8 quantization; "
-                      f"measuring both on the {heldout.name} held-out set…")
-        quantized = workdir / "digits_cnn.int8.onnx"
-        provenance = quantize_dynamic_int8(model, quantized)
-        data = EvalData.load(heldout)
-        before, after = evaluate_model(model, data), evaluate_model(quantized, data)
-        console.print(compression_table(before, after, title="before / after (measured on this machine)"))
+        console.print(f"[bold]3.[/] compressing {model.name} with static int8 quantization (calibrated on "
+                      f"{calib.name}); measuring both on the {heldout.name} held-out set…")
+        report = run_recipe(ModelFile.open(model), load_recipe("int8-static", "onnx"), calib=calib,
+                            eval_data=heldout, out=workdir / "digits_cnn.int8.onnx")
+        console.print(report_table(report, title="before / after (measured on this machine)"))
+        quantized = report.result.model.path
+        data = load_dataset(heldout)
 
         (workdir / "bundles").mkdir(exist_ok=True)
         bundle = workdir / "bundles" / f"{MODEL_NAME}-{MODEL_VERSION}.efb"
         manifest = build_bundle(quantized, name=MODEL_NAME, version=MODEL_VERSION, key=private_key, out=bundle,
-                                sample={"image": data.inputs[:1]}, atol=1e-4, compression=provenance,
-                                metrics={"original": before.as_metrics(), "compressed": after.as_metrics()})
+                                sample={"image": data.arrays["x"][:1]}, atol=1e-4, compression=report.to_dict())
         console.print(f"[bold]4.[/] signed bundle {bundle.name}: {manifest.label}, {bundle.stat().st_size} bytes")
 
         store = FleetStore(workdir / "fleet.db")

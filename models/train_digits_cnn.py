@@ -4,6 +4,7 @@ Writes, next to this script:
   digits_cnn.onnx        the fp32 model (input "image" [N,1,8,8] float32 in 0..1,
                          output "logits" [N,10])
   digits_heldout.npz     the held-out split (x, y) the accuracy guard evaluates on
+  digits_calib.npz       200 training inputs (x) to calibrate static quantization on
   digits_cnn.json        how it was made and the accuracy it reached
 
 Needs the `models` extra (torch, scikit-learn): pip install -e '.[models]'.
@@ -24,6 +25,7 @@ from torch import nn
 HERE = pathlib.Path(__file__).resolve().parent
 SEED = 0
 EPOCHS = 40
+CALIB_SAMPLES = 200
 
 
 class DigitsCNN(nn.Module):
@@ -47,6 +49,13 @@ def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
     y = digits.target.astype(np.int64)
     return train_test_split(x, y, test_size=0.2, random_state=SEED, stratify=y)
+
+
+def write_calibration_set(x_train: np.ndarray) -> None:
+    """digits_calib.npz: CALIB_SAMPLES training inputs (no labels) for static quantization, so that
+    calibration never sees the held-out set the accuracy guard evaluates on."""
+    pick = np.random.default_rng(SEED).choice(len(x_train), CALIB_SAMPLES, replace=False)
+    np.savez_compressed(HERE / "digits_calib.npz", x=x_train[np.sort(pick)])
 
 
 def main() -> None:
@@ -79,6 +88,7 @@ def main() -> None:
         opset_version=17, dynamo=False,
     )
     np.savez_compressed(HERE / "digits_heldout.npz", x=x_test, y=y_test)
+    write_calibration_set(x_train)
     meta = {
         "model": "digits-cnn",
         "file": onnx_path.name,

@@ -36,10 +36,13 @@ def bundle() -> None:
 @click.option("--arch", multiple=True, help="CPU architecture the bundle runs on (uname -m, e.g. aarch64); repeatable.")
 @click.option("--min-ram-mb", type=click.IntRange(1), help="RAM a device needs for this bundle.")
 @click.option("--accelerator", type=click.Choice(["cuda", "tensorrt"]), help="Accelerator the bundle needs.")
+@click.option("--compression-report", type=click.Path(path_type=Path),
+              help="The JSON report of `edgefleet compress --report`: recorded in the manifest as the model's "
+                   "provenance.")
 @json_option
 @fail_cleanly
 def bundle_build(model, name, version, key, out, sample, atol, latency_budget_ms, release, expires_in_days,
-                 arch, min_ram_mb, accelerator, as_json) -> None:
+                 arch, min_ram_mb, accelerator, compression_report, as_json) -> None:
     import numpy as np
 
     from host_tools.packaging import build_bundle
@@ -52,12 +55,23 @@ def bundle_build(model, name, version, key, out, sample, atol, latency_budget_ms
                 feeds = {k: data[k] for k in data.files}
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read sample file {sample}: {exc}") from None
+    provenance = _read_report(compression_report) if compression_report else None
     target = {k: v for k, v in (("arch", list(arch)), ("min_ram_mb", min_ram_mb), ("accelerator", accelerator)) if v}
     manifest = build_bundle(model, name=name, version=version, key=key, out=out, sample=feeds, atol=atol,
-                            latency_budget_ms=latency_budget_ms, release=release, target=target,
+                            latency_budget_ms=latency_budget_ms, release=release, target=target, compression=provenance,
                             expires_at=time.time() + expires_in_days * 86400 if expires_in_days else None)
     click.echo(json.dumps({"bundle": str(out), "manifest": manifest.to_dict()}) if as_json
                else f"wrote {out}: {manifest.label} ({out.stat().st_size} bytes)")
+
+
+def _read_report(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read compression report {path}: {exc}") from None
+    if not isinstance(doc, dict) or "recipe" not in doc or "result" not in doc:
+        raise ConfigError(f"{path} is not a report written by `edgefleet compress --report`")
+    return doc
 
 
 @bundle.command("inspect", help="Show a bundle's manifest (without checking its signature).")

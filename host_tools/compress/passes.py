@@ -165,8 +165,8 @@ def _convert_one(hint, value):
             raise ValueError
         return float(value)
     if hint is str:
-        if isinstance(value, str):
-            return value
+        if isinstance(value, (str, Path)):
+            return str(value)
         raise TypeError
     raise TypeError
 

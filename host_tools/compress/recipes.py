@@ -64,7 +64,8 @@ NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
         "onnx": (Step("onnx-fp16"),),
         "tflite": (Step("tflite-fp16"),)}),
     "int4-weights": ("int4 blockwise MatMul weights, for transformer-style models", {
-        "onnx": (_PRE, Step("onnx-int4"))}),
+        # without ORT's optimizations, which would fuse MatMul+Add into Gemm, out of int4's reach
+        "onnx": (Step("onnx-preprocess", {"optimize": False}), Step("onnx-int4"))}),
 }
 
 

@@ -160,10 +160,16 @@ def run_recipe(model: ModelFile, recipe: Recipe, *, calib: str | Dataset | None 
 
 
 def _with_data(cls, options: dict, calib) -> dict:
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    if DATA_FIELD in fields and options.get(DATA_FIELD) is None and calib is not None:
-        return {**options, DATA_FIELD: calib}
-    return options
+    """*options* with --calib filled in where the pass takes data; a pass that cannot run
+    without it stops the recipe here, before anything ran."""
+    field_ = next((f for f in dataclasses.fields(cls.Config) if f.name == DATA_FIELD), None)
+    if field_ is None or options.get(DATA_FIELD) is not None:
+        return options
+    if calib is None:
+        if field_.metadata.get("required"):
+            raise ConfigError(f"pass {cls.name} needs calibration data (--calib), and will not make it up")
+        return options
+    return {**options, DATA_FIELD: calib}
 
 
 def _apply(cls, config, model: ModelFile, workdir: Path) -> Measured:

@@ -1,38 +1,251 @@
-"""Dynamic int8 quantization of the reference model, checked against the original."""
+"""The compression toolkit on real ONNX Runtime: passes, recipes, data, the report and the guard."""
 
+import json
+
+import numpy as np
+import onnx
 import pytest
 
-from device_agent.errors import ConfigError
-from host_tools.compress import EvalData, evaluate_model, quantize_dynamic_int8
+from device_agent.errors import ConfigError, ModelError
+from host_tools.compress import Dataset, ModelFile, all_passes, get_pass, load_dataset, load_recipe, run_recipe
+from host_tools.compress.passes import make_config
+from host_tools.compress.recipes import Recipe, Step, parse_step
 from tests.conftest import MODELS
+from tests.host_tools import graphs
+
+HELDOUT = MODELS / "digits_heldout.npz"
+CALIB = MODELS / "digits_calib.npz"
+
+
+def ops(path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def steps(recipe_steps) -> Recipe:
+    return Recipe("test", tuple(Step(name, dict(options)) for name, options in recipe_steps))
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory, reference_model):
-    out = tmp_path_factory.mktemp("q") / "digits_cnn.int8.onnx"
-    provenance = quantize_dynamic_int8(reference_model, out)
-    return out, provenance
+def digits():
+    return ModelFile.open(MODELS / "digits_cnn.onnx")
 
 
-def test_int8_model_is_smaller_and_keeps_accuracy(quantized, reference_model):
-    out, provenance = quantized
-    data = EvalData.load(MODELS / "digits_heldout.npz")
-    before, after = evaluate_model(reference_model, data, latency_runs=20), evaluate_model(out, data, latency_runs=20)
-    assert after.size_bytes < 0.35 * before.size_bytes
-    assert before.accuracy > 0.95
-    assert after.accuracy >= before.accuracy - 0.01
-    assert (after.predictions == before.predictions).mean() > 0.98
-    assert before.latency_p50_ms > 0 and after.latency_p50_ms > 0
-    assert provenance["method"] == "onnx-dynamic-int8"
+@pytest.fixture(scope="module")
+def static_report(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("static") / "digits.int8.onnx"
+    return run_recipe(digits, load_recipe("int8-static", "onnx"), calib=CALIB, eval_data=HELDOUT, out=out,
+                      latency_runs=20)
 
 
-def test_missing_model_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
-        quantize_dynamic_int8(tmp_path / "nope.onnx", tmp_path / "out.onnx")
+def test_static_int8_is_a_quarter_less_than_a_third_and_keeps_accuracy(static_report):
+    original, result = static_report.original, static_report.result
+    assert result.label == "onnx-static" and static_report.compressed
+    assert result.size_bytes < 0.35 * original.size_bytes
+    assert original.fidelity.accuracy > 0.95
+    assert result.fidelity.accuracy >= original.fidelity.accuracy - 0.01
+    assert result.fidelity.agreement > 0.98 and result.fidelity.cosine > 0.99
+    assert "QuantizeLinear" in ops(result.model.path) and "DequantizeLinear" in ops(result.model.path)
+    assert result.model.path.name == "digits.int8.onnx" and result.model.path.is_file()
 
 
-def test_eval_data_without_x_is_refused(tmp_path):
-    import numpy as np
-    np.savez(tmp_path / "bad.npz", inputs=np.zeros(3))
-    with pytest.raises(ConfigError, match="'x'"):
-        EvalData.load(tmp_path / "bad.npz")
+def test_report_measures_every_step_against_the_original(static_report):
+    doc = json.loads(json.dumps(static_report.to_dict()))
+    assert [s["label"] for s in doc["steps"]] == ["onnx-preprocess", "onnx-static"]
+    assert doc["recipe"]["passes"][1] == {"pass": "onnx-static", "per_channel": True}
+    for row in [doc["original"]] + doc["steps"]:
+        assert row["size_bytes"] > 0 and 0 < row["download_bytes"]
+        assert row["latency"]["p50_ms"] > 0 and row["latency"]["runs"] == 20
+        assert 0.95 < row["fidelity"]["accuracy"] <= 1
+    static = doc["steps"][1]
+    assert static["options"]["method"] == "minmax" and static["options"]["calibration"].endswith("digits_calib.npz")
+    assert static["download_bytes"] < doc["original"]["download_bytes"] / 2
+    assert static["latency_ratio"] == pytest.approx(static["latency"]["p50_ms"] / doc["original"]["latency"]["p50_ms"],
+                                                    rel=2e-2)
+    assert doc["evaluation"] == {"data": str(HELDOUT), "samples": 360, "labels": True}
+    assert "interleaved" in doc["latency_method"] and doc["host"]["onnxruntime"]
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_each_calibration_method_keeps_the_digits_accuracy(digits, method, tmp_path):
+    recipe = steps([("onnx-preprocess", {}), ("onnx-static", {"method": method, "per_channel": True})])
+    report = run_recipe(digits, recipe, calib=CALIB, eval_data=HELDOUT, latency_runs=10, workdir=tmp_path)
+    assert report.result.label == "onnx-static"
+    assert report.result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.015
+
+
+def test_static_quantization_refuses_to_calibrate_on_nothing(digits, tmp_path):
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        run_recipe(digits, steps([("onnx-preprocess", {}), ("onnx-static", {})]), eval_data=HELDOUT,
+                   workdir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # refused before any pass ran
+
+
+def test_named_and_sensitive_nodes_stay_in_float(digits, tmp_path):
+    big_fc = "/classifier/classifier.1/Gemm"
+    recipe = steps([("onnx-static", {"exclude": [big_fc], "auto_exclude": 1})])
+    report = run_recipe(digits, recipe, calib=CALIB, eval_data=HELDOUT, latency_runs=10, workdir=tmp_path)
+    graph = onnx.load(str(report.result.model.path)).graph
+    float_weights = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2}
+    gemms = {n.name: n for n in graph.node if n.op_type in ("Gemm", "Conv")}
+    assert gemms[big_fc].input[1] in float_weights  # named: weight still fp32, fed directly
+    still_float = [n for n, node in gemms.items() if node.input[1] in float_weights]
+    assert len(still_float) == 2  # plus the one the sensitivity pass found
+
+
+def test_dynamic_fp16_and_int4_on_a_model_with_constant_node_weights(tmp_path):
+    model = ModelFile.open(graphs.mlp_with_constant_weights(tmp_path / "mlp.onnx"))
+    data = Dataset({"x": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)}, None, "random")
+    # random weights on random inputs: near-tied logits, so agreement is a loose bound here
+    for recipe, op, max_ratio, agreement in (("int8-dynamic", "MatMulInteger", 0.35, 0.9),
+                                             ("fp16", "Cast", 0.55, 0.9), ("int4-weights", "MatMulNBits", 0.25, 0.75)):
+        report = run_recipe(model, load_recipe(recipe, "onnx"), eval_data=data, latency_runs=10,
+                            workdir=tmp_path / recipe)
+        result = report.result
+        assert report.compressed, (recipe, [s.note for s in report.steps])
+        assert op in ops(result.model.path) or recipe == "fp16"
+        assert result.size_bytes < max_ratio * report.original.size_bytes, recipe
+        assert result.fidelity.cosine > 0.98 and result.fidelity.agreement > agreement, recipe
+        assert result.fidelity.accuracy is None  # no labels: no accuracy, never a made-up one
+
+
+def test_several_inputs_int64_ids_and_dynamic_axes(tmp_path):
+    model = ModelFile.open(graphs.text_encoder(tmp_path / "text.onnx"))
+    data = Dataset(graphs.text_encoder_data(80), None, "tokens")
+    for recipe in ("int8-dynamic", "int8-static", "int4-weights", "fp16"):
+        report = run_recipe(model, load_recipe(recipe, "onnx"), calib=data, eval_data=data, latency_runs=10)
+        assert report.compressed and report.result.fidelity.cosine > 0.98, recipe  # worst of both outputs
+
+
+def test_a_technique_that_does_not_apply_is_skipped_in_one_line_and_the_rest_runs(digits, tmp_path):
+    recipe = steps([("onnx-int4", {}), ("onnx-dynamic", {})])
+    report = run_recipe(digits, recipe, eval_data=HELDOUT, latency_runs=10, workdir=tmp_path)
+    int4, dynamic = report.steps
+    assert int4.status == "skipped" and "no MatMul" in int4.note and "\n" not in int4.note
+    assert dynamic.status == "ok" and report.result is dynamic
+
+
+def test_recurrent_model_with_state_input_says_what_does_not_apply(tmp_path):
+    model = ModelFile.open(graphs.gru_with_state(tmp_path / "gru.onnx"))
+    rng = np.random.default_rng(0)
+    data = Dataset({"x": rng.standard_normal((20, 6, 16)).astype(np.float32),
+                    "h0": np.zeros((20, 1, 32), np.float32)}, None, "speech")
+    report = run_recipe(model, steps([("onnx-preprocess", {}), ("onnx-dynamic", {}), ("onnx-fp16", {})]),
+                        eval_data=data, latency_runs=10)
+    assert [s.status for s in report.steps] == ["ok", "skipped", "ok"]
+    assert report.result.label == "onnx-fp16" and report.result.fidelity.cosine > 0.999
+
+
+def test_a_tflite_model_skips_onnx_passes(tmp_path):
+    model = ModelFile.open(MODELS / "digits_cnn.tflite")
+    report = run_recipe(model, steps([("onnx-fp16", {})]), latency_runs=10)
+    assert report.steps[0].status == "skipped" and "onnx" in report.steps[0].note
+
+
+# --- data -----------------------------------------------------------------------------------
+
+def test_data_from_npz_folders_and_loaders(tmp_path):
+    x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "d.npz", image=x, labels=np.arange(5))
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    for i, sample in enumerate(x):
+        np.save(folder / f"{i:03d}.npy", sample)
+    np.save(folder / "labels.npy", np.arange(5))
+    npz_folder = tmp_path / "npz"
+    npz_folder.mkdir()
+    for i, sample in enumerate(x):
+        np.savez(npz_folder / f"{i:03d}.npz", image=sample[None])
+    (tmp_path / "loader.py").write_text("import numpy as np\n"
+                                        f"def load():\n    return np.load({str(tmp_path / 'd.npz')!r})['image'], "
+                                        "list(range(5))\n")
+    specs = ModelFile.open(MODELS / "digits_cnn.onnx").load().inputs
+    for source in (tmp_path / "d.npz", folder, npz_folder, tmp_path / "loader.py"):
+        data = load_dataset(source)
+        bound = data.bind(specs)
+        assert np.array_equal(bound.feeds["image"], x), source
+        if source != npz_folder:
+            assert list(data.labels) == [0, 1, 2, 3, 4], source
+
+
+def test_data_is_cast_within_a_kind_and_refused_across(tmp_path):
+    specs = ModelFile.open(MODELS / "digits_cnn.onnx").load().inputs
+    bound = Dataset({"x": np.zeros((2, 1, 8, 8), np.float64)}, None, "f64").bind(specs)
+    assert bound.feeds["image"].dtype == np.float32
+    with pytest.raises(ConfigError, match="int64 in the data"):
+        Dataset({"x": np.zeros((2, 1, 8, 8), np.int64)}, None, "ints").bind(specs)
+    with pytest.raises(ConfigError, match="dimension 2"):
+        Dataset({"x": np.zeros((2, 1, 9, 8), np.float32)}, None, "shape").bind(specs)
+    with pytest.raises(ConfigError, match="no data for model input"):
+        Dataset({"a": np.zeros(2), "b": np.zeros(2)}, None, "two").bind(
+            ModelFile.open(graphs.text_encoder(tmp_path / "t.onnx")).load().inputs)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing.npz", "does not exist"),
+    (lambda p: (p / "bad.npz").write_bytes(b"nope") and p / "bad.npz", "cannot read"),
+    (lambda p: (p / "odd.txt").write_text("x") and p / "odd.txt", "must be an .npz"),
+    (lambda p: (p / "broken.py").write_text("def load():\n    raise RuntimeError('disk gone')\n") and p / "broken.py",
+     "disk gone"),
+    (lambda p: "no_such_module_xyz:load", "cannot import"),
+])
+def test_bad_data_is_one_clear_error(tmp_path, make, message):
+    with pytest.raises(ConfigError, match=message):
+        load_dataset(make(tmp_path))
+
+
+# --- recipes and configs ----------------------------------------------------------------------
+
+def test_recipe_files_in_toml_yaml_and_json_say_the_same(tmp_path):
+    (tmp_path / "r.toml").write_text('description = "d"\n[[passes]]\npass = "onnx-preprocess"\n'
+                                     '[[passes]]\npass = "onnx-static"\nmethod = "entropy"\nexclude = ["a", "b"]\n')
+    (tmp_path / "r.yaml").write_text("description: d\npasses:\n  - pass: onnx-preprocess\n"
+                                     "  - {pass: onnx-static, method: entropy, exclude: [a, b]}\n")
+    (tmp_path / "r.json").write_text(json.dumps({"description": "d", "passes": [
+        {"pass": "onnx-preprocess"}, {"pass": "onnx-static", "method": "entropy", "exclude": ["a", "b"]}]}))
+    recipes = [load_recipe(str(tmp_path / f"r.{ext}"), "onnx") for ext in ("toml", "yaml", "json")]
+    assert all(r.steps == recipes[0].steps for r in recipes)
+    config = make_config(get_pass("onnx-static"), recipes[0].steps[1].options)
+    assert config.method == "entropy" and config.exclude == ("a", "b")
+
+
+def test_command_line_steps_are_typed_like_files():
+    step = parse_step("onnx-static method=percentile percentile=99.9 per-channel=true exclude=n1,n2")
+    config = make_config(get_pass(step.pass_name), step.options)
+    assert (config.method, config.percentile, config.per_channel, config.exclude) == \
+        ("percentile", 99.9, True, ("n1", "n2"))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "median"}, "must be minmax | entropy | percentile"),
+    ({"per_channel": "maybe"}, "must be bool"),
+    ({"samples": 2.5}, "must be int"),
+    ({"colour": "red"}, "has no option colour"),
+])
+def test_bad_pass_options_are_one_clear_error(options, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(get_pass("onnx-static"), options)
+
+
+def test_named_recipes_pick_the_passes_of_the_models_format():
+    assert [s.pass_name for s in load_recipe("int8-static", "onnx").steps] == ["onnx-preprocess", "onnx-static"]
+    with pytest.raises(ConfigError, match="no tflite version"):
+        load_recipe("int4-weights", "tflite")
+    with pytest.raises(ConfigError, match="no recipe named"):
+        load_recipe("int3", "onnx")
+    with pytest.raises(ConfigError, match="no compression pass named"):
+        run_recipe(ModelFile.open(MODELS / "digits_cnn.onnx"), steps([("onnx-int3", {})]))
+
+
+def test_every_pass_declares_what_a_recipe_needs():
+    for name, cls in all_passes().items():
+        assert cls.name == name and cls.formats and cls.summary
+        make_config(cls)  # every option has a default
+
+
+def test_a_model_onnx_cannot_read_is_one_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    with pytest.raises((ConfigError, ModelError)):
+        run_recipe(ModelFile.open(bad), load_recipe("int8-dynamic", "onnx"), eval_data=HELDOUT)
+    with pytest.raises(ConfigError, match="not an ONNX"):
+        ModelFile.open(HELDOUT)

@@ -10,8 +10,10 @@ from device_agent.errors import CompressionError, EdgefleetError
 from device_agent.runtime.base import first_line
 from host_tools.compress.model import ModelFile
 
-# Ops whose weights int8 quantization turns into integers; the rest only carry activations.
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Ops with weights that ORT's int8 quantizers turn into integers (dynamic: IntegerOps plus
+# Gather; static QDQ: its registry); the rest only carry activations.
+DYNAMIC_OPS = ("Conv", "MatMul", "Gemm", "Attention", "LSTM", "Gather")
+STATIC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
 
 
 def quiet_ort_quantizer() -> None:
@@ -35,11 +37,29 @@ def output_path(workdir: Path, model: ModelFile, tag: str) -> Path:
     return Path(workdir) / f"{model.path.stem}.{tag}.onnx"
 
 
-def weighted_nodes(path: Path) -> list[tuple[str, str]]:
-    """(name, op type) of the nodes int8 would quantize whose weight is a constant initializer."""
+def weighted_nodes(path: Path, op_types) -> list[tuple[str, str]]:
+    """(name, op type) of the nodes of *op_types* that have a constant weight (an initializer of
+    rank 2 or more among their inputs)."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    constants = {i.name for i in graph.initializer}
+    weights = {i.name for i in graph.initializer if len(i.dims) >= 2}
     return [(n.name, n.op_type) for n in graph.node
-            if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in constants]
+            if n.op_type in op_types and any(i in weights for i in n.input)]
+
+
+def hoist_constants(model) -> int:
+    """Turn Constant nodes that hold a tensor into initializers (as exporters often write weights),
+    so quantizers see the weights; returns how many moved."""
+    graph = model.graph
+    moved = []
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = type(node.attribute[0].t)()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            moved.append(node)
+    for node in moved:
+        graph.node.remove(node)
+    return len(moved)

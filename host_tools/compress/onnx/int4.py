@@ -31,7 +31,7 @@ class OnnxInt4WeightOnly(Pass):
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         quiet_ort_quantizer()
-        matmuls = [n for n, op in weighted_nodes(model.path) if op == "MatMul" and n not in config.exclude]
+        matmuls = [n for n, _ in weighted_nodes(model.path, ("MatMul",)) if n not in config.exclude]
         if not matmuls:
             raise NotApplicable(f"{model.path.name} has no MatMul with constant weights "
                                 f"(int4 weight-only is for MatMul-heavy models such as transformers)")

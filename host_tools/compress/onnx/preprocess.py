@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import failing_as, output_path, quiet_ort_quantizer
+from host_tools.compress.onnx.boundary import failing_as, hoist_constants, output_path, quiet_ort_quantizer
 from host_tools.compress.passes import Pass, PassConfig, register
 
 
@@ -23,23 +23,27 @@ class OnnxPreprocess(Pass):
 
     @dataclass(frozen=True)
     class Config(PassConfig):
-        optimize: bool = field(default=True, metadata={"help": "run ORT's basic graph optimizations"})
+        optimize: bool = field(default=True, metadata={
+            "help": "run ORT's basic graph optimizations (constant folding; also fuses MatMul+Add into Gemm)"})
         symbolic_shapes: bool = field(default=True, metadata={
             "help": "symbolic shape inference (falls back to ONNX's own when it cannot)"})
 
     def run(self, model, config, workdir):
+        import onnx
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         quiet_ort_quantizer()
         out = output_path(workdir, model, "pre")
         with failing_as(self.name, model):
+            source = onnx.load(str(model.path))
+            hoist_constants(source)
             try:
-                quant_pre_process(str(model.path), str(out), skip_optimization=not config.optimize,
+                quant_pre_process(source, str(out), skip_optimization=not config.optimize,
                                   skip_symbolic_shape=not config.symbolic_shapes)
             except Exception:
                 if not config.symbolic_shapes:
                     raise
                 # Symbolic inference gives up on some graphs (loops, unusual ops); ONNX's own still helps.
-                quant_pre_process(str(model.path), str(out), skip_optimization=not config.optimize,
+                quant_pre_process(source, str(out), skip_optimization=not config.optimize,
                                   skip_symbolic_shape=True)
         return ModelFile(out, "onnx")

@@ -12,9 +12,11 @@ import numpy as np
 from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import failing_as, output_path, quiet_ort_quantizer, weighted_nodes
+from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, failing_as, output_path,
+                                                quiet_ort_quantizer, weighted_nodes)
 from host_tools.compress.passes import Pass, PassConfig, register
 
+NO_CALIBRATION = "needs calibration data (--calib): static quantization will not calibrate on random noise"
 _EXCLUDE_HELP = "node names to leave in float"
 _OPS_HELP = "only quantize these op types (empty: all ORT can)"
 
@@ -41,7 +43,7 @@ class OnnxDynamicInt8(Pass):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quiet_ort_quantizer()
-        _require_weighted_nodes(self.name, model, config.op_types)
+        _require_weighted_nodes(model, config.op_types or DYNAMIC_OPS)
         out = output_path(workdir, model, "dynamic")
         with failing_as(self.name, model):
             quantize_dynamic(str(model.path), str(out), weight_type=QuantType.QInt8,
@@ -64,7 +66,7 @@ class OnnxStaticInt8(Pass):
     @dataclass(frozen=True)
     class Config(PassConfig):
         calibration: Dataset | str | None = field(default=None, metadata={
-            "help": "calibration inputs (.npz, folder, loader); default: --calib"})
+            "help": "calibration inputs (.npz, folder, loader); default: --calib", "required": True})
         method: Literal["minmax", "entropy", "percentile"] = field(default="minmax", metadata={
             "help": "how activation ranges are chosen from the calibration outputs"})
         percentile: float = field(default=99.999, metadata={"help": "for method=percentile"})
@@ -82,9 +84,8 @@ class OnnxStaticInt8(Pass):
     def run(self, model, config, workdir):
         quiet_ort_quantizer()
         if config.calibration is None:
-            raise ConfigError(f"{self.name} needs calibration data (--calib): static quantization will not "
-                              f"calibrate on random noise")
-        candidates = _require_weighted_nodes(self.name, model, config.op_types)
+            raise ConfigError(f"{self.name} {NO_CALIBRATION}")
+        candidates = _require_weighted_nodes(model, config.op_types or STATIC_OPS)
         data = load_dataset(config.calibration).head(config.samples)
         feeds = data.bind(model.load(threads=1).inputs)
         out = output_path(workdir, model, "static")
@@ -129,10 +130,12 @@ def _quantize_static(source: Path, dest: Path, config, feeds, cache: Path, *, ex
 
 
 class _Reader:
-    """ORT's CalibrationDataReader: one batch of feeds per call, then None."""
+    """ORT's CalibrationDataReader: one batch of feeds per call, then None. All batches have one
+    size (ORT's histogram calibrators stack them), the largest divisor of the count up to 32."""
 
     def __init__(self, feeds) -> None:
-        self._batches = iter(list(feeds.batches(32)))
+        size = max(d for d in range(1, 33) if len(feeds) % d == 0)
+        self._batches = iter(list(feeds.batches(size)))
 
     def get_next(self):
         return next(self._batches, None)
@@ -159,9 +162,9 @@ def _distance(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
     return worst
 
 
-def _require_weighted_nodes(pass_name: str, model: ModelFile, op_types: tuple[str, ...]) -> list[tuple[str, str]]:
-    nodes = [(n, t) for n, t in weighted_nodes(model.path) if not op_types or t in op_types]
+def _require_weighted_nodes(model: ModelFile, op_types: tuple[str, ...]) -> list[tuple[str, str]]:
+    nodes = weighted_nodes(model.path, op_types)
     if not nodes:
-        kinds = ", ".join(op_types) if op_types else "Conv, Gemm or MatMul"
-        raise NotApplicable(f"{model.path.name} has no {kinds} node with constant weights")
+        raise NotApplicable(f"{model.path.name} has no node with constant weights that this quantizer "
+                            f"handles ({', '.join(op_types)})")
     return nodes

@@ -1,0 +1,101 @@
+"""ONNX graphs shaped like models nobody here made, built with onnx.helper for the compression tests:
+weights arriving through Constant nodes, several inputs and outputs, int64 token ids, dynamic
+axes, a recurrent layer with a state input. Weights are random but fixed (seeded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def _save(graph, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=OPSET, producer_name="edgefleet-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _const(name: str, array: np.ndarray):
+    return helper.make_node("Constant", [], [name], name=f"{name}_const", value=numpy_helper.from_array(array, name))
+
+
+def mlp_with_constant_weights(path: Path, features: int = 64, hidden: int = 128, classes: int = 8) -> Path:
+    """x [batch, features] -> MatMul -> Add -> Relu -> MatMul -> Add -> logits [batch, classes],
+    every weight a Constant node as some exporters write them."""
+    rng = np.random.default_rng(1)
+    w1 = (rng.standard_normal((features, hidden)) / np.sqrt(features)).astype(np.float32)
+    w2 = (rng.standard_normal((hidden, classes)) / np.sqrt(hidden)).astype(np.float32)
+    nodes = [
+        _const("w1", w1), _const("b1", np.zeros(hidden, np.float32)),
+        _const("w2", w2), _const("b2", np.zeros(classes, np.float32)),
+        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+        helper.make_node("Add", ["h0", "b1"], ["h1"], name="fc1_bias"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="relu"),
+        helper.make_node("MatMul", ["h2", "w2"], ["h3"], name="fc2"),
+        helper.make_node("Add", ["h3", "b2"], ["logits"], name="fc2_bias"),
+    ]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])])
+    return _save(graph, path)
+
+
+def text_encoder(path: Path, vocab: int = 100, dim: int = 32, classes: int = 4) -> Path:
+    """Two inputs (int64 token ids, float mask, both [batch, tokens] with dynamic axes), an
+    embedding Gather, a masked mean, a MatMul head; two outputs (logits and the pooled vector)."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "embedding"),
+             numpy_helper.from_array((rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32), "proj"),
+             numpy_helper.from_array((rng.standard_normal((dim, classes)) / np.sqrt(dim)).astype(np.float32), "head"),
+             numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    nodes = [
+        helper.make_node("Gather", ["embedding", "ids"], ["emb"], name="embed"),
+        helper.make_node("Unsqueeze", ["mask", "axis2"], ["mask3"], name="mask_unsqueeze"),
+        helper.make_node("Mul", ["emb", "mask3"], ["masked"], name="apply_mask"),
+        helper.make_node("ReduceSum", ["masked", "axis1"], ["summed"], name="sum_tokens", keepdims=0),
+        helper.make_node("ReduceSum", ["mask", "axis1"], ["count"], name="count_tokens", keepdims=1),
+        helper.make_node("Div", ["summed", "count"], ["mean"], name="mean"),
+        helper.make_node("MatMul", ["mean", "proj"], ["proj_out"], name="proj"),
+        helper.make_node("Tanh", ["proj_out"], ["pooled"], name="tanh"),
+        helper.make_node("MatMul", ["pooled", "head"], ["logits"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes, "text", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "tokens"]),
+                        helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "tokens"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes]),
+         helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", dim])], inits)
+    return _save(graph, path)
+
+
+def text_encoder_data(count: int, tokens: int = 12, vocab: int = 100) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(3, tokens + 1, count)
+    mask = (np.arange(tokens)[None, :] < lengths[:, None]).astype(np.float32)
+    return {"ids": rng.integers(0, vocab, (count, tokens)).astype(np.int64), "mask": mask}
+
+
+def gru_with_state(path: Path, features: int = 16, hidden: int = 32) -> Path:
+    """A speech-style recurrent layer: x [batch, time, features] and state h0 [1, batch, hidden]
+    in; the sequence output and the next state out."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array((rng.standard_normal((1, 3 * hidden, features)) * 0.2).astype(np.float32), "W"),
+             numpy_helper.from_array((rng.standard_normal((1, 3 * hidden, hidden)) * 0.2).astype(np.float32), "R"),
+             numpy_helper.from_array(np.array([1], np.int64), "dir_axis")]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["x_tbf"], name="to_time_major", perm=[1, 0, 2]),
+        helper.make_node("GRU", ["x_tbf", "W", "R", "", "", "h0"], ["y", "h_next"], name="gru", hidden_size=hidden),
+        helper.make_node("Squeeze", ["y", "dir_axis"], ["y_tbh"], name="squeeze_dir"),
+        helper.make_node("Transpose", ["y_tbh"], ["out"], name="to_batch_major", perm=[1, 0, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes, "gru", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "time", features]),
+                       helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "batch", hidden])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "time", hidden]),
+         helper.make_tensor_value_info("h_next", TensorProto.FLOAT, [1, "batch", hidden])], inits)
+    return _save(graph, path)
