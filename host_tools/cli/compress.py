@@ -32,6 +32,10 @@ DATA_HELP = ".npz, a folder of .npy/.npz samples, or a loader (file.py defining 
 @click.option("--eval", "eval_data", help=f"Evaluation inputs, labels optional: {DATA_HELP}.")
 @click.option("--max-drop", type=click.FloatRange(min=0), help="Accuracy guard: refuse (exit 1, write nothing) "
               "if the result loses more than this many points against the original.")
+@click.option("--auto", is_flag=True, help="Try a ladder of candidates (dynamic, static per-tensor/per-channel, "
+              "sensitive nodes left in float, int4, fp16…) and keep the best within --max-drop.")
+@click.option("--goal", type=click.Choice(["size", "speed"]), default="size", show_default=True,
+              help="With --auto: the smallest model, or the fastest one that is faster than the original.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
               help="Also write the report as JSON (for `edgefleet bundle build --compression-report`).")
 @click.option("--latency-runs", type=click.IntRange(10), default=200, show_default=True,
@@ -41,7 +45,7 @@ DATA_HELP = ".npz, a folder of .npy/.npz samples, or a loader (file.py defining 
 @click.option("--list", "list_only", is_flag=True, help="List the passes and the named recipes.")
 @json_option
 @fail_cleanly
-def compress(model, out, recipe, steps, calib, eval_data, max_drop, report_path, latency_runs, threads,
+def compress(model, out, recipe, steps, calib, eval_data, max_drop, auto, goal, report_path, latency_runs, threads,
              list_only, as_json) -> None:
     if list_only:
         _list(as_json)
@@ -55,29 +59,41 @@ def compress(model, out, recipe, steps, calib, eval_data, max_drop, report_path,
     from host_tools.compress.report import report_table, skipped_lines
     from host_tools.compress.workflow import quality_drop, run_recipe
 
-    if recipe and steps:
-        raise click.UsageError("give --recipe or --pass, not both")
+    if sum(map(bool, (recipe, steps, auto))) > 1:
+        raise click.UsageError("give one of --recipe, --pass or --auto")
+    if (max_drop is not None or auto) and eval_data is None:
+        raise click.UsageError("--max-drop and --auto need --eval data to measure the drop on")
+    if auto and max_drop is None:
+        raise click.UsageError("--auto needs --max-drop: how many accuracy points it may lose")
     model = ModelFile.open(model)
-    if steps:
-        plan = Recipe("command line", tuple(parse_step(s) for s in steps))
-    else:
-        plan = load_recipe(recipe or ("int8-static" if calib else "int8-dynamic"), model.format)
-    if max_drop is not None and eval_data is None:
-        raise click.UsageError("--max-drop needs --eval data to measure the drop on")
     err = console(stderr=True)
+    say = lambda msg: err.print(f"[dim]{msg}[/]", highlight=False)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp:
-        report = run_recipe(model, plan, calib=calib, eval_data=eval_data, workdir=Path(tmp),
-                            latency_runs=latency_runs, latency_threads=threads,
-                            progress=lambda msg: err.print(f"[dim]{msg}[/]"))
+        if auto:
+            from host_tools.compress.auto import search
+
+            report = search(model, eval_data=eval_data, calib=calib, max_drop=max_drop, goal=goal,
+                            workdir=Path(tmp), latency_runs=latency_runs, latency_threads=threads, progress=say)
+            title = f"{model.path.name}: --auto --max-drop {max_drop:g} --goal {goal}"
+        else:
+            if steps:
+                plan = Recipe("command line", tuple(parse_step(s) for s in steps))
+            else:
+                plan = load_recipe(recipe or ("int8-static" if calib else "int8-dynamic"), model.format)
+            report = run_recipe(model, plan, calib=calib, eval_data=eval_data, workdir=Path(tmp),
+                                latency_runs=latency_runs, latency_threads=threads, progress=say)
+            title = f"{model.path.name}: {plan.name}"
         doc = report.to_dict()
         if not as_json:
-            console().print(report_table(report, title=f"{model.path.name}: {plan.name}"))
+            console().print(report_table(report, title=title))
             for line in skipped_lines(report):
                 err.print(line)
         drop = quality_drop(report.original, report.result)
         refused = None
-        if not report.compressed:
-            refused = f"no pass of {plan.name} applied to {model.path.name}; nothing written to {out}"
+        if auto and not report.compressed:
+            refused = f"--auto: nothing qualifies ({report.auto.why_none}); nothing written to {out}"
+        elif not report.compressed:
+            refused = f"no pass of {report.recipe.name} applied to {model.path.name}; nothing written to {out}"
         elif max_drop is not None and drop is not None and drop > max_drop:
             refused = (f"accuracy guard: {report.result.label} loses {drop:.2f} points, more than "
                        f"--max-drop {max_drop:g}; nothing written to {out}")

@@ -94,10 +94,12 @@ def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
     return Fidelity(accuracy(outputs, labels), agreement, min(cosines), max(max_errors), float(np.mean(mean_errors)))
 
 
-def latencies(models: list[ModelFile], data: BoundData, *, runs: int = 200, rounds: int = 5,
+def latencies(models: list[ModelFile], data: BoundData, *, runs: int = 200, rounds: int | None = None,
               threads: int | None = 1, warmup: int = 10) -> list[Latency]:
-    """Single-sample latency of each model, measured in *rounds* interleaved rounds of
-    runs/rounds calls each on the same samples; p50 and p90 over all of a model's calls."""
+    """Single-sample latency of each model, measured in interleaved rounds (default: one per 10
+    runs) of runs/rounds calls each on the same samples; p50 and p90 over all of a model's calls.
+    Many short rounds spread a busy spell on a shared machine over every model alike."""
+    rounds = rounds or max(5, runs // 10)
     runtimes = [m.load(threads=threads) for m in models]
     samples = [data.sample(i % len(data)) for i in range(max(runs // rounds, 1))]
     for runtime in runtimes:

@@ -30,12 +30,22 @@ def report_table(report: CompressionReport, title: str = "compression"):
         else:
             table.add_column(header, justify="right", no_wrap=True)
     for m in [original] + [s for s in report.steps if s.status == "ok"]:
-        table.add_row(*_cells(m, original))
+        cells = _cells(m, original)
+        if report.auto is not None and m is report.chosen:
+            cells[0] = f"[bold]→ {cells[0]}[/]"
+        table.add_row(*cells)
     return table
 
 
 def skipped_lines(report: CompressionReport) -> list[str]:
-    return [f"{s.label}: {s.status}: {s.note}" for s in report.steps if s.status != "ok"]
+    """What did not run, and for --auto, the verdict on every candidate and the outcome."""
+    if report.auto is None:
+        return [f"{s.label}: {s.status}: {s.note}" for s in report.steps if s.status != "ok"]
+    auto = report.auto
+    lines = [f"{name}: {verdict}" for name, verdict in auto.verdicts.items()]
+    lines.append(f"--auto chose {auto.chosen} (goal {auto.goal}, max drop {auto.max_drop:g} points)" if auto.chosen
+                 else f"--auto: nothing qualifies: {auto.why_none}")
+    return lines
 
 
 def _cells(m: Measured, original: Measured) -> list[str]:

@@ -50,14 +50,21 @@ class CompressionReport:
     eval_samples: int
     labels: bool
     latency_threads: int | None
+    # --auto: steps are alternatives, not a chain; the one chosen (None: none qualified) and why
+    chosen: Measured | None = None
+    auto: Any = None
 
     @property
     def compressed(self) -> bool:
-        """Whether any pass that compresses (not only prepares the graph) succeeded."""
+        """Whether the result is compressed (not only prepared, and not the original)."""
+        if self.auto is not None:
+            return self.chosen is not None
         return any(s.status == "ok" and s.compresses for s in self.steps)
 
     @property
     def result(self) -> Measured:
+        if self.auto is not None:
+            return self.chosen or self.original
         done = [s for s in self.steps if s.status == "ok"]
         return done[-1] if done else self.original
 
@@ -80,6 +87,7 @@ class CompressionReport:
             return out
 
         return {
+            **({"auto": self.auto.to_dict()} if self.auto is not None else {}),
             "recipe": self.recipe.to_dict(),
             "original": row(self.original),
             "steps": [row(s) for s in self.steps],
@@ -115,48 +123,88 @@ def run_recipe(model: ModelFile, recipe: Recipe, *, calib: str | Dataset | None 
     next pass takes the last good model. The last good model is copied to *out*.
     """
     say = progress or (lambda _msg: None)
-    plan = [(get_pass(s.pass_name), s.options) for s in recipe.steps]
-    configs = []
-    for cls, options in plan:
-        if model.format in cls.formats:
-            check_requirements(cls)
-        configs.append(make_config(cls, _with_data(cls, options, calib)))
-    data = load_dataset(eval_data) if eval_data is not None else None
+    plan = plan_steps(recipe.steps, model, calib)
     with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp:
         workdir = Path(workdir or tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        original = _measured("original", model)
-        bound = data.bind(model.load().inputs) if data is not None else None
-        if bound is not None:
-            say(f"evaluating the original on {len(bound)} samples")
-            _score(original, bound, original)
+        evaluation = Evaluation(model, eval_data, say)
         steps, current = [], model
-        for i, ((cls, _), config) in enumerate(zip(plan, configs), start=1):
+        for i, (cls, config) in enumerate(plan, start=1):
             say(f"[{i}/{len(plan)}] {cls.name}")
-            step = _apply(cls, config, current, workdir / f"{i:02d}-{cls.name}")
-            if step.status == "ok" and bound is not None:
-                _score(step, bound, original)
+            step = apply_pass(cls, config, current, workdir / f"{i:02d}-{cls.name}")
+            evaluation.score(step)
             if step.status == "ok":
                 current = step.model
             steps.append(step)
-        report = CompressionReport(original, steps, recipe, None if data is None else data.source,
-                                   0 if bound is None else len(bound),
-                                   bound is not None and bound.labels is not None, latency_threads)
-        if bound is not None:
-            say(f"timing {1 + len([s for s in steps if s.status == 'ok'])} models, {latency_runs} runs each")
-            timed = [original] + [s for s in steps if s.status == "ok"]
-            for m, lat in zip(timed, evaluate.latencies([m.model for m in timed], bound, runs=latency_runs,
-                                                        threads=latency_threads)):
-                m.latency = lat
-        if out is not None:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(report.result.model.path, out)
-            report.result.model = ModelFile(Path(out), report.result.model.format)
-        if workdir == Path(tmp):  # the intermediate files go with the temporary directory
-            for s in steps:
-                if s is not report.result:
-                    s.model = ModelFile(Path(s.model.path.name), s.model.format)
+        report = evaluation.report(steps, recipe, latency_threads)
+        evaluation.time([s for s in steps if s.status == "ok"], latency_runs, latency_threads)
+        deliver(report, out, keep=workdir != Path(tmp))
         return report
+
+
+def plan_steps(steps, model: ModelFile, calib) -> list[tuple[type, Any]]:
+    """Each step's pass class and typed config, with --calib filled in; all checked before anything runs."""
+    plan = []
+    for step in steps:
+        cls = get_pass(step.pass_name)
+        if model.format in cls.formats:
+            check_requirements(cls)
+        plan.append((cls, make_config(cls, _with_data(cls, step.options, calib))))
+    return plan
+
+
+class Evaluation:
+    """The evaluation data bound to the model's inputs, and the original measured on it;
+    without data, only sizes are measured."""
+
+    def __init__(self, model: ModelFile, eval_data: str | Dataset | None, say: Progress) -> None:
+        self.data = load_dataset(eval_data) if eval_data is not None else None
+        self.original = _measured("original", model)
+        self.bound = self.data.bind(model.load().inputs) if self.data is not None else None
+        if self.bound is not None:
+            say(f"evaluating the original on {len(self.bound)} samples")
+            self.score(self.original)
+        self._say = say
+
+    def score(self, m: Measured) -> None:
+        """Fidelity of *m* against the original (a model that no longer runs fails here)."""
+        if self.bound is None or m.status != "ok":
+            return
+        try:
+            m.outputs = evaluate.outputs_on(m.model, self.bound)
+        except ModelError as exc:
+            if m is self.original:
+                raise ConfigError(f"the original model does not run on the evaluation data: {exc}") from None
+            m.status, m.note = "failed", f"does not run: {exc}"
+            return
+        m.fidelity = evaluate.fidelity(self.original.outputs, m.outputs, self.bound.labels)
+
+    def time(self, models: list[Measured], runs: int, threads: int | None) -> None:
+        """Latency of the original and *models*, in the same interleaved rounds."""
+        if self.bound is None:
+            return
+        timed = [self.original] + models
+        self._say(f"timing {len(timed)} models, {runs} runs each")
+        for m, lat in zip(timed, evaluate.latencies([m.model for m in timed], self.bound, runs=runs,
+                                                    threads=threads)):
+            m.latency = lat
+
+    def report(self, steps: list[Measured], recipe: Recipe, threads: int | None) -> CompressionReport:
+        return CompressionReport(self.original, steps, recipe, None if self.data is None else self.data.source,
+                                 0 if self.bound is None else len(self.bound),
+                                 self.bound is not None and self.bound.labels is not None, threads)
+
+
+def deliver(report: CompressionReport, out: Path | None, *, keep: bool) -> None:
+    """Copy the result to *out*; unless *keep*, the intermediate files are about to go with their
+    temporary directory, so the report names them by file name only."""
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(report.result.model.path, out)
+        report.result.model = ModelFile(Path(out), report.result.model.format)
+    if not keep:
+        for s in report.steps:
+            if s is not report.result:
+                s.model = ModelFile(Path(s.model.path.name), s.model.format)
 
 
 def _with_data(cls, options: dict, calib) -> dict:
@@ -172,7 +220,7 @@ def _with_data(cls, options: dict, calib) -> dict:
     return {**options, DATA_FIELD: calib}
 
 
-def _apply(cls, config, model: ModelFile, workdir: Path) -> Measured:
+def apply_pass(cls, config, model: ModelFile, workdir: Path) -> Measured:
     if model.format not in cls.formats:
         return Measured(cls.name, model, "skipped", f"does not apply to {model.format} models "
                         f"(it takes {', '.join(cls.formats)})", config.to_dict())
@@ -191,17 +239,6 @@ def _apply(cls, config, model: ModelFile, workdir: Path) -> Measured:
 
 def _measured(label: str, model: ModelFile) -> Measured:
     return Measured(label, model, size_bytes=model.size_bytes, download_bytes=evaluate.download_size(model.path))
-
-
-def _score(m: Measured, bound, original: Measured) -> None:
-    try:
-        m.outputs = evaluate.outputs_on(m.model, bound)
-    except ModelError as exc:
-        if m is original:
-            raise ConfigError(f"the original model does not run on the evaluation data: {exc}") from None
-        m.status, m.note = "failed", f"does not run: {exc}"
-        return
-    m.fidelity = evaluate.fidelity(original.outputs, m.outputs, bound.labels)
 
 
 def _cpu_name() -> str:

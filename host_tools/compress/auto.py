@@ -1,0 +1,205 @@
+"""`--auto`: try a ladder of candidates and keep the best one within the accuracy tolerance.
+
+Every candidate is a recipe. Each is measured against the original on the evaluation data;
+those within ``max_drop`` points are then timed together with the original in interleaved
+rounds. The goal decides among them: ``size`` keeps the smallest file (the fastest of those
+within 5% of the smallest), ``speed`` the fastest
+model that is measurably faster than the original (a candidate slower than the original is
+never chosen for speed). When none qualifies, the search says so and hands nothing back.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from device_agent.errors import ConfigError
+from host_tools.compress.data import Dataset
+from host_tools.compress.model import ModelFile
+from host_tools.compress.recipes import Recipe, Step
+from host_tools.compress.workflow import (CompressionReport, Evaluation, Measured, Progress, apply_pass, deliver,
+                                          plan_steps, quality_drop)
+
+GOALS = ("size", "speed")
+# "Faster" means at most this fraction of the original's p50 in the same interleaved rounds,
+# so that run-to-run noise on a shared machine never passes for a speed-up.
+SPEED_MARGIN = 0.95
+# For size, files within this fraction of the smallest count as equally small, and the
+# fastest of them wins: a 2% smaller file is not worth a 3x slower model.
+SIZE_SLACK = 0.05
+
+_PRE = Step("onnx-preprocess")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    steps: tuple[Step, ...]
+    needs_calibration: bool = False
+    # Try only when this candidate missed the tolerance (e.g. leave sensitive nodes in float
+    # only if plain static int8 loses too much).
+    if_missed: str | None = None
+
+
+ONNX_LADDER = (
+    Candidate("dynamic int8", (_PRE, Step("onnx-dynamic"))),
+    Candidate("dynamic int8, MatMul/Gemm only", (_PRE, Step("onnx-dynamic", {"op_types": ["MatMul", "Gemm"]}))),
+    Candidate("static int8 per-tensor", (_PRE, Step("onnx-static")), needs_calibration=True),
+    Candidate("static int8 per-channel", (_PRE, Step("onnx-static", {"per_channel": True})), needs_calibration=True),
+    Candidate("static int8 per-channel, entropy", (_PRE, Step("onnx-static", {"per_channel": True, "method": "entropy"})),
+              needs_calibration=True, if_missed="static int8 per-channel"),
+    Candidate("static int8, 1 sensitive node in float",
+              (_PRE, Step("onnx-static", {"per_channel": True, "auto_exclude": 1})),
+              needs_calibration=True, if_missed="static int8 per-channel"),
+    Candidate("static int8, 3 sensitive nodes in float",
+              (_PRE, Step("onnx-static", {"per_channel": True, "auto_exclude": 3})),
+              needs_calibration=True, if_missed="static int8, 1 sensitive node in float"),
+    Candidate("int4 MatMul weights", (Step("onnx-preprocess", {"optimize": False}), Step("onnx-int4"))),
+    Candidate("fp16", (Step("onnx-fp16"),)),
+)
+TFLITE_LADDER = (
+    Candidate("dynamic-range int8", (Step("tflite-dynamic"),)),
+    Candidate("int8 weights only", (Step("tflite-weight-only"),)),
+    Candidate("full int8", (Step("tflite-int8"),), needs_calibration=True),
+    Candidate("fp16", (Step("tflite-fp16"),)),
+)
+
+
+def ladder(model: ModelFile) -> tuple[Candidate, ...]:
+    return ONNX_LADDER if model.format == "onnx" else TFLITE_LADDER
+
+
+@dataclass
+class AutoOutcome:
+    max_drop: float
+    goal: str
+    verdicts: dict[str, str] = field(default_factory=dict)
+    chosen: str | None = None
+    why_none: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_drop_points": self.max_drop, "goal": self.goal, "chosen": self.chosen,
+                "verdicts": self.verdicts, "none_qualified": self.why_none}
+
+
+def search(model: ModelFile, *, eval_data: str | Dataset, max_drop: float, goal: str = "size",
+           calib: str | Dataset | None = None, candidates: tuple[Candidate, ...] | None = None,
+           out: Path | None = None, workdir: Path | None = None, latency_runs: int = 200,
+           latency_threads: int | None = 1, progress: Progress | None = None) -> CompressionReport:
+    """Measure every candidate of the ladder (or *candidates*) and choose by *goal*; the
+    report's ``auto`` says what was chosen and why each candidate was or was not."""
+    if goal not in GOALS:
+        raise ConfigError(f"--goal must be one of {', '.join(GOALS)}")
+    say = progress or (lambda _msg: None)
+    todo = [c for c in (candidates or ladder(model)) if calib is not None or not c.needs_calibration]
+    if not todo:
+        raise ConfigError(f"no candidate for a {model.format} model without calibration data (--calib)")
+    plans = {c.name: plan_steps(c.steps, model, calib) for c in todo}
+    outcome = AutoOutcome(max_drop, goal)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-auto-") as tmp:
+        workdir = Path(workdir or tmp)
+        evaluation = Evaluation(model, eval_data, say)
+        if evaluation.bound is None:
+            raise ConfigError("--auto needs evaluation data (--eval)")
+        chains: dict[str, Measured] = {}  # a recipe prefix's result, shared between candidates
+        results: dict[str, Measured] = {}
+        for i, candidate in enumerate(todo, start=1):
+            if candidate.if_missed and (candidate.if_missed not in results or
+                                        _qualifies(results[candidate.if_missed], evaluation, max_drop)):
+                outcome.verdicts[candidate.name] = f"not tried: {candidate.if_missed} did not miss the tolerance"
+                say(f"[{i}/{len(todo)}] {candidate.name}: {outcome.verdicts[candidate.name]}")
+                continue
+            say(f"[{i}/{len(todo)}] {candidate.name}")
+            m = _run_chain(candidate, plans[candidate.name], model, evaluation, chains, workdir)
+            results[candidate.name] = m
+            say(f"      {_summary(m, evaluation.original)}")
+        measured = [m for m in results.values() if m.status == "ok"]
+        within = [m for m in measured if _qualifies(m, evaluation, max_drop)]
+        evaluation.time(within, latency_runs, latency_threads)
+        chosen = _choose(within, evaluation.original, goal)
+        for m in results.values():
+            outcome.verdicts[m.label] = _verdict(m, evaluation.original, max_drop, goal, chosen)
+        if chosen is None:
+            outcome.why_none = _why_none(results, within, max_drop, goal)
+        else:
+            outcome.chosen = chosen.label
+        by_name = {c.name: c for c in todo}
+        recipe = Recipe(f"auto: {chosen.label}" if chosen else "auto: none",
+                        by_name[chosen.label].steps if chosen else (),
+                        f"chosen by --auto --max-drop {max_drop:g} --goal {goal}")
+        report = evaluation.report(list(results.values()), recipe, latency_threads)
+        report.chosen, report.auto = chosen, outcome
+        deliver(report, out if chosen else None, keep=workdir != Path(tmp))
+        return report
+
+
+def _run_chain(candidate: Candidate, plan, model: ModelFile, evaluation: Evaluation,
+               chains: dict[str, Measured], workdir: Path) -> Measured:
+    current, last = model, None
+    key = ""
+    for step, (cls, config) in zip(candidate.steps, plan):
+        key += json.dumps(step.to_dict(), sort_keys=True)
+        if key not in chains:
+            chains[key] = apply_pass(cls, config, current, workdir / f"{len(chains):02d}-{cls.name}")
+            evaluation.score(chains[key])
+        last = chains[key]
+        if last.status != "ok":
+            break
+        current = last.model
+    m = Measured(candidate.name, last.model, last.status, last.note,
+                 {"passes": [s.to_dict() for s in candidate.steps]},
+                 compresses=last.compresses, seconds=last.seconds, size_bytes=last.size_bytes,
+                 download_bytes=last.download_bytes, fidelity=last.fidelity, outputs=last.outputs)
+    return m
+
+
+def _qualifies(m: Measured | None, evaluation: Evaluation, max_drop: float) -> bool:
+    if m is None or m.status != "ok" or not m.compresses:
+        return False
+    drop = quality_drop(evaluation.original, m)
+    return drop is not None and drop <= max_drop
+
+
+def _choose(within: list[Measured], original: Measured, goal: str) -> Measured | None:
+    if goal == "speed":
+        faster = [m for m in within if m.latency.p50_ms <= SPEED_MARGIN * original.latency.p50_ms]
+        return min(faster, key=lambda m: (m.latency.p50_ms, m.size_bytes), default=None)
+    smaller = [m for m in within if m.size_bytes < original.size_bytes]
+    if not smaller:
+        return None
+    smallest = min(m.size_bytes for m in smaller)
+    return min((m for m in smaller if m.size_bytes <= smallest * (1 + SIZE_SLACK)),
+               key=lambda m: (m.latency.p50_ms, m.size_bytes))
+
+
+def _summary(m: Measured, original: Measured) -> str:
+    if m.status != "ok":
+        return f"{m.status}: {m.note}"
+    drop = quality_drop(original, m)
+    return f"{m.size_bytes / original.size_bytes:.2f}x size, drop {drop:+.2f} points"
+
+
+def _verdict(m: Measured, original: Measured, max_drop: float, goal: str, chosen: Measured | None) -> str:
+    if m.status != "ok":
+        return f"{m.status}: {m.note}"
+    drop = quality_drop(original, m)
+    if drop > max_drop:
+        return f"loses {drop:.2f} points (more than {max_drop:g})"
+    ratio = m.latency.p50_ms / original.latency.p50_ms
+    if m is chosen:
+        return f"chosen: {m.size_bytes / original.size_bytes:.2f}x size, {ratio:.2f}x p50, drop {drop:+.2f}"
+    if goal == "speed" and ratio > SPEED_MARGIN:
+        return f"within tolerance, but not faster than the original ({ratio:.2f}x p50)"
+    return f"within tolerance ({m.size_bytes / original.size_bytes:.2f}x size, {ratio:.2f}x p50)"
+
+
+def _why_none(results: dict[str, Measured], within: list[Measured], max_drop: float, goal: str) -> str:
+    if not within:
+        return f"none of {len(results)} candidates stays within {max_drop:g} points of the original"
+    if goal == "speed":
+        return (f"{len(within)} candidate(s) stay within {max_drop:g} points, but none is faster than the "
+                f"original on this host (needs at most {SPEED_MARGIN:.2f}x its p50)")
+    return f"{len(within)} candidate(s) stay within {max_drop:g} points, but none is smaller than the original"
