@@ -13,7 +13,7 @@ def test_demo_runs_the_whole_path_and_exits_0(tmp_path):
     for device in ("pi-01", "pi-02", "pi-03"):
         assert device in out
     assert out.count("digits-cnn 1.0.0") >= 3
-    assert "digits_cnn.int8.onnx" in out  # the before/after table
+    assert "before / after" in out and "onnx-static" in out  # the compression table
     assert (tmp_path / "bundles" / "digits-cnn-1.0.0.efb").exists()  # the directory it serves, as `edgefleet serve`
     assert "as `edgefleet serve` does" in out
     for device in ("pi-01", "pi-02", "pi-03"):

@@ -1,0 +1,64 @@
+"""--auto: a ladder of candidates, each measured; the best within the tolerance, or plainly none."""
+
+import pytest
+
+from host_tools.compress import ModelFile, Step
+from host_tools.compress.auto import ONNX_LADDER, SPEED_MARGIN, Candidate, search
+from tests.conftest import MODELS
+
+HELDOUT, CALIB = MODELS / "digits_heldout.npz", MODELS / "digits_calib.npz"
+# Percentile calibration at the 10th percentile clips most activations: a candidate that loses.
+CLIPPED = Candidate("clipped static int8", (Step("onnx-static", {"method": "percentile", "percentile": 10}),),
+                    needs_calibration=True)
+PLAIN = Candidate("static int8", (Step("onnx-static"),), needs_calibration=True)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return ModelFile.open(MODELS / "digits_cnn.onnx")
+
+
+def test_auto_keeps_the_smallest_within_the_tolerance_and_says_why_for_every_candidate(digits, tmp_path):
+    out = tmp_path / "auto.onnx"
+    report = search(digits, eval_data=HELDOUT, calib=CALIB, max_drop=1.0, out=out, latency_runs=20)
+    auto, chosen = report.auto, report.chosen
+    assert chosen is not None and out.is_file() and report.result.model.path == out
+    assert chosen.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
+    assert chosen.size_bytes < 0.35 * report.original.size_bytes
+    measured = [m for m in report.steps if m.status == "ok"]
+    assert all(m.size_bytes >= chosen.size_bytes * 0.95 or m.latency is None for m in measured)
+    assert set(auto.verdicts) == {c.name for c in ONNX_LADDER}  # every candidate has a verdict
+    assert auto.verdicts[chosen.label].startswith("chosen")
+    # plain static int8 was within tolerance, so the costlier fall-backs were not tried
+    assert auto.verdicts["static int8, 1 sensitive node in float"].startswith("not tried")
+    assert "no MatMul" in auto.verdicts["int4 MatMul weights"]
+    doc = report.to_dict()
+    assert doc["auto"]["chosen"] == chosen.label
+    ladder_steps = next(c.steps for c in ONNX_LADDER if c.name == chosen.label)
+    assert doc["recipe"]["passes"] == [s.to_dict() for s in ladder_steps]  # reproducible as a recipe file
+
+
+def test_auto_says_plainly_when_nothing_is_within_the_tolerance(digits, tmp_path):
+    out = tmp_path / "none.onnx"
+    report = search(digits, eval_data=HELDOUT, calib=CALIB, max_drop=1.0, candidates=(CLIPPED,), out=out,
+                    latency_runs=10)
+    assert report.chosen is None and not report.compressed and not out.exists()
+    assert "none of 1 candidates stays within 1 points" in report.auto.why_none
+    assert report.auto.verdicts["clipped static int8"].startswith("loses")
+
+
+def test_auto_for_speed_never_hands_back_a_slower_model(digits, tmp_path):
+    report = search(digits, eval_data=HELDOUT, calib=CALIB, max_drop=1.0, goal="speed",
+                    candidates=(PLAIN, CLIPPED), latency_runs=40)
+    if report.chosen is None:
+        assert "none is faster" in report.auto.why_none
+        assert "not faster" in report.auto.verdicts["static int8"]
+    else:  # on a CPU where int8 wins (VNNI, dot-product instructions)
+        assert report.chosen.latency.p50_ms <= SPEED_MARGIN * report.original.latency.p50_ms
+    assert report.auto.verdicts["clipped static int8"].startswith("loses")
+
+
+def test_auto_without_calibration_tries_only_what_needs_none(digits):
+    report = search(digits, eval_data=HELDOUT, max_drop=1.0, latency_runs=10)
+    tried = {m.label for m in report.steps}
+    assert "dynamic int8" in tried and not any(name.startswith("static") for name in tried)

@@ -1,0 +1,74 @@
+"""`edgefleet compress` as a user runs it: recipes, --auto, the guard, the report into a bundle."""
+
+import json
+
+from tests.conftest import MODELS, edgefleet
+
+MODEL, HELDOUT, CALIB = MODELS / "digits_cnn.onnx", MODELS / "digits_heldout.npz", MODELS / "digits_calib.npz"
+
+
+def last_line(result) -> str:
+    return [line for line in result.stderr.splitlines() if line.strip()][-1]
+
+
+def test_compress_writes_the_model_and_a_report_that_a_bundle_carries(tmp_path, keys):
+    out, report = tmp_path / "digits.int8.onnx", tmp_path / "report.json"
+    result = edgefleet("compress", MODEL, "--recipe", "int8-static", "--calib", CALIB, "--eval", HELDOUT,
+                       "-o", out, "--report", report, "--latency-runs", 20)
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and "onnx-static" in result.stdout and "p50 ms" in result.stdout
+    doc = json.loads(report.read_text())
+    assert doc["recipe"]["name"] == "int8-static" and doc["result"]["file"] == out.name
+    bundle = tmp_path / "d.efb"
+    built = edgefleet("bundle", "build", out, "--name", "digits-cnn", "--version", "1.1.0", "--key", keys["key"],
+                      "-o", bundle, "--compression-report", report)
+    assert built.returncode == 0, built.stderr
+    manifest = json.loads(edgefleet("bundle", "inspect", bundle, "--json").stdout)
+    assert manifest["compression"]["recipe"]["name"] == "int8-static"
+    assert manifest["compression"]["steps"][-1]["fidelity"]["accuracy"] > 0.95
+
+
+def test_the_accuracy_guard_refuses_and_writes_nothing(tmp_path):
+    out = tmp_path / "clipped.onnx"
+    result = edgefleet("compress", MODEL, "--pass", "onnx-static method=percentile percentile=10", "--calib", CALIB,
+                       "--eval", HELDOUT, "--max-drop", "1", "-o", out, "--latency-runs", 10)
+    assert result.returncode == 1 and not out.exists()
+    assert "accuracy guard" in last_line(result) and "more than --max-drop 1" in last_line(result)
+    assert "Traceback" not in result.stderr
+
+
+def test_auto_as_json(tmp_path):
+    out = tmp_path / "auto.onnx"
+    result = edgefleet("compress", MODEL, "--auto", "--max-drop", "1", "--calib", CALIB, "--eval", HELDOUT,
+                       "-o", out, "--json", "--latency-runs", 20)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["auto"]["chosen"] and out.is_file() and doc["result"]["file"] == out.name
+    assert "[1/9] dynamic int8" in result.stderr  # progress while it searches
+
+
+def test_list_shows_every_pass_and_recipe():
+    doc = json.loads(edgefleet("compress", "--list", "--json").stdout)
+    assert {"onnx-static", "onnx-dynamic", "onnx-fp16", "onnx-int4", "onnx-preprocess"} <= set(doc["passes"])
+    static = {o["name"]: o for o in doc["passes"]["onnx-static"]["options"]}
+    assert static["method"]["type"] == "minmax | entropy | percentile" and static["method"]["default"] == "minmax"
+    assert "int8-static" in doc["recipes"]
+
+
+def test_bad_input_is_one_line(tmp_path):
+    cases = [
+        (("--auto", "--eval", HELDOUT), 2, "--auto needs --max-drop"),
+        (("--max-drop", "1"), 2, "need --eval"),
+        (("--recipe", "int3"), 1, "no recipe named 'int3'"),
+        (("--recipe", "int8-static"), 1, "needs calibration data"),
+        (("--pass", "onnx-static per_channel=maybe", "--calib", CALIB), 1, "must be bool"),
+        (("--recipe", tmp_path / "missing.toml"), 1, "does not exist"),
+    ]
+    for args, code, fragment in cases:
+        result = edgefleet("compress", MODEL, "-o", tmp_path / "x.onnx", *args)
+        assert result.returncode == code, (args, result.stderr)
+        assert fragment in last_line(result), (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x.onnx").exists()
+    missing = edgefleet("compress", tmp_path / "nope.onnx", "-o", tmp_path / "y.onnx")
+    assert missing.returncode == 1 and "does not exist" in last_line(missing)
