@@ -3,6 +3,10 @@
 The interpreter comes from the first package present: ``ai_edge_litert`` (LiteRT,
 the current name), ``tflite_runtime`` (the older slim wheel, common on Pis), then
 full TensorFlow. A TFLite interpreter is not thread-safe, so calls are serialised.
+
+A fully integer-quantized model (int8 inputs and outputs with a scale and zero point) still
+takes and gives float32 here: inputs are quantized and outputs dequantized at the edge, so
+callers, health-check samples and telemetry do not change with the model's precision.
 """
 
 from __future__ import annotations
@@ -65,12 +69,15 @@ class TFLiteRuntime:
                 self._resize_for(feeds)
                 for detail in self._input_details:
                     value = np.asarray(feeds[detail["name"]])
+                    if _quantized(detail) and value.dtype.kind == "f":
+                        value = _quantize(value, detail)
                     if value.dtype != detail["dtype"]:
                         raise ModelError(f"inference failed: input {detail['name']!r} is {value.dtype}, "
                                          f"the model takes {np.dtype(detail['dtype']).name}")
                     self._interpreter.set_tensor(detail["index"], value)
                 self._interpreter.invoke()
-                return {d["name"]: self._interpreter.get_tensor(d["index"]).copy() for d in self._output_details}
+                return {d["name"]: _dequantize(self._interpreter.get_tensor(d["index"]), d) if _quantized(d)
+                        else self._interpreter.get_tensor(d["index"]).copy() for d in self._output_details}
             except ModelError:
                 raise
             except Exception as exc:
@@ -94,4 +101,21 @@ def _spec(detail: dict) -> TensorSpec:
     signature = detail.get("shape_signature")
     dims = signature if signature is not None and len(signature) else detail["shape"]
     return TensorSpec(name=detail["name"], shape=tuple(int(d) if d >= 0 else "?" for d in dims),
-                      dtype=np.dtype(detail["dtype"]).name)
+                      dtype="float32" if _quantized(detail) else np.dtype(detail["dtype"]).name)
+
+
+def _quantized(detail: dict) -> bool:
+    """An integer tensor with one scale: it stands for real values (scale * (q - zero_point))."""
+    scale, _ = detail.get("quantization", (0.0, 0))
+    return np.dtype(detail["dtype"]).kind in "iu" and scale > 0
+
+
+def _quantize(value: np.ndarray, detail: dict) -> np.ndarray:
+    scale, zero_point = detail["quantization"]
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.round(value / scale) + zero_point, info.min, info.max).astype(detail["dtype"])
+
+
+def _dequantize(value: np.ndarray, detail: dict) -> np.ndarray:
+    scale, zero_point = detail["quantization"]
+    return ((value.astype(np.float32) - zero_point) * scale).astype(np.float32)

@@ -1,6 +1,7 @@
 """The compression toolkit on real ONNX Runtime: passes, recipes, data, the report and the guard."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -249,3 +250,51 @@ def test_a_model_onnx_cannot_read_is_one_error(tmp_path):
         run_recipe(ModelFile.open(bad), load_recipe("int8-dynamic", "onnx"), eval_data=HELDOUT)
     with pytest.raises(ConfigError, match="not an ONNX"):
         ModelFile.open(HELDOUT)
+
+
+# --- TFLite (litert-quantizer) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe, pass_name", [("int8-dynamic", "tflite-dynamic"), ("int8-weights", "tflite-weight-only"),
+                                               ("int8-static", "tflite-int8"), ("fp16", "tflite-fp16")])
+def test_tflite_recipes_shrink_the_model_and_keep_its_accuracy(recipe, pass_name, tmp_path):
+    model = ModelFile.open(MODELS / "digits_cnn.tflite")
+    out = tmp_path / f"{recipe}.tflite"
+    report = run_recipe(model, load_recipe(recipe, "tflite"), calib=CALIB, eval_data=HELDOUT, out=out,
+                        latency_runs=10)
+    result = report.result
+    assert result.label == pass_name and ModelFile.open(out).format == "tflite"
+    assert result.size_bytes < (0.55 if recipe == "fp16" else 0.32) * report.original.size_bytes
+    assert result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
+    assert result.fidelity.agreement > 0.98
+    if recipe == "int8-static":  # int8 in and out, yet fed and read as float32 by the agent's runtime
+        from ai_edge_litert.interpreter import Interpreter
+        assert Interpreter(model_path=str(out)).get_input_details()[0]["dtype"] == np.int8
+        assert ModelFile.open(out).load().inputs[0].dtype == "float32"
+
+
+def test_tflite_full_int8_refuses_without_calibration():
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        run_recipe(ModelFile.open(MODELS / "digits_cnn.tflite"), load_recipe("int8-static", "tflite"),
+                   eval_data=HELDOUT)
+
+
+# --- architectures nobody here made (the ONNX model zoo's, as the onnx package ships them) ----------
+
+ONNX_LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
+
+@pytest.mark.parametrize("name", ["light_squeezenet", "light_shufflenet"])
+def test_zoo_architectures_with_old_ir_and_generated_weights_quantize(name, tmp_path):
+    """Opset 8-9 graphs whose initializers double as graph inputs and whose weights come from
+    ConstantOfShape: plain quantize_dynamic/static stop on them; the preprocessing makes them work."""
+    model = ModelFile.open(ONNX_LIGHT / f"{name}.onnx")
+    (spec,) = model.load().inputs
+    data = Dataset({spec.name: np.random.default_rng(0).random((3, *spec.shape[1:]), dtype=np.float32)}, None, "rnd")
+    for recipe in ("int8-dynamic", "int8-static"):
+        report = run_recipe(model, load_recipe(recipe, "onnx"), calib=data, eval_data=data, latency_runs=5,
+                            workdir=tmp_path / recipe)
+        assert [s.status for s in report.steps] == ["ok", "ok"], [s.note for s in report.steps]
+        prepared, result = report.steps
+        assert result.size_bytes < 0.35 * prepared.size_bytes  # int8 of the materialised fp32 weights
+        assert next(iter(result.outputs.values())).shape[:2] == (3, 1000)
+    assert report.steps[0].fidelity.cosine > 0.9999  # preprocessing changes nothing

@@ -6,7 +6,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from device_agent.errors import CompressionError, EdgefleetError
+from device_agent.errors import CompressionError, EdgefleetError, NotApplicable
 from device_agent.runtime.base import first_line
 from host_tools.compress.model import ModelFile
 
@@ -17,8 +17,12 @@ STATIC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
 
 
 def quiet_ort_quantizer() -> None:
-    """ORT's quantizer logs progress and warnings through the root logger; keep the terminal ours."""
+    """ORT's quantizer logs progress and warnings through the root logger, and its sessions
+    warn about unused initializers on stderr; keep the terminal ours."""
+    import onnxruntime
+
     logging.getLogger().setLevel(logging.ERROR)
+    onnxruntime.set_default_logger_severity(3)
 
 
 @contextlib.contextmanager
@@ -46,6 +50,37 @@ def weighted_nodes(path: Path, op_types) -> list[tuple[str, str]]:
     weights = {i.name for i in graph.initializer if len(i.dims) >= 2}
     return [(n.name, n.op_type) for n in graph.node
             if n.op_type in op_types and any(i in weights for i in n.input)]
+
+
+def with_opset_at_least(path: Path, opset: int, workdir: Path, why: str) -> Path:
+    """*path* itself if its default-domain opset is at least *opset*, else a converted copy."""
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(path))
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if current >= opset:
+        return path
+    try:
+        converted = version_converter.convert_version(model, opset)
+    except Exception as exc:  # the converter raises its own C++ errors for ops it cannot lift
+        raise NotApplicable(f"{why} needs opset {opset}; {path.name} has {current} and the ONNX version "
+                            f"converter cannot lift it: {first_line(exc)}") from None
+    out = Path(workdir) / f"{path.stem}.opset{opset}.onnx"
+    onnx.save(converted, str(out))
+    return out
+
+
+def drop_initializer_inputs(model) -> int:
+    """Older exporters (IR < 4) list every initializer as a graph input too; optimizers then treat
+    them as inputs a caller must feed. Keep only the real inputs; returns how many went."""
+    initializers = {i.name for i in model.graph.initializer}
+    extra = [i for i in model.graph.input if i.name in initializers]
+    for value in extra:
+        model.graph.input.remove(value)
+    if extra and model.ir_version < 4:
+        model.ir_version = 4
+    return len(extra)
 
 
 def hoist_constants(model) -> int:

@@ -5,14 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import failing_as, hoist_constants, output_path, quiet_ort_quantizer
+from host_tools.compress.onnx.boundary import (drop_initializer_inputs, failing_as, hoist_constants, output_path,
+                                                quiet_ort_quantizer)
 from host_tools.compress.passes import Pass, PassConfig, register
 
 
 @register
 class OnnxPreprocess(Pass):
-    """ONNX Runtime's quantization pre-processing: symbolic and ONNX shape inference, then ORT's
-    basic graph optimizations (constant folding, Constant nodes to initializers, redundant node
+    """Weights made quantizable, then ONNX Runtime's quantization pre-processing: Constant nodes
+    become initializers, initializers stop posing as graph inputs (old exporters), symbolic and
+    ONNX shape inference, ORT's basic graph optimizations (constant folding, redundant node
     removal). Plain ``quantize_dynamic`` skips or stops on many exported graphs without it."""
 
     name = "onnx-preprocess"
@@ -36,6 +38,7 @@ class OnnxPreprocess(Pass):
         out = output_path(workdir, model, "pre")
         with failing_as(self.name, model):
             source = onnx.load(str(model.path))
+            drop_initializer_inputs(source)
             hoist_constants(source)
             try:
                 quant_pre_process(source, str(out), skip_optimization=not config.optimize,

@@ -13,7 +13,7 @@ from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, failing_as, output_path,
-                                                quiet_ort_quantizer, weighted_nodes)
+                                                quiet_ort_quantizer, weighted_nodes, with_opset_at_least)
 from host_tools.compress.passes import Pass, PassConfig, register
 
 NO_CALIBRATION = "needs calibration data (--calib): static quantization will not calibrate on random noise"
@@ -89,6 +89,8 @@ class OnnxStaticInt8(Pass):
         data = load_dataset(config.calibration).head(config.samples)
         feeds = data.bind(model.load(threads=1).inputs)
         out = output_path(workdir, model, "static")
+        if config.per_channel:  # DequantizeLinear's axis attribute arrived in opset 13
+            model = ModelFile(with_opset_at_least(model.path, 13, workdir, "per-channel QDQ"), "onnx")
         with failing_as(self.name, model), tempfile.TemporaryDirectory(dir=workdir) as tmp:
             cache = Path(tmp) / "ranges"  # calibrate once, reuse for every sensitivity probe
             exclude = list(config.exclude)

@@ -1,1 +1,3 @@
-"""TFLite passes (litert-quantizer)."""
+"""TFLite passes, built on Google's litert-quantizer (extra `litert`)."""
+
+from host_tools.compress.tflite import quantize  # noqa: F401  (it registers)

@@ -1,0 +1,172 @@
+"""TFLite quantization with litert-quantizer: dynamic-range int8, weight-only int8, full int8
+calibrated on the user's data, and fp16 weights.
+
+A full-int8 model's inputs and outputs become int8; edgefleet's TFLite runtime quantizes and
+dequantizes them at the edge, so callers keep feeding float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from device_agent.errors import ConfigError, EdgefleetError, NotApplicable
+from device_agent.runtime.base import first_line
+from host_tools.compress.data import Dataset, load_dataset
+from host_tools.compress.model import ModelFile
+from host_tools.compress.passes import Pass, PassConfig, register
+
+_OPS_HELP = "regular expression of the tensor names to quantize"
+
+
+class _LiteRtPass(Pass):
+    formats = ("tflite",)
+    requires = ("litert_quantizer",)
+    extra = "litert"
+    tag = ""
+
+    def configure(self, quantizer, config) -> None:
+        raise NotImplementedError
+
+    def calibration(self, quantizer, model: ModelFile, config):
+        return None
+
+    def run(self, model, config, workdir):
+        from litert_quantizer import quantizer as lq
+
+        out = Path(workdir) / f"{model.path.stem}.{self.tag}.tflite"
+        with _quiet(), _failing_as(self.name, model):
+            quantizer = lq.Quantizer(str(model.path))
+            self.configure(quantizer, config)
+            result = quantizer.quantize(self.calibration(quantizer, model, config))
+            if result.quantized_model is None:
+                raise NotApplicable(f"{model.path.name}: litert-quantizer found nothing to quantize")
+            out.write_bytes(bytes(result.quantized_model))
+        return ModelFile(out, "tflite")
+
+
+@register
+class TfliteDynamicInt8(_LiteRtPass):
+    """Weights int8 per channel, activations quantized on the fly by the kernels."""
+
+    name, tag = "tflite-dynamic", "dynamic"
+    summary = "dynamic-range int8 (int8 weights, float activations quantized by the kernels)"
+
+    @dataclass(frozen=True)
+    class Config(PassConfig):
+        layers: str = field(default=".*", metadata={"help": _OPS_HELP})
+
+    def configure(self, quantizer, config):
+        from litert_quantizer.qtyping import TFLOperationName
+
+        quantizer.add_dynamic_config(regex=config.layers, operation_name=TFLOperationName.ALL_SUPPORTED, num_bits=8)
+
+
+@register
+class TfliteWeightOnlyInt8(_LiteRtPass):
+    """int8 weights dequantized before float compute: smallest loss, no speed-up."""
+
+    name, tag = "tflite-weight-only", "wo8"
+    summary = "int8 weights only, float compute"
+
+    @dataclass(frozen=True)
+    class Config(PassConfig):
+        layers: str = field(default=".*", metadata={"help": _OPS_HELP})
+        bits: int = field(default=8, metadata={"help": "8 or 4"})
+
+    def configure(self, quantizer, config):
+        from litert_quantizer.qtyping import TFLOperationName
+
+        if config.bits not in (4, 8):
+            raise ConfigError(f"{self.name}: bits must be 8 or 4")
+        quantizer.add_weight_only_config(regex=config.layers, operation_name=TFLOperationName.ALL_SUPPORTED,
+                                         num_bits=config.bits)
+
+
+@register
+class TfliteFullInt8(_LiteRtPass):
+    """int8 weights and activations, ranges calibrated on the user's inputs (refuses without)."""
+
+    name, tag = "tflite-int8", "int8"
+    summary = "full int8 (weights and activations), calibrated"
+
+    @dataclass(frozen=True)
+    class Config(PassConfig):
+        calibration: Dataset | str | None = field(default=None, metadata={
+            "help": "calibration inputs (.npz, folder, loader); default: --calib", "required": True})
+        samples: int = field(default=256, metadata={"help": "calibration samples used at most"})
+        activation_bits: int = field(default=8, metadata={"help": "8, or 16 for int16 activations"})
+        layers: str = field(default=".*", metadata={"help": _OPS_HELP})
+
+    def configure(self, quantizer, config):
+        from litert_quantizer.qtyping import TFLOperationName
+
+        if config.calibration is None:
+            raise ConfigError(f"{self.name} needs calibration data (--calib)")
+        quantizer.add_static_config(regex=config.layers, operation_name=TFLOperationName.ALL_SUPPORTED,
+                                    activation_num_bits=config.activation_bits, weight_num_bits=8)
+
+    def calibration(self, quantizer, model, config):
+        from ai_edge_litert.interpreter import Interpreter
+
+        signatures = Interpreter(model_path=str(model.path)).get_signature_list()
+        if len(signatures) != 1:
+            raise NotApplicable(f"{model.path.name} has {len(signatures)} signatures; full int8 calibration "
+                                f"needs exactly one")
+        key, signature = next(iter(signatures.items()))
+        runtime = model.load(threads=1)
+        feeds = load_dataset(config.calibration).head(config.samples).bind(runtime.inputs)
+        # The interpreter's tensor names (what Dataset binds to) in signature order.
+        by_tensor = dict(zip([s.name for s in runtime.inputs], signature["inputs"]))
+        samples = [{by_tensor[name]: value for name, value in feeds.sample(i).items()} for i in range(len(feeds))]
+        return quantizer.calibrate({key: samples})
+
+
+@register
+class TfliteFp16(_LiteRtPass):
+    """float16 weights (cast back to float for compute on CPUs; GPU delegates run them natively)."""
+
+    name, tag = "tflite-fp16", "fp16"
+    summary = "float16 weights"
+
+    @dataclass(frozen=True)
+    class Config(PassConfig):
+        layers: str = field(default=".*", metadata={"help": _OPS_HELP})
+
+    def configure(self, quantizer, config):
+        from litert_quantizer.algorithm_manager import AlgorithmName
+        from litert_quantizer.qtyping import TFLOperationName
+
+        quantizer.add_weight_only_config(regex=config.layers, operation_name=TFLOperationName.ALL_SUPPORTED,
+                                         num_bits=16, algorithm_key=AlgorithmName.FLOAT_CASTING)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """litert-quantizer prints sizes and a calibration progress bar, and logs through absl."""
+    previous = logging.getLogger("absl").level
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its calibration interpreter warns that it keeps all tensors
+            yield
+    finally:
+        logging.getLogger("absl").setLevel(previous)
+
+
+@contextlib.contextmanager
+def _failing_as(pass_name: str, model: ModelFile):
+    try:
+        yield
+    except EdgefleetError:
+        raise
+    except Exception as exc:  # litert-quantizer raises ValueError/RuntimeError/KeyError with its own text
+        from device_agent.errors import CompressionError
+
+        raise CompressionError(f"{pass_name} failed on {model.path.name}: {type(exc).__name__}: "
+                               f"{first_line(exc)}") from None
