@@ -49,8 +49,10 @@ def build_bundle(model: Path, *, name: str, version: str, key: Path, out: Path,
                  sample: Mapping[str, np.ndarray] | None = None, atol: float = 1e-3, rtol: float = 1e-3,
                  latency_budget_ms: float | None = None, release: int | None = None,
                  expires_at: float | None = None, target: dict[str, Any] | None = None,
-                 compression: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Manifest:
-    """Package *model* with a sample check into a bundle signed by *key*; returns its manifest."""
+                 compression: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                 compress: bool = True) -> Manifest:
+    """Package *model* with a sample check into a bundle signed by *key*; returns its manifest.
+    With *compress*, files that zstd makes smaller are stored compressed (see write_bundle)."""
     model = Path(model)
     if not model.is_file():
         raise ConfigError(f"model file {model} does not exist")
@@ -73,5 +75,5 @@ def build_bundle(model: Path, *, name: str, version: str, key: Path, out: Path,
             release=release, expires_at=expires_at, target=target or {},
         )
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_bundle(out, manifest, sign(private_key, manifest.to_json()), sources)
+        write_bundle(out, manifest, sign(private_key, manifest.to_json()), sources, compress=compress)
     return manifest

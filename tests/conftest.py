@@ -120,12 +120,14 @@ def make_bundle(tmp_path_factory, keys, reference_model, heldout):
     cache: dict[tuple, Path] = {}
 
     def make(version: str = "1.0.0", *, key: Path | None = None, model: Path | None = None,
-             name: str = "digits-cnn", input_name: str = "image", latency_budget_ms: float | None = None) -> Path:
-        ident = (version, str(key), str(model), name, input_name, latency_budget_ms)
+             name: str = "digits-cnn", input_name: str = "image", latency_budget_ms: float | None = None,
+             compress: bool = True) -> Path:
+        ident = (version, str(key), str(model), name, input_name, latency_budget_ms, compress)
         if ident not in cache:
             out = out_dir / f"{name}-{version}-{len(cache)}.efb"
             build_bundle(model or reference_model, name=name, version=version, key=key or keys["key"],
-                         out=out, sample={input_name: heldout[0][:1]}, latency_budget_ms=latency_budget_ms)
+                         out=out, sample={input_name: heldout[0][:1]}, latency_budget_ms=latency_budget_ms,
+                         compress=compress)
             cache[ident] = out
         return cache[ident]
     return make

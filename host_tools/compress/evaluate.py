@@ -18,8 +18,6 @@ from device_agent.errors import ModelError
 from host_tools.compress.data import BoundData
 from host_tools.compress.model import ModelFile
 
-# The level bundles are compressed with for download; the report's download size uses the same.
-DOWNLOAD_ZSTD_LEVEL = 10
 
 
 @dataclass(frozen=True)
@@ -116,7 +114,15 @@ def latencies(models: list[ModelFile], data: BoundData, *, runs: int = 200, roun
 
 
 def download_size(path: Path) -> int:
-    """Bytes a device downloads for this file: zstd at the level bundles use."""
+    """Bytes a device downloads for this model file in a bundle: zstd at the bundles' level,
+    or the file as it is when that is not smaller (as write_bundle decides)."""
     import zstandard
 
-    return len(zstandard.ZstdCompressor(level=DOWNLOAD_ZSTD_LEVEL).compress(Path(path).read_bytes()))
+    from device_agent.bundle.archive import ZSTD_LEVEL
+
+    size = Path(path).stat().st_size
+    with open(path, "rb") as src:
+        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+        compressed = sum(len(packed.compress(block)) for block in iter(lambda: src.read(1 << 20), b""))
+        compressed += len(packed.flush())
+    return min(size, compressed)

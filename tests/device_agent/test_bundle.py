@@ -24,7 +24,7 @@ def rewrite(src: Path, dst: Path, edit) -> Path:
 
 
 def test_valid_bundle_verifies_and_extracts_every_file(make_bundle, keys, tmp_path):
-    bundle = make_bundle()
+    bundle = make_bundle(compress=False)
     with BundleReader(bundle) as reader:
         verified = reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "out")
     assert verified.manifest.name == "digits-cnn" and verified.manifest.version == "1.0.0"
@@ -43,7 +43,7 @@ def test_a_changed_manifest_breaks_the_signature(make_bundle, keys, tmp_path):
         if info.name == "manifest.json":
             data = data.replace(b'"version":"1.0.0"', b'"version":"9.0.0"')
         yield info, data
-    bad = rewrite(make_bundle(), tmp_path / "bad.efb", edit)
+    bad = rewrite(make_bundle(compress=False), tmp_path / "bad.efb", edit)
     with BundleReader(bad) as reader, pytest.raises(SignatureError, match="does not match"):
         reader.verify(trusted_keys([keys["pub"]]))
 
@@ -55,7 +55,7 @@ def test_a_flipped_bit_in_the_model_is_caught_and_nothing_is_left_extracted(make
             data[len(data) // 2] ^= 0x01
             data = bytes(data)
         yield info, data
-    bad = rewrite(make_bundle(), tmp_path / "bad.efb", edit)
+    bad = rewrite(make_bundle(compress=False), tmp_path / "bad.efb", edit)
     out = tmp_path / "out"
     with BundleReader(bad) as reader, pytest.raises(IntegrityError, match="SHA-256"):
         reader.verify(trusted_keys([keys["pub"]]), extract_to=out)
@@ -67,7 +67,7 @@ def test_a_member_not_in_the_manifest_is_refused(make_bundle, keys, tmp_path):
         yield info, data
         if info.name == "sample.npz":
             yield tarfile.TarInfo("../../evil.sh"), b"#!/bin/sh\n"
-    bad = rewrite(make_bundle(), tmp_path / "bad.efb", edit)
+    bad = rewrite(make_bundle(compress=False), tmp_path / "bad.efb", edit)
     with BundleReader(bad) as reader, pytest.raises(IntegrityError, match="unexpected"):
         reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "out")
     assert not (tmp_path / "evil.sh").exists()
@@ -81,7 +81,7 @@ def test_symlink_members_are_refused(make_bundle, tmp_path):
             yield link, b""
         else:
             yield info, data
-    bad = rewrite(make_bundle(), tmp_path / "bad.efb", edit)
+    bad = rewrite(make_bundle(compress=False), tmp_path / "bad.efb", edit)
     with pytest.raises(IntegrityError, match="not a regular file"):
         BundleReader(bad)
 
@@ -95,7 +95,7 @@ def test_files_that_are_not_bundles_get_a_bundle_error(tmp_path, content):
 
 
 def test_truncated_bundle_is_refused(make_bundle, tmp_path):
-    data = make_bundle().read_bytes()
+    data = make_bundle(compress=False).read_bytes()
     path = tmp_path / "short.efb"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(BundleError):
@@ -115,7 +115,7 @@ def test_members_that_are_not_regular_files_are_refused(make_bundle, tmp_path, k
             yield odd, b""
         else:
             yield info, data
-    bad = rewrite(make_bundle(), tmp_path / "bad.efb", edit)
+    bad = rewrite(make_bundle(compress=False), tmp_path / "bad.efb", edit)
     with pytest.raises(IntegrityError, match="not a regular file"):
         BundleReader(bad)
 
@@ -127,7 +127,7 @@ def test_extra_members_with_escaping_or_duplicate_names_are_refused_and_nothing_
         yield info, data
         if info.name == "sample.npz":
             yield tarfile.TarInfo(name), b"payload"
-    bad = rewrite(make_bundle(), tmp_path / "bad.efb", edit)
+    bad = rewrite(make_bundle(compress=False), tmp_path / "bad.efb", edit)
     out = tmp_path / "deep" / "out"
     with BundleReader(bad) as reader, pytest.raises(IntegrityError, match="differ from the manifest"):
         reader.verify(trusted_keys([keys["pub"]]), extract_to=out)
@@ -135,13 +135,14 @@ def test_extra_members_with_escaping_or_duplicate_names_are_refused_and_nothing_
 
 
 def test_a_model_from_another_bundle_under_this_manifest_is_refused(make_bundle, keys, tmp_path, reference_model):
-    other = make_bundle("9.9.9", model=MODELS / "digits_cnn.tflite", input_name="serving_default_args_0")
+    other = make_bundle("9.9.9", model=MODELS / "digits_cnn.tflite", input_name="serving_default_args_0",
+                        compress=False)
     with tarfile.open(other) as t:
         foreign = t.extractfile("digits_cnn.tflite").read()
 
     def edit(info, data):  # mix and match: bundle A's manifest and signature, bundle B's model bytes
         yield info, (foreign[:info.size].ljust(info.size, b"\0") if info.name.endswith(".onnx") else data)
-    bad = rewrite(make_bundle(), tmp_path / "mixed.efb", edit)
+    bad = rewrite(make_bundle(compress=False), tmp_path / "mixed.efb", edit)
     with BundleReader(bad) as reader, pytest.raises(IntegrityError, match="SHA-256 does not match"):
         reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -150,7 +151,7 @@ def test_a_model_from_another_bundle_under_this_manifest_is_refused(make_bundle,
 def test_more_data_than_the_manifest_declares_is_refused(make_bundle, keys, tmp_path):
     def edit(info, data):
         yield info, data + b"\0" * 4096 if info.name.endswith(".onnx") else data
-    bad = rewrite(make_bundle(), tmp_path / "long.efb", edit)
+    bad = rewrite(make_bundle(compress=False), tmp_path / "long.efb", edit)
     with BundleReader(bad) as reader, pytest.raises(IntegrityError, match="manifest says"):
         reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "out")
 
@@ -159,6 +160,67 @@ def test_an_unsigned_bundle_is_not_a_bundle(make_bundle, tmp_path):
     def edit(info, data):
         if info.name != "manifest.sig":
             yield info, data
-    bad = rewrite(make_bundle(), tmp_path / "unsigned.efb", edit)
+    bad = rewrite(make_bundle(compress=False), tmp_path / "unsigned.efb", edit)
     with pytest.raises(BundleError, match="manifest.sig"):
         BundleReader(bad)
+
+
+# --- zstd-compressed members: the manifest describes the file, never the compressed bytes -----------
+
+def zstd(data: bytes) -> bytes:
+    import zstandard
+    return zstandard.ZstdCompressor(level=3).compress(data)
+
+
+def test_a_compressed_bundle_is_smaller_and_extracts_the_exact_model(make_bundle, keys, tmp_path, reference_model):
+    packed, plain = make_bundle(), make_bundle(compress=False)
+    with tarfile.open(packed) as t:
+        assert "digits_cnn.onnx.zst" in t.getnames() and "digits_cnn.onnx" not in t.getnames()
+    assert packed.stat().st_size < 0.97 * plain.stat().st_size
+    with BundleReader(packed) as reader:
+        reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "out")
+    assert (tmp_path / "out" / "digits_cnn.onnx").read_bytes() == reference_model.read_bytes()
+
+
+def test_a_flipped_bit_in_a_compressed_member_is_caught(make_bundle, keys, tmp_path):
+    def edit(info, data):
+        if info.name.endswith(".zst"):
+            data = bytearray(data)
+            data[len(data) // 2] ^= 0x01
+        yield info, bytes(data)
+    bad = rewrite(make_bundle(), tmp_path / "bad.efb", edit)
+    with BundleReader(bad) as reader, pytest.raises(IntegrityError, match="SHA-256|decompress|bytes"):
+        reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_compressed_member_that_expands_past_the_signed_size_is_cut_off(make_bundle, keys, tmp_path):
+    """A zstd bomb: a few KiB that decompress to 64 MiB. Nothing past the declared size is written."""
+    def edit(info, data):
+        yield info, (zstd(b"\0" * (64 << 20)) if info.name.endswith(".zst") else data)
+    bad = rewrite(make_bundle(), tmp_path / "bomb.efb", edit)
+    with BundleReader(bad) as reader, pytest.raises(IntegrityError, match="more data than"):
+        reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_another_bundles_model_compressed_under_this_manifest_is_refused(make_bundle, keys, tmp_path):
+    with tarfile.open(make_bundle("9.9.9", model=MODELS / "digits_cnn.tflite",
+                                  input_name="serving_default_args_0", compress=False)) as t:
+        foreign = t.extractfile("digits_cnn.tflite").read()
+
+    def edit(info, data):
+        yield info, (zstd(foreign) if info.name.endswith(".zst") else data)
+    bad = rewrite(make_bundle(), tmp_path / "mixed.efb", edit)
+    with BundleReader(bad) as reader, pytest.raises(IntegrityError):
+        reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "out")
+
+
+def test_a_file_stored_both_plain_and_compressed_is_refused(make_bundle, keys, tmp_path, reference_model):
+    def edit(info, data):
+        yield info, data
+        if info.name.endswith(".zst"):
+            yield tarfile.TarInfo("digits_cnn.onnx"), reference_model.read_bytes()
+    bad = rewrite(make_bundle(), tmp_path / "twice.efb", edit)
+    with BundleReader(bad) as reader, pytest.raises(IntegrityError, match="differ from the manifest"):
+        reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "out")
