@@ -5,6 +5,7 @@ Writes, next to this script:
                          output "logits" [N,10])
   digits_heldout.npz     the held-out split (x, y) the accuracy guard evaluates on
   digits_calib.npz       200 training inputs (x) to calibrate static quantization on
+  digits_train.npz       the training split (x, y): what distillation and pruning recovery train on
   digits_cnn.json        how it was made and the accuracy it reached
 
 Needs the `models` extra (torch, scikit-learn): pip install -e '.[models]'.
@@ -88,6 +89,7 @@ def main() -> None:
         opset_version=17, dynamo=False,
     )
     np.savez_compressed(HERE / "digits_heldout.npz", x=x_test, y=y_test)
+    np.savez_compressed(HERE / "digits_train.npz", x=x_train, y=y_train)
     write_calibration_set(x_train)
     meta = {
         "model": "digits-cnn",

@@ -1,0 +1,123 @@
+"""Pruning ONNX models.
+
+- ``onnx-prune-magnitude``: unstructured sparsity. The smallest weights become exact zeros; the
+  file keeps its size, but a bundle stores it zstd-compressed, so the download shrinks (more so
+  after int8, where a zero weight is one zero byte).
+- ``onnx-prune-channels``: structured. Whole output channels of Conv/Gemm/MatMul layers are
+  removed, with the matching input channels of the layer that consumes them, so the model is
+  smaller and faster on any runtime. Only patterns it can prune safely are touched: a layer
+  whose output also feeds a residual Add, a Concat, a graph output or more than one consumer
+  keeps its channels, and the report says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from device_agent.errors import NotApplicable
+from host_tools.compress.data import Dataset
+from host_tools.compress.model import ModelFile
+from host_tools.compress.onnx.boundary import failing_as, output_path
+from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
+from host_tools.compress.passes import Pass, PassConfig, register
+
+PRUNABLE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@register
+class OnnxMagnitudePruning(Pass):
+    name = "onnx-prune-magnitude"
+    formats = ("onnx",)
+    summary = "unstructured magnitude pruning (zeros that a compressed bundle does not pay for)"
+    requires = ("onnx",)
+
+    @dataclass(frozen=True)
+    class Config(PassConfig):
+        sparsity: float = field(default=0.5, metadata={"help": "fraction of weights set to zero (0..0.99)"})
+        scope: Literal["global", "per-layer"] = field(default="global", metadata={
+            "help": "one threshold over all layers, or the same sparsity in each layer"})
+        min_elements: int = field(default=1024, metadata={"help": "leave smaller weight tensors alone"})
+
+    def run(self, model, config, workdir):
+        import onnx
+        from onnx import numpy_helper
+
+        if not 0 < config.sparsity < 1:
+            raise NotApplicable(f"sparsity must be between 0 and 1, not {config.sparsity}")
+        out = output_path(workdir, model, f"sparse{round(config.sparsity * 100)}")
+        with failing_as(self.name, model):
+            proto = onnx.load(str(model.path))
+            weights = _weight_initializers(proto, config.min_elements)
+            if not weights:
+                raise NotApplicable(f"{model.path.name} has no Conv/Gemm/MatMul weight of at least "
+                                    f"{config.min_elements} elements")
+            arrays = {init.name: numpy_helper.to_array(init) for init in weights}
+            if config.scope == "global":
+                everything = np.concatenate([np.abs(a).ravel() for a in arrays.values()])
+                cut = np.quantile(everything, config.sparsity)
+                thresholds = {name: cut for name in arrays}
+            else:
+                thresholds = {name: np.quantile(np.abs(a), config.sparsity) for name, a in arrays.items()}
+            for init in weights:
+                array = arrays[init.name]
+                init.CopyFrom(numpy_helper.from_array(np.where(np.abs(array) <= thresholds[init.name], 0, array)
+                                                      .astype(array.dtype), init.name))
+            onnx.save(proto, str(out))
+        return ModelFile(out, "onnx")
+
+
+def _weight_initializers(proto, min_elements: int) -> list:
+    by_name = {i.name: i for i in proto.graph.initializer}
+    found = {}
+    for node in proto.graph.node:
+        if node.op_type in PRUNABLE_OPS and len(node.input) > 1 and node.input[1] in by_name:
+            init = by_name[node.input[1]]
+            if len(init.dims) >= 2 and int(np.prod(init.dims)) >= min_elements and init.data_type == 1:
+                found[init.name] = init
+    return list(found.values())
+
+
+@register
+class OnnxChannelPruning(Pass):
+    name = "onnx-prune-channels"
+    formats = ("onnx",)
+    summary = "structured channel pruning (really removes channels; optional recovery by distillation)"
+    requires = ("onnx",)
+
+    @dataclass(frozen=True)
+    class Config(PassConfig):
+        ratio: float = field(default=0.5, metadata={"help": "fraction of each prunable layer's channels removed"})
+        criterion: Literal["l1", "l2"] = field(default="l1", metadata={"help": "channel importance: weight norm"})
+        exclude: tuple[str, ...] = field(default=(), metadata={"help": "node names whose channels stay"})
+        recover_epochs: int = field(default=0, metadata={
+            "help": "fine-tune the pruned model this many epochs with the unpruned one as teacher "
+                    "(needs the distill extra and --calib inputs to train on)"})
+        calibration: Dataset | str | None = field(default=None, metadata={
+            "help": "inputs to fine-tune on (unlabelled is fine); default: --calib"})
+        labels_weight: float = field(default=0.0, metadata={
+            "help": "weight of the hard-label loss when the training data has labels (0: soft targets only)"})
+
+    def run(self, model, config, workdir):
+        import onnx
+
+        if not 0 < config.ratio < 1:
+            raise NotApplicable(f"ratio must be between 0 and 1, not {config.ratio}")
+        pruned_path = output_path(workdir, model, f"channels{round(config.ratio * 100)}")
+        with failing_as(self.name, model):
+            proto = onnx.load(str(model.path))
+            plan = plan_channel_pruning(proto, set(config.exclude))
+            if not plan.layers:
+                raise NotApplicable(f"{model.path.name}: no layer whose channels can be removed safely "
+                                    f"({plan.why_none()})")
+            prune_channels(proto, plan, config.ratio, config.criterion)
+            onnx.save(proto, str(pruned_path))
+        pruned = ModelFile(pruned_path, "onnx")
+        if config.recover_epochs <= 0:
+            return pruned
+        from host_tools.compress.torch.finetune import recover
+
+        return recover(pruned, teacher=model, data=config.calibration, epochs=config.recover_epochs,
+                       labels_weight=config.labels_weight, workdir=workdir)

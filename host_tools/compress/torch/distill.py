@@ -1,0 +1,103 @@
+"""The `distill` pass: train a smaller student on the teacher's outputs and export it to ONNX."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from device_agent.errors import ConfigError, NotApplicable
+from host_tools.compress.data import Dataset, load_dataset
+from host_tools.compress.model import ModelFile
+from host_tools.compress.passes import Pass, PassConfig, register
+
+
+@register
+class Distill(Pass):
+    """The teacher is the model the recipe has so far (ONNX or TFLite, run by its runtime); the
+    student a member of the built-in family sized to a parameter budget, or the user's module."""
+
+    name = "distill"
+    formats = ("onnx", "tflite")
+    summary = "knowledge distillation into a smaller student (PyTorch), exported to ONNX"
+    requires = ("torch",)
+    extra = "distill"
+
+    @dataclass(frozen=True)
+    class Config(PassConfig):
+        calibration: Dataset | str | None = field(default=None, metadata={
+            "help": "inputs to train on, labels optional (default: --train, else --calib)", "required": True})
+        student: str = field(default="auto", metadata={
+            "help": "auto | cnn | mlp | bag, or FILE.py:CLASS / MODULE:CLASS for your own nn.Module"})
+        params: float = field(default=0.25, metadata={
+            "help": "family students: at most this fraction of the teacher's parameters"})
+        depth: int = field(default=2, metadata={"help": "family students: layers"})
+        epochs: int = field(default=60, metadata={"help": "training epochs"})
+        temperature: float = field(default=4.0, metadata={"help": "softening of the teacher's logits"})
+        labels_weight: float = field(default=0.5, metadata={
+            "help": "share of the hard-label loss when the data has labels"})
+        lr: float = field(default=3e-3, metadata={"help": "Adam learning rate (cosine decay)"})
+        seed: int = field(default=0, metadata={"help": "for a reproducible student"})
+
+    def run(self, model, config, workdir):
+        import torch
+
+        from host_tools.compress.torch import students
+        from host_tools.compress.torch.trainer import Schedule, distill, teacher_targets
+
+        if config.calibration is None:
+            raise ConfigError(f"{self.name} needs inputs to train on (--train or --calib)")
+        runtime = model.load()
+        bound = load_dataset(config.calibration).bind(runtime.inputs)
+        targets = teacher_targets(model, bound)
+        inputs = [bound.feeds[s.name] for s in runtime.inputs]
+        torch.manual_seed(config.seed)
+        if config.student not in ("auto", *students.FAMILIES):
+            student = students.user_module(config.student)
+        else:
+            if len(inputs) != 1 or len(targets) != 1 or targets[0].ndim != 2:
+                raise NotApplicable("the built-in students take one input and give one [N, classes] output; "
+                                    "give your own module with student=FILE.py:CLASS")
+            sample = torch.from_numpy(inputs[0][:2])
+            family = students.family_for(sample) if config.student == "auto" else config.student
+            budget = int(teacher_parameters(model) * config.params)
+            vocab = int(inputs[0].max()) + 1 if family == "bag" else 0
+            student = students.fit(family, sample, targets[0].shape[1], config.depth, budget, vocab)
+        distill(student, inputs, targets, bound.labels,
+                Schedule(epochs=config.epochs, lr=config.lr, temperature=config.temperature,
+                         labels_weight=config.labels_weight if bound.labels is not None else 0.0, seed=config.seed))
+        out = workdir / f"{model.path.stem}.student.onnx"
+        _export(student, inputs, runtime, out)
+        return ModelFile(out, "onnx")
+
+
+def teacher_parameters(model: ModelFile) -> int:
+    """Weights stored in the model: ONNX initializers, or a TFLite model's constant tensors."""
+    if model.format == "onnx":
+        import onnx
+
+        graph = onnx.load(str(model.path), load_external_data=False).graph
+        return sum(int(np.prod(i.dims)) for i in graph.initializer if len(i.dims) >= 1)
+    from device_agent.runtime.tflite import find_interpreter
+
+    interpreter_cls, _ = find_interpreter()
+    interpreter = interpreter_cls(model_path=str(model.path))
+    produced = {i for op in interpreter._get_ops_details() for i in op["outputs"]}  # noqa: SLF001
+    inputs = {d["index"] for d in interpreter.get_input_details()}
+    return sum(int(np.prod(t["shape"])) for t in interpreter.get_tensor_details()
+               if t["index"] not in produced | inputs and len(t["shape"]) >= 1)
+
+
+def _export(student, inputs: list[np.ndarray], runtime, out) -> None:
+    import torch
+
+    names = [s.name for s in runtime.inputs]
+    outputs = [s.name for s in runtime.outputs]
+    dynamic = {name: {0: "batch"} for name, spec in zip(names, runtime.inputs) if spec.shape[:1] != (1,)}
+    dynamic.update({name: {0: "batch"} for name in outputs} if dynamic else {})
+    example = tuple(torch.from_numpy(x[:1]) for x in inputs)
+    try:
+        torch.onnx.export(student.eval(), example, str(out), input_names=names, output_names=outputs,
+                          dynamic_axes=dynamic or None, opset_version=17, dynamo=False)
+    except Exception as exc:  # torch's exporter raises a wide variety
+        raise NotApplicable(f"the student does not export to ONNX: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,247 @@
+"""An ONNX graph run by PyTorch, with its weights as trainable parameters.
+
+Fine-tuning a pruned ONNX model needs gradients, which ONNX Runtime's inference build does not
+give. This module interprets the graph op by op with torch functions; the float initializers
+of weighted ops (Conv, Gemm, MatMul, normalisation) become ``nn.Parameter``s, and after
+training ``write_back`` puts their values into the same ONNX graph, so the structure the
+device runs is exactly the one that was pruned and measured. Ops outside the supported set are
+refused by name before any training starts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from device_agent.errors import NotApplicable
+
+TRAINABLE_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2),
+                    "LayerNormalization": (1, 2), "Add": (0, 1), "Mul": (0, 1), "PRelu": (1,)}
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+class OnnxModule(nn.Module):
+    def __init__(self, proto) -> None:
+        super().__init__()
+        from onnx import numpy_helper
+
+        self.graph = proto.graph
+        unsupported = sorted({n.op_type for n in self.graph.node} - set(_OPS))
+        if unsupported:
+            raise NotApplicable(f"fine-tuning cannot run op(s) {', '.join(unsupported)} in PyTorch")
+        trainable = {n.input[i] for n in self.graph.node for i in TRAINABLE_INPUTS.get(n.op_type, ())
+                     if i < len(n.input)}
+        self.names: dict[str, str] = {}
+        self.params = nn.ParameterDict()
+        self.consts: dict[str, torch.Tensor] = {}
+        for init in self.graph.initializer:
+            value = torch.from_numpy(np.array(numpy_helper.to_array(init)))
+            if init.name in trainable and value.is_floating_point() and value.dim() >= 1:
+                key = f"p{len(self.params)}"
+                self.params[key] = nn.Parameter(value.float())
+                self.names[init.name] = key
+            else:
+                self.consts[init.name] = value
+        self.input_names = [i.name for i in self.graph.input if i.name not in self.consts and i.name not in self.names]
+        self.output_names = [o.name for o in self.graph.output]
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        env: dict[str, torch.Tensor] = dict(self.consts)
+        env.update({name: self.params[key] for name, key in self.names.items()})
+        env.update(zip(self.input_names, inputs))
+        for node in self.graph.node:
+            args = [env[name] if name else None for name in node.input]
+            result = _OPS[node.op_type](args, _attrs(node))
+            for name, value in zip(node.output, result if isinstance(result, tuple) else (result,)):
+                env[name] = value
+        return tuple(env[name] for name in self.output_names)
+
+    def write_back(self, proto) -> None:
+        from onnx import numpy_helper
+
+        by_name = {i.name: i for i in proto.graph.initializer}
+        for name, key in self.names.items():
+            original = numpy_helper.to_array(by_name[name])
+            value = self.params[key].detach().cpu().numpy().astype(original.dtype)
+            by_name[name].CopyFrom(numpy_helper.from_array(value, name))
+
+
+def _conv(a, at):
+    x, w, b = a[0], a[1], a[2] if len(a) > 2 else None
+    pads = at.get("pads", [0] * (2 * (w.dim() - 2)))
+    if at.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise NotApplicable("Conv with auto_pad is not supported by fine-tuning")
+    dims = w.dim() - 2
+    half = len(pads) // 2
+    if pads[:half] != pads[half:]:
+        x = F.pad(x, [p for i in reversed(range(dims)) for p in (pads[i], pads[i + half])])
+        pads = [0] * len(pads)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
+    return conv(x, w, b, stride=at.get("strides", 1), padding=pads[:half], dilation=at.get("dilations", 1),
+                groups=at.get("group", 1))
+
+
+def _gemm(a, at):
+    x, w = a[0], a[1]
+    if at.get("transA", 0):
+        x = x.t()
+    if at.get("transB", 0):
+        w = w.t()
+    y = at.get("alpha", 1.0) * (x @ w)
+    if len(a) > 2 and a[2] is not None:
+        y = y + at.get("beta", 1.0) * a[2]
+    return y
+
+
+def _pool(kind):
+    def run(a, at):
+        x = a[0]
+        kernel, strides = at["kernel_shape"], at.get("strides", at["kernel_shape"])
+        pads = at.get("pads", [0] * (2 * len(kernel)))
+        half = len(pads) // 2
+        if kind == "max":
+            fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(kernel)]
+            return fn(x, kernel, strides, pads[:half], ceil_mode=bool(at.get("ceil_mode", 0)))
+        fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(kernel)]
+        return fn(x, kernel, strides, pads[:half], ceil_mode=bool(at.get("ceil_mode", 0)),
+                  count_include_pad=bool(at.get("count_include_pad", 0)))
+    return run
+
+
+def _reshape(a, at):
+    x, shape = a[0], [int(s) for s in a[1].tolist()]
+    shape = [x.shape[i] if s == 0 and not at.get("allowzero", 0) else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _axes(a, at, index=1):
+    if len(a) > index and a[index] is not None:
+        return [int(v) for v in a[index].tolist()]
+    return list(at.get("axes", []))
+
+
+def _unsqueeze(a, at):
+    x = a[0]
+    for axis in sorted(ax % (x.dim() + len(_axes(a, at))) for ax in _axes(a, at)):
+        x = x.unsqueeze(axis)
+    return x
+
+
+def _squeeze(a, at):
+    axes = _axes(a, at)
+    return a[0].squeeze() if not axes else a[0].squeeze(tuple(axes))
+
+
+def _slice(a, at):
+    x, starts, ends = a[0], a[1].tolist(), a[2].tolist()
+    axes = a[3].tolist() if len(a) > 3 and a[3] is not None else list(range(len(starts)))
+    steps = a[4].tolist() if len(a) > 4 and a[4] is not None else [1] * len(starts)
+    index = [slice(None)] * x.dim()
+    for s, e, ax, st in zip(starts, ends, axes, steps):
+        size = x.shape[ax]
+        index[ax] = slice(max(min(s, size), -size), max(min(e, size), -size - 1) if e < 0 else min(e, size), st)
+    return x[tuple(index)]
+
+
+def _layer_norm(a, at):
+    x, scale = a[0], a[1]
+    axis = at.get("axis", -1) % x.dim()
+    y = F.layer_norm(x, x.shape[axis:], eps=at.get("epsilon", 1e-5))
+    y = y * scale
+    return y + a[2] if len(a) > 2 and a[2] is not None else y
+
+
+def _batch_norm(a, at):
+    x, scale, bias, mean, var = a[:5]
+    return F.batch_norm(x, mean, var, scale, bias, training=False, eps=at.get("epsilon", 1e-5))
+
+
+def _reduce(fn):
+    def run(a, at):
+        axes = _axes(a, at)
+        keep = bool(at.get("keepdims", 1))
+        if not axes:
+            return fn(a[0], dim=tuple(range(a[0].dim())), keepdim=keep)
+        return fn(a[0], dim=tuple(axes), keepdim=keep)
+    return run
+
+
+def _cast(a, at):
+    from onnx import helper
+
+    return a[0].to(_TORCH_TYPES[np.dtype(helper.tensor_dtype_to_np_dtype(at["to"])).name])
+
+
+_TORCH_TYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64, "int64": torch.int64,
+                "int32": torch.int32, "bool": torch.bool, "int8": torch.int8, "uint8": torch.uint8}
+
+
+def _constant(a, at):
+    from onnx import numpy_helper
+
+    if "value" in at:
+        return torch.from_numpy(np.array(numpy_helper.to_array(at["value"])))
+    for key in ("value_float", "value_int"):
+        if key in at:
+            return torch.tensor(at[key])
+    for key in ("value_floats", "value_ints"):
+        if key in at:
+            return torch.tensor(list(at[key]))
+    raise NotApplicable("Constant of an unsupported kind")
+
+
+_OPS = {
+    "Conv": _conv,
+    "Gemm": _gemm,
+    "MatMul": lambda a, at: a[0] @ a[1],
+    "Add": lambda a, at: a[0] + a[1],
+    "Sub": lambda a, at: a[0] - a[1],
+    "Mul": lambda a, at: a[0] * a[1],
+    "Div": lambda a, at: a[0] / a[1] if a[0].is_floating_point() else torch.div(a[0], a[1], rounding_mode="trunc"),
+    "Pow": lambda a, at: a[0] ** a[1],
+    "Sqrt": lambda a, at: torch.sqrt(a[0]),
+    "Exp": lambda a, at: torch.exp(a[0]),
+    "Neg": lambda a, at: -a[0],
+    "Erf": lambda a, at: torch.erf(a[0]),
+    "Relu": lambda a, at: F.relu(a[0]),
+    "LeakyRelu": lambda a, at: F.leaky_relu(a[0], at.get("alpha", 0.01)),
+    "PRelu": lambda a, at: torch.where(a[0] >= 0, a[0], a[0] * a[1]),
+    "Sigmoid": lambda a, at: torch.sigmoid(a[0]),
+    "Tanh": lambda a, at: torch.tanh(a[0]),
+    "Gelu": lambda a, at: F.gelu(a[0], approximate="tanh" if at.get("approximate", b"none") in (b"tanh", "tanh")
+                                 else "none"),
+    "Clip": lambda a, at: torch.clamp(a[0], *(None if len(a) <= i or a[i] is None else a[i].item() for i in (1, 2))),
+    "Softmax": lambda a, at: F.softmax(a[0], dim=at.get("axis", -1)),
+    "Identity": lambda a, at: a[0],
+    "Dropout": lambda a, at: a[0],
+    "Flatten": lambda a, at: a[0].reshape(math.prod(a[0].shape[:at.get("axis", 1)]), -1),
+    "Reshape": _reshape,
+    "Transpose": lambda a, at: a[0].permute(*(at.get("perm") or reversed(range(a[0].dim())))),
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "Concat": lambda a, at: torch.cat([t for t in a if t is not None], dim=at["axis"]),
+    "Slice": _slice,
+    "Gather": lambda a, at: torch.index_select(a[0], at.get("axis", 0), a[1].reshape(-1).long()).reshape(
+        *a[0].shape[:at.get("axis", 0)], *a[1].shape, *a[0].shape[at.get("axis", 0) + 1:]),
+    "Shape": lambda a, at: torch.tensor(list(a[0].shape), dtype=torch.int64),
+    "Cast": _cast,
+    "Constant": _constant,
+    "MaxPool": _pool("max"),
+    "AveragePool": _pool("avg"),
+    "GlobalAveragePool": lambda a, at: a[0].mean(dim=tuple(range(2, a[0].dim())), keepdim=True),
+    "BatchNormalization": _batch_norm,
+    "LayerNormalization": _layer_norm,
+    "ReduceMean": _reduce(torch.mean),
+    "ReduceSum": _reduce(torch.sum),
+    "Where": lambda a, at: torch.where(a[0].bool(), a[1], a[2]),
+    "Equal": lambda a, at: a[0] == a[1],
+}

@@ -1,0 +1,118 @@
+"""The built-in student family: small networks scaled in width and depth to a parameter budget.
+
+- ``cnn`` for image-like inputs [N, C, H, W]: ``depth`` 3x3 conv blocks (width doubling), one
+  2x2 max-pool when the map is at least 8x8, then a linear classifier;
+- ``mlp`` for vectors [N, F]: ``depth`` hidden layers;
+- ``bag`` for token ids [N, T] (int): an embedding averaged over tokens, then an MLP.
+
+``fit`` picks the widest student whose parameters stay within the budget.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from device_agent.errors import ConfigError, NotApplicable
+
+FAMILIES = ("cnn", "mlp", "bag")
+
+
+class CnnStudent(nn.Module):
+    def __init__(self, shape: Sequence[int], classes: int, width: int, depth: int) -> None:
+        super().__init__()
+        channels, height, width_px = shape
+        layers, c = [], channels
+        for i in range(depth):
+            layers += [nn.Conv2d(c, width * 2 ** i, 3, padding=1), nn.ReLU()]
+            c = width * 2 ** i
+        pool = height >= 8 and width_px >= 8
+        if pool:
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        features = c * (height // 2 if pool else height) * (width_px // 2 if pool else width_px)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(features, classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class MlpStudent(nn.Module):
+    def __init__(self, features: int, classes: int, width: int, depth: int) -> None:
+        super().__init__()
+        layers, f = [], features
+        for _ in range(depth):
+            layers += [nn.Linear(f, width), nn.ReLU()]
+            f = width
+        self.net = nn.Sequential(*layers, nn.Linear(f, classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BagStudent(nn.Module):
+    def __init__(self, vocab: int, classes: int, width: int, depth: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.head = MlpStudent(width, classes, width, max(depth - 1, 0))
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(dim=1))
+
+
+def build(family: str, sample: torch.Tensor, classes: int, width: int, depth: int, vocab: int = 0) -> nn.Module:
+    if family == "cnn":
+        if sample.dim() != 4:
+            raise NotApplicable(f"the cnn student takes [N, C, H, W] inputs, not rank {sample.dim()}")
+        return CnnStudent(sample.shape[1:], classes, width, depth)
+    if family == "mlp":
+        return MlpStudent(int(sample[0].numel()), classes, width, depth)
+    if family == "bag":
+        return BagStudent(vocab, classes, width, depth)
+    raise ConfigError(f"no student family {family!r} (there are: {', '.join(FAMILIES)})")
+
+
+def family_for(sample: torch.Tensor) -> str:
+    if not sample.is_floating_point():
+        return "bag"
+    return "cnn" if sample.dim() == 4 else "mlp"
+
+
+def fit(family: str, sample: torch.Tensor, classes: int, depth: int, budget: int, vocab: int = 0) -> nn.Module:
+    """The widest student of *family* with at most *budget* parameters."""
+    best = None
+    for width in range(2, 1025):
+        student = build(family, sample, classes, width, depth, vocab)
+        if count(student) > budget:
+            break
+        best = student
+    if best is None:
+        raise NotApplicable(f"no {family} student of depth {depth} fits in {budget} parameters")
+    return best
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def user_module(spec: str) -> nn.Module:
+    """``path/to/file.py:ClassName`` (or ``package.module:ClassName``), built with no arguments."""
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ConfigError(f"student {spec!r}: give FILE.py:CLASS or MODULE:CLASS")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            module_spec = importlib.util.spec_from_file_location(f"edgefleet_student_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        return getattr(module, name)()
+    except Exception as exc:  # the user's code: any failure is reported in one line
+        raise ConfigError(f"cannot build student {spec}: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,86 @@
+"""Knowledge distillation: a student learns the teacher's outputs on the user's inputs.
+
+The teacher is any model a runtime can run (ONNX or TFLite); its outputs on the training
+inputs are computed once. Classifier outputs are matched with temperature-scaled soft targets
+(Hinton et al.: T^2 * KL(student/T || teacher/T)) plus cross-entropy on hard labels when the
+data has them; other outputs with a mean squared error scaled by the teacher's variance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from host_tools.compress.data import BoundData
+from host_tools.compress.evaluate import is_classifier, outputs_on
+from host_tools.compress.model import ModelFile
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    epochs: int
+    lr: float = 3e-3
+    batch: int = 64
+    temperature: float = 4.0
+    labels_weight: float = 0.5  # share of the hard-label loss when labels exist
+    seed: int = 0
+
+
+def teacher_targets(teacher: ModelFile, data: BoundData) -> list[np.ndarray]:
+    return list(outputs_on(teacher, data).values())
+
+
+def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np.ndarray],
+            labels: np.ndarray | None, schedule: Schedule, progress: Progress | None = None) -> float:
+    """Train *student* (called with the inputs in order, returning a tuple of outputs) to match
+    *targets*; returns the last epoch's mean loss."""
+    torch.manual_seed(schedule.seed)
+    generator = torch.Generator().manual_seed(schedule.seed)
+    xs = [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs]
+    ts = [torch.from_numpy(np.ascontiguousarray(t)).float() for t in targets]
+    ys = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
+    scales = [t.var().clamp_min(1e-8) for t in ts]
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=schedule.lr)
+    steps_per_epoch = max(1, -(-len(xs[0]) // schedule.batch))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=schedule.epochs * steps_per_epoch)
+    student.train()
+    last = 0.0
+    for epoch in range(schedule.epochs):
+        order = torch.randperm(len(xs[0]), generator=generator)
+        total = 0.0
+        for start in range(0, len(order), schedule.batch):
+            idx = order[start:start + schedule.batch]
+            outs = student(*[x[idx] for x in xs])
+            outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+            loss = sum(_loss(o, t[idx], None if ys is None else ys[idx], s, schedule)
+                       for o, t, s in zip(outs, ts, scales))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        last = total / len(order)
+        if progress and (epoch + 1) % max(1, schedule.epochs // 10) == 0:
+            progress(f"      epoch {epoch + 1}/{schedule.epochs}: loss {last:.4f}")
+    student.eval()
+    return last
+
+
+def _loss(out: torch.Tensor, target: torch.Tensor, labels, scale, schedule: Schedule) -> torch.Tensor:
+    out = out.reshape(target.shape)
+    if is_classifier(target.numpy()):
+        t = schedule.temperature
+        soft = F.kl_div(F.log_softmax(out / t, dim=-1), F.softmax(target / t, dim=-1),
+                        reduction="batchmean") * t * t
+        if labels is not None and schedule.labels_weight > 0 and labels.shape == out.shape[:-1]:
+            hard = F.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1))
+            return (1 - schedule.labels_weight) * soft + schedule.labels_weight * hard
+        return soft
+    return F.mse_loss(out, target) / scale
