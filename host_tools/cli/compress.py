@@ -29,6 +29,8 @@ DATA_HELP = ".npz, a folder of .npy/.npz samples, or a loader (file.py defining 
 @click.option("--pass", "steps", multiple=True, metavar="'NAME key=value …'",
               help="A pass and its options, instead of a recipe; repeatable, applied in order.")
 @click.option("--calib", help=f"Calibration inputs: {DATA_HELP}.")
+@click.option("--train", "train_data", help=f"Training inputs for distillation and pruning recovery, labels "
+              f"optional (default: --calib): {DATA_HELP}.")
 @click.option("--eval", "eval_data", help=f"Evaluation inputs, labels optional: {DATA_HELP}.")
 @click.option("--max-drop", type=click.FloatRange(min=0), help="Accuracy guard: refuse (exit 1, write nothing) "
               "if the result loses more than this many points against the original.")
@@ -45,7 +47,7 @@ DATA_HELP = ".npz, a folder of .npy/.npz samples, or a loader (file.py defining 
 @click.option("--list", "list_only", is_flag=True, help="List the passes and the named recipes.")
 @json_option
 @fail_cleanly
-def compress(model, out, recipe, steps, calib, eval_data, max_drop, auto, goal, report_path, latency_runs, threads,
+def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, auto, goal, report_path, latency_runs, threads,
              list_only, as_json) -> None:
     if list_only:
         _list(as_json)
@@ -72,7 +74,7 @@ def compress(model, out, recipe, steps, calib, eval_data, max_drop, auto, goal, 
         if auto:
             from host_tools.compress.auto import search
 
-            report = search(model, eval_data=eval_data, calib=calib, max_drop=max_drop, goal=goal,
+            report = search(model, eval_data=eval_data, calib=calib, train=train_data, max_drop=max_drop, goal=goal,
                             workdir=Path(tmp), latency_runs=latency_runs, latency_threads=threads, progress=say)
             title = f"{model.path.name}: --auto --max-drop {max_drop:g} --goal {goal}"
         else:
@@ -80,7 +82,7 @@ def compress(model, out, recipe, steps, calib, eval_data, max_drop, auto, goal, 
                 plan = Recipe("command line", tuple(parse_step(s) for s in steps))
             else:
                 plan = load_recipe(recipe or ("int8-static" if calib else "int8-dynamic"), model.format)
-            report = run_recipe(model, plan, calib=calib, eval_data=eval_data, workdir=Path(tmp),
+            report = run_recipe(model, plan, calib=calib, train=train_data, eval_data=eval_data, workdir=Path(tmp),
                                 latency_runs=latency_runs, latency_threads=threads, progress=say)
             title = f"{model.path.name}: {plan.name}"
         doc = report.to_dict()

@@ -59,6 +59,17 @@ ONNX_LADDER = (
               needs_calibration=True, if_missed="static int8, 1 sensitive node in float"),
     Candidate("int4 MatMul weights", (Step("onnx-preprocess", {"optimize": False}), Step("onnx-int4"))),
     Candidate("fp16", (Step("onnx-fp16"),)),
+    Candidate("50% sparse, static int8", (Step("onnx-prune-magnitude", {"sparsity": 0.5}), _PRE,
+                                          Step("onnx-static", {"per_channel": True})), needs_calibration=True),
+    Candidate("80% sparse, static int8", (Step("onnx-prune-magnitude", {"sparsity": 0.8}), _PRE,
+                                          Step("onnx-static", {"per_channel": True})), needs_calibration=True),
+    Candidate("25% channels pruned, recovered", (Step("onnx-prune-channels", {"ratio": 0.25, "recover_epochs": 30}),),
+              needs_calibration=True),
+    Candidate("50% channels pruned, recovered", (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}),),
+              needs_calibration=True),
+    Candidate("50% channels pruned, recovered, static int8",
+              (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}), _PRE,
+               Step("onnx-static", {"per_channel": True})), needs_calibration=True),
 )
 TFLITE_LADDER = (
     Candidate("dynamic-range int8", (Step("tflite-dynamic"),)),
@@ -86,7 +97,7 @@ class AutoOutcome:
 
 
 def search(model: ModelFile, *, eval_data: str | Dataset, max_drop: float, goal: str = "size",
-           calib: str | Dataset | None = None, candidates: tuple[Candidate, ...] | None = None,
+           calib: str | Dataset | None = None, train: str | Dataset | None = None, candidates: tuple[Candidate, ...] | None = None,
            out: Path | None = None, workdir: Path | None = None, latency_runs: int = 200,
            latency_threads: int | None = 1, progress: Progress | None = None) -> CompressionReport:
     """Measure every candidate of the ladder (or *candidates*) and choose by *goal*; the
@@ -95,10 +106,17 @@ def search(model: ModelFile, *, eval_data: str | Dataset, max_drop: float, goal:
         raise ConfigError(f"--goal must be one of {', '.join(GOALS)}")
     say = progress or (lambda _msg: None)
     todo = [c for c in (candidates or ladder(model)) if calib is not None or not c.needs_calibration]
+    unavailable = {}
+    for c in list(todo):
+        try:
+            plan_steps(c.steps, model, calib, train)
+        except ConfigError as exc:  # e.g. a pass whose extra is not installed
+            unavailable[c.name] = f"not tried: {exc}"
+            todo.remove(c)
     if not todo:
         raise ConfigError(f"no candidate for a {model.format} model without calibration data (--calib)")
-    plans = {c.name: plan_steps(c.steps, model, calib) for c in todo}
-    outcome = AutoOutcome(max_drop, goal)
+    plans = {c.name: plan_steps(c.steps, model, calib, train) for c in todo}
+    outcome = AutoOutcome(max_drop, goal, dict(unavailable))
     with tempfile.TemporaryDirectory(prefix="edgefleet-auto-") as tmp:
         workdir = Path(workdir or tmp)
         evaluation = Evaluation(model, eval_data, say)

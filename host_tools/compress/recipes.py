@@ -63,6 +63,12 @@ NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
     "fp16": ("float16 weights (and compute where the runtime has it)", {
         "onnx": (Step("onnx-fp16"),),
         "tflite": (Step("tflite-fp16"),)}),
+    "sparse-int8": ("80% magnitude pruning, then static int8: a much smaller download", {
+        "onnx": (Step("onnx-prune-magnitude", {"sparsity": 0.8}), _PRE, Step("onnx-static", {"per_channel": True}))}),
+    "channels-50": ("half of the prunable channels removed, recovered by distillation from the original", {
+        "onnx": (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}),)}),
+    "distill": ("a student with at most 25% of the parameters, trained on the model's outputs", {
+        "onnx": (Step("distill"),), "tflite": (Step("distill"),)}),
     "int4-weights": ("int4 blockwise MatMul weights, for transformer-style models", {
         # without ORT's optimizations, which would fuse MatMul+Add into Gemm, out of int4's reach
         "onnx": (Step("onnx-preprocess", {"optimize": False}), Step("onnx-int4"))}),

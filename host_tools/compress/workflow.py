@@ -114,7 +114,7 @@ def quality_drop(original: Measured, candidate: Measured) -> float | None:
 
 
 def run_recipe(model: ModelFile, recipe: Recipe, *, calib: str | Dataset | None = None,
-               eval_data: str | Dataset | None = None, out: Path | None = None,
+               train: str | Dataset | None = None, eval_data: str | Dataset | None = None, out: Path | None = None,
                workdir: Path | None = None, latency_runs: int = 200, latency_threads: int | None = 1,
                progress: Progress | None = None) -> CompressionReport:
     """Apply *recipe*'s passes in order; measure the original and each output on *eval_data*.
@@ -123,7 +123,7 @@ def run_recipe(model: ModelFile, recipe: Recipe, *, calib: str | Dataset | None 
     next pass takes the last good model. The last good model is copied to *out*.
     """
     say = progress or (lambda _msg: None)
-    plan = plan_steps(recipe.steps, model, calib)
+    plan = plan_steps(recipe.steps, model, calib, train)
     with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp:
         workdir = Path(workdir or tmp)
         evaluation = Evaluation(model, eval_data, say)
@@ -141,14 +141,15 @@ def run_recipe(model: ModelFile, recipe: Recipe, *, calib: str | Dataset | None 
         return report
 
 
-def plan_steps(steps, model: ModelFile, calib) -> list[tuple[type, Any]]:
-    """Each step's pass class and typed config, with --calib filled in; all checked before anything runs."""
+def plan_steps(steps, model: ModelFile, calib, train=None) -> list[tuple[type, Any]]:
+    """Each step's pass class and typed config, with --calib (or --train, for passes that train)
+    filled in; all checked before anything runs."""
     plan = []
     for step in steps:
         cls = get_pass(step.pass_name)
         if model.format in cls.formats:
             check_requirements(cls)
-        plan.append((cls, make_config(cls, _with_data(cls, step.options, calib))))
+        plan.append((cls, make_config(cls, _with_data(cls, step.options, calib, train))))
     return plan
 
 
@@ -207,15 +208,18 @@ def deliver(report: CompressionReport, out: Path | None, *, keep: bool) -> None:
                 s.model = ModelFile(Path(s.model.path.name), s.model.format)
 
 
-def _with_data(cls, options: dict, calib) -> dict:
-    """*options* with --calib filled in where the pass takes data; a pass that cannot run
-    without it stops the recipe here, before anything ran."""
+def _with_data(cls, options: dict, calib, train=None) -> dict:
+    """*options* with --calib filled in where the pass takes data (--train first for passes
+    that train); a pass that cannot run without it stops the recipe here, before anything ran."""
     field_ = next((f for f in dataclasses.fields(cls.Config) if f.name == DATA_FIELD), None)
     if field_ is None or options.get(DATA_FIELD) is not None:
         return options
+    if field_.metadata.get("trains") and train is not None:
+        calib = train
     if calib is None:
         if field_.metadata.get("required"):
-            raise ConfigError(f"pass {cls.name} needs calibration data (--calib), and will not make it up")
+            kind = "training inputs (--train or --calib)" if field_.metadata.get("trains") else "calibration data (--calib)"
+            raise ConfigError(f"pass {cls.name} needs {kind}, and will not make it up")
         return options
     return {**options, DATA_FIELD: calib}
 

@@ -12,12 +12,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
-from device_agent.errors import NotApplicable
+from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import failing_as, output_path
@@ -96,7 +97,7 @@ class OnnxChannelPruning(Pass):
             "help": "fine-tune the pruned model this many epochs with the unpruned one as teacher "
                     "(needs the distill extra and --calib inputs to train on)"})
         calibration: Dataset | str | None = field(default=None, metadata={
-            "help": "inputs to fine-tune on (unlabelled is fine); default: --calib"})
+            "help": "inputs to fine-tune on (unlabelled is fine); default: --train, else --calib", "trains": True})
         labels_weight: float = field(default=0.0, metadata={
             "help": "weight of the hard-label loss when the training data has labels (0: soft targets only)"})
 
@@ -105,6 +106,8 @@ class OnnxChannelPruning(Pass):
 
         if not 0 < config.ratio < 1:
             raise NotApplicable(f"ratio must be between 0 and 1, not {config.ratio}")
+        if config.recover_epochs > 0 and importlib.util.find_spec("torch") is None:
+            raise ConfigError(f"{self.name} recover_epochs needs PyTorch: pip install 'edgefleet[distill]'")
         pruned_path = output_path(workdir, model, f"channels{round(config.ratio * 100)}")
         with failing_as(self.name, model):
             proto = onnx.load(str(model.path))

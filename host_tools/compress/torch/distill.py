@@ -26,7 +26,8 @@ class Distill(Pass):
     @dataclass(frozen=True)
     class Config(PassConfig):
         calibration: Dataset | str | None = field(default=None, metadata={
-            "help": "inputs to train on, labels optional (default: --train, else --calib)", "required": True})
+            "help": "inputs to train on, labels optional (default: --train, else --calib)", "required": True,
+            "trains": True})
         student: str = field(default="auto", metadata={
             "help": "auto | cnn | mlp | bag, or FILE.py:CLASS / MODULE:CLASS for your own nn.Module"})
         params: float = field(default=0.25, metadata={
