@@ -10,6 +10,7 @@ never chosen for speed). When none qualifies, the search says so and hands nothi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ SPEED_MARGIN = 0.95
 SIZE_SLACK = 0.05
 
 _PRE = Step("onnx-preprocess")
+_COMPACT = Step("onnx-compact")
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,10 @@ TFLITE_LADDER = (
 
 
 def ladder(model: ModelFile) -> tuple[Candidate, ...]:
-    return ONNX_LADDER if model.format == "onnx" else TFLITE_LADDER
+    """The candidates for *model*'s format; ONNX ones end by compacting the graph."""
+    if model.format != "onnx":
+        return TFLITE_LADDER
+    return tuple(dataclasses.replace(c, steps=c.steps + (_COMPACT,)) for c in ONNX_LADDER)
 
 
 @dataclass
@@ -156,7 +161,7 @@ def search(model: ModelFile, *, eval_data: str | Dataset, max_drop: float, goal:
 
 def _run_chain(candidate: Candidate, plan, model: ModelFile, evaluation: Evaluation,
                chains: dict[str, Measured], workdir: Path) -> Measured:
-    current, last = model, None
+    current, last, compresses = model, None, False
     key = ""
     for step, (cls, config) in zip(candidate.steps, plan):
         key += json.dumps(step.to_dict(), sort_keys=True)
@@ -166,10 +171,10 @@ def _run_chain(candidate: Candidate, plan, model: ModelFile, evaluation: Evaluat
         last = chains[key]
         if last.status != "ok":
             break
-        current = last.model
+        current, compresses = last.model, compresses or last.compresses
     m = Measured(candidate.name, last.model, last.status, last.note,
                  {"passes": [s.to_dict() for s in candidate.steps]},
-                 compresses=last.compresses, seconds=last.seconds, size_bytes=last.size_bytes,
+                 compresses=compresses, seconds=last.seconds, size_bytes=last.size_bytes,
                  download_bytes=last.download_bytes, fidelity=last.fidelity, outputs=last.outputs)
     return m
 

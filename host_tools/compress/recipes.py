@@ -48,30 +48,32 @@ class Recipe:
 
 
 _PRE = Step("onnx-preprocess")
+_COMPACT = Step("onnx-compact")
 # name -> (description, {model format: steps})
 NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
     "int8-dynamic": ("int8 weights, activations quantized at run time (no calibration data needed)", {
-        "onnx": (_PRE, Step("onnx-dynamic")),
+        "onnx": (_PRE, Step("onnx-dynamic"), _COMPACT),
         "tflite": (Step("tflite-dynamic"),)}),
     "int8-static": ("int8 weights and activations, per-channel weights, calibrated on --calib", {
-        "onnx": (_PRE, Step("onnx-static", {"per_channel": True})),
+        "onnx": (_PRE, Step("onnx-static", {"per_channel": True}), _COMPACT),
         "tflite": (Step("tflite-int8"),)}),
     "int8-static-safe": ("static int8 with the 2 most sensitive nodes left in float", {
-        "onnx": (_PRE, Step("onnx-static", {"per_channel": True, "auto_exclude": 2}))}),
+        "onnx": (_PRE, Step("onnx-static", {"per_channel": True, "auto_exclude": 2}), _COMPACT)}),
     "int8-weights": ("int8 weights only, float compute", {
         "tflite": (Step("tflite-weight-only"),)}),
     "fp16": ("float16 weights (and compute where the runtime has it)", {
         "onnx": (Step("onnx-fp16"),),
         "tflite": (Step("tflite-fp16"),)}),
     "sparse-int8": ("80% magnitude pruning, then static int8: a much smaller download", {
-        "onnx": (Step("onnx-prune-magnitude", {"sparsity": 0.8}), _PRE, Step("onnx-static", {"per_channel": True}))}),
+        "onnx": (Step("onnx-prune-magnitude", {"sparsity": 0.8}), _PRE, Step("onnx-static", {"per_channel": True}),
+                 _COMPACT)}),
     "channels-50": ("half of the prunable channels removed, recovered by distillation from the original", {
         "onnx": (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}),)}),
     "distill": ("a student with at most 25% of the parameters, trained on the model's outputs", {
         "onnx": (Step("distill"),), "tflite": (Step("distill"),)}),
     "int4-weights": ("int4 blockwise MatMul weights, for transformer-style models", {
         # without ORT's optimizations, which would fuse MatMul+Add into Gemm, out of int4's reach
-        "onnx": (Step("onnx-preprocess", {"optimize": False}), Step("onnx-int4"))}),
+        "onnx": (Step("onnx-preprocess", {"optimize": False}), Step("onnx-int4"), _COMPACT)}),
 }
 
 

@@ -298,3 +298,83 @@ def test_zoo_architectures_with_old_ir_and_generated_weights_quantize(name, tmp_
         assert result.size_bytes < 0.35 * prepared.size_bytes  # int8 of the materialised fp32 weights
         assert next(iter(result.outputs.values())).shape[:2] == (3, 1000)
     assert report.steps[0].fidelity.cosine > 0.9999  # preprocessing changes nothing
+
+
+# --- pruning and distillation -----------------------------------------------------------------
+
+TRAIN = MODELS / "digits_train.npz"
+
+
+def test_magnitude_pruning_shrinks_the_download_not_the_file(digits, tmp_path):
+    from onnx import numpy_helper
+    recipe = steps([("onnx-prune-magnitude", {"sparsity": 0.8})])
+    report = run_recipe(digits, recipe, eval_data=HELDOUT, latency_runs=10, workdir=tmp_path)
+    pruned = report.result
+    weights = [numpy_helper.to_array(i) for i in onnx.load(str(pruned.model.path)).graph.initializer if len(i.dims) >= 2
+               and np.prod(i.dims) >= 1024]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.size for w in weights)
+    assert 0.79 < zeros < 0.81
+    assert pruned.size_bytes >= 0.99 * report.original.size_bytes
+    assert pruned.download_bytes < 0.5 * report.original.download_bytes
+    assert pruned.fidelity.accuracy >= report.original.fidelity.accuracy - 0.02
+
+
+def test_structured_pruning_removes_channels_and_recovery_brings_accuracy_back(digits, tmp_path):
+    plain = run_recipe(digits, steps([("onnx-prune-channels", {"ratio": 0.5})]), eval_data=HELDOUT,
+                       latency_runs=10, workdir=tmp_path / "plain")
+    recovered = run_recipe(digits, steps([("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30})]),
+                           train=TRAIN, eval_data=HELDOUT, latency_runs=10, workdir=tmp_path / "rec")
+    graph = onnx.load(str(plain.result.model.path)).graph
+    shapes = {i.name: list(i.dims) for i in graph.initializer}
+    assert shapes["features.0.weight"] == [8, 1, 3, 3] and shapes["features.2.weight"] == [16, 8, 3, 3]
+    assert shapes["classifier.1.weight"] == [32, 256] and shapes["classifier.3.weight"] == [10, 32]
+    assert plain.result.size_bytes < 0.3 * plain.original.size_bytes
+    original = plain.original.fidelity.accuracy
+    assert plain.result.fidelity.accuracy < original - 0.05  # pruning alone hurts…
+    assert recovered.result.fidelity.accuracy >= original - 0.01  # …distillation from the original heals it
+    rec_graph = onnx.load(str(recovered.result.model.path)).graph
+    assert {i.name: list(i.dims) for i in rec_graph.initializer} == shapes  # same pruned structure, new weights
+
+
+def test_structured_pruning_refuses_patterns_it_cannot_prune_safely(tmp_path):
+    """A residual Add: removing channels on one branch would break the sum, so nothing is pruned."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w = lambda *s: numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), f"w{len(s)}{s[0]}")  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w48"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["b"], name="relu"),
+             helper.make_node("Add", ["a", "b"], ["y"], name="residual")]
+    graph = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], [w(8, 4, 3, 3)])
+    path = tmp_path / "res.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=graphs.OPSET), str(path))
+    report = run_recipe(ModelFile.open(path), steps([("onnx-prune-channels", {})]), latency_runs=5)
+    assert report.steps[0].status == "skipped" and "several consumers" in report.steps[0].note
+
+
+@pytest.mark.parametrize("teacher", ["digits_cnn.onnx", "digits_cnn.tflite"])
+def test_a_distilled_student_with_a_quarter_of_the_parameters_keeps_the_accuracy(teacher, tmp_path):
+    from host_tools.compress.torch.distill import teacher_parameters
+    model = ModelFile.open(MODELS / teacher)
+    report = run_recipe(model, load_recipe("distill", model.format), train=TRAIN, eval_data=HELDOUT,
+                        latency_runs=10, workdir=tmp_path)
+    student = report.result
+    assert student.label == "distill" and student.model.format == "onnx"
+    assert teacher_parameters(student.model) <= 0.25 * teacher_parameters(model)
+    assert student.fidelity.accuracy >= 0.97 * report.original.fidelity.accuracy
+    assert [s.name for s in student.model.load().inputs] == [s.name for s in model.load().inputs]
+
+
+def test_distillation_refuses_to_train_on_nothing(digits):
+    with pytest.raises(ConfigError, match="needs training inputs"):
+        run_recipe(digits, load_recipe("distill", "onnx"), eval_data=HELDOUT)
+
+
+@pytest.mark.parametrize("recipe, max_ratio", [("int8-dynamic", 0.29), ("int8-static", 0.31), ("int4-weights", 0.22)])
+def test_the_transformer_reference_model_compresses_within_a_point(recipe, max_ratio, tmp_path):
+    model = ModelFile.open(MODELS / "digits_transformer.onnx")
+    report = run_recipe(model, load_recipe(recipe, "onnx"), calib=CALIB, eval_data=HELDOUT, latency_runs=10,
+                        workdir=tmp_path)
+    assert report.compressed, [s.note for s in report.steps]
+    assert report.result.size_bytes <= max_ratio * report.original.size_bytes
+    assert report.result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01

@@ -3,7 +3,7 @@
 import pytest
 
 from host_tools.compress import ModelFile, Step
-from host_tools.compress.auto import ONNX_LADDER, SPEED_MARGIN, Candidate, search
+from host_tools.compress.auto import ONNX_LADDER, SPEED_MARGIN, Candidate, ladder, search
 from tests.conftest import MODELS
 
 HELDOUT, CALIB = MODELS / "digits_heldout.npz", MODELS / "digits_calib.npz"
@@ -20,7 +20,8 @@ def digits():
 
 def test_auto_keeps_the_smallest_within_the_tolerance_and_says_why_for_every_candidate(digits, tmp_path):
     out = tmp_path / "auto.onnx"
-    report = search(digits, eval_data=HELDOUT, calib=CALIB, max_drop=1.0, out=out, latency_runs=20)
+    report = search(digits, eval_data=HELDOUT, calib=CALIB, train=MODELS / "digits_train.npz", max_drop=1.0,
+                    out=out, latency_runs=20)
     auto, chosen = report.auto, report.chosen
     assert chosen is not None and out.is_file() and report.result.model.path == out
     assert chosen.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
@@ -34,7 +35,7 @@ def test_auto_keeps_the_smallest_within_the_tolerance_and_says_why_for_every_can
     assert "no MatMul" in auto.verdicts["int4 MatMul weights"]
     doc = report.to_dict()
     assert doc["auto"]["chosen"] == chosen.label
-    ladder_steps = next(c.steps for c in ONNX_LADDER if c.name == chosen.label)
+    ladder_steps = next(c.steps for c in ladder(digits) if c.name == chosen.label)
     assert doc["recipe"]["passes"] == [s.to_dict() for s in ladder_steps]  # reproducible as a recipe file
 
 

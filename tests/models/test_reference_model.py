@@ -1,15 +1,18 @@
-"""The committed reference model is what models/digits_cnn.json says it is."""
+"""The committed reference models are what their models/*.json say they are."""
 
 import json
 
 import numpy as np
+import onnx
+import pytest
 
 from device_agent.runtime import load_runtime
 from tests.conftest import MODELS
 
 
-def test_committed_model_reaches_its_recorded_accuracy():
-    meta = json.loads((MODELS / "digits_cnn.json").read_text())
+@pytest.mark.parametrize("meta_file", ["digits_cnn.json", "digits_transformer.json"])
+def test_committed_model_reaches_its_recorded_accuracy(meta_file):
+    meta = json.loads((MODELS / meta_file).read_text())
     with np.load(MODELS / "digits_heldout.npz") as data:
         x, y = data["x"], data["y"]
     assert len(y) == meta["heldout_samples"]
@@ -23,3 +26,16 @@ def test_committed_model_files_stay_small():
     for path in MODELS.iterdir():
         if path.suffix in (".onnx", ".tflite", ".npz"):
             assert path.stat().st_size < 2 * 2**20, path.name
+
+
+def test_the_second_reference_model_is_a_transformer_not_a_cnn():
+    ops = {n.op_type for n in onnx.load(str(MODELS / "digits_transformer.onnx")).graph.node}
+    assert {"MatMul", "Softmax", "LayerNormalization"} <= ops and "Conv" not in ops
+
+
+def test_calibration_and_training_inputs_never_overlap_the_heldout_set():
+    with np.load(MODELS / "digits_heldout.npz") as h, np.load(MODELS / "digits_train.npz") as t, \
+            np.load(MODELS / "digits_calib.npz") as c:
+        heldout = {row.tobytes() for row in h["x"]}
+        assert not heldout & {row.tobytes() for row in t["x"]}
+        assert {row.tobytes() for row in c["x"]} <= {row.tobytes() for row in t["x"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,7 +99,9 @@ def _export(student, inputs: list[np.ndarray], runtime, out) -> None:
     dynamic.update({name: {0: "batch"} for name in outputs} if dynamic else {})
     example = tuple(torch.from_numpy(x[:1]) for x in inputs)
     try:
-        torch.onnx.export(student.eval(), example, str(out), input_names=names, output_names=outputs,
-                          dynamic_axes=dynamic or None, opset_version=17, dynamo=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter announces its own deprecation
+            torch.onnx.export(student.eval(), example, str(out), input_names=names, output_names=outputs,
+                              dynamic_axes=dynamic or None, opset_version=17, dynamo=False)
     except Exception as exc:  # torch's exporter raises a wide variety
         raise NotApplicable(f"the student does not export to ONNX: {type(exc).__name__}: {exc}") from None

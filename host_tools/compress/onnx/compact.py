@@ -1,0 +1,77 @@
+"""Strip what a device does not need to run the graph: internal tensor and node names (exporters
+and quantizers write long paths such as ``/blocks/blocks.0/attn/qkv/MatMul_output_0_quantized``),
+recorded intermediate shapes, doc strings and unused initializers. On a small model these are a
+sizeable share of the file; the graph's inputs and outputs keep their names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from host_tools.compress.model import ModelFile
+from host_tools.compress.onnx.boundary import failing_as, output_path
+from host_tools.compress.passes import Pass, PassConfig, register
+
+
+@register
+class OnnxCompact(Pass):
+    name = "onnx-compact"
+    formats = ("onnx",)
+    summary = "short internal names, no recorded shapes, doc strings or unused weights"
+    requires = ("onnx",)
+    compresses = False  # it trims a compressed model; on its own it is not a compression
+
+    @dataclass(frozen=True)
+    class Config(PassConfig):
+        rename: bool = field(default=True, metadata={"help": "shorten internal tensor and node names"})
+
+    def run(self, model, config, workdir):
+        import onnx
+
+        out = output_path(workdir, model, "compact")
+        with failing_as(self.name, model):
+            proto = onnx.load(str(model.path))
+            compact(proto, rename=config.rename)
+            onnx.save(proto, str(out))
+        return ModelFile(out, "onnx")
+
+
+def compact(proto, *, rename: bool = True) -> None:
+    graph = proto.graph
+    proto.doc_string = ""
+    graph.doc_string = ""
+    del graph.value_info[:]
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    # Subgraphs (If, Loop, Scan) refer to outer names; renaming those safely is not worth it.
+    if not rename or any(a.type in (5, 10) for node in graph.node for a in node.attribute):  # GRAPH, GRAPHS
+        return
+    fixed = {v.name for v in graph.input} | {v.name for v in graph.output} | {""}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if name in fixed:
+            return name
+        if name not in names:
+            names[name] = _base36(len(names))
+        return names[name]
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for node in graph.node:
+        node.doc_string = ""
+        node.input[:] = [short(n) for n in node.input]
+        node.output[:] = [short(n) for n in node.output]
+    for i, node in enumerate(graph.node):
+        node.name = f"n{_base36(i)}"
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    text = ""
+    while True:
+        number, rest = divmod(number, 36)
+        text = digits[rest] + text
+        if number == 0:
+            return "t" + text
