@@ -72,12 +72,14 @@ ONNX_LADDER = (
     Candidate("50% channels pruned, recovered, static int8",
               (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}), _PRE,
                Step("onnx-static", {"per_channel": True})), needs_calibration=True),
+    Candidate("distilled student, 25% of the parameters", (Step("distill"),), needs_calibration=True),
 )
 TFLITE_LADDER = (
     Candidate("dynamic-range int8", (Step("tflite-dynamic"),)),
     Candidate("int8 weights only", (Step("tflite-weight-only"),)),
     Candidate("full int8", (Step("tflite-int8"),), needs_calibration=True),
     Candidate("fp16", (Step("tflite-fp16"),)),
+    Candidate("distilled student, 25% of the parameters", (Step("distill"),), needs_calibration=True),
 )
 
 
