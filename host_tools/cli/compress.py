@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -11,7 +12,7 @@ import click
 
 from device_agent.cli import fail_cleanly
 from device_agent.errors import ConfigError
-from host_tools.cli.base import json_option, main
+from host_tools.cli.base import broker_option, command_signer, host_client, json_option, main, signing_options
 from host_tools.terminal import console
 
 DATA_HELP = ".npz, a folder of .npy/.npz samples, or a loader (file.py defining load(), or module:function)"
@@ -43,12 +44,18 @@ DATA_HELP = ".npz, a folder of .npy/.npz samples, or a loader (file.py defining 
 @click.option("--latency-runs", type=click.IntRange(10), default=200, show_default=True,
               help="Single-sample runs per model for the latency columns.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
-              help="Inference threads while timing (a device core or several).")
+              help="Inference threads while timing on this host (a device core or several).")
+@click.option("--device", "device_id", help="Time the models on this device instead of the host, through the "
+              "agent's benchmark command (needs --broker and a --key the device trusts; nothing is activated).")
+@click.option("--device-timeout", type=click.FloatRange(1), default=300.0, show_default=True,
+              help="Seconds to wait for the device's result for each model.")
+@broker_option
+@signing_options
 @click.option("--list", "list_only", is_flag=True, help="List the passes and the named recipes.")
 @json_option
 @fail_cleanly
-def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, auto, goal, report_path, latency_runs, threads,
-             list_only, as_json) -> None:
+def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, auto, goal, report_path, latency_runs,
+             threads, device_id, device_timeout, broker, signing_key, expires_in, list_only, as_json) -> None:
     if list_only:
         _list(as_json)
         return
@@ -68,14 +75,19 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
     if auto and max_drop is None:
         raise click.UsageError("--auto needs --max-drop: how many accuracy points it may lose")
     model = ModelFile.open(model)
+    if device_id and eval_data is None:
+        raise click.UsageError("--device needs --eval data (its first sample is what the device runs)")
     err = console(stderr=True)
     say = lambda msg: err.print(f"[dim]{msg}[/]", highlight=False)  # noqa: E731
-    with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp, contextlib.ExitStack() as stack:
+        bench = _device_bench(stack, device_id, broker, signing_key, expires_in, latency_runs,
+                              device_timeout) if device_id else None
         if auto:
             from host_tools.compress.auto import search
 
             report = search(model, eval_data=eval_data, calib=calib, train=train_data, max_drop=max_drop, goal=goal,
-                            workdir=Path(tmp), latency_runs=latency_runs, latency_threads=threads, progress=say)
+                            workdir=Path(tmp), latency_runs=latency_runs, latency_threads=threads, progress=say,
+                            device_bench=bench)
             title = f"{model.path.name}: --auto --max-drop {max_drop:g} --goal {goal}"
         else:
             if steps:
@@ -83,7 +95,7 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
             else:
                 plan = load_recipe(recipe or ("int8-static" if calib else "int8-dynamic"), model.format)
             report = run_recipe(model, plan, calib=calib, train=train_data, eval_data=eval_data, workdir=Path(tmp),
-                                latency_runs=latency_runs, latency_threads=threads, progress=say)
+                                latency_runs=latency_runs, latency_threads=threads, progress=say, device_bench=bench)
             title = f"{model.path.name}: {plan.name}"
         doc = report.to_dict()
         if not as_json:
@@ -111,6 +123,16 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
         raise ConfigError(refused)
     if not as_json:
         click.echo(f"wrote {out} ({report.result.label})" + (f"; report {report_path}" if report_path else ""))
+
+
+def _device_bench(stack, device_id: str, broker: str, signing_key: Path, expires_in: float, runs: int,
+                  timeout: float):
+    from host_tools.compress.device import DeviceBench
+
+    signer = command_signer(signing_key, expires_in)
+    client = host_client(broker, "compress")
+    stack.callback(client.disconnect)
+    return DeviceBench(client, device_id, signing_key, signer, runs=runs, timeout=timeout)
 
 
 def _list(as_json: bool) -> None:

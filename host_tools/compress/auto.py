@@ -106,7 +106,7 @@ class AutoOutcome:
 def search(model: ModelFile, *, eval_data: str | Dataset, max_drop: float, goal: str = "size",
            calib: str | Dataset | None = None, train: str | Dataset | None = None, candidates: tuple[Candidate, ...] | None = None,
            out: Path | None = None, workdir: Path | None = None, latency_runs: int = 200,
-           latency_threads: int | None = 1, progress: Progress | None = None) -> CompressionReport:
+           latency_threads: int | None = 1, progress: Progress | None = None, device_bench=None) -> CompressionReport:
     """Measure every candidate of the ladder (or *candidates*) and choose by *goal*; the
     report's ``auto`` says what was chosen and why each candidate was or was not."""
     if goal not in GOALS:
@@ -126,7 +126,7 @@ def search(model: ModelFile, *, eval_data: str | Dataset, max_drop: float, goal:
     outcome = AutoOutcome(max_drop, goal, dict(unavailable))
     with tempfile.TemporaryDirectory(prefix="edgefleet-auto-") as tmp:
         workdir = Path(workdir or tmp)
-        evaluation = Evaluation(model, eval_data, say)
+        evaluation = Evaluation(model, eval_data, say, device_bench)
         if evaluation.bound is None:
             raise ConfigError("--auto needs evaluation data (--eval)")
         chains: dict[str, Measured] = {}  # a recipe prefix's result, shared between candidates

@@ -14,8 +14,7 @@ def report_table(report: CompressionReport, title: str = "compression"):
     original = report.original
     caption = []
     if original.latency:
-        caption.append(f"p50: median of {original.latency.runs} single-sample runs per model, interleaved, "
-                       f"{report.latency_threads or 'default'} thread(s) on this host's CPU")
+        caption.append(f"p50: {report.latency_method}")
     if report.eval_samples:
         caption.append(f"fidelity over {report.eval_samples} samples of {report.eval_source}"
                        + "; top-1|cos: top-1 agreement with the original (classifiers), else cosine similarity"

@@ -50,6 +50,7 @@ class CompressionReport:
     eval_samples: int
     labels: bool
     latency_threads: int | None
+    latency_where: str = "host CPU"
     # --auto: steps are alternatives, not a chain; the one chosen (None: none qualified) and why
     chosen: Measured | None = None
     auto: Any = None
@@ -67,6 +68,13 @@ class CompressionReport:
             return self.chosen or self.original
         done = [s for s in self.steps if s.status == "ok"]
         return done[-1] if done else self.original
+
+    @property
+    def latency_method(self) -> str:
+        if self.latency_where != "host CPU":
+            return f"median of single-sample runs on {self.latency_where}"
+        return (f"median of {self.original.latency.runs} single-sample runs per model in interleaved rounds, "
+                f"{self.latency_threads or 'default'} thread(s), host CPU")
 
     def to_dict(self) -> dict[str, Any]:
         from onnxruntime import __version__ as ort_version
@@ -93,9 +101,7 @@ class CompressionReport:
             "steps": [row(s) for s in self.steps],
             "result": {"label": self.result.label, "file": self.result.model.path.name},
             "evaluation": {"data": self.eval_source, "samples": self.eval_samples, "labels": self.labels},
-            "latency_method": None if self.original.latency is None else
-            f"median of {self.original.latency.runs} single-sample runs per model in interleaved rounds, "
-            f"{self.latency_threads or 'default'} thread(s), host CPU",
+            "latency_method": None if self.original.latency is None else self.latency_method,
             "host": {"machine": platform.machine(), "processor": _cpu_name(), "onnxruntime": ort_version},
         }
 
@@ -116,8 +122,9 @@ def quality_drop(original: Measured, candidate: Measured) -> float | None:
 def run_recipe(model: ModelFile, recipe: Recipe, *, calib: str | Dataset | None = None,
                train: str | Dataset | None = None, eval_data: str | Dataset | None = None, out: Path | None = None,
                workdir: Path | None = None, latency_runs: int = 200, latency_threads: int | None = 1,
-               progress: Progress | None = None) -> CompressionReport:
-    """Apply *recipe*'s passes in order; measure the original and each output on *eval_data*.
+               progress: Progress | None = None, device_bench=None) -> CompressionReport:
+    """Apply *recipe*'s passes in order; measure the original and each output on *eval_data*
+    (latency on this host, or with *device_bench* on a device).
 
     A pass that does not apply to the model (or fails on it) is reported and skipped; the
     next pass takes the last good model. The last good model is copied to *out*.
@@ -126,7 +133,7 @@ def run_recipe(model: ModelFile, recipe: Recipe, *, calib: str | Dataset | None 
     plan = plan_steps(recipe.steps, model, calib, train)
     with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp:
         workdir = Path(workdir or tmp)
-        evaluation = Evaluation(model, eval_data, say)
+        evaluation = Evaluation(model, eval_data, say, device_bench)
         steps, current = [], model
         for i, (cls, config) in enumerate(plan, start=1):
             say(f"[{i}/{len(plan)}] {cls.name}")
@@ -157,8 +164,10 @@ class Evaluation:
     """The evaluation data bound to the model's inputs, and the original measured on it;
     without data, only sizes are measured."""
 
-    def __init__(self, model: ModelFile, eval_data: str | Dataset | None, say: Progress) -> None:
+    def __init__(self, model: ModelFile, eval_data: str | Dataset | None, say: Progress,
+                 device_bench=None) -> None:
         self.data = load_dataset(eval_data) if eval_data is not None else None
+        self.device_bench = device_bench  # latency on a device (compress.device.DeviceBench), else this host
         self.original = _measured("original", model)
         self.bound = self.data.bind(model.load().inputs) if self.data is not None else None
         if self.bound is not None:
@@ -184,15 +193,19 @@ class Evaluation:
         if self.bound is None:
             return
         timed = [self.original] + models
-        self._say(f"timing {len(timed)} models, {runs} runs each")
-        for m, lat in zip(timed, evaluate.latencies([m.model for m in timed], self.bound, runs=runs,
-                                                    threads=threads)):
+        if self.device_bench is not None:
+            measured = self.device_bench([m.model for m in timed], self.bound, self._say)
+        else:
+            self._say(f"timing {len(timed)} models, {runs} runs each")
+            measured = evaluate.latencies([m.model for m in timed], self.bound, runs=runs, threads=threads)
+        for m, lat in zip(timed, measured):
             m.latency = lat
 
     def report(self, steps: list[Measured], recipe: Recipe, threads: int | None) -> CompressionReport:
         return CompressionReport(self.original, steps, recipe, None if self.data is None else self.data.source,
                                  0 if self.bound is None else len(self.bound),
-                                 self.bound is not None and self.bound.labels is not None, threads)
+                                 self.bound is not None and self.bound.labels is not None, threads,
+                                 latency_where=self.device_bench.where if self.device_bench else "host CPU")
 
 
 def deliver(report: CompressionReport, out: Path | None, *, keep: bool) -> None:

@@ -1,0 +1,33 @@
+"""`edgefleet compress --device`: latency measured by a real agent, where the model will run."""
+
+import json
+
+from tests.conftest import MODELS, edgefleet
+
+
+def test_compress_times_every_model_on_the_device_and_activates_nothing(agents, mosquitto, keys, tmp_path):
+    agent = agents.start("bench-pi")
+    assert agent.wait_for_api()
+    out = tmp_path / "digits.int8.onnx"
+    result = edgefleet("compress", MODELS / "digits_cnn.onnx", "--recipe", "int8-static",
+                       "--calib", MODELS / "digits_calib.npz", "--eval", MODELS / "digits_heldout.npz", "-o", out,
+                       "--device", "bench-pi", "--broker", mosquitto, "--key", keys["key"], "--latency-runs", 20,
+                       "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert "device bench-pi" in doc["latency_method"]
+    assert doc["original"]["latency"]["runs"] == 40  # the original is timed first and again last
+    for row in doc["steps"]:
+        assert row["latency"]["runs"] == 20 and row["latency"]["p50_ms"] > 0
+    assert "timing digits_cnn.onnx on bench-pi" in result.stderr
+    status = json.loads(edgefleet("device", "status", "bench-pi", "--broker", mosquitto, "--json").stdout)
+    assert status.get("active_bundle") in (None, "")  # benchmarking installs nothing
+
+
+def test_compress_on_a_device_that_does_not_answer_is_one_line(mosquitto, keys, tmp_path):
+    result = edgefleet("compress", MODELS / "digits_cnn.onnx", "--recipe", "int8-dynamic",
+                       "--eval", MODELS / "digits_heldout.npz", "-o", tmp_path / "x.onnx", "--device", "nobody",
+                       "--broker", mosquitto, "--key", keys["key"], "--latency-runs", 10, "--device-timeout", 3)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "nobody" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "x.onnx").exists()
