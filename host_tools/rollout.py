@@ -62,6 +62,12 @@ MIN_SAMPLES = 3  # telemetry samples per device and version before latency is co
 FAILURE = ("failed", "rolled_back")
 
 
+def unfinished(state: str) -> bool:
+    """Sent, with no outcome yet: queued, or in one of the device's update states (downloading,
+    verifying, activating…) as last reported; after a host restart such a device is sent again."""
+    return state not in SUCCESS + FAILURE + ("pending", "skipped")
+
+
 @dataclass
 class RolloutPlan:
     bundle: str                       # path of the bundle file
@@ -221,9 +227,9 @@ class Rollout:
         """Deploy to this stage's devices and judge them; returns why to halt, or None."""
         started = time.time()
         rows = self.store.get(self.rollout_id)["devices"]
-        # queued: sent before the host stopped, with no outcome recorded; they are sent again
-        # (a device that already has the bundle answers already_installed)
-        requeued = [d["device_id"] for d in rows if d["stage"] == stage and d["state"] == "queued"]
+        # queued or mid-update when the host stopped, with no outcome recorded: they are sent
+        # again (a device that already has the bundle answers already_installed)
+        requeued = [d["device_id"] for d in rows if d["stage"] == stage and unfinished(d["state"])]
         done = {d["device_id"] for d in rows if d["stage"] >= 0}
         want = math.ceil(len(devices) * self.plan.stages[stage] / 100)
         batch = requeued + [d for d in devices if d not in done][:max(0, want - len(done))]
@@ -291,7 +297,8 @@ class Rollout:
         in their stage (offline ones get the command from their persistent session when they
         return); devices this process did not send it to (a resumed rollout) are sent it again.
         Returns how many are still pending."""
-        rows = [d for d in self.store.get(self.rollout_id)["devices"] if d["state"] in ("pending", "queued")]
+        rows = [d for d in self.store.get(self.rollout_id)["devices"]
+                if d["state"] == "pending" or unfinished(d["state"])]
         if not rows or self.plan.pending_timeout_s <= 0:
             return len(rows)
         self.log(f"waiting for {len(rows)} pending device(s), up to {self.plan.pending_timeout_s:g}s")

@@ -64,6 +64,23 @@ def bundle_build(model, name, version, key, out, sample, atol, latency_budget_ms
                else f"wrote {out}: {manifest.label} ({out.stat().st_size} bytes)")
 
 
+def _provenance_line(doc: dict) -> str:
+    """One line of a compression report recorded in a manifest (the full JSON is in --json)."""
+    try:
+        steps = {s["label"]: s for s in doc["steps"]}
+        result, original = steps[doc["result"]["label"]], doc["original"]
+        fidelity = result.get("fidelity") or {}
+        parts = [f"{doc['recipe']['name']} -> {result['label']}",
+                 f"{result['size_bytes'] / original['size_bytes']:.2f}x size"]
+        if result.get("latency_ratio") is not None:
+            parts.append(f"{result['latency_ratio']:.2f}x p50")
+        if fidelity.get("accuracy") is not None:
+            parts.append(f"accuracy {fidelity['accuracy'] * 100:.2f}% (drop {result.get('drop_points', 0):+.2f})")
+        return ", ".join(parts)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return json.dumps(doc)  # not written by `edgefleet compress`: show it as it is
+
+
 def _read_report(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text())
@@ -93,7 +110,7 @@ def bundle_inspect(bundle_path, as_json) -> None:
         for s in specs:
             click.echo(f"  {kind:<6} {s.name}: {s.dtype}{list(s.shape)}")
     if m.compression:
-        click.echo(f"  compression: {json.dumps(m.compression)}")
+        click.echo(f"  compression: {_provenance_line(m.compression)}")
     if m.metrics:
         click.echo(f"  metrics: {json.dumps(m.metrics)}")
 

@@ -122,7 +122,10 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
     if refused:
         raise ConfigError(refused)
     if not as_json:
-        click.echo(f"wrote {out} ({report.result.label})" + (f"; report {report_path}" if report_path else ""))
+        drop = quality_drop(report.original, report.result)
+        click.echo(f"wrote {out} ({report.recipe.name}: {report.result.size_bytes / report.original.size_bytes:.2f}x "
+                   f"size" + ("" if drop is None else f", drop {drop:+.2f} points") + ")"
+                   + (f"; report {report_path}" if report_path else ""))
 
 
 def _device_bench(stack, device_id: str, broker: str, signing_key: Path, expires_in: float, runs: int,

@@ -40,7 +40,8 @@ def static_report(digits, tmp_path_factory):
 
 def test_static_int8_is_a_quarter_less_than_a_third_and_keeps_accuracy(static_report):
     original, result = static_report.original, static_report.result
-    assert result.label == "onnx-static" and static_report.compressed
+    assert [s.label for s in static_report.steps] == ["onnx-preprocess", "onnx-static", "onnx-compact"]
+    assert result is static_report.steps[-1] and static_report.compressed
     assert result.size_bytes < 0.35 * original.size_bytes
     assert original.fidelity.accuracy > 0.95
     assert result.fidelity.accuracy >= original.fidelity.accuracy - 0.01
@@ -51,7 +52,7 @@ def test_static_int8_is_a_quarter_less_than_a_third_and_keeps_accuracy(static_re
 
 def test_report_measures_every_step_against_the_original(static_report):
     doc = json.loads(json.dumps(static_report.to_dict()))
-    assert [s["label"] for s in doc["steps"]] == ["onnx-preprocess", "onnx-static"]
+    assert [s["label"] for s in doc["steps"]] == ["onnx-preprocess", "onnx-static", "onnx-compact"]
     assert doc["recipe"]["passes"][1] == {"pass": "onnx-static", "per_channel": True}
     for row in [doc["original"]] + doc["steps"]:
         assert row["size_bytes"] > 0 and 0 < row["download_bytes"]
@@ -228,7 +229,8 @@ def test_bad_pass_options_are_one_clear_error(options, message):
 
 
 def test_named_recipes_pick_the_passes_of_the_models_format():
-    assert [s.pass_name for s in load_recipe("int8-static", "onnx").steps] == ["onnx-preprocess", "onnx-static"]
+    assert [s.pass_name for s in load_recipe("int8-static", "onnx").steps] == ["onnx-preprocess", "onnx-static",
+                                                                              "onnx-compact"]
     with pytest.raises(ConfigError, match="no tflite version"):
         load_recipe("int4-weights", "tflite")
     with pytest.raises(ConfigError, match="no recipe named"):
@@ -293,8 +295,8 @@ def test_zoo_architectures_with_old_ir_and_generated_weights_quantize(name, tmp_
     for recipe in ("int8-dynamic", "int8-static"):
         report = run_recipe(model, load_recipe(recipe, "onnx"), calib=data, eval_data=data, latency_runs=5,
                             workdir=tmp_path / recipe)
-        assert [s.status for s in report.steps] == ["ok", "ok"], [s.note for s in report.steps]
-        prepared, result = report.steps
+        assert [s.status for s in report.steps] == ["ok", "ok", "ok"], [s.note for s in report.steps]
+        prepared, result = report.steps[0], report.steps[-1]
         assert result.size_bytes < 0.35 * prepared.size_bytes  # int8 of the materialised fp32 weights
         assert next(iter(result.outputs.values())).shape[:2] == (3, 1000)
     assert report.steps[0].fidelity.cosine > 0.9999  # preprocessing changes nothing
@@ -378,3 +380,49 @@ def test_the_transformer_reference_model_compresses_within_a_point(recipe, max_r
     assert report.compressed, [s.note for s in report.steps]
     assert report.result.size_bytes <= max_ratio * report.original.size_bytes
     assert report.result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
+
+
+def test_a_missing_extra_is_named_in_one_line_before_anything_runs(digits, tmp_path):
+    from dataclasses import dataclass
+
+    from host_tools.compress.passes import REGISTRY, Pass, PassConfig, register
+
+    @register
+    class NeedsSomethingAbsent(Pass):
+        name, formats, summary = "test-needs-absent", ("onnx",), "test only"
+        requires, extra = ("no_such_module_for_edgefleet",), "distill"
+
+        @dataclass(frozen=True)
+        class Config(PassConfig):
+            pass
+    try:
+        with pytest.raises(ConfigError, match=r"pip install 'edgefleet\[distill\]'"):
+            run_recipe(digits, steps([("onnx-preprocess", {}), ("test-needs-absent", {})]), workdir=tmp_path)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        del REGISTRY["test-needs-absent"]
+
+
+def test_distillation_into_the_users_own_student_module(digits, tmp_path):
+    (tmp_path / "student.py").write_text(
+        "from torch import nn\n"
+        "class Tiny(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))\n"
+        "    def forward(self, x):\n"
+        "        return self.net(x)\n")
+    recipe = steps([("distill", {"student": f"{tmp_path / 'student.py'}:Tiny", "epochs": 40})])
+    report = run_recipe(digits, recipe, train=TRAIN, eval_data=HELDOUT, latency_runs=10, workdir=tmp_path / "w")
+    from host_tools.compress.torch.distill import teacher_parameters
+    assert teacher_parameters(report.result.model) == 64 * 32 + 32 + 32 * 10 + 10
+    assert report.result.fidelity.accuracy > 0.9
+
+
+def test_auto_on_a_tflite_model(tmp_path):
+    from host_tools.compress.auto import search
+    model = ModelFile.open(MODELS / "digits_cnn.tflite")
+    report = search(model, eval_data=HELDOUT, calib=CALIB, max_drop=1.0, latency_runs=20, out=tmp_path / "a.tflite")
+    assert report.chosen is not None and report.chosen.size_bytes < 0.35 * report.original.size_bytes
+    assert report.chosen.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
+    assert {"dynamic-range int8", "int8 weights only", "full int8", "fp16"} <= set(report.auto.verdicts)
