@@ -59,58 +59,33 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
     if list_only:
         _list(as_json)
         return
-    if model is None:
-        raise click.UsageError("MODEL is required (or --list)")
-    if out is None:
-        raise click.UsageError("-o/--out is required")
-    from host_tools.compress import ModelFile, load_recipe
-    from host_tools.compress.recipes import Recipe, parse_step
+    _check_usage(model, out, recipe, steps, auto, max_drop, eval_data, device_id)
+    from host_tools.compress import ModelFile
     from host_tools.compress.report import report_table, skipped_lines
-    from host_tools.compress.workflow import quality_drop, run_recipe
+    from host_tools.compress.workflow import quality_drop
 
-    if sum(map(bool, (recipe, steps, auto))) > 1:
-        raise click.UsageError("give one of --recipe, --pass or --auto")
-    if (max_drop is not None or auto) and eval_data is None:
-        raise click.UsageError("--max-drop and --auto need --eval data to measure the drop on")
-    if auto and max_drop is None:
-        raise click.UsageError("--auto needs --max-drop: how many accuracy points it may lose")
     model = ModelFile.open(model)
-    if device_id and eval_data is None:
-        raise click.UsageError("--device needs --eval data (its first sample is what the device runs)")
     err = console(stderr=True)
     say = lambda msg: err.print(f"[dim]{msg}[/]", highlight=False)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp, contextlib.ExitStack() as stack:
         bench = _device_bench(stack, device_id, broker, signing_key, expires_in, latency_runs,
                               device_timeout) if device_id else None
+        options = dict(calib=calib, train=train_data, eval_data=eval_data, workdir=Path(tmp), latency_runs=latency_runs,
+                       latency_threads=threads, progress=say, device_bench=bench)
         if auto:
             from host_tools.compress.auto import search
 
-            report = search(model, eval_data=eval_data, calib=calib, train=train_data, max_drop=max_drop, goal=goal,
-                            workdir=Path(tmp), latency_runs=latency_runs, latency_threads=threads, progress=say,
-                            device_bench=bench)
+            report = search(model, max_drop=max_drop, goal=goal, **options)
             title = f"{model.path.name}: --auto --max-drop {max_drop:g} --goal {goal}"
         else:
-            if steps:
-                plan = Recipe("command line", tuple(parse_step(s) for s in steps))
-            else:
-                plan = load_recipe(recipe or ("int8-static" if calib else "int8-dynamic"), model.format)
-            report = run_recipe(model, plan, calib=calib, train=train_data, eval_data=eval_data, workdir=Path(tmp),
-                                latency_runs=latency_runs, latency_threads=threads, progress=say, device_bench=bench)
-            title = f"{model.path.name}: {plan.name}"
+            report = _run_recipe(model, recipe, steps, calib, options)
+            title = f"{model.path.name}: {report.recipe.name}"
         doc = report.to_dict()
         if not as_json:
             console().print(report_table(report, title=title))
             for line in skipped_lines(report):
                 err.print(line)
-        drop = quality_drop(report.original, report.result)
-        refused = None
-        if auto and not report.compressed:
-            refused = f"--auto: nothing qualifies ({report.auto.why_none}); nothing written to {out}"
-        elif not report.compressed:
-            refused = f"no pass of {report.recipe.name} applied to {model.path.name}; nothing written to {out}"
-        elif max_drop is not None and drop is not None and drop > max_drop:
-            refused = (f"accuracy guard: {report.result.label} loses {drop:.2f} points, more than "
-                       f"--max-drop {max_drop:g}; nothing written to {out}")
+        refused = _refusal(report, max_drop, out)
         if not refused:
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(report.result.model.path, out)
@@ -126,6 +101,48 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
         click.echo(f"wrote {out} ({report.recipe.name}: {report.result.size_bytes / report.original.size_bytes:.2f}x "
                    f"size" + ("" if drop is None else f", drop {drop:+.2f} points") + ")"
                    + (f"; report {report_path}" if report_path else ""))
+
+
+def _check_usage(model, out, recipe, steps, auto, max_drop, eval_data, device_id) -> None:
+    if model is None:
+        raise click.UsageError("MODEL is required (or --list)")
+    if out is None:
+        raise click.UsageError("-o/--out is required")
+    if sum(map(bool, (recipe, steps, auto))) > 1:
+        raise click.UsageError("give one of --recipe, --pass or --auto")
+    if (max_drop is not None or auto) and eval_data is None:
+        raise click.UsageError("--max-drop and --auto need --eval data to measure the drop on")
+    if auto and max_drop is None:
+        raise click.UsageError("--auto needs --max-drop: how many accuracy points it may lose")
+    if device_id and eval_data is None:
+        raise click.UsageError("--device needs --eval data (its first sample is what the device runs)")
+
+
+def _run_recipe(model, recipe, steps, calib, options):
+    from host_tools.compress import load_recipe
+    from host_tools.compress.recipes import Recipe, parse_step
+    from host_tools.compress.workflow import run_recipe
+
+    if steps:
+        plan = Recipe("command line", tuple(parse_step(s) for s in steps))
+    else:
+        plan = load_recipe(recipe or ("int8-static" if calib else "int8-dynamic"), model.format)
+    return run_recipe(model, plan, **options)
+
+
+def _refusal(report, max_drop: float | None, out: Path) -> str | None:
+    """Why the result must not be written, or None."""
+    from host_tools.compress.workflow import quality_drop
+
+    drop = quality_drop(report.original, report.result)
+    if report.auto is not None and not report.compressed:
+        return f"--auto: nothing qualifies ({report.auto.why_none}); nothing written to {out}"
+    if not report.compressed:
+        return f"no pass of {report.recipe.name} applied to {report.original.model.path.name}; nothing written to {out}"
+    if max_drop is not None and drop is not None and drop > max_drop:
+        return (f"accuracy guard: {report.result.label} loses {drop:.2f} points, more than "
+                f"--max-drop {max_drop:g}; nothing written to {out}")
+    return None
 
 
 def _device_bench(stack, device_id: str, broker: str, signing_key: Path, expires_in: float, runs: int,
