@@ -426,3 +426,19 @@ def test_auto_on_a_tflite_model(tmp_path):
     assert report.chosen is not None and report.chosen.size_bytes < 0.35 * report.original.size_bytes
     assert report.chosen.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
     assert {"dynamic-range int8", "int8 weights only", "full int8", "fp16"} <= set(report.auto.verdicts)
+
+
+def test_tflite_passes_on_a_converted_text_encoder_with_two_inputs_and_two_outputs():
+    """Made by litert-torch from a PyTorch module (tests/fixtures/tflite/make_models.py): int token
+    ids and a float mask in, logits and the pooled vector out."""
+    model = ModelFile.open(Path(__file__).parent.parent / "fixtures" / "tflite" / "text_encoder.tflite")
+    tokens = graphs.text_encoder_data(60)  # int64 ids: cast to the model's int32 within the kind
+    names = [s.name for s in model.load().inputs]
+    data = Dataset(dict(zip(names, (tokens["ids"], tokens["mask"]))), None, "tokens")
+    for recipe in ("int8-dynamic", "int8-weights", "int8-static", "fp16"):
+        report = run_recipe(model, load_recipe(recipe, "tflite"), calib=data, eval_data=data, latency_runs=5)
+        assert report.compressed, (recipe, [s.note for s in report.steps])
+        assert report.result.size_bytes < 0.7 * report.original.size_bytes, recipe
+        assert report.result.fidelity.cosine > 0.95, recipe  # the worse of the two outputs
+    distilled = run_recipe(model, load_recipe("distill", "tflite"), train=data, eval_data=data, latency_runs=5)
+    assert distilled.steps[0].status == "skipped" and "your own module" in distilled.steps[0].note
