@@ -114,7 +114,7 @@ def worker(args: argparse.Namespace) -> None:
                 downloaded[device_id] = (time.time(), cpu_seconds())
                 with lock:
                     counters[device_id] = (download.messages, download.duplicates)
-                store.install(path, keys)
+                store.install(path, keys, sha256=offer.sha256)  # as the Verifying state does
                 finished[device_id] = time.time()
             except Exception as exc:  # noqa: BLE001 - reported to the parent
                 errors.append(f"{device_id}: {exc}")

@@ -108,14 +108,16 @@ class BundleStore:
             return None
         return InstalledBundle(directory, manifest, meta["sha256"])
 
-    def install(self, bundle_path: Path, keys: Mapping[str, Ed25519PublicKey]) -> InstalledBundle:
-        """Verify *bundle_path* and unpack it beside the other versions (not yet active)."""
+    def install(self, bundle_path: Path, keys: Mapping[str, Ed25519PublicKey], *,
+                sha256: str | None = None) -> InstalledBundle:
+        """Verify *bundle_path* and unpack it beside the other versions (not yet active);
+        *sha256*: the file's hash, when a download has just checked it."""
         work = self.staging / bundle_path.stem
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         try:
             with BundleReader(bundle_path) as reader:
-                verified = reader.verify(keys, extract_to=work / "files")
+                verified = reader.verify(keys, extract_to=work / "files", sha256=sha256)
                 (work / "manifest.json").write_bytes(reader.manifest_bytes)
             (work / "bundle.json").write_text(json.dumps({"sha256": verified.sha256, "key_id": verified.key_id}))
             m = verified.manifest

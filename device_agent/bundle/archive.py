@@ -137,11 +137,14 @@ class BundleReader:
         assert fh is not None  # regular files always have data
         return fh.read()
 
-    def verify(self, keys: Mapping[str, Ed25519PublicKey], extract_to: Path | None = None) -> VerifiedBundle:
+    def verify(self, keys: Mapping[str, Ed25519PublicKey], extract_to: Path | None = None, *,
+               sha256: str | None = None) -> VerifiedBundle:
         """Check the signature, then every file's size and hash; optionally extract them.
 
         Extraction writes into *extract_to* only files whose hash matched; on any
         failure the directory is removed, so a half-verified bundle never remains.
+        *sha256*: the bundle file's own SHA-256 when the caller has just checked it (a download
+        does), so the file is not read and hashed a second time for its identity.
         """
         key = signing.verify(self.manifest_bytes, signing.Signature.from_json(self.signature_bytes), keys)
         expected = {f.path: f for f in self.manifest.files}
@@ -158,7 +161,7 @@ class BundleReader:
             if extract_to is not None:
                 shutil.rmtree(extract_to, ignore_errors=True)
             raise
-        return VerifiedBundle(self.manifest, key, sha256_file(self.path))
+        return VerifiedBundle(self.manifest, key, sha256 or sha256_file(self.path))
 
     def _check_member(self, member: tarfile.TarInfo, entry, extract_to: Path | None) -> None:
         compressed = member.name != entry.path

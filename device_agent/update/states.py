@@ -178,7 +178,8 @@ class Verifying(State):
                 return _fail(record, "the downloaded bundle is gone (the agent stopped while verifying); "
                                      "deploy again")
             try:
-                installed = ctx.store.install(path, ctx.keys)
+                # the Downloading state returned only after the file matched offer.sha256
+                installed = ctx.store.install(path, ctx.keys, sha256=offer.sha256)
             except EdgefleetError as exc:
                 return _fail(record, str(exc))
             finally:

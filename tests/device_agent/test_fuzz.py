@@ -127,7 +127,8 @@ def test_commands_from_arbitrary_bytes(signed, data):
 
 chunk_headers = st.fixed_dictionaries({}, optional={"bundle": json_values | st.just("ab" * 32),
                                                     "index": json_values | st.integers(-5, 5),
-                                                    "sha256": json_values | st.text("0123456789abcdef", max_size=64)})
+                                                    "sha256": json_values | st.text("0123456789abcdef", max_size=64),
+                                                    "crc32": json_values | st.integers(0, 2**32)})
 
 
 @FUZZ
