@@ -324,7 +324,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--part", choices=["a", "b", "all"], default="all",
                         help="Only (a) one device (with (c)), or only (b) the fleet.")
-    parser.add_argument("--window", type=int, default=16, help="Chunk requests a device keeps in flight "
+    parser.add_argument("--window", type=int, default=32, help="Chunk requests a device keeps in flight "
                         "(the agent's limits.chunk_window).")
     parser.add_argument("--worker", choices=["raw", "rawcheck", "bundle"], help=argparse.SUPPRESS)
     for opt in ("--broker", "--workdir", "--prefix", "--topic", "--offer", "--trusted"):

@@ -68,7 +68,7 @@ class AgentConfig:
     # for an application until one uses the local API; 0 turns it off.
     inference_interval: float = 0.0
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
-    chunk_window: int = 16           # chunk requests in flight (16 x 64 KiB: 1 MiB on the way)
+    chunk_window: int = 32           # chunk requests in flight (32 x 64 KiB: 2 MiB on the way)
     download_stall_timeout: float = 30.0  # no new chunk for this long: the attempt has stalled
     download_attempts: int = 3        # stalled attempts before the download fails (each resumes)
     download_backoff: float = 5.0     # seconds before the 2nd attempt, doubling after that
