@@ -20,6 +20,7 @@ from typing import Any
 from device_agent.errors import ConfigError
 from host_tools.compress.data import Dataset
 from host_tools.compress.model import ModelFile
+from host_tools.compress.passes import showing_progress
 from host_tools.compress.recipes import Recipe, Step
 from host_tools.compress.workflow import (CompressionReport, Evaluation, Measured, Progress, apply_pass, deliver,
                                           plan_steps, quality_drop)
@@ -124,7 +125,7 @@ def search(model: ModelFile, *, eval_data: str | Dataset, max_drop: float, goal:
         raise ConfigError(f"no candidate for a {model.format} model without calibration data (--calib)")
     plans = {c.name: plan_steps(c.steps, model, calib, train) for c in todo}
     outcome = AutoOutcome(max_drop, goal, dict(unavailable))
-    with tempfile.TemporaryDirectory(prefix="edgefleet-auto-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgefleet-auto-") as tmp, showing_progress(say):
         workdir = Path(workdir or tmp)
         evaluation = Evaluation(model, eval_data, say, device_bench)
         if evaluation.bound is None:

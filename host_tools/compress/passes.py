@@ -19,6 +19,8 @@ so a missing one is a one-line "install edgefleet[...]" error before anything ru
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import importlib
 import importlib.util
@@ -65,6 +67,23 @@ class Pass:
 
 
 REGISTRY: dict[str, type[Pass]] = {}
+_progress: contextvars.ContextVar = contextvars.ContextVar("edgefleet_compress_progress", default=None)
+
+
+def progress(message: str) -> None:
+    """A pass's progress line (training epochs, sensitivity probes), shown by whoever runs it."""
+    say = _progress.get()
+    if say is not None:
+        say(message)
+
+
+@contextlib.contextmanager
+def showing_progress(say):
+    token = _progress.set(say)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
 
 
 def register(cls: type[Pass]) -> type[Pass]:

@@ -17,7 +17,7 @@ from device_agent.errors import CompressionError, ConfigError, ModelError, NotAp
 from host_tools.compress import evaluate
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
-from host_tools.compress.passes import DATA_FIELD, check_requirements, get_pass, make_config
+from host_tools.compress.passes import DATA_FIELD, check_requirements, get_pass, make_config, showing_progress
 from host_tools.compress.recipes import Recipe
 
 Progress = Callable[[str], None]
@@ -131,7 +131,7 @@ def run_recipe(model: ModelFile, recipe: Recipe, *, calib: str | Dataset | None 
     """
     say = progress or (lambda _msg: None)
     plan = plan_steps(recipe.steps, model, calib, train)
-    with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp, showing_progress(say):
         workdir = Path(workdir or tmp)
         evaluation = Evaluation(model, eval_data, say, device_bench)
         steps, current = [], model

@@ -47,6 +47,8 @@ def test_auto_as_json(tmp_path):
     doc = json.loads(result.stdout)
     assert doc["auto"]["chosen"] and out.is_file() and doc["result"]["file"] == out.name
     assert "] dynamic int8" in result.stderr and "timing" in result.stderr  # progress while it searches
+    assert "recovering the pruned model: epoch 30/30" in result.stderr  # and inside the slow passes
+    assert "distilling into a" in result.stderr
 
 
 def test_list_shows_every_pass_and_recipe():

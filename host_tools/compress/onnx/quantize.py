@@ -14,7 +14,7 @@ from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, failing_as, output_path,
                                                 quiet_ort_quantizer, weighted_nodes, with_opset_at_least)
-from host_tools.compress.passes import Pass, PassConfig, register
+from host_tools.compress.passes import Pass, PassConfig, progress, register
 
 NO_CALIBRATION = "needs calibration data (--calib): static quantization will not calibrate on random noise"
 _EXCLUDE_HELP = "node names to leave in float"
@@ -110,6 +110,8 @@ def sensitivity(model: ModelFile, config, feeds, nodes: list[str], tmp: Path, ca
     reference = _run(model.path, probe)
     scores = []
     for i, node in enumerate(nodes):
+        if i % max(1, len(nodes) // 5) == 0:
+            progress(f"      sensitivity: node {i + 1}/{len(nodes)}")
         path = tmp / f"probe{i}.onnx"
         _quantize_static(model.path, path, config, feeds, cache, only=[node])
         scores.append((node, _distance(reference, _run(path, probe))))

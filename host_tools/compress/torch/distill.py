@@ -67,7 +67,8 @@ class Distill(Pass):
             student = students.fit(family, sample, targets[0].shape[1], config.depth, budget, vocab)
         distill(student, inputs, targets, bound.labels,
                 Schedule(epochs=config.epochs, lr=config.lr, temperature=config.temperature,
-                         labels_weight=config.labels_weight if bound.labels is not None else 0.0, seed=config.seed))
+                         labels_weight=config.labels_weight if bound.labels is not None else 0.0, seed=config.seed),
+                what=f"distilling into a {students.count(student)}-parameter student")
         out = workdir / f"{model.path.stem}.student.onnx"
         _export(student, inputs, runtime, out)
         return ModelFile(out, "onnx")

@@ -25,7 +25,8 @@ def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None
     targets = teacher_targets(teacher, bound)
     inputs = [bound.feeds[name] for name in module.input_names]
     distill(module, inputs, targets, bound.labels,
-            Schedule(epochs=epochs, lr=lr, labels_weight=labels_weight if bound.labels is not None else 0.0))
+            Schedule(epochs=epochs, lr=lr, labels_weight=labels_weight if bound.labels is not None else 0.0),
+            what="recovering the pruned model")
     module.write_back(proto)
     out = Path(workdir) / f"{pruned.path.stem}.recovered.onnx"
     onnx.save(proto, str(out))

@@ -9,7 +9,6 @@ data has them; other outputs with a mean squared error scaled by the teacher's v
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -18,8 +17,7 @@ from torch.nn import functional as F
 from host_tools.compress.data import BoundData
 from host_tools.compress.evaluate import is_classifier, outputs_on
 from host_tools.compress.model import ModelFile
-
-Progress = Callable[[str], None]
+from host_tools.compress.passes import progress
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ def teacher_targets(teacher: ModelFile, data: BoundData) -> list[np.ndarray]:
 
 
 def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np.ndarray],
-            labels: np.ndarray | None, schedule: Schedule, progress: Progress | None = None) -> float:
+            labels: np.ndarray | None, schedule: Schedule, what: str = "training") -> float:
     """Train *student* (called with the inputs in order, returning a tuple of outputs) to match
     *targets*; returns the last epoch's mean loss."""
     torch.manual_seed(schedule.seed)
@@ -67,8 +65,8 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
             sched.step()
             total += float(loss.detach()) * len(idx)
         last = total / len(order)
-        if progress and (epoch + 1) % max(1, schedule.epochs // 10) == 0:
-            progress(f"      epoch {epoch + 1}/{schedule.epochs}: loss {last:.4f}")
+        if (epoch + 1) % max(1, schedule.epochs // 5) == 0:
+            progress(f"      {what}: epoch {epoch + 1}/{schedule.epochs}, loss {last:.4f}")
     student.eval()
     return last
 
