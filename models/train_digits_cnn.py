@@ -91,18 +91,24 @@ def main() -> None:
     np.savez_compressed(HERE / "digits_heldout.npz", x=x_test, y=y_test)
     np.savez_compressed(HERE / "digits_train.npz", x=x_train, y=y_train)
     write_calibration_set(x_train)
+    write_meta("digits-cnn", onnx_path, EPOCHS, len(y_test), accuracy)
+
+
+def write_meta(model: str, onnx_path: pathlib.Path, epochs: int, heldout: int, accuracy: float, **extra) -> None:
+    """<model file stem>.json: how a reference model was made and the held-out accuracy it reached."""
     meta = {
-        "model": "digits-cnn",
+        "model": model,
         "file": onnx_path.name,
+        **extra,
         "dataset": "sklearn.datasets.load_digits, 80/20 stratified split, random_state=0",
         "input": {"name": "image", "shape": ["batch", 1, 8, 8], "dtype": "float32", "range": [0, 1]},
         "output": {"name": "logits", "shape": ["batch", 10], "dtype": "float32"},
-        "epochs": EPOCHS,
-        "heldout_samples": int(len(y_test)),
+        "epochs": epochs,
+        "heldout_samples": int(heldout),
         "heldout_accuracy": round(accuracy, 4),
         "torch": torch.__version__,
     }
-    (HERE / "digits_cnn.json").write_text(json.dumps(meta, indent=2) + "\n")
+    onnx_path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 if __name__ == "__main__":

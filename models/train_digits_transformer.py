@@ -15,14 +15,13 @@ the same torch build.
 
 from __future__ import annotations
 
-import json
 import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from train_digits_cnn import HERE, SEED, load_split
+from train_digits_cnn import HERE, SEED, load_split, write_meta
 
 EPOCHS = 120
 DIM, HEADS, DEPTH, MLP = 64, 4, 2, 128
@@ -101,21 +100,10 @@ def main() -> None:
     torch.onnx.export(model, (torch.from_numpy(x_test[:1]),), str(onnx_path), input_names=["image"],
                       output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
                       opset_version=17, dynamo=False)
-    meta = {
-        "model": "digits-transformer",
-        "file": onnx_path.name,
-        "architecture": f"ViT: {(8 // PATCH) ** 2} patches of {PATCH}x{PATCH}, dim {DIM}, {DEPTH} blocks, "
-                        f"{HEADS} heads, MLP {MLP}, mean pooling",
-        "parameters": params,
-        "dataset": "sklearn.datasets.load_digits, 80/20 stratified split, random_state=0 (as digits_cnn)",
-        "input": {"name": "image", "shape": ["batch", 1, 8, 8], "dtype": "float32", "range": [0, 1]},
-        "output": {"name": "logits", "shape": ["batch", 10], "dtype": "float32"},
-        "epochs": EPOCHS,
-        "heldout_samples": int(len(y_test)),
-        "heldout_accuracy": round(accuracy, 4),
-        "torch": torch.__version__,
-    }
-    (HERE / "digits_transformer.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_meta("digits-transformer", onnx_path, EPOCHS, len(y_test), accuracy,
+               architecture=f"ViT: {(8 // PATCH) ** 2} patches of {PATCH}x{PATCH}, dim {DIM}, {DEPTH} blocks, "
+                            f"{HEADS} heads, MLP {MLP}, mean pooling",
+               parameters=params)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@ from host_tools.compress.passes import Pass, PassConfig, register
 _OPS_HELP = "regular expression of the tensor names to quantize"
 
 
+@dataclass(frozen=True)
+class LayersConfig(PassConfig):
+    layers: str = field(default=".*", metadata={"help": _OPS_HELP})
+
+
 class _LiteRtPass(Pass):
     formats = ("tflite",)
     requires = ("litert_quantizer",)
@@ -55,10 +60,7 @@ class TfliteDynamicInt8(_LiteRtPass):
 
     name, tag = "tflite-dynamic", "dynamic"
     summary = "dynamic-range int8 (int8 weights, float activations quantized by the kernels)"
-
-    @dataclass(frozen=True)
-    class Config(PassConfig):
-        layers: str = field(default=".*", metadata={"help": _OPS_HELP})
+    Config = LayersConfig
 
     def configure(self, quantizer, config):
         from litert_quantizer.qtyping import TFLOperationName
@@ -74,8 +76,7 @@ class TfliteWeightOnlyInt8(_LiteRtPass):
     summary = "int8 weights only, float compute"
 
     @dataclass(frozen=True)
-    class Config(PassConfig):
-        layers: str = field(default=".*", metadata={"help": _OPS_HELP})
+    class Config(LayersConfig):
         bits: int = field(default=8, metadata={"help": "8 or 4"})
 
     def configure(self, quantizer, config):
@@ -95,12 +96,11 @@ class TfliteFullInt8(_LiteRtPass):
     summary = "full int8 (weights and activations), calibrated"
 
     @dataclass(frozen=True)
-    class Config(PassConfig):
+    class Config(LayersConfig):
         calibration: Dataset | str | None = field(default=None, metadata={
             "help": "calibration inputs (.npz, folder, loader); default: --calib", "required": True})
         samples: int = field(default=256, metadata={"help": "calibration samples used at most"})
         activation_bits: int = field(default=8, metadata={"help": "8, or 16 for int16 activations"})
-        layers: str = field(default=".*", metadata={"help": _OPS_HELP})
 
     def configure(self, quantizer, config):
         from litert_quantizer.qtyping import TFLOperationName
@@ -132,10 +132,7 @@ class TfliteFp16(_LiteRtPass):
 
     name, tag = "tflite-fp16", "fp16"
     summary = "float16 weights"
-
-    @dataclass(frozen=True)
-    class Config(PassConfig):
-        layers: str = field(default=".*", metadata={"help": _OPS_HELP})
+    Config = LayersConfig
 
     def configure(self, quantizer, config):
         from litert_quantizer.algorithm_manager import AlgorithmName
