@@ -442,3 +442,16 @@ def test_tflite_passes_on_a_converted_text_encoder_with_two_inputs_and_two_outpu
         assert report.result.fidelity.cosine > 0.95, recipe  # the worse of the two outputs
     distilled = run_recipe(model, load_recipe("distill", "tflite"), train=data, eval_data=data, latency_runs=5)
     assert distilled.steps[0].status == "skipped" and "your own module" in distilled.steps[0].note
+
+
+def test_half_the_channels_of_the_vgg_reference_model_removed_and_recovered(tmp_path):
+    """The model whose latency is compute, not call overhead (benchmarks/compression.py times it)."""
+    from host_tools.compress.torch.distill import teacher_parameters
+    model = ModelFile.open(MODELS / "digits_vgg.onnx")
+    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 8})]), train=TRAIN,
+                        eval_data=HELDOUT, latency_runs=10, workdir=tmp_path)
+    result = report.result
+    shapes = {i.name: list(i.dims) for i in onnx.load(str(result.model.path)).graph.initializer}
+    assert [shapes[f"features.{i}.weight"][0] for i in (0, 2, 5, 7, 10)] == [16, 16, 32, 32, 64]
+    assert teacher_parameters(result.model) < 0.3 * teacher_parameters(model)
+    assert result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01

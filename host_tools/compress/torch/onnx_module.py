@@ -175,6 +175,25 @@ def _reduce(fn):
     return run
 
 
+def _resize(a, at):
+    x = a[0]
+    mode = at.get("mode", b"nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    transform = at.get("coordinate_transformation_mode", b"half_pixel")
+    transform = transform.decode() if isinstance(transform, bytes) else transform
+    scales = a[2] if len(a) > 2 and a[2] is not None and a[2].numel() else None
+    sizes = a[3] if len(a) > 3 and a[3] is not None and a[3].numel() else None
+    if mode == "nearest" and transform == "asymmetric":
+        kind = "nearest"
+    elif mode == "linear" and transform in ("half_pixel", "pytorch_half_pixel") and x.dim() == 4:
+        kind = "bilinear"
+    else:
+        raise NotApplicable(f"fine-tuning cannot run Resize mode={mode} {transform}")
+    if sizes is not None:
+        return F.interpolate(x, size=[int(v) for v in sizes.tolist()[2:]], mode=kind)
+    return F.interpolate(x, scale_factor=[float(v) for v in scales.tolist()[2:]], mode=kind)
+
+
 def _cast(a, at):
     from onnx import helper
 
@@ -243,5 +262,6 @@ _OPS = {
     "ReduceMean": _reduce(torch.mean),
     "ReduceSum": _reduce(torch.sum),
     "Where": lambda a, at: torch.where(a[0].bool(), a[1], a[2]),
+    "Resize": _resize,
     "Equal": lambda a, at: a[0] == a[1],
 }
