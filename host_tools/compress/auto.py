@@ -105,25 +105,22 @@ class AutoOutcome:
 
 
 def search(model: ModelFile, *, eval_data: str | Dataset, max_drop: float, goal: str = "size",
-           calib: str | Dataset | None = None, train: str | Dataset | None = None, candidates: tuple[Candidate, ...] | None = None,
-           out: Path | None = None, workdir: Path | None = None, latency_runs: int = 200,
-           latency_threads: int | None = 1, progress: Progress | None = None, device_bench=None) -> CompressionReport:
+           calib: str | Dataset | None = None, train: str | Dataset | None = None,
+           candidates: tuple[Candidate, ...] | None = None, out: Path | None = None,
+           workdir: Path | None = None, latency_runs: int = 200, latency_threads: int | None = 1,
+           progress: Progress | None = None, device_bench=None) -> CompressionReport:
     """Measure every candidate of the ladder (or *candidates*) and choose by *goal*; the
     report's ``auto`` says what was chosen and why each candidate was or was not."""
     if goal not in GOALS:
         raise ConfigError(f"--goal must be one of {', '.join(GOALS)}")
     say = progress or (lambda _msg: None)
     todo = [c for c in (candidates or ladder(model)) if calib is not None or not c.needs_calibration]
-    unavailable = {}
-    for c in list(todo):
-        try:
-            plan_steps(c.steps, model, calib, train)
-        except ConfigError as exc:  # e.g. a pass whose extra is not installed
-            unavailable[c.name] = f"not tried: {exc}"
-            todo.remove(c)
+    plans, unavailable = _plans(todo, model, calib, train)
+    todo = [c for c in todo if c.name in plans]
     if not todo:
-        raise ConfigError(f"no candidate for a {model.format} model without calibration data (--calib)")
-    plans = {c.name: plan_steps(c.steps, model, calib, train) for c in todo}
+        raise ConfigError(f"no candidate can run on {model.path.name}"
+                          + ("" if calib is not None else " without calibration data (--calib)")
+                          + "".join(f"; {why}" for why in list(unavailable.values())[:1]))
     outcome = AutoOutcome(max_drop, goal, dict(unavailable))
     with tempfile.TemporaryDirectory(prefix="edgefleet-auto-") as tmp, showing_progress(say):
         workdir = Path(workdir or tmp)
@@ -160,6 +157,17 @@ def search(model: ModelFile, *, eval_data: str | Dataset, max_drop: float, goal:
         report.chosen, report.auto = chosen, outcome
         deliver(report, out if chosen else None, keep=workdir != Path(tmp))
         return report
+
+
+def _plans(todo, model: ModelFile, calib, train) -> tuple[dict, dict[str, str]]:
+    """Each candidate's checked plan, and why the others cannot run (e.g. an extra not installed)."""
+    plans, unavailable = {}, {}
+    for c in todo:
+        try:
+            plans[c.name] = plan_steps(c.steps, model, calib, train)
+        except ConfigError as exc:
+            unavailable[c.name] = f"not tried: {exc}"
+    return plans, unavailable
 
 
 def _run_chain(candidate: Candidate, plan, model: ModelFile, evaluation: Evaluation,
