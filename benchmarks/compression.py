@@ -35,7 +35,8 @@ RECIPES = ("int8-dynamic", "int8-static", "int4-weights", "sparse-int8", "channe
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--models", nargs="*", default=["digits_cnn.onnx", "digits_transformer.onnx", "digits_vgg.onnx"])
+    parser.add_argument("--models", nargs="*",
+                        default=["digits_cnn.onnx", "digits_transformer.onnx", "digits_vgg.onnx"])
     args = parser.parse_args()
     runs = 100 if args.quick else 400
     print(machine_line())

@@ -319,9 +319,10 @@ class ChunkRequest:
 class Chunk:
     """One piece of a bundle. The header carries a CRC-32 of the data, so a chunk damaged on the
     way is dropped and asked for again instead of spoiling the whole download (a header with a
-    ``sha256`` instead, as the first servers sent, is checked against that). The chunk check is against accidents only: what
-    the device trusts is the whole file's SHA-256 from the signed offer and manifest, so a
-    cheap checksum (zlib's CRC-32, several times faster than SHA-256) is enough here.
+    ``sha256`` instead, as the first servers sent, is checked against that). The chunk check is
+    against accidents only: what the device trusts is the whole file's SHA-256 from the signed
+    offer and manifest, so a cheap checksum (zlib's CRC-32, several times faster than SHA-256)
+    is enough here.
 
     ``data`` is a view into the message, not a copy.
     """

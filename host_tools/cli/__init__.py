@@ -2,6 +2,7 @@
 registers their commands on ``main``."""
 
 from host_tools.cli.base import main
-from host_tools.cli import bundles, compress, delivery, demo, device, fleet, keys, registry, rollouts, security, simulate  # noqa: F401,E402
+from host_tools.cli import (bundles, compress, delivery, demo, device, fleet, keys, registry,  # noqa: F401,E402
+                            rollouts, security, simulate)
 
 __all__ = ["main"]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from device_agent.errors import CompressionError
 from host_tools.compress.data import BoundData
 from host_tools.compress.evaluate import Latency
@@ -51,5 +53,5 @@ class DeviceBench:
                 if not reply.ok:
                     raise CompressionError(f"{self.device} could not benchmark {models[i].path.name}: {reply.error}")
                 medians.setdefault(i, []).append((reply.body["p50_ms"], reply.body["p90_ms"]))
-        return [Latency(sum(p for p, _ in medians[i]) / len(medians[i]), sum(q for _, q in medians[i]) / len(medians[i]),
+        return [Latency(float(np.mean([p for p, _ in medians[i]])), float(np.mean([q for _, q in medians[i]])),
                         self.runs * len(medians[i])) for i in range(len(models))]

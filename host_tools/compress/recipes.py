@@ -110,7 +110,8 @@ def recipe_from_file(path: Path) -> Recipe:
             try:
                 import yaml
             except ImportError:
-                raise ConfigError(f"{path.name}: YAML recipes need PyYAML (pip install pyyaml), or use TOML/JSON") from None
+                raise ConfigError(f"{path.name}: YAML recipes need PyYAML (pip install pyyaml), "
+                                  f"or use TOML/JSON") from None
             doc = yaml.safe_load(text)
     except ConfigError:
         raise

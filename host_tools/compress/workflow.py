@@ -231,7 +231,8 @@ def _with_data(cls, options: dict, calib, train=None) -> dict:
         calib = train
     if calib is None:
         if field_.metadata.get("required"):
-            kind = "training inputs (--train or --calib)" if field_.metadata.get("trains") else "calibration data (--calib)"
+            kind = ("training inputs (--train or --calib)" if field_.metadata.get("trains")
+                    else "calibration data (--calib)")
             raise ConfigError(f"pass {cls.name} needs {kind}, and will not make it up")
         return options
     return {**options, DATA_FIELD: calib}

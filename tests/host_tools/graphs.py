@@ -40,7 +40,8 @@ def mlp_with_constant_weights(path: Path, features: int = 64, hidden: int = 128,
         helper.make_node("MatMul", ["h2", "w2"], ["h3"], name="fc2"),
         helper.make_node("Add", ["h3", "b2"], ["logits"], name="fc2_bias"),
     ]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+    graph = helper.make_graph(nodes, "mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])])
     return _save(graph, path)
 

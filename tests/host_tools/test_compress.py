@@ -256,7 +256,8 @@ def test_a_model_onnx_cannot_read_is_one_error(tmp_path):
 
 # --- TFLite (litert-quantizer) ------------------------------------------------------------------
 
-@pytest.mark.parametrize("recipe, pass_name", [("int8-dynamic", "tflite-dynamic"), ("int8-weights", "tflite-weight-only"),
+@pytest.mark.parametrize("recipe, pass_name", [("int8-dynamic", "tflite-dynamic"),
+                                               ("int8-weights", "tflite-weight-only"),
                                                ("int8-static", "tflite-int8"), ("fp16", "tflite-fp16")])
 def test_tflite_recipes_shrink_the_model_and_keep_its_accuracy(recipe, pass_name, tmp_path):
     model = ModelFile.open(MODELS / "digits_cnn.tflite")
