@@ -148,7 +148,7 @@ def test_devices_still_offline_at_the_end_are_reported_pending_and_resume_sends_
     def updating():  # the registry's in-flight bundle: they took up the old command, nobody serves it
         listed = json.loads(edgefleet("devices", "list", "--db", monitor, "--group", "sim", "--json").stdout)
         return {d["device_id"]: d["in_flight"] for d in listed if d["in_flight"]}
-    assert wait_until(lambda: sorted(updating()) == pending, 30, 1.0)
+    assert wait_until(lambda: sorted(updating()) == pending, 60, 1.0), updating()
     assert {u["bundle"] for u in updating().values()} == {"digits-cnn 2.0.0"}
     result = edgefleet("rollout", "resume", doc["rollout_id"], "--pending-timeout", "60", "--db", monitor,
                        "--broker", mosquitto, "--json", timeout=300)
