@@ -76,22 +76,27 @@ def main() -> None:
             loss = loss_fn(model(xt[idx]), yt[idx])
             loss.backward()
             optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
-    print(f"held-out accuracy: {accuracy:.4f} on {len(y_test)} samples")
-
-    onnx_path = HERE / "digits_cnn.onnx"
-    torch.onnx.export(
-        model, (torch.from_numpy(x_test[:1]),), str(onnx_path),
-        input_names=["image"], output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=17, dynamo=False,
-    )
+    export_reference(model, "digits-cnn", EPOCHS, x_test, y_test, with_parameters=False)
     np.savez_compressed(HERE / "digits_heldout.npz", x=x_test, y=y_test)
     np.savez_compressed(HERE / "digits_train.npz", x=x_train, y=y_train)
     write_calibration_set(x_train)
-    write_meta("digits-cnn", onnx_path, EPOCHS, len(y_test), accuracy)
+
+
+def export_reference(model: nn.Module, name: str, epochs: int, x_test: np.ndarray, y_test: np.ndarray, *,
+                     with_parameters: bool = True, **extra) -> None:
+    """Measure a trained reference model on the held-out split, export it as <name>.onnx (input
+    "image" [N,1,8,8], output "logits" [N,10], dynamic batch) and write <name>.json."""
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
+    params = sum(p.numel() for p in model.parameters())
+    print(f"held-out accuracy: {accuracy:.4f} on {len(y_test)} samples; {params} parameters")
+    onnx_path = HERE / f"{name.replace('-', '_')}.onnx"
+    torch.onnx.export(model, (torch.from_numpy(x_test[:1]),), str(onnx_path), input_names=["image"],
+                      output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+    write_meta(name, onnx_path, epochs, len(y_test), accuracy, **extra,
+               **({"parameters": params} if with_parameters else {}))
 
 
 def write_meta(model: str, onnx_path: pathlib.Path, epochs: int, heldout: int, accuracy: float, **extra) -> None:

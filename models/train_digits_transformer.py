@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from train_digits_cnn import HERE, SEED, load_split, write_meta
+from train_digits_cnn import SEED, export_reference, load_split
 
 EPOCHS = 120
 DIM, HEADS, DEPTH, MLP = 64, 4, 2, 128
@@ -91,19 +91,9 @@ def main() -> None:
             F.cross_entropy(model(xt[idx]), yt[idx], label_smoothing=0.1).backward()
             optimizer.step()
             schedule.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
-    params = sum(p.numel() for p in model.parameters())
-    print(f"held-out accuracy: {accuracy:.4f} on {len(y_test)} samples; {params} parameters")
-    onnx_path = HERE / "digits_transformer.onnx"
-    torch.onnx.export(model, (torch.from_numpy(x_test[:1]),), str(onnx_path), input_names=["image"],
-                      output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                      opset_version=17, dynamo=False)
-    write_meta("digits-transformer", onnx_path, EPOCHS, len(y_test), accuracy,
-               architecture=f"ViT: {(8 // PATCH) ** 2} patches of {PATCH}x{PATCH}, dim {DIM}, {DEPTH} blocks, "
-                            f"{HEADS} heads, MLP {MLP}, mean pooling",
-               parameters=params)
+    export_reference(model, "digits-transformer", EPOCHS, x_test, y_test,
+                     architecture=f"ViT: {(8 // PATCH) ** 2} patches of {PATCH}x{PATCH}, dim {DIM}, {DEPTH} blocks, "
+                                  f"{HEADS} heads, MLP {MLP}, mean pooling")
 
 
 if __name__ == "__main__":

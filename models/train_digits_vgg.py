@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from train_digits_cnn import HERE, SEED, load_split, write_meta
+from train_digits_cnn import SEED, export_reference, load_split
 
 EPOCHS = 25
 
@@ -56,18 +56,8 @@ def main() -> None:
             optimizer.zero_grad()
             F.cross_entropy(model(xt[idx]), yt[idx]).backward()
             optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
-    params = sum(p.numel() for p in model.parameters())
-    print(f"held-out accuracy: {accuracy:.4f} on {len(y_test)} samples; {params} parameters")
-    onnx_path = HERE / "digits_vgg.onnx"
-    torch.onnx.export(model, (torch.from_numpy(x_test[:1]),), str(onnx_path), input_names=["image"],
-                      output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                      opset_version=17, dynamo=False)
-    write_meta("digits-vgg", onnx_path, EPOCHS, len(y_test), accuracy,
-               architecture="nearest 4x upsample to 32x32, conv 32-32-pool-64-64-pool-128-pool, fc 2048-128-10",
-               parameters=params)
+    export_reference(model, "digits-vgg", EPOCHS, x_test, y_test,
+                     architecture="nearest 4x upsample to 32x32, conv 32-32-pool-64-64-pool-128-pool, fc 2048-128-10")
 
 
 if __name__ == "__main__":
