@@ -23,7 +23,7 @@ from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import showing_progress
 from host_tools.compress.recipes import Recipe, Step
 from host_tools.compress.workflow import (CompressionReport, Evaluation, Measured, Progress, apply_pass, deliver,
-                                          plan_steps, quality_drop)
+                                          plan_steps, quality_drop, read_data)
 
 GOALS = ("size", "speed")
 # "Faster" means at most this fraction of the original's p50 in the same interleaved rounds,
@@ -115,6 +115,7 @@ def search(model: ModelFile, *, eval_data: str | Dataset, max_drop: float, goal:
     if goal not in GOALS:
         raise ConfigError(f"--goal must be one of {', '.join(GOALS)}")
     say = progress or (lambda _msg: None)
+    calib, train = read_data(calib), read_data(train)
     todo = [c for c in (candidates or ladder(model)) if calib is not None or not c.needs_calibration]
     plans, unavailable = _plans(todo, model, calib, train)
     todo = [c for c in todo if c.name in plans]

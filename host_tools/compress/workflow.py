@@ -130,6 +130,7 @@ def run_recipe(model: ModelFile, recipe: Recipe, *, calib: str | Dataset | None 
     next pass takes the last good model. The last good model is copied to *out*.
     """
     say = progress or (lambda _msg: None)
+    calib, train = read_data(calib), read_data(train)  # a missing file fails here, before any pass
     plan = plan_steps(recipe.steps, model, calib, train)
     with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp, showing_progress(say):
         workdir = Path(workdir or tmp)
@@ -146,6 +147,11 @@ def run_recipe(model: ModelFile, recipe: Recipe, *, calib: str | Dataset | None 
         evaluation.time([s for s in steps if s.status == "ok"], latency_runs, latency_threads)
         deliver(report, out, keep=workdir != Path(tmp))
         return report
+
+
+def read_data(source: str | Path | Dataset | None) -> Dataset | None:
+    """Calibration or training data read once, up front (a loader runs once, not per pass)."""
+    return None if source is None else load_dataset(source)
 
 
 def plan_steps(steps, model: ModelFile, calib, train=None) -> list[tuple[type, Any]]:

@@ -67,6 +67,7 @@ def test_bad_input_is_one_line(tmp_path):
         (("--recipe", "int8-static"), 1, "needs calibration data"),
         (("--pass", "onnx-static per_channel=maybe", "--calib", CALIB), 1, "must be bool"),
         (("--recipe", tmp_path / "missing.toml"), 1, "does not exist"),
+        (("--recipe", "int8-static", "--calib", tmp_path / "gone.npz"), 1, "gone.npz does not exist"),
     ]
     for args, code, fragment in cases:
         result = edgefleet("compress", MODEL, "-o", tmp_path / "x.onnx", *args)
