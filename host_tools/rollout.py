@@ -68,6 +68,11 @@ def unfinished(state: str) -> bool:
     return state not in SUCCESS + FAILURE + ("pending", "skipped")
 
 
+def outstanding(state: str) -> bool:
+    """Still owed an outcome after its stage: pending (did not answer in time) or unfinished."""
+    return state == "pending" or unfinished(state)
+
+
 @dataclass
 class RolloutPlan:
     bundle: str                       # path of the bundle file
@@ -297,8 +302,7 @@ class Rollout:
         in their stage (offline ones get the command from their persistent session when they
         return); devices this process did not send it to (a resumed rollout) are sent it again.
         Returns how many are still pending."""
-        rows = [d for d in self.store.get(self.rollout_id)["devices"]
-                if d["state"] == "pending" or unfinished(d["state"])]
+        rows = [d for d in self.store.get(self.rollout_id)["devices"] if outstanding(d["state"])]
         if not rows or self.plan.pending_timeout_s <= 0:
             return len(rows)
         self.log(f"waiting for {len(rows)} pending device(s), up to {self.plan.pending_timeout_s:g}s")
@@ -314,7 +318,7 @@ class Rollout:
                 # one stage's devices at a time, so each is recorded under its own stage
                 self._follow(_Subset(deployment, [d for d in mine if stage_of[d] == stage]), stage,
                              max(0.0, deadline - time.monotonic()))
-        return sum(d["state"] in ("pending", "queued") for d in self.store.get(self.rollout_id)["devices"])
+        return sum(outstanding(d["state"]) for d in self.store.get(self.rollout_id)["devices"])
 
     def _inference(self, devices: list[str], since: float, *, only: str | None = None,
                    exclude: str | None = None) -> dict[str, list[dict]]:
