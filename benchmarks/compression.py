@@ -74,8 +74,8 @@ def bench_model(path: Path, workdir: Path, runs: int) -> dict:
 
         quantize_dynamic(str(path), str(plain))
         m.size_bytes = plain.stat().st_size
-        from host_tools.compress.evaluate import download_size
-        m.download_bytes = download_size(plain)
+        from device_agent.bundle.archive import stored_size
+        m.download_bytes = stored_size(plain)
         evaluation.score(m)
     except Exception as exc:  # that it fails is itself a finding
         m.status, m.note = "failed", f"{type(exc).__name__}: {exc}"

@@ -59,7 +59,7 @@ def write_bundle(out: Path, manifest: Manifest, signature: signing.Signature,
         for entry in manifest.files:
             packed = _zstd_file(Path(sources[entry.path]), tmp) if compress else None
             try:
-                if packed is not None and packed.stat().st_size <= entry.size * (1 - _MIN_SAVING):
+                if packed is not None and worth_compressing(entry.size, packed.stat().st_size):
                     _add_file(tar, entry.path + COMPRESSED_SUFFIX, packed)
                 else:
                     _add_file(tar, entry.path, Path(sources[entry.path]))
@@ -68,6 +68,23 @@ def write_bundle(out: Path, manifest: Manifest, signature: signing.Signature,
                     packed.unlink()
     os.replace(tmp, out)
     return out
+
+
+def worth_compressing(size: int, compressed: int) -> bool:
+    """Whether a member is stored compressed: only when that saves at least _MIN_SAVING of it."""
+    return compressed <= size * (1 - _MIN_SAVING)
+
+
+def stored_size(path: Path) -> int:
+    """Bytes *path* takes in a bundle written with compression (what a device downloads for it)."""
+    import zstandard
+
+    size = Path(path).stat().st_size
+    packer = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+    with open(path, "rb") as src:
+        compressed = sum(len(packer.compress(block)) for block in iter(lambda: src.read(1 << 20), b""))
+    compressed += len(packer.flush())
+    return compressed if worth_compressing(size, compressed) else size
 
 
 def _zstd_file(source: Path, near: Path) -> Path:

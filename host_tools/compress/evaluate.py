@@ -1,4 +1,4 @@
-"""How a compressed model is compared with its original: fidelity, sizes, host latency.
+"""How a compressed model is compared with its original: fidelity and host latency.
 
 Fidelity is measured output against output on the evaluation data: top-1 agreement and task
 accuracy (with labels) for classifier outputs, cosine similarity and max/mean absolute error
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -112,17 +111,3 @@ def latencies(models: list[ModelFile], data: BoundData, *, runs: int = 200, roun
                 bucket.append(time.perf_counter() - start)
     return [Latency(float(np.percentile(t, 50)) * 1e3, float(np.percentile(t, 90)) * 1e3, len(t)) for t in times]
 
-
-def download_size(path: Path) -> int:
-    """Bytes a device downloads for this model file in a bundle: zstd at the bundles' level,
-    or the file as it is when that is not smaller (as write_bundle decides)."""
-    import zstandard
-
-    from device_agent.bundle.archive import ZSTD_LEVEL
-
-    size = Path(path).stat().st_size
-    with open(path, "rb") as src:
-        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
-        compressed = sum(len(packed.compress(block)) for block in iter(lambda: src.read(1 << 20), b""))
-        compressed += len(packed.flush())
-    return min(size, compressed)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from device_agent.bundle.archive import stored_size
 from device_agent.errors import CompressionError, ConfigError, ModelError, NotApplicable
 from host_tools.compress import evaluate
 from host_tools.compress.data import Dataset, load_dataset
@@ -262,7 +263,7 @@ def apply_pass(cls, config, model: ModelFile, workdir: Path) -> Measured:
 
 
 def _measured(label: str, model: ModelFile) -> Measured:
-    return Measured(label, model, size_bytes=model.size_bytes, download_bytes=evaluate.download_size(model.path))
+    return Measured(label, model, size_bytes=model.size_bytes, download_bytes=stored_size(model.path))
 
 
 def _cpu_name() -> str:
