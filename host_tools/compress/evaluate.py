@@ -41,9 +41,8 @@ class Latency:
         return {"p50_ms": round(self.p50_ms, 4), "p90_ms": round(self.p90_ms, 4), "runs": self.runs}
 
 
-def outputs_on(model: ModelFile, data: BoundData) -> dict[str, np.ndarray]:
-    """Every output of *model* over all of *data*, samples along axis 0."""
-    runtime = model.load(threads=None)
+def outputs_on(runtime, data: BoundData) -> dict[str, np.ndarray]:
+    """Every output of a loaded model (ModelFile.load) over all of *data*, samples along axis 0."""
     parts: dict[str, list[np.ndarray]] = {o.name: [] for o in runtime.outputs}
     for feeds in data.batches():
         for name, value in runtime.run(feeds).items():

@@ -176,18 +176,21 @@ class Evaluation:
         self.data = load_dataset(eval_data) if eval_data is not None else None
         self.device_bench = device_bench  # latency on a device (compress.device.DeviceBench), else this host
         self.original = _measured("original", model)
-        self.bound = self.data.bind(model.load().inputs) if self.data is not None else None
-        if self.bound is not None:
+        self.bound = None
+        if self.data is not None:
+            runtime = model.load()
+            self.bound = self.data.bind(runtime.inputs)
             say(f"evaluating the original on {len(self.bound)} samples")
-            self.score(self.original)
+            self.score(self.original, runtime)
         self._say = say
 
-    def score(self, m: Measured) -> None:
-        """Fidelity of *m* against the original (a model that no longer runs fails here)."""
+    def score(self, m: Measured, runtime=None) -> None:
+        """Fidelity of *m* against the original (a model that no longer runs fails here);
+        *runtime*: *m* already loaded."""
         if self.bound is None or m.status != "ok":
             return
         try:
-            m.outputs = evaluate.outputs_on(m.model, self.bound)
+            m.outputs = evaluate.outputs_on(runtime or m.model.load(), self.bound)
         except ModelError as exc:
             if m is self.original:
                 raise ConfigError(f"the original model does not run on the evaluation data: {exc}") from None

@@ -51,7 +51,7 @@ class Distill(Pass):
             raise ConfigError(f"{self.name} needs inputs to train on (--train or --calib)")
         runtime = model.load()
         bound = load_dataset(config.calibration).bind(runtime.inputs)
-        targets = teacher_targets(model, bound)
+        targets = teacher_targets(runtime, bound)
         inputs = [bound.feeds[s.name] for s in runtime.inputs]
         torch.manual_seed(config.seed)
         if config.student not in ("auto", *students.FAMILIES):

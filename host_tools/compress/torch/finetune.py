@@ -21,8 +21,9 @@ def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None
         raise ConfigError("recovery fine-tuning needs inputs to train on (--train or --calib)")
     proto = onnx.load(str(pruned.path))
     module = OnnxModule(proto)
-    bound = load_dataset(data).bind(teacher.load().inputs)
-    targets = teacher_targets(teacher, bound)
+    runtime = teacher.load()
+    bound = load_dataset(data).bind(runtime.inputs)
+    targets = teacher_targets(runtime, bound)
     inputs = [bound.feeds[name] for name in module.input_names]
     distill(module, inputs, targets, bound.labels,
             Schedule(epochs=epochs, lr=lr, labels_weight=labels_weight if bound.labels is not None else 0.0),

@@ -16,7 +16,6 @@ from torch.nn import functional as F
 
 from host_tools.compress.data import BoundData
 from host_tools.compress.evaluate import is_classifier, outputs_on
-from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import progress
 
 
@@ -30,7 +29,8 @@ class Schedule:
     seed: int = 0
 
 
-def teacher_targets(teacher: ModelFile, data: BoundData) -> list[np.ndarray]:
+def teacher_targets(teacher, data: BoundData) -> list[np.ndarray]:
+    """The teacher's outputs (*teacher*: a loaded model, ModelFile.load) on the training inputs."""
     return list(outputs_on(teacher, data).values())
 
 
