@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from device_agent.errors import ConfigError
+from device_agent.errors import CompressionError, ConfigError, EdgefleetError
+from device_agent.runtime.base import first_line
 from host_tools.compress.data import Dataset
 from host_tools.compress.model import ModelFile
 
@@ -75,6 +76,19 @@ def progress(message: str) -> None:
     say = _progress.get()
     if say is not None:
         say(message)
+
+
+@contextlib.contextmanager
+def failing_as(pass_name: str, model: ModelFile):
+    """Whatever the pass's library (onnx, ORT, litert-quantizer…) raises inside becomes one
+    CompressionError line; edgefleet's own errors pass through."""
+    try:
+        yield
+    except EdgefleetError:
+        raise
+    except Exception as exc:  # each library raises its own variety (Fail, ValueError, KeyError, protobuf…)
+        raise CompressionError(f"{pass_name} failed on {model.path.name}: {type(exc).__name__}: "
+                               f"{first_line(exc)}") from None
 
 
 @contextlib.contextmanager

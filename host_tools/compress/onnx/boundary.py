@@ -1,12 +1,11 @@
-"""The edge between edgefleet and onnx/onnxruntime.quantization: imports, logging, errors."""
+"""The edge between edgefleet and onnx/onnxruntime.quantization: logging, file names, graph facts."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
-from device_agent.errors import CompressionError, EdgefleetError, NotApplicable
+from device_agent.errors import NotApplicable
 from device_agent.runtime.base import first_line
 from host_tools.compress.model import ModelFile
 
@@ -23,18 +22,6 @@ def quiet_ort_quantizer() -> None:
 
     logging.getLogger().setLevel(logging.ERROR)
     onnxruntime.set_default_logger_severity(3)
-
-
-@contextlib.contextmanager
-def failing_as(pass_name: str, model: ModelFile):
-    """Any exception onnx or ORT raises inside becomes one CompressionError line."""
-    try:
-        yield
-    except EdgefleetError:
-        raise
-    except Exception as exc:  # onnx/ORT raise a wide variety (Fail, ValueError, KeyError, protobuf...)
-        raise CompressionError(f"{pass_name} failed on {model.path.name}: {type(exc).__name__}: "
-                               f"{first_line(exc)}") from None
 
 
 def output_path(workdir: Path, model: ModelFile, tag: str) -> Path:

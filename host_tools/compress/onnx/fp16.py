@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import failing_as, output_path
-from host_tools.compress.passes import Pass, PassConfig, register
+from host_tools.compress.onnx.boundary import output_path
+from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 
 @register

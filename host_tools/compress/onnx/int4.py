@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from device_agent.errors import NotApplicable
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import failing_as, output_path, quiet_ort_quantizer, weighted_nodes
-from host_tools.compress.passes import Pass, PassConfig, register
+from host_tools.compress.onnx.boundary import output_path, quiet_ort_quantizer, weighted_nodes
+from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 
 @register

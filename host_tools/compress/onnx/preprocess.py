@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import (drop_initializer_inputs, failing_as, hoist_constants, output_path,
+from host_tools.compress.onnx.boundary import (drop_initializer_inputs, hoist_constants, output_path,
                                                 quiet_ort_quantizer)
-from host_tools.compress.passes import Pass, PassConfig, register
+from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 
 @register

@@ -21,9 +21,9 @@ import numpy as np
 from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import failing_as, output_path
+from host_tools.compress.onnx.boundary import output_path
 from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
-from host_tools.compress.passes import Pass, PassConfig, register
+from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 PRUNABLE_OPS = ("Conv", "Gemm", "MatMul")
 

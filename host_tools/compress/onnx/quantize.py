@@ -12,9 +12,9 @@ import numpy as np
 from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, failing_as, output_path,
+from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, output_path,
                                                 quiet_ort_quantizer, weighted_nodes, with_opset_at_least)
-from host_tools.compress.passes import Pass, PassConfig, progress, register
+from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
 NO_CALIBRATION = "needs calibration data (--calib): static quantization will not calibrate on random noise"
 _EXCLUDE_HELP = "node names to leave in float"

@@ -14,11 +14,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from device_agent.errors import ConfigError, EdgefleetError, NotApplicable
-from device_agent.runtime.base import first_line
+from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
-from host_tools.compress.passes import Pass, PassConfig, register
+from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 _OPS_HELP = "regular expression of the tensor names to quantize"
 
@@ -44,7 +43,7 @@ class _LiteRtPass(Pass):
         from litert_quantizer import quantizer as lq
 
         out = Path(workdir) / f"{model.path.stem}.{self.tag}.tflite"
-        with _quiet(), _failing_as(self.name, model):
+        with _quiet(), failing_as(self.name, model):
             quantizer = lq.Quantizer(str(model.path))
             self.configure(quantizer, config)
             result = quantizer.quantize(self.calibration(quantizer, model, config))
@@ -154,16 +153,3 @@ def _quiet():
             yield
     finally:
         logging.getLogger("absl").setLevel(previous)
-
-
-@contextlib.contextmanager
-def _failing_as(pass_name: str, model: ModelFile):
-    try:
-        yield
-    except EdgefleetError:
-        raise
-    except Exception as exc:  # litert-quantizer raises ValueError/RuntimeError/KeyError with its own text
-        from device_agent.errors import CompressionError
-
-        raise CompressionError(f"{pass_name} failed on {model.path.name}: {type(exc).__name__}: "
-                               f"{first_line(exc)}") from None
