@@ -104,7 +104,8 @@ def bench_model(path: Path, workdir: Path, runs: int) -> dict:
     timed = [m for _, m in rows if m.status == "ok"]
     say(f"timing {len(timed) + 1} models: {runs} single-sample runs each, then batch 64, interleaved")
     single = latencies([model] + [m.model for m in timed], evaluation.bound, runs=runs)
-    batch = _batch_latencies([model] + [m.model for m in timed], evaluation.bound, runs=max(runs // 10, 20))
+    batch = [lat.p50_ms for lat in latencies([model] + [m.model for m in timed], evaluation.bound,
+                                             runs=max(runs // 10, 20), batch=64)]
     original = evaluation.original
     base_single, base_batch = single[0].p50_ms, batch[0]
     print(f"{'model':<24} {'KiB':>7} {'×size':>6} {'dl KiB':>7} {'p50 µs':>8} {'×p50':>6} {'×b64':>6} "
@@ -130,23 +131,6 @@ def bench_model(path: Path, workdir: Path, runs: int) -> dict:
                           "accuracy_kept": m.fidelity.accuracy / original.fidelity.accuracy}
     shutil.rmtree(workdir, ignore_errors=True)
     return {"model": path.name, "results": results}
-
-
-def _batch_latencies(models, bound, runs: int) -> list[float]:
-    """Median seconds per batch of 64 samples, models interleaved round by round."""
-    import numpy as np
-
-    runtimes = [m.load(threads=1) for m in models]
-    feeds = next(bound.batches(64))
-    if bound.fixed_batch:
-        return [float("nan")] * len(models)
-    times = [[] for _ in runtimes]
-    for _ in range(runs):
-        for runtime, bucket in zip(runtimes, times):
-            start = time.perf_counter()
-            runtime.run(feeds)
-            bucket.append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times]
 
 
 def targets(summaries: list[dict]) -> list[str]:

@@ -67,8 +67,9 @@ class BoundData:
     def __len__(self) -> int:
         return len(next(iter(self.feeds.values())))
 
-    def sample(self, index: int) -> dict[str, np.ndarray]:
-        return {k: v[index:index + 1] for k, v in self.feeds.items()}
+    def sample(self, index: int, size: int = 1) -> dict[str, np.ndarray]:
+        """Feeds of *size* samples from *index* (one sample: a batch of 1)."""
+        return {k: v[index:index + size] for k, v in self.feeds.items()}
 
     def batches(self, size: int = 64) -> Iterator[dict[str, np.ndarray]]:
         step = 1 if self.fixed_batch else size

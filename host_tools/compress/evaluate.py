@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from device_agent.errors import ModelError
+from device_agent.errors import ConfigError, ModelError
 from host_tools.compress.data import BoundData
 from host_tools.compress.model import ModelFile
 
@@ -91,13 +91,17 @@ def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
 
 
 def latencies(models: list[ModelFile], data: BoundData, *, runs: int = 200, rounds: int | None = None,
-              threads: int | None = 1, warmup: int = 10) -> list[Latency]:
-    """Single-sample latency of each model, measured in interleaved rounds (default: one per 10
-    runs) of runs/rounds calls each on the same samples; p50 and p90 over all of a model's calls.
-    Many short rounds spread a busy spell on a shared machine over every model alike."""
+              threads: int | None = 1, warmup: int = 10, batch: int = 1) -> list[Latency]:
+    """Latency of each model on calls of *batch* samples (default: single-sample calls), measured
+    in interleaved rounds (default: one per 10 runs) of runs/rounds calls each on the same inputs;
+    p50 and p90 over all of a model's calls. Many short rounds spread a busy spell on a shared
+    machine over every model alike."""
+    if batch > 1 and data.fixed_batch:
+        raise ConfigError("the model takes one sample per call: no batched latency")
     rounds = rounds or max(5, runs // 10)
     runtimes = [m.load(threads=threads) for m in models]
-    samples = [data.sample(i % len(data)) for i in range(max(runs // rounds, 1))]
+    starts = max(1, len(data) - batch + 1)
+    samples = [data.sample(i * batch % starts, batch) for i in range(max(runs // rounds, 1))]
     for runtime in runtimes:
         for i in range(warmup):
             runtime.run(samples[i % len(samples)])
