@@ -48,7 +48,7 @@ class Candidate:
 
 
 ONNX_LADDER = (
-    Candidate("dynamic int8", (_PRE, Step("onnx-dynamic"))),
+    Candidate("dynamic int8", (_PRE, Step("onnx-dynamic"), Step("onnx-int8-params"))),
     Candidate("dynamic int8, MatMul/Gemm only", (_PRE, Step("onnx-dynamic", {"op_types": ["MatMul", "Gemm"]}))),
     Candidate("static int8 per-tensor", (_PRE, Step("onnx-static")), needs_calibration=True),
     Candidate("static int8 per-channel", (_PRE, Step("onnx-static", {"per_channel": True})), needs_calibration=True),

@@ -52,7 +52,7 @@ _COMPACT = Step("onnx-compact")
 # name -> (description, {model format: steps})
 NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
     "int8-dynamic": ("int8 weights, activations quantized at run time (no calibration data needed)", {
-        "onnx": (_PRE, Step("onnx-dynamic"), _COMPACT),
+        "onnx": (_PRE, Step("onnx-dynamic"), Step("onnx-int8-params"), _COMPACT),
         "tflite": (Step("tflite-dynamic"),)}),
     "int8-static": ("int8 weights and activations, per-channel weights, calibrated on --calib", {
         "onnx": (_PRE, Step("onnx-static", {"per_channel": True}), _COMPACT),

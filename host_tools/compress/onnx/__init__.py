@@ -1,3 +1,3 @@
 """ONNX passes, built on ``onnx`` and ``onnxruntime.quantization``."""
 
-from host_tools.compress.onnx import compact, fp16, int4, preprocess, prune, quantize  # noqa: F401  (they register)
+from host_tools.compress.onnx import compact, fp16, int4, params, preprocess, prune, quantize  # noqa: F401  (they register)
