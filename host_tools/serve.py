@@ -23,6 +23,7 @@ asking again for a chunk whose direct answer is still queued is not answered twi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
@@ -32,7 +33,6 @@ import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from device_agent.bundle import sha256_file
 from device_agent.errors import ProtocolError
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
@@ -101,9 +101,14 @@ class BundleServer:
         return self.stats.chunks_sent
 
     def offer(self, path: Path, name: str, version: str, target: dict | None = None) -> BundleOffer:
+        """Serve *path*; it is read once here, for its SHA-256 and every chunk's CRC-32 (which
+        serving would otherwise compute while devices wait)."""
         path = Path(path)
-        offer = BundleOffer(sha256=sha256_file(path), size=path.stat().st_size,
+        sha, crcs = digest_chunks(path, self._chunk_size)
+        offer = BundleOffer(sha256=sha, size=path.stat().st_size,
                             chunk_size=self._chunk_size, name=name, version=version, target=target or None)
+        with self._lock:
+            self._digests.update(((sha, self._chunk_size, i), crc) for i, crc in enumerate(crcs))
         self._bundles[offer.sha256] = (path, offer)
         return offer
 
@@ -285,13 +290,23 @@ class BundleServer:
             data = os.pread(fd, chunk_size, index * chunk_size)
             key = (sha, chunk_size, index)
             digest = self._digests.get(key)
-            if digest is None:  # computed once, however many devices fetch the chunk
+            if digest is None:  # a chunk size other than the offer's: computed once, however many fetch it
                 digest = self._digests[key] = zlib.crc32(data)
             self._client.publish(topic, Chunk(sha, index, data).to_payload(digest), qos=1)
             sent += len(data)
         with self._lock:
             stats.chunks_sent += len(plan)
             stats.bytes_sent += sent
+
+
+def digest_chunks(path: Path, chunk_size: int) -> tuple[str, list[int]]:
+    """The file's SHA-256 and the CRC-32 of each *chunk_size* piece, in one read."""
+    whole, crcs = hashlib.sha256(), []
+    with open(path, "rb", buffering=0) as fh:
+        for block in iter(lambda: fh.read(chunk_size), b""):
+            whole.update(block)
+            crcs.append(zlib.crc32(block))
+    return whole.hexdigest(), crcs
 
 
 class BundleDirectory:
