@@ -93,6 +93,7 @@ class BundleServer:
         # and who asked (one device: on its own topic; more: on the shared topic again)
         self._refan: dict[tuple[str, int, int], tuple[float, set[str]]] = {}
         self._active: dict[tuple, float] = {}  # (sha, chunk size, device, session) -> its last request
+        self._first: dict[tuple[str, int, int], float] = {}  # (sha, chunk size, index) -> answered at once
         self._direct: dict[tuple, float] = {}  # (device, session, sha, chunk size, index) -> last direct answer
         self.stats = ServerStats()
 
@@ -117,6 +118,7 @@ class BundleServer:
         with self._lock:
             fd = self._files.pop(sha256, None)
             self._digests = {k: v for k, v in self._digests.items() if k[0] != sha256}
+            self._first = {k: v for k, v in self._first.items() if k[0] != sha256}
         if fd is not None:
             os.close(fd)
 
@@ -248,12 +250,18 @@ class BundleServer:
                         plan.append((index, topics.bundle_chunks(sha, chunk_size)))
                         continue
                     if since >= published:
-                        # It began listening after the chunk went out, as many devices starting a stage
-                        # together do: one more publish, FANOUT_QUIET after the last, serves them all
-                        # (a lone straggler gets it on its own topic then).
-                        self._refan.setdefault(key, (published + FANOUT_QUIET, set()))[1].add(request.device_id)
-                        stats.fanout_saved += 1
-                        continue
+                        # It began listening after the chunk went out. Long after that (FANOUT_QUIET), the
+                        # first to ask in FANOUT_QUIET is answered at once, on its own topic below: a device
+                        # fetching on its own would otherwise wait for the next fan-out round on every
+                        # window. Others asking meanwhile, as many devices starting a stage together do,
+                        # wait for one more publish FANOUT_QUIET after the last, which serves them all (a
+                        # lone straggler gets it on its own topic then).
+                        if (age < FANOUT_QUIET or key in self._refan
+                                or now - self._first.get(key, -FANOUT_QUIET) < FANOUT_QUIET):
+                            self._refan.setdefault(key, (published + FANOUT_QUIET, set()))[1].add(request.device_id)
+                            stats.fanout_saved += 1
+                            continue
+                        self._first[key] = now
                     if age < FANOUT_QUIET:
                         stats.fanout_saved += 1  # it was listening when the chunk went out
                         continue
@@ -270,6 +278,8 @@ class BundleServer:
                 self._listening = {k: t for k, t in self._listening.items() if now - t < 3600}
             if len(self._active) > 10_000:
                 self._active = {k: t for k, t in self._active.items() if now - t < ACTIVE_S}
+            if len(self._first) > 100_000:
+                self._first = {k: t for k, t in self._first.items() if now - t < FANOUT_QUIET}
             if len(self._direct) > 100_000:
                 self._direct = {k: t for k, t in self._direct.items() if now - t < DIRECT_QUIET}
         return (sha, path, chunk_size, plan) if plan else None

@@ -13,6 +13,7 @@ from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.messages import BundleOffer, Chunk, ChunkRequest
 from device_agent.transfer import ChunkRouter, Download
+from host_tools import serve
 from host_tools.serve import BundleServer
 from tests.conftest import Mosquitto
 
@@ -206,6 +207,26 @@ def test_a_device_that_joins_after_a_chunk_went_out_still_gets_it_without_asking
     late = Download(client, router, "late", offer, tmp_path / "late.part", retry_after=60, stall_timeout=10).run()
     server.stop()
     assert first.read_bytes() == late.read_bytes() == blob.read_bytes()
+
+
+def test_a_device_fetching_alone_after_an_earlier_fan_out_is_answered_at_once(clients, tmp_path, monkeypatch):
+    monkeypatch.setattr(serve, "FANOUT_QUIET", 0.3)
+    blob = tmp_path / "bundle.efb"
+    blob.write_bytes(os.urandom(640 * 1024))  # 40 chunks of 16 KiB
+    server = BundleServer(clients("host"), chunk_size=16 * 1024)
+    server.start()
+    offer = server.offer(blob, "m", "1.0.0")
+    Download(*device(clients, "first"), "first", offer, tmp_path / "first.part").run()
+    fanned_out = server.stats.fanout_chunks
+    assert fanned_out >= offer.chunk_count  # every chunk is now "published to the shared topic lately"
+    time.sleep(0.5)
+    # Another device on its own, past the quiet time: no fan-out round to wait for on each window
+    # (it used to be answered only by the server's next round, ~0.1 s per window of 2 chunks).
+    held = server.stats.fanout_saved
+    late = Download(*device(clients, "alone"), "alone", offer, tmp_path / "alone.part", window=2).run()
+    server.stop()
+    assert late.read_bytes() == blob.read_bytes()
+    assert server.stats.fanout_saved == held and server.stats.fanout_chunks == fanned_out, server.stats
 
 
 def test_chunks_that_arrive_twice_and_out_of_order_make_the_same_file(clients, tmp_path):
