@@ -11,7 +11,10 @@ us before it. For a chunk a fan-out device asks for:
 - the device began listening after the last publish (many devices starting a stage together):
   answered FANOUT_QUIET seconds after that publish, on the shared topic again if at least one in
   REFAN_SHARE of the devices listening asked (one message serves them all), else on each asker's
-  own topic (a fan-out also reaches every device that already has the chunk);
+  own topic (a fan-out also reaches every device that already has the chunk: none is published
+  that would send a download already past the chunk over REFAN_BUDGET of the bundle a second
+  time); past those FANOUT_QUIET seconds, a device that is the only one downloading the bundle is
+  answered at once on its own topic;
 - the device was listening at the last publish: not answered for FANOUT_QUIET seconds (it has the
   chunk, or the broker is still delivering it), then answered on the device's own topic (it was
   lost: one unlucky device does not make every device receive the chunk again).
@@ -39,7 +42,11 @@ from device_agent.protocol import topics
 from device_agent.protocol.messages import DEFAULT_CHUNK_SIZE, BundleOffer, Chunk, ChunkRequest
 
 log = logging.getLogger(__name__)
-FANOUT_REPEAT = 60.0  # seconds before the same chunk is published to a bundle's shared topic again
+# Seconds after which a chunk is published to a bundle's shared topic again on any request, as for
+# the first. Within them, devices that began listening later are answered as below (together only
+# when enough of them ask together): a rollout whose stages outlast a minute must not fan every chunk
+# out again to every device still downloading, most of which have it.
+FANOUT_REPEAT = 600.0
 FANOUT_QUIET = 2.5    # seconds a device listening at the publish is assumed to have the chunk (its retry: 3 s)
 MAX_QUEUED_ANSWERS = 10_000
 INLINE_CHUNKS = 16  # answers this small are published on the network thread (see _on_request)
@@ -55,6 +62,8 @@ DIRECT_QUIET = 10.0
 # seconds) asked for it; else it goes to each of them on their own topics.
 REFAN_SHARE = 3
 ACTIVE_S = 10.0
+# Share of the bundle a download already past a chunk may be sent again by such fan-outs at most.
+REFAN_BUDGET = 0.25
 
 
 @dataclass
@@ -92,8 +101,9 @@ class BundleServer:
         # chunks asked for by devices that began listening after their last fan-out: when to answer,
         # and who asked (one device: on its own topic; more: on the shared topic again)
         self._refan: dict[tuple[str, int, int], tuple[float, set[str]]] = {}
-        self._active: dict[tuple, float] = {}  # (sha, chunk size, device, session) -> its last request
-        self._first: dict[tuple[str, int, int], float] = {}  # (sha, chunk size, index) -> answered at once
+        # (sha, chunk size, device, session) -> (its last request, the highest chunk it asked for)
+        self._active: dict[tuple, tuple[float, int]] = {}
+        self._again: dict[tuple, int] = {}  # session -> chunks it had that fan-outs sent it again
         self._direct: dict[tuple, float] = {}  # (device, session, sha, chunk size, index) -> last direct answer
         self.stats = ServerStats()
 
@@ -118,7 +128,6 @@ class BundleServer:
         with self._lock:
             fd = self._files.pop(sha256, None)
             self._digests = {k: v for k, v in self._digests.items() if k[0] != sha256}
-            self._first = {k: v for k, v in self._first.items() if k[0] != sha256}
         if fd is not None:
             os.close(fd)
 
@@ -198,7 +207,7 @@ class BundleServer:
         with self._lock:
             due = [key for key, (at, _) in self._refan.items() if at <= now]
             listening: dict[tuple[str, int], int] = {}
-            for (sha, chunk_size, _, _), at in self._active.items() if due else ():
+            for (sha, chunk_size, _, _), (at, _) in self._active.items() if due else ():
                 if now - at < ACTIVE_S:
                     listening[(sha, chunk_size)] = listening.get((sha, chunk_size), 0) + 1
             for key in due:
@@ -207,7 +216,10 @@ class BundleServer:
                     continue
                 # Everyone listening gets a fan-out, so it is worth it when enough of them need the
                 # chunk: then one publish serves them all; else each asker gets it on its own topic.
-                if len(asked) > 1 and len(asked) * REFAN_SHARE >= listening.get((sha, chunk_size), 0):
+                # And not when a download already past the chunk has received REFAN_BUDGET of the
+                # bundle again this way (a stage's straggler while the next stage starts).
+                if (len(asked) > 1 and len(asked) * REFAN_SHARE >= listening.get((sha, chunk_size), 0)
+                        and self._within_budget(key, asked, now)):
                     self._fanned_out[key] = now
                     self.stats.fanout_chunks += 1
                     plan = [(index, topics.bundle_chunks(sha, chunk_size))]
@@ -233,9 +245,12 @@ class BundleServer:
             stats.devices.add(request.device_id)
             since = None
             if request.fanout:
-                since = self._listening.setdefault((sha, chunk_size, request.device_id, request.session), now)
-                self._active[(sha, chunk_size, request.device_id, request.session)] = now
+                session = (sha, chunk_size, request.device_id, request.session)
+                since = self._listening.setdefault(session, now)
+                _, frontier = self._active.get(session, (now, -1))
+                self._active[session] = (now, max(frontier, *request.chunks))
             backlogged = self._client.unacked >= MAX_UNACKED // 4
+            others = None
             for index in request.chunks:
                 if index >= count:
                     continue
@@ -250,18 +265,18 @@ class BundleServer:
                         plan.append((index, topics.bundle_chunks(sha, chunk_size)))
                         continue
                     if since >= published:
-                        # It began listening after the chunk went out. Long after that (FANOUT_QUIET), the
-                        # first to ask in FANOUT_QUIET is answered at once, on its own topic below: a device
-                        # fetching on its own would otherwise wait for the next fan-out round on every
-                        # window. Others asking meanwhile, as many devices starting a stage together do,
-                        # wait for one more publish FANOUT_QUIET after the last, which serves them all (a
-                        # lone straggler gets it on its own topic then).
-                        if (age < FANOUT_QUIET or key in self._refan
-                                or now - self._first.get(key, -FANOUT_QUIET) < FANOUT_QUIET):
+                        # It began listening after the chunk went out: as many devices starting a stage
+                        # together do, it waits for one more publish FANOUT_QUIET after the last, collecting
+                        # who else asks, which then serves them all (a lone straggler gets it on its own
+                        # topic). Unless no other device is downloading the bundle: then, long after that
+                        # publish, it is answered at once below (else it would wait for the server's next
+                        # round on every window).
+                        if not (age < FANOUT_QUIET or key in self._refan) and others is None:
+                            others = self._others_downloading(session, count, now)  # once a request
+                        if age < FANOUT_QUIET or key in self._refan or others:
                             self._refan.setdefault(key, (published + FANOUT_QUIET, set()))[1].add(request.device_id)
                             stats.fanout_saved += 1
                             continue
-                        self._first[key] = now
                     if age < FANOUT_QUIET:
                         stats.fanout_saved += 1  # it was listening when the chunk went out
                         continue
@@ -277,12 +292,33 @@ class BundleServer:
             if len(self._listening) > 100_000:  # downloads that began over an hour ago are long done
                 self._listening = {k: t for k, t in self._listening.items() if now - t < 3600}
             if len(self._active) > 10_000:
-                self._active = {k: t for k, t in self._active.items() if now - t < ACTIVE_S}
-            if len(self._first) > 100_000:
-                self._first = {k: t for k, t in self._first.items() if now - t < FANOUT_QUIET}
+                self._active = {k: v for k, v in self._active.items() if now - v[0] < ACTIVE_S}
+                self._again = {k: n for k, n in self._again.items() if k in self._active}
             if len(self._direct) > 100_000:
                 self._direct = {k: t for k, t in self._direct.items() if now - t < DIRECT_QUIET}
         return (sha, path, chunk_size, plan) if plan else None
+
+    def _within_budget(self, key: tuple[str, int, int], asked: set[str], now: float) -> bool:
+        """Whether a fan-out of chunk *key* again keeps every listening download that has already
+        asked for it (so has it, or has it coming) within REFAN_BUDGET of the bundle received twice;
+        if so, counts it against them (lock held)."""
+        sha, chunk_size, index = key
+        budget = REFAN_BUDGET * replace(self._bundles[sha][1], chunk_size=chunk_size).chunk_count
+        ahead = [session for session, (at, frontier) in self._active.items()
+                 if session[:2] == (sha, chunk_size) and now - at < ACTIVE_S and frontier >= index
+                 and session[2] not in asked]
+        if any(self._again.get(session, 0) + 1 > budget for session in ahead):
+            return False
+        for session in ahead:
+            self._again[session] = self._again.get(session, 0) + 1
+        return True
+
+    def _others_downloading(self, session: tuple, chunk_count: int, now: float) -> bool:
+        """Whether another download of the bundle is under way: it asked for something in the last
+        ACTIVE_S seconds, and not yet for the last chunk (lock held)."""
+        sha, chunk_size = session[:2]
+        return any(key[:2] == (sha, chunk_size) and key != session and now - at < ACTIVE_S
+                   and frontier < chunk_count - 1 for key, (at, frontier) in self._active.items())
 
     def _publish(self, sha: str, path: Path, chunk_size: int, plan: list[tuple[int, str]]) -> None:
         """Read, and publish each (index, topic) of *plan* (never under the lock); on the worker,

@@ -229,6 +229,47 @@ def test_a_device_fetching_alone_after_an_earlier_fan_out_is_answered_at_once(cl
     assert server.stats.fanout_saved == held and server.stats.fanout_chunks == fanned_out, server.stats
 
 
+def test_a_fan_out_again_never_sends_a_download_past_the_chunk_over_its_budget_twice(clients, tmp_path,
+                                                                                      monkeypatch):
+    """A stage's straggler (past chunk 2 already) while three new devices ask for chunks 0-2 together:
+    chunks 0 and 1 go to the shared topic again (one message serves the three), chunk 2 would send
+    the straggler more than its budget (2 of 8 chunks) a second time, so the three get it directly."""
+    monkeypatch.setattr(serve, "FANOUT_QUIET", 0.5)
+    monkeypatch.setattr(serve, "REFAN_BUDGET", 0.25)
+    blob = tmp_path / "bundle.efb"
+    blob.write_bytes(os.urandom(8 * 16 * 1024))
+    host = clients("host")
+    server = BundleServer(host, chunk_size=16 * 1024)
+    server.start()
+    offer = server.offer(blob, "m", "1.0.0")
+    seen, arrived = [], threading.Event()
+
+    def watch(topic, payload):
+        seen.append((topic, Chunk.peek(payload)[1]))
+        arrived.set()
+    watcher = clients("watch")
+    assert watcher.subscribe(topics.bundle_chunks(offer.sha256, offer.chunk_size), watch, wait=5)
+    for device_id in ("n1", "n2", "n3"):
+        assert watcher.subscribe(topics.chunks(device_id), watch, wait=5)
+
+    def ask(device_id, chunks):
+        host.publish(topics.chunk_request(offer.sha256), ChunkRequest(
+            device_id, tuple(chunks), offer.chunk_size, True, device_id + "-session").to_payload(), qos=1)
+    ask("straggler", range(7))  # the first publish of chunks 0-6 on the shared topic
+    deadline = time.monotonic() + 10
+    while len(seen) < 7 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for device_id in ("n1", "n2", "n3"):  # they began listening after it: collected until 0.5 s after
+        ask(device_id, range(3))
+    while len(seen) < 7 + 2 + 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # nothing more arrives
+    server.stop()
+    shared = topics.bundle_chunks(offer.sha256, offer.chunk_size)
+    assert sorted(i for t, i in seen if t == shared) == [0, 0, 1, 1, 2, 3, 4, 5, 6], seen
+    assert sorted((t, i) for t, i in seen if t != shared) == [(topics.chunks(d), 2) for d in ("n1", "n2", "n3")]
+
+
 def test_chunks_that_arrive_twice_and_out_of_order_make_the_same_file(clients, tmp_path):
     blob = tmp_path / "bundle.efb"
     blob.write_bytes(os.urandom(200_000))
