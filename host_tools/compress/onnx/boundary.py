@@ -39,13 +39,18 @@ def weighted_nodes(path: Path, op_types) -> list[tuple[str, str]]:
             if n.op_type in op_types and any(i in weights for i in n.input)]
 
 
+def default_opset(proto) -> int:
+    """The opset version of the default (ai.onnx) domain a model imports."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
 def with_opset_at_least(path: Path, opset: int, workdir: Path, why: str) -> Path:
     """*path* itself if its default-domain opset is at least *opset*, else a converted copy."""
     import onnx
     from onnx import version_converter
 
     model = onnx.load(str(path))
-    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    current = default_opset(model)
     if current >= opset:
         return path
     try:

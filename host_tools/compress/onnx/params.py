@@ -18,7 +18,7 @@ import numpy as np
 
 from device_agent.errors import NotApplicable
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import output_path
+from host_tools.compress.onnx.boundary import default_opset, output_path
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 # Inputs some runtimes want to see as constants when the session is built (shapes, scales,
@@ -45,7 +45,7 @@ class OnnxInt8Params(Pass):
         out = output_path(workdir, model, "params8")
         with failing_as(self.name, model):
             proto = onnx.load(str(model.path))
-            opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+            opset = default_opset(proto)
             if opset < 10:
                 raise NotApplicable(f"{model.path.name} has opset {opset}; DequantizeLinear needs 10 or newer")
             if store_params_as_uint8(proto, config.min_elements) == 0:
