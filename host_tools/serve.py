@@ -248,7 +248,7 @@ class BundleServer:
                 session = (sha, chunk_size, request.device_id, request.session)
                 since = self._listening.setdefault(session, now)
                 _, frontier = self._active.get(session, (now, -1))
-                self._active[session] = (now, max(frontier, *request.chunks))
+                self._active[session] = (now, max(frontier, min(max(request.chunks), count - 1)))
             backlogged = self._client.unacked >= MAX_UNACKED // 4
             others = None
             for index in request.chunks:

@@ -37,7 +37,8 @@ class OnnxInt8Params(Pass):
     @dataclass(frozen=True)
     class Config(PassConfig):
         min_elements: int = field(default=128, metadata={
-            "help": "smallest tensor worth it (below this the DequantizeLinear node outweighs the saving)"})
+            "help": "smallest tensor converted (each adds a DequantizeLinear to every run: at 64, the "
+                    "reference transformer's file was 2% smaller and its calls 10% slower)"})
 
     def run(self, model, config, workdir):
         import onnx
