@@ -1,17 +1,23 @@
-"""Convert the reference model to TensorFlow Lite with Google's PyPI converter (litert-torch).
+"""Convert reference models to TensorFlow Lite with Google's PyPI converter (litert-torch).
 
-Writes, next to this script:
-  digits_cnn.tflite        the same fp32 weights as digits_cnn.onnx, as a LiteRT flatbuffer
-                           (input [1,1,8,8] float32, output [1,10] float32)
-  digits_cnn_tflite.json   how it was made and the held-out accuracy LiteRT reaches with it
+    python models/convert_digits_tflite.py                      # digits_cnn
+    python models/convert_digits_tflite.py digits_transformer   # or any of REFERENCE
 
-The weights are read from digits_cnn.onnx (not retrained), so both files hold one model.
+Writes, next to this script, for each model NAME:
+  NAME.tflite        the same fp32 weights as NAME.onnx, as a LiteRT flatbuffer
+                     (input [1,1,8,8] float32, output [1,10] float32)
+  NAME_tflite.json   how it was made and the held-out accuracy LiteRT reaches with it
+
+The weights are read from NAME.onnx (not retrained), so both files hold one model: initializers
+named like the module's parameters are taken as they are, and a MatMul weight (which the ONNX
+exporter renames) is found through the Add of its layer's bias and transposed back.
 Needs torch==2.13.0, litert-torch and onnx: pip install torch==2.13.0 litert-torch onnx.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -19,24 +25,43 @@ import torch
 from onnx import numpy_helper
 
 from train_digits_cnn import HERE, DigitsCNN
+from train_digits_transformer import DigitsTransformer
+from train_digits_vgg import DigitsVGG
+
+REFERENCE = {"digits_cnn": DigitsCNN, "digits_transformer": DigitsTransformer, "digits_vgg": DigitsVGG}
 
 
-def main() -> None:
+def weights_from_onnx(path, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    state = {name: inits[name] for name in module.state_dict() if name in inits}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for node in graph.node:  # x @ W.T + b exported as MatMul(x, W') then Add(., "<layer>.bias")
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            for add in consumers.get(node.output[0], []):
+                bias = next((n for n in add.input if n.endswith(".bias") and n in inits), None)
+                if add.op_type == "Add" and bias is not None:
+                    state[bias[:-len(".bias")] + ".weight"] = inits[node.input[1]].T
+    missing = set(module.state_dict()) - set(state)
+    if missing:
+        raise SystemExit(f"{path.name}: no weights found for {sorted(missing)}")
+    return {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in state.items()}
+
+
+def convert(name: str) -> None:
     import litert_torch
     from ai_edge_litert.interpreter import Interpreter
 
-    model = DigitsCNN()
-    weights = {init.name: torch.from_numpy(numpy_helper.to_array(init).copy())
-               for init in onnx.load(str(HERE / "digits_cnn.onnx")).graph.initializer}
-    missing = set(model.state_dict()) - set(weights)
-    if missing:
-        raise SystemExit(f"digits_cnn.onnx lacks weights {sorted(missing)}")
-    model.load_state_dict({k: weights[k] for k in model.state_dict()})
+    model = REFERENCE[name]()
+    model.load_state_dict(weights_from_onnx(HERE / f"{name}.onnx", model))
     model.eval()
 
     with np.load(HERE / "digits_heldout.npz") as data:
         x, y = data["x"], data["y"]
-    out = HERE / "digits_cnn.tflite"
+    out = HERE / f"{name}.tflite"
     litert_torch.convert(model, (torch.from_numpy(x[:1]),)).export(str(out))
 
     interpreter = Interpreter(model_path=str(out))
@@ -50,9 +75,9 @@ def main() -> None:
     accuracy = float((np.array(predictions) == y).mean())
     print(f"{out.name}: {out.stat().st_size} bytes, held-out accuracy {accuracy:.4f} on {len(y)} samples")
     meta = {
-        "model": "digits-cnn",
+        "model": name.replace("_", "-"),
         "file": out.name,
-        "source": "digits_cnn.onnx weights loaded into train_digits_cnn.DigitsCNN",
+        "source": f"{name}.onnx weights loaded into {REFERENCE[name].__module__}.{REFERENCE[name].__name__}",
         "converter": f"litert-torch {litert_torch.__version__ if hasattr(litert_torch, '__version__') else ''}".strip(),
         "torch": torch.__version__,
         "input": {"name": inp["name"], "shape": [int(d) for d in inp["shape"]], "dtype": str(inp["dtype"].__name__)},
@@ -60,7 +85,16 @@ def main() -> None:
         "heldout_samples": int(len(y)),
         "heldout_accuracy": round(accuracy, 4),
     }
-    (HERE / "digits_cnn_tflite.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (HERE / f"{name}_tflite.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def main() -> None:
+    names = sys.argv[1:] or ["digits_cnn"]
+    unknown = [n for n in names if n not in REFERENCE]
+    if unknown:
+        raise SystemExit(f"unknown reference model {unknown[0]!r}; known: {', '.join(REFERENCE)}")
+    for name in names:
+        convert(name)
 
 
 if __name__ == "__main__":

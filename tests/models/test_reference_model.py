@@ -22,6 +22,24 @@ def test_committed_model_reaches_its_recorded_accuracy(meta_file):
     assert accuracy > 0.95
 
 
+@pytest.mark.parametrize("name", ["digits_cnn", "digits_transformer", "digits_vgg"])
+def test_the_tflite_form_is_the_same_model_as_the_onnx_one(name):
+    """models/convert_digits_tflite.py loads each ONNX model's weights into its PyTorch module and
+    converts it with litert-torch: the agent's TFLite runtime reaches the recorded accuracy, which
+    is the ONNX model's, and gives the same logits."""
+    meta = json.loads((MODELS / f"{name}_tflite.json").read_text())
+    onnx_meta = json.loads((MODELS / f"{name}.json").read_text())
+    assert meta["heldout_accuracy"] == onnx_meta["heldout_accuracy"]
+    with np.load(MODELS / "digits_heldout.npz") as data:
+        x, y = data["x"], data["y"]
+    tflite = load_runtime("tflite", MODELS / meta["file"])
+    reference = load_runtime("onnxruntime", MODELS / onnx_meta["file"])
+    (spec,) = tflite.inputs
+    logits = np.concatenate([next(iter(tflite.run({spec.name: sample[None]}).values())) for sample in x])
+    assert round(float((logits.argmax(1) == y).mean()), 4) == meta["heldout_accuracy"]
+    np.testing.assert_allclose(logits, reference.run({"image": x})["logits"], rtol=1e-3, atol=1e-3)
+
+
 def test_committed_model_files_stay_small():
     for path in MODELS.iterdir():
         if path.suffix in (".onnx", ".tflite", ".npz"):
