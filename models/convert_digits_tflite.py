@@ -80,12 +80,16 @@ def convert(name: str) -> None:
         "source": f"{name}.onnx weights loaded into {REFERENCE[name].__module__}.{REFERENCE[name].__name__}",
         "converter": f"litert-torch {litert_torch.__version__ if hasattr(litert_torch, '__version__') else ''}".strip(),
         "torch": torch.__version__,
-        "input": {"name": inp["name"], "shape": [int(d) for d in inp["shape"]], "dtype": str(inp["dtype"].__name__)},
-        "output": {"name": outp["name"], "shape": [int(d) for d in outp["shape"]], "dtype": str(outp["dtype"].__name__)},
+        "input": _tensor(inp),
+        "output": _tensor(outp),
         "heldout_samples": int(len(y)),
         "heldout_accuracy": round(accuracy, 4),
     }
     (HERE / f"{name}_tflite.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _tensor(detail: dict) -> dict:
+    return {"name": detail["name"], "shape": [int(d) for d in detail["shape"]], "dtype": detail["dtype"].__name__}
 
 
 def main() -> None:
