@@ -9,7 +9,8 @@
     QoS 1 messages of the same size through the same broker (received and counted, nothing
     else; and once more with the subscriber doing the device's per-chunk work: hash, write,
     whole-file hash), and an HTTP GET of the file from a local stdlib server (read and discarded);
-    --rounds times (5), the paths interleaved, medians reported.
+    --rounds times (5), the paths interleaved, medians reported; before each path the page cache is
+    flushed (sync), and a round's files are deleted after it.
 (b) 100 devices fetch a 16 MiB bundle at once (fan-out on), until every one has verified and
     installed it, against the broker fanning the same bytes out raw to 100 subscribers.
 (c) The device process's CPU seconds per MiB in (a), and what that would be on a Raspberry Pi 4
@@ -26,6 +27,7 @@ import argparse
 import hashlib
 import http.server
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -218,10 +220,12 @@ def measure_one(host: MqttClient, server: BundleServer, broker: str, work: Path,
     for r in range(rounds):
         log(f"(a) round {r + 1}/{rounds}: raw QoS 1, raw with the device's per-chunk work, HTTP GET, "
             f"edgefleet transfer + verify + install (window {window})")
+        os.sync()  # each path starts with no other path's writes still to flush
         w = Workers(1, "raw", broker, work, size=len(data), topic=f"bench/raw/one{r}", prefix=f"raw1-{r}")
         start = w.go()
         publish_raw(host, f"bench/raw/one{r}", data)
         raw = w.results()
+        os.sync()
         w = Workers(1, "rawcheck", broker, work, size=len(data), topic=f"bench/raw/checked{r}", prefix=f"rawc-{r}")
         checked_start = w.go()
         publish_raw(host, f"bench/raw/checked{r}", data)
@@ -231,12 +235,15 @@ def measure_one(host: MqttClient, server: BundleServer, broker: str, work: Path,
         assert http_get(f"{url}/{bundle.name}") == len(data)
         http_seconds = time.time() - http_start
         httpd.shutdown()
+        (work / f"rawc-{r}-0.raw").unlink(missing_ok=True)
+        os.sync()
         w = Workers(1, "bundle", broker, work, size=len(data), offer=offer, trusted=pub, prefix=f"one-{r}",
                     window=window)
         ours_start = w.go()
         ours = w.results()
         if ours["errors"]:
             sys.exit(f"delivery failed: {ours['errors']}")
+        shutil.rmtree(work / f"one-{r}-0", ignore_errors=True)  # (its pages need not reach the disk)
         per_round.append({
             "raw_s": max(raw["finished"].values()) - start, "raw_cpu_s": raw["cpu_s"],
             "checked_s": max(checked["finished"].values()) - checked_start, "checked_cpu_s": checked["cpu_s"],
