@@ -25,6 +25,7 @@ from torch import nn
 
 HERE = pathlib.Path(__file__).resolve().parent
 SEED = 0
+BATCH = 64
 EPOCHS = 40
 CALIB_SAMPLES = 200
 
@@ -63,23 +64,29 @@ def main() -> None:
     torch.manual_seed(SEED)
     x_train, x_test, y_train, y_test = load_split()
     model = DigitsCNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loss_fn = nn.CrossEntropyLoss()
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    generator = torch.Generator().manual_seed(SEED)
-    for epoch in range(EPOCHS):
-        model.train()
-        order = torch.randperm(len(xt), generator=generator)
-        for start in range(0, len(xt), 64):
-            idx = order[start:start + 64]
-            optimizer.zero_grad()
-            loss = loss_fn(model(xt[idx]), yt[idx])
-            loss.backward()
-            optimizer.step()
+    fit(model, torch.optim.Adam(model.parameters(), lr=3e-3), x_train, y_train, EPOCHS)
     export_reference(model, "digits-cnn", EPOCHS, x_test, y_test, with_parameters=False)
     np.savez_compressed(HERE / "digits_heldout.npz", x=x_test, y=y_test)
     np.savez_compressed(HERE / "digits_train.npz", x=x_train, y=y_train)
     write_calibration_set(x_train)
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, x: np.ndarray, y: np.ndarray, epochs: int, *,
+        label_smoothing: float = 0.0, schedule=None, batch: int = BATCH) -> None:
+    """Cross-entropy in shuffled mini-batches, the order drawn from SEED (a run is reproducible);
+    *schedule* steps after every batch."""
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    generator = torch.Generator().manual_seed(SEED)
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(xt), generator=generator)
+        for start in range(0, len(xt), batch):
+            idx = order[start:start + batch]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx], label_smoothing=label_smoothing).backward()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
 
 
 def export_reference(model: nn.Module, name: str, epochs: int, x_test: np.ndarray, y_test: np.ndarray, *,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from train_digits_cnn import SEED, export_reference, load_split
+from train_digits_cnn import BATCH, SEED, export_reference, fit, load_split
 
 EPOCHS = 120
 DIM, HEADS, DEPTH, MLP = 64, 4, 2, 128
@@ -78,19 +78,9 @@ def main() -> None:
     x_train, x_test, y_train, y_test = load_split()
     model = DigitsTransformer()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    steps = EPOCHS * math.ceil(len(xt) / 64)
+    steps = EPOCHS * math.ceil(len(x_train) / BATCH)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
-    generator = torch.Generator().manual_seed(SEED)
-    for _ in range(EPOCHS):
-        model.train()
-        order = torch.randperm(len(xt), generator=generator)
-        for start in range(0, len(xt), 64):
-            idx = order[start:start + 64]
-            optimizer.zero_grad()
-            F.cross_entropy(model(xt[idx]), yt[idx], label_smoothing=0.1).backward()
-            optimizer.step()
-            schedule.step()
+    fit(model, optimizer, x_train, y_train, EPOCHS, label_smoothing=0.1, schedule=schedule)
     export_reference(model, "digits-transformer", EPOCHS, x_test, y_test,
                      architecture=f"ViT: {(8 // PATCH) ** 2} patches of {PATCH}x{PATCH}, dim {DIM}, {DEPTH} blocks, "
                                   f"{HEADS} heads, MLP {MLP}, mean pooling")

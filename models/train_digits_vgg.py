@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from train_digits_cnn import SEED, export_reference, load_split
+from train_digits_cnn import SEED, export_reference, fit, load_split
 
 EPOCHS = 25
 
@@ -45,17 +45,7 @@ def main() -> None:
     torch.manual_seed(SEED)
     x_train, x_test, y_train, y_test = load_split()
     model = DigitsVGG()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    generator = torch.Generator().manual_seed(SEED)
-    for _ in range(EPOCHS):
-        model.train()
-        order = torch.randperm(len(xt), generator=generator)
-        for start in range(0, len(xt), 64):
-            idx = order[start:start + 64]
-            optimizer.zero_grad()
-            F.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            optimizer.step()
+    fit(model, torch.optim.Adam(model.parameters(), lr=1e-3), x_train, y_train, EPOCHS)
     export_reference(model, "digits-vgg", EPOCHS, x_test, y_test,
                      architecture="nearest 4x upsample to 32x32, conv 32-32-pool-64-64-pool-128-pool, fc 2048-128-10")
 
