@@ -39,6 +39,20 @@ def weighted_nodes(path: Path, op_types) -> list[tuple[str, str]]:
             if n.op_type in op_types and any(i in weights for i in n.input)]
 
 
+def consumers(graph) -> dict[str, list]:
+    """tensor name -> the nodes that read it."""
+    found: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            found.setdefault(name, []).append(node)
+    return found
+
+
+def has_subgraphs(graph) -> bool:
+    """Whether a node carries a graph (If, Loop, Scan), which may read the outer graph's names."""
+    return any(a.type in (5, 10) for node in graph.node for a in node.attribute)  # AttributeProto GRAPH(S)
+
+
 def default_opset(proto) -> int:
     """The opset version of the default (ai.onnx) domain a model imports."""
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)

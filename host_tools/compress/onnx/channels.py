@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from host_tools.compress.onnx.boundary import consumers
+
 CHANNELWISE_OPS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu", "HardSigmoid", "HardSwish", "Selu",
                    "Softplus", "Identity", "Dropout", "MaxPool", "AveragePool", "PRelu"}
 
@@ -52,10 +54,7 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
               for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    readers = consumers(graph)
     uses = Counter(name for node in graph.node for name in node.input)
     outputs = {o.name for o in graph.output}
     layers, skipped = [], {}
@@ -73,7 +72,7 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
         layer = Layer(node.name, weight, out_axis, int(inits[weight].dims[out_axis]))
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
             layer.params.append((node.input[2], 0))
-        why = _follow(node, layer, consumers, inits, uses, outputs, shapes)
+        why = _follow(node, layer, readers, inits, uses, outputs, shapes)
         if why:
             skipped[node.name] = why
         elif layer.channels < 2:
@@ -106,14 +105,14 @@ def _input_axis(node, inits) -> int | None:
     return 1 - axis
 
 
-def _follow(node, layer: Layer, consumers, inits, uses, outputs, shapes) -> str | None:
+def _follow(node, layer: Layer, readers, inits, uses, outputs, shapes) -> str | None:
     """Walk from *node*'s output to the one weighted consumer; fill *layer*; return why not."""
     tensor = node.output[0]
     flattened_from = None
     while True:
         if tensor in outputs:
             return "its output is a graph output"
-        nexts = consumers.get(tensor, [])
+        nexts = readers.get(tensor, [])
         if len(nexts) != 1:
             return "its output has several consumers (e.g. a residual connection)" if nexts else "unused output"
         nxt = nexts[0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import output_path
+from host_tools.compress.onnx.boundary import has_subgraphs, output_path
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 
@@ -45,7 +45,7 @@ def compact(proto, *, rename: bool = True) -> None:
     del graph.initializer[:]
     graph.initializer.extend(keep)
     # Subgraphs (If, Loop, Scan) refer to outer names; renaming those safely is not worth it.
-    if not rename or any(a.type in (5, 10) for node in graph.node for a in node.attribute):  # GRAPH, GRAPHS
+    if not rename or has_subgraphs(graph):
         return
     fixed = {v.name for v in graph.input} | {v.name for v in graph.output} | {""}
     names: dict[str, str] = {}

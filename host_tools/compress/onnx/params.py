@@ -18,7 +18,7 @@ import numpy as np
 
 from device_agent.errors import NotApplicable
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import default_opset, output_path
+from host_tools.compress.onnx.boundary import consumers, default_opset, has_subgraphs, output_path
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 # Inputs some runtimes want to see as constants when the session is built (shapes, scales,
@@ -61,16 +61,13 @@ def store_params_as_uint8(proto, min_elements: int) -> int:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = proto.graph
-    if any(a.type in (5, 10) for node in graph.node for a in node.attribute):  # GRAPH, GRAPHS
+    if has_subgraphs(graph):
         return 0  # subgraphs may read outer initializers; not worth the risk
-    consumers: dict[str, set[str]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, set()).add(node.op_type)
+    readers = consumers(graph)
     pinned = {v.name for v in graph.input} | {v.name for v in graph.output}
     converted, keep, new_nodes = 0, [], []
     for init in graph.initializer:
-        ops = consumers.get(init.name, set())
+        ops = {node.op_type for node in readers.get(init.name, ())}
         if (init.data_type != TensorProto.FLOAT or init.name in pinned or not ops or ops & _KEEP_CONSUMERS
                 or int(np.prod(init.dims)) < min_elements):
             keep.append(init)
