@@ -304,9 +304,8 @@ class BundleServer:
         if so, counts it against them (lock held)."""
         sha, chunk_size, index = key
         budget = REFAN_BUDGET * replace(self._bundles[sha][1], chunk_size=chunk_size).chunk_count
-        ahead = [session for session, (at, frontier) in self._active.items()
-                 if session[:2] == (sha, chunk_size) and now - at < ACTIVE_S and frontier >= index
-                 and session[2] not in asked]
+        ahead = [session for session, frontier in self._downloads(sha, chunk_size, now)
+                 if frontier >= index and session[2] not in asked]
         if any(self._again.get(session, 0) + 1 > budget for session in ahead):
             return False
         for session in ahead:
@@ -316,9 +315,14 @@ class BundleServer:
     def _others_downloading(self, session: tuple, chunk_count: int, now: float) -> bool:
         """Whether another download of the bundle is under way: it asked for something in the last
         ACTIVE_S seconds, and not yet for the last chunk (lock held)."""
-        sha, chunk_size = session[:2]
-        return any(key[:2] == (sha, chunk_size) and key != session and now - at < ACTIVE_S
-                   and frontier < chunk_count - 1 for key, (at, frontier) in self._active.items())
+        return any(key != session and frontier < chunk_count - 1
+                   for key, frontier in self._downloads(*session[:2], now))
+
+    def _downloads(self, sha: str, chunk_size: int, now: float):
+        """(session, highest chunk it asked for) of each download of the bundle that asked for
+        something in the last ACTIVE_S seconds (lock held)."""
+        return ((key, frontier) for key, (at, frontier) in self._active.items()
+                if key[:2] == (sha, chunk_size) and now - at < ACTIVE_S)
 
     def _publish(self, sha: str, path: Path, chunk_size: int, plan: list[tuple[int, str]]) -> None:
         """Read, and publish each (index, topic) of *plan* (never under the lock); on the worker,
