@@ -201,7 +201,8 @@ def test_a_duplicate_command_installs_once_even_across_a_restart(agents, mosquit
         offer = server.offer(make_bundle("1.0.0"), "digits-cnn", "1.0.0")
         command = sign_command(DeployCommand("dup-1", offer, time.time()).to_payload(), load_private_key(keys["key"]))
         host.publish(topics.command("dupes"), command)
-        assert wait_until(lambda: any(e.state == "active" for e in events), 30)
+        assert wait_until(lambda: any(e.state == "active" for e in events), 30), \
+            ([(e.state, e.reason) for e in events], server.stats, agent.log.read_text()[-2000:])
         host.publish(topics.command("dupes"), command)  # the broker redelivers, or the host retries
         restart(agent)
         host.publish(topics.command("dupes"), command)
