@@ -12,7 +12,7 @@ import hashlib
 import json
 import struct
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from device_agent.errors import ProtocolError
@@ -318,18 +318,20 @@ class ChunkRequest:
 @dataclass(frozen=True)
 class Chunk:
     """One piece of a bundle. The header carries a CRC-32 of the data, so a chunk damaged on the
-    way is dropped and asked for again instead of spoiling the whole download (a header with a
+    way is found and asked for again instead of spoiling the whole download (a header with a
     ``sha256`` instead, as the first servers sent, is checked against that). The chunk check is
     against accidents only: what the device trusts is the whole file's SHA-256 from the signed
     offer and manifest, so a cheap checksum (zlib's CRC-32, several times faster than SHA-256)
     is enough here.
 
-    ``data`` is a view into the message, not a copy.
+    ``data`` is a view into the message, not a copy; ``crc32``: what the header says the data's
+    CRC-32 is (None for a ``sha256`` header).
     """
 
     bundle_sha256: str
     index: int
     data: bytes | memoryview
+    crc32: int | None = field(default=None, compare=False)
 
     _LEN = struct.Struct(">I")
 
@@ -362,17 +364,24 @@ class Chunk:
         return _get(header, "bundle", str), index, header, header_end
 
     @classmethod
-    def from_payload(cls, payload: bytes, peeked: tuple[str, int, dict[str, Any], int] | None = None) -> "Chunk":
+    def from_payload(cls, payload: bytes, peeked: tuple[str, int, dict[str, Any], int] | None = None, *,
+                     check_crc: bool = True) -> "Chunk":
         """The chunk, its data checked against its CRC-32 (or, without one, its SHA-256);
-        *peeked*: what peek() already said of it."""
+        *peeked*: what peek() already said of it. *check_crc* False: the CRC-32 is read, not
+        compared — for a caller that checks the whole file and looks at chunks only when that
+        fails (device_agent.transfer); a ``sha256`` header is always checked."""
         bundle, index, header, header_end = peeked or cls.peek(payload)
         data = memoryview(payload)[header_end:]
+        crc = None
         if "crc32" in header:
-            if zlib.crc32(data) != _get(header, "crc32", int):
+            crc = _get(header, "crc32", int)
+            if not 0 <= crc < 2**32:
+                raise ProtocolError("chunk crc32 is out of range")
+            if check_crc and zlib.crc32(data) != crc:
                 raise ProtocolError(f"chunk {index} does not match its CRC-32 (damaged on the way)")
         elif hashlib.sha256(data).hexdigest() != _get(header, "sha256", str):
             raise ProtocolError(f"chunk {index} does not match its SHA-256 (damaged on the way)")
-        return cls(bundle_sha256=bundle, index=index, data=data)
+        return cls(bundle_sha256=bundle, index=index, data=data, crc32=crc)
 
 
 # Deployment states a device reports, in the order a successful deployment passes them.

@@ -6,6 +6,7 @@ answer with its own error type, never a crash, and never accept a signed command
 from __future__ import annotations
 
 import json
+import zlib
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -137,10 +138,16 @@ def test_chunks_with_any_header_and_length(header, data, lie):
     raw = json.dumps(header).encode()
     payload = Chunk._LEN.pack(max(0, len(raw) + lie)) + raw + data
     try:
+        unchecked = Chunk.from_payload(payload, check_crc=False)  # how a device takes it in (CRC kept)
+    except ProtocolError:
+        unchecked = None
+    try:
         chunk = Chunk.from_payload(payload)
     except ProtocolError:
+        assert unchecked is None or unchecked.crc32 is not None and unchecked.crc32 != zlib.crc32(unchecked.data)
         return
     assert chunk.data == payload[Chunk._LEN.size + len(raw) + lie:]  # what the header said is the data
+    assert unchecked == chunk and unchecked.crc32 == chunk.crc32
 
 
 @pytest.mark.parametrize("parse, error", [(parse_command, ProtocolError), (Manifest.from_json, ManifestError)])

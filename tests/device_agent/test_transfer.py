@@ -12,7 +12,7 @@ from device_agent.errors import TransferError, TransferTimeout
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.messages import BundleOffer, Chunk, ChunkRequest
-from device_agent.transfer import ChunkRouter, Download
+from device_agent.transfer import REPAIRS, ChunkRouter, Download
 from host_tools import serve
 from host_tools.serve import BundleServer
 from tests.conftest import Mosquitto
@@ -82,24 +82,84 @@ def test_nobody_serving_the_bundle_ends_in_a_timeout_not_a_hang(clients, tmp_pat
         Download(client, router, "dev-c", offer, tmp_path / "x.part", stall_timeout=1.5).run()
 
 
-def test_a_chunk_damaged_on_the_way_is_dropped_and_fetched_again(clients, tmp_path):
+def answering_server(host, offer, content, device_id, how):
+    """Answers chunk requests itself: *how(i, n)* (n: how often chunk i was asked for) says what
+    that copy is — "good", "damaged" (one bit flipped after its CRC-32 was computed) or "lost".
+    Returns {chunk: times asked}."""
+    asked: dict[int, int] = {}
+
+    def answer(topic, payload):
+        for i in ChunkRequest.from_payload(payload).chunks:
+            asked[i] = asked.get(i, 0) + 1
+            copy = how(i, asked[i])
+            message = Chunk(offer.sha256, i, content[i * offer.chunk_size:(i + 1) * offer.chunk_size]).to_payload()
+            if copy == "damaged":
+                message = message[:-1] + bytes([message[-1] ^ 1])
+            if copy != "lost":
+                host.publish(topics.chunks(device_id), message)
+    host.subscribe(topics.chunk_request(offer.sha256), answer)
+    return asked
+
+
+def test_a_chunk_damaged_on_the_way_is_found_by_its_crc_and_fetched_again(clients, tmp_path):
     blob = tmp_path / "bundle.efb"
     blob.write_bytes(os.urandom(50_000))
     host = clients("host")
     offer = BundleServer(host, chunk_size=16 * 1024).offer(blob, "m", "1.0.0")
-    content, damaged = blob.read_bytes(), set()
-
-    def flaky(topic, payload):  # the first copy of every chunk has one bit flipped after it was hashed
-        for i in ChunkRequest.from_payload(payload).chunks:
-            good = Chunk(offer.sha256, i, content[i * offer.chunk_size:(i + 1) * offer.chunk_size]).to_payload()
-            if i not in damaged:
-                damaged.add(i)
-                good = good[:-1] + bytes([good[-1] ^ 1])
-            host.publish(topics.chunks("dev-d"), good)
-    host.subscribe(topics.chunk_request(offer.sha256), flaky)
+    asked = answering_server(host, offer, blob.read_bytes(), "dev-d",
+                             lambda i, n: "damaged" if (i, n) == (1, 1) else "good")
     client, router = device(clients, "dev-d")
-    out = Download(client, router, "dev-d", offer, tmp_path / "got.part", retry_after=0.5).run()
-    assert out.read_bytes() == content and damaged == set(range(offer.chunk_count))
+    out = Download(client, router, "dev-d", offer, tmp_path / "got.part").run()
+    assert out.read_bytes() == blob.read_bytes()
+    assert asked == {0: 1, 1: 2, 2: 1, 3: 1}  # only the damaged chunk twice
+
+
+def test_every_chunk_damaged_once_is_repaired(clients, tmp_path):
+    blob = tmp_path / "bundle.efb"
+    blob.write_bytes(os.urandom(50_000))
+    host = clients("host")
+    offer = BundleServer(host, chunk_size=16 * 1024).offer(blob, "m", "1.0.0")
+    asked = answering_server(host, offer, blob.read_bytes(), "dev-d2", lambda i, n: "damaged" if n == 1 else "good")
+    client, router = device(clients, "dev-d2")
+    assert Download(client, router, "dev-d2", offer, tmp_path / "got.part").run().read_bytes() == blob.read_bytes()
+    assert asked == {i: 2 for i in range(offer.chunk_count)}
+
+
+def test_a_chunk_that_always_arrives_damaged_fails_the_download_with_the_reason(clients, tmp_path):
+    blob = tmp_path / "bundle.efb"
+    blob.write_bytes(os.urandom(50_000))
+    host = clients("host")
+    offer = BundleServer(host, chunk_size=16 * 1024).offer(blob, "m", "1.0.0")
+    asked = answering_server(host, offer, blob.read_bytes(), "dev-d3", lambda i, n: "damaged" if i == 2 else "good")
+    client, router = device(clients, "dev-d3")
+    dest = tmp_path / "got.part"
+    with pytest.raises(TransferError, match=f"SHA-256 .chunks still arrived damaged after {REPAIRS} repairs"):
+        Download(client, router, "dev-d3", offer, dest).run()
+    assert asked[2] == REPAIRS + 1 and not dest.exists() and not dest.with_suffix(".chunks").exists()
+
+
+def test_a_damaged_chunk_written_before_an_interruption_is_repaired_after_resuming(clients, tmp_path):
+    blob = tmp_path / "bundle.efb"
+    blob.write_bytes(os.urandom(160_000))  # 10 chunks of 16 KiB
+    content = blob.read_bytes()
+    host = clients("host")
+    offer = BundleServer(host, chunk_size=16 * 1024).offer(blob, "m", "1.0.0")
+    # four chunks arrive, chunk 3 damaged, then the link dies
+    answering_server(host, offer, content, "dev-d4", lambda i, n: "lost" if i >= 4 else "damaged" if i == 3 else "good")
+    client, router = device(clients, "dev-d4")
+    dest = tmp_path / "got.part"
+    with pytest.raises(TransferTimeout):
+        Download(client, router, "dev-d4", offer, dest, window=4, stall_timeout=1.5).run()
+    host.unsubscribe(topics.chunk_request(offer.sha256))
+
+    server = BundleServer(clients("host2"), chunk_size=16 * 1024)  # the link is back
+    server.start()
+    server.offer(blob, "m", "1.0.0")
+    again = Download(client, router, "dev-d4", offer, dest, window=4)
+    assert again.run().read_bytes() == content
+    server.stop()
+    # the six it lacked, then chunk 3 again: its CRC-32 came back with the record
+    assert again.resumed_chunks == 4 and server.chunks_sent == 7
 
 
 def test_an_interrupted_download_resumes_without_fetching_chunks_again(clients, tmp_path):
@@ -120,7 +180,8 @@ def test_an_interrupted_download_resumes_without_fetching_chunks_again(clients, 
     dest = tmp_path / "got.part"
     with pytest.raises(TransferTimeout):
         Download(client, router, "dev-e", offer, dest, window=2, stall_timeout=1.5).run()
-    assert dest.exists() and sum(dest.with_suffix(".chunks").read_bytes()) == 4
+    record = dest.with_suffix(".chunks").read_bytes()  # a flag per chunk, then their CRC-32s
+    assert dest.exists() and sum(record[:offer.chunk_count]) == 4 and len(record) == 5 * offer.chunk_count
 
     server = BundleServer(clients("host2"), chunk_size=16 * 1024)  # the link is back
     server.start()
