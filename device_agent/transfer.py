@@ -21,10 +21,13 @@ chunk lands instead of costing a second pass over the file.
 
 Downloads resume: next to ``<sha>.part`` a ``<sha>.chunks`` record (one byte per
 chunk, then each chunk's CRC-32) lists the chunks already written. It is saved at most
-once a second and only after the partial file was fsync'd, so it never claims a chunk the
-disk does not hold; after a restart or a failed attempt, those chunks are not fetched again.
-A download that completes is not fsync'd: the file is read back at once to be verified and
-unpacked (which makes what it installs durable), and after a crash it is fetched again.
+once a second; after a restart or a failed attempt, those chunks are not fetched again.
+Nothing of a download is fsync'd: the record is a hint that the file's hash and the CRC-32s
+check. After a power cut it may claim chunks whose data never reached the disk; they fail
+their CRC-32 when the hash fails and are fetched again. (The fsyncs a save used to take
+were a tenth of the device threads' samples in a py-spy profile of benchmarks/delivery.py
+(b), and an SD card wears.) A completed download is verified and unpacked at once, and what
+is unpacked is fsync'd before it is activated.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ from device_agent.errors import ProtocolError, TransferError, TransferTimeout
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.messages import BundleOffer, Chunk, ChunkRequest
-from device_agent.store import write_atomically
 
 RECORD_EVERY = 1.0  # seconds between saves of the received-chunk record
 REPAIRS = 3  # times a download whose hash fails fetches its damaged chunks again before giving up
@@ -167,12 +169,13 @@ class Download:
         self._saved_at = time.monotonic()
 
     def _save_record(self) -> None:
-        """Persist which chunks are on disk: data first (fsync), then the record that points at it."""
-        os.fsync(self._fh.fileno())
+        """Note which chunks were written and their CRC-32s (renamed into place: never half a record)."""
         n = self._offer.chunk_count
         flags = bytes(1 if i in self._received else 0 for i in range(n))
         crcs = struct.pack(f">{n}I", *(self._crcs.get(i, 0) for i in range(n)))
-        write_atomically(self.record_path, flags + crcs)
+        tmp = self.record_path.with_name(self.record_path.name + ".tmp")
+        tmp.write_bytes(flags + crcs)
+        os.replace(tmp, self.record_path)
         self._saved_at = time.monotonic()
 
     def _fetch(self) -> None:

@@ -2,9 +2,11 @@
 
 import os
 import random
+import struct
 import threading
 import time
 import uuid
+import zlib
 
 import pytest
 
@@ -191,6 +193,28 @@ def test_an_interrupted_download_resumes_without_fetching_chunks_again(clients, 
     server.stop()
     assert again.resumed_chunks == 4 and server.chunks_sent == offer.chunk_count - 4
     assert not dest.with_suffix(".chunks").exists()
+
+
+def test_chunks_a_record_claims_that_never_reached_the_disk_are_fetched_again(clients, tmp_path):
+    """The record is not fsync'd: after a power cut it can claim chunks the disk lost."""
+    blob = tmp_path / "bundle.efb"
+    blob.write_bytes(os.urandom(160_000))  # 10 chunks of 16 KiB
+    content = blob.read_bytes()
+    server = BundleServer(clients("host"), chunk_size=16 * 1024)
+    server.start()
+    offer = server.offer(blob, "m", "1.0.0")
+    dest = tmp_path / "got.part"
+    kept = bytearray(content[:6 * offer.chunk_size]) + bytes(offer.size - 6 * offer.chunk_size)
+    kept[2 * offer.chunk_size:3 * offer.chunk_size] = bytes(offer.chunk_size)  # chunk 2's data was lost
+    dest.write_bytes(kept)
+    chunks = [content[i * offer.chunk_size:(i + 1) * offer.chunk_size] for i in range(offer.chunk_count)]
+    dest.with_suffix(".chunks").write_bytes(  # what was saved before the cut: chunks 0-5 and their CRCs
+        bytes(1 if i < 6 else 0 for i in range(10)) + struct.pack(">10I", *(zlib.crc32(c) for c in chunks)))
+    client, router = device(clients, "dev-g")
+    download = Download(client, router, "dev-g", offer, dest)
+    assert download.run().read_bytes() == content
+    server.stop()
+    assert download.resumed_chunks == 6 and server.chunks_sent == 5  # chunks 6-9, then chunk 2
 
 
 def test_a_bundle_larger_than_the_free_disk_is_refused_before_anything_is_written(clients, tmp_path):
