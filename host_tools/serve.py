@@ -268,16 +268,16 @@ class BundleServer:
                         # It began listening after the chunk went out: as many devices starting a stage
                         # together do, it waits for one more publish FANOUT_QUIET after the last, collecting
                         # who else asks, which then serves them all (a lone straggler gets it on its own
-                        # topic). Unless no other device is downloading the bundle: then, long after that
-                        # publish, it is answered at once below (else it would wait for the server's next
-                        # round on every window).
-                        if not (age < FANOUT_QUIET or key in self._refan) and others is None:
+                        # topic). Unless no other device is downloading the bundle: then there is nobody
+                        # to wait with, and it is answered at once below (else it would wait up to
+                        # FANOUT_QUIET for its first window, or the server's next round on every window).
+                        if key not in self._refan and others is None:
                             others = self._others_downloading(session, count, now)  # once a request
-                        if age < FANOUT_QUIET or key in self._refan or others:
+                        if key in self._refan or others:
                             self._refan.setdefault(key, (published + FANOUT_QUIET, set()))[1].add(request.device_id)
                             stats.fanout_saved += 1
                             continue
-                    if age < FANOUT_QUIET:
+                    elif age < FANOUT_QUIET:
                         stats.fanout_saved += 1  # it was listening when the chunk went out
                         continue
                 direct = (request.device_id, request.session, *key)

@@ -294,7 +294,9 @@ def test_a_device_that_joins_after_a_chunk_went_out_still_gets_it_without_asking
     assert first.read_bytes() == late.read_bytes() == blob.read_bytes()
 
 
-def test_a_device_fetching_alone_after_an_earlier_fan_out_is_answered_at_once(clients, tmp_path, monkeypatch):
+@pytest.mark.parametrize("pause", [0.0, 0.5], ids=["within-the-quiet-time", "past-it"])
+def test_a_device_fetching_alone_after_an_earlier_fan_out_is_answered_at_once(clients, tmp_path, monkeypatch,
+                                                                              pause):
     monkeypatch.setattr(serve, "FANOUT_QUIET", 0.3)
     blob = tmp_path / "bundle.efb"
     blob.write_bytes(os.urandom(640 * 1024))  # 40 chunks of 16 KiB
@@ -304,8 +306,9 @@ def test_a_device_fetching_alone_after_an_earlier_fan_out_is_answered_at_once(cl
     Download(*device(clients, "first"), "first", offer, tmp_path / "first.part").run()
     fanned_out = server.stats.fanout_chunks
     assert fanned_out >= offer.chunk_count  # every chunk is now "published to the shared topic lately"
-    time.sleep(0.5)
-    # Another device on its own, past the quiet time: no fan-out round to wait for on each window
+    time.sleep(pause)
+    # Another device on its own: no fan-out round to wait for, neither for its first window while
+    # the quiet time after the fan-out lasts (it waited for its end) nor on each window after it
     # (it used to be answered only by the server's next round, ~0.1 s per window of 2 chunks).
     held = server.stats.fanout_saved
     late = Download(*device(clients, "alone"), "alone", offer, tmp_path / "alone.part", window=2).run()
