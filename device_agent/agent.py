@@ -33,7 +33,7 @@ from device_agent.systemd import notify, start_watchdog
 from device_agent.telemetry import CollectorContext, TelemetryCollectors
 from device_agent.telemetry.histogram import LatencyHistogram
 from device_agent.telemetry.queue import TelemetryQueue
-from device_agent.transfer import ChunkRouter, Download
+from device_agent.transfer import CHUNK_QOS, ChunkRouter, Download
 from device_agent.trust import TrustStore
 from device_agent.update import UpdateContext, UpdateMachine
 from device_agent.update.health import health_check
@@ -111,7 +111,7 @@ class Agent:
         """Recover, connect (in the background), serve the active model and start the workers."""
         plan = self.machine.plan_recovery()  # before any model is loaded: counts crash loops
         self.client.subscribe(topics.command(self.config.device_id), self._on_command, qos=1)
-        self.client.subscribe(topics.chunks(self.config.device_id), self._chunks, qos=1)
+        self.client.subscribe(topics.chunks(self.config.device_id), self._chunks, qos=CHUNK_QOS)
         # After a dropped connection the broker has published our last will (offline);
         # announce again on every reconnect, not only the first connect.
         self.client.on_connected(lambda: self._publish_status(online=True))

@@ -14,7 +14,7 @@ from device_agent.errors import TransferError, TransferTimeout
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.messages import BundleOffer, Chunk, ChunkRequest
-from device_agent.transfer import REPAIRS, ChunkRouter, Download
+from device_agent.transfer import CHUNK_QOS, REPAIRS, ChunkRouter, Download
 from host_tools import serve
 from host_tools.serve import BundleServer
 from tests.conftest import Mosquitto
@@ -36,7 +36,7 @@ def clients(mosquitto):
 
 def device(clients, device_id):
     client, router = clients("device"), ChunkRouter()
-    client.subscribe(topics.chunks(device_id), router, qos=1)
+    client.subscribe(topics.chunks(device_id), router, qos=CHUNK_QOS)  # as the agent
     return client, router
 
 
@@ -397,7 +397,7 @@ def test_a_download_survives_a_broker_restart_and_does_not_fetch_what_it_has_aga
         server.start()
         offer = server.offer(blob, "m", "1.0.0")
         client, router = connect("device"), ChunkRouter()
-        client.subscribe(topics.chunks("dev-g"), router, qos=1)
+        client.subscribe(topics.chunks("dev-g"), router, qos=CHUNK_QOS)
         client.connect()
         halfway = threading.Event()
         download = Download(client, router, "dev-g", offer, tmp_path / "got.part", window=2, retry_after=1.0,
