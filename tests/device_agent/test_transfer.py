@@ -103,95 +103,56 @@ def answering_server(host, offer, content, device_id, how):
     return asked
 
 
-def test_a_chunk_damaged_on_the_way_is_found_by_its_crc_and_fetched_again(clients, tmp_path):
+def answered_by_hand(clients, tmp_path, device_id, how, size=50_000, **download_args):
+    """(content, a Download of it for *device_id*, {chunk: times asked}): a bundle of *size* random
+    bytes (16 KiB chunks) whose chunk requests answering_server answers as *how* says."""
     blob = tmp_path / "bundle.efb"
-    blob.write_bytes(os.urandom(50_000))
+    blob.write_bytes(os.urandom(size))
     host = clients("host")
     offer = BundleServer(host, chunk_size=16 * 1024).offer(blob, "m", "1.0.0")
-    asked = answering_server(host, offer, blob.read_bytes(), "dev-d",
-                             lambda i, n: "damaged" if (i, n) == (1, 1) else "good")
-    client, router = device(clients, "dev-d")
-    out = Download(client, router, "dev-d", offer, tmp_path / "got.part").run()
-    assert out.read_bytes() == blob.read_bytes()
-    assert asked == {0: 1, 1: 2, 2: 1, 3: 1}  # only the damaged chunk twice
+    asked = answering_server(host, offer, blob.read_bytes(), device_id, how)
+    download = Download(*device(clients, device_id), device_id, offer, tmp_path / "got.part", **download_args)
+    return blob.read_bytes(), download, asked
 
 
-def test_every_chunk_damaged_once_is_repaired(clients, tmp_path):
-    blob = tmp_path / "bundle.efb"
-    blob.write_bytes(os.urandom(50_000))
-    host = clients("host")
-    offer = BundleServer(host, chunk_size=16 * 1024).offer(blob, "m", "1.0.0")
-    asked = answering_server(host, offer, blob.read_bytes(), "dev-d2", lambda i, n: "damaged" if n == 1 else "good")
-    client, router = device(clients, "dev-d2")
-    assert Download(client, router, "dev-d2", offer, tmp_path / "got.part").run().read_bytes() == blob.read_bytes()
-    assert asked == {i: 2 for i in range(offer.chunk_count)}
+@pytest.mark.parametrize("how, asks", [
+    (lambda i, n: "damaged" if (i, n) == (1, 1) else "good", {0: 1, 1: 2, 2: 1, 3: 1}),  # only it twice
+    (lambda i, n: "damaged" if n == 1 else "good", {0: 2, 1: 2, 2: 2, 3: 2}),
+], ids=["one-chunk", "every-chunk"])
+def test_chunks_damaged_on_the_way_are_found_by_their_crc_and_only_they_fetched_again(clients, tmp_path, how, asks):
+    content, download, asked = answered_by_hand(clients, tmp_path, "dev-d", how)
+    assert download.run().read_bytes() == content
+    assert asked == asks
 
 
 def test_a_chunk_that_always_arrives_damaged_fails_the_download_with_the_reason(clients, tmp_path):
-    blob = tmp_path / "bundle.efb"
-    blob.write_bytes(os.urandom(50_000))
-    host = clients("host")
-    offer = BundleServer(host, chunk_size=16 * 1024).offer(blob, "m", "1.0.0")
-    asked = answering_server(host, offer, blob.read_bytes(), "dev-d3", lambda i, n: "damaged" if i == 2 else "good")
-    client, router = device(clients, "dev-d3")
-    dest = tmp_path / "got.part"
+    _, download, asked = answered_by_hand(clients, tmp_path, "dev-d3", lambda i, n: "damaged" if i == 2 else "good")
     with pytest.raises(TransferError, match=f"SHA-256 .chunks still arrived damaged after {REPAIRS} repairs"):
-        Download(client, router, "dev-d3", offer, dest).run()
+        download.run()
+    dest = tmp_path / "got.part"
     assert asked[2] == REPAIRS + 1 and not dest.exists() and not dest.with_suffix(".chunks").exists()
 
 
-def test_a_damaged_chunk_written_before_an_interruption_is_repaired_after_resuming(clients, tmp_path):
-    blob = tmp_path / "bundle.efb"
-    blob.write_bytes(os.urandom(160_000))  # 10 chunks of 16 KiB
-    content = blob.read_bytes()
-    host = clients("host")
-    offer = BundleServer(host, chunk_size=16 * 1024).offer(blob, "m", "1.0.0")
-    # four chunks arrive, chunk 3 damaged, then the link dies
-    answering_server(host, offer, content, "dev-d4", lambda i, n: "lost" if i >= 4 else "damaged" if i == 3 else "good")
-    client, router = device(clients, "dev-d4")
-    dest = tmp_path / "got.part"
+@pytest.mark.parametrize("damaged", [False, True], ids=["intact", "chunk-3-damaged"])
+def test_an_interrupted_download_resumes_without_fetching_chunks_again(clients, tmp_path, damaged):
+    # four chunks arrive (chunk 3 perhaps damaged), then the link dies; nothing is answered twice
+    content, download, _ = answered_by_hand(
+        clients, tmp_path, "dev-e", lambda i, n: "lost" if i >= 4 or n > 1 else "damaged" if damaged and i == 3
+        else "good", size=160_000, window=2, stall_timeout=1.5)  # 10 chunks
+    offer, dest = download._offer, tmp_path / "got.part"
     with pytest.raises(TransferTimeout):
-        Download(client, router, "dev-d4", offer, dest, window=4, stall_timeout=1.5).run()
-    host.unsubscribe(topics.chunk_request(offer.sha256))
-
-    server = BundleServer(clients("host2"), chunk_size=16 * 1024)  # the link is back
-    server.start()
-    server.offer(blob, "m", "1.0.0")
-    again = Download(client, router, "dev-d4", offer, dest, window=4)
-    assert again.run().read_bytes() == content
-    server.stop()
-    # the six it lacked, then chunk 3 again: its CRC-32 came back with the record
-    assert again.resumed_chunks == 4 and server.chunks_sent == 7
-
-
-def test_an_interrupted_download_resumes_without_fetching_chunks_again(clients, tmp_path):
-    blob = tmp_path / "bundle.efb"
-    blob.write_bytes(os.urandom(160_000))  # 10 chunks of 16 KiB
-    host = clients("host")
-    offer = BundleServer(host, chunk_size=16 * 1024).offer(blob, "m", "1.0.0")
-    content, sent = blob.read_bytes(), []
-
-    def cut_after_four(topic, payload):  # the link dies after four chunks
-        for i in ChunkRequest.from_payload(payload).chunks:
-            if len(sent) < 4:
-                sent.append(i)
-                host.publish(topics.chunks("dev-e"),
-                             Chunk(offer.sha256, i, content[i * offer.chunk_size:(i + 1) * offer.chunk_size]).to_payload())
-    host.subscribe(topics.chunk_request(offer.sha256), cut_after_four)
-    client, router = device(clients, "dev-e")
-    dest = tmp_path / "got.part"
-    with pytest.raises(TransferTimeout):
-        Download(client, router, "dev-e", offer, dest, window=2, stall_timeout=1.5).run()
+        download.run()
     record = dest.with_suffix(".chunks").read_bytes()  # a flag per chunk, then their CRC-32s
     assert dest.exists() and sum(record[:offer.chunk_count]) == 4 and len(record) == 5 * offer.chunk_count
 
     server = BundleServer(clients("host2"), chunk_size=16 * 1024)  # the link is back
     server.start()
-    server.offer(blob, "m", "1.0.0")
-    again = Download(client, router, "dev-e", offer, dest, window=2)
+    server.offer(tmp_path / "bundle.efb", "m", "1.0.0")
+    again = Download(*device(clients, "dev-e"), "dev-e", offer, dest, window=2)
     assert again.run().read_bytes() == content
     server.stop()
-    assert again.resumed_chunks == 4 and server.chunks_sent == offer.chunk_count - 4
+    # the six it lacked (and the damaged one, found by the CRC-32 the record kept)
+    assert again.resumed_chunks == 4 and server.chunks_sent == offer.chunk_count - 4 + damaged
     assert not dest.with_suffix(".chunks").exists()
 
 
