@@ -33,6 +33,7 @@ is unpacked is fsync'd before it is activated.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import struct
@@ -55,6 +56,8 @@ RECORD_EVERY = 1.0  # seconds between saves of the received-chunk record
 # less per chunk (docs/protocol.md: one device's transfer 15% faster).
 CHUNK_QOS = 0
 REPAIRS = 3  # times a download whose hash fails fetches its damaged chunks again before giving up
+
+log = logging.getLogger(__name__)
 
 
 class ChunkRouter:
@@ -251,6 +254,9 @@ class Download:
             self._requested.clear()
             self._next_new = 0  # _due() skips what is received
             self._last_progress = time.monotonic()
+        log.warning("bundle %s did not match its SHA-256: %d chunk(s) arrived damaged (%s), fetching them again",
+                    self._offer.sha256[:12], len(damaged), ", ".join(map(str, sorted(damaged)[:10]))
+                    + (", ..." if len(damaged) > 10 else ""))
         return True
 
     def _digest(self) -> str:

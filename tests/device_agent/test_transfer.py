@@ -119,10 +119,13 @@ def answered_by_hand(clients, tmp_path, device_id, how, size=50_000, **download_
     (lambda i, n: "damaged" if (i, n) == (1, 1) else "good", {0: 1, 1: 2, 2: 1, 3: 1}),  # only it twice
     (lambda i, n: "damaged" if n == 1 else "good", {0: 2, 1: 2, 2: 2, 3: 2}),
 ], ids=["one-chunk", "every-chunk"])
-def test_chunks_damaged_on_the_way_are_found_by_their_crc_and_only_they_fetched_again(clients, tmp_path, how, asks):
+def test_chunks_damaged_on_the_way_are_found_by_their_crc_and_only_they_fetched_again(clients, tmp_path, how, asks,
+                                                                                     caplog):
     content, download, asked = answered_by_hand(clients, tmp_path, "dev-d", how)
     assert download.run().read_bytes() == content
     assert asked == asks
+    damaged = sorted(i for i, n in asks.items() if n == 2)  # and the agent's log says which
+    assert f"{len(damaged)} chunk(s) arrived damaged ({', '.join(map(str, damaged))})" in caplog.text
 
 
 def test_a_chunk_that_always_arrives_damaged_fails_the_download_with_the_reason(clients, tmp_path):
