@@ -118,7 +118,10 @@ def worker(args: argparse.Namespace) -> None:
                 downloaded[device_id] = (time.time(), cpu_seconds())
                 with lock:
                     counters[device_id] = (download.messages, download.duplicates)
-                store.install(path, keys, sha256=offer.sha256)  # as the Verifying state does
+                try:
+                    store.install(path, keys, sha256=offer.sha256)  # as the Verifying state does,
+                finally:
+                    path.unlink(missing_ok=True)  # which then deletes the download
                 finished[device_id] = time.time()
             except Exception as exc:  # noqa: BLE001 - reported to the parent
                 errors.append(f"{device_id}: {exc}")
