@@ -4,8 +4,9 @@
     python benchmarks/delivery.py --quick    # 16 MiB to one device, 4 MiB to 20 devices
 
 (a) One device fetches a 64 MiB signed bundle the way the agent does (device_agent.transfer:
-    windowed chunk requests, per-chunk CRC-32, written to disk, whole-file SHA-256, then
-    BundleStore.install: signature and file hashes, unpacked), against the same bytes as raw
+    windowed chunk requests, chunks subscribed at QoS 0, written to disk, whole-file SHA-256 (the
+    chunks' CRC-32s looked at only if it fails), then BundleStore.install: signature and file
+    hashes, unpacked; then the download deleted), against the same bytes as raw
     QoS 1 messages of the same size through the same broker (received and counted, nothing
     else; and once more with the subscriber doing the device's per-chunk work: hash, write,
     whole-file hash), and an HTTP GET of the file from a local stdlib server (read and discarded);
