@@ -93,8 +93,7 @@ class Download:
         self._session = os.urandom(4).hex()  # this download's subscription to the shared chunk topic
         self._refill_at = max(1, window // 4)  # free slots that make a new request worth sending
         self._cond = threading.Condition()
-        self._received: set[int] = set()
-        self._crcs: dict[int, int] = {}  # received chunk -> the CRC-32 its message carried
+        self._received: dict[int, int] = {}  # chunk written -> the CRC-32 its message carried
         self._requested: dict[int, float] = {}
         self._next_new = 0
         self._last_progress = time.monotonic()
@@ -162,8 +161,7 @@ class Download:
         n = offer.chunk_count
         if len(record) == 5 * n and self._dest.is_file() and self._dest.stat().st_size == offer.size:
             crcs = struct.unpack_from(f">{n}I", record, n)  # n flags, then n CRC-32s
-            self._crcs = {i: crcs[i] for i, have in enumerate(record[:n]) if have}
-            self._received = set(self._crcs)
+            self._received = {i: crcs[i] for i, have in enumerate(record[:n]) if have}
         else:
             self.discard()
             free = shutil.disk_usage(self._dest.parent).free
@@ -181,7 +179,7 @@ class Download:
         """Note which chunks were written and their CRC-32s (renamed into place: never half a record)."""
         n = self._offer.chunk_count
         flags = bytes(1 if i in self._received else 0 for i in range(n))
-        crcs = struct.pack(f">{n}I", *(self._crcs.get(i, 0) for i in range(n)))
+        crcs = struct.pack(f">{n}I", *(self._received.get(i, 0) for i in range(n)))
         tmp = self.record_path.with_name(self.record_path.name + ".tmp")
         tmp.write_bytes(flags + crcs)
         os.replace(tmp, self.record_path)
@@ -244,12 +242,11 @@ class Download:
         CRC-32 their message carried, so that they are fetched again. False if none is found
         (every chunk is what its sender meant: the sender's file is not the offered bundle)."""
         with self._cond:
-            damaged = {i for i, crc in self._crcs.items() if zlib.crc32(self._chunk_at(i)) != crc}
+            damaged = {i for i, crc in self._received.items() if zlib.crc32(self._chunk_at(i)) != crc}
             if not damaged:
                 return False
-            self._received -= damaged
             for i in damaged:
-                del self._crcs[i]
+                del self._received[i]
             self._hasher, self._hashed = hashlib.sha256(), 0  # it took the damaged data in
             self._requested.clear()
             self._next_new = 0  # _due() skips what is received
@@ -289,8 +286,7 @@ class Download:
             if self._closed or chunk.index in self._received:
                 return
             os.pwrite(self._fh.fileno(), chunk.data, chunk.index * offer.chunk_size)
-            self._received.add(chunk.index)
-            self._crcs[chunk.index] = zlib.crc32(chunk.data) if chunk.crc32 is None else chunk.crc32
+            self._received[chunk.index] = zlib.crc32(chunk.data) if chunk.crc32 is None else chunk.crc32
             self._hash_forward(chunk.index, chunk.data)
             self._requested.pop(chunk.index, None)
             self._last_progress = time.monotonic()
