@@ -13,8 +13,8 @@ us before it. For a chunk a fan-out device asks for:
   REFAN_SHARE of the devices listening asked (one message serves them all), else on each asker's
   own topic (a fan-out also reaches every device that already has the chunk: none is published
   that would send a download already past the chunk over REFAN_BUDGET of the bundle a second
-  time); past those FANOUT_QUIET seconds, a device that is the only one downloading the bundle is
-  answered at once on its own topic;
+  time); but a device that is the only one downloading the bundle is answered at once on its own
+  topic, within those FANOUT_QUIET seconds or after;
 - the device was listening at the last publish: not answered for FANOUT_QUIET seconds (it has the
   chunk, or the broker is still delivering it), then answered on the device's own topic (it was
   lost: one unlucky device does not make every device receive the chunk again).
