@@ -158,3 +158,31 @@ def test_an_override_naming_a_missing_provider_is_refused():
 def test_the_session_uses_the_providers_chosen(reference_model):
     runtime = load_runtime("onnxruntime", reference_model)
     assert runtime.providers == ("CPUExecutionProvider",)
+
+
+def test_a_failed_call_gives_onnx_runtimes_reason_and_the_next_call_still_works(reference_model, heldout):
+    runtime = load_runtime("onnxruntime", reference_model)
+    with pytest.raises(ModelError, match=r"inference failed: .*(Invalid rank|Got invalid dimensions)"):
+        runtime.run({"image": np.zeros((1, 8, 8), np.float32)})
+    with pytest.raises(ModelError, match=r"inference failed: .*image"):
+        runtime.run({"pixels": heldout[0][:1]})
+    import onnxruntime as ort
+    want = ort.InferenceSession(str(reference_model)).run(None, {"image": heldout[0][:4]})[0]
+    np.testing.assert_allclose(runtime.run({"image": heldout[0][:4]})["logits"], want, rtol=1e-5)
+
+
+def test_a_session_the_public_run_rebuilt_is_the_one_called_next(reference_model, heldout):
+    """ONNX Runtime's provider fallback replaces the session's C++ half inside the public run;
+    the next call must go to the new one, not fail again on the old."""
+    runtime = load_runtime("onnxruntime", reference_model)
+    calls = []
+
+    def broken(*args):
+        calls.append("broken")
+        raise RuntimeError("EP failure")
+
+    runtime._direct_run = broken
+    first = runtime.run({"image": heldout[0][:2]})
+    second = runtime.run({"image": heldout[0][:2]})
+    assert calls == ["broken"]
+    np.testing.assert_array_equal(first["logits"], second["logits"])
