@@ -67,7 +67,30 @@ def host_client(broker: str, role: str, *, client_id: str | None = None) -> Mqtt
     return client
 
 
-@click.group(help="edgefleet host tools: compress models, build signed bundles, deploy them to devices "
+# Modules of the optional extras -> the extra that installs them; a device-only install has the
+# `edgefleet` command too, and a command that needs more says which extra in one line.
+EXTRA_OF_MODULE = {
+    "rich": "host", "onnx": "host", "sympy": "host", "onnx_ir": "host", "amqtt": "host",
+    "prometheus_client": "host", "torch": "distill", "ai_edge_quantizer": "litert", "litert_quantizer": "litert",
+    "ai_edge_litert": "tflite", "tflite_runtime": "tflite",
+}
+
+
+class HostCommands(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as exc:
+            extra = EXTRA_OF_MODULE.get((exc.name or "").partition(".")[0])
+            if extra is None:
+                raise
+            command = ctx.invoked_subcommand or ctx.info_name
+            click.echo(f"error: `edgefleet {command}` needs the {extra} extra (no module {exc.name!r} here): "
+                       f"pip install 'edgefleet[{extra}]'", err=True)
+            raise SystemExit(1) from None
+
+
+@click.group(cls=HostCommands, help="edgefleet host tools: compress models, build signed bundles, deploy them to devices "
                   "over MQTT, and watch fleet telemetry.")
 @click.version_option(__version__, prog_name="edgefleet")
 @click.option("--tls-ca", envvar="EDGEFLEET_TLS_CA", type=click.Path(path_type=Path),

@@ -1,6 +1,8 @@
 """Bad input gets one clear line on stderr and a non-zero exit, never a traceback."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -95,3 +97,29 @@ def test_sending_a_command_without_a_signing_key_is_one_line(mosquitto, make_bun
     result = edgefleet("deploy", make_bundle(), "--device", "pi-1", "--broker", mosquitto,
                        "--key", tmp_path / "none.key")
     assert_one_line_error(result, "error:", "no signing key at", "edgefleet keys gen")
+
+
+HOST_ONLY = ("rich", "onnx", "sympy", "onnx_ir", "amqtt", "prometheus_client", "torch")
+
+
+def edgefleet_on_a_device_only_install(*args) -> subprocess.CompletedProcess:
+    """The `edgefleet` command as `pip install edgefleet` (no extras) leaves it: the host extra's
+    modules cannot be imported (a stand-in for their absence: this environment has them)."""
+    code = (f"import sys\nfor name in {HOST_ONLY!r}: sys.modules[name] = None\n"
+            "from host_tools.cli import main\nsys.argv[0] = 'edgefleet'\nmain()")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=60)
+
+
+def test_a_command_that_needs_the_host_extra_names_it_on_a_device_only_install(tmp_path, reference_model):
+    result = edgefleet_on_a_device_only_install("compress", reference_model, "--recipe", "int8-dynamic",
+                                                "-o", tmp_path / "out.onnx")
+    assert_one_line_error(result, "`edgefleet compress` needs the host extra", "pip install 'edgefleet[host]'")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_keys_and_bundles_work_on_a_device_only_install(tmp_path, reference_model):
+    assert edgefleet_on_a_device_only_install("keys", "gen", "--out", tmp_path).returncode == 0
+    result = edgefleet_on_a_device_only_install("bundle", "build", reference_model, "--name", "m", "--version",
+                                                "1.0.0", "--key", tmp_path / "release.key", "-o", tmp_path / "m.efb")
+    assert result.returncode == 0, result.stderr
+    assert edgefleet("bundle", "verify", tmp_path / "m.efb", "--key", tmp_path / "release.pub").returncode == 0
