@@ -409,7 +409,10 @@ def test_float_parameters_a_quantizer_leaves_are_stored_as_8_bit(tmp_path):
     floats = [i for i in proto.graph.initializer
               if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 128]
     assert floats == [] and ops(params.model.path).count("DequantizeLinear") >= 5  # position table, biases
-    assert params.fidelity.agreement >= 0.995 and params.fidelity.cosine > 0.999
+    # what 8-bit parameters cost on top of dynamic int8 (whose own fidelity depends on the CPU's int8 kernels)
+    assert params.fidelity.agreement >= dynamic.fidelity.agreement - 1 / 360
+    assert params.fidelity.cosine > dynamic.fidelity.cosine - 0.001
+    assert params.fidelity.accuracy >= dynamic.fidelity.accuracy - 1 / 360
     assert nothing_left.status == "skipped" and "no float parameter" in nothing_left.note
 
 
