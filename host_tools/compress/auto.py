@@ -52,6 +52,11 @@ ONNX_LADDER = (
     Candidate("dynamic int8, MatMul/Gemm only", (_PRE, Step("onnx-dynamic", {"op_types": ["MatMul", "Gemm"]}))),
     Candidate("static int8 per-tensor", (_PRE, Step("onnx-static")), needs_calibration=True),
     Candidate("static int8 per-channel", (_PRE, Step("onnx-static", {"per_channel": True})), needs_calibration=True),
+    # ONNX Runtime's u8 x s8 kernels can saturate on x86 CPUs without VNNI, most with per-channel
+    # scales (docs/compression.md); 7-bit weights cannot.
+    Candidate("static int8 per-channel, 7-bit weights",
+              (_PRE, Step("onnx-static", {"per_channel": True, "reduce_range": True})),
+              needs_calibration=True, if_missed="static int8 per-channel"),
     Candidate("static int8 per-channel, entropy",
               (_PRE, Step("onnx-static", {"per_channel": True, "method": "entropy"})),
               needs_calibration=True, if_missed="static int8 per-channel"),
