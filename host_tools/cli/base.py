@@ -84,14 +84,14 @@ class HostCommands(click.Group):
             extra = EXTRA_OF_MODULE.get((exc.name or "").partition(".")[0])
             if extra is None:
                 raise
-            command = ctx.invoked_subcommand or ctx.info_name
-            click.echo(f"error: `edgefleet {command}` needs the {extra} extra (no module {exc.name!r} here): "
+            what = f"`edgefleet {ctx.invoked_subcommand}`" if ctx.invoked_subcommand else "this command"
+            click.echo(f"error: {what} needs the {extra} extra (no module {exc.name!r} here): "
                        f"pip install 'edgefleet[{extra}]'", err=True)
             raise SystemExit(1) from None
 
 
-@click.group(cls=HostCommands, help="edgefleet host tools: compress models, build signed bundles, deploy them to devices "
-                  "over MQTT, and watch fleet telemetry.")
+@click.group(cls=HostCommands, help="edgefleet host tools: compress models, build signed bundles, deploy "
+                                    "them to devices over MQTT, and watch fleet telemetry.")
 @click.version_option(__version__, prog_name="edgefleet")
 @click.option("--tls-ca", envvar="EDGEFLEET_TLS_CA", type=click.Path(path_type=Path),
               help="CA certificate of the broker: talk TLS to it (env EDGEFLEET_TLS_CA).")
