@@ -181,17 +181,22 @@ def _plans(todo, model: ModelFile, calib, train) -> tuple[dict, dict[str, str]]:
 
 def _run_chain(candidate: Candidate, plan, model: ModelFile, evaluation: Evaluation,
                chains: dict[str, Measured], workdir: Path) -> Measured:
-    current, last, compresses = model, None, False
+    current, last, skipped, compresses = model, None, None, False
     key = ""
     for step, (cls, config) in zip(candidate.steps, plan):
         key += json.dumps(step.to_dict(), sort_keys=True)
         if key not in chains:
             chains[key] = apply_pass(cls, config, current, workdir / f"{len(chains):02d}-{cls.name}")
             evaluation.score(chains[key])
+        if chains[key].status == "skipped":  # as in a recipe: the next pass takes the last good model
+            skipped = skipped or chains[key]
+            continue
         last = chains[key]
         if last.status != "ok":
             break
         current, compresses = last.model, compresses or last.compresses
+    if last is None or (last.status == "ok" and not compresses and skipped is not None):
+        last = skipped  # what would have compressed does not apply, so neither does the candidate
     m = Measured(candidate.name, last.model, last.status, last.note,
                  {"passes": [s.to_dict() for s in candidate.steps]},
                  compresses=compresses, seconds=last.seconds, size_bytes=last.size_bytes,

@@ -87,3 +87,14 @@ def test_seven_bit_weights_are_tried_when_the_8_bit_form_loses(model, eval_data,
         assert report.chosen is not None and report.chosen.label == seven_bit, verdicts
     else:  # a CPU whose int8 kernels do not saturate (VNNI, ARM): the 8-bit form was enough
         assert report.chosen.label == eight_bit and verdicts[seven_bit].startswith("not tried"), verdicts
+
+
+def test_a_candidate_whose_last_pass_does_not_apply_is_what_the_passes_before_it_made(digits):
+    """Dynamic int8 ends with onnx-int8-params, which finds nothing left in float in a CNN: the
+    candidate is the dynamic int8 model, as a recipe would hand it on; int4, whose only compressing
+    pass does not apply to a CNN, is skipped."""
+    dynamic, int4 = (next(c for c in ONNX_LADDER if c.name == name) for name in ("dynamic int8", "int4 MatMul weights"))
+    report = search(digits, eval_data=HELDOUT, max_drop=1.0, candidates=(dynamic, int4), latency_runs=10)
+    assert report.chosen is not None and report.chosen.label == "dynamic int8", report.auto.verdicts
+    assert report.chosen.size_bytes < 0.35 * report.original.size_bytes
+    assert "no MatMul" in report.auto.verdicts["int4 MatMul weights"]
