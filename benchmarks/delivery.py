@@ -118,7 +118,7 @@ def worker(args: argparse.Namespace) -> None:
                 path = download.run()
                 downloaded[device_id] = (time.time(), cpu_seconds())
                 with lock:
-                    counters[device_id] = (download.messages, download.duplicates)
+                    counters[device_id] = (download.messages, download.duplicates, download.asked_again)
                 try:
                     store.install(path, keys, sha256=offer.sha256)  # as the Verifying state does,
                 finally:
@@ -136,8 +136,9 @@ def worker(args: argparse.Namespace) -> None:
         client.disconnect()
     download_cpu = max((c for _, c in downloaded.values()), default=cpu0) - cpu0
     print(json.dumps({"finished": finished, "downloaded": {d: t for d, (t, _) in downloaded.items()},
-                      "messages": sum(m for m, _ in counters.values()) if args.mode == "bundle" else 0,
-                      "duplicates": sum(d for _, d in counters.values()) if args.mode == "bundle" else 0,
+                      "messages": sum(c[0] for c in counters.values()) if args.mode == "bundle" else 0,
+                      "duplicates": sum(c[1] for c in counters.values()) if args.mode == "bundle" else 0,
+                      "asked_again": sum(c[2] for c in counters.values()) if args.mode == "bundle" else 0,
                       "cpu_s": cpu, "download_cpu_s": download_cpu, "errors": errors}), flush=True)
 
 
@@ -169,12 +170,12 @@ class Workers:
     def results(self) -> dict:
         """finished/downloaded: {device: Unix time}; cpu_s, download_cpu_s: summed over workers."""
         out = {"finished": {}, "downloaded": {}, "cpu_s": 0.0, "download_cpu_s": 0.0, "errors": [],
-               "messages": 0, "duplicates": 0}
+               "messages": 0, "duplicates": 0, "asked_again": 0}
         for p in self.procs:
             doc = json.loads(p.stdout.readline())
             for key in ("finished", "downloaded"):
                 out[key].update(doc[key])
-            for key in ("cpu_s", "download_cpu_s", "messages", "duplicates"):
+            for key in ("cpu_s", "download_cpu_s", "messages", "duplicates", "asked_again"):
                 out[key] += doc[key]
             out["errors"] += doc["errors"]
             p.wait(30)
@@ -279,7 +280,8 @@ def measure_fleet(host: MqttClient, server: BundleServer, broker: str, work: Pat
     checked = w.results()
     log(f"(b) edgefleet transfer + verify + install on {fleet} devices")
     offer = server.offer(bundle, "big", "1.0.0")
-    sent_before = server.stats.bytes_sent
+    sent_before, chunks_before, fanouts_before = (server.stats.bytes_sent, server.stats.chunks_sent,
+                                                  server.stats.fanout_chunks)
     w = Workers(fleet, "bundle", broker, work, size=len(data), offer=offer, trusted=pub, prefix="fleet",
                 window=window)
     start = w.go()
@@ -289,8 +291,18 @@ def measure_fleet(host: MqttClient, server: BundleServer, broker: str, work: Pat
     return {"size": len(data), "fleet": fleet, "raw_s": raw_s,
             "checked_s": max(checked["finished"].values()) - checked_start, "checked_cpu_s": checked["cpu_s"],
             "fetched_s": max(ours["downloaded"].values()) - start, "ours_s": max(ours["finished"].values()) - start,
+            "fetched_spread": spread(ours["downloaded"].values(), start),
+            "installed_spread": spread(ours["finished"].values(), start),
             "sent": server.stats.bytes_sent - sent_before, "cpu_s": ours["cpu_s"],
-            "messages": ours["messages"], "duplicates": ours["duplicates"]}
+            "fanouts": server.stats.fanout_chunks - fanouts_before,
+            "direct": server.stats.chunks_sent - chunks_before - (server.stats.fanout_chunks - fanouts_before),
+            "messages": ours["messages"], "duplicates": ours["duplicates"], "asked_again": ours["asked_again"]}
+
+
+def spread(times, start: float) -> tuple[float, float, float]:
+    """Seconds from *start* to the first, the median and the last of *times*."""
+    elapsed = sorted(t - start for t in times)
+    return elapsed[0], statistics.median(elapsed), elapsed[-1]
 
 
 def report_one(r: dict, window: int, broker_name: str) -> None:
@@ -329,12 +341,17 @@ def report_fleet(r: dict) -> None:
     print(f"{'raw fan-out, subscribers hash + write like devices':<52} {r['checked_s']:>9.2f}")
     print(f"{'edgefleet, fan-out on: every device has it':<52} {r['fetched_s']:>9.2f}")
     print(f"{'edgefleet: every device has verified + installed it':<52} {r['ours_s']:>9.2f}")
+    for label, key in (("had it", "fetched_spread"), ("had verified + installed it", "installed_spread")):
+        print(f"  devices that {label}: first after {r[key][0]:.2f} s, half after {r[key][1]:.2f} s, "
+              f"the last after {r[key][2]:.2f} s")
     ratio = r["ours_s"] / r["raw_s"]
     print(f"edgefleet / raw fan-out time: {ratio:.2f}  target ≤ 1.5: {'meets' if ratio <= 1.5 else 'MISSES'}; "
           f"transfer / raw fan-out with the same per-chunk work: {r['fetched_s'] / r['checked_s']:.2f}")
     print(f"host uplink: {r['sent'] / MiB:.1f} MiB published for {fleet} x {size / MiB:.0f} MiB delivered "
           f"({r['sent'] / (fleet * size):.3f} copies per device); devices received {r['messages']} chunk "
           f"messages, {r['duplicates']} of them not needed")
+    print(f"server: {r['fanouts']} chunks published to the shared topic, {r['direct']} to one device's own topic; "
+          f"devices asked again for {r['asked_again']} chunks whose answer was late")
     print(f"device CPU per MiB per device: {r['cpu_s'] / fleet / (size / MiB) * 1000:.2f} ms (download + verify + "
           f"install); raw subscriber with the same per-chunk work: "
           f"{r['checked_cpu_s'] / fleet / (size / MiB) * 1000:.2f} ms")

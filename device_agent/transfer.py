@@ -102,6 +102,7 @@ class Download:
         self._hasher = hashlib.sha256()
         self._hashed = 0  # chunks 0.._hashed-1 are in the running hash
         self.messages = self.duplicates = 0  # chunk messages seen, and those not needed
+        self.asked_again = 0  # requests for chunks whose answer did not come within retry_after
 
     @property
     def record_path(self) -> Path:
@@ -216,6 +217,7 @@ class Download:
         since = self._last_progress
         in_flight = [i for i, t in self._requested.items() if now - max(t, since) < self._retry_after]
         wanted = [i for i, t in self._requested.items() if now - max(t, since) >= self._retry_after]
+        self.asked_again += len(wanted)
         while len(in_flight) + len(wanted) < self._window and self._next_new < total:
             if self._next_new not in self._received:
                 wanted.append(self._next_new)

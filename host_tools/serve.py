@@ -105,6 +105,7 @@ class BundleServer:
         self._active: dict[tuple, tuple[float, int]] = {}
         self._again: dict[tuple, int] = {}  # session -> chunks it had that fan-outs sent it again
         self._direct: dict[tuple, float] = {}  # (device, session, sha, chunk size, index) -> last direct answer
+        self._asked: dict[tuple, bytearray] = {}  # (sha, chunk size, device, session) -> chunks it asked for
         self.stats = ServerStats()
 
     @property
@@ -256,6 +257,7 @@ class BundleServer:
                     continue
                 key = (sha, chunk_size, index)
                 if since is not None:
+                    first = self._first_ask(session, index, count)
                     published = self._fanned_out.get(key, -FANOUT_REPEAT)
                     age = now - published
                     if age >= FANOUT_REPEAT:
@@ -277,8 +279,13 @@ class BundleServer:
                             self._refan.setdefault(key, (published + FANOUT_QUIET, set()))[1].add(request.device_id)
                             stats.fanout_saved += 1
                             continue
-                    elif age < FANOUT_QUIET:
-                        stats.fanout_saved += 1  # it was listening when the chunk went out
+                    elif age < FANOUT_QUIET or first:
+                        # It was listening when the chunk went out: it has it, or the broker is still
+                        # delivering it. However long ago that was, a first ask means the device's
+                        # window reached the chunk before the chunk reached the device (a device behind
+                        # a queue of the fan-out's messages); an answer of its own would only queue
+                        # behind them again. A chunk that was lost it asks for again, after its retry time.
+                        stats.fanout_saved += 1
                         continue
                 direct = (request.device_id, request.session, *key)
                 if backlogged and now - self._direct.get(direct, -DIRECT_QUIET) < DIRECT_QUIET:
@@ -294,9 +301,20 @@ class BundleServer:
             if len(self._active) > 10_000:
                 self._active = {k: v for k, v in self._active.items() if now - v[0] < ACTIVE_S}
                 self._again = {k: n for k, n in self._again.items() if k in self._active}
+            if len(self._asked) > 10_000:
+                self._asked = {k: v for k, v in self._asked.items() if k in self._active}
             if len(self._direct) > 100_000:
                 self._direct = {k: t for k, t in self._direct.items() if now - t < DIRECT_QUIET}
         return (sha, path, chunk_size, plan) if plan else None
+
+    def _first_ask(self, session: tuple, index: int, count: int) -> bool:
+        """Whether this download has not asked for chunk *index* before; notes that it has now (lock held)."""
+        asked = self._asked.get(session)
+        if asked is None or len(asked) != count:
+            asked = self._asked[session] = bytearray(count)
+        first = not asked[index]
+        asked[index] = 1
+        return first
 
     def _within_budget(self, key: tuple[str, int, int], asked: set[str], now: float) -> bool:
         """Whether a fan-out of chunk *key* again keeps every listening download that has already
