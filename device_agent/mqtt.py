@@ -103,6 +103,7 @@ class MqttClient:
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
         self._client.on_socket_open = self._on_socket_open
+        self.connections = 0  # accepted connections so far: a change means the broker forgot what it held for us
         self._subacks: dict[int, bool] = {}  # mid -> granted, for the last few SUBACKs
         self._suback_arrived = threading.Condition()
 
@@ -171,6 +172,7 @@ class MqttClient:
                 return
             log.error("broker %s refused the connection: %s", self.broker, reason_code)
             return
+        self.connections += 1
         with self._lock:
             subs = [(f, qos) for f, (qos, _) in self._handlers.items()]
         for topic_filter, qos in subs:  # resubscribe after every reconnect

@@ -91,6 +91,7 @@ class Download:
         self._on_progress = on_progress
         self._fanout = fanout
         self._session = os.urandom(4).hex()  # this download's subscription to the shared chunk topic
+        self._connection = 0  # the client's connection count the session began on
         self._refill_at = max(1, window // 4)  # free slots that make a new request worth sending
         self._cond = threading.Condition()
         self._received: dict[int, int] = {}  # chunk written -> the CRC-32 its message carried
@@ -121,6 +122,7 @@ class Download:
         shared = topics.bundle_chunks(offer.sha256, offer.chunk_size)
         if self._fanout:  # only once the broker has granted it: else chunks sent there would be lost
             self._fanout = self._client.subscribe(shared, self._router, qos=CHUNK_QOS, wait=5.0)
+            self._connection = self._client.connections
         complete, repairs, why = False, 0, ""
         try:
             while True:
@@ -203,6 +205,11 @@ class Download:
         """Request what is due (call with the condition held)."""
         wanted = self._due(now, self._offer.chunk_count)
         if wanted:
+            if self._fanout and self._client.connections != self._connection:
+                # Reconnected: what was fanned out meanwhile never reached us. As a new session the
+                # server takes this device for one that began listening now, and answers its asks
+                # for those chunks (as the same session, it would wait for each to be asked twice).
+                self._session, self._connection = os.urandom(4).hex(), self._client.connections
             for i in wanted:
                 self._requested[i] = now
             request = ChunkRequest(self._device_id, tuple(wanted), self._offer.chunk_size, self._fanout,

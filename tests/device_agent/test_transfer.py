@@ -359,6 +359,38 @@ def test_a_device_behind_a_fan_out_is_not_sent_its_chunks_again_until_it_asks_tw
     assert sorted(i for t, i in seen if t == topics.chunks("behind")) == [2, 4], seen
 
 
+def test_a_download_asks_as_a_new_session_after_its_connection_drops(clients, tmp_path):
+    """Chunks fanned out while a device was away never reached it, and the server answers the first
+    ask of a session that was listening only when it comes again; after a reconnect the download
+    asks as a new session, which the server answers as a device that began listening then."""
+    blob = tmp_path / "bundle.efb"
+    blob.write_bytes(os.urandom(12 * 16 * 1024))
+    server = BundleServer(clients("host"), chunk_size=16 * 1024)
+    server.start()
+    offer = server.offer(blob, "m", "1.0.0")
+    sessions = []
+    watcher = clients("watch")
+    assert watcher.subscribe(topics.chunk_request(offer.sha256),
+                             lambda t, p: sessions.append(ChunkRequest.from_payload(p).session), wait=5)
+    client, router = device(clients, "away")
+    dropped = threading.Event()
+
+    def reconnect():
+        client.drop()
+        time.sleep(0.3)
+        client.connect_in_background()
+
+    def progress(done):
+        if done >= 0.25 and not dropped.is_set():
+            dropped.set()
+            threading.Thread(target=reconnect).start()  # (not on the network thread it stops)
+    out = Download(client, router, "away", offer, tmp_path / "away.part", window=2, retry_after=1,
+                   on_progress=progress).run()
+    server.stop()
+    assert out.read_bytes() == blob.read_bytes() and dropped.is_set()
+    assert len(set(sessions)) == 2 and sessions[0] != sessions[-1], sessions
+
+
 def test_chunks_that_arrive_twice_and_out_of_order_make_the_same_file(clients, tmp_path):
     blob = tmp_path / "bundle.efb"
     blob.write_bytes(os.urandom(200_000))
