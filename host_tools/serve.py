@@ -301,8 +301,8 @@ class BundleServer:
             if len(self._active) > 10_000:
                 self._active = {k: v for k, v in self._active.items() if now - v[0] < ACTIVE_S}
                 self._again = {k: n for k, n in self._again.items() if k in self._active}
-            if len(self._asked) > 10_000:
-                self._asked = {k: v for k, v in self._asked.items() if k in self._active}
+            if len(self._asked) > 2_000:  # a byte per chunk each: keep downloads that asked in the last minute
+                self._asked = {k: v for k, v in self._asked.items() if now - self._active.get(k, (-60.0,))[0] < 60}
             if len(self._direct) > 100_000:
                 self._direct = {k: t for k, t in self._direct.items() if now - t < DIRECT_QUIET}
         return (sha, path, chunk_size, plan) if plan else None
