@@ -281,13 +281,10 @@ def test_a_device_fetching_alone_after_an_earlier_fan_out_is_answered_at_once(cl
     assert server.stats.fanout_saved == held and server.stats.fanout_chunks == fanned_out, server.stats
 
 
-def test_a_fan_out_again_never_sends_a_download_past_the_chunk_over_its_budget_twice(clients, tmp_path,
-                                                                                      monkeypatch):
-    """A stage's straggler (past chunk 2 already) while three new devices ask for chunks 0-2 together:
-    chunks 0 and 1 go to the shared topic again (one message serves the three), chunk 2 would send
-    the straggler more than its budget (2 of 8 chunks) a second time, so the three get it directly."""
-    monkeypatch.setattr(serve, "FANOUT_QUIET", 0.5)
-    monkeypatch.setattr(serve, "REFAN_BUDGET", 0.25)
+def watched_server(clients, tmp_path, *device_ids):
+    """A server of a bundle of 8 chunks of 16 KiB, and [(topic, chunk index)] of what it publishes on
+    the bundle's shared topic and on these devices' own; ask(device, chunks) sends the device's
+    fan-out request (its session: "<device>-session"); wait(n) waits until n messages were seen."""
     blob = tmp_path / "bundle.efb"
     blob.write_bytes(os.urandom(8 * 16 * 1024))
     host = clients("host")
@@ -295,28 +292,36 @@ def test_a_fan_out_again_never_sends_a_download_past_the_chunk_over_its_budget_t
     server.start()
     offer = server.offer(blob, "m", "1.0.0")
     seen = []
-
-    def watch(topic, payload):
-        seen.append((topic, Chunk.peek(payload)[1]))
     watcher = clients("watch")
-    assert watcher.subscribe(topics.bundle_chunks(offer.sha256, offer.chunk_size), watch, wait=5)
-    for device_id in ("n1", "n2", "n3"):
-        assert watcher.subscribe(topics.chunks(device_id), watch, wait=5)
+    for topic in (topics.bundle_chunks(offer.sha256, offer.chunk_size), *map(topics.chunks, device_ids)):
+        assert watcher.subscribe(topic, lambda t, p: seen.append((t, Chunk.peek(p)[1])), wait=5)
 
     def ask(device_id, chunks):
         host.publish(topics.chunk_request(offer.sha256), ChunkRequest(
             device_id, tuple(chunks), offer.chunk_size, True, device_id + "-session").to_payload(), qos=1)
+
+    def wait(count):
+        deadline = time.monotonic() + 10
+        while len(seen) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return server, topics.bundle_chunks(offer.sha256, offer.chunk_size), seen, ask, wait
+
+
+def test_a_fan_out_again_never_sends_a_download_past_the_chunk_over_its_budget_twice(clients, tmp_path,
+                                                                                      monkeypatch):
+    """A stage's straggler (past chunk 2 already) while three new devices ask for chunks 0-2 together:
+    chunks 0 and 1 go to the shared topic again (one message serves the three), chunk 2 would send
+    the straggler more than its budget (2 of 8 chunks) a second time, so the three get it directly."""
+    monkeypatch.setattr(serve, "FANOUT_QUIET", 0.5)
+    monkeypatch.setattr(serve, "REFAN_BUDGET", 0.25)
+    server, shared, seen, ask, wait = watched_server(clients, tmp_path, "n1", "n2", "n3")
     ask("straggler", range(7))  # the first publish of chunks 0-6 on the shared topic
-    deadline = time.monotonic() + 10
-    while len(seen) < 7 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait(7)
     for device_id in ("n1", "n2", "n3"):  # they began listening after it: collected until 0.5 s after
         ask(device_id, range(3))
-    while len(seen) < 7 + 2 + 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait(7 + 2 + 3)
     time.sleep(0.3)  # nothing more arrives
     server.stop()
-    shared = topics.bundle_chunks(offer.sha256, offer.chunk_size)
     assert sorted(i for t, i in seen if t == shared) == [0, 0, 1, 1, 2, 3, 4, 5, 6], seen
     assert sorted((t, i) for t, i in seen if t != shared) == [(topics.chunks(d), 2) for d in ("n1", "n2", "n3")]
 
@@ -328,33 +333,19 @@ def test_a_device_behind_a_fan_out_is_not_sent_its_chunks_again_until_it_asks_tw
     its own topic only queued more behind them (a hundred devices sharing two cores were sent a third of
     the bundle this way each). A chunk it asks for a second time was lost, and it goes to it directly."""
     monkeypatch.setattr(serve, "FANOUT_QUIET", 0.3)
-    blob = tmp_path / "bundle.efb"
-    blob.write_bytes(os.urandom(8 * 16 * 1024))
-    host = clients("host")
-    server = BundleServer(host, chunk_size=16 * 1024)
-    server.start()
-    offer = server.offer(blob, "m", "1.0.0")
-    seen = []
-    watcher = clients("watch")
-    for topic in (topics.bundle_chunks(offer.sha256, offer.chunk_size), topics.chunks("behind")):
-        assert watcher.subscribe(topic, lambda t, p: seen.append((t, Chunk.peek(p)[1])), wait=5)
-
-    def ask(device_id, chunks, wait_for):
-        host.publish(topics.chunk_request(offer.sha256), ChunkRequest(
-            device_id, tuple(chunks), offer.chunk_size, True, device_id + "-session").to_payload(), qos=1)
-        deadline = time.monotonic() + 10
-        while len(seen) < wait_for and time.monotonic() < deadline:
-            time.sleep(0.02)
-    ask("behind", [0], 1)  # it listens from here on
-    ask("ahead", range(1, 6), 6)  # chunks 1-5 go to the shared topic, reaching both
+    server, shared, seen, ask, wait = watched_server(clients, tmp_path, "behind")
+    ask("behind", [0])  # it listens from here on
+    wait(1)
+    ask("ahead", range(1, 6))  # chunks 1-5 go to the shared topic, reaching both
+    wait(6)
     time.sleep(0.5)  # past the quiet time after that publish
-    ask("behind", range(1, 6), 6)
+    ask("behind", range(1, 6))
     time.sleep(0.3)
     assert len(seen) == 6, seen  # nothing more: the first ask for a chunk it was listening for
-    ask("behind", [2, 4], 8)  # asked again: lost on the way
+    ask("behind", [2, 4])  # asked again: lost on the way
+    wait(8)
     time.sleep(0.3)
     server.stop()
-    shared = topics.bundle_chunks(offer.sha256, offer.chunk_size)
     assert sorted(i for t, i in seen if t == shared) == [0, 1, 2, 3, 4, 5], seen
     assert sorted(i for t, i in seen if t == topics.chunks("behind")) == [2, 4], seen
 
