@@ -330,7 +330,7 @@ def test_a_device_behind_a_fan_out_is_not_sent_its_chunks_again_until_it_asks_tw
                                                                                      monkeypatch):
     """A device listening on the shared topic that first asks for chunks long after they went out there
     (its window got to them before the broker's queue to it did) has them coming: sending them again on
-    its own topic only queued more behind them (a hundred devices sharing two cores were sent a third of
+    its own topic only queued more behind them (a hundred devices sharing two cores were sent up to a quarter of
     the bundle this way each). A chunk it asks for a second time was lost, and it goes to it directly."""
     monkeypatch.setattr(serve, "FANOUT_QUIET", 0.3)
     server, shared, seen, ask, wait = watched_server(clients, tmp_path, "behind")
