@@ -135,7 +135,9 @@ def test_devices_that_go_offline_mid_rollout_get_the_bundle_when_they_return(sim
 
 def test_devices_still_offline_at_the_end_are_reported_pending_and_resume_sends_them_the_bundle(
         simulate, monitor, mosquitto, make_bundle):
-    store = simulate("--bundle", make_bundle("1.0.0"), "--offline", "0.05", "--offline-for", "20")
+    # Offline for longer than the rollout lasts (three stages of 10 s): a device of the second stage
+    # back within 20 s came back while the third stage was still being served, and got the bundle.
+    store = simulate("--bundle", make_bundle("1.0.0"), "--offline", "0.05", "--offline-for", "45")
     code, doc, log = rollout(monitor, mosquitto, make_bundle("2.0.0"), "sim", "--stage-timeout", "10",
                              "--pending-timeout", "0")
     assert code == 1 and doc["state"] == "pending" and "rollout resume" in doc["reason"], log[-2000:]
@@ -143,7 +145,7 @@ def test_devices_still_offline_at_the_end_are_reported_pending_and_resume_sends_
     assert pending == [f"sim-{i:04d}" for i in range(19, 100, 20)]  # 5%: every 20th device
     assert {d["state"] for d in doc["devices"] if d["device_id"] not in pending} == {"active"}
     # they come back with no rollout running; `resume` (as after a host restart) finishes the job
-    assert wait_until(lambda: sum(r.online for r in sims(store)) == FLEET, 30)
+    assert wait_until(lambda: sum(r.online for r in sims(store)) == FLEET, 90)
 
     def updating():  # the registry's in-flight bundle: they took up the old command, nobody serves it
         listed = json.loads(edgefleet("devices", "list", "--db", monitor, "--group", "sim", "--json").stdout)
