@@ -302,7 +302,8 @@ class BundleServer:
                 self._active = {k: v for k, v in self._active.items() if now - v[0] < ACTIVE_S}
                 self._again = {k: n for k, n in self._again.items() if k in self._active}
             if len(self._asked) > 2_000:  # a byte per chunk each: keep downloads that asked in the last minute
-                self._asked = {k: v for k, v in self._asked.items() if now - self._active.get(k, (-60.0,))[0] < 60}
+                self._asked = {k: v for k, v in self._asked.items()
+                               if k in self._active and now - self._active[k][0] < 60}
             if len(self._direct) > 100_000:
                 self._direct = {k: t for k, t in self._direct.items() if now - t < DIRECT_QUIET}
         return (sha, path, chunk_size, plan) if plan else None
@@ -310,7 +311,7 @@ class BundleServer:
     def _first_ask(self, session: tuple, index: int, count: int) -> bool:
         """Whether this download has not asked for chunk *index* before; notes that it has now (lock held)."""
         asked = self._asked.get(session)
-        if asked is None or len(asked) != count:
+        if asked is None:  # (the session names the bundle and chunk size: *count* is always the same)
             asked = self._asked[session] = bytearray(count)
         first = not asked[index]
         asked[index] = 1
