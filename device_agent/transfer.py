@@ -103,7 +103,7 @@ class Download:
         self._hasher = hashlib.sha256()
         self._hashed = 0  # chunks 0.._hashed-1 are in the running hash
         self.messages = self.duplicates = 0  # chunk messages seen, and those not needed
-        self.asked_again = 0  # requests for chunks whose answer did not come within retry_after
+        self.asked_again = 0  # chunks asked for again: no answer came within retry_after
 
     @property
     def record_path(self) -> Path:
