@@ -1,6 +1,7 @@
 """Both runtimes behind one interface, on models nobody here made and on every input kind a
 device meets: several inputs and outputs, dynamic dimensions, int64/uint8/int8, state inputs."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +187,56 @@ def test_a_session_the_public_run_rebuilt_is_the_one_called_next(reference_model
     second = runtime.run({"image": heldout[0][:2]})
     assert calls == ["broken"]
     np.testing.assert_array_equal(first["logits"], second["logits"])
+
+
+def test_calls_from_many_threads_at_once_each_get_the_answer_to_their_own_input(reference_model, heldout):
+    """The agent's local API answers each request on a thread of its own, all on one session."""
+    runtime = load_runtime("onnxruntime", reference_model)
+    images = heldout[0][:64]
+    import onnxruntime as ort
+    want = ort.InferenceSession(str(reference_model)).run(None, {"image": images})[0]
+    wrong = []
+
+    def caller(offset):
+        for k in range(300):
+            i = (offset + k) % len(images)
+            got = runtime.run({"image": images[i:i + 1]})["logits"][0]
+            if not np.allclose(got, want[i], rtol=1e-4, atol=1e-5):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=caller, args=(t * 7,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_an_answer_stays_what_it_was_after_later_calls_and_after_the_input_changes(reference_model, heldout):
+    runtime = load_runtime("onnxruntime", reference_model)
+    image = heldout[0][:1].copy()
+    first = runtime.run({"image": image})["logits"]
+    kept = first.copy()
+    image[:] = 0  # the caller reuses its buffer
+    second = runtime.run({"image": heldout[0][5:6]})["logits"]
+    np.testing.assert_array_equal(first, kept)
+    assert not np.array_equal(first, second)
+    non_contiguous = np.asfortranarray(heldout[0][:3])[1:2]
+    np.testing.assert_allclose(runtime.run({"image": non_contiguous})["logits"],
+                               runtime.run({"image": np.ascontiguousarray(non_contiguous)})["logits"], rtol=1e-6)
+
+
+def test_a_model_whose_output_is_a_sequence_runs(tmp_path):
+    """Classic-ML exports (scikit-learn's through skl2onnx) give sequences and maps."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    seq = helper.make_tensor_sequence_value_info("parts", TensorProto.FLOAT, None)
+    total = helper.make_tensor_value_info("total", TensorProto.FLOAT, [1])
+    nodes = [helper.make_node("SequenceConstruct", ["x", "x"], ["parts"]),
+             helper.make_node("ReduceSum", ["x"], ["total"], keepdims=1)]
+    path = tmp_path / "seq.onnx"
+    onnx.save(_graph_model(nodes, [x], [seq, total]), path)
+    runtime = load_runtime("onnxruntime", path)
+    for _ in range(2):
+        out = runtime.run({"x": np.array([1.0, 2.0], np.float32)})
+        assert [list(p) for p in out["parts"]] == [[1.0, 2.0], [1.0, 2.0]]
+        assert out["total"].tolist() == [3.0]
