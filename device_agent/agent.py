@@ -72,7 +72,8 @@ class Agent:
         # A persistent session: commands sent while the device is offline wait at the broker.
         self.client = MqttClient(client_id=f"edgefleet-agent-{config.device_id}", broker=config.broker,
                                  will=Will(topics.status(config.device_id), offline.to_payload()),
-                                 clean_session=False, tls=config.tls)
+                                 clean_session=False, tls=config.tls,
+                                 reconnect_max_delay=config.reconnect_max_delay)
         self.machine = UpdateMachine(UpdateContext(config, self.client, self._chunks, self.store, self.slot,
                                                    self.keys, self._emit, check))
         self._servers: list[LocalApi | HttpApi] = []

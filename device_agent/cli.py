@@ -98,6 +98,8 @@ def load_settings(config_file: Path | None, **flags) -> dict:
 @click.option("--tls-cert", envvar="EDGEFLEET_TLS_CERT", type=click.Path(path_type=Path),
               help="This device's client certificate.")
 @click.option("--tls-key", envvar="EDGEFLEET_TLS_KEY", type=click.Path(path_type=Path), help="This device's client key.")
+@click.option("--reconnect-max-delay", type=float, help="Longest wait in seconds between attempts to reach the "
+              "broker, doubling from 1 s [default: 30].")
 @click.option("--api-socket", type=click.Path(path_type=Path), help="Local inference socket [default: STATE_DIR/inference.sock].")
 @click.option("--control-socket", type=click.Path(path_type=Path), help="Control socket [default: STATE_DIR/control.sock].")
 @click.option("--http-port", type=int, help="Also serve the local API over HTTP on 127.0.0.1:PORT [default: off].")

@@ -11,6 +11,7 @@
     tls_ca = "/etc/edgefleet/tls/ca.pem"      # TLS is on when tls_ca is set
     tls_cert = "/etc/edgefleet/tls/device.pem" # client certificate (optional)
     tls_key = "/etc/edgefleet/tls/device.key"
+    reconnect_max_delay = 30.0                  # longest wait between attempts to reach the broker
 
     [runtime]
     threads = 2
@@ -62,6 +63,9 @@ class AgentConfig:
     trusted_keys: tuple[Path, ...]
     broker: BrokerAddress = field(default_factory=BrokerAddress)
     tls: TlsFiles | None = None
+    # Attempts to reach the broker wait 1 s, then twice as long each time, up to this: how soon a
+    # device is back after a broker outage, against how often a whole fleet knocks meanwhile.
+    reconnect_max_delay: float = 30.0
     telemetry_interval: float = 5.0
     telemetry_queue_max: int = 10_000  # samples kept while the broker is away (~14 h at 5 s); then the oldest go
     # How often the built-in workload runs the active model on its sample input, standing in
@@ -105,6 +109,8 @@ class AgentConfig:
             raise ConfigError("telemetry_queue_max must be at least 1")
         if not 1 <= self.chunk_window <= 1024:
             raise ConfigError("chunk_window must be 1 to 1024")
+        if not 1 <= self.reconnect_max_delay <= 3600:
+            raise ConfigError("reconnect_max_delay must be 1 to 3600 seconds")
         if self.download_stall_timeout <= 0 or self.download_backoff < 0:
             raise ConfigError("download_stall_timeout must be positive and download_backoff not negative")
 
@@ -169,7 +175,7 @@ class RemoteSettings:
 _FILE_KEYS = {
     ("", "device_id"): "device_id", ("", "state_dir"): "state_dir", ("", "trusted_keys"): "trusted_keys",
     ("broker", "address"): "broker", ("broker", "tls_ca"): "tls_ca", ("broker", "tls_cert"): "tls_cert",
-    ("broker", "tls_key"): "tls_key",
+    ("broker", "tls_key"): "tls_key", ("broker", "reconnect_max_delay"): "reconnect_max_delay",
     ("runtime", "threads"): "threads", ("runtime", "onnx_providers"): "onnx_providers",
     ("limits", "telemetry_interval"): "telemetry_interval", ("limits", "inference_interval"): "inference_interval",
     ("limits", "telemetry_queue_max"): "telemetry_queue_max", ("telemetry", "sysfs"): "sysfs",

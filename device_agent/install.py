@@ -47,6 +47,7 @@ def config_text(device_id: str, broker: str, keys: list[str], tls: dict[str, str
              "trusted_keys = [" + ", ".join(map(_toml_str, keys)) + "]", "",
              "[broker]", f"address = {_toml_str(broker)}"]
     lines += [f"{k} = {_toml_str(v)}" for k, v in tls.items()]
+    lines += ["# reconnect_max_delay = 30.0  # seconds: the longest wait between attempts to reach the broker"]
     lines += ["", "[runtime]", "# threads = 2", "onnx_providers = []  # empty: the best this device has", "",
               "[limits]", "telemetry_interval = 5.0", "keep_versions = 3", "trial_seconds = 2.0",
               "max_start_attempts = 3", "download_stall_timeout = 30.0", "",

@@ -70,7 +70,8 @@ class MqttClient:
     """One connection to a broker. Handlers run on paho's network thread: keep them short."""
 
     def __init__(self, *, client_id: str, broker: BrokerAddress, will: Will | None = None,
-                 clean_session: bool = True, keepalive: int = 30, tls: TlsFiles | None = None) -> None:
+                 clean_session: bool = True, keepalive: int = 30, tls: TlsFiles | None = None,
+                 reconnect_max_delay: float = 30.0) -> None:
         self.broker = broker
         self.client_id = client_id
         self.tls = tls
@@ -92,7 +93,7 @@ class MqttClient:
         # plain topics are one dictionary lookup (a host following 1,000 devices has 1,000).
         self._patterns: dict[str, Handler] = {}
         self._connected_callbacks: list[Callable[[], None]] = []
-        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_delay)
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._refused = threading.Event()  # the broker turned a blocking connect() away

@@ -11,6 +11,7 @@ from host_tools.fleet.store import FleetStore
 from tests.conftest import Mosquitto, wait_until
 
 OUTAGE_S = 60
+RECONNECT_MAX_S = 5
 
 
 def test_a_60_second_broker_outage_with_an_agent_restart_loses_and_duplicates_nothing(tmp_path, agents):
@@ -22,7 +23,9 @@ def test_a_60_second_broker_outage_with_an_agent_restart_loses_and_duplicates_no
     Ingest(host, store).start()
     host.connect()
     try:
-        agent = agents.start("pi-outage", broker=broker.address, telemetry_interval=1.0)
+        # Back-off capped at 5 s (default 30): after a minute away the agent tries again within 5 s.
+        agent = agents.start("pi-outage", broker=broker.address, telemetry_interval=1.0,
+                             extra_args=("--reconnect-max-delay", str(RECONNECT_MAX_S)))
         assert wait_until(lambda: store.telemetry_count("pi-outage") >= 3, 30)
         broker.stop()
         outage_started, outage_from = time.monotonic(), time.time()
@@ -36,7 +39,8 @@ def test_a_60_second_broker_outage_with_an_agent_restart_loses_and_duplicates_no
         def caught_up() -> bool:
             index = store.sample_index("pi-outage")
             return bool(index) and index[-1][1] > outage_to and agent_pending(store) == 0
-        assert wait_until(caught_up, 60, interval=0.5), store.sample_index("pi-outage")[-5:]
+        # The default cap would leave it away up to 30 s more; 5 s plus the catching up, here.
+        assert wait_until(caught_up, 4 * RECONNECT_MAX_S, interval=0.5), store.sample_index("pi-outage")[-5:]
         seqs = [seq for seq, _ in store.sample_index("pi-outage")]
         assert seqs == list(range(1, seqs[-1] + 1))  # every sample, each once, no gap
         # Measured during the outage (a sample a second, but for the agent's few seconds of

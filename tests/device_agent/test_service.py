@@ -108,6 +108,18 @@ def test_the_api_polling_window_comes_from_the_file_and_is_bounded(installed, tm
         build_config(load_settings(path, api_spin_us=-1))
 
 
+def test_the_reconnect_back_off_cap_comes_from_the_file_and_is_bounded(installed, tmp_path):
+    path = tmp_path / "agent.toml"
+    text = (installed / "etc/edgefleet/agent.toml").read_text()
+    assert build_config(read_config_file(installed / "etc/edgefleet/agent.toml")).reconnect_max_delay == 30
+    path.write_text(text.replace("[broker]\n", "[broker]\nreconnect_max_delay = 10\n"))
+    assert build_config(read_config_file(path)).reconnect_max_delay == 10
+    assert build_config(load_settings(path, reconnect_max_delay=5.0)).reconnect_max_delay == 5
+    for bad in (0.5, 7200.0):
+        with pytest.raises(ConfigError, match="reconnect_max_delay must be 1 to 3600"):
+            build_config(load_settings(path, reconnect_max_delay=bad))
+
+
 @pytest.mark.parametrize("text, message", [("device_id = 'x'\n[limits]\nspeed = 3\n", "unknown setting"),
                                             ("device_id = \n", "not valid TOML")])
 def test_a_bad_config_file_is_one_clear_error(tmp_path, text, message):
