@@ -9,7 +9,10 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # A virtual environment with edgefleet (host and test extras), rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[host,test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e '.[host,test]'
+	@# pip byte-compiles on one core; on every core it takes half the time (~20 s less on 2 cores).
+	@# A file that does not compile here (torch ships one in Python 3.12 syntax) is skipped, as pip skips it.
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 	touch $@
 
 install: $(VENV)/.installed
