@@ -135,11 +135,11 @@ def test_devices_that_go_offline_mid_rollout_get_the_bundle_when_they_return(sim
 
 def test_devices_still_offline_at_the_end_are_reported_pending_and_resume_sends_them_the_bundle(
         simulate, monitor, mosquitto, make_bundle):
-    # Offline for longer than the rollout lasts (three stages of 10 s): a device of the second stage
-    # back within 20 s came back while the third stage was still being served, and got the bundle.
-    store = simulate("--bundle", make_bundle("1.0.0"), "--offline", "0.05", "--offline-for", "45")
-    code, doc, log = rollout(monitor, mosquitto, make_bundle("2.0.0"), "sim", "--stage-timeout", "10",
-                             "--pending-timeout", "0")
+    # The five that go offline (every 20th) are all in the second of two stages, which waits 15 s
+    # for them; they stay away twice that from the deploy command, so they are away when it ends.
+    store = simulate("--bundle", make_bundle("1.0.0"), "--offline", "0.05", "--offline-for", "30")
+    code, doc, log = rollout(monitor, mosquitto, make_bundle("2.0.0"), "sim", "--stages", "10,100",
+                             "--stage-timeout", "15", "--pending-timeout", "0")
     assert code == 1 and doc["state"] == "pending" and "rollout resume" in doc["reason"], log[-2000:]
     pending = sorted(d["device_id"] for d in doc["devices"] if d["state"] == "pending")
     assert pending == [f"sim-{i:04d}" for i in range(19, 100, 20)]  # 5%: every 20th device
