@@ -69,7 +69,7 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
     say = lambda msg: err.print(f"[dim]{msg}[/]", highlight=False)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp, contextlib.ExitStack() as stack:
         bench = _device_bench(stack, device_id, broker, signing_key, expires_in, latency_runs,
-                              device_timeout) if device_id else None
+                              device_timeout, say) if device_id else None
         options = dict(calib=calib, train=train_data, eval_data=eval_data, workdir=Path(tmp), latency_runs=latency_runs,
                        latency_threads=threads, progress=say, device_bench=bench)
         if auto:
@@ -146,12 +146,16 @@ def _refusal(report, max_drop: float | None, out: Path) -> str | None:
 
 
 def _device_bench(stack, device_id: str, broker: str, signing_key: Path, expires_in: float, runs: int,
-                  timeout: float):
+                  timeout: float, say):
+    from host_tools.ask import device_status
     from host_tools.compress.device import DeviceBench
 
     signer = command_signer(signing_key, expires_in)
     client = host_client(broker, "compress")
     stack.callback(client.disconnect)
+    # Before any compressing: a device that is not there is an error now, not after the whole search.
+    say(f"asking {device_id} for its status")
+    device_status(client, device_id, min(timeout, 10.0))
     return DeviceBench(client, device_id, signing_key, signer, runs=runs, timeout=timeout)
 
 
