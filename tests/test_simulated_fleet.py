@@ -90,9 +90,9 @@ def test_when_20_percent_of_the_canary_fails_the_rollout_halts_there_and_rolls_i
 def test_a_canary_whose_inferences_fail_more_often_than_before_halts_and_is_rolled_back(simulate, monitor,
                                                                                        mosquitto, make_bundle):
     # 2 of the canary's 10 devices fail every fifth call of the new model: 4% of the stage's calls.
-    # A call every 0.25 s: the fifth comes ~1 s after the health check's, well after the devices' own
-    # 0.2 s trial (at 0.1 s a trial that overran 0.2 s on a loaded machine saw it, and that device
-    # rolled itself back: "failed", not rolled back by the host).
+    # A call every 0.25 s: after the health check's call and the trial's own, the fifth comes ~0.75 s
+    # after the devices' 0.2 s trial begins (at 0.1 s, 0.3 s after: a trial that overran on a loaded
+    # machine saw it, and the device rolled itself back: "failed", not rolled back by the host).
     store = simulate("--bundle", make_bundle("1.0.0"), "--errors", "0.2", "--inference-interval", "0.25")
     code, doc, log = rollout(monitor, mosquitto, make_bundle("2.0.0"), "sim", "--window", "4", "--rollback-on-halt")
     assert code == 1 and doc["state"] == "halted", log[-2000:]
