@@ -53,7 +53,8 @@ def test_arbitrary_bytes_never_raise_anything_but_protocol_error(cls, payload):
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-                           lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(), children, max_size=5),
+                           lambda children: (st.lists(children, max_size=5)
+                                             | st.dictionaries(st.text(), children, max_size=5)),
                            max_leaves=20)
 
 
