@@ -354,22 +354,6 @@ def test_structured_pruning_removes_channels_and_recovery_brings_accuracy_back(d
     assert {i.name: list(i.dims) for i in rec_graph.initializer} == shapes  # same pruned structure, new weights
 
 
-def test_structured_pruning_refuses_patterns_it_cannot_prune_safely(tmp_path):
-    """A residual Add: removing channels on one branch would break the sum, so nothing is pruned."""
-    from onnx import TensorProto, helper, numpy_helper
-    rng = np.random.default_rng(0)
-    w = lambda *s: numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), f"w{len(s)}{s[0]}")  # noqa: E731
-    nodes = [helper.make_node("Conv", ["x", "w48"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["a"], ["b"], name="relu"),
-             helper.make_node("Add", ["a", "b"], ["y"], name="residual")]
-    graph = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], [w(8, 4, 3, 3)])
-    path = tmp_path / "res.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=graphs.OPSET), str(path))
-    report = run_recipe(ModelFile.open(path), steps([("onnx-prune-channels", {})]), latency_runs=5)
-    assert report.steps[0].status == "skipped" and "several consumers" in report.steps[0].note
-
-
 @pytest.mark.parametrize("teacher", ["digits_cnn.onnx", "digits_cnn.tflite"])
 def test_a_distilled_student_with_a_quarter_of_the_parameters_keeps_the_accuracy(teacher, tmp_path):
     from host_tools.compress.torch.distill import teacher_parameters

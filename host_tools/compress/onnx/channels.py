@@ -1,13 +1,16 @@
 """Which channels of an ONNX graph can be removed, and removing them.
 
-A prunable *layer* is a Conv (not grouped), Gemm or MatMul with a constant weight whose output
-reaches exactly one weighted consumer through operations that treat channels independently
-(activations, pooling, BatchNormalization, a per-channel bias Add/Mul) and, between a
-convolution and a fully connected layer, a Flatten or a GlobalAveragePool. Removing output
-channel c of the layer then means removing input channel c of the consumer (or its c-th
-block of flattened features) and entry c of every per-channel parameter on the way.
-Anything else — a residual Add, a Concat, two consumers, a graph output, a grouped conv — is
-left alone, and the plan records why.
+A prunable *layer* is a Conv (not grouped), Gemm or MatMul with a constant weight. Its output
+channels can go when everything computed from its output, up to the next weighted layers, treats
+channels independently — its *region*: activations (also those written out as several ops, like
+GELU's x·(1 + erf(x/√2))/2 or SiLU's x·sigmoid(x)), pooling, BatchNormalization, scalar or
+per-channel constants added, multiplied and so on, and between a convolution and a fully
+connected layer a Flatten or a GlobalAveragePool. The region must end only in weighted layers
+that read it as their data input. Removing output channel c of the layer then means removing
+input channel c of each of those readers (or its c-th block of flattened features) and entry c of
+every per-channel constant in the region. Anything else — the region meeting another branch (a
+residual Add), a Concat, a Reshape, a graph output, a grouped conv — leaves the layer alone, and
+the plan records why.
 """
 
 from __future__ import annotations
@@ -19,8 +22,22 @@ import numpy as np
 
 from host_tools.compress.onnx.boundary import consumers
 
-CHANNELWISE_OPS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu", "HardSigmoid", "HardSwish", "Selu",
-                   "Softplus", "Identity", "Dropout", "MaxPool", "AveragePool", "PRelu"}
+# Elementwise ops of one data input (any other inputs are constants, e.g. Clip's bounds).
+UNARY_OPS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu", "HardSigmoid", "HardSwish", "Selu", "Softplus",
+             "Softsign", "Identity", "Dropout", "Erf", "Exp", "Neg", "Abs", "Sqrt", "Reciprocal", "Gelu", "Mish",
+             "Celu", "ThresholdedRelu"}
+BINARY_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
+POOL_OPS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool"}
+WEIGHTED_OPS = {"Conv", "Gemm", "MatMul"}
+
+
+@dataclass
+class Reader:
+    """A weighted layer that reads a pruned layer's channels as its input channels."""
+    node: str
+    weight: str
+    axis: int  # the weight's input-channel axis
+    block: int = 1  # flattened features per channel at this reader (H*W after a Flatten)
 
 
 @dataclass
@@ -29,11 +46,17 @@ class Layer:
     weight: str
     axis: int  # the weight's output-channel axis
     channels: int
-    params: list[tuple[str, int]] = field(default_factory=list)  # per-channel tensors on the way: (name, axis)
-    consumer: str = ""
-    consumer_weight: str = ""
-    consumer_axis: int = 1
-    block: int = 1  # flattened features per channel at the consumer (H*W after a Flatten)
+    params: list[tuple[str, int]] = field(default_factory=list)  # per-channel constants in the region: (name, axis)
+    readers: list[Reader] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a region tensor keeps the layer's channels: axis 1 of a feature map ("map"), or the
+    last axis ("vec"), in blocks of *block* features after a Flatten."""
+    kind: str
+    rank: int | None
+    block: int = 1
 
 
 @dataclass
@@ -46,33 +69,43 @@ class Plan:
         return "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3)) or "no Conv, Gemm or MatMul"
 
 
+@dataclass
+class _Graph:
+    nodes: list
+    consts: dict  # initializer name -> TensorProto
+    shapes: dict[str, list]
+    uses: Counter
+    outputs: set[str]
+    readers: dict[str, list]
+
+
 def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
+    """Constants must be initializers (``boundary.hoist_constants``) to be seen as constants."""
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(proto)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
     graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
-    readers = consumers(graph)
-    uses = Counter(name for node in graph.node for name in node.input)
-    outputs = {o.name for o in graph.output}
+    g = _Graph(list(graph.node), {i.name: i for i in graph.initializer}, shapes,
+               Counter(name for node in graph.node for name in node.input), {o.name for o in graph.output},
+               consumers(graph))
     layers, skipped = [], {}
-    for node in graph.node:
-        out_axis = _output_axis(node, inits)
+    for index, node in enumerate(g.nodes):
+        out_axis = _output_axis(node, g.consts)
         if out_axis is None:
             continue
         if node.name in exclude:
             skipped[node.name] = "excluded"
             continue
         weight = node.input[1]
-        if uses[weight] > 1:
+        if g.uses[weight] > 1:
             skipped[node.name] = "weight shared with another node"
             continue
-        layer = Layer(node.name, weight, out_axis, int(inits[weight].dims[out_axis]))
+        layer = Layer(node.name, weight, out_axis, int(g.consts[weight].dims[out_axis]))
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
             layer.params.append((node.input[2], 0))
-        why = _follow(node, layer, readers, inits, uses, outputs, shapes)
+        why = _walk_region(index, layer, g)
         if why:
             skipped[node.name] = why
         elif layer.channels < 2:
@@ -86,7 +119,7 @@ def _output_axis(node, inits) -> int | None:
     if len(node.input) < 2 or node.input[1] not in inits:
         return None
     dims = list(inits[node.input[1]].dims)
-    if node.op_type == "Conv" and len(dims) == 4 and _attr(node, "group", 1) == 1:
+    if node.op_type == "Conv" and len(dims) >= 3 and _attr(node, "group", 1) == 1:
         return 0
     if node.op_type == "Gemm" and len(dims) == 2 and _attr(node, "transA", 0) == 0:
         return 0 if _attr(node, "transB", 0) else 1
@@ -95,78 +128,125 @@ def _output_axis(node, inits) -> int | None:
     return None
 
 
-def _input_axis(node, inits) -> int | None:
-    """The consumer weight's input-channel axis, or None if it cannot take pruned inputs."""
-    axis = _output_axis(node, inits)
-    if axis is None:
-        return None
+def _walk_region(index: int, layer: Layer, g: _Graph) -> str | None:
+    """Follow the layer's output through its region (the graph is in topological order); fill
+    *layer*'s params and readers; return why its channels must stay, or None."""
+    node = g.nodes[index]
     if node.op_type == "Conv":
-        return 1
-    return 1 - axis
+        start = Layout("map", len(g.consts[node.input[1]].dims))
+    else:
+        shape = g.shapes.get(node.output[0])
+        start = Layout("vec", 2 if node.op_type == "Gemm" else (len(shape) if shape else None))
+    region: dict[str, Layout] = {}
+    waiting = 0  # reads of region tensors not yet visited
 
-
-def _follow(node, layer: Layer, readers, inits, uses, outputs, shapes) -> str | None:
-    """Walk from *node*'s output to the one weighted consumer; fill *layer*; return why not."""
-    tensor = node.output[0]
-    flattened_from = None
-    while True:
-        if tensor in outputs:
+    def enter(tensor: str, layout: Layout) -> str | None:
+        nonlocal waiting
+        if tensor in g.outputs:
             return "its output is a graph output"
-        nexts = readers.get(tensor, [])
-        if len(nexts) != 1:
-            return "its output has several consumers (e.g. a residual connection)" if nexts else "unused output"
-        nxt = nexts[0]
-        op = nxt.op_type
-        if op in CHANNELWISE_OPS:
-            if op == "PRelu" and not _per_channel_param(nxt.input[1], inits, layer, flattened_from):
-                return "PRelu slope is not per channel"
-        elif op == "BatchNormalization":
-            if not all(n in inits and uses[n] == 1 for n in nxt.input[1:5]):
-                return "BatchNormalization parameters are not constants"
-            layer.params.extend((n, 0) for n in nxt.input[1:5])
-        elif op in ("Add", "Mul", "Sub", "Div") and nxt.input[0] == tensor and nxt.input[1] in inits:
-            if not _per_channel_param(nxt.input[1], inits, layer, flattened_from, uses):
+        region[tensor] = layout
+        waiting += len(g.readers.get(tensor, []))
+        return None
+
+    why = enter(node.output[0], start)
+    for nxt in g.nodes[index + 1:]:
+        if why or not waiting:
+            break
+        inside = [name for name in nxt.input if name in region]
+        if inside:
+            waiting -= len(inside)
+            why = _step(nxt, region, layer, g, enter)
+    if why:
+        return why
+    return None if layer.readers else "no weighted layer reads its output"
+
+
+def _step(node, region: dict[str, Layout], layer: Layer, g: _Graph, enter) -> str | None:
+    op, data = node.op_type, node.input[0]
+    if op in WEIGHTED_OPS:
+        return _reader(node, region, layer, g)
+    if op in BINARY_OPS:
+        layout = region[next(name for name in node.input if name in region)]
+        for name in node.input:
+            if name in region:
+                if region[name] != layout:
+                    return f"{op} of its output in two layouts"
+            elif name not in g.consts:
+                return f"its output meets another branch at {op} (a residual connection or a gate)"
+            elif not _per_channel_const(name, layout, layer, g):
                 return f"{op} with a constant that is not per channel"
-        elif op in ("Flatten", "GlobalAveragePool") and node.op_type == "Conv" and flattened_from is None:
-            if op == "Flatten" and _attr(nxt, "axis", 1) != 1:
-                return "Flatten on another axis"
-            shape = shapes.get(tensor)
-            if op == "Flatten":
-                if not shape or len(shape) != 4 or None in shape[2:]:
-                    return "unknown spatial size before Flatten"
-                layer.block = int(shape[2] * shape[3])
-            flattened_from = op
-        elif op in ("Conv", "Gemm", "MatMul"):
-            axis = _input_axis(nxt, inits)
-            if axis is None or nxt.input[0] != tensor:
-                return f"consumed by a {op} it cannot shrink"
-            if op == "Conv" and (node.op_type != "Conv" or flattened_from):
-                return "a convolution after a flatten"
-            if op != "Conv" and node.op_type == "Conv" and not flattened_from:
-                return f"{op} applied to a feature map"
-            if uses[nxt.input[1]] > 1:
-                return "consumer weight shared with another node"
-            layer.consumer, layer.consumer_weight, layer.consumer_axis = nxt.name, nxt.input[1], axis
-            return None
-        else:
-            return f"its output feeds {op}"
-        tensor = nxt.output[0]
+        return enter(node.output[0], layout)
+    if data not in region:
+        return f"its output is an extra input of {op}"
+    layout = region[data]
+    if op not in UNARY_OPS | POOL_OPS | {"PRelu", "BatchNormalization", "Flatten"}:
+        return f"its output feeds {op}"
+    if any(name in region or (name and name not in g.consts) for name in node.input[1:]):
+        return f"{op} with an input that is not a constant"
+    if op in UNARY_OPS:
+        if not all(_scalar(g.consts[name]) for name in node.input[1:] if name):
+            return f"{op} with bounds that are not scalars"
+        return enter(node.output[0], layout)
+    if op == "PRelu":
+        return enter(node.output[0], layout) if _per_channel_const(node.input[1], layout, layer, g) else \
+            "PRelu slope is not per channel"
+    if op == "BatchNormalization" and (layout.kind == "map" or (layout.rank == 2 and layout.block == 1)):
+        if any(g.uses[name] > 1 for name in node.input[1:5]):
+            return "BatchNormalization parameters shared with another node"
+        layer.params.extend((name, 0) for name in node.input[1:5])
+        return enter(node.output[0], layout)
+    if op in POOL_OPS and layout.kind == "map":
+        return enter(node.output[0], layout)
+    if op == "Flatten" and layout.kind == "map" and _attr(node, "axis", 1) == 1:
+        shape = g.shapes.get(data)
+        if not shape or None in shape[2:]:
+            return "unknown spatial size before Flatten"
+        return enter(node.output[0], Layout("vec", 2, int(np.prod(shape[2:], dtype=np.int64))))
+    return f"{op} across its channels"
 
 
-def _per_channel_param(name: str, inits, layer: Layer, flattened_from, uses=None) -> bool:
-    """A constant with one value per channel (rank 1 for dense layers, [C,1,1] for feature maps)."""
-    dims = list(inits[name].dims)
-    if uses is not None and uses[name] > 1:
+def _reader(node, region: dict[str, Layout], layer: Layer, g: _Graph) -> str | None:
+    op = node.op_type
+    axis = _output_axis(node, g.consts)
+    if axis is None or node.input[0] not in region or any(name in region for name in node.input[1:]):
+        return f"consumed by a {op} it cannot shrink"
+    layout = region[node.input[0]]
+    if op == "Conv" and (layout.kind != "map" or layout.rank != len(g.consts[node.input[1]].dims)):
+        return "a convolution after a fully connected layer or a flatten"
+    if op != "Conv" and layout.kind == "map":
+        return f"{op} applied to a feature map"
+    if op == "Gemm" and layout.rank != 2:
+        return "Gemm of a tensor that is not 2-D"
+    if g.uses[node.input[1]] > 1:
+        return "consumer weight shared with another node"
+    layer.readers.append(Reader(node.name, node.input[1], 1 if op == "Conv" else 1 - axis, layout.block))
+    return None
+
+
+def _scalar(init) -> bool:
+    return int(np.prod(list(init.dims) or [1])) == 1
+
+
+def _per_channel_const(name: str, layout: Layout, layer: Layer, g: _Graph) -> bool:
+    """A scalar, or one value per channel broadcast along the layout's channel axis; the latter is
+    recorded for slicing (it must belong to this region alone)."""
+    init = g.consts[name]
+    if _scalar(init):
+        return True
+    dims = list(init.dims)
+    if g.uses[name] > 1 or layout.block != 1:
         return False
-    if int(np.prod(dims or [1])) == 1:
-        return True  # a scalar applies to every channel alike: nothing to prune
-    if dims and dims[0] == layer.channels and all(d == 1 for d in dims[1:]) and len(dims) in (1, 3):
-        layer.params.append((name, 0))
-        return True
-    if dims and dims[-1] == layer.channels and len(dims) == 1:
-        layer.params.append((name, 0))
-        return True
-    return False
+    if layout.kind == "map":
+        rank = layout.rank or 0
+        axis = 1 - (rank - len(dims))  # the param's own axis lined up with the map's axis 1
+        if len(dims) > rank or axis < 0:
+            return False
+    else:
+        axis = len(dims) - 1
+    if dims[axis] != layer.channels or any(d != 1 for i, d in enumerate(dims) if i != axis):
+        return False
+    layer.params.append((name, axis))
+    return True
 
 
 def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
@@ -191,8 +271,9 @@ def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
         for name, axis in layer.params:
             if array(name).ndim and array(name).shape[axis] == layer.channels:
                 arrays[name] = np.take(array(name), keep, axis=axis)
-        features = (keep[:, None] * layer.block + np.arange(layer.block)[None, :]).ravel()
-        arrays[layer.consumer_weight] = np.take(array(layer.consumer_weight), features, axis=layer.consumer_axis)
+        for reader in layer.readers:
+            features = (keep[:, None] * reader.block + np.arange(reader.block)[None, :]).ravel()
+            arrays[reader.weight] = np.take(array(reader.weight), features, axis=reader.axis)
     for name, value in arrays.items():
         inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
     # Shapes recorded for intermediate tensors are stale now; runtimes infer them again.

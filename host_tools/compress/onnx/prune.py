@@ -4,10 +4,10 @@
   file keeps its size, but a bundle stores it zstd-compressed, so the download shrinks (more so
   after int8, where a zero weight is one zero byte).
 - ``onnx-prune-channels``: structured. Whole output channels of Conv/Gemm/MatMul layers are
-  removed, with the matching input channels of the layer that consumes them, so the model is
-  smaller and faster on any runtime. Only patterns it can prune safely are touched: a layer
-  whose output also feeds a residual Add, a Concat, a graph output or more than one consumer
-  keeps its channels, and the report says why.
+  removed, with the matching input channels of the layers that read them, so the model is
+  smaller and faster on any runtime. Only patterns it can prune safely are touched (see
+  ``channels``): a layer whose output meets another branch (a residual Add), feeds a Concat or a
+  Reshape, or is a graph output keeps its channels, and the report says why.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import output_path
+from host_tools.compress.onnx.boundary import hoist_constants, output_path
 from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
@@ -111,6 +111,7 @@ class OnnxChannelPruning(Pass):
         pruned_path = output_path(workdir, model, f"channels{round(config.ratio * 100)}")
         with failing_as(self.name, model):
             proto = onnx.load(str(model.path))
+            hoist_constants(proto)  # exporters write biases and activation constants as Constant nodes
             plan = plan_channel_pruning(proto, set(config.exclude))
             if not plan.layers:
                 raise NotApplicable(f"{model.path.name}: no layer whose channels can be removed safely "
@@ -122,5 +123,6 @@ class OnnxChannelPruning(Pass):
             return pruned
         from host_tools.compress.torch.finetune import recover
 
-        return recover(pruned, teacher=model, data=config.calibration, epochs=config.recover_epochs,
-                       labels_weight=config.labels_weight, workdir=workdir)
+        with failing_as(self.name, model):
+            return recover(pruned, teacher=model, data=config.calibration, epochs=config.recover_epochs,
+                           labels_weight=config.labels_weight, workdir=workdir)

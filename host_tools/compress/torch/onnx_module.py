@@ -60,7 +60,10 @@ class OnnxModule(nn.Module):
         env.update(zip(self.input_names, inputs))
         for node in self.graph.node:
             args = [env[name] if name else None for name in node.input]
-            result = _OPS[node.op_type](args, _attrs(node))
+            attrs = _attrs(node)
+            if node.op_type == "Split":  # split evenly into as many parts as the node has outputs
+                attrs.setdefault("num_outputs", len(node.output))
+            result = _OPS[node.op_type](args, attrs)
             for name, value in zip(node.output, result if isinstance(result, tuple) else (result,)):
                 env[name] = value
         return tuple(env[name] for name in self.output_names)
@@ -139,6 +142,16 @@ def _unsqueeze(a, at):
 def _squeeze(a, at):
     axes = _axes(a, at)
     return a[0].squeeze() if not axes else a[0].squeeze(tuple(axes))
+
+
+def _split(a, at):
+    x, axis = a[0], at.get("axis", 0)
+    sizes = a[1].tolist() if len(a) > 1 and a[1] is not None else at.get("split")
+    if not sizes:
+        parts = at["num_outputs"]
+        size = -(-x.shape[axis] // parts)  # the last part takes what is left (ONNX's num_outputs rule)
+        sizes = [min(size, x.shape[axis] - i * size) for i in range(parts)]
+    return tuple(torch.split(x, list(sizes), dim=axis))
 
 
 def _slice(a, at):
@@ -249,8 +262,9 @@ _OPS = {
     "Squeeze": _squeeze,
     "Concat": lambda a, at: torch.cat([t for t in a if t is not None], dim=at["axis"]),
     "Slice": _slice,
+    "Split": _split,
     "Gather": lambda a, at: torch.index_select(a[0], at.get("axis", 0), a[1].reshape(-1).long()).reshape(
-        *a[0].shape[:at.get("axis", 0)], *a[1].shape, *a[0].shape[at.get("axis", 0) + 1:]),
+        (*a[0].shape[:at.get("axis", 0)], *a[1].shape, *a[0].shape[at.get("axis", 0) + 1:])),
     "Shape": lambda a, at: torch.tensor(list(a[0].shape), dtype=torch.int64),
     "Cast": _cast,
     "Constant": _constant,

@@ -1,0 +1,123 @@
+"""Structured channel pruning (host_tools/compress/onnx/channels.py): which layers it prunes, that
+the pruned graph computes what the original did, and what it refuses."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from host_tools.compress import ModelFile, run_recipe
+from host_tools.compress.onnx.boundary import hoist_constants
+from host_tools.compress.onnx.channels import plan_channel_pruning
+from tests.conftest import MODELS
+from tests.host_tools import graphs
+from tests.host_tools.test_compress import HELDOUT, TRAIN, steps
+
+
+def _model(nodes, inits, x_shape, y_shape, path):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=graphs.OPSET)
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return ModelFile.open(path)
+
+
+def _silent(rng, shape, axis, silent):
+    """Random weights whose output channels *silent* (along *axis*) are exactly zero."""
+    w = rng.standard_normal(shape)
+    index = [slice(None)] * len(shape)
+    index[axis] = silent
+    w[tuple(index)] = 0
+    return w
+
+
+def _run(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_path):
+    """SiLU and GELU written out as several ops, a per-channel scale, GlobalAveragePool + Flatten into a
+    fully connected layer, a bias Add with the bias first (as PyTorch exports it). Half of each layer's
+    channels have zero weights and bias, and every activation here maps 0 to 0: removing exactly those
+    channels, and the matching inputs of the layers reading them, must change no output."""
+    rng = np.random.default_rng(3)
+    odd = [1, 3, 5, 7]
+    inits = {"w1": _silent(rng, (8, 3, 3, 3), 0, odd), "b1": np.where(np.isin(np.arange(8), odd), 0, 0.5),
+             "scale": rng.uniform(0.5, 2, (8, 1, 1)), "w2": _silent(rng, (8, 8, 3, 3), 0, odd),
+             "g1": _silent(rng, (6, 8), 0, [0, 2, 4]), "g1b": np.array([0, 0.1, 0, 0.2, 0, 0.3]),
+             "sqrt2": np.array(np.sqrt(2)), "one": np.array(1.0), "half": np.array(0.5),
+             "w3": rng.standard_normal((6, 4)), "b3": rng.standard_normal(4)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c1"], ["s1"]), helper.make_node("Mul", ["c1", "s1"], ["silu"]),
+             helper.make_node("Mul", ["silu", "scale"], ["scaled"]),
+             helper.make_node("Conv", ["scaled", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("GlobalAveragePool", ["r2"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "g1", "g1b"], ["h"], name="fc1", transB=1),
+             helper.make_node("Div", ["h", "sqrt2"], ["hd"]), helper.make_node("Erf", ["hd"], ["he"]),
+             helper.make_node("Add", ["he", "one"], ["h1"]), helper.make_node("Mul", ["h", "h1"], ["hm"]),
+             helper.make_node("Mul", ["hm", "half"], ["gelu"]),
+             helper.make_node("MatMul", ["gelu", "w3"], ["m3"], name="fc2"),
+             helper.make_node("Add", ["b3", "m3"], ["y"])]
+    model = _model(nodes, inits, [2, 3, 8, 8], [2, 4], tmp_path / "m.onnx")
+    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
+    assert report.steps[0].status == "ok", report.steps[0].note
+    pruned = report.result.model.path
+    shapes = {i.name: list(i.dims) for i in onnx.load(str(pruned)).graph.initializer}
+    assert shapes["w1"] == [4, 3, 3, 3] and shapes["b1"] == [4] and shapes["scale"] == [4, 1, 1]
+    assert shapes["w2"] == [4, 4, 3, 3] and shapes["g1"] == [3, 4] and shapes["g1b"] == [3] and shapes["w3"] == [3, 4]
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(pruned, x), _run(model.path, x), rtol=1e-5, atol=1e-5)
+
+
+def _conv_then(tmp_path, between, extra_inits=None, spatial=6):
+    """x [1,8,s,s] -> conv1 -> *between* (reading "c1", writing "z") -> conv2 -> y."""
+    rng = np.random.default_rng(0)
+    inits = {"w1": rng.standard_normal((8, 8, 3, 3)), **(extra_inits or {})}
+    out_channels = 16 if any(n.op_type == "Concat" for n in between) else 8
+    inits["w2"] = rng.standard_normal((4, out_channels, 1, 1))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]), *between,
+             helper.make_node("Conv", ["z", "w2"], ["y"], name="conv2")]
+    return _model(nodes, inits, [1, 8, spatial, spatial], [1, 4, spatial, spatial], tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("between, inits, spatial, why", [
+    ([helper.make_node("Relu", ["c1"], ["r"]), helper.make_node("Add", ["r", "x"], ["z"])], {}, 6,
+     "meets another branch at Add (a residual connection"),
+    ([helper.make_node("Concat", ["c1", "x"], ["z"], axis=1)], {}, 6, "feeds Concat"),
+    # one value per column, not per channel: broadcasting lines a rank-1 constant up with the last axis
+    ([helper.make_node("Mul", ["c1", "cols"], ["z"])], {"cols": np.arange(8.0)}, 8,
+     "Mul with a constant that is not per channel"),
+    ([helper.make_node("Softmax", ["c1"], ["z"], axis=1)], {}, 6, "feeds Softmax"),
+], ids=["residual", "concat", "per-column constant", "softmax"])
+def test_patterns_it_cannot_prune_safely_are_left_whole_and_named(tmp_path, between, inits, spatial, why):
+    model = _conv_then(tmp_path, between, inits, spatial)
+    report = run_recipe(model, steps([("onnx-prune-channels", {})]), latency_runs=5, workdir=tmp_path)
+    assert report.steps[0].status == "skipped" and why in report.steps[0].note, report.steps[0].note
+    assert not report.compressed and report.result is report.original
+
+
+def test_in_the_transformer_the_feed_forward_layers_are_pruned_and_attention_is_left_whole():
+    proto = onnx.load(str(MODELS / "digits_transformer.onnx"))
+    hoist_constants(proto)
+    plan = plan_channel_pruning(proto, set())
+    assert sorted(layer.producer for layer in plan.layers) == [f"/blocks/blocks.{i}/mlp/mlp.0/MatMul" for i in (0, 1)]
+    assert all([r.node for r in layer.readers] == [layer.producer.replace("mlp.0", "mlp.2")] for layer in plan.layers)
+    assert plan.skipped["/blocks/blocks.0/attn/qkv/MatMul"] == "its output feeds Reshape"
+    assert "residual" in plan.skipped["/blocks/blocks.0/mlp/mlp.2/MatMul"]
+    assert "residual" in plan.skipped["/blocks/blocks.1/attn/out/MatMul"]
+
+
+def test_the_transformers_feed_forward_layers_halved_and_recovered_keep_its_accuracy(tmp_path):
+    model = ModelFile.open(MODELS / "digits_transformer.onnx")
+    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 8})]), train=TRAIN,
+                        eval_data=HELDOUT, latency_runs=10, workdir=tmp_path)
+    assert report.steps[0].status == "ok", report.steps[0].note
+    shapes = {i.name: list(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer}
+    assert shapes["blocks.0.mlp.0.bias"] == [64] and shapes["blocks.1.mlp.0.bias"] == [64]
+    assert report.result.size_bytes < 0.8 * report.original.size_bytes
+    assert report.result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
