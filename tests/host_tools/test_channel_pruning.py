@@ -121,3 +121,27 @@ def test_the_transformers_feed_forward_layers_halved_and_recovered_keep_its_accu
     assert shapes["blocks.0.mlp.0.bias"] == [64] and shapes["blocks.1.mlp.0.bias"] == [64]
     assert report.result.size_bytes < 0.8 * report.original.size_bytes
     assert report.result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
+
+
+def test_a_layer_read_by_two_branches_loses_the_same_channels_in_both(tmp_path):
+    """conv1 feeds two convolutions whose outputs are summed: conv1 is pruned with the input channels
+    of both readers; each reader's own output meets the other branch at the Add and stays whole."""
+    rng = np.random.default_rng(5)
+    inits = {"w1": _silent(rng, (8, 3, 3, 3), 0, [0, 1, 2, 3]), "wa": rng.standard_normal((4, 8, 1, 1)),
+             "wb": rng.standard_normal((4, 8, 3, 3))}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "wa"], ["a"], name="branch_a"),
+             helper.make_node("Conv", ["r1", "wb"], ["b"], name="branch_b", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    model = _model(nodes, inits, [1, 3, 6, 6], [1, 4, 6, 6], tmp_path / "m.onnx")
+    proto = onnx.load(str(model.path))
+    plan = plan_channel_pruning(proto, set())
+    assert [(layer.producer, [r.node for r in layer.readers]) for layer in plan.layers] == \
+        [("conv1", ["branch_a", "branch_b"])]
+    assert "residual" in plan.skipped["branch_a"] and "residual" in plan.skipped["branch_b"]
+    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
+    shapes = {i.name: list(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer}
+    assert shapes["w1"][0] == 4 and shapes["wa"][1] == 4 and shapes["wb"][1] == 4
+    x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(report.result.model.path, x), _run(model.path, x), rtol=1e-5, atol=1e-5)
