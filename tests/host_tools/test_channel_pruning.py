@@ -145,3 +145,38 @@ def test_a_layer_read_by_two_branches_loses_the_same_channels_in_both(tmp_path):
     assert shapes["w1"][0] == 4 and shapes["wa"][1] == 4 and shapes["wb"][1] == 4
     x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
     np.testing.assert_allclose(_run(report.result.model.path, x), _run(model.path, x), rtol=1e-5, atol=1e-5)
+
+
+def test_mobilenet_inverted_residual_blocks_lose_half_their_expansion_width(tmp_path):
+    """MobileNetV2's block: 1x1 expand -> ReLU6 -> 3x3 depthwise -> ReLU6 -> 1x1 project, added to
+    the block's input. The expansion's channels run through the depthwise conv (one filter per
+    channel, whose group must shrink with them) into the projection; the projection feeds the
+    residual Add and keeps its channels."""
+    rng = np.random.default_rng(7)
+    silent = [0, 2, 4, 6, 8, 10]
+    dw_bias = rng.standard_normal(12)
+    dw_bias[silent] = 0  # ReLU6(0) = 0 and a silent channel's depthwise output stays 0
+    inits = {"stem": rng.standard_normal((4, 3, 3, 3)), "expand": _silent(rng, (12, 4, 1, 1), 0, silent),
+             "dw": rng.standard_normal((12, 1, 3, 3)), "dw_b": dw_bias, "project": rng.standard_normal((4, 12, 1, 1)),
+             "lo": np.array(0.0), "hi": np.array(6.0), "head": rng.standard_normal((4, 5))}
+    nodes = [helper.make_node("Conv", ["x", "stem"], ["s"], name="stem", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["s", "expand"], ["e"], name="expand"),
+             helper.make_node("Clip", ["e", "lo", "hi"], ["e6"]),
+             helper.make_node("Conv", ["e6", "dw", "dw_b"], ["d"], name="depthwise", group=12, pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["d", "lo", "hi"], ["d6"]),
+             helper.make_node("Conv", ["d6", "project"], ["p"], name="project"),
+             helper.make_node("Add", ["s", "p"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["f"]), helper.make_node("MatMul", ["f", "head"], ["y"])]
+    model = _model(nodes, inits, [2, 3, 8, 8], [2, 5], tmp_path / "m.onnx")
+    plan = plan_channel_pruning(onnx.load(str(model.path)), set())
+    assert [(layer.producer, layer.depthwise) for layer in plan.layers] == [("expand", ["depthwise"])]
+    assert "residual" in plan.skipped["stem"] and "residual" in plan.skipped["project"]
+    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
+    proto = onnx.load(str(report.result.model.path))
+    shapes = {i.name: list(i.dims) for i in proto.graph.initializer}
+    assert shapes["expand"] == [6, 4, 1, 1] and shapes["dw"] == [6, 1, 3, 3] and shapes["dw_b"] == [6]
+    assert shapes["project"] == [4, 6, 1, 1] and shapes["stem"] == [4, 3, 3, 3]
+    depthwise = next(n for n in proto.graph.node if n.name == "depthwise")
+    assert {a.name: a.i for a in depthwise.attribute}["group"] == 6
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(report.result.model.path, x), _run(model.path, x), rtol=1e-5, atol=1e-5)

@@ -3,14 +3,15 @@
 A prunable *layer* is a Conv (not grouped), Gemm or MatMul with a constant weight. Its output
 channels can go when everything computed from its output, up to the next weighted layers, treats
 channels independently — its *region*: activations (also those written out as several ops, like
-GELU's x·(1 + erf(x/√2))/2 or SiLU's x·sigmoid(x)), pooling, BatchNormalization, scalar or
-per-channel constants added, multiplied and so on, and between a convolution and a fully
-connected layer a Flatten or a GlobalAveragePool. The region must end only in weighted layers
-that read it as their data input. Removing output channel c of the layer then means removing
-input channel c of each of those readers (or its c-th block of flattened features) and entry c of
-every per-channel constant in the region. Anything else — the region meeting another branch (a
-residual Add), a Concat, a Reshape, a graph output, a grouped conv — leaves the layer alone, and
-the plan records why.
+GELU's x·(1 + erf(x/√2))/2 or SiLU's x·sigmoid(x)), depthwise convolutions, pooling,
+BatchNormalization, scalar or per-channel constants added, multiplied and so on, and between a
+convolution and a fully connected layer a Flatten or a GlobalAveragePool. The region must end
+only in weighted layers that read it as their data input. Removing output channel c of the layer
+then means removing input channel c of each of those readers (or its c-th block of flattened
+features), entry c of every per-channel constant in the region and channel c of its depthwise
+convolutions. Anything else — the region meeting another branch (a residual Add), a Concat, a
+Reshape, a graph output, a grouped conv that is not depthwise — leaves the layer alone, and the
+plan records why.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Layer:
     channels: int
     params: list[tuple[str, int]] = field(default_factory=list)  # per-channel constants in the region: (name, axis)
     readers: list[Reader] = field(default_factory=list)
+    depthwise: list[str] = field(default_factory=list)  # depthwise convs in the region: their group = channels
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,8 @@ def _walk_region(index: int, layer: Layer, g: _Graph) -> str | None:
 
 def _step(node, region: dict[str, Layout], layer: Layer, g: _Graph, enter) -> str | None:
     op, data = node.op_type, node.input[0]
+    if op == "Conv" and _depthwise(node, layer, g):
+        return _through_depthwise(node, region, layer, g, enter)
     if op in WEIGHTED_OPS:
         return _reader(node, region, layer, g)
     if op in BINARY_OPS:
@@ -203,6 +207,24 @@ def _step(node, region: dict[str, Layout], layer: Layer, g: _Graph, enter) -> st
             return "unknown spatial size before Flatten"
         return enter(node.output[0], Layout("vec", 2, int(np.prod(shape[2:], dtype=np.int64))))
     return f"{op} across its channels"
+
+
+def _depthwise(node, layer: Layer, g: _Graph) -> bool:
+    """A convolution of each channel on its own (MobileNet's 3x3s): it keeps channels apart."""
+    weight = g.consts.get(node.input[1]) if len(node.input) > 1 else None
+    return (weight is not None and _attr(node, "group", 1) == layer.channels == weight.dims[0]
+            and weight.dims[1] == 1)
+
+
+def _through_depthwise(node, region: dict[str, Layout], layer: Layer, g: _Graph, enter) -> str | None:
+    layout = region.get(node.input[0])
+    if layout is None or any(name in region for name in node.input[1:]) or layout.kind != "map":
+        return "consumed by a depthwise Conv it cannot shrink"
+    if any(g.uses[name] > 1 for name in node.input[1:] if name):
+        return "depthwise Conv weight shared with another node"
+    layer.params.extend((name, 0) for name in node.input[1:] if name)
+    layer.depthwise.append(node.name)
+    return enter(node.output[0], layout)
 
 
 def _reader(node, region: dict[str, Layout], layer: Layer, g: _Graph) -> str | None:
@@ -274,6 +296,9 @@ def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
         for reader in layer.readers:
             features = (keep[:, None] * reader.block + np.arange(reader.block)[None, :]).ravel()
             arrays[reader.weight] = np.take(array(reader.weight), features, axis=reader.axis)
+        for node in proto.graph.node:
+            if node.name in layer.depthwise:
+                next(a for a in node.attribute if a.name == "group").i = len(keep)
     for name, value in arrays.items():
         inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
     # Shapes recorded for intermediate tensors are stale now; runtimes infer them again.
