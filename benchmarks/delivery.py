@@ -47,7 +47,7 @@ from device_agent.bundle import sha256_file  # noqa: E402
 from device_agent.bundle.signing import generate_key_pair, trusted_keys  # noqa: E402
 from device_agent.mqtt import BrokerAddress, MqttClient  # noqa: E402
 from device_agent.protocol import topics  # noqa: E402
-from device_agent.protocol.messages import BundleOffer  # noqa: E402
+from device_agent.protocol.chunks import BundleOffer  # noqa: E402
 from device_agent.store import BundleStore  # noqa: E402
 from device_agent.transfer import CHUNK_QOS, ChunkRouter, Download  # noqa: E402
 from host_tools.serve import BundleServer  # noqa: E402

@@ -33,7 +33,7 @@ from common import REPO, machine_line, start_broker  # noqa: E402
 
 from device_agent.mqtt import BrokerAddress, MqttClient  # noqa: E402
 from device_agent.protocol import topics  # noqa: E402
-from device_agent.protocol.messages import TelemetryBatch, TelemetrySample  # noqa: E402
+from device_agent.protocol.reports import TelemetryBatch, TelemetrySample  # noqa: E402
 from device_agent.telemetry import CollectorContext, TelemetryCollectors  # noqa: E402
 
 PER_WORKER = 250

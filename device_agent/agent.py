@@ -23,10 +23,11 @@ from device_agent.local_api import framing
 from device_agent.local_api.http import HttpApi
 from device_agent.mqtt import MqttClient, Will
 from device_agent.protocol import topics
-from device_agent.protocol.messages import (
-    BenchCommand, ConfigCommand, DeployCommand, DeploymentEvent, DeviceStatus, Reply, RollbackCommand, StatusRequest,
-    TelemetryBatch, TelemetrySample, TrustCommand, command_id_of, parse_command,
+from device_agent.protocol.commands import (
+    BenchCommand, ConfigCommand, DeployCommand, Reply, RollbackCommand, StatusRequest, TrustCommand, command_id_of,
+    parse_command,
 )
+from device_agent.protocol.reports import DeploymentEvent, DeviceStatus, TelemetryBatch, TelemetrySample
 from device_agent.serving import ModelSlot, SampleWorkload
 from device_agent.store import BundleStore
 from device_agent.systemd import notify, start_watchdog

@@ -46,7 +46,7 @@ from typing import Callable
 from device_agent.errors import ProtocolError, TransferError, TransferTimeout
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
-from device_agent.protocol.messages import BundleOffer, Chunk, ChunkRequest
+from device_agent.protocol.chunks import BundleOffer, Chunk, ChunkRequest
 
 RECORD_EVERY = 1.0  # seconds between saves of the received-chunk record
 # Devices subscribe to chunk topics at QoS 0: the server publishes at QoS 1 (the broker's

@@ -11,7 +11,7 @@ from device_agent.bundle import BundleReader
 from device_agent.errors import ConfigError, EdgefleetError, ProtocolError
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
-from device_agent.protocol.messages import BenchCommand, Reply, StatusRequest
+from device_agent.protocol.commands import BenchCommand, Reply, StatusRequest
 from host_tools.serve import BundleServer
 
 

@@ -13,7 +13,8 @@ from device_agent.bundle import BundleReader
 from device_agent.errors import ConfigError, ProtocolError
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
-from device_agent.protocol.messages import DEPLOY_FINAL, DeployCommand, DeploymentEvent, RollbackCommand
+from device_agent.protocol.commands import DeployCommand, RollbackCommand
+from device_agent.protocol.reports import DEPLOY_FINAL, DeploymentEvent
 from host_tools.serve import BundleServer
 from host_tools.terminal import console
 

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 from device_agent.bundle.signing import key_id, load_public_key
 from device_agent.errors import ConfigError
 from device_agent.mqtt import MqttClient
-from device_agent.protocol.messages import Reply, TrustCommand
+from device_agent.protocol.commands import Reply, TrustCommand
 from host_tools.ask import DeviceTimeout, ask
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from device_agent.errors import ProtocolError
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
-from device_agent.protocol.messages import DEFAULT_CHUNK_SIZE, BundleOffer, Chunk, ChunkRequest
+from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, BundleOffer, Chunk, ChunkRequest
 
 log = logging.getLogger(__name__)
 # Seconds after which a chunk is published to a bundle's shared topic again on any request, as for

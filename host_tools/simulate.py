@@ -54,7 +54,7 @@ from device_agent.bundle.signing import trusted_keys
 from device_agent.config import AgentConfig
 from device_agent.errors import EdgefleetError, HealthCheckError, ModelError
 from device_agent.mqtt import BrokerAddress
-from device_agent.protocol.messages import DeployCommand, parse_command
+from device_agent.protocol.commands import DeployCommand, parse_command
 from device_agent.runtime import ModelRuntime, RuntimeOptions
 from device_agent.store import InstalledBundle
 from device_agent.update.health import health_check

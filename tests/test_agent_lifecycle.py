@@ -20,7 +20,8 @@ from device_agent.bundle.signing import load_private_key
 from device_agent.local_api import AgentClient, InferenceClient
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
-from device_agent.protocol.messages import DeployCommand, DeploymentEvent, RollbackCommand
+from device_agent.protocol.commands import DeployCommand, RollbackCommand
+from device_agent.protocol.reports import DeploymentEvent
 from device_agent.protocol.signed import sign_command
 from device_agent.update import STATES
 from device_agent.update.faults import CRASH_ENV, HOLD_ENV

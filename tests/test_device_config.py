@@ -7,7 +7,7 @@ import time
 
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
-from device_agent.protocol.messages import ConfigCommand, Reply
+from device_agent.protocol.commands import ConfigCommand, Reply
 from tests.conftest import edgefleet, wait_until
 from tests.test_agent_lifecycle import restart, status
 

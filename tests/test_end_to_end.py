@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from device_agent.mqtt import MqttClient
-from device_agent.protocol.messages import DeviceStatus
+from device_agent.protocol.reports import DeviceStatus
 from host_tools.fleet.ingest import Ingest
 from host_tools.fleet.store import FleetStore
 from tests.conftest import MODELS, Mosquitto, edgefleet, wait_until

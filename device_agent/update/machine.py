@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, replace
 
-from device_agent.protocol.messages import DeployCommand, DeploymentEvent
+from device_agent.protocol.commands import DeployCommand
+from device_agent.protocol.reports import DeploymentEvent
 from device_agent.update import faults
 from device_agent.update.record import IDLE, CorruptRecord, UpdateJournal, UpdateRecord
 from device_agent.update.states import (

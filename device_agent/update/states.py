@@ -31,7 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from device_agent.config import AgentConfig
 from device_agent.errors import EdgefleetError, PolicyError, TransferTimeout
 from device_agent.mqtt import MqttClient
-from device_agent.protocol.messages import BundleOffer, DeploymentEvent
+from device_agent.protocol.chunks import BundleOffer
+from device_agent.protocol.reports import DeploymentEvent
 from device_agent.runtime import ModelRuntime, RuntimeOptions
 from device_agent.serving import ModelSlot
 from device_agent.store import BundleStore, InstalledBundle

@@ -56,7 +56,7 @@ def device_status(device_id, broker, timeout, as_json) -> None:
 @json_option
 @fail_cleanly
 def device_config(device_id, assignments, resets, broker, timeout, signing_key, expires_in, as_json) -> None:
-    from device_agent.protocol.messages import ConfigCommand
+    from device_agent.protocol.commands import ConfigCommand
     from host_tools.ask import ask
 
     settings: dict = {name: None for name in resets}

@@ -8,7 +8,7 @@ import time
 from device_agent.errors import ProtocolError
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
-from device_agent.protocol.messages import DeploymentEvent, DeviceStatus, TelemetryBatch, TelemetrySample
+from device_agent.protocol.reports import DeploymentEvent, DeviceStatus, TelemetryBatch, TelemetrySample
 from host_tools.fleet.store import FleetStore
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.errors import ConfigError
-from device_agent.protocol.messages import DeploymentEvent, DeviceStatus, TelemetrySample
+from device_agent.protocol.reports import DeploymentEvent, DeviceStatus, TelemetrySample
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -247,7 +247,7 @@ class FleetStore:
     def in_flight(self) -> dict[str, dict]:
         """{device: its update under way} from each device's newest deployment event, for devices
         whose newest event is not an outcome (accepted, downloading, verifying, ...)."""
-        from device_agent.protocol.messages import DEPLOY_FINAL
+        from device_agent.protocol.reports import DEPLOY_FINAL
 
         with self._lock:
             rows = self._db.execute("SELECT device_id, state, bundle, progress, timestamp, MAX(rowid) FROM events "

@@ -15,9 +15,8 @@ from hypothesis import strategies as st
 from device_agent.bundle.manifest import FileEntry, Manifest, SampleCheck, TensorSpec
 from device_agent.bundle.signing import load_private_key, trusted_keys
 from device_agent.errors import ManifestError, ProtocolError, SignatureError
-from device_agent.protocol.messages import (
-    BenchCommand, BundleOffer, Chunk, DeployCommand, RollbackCommand, TrustCommand, parse_command,
-)
+from device_agent.protocol.chunks import BundleOffer, Chunk
+from device_agent.protocol.commands import BenchCommand, DeployCommand, RollbackCommand, TrustCommand, parse_command
 from device_agent.protocol.signed import sign_command
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

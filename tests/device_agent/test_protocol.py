@@ -6,10 +6,11 @@ from hypothesis import strategies as st
 
 from device_agent.errors import ProtocolError
 from device_agent.protocol import topics
-from device_agent.protocol.messages import (
-    BenchCommand, BundleOffer, Chunk, ChunkRequest, DeployCommand, DeploymentEvent, DeviceStatus, Reply,
-    RollbackCommand, StatusRequest, TelemetryBatch, TelemetrySample, parse_command,
+from device_agent.protocol.chunks import BundleOffer, Chunk, ChunkRequest
+from device_agent.protocol.commands import (
+    BenchCommand, DeployCommand, Reply, RollbackCommand, StatusRequest, parse_command,
 )
+from device_agent.protocol.reports import DeploymentEvent, DeviceStatus, TelemetryBatch, TelemetrySample
 
 OFFER = BundleOffer(sha256="ab" * 32, size=100_000, chunk_size=16_384, name="digits-cnn", version="1.0.0")
 MESSAGES = [

@@ -13,7 +13,7 @@ import pytest
 from device_agent.errors import TransferError, TransferTimeout
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
-from device_agent.protocol.messages import BundleOffer, Chunk, ChunkRequest
+from device_agent.protocol.chunks import BundleOffer, Chunk, ChunkRequest
 from device_agent.transfer import CHUNK_QOS, REPAIRS, ChunkRouter, Download
 from host_tools import serve
 from host_tools.serve import BundleServer

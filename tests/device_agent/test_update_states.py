@@ -68,7 +68,8 @@ def test_an_unexpected_error_in_a_state_takes_its_fail_edge_and_is_reported(tmp_
     from device_agent.bundle.signing import generate_key_pair
     from device_agent.config import AgentConfig
     from device_agent.mqtt import BrokerAddress, MqttClient
-    from device_agent.protocol.messages import BundleOffer, DeployCommand
+    from device_agent.protocol.chunks import BundleOffer
+    from device_agent.protocol.commands import DeployCommand
     from device_agent.serving import ModelSlot
     from device_agent.store import BundleStore
     from device_agent.telemetry.histogram import LatencyHistogram

@@ -1,6 +1,6 @@
 """The fleet database stores each telemetry sample once, whatever the redelivery."""
 
-from device_agent.protocol.messages import DeviceStatus, TelemetrySample
+from device_agent.protocol.reports import DeviceStatus, TelemetrySample
 from host_tools.fleet.store import FleetStore
 from host_tools.fleet.view import summarize
 

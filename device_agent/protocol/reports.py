@@ -1,0 +1,133 @@
+"""What devices report to the host: deployment progress, their retained status, telemetry."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from device_agent.errors import ProtocolError
+from device_agent.protocol.codec import decode, encode, require
+
+
+# Deployment states a device reports, in the order a successful deployment passes them.
+DEPLOY_STATES = ("accepted", "downloading", "verifying", "health_check", "activating", "active")
+DEPLOY_FINAL = ("active", "failed", "already_installed", "rolled_back")
+
+
+@dataclass(frozen=True)
+class DeploymentEvent:
+    device_id: str
+    command_id: str
+    state: str
+    bundle: str  # "name version"
+    progress: float = 0.0
+    reason: str | None = None
+    timestamp: float = 0.0
+
+    def to_payload(self) -> bytes:
+        return encode("deployment", asdict(self))
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "DeploymentEvent":
+        doc = decode(payload, "deployment")
+        state = require(doc, "state", str)
+        if state not in DEPLOY_STATES + DEPLOY_FINAL:
+            raise ProtocolError(f"unknown deployment state {state!r}")
+        return cls(device_id=require(doc, "device_id", str), command_id=require(doc, "command_id", str),
+                   state=state, bundle=require(doc, "bundle", str),
+                   progress=float(require(doc, "progress", (int, float))),
+                   reason=require(doc, "reason", str, optional=True),
+                   timestamp=float(require(doc, "timestamp", (int, float))))
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """The retained status a device announces; its last will says ``online: false``."""
+
+    device_id: str
+    online: bool
+    timestamp: float
+    agent_version: str = ""
+    active_bundle: str | None = None  # "name version"
+    active_sha256: str | None = None
+    labels: dict[str, str] | None = None  # the device's own labels (site, group, ...), from its config
+    hardware: dict[str, Any] | None = None  # device_agent.hardware.describe(): class, arch, RAM, runtimes, ...
+
+    def to_payload(self) -> bytes:
+        return encode("status", asdict(self))
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "DeviceStatus":
+        doc = decode(payload, "status")
+        return cls(device_id=require(doc, "device_id", str), online=require(doc, "online", bool),
+                   timestamp=float(require(doc, "timestamp", (int, float))),
+                   agent_version=require(doc, "agent_version", str, optional=True) or "",
+                   active_bundle=require(doc, "active_bundle", str, optional=True),
+                   active_sha256=require(doc, "active_sha256", str, optional=True),
+                   labels=_labels(require(doc, "labels", dict, optional=True)),
+                   hardware=require(doc, "hardware", dict, optional=True))
+
+
+def _labels(value: dict | None) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if len(value) > 32 or not all(isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 128
+                                  for k, v in value.items()):
+        raise ProtocolError("labels must be up to 32 short strings")
+    return dict(value)
+
+
+@dataclass(frozen=True)
+class TelemetrySample:
+    """One reporting interval of a device. Absent readings are absent, never zero."""
+
+    device_id: str
+    seq: int
+    timestamp: float
+    interval_s: float
+    bundle: str | None
+    readings: dict[str, Any]  # collector name -> its readings
+
+    def to_payload(self) -> bytes:
+        return encode("telemetry", asdict(self))
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "TelemetrySample":
+        return cls.from_dict(decode(payload, "telemetry"))
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> "TelemetrySample":
+        if not isinstance(doc, dict):
+            raise ProtocolError("a telemetry sample must be an object")
+        return cls(device_id=require(doc, "device_id", str), seq=require(doc, "seq", int),
+                   timestamp=float(require(doc, "timestamp", (int, float))),
+                   interval_s=float(require(doc, "interval_s", (int, float))),
+                   bundle=require(doc, "bundle", str, optional=True),
+                   readings=require(doc, "readings", dict))
+
+
+MAX_BATCH = 100
+
+
+@dataclass(frozen=True)
+class TelemetryBatch:
+    """Samples a device queued (while offline, or since the last interval), oldest first."""
+
+    device_id: str
+    samples: tuple[TelemetrySample, ...]
+
+    def to_payload(self) -> bytes:
+        return encode("telemetry_batch", {"device_id": self.device_id,
+                                           "samples": [asdict(s) for s in self.samples]})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "TelemetryBatch":
+        doc = decode(payload, "telemetry_batch")
+        raw = require(doc, "samples", list)
+        if not 0 < len(raw) <= MAX_BATCH:
+            raise ProtocolError(f"a batch holds 1..{MAX_BATCH} samples")
+        batch = cls(device_id=require(doc, "device_id", str),
+                    samples=tuple(TelemetrySample.from_dict(s) for s in raw))
+        if any(s.device_id != batch.device_id for s in batch.samples):
+            raise ProtocolError("every sample in a batch must be the batch's device's")
+        return batch
