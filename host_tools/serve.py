@@ -26,6 +26,7 @@ asking again for a chunk whose direct answer is still queued is not answered twi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -250,42 +251,17 @@ class BundleServer:
                 since = self._listening.setdefault(session, now)
                 _, frontier = self._active.get(session, (now, -1))
                 self._active[session] = (now, max(frontier, min(max(request.chunks), count - 1)))
+                others = functools.cache(lambda: self._others_downloading(session, count, now))  # once a request
             backlogged = self._client.unacked >= MAX_UNACKED // 4
-            others = None
             for index in request.chunks:
                 if index >= count:
                     continue
                 key = (sha, chunk_size, index)
                 if since is not None:
-                    first = self._first_ask(session, index, count)
-                    published = self._fanned_out.get(key, -FANOUT_REPEAT)
-                    age = now - published
-                    if age >= FANOUT_REPEAT:
-                        self._fanned_out[key] = now  # everyone listening now gets it from this one publish
-                        self._refan.pop(key, None)
-                        stats.fanout_chunks += 1
+                    answer = self._answer_listener(session, key, since, count, now, others)
+                    if answer == "fan out":
                         plan.append((index, topics.bundle_chunks(sha, chunk_size)))
-                        continue
-                    if since >= published:
-                        # It began listening after the chunk went out: as many devices starting a stage
-                        # together do, it waits for one more publish FANOUT_QUIET after the last, collecting
-                        # who else asks, which then serves them all (a lone straggler gets it on its own
-                        # topic). Unless no other device is downloading the bundle: then there is nobody
-                        # to wait with, and it is answered at once below (else it would wait up to
-                        # FANOUT_QUIET for its first window, or the server's next round on every window).
-                        if key not in self._refan and others is None:
-                            others = self._others_downloading(session, count, now)  # once a request
-                        if key in self._refan or others:
-                            self._refan.setdefault(key, (published + FANOUT_QUIET, set()))[1].add(request.device_id)
-                            stats.fanout_saved += 1
-                            continue
-                    elif age < FANOUT_QUIET or first:
-                        # It was listening when the chunk went out: it has it, or the broker is still
-                        # delivering it. However long ago that was, a first ask means the device's
-                        # window reached the chunk before the chunk reached the device (a device behind
-                        # a queue of the fan-out's messages); an answer of its own would only queue
-                        # behind them again. A chunk that was lost it asks for again, after its retry time.
-                        stats.fanout_saved += 1
+                    if answer != "direct":
                         continue
                 direct = (request.device_id, request.session, *key)
                 if backlogged and now - self._direct.get(direct, -DIRECT_QUIET) < DIRECT_QUIET:
@@ -293,20 +269,56 @@ class BundleServer:
                     continue
                 self._direct[direct] = now
                 plan.append((index, topics.chunks(request.device_id)))
-        with self._lock:
-            if len(self._fanned_out) > 100_000:  # forget chunks published long ago
-                self._fanned_out = {k: t for k, t in self._fanned_out.items() if now - t < FANOUT_REPEAT}
-            if len(self._listening) > 100_000:  # downloads that began over an hour ago are long done
-                self._listening = {k: t for k, t in self._listening.items() if now - t < 3600}
-            if len(self._active) > 10_000:
-                self._active = {k: v for k, v in self._active.items() if now - v[0] < ACTIVE_S}
-                self._again = {k: n for k, n in self._again.items() if k in self._active}
-            if len(self._asked) > 2_000:  # a byte per chunk each: keep downloads that asked in the last minute
-                self._asked = {k: v for k, v in self._asked.items()
-                               if k in self._active and now - self._active[k][0] < 60}
-            if len(self._direct) > 100_000:
-                self._direct = {k: t for k, t in self._direct.items() if now - t < DIRECT_QUIET}
+            self._forget_old(now)
         return (sha, path, chunk_size, plan) if plan else None
+
+    def _answer_listener(self, session: tuple, key: tuple, since: float, count: int, now: float, others) -> str:
+        """How to answer a device listening on the bundle's shared topic (since *since*) asking for the
+        chunk *key*: "fan out" (publish it there), "covered" (a publish it gets is out or coming) or
+        "direct" (on its own topic). Lock held; *others()*: whether other devices are downloading."""
+        first = self._first_ask(session, key[2], count)
+        published = self._fanned_out.get(key, -FANOUT_REPEAT)
+        age = now - published
+        if age >= FANOUT_REPEAT:
+            self._fanned_out[key] = now  # everyone listening now gets it from this one publish
+            self._refan.pop(key, None)
+            self.stats.fanout_chunks += 1
+            return "fan out"
+        if since >= published:
+            # It began listening after the chunk went out: as many devices starting a stage together
+            # do, it waits for one more publish FANOUT_QUIET after the last, collecting who else asks,
+            # which then serves them all (a lone straggler gets it on its own topic). Unless no other
+            # device is downloading the bundle: then there is nobody to wait with, and it is answered at
+            # once (else it would wait up to FANOUT_QUIET for its first window, or the server's next
+            # round on every window).
+            if key in self._refan or others():
+                self._refan.setdefault(key, (published + FANOUT_QUIET, set()))[1].add(session[2])
+                self.stats.fanout_saved += 1
+                return "covered"
+        elif age < FANOUT_QUIET or first:
+            # It was listening when the chunk went out: it has it, or the broker is still delivering
+            # it. However long ago that was, a first ask means the device's window reached the chunk
+            # before the chunk reached the device (a device behind a queue of the fan-out's messages);
+            # an answer of its own would only queue behind them again. A chunk that was lost it asks
+            # for again, after its retry time.
+            self.stats.fanout_saved += 1
+            return "covered"
+        return "direct"
+
+    def _forget_old(self, now: float) -> None:
+        """Keep the server's memory of chunks, downloads and answers bounded (lock held)."""
+        if len(self._fanned_out) > 100_000:  # forget chunks published long ago
+            self._fanned_out = {k: t for k, t in self._fanned_out.items() if now - t < FANOUT_REPEAT}
+        if len(self._listening) > 100_000:  # downloads that began over an hour ago are long done
+            self._listening = {k: t for k, t in self._listening.items() if now - t < 3600}
+        if len(self._active) > 10_000:
+            self._active = {k: v for k, v in self._active.items() if now - v[0] < ACTIVE_S}
+            self._again = {k: n for k, n in self._again.items() if k in self._active}
+        if len(self._asked) > 2_000:  # a byte per chunk each: keep downloads that asked in the last minute
+            self._asked = {k: v for k, v in self._asked.items()
+                           if k in self._active and now - self._active[k][0] < 60}
+        if len(self._direct) > 100_000:
+            self._direct = {k: t for k, t in self._direct.items() if now - t < DIRECT_QUIET}
 
     def _first_ask(self, session: tuple, index: int, count: int) -> bool:
         """Whether this download has not asked for chunk *index* before; notes that it has now (lock held)."""
