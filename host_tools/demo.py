@@ -79,18 +79,14 @@ def _wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
 
 def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, timeout: float) -> bool:
     from host_tools.broker import EmbeddedBroker
-    from host_tools.compress import ModelFile, load_dataset, load_recipe, run_recipe
-    from host_tools.compress.report import report_table
     from host_tools.deploy import run_deployment
     from host_tools.serve import BundleDirectory, BundleServer
     from host_tools.signer import CommandSigner
     from host_tools.fleet.ingest import Ingest
     from host_tools.fleet.store import FleetStore
-    from host_tools.fleet.view import fleet_table
-    from host_tools.packaging import build_bundle
 
     console = terminal.console()
-    model, heldout, calib = find_reference_model()
+    reference = find_reference_model()  # before anything starts: a checkout without models fails at once
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgefleet-demo-")))
@@ -110,19 +106,7 @@ def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, tim
         private_key, public_key = generate_key_pair(workdir / "keys", f"demo-{int(time.time())}")
         console.print(f"[bold]2.[/] signing key pair: {private_key.name} / {public_key.name}")
 
-        console.print(f"[bold]3.[/] compressing {model.name} with static int8 quantization (calibrated on "
-                      f"{calib.name}); measuring both on the {heldout.name} held-out set…")
-        report = run_recipe(ModelFile.open(model), load_recipe("int8-static", "onnx"), calib=calib,
-                            eval_data=heldout, out=workdir / "digits_cnn.int8.onnx")
-        console.print(report_table(report, title="before / after (measured on this machine)"))
-        quantized = report.result.model.path
-        data = load_dataset(heldout)
-
-        (workdir / "bundles").mkdir(exist_ok=True)
-        bundle = workdir / "bundles" / f"{MODEL_NAME}-{MODEL_VERSION}.efb"
-        manifest = build_bundle(quantized, name=MODEL_NAME, version=MODEL_VERSION, key=private_key, out=bundle,
-                                sample={"image": data.arrays["x"][:1]}, atol=1e-4, compression=report.to_dict())
-        console.print(f"[bold]4.[/] signed bundle {bundle.name}: {manifest.label}, {bundle.stat().st_size} bytes")
+        bundle, manifest = _compressed_bundle(console, workdir, private_key, reference)
 
         store = FleetStore(workdir / "fleet.db")
         stack.callback(store.close)
@@ -153,19 +137,48 @@ def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, tim
         for d, p in failed.items():
             console.print(f"[red]{d}: {p.state}: {p.reason}[/]")
 
-        console.print("[bold]7.[/] waiting for telemetry from the new model…")
-        def reporting() -> bool:
-            # telemetry from the new model, and each device's status naming it (sent once committed)
-            announced = {r.device_id for r in store.devices() if r.active_bundle == manifest.label}
-            return all(d in announced and store.telemetry_count(d, manifest.label) >= 2 for d in devices)
-        telemetry_ok = _wait_for(reporting, 20)
-        rows = store.devices()
-        console.print(fleet_table(rows))
-        active_ok = all(r.active_bundle == manifest.label for r in rows if r.device_id in devices)
-        ok = not failed and telemetry_ok and active_ok
+        ok = _fleet_reports(console, store, devices, manifest.label) and not failed
         console.print("[bold]8.[/] shutting down agents and broker")
     if ok:
         console.print(f"[green]demo passed:[/] {len(devices)} devices run {manifest.label} and report telemetry")
     else:
         console.print("[red]demo failed:[/] not every device activated the bundle and reported telemetry")
     return ok
+
+
+def _fleet_reports(console, store, devices: list[str], label: str) -> bool:
+    """Step 7: every device reports telemetry from *label* and names it as active; the fleet table."""
+    from host_tools.fleet.view import fleet_table
+
+    console.print("[bold]7.[/] waiting for telemetry from the new model…")
+
+    def reporting() -> bool:
+        # telemetry from the new model, and each device's status naming it (sent once committed)
+        announced = {r.device_id for r in store.devices() if r.active_bundle == label}
+        return all(d in announced and store.telemetry_count(d, label) >= 2 for d in devices)
+    telemetry_ok = _wait_for(reporting, 20)
+    rows = store.devices()
+    console.print(fleet_table(rows))
+    return telemetry_ok and all(r.active_bundle == label for r in rows if r.device_id in devices)
+
+
+def _compressed_bundle(console, workdir: Path, private_key: Path, reference: tuple[Path, Path, Path]):
+    """Steps 3 and 4: the reference model quantized and measured, then packaged and signed."""
+    from host_tools.compress import ModelFile, load_dataset, load_recipe, run_recipe
+    from host_tools.compress.report import report_table
+    from host_tools.packaging import build_bundle
+
+    model, heldout, calib = reference
+    console.print(f"[bold]3.[/] compressing {model.name} with static int8 quantization (calibrated on "
+                  f"{calib.name}); measuring both on the {heldout.name} held-out set…")
+    report = run_recipe(ModelFile.open(model), load_recipe("int8-static", "onnx"), calib=calib,
+                        eval_data=heldout, out=workdir / "digits_cnn.int8.onnx")
+    console.print(report_table(report, title="before / after (measured on this machine)"))
+    data = load_dataset(heldout)
+    (workdir / "bundles").mkdir(exist_ok=True)
+    bundle = workdir / "bundles" / f"{MODEL_NAME}-{MODEL_VERSION}.efb"
+    manifest = build_bundle(report.result.model.path, name=MODEL_NAME, version=MODEL_VERSION, key=private_key,
+                            out=bundle, sample={"image": data.arrays["x"][:1]}, atol=1e-4,
+                            compression=report.to_dict())
+    console.print(f"[bold]4.[/] signed bundle {bundle.name}: {manifest.label}, {bundle.stat().st_size} bytes")
+    return bundle, manifest
