@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_agent.errors import ConfigError
+from device_agent.errors import ConfigError, ModelError
+from device_agent.runtime.base import first_line
 
 FORMATS = {"onnx": "onnxruntime", "tflite": "tflite"}
 # A TFLite flatbuffer carries this identifier at bytes 4..8.
@@ -28,6 +29,7 @@ class ModelFile:
         if head[4:8] == _TFLITE_MAGIC:
             return cls(path, "tflite")
         if path.suffix.lower() == ".onnx":
+            _check_onnx(path)
             return cls(path, "onnx")
         raise ConfigError(f"{path.name}: not an ONNX (.onnx) or TFLite (.tflite) model")
 
@@ -44,3 +46,16 @@ class ModelFile:
         from device_agent.runtime import RuntimeOptions, load_runtime
 
         return load_runtime(self.runtime, self.path, RuntimeOptions(threads=threads))
+
+
+def _check_onnx(path: Path) -> None:
+    """A file named .onnx that ONNX cannot parse, or that holds no graph, fails here in one line
+    rather than inside whichever pass reads it first."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError, onnx's own, OSError
+        raise ModelError(f"{path.name} is not a readable ONNX model: {first_line(exc)}") from None
+    if not proto.graph.output:
+        raise ModelError(f"{path.name} is not a readable ONNX model: it has no graph outputs")

@@ -78,3 +78,7 @@ def test_bad_input_is_one_line(tmp_path):
     assert not (tmp_path / "x.onnx").exists()
     missing = edgefleet("compress", tmp_path / "nope.onnx", "-o", tmp_path / "y.onnx")
     assert missing.returncode == 1 and "does not exist" in last_line(missing)
+    (tmp_path / "garbage.onnx").write_text("not a model\n")
+    garbage = edgefleet("compress", tmp_path / "garbage.onnx", "--recipe", "int8-dynamic", "-o", tmp_path / "z.onnx")
+    assert garbage.returncode == 1 and "garbage.onnx is not a readable ONNX model" in last_line(garbage)
+    assert "Traceback" not in garbage.stderr and not (tmp_path / "z.onnx").exists()
