@@ -105,11 +105,14 @@ def test_in_the_transformer_the_feed_forward_layers_are_pruned_and_attention_is_
     proto = onnx.load(str(MODELS / "digits_transformer.onnx"))
     hoist_constants(proto)
     plan = plan_channel_pruning(proto, set())
-    assert sorted(layer.producer for layer in plan.layers) == [f"/blocks/blocks.{i}/mlp/mlp.0/MatMul" for i in (0, 1)]
-    assert all([r.node for r in layer.readers] == [layer.producer.replace("mlp.0", "mlp.2")] for layer in plan.layers)
+    assert sorted(p.node for group in plan.groups for p in group.producers) == \
+        [f"/blocks/blocks.{i}/mlp/mlp.0/MatMul" for i in (0, 1)]
+    assert all([r.node for r in group.readers] == [group.producers[0].node.replace("mlp.0", "mlp.2")]
+               for group in plan.groups)
     assert plan.skipped["/blocks/blocks.0/attn/qkv/MatMul"] == "its output feeds Reshape"
-    assert "residual" in plan.skipped["/blocks/blocks.0/mlp/mlp.2/MatMul"]
-    assert "residual" in plan.skipped["/blocks/blocks.1/attn/out/MatMul"]
+    # the residual stream they write into runs through LayerNorms, which mix its channels
+    assert plan.skipped["/blocks/blocks.0/mlp/mlp.2/MatMul"] == "its output feeds LayerNormalization"
+    assert plan.skipped["/blocks/blocks.1/attn/out/MatMul"] == "its output feeds LayerNormalization"
 
 
 def test_the_transformers_feed_forward_layers_halved_and_recovered_keep_its_accuracy(tmp_path):
@@ -125,7 +128,7 @@ def test_the_transformers_feed_forward_layers_halved_and_recovered_keep_its_accu
 
 def test_a_layer_read_by_two_branches_loses_the_same_channels_in_both(tmp_path):
     """conv1 feeds two convolutions whose outputs are summed: conv1 is pruned with the input channels
-    of both readers; each reader's own output meets the other branch at the Add and stays whole."""
+    of both readers; the readers' own outputs are tied by the Add, which is the graph's output."""
     rng = np.random.default_rng(5)
     inits = {"w1": _silent(rng, (8, 3, 3, 3), 0, [0, 1, 2, 3]), "wa": rng.standard_normal((4, 8, 1, 1)),
              "wb": rng.standard_normal((4, 8, 3, 3))}
@@ -137,9 +140,9 @@ def test_a_layer_read_by_two_branches_loses_the_same_channels_in_both(tmp_path):
     model = _model(nodes, inits, [1, 3, 6, 6], [1, 4, 6, 6], tmp_path / "m.onnx")
     proto = onnx.load(str(model.path))
     plan = plan_channel_pruning(proto, set())
-    assert [(layer.producer, [r.node for r in layer.readers]) for layer in plan.layers] == \
-        [("conv1", ["branch_a", "branch_b"])]
-    assert "residual" in plan.skipped["branch_a"] and "residual" in plan.skipped["branch_b"]
+    assert [([p.node for p in group.producers], [r.node for r in group.readers]) for group in plan.groups] == \
+        [(["conv1"], ["branch_a", "branch_b"])]
+    assert plan.skipped["branch_a"] == plan.skipped["branch_b"] == "its output is a graph output"
     report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
     shapes = {i.name: list(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer}
     assert shapes["w1"][0] == 4 and shapes["wa"][1] == 4 and shapes["wb"][1] == 4
@@ -166,12 +169,16 @@ def test_mobilenet_inverted_residual_blocks_lose_half_their_expansion_width(tmp_
              helper.make_node("Clip", ["d", "lo", "hi"], ["d6"]),
              helper.make_node("Conv", ["d6", "project"], ["p"], name="project"),
              helper.make_node("Add", ["s", "p"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["gap"]),
-             helper.make_node("Flatten", ["gap"], ["f"]), helper.make_node("MatMul", ["f", "head"], ["y"])]
+             helper.make_node("Flatten", ["gap"], ["f"]), helper.make_node("MatMul", ["f", "head"], ["y"], name="head")]
     model = _model(nodes, inits, [2, 3, 8, 8], [2, 5], tmp_path / "m.onnx")
-    plan = plan_channel_pruning(onnx.load(str(model.path)), set())
-    assert [(layer.producer, layer.depthwise) for layer in plan.layers] == [("expand", ["depthwise"])]
-    assert "residual" in plan.skipped["stem"] and "residual" in plan.skipped["project"]
-    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
+    # the residual stream (stem + projection, tied by the Add) is pruned too unless excluded (next test)
+    plan = plan_channel_pruning(onnx.load(str(model.path)), {"stem"})
+    assert [([p.node for p in group.producers], group.depthwise) for group in plan.groups] == \
+        [(["expand"], {"depthwise"})]
+    assert plan.skipped == {"stem": "excluded", "project": "tied to stem (excluded)",
+                            "head": "its output is a graph output"}
+    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5, "exclude": ("stem",)})]),
+                        latency_runs=5, workdir=tmp_path)
     proto = onnx.load(str(report.result.model.path))
     shapes = {i.name: list(i.dims) for i in proto.graph.initializer}
     assert shapes["expand"] == [6, 4, 1, 1] and shapes["dw"] == [6, 1, 3, 3] and shapes["dw_b"] == [6]
@@ -180,3 +187,124 @@ def test_mobilenet_inverted_residual_blocks_lose_half_their_expansion_width(tmp_
     assert {a.name: a.i for a in depthwise.attribute}["group"] == 6
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(_run(report.result.model.path, x), _run(model.path, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_residual_stream_is_pruned_as_one_group_across_its_blocks(tmp_path):
+    """A ResNet stage: the stem conv and each block's last conv write into the same stream (tied by the
+    Adds), so they lose the same channels, and every layer reading the stream loses those inputs."""
+    rng = np.random.default_rng(11)
+    silent, inner = [1, 2, 5, 6], [0, 3, 4, 7]
+    inits = {"stem": _silent(rng, (8, 3, 3, 3), 0, silent), "head": rng.standard_normal((8, 5))}
+    nodes = [helper.make_node("Conv", ["x", "stem"], ["s0"], name="stem", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["s0"], ["x0"])]
+    for b in (1, 2):
+        inits[f"a{b}"] = _silent(rng, (8, 8, 3, 3), 0, inner)
+        inits[f"b{b}"] = _silent(rng, (8, 8, 3, 3), 0, silent)
+        nodes += [helper.make_node("Conv", [f"x{b - 1}", f"a{b}"], [f"h{b}"], name=f"a{b}", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"h{b}"], [f"r{b}"]),
+                  helper.make_node("Conv", [f"r{b}", f"b{b}"], [f"o{b}"], name=f"b{b}", pads=[1, 1, 1, 1]),
+                  helper.make_node("Add", [f"x{b - 1}", f"o{b}"], [f"sum{b}"]),
+                  helper.make_node("Relu", [f"sum{b}"], [f"x{b}"])]
+    nodes += [helper.make_node("GlobalAveragePool", ["x2"], ["gap"]), helper.make_node("Flatten", ["gap"], ["f"]),
+              helper.make_node("MatMul", ["f", "head"], ["y"], name="head")]
+    model = _model(nodes, inits, [2, 3, 8, 8], [2, 5], tmp_path / "m.onnx")
+    plan = plan_channel_pruning(onnx.load(str(model.path)), set())
+    groups = {tuple(p.node for p in g.producers): sorted(r.node for r in g.readers) for g in plan.groups}
+    assert groups == {("stem", "b1", "b2"): ["a1", "a2", "head"], ("a1",): ["b1"], ("a2",): ["b2"]}
+    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
+    shapes = {i.name: list(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer}
+    assert shapes["stem"] == [4, 3, 3, 3] and shapes["a1"] == [4, 4, 3, 3] and shapes["b2"] == [4, 4, 3, 3]
+    assert shapes["head"] == [4, 5]
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(report.result.model.path, x), _run(model.path, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_squeeze_and_excitation_gate_is_tied_to_the_channels_it_scales(tmp_path):
+    """EfficientNet's block: the expansion's channels are scaled by a gate computed from their spatial
+    mean (ReduceMean -> 1x1 conv -> SiLU -> 1x1 conv -> Sigmoid). The gate's last conv makes one value
+    per expansion channel, so it loses the same channels as the expansion."""
+    rng = np.random.default_rng(13)
+    silent = [0, 1, 2, 3, 8, 9]
+    dw_bias = rng.standard_normal(12)
+    dw_bias[silent] = 0
+    inits = {"expand": _silent(rng, (12, 3, 1, 1), 0, silent), "dw": rng.standard_normal((12, 1, 3, 3)),
+             "dw_b": dw_bias, "se_a": rng.standard_normal((4, 12, 1, 1)),
+             "se_b": _silent(rng, (12, 4, 1, 1), 0, silent), "project": rng.standard_normal((6, 12, 1, 1))}
+    nodes = [helper.make_node("Conv", ["x", "expand"], ["e"], name="expand"),
+             helper.make_node("Sigmoid", ["e"], ["es"]), helper.make_node("Mul", ["e", "es"], ["e1"]),
+             helper.make_node("Conv", ["e1", "dw", "dw_b"], ["d"], name="depthwise", group=12, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["d"], ["d1"]),
+             helper.make_node("ReduceMean", ["d1"], ["m"], axes=[2, 3], keepdims=1),
+             helper.make_node("Conv", ["m", "se_a"], ["sa"], name="se_a"), helper.make_node("Relu", ["sa"], ["sa1"]),
+             helper.make_node("Conv", ["sa1", "se_b"], ["sb"], name="se_b"),
+             helper.make_node("Sigmoid", ["sb"], ["gate"]),
+             helper.make_node("Mul", ["d1", "gate"], ["scaled"]),
+             helper.make_node("Conv", ["scaled", "project"], ["y"], name="project")]
+    model = _model(nodes, inits, [2, 3, 8, 8], [2, 6, 8, 8], tmp_path / "m.onnx")
+    plan = plan_channel_pruning(onnx.load(str(model.path)), set())
+    assert [([p.node for p in g.producers], sorted(r.node for r in g.readers)) for g in plan.groups] == \
+        [(["expand", "se_b"], ["project", "se_a"]), (["se_a"], ["se_b"])]
+    # se_a's own channels (the gate's bottleneck) are not silent: left whole, so the output must not move
+    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5, "exclude": ("se_a",)})]),
+                        latency_runs=5, workdir=tmp_path)
+    shapes = {i.name: list(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer}
+    assert shapes["expand"][0] == shapes["dw"][0] == shapes["se_b"][0] == shapes["se_a"][1] == 6
+    assert shapes["project"] == [6, 6, 1, 1]
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(report.result.model.path, x), _run(model.path, x), rtol=1e-5, atol=1e-5)
+
+
+def _exported(tmp_path, block: str):
+    """A small network of two *block*s, as PyTorch's exporter writes it (BatchNorm folded into the
+    convolutions, their biases shared through Identity nodes, SiLU as Sigmoid + Mul)."""
+    import torch
+    from torch import nn
+
+    def cbs(i, o, k=3, g=1, act=nn.SiLU):
+        return nn.Sequential(nn.Conv2d(i, o, k, 1, k // 2, groups=g, bias=False), nn.BatchNorm2d(o), act())
+
+    class Residual(nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            return x + self.body(x)
+
+    class SqueezeExcite(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
+
+        def forward(self, x):
+            return x * torch.sigmoid(self.b(nn.functional.silu(self.a(x.mean((2, 3), keepdim=True)))))
+
+    bodies = {"resnet": lambda: nn.Sequential(cbs(16, 16, act=nn.ReLU), nn.Conv2d(16, 16, 3, 1, 1), nn.BatchNorm2d(16)),
+              "mobilenet": lambda: nn.Sequential(cbs(16, 64, 1, act=nn.ReLU6), cbs(64, 64, 3, 64, nn.ReLU6),
+                                                 nn.Conv2d(64, 16, 1), nn.BatchNorm2d(16)),
+              "efficientnet": lambda: nn.Sequential(cbs(16, 64, 1), cbs(64, 64, 3, 64), SqueezeExcite(64),
+                                                    nn.Conv2d(64, 16, 1), nn.BatchNorm2d(16))}
+    torch.manual_seed(0)
+    net = nn.Sequential(cbs(3, 16), Residual(bodies[block]()), Residual(bodies[block]()), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(16, 10)).eval()
+    path = tmp_path / f"{block}.onnx"
+    torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    return ModelFile.open(path)
+
+
+@pytest.mark.parametrize("block", ["resnet", "mobilenet", "efficientnet"])
+def test_exported_residual_networks_are_pruned_whole_stream_included(tmp_path, block):
+    from host_tools.compress import Dataset
+    from host_tools.compress.torch.distill import teacher_parameters
+    model = _exported(tmp_path, block)
+    x = np.random.default_rng(0).standard_normal((128, 3, 16, 16)).astype(np.float32)
+    data = Dataset({"x": x}, None, "random")
+    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 2})]), train=data,
+                        eval_data=data, latency_runs=5, workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    # every convolution lost half its channels, the residual stream's too; only the classifier's 10 stay
+    assert teacher_parameters(report.result.model) < 0.4 * teacher_parameters(model), \
+        teacher_parameters(report.result.model) / teacher_parameters(model)
+    assert report.result.fidelity.cosine > 0.8  # the recovered model still answers like the original
+    assert _run(report.result.model.path, x[:3]).shape == (3, 10)

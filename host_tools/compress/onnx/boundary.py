@@ -104,3 +104,22 @@ def hoist_constants(model) -> int:
     for node in moved:
         graph.node.remove(node)
     return len(moved)
+
+
+def inline_constant_identities(model) -> int:
+    """Replace Identity nodes that copy an initializer with an initializer of their own (PyTorch's
+    exporter shares equal constants, e.g. the biases of BatchNorms folded into convolutions, this
+    way), so that each layer's parameter can change on its own; returns how many went."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    inlined = [n for n in graph.node if n.op_type == "Identity" and n.input and n.input[0] in inits]
+    for node in inlined:
+        tensor = type(inits[node.input[0]])()
+        tensor.CopyFrom(inits[node.input[0]])
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return len(inlined)

@@ -5,9 +5,9 @@
   after int8, where a zero weight is one zero byte).
 - ``onnx-prune-channels``: structured. Whole output channels of Conv/Gemm/MatMul layers are
   removed, with the matching input channels of the layers that read them, so the model is
-  smaller and faster on any runtime. Only patterns it can prune safely are touched (see
-  ``channels``): a layer whose output meets another branch (a residual Add), feeds a Concat or a
-  Reshape, or is a graph output keeps its channels, and the report says why.
+  smaller and faster on any runtime; layers tied by a residual Add or a gate lose the same
+  channels. Only patterns it can prune safely are touched (see ``channels``): channels that
+  reach a Concat, a Reshape, a LayerNorm or a graph output stay, and the report says why.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import hoist_constants, output_path
+from host_tools.compress.onnx.boundary import hoist_constants, inline_constant_identities, output_path
 from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
@@ -112,8 +112,9 @@ class OnnxChannelPruning(Pass):
         with failing_as(self.name, model):
             proto = onnx.load(str(model.path))
             hoist_constants(proto)  # exporters write biases and activation constants as Constant nodes
+            inline_constant_identities(proto)  # or share one through Identity nodes
             plan = plan_channel_pruning(proto, set(config.exclude))
-            if not plan.layers:
+            if not plan.groups:
                 raise NotApplicable(f"{model.path.name}: no layer whose channels can be removed safely "
                                     f"({plan.why_none()})")
             prune_channels(proto, plan, config.ratio, config.criterion)

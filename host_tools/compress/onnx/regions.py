@@ -1,0 +1,258 @@
+"""A weighted layer's *region*: what is computed from its output, channel by channel, up to the
+weighted layers that read it (see ``channels`` for how regions become pruning groups).
+
+The walk follows the graph in topological order from the layer's output through ops that treat
+channels independently — activations (also those written out as several ops, like GELU's
+x·(1 + erf(x/√2))/2 or SiLU's x·sigmoid(x)), depthwise convolutions, pooling and spatial
+reductions, BatchNormalization, scalar or per-channel constants added, multiplied and so on, and
+between a convolution and a fully connected layer a Flatten or a GlobalAveragePool — and records
+the per-channel constants on the way, the depthwise convolutions, the weighted layers that read
+the region (its *readers*) and where it meets a tensor from another branch (a residual Add, a
+squeeze-and-excitation gate's Mul), which only another layer's region can explain. Anything else
+stops the walk with the reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Elementwise ops of one data input (any other inputs are constants, e.g. Clip's bounds).
+UNARY_OPS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu", "HardSigmoid", "HardSwish", "Selu", "Softplus",
+             "Softsign", "Identity", "Dropout", "Erf", "Exp", "Neg", "Abs", "Sqrt", "Reciprocal", "Gelu", "Mish",
+             "Celu", "ThresholdedRelu"}
+BINARY_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
+POOL_OPS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool"}
+REDUCE_OPS = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2"}
+WEIGHTED_OPS = {"Conv", "Gemm", "MatMul"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a region tensor keeps the layer's channels: axis 1 of a feature map ("map"), or the
+    last axis ("vec"), in blocks of *block* features after a Flatten."""
+    kind: str
+    rank: int | None
+    block: int = 1
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A weighted layer that reads a pruned layer's channels as its input channels."""
+    node: str
+    weight: str
+    axis: int  # the weight's input-channel axis
+    block: int = 1  # flattened features per channel at this reader (H*W after a Flatten)
+
+
+@dataclass
+class Graph:
+    nodes: list
+    consts: dict  # initializer name -> TensorProto
+    shapes: dict[str, list]
+    uses: Counter
+    outputs: set[str]
+    readers: dict[str, list]  # tensor -> the nodes that read it
+
+
+@dataclass
+class Region:
+    channels: int
+    tensors: dict[str, Layout] = field(default_factory=dict)
+    params: dict[str, int] = field(default_factory=dict)  # per-channel constant -> its channel axis
+    readers: dict[str, Reader] = field(default_factory=dict)  # by node name
+    depthwise: set[str] = field(default_factory=set)  # depthwise convs in it: their group = channels
+    meets: list[tuple[str, Layout, str]] = field(default_factory=list)  # (other tensor, its layout here, op)
+    why: str | None = None  # why its channels must stay, if they must
+
+
+def output_axis(node, consts) -> int | None:
+    """The output-channel axis of a weighted node's constant weight; None if it has none we can prune."""
+    if len(node.input) < 2 or node.input[1] not in consts:
+        return None
+    dims = list(consts[node.input[1]].dims)
+    if node.op_type == "Conv" and len(dims) >= 3 and attr(node, "group", 1) == 1:
+        return 0
+    if node.op_type == "Gemm" and len(dims) == 2 and attr(node, "transA", 0) == 0:
+        return 0 if attr(node, "transB", 0) else 1
+    if node.op_type == "MatMul" and len(dims) == 2:
+        return 1
+    return None
+
+
+def walk_region(index: int, channels: int, g: Graph) -> Region:
+    """The region of the weighted node ``g.nodes[index]`` (its output has *channels* channels)."""
+    node = g.nodes[index]
+    region = Region(channels)
+    bias = node.input[2] if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 else ""
+    if bias and (bias not in g.consts or g.uses[bias] > 1):
+        region.why = "its bias is not a constant of its own"
+        return region
+    if bias and int(np.prod(list(g.consts[bias].dims) or [1])) > 1:  # [C], or Gemm's [1, C]
+        region.params[bias] = len(g.consts[bias].dims) - 1
+    if node.op_type == "Conv":
+        start = Layout("map", len(g.consts[node.input[1]].dims))
+    else:
+        shape = g.shapes.get(node.output[0])
+        start = Layout("vec", 2 if node.op_type == "Gemm" else (len(shape) if shape else None))
+    waiting = 0  # reads of region tensors not yet visited
+
+    def enter(tensor: str, layout: Layout) -> str | None:
+        nonlocal waiting
+        if tensor in g.outputs:
+            return "its output is a graph output"
+        region.tensors[tensor] = layout
+        waiting += len(g.readers.get(tensor, []))
+        return None
+
+    why = enter(node.output[0], start)
+    for nxt in g.nodes[index + 1:]:
+        if why or not waiting:
+            break
+        inside = [name for name in nxt.input if name in region.tensors]
+        if inside:
+            waiting -= len(inside)
+            why = _step(nxt, region, g, enter)
+    region.why = why or (None if region.readers else "no weighted layer reads its output")
+    return region
+
+
+def _step(node, region: Region, g: Graph, enter) -> str | None:
+    op, data, tensors = node.op_type, node.input[0], region.tensors
+    if op == "Conv" and _depthwise(node, region.channels, g):
+        return _through_depthwise(node, region, g, enter)
+    if op in WEIGHTED_OPS:
+        return _reader(node, region, g)
+    if op in BINARY_OPS:
+        layout = tensors[next(name for name in node.input if name in tensors)]
+        for name in node.input:
+            if name in tensors:
+                if tensors[name] != layout:
+                    return f"{op} of its output in two layouts"
+            elif name not in g.consts:
+                region.meets.append((name, layout, op))
+            elif not _per_channel_const(name, layout, region, g):
+                return f"{op} with a constant that is not per channel"
+        return enter(node.output[0], layout)
+    if op not in UNARY_OPS | POOL_OPS | REDUCE_OPS | {"PRelu", "BatchNormalization", "Flatten"}:
+        return f"its output feeds {op}"
+    if data not in tensors:
+        return f"its output is an extra input of {op}"
+    layout = tensors[data]
+    if any(name in tensors or (name and name not in g.consts) for name in node.input[1:]):
+        return f"{op} with an input that is not a constant"
+    if op in UNARY_OPS:
+        if not all(_scalar(g.consts[name]) for name in node.input[1:] if name):
+            return f"{op} with bounds that are not scalars"
+        return enter(node.output[0], layout)
+    if op == "PRelu":
+        return enter(node.output[0], layout) if _per_channel_const(node.input[1], layout, region, g) else \
+            "PRelu slope is not per channel"
+    if op == "BatchNormalization" and (layout.kind == "map" or (layout.rank == 2 and layout.block == 1)):
+        if any(g.uses[name] > 1 for name in node.input[1:5]):
+            return "BatchNormalization parameters shared with another node"
+        region.params.update((name, 0) for name in node.input[1:5])
+        return enter(node.output[0], layout)
+    if op in POOL_OPS and layout.kind == "map":
+        return enter(node.output[0], layout)
+    if op in REDUCE_OPS and layout.kind == "map":
+        return _through_spatial_reduce(node, layout, g, enter)
+    if op == "Flatten" and layout.kind == "map" and attr(node, "axis", 1) == 1:
+        shape = g.shapes.get(data)
+        if not shape or None in shape[2:]:
+            return "unknown spatial size before Flatten"
+        return enter(node.output[0], Layout("vec", 2, int(np.prod(shape[2:], dtype=np.int64))))
+    return f"{op} across its channels"
+
+
+def _through_spatial_reduce(node, layout: Layout, g: Graph, enter) -> str | None:
+    """A mean (or max, sum…) over the spatial axes only, as squeeze-and-excitation blocks take it."""
+    rank = layout.rank or 0
+    if len(node.input) > 1 and node.input[1]:
+        axes = [int(a) for a in np.asarray(_array(g.consts[node.input[1]])).ravel()]
+    else:
+        axes = list(next((a.ints for a in node.attribute if a.name == "axes"), []))
+    axes = sorted(a % rank for a in axes) if rank else axes
+    if not axes or 0 in axes or 1 in axes:
+        return f"{node.op_type} across its channels"
+    if attr(node, "keepdims", 1):
+        return enter(node.output[0], layout)
+    if axes == list(range(2, rank)):
+        return enter(node.output[0], Layout("vec", 2))
+    return f"{node.op_type} over part of the spatial axes"
+
+
+def _depthwise(node, channels: int, g: Graph) -> bool:
+    """A convolution of each channel on its own (MobileNet's 3x3s): it keeps channels apart."""
+    weight = g.consts.get(node.input[1]) if len(node.input) > 1 else None
+    return weight is not None and attr(node, "group", 1) == channels == weight.dims[0] and weight.dims[1] == 1
+
+
+def _through_depthwise(node, region: Region, g: Graph, enter) -> str | None:
+    layout = region.tensors.get(node.input[0])
+    if layout is None or any(name in region.tensors for name in node.input[1:]) or layout.kind != "map":
+        return "consumed by a depthwise Conv it cannot shrink"
+    if any(g.uses[name] > 1 for name in node.input[1:] if name):
+        return "depthwise Conv weight shared with another node"
+    region.params.update((name, 0) for name in node.input[1:] if name)
+    region.depthwise.add(node.name)
+    return enter(node.output[0], layout)
+
+
+def _reader(node, region: Region, g: Graph) -> str | None:
+    op, tensors = node.op_type, region.tensors
+    axis = output_axis(node, g.consts)
+    if axis is None or node.input[0] not in tensors or any(name in tensors for name in node.input[1:]):
+        return f"consumed by a {op} it cannot shrink"
+    layout = tensors[node.input[0]]
+    if op == "Conv" and (layout.kind != "map" or layout.rank != len(g.consts[node.input[1]].dims)):
+        return "a convolution after a fully connected layer or a flatten"
+    if op != "Conv" and layout.kind == "map":
+        return f"{op} applied to a feature map"
+    if op == "Gemm" and layout.rank != 2:
+        return "Gemm of a tensor that is not 2-D"
+    if g.uses[node.input[1]] > 1:
+        return "consumer weight shared with another node"
+    region.readers[node.name] = Reader(node.name, node.input[1], 1 if op == "Conv" else 1 - axis, layout.block)
+    return None
+
+
+def _scalar(init) -> bool:
+    return int(np.prod(list(init.dims) or [1])) == 1
+
+
+def _array(init) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(init)
+
+
+def _per_channel_const(name: str, layout: Layout, region: Region, g: Graph) -> bool:
+    """A scalar, or one value per channel broadcast along the layout's channel axis; the latter is
+    recorded for slicing (it must belong to this region alone)."""
+    init = g.consts[name]
+    if _scalar(init):
+        return True
+    dims = list(init.dims)
+    if g.uses[name] > 1 or layout.block != 1:
+        return False
+    if layout.kind == "map":
+        rank = layout.rank or 0
+        axis = 1 - (rank - len(dims))  # the constant's own axis lined up with the map's axis 1
+        if len(dims) > rank or axis < 0:
+            return False
+    else:
+        axis = len(dims) - 1
+    if dims[axis] != region.channels or any(d != 1 for i, d in enumerate(dims) if i != axis):
+        return False
+    region.params[name] = axis
+    return True
+
+
+def attr(node, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return a.i
+    return default
