@@ -41,14 +41,14 @@ def _run(path, x):
 
 def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_path):
     """SiLU and GELU written out as several ops, a per-channel scale, GlobalAveragePool + Flatten into a
-    fully connected layer, a bias Add with the bias first (as PyTorch exports it). Half of each layer's
+    fully connected layer (with a [1, N] bias), a bias Add with the bias first (as PyTorch exports it). Half of each layer's
     channels have zero weights and bias, and every activation here maps 0 to 0: removing exactly those
     channels, and the matching inputs of the layers reading them, must change no output."""
     rng = np.random.default_rng(3)
     odd = [1, 3, 5, 7]
     inits = {"w1": _silent(rng, (8, 3, 3, 3), 0, odd), "b1": np.where(np.isin(np.arange(8), odd), 0, 0.5),
              "scale": rng.uniform(0.5, 2, (8, 1, 1)), "w2": _silent(rng, (8, 8, 3, 3), 0, odd),
-             "g1": _silent(rng, (6, 8), 0, [0, 2, 4]), "g1b": np.array([0, 0.1, 0, 0.2, 0, 0.3]),
+             "g1": _silent(rng, (6, 8), 0, [0, 2, 4]), "g1b": np.array([[0, 0.1, 0, 0.2, 0, 0.3]]),
              "sqrt2": np.array(np.sqrt(2)), "one": np.array(1.0), "half": np.array(0.5),
              "w3": rng.standard_normal((6, 4)), "b3": rng.standard_normal(4)}
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -69,7 +69,7 @@ def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_pat
     pruned = report.result.model.path
     shapes = {i.name: list(i.dims) for i in onnx.load(str(pruned)).graph.initializer}
     assert shapes["w1"] == [4, 3, 3, 3] and shapes["b1"] == [4] and shapes["scale"] == [4, 1, 1]
-    assert shapes["w2"] == [4, 4, 3, 3] and shapes["g1"] == [3, 4] and shapes["g1b"] == [3] and shapes["w3"] == [3, 4]
+    assert shapes["w2"] == [4, 4, 3, 3] and shapes["g1"] == [3, 4] and shapes["g1b"] == [1, 3] and shapes["w3"] == [3, 4]
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(_run(pruned, x), _run(model.path, x), rtol=1e-5, atol=1e-5)
 
