@@ -66,6 +66,7 @@ def test_bad_input_is_one_line(tmp_path):
         (("--max-drop", "1"), 2, "need --eval"),
         (("--recipe", "int3"), 1, "no recipe named 'int3'"),
         (("--recipe", "int8-static"), 1, "needs calibration data"),
+        (("--recipe", "channels-50"), 1, "recover_epochs needs inputs to train on"),
         (("--pass", "onnx-static per_channel=maybe", "--calib", CALIB), 1, "must be bool"),
         (("--recipe", tmp_path / "missing.toml"), 1, "does not exist"),
         (("--recipe", "int8-static", "--calib", tmp_path / "gone.npz"), 1, "gone.npz does not exist"),

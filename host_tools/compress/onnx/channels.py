@@ -51,6 +51,12 @@ class Plan:
         reasons = Counter(self.skipped.values())
         return "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3)) or "no Conv, Gemm or MatMul"
 
+    def summary(self) -> str:
+        """One line: what is pruned, and how much stays whole and why."""
+        layers = sum(len(g.producers) for g in self.groups)
+        line = f"{layers} layer{'s' * (layers != 1)} in {len(self.groups)} group{'s' * (len(self.groups) != 1)}"
+        return f"{line}; left whole: {len(self.skipped)} ({self.why_none()})" if self.skipped else line
+
 
 def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
     """Constants must be initializers (``boundary.hoist_constants``) to be seen as constants."""

@@ -23,7 +23,7 @@ from host_tools.compress.data import Dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import hoist_constants, inline_constant_identities, output_path
 from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
-from host_tools.compress.passes import Pass, PassConfig, failing_as, register
+from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
 PRUNABLE_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -108,6 +108,8 @@ class OnnxChannelPruning(Pass):
             raise NotApplicable(f"ratio must be between 0 and 1, not {config.ratio}")
         if config.recover_epochs > 0 and importlib.util.find_spec("torch") is None:
             raise ConfigError(f"{self.name} recover_epochs needs PyTorch: pip install 'edgefleet[distill]'")
+        if config.recover_epochs > 0 and config.calibration is None:
+            raise ConfigError(f"{self.name} recover_epochs needs inputs to train on (--train or --calib)")
         pruned_path = output_path(workdir, model, f"channels{round(config.ratio * 100)}")
         with failing_as(self.name, model):
             proto = onnx.load(str(model.path))
@@ -117,6 +119,7 @@ class OnnxChannelPruning(Pass):
             if not plan.groups:
                 raise NotApplicable(f"{model.path.name}: no layer whose channels can be removed safely "
                                     f"({plan.why_none()})")
+            progress(f"      pruning {config.ratio:.0%} of the channels of {plan.summary()}")
             prune_channels(proto, plan, config.ratio, config.criterion)
             onnx.save(proto, str(pruned_path))
         pruned = ModelFile(pruned_path, "onnx")
