@@ -41,9 +41,10 @@ def _run(path, x):
 
 def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_path):
     """SiLU and GELU written out as several ops, a per-channel scale, GlobalAveragePool + Flatten into a
-    fully connected layer (with a [1, N] bias), a bias Add with the bias first (as PyTorch exports it). Half of each layer's
-    channels have zero weights and bias, and every activation here maps 0 to 0: removing exactly those
-    channels, and the matching inputs of the layers reading them, must change no output."""
+    fully connected layer (with a [1, N] bias), a bias Add with the bias first (as PyTorch exports
+    it). Half of each layer's channels have zero weights and bias, and every activation here maps 0
+    to 0: removing exactly those channels, and the matching inputs of the layers reading them, must
+    change no output."""
     rng = np.random.default_rng(3)
     odd = [1, 3, 5, 7]
     inits = {"w1": _silent(rng, (8, 3, 3, 3), 0, odd), "b1": np.where(np.isin(np.arange(8), odd), 0, 0.5),
@@ -69,7 +70,8 @@ def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_pat
     pruned = report.result.model.path
     shapes = {i.name: list(i.dims) for i in onnx.load(str(pruned)).graph.initializer}
     assert shapes["w1"] == [4, 3, 3, 3] and shapes["b1"] == [4] and shapes["scale"] == [4, 1, 1]
-    assert shapes["w2"] == [4, 4, 3, 3] and shapes["g1"] == [3, 4] and shapes["g1b"] == [1, 3] and shapes["w3"] == [3, 4]
+    assert shapes["w2"] == [4, 4, 3, 3] and shapes["g1"] == [3, 4] and shapes["g1b"] == [1, 3]
+    assert shapes["w3"] == [3, 4]
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(_run(pruned, x), _run(model.path, x), rtol=1e-5, atol=1e-5)
 
@@ -78,8 +80,7 @@ def _conv_then(tmp_path, between, extra_inits=None, spatial=6):
     """x [1,8,s,s] -> conv1 -> *between* (reading "c1", writing "z") -> conv2 -> y."""
     rng = np.random.default_rng(0)
     inits = {"w1": rng.standard_normal((8, 8, 3, 3)), **(extra_inits or {})}
-    out_channels = 16 if any(n.op_type == "Concat" for n in between) else 8
-    inits["w2"] = rng.standard_normal((4, out_channels, 1, 1))
+    inits["w2"] = rng.standard_normal((4, 8, 1, 1))
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]), *between,
              helper.make_node("Conv", ["z", "w2"], ["y"], name="conv2")]
     return _model(nodes, inits, [1, 8, spatial, spatial], [1, 4, spatial, spatial], tmp_path / "m.onnx")
@@ -88,12 +89,13 @@ def _conv_then(tmp_path, between, extra_inits=None, spatial=6):
 @pytest.mark.parametrize("between, inits, spatial, why", [
     ([helper.make_node("Relu", ["c1"], ["r"]), helper.make_node("Add", ["r", "x"], ["z"])], {}, 6,
      "meets another branch at Add (a residual connection"),
-    ([helper.make_node("Concat", ["c1", "x"], ["z"], axis=1)], {}, 6, "feeds Concat"),
+    ([helper.make_node("Transpose", ["c1"], ["t"], perm=[0, 1, 3, 2]), helper.make_node("Relu", ["t"], ["z"])], {}, 6,
+     "feeds Transpose"),
     # one value per column, not per channel: broadcasting lines a rank-1 constant up with the last axis
     ([helper.make_node("Mul", ["c1", "cols"], ["z"])], {"cols": np.arange(8.0)}, 8,
      "Mul with a constant that is not per channel"),
     ([helper.make_node("Softmax", ["c1"], ["z"], axis=1)], {}, 6, "feeds Softmax"),
-], ids=["residual", "concat", "per-column constant", "softmax"])
+], ids=["residual", "transpose", "per-column constant", "softmax"])
 def test_patterns_it_cannot_prune_safely_are_left_whole_and_named(tmp_path, between, inits, spatial, why):
     model = _conv_then(tmp_path, between, inits, spatial)
     report = run_recipe(model, steps([("onnx-prune-channels", {})]), latency_runs=5, workdir=tmp_path)
@@ -308,3 +310,35 @@ def test_exported_residual_networks_are_pruned_whole_stream_included(tmp_path, b
         teacher_parameters(report.result.model) / teacher_parameters(model)
     assert report.result.fidelity.cosine > 0.8  # the recovered model still answers like the original
     assert _run(report.result.model.path, x[:3]).shape == (3, 10)
+
+
+def test_channels_joined_by_a_concat_are_pruned_each_from_its_own_layer(tmp_path):
+    """A U-Net-style skip connection: the encoder's features and the decoder's upsampled ones are
+    concatenated with the input itself, then read by one convolution. Each layer loses its own
+    channels at its offset in the joined tensor; the input's channels stay; a per-channel scale
+    after the join loses the entries of both."""
+    rng = np.random.default_rng(17)
+    enc_silent, dec_silent = [0, 1, 4, 5], [2, 3, 6, 7]
+    scale = rng.uniform(0.5, 2, (1, 19, 1, 1))
+    inits = {"enc": _silent(rng, (8, 3, 3, 3), 0, enc_silent), "dec": _silent(rng, (8, 8, 1, 1), 0, dec_silent),
+             "scale": scale, "out": rng.standard_normal((2, 19, 3, 3))}
+    nodes = [helper.make_node("Conv", ["x", "enc"], ["e"], name="enc", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["e"], ["e1"]),
+             helper.make_node("MaxPool", ["e1"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p", "dec"], ["d"], name="dec"), helper.make_node("Relu", ["d"], ["d1"]),
+             helper.make_node("Resize", ["d1", "", "factors"], ["up"], mode="nearest"),
+             helper.make_node("Concat", ["e1", "x", "up"], ["cat"], axis=1),
+             helper.make_node("Mul", ["cat", "scale"], ["scaled"]),
+             helper.make_node("Conv", ["scaled", "out"], ["y"], name="out", pads=[1, 1, 1, 1])]
+    inits["factors"] = np.array([1, 1, 2, 2])
+    model = _model(nodes, inits, [2, 3, 8, 8], [2, 2, 8, 8], tmp_path / "m.onnx")
+    plan = plan_channel_pruning(onnx.load(str(model.path)), set())
+    assert [(g.producers[0].node, g.readers[0].node, g.readers[0].offsets) for g in plan.groups] == \
+        [("enc", "dec", (0,)), ("dec", "out", (11,))]
+    assert plan.groups[0].params["scale"] == (1, (0,))  # enc's channels also reach "out" at offset 0
+    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
+    shapes = {i.name: list(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer}
+    assert shapes["enc"][0] == shapes["dec"][1] == shapes["dec"][0] == 4
+    assert shapes["out"] == [2, 11, 3, 3] and shapes["scale"] == [1, 11, 1, 1]  # 4 + the input's 3 + 4
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(report.result.model.path, x), _run(model.path, x), rtol=1e-5, atol=1e-5)

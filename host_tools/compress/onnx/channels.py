@@ -9,9 +9,10 @@ that loses the same channels (a ResNet stage's width: its first convolution and 
 last one). Removing channel c of a group means removing output channel c of each of its layers,
 input channel c of each reader (or its c-th block of flattened features), entry c of every
 per-channel constant and channel c of every depthwise convolution in its regions. A group with
-any member that cannot be pruned — a region that reaches a graph output, a Concat, a Reshape, a
+any member that cannot be pruned — a region that reaches a graph output, a Split, a Reshape, a
 LayerNorm, or meets a branch that no layer's channels explain (the graph's input) — keeps its
-channels, and the plan records why for each member.
+channels, and the plan records why for each member. Channels joined by a Concat stay each
+their own layer's, at their offsets in the joined tensor.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Group:
     """Layers whose channels are pruned together, and everything their channels reach."""
     producers: list[Producer]
     channels: int
-    params: dict[str, int] = field(default_factory=dict)  # per-channel constant -> its channel axis
+    params: dict[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)  # constant -> (axis, offsets)
     readers: list[Reader] = field(default_factory=list)
     depthwise: set[str] = field(default_factory=set)
 
@@ -145,37 +146,50 @@ def _why_not(indices: list[int], producers: list[Producer], regions: list[Region
 
 def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
     """Remove *ratio* of each group's channels, the least important by weight norm (summed over
-    the group's layers, each scaled to a mean of 1)."""
+    the group's layers, each scaled to a mean of 1; groups in graph order, each scored without the
+    inputs the groups before it removed). Every group names the indices it removes from each
+    tensor it touches; each tensor is then cut once, so groups whose channels were joined by a
+    Concat each remove their own."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in proto.graph.initializer}
-    arrays: dict[str, np.ndarray] = {}
+    removed: dict[tuple[str, int], set[int]] = {}
 
-    def array(name: str) -> np.ndarray:
-        if name not in arrays:
-            arrays[name] = numpy_helper.to_array(inits[name])
-        return arrays[name]
+    def scored(name: str) -> np.ndarray:
+        """A producer's weight without the inputs that earlier groups (upstream, in graph order) removed."""
+        array = numpy_helper.to_array(inits[name])
+        for (target, axis), gone in removed.items():
+            if target == name:
+                array = np.delete(array, sorted(gone), axis=axis)
+        return array
+
+    def drop(name: str, axis: int, gone, offsets=(0,), block: int = 1) -> None:
+        removed.setdefault((name, axis), set()).update(
+            int((o + c) * block + b) for o in offsets for c in gone for b in range(block))
 
     for group in plan.groups:
         score = np.zeros(group.channels)
         for p in group.producers:
-            moved = np.moveaxis(array(p.weight), p.axis, 0).reshape(group.channels, -1)
+            moved = np.moveaxis(scored(p.weight), p.axis, 0).reshape(group.channels, -1)
             norm = np.abs(moved).sum(axis=1) if criterion == "l1" else np.sqrt((moved ** 2).sum(axis=1))
             score += norm / (norm.mean() or 1.0)
         keep_count = max(1, int(round(group.channels * (1 - ratio))))
-        keep = np.sort(np.argsort(-score, kind="stable")[:keep_count])
+        gone = np.setdiff1d(np.arange(group.channels), np.argsort(-score, kind="stable")[:keep_count])
         for p in group.producers:
-            arrays[p.weight] = np.take(array(p.weight), keep, axis=p.axis)
-        for name, axis in group.params.items():
-            if array(name).ndim and array(name).shape[axis] == group.channels:
-                arrays[name] = np.take(array(name), keep, axis=axis)
+            drop(p.weight, p.axis, gone)
+        for name, (axis, offsets) in group.params.items():
+            drop(name, axis, gone, offsets)
         for reader in group.readers:
-            features = (keep[:, None] * reader.block + np.arange(reader.block)[None, :]).ravel()
-            arrays[reader.weight] = np.take(array(reader.weight), features, axis=reader.axis)
-        for node in proto.graph.node:
-            if node.name in group.depthwise:
-                next(a for a in node.attribute if a.name == "group").i = len(keep)
+            drop(reader.weight, reader.axis, gone, reader.offsets, reader.block)
+    arrays: dict[str, np.ndarray] = {}
+    for (name, axis), gone in removed.items():
+        array = arrays.get(name, numpy_helper.to_array(inits[name]))
+        arrays[name] = np.delete(array, sorted(gone), axis=axis)
     for name, value in arrays.items():
         inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
+    depthwise = set().union(*(g.depthwise for g in plan.groups)) if plan.groups else set()
+    for node in proto.graph.node:
+        if node.name in depthwise:
+            next(a for a in node.attribute if a.name == "group").i = int(arrays[node.input[1]].shape[0])
     # Shapes recorded for intermediate tensors are stale now; runtimes infer them again.
     del proto.graph.value_info[:]

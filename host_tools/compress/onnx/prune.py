@@ -7,7 +7,7 @@
   removed, with the matching input channels of the layers that read them, so the model is
   smaller and faster on any runtime; layers tied by a residual Add or a gate lose the same
   channels. Only patterns it can prune safely are touched (see ``channels``): channels that
-  reach a Concat, a Reshape, a LayerNorm or a graph output stay, and the report says why.
+  reach a Split, a Reshape, a LayerNorm or a graph output stay, and the report says why.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ weighted layers that read it (see ``channels`` for how regions become pruning gr
 
 The walk follows the graph in topological order from the layer's output through ops that treat
 channels independently — activations (also those written out as several ops, like GELU's
-x·(1 + erf(x/√2))/2 or SiLU's x·sigmoid(x)), depthwise convolutions, pooling and spatial
-reductions, BatchNormalization, scalar or per-channel constants added, multiplied and so on, and
+x·(1 + erf(x/√2))/2 or SiLU's x·sigmoid(x)), depthwise convolutions, pooling, upsampling and
+spatial reductions, BatchNormalization, scalar or per-channel constants added, multiplied and so
+on, a Concat with other channels (the region goes on at its offsets in the joined tensor), and
 between a convolution and a fully connected layer a Flatten or a GlobalAveragePool — and records
 the per-channel constants on the way, the depthwise convolutions, the weighted layers that read
 the region (its *readers*) and where it meets a tensor from another branch (a residual Add, a
@@ -15,7 +16,7 @@ stops the walk with the reason.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -32,10 +33,13 @@ WEIGHTED_OPS = {"Conv", "Gemm", "MatMul"}
 @dataclass(frozen=True)
 class Layout:
     """Where a region tensor keeps the layer's channels: axis 1 of a feature map ("map"), or the
-    last axis ("vec"), in blocks of *block* features after a Flatten."""
+    last axis ("vec"), in blocks of *block* features after a Flatten; after a Concat, at *offsets*
+    of a tensor *width* channels wide (None: the tensor is the layer's channels alone)."""
     kind: str
     rank: int | None
     block: int = 1
+    offsets: tuple[int, ...] = (0,)
+    width: int | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Reader:
     weight: str
     axis: int  # the weight's input-channel axis
     block: int = 1  # flattened features per channel at this reader (H*W after a Flatten)
+    offsets: tuple[int, ...] = (0,)  # where the channels start among its inputs (after a Concat)
 
 
 @dataclass
@@ -61,9 +66,9 @@ class Graph:
 class Region:
     channels: int
     tensors: dict[str, Layout] = field(default_factory=dict)
-    params: dict[str, int] = field(default_factory=dict)  # per-channel constant -> its channel axis
+    params: dict[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)  # constant -> (axis, offsets)
     readers: dict[str, Reader] = field(default_factory=dict)  # by node name
-    depthwise: set[str] = field(default_factory=set)  # depthwise convs in it: their group = channels
+    depthwise: set[str] = field(default_factory=set)  # depthwise convs in it: their group = their channels
     meets: list[tuple[str, Layout, str]] = field(default_factory=list)  # (other tensor, its layout here, op)
     why: str | None = None  # why its channels must stay, if they must
 
@@ -91,7 +96,7 @@ def walk_region(index: int, channels: int, g: Graph) -> Region:
         region.why = "its bias is not a constant of its own"
         return region
     if bias and int(np.prod(list(g.consts[bias].dims) or [1])) > 1:  # [C], or Gemm's [1, C]
-        region.params[bias] = len(g.consts[bias].dims) - 1
+        region.params[bias] = (len(g.consts[bias].dims) - 1, (0,))
     if node.op_type == "Conv":
         start = Layout("map", len(g.consts[node.input[1]].dims))
     else:
@@ -121,10 +126,12 @@ def walk_region(index: int, channels: int, g: Graph) -> Region:
 
 def _step(node, region: Region, g: Graph, enter) -> str | None:
     op, data, tensors = node.op_type, node.input[0], region.tensors
-    if op == "Conv" and _depthwise(node, region.channels, g):
+    if op == "Conv" and node.input[0] in tensors and _depthwise(node, tensors[node.input[0]], region, g):
         return _through_depthwise(node, region, g, enter)
     if op in WEIGHTED_OPS:
         return _reader(node, region, g)
+    if op == "Concat":
+        return _through_concat(node, region, g, enter)
     if op in BINARY_OPS:
         layout = tensors[next(name for name in node.input if name in tensors)]
         for name in node.input:
@@ -132,11 +139,13 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
                 if tensors[name] != layout:
                     return f"{op} of its output in two layouts"
             elif name not in g.consts:
+                if layout.width is not None:
+                    return f"its output meets another branch at {op} after a Concat"
                 region.meets.append((name, layout, op))
             elif not _per_channel_const(name, layout, region, g):
                 return f"{op} with a constant that is not per channel"
         return enter(node.output[0], layout)
-    if op not in UNARY_OPS | POOL_OPS | REDUCE_OPS | {"PRelu", "BatchNormalization", "Flatten"}:
+    if op not in UNARY_OPS | POOL_OPS | REDUCE_OPS | {"PRelu", "BatchNormalization", "Flatten", "Resize"}:
         return f"its output feeds {op}"
     if data not in tensors:
         return f"its output is an extra input of {op}"
@@ -153,18 +162,47 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
     if op == "BatchNormalization" and (layout.kind == "map" or (layout.rank == 2 and layout.block == 1)):
         if any(g.uses[name] > 1 for name in node.input[1:5]):
             return "BatchNormalization parameters shared with another node"
-        region.params.update((name, 0) for name in node.input[1:5])
+        region.params.update((name, (0, layout.offsets)) for name in node.input[1:5])
         return enter(node.output[0], layout)
     if op in POOL_OPS and layout.kind == "map":
         return enter(node.output[0], layout)
+    if op == "Resize" and layout.kind == "map":
+        scales = node.input[2] if len(node.input) > 2 else ""
+        if len(node.input) > 3 and node.input[3] or not scales or _array(g.consts[scales])[:2].tolist() != [1, 1]:
+            return "Resize that is not by spatial scales"
+        return enter(node.output[0], layout)  # upsampling: each channel on its own
     if op in REDUCE_OPS and layout.kind == "map":
         return _through_spatial_reduce(node, layout, g, enter)
     if op == "Flatten" and layout.kind == "map" and attr(node, "axis", 1) == 1:
         shape = g.shapes.get(data)
         if not shape or None in shape[2:]:
             return "unknown spatial size before Flatten"
-        return enter(node.output[0], Layout("vec", 2, int(np.prod(shape[2:], dtype=np.int64))))
+        return enter(node.output[0], replace(layout, kind="vec", rank=2, block=int(np.prod(shape[2:], dtype=np.int64))))
     return f"{op} across its channels"
+
+
+def _through_concat(node, region: Region, g: Graph, enter) -> str | None:
+    """Channels joined with others (a U-Net's skip connection, Inception's branches): the region
+    goes on at its offsets in the wider tensor; the other inputs' channels are not this layer's."""
+    tensors = region.tensors
+    layout = next(tensors[name] for name in node.input if name in tensors)
+    rank = layout.rank
+    axis = attr(node, "axis", 1) % rank if rank else None
+    if axis is None or axis != (1 if layout.kind == "map" else rank - 1) or layout.block != 1:
+        return "Concat along another axis"
+    offsets, width = [], 0
+    for name in node.input:
+        if name in tensors:
+            if replace(tensors[name], offsets=(0,), width=None) != replace(layout, offsets=(0,), width=None):
+                return "Concat of its output in two layouts"
+            offsets += [width + o for o in tensors[name].offsets]
+            width += tensors[name].width or region.channels
+        else:
+            shape = g.shapes.get(name)
+            if not shape or len(shape) != rank or not shape[axis]:
+                return "Concat with an input of unknown width"
+            width += shape[axis]
+    return enter(node.output[0], replace(layout, offsets=tuple(offsets), width=width))
 
 
 def _through_spatial_reduce(node, layout: Layout, g: Graph, enter) -> str | None:
@@ -180,14 +218,15 @@ def _through_spatial_reduce(node, layout: Layout, g: Graph, enter) -> str | None
     if attr(node, "keepdims", 1):
         return enter(node.output[0], layout)
     if axes == list(range(2, rank)):
-        return enter(node.output[0], Layout("vec", 2))
+        return enter(node.output[0], replace(layout, kind="vec", rank=2))
     return f"{node.op_type} over part of the spatial axes"
 
 
-def _depthwise(node, channels: int, g: Graph) -> bool:
+def _depthwise(node, layout: Layout, region: Region, g: Graph) -> bool:
     """A convolution of each channel on its own (MobileNet's 3x3s): it keeps channels apart."""
     weight = g.consts.get(node.input[1]) if len(node.input) > 1 else None
-    return weight is not None and attr(node, "group", 1) == channels == weight.dims[0] and weight.dims[1] == 1
+    width = layout.width or region.channels
+    return weight is not None and attr(node, "group", 1) == width == weight.dims[0] and weight.dims[1] == 1
 
 
 def _through_depthwise(node, region: Region, g: Graph, enter) -> str | None:
@@ -196,7 +235,7 @@ def _through_depthwise(node, region: Region, g: Graph, enter) -> str | None:
         return "consumed by a depthwise Conv it cannot shrink"
     if any(g.uses[name] > 1 for name in node.input[1:] if name):
         return "depthwise Conv weight shared with another node"
-    region.params.update((name, 0) for name in node.input[1:] if name)
+    region.params.update((name, (0, layout.offsets)) for name in node.input[1:] if name)
     region.depthwise.add(node.name)
     return enter(node.output[0], layout)
 
@@ -215,7 +254,8 @@ def _reader(node, region: Region, g: Graph) -> str | None:
         return "Gemm of a tensor that is not 2-D"
     if g.uses[node.input[1]] > 1:
         return "consumer weight shared with another node"
-    region.readers[node.name] = Reader(node.name, node.input[1], 1 if op == "Conv" else 1 - axis, layout.block)
+    region.readers[node.name] = Reader(node.name, node.input[1], 1 if op == "Conv" else 1 - axis, layout.block,
+                                       layout.offsets)
     return None
 
 
@@ -245,9 +285,9 @@ def _per_channel_const(name: str, layout: Layout, region: Region, g: Graph) -> b
             return False
     else:
         axis = len(dims) - 1
-    if dims[axis] != region.channels or any(d != 1 for i, d in enumerate(dims) if i != axis):
+    if dims[axis] != (layout.width or region.channels) or any(d != 1 for i, d in enumerate(dims) if i != axis):
         return False
-    region.params[name] = axis
+    region.params[name] = (axis, layout.offsets)
     return True
 
 
