@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 
 from device_agent.cli import fail_cleanly
-from device_agent.errors import ConfigError
 from host_tools.cli.base import broker_option, host_client, json_option, main, signed_request, signing_options
 from host_tools.terminal import console
 
@@ -90,10 +89,11 @@ def device_config(device_id, assignments, resets, broker, timeout, signing_key, 
 @json_option
 @fail_cleanly
 def bench(bundle_path, device_id, broker, runs, warmup, timeout, signing_key, expires_in, as_json) -> None:
+    from device_agent.bundle.archive import BundleReader
     from host_tools.ask import bench_bundle
 
-    if not bundle_path.is_file():
-        raise ConfigError(f"bundle {bundle_path} does not exist")
+    with BundleReader(bundle_path) as reader:  # a missing or broken bundle fails before anything is sent
+        reader.manifest
     if not as_json:
         console(stderr=True).print(f"benchmarking {bundle_path.name} on {device_id} "
                                    f"({warmup} warm-up + {runs} runs)...")

@@ -89,9 +89,13 @@ def test_rolling_back_a_device_that_is_not_there_times_out(mosquitto, keys):
     assert result.returncode == 1 and json.loads(result.stdout)["ghost-8"]["state"] == "timed_out"
 
 
-def test_bench_of_a_missing_bundle_is_one_line(mosquitto, tmp_path, keys):
+def test_bench_of_a_missing_or_broken_bundle_is_one_line(mosquitto, tmp_path, keys):
     result = edgefleet("bench", tmp_path / "nope.efb", "--device", "pi-1", "--broker", mosquitto)
     assert_one_line_error(result, "error:", "nope.efb does not exist")
+    (tmp_path / "model.onnx").write_bytes(b"not a bundle")
+    broken = edgefleet("bench", tmp_path / "model.onnx", "--device", "pi-1", "--broker", mosquitto)
+    assert_one_line_error(broken, "error:", "model.onnx is not a readable bundle")
+    assert "benchmarking" not in broken.stderr
 
 
 def test_sending_a_command_without_a_signing_key_is_one_line(mosquitto, make_bundle, tmp_path):
