@@ -125,7 +125,8 @@ def walk_region(index: int, channels: int, g: Graph) -> Region:
 
 
 def _step(node, region: Region, g: Graph, enter) -> str | None:
-    op, data, tensors = node.op_type, node.input[0], region.tensors
+    """Take *node*, which reads a region tensor, into the region; or say why it cannot be."""
+    op, tensors = node.op_type, region.tensors
     if op == "Conv" and node.input[0] in tensors and _depthwise(node, tensors[node.input[0]], region, g):
         return _through_depthwise(node, region, g, enter)
     if op in WEIGHTED_OPS:
@@ -133,25 +134,38 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
     if op == "Concat":
         return _through_concat(node, region, g, enter)
     if op in BINARY_OPS:
-        layout = tensors[next(name for name in node.input if name in tensors)]
-        for name in node.input:
-            if name in tensors:
-                if tensors[name] != layout:
-                    return f"{op} of its output in two layouts"
-            elif name not in g.consts:
-                if layout.width is not None:
-                    return f"its output meets another branch at {op} after a Concat"
-                region.meets.append((name, layout, op))
-            elif not _per_channel_const(name, layout, region, g):
-                return f"{op} with a constant that is not per channel"
-        return enter(node.output[0], layout)
+        return _through_binary(node, region, g, enter)
     if op not in UNARY_OPS | POOL_OPS | REDUCE_OPS | {"PRelu", "BatchNormalization", "Flatten", "Resize"}:
         return f"its output feeds {op}"
-    if data not in tensors:
+    if node.input[0] not in tensors:
         return f"its output is an extra input of {op}"
-    layout = tensors[data]
     if any(name in tensors or (name and name not in g.consts) for name in node.input[1:]):
         return f"{op} with an input that is not a constant"
+    return _through_one_input(node, region, g, enter)
+
+
+def _through_binary(node, region: Region, g: Graph, enter) -> str | None:
+    """Add, Mul…: with constants (scalar or per channel), with the region itself (x·sigmoid(x)), or
+    with another branch, which only a layer whose channels are tied to these can explain."""
+    op, tensors = node.op_type, region.tensors
+    layout = tensors[next(name for name in node.input if name in tensors)]
+    for name in node.input:
+        if name in tensors:
+            if tensors[name] != layout:
+                return f"{op} of its output in two layouts"
+        elif name not in g.consts:
+            if layout.width is not None:
+                return f"its output meets another branch at {op} after a Concat"
+            region.meets.append((name, layout, op))
+        elif not _per_channel_const(name, layout, region, g):
+            return f"{op} with a constant that is not per channel"
+    return enter(node.output[0], layout)
+
+
+def _through_one_input(node, region: Region, g: Graph, enter) -> str | None:
+    """Ops of one data input (the others constants) that keep channels apart."""
+    op, data = node.op_type, node.input[0]
+    layout = region.tensors[data]
     if op in UNARY_OPS:
         if not all(_scalar(g.consts[name]) for name in node.input[1:] if name):
             return f"{op} with bounds that are not scalars"
@@ -177,7 +191,8 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
         shape = g.shapes.get(data)
         if not shape or None in shape[2:]:
             return "unknown spatial size before Flatten"
-        return enter(node.output[0], replace(layout, kind="vec", rank=2, block=int(np.prod(shape[2:], dtype=np.int64))))
+        block = int(np.prod(shape[2:], dtype=np.int64))
+        return enter(node.output[0], replace(layout, kind="vec", rank=2, block=block))
     return f"{op} across its channels"
 
 
