@@ -1,10 +1,10 @@
 """The compression toolkit on the reference models, side by side with plain quantize_dynamic.
 
-    python benchmarks/compression.py           # the three reference models, 400 timed runs per model
+    python benchmarks/compression.py           # the four reference models, 400 timed runs per model
     python benchmarks/compression.py --quick   # 100 timed runs per model
 
-For each reference model (models/digits_cnn.onnx, digits_transformer.onnx, digits_vgg.onnx) it makes, in
-one run: plain ``onnxruntime.quantization.quantize_dynamic`` at its defaults (the baseline users
+For each reference model (models/digits_cnn.onnx, digits_transformer.onnx, digits_vgg.onnx,
+digits_resnet.onnx) it makes, in one run: plain ``onnxruntime.quantization.quantize_dynamic`` at its defaults (the baseline users
 start from); edgefleet's named recipes (int8-dynamic, int8-static, int4-weights, sparse-int8,
 channels-50, distill); and ``--auto --max-drop 1`` for size and for speed. Calibration on
 digits_calib.npz, training (distillation, pruning recovery) on digits_train.npz, every number
@@ -36,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", nargs="*",
-                        default=["digits_cnn.onnx", "digits_transformer.onnx", "digits_vgg.onnx"])
+                        default=["digits_cnn.onnx", "digits_transformer.onnx", "digits_vgg.onnx", "digits_resnet.onnx"])
     args = parser.parse_args()
     runs = 100 if args.quick else 400
     print(machine_line())

@@ -10,7 +10,8 @@ from device_agent.runtime import load_runtime
 from tests.conftest import MODELS
 
 
-@pytest.mark.parametrize("meta_file", ["digits_cnn.json", "digits_transformer.json", "digits_vgg.json"])
+@pytest.mark.parametrize("meta_file", ["digits_cnn.json", "digits_transformer.json", "digits_vgg.json",
+                                       "digits_resnet.json"])
 def test_committed_model_reaches_its_recorded_accuracy(meta_file):
     meta = json.loads((MODELS / meta_file).read_text())
     with np.load(MODELS / "digits_heldout.npz") as data:
