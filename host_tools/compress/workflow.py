@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import platform
 import shutil
 import tempfile
@@ -255,7 +257,10 @@ def apply_pass(cls, config, model: ModelFile, workdir: Path) -> Measured:
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     try:
-        result = cls().run(model, config, workdir)
+        # What libraries print (ONNX Runtime's calibrators report their histograms on stdout) would
+        # mix into the report a user pipes from --json; the pass's own progress goes to stderr.
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = cls().run(model, config, workdir)
     except NotApplicable as exc:
         return Measured(cls.name, model, "skipped", str(exc), config.to_dict())
     except (CompressionError, ModelError) as exc:

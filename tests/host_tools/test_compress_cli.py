@@ -52,6 +52,14 @@ def test_auto_as_json(tmp_path):
     assert "distilling into a" in result.stderr
 
 
+def test_json_is_all_that_stdout_carries_even_when_a_library_prints(tmp_path):
+    """ONNX Runtime's entropy calibrator prints its histogram steps on stdout."""
+    result = edgefleet("compress", MODEL, "--pass", "onnx-preprocess", "--pass", "onnx-static method=entropy",
+                       "--calib", CALIB, "-o", tmp_path / "e.onnx", "--json", "--latency-runs", 10)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["steps"][-1]["status"] == "ok"
+
+
 def test_list_shows_every_pass_and_recipe():
     doc = json.loads(edgefleet("compress", "--list", "--json").stdout)
     assert {"onnx-static", "onnx-dynamic", "onnx-fp16", "onnx-int4", "onnx-preprocess"} <= set(doc["passes"])
