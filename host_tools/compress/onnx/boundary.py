@@ -119,7 +119,8 @@ def inline_constant_identities(model) -> int:
         tensor.name = node.output[0]
         graph.initializer.append(tensor)
         graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    for init in [i for i in graph.initializer if i.name not in used]:
+    sources = {node.input[0] for node in inlined}
+    used = {name for node in graph.node for name in node.input} | {v.name for v in (*graph.output, *graph.input)}
+    for init in [i for i in graph.initializer if i.name in sources and i.name not in used]:
         graph.initializer.remove(init)
     return len(inlined)
