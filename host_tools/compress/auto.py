@@ -72,8 +72,16 @@ ONNX_LADDER = (
     Candidate("fp16", (Step("onnx-fp16"),)),
     Candidate("50% sparse, static int8", (Step("onnx-prune-magnitude", {"sparsity": 0.5}), _PRE,
                                           Step("onnx-static", {"per_channel": True})), needs_calibration=True),
+    Candidate("50% sparse, static int8, 7-bit weights",
+              (Step("onnx-prune-magnitude", {"sparsity": 0.5}), _PRE,
+               Step("onnx-static", {"per_channel": True, "reduce_range": True})),
+              needs_calibration=True, if_missed="50% sparse, static int8"),
     Candidate("80% sparse, static int8", (Step("onnx-prune-magnitude", {"sparsity": 0.8}), _PRE,
                                           Step("onnx-static", {"per_channel": True})), needs_calibration=True),
+    Candidate("80% sparse, static int8, 7-bit weights",
+              (Step("onnx-prune-magnitude", {"sparsity": 0.8}), _PRE,
+               Step("onnx-static", {"per_channel": True, "reduce_range": True})),
+              needs_calibration=True, if_missed="80% sparse, static int8"),
     Candidate("25% channels pruned, recovered", (Step("onnx-prune-channels", {"ratio": 0.25, "recover_epochs": 30}),),
               needs_calibration=True),
     Candidate("50% channels pruned, recovered", (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}),),
@@ -81,6 +89,10 @@ ONNX_LADDER = (
     Candidate("50% channels pruned, recovered, static int8",
               (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}), _PRE,
                Step("onnx-static", {"per_channel": True})), needs_calibration=True),
+    Candidate("50% channels pruned, recovered, static int8, 7-bit weights",  # the pruned model is shared
+              (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}), _PRE,
+               Step("onnx-static", {"per_channel": True, "reduce_range": True})),
+              needs_calibration=True, if_missed="50% channels pruned, recovered, static int8"),
     Candidate("distilled student, 25% of the parameters", (Step("distill"),), needs_calibration=True),
 )
 TFLITE_LADDER = (
