@@ -295,6 +295,8 @@ def _exported(tmp_path, block: str):
     return ModelFile.open(path)
 
 
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
 @pytest.mark.parametrize("block", ["resnet", "mobilenet", "efficientnet"])
 def test_exported_residual_networks_are_pruned_whole_stream_included(tmp_path, block):
     from host_tools.compress import Dataset
