@@ -89,11 +89,11 @@ def device_config(device_id, assignments, resets, broker, timeout, signing_key, 
 @json_option
 @fail_cleanly
 def bench(bundle_path, device_id, broker, runs, warmup, timeout, signing_key, expires_in, as_json) -> None:
-    from device_agent.bundle.archive import BundleReader
+    from device_agent.bundle import BundleReader
     from host_tools.ask import bench_bundle
 
-    with BundleReader(bundle_path) as reader:  # a missing or broken bundle fails before anything is sent
-        reader.manifest
+    with BundleReader(bundle_path):  # one clear line if it is not a bundle, before anything is sent
+        pass
     if not as_json:
         console(stderr=True).print(f"benchmarking {bundle_path.name} on {device_id} "
                                    f"({warmup} warm-up + {runs} runs)...")
