@@ -47,18 +47,25 @@ class Candidate:
     if_missed: str | None = None
 
 
-# "7-bit weights": ONNX Runtime's u8 x s8 kernels can saturate on x86 CPUs without VNNI (most with
-# per-channel scales, docs/compression.md); 7-bit weights cannot. Tried when the 8-bit form loses.
+def _and_7_bit(candidate: Candidate) -> tuple[Candidate, Candidate]:
+    """*candidate* (static int8 last), then the same with 7-bit weights, tried only if it loses too
+    much. ONNX Runtime's u8 x s8 kernels can saturate on x86 CPUs without VNNI (most with per-channel
+    scales, docs/compression.md); 7-bit weights cannot. The passes before the quantizing one are the
+    same, so --auto runs them once for both."""
+    *before, last = candidate.steps
+    seven = Step(last.pass_name, {**last.options, "reduce_range": True})
+    return candidate, Candidate(f"{candidate.name}, 7-bit weights", (*before, seven), candidate.needs_calibration,
+                                if_missed=candidate.name)
+
+
 ONNX_LADDER = (
     Candidate("dynamic int8", (_PRE, Step("onnx-dynamic"), Step("onnx-int8-params"))),
     Candidate("dynamic int8, MatMul/Gemm only", (_PRE, Step("onnx-dynamic", {"op_types": ["MatMul", "Gemm"]}))),
     Candidate("dynamic int8, 7-bit weights", (_PRE, Step("onnx-dynamic", {"reduce_range": True}),
                                               Step("onnx-int8-params")), if_missed="dynamic int8"),
     Candidate("static int8 per-tensor", (_PRE, Step("onnx-static")), needs_calibration=True),
-    Candidate("static int8 per-channel", (_PRE, Step("onnx-static", {"per_channel": True})), needs_calibration=True),
-    Candidate("static int8 per-channel, 7-bit weights",
-              (_PRE, Step("onnx-static", {"per_channel": True, "reduce_range": True})),
-              needs_calibration=True, if_missed="static int8 per-channel"),
+    *_and_7_bit(Candidate("static int8 per-channel", (_PRE, Step("onnx-static", {"per_channel": True})),
+                          needs_calibration=True)),
     Candidate("static int8 per-channel, entropy",
               (_PRE, Step("onnx-static", {"per_channel": True, "method": "entropy"})),
               needs_calibration=True, if_missed="static int8 per-channel"),
@@ -70,29 +77,19 @@ ONNX_LADDER = (
               needs_calibration=True, if_missed="static int8, 1 sensitive node in float"),
     Candidate("int4 MatMul weights", (Step("onnx-preprocess", {"optimize": False}), Step("onnx-int4"))),
     Candidate("fp16", (Step("onnx-fp16"),)),
-    Candidate("50% sparse, static int8", (Step("onnx-prune-magnitude", {"sparsity": 0.5}), _PRE,
-                                          Step("onnx-static", {"per_channel": True})), needs_calibration=True),
-    Candidate("50% sparse, static int8, 7-bit weights",
-              (Step("onnx-prune-magnitude", {"sparsity": 0.5}), _PRE,
-               Step("onnx-static", {"per_channel": True, "reduce_range": True})),
-              needs_calibration=True, if_missed="50% sparse, static int8"),
-    Candidate("80% sparse, static int8", (Step("onnx-prune-magnitude", {"sparsity": 0.8}), _PRE,
-                                          Step("onnx-static", {"per_channel": True})), needs_calibration=True),
-    Candidate("80% sparse, static int8, 7-bit weights",
-              (Step("onnx-prune-magnitude", {"sparsity": 0.8}), _PRE,
-               Step("onnx-static", {"per_channel": True, "reduce_range": True})),
-              needs_calibration=True, if_missed="80% sparse, static int8"),
+    *_and_7_bit(Candidate("50% sparse, static int8", (Step("onnx-prune-magnitude", {"sparsity": 0.5}), _PRE,
+                                                      Step("onnx-static", {"per_channel": True})),
+                          needs_calibration=True)),
+    *_and_7_bit(Candidate("80% sparse, static int8", (Step("onnx-prune-magnitude", {"sparsity": 0.8}), _PRE,
+                                                      Step("onnx-static", {"per_channel": True})),
+                          needs_calibration=True)),
     Candidate("25% channels pruned, recovered", (Step("onnx-prune-channels", {"ratio": 0.25, "recover_epochs": 30}),),
               needs_calibration=True),
     Candidate("50% channels pruned, recovered", (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}),),
               needs_calibration=True),
-    Candidate("50% channels pruned, recovered, static int8",
-              (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}), _PRE,
-               Step("onnx-static", {"per_channel": True})), needs_calibration=True),
-    Candidate("50% channels pruned, recovered, static int8, 7-bit weights",  # the pruned model is shared
-              (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}), _PRE,
-               Step("onnx-static", {"per_channel": True, "reduce_range": True})),
-              needs_calibration=True, if_missed="50% channels pruned, recovered, static int8"),
+    *_and_7_bit(Candidate("50% channels pruned, recovered, static int8",
+                          (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}), _PRE,
+                           Step("onnx-static", {"per_channel": True})), needs_calibration=True)),
     Candidate("distilled student, 25% of the parameters", (Step("distill"),), needs_calibration=True),
 )
 TFLITE_LADDER = (
