@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = [helper.make_opsetid("", 17)]
 
 
-def _save(graph, path: Path) -> Path:
+def save(graph, path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=OPSET, producer_name="edgefleet-tests")
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -43,7 +43,7 @@ def mlp_with_constant_weights(path: Path, features: int = 64, hidden: int = 128,
     graph = helper.make_graph(nodes, "mlp",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])])
-    return _save(graph, path)
+    return save(graph, path)
 
 
 def text_encoder(path: Path, vocab: int = 100, dim: int = 32, classes: int = 4) -> Path:
@@ -71,7 +71,7 @@ def text_encoder(path: Path, vocab: int = 100, dim: int = 32, classes: int = 4) 
                         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "tokens"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes]),
          helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", dim])], inits)
-    return _save(graph, path)
+    return save(graph, path)
 
 
 def text_encoder_data(count: int, tokens: int = 12, vocab: int = 100) -> dict[str, np.ndarray]:
@@ -99,4 +99,4 @@ def gru_with_state(path: Path, features: int = 16, hidden: int = 32) -> Path:
                        helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "batch", hidden])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "time", hidden]),
          helper.make_tensor_value_info("h_next", TensorProto.FLOAT, [1, "batch", hidden])], inits)
-    return _save(graph, path)
+    return save(graph, path)

@@ -19,11 +19,7 @@ def _model(nodes, inits, x_shape, y_shape, path):
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
                               [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=graphs.OPSET)
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return ModelFile.open(path)
+    return ModelFile.open(graphs.save(graph, path))
 
 
 def _silent(rng, shape, axis, silent):
