@@ -187,7 +187,7 @@ def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
         arrays[name] = np.delete(array, sorted(gone), axis=axis)
     for name, value in arrays.items():
         inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
-    depthwise = set().union(*(g.depthwise for g in plan.groups)) if plan.groups else set()
+    depthwise = set().union(*(g.depthwise for g in plan.groups))
     for node in proto.graph.node:
         if node.name in depthwise:
             next(a for a in node.attribute if a.name == "group").i = int(arrays[node.input[1]].shape[0])
