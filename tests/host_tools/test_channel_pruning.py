@@ -7,9 +7,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from host_tools.compress import ModelFile, run_recipe
+from host_tools.compress import ModelFile, load_recipe, run_recipe
 from host_tools.compress.onnx.boundary import hoist_constants
 from host_tools.compress.onnx.channels import plan_channel_pruning
+from host_tools.compress.onnx.regions import Param
 from tests.conftest import MODELS
 from tests.host_tools import graphs
 from tests.host_tools.test_compress import HELDOUT, TRAIN, steps
@@ -99,29 +100,117 @@ def test_patterns_it_cannot_prune_safely_are_left_whole_and_named(tmp_path, betw
     assert not report.compressed and report.result is report.original
 
 
-def test_in_the_transformer_the_feed_forward_layers_are_pruned_and_attention_is_left_whole():
+def test_in_the_transformer_heads_feed_forward_width_and_residual_stream_are_all_pruned():
     proto = onnx.load(str(MODELS / "digits_transformer.onnx"))
     hoist_constants(proto)
     plan = plan_channel_pruning(proto, set())
-    assert sorted(p.node for group in plan.groups for p in group.producers) == \
-        [f"/blocks/blocks.{i}/mlp/mlp.0/MatMul" for i in (0, 1)]
-    assert all([r.node for r in group.readers] == [group.producers[0].node.replace("mlp.0", "mlp.2")]
-               for group in plan.groups)
-    assert plan.skipped["/blocks/blocks.0/attn/qkv/MatMul"] == "its output feeds Reshape"
-    # the residual stream they write into runs through LayerNorms, which mix its channels
-    assert plan.skipped["/blocks/blocks.0/mlp/mlp.2/MatMul"] == "its output feeds LayerNormalization"
-    assert plan.skipped["/blocks/blocks.1/attn/out/MatMul"] == "its output feeds LayerNormalization"
+    groups = {g.producers[0].node: g for g in plan.groups}
+    block = "/blocks/blocks.{}/{}/MatMul".format
+    # the residual stream: the embedding and every block's last layers write into it, LayerNorms and
+    # every block's first layers (and the classifier) read it
+    stream = groups["/embed/MatMul"]
+    assert [p.node for p in stream.producers] == ["/embed/MatMul"] + [block(i, layer) for i in (0, 1)
+                                                                     for layer in ("attn/out", "mlp/mlp.2")]
+    assert sorted(r.node for r in stream.readers) == \
+        sorted(block(i, layer) for i in (0, 1) for layer in ("attn/qkv", "mlp/mlp.0")) + ["/head/Gemm"]
+    assert {"position", "blocks.0.norm1.weight", "blocks.1.norm2.bias", "norm.weight"} <= set(stream.params)
+    for i in (0, 1):
+        heads = groups[block(i, "attn/qkv")]  # 4 heads of 16 in each of Q, K and V
+        assert heads.channels == 4 and (heads.producers[0].offsets, heads.producers[0].block) == ((0, 4, 8), 16)
+        assert [(r.node, r.block) for r in heads.readers] == [(block(i, "attn/out"), 16)]
+        assert [entry[1:] for entry in heads.reshapes] == [(0, 1), (0, 16)]  # [n, t, 3, 4, 16] and [n, t, 64]
+        assert groups[block(i, "mlp/mlp.0")].channels == 128
+    assert plan.skipped == {"/head/Gemm": "its output is a graph output"}
 
 
-def test_the_transformers_feed_forward_layers_halved_and_recovered_keep_its_accuracy(tmp_path):
+def test_the_transformer_halved_everywhere_and_recovered_keeps_its_accuracy(tmp_path):
     model = ModelFile.open(MODELS / "digits_transformer.onnx")
-    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 8})]), train=TRAIN,
-                        eval_data=HELDOUT, latency_runs=10, workdir=tmp_path)
+    report = run_recipe(model, load_recipe("channels-50", "onnx"), train=TRAIN, eval_data=HELDOUT, latency_runs=10,
+                        workdir=tmp_path)
     assert report.steps[0].status == "ok", report.steps[0].note
     shapes = {i.name: list(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer}
-    assert shapes["blocks.0.mlp.0.bias"] == [64] and shapes["blocks.1.mlp.0.bias"] == [64]
-    assert report.result.size_bytes < 0.8 * report.original.size_bytes
+    assert shapes["blocks.0.mlp.0.bias"] == [64] and shapes["blocks.1.attn.qkv.bias"] == [96]  # 3 x 2 heads of 16
+    assert shapes["position"] == [1, 16, 32] and shapes["norm.weight"] == [32] and shapes["head.weight"] == [10, 32]
+    assert report.result.size_bytes < 0.35 * report.original.size_bytes
     assert report.result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
+
+
+def _attention(tmp_path, style: str = "fused", variant: str = ""):
+    """One attention layer (4 heads of 8) as PyTorch exports it, heads 1 and 3 silent (their Q, K and V
+    weights and biases zero): a fused QKV layer as in the reference transformer (its sections taken
+    apart by unpacking or by indexing), or separate Q, K and V layers as in BERT-style encoders; with
+    an additive mask input [n, 1, 1, t] that broadcasts over the heads."""
+    import torch
+    from torch import nn
+
+    dim, heads = 32, 4
+    size = dim // heads
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+            self.scale = nn.Parameter(torch.rand(1, heads, 1, 1) + 0.5)
+
+        def forward(self, x, mask):
+            n, t, _ = x.shape
+            if style == "fused":
+                qkv = self.qkv(x).reshape(n, t, 3, heads, size).permute(2, 0, 3, 1, 4)
+                q, k, v = qkv.unbind(0) if variant != "index" else (qkv[0], qkv[1], qkv[2])
+            else:
+                q, k, v = (f(x).view(n, t, heads, size).transpose(1, 2) for f in (self.q, self.k, self.v))
+            scores = q @ k.transpose(-1, -2) / size ** 0.5 + mask
+            scores = scores * self.scale if variant == "per-head scale" else scores
+            weights = torch.softmax(scores, dim=1 if variant == "softmax over heads" else -1)
+            return self.out((weights @ v).transpose(1, 2).reshape(n, t, dim))
+
+    torch.manual_seed(0)
+    net = Attention().eval()
+    with torch.no_grad():
+        silent = [i for h in (1, 3) for i in range(h * size, (h + 1) * size)]
+        for layer, sections in ((net.qkv, 3), (net.q, 1), (net.k, 1), (net.v, 1)):
+            rows = [s * dim + i for s in range(sections) for i in silent]
+            layer.weight[rows] = 0
+            layer.bias[rows] = 0
+    path = tmp_path / f"attention-{style}-{variant}.onnx"
+    torch.onnx.export(net, (torch.randn(1, 6, dim), torch.zeros(1, 1, 1, 6)), str(path), input_names=["x", "mask"],
+                      output_names=["y"], opset_version=17, dynamo=False,
+                      dynamic_axes={"x": {0: "n", 1: "t"}, "mask": {0: "n", 3: "t"}, "y": {0: "n", 1: "t"}})
+    return ModelFile.open(path)
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
+@pytest.mark.parametrize("style, variant", [("fused", ""), ("fused", "index"), ("separate", "")])
+def test_attention_heads_that_carry_nothing_are_removed_and_every_output_stays(tmp_path, style, variant):
+    """Removing the two silent heads (every section's block of them, the output projection's rows for
+    them, the head count in both Reshapes) must change no output, for any batch and token count."""
+    model = _attention(tmp_path, style, variant)
+    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
+    assert report.steps[0].status == "ok", report.steps[0].note
+    pruned = onnx.load(str(report.result.model.path))
+    weights = sorted(list(i.dims) for i in pruned.graph.initializer if len(i.dims) == 2)
+    assert weights == ([[16, 32], [32, 48]] if style == "fused" else [[16, 32]] + [[32, 16]] * 3)
+    rng = np.random.default_rng(5)
+    feeds = {"x": rng.standard_normal((3, 9, 32)).astype(np.float32),
+             "mask": np.where(rng.random((3, 1, 1, 9)) < 0.3, -1e4, 0).astype(np.float32)}
+
+    def run(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+    np.testing.assert_allclose(run(report.result.model.path), run(model.path), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
+@pytest.mark.parametrize("variant, why", [("per-head scale", "Mul with a constant per head"),
+                                          ("softmax over heads", "Softmax across its heads")])
+def test_attention_that_mixes_its_heads_is_left_whole_and_named(tmp_path, variant, why):
+    proto = onnx.load(str(_attention(tmp_path, "fused", variant).path))
+    hoist_constants(proto)
+    plan = plan_channel_pruning(proto, set())
+    assert plan.groups == [] and list(plan.skipped.values()) == [why, "its output is a graph output"]
 
 
 def test_a_layer_read_by_two_branches_loses_the_same_channels_in_both(tmp_path):
@@ -333,7 +422,7 @@ def test_channels_joined_by_a_concat_are_pruned_each_from_its_own_layer(tmp_path
     plan = plan_channel_pruning(onnx.load(str(model.path)), set())
     assert [(g.producers[0].node, g.readers[0].node, g.readers[0].offsets) for g in plan.groups] == \
         [("enc", "dec", (0,)), ("dec", "out", (11,))]
-    assert plan.groups[0].params["scale"] == (1, (0,))  # enc's channels also reach "out" at offset 0
+    assert plan.groups[0].params["scale"] == Param(1, (0,))  # enc's channels also reach "out" at offset 0
     report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
     shapes = {i.name: list(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer}
     assert shapes["enc"][0] == shapes["dec"][1] == shapes["dec"][0] == 4

@@ -9,10 +9,12 @@ that loses the same channels (a ResNet stage's width: its first convolution and 
 last one). Removing channel c of a group means removing output channel c of each of its layers,
 input channel c of each reader (or its c-th block of flattened features), entry c of every
 per-channel constant and channel c of every depthwise convolution in its regions. A group with
-any member that cannot be pruned — a region that reaches a graph output, a Split, a Reshape, a
-LayerNorm, or meets a branch that no layer's channels explain (the graph's input) — keeps its
+any member that cannot be pruned — a region that reaches a graph output, a Split or a Reshape
+it cannot follow, or meets a branch that no layer's channels explain (the graph's input) — keeps its
 channels, and the plan records why for each member. Channels joined by a Concat stay each
-their own layer's, at their offsets in the joined tensor.
+their own layer's, at their offsets in the joined tensor. An attention layer's unit is a head
+(``heads``): removing head h removes its block of outputs in each section (Q, K, V) and rewrites
+the shape constants of the Reshapes that split and merge the heads.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from host_tools.compress.onnx.boundary import consumers
-from host_tools.compress.onnx.regions import Graph, Reader, Region, output_axis, walk_region
+from host_tools.compress.onnx.regions import Graph, Param, Reader, Region, output_axis, walk_region
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class Producer:
     node: str
     weight: str
     axis: int  # the weight's output-channel axis
+    offsets: tuple[int, ...] = (0,)  # unit c is outputs (o + c)·block + i: a head in each of a fused layer's sections
+    block: int = 1
 
 
 @dataclass
@@ -38,9 +42,10 @@ class Group:
     """Layers whose channels are pruned together, and everything their channels reach."""
     producers: list[Producer]
     channels: int
-    params: dict[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)  # constant -> (axis, offsets)
+    params: dict[str, Param] = field(default_factory=dict)
     readers: list[Reader] = field(default_factory=list)
     depthwise: set[str] = field(default_factory=set)
+    reshapes: list[tuple[str, int, int]] = field(default_factory=list)  # (shape constant, entry, per unit)
 
 
 @dataclass
@@ -68,8 +73,8 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
         axis = output_axis(node, g.consts)
         if axis is None:
             continue
-        producers.append(Producer(node.name, node.input[1], axis))
         region = walk_region(index, int(g.consts[node.input[1]].dims[axis]), g)
+        producers.append(Producer(node.name, node.input[1], axis, region.out_offsets, region.out_block))
         if node.name in exclude:
             region.why = "excluded"
         elif g.uses[node.input[1]] > 1:
@@ -86,6 +91,7 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
         for i in indices:
             group.params.update(regions[i].params)
             group.depthwise |= regions[i].depthwise
+            group.reshapes += [r for r in regions[i].reshapes if r not in group.reshapes]
             group.readers += [r for r in regions[i].readers.values() if r not in group.readers]
         groups.append(group)
     return Plan(groups, skipped)
@@ -94,13 +100,16 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
 def _graph(proto) -> Graph:
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(proto)
+    try:  # data propagation follows the shapes PyTorch computes for Reshapes (batch, tokens, heads, size)
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 — then only what plain inference knows
+        inferred = onnx.shape_inference.infer_shapes(proto)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
     graph = proto.graph
     return Graph(list(graph.node), {i.name: i for i in graph.initializer}, shapes,
                  Counter(name for node in graph.node for name in node.input), {o.name for o in graph.output},
-                 consumers(graph))
+                 consumers(graph), {name: node for node in graph.node for name in node.output})
 
 
 def _tie(regions: list[Region]) -> list[list[int]]:
@@ -170,17 +179,22 @@ def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
     for group in plan.groups:
         score = np.zeros(group.channels)
         for p in group.producers:
-            moved = np.moveaxis(scored(p.weight), p.axis, 0).reshape(group.channels, -1)
+            units = [[(o + c) * p.block + i for o in p.offsets for i in range(p.block)] for c in range(group.channels)]
+            moved = np.moveaxis(scored(p.weight), p.axis, 0)[units].reshape(group.channels, -1)
             norm = np.abs(moved).sum(axis=1) if criterion == "l1" else np.sqrt((moved ** 2).sum(axis=1))
             score += norm / (norm.mean() or 1.0)
         keep_count = max(1, int(round(group.channels * (1 - ratio))))
         gone = np.setdiff1d(np.arange(group.channels), np.argsort(-score, kind="stable")[:keep_count])
         for p in group.producers:
-            drop(p.weight, p.axis, gone)
-        for name, (axis, offsets) in group.params.items():
-            drop(name, axis, gone, offsets)
+            drop(p.weight, p.axis, gone, p.offsets, p.block)
+        for name, param in group.params.items():
+            drop(name, param.axis, gone, param.offsets, param.block)
         for reader in group.readers:
             drop(reader.weight, reader.axis, gone, reader.offsets, reader.block)
+        for name, entry, per_unit in group.reshapes:
+            shape = numpy_helper.to_array(inits[name]).copy()
+            shape.reshape(-1)[entry] -= len(gone) * per_unit
+            inits[name].CopyFrom(numpy_helper.from_array(shape, name))
     arrays: dict[str, np.ndarray] = {}
     for (name, axis), gone in removed.items():
         array = arrays.get(name, numpy_helper.to_array(inits[name]))

@@ -33,13 +33,16 @@ WEIGHTED_OPS = {"Conv", "Gemm", "MatMul"}
 @dataclass(frozen=True)
 class Layout:
     """Where a region tensor keeps the layer's channels: axis 1 of a feature map ("map"), or the
-    last axis ("vec"), in blocks of *block* features after a Flatten; after a Concat, at *offsets*
-    of a tensor *width* channels wide (None: the tensor is the layer's channels alone)."""
+    last axis ("vec"), in blocks of *block* features after a Flatten (or of a head's features
+    after heads are merged); after a Concat, at *offsets* of a tensor *width* channels wide (None:
+    the tensor is the layer's channels alone). Attention heads ("heads", see ``heads``) sit on
+    axis *at*, one head per index."""
     kind: str
     rank: int | None
     block: int = 1
     offsets: tuple[int, ...] = (0,)
     width: int | None = None
+    at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,16 +63,31 @@ class Graph:
     uses: Counter
     outputs: set[str]
     readers: dict[str, list]  # tensor -> the nodes that read it
+    made_by: dict  # tensor -> the node that writes it
+
+
+@dataclass(frozen=True)
+class Param:
+    """A constant with one entry per channel on *axis* (in blocks of *block*, at *offsets*)."""
+    axis: int
+    offsets: tuple[int, ...] = (0,)
+    block: int = 1
 
 
 @dataclass
 class Region:
+    """*channels*: the layer's pruning units — its output channels, or its attention heads once a
+    Reshape splits them into heads; then each unit is *out_block* outputs at each of *out_offsets*
+    (in units: sections, like Q, K and V, of one fused layer)."""
     channels: int
     tensors: dict[str, Layout] = field(default_factory=dict)
-    params: dict[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)  # constant -> (axis, offsets)
+    params: dict[str, Param] = field(default_factory=dict)
     readers: dict[str, Reader] = field(default_factory=dict)  # by node name
     depthwise: set[str] = field(default_factory=set)  # depthwise convs in it: their group = their channels
     meets: list[tuple[str, Layout, str]] = field(default_factory=list)  # (other tensor, its layout here, op)
+    reshapes: list[tuple[str, int, int]] = field(default_factory=list)  # (shape constant, entry, per unit)
+    out_offsets: tuple[int, ...] = (0,)
+    out_block: int = 1
     why: str | None = None  # why its channels must stay, if they must
 
 
@@ -96,7 +114,7 @@ def walk_region(index: int, channels: int, g: Graph) -> Region:
         region.why = "its bias is not a constant of its own"
         return region
     if bias and int(np.prod(list(g.consts[bias].dims) or [1])) > 1:  # [C], or Gemm's [1, C]
-        region.params[bias] = (len(g.consts[bias].dims) - 1, (0,))
+        region.params[bias] = Param(len(g.consts[bias].dims) - 1)
     if node.op_type == "Conv":
         start = Layout("map", len(g.consts[node.input[1]].dims))
     else:
@@ -126,7 +144,15 @@ def walk_region(index: int, channels: int, g: Graph) -> Region:
 
 def _step(node, region: Region, g: Graph, enter) -> str | None:
     """Take *node*, which reads a region tensor, into the region; or say why it cannot be."""
+    from host_tools.compress.onnx import heads  # (it builds on this module)
+
     op, tensors = node.op_type, region.tensors
+    if op == "Shape":
+        return _shape_read(node, tensors[node.input[0]], g)
+    if any(tensors[name].kind == "heads" for name in node.input if name in tensors):
+        return heads.step(node, region, g, enter)
+    if op == "Reshape" and node.input[0] in tensors and tensors[node.input[0]].kind == "vec":
+        return heads.split(node, region, g, enter)
     if op == "Conv" and node.input[0] in tensors and _depthwise(node, tensors[node.input[0]], region, g):
         return _through_depthwise(node, region, g, enter)
     if op in WEIGHTED_OPS:
@@ -135,13 +161,31 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
         return _through_concat(node, region, g, enter)
     if op in BINARY_OPS:
         return _through_binary(node, region, g, enter)
-    if op not in UNARY_OPS | POOL_OPS | REDUCE_OPS | {"PRelu", "BatchNormalization", "Flatten", "Resize"}:
+    if op not in UNARY_OPS | POOL_OPS | REDUCE_OPS | {"PRelu", "BatchNormalization", "LayerNormalization", "Flatten",
+                                                      "Resize"}:
         return f"its output feeds {op}"
     if node.input[0] not in tensors:
         return f"its output is an extra input of {op}"
     if any(name in tensors or (name and name not in g.consts) for name in node.input[1:]):
         return f"{op} with an input that is not a constant"
     return _through_one_input(node, region, g, enter)
+
+
+def _shape_read(node, layout: Layout, g: Graph) -> str | None:
+    """A Shape of a region tensor is fine when nothing takes the channel count from it (PyTorch reads
+    a transformer's batch and token counts this way)."""
+    axis = 1 if layout.kind == "map" else layout.at if layout.kind == "heads" else (layout.rank or 0) - 1
+    if layout.rank is None or axis < 0:
+        return "its shape is read (Shape) and its rank is unknown"
+    start, end = (min(max(v + layout.rank if v < 0 else v, 0), layout.rank)
+                  for v in (attr(node, "start", 0), attr(node, "end", layout.rank)))
+    if not start <= axis < end:
+        return None
+    for reader in g.readers.get(node.output[0], []):
+        indices = reader.input[1] if reader.op_type == "Gather" else ""
+        if indices not in g.consts or axis - start in [int(i) % (end - start) for i in _array(g.consts[indices]).ravel()]:
+            return "its channel count is read (Shape)"
+    return None
 
 
 def _through_binary(node, region: Region, g: Graph, enter) -> str | None:
@@ -176,8 +220,11 @@ def _through_one_input(node, region: Region, g: Graph, enter) -> str | None:
     if op == "BatchNormalization" and (layout.kind == "map" or (layout.rank == 2 and layout.block == 1)):
         if any(g.uses[name] > 1 for name in node.input[1:5]):
             return "BatchNormalization parameters shared with another node"
-        region.params.update((name, (0, layout.offsets)) for name in node.input[1:5])
+        region.params.update((name, Param(0, layout.offsets)) for name in node.input[1:5])
         return enter(node.output[0], layout)
+    if op == "LayerNormalization" and layout.kind == "vec" and layout.rank and \
+            attr(node, "axis", -1) % layout.rank == layout.rank - 1:
+        return _through_layer_norm(node, layout, region, g, enter)
     if op in POOL_OPS and layout.kind == "map":
         return enter(node.output[0], layout)
     if op == "Resize" and layout.kind == "map":
@@ -185,8 +232,8 @@ def _through_one_input(node, region: Region, g: Graph, enter) -> str | None:
         if len(node.input) > 3 and node.input[3] or not scales or _array(g.consts[scales])[:2].tolist() != [1, 1]:
             return "Resize that is not by spatial scales"
         return enter(node.output[0], layout)  # upsampling: each channel on its own
-    if op in REDUCE_OPS and layout.kind == "map":
-        return _through_spatial_reduce(node, layout, g, enter)
+    if op in REDUCE_OPS and (layout.kind == "map" or layout.rank):
+        return _through_reduce(node, layout, g, enter)
     if op == "Flatten" and layout.kind == "map" and attr(node, "axis", 1) == 1:
         shape = g.shapes.get(data)
         if not shape or None in shape[2:]:
@@ -220,21 +267,36 @@ def _through_concat(node, region: Region, g: Graph, enter) -> str | None:
     return enter(node.output[0], replace(layout, offsets=tuple(offsets), width=width))
 
 
-def _through_spatial_reduce(node, layout: Layout, g: Graph, enter) -> str | None:
-    """A mean (or max, sum…) over the spatial axes only, as squeeze-and-excitation blocks take it."""
+def _through_reduce(node, layout: Layout, g: Graph, enter) -> str | None:
+    """A mean (or max, sum…) over the spatial axes only, as squeeze-and-excitation blocks take it;
+    or over a vector's leading axes (a transformer's mean over its tokens)."""
     rank = layout.rank or 0
     if len(node.input) > 1 and node.input[1]:
         axes = [int(a) for a in np.asarray(_array(g.consts[node.input[1]])).ravel()]
     else:
-        axes = list(next((a.ints for a in node.attribute if a.name == "axes"), []))
+        axes = ints(node, "axes")
     axes = sorted(a % rank for a in axes) if rank else axes
-    if not axes or 0 in axes or 1 in axes:
+    channel_axis = 1 if layout.kind == "map" else rank - 1
+    if not axes or channel_axis in axes or (layout.kind == "map" and 0 in axes):
         return f"{node.op_type} across its channels"
     if attr(node, "keepdims", 1):
         return enter(node.output[0], layout)
+    if layout.kind == "vec":
+        return enter(node.output[0], replace(layout, rank=rank - len(axes)))
     if axes == list(range(2, rank)):
         return enter(node.output[0], replace(layout, kind="vec", rank=2))
     return f"{node.op_type} over part of the spatial axes"
+
+
+def _through_layer_norm(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
+    """LayerNorm over the channels: its scale and bias lose the pruned entries, and its statistics
+    come from the channels that stay — not the same numbers, which is what recovery trains for."""
+    if any(name in g.outputs or g.readers.get(name) for name in node.output[1:] if name):
+        return "LayerNormalization statistics read elsewhere"
+    if any(g.uses[name] > 1 for name in node.input[1:] if name):
+        return "LayerNormalization parameters shared with another node"
+    region.params.update((name, Param(0, layout.offsets, layout.block)) for name in node.input[1:] if name)
+    return enter(node.output[0], layout)
 
 
 def _depthwise(node, layout: Layout, region: Region, g: Graph) -> bool:
@@ -250,7 +312,7 @@ def _through_depthwise(node, region: Region, g: Graph, enter) -> str | None:
         return "consumed by a depthwise Conv it cannot shrink"
     if any(g.uses[name] > 1 for name in node.input[1:] if name):
         return "depthwise Conv weight shared with another node"
-    region.params.update((name, (0, layout.offsets)) for name in node.input[1:] if name)
+    region.params.update((name, Param(0, layout.offsets)) for name in node.input[1:] if name)
     region.depthwise.add(node.name)
     return enter(node.output[0], layout)
 
@@ -298,11 +360,14 @@ def _per_channel_const(name: str, layout: Layout, region: Region, g: Graph) -> b
         axis = 1 - (rank - len(dims))  # the constant's own axis lined up with the map's axis 1
         if len(dims) > rank or axis < 0:
             return False
+        if dims[axis] != (layout.width or region.channels) or any(d != 1 for i, d in enumerate(dims) if i != axis):
+            return False
     else:
+        # the channels last, other axes as they come (a transformer's position embedding, [1, tokens, C])
         axis = len(dims) - 1
-    if dims[axis] != (layout.width or region.channels) or any(d != 1 for i, d in enumerate(dims) if i != axis):
-        return False
-    region.params[name] = (axis, layout.offsets)
+        if dims[axis] != (layout.width or region.channels) or len(dims) > (layout.rank or len(dims)):
+            return False
+    region.params[name] = Param(axis, layout.offsets)
     return True
 
 
@@ -311,3 +376,7 @@ def attr(node, name: str, default):
         if a.name == name:
             return a.i
     return default
+
+
+def ints(node, name: str) -> list[int]:
+    return list(next((a.ints for a in node.attribute if a.name == name), []))

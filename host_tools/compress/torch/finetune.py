@@ -11,7 +11,7 @@ from host_tools.compress.model import ModelFile
 
 
 def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None, epochs: int,
-            labels_weight: float, workdir: Path, lr: float = 1e-3) -> ModelFile:
+            labels_weight: float, workdir: Path, lr: float = 3e-3) -> ModelFile:
     import onnx
 
     from host_tools.compress.torch.onnx_module import OnnxModule

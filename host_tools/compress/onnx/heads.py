@@ -1,0 +1,200 @@
+"""Attention heads: a layer's outputs followed, as whole heads, past the Reshape that splits them.
+
+Multi-head attention computes Q, K and V with one MatMul (or three), splits their last axis into
+[heads, head size] (or [sections, heads, head size] for a fused QKV layer) with a Reshape, moves
+the axes about with Transposes, takes softmax(Q·Kᵀ)·V head by head, and merges the heads back
+with a Reshape before the output projection. Such a layer is pruned by heads: its unit becomes a
+head — that head's block of outputs in every section — and the head axis is followed through
+what keeps heads apart: Transpose; Split, Gather and Squeeze on other axes; MatMul with the head
+axis among the batch axes; Softmax over a later axis; elementwise ops with scalars, or with
+masks that broadcast over the heads. The merging Reshape turns heads back into channels of
+*head size* features each, for the output projection to read; both Reshapes' shape constants are
+rewritten for the heads that stay. Anything else stops the walk with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from host_tools.compress.onnx.regions import BINARY_OPS, UNARY_OPS, Graph, Layout, Region, _array, _scalar, attr, ints
+
+
+def split(node, region: Region, g: Graph, enter) -> str | None:
+    """A Reshape of a layer's channels (the last axis): of the leading axes only (the channels stay
+    last), or splitting the channels into [heads, size] or [sections, heads, size]."""
+    layout = region.tensors[node.input[0]]
+    out = g.shapes.get(node.output[0])
+    features = (layout.width or region.channels) * layout.block
+    if not out or layout.rank is None:
+        return "Reshape to a shape it cannot infer"
+    trailing: list[int] = []  # the fewest last axes of the new shape that hold the channels
+    while len(trailing) < len(out) and np.prod(trailing, dtype=np.int64) < features:
+        if out[-1 - len(trailing)] is None:
+            break
+        trailing.insert(0, out[-1 - len(trailing)])
+    if np.prod(trailing, dtype=np.int64) != features:
+        return "Reshape across its channels"
+    if len(trailing) == 1:
+        return enter(node.output[0], replace(layout, rank=len(out)))
+    if len(trailing) > 3 or layout.block != 1 or layout.width is not None or region.out_block != 1:
+        return "Reshape of its channels that it cannot follow"
+    if region.depthwise or any(v.kind != "vec" or v != replace(v, block=1, offsets=(0,), width=None)
+                               for v in region.tensors.values()):
+        return "Reshape into heads of channels joined or flattened on the way"
+    sections, heads, size = ([1] + trailing)[-3:]
+    entry = _shape_entry(node, len(out) - 2, heads, g)
+    if isinstance(entry, str):
+        return entry
+    _in_heads(region, sections, heads, size)
+    if entry:
+        region.reshapes.append((*entry, 1))
+    return enter(node.output[0], Layout("heads", len(out), at=len(out) - 2))
+
+
+def _in_heads(region: Region, sections: int, heads: int, size: int) -> None:
+    """Re-express what the region holds so far (the layer's outputs, its bias, any readers) in heads:
+    channel (s·heads + h)·size + i is feature i of head h in section s."""
+    offsets = tuple(s * heads for s in range(sections))
+    region.channels, region.out_offsets, region.out_block = heads, offsets, size
+    for name, layout in region.tensors.items():
+        region.tensors[name] = replace(layout, block=size, offsets=offsets, width=sections * heads)
+    for name, param in region.params.items():
+        region.params[name] = replace(param, offsets=offsets, block=size)
+    for name, reader in region.readers.items():
+        region.readers[name] = replace(reader, offsets=offsets, block=size)
+    region.meets = [(name, replace(layout, block=size, offsets=offsets, width=sections * heads), op)
+                    for name, layout, op in region.meets]
+
+
+def step(node, region: Region, g: Graph, enter) -> str | None:
+    """Take *node*, which reads a tensor holding heads, into the region; or say why it cannot be."""
+    op, tensors = node.op_type, region.tensors
+    layout = next(tensors[name] for name in node.input if name in tensors and tensors[name].kind == "heads")
+    if any(name in tensors and tensors[name] != layout for name in node.input) and op != "MatMul":
+        return f"{op} of its heads in two layouts"
+    if op in UNARY_OPS:
+        if any(name and (name not in g.consts or not _scalar(g.consts[name])) for name in node.input[1:]):
+            return f"{op} with bounds that are not scalar constants"
+        return enter(node.output[0], layout)
+    if op in BINARY_OPS:
+        return _others(node, layout, region, g) or enter(node.output[0], layout)
+    if op == "MatMul":
+        return _through_matmul(node, region, g, enter)
+    if op in ("Softmax", "LogSoftmax"):
+        axis = attr(node, "axis", None)
+        if axis is None or axis % layout.rank <= layout.at:
+            return f"{op} across its heads"
+        return enter(node.output[0], layout)
+    if node.input[0] not in tensors or any(name in tensors for name in node.input[1:]):
+        return f"its heads are an extra input of {op}"
+    if op == "Transpose":
+        perm = ints(node, "perm") or list(reversed(range(layout.rank)))
+        return enter(node.output[0], replace(layout, at=perm.index(layout.at)))
+    if op == "Split":
+        if attr(node, "axis", 0) % layout.rank == layout.at:
+            return "Split of its heads"
+        why = None
+        for name in node.output:
+            why = why or enter(name, layout)
+        return why
+    if op in ("Squeeze", "Gather"):
+        return _through_fewer_axes(node, layout, g, enter)
+    if op == "Reshape":
+        return _merge(node, layout, region, g, enter)
+    return f"its heads feed {op}"
+
+
+def _others(node, layout: Layout, region: Region, g: Graph) -> str | None:
+    """The other operands of an op on heads: scalars, or tensors that broadcast over the heads
+    (a mask); another layer's heads must be tied to these (at MatMul: Q·Kᵀ, weights·V)."""
+    for name in node.input:
+        if not name or name in region.tensors:
+            continue
+        shape = list(g.consts[name].dims) if name in g.consts else g.shapes.get(name)
+        if shape is None:
+            return f"{node.op_type} with an operand of unknown shape"
+        position = layout.at - (layout.rank - len(shape))
+        if len(shape) > layout.rank:
+            return f"{node.op_type} that broadcasts its heads to more axes"
+        if position < 0 or shape[position] == 1:
+            continue  # the same for every head
+        if name in g.consts:
+            return f"{node.op_type} with a constant per head"
+        region.meets.append((name, Layout("heads", len(shape), at=position), node.op_type))
+    return None
+
+
+def _through_matmul(node, region: Region, g: Graph, enter) -> str | None:
+    """A batched MatMul whose batch axes include the heads (Q·Kᵀ, weights·V)."""
+    rank = len(g.shapes.get(node.output[0]) or []) or None
+    inside = [region.tensors[name] for name in node.input if name in region.tensors]
+    if rank is None or any(v.kind != "heads" for v in inside):
+        return "MatMul of heads it cannot follow"
+    at = {v.at + rank - v.rank for v in inside}
+    if len(at) > 1 or next(iter(at)) >= rank - 2:
+        return "MatMul across its heads"
+    out = Layout("heads", rank, at=at.pop())
+    return _others(node, out, region, g) or enter(node.output[0], out)
+
+
+def _through_fewer_axes(node, layout: Layout, g: Graph, enter) -> str | None:
+    """Squeeze of other axes; Gather on another axis (a fused QKV's sections taken one by one)."""
+    if node.op_type == "Squeeze":
+        axes_input = node.input[1] if len(node.input) > 1 else ""
+        axes = [int(a) for a in _array(g.consts[axes_input]).ravel()] if axes_input in g.consts else ints(node, "axes")
+        axes = [a % layout.rank for a in axes]
+        if not axes or layout.at in axes:
+            return "Squeeze it cannot follow" if not axes else "Squeeze of its heads"
+        return enter(node.output[0], replace(layout, rank=layout.rank - len(axes),
+                                             at=layout.at - sum(a < layout.at for a in axes)))
+    axis = attr(node, "axis", 0) % layout.rank
+    indices = list(g.consts[node.input[1]].dims) if node.input[1] in g.consts else g.shapes.get(node.input[1])
+    if axis == layout.at or indices is None:
+        return "Gather of its heads" if axis == layout.at else "Gather with indices of unknown shape"
+    shift = len(indices) - 1 if axis < layout.at else 0
+    return enter(node.output[0], replace(layout, rank=layout.rank + len(indices) - 1, at=layout.at + shift))
+
+
+def _merge(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
+    """The Reshape that merges [heads, size] back into channels for the output projection."""
+    shape, out = g.shapes.get(node.input[0]), g.shapes.get(node.output[0])
+    if layout.at != layout.rank - 2 or not shape or not out or None in shape[-2:] or len(out) != layout.rank - 1:
+        return "Reshape of its heads it cannot follow"
+    heads, size = shape[-2:]
+    if heads != region.channels or out[-1] != heads * size:
+        return "Reshape of its heads it cannot follow"
+    entry = _shape_entry(node, len(out) - 1, heads * size, g)
+    if isinstance(entry, str):
+        return entry
+    if entry:
+        region.reshapes.append((*entry, size))
+    return enter(node.output[0], Layout("vec", len(out), block=size))
+
+
+def _shape_entry(node, position: int, value: int, g: Graph) -> tuple[str, int] | str | None:
+    """Where a Reshape's target shape holds entry *position*, expected to be *value*: the constant
+    and its index to rewrite; None when the entry is -1 (the runtime works it out); else why it
+    cannot be rewritten. PyTorch writes the shape as a Concat of the batch size and constants."""
+    source, index = node.input[1], position
+    if source not in g.consts:
+        maker = g.made_by.get(source)
+        pieces = list(maker.input) if maker is not None and maker.op_type == "Concat" else []
+        for piece in pieces:
+            length = g.consts[piece].dims[0] if piece in g.consts else (g.shapes.get(piece) or [None])[0]
+            if length is None:
+                break
+            if index < length:
+                source = piece
+                break
+            index -= length
+    if source not in g.consts:
+        return "Reshape with a shape it cannot rewrite"
+    if g.uses[source] > 1:
+        return "Reshape shape shared with another node"
+    entry = int(_array(g.consts[source]).ravel()[index])
+    if entry == -1:
+        return None
+    return (source, index) if entry == value else "Reshape with a shape it cannot rewrite"
+
