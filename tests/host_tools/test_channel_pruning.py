@@ -92,7 +92,12 @@ def _conv_then(tmp_path, between, extra_inits=None, spatial=6):
     ([helper.make_node("Mul", ["c1", "cols"], ["z"])], {"cols": np.arange(8.0)}, 8,
      "Mul with a constant that is not per channel"),
     ([helper.make_node("Softmax", ["c1"], ["z"], axis=1)], {}, 6, "feeds Softmax"),
-], ids=["residual", "transpose", "per-column constant", "softmax"])
+    # dividing by the channel count, read from the shape
+    ([helper.make_node("Shape", ["c1"], ["s"]),
+      helper.make_node("Constant", [], ["i"], value=numpy_helper.from_array(np.array(1, dtype=np.int64))),
+      helper.make_node("Gather", ["s", "i"], ["n"]), helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+      helper.make_node("Div", ["c1", "nf"], ["z"])], {}, 6, "its channel count is read (Shape)"),
+], ids=["residual", "transpose", "per-column constant", "softmax", "channel count read"])
 def test_patterns_it_cannot_prune_safely_are_left_whole_and_named(tmp_path, between, inits, spatial, why):
     model = _conv_then(tmp_path, between, inits, spatial)
     report = run_recipe(model, steps([("onnx-prune-channels", {})]), latency_runs=5, workdir=tmp_path)
@@ -138,7 +143,8 @@ def test_the_transformer_halved_everywhere_and_recovered_keeps_its_accuracy(tmp_
 def _attention(tmp_path, style: str = "fused", variant: str = ""):
     """One attention layer (4 heads of 8) as PyTorch exports it, heads 1 and 3 silent (their Q, K and V
     weights and biases zero): a fused QKV layer as in the reference transformer (its sections taken
-    apart by unpacking or by indexing), or separate Q, K and V layers as in BERT-style encoders; with
+    apart by unpacking or by indexing), or separate Q, K and V layers as in BERT-style encoders, also
+    through PyTorch's scaled_dot_product_attention (which reads the head size from Q's shape); with
     an additive mask input [n, 1, 1, t] that broadcasts over the heads."""
     import torch
     from torch import nn
@@ -160,6 +166,9 @@ def _attention(tmp_path, style: str = "fused", variant: str = ""):
                 q, k, v = qkv.unbind(0) if variant != "index" else (qkv[0], qkv[1], qkv[2])
             else:
                 q, k, v = (f(x).view(n, t, heads, size).transpose(1, 2) for f in (self.q, self.k, self.v))
+            if style == "sdpa":
+                return self.out(nn.functional.scaled_dot_product_attention(q, k, v, mask).transpose(1, 2)
+                                .reshape(n, t, dim))
             scores = q @ k.transpose(-1, -2) / size ** 0.5 + mask
             scores = scores * self.scale if variant == "per-head scale" else scores
             weights = torch.softmax(scores, dim=1 if variant == "softmax over heads" else -1)
@@ -182,7 +191,7 @@ def _attention(tmp_path, style: str = "fused", variant: str = ""):
 
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
-@pytest.mark.parametrize("style, variant", [("fused", ""), ("fused", "index"), ("separate", "")])
+@pytest.mark.parametrize("style, variant", [("fused", ""), ("fused", "index"), ("separate", ""), ("sdpa", "")])
 def test_attention_heads_that_carry_nothing_are_removed_and_every_output_stays(tmp_path, style, variant):
     """Removing the two silent heads (every section's block of them, the output projection's rows for
     them, the head count in both Reshapes) must change no output, for any batch and token count."""

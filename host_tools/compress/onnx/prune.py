@@ -6,8 +6,9 @@
 - ``onnx-prune-channels``: structured. Whole output channels of Conv/Gemm/MatMul layers are
   removed, with the matching input channels of the layers that read them, so the model is
   smaller and faster on any runtime; layers tied by a residual Add or a gate lose the same
-  channels. Only patterns it can prune safely are touched (see ``channels``): channels that
-  reach a Split, a Reshape, a LayerNorm or a graph output stay, and the report says why.
+  channels, and attention layers lose whole heads (see ``heads``). Only patterns it can prune
+  safely are touched (see ``channels``): channels that reach an op it cannot follow or a graph
+  output stay, and the report says why.
 """
 
 from __future__ import annotations

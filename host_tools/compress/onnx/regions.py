@@ -181,11 +181,23 @@ def _shape_read(node, layout: Layout, g: Graph) -> str | None:
                   for v in (attr(node, "start", 0), attr(node, "end", layout.rank)))
     if not start <= axis < end:
         return None
-    for reader in g.readers.get(node.output[0], []):
-        indices = reader.input[1] if reader.op_type == "Gather" else ""
-        if indices not in g.consts or axis - start in [int(i) % (end - start) for i in _array(g.consts[indices]).ravel()]:
-            return "its channel count is read (Shape)"
+    if any(axis - start in _read_entries(reader, end - start, g) for reader in g.readers.get(node.output[0], [])):
+        return "its channel count is read (Shape)"
     return None
+
+
+def _read_entries(node, length: int, g: Graph) -> range | list[int]:
+    """Which entries of a shape vector *length* long a Gather or Slice takes (all: it cannot tell)."""
+    every = range(length)
+    consts = [_array(g.consts[name]).ravel() if name in g.consts else None for name in node.input[1:]]
+    if None in consts or not consts:
+        return every
+    if node.op_type == "Gather":
+        return list(consts[0] % length)
+    axes, steps = (list(consts[i]) if len(consts) > i else None for i in (2, 3))
+    if node.op_type != "Slice" or len(consts) < 2 or axes not in (None, [0], [-1]) or steps not in (None, [1]):
+        return every
+    return every[slice(int(consts[0][0]), int(consts[1][0]))]
 
 
 def _through_binary(node, region: Region, g: Graph, enter) -> str | None:
