@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from host_tools.compress import ModelFile, load_recipe, run_recipe
-from host_tools.compress.onnx.boundary import hoist_constants
+from host_tools.compress.onnx.boundary import hoist_constants, inline_constant_identities
 from host_tools.compress.onnx.channels import plan_channel_pruning
 from host_tools.compress.onnx.regions import Param
 from tests.conftest import MODELS
@@ -438,3 +438,80 @@ def test_channels_joined_by_a_concat_are_pruned_each_from_its_own_layer(tmp_path
     assert shapes["out"] == [2, 11, 3, 3] and shapes["scale"] == [1, 11, 1, 1]  # 4 + the input's 3 + 4
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(_run(report.result.model.path, x), _run(model.path, x), rtol=1e-5, atol=1e-5)
+
+
+def _bert_style(tmp_path):
+    """A BERT-style encoder as PyTorch exports it: word and position embeddings, LayerNorms after each
+    residual Add, separate Q/K/V with a mask made from an int64 attention_mask, a GELU feed-forward
+    layer, a pooler on the first token; inputs int64 ids with dynamic batch and token counts."""
+    import torch
+    from torch import nn
+
+    dim, heads, vocab = 32, 4, 50
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+            self.up, self.down, self.norm1, self.norm2 = nn.Linear(dim, 64), nn.Linear(64, dim), nn.LayerNorm(dim), \
+                nn.LayerNorm(dim)
+
+        def forward(self, x, mask):
+            n, t, _ = x.shape
+            q, k, v = (f(x).view(n, t, heads, dim // heads).permute(0, 2, 1, 3) for f in (self.q, self.k, self.v))
+            attended = torch.softmax(q @ k.transpose(-1, -2) / (dim // heads) ** 0.5 + mask, -1) @ v
+            x = self.norm1(x + self.o(attended.permute(0, 2, 1, 3).contiguous().view(n, t, dim)))
+            return self.norm2(x + self.down(nn.functional.gelu(self.up(x))))
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.words, self.positions, self.norm = nn.Embedding(vocab, dim), nn.Embedding(16, dim), nn.LayerNorm(dim)
+            self.layers = nn.ModuleList([Layer(), Layer()])
+            self.pool, self.classify = nn.Linear(dim, dim), nn.Linear(dim, 3)
+
+        def forward(self, ids, attention_mask):
+            x = self.norm(self.words(ids) + self.positions(torch.arange(ids.shape[1]).unsqueeze(0)))
+            mask = (1.0 - attention_mask[:, None, None, :].float()) * -10000.0
+            for layer in self.layers:
+                x = layer(x, mask)
+            return self.classify(torch.tanh(self.pool(x[:, 0])))
+
+    torch.manual_seed(0)
+    path = tmp_path / "bert.onnx"
+    torch.onnx.export(Encoder().eval(), (torch.randint(0, vocab, (2, 12)), torch.ones(2, 12, dtype=torch.int64)),
+                      str(path), input_names=["ids", "attention_mask"], output_names=["y"], opset_version=17,
+                      dynamo=False, dynamic_axes={"ids": {0: "n", 1: "t"}, "attention_mask": {0: "n", 1: "t"}})
+    return ModelFile.open(path)
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
+def test_a_bert_style_encoder_loses_heads_feed_forward_and_embedding_width_and_recovers(tmp_path):
+    from host_tools.compress import Dataset
+    from host_tools.compress.torch.distill import teacher_parameters
+    model = _bert_style(tmp_path)
+    proto = onnx.load(str(model.path))
+    hoist_constants(proto)
+    inline_constant_identities(proto)  # the exporter shares the LayerNorms' equal initial scales
+    plan = plan_channel_pruning(proto, set())
+    stream = next(g for g in plan.groups if g.producers[0].node == "/words/Gather")
+    assert [p.node for p in stream.producers] == ["/words/Gather", "/positions/Gather"] + \
+        [f"/layers.{i}/{layer}/MatMul" for i in (0, 1) for layer in ("o", "down")]
+    assert [len(g.producers) for g in plan.groups if g.channels == 4] == [3, 3]  # Q, K, V tied, by heads
+    assert plan.skipped == {"/classify/Gemm": "its output is a graph output"}
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, (128, 12))
+    mask = (np.arange(12) < rng.integers(4, 13, (128, 1))).astype(np.int64)  # padded sequences
+    data = Dataset({"ids": ids, "attention_mask": mask}, None, "random")
+    pruned, recovered = (run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": epochs})]),
+                                    train=data, eval_data=data, latency_runs=5, workdir=tmp_path / str(epochs))
+                         for epochs in (0, 3))
+    assert recovered.steps[0].status == "ok", recovered.steps[0].note
+    assert teacher_parameters(recovered.result.model) < 0.4 * teacher_parameters(model)
+    # fine-tuning (embedding tables included) brings it back towards the original
+    assert recovered.result.fidelity.cosine > max(pruned.result.fidelity.cosine, 0.7), \
+        (pruned.result.fidelity, recovered.result.fidelity)
+    session = ort.InferenceSession(str(recovered.result.model.path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"ids": ids[:3, :7], "attention_mask": mask[:3, :7]})[0].shape == (3, 3)

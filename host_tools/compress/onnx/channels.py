@@ -1,20 +1,21 @@
 """Which channels of an ONNX graph can be removed, and removing them.
 
-A prunable layer is a Conv (not grouped), Gemm or MatMul with a constant weight. Its output
-channels can go when its *region* (``regions``: everything computed from its output channel by
-channel, up to the weighted layers that read it) ends only in such readers. Where a region meets
-another branch — a residual Add, a squeeze-and-excitation gate's Mul — the other operand must lie
-in another layer's region: the two layers' channels are then tied, and they form one *group*
-that loses the same channels (a ResNet stage's width: its first convolution and every block's
-last one). Removing channel c of a group means removing output channel c of each of its layers,
-input channel c of each reader (or its c-th block of flattened features), entry c of every
-per-channel constant and channel c of every depthwise convolution in its regions. A group with
-any member that cannot be pruned — a region that reaches a graph output, a Split or a Reshape
-it cannot follow, or meets a branch that no layer's channels explain (the graph's input) — keeps its
-channels, and the plan records why for each member. Channels joined by a Concat stay each
-their own layer's, at their offsets in the joined tensor. An attention layer's unit is a head
-(``heads``): removing head h removes its block of outputs in each section (Q, K, V) and rewrites
-the shape constants of the Reshapes that split and merge the heads.
+A prunable layer is a Conv (not grouped), Gemm or MatMul with a constant weight, or an embedding
+(a Gather from a constant table). Its output channels can go when its *region* (``regions``:
+everything computed from its output channel by channel, up to the weighted layers that read it)
+ends only in such readers. Where a region meets another branch — a residual Add, a
+squeeze-and-excitation gate's Mul — the other operand must lie in another layer's region: the
+two layers' channels are then tied, and they form one *group* that loses the same channels (a
+ResNet stage's width: its first convolution and every block's last one). Removing channel c of a
+group means removing output channel c of each of its layers, input channel c of each reader (or
+its c-th block of flattened features), entry c of every per-channel constant and channel c of
+every depthwise convolution in its regions. A group with any member that cannot be pruned — a
+region that reaches a graph output or an op it cannot follow, or meets a branch that no layer's
+channels explain (the graph's input) — keeps its channels, and the plan records why for each
+member. Channels joined by a Concat stay each their own layer's, at their offsets in the joined
+tensor. An attention layer's unit is a head (``heads``): removing head h removes its block of
+outputs in each section (Q, K, V) and rewrites the shape constants of the Reshapes that split
+and merge the heads.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from host_tools.compress.onnx.boundary import consumers
-from host_tools.compress.onnx.regions import Graph, Param, Reader, Region, output_axis, walk_region
+from host_tools.compress.onnx.regions import Graph, Param, Reader, Region, output_axis, walk_region, weight_of
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,12 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
         axis = output_axis(node, g.consts)
         if axis is None:
             continue
-        region = walk_region(index, int(g.consts[node.input[1]].dims[axis]), g)
-        producers.append(Producer(node.name, node.input[1], axis, region.out_offsets, region.out_block))
+        weight = weight_of(node)
+        region = walk_region(index, int(g.consts[weight].dims[axis]), g)
+        producers.append(Producer(node.name, weight, axis, region.out_offsets, region.out_block))
         if node.name in exclude:
             region.why = "excluded"
-        elif g.uses[node.input[1]] > 1:
+        elif g.uses[weight] > 1:
             region.why = "weight shared with another node"
         regions.append(region)
     members = _tie(regions)

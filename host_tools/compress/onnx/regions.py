@@ -91,11 +91,19 @@ class Region:
     why: str | None = None  # why its channels must stay, if they must
 
 
+def weight_of(node) -> str:
+    """The input that holds a layer's weight: an embedding table is a Gather's first input."""
+    return node.input[0] if node.op_type == "Gather" else node.input[1] if len(node.input) > 1 else ""
+
+
 def output_axis(node, consts) -> int | None:
-    """The output-channel axis of a weighted node's constant weight; None if it has none we can prune."""
-    if len(node.input) < 2 or node.input[1] not in consts:
+    """The output-channel axis of a weighted node's constant weight (an embedding table's last);
+    None if it has none we can prune."""
+    if weight_of(node) not in consts:
         return None
-    dims = list(consts[node.input[1]].dims)
+    dims = list(consts[weight_of(node)].dims)
+    if node.op_type == "Gather":
+        return 1 if len(dims) == 2 and attr(node, "axis", 0) == 0 else None
     if node.op_type == "Conv" and len(dims) >= 3 and attr(node, "group", 1) == 1:
         return 0
     if node.op_type == "Gemm" and len(dims) == 2 and attr(node, "transA", 0) == 0:
@@ -162,7 +170,7 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
     if op in BINARY_OPS:
         return _through_binary(node, region, g, enter)
     if op not in UNARY_OPS | POOL_OPS | REDUCE_OPS | {"PRelu", "BatchNormalization", "LayerNormalization", "Flatten",
-                                                      "Resize"}:
+                                                      "Resize", "Gather"}:
         return f"its output feeds {op}"
     if node.input[0] not in tensors:
         return f"its output is an extra input of {op}"
@@ -239,6 +247,9 @@ def _through_one_input(node, region: Region, g: Graph, enter) -> str | None:
         return _through_layer_norm(node, layout, region, g, enter)
     if op in POOL_OPS and layout.kind == "map":
         return enter(node.output[0], layout)
+    if op == "Gather" and layout.kind == "vec" and layout.rank and attr(node, "axis", 0) % layout.rank < layout.rank - 1:
+        # rows of a vector, e.g. a classifier's first token
+        return enter(node.output[0], replace(layout, rank=layout.rank + len(g.consts[node.input[1]].dims) - 1))
     if op == "Resize" and layout.kind == "map":
         scales = node.input[2] if len(node.input) > 2 else ""
         if len(node.input) > 3 and node.input[3] or not scales or _array(g.consts[scales])[:2].tolist() != [1, 1]:

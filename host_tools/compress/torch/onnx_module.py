@@ -20,7 +20,8 @@ from torch.nn import functional as F
 from device_agent.errors import NotApplicable
 
 TRAINABLE_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2),
-                    "LayerNormalization": (1, 2), "Add": (0, 1), "Mul": (0, 1), "PRelu": (1,)}
+                    "LayerNormalization": (1, 2), "Add": (0, 1), "Mul": (0, 1), "PRelu": (1,),
+                    "Gather": (0,)}  # (an embedding table: only float initializers become parameters)
 
 
 def _attrs(node) -> dict:
@@ -278,4 +279,5 @@ _OPS = {
     "Where": lambda a, at: torch.where(a[0].bool(), a[1], a[2]),
     "Resize": _resize,
     "Equal": lambda a, at: a[0] == a[1],
+    "Range": lambda a, at: torch.arange(a[0].item(), a[1].item(), a[2].item(), dtype=a[0].dtype),
 }
