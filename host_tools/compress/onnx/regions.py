@@ -247,8 +247,8 @@ def _through_one_input(node, region: Region, g: Graph, enter) -> str | None:
         return _through_layer_norm(node, layout, region, g, enter)
     if op in POOL_OPS and layout.kind == "map":
         return enter(node.output[0], layout)
-    if op == "Gather" and layout.kind == "vec" and layout.rank and attr(node, "axis", 0) % layout.rank < layout.rank - 1:
-        # rows of a vector, e.g. a classifier's first token
+    if op == "Gather" and layout.kind == "vec" and layout.rank and \
+            attr(node, "axis", 0) % layout.rank < layout.rank - 1:  # rows: a pooler's first token
         return enter(node.output[0], replace(layout, rank=layout.rank + len(g.consts[node.input[1]].dims) - 1))
     if op == "Resize" and layout.kind == "map":
         scales = node.input[2] if len(node.input) > 2 else ""
