@@ -18,7 +18,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from host_tools.compress.onnx.regions import BINARY_OPS, UNARY_OPS, Graph, Layout, Region, _array, _scalar, attr, ints
+from host_tools.compress.onnx.regions import (BINARY_OPS, UNARY_OPS, Graph, Layout, Region, attr, const_array, ints,
+                                              is_scalar)
 
 
 def split(node, region: Region, g: Graph, enter) -> str | None:
@@ -75,7 +76,7 @@ def step(node, region: Region, g: Graph, enter) -> str | None:
     if any(name in tensors and tensors[name] != layout for name in node.input) and op != "MatMul":
         return f"{op} of its heads in two layouts"
     if op in UNARY_OPS:
-        if any(name and (name not in g.consts or not _scalar(g.consts[name])) for name in node.input[1:]):
+        if any(name and (name not in g.consts or not is_scalar(g.consts[name])) for name in node.input[1:]):
             return f"{op} with bounds that are not scalar constants"
         return enter(node.output[0], layout)
     if op in BINARY_OPS:
@@ -130,7 +131,8 @@ def _through_matmul(node, region: Region, g: Graph, enter) -> str | None:
     """A batched MatMul whose batch axes include the heads (Q·Kᵀ, weights·V)."""
     rank = len(g.shapes.get(node.output[0]) or []) or None
     inside = [region.tensors[name] for name in node.input if name in region.tensors]
-    if rank is None or any(v.kind != "heads" for v in inside):
+    ranks = [len(g.consts[name].dims) if name in g.consts else len(g.shapes.get(name) or []) for name in node.input]
+    if rank is None or min(ranks) < 2 or any(v.kind != "heads" for v in inside):  # (a vector operand drops an axis)
         return "MatMul of heads it cannot follow"
     at = {v.at + rank - v.rank for v in inside}
     if len(at) > 1 or next(iter(at)) >= rank - 2:
@@ -143,7 +145,8 @@ def _through_fewer_axes(node, layout: Layout, g: Graph, enter) -> str | None:
     """Squeeze of other axes; Gather on another axis (a fused QKV's sections taken one by one)."""
     if node.op_type == "Squeeze":
         axes_input = node.input[1] if len(node.input) > 1 else ""
-        axes = [int(a) for a in _array(g.consts[axes_input]).ravel()] if axes_input in g.consts else ints(node, "axes")
+        axes = [int(a) for a in const_array(g.consts[axes_input]).ravel()] if axes_input in g.consts else \
+            ints(node, "axes")
         axes = [a % layout.rank for a in axes]
         if not axes or layout.at in axes:
             return "Squeeze it cannot follow" if not axes else "Squeeze of its heads"
@@ -193,7 +196,7 @@ def _shape_entry(node, position: int, value: int, g: Graph) -> tuple[str, int] |
         return "Reshape with a shape it cannot rewrite"
     if g.uses[source] > 1:
         return "Reshape shape shared with another node"
-    entry = int(_array(g.consts[source]).ravel()[index])
+    entry = int(const_array(g.consts[source]).ravel()[index])
     if entry == -1:
         return None
     return (source, index) if entry == value else "Reshape with a shape it cannot rewrite"

@@ -197,7 +197,7 @@ def _shape_read(node, layout: Layout, g: Graph) -> str | None:
 def _read_entries(node, length: int, g: Graph) -> range | list[int]:
     """Which entries of a shape vector *length* long a Gather or Slice takes (all: it cannot tell)."""
     every = range(length)
-    consts = [_array(g.consts[name]).ravel() if name in g.consts else None for name in node.input[1:]]
+    consts = [const_array(g.consts[name]).ravel() if name in g.consts else None for name in node.input[1:]]
     if None in consts or not consts:
         return every
     if node.op_type == "Gather":
@@ -231,7 +231,7 @@ def _through_one_input(node, region: Region, g: Graph, enter) -> str | None:
     op, data = node.op_type, node.input[0]
     layout = region.tensors[data]
     if op in UNARY_OPS:
-        if not all(_scalar(g.consts[name]) for name in node.input[1:] if name):
+        if not all(is_scalar(g.consts[name]) for name in node.input[1:] if name):
             return f"{op} with bounds that are not scalars"
         return enter(node.output[0], layout)
     if op == "PRelu":
@@ -252,7 +252,7 @@ def _through_one_input(node, region: Region, g: Graph, enter) -> str | None:
         return enter(node.output[0], replace(layout, rank=layout.rank + len(g.consts[node.input[1]].dims) - 1))
     if op == "Resize" and layout.kind == "map":
         scales = node.input[2] if len(node.input) > 2 else ""
-        if len(node.input) > 3 and node.input[3] or not scales or _array(g.consts[scales])[:2].tolist() != [1, 1]:
+        if len(node.input) > 3 and node.input[3] or not scales or const_array(g.consts[scales])[:2].tolist() != [1, 1]:
             return "Resize that is not by spatial scales"
         return enter(node.output[0], layout)  # upsampling: each channel on its own
     if op in REDUCE_OPS and (layout.kind == "map" or layout.rank):
@@ -295,7 +295,7 @@ def _through_reduce(node, layout: Layout, g: Graph, enter) -> str | None:
     or over a vector's leading axes (a transformer's mean over its tokens)."""
     rank = layout.rank or 0
     if len(node.input) > 1 and node.input[1]:
-        axes = [int(a) for a in np.asarray(_array(g.consts[node.input[1]])).ravel()]
+        axes = [int(a) for a in np.asarray(const_array(g.consts[node.input[1]])).ravel()]
     else:
         axes = ints(node, "axes")
     axes = sorted(a % rank for a in axes) if rank else axes
@@ -359,11 +359,11 @@ def _reader(node, region: Region, g: Graph) -> str | None:
     return None
 
 
-def _scalar(init) -> bool:
+def is_scalar(init) -> bool:
     return int(np.prod(list(init.dims) or [1])) == 1
 
 
-def _array(init) -> np.ndarray:
+def const_array(init) -> np.ndarray:
     from onnx import numpy_helper
 
     return numpy_helper.to_array(init)
@@ -373,7 +373,7 @@ def _per_channel_const(name: str, layout: Layout, region: Region, g: Graph) -> b
     """A scalar, or one value per channel broadcast along the layout's channel axis; the latter is
     recorded for slicing (it must belong to this region alone)."""
     init = g.consts[name]
-    if _scalar(init):
+    if is_scalar(init):
         return True
     dims = list(init.dims)
     if g.uses[name] > 1 or layout.block != 1:
