@@ -515,3 +515,28 @@ def test_a_bert_style_encoder_loses_heads_feed_forward_and_embedding_width_and_r
         (pruned.result.fidelity, recovered.result.fidelity)
     session = ort.InferenceSession(str(recovered.result.model.path), providers=["CPUExecutionProvider"])
     assert session.run(None, {"ids": ids[:3, :7], "attention_mask": mask[:3, :7]})[0].shape == (3, 3)
+
+
+def test_an_embedding_table_loses_its_silent_columns_through_a_token_mask(tmp_path):
+    """tests/host_tools/graphs.text_encoder: an embedding Gather, multiplied by a [batch, tokens, 1]
+    mask (the same for every channel), summed over tokens and divided by the token count, read by a
+    projection. Half of the table's columns are zero: removing them must change no output."""
+    path = graphs.text_encoder(tmp_path / "text.onnx")
+    proto = onnx.load(str(path))
+    table = next(i for i in proto.graph.initializer if i.name == "embedding")
+    silent = numpy_helper.to_array(table).copy()
+    silent[:, 1::2] = 0
+    table.CopyFrom(numpy_helper.from_array(silent, "embedding"))
+    onnx.save(proto, str(path))
+    model = ModelFile.open(path)
+    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
+    assert report.steps[0].status == "ok", report.steps[0].note
+    shapes = {i.name: list(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer}
+    assert shapes["embedding"] == [100, 16] and shapes["proj"] == [16, 32]
+    feeds = graphs.text_encoder_data(5)
+
+    def run(p):
+        return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    for pruned, original in zip(run(report.result.model.path), run(path)):
+        np.testing.assert_allclose(pruned, original, rtol=1e-5, atol=1e-5)

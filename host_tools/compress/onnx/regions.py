@@ -209,8 +209,9 @@ def _read_entries(node, length: int, g: Graph) -> range | list[int]:
 
 
 def _through_binary(node, region: Region, g: Graph, enter) -> str | None:
-    """Add, Mul…: with constants (scalar or per channel), with the region itself (x·sigmoid(x)), or
-    with another branch, which only a layer whose channels are tied to these can explain."""
+    """Add, Mul…: with constants (scalar or per channel), with the region itself (x·sigmoid(x)), with
+    a tensor that is the same for every channel (a [batch, tokens, 1] mask), or with another branch,
+    which only a layer whose channels are tied to these can explain."""
     op, tensors = node.op_type, region.tensors
     layout = tensors[next(name for name in node.input if name in tensors)]
     for name in node.input:
@@ -218,12 +219,22 @@ def _through_binary(node, region: Region, g: Graph, enter) -> str | None:
             if tensors[name] != layout:
                 return f"{op} of its output in two layouts"
         elif name not in g.consts:
+            if _across_channels(g.shapes.get(name), layout):
+                continue
             if layout.width is not None:
                 return f"its output meets another branch at {op} after a Concat"
             region.meets.append((name, layout, op))
         elif not _per_channel_const(name, layout, region, g):
             return f"{op} with a constant that is not per channel"
     return enter(node.output[0], layout)
+
+
+def _across_channels(shape: list | None, layout: Layout) -> bool:
+    """Whether a tensor of *shape* broadcasts along the layout's channel axis (one value for all)."""
+    if shape is None or layout.rank is None or len(shape) > layout.rank:
+        return False
+    position = (1 if layout.kind == "map" else layout.rank - 1) - (layout.rank - len(shape))
+    return position < 0 or shape[position] == 1
 
 
 def _through_one_input(node, region: Region, g: Graph, enter) -> str | None:
