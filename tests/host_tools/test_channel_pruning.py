@@ -126,6 +126,8 @@ def test_in_the_transformer_heads_feed_forward_width_and_residual_stream_are_all
         assert [entry[1:] for entry in heads.reshapes] == [(0, 1), (0, 16)]  # [n, t, 3, 4, 16] and [n, t, 64]
         assert groups[block(i, "mlp/mlp.0")].channels == 128
     assert plan.skipped == {"/head/Gemm": "its output is a graph output"}
+    assert plan.summary() == \
+        "9 layers in 5 groups (2 by attention heads); left whole: 1 (1 x its output is a graph output)"
 
 
 def test_the_transformer_halved_everywhere_and_recovered_keeps_its_accuracy(tmp_path):

@@ -62,6 +62,8 @@ class Plan:
         """One line: what is pruned, and how much stays whole and why."""
         layers = sum(len(g.producers) for g in self.groups)
         line = f"{layers} layer{'s' * (layers != 1)} in {len(self.groups)} group{'s' * (len(self.groups) != 1)}"
+        heads = sum(any(p.block > 1 for p in g.producers) for g in self.groups)
+        line += f" ({heads} by attention heads)" if heads else ""
         return f"{line}; left whole: {len(self.skipped)} ({self.why_none()})" if self.skipped else line
 
 
