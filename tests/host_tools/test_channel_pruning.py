@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from host_tools.compress import ModelFile, load_recipe, run_recipe
 from host_tools.compress.onnx.boundary import hoist_constants, inline_constant_identities
 from host_tools.compress.onnx.channels import plan_channel_pruning
-from host_tools.compress.onnx.regions import Param
+from host_tools.compress.onnx.layout import Param
 from tests.conftest import MODELS
 from tests.host_tools import graphs
 from tests.host_tools.test_compress import HELDOUT, TRAIN, steps

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from host_tools.compress.onnx.boundary import consumers
-from host_tools.compress.onnx.regions import Graph, Param, Reader, Region, output_axis, walk_region, weight_of
+from host_tools.compress.onnx.layout import Graph, Param, Reader, Region
+from host_tools.compress.onnx.regions import output_axis, walk_region, weight_of
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from host_tools.compress.onnx.regions import (BINARY_OPS, UNARY_OPS, Graph, Layout, Region, attr, const_array, ints,
-                                              is_scalar)
+from host_tools.compress.onnx.layout import (BINARY_OPS, UNARY_OPS, Graph, Layout, Region, attr, const_array, ints,
+                                             is_scalar)
 
 
 def split(node, region: Region, g: Graph, enter) -> str | None:

@@ -4,91 +4,26 @@ weighted layers that read it (see ``channels`` for how regions become pruning gr
 The walk follows the graph in topological order from the layer's output through ops that treat
 channels independently — activations (also those written out as several ops, like GELU's
 x·(1 + erf(x/√2))/2 or SiLU's x·sigmoid(x)), depthwise convolutions, pooling, upsampling and
-spatial reductions, BatchNormalization, scalar or per-channel constants added, multiplied and so
-on, a Concat with other channels (the region goes on at its offsets in the joined tensor), and
-between a convolution and a fully connected layer a Flatten or a GlobalAveragePool — and records
-the per-channel constants on the way, the depthwise convolutions, the weighted layers that read
-the region (its *readers*) and where it meets a tensor from another branch (a residual Add, a
-squeeze-and-excitation gate's Mul), which only another layer's region can explain. Anything else
-stops the walk with the reason.
+spatial reductions, BatchNormalization and LayerNormalization, scalar or per-channel constants
+added, multiplied and so on, tensors that are the same for every channel (a token mask), a
+Concat with other channels (the region goes on at its offsets in the joined tensor), between a
+convolution and a fully connected layer a Flatten or a GlobalAveragePool, and Shapes read for
+anything but the channel count — and records the per-channel constants on the way, the
+depthwise convolutions, the weighted layers that read the region (its *readers*) and where it
+meets a tensor from another branch (a residual Add, a squeeze-and-excitation gate's Mul), which
+only another layer's region can explain. A Reshape that splits the channels into attention heads
+hands the walk to ``heads``. Anything else stops the walk with the reason.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 
-# Elementwise ops of one data input (any other inputs are constants, e.g. Clip's bounds).
-UNARY_OPS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu", "HardSigmoid", "HardSwish", "Selu", "Softplus",
-             "Softsign", "Identity", "Dropout", "Erf", "Exp", "Neg", "Abs", "Sqrt", "Reciprocal", "Gelu", "Mish",
-             "Celu", "ThresholdedRelu"}
-BINARY_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
-POOL_OPS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool"}
-REDUCE_OPS = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2"}
-WEIGHTED_OPS = {"Conv", "Gemm", "MatMul"}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a region tensor keeps the layer's channels: axis 1 of a feature map ("map"), or the
-    last axis ("vec"), in blocks of *block* features after a Flatten (or of a head's features
-    after heads are merged); after a Concat, at *offsets* of a tensor *width* channels wide (None:
-    the tensor is the layer's channels alone). Attention heads ("heads", see ``heads``) sit on
-    axis *at*, one head per index."""
-    kind: str
-    rank: int | None
-    block: int = 1
-    offsets: tuple[int, ...] = (0,)
-    width: int | None = None
-    at: int | None = None
-
-
-@dataclass(frozen=True)
-class Reader:
-    """A weighted layer that reads a pruned layer's channels as its input channels."""
-    node: str
-    weight: str
-    axis: int  # the weight's input-channel axis
-    block: int = 1  # flattened features per channel at this reader (H*W after a Flatten)
-    offsets: tuple[int, ...] = (0,)  # where the channels start among its inputs (after a Concat)
-
-
-@dataclass
-class Graph:
-    nodes: list
-    consts: dict  # initializer name -> TensorProto
-    shapes: dict[str, list]
-    uses: Counter
-    outputs: set[str]
-    readers: dict[str, list]  # tensor -> the nodes that read it
-    made_by: dict  # tensor -> the node that writes it
-
-
-@dataclass(frozen=True)
-class Param:
-    """A constant with one entry per channel on *axis* (in blocks of *block*, at *offsets*)."""
-    axis: int
-    offsets: tuple[int, ...] = (0,)
-    block: int = 1
-
-
-@dataclass
-class Region:
-    """*channels*: the layer's pruning units — its output channels, or its attention heads once a
-    Reshape splits them into heads; then each unit is *out_block* outputs at each of *out_offsets*
-    (in units: sections, like Q, K and V, of one fused layer)."""
-    channels: int
-    tensors: dict[str, Layout] = field(default_factory=dict)
-    params: dict[str, Param] = field(default_factory=dict)
-    readers: dict[str, Reader] = field(default_factory=dict)  # by node name
-    depthwise: set[str] = field(default_factory=set)  # depthwise convs in it: their group = their channels
-    meets: list[tuple[str, Layout, str]] = field(default_factory=list)  # (other tensor, its layout here, op)
-    reshapes: list[tuple[str, int, int]] = field(default_factory=list)  # (shape constant, entry, per unit)
-    out_offsets: tuple[int, ...] = (0,)
-    out_block: int = 1
-    why: str | None = None  # why its channels must stay, if they must
+from host_tools.compress.onnx import heads
+from host_tools.compress.onnx.layout import (BINARY_OPS, POOL_OPS, REDUCE_OPS, UNARY_OPS, WEIGHTED_OPS, Graph, Layout,
+                                             Param, Reader, Region, attr, const_array, ints, is_scalar)
 
 
 def weight_of(node) -> str:
@@ -152,8 +87,6 @@ def walk_region(index: int, channels: int, g: Graph) -> Region:
 
 def _step(node, region: Region, g: Graph, enter) -> str | None:
     """Take *node*, which reads a region tensor, into the region; or say why it cannot be."""
-    from host_tools.compress.onnx import heads  # (it builds on this module)
-
     op, tensors = node.op_type, region.tensors
     if op == "Shape":
         return _shape_read(node, tensors[node.input[0]], g)
@@ -370,16 +303,6 @@ def _reader(node, region: Region, g: Graph) -> str | None:
     return None
 
 
-def is_scalar(init) -> bool:
-    return int(np.prod(list(init.dims) or [1])) == 1
-
-
-def const_array(init) -> np.ndarray:
-    from onnx import numpy_helper
-
-    return numpy_helper.to_array(init)
-
-
 def _per_channel_const(name: str, layout: Layout, region: Region, g: Graph) -> bool:
     """A scalar, or one value per channel broadcast along the layout's channel axis; the latter is
     recorded for slicing (it must belong to this region alone)."""
@@ -403,14 +326,3 @@ def _per_channel_const(name: str, layout: Layout, region: Region, g: Graph) -> b
             return False
     region.params[name] = Param(axis, layout.offsets)
     return True
-
-
-def attr(node, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return a.i
-    return default
-
-
-def ints(node, name: str) -> list[int]:
-    return list(next((a.ints for a in node.attribute if a.name == name), []))

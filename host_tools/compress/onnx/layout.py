@@ -1,0 +1,102 @@
+"""What a channel-pruning region is made of (see ``regions``): where a tensor keeps a layer's
+channels (``Layout``), the layers that read them and the per-channel constants on the way
+(``Reader``, ``Param``), the region itself, the graph view the walk reads, the op families it
+knows, and how a node's attributes and constants are read."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Elementwise ops of one data input (any other inputs are constants, e.g. Clip's bounds).
+UNARY_OPS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu", "HardSigmoid", "HardSwish", "Selu", "Softplus",
+             "Softsign", "Identity", "Dropout", "Erf", "Exp", "Neg", "Abs", "Sqrt", "Reciprocal", "Gelu", "Mish",
+             "Celu", "ThresholdedRelu"}
+BINARY_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
+POOL_OPS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool"}
+REDUCE_OPS = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2"}
+WEIGHTED_OPS = {"Conv", "Gemm", "MatMul"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a region tensor keeps the layer's channels: axis 1 of a feature map ("map"), or the
+    last axis ("vec"), in blocks of *block* features after a Flatten (or of a head's features
+    after heads are merged); after a Concat, at *offsets* of a tensor *width* channels wide (None:
+    the tensor is the layer's channels alone). Attention heads ("heads", see ``heads``) sit on
+    axis *at*, one head per index."""
+    kind: str
+    rank: int | None
+    block: int = 1
+    offsets: tuple[int, ...] = (0,)
+    width: int | None = None
+    at: int | None = None
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A weighted layer that reads a pruned layer's channels as its input channels."""
+    node: str
+    weight: str
+    axis: int  # the weight's input-channel axis
+    block: int = 1  # flattened features per channel at this reader (H*W after a Flatten)
+    offsets: tuple[int, ...] = (0,)  # where the channels start among its inputs (after a Concat)
+
+
+@dataclass
+class Graph:
+    nodes: list
+    consts: dict  # initializer name -> TensorProto
+    shapes: dict[str, list]
+    uses: Counter
+    outputs: set[str]
+    readers: dict[str, list]  # tensor -> the nodes that read it
+    made_by: dict  # tensor -> the node that writes it
+
+
+@dataclass(frozen=True)
+class Param:
+    """A constant with one entry per channel on *axis* (in blocks of *block*, at *offsets*)."""
+    axis: int
+    offsets: tuple[int, ...] = (0,)
+    block: int = 1
+
+
+@dataclass
+class Region:
+    """*channels*: the layer's pruning units — its output channels, or its attention heads once a
+    Reshape splits them into heads; then each unit is *out_block* outputs at each of *out_offsets*
+    (in units: sections, like Q, K and V, of one fused layer)."""
+    channels: int
+    tensors: dict[str, Layout] = field(default_factory=dict)
+    params: dict[str, Param] = field(default_factory=dict)
+    readers: dict[str, Reader] = field(default_factory=dict)  # by node name
+    depthwise: set[str] = field(default_factory=set)  # depthwise convs in it: their group = their channels
+    meets: list[tuple[str, Layout, str]] = field(default_factory=list)  # (other tensor, its layout here, op)
+    reshapes: list[tuple[str, int, int]] = field(default_factory=list)  # (shape constant, entry, per unit)
+    out_offsets: tuple[int, ...] = (0,)
+    out_block: int = 1
+    why: str | None = None  # why its channels must stay, if they must
+
+
+def is_scalar(init) -> bool:
+    return int(np.prod(list(init.dims) or [1])) == 1
+
+
+def const_array(init) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(init)
+
+
+def attr(node, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return a.i
+    return default
+
+
+def ints(node, name: str) -> list[int]:
+    return list(next((a.ints for a in node.attribute if a.name == name), []))
