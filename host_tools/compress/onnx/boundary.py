@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 from device_agent.errors import NotApplicable
@@ -124,3 +125,26 @@ def inline_constant_identities(model) -> int:
     for init in [i for i in graph.initializer if i.name in sources and i.name not in used]:
         graph.initializer.remove(init)
     return len(inlined)
+
+
+def own_shape_constants(model) -> int:
+    """Give each Split, Reshape and Concat its own copy of an integer constant it shares with other
+    nodes (PyTorch's exporter shares equal split sizes and shape pieces this way), so that pruning
+    can rewrite one node's sizes alone; returns how many copies were made."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    uses = Counter(name for node in graph.node for name in node.input)
+    copies = 0
+    for index, node in enumerate(graph.node):
+        if node.op_type not in ("Split", "Reshape", "Concat"):
+            continue
+        for k, name in enumerate(node.input):
+            if name in inits and uses[name] > 1 and inits[name].data_type in (6, 7):  # INT32, INT64
+                tensor = type(inits[name])()
+                tensor.CopyFrom(inits[name])
+                tensor.name = f"{name}.{node.name or index}"
+                graph.initializer.append(tensor)
+                node.input[k] = tensor.name
+                uses[name] -= 1
+                copies += 1
+    return copies

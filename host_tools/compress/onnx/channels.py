@@ -44,7 +44,7 @@ class Group:
     """Layers whose channels are pruned together, and everything their channels reach."""
     producers: list[Producer]
     channels: int
-    params: dict[str, Param] = field(default_factory=dict)
+    params: list[tuple[str, Param]] = field(default_factory=list)  # (a constant may hold several windows)
     readers: list[Reader] = field(default_factory=list)
     depthwise: set[str] = field(default_factory=set)
     reshapes: list[tuple[str, int, int]] = field(default_factory=list)  # (shape constant, entry, per unit)
@@ -73,28 +73,34 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
     g = _graph(proto)
     producers: list[Producer] = []
     regions: list[Region] = []
+    labels: list[str] = []  # a layer's name, and its window when a Split divides it
     for index, node in enumerate(g.nodes):
         axis = output_axis(node, g.consts)
         if axis is None:
             continue
-        weight = weight_of(node)
-        region = walk_region(index, int(g.consts[weight].dims[axis]), g)
-        producers.append(Producer(node.name, weight, axis, region.out_offsets, region.out_block))
-        if node.name in exclude:
-            region.why = "excluded"
-        elif g.uses[weight] > 1:
-            region.why = "weight shared with another node"
-        regions.append(region)
+        weight, channels = weight_of(node), int(g.consts[weight_of(node)].dims[axis])
+        region = walk_region(index, channels, g)
+        # a Split of all its channels: each part is a window of the layer, a pruning unit of its own
+        parts = [(w, walk_region(index, channels, g, w)) for w in region.windows] if region.windows else \
+            [(None, region)]
+        for window, region in parts:
+            producers.append(Producer(node.name, weight, axis, region.out_offsets, region.out_block))
+            labels.append(f"{node.name}[{window[0]}:{window[0] + window[1]}]" if window else node.name)
+            if node.name in exclude:
+                region.why = "excluded"
+            elif g.uses[weight] > 1:
+                region.why = "weight shared with another node"
+            regions.append(region)
     members = _tie(regions)
     groups, skipped = [], {}
     for indices in members:
-        why = _why_not(indices, producers, regions)
+        why = _why_not(indices, labels, regions)
         if why:
-            skipped.update((producers[i].node, regions[i].why or why) for i in indices)
+            skipped.update((labels[i], regions[i].why or why) for i in indices)
             continue
         group = Group([producers[i] for i in indices], regions[indices[0]].channels)
         for i in indices:
-            group.params.update(regions[i].params)
+            group.params += [p for p in regions[i].params.items() if p not in group.params]
             group.depthwise |= regions[i].depthwise
             group.reshapes += [r for r in regions[i].reshapes if r not in group.reshapes]
             group.readers += [r for r in regions[i].readers.values() if r not in group.readers]
@@ -145,12 +151,12 @@ def _tie(regions: list[Region]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _why_not(indices: list[int], producers: list[Producer], regions: list[Region]) -> str | None:
+def _why_not(indices: list[int], labels: list[str], regions: list[Region]) -> str | None:
     """Why a group keeps its channels: the first reason of a member, told to the others too."""
     for i in indices:
         if regions[i].why:
             return regions[i].why if len(indices) == 1 else \
-                f"tied to {producers[i].node} ({regions[i].why})"
+                f"tied to {labels[i]} ({regions[i].why})"
     if len({regions[i].channels for i in indices}) > 1:
         return "tied to layers of other widths"
     if regions[indices[0]].channels < 2:
@@ -169,11 +175,12 @@ def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
     inits = {i.name: i for i in proto.graph.initializer}
     removed: dict[tuple[str, int], set[int]] = {}
 
-    def scored(name: str) -> np.ndarray:
-        """A producer's weight without the inputs that earlier groups (upstream, in graph order) removed."""
-        array = numpy_helper.to_array(inits[name])
+    def scored(p: Producer) -> np.ndarray:
+        """A producer's weight without the inputs that earlier groups (upstream, in graph order) removed
+        (its outputs stay where they are: another window of the same layer may have lost some)."""
+        array = numpy_helper.to_array(inits[p.weight])
         for (target, axis), gone in removed.items():
-            if target == name:
+            if target == p.weight and axis != p.axis:
                 array = np.delete(array, sorted(gone), axis=axis)
         return array
 
@@ -185,14 +192,14 @@ def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
         score = np.zeros(group.channels)
         for p in group.producers:
             units = [[(o + c) * p.block + i for o in p.offsets for i in range(p.block)] for c in range(group.channels)]
-            moved = np.moveaxis(scored(p.weight), p.axis, 0)[units].reshape(group.channels, -1)
+            moved = np.moveaxis(scored(p), p.axis, 0)[units].reshape(group.channels, -1)
             norm = np.abs(moved).sum(axis=1) if criterion == "l1" else np.sqrt((moved ** 2).sum(axis=1))
             score += norm / (norm.mean() or 1.0)
         keep_count = max(1, int(round(group.channels * (1 - ratio))))
         gone = np.setdiff1d(np.arange(group.channels), np.argsort(-score, kind="stable")[:keep_count])
         for p in group.producers:
             drop(p.weight, p.axis, gone, p.offsets, p.block)
-        for name, param in group.params.items():
+        for name, param in group.params:
             drop(name, param.axis, gone, param.offsets, param.block)
         for reader in group.readers:
             drop(reader.weight, reader.axis, gone, reader.offsets, reader.block)

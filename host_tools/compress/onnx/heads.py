@@ -41,10 +41,15 @@ def split(node, region: Region, g: Graph, enter) -> str | None:
         return enter(node.output[0], replace(layout, rank=len(out)))
     if len(trailing) > 3 or layout.block != 1 or layout.width is not None or region.out_block != 1:
         return "Reshape of its channels that it cannot follow"
-    if region.depthwise or any(v.kind != "vec" or v != replace(v, block=1, offsets=(0,), width=None)
-                               for v in region.tensors.values()):
-        return "Reshape into heads of channels joined or flattened on the way"
     sections, heads, size = ([1] + trailing)[-3:]
+    placed = [(v.kind, v.block, len(v.offsets)) for v in region.tensors.values()] + \
+        [(None, p.block, len(p.offsets)) for p in region.params.values()] + \
+        [(None, r.block, len(r.offsets)) for r in region.readers.values()]
+    starts = [v.offsets[0] for v in region.tensors.values()] + [v.width or 0 for v in region.tensors.values()] + \
+        [p.offsets[0] for p in region.params.values()] + [r.offsets[0] for r in region.readers.values()]
+    if region.depthwise or any(kind not in (None, "vec") or block != 1 or n != 1 for kind, block, n in placed) or \
+            any(start % size for start in starts):
+        return "Reshape into heads of channels joined or flattened on the way"
     entry = _shape_entry(node, len(out) - 2, heads, g)
     if isinstance(entry, str):
         return entry
@@ -56,17 +61,21 @@ def split(node, region: Region, g: Graph, enter) -> str | None:
 
 def _in_heads(region: Region, sections: int, heads: int, size: int) -> None:
     """Re-express what the region holds so far (the layer's outputs, its bias, any readers) in heads:
-    channel (s·heads + h)·size + i is feature i of head h in section s."""
-    offsets = tuple(s * heads for s in range(sections))
-    region.channels, region.out_offsets, region.out_block = heads, offsets, size
-    for name, layout in region.tensors.items():
-        region.tensors[name] = replace(layout, block=size, offsets=offsets, width=sections * heads)
-    for name, param in region.params.items():
-        region.params[name] = replace(param, offsets=offsets, block=size)
-    for name, reader in region.readers.items():
-        region.readers[name] = replace(reader, offsets=offsets, block=size)
-    region.meets = [(name, replace(layout, block=size, offsets=offsets, width=sections * heads), op)
-                    for name, layout, op in region.meets]
+    channel start + (s·heads + h)·size + i is feature i of head h in section s, where start is where
+    the layer's channels begin (0, or a window's start after a Split of a fused QKV layer)."""
+    def offsets(start: int) -> tuple[int, ...]:
+        return tuple(start // size + s * heads for s in range(sections))
+
+    def placed(layout: Layout) -> Layout:
+        return replace(layout, block=size, offsets=offsets(layout.offsets[0]),
+                       width=(layout.width // size) if layout.width else sections * heads)
+
+    region.channels, region.out_offsets, region.out_block = heads, offsets(region.out_offsets[0]), size
+    region.tensors = {name: placed(layout) for name, layout in region.tensors.items()}
+    region.params = {name: replace(p, offsets=offsets(p.offsets[0]), block=size) for name, p in region.params.items()}
+    region.readers = {name: replace(r, offsets=offsets(r.offsets[0]), block=size) for name, r in region.readers.items()}
+    region.meets = [(name, placed(layout), op) for name, layout, op in region.meets]
+    region.reshapes = [(name, entry, per_unit * size) for name, entry, per_unit in region.reshapes]
 
 
 def step(node, region: Region, g: Graph, enter) -> str | None:

@@ -68,7 +68,9 @@ class Param:
 class Region:
     """*channels*: the layer's pruning units — its output channels, or its attention heads once a
     Reshape splits them into heads; then each unit is *out_block* outputs at each of *out_offsets*
-    (in units: sections, like Q, K and V, of one fused layer)."""
+    (in units: sections, like Q, K and V, of one fused layer). A region of a *window* of the
+    layer's channels (one part of a Split of them) has its start as its offset. *windows*: the
+    (start, size) parts of a Split the walk found dividing all of the layer's channels."""
     channels: int
     tensors: dict[str, Layout] = field(default_factory=dict)
     params: dict[str, Param] = field(default_factory=dict)
@@ -78,6 +80,7 @@ class Region:
     reshapes: list[tuple[str, int, int]] = field(default_factory=list)  # (shape constant, entry, per unit)
     out_offsets: tuple[int, ...] = (0,)
     out_block: int = 1
+    windows: list[tuple[int, int]] | None = None
     why: str | None = None  # why its channels must stay, if they must
 
 

@@ -22,7 +22,8 @@ import numpy as np
 from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import hoist_constants, inline_constant_identities, output_path
+from host_tools.compress.onnx.boundary import (hoist_constants, inline_constant_identities, output_path,
+                                               own_shape_constants)
 from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
@@ -116,6 +117,7 @@ class OnnxChannelPruning(Pass):
             proto = onnx.load(str(model.path))
             hoist_constants(proto)  # exporters write biases and activation constants as Constant nodes
             inline_constant_identities(proto)  # or share one through Identity nodes
+            own_shape_constants(proto)  # and equal split sizes and shapes directly
             plan = plan_channel_pruning(proto, set(config.exclude))
             if not plan.groups:
                 raise NotApplicable(f"{model.path.name}: no layer whose channels can be removed safely "

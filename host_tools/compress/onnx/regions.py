@@ -48,21 +48,25 @@ def output_axis(node, consts) -> int | None:
     return None
 
 
-def walk_region(index: int, channels: int, g: Graph) -> Region:
-    """The region of the weighted node ``g.nodes[index]`` (its output has *channels* channels)."""
+def walk_region(index: int, channels: int, g: Graph, window: tuple[int, int] | None = None) -> Region:
+    """The region of the weighted node ``g.nodes[index]`` (its output has *channels* channels), or
+    of the *window* (start, size) of them that one part of a Split takes."""
     node = g.nodes[index]
-    region = Region(channels)
+    offsets = (window[0],) if window else (0,)
+    region = Region(window[1] if window else channels, out_offsets=offsets)
     bias = node.input[2] if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 else ""
     if bias and (bias not in g.consts or g.uses[bias] > 1):
         region.why = "its bias is not a constant of its own"
         return region
     if bias and int(np.prod(list(g.consts[bias].dims) or [1])) > 1:  # [C], or Gemm's [1, C]
-        region.params[bias] = Param(len(g.consts[bias].dims) - 1)
+        region.params[bias] = Param(len(g.consts[bias].dims) - 1, offsets)
     if node.op_type == "Conv":
         start = Layout("map", len(g.consts[node.input[1]].dims))
     else:
         shape = g.shapes.get(node.output[0])
         start = Layout("vec", 2 if node.op_type == "Gemm" else (len(shape) if shape else None))
+    if window:
+        start = replace(start, offsets=offsets, width=channels)
     waiting = 0  # reads of region tensors not yet visited
 
     def enter(tensor: str, layout: Layout) -> str | None:
@@ -100,6 +104,8 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
         return _reader(node, region, g)
     if op == "Concat":
         return _through_concat(node, region, g, enter)
+    if op == "Split" and node.input[0] in tensors and not any(name in tensors for name in node.input[1:]):
+        return _through_split(node, region, g, enter)
     if op in BINARY_OPS:
         return _through_binary(node, region, g, enter)
     if op not in UNARY_OPS | POOL_OPS | REDUCE_OPS | {"PRelu", "BatchNormalization", "LayerNormalization", "Flatten",
@@ -232,6 +238,38 @@ def _through_concat(node, region: Region, g: Graph, enter) -> str | None:
                 return "Concat with an input of unknown width"
             width += shape[axis]
     return enter(node.output[0], replace(layout, offsets=tuple(offsets), width=width))
+
+
+def _through_split(node, region: Region, g: Graph, enter) -> str | None:
+    """A Split along another axis keeps the channels in every part. Along the channels (YOLO's C2f
+    and CSP blocks take their convolution's output apart this way), the region goes on in the part
+    that holds its channels, whose size in the Split's sizes is rewritten; a Split that divides all
+    of the layer's channels is noted (``Region.windows``), so that each part is pruned as a window
+    of the layer of its own."""
+    layout = region.tensors[node.input[0]]
+    rank = layout.rank
+    axis = attr(node, "axis", 0) % rank if rank else None
+    if axis is None or layout.kind == "heads":
+        return "Split it cannot follow"
+    if axis != (1 if layout.kind == "map" else rank - 1):
+        why = None
+        for name in node.output:
+            why = why or enter(name, layout)
+        return why
+    sizes_input = node.input[1] if len(node.input) > 1 else ""
+    if sizes_input not in g.consts or g.uses[sizes_input] > 1 or layout.block != 1 or len(layout.offsets) > 1:
+        return "Split of its channels into parts it cannot resize"
+    sizes = [int(v) for v in const_array(g.consts[sizes_input]).ravel()]
+    starts = [sum(sizes[:j]) for j in range(len(sizes))]
+    offset, channels = layout.offsets[0], region.channels
+    for j, (start, size) in enumerate(zip(starts, sizes)):
+        if start <= offset and offset + channels <= start + size:
+            region.reshapes.append((sizes_input, j, 1))
+            inside = replace(layout, offsets=(offset - start,), width=size if size != channels else None)
+            return enter(node.output[j], inside)
+    if layout.width is None and offset == 0 and region.out_offsets == (0,):  # all of the layer's channels
+        region.windows = list(zip(starts, sizes))
+    return "Split across its channels"
 
 
 def _through_reduce(node, layout: Layout, g: Graph, enter) -> str | None:
