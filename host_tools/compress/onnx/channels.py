@@ -35,7 +35,9 @@ class Producer:
     node: str
     weight: str
     axis: int  # the weight's output-channel axis
-    offsets: tuple[int, ...] = (0,)  # unit c is outputs (o + c)·block + i: a head in each of a fused layer's sections
+    # unit c is outputs (o + c)·block + i for o in offsets: a head in each section (Q, K, V) of a fused
+    # layer, or channel c of a window that starts at o
+    offsets: tuple[int, ...] = (0,)
     block: int = 1
 
 

@@ -249,7 +249,7 @@ def _through_split(node, region: Region, g: Graph, enter) -> str | None:
     layout = region.tensors[node.input[0]]
     rank = layout.rank
     axis = attr(node, "axis", 0) % rank if rank else None
-    if axis is None or layout.kind == "heads":
+    if axis is None:
         return "Split it cannot follow"
     if axis != (1 if layout.kind == "map" else rank - 1):
         why = None
