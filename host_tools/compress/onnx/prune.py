@@ -87,12 +87,13 @@ def _weight_initializers(proto, min_elements: int) -> list:
 class OnnxChannelPruning(Pass):
     name = "onnx-prune-channels"
     formats = ("onnx",)
-    summary = "structured channel pruning (really removes channels; optional recovery by distillation)"
+    summary = "structured pruning: really removes channels and attention heads (optional recovery by distillation)"
     requires = ("onnx",)
 
     @dataclass(frozen=True)
     class Config(PassConfig):
-        ratio: float = field(default=0.5, metadata={"help": "fraction of each prunable layer's channels removed"})
+        ratio: float = field(default=0.5, metadata={
+            "help": "fraction of each prunable layer's channels (or attention heads) removed"})
         criterion: Literal["l1", "l2"] = field(default="l1", metadata={"help": "channel importance: weight norm"})
         exclude: tuple[str, ...] = field(default=(), metadata={"help": "node names whose channels stay"})
         recover_epochs: int = field(default=0, metadata={
