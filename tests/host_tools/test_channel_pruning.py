@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from host_tools.compress import ModelFile, load_recipe, run_recipe
+from host_tools.compress.onnx import static_shapes
 from host_tools.compress.onnx.boundary import hoist_constants, inline_constant_identities
 from host_tools.compress.onnx.channels import plan_channel_pruning
 from host_tools.compress.onnx.layout import Param
@@ -92,10 +93,10 @@ def _conv_then(tmp_path, between, extra_inits=None, spatial=6):
     ([helper.make_node("Mul", ["c1", "cols"], ["z"])], {"cols": np.arange(8.0)}, 8,
      "Mul with a constant that is not per channel"),
     ([helper.make_node("Softmax", ["c1"], ["z"], axis=1)], {}, 6, "feeds Softmax"),
-    # dividing by the channel count, read from the shape
-    ([helper.make_node("Shape", ["c1"], ["s"]),
-      helper.make_node("Constant", [], ["i"], value=numpy_helper.from_array(np.array(1, dtype=np.int64))),
-      helper.make_node("Gather", ["s", "i"], ["n"]), helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+    # dividing by the channel count, read from the shape at run time (a static count read with Gather
+    # is made a constant first: the pruned model then divides by what the original did)
+    ([helper.make_node("Shape", ["c1"], ["s"], start=1, end=2),
+      helper.make_node("Cast", ["s"], ["nf"], to=TensorProto.FLOAT),
       helper.make_node("Div", ["c1", "nf"], ["z"])], {}, 6, "its channel count is read (Shape)"),
 ], ids=["residual", "transpose", "per-column constant", "softmax", "channel count read"])
 def test_patterns_it_cannot_prune_safely_are_left_whole_and_named(tmp_path, between, inits, spatial, why):
@@ -588,10 +589,12 @@ def test_a_split_of_a_layers_channels_prunes_each_part_as_a_window_of_its_own(tm
 
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
-def test_exported_yolo_c2f_blocks_are_pruned_split_halves_and_bottlenecks_included(tmp_path):
+@pytest.mark.parametrize("take", ["split", "chunk"])
+def test_exported_yolo_c2f_blocks_are_pruned_split_halves_and_bottlenecks_included(tmp_path, take):
     """Two YOLOv8 C2f blocks as PyTorch exports them (BatchNorm folded, SiLU, the first convolution's
     output split in halves, bottlenecks with residual Adds on the second half, everything joined for
-    the last convolution; the two Splits share one sizes constant)."""
+    the last convolution). split() exports as Splits sharing one sizes constant; chunk() as Slices
+    whose bounds are computed from the channel count read with Shape."""
     import torch
     from torch import nn
 
@@ -617,7 +620,7 @@ def test_exported_yolo_c2f_blocks_are_pruned_split_halves_and_bottlenecks_includ
             self.m = nn.ModuleList(Bottleneck(self.c) for _ in range(n))
 
         def forward(self, x):
-            y = list(self.cv1(x).split((self.c, self.c), 1))
+            y = list(self.cv1(x).split((self.c, self.c), 1) if take == "split" else self.cv1(x).chunk(2, 1))
             y.extend(m(y[-1]) for m in self.m)
             return self.cv2(torch.cat(y, 1))
 
@@ -629,6 +632,11 @@ def test_exported_yolo_c2f_blocks_are_pruned_split_halves_and_bottlenecks_includ
                       dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
     model = ModelFile.open(path)
     x = np.random.default_rng(0).standard_normal((128, 3, 16, 16)).astype(np.float32)
+    proto = onnx.load(str(path))
+    hoist_constants(proto)
+    assert (static_shapes.fold(proto), static_shapes.slices_as_split(proto)) == ((10, 2) if take == "chunk" else (0, 0))
+    graphs.save(proto.graph, tmp_path / "prepared.onnx")
+    np.testing.assert_allclose(_run(tmp_path / "prepared.onnx", x[:4]), _run(path, x[:4]), rtol=1e-6, atol=1e-6)
     data = Dataset({"x": x}, None, "random")
     report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 2})]), train=data,
                         eval_data=data, latency_runs=5, workdir=tmp_path / "w")

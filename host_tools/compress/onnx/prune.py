@@ -22,6 +22,7 @@ import numpy as np
 from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset
 from host_tools.compress.model import ModelFile
+from host_tools.compress.onnx import static_shapes
 from host_tools.compress.onnx.boundary import (hoist_constants, inline_constant_identities, output_path,
                                                own_shape_constants)
 from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
@@ -118,7 +119,9 @@ class OnnxChannelPruning(Pass):
             proto = onnx.load(str(model.path))
             hoist_constants(proto)  # exporters write biases and activation constants as Constant nodes
             inline_constant_identities(proto)  # or share one through Identity nodes
-            own_shape_constants(proto)  # and equal split sizes and shapes directly
+            static_shapes.fold(proto)  # torch.chunk's bounds, computed from the channel count, made constant
+            static_shapes.slices_as_split(proto)  # and its Slices one Split, whose sizes can be rewritten
+            own_shape_constants(proto)  # exporters share equal split sizes and shapes directly
             plan = plan_channel_pruning(proto, set(config.exclude))
             if not plan.groups:
                 raise NotApplicable(f"{model.path.name}: no layer whose channels can be removed safely "

@@ -1,0 +1,115 @@
+"""Shape arithmetic known before running, made constant, so structured pruning can follow it.
+
+PyTorch's exporter writes ``torch.chunk`` (YOLOv8's C2f takes its first convolution's output
+apart with it) as Slices whose bounds are computed from a Shape at run time: the channel count
+read, halved, multiplied back. The channel count is static even when the batch is not, so
+``fold`` replaces such integer arithmetic with constants, and ``slices_as_split`` turns Slices
+that tile one axis of a tensor into the single Split they amount to, whose sizes pruning can
+rewrite. Both leave what the graph computes unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Integer ops the shape arithmetic of exported graphs is made of.
+FOLDABLE = {"Add", "Sub", "Mul", "Div", "Neg", "Max", "Min", "Unsqueeze", "Squeeze", "Concat", "Gather", "Cast"}
+
+
+def fold(model) -> int:
+    """Replace integer shape arithmetic whose inputs are constants, or static dimensions read with
+    Shape + Gather, with constants; returns how many nodes went."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in (*inferred.value_info, *inferred.input, *inferred.output)}
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    shapes: dict[str, list] = {}  # a Shape's output -> the dimensions it reads (None: not static)
+    folded = []
+    for node in graph.node:
+        value = None
+        if node.op_type == "Shape" and not node.attribute and node.input[0] in dims:
+            shapes[node.output[0]] = dims[node.input[0]]
+        elif node.op_type == "Gather" and node.input[0] in shapes and node.input[1] in consts:
+            read = np.take(np.array(shapes[node.input[0]], dtype=object), consts[node.input[1]])
+            if None not in np.ravel(read):
+                value = np.array(read, dtype=np.int64)
+        elif node.op_type in FOLDABLE and all(name in consts for name in node.input if name) and \
+                all(consts[name].dtype.kind in "iu" for name in node.input if name):
+            value = ReferenceEvaluator(node).run(None, {name: consts[name] for name in node.input if name})[0]
+        if value is not None and np.asarray(value).dtype.kind in "iu":
+            consts[node.output[0]] = np.asarray(value)
+            graph.initializer.append(numpy_helper.from_array(np.asarray(value), node.output[0]))
+            folded.append(node)
+    for node in folded:
+        graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    unread = [n for n in graph.node if n.op_type == "Shape" and n.output[0] not in used]
+    for node in unread:
+        graph.node.remove(node)
+    _drop_unused(graph, {name for node in folded + unread for name in (*node.input, *node.output)})
+    return len(folded)
+
+
+def slices_as_split(model) -> int:
+    """Replace Slices with constant bounds that together tile one axis of a tensor, in order and
+    step 1, by one Split; returns how many Splits were made."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in (*inferred.value_info, *inferred.input, *inferred.output)}
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    by_data: dict[tuple[str, int], list] = {}
+    for node in graph.node:
+        bounds = _bounds(node, consts, dims)
+        if bounds:
+            by_data.setdefault((node.input[0], bounds[0]), []).append((bounds[1], bounds[2], node))
+    made = 0
+    for (data, axis), slices in by_data.items():
+        slices.sort(key=lambda s: s[0])
+        width = dims[data][axis]
+        if len(slices) < 2 or slices[0][0] != 0 or slices[-1][1] != width or \
+                any(a[1] != b[0] for a, b in zip(slices, slices[1:])):
+            continue
+        sizes = f"{slices[0][2].output[0]}.split_sizes"
+        graph.initializer.append(numpy_helper.from_array(np.array([e - s for s, e, _ in slices], np.int64), sizes))
+        first = min(list(graph.node).index(node) for _, _, node in slices)
+        split = helper.make_node("Split", [data, sizes], [node.output[0] for _, _, node in slices],
+                                 name=f"{slices[0][2].name}.split", axis=axis)
+        for _, _, node in slices:
+            graph.node.remove(node)
+        graph.node.insert(first, split)
+        _drop_unused(graph, {name for _, _, node in slices for name in node.input[1:]})
+        made += 1
+    return made
+
+
+def _drop_unused(graph, names: set[str]) -> None:
+    """Remove the initializers among *names* that nothing reads any more."""
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name in names and i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def _bounds(node, consts: dict, dims: dict) -> tuple[int, int, int] | None:
+    """(axis, start, end) of a Slice of one axis, step 1, with constant bounds in range."""
+    if node.op_type != "Slice" or len(node.input) < 4 or any(name not in consts for name in node.input[1:] if name):
+        return None
+    shape = dims.get(node.input[0])
+    starts, ends, axes = (consts[name].ravel() for name in node.input[1:4])
+    steps = consts[node.input[4]].ravel() if len(node.input) > 4 and node.input[4] else np.array([1])
+    if not shape or len(starts) != 1 or len(ends) != 1 or len(axes) != 1 or steps.tolist() != [1]:
+        return None
+    axis = int(axes[0]) % len(shape)
+    width = shape[axis]
+    if width is None:
+        return None
+    start, end = (min(max(int(v) + width if v < 0 else int(v), 0), width) for v in (starts[0], ends[0]))
+    return (axis, start, end) if start < end else None
