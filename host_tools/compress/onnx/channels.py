@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from host_tools.compress.onnx.boundary import consumers
+from host_tools.compress.onnx.static_shapes import inferred_dims
 from host_tools.compress.onnx.layout import Graph, Param, Reader, Region
 from host_tools.compress.onnx.regions import output_axis, walk_region, weight_of
 
@@ -111,16 +112,8 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
 
 
 def _graph(proto) -> Graph:
-    import onnx
-
-    try:  # data propagation follows the shapes PyTorch computes for Reshapes (batch, tokens, heads, size)
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:  # noqa: BLE001 — then only what plain inference knows
-        inferred = onnx.shape_inference.infer_shapes(proto)
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
     graph = proto.graph
-    return Graph(list(graph.node), {i.name: i for i in graph.initializer}, shapes,
+    return Graph(list(graph.node), {i.name: i for i in graph.initializer}, inferred_dims(proto),
                  Counter(name for node in graph.node for name in node.input), {o.name for o in graph.output},
                  consumers(graph), {name: node for node in graph.node for name in node.output})
 

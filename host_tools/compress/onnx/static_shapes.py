@@ -16,17 +16,27 @@ import numpy as np
 FOLDABLE = {"Add", "Sub", "Mul", "Div", "Neg", "Max", "Min", "Unsqueeze", "Squeeze", "Concat", "Gather", "Cast"}
 
 
+def inferred_dims(model) -> dict[str, list]:
+    """Every tensor's dimensions that ONNX shape inference knows (None where it does not), with data
+    propagation, which follows the shapes PyTorch computes for Reshapes (batch, tokens, heads)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    except Exception:  # noqa: BLE001 — then only what plain inference knows
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in (*inferred.value_info, *inferred.input, *inferred.output)}
+
+
 def fold(model) -> int:
     """Replace integer shape arithmetic whose inputs are constants, or static dimensions read with
     Shape + Gather, with constants; returns how many nodes went."""
-    import onnx
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
 
     graph = model.graph
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
-    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            for v in (*inferred.value_info, *inferred.input, *inferred.output)}
+    dims = inferred_dims(model)
     consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     shapes: dict[str, list] = {}  # a Shape's output -> the dimensions it reads (None: not static)
     folded = []
@@ -58,13 +68,10 @@ def fold(model) -> int:
 def slices_as_split(model) -> int:
     """Replace Slices with constant bounds that together tile one axis of a tensor, in order and
     step 1, by one Split; returns how many Splits were made."""
-    import onnx
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
-    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            for v in (*inferred.value_info, *inferred.input, *inferred.output)}
+    dims = inferred_dims(model)
     consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     by_data: dict[tuple[str, int], list] = {}
     for node in graph.node:
