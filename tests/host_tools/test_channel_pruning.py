@@ -119,7 +119,8 @@ def test_in_the_transformer_heads_feed_forward_width_and_residual_stream_are_all
                                                                      for layer in ("attn/out", "mlp/mlp.2")]
     assert sorted(r.node for r in stream.readers) == \
         sorted(block(i, layer) for i in (0, 1) for layer in ("attn/qkv", "mlp/mlp.0")) + ["/head/Gemm"]
-    assert {"position", "blocks.0.norm1.weight", "blocks.1.norm2.bias", "norm.weight"} <= {name for name, _ in stream.params}
+    assert {"position", "blocks.0.norm1.weight", "blocks.1.norm2.bias", "norm.weight"} <= \
+        {name for name, _ in stream.params}
     for i in (0, 1):
         heads = groups[block(i, "attn/qkv")]  # 4 heads of 16 in each of Q, K and V
         assert heads.channels == 4 and (heads.producers[0].offsets, heads.producers[0].block) == ((0, 4, 8), 16)
@@ -146,9 +147,10 @@ def test_the_transformer_halved_everywhere_and_recovered_keeps_its_accuracy(tmp_
 def _attention(tmp_path, style: str = "fused", variant: str = ""):
     """One attention layer (4 heads of 8) as PyTorch exports it, heads 1 and 3 silent (their Q, K and V
     weights and biases zero): a fused QKV layer as in the reference transformer (its sections taken
-    apart by unpacking or by indexing, or split before the heads as GPT-2 does), or separate Q, K and V layers as in BERT-style encoders, also
-    through PyTorch's scaled_dot_product_attention (which reads the head size from Q's shape); with
-    an additive mask input [n, 1, 1, t] that broadcasts over the heads."""
+    apart by unpacking or by indexing, or split before the heads as GPT-2 does), or separate Q, K and
+    V layers as in BERT-style encoders, also through PyTorch's scaled_dot_product_attention (which
+    reads the head size from Q's shape); with an additive mask input [n, 1, 1, t] that broadcasts
+    over the heads."""
     import torch
     from torch import nn
 
