@@ -97,10 +97,7 @@ def hoist_constants(model) -> int:
     moved = []
     for node in graph.node:
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            tensor = type(node.attribute[0].t)()
-            tensor.CopyFrom(node.attribute[0].t)
-            tensor.name = node.output[0]
-            graph.initializer.append(tensor)
+            graph.initializer.append(_renamed_copy(node.attribute[0].t, node.output[0]))
             moved.append(node)
     for node in moved:
         graph.node.remove(node)
@@ -115,16 +112,24 @@ def inline_constant_identities(model) -> int:
     inits = {i.name: i for i in graph.initializer}
     inlined = [n for n in graph.node if n.op_type == "Identity" and n.input and n.input[0] in inits]
     for node in inlined:
-        tensor = type(inits[node.input[0]])()
-        tensor.CopyFrom(inits[node.input[0]])
-        tensor.name = node.output[0]
-        graph.initializer.append(tensor)
+        graph.initializer.append(_renamed_copy(inits[node.input[0]], node.output[0]))
         graph.node.remove(node)
-    sources = {node.input[0] for node in inlined}
-    used = {name for node in graph.node for name in node.input} | {v.name for v in (*graph.output, *graph.input)}
-    for init in [i for i in graph.initializer if i.name in sources and i.name not in used]:
-        graph.initializer.remove(init)
+    drop_unused_initializers(graph, {node.input[0] for node in inlined})
     return len(inlined)
+
+
+def drop_unused_initializers(graph, names: set[str]) -> None:
+    """Remove the initializers among *names* that no node, graph output or graph input names any more."""
+    used = {name for node in graph.node for name in node.input} | {v.name for v in (*graph.output, *graph.input)}
+    for init in [i for i in graph.initializer if i.name in names and i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def _renamed_copy(tensor, name: str):
+    copy = type(tensor)()
+    copy.CopyFrom(tensor)
+    copy.name = name
+    return copy
 
 
 def own_shape_constants(model) -> int:
@@ -140,11 +145,8 @@ def own_shape_constants(model) -> int:
             continue
         for k, name in enumerate(node.input):
             if name in inits and uses[name] > 1 and inits[name].data_type in (6, 7):  # INT32, INT64
-                tensor = type(inits[name])()
-                tensor.CopyFrom(inits[name])
-                tensor.name = f"{name}.{node.name or index}"
-                graph.initializer.append(tensor)
-                node.input[k] = tensor.name
+                graph.initializer.append(_renamed_copy(inits[name], f"{name}.{node.name or index}"))
+                node.input[k] = graph.initializer[-1].name
                 uses[name] -= 1
                 copies += 1
     return copies

@@ -24,6 +24,7 @@ import numpy as np
 from host_tools.compress.onnx import heads
 from host_tools.compress.onnx.layout import (BINARY_OPS, POOL_OPS, REDUCE_OPS, UNARY_OPS, WEIGHTED_OPS, Graph, Layout,
                                              Param, Reader, Region, attr, const_array, ints, is_scalar)
+from host_tools.compress.onnx.static_shapes import slice_bounds
 
 
 def weight_of(node) -> str:
@@ -136,15 +137,11 @@ def _shape_read(node, layout: Layout, g: Graph) -> str | None:
 def _read_entries(node, length: int, g: Graph) -> range | list[int]:
     """Which entries of a shape vector *length* long a Gather or Slice takes (all: it cannot tell)."""
     every = range(length)
-    consts = [const_array(g.consts[name]).ravel() if name in g.consts else None for name in node.input[1:]]
-    if None in consts or not consts:
-        return every
-    if node.op_type == "Gather":
-        return list(consts[0] % length)
-    axes, steps = (list(consts[i]) if len(consts) > i else None for i in (2, 3))
-    if node.op_type != "Slice" or len(consts) < 2 or axes not in (None, [0], [-1]) or steps not in (None, [1]):
-        return every
-    return every[slice(int(consts[0][0]), int(consts[1][0]))]
+    if node.op_type == "Gather" and node.input[1] in g.consts:
+        return list(const_array(g.consts[node.input[1]]).ravel() % length)
+    consts = {name: const_array(g.consts[name]) for name in node.input[1:] if name in g.consts}
+    bounds = slice_bounds(node, consts, {node.input[0]: [length]})
+    return every[bounds[1]:bounds[2]] if bounds else every
 
 
 def _through_binary(node, region: Region, g: Graph, enter) -> str | None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from host_tools.compress.onnx.boundary import drop_unused_initializers
+
 # Integer ops the shape arithmetic of exported graphs is made of.
 FOLDABLE = {"Add", "Sub", "Mul", "Div", "Neg", "Max", "Min", "Unsqueeze", "Squeeze", "Concat", "Gather", "Cast"}
 
@@ -64,7 +66,7 @@ def fold(model) -> int:
     unread = [n for n in graph.node if n.op_type == "Shape" and n.output[0] not in used]
     for node in unread:
         graph.node.remove(node)
-    _drop_unused(graph, {name for node in folded + unread for name in (*node.input, *node.output)})
+    drop_unused_initializers(graph, {name for node in folded + unread for name in (*node.input, *node.output)})
     return len(folded)
 
 
@@ -78,8 +80,8 @@ def slices_as_split(model) -> int:
     consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     by_data: dict[tuple[str, int], list] = {}
     for node in graph.node:
-        bounds = _bounds(node, consts, dims)
-        if bounds:
+        bounds = slice_bounds(node, consts, dims)
+        if bounds and bounds[1] < bounds[2]:
             by_data.setdefault((node.input[0], bounds[0]), []).append((bounds[1], bounds[2], node))
     made = 0
     for (data, axis), slices in by_data.items():
@@ -96,30 +98,27 @@ def slices_as_split(model) -> int:
         for _, _, node in slices:
             graph.node.remove(node)
         graph.node.insert(first, split)
-        _drop_unused(graph, {name for _, _, node in slices for name in node.input[1:]})
+        drop_unused_initializers(graph, {name for _, _, node in slices for name in node.input[1:]})
         made += 1
     return made
 
 
-def _drop_unused(graph, names: set[str]) -> None:
-    """Remove the initializers among *names* that nothing reads any more."""
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    for init in [i for i in graph.initializer if i.name in names and i.name not in used]:
-        graph.initializer.remove(init)
-
-
-def _bounds(node, consts: dict, dims: dict) -> tuple[int, int, int] | None:
-    """(axis, start, end) of a Slice of one axis, step 1, with constant bounds in range."""
-    if node.op_type != "Slice" or len(node.input) < 4 or any(name not in consts for name in node.input[1:] if name):
+def slice_bounds(node, consts: dict, dims: dict) -> tuple[int, int, int] | None:
+    """(axis, start, end) that a Slice of one axis, step 1, with constant bounds takes, clamped to
+    the axis (start >= end: nothing); None for any other Slice. *consts*: name -> array; *dims*:
+    name -> dimensions (those of the Slice's data are needed)."""
+    if node.op_type != "Slice" or len(node.input) < 3 or any(name not in consts for name in node.input[1:] if name):
         return None
     shape = dims.get(node.input[0])
-    starts, ends, axes = (consts[name].ravel() for name in node.input[1:4])
+    starts, ends = consts[node.input[1]].ravel(), consts[node.input[2]].ravel()
+    axes = consts[node.input[3]].ravel() if len(node.input) > 3 and node.input[3] else np.array([0])
     steps = consts[node.input[4]].ravel() if len(node.input) > 4 and node.input[4] else np.array([1])
-    if not shape or len(starts) != 1 or len(ends) != 1 or len(axes) != 1 or steps.tolist() != [1]:
+    if not shape or len(starts) != 1 or len(ends) != 1 or len(axes) != 1 or steps.tolist() != [1] or \
+            not -len(shape) <= int(axes[0]) < len(shape):
         return None
     axis = int(axes[0]) % len(shape)
     width = shape[axis]
     if width is None:
         return None
     start, end = (min(max(int(v) + width if v < 0 else int(v), 0), width) for v in (starts[0], ends[0]))
-    return (axis, start, end) if start < end else None
+    return axis, start, end
