@@ -100,3 +100,30 @@ def gru_with_state(path: Path, features: int = 16, hidden: int = 32) -> Path:
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "time", hidden]),
          helper.make_tensor_value_info("h_next", TensorProto.FLOAT, [1, "batch", hidden])], inits)
     return save(graph, path)
+
+
+def sliced_position_table(path: Path, dim: int = 16, positions: int = 32, classes: int = 4) -> Path:
+    """As exporters write a transformer's positions: a [1, positions, dim] table sliced to the
+    input's token count at run time (symbolic shape inference cannot tell that min(positions, tokens)
+    is tokens, and gives up), and a ConstantOfShape whose shape is a Constant node."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((1, positions, dim)).astype(np.float32), "positions"),
+             numpy_helper.from_array((rng.standard_normal((dim, classes)) / np.sqrt(dim)).astype(np.float32), "head"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one")]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"], name="shape"),
+        helper.make_node("Gather", ["x_shape", "one"], ["tokens"], name="token_count"),
+        helper.make_node("Slice", ["positions", "zero", "tokens", "one"], ["used"], name="positions_used"),
+        helper.make_node("Add", ["x", "used"], ["h"], name="add_positions"),
+        _const("scale_shape", np.array([1], np.int64)),
+        helper.make_node("ConstantOfShape", ["scale_shape"], ["scale"], name="scale",
+                         value=numpy_helper.from_array(np.array([0.5], np.float32))),
+        helper.make_node("Mul", ["h", "scale"], ["scaled"], name="apply_scale"),
+        helper.make_node("MatMul", ["scaled", "head"], ["per_token"], name="head"),
+        helper.make_node("ReduceMean", ["per_token"], ["logits"], name="mean_tokens", axes=[1], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "positions", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "tokens", dim])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], inits)
+    return save(graph, path)

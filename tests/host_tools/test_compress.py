@@ -118,6 +118,26 @@ def test_several_inputs_int64_ids_and_dynamic_axes(tmp_path):
         assert report.compressed and report.result.fidelity.cosine > 0.98, recipe  # worst of both outputs
 
 
+def test_preprocessing_a_graph_symbolic_inference_gives_up_on(tmp_path, capfd, monkeypatch):
+    """A position table sliced to the token count, as exporters write it: ORT's symbolic shape
+    inference gives up. The preprocessing falls back to ONNX's own, and leaves the user's
+    directory and terminal as they were (ORT saves its partial graph to the current directory
+    and logs its own tracebacks)."""
+    model = ModelFile.open(graphs.sliced_position_table(tmp_path / "positions.onnx"))
+    data = Dataset({"x": np.random.default_rng(0).standard_normal((40, 10, 16)).astype(np.float32)}, None, "random")
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    report = run_recipe(model, steps([("onnx-preprocess", {}), ("onnx-dynamic", {})]), eval_data=data,
+                        latency_runs=10)
+    pre, dynamic = report.steps
+    assert pre.status == "ok", pre.note
+    assert pre.fidelity.max_abs_error < 1e-5
+    assert dynamic.status == "ok" and dynamic.fidelity.cosine > 0.999
+    assert list(here.iterdir()) == []
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_a_technique_that_does_not_apply_is_skipped_in_one_line_and_the_rest_runs(digits, tmp_path):
     recipe = steps([("onnx-int4", {}), ("onnx-dynamic", {})])
     report = run_recipe(digits, recipe, eval_data=HELDOUT, latency_runs=10, workdir=tmp_path)

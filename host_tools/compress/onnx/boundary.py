@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from pathlib import Path
@@ -23,6 +24,29 @@ def quiet_ort_quantizer() -> None:
 
     logging.getLogger().setLevel(logging.ERROR)
     onnxruntime.set_default_logger_severity(3)
+
+
+@contextlib.contextmanager
+def held_log_errors(logger_name: str):
+    """What *logger_name* logs at ERROR while inside, kept instead of printed, one line a record (a
+    logged traceback's last: the exception). ORT's quantization pre-processing logs a failed step
+    with its traceback and goes on without it."""
+    held: list[str] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines = record.getMessage().strip().splitlines()
+            held.append(lines[-1] if lines else "")
+
+    logger = logging.getLogger(logger_name)
+    handler, propagate = Hold(logging.ERROR), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield held
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def output_path(workdir: Path, model: ModelFile, tag: str) -> Path:

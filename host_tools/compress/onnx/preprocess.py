@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import (drop_initializer_inputs, hoist_constants, output_path,
-                                                quiet_ort_quantizer)
-from host_tools.compress.passes import Pass, PassConfig, failing_as, register
+from host_tools.compress.onnx.boundary import (drop_initializer_inputs, held_log_errors, hoist_constants,
+                                                output_path, quiet_ort_quantizer)
+from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
 
 @register
@@ -35,18 +38,30 @@ class OnnxPreprocess(Pass):
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         quiet_ort_quantizer()
-        out = output_path(workdir, model, "pre")
-        with failing_as(self.name, model):
+        workdir = Path(workdir).resolve()
+        out, prepared = output_path(workdir, model, "pre"), output_path(workdir, model, "pre-in")
+        with failing_as(self.name, model), held_log_errors("onnxruntime.quantization.shape_inference") as held:
             source = onnx.load(str(model.path))
             drop_initializer_inputs(source)
             hoist_constants(source)
-            try:
-                quant_pre_process(source, str(out), skip_optimization=not config.optimize,
-                                  skip_symbolic_shape=not config.symbolic_shapes)
-            except Exception:
-                if not config.symbolic_shapes:
-                    raise
-                # Symbolic inference gives up on some graphs (loops, unusual ops); ONNX's own still helps.
-                quant_pre_process(source, str(out), skip_optimization=not config.optimize,
-                                  skip_symbolic_shape=True)
+            # Given as a file: handed a ModelProto whose symbolic inference failed, ORT's pre-processing
+            # moves its weights out to an external file it never writes, and its session cannot load them.
+            onnx.save(source, str(prepared))
+            # ORT's symbolic inference, when it gives up, saves the graph to the current directory
+            # (sym_shape_infer_temp.onnx and its data): let it do that in a directory that goes away.
+            with tempfile.TemporaryDirectory(dir=workdir) as scratch, contextlib.chdir(scratch):
+                try:
+                    quant_pre_process(str(prepared), str(out), skip_optimization=not config.optimize,
+                                      skip_symbolic_shape=not config.symbolic_shapes)
+                except Exception:
+                    if not config.symbolic_shapes:
+                        raise
+                    # Symbolic inference gives up on some graphs (loops, unusual ops); ONNX's own still helps.
+                    quant_pre_process(str(prepared), str(out), skip_optimization=not config.optimize,
+                                      skip_symbolic_shape=True)
+                finally:
+                    prepared.unlink(missing_ok=True)
+        if held:  # ORT's optimizer failed; it went on with shape inference alone
+            progress(f"      ONNX Runtime's graph optimization failed ({held[-1][:120]}): shapes inferred, "
+                     "graph not optimized")
         return ModelFile(out, "onnx")
