@@ -647,3 +647,38 @@ def test_exported_yolo_c2f_blocks_are_pruned_split_halves_and_bottlenecks_includ
     assert teacher_parameters(report.result.model) < 0.35 * teacher_parameters(model)
     assert report.result.fidelity.cosine > 0.8
     assert _run(report.result.model.path, x[:3]).shape == (3, 10)
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+def test_a_layer_used_twice_is_stored_once_after_pruning(tmp_path):
+    """ALBERT-style weight sharing: one layer applied twice to tokens, which PyTorch exports as one
+    weight and an Identity copy of it. The pruning gives each reader its own copy so that layers can change on
+    their own; the copies it leaves equal are stored once again, so the pruned model is smaller
+    than the original (with both copies kept it was larger)."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.mid = nn.Linear(8, 32), nn.Linear(32, 64), nn.Linear(64, 64)
+
+        def forward(self, x):  # mid's output is the graph's: its channels stay, and it is left whole
+            return self.mid(torch.relu(self.mid(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+    torch.manual_seed(0)
+    path = tmp_path / "shared.onnx"
+    torch.onnx.export(Shared().eval(), (torch.randn(2, 5, 8),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    model = ModelFile.open(path)
+    assert "Identity" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    pruned = onnx.load(str(report.result.model.path))
+    values = [numpy_helper.to_array(i) for i in pruned.graph.initializer]
+    assert sum(v.shape == (64, 64) for v in values) == 1  # mid's weight, left whole, stored once
+    assert report.result.model.path.stat().st_size < 0.9 * path.stat().st_size
+    x = np.random.default_rng(0).standard_normal((3, 5, 8)).astype(np.float32)
+    assert _run(report.result.model.path, x).shape == (3, 5, 64)

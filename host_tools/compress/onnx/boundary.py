@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections import Counter
 from pathlib import Path
@@ -129,17 +130,55 @@ def hoist_constants(model) -> int:
 
 
 def inline_constant_identities(model) -> int:
-    """Replace Identity nodes that copy an initializer with an initializer of their own (PyTorch's
-    exporter shares equal constants, e.g. the biases of BatchNorms folded into convolutions, this
-    way), so that each layer's parameter can change on its own; returns how many went."""
+    """Remove Identity nodes that copy an initializer; returns how many went. PyTorch's exporter
+    writes them for equal constants, e.g. the biases of BatchNorms folded into convolutions: a
+    vector gets a copy of its own, so that each layer's parameter can change on its own. And it
+    writes them for a weight that one layer applied twice shares (ALBERT): a weight matrix's
+    readers read the one weight, so that pruning sees it shared (pruning its copies apart would
+    store it twice)."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     inlined = [n for n in graph.node if n.op_type == "Identity" and n.input and n.input[0] in inits]
+    shared: dict[str, str] = {}
+    outputs, subgraphs = {o.name for o in graph.output}, has_subgraphs(graph)  # names left as they are
     for node in inlined:
-        graph.initializer.append(_renamed_copy(inits[node.input[0]], node.output[0]))
+        source = inits[node.input[0]]
+        if len(source.dims) >= 2 and not subgraphs and node.output[0] not in outputs:
+            shared[node.output[0]] = source.name
+        else:
+            graph.initializer.append(_renamed_copy(source, node.output[0]))
         graph.node.remove(node)
+    for node in graph.node:
+        node.input[:] = [shared.get(name, name) for name in node.input]
     drop_unused_initializers(graph, {node.input[0] for node in inlined})
     return len(inlined)
+
+
+def share_equal_initializers(graph) -> int:
+    """Initializers equal in type, shape and value become one, read by all their readers; returns
+    how many went. The undoing of inline_constant_identities where a copy stayed as it was: a weight
+    the exporter shared between layers (ALBERT's repeated layer) is stored once again."""
+    from onnx import TensorProto, numpy_helper
+
+    if has_subgraphs(graph):  # their nodes may read the outer names; not worth following
+        return 0
+    fixed = {v.name for v in (*graph.input, *graph.output)}
+    first: dict[tuple, str] = {}
+    same: dict[str, str] = {}
+    for init in graph.initializer:
+        if init.name in fixed or init.data_location == TensorProto.EXTERNAL:
+            continue
+        value = numpy_helper.to_array(init)
+        key = (init.data_type, tuple(init.dims), hashlib.sha256(value.tobytes()).digest())
+        if key in first:
+            same[init.name] = first[key]
+        else:
+            first[key] = init.name
+    if same:
+        for node in graph.node:
+            node.input[:] = [same.get(name, name) for name in node.input]
+        drop_unused_initializers(graph, set(same))
+    return len(same)
 
 
 def drop_unused_initializers(graph, names: set[str]) -> None:

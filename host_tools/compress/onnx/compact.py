@@ -1,14 +1,15 @@
 """Strip what a device does not need to run the graph: internal tensor and node names (exporters
 and quantizers write long paths such as ``/blocks/blocks.0/attn/qkv/MatMul_output_0_quantized``),
-recorded intermediate shapes, doc strings and unused initializers. On a small model these are a
-sizeable share of the file; the graph's inputs and outputs keep their names."""
+recorded intermediate shapes, doc strings, unused initializers and second copies of equal ones. On
+a small model these are a sizeable share of the file; the graph's inputs and outputs keep their
+names."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import has_subgraphs, output_path
+from host_tools.compress.onnx.boundary import has_subgraphs, output_path, share_equal_initializers
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 
@@ -44,6 +45,7 @@ def compact(proto, *, rename: bool = True) -> None:
     keep = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    share_equal_initializers(graph)
     # Subgraphs (If, Loop, Scan) refer to outer names; renaming those safely is not worth it.
     if not rename or has_subgraphs(graph):
         return

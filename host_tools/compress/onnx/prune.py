@@ -24,7 +24,7 @@ from host_tools.compress.data import Dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx import static_shapes
 from host_tools.compress.onnx.boundary import (hoist_constants, inline_constant_identities, output_path,
-                                               own_shape_constants)
+                                               own_shape_constants, share_equal_initializers)
 from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
@@ -128,6 +128,8 @@ class OnnxChannelPruning(Pass):
                                     f"({plan.why_none()})")
             progress(f"      pruning {config.ratio:.0%} of the channels of {plan.summary()}")
             prune_channels(proto, plan, config.ratio, config.criterion)
+            if config.recover_epochs <= 0:
+                share_equal_initializers(proto.graph)  # copies no pruning changed: shared again
             onnx.save(proto, str(pruned_path))
         pruned = ModelFile(pruned_path, "onnx")
         if config.recover_epochs <= 0:
@@ -135,5 +137,10 @@ class OnnxChannelPruning(Pass):
         from host_tools.compress.torch.finetune import recover
 
         with failing_as(self.name, model):
-            return recover(pruned, teacher=model, data=config.calibration, epochs=config.recover_epochs,
-                           labels_weight=config.labels_weight, workdir=workdir)
+            # Recovery trains each copy on its own; what is still equal afterwards is shared again.
+            recovered = recover(pruned, teacher=model, data=config.calibration, epochs=config.recover_epochs,
+                                labels_weight=config.labels_weight, workdir=workdir)
+            proto = onnx.load(str(recovered.path))
+            if share_equal_initializers(proto.graph):
+                onnx.save(proto, str(recovered.path))
+        return recovered
