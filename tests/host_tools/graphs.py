@@ -127,3 +127,54 @@ def sliced_position_table(path: Path, dim: int = 16, positions: int = 32, classe
         nodes, "positions", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "tokens", dim])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], inits)
     return save(graph, path)
+
+
+def relative_position_attention(path: Path, dim: int = 16, buckets: int = 8) -> Path:
+    """One attention layer with T5's relative-position bias: the bucket of each token pair comes
+    from float arithmetic on integer distances (Cast, Div, Log, Mul, Cast back to int64, then
+    Where/Min) and indexes a bias table. Log(0) on the diagonal is -inf, which Where discards."""
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array((rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32), name)
+             for name in ("wq", "wk", "wv", "wo")]
+    inits += [numpy_helper.from_array(rng.standard_normal(buckets).astype(np.float32), "bias_table"),
+              numpy_helper.from_array(np.array([0], np.int64), "zero"),
+              numpy_helper.from_array(np.array([1], np.int64), "one"),
+              numpy_helper.from_array(np.array(0, np.int64), "start"),
+              numpy_helper.from_array(np.array(1, np.int64), "step"),
+              numpy_helper.from_array(np.array(2, np.int64), "exact"),
+              numpy_helper.from_array(np.array(buckets - 1, np.int64), "last"),
+              numpy_helper.from_array(np.array(2.0, np.float32), "exact_f"),
+              numpy_helper.from_array(np.array(3.0, np.float32), "per_log")]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Gather", ["x_shape", "one"], ["t1"], name="token_count"),
+        helper.make_node("Squeeze", ["t1", "zero"], ["t"]),
+        helper.make_node("Range", ["start", "t", "step"], ["pos"]),
+        helper.make_node("Unsqueeze", ["pos", "zero"], ["pos_row"]),
+        helper.make_node("Unsqueeze", ["pos", "one"], ["pos_col"]),
+        helper.make_node("Sub", ["pos_row", "pos_col"], ["rel"]),
+        helper.make_node("Abs", ["rel"], ["dist"]),
+        helper.make_node("Cast", ["dist"], ["dist_f"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["dist_f", "exact_f"], ["ratio"], name="bucket_div"),
+        helper.make_node("Log", ["ratio"], ["log_ratio"], name="bucket_log"),
+        helper.make_node("Mul", ["log_ratio", "per_log"], ["scaled"], name="bucket_mul"),
+        helper.make_node("Cast", ["scaled"], ["far_i"], to=TensorProto.INT64),
+        helper.make_node("Add", ["far_i", "exact"], ["far"]),
+        helper.make_node("Min", ["far", "last"], ["far_capped"]),
+        helper.make_node("Less", ["dist", "exact"], ["near"]),
+        helper.make_node("Where", ["near", "dist", "far_capped"], ["bucket"]),
+        helper.make_node("Gather", ["bias_table", "bucket"], ["rel_bias"], name="bias_lookup"),
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
+        helper.make_node("MatMul", ["x", "wv"], ["v"], name="v"),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
+        helper.make_node("Add", ["scores", "rel_bias"], ["biased"], name="add_bias"),
+        helper.make_node("Softmax", ["biased"], ["weights"], axis=-1),
+        helper.make_node("MatMul", ["weights", "v"], ["mixed"], name="mix"),
+        helper.make_node("MatMul", ["mixed", "wo"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(
+        nodes, "relative", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "tokens", dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "tokens", dim])], inits)
+    return save(graph, path)

@@ -138,6 +138,24 @@ def test_preprocessing_a_graph_symbolic_inference_gives_up_on(tmp_path, capfd, m
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_static_int8_leaves_index_arithmetic_in_float(tmp_path):
+    """T5's relative-position buckets are float arithmetic on integer distances, cast back to
+    int64 to index a bias table. Quantized, its Log(0) = -inf turned every index into garbage and
+    the model stopped running (a Hugging Face T5 encoder did); it stays in float."""
+    model = ModelFile.open(graphs.relative_position_attention(tmp_path / "relative.onnx"))
+    data = Dataset({"x": np.random.default_rng(0).standard_normal((40, 10, 16)).astype(np.float32)}, None, "random")
+    report = run_recipe(model, load_recipe("int8-static", "onnx"), calib=data, eval_data=data, latency_runs=10,
+                        workdir=tmp_path / "w")
+    static = report.steps[1]
+    assert static.status == "ok", static.note
+    graph = onnx.load(str(static.model.path)).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    bucket_nodes = [n for n in graph.node if n.name in ("bucket_div", "bucket_log", "bucket_mul")]
+    assert len(bucket_nodes) == 3 and not any(i in dequantized for n in bucket_nodes for i in n.input)
+    assert any(n.name == "q" and n.input[0] in dequantized for n in graph.node)  # the rest is int8
+    assert static.fidelity.cosine > 0.9
+
+
 def test_a_technique_that_does_not_apply_is_skipped_in_one_line_and_the_rest_runs(digits, tmp_path):
     recipe = steps([("onnx-int4", {}), ("onnx-dynamic", {})])
     report = run_recipe(digits, recipe, eval_data=HELDOUT, latency_runs=10, workdir=tmp_path)

@@ -65,6 +65,35 @@ def weighted_nodes(path: Path, op_types) -> list[tuple[str, str]]:
             if n.op_type in op_types and any(i in weights for i in n.input)]
 
 
+def index_nodes(path: Path) -> list[str]:
+    """Names of the nodes whose results only go to a Cast to an integer type, directly or through
+    other such nodes: float arithmetic that computes indices (T5's relative-position buckets:
+    Div, Log, Mul, then Cast to int64 and Gather). Calibrated int8 there rounds an index to a
+    different one, or to garbage; they stay in float."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    readers = consumers(graph)
+    integer = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+               onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
+               onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+    sinks = {id(n) for n in graph.node
+             if n.op_type == "Cast" and any(a.name == "to" and a.i in integer for a in n.attribute)}
+    outputs = {o.name for o in graph.output}
+    found: set[int] = set()
+    changed = True
+    while changed:  # readers come after their producers: one pass backwards finds nearly all
+        changed = False
+        for node in reversed(graph.node):
+            if id(node) in found or id(node) in sinks or any(o in outputs for o in node.output):
+                continue
+            read_by = [r for o in node.output for r in readers.get(o, [])]
+            if read_by and all(id(r) in sinks or id(r) in found for r in read_by):
+                found.add(id(node))
+                changed = True
+    return [n.name for n in graph.node if id(n) in found and n.name]
+
+
 def consumers(graph) -> dict[str, list]:
     """tensor name -> the nodes that read it."""
     found: dict[str, list] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -12,7 +13,7 @@ import numpy as np
 from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, output_path,
+from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, index_nodes, output_path,
                                                 quiet_ort_quantizer, weighted_nodes, with_opset_at_least)
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
@@ -94,6 +95,11 @@ class OnnxStaticInt8(Pass):
         with failing_as(self.name, model), tempfile.TemporaryDirectory(dir=workdir) as tmp:
             cache = Path(tmp) / "ranges"  # calibrate once, reuse for every sensitivity probe
             exclude = list(config.exclude)
+            indices = [n for n in index_nodes(model.path) if n not in exclude]
+            if indices:
+                progress(f"      left in float: {len(indices)} node(s) computing indices (their results go to a "
+                         "Cast to an integer type)")
+                exclude += indices
             if config.auto_exclude > 0:
                 ranked = sensitivity(model, config, feeds, [n for n, _ in candidates if n not in exclude],
                                      Path(tmp), cache)
@@ -124,13 +130,17 @@ def _quantize_static(source: Path, dest: Path, config, feeds, cache: Path, *, ex
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.method]
     extra = {"CalibPercentile": config.percentile} if config.method == "percentile" else {}
-    quantize_static(str(source), str(dest), _Reader(feeds), quant_format=QuantFormat.QDQ,
-                    per_channel=config.per_channel, reduce_range=config.reduce_range,
-                    activation_type=QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=method,
-                    op_types_to_quantize=list(config.op_types) or None, nodes_to_quantize=only,
-                    nodes_to_exclude=list(exclude) or None, extra_options=extra,
-                    calibration_cache_path=str(cache))
+    with warnings.catch_warnings():
+        # ORT works out scales for every calibrated tensor, also those of nodes left in float (a Log
+        # of 0 in index arithmetic has range -inf), and numpy warns; the fidelity check judges the result.
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="onnxruntime.quantization")
+        quantize_static(str(source), str(dest), _Reader(feeds), quant_format=QuantFormat.QDQ,
+                        per_channel=config.per_channel, reduce_range=config.reduce_range,
+                        activation_type=QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=method,
+                        op_types_to_quantize=list(config.op_types) or None, nodes_to_quantize=only,
+                        nodes_to_exclude=list(exclude) or None, extra_options=extra,
+                        calibration_cache_path=str(cache))
 
 
 class _Reader:
