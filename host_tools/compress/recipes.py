@@ -62,7 +62,7 @@ NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
     "int8-weights": ("int8 weights only, float compute", {
         "tflite": (Step("tflite-weight-only"),)}),
     "fp16": ("float16 weights (and compute where the runtime has it)", {
-        "onnx": (Step("onnx-fp16"),),
+        "onnx": (Step("onnx-fp16"), _COMPACT),
         "tflite": (Step("tflite-fp16"),)}),
     "sparse-int8": ("80% magnitude pruning, then static int8: a much smaller download", {
         "onnx": (Step("onnx-prune-magnitude", {"sparsity": 0.8}), _PRE, Step("onnx-static", {"per_channel": True}),
