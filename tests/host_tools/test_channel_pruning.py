@@ -149,8 +149,8 @@ def _attention(tmp_path, style: str = "fused", variant: str = ""):
     weights and biases zero): a fused QKV layer as in the reference transformer (its sections taken
     apart by unpacking or by indexing, or split before the heads as GPT-2 does), or separate Q, K and
     V layers as in BERT-style encoders, also through PyTorch's scaled_dot_product_attention (which
-    reads the head size from Q's shape); with an additive mask input [n, 1, 1, t] that broadcasts
-    over the heads."""
+    reads the head size from Q's shape), or as Hugging Face writes it (the head count -1, found at
+    run time); with an additive mask input [n, 1, 1, t] that broadcasts over the heads."""
     import torch
     from torch import nn
 
@@ -171,6 +171,8 @@ def _attention(tmp_path, style: str = "fused", variant: str = ""):
                 q, k, v = qkv.unbind(0) if variant != "index" else (qkv[0], qkv[1], qkv[2])
             elif style == "fused-split":  # GPT-2's way: the fused projection split into Q, K and V first
                 q, k, v = (part.view(n, t, heads, size).transpose(1, 2) for part in self.qkv(x).split(dim, -1))
+            elif style == "hf":  # Hugging Face's way: the head count left to the runtime (-1)
+                q, k, v = (f(x).view(*x.shape[:-1], -1, size).transpose(1, 2) for f in (self.q, self.k, self.v))
             else:
                 q, k, v = (f(x).view(n, t, heads, size).transpose(1, 2) for f in (self.q, self.k, self.v))
             if style == "sdpa":
@@ -179,6 +181,10 @@ def _attention(tmp_path, style: str = "fused", variant: str = ""):
             scores = q @ k.transpose(-1, -2) / size ** 0.5 + mask
             scores = scores * self.scale if variant == "per-head scale" else scores
             weights = torch.softmax(scores, dim=1 if variant == "softmax over heads" else -1)
+            if style == "hf":  # (and its attention result reshaped to what it is on the way)
+                mixed = weights @ v
+                mixed = mixed.reshape(mixed.shape[0], -1, mixed.shape[2], mixed.shape[3])
+                return self.out(mixed.transpose(1, 2).reshape(*x.shape[:-1], -1))
             return self.out((weights @ v).transpose(1, 2).reshape(n, t, dim))
 
     torch.manual_seed(0)
@@ -199,7 +205,7 @@ def _attention(tmp_path, style: str = "fused", variant: str = ""):
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
 @pytest.mark.parametrize("style, variant", [("fused", ""), ("fused", "index"), ("fused-split", ""), ("separate", ""),
-                                            ("sdpa", "")])
+                                            ("sdpa", ""), ("hf", "")])
 def test_attention_heads_that_carry_nothing_are_removed_and_every_output_stays(tmp_path, style, variant):
     """Removing the two silent heads (every section's block of them, the output projection's rows for
     them, the head count in both Reshapes) must change no output, for any batch and token count."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from host_tools.compress.onnx.boundary import consumers
-from host_tools.compress.onnx.static_shapes import inferred_dims
+from host_tools.compress.onnx.static_shapes import inferred
 from host_tools.compress.onnx.layout import Graph, Param, Reader, Region
 from host_tools.compress.onnx.regions import output_axis, walk_region, weight_of
 
@@ -113,9 +113,10 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
 
 def _graph(proto) -> Graph:
     graph = proto.graph
-    return Graph(list(graph.node), {i.name: i for i in graph.initializer}, inferred_dims(proto),
+    dims, names = inferred(proto)
+    return Graph(list(graph.node), {i.name: i for i in graph.initializer}, dims,
                  Counter(name for node in graph.node for name in node.input), {o.name for o in graph.output},
-                 consumers(graph), {name: node for node in graph.node for name in node.output})
+                 consumers(graph), {name: node for node in graph.node for name in node.output}, names)
 
 
 def _tie(regions: list[Region]) -> list[list[int]]:

@@ -26,9 +26,11 @@ def split(node, region: Region, g: Graph, enter) -> str | None:
     """A Reshape of a layer's channels (the last axis): of the leading axes only (the channels stay
     last), or splitting the channels into [heads, size] or [sections, heads, size]."""
     layout = region.tensors[node.input[0]]
-    out = g.shapes.get(node.output[0])
     features = (layout.width or region.channels) * layout.block
-    if not out or layout.rank is None:
+    if layout.rank is None:
+        return "Reshape to a shape it cannot infer"
+    out = _dims_out(node, g, keep=layout.rank - 1)
+    if not out:
         return "Reshape to a shape it cannot infer"
     trailing: list[int] = []  # the fewest last axes of the new shape that hold the channels
     while len(trailing) < len(out) and np.prod(trailing, dtype=np.int64) < features:
@@ -170,8 +172,22 @@ def _through_fewer_axes(node, layout: Layout, g: Graph, enter) -> str | None:
 
 
 def _merge(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
-    """The Reshape that merges [heads, size] back into channels for the output projection."""
-    shape, out = g.shapes.get(node.input[0]), g.shapes.get(node.output[0])
+    """The Reshape that merges [heads, size] back into channels for the output projection; or one
+    that leaves the shape as it was (Hugging Face's attention reshapes its result to [batch, -1,
+    tokens, size] on the way)."""
+    shape = list(g.shapes.get(node.input[0]) or [])
+    if len(shape) == layout.rank:
+        shape[layout.at] = region.channels  # what inference may not know: the heads axis holds the heads
+    same = _dims_out(node, g, keep=layout.at, dims=shape)
+    named = _named(shape, g.names.get(node.input[0]))
+    if shape and same and _named(same, g.names.get(node.output[0])) == named and None not in named[layout.at:]:
+        entry = _shape_entry(node, layout.at, region.channels, g)
+        if isinstance(entry, str):
+            return entry
+        if entry:
+            region.reshapes.append((*entry, 1))
+        return enter(node.output[0], layout)
+    out = _dims_out(node, g, keep=layout.rank - 2, dims=shape)
     if layout.at != layout.rank - 2 or not shape or not out or None in shape[-2:] or len(out) != layout.rank - 1:
         return "Reshape of its heads it cannot follow"
     heads, size = shape[-2:]
@@ -183,6 +199,68 @@ def _merge(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
     if entry:
         region.reshapes.append((*entry, size))
     return enter(node.output[0], Layout("vec", len(out), block=size))
+
+
+def _dims_out(node, g: Graph, keep: int, dims: list | None = None) -> list | None:
+    """A Reshape's output dimensions as inferred. Where inference could not tell the entry the target
+    shape gives as -1 (Hugging Face writes heads as [batch, tokens, -1, size]), and the first *keep*
+    axes stay as they were, the -1 is what is left of the input's other axes: sizes the exporter
+    named (batch, tokens) cancel by name. *dims*: the input's, where the caller knows more."""
+    out = g.shapes.get(node.output[0])
+    dims = dims or g.shapes.get(node.input[0])
+    if not out or None not in out or not dims or len(dims) < keep:
+        return out
+    sized_out = _named(out, g.names.get(node.output[0]))
+    sized_in = _named(dims, g.names.get(node.input[0]))
+    entries = _target_entries(node, g)
+    if entries is None or len(entries) != len(out) or entries.count(-1) != 1 or entries.index(-1) < keep:
+        return out
+    # Leading axes stay: equal sizes, or sizes nobody named that the target reads at run time
+    # (x.shape[i]: a Shape read, or 0, the input's own).
+    if any(a != b or a is None and entries[i] not in (None, 0)
+           for i, (a, b) in enumerate(zip(sized_out[:keep], sized_in[:keep]))):
+        return out
+    at = entries.index(-1)
+    left = list(sized_in[keep:])
+    known = 1
+    for i, size in enumerate(sized_out[keep:], keep):
+        if i == at:
+            continue
+        if isinstance(size, int):
+            known *= size
+        elif size in left:
+            left.remove(size)
+        else:
+            return out
+    if not all(isinstance(size, int) for size in left) or known == 0 or int(np.prod(left, dtype=np.int64)) % known:
+        return out
+    return [*out[:at], int(np.prod(left, dtype=np.int64)) // known, *out[at + 1:]]
+
+
+def _named(dims: list, names: list | None) -> list:
+    """Dimensions with the exporter's names for the sizes inference does not know as numbers."""
+    names = names if names and len(names) == len(dims) else [None] * len(dims)
+    return [d if d is not None else n for d, n in zip(dims, names)]
+
+
+def _target_entries(node, g: Graph) -> list | None:
+    """A Reshape's target shape where it is constant: ints, None for pieces computed at run time
+    (PyTorch's Concat of the batch size read with Shape and constants)."""
+    source = node.input[1]
+    if source in g.consts:
+        return [int(v) for v in const_array(g.consts[source]).ravel()]
+    maker = g.made_by.get(source)
+    if maker is None or maker.op_type != "Concat":
+        return None
+    entries: list = []
+    for piece in maker.input:
+        if piece in g.consts:
+            entries += [int(v) for v in const_array(g.consts[piece]).ravel()]
+        elif (g.shapes.get(piece) or [None])[0] is None:
+            return None
+        else:
+            entries += [None] * g.shapes[piece][0]
+    return entries
 
 
 def _shape_entry(node, position: int, value: int, g: Graph) -> tuple[str, int] | str | None:

@@ -54,6 +54,7 @@ class Graph:
     outputs: set[str]
     readers: dict[str, list]  # tensor -> the nodes that read it
     made_by: dict  # tensor -> the node that writes it
+    names: dict[str, list] = field(default_factory=dict)  # tensor -> its symbolic dimensions' names, else None
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,26 @@ FOLDABLE = {"Add", "Sub", "Mul", "Div", "Neg", "Max", "Min", "Unsqueeze", "Squee
 def inferred_dims(model) -> dict[str, list]:
     """Every tensor's dimensions that ONNX shape inference knows (None where it does not), with data
     propagation, which follows the shapes PyTorch computes for Reshapes (batch, tokens, heads)."""
+    return inferred(model)[0]
+
+
+def inferred(model) -> tuple[dict[str, list], dict[str, list]]:
+    """inferred_dims, and every tensor's symbolic dimensions by name (None where a dimension is a
+    number or unknown): 'n' and 't' that the exporter named and inference carried along, so two
+    unknown sizes can still be known to be equal."""
     import onnx
 
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+        graph = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
     except Exception:  # noqa: BLE001 — then only what plain inference knows
-        inferred = onnx.shape_inference.infer_shapes(model).graph
-    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            for v in (*inferred.value_info, *inferred.input, *inferred.output)}
+        graph = onnx.shape_inference.infer_shapes(model).graph
+    values = (*graph.value_info, *graph.input, *graph.output)
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in values}
+    # (inference names a size it makes up unk__N, different each time: as good as unknown)
+    names = {v.name: [d.dim_param if d.dim_param and not d.dim_param.startswith("unk__") else None
+                      for d in v.type.tensor_type.shape.dim] for v in values}
+    return dims, names
 
 
 def fold(model) -> int:
