@@ -117,12 +117,7 @@ class OnnxChannelPruning(Pass):
         pruned_path = output_path(workdir, model, f"channels{round(config.ratio * 100)}")
         with failing_as(self.name, model):
             proto = onnx.load(str(model.path))
-            hoist_constants(proto)  # exporters write biases and activation constants as Constant nodes
-            inline_constant_identities(proto)  # or share one through Identity nodes
-            static_shapes.fold(proto)  # torch.chunk's bounds, computed from the channel count, made constant
-            static_shapes.slices_as_split(proto)  # and its Slices one Split, whose sizes can be rewritten
-            own_shape_constants(proto)  # exporters share equal split sizes and shapes directly
-            plan = plan_channel_pruning(proto, set(config.exclude))
+            plan = prepared_plan(proto, config.exclude)
             if not plan.groups:
                 raise NotApplicable(f"{model.path.name}: no layer whose channels can be removed safely "
                                     f"({plan.why_none()})")
@@ -144,3 +139,14 @@ class OnnxChannelPruning(Pass):
             if share_equal_initializers(proto.graph):
                 onnx.save(proto, str(recovered.path))
         return recovered
+
+
+def prepared_plan(proto, exclude=()):
+    """The channel-pruning plan of *proto*, after the preparation that lets the planner follow more
+    (*proto* changes in place; it computes what it did)."""
+    hoist_constants(proto)  # exporters write biases and activation constants as Constant nodes
+    inline_constant_identities(proto)  # or share one through Identity nodes
+    static_shapes.fold(proto)  # torch.chunk's bounds, computed from the channel count, made constant
+    static_shapes.slices_as_split(proto)  # and its Slices one Split, whose sizes can be rewritten
+    own_shape_constants(proto)  # exporters share equal split sizes and shapes directly
+    return plan_channel_pruning(proto, set(exclude))

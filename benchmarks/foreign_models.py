@@ -1,0 +1,183 @@
+"""The compression recipes on models nobody here made: Hugging Face architectures, exported as users export them.
+
+    pip install transformers        # not an edgefleet dependency; only this script needs it
+    python benchmarks/foreign_models.py                  # every architecture below
+    python benchmarks/foreign_models.py --models vit t5  # some of them
+
+Each architecture is built from a small configuration with random weights (nothing is
+downloaded), exported with ``torch.onnx.export`` (opset 17, dynamic batch; text models also
+dynamic tokens), and given each ONNX recipe, with 64 random inputs (token ids for text) as
+calibration and evaluation data. The table shows, per recipe, the result's size against the
+original's, or why it did not apply; structured pruning runs without recovery, so its column is
+the structure it found ("4/7 layers, 2 heads": layers pruned of all weighted layers, groups by
+attention heads), not accuracy. Each other cell is "size ratio / output cosine to the original";
+with random weights and inputs the cosine is only a smoke test (80% magnitude pruning of random
+weights, in sparse-int8, leaves little of them).
+
+This is not a speed benchmark: it shows that the recipes run, and what they do, on graphs written
+by an exporter and a model library this project does not control.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_line  # noqa: E402
+
+RECIPES = ("int8-dynamic", "int8-static", "fp16", "int4-weights", "sparse-int8")
+TOKENS, VOCAB, SAMPLES = 16, 200, 64
+
+
+def architectures(T) -> dict[str, tuple]:
+    """name -> (model class, config, input kind): small enough to export and compress in seconds."""
+    text = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                max_position_embeddings=64)
+    vision = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=128, num_labels=5)
+    return {
+        "bert": (T.BertForSequenceClassification, T.BertConfig(**text, num_labels=3), "text"),
+        "distilbert": (T.DistilBertForSequenceClassification, T.DistilBertConfig(
+            vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64), "text"),
+        "roberta": (T.RobertaForSequenceClassification, T.RobertaConfig(**{**text, "max_position_embeddings": 80}),
+                    "text"),
+        "albert": (T.AlbertForSequenceClassification, T.AlbertConfig(**text, embedding_size=32), "text"),
+        "gpt2": (T.GPT2LMHeadModel, T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                 use_cache=False), "text"),
+        "llama": (T.LlamaForCausalLM, T.LlamaConfig(**text, num_key_value_heads=2, use_cache=False), "text"),
+        "t5": (T.T5EncoderModel, T.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                            num_heads=4), "ids"),
+        "vit": (T.ViTForImageClassification, T.ViTConfig(**vision), "image"),
+        "swin": (T.SwinForImageClassification, T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                            num_heads=[2, 4], window_size=4, num_labels=5), "image"),
+        "convnext": (T.ConvNextForImageClassification, T.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32],
+                                                                        depths=[1, 1], num_labels=5), "image"),
+        "resnet": (T.ResNetForImageClassification, T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32],
+                                                                  depths=[1, 1], num_labels=5), "image"),
+        "segformer": (T.SegformerForSemanticSegmentation, T.SegformerConfig(
+            hidden_sizes=[16, 32], depths=[1, 1], num_encoder_blocks=2, sr_ratios=[2, 1], num_attention_heads=[1, 2],
+            decoder_hidden_size=32, num_labels=4, strides=[4, 2], patch_sizes=[7, 3]), "image"),
+        "wav2vec2": (T.Wav2Vec2ForSequenceClassification, T.Wav2Vec2Config(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, conv_dim=(32, 32),
+            conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+            num_labels=3), "audio"),
+        "whisper": (T.WhisperForAudioClassification, T.WhisperConfig(
+            d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128, num_mel_bins=16,
+            max_source_positions=30, num_labels=3), "mel"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", help="architectures to run (default: all)")
+    args = parser.parse_args()
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        sys.exit(f"this script needs PyTorch and Hugging Face transformers ({exc.name} is missing): "
+                 "pip install 'edgefleet[distill]' transformers")
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    table = architectures(transformers)
+    chosen = args.models or list(table)
+    unknown = [m for m in chosen if m not in table]
+    if unknown:
+        sys.exit(f"unknown architecture(s) {', '.join(unknown)}; known: {', '.join(table)}")
+    print(machine_line())
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    started = time.monotonic()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="edgefleet-foreign-") as tmp:
+        for name in chosen:
+            print(f"  {name}", file=sys.stderr, flush=True)
+            rows.append((name, run_one(name, *table[name], Path(tmp) / name, torch)))
+    print()
+    print(f"{'model':<11} {'KiB':>6}  " + "  ".join(f"{r:>13}" for r in RECIPES) + "  channels-50 (no recovery)")
+    for name, row in rows:
+        if "error" in row:
+            print(f"{name:<11} export failed: {row['error']}")
+            continue
+        cells = "  ".join(f"{row[r]:>13}" for r in RECIPES)
+        print(f"{name:<11} {row['kib']:>6.0f}  {cells}  {row['prune']}")
+    notes = [(name, r, row["notes"][r]) for name, row in rows for r in row.get("notes", {})]
+    if notes:
+        print("\nwhy not:")
+        for name, recipe, note in notes:
+            print(f"  {name} {recipe}: {note[:160]}")
+    print(f"\n({time.monotonic() - started:.0f} s in all)")
+
+
+def run_one(name: str, cls, config, kind: str, work: Path, torch) -> dict:
+    import numpy as np
+    import onnx
+
+    from host_tools.compress import Dataset, ModelFile, load_recipe, run_recipe
+    from host_tools.compress.onnx.prune import prepared_plan
+    from host_tools.compress.recipes import Recipe, Step
+
+    work.mkdir(parents=True)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = cls(config).eval()
+    if kind in ("text", "ids"):
+        names = ["input_ids"] + (["attention_mask"] if kind == "text" else [])
+        data = {"input_ids": rng.integers(0, VOCAB, (SAMPLES, TOKENS)).astype(np.int64)}
+        if kind == "text":
+            data["attention_mask"] = np.ones((SAMPLES, TOKENS), np.int64)
+        axes = {n: {0: "batch", 1: "tokens"} for n in names}
+    else:
+        shape = {"image": (3, 32, 32), "audio": (1600,), "mel": (16, 60)}[kind]
+        names = [{"image": "pixel_values", "audio": "input_values", "mel": "input_features"}[kind]]
+        data = {names[0]: rng.standard_normal((SAMPLES, *shape)).astype(np.float32)}
+        axes = {names[0]: {0: "batch"}}
+
+    class Outputs(torch.nn.Module):  # logits where the model has them, else the last hidden state
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs):
+            out = self.inner(**dict(zip(names, inputs)), return_dict=True)
+            return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+    path = work / f"{name}.onnx"
+    example = tuple(torch.from_numpy(data[n][:2]) for n in names)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(Outputs(model), example, str(path), input_names=names, output_names=["out"],
+                              dynamic_axes={**axes, "out": {0: "batch"}}, opset_version=17, dynamo=False)
+    except Exception as exc:  # noqa: BLE001 — reported in the table
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+    original = ModelFile.open(path)
+    dataset = Dataset(data, None, "random")
+    row: dict = {"kib": path.stat().st_size / 1024, "notes": {}}
+    for recipe in RECIPES:
+        report = run_recipe(original, load_recipe(recipe, "onnx"), calib=dataset, eval_data=dataset, latency_runs=10,
+                            workdir=work / recipe)
+        if report.compressed:
+            result = report.result
+            row[recipe] = f"{result.size_bytes / report.original.size_bytes:.2f}x/{result.fidelity.cosine:.3f}"
+        else:
+            row[recipe] = "—"
+            row["notes"][recipe] = "; ".join(s.note for s in report.steps if s.status != "ok")
+    report = run_recipe(original, Recipe("channels-50", (Step("onnx-prune-channels", {"ratio": 0.5}),)),
+                        eval_data=dataset, latency_runs=10, workdir=work / "prune")
+    plan = prepared_plan(onnx.load(str(path)))
+    layers = sum(len(g.producers) for g in plan.groups)
+    heads = sum(any(p.block > 1 for p in g.producers) for g in plan.groups)
+    if report.compressed:
+        row["prune"] = (f"{report.result.size_bytes / report.original.size_bytes:.2f}x: {layers}/"
+                        f"{layers + len(plan.skipped)} layers, {heads} by heads")
+    else:
+        row["prune"] = "— " + "; ".join(s.note for s in report.steps if s.status != "ok")[:100]
+    return row
+
+
+if __name__ == "__main__":
+    main()
