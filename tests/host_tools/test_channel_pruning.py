@@ -688,3 +688,36 @@ def test_a_layer_used_twice_is_stored_once_after_pruning(tmp_path):
     assert report.result.model.path.stat().st_size < 0.9 * path.stat().st_size
     x = np.random.default_rng(0).standard_normal((3, 5, 8)).astype(np.float32)
     assert _run(report.result.model.path, x).shape == (3, 5, 64)
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+def test_a_reshape_that_writes_the_channel_count_as_a_constant_is_rewritten(tmp_path):
+    """x.reshape(-1, 32) between two layers ([n, t, 32] -> [n·t, 32]) names the channel count in its
+    target shape: pruning the channels must rewrite it (the pruned model did not load before). Half
+    the channels carry nothing, so removing them changes no output."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)).reshape(-1, 32))
+
+    torch.manual_seed(0)
+    net = Flat().eval()
+    with torch.no_grad():
+        net.a.weight[1::2] = 0
+        net.a.bias[1::2] = 0
+    path = tmp_path / "flat.onnx"
+    torch.onnx.export(net, (torch.randn(2, 5, 16),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n", 1: "t"}, "y": {0: "nt"}}, opset_version=17, dynamo=False)
+    report = run_recipe(ModelFile.open(path), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    x = np.random.default_rng(0).standard_normal((3, 7, 16)).astype(np.float32)
+    np.testing.assert_allclose(_run(report.result.model.path, x), _run(path, x), rtol=1e-5, atol=1e-5)
+    assert {tuple(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer} >= {(8, 16)}

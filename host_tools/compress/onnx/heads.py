@@ -40,7 +40,8 @@ def split(node, region: Region, g: Graph, enter) -> str | None:
     if np.prod(trailing, dtype=np.int64) != features:
         return "Reshape across its channels"
     if len(trailing) == 1:
-        return enter(node.output[0], replace(layout, rank=len(out)))
+        why = _channels_entry(node, layout, len(out), features, region, g)
+        return why or enter(node.output[0], replace(layout, rank=len(out)))
     if len(trailing) > 3 or layout.block != 1 or layout.width is not None or region.out_block != 1:
         return "Reshape of its channels that it cannot follow"
     sections, heads, size = ([1] + trailing)[-3:]
@@ -59,6 +60,23 @@ def split(node, region: Region, g: Graph, enter) -> str | None:
     if entry:
         region.reshapes.append((*entry, 1))
     return enter(node.output[0], Layout("heads", len(out), at=len(out) - 2))
+
+
+def _channels_entry(node, layout: Layout, rank: int, features: int, region: Region, g: Graph) -> str | None:
+    """A Reshape of the leading axes only ([n, t, C] -> [n·t, C]): a target shape that gives the
+    channel count as a constant (x.reshape(-1, 32)) has it rewritten with the channels; -1, 0 (the
+    input's own) or a count read at run time follow by themselves."""
+    entries = _target_entries(node, g)
+    last = entries[-1] if entries else None
+    if last is None or last == -1 or last == 0 and rank == layout.rank:
+        return None
+    entry = _shape_entry(node, rank - 1, features, g)
+    if isinstance(entry, str):
+        return entry
+    if not entry or layout.width is not None or len(layout.offsets) != 1:
+        return "Reshape with a shape it cannot rewrite"
+    region.reshapes.append((*entry, layout.block))
+    return None
 
 
 def _in_heads(region: Region, sections: int, heads: int, size: int) -> None:
