@@ -692,7 +692,7 @@ def test_a_layer_used_twice_is_stored_once_after_pruning(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
-def test_a_reshape_that_writes_the_channel_count_as_a_constant_is_rewritten(tmp_path):
+def test_a_reshape_that_writes_the_channel_count_as_a_constant_is_rewritten(tmp_path, monkeypatch):
     """x.reshape(-1, 32) between two layers ([n, t, 32] -> [n·t, 32]) names the channel count in its
     target shape: pruning the channels must rewrite it (the pruned model did not load before). Half
     the channels carry nothing, so removing them changes no output."""
@@ -721,3 +721,12 @@ def test_a_reshape_that_writes_the_channel_count_as_a_constant_is_rewritten(tmp_
     x = np.random.default_rng(0).standard_normal((3, 7, 16)).astype(np.float32)
     np.testing.assert_allclose(_run(report.result.model.path, x), _run(path, x), rtol=1e-5, atol=1e-5)
     assert {tuple(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer} >= {(8, 16)}
+
+    # A pattern the plan follows wrongly (here: the constant left as it was, as before the fix) is
+    # the pass's error, not a model handed on that will not load.
+    from host_tools.compress.onnx import heads
+    monkeypatch.setattr(heads, "_channels_entry", lambda *args: None)
+    report = run_recipe(ModelFile.open(path), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w2")
+    assert report.steps[0].status == "failed" and "inconsistent graph" in report.steps[0].note
+    assert not report.compressed

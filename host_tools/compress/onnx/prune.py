@@ -19,7 +19,8 @@ from typing import Literal
 
 import numpy as np
 
-from device_agent.errors import ConfigError, NotApplicable
+from device_agent.errors import CompressionError, ConfigError, NotApplicable
+from device_agent.runtime.base import first_line
 from host_tools.compress.data import Dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx import static_shapes
@@ -123,6 +124,7 @@ class OnnxChannelPruning(Pass):
                                     f"({plan.why_none()})")
             progress(f"      pruning {config.ratio:.0%} of the channels of {plan.summary()}")
             prune_channels(proto, plan, config.ratio, config.criterion)
+            _check_consistent(proto, model)
             if config.recover_epochs <= 0:
                 share_equal_initializers(proto.graph)  # copies no pruning changed: shared again
             onnx.save(proto, str(pruned_path))
@@ -139,6 +141,19 @@ class OnnxChannelPruning(Pass):
             if share_equal_initializers(proto.graph):
                 onnx.save(proto, str(recovered.path))
         return recovered
+
+
+def _check_consistent(proto, model: ModelFile) -> None:
+    """Every shape in the pruned graph must still agree (strict shape inference): a pattern the plan
+    followed wrongly fails here, as this pass's error, not later as a model that will not load."""
+    import onnx
+
+    try:
+        onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    except Exception as exc:  # noqa: BLE001 — onnx raises InferenceError and others
+        raise CompressionError(f"onnx-prune-channels made an inconsistent graph of {model.path.name} "
+                               f"({first_line(exc)}); nothing written — a bug worth reporting with the model, "
+                               "`--pass 'onnx-prune-channels exclude=…'` leaves the layer out") from None
 
 
 def prepared_plan(proto, exclude=()):
