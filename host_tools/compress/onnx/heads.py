@@ -68,14 +68,14 @@ def _channels_entry(node, layout: Layout, rank: int, features: int, region: Regi
     input's own) or a count read at run time follow by themselves."""
     entries = _target_entries(node, g)
     last = entries[-1] if entries else None
-    if last is None or last == -1 or last == 0 and rank == layout.rank:
+    if last is None or isinstance(last, tuple) or last == -1 or last == 0 and rank == layout.rank:
         return None
     entry = _shape_entry(node, rank - 1, features, g)
     if isinstance(entry, str):
         return entry
-    if not entry or layout.width is not None or len(layout.offsets) != 1:
+    if not entry:
         return "Reshape with a shape it cannot rewrite"
-    region.reshapes.append((*entry, layout.block))
+    region.reshapes.append((*entry, layout.block * len(layout.offsets)))  # a unit's entries in the tensor
     return None
 
 
@@ -108,7 +108,9 @@ def step(node, region: Region, g: Graph, enter) -> str | None:
         if any(name and (name not in g.consts or not is_scalar(g.consts[name])) for name in node.input[1:]):
             return f"{op} with bounds that are not scalar constants"
         return enter(node.output[0], layout)
-    if op in BINARY_OPS:
+    if op in ("IsNaN", "IsInf"):  # Hugging Face's guard for rows the mask left empty: Where(IsNaN(w), 0, w)
+        return enter(node.output[0], layout)
+    if op in BINARY_OPS or op == "Where":
         return _others(node, layout, region, g) or enter(node.output[0], layout)
     if op == "MatMul":
         return _through_matmul(node, region, g, enter)
@@ -196,9 +198,7 @@ def _merge(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
     shape = list(g.shapes.get(node.input[0]) or [])
     if len(shape) == layout.rank:
         shape[layout.at] = region.channels  # what inference may not know: the heads axis holds the heads
-    same = _dims_out(node, g, keep=layout.at, dims=shape)
-    named = _named(shape, g.names.get(node.input[0]))
-    if shape and same and _named(same, g.names.get(node.output[0])) == named and None not in named[layout.at:]:
+    if shape and _keeps_shape(node, layout, shape, g):
         entry = _shape_entry(node, layout.at, region.channels, g)
         if isinstance(entry, str):
             return entry
@@ -219,6 +219,23 @@ def _merge(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
     return enter(node.output[0], Layout("vec", len(out), block=size))
 
 
+def _keeps_shape(node, layout: Layout, shape: list, g: Graph) -> bool:
+    """Whether a Reshape of heads gives back the shape it was given: the same rank, -1 at the heads
+    axis, and every other entry the input's size there — equal constants, or, where the size is not
+    known before running, a size read at run time (the input's own, or where inference could not
+    tell, one an exporter read from a tensor of the same shape)."""
+    same = _dims_out(node, g, keep=layout.at, dims=shape)
+    named = _named(shape, g.names.get(node.input[0]))
+    if same and _named(same, g.names.get(node.output[0])) == named and None not in named[layout.at:]:
+        return True
+    entries = _target_entries(node, g)
+    if not entries or len(entries) != len(shape) or entries[layout.at] != -1:
+        return False
+    return all(entry == size if isinstance(entry, int) else
+               size is None and (entry is None or entry[1] % len(shape) == i)
+               for i, (entry, size) in enumerate(zip(entries, shape)) if i != layout.at)
+
+
 def _dims_out(node, g: Graph, keep: int, dims: list | None = None) -> list | None:
     """A Reshape's output dimensions as inferred. Where inference could not tell the entry the target
     shape gives as -1 (Hugging Face writes heads as [batch, tokens, -1, size]), and the first *keep*
@@ -233,10 +250,20 @@ def _dims_out(node, g: Graph, keep: int, dims: list | None = None) -> list | Non
     entries = _target_entries(node, g)
     if entries is None or len(entries) != len(out) or entries.count(-1) != 1 or entries.index(-1) < keep:
         return out
-    # Leading axes stay: equal sizes, or sizes nobody named that the target reads at run time
-    # (x.shape[i]: a Shape read, or 0, the input's own).
-    if any(a != b or a is None and entries[i] not in (None, 0)
-           for i, (a, b) in enumerate(zip(sized_out[:keep], sized_in[:keep]))):
+    for j, entry in enumerate(entries):  # the input's own dimension i, read at run time: the same size
+        if isinstance(entry, tuple) and -len(dims) <= entry[1] < len(dims) and sized_out[j] is None and \
+                not isinstance(sized_in[entry[1]], int):
+            sized_out[j] = sized_in[entry[1]] = sized_in[entry[1]] or entry
+    # Leading axes stay: equal sizes, or sizes the exporter did not name (inference lost track of
+    # them) that the target reads at run time (x.shape[i]: a Shape read, or 0, the input's own).
+    def unnamed(size) -> bool:
+        return size is None or isinstance(size, str) and size.startswith("unk__")
+
+    def read(entry) -> bool:
+        return entry is None or isinstance(entry, tuple) or entry == 0
+
+    if not all(a == b and not unnamed(a) or unnamed(a) and unnamed(b) and read(entries[i])
+               for i, (a, b) in enumerate(zip(sized_out[:keep], sized_in[:keep]))):
         return out
     at = entries.index(-1)
     left = list(sized_in[keep:])
@@ -262,8 +289,9 @@ def _named(dims: list, names: list | None) -> list:
 
 
 def _target_entries(node, g: Graph) -> list | None:
-    """A Reshape's target shape where it is constant: ints, None for pieces computed at run time
-    (PyTorch's Concat of the batch size read with Shape and constants)."""
+    """A Reshape's target shape where it is constant: ints; ("dim", i) for the input's own dimension i
+    read at run time (o.reshape(o.shape[0], -1, o.shape[2], 16)); None for other pieces computed at
+    run time (PyTorch's Concat of the batch size read with Shape and constants)."""
     source = node.input[1]
     if source in g.consts:
         return [int(v) for v in const_array(g.consts[source]).ravel()]
@@ -277,8 +305,20 @@ def _target_entries(node, g: Graph) -> list | None:
         elif (g.shapes.get(piece) or [None])[0] is None:
             return None
         else:
-            entries += [None] * g.shapes[piece][0]
+            own = _own_dim(piece, node.input[0], g)
+            entries += [("dim", own)] if own is not None else [None] * g.shapes[piece][0]
     return entries
+
+
+def _own_dim(piece: str, tensor: str, g: Graph) -> int | None:
+    """i where *piece* is Unsqueeze(Gather(Shape(tensor), i)): the tensor's dimension i, read at run time."""
+    unsqueeze = g.made_by.get(piece)
+    gather = g.made_by.get(unsqueeze.input[0]) if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze" else None
+    shape = g.made_by.get(gather.input[0]) if gather is not None and gather.op_type == "Gather" else None
+    if shape is None or shape.op_type != "Shape" or shape.input[0] != tensor or shape.attribute or \
+            gather.input[1] not in g.consts or const_array(g.consts[gather.input[1]]).size != 1:
+        return None
+    return int(const_array(g.consts[gather.input[1]]).ravel()[0])
 
 
 def _shape_entry(node, position: int, value: int, g: Graph) -> tuple[str, int] | str | None:

@@ -129,9 +129,32 @@ def _shape_read(node, layout: Layout, g: Graph) -> str | None:
                   for v in (attr(node, "start", 0), attr(node, "end", layout.rank)))
     if not start <= axis < end:
         return None
-    if any(axis - start in _read_entries(reader, end - start, g) for reader in g.readers.get(node.output[0], [])):
+    if any(axis - start in _read_entries(reader, end - start, g) and not _count_for_own_reshape(reader, node, g)
+           for reader in g.readers.get(node.output[0], [])):
         return "its channel count is read (Shape)"
     return None
+
+
+def _count_for_own_reshape(reader, shape, g: Graph) -> bool:
+    """Whether the channel count that *reader* takes from *shape* only goes, through Squeeze and
+    Unsqueeze, into the last entry of a Reshape of the same tensor: x.view(-1, x.size(-1)), as
+    Hugging Face's Conv1D (GPT-2) flattens its input. Read at run time, it follows the pruning."""
+    if reader.op_type not in ("Slice", "Gather"):
+        return False
+    value = reader.output[0]
+    while True:
+        users = g.readers.get(value, [])
+        if len(users) != 1 or value in g.outputs:
+            return False
+        user = users[0]
+        if user.op_type in ("Squeeze", "Unsqueeze") and user.input[0] == value:
+            value = user.output[0]
+            continue
+        if user.op_type != "Concat" or user.input[-1] != value or list(user.input).count(value) != 1:
+            return False
+        shaped = g.readers.get(user.output[0], [])
+        return bool(shaped) and all(n.op_type == "Reshape" and n.input[1] == user.output[0] and
+                                    n.input[0] == shape.input[0] for n in shaped)
 
 
 def _read_entries(node, length: int, g: Graph) -> range | list[int]:

@@ -26,8 +26,8 @@ def inferred_dims(model) -> dict[str, list]:
 
 def inferred(model) -> tuple[dict[str, list], dict[str, list]]:
     """inferred_dims, and every tensor's symbolic dimensions by name (None where a dimension is a
-    number or unknown): 'n' and 't' that the exporter named and inference carried along, so two
-    unknown sizes can still be known to be equal."""
+    number or unknown): 'n' and 't' that the exporter named, or names inference gave sizes it could
+    not work out, carried along, so two unknown sizes can still be known to be equal."""
     import onnx
 
     try:
@@ -37,9 +37,8 @@ def inferred(model) -> tuple[dict[str, list], dict[str, list]]:
     values = (*graph.value_info, *graph.input, *graph.output)
     dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
             for v in values}
-    # (inference names a size it makes up unk__N, different each time: as good as unknown)
-    names = {v.name: [d.dim_param if d.dim_param and not d.dim_param.startswith("unk__") else None
-                      for d in v.type.tensor_type.shape.dim] for v in values}
+    # (a size inference made up is named unk__N, and carried along like the others within one run)
+    names = {v.name: [d.dim_param or None for d in v.type.tensor_type.shape.dim] for v in values}
     return dims, names
 
 
