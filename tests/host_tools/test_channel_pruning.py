@@ -187,7 +187,10 @@ def _attention(tmp_path, style: str = "fused", variant: str = ""):
             if style == "hf":  # (and its attention result reshaped to what it is on the way)
                 mixed = weights @ v
                 mixed = mixed.reshape(mixed.shape[0], -1, mixed.shape[2], mixed.shape[3])
-                return self.out(mixed.transpose(1, 2).reshape(*x.shape[:-1], -1))
+                merged = mixed.transpose(1, 2).reshape(*x.shape[:-1], -1)
+                if variant == "conv1d":  # GPT-2's Conv1D flattens the tokens, reading the width at run time
+                    return self.out(merged.view(-1, merged.size(-1))).view(*merged.shape[:-1], -1)
+                return self.out(merged)
             return self.out((weights @ v).transpose(1, 2).reshape(n, t, dim))
 
     torch.manual_seed(0)
@@ -208,7 +211,7 @@ def _attention(tmp_path, style: str = "fused", variant: str = ""):
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
 @pytest.mark.parametrize("style, variant", [("fused", ""), ("fused", "index"), ("fused-split", ""), ("separate", ""),
-                                            ("sdpa", ""), ("hf", ""), ("hf", "nan-guard")])
+                                            ("sdpa", ""), ("hf", ""), ("hf", "nan-guard"), ("hf", "conv1d")])
 def test_attention_heads_that_carry_nothing_are_removed_and_every_output_stays(tmp_path, style, variant):
     """Removing the two silent heads (every section's block of them, the output projection's rows for
     them, the head count in both Reshapes) must change no output, for any batch and token count."""
@@ -217,7 +220,8 @@ def test_attention_heads_that_carry_nothing_are_removed_and_every_output_stays(t
     assert report.steps[0].status == "ok", report.steps[0].note
     pruned = onnx.load(str(report.result.model.path))
     weights = sorted(list(i.dims) for i in pruned.graph.initializer if len(i.dims) == 2)
-    assert weights == ([[16, 32], [32, 48]] if style.startswith("fused") else [[16, 32]] + [[32, 16]] * 3)
+    out_projection = [32, 16] if variant == "conv1d" else [16, 32]  # (a Gemm on the flattened tokens)
+    assert weights == sorted([out_projection] + ([[32, 48]] if style.startswith("fused") else [[32, 16]] * 3))
     rng = np.random.default_rng(5)
     feeds = {"x": rng.standard_normal((3, 9, 32)).astype(np.float32),
              "mask": np.where(rng.random((3, 1, 1, 9)) < 0.3, -1e4, 0).astype(np.float32)}

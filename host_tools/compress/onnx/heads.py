@@ -20,6 +20,7 @@ import numpy as np
 
 from host_tools.compress.onnx.layout import (BINARY_OPS, UNARY_OPS, Graph, Layout, Region, attr, const_array, ints,
                                              is_scalar)
+from host_tools.compress.onnx.static_shapes import slice_bounds
 
 
 def split(node, region: Region, g: Graph, enter) -> str | None:
@@ -30,6 +31,9 @@ def split(node, region: Region, g: Graph, enter) -> str | None:
     if layout.rank is None:
         return "Reshape to a shape it cannot infer"
     out = _dims_out(node, g, keep=layout.rank - 1)
+    entries = _target_entries(node, g)
+    if out and entries and len(entries) == len(out) and out[-1] is None and entries[-1] == ("dim", layout.rank - 1):
+        out = [*out[:-1], features]  # x.view(-1, x.size(-1)): the channels, whatever their count
     if not out:
         return "Reshape to a shape it cannot infer"
     trailing: list[int] = []  # the fewest last axes of the new shape that hold the channels
@@ -311,14 +315,23 @@ def _target_entries(node, g: Graph) -> list | None:
 
 
 def _own_dim(piece: str, tensor: str, g: Graph) -> int | None:
-    """i where *piece* is Unsqueeze(Gather(Shape(tensor), i)): the tensor's dimension i, read at run time."""
-    unsqueeze = g.made_by.get(piece)
-    gather = g.made_by.get(unsqueeze.input[0]) if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze" else None
-    shape = g.made_by.get(gather.input[0]) if gather is not None and gather.op_type == "Gather" else None
-    if shape is None or shape.op_type != "Shape" or shape.input[0] != tensor or shape.attribute or \
-            gather.input[1] not in g.consts or const_array(g.consts[gather.input[1]]).size != 1:
+    """i where *piece* is the tensor's dimension i read at run time: Unsqueeze(Gather(Shape(tensor), i)),
+    or a Slice of one entry of Shape(tensor), maybe squeezed and unsqueezed again (x.size(-1))."""
+    node = g.made_by.get(piece)
+    while node is not None and node.op_type in ("Unsqueeze", "Squeeze"):
+        node = g.made_by.get(node.input[0])
+    if node is None or node.op_type not in ("Gather", "Slice"):
         return None
-    return int(const_array(g.consts[gather.input[1]]).ravel()[0])
+    shape = g.made_by.get(node.input[0])
+    rank = len(g.shapes.get(tensor) or [])
+    if shape is None or shape.op_type != "Shape" or shape.input[0] != tensor or shape.attribute or not rank:
+        return None
+    if node.op_type == "Gather":
+        index = const_array(g.consts[node.input[1]]).ravel() if node.input[1] in g.consts else []
+        return int(index[0]) % rank if len(index) == 1 else None
+    consts = {name: const_array(g.consts[name]) for name in node.input[1:] if name in g.consts}
+    bounds = slice_bounds(node, consts, {node.input[0]: [rank]})
+    return bounds[1] if bounds and bounds[2] - bounds[1] == 1 else None
 
 
 def _shape_entry(node, position: int, value: int, g: Graph) -> tuple[str, int] | str | None:
