@@ -164,8 +164,11 @@ def _attention(tmp_path, style: str = "fused", variant: str = ""):
             self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
             self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
             self.scale = nn.Parameter(torch.rand(1, heads, 1, 1) + 0.5)
+            self.token = nn.Parameter(torch.randn(1, 1, dim))
 
         def forward(self, x, mask):
+            if variant == "class token":  # ViT's: its batch size expanded at run time, which inference loses
+                x = torch.cat([self.token.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
             n, t, _ = x.shape
             if style == "fused":
                 qkv = self.qkv(x).reshape(n, t, 3, heads, size).permute(2, 0, 3, 1, 4)
@@ -211,7 +214,8 @@ def _attention(tmp_path, style: str = "fused", variant: str = ""):
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
 @pytest.mark.parametrize("style, variant", [("fused", ""), ("fused", "index"), ("fused-split", ""), ("separate", ""),
-                                            ("sdpa", ""), ("hf", ""), ("hf", "nan-guard"), ("hf", "conv1d")])
+                                            ("sdpa", ""), ("hf", ""), ("hf", "nan-guard"), ("hf", "conv1d"),
+                                            ("hf", "class token")])
 def test_attention_heads_that_carry_nothing_are_removed_and_every_output_stays(tmp_path, style, variant):
     """Removing the two silent heads (every section's block of them, the output projection's rows for
     them, the head count in both Reshapes) must change no output, for any batch and token count."""

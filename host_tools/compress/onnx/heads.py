@@ -224,20 +224,11 @@ def _merge(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
 
 
 def _keeps_shape(node, layout: Layout, shape: list, g: Graph) -> bool:
-    """Whether a Reshape of heads gives back the shape it was given: the same rank, -1 at the heads
-    axis, and every other entry the input's size there — equal constants, or, where the size is not
-    known before running, a size read at run time (the input's own, or where inference could not
-    tell, one an exporter read from a tensor of the same shape)."""
+    """Whether a Reshape of heads gives back the shape it was given: its output, the -1 worked out,
+    has the input's sizes — numbers, or the same names — from the heads axis on."""
     same = _dims_out(node, g, keep=layout.at, dims=shape)
     named = _named(shape, g.names.get(node.input[0]))
-    if same and _named(same, g.names.get(node.output[0])) == named and None not in named[layout.at:]:
-        return True
-    entries = _target_entries(node, g)
-    if not entries or len(entries) != len(shape) or entries[layout.at] != -1:
-        return False
-    return all(entry == size if isinstance(entry, int) else
-               size is None and (entry is None or entry[1] % len(shape) == i)
-               for i, (entry, size) in enumerate(zip(entries, shape)) if i != layout.at)
+    return bool(same) and _named(same, g.names.get(node.output[0])) == named and None not in named[layout.at:]
 
 
 def _dims_out(node, g: Graph, keep: int, dims: list | None = None) -> list | None:
@@ -254,10 +245,6 @@ def _dims_out(node, g: Graph, keep: int, dims: list | None = None) -> list | Non
     entries = _target_entries(node, g)
     if entries is None or len(entries) != len(out) or entries.count(-1) != 1 or entries.index(-1) < keep:
         return out
-    for j, entry in enumerate(entries):  # the input's own dimension i, read at run time: the same size
-        if isinstance(entry, tuple) and -len(dims) <= entry[1] < len(dims) and sized_out[j] is None and \
-                not isinstance(sized_in[entry[1]], int):
-            sized_out[j] = sized_in[entry[1]] = sized_in[entry[1]] or entry
     # Leading axes stay: equal sizes, or sizes the exporter did not name (inference lost track of
     # them) that the target reads at run time (x.shape[i]: a Shape read, or 0, the input's own).
     def unnamed(size) -> bool:
