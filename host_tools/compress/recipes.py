@@ -73,7 +73,7 @@ NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
         "onnx": (Step("distill"),), "tflite": (Step("distill"),)}),
     "int4-weights": ("int4 blockwise MatMul weights, for transformer-style models", {
         # without ORT's optimizations, which would fuse MatMul+Add into Gemm, out of int4's reach
-        "onnx": (Step("onnx-preprocess", {"optimize": False}), Step("onnx-int4"), _COMPACT)}),
+        "onnx": (Step("onnx-preprocess", {"optimize": False}), Step("onnx-int4", {"gemm": True}), _COMPACT)}),
 }
 
 

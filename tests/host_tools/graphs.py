@@ -178,3 +178,22 @@ def relative_position_attention(path: Path, dim: int = 16, buckets: int = 8) -> 
         nodes, "relative", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "tokens", dim])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "tokens", dim])], inits)
     return save(graph, path)
+
+
+def gemm_mlp(path: Path, features: int = 64, hidden: int = 128, classes: int = 8) -> Path:
+    """x [batch, features] -> Gemm (weight [hidden, features], transB=1, as torch exports a Linear) ->
+    Relu -> Gemm (weight [hidden, classes], alpha and beta written out) -> logits [batch, classes]."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array((rng.standard_normal((hidden, features)) / np.sqrt(features)).astype(np.float32),
+                                     "w1"),
+             numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32) * 0.1, "b1"),
+             numpy_helper.from_array((rng.standard_normal((hidden, classes)) / np.sqrt(hidden)).astype(np.float32),
+                                     "w2"),
+             numpy_helper.from_array(rng.standard_normal(classes).astype(np.float32) * 0.1, "b2")]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], name="fc2", alpha=1.0, beta=1.0)]
+    graph = helper.make_graph(nodes, "gemm_mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], inits)
+    return save(graph, path)

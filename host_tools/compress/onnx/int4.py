@@ -1,5 +1,7 @@
 """int4 weight-only quantization of MatMul weights (blockwise, ORT's MatMulNBits): for
-transformer-style models whose size is in their MatMul weights; activations stay float."""
+transformer-style models whose size is in their MatMul weights; activations stay float. With
+gemm=true (the int4-weights recipe), dense layers exported as Gemm (GPT-2's Conv1D, any Linear on a
+2-D input) are written as MatMul + Add first, which computes the same, and quantized too."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ from dataclasses import dataclass, field
 
 from device_agent.errors import NotApplicable
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import output_path, quiet_ort_quantizer, weighted_nodes
-from host_tools.compress.passes import Pass, PassConfig, failing_as, register
+from host_tools.compress.onnx.boundary import drop_unused_initializers, output_path, quiet_ort_quantizer, weighted_nodes
+from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
 
 @register
@@ -25,21 +27,67 @@ class OnnxInt4WeightOnly(Pass):
         accuracy_level: int = field(default=4, metadata={
             "help": "compute type of MatMulNBits: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8"})
         exclude: tuple[str, ...] = field(default=(), metadata={"help": "node names to leave in float"})
+        gemm: bool = field(default=False, metadata={
+            "help": "also Gemm layers (GPT-2's Conv1D, a Linear on 2-D input), written as MatMul + Add first"})
 
     def run(self, model, config, workdir):
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         quiet_ort_quantizer()
-        matmuls = [n for n, _ in weighted_nodes(model.path, ("MatMul",)) if n not in config.exclude]
-        if not matmuls:
+        layers = [(n, op) for n, op in weighted_nodes(model.path, ("MatMul", "Gemm")) if n not in config.exclude]
+        if not any(op == "MatMul" or config.gemm for _, op in layers):
+            gemms = sum(op == "Gemm" for _, op in layers)
             raise NotApplicable(f"{model.path.name} has no MatMul with constant weights "
-                                f"(int4 weight-only is for MatMul-heavy models such as transformers)")
+                                f"(int4 weight-only is for MatMul-heavy models such as transformers)" +
+                                (f"; its {gemms} Gemm layer(s) would be with gemm=true" if gemms else ""))
         out = output_path(workdir, model, "int4")
         with failing_as(self.name, model):
-            quantizer = MatMulNBitsQuantizer(onnx.load(str(model.path)), bits=4, block_size=config.block_size,
+            proto = onnx.load(str(model.path))
+            rewritten = gemms_as_matmuls(proto, set(config.exclude)) if config.gemm else 0
+            if rewritten:
+                progress(f"      {rewritten} Gemm layer(s) written as MatMul + Add, for their weights to be int4")
+            quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=config.block_size,
                                              is_symmetric=config.symmetric, accuracy_level=config.accuracy_level,
                                              nodes_to_exclude=list(config.exclude))
             quantizer.process()
             quantizer.model.save_model_to_file(str(out))
         return ModelFile(out, "onnx")
+
+
+def gemms_as_matmuls(proto, exclude: set[str]) -> int:
+    """Gemm(A, B, C) with a constant B, alpha = beta = 1 and A not transposed, as MatMul(A, B) + C
+    (B transposed into a weight of its own where the Gemm read it transposed); returns how many.
+    The MatMul keeps the Gemm's name, so exclude still names it."""
+    from onnx import helper, numpy_helper
+
+    def attr(node, name: str, default):
+        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes, count, transposed_from = [], 0, set()
+    for node in graph.node:
+        weight = node.input[1] if node.op_type == "Gemm" and len(node.input) > 1 else None
+        if weight not in inits or len(inits[weight].dims) != 2 or node.name in exclude or \
+                attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0 or attr(node, "transA", 0):
+            nodes.append(node)
+            continue
+        if attr(node, "transB", 0):
+            transposed_from.add(weight)
+            transposed = numpy_helper.to_array(inits[weight]).T.copy()
+            weight = f"{weight}.T"
+            if weight not in inits:
+                inits[weight] = numpy_helper.from_array(transposed, weight)
+                graph.initializer.append(inits[weight])
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}.matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}.bias"))
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        drop_unused_initializers(graph, transposed_from)
+    return count
