@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from host_tools.compress.onnx.boundary import consumers
+from host_tools.compress.onnx import static_shapes
 from host_tools.compress.onnx.static_shapes import inferred
-from host_tools.compress.onnx.layout import Graph, Param, Reader, Region
+from host_tools.compress.onnx.layout import BINARY_OPS, Graph, Param, Reader, Region
 from host_tools.compress.onnx.regions import output_axis, walk_region, weight_of
 
 
@@ -114,9 +115,19 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
 def _graph(proto) -> Graph:
     graph = proto.graph
     dims, names = inferred(proto)
+    ran: dict[str, dict] = {}
+
+    def run_sizes(name: str) -> list:
+        """Asked for one operand inference cannot size, the model runs once for all of them."""
+        if not ran:
+            unsized = {t for n in graph.node if n.op_type in BINARY_OPS | {"Where", "Reshape"}
+                       for t in (*n.input, *n.output) if t in dims and None in dims[t] and len(dims[t]) >= 3}
+            ran["sizes"] = static_shapes.run_sizes(proto, sorted(unsized | {name}))
+        return ran["sizes"].get(name, [])
+
     return Graph(list(graph.node), {i.name: i for i in graph.initializer}, dims,
                  Counter(name for node in graph.node for name in node.input), {o.name for o in graph.output},
-                 consumers(graph), {name: node for node in graph.node for name in node.output}, names)
+                 consumers(graph), {name: node for node in graph.node for name in node.output}, names, run_sizes)
 
 
 def _tie(regions: list[Region]) -> list[list[int]]:

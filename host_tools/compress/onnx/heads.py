@@ -77,7 +77,9 @@ def _channels_entry(node, layout: Layout, rank: int, features: int, region: Regi
     entry = _shape_entry(node, rank - 1, features, g)
     if isinstance(entry, str):
         return entry
-    if not entry:
+    # (of a window — one part of a layer a Split divides later — the count is the whole layer's, which
+    # every window tied in a group shrinks; that is not counted yet)
+    if not entry or layout.width is not None:
         return "Reshape with a shape it cannot rewrite"
     region.reshapes.append((*entry, layout.block * len(layout.offsets)))  # a unit's entries in the tensor
     return None
@@ -158,8 +160,19 @@ def _others(node, layout: Layout, region: Region, g: Graph) -> str | None:
             continue  # the same for every head
         if name in g.consts:
             return f"{node.op_type} with a constant per head"
+        if shape[position] is None and _one_when_run(name, layout, g):
+            continue  # a mask built at run time, 1 along the heads in every run
         region.meets.append((name, Layout("heads", len(shape), at=position), node.op_type))
     return None
+
+
+def _one_when_run(name: str, layout: Layout, g: Graph) -> bool:
+    """Whether *name*, whose size along the heads inference cannot tell, was 1 there in every made-up
+    run of the model (Hugging Face builds BERT's and GPT-2's masks [batch, 1, tokens, tokens] with
+    sizes worked out at run time)."""
+    runs = g.run_sizes(name)
+    return bool(runs) and all(len(shape) <= layout.rank and layout.at - (layout.rank - len(shape)) >= 0 and
+                              shape[layout.at - (layout.rank - len(shape))] == 1 for shape in runs)
 
 
 def _through_matmul(node, region: Region, g: Graph, enter) -> str | None:
@@ -225,10 +238,17 @@ def _merge(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
 
 def _keeps_shape(node, layout: Layout, shape: list, g: Graph) -> bool:
     """Whether a Reshape of heads gives back the shape it was given: its output, the -1 worked out,
-    has the input's sizes — numbers, or the same names — from the heads axis on."""
+    has the input's sizes — numbers, or the same names — from the heads axis on; or, where inference
+    lost track of the sizes, it did in every made-up run of the model, with the heads count given as
+    -1 or as the count itself."""
     same = _dims_out(node, g, keep=layout.at, dims=shape)
     named = _named(shape, g.names.get(node.input[0]))
-    return bool(same) and _named(same, g.names.get(node.output[0])) == named and None not in named[layout.at:]
+    if same and _named(same, g.names.get(node.output[0])) == named and None not in named[layout.at:]:
+        return True
+    entries = _target_entries(node, g)
+    runs = g.run_sizes(node.input[0])
+    return bool(entries) and len(entries) == layout.rank and entries[layout.at] in (-1, shape[layout.at]) and \
+        bool(runs) and runs == g.run_sizes(node.output[0]) and all(run[layout.at] == shape[layout.at] for run in runs)
 
 
 def _dims_out(node, g: Graph, keep: int, dims: list | None = None) -> list | None:
@@ -245,15 +265,15 @@ def _dims_out(node, g: Graph, keep: int, dims: list | None = None) -> list | Non
     entries = _target_entries(node, g)
     if entries is None or len(entries) != len(out) or entries.count(-1) != 1 or entries.index(-1) < keep:
         return out
-    # Leading axes stay: equal sizes, or sizes the exporter did not name (inference lost track of
-    # them) that the target reads at run time (x.shape[i]: a Shape read, or 0, the input's own).
+    # Leading axes stay: equal sizes, or sizes inference lost track of on either side that the
+    # target reads at run time (x.shape[i]: a Shape read, or 0, the input's own).
     def unnamed(size) -> bool:
         return size is None or isinstance(size, str) and size.startswith("unk__")
 
     def read(entry) -> bool:
         return entry is None or isinstance(entry, tuple) or entry == 0
 
-    if not all(a == b and not unnamed(a) or unnamed(a) and unnamed(b) and read(entries[i])
+    if not all(a == b and not unnamed(a) or (unnamed(a) or unnamed(b)) and read(entries[i])
                for i, (a, b) in enumerate(zip(sized_out[:keep], sized_in[:keep]))):
         return out
     at = entries.index(-1)

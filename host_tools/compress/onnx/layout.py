@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -55,6 +56,7 @@ class Graph:
     readers: dict[str, list]  # tensor -> the nodes that read it
     made_by: dict  # tensor -> the node that writes it
     names: dict[str, list] = field(default_factory=dict)  # tensor -> its symbolic dimensions' names, else None
+    run_sizes: Callable[[str], list] = lambda name: []  # tensor -> its shapes in made-up runs (static_shapes)
 
 
 @dataclass(frozen=True)
