@@ -687,9 +687,9 @@ def test_exported_yolo_c2f_blocks_are_pruned_split_halves_and_bottlenecks_includ
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
 def test_a_layer_used_twice_is_stored_once_after_pruning(tmp_path):
     """ALBERT-style weight sharing: one layer applied twice to tokens, which PyTorch exports as one
-    weight and an Identity copy of it. The pruning gives each reader its own copy so that layers can change on
-    their own; the copies it leaves equal are stored once again, so the pruned model is smaller
-    than the original (with both copies kept it was larger)."""
+    weight and an Identity copy of it. The pruning keeps it one weight, shared, so its layer is left
+    whole rather than pruned apart into two stored copies: the pruned model is smaller than the
+    original (with the copies it was larger)."""
     torch = pytest.importorskip("torch")
     nn = torch.nn
 
