@@ -36,7 +36,9 @@ def clients(mosquitto):
 
 def device(clients, device_id):
     client, router = clients("device"), ChunkRouter()
-    client.subscribe(topics.chunks(device_id), router, qos=CHUNK_QOS)  # as the agent
+    # as the agent, which subscribes long before it downloads: granted before anything is asked, so a
+    # test whose server answers a chunk only once does not lose that answer to a subscription in flight
+    assert client.subscribe(topics.chunks(device_id), router, qos=CHUNK_QOS, wait=5.0)
     return client, router
 
 
@@ -99,7 +101,7 @@ def answering_server(host, offer, content, device_id, how):
                 message = message[:-1] + bytes([message[-1] ^ 1])
             if copy != "lost":
                 host.publish(topics.chunks(device_id), message)
-    host.subscribe(topics.chunk_request(offer.sha256), answer)
+    assert host.subscribe(topics.chunk_request(offer.sha256), answer, wait=5.0)
     return asked
 
 
