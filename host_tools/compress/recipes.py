@@ -72,7 +72,7 @@ NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
     "distill": ("a student with at most 25% of the parameters, trained on the model's outputs", {
         "onnx": (Step("distill"),), "tflite": (Step("distill"),)}),
     "int4-weights": ("int4 blockwise MatMul weights, for transformer-style models", {
-        # without ORT's optimizations, which would fuse MatMul+Add into Gemm, out of int4's reach
+        # without ORT's optimizations, which would fuse MatMul+Add into Gemm for gemm=true to take apart again
         "onnx": (Step("onnx-preprocess", {"optimize": False}), Step("onnx-int4", {"gemm": True}), _COMPACT)}),
 }
 

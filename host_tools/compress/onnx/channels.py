@@ -20,6 +20,7 @@ and merge the heads.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -27,7 +28,6 @@ import numpy as np
 
 from host_tools.compress.onnx.boundary import consumers
 from host_tools.compress.onnx import static_shapes
-from host_tools.compress.onnx.static_shapes import inferred
 from host_tools.compress.onnx.layout import BINARY_OPS, Graph, Param, Reader, Region
 from host_tools.compress.onnx.regions import output_axis, walk_region, weight_of
 
@@ -82,7 +82,8 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
         axis = output_axis(node, g.consts)
         if axis is None:
             continue
-        weight, channels = weight_of(node), int(g.consts[weight_of(node)].dims[axis])
+        weight = weight_of(node)
+        channels = int(g.consts[weight].dims[axis])
         region = walk_region(index, channels, g)
         # a Split of all its channels: each part is a window of the layer, a pruning unit of its own
         parts = [(w, walk_region(index, channels, g, w)) for w in region.windows] if region.windows else \
@@ -114,20 +115,19 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
 
 def _graph(proto) -> Graph:
     graph = proto.graph
-    dims, names = inferred(proto)
-    ran: dict[str, dict] = {}
+    dims, names = static_shapes.inferred(proto)
 
-    def run_sizes(name: str) -> list:
-        """Asked for one operand inference cannot size, the model runs once for all of them."""
-        if not ran:
-            unsized = {t for n in graph.node if n.op_type in BINARY_OPS | {"Where", "Reshape"}
-                       for t in (*n.input, *n.output) if t in dims and None in dims[t] and len(dims[t]) >= 3}
-            ran["sizes"] = static_shapes.run_sizes(proto, sorted(unsized | {name}))
-        return ran["sizes"].get(name, [])
+    @functools.cache
+    def sizes() -> dict:
+        """Asked for once, the model runs once for every operand inference cannot size."""
+        unsized = {t for n in graph.node if n.op_type in BINARY_OPS | {"Where", "Reshape"}
+                   for t in (*n.input, *n.output) if t in dims and None in dims[t] and len(dims[t]) >= 3}
+        return static_shapes.run_sizes(proto, sorted(unsized))
 
     return Graph(list(graph.node), {i.name: i for i in graph.initializer}, dims,
                  Counter(name for node in graph.node for name in node.input), {o.name for o in graph.output},
-                 consumers(graph), {name: node for node in graph.node for name in node.output}, names, run_sizes)
+                 consumers(graph), {name: node for node in graph.node for name in node.output}, names,
+                 lambda name: sizes().get(name, []))
 
 
 def _tie(regions: list[Region]) -> list[list[int]]:

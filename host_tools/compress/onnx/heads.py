@@ -44,7 +44,7 @@ def split(node, region: Region, g: Graph, enter) -> str | None:
     if np.prod(trailing, dtype=np.int64) != features:
         return "Reshape across its channels"
     if len(trailing) == 1:
-        why = _channels_entry(node, layout, len(out), features, region, g)
+        why = _channels_entry(node, entries, layout, len(out), features, region, g)
         return why or enter(node.output[0], replace(layout, rank=len(out)))
     if len(trailing) > 3 or layout.block != 1 or layout.width is not None or region.out_block != 1:
         return "Reshape of its channels that it cannot follow"
@@ -66,11 +66,11 @@ def split(node, region: Region, g: Graph, enter) -> str | None:
     return enter(node.output[0], Layout("heads", len(out), at=len(out) - 2))
 
 
-def _channels_entry(node, layout: Layout, rank: int, features: int, region: Region, g: Graph) -> str | None:
+def _channels_entry(node, entries: list | None, layout: Layout, rank: int, features: int, region: Region,
+                    g: Graph) -> str | None:
     """A Reshape of the leading axes only ([n, t, C] -> [n·t, C]): a target shape that gives the
     channel count as a constant (x.reshape(-1, 32)) has it rewritten with the channels; -1, 0 (the
-    input's own) or a count read at run time follow by themselves."""
-    entries = _target_entries(node, g)
+    input's own) or a count read at run time follow by themselves. *entries*: _target_entries."""
     last = entries[-1] if entries else None
     if last is None or isinstance(last, tuple) or last == -1 or last == 0 and rank == layout.rank:
         return None

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from device_agent.errors import NotApplicable
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import drop_unused_initializers, output_path, quiet_ort_quantizer, weighted_nodes
+from host_tools.compress.onnx.layout import attr
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
 
@@ -61,9 +62,6 @@ def gemms_as_matmuls(proto, exclude: set[str]) -> int:
     The MatMul keeps the Gemm's name, so exclude still names it."""
     from onnx import helper, numpy_helper
 
-    def attr(node, name: str, default):
-        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
     nodes, count, transposed_from = [], 0, set()
@@ -75,11 +73,11 @@ def gemms_as_matmuls(proto, exclude: set[str]) -> int:
             continue
         if attr(node, "transB", 0):
             transposed_from.add(weight)
-            transposed = numpy_helper.to_array(inits[weight]).T.copy()
+            if f"{weight}.T" not in inits:
+                inits[f"{weight}.T"] = numpy_helper.from_array(numpy_helper.to_array(inits[weight]).T.copy(),
+                                                               f"{weight}.T")
+                graph.initializer.append(inits[f"{weight}.T"])
             weight = f"{weight}.T"
-            if weight not in inits:
-                inits[weight] = numpy_helper.from_array(transposed, weight)
-                graph.initializer.append(inits[weight])
         has_bias = len(node.input) > 2 and node.input[2]
         product = f"{node.output[0]}.matmul" if has_bias else node.output[0]
         nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name))

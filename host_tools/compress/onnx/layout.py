@@ -98,10 +98,10 @@ def const_array(init) -> np.ndarray:
 
 
 def attr(node, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return a.i
-    return default
+    """A node's attribute *name* as its value (int, float, string, list…), else *default*."""
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def ints(node, name: str) -> list[int]:
