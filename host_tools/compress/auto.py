@@ -97,6 +97,10 @@ TFLITE_LADDER = (
     Candidate("int8 weights only", (Step("tflite-weight-only"),)),
     Candidate("full int8", (Step("tflite-int8"),), needs_calibration=True),
     Candidate("fp16", (Step("tflite-fp16"),)),
+    Candidate("50% sparse, full int8", (Step("tflite-prune-magnitude", {"sparsity": 0.5}), Step("tflite-int8")),
+              needs_calibration=True),
+    Candidate("80% sparse, full int8", (Step("tflite-prune-magnitude", {"sparsity": 0.8}), Step("tflite-int8")),
+              needs_calibration=True),
     Candidate("distilled student, 25% of the parameters", (Step("distill"),), needs_calibration=True),
 )
 

@@ -66,7 +66,8 @@ NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
         "tflite": (Step("tflite-fp16"),)}),
     "sparse-int8": ("80% magnitude pruning, then static int8: a much smaller download", {
         "onnx": (Step("onnx-prune-magnitude", {"sparsity": 0.8}), _PRE, Step("onnx-static", {"per_channel": True}),
-                 _COMPACT)}),
+                 _COMPACT),
+        "tflite": (Step("tflite-prune-magnitude", {"sparsity": 0.8}), Step("tflite-int8"))}),
     "channels-50": ("half of the prunable channels removed, recovered by distillation from the original", {
         "onnx": (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}),)}),
     "distill": ("a student with at most 25% of the parameters, trained on the model's outputs", {

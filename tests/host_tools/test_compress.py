@@ -403,6 +403,42 @@ def test_magnitude_pruning_shrinks_the_download_not_the_file(digits, tmp_path):
     assert pruned.fidelity.accuracy >= report.original.fidelity.accuracy - 0.02
 
 
+def test_tflite_magnitude_pruning_zeroes_the_smallest_weights_in_place(tmp_path):
+    from litert_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    def weights(path):  # read with litert-quantizer's own flatbuffer reader, not the pass's
+        model = fb.read_model(Path(path))
+        return {t.name: fb.get_tensor_data(t, model.buffers) for t in model.subgraphs[0].tensors
+                if t.type == 0 and len(t.shape) >= 2 and np.prod(t.shape) >= 1024
+                and model.buffers[t.buffer].data is not None}
+
+    original = ModelFile.open(MODELS / "digits_cnn.tflite")
+    report = run_recipe(original, steps([("tflite-prune-magnitude", {"sparsity": 0.8}), ("tflite-int8", {}),
+                                         ("tflite-prune-magnitude", {})]),
+                        calib=CALIB, eval_data=HELDOUT, latency_runs=10, workdir=tmp_path)
+    pruned, int8, again = report.steps
+    before, after = weights(original.path), weights(pruned.model.path)
+    assert before.keys() == after.keys() and len(before) == 2  # the 32x3x3x16 conv and the 64x512 layer
+    everything = np.concatenate([w.ravel() for w in after.values()])
+    assert 0.79 < (everything == 0).mean() < 0.81
+    kept = np.abs(np.concatenate([w.ravel() for w in before.values()])) > np.quantile(
+        np.abs(np.concatenate([w.ravel() for w in before.values()])), 0.8)
+    assert np.array_equal(everything[kept], np.concatenate([w.ravel() for w in before.values()])[kept])
+    # the same file around the weights: only weight bytes changed
+    assert pruned.size_bytes == report.original.size_bytes
+    changed = np.frombuffer(original.path.read_bytes(), np.uint8) != np.frombuffer(pruned.model.path.read_bytes(),
+                                                                                   np.uint8)
+    assert changed.sum() <= 4 * (everything == 0).sum()
+    assert pruned.download_bytes < 0.35 * report.original.download_bytes
+    assert pruned.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
+    # quantized afterwards, each zero is a zero byte: sparse-int8's download
+    assert int8.download_bytes < 0.12 * report.original.download_bytes
+    assert int8.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
+    # an int8 model has no float weights left to prune: one line, and the int8 model is the result
+    assert again.status == "skipped" and "quantized" in again.note and "\n" not in again.note
+    assert report.result is int8
+
+
 def test_structured_pruning_removes_channels_and_recovery_brings_accuracy_back(digits, tmp_path):
     plain = run_recipe(digits, steps([("onnx-prune-channels", {"ratio": 0.5})]), eval_data=HELDOUT,
                        latency_runs=10, workdir=tmp_path / "plain")
@@ -509,7 +545,8 @@ def test_auto_on_a_tflite_model(tmp_path):
     report = search(model, eval_data=HELDOUT, calib=CALIB, max_drop=1.0, latency_runs=20, out=tmp_path / "a.tflite")
     assert report.chosen is not None and report.chosen.size_bytes < 0.35 * report.original.size_bytes
     assert report.chosen.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
-    assert {"dynamic-range int8", "int8 weights only", "full int8", "fp16"} <= set(report.auto.verdicts)
+    assert {"dynamic-range int8", "int8 weights only", "full int8", "fp16", "50% sparse, full int8",
+            "80% sparse, full int8"} <= set(report.auto.verdicts)
 
 
 def test_tflite_passes_on_a_converted_text_encoder_with_two_inputs_and_two_outputs():

@@ -1,3 +1,4 @@
-"""TFLite passes, built on Google's litert-quantizer (extra `litert`)."""
+"""TFLite passes: quantization built on Google's litert-quantizer (extra `litert`), magnitude
+pruning on the flatbuffer itself (extra `tflite`)."""
 
-from host_tools.compress.tflite import quantize  # noqa: F401  (it registers)
+from host_tools.compress.tflite import prune, quantize  # noqa: F401  (they register)

@@ -1,0 +1,102 @@
+"""Magnitude pruning of TFLite models: the smallest float weights become exact zeros.
+
+The file keeps its size and layout — each weight buffer is rewritten in place, so every other
+byte of the flatbuffer (signatures, metadata, quantization parameters) stays as the converter
+wrote it — but a bundle stores the model zstd-compressed, so the download shrinks; quantized
+afterwards (``sparse-int8``) a zero weight is one zero byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from device_agent.errors import NotApplicable
+from host_tools.compress.model import ModelFile
+from host_tools.compress.passes import Pass, PassConfig, failing_as, register
+
+# builtin operator name -> the inputs that hold its weights
+WEIGHT_INPUTS = {"CONV_2D": (1,), "DEPTHWISE_CONV_2D": (1,), "CONV_3D": (1,), "FULLY_CONNECTED": (1,),
+                 "TRANSPOSE_CONV": (1,), "BATCH_MATMUL": (0, 1), "EMBEDDING_LOOKUP": (1,)}
+
+
+@register
+class TfliteMagnitudePruning(Pass):
+    name = "tflite-prune-magnitude"
+    formats = ("tflite",)
+    summary = "unstructured magnitude pruning (zeros that a compressed bundle does not pay for)"
+    requires = ("ai_edge_litert",)
+    extra = "tflite"
+
+    @dataclass(frozen=True)
+    class Config(PassConfig):
+        sparsity: float = field(default=0.5, metadata={"help": "fraction of weights set to zero (0..0.99)"})
+        scope: Literal["global", "per-layer"] = field(default="global", metadata={
+            "help": "one threshold over all layers, or the same sparsity in each layer"})
+        min_elements: int = field(default=1024, metadata={"help": "leave smaller weight tensors alone"})
+
+    def run(self, model, config, workdir):
+        if not 0 < config.sparsity < 1:
+            raise NotApplicable(f"sparsity must be between 0 and 1, not {config.sparsity}")
+        out = Path(workdir) / f"{model.path.stem}.sparse{round(config.sparsity * 100)}.tflite"
+        with failing_as(self.name, model):
+            data = bytearray(model.path.read_bytes())
+            weights = weight_views(data, config.min_elements)
+            if not weights:
+                raise NotApplicable(f"{model.path.name} has no float32 Conv/FullyConnected/BatchMatMul weight of at "
+                                    f"least {config.min_elements} elements (a model quantized already has none)")
+            if config.scope == "global":
+                cut = np.quantile(np.concatenate([np.abs(w) for w in weights]), config.sparsity)
+                thresholds = [cut] * len(weights)
+            else:
+                thresholds = [np.quantile(np.abs(w), config.sparsity) for w in weights]
+            for view, threshold in zip(weights, thresholds):
+                view[np.abs(view) <= threshold] = 0  # a view into *data*: the file's bytes change in place
+            out.write_bytes(data)
+        return ModelFile(out, "tflite")
+
+
+def weight_views(data: bytearray, min_elements: int) -> list[np.ndarray]:
+    """Writable float32 views into *data* of every weight buffer (each buffer once, however many
+    tensors share it) that a weighted op reads, with at least *min_elements* elements."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(data, 0)
+    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    codes = []
+    for i in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(i)  # builtin codes past 127 live in BuiltinCode only
+        codes.append(op_names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode())))
+    seen: set[int] = set()
+    views = []
+    for s in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(s)
+        for o in range(graph.OperatorsLength()):
+            op = graph.Operators(o)
+            for position in WEIGHT_INPUTS.get(codes[op.OpcodeIndex()], ()):
+                if position >= op.InputsLength() or op.Inputs(position) < 0:
+                    continue
+                tensor = graph.Tensors(op.Inputs(position))
+                index = tensor.Buffer()
+                count = int(np.prod(tensor.ShapeAsNumpy())) if tensor.ShapeLength() else 1
+                if (tensor.Type() != schema.TensorType.FLOAT32 or tensor.ShapeLength() < 2 or count < min_elements
+                        or index in seen):
+                    continue
+                view = _buffer_bytes(model.Buffers(index), data)
+                if view is not None and view.size == 4 * count:
+                    seen.add(index)
+                    views.append(view.view(np.float32))
+    return views
+
+
+def _buffer_bytes(buffer, data: bytearray) -> np.ndarray | None:
+    """The buffer's bytes as a writable uint8 view: inline in the flatbuffer, or (models over
+    2 GB) at an offset past it."""
+    if buffer.Offset() > 1:
+        return np.frombuffer(data, np.uint8, buffer.Size(), buffer.Offset())
+    if buffer.DataLength() == 0:
+        return None  # a tensor computed at run time
+    return buffer.DataAsNumpy()
