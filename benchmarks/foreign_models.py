@@ -3,6 +3,8 @@
     pip install transformers        # not an edgefleet dependency; only this script needs it
     python benchmarks/foreign_models.py                  # every architecture below
     python benchmarks/foreign_models.py --models vit t5  # some of them
+    pip install litert-torch        # for --format tflite (Google's PyTorch-to-TFLite converter)
+    python benchmarks/foreign_models.py --format tflite  # the same models as TFLite files
 
 Each architecture is built from a small configuration with random weights (nothing is
 downloaded), exported with ``torch.onnx.export`` (opset 17, dynamic batch; text models also
@@ -10,7 +12,9 @@ dynamic tokens), and given each ONNX recipe, with 64 random inputs (token ids fo
 calibration and evaluation data. The table shows, per recipe, the result's size against the
 original's, or why it did not apply; structured pruning runs without recovery, so its column is
 the structure it found ("4/7 layers, 2 heads": layers pruned of all weighted layers, groups by
-attention heads), not accuracy. Each other cell is "size ratio / output cosine to the original";
+attention heads), not accuracy. With ``--format tflite`` each model is converted with litert-torch
+instead (batch 1; token ids become int32) and given each TFLite recipe. Each other cell is "size
+ratio / output cosine to the original";
 with random weights and inputs the cosine is only a smoke test (80% magnitude pruning of random
 weights, in sparse-int8, leaves little of them).
 
@@ -21,6 +25,7 @@ by an exporter and a model library this project does not control.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 import time
@@ -30,7 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line  # noqa: E402
 
-RECIPES = ("int8-dynamic", "int8-static", "fp16", "int4-weights", "sparse-int8")
+RECIPES = {"onnx": ("int8-dynamic", "int8-static", "fp16", "int4-weights", "sparse-int8"),
+           "tflite": ("int8-dynamic", "int8-weights", "int8-static", "fp16", "sparse-int8")}
 TOKENS, VOCAB, SAMPLES = 16, 200, 64
 
 
@@ -75,6 +81,8 @@ def architectures(T) -> dict[str, tuple]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", help="architectures to run (default: all)")
+    parser.add_argument("--format", choices=("onnx", "tflite"), default="onnx",
+                        help="export to ONNX (torch.onnx) or convert to TFLite (litert-torch)")
     args = parser.parse_args()
     try:
         import torch
@@ -82,6 +90,8 @@ def main() -> None:
     except ImportError as exc:
         sys.exit(f"this script needs PyTorch and Hugging Face transformers ({exc.name} is missing): "
                  "pip install 'edgefleet[distill]' transformers")
+    if args.format == "tflite" and importlib.util.find_spec("litert_torch") is None:
+        sys.exit("--format tflite converts with litert-torch: pip install litert-torch")
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     table = architectures(transformers)
@@ -90,21 +100,24 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown architecture(s) {', '.join(unknown)}; known: {', '.join(table)}")
     print(machine_line())
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, format {args.format}")
     started = time.monotonic()
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-foreign-") as tmp:
         for name in chosen:
             print(f"  {name}", file=sys.stderr, flush=True)
-            rows.append((name, run_one(name, *table[name], Path(tmp) / name, torch)))
+            run = run_onnx if args.format == "onnx" else run_tflite
+            rows.append((name, run(name, *table[name], Path(tmp) / name, torch)))
+    recipes = RECIPES[args.format]
     print()
-    print(f"{'model':<11} {'KiB':>6}  " + "  ".join(f"{r:>13}" for r in RECIPES) + "  channels-50 (no recovery)")
+    print(f"{'model':<11} {'KiB':>6}  " + "  ".join(f"{r:>13}" for r in recipes)
+          + ("  channels-50 (no recovery)" if args.format == "onnx" else ""))
     for name, row in rows:
         if "error" in row:
             print(f"{name:<11} export failed: {row['error']}")
             continue
-        cells = "  ".join(f"{row[r]:>13}" for r in RECIPES)
-        print(f"{name:<11} {row['kib']:>6.0f}  {cells}  {row['prune']}")
+        cells = "  ".join(f"{row[r]:>13}" for r in recipes)
+        print(f"{name:<11} {row['kib']:>6.0f}  {cells}  {row.get('prune', '')}".rstrip())
     notes = [(name, r, row["notes"][r]) for name, row in rows for r in row.get("notes", {})]
     if notes:
         print("\nwhy not:")
@@ -113,15 +126,11 @@ def main() -> None:
     print(f"\n({time.monotonic() - started:.0f} s in all)")
 
 
-def run_one(name: str, cls, config, kind: str, work: Path, torch) -> dict:
+def build(cls, config, kind: str, torch):
+    """The model with one output (logits where it has them, else the last hidden state), its
+    input names, and SAMPLES random inputs (token ids for text)."""
     import numpy as np
-    import onnx
 
-    from host_tools.compress import Dataset, ModelFile, load_recipe, run_recipe
-    from host_tools.compress.onnx.prune import prepared_plan
-    from host_tools.compress.recipes import Recipe, Step
-
-    work.mkdir(parents=True)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     model = cls(config).eval()
@@ -130,14 +139,12 @@ def run_one(name: str, cls, config, kind: str, work: Path, torch) -> dict:
         data = {"input_ids": rng.integers(0, VOCAB, (SAMPLES, TOKENS)).astype(np.int64)}
         if kind == "text":
             data["attention_mask"] = np.ones((SAMPLES, TOKENS), np.int64)
-        axes = {n: {0: "batch", 1: "tokens"} for n in names}
     else:
         shape = {"image": (3, 32, 32), "audio": (1600,), "mel": (16, 60)}[kind]
         names = [{"image": "pixel_values", "audio": "input_values", "mel": "input_features"}[kind]]
         data = {names[0]: rng.standard_normal((SAMPLES, *shape)).astype(np.float32)}
-        axes = {names[0]: {0: "batch"}}
 
-    class Outputs(torch.nn.Module):  # logits where the model has them, else the last hidden state
+    class Outputs(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
@@ -146,26 +153,45 @@ def run_one(name: str, cls, config, kind: str, work: Path, torch) -> dict:
             out = self.inner(**dict(zip(names, inputs)), return_dict=True)
             return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
-    path = work / f"{name}.onnx"
-    example = tuple(torch.from_numpy(data[n][:2]) for n in names)
-    try:
-        with torch.no_grad():
-            torch.onnx.export(Outputs(model), example, str(path), input_names=names, output_names=["out"],
-                              dynamic_axes={**axes, "out": {0: "batch"}}, opset_version=17, dynamo=False)
-    except Exception as exc:  # noqa: BLE001 — reported in the table
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
-    original = ModelFile.open(path)
-    dataset = Dataset(data, None, "random")
-    row: dict = {"kib": path.stat().st_size / 1024, "notes": {}}
-    for recipe in RECIPES:
-        report = run_recipe(original, load_recipe(recipe, "onnx"), calib=dataset, eval_data=dataset, latency_runs=10,
-                            workdir=work / recipe)
+    return Outputs(model), names, data
+
+
+def recipe_cells(original, model_format: str, dataset, work: Path, row: dict) -> None:
+    from host_tools.compress import load_recipe, run_recipe
+
+    for recipe in RECIPES[model_format]:
+        report = run_recipe(original, load_recipe(recipe, model_format), calib=dataset, eval_data=dataset,
+                            latency_runs=10, workdir=work / recipe)
         if report.compressed:
             result = report.result
             row[recipe] = f"{result.size_bytes / report.original.size_bytes:.2f}x/{result.fidelity.cosine:.3f}"
         else:
             row[recipe] = "—"
             row["notes"][recipe] = "; ".join(s.note for s in report.steps if s.status != "ok")
+
+
+def run_onnx(name: str, cls, config, kind: str, work: Path, torch) -> dict:
+    import onnx
+
+    from host_tools.compress import Dataset, ModelFile, run_recipe
+    from host_tools.compress.onnx.prune import prepared_plan
+    from host_tools.compress.recipes import Recipe, Step
+
+    work.mkdir(parents=True)
+    module, names, data = build(cls, config, kind, torch)
+    axes = {n: {0: "batch", 1: "tokens"} if kind in ("text", "ids") else {0: "batch"} for n in names}
+    path = work / f"{name}.onnx"
+    example = tuple(torch.from_numpy(data[n][:2]) for n in names)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(module, example, str(path), input_names=names, output_names=["out"],
+                              dynamic_axes={**axes, "out": {0: "batch"}}, opset_version=17, dynamo=False)
+    except Exception as exc:  # noqa: BLE001 — reported in the table
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+    original = ModelFile.open(path)
+    dataset = Dataset(data, None, "random")
+    row: dict = {"kib": path.stat().st_size / 1024, "notes": {}}
+    recipe_cells(original, "onnx", dataset, work, row)
     report = run_recipe(original, Recipe("channels-50", (Step("onnx-prune-channels", {"ratio": 0.5}),)),
                         eval_data=dataset, latency_runs=10, workdir=work / "prune")
     plan = prepared_plan(onnx.load(str(path)))
@@ -176,6 +202,34 @@ def run_one(name: str, cls, config, kind: str, work: Path, torch) -> dict:
                         f"{layers + len(plan.skipped)} layers, {heads} by heads")
     else:
         row["prune"] = "— " + "; ".join(s.note for s in report.steps if s.status != "ok")[:100]
+    return row
+
+
+def run_tflite(name: str, cls, config, kind: str, work: Path, torch) -> dict:
+    """Converted with litert-torch at batch 1 (TFLite's shapes are fixed); token ids become int32."""
+    import contextlib
+    import io
+
+    from host_tools.compress import Dataset, ModelFile
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        import litert_torch  # torchao, which it imports, logs at import about kernels for other CPUs and GPUs
+
+    work.mkdir(parents=True)
+    module, names, data = build(cls, config, kind, torch)
+    path = work / f"{name}.tflite"
+    example = tuple(torch.from_numpy(data[n][:1]) for n in names)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            litert_torch.convert(module, example).export(str(path))
+    except Exception as exc:  # noqa: BLE001 — reported in the table
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"}
+    original = ModelFile.open(path)
+    # the converter names the inputs args_0, args_1, ... in the module's order
+    specs = original.load().inputs
+    dataset = Dataset({spec.name: data[n] for spec, n in zip(specs, names)}, None, "random")
+    row: dict = {"kib": path.stat().st_size / 1024, "notes": {}}
+    recipe_cells(original, "tflite", dataset, work, row)
     return row
 
 

@@ -35,6 +35,7 @@ SIZE_SLACK = 0.05
 
 _PRE = Step("onnx-preprocess")
 _COMPACT = Step("onnx-compact")
+_TFL_COMPACT = Step("tflite-compact")
 
 
 @dataclass(frozen=True)
@@ -92,21 +93,21 @@ ONNX_LADDER = (
                            Step("onnx-static", {"per_channel": True})), needs_calibration=True)),
     Candidate("distilled student, 25% of the parameters", (Step("distill"),), needs_calibration=True),
 )
-TFLITE_LADDER = (
-    Candidate("dynamic-range int8", (Step("tflite-dynamic"),)),
-    Candidate("int8 weights only", (Step("tflite-weight-only"),)),
-    Candidate("full int8", (Step("tflite-int8"),), needs_calibration=True),
-    Candidate("fp16", (Step("tflite-fp16"),)),
-    Candidate("50% sparse, full int8", (Step("tflite-prune-magnitude", {"sparsity": 0.5}), Step("tflite-int8")),
-              needs_calibration=True),
-    Candidate("80% sparse, full int8", (Step("tflite-prune-magnitude", {"sparsity": 0.8}), Step("tflite-int8")),
-              needs_calibration=True),
-    Candidate("distilled student, 25% of the parameters", (Step("distill"),), needs_calibration=True),
+TFLITE_LADDER = (  # the distilled student is an ONNX model
+    Candidate("dynamic-range int8", (Step("tflite-dynamic"), _TFL_COMPACT)),
+    Candidate("int8 weights only", (Step("tflite-weight-only"), _TFL_COMPACT)),
+    Candidate("full int8", (Step("tflite-int8"), _TFL_COMPACT), needs_calibration=True),
+    Candidate("fp16", (Step("tflite-fp16"), _TFL_COMPACT)),
+    Candidate("50% sparse, full int8", (Step("tflite-prune-magnitude", {"sparsity": 0.5}), Step("tflite-int8"),
+                                        _TFL_COMPACT), needs_calibration=True),
+    Candidate("80% sparse, full int8", (Step("tflite-prune-magnitude", {"sparsity": 0.8}), Step("tflite-int8"),
+                                        _TFL_COMPACT), needs_calibration=True),
+    Candidate("distilled student, 25% of the parameters", (Step("distill"), _COMPACT), needs_calibration=True),
 )
 
 
 def ladder(model: ModelFile) -> tuple[Candidate, ...]:
-    """The candidates for *model*'s format; ONNX ones end by compacting the graph."""
+    """The candidates for *model*'s format, each ending by compacting the graph."""
     if model.format != "onnx":
         return TFLITE_LADDER
     return tuple(dataclasses.replace(c, steps=c.steps + (_COMPACT,)) for c in ONNX_LADDER)

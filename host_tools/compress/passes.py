@@ -224,3 +224,14 @@ def _type_name(hint) -> str:
         else:
             names.append(option.__name__)
     return " or ".join(names)
+
+
+def short_name(number: int) -> str:
+    """t0, t1, ... tz, t10: what the compact passes call internal tensors."""
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    text = ""
+    while True:
+        number, rest = divmod(number, 36)
+        text = digits[rest] + text
+        if number == 0:
+            return "t" + text

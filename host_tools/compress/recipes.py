@@ -49,25 +49,26 @@ class Recipe:
 
 _PRE = Step("onnx-preprocess")
 _COMPACT = Step("onnx-compact")
+_TFL_COMPACT = Step("tflite-compact")
 # name -> (description, {model format: steps})
 NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
     "int8-dynamic": ("int8 weights, activations quantized at run time (no calibration data needed)", {
         "onnx": (_PRE, Step("onnx-dynamic"), Step("onnx-int8-params"), _COMPACT),
-        "tflite": (Step("tflite-dynamic"),)}),
+        "tflite": (Step("tflite-dynamic"), _TFL_COMPACT)}),
     "int8-static": ("int8 weights and activations, per-channel weights, calibrated on --calib", {
         "onnx": (_PRE, Step("onnx-static", {"per_channel": True}), _COMPACT),
-        "tflite": (Step("tflite-int8"),)}),
+        "tflite": (Step("tflite-int8"), _TFL_COMPACT)}),
     "int8-static-safe": ("static int8 with the 2 most sensitive nodes left in float", {
         "onnx": (_PRE, Step("onnx-static", {"per_channel": True, "auto_exclude": 2}), _COMPACT)}),
     "int8-weights": ("int8 weights only, float compute", {
-        "tflite": (Step("tflite-weight-only"),)}),
+        "tflite": (Step("tflite-weight-only"), _TFL_COMPACT)}),
     "fp16": ("float16 weights (and compute where the runtime has it)", {
         "onnx": (Step("onnx-fp16"), _COMPACT),
-        "tflite": (Step("tflite-fp16"),)}),
+        "tflite": (Step("tflite-fp16"), _TFL_COMPACT)}),
     "sparse-int8": ("80% magnitude pruning, then static int8: a much smaller download", {
         "onnx": (Step("onnx-prune-magnitude", {"sparsity": 0.8}), _PRE, Step("onnx-static", {"per_channel": True}),
                  _COMPACT),
-        "tflite": (Step("tflite-prune-magnitude", {"sparsity": 0.8}), Step("tflite-int8"))}),
+        "tflite": (Step("tflite-prune-magnitude", {"sparsity": 0.8}), Step("tflite-int8"), _TFL_COMPACT)}),
     "channels-50": ("half of the prunable channels removed, recovered by distillation from the original", {
         "onnx": (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}),)}),
     "distill": ("a student with at most 25% of the parameters, trained on the model's outputs", {

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import has_subgraphs, output_path, share_equal_initializers
-from host_tools.compress.passes import Pass, PassConfig, failing_as, register
+from host_tools.compress.passes import Pass, PassConfig, failing_as, register, short_name
 
 
 @register
@@ -56,7 +56,7 @@ def compact(proto, *, rename: bool = True) -> None:
         if name in fixed:
             return name
         if name not in names:
-            names[name] = _base36(len(names))
+            names[name] = short_name(len(names))
         return names[name]
 
     for init in graph.initializer:
@@ -66,14 +66,4 @@ def compact(proto, *, rename: bool = True) -> None:
         node.input[:] = [short(n) for n in node.input]
         node.output[:] = [short(n) for n in node.output]
     for i, node in enumerate(graph.node):
-        node.name = f"n{_base36(i)}"
-
-
-def _base36(number: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    text = ""
-    while True:
-        number, rest = divmod(number, 36)
-        text = digits[rest] + text
-        if number == 0:
-            return "t" + text
+        node.name = f"n{short_name(i)}"
