@@ -25,7 +25,9 @@ by an exporter and a model library this project does not control.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import sys
 import tempfile
 import time
@@ -85,8 +87,11 @@ def main() -> None:
                         help="export to ONNX (torch.onnx) or convert to TFLite (litert-torch)")
     args = parser.parse_args()
     try:
-        import torch
-        import transformers
+        # transformers imports torchao where installed (litert-torch brings it), which logs about
+        # kernels for other hardware
+        with contextlib.redirect_stderr(io.StringIO()):
+            import torch
+            import transformers
     except ImportError as exc:
         sys.exit(f"this script needs PyTorch and Hugging Face transformers ({exc.name} is missing): "
                  "pip install 'edgefleet[distill]' transformers")
@@ -207,9 +212,6 @@ def run_onnx(name: str, cls, config, kind: str, work: Path, torch) -> dict:
 
 def run_tflite(name: str, cls, config, kind: str, work: Path, torch) -> dict:
     """Converted with litert-torch at batch 1 (TFLite's shapes are fixed); token ids become int32."""
-    import contextlib
-    import io
-
     from host_tools.compress import Dataset, ModelFile
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
