@@ -198,7 +198,10 @@ class Evaluation:
                 raise ConfigError(f"the original model does not run on the evaluation data: {exc}") from None
             m.status, m.note = "failed", f"does not run: {exc}"
             return
-        m.fidelity = evaluate.fidelity(self.original.outputs, m.outputs, self.bound.labels)
+        try:
+            m.fidelity = evaluate.fidelity(self.original.outputs, m.outputs, self.bound.labels)
+        except ModelError as exc:  # it runs, but gives other outputs than the original
+            m.status, m.note = "failed", str(exc)
 
     def time(self, models: list[Measured], runs: int, threads: int | None) -> None:
         """Latency of the original and *models*, in the same interleaved rounds."""

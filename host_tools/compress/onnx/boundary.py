@@ -50,6 +50,27 @@ def held_log_errors(logger_name: str):
         logger.propagate = propagate
 
 
+def session_crash(path: Path) -> str | None:
+    """How ONNX Runtime died creating a session for *path* in a child process ("signal 11"), or
+    None when it did not. Some float16 graphs crash ORT 1.32's CPU graph optimizations outright (a
+    Transpose, Reshape, Transpose, MatMul chain after an LSTM trips its NCHWc layout transformer);
+    in the compress process that would take every result with it. Errors ORT raises are not
+    crashes: the evaluation reports those."""
+    import signal
+    import subprocess
+    import sys
+
+    probe = ("import sys; from pathlib import Path; from device_agent.runtime.onnx import OnnxRuntime\n"
+             "try:\n    OnnxRuntime(Path(sys.argv[1]))\nexcept Exception:\n    pass")
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, timeout=600)
+    if done.returncode >= 0:
+        return None
+    try:
+        return f"{signal.Signals(-done.returncode).name}, signal {-done.returncode}"
+    except ValueError:
+        return f"signal {-done.returncode}"
+
+
 def output_path(workdir: Path, model: ModelFile, tag: str) -> Path:
     return Path(workdir) / f"{model.path.stem}.{tag}.onnx"
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import output_path
+from device_agent.errors import CompressionError, NotApplicable
+from host_tools.compress.onnx.boundary import output_path, session_crash
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 
@@ -30,8 +31,19 @@ class OnnxFp16(Pass):
 
         out = output_path(workdir, model, "fp16")
         with failing_as(self.name, model):
+            proto = onnx.load(str(model.path))
+            types = {init.data_type for init in proto.graph.initializer}
+            if onnx.TensorProto.FLOAT16 in types and onnx.TensorProto.FLOAT not in types:
+                raise NotApplicable(f"{model.path.name} has float16 weights already")
             converted = convert_float_to_float16(
-                onnx.load(str(model.path)), keep_io_types=config.keep_io_types,
+                proto, keep_io_types=config.keep_io_types,
                 op_block_list=list(config.exclude_op_types) or None, node_block_list=list(config.exclude) or None)
             onnx.save(converted, str(out))
+        crash = session_crash(out)
+        if crash:
+            import onnxruntime
+
+            raise CompressionError(f"ONNX Runtime {onnxruntime.__version__} crashes ({crash}) creating a CPU session "
+                                   f"for the float16 model, so it is not kept; keeping some ops in float32 "
+                                   f"(exclude_op_types=..., exclude=...) may avoid it")
         return ModelFile(out, "onnx")

@@ -2,7 +2,8 @@
 calibrated on the user's data, and fp16 weights.
 
 A full-int8 model's inputs and outputs become int8; edgefleet's TFLite runtime quantizes and
-dequantizes them at the edge, so callers keep feeding float32.
+dequantizes them at the edge, so callers keep feeding float32, and every pass's output keeps the
+original's input and output names.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
+from host_tools.compress.tflite import flatbuffer
 
 _OPS_HELP = "regular expression of the tensor names to quantize"
 
@@ -50,6 +52,7 @@ class _LiteRtPass(Pass):
             if result.quantized_model is None:
                 raise NotApplicable(f"{model.path.name}: litert-quantizer found nothing to quantize")
             out.write_bytes(bytes(result.quantized_model))
+            flatbuffer.restore_io_names(model.path, out)
         return ModelFile(out, "tflite")
 
 
