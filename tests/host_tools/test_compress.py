@@ -456,7 +456,8 @@ def test_every_recipe_runs_on_models_from_real_exporters(name, model_format):
     else:  # ORT 1.32's CPU graph optimizations crash on the CRNN's float16 graph: said, and survived
         assert (name, model_format) == ("crnn_ocr", "onnx") and "crashes (SIGSEGV" in fp16.note, fp16.note
     if model_format == "onnx" and name == "detector":
-        assert reports["int4-weights"].steps[1].status == "skipped" and "no MatMul" in reports["int4-weights"].steps[1].note
+        int4 = reports["int4-weights"].steps[1]
+        assert int4.status == "skipped" and "no MatMul" in int4.note
 
 
 def test_a_float16_graph_that_crashes_onnx_runtime_is_reported_and_the_suggested_exclusion_works(tmp_path):
