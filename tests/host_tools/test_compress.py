@@ -650,7 +650,8 @@ def test_tflite_passes_on_a_converted_text_encoder_with_two_inputs_and_two_outpu
     for recipe in ("int8-dynamic", "int8-weights", "int8-static", "fp16"):
         report = run_recipe(model, load_recipe(recipe, "tflite"), calib=data, eval_data=data, latency_runs=5)
         assert report.compressed, (recipe, [s.note for s in report.steps])
-        assert report.result.size_bytes < 0.7 * report.original.size_bytes, recipe
+        # fp16 0.55x; int8 0.40-0.47x: the embedding table (100x32) is int8 in full int8 too (0.64x without)
+        assert report.result.size_bytes < (0.6 if recipe == "fp16" else 0.5) * report.original.size_bytes, recipe
         assert report.result.fidelity.cosine > 0.95, recipe  # the worse of the two outputs
     distilled = run_recipe(model, load_recipe("distill", "tflite"), train=data, eval_data=data, latency_runs=5)
     assert distilled.steps[0].status == "skipped" and "your own module" in distilled.steps[0].note

@@ -111,6 +111,10 @@ class TfliteFullInt8(_LiteRtPass):
             raise ConfigError(f"{self.name} needs calibration data (--calib)")
         quantizer.add_static_config(regex=config.layers, operation_name=TFLOperationName.ALL_SUPPORTED,
                                     activation_num_bits=config.activation_bits, weight_num_bits=8)
+        # Its full-int8 policy leaves embedding tables float (a text model's largest weight); an
+        # embedding lookup's int8 table is dequantized as it is read, as in dynamic-range int8.
+        quantizer.add_dynamic_config(regex=config.layers, operation_name=TFLOperationName.EMBEDDING_LOOKUP,
+                                     num_bits=8)
 
     def calibration(self, quantizer, model, config):
         from ai_edge_litert.interpreter import Interpreter
