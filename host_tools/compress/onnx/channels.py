@@ -51,7 +51,8 @@ class Group:
     params: list[tuple[str, Param]] = field(default_factory=list)  # (a constant may hold several windows)
     readers: list[Reader] = field(default_factory=list)
     depthwise: set[str] = field(default_factory=set)
-    reshapes: list[tuple[str, int, int]] = field(default_factory=list)  # (shape constant, entry, per unit)
+    # (shape constant, entry, per unit[, where a window of the layer starts in the tensor reshaped])
+    reshapes: list[tuple] = field(default_factory=list)
 
 
 @dataclass
@@ -107,6 +108,8 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
         for i in indices:
             group.params += [p for p in regions[i].params.items() if p not in group.params]
             group.depthwise |= regions[i].depthwise
+            # (a shape entry that layers tied by a residual Add reach shrinks once; windows of one
+            # layer reaching its whole output's count each carry their start, so it shrinks for each)
             group.reshapes += [r for r in regions[i].reshapes if r not in group.reshapes]
             group.readers += [r for r in regions[i].readers.values() if r not in group.readers]
         groups.append(group)
@@ -210,7 +213,7 @@ def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
             drop(name, param.axis, gone, param.offsets, param.block)
         for reader in group.readers:
             drop(reader.weight, reader.axis, gone, reader.offsets, reader.block)
-        for name, entry, per_unit in group.reshapes:
+        for name, entry, per_unit, *_ in group.reshapes:
             shape = numpy_helper.to_array(inits[name]).copy()
             shape.reshape(-1)[entry] -= len(gone) * per_unit
             inits[name].CopyFrom(numpy_helper.from_array(shape, name))

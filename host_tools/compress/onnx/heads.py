@@ -77,11 +77,13 @@ def _channels_entry(node, entries: list | None, layout: Layout, rank: int, featu
     entry = _shape_entry(node, rank - 1, features, g)
     if isinstance(entry, str):
         return entry
-    # (of a window — one part of a layer a Split divides later — the count is the whole layer's, which
-    # every window tied in a group shrinks; that is not counted yet)
-    if not entry or layout.width is not None:
+    if not entry:
         return "Reshape with a shape it cannot rewrite"
-    region.reshapes.append((*entry, layout.block * len(layout.offsets)))  # a unit's entries in the tensor
+    # Of a window (one part of a layer that a Split divides later: GPT-2's QKV on flattened tokens,
+    # reshaped to [n, t, 3C] before the split) the count is the whole layer's, to shrink once for
+    # every window that loses channels: the window's start tells the entries apart.
+    per_unit = layout.block * len(layout.offsets)  # a unit's entries in the tensor
+    region.reshapes.append((*entry, per_unit) if layout.width is None else (*entry, per_unit, layout.offsets))
     return None
 
 
@@ -101,7 +103,7 @@ def _in_heads(region: Region, sections: int, heads: int, size: int) -> None:
     region.params = {name: replace(p, offsets=offsets(p.offsets[0]), block=size) for name, p in region.params.items()}
     region.readers = {name: replace(r, offsets=offsets(r.offsets[0]), block=size) for name, r in region.readers.items()}
     region.meets = [(name, placed(layout), op) for name, layout, op in region.meets]
-    region.reshapes = [(name, entry, per_unit * size) for name, entry, per_unit in region.reshapes]
+    region.reshapes = [(name, entry, per_unit * size, *rest) for name, entry, per_unit, *rest in region.reshapes]
 
 
 def step(node, region: Region, g: Graph, enter) -> str | None:

@@ -80,7 +80,8 @@ class Region:
     readers: dict[str, Reader] = field(default_factory=dict)  # by node name
     depthwise: set[str] = field(default_factory=set)  # depthwise convs in it: their group = their channels
     meets: list[tuple[str, Layout, str]] = field(default_factory=list)  # (other tensor, its layout here, op)
-    reshapes: list[tuple[str, int, int]] = field(default_factory=list)  # (shape constant, entry, per unit)
+    # (shape constant, entry, per unit[, where a window of the layer starts in the tensor reshaped])
+    reshapes: list[tuple] = field(default_factory=list)
     out_offsets: tuple[int, ...] = (0,)
     out_block: int = 1
     windows: list[tuple[int, int]] | None = None
