@@ -548,6 +548,86 @@ def test_a_bert_style_encoder_loses_heads_feed_forward_and_embedding_width_and_r
     assert session.run(None, {"ids": ids[:3, :7], "attention_mask": mask[:3, :7]})[0].shape == (3, 3)
 
 
+def _llama_style(tmp_path):
+    """A Llama-style decoder stack as PyTorch exports it: an embedding, RMSNorm written out the way
+    Hugging Face writes it (cast to float32, mean of squares over the channels, rsqrt, the weight),
+    SwiGLU feed-forward layers without biases, residual Adds; int64 ids with dynamic batch and tokens."""
+    import torch
+    from torch import nn
+
+    dim, vocab = 32, 50
+
+    class RMSNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(1 + 0.1 * torch.randn(dim))
+
+        def forward(self, x):
+            x = x.to(torch.float32)
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.gate, self.up, self.down = RMSNorm(), nn.Linear(dim, 64, bias=False), \
+                nn.Linear(dim, 64, bias=False), nn.Linear(64, dim, bias=False)
+
+        def forward(self, x):
+            h = self.norm(x)
+            return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.blocks, self.norm = nn.Embedding(vocab, dim), nn.ModuleList([Block(), Block()]), RMSNorm()
+            self.head = nn.Linear(dim, vocab, bias=False)
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            for block in self.blocks:
+                x = block(x)
+            return self.head(self.norm(x))
+
+    torch.manual_seed(0)
+    path = tmp_path / "llama.onnx"
+    torch.onnx.export(Decoder().eval(), (torch.randint(0, vocab, (2, 12)),), str(path), input_names=["ids"],
+                      output_names=["logits"], opset_version=17, dynamo=False,
+                      dynamic_axes={"ids": {0: "n", 1: "t"}, "logits": {0: "n", 1: "t"}})
+    return ModelFile.open(path)
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
+def test_a_llama_style_residual_stream_is_pruned_through_its_rmsnorms_and_recovers(tmp_path):
+    """RMSNorm's mean of squares is one value per token, read back as the same for every channel (and
+    its Cast changes no channel), so the embedding and every block's down projection are one group
+    with the norms' weights; before, the stream was left whole ("Cast", then "ReduceMean across its
+    channels"). The mean comes from the channels that stay, so recovery trains the rest back."""
+    from host_tools.compress import Dataset
+    from host_tools.compress.torch.distill import teacher_parameters
+    model = _llama_style(tmp_path)
+    proto = onnx.load(str(model.path))
+    hoist_constants(proto)
+    plan = plan_channel_pruning(proto, set())
+    stream = next(g for g in plan.groups if g.producers[0].node == "/embed/Gather")
+    assert [p.node for p in stream.producers] == ["/embed/Gather", "/blocks.0/down/MatMul", "/blocks.1/down/MatMul"]
+    norms = [name for name, _ in stream.params]
+    assert len(norms) == 3 and all(name.endswith("norm.weight") for name in norms), norms
+    assert plan.skipped == {"/head/MatMul": "its output is a graph output"}
+
+    rng = np.random.default_rng(0)
+    data = Dataset({"ids": rng.integers(0, 50, (128, 12))}, None, "random")
+    pruned, recovered = (run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": epochs})]),
+                                    train=data, eval_data=data, latency_runs=5, workdir=tmp_path / str(epochs))
+                         for epochs in (0, 3))
+    assert recovered.steps[0].status == "ok", recovered.steps[0].note
+    assert teacher_parameters(recovered.result.model) < 0.6 * teacher_parameters(model)
+    assert recovered.result.fidelity.cosine > max(pruned.result.fidelity.cosine, 0.7), \
+        (pruned.result.fidelity, recovered.result.fidelity)
+    session = ort.InferenceSession(str(recovered.result.model.path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"ids": rng.integers(0, 50, (3, 7))})[0].shape == (3, 7, 50)
+
+
 def test_an_embedding_table_loses_its_silent_columns_through_a_token_mask(tmp_path):
     """tests/host_tools/graphs.text_encoder: an embedding Gather, multiplied by a [batch, tokens, 1]
     mask (the same for every channel), summed over tokens and divided by the token count, read by a

@@ -14,7 +14,7 @@ import numpy as np
 # Elementwise ops of one data input (any other inputs are constants, e.g. Clip's bounds).
 UNARY_OPS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu", "HardSigmoid", "HardSwish", "Selu", "Softplus",
              "Softsign", "Identity", "Dropout", "Erf", "Exp", "Neg", "Abs", "Sqrt", "Reciprocal", "Gelu", "Mish",
-             "Celu", "ThresholdedRelu"}
+             "Celu", "ThresholdedRelu", "Cast"}
 BINARY_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
 POOL_OPS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool"}
 REDUCE_OPS = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2"}

@@ -302,6 +302,12 @@ def _through_reduce(node, layout: Layout, g: Graph, enter) -> str | None:
         axes = ints(node, "axes")
     axes = sorted(a % rank for a in axes) if rank else axes
     channel_axis = 1 if layout.kind == "map" else rank - 1
+    if axes == [channel_axis] and node.op_type == "ReduceMean" and attr(node, "keepdims", 1) and \
+            layout.kind == "vec" and layout.block == 1 and layout.offsets == (0,) and layout.width is None:
+        # A mean over the channels, one value per token (RMSNorm's mean square, a LayerNorm written
+        # out): what reads it takes it as a value the same for every channel. From the channels that
+        # stay it is not the same number — as with LayerNormalization, what recovery trains for.
+        return None
     if not axes or channel_axis in axes or (layout.kind == "map" and 0 in axes):
         return f"{node.op_type} across its channels"
     if attr(node, "keepdims", 1):
