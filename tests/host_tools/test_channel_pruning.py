@@ -520,7 +520,6 @@ def _bert_style(tmp_path):
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
 def test_a_bert_style_encoder_loses_heads_feed_forward_and_embedding_width_and_recovers(tmp_path):
     from host_tools.compress import Dataset
-    from host_tools.compress.torch.distill import teacher_parameters
     model = _bert_style(tmp_path)
     proto = onnx.load(str(model.path))
     hoist_constants(proto)
@@ -535,17 +534,25 @@ def test_a_bert_style_encoder_loses_heads_feed_forward_and_embedding_width_and_r
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 50, (128, 12))
     mask = (np.arange(12) < rng.integers(4, 13, (128, 1))).astype(np.int64)  # padded sequences
-    data = Dataset({"ids": ids, "attention_mask": mask}, None, "random")
+    recovered = _halved_and_recovered(model, Dataset({"ids": ids, "attention_mask": mask}, None, "random"), 0.4,
+                                      tmp_path)
+    session = ort.InferenceSession(str(recovered.result.model.path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"ids": ids[:3, :7], "attention_mask": mask[:3, :7]})[0].shape == (3, 3)
+
+
+def _halved_and_recovered(model, data, parameters: float, tmp_path):
+    """channels-50 with and without 3 epochs of recovery: recovery must work, leave under
+    *parameters* of the original's parameters, and bring the outputs back towards the original's."""
+    from host_tools.compress.torch.distill import teacher_parameters
     pruned, recovered = (run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": epochs})]),
                                     train=data, eval_data=data, latency_runs=5, workdir=tmp_path / str(epochs))
                          for epochs in (0, 3))
     assert recovered.steps[0].status == "ok", recovered.steps[0].note
-    assert teacher_parameters(recovered.result.model) < 0.4 * teacher_parameters(model)
+    assert teacher_parameters(recovered.result.model) < parameters * teacher_parameters(model)
     # fine-tuning (embedding tables included) brings it back towards the original
     assert recovered.result.fidelity.cosine > max(pruned.result.fidelity.cosine, 0.7), \
         (pruned.result.fidelity, recovered.result.fidelity)
-    session = ort.InferenceSession(str(recovered.result.model.path), providers=["CPUExecutionProvider"])
-    assert session.run(None, {"ids": ids[:3, :7], "attention_mask": mask[:3, :7]})[0].shape == (3, 3)
+    return recovered
 
 
 def _llama_style(tmp_path):
@@ -604,7 +611,6 @@ def test_a_llama_style_residual_stream_is_pruned_through_its_rmsnorms_and_recove
     with the norms' weights; before, the stream was left whole ("Cast", then "ReduceMean across its
     channels"). The mean comes from the channels that stay, so recovery trains the rest back."""
     from host_tools.compress import Dataset
-    from host_tools.compress.torch.distill import teacher_parameters
     model = _llama_style(tmp_path)
     proto = onnx.load(str(model.path))
     hoist_constants(proto)
@@ -616,14 +622,8 @@ def test_a_llama_style_residual_stream_is_pruned_through_its_rmsnorms_and_recove
     assert plan.skipped == {"/head/MatMul": "its output is a graph output"}
 
     rng = np.random.default_rng(0)
-    data = Dataset({"ids": rng.integers(0, 50, (128, 12))}, None, "random")
-    pruned, recovered = (run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": epochs})]),
-                                    train=data, eval_data=data, latency_runs=5, workdir=tmp_path / str(epochs))
-                         for epochs in (0, 3))
-    assert recovered.steps[0].status == "ok", recovered.steps[0].note
-    assert teacher_parameters(recovered.result.model) < 0.6 * teacher_parameters(model)
-    assert recovered.result.fidelity.cosine > max(pruned.result.fidelity.cosine, 0.7), \
-        (pruned.result.fidelity, recovered.result.fidelity)
+    recovered = _halved_and_recovered(model, Dataset({"ids": rng.integers(0, 50, (128, 12))}, None, "random"), 0.6,
+                                      tmp_path)
     session = ort.InferenceSession(str(recovered.result.model.path), providers=["CPUExecutionProvider"])
     assert session.run(None, {"ids": rng.integers(0, 50, (3, 7))})[0].shape == (3, 7, 50)
 

@@ -22,6 +22,7 @@ import numpy as np
 from device_agent.errors import CompressionError, ConfigError, NotApplicable
 from device_agent.runtime.base import first_line
 from host_tools.compress.data import Dataset
+from host_tools.compress.magnitude import MagnitudeConfig, thresholds
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx import static_shapes
 from host_tools.compress.onnx.boundary import (hoist_constants, inline_constant_identities, output_path,
@@ -39,19 +40,12 @@ class OnnxMagnitudePruning(Pass):
     summary = "unstructured magnitude pruning (zeros that a compressed bundle does not pay for)"
     requires = ("onnx",)
 
-    @dataclass(frozen=True)
-    class Config(PassConfig):
-        sparsity: float = field(default=0.5, metadata={"help": "fraction of weights set to zero (0..0.99)"})
-        scope: Literal["global", "per-layer"] = field(default="global", metadata={
-            "help": "one threshold over all layers, or the same sparsity in each layer"})
-        min_elements: int = field(default=1024, metadata={"help": "leave smaller weight tensors alone"})
+    Config = MagnitudeConfig
 
     def run(self, model, config, workdir):
         import onnx
         from onnx import numpy_helper
 
-        if not 0 < config.sparsity < 1:
-            raise NotApplicable(f"sparsity must be between 0 and 1, not {config.sparsity}")
         out = output_path(workdir, model, f"sparse{round(config.sparsity * 100)}")
         with failing_as(self.name, model):
             proto = onnx.load(str(model.path))
@@ -59,17 +53,10 @@ class OnnxMagnitudePruning(Pass):
             if not weights:
                 raise NotApplicable(f"{model.path.name} has no Conv/Gemm/MatMul weight of at least "
                                     f"{config.min_elements} elements")
-            arrays = {init.name: numpy_helper.to_array(init) for init in weights}
-            if config.scope == "global":
-                everything = np.concatenate([np.abs(a).ravel() for a in arrays.values()])
-                cut = np.quantile(everything, config.sparsity)
-                thresholds = {name: cut for name in arrays}
-            else:
-                thresholds = {name: np.quantile(np.abs(a), config.sparsity) for name, a in arrays.items()}
-            for init in weights:
-                array = arrays[init.name]
-                init.CopyFrom(numpy_helper.from_array(np.where(np.abs(array) <= thresholds[init.name], 0, array)
-                                                      .astype(array.dtype), init.name))
+            arrays = [numpy_helper.to_array(init) for init in weights]
+            for init, array, cut in zip(weights, arrays, thresholds(arrays, config)):
+                init.CopyFrom(numpy_helper.from_array(np.where(np.abs(array) <= cut, 0, array).astype(array.dtype),
+                                                      init.name))
             onnx.save(proto, str(out))
         return ModelFile(out, "onnx")
 

@@ -8,15 +8,14 @@ afterwards (``sparse-int8``) a zero weight is one zero byte.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from device_agent.errors import NotApplicable
+from host_tools.compress.magnitude import MagnitudeConfig, thresholds
 from host_tools.compress.model import ModelFile
-from host_tools.compress.passes import Pass, PassConfig, failing_as, register
+from host_tools.compress.passes import Pass, failing_as, register
 
 # builtin operator name -> the inputs that hold its weights
 WEIGHT_INPUTS = {"CONV_2D": (1,), "DEPTHWISE_CONV_2D": (1,), "CONV_3D": (1,), "FULLY_CONNECTED": (1,),
@@ -31,16 +30,9 @@ class TfliteMagnitudePruning(Pass):
     requires = ("ai_edge_litert",)
     extra = "tflite"
 
-    @dataclass(frozen=True)
-    class Config(PassConfig):
-        sparsity: float = field(default=0.5, metadata={"help": "fraction of weights set to zero (0..0.99)"})
-        scope: Literal["global", "per-layer"] = field(default="global", metadata={
-            "help": "one threshold over all layers, or the same sparsity in each layer"})
-        min_elements: int = field(default=1024, metadata={"help": "leave smaller weight tensors alone"})
+    Config = MagnitudeConfig
 
     def run(self, model, config, workdir):
-        if not 0 < config.sparsity < 1:
-            raise NotApplicable(f"sparsity must be between 0 and 1, not {config.sparsity}")
         out = Path(workdir) / f"{model.path.stem}.sparse{round(config.sparsity * 100)}.tflite"
         with failing_as(self.name, model):
             data = bytearray(model.path.read_bytes())
@@ -48,13 +40,8 @@ class TfliteMagnitudePruning(Pass):
             if not weights:
                 raise NotApplicable(f"{model.path.name} has no float32 Conv/FullyConnected/BatchMatMul weight of at "
                                     f"least {config.min_elements} elements (a model quantized already has none)")
-            if config.scope == "global":
-                cut = np.quantile(np.concatenate([np.abs(w) for w in weights]), config.sparsity)
-                thresholds = [cut] * len(weights)
-            else:
-                thresholds = [np.quantile(np.abs(w), config.sparsity) for w in weights]
-            for view, threshold in zip(weights, thresholds):
-                view[np.abs(view) <= threshold] = 0  # a view into *data*: the file's bytes change in place
+            for view, cut in zip(weights, thresholds(weights, config)):
+                view[np.abs(view) <= cut] = 0  # a view into *data*: the file's bytes change in place
             out.write_bytes(data)
         return ModelFile(out, "tflite")
 
