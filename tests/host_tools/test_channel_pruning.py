@@ -150,8 +150,8 @@ def _attention(tmp_path, style: str = "fused", variant: str = ""):
     apart by unpacking or by indexing, or split before the heads as GPT-2 does), or separate Q, K and
     V layers as in BERT-style encoders, also through PyTorch's scaled_dot_product_attention (which
     reads the head size from Q's shape), or as Hugging Face writes it (the head count -1, found at
-    run time; NaN rows of the attention weights zeroed); with an additive mask input [n, 1, 1, t]
-    that broadcasts over the heads."""
+    run time; NaN rows of the attention weights zeroed; Llama's rotary embedding on Q and K); with
+    an additive mask input [n, 1, 1, t] that broadcasts over the heads."""
     import torch
     from torch import nn
 
@@ -165,6 +165,7 @@ def _attention(tmp_path, style: str = "fused", variant: str = ""):
             self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
             self.scale = nn.Parameter(torch.rand(1, heads, 1, 1) + 0.5)
             self.token = nn.Parameter(torch.randn(1, 1, dim))
+            self.register_buffer("frequencies", 1 / 10000 ** (torch.arange(0, size, 2) / size))
 
         def forward(self, x, mask):
             if variant in ("expanded mask", "bert"):  # as Hugging Face builds it: [n, 1, t, t], sized at run time
@@ -182,6 +183,14 @@ def _attention(tmp_path, style: str = "fused", variant: str = ""):
                 q, k, v = (f(x).view(*x.shape[:-1], -1, size).transpose(1, 2) for f in (self.q, self.k, self.v))
             else:
                 q, k, v = (f(x).view(n, t, heads, size).transpose(1, 2) for f in (self.q, self.k, self.v))
+            if variant == "rotary":  # Llama's: cos/sin of the positions [1, 1, t, size], and rotate-half
+                angles = torch.arange(x.shape[1], dtype=torch.float32)[:, None] * self.frequencies
+                angles = torch.cat([angles, angles], -1)[None, None]
+
+                def rotated(u):
+                    return torch.cat([-u[..., size // 2:], u[..., :size // 2]], -1)
+
+                q, k = (u * angles.cos() + rotated(u) * angles.sin() for u in (q, k))
             if style == "sdpa":
                 return self.out(nn.functional.scaled_dot_product_attention(q, k, v, mask).transpose(1, 2)
                                 .reshape(n, t, dim))
@@ -220,7 +229,8 @@ def _attention(tmp_path, style: str = "fused", variant: str = ""):
 @pytest.mark.parametrize("style, variant", [("fused", ""), ("fused", "index"), ("fused-split", ""),
                                             ("fused-split", "flat"), ("separate", ""),
                                             ("sdpa", ""), ("hf", ""), ("hf", "nan-guard"), ("hf", "conv1d"),
-                                            ("hf", "class token"), ("hf", "expanded mask"), ("hf", "bert")])
+                                            ("hf", "class token"), ("hf", "expanded mask"), ("hf", "bert"),
+                                            ("hf", "rotary")])
 def test_attention_heads_that_carry_nothing_are_removed_and_every_output_stays(tmp_path, style, variant):
     """Removing the two silent heads (every section's block of them, the output projection's rows for
     them, the head count in both Reshapes) must change no output, for any batch and token count."""

@@ -127,6 +127,12 @@ def step(node, region: Region, g: Graph, enter) -> str | None:
         if axis is None or axis % layout.rank <= layout.at:
             return f"{op} across its heads"
         return enter(node.output[0], layout)
+    if op == "Concat" and all(name in tensors for name in node.input):
+        # pieces of the same heads put back together along another axis: the rotary embedding's
+        # rotate-half, cat(-x[..., d/2:], x[..., :d/2]), as Llama writes it
+        if attr(node, "axis", 0) % layout.rank == layout.at:
+            return "Concat of its heads"
+        return enter(node.output[0], layout)
     if node.input[0] not in tensors or any(name in tensors for name in node.input[1:]):
         return f"its heads are an extra input of {op}"
     if op == "Transpose":
