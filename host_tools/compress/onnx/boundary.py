@@ -62,7 +62,10 @@ def session_crash(path: Path) -> str | None:
 
     probe = ("import sys; from pathlib import Path; from device_agent.runtime.onnx import OnnxRuntime\n"
              "try:\n    OnnxRuntime(Path(sys.argv[1]))\nexcept Exception:\n    pass")
-    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, timeout=600)
+    try:
+        done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "no session after 600 s"
     if done.returncode >= 0:
         return None
     try:

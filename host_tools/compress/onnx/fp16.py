@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from host_tools.compress.model import ModelFile
 from device_agent.errors import CompressionError, NotApplicable
+from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import output_path, session_crash
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
@@ -39,11 +39,11 @@ class OnnxFp16(Pass):
                 proto, keep_io_types=config.keep_io_types,
                 op_block_list=list(config.exclude_op_types) or None, node_block_list=list(config.exclude) or None)
             onnx.save(converted, str(out))
-        crash = session_crash(out)
-        if crash:
-            import onnxruntime
+            crash = session_crash(out)
+            if crash:
+                import onnxruntime
 
-            raise CompressionError(f"ONNX Runtime {onnxruntime.__version__} crashes ({crash}) creating a CPU session "
-                                   f"for the float16 model, so it is not kept; keeping some ops in float32 "
-                                   f"(exclude_op_types=..., exclude=...) may avoid it")
+                raise CompressionError(f"ONNX Runtime {onnxruntime.__version__} crashes ({crash}) creating a CPU "
+                                       f"session for the float16 model, so it is not kept; keeping some ops in "
+                                       f"float32 (exclude_op_types=..., exclude=...) may avoid it")
         return ModelFile(out, "onnx")
