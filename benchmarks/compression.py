@@ -2,11 +2,14 @@
 
     python benchmarks/compression.py           # the four reference models, 400 timed runs per model
     python benchmarks/compression.py --quick   # 100 timed runs per model
+    python benchmarks/compression.py --models digits_cnn.tflite digits_transformer.tflite digits_vgg.tflite
 
 For each reference model (models/digits_cnn.onnx, digits_transformer.onnx, digits_vgg.onnx,
-digits_resnet.onnx) it makes, in one run: plain ``onnxruntime.quantization.quantize_dynamic`` at its defaults (the baseline users
-start from); edgefleet's named recipes (int8-dynamic, int8-static, int4-weights, sparse-int8,
-channels-50, distill); and ``--auto --max-drop 1`` for size and for speed. Calibration on
+digits_resnet.onnx) it makes, in one run: plain ``onnxruntime.quantization.quantize_dynamic`` at
+its defaults (the baseline users start from; for a TFLite model, litert-quantizer's
+dynamic_wi8_afp32 recipe); edgefleet's named recipes (int8-dynamic, int8-static, int4-weights,
+sparse-int8, channels-50, distill; for TFLite int8-dynamic, int8-weights, int8-static, fp16,
+sparse-int8, distill); and ``--auto --max-drop 1`` for size and for speed. Calibration on
 digits_calib.npz, training (distillation, pruning recovery) on digits_train.npz, every number
 measured on digits_heldout.npz (360 samples never used for calibration or training).
 
@@ -18,6 +21,8 @@ machine; and batch-64 throughput in the same way, because a 15 µs model is most
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import shutil
 import sys
 import tempfile
@@ -29,7 +34,24 @@ from common import REPO, machine_line  # noqa: E402
 
 MODELS = REPO / "models"
 CALIB, TRAIN, HELDOUT = MODELS / "digits_calib.npz", MODELS / "digits_train.npz", MODELS / "digits_heldout.npz"
-RECIPES = ("int8-dynamic", "int8-static", "int4-weights", "sparse-int8", "channels-50", "distill")
+RECIPES = {"onnx": ("int8-dynamic", "int8-static", "int4-weights", "sparse-int8", "channels-50", "distill"),
+           "tflite": ("int8-dynamic", "int8-weights", "int8-static", "fp16", "sparse-int8", "distill")}
+# what a user without edgefleet starts from: each format's quantizer at its defaults
+PLAIN = {"onnx": "plain quantize_dynamic", "tflite": "plain litert dynamic"}
+
+
+def plain_quantize(path: Path, out: Path) -> None:
+    if path.suffix == ".onnx":
+        from onnxruntime.quantization import quantize_dynamic
+
+        quantize_dynamic(str(path), str(out))
+        return
+    from litert_quantizer import quantizer as lq
+    from litert_quantizer import recipe
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its sizes
+        quantized = lq.Quantizer(str(path), recipe.dynamic_wi8_afp32()).quantize().quantized_model
+    out.write_bytes(bytes(quantized))
 
 
 def main() -> None:
@@ -66,22 +88,21 @@ def bench_model(path: Path, workdir: Path, runs: int) -> dict:
     evaluation = Evaluation(model, HELDOUT, say)
     rows: list[tuple[str, Measured]] = []
 
-    say("plain onnxruntime.quantization.quantize_dynamic, defaults")
-    plain = workdir / "plain_quantize_dynamic.onnx"
-    m = Measured("plain quantize_dynamic", ModelFile(plain, "onnx"))
+    label = PLAIN[model.format]
+    say(f"plain {label}, defaults")
+    plain = workdir / f"plain.{path.suffix.lstrip('.')}"
+    m = Measured(label, ModelFile(plain, model.format))
     try:
-        from onnxruntime.quantization import quantize_dynamic
-
-        quantize_dynamic(str(path), str(plain))
+        plain_quantize(path, plain)
         m.size_bytes = plain.stat().st_size
         from device_agent.bundle.archive import stored_size
         m.download_bytes = stored_size(plain)
         evaluation.score(m)
     except Exception as exc:  # that it fails is itself a finding
         m.status, m.note = "failed", f"{type(exc).__name__}: {exc}"
-    rows.append(("plain quantize_dynamic", m))
+    rows.append((label, m))
 
-    for recipe in RECIPES:
+    for recipe in RECIPES[model.format]:
         try:
             plan = load_recipe(recipe, model.format)
         except Exception as exc:
@@ -104,14 +125,24 @@ def bench_model(path: Path, workdir: Path, runs: int) -> dict:
     timed = [m for _, m in rows if m.status == "ok"]
     say(f"timing {len(timed) + 1} models: {runs} single-sample runs each, then batch 64, interleaved")
     single = latencies([model] + [m.model for m in timed], evaluation.bound, runs=runs)
-    batch = [lat.p50_ms for lat in latencies([model] + [m.model for m in timed], evaluation.bound,
-                                             runs=max(runs // 10, 20), batch=64)]
+    # (a TFLite model takes one sample per call: no batch-64 column)
+    batch = None if evaluation.bound.fixed_batch else [
+        lat.p50_ms for lat in latencies([model] + [m.model for m in timed], evaluation.bound,
+                                        runs=max(runs // 10, 20), batch=64)]
     original = evaluation.original
-    base_single, base_batch = single[0].p50_ms, batch[0]
+    base_single = single[0].p50_ms
+
+    def batch_ratio(i: int) -> float:
+        return batch[i] / batch[0] if batch else float("nan")
+
+    def ratio_cell(value: float) -> str:
+        return f"{value:>6.2f}" if value == value else f"{'n/a':>6}"
+
     print(f"{'model':<24} {'KiB':>7} {'×size':>6} {'dl KiB':>7} {'p50 µs':>8} {'×p50':>6} {'×b64':>6} "
           f"{'acc %':>6} {'drop':>6}  {'params':>7}  how")
     print(f"{'original':<24} {original.size_bytes / 1024:>7.1f} {1:>6.2f} {original.download_bytes / 1024:>7.1f} "
-          f"{base_single * 1e3:>8.1f} {1:>6.2f} {1:>6.2f} {original.fidelity.accuracy * 100:>6.2f} {'—':>6}  "
+          f"{base_single * 1e3:>8.1f} {1:>6.2f} {ratio_cell(batch_ratio(0))} {original.fidelity.accuracy * 100:>6.2f} "
+          f"{'—':>6}  "
           f"{teacher_parameters(model):>7}")
     results = {}
     for label, m in rows:
@@ -124,9 +155,9 @@ def bench_model(path: Path, workdir: Path, runs: int) -> dict:
         how = m.label if label.startswith("--auto") else ""
         print(f"{label:<24} {m.size_bytes / 1024:>7.1f} {m.size_bytes / original.size_bytes:>6.2f} "
               f"{m.download_bytes / 1024:>7.1f} {single[i].p50_ms * 1e3:>8.1f} {single[i].p50_ms / base_single:>6.2f} "
-              f"{batch[i] / base_batch:>6.2f} {m.fidelity.accuracy * 100:>6.2f} {drop:>+6.2f}  {params:>7}  {how}")
+              f"{ratio_cell(batch_ratio(i))} {m.fidelity.accuracy * 100:>6.2f} {drop:>+6.2f}  {params:>7}  {how}")
         results[label] = {"size": m.size_bytes / original.size_bytes, "drop": drop,
-                          "single": single[i].p50_ms / base_single, "batch": batch[i] / base_batch,
+                          "single": single[i].p50_ms / base_single, "batch": batch_ratio(i),
                           "params": params / teacher_parameters(model),
                           "accuracy_kept": m.fidelity.accuracy / original.fidelity.accuracy}
     shutil.rmtree(workdir, ignore_errors=True)
@@ -143,8 +174,9 @@ def targets(summaries: list[dict]) -> list[str]:
         int8 = [k for k in ("int8-dynamic", "int8-static") if k in r]
         if int8:
             best = min(int8, key=lambda k: r[k]["size"])
+            plain = next((k for k in PLAIN.values() if k in r), PLAIN["onnx"])
             lines.append(f"{name}: int8 model ≤ 0.27x fp32 size: {best} {r[best]['size']:.3f}x, "
-                         f"plain quantize_dynamic {r.get('plain quantize_dynamic', {}).get('size', float('nan')):.3f}x"
+                         f"{plain} {r.get(plain, {}).get('size', float('nan')):.3f}x"
                          f" -> {verdict(r[best]['size'] <= 0.27)}")
         for goal in ("size", "speed"):
             key = f"--auto {goal}"
