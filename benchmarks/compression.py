@@ -89,7 +89,7 @@ def bench_model(path: Path, workdir: Path, runs: int) -> dict:
     rows: list[tuple[str, Measured]] = []
 
     label = PLAIN[model.format]
-    say(f"plain {label}, defaults")
+    say(f"{label}, defaults")
     plain = workdir / f"plain.{path.suffix.lstrip('.')}"
     m = Measured(label, ModelFile(plain, model.format))
     try:
@@ -123,7 +123,8 @@ def bench_model(path: Path, workdir: Path, runs: int) -> dict:
                      Measured(label, model, "none", report.auto.why_none)))
 
     timed = [m for _, m in rows if m.status == "ok"]
-    say(f"timing {len(timed) + 1} models: {runs} single-sample runs each, then batch 64, interleaved")
+    say(f"timing {len(timed) + 1} models: {runs} single-sample runs each"
+        f"{'' if evaluation.bound.fixed_batch else ', then batch 64'}, interleaved")
     single = latencies([model] + [m.model for m in timed], evaluation.bound, runs=runs)
     # (a TFLite model takes one sample per call: no batch-64 column)
     batch = None if evaluation.bound.fixed_batch else [
