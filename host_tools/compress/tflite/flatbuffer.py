@@ -40,33 +40,40 @@ def write(tree, outside: list[bytes], path: Path) -> None:
     path.write_bytes(bytes(blob))
 
 
-def io_tensors(tree) -> dict[tuple[int, str, int], int]:
-    """(subgraph, "in"/"out", position) -> tensor index, for every subgraph's inputs and outputs:
-    what an interpreter's input and output details list. (Not the signatures: litert-quantizer
-    can leave one naming the float tensor before the Quantize it put in front of an output.)"""
-    return {(g, side, position): index for g, graph in enumerate(tree.subgraphs)
-            for side, indices in (("in", graph.inputs), ("out", graph.outputs))
-            for position, index in enumerate(indices)}
+def io_names(data: bytes) -> dict[tuple[int, str, int], bytes]:
+    """(subgraph, "in"/"out", position) -> tensor name, for every subgraph's inputs and outputs:
+    what an interpreter's input and output details list. Read from the packed flatbuffer, without
+    building the object tree. (Not the signatures: litert-quantizer can leave one naming the float
+    tensor before the Quantize it put in front of an output.)"""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(data, 0)
+    names = {}
+    for g in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(g)
+        for side, count, index in (("in", graph.InputsLength(), graph.Inputs),
+                                   ("out", graph.OutputsLength(), graph.Outputs)):
+            names.update(((g, side, p), graph.Tensors(index(p)).Name()) for p in range(count))
+    return names
 
 
 def restore_io_names(original: Path, changed: Path) -> None:
-    """Give *changed*'s inputs and outputs the tensor names they have in *original*.
+    """Give *changed*'s inputs and outputs the tensor names they have in *original* (the file is
+    rewritten only when one differs).
 
     litert-quantizer's full int8 puts a Quantize before an output it makes int8 and names the new
     output tensor after the old one plus "_quantized"; callers (and the evaluation against the
     original) read outputs by name. The float tensor the Quantize reads keeps its name, so it
     becomes "<name>_float" if it would clash."""
-    before, _ = read(original)
-    after, outside = read(changed)
-    names = {key: before.subgraphs[key[0]].tensors[t].name for key, t in io_tensors(before).items()}
-    renamed = False
-    for key, t in io_tensors(after).items():
-        want, tensors = names.get(key), after.subgraphs[key[0]].tensors
-        if want is None or tensors[t].name == want:
-            continue
-        for other in tensors:
+    have = io_names(changed.read_bytes())
+    wrong = {key: name for key, name in io_names(original.read_bytes()).items() if have.get(key) not in (None, name)}
+    if not wrong:
+        return
+    tree, outside = read(changed)
+    for (g, side, position), want in wrong.items():
+        graph = tree.subgraphs[g]
+        for other in graph.tensors:
             if other.name == want:
                 other.name = want + b"_float"
-        tensors[t].name, renamed = want, True
-    if renamed:
-        write(after, outside, changed)
+        graph.tensors[(graph.inputs if side == "in" else graph.outputs)[position]].name = want
+    write(tree, outside, changed)
