@@ -13,7 +13,7 @@ from device_agent.mqtt import MqttClient
 from device_agent.protocol.reports import DeviceStatus
 from host_tools.fleet.ingest import Ingest
 from host_tools.fleet.store import FleetStore
-from tests.conftest import MODELS, Mosquitto, edgefleet, wait_until
+from tests.conftest import MODELS, Mosquitto, edgefleet, free_port, wait_until
 
 DEVICES = ["pi-01", "pi-02", "pi-03"]
 V1 = "digits-cnn 1.0.0"
@@ -225,8 +225,6 @@ def test_two_monitors_in_one_share_group_split_the_telemetry_and_store_each_samp
 def test_the_monitor_serves_prometheus_metrics_without_made_up_power(mosquitto, agents, make_bundle, tmp_path):
     import urllib.request
 
-    from host_tools.broker import free_port
-
     port, db = free_port(), tmp_path / "fleet.db"
     with open(tmp_path / "monitor.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "host_tools", "monitor", "--broker", str(mosquitto),
@@ -241,11 +239,13 @@ def test_the_monitor_serves_prometheus_metrics_without_made_up_power(mosquitto, 
         def scrape() -> str:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
                 return response.read().decode()
-        line = 'edgefleet_inferences_per_second{bundle="digits-cnn 1.0.0",device="pi-60"}'
+        # A sample from an interval without inferences (the first after activation can be one) has a
+        # rate of 0 and no latency series; wait for one that has run the model.
+        line = 'edgefleet_inference_latency_p99_seconds{bundle="digits-cnn 1.0.0",device="pi-60"}'
         assert wait_until(lambda: line in scrape(), 20), scrape()[-2000:]
         text = scrape()
         assert 'edgefleet_device_online{bundle="digits-cnn 1.0.0",device="pi-60"} 1.0' in text
-        assert 'edgefleet_inference_latency_p99_seconds{bundle="digits-cnn 1.0.0",device="pi-60"}' in text
+        assert 'edgefleet_inferences_per_second{bundle="digits-cnn 1.0.0",device="pi-60"}' in text
         assert 'edgefleet_power_watts{' not in text  # no sensor on this machine: no series, not a zero
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -273,8 +273,6 @@ def test_the_dashboard_renders_real_plots_rollout_marks_and_versions_in_headless
         mosquitto, agents, monitor, make_bundle, tmp_path):
     import shutil as sh
     import socket
-
-    from host_tools.broker import free_port
 
     chromium = sh.which("chromium") or sh.which("chromium-browser")
     if chromium is None:
