@@ -23,7 +23,7 @@ from device_agent.errors import ConfigError
 from host_tools.compress.data import Dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import showing_progress
-from host_tools.compress.recipes import Recipe, Step
+from host_tools.compress.recipes import ONNX_COMPACT, PREPROCESS, TFLITE_COMPACT, Recipe, Step
 from host_tools.compress.workflow import (CompressionReport, Evaluation, Measured, Progress, apply_pass, deliver,
                                           plan_steps, quality_drop, read_data)
 
@@ -34,10 +34,6 @@ SPEED_MARGIN = 0.95
 # For size, files within this fraction of the smallest count as equally small, and the
 # fastest of them wins: a 2% smaller file is not worth a 3x slower model.
 SIZE_SLACK = 0.05
-
-_PRE = Step("onnx-preprocess")
-_COMPACT = Step("onnx-compact")
-_TFL_COMPACT = Step("tflite-compact")
 
 
 @dataclass(frozen=True)
@@ -62,28 +58,28 @@ def _and_7_bit(candidate: Candidate) -> tuple[Candidate, Candidate]:
 
 
 ONNX_LADDER = (
-    Candidate("dynamic int8", (_PRE, Step("onnx-dynamic"), Step("onnx-int8-params"))),
-    Candidate("dynamic int8, MatMul/Gemm only", (_PRE, Step("onnx-dynamic", {"op_types": ["MatMul", "Gemm"]}))),
-    Candidate("dynamic int8, 7-bit weights", (_PRE, Step("onnx-dynamic", {"reduce_range": True}),
+    Candidate("dynamic int8", (PREPROCESS, Step("onnx-dynamic"), Step("onnx-int8-params"))),
+    Candidate("dynamic int8, MatMul/Gemm only", (PREPROCESS, Step("onnx-dynamic", {"op_types": ["MatMul", "Gemm"]}))),
+    Candidate("dynamic int8, 7-bit weights", (PREPROCESS, Step("onnx-dynamic", {"reduce_range": True}),
                                               Step("onnx-int8-params")), if_missed="dynamic int8"),
-    Candidate("static int8 per-tensor", (_PRE, Step("onnx-static")), needs_calibration=True),
-    *_and_7_bit(Candidate("static int8 per-channel", (_PRE, Step("onnx-static", {"per_channel": True})),
+    Candidate("static int8 per-tensor", (PREPROCESS, Step("onnx-static")), needs_calibration=True),
+    *_and_7_bit(Candidate("static int8 per-channel", (PREPROCESS, Step("onnx-static", {"per_channel": True})),
                           needs_calibration=True)),
     Candidate("static int8 per-channel, entropy",
-              (_PRE, Step("onnx-static", {"per_channel": True, "method": "entropy"})),
+              (PREPROCESS, Step("onnx-static", {"per_channel": True, "method": "entropy"})),
               needs_calibration=True, if_missed="static int8 per-channel"),
     Candidate("static int8, 1 sensitive node in float",
-              (_PRE, Step("onnx-static", {"per_channel": True, "auto_exclude": 1})),
+              (PREPROCESS, Step("onnx-static", {"per_channel": True, "auto_exclude": 1})),
               needs_calibration=True, if_missed="static int8 per-channel"),
     Candidate("static int8, 3 sensitive nodes in float",
-              (_PRE, Step("onnx-static", {"per_channel": True, "auto_exclude": 3})),
+              (PREPROCESS, Step("onnx-static", {"per_channel": True, "auto_exclude": 3})),
               needs_calibration=True, if_missed="static int8, 1 sensitive node in float"),
     Candidate("int4 MatMul weights", (Step("onnx-preprocess", {"optimize": False}), Step("onnx-int4"))),
     Candidate("fp16", (Step("onnx-fp16"),)),
-    *_and_7_bit(Candidate("50% sparse, static int8", (Step("onnx-prune-magnitude", {"sparsity": 0.5}), _PRE,
+    *_and_7_bit(Candidate("50% sparse, static int8", (Step("onnx-prune-magnitude", {"sparsity": 0.5}), PREPROCESS,
                                                       Step("onnx-static", {"per_channel": True})),
                           needs_calibration=True)),
-    *_and_7_bit(Candidate("80% sparse, static int8", (Step("onnx-prune-magnitude", {"sparsity": 0.8}), _PRE,
+    *_and_7_bit(Candidate("80% sparse, static int8", (Step("onnx-prune-magnitude", {"sparsity": 0.8}), PREPROCESS,
                                                       Step("onnx-static", {"per_channel": True})),
                           needs_calibration=True)),
     Candidate("25% channels pruned, recovered", (Step("onnx-prune-channels", {"ratio": 0.25, "recover_epochs": 30}),),
@@ -91,20 +87,20 @@ ONNX_LADDER = (
     Candidate("50% channels pruned, recovered", (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}),),
               needs_calibration=True),
     *_and_7_bit(Candidate("50% channels pruned, recovered, static int8",
-                          (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}), _PRE,
+                          (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}), PREPROCESS,
                            Step("onnx-static", {"per_channel": True})), needs_calibration=True)),
     Candidate("distilled student, 25% of the parameters", (Step("distill"),), needs_calibration=True),
 )
 TFLITE_LADDER = (  # the distilled student is an ONNX model
-    Candidate("dynamic-range int8", (Step("tflite-dynamic"), _TFL_COMPACT)),
-    Candidate("int8 weights only", (Step("tflite-weight-only"), _TFL_COMPACT)),
-    Candidate("full int8", (Step("tflite-int8"), _TFL_COMPACT), needs_calibration=True),
-    Candidate("fp16", (Step("tflite-fp16"), _TFL_COMPACT)),
+    Candidate("dynamic-range int8", (Step("tflite-dynamic"), TFLITE_COMPACT)),
+    Candidate("int8 weights only", (Step("tflite-weight-only"), TFLITE_COMPACT)),
+    Candidate("full int8", (Step("tflite-int8"), TFLITE_COMPACT), needs_calibration=True),
+    Candidate("fp16", (Step("tflite-fp16"), TFLITE_COMPACT)),
     Candidate("50% sparse, full int8", (Step("tflite-prune-magnitude", {"sparsity": 0.5}), Step("tflite-int8"),
-                                        _TFL_COMPACT), needs_calibration=True),
+                                        TFLITE_COMPACT), needs_calibration=True),
     Candidate("80% sparse, full int8", (Step("tflite-prune-magnitude", {"sparsity": 0.8}), Step("tflite-int8"),
-                                        _TFL_COMPACT), needs_calibration=True),
-    Candidate("distilled student, 25% of the parameters", (Step("distill"), _COMPACT), needs_calibration=True),
+                                        TFLITE_COMPACT), needs_calibration=True),
+    Candidate("distilled student, 25% of the parameters", (Step("distill"), ONNX_COMPACT), needs_calibration=True),
 )
 
 
@@ -112,7 +108,7 @@ def ladder(model: ModelFile) -> tuple[Candidate, ...]:
     """The candidates for *model*'s format, each ending by compacting the graph."""
     if model.format != "onnx":
         return TFLITE_LADDER
-    return tuple(dataclasses.replace(c, steps=c.steps + (_COMPACT,)) for c in ONNX_LADDER)
+    return tuple(dataclasses.replace(c, steps=c.steps + (ONNX_COMPACT,)) for c in ONNX_LADDER)
 
 
 @dataclass

@@ -47,35 +47,37 @@ class Recipe:
         return {"name": self.name, "description": self.description, "passes": [s.to_dict() for s in self.steps]}
 
 
-_PRE = Step("onnx-preprocess")
-_COMPACT = Step("onnx-compact")
-_TFL_COMPACT = Step("tflite-compact")
+# Steps that recipes and --auto's candidates share: preprocessing before ONNX quantization, and the
+# compaction (short internal names) that every ONNX and every TFLite recipe ends with.
+PREPROCESS = Step("onnx-preprocess")
+ONNX_COMPACT = Step("onnx-compact")
+TFLITE_COMPACT = Step("tflite-compact")
 # name -> (description, {model format: steps})
 NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
     "int8-dynamic": ("int8 weights, activations quantized at run time (no calibration data needed)", {
-        "onnx": (_PRE, Step("onnx-dynamic"), Step("onnx-int8-params"), _COMPACT),
-        "tflite": (Step("tflite-dynamic"), _TFL_COMPACT)}),
+        "onnx": (PREPROCESS, Step("onnx-dynamic"), Step("onnx-int8-params"), ONNX_COMPACT),
+        "tflite": (Step("tflite-dynamic"), TFLITE_COMPACT)}),
     "int8-static": ("int8 weights and activations, per-channel weights, calibrated on --calib", {
-        "onnx": (_PRE, Step("onnx-static", {"per_channel": True}), _COMPACT),
-        "tflite": (Step("tflite-int8"), _TFL_COMPACT)}),
+        "onnx": (PREPROCESS, Step("onnx-static", {"per_channel": True}), ONNX_COMPACT),
+        "tflite": (Step("tflite-int8"), TFLITE_COMPACT)}),
     "int8-static-safe": ("static int8 with the 2 most sensitive nodes left in float", {
-        "onnx": (_PRE, Step("onnx-static", {"per_channel": True, "auto_exclude": 2}), _COMPACT)}),
+        "onnx": (PREPROCESS, Step("onnx-static", {"per_channel": True, "auto_exclude": 2}), ONNX_COMPACT)}),
     "int8-weights": ("int8 weights only, float compute", {
-        "tflite": (Step("tflite-weight-only"), _TFL_COMPACT)}),
+        "tflite": (Step("tflite-weight-only"), TFLITE_COMPACT)}),
     "fp16": ("float16 weights (and compute where the runtime has it)", {
-        "onnx": (Step("onnx-fp16"), _COMPACT),
-        "tflite": (Step("tflite-fp16"), _TFL_COMPACT)}),
+        "onnx": (Step("onnx-fp16"), ONNX_COMPACT),
+        "tflite": (Step("tflite-fp16"), TFLITE_COMPACT)}),
     "sparse-int8": ("80% magnitude pruning, then static int8: a much smaller download", {
-        "onnx": (Step("onnx-prune-magnitude", {"sparsity": 0.8}), _PRE, Step("onnx-static", {"per_channel": True}),
-                 _COMPACT),
-        "tflite": (Step("tflite-prune-magnitude", {"sparsity": 0.8}), Step("tflite-int8"), _TFL_COMPACT)}),
+        "onnx": (Step("onnx-prune-magnitude", {"sparsity": 0.8}), PREPROCESS,
+                 Step("onnx-static", {"per_channel": True}), ONNX_COMPACT),
+        "tflite": (Step("tflite-prune-magnitude", {"sparsity": 0.8}), Step("tflite-int8"), TFLITE_COMPACT)}),
     "channels-50": ("half of the prunable channels removed, recovered by distillation from the original", {
         "onnx": (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}),)}),
     "distill": ("a student with at most 25% of the parameters, trained on the model's outputs", {
         "onnx": (Step("distill"),), "tflite": (Step("distill"),)}),
     "int4-weights": ("int4 blockwise MatMul weights, for transformer-style models", {
         # without ORT's optimizations, which would fuse MatMul+Add into Gemm for gemm=true to take apart again
-        "onnx": (Step("onnx-preprocess", {"optimize": False}), Step("onnx-int4", {"gemm": True}), _COMPACT)}),
+        "onnx": (Step("onnx-preprocess", {"optimize": False}), Step("onnx-int4", {"gemm": True}), ONNX_COMPACT)}),
 }
 
 
