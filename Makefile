@@ -30,8 +30,9 @@ system-tools:
 	  [ -z "$$missing" ] || { echo "installing$$missing (apt-get)"; $(SUDO) apt-get update -qq && \
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }
 
+# Two worker processes (pytest-xdist): much of the suite waits on brokers, agents and timeouts.
 test: install system-tools
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist worksteal
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -18,10 +18,37 @@ import pytest
 
 from device_agent.bundle.signing import generate_key_pair
 from device_agent.mqtt import BrokerAddress
-from host_tools.broker import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
+
+
+# Tests run in two processes (`make test` passes `-n 2`). Ports the tests choose come from a range
+# of their own per worker, below the kernel's ephemeral range (32768-60999 on Linux): no other
+# worker, and no outgoing connection's source port, can take a port a test holds or has stopped
+# a broker on and is about to use again.
+_PORTS_PER_WORKER = 1000
+_next_port = 10000 + _PORTS_PER_WORKER * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on, from this test process's own range."""
+    global _next_port
+    for _ in range(_PORTS_PER_WORKER):
+        port, _next_port = _next_port, _next_port + 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port left in this test process's range")
+
+
+# Tests marked `waits` spend most of a minute waiting (a broker outage, devices kept offline).
+# They start first, so that the other worker runs the rest beside them rather than after them.
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("waits") is None)
 
 
 def edgefleet(*args, timeout: float = 120) -> subprocess.CompletedProcess:

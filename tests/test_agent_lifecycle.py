@@ -26,7 +26,7 @@ from device_agent.protocol.signed import sign_command
 from device_agent.update import STATES
 from device_agent.update.faults import CRASH_ENV, HOLD_ENV
 from host_tools.serve import BundleServer
-from tests.conftest import MODELS, edgefleet, wait_until
+from tests.conftest import MODELS, edgefleet, free_port, wait_until
 
 V1, V2 = "digits-cnn 1.0.0", "digits-cnn 2.0.0"
 
@@ -358,8 +358,6 @@ def test_a_third_party_model_with_three_inputs_and_outputs_goes_through_the_whol
 
 def test_the_agent_serves_the_local_api_over_http_when_asked(agents, mosquitto, make_bundle, expected_logits):
     import urllib.request
-
-    from host_tools.broker import free_port
 
     port = free_port()
     agent = start_on_v1(agents, make_bundle, mosquitto, "http-pi", extra_args=("--http-port", str(port)))

@@ -16,9 +16,8 @@ import pytest
 from device_agent.errors import BrokerUnreachable
 from device_agent.mqtt import BrokerAddress, MqttClient, TlsFiles
 from device_agent.protocol import topics
-from host_tools.broker import free_port
 from host_tools.certs import Pki
-from tests.conftest import edgefleet, wait_until
+from tests.conftest import edgefleet, free_port, wait_until
 
 
 @pytest.fixture(scope="module")

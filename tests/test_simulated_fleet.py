@@ -124,6 +124,7 @@ def test_a_stage_goes_in_waves_and_a_bad_wave_stops_the_next(simulate, monitor, 
     assert wait_until(lambda: sum(r.active_bundle == "digits-cnn 2.0.0" for r in sims(store)) == 18, 30)
 
 
+@pytest.mark.waits
 def test_devices_that_go_offline_mid_rollout_get_the_bundle_when_they_return(simulate, monitor, mosquitto,
                                                                             make_bundle):
     store = simulate("--bundle", make_bundle("1.0.0"), "--offline", "0.1", "--offline-for", "12")
@@ -137,6 +138,7 @@ def test_devices_that_go_offline_mid_rollout_get_the_bundle_when_they_return(sim
     assert sum(r.active_bundle == "digits-cnn 2.0.0" for r in sims(store)) == FLEET
 
 
+@pytest.mark.waits
 def test_devices_still_offline_at_the_end_are_reported_pending_and_resume_sends_them_the_bundle(
         simulate, monitor, mosquitto, make_bundle):
     # The five that go offline (every 20th) are all in the second of two stages, which waits 15 s

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from device_agent.mqtt import MqttClient
 from host_tools.fleet.ingest import Ingest
 from host_tools.fleet.store import FleetStore
@@ -14,6 +16,7 @@ OUTAGE_S = 60
 RECONNECT_MAX_S = 5
 
 
+@pytest.mark.waits
 def test_a_60_second_broker_outage_with_an_agent_restart_loses_and_duplicates_nothing(tmp_path, agents):
     (tmp_path / "broker").mkdir()
     broker = Mosquitto(tmp_path / "broker")  # its own broker: this test stops it for a minute
