@@ -81,7 +81,7 @@ def test_a_device_reads_only_its_own_commands_and_publishes_only_as_itself(secur
         a.client.publish(topics.telemetry("sec-a"), b"a as a", qos=1)
         a.client.publish(topics.telemetry("sec-b"), b"a as b", qos=1)  # impersonation: dropped
         a.client.publish(topics.status("sec-b"), b"a as b", qos=1)
-        assert wait_until(lambda: b.got and a.got and host.got, 5)
+        assert wait_until(lambda: b.got and a.got and host.got, 15)
         time.sleep(0.5)  # what was going to arrive has arrived
         assert a.got == [(topics.command("sec-a"), b"for a")]  # not B's command
         assert b.got == [(topics.command("sec-b"), b"for b")]

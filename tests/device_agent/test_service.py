@@ -152,10 +152,10 @@ def test_the_agent_tells_systemd_it_is_ready_and_feeds_the_watchdog(tmp_path, mo
         return want in messages
     try:
         assert wait_until(lambda: received("READY=1"), 30)
-        assert wait_until(lambda: received("WATCHDOG=1"), 5)
+        assert wait_until(lambda: received("WATCHDOG=1"), 15)
         proc.terminate()
         assert proc.wait(10) == 0
-        assert wait_until(lambda: received("STOPPING=1"), 5)
+        assert wait_until(lambda: received("STOPPING=1"), 15)
     finally:
         proc.kill()
         listener.close()
