@@ -460,6 +460,36 @@ def test_every_recipe_runs_on_models_from_real_exporters(name, model_format):
         assert int4.status == "skipped" and "no MatMul" in int4.note
 
 
+def test_a_tflite_file_stores_equal_shapes_and_quantization_parameters_once(tmp_path):
+    """litert-quantizer's full int8 gives each of the CRNN's ~900 unrolled tensors its own copy of a
+    shape and of quantization parameters that its neighbours have too. What edgefleet writes points
+    every holder at one copy: each tensor reads back the same, and the model computes the same bits."""
+    from ai_edge_litert.tools.flatbuffer_utils import convert_object_to_bytearray
+
+    from host_tools.compress.tflite import flatbuffer
+
+    model = ModelFile.open(FIXTURES / "crnn_ocr.tflite")
+    images = np.random.default_rng(0).random((8, 1, 32, 48)).astype(np.float32)
+    data = Dataset({model.load().inputs[0].name: images}, None, "crnn")
+    int8, compact = run_recipe(model, load_recipe("int8-static", "tflite"), calib=data, eval_data=data,
+                               latency_runs=3, workdir=tmp_path).steps
+    assert compact.label == "tflite-compact" and compact.status == "ok", compact.note
+    for key, value in int8.outputs.items():
+        assert np.array_equal(compact.outputs[key], value)
+
+    def contents(tree):  # everything but the names, which tflite-compact shortens
+        vector = lambda v: None if v is None else list(v)  # noqa: E731
+        q = lambda t: None if t.quantization is None else (  # noqa: E731
+            vector(t.quantization.scale), vector(t.quantization.zeroPoint), t.quantization.quantizedDimension)
+        return ([[(list(t.shape), t.type, t.buffer, q(t)) for t in g.tensors] for g in tree.subgraphs],
+                [[(o.opcodeIndex, list(o.inputs), list(o.outputs)) for o in g.operators] for g in tree.subgraphs],
+                [None if b.data is None else bytes(b.data) for b in tree.buffers])
+    shared, _ = flatbuffer.read(compact.model.path)
+    assert contents(shared) == contents(flatbuffer.read(int8.model.path)[0])
+    # the same tree with a copy for every holder, as the object tree's own packer writes it
+    assert compact.size_bytes < 0.8 * len(convert_object_to_bytearray(shared))
+
+
 def test_a_float16_graph_that_crashes_onnx_runtime_is_reported_and_the_suggested_exclusion_works(tmp_path):
     """Creating a CPU session for the CRNN's float16 graph kills ONNX Runtime 1.32 (its NCHWc layout
     transformer, on the Transpose-Reshape-Transpose-MatMul after the LSTM). The pass looks in a child

@@ -4,8 +4,8 @@ Converters name every tensor after the module path it came from ("model/encoder/
 torch.nn.modules.linear.Linear_q_proj;..."); on a small model those names are a fifth of the file, and
 a quarter to a third of it once the weights are int8. Internal tensors get short names; the names a
 caller feeds and reads (every subgraph's inputs and outputs) and the signatures stay, as do the
-weights, the graph and the metadata the runtime reads (min_runtime_version), and empty buffers
-are shared.
+weights, the graph and the metadata the runtime reads (min_runtime_version). Equal shapes,
+quantization parameters and buffers are written once (``flatbuffer.write``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from host_tools.compress.tflite import flatbuffer
 class TfliteCompact(Pass):
     name = "tflite-compact"
     formats = ("tflite",)
-    summary = "short internal tensor names, empty buffers shared (small models: 5-20% smaller)"
+    summary = "short internal tensor names, equal shapes and quantization parameters stored once"
     requires = ("ai_edge_litert",)
     extra = "tflite"
     compresses = False

@@ -1,10 +1,22 @@
 """Reading and writing a TFLite flatbuffer as an object tree (``ai_edge_litert.tools``), keeping
 the layout litert-quantizer gives larger models: weight buffers stored past the flatbuffer,
-16-byte aligned."""
+16-byte aligned.
+
+Writing stores what is equal once. A flatbuffer may point at one vector or table from many
+places, and TFLite only reads them; the object tree's own packer writes a copy for every holder.
+After full int8 most tensors carry quantization parameters that their neighbours have too (a
+Reshape's output has its input's scale), and most shapes repeat: on the CRNN fixture, whose LSTM
+is unrolled into ~900 tensors, sharing them takes the int8 file from 0.91x to 0.66x of the float
+one, with the same bytes in every tensor.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
+
+_FILE_IDENTIFIER = b"TFL3"
 
 
 def read(path: Path):
@@ -31,13 +43,64 @@ def write(tree, outside: list[bytes], path: Path) -> None:
         if buffer.data is not None and bytes(buffer.data) in wanted:
             moved[index] = bytes(buffer.data)
             buffer.data, buffer.offset, buffer.size = None, 1, 1  # room for the real values, set below
-    blob = bytearray(flatbuffer_utils.convert_object_to_bytearray(tree))
+    blob = _pack(tree)
     packed = schema.Model.GetRootAs(blob, 0)
     for index, payload in moved.items():
         blob.extend(bytes(-len(blob) % 16))
         flatbuffer_utils.update_packed_buffer(packed.Buffers(index), offset=len(blob), size=len(payload))
         blob.extend(payload)
     path.write_bytes(bytes(blob))
+
+
+def _pack(tree) -> bytearray:
+    """*tree* as flatbuffer bytes, each distinct vector (shape, scales, zero points, weights) and each
+    distinct set of quantization parameters written once."""
+    import flatbuffers
+
+    class SharingBuilder(flatbuffers.Builder):
+        def __init__(self) -> None:
+            super().__init__(1024)
+            self.vectors: dict[tuple[str, bytes], int] = {}
+
+        def CreateNumpyVector(self, x):  # noqa: N802  (flatbuffers' name)
+            key = (x.dtype.str, x.tobytes())
+            if key not in self.vectors:
+                self.vectors[key] = super().CreateNumpyVector(x)
+            return self.vectors[key]
+
+    quantized = [t for graph in tree.subgraphs for t in graph.tensors if t.quantization is not None]
+    own = [t.quantization for t in quantized]
+    shared: dict[tuple, _PackedOnce] = {}
+    for tensor in quantized:
+        tensor.quantization = shared.setdefault(_key(tensor.quantization), _PackedOnce(tensor.quantization))
+    builder = SharingBuilder()
+    try:
+        builder.Finish(tree.Pack(builder), file_identifier=_FILE_IDENTIFIER)
+    finally:
+        for tensor, quantization in zip(quantized, own):
+            tensor.quantization = quantization
+    return bytearray(builder.Output())
+
+
+class _PackedOnce:
+    """Stands for a tensor's quantization parameters while the tree is packed: the table is written
+    the first time, and every tensor with equal parameters points at it."""
+
+    def __init__(self, table) -> None:
+        self.table, self.offset = table, None
+
+    def Pack(self, builder) -> int:  # noqa: N802
+        if self.offset is None:
+            self.offset = self.table.Pack(builder)
+        return self.offset
+
+
+def _key(q) -> tuple:
+    if q.details is not None:  # custom quantization: not compared, never shared
+        return (id(q),)
+    vectors = tuple(None if v is None else (np.asarray(v).dtype.str, np.asarray(v).tobytes())
+                    for v in (q.min, q.max, q.scale, q.zeroPoint))
+    return (*vectors, q.quantizedDimension, q.detailsType)
 
 
 def io_names(data: bytes) -> dict[tuple[int, str, int], bytes]:
