@@ -28,14 +28,16 @@ MODELS = REPO / "models"
 # worker, and no outgoing connection's source port, can take a port a test holds or has stopped
 # a broker on and is about to use again.
 _PORTS_PER_WORKER = 1000
-_next_port = 10000 + _PORTS_PER_WORKER * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+_FIRST_PORT = 10000 + _PORTS_PER_WORKER * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+_ports_handed_out = 0
 
 
 def free_port() -> int:
     """A loopback port nobody listens on, from this test process's own range."""
-    global _next_port
+    global _ports_handed_out
     for _ in range(_PORTS_PER_WORKER):
-        port, _next_port = _next_port, _next_port + 1
+        port = _FIRST_PORT + _ports_handed_out % _PORTS_PER_WORKER
+        _ports_handed_out += 1
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

@@ -490,6 +490,25 @@ def test_a_tflite_file_stores_equal_shapes_and_quantization_parameters_once(tmp_
     assert compact.size_bytes < 0.8 * len(convert_object_to_bytearray(shared))
 
 
+def test_equal_weights_keep_a_copy_each(tmp_path):
+    """tflite-prune-magnitude zeroes a weight buffer's bytes in place: a buffer with the same bytes
+    that another op reads must not be the same bytes in the file."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from host_tools.compress.tflite import flatbuffer
+
+    tree, outside = flatbuffer.read(MODELS / "digits_cnn.tflite")
+    sizes = [0 if b.data is None else len(b.data) for b in tree.buffers]
+    weight, copy = sizes.index(max(sizes)), len(sizes)
+    tree.buffers.append(schema.BufferT())
+    tree.buffers[copy].data = np.array(tree.buffers[weight].data, copy=True)
+    flatbuffer.write(tree, outside, tmp_path / "twice.tflite")
+    packed = schema.Model.GetRootAs(bytearray((tmp_path / "twice.tflite").read_bytes()), 0)
+    a, b = packed.Buffers(weight), packed.Buffers(copy)
+    assert a.DataLength() > 1000 and np.array_equal(a.DataAsNumpy(), b.DataAsNumpy())
+    assert a._tab.Vector(a._tab.Offset(4)) != b._tab.Vector(b._tab.Offset(4))  # where the bytes start
+
+
 def test_a_float16_graph_that_crashes_onnx_runtime_is_reported_and_the_suggested_exclusion_works(tmp_path):
     """Creating a CPU session for the CRNN's float16 graph kills ONNX Runtime 1.32 (its NCHWc layout
     transformer, on the Transpose-Reshape-Transpose-MatMul after the LSTM). The pass looks in a child

@@ -4,8 +4,8 @@ Converters name every tensor after the module path it came from ("model/encoder/
 torch.nn.modules.linear.Linear_q_proj;..."); on a small model those names are a fifth of the file, and
 a quarter to a third of it once the weights are int8. Internal tensors get short names; the names a
 caller feeds and reads (every subgraph's inputs and outputs) and the signatures stay, as do the
-weights, the graph and the metadata the runtime reads (min_runtime_version). Equal shapes,
-quantization parameters and buffers are written once (``flatbuffer.write``).
+weights, the graph and the metadata the runtime reads (min_runtime_version). Equal shapes and
+quantization parameters are written once (``flatbuffer.write``).
 """
 
 from __future__ import annotations

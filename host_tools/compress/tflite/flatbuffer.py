@@ -53,8 +53,10 @@ def write(tree, outside: list[bytes], path: Path) -> None:
 
 
 def _pack(tree) -> bytearray:
-    """*tree* as flatbuffer bytes, each distinct vector (shape, scales, zero points, weights) and each
-    distinct set of quantization parameters written once."""
+    """*tree* as flatbuffer bytes, each distinct vector (shapes, scales, zero points, operator inputs)
+    and each distinct set of quantization parameters written once. Byte vectors (buffers' data,
+    custom options) keep a copy each: tflite-prune-magnitude edits a weight buffer's bytes in place,
+    and must not change another tensor that happens to hold the same bytes."""
     import flatbuffers
 
     class SharingBuilder(flatbuffers.Builder):
@@ -63,6 +65,8 @@ def _pack(tree) -> bytearray:
             self.vectors: dict[tuple[str, bytes], int] = {}
 
         def CreateNumpyVector(self, x):  # noqa: N802  (flatbuffers' name)
+            if x.dtype == np.uint8:
+                return super().CreateNumpyVector(x)
             key = (x.dtype.str, x.tobytes())
             if key not in self.vectors:
                 self.vectors[key] = super().CreateNumpyVector(x)
