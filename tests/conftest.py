@@ -4,6 +4,13 @@ and real agent processes that are killed when a test ends."""
 from __future__ import annotations
 
 import os
+
+# Under `-n 2` each worker would give PyTorch (OpenMP) a thread per core: four threads that spin-wait
+# at every barrier, on two cores, made tests/host_tools 3x slower (466 s -> 146 s with one thread
+# each). Set before numpy and torch are loaded; a run in one process keeps the defaults.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import shutil
 import signal
 import socket
