@@ -53,6 +53,21 @@ def status(agent) -> dict:
         return client.status()
 
 
+def status_unless_it_exits(agent, timeout: float = 30) -> dict | None:
+    """The status of a just (re)started agent once its control socket answers (a loaded machine can
+    take more than a second to start one), or None if the process exits first."""
+    def answer():
+        if agent.proc.poll() is not None:
+            return "exited"
+        try:
+            return status(agent)
+        except ConnectionError:  # not listening yet (a killed agent leaves its socket file behind)
+            return None
+    now = wait_until(answer, timeout)
+    assert now, f"{agent.device_id} neither answered nor exited in {timeout} s"
+    return None if now == "exited" else now
+
+
 def assert_answers_correctly(agent, expected_logits) -> None:
     x, want = expected_logits
     with InferenceClient(agent.api_socket, timeout=10) as model:
@@ -180,7 +195,7 @@ def test_a_crash_loop_after_activation_ends_in_rollback(agents, mosquitto, make_
         crashes += 1
         agent.start({CRASH_ENV: "trial"})
         time.sleep(1.5)
-        if agent.proc.poll() is None and status(agent)["update_state"] == "idle":
+        if (now := status_unless_it_exits(agent)) is not None and now["update_state"] == "idle":
             break
     assert crashes == 3  # v2 went live three times (the limit); the fourth start rolled back
     result = outcome(host, "crashy")
