@@ -54,7 +54,9 @@ def test_auto_for_speed_never_hands_back_a_slower_model(digits, tmp_path):
                     candidates=(PLAIN, CLIPPED), latency_runs=40)
     if report.chosen is None:
         assert "none is faster" in report.auto.why_none
-        assert "not faster" in report.auto.verdicts["static int8"]
+        # slower in the shared timing rounds, or faster there (timing noise) and not in its own rounds
+        verdict = report.auto.verdicts["static int8"]
+        assert "not faster" in verdict or "not in a second" in verdict, verdict
     else:  # on a CPU where int8 wins (VNNI, dot-product instructions)
         assert report.chosen.latency.p50_ms <= SPEED_MARGIN * report.original.latency.p50_ms
     assert report.auto.verdicts["clipped static int8"].startswith("loses")
