@@ -26,6 +26,12 @@ can turn any edgefleet failure into a single clear line::
 
 from __future__ import annotations
 
+import zipfile
+
+# What np.load raises on a file that is not a readable .npz or .npy: an empty one (EOFError), a
+# damaged zip (BadZipFile), a damaged array or a pickle (ValueError), an unreadable path (OSError).
+UNREADABLE_ARRAYS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+
 
 class EdgefleetError(Exception):
     """Base of every error edgefleet raises on purpose."""

@@ -13,7 +13,7 @@ from typing import Mapping
 import numpy as np
 
 from device_agent.bundle.manifest import Manifest
-from device_agent.errors import HealthCheckError, ModelError
+from device_agent.errors import UNREADABLE_ARRAYS, HealthCheckError, ModelError
 from device_agent.runtime import ModelRuntime
 
 
@@ -29,7 +29,7 @@ def load_sample(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
+    except UNREADABLE_ARRAYS as exc:
         raise ModelError(f"cannot read sample file {Path(path).name}: {exc}") from None
     inputs = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("input.")}
     outputs = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("output.")}

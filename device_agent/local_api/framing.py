@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from device_agent.errors import ProtocolError
+from device_agent.errors import UNREADABLE_ARRAYS, ProtocolError
 
 MAX_FRAME = 256 * 1024 * 1024
 _LEN = struct.Struct(">I")
@@ -171,6 +171,6 @@ def decode_arrays(kind: bytes, payload: bytes) -> dict[str, Any]:
             if not isinstance(doc, dict):
                 raise ValueError("expected an object of input name -> nested list")
             return doc
-    except (ValueError, OSError, EOFError, UnicodeDecodeError, RecursionError) as exc:
+    except (*UNREADABLE_ARRAYS, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(f"cannot decode the {kind.decode(errors='replace')!r} payload: {exc}") from None
     raise ProtocolError(f"unknown request kind {kind!r}")

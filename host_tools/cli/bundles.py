@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from device_agent.cli import fail_cleanly
-from device_agent.errors import ConfigError
+from device_agent.errors import UNREADABLE_ARRAYS, ConfigError
 from host_tools.cli.base import json_option, main
 
 
@@ -53,7 +53,7 @@ def bundle_build(model, name, version, key, out, sample, atol, latency_budget_ms
         try:
             with np.load(sample, allow_pickle=False) as data:
                 feeds = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as exc:
+        except UNREADABLE_ARRAYS as exc:
             raise ConfigError(f"cannot read sample file {sample}: {exc}") from None
     provenance = _read_report(compression_report) if compression_report else None
     target = {k: v for k, v in (("arch", list(arch)), ("min_ram_mb", min_ram_mb), ("accelerator", accelerator)) if v}

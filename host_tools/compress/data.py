@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from device_agent.errors import ConfigError
+from device_agent.errors import UNREADABLE_ARRAYS, ConfigError
 
 LABEL_NAMES = ("y", "labels")
 
@@ -128,14 +128,14 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
+    except UNREADABLE_ARRAYS as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
 
 
 def _read_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except UNREADABLE_ARRAYS as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
 
 

@@ -250,6 +250,9 @@ def test_data_is_cast_within_a_kind_and_refused_across(tmp_path):
 @pytest.mark.parametrize("make, message", [
     (lambda p: p / "missing.npz", "does not exist"),
     (lambda p: (p / "bad.npz").write_bytes(b"nope") and p / "bad.npz", "cannot read"),
+    (lambda p: (p / "empty.npz").touch() or p / "empty.npz", "cannot read .*empty.npz: No data left"),
+    (lambda p: (p / "cut.npz").write_bytes((MODELS / "digits_calib.npz").read_bytes()[:100]) and p / "cut.npz",
+     "cannot read .*cut.npz: File is not a zip file"),
     (lambda p: (p / "odd.txt").write_text("x") and p / "odd.txt", "must be an .npz"),
     (lambda p: (p / "broken.py").write_text("def load():\n    raise RuntimeError('disk gone')\n") and p / "broken.py",
      "disk gone"),
