@@ -100,6 +100,15 @@ TFLITE_LADDER = (  # the distilled student is an ONNX model
                                         TFLITE_COMPACT), needs_calibration=True),
     Candidate("80% sparse, full int8", (Step("tflite-prune-magnitude", {"sparsity": 0.8}), Step("tflite-int8"),
                                         TFLITE_COMPACT), needs_calibration=True),
+    Candidate("25% channels pruned, recovered",
+              (Step("tflite-prune-channels", {"ratio": 0.25, "recover_epochs": 30}), TFLITE_COMPACT),
+              needs_calibration=True),
+    Candidate("50% channels pruned, recovered",
+              (Step("tflite-prune-channels", {"ratio": 0.5, "recover_epochs": 30}), TFLITE_COMPACT),
+              needs_calibration=True),
+    Candidate("50% channels pruned, recovered, full int8",
+              (Step("tflite-prune-channels", {"ratio": 0.5, "recover_epochs": 30}), Step("tflite-int8"),
+               TFLITE_COMPACT), needs_calibration=True),
     Candidate("distilled student, 25% of the parameters", (Step("distill"), ONNX_COMPACT), needs_calibration=True),
 )
 

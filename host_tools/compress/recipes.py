@@ -72,7 +72,8 @@ NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
                  Step("onnx-static", {"per_channel": True}), ONNX_COMPACT),
         "tflite": (Step("tflite-prune-magnitude", {"sparsity": 0.8}), Step("tflite-int8"), TFLITE_COMPACT)}),
     "channels-50": ("half of the prunable channels removed, recovered by distillation from the original", {
-        "onnx": (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}),)}),
+        "onnx": (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}),),
+        "tflite": (Step("tflite-prune-channels", {"ratio": 0.5, "recover_epochs": 30}),)}),
     "distill": ("a student with at most 25% of the parameters, trained on the model's outputs", {
         "onnx": (Step("distill"),), "tflite": (Step("distill"),)}),
     "int4-weights": ("int4 blockwise MatMul weights, for transformer-style models", {

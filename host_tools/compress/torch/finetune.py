@@ -1,34 +1,72 @@
 """Recovering accuracy after structured pruning: fine-tune the pruned graph's own weights with
-the unpruned model as teacher, then write them back into the same ONNX graph."""
+the unpruned model as teacher, then write them back into the same ONNX graph or TFLite flatbuffer."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from device_agent.errors import ConfigError
+import numpy as np
+
+from device_agent.errors import CompressionError, ConfigError
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 
 
 def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None, epochs: int,
             labels_weight: float, workdir: Path, lr: float = 3e-3) -> ModelFile:
-    import onnx
-
-    from host_tools.compress.torch.onnx_module import OnnxModule
     from host_tools.compress.torch.trainer import Schedule, distill, teacher_targets
 
     if data is None:
         raise ConfigError("recovery fine-tuning needs inputs to train on (--train or --calib)")
-    proto = onnx.load(str(pruned.path))
-    module = OnnxModule(proto)
+    graph, module, save = _trainable(pruned)
     runtime = teacher.load()
     bound = load_dataset(data).bind(runtime.inputs)
-    targets = teacher_targets(runtime, bound)
+    targets = dict(zip([o.name for o in runtime.outputs], teacher_targets(runtime, bound)))
     inputs = [bound.feeds[name] for name in module.input_names]
-    distill(module, inputs, targets, bound.labels,
+    if pruned.format == "tflite":
+        _check_same_as_runtime(module, pruned, inputs)
+    distill(module, inputs, [targets[name] for name in module.output_names], bound.labels,
             Schedule(epochs=epochs, lr=lr, labels_weight=labels_weight if bound.labels is not None else 0.0),
             what="recovering the pruned model")
-    module.write_back(proto)
-    out = Path(workdir) / f"{pruned.path.stem}.recovered.onnx"
-    onnx.save(proto, str(out))
-    return ModelFile(out, "onnx")
+    module.write_back(graph)
+    out = Path(workdir) / f"{pruned.path.stem}.recovered{pruned.path.suffix}"
+    save(graph, out)
+    return ModelFile(out, pruned.format)
+
+
+def _trainable(model: ModelFile):
+    """(the model's graph, a torch module over it, how to save the graph)."""
+    if model.format == "tflite":
+        from host_tools.compress.tflite import flatbuffer
+        from host_tools.compress.torch.tflite_module import TfliteModule
+
+        tree, outside = flatbuffer.read(model.path)
+        return tree, TfliteModule(tree), lambda tree, out: flatbuffer.write(tree, outside, out)
+    import onnx
+
+    from host_tools.compress.torch.onnx_module import OnnxModule
+
+    proto = onnx.load(str(model.path))
+    return proto, OnnxModule(proto), lambda proto, out: onnx.save(proto, str(out))
+
+
+def _check_same_as_runtime(module, model: ModelFile, inputs: list[np.ndarray], samples: int = 8) -> None:
+    """The PyTorch reading of a TFLite graph must compute what TFLite does before it is trained:
+    an op read differently would train a different model than the one written back."""
+    import torch
+
+    runtime = model.load()
+    first = [x[:samples] for x in inputs]
+    with torch.no_grad():
+        mine = [o.numpy() for o in module(*[torch.from_numpy(np.ascontiguousarray(x)) for x in first])]
+    theirs = {name: [] for name in module.output_names}
+    for i in range(len(first[0])):
+        for name, value in runtime.run({n: x[i:i + 1] for n, x in zip(module.input_names, first)}).items():
+            theirs[name].append(np.asarray(value))
+    for name, value in zip(module.output_names, mine):
+        want = np.concatenate(theirs[name])
+        value = value.reshape(want.shape)
+        scale = float(np.abs(want).max()) or 1.0
+        if not np.allclose(value, want, rtol=1e-3, atol=1e-4 * scale):
+            raise CompressionError(f"fine-tuning reads {model.path.name} differently from TFLite (output {name}: "
+                                   f"max difference {float(np.abs(value - want).max()):.3g}); not fine-tuned")

@@ -1,0 +1,369 @@
+"""Which channels of a float TFLite graph can be removed, and removing them: the TFLite counterpart
+of ``onnx/channels``.
+
+TFLite keeps channels on the last axis (NHWC). A prunable layer is a CONV_2D or FULLY_CONNECTED
+with a constant float32 weight, or a DEPTHWISE_CONV_2D over one input channel (how converters write
+a first convolution over a grey image). Its output channels can go when everything computed from
+them channel by channel — activations, pooling, a per-channel constant added or multiplied, a
+depthwise convolution, a MEAN over other axes, padding of other axes, and reshapes and transposes
+that keep each channel's values on one axis (the flatten before a classifier) — ends in layers
+that read them: a CONV_2D or FULLY_CONNECTED, whose matching input channels (or blocks of
+flattened features) go too. A layer whose channels reach a graph output, an op it cannot follow,
+or another branch (a residual ADD, a CONCATENATION) keeps them, and the plan says why. Every
+tensor the channels pass through gets its new shape; reshape targets are rewritten, and a
+constant another op also reads is copied before it changes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+UNARY = {"RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1", "LOGISTIC", "TANH", "GELU", "HARD_SWISH", "LEAKY_RELU",
+         "ELU", "ABS", "NEG", "EXP", "SQUARE", "SQRT", "RSQRT", "SIN", "COS", "FLOOR", "CEIL", "ROUND", "SIGN",
+         "DEQUANTIZE"}
+BINARY = {"ADD", "SUB", "MUL", "DIV", "MAXIMUM", "MINIMUM", "SQUARED_DIFFERENCE", "POW"}
+POOLS = {"MAX_POOL_2D", "AVERAGE_POOL_2D", "L2_POOL_2D"}
+REDUCERS = {"MEAN", "SUM", "REDUCE_MAX", "REDUCE_MIN", "REDUCE_PROD"}
+PADS = {"PAD", "PADV2", "MIRROR_PAD"}
+SHAPE_ONLY = {"RESHAPE", "SQUEEZE", "EXPAND_DIMS"}
+FLOAT32 = 0
+_DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 9: np.int8, 7: np.int16}
+
+
+@dataclass
+class Region:
+    """One layer's output channels and everything they reach. Positions are an array [channels, k]:
+    where channel c's k values sit along the tensor's channel axis (k > 1 once flattened)."""
+    layer: int  # operator index
+    channels: int
+    tensors: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)  # tensor -> (axis, positions)
+    # (operator, input position, axis, positions): constants that lose the channels' entries
+    edits: list[tuple[int, int, int, np.ndarray]] = field(default_factory=list)
+    reshapes: list[tuple[int, int, int]] = field(default_factory=list)  # (RESHAPE operator, entry, per channel)
+    meets: list[tuple[int, int, int, str]] = field(default_factory=list)  # (tensor, axis, from the end, op)
+    why: str | None = None
+
+
+@dataclass
+class Plan:
+    regions: list[Region]
+    skipped: dict[str, str]  # layer -> why its channels stay
+
+    def why_none(self) -> str:
+        reasons = Counter(self.skipped.values())
+        return "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3)) or "no CONV_2D or FULLY_CONNECTED"
+
+    def summary(self) -> str:
+        n = len(self.regions)
+        line = f"{n} layer{'s' * (n != 1)}"
+        return f"{line}; left whole: {len(self.skipped)} ({self.why_none()})" if self.skipped else line
+
+
+class Graph:
+    """The first subgraph of a TFLite object tree, with what the planner asks of it."""
+
+    def __init__(self, tree) -> None:
+        from ai_edge_litert import schema_py_generated as schema
+
+        names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+        self.tree = tree
+        self.graph = tree.subgraphs[0]
+        self.ops = list(self.graph.operators)
+        self.kinds = [names.get(max(c.builtinCode, c.deprecatedBuiltinCode), "CUSTOM")
+                      for c in (tree.operatorCodes[op.opcodeIndex] for op in self.ops)]
+        self.consumers: dict[int, list[tuple[int, int]]] = {}
+        for k, op in enumerate(self.ops):
+            for position, t in enumerate(op.inputs):
+                if t >= 0:
+                    self.consumers.setdefault(int(t), []).append((k, position))
+        self.outputs = {int(t) for t in self.graph.outputs}
+        self.buffer_uses = Counter(t.buffer for t in self.graph.tensors)
+
+    def label(self, k: int) -> str:
+        return f"{self.kinds[k]} #{k}"
+
+    def tensor(self, t: int):
+        return self.graph.tensors[t]
+
+    def shape(self, t: int) -> list[int]:
+        shape = self.tensor(t).shape
+        return [int(d) for d in shape] if shape is not None else []
+
+    def const(self, t: int) -> np.ndarray | None:
+        if t < 0:
+            return None
+        tensor = self.tensor(t)
+        data = self.tree.buffers[tensor.buffer].data
+        if data is None or len(data) == 0 or tensor.type not in _DTYPES:
+            return None
+        return np.frombuffer(bytes(data), _DTYPES[tensor.type]).reshape(self.shape(t))
+
+    def float_weight(self, t: int) -> bool:
+        return self.const(t) is not None and self.tensor(t).type == FLOAT32
+
+    def input(self, k: int, position: int) -> int:
+        inputs = self.ops[k].inputs
+        return int(inputs[position]) if position < len(inputs) else -1
+
+
+def _producer(g: Graph, k: int) -> tuple[int, int] | None:
+    """(weight output axis, channels) of a prunable layer; None for any other op."""
+    kind, weight = g.kinds[k], g.input(k, 1)
+    if kind not in ("CONV_2D", "FULLY_CONNECTED", "DEPTHWISE_CONV_2D") or g.const(weight) is None:
+        return None
+    shape = g.shape(weight)
+    if kind == "DEPTHWISE_CONV_2D":
+        inputs = g.shape(g.input(k, 0))
+        return (3, shape[3]) if inputs and inputs[-1] == 1 else None
+    return (0, shape[0]) if kind == "CONV_2D" or len(shape) == 2 else None
+
+
+def plan_channel_pruning(tree, exclude: set[str] = frozenset()) -> Plan:
+    g = Graph(tree)
+    regions, skipped = [], {}
+    for k in range(len(g.ops)):
+        found = _producer(g, k)
+        if found is None:
+            continue
+        axis, channels = found
+        weight = g.input(k, 1)
+        name = g.tensor(int(g.ops[k].outputs[0])).name
+        label = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        if label in exclude or g.label(k) in exclude:
+            skipped[g.label(k)] = "excluded"
+            continue
+        if not g.float_weight(weight):
+            skipped[g.label(k)] = "its weight is not float32 (prune before quantizing)"
+            continue
+        if g.buffer_uses[g.tensor(weight).buffer] > 1 or len(g.consumers.get(weight, [])) > 1:
+            skipped[g.label(k)] = "weight shared with another op"
+            continue
+        if channels < 2:
+            skipped[g.label(k)] = "a single channel"
+            continue
+        region = Region(k, channels)
+        plain = np.arange(channels)[:, None]
+        region.edits.append((k, 1, axis, plain))
+        if g.const(g.input(k, 2)) is not None:
+            region.edits.append((k, 2, 0, plain))
+        out = int(g.ops[k].outputs[0])
+        _walk(g, region, out, len(g.shape(out)) - 1, plain)
+        if region.why is None:
+            _check_meetings(region)
+        if region.why:
+            skipped[g.label(k)] = region.why
+        else:
+            regions.append(region)
+    _untangle(g, regions, skipped)
+    return Plan(regions, skipped)
+
+
+def _walk(g: Graph, region: Region, start: int, axis: int, positions: np.ndarray) -> None:
+    pending = [(start, axis, positions)]
+    while pending and region.why is None:
+        t, axis, positions = pending.pop()
+        if t in region.tensors:
+            seen_axis, seen = region.tensors[t]
+            if seen_axis != axis or not np.array_equal(seen, positions):
+                region.why = "its channels reach one tensor in two layouts"
+            continue
+        region.tensors[t] = (axis, positions)
+        if t in g.outputs:
+            region.why = "its output is a graph output"
+            return
+        for k, position in g.consumers.get(t, []):
+            follow = _follow(g, region, k, position, t, axis, positions)
+            if isinstance(follow, str):
+                region.why = follow
+                return
+            pending.extend(follow)
+
+
+def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, positions: np.ndarray):
+    """What op *k* makes of the channels it reads at input *position*: tensors to follow on, or why not."""
+    kind, op = g.kinds[k], g.ops[k]
+    rank = len(g.shape(t))
+    outputs = [int(o) for o in op.outputs]
+    plain_last = axis == rank - 1 and positions.shape[1] == 1
+    if kind in UNARY or (kind in POOLS and plain_last):
+        return [(outputs[0], axis, positions)]
+    if kind in ("CONV_2D", "FULLY_CONNECTED") and position == 0:
+        if not g.float_weight(g.input(k, 1)):
+            return f"read by {g.label(k)}, whose weight is not float32"
+        if axis != rank - 1 or (kind == "CONV_2D" and not plain_last):
+            return f"read by {g.label(k)} along another axis"
+        region.edits.append((k, 1, 3 if kind == "CONV_2D" else 1, positions))
+        return []
+    if kind == "DEPTHWISE_CONV_2D" and position == 0 and plain_last:
+        if op.builtinOptions.depthMultiplier != 1 or not g.float_weight(g.input(k, 1)):
+            return f"feeds {g.label(k)} with a depth multiplier or a quantized weight"
+        region.edits.append((k, 1, 3, positions))
+        if g.const(g.input(k, 2)) is not None:
+            region.edits.append((k, 2, 0, positions))
+        return [(outputs[0], axis, positions)]
+    if kind in BINARY:
+        return _binary(g, region, k, position, t, axis, positions)
+    if kind in REDUCERS and position == 0:
+        axes = g.const(g.input(k, 1))
+        if axes is None:
+            return f"feeds {g.label(k)} over axes it computes"
+        reduced = {int(a) % rank for a in np.ravel(axes)}
+        if axis in reduced:
+            return f"reduced over its channels ({g.label(k)})"
+        keep = op.builtinOptions is not None and op.builtinOptions.keepDims
+        return [(outputs[0], axis if keep else axis - sum(a < axis for a in reduced), positions)]
+    if kind in PADS and position == 0:
+        pads = g.const(g.input(k, 1))
+        if pads is None or np.any(pads[axis] != 0):
+            return f"padded along its channels ({g.label(k)})"
+        return [(outputs[0], axis, positions)]
+    if kind == "TRANSPOSE" and position == 0:
+        perm = g.const(g.input(k, 1))
+        if perm is None:
+            return f"feeds {g.label(k)} with a permutation it computes"
+        return [(outputs[0], [int(p) % rank for p in np.ravel(perm)].index(axis), positions)]
+    if kind in SHAPE_ONLY and position == 0:
+        return _reshaped(g, region, k, t, axis, positions)
+    return f"feeds {g.label(k)}"
+
+
+def _binary(g: Graph, region: Region, k: int, position: int, t: int, axis: int, positions: np.ndarray):
+    other = g.input(k, 1 - position)
+    rank, out = len(g.shape(t)), int(g.ops[k].outputs[0])
+    from_end = rank - axis  # broadcasting lines axes up from the end
+    out_axis = len(g.shape(out)) - from_end
+    value = g.const(other)
+    if value is None:
+        # another tensor: the same channels (x * sigmoid(x)) when it lies in this region, checked at the end
+        region.meets.append((other, len(g.shape(other)) - from_end, from_end, g.label(k)))
+        return [(out, out_axis, positions)]
+    along = value.ndim - from_end
+    if along >= 0 and value.shape[along] != 1:
+        if value.shape[along] != g.shape(t)[axis]:
+            return f"{g.label(k)} with a constant that does not broadcast per channel"
+        region.edits.append((k, 1 - position, along, positions))
+    return [(out, out_axis, positions)]
+
+
+def _reshaped(g: Graph, region: Region, k: int, t: int, axis: int, positions: np.ndarray):
+    """Follow the channels through a change of shape: each channel's values must land on one axis of
+    the output, spread evenly along it (a flatten); a reshape that splits them (into heads) stops."""
+    shape, out = g.shape(t), int(g.ops[k].outputs[0])
+    out_shape = g.shape(out)
+    if int(np.prod(shape)) != int(np.prod(out_shape)) or np.prod(shape) > 1 << 24:
+        return f"feeds {g.label(k)} of a shape it cannot follow"
+    labels = np.full(shape, -1, np.int64)
+    index = [slice(None)] * len(shape)
+    for c, where in enumerate(positions):
+        index[axis] = where
+        labels[tuple(index)] = c
+    labels = labels.reshape(out_shape)
+    for new_axis in range(len(out_shape)):
+        moved = np.moveaxis(labels, new_axis, 0).reshape(out_shape[new_axis], -1)
+        if (moved == moved[:, :1]).all():
+            column = moved[:, 0]
+            where = [np.flatnonzero(column == c) for c in range(len(positions))]
+            if len({len(w) for w in where}) != 1:
+                break
+            if g.kinds[k] == "RESHAPE":
+                region.reshapes.append((k, new_axis, len(where[0])))
+            return [(out, new_axis, np.array(where))]
+    return f"reshaped across its channels ({g.label(k)})"
+
+
+def _check_meetings(region: Region) -> None:
+    for tensor, axis, from_end, op in region.meets:
+        if tensor not in region.tensors or region.tensors[tensor][0] != axis:
+            region.why = f"its output meets another branch at {op} (a residual connection or a gate)"
+            return
+
+
+def _untangle(g: Graph, regions: list[Region], skipped: dict[str, str]) -> None:
+    """Regions are pruned each on its own: one that shares a tensor with another (two layers that
+    meet) would need both to lose the same channels, which this planner does not tie; both stay."""
+    owners = Counter(t for r in regions for t in r.tensors)
+    for region in [r for r in regions if any(owners[t] > 1 for t in r.tensors)]:
+        regions.remove(region)
+        skipped[g.label(region.layer)] = "its channels meet another layer's"
+
+
+def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> None:
+    """Remove *ratio* of each layer's channels, the least important by its weight's norm."""
+    g = Graph(tree)
+    removals: dict[tuple[int, int], dict[int, set[int]]] = {}  # (op, input) -> axis -> indices
+    shapes: dict[int, dict[int, int]] = {}  # tensor -> axis -> how many fewer
+    for region in plan.regions:
+        k, position, axis, _ = region.edits[0]
+        weight = np.moveaxis(g.const(g.input(k, position)), axis, 0).reshape(region.channels, -1)
+        score = np.abs(weight).sum(1) if criterion == "l1" else np.sqrt((weight ** 2).sum(1))
+        keep = max(1, int(round(region.channels * (1 - ratio))))
+        gone = np.setdiff1d(np.arange(region.channels), np.argsort(-score, kind="stable")[:keep])
+        for k, position, axis, positions in region.edits:
+            removals.setdefault((k, position), {}).setdefault(axis, set()).update(positions[gone].ravel().tolist())
+        for t, (axis, positions) in region.tensors.items():
+            shapes.setdefault(t, {})[axis] = len(gone) * positions.shape[1]
+        for k, entry, per_channel in region.reshapes:
+            removals.setdefault((k, 1), {})  # the target shape: its own copy, rewritten below
+            _shrink_reshape(g, k, entry, len(gone) * per_channel)
+        if g.kinds[region.layer] == "DEPTHWISE_CONV_2D":
+            g.ops[region.layer].builtinOptions.depthMultiplier = keep
+    for (k, position), axes in removals.items():
+        t = _own(g, k, position)
+        if not axes:
+            continue
+        array = g.const(t)
+        for axis, indices in axes.items():
+            array = np.delete(array, sorted(indices), axis=axis)
+        _store(g, t, array)
+    for t, by_axis in shapes.items():
+        tensor = g.tensor(t)
+        for axis, fewer in by_axis.items():
+            tensor.shape[axis] -= fewer
+            if tensor.shapeSignature is not None and len(tensor.shapeSignature) and tensor.shapeSignature[axis] > 0:
+                tensor.shapeSignature[axis] -= fewer
+
+
+def _shrink_reshape(g: Graph, k: int, entry: int, fewer: int) -> None:
+    options = g.ops[k].builtinOptions
+    if options is not None and options.newShape is not None and len(options.newShape) > entry \
+            and options.newShape[entry] > 0:
+        options.newShape[entry] -= fewer
+    t = _own(g, k, 1)
+    target = g.const(t)
+    if target is not None and target.ndim == 1 and target[entry] > 0:
+        target = target.copy()
+        target[entry] -= fewer
+        _store(g, t, target)
+
+
+def _own(g: Graph, k: int, position: int) -> int:
+    """The tensor op *k* reads at *position*, copied (tensor and buffer) first when anything else reads it."""
+    from ai_edge_litert import schema_py_generated as schema
+    import copy
+
+    t = g.input(k, position)
+    if t < 0 or (len(g.consumers.get(t, [])) <= 1 and g.buffer_uses[g.tensor(t).buffer] <= 1):
+        return t
+    tensor = copy.deepcopy(g.tensor(t))
+    buffer = schema.BufferT()
+    buffer.data = np.array(g.tree.buffers[tensor.buffer].data, np.uint8)
+    g.tree.buffers.append(buffer)
+    tensor.buffer = len(g.tree.buffers) - 1
+    g.graph.tensors.append(tensor)
+    new = len(g.graph.tensors) - 1
+    g.ops[k].inputs[position] = new
+    g.consumers[t].remove((k, position))
+    g.consumers[new] = [(k, position)]
+    g.buffer_uses[tensor.buffer] = 1
+    return new
+
+
+def _store(g: Graph, t: int, array: np.ndarray) -> None:
+    tensor = g.tensor(t)
+    g.tree.buffers[tensor.buffer].data = np.frombuffer(np.ascontiguousarray(array).tobytes(), np.uint8).copy()
+    tensor.shape = np.array(array.shape, np.int32)
+    if tensor.shapeSignature is not None and len(tensor.shapeSignature):
+        tensor.shapeSignature = np.array(array.shape, np.int32)

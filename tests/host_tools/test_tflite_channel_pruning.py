@@ -1,0 +1,131 @@
+"""Structured channel pruning of TFLite models (host_tools/compress/tflite/channels.py): the pruned
+flatbuffer computes what the original did, recovery brings the accuracy back, and what it leaves
+whole is named."""
+
+import numpy as np
+import pytest
+
+from host_tools.compress import ModelFile, run_recipe
+from host_tools.compress.tflite import flatbuffer
+from host_tools.compress.tflite.channels import plan_channel_pruning
+from tests.conftest import MODELS
+from tests.host_tools.test_compress import HELDOUT, TRAIN, steps
+
+pytest.importorskip("ai_edge_litert")
+FIXTURES = MODELS.parent / "tests" / "fixtures" / "models"
+
+
+def _silenced(path, out):
+    """*path* with the odd output channels of every layer the planner would prune made exactly zero
+    (weights and bias): the channels pruning by weight norm removes first."""
+    tree, outside = flatbuffer.read(path)
+    plan = plan_channel_pruning(tree)
+    graph = tree.subgraphs[0]
+    for region in plan.regions:
+        op = graph.operators[region.layer]
+        for position, axis in ((1, region.edits[0][2]), (2, 0)):
+            if position >= len(op.inputs) or op.inputs[position] < 0:
+                continue
+            tensor = graph.tensors[op.inputs[position]]
+            values = np.frombuffer(bytes(tree.buffers[tensor.buffer].data), np.float32).reshape(tensor.shape).copy()
+            index = [slice(None)] * values.ndim
+            index[axis] = slice(1, None, 2)
+            values[tuple(index)] = 0
+            tree.buffers[tensor.buffer].data = np.frombuffer(values.tobytes(), np.uint8).copy()
+    flatbuffer.write(tree, outside, out)
+    return ModelFile(out, "tflite"), plan
+
+
+def _outputs(model: ModelFile, samples: int = 6):
+    runtime = model.load()
+    rng = np.random.default_rng(1)
+    got = []
+    for _ in range(samples):
+        feeds = {}
+        for spec in runtime.inputs:
+            shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+            feeds[spec.name] = (rng.integers(0, 20, shape) if spec.dtype.startswith("int")
+                                else rng.standard_normal(shape)).astype(spec.dtype)
+        got.append(runtime.run(feeds))
+    return got
+
+
+@pytest.mark.parametrize("path, layers", [
+    (MODELS / "digits_cnn.tflite", 3),  # a depthwise first convolution, a transposed flatten into the classifier
+    (MODELS / "digits_vgg.tflite", 6),
+    (MODELS / "digits_transformer.tflite", 2),  # the two feed-forward layers (through GELU)
+    (FIXTURES / "detector.tflite", 3),  # a backbone read by several heads
+    (FIXTURES / "crnn_ocr.tflite", 3),  # a CNN whose last layer feeds an LSTM read both ways
+], ids=lambda v: getattr(v, "stem", v))
+def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_path, path, layers):
+    """Half of each prunable layer's channels carry exact zeros, and every op they pass through maps 0
+    to 0: removing exactly those channels, and the matching inputs of the layers that read them (a
+    flattened block of features each, through the transpose before it), must change no output."""
+    silenced, plan = _silenced(path, tmp_path / "silenced.tflite")
+    assert len(plan.regions) == layers, plan.summary()
+    report = run_recipe(silenced, steps([("tflite-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path)
+    assert report.steps[0].status == "ok", report.steps[0].note
+    pruned = report.result.model
+    assert pruned.size_bytes < 0.9 * silenced.size_bytes
+    tree, _ = flatbuffer.read(pruned.path)
+    graph = tree.subgraphs[0]
+    for region in plan.regions:  # every pruned layer has half its output channels
+        k, position, axis, _ = region.edits[0]
+        assert graph.tensors[graph.operators[k].inputs[position]].shape[axis] == region.channels // 2
+    for want, got in zip(_outputs(silenced), _outputs(pruned)):
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)
+
+
+def test_the_cnn_halved_and_recovered_keeps_its_accuracy(tmp_path):
+    model = ModelFile.open(MODELS / "digits_cnn.tflite")
+    report = run_recipe(model, steps([("tflite-prune-channels", {"ratio": 0.5, "recover_epochs": 12})]),
+                        eval_data=str(HELDOUT), train=str(TRAIN), latency_runs=20, workdir=tmp_path)
+    step = report.steps[0]
+    assert step.status == "ok", step.note
+    assert step.size_bytes < 0.35 * report.original.size_bytes  # 3 of 4 layers at half width: ~1/4 of the weights
+    assert report.original.fidelity.accuracy - step.fidelity.accuracy <= 0.01
+
+
+def test_what_it_cannot_prune_safely_is_left_whole_and_named():
+    tree, _ = flatbuffer.read(MODELS / "digits_transformer.tflite")
+    plan = plan_channel_pruning(tree)
+    reasons = set(plan.skipped.values())
+    assert any(r.startswith("reshaped across its channels (RESHAPE") for r in reasons), reasons  # into heads
+    assert any(r.startswith("reduced over its channels (MEAN") for r in reasons), reasons  # a LayerNorm
+    assert plan.skipped["FULLY_CONNECTED #120"] == "its output is a graph output"
+    assert "left whole: 8" in plan.summary()
+    tree, _ = flatbuffer.read(FIXTURES / "streaming_kws.tflite")  # an unrolled GRU: one weight for every step
+    assert "weight shared with another op" in plan_channel_pruning(tree).skipped.values()
+
+
+def test_a_quantized_model_is_refused_in_one_line(tmp_path):
+    model = ModelFile.open(MODELS / "digits_cnn.tflite")
+    report = run_recipe(model, steps([("tflite-dynamic", {}), ("tflite-prune-channels", {})]), latency_runs=5,
+                        workdir=tmp_path)
+    pruning = report.steps[1]
+    assert pruning.status == "skipped"
+    assert "its weight is not float32 (prune before quantizing)" in pruning.note
+
+
+def test_fine_tuning_reads_each_graph_as_tflite_runs_it():
+    """The PyTorch reading of a TFLite graph (which recovery trains) gives TFLite's outputs, on the
+    reference models and the foreign ones it can run."""
+    torch = pytest.importorskip("torch")
+    from host_tools.compress.torch.tflite_module import TfliteModule
+
+    for path in (MODELS / "digits_cnn.tflite", MODELS / "digits_vgg.tflite", MODELS / "digits_transformer.tflite",
+                 FIXTURES / "detector.tflite"):
+        model = ModelFile.open(path)
+        tree, _ = flatbuffer.read(path)
+        module = TfliteModule(tree)
+        runtime = model.load()
+        x = np.random.default_rng(0).standard_normal((3, *runtime.inputs[0].shape[1:])).astype(np.float32)
+        with torch.no_grad():
+            mine = module(torch.from_numpy(x))
+        for i in range(3):
+            theirs = runtime.run({runtime.inputs[0].name: x[i:i + 1]})
+            for name, value in zip(module.output_names, mine):
+                np.testing.assert_allclose(value[i].numpy().reshape(theirs[name].shape), theirs[name],
+                                           rtol=1e-3, atol=1e-4, err_msg=f"{path.name}: {name}")
