@@ -16,20 +16,19 @@ FIXTURES = MODELS.parent / "tests" / "fixtures" / "models"
 
 
 def _silenced(path, out):
-    """*path* with the odd output channels of every layer the planner would prune made exactly zero
-    (weights and bias): the channels pruning by weight norm removes first."""
+    """*path* with the odd channels of every group the planner would prune made exactly zero in every
+    constant that pruning cuts (weights, biases, per-channel constants, the reading layers' inputs):
+    the channels pruning by weight norm removes first, and whose removal changes no output."""
     tree, outside = flatbuffer.read(path)
     plan = plan_channel_pruning(tree)
     graph = tree.subgraphs[0]
     for region in plan.regions:
-        op = graph.operators[region.layer]
-        for position, axis in ((1, region.edits[0][2]), (2, 0)):
-            if position >= len(op.inputs) or op.inputs[position] < 0:
-                continue
-            tensor = graph.tensors[op.inputs[position]]
+        odd = np.arange(1, region.channels, 2)
+        for k, position, axis, positions in region.edits:
+            tensor = graph.tensors[graph.operators[k].inputs[position]]
             values = np.frombuffer(bytes(tree.buffers[tensor.buffer].data), np.float32).reshape(tensor.shape).copy()
             index = [slice(None)] * values.ndim
-            index[axis] = slice(1, None, 2)
+            index[axis] = positions[odd].ravel()
             values[tuple(index)] = 0
             tree.buffers[tensor.buffer].data = np.frombuffer(values.tobytes(), np.uint8).copy()
     flatbuffer.write(tree, outside, out)
@@ -56,11 +55,14 @@ def _outputs(model: ModelFile, samples: int = 6):
     (MODELS / "digits_transformer.tflite", 2),  # the two feed-forward layers (through GELU)
     (FIXTURES / "detector.tflite", 3),  # a backbone read by several heads
     (FIXTURES / "crnn_ocr.tflite", 3),  # a CNN whose last layer feeds an LSTM read both ways
+    # a residual stream tied to the squeeze-and-excitation gate that scales it (stem, projection and
+    # gate in one group), the expansion width through a depthwise convolution, concatenated branches
+    (FIXTURES / "mobile_blocks.tflite", 7),
 ], ids=lambda v: getattr(v, "stem", v))
 def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_path, path, layers):
-    """Half of each prunable layer's channels carry exact zeros, and every op they pass through maps 0
-    to 0: removing exactly those channels, and the matching inputs of the layers that read them (a
-    flattened block of features each, through the transpose before it), must change no output."""
+    """Half of each group's channels are exact zeros wherever pruning cuts: removing exactly those
+    channels, and the matching inputs of the layers that read them (a flattened block of features
+    each, through the transpose before it; a concatenation's part), must change no output."""
     silenced, plan = _silenced(path, tmp_path / "silenced.tflite")
     assert len(plan.regions) == layers, plan.summary()
     report = run_recipe(silenced, steps([("tflite-prune-channels", {"ratio": 0.5})]), latency_runs=5,
@@ -116,7 +118,7 @@ def test_fine_tuning_reads_each_graph_as_tflite_runs_it():
     from host_tools.compress.torch.tflite_module import TfliteModule
 
     for path in (MODELS / "digits_cnn.tflite", MODELS / "digits_vgg.tflite", MODELS / "digits_transformer.tflite",
-                 FIXTURES / "detector.tflite"):
+                 FIXTURES / "detector.tflite", FIXTURES / "mobile_blocks.tflite"):
         model = ModelFile.open(path)
         tree, _ = flatbuffer.read(path)
         module = TfliteModule(tree)
@@ -129,3 +131,19 @@ def test_fine_tuning_reads_each_graph_as_tflite_runs_it():
             for name, value in zip(module.output_names, mine):
                 np.testing.assert_allclose(value[i].numpy().reshape(theirs[name].shape), theirs[name],
                                            rtol=1e-3, atol=1e-4, err_msg=f"{path.name}: {name}")
+
+
+def test_a_residual_stream_and_the_gate_that_scales_it_lose_the_same_channels(tmp_path):
+    tree, _ = flatbuffer.read(FIXTURES / "mobile_blocks.tflite")
+    plan = plan_channel_pruning(tree)
+    groups = sorted(sorted(f"#{r.layer}" for r in group) for group in plan.groups)
+    # stem + projection (added) + the excitation layer (its sigmoid multiplies the sum): one stream
+    assert ["#10", "#2", "#5"] in groups and ["#13"] in groups and ["#14"] in groups, groups
+    assert plan.summary() == "7 layers in 5 groups; left whole: 1 (1 x its output is a graph output)"
+    model = ModelFile.open(FIXTURES / "mobile_blocks.tflite")
+    report = run_recipe(model, steps([("tflite-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
+    pruned, _ = flatbuffer.read(report.result.model.path)
+    graph = pruned.subgraphs[0]
+    widths = {k: list(graph.tensors[graph.operators[k].outputs[0]].shape) for k in (2, 3, 4, 5, 6, 12, 15)}
+    assert widths == {2: [1, 16, 16, 8], 3: [1, 16, 16, 24], 4: [1, 16, 16, 24], 5: [1, 16, 16, 8],
+                      6: [1, 16, 16, 8], 12: [1, 16, 16, 8], 15: [1, 16, 16, 12]}

@@ -8,10 +8,13 @@ them channel by channel — activations, pooling, a per-channel constant added o
 depthwise convolution, a MEAN over other axes, padding of other axes, and reshapes and transposes
 that keep each channel's values on one axis (the flatten before a classifier) — ends in layers
 that read them: a CONV_2D or FULLY_CONNECTED, whose matching input channels (or blocks of
-flattened features) go too. A layer whose channels reach a graph output, an op it cannot follow,
-or another branch (a residual ADD, a CONCATENATION) keeps them, and the plan says why. Every
-tensor the channels pass through gets its new shape; reshape targets are rewritten, and a
-constant another op also reads is copied before it changes.
+flattened features) go too. Where the channels meet another branch — a residual ADD, a gate's
+MUL — the other operand must carry another layer's channels in the same places: the layers are
+then tied into a group that loses the same channels (a ResNet stage's stream). Channels joined
+by a CONCATENATION stay each their own layer's, at their offsets in the joined tensor. A group
+with a member whose channels reach a graph output, an op it cannot follow or a branch no layer
+explains keeps them, and the plan says why. Every tensor the channels pass through gets its new
+shape; reshape targets are rewritten, and a constant another op also reads is copied first.
 """
 
 from __future__ import annotations
@@ -42,23 +45,28 @@ class Region:
     tensors: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)  # tensor -> (axis, positions)
     # (operator, input position, axis, positions): constants that lose the channels' entries
     edits: list[tuple[int, int, int, np.ndarray]] = field(default_factory=list)
-    reshapes: list[tuple[int, int, int]] = field(default_factory=list)  # (RESHAPE operator, entry, per channel)
-    meets: list[tuple[int, int, int, str]] = field(default_factory=list)  # (tensor, axis, from the end, op)
+    reshapes: set[int] = field(default_factory=set)  # RESHAPE operators whose target shape changes
+    # (tensor, its axis, positions, op): another operand met, which must carry tied channels
+    meets: list[tuple[int, int, np.ndarray, str]] = field(default_factory=list)
     why: str | None = None
 
 
 @dataclass
 class Plan:
-    regions: list[Region]
+    groups: list[list[Region]]  # layers that lose the same channels
     skipped: dict[str, str]  # layer -> why its channels stay
+
+    @property
+    def regions(self) -> list[Region]:
+        return [r for group in self.groups for r in group]
 
     def why_none(self) -> str:
         reasons = Counter(self.skipped.values())
         return "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3)) or "no CONV_2D or FULLY_CONNECTED"
 
     def summary(self) -> str:
-        n = len(self.regions)
-        line = f"{n} layer{'s' * (n != 1)}"
+        n, groups = len(self.regions), len(self.groups)
+        line = f"{n} layer{'s' * (n != 1)}" + (f" in {groups} group{'s' * (groups != 1)}" if groups != n else "")
         return f"{line}; left whole: {len(self.skipped)} ({self.why_none()})" if self.skipped else line
 
 
@@ -115,9 +123,11 @@ def _producer(g: Graph, k: int) -> tuple[int, int] | None:
     if kind not in ("CONV_2D", "FULLY_CONNECTED", "DEPTHWISE_CONV_2D") or g.const(weight) is None:
         return None
     shape = g.shape(weight)
+    inputs = g.shape(g.input(k, 0))
     if kind == "DEPTHWISE_CONV_2D":
-        inputs = g.shape(g.input(k, 0))
         return (3, shape[3]) if inputs and inputs[-1] == 1 else None
+    if not inputs or inputs[-1] != shape[-1]:  # a grouped convolution
+        return None
     return (0, shape[0]) if kind == "CONV_2D" or len(shape) == 2 else None
 
 
@@ -151,14 +161,16 @@ def plan_channel_pruning(tree, exclude: set[str] = frozenset()) -> Plan:
             region.edits.append((k, 2, 0, plain))
         out = int(g.ops[k].outputs[0])
         _walk(g, region, out, len(g.shape(out)) - 1, plain)
-        if region.why is None:
-            _check_meetings(region)
-        if region.why:
-            skipped[g.label(k)] = region.why
+        regions.append(region)
+    groups = []
+    for members in _tie(regions):
+        why = _why_not(g, members)
+        if why:
+            skipped.update((g.label(r.layer), r.why or why) for r in members)
         else:
-            regions.append(region)
-    _untangle(g, regions, skipped)
-    return Plan(regions, skipped)
+            groups.append(members)
+    _untangle(g, groups, skipped)
+    return Plan(groups, skipped)
 
 
 def _walk(g: Graph, region: Region, start: int, axis: int, positions: np.ndarray) -> None:
@@ -195,6 +207,8 @@ def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
             return f"read by {g.label(k)}, whose weight is not float32"
         if axis != rank - 1 or (kind == "CONV_2D" and not plain_last):
             return f"read by {g.label(k)} along another axis"
+        if g.shape(g.input(k, 1))[-1] != g.shape(t)[-1]:
+            return f"read by {g.label(k)} in groups"
         region.edits.append((k, 1, 3 if kind == "CONV_2D" else 1, positions))
         return []
     if kind == "DEPTHWISE_CONV_2D" and position == 0 and plain_last:
@@ -227,6 +241,11 @@ def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
         return [(outputs[0], [int(p) % rank for p in np.ravel(perm)].index(axis), positions)]
     if kind in SHAPE_ONLY and position == 0:
         return _reshaped(g, region, k, t, axis, positions)
+    if kind == "CONCATENATION":
+        if op.builtinOptions.axis % rank != axis:
+            return f"joined along another axis ({g.label(k)})"
+        offset = sum(g.shape(int(i))[axis] for i in op.inputs[:position])
+        return [(outputs[0], axis, positions + offset)]
     return f"feeds {g.label(k)}"
 
 
@@ -237,8 +256,8 @@ def _binary(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
     out_axis = len(g.shape(out)) - from_end
     value = g.const(other)
     if value is None:
-        # another tensor: the same channels (x * sigmoid(x)) when it lies in this region, checked at the end
-        region.meets.append((other, len(g.shape(other)) - from_end, from_end, g.label(k)))
+        # another tensor: it must carry the same channels, from this layer (x * sigmoid(x)) or one tied to it
+        region.meets.append((other, len(g.shape(other)) - from_end, positions, g.label(k)))
         return [(out, out_axis, positions)]
     along = value.ndim - from_end
     if along >= 0 and value.shape[along] != 1:
@@ -269,73 +288,119 @@ def _reshaped(g: Graph, region: Region, k: int, t: int, axis: int, positions: np
             if len({len(w) for w in where}) != 1:
                 break
             if g.kinds[k] == "RESHAPE":
-                region.reshapes.append((k, new_axis, len(where[0])))
+                region.reshapes.add(k)
             return [(out, new_axis, np.array(where))]
     return f"reshaped across its channels ({g.label(k)})"
 
 
-def _check_meetings(region: Region) -> None:
-    for tensor, axis, from_end, op in region.meets:
-        if tensor not in region.tensors or region.tensors[tensor][0] != axis:
-            region.why = f"its output meets another branch at {op} (a residual connection or a gate)"
-            return
+def _tie(regions: list[Region]) -> list[list[Region]]:
+    """Regions whose channels meet, grouped (union-find); a meeting no region explains leaves its
+    region's reason."""
+    parent = list(range(len(regions)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, region in enumerate(regions):
+        for tensor, axis, positions, op in region.meets:
+            others = [j for j, r in enumerate(regions) if tensor in r.tensors and r.tensors[tensor][0] == axis
+                      and np.array_equal(r.tensors[tensor][1], positions)]
+            if not others:
+                region.why = region.why or f"its output meets another branch at {op} (a residual connection or a gate)"
+            for j in others:
+                parent[root(j)] = root(i)
+    groups: dict[int, list[Region]] = {}
+    for i, region in enumerate(regions):
+        groups.setdefault(root(i), []).append(region)
+    return list(groups.values())
 
 
-def _untangle(g: Graph, regions: list[Region], skipped: dict[str, str]) -> None:
-    """Regions are pruned each on its own: one that shares a tensor with another (two layers that
-    meet) would need both to lose the same channels, which this planner does not tie; both stay."""
-    owners = Counter(t for r in regions for t in r.tensors)
-    for region in [r for r in regions if any(owners[t] > 1 for t in r.tensors)]:
-        regions.remove(region)
-        skipped[g.label(region.layer)] = "its channels meet another layer's"
+def _why_not(g: Graph, members: list[Region]) -> str | None:
+    """Why a group keeps its channels: the first reason of a member, told to the others too."""
+    for region in members:
+        if region.why:
+            return region.why if len(members) == 1 else f"tied to {g.label(region.layer)} ({region.why})"
+    if len({r.channels for r in members}) > 1:
+        return "tied to layers of other widths"
+    return None
+
+
+def _untangle(g: Graph, groups: list[list[Region]], skipped: dict[str, str]) -> None:
+    """Groups lose their channels each on its own, so two that share a tensor must hold different
+    places in it (a CONCATENATION's inputs); where they overlap, both keep their channels."""
+    places: dict[int, list[tuple[int, int, set]]] = {}
+    for n, group in enumerate(groups):
+        for region in group:
+            for t, (axis, positions) in region.tensors.items():
+                places.setdefault(t, []).append((n, axis, set(positions.ravel().tolist())))
+    tangled = set()
+    for holders in places.values():
+        for i, (n, axis, where) in enumerate(holders):
+            for m, other_axis, other in holders[i + 1:]:
+                if m != n and (axis != other_axis or where & other):
+                    tangled |= {n, m}
+    for n in sorted(tangled, reverse=True):
+        for region in groups.pop(n):
+            skipped[g.label(region.layer)] = "its channels meet another layer's"
 
 
 def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> None:
-    """Remove *ratio* of each layer's channels, the least important by its weight's norm."""
+    """Remove *ratio* of each group's channels, the least important by weight norm (summed over the
+    group's layers, each scaled to a mean of 1)."""
     g = Graph(tree)
     removals: dict[tuple[int, int], dict[int, set[int]]] = {}  # (op, input) -> axis -> indices
-    shapes: dict[int, dict[int, int]] = {}  # tensor -> axis -> how many fewer
-    for region in plan.regions:
-        k, position, axis, _ = region.edits[0]
-        weight = np.moveaxis(g.const(g.input(k, position)), axis, 0).reshape(region.channels, -1)
-        score = np.abs(weight).sum(1) if criterion == "l1" else np.sqrt((weight ** 2).sum(1))
-        keep = max(1, int(round(region.channels * (1 - ratio))))
-        gone = np.setdiff1d(np.arange(region.channels), np.argsort(-score, kind="stable")[:keep])
-        for k, position, axis, positions in region.edits:
-            removals.setdefault((k, position), {}).setdefault(axis, set()).update(positions[gone].ravel().tolist())
-        for t, (axis, positions) in region.tensors.items():
-            shapes.setdefault(t, {})[axis] = len(gone) * positions.shape[1]
-        for k, entry, per_channel in region.reshapes:
-            removals.setdefault((k, 1), {})  # the target shape: its own copy, rewritten below
-            _shrink_reshape(g, k, entry, len(gone) * per_channel)
-        if g.kinds[region.layer] == "DEPTHWISE_CONV_2D":
-            g.ops[region.layer].builtinOptions.depthMultiplier = keep
+    shrink: dict[int, dict[int, set[int]]] = {}  # tensor -> axis -> indices removed along it
+    reshapes: set[int] = set()
+    for group in plan.groups:
+        channels = group[0].channels
+        score = np.zeros(channels)
+        for region in group:
+            k, position, axis, _ = region.edits[0]
+            weight = np.moveaxis(g.const(g.input(k, position)), axis, 0).reshape(channels, -1)
+            norm = np.abs(weight).sum(1) if criterion == "l1" else np.sqrt((weight ** 2).sum(1))
+            score += norm / (norm.mean() or 1.0)
+        keep = max(1, int(round(channels * (1 - ratio))))
+        gone = np.setdiff1d(np.arange(channels), np.argsort(-score, kind="stable")[:keep])
+        for region in group:
+            for k, position, axis, positions in region.edits:
+                removals.setdefault((k, position), {}).setdefault(axis, set()).update(positions[gone].ravel().tolist())
+            for t, (axis, positions) in region.tensors.items():
+                shrink.setdefault(t, {}).setdefault(axis, set()).update(positions[gone].ravel().tolist())
+            reshapes |= region.reshapes
+            if g.kinds[region.layer] == "DEPTHWISE_CONV_2D":
+                g.ops[region.layer].builtinOptions.depthMultiplier = keep
     for (k, position), axes in removals.items():
         t = _own(g, k, position)
-        if not axes:
-            continue
         array = g.const(t)
         for axis, indices in axes.items():
             array = np.delete(array, sorted(indices), axis=axis)
         _store(g, t, array)
-    for t, by_axis in shapes.items():
+    for k in reshapes:  # the target shape follows the output's: its own copy, rewritten
+        _shrink_reshape(g, k, {axis: len(gone) for axis, gone in shrink[int(g.ops[k].outputs[0])].items()})
+    for t, by_axis in shrink.items():
         tensor = g.tensor(t)
-        for axis, fewer in by_axis.items():
-            tensor.shape[axis] -= fewer
+        for axis, indices in by_axis.items():
+            tensor.shape[axis] -= len(indices)
             if tensor.shapeSignature is not None and len(tensor.shapeSignature) and tensor.shapeSignature[axis] > 0:
-                tensor.shapeSignature[axis] -= fewer
+                tensor.shapeSignature[axis] -= len(indices)
 
 
-def _shrink_reshape(g: Graph, k: int, entry: int, fewer: int) -> None:
+def _shrink_reshape(g: Graph, k: int, fewer: dict[int, int]) -> None:
     options = g.ops[k].builtinOptions
-    if options is not None and options.newShape is not None and len(options.newShape) > entry \
-            and options.newShape[entry] > 0:
-        options.newShape[entry] -= fewer
+    for entry, n in fewer.items():
+        if options is not None and options.newShape is not None and len(options.newShape) > entry \
+                and options.newShape[entry] > 0:
+            options.newShape[entry] -= n
     t = _own(g, k, 1)
     target = g.const(t)
-    if target is not None and target.ndim == 1 and target[entry] > 0:
+    if target is not None and target.ndim == 1:
         target = target.copy()
-        target[entry] -= fewer
+        for entry, n in fewer.items():
+            if target[entry] > 0:
+                target[entry] -= n
         _store(g, t, target)
 
 
