@@ -5,7 +5,8 @@ TFLite keeps channels on the last axis (NHWC). A prunable layer is a CONV_2D or 
 with a constant float32 weight, or a DEPTHWISE_CONV_2D over one input channel (how converters write
 a first convolution over a grey image). Its output channels can go when everything computed from
 them channel by channel — activations, pooling, a per-channel constant added or multiplied, a
-depthwise convolution, a MEAN over other axes, padding of other axes, and reshapes and transposes
+depthwise convolution, a MEAN over other axes (or over the channels: a LayerNorm's statistics,
+computed from fewer channels, as recovery then trains for), padding of other axes, and reshapes and transposes
 that keep each channel's values on one axis (the flatten before a classifier) — ends in layers
 that read them: a CONV_2D or FULLY_CONNECTED, whose matching input channels (or blocks of
 flattened features) go too. Where the channels meet another branch — a residual ADD, a gate's
@@ -225,6 +226,11 @@ def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
         if axes is None:
             return f"feeds {g.label(k)} over axes it computes"
         reduced = {int(a) % rank for a in np.ravel(axes)}
+        if kind == "MEAN" and {a for a in reduced if g.shape(t)[a] != 1} == {axis} and plain_last:
+            # a mean over the channels, one value per token (a LayerNorm written out): what reads it takes it
+            # as the same value for every channel. From the channels that stay it is not the same number —
+            # as onnx-prune-channels does with LayerNormalization, what recovery trains for.
+            return []
         if axis in reduced:
             return f"reduced over its channels ({g.label(k)})"
         keep = op.builtinOptions is not None and op.builtinOptions.keepDims
@@ -255,11 +261,13 @@ def _binary(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
     from_end = rank - axis  # broadcasting lines axes up from the end
     out_axis = len(g.shape(out)) - from_end
     value = g.const(other)
+    along = len(g.shape(other)) - from_end
+    if value is None and (along < 0 or g.shape(other)[along] == 1):
+        return [(out, out_axis, positions)]  # one value for every channel (a per-token statistic)
     if value is None:
         # another tensor: it must carry the same channels, from this layer (x * sigmoid(x)) or one tied to it
         region.meets.append((other, len(g.shape(other)) - from_end, positions, g.label(k)))
         return [(out, out_axis, positions)]
-    along = value.ndim - from_end
     if along >= 0 and value.shape[along] != 1:
         if value.shape[along] != g.shape(t)[axis]:
             return f"{g.label(k)} with a constant that does not broadcast per channel"
