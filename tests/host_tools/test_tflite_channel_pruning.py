@@ -5,7 +5,7 @@ whole is named."""
 import numpy as np
 import pytest
 
-from host_tools.compress import ModelFile, run_recipe
+from host_tools.compress import ModelFile, load_recipe, run_recipe
 from host_tools.compress.tflite import flatbuffer
 from host_tools.compress.tflite.channels import plan_channel_pruning
 from tests.conftest import MODELS
@@ -58,7 +58,9 @@ STREAM = ("FULLY_CONNECTED #3", "FULLY_CONNECTED #37", "FULLY_CONNECTED #53", "F
 @pytest.mark.parametrize("path, layers, exclude", [
     (MODELS / "digits_cnn.tflite", 3, ()),  # a depthwise first convolution, a transposed flatten into the classifier
     (MODELS / "digits_vgg.tflite", 6, ()),
-    (MODELS / "digits_transformer.tflite", 2, STREAM),  # the two feed-forward layers (through GELU)
+    # the two feed-forward layers (through GELU), two attention layers' heads (through the reshapes,
+    # transposes and slices that split Q, K and V and the heads, and the per-head matrix products)
+    (MODELS / "digits_transformer.tflite", 4, STREAM),
     (FIXTURES / "detector.tflite", 3, ()),  # a backbone read by several heads
     (FIXTURES / "crnn_ocr.tflite", 3, ()),  # a CNN whose last layer feeds an LSTM read both ways
     # a residual stream tied to the squeeze-and-excitation gate that scales it (stem, projection and
@@ -78,9 +80,9 @@ def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_pat
     assert pruned.size_bytes < 0.9 * silenced.size_bytes
     tree, _ = flatbuffer.read(pruned.path)
     graph = tree.subgraphs[0]
-    for region in plan.regions:  # every pruned layer has half its output channels
-        k, position, axis, _ = region.edits[0]
-        assert graph.tensors[graph.operators[k].inputs[position]].shape[axis] == region.channels // 2
+    for region in plan.regions:  # every pruned layer has half its output channels (or heads)
+        k, position, axis, units = region.edits[0]
+        assert graph.tensors[graph.operators[k].inputs[position]].shape[axis] == units.size // 2
     for want, got in zip(_outputs(silenced), _outputs(pruned)):
         for name in want:
             np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)
@@ -96,27 +98,30 @@ def test_the_cnn_halved_and_recovered_keeps_its_accuracy(tmp_path):
     assert report.original.fidelity.accuracy - step.fidelity.accuracy <= 0.01
 
 
-def test_the_transformer_loses_half_its_stream_and_feed_forward_width_and_recovers(tmp_path):
+def test_the_transformer_loses_half_its_heads_stream_and_feed_forward_width_and_recovers(tmp_path):
     tree, _ = flatbuffer.read(MODELS / "digits_transformer.tflite")
     plan = plan_channel_pruning(tree)
-    assert plan.summary() == ("7 layers in 3 groups; left whole: 3 (1 x reshaped across its channels (RESHAPE #18); "
-                              "1 x reshaped across its channels (RESHAPE #68); 1 x its output is a graph output)")
+    assert plan.summary() == "9 layers in 5 groups; left whole: 1 (1 x its output is a graph output)"
     groups = {tuple(sorted(f"FULLY_CONNECTED #{r.layer}" for r in group)) for group in plan.groups}
-    assert groups == {tuple(sorted(STREAM)), ("FULLY_CONNECTED #51",), ("FULLY_CONNECTED #101",)}  # + feed-forward
+    assert groups == {tuple(sorted(STREAM)), ("FULLY_CONNECTED #51",), ("FULLY_CONNECTED #101",),  # feed-forward
+                      ("FULLY_CONNECTED #17",), ("FULLY_CONNECTED #67",)}  # Q/K/V, by heads
+    heads = next(r for r in plan.regions if r.layer == 17)
+    assert heads.channels == 4 and heads.edits[0][3].shape == (4, 48)  # 4 heads: 16 outputs in each of Q, K, V
     model = ModelFile.open(MODELS / "digits_transformer.tflite")
-    report = run_recipe(model, steps([("tflite-prune-channels", {"ratio": 0.5, "recover_epochs": 15})]),
-                        eval_data=str(HELDOUT), train=str(TRAIN), latency_runs=20, workdir=tmp_path)
+    report = run_recipe(model, load_recipe("channels-50", "tflite"), eval_data=str(HELDOUT), train=str(TRAIN),
+                        latency_runs=20, workdir=tmp_path)
     step = report.steps[0]
     assert step.status == "ok", step.note
-    assert step.size_bytes < 0.55 * report.original.size_bytes
+    assert step.size_bytes < 0.4 * report.original.size_bytes
     assert report.original.fidelity.accuracy - step.fidelity.accuracy <= 0.01
 
 
 def test_what_it_cannot_prune_safely_is_left_whole_and_named():
-    tree, _ = flatbuffer.read(MODELS / "digits_transformer.tflite")
-    plan = plan_channel_pruning(tree)
-    assert plan.skipped["FULLY_CONNECTED #17"] == "reshaped across its channels (RESHAPE #18)"  # into heads
-    assert plan.skipped["FULLY_CONNECTED #120"] == "its output is a graph output"
+    tree, _ = flatbuffer.read(FIXTURES / "detector.tflite")
+    skipped = plan_channel_pruning(tree).skipped
+    # a head's anchors x classes, reshaped into boxes (and grouped by class: a softmax across them)
+    assert skipped["CONV_2D #7"] == "reshaped across its channels (RESHAPE #8)"
+    assert skipped["CONV_2D #14"] == "reshaped across its channels (RESHAPE #15)"
     tree, _ = flatbuffer.read(FIXTURES / "crnn_ocr.tflite")
     skipped = plan_channel_pruning(tree).skipped
     assert skipped["FULLY_CONNECTED #775"] == "reduced over its channels (REDUCE_MAX #776)"  # log-softmax's max

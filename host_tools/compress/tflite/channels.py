@@ -46,7 +46,12 @@ class Region:
     tensors: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)  # tensor -> (axis, positions)
     # (operator, input position, axis, positions): constants that lose the channels' entries
     edits: list[tuple[int, int, int, np.ndarray]] = field(default_factory=list)
-    reshapes: set[int] = field(default_factory=set)  # RESHAPE operators whose target shape changes
+    # (operator, input position): shape constants (a RESHAPE's target, a SLICE's size) that follow the
+    # operator's output when it loses channels
+    targets: set[tuple[int, int]] = field(default_factory=set)
+    # when a reshape splits the channels (into sections, heads, head dims): the channels grouped by
+    # their index along each new axis, to try again with whole groups as the unit (an attention head)
+    splits: list[np.ndarray] = field(default_factory=list)
     # (tensor, its axis, positions, op): another operand met, which must carry tied channels
     meets: list[tuple[int, int, np.ndarray, str]] = field(default_factory=list)
     why: str | None = None
@@ -155,13 +160,12 @@ def plan_channel_pruning(tree, exclude: set[str] = frozenset()) -> Plan:
         if channels < 2:
             skipped[g.label(k)] = "a single channel"
             continue
-        region = Region(k, channels)
-        plain = np.arange(channels)[:, None]
-        region.edits.append((k, 1, axis, plain))
-        if g.const(g.input(k, 2)) is not None:
-            region.edits.append((k, 2, 0, plain))
-        out = int(g.ops[k].outputs[0])
-        _walk(g, region, out, len(g.shape(out)) - 1, plain)
+        region = _walked(g, k, axis, np.arange(channels)[:, None])
+        for units in region.splits:  # a reshape split the channels: whole groups of them (heads) instead
+            grouped = _walked(g, k, axis, units)
+            if grouped.why is None:
+                region = grouped
+                break
         regions.append(region)
     groups = []
     for members in _tie(regions):
@@ -172,6 +176,18 @@ def plan_channel_pruning(tree, exclude: set[str] = frozenset()) -> Plan:
             groups.append(members)
     _untangle(g, groups, skipped)
     return Plan(groups, skipped)
+
+
+def _walked(g: Graph, k: int, axis: int, units: np.ndarray) -> Region:
+    """The region of layer *k*'s output, pruned by *units*: [n, m], the m output channels of each of n units
+    (a channel each, or an attention head's outputs in each of Q, K and V)."""
+    region = Region(k, len(units))
+    region.edits.append((k, 1, axis, units))
+    if g.const(g.input(k, 2)) is not None:
+        region.edits.append((k, 2, 0, units))
+    out = int(g.ops[k].outputs[0])
+    _walk(g, region, out, len(g.shape(out)) - 1, units)
+    return region
 
 
 def _walk(g: Graph, region: Region, start: int, axis: int, positions: np.ndarray) -> None:
@@ -247,6 +263,21 @@ def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
         return [(outputs[0], [int(p) % rank for p in np.ravel(perm)].index(axis), positions)]
     if kind in SHAPE_ONLY and position == 0:
         return _reshaped(g, region, k, t, axis, positions)
+    if kind == "SLICE" and position == 0:
+        begin, size = g.const(g.input(k, 1)), g.const(g.input(k, 2))
+        if begin is None or size is None:
+            return f"feeds {g.label(k)} with bounds it computes"
+        if begin[axis] != 0 or size[axis] not in (-1, g.shape(t)[axis]):
+            return f"sliced across its channels ({g.label(k)})"
+        region.targets.add((k, 2))
+        return [(outputs[0], axis, positions)]
+    if kind == "SOFTMAX":
+        return f"a softmax across its channels ({g.label(k)})" if axis == rank - 1 else [(outputs[0], axis, positions)]
+    if kind == "BATCH_MATMUL":
+        # a product per head (attention's Q·Kᵀ, weights·V): the channels must be a batch axis of both operands
+        if axis >= rank - 2:
+            return f"multiplied along its channels ({g.label(k)})"
+        return _binary(g, region, k, position, t, axis, positions)
     if kind == "CONCATENATION":
         if op.builtinOptions.axis % rank != axis:
             return f"joined along another axis ({g.label(k)})"
@@ -296,9 +327,26 @@ def _reshaped(g: Graph, region: Region, k: int, t: int, axis: int, positions: np
             if len({len(w) for w in where}) != 1:
                 break
             if g.kinds[k] == "RESHAPE":
-                region.reshapes.add(k)
+                region.targets.add((k, 1))
             return [(out, new_axis, np.array(where))]
+    if positions.shape[1] == 1 and len(positions) == region.channels and not region.splits:
+        region.splits = _splits(labels, len(positions))
     return f"reshaped across its channels ({g.label(k)})"
+
+
+def _splits(labels: np.ndarray, channels: int) -> list[np.ndarray]:
+    """Where a reshape spreads each channel over several axes (192 -> 3 x 4 x 16: Q/K/V, head, head
+    dim), the channels grouped by their index along each such axis, fewest groups first."""
+    found = []
+    for axis in range(labels.ndim):
+        size = labels.shape[axis]
+        if not 1 < size < channels:
+            continue
+        moved = np.moveaxis(labels, axis, 0).reshape(size, -1)
+        groups = [np.unique(row[row >= 0]) for row in moved]
+        if sum(len(g) for g in groups) == channels and len({len(g) for g in groups}) == 1:
+            found.append(np.array(groups))
+    return sorted(found, key=len)
 
 
 def _tie(regions: list[Region]) -> list[list[Region]]:
@@ -361,7 +409,7 @@ def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> Non
     g = Graph(tree)
     removals: dict[tuple[int, int], dict[int, set[int]]] = {}  # (op, input) -> axis -> indices
     shrink: dict[int, dict[int, set[int]]] = {}  # tensor -> axis -> indices removed along it
-    reshapes: set[int] = set()
+    targets: set[tuple[int, int]] = set()
     for group in plan.groups:
         channels = group[0].channels
         score = np.zeros(channels)
@@ -377,7 +425,7 @@ def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> Non
                 removals.setdefault((k, position), {}).setdefault(axis, set()).update(positions[gone].ravel().tolist())
             for t, (axis, positions) in region.tensors.items():
                 shrink.setdefault(t, {}).setdefault(axis, set()).update(positions[gone].ravel().tolist())
-            reshapes |= region.reshapes
+            targets |= region.targets
             if g.kinds[region.layer] == "DEPTHWISE_CONV_2D":
                 g.ops[region.layer].builtinOptions.depthMultiplier = keep
     for (k, position), axes in removals.items():
@@ -386,8 +434,8 @@ def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> Non
         for axis, indices in axes.items():
             array = np.delete(array, sorted(indices), axis=axis)
         _store(g, t, array)
-    for k in reshapes:  # the target shape follows the output's: its own copy, rewritten
-        _shrink_reshape(g, k, {axis: len(gone) for axis, gone in shrink[int(g.ops[k].outputs[0])].items()})
+    for k, position in targets:  # a shape constant follows the output's shape: its own copy, rewritten
+        _shrink_target(g, k, position, {axis: len(gone) for axis, gone in shrink[int(g.ops[k].outputs[0])].items()})
     for t, by_axis in shrink.items():
         tensor = g.tensor(t)
         for axis, indices in by_axis.items():
@@ -396,13 +444,13 @@ def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> Non
                 tensor.shapeSignature[axis] -= len(indices)
 
 
-def _shrink_reshape(g: Graph, k: int, fewer: dict[int, int]) -> None:
+def _shrink_target(g: Graph, k: int, position: int, fewer: dict[int, int]) -> None:
     options = g.ops[k].builtinOptions
     for entry, n in fewer.items():
-        if options is not None and options.newShape is not None and len(options.newShape) > entry \
-                and options.newShape[entry] > 0:
+        if g.kinds[k] == "RESHAPE" and options is not None and options.newShape is not None \
+                and len(options.newShape) > entry and options.newShape[entry] > 0:
             options.newShape[entry] -= n
-    t = _own(g, k, 1)
+    t = _own(g, k, position)
     target = g.const(t)
     if target is not None and target.ndim == 1:
         target = target.copy()
