@@ -13,7 +13,8 @@ calibration and evaluation data. The table shows, per recipe, the result's size 
 original's, or why it did not apply; structured pruning runs without recovery, so its column is
 the structure it found ("4/7 layers, 2 heads": layers pruned of all weighted layers, groups by
 attention heads), not accuracy. With ``--format tflite`` each model is converted with litert-torch
-instead (batch 1; token ids become int32) and given each TFLite recipe. Each other cell is "size
+instead (batch 1; token ids become int32) and given each TFLite recipe, and its structured pruning
+(tflite-prune-channels) in the last column. Each other cell is "size
 ratio / output cosine to the original";
 with random weights and inputs the cosine is only a smoke test (80% magnitude pruning of random
 weights, in sparse-int8, leaves little of them).
@@ -116,7 +117,7 @@ def main() -> None:
     recipes = RECIPES[args.format]
     print()
     print(f"{'model':<11} {'KiB':>6}  " + "  ".join(f"{r:>13}" for r in recipes)
-          + ("  channels-50 (no recovery)" if args.format == "onnx" else ""))
+          + "  channels-50 (no recovery)")
     for name, row in rows:
         if "error" in row:
             print(f"{name:<11} export failed: {row['error']}")
@@ -178,9 +179,8 @@ def recipe_cells(original, model_format: str, dataset, work: Path, row: dict) ->
 def run_onnx(name: str, cls, config, kind: str, work: Path, torch) -> dict:
     import onnx
 
-    from host_tools.compress import Dataset, ModelFile, run_recipe
+    from host_tools.compress import Dataset, ModelFile
     from host_tools.compress.onnx.prune import prepared_plan
-    from host_tools.compress.recipes import Recipe, Step
 
     work.mkdir(parents=True)
     module, names, data = build(cls, config, kind, torch)
@@ -197,17 +197,25 @@ def run_onnx(name: str, cls, config, kind: str, work: Path, torch) -> dict:
     dataset = Dataset(data, None, "random")
     row: dict = {"kib": path.stat().st_size / 1024, "notes": {}}
     recipe_cells(original, "onnx", dataset, work, row)
-    report = run_recipe(original, Recipe("channels-50", (Step("onnx-prune-channels", {"ratio": 0.5}),)),
-                        eval_data=dataset, latency_runs=10, workdir=work / "prune")
     plan = prepared_plan(onnx.load(str(path)))
     layers = sum(len(g.producers) for g in plan.groups)
     heads = sum(any(p.block > 1 for p in g.producers) for g in plan.groups)
+    prune_cell(original, "onnx-prune-channels", dataset, work, row, layers, layers + len(plan.skipped), heads)
+    return row
+
+
+def prune_cell(original, pass_name: str, dataset, work: Path, row: dict, layers: int, of: int, heads: int) -> None:
+    """Structured pruning without recovery: the size it leaves, and how much of the model it could prune."""
+    from host_tools.compress import run_recipe
+    from host_tools.compress.recipes import Recipe, Step
+
+    report = run_recipe(original, Recipe("channels-50", (Step(pass_name, {"ratio": 0.5}),)),
+                        eval_data=dataset, latency_runs=10, workdir=work / "prune")
     if report.compressed:
-        row["prune"] = (f"{report.result.size_bytes / report.original.size_bytes:.2f}x: {layers}/"
-                        f"{layers + len(plan.skipped)} layers, {heads} by heads")
+        row["prune"] = (f"{report.result.size_bytes / report.original.size_bytes:.2f}x: {layers}/{of} layers, "
+                        f"{heads} by heads")
     else:
         row["prune"] = "— " + "; ".join(s.note for s in report.steps if s.status != "ok")[:100]
-    return row
 
 
 def run_tflite(name: str, cls, config, kind: str, work: Path, torch) -> dict:
@@ -232,6 +240,13 @@ def run_tflite(name: str, cls, config, kind: str, work: Path, torch) -> dict:
     dataset = Dataset({spec.name: data[n] for spec, n in zip(specs, names)}, None, "random")
     row: dict = {"kib": path.stat().st_size / 1024, "notes": {}}
     recipe_cells(original, "tflite", dataset, work, row)
+    from host_tools.compress.tflite import flatbuffer
+    from host_tools.compress.tflite.channels import plan_channel_pruning
+
+    plan = plan_channel_pruning(flatbuffer.read(path)[0])
+    heads = sum(any(r.edits[0][3].shape[1] > 1 for r in group) for group in plan.groups)
+    prune_cell(original, "tflite-prune-channels", dataset, work, row, len(plan.regions),
+               len(plan.regions) + len(plan.skipped), heads)
     return row
 
 
