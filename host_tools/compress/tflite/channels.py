@@ -2,8 +2,9 @@
 of ``onnx/channels``.
 
 TFLite keeps channels on the last axis (NHWC). A prunable layer is a CONV_2D or FULLY_CONNECTED
-with a constant float32 weight, or a DEPTHWISE_CONV_2D over one input channel (how converters write
-a first convolution over a grey image). Its output channels can go when everything computed from
+with a constant float32 weight, a DEPTHWISE_CONV_2D over one input channel (how converters write
+a first convolution over a grey image), or an embedding (a GATHER or EMBEDDING_LOOKUP of rows of a
+constant table). Its output channels can go when everything computed from
 them channel by channel — activations, pooling, a per-channel constant added or multiplied, a
 depthwise convolution, a MEAN over other axes (or over the channels: a LayerNorm's statistics,
 computed from fewer channels, as recovery then trains for), padding of other axes, and reshapes and transposes
@@ -123,18 +124,37 @@ class Graph:
         return int(inputs[position]) if position < len(inputs) else -1
 
 
-def _producer(g: Graph, k: int) -> tuple[int, int] | None:
-    """(weight output axis, channels) of a prunable layer; None for any other op."""
-    kind, weight = g.kinds[k], g.input(k, 1)
+@dataclass(frozen=True)
+class Producer:
+    """Where a prunable layer keeps its weight, and which of the weight's axes are its output channels."""
+    weight: int  # input position
+    axis: int
+    channels: int
+    bias: int | None  # input position
+
+
+def _producer(g: Graph, k: int) -> Producer | None:
+    """A prunable layer's weight; None for any other op."""
+    kind = g.kinds[k]
+    if kind in ("GATHER", "EMBEDDING_LOOKUP"):  # an embedding: rows of a table, one per token
+        position = 0 if kind == "GATHER" else 1
+        table = g.input(k, position)
+        axis = g.ops[k].builtinOptions.axis if kind == "GATHER" and g.ops[k].builtinOptions is not None else 0
+        shape = g.shape(table)
+        if g.const(table) is None or len(shape) != 2 or axis != 0:
+            return None
+        return Producer(position, 1, shape[1], None)
+    weight = g.input(k, 1)
     if kind not in ("CONV_2D", "FULLY_CONNECTED", "DEPTHWISE_CONV_2D") or g.const(weight) is None:
         return None
     shape = g.shape(weight)
     inputs = g.shape(g.input(k, 0))
+    bias = 2 if g.const(g.input(k, 2)) is not None else None
     if kind == "DEPTHWISE_CONV_2D":
-        return (3, shape[3]) if inputs and inputs[-1] == 1 else None
+        return Producer(1, 3, shape[3], bias) if inputs and inputs[-1] == 1 else None
     if not inputs or inputs[-1] != shape[-1]:  # a grouped convolution
         return None
-    return (0, shape[0]) if kind == "CONV_2D" or len(shape) == 2 else None
+    return Producer(1, 0, shape[0], bias) if kind == "CONV_2D" or len(shape) == 2 else None
 
 
 def plan_channel_pruning(tree, exclude: set[str] = frozenset()) -> Plan:
@@ -144,8 +164,7 @@ def plan_channel_pruning(tree, exclude: set[str] = frozenset()) -> Plan:
         found = _producer(g, k)
         if found is None:
             continue
-        axis, channels = found
-        weight = g.input(k, 1)
+        channels, weight = found.channels, g.input(k, found.weight)
         name = g.tensor(int(g.ops[k].outputs[0])).name
         label = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
         if label in exclude or g.label(k) in exclude:
@@ -160,9 +179,9 @@ def plan_channel_pruning(tree, exclude: set[str] = frozenset()) -> Plan:
         if channels < 2:
             skipped[g.label(k)] = "a single channel"
             continue
-        region = _walked(g, k, axis, np.arange(channels)[:, None])
+        region = _walked(g, k, found, np.arange(channels)[:, None])
         for units in region.splits:  # a reshape split the channels: whole groups of them (heads) instead
-            grouped = _walked(g, k, axis, units)
+            grouped = _walked(g, k, found, units)
             if grouped.why is None:
                 region = grouped
                 break
@@ -178,13 +197,13 @@ def plan_channel_pruning(tree, exclude: set[str] = frozenset()) -> Plan:
     return Plan(groups, skipped)
 
 
-def _walked(g: Graph, k: int, axis: int, units: np.ndarray) -> Region:
+def _walked(g: Graph, k: int, producer: Producer, units: np.ndarray) -> Region:
     """The region of layer *k*'s output, pruned by *units*: [n, m], the m output channels of each of n units
     (a channel each, or an attention head's outputs in each of Q, K and V)."""
     region = Region(k, len(units))
-    region.edits.append((k, 1, axis, units))
-    if g.const(g.input(k, 2)) is not None:
-        region.edits.append((k, 2, 0, units))
+    region.edits.append((k, producer.weight, producer.axis, units))
+    if producer.bias is not None:
+        region.edits.append((k, producer.bias, 0, units))
     out = int(g.ops[k].outputs[0])
     _walk(g, region, out, len(g.shape(out)) - 1, units)
     return region
@@ -280,7 +299,9 @@ def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
         return _binary(g, region, k, position, t, axis, positions)
     if kind == "CONCATENATION":
         if op.builtinOptions.axis % rank != axis:
-            return f"joined along another axis ({g.label(k)})"
+            # joined along another axis (rotary embedding's halves): every part must carry the same channels
+            region.meets.extend((int(i), axis, positions, g.label(k)) for i in op.inputs if int(i) != t)
+            return [(outputs[0], axis, positions)]
         offset = sum(g.shape(int(i))[axis] for i in op.inputs[:position])
         return [(outputs[0], axis, positions + offset)]
     return f"feeds {g.label(k)}"
@@ -308,7 +329,8 @@ def _binary(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
 
 def _reshaped(g: Graph, region: Region, k: int, t: int, axis: int, positions: np.ndarray):
     """Follow the channels through a change of shape: each channel's values must land on one axis of
-    the output, spread evenly along it (a flatten); a reshape that splits them (into heads) stops."""
+    the output, spread evenly along it (a flatten). A reshape that spreads them over several axes
+    stops the walk, and notes how the channels could be grouped instead (attention heads)."""
     shape, out = g.shape(t), int(g.ops[k].outputs[0])
     out_shape = g.shape(out)
     if int(np.prod(shape)) != int(np.prod(out_shape)) or np.prod(shape) > 1 << 24:

@@ -2,7 +2,7 @@
 counterpart, for fine-tuning a pruned TFLite model.
 
 The graph is interpreted op by op in its own layout (NHWC); the float constants of weighted ops
-(CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED) and the per-channel constants added or multiplied
+(CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, embedding tables) and the per-channel constants added or multiplied
 (norm scales, position tables) become ``nn.Parameter``s, and ``write_back`` puts their values
 into the same flatbuffer. A converter bakes the batch into the graph's shapes (a flatten to
 [1, 512]), so each sample runs the graph at that batch, vectorised over the training batch with
@@ -19,7 +19,8 @@ from torch.nn import functional as F
 from device_agent.errors import NotApplicable
 from host_tools.compress.tflite.channels import FLOAT32, Graph
 
-WEIGHTED = {"CONV_2D": (1, 2), "DEPTHWISE_CONV_2D": (1, 2), "FULLY_CONNECTED": (1, 2)}
+WEIGHTED = {"CONV_2D": (1, 2), "DEPTHWISE_CONV_2D": (1, 2), "FULLY_CONNECTED": (1, 2), "GATHER": (0,),
+            "EMBEDDING_LOOKUP": (1,)}  # (a GATHER's float table is an embedding's; index tables stay constants)
 SCALED = {"ADD", "SUB", "MUL"}  # a float constant with a non-trivial shape read by these trains too
 SAME, VALID = 0, 1  # tflite Padding
 
@@ -250,4 +251,6 @@ _OPS = {
     "BATCH_MATMUL": _batch_matmul,
     "RESIZE_NEAREST_NEIGHBOR": _resize_nearest,
     "GATHER": _gather,
+    "EMBEDDING_LOOKUP": lambda a, o: torch.index_select(a[1], 0, a[0].reshape(-1).long()).reshape(
+        *a[0].shape, *a[1].shape[1:]),
 }
