@@ -80,7 +80,11 @@ STREAM = ("FULLY_CONNECTED #3", "FULLY_CONNECTED #37", "FULLY_CONNECTED #53", "F
     # a residual stream tied to the squeeze-and-excitation gate that scales it (stem, projection and
     # gate in one group), the expansion width through a depthwise convolution, concatenated branches
     (FIXTURES / "mobile_blocks.tflite", 7, ()),
-], ids=lambda v: getattr(v, "stem", None) or (v if isinstance(v, int) else "excluded"))
+    # embeddings, the attention output and the feed-forward output tied as one stream; grouped-query
+    # attention: each K/V head taken with the two query heads it serves, through the broadcast that
+    # repeats it for them
+    (FIXTURES / "token_classifier.tflite", 7, ()),
+], ids=lambda v: getattr(v, "stem", None) or (str(v) if isinstance(v, int) else "stream-left" if v else "all"))
 def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_path, path, layers, exclude):
     """Half of each group's channels are exact zeros wherever pruning cuts: removing exactly those
     channels, and the matching inputs of the layers that read them (a flattened block of features
@@ -153,6 +157,25 @@ def test_a_quantized_model_is_refused_in_one_line(tmp_path):
     assert "its weight is not float32 (prune before quantizing)" in pruning.note
 
 
+def test_grouped_query_attention_loses_each_kv_head_with_the_query_heads_it_serves(tmp_path):
+    """4 query heads share 2 K/V heads (repeated by a BROADCAST_TO): removing a K/V head must remove
+    the two query heads that read it, or Q·Kᵀ would pair the wrong heads."""
+    path = FIXTURES / "token_classifier.tflite"
+    plan = plan_channel_pruning(flatbuffer.read(path)[0])
+    groups = {tuple(sorted(r.layer for r in group)) for group in plan.groups}
+    assert groups == {(1, 31, 35), (4, 7, 10), (33,)}, groups  # stream (embedding first), attention, feed-forward
+    units = {r.layer: r.edits[0][3].shape for r in plan.regions}
+    assert units[4] == (2, 16) and units[7] == units[10] == (2, 8)  # a unit: 2 query heads of 8, or a K/V head
+    report = run_recipe(ModelFile.open(path), steps([("tflite-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path)
+    assert report.steps[0].status == "ok", report.steps[0].note
+    g = Graph(flatbuffer.read(report.result.model.path)[0])
+    weights = {k: g.shape(g.input(k, 1)) for k in (4, 7, 10, 31)}
+    assert weights == {4: [16, 16], 7: [8, 16], 10: [8, 16], 31: [16, 16]}, weights  # stream 32 -> 16 too
+    assert list(g.const(g.input(14, 1))) == [1, 1, 2, 12, 8]  # the broadcast repeats one K/V head, twice
+    _shape_constants_agree(report.result.model.path)
+
+
 def test_fine_tuning_reads_each_graph_as_tflite_runs_it():
     """The PyTorch reading of a TFLite graph (which recovery trains) gives TFLite's outputs, on the
     reference models and the foreign ones it can run."""
@@ -160,12 +183,14 @@ def test_fine_tuning_reads_each_graph_as_tflite_runs_it():
     from host_tools.compress.torch.tflite_module import TfliteModule
 
     for path in (MODELS / "digits_cnn.tflite", MODELS / "digits_vgg.tflite", MODELS / "digits_transformer.tflite",
-                 FIXTURES / "detector.tflite", FIXTURES / "mobile_blocks.tflite"):
+                 FIXTURES / "detector.tflite", FIXTURES / "mobile_blocks.tflite", FIXTURES / "token_classifier.tflite"):
         model = ModelFile.open(path)
         tree, _ = flatbuffer.read(path)
         module = TfliteModule(tree)
         runtime = model.load()
-        x = np.random.default_rng(0).standard_normal((3, *runtime.inputs[0].shape[1:])).astype(np.float32)
+        shape, rng = (3, *runtime.inputs[0].shape[1:]), np.random.default_rng(0)
+        x = (rng.integers(0, 100, shape) if runtime.inputs[0].dtype.startswith("int")
+             else rng.standard_normal(shape)).astype(runtime.inputs[0].dtype)
         with torch.no_grad():
             mine = module(torch.from_numpy(x))
         for i in range(3):

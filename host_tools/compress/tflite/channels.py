@@ -56,6 +56,7 @@ class Region:
     # (tensor, its axis, positions, op): another operand met, which must carry tied channels
     meets: list[tuple[int, int, np.ndarray, str]] = field(default_factory=list)
     why: str | None = None
+    walk_why: str | None = None  # why the walk itself stopped (``why`` may be set later, by the ties)
 
 
 @dataclass
@@ -159,7 +160,8 @@ def _producer(g: Graph, k: int) -> Producer | None:
 
 def plan_channel_pruning(tree, exclude: set[str] = frozenset()) -> Plan:
     g = Graph(tree)
-    regions, skipped = [], {}
+    choices: list[list[Region]] = []  # per layer, the ways of pruning it
+    skipped = {}
     for k in range(len(g.ops)):
         found = _producer(g, k)
         if found is None:
@@ -180,12 +182,10 @@ def plan_channel_pruning(tree, exclude: set[str] = frozenset()) -> Plan:
             skipped[g.label(k)] = "a single channel"
             continue
         region = _walked(g, k, found, np.arange(channels)[:, None])
-        for units in region.splits:  # a reshape split the channels: whole groups of them (heads) instead
-            grouped = _walked(g, k, found, units)
-            if grouped.why is None:
-                region = grouped
-                break
-        regions.append(region)
+        # a reshape split the channels: whole groups of them (heads) instead, each way that gets through
+        grouped = [r for r in (_walked(g, k, found, units) for units in _coarser(region.splits)) if r.why is None]
+        choices.append(grouped or [region])
+    regions = _choose(choices)
     groups = []
     for members in _tie(regions):
         why = _why_not(g, members)
@@ -197,6 +197,44 @@ def plan_channel_pruning(tree, exclude: set[str] = frozenset()) -> Plan:
     return Plan(groups, skipped)
 
 
+def _coarser(splits: list[np.ndarray]) -> list[np.ndarray]:
+    """Each way of grouping the channels, then the same groups taken m at a time (m dividing their
+    count): with grouped-query attention a K/V head serves a group of query heads, and the query
+    projection can only lose whole groups."""
+    found = []
+    for units in splits:
+        found.append(units)
+        found += [units.reshape(len(units) // m, -1) for m in range(2, len(units)) if len(units) % m == 0]
+    return found
+
+
+def _choose(choices: list[list[Region]]) -> list[Region]:
+    """One region per layer: the first way of grouping its channels, or a later one where the first
+    meets another layer's channels in other places (query heads against grouped K/V heads). A layer
+    that no way gets through is reported as its first way failed."""
+    chosen = [0] * len(choices)
+    regions: list[Region] = []
+    for _ in range(sum(map(len, choices))):
+        regions = [c[i] for c, i in zip(choices, chosen)]
+        for region in regions:
+            region.why = region.walk_why
+        _tie(regions)
+        advanced = False
+        for n, region in enumerate(regions):
+            if region.why and region.walk_why is None and chosen[n] + 1 < len(choices[n]):
+                chosen[n] += 1
+                advanced = True
+        if not advanced:
+            break
+    final = []
+    for n, region in enumerate(regions):
+        if region.why and chosen[n]:
+            region = choices[n][0]
+        region.why = region.walk_why  # the plan ties them again
+        final.append(region)
+    return final
+
+
 def _walked(g: Graph, k: int, producer: Producer, units: np.ndarray) -> Region:
     """The region of layer *k*'s output, pruned by *units*: [n, m], the m output channels of each of n units
     (a channel each, or an attention head's outputs in each of Q, K and V)."""
@@ -206,6 +244,7 @@ def _walked(g: Graph, k: int, producer: Producer, units: np.ndarray) -> Region:
         region.edits.append((k, producer.bias, 0, units))
     out = int(g.ops[k].outputs[0])
     _walk(g, region, out, len(g.shape(out)) - 1, units)
+    region.walk_why = region.why
     return region
 
 
@@ -290,6 +329,14 @@ def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
             return f"sliced across its channels ({g.label(k)})"
         region.targets.add((k, 2))
         return [(outputs[0], axis, positions)]
+    if kind == "BROADCAST_TO" and position == 0:
+        # repeated along other axes (Llama's repeat_kv, each K/V head for its group of query heads)
+        out_shape = g.shape(outputs[0])
+        out_axis = len(out_shape) - (rank - axis)
+        if out_shape[out_axis] != g.shape(t)[axis] or g.const(g.input(k, 1)) is None:
+            return f"broadcast across its channels ({g.label(k)})"
+        region.targets.add((k, 1))
+        return [(outputs[0], out_axis, positions)]
     if kind == "SOFTMAX":
         return f"a softmax across its channels ({g.label(k)})" if axis == rank - 1 else [(outputs[0], axis, positions)]
     if kind == "BATCH_MATMUL":

@@ -251,6 +251,7 @@ _OPS = {
     "BATCH_MATMUL": _batch_matmul,
     "RESIZE_NEAREST_NEIGHBOR": _resize_nearest,
     "GATHER": _gather,
+    "BROADCAST_TO": lambda a, o: torch.broadcast_to(a[0], [int(v) for v in a[1].tolist()]),
     "EMBEDDING_LOOKUP": lambda a, o: torch.index_select(a[1], 0, a[0].reshape(-1).long()).reshape(
         *a[0].shape, *a[1].shape[1:]),
 }
