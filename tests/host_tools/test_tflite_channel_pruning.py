@@ -2,6 +2,8 @@
 flatbuffer computes what the original did, recovery brings the accuracy back, and what it leaves
 whole is named."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -16,14 +18,16 @@ FIXTURES = MODELS.parent / "tests" / "fixtures" / "models"
 
 
 def _silenced(path, out, exclude=()):
-    """*path* with the odd channels of every group the planner would prune made exactly zero in every
+    """*path* with half the channels of every group the planner would prune made exactly zero in every
     constant that pruning cuts (weights, biases, per-channel constants, the reading layers' inputs):
     the channels pruning by weight norm removes first, and whose removal changes no output."""
     tree, outside = flatbuffer.read(path)
     plan = plan_channel_pruning(tree, set(exclude))
     graph = tree.subgraphs[0]
     for region in plan.regions:
-        odd = np.arange(1, region.channels, 2)
+        # the middle two of every four units: pruning must score each unit (a head: its rows in each of
+        # Q, K and V) by its own rows, or it picks others
+        odd = np.array([c for c in range(region.channels) if c % 4 in (1, 2)])
         for k, position, axis, positions in region.edits:
             tensor = graph.tensors[graph.operators[k].inputs[position]]
             values = np.frombuffer(bytes(tree.buffers[tensor.buffer].data), np.float32).reshape(tensor.shape).copy()
@@ -84,6 +88,8 @@ STREAM = ("FULLY_CONNECTED #3", "FULLY_CONNECTED #37", "FULLY_CONNECTED #53", "F
     # attention: each K/V head taken with the two query heads it serves, through the broadcast that
     # repeats it for them
     (FIXTURES / "token_classifier.tflite", 7, ()),
+    # one layer computes Q, K and V, split in three by SLICEs: each part pruned by heads, tied to the others
+    (FIXTURES / "fused_qkv.tflite", 5, ()),
 ], ids=lambda v: getattr(v, "stem", None) or (str(v) if isinstance(v, int) else "stream-left" if v else "all"))
 def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_path, path, layers, exclude):
     """Half of each group's channels are exact zeros wherever pruning cuts: removing exactly those
@@ -98,9 +104,14 @@ def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_pat
     assert pruned.size_bytes < 0.9 * silenced.size_bytes
     tree, _ = flatbuffer.read(pruned.path)
     graph = tree.subgraphs[0]
-    for region in plan.regions:  # every pruned layer has half its output channels (or heads)
+    halved = Counter()  # every pruned layer loses half its output channels (or heads; of each part of a split one)
+    for region in plan.regions:
         k, position, axis, units = region.edits[0]
-        assert graph.tensors[graph.operators[k].inputs[position]].shape[axis] == units.size // 2
+        halved[k, position, axis] += units.size // 2
+    before = flatbuffer.read(silenced.path)[0].subgraphs[0]
+    for (k, position, axis), fewer in halved.items():
+        shape = lambda g: g.tensors[g.operators[k].inputs[position]].shape[axis]  # noqa: E731
+        assert shape(graph) == shape(before) - fewer
     _shape_constants_agree(pruned.path)
     for want, got in zip(_outputs(silenced), _outputs(pruned)):
         for name in want:
@@ -176,6 +187,20 @@ def test_grouped_query_attention_loses_each_kv_head_with_the_query_heads_it_serv
     _shape_constants_agree(report.result.model.path)
 
 
+def test_a_layer_split_in_three_loses_the_same_heads_in_each_part(tmp_path):
+    path = FIXTURES / "fused_qkv.tflite"
+    plan = plan_channel_pruning(flatbuffer.read(path)[0])
+    parts = sorted((r.edits[0][3].shape, int(r.edits[0][3].min())) for r in plan.regions if r.layer == 2)
+    assert parts == [((4, 8), 0), ((4, 8), 32), ((4, 8), 64)]  # Q, K and V: 4 heads of 8 outputs each
+    report = run_recipe(ModelFile.open(path), steps([("tflite-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path)
+    g = Graph(flatbuffer.read(report.result.model.path)[0])
+    assert g.shape(g.input(2, 1)) == [48, 16]  # 2 heads left in each part, of a stream pruned to 16
+    # each SLICE starts where its part now starts, and takes what is left of it
+    assert [(int(g.const(g.input(k, 1))[-1]), int(g.const(g.input(k, 2))[-1])) for k in (4, 5, 6)] == \
+        [(0, 16), (16, 16), (32, 16)]
+
+
 def test_fine_tuning_reads_each_graph_as_tflite_runs_it():
     """The PyTorch reading of a TFLite graph (which recovery trains) gives TFLite's outputs, on the
     reference models and the foreign ones it can run."""
@@ -183,7 +208,8 @@ def test_fine_tuning_reads_each_graph_as_tflite_runs_it():
     from host_tools.compress.torch.tflite_module import TfliteModule
 
     for path in (MODELS / "digits_cnn.tflite", MODELS / "digits_vgg.tflite", MODELS / "digits_transformer.tflite",
-                 FIXTURES / "detector.tflite", FIXTURES / "mobile_blocks.tflite", FIXTURES / "token_classifier.tflite"):
+                 FIXTURES / "detector.tflite", FIXTURES / "mobile_blocks.tflite", FIXTURES / "token_classifier.tflite",
+                 FIXTURES / "fused_qkv.tflite"):
         model = ModelFile.open(path)
         tree, _ = flatbuffer.read(path)
         module = TfliteModule(tree)

@@ -57,6 +57,10 @@ class Region:
     meets: list[tuple[int, int, np.ndarray, str]] = field(default_factory=list)
     why: str | None = None
     walk_why: str | None = None  # why the walk itself stopped (``why`` may be set later, by the ties)
+    # SLICEs that take windows of the layer's channels (a fused Q/K/V projection split in three):
+    # (operator, first channel, count, the tensor sliced)
+    windows: list[tuple[int, int, int, int]] = field(default_factory=list)
+    begins: set[int] = field(default_factory=set)  # SLICE operators whose window starts later once pruned
 
 
 @dataclass
@@ -182,9 +186,18 @@ def plan_channel_pruning(tree, exclude: set[str] = frozenset()) -> Plan:
             skipped[g.label(k)] = "a single channel"
             continue
         region = _walked(g, k, found, np.arange(channels)[:, None])
-        # a reshape split the channels: whole groups of them (heads) instead, each way that gets through
-        grouped = [r for r in (_walked(g, k, found, units) for units in _coarser(region.splits)) if r.why is None]
-        choices.append(grouped or [region])
+        windows = _tiling(g, region)
+        if region.windows and not windows:
+            region.why = region.walk_why = f"sliced across its channels ({g.label(region.windows[0][0])})"
+        path = region
+        for window in windows or [None]:  # each window of a split layer is pruned on its own
+            if window is not None:
+                window = (*window[:3], path)
+                region = _walked(g, k, found, np.arange(window[2])[:, None], window)
+            # a reshape split the channels: whole groups of them (heads) instead, each way that gets through
+            grouped = [r for r in (_walked(g, k, found, units, window) for units in _coarser(region.splits))
+                       if r.why is None]
+            choices.append(grouped or [region])
     regions = _choose(choices)
     groups = []
     for members in _tie(regions):
@@ -235,17 +248,43 @@ def _choose(choices: list[list[Region]]) -> list[Region]:
     return final
 
 
-def _walked(g: Graph, k: int, producer: Producer, units: np.ndarray) -> Region:
+def _walked(g: Graph, k: int, producer: Producer, units: np.ndarray, window=None) -> Region:
     """The region of layer *k*'s output, pruned by *units*: [n, m], the m output channels of each of n units
-    (a channel each, or an attention head's outputs in each of Q, K and V)."""
+    (a channel each, or an attention head's outputs in each of Q, K and V). With a *window* (a SLICE
+    of the channels, its first channel, its count), the units count from the window's start and the
+    walk starts at the SLICE's output."""
     region = Region(k, len(units))
+    out = int(g.ops[k].outputs[0])
+    start, offset = out, 0
     region.edits.append((k, producer.weight, producer.axis, units))
     if producer.bias is not None:
         region.edits.append((k, producer.bias, 0, units))
-    out = int(g.ops[k].outputs[0])
-    _walk(g, region, out, len(g.shape(out)) - 1, units)
+    if window is not None:  # what the walk of all channels met before the SLICEs, for this window's channels
+        op, offset, _, path = window
+        start = int(g.ops[op].outputs[0])
+        region.edits = [(k, position, axis, units + offset) for k, position, axis, _ in path.edits]
+        region.tensors = {t: (axis, units + offset) for t, (axis, _) in path.tensors.items()}
+        region.targets = {*path.targets, (op, 2)}
+        region.begins.add(op)
+    _walk(g, region, start, len(g.shape(start)) - 1, units)
     region.walk_why = region.why
     return region
+
+
+def _tiling(g: Graph, region: Region) -> list[tuple[int, int, int, int]]:
+    """The windows that SLICEs take of a layer's channels, when the walk met nothing else, they read
+    one tensor and nothing else reads it, and together they take each channel once (GPT-2's fused
+    Q/K/V projection); else none."""
+    if not region.windows or region.why or len({w[3] for w in region.windows}) != 1:
+        return []
+    sliced = region.windows[0][3]
+    if len(region.windows) != len(g.consumers.get(sliced, [])):
+        return []
+    windows = sorted(region.windows, key=lambda w: w[1])
+    ends = [b + n for _, b, n, _ in windows]
+    if [b for _, b, _, _ in windows] != [0, *ends[:-1]] or ends[-1] != region.channels:
+        return []
+    return windows
 
 
 def _walk(g: Graph, region: Region, start: int, axis: int, positions: np.ndarray) -> None:
@@ -278,6 +317,8 @@ def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
     if kind in UNARY or (kind in POOLS and plain_last):
         return [(outputs[0], axis, positions)]
     if kind in ("CONV_2D", "FULLY_CONNECTED") and position == 0:
+        if g.const(g.input(k, 1)) is None:
+            return f"read by {g.label(k)} as its input, with a computed weight"
         if not g.float_weight(g.input(k, 1)):
             return f"read by {g.label(k)}, whose weight is not float32"
         if axis != rank - 1 or (kind == "CONV_2D" and not plain_last):
@@ -326,6 +367,11 @@ def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
         if begin is None or size is None:
             return f"feeds {g.label(k)} with bounds it computes"
         if begin[axis] != 0 or size[axis] not in (-1, g.shape(t)[axis]):
+            plain = np.arange(region.channels)[:, None]
+            if axis == rank - 1 and size[axis] > 0 and not region.begins and \
+                    np.array_equal(region.edits[0][3], plain) and np.array_equal(positions, plain):
+                region.windows.append((k, int(begin[axis]), int(size[axis]), t))  # a window of the layer's channels
+                return []
             return f"sliced across its channels ({g.label(k)})"
         region.targets.add((k, 2))
         return [(outputs[0], axis, positions)]
@@ -479,12 +525,13 @@ def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> Non
     removals: dict[tuple[int, int], dict[int, set[int]]] = {}  # (op, input) -> axis -> indices
     shrink: dict[int, dict[int, set[int]]] = {}  # tensor -> axis -> indices removed along it
     targets: set[tuple[int, int]] = set()
+    begins: set[int] = set()
     for group in plan.groups:
         channels = group[0].channels
         score = np.zeros(channels)
         for region in group:
-            k, position, axis, _ = region.edits[0]
-            weight = np.moveaxis(g.const(g.input(k, position)), axis, 0).reshape(channels, -1)
+            k, position, axis, units = region.edits[0]  # each unit by its own rows (a head's, in Q, K and V)
+            weight = np.moveaxis(g.const(g.input(k, position)), axis, 0)[units].reshape(channels, -1)
             norm = np.abs(weight).sum(1) if criterion == "l1" else np.sqrt((weight ** 2).sum(1))
             score += norm / (norm.mean() or 1.0)
         keep = max(1, int(round(channels * (1 - ratio))))
@@ -495,6 +542,7 @@ def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> Non
             for t, (axis, positions) in region.tensors.items():
                 shrink.setdefault(t, {}).setdefault(axis, set()).update(positions[gone].ravel().tolist())
             targets |= region.targets
+            begins |= region.begins
             if g.kinds[region.layer] == "DEPTHWISE_CONV_2D":
                 g.ops[region.layer].builtinOptions.depthMultiplier = keep
     for (k, position), axes in removals.items():
@@ -503,6 +551,11 @@ def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> Non
         for axis, indices in axes.items():
             array = np.delete(array, sorted(indices), axis=axis)
         _store(g, t, array)
+    for k in begins:  # a window of a layer's channels starts earlier by what was removed before it
+        t, axis = g.input(k, 0), len(g.shape(g.input(k, 0))) - 1
+        begin = g.const(_own(g, k, 1)).copy()
+        begin[axis] -= sum(i < begin[axis] for i in shrink.get(t, {}).get(axis, ()))
+        _store(g, g.input(k, 1), begin)
     for k, position in targets:  # a shape constant follows the output's shape: its own copy, rewritten
         _shrink_target(g, k, position, {axis: len(gone) for axis, gone in shrink[int(g.ops[k].outputs[0])].items()})
     for t, by_axis in shrink.items():
