@@ -203,40 +203,24 @@ def test_a_layer_split_in_three_loses_the_same_heads_in_each_part(tmp_path):
 
 def test_fine_tuning_reads_each_graph_as_tflite_runs_it():
     """The PyTorch reading of a TFLite graph (which recovery trains) gives TFLite's outputs, on the
-    reference models and the foreign ones it can run."""
+    reference models and the foreign ones: token ids and masks, an unrolled LSTM read both ways
+    (REVERSE_V2), a GRU's state, grouped-query attention, a split Q/K/V layer."""
     torch = pytest.importorskip("torch")
     from host_tools.compress.torch.tflite_module import TfliteModule
 
-    for path in (MODELS / "digits_cnn.tflite", MODELS / "digits_vgg.tflite", MODELS / "digits_transformer.tflite",
-                 FIXTURES / "detector.tflite", FIXTURES / "mobile_blocks.tflite", FIXTURES / "token_classifier.tflite",
-                 FIXTURES / "fused_qkv.tflite"):
-        model = ModelFile.open(path)
-        tree, _ = flatbuffer.read(path)
-        module = TfliteModule(tree)
-        runtime = model.load()
-        shape, rng = (3, *runtime.inputs[0].shape[1:]), np.random.default_rng(0)
-        x = (rng.integers(0, 100, shape) if runtime.inputs[0].dtype.startswith("int")
-             else rng.standard_normal(shape)).astype(runtime.inputs[0].dtype)
+    paths = [MODELS / f"digits_{m}.tflite" for m in ("cnn", "vgg", "transformer")]
+    paths += [FIXTURES / f"{m}.tflite" for m in ("detector", "mobile_blocks", "token_classifier", "fused_qkv",
+                                                 "text_encoder", "crnn_ocr", "streaming_kws")]
+    for path in paths:
+        runtime = ModelFile.open(path).load()
+        module = TfliteModule(flatbuffer.read(path)[0])
+        rng = np.random.default_rng(0)
+        feeds = {spec.name: (rng.integers(0, 100, (3, *spec.shape[1:])) if spec.dtype.startswith("int")
+                             else rng.standard_normal((3, *spec.shape[1:]))).astype(spec.dtype) for spec in runtime.inputs}
         with torch.no_grad():
-            mine = module(torch.from_numpy(x))
+            mine = module(*[torch.from_numpy(feeds[name]) for name in module.input_names])
         for i in range(3):
-            theirs = runtime.run({runtime.inputs[0].name: x[i:i + 1]})
+            theirs = runtime.run({name: x[i:i + 1] for name, x in feeds.items()})
             for name, value in zip(module.output_names, mine):
                 np.testing.assert_allclose(value[i].numpy().reshape(theirs[name].shape), theirs[name],
                                            rtol=1e-3, atol=1e-4, err_msg=f"{path.name}: {name}")
-
-
-def test_a_residual_stream_and_the_gate_that_scales_it_lose_the_same_channels(tmp_path):
-    tree, _ = flatbuffer.read(FIXTURES / "mobile_blocks.tflite")
-    plan = plan_channel_pruning(tree)
-    groups = sorted(sorted(f"#{r.layer}" for r in group) for group in plan.groups)
-    # stem + projection (added) + the excitation layer (its sigmoid multiplies the sum): one stream
-    assert ["#10", "#2", "#5"] in groups and ["#13"] in groups and ["#14"] in groups, groups
-    assert plan.summary() == "7 layers in 5 groups; left whole: 1 (1 x its output is a graph output)"
-    model = ModelFile.open(FIXTURES / "mobile_blocks.tflite")
-    report = run_recipe(model, steps([("tflite-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
-    pruned, _ = flatbuffer.read(report.result.model.path)
-    graph = pruned.subgraphs[0]
-    widths = {k: list(graph.tensors[graph.operators[k].outputs[0]].shape) for k in (2, 3, 4, 5, 6, 12, 15)}
-    assert widths == {2: [1, 16, 16, 8], 3: [1, 16, 16, 24], 4: [1, 16, 16, 24], 5: [1, 16, 16, 8],
-                      6: [1, 16, 16, 8], 12: [1, 16, 16, 8], 15: [1, 16, 16, 12]}

@@ -35,7 +35,8 @@ REDUCERS = {"MEAN", "SUM", "REDUCE_MAX", "REDUCE_MIN", "REDUCE_PROD"}
 PADS = {"PAD", "PADV2", "MIRROR_PAD"}
 SHAPE_ONLY = {"RESHAPE", "SQUEEZE", "EXPAND_DIMS"}
 FLOAT32 = 0
-_DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 9: np.int8, 7: np.int16}
+_DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 6: np.bool_, 7: np.int16, 9: np.int8,
+           10: np.float64}
 
 
 @dataclass

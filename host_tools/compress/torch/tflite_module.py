@@ -47,6 +47,9 @@ class TfliteModule(nn.Module):
                 self.params[self.names[t]] = nn.Parameter(torch.from_numpy(value.copy()))
             else:
                 self.consts[t] = torch.from_numpy(value.copy())
+        # what a CAST makes: its output tensor's type
+        self.casts = {k: _TORCH_TYPES[g.tensor(int(op.outputs[0])).type] for k, op in enumerate(g.ops)
+                      if g.kinds[k] == "CAST" and g.tensor(int(op.outputs[0])).type in _TORCH_TYPES}
         self.inputs = [int(t) for t in g.graph.inputs]
         self.outputs = [int(t) for t in g.graph.outputs]
         self.input_names = [_name(g.tensor(t)) for t in self.inputs]
@@ -64,6 +67,9 @@ class TfliteModule(nn.Module):
         env.update(zip(self.inputs, inputs))
         for k, op in enumerate(self.g.ops):
             args = [env[int(t)] if t >= 0 else None for t in op.inputs]
+            if k in self.casts:
+                env[int(op.outputs[0])] = args[0].to(self.casts[k])
+                continue
             result = _OPS[self.g.kinds[k]](args, op.builtinOptions)
             for t, value in zip(op.outputs, result if isinstance(result, tuple) else (result,)):
                 env[int(t)] = value
@@ -75,6 +81,11 @@ class TfliteModule(nn.Module):
             tensor = tree.subgraphs[0].tensors[t]
             value = self.params[key].detach().cpu().numpy().astype(np.float32)
             tree.buffers[tensor.buffer].data = np.frombuffer(value.tobytes(), np.uint8).copy()
+
+
+# TFLite TensorType -> torch dtype
+_TORCH_TYPES = {0: torch.float32, 1: torch.float16, 2: torch.int32, 3: torch.uint8, 4: torch.int64, 6: torch.bool,
+                7: torch.int16, 9: torch.int8, 10: torch.float64}
 
 
 def _name(tensor) -> str:
@@ -110,8 +121,9 @@ def _conv(a, o, depthwise=False):
     stride, dilation = (o.strideH, o.strideW), (o.dilationHFactor, o.dilationWFactor)
     if depthwise:  # [1, H, W, C·M] -> [C·M, 1, H, W], one group per input channel
         groups, w = x.shape[1], w.permute(3, 0, 1, 2)
-    else:  # [O, H, W, I] -> [O, I, H, W]
-        groups, w = 1, w.permute(0, 3, 1, 2)
+    else:  # [O, H, W, I] -> [O, I, H, W]; I smaller than the input's channels: a grouped convolution
+        w = w.permute(0, 3, 1, 2)
+        groups = x.shape[1] // w.shape[1]
     if o.padding == SAME:
         x = _same_pad(x, w.shape[2:], stride, dilation)
     y = F.conv2d(x, w, b, stride=stride, dilation=dilation, groups=groups)
@@ -199,6 +211,40 @@ def _pad(a, o):
     return F.pad(a[0], [p for pair in reversed(pads) for p in pair], value=value)
 
 
+def _strided_slice(a, o):
+    """begin/end/strides with begin, end and shrink masks (the ellipsis and new-axis masks are refused)."""
+    if o is not None and (o.ellipsisMask or o.newAxisMask or o.offset):
+        raise NotApplicable("fine-tuning cannot run STRIDED_SLICE with an ellipsis, a new axis or offsets")
+    x, begin, end, strides = a[0], a[1].tolist(), a[2].tolist(), a[3].tolist()
+    index = []
+    for axis, (b, e, s) in enumerate(zip(begin, end, strides)):
+        bit = 1 << axis
+        if o is not None and o.shrinkAxisMask & bit:
+            index.append(b)
+            continue
+        index.append(slice(None if o is not None and o.beginMask & bit else b,
+                           None if o is not None and o.endMask & bit else e, s))
+    return x[tuple(index)]
+
+
+def _cumsum(a, o):
+    x, axis = a[0], int(a[1].reshape(-1)[0])
+    if o is not None and o.reverse:
+        x = x.flip(axis)
+    y = torch.cumsum(x, axis)
+    if o is not None and o.exclusive:
+        y = y - x
+    return y.flip(axis) if o is not None and o.reverse else y
+
+
+def _resize_bilinear(a, o):
+    if not (o.alignCorners or o.halfPixelCenters):
+        raise NotApplicable("fine-tuning cannot run RESIZE_BILINEAR without half-pixel centers or aligned corners")
+    size = [int(v) for v in a[1].tolist()]
+    y = F.interpolate(a[0].permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=bool(o.alignCorners))
+    return y.permute(0, 2, 3, 1)
+
+
 def _batch_matmul(a, o):
     x, y = a[0], a[1]
     if o is not None and o.adjX:
@@ -239,6 +285,9 @@ _OPS = {
     "SOFTMAX": lambda a, o: F.softmax(a[0] * (o.beta if o is not None else 1.0), dim=-1),
     "MEAN": _reduce(torch.mean),
     "SUM": _reduce(torch.sum),
+    "REDUCE_MAX": _reduce(torch.amax),
+    "REDUCE_MIN": _reduce(torch.amin),
+    "REVERSE_V2": lambda a, o: torch.flip(a[0], [int(v) for v in a[1].reshape(-1).tolist()]),
     "RESHAPE": _reshape,
     "SQUEEZE": lambda a, o: a[0].squeeze(tuple(o.squeezeDims)) if o is not None and o.squeezeDims is not None
     and len(o.squeezeDims) else a[0].squeeze(),
@@ -251,6 +300,17 @@ _OPS = {
     "BATCH_MATMUL": _batch_matmul,
     "RESIZE_NEAREST_NEIGHBOR": _resize_nearest,
     "GATHER": _gather,
+    "GATHER_ND": lambda a, o: a[0][tuple(a[1].long().unbind(-1))],
+    "SELECT": lambda a, o: torch.where(a[0].bool(), a[1], a[2]),
+    "SELECT_V2": lambda a, o: torch.where(a[0].bool(), a[1], a[2]),
+    "LOGICAL_AND": lambda a, o: torch.logical_and(a[0], a[1]),
+    "LESS": lambda a, o: a[0] < a[1],
+    "NOT_EQUAL": lambda a, o: a[0] != a[1],
+    "LOG": lambda a, o: torch.log(a[0]),
+    "CUMSUM": _cumsum,
+    "STRIDED_SLICE": _strided_slice,
+    "RESIZE_BILINEAR": _resize_bilinear,
+    "CAST": lambda a, o: a[0],  # (TfliteModule casts to the output tensor's type before it gets here)
     "BROADCAST_TO": lambda a, o: torch.broadcast_to(a[0], [int(v) for v in a[1].tolist()]),
     "EMBEDDING_LOOKUP": lambda a, o: torch.index_select(a[1], 0, a[0].reshape(-1).long()).reshape(
         *a[0].shape, *a[1].shape[1:]),
