@@ -30,6 +30,7 @@ from host_tools.compress.onnx.boundary import consumers
 from host_tools.compress.onnx import static_shapes
 from host_tools.compress.onnx.layout import BINARY_OPS, Graph, Param, Reader, Region
 from host_tools.compress.onnx.regions import output_axis, walk_region, weight_of
+from host_tools.compress.structured import UnionFind
 
 
 @dataclass(frozen=True)
@@ -136,14 +137,7 @@ def _graph(proto) -> Graph:
 def _tie(regions: list[Region]) -> list[list[int]]:
     """Groups of region indices whose channels are tied (union-find over where regions meet);
     a meeting no region explains leaves its region's reason."""
-    parent = list(range(len(regions)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    tied = UnionFind(len(regions))
     owners: dict[str, list[int]] = {}
     for i, region in enumerate(regions):
         for tensor in region.tensors:
@@ -154,11 +148,8 @@ def _tie(regions: list[Region]) -> list[list[int]]:
             if not others:
                 region.why = region.why or f"its output meets another branch at {op} (a residual connection or a gate)"
             for j in others:
-                parent[root(j)] = root(i)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(regions)):
-        groups.setdefault(root(i), []).append(i)
-    return list(groups.values())
+                tied.join(i, j)
+    return tied.sets()
 
 
 def _why_not(indices: list[int], labels: list[str], regions: list[Region]) -> str | None:

@@ -13,22 +13,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
-from device_agent.errors import CompressionError, ConfigError, NotApplicable
+from device_agent.errors import CompressionError, NotApplicable
 from device_agent.runtime.base import first_line
-from host_tools.compress.data import Dataset
+from host_tools.compress import structured
 from host_tools.compress.magnitude import MagnitudeConfig, thresholds
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx import static_shapes
 from host_tools.compress.onnx.boundary import (hoist_constants, inline_constant_identities, output_path,
                                                own_shape_constants, share_equal_initializers)
 from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
-from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
+from host_tools.compress.passes import Pass, failing_as, progress, register
+from host_tools.compress.structured import ChannelPruningConfig
 
 PRUNABLE_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -79,29 +77,12 @@ class OnnxChannelPruning(Pass):
     summary = "structured pruning: really removes channels and attention heads (optional recovery by distillation)"
     requires = ("onnx",)
 
-    @dataclass(frozen=True)
-    class Config(PassConfig):
-        ratio: float = field(default=0.5, metadata={
-            "help": "fraction of each prunable layer's channels (or attention heads) removed"})
-        criterion: Literal["l1", "l2"] = field(default="l1", metadata={"help": "channel importance: weight norm"})
-        exclude: tuple[str, ...] = field(default=(), metadata={"help": "node names whose channels stay"})
-        recover_epochs: int = field(default=0, metadata={
-            "help": "fine-tune the pruned model this many epochs with the unpruned one as teacher "
-                    "(needs the distill extra and --calib inputs to train on)"})
-        calibration: Dataset | str | None = field(default=None, metadata={
-            "help": "inputs to fine-tune on (unlabelled is fine); default: --train, else --calib", "trains": True})
-        labels_weight: float = field(default=0.0, metadata={
-            "help": "weight of the hard-label loss when the training data has labels (0: soft targets only)"})
+    Config = ChannelPruningConfig
 
     def run(self, model, config, workdir):
         import onnx
 
-        if not 0 < config.ratio < 1:
-            raise NotApplicable(f"ratio must be between 0 and 1, not {config.ratio}")
-        if config.recover_epochs > 0 and importlib.util.find_spec("torch") is None:
-            raise ConfigError(f"{self.name} recover_epochs needs PyTorch: pip install 'edgefleet[distill]'")
-        if config.recover_epochs > 0 and config.calibration is None:
-            raise ConfigError(f"{self.name} recover_epochs needs inputs to train on (--train or --calib)")
+        structured.check(self.name, config)
         pruned_path = output_path(workdir, model, f"channels{round(config.ratio * 100)}")
         with failing_as(self.name, model):
             proto = onnx.load(str(model.path))

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from host_tools.compress.structured import UnionFind
+
 UNARY = {"RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1", "LOGISTIC", "TANH", "GELU", "HARD_SWISH", "LEAKY_RELU",
          "ELU", "ABS", "NEG", "EXP", "SQUARE", "SQRT", "RSQRT", "SIN", "COS", "FLOOR", "CEIL", "ROUND", "SIGN",
          "DEQUANTIZE"}
@@ -466,16 +468,8 @@ def _splits(labels: np.ndarray, channels: int) -> list[np.ndarray]:
 
 
 def _tie(regions: list[Region]) -> list[list[Region]]:
-    """Regions whose channels meet, grouped (union-find); a meeting no region explains leaves its
-    region's reason."""
-    parent = list(range(len(regions)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    """Regions whose channels meet, grouped; a meeting no region explains leaves its region's reason."""
+    tied = UnionFind(len(regions))
     for i, region in enumerate(regions):
         for tensor, axis, positions, op in region.meets:
             others = [j for j, r in enumerate(regions) if tensor in r.tensors and r.tensors[tensor][0] == axis
@@ -483,11 +477,8 @@ def _tie(regions: list[Region]) -> list[list[Region]]:
             if not others:
                 region.why = region.why or f"its output meets another branch at {op} (a residual connection or a gate)"
             for j in others:
-                parent[root(j)] = root(i)
-    groups: dict[int, list[Region]] = {}
-    for i, region in enumerate(regions):
-        groups.setdefault(root(i), []).append(region)
-    return list(groups.values())
+                tied.join(i, j)
+    return [[regions[i] for i in members] for members in tied.sets()]
 
 
 def _why_not(g: Graph, members: list[Region]) -> str | None:

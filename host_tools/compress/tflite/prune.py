@@ -13,19 +13,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-from device_agent.errors import CompressionError, ConfigError, NotApplicable
+from device_agent.errors import CompressionError, NotApplicable
 from device_agent.runtime.base import first_line
-from host_tools.compress.data import Dataset
+from host_tools.compress import structured
 from host_tools.compress.magnitude import MagnitudeConfig, thresholds
 from host_tools.compress.model import ModelFile
-from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
+from host_tools.compress.passes import Pass, failing_as, progress, register
+from host_tools.compress.structured import ChannelPruningConfig
 
 # builtin operator name -> the inputs that hold its weights
 WEIGHT_INPUTS = {"CONV_2D": (1,), "DEPTHWISE_CONV_2D": (1,), "CONV_3D": (1,), "FULLY_CONNECTED": (1,),
@@ -103,34 +101,17 @@ def _buffer_bytes(buffer, data: bytearray) -> np.ndarray | None:
 class TfliteChannelPruning(Pass):
     name = "tflite-prune-channels"
     formats = ("tflite",)
-    summary = "structured pruning: really removes channels (optional recovery by distillation)"
+    summary = "structured pruning: really removes channels and attention heads (optional recovery by distillation)"
     requires = ("ai_edge_litert",)
     extra = "tflite"
 
-    @dataclass(frozen=True)
-    class Config(PassConfig):
-        ratio: float = field(default=0.5, metadata={"help": "fraction of each prunable layer's channels removed"})
-        criterion: Literal["l1", "l2"] = field(default="l1", metadata={"help": "channel importance: weight norm"})
-        exclude: tuple[str, ...] = field(default=(), metadata={
-            "help": "layers whose channels stay: output tensor names, or 'CONV_2D #3' as the report names them"})
-        recover_epochs: int = field(default=0, metadata={
-            "help": "fine-tune the pruned model this many epochs with the unpruned one as teacher "
-                    "(needs the distill extra and --calib inputs to train on)"})
-        calibration: Dataset | str | None = field(default=None, metadata={
-            "help": "inputs to fine-tune on (unlabelled is fine); default: --train, else --calib", "trains": True})
-        labels_weight: float = field(default=0.0, metadata={
-            "help": "weight of the hard-label loss when the training data has labels (0: soft targets only)"})
+    Config = ChannelPruningConfig
 
     def run(self, model, config, workdir):
         from host_tools.compress.tflite import flatbuffer
         from host_tools.compress.tflite.channels import plan_channel_pruning, prune_channels
 
-        if not 0 < config.ratio < 1:
-            raise NotApplicable(f"ratio must be between 0 and 1, not {config.ratio}")
-        if config.recover_epochs > 0 and importlib.util.find_spec("torch") is None:
-            raise ConfigError(f"{self.name} recover_epochs needs PyTorch: pip install 'edgefleet[distill]'")
-        if config.recover_epochs > 0 and config.calibration is None:
-            raise ConfigError(f"{self.name} recover_epochs needs inputs to train on (--train or --calib)")
+        structured.check(self.name, config)
         pruned = ModelFile(Path(workdir) / f"{model.path.stem}.channels{round(config.ratio * 100)}.tflite", "tflite")
         with failing_as(self.name, model):
             tree, outside = flatbuffer.read(model.path)

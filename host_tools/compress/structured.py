@@ -1,0 +1,62 @@
+"""Structured pruning's part that is the same for every format: the config, the checks before a
+pass prunes anything, and the union-find that ties layers whose channels meet."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Literal
+
+from device_agent.errors import ConfigError, NotApplicable
+from host_tools.compress.data import Dataset
+from host_tools.compress.passes import PassConfig
+
+
+@dataclass(frozen=True)
+class ChannelPruningConfig(PassConfig):
+    ratio: float = field(default=0.5, metadata={
+        "help": "fraction of each prunable layer's channels (or attention heads) removed"})
+    criterion: Literal["l1", "l2"] = field(default="l1", metadata={"help": "channel importance: weight norm"})
+    exclude: tuple[str, ...] = field(default=(), metadata={
+        "help": "layers whose channels stay: ONNX node names; TFLite output tensor names, or 'CONV_2D #3' "
+                "as the report names them"})
+    recover_epochs: int = field(default=0, metadata={
+        "help": "fine-tune the pruned model this many epochs with the unpruned one as teacher "
+                "(needs the distill extra and --calib inputs to train on)"})
+    calibration: Dataset | str | None = field(default=None, metadata={
+        "help": "inputs to fine-tune on (unlabelled is fine); default: --train, else --calib", "trains": True})
+    labels_weight: float = field(default=0.0, metadata={
+        "help": "weight of the hard-label loss when the training data has labels (0: soft targets only)"})
+
+
+def check(pass_name: str, config: ChannelPruningConfig) -> None:
+    """What must hold before a channel-pruning pass starts: a ratio that leaves something, and for
+    recovery, PyTorch and inputs to train on."""
+    if not 0 < config.ratio < 1:
+        raise NotApplicable(f"ratio must be between 0 and 1, not {config.ratio}")
+    if config.recover_epochs > 0 and importlib.util.find_spec("torch") is None:
+        raise ConfigError(f"{pass_name} recover_epochs needs PyTorch: pip install 'edgefleet[distill]'")
+    if config.recover_epochs > 0 and config.calibration is None:
+        raise ConfigError(f"{pass_name} recover_epochs needs inputs to train on (--train or --calib)")
+
+
+class UnionFind:
+    """Sets of 0..n-1 joined pair by pair: the layers whose channels are tied."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def root(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def join(self, i: int, j: int) -> None:
+        self.parent[self.root(j)] = self.root(i)
+
+    def sets(self) -> list[list[int]]:
+        found: dict[int, list[int]] = {}
+        for i in range(len(self.parent)):
+            found.setdefault(self.root(i), []).append(i)
+        return list(found.values())
