@@ -245,8 +245,8 @@ def run_tflite(name: str, cls, config, kind: str, work: Path, torch) -> dict:
 
     plan = plan_channel_pruning(flatbuffer.read(path)[0])
     heads = sum(any(r.edits[0][3].shape[1] > 1 for r in group) for group in plan.groups)
-    prune_cell(original, "tflite-prune-channels", dataset, work, row, len(plan.regions),
-               len(plan.regions) + len(plan.skipped), heads)
+    layers = len({r.layer for r in plan.regions})  # (a layer SLICEs split is walked once per part)
+    prune_cell(original, "tflite-prune-channels", dataset, work, row, layers, layers + len(plan.skipped), heads)
     return row
 
 

@@ -43,10 +43,12 @@ _DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 
 
 @dataclass
 class Region:
-    """One layer's output channels and everything they reach. Positions are an array [channels, k]:
-    where channel c's k values sit along the tensor's channel axis (k > 1 once flattened)."""
+    """One layer's output channels (or one part of them, when SLICEs split the layer) and everything
+    they reach, pruned by units: a channel each, or groups of channels (an attention head). Positions
+    are an array [units, k]: where unit u's k values sit along a tensor's channel axis (k > 1 once
+    flattened, or for a head)."""
     layer: int  # operator index
-    channels: int
+    channels: int  # units
     tensors: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)  # tensor -> (axis, positions)
     # (operator, input position, axis, positions): constants that lose the channels' entries
     edits: list[tuple[int, int, int, np.ndarray]] = field(default_factory=list)
@@ -80,7 +82,7 @@ class Plan:
         return "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3)) or "no CONV_2D or FULLY_CONNECTED"
 
     def summary(self) -> str:
-        n, groups = len(self.regions), len(self.groups)
+        n, groups = len({r.layer for r in self.regions}), len(self.groups)
         line = f"{n} layer{'s' * (n != 1)}" + (f" in {groups} group{'s' * (groups != 1)}" if groups != n else "")
         return f"{line}; left whole: {len(self.skipped)} ({self.why_none()})" if self.skipped else line
 
@@ -149,7 +151,7 @@ def _producer(g: Graph, k: int) -> Producer | None:
         table = g.input(k, position)
         axis = g.ops[k].builtinOptions.axis if kind == "GATHER" and g.ops[k].builtinOptions is not None else 0
         shape = g.shape(table)
-        if g.const(table) is None or len(shape) != 2 or axis != 0:
+        if not g.float_weight(table) or len(shape) != 2 or axis != 0:  # (an integer table is a lookup, not a layer)
             return None
         return Producer(position, 1, shape[1], None)
     weight = g.input(k, 1)
