@@ -216,7 +216,8 @@ def test_fine_tuning_reads_each_graph_as_tflite_runs_it():
         module = TfliteModule(flatbuffer.read(path)[0])
         rng = np.random.default_rng(0)
         feeds = {spec.name: (rng.integers(0, 100, (3, *spec.shape[1:])) if spec.dtype.startswith("int")
-                             else rng.standard_normal((3, *spec.shape[1:]))).astype(spec.dtype) for spec in runtime.inputs}
+                             else rng.standard_normal((3, *spec.shape[1:]))).astype(spec.dtype)
+                 for spec in runtime.inputs}
         with torch.no_grad():
             mine = module(*[torch.from_numpy(feeds[name]) for name in module.input_names])
         for i in range(3):

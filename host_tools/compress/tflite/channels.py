@@ -267,7 +267,7 @@ def _walked(g: Graph, k: int, producer: Producer, units: np.ndarray, window=None
     if window is not None:  # what the walk of all channels met before the SLICEs, for this window's channels
         op, offset, _, path = window
         start = int(g.ops[op].outputs[0])
-        region.edits = [(k, position, axis, units + offset) for k, position, axis, _ in path.edits]
+        region.edits = [(reader, position, axis, units + offset) for reader, position, axis, _ in path.edits]
         region.tensors = {t: (axis, units + offset) for t, (axis, _) in path.tensors.items()}
         region.targets = {*path.targets, (op, 2)}
         region.begins.add(op)
@@ -551,7 +551,8 @@ def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> Non
         begin[axis] -= sum(i < begin[axis] for i in shrink.get(t, {}).get(axis, ()))
         _store(g, g.input(k, 1), begin)
     for k, position in targets:  # a shape constant follows the output's shape: its own copy, rewritten
-        _shrink_target(g, k, position, {axis: len(gone) for axis, gone in shrink[int(g.ops[k].outputs[0])].items()})
+        fewer = shrink.get(int(g.ops[k].outputs[0]), {})
+        _shrink_target(g, k, position, {axis: len(gone) for axis, gone in fewer.items()})
     for t, by_axis in shrink.items():
         tensor = g.tensor(t)
         for axis, indices in by_axis.items():
