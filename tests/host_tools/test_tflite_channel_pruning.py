@@ -9,7 +9,7 @@ import pytest
 
 from host_tools.compress import ModelFile, load_recipe, run_recipe
 from host_tools.compress.tflite import flatbuffer
-from host_tools.compress.tflite.channels import Graph, plan_channel_pruning
+from host_tools.compress.tflite.channels import Graph, plan_channel_pruning, stale_shape_constants
 from tests.conftest import MODELS
 from tests.host_tools.test_compress import HELDOUT, TRAIN, steps
 
@@ -40,17 +40,7 @@ def _silenced(path, out, exclude=()):
 
 
 def _shape_constants_agree(path) -> None:
-    """Every RESHAPE's target and SLICE's size says what its output's recorded shape says (a runtime may
-    go by either: XNNPACK ran a slice whose size was stale)."""
-    tree, _ = flatbuffer.read(path)
-    g = Graph(tree)
-    for k, kind in enumerate(g.kinds):
-        if kind in ("RESHAPE", "SLICE"):
-            target = g.const(g.input(k, 1 if kind == "RESHAPE" else 2))
-            out = g.shape(int(g.ops[k].outputs[0]))
-            if target is not None:
-                assert [t for t, o in zip(target, out) if t != -1] == [o for t, o in zip(target, out) if t != -1], \
-                    (g.label(k), list(target), out)
+    assert stale_shape_constants(flatbuffer.read(path)[0]) == {}
 
 
 def _outputs(model: ModelFile, samples: int = 6):
@@ -225,3 +215,19 @@ def test_fine_tuning_reads_each_graph_as_tflite_runs_it():
             for name, value in zip(module.output_names, mine):
                 np.testing.assert_allclose(value[i].numpy().reshape(theirs[name].shape), theirs[name],
                                            rtol=1e-3, atol=1e-4, err_msg=f"{path.name}: {name}")
+
+
+def test_a_residual_stream_and_the_gate_that_scales_it_lose_the_same_channels(tmp_path):
+    tree, _ = flatbuffer.read(FIXTURES / "mobile_blocks.tflite")
+    plan = plan_channel_pruning(tree)
+    groups = sorted(sorted(f"#{r.layer}" for r in group) for group in plan.groups)
+    # stem + projection (added) + the excitation layer (its sigmoid multiplies the sum): one stream
+    assert ["#10", "#2", "#5"] in groups and ["#13"] in groups and ["#14"] in groups, groups
+    assert plan.summary() == "7 layers in 5 groups; left whole: 1 (1 x its output is a graph output)"
+    model = ModelFile.open(FIXTURES / "mobile_blocks.tflite")
+    report = run_recipe(model, steps([("tflite-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
+    pruned, _ = flatbuffer.read(report.result.model.path)
+    graph = pruned.subgraphs[0]
+    widths = {k: list(graph.tensors[graph.operators[k].outputs[0]].shape) for k in (2, 3, 4, 5, 6, 12, 15)}
+    assert widths == {2: [1, 16, 16, 8], 3: [1, 16, 16, 24], 4: [1, 16, 16, 24], 5: [1, 16, 16, 8],
+                      6: [1, 16, 16, 8], 12: [1, 16, 16, 8], 15: [1, 16, 16, 12]}

@@ -561,6 +561,21 @@ def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> Non
                 tensor.shapeSignature[axis] -= len(indices)
 
 
+def stale_shape_constants(tree) -> dict[str, str]:
+    """RESHAPE targets and SLICE sizes that do not say what their output's recorded shape says (a
+    runtime may go by either: the XNNPACK delegate ran a SLICE whose size was stale), by op."""
+    g = Graph(tree)
+    stale = {}
+    for k, kind in enumerate(g.kinds):
+        if kind in ("RESHAPE", "SLICE"):
+            target = g.const(g.input(k, 1 if kind == "RESHAPE" else 2))
+            out = g.shape(int(g.ops[k].outputs[0]))
+            if target is not None and target.ndim == 1 and len(target) == len(out) and \
+                    any(t != -1 and t != o for t, o in zip(target.tolist(), out)):
+                stale[g.label(k)] = f"{g.label(k)} says {target.tolist()}, its output {out}"
+    return stale
+
+
 def _shrink_target(g: Graph, k: int, position: int, fewer: dict[int, int]) -> None:
     options = g.ops[k].builtinOptions
     for entry, n in fewer.items():
