@@ -433,7 +433,7 @@ def _reshaped(g: Graph, region: Region, k: int, t: int, axis: int, positions: np
     out_shape = g.shape(out)
     if int(np.prod(shape)) != int(np.prod(out_shape)) or np.prod(shape) > 1 << 24:
         return f"feeds {g.label(k)} of a shape it cannot follow"
-    labels = np.full(shape, -1, np.int64)
+    labels = np.full(shape, -1, np.int32)
     index = [slice(None)] * len(shape)
     for c, where in enumerate(positions):
         index[axis] = where
