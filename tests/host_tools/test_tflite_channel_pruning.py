@@ -231,3 +231,18 @@ def test_a_residual_stream_and_the_gate_that_scales_it_lose_the_same_channels(tm
     widths = {k: list(graph.tensors[graph.operators[k].outputs[0]].shape) for k in (2, 3, 4, 5, 6, 12, 15)}
     assert widths == {2: [1, 16, 16, 8], 3: [1, 16, 16, 24], 4: [1, 16, 16, 24], 5: [1, 16, 16, 8],
                       6: [1, 16, 16, 8], 12: [1, 16, 16, 8], 15: [1, 16, 16, 12]}
+
+
+def test_fine_tuning_trains_a_weight_two_layers_share_as_one():
+    """GPT-2 reads its token embedding again as its output layer: one buffer, two tensors. Trained as
+    two parameters, writing them back would keep whichever came last."""
+    pytest.importorskip("torch")
+    from host_tools.compress.torch.tflite_module import TfliteModule
+
+    tree, _ = flatbuffer.read(FIXTURES / "token_classifier.tflite")
+    g = Graph(tree)
+    q, o = g.input(4, 1), g.input(31, 1)  # two [32, 32] weights: let the output projection reuse Q's
+    g.tensor(o).buffer = g.tensor(q).buffer
+    module = TfliteModule(tree)
+    assert module.names[q] == module.names[o]
+    assert len(module.params) == len(TfliteModule(flatbuffer.read(FIXTURES / "token_classifier.tflite")[0]).params) - 1

@@ -36,15 +36,19 @@ class TfliteModule(nn.Module):
         trainable |= {g.input(k, i) for k, kind in enumerate(g.kinds) if kind in SCALED for i in (0, 1)
                       if g.const(g.input(k, i)) is not None and g.const(g.input(k, i)).size > 1}
         self.params = nn.ParameterDict()
-        self.names: dict[int, str] = {}
+        self.names: dict[int, str] = {}  # tensor -> its parameter: one per buffer (a tied embedding is one weight)
+        by_buffer: dict[tuple, str] = {}
         self.consts: dict[int, torch.Tensor] = {}
         for t in range(len(g.graph.tensors)):
             value = g.const(t)
             if value is None:
                 continue
             if t in trainable and g.tensor(t).type == FLOAT32:
-                self.names[t] = f"p{len(self.params)}"
-                self.params[self.names[t]] = nn.Parameter(torch.from_numpy(value.copy()))
+                buffer = (g.tensor(t).buffer, value.shape)
+                if buffer not in by_buffer:
+                    by_buffer[buffer] = f"p{len(self.params)}"
+                    self.params[by_buffer[buffer]] = nn.Parameter(torch.from_numpy(value.copy()))
+                self.names[t] = by_buffer[buffer]
             else:
                 self.consts[t] = torch.from_numpy(value.copy())
         # what a CAST makes: its output tensor's type
