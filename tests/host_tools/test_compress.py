@@ -690,7 +690,8 @@ def test_auto_on_a_tflite_model(tmp_path):
     assert report.chosen.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
     assert {"dynamic-range int8", "int8 weights only", "full int8", "fp16", "50% sparse, full int8",
             "80% sparse, full int8", "25% channels pruned, recovered", "50% channels pruned, recovered",
-            "50% channels pruned, recovered, full int8"} <= set(report.auto.verdicts)
+            "50% channels pruned, recovered, dynamic-range int8", "50% channels pruned, recovered, full int8"} \
+        <= set(report.auto.verdicts)
 
 
 def test_tflite_passes_on_a_converted_text_encoder_with_two_inputs_and_two_outputs():
