@@ -76,6 +76,27 @@ def wait_until(predicate, timeout: float, interval: float = 0.1):
     return predicate()
 
 
+def announced(broker, device_id: str, timeout: float = 30) -> bool:
+    """Whether the agent *device_id* has announced itself online over MQTT. It subscribes to its
+    command topic before it announces itself, so a command published after this reaches it; its
+    local API answering (``wait_for_api``) says nothing of its broker connection, which it makes in
+    the background and, on a loaded machine, later."""
+    import threading
+
+    from device_agent.mqtt import MqttClient
+    from device_agent.protocol import topics
+    from device_agent.protocol.reports import DeviceStatus
+
+    online = threading.Event()
+    watcher = MqttClient(client_id=f"test-announced-{device_id}-{os.getpid()}", broker=broker)
+    watcher.subscribe(topics.status(device_id), lambda t, p: DeviceStatus.from_payload(p).online and online.set())
+    watcher.connect()
+    try:
+        return online.wait(timeout)
+    finally:
+        watcher.disconnect()
+
+
 class Mosquitto:
     """A real Mosquitto on a free loopback port; can be stopped and started again on the same port."""
 

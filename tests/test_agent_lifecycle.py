@@ -26,7 +26,7 @@ from device_agent.protocol.signed import sign_command
 from device_agent.update import STATES
 from device_agent.update.faults import CRASH_ENV, HOLD_ENV
 from host_tools.serve import BundleServer
-from tests.conftest import MODELS, edgefleet, free_port, wait_until
+from tests.conftest import MODELS, announced, edgefleet, free_port, wait_until
 
 V1, V2 = "digits-cnn 1.0.0", "digits-cnn 2.0.0"
 
@@ -206,7 +206,7 @@ def test_a_crash_loop_after_activation_ends_in_rollback(agents, mosquitto, make_
 
 def test_a_duplicate_command_installs_once_even_across_a_restart(agents, mosquitto, make_bundle, keys):
     agent = agents.start("dupes")
-    assert agent.wait_for_api()
+    assert agent.wait_for_api() and announced(mosquitto, "dupes")
     events: list[DeploymentEvent] = []
     host = MqttClient(client_id="test-dupes", broker=mosquitto)
     host.subscribe(topics.events("dupes"), lambda t, p: events.append(DeploymentEvent.from_payload(p)))

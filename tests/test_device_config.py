@@ -8,7 +8,7 @@ import time
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.commands import ConfigCommand, Reply
-from tests.conftest import edgefleet, wait_until
+from tests.conftest import announced, edgefleet, wait_until
 from tests.test_agent_lifecycle import restart, status
 
 
@@ -51,13 +51,12 @@ def test_settings_change_at_once_survive_a_restart_and_bad_ones_change_nothing(a
 
 def test_an_unsigned_config_command_is_refused_with_its_reason(agents, mosquitto):
     agent = agents.start("locked")
-    assert agent.wait_for_api()
+    assert agent.wait_for_api() and announced(mosquitto, "locked")
     replies = []
     host = MqttClient(client_id="test-locked", broker=mosquitto)
     host.subscribe(topics.reply("locked"), lambda t, p: replies.append(Reply.from_payload(p)))
     host.connect()
     try:
-        time.sleep(0.2)
         host.publish(topics.command("locked"), ConfigCommand("c1", time.time(), {"keep_versions": 1}).to_payload())
         assert wait_until(lambda: replies, 10)
     finally:
