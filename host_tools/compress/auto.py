@@ -23,7 +23,8 @@ from device_agent.errors import ConfigError
 from host_tools.compress.data import Dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import showing_progress
-from host_tools.compress.recipes import ONNX_COMPACT, PREPROCESS, TFLITE_COMPACT, Recipe, Step
+from host_tools.compress.recipes import (ONNX_CHANNELS_50, ONNX_COMPACT, PREPROCESS, TFLITE_CHANNELS_50,
+                                         TFLITE_COMPACT, Recipe, Step)
 from host_tools.compress.workflow import (CompressionReport, Evaluation, Measured, Progress, apply_pass, deliver,
                                           plan_steps, quality_drop, read_data)
 
@@ -84,11 +85,10 @@ ONNX_LADDER = (
                           needs_calibration=True)),
     Candidate("25% channels pruned, recovered", (Step("onnx-prune-channels", {"ratio": 0.25, "recover_epochs": 30}),),
               needs_calibration=True),
-    Candidate("50% channels pruned, recovered", (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}),),
-              needs_calibration=True),
+    Candidate("50% channels pruned, recovered", (ONNX_CHANNELS_50,), needs_calibration=True),
     *_and_7_bit(Candidate("50% channels pruned, recovered, static int8",
-                          (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}), PREPROCESS,
-                           Step("onnx-static", {"per_channel": True})), needs_calibration=True)),
+                          (ONNX_CHANNELS_50, PREPROCESS, Step("onnx-static", {"per_channel": True})),
+                          needs_calibration=True)),
     Candidate("distilled student, 25% of the parameters", (Step("distill"),), needs_calibration=True),
 )
 TFLITE_LADDER = (  # the distilled student is an ONNX model
@@ -103,15 +103,11 @@ TFLITE_LADDER = (  # the distilled student is an ONNX model
     Candidate("25% channels pruned, recovered",
               (Step("tflite-prune-channels", {"ratio": 0.25, "recover_epochs": 30}), TFLITE_COMPACT),
               needs_calibration=True),
-    Candidate("50% channels pruned, recovered",
-              (Step("tflite-prune-channels", {"ratio": 0.5, "recover_epochs": 30}), TFLITE_COMPACT),
-              needs_calibration=True),
+    Candidate("50% channels pruned, recovered", (TFLITE_CHANNELS_50, TFLITE_COMPACT), needs_calibration=True),
     Candidate("50% channels pruned, recovered, dynamic-range int8",
-              (Step("tflite-prune-channels", {"ratio": 0.5, "recover_epochs": 30}), Step("tflite-dynamic"),
-               TFLITE_COMPACT), needs_calibration=True),
+              (TFLITE_CHANNELS_50, Step("tflite-dynamic"), TFLITE_COMPACT), needs_calibration=True),
     Candidate("50% channels pruned, recovered, full int8",
-              (Step("tflite-prune-channels", {"ratio": 0.5, "recover_epochs": 30}), Step("tflite-int8"),
-               TFLITE_COMPACT), needs_calibration=True),
+              (TFLITE_CHANNELS_50, Step("tflite-int8"), TFLITE_COMPACT), needs_calibration=True),
     Candidate("distilled student, 25% of the parameters", (Step("distill"), ONNX_COMPACT), needs_calibration=True),
 )
 

@@ -47,11 +47,14 @@ class Recipe:
         return {"name": self.name, "description": self.description, "passes": [s.to_dict() for s in self.steps]}
 
 
-# Steps that recipes and --auto's candidates share: preprocessing before ONNX quantization, and the
-# compaction (short internal names) that every ONNX and every TFLite recipe ends with.
+# Steps that recipes and --auto's candidates share: preprocessing before ONNX quantization, the
+# compaction (short internal names) that every ONNX and every TFLite recipe ends with, and pruning.
 PREPROCESS = Step("onnx-preprocess")
 ONNX_COMPACT = Step("onnx-compact")
 TFLITE_COMPACT = Step("tflite-compact")
+# Half of the channels pruned and recovered: channels-50, and --auto's pruned candidates.
+ONNX_CHANNELS_50 = Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30})
+TFLITE_CHANNELS_50 = Step("tflite-prune-channels", {"ratio": 0.5, "recover_epochs": 30})
 # name -> (description, {model format: steps})
 NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
     "int8-dynamic": ("int8 weights, activations quantized at run time (no calibration data needed)", {
@@ -72,8 +75,7 @@ NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
                  Step("onnx-static", {"per_channel": True}), ONNX_COMPACT),
         "tflite": (Step("tflite-prune-magnitude", {"sparsity": 0.8}), Step("tflite-int8"), TFLITE_COMPACT)}),
     "channels-50": ("half of the prunable channels removed, recovered by distillation from the original", {
-        "onnx": (Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30}),),
-        "tflite": (Step("tflite-prune-channels", {"ratio": 0.5, "recover_epochs": 30}),)}),
+        "onnx": (ONNX_CHANNELS_50,), "tflite": (TFLITE_CHANNELS_50,)}),
     "distill": ("a student with at most 25% of the parameters, trained on the model's outputs", {
         "onnx": (Step("distill"),), "tflite": (Step("distill"),)}),
     "int4-weights": ("int4 blockwise MatMul weights, for transformer-style models", {
