@@ -23,18 +23,18 @@ def _silenced(path, out, exclude=()):
     the channels pruning by weight norm removes first, and whose removal changes no output."""
     tree, outside = flatbuffer.read(path)
     plan = plan_channel_pruning(tree, set(exclude))
-    graph = tree.subgraphs[0]
+    g = Graph(tree)
     for region in plan.regions:
         # the middle two of every four units: pruning must score each unit (a head: its rows in each of
         # Q, K and V) by its own rows, or it picks others
-        odd = np.array([c for c in range(region.channels) if c % 4 in (1, 2)])
+        silent = np.array([c for c in range(region.channels) if c % 4 in (1, 2)])
         for k, position, axis, positions in region.edits:
-            tensor = graph.tensors[graph.operators[k].inputs[position]]
-            values = np.frombuffer(bytes(tree.buffers[tensor.buffer].data), np.float32).reshape(tensor.shape).copy()
+            t = g.input(k, position)
+            values = g.const(t).copy()
             index = [slice(None)] * values.ndim
-            index[axis] = positions[odd].ravel()
+            index[axis] = positions[silent].ravel()
             values[tuple(index)] = 0
-            tree.buffers[tensor.buffer].data = np.frombuffer(values.tobytes(), np.uint8).copy()
+            tree.buffers[g.tensor(t).buffer].data = np.frombuffer(values.tobytes(), np.uint8).copy()
     flatbuffer.write(tree, outside, out)
     return ModelFile(out, "tflite"), plan
 

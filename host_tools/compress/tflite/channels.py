@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from host_tools.compress.structured import UnionFind
+from host_tools.compress.tflite import flatbuffer
 
 UNARY = {"RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1", "LOGISTIC", "TANH", "GELU", "HARD_SWISH", "LEAKY_RELU",
          "ELU", "ABS", "NEG", "EXP", "SQUARE", "SQRT", "RSQRT", "SIN", "COS", "FLOOR", "CEIL", "ROUND", "SIGN",
@@ -37,7 +38,8 @@ REDUCERS = {"MEAN", "SUM", "REDUCE_MAX", "REDUCE_MIN", "REDUCE_PROD"}
 PADS = {"PAD", "PADV2", "MIRROR_PAD"}
 SHAPE_ONLY = {"RESHAPE", "SQUEEZE", "EXPAND_DIMS"}
 FLOAT32 = 0
-_DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 6: np.bool_, 7: np.int16, 9: np.int8,
+# TFLite TensorType -> NumPy dtype, for the constants read here
+DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 6: np.bool_, 7: np.int16, 9: np.int8,
            10: np.float64}
 
 
@@ -91,13 +93,10 @@ class Graph:
     """The first subgraph of a TFLite object tree, with what the planner asks of it."""
 
     def __init__(self, tree) -> None:
-        from ai_edge_litert import schema_py_generated as schema
-
-        names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
         self.tree = tree
         self.graph = tree.subgraphs[0]
         self.ops = list(self.graph.operators)
-        self.kinds = [names.get(max(c.builtinCode, c.deprecatedBuiltinCode), "CUSTOM")
+        self.kinds = [flatbuffer.op_name(c.builtinCode, c.deprecatedBuiltinCode)
                       for c in (tree.operatorCodes[op.opcodeIndex] for op in self.ops)]
         self.consumers: dict[int, list[tuple[int, int]]] = {}
         for k, op in enumerate(self.ops):
@@ -122,9 +121,9 @@ class Graph:
             return None
         tensor = self.tensor(t)
         data = self.tree.buffers[tensor.buffer].data
-        if data is None or len(data) == 0 or tensor.type not in _DTYPES:
+        if data is None or len(data) == 0 or tensor.type not in DTYPES:
             return None
-        return np.frombuffer(bytes(data), _DTYPES[tensor.type]).reshape(self.shape(t))
+        return np.frombuffer(bytes(data), DTYPES[tensor.type]).reshape(self.shape(t))
 
     def float_weight(self, t: int) -> bool:
         return self.const(t) is not None and self.tensor(t).type == FLOAT32

@@ -13,6 +13,7 @@ one, with the same bytes in every tensor.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,19 @@ def _key(q) -> tuple:
     vectors = tuple(None if v is None else (np.asarray(v).dtype.str, np.asarray(v).tobytes())
                     for v in (q.min, q.max, q.scale, q.zeroPoint))
     return (*vectors, q.quantizedDimension, q.detailsType)
+
+
+def op_name(builtin_code: int, deprecated_code: int) -> str:
+    """An operator code's builtin name ("CONV_2D"); codes past 127 live in the builtin code only,
+    older files give the deprecated one. "CUSTOM" for custom operators and codes this schema lacks."""
+    return _op_names().get(max(builtin_code, deprecated_code), "CUSTOM")
+
+
+@functools.cache
+def _op_names() -> dict[int, str]:
+    from ai_edge_litert import schema_py_generated as schema
+
+    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 
 
 def io_names(data: bytes) -> dict[tuple[int, str, int], bytes]:

@@ -24,6 +24,7 @@ from host_tools.compress.magnitude import MagnitudeConfig, thresholds
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import Pass, failing_as, progress, register
 from host_tools.compress.structured import ChannelPruningConfig
+from host_tools.compress.tflite import flatbuffer
 
 # builtin operator name -> the inputs that hold its weights
 WEIGHT_INPUTS = {"CONV_2D": (1,), "DEPTHWISE_CONV_2D": (1,), "CONV_3D": (1,), "FULLY_CONNECTED": (1,),
@@ -60,11 +61,8 @@ def weight_views(data: bytearray, min_elements: int) -> list[np.ndarray]:
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.Model.GetRootAs(data, 0)
-    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    codes = []
-    for i in range(model.OperatorCodesLength()):
-        code = model.OperatorCodes(i)  # builtin codes past 127 live in BuiltinCode only
-        codes.append(op_names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode())))
+    codes = [flatbuffer.op_name(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+             for code in map(model.OperatorCodes, range(model.OperatorCodesLength()))]
     seen: set[int] = set()
     views = []
     for s in range(model.SubgraphsLength()):
@@ -108,7 +106,6 @@ class TfliteChannelPruning(Pass):
     Config = ChannelPruningConfig
 
     def run(self, model, config, workdir):
-        from host_tools.compress.tflite import flatbuffer
         from host_tools.compress.tflite.channels import plan_channel_pruning, prune_channels, stale_shape_constants
 
         structured.check(self.name, config)

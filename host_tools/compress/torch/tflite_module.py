@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from device_agent.errors import NotApplicable
-from host_tools.compress.tflite.channels import FLOAT32, Graph
+from host_tools.compress.tflite.channels import DTYPES, FLOAT32, Graph
 
 WEIGHTED = {"CONV_2D": (1, 2), "DEPTHWISE_CONV_2D": (1, 2), "FULLY_CONNECTED": (1, 2), "GATHER": (0,),
             "EMBEDDING_LOOKUP": (1,)}  # (a GATHER's float table is an embedding's; index tables stay constants)
@@ -88,8 +88,7 @@ class TfliteModule(nn.Module):
 
 
 # TFLite TensorType -> torch dtype
-_TORCH_TYPES = {0: torch.float32, 1: torch.float16, 2: torch.int32, 3: torch.uint8, 4: torch.int64, 6: torch.bool,
-                7: torch.int16, 9: torch.int8, 10: torch.float64}
+_TORCH_TYPES = {code: torch.from_numpy(np.zeros(0, dtype)).dtype for code, dtype in DTYPES.items()}
 
 
 def _name(tensor) -> str:
