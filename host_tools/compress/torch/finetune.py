@@ -8,23 +8,24 @@ from pathlib import Path
 import numpy as np
 
 from device_agent.errors import CompressionError, ConfigError
-from host_tools.compress.data import Dataset, load_dataset
+from host_tools.compress.data import BoundData, Dataset, load_dataset
+from host_tools.compress.evaluate import outputs_on
 from host_tools.compress.model import ModelFile
 
 
 def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None, epochs: int,
             labels_weight: float, workdir: Path, lr: float = 3e-3) -> ModelFile:
-    from host_tools.compress.torch.trainer import Schedule, distill, teacher_targets
+    from host_tools.compress.torch.trainer import Schedule, distill
 
     if data is None:
         raise ConfigError("recovery fine-tuning needs inputs to train on (--train or --calib)")
     graph, module, save = _trainable(pruned)
     runtime = teacher.load()
     bound = load_dataset(data).bind(runtime.inputs)
-    targets = dict(zip([o.name for o in runtime.outputs], teacher_targets(runtime, bound)))
+    targets = outputs_on(runtime, bound)  # the teacher's outputs, by name
     inputs = [bound.feeds[name] for name in module.input_names]
     if pruned.format == "tflite":
-        _check_same_as_runtime(module, pruned, inputs)
+        _check_same_as_runtime(module, pruned, bound)
     distill(module, inputs, [targets[name] for name in module.output_names], bound.labels,
             Schedule(epochs=epochs, lr=lr, labels_weight=labels_weight if bound.labels is not None else 0.0),
             what="recovering the pruned model")
@@ -50,21 +51,18 @@ def _trainable(model: ModelFile):
     return proto, OnnxModule(proto), lambda proto, out: onnx.save(proto, str(out))
 
 
-def _check_same_as_runtime(module, model: ModelFile, inputs: list[np.ndarray], samples: int = 8) -> None:
+def _check_same_as_runtime(module, model: ModelFile, data: BoundData, samples: int = 8) -> None:
     """The PyTorch reading of a TFLite graph must compute what TFLite does before it is trained:
     an op read differently would train a different model than the one written back."""
     import torch
 
-    runtime = model.load()
-    first = [x[:samples] for x in inputs]
+    first = BoundData(data.sample(0, samples), None, fixed_batch=True)
     with torch.no_grad():
-        mine = [o.numpy() for o in module(*[torch.from_numpy(np.ascontiguousarray(x)) for x in first])]
-    theirs = {name: [] for name in module.output_names}
-    for i in range(len(first[0])):
-        for name, value in runtime.run({n: x[i:i + 1] for n, x in zip(module.input_names, first)}).items():
-            theirs[name].append(np.asarray(value))
+        mine = [o.numpy() for o in module(*[torch.from_numpy(np.ascontiguousarray(first.feeds[name]))
+                                            for name in module.input_names])]
+    theirs = outputs_on(model.load(), first)
     for name, value in zip(module.output_names, mine):
-        want = np.concatenate(theirs[name])
+        want = theirs[name]
         value = value.reshape(want.shape)
         scale = float(np.abs(want).max()) or 1.0
         if not np.allclose(value, want, rtol=1e-3, atol=1e-4 * scale):
