@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import shutil
 import sys
 import tempfile
@@ -188,12 +189,13 @@ def targets(summaries: list[dict]) -> list[str]:
                 lines.append(f"{name}: --auto --max-drop 1 --goal {goal}: nothing qualified (handed back nothing)")
         if "channels-50" in r:
             c = r["channels-50"]
-            at_64 = (f"{1 / c['batch']:.2f}x at batch 64" if c["batch"] == c["batch"]
-                     else "batch 64 not timed (the model takes one sample)")
+            batch_timed = not math.isnan(c["batch"])  # a TFLite model takes one sample per call
+            at_64 = f"{1 / c['batch']:.2f}x at batch 64" if batch_timed else \
+                "batch 64 not timed (the model takes one sample)"
             line = (f"{name}: 50% channels + recovery ≥ 1.5x faster within 1 point: {1 / c['single']:.2f}x "
                     f"faster at batch 1, {at_64}, drop {c['drop']:+.2f} -> "
                     f"batch 1 {verdict(1 / c['single'] >= 1.5 and c['drop'] <= 1)}")
-            if c["batch"] == c["batch"]:
+            if batch_timed:
                 line += f", batch 64 {verdict(1 / c['batch'] >= 1.5 and c['drop'] <= 1)}"
             lines.append(line)
         else:
