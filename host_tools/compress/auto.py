@@ -24,7 +24,7 @@ from host_tools.compress.data import Dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import showing_progress
 from host_tools.compress.recipes import (ONNX_CHANNELS_50, ONNX_COMPACT, PREPROCESS, TFLITE_CHANNELS_50,
-                                         TFLITE_COMPACT, Recipe, Step)
+                                         TFLITE_COMPACT, TFLITE_DYNAMIC, Recipe, Step)
 from host_tools.compress.workflow import (CompressionReport, Evaluation, Measured, Progress, apply_pass, deliver,
                                           plan_steps, quality_drop, read_data)
 
@@ -92,7 +92,9 @@ ONNX_LADDER = (
     Candidate("distilled student, 25% of the parameters", (Step("distill"),), needs_calibration=True),
 )
 TFLITE_LADDER = (  # the distilled student is an ONNX model
-    Candidate("dynamic-range int8", (Step("tflite-dynamic"), TFLITE_COMPACT)),
+    Candidate("dynamic-range int8", (*TFLITE_DYNAMIC, TFLITE_COMPACT)),
+    Candidate("dynamic-range int8, per-channel", (Step("tflite-dynamic"), Step("tflite-int8-params"), TFLITE_COMPACT),
+              if_missed="dynamic-range int8"),
     Candidate("int8 weights only", (Step("tflite-weight-only"), TFLITE_COMPACT)),
     Candidate("full int8", (Step("tflite-int8"), TFLITE_COMPACT), needs_calibration=True),
     Candidate("fp16", (Step("tflite-fp16"), TFLITE_COMPACT)),
@@ -105,7 +107,7 @@ TFLITE_LADDER = (  # the distilled student is an ONNX model
               needs_calibration=True),
     Candidate("50% channels pruned, recovered", (TFLITE_CHANNELS_50, TFLITE_COMPACT), needs_calibration=True),
     Candidate("50% channels pruned, recovered, dynamic-range int8",
-              (TFLITE_CHANNELS_50, Step("tflite-dynamic"), TFLITE_COMPACT), needs_calibration=True),
+              (TFLITE_CHANNELS_50, *TFLITE_DYNAMIC, TFLITE_COMPACT), needs_calibration=True),
     Candidate("50% channels pruned, recovered, full int8",
               (TFLITE_CHANNELS_50, Step("tflite-int8"), TFLITE_COMPACT), needs_calibration=True),
     Candidate("distilled student, 25% of the parameters", (Step("distill"), ONNX_COMPACT), needs_calibration=True),

@@ -48,18 +48,21 @@ class Recipe:
 
 
 # Steps that recipes and --auto's candidates share: preprocessing before ONNX quantization, the
-# compaction (short internal names) that every ONNX and every TFLite recipe ends with, and pruning.
+# compaction (short or no internal names) that every ONNX and every TFLite recipe ends with, and pruning.
 PREPROCESS = Step("onnx-preprocess")
 ONNX_COMPACT = Step("onnx-compact")
 TFLITE_COMPACT = Step("tflite-compact")
 # Half of the channels pruned and recovered: channels-50, and --auto's pruned candidates.
+# Dynamic-range int8 for TFLite as int8-dynamic is for ONNX: one weight scale per dense layer (ONNX
+# Runtime's default; convolutions keep one per channel), and the float constants left after it in 8 bits.
+TFLITE_DYNAMIC = (Step("tflite-dynamic", {"per_channel": False}), Step("tflite-int8-params"))
 ONNX_CHANNELS_50 = Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30})
 TFLITE_CHANNELS_50 = Step("tflite-prune-channels", {"ratio": 0.5, "recover_epochs": 30})
 # name -> (description, {model format: steps})
 NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
     "int8-dynamic": ("int8 weights, activations quantized at run time (no calibration data needed)", {
         "onnx": (PREPROCESS, Step("onnx-dynamic"), Step("onnx-int8-params"), ONNX_COMPACT),
-        "tflite": (Step("tflite-dynamic"), TFLITE_COMPACT)}),
+        "tflite": (*TFLITE_DYNAMIC, TFLITE_COMPACT)}),
     "int8-static": ("int8 weights and activations, per-channel weights, calibrated on --calib", {
         "onnx": (PREPROCESS, Step("onnx-static", {"per_channel": True}), ONNX_COMPACT),
         "tflite": (Step("tflite-int8"), TFLITE_COMPACT)}),

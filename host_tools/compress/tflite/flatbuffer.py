@@ -2,8 +2,8 @@
 the layout litert-quantizer gives larger models: weight buffers stored past the flatbuffer,
 16-byte aligned.
 
-Writing stores equal shapes and quantization parameters once (weights keep a copy each, see
-_pack). A flatbuffer may point at one vector or table from many places, and TFLite only reads
+Writing stores equal shapes, quantization parameters and operator options once (weights keep a
+copy each, see _pack), and no quantization table where a tensor has no parameters. A flatbuffer may point at one vector or table from many places, and TFLite only reads
 them; the object tree's own packer writes a copy for every holder.
 After full int8 most tensors carry quantization parameters that their neighbours have too (a
 Reshape's output has its input's scale), and most shapes repeat: on the CRNN fixture, whose LSTM
@@ -56,7 +56,7 @@ def write(tree, outside: list[bytes], path: Path) -> None:
 
 def _pack(tree) -> bytearray:
     """*tree* as flatbuffer bytes, each distinct vector (shapes, scales, zero points, operator inputs)
-    and each distinct set of quantization parameters written once. Byte vectors (buffers' data,
+    and each distinct quantization or builtin options table written once. Byte vectors (buffers' data,
     custom options) keep a copy each: tflite-prune-magnitude edits a weight buffer's bytes in place,
     and must not change another tensor that happens to hold the same bytes."""
     import flatbuffers
@@ -74,17 +74,24 @@ def _pack(tree) -> bytearray:
                 self.vectors[key] = super().CreateNumpyVector(x)
             return self.vectors[key]
 
-    quantized = [t for graph in tree.subgraphs for t in graph.tensors if t.quantization is not None]
-    own = [t.quantization for t in quantized]
+    # Each holder of a quantization table or a builtin options table, with what it holds now;
+    # while packing it holds a stand-in that writes equal tables once (no table for empty quantization).
+    holders = [(t, "quantization", t.quantization) for graph in tree.subgraphs for t in graph.tensors
+               if t.quantization is not None]
+    holders += [(op, "builtinOptions", op.builtinOptions) for graph in tree.subgraphs for op in graph.operators
+                if op.builtinOptions is not None]
     shared: dict[tuple, _PackedOnce] = {}
-    for tensor in quantized:
-        tensor.quantization = shared.setdefault(_key(tensor.quantization), _PackedOnce(tensor.quantization))
+    for holder, field, table in holders:
+        if field == "quantization" and _empty(table):
+            setattr(holder, field, None)  # TFLite reads an empty table and no table alike: not quantized
+        else:
+            setattr(holder, field, shared.setdefault(_key(table), _PackedOnce(table)))
     builder = SharingBuilder()
     try:
         builder.Finish(tree.Pack(builder), file_identifier=_FILE_IDENTIFIER)
     finally:
-        for tensor, quantization in zip(quantized, own):
-            tensor.quantization = quantization
+        for holder, field, table in holders:
+            setattr(holder, field, table)
     return bytearray(builder.Output())
 
 
@@ -101,12 +108,25 @@ class _PackedOnce:
         return self.offset
 
 
-def _key(q) -> tuple:
-    if q.details is not None:  # custom quantization: not compared, never shared
-        return (id(q),)
-    vectors = tuple(None if v is None else (np.asarray(v).dtype.str, np.asarray(v).tobytes())
-                    for v in (q.min, q.max, q.scale, q.zeroPoint))
-    return (*vectors, q.quantizedDimension, q.detailsType)
+def _empty(q) -> bool:
+    return all(v is None for v in (q.min, q.max, q.scale, q.zeroPoint, q.details))
+
+
+def _key(table) -> tuple:
+    """Equal for tables that pack to the same bytes: their class and fields, where every field is a
+    number, a string, None or a vector of numbers. A table holding another table (custom
+    quantization details, a quantization spec) is never shared."""
+    fields = []
+    for name, value in sorted(vars(table).items()):
+        if isinstance(value, (list, np.ndarray)):
+            array = np.asarray(value)
+            if array.dtype == object:
+                return (id(table),)
+            value = (array.dtype.str, array.tobytes())
+        elif value is not None and not isinstance(value, (bool, int, float, str, bytes, np.generic)):
+            return (id(table),)
+        fields.append((name, value))
+    return (type(table).__name__, *fields)
 
 
 def op_name(builtin_code: int, deprecated_code: int) -> str:
