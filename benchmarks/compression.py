@@ -50,7 +50,8 @@ def plain_quantize(path: Path, out: Path) -> None:
     from litert_quantizer import quantizer as lq
     from litert_quantizer import recipe
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its sizes
+    # it prints its sizes, and on larger graphs progress bars to stderr
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         quantized = lq.Quantizer(str(path), recipe.dynamic_wi8_afp32()).quantize().quantized_model
     out.write_bytes(bytes(quantized))
 
