@@ -80,6 +80,10 @@ STREAM = ("FULLY_CONNECTED #3", "FULLY_CONNECTED #37", "FULLY_CONNECTED #53", "F
     (FIXTURES / "token_classifier.tflite", 7, ()),
     # one layer computes Q, K and V, split in three by SLICEs: each part pruned by heads, tied to the others
     (FIXTURES / "fused_qkv.tflite", 5, ()),
+    # one block applied twice with the same weights (ALBERT): each shared layer is one layer, its two
+    # uses tied; the word embedding table, read again as the output layer's weight (GPT-2), pruned
+    # along the residual stream in both roles
+    (FIXTURES / "shared_layers.tflite", 13, ()),
 ], ids=lambda v: getattr(v, "stem", None) or (str(v) if isinstance(v, int) else "stream-left" if v else "all"))
 def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_path, path, layers, exclude):
     """Half of each group's channels are exact zeros wherever pruning cuts: removing exactly those
@@ -146,7 +150,10 @@ def test_what_it_cannot_prune_safely_is_left_whole_and_named():
     skipped = plan_channel_pruning(tree).skipped
     assert skipped["FULLY_CONNECTED #775"] == "reduced over its channels (REDUCE_MAX #776)"  # log-softmax's max
     assert skipped["FULLY_CONNECTED #391"] == "feeds REVERSE_V2 #392"
-    assert skipped["FULLY_CONNECTED #45"] == "weight shared with another op"  # an unrolled LSTM: one weight per step
+    # an unrolled LSTM: one weight for every step, so every step's layer is one layer; the steps' outputs
+    # are concatenated with the other direction's
+    assert skipped["FULLY_CONNECTED #45"] == \
+        "its output meets another branch at CONCATENATION #390 (a residual connection or a gate)"
 
 
 def test_a_quantized_model_is_refused_in_one_line(tmp_path):
@@ -200,7 +207,7 @@ def test_fine_tuning_reads_each_graph_as_tflite_runs_it():
 
     paths = [MODELS / f"digits_{m}.tflite" for m in ("cnn", "vgg", "transformer")]
     paths += [FIXTURES / f"{m}.tflite" for m in ("detector", "mobile_blocks", "token_classifier", "fused_qkv",
-                                                 "text_encoder", "crnn_ocr", "streaming_kws")]
+                                                 "shared_layers", "text_encoder", "crnn_ocr", "streaming_kws")]
     for path in paths:
         runtime = ModelFile.open(path).load()
         module = TfliteModule(flatbuffer.read(path)[0])
@@ -231,6 +238,38 @@ def test_a_residual_stream_and_the_gate_that_scales_it_lose_the_same_channels(tm
     widths = {k: list(graph.tensors[graph.operators[k].outputs[0]].shape) for k in (2, 3, 4, 5, 6, 12, 15)}
     assert widths == {2: [1, 16, 16, 8], 3: [1, 16, 16, 24], 4: [1, 16, 16, 24], 5: [1, 16, 16, 8],
                       6: [1, 16, 16, 8], 12: [1, 16, 16, 8], 15: [1, 16, 16, 12]}
+
+
+def test_layers_that_share_a_weight_lose_the_same_channels_and_still_share_it(tmp_path):
+    """ALBERT applies one block again with the same weights, GPT-2 reads its word embedding table
+    again as its output layer's weight. A shared layer is pruned as one layer, in every place it is
+    applied, and the pruned file still stores each shared weight once; the table loses the residual
+    stream's channels in both its roles (its rows stay: they are the vocabulary)."""
+    path = FIXTURES / "shared_layers.tflite"
+    tree, _ = flatbuffer.read(path)
+    g = Graph(tree)
+    layers = [k for k, kind in enumerate(g.kinds) if kind in ("FULLY_CONNECTED", "EMBEDDING_LOOKUP")]
+    shared = [[k for k in layers if g.tensor(g.input(k, 1)).buffer == buffer] for buffer in g.buffer_uses]
+    shared = sorted(ops for ops in shared if len(ops) > 1)
+    # the table and the output layer; Q, K, V, the attention output, the feed-forward pair, each twice
+    assert shared == [[1, 58], [4, 31], [7, 34], [9, 36], [25, 52], [27, 54], [29, 56]]
+    plan = plan_channel_pruning(tree)
+    group_of = {r.layer: n for n, group in enumerate(plan.groups) for r in group}
+    for first, again in shared[1:]:  # the block's layers: both uses in one group
+        assert group_of[first] == group_of[again]
+    assert 58 not in group_of and group_of[1] == group_of[25]  # the table: pruned with the stream it starts
+
+    report = run_recipe(ModelFile.open(path), steps([("tflite-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path)
+    assert report.steps[0].status == "ok", report.steps[0].note
+    pruned = Graph(flatbuffer.read(report.result.model.path)[0])
+    for ops in shared:
+        assert len({pruned.tensor(pruned.input(k, 1)).buffer for k in ops}) == 1, ops
+    assert pruned.shape(pruned.input(1, 1)) == pruned.shape(pruned.input(58, 1)) == [100, 16]
+    assert pruned.shape(pruned.input(4, 1)) == [16, 16] and pruned.shape(pruned.input(27, 1)) == [32, 16]
+    assert report.result.size_bytes < 0.55 * report.original.size_bytes  # a copy per use: ~0.7
+    shapes = lambda model: [o.shape for o in model.load().outputs]  # noqa: E731
+    assert shapes(report.result.model) == shapes(ModelFile.open(path))
 
 
 def test_fine_tuning_trains_a_weight_two_layers_share_as_one():

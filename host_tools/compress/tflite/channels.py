@@ -68,6 +68,9 @@ class Region:
     # (operator, first channel, count, the tensor sliced)
     windows: list[tuple[int, int, int, int]] = field(default_factory=list)
     begins: set[int] = field(default_factory=set)  # SLICE operators whose window starts later once pruned
+    # the buffer of the layer's weight, its channel axis and the window's first channel: layers that
+    # share a weight (as layers: the same axis, the same window) lose the same channels
+    weight: tuple[int, int, int] = (-1, 0, 0)
 
 
 @dataclass
@@ -183,9 +186,6 @@ def plan_channel_pruning(tree, exclude: set[str] = frozenset()) -> Plan:
         if not g.float_weight(weight):
             skipped[g.label(k)] = "its weight is not float32 (prune before quantizing)"
             continue
-        if g.buffer_uses[g.tensor(weight).buffer] > 1 or len(g.consumers.get(weight, [])) > 1:
-            skipped[g.label(k)] = "weight shared with another op"
-            continue
         if channels < 2:
             skipped[g.label(k)] = "a single channel"
             continue
@@ -270,6 +270,7 @@ def _walked(g: Graph, k: int, producer: Producer, units: np.ndarray, window=None
         region.tensors = {t: (axis, units + offset) for t, (axis, _) in path.tensors.items()}
         region.targets = {*path.targets, (op, 2)}
         region.begins.add(op)
+    region.weight = (g.tensor(g.input(k, producer.weight)).buffer, producer.axis, offset)
     _walk(g, region, start, len(g.shape(start)) - 1, units)
     region.walk_why = region.why
     return region
@@ -469,8 +470,14 @@ def _splits(labels: np.ndarray, channels: int) -> list[np.ndarray]:
 
 
 def _tie(regions: list[Region]) -> list[list[Region]]:
-    """Regions whose channels meet, grouped; a meeting no region explains leaves its region's reason."""
+    """Regions whose channels meet, grouped; a meeting no region explains leaves its region's reason.
+    Layers that share their weight (a layer applied again, as ALBERT's) are one layer: tied too."""
     tied = UnionFind(len(regions))
+    by_weight: dict[tuple[int, int, int], int] = {}
+    for i, region in enumerate(regions):
+        j = by_weight.setdefault(region.weight, i)
+        if j != i:
+            tied.join(i, j)
     for i, region in enumerate(regions):
         for tensor, axis, positions, op in region.meets:
             others = [j for j, r in enumerate(regions) if tensor in r.tensors and r.tensors[tensor][0] == axis
@@ -538,12 +545,7 @@ def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> Non
             begins |= region.begins
             if g.kinds[region.layer] == "DEPTHWISE_CONV_2D":
                 g.ops[region.layer].builtinOptions.depthMultiplier = keep
-    for (k, position), axes in removals.items():
-        t = _own(g, k, position)
-        array = g.const(t)
-        for axis, indices in axes.items():
-            array = np.delete(array, sorted(indices), axis=axis)
-        _store(g, t, array)
+    _cut(g, removals)
     for k in begins:  # a window of a layer's channels starts earlier by what was removed before it
         t, axis = g.input(k, 0), len(g.shape(g.input(k, 0))) - 1
         begin = g.const(_own(g, k, 1)).copy()
@@ -558,6 +560,34 @@ def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> Non
             tensor.shape[axis] -= len(indices)
             if tensor.shapeSignature is not None and len(tensor.shapeSignature) and tensor.shapeSignature[axis] > 0:
                 tensor.shapeSignature[axis] -= len(indices)
+
+
+def _cut(g: Graph, removals: dict[tuple[int, int], dict[int, set[int]]]) -> None:
+    """Delete the entries *removals* names from the constants ops read. A constant that every op
+    reading it loses the same entries of (a weight two tied layers share, an embedding table read
+    again as the output layer's weight) is cut once and stays shared; else each op cuts its own copy."""
+    users: dict[int, list[tuple[int, int]]] = {}  # buffer -> the (op, input) pairs with removals
+    for k, position in removals:
+        users.setdefault(g.tensor(g.input(k, position)).buffer, []).append((k, position))
+    for buffer, pairs in users.items():
+        tensors = [t for t, tensor in enumerate(g.graph.tensors) if tensor.buffer == buffer]
+        readers = {reader for t in tensors for reader in g.consumers.get(t, [])}
+        axes = removals[pairs[0]]
+        if readers == set(pairs) and all(removals[pair] == axes for pair in pairs) and \
+                len({tuple(g.shape(t)) for t in tensors}) == 1:
+            array = _without(g.const(tensors[0]), axes)
+            for t in tensors:
+                _store(g, t, array)
+            continue
+        for k, position in pairs:
+            t = _own(g, k, position)
+            _store(g, t, _without(g.const(t), removals[(k, position)]))
+
+
+def _without(array: np.ndarray, axes: dict[int, set[int]]) -> np.ndarray:
+    for axis, indices in axes.items():
+        array = np.delete(array, sorted(indices), axis=axis)
+    return array
 
 
 def stale_shape_constants(tree) -> dict[str, str]:

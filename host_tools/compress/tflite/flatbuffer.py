@@ -3,8 +3,9 @@ the layout litert-quantizer gives larger models: weight buffers stored past the 
 16-byte aligned.
 
 Writing stores equal shapes, quantization parameters and operator options once (weights keep a
-copy each, see _pack), and no quantization table where a tensor has no parameters. A flatbuffer may point at one vector or table from many places, and TFLite only reads
-them; the object tree's own packer writes a copy for every holder.
+copy each, see _pack), and no quantization table where a tensor has no parameters. A flatbuffer
+may point at one vector or table from many places, and TFLite only reads them; the object tree's
+own packer writes a copy for every holder.
 After full int8 most tensors carry quantization parameters that their neighbours have too (a
 Reshape's output has its input's scale), and most shapes repeat: on the CRNN fixture, whose LSTM
 is unrolled into ~900 tensors, sharing them takes the int8 file from 0.91x to 0.66x of the float
