@@ -16,6 +16,8 @@ from tests.conftest import MODELS
 from tests.host_tools import graphs
 from tests.host_tools.test_compress import HELDOUT, TRAIN, steps
 
+FIXTURES = MODELS.parent / "tests" / "fixtures" / "models"
+
 
 def _model(nodes, inits, x_shape, y_shape, path):
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
@@ -786,6 +788,11 @@ def test_a_layer_used_twice_is_stored_once_after_pruning(tmp_path):
                       dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
     model = ModelFile.open(path)
     assert "Identity" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    from host_tools.compress.onnx.prune import prepared_plan
+    assert prepared_plan(onnx.load(str(path))).skipped == {
+        "/mid/MatMul": "tied to /mid_1/MatMul (its output is a graph output)",  # one layer, applied twice
+        "/mid_1/MatMul": "its output is a graph output",
+        "/b/MatMul": "a weight it shares with /mid_1/MatMul would lose channels there too"}  # mid's input
     report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
                         workdir=tmp_path / "w")
     assert report.steps[0].status == "ok", report.steps[0].note
@@ -795,6 +802,49 @@ def test_a_layer_used_twice_is_stored_once_after_pruning(tmp_path):
     assert report.result.model.path.stat().st_size < 0.9 * path.stat().st_size
     x = np.random.default_rng(0).standard_normal((3, 5, 8)).astype(np.float32)
     assert _run(report.result.model.path, x).shape == (3, 5, 64)
+
+
+def test_layers_that_share_a_weight_are_pruned_as_one_and_still_share_it(tmp_path):
+    """ALBERT applies one block again with the same weights (PyTorch exports them as initializers
+    that two MatMuls read). Each shared layer is one layer: both uses lose the same channels, and the
+    pruned file stores each weight once. Half of every group's units are made exact zeros wherever
+    pruning cuts (as in the plan), so removing them must leave the logits as they were."""
+    from host_tools.compress.onnx.prune import prepared_plan
+
+    proto = onnx.load(str(FIXTURES / "shared_layers.onnx"))
+    plan = prepared_plan(proto)
+    assert plan.skipped == {"/MatMul_4": "its output is a graph output"}  # the output layer
+    layers = sorted(sorted(p.node for p in group.producers) for group in plan.groups)
+    assert layers == [["/embed/Gather", "/ffn/ffn.2/MatMul", "/ffn/ffn.2_1/MatMul", "/o/MatMul", "/o_1/MatMul",
+                       "/position/Gather"],
+                      ["/ffn/ffn.0/MatMul", "/ffn/ffn.0_1/MatMul"],
+                      ["/k/MatMul", "/k_1/MatMul", "/q/MatMul", "/q_1/MatMul", "/v/MatMul", "/v_1/MatMul"]]
+    inits = {i.name: i for i in proto.graph.initializer}
+    arrays = {name: numpy_helper.to_array(init).copy() for name, init in inits.items()}
+    for group in plan.groups:
+        silent = [c for c in range(group.channels) if c % 4 in (1, 2)]
+        cuts = [(p.weight, p.axis, p.offsets, p.block) for p in group.producers] + \
+            [(name, q.axis, q.offsets, q.block) for name, q in group.params] + \
+            [(r.weight, r.axis, r.offsets, r.block) for r in group.readers]
+        for name, axis, offsets, block in cuts:
+            index = [slice(None)] * arrays[name].ndim
+            index[axis] = [(o + c) * block + b for o in offsets for c in silent for b in range(block)]
+            arrays[name][tuple(index)] = 0
+    for name, value in arrays.items():
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    silenced = tmp_path / "silenced.onnx"
+    onnx.save(proto, str(silenced))
+    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    pruned = onnx.load(str(report.result.model.path))
+    shapes = sorted(tuple(i.dims) for i in pruned.graph.initializer if len(i.dims) == 2)
+    # each weight once: the tables, Q, K, V and the attention output, the feed-forward pair, the output layer
+    assert shapes == [(12, 16), (16, 16), (16, 16), (16, 16), (16, 16), (16, 32), (16, 100), (32, 16), (100, 16)]
+    ids = np.random.default_rng(0).integers(0, 100, (3, 12))
+    want, got = (ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+                 for path in (silenced, report.result.model.path))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")

@@ -80,6 +80,7 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
     producers: list[Producer] = []
     regions: list[Region] = []
     labels: list[str] = []  # a layer's name, and its window when a Split divides it
+    weights: list[tuple[str, int, int]] = []  # (weight, output axis, window start): shared, one layer
     for index, node in enumerate(g.nodes):
         axis = output_axis(node, g.consts)
         if axis is None:
@@ -95,10 +96,9 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
             labels.append(f"{node.name}[{window[0]}:{window[0] + window[1]}]" if window else node.name)
             if node.name in exclude:
                 region.why = "excluded"
-            elif g.uses[weight] > 1:
-                region.why = "weight shared with another node"
             regions.append(region)
-    members = _tie(regions)
+            weights.append((weight, axis, window[0] if window else 0))
+    members = _tie(regions, weights)
     groups, skipped = [], {}
     for indices in members:
         why = _why_not(indices, labels, regions)
@@ -113,8 +113,42 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
             # layer reaching its whole output's count each carry their start, so it shrinks for each)
             group.reshapes += [r for r in regions[i].reshapes if r not in group.reshapes]
             group.readers += [r for r in regions[i].readers.values() if r not in group.readers]
-        groups.append(group)
-    return Plan(groups, skipped)
+        groups.append((indices, group))
+    for indices, why in _shared_apart([(indices, group) for indices, group in groups], regions, g):
+        skipped.update((labels[i], why) for i in indices)
+    kept = {id(group) for indices, group in groups if not any(labels[i] in skipped for i in indices)}
+    return Plan([group for _, group in groups if id(group) in kept], skipped)
+
+
+def _shared_apart(groups: list[tuple[list[int], Group]], regions: list[Region], g: Graph):
+    """(members, why) of each group that cannot cut a constant other nodes also read. A constant read
+    by several nodes (a weight one layer applied twice shares, as ALBERT's; a table that is also an
+    output layer's weight) is cut once for all of them: along each of its axes by one group only,
+    in the same places, and every node reading it must be in that group."""
+    cuts: dict[tuple[str, int], dict[int, set]] = {}  # (constant, axis) -> group -> (offsets, block)
+    for n, (_, group) in enumerate(groups):
+        for name, axis, where in [(p.weight, p.axis, (p.offsets, p.block)) for p in group.producers] + \
+                [(r.weight, r.axis, (r.offsets, r.block)) for r in group.readers] + \
+                [(name, q.axis, (q.offsets, q.block)) for name, q in group.params]:
+            if g.uses[name] > 1:
+                cuts.setdefault((name, axis), {}).setdefault(n, set()).add(where)
+    refused: dict[int, str] = {}
+    for (name, _), by_group in cuts.items():
+        if len(by_group) > 1:
+            refused.update((n, f"a weight it shares ({name}) would lose other channels for another layer")
+                           for n in by_group)
+            continue
+        [(n, places)] = by_group.items()
+        indices, group = groups[n]
+        named = {p.node for p in group.producers} | {r.node for r in group.readers}
+        reached = {t for i in indices for t in regions[i].tensors}
+        outside = [node.name for node in g.readers.get(name, []) if node.name not in named
+                   and not any(t in reached for t in node.input if t != name)]
+        if len(places) > 1:
+            refused[n] = f"reads a weight it shares ({name}) in different places"
+        elif outside:
+            refused[n] = f"a weight it shares with {outside[0]} would lose channels there too"
+    return [(groups[n][0], why) for n, why in refused.items()]
 
 
 def _graph(proto) -> Graph:
@@ -134,10 +168,14 @@ def _graph(proto) -> Graph:
                  lambda name: sizes().get(name, []))
 
 
-def _tie(regions: list[Region]) -> list[list[int]]:
-    """Groups of region indices whose channels are tied (union-find over where regions meet);
-    a meeting no region explains leaves its region's reason."""
+def _tie(regions: list[Region], weights: list[tuple[str, int, int]]) -> list[list[int]]:
+    """Groups of region indices whose channels are tied (union-find over where regions meet, and
+    over layers that share their weight: one layer applied again); a meeting no region explains
+    leaves its region's reason."""
     tied = UnionFind(len(regions))
+    first: dict[tuple[str, int, int], int] = {}
+    for i, key in enumerate(weights):
+        tied.join(i, first.setdefault(key, i))
     owners: dict[str, list[int]] = {}
     for i, region in enumerate(regions):
         for tensor in region.tensors:

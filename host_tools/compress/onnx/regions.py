@@ -208,8 +208,6 @@ def _through_one_input(node, region: Region, g: Graph, enter) -> str | None:
         return enter(node.output[0], layout) if _per_channel_const(node.input[1], layout, region, g) else \
             "PRelu slope is not per channel"
     if op == "BatchNormalization" and (layout.kind == "map" or (layout.rank == 2 and layout.block == 1)):
-        if any(g.uses[name] > 1 for name in node.input[1:5]):
-            return "BatchNormalization parameters shared with another node"
         region.params.update((name, Param(0, layout.offsets)) for name in node.input[1:5])
         return enter(node.output[0], layout)
     if op == "LayerNormalization" and layout.kind == "vec" and layout.rank and \
@@ -324,8 +322,6 @@ def _through_layer_norm(node, layout: Layout, region: Region, g: Graph, enter) -
     come from the channels that stay — not the same numbers, which is what recovery trains for."""
     if any(name in g.outputs or g.readers.get(name) for name in node.output[1:] if name):
         return "LayerNormalization statistics read elsewhere"
-    if any(g.uses[name] > 1 for name in node.input[1:] if name):
-        return "LayerNormalization parameters shared with another node"
     region.params.update((name, Param(0, layout.offsets, layout.block)) for name in node.input[1:] if name)
     return enter(node.output[0], layout)
 
@@ -341,8 +337,6 @@ def _through_depthwise(node, region: Region, g: Graph, enter) -> str | None:
     layout = region.tensors.get(node.input[0])
     if layout is None or any(name in region.tensors for name in node.input[1:]) or layout.kind != "map":
         return "consumed by a depthwise Conv it cannot shrink"
-    if any(g.uses[name] > 1 for name in node.input[1:] if name):
-        return "depthwise Conv weight shared with another node"
     region.params.update((name, Param(0, layout.offsets)) for name in node.input[1:] if name)
     region.depthwise.add(node.name)
     return enter(node.output[0], layout)
@@ -360,8 +354,6 @@ def _reader(node, region: Region, g: Graph) -> str | None:
         return f"{op} applied to a feature map"
     if op == "Gemm" and layout.rank != 2:
         return "Gemm of a tensor that is not 2-D"
-    if g.uses[node.input[1]] > 1:
-        return "consumer weight shared with another node"
     region.readers[node.name] = Reader(node.name, node.input[1], 1 if op == "Conv" else 1 - axis, layout.block,
                                        layout.offsets)
     return None
@@ -369,12 +361,13 @@ def _reader(node, region: Region, g: Graph) -> str | None:
 
 def _per_channel_const(name: str, layout: Layout, region: Region, g: Graph) -> bool:
     """A scalar, or one value per channel broadcast along the layout's channel axis; the latter is
-    recorded for slicing (it must belong to this region alone)."""
+    recorded for slicing (one shared with other nodes is cut for all: the plan checks that they are
+    all in this region's group, cutting it the same way)."""
     init = g.consts[name]
     if is_scalar(init):
         return True
     dims = list(init.dims)
-    if g.uses[name] > 1 or layout.block != 1:
+    if layout.block != 1:
         return False
     if layout.kind == "map":
         rank = layout.rank or 0
