@@ -254,13 +254,14 @@ class AgentProcess:
         return self
 
     def wait_for_api(self, timeout: float = 30) -> bool:
-        """Wait until the agent answers on its inference socket (a killed agent leaves a stale file)."""
-        def answers() -> bool:
-            if self.proc.poll() is not None:
-                return False
+        """Wait until the agent answers on its inference and its control socket (a killed agent leaves
+        stale files; the agent opens the inference socket first, so a test that asked for its status
+        as soon as that one answered could find no control socket yet on a loaded machine)."""
+        def answers(path) -> bool:
             with socket.socket(socket.AF_UNIX) as s:
-                return s.connect_ex(str(self.api_socket)) == 0
-        return bool(wait_until(answers, timeout))
+                return s.connect_ex(str(path)) == 0
+        return bool(wait_until(lambda: self.proc.poll() is None and answers(self.api_socket)
+                               and answers(self.control_socket), timeout))
 
     def terminate(self) -> int:
         if self.proc.poll() is None:
