@@ -849,30 +849,61 @@ def test_layers_that_share_a_weight_are_pruned_as_one_and_still_share_it(tmp_pat
 
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
-@pytest.mark.parametrize("flatten", ["constant", "read"])
+def test_a_channel_count_read_to_reshape_another_layers_output_keeps_the_layer_whole(tmp_path):
+    """h's width, read at run time, shapes c's output: pruning h's channels would not prune c's, so
+    the view would take the wrong count. h's layer is left whole, with the reason."""
+    torch = pytest.importorskip("torch")
+    from host_tools.compress.onnx.prune import prepared_plan
+    nn = torch.nn
+
+    class Elsewhere(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c, self.b, self.d = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(32, 8), nn.Linear(32, 8)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(torch.relu(self.c(x)).view(-1, h.size(-1))) + self.d(h.reshape(-1, 32))
+
+    path = tmp_path / "elsewhere.onnx"
+    torch.onnx.export(Elsewhere().eval(), (torch.randn(2, 5, 16),), str(path), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n", 1: "t"}, "y": {0: "nt"}}, opset_version=17,
+                      dynamo=False)
+    plan = prepared_plan(onnx.load(str(path)))
+    assert plan.skipped["/a/MatMul"] == "its channel count is read (Shape)"
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+@pytest.mark.parametrize("flatten", ["constant", "read", "read earlier"])
 def test_a_reshape_that_names_the_channel_count_follows_the_pruning(tmp_path, monkeypatch, flatten):
     """x.reshape(-1, 32) between two layers ([n, t, 32] -> [n·t, 32]) names the channel count in its
     target shape: pruning the channels must rewrite it (the pruned model did not load before).
     x.view(-1, x.size(-1)), as Hugging Face's Conv1D (GPT-2) writes it, reads the count at run time
-    and follows by itself (it was refused as a channel count read). Half the channels carry
-    nothing, so removing them changes no output."""
+    and follows by itself (it was refused as a channel count read); so does a count read from an
+    earlier tensor of the same channels, as GPT-2 reads its embeddings' width to view its last
+    hidden states. Half the channels carry nothing, so removing them changes no output."""
     torch = pytest.importorskip("torch")
     nn = torch.nn
 
     class Flat(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+            self.a, self.b, self.m = nn.Linear(16, 32), nn.Linear(32, 8), nn.Linear(32, 32)
 
         def forward(self, x):
             h = torch.relu(self.a(x))
+            if flatten == "read earlier":  # the stream's width read before a residual block, used after it
+                shape = (-1, h.size(-1))
+                return self.b((h + self.m(h)).view(shape))
             return self.b(h.reshape(-1, 32) if flatten == "constant" else h.view(-1, h.size(-1)))
 
     torch.manual_seed(0)
     net = Flat().eval()
     with torch.no_grad():
-        net.a.weight[1::2] = 0
-        net.a.bias[1::2] = 0
+        for layer in (net.a, net.m):  # tied by the residual Add: both lose the same channels
+            layer.weight[1::2] = 0
+            layer.bias[1::2] = 0
     path = tmp_path / "flat.onnx"
     torch.onnx.export(net, (torch.randn(2, 5, 16),), str(path), input_names=["x"], output_names=["y"],
                       dynamic_axes={"x": {0: "n", 1: "t"}, "y": {0: "nt"}}, opset_version=17, dynamo=False)
@@ -883,7 +914,7 @@ def test_a_reshape_that_names_the_channel_count_follows_the_pruning(tmp_path, mo
     np.testing.assert_allclose(_run(report.result.model.path, x), _run(path, x), rtol=1e-5, atol=1e-5)
     assert {tuple(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer} >= {(8, 16)}
 
-    if flatten == "read":
+    if flatten != "constant":
         return
     # A pattern the plan follows wrongly (here: the constant left as it was, as before the fix) is
     # the pass's error, not a model handed on that will not load.

@@ -82,6 +82,8 @@ class Region:
     meets: list[tuple[str, Layout, str]] = field(default_factory=list)  # (other tensor, its layout here, op)
     # (shape constant, entry, per unit[, where a window of the layer starts in the tensor reshaped])
     reshapes: list[tuple] = field(default_factory=list)
+    # (tensor, region tensor): a Reshape of the first takes the second's channel count, read at run time
+    same_channels: list[tuple[str, str]] = field(default_factory=list)
     out_offsets: tuple[int, ...] = (0,)
     out_block: int = 1
     windows: list[tuple[int, int]] | None = None

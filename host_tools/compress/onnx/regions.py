@@ -86,6 +86,9 @@ def walk_region(index: int, channels: int, g: Graph, window: tuple[int, int] | N
         if inside:
             waiting -= len(inside)
             why = _step(nxt, region, g, enter)
+    if not why and any(region.tensors.get(tensor) != region.tensors[source]
+                       for tensor, source in region.same_channels):
+        why = "its channel count is read (Shape)"  # for a tensor that does not keep its channels
     region.why = why or (None if region.readers else "no weighted layer reads its output")
     return region
 
@@ -94,7 +97,7 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
     """Take *node*, which reads a region tensor, into the region; or say why it cannot be."""
     op, tensors = node.op_type, region.tensors
     if op == "Shape":
-        return _shape_read(node, tensors[node.input[0]], g)
+        return _shape_read(node, tensors[node.input[0]], region, g)
     if any(tensors[name].kind == "heads" for name in node.input if name in tensors):
         return heads.step(node, region, g, enter)
     if op == "Reshape" and node.input[0] in tensors and tensors[node.input[0]].kind == "vec":
@@ -119,9 +122,10 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
     return _through_one_input(node, region, g, enter)
 
 
-def _shape_read(node, layout: Layout, g: Graph) -> str | None:
+def _shape_read(node, layout: Layout, region: Region, g: Graph) -> str | None:
     """A Shape of a region tensor is fine when nothing takes the channel count from it (PyTorch reads
-    a transformer's batch and token counts this way)."""
+    a transformer's batch and token counts this way), or only to reshape a tensor that keeps the
+    same channels."""
     axis = 1 if layout.kind == "map" else layout.at if layout.kind == "heads" else (layout.rank or 0) - 1
     if layout.rank is None or axis < 0:
         return "its shape is read (Shape) and its rank is unknown"
@@ -129,32 +133,40 @@ def _shape_read(node, layout: Layout, g: Graph) -> str | None:
                   for v in (attr(node, "start", 0), attr(node, "end", layout.rank)))
     if not start <= axis < end:
         return None
-    if any(axis - start in _read_entries(reader, end - start, g) and not _count_for_own_reshape(reader, node, g)
-           for reader in g.readers.get(node.output[0], [])):
-        return "its channel count is read (Shape)"
+    for reader in g.readers.get(node.output[0], []):
+        if axis - start not in _read_entries(reader, end - start, g):
+            continue
+        reshaped = _count_for_a_reshape(reader, g)
+        if reshaped is None:
+            return "its channel count is read (Shape)"
+        if reshaped != node.input[0]:  # checked once the walk is done: it must keep these channels
+            region.same_channels.append((reshaped, node.input[0]))
     return None
 
 
-def _count_for_own_reshape(reader, shape, g: Graph) -> bool:
-    """Whether the channel count that *reader* takes from *shape* only goes, through Squeeze and
-    Unsqueeze, into the last entry of a Reshape of the same tensor: x.view(-1, x.size(-1)), as
-    Hugging Face's Conv1D (GPT-2) flattens its input. Read at run time, it follows the pruning."""
+def _count_for_a_reshape(reader, g: Graph) -> str | None:
+    """The tensor whose Reshape the channel count that *reader* takes from a shape goes to, through
+    Squeeze and Unsqueeze, as the last entry, and nowhere else: x.view(-1, x.size(-1)), as Hugging
+    Face's Conv1D (GPT-2) flattens its input, or GPT-2's last view of its hidden states to the shape
+    its embeddings had. Read at run time, it follows the pruning when that tensor keeps the channels."""
     if reader.op_type not in ("Slice", "Gather"):
-        return False
+        return None
     value = reader.output[0]
     while True:
         users = g.readers.get(value, [])
         if len(users) != 1 or value in g.outputs:
-            return False
+            return None
         user = users[0]
         if user.op_type in ("Squeeze", "Unsqueeze") and user.input[0] == value:
             value = user.output[0]
             continue
         if user.op_type != "Concat" or user.input[-1] != value or list(user.input).count(value) != 1:
-            return False
+            return None
         shaped = g.readers.get(user.output[0], [])
-        return bool(shaped) and all(n.op_type == "Reshape" and n.input[1] == user.output[0] and
-                                    n.input[0] == shape.input[0] for n in shaped)
+        if not shaped or any(n.op_type != "Reshape" or n.input[1] != user.output[0] for n in shaped):
+            return None
+        inputs = {n.input[0] for n in shaped}
+        return inputs.pop() if len(inputs) == 1 else None
 
 
 def _read_entries(node, length: int, g: Graph) -> range | list[int]:
