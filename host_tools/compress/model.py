@@ -47,6 +47,15 @@ class ModelFile:
 
         return load_runtime(self.runtime, self.path, RuntimeOptions(threads=threads))
 
+    def outputs_on_zeros(self) -> dict:
+        """Load the model and run it once on zeros (a dimension without a size as 1): how a pass
+        checks that a model it wrote loads and runs."""
+        import numpy as np
+
+        runtime = self.load()
+        return runtime.run({spec.name: np.zeros([d if isinstance(d, int) else 1 for d in spec.shape], spec.dtype)
+                            for spec in runtime.inputs})
+
 
 def _check_onnx(path: Path) -> None:
     """A file named .onnx that ONNX cannot parse, or that holds no graph, fails here in one line
