@@ -804,6 +804,45 @@ def test_a_layer_used_twice_is_stored_once_after_pruning(tmp_path):
     assert _run(report.result.model.path, x).shape == (3, 5, 64)
 
 
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+def test_a_gemm_applied_twice_shares_its_weight_and_bias_after_pruning(tmp_path):
+    """On 2-D inputs PyTorch exports a Linear as Gemm, its bias an input of the node: one layer
+    applied twice, in a residual stream, is one layer, and its weight and bias stay one each.
+    The channels pruned carry nothing, so the outputs stay as they were."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.mid, self.b = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            h = h + torch.relu(self.mid(h))
+            return self.b(h + torch.relu(self.mid(h)))
+
+    torch.manual_seed(0)
+    net = Twice().eval()
+    with torch.no_grad():
+        for layer in (net.a, net.mid):
+            layer.weight[1::2] = 0
+            layer.bias[1::2] = 0
+    path = tmp_path / "twice.onnx"
+    torch.onnx.export(net, (torch.randn(2, 8),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Gemm") == 4
+    report = run_recipe(ModelFile.open(path), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    shapes = {i.name: list(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer}
+    assert shapes == {"a.weight": [16, 8], "a.bias": [16], "mid.weight": [16, 16], "mid.bias": [16],
+                      "b.weight": [4, 16], "b.bias": [4]}
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(report.result.model.path, x), _run(path, x), rtol=1e-5, atol=1e-5)
+
+
 def test_layers_that_share_a_weight_are_pruned_as_one_and_still_share_it(tmp_path):
     """ALBERT applies one block again with the same weights (PyTorch exports them as initializers
     that two MatMuls read). Each shared layer is one layer: both uses lose the same channels, and the

@@ -56,8 +56,8 @@ def walk_region(index: int, channels: int, g: Graph, window: tuple[int, int] | N
     offsets = (window[0],) if window else (0,)
     region = Region(window[1] if window else channels, out_offsets=offsets)
     bias = node.input[2] if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 else ""
-    if bias and (bias not in g.consts or g.uses[bias] > 1):
-        region.why = "its bias is not a constant of its own"
+    if bias and bias not in g.consts:
+        region.why = "its bias is not a constant"
         return region
     if bias and int(np.prod(list(g.consts[bias].dims) or [1])) > 1:  # [C], or Gemm's [1, C]
         region.params[bias] = Param(len(g.consts[bias].dims) - 1, offsets)
@@ -220,7 +220,8 @@ def _through_one_input(node, region: Region, g: Graph, enter) -> str | None:
         return enter(node.output[0], layout) if _per_channel_const(node.input[1], layout, region, g) else \
             "PRelu slope is not per channel"
     if op == "BatchNormalization" and (layout.kind == "map" or (layout.rank == 2 and layout.block == 1)):
-        region.params.update((name, Param(0, layout.offsets)) for name in node.input[1:5])
+        if not all([_param(region, name, Param(0, layout.offsets)) for name in node.input[1:5]]):
+            return "BatchNormalization parameters read again in other places"
         return enter(node.output[0], layout)
     if op == "LayerNormalization" and layout.kind == "vec" and layout.rank and \
             attr(node, "axis", -1) % layout.rank == layout.rank - 1:
@@ -334,7 +335,8 @@ def _through_layer_norm(node, layout: Layout, region: Region, g: Graph, enter) -
     come from the channels that stay — not the same numbers, which is what recovery trains for."""
     if any(name in g.outputs or g.readers.get(name) for name in node.output[1:] if name):
         return "LayerNormalization statistics read elsewhere"
-    region.params.update((name, Param(0, layout.offsets, layout.block)) for name in node.input[1:] if name)
+    if not all([_param(region, name, Param(0, layout.offsets, layout.block)) for name in node.input[1:] if name]):
+        return "LayerNormalization parameters read again in other places"
     return enter(node.output[0], layout)
 
 
@@ -349,7 +351,8 @@ def _through_depthwise(node, region: Region, g: Graph, enter) -> str | None:
     layout = region.tensors.get(node.input[0])
     if layout is None or any(name in region.tensors for name in node.input[1:]) or layout.kind != "map":
         return "consumed by a depthwise Conv it cannot shrink"
-    region.params.update((name, Param(0, layout.offsets)) for name in node.input[1:] if name)
+    if not all([_param(region, name, Param(0, layout.offsets)) for name in node.input[1:] if name]):
+        return "depthwise Conv weight read again in other places"
     region.depthwise.add(node.name)
     return enter(node.output[0], layout)
 
@@ -393,5 +396,11 @@ def _per_channel_const(name: str, layout: Layout, region: Region, g: Graph) -> b
         axis = len(dims) - 1
         if dims[axis] != (layout.width or region.channels) or len(dims) > (layout.rank or len(dims)):
             return False
-    region.params[name] = Param(axis, layout.offsets)
-    return True
+    return _param(region, name, Param(axis, layout.offsets))
+
+
+def _param(region: Region, name: str, param: Param) -> bool:
+    """Record that constant *name* loses the region's channels at *param*'s places; False when the
+    region cuts it already at other places (a constant shared by nodes the channels reach at other
+    offsets: one cut cannot serve both)."""
+    return region.params.setdefault(name, param) == param
