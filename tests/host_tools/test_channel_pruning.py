@@ -89,7 +89,8 @@ def _conv_then(tmp_path, between, extra_inits=None, spatial=6):
 @pytest.mark.parametrize("between, inits, spatial, why", [
     ([helper.make_node("Relu", ["c1"], ["r"]), helper.make_node("Add", ["r", "x"], ["z"])], {}, 6,
      "meets another branch at Add (a residual connection"),
-    ([helper.make_node("Transpose", ["c1"], ["t"], perm=[0, 1, 3, 2]), helper.make_node("Relu", ["t"], ["z"])], {}, 6,
+    # channels moved to a spatial axis (to axis 1 or the last, as NCHW <-> NHWC, they are followed)
+    ([helper.make_node("Transpose", ["c1"], ["t"], perm=[0, 2, 1, 3]), helper.make_node("Relu", ["t"], ["z"])], {}, 6,
      "feeds Transpose"),
     # one value per column, not per channel: broadcasting lines a rank-1 constant up with the last axis
     ([helper.make_node("Mul", ["c1", "cols"], ["z"])], {"cols": np.arange(8.0)}, 8,
@@ -395,7 +396,8 @@ def test_a_squeeze_and_excitation_gate_is_tied_to_the_channels_it_scales(tmp_pat
 
 def _exported(tmp_path, block: str):
     """A small network of two *block*s, as PyTorch's exporter writes it (BatchNorm folded into the
-    convolutions, their biases shared through Identity nodes, SiLU as Sigmoid + Mul)."""
+    convolutions, their biases shared through Identity nodes, SiLU as Sigmoid + Mul; ConvNeXt's
+    permutes to channels-last and back as Transposes)."""
     import torch
     from torch import nn
 
@@ -418,7 +420,18 @@ def _exported(tmp_path, block: str):
         def forward(self, x):
             return x * torch.sigmoid(self.b(nn.functional.silu(self.a(x.mean((2, 3), keepdim=True)))))
 
-    bodies = {"resnet": lambda: nn.Sequential(cbs(16, 16, act=nn.ReLU), nn.Conv2d(16, 16, 3, 1, 1), nn.BatchNorm2d(16)),
+    class ConvNeXt(nn.Module):  # depthwise conv, then LayerNorm and the MLP channels-last, between permutes
+        def __init__(self, c):
+            super().__init__()
+            self.dw, self.norm = nn.Conv2d(c, c, 3, 1, 1, groups=c), nn.LayerNorm(c)
+            self.up, self.down, self.gamma = nn.Linear(c, 4 * c), nn.Linear(4 * c, c), nn.Parameter(torch.full((c,), .5))
+
+        def forward(self, x):
+            y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+            return (self.gamma * self.down(nn.functional.gelu(self.up(y)))).permute(0, 3, 1, 2)
+
+    bodies = {"convnext": lambda: ConvNeXt(16),
+              "resnet": lambda: nn.Sequential(cbs(16, 16, act=nn.ReLU), nn.Conv2d(16, 16, 3, 1, 1), nn.BatchNorm2d(16)),
               "mobilenet": lambda: nn.Sequential(cbs(16, 64, 1, act=nn.ReLU6), cbs(64, 64, 3, 64, nn.ReLU6),
                                                  nn.Conv2d(64, 16, 1), nn.BatchNorm2d(16)),
               "efficientnet": lambda: nn.Sequential(cbs(16, 64, 1), cbs(64, 64, 3, 64), SqueezeExcite(64),
@@ -434,7 +447,7 @@ def _exported(tmp_path, block: str):
 
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
-@pytest.mark.parametrize("block", ["resnet", "mobilenet", "efficientnet"])
+@pytest.mark.parametrize("block", ["resnet", "mobilenet", "efficientnet", "convnext"])
 def test_exported_residual_networks_are_pruned_whole_stream_included(tmp_path, block):
     from host_tools.compress import Dataset
     from host_tools.compress.torch.distill import teacher_parameters

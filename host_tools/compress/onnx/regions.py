@@ -112,6 +112,8 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
         return _through_split(node, region, g, enter)
     if op in BINARY_OPS:
         return _through_binary(node, region, g, enter)
+    if op == "Transpose" and tensors[node.input[0]].kind in ("map", "vec"):
+        return _through_transpose(node, tensors[node.input[0]], enter)
     if op not in UNARY_OPS | POOL_OPS | REDUCE_OPS | {"PRelu", "BatchNormalization", "LayerNormalization", "Flatten",
                                                       "Resize", "Gather"}:
         return f"its output feeds {op}"
@@ -198,6 +200,21 @@ def _through_binary(node, region: Region, g: Graph, enter) -> str | None:
         elif not _per_channel_const(name, layout, region, g):
             return f"{op} with a constant that is not per channel"
     return enter(node.output[0], layout)
+
+
+def _through_transpose(node, layout: Layout, enter) -> str | None:
+    """A permutation that moves the channels between axis 1 (NCHW) and the last axis (NHWC), as
+    ConvNeXt's blocks do around their LayerNorm and linear layers; or that leaves them where they are."""
+    rank = layout.rank
+    if rank is None or layout.block != 1 or layout.width is not None:
+        return "its output feeds Transpose"
+    perm = ints(node, "perm") or list(reversed(range(rank)))
+    moved = perm.index(1 if layout.kind == "map" else rank - 1)
+    if moved == rank - 1:
+        return enter(node.output[0], replace(layout, kind="vec"))
+    if moved == 1 and rank > 2:
+        return enter(node.output[0], replace(layout, kind="map"))
+    return "its output feeds Transpose"
 
 
 def _across_channels(shape: list | None, layout: Layout) -> bool:
