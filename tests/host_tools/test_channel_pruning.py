@@ -856,6 +856,64 @@ def test_a_gemm_applied_twice_shares_its_weight_and_bias_after_pruning(tmp_path)
     np.testing.assert_allclose(_run(report.result.model.path, x), _run(path, x), rtol=1e-5, atol=1e-5)
 
 
+def _silenced(proto, plan, path):
+    """*proto* (as the plan was made of it) saved to *path* with the middle two of every four units
+    of each group made exact zeros wherever pruning cuts: what pruning removes, and nothing else."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    arrays = {name: numpy_helper.to_array(init).copy() for name, init in inits.items()}
+    for group in plan.groups:
+        silent = [c for c in range(group.channels) if c % 4 in (1, 2)]
+        cuts = [(p.weight, p.axis, p.offsets, p.block) for p in group.producers] + \
+            [(name, q.axis, q.offsets, q.block) for name, q in group.params] + \
+            [(r.weight, r.axis, r.offsets, r.block) for r in group.readers]
+        for name, axis, offsets, block in cuts:
+            index = [slice(None)] * arrays[name].ndim
+            index[axis] = [(o + c) * block + b for o in offsets for c in silent for b in range(block)]
+            arrays[name][tuple(index)] = 0
+    for name, value in arrays.items():
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+def test_channels_are_followed_from_channels_first_to_channels_last(tmp_path):
+    """Whisper's encoder front: two 1-D convolutions over [N, C, T], permuted to [N, T, C] tokens,
+    position embeddings added, a residual MLP. The convolutions' channels are the tokens' features:
+    pruned through the Transpose as one stream, they change no output when they carry nothing."""
+    torch = pytest.importorskip("torch")
+    from host_tools.compress.onnx.prune import prepared_plan
+    nn = torch.nn
+
+    class Front(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv1d(8, 32, 3, padding=1), nn.Conv1d(32, 32, 3, stride=2, padding=1)
+            self.pos, self.up, self.down = nn.Parameter(torch.randn(10, 32)), nn.Linear(32, 64), nn.Linear(64, 32)
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, x):
+            h = nn.functional.gelu(self.c2(nn.functional.gelu(self.c1(x)))).permute(0, 2, 1) + self.pos
+            return self.head((h + self.down(nn.functional.gelu(self.up(h)))).mean(1))
+
+    torch.manual_seed(0)
+    path = tmp_path / "front.onnx"
+    torch.onnx.export(Front().eval(), (torch.randn(2, 8, 20),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    proto = onnx.load(str(path))
+    plan = prepared_plan(proto)
+    assert sorted(sorted(p.node for p in g.producers) for g in plan.groups) == \
+        [["/c1/Conv"], ["/c2/Conv", "/down/MatMul"], ["/up/MatMul"]]  # c2 and the MLP's output: one stream
+    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
+    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    assert report.result.size_bytes < 0.5 * silenced.stat().st_size
+    x = np.random.default_rng(0).standard_normal((3, 8, 20)).astype(np.float32)
+    np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+
+
 def test_layers_that_share_a_weight_are_pruned_as_one_and_still_share_it(tmp_path):
     """ALBERT applies one block again with the same weights (PyTorch exports them as initializers
     that two MatMuls read). Each shared layer is one layer: both uses lose the same channels, and the
@@ -871,21 +929,7 @@ def test_layers_that_share_a_weight_are_pruned_as_one_and_still_share_it(tmp_pat
                        "/position/Gather"],
                       ["/ffn/ffn.0/MatMul", "/ffn/ffn.0_1/MatMul"],
                       ["/k/MatMul", "/k_1/MatMul", "/q/MatMul", "/q_1/MatMul", "/v/MatMul", "/v_1/MatMul"]]
-    inits = {i.name: i for i in proto.graph.initializer}
-    arrays = {name: numpy_helper.to_array(init).copy() for name, init in inits.items()}
-    for group in plan.groups:
-        silent = [c for c in range(group.channels) if c % 4 in (1, 2)]
-        cuts = [(p.weight, p.axis, p.offsets, p.block) for p in group.producers] + \
-            [(name, q.axis, q.offsets, q.block) for name, q in group.params] + \
-            [(r.weight, r.axis, r.offsets, r.block) for r in group.readers]
-        for name, axis, offsets, block in cuts:
-            index = [slice(None)] * arrays[name].ndim
-            index[axis] = [(o + c) * block + b for o in offsets for c in silent for b in range(block)]
-            arrays[name][tuple(index)] = 0
-    for name, value in arrays.items():
-        inits[name].CopyFrom(numpy_helper.from_array(value, name))
-    silenced = tmp_path / "silenced.onnx"
-    onnx.save(proto, str(silenced))
+    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
     report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
                         workdir=tmp_path / "w")
     assert report.steps[0].status == "ok", report.steps[0].note
