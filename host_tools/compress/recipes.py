@@ -52,10 +52,10 @@ class Recipe:
 PREPROCESS = Step("onnx-preprocess")
 ONNX_COMPACT = Step("onnx-compact")
 TFLITE_COMPACT = Step("tflite-compact")
-# Half of the channels pruned and recovered: channels-50, and --auto's pruned candidates.
 # Dynamic-range int8 for TFLite as int8-dynamic is for ONNX: one weight scale per dense layer (ONNX
 # Runtime's default; convolutions keep one per channel), and the float constants left after it in 8 bits.
 TFLITE_DYNAMIC = (Step("tflite-dynamic", {"per_channel": False}), Step("tflite-int8-params"))
+# Half of the channels pruned and recovered: channels-50, and --auto's pruned candidates.
 ONNX_CHANNELS_50 = Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30})
 TFLITE_CHANNELS_50 = Step("tflite-prune-channels", {"ratio": 0.5, "recover_epochs": 30})
 # name -> (description, {model format: steps})

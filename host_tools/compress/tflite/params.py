@@ -14,6 +14,7 @@ constant of the layer (kernels and delegates want those when the interpreter is 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,6 @@ from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 from host_tools.compress.tflite import flatbuffer
 
 ELEMENTWISE = {"ADD", "SUB", "MUL", "DIV", "SQUARED_DIFFERENCE", "MAXIMUM", "MINIMUM"}
-_FLOAT32, _INT8 = 0, 9  # TensorType
 
 
 @register
@@ -69,10 +69,7 @@ def store_params_as_int8(tree, min_elements: int) -> int:
             for t in op.inputs:
                 readers.setdefault((g, int(t)), set()).add(flatbuffer.op_name(code.builtinCode,
                                                                              code.deprecatedBuiltinCode))
-    holders: dict[int, int] = {}  # buffer -> how many tensors point at it
-    for graph in tree.subgraphs:
-        for tensor in graph.tensors:
-            holders[tensor.buffer] = holders.get(tensor.buffer, 0) + 1
+    holders = Counter(tensor.buffer for graph in tree.subgraphs for tensor in graph.tensors)  # tensors per buffer
     converted = 0
     for g, graph in enumerate(tree.subgraphs):
         pinned = set(graph.inputs) | set(graph.outputs)
@@ -80,7 +77,7 @@ def store_params_as_int8(tree, min_elements: int) -> int:
         for index, tensor in enumerate(graph.tensors):
             data = tree.buffers[tensor.buffer].data
             ops = readers.get((g, index), set())
-            if (tensor.type != _FLOAT32 or data is None or len(data) < 4 * min_elements or index in pinned
+            if (tensor.type != schema.TensorType.FLOAT32 or data is None or len(data) < 4 * min_elements or index in pinned
                     or not ops or not ops <= ELEMENTWISE or holders[tensor.buffer] != 1 or tensor.isVariable
                     or (tensor.quantization is not None and tensor.quantization.scale is not None)):
                 continue
@@ -93,7 +90,7 @@ def store_params_as_int8(tree, min_elements: int) -> int:
             q = np.clip(np.round(values / scale) + zero, -128, 127).astype(np.int8)
             tree.buffers[tensor.buffer].data = np.frombuffer(q.tobytes(), np.uint8).copy()
             stored = schema.TensorT()
-            stored.shape, stored.type, stored.buffer = tensor.shape, _INT8, tensor.buffer
+            stored.shape, stored.type, stored.buffer = tensor.shape, schema.TensorType.INT8, tensor.buffer
             stored.quantization = schema.QuantizationParametersT()
             stored.quantization.scale, stored.quantization.zeroPoint = [scale], [zero]
             stored.hasRank = tensor.hasRank
