@@ -493,7 +493,9 @@ def test_channels_joined_by_a_concat_are_pruned_each_from_its_own_layer(tmp_path
     assert shapes["enc"][0] == shapes["dec"][1] == shapes["dec"][0] == 4
     assert shapes["out"] == [2, 11, 3, 3] and shapes["scale"] == [1, 11, 1, 1]  # 4 + the input's 3 + 4
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
-    np.testing.assert_allclose(_run(report.result.model.path, x), _run(model.path, x), rtol=1e-5, atol=1e-5)
+    # sums of 171 products of a few units each, in another order after pruning (AVX-512's blocks of 16
+    # channels): float32 leaves ~1e-5; a channel cut at the wrong offset changes outputs by whole units
+    np.testing.assert_allclose(_run(report.result.model.path, x), _run(model.path, x), rtol=1e-4, atol=1e-4)
 
 
 def _bert_style(tmp_path):
