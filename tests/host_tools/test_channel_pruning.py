@@ -1022,3 +1022,59 @@ def test_a_reshape_that_names_the_channel_count_follows_the_pruning(tmp_path, mo
                         workdir=tmp_path / "w2")
     assert report.steps[0].status == "failed" and "inconsistent graph" in report.steps[0].note
     assert not report.compressed
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+def test_a_relative_position_bias_per_head_loses_the_heads_its_layers_lose(tmp_path):
+    """T5's attention: a table of [buckets, heads] looked up for every token pair ([q, k, heads]),
+    permuted to [1, heads, q, k] and added to the scores of every layer. The table's columns are
+    heads: pruned with the heads of both layers, whose Q, K and V it ties into one group. Half of
+    the heads carry nothing (Q, K, V, the bias column and the output rows made zero wherever pruning
+    cuts), so removing them must leave the logits as they were."""
+    torch = pytest.importorskip("torch")
+    from host_tools.compress.onnx.prune import prepared_plan
+    nn = torch.nn
+    heads, size, dim, buckets = 4, 8, 32, 9
+
+    class RelativeAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.bias = nn.Embedding(50, dim), nn.Embedding(buckets, heads)
+            self.layers = nn.ModuleList(nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(4))
+                                        for _ in range(2))
+            self.head = nn.Linear(dim, 3)
+
+        def forward(self, ids):
+            n, t = ids.shape
+            pos = torch.arange(t)
+            bucket = (pos[None, :] - pos[:, None]).clamp(-(buckets // 2), buckets // 2) + buckets // 2
+            bias = self.bias(bucket).permute(2, 0, 1).unsqueeze(0)  # [1, heads, q, k]
+            h = self.embed(ids)
+            for q, k, v, o in self.layers:
+                split = [f(h).view(n, t, heads, size).transpose(1, 2) for f in (q, k, v)]
+                scores = split[0] @ split[1].transpose(-1, -2) + bias
+                h = h + o((scores.softmax(-1) @ split[2]).transpose(1, 2).reshape(n, t, dim))
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    path = tmp_path / "relative.onnx"
+    torch.onnx.export(RelativeAttention().eval(), (torch.randint(0, 50, (2, 6)),), str(path), input_names=["ids"],
+                      output_names=["y"], dynamic_axes={"ids": {0: "n", 1: "t"}, "y": {0: "n"}}, opset_version=17,
+                      dynamo=False)
+    proto = onnx.load(str(path))
+    plan = prepared_plan(proto)
+    by_heads = [g for g in plan.groups if g.channels == heads]
+    assert len(by_heads) == 1 and sorted(p.node for p in by_heads[0].producers) == \
+        ["/bias/Gather"] + [f"/layers.{i}.{j}/MatMul" for i in (0, 1) for j in (0, 1, 2)]
+    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
+    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    pruned = onnx.load(str(report.result.model.path))
+    assert (buckets, heads // 2) in {tuple(i.dims) for i in pruned.graph.initializer}
+    for tokens in (4, 7):  # other token counts than the export's: the bias is looked up at run time
+        ids = np.random.default_rng(tokens).integers(0, 50, (3, tokens))
+        want, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+                     for p in (silenced, report.result.model.path))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

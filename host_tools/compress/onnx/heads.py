@@ -5,11 +5,13 @@ Multi-head attention computes Q, K and V with one MatMul (or three), splits thei
 the axes about with Transposes, takes softmax(Q·Kᵀ)·V head by head, and merges the heads back
 with a Reshape before the output projection. Such a layer is pruned by heads: its unit becomes a
 head — that head's block of outputs in every section — and the head axis is followed through
-what keeps heads apart: Transpose; Split, Gather and Squeeze on other axes; MatMul with the head
-axis among the batch axes; Softmax over a later axis; elementwise ops with scalars, or with
-masks that broadcast over the heads. The merging Reshape turns heads back into channels of
-*head size* features each, for the output projection to read; both Reshapes' shape constants are
-rewritten for the heads that stay. Anything else stops the walk with the reason.
+what keeps heads apart: Transpose; Split, Gather and Squeeze on other axes; Unsqueeze; MatMul
+with the head axis among the batch axes; Softmax over a later axis; elementwise ops with scalars,
+with masks that broadcast over the heads, or with another layer's heads (a relative-position bias
+looked up per head, whose table is a layer of one channel per head: see ``regions``). The merging
+Reshape turns heads back into channels of *head size* features each, for the output projection to
+read; both Reshapes' shape constants are rewritten for the heads that stay. Anything else stops
+the walk with the reason.
 """
 
 from __future__ import annotations
@@ -147,6 +149,8 @@ def step(node, region: Region, g: Graph, enter) -> str | None:
         return why
     if op in ("Squeeze", "Gather"):
         return _through_fewer_axes(node, layout, g, enter)
+    if op == "Unsqueeze":
+        return _through_unsqueeze(node, layout, g, enter)
     if op == "Reshape":
         return _merge(node, layout, region, g, enter)
     return f"its heads feed {op}"
@@ -214,6 +218,19 @@ def _through_fewer_axes(node, layout: Layout, g: Graph, enter) -> str | None:
         return "Gather of its heads" if axis == layout.at else "Gather with indices of unknown shape"
     shift = len(indices) - 1 if axis < layout.at else 0
     return enter(node.output[0], replace(layout, rank=layout.rank + len(indices) - 1, at=layout.at + shift))
+
+
+def _through_unsqueeze(node, layout: Layout, g: Graph, enter) -> str | None:
+    """New axes of size 1, before or after the heads (T5's position bias made [1, heads, q, k])."""
+    axes_input = node.input[1] if len(node.input) > 1 else ""
+    axes = [int(a) for a in const_array(g.consts[axes_input]).ravel()] if axes_input in g.consts else ints(node, "axes")
+    if not axes:
+        return "Unsqueeze it cannot follow"
+    rank = layout.rank + len(axes)
+    at = layout.at
+    for axis in sorted(a % rank for a in axes):  # axes count in the output: each one at or before shifts it
+        at += axis <= at
+    return enter(node.output[0], replace(layout, rank=rank, at=at))
 
 
 def _merge(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:

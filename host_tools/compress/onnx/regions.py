@@ -204,7 +204,10 @@ def _through_binary(node, region: Region, g: Graph, enter) -> str | None:
 
 def _through_transpose(node, layout: Layout, enter) -> str | None:
     """A permutation that moves the channels between axis 1 (NCHW) and the last axis (NHWC), as
-    ConvNeXt's blocks do around their LayerNorm and linear layers; or that leaves them where they are."""
+    ConvNeXt's blocks do around their LayerNorm and linear layers; or that leaves them where they are.
+    Channels moved from the last axis to another are followed as heads, one channel each (see
+    ``heads``): T5 looks up its relative-position bias in a table of [buckets, heads], as [q, k,
+    heads], and moves the heads in front to add the bias to each head's scores."""
     rank = layout.rank
     if rank is None or layout.block != 1 or layout.width is not None:
         return "its output feeds Transpose"
@@ -214,6 +217,8 @@ def _through_transpose(node, layout: Layout, enter) -> str | None:
         return enter(node.output[0], replace(layout, kind="vec"))
     if moved == 1 and rank > 2:
         return enter(node.output[0], replace(layout, kind="map"))
+    if layout.kind == "vec":
+        return enter(node.output[0], Layout("heads", rank, at=moved))
     return "its output feeds Transpose"
 
 
