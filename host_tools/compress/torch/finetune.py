@@ -24,8 +24,7 @@ def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None
     bound = load_dataset(data).bind(runtime.inputs)
     targets = outputs_on(runtime, bound)  # the teacher's outputs, by name
     inputs = [bound.feeds[name] for name in module.input_names]
-    if pruned.format == "tflite":
-        _check_same_as_runtime(module, pruned, bound)
+    _check_same_as_runtime(module, pruned, bound)
     distill(module, inputs, [targets[name] for name in module.output_names], bound.labels,
             Schedule(epochs=epochs, lr=lr, labels_weight=labels_weight if bound.labels is not None else 0.0),
             what="recovering the pruned model")
@@ -52,8 +51,8 @@ def _trainable(model: ModelFile):
 
 
 def _check_same_as_runtime(module, model: ModelFile, data: BoundData, samples: int = 8) -> None:
-    """The PyTorch reading of a TFLite graph must compute what TFLite does before it is trained:
-    an op read differently would train a different model than the one written back."""
+    """The PyTorch reading of the graph must compute what its runtime does before it is trained: an
+    op read differently would train a different model than the one written back."""
     import torch
 
     first = BoundData(data.sample(0, samples), None, fixed_batch=True)
@@ -66,5 +65,6 @@ def _check_same_as_runtime(module, model: ModelFile, data: BoundData, samples: i
         value = value.reshape(want.shape)
         scale = float(np.abs(want).max()) or 1.0
         if not np.allclose(value, want, rtol=1e-3, atol=1e-4 * scale):
-            raise CompressionError(f"fine-tuning reads {model.path.name} differently from TFLite (output {name}: "
+            runtime = "TFLite" if model.format == "tflite" else "ONNX Runtime"
+            raise CompressionError(f"fine-tuning reads {model.path.name} differently from {runtime} (output {name}: "
                                    f"max difference {float(np.abs(value - want).max()):.3g}); not fine-tuned")

@@ -10,6 +10,7 @@ refused by name before any training starts.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -20,8 +21,8 @@ from torch.nn import functional as F
 from device_agent.errors import NotApplicable
 
 TRAINABLE_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2),
-                    "LayerNormalization": (1, 2), "Add": (0, 1), "Mul": (0, 1), "PRelu": (1,),
-                    "Gather": (0,)}  # (an embedding table: only float initializers become parameters)
+                    "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "Add": (0, 1), "Mul": (0, 1),
+                    "PRelu": (1,), "Gather": (0,)}  # (an embedding table: only float initializers become parameters)
 
 
 def _attrs(node) -> dict:
@@ -160,10 +161,17 @@ def _slice(a, at):
     axes = a[3].tolist() if len(a) > 3 and a[3] is not None else list(range(len(starts)))
     steps = a[4].tolist() if len(a) > 4 and a[4] is not None else [1] * len(starts)
     index = [slice(None)] * x.dim()
+    backwards = []
     for s, e, ax, st in zip(starts, ends, axes, steps):
         size = x.shape[ax]
+        if st < 0:  # (torch indexing steps forwards only) Python's clamping of s and e is ONNX's
+            backwards.append((ax, torch.arange(*slice(s, e, st).indices(size))))
+            continue
         index[ax] = slice(max(min(s, size), -size), max(min(e, size), -size - 1) if e < 0 else min(e, size), st)
-    return x[tuple(index)]
+    x = x[tuple(index)]
+    for ax, taken in backwards:
+        x = x.index_select(ax, taken)
+    return x
 
 
 def _layer_norm(a, at):
@@ -206,6 +214,66 @@ def _resize(a, at):
     if sizes is not None:
         return F.interpolate(x, size=[int(v) for v in sizes.tolist()[2:]], mode=kind)
     return F.interpolate(x, scale_factor=[float(v) for v in scales.tolist()[2:]], mode=kind)
+
+
+def _instance_norm(a, at):
+    return F.instance_norm(a[0], weight=a[1], bias=a[2], eps=at.get("epsilon", 1e-5))
+
+
+def _constant_of_shape(a, at):
+    from onnx import numpy_helper
+
+    value = np.array(numpy_helper.to_array(at["value"])).reshape(-1) if "value" in at else np.zeros(1, np.float32)
+    return torch.full([int(v) for v in a[0].tolist()], value[0].item(), dtype=_TORCH_TYPES[value.dtype.name])
+
+
+def _expand(a, at):
+    """Bidirectional broadcasting, as ONNX's Expand: a shape entry of 1 keeps the input's size."""
+    return a[0].expand(torch.broadcast_shapes(a[0].shape, tuple(int(v) for v in a[1].tolist())))
+
+
+def _gather_elements(a, at):
+    axis = at.get("axis", 0) % a[0].dim()
+    index = a[1].long()
+    return torch.gather(a[0], axis, torch.where(index < 0, index + a[0].shape[axis], index))
+
+
+def _cumsum(a, at):
+    x, axis = a[0], int(a[1].reshape(-1)[0]) % a[0].dim()
+    if at.get("reverse", 0):
+        x = x.flip(axis)
+    y = torch.cumsum(x, axis)
+    if at.get("exclusive", 0):
+        y = y - x
+    return y.flip(axis) if at.get("reverse", 0) else y
+
+
+def _pad(a, at):
+    """Constant, reflect and edge padding, with pads as [x1_begin, x2_begin, …, x1_end, x2_end, …]
+    over *axes* (every axis by default)."""
+    x, pads = a[0], [int(v) for v in a[1].tolist()]
+    value = a[2].item() if len(a) > 2 and a[2] is not None and a[2].numel() else 0.0
+    axes = [int(v) % x.dim() for v in a[3].tolist()] if len(a) > 3 and a[3] is not None else list(range(x.dim()))
+    half = len(pads) // 2
+    per_axis = dict(zip(axes, zip(pads[:half], pads[half:])))
+    padded = [i for i in range(x.dim()) if per_axis.get(i, (0, 0)) != (0, 0)]
+    mode = at.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if not padded:
+        return x
+    if mode == "constant":
+        return F.pad(x, [p for i in reversed(range(padded[0], x.dim())) for p in per_axis.get(i, (0, 0))], value=value)
+    # PyTorch pads by reflection or replication only the spatial axes of [N, C, …] with 1-3 of them
+    if mode not in ("reflect", "edge") or padded[0] < 2 or not 3 <= x.dim() <= 5:
+        raise NotApplicable(f"fine-tuning cannot run Pad mode={mode} of these axes")
+    spatial = [p for i in reversed(range(2, x.dim())) for p in per_axis.get(i, (0, 0))]
+    return F.pad(x, spatial, mode="reflect" if mode == "reflect" else "replicate")
+
+
+def _is_inf(a, at):
+    x = a[0]
+    positive = torch.isposinf(x) if at.get("detect_positive", 1) else torch.zeros_like(x, dtype=torch.bool)
+    return positive | torch.isneginf(x) if at.get("detect_negative", 1) else positive
 
 
 def _cast(a, at):
@@ -279,5 +347,29 @@ _OPS = {
     "Where": lambda a, at: torch.where(a[0].bool(), a[1], a[2]),
     "Resize": _resize,
     "Equal": lambda a, at: a[0] == a[1],
+    "Greater": lambda a, at: a[0] > a[1],
+    "GreaterOrEqual": lambda a, at: a[0] >= a[1],
+    "Less": lambda a, at: a[0] < a[1],
+    "LessOrEqual": lambda a, at: a[0] <= a[1],
+    "And": lambda a, at: a[0].bool() & a[1].bool(),
+    "Or": lambda a, at: a[0].bool() | a[1].bool(),
+    "Not": lambda a, at: ~a[0].bool(),
+    "IsNaN": lambda a, at: torch.isnan(a[0]),
+    "IsInf": _is_inf,
+    "Abs": lambda a, at: torch.abs(a[0]),
+    "Log": lambda a, at: torch.log(a[0]),
+    "Sin": lambda a, at: torch.sin(a[0]),
+    "Cos": lambda a, at: torch.cos(a[0]),
+    "Reciprocal": lambda a, at: torch.reciprocal(a[0]),
+    "Floor": lambda a, at: torch.floor(a[0]),
+    "Min": lambda a, at: functools.reduce(torch.minimum, a),
+    "Max": lambda a, at: functools.reduce(torch.maximum, a),
+    "Mod": lambda a, at: torch.fmod(a[0], a[1]) if at.get("fmod", 0) else torch.remainder(a[0], a[1]),
+    "ConstantOfShape": _constant_of_shape,
+    "Expand": _expand,
+    "GatherElements": _gather_elements,
+    "CumSum": _cumsum,
+    "Pad": _pad,
+    "InstanceNormalization": _instance_norm,
     "Range": lambda a, at: torch.arange(a[0].item(), a[1].item(), a[2].item(), dtype=a[0].dtype),
 }

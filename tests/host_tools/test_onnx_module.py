@@ -1,0 +1,122 @@
+"""The PyTorch reading of ONNX graphs that pruning recovery trains (host_tools/compress/torch/onnx_module.py):
+each op computes what ONNX Runtime computes, and a graph it would read differently is not trained."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from device_agent.errors import NotApplicable
+from host_tools.compress import ModelFile, run_recipe
+from tests.host_tools.test_compress import steps
+
+torch = pytest.importorskip("torch")
+from host_tools.compress.torch import onnx_module  # noqa: E402
+from host_tools.compress.torch.onnx_module import OnnxModule  # noqa: E402
+
+F, I64, B = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+
+
+def _i64(*values):
+    return np.array(values, np.int64)
+
+
+# op, attributes, inputs (arrays: graph inputs; ("c", array): initializers), the output's type
+CASES = {
+    "Abs": ("Abs", {}, [np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4)], F),
+    "Log": ("Log", {}, [np.linspace(0.1, 3, 12, dtype=np.float32).reshape(3, 4)], F),
+    "Sin": ("Sin", {}, [np.linspace(-3, 3, 12, dtype=np.float32)], F),
+    "Cos": ("Cos", {}, [np.linspace(-3, 3, 12, dtype=np.float32)], F),
+    "Reciprocal": ("Reciprocal", {}, [np.linspace(0.5, 3, 6, dtype=np.float32)], F),
+    "Floor": ("Floor", {}, [np.linspace(-2.5, 2.5, 7, dtype=np.float32)], F),
+    "Min of three": ("Min", {}, [np.arange(6, dtype=np.float32), ("c", np.float32(2.5)),
+                                 np.array([5, 4, 3, 2, 1, 0], np.float32)], F),
+    "Max": ("Max", {}, [np.arange(6, dtype=np.float32).reshape(2, 3), ("c", np.array([1, 4, 0], np.float32))], F),
+    "Mod (integer)": ("Mod", {}, [_i64(-7, -1, 5, 9), ("c", _i64(4))], I64),
+    "Mod (fmod)": ("Mod", {"fmod": 1}, [np.array([-7.5, -1, 5, 9.25], np.float32), ("c", np.float32(4))], F),
+    "Greater": ("Greater", {}, [np.arange(5, dtype=np.float32), ("c", np.float32(2))], B),
+    "GreaterOrEqual": ("GreaterOrEqual", {}, [_i64(0, 1, 2, 3), ("c", _i64(2))], B),
+    "Less": ("Less", {}, [_i64(0, 1, 2, 3), ("c", _i64(2))], B),
+    "LessOrEqual": ("LessOrEqual", {}, [np.arange(4, dtype=np.float32), ("c", np.float32(2))], B),
+    "And": ("And", {}, [np.array([True, True, False, False]), ("c", np.array([True, False, True, False]))], B),
+    "Or": ("Or", {}, [np.array([True, True, False, False]), ("c", np.array([True, False, True, False]))], B),
+    "Not": ("Not", {}, [np.array([True, False])], B),
+    "IsNaN": ("IsNaN", {}, [np.array([0, np.nan, np.inf, -1], np.float32)], B),
+    "IsInf": ("IsInf", {}, [np.array([0, np.nan, np.inf, -np.inf], np.float32)], B),
+    "IsInf (negative only)": ("IsInf", {"detect_positive": 0}, [np.array([0, np.inf, -np.inf], np.float32)], B),
+    "ConstantOfShape": ("ConstantOfShape", {"value": numpy_helper.from_array(np.array([-3], np.int64))},
+                        [("c", _i64(2, 3))], I64),
+    "ConstantOfShape (default)": ("ConstantOfShape", {}, [("c", _i64(4))], F),
+    "Expand (both ways)": ("Expand", {}, [np.arange(3, dtype=np.float32).reshape(3, 1), ("c", _i64(2, 1, 4))], F),
+    "GatherElements": ("GatherElements", {"axis": 1}, [np.arange(12, dtype=np.float32).reshape(3, 4),
+                                                       ("c", _i64(0, -1, 2, 1, 1, 0).reshape(3, 2))], F),
+    "CumSum": ("CumSum", {}, [np.arange(1, 7, dtype=np.float32).reshape(2, 3), ("c", _i64(1))], F),
+    "CumSum (exclusive, reverse)": ("CumSum", {"exclusive": 1, "reverse": 1},
+                                    [_i64(1, 2, 3, 4).reshape(1, 4), ("c", np.array(-1, np.int64))], I64),
+    "Pad (constant, some axes)": ("Pad", {}, [np.ones((1, 2, 3, 3), np.float32), ("c", _i64(0, 1, 2, 0, 0, 1)),
+                                             ("c", np.float32(-1)), ("c", _i64(1, 2, 3))], F),
+    "Pad (constant, cropping)": ("Pad", {}, [np.arange(20, dtype=np.float32).reshape(4, 5), ("c", _i64(1, -1, 0, 2))],
+                                 F),
+    "Pad (edge)": ("Pad", {"mode": "edge"}, [np.arange(18, dtype=np.float32).reshape(1, 2, 3, 3),
+                                             ("c", _i64(0, 0, 1, 2, 0, 0, 2, 1))], F),
+    "Pad (reflect)": ("Pad", {"mode": "reflect"}, [np.arange(10, dtype=np.float32).reshape(1, 2, 5),
+                                                   ("c", _i64(0, 0, 2, 0, 0, 1))], F),
+    "InstanceNormalization": ("InstanceNormalization", {"epsilon": 1e-5},
+                              [np.random.default_rng(0).standard_normal((2, 3, 5)).astype(np.float32),
+                               ("c", np.array([1, 2, 0.5], np.float32)), ("c", np.array([0, 1, -1], np.float32))], F),
+    "Slice (backwards)": ("Slice", {}, [np.arange(24, dtype=np.float32).reshape(2, 12), ("c", _i64(-1, 10)),
+                                        ("c", _i64(-9223372036854775807, 1)), ("c", _i64(1, 0)), ("c", _i64(-1, -3))],
+                          F),
+}
+
+
+def _graph(op, attrs, operands, out_type):
+    inputs, inits, names = [], [], []
+    for i, operand in enumerate(operands):
+        name = f"in{i}"
+        names.append(name)
+        if isinstance(operand, tuple):
+            inits.append(numpy_helper.from_array(np.asarray(operand[1]), name))
+        else:
+            inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(operand.dtype),
+                                                        list(operand.shape)))
+    graph = helper.make_graph([helper.make_node(op, names, ["out"], **attrs)], "g", inputs,
+                              [helper.make_tensor_value_info("out", out_type, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_op_reads_as_onnx_runtime_runs_it(case):
+    op, attrs, operands, out_type = CASES[case]
+    model = _graph(op, attrs, operands, out_type)
+    feeds = {f"in{i}": v for i, v in enumerate(operands) if not isinstance(v, tuple)}
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    module = OnnxModule(model)
+    with torch.no_grad():
+        (got,) = module(*[torch.from_numpy(feeds[name]) for name in module.input_names])
+    assert got.numpy().dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_graph_with_an_op_it_cannot_read_is_refused_by_name():
+    model = _graph("Einsum", {"equation": "ij->ji"}, [np.ones((2, 3), np.float32)], F)
+    with pytest.raises(NotApplicable, match="fine-tuning cannot run op.s. Einsum in PyTorch"):
+        OnnxModule(model)
+
+
+def test_a_pruned_graph_read_differently_from_onnx_runtime_is_not_trained(tmp_path, monkeypatch):
+    """Recovery trains the PyTorch reading and writes its weights back into the ONNX graph: if an op
+    were read wrongly, that would train another model than the one shipped. It checks first."""
+    from tests.host_tools import graphs
+
+    model = ModelFile.open(graphs.mlp_with_constant_weights(tmp_path / "mlp.onnx"))
+    data = {"x": np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)}
+    np.savez(tmp_path / "train.npz", **data)
+    recipe = steps([("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 1})])
+    report = run_recipe(model, recipe, calib=str(tmp_path / "train.npz"), latency_runs=5, workdir=tmp_path / "ok")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    monkeypatch.setitem(onnx_module._OPS, "Relu", lambda a, at: torch.abs(a[0]))  # a wrong reading of Relu
+    report = run_recipe(model, recipe, calib=str(tmp_path / "train.npz"), latency_runs=5, workdir=tmp_path / "bad")
+    assert report.steps[0].status == "failed"
+    assert "reads mlp.channels50.onnx differently from ONNX Runtime" in report.steps[0].note
