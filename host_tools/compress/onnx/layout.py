@@ -89,6 +89,12 @@ class Region:
     windows: list[tuple[int, int]] | None = None
     why: str | None = None  # why its channels must stay, if they must
 
+    def cut(self, name: str, param: Param) -> bool:
+        """Record that constant *name* loses the region's units at *param*'s places; False when the
+        region cuts it already at other places (a constant shared by nodes the channels reach at
+        other offsets: one cut cannot serve both)."""
+        return self.params.setdefault(name, param) == param
+
 
 def is_scalar(init) -> bool:
     return int(np.prod(list(init.dims) or [1])) == 1

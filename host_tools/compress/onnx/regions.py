@@ -242,7 +242,7 @@ def _through_one_input(node, region: Region, g: Graph, enter) -> str | None:
         return enter(node.output[0], layout) if _per_channel_const(node.input[1], layout, region, g) else \
             "PRelu slope is not per channel"
     if op == "BatchNormalization" and (layout.kind == "map" or (layout.rank == 2 and layout.block == 1)):
-        if not all([_param(region, name, Param(0, layout.offsets)) for name in node.input[1:5]]):
+        if not all([region.cut(name, Param(0, layout.offsets)) for name in node.input[1:5]]):
             return "BatchNormalization parameters read again in other places"
         return enter(node.output[0], layout)
     if op == "LayerNormalization" and layout.kind == "vec" and layout.rank and \
@@ -357,7 +357,7 @@ def _through_layer_norm(node, layout: Layout, region: Region, g: Graph, enter) -
     come from the channels that stay — not the same numbers, which is what recovery trains for."""
     if any(name in g.outputs or g.readers.get(name) for name in node.output[1:] if name):
         return "LayerNormalization statistics read elsewhere"
-    if not all([_param(region, name, Param(0, layout.offsets, layout.block)) for name in node.input[1:] if name]):
+    if not all([region.cut(name, Param(0, layout.offsets, layout.block)) for name in node.input[1:] if name]):
         return "LayerNormalization parameters read again in other places"
     return enter(node.output[0], layout)
 
@@ -373,7 +373,7 @@ def _through_depthwise(node, region: Region, g: Graph, enter) -> str | None:
     layout = region.tensors.get(node.input[0])
     if layout is None or any(name in region.tensors for name in node.input[1:]) or layout.kind != "map":
         return "consumed by a depthwise Conv it cannot shrink"
-    if not all([_param(region, name, Param(0, layout.offsets)) for name in node.input[1:] if name]):
+    if not all([region.cut(name, Param(0, layout.offsets)) for name in node.input[1:] if name]):
         return "depthwise Conv weight read again in other places"
     region.depthwise.add(node.name)
     return enter(node.output[0], layout)
@@ -418,11 +418,4 @@ def _per_channel_const(name: str, layout: Layout, region: Region, g: Graph) -> b
         axis = len(dims) - 1
         if dims[axis] != (layout.width or region.channels) or len(dims) > (layout.rank or len(dims)):
             return False
-    return _param(region, name, Param(axis, layout.offsets))
-
-
-def _param(region: Region, name: str, param: Param) -> bool:
-    """Record that constant *name* loses the region's channels at *param*'s places; False when the
-    region cuts it already at other places (a constant shared by nodes the channels reach at other
-    offsets: one cut cannot serve both)."""
-    return region.params.setdefault(name, param) == param
+    return region.cut(name, Param(axis, layout.offsets))
