@@ -2,7 +2,6 @@
 each op computes what ONNX Runtime computes, and a graph it would read differently is not trained."""
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
