@@ -233,10 +233,11 @@ def _attention(tmp_path, style: str = "fused", variant: str = ""):
                                             ("fused-split", "flat"), ("separate", ""),
                                             ("sdpa", ""), ("hf", ""), ("hf", "nan-guard"), ("hf", "conv1d"),
                                             ("hf", "class token"), ("hf", "expanded mask"), ("hf", "bert"),
-                                            ("hf", "rotary")])
+                                            ("hf", "rotary"), ("fused", "per-head scale")])
 def test_attention_heads_that_carry_nothing_are_removed_and_every_output_stays(tmp_path, style, variant):
     """Removing the two silent heads (every section's block of them, the output projection's rows for
-    them, the head count in both Reshapes) must change no output, for any batch and token count."""
+    them, the head count in both Reshapes, a constant's entries for them) must change no output, for
+    any batch and token count."""
     model = _attention(tmp_path, style, variant)
     report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
     assert report.steps[0].status == "ok", report.steps[0].note
@@ -245,6 +246,8 @@ def test_attention_heads_that_carry_nothing_are_removed_and_every_output_stays(t
     out_projection = [32, 16] if variant == "conv1d" else [16, 32]  # (a Gemm on the flattened tokens)
     fused = [48, 32] if variant == "flat" else [32, 48]  # (the same: QKV as a Gemm on [n·t, C])
     assert weights == sorted([out_projection] + ([fused] if style.startswith("fused") else [[32, 16]] * 3))
+    if variant == "per-head scale":
+        assert [1, 2, 1, 1] in [list(i.dims) for i in pruned.graph.initializer]
     rng = np.random.default_rng(5)
     feeds = {"x": rng.standard_normal((3, 9, 32)).astype(np.float32),
              "mask": np.where(rng.random((3, 1, 1, 9)) < 0.3, -1e4, 0).astype(np.float32)}
@@ -257,8 +260,7 @@ def test_attention_heads_that_carry_nothing_are_removed_and_every_output_stays(t
 
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
-@pytest.mark.parametrize("variant, why", [("per-head scale", "Mul with a constant per head"),
-                                          ("softmax over heads", "Softmax across its heads")])
+@pytest.mark.parametrize("variant, why", [("softmax over heads", "Softmax across its heads")])
 def test_attention_that_mixes_its_heads_is_left_whole_and_named(tmp_path, variant, why):
     proto = onnx.load(str(_attention(tmp_path, "fused", variant).path))
     hoist_constants(proto)
@@ -1078,3 +1080,44 @@ def test_a_relative_position_bias_per_head_loses_the_heads_its_layers_lose(tmp_p
         want, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
                      for p in (silenced, report.result.model.path))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+def test_a_constant_bias_per_head_is_cut_with_the_heads(tmp_path):
+    """A bias per head and token pair added to the scores, a constant of [1, heads, N, N]: Swin's
+    relative-position bias as the exporter writes it once it has folded the lookup of its table (a
+    lookup left in the graph is a layer of its own, as T5's). Its entries per head are cut with the
+    heads; silent heads removed leave the logits as they were."""
+    torch = pytest.importorskip("torch")
+    from host_tools.compress.onnx.prune import prepared_plan
+    nn = torch.nn
+    heads, size, tokens = 4, 8, 6
+
+    class WindowAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.ModuleList(nn.Linear(32, heads * size) for _ in range(3))
+            self.bias = nn.Parameter(torch.randn(1, heads, tokens, tokens))
+            self.o, self.head = nn.Linear(heads * size, 32), nn.Linear(32, 3)
+
+        def forward(self, x):
+            n = x.shape[0]
+            q, k, v = (f(x).view(n, tokens, heads, size).transpose(1, 2) for f in self.qkv)
+            mixed = ((q @ k.transpose(-1, -2) + self.bias).softmax(-1) @ v).transpose(1, 2).reshape(n, tokens, -1)
+            return self.head((x + self.o(mixed)).mean(1))
+
+    torch.manual_seed(0)
+    path = tmp_path / "window.onnx"
+    torch.onnx.export(WindowAttention().eval(), (torch.randn(2, tokens, 32),), str(path), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    proto = onnx.load(str(path))
+    plan = prepared_plan(proto)
+    (group,) = [g for g in plan.groups if g.channels == heads]
+    assert dict(group.params)["bias"] == Param(1)  # its axis 1, one entry per head
+    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
+    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    x = np.random.default_rng(0).standard_normal((3, tokens, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)

@@ -20,8 +20,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from host_tools.compress.onnx.layout import (BINARY_OPS, UNARY_OPS, Graph, Layout, Region, attr, const_array, ints,
-                                             is_scalar)
+from host_tools.compress.onnx.layout import (BINARY_OPS, UNARY_OPS, Graph, Layout, Param, Region, attr, const_array,
+                                             ints, is_scalar)
 from host_tools.compress.onnx.static_shapes import slice_bounds
 
 
@@ -158,7 +158,9 @@ def step(node, region: Region, g: Graph, enter) -> str | None:
 
 def _others(node, layout: Layout, region: Region, g: Graph) -> str | None:
     """The other operands of an op on heads: scalars, or tensors that broadcast over the heads
-    (a mask); another layer's heads must be tied to these (at MatMul: Q·Kᵀ, weights·V)."""
+    (a mask); constants with an entry per head (Swin's relative-position bias, [1, heads, N, N]
+    once the exporter has folded its lookup), cut with the heads; another layer's heads must be
+    tied to the rest (at MatMul: Q·Kᵀ, weights·V)."""
     for name in node.input:
         if not name or name in region.tensors:
             continue
@@ -171,7 +173,9 @@ def _others(node, layout: Layout, region: Region, g: Graph) -> str | None:
         if position < 0 or shape[position] == 1:
             continue  # the same for every head
         if name in g.consts:
-            return f"{node.op_type} with a constant per head"
+            if shape[position] != region.channels or not region.cut(name, Param(position)):
+                return f"{node.op_type} with a constant that is not per head"
+            continue
         if shape[position] is None and _one_when_run(name, layout, g):
             continue  # a mask built at run time, 1 along the heads in every run
         region.meets.append((name, Layout("heads", len(shape), at=position), node.op_type))
