@@ -1121,3 +1121,51 @@ def test_a_constant_bias_per_head_is_cut_with_the_heads(tmp_path):
     assert report.steps[0].status == "ok", report.steps[0].note
     x = np.random.default_rng(0).standard_normal((3, tokens, 32)).astype(np.float32)
     np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+def test_tokens_folded_into_an_image_and_back_keep_their_channels(tmp_path):
+    """SegFormer's Mix-FFN and stage ends: tokens [n, h·w, C] turned [n, C, h, w] for a depthwise
+    convolution (the view reads the batch at run time, the channels and sides are constants) and
+    flattened back (x.flatten(2): the batch and channels read at run time); the last tokens viewed as
+    [n, h, w, -1] and permuted into the next stage's convolution. Each layer is pruned through these
+    reshapes; silent channels removed leave every output as it was."""
+    torch = pytest.importorskip("torch")
+    from host_tools.compress.onnx.prune import prepared_plan
+    nn = torch.nn
+    side, dim = 4, 16
+
+    class MixFFN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, dim, 3, stride=2, padding=1)
+            self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+            self.dw = nn.Conv2d(4 * dim, 4 * dim, 3, padding=1, groups=4 * dim)
+            self.down, self.head = nn.Conv2d(dim, 8, 3, stride=2, padding=1), nn.Linear(8, 3)
+
+        def forward(self, x):
+            n = x.shape[0]
+            tokens = self.embed(x).flatten(2).transpose(1, 2)  # [n, h·w, C]
+            h = self.fc1(tokens).transpose(1, 2).view(n, 4 * dim, side, side)
+            h = nn.functional.gelu(self.dw(h).flatten(2).transpose(1, 2))
+            tokens = tokens + self.fc2(h)
+            image = tokens.reshape(n, side, side, -1).permute(0, 3, 1, 2)
+            return self.head(self.down(image).mean((2, 3)))
+
+    torch.manual_seed(0)
+    path = tmp_path / "mixffn.onnx"
+    torch.onnx.export(MixFFN().eval(), (torch.randn(2, 3, 2 * side, 2 * side),), str(path), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    proto = onnx.load(str(path))
+    plan = prepared_plan(proto)
+    assert sorted(sorted(p.node for p in g.producers) for g in plan.groups) == \
+        [["/down/Conv"], ["/embed/Conv", "/fc2/MatMul"], ["/fc1/MatMul"]], plan.skipped
+    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
+    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    assert {(32, 1, 3, 3), (8, 32), (32, 8)} <= {tuple(i.dims) for i in onnx.load(str(report.result.model.path))
+                                                 .graph.initializer}  # dw conv, fc1, fc2 at half width
+    x = np.random.default_rng(0).standard_normal((3, 3, 2 * side, 2 * side)).astype(np.float32)
+    np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)

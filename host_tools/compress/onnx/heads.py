@@ -36,6 +36,12 @@ def split(node, region: Region, g: Graph, enter) -> str | None:
     entries = _target_entries(node, g)
     if out and entries and len(entries) == len(out) and out[-1] is None and entries[-1] == ("dim", layout.rank - 1):
         out = [*out[:-1], features]  # x.view(-1, x.size(-1)): the channels, whatever their count
+    elif out and entries and len(entries) == len(out) and out[-1] is None and entries[-1] == -1 and \
+            _last_in_every_run(node.output[0], features, g):
+        # x.reshape(n, h, w, -1) (SegFormer's tokens to an image): the runtime works the channels out,
+        # whatever their count, as it did in every made-up run. (Were another entry this region's
+        # channel count, read at run time, the walk would have stopped at that Shape.)
+        out = [*out[:-1], features]
     if not out:
         return "Reshape to a shape it cannot infer"
     trailing: list[int] = []  # the fewest last axes of the new shape that hold the channels
@@ -66,6 +72,37 @@ def split(node, region: Region, g: Graph, enter) -> str | None:
     if entry:
         region.reshapes.append((*entry, 1))
     return enter(node.output[0], Layout("heads", len(out), at=len(out) - 2))
+
+
+def spatial(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
+    """A Reshape of a feature map's spatial axes that keeps its batch and channels ([n, C, h·w] <->
+    [n, C, h, w]), as SegFormer's Mix-FFN folds its tokens into an image for a depthwise convolution
+    and back. The channel entry is the input's own (0, or read at run time), -1, or the count as a
+    constant, rewritten."""
+    out, shape = g.shapes.get(node.output[0]), g.shapes.get(node.input[0])
+    entries = _target_entries(node, g)
+    if layout.block != 1 or layout.width is not None or region.out_block != 1 or not out or not shape or \
+            len(out) < 3 or not entries or len(entries) != len(out):
+        return "its output feeds Reshape"
+    batch, count = entries[:2]
+    same_batch = _named(out, g.names.get(node.output[0]))[0] == _named(shape, g.names.get(node.input[0]))[0]
+    if not (batch in (0, ("dim", 0)) or batch is None and same_batch and out[0] is None or
+            isinstance(batch, int) and batch == shape[0]):
+        return "Reshape of a feature map's batch"
+    if ("dim", 1) in entries[2:] or count not in (0, ("dim", 1), -1, region.channels) or \
+            count == -1 and any(e is None for e in entries):
+        return "Reshape of a feature map across its channels"
+    if isinstance(count, int) and count == region.channels:
+        entry = _shape_entry(node, 1, region.channels, g)
+        if isinstance(entry, str):
+            return entry
+        region.reshapes.append((*entry, 1))
+    return enter(node.output[0], Layout("map", len(out)))
+
+
+def _last_in_every_run(name: str, size: int, g: Graph) -> bool:
+    runs = g.run_sizes(name)
+    return bool(runs) and all(run and run[-1] == size for run in runs)
 
 
 def _channels_entry(node, entries: list | None, layout: Layout, rank: int, features: int, region: Region,
@@ -345,29 +382,30 @@ def _target_entries(node, g: Graph) -> list | None:
         elif (g.shapes.get(piece) or [None])[0] is None:
             return None
         else:
-            own = _own_dim(piece, node.input[0], g)
-            entries += [("dim", own)] if own is not None else [None] * g.shapes[piece][0]
+            own = _own_dims(piece, node.input[0], g)
+            entries += [("dim", i) for i in own] if own else [None] * g.shapes[piece][0]
     return entries
 
 
-def _own_dim(piece: str, tensor: str, g: Graph) -> int | None:
-    """i where *piece* is the tensor's dimension i read at run time: Unsqueeze(Gather(Shape(tensor), i)),
-    or a Slice of one entry of Shape(tensor), maybe squeezed and unsqueezed again (x.size(-1))."""
+def _own_dims(piece: str, tensor: str, g: Graph) -> list[int]:
+    """[i, …] where *piece* is the tensor's dimensions i, … read at run time: Unsqueeze(Gather(Shape(
+    tensor), i)), or a Slice of Shape(tensor), maybe squeezed and unsqueezed again (x.size(-1),
+    x.shape[:2]); [] where it is something else."""
     node = g.made_by.get(piece)
     while node is not None and node.op_type in ("Unsqueeze", "Squeeze"):
         node = g.made_by.get(node.input[0])
     if node is None or node.op_type not in ("Gather", "Slice"):
-        return None
+        return []
     shape = g.made_by.get(node.input[0])
     rank = len(g.shapes.get(tensor) or [])
     if shape is None or shape.op_type != "Shape" or shape.input[0] != tensor or shape.attribute or not rank:
-        return None
+        return []
     if node.op_type == "Gather":
         index = const_array(g.consts[node.input[1]]).ravel() if node.input[1] in g.consts else []
-        return int(index[0]) % rank if len(index) == 1 else None
+        return [int(index[0]) % rank] if len(index) == 1 else []
     consts = {name: const_array(g.consts[name]) for name in node.input[1:] if name in g.consts}
     bounds = slice_bounds(node, consts, {node.input[0]: [rank]})
-    return bounds[1] if bounds and bounds[2] - bounds[1] == 1 else None
+    return list(range(bounds[1], bounds[2])) if bounds and bounds[2] > bounds[1] else []
 
 
 def _shape_entry(node, position: int, value: int, g: Graph) -> tuple[str, int] | str | None:

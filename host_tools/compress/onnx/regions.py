@@ -102,6 +102,8 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
         return heads.step(node, region, g, enter)
     if op == "Reshape" and node.input[0] in tensors and tensors[node.input[0]].kind == "vec":
         return heads.split(node, region, g, enter)
+    if op == "Reshape" and node.input[0] in tensors and tensors[node.input[0]].kind == "map":
+        return heads.spatial(node, tensors[node.input[0]], region, g, enter)
     if op == "Conv" and node.input[0] in tensors and _depthwise(node, tensors[node.input[0]], region, g):
         return _through_depthwise(node, region, g, enter)
     if op in WEIGHTED_OPS:
@@ -138,7 +140,7 @@ def _shape_read(node, layout: Layout, region: Region, g: Graph) -> str | None:
     for reader in g.readers.get(node.output[0], []):
         if axis - start not in _read_entries(reader, end - start, g):
             continue
-        reshaped = _count_for_a_reshape(reader, g)
+        reshaped = _count_for_a_reshape(reader, node.input[0], g)
         if reshaped is None:
             return "its channel count is read (Shape)"
         if reshaped != node.input[0]:  # checked once the walk is done: it must keep these channels
@@ -146,11 +148,13 @@ def _shape_read(node, layout: Layout, region: Region, g: Graph) -> str | None:
     return None
 
 
-def _count_for_a_reshape(reader, g: Graph) -> str | None:
-    """The tensor whose Reshape the channel count that *reader* takes from a shape goes to, through
-    Squeeze and Unsqueeze, as the last entry, and nowhere else: x.view(-1, x.size(-1)), as Hugging
-    Face's Conv1D (GPT-2) flattens its input, or GPT-2's last view of its hidden states to the shape
-    its embeddings had. Read at run time, it follows the pruning when that tensor keeps the channels."""
+def _count_for_a_reshape(reader, source: str, g: Graph) -> str | None:
+    """The tensor whose Reshape the channel count that *reader* takes from *source*'s shape goes to,
+    through Squeeze and Unsqueeze, and nowhere else: as the last entry, x.view(-1, x.size(-1)), as
+    Hugging Face's Conv1D (GPT-2) flattens its input, or GPT-2's last view of its hidden states to
+    the shape its embeddings had; anywhere for a Reshape of *source* itself, x.view(*x.shape[:2], -1)
+    (SegFormer's image to tokens), where the Reshape's own rule checks where the channels land. Read
+    at run time, it follows the pruning when that tensor keeps the channels."""
     if reader.op_type not in ("Slice", "Gather"):
         return None
     value = reader.output[0]
@@ -162,13 +166,16 @@ def _count_for_a_reshape(reader, g: Graph) -> str | None:
         if user.op_type in ("Squeeze", "Unsqueeze") and user.input[0] == value:
             value = user.output[0]
             continue
-        if user.op_type != "Concat" or user.input[-1] != value or list(user.input).count(value) != 1:
+        if user.op_type != "Concat" or list(user.input).count(value) != 1:
             return None
         shaped = g.readers.get(user.output[0], [])
         if not shaped or any(n.op_type != "Reshape" or n.input[1] != user.output[0] for n in shaped):
             return None
         inputs = {n.input[0] for n in shaped}
-        return inputs.pop() if len(inputs) == 1 else None
+        if len(inputs) != 1:
+            return None
+        reshaped = inputs.pop()
+        return reshaped if reshaped == source or user.input[-1] == value else None
 
 
 def _read_entries(node, length: int, g: Graph) -> range | list[int]:
