@@ -1169,3 +1169,63 @@ def test_tokens_folded_into_an_image_and_back_keep_their_channels(tmp_path):
                                                  .graph.initializer}  # dw conv, fc1, fc2 at half width
     x = np.random.default_rng(0).standard_normal((3, 3, 2 * side, 2 * side)).astype(np.float32)
     np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+def test_a_group_norm_with_a_group_per_channel_is_pruned_with_its_convolution(tmp_path):
+    """wav2vec2's feature encoder: Conv1d, then GroupNorm with one group per channel, which PyTorch
+    exports as a Reshape to [n, C, -1], InstanceNormalization, a Reshape back to the conv's own
+    shape (read at run time) and the affine Mul and Add. Silent channels removed leave the outputs."""
+    torch = pytest.importorskip("torch")
+    from host_tools.compress.onnx.prune import prepared_plan
+    nn = torch.nn
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv1d(1, 16, 5, stride=2), nn.GroupNorm(16, 16)
+            self.conv2, self.head = nn.Conv1d(16, 8, 3), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.conv2(nn.functional.gelu(self.norm(self.conv(x[:, None]))))
+            return self.head(h.mean(2))
+
+    torch.manual_seed(0)
+    net = Encoder().eval()
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 2)
+        net.norm.bias.uniform_(-1, 1)
+    path = tmp_path / "encoder.onnx"
+    torch.onnx.export(net, (torch.randn(2, 40),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n", 1: "t"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    proto = onnx.load(str(path))
+    plan = prepared_plan(proto)
+    assert sorted(sorted(p.node for p in g.producers) for g in plan.groups) == [["/conv/Conv"], ["/conv2/Conv"]]
+    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
+    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    x = np.random.default_rng(0).standard_normal((3, 57)).astype(np.float32)
+    np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_shape_that_reshapes_another_layers_output_keeps_the_layer_whole(tmp_path):
+    """b's output reshaped to a's whole shape, read at run time (GroupNorm's way of putting its output
+    back, here given another tensor's shape): a's channels removed would leave b's output too many
+    for it; b's, the count a's shape gives it. Both stay whole, with the reasons."""
+    rng = np.random.default_rng(0)
+    inits = {"wa": rng.standard_normal((8, 3, 3, 3)), "wb": rng.standard_normal((8, 3, 3, 3)),
+             "wc": rng.standard_normal((4, 8, 1, 1)), "wd": rng.standard_normal((4, 8, 1, 1))}
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], name="a", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "wb"], ["b"], name="b", pads=[1, 1, 1, 1]),
+             helper.make_node("Shape", ["a"], ["a_shape"]),
+             helper.make_node("Reshape", ["b", "a_shape"], ["b_as_a"]),
+             helper.make_node("Conv", ["a", "wc"], ["c"], name="c"),
+             helper.make_node("Conv", ["b_as_a", "wd"], ["d"], name="d"),
+             helper.make_node("Add", ["c", "d"], ["y"])]
+    model = _model(nodes, inits, [1, 3, 6, 6], [1, 4, 6, 6], tmp_path / "m.onnx")
+    plan = plan_channel_pruning(onnx.load(str(model.path)), set())
+    assert plan.groups == []
+    assert plan.skipped["a"] == "its channel count is read (Shape)"
+    assert plan.skipped["b"] == "its output feeds Reshape"

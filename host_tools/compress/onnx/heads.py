@@ -80,6 +80,10 @@ def spatial(node, layout: Layout, region: Region, g: Graph, enter) -> str | None
     and back. The channel entry is the input's own (0, or read at run time), -1, or the count as a
     constant, rewritten."""
     out, shape = g.shapes.get(node.output[0]), g.shapes.get(node.input[0])
+    maker = g.made_by.get(node.input[1])
+    if maker is not None and maker.op_type == "Shape" and not maker.attribute and \
+            region.tensors.get(maker.input[0]) == layout:
+        return enter(node.output[0], layout)  # x.reshape(t.shape), t holding the channels as x does
     entries = _target_entries(node, g)
     if layout.block != 1 or layout.width is not None or region.out_block != 1 or not out or not shape or \
             len(out) < 3 or not entries or len(entries) != len(out):

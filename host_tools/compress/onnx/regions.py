@@ -116,8 +116,8 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
         return _through_binary(node, region, g, enter)
     if op == "Transpose" and tensors[node.input[0]].kind in ("map", "vec"):
         return _through_transpose(node, tensors[node.input[0]], enter)
-    if op not in UNARY_OPS | POOL_OPS | REDUCE_OPS | {"PRelu", "BatchNormalization", "LayerNormalization", "Flatten",
-                                                      "Resize", "Gather"}:
+    if op not in UNARY_OPS | POOL_OPS | REDUCE_OPS | {"PRelu", "BatchNormalization", "InstanceNormalization",
+                                                      "LayerNormalization", "Flatten", "Resize", "Gather"}:
         return f"its output feeds {op}"
     if node.input[0] not in tensors:
         return f"its output is an extra input of {op}"
@@ -138,6 +138,11 @@ def _shape_read(node, layout: Layout, region: Region, g: Graph) -> str | None:
     if not start <= axis < end:
         return None
     for reader in g.readers.get(node.output[0], []):
+        if reader.op_type == "Reshape" and reader.input[1] == node.output[0] and (start, end) == (0, layout.rank):
+            # x.reshape(t.shape), as GroupNorm puts its output back: checked once the walk is done,
+            # x must keep t's channels where t has them
+            region.same_channels.append((reader.input[0], node.input[0]))
+            continue
         if axis - start not in _read_entries(reader, end - start, g):
             continue
         reshaped = _count_for_a_reshape(reader, node.input[0], g)
@@ -251,6 +256,12 @@ def _through_one_input(node, region: Region, g: Graph, enter) -> str | None:
     if op == "BatchNormalization" and (layout.kind == "map" or (layout.rank == 2 and layout.block == 1)):
         if not all([region.cut(name, Param(0, layout.offsets)) for name in node.input[1:5]]):
             return "BatchNormalization parameters read again in other places"
+        return enter(node.output[0], layout)
+    if op == "InstanceNormalization" and layout.kind == "map" and layout.block == 1:
+        # each channel normalised over its own positions (PyTorch's GroupNorm with a group per channel,
+        # as wav2vec2's feature encoder exports it)
+        if not all([region.cut(name, Param(0, layout.offsets)) for name in node.input[1:3]]):
+            return "InstanceNormalization parameters read again in other places"
         return enter(node.output[0], layout)
     if op == "LayerNormalization" and layout.kind == "vec" and layout.rank and \
             attr(node, "axis", -1) % layout.rank == layout.rank - 1:
