@@ -1,5 +1,6 @@
 """The PyTorch reading of ONNX graphs that pruning recovery trains (host_tools/compress/torch/onnx_module.py):
-each op computes what ONNX Runtime computes, and a graph it would read differently is not trained."""
+each op computes what ONNX Runtime computes, a graph it would read differently is not trained, and
+training that ends worse than it started gives the weights back."""
 
 import numpy as np
 import onnxruntime as ort
@@ -119,3 +120,28 @@ def test_a_pruned_graph_read_differently_from_onnx_runtime_is_not_trained(tmp_pa
     report = run_recipe(model, recipe, calib=str(tmp_path / "train.npz"), latency_runs=5, workdir=tmp_path / "bad")
     assert report.steps[0].status == "failed"
     assert "reads mlp.channels50.onnx differently from ONNX Runtime" in report.steps[0].note
+
+
+def test_training_that_ends_worse_than_it_started_gives_the_weights_back():
+    """Recovery fine-tunes a pruned model on a few inputs; where that moves it away from its teacher
+    (here: a learning rate far too high), the weights it started from are kept."""
+    from host_tools.compress.torch.trainer import Schedule, distill
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    teacher = torch.nn.Linear(8, 4)
+    with torch.no_grad():
+        targets = teacher(torch.from_numpy(x)).numpy() * 3
+    student = torch.nn.Linear(8, 4)
+    with torch.no_grad():
+        student.weight.copy_(teacher.weight * 3 + 0.01)
+        student.bias.copy_(teacher.bias * 3)
+    start = [p.detach().clone() for p in student.parameters()]
+    distill(student, [x], [targets], None, Schedule(epochs=3, lr=50.0))
+    assert all(torch.equal(p, q) for p, q in zip(student.parameters(), start))
+    with torch.no_grad():  # from further away, the same training helps: its weights are kept
+        student.weight.add_(torch.randn_like(student.weight) * 0.5)
+    start = [p.detach().clone() for p in student.parameters()]
+    distill(student, [x], [targets], None, Schedule(epochs=30, lr=1e-2))
+    assert not all(torch.equal(p, q) for p, q in zip(student.parameters(), start))

@@ -37,19 +37,34 @@ def teacher_targets(teacher, data: BoundData) -> list[np.ndarray]:
 def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np.ndarray],
             labels: np.ndarray | None, schedule: Schedule, what: str = "training") -> float:
     """Train *student* (called with the inputs in order, returning a tuple of outputs) to match
-    *targets*; returns the last epoch's mean loss."""
+    *targets*; returns its loss on all of them afterwards. Training that ends with a higher loss
+    than it started from gives the weights back as they were (a pruned model recovered on a few
+    inputs can drift away from its teacher)."""
     torch.manual_seed(schedule.seed)
     generator = torch.Generator().manual_seed(schedule.seed)
     xs = [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs]
     ts = [torch.from_numpy(np.ascontiguousarray(t)).float() for t in targets]
     ys = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
     scales = [t.var().clamp_min(1e-8) for t in ts]
+
+    def loss_on_all() -> float:
+        student.eval()
+        with torch.no_grad():
+            total = 0.0
+            for start in range(0, len(xs[0]), schedule.batch):
+                part = slice(start, start + schedule.batch)
+                outs = student(*[x[part] for x in xs])
+                outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+                total += float(sum(_loss(o, t[part], None if ys is None else ys[part], s, schedule)
+                                   for o, t, s in zip(outs, ts, scales))) * len(xs[0][part])
+        return total / len(xs[0])
+
+    before, start_state = loss_on_all(), {k: v.detach().clone() for k, v in student.state_dict().items()}
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=schedule.lr)
     steps_per_epoch = max(1, -(-len(xs[0]) // schedule.batch))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=schedule.epochs * steps_per_epoch)
     student.train()
-    last = 0.0
     for epoch in range(schedule.epochs):
         order = torch.randperm(len(xs[0]), generator=generator)
         total = 0.0
@@ -64,11 +79,14 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
             optimizer.step()
             sched.step()
             total += float(loss.detach()) * len(idx)
-        last = total / len(order)
         if (epoch + 1) % max(1, schedule.epochs // 5) == 0:
-            progress(f"      {what}: epoch {epoch + 1}/{schedule.epochs}, loss {last:.4f}")
-    student.eval()
-    return last
+            progress(f"      {what}: epoch {epoch + 1}/{schedule.epochs}, loss {total / len(order):.4f}")
+    after = loss_on_all()
+    if after > before:
+        student.load_state_dict(start_state)
+        progress(f"      {what}: the loss rose ({before:.4g} -> {after:.4g}); the weights it started from are kept")
+        return before
+    return after
 
 
 def _loss(out: torch.Tensor, target: torch.Tensor, labels, scale, schedule: Schedule) -> torch.Tensor:
