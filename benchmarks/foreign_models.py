@@ -5,6 +5,7 @@
     python benchmarks/foreign_models.py --models vit t5  # some of them
     pip install litert-torch        # for --format tflite (Google's PyTorch-to-TFLite converter)
     python benchmarks/foreign_models.py --format tflite  # the same models as TFLite files
+    python benchmarks/foreign_models.py --recover 10     # also recover the pruned models (10 epochs)
 
 Each architecture is built from a small configuration with random weights (nothing is
 downloaded), exported with ``torch.onnx.export`` (opset 17, dynamic batch; text models also
@@ -12,12 +13,14 @@ dynamic tokens), and given each ONNX recipe, with 64 random inputs (token ids fo
 calibration and evaluation data. The table shows, per recipe, the result's size against the
 original's, or why it did not apply; structured pruning runs without recovery, so its column is
 the structure it found ("4/7 layers, 2 heads": layers pruned of all weighted layers, groups by
-attention heads), not accuracy. With ``--format tflite`` each model is converted with litert-torch
-instead (batch 1; token ids become int32) and given each TFLite recipe, and its structured pruning
-(tflite-prune-channels) in the last column. Each other cell is "size
-ratio / output cosine to the original";
-with random weights and inputs the cosine is only a smoke test (80% magnitude pruning of random
-weights, in sparse-int8, leaves little of them).
+attention heads), not accuracy; with ``--recover N`` it runs again with N epochs of recovery on
+the same 64 inputs, and the column adds the output cosine to the original without and with it
+(that recovery runs at all on these graphs, and moves the output back towards the original's).
+With ``--format tflite`` each model is converted with litert-torch instead (batch 1; token ids
+become int32) and given each TFLite recipe, and its structured pruning (tflite-prune-channels) in
+the last column. Each other cell is "size ratio / output cosine to the original"; with random
+weights and inputs the cosine is only a smoke test (80% magnitude pruning of random weights, in
+sparse-int8, leaves little of them).
 
 This is not a speed benchmark: it shows that the recipes run, and what they do, on graphs written
 by an exporter and a model library this project does not control.
@@ -86,6 +89,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", help="architectures to run (default: all)")
     parser.add_argument("--format", choices=("onnx", "tflite"), default="onnx",
                         help="export to ONNX (torch.onnx) or convert to TFLite (litert-torch)")
+    parser.add_argument("--recover", type=int, default=0, metavar="EPOCHS",
+                        help="also prune with recovery (this many epochs on the 64 inputs) and show the output "
+                             "cosine to the original without and with it")
     args = parser.parse_args()
     try:
         # transformers imports torchao where installed (litert-torch brings it), which logs about
@@ -113,11 +119,12 @@ def main() -> None:
         for name in chosen:
             print(f"  {name}", file=sys.stderr, flush=True)
             run = run_onnx if args.format == "onnx" else run_tflite
-            rows.append((name, run(name, *table[name], Path(tmp) / name, torch)))
+            rows.append((name, run(name, *table[name], Path(tmp) / name, torch, args.recover)))
     recipes = RECIPES[args.format]
     print()
     print(f"{'model':<11} {'KiB':>6}  " + "  ".join(f"{r:>13}" for r in recipes)
-          + "  channels-50 (no recovery)")
+          + ("  channels-50 (no recovery)" if not args.recover
+             else f"  channels-50 (cosine without -> with {args.recover} epochs of recovery)"))
     for name, row in rows:
         if "error" in row:
             print(f"{name:<11} export failed: {row['error']}")
@@ -176,7 +183,7 @@ def recipe_cells(original, model_format: str, dataset, work: Path, row: dict) ->
             row["notes"][recipe] = "; ".join(s.note for s in report.steps if s.status != "ok")
 
 
-def run_onnx(name: str, cls, config, kind: str, work: Path, torch) -> dict:
+def run_onnx(name: str, cls, config, kind: str, work: Path, torch, recover: int = 0) -> dict:
     import onnx
 
     from host_tools.compress import Dataset, ModelFile
@@ -200,25 +207,36 @@ def run_onnx(name: str, cls, config, kind: str, work: Path, torch) -> dict:
     plan = prepared_plan(onnx.load(str(path)))
     layers = sum(len(g.producers) for g in plan.groups)
     heads = sum(any(p.block > 1 for p in g.producers) for g in plan.groups)
-    prune_cell(original, "onnx-prune-channels", dataset, work, row, layers, layers + len(plan.skipped), heads)
+    prune_cell(original, "onnx-prune-channels", dataset, work, row, layers, layers + len(plan.skipped), heads,
+               recover)
     return row
 
 
-def prune_cell(original, pass_name: str, dataset, work: Path, row: dict, layers: int, of: int, heads: int) -> None:
-    """Structured pruning without recovery: the size it leaves, and how much of the model it could prune."""
+def prune_cell(original, pass_name: str, dataset, work: Path, row: dict, layers: int, of: int, heads: int,
+               recover: int = 0) -> None:
+    """Structured pruning without recovery: the size it leaves, and how much of the model it could prune;
+    with *recover* epochs, the output cosine to the original without and with recovery."""
     from host_tools.compress import run_recipe
     from host_tools.compress.recipes import Recipe, Step
 
-    report = run_recipe(original, Recipe("channels-50", (Step(pass_name, {"ratio": 0.5}),)),
-                        eval_data=dataset, latency_runs=10, workdir=work / "prune")
-    if report.compressed:
-        row["prune"] = (f"{report.result.size_bytes / report.original.size_bytes:.2f}x: {layers}/{of} layers, "
-                        f"{heads} by heads")
-    else:
+    def pruned(epochs: int):
+        return run_recipe(original, Recipe("channels-50", (Step(pass_name, {"ratio": 0.5, "recover_epochs": epochs}),)),
+                          calib=dataset, eval_data=dataset, latency_runs=10, workdir=work / f"prune{epochs}")
+
+    report = pruned(0)
+    if not report.compressed:
         row["prune"] = "— " + "; ".join(s.note for s in report.steps if s.status != "ok")[:100]
+        return
+    row["prune"] = (f"{report.result.size_bytes / report.original.size_bytes:.2f}x: {layers}/{of} layers, "
+                    f"{heads} by heads")
+    if recover:
+        healed = pruned(recover)
+        row["prune"] += (f", cosine {report.result.fidelity.cosine:.2f} -> {healed.result.fidelity.cosine:.2f}"
+                         if healed.compressed else
+                         ", not recovered: " + "; ".join(s.note for s in healed.steps if s.status != "ok")[:80])
 
 
-def run_tflite(name: str, cls, config, kind: str, work: Path, torch) -> dict:
+def run_tflite(name: str, cls, config, kind: str, work: Path, torch, recover: int = 0) -> dict:
     """Converted with litert-torch at batch 1 (TFLite's shapes are fixed); token ids become int32."""
     from host_tools.compress import Dataset, ModelFile
 
@@ -246,7 +264,8 @@ def run_tflite(name: str, cls, config, kind: str, work: Path, torch) -> dict:
     plan = plan_channel_pruning(flatbuffer.read(path)[0])
     heads = sum(any(r.edits[0][3].shape[1] > 1 for r in group) for group in plan.groups)
     layers = len({r.layer for r in plan.regions})  # (a layer SLICEs split is walked once per part)
-    prune_cell(original, "tflite-prune-channels", dataset, work, row, layers, layers + len(plan.skipped), heads)
+    prune_cell(original, "tflite-prune-channels", dataset, work, row, layers, layers + len(plan.skipped), heads,
+               recover)
     return row
 
 
