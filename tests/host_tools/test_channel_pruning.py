@@ -1229,3 +1229,55 @@ def test_a_shape_that_reshapes_another_layers_output_keeps_the_layer_whole(tmp_p
     assert plan.groups == []
     assert plan.skipped["a"] == "its channel count is read (Shape)"
     assert plan.skipped["b"] == "its output feeds Reshape"
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+def test_grouped_query_attention_loses_each_kv_head_with_its_query_heads(tmp_path):
+    """Llama's grouped-query attention: 2 K/V heads, each repeated for 2 of the 4 query heads by
+    repeat_kv (expand and reshape, the K/V head count read from the shape at run time). A K/V head
+    is pruned with its query heads: the query layer's heads are taken two at a time. The silent K/V
+    head and its query heads removed leave the outputs as they were, at other batch and token counts."""
+    torch = pytest.importorskip("torch")
+    from host_tools.compress.onnx.prune import prepared_plan
+    nn = torch.nn
+    heads, kv, size, dim = 4, 2, 8, 32
+
+    def repeat_kv(h, times):
+        n, k, t, d = h.shape
+        return h[:, :, None, :, :].expand(n, k, times, t, d).reshape(n, k * times, t, d)
+
+    class GroupedQueries(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.o = nn.Linear(dim, heads * size), nn.Linear(heads * size, dim)
+            self.k, self.v = nn.Linear(dim, kv * size), nn.Linear(dim, kv * size)
+            self.head = nn.Linear(dim, 3)
+
+        def forward(self, x):
+            n, t, _ = x.shape
+            q, k, v = (f(x).view(n, t, -1, size).transpose(1, 2) for f in (self.q, self.k, self.v))
+            k, v = repeat_kv(k, heads // kv), repeat_kv(v, heads // kv)
+            w = torch.softmax(q @ k.transpose(2, 3) / size ** 0.5, -1)
+            return self.head((x + self.o((w @ v).transpose(1, 2).reshape(n, t, -1))).mean(1))
+
+    torch.manual_seed(0)
+    path = tmp_path / "gqa.onnx"
+    torch.onnx.export(GroupedQueries().eval(), (torch.randn(2, 5, dim),), str(path), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n", 1: "t"}, "y": {0: "n"}}, opset_version=17,
+                      dynamo=False)
+    proto = onnx.load(str(path))
+    plan = prepared_plan(proto)
+    (group,) = plan.groups
+    assert group.channels == kv and sorted((p.node, p.block) for p in group.producers) == \
+        [("/k/MatMul", size), ("/q/MatMul", 2 * size), ("/v/MatMul", size)]
+    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
+    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    weights = sorted(tuple(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer
+                     if len(i.dims) == 2)
+    assert weights == sorted([(dim, 16), (dim, 8), (dim, 8), (16, dim), (3, dim)])  # q, k, v, o at half; the head
+    for n, t in ((3, 7), (1, 2)):
+        x = np.random.default_rng(t).standard_normal((n, t, dim)).astype(np.float32)
+        np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)

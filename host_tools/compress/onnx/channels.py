@@ -77,10 +77,11 @@ class Plan:
 def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
     """Constants must be initializers (``boundary.hoist_constants``) to be seen as constants."""
     g = _graph(proto)
-    producers: list[Producer] = []
     regions: list[Region] = []
     labels: list[str] = []  # a layer's name, and its window when a Split divides it
+    names: list[str] = []  # the layer's node
     weights: list[tuple[str, int, int]] = []  # (weight, output axis, window start): shared, one layer
+    layers: list[tuple[int, int]] = []  # (node index, channels) of a layer walked whole; -1 for a window
     for index, node in enumerate(g.nodes):
         axis = output_axis(node, g.consts)
         if axis is None:
@@ -92,13 +93,16 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
         parts = [(w, walk_region(index, channels, g, w)) for w in region.windows] if region.windows else \
             [(None, region)]
         for window, region in parts:
-            producers.append(Producer(node.name, weight, axis, region.out_offsets, region.out_block))
             labels.append(f"{node.name}[{window[0]}:{window[0] + window[1]}]" if window else node.name)
             if node.name in exclude:
                 region.why = "excluded"
             regions.append(region)
             weights.append((weight, axis, window[0] if window else 0))
-    members = _tie(regions, weights)
+            layers.append((index if window is None else -1, channels))
+            names.append(node.name)
+    members = _grouped_queries(regions, weights, layers, g)
+    producers = [Producer(name, weight, axis, region.out_offsets, region.out_block)
+                 for name, (weight, axis, _), region in zip(names, weights, regions)]
     groups, skipped = [], {}
     for indices in members:
         why = _why_not(indices, labels, regions)
@@ -166,6 +170,41 @@ def _graph(proto) -> Graph:
                  Counter(name for node in graph.node for name in node.input), {o.name for o in graph.output},
                  consumers(graph), {name: node for node in graph.node for name in node.output}, names,
                  lambda name: sizes().get(name, []))
+
+
+def _grouped_queries(regions: list[Region], weights: list[tuple[str, int, int]], layers: list[tuple[int, int]],
+                     g: Graph) -> list[list[int]]:
+    """The regions tied into groups (``_tie``); first, each layer split into attention heads whose
+    heads meet another layer's in other groupings is walked again with its heads taken m at a time
+    (m = 2, 3, … dividing the head count), keeping the first grouping that ties: under
+    grouped-query attention each K/V head is repeated for m query heads, and the query layer can
+    only lose those m heads together. *regions* changes in place."""
+    walked = [region.why for region in regions]
+
+    def tie() -> list[list[int]]:
+        for region, why in zip(regions, walked):
+            region.why = why
+        return _tie(regions, weights)
+
+    members = tie()
+    for i, (index, channels) in enumerate(layers):
+        region = regions[i]
+        if index < 0 or walked[i] or not region.why or region.out_block == 1 or \
+                not region.why.startswith("its output meets another branch at MatMul"):
+            continue
+        for m in range(2, region.channels):
+            if region.channels % m:
+                continue
+            coarser = walk_region(index, channels, g, coarse=m)
+            if coarser.why:
+                continue
+            regions[i], walked[i] = coarser, None
+            members = tie()
+            if not regions[i].why:
+                break
+            regions[i], walked[i] = region, None
+            members = tie()
+    return members
 
 
 def _tie(regions: list[Region], weights: list[tuple[str, int, int]]) -> list[list[int]]:

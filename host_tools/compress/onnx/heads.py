@@ -12,11 +12,15 @@ looked up per head, whose table is a layer of one channel per head: see ``region
 Reshape turns heads back into channels of *head size* features each, for the output projection to
 read; both Reshapes' shape constants are rewritten for the heads that stay. Anything else stops
 the walk with the reason.
+
+Grouped-query attention repeats each K/V head for m query heads (``repeat_of``); after the repeat
+a K/V layer's unit spans m heads, and the query layer is walked again with its heads taken m at a
+time (``Region.coarse``, tried by ``channels``), so a K/V head is pruned with its query heads.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -57,21 +61,24 @@ def split(node, region: Region, g: Graph, enter) -> str | None:
     if len(trailing) > 3 or layout.block != 1 or layout.width is not None or region.out_block != 1:
         return "Reshape of its channels that it cannot follow"
     sections, heads, size = ([1] + trailing)[-3:]
+    m = region.coarse
+    if m > 1 and (heads % m or heads == m):
+        return f"{heads} heads cannot be taken {m} at a time"
     placed = [(v.kind, v.block, len(v.offsets)) for v in region.tensors.values()] + \
         [(None, p.block, len(p.offsets)) for p in region.params.values()] + \
         [(None, r.block, len(r.offsets)) for r in region.readers.values()]
     starts = [v.offsets[0] for v in region.tensors.values()] + [v.width or 0 for v in region.tensors.values()] + \
         [p.offsets[0] for p in region.params.values()] + [r.offsets[0] for r in region.readers.values()]
     if region.depthwise or any(kind not in (None, "vec") or block != 1 or n != 1 for kind, block, n in placed) or \
-            any(start % size for start in starts):
+            any(start % (size * m) for start in starts):
         return "Reshape into heads of channels joined or flattened on the way"
     entry = _shape_entry(node, len(out) - 2, heads, g)
     if isinstance(entry, str):
         return entry
-    _in_heads(region, sections, heads, size)
+    _in_heads(region, sections, heads // m, size * m)
     if entry:
-        region.reshapes.append((*entry, 1))
-    return enter(node.output[0], Layout("heads", len(out), at=len(out) - 2))
+        region.reshapes.append((*entry, m))
+    return enter(node.output[0], Layout("heads", len(out), block=m, at=len(out) - 2))
 
 
 def spatial(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
@@ -191,6 +198,10 @@ def step(node, region: Region, g: Graph, enter) -> str | None:
     if op in ("Squeeze", "Gather"):
         return _through_fewer_axes(node, layout, g, enter)
     if op == "Unsqueeze":
+        repeat = repeat_of(node.input[0], layout, g)
+        if repeat is not None and repeat.unsqueeze is node:
+            # the heads repeated for grouped-query attention: m heads from each, taken as one unit
+            return enter(repeat.reshape.output[0], replace(layout, block=layout.block * repeat.times))
         return _through_unsqueeze(node, layout, g, enter)
     if op == "Reshape":
         return _merge(node, layout, region, g, enter)
@@ -214,12 +225,13 @@ def _others(node, layout: Layout, region: Region, g: Graph) -> str | None:
         if position < 0 or shape[position] == 1:
             continue  # the same for every head
         if name in g.consts:
-            if shape[position] != region.channels or not region.cut(name, Param(position)):
+            if shape[position] != region.channels * layout.block or \
+                    not region.cut(name, Param(position, block=layout.block)):
                 return f"{node.op_type} with a constant that is not per head"
             continue
         if shape[position] is None and _one_when_run(name, layout, g):
             continue  # a mask built at run time, 1 along the heads in every run
-        region.meets.append((name, Layout("heads", len(shape), at=position), node.op_type))
+        region.meets.append((name, Layout("heads", len(shape), block=layout.block, at=position), node.op_type))
     return None
 
 
@@ -242,7 +254,9 @@ def _through_matmul(node, region: Region, g: Graph, enter) -> str | None:
     at = {v.at + rank - v.rank for v in inside}
     if len(at) > 1 or next(iter(at)) >= rank - 2:
         return "MatMul across its heads"
-    out = Layout("heads", rank, at=at.pop())
+    if len({v.block for v in inside}) > 1:
+        return "MatMul of its heads grouped two ways"
+    out = Layout("heads", rank, block=inside[0].block, at=at.pop())
     return _others(node, out, region, g) or enter(node.output[0], out)
 
 
@@ -265,6 +279,104 @@ def _through_fewer_axes(node, layout: Layout, g: Graph, enter) -> str | None:
     return enter(node.output[0], replace(layout, rank=layout.rank + len(indices) - 1, at=layout.at + shift))
 
 
+@dataclass(frozen=True)
+class Repeat:
+    """repeat_kv, as Hugging Face writes it for grouped-query attention: h [n, kv, t, d] to
+    h[:, :, None].expand(n, kv, m, t, d).reshape(n, kv·m, t, d), each head m times in a row, with
+    the K/V head count read from h's shape at run time (so it follows the pruning)."""
+    unsqueeze: object
+    expand: object
+    reshape: object
+    times: int
+    expand_shape: object  # the Concat each target is built from
+    reshape_shape: object
+
+
+def repeat_of(tensor: str, layout: Layout, g: Graph) -> Repeat | None:
+    """The repeat_kv of *tensor* (heads on axis ``layout.at``), or None if it is not repeated so."""
+    at, rank = layout.at, layout.rank
+    for node in g.readers.get(tensor, []):
+        if node.op_type != "Unsqueeze" or node.input[0] != tensor:
+            continue
+        axes = node.input[1] if len(node.input) > 1 else ""
+        axes = [int(a) for a in const_array(g.consts[axes]).ravel()] if axes in g.consts else ints(node, "axes")
+        if [a % (rank + 1) for a in axes] != [at + 1]:
+            continue
+        expand = _only_reader(node.output[0], "Expand", g)
+        reshape = expand and _only_reader(expand.output[0], "Reshape", g)
+        if not reshape or expand.input[0] != node.output[0] or reshape.input[0] != expand.output[0]:
+            return None
+        runs = list(zip(g.run_sizes(expand.output[0]), g.run_sizes(reshape.output[0])))
+        times = {e[at + 1] for e, _ in runs if len(e) == rank + 1}
+        if not runs or len(times) != 1 or not all(
+                len(e) == rank + 1 and len(r) == rank and r[at] == e[at] * e[at + 1] and
+                r[:at] == e[:at] and r[at + 1:] == e[at + 2:] for e, r in runs):
+            return None
+        times = times.pop()
+        expand_shape, reshape_shape = _built_from(expand.input[1], g), _built_from(reshape.input[1], g)
+        if times < 2 or expand_shape is None or reshape_shape is None or \
+                _count_read(expand_shape, at, tensor, g) != 1 or _count_read(reshape_shape, at, tensor, g) != times:
+            return None
+        return Repeat(node, expand, reshape, times, expand_shape, reshape_shape)
+    return None
+
+
+def repeat_reads(reader, tensor: str, layout: Layout, g: Graph) -> bool:
+    """Whether *reader* (a Gather of *tensor*'s shape) takes the head count only for its repeat_kv."""
+    repeat = repeat_of(tensor, layout, g)
+    if repeat is None:
+        return False
+    pieces = {repeat.expand_shape.input[layout.at], repeat.reshape_shape.input[layout.at]}
+    reached = set()
+    for user in g.readers.get(reader.output[0], []):
+        if user.op_type == "Mul":
+            user = _only_reader(user.output[0], "Unsqueeze", g)
+        if user is None or user.op_type != "Unsqueeze" or user.output[0] not in pieces:
+            return False
+        reached.add(user.output[0])
+    return reached == pieces
+
+
+def _only_reader(tensor: str, op: str, g: Graph):
+    readers = g.readers.get(tensor, [])
+    return readers[0] if len(readers) == 1 and readers[0].op_type == op and tensor not in g.outputs else None
+
+
+def _built_from(target: str, g: Graph):
+    """The Concat a shape target is built from, through PyTorch's handling of -1 in expand
+    (Where(Equal(s, -1), 1, s)) and Reshapes of the shape vector itself."""
+    node = g.made_by.get(target)
+    for _ in range(8):
+        if node is None or node.op_type == "Concat":
+            return node
+        node = g.made_by.get(node.input[2] if node.op_type == "Where" else node.input[0]) \
+            if node.op_type in ("Where", "Reshape") else None
+    return None
+
+
+def _count_read(concat, position: int, tensor: str, g: Graph) -> int | None:
+    """m where the Concat's entry *position* (each piece one entry long) is *tensor*'s size on that
+    axis read at run time, times a constant m; None if it is anything else."""
+    if position >= len(concat.input):
+        return None
+    node, times = g.made_by.get(concat.input[position]), 1
+    if node is None or node.op_type != "Unsqueeze":
+        return None
+    node = g.made_by.get(node.input[0])
+    if node is not None and node.op_type == "Mul":
+        other = [name for name in node.input if name in g.consts]
+        read = [name for name in node.input if name not in g.consts]
+        if len(other) != 1 or len(read) != 1 or not is_scalar(g.consts[other[0]]):
+            return None
+        times, node = int(const_array(g.consts[other[0]]).ravel()[0]), g.made_by.get(read[0])
+    if node is None or node.op_type != "Gather" or node.input[1] not in g.consts:
+        return None
+    shape = g.made_by.get(node.input[0])
+    if shape is None or shape.op_type != "Shape" or shape.input[0] != tensor or shape.attribute:
+        return None
+    return times if [int(i) for i in const_array(g.consts[node.input[1]]).ravel()] == [position] else None
+
+
 def _through_unsqueeze(node, layout: Layout, g: Graph, enter) -> str | None:
     """New axes of size 1, before or after the heads (T5's position bias made [1, heads, q, k])."""
     axes_input = node.input[1] if len(node.input) > 1 else ""
@@ -283,27 +395,28 @@ def _merge(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
     that leaves the shape as it was (Hugging Face's attention reshapes its result to [batch, -1,
     tokens, size] on the way)."""
     shape = list(g.shapes.get(node.input[0]) or [])
+    count = region.channels * layout.block  # the heads (units of block heads)
     if len(shape) == layout.rank:
-        shape[layout.at] = region.channels  # what inference may not know: the heads axis holds the heads
+        shape[layout.at] = count  # what inference may not know: the heads axis holds the heads
     if shape and _keeps_shape(node, layout, shape, g):
-        entry = _shape_entry(node, layout.at, region.channels, g)
+        entry = _shape_entry(node, layout.at, count, g)
         if isinstance(entry, str):
             return entry
         if entry:
-            region.reshapes.append((*entry, 1))
+            region.reshapes.append((*entry, layout.block))
         return enter(node.output[0], layout)
     out = _dims_out(node, g, keep=layout.rank - 2, dims=shape)
     if layout.at != layout.rank - 2 or not shape or not out or None in shape[-2:] or len(out) != layout.rank - 1:
         return "Reshape of its heads it cannot follow"
     heads, size = shape[-2:]
-    if heads != region.channels or out[-1] != heads * size:
+    if heads != count or out[-1] != heads * size:
         return "Reshape of its heads it cannot follow"
     entry = _shape_entry(node, len(out) - 1, heads * size, g)
     if isinstance(entry, str):
         return entry
     if entry:
-        region.reshapes.append((*entry, size))
-    return enter(node.output[0], Layout("vec", len(out), block=size))
+        region.reshapes.append((*entry, size * layout.block))
+    return enter(node.output[0], Layout("vec", len(out), block=size * layout.block))
 
 
 def _keeps_shape(node, layout: Layout, shape: list, g: Graph) -> bool:

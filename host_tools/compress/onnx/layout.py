@@ -27,7 +27,7 @@ class Layout:
     last axis ("vec"), in blocks of *block* features after a Flatten (or of a head's features
     after heads are merged); after a Concat, at *offsets* of a tensor *width* channels wide (None:
     the tensor is the layer's channels alone). Attention heads ("heads", see ``heads``) sit on
-    axis *at*, one head per index."""
+    axis *at*, *block* consecutive heads per unit (one, but for grouped-query attention)."""
     kind: str
     rank: int | None
     block: int = 1
@@ -87,6 +87,9 @@ class Region:
     out_offsets: tuple[int, ...] = (0,)
     out_block: int = 1
     windows: list[tuple[int, int]] | None = None
+    # heads taken this many at a time as one unit: a query layer under grouped-query attention,
+    # which can only lose the query heads of a K/V head together
+    coarse: int = 1
     why: str | None = None  # why its channels must stay, if they must
 
     def cut(self, name: str, param: Param) -> bool:

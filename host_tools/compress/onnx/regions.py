@@ -49,12 +49,14 @@ def output_axis(node, consts) -> int | None:
     return None
 
 
-def walk_region(index: int, channels: int, g: Graph, window: tuple[int, int] | None = None) -> Region:
+def walk_region(index: int, channels: int, g: Graph, window: tuple[int, int] | None = None,
+                coarse: int = 1) -> Region:
     """The region of the weighted node ``g.nodes[index]`` (its output has *channels* channels), or
-    of the *window* (start, size) of them that one part of a Split takes."""
+    of the *window* (start, size) of them that one part of a Split takes; where the channels are
+    split into attention heads, *coarse* heads at a time make one unit."""
     node = g.nodes[index]
     offsets = (window[0],) if window else (0,)
-    region = Region(window[1] if window else channels, out_offsets=offsets)
+    region = Region(window[1] if window else channels, out_offsets=offsets, coarse=coarse)
     bias = node.input[2] if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 else ""
     if bias and bias not in g.consts:
         region.why = "its bias is not a constant"
@@ -138,6 +140,9 @@ def _shape_read(node, layout: Layout, region: Region, g: Graph) -> str | None:
     if not start <= axis < end:
         return None
     for reader in g.readers.get(node.output[0], []):
+        if layout.kind == "heads" and reader.op_type == "Gather" and start == 0 and \
+                heads.repeat_reads(reader, node.input[0], layout, g):
+            continue  # the K/V head count for their repeat (grouped-query attention): it follows the pruning
         if reader.op_type == "Reshape" and reader.input[1] == node.output[0] and (start, end) == (0, layout.rank):
             # x.reshape(t.shape), as GroupNorm puts its output back: checked once the walk is done,
             # x must keep t's channels where t has them
