@@ -14,8 +14,9 @@ calibration and evaluation data. The table shows, per recipe, the result's size 
 original's, or why it did not apply; structured pruning runs without recovery, so its column is
 the structure it found ("4/7 layers, 2 heads": layers pruned of all weighted layers, groups by
 attention heads), not accuracy; with ``--recover N`` it runs again with N epochs of recovery on
-the same 64 inputs, and the column adds the output cosine to the original without and with it
-(that recovery runs at all on these graphs, and moves the output back towards the original's).
+the same 64 inputs, and the column adds the output cosine and top-1 agreement with the original
+without and with it (that recovery runs at all on these graphs, and moves the output back towards
+the original's).
 With ``--format tflite`` each model is converted with litert-torch instead (batch 1; token ids
 become int32) and given each TFLite recipe, and its structured pruning (tflite-prune-channels) in
 the last column. Each other cell is "size ratio / output cosine to the original"; with random
@@ -124,7 +125,7 @@ def main() -> None:
     print()
     print(f"{'model':<11} {'KiB':>6}  " + "  ".join(f"{r:>13}" for r in recipes)
           + ("  channels-50 (no recovery)" if not args.recover
-             else f"  channels-50 (cosine without -> with {args.recover} epochs of recovery)"))
+             else f"  channels-50 (output cosine, top-1 agreement: without -> with {args.recover} epochs of recovery)"))
     for name, row in rows:
         if "error" in row:
             print(f"{name:<11} export failed: {row['error']}")
@@ -231,9 +232,13 @@ def prune_cell(original, pass_name: str, dataset, work: Path, row: dict, layers:
                     f"{heads} by heads")
     if recover:
         healed = pruned(recover)
-        row["prune"] += (f", cosine {report.result.fidelity.cosine:.2f} -> {healed.result.fidelity.cosine:.2f}"
-                         if healed.compressed else
-                         ", not recovered: " + "; ".join(s.note for s in healed.steps if s.status != "ok")[:80])
+        if not healed.compressed:
+            row["prune"] += ", not recovered: " + "; ".join(s.note for s in healed.steps if s.status != "ok")[:80]
+            return
+        before, after = report.result.fidelity, healed.result.fidelity
+        row["prune"] += f", cosine {before.cosine:.2f} -> {after.cosine:.2f}"
+        if before.agreement is not None:  # (softmax ignores a shift of the logits; the cosine does not)
+            row["prune"] += f", top-1 {before.agreement:.0%} -> {after.agreement:.0%}"
 
 
 def run_tflite(name: str, cls, config, kind: str, work: Path, torch, recover: int = 0) -> dict:
