@@ -1281,3 +1281,53 @@ def test_grouped_query_attention_loses_each_kv_head_with_its_query_heads(tmp_pat
     for n, t in ((3, 7), (1, 2)):
         x = np.random.default_rng(t).standard_normal((n, t, dim)).astype(np.float32)
         np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+@pytest.mark.parametrize("expand", ["keep", "explicit"])
+def test_a_class_token_put_before_the_patches_loses_the_streams_channels(tmp_path, expand):
+    """ViT's embeddings: a patch convolution flattened to tokens, a learned class token [1, 1, C]
+    expanded to the batch and concatenated before them, position embeddings added; the class token
+    read at the end. The residual stream, patch convolution included, is pruned, and the class
+    token and position table lose the same channels. Silent channels removed leave the outputs.
+    Expanded to a channel count written out (expand(n, 1, C)), the token would not fit the pruned
+    stream: the stream stays whole."""
+    torch = pytest.importorskip("torch")
+    from host_tools.compress.onnx.prune import prepared_plan
+    nn = torch.nn
+    dim = 16
+
+    class Patches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, dim, 4, stride=4)
+            self.token, self.position = nn.Parameter(torch.randn(1, 1, dim)), nn.Parameter(torch.randn(1, 5, dim))
+            self.up, self.down, self.head = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim), nn.Linear(dim, 3)
+
+        def forward(self, x):
+            tokens = self.patch(x).flatten(2).transpose(1, 2)
+            token = self.token.expand(x.shape[0], -1, -1) if expand == "keep" else self.token.expand(x.shape[0], 1, dim)
+            h = torch.cat([token, tokens], dim=1) + self.position
+            h = h + self.down(nn.functional.gelu(self.up(h)))
+            return self.head(h[:, 0])
+
+    torch.manual_seed(0)
+    path = tmp_path / "patches.onnx"
+    torch.onnx.export(Patches().eval(), (torch.randn(2, 3, 8, 8),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    proto = onnx.load(str(path))
+    plan = prepared_plan(proto)
+    if expand == "explicit":
+        assert plan.skipped["/patch/Conv"] == "Concat along another axis with an input not of these channels"
+        return
+    assert sorted(sorted(p.node for p in g.producers) for g in plan.groups) == \
+        [["/down/MatMul", "/patch/Conv"], ["/up/MatMul"]], plan.skipped
+    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
+    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    assert {(1, 1, dim // 2), (1, 5, dim // 2)} <= {tuple(i.dims) for i in onnx.load(str(report.result.model.path))
+                                                   .graph.initializer}  # the class token, the positions
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)

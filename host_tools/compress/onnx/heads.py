@@ -313,7 +313,7 @@ def repeat_of(tensor: str, layout: Layout, g: Graph) -> Repeat | None:
                 r[:at] == e[:at] and r[at + 1:] == e[at + 2:] for e, r in runs):
             return None
         times = times.pop()
-        expand_shape, reshape_shape = _built_from(expand.input[1], g), _built_from(reshape.input[1], g)
+        expand_shape, reshape_shape = built_from(expand.input[1], g), built_from(reshape.input[1], g)
         if times < 2 or expand_shape is None or reshape_shape is None or \
                 _count_read(expand_shape, at, tensor, g) != 1 or _count_read(reshape_shape, at, tensor, g) != times:
             return None
@@ -342,7 +342,7 @@ def _only_reader(tensor: str, op: str, g: Graph):
     return readers[0] if len(readers) == 1 and readers[0].op_type == op and tensor not in g.outputs else None
 
 
-def _built_from(target: str, g: Graph):
+def built_from(target: str, g: Graph):
     """The Concat a shape target is built from, through PyTorch's handling of -1 in expand
     (Where(Equal(s, -1), 1, s)) and Reshapes of the shape vector itself."""
     node = g.made_by.get(target)

@@ -299,6 +299,8 @@ def _through_concat(node, region: Region, g: Graph, enter) -> str | None:
     layout = next(tensors[name] for name in node.input if name in tensors)
     rank = layout.rank
     axis = attr(node, "axis", 1) % rank if rank else None
+    if axis is not None and axis != (1 if layout.kind == "map" else rank - 1) and layout.kind in ("map", "vec"):
+        return _along_another_axis(node, layout, region, g, enter)
     if axis is None or axis != (1 if layout.kind == "map" else rank - 1) or layout.block != 1:
         return "Concat along another axis"
     offsets, width = [], 0
@@ -314,6 +316,43 @@ def _through_concat(node, region: Region, g: Graph, enter) -> str | None:
                 return "Concat with an input of unknown width"
             width += shape[axis]
     return enter(node.output[0], replace(layout, offsets=tuple(offsets), width=width))
+
+
+def _along_another_axis(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
+    """A Concat along an axis other than the channels (more tokens): every input must hold the
+    channels where the region's tensor does: another of its tensors, or a constant with an entry
+    per channel — as it is, or expanded to the batch (ViT's class token, [1, 1, C] expanded to
+    [n, 1, C] and put before the patches), which loses the pruned channels' entries."""
+    channel_axis = 1 if layout.kind == "map" else layout.rank - 1
+    if layout.block != 1 or layout.width is not None:
+        return "Concat along another axis"
+    for name in node.input:
+        if name in region.tensors:
+            if region.tensors[name] != layout:
+                return "Concat of its output in two layouts"
+            continue
+        maker = g.made_by.get(name)
+        if maker is not None and maker.op_type == "Expand" and maker.input[0] in g.consts and \
+                _keeps_size(maker.input[1], channel_axis, g):
+            name = maker.input[0]
+        dims = list(g.consts[name].dims) if name in g.consts else []
+        if len(dims) != layout.rank or dims[channel_axis] != region.channels or \
+                not region.cut(name, Param(channel_axis)):
+            return "Concat along another axis with an input not of these channels"
+    return enter(node.output[0], layout)
+
+
+def _keeps_size(target: str, axis: int, g: Graph) -> bool:
+    """Whether an Expand to *target* leaves its input's size on *axis* as it is (the entry 1, or -1
+    as PyTorch's expand writes "keep")."""
+    if target in g.consts:
+        entries = const_array(g.consts[target]).ravel()
+        return axis < len(entries) and int(entries[axis]) in (1, -1)
+    concat = heads.built_from(target, g)
+    if concat is None or axis >= len(concat.input) or concat.input[axis] not in g.consts:
+        return False
+    piece = const_array(g.consts[concat.input[axis]]).ravel()
+    return len(piece) == 1 and int(piece[0]) in (1, -1)
 
 
 def _through_split(node, region: Region, g: Graph, enter) -> str | None:
