@@ -1331,3 +1331,69 @@ def test_a_class_token_put_before_the_patches_loses_the_streams_channels(tmp_pat
                                                    .graph.initializer}  # the class token, the positions
     x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+@pytest.mark.parametrize("padded", ["windows", "channels"])
+def test_a_windowed_stream_padded_and_merged_keeps_its_channels(tmp_path, padded):
+    """Swin's stream as Hugging Face writes it: tokens viewed as [n, h, w, C] with the count read
+    from the shape once, padded to whole windows (F.pad, its sizes worked out at run time), split
+    into windows and put back with that same count, cropped, then patch merging: every second row
+    and column (strided Slices), four of them concatenated along the channels into one layer. The
+    stream is pruned through all of it (the count read from the padded grid, whose sizes inference
+    cannot tell, follows the pruning at run time); silent channels removed leave the outputs as they
+    were. A padding of the channels themselves keeps the stream whole."""
+    torch = pytest.importorskip("torch")
+    from host_tools.compress.onnx.prune import prepared_plan
+    nn, F = torch.nn, torch.nn.functional
+    dim, window = 8, 4
+
+    class Windows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, dim, 2, stride=2)
+            self.up, self.down = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+            self.merge, self.head = nn.Linear(4 * dim, 2 * dim), nn.Linear(2 * dim, 3)
+
+        def forward(self, x):
+            tokens = self.patch(x).flatten(2).transpose(1, 2)
+            n, side = x.shape[0], x.shape[2] // 2
+            c = tokens.shape[-1]
+            grid = tokens.view(n, side, side, c)
+            pad = (window - side % window) % window
+            if padded == "windows":
+                grid = F.pad(grid, (0, 0, 0, pad, 0, pad))
+            else:  # (and the padded channels dropped again, so the rest is the same)
+                grid = F.pad(grid, (0, pad, 0, pad, 0, pad))[..., :c]
+            padded_side, channels = grid.shape[1], grid.shape[3]  # read from the padded grid, as Swin does
+            per_side = padded_side // window
+            windows = grid.reshape(n, per_side, window, per_side, window, channels).permute(0, 1, 3, 2, 4, 5)
+            windows = windows.contiguous().view(-1, window * window, channels)
+            windows = self.down(F.gelu(self.up(windows)))
+            channels = windows.shape[-1]  # window_reverse reads the windows' own
+            grid = windows.view(n, per_side, per_side, window, window, channels).permute(0, 1, 3, 2, 4, 5)
+            grid = grid.contiguous().view(n, padded_side, padded_side, channels)[:, :side, :side, :]
+            h = tokens + grid.contiguous().view(n, side * side, c)
+            grid = h.view(n, side, side, c)
+            merged = torch.cat([grid[:, 0::2, 0::2], grid[:, 1::2, 0::2], grid[:, 0::2, 1::2], grid[:, 1::2, 1::2]], -1)
+            return self.head(self.merge(merged).mean((1, 2)))
+
+    torch.manual_seed(0)
+    path = tmp_path / "windows.onnx"
+    torch.onnx.export(Windows().eval(), (torch.randn(2, 3, 12, 12),), str(path), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    proto = onnx.load(str(path))
+    plan = prepared_plan(proto)
+    if padded == "channels":
+        assert plan.skipped["/patch/Conv"] == "Pad of its channels"
+        return
+    assert sorted(sorted(p.node for p in g.producers) for g in plan.groups) == \
+        [["/down/MatMul", "/patch/Conv"], ["/merge/MatMul"], ["/up/MatMul"]], plan.skipped
+    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
+    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    assert (4 * dim // 2, dim) in {tuple(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer}
+    x = np.random.default_rng(0).standard_normal((3, 3, 12, 12)).astype(np.float32)
+    np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)

@@ -159,17 +159,26 @@ def _graph(proto) -> Graph:
     graph = proto.graph
     dims, names = static_shapes.inferred(proto)
 
+    consts = {i.name: i for i in graph.initializer}
+
     @functools.cache
-    def sizes() -> dict:
-        """Asked for once, the model runs once for every operand inference cannot size."""
+    def probe() -> list[dict]:
+        """Asked for once, the model runs twice for every operand inference cannot size, and every
+        padding worked out at run time."""
         unsized = {t for n in graph.node if n.op_type in BINARY_OPS | {"Where", "Reshape"}
                    for t in (*n.input, *n.output) if t in dims and None in dims[t] and len(dims[t]) >= 3}
-        return static_shapes.run_sizes(proto, sorted(unsized))
+        pads = {n.input[1] for n in graph.node if n.op_type == "Pad" and len(n.input) > 1 and n.input[1]
+                and n.input[1] not in consts}
+        return static_shapes.runs(proto, sorted(unsized | pads))
 
-    return Graph(list(graph.node), {i.name: i for i in graph.initializer}, dims,
+    def seen(name: str) -> list:
+        found = probe()
+        return [run[name] for run in found] if found and all(name in run for run in found) else []
+
+    return Graph(list(graph.node), consts, dims,
                  Counter(name for node in graph.node for name in node.input), {o.name for o in graph.output},
                  consumers(graph), {name: node for node in graph.node for name in node.output}, names,
-                 lambda name: sizes().get(name, []))
+                 lambda name: [tuple(np.shape(v)) for v in seen(name)], seen)
 
 
 def _grouped_queries(regions: list[Region], weights: list[tuple[str, int, int]], layers: list[tuple[int, int]],

@@ -40,11 +40,14 @@ def split(node, region: Region, g: Graph, enter) -> str | None:
     entries = _target_entries(node, g)
     if out and entries and len(entries) == len(out) and out[-1] is None and entries[-1] == ("dim", layout.rank - 1):
         out = [*out[:-1], features]  # x.view(-1, x.size(-1)): the channels, whatever their count
-    elif out and entries and len(entries) == len(out) and out[-1] is None and entries[-1] == -1 and \
+    elif out and entries and len(entries) == len(out) and out[-1] is None and \
+            (entries[-1] == -1 or entries[-1] is None and _reads_channels(node, region, g)) and \
             _last_in_every_run(node.output[0], features, g):
         # x.reshape(n, h, w, -1) (SegFormer's tokens to an image): the runtime works the channels out,
-        # whatever their count, as it did in every made-up run. (Were another entry this region's
-        # channel count, read at run time, the walk would have stopped at that Shape.)
+        # whatever their count, as it did in every made-up run; or the count read at run time from a
+        # tensor of this region (Swin's windows, viewed with the count it read once), which the walk
+        # checks at its end keeps these channels. (Were another entry this region's channel count,
+        # read at run time, the walk would have stopped at that Shape.)
         out = [*out[:-1], features]
     if not out:
         return "Reshape to a shape it cannot infer"
@@ -109,6 +112,22 @@ def spatial(node, layout: Layout, region: Region, g: Graph, enter) -> str | None
             return entry
         region.reshapes.append((*entry, 1))
     return enter(node.output[0], Layout("map", len(out)))
+
+
+def _reads_channels(node, region: Region, g: Graph) -> bool:
+    """Whether a Reshape's target ends with the channel count of a tensor of *region*, read at run
+    time: Unsqueeze(Gather(Shape(t), i)), i its channel axis, as the target's last piece."""
+    maker = g.made_by.get(node.input[1])
+    piece = g.made_by.get(maker.input[-1]) if maker is not None and maker.op_type == "Concat" else None
+    read = g.made_by.get(piece.input[0]) if piece is not None and piece.op_type == "Unsqueeze" else None
+    shape = g.made_by.get(read.input[0]) if read is not None and read.op_type == "Gather" else None
+    if shape is None or shape.op_type != "Shape" or shape.attribute or read.input[1] not in g.consts:
+        return False
+    layout = region.tensors.get(shape.input[0])
+    if layout is None or layout.kind not in ("vec", "map") or layout.rank is None:
+        return False
+    index = [int(i) % layout.rank for i in const_array(g.consts[read.input[1]]).ravel()]
+    return index == [layout.rank - 1 if layout.kind == "vec" else 1]
 
 
 def _last_in_every_run(name: str, size: int, g: Graph) -> bool:

@@ -57,6 +57,7 @@ class Graph:
     made_by: dict  # tensor -> the node that writes it
     names: dict[str, list] = field(default_factory=dict)  # tensor -> its symbolic dimensions' names, else None
     run_sizes: Callable[[str], list] = lambda name: []  # tensor -> its shapes in made-up runs (static_shapes)
+    run_values: Callable[[str], list] = lambda name: []  # small integer tensor -> its values in those runs
 
 
 @dataclass(frozen=True)

@@ -88,11 +88,21 @@ def walk_region(index: int, channels: int, g: Graph, window: tuple[int, int] | N
         if inside:
             waiting -= len(inside)
             why = _step(nxt, region, g, enter)
-    if not why and any(region.tensors.get(tensor) != region.tensors[source]
-                       for tensor, source in region.same_channels):
+    if not why and not all(_same_channels(region.tensors.get(tensor), region.tensors[source])
+                           for tensor, source in region.same_channels):
         why = "its channel count is read (Shape)"  # for a tensor that does not keep its channels
     region.why = why or (None if region.readers else "no weighted layer reads its output")
     return region
+
+
+def _same_channels(layout: Layout | None, source: Layout) -> bool:
+    """Whether a tensor holds the channels as *source* does: the same layout, of any rank where the
+    channels are last (or on axis 1 of a feature map)."""
+    if layout is None:
+        return False
+    if layout.kind in ("vec", "map"):
+        return replace(layout, rank=None) == replace(source, rank=None)
+    return layout == source
 
 
 def _step(node, region: Region, g: Graph, enter) -> str | None:
@@ -118,6 +128,9 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
         return _through_binary(node, region, g, enter)
     if op == "Transpose" and tensors[node.input[0]].kind in ("map", "vec"):
         return _through_transpose(node, tensors[node.input[0]], enter)
+    if op in ("Slice", "Pad") and node.input[0] in tensors and tensors[node.input[0]].kind in ("map", "vec") and \
+            not any(name in tensors for name in node.input[1:]):
+        return _other_axes(node, tensors[node.input[0]], g, enter)
     if op not in UNARY_OPS | POOL_OPS | REDUCE_OPS | {"PRelu", "BatchNormalization", "InstanceNormalization",
                                                       "LayerNormalization", "Flatten", "Resize", "Gather"}:
         return f"its output feeds {op}"
@@ -153,39 +166,44 @@ def _shape_read(node, layout: Layout, region: Region, g: Graph) -> str | None:
         reshaped = _count_for_a_reshape(reader, node.input[0], g)
         if reshaped is None:
             return "its channel count is read (Shape)"
-        if reshaped != node.input[0]:  # checked once the walk is done: it must keep these channels
-            region.same_channels.append((reshaped, node.input[0]))
+        # checked once the walk is done: they must keep these channels
+        region.same_channels += [(tensor, node.input[0]) for tensor in reshaped if tensor != node.input[0]]
     return None
 
 
-def _count_for_a_reshape(reader, source: str, g: Graph) -> str | None:
-    """The tensor whose Reshape the channel count that *reader* takes from *source*'s shape goes to,
-    through Squeeze and Unsqueeze, and nowhere else: as the last entry, x.view(-1, x.size(-1)), as
-    Hugging Face's Conv1D (GPT-2) flattens its input, or GPT-2's last view of its hidden states to
-    the shape its embeddings had; anywhere for a Reshape of *source* itself, x.view(*x.shape[:2], -1)
-    (SegFormer's image to tokens), where the Reshape's own rule checks where the channels land. Read
-    at run time, it follows the pruning when that tensor keeps the channels."""
+def _count_for_a_reshape(reader, source: str, g: Graph) -> list[str] | None:
+    """The tensors whose Reshapes the channel count that *reader* takes from *source*'s shape goes
+    to, through Squeeze and Unsqueeze, and nowhere else: as the last entry, x.view(-1, x.size(-1)),
+    as Hugging Face's Conv1D (GPT-2) flattens its input, GPT-2's last view of its hidden states to
+    the shape its embeddings had, or Swin's views of its windows with the count it read once;
+    anywhere for a Reshape of *source* itself, x.view(*x.shape[:2], -1) (SegFormer's image to
+    tokens), where the Reshape's own rule checks where the channels land. Read at run time, it
+    follows the pruning when those tensors keep the channels."""
     if reader.op_type not in ("Slice", "Gather"):
         return None
-    value = reader.output[0]
-    while True:
+    reshaped, values = [], [reader.output[0]]
+    while values:
+        value = values.pop()
         users = g.readers.get(value, [])
-        if len(users) != 1 or value in g.outputs:
+        if not users or value in g.outputs:
             return None
-        user = users[0]
-        if user.op_type in ("Squeeze", "Unsqueeze") and user.input[0] == value:
-            value = user.output[0]
-            continue
-        if user.op_type != "Concat" or list(user.input).count(value) != 1:
-            return None
-        shaped = g.readers.get(user.output[0], [])
-        if not shaped or any(n.op_type != "Reshape" or n.input[1] != user.output[0] for n in shaped):
-            return None
-        inputs = {n.input[0] for n in shaped}
-        if len(inputs) != 1:
-            return None
-        reshaped = inputs.pop()
-        return reshaped if reshaped == source or user.input[-1] == value else None
+        for user in users:
+            if user.op_type in ("Squeeze", "Unsqueeze") and user.input[0] == value:
+                values.append(user.output[0])
+                continue
+            if user.op_type != "Concat" or list(user.input).count(value) != 1:
+                return None
+            shaped = g.readers.get(user.output[0], [])
+            if not shaped or any(n.op_type != "Reshape" or n.input[1] != user.output[0] for n in shaped):
+                return None
+            inputs = {n.input[0] for n in shaped}
+            if len(inputs) != 1:
+                return None
+            tensor = inputs.pop()
+            if tensor != source and user.input[-1] != value:
+                return None
+            reshaped.append(tensor)
+    return reshaped
 
 
 def _read_entries(node, length: int, g: Graph) -> range | list[int]:
@@ -237,6 +255,37 @@ def _through_transpose(node, layout: Layout, enter) -> str | None:
     if layout.kind == "vec":
         return enter(node.output[0], Layout("heads", rank, at=moved))
     return "its output feeds Transpose"
+
+
+def _other_axes(node, layout: Layout, g: Graph, enter) -> str | None:
+    """A Slice or Pad of other axes than the channels (Swin's patch merging takes every second row
+    and column; its windows are padded to whole ones and cropped back): the channels stay where
+    they were. Its axes must be known; a Pad's pads on the channel axis must be zero."""
+    rank, channel_axis = layout.rank, 1 if layout.kind == "map" else (layout.rank or 0) - 1
+    if rank is None or layout.block != 1 or layout.width is not None:
+        return f"its output feeds {node.op_type}"
+    if len(node.input) > 3 and node.input[3]:  # Slice(data, starts, ends, axes, …), Pad(data, pads, value, axes)
+        if node.input[3] not in g.consts:
+            return f"{node.op_type} of axes it cannot tell"
+        axes = [int(a) % rank for a in const_array(g.consts[node.input[3]]).ravel()]
+    elif node.op_type == "Slice":
+        starts = node.input[1]
+        count = len(const_array(g.consts[starts]).ravel()) if starts in g.consts else (g.shapes.get(starts) or [None])[0]
+        if count is None:
+            return "Slice of axes it cannot tell"
+        axes = list(range(count))
+    else:
+        axes = list(range(rank))
+    if node.op_type == "Slice":
+        return "Slice of its channels" if channel_axis in axes else enter(node.output[0], layout)
+    if channel_axis not in axes:
+        return enter(node.output[0], layout)
+    pads = g.run_values(node.input[1]) if node.input[1] not in g.consts else [const_array(g.consts[node.input[1]])]
+    where = axes.index(channel_axis)
+    if not pads or any(len(np.ravel(p)) != 2 * len(axes) or np.ravel(p)[where] or np.ravel(p)[len(axes) + where]
+                       for p in pads):
+        return "Pad of its channels"
+    return enter(node.output[0], layout)
 
 
 def _across_channels(shape: list | None, layout: Layout) -> bool:

@@ -42,11 +42,11 @@ def inferred(model) -> tuple[dict[str, list], dict[str, list]]:
     return dims, names
 
 
-def run_sizes(model, names: list[str]) -> dict[str, list[tuple[int, ...]]]:
-    """The shapes the tensors *names* take when the model runs on made-up inputs twice, every size
-    the graph leaves open 2 and then 3 (all values 0): for what inference cannot tell, such as a
-    mask built at run time that is 1 along the heads whatever the input. Empty when the model does
-    not run so (it needs real values, or sizes of its own)."""
+def runs(model, names: list[str]) -> list[dict[str, np.ndarray]]:
+    """The tensors *names* when the model runs on made-up inputs twice, every size the graph leaves
+    open 2 and then 3 (all values 0): for what inference cannot tell, such as a mask built at run
+    time that is 1 along the heads whatever the input, or padding worked out from the sizes. Empty
+    when the model does not run so (it needs real values, or sizes of its own)."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
@@ -61,7 +61,7 @@ def run_sizes(model, names: list[str]) -> dict[str, list[tuple[int, ...]]]:
         options.log_severity_level = 4
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
         wanted = [o.name for o in session.get_outputs()]
-        runs = []
+        found = []
         for size in (2, 3):
             feeds = {}
             for value in probe.graph.input:
@@ -70,10 +70,10 @@ def run_sizes(model, names: list[str]) -> dict[str, list[tuple[int, ...]]]:
                 kind = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
                 dims = [d.dim_value if d.HasField("dim_value") else size for d in value.type.tensor_type.shape.dim]
                 feeds[value.name] = np.zeros(dims, dtype=kind)
-            runs.append(dict(zip(wanted, session.run(wanted, feeds))))
+            found.append(dict(zip(wanted, session.run(wanted, feeds))))
     except Exception:  # noqa: BLE001 — any failure means: not known
-        return {}
-    return {n: [tuple(np.shape(run[n])) for run in runs] for n in names if all(n in run for run in runs)}
+        return []
+    return found
 
 
 def fold(model) -> int:
