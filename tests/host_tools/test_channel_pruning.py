@@ -880,6 +880,15 @@ def _silenced(proto, plan, path):
     return path
 
 
+def _silenced_and_pruned(proto, plan, tmp_path):
+    """*proto* silenced where the plan cuts (``_silenced``), and that pruned by half: both paths."""
+    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
+    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    return silenced, report.result.model.path
+
+
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
 def test_channels_are_followed_from_channels_first_to_channels_last(tmp_path):
@@ -909,13 +918,10 @@ def test_channels_are_followed_from_channels_first_to_channels_last(tmp_path):
     plan = prepared_plan(proto)
     assert sorted(sorted(p.node for p in g.producers) for g in plan.groups) == \
         [["/c1/Conv"], ["/c2/Conv", "/down/MatMul"], ["/up/MatMul"]]  # c2 and the MLP's output: one stream
-    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
-    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
-                        workdir=tmp_path / "w")
-    assert report.steps[0].status == "ok", report.steps[0].note
-    assert report.result.size_bytes < 0.5 * silenced.stat().st_size
+    silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
+    assert pruned.stat().st_size < 0.5 * silenced.stat().st_size
     x = np.random.default_rng(0).standard_normal((3, 8, 20)).astype(np.float32)
-    np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_run(pruned, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
 
 
 def test_layers_that_share_a_weight_are_pruned_as_one_and_still_share_it(tmp_path):
@@ -933,17 +939,14 @@ def test_layers_that_share_a_weight_are_pruned_as_one_and_still_share_it(tmp_pat
                        "/position/Gather"],
                       ["/ffn/ffn.0/MatMul", "/ffn/ffn.0_1/MatMul"],
                       ["/k/MatMul", "/k_1/MatMul", "/q/MatMul", "/q_1/MatMul", "/v/MatMul", "/v_1/MatMul"]]
-    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
-    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
-                        workdir=tmp_path / "w")
-    assert report.steps[0].status == "ok", report.steps[0].note
-    pruned = onnx.load(str(report.result.model.path))
-    shapes = sorted(tuple(i.dims) for i in pruned.graph.initializer if len(i.dims) == 2)
+    silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
+    pruned_model = onnx.load(str(pruned))
+    shapes = sorted(tuple(i.dims) for i in pruned_model.graph.initializer if len(i.dims) == 2)
     # each weight once: the tables, Q, K, V and the attention output, the feed-forward pair, the output layer
     assert shapes == [(12, 16), (16, 16), (16, 16), (16, 16), (16, 16), (16, 32), (16, 100), (32, 16), (100, 16)]
     ids = np.random.default_rng(0).integers(0, 100, (3, 12))
     want, got = (ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
-                 for path in (silenced, report.result.model.path))
+                 for path in (silenced, pruned))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -1069,16 +1072,13 @@ def test_a_relative_position_bias_per_head_loses_the_heads_its_layers_lose(tmp_p
     by_heads = [g for g in plan.groups if g.channels == heads]
     assert len(by_heads) == 1 and sorted(p.node for p in by_heads[0].producers) == \
         ["/bias/Gather"] + [f"/layers.{i}.{j}/MatMul" for i in (0, 1) for j in (0, 1, 2)]
-    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
-    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
-                        workdir=tmp_path / "w")
-    assert report.steps[0].status == "ok", report.steps[0].note
-    pruned = onnx.load(str(report.result.model.path))
-    assert (buckets, heads // 2) in {tuple(i.dims) for i in pruned.graph.initializer}
+    silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
+    pruned_model = onnx.load(str(pruned))
+    assert (buckets, heads // 2) in {tuple(i.dims) for i in pruned_model.graph.initializer}
     for tokens in (4, 7):  # other token counts than the export's: the bias is looked up at run time
         ids = np.random.default_rng(tokens).integers(0, 50, (3, tokens))
         want, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
-                     for p in (silenced, report.result.model.path))
+                     for p in (silenced, pruned))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -1115,12 +1115,9 @@ def test_a_constant_bias_per_head_is_cut_with_the_heads(tmp_path):
     plan = prepared_plan(proto)
     (group,) = [g for g in plan.groups if g.channels == heads]
     assert dict(group.params)["bias"] == Param(1)  # its axis 1, one entry per head
-    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
-    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
-                        workdir=tmp_path / "w")
-    assert report.steps[0].status == "ok", report.steps[0].note
+    silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
     x = np.random.default_rng(0).standard_normal((3, tokens, 32)).astype(np.float32)
-    np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_run(pruned, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
@@ -1161,14 +1158,11 @@ def test_tokens_folded_into_an_image_and_back_keep_their_channels(tmp_path):
     plan = prepared_plan(proto)
     assert sorted(sorted(p.node for p in g.producers) for g in plan.groups) == \
         [["/down/Conv"], ["/embed/Conv", "/fc2/MatMul"], ["/fc1/MatMul"]], plan.skipped
-    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
-    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
-                        workdir=tmp_path / "w")
-    assert report.steps[0].status == "ok", report.steps[0].note
-    assert {(32, 1, 3, 3), (8, 32), (32, 8)} <= {tuple(i.dims) for i in onnx.load(str(report.result.model.path))
+    silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
+    assert {(32, 1, 3, 3), (8, 32), (32, 8)} <= {tuple(i.dims) for i in onnx.load(str(pruned))
                                                  .graph.initializer}  # dw conv, fc1, fc2 at half width
     x = np.random.default_rng(0).standard_normal((3, 3, 2 * side, 2 * side)).astype(np.float32)
-    np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_run(pruned, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
@@ -1202,12 +1196,9 @@ def test_a_group_norm_with_a_group_per_channel_is_pruned_with_its_convolution(tm
     proto = onnx.load(str(path))
     plan = prepared_plan(proto)
     assert sorted(sorted(p.node for p in g.producers) for g in plan.groups) == [["/conv/Conv"], ["/conv2/Conv"]]
-    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
-    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
-                        workdir=tmp_path / "w")
-    assert report.steps[0].status == "ok", report.steps[0].note
+    silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
     x = np.random.default_rng(0).standard_normal((3, 57)).astype(np.float32)
-    np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_run(pruned, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
 
 
 def test_a_shape_that_reshapes_another_layers_output_keeps_the_layer_whole(tmp_path):
@@ -1271,16 +1262,13 @@ def test_grouped_query_attention_loses_each_kv_head_with_its_query_heads(tmp_pat
     (group,) = plan.groups
     assert group.channels == kv and sorted((p.node, p.block) for p in group.producers) == \
         [("/k/MatMul", size), ("/q/MatMul", 2 * size), ("/v/MatMul", size)]
-    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
-    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
-                        workdir=tmp_path / "w")
-    assert report.steps[0].status == "ok", report.steps[0].note
-    weights = sorted(tuple(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer
+    silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
+    weights = sorted(tuple(i.dims) for i in onnx.load(str(pruned)).graph.initializer
                      if len(i.dims) == 2)
     assert weights == sorted([(dim, 16), (dim, 8), (dim, 8), (16, dim), (3, dim)])  # q, k, v, o at half; the head
     for n, t in ((3, 7), (1, 2)):
         x = np.random.default_rng(t).standard_normal((n, t, dim)).astype(np.float32)
-        np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(_run(pruned, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
@@ -1323,14 +1311,11 @@ def test_a_class_token_put_before_the_patches_loses_the_streams_channels(tmp_pat
         return
     assert sorted(sorted(p.node for p in g.producers) for g in plan.groups) == \
         [["/down/MatMul", "/patch/Conv"], ["/up/MatMul"]], plan.skipped
-    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
-    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
-                        workdir=tmp_path / "w")
-    assert report.steps[0].status == "ok", report.steps[0].note
-    assert {(1, 1, dim // 2), (1, 5, dim // 2)} <= {tuple(i.dims) for i in onnx.load(str(report.result.model.path))
+    silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
+    assert {(1, 1, dim // 2), (1, 5, dim // 2)} <= {tuple(i.dims) for i in onnx.load(str(pruned))
                                                    .graph.initializer}  # the class token, the positions
     x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
-    np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_run(pruned, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
@@ -1390,10 +1375,7 @@ def test_a_windowed_stream_padded_and_merged_keeps_its_channels(tmp_path, padded
         return
     assert sorted(sorted(p.node for p in g.producers) for g in plan.groups) == \
         [["/down/MatMul", "/patch/Conv"], ["/merge/MatMul"], ["/up/MatMul"]], plan.skipped
-    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
-    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
-                        workdir=tmp_path / "w")
-    assert report.steps[0].status == "ok", report.steps[0].note
-    assert (4 * dim // 2, dim) in {tuple(i.dims) for i in onnx.load(str(report.result.model.path)).graph.initializer}
+    silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
+    assert (4 * dim // 2, dim) in {tuple(i.dims) for i in onnx.load(str(pruned)).graph.initializer}
     x = np.random.default_rng(0).standard_normal((3, 3, 12, 12)).astype(np.float32)
-    np.testing.assert_allclose(_run(report.result.model.path, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_run(pruned, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
