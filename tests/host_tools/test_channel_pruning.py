@@ -35,8 +35,8 @@ def _silent(rng, shape, axis, silent):
     return w
 
 
-def _run(path, x):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+def _run(path, x, name="x"):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
 
 
 def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_path):
@@ -945,9 +945,7 @@ def test_layers_that_share_a_weight_are_pruned_as_one_and_still_share_it(tmp_pat
     # each weight once: the tables, Q, K, V and the attention output, the feed-forward pair, the output layer
     assert shapes == [(12, 16), (16, 16), (16, 16), (16, 16), (16, 16), (16, 32), (16, 100), (32, 16), (100, 16)]
     ids = np.random.default_rng(0).integers(0, 100, (3, 12))
-    want, got = (ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
-                 for path in (silenced, pruned))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_run(pruned, ids, "ids"), _run(silenced, ids, "ids"), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
@@ -1077,9 +1075,7 @@ def test_a_relative_position_bias_per_head_loses_the_heads_its_layers_lose(tmp_p
     assert (buckets, heads // 2) in {tuple(i.dims) for i in pruned_model.graph.initializer}
     for tokens in (4, 7):  # other token counts than the export's: the bias is looked up at run time
         ids = np.random.default_rng(tokens).integers(0, 50, (3, tokens))
-        want, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
-                     for p in (silenced, pruned))
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(_run(pruned, ids, "ids"), _run(silenced, ids, "ids"), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
