@@ -99,7 +99,8 @@ def spatial(node, layout: Layout, region: Region, g: Graph, enter) -> str | None
             len(out) < 3 or not entries or len(entries) != len(out):
         return "its output feeds Reshape"
     batch, count = entries[:2]
-    same_batch = _named(out, g.names.get(node.output[0]))[0] == _named(shape, g.names.get(node.input[0]))[0]
+    named = _named(out, g.names.get(node.output[0]))[0]
+    same_batch = isinstance(named, str) and named == _named(shape, g.names.get(node.input[0]))[0]
     if not (batch in (0, ("dim", 0)) or batch is None and same_batch and out[0] is None or
             isinstance(batch, int) and batch == shape[0]):
         return "Reshape of a feature map's batch"
@@ -218,7 +219,7 @@ def step(node, region: Region, g: Graph, enter) -> str | None:
         return _through_fewer_axes(node, layout, g, enter)
     if op == "Unsqueeze":
         repeat = repeat_of(node.input[0], layout, g)
-        if repeat is not None and repeat.unsqueeze is node:
+        if repeat is not None and repeat.unsqueeze.output[0] == node.output[0]:
             # the heads repeated for grouped-query attention: m heads from each, taken as one unit
             return enter(repeat.reshape.output[0], replace(layout, block=layout.block * repeat.times))
         return _through_unsqueeze(node, layout, g, enter)
@@ -376,7 +377,8 @@ def built_from(target: str, g: Graph):
 def _count_read(concat, position: int, tensor: str, g: Graph) -> int | None:
     """m where the Concat's entry *position* (each piece one entry long) is *tensor*'s size on that
     axis read at run time, times a constant m; None if it is anything else."""
-    if position >= len(concat.input):
+    if position >= len(concat.input) or \
+            any((list(g.consts[p].dims) if p in g.consts else g.shapes.get(p)) != [1] for p in concat.input):
         return None
     node, times = g.made_by.get(concat.input[position]), 1
     if node is None or node.op_type != "Unsqueeze":
