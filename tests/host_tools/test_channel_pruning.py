@@ -1376,3 +1376,46 @@ def test_a_windowed_stream_padded_and_merged_keeps_its_channels(tmp_path, padded
     assert (4 * dim // 2, dim) in {tuple(i.dims) for i in onnx.load(str(pruned)).graph.initializer}
     x = np.random.default_rng(0).standard_normal((3, 3, 12, 12)).astype(np.float32)
     np.testing.assert_allclose(_run(pruned, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+def test_a_decoder_that_resizes_and_joins_projected_scales_is_pruned(tmp_path):
+    """SegFormer's decode head: each scale's tokens projected by a linear layer, turned into an image
+    with x.reshape(n, -1, h, w) (h and w read at run time), resized to the first scale's size
+    (F.interpolate: its sizes the image's own batch and channels, and two sizes read at run time),
+    and the scales concatenated for a 1x1 convolution. Every projection is pruned, each at its
+    offset in the joined tensor; silent channels removed leave the outputs as they were."""
+    torch = pytest.importorskip("torch")
+    from host_tools.compress.onnx.prune import prepared_plan
+    nn, F = torch.nn, torch.nn.functional
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 2, stride=2), nn.Conv2d(3, 8, 4, stride=4)
+            self.pa, self.pb = nn.Linear(8, 16), nn.Linear(8, 16)
+            self.fuse, self.head = nn.Conv2d(32, 8, 1), nn.Conv2d(8, 3, 1)
+
+        def forward(self, x):
+            n, scales = x.shape[0], []
+            first = None
+            for conv, project in ((self.a, self.pa), (self.b, self.pb)):
+                f = conv(x)
+                first = f if first is None else first
+                tokens = project(f.flatten(2).transpose(1, 2))
+                image = tokens.permute(0, 2, 1).reshape(n, -1, f.shape[2], f.shape[3])
+                scales.append(F.interpolate(image, size=first.shape[2:], mode="bilinear", align_corners=False))
+            return self.head(F.relu(self.fuse(torch.cat(scales[::-1], dim=1))))
+
+    torch.manual_seed(0)
+    path = tmp_path / "decoder.onnx"
+    torch.onnx.export(Decoder().eval(), (torch.randn(2, 3, 16, 16),), str(path), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    proto = onnx.load(str(path))
+    plan = prepared_plan(proto)
+    assert sorted(sorted(p.node for p in g.producers) for g in plan.groups) == \
+        [["/a/Conv"], ["/b/Conv"], ["/fuse/Conv"], ["/pa/MatMul"], ["/pb/MatMul"]], plan.skipped
+    silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
+    x = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(_run(pruned, x), _run(silenced, x), rtol=1e-5, atol=1e-5)

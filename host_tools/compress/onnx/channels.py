@@ -165,7 +165,7 @@ def _graph(proto) -> Graph:
     def probe() -> list[dict]:
         """Asked for once, the model runs twice for every operand inference cannot size, and every
         padding worked out at run time."""
-        unsized = {t for n in graph.node if n.op_type in BINARY_OPS | {"Where", "Reshape"}
+        unsized = {t for n in graph.node if n.op_type in BINARY_OPS | {"Where", "Reshape", "Concat"}
                    for t in (*n.input, *n.output) if t in dims and None in dims[t] and len(dims[t]) >= 3}
         pads = {n.input[1] for n in graph.node if n.op_type == "Pad" and len(n.input) > 1 and n.input[1]
                 and n.input[1] not in consts}

@@ -104,8 +104,11 @@ def spatial(node, layout: Layout, region: Region, g: Graph, enter) -> str | None
     if not (batch in (0, ("dim", 0)) or batch is None and same_batch and out[0] is None or
             isinstance(batch, int) and batch == shape[0]):
         return "Reshape of a feature map's batch"
-    if ("dim", 1) in entries[2:] or count not in (0, ("dim", 1), -1, region.channels) or \
-            count == -1 and any(e is None for e in entries):
+    # (a -1 beside sizes read at run time, x.reshape(n, -1, h, w) as SegFormer's decoder writes it, is
+    # the channels if it was in every made-up run)
+    unsure = count == -1 and any(e is None for e in entries) and \
+        not _in_every_run(node.output[0], 1, region.channels, g)
+    if ("dim", 1) in entries[2:] or count not in (0, ("dim", 1), -1, region.channels) or unsure:
         return "Reshape of a feature map across its channels"
     if isinstance(count, int) and count == region.channels:
         entry = _shape_entry(node, 1, region.channels, g)
@@ -113,6 +116,15 @@ def spatial(node, layout: Layout, region: Region, g: Graph, enter) -> str | None
             return entry
         region.reshapes.append((*entry, 1))
     return enter(node.output[0], Layout("map", len(out)))
+
+
+def resized_whole(node, layout: Layout, g: Graph) -> bool:
+    """Whether a Resize of a feature map takes its batch and channel sizes from its own input's shape
+    at run time (F.interpolate(x, size=(h, w)): sizes x.shape[:2] + (h, w)), so they follow the pruning."""
+    if layout.kind != "map" or len(node.input) < 4 or not node.input[3]:
+        return False
+    entries = _target_entries(node, g, 3)
+    return bool(entries) and entries[:2] == [("dim", 0), ("dim", 1)] and ("dim", 1) not in entries[2:]
 
 
 def _reads_channels(node, region: Region, g: Graph) -> bool:
@@ -132,8 +144,12 @@ def _reads_channels(node, region: Region, g: Graph) -> bool:
 
 
 def _last_in_every_run(name: str, size: int, g: Graph) -> bool:
+    return _in_every_run(name, -1, size, g)
+
+
+def _in_every_run(name: str, axis: int, size: int, g: Graph) -> bool:
     runs = g.run_sizes(name)
-    return bool(runs) and all(run and run[-1] == size for run in runs)
+    return bool(runs) and all(len(run) > axis % max(len(run), 1) and run[axis] == size for run in runs)
 
 
 def _channels_entry(node, entries: list | None, layout: Layout, rank: int, features: int, region: Region,
@@ -503,11 +519,12 @@ def _named(dims: list, names: list | None) -> list:
     return [d if d is not None else n for d, n in zip(dims, names)]
 
 
-def _target_entries(node, g: Graph) -> list | None:
-    """A Reshape's target shape where it is constant: ints; ("dim", i) for the input's own dimension i
-    read at run time (o.reshape(o.shape[0], -1, o.shape[2], 16)); None for other pieces computed at
-    run time (PyTorch's Concat of the batch size read with Shape and constants)."""
-    source = node.input[1]
+def _target_entries(node, g: Graph, shape_input: int = 1) -> list | None:
+    """A Reshape's target shape (or another op's, its input *shape_input*: Resize's sizes) where it is
+    constant: ints; ("dim", i) for the input's own dimension i read at run time (o.reshape(o.shape[0],
+    -1, o.shape[2], 16)); None for other pieces computed at run time (PyTorch's Concat of the batch
+    size read with Shape and constants)."""
+    source = node.input[shape_input]
     if source in g.consts:
         return [int(v) for v in const_array(g.consts[source]).ravel()]
     maker = g.made_by.get(source)

@@ -136,6 +136,10 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
         return f"its output feeds {op}"
     if node.input[0] not in tensors:
         return f"its output is an extra input of {op}"
+    if op == "Resize" and not any(name in tensors for name in node.input[1:]) and \
+            all(not name or name in g.consts for name in node.input[1:3]) and \
+            heads.resized_whole(node, tensors[node.input[0]], g):
+        return enter(node.output[0], tensors[node.input[0]])
     if any(name in tensors or (name and name not in g.consts) for name in node.input[1:]):
         return f"{op} with an input that is not a constant"
     return _through_one_input(node, region, g, enter)
@@ -194,6 +198,9 @@ def _count_for_a_reshape(reader, source: str, g: Graph) -> list[str] | None:
             if user.op_type != "Concat" or list(user.input).count(value) != 1:
                 return None
             shaped = g.readers.get(user.output[0], [])
+            if len(shaped) == 1 and shaped[0].op_type == "Resize" and shaped[0].input[0] == source and \
+                    list(shaped[0].input).index(user.output[0]) == 3:
+                continue  # the sizes of a Resize of source itself: its own batch and channels (heads.resized_whole)
             if not shaped or any(n.op_type != "Reshape" or n.input[1] != user.output[0] for n in shaped):
                 return None
             inputs = {n.input[0] for n in shaped}
@@ -270,7 +277,8 @@ def _other_axes(node, layout: Layout, g: Graph, enter) -> str | None:
         axes = [int(a) % rank for a in const_array(g.consts[node.input[3]]).ravel()]
     elif node.op_type == "Slice":
         starts = node.input[1]
-        count = len(const_array(g.consts[starts]).ravel()) if starts in g.consts else (g.shapes.get(starts) or [None])[0]
+        count = len(const_array(g.consts[starts]).ravel()) if starts in g.consts else \
+            (g.shapes.get(starts) or [None])[0]
         if count is None:
             return "Slice of axes it cannot tell"
         axes = list(range(count))
@@ -361,6 +369,9 @@ def _through_concat(node, region: Region, g: Graph, enter) -> str | None:
             width += tensors[name].width or region.channels
         else:
             shape = g.shapes.get(name)
+            if shape and len(shape) == rank and not shape[axis]:  # inference lost it: made-up runs may tell
+                seen = {run[axis] for run in g.run_sizes(name) if len(run) == rank}
+                shape = [*shape[:axis], seen.pop(), *shape[axis + 1:]] if len(seen) == 1 else None
             if not shape or len(shape) != rank or not shape[axis]:
                 return "Concat with an input of unknown width"
             width += shape[axis]
