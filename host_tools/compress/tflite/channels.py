@@ -397,8 +397,18 @@ def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
         return _binary(g, region, k, position, t, axis, positions)
     if kind == "CONCATENATION":
         if op.builtinOptions.axis % rank != axis:
-            # joined along another axis (rotary embedding's halves): every part must carry the same channels
-            region.meets.extend((int(i), axis, positions, g.label(k)) for i in op.inputs if int(i) != t)
+            # joined along another axis (rotary embedding's halves): every part must carry the same
+            # channels; a constant part (ViT's class token before the patches) loses them with the layer
+            for j, i in enumerate(int(i) for i in op.inputs):
+                if i == t:
+                    continue
+                value = g.const(i)
+                if value is None:
+                    region.meets.append((i, axis, positions, g.label(k)))
+                elif value.ndim != rank or value.shape[axis] != g.shape(t)[axis]:
+                    return f"{g.label(k)} joins a constant of other channels"
+                else:
+                    region.edits.append((k, j, axis, positions))
             return [(outputs[0], axis, positions)]
         offset = sum(g.shape(int(i))[axis] for i in op.inputs[:position])
         return [(outputs[0], axis, positions + offset)]
