@@ -87,6 +87,9 @@ STREAM = ("FULLY_CONNECTED #3", "FULLY_CONNECTED #37", "FULLY_CONNECTED #53", "F
     # ViT's embeddings: the patch convolution's stream, through the class token (a constant joined
     # along the tokens, which loses the same channels) and the position table, and a residual MLP
     (FIXTURES / "patch_tokens.tflite", 3, ()),
+    # a coarse scale resized (bilinear) to the fine one's size and joined with it: each convolution
+    # at its offset in the joined tensor, through the RESIZE_BILINEAR
+    (FIXTURES / "two_scales.tflite", 3, ()),
 ], ids=lambda v: getattr(v, "stem", None) or (str(v) if isinstance(v, int) else "stream-left" if v else "all"))
 def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_path, path, layers, exclude):
     """Half of each group's channels are exact zeros wherever pruning cuts: removing exactly those
