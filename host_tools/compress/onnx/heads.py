@@ -24,8 +24,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from host_tools.compress.onnx.layout import (BINARY_OPS, UNARY_OPS, Graph, Layout, Param, Region, attr, const_array,
-                                             ints, is_scalar)
+from host_tools.compress.onnx.layout import (BINARY_OPS, UNARY_OPS, Graph, Layout, Param, Region, attr, axes_of,
+                                             const_array, ints, is_scalar)
 from host_tools.compress.onnx.static_shapes import slice_bounds
 
 
@@ -299,10 +299,7 @@ def _through_matmul(node, region: Region, g: Graph, enter) -> str | None:
 def _through_fewer_axes(node, layout: Layout, g: Graph, enter) -> str | None:
     """Squeeze of other axes; Gather on another axis (a fused QKV's sections taken one by one)."""
     if node.op_type == "Squeeze":
-        axes_input = node.input[1] if len(node.input) > 1 else ""
-        axes = [int(a) for a in const_array(g.consts[axes_input]).ravel()] if axes_input in g.consts else \
-            ints(node, "axes")
-        axes = [a % layout.rank for a in axes]
+        axes = [a % layout.rank for a in axes_of(node, g.consts)]
         if not axes or layout.at in axes:
             return "Squeeze it cannot follow" if not axes else "Squeeze of its heads"
         return enter(node.output[0], replace(layout, rank=layout.rank - len(axes),
@@ -334,9 +331,7 @@ def repeat_of(tensor: str, layout: Layout, g: Graph) -> Repeat | None:
     for node in g.readers.get(tensor, []):
         if node.op_type != "Unsqueeze" or node.input[0] != tensor:
             continue
-        axes = node.input[1] if len(node.input) > 1 else ""
-        axes = [int(a) for a in const_array(g.consts[axes]).ravel()] if axes in g.consts else ints(node, "axes")
-        if [a % (rank + 1) for a in axes] != [at + 1]:
+        if [a % (rank + 1) for a in axes_of(node, g.consts)] != [at + 1]:
             continue
         expand = _only_reader(node.output[0], "Expand", g)
         reshape = expand and _only_reader(expand.output[0], "Reshape", g)
@@ -416,8 +411,7 @@ def _count_read(concat, position: int, tensor: str, g: Graph) -> int | None:
 
 def _through_unsqueeze(node, layout: Layout, g: Graph, enter) -> str | None:
     """New axes of size 1, before or after the heads (T5's position bias made [1, heads, q, k])."""
-    axes_input = node.input[1] if len(node.input) > 1 else ""
-    axes = [int(a) for a in const_array(g.consts[axes_input]).ravel()] if axes_input in g.consts else ints(node, "axes")
+    axes = axes_of(node, g.consts)
     if not axes:
         return "Unsqueeze it cannot follow"
     rank = layout.rank + len(axes)

@@ -119,3 +119,10 @@ def attr(node, name: str, default):
 
 def ints(node, name: str) -> list[int]:
     return list(next((a.ints for a in node.attribute if a.name == name), []))
+
+
+def axes_of(node, consts) -> list[int]:
+    """The axes of a Squeeze, Unsqueeze or reduction: its second input where that is a constant
+    (opset 13 and later), else its ``axes`` attribute (empty: none given)."""
+    given = node.input[1] if len(node.input) > 1 else ""
+    return [int(a) for a in const_array(consts[given]).ravel()] if given in consts else ints(node, "axes")

@@ -23,7 +23,7 @@ import numpy as np
 
 from host_tools.compress.onnx import heads
 from host_tools.compress.onnx.layout import (BINARY_OPS, POOL_OPS, REDUCE_OPS, UNARY_OPS, WEIGHTED_OPS, Graph, Layout,
-                                             Param, Reader, Region, attr, const_array, ints, is_scalar)
+                                             Param, Reader, Region, attr, axes_of, const_array, ints, is_scalar)
 from host_tools.compress.onnx.static_shapes import slice_bounds
 
 
@@ -451,10 +451,7 @@ def _through_reduce(node, layout: Layout, g: Graph, enter) -> str | None:
     """A mean (or max, sum…) over the spatial axes only, as squeeze-and-excitation blocks take it;
     or over a vector's leading axes (a transformer's mean over its tokens)."""
     rank = layout.rank or 0
-    if len(node.input) > 1 and node.input[1]:
-        axes = [int(a) for a in np.asarray(const_array(g.consts[node.input[1]])).ravel()]
-    else:
-        axes = ints(node, "axes")
+    axes = axes_of(node, g.consts)
     axes = sorted(a % rank for a in axes) if rank else axes
     channel_axis = 1 if layout.kind == "map" else rank - 1
     if axes == [channel_axis] and node.op_type == "ReduceMean" and attr(node, "keepdims", 1) and \
