@@ -131,16 +131,13 @@ def _reads_channels(node, region: Region, g: Graph) -> bool:
     """Whether a Reshape's target ends with the channel count of a tensor of *region*, read at run
     time: Unsqueeze(Gather(Shape(t), i)), i its channel axis, as the target's last piece."""
     maker = g.made_by.get(node.input[1])
-    piece = g.made_by.get(maker.input[-1]) if maker is not None and maker.op_type == "Concat" else None
-    read = g.made_by.get(piece.input[0]) if piece is not None and piece.op_type == "Unsqueeze" else None
-    shape = g.made_by.get(read.input[0]) if read is not None and read.op_type == "Gather" else None
-    if shape is None or shape.op_type != "Shape" or shape.attribute or read.input[1] not in g.consts:
+    read = _size_read(maker.input[-1], g) if maker is not None and maker.op_type == "Concat" else None
+    if read is None or read[2] is not None:  # (the count itself, not a multiple)
         return False
-    layout = region.tensors.get(shape.input[0])
+    layout = region.tensors.get(read[0])
     if layout is None or layout.kind not in ("vec", "map") or layout.rank is None:
         return False
-    index = [int(i) % layout.rank for i in const_array(g.consts[read.input[1]]).ravel()]
-    return index == [layout.rank - 1 if layout.kind == "vec" else 1]
+    return [i % layout.rank for i in read[1]] == [layout.rank - 1 if layout.kind == "vec" else 1]
 
 
 def _last_in_every_run(name: str, size: int, g: Graph) -> bool:
@@ -391,7 +388,17 @@ def _count_read(concat, position: int, tensor: str, g: Graph) -> int | None:
     if position >= len(concat.input) or \
             any((list(g.consts[p].dims) if p in g.consts else g.shapes.get(p)) != [1] for p in concat.input):
         return None
-    node, times = g.made_by.get(concat.input[position]), 1
+    read = _size_read(concat.input[position], g)
+    if read is None or read[0] != tensor or read[1] != [position]:
+        return None
+    return 1 if read[2] is None else read[2]
+
+
+def _size_read(piece: str, g: Graph) -> tuple[str, list[int], int | None] | None:
+    """(t, [i], m) where a shape target's *piece* is Unsqueeze(Gather(Shape(t), i)), the size t has on
+    axis i read at run time (m None), or that times a scalar constant m (Unsqueeze(Mul(…, m))); else
+    None."""
+    node, times = g.made_by.get(piece), None
     if node is None or node.op_type != "Unsqueeze":
         return None
     node = g.made_by.get(node.input[0])
@@ -404,9 +411,9 @@ def _count_read(concat, position: int, tensor: str, g: Graph) -> int | None:
     if node is None or node.op_type != "Gather" or node.input[1] not in g.consts:
         return None
     shape = g.made_by.get(node.input[0])
-    if shape is None or shape.op_type != "Shape" or shape.input[0] != tensor or shape.attribute:
+    if shape is None or shape.op_type != "Shape" or shape.attribute:
         return None
-    return times if [int(i) for i in const_array(g.consts[node.input[1]]).ravel()] == [position] else None
+    return shape.input[0], [int(i) for i in const_array(g.consts[node.input[1]]).ravel()], times
 
 
 def _through_unsqueeze(node, layout: Layout, g: Graph, enter) -> str | None:
