@@ -865,14 +865,24 @@ def _silenced(proto, plan, path):
     of each group made exact zeros wherever pruning cuts: what pruning removes, and nothing else."""
     inits = {i.name: i for i in proto.graph.initializer}
     arrays = {name: numpy_helper.to_array(init).copy() for name, init in inits.items()}
+    # a grouped Conv's weight [out, in / groups, ...]: input channel c is column c % (in / groups)
+    # of its group's rows (a depthwise one is only ever cut along its outputs)
+    grouped = {n.input[1]: helper.get_attribute_value(a) for n in proto.graph.node if n.op_type == "Conv"
+               for a in n.attribute if a.name == "group" and a.i > 1}
     for group in plan.groups:
         silent = [c for c in range(group.channels) if c % 4 in (1, 2)]
         cuts = [(p.weight, p.axis, p.offsets, p.block) for p in group.producers] + \
             [(name, q.axis, q.offsets, q.block) for name, q in group.params] + \
             [(r.weight, r.axis, r.offsets, r.block) for r in group.readers]
         for name, axis, offsets, block in cuts:
+            units = [(o + c) * block + b for o in offsets for c in silent for b in range(block)]
+            if name in grouped and axis == 1:
+                rows, per_group = arrays[name].shape[0] // grouped[name], arrays[name].shape[1]
+                for c in units:
+                    arrays[name][c // per_group * rows:(c // per_group + 1) * rows, c % per_group] = 0
+                continue
             index = [slice(None)] * arrays[name].ndim
-            index[axis] = [(o + c) * block + b for o in offsets for c in silent for b in range(block)]
+            index[axis] = units
             arrays[name][tuple(index)] = 0
     for name, value in arrays.items():
         inits[name].CopyFrom(numpy_helper.from_array(value, name))
@@ -1419,3 +1429,126 @@ def test_a_decoder_that_resizes_and_joins_projected_scales_is_pruned(tmp_path):
     silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
     x = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
     np.testing.assert_allclose(_run(pruned, x), _run(silenced, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+def test_a_resnext_block_loses_as_many_channels_in_each_group_of_its_grouped_conv(tmp_path):
+    """ResNeXt's bottleneck: 1x1, a 3x3 in 4 groups, 1x1, on a residual stream. The grouped
+    convolution's input and output channels are each pruned, as many in each of its groups, so
+    that it stays a convolution in 4 groups of equal size; the silent ones removed leave the outputs
+    as they were."""
+    torch = pytest.importorskip("torch")
+    from host_tools.compress.onnx.prune import prepared_plan
+    nn = torch.nn
+
+    class Bottleneck(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 1)
+            self.b, self.c = nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.Conv2d(32, 16, 1)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            h = torch.relu(h + self.c(torch.relu(self.b(torch.relu(self.a(h))))))
+            return self.head(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    path = tmp_path / "resnext.onnx"
+    torch.onnx.export(Bottleneck().eval(), (torch.randn(2, 3, 8, 8),), str(path), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    proto = onnx.load(str(path))
+    plan = prepared_plan(proto)
+    assert sorted((sorted(p.node for p in g.producers), g.segments) for g in plan.groups) == \
+        [(["/a/Conv"], 4), (["/b/Conv"], 4), (["/c/Conv", "/stem/Conv"], 1)]
+    silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
+    pruned_model = onnx.load(str(pruned))
+    shapes = {i.name: list(i.dims) for i in pruned_model.graph.initializer}
+    assert shapes["b.weight"] == [16, 4, 3, 3] and shapes["a.weight"] == [16, 8, 1, 1]
+    assert [helper.get_attribute_value(a) for n in pruned_model.graph.node if n.name == "/b/Conv"
+            for a in n.attribute if a.name == "group"] == [4]
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(pruned, x), _run(silenced, x), rtol=1e-5, atol=1e-5)
+    # its own weights, where the least important half overall is not half of each group, prune too
+    report = run_recipe(ModelFile.open(path), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "own")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    assert _run(report.result.model.path, x).shape == (3, 3)
+
+
+def test_each_group_keeps_its_most_important_channels_as_many_as_the_others():
+    """The least important channels of a run go, not the least important overall: a group whose
+    channels all weigh less than another's still keeps half of them."""
+    from host_tools.compress.onnx.channels import _least_important
+
+    score = np.array([1.0, 2, 3, 4, 10, 20, 30, 40])
+    assert list(_least_important(score, 0.5)) == [0, 1, 2, 3]
+    assert list(_least_important(score, 0.5, segments=2)) == [0, 1, 4, 5]
+    assert list(_least_important(score, 0.75, segments=4)) == [0, 2, 4, 6]
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+def test_a_grouped_positional_convolution_is_pruned_with_the_stream_it_adds_to(tmp_path):
+    """wav2vec2's positional embedding: the tokens, as [N, C, T], through a convolution in 4
+    groups with an even kernel (its last frame dropped), GELU, added back to the stream. The
+    convolution reads and writes the stream's channels: it is pruned with the stream, as many
+    channels from each group, and the silent ones removed leave the outputs as they were."""
+    torch = pytest.importorskip("torch")
+    from host_tools.compress.onnx.prune import prepared_plan
+    nn = torch.nn
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.pos = nn.Linear(6, 32), nn.Conv1d(32, 32, 4, padding=2, groups=4)
+            self.up, self.down, self.head = nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 3)
+
+        def forward(self, x):
+            h = self.proj(x)
+            h = h + nn.functional.gelu(self.pos(h.transpose(1, 2))[:, :, :-1]).transpose(1, 2)
+            return self.head((h + self.down(nn.functional.gelu(self.up(h)))).mean(1))
+
+    torch.manual_seed(0)
+    path = tmp_path / "positional.onnx"
+    torch.onnx.export(Encoder().eval(), (torch.randn(2, 10, 6),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n", 1: "t"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    proto = onnx.load(str(path))
+    plan = prepared_plan(proto)
+    stream = next(g for g in plan.groups if any(p.node == "/pos/Conv" for p in g.producers))
+    assert sorted(p.node for p in stream.producers) == ["/down/MatMul", "/pos/Conv", "/proj/MatMul"]
+    assert stream.segments == 4 and [r.node for r in stream.readers if r.node == "/pos/Conv"] == ["/pos/Conv"]
+    silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
+    shapes = {i.name: list(i.dims) for i in onnx.load(str(pruned)).graph.initializer}
+    assert shapes["pos.weight"] == [16, 4, 4]
+    x = np.random.default_rng(0).standard_normal((3, 13, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(pruned, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reads, why", [
+    ("concat", "consumed by a grouped Conv that reads more than its channels"),
+    ("one per group", "consumed by a grouped Conv with one channel per group"),
+])
+def test_a_grouped_conv_it_cannot_cut_evenly_keeps_the_channels_it_reads(tmp_path, reads, why):
+    """A grouped Conv reading two layers joined by a Concat (its groups do not line up with either
+    layer's channels), or reading one channel per group (none could go without emptying a group):
+    the layers it reads stay whole, with the reason."""
+    rng = np.random.default_rng(0)
+    inits = {"wa": rng.standard_normal((8, 3, 3, 3)), "wb": rng.standard_normal((8, 3, 3, 3)),
+             "wd": rng.standard_normal((4, 16, 1, 1))}
+    if reads == "concat":
+        inits["wg"] = rng.standard_normal((16, 4, 3, 3))
+        joined = [helper.make_node("Concat", ["a", "b"], ["ab"], axis=1),
+                  helper.make_node("Conv", ["ab", "wg"], ["g"], name="g", group=4, pads=[1, 1, 1, 1])]
+    else:
+        inits["wg"] = rng.standard_normal((16, 1, 3, 3))
+        joined = [helper.make_node("Add", ["a", "b"], ["ab"]),
+                  helper.make_node("Conv", ["ab", "wg"], ["g"], name="g", group=8, pads=[1, 1, 1, 1])]
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], name="a", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "wb"], ["b"], name="b", pads=[1, 1, 1, 1]), *joined,
+             helper.make_node("Relu", ["g"], ["r"]), helper.make_node("Conv", ["r", "wd"], ["y"], name="d")]
+    model = _model(nodes, inits, [1, 3, 6, 6], [1, 4, 6, 6], tmp_path / "m.onnx")
+    plan = plan_channel_pruning(onnx.load(str(model.path)), set())
+    assert plan.skipped["a"] == why or plan.skipped["a"].endswith(f"({why})"), plan.skipped["a"]
+    assert [sorted(p.node for p in g.producers) for g in plan.groups] == [["g"]]  # its own output: 16 in 4 or 8

@@ -21,6 +21,7 @@ and merge the heads.
 from __future__ import annotations
 
 import functools
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from host_tools.compress.onnx.boundary import consumers
 from host_tools.compress.onnx import static_shapes
-from host_tools.compress.onnx.layout import BINARY_OPS, Graph, Param, Reader, Region
+from host_tools.compress.onnx.layout import BINARY_OPS, Graph, Param, Reader, Region, attr
 from host_tools.compress.onnx.regions import output_axis, walk_region, weight_of
 from host_tools.compress.structured import UnionFind
 
@@ -54,6 +55,7 @@ class Group:
     depthwise: set[str] = field(default_factory=set)
     # (shape constant, entry, per unit[, where a window of the layer starts in the tensor reshaped])
     reshapes: list[tuple] = field(default_factory=list)
+    segments: int = 1  # equal runs of the channels that each lose as many (a grouped Conv's groups)
 
 
 @dataclass
@@ -109,7 +111,8 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
         if why:
             skipped.update((labels[i], regions[i].why or why) for i in indices)
             continue
-        group = Group([producers[i] for i in indices], regions[indices[0]].channels)
+        group = Group([producers[i] for i in indices], regions[indices[0]].channels,
+                      segments=math.lcm(*(regions[i].segments for i in indices)))
         for i in indices:
             group.params += [p for p in regions[i].params.items() if p not in group.params]
             group.depthwise |= regions[i].depthwise
@@ -248,6 +251,11 @@ def _why_not(indices: list[int], labels: list[str], regions: list[Region]) -> st
         return "tied to layers of other widths"
     if regions[indices[0]].channels < 2:
         return "a single channel"
+    segments = math.lcm(*(regions[i].segments for i in indices))
+    if segments > 1 and any(regions[i].out_block != 1 or regions[i].coarse != 1 for i in indices):
+        return "a grouped Conv's channels split into attention heads"
+    if segments > 1 and regions[indices[0]].channels % segments or regions[indices[0]].channels < 2 * segments:
+        return f"a grouped Conv's {segments} groups leave fewer than two channels each"
     return None
 
 
@@ -261,14 +269,19 @@ def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
 
     inits = {i.name: i for i in proto.graph.initializer}
     removed: dict[tuple[str, int], set[int]] = {}
+    depthwise = set().union(*(g.depthwise for g in plan.groups))
+    grouped = {node.input[1]: attr(node, "group", 1) for node in proto.graph.node
+               if node.op_type == "Conv" and attr(node, "group", 1) > 1 and node.name not in depthwise}
 
     def scored(p: Producer) -> np.ndarray:
         """A producer's weight without the inputs that earlier groups (upstream, in graph order) removed
-        (its outputs stay where they are: another window of the same layer may have lost some)."""
+        (its outputs stay where they are: another window of the same layer may have lost some; a
+        grouped Conv's removed inputs are zeros, which add nothing to a norm)."""
         array = numpy_helper.to_array(inits[p.weight])
         for (target, axis), gone in removed.items():
             if target == p.weight and axis != p.axis:
-                array = np.delete(array, sorted(gone), axis=axis)
+                array = _zero_grouped_inputs(array, grouped[target], gone) if target in grouped else \
+                    np.delete(array, sorted(gone), axis=axis)
         return array
 
     def drop(name: str, axis: int, gone, offsets=(0,), block: int = 1) -> None:
@@ -282,8 +295,7 @@ def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
             moved = np.moveaxis(scored(p), p.axis, 0)[units].reshape(group.channels, -1)
             norm = np.abs(moved).sum(axis=1) if criterion == "l1" else np.sqrt((moved ** 2).sum(axis=1))
             score += norm / (norm.mean() or 1.0)
-        keep_count = max(1, int(round(group.channels * (1 - ratio))))
-        gone = np.setdiff1d(np.arange(group.channels), np.argsort(-score, kind="stable")[:keep_count])
+        gone = _least_important(score, ratio, group.segments)
         for p in group.producers:
             drop(p.weight, p.axis, gone, p.offsets, p.block)
         for name, param in group.params:
@@ -295,14 +307,44 @@ def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
             shape.reshape(-1)[entry] -= len(gone) * per_unit
             inits[name].CopyFrom(numpy_helper.from_array(shape, name))
     arrays: dict[str, np.ndarray] = {}
-    for (name, axis), gone in removed.items():
+    # axis 0 first: a grouped Conv's inputs are cut per group, once its rows (each group's outputs) are
+    for (name, axis), gone in sorted(removed.items(), key=lambda item: item[0][1] != 0):
         array = arrays.get(name, numpy_helper.to_array(inits[name]))
-        arrays[name] = np.delete(array, sorted(gone), axis=axis)
+        arrays[name] = _cut_grouped_inputs(array, grouped[name], gone) if name in grouped and axis == 1 else \
+            np.delete(array, sorted(gone), axis=axis)
     for name, value in arrays.items():
         inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
-    depthwise = set().union(*(g.depthwise for g in plan.groups))
     for node in proto.graph.node:
         if node.name in depthwise:
             next(a for a in node.attribute if a.name == "group").i = int(arrays[node.input[1]].shape[0])
     # Shapes recorded for intermediate tensors are stale now; runtimes infer them again.
     del proto.graph.value_info[:]
+
+
+def _least_important(score: np.ndarray, ratio: float, segments: int = 1) -> np.ndarray:
+    """The units to remove: *ratio* of them, the lowest scores; with *segments*, as many from each
+    equal run of the units (the groups of a grouped Conv that reads or writes them)."""
+    runs = score.reshape(segments, -1)
+    keep_count = max(1, int(round(runs.shape[1] * (1 - ratio))))
+    return np.concatenate([np.setdiff1d(np.arange(runs.shape[1]), np.argsort(-run, kind="stable")[:keep_count])
+                           + s * runs.shape[1] for s, run in enumerate(runs)])
+
+
+def _zero_grouped_inputs(weight: np.ndarray, groups: int, gone) -> np.ndarray:
+    """A grouped Conv's weight [out, in / groups, ...] with its input channels *gone* (numbered across
+    all groups) made zeros in the rows of the group that reads them."""
+    weight = weight.copy()
+    rows, per_group = weight.shape[0] // groups, weight.shape[1]
+    for c in gone:
+        weight[c // per_group * rows:(c // per_group + 1) * rows, c % per_group] = 0
+    return weight
+
+
+def _cut_grouped_inputs(weight: np.ndarray, groups: int, gone) -> np.ndarray:
+    """A grouped Conv's weight without its input channels *gone* (numbered across all groups, as
+    many from each): each group's rows keep the columns of its own channels that stay."""
+    rows, per_group = weight.shape[0] // groups, weight.shape[1]
+    keep = [[j for j in range(per_group) if k * per_group + j not in gone] for k in range(groups)]
+    if len({len(columns) for columns in keep}) != 1:
+        raise ValueError("a grouped Conv's groups would lose different numbers of input channels")
+    return np.concatenate([weight[k * rows:(k + 1) * rows][:, columns] for k, columns in enumerate(keep)])

@@ -91,6 +91,9 @@ class Region:
     # heads taken this many at a time as one unit: a query layer under grouped-query attention,
     # which can only lose the query heads of a K/V head together
     coarse: int = 1
+    # the channels fall into this many equal runs that must each lose as many: a grouped Conv's
+    # groups, which it reads or writes (each group's weight stays a block of the same size)
+    segments: int = 1
     why: str | None = None  # why its channels must stay, if they must
 
     def cut(self, name: str, param: Param) -> bool:

@@ -17,6 +17,8 @@ hands the walk to ``heads``. Anything else stops the walk with the reason.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import replace
 
 import numpy as np
@@ -40,13 +42,19 @@ def output_axis(node, consts) -> int | None:
     dims = list(consts[weight_of(node)].dims)
     if node.op_type == "Gather":
         return 1 if len(dims) == 2 and attr(node, "axis", 0) == 0 else None
-    if node.op_type == "Conv" and len(dims) >= 3 and attr(node, "group", 1) == 1:
-        return 0
+    if node.op_type == "Conv" and len(dims) >= 3 and not _is_depthwise_weight(node, dims):
+        return 0 if dims[0] % attr(node, "group", 1) == 0 else None
     if node.op_type == "Gemm" and len(dims) == 2 and attr(node, "transA", 0) == 0:
         return 0 if attr(node, "transB", 0) else 1
     if node.op_type == "MatMul" and len(dims) == 2:
         return 1
     return None
+
+
+def _is_depthwise_weight(node, dims: list[int]) -> bool:
+    """A convolution of each channel on its own: walked through as part of the region it reads,
+    never a layer of its own."""
+    return attr(node, "group", 1) == dims[0] > 1 and dims[1] == 1
 
 
 def walk_region(index: int, channels: int, g: Graph, window: tuple[int, int] | None = None,
@@ -57,6 +65,11 @@ def walk_region(index: int, channels: int, g: Graph, window: tuple[int, int] | N
     node = g.nodes[index]
     offsets = (window[0],) if window else (0,)
     region = Region(window[1] if window else channels, out_offsets=offsets, coarse=coarse)
+    if node.op_type == "Conv" and attr(node, "group", 1) > 1:
+        region.segments = attr(node, "group", 1)
+        if window:
+            region.why = "a Split of a grouped Conv's channels"
+            return region
     bias = node.input[2] if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 else ""
     if bias and bias not in g.consts:
         region.why = "its bias is not a constant"
@@ -510,8 +523,26 @@ def _reader(node, region: Region, g: Graph) -> str | None:
         return f"{op} applied to a feature map"
     if op == "Gemm" and layout.rank != 2:
         return "Gemm of a tensor that is not 2-D"
+    if op == "Conv" and attr(node, "group", 1) > 1:
+        why = _grouped_read(node, layout, region, g)
+        if why:
+            return why
     region.readers[node.name] = Reader(node.name, node.input[1], 1 if op == "Conv" else 1 - axis, layout.block,
                                        layout.offsets)
+    return None
+
+
+def _grouped_read(node, layout: Layout, region: Region, g: Graph) -> str | None:
+    """A grouped Conv (ResNeXt's 3x3s, wav2vec2's positional convolution) reading the region's
+    channels as they are: each of its groups reads its own equal run of them, so each run must
+    lose as many channels (``Region.segments``) for every group to keep a block of one size."""
+    groups, per_group = attr(node, "group", 1), int(g.consts[node.input[1]].dims[1])
+    if layout.offsets != (0,) or layout.block != 1 or layout.width not in (None, region.channels) or \
+            per_group * groups != region.channels:
+        return "consumed by a grouped Conv that reads more than its channels"
+    if per_group < 2:
+        return "consumed by a grouped Conv with one channel per group"
+    region.segments = math.lcm(region.segments, groups)
     return None
 
 
