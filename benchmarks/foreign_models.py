@@ -72,6 +72,9 @@ def architectures(T) -> dict[str, tuple]:
                                                                         depths=[1, 1], num_labels=5), "image"),
         "resnet": (T.ResNetForImageClassification, T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32],
                                                                   depths=[1, 1], num_labels=5), "image"),
+        "regnet": (T.RegNetForImageClassification, T.RegNetConfig(embedding_size=16, hidden_sizes=[32, 64],
+                                                                  depths=[1, 2], groups_width=8, num_labels=5),
+                   "image"),  # grouped 3x3 convolutions, as ResNeXt's
         "segformer": (T.SegformerForSemanticSegmentation, T.SegformerConfig(
             hidden_sizes=[16, 32], depths=[1, 1], num_encoder_blocks=2, sr_ratios=[2, 1], num_attention_heads=[1, 2],
             decoder_hidden_size=32, num_labels=4, strides=[4, 2], patch_sizes=[7, 3]), "image"),

@@ -1,11 +1,14 @@
 """Structured pruning's part that is the same for every format: the config, the checks before a
-pass prunes anything, and the union-find that ties layers whose channels meet."""
+pass prunes anything, the union-find that ties layers whose channels meet, which units go, and
+cutting a grouped convolution's inputs group by group."""
 
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal
+
+import numpy as np
 
 from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset
@@ -60,3 +63,24 @@ class UnionFind:
         for i in range(len(self.parent)):
             found.setdefault(self.root(i), []).append(i)
         return list(found.values())
+
+
+def least_important(score: np.ndarray, ratio: float, segments: int = 1) -> np.ndarray:
+    """The units to remove: *ratio* of them, the lowest scores; with *segments*, as many from each
+    equal run of the units (the groups of a grouped convolution that reads or writes them)."""
+    runs = score.reshape(segments, -1)
+    keep_count = max(1, int(round(runs.shape[1] * (1 - ratio))))
+    return np.concatenate([np.setdiff1d(np.arange(runs.shape[1]), np.argsort(-run, kind="stable")[:keep_count])
+                           + s * runs.shape[1] for s, run in enumerate(runs)])
+
+
+def cut_grouped_inputs(weight: np.ndarray, groups: int, gone, axis: int) -> np.ndarray:
+    """A grouped convolution's weight (output channels on axis 0, each group's own input channels on
+    *axis*) without its input channels *gone*, numbered across all groups, as many from each: each
+    group's rows keep the columns of its own channels that stay."""
+    rows, per_group = weight.shape[0] // groups, weight.shape[axis]
+    keep = [[j for j in range(per_group) if k * per_group + j not in gone] for k in range(groups)]
+    if len({len(columns) for columns in keep}) != 1:
+        raise ValueError("a grouped convolution's groups would lose different numbers of input channels")
+    return np.concatenate([np.take(weight[k * rows:(k + 1) * rows], columns, axis=axis)
+                           for k, columns in enumerate(keep)])

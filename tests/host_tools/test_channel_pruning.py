@@ -1480,12 +1480,12 @@ def test_a_resnext_block_loses_as_many_channels_in_each_group_of_its_grouped_con
 def test_each_group_keeps_its_most_important_channels_as_many_as_the_others():
     """The least important channels of a run go, not the least important overall: a group whose
     channels all weigh less than another's still keeps half of them."""
-    from host_tools.compress.onnx.channels import _least_important
+    from host_tools.compress.structured import least_important
 
     score = np.array([1.0, 2, 3, 4, 10, 20, 30, 40])
-    assert list(_least_important(score, 0.5)) == [0, 1, 2, 3]
-    assert list(_least_important(score, 0.5, segments=2)) == [0, 1, 4, 5]
-    assert list(_least_important(score, 0.75, segments=4)) == [0, 2, 4, 6]
+    assert list(least_important(score, 0.5)) == [0, 1, 2, 3]
+    assert list(least_important(score, 0.5, segments=2)) == [0, 1, 4, 5]
+    assert list(least_important(score, 0.75, segments=4)) == [0, 2, 4, 6]
 
 
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")

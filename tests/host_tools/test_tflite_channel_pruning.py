@@ -33,7 +33,14 @@ def _silenced(path, out, exclude=()):
             values = g.const(t).copy()
             index = [slice(None)] * values.ndim
             index[axis] = positions[silent].ravel()
-            values[tuple(index)] = 0
+            if g.kinds[k] == "CONV_2D" and axis == 3 and values.shape[3] != g.shape(g.input(k, 0))[-1]:
+                # a grouped convolution's filter [out, h, w, in / groups]: input channel c is column
+                # c % (in / groups) of its group's rows
+                rows, per_group = values.shape[0] // (g.shape(g.input(k, 0))[-1] // values.shape[3]), values.shape[3]
+                for c in positions[silent].ravel():
+                    values[c // per_group * rows:(c // per_group + 1) * rows, ..., c % per_group] = 0
+            else:
+                values[tuple(index)] = 0
             tree.buffers[g.tensor(t).buffer].data = np.frombuffer(values.tobytes(), np.uint8).copy()
     flatbuffer.write(tree, outside, out)
     return ModelFile(out, "tflite"), plan
@@ -90,6 +97,9 @@ STREAM = ("FULLY_CONNECTED #3", "FULLY_CONNECTED #37", "FULLY_CONNECTED #53", "F
     # a coarse scale resized (bilinear) to the fine one's size and joined with it: each convolution
     # at its offset in the joined tensor, through the RESIZE_BILINEAR
     (FIXTURES / "two_scales.tflite", 3, ()),
+    # ResNeXt's bottlenecks: each grouped 3x3 convolution loses as many input and output channels in
+    # each of its groups, one of them strided, and the stream through the projection shortcut
+    (FIXTURES / "grouped_blocks.tflite", 8, ()),
 ], ids=lambda v: getattr(v, "stem", None) or (str(v) if isinstance(v, int) else "stream-left" if v else "all"))
 def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_path, path, layers, exclude):
     """Half of each group's channels are exact zeros wherever pruning cuts: removing exactly those
@@ -160,6 +170,20 @@ def test_what_it_cannot_prune_safely_is_left_whole_and_named():
     # are concatenated with the other direction's
     assert skipped["FULLY_CONNECTED #45"] == \
         "its output meets another branch at CONCATENATION #390 (a residual connection or a gate)"
+
+
+def test_a_grouped_convolution_keeps_groups_of_one_size_whatever_its_weights_ask(tmp_path):
+    """Pruned with its own weights, where the least important half overall is not half of each group,
+    each grouped 3x3 convolution still loses as many channels in each of its 4 groups: its filter
+    reads 4 of each group's 8 channels, and the model runs."""
+    model = ModelFile.open(FIXTURES / "grouped_blocks.tflite")
+    report = run_recipe(model, steps([("tflite-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
+    assert report.steps[0].status == "ok", report.steps[0].note
+    g = Graph(flatbuffer.read(report.result.model.path)[0])
+    grouped = [(g.shape(g.input(k, 0))[-1], g.shape(g.input(k, 1))) for k, kind in enumerate(g.kinds)
+               if kind == "CONV_2D" and g.shape(g.input(k, 1))[1] == 3 and g.shape(g.input(k, 0))[-1] != 3]
+    assert grouped == [(16, [16, 3, 3, 4])] * 2
+    assert all(np.isfinite(v).all() for out in _outputs(report.result.model) for v in out.values())
 
 
 def test_a_quantized_model_is_refused_in_one_line(tmp_path):

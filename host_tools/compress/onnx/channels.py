@@ -31,6 +31,7 @@ from host_tools.compress.onnx.boundary import consumers
 from host_tools.compress.onnx import static_shapes
 from host_tools.compress.onnx.layout import BINARY_OPS, Graph, Param, Reader, Region, attr
 from host_tools.compress.onnx.regions import output_axis, walk_region, weight_of
+from host_tools.compress import structured
 from host_tools.compress.structured import UnionFind
 
 
@@ -295,7 +296,7 @@ def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
             moved = np.moveaxis(scored(p), p.axis, 0)[units].reshape(group.channels, -1)
             norm = np.abs(moved).sum(axis=1) if criterion == "l1" else np.sqrt((moved ** 2).sum(axis=1))
             score += norm / (norm.mean() or 1.0)
-        gone = _least_important(score, ratio, group.segments)
+        gone = structured.least_important(score, ratio, group.segments)
         for p in group.producers:
             drop(p.weight, p.axis, gone, p.offsets, p.block)
         for name, param in group.params:
@@ -310,7 +311,7 @@ def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
     # axis 0 first: a grouped Conv's inputs are cut per group, once its rows (each group's outputs) are
     for (name, axis), gone in sorted(removed.items(), key=lambda item: item[0][1] != 0):
         array = arrays.get(name, numpy_helper.to_array(inits[name]))
-        arrays[name] = _cut_grouped_inputs(array, grouped[name], gone) if name in grouped and axis == 1 else \
+        arrays[name] = structured.cut_grouped_inputs(array, grouped[name], gone, axis=1) if name in grouped and axis == 1 else \
             np.delete(array, sorted(gone), axis=axis)
     for name, value in arrays.items():
         inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
@@ -319,15 +320,6 @@ def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
             next(a for a in node.attribute if a.name == "group").i = int(arrays[node.input[1]].shape[0])
     # Shapes recorded for intermediate tensors are stale now; runtimes infer them again.
     del proto.graph.value_info[:]
-
-
-def _least_important(score: np.ndarray, ratio: float, segments: int = 1) -> np.ndarray:
-    """The units to remove: *ratio* of them, the lowest scores; with *segments*, as many from each
-    equal run of the units (the groups of a grouped Conv that reads or writes them)."""
-    runs = score.reshape(segments, -1)
-    keep_count = max(1, int(round(runs.shape[1] * (1 - ratio))))
-    return np.concatenate([np.setdiff1d(np.arange(runs.shape[1]), np.argsort(-run, kind="stable")[:keep_count])
-                           + s * runs.shape[1] for s, run in enumerate(runs)])
 
 
 def _zero_grouped_inputs(weight: np.ndarray, groups: int, gone) -> np.ndarray:
@@ -339,12 +331,3 @@ def _zero_grouped_inputs(weight: np.ndarray, groups: int, gone) -> np.ndarray:
         weight[c // per_group * rows:(c // per_group + 1) * rows, c % per_group] = 0
     return weight
 
-
-def _cut_grouped_inputs(weight: np.ndarray, groups: int, gone) -> np.ndarray:
-    """A grouped Conv's weight without its input channels *gone* (numbered across all groups, as
-    many from each): each group's rows keep the columns of its own channels that stay."""
-    rows, per_group = weight.shape[0] // groups, weight.shape[1]
-    keep = [[j for j in range(per_group) if k * per_group + j not in gone] for k in range(groups)]
-    if len({len(columns) for columns in keep}) != 1:
-        raise ValueError("a grouped Conv's groups would lose different numbers of input channels")
-    return np.concatenate([weight[k * rows:(k + 1) * rows][:, columns] for k, columns in enumerate(keep)])

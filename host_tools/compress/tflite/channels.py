@@ -21,11 +21,13 @@ shape; reshape targets are rewritten, and a constant another op also reads is co
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from host_tools.compress import structured
 from host_tools.compress.structured import UnionFind
 from host_tools.compress.tflite import flatbuffer
 
@@ -72,6 +74,9 @@ class Region:
     # the buffer of the layer's weight, its channel axis and the window's first channel: layers that
     # share a weight (as layers: the same axis, the same window) lose the same channels
     weight: tuple[int, int, int] = (-1, 0, 0)
+    # the channels fall into this many equal runs that must each lose as many: the groups of a
+    # grouped CONV_2D that the layer is, or that reads its channels
+    segments: int = 1
 
 
 @dataclass
@@ -144,6 +149,7 @@ class Producer:
     axis: int
     channels: int
     bias: int | None  # input position
+    groups: int = 1  # a grouped CONV_2D's groups
 
 
 def _producer(g: Graph, k: int) -> Producer | None:
@@ -165,7 +171,11 @@ def _producer(g: Graph, k: int) -> Producer | None:
     bias = 2 if g.const(g.input(k, 2)) is not None else None
     if kind == "DEPTHWISE_CONV_2D":
         return Producer(1, 3, shape[3], bias) if inputs and inputs[-1] == 1 else None
-    if not inputs or inputs[-1] != shape[-1]:  # a grouped convolution
+    if kind == "CONV_2D" and inputs and inputs[-1] != shape[-1]:  # a grouped convolution: [out, h, w, in / groups]
+        groups = _conv_groups(g, k)
+        return Producer(1, 0, shape[0], bias, groups) if inputs[-1] % shape[-1] == 0 and shape[0] % groups == 0 \
+            else None
+    if not inputs or inputs[-1] != shape[-1]:
         return None
     return Producer(1, 0, shape[0], bias) if kind == "CONV_2D" or len(shape) == 2 else None
 
@@ -258,7 +268,7 @@ def _walked(g: Graph, k: int, producer: Producer, units: np.ndarray, window=None
     (a channel each, or an attention head's outputs in each of Q, K and V). With a *window* (a SLICE
     of the channels, its first channel, its count), the units count from the window's start and the
     walk starts at the SLICE's output."""
-    region = Region(k, len(units))
+    region = Region(k, len(units), segments=producer.groups)
     out = int(g.ops[k].outputs[0])
     start, offset = out, 0
     region.edits.append((k, producer.weight, producer.axis, units))
@@ -330,7 +340,9 @@ def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
         if axis != rank - 1 or (kind == "CONV_2D" and not plain_last):
             return f"read by {g.label(k)} along another axis"
         if g.shape(g.input(k, 1))[-1] != g.shape(t)[-1]:
-            return f"read by {g.label(k)} in groups"
+            why = _grouped_read(g, region, k, t, positions)
+            if why:
+                return why
         region.edits.append((k, 1, 3 if kind == "CONV_2D" else 1, positions))
         return []
     if kind == "DEPTHWISE_CONV_2D" and position == 0 and plain_last:
@@ -414,6 +426,19 @@ def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
         offset = sum(g.shape(int(i))[axis] for i in op.inputs[:position])
         return [(outputs[0], axis, positions + offset)]
     return f"feeds {g.label(k)}"
+
+
+def _grouped_read(g: Graph, region: Region, k: int, t: int, positions: np.ndarray) -> str | None:
+    """A grouped CONV_2D (ResNeXt's 3x3s) reading the channels as they are: each of its groups reads
+    its own equal run of them, so each run must lose as many (``Region.segments``) for every group
+    to keep a block of one size."""
+    width, per_group = g.shape(t)[-1], g.shape(g.input(k, 1))[-1]
+    if width % per_group or positions.shape[1] != 1 or not np.array_equal(positions[:, 0], np.arange(width)):
+        return f"read by {g.label(k)} in groups that do not line up with its channels"
+    if per_group < 2:
+        return f"read by {g.label(k)} in groups of one channel"
+    region.segments = math.lcm(region.segments, width // per_group)
+    return None
 
 
 def _binary(g: Graph, region: Region, k: int, position: int, t: int, axis: int, positions: np.ndarray):
@@ -507,6 +532,11 @@ def _why_not(g: Graph, members: list[Region]) -> str | None:
             return region.why if len(members) == 1 else f"tied to {g.label(region.layer)} ({region.why})"
     if len({r.channels for r in members}) > 1:
         return "tied to layers of other widths"
+    segments = math.lcm(*(r.segments for r in members))
+    if segments > 1 and any(r.edits[0][3].shape[1] != 1 or r.windows for r in members):
+        return "a grouped CONV_2D's channels split into heads or windows"
+    if segments > 1 and (members[0].channels % segments or members[0].channels < 2 * segments):
+        return f"a grouped CONV_2D's {segments} groups leave fewer than two channels each"
     return None
 
 
@@ -545,8 +575,8 @@ def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> Non
             weight = np.moveaxis(g.const(g.input(k, position)), axis, 0)[units].reshape(channels, -1)
             norm = np.abs(weight).sum(1) if criterion == "l1" else np.sqrt((weight ** 2).sum(1))
             score += norm / (norm.mean() or 1.0)
-        keep = max(1, int(round(channels * (1 - ratio))))
-        gone = np.setdiff1d(np.arange(channels), np.argsort(-score, kind="stable")[:keep])
+        gone = structured.least_important(score, ratio, math.lcm(*(r.segments for r in group)))
+        keep = channels - len(gone)
         for region in group:
             for k, position, axis, positions in region.edits:
                 removals.setdefault((k, position), {}).setdefault(axis, set()).update(positions[gone].ravel().tolist())
@@ -556,7 +586,7 @@ def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> Non
             begins |= region.begins
             if g.kinds[region.layer] == "DEPTHWISE_CONV_2D":
                 g.ops[region.layer].builtinOptions.depthMultiplier = keep
-    _cut(g, removals)
+    _cut(g, removals, {k: _conv_groups(g, k) for k, kind in enumerate(g.kinds) if kind == "CONV_2D"})
     for k in begins:  # a window of a layer's channels starts earlier by what was removed before it
         t, axis = g.input(k, 0), len(g.shape(g.input(k, 0))) - 1
         begin = g.const(_own(g, k, 1)).copy()
@@ -573,8 +603,9 @@ def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> Non
                 tensor.shapeSignature[axis] -= len(indices)
 
 
-def _cut(g: Graph, removals: dict[tuple[int, int], dict[int, set[int]]]) -> None:
-    """Delete the entries *removals* names from the constants ops read. A constant that every op
+def _cut(g: Graph, removals: dict[tuple[int, int], dict[int, set[int]]], groups: dict[int, int]) -> None:
+    """Delete the entries *removals* names from the constants ops read (a CONV_2D's filter in its
+    *groups*: the input channels, numbered across them, cut group by group). A constant that every op
     reading it loses the same entries of (a weight two tied layers share, an embedding table read
     again as the output layer's weight) is cut once and stays shared; else each op cuts its own copy."""
     users: dict[int, list[tuple[int, int]]] = {}  # buffer -> the (op, input) pairs with removals
@@ -586,18 +617,27 @@ def _cut(g: Graph, removals: dict[tuple[int, int], dict[int, set[int]]]) -> None
         axes = removals[pairs[0]]
         if readers == set(pairs) and all(removals[pair] == axes for pair in pairs) and \
                 len({tuple(g.shape(t)) for t in tensors}) == 1:
-            array = _without(g.const(tensors[0]), axes)
+            array = _without(g.const(tensors[0]), axes, groups.get(pairs[0][0], 1) if pairs[0][1] == 1 else 1)
             for t in tensors:
                 _store(g, t, array)
             continue
         for k, position in pairs:
             t = _own(g, k, position)
-            _store(g, t, _without(g.const(t), removals[(k, position)]))
+            _store(g, t, _without(g.const(t), removals[(k, position)], groups.get(k, 1) if position == 1 else 1))
 
 
-def _without(array: np.ndarray, axes: dict[int, set[int]]) -> np.ndarray:
-    for axis, indices in axes.items():
-        array = np.delete(array, sorted(indices), axis=axis)
+def _conv_groups(g: Graph, k: int) -> int:
+    """How many groups CONV_2D *k* convolves its input in (1 unless its filter reads fewer channels)."""
+    inputs, filters = g.shape(g.input(k, 0)), g.shape(g.input(k, 1))
+    return inputs[-1] // filters[-1] if inputs and filters and filters[-1] else 1
+
+
+def _without(array: np.ndarray, axes: dict[int, set[int]], groups: int = 1) -> np.ndarray:
+    """*array* without the entries *axes* names; a grouped filter [out, h, w, in / groups] loses its
+    rows first, then each group's own input channels."""
+    for axis, indices in sorted(axes.items(), key=lambda item: groups > 1 and item[0] == 3):
+        array = structured.cut_grouped_inputs(array, groups, indices, axis) if groups > 1 and axis == 3 else \
+            np.delete(array, sorted(indices), axis=axis)
     return array
 
 
