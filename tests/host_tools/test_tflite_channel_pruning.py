@@ -98,8 +98,9 @@ STREAM = ("FULLY_CONNECTED #3", "FULLY_CONNECTED #37", "FULLY_CONNECTED #53", "F
     # at its offset in the joined tensor, through the RESIZE_BILINEAR
     (FIXTURES / "two_scales.tflite", 3, ()),
     # ResNeXt's bottlenecks: each grouped 3x3 convolution loses as many input and output channels in
-    # each of its groups, one of them strided, and the stream through the projection shortcut
-    (FIXTURES / "grouped_blocks.tflite", 8, ()),
+    # each of its groups, one of them strided, and the stream through the projection shortcut, to
+    # which a grouped convolution adds its output (as many from each of its groups, there too)
+    (FIXTURES / "grouped_blocks.tflite", 9, ()),
 ], ids=lambda v: getattr(v, "stem", None) or (str(v) if isinstance(v, int) else "stream-left" if v else "all"))
 def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_path, path, layers, exclude):
     """Half of each group's channels are exact zeros wherever pruning cuts: removing exactly those
@@ -174,15 +175,22 @@ def test_what_it_cannot_prune_safely_is_left_whole_and_named():
 
 def test_a_grouped_convolution_keeps_groups_of_one_size_whatever_its_weights_ask(tmp_path):
     """Pruned with its own weights, where the least important half overall is not half of each group,
-    each grouped 3x3 convolution still loses as many channels in each of its 4 groups: its filter
-    reads 4 of each group's 8 channels, and the model runs."""
+    each grouped 3x3 convolution still loses as many channels in each of its 4 groups: the bottlenecks'
+    filters read 4 of each group's 8 channels, and the model runs. The last one reads two layers
+    joined by a CONCATENATION, whose groups do not line up with either: those two stay whole, named,
+    and it keeps its 16 inputs while its output loses half of the stream's 24 channels."""
+    tree, _ = flatbuffer.read(FIXTURES / "grouped_blocks.tflite")
+    skipped = plan_channel_pruning(tree).skipped
+    assert skipped == {"CONV_2D #12": "read by CONV_2D #16 in groups that do not line up with its channels",
+                       "CONV_2D #13": "read by CONV_2D #16 in groups that do not line up with its channels",
+                       "FULLY_CONNECTED #20": "its output is a graph output"}
     model = ModelFile.open(FIXTURES / "grouped_blocks.tflite")
     report = run_recipe(model, steps([("tflite-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
     assert report.steps[0].status == "ok", report.steps[0].note
     g = Graph(flatbuffer.read(report.result.model.path)[0])
     grouped = [(g.shape(g.input(k, 0))[-1], g.shape(g.input(k, 1))) for k, kind in enumerate(g.kinds)
                if kind == "CONV_2D" and g.shape(g.input(k, 1))[1] == 3 and g.shape(g.input(k, 0))[-1] != 3]
-    assert grouped == [(16, [16, 3, 3, 4])] * 2
+    assert grouped == [(16, [16, 3, 3, 4])] * 2 + [(16, [12, 3, 3, 4])]
     assert all(np.isfinite(v).all() for out in _outputs(report.result.model) for v in out.values())
 
 
