@@ -101,6 +101,9 @@ STREAM = ("FULLY_CONNECTED #3", "FULLY_CONNECTED #37", "FULLY_CONNECTED #53", "F
     # each of its groups, one of them strided, and the stream through the projection shortcut, to
     # which a grouped convolution adds its output (as many from each of its groups, there too)
     (FIXTURES / "grouped_blocks.tflite", 9, ()),
+    # Swin's patch merging: the stream (patch convolution and residual MLP) through four STRIDED_SLICEs
+    # of other axes joined along the channels, each channel at four places of the joined tensor
+    (FIXTURES / "patch_merging.tflite", 4, ()),
 ], ids=lambda v: getattr(v, "stem", None) or (str(v) if isinstance(v, int) else "stream-left" if v else "all"))
 def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_path, path, layers, exclude):
     """Half of each group's channels are exact zeros wherever pruning cuts: removing exactly those
@@ -191,6 +194,28 @@ def test_a_grouped_convolution_keeps_groups_of_one_size_whatever_its_weights_ask
     grouped = [(g.shape(g.input(k, 0))[-1], g.shape(g.input(k, 1))) for k, kind in enumerate(g.kinds)
                if kind == "CONV_2D" and g.shape(g.input(k, 1))[1] == 3 and g.shape(g.input(k, 0))[-1] != 3]
     assert grouped == [(16, [16, 3, 3, 4])] * 2 + [(16, [12, 3, 3, 4])]
+    assert all(np.isfinite(v).all() for out in _outputs(report.result.model) for v in out.values())
+
+
+def test_swin_patch_merging_is_pruned_through_the_layernorm_of_its_joined_channels(tmp_path):
+    """Swin normalises the four joined views of its map before projecting them down (litert-torch
+    writes the LayerNorm as MEANs over the channels and folds its scale and bias into the projection):
+    the means take each stream channel at its four places, and the projection loses four inputs per
+    channel. The statistics then come from fewer channels (what recovery trains for), so this checks
+    the structure: half the stream's 8 channels gone from each of the four views, and the model runs."""
+    path = FIXTURES / "patch_merging_norm.tflite"
+    plan = plan_channel_pruning(flatbuffer.read(path)[0])
+    assert plan.skipped == {"FULLY_CONNECTED #29": "its output is a graph output"}
+    stream = next(group for group in plan.groups if len(group) == 2)
+    assert [(g_k, positions.shape) for g_k, _, _, positions in stream[0].edits if positions.shape[1] > 1] == \
+        [(26, (8, 4))]  # the projection: each of the 8 channels at 4 places of its 32 inputs
+    report = run_recipe(ModelFile.open(path), steps([("tflite-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path)
+    assert report.steps[0].status == "ok", report.steps[0].note
+    g = Graph(flatbuffer.read(report.result.model.path)[0])
+    projection = next(k for k, kind in enumerate(g.kinds) if kind == "FULLY_CONNECTED" and
+                      g.shape(g.input(k, 1)) == [8, 16])  # 2·8 outputs at half, from 4·4 joined channels
+    assert g.shape(g.input(projection, 0))[-1] == 16
     assert all(np.isfinite(v).all() for out in _outputs(report.result.model) for v in out.values())
 
 

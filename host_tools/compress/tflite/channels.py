@@ -71,6 +71,9 @@ class Region:
     # (operator, first channel, count, the tensor sliced)
     windows: list[tuple[int, int, int, int]] = field(default_factory=list)
     begins: set[int] = field(default_factory=set)  # SLICE operators whose window starts later once pruned
+    # CONCATENATIONs along the channels, by operator: input position -> (tensor, axis, positions) of
+    # each input the walk brought there; joined once the walk has nothing else to follow
+    joins: dict[int, dict[int, tuple[int, int, np.ndarray]]] = field(default_factory=dict)
     # the buffer of the layer's weight, its channel axis and the window's first channel: layers that
     # share a weight (as layers: the same axis, the same window) lose the same channels
     weight: tuple[int, int, int] = (-1, 0, 0)
@@ -305,7 +308,17 @@ def _tiling(g: Graph, region: Region) -> list[tuple[int, int, int, int]]:
 
 def _walk(g: Graph, region: Region, start: int, axis: int, positions: np.ndarray) -> None:
     pending = [(start, axis, positions)]
-    while pending and region.why is None:
+    joined: set[int] = set()
+    while region.why is None and (pending or set(region.joins) - joined):
+        if not pending:  # every input of a join that carries these channels has been reached
+            k = min(set(region.joins) - joined)
+            joined.add(k)
+            follow = _join(g, k, region.joins[k])
+            if isinstance(follow, str):
+                region.why = follow
+                return
+            pending.extend(follow)
+            continue
         t, axis, positions = pending.pop()
         if t in region.tensors:
             seen_axis, seen = region.tensors[t]
@@ -359,7 +372,7 @@ def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
         if axes is None:
             return f"feeds {g.label(k)} over axes it computes"
         reduced = {int(a) % rank for a in np.ravel(axes)}
-        if kind == "MEAN" and {a for a in reduced if g.shape(t)[a] != 1} == {axis} and plain_last:
+        if kind == "MEAN" and {a for a in reduced if g.shape(t)[a] != 1} == {axis} and axis == rank - 1:
             # a mean over the channels, one value per token (a LayerNorm written out): what reads it takes it
             # as the same value for every channel. From the channels that stay it is not the same number —
             # as onnx-prune-channels does with LayerNormalization, what recovery trains for.
@@ -423,9 +436,40 @@ def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
                 else:
                     region.edits.append((k, j, axis, positions))
             return [(outputs[0], axis, positions)]
-        offset = sum(g.shape(int(i))[axis] for i in op.inputs[:position])
-        return [(outputs[0], axis, positions + offset)]
+        region.joins.setdefault(k, {})[position] = (t, axis, positions)
+        return []
+    if kind == "STRIDED_SLICE" and position == 0:
+        return _strided(g, region, k, t, axis, positions)
     return f"feeds {g.label(k)}"
+
+
+def _join(g: Graph, k: int, parts: dict[int, tuple[int, int, np.ndarray]]):
+    """A CONCATENATION along the channels: each input that carries them puts them at its offset. Several
+    inputs carrying the same channels (Swin's patch merging joins four strided views of one map)
+    give each channel a place in each: unit u's positions are its positions in every such part."""
+    inputs = [int(i) for i in g.ops[k].inputs]
+    (t, axis, positions), *others = parts.values()
+    if any(other_axis != axis or not np.array_equal(other, positions) for _, other_axis, other in others):
+        return f"{g.label(k)} joins its channels in two layouts"
+    places = [positions + sum(g.shape(i)[axis] for i in inputs[:position]) for position in sorted(parts)]
+    return [(int(g.ops[k].outputs[0]), axis, np.concatenate(places, axis=1))]
+
+
+def _strided(g: Graph, region: Region, k: int, t: int, axis: int, positions: np.ndarray):
+    """A STRIDED_SLICE of other axes (Swin's patch merging takes every second row and column) keeps
+    every channel where it was; its end names the channel count, and follows it."""
+    begin, end, strides = (g.const(g.input(k, i)) for i in (1, 2, 3))
+    options = g.ops[k].builtinOptions
+    if begin is None or end is None or strides is None or options is None or \
+            options.ellipsisMask or options.newAxisMask or options.shrinkAxisMask or getattr(options, "offset", False):
+        return f"feeds {g.label(k)} with bounds it computes or masks it cannot follow"
+    whole_begin = begin[axis] == 0 or options.beginMask >> axis & 1
+    whole_end = end[axis] >= g.shape(t)[axis] or options.endMask >> axis & 1
+    if not (whole_begin and whole_end and strides[axis] == 1):
+        return f"sliced across its channels ({g.label(k)})"
+    if not options.endMask >> axis & 1:
+        region.targets.add((k, 2))
+    return [(int(g.ops[k].outputs[0]), axis, positions)]
 
 
 def _grouped_read(g: Graph, region: Region, k: int, t: int, positions: np.ndarray) -> str | None:
