@@ -945,15 +945,20 @@ def test_layers_that_share_a_weight_are_pruned_as_one_and_still_share_it(tmp_pat
     plan = prepared_plan(proto)
     assert plan.skipped == {"/MatMul_4": "its output is a graph output"}  # the output layer
     layers = sorted(sorted(p.node for p in group.producers) for group in plan.groups)
-    assert layers == [["/embed/Gather", "/ffn/ffn.2/MatMul", "/ffn/ffn.2_1/MatMul", "/o/MatMul", "/o_1/MatMul",
-                       "/position/Gather"],
+    assert layers == [["/embed/Gather", "/ffn/ffn.2/MatMul", "/ffn/ffn.2_1/MatMul", "/o/MatMul", "/o_1/MatMul"],
                       ["/ffn/ffn.0/MatMul", "/ffn/ffn.0_1/MatMul"],
                       ["/k/MatMul", "/k_1/MatMul", "/q/MatMul", "/q_1/MatMul", "/v/MatMul", "/v_1/MatMul"]]
+    # (the token count is fixed, so the position embeddings, looked up at 0..11, are a constant [1, 12, 32]:
+    # the stream's per-channel constant, cut with it)
+    stream = next(group for group in plan.groups if any(p.node == "/embed/Gather" for p in group.producers))
+    assert [(name, param.axis) for name, param in stream.params if name.startswith("/position")] == \
+        [("/position/Gather_output_0", 2)]
     silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
     pruned_model = onnx.load(str(pruned))
-    shapes = sorted(tuple(i.dims) for i in pruned_model.graph.initializer if len(i.dims) == 2)
-    # each weight once: the tables, Q, K, V and the attention output, the feed-forward pair, the output layer
-    assert shapes == [(12, 16), (16, 16), (16, 16), (16, 16), (16, 16), (16, 32), (16, 100), (32, 16), (100, 16)]
+    shapes = sorted(tuple(i.dims) for i in pruned_model.graph.initializer if len(i.dims) >= 2)
+    # each weight once: the word table, Q, K, V and the attention output, the feed-forward pair, the output
+    # layer; the position embeddings
+    assert shapes == [(1, 12, 16), (16, 16), (16, 16), (16, 16), (16, 16), (16, 32), (16, 100), (32, 16), (100, 16)]
     ids = np.random.default_rng(0).integers(0, 100, (3, 12))
     np.testing.assert_allclose(_run(pruned, ids, "ids"), _run(silenced, ids, "ids"), rtol=1e-4, atol=1e-4)
 
@@ -1552,3 +1557,75 @@ def test_a_grouped_conv_it_cannot_cut_evenly_keeps_the_channels_it_reads(tmp_pat
     plan = plan_channel_pruning(onnx.load(str(model.path)), set())
     assert plan.skipped["a"] == why or plan.skipped["a"].endswith(f"({why})"), plan.skipped["a"]
     assert [sorted(p.node for p in g.producers) for g in plan.groups] == [["g"]]  # its own output: 16 in 4 or 8
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+def test_a_position_table_interpolated_at_every_run_is_a_constant_the_stream_loses_channels_of(tmp_path):
+    """DINOv2 resizes its position table to the image's grid of patches at every run (bicubic, from
+    constants only, as its export writes it). Computed once, it is a per-channel constant added to the
+    patch tokens, so the patch convolution's stream and the residual MLP are pruned with it; the silent
+    channels removed leave the outputs as they were."""
+    torch = pytest.importorskip("torch")
+    from host_tools.compress.onnx.prune import prepared_plan
+    nn = torch.nn
+
+    class Patches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch, self.position = nn.Conv2d(3, 16, 4, stride=4), nn.Parameter(torch.randn(1, 16, 3, 3))
+            self.up, self.down, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+
+        def forward(self, image):
+            x = self.patch(image)
+            table = nn.functional.interpolate(self.position, size=(x.shape[2], x.shape[3]), mode="bicubic",
+                                              align_corners=False)
+            x = x.flatten(2).transpose(1, 2) + table.flatten(2).transpose(1, 2)
+            return self.head((x + self.down(nn.functional.gelu(self.up(x)))).mean(1))
+
+    torch.manual_seed(0)
+    path = tmp_path / "patches.onnx"
+    torch.onnx.export(Patches().eval(), (torch.randn(2, 3, 16, 16),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    assert "Resize" in [n.op_type for n in onnx.load(str(path)).graph.node]
+    proto = onnx.load(str(path))
+    plan = prepared_plan(proto)
+    assert sorted(sorted(p.node for p in g.producers) for g in plan.groups) == \
+        [["/down/MatMul", "/patch/Conv"], ["/up/MatMul"]], plan.skipped
+    assert "Resize" not in [n.op_type for n in proto.graph.node]  # computed once: a constant [1, 16 tokens, 16]
+    x = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    onnx.save(proto, str(tmp_path / "folded.onnx"))
+    np.testing.assert_allclose(_run(tmp_path / "folded.onnx", x), _run(path, x), rtol=1e-6, atol=1e-6)
+    silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
+    np.testing.assert_allclose(_run(pruned, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+
+
+def test_values_computed_from_constants_become_constants_unless_they_would_grow_the_file(tmp_path):
+    """A computation on constants alone is replaced by its value (as ONNX Runtime computes it), and
+    what only it read goes; one whose value is larger than what it replaces by over a megabyte (a
+    small constant broadcast to [512, 1024]) stays a computation. The graph computes what it did."""
+    from host_tools.compress.onnx import static_shapes
+
+    rng = np.random.default_rng(0)
+    inits = {"c": rng.standard_normal((1, 8)), "two": np.array(2.0), "shape": np.array([512, 1024])}
+    nodes = [helper.make_node("Mul", ["c", "two"], ["scaled"]), helper.make_node("Add", ["x", "scaled"], ["a"]),
+             helper.make_node("Expand", ["c", "shape"], ["big"]),
+             helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0),
+             helper.make_node("Mul", ["a", "s"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+                              [numpy_helper.from_array(v.astype(np.float32 if k != "shape" else np.int64), k)
+                               for k, v in inits.items()])
+    path = graphs.save(graph, tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    assert static_shapes.constant_subgraphs(model) == 0  # the [512, 1024] broadcast would add 2 MB
+    model.graph.node.remove(next(n for n in model.graph.node if n.op_type == "ReduceSum"))
+    model.graph.node.remove(next(n for n in model.graph.node if n.op_type == "Expand"))
+    model.graph.node.remove(next(n for n in model.graph.node if n.output[0] == "y"))
+    model.graph.node.append(helper.make_node("Mul", ["a", "two"], ["y"]))
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    assert static_shapes.constant_subgraphs(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Add", "Mul"]  # the constant scaled, now a value
+    assert "c" not in {i.name for i in model.graph.initializer}
+    np.testing.assert_allclose(ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0], want)

@@ -129,6 +129,7 @@ def prepared_plan(proto, exclude=()):
     hoist_constants(proto)  # exporters write biases and activation constants as Constant nodes
     inline_constant_identities(proto)  # or share one through Identity nodes
     static_shapes.fold(proto)  # torch.chunk's bounds, computed from the channel count, made constant
+    static_shapes.constant_subgraphs(proto)  # and values computed from constants only, made constants
     static_shapes.slices_as_split(proto)  # and its Slices one Split, whose sizes can be rewritten
     own_shape_constants(proto)  # exporters share equal split sizes and shapes directly
     return plan_channel_pruning(proto, set(exclude))

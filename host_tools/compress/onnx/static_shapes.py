@@ -5,7 +5,9 @@ apart with it) as Slices whose bounds are computed from a Shape at run time: the
 read, halved, multiplied back. The channel count is static even when the batch is not, so
 ``fold`` replaces such integer arithmetic with constants, and ``slices_as_split`` turns Slices
 that tile one axis of a tensor into the single Split they amount to, whose sizes pruning can
-rewrite. Both leave what the graph computes unchanged.
+rewrite. ``constant_subgraphs`` replaces whole computations on constants (DINOv2 interpolates
+its position table at every run) with the values ONNX Runtime gives them. All leave what the graph
+computes unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from host_tools.compress.onnx.boundary import drop_unused_initializers
 
 # Integer ops the shape arithmetic of exported graphs is made of.
 FOLDABLE = {"Add", "Sub", "Mul", "Div", "Neg", "Max", "Min", "Unsqueeze", "Squeeze", "Concat", "Gather", "Cast"}
+# Never replaced by their values: random draws differ run to run, and a quantized graph keeps its
+# integer weights and their dequantization apart on purpose.
+NOT_CONSTANT = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
+                "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"}
 
 
 def inferred_dims(model) -> dict[str, list]:
@@ -167,3 +173,50 @@ def slice_bounds(node, consts: dict, dims: dict) -> tuple[int, int, int] | None:
         return None
     start, end = (min(max(int(v) + width if v < 0 else int(v), 0), width) for v in (starts[0], ends[0]))
     return axis, start, end
+
+
+
+def constant_subgraphs(model, slack_bytes: int = 1 << 20) -> int:
+    """Replace tensors computed from constants only with their values, as ONNX Runtime computes them
+    (DINOv2 interpolates its position table to the image's patch grid at every run, BEiT looks its
+    relative-position bias up in a table with constant indices): pruning then sees a per-channel or
+    per-head constant where it saw an unknown branch. Done only when the new constants take no more
+    than those they replace, plus *slack_bytes*; returns how many tensors became constants."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inputs_of = {i.name for i in graph.initializer}
+    computed: set[str] = set()
+    for node in graph.node:
+        given = [name for name in node.input if name]
+        if given and node.op_type not in NOT_CONSTANT and not any(a.type in (5, 10) for a in node.attribute) and \
+                all(name in inputs_of or name in computed for name in given):
+            computed.update(name for name in node.output if name)
+    outputs = {o.name for o in graph.output}
+    frontier = sorted({name for node in graph.node if not set(node.output) & computed
+                       for name in node.input if name in computed} - outputs)
+    if not frontier:
+        return 0
+    found = runs(model, frontier)
+    if not found:
+        return 0
+    values = {name: found[0][name] for name in frontier
+              if all(np.array_equal(run[name], found[0][name]) for run in found[1:])}
+    # the nodes no longer needed once those are constants, and the initializers only they read
+    needed = set(outputs) | {name for node in graph.node if not set(node.output) & computed for name in node.input}
+    dead = []
+    for node in reversed(graph.node):
+        if set(node.output) <= computed and not (set(node.output) & needed - set(values)):
+            dead.append(node)
+        else:
+            needed.update(node.input)
+    sizes = {i.name: numpy_helper.to_array(i).nbytes for i in graph.initializer}
+    freed = sum(sizes[name] for name in sizes if name not in needed)
+    if not values or sum(v.nbytes for v in values.values()) > freed + slack_bytes:
+        return 0
+    for node in dead:
+        graph.node.remove(node)
+    graph.initializer.extend(numpy_helper.from_array(np.asarray(value), name) for name, value in values.items())
+    drop_unused_initializers(graph, set(sizes))
+    return len(values)
+
