@@ -372,4 +372,15 @@ _OPS = {
     "Pad": _pad,
     "InstanceNormalization": _instance_norm,
     "Range": lambda a, at: torch.arange(a[0].item(), a[1].item(), a[2].item(), dtype=a[0].dtype),
+    # the other activations the pruning pass follows (layout.UNARY_OPS), with ONNX's default constants
+    "HardSigmoid": lambda a, at: torch.clamp(a[0] * at.get("alpha", 0.2) + at.get("beta", 0.5), 0, 1),
+    "HardSwish": lambda a, at: a[0] * torch.clamp(a[0] / 6 + 0.5, 0, 1),
+    "Elu": lambda a, at: F.elu(a[0], at.get("alpha", 1.0)),
+    "Selu": lambda a, at: at.get("gamma", 1.0507009873554805) * torch.where(
+        a[0] > 0, a[0], at.get("alpha", 1.6732632423543772) * torch.expm1(a[0])),
+    "Softplus": lambda a, at: F.softplus(a[0]),
+    "Softsign": lambda a, at: F.softsign(a[0]),
+    "Mish": lambda a, at: F.mish(a[0]),
+    "Celu": lambda a, at: F.celu(a[0], at.get("alpha", 1.0)),
+    "ThresholdedRelu": lambda a, at: torch.where(a[0] > at.get("alpha", 1.0), a[0], torch.zeros_like(a[0])),
 }
