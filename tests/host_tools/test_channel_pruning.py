@@ -1629,3 +1629,64 @@ def test_values_computed_from_constants_become_constants_unless_they_would_grow_
     assert [n.op_type for n in model.graph.node] == ["Add", "Mul"]  # the constant scaled, now a value
     assert "c" not in {i.name for i in model.graph.initializer}
     np.testing.assert_allclose(ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0], want)
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+@pytest.mark.filterwarnings("ignore:Converting a tensor to a Python boolean")  # (GroupNorm's, when traced)
+def test_group_norms_are_pruned_as_the_same_group_norms_of_the_channels_that_stay(tmp_path):
+    """PoolFormer's blocks: GroupNorm(1, C) before the pooling mixer, GroupNorm(4, C) before the MLP,
+    both residual. The stream is pruned through both (as many channels from each of the 4 groups),
+    and the pruned graph computes what the same PyTorch module computes with only the channels that
+    stay: each GroupNorm's statistics taken over those."""
+    torch = pytest.importorskip("torch")
+    from host_tools.compress.onnx.prune import prepared_plan
+    nn = torch.nn
+
+    class Pool(nn.Module):
+        def __init__(self, width=16, hidden=32):
+            super().__init__()
+            self.stem, self.one, self.four = nn.Conv2d(3, width, 3, padding=1), nn.GroupNorm(1, width), \
+                nn.GroupNorm(4, width)
+            self.up, self.down = nn.Conv2d(width, hidden, 1), nn.Conv2d(hidden, width, 1)
+            self.head = nn.Linear(width, 3)
+            self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+
+        def forward(self, image):
+            x = self.stem(image)
+            x = x + self.pool(self.one(x)) - self.one(x)
+            x = x + self.down(nn.functional.gelu(self.up(self.four(x))))
+            return self.head(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Pool().eval()
+    with torch.no_grad():
+        for norm in (net.one, net.four):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    path = tmp_path / "pool.onnx"
+    torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    plan = prepared_plan(onnx.load(str(path)))
+    assert sorted((sorted(p.node for p in g.producers), g.segments) for g in plan.groups) == \
+        [(["/down/Conv", "/stem/Conv"], 4), (["/up/Conv"], 1)], plan.skipped
+    report = run_recipe(ModelFile.open(path), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(report.result.model.path)).graph.initializer}
+    stem = net.stem.weight.detach().numpy()
+    kept = [next(c for c in range(16) if np.array_equal(stem[c], row)) for row in weights["stem.weight"]]
+    assert [sum(c // 4 == group for c in kept) for group in range(4)] == [2, 2, 2, 2]
+    small = Pool(8, 16).eval()
+    upkept = [next(c for c in range(32) if np.array_equal(net.up.weight.detach().numpy()[c, kept], row))
+              for row in weights["up.weight"]]
+    with torch.no_grad():
+        small.stem.weight.copy_(net.stem.weight[kept]), small.stem.bias.copy_(net.stem.bias[kept])
+        for mine, theirs in ((small.one, net.one), (small.four, net.four)):
+            mine.weight.copy_(theirs.weight[kept]), mine.bias.copy_(theirs.bias[kept])
+        small.up.weight.copy_(net.up.weight[upkept][:, kept]), small.up.bias.copy_(net.up.bias[upkept])
+        small.down.weight.copy_(net.down.weight[kept][:, upkept]), small.down.bias.copy_(net.down.bias[kept])
+        small.head.weight.copy_(net.head.weight[:, kept]), small.head.bias.copy_(net.head.bias)
+        x = torch.randn(3, 3, 8, 8)
+        want = small(x).numpy()
+    np.testing.assert_allclose(_run(report.result.model.path, x.numpy()), want, rtol=1e-4, atol=1e-5)

@@ -128,6 +128,9 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
     if op == "Reshape" and node.input[0] in tensors and tensors[node.input[0]].kind == "vec":
         return heads.split(node, region, g, enter)
     if op == "Reshape" and node.input[0] in tensors and tensors[node.input[0]].kind == "map":
+        normalized = _group_norm(node, tensors[node.input[0]], region, g)
+        if normalized:
+            return enter(normalized, tensors[node.input[0]])
         return heads.spatial(node, tensors[node.input[0]], region, g, enter)
     if op == "Conv" and node.input[0] in tensors and _depthwise(node, tensors[node.input[0]], region, g):
         return _through_depthwise(node, region, g, enter)
@@ -492,6 +495,34 @@ def _through_layer_norm(node, layout: Layout, region: Region, g: Graph, enter) -
     if not all([region.cut(name, Param(0, layout.offsets, layout.block)) for name in node.input[1:] if name]):
         return "LayerNormalization parameters read again in other places"
     return enter(node.output[0], layout)
+
+
+def _group_norm(node, layout: Layout, region: Region, g: Graph) -> str | None:
+    """PyTorch's GroupNorm as it exports: x viewed as [n, G, -1], InstanceNormalization, and the result
+    given x's shape again (its per-channel scale and bias follow as a Mul and an Add). Its statistics
+    then come from the channels that stay, as a LayerNorm's do (what recovery trains for); with G > 1
+    groups, each loses as many (``Region.segments``), so the view stays [n, G, -1]. The normalised
+    tensor, which only the view back reads, is returned (it holds x's channels once viewed back);
+    None when *node* does not start this pattern."""
+    target = g.consts.get(node.input[1])
+    if target is None or layout.block != 1 or layout.offsets != (0,) or layout.width not in (None, region.channels):
+        return None
+    entries = const_array(target).tolist()
+    readers = g.readers.get(node.output[0], [])
+    if len(entries) != 3 or entries[0] != 0 or entries[2] != -1 or len(readers) != 1 or \
+            readers[0].op_type != "InstanceNormalization" or readers[0].input[0] != node.output[0]:
+        return None
+    groups, norm = entries[1], readers[0]
+    if not all(name in g.consts and int(np.prod(g.consts[name].dims)) == groups for name in norm.input[1:3]):
+        return None
+    back = g.readers.get(norm.output[0], [])
+    maker = g.made_by.get(back[0].input[1]) if len(back) == 1 and back[0].op_type == "Reshape" else None
+    if maker is None or maker.op_type != "Shape" or maker.attribute or maker.input[0] != node.input[0] or \
+            region.channels % groups or (groups > 1 and region.channels < 2 * groups) or \
+            {node.output[0], norm.output[0]} & g.outputs:
+        return None
+    region.segments = math.lcm(region.segments, groups)
+    return norm.output[0]
 
 
 def _depthwise(node, layout: Layout, region: Region, g: Graph) -> bool:
