@@ -60,16 +60,29 @@ def architectures(T) -> dict[str, tuple]:
         "roberta": (T.RobertaForSequenceClassification, T.RobertaConfig(**{**text, "max_position_embeddings": 80}),
                     "text"),
         "albert": (T.AlbertForSequenceClassification, T.AlbertConfig(**text, embedding_size=32), "text"),
+        "qwen2": (T.Qwen2ForCausalLM, T.Qwen2Config(**text, num_key_value_heads=2, use_cache=False), "text"),
         "gpt2": (T.GPT2LMHeadModel, T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                                  use_cache=False), "text"),
         "llama": (T.LlamaForCausalLM, T.LlamaConfig(**text, num_key_value_heads=2, use_cache=False), "text"),
         "t5": (T.T5EncoderModel, T.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2,
                                             num_heads=4), "ids"),
         "vit": (T.ViTForImageClassification, T.ViTConfig(**vision), "image"),
+        "dinov2": (T.Dinov2ForImageClassification, T.Dinov2Config(**vision), "image"),  # its position table resized
+        "yolos": (T.YolosForObjectDetection, T.YolosConfig(**{**vision, "image_size": [32, 32]},
+                                                           num_detection_tokens=4), "image"),  # a detector
         "swin": (T.SwinForImageClassification, T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
                                                             num_heads=[2, 4], window_size=4, num_labels=5), "image"),
         "convnext": (T.ConvNextForImageClassification, T.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32],
                                                                         depths=[1, 1], num_labels=5), "image"),
+        # (the mobile networks' default initialisation, deep and random, makes their outputs ~0: 1e-26
+        # for MobileNetV2, exactly 0 for MobileViT; wider initial weights keep a signal to compare)
+        "mobilenetv2": (T.MobileNetV2ForImageClassification, T.MobileNetV2Config(
+            image_size=32, depth_multiplier=0.25, num_labels=5, initializer_range=0.3), "image"),
+        "mobilevit": (T.MobileViTForImageClassification, T.MobileViTConfig(
+            image_size=32, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 48], num_attention_heads=2,
+            num_labels=5, initializer_range=0.5), "image"),
+        "poolformer": (T.PoolFormerForImageClassification, T.PoolFormerConfig(hidden_sizes=[16, 32, 48, 64],
+                                                                              depths=[1, 1, 1, 1], num_labels=5), "image"),
         "resnet": (T.ResNetForImageClassification, T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32],
                                                                   depths=[1, 1], num_labels=5), "image"),
         "regnet": (T.RegNetForImageClassification, T.RegNetConfig(embedding_size=16, hidden_sizes=[32, 64],

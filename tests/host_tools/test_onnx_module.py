@@ -71,6 +71,12 @@ CASES = {
                                     [np.linspace(-5, 5, 21, dtype=np.float32)], F),
     "Elu (own alpha)": ("Elu", {"alpha": 0.5}, [np.linspace(-5, 5, 21, dtype=np.float32)], F),
     "Selu (own constants)": ("Selu", {"alpha": 1.5, "gamma": 1.1}, [np.linspace(-5, 5, 21, dtype=np.float32)], F),
+    # EfficientNet's "same" padding, as exporters may write it: the odd pixel at the end (UPPER) or start
+    **{f"Conv ({mode}, stride {stride}, kernel {k})": (
+        "Conv", {"auto_pad": mode, "strides": [stride, stride]},
+        [np.random.default_rng(1).standard_normal((1, 2, 7, 6)).astype(np.float32),
+         ("c", np.random.default_rng(2).standard_normal((3, 2, k, k)).astype(np.float32))], F)
+       for mode, stride, k in (("SAME_UPPER", 2, 3), ("SAME_LOWER", 2, 4), ("SAME_UPPER", 1, 4), ("VALID", 2, 3))},
     "Slice (backwards)": ("Slice", {}, [np.arange(24, dtype=np.float32).reshape(2, 12), ("c", _i64(-1, 10)),
                                         ("c", _i64(-9223372036854775807, 1)), ("c", _i64(1, 0)), ("c", _i64(-1, -3))],
                           F),

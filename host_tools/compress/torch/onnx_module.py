@@ -82,10 +82,8 @@ class OnnxModule(nn.Module):
 
 def _conv(a, at):
     x, w, b = a[0], a[1], a[2] if len(a) > 2 else None
-    pads = at.get("pads", [0] * (2 * (w.dim() - 2)))
-    if at.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise NotApplicable("Conv with auto_pad is not supported by fine-tuning")
     dims = w.dim() - 2
+    pads = _auto_pads(x, w, at) or at.get("pads", [0] * (2 * dims))
     half = len(pads) // 2
     if pads[:half] != pads[half:]:
         x = F.pad(x, [p for i in reversed(range(dims)) for p in (pads[i], pads[i + half])])
@@ -93,6 +91,26 @@ def _conv(a, at):
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
     return conv(x, w, b, stride=at.get("strides", 1), padding=pads[:half], dilation=at.get("dilations", 1),
                 groups=at.get("group", 1))
+
+
+def _auto_pads(x, w, at) -> list[int] | None:
+    """A Conv's pads from its auto_pad (None when it has none): SAME_UPPER and SAME_LOWER pad so that
+    each spatial size becomes ceil(size / stride), the odd one out at the end or at the start."""
+    mode = at.get("auto_pad", b"NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    dims = w.dim() - 2
+    if mode == "NOTSET":
+        return None
+    if mode == "VALID":
+        return [0] * (2 * dims)
+    strides, dilations = at.get("strides", [1] * dims), at.get("dilations", [1] * dims)
+    begins, ends = [], []
+    for size, kernel, stride, dilation in zip(x.shape[2:], w.shape[2:], strides, dilations):
+        total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+        small, large = total // 2, total - total // 2
+        begins.append(small if mode == "SAME_UPPER" else large)
+        ends.append(large if mode == "SAME_UPPER" else small)
+    return begins + ends
 
 
 def _gemm(a, at):
