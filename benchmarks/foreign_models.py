@@ -280,9 +280,9 @@ def run_tflite(name: str, cls, config, kind: str, work: Path, torch, recover: in
     row: dict = {"kib": path.stat().st_size / 1024, "notes": {}}
     recipe_cells(original, "tflite", dataset, work, row)
     from host_tools.compress.tflite import flatbuffer
-    from host_tools.compress.tflite.channels import plan_channel_pruning
+    from host_tools.compress.tflite.prune import prepared_plan
 
-    plan = plan_channel_pruning(flatbuffer.read(path)[0])
+    plan = prepared_plan(flatbuffer.read(path)[0], path)
     heads = sum(any(r.edits[0][3].shape[1] > 1 for r in group) for group in plan.groups)
     layers = len({r.layer for r in plan.regions})  # (a layer SLICEs split is walked once per part)
     prune_cell(original, "tflite-prune-channels", dataset, work, row, layers, layers + len(plan.skipped), heads,

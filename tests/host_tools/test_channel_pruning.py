@@ -1601,34 +1601,40 @@ def test_a_position_table_interpolated_at_every_run_is_a_constant_the_stream_los
 
 
 def test_values_computed_from_constants_become_constants_unless_they_would_grow_the_file(tmp_path):
-    """A computation on constants alone is replaced by its value (as ONNX Runtime computes it), and
-    what only it read goes; one whose value is larger than what it replaces by over a megabyte (a
-    small constant broadcast to [512, 1024]) stays a computation. The graph computes what it did."""
+    """A value computed from constants alone is replaced by its value, as ONNX Runtime computes it,
+    and what only it read goes: a scaled constant, and the sum of a broadcast (the [65536, 8]
+    broadcast inside goes with it). A broadcast that is itself read — 2 MB, from 48 bytes of
+    constants — stays a computation. Either way the graph computes what it did."""
     from host_tools.compress.onnx import static_shapes
 
     rng = np.random.default_rng(0)
-    inits = {"c": rng.standard_normal((1, 8)), "two": np.array(2.0), "shape": np.array([512, 1024])}
-    nodes = [helper.make_node("Mul", ["c", "two"], ["scaled"]), helper.make_node("Add", ["x", "scaled"], ["a"]),
-             helper.make_node("Expand", ["c", "shape"], ["big"]),
-             helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0),
-             helper.make_node("Mul", ["a", "s"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
-                              [numpy_helper.from_array(v.astype(np.float32 if k != "shape" else np.int64), k)
-                               for k, v in inits.items()])
-    path = graphs.save(graph, tmp_path / "m.onnx")
-    model = onnx.load(str(path))
+    c, big = rng.standard_normal((1, 8)).astype(np.float32), np.array([65536, 8])
+
+    def model(nodes, x_shape):
+        inits = [numpy_helper.from_array(c, "c"), numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+                 numpy_helper.from_array(big, "big")]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, x_shape)], inits)
+        return onnx.load(str(graphs.save(graph, tmp_path / "m.onnx")))
+
+    def outputs(proto, x):
+        return ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+
+    small = model([helper.make_node("Mul", ["c", "two"], ["scaled"]), helper.make_node("Add", ["x", "scaled"], ["a"]),
+                   helper.make_node("Expand", ["c", "big"], ["wide"]),
+                   helper.make_node("ReduceSum", ["wide"], ["s"], keepdims=0),
+                   helper.make_node("Mul", ["a", "s"], ["y"])], ["n", 8])
     x = rng.standard_normal((3, 8)).astype(np.float32)
-    assert static_shapes.constant_subgraphs(model) == 0  # the [512, 1024] broadcast would add 2 MB
-    model.graph.node.remove(next(n for n in model.graph.node if n.op_type == "ReduceSum"))
-    model.graph.node.remove(next(n for n in model.graph.node if n.op_type == "Expand"))
-    model.graph.node.remove(next(n for n in model.graph.node if n.output[0] == "y"))
-    model.graph.node.append(helper.make_node("Mul", ["a", "two"], ["y"]))
-    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
-    assert static_shapes.constant_subgraphs(model) == 1
-    assert [n.op_type for n in model.graph.node] == ["Add", "Mul"]  # the constant scaled, now a value
-    assert "c" not in {i.name for i in model.graph.initializer}
-    np.testing.assert_allclose(ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0], want)
+    want = outputs(small, x)
+    assert static_shapes.constant_subgraphs(small) == 2
+    assert [n.op_type for n in small.graph.node] == ["Add", "Mul"]  # scaled and s are values now
+    assert {i.name for i in small.graph.initializer} == {"scaled", "s"}
+    np.testing.assert_allclose(outputs(small, x), want, rtol=1e-6)
+
+    wide = model([helper.make_node("Expand", ["c", "big"], ["wide"]), helper.make_node("Add", ["x", "wide"], ["y"])],
+                 ["n", 65536, 8])
+    assert static_shapes.constant_subgraphs(wide) == 0
+    assert [n.op_type for n in wide.graph.node] == ["Expand", "Add"]
 
 
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")

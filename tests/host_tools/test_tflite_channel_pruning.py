@@ -10,6 +10,7 @@ import pytest
 from host_tools.compress import ModelFile, load_recipe, run_recipe
 from host_tools.compress.tflite import flatbuffer
 from host_tools.compress.tflite.channels import Graph, plan_channel_pruning, stale_shape_constants
+from host_tools.compress.tflite.prune import prepared_plan
 from tests.conftest import MODELS
 from tests.host_tools.test_compress import HELDOUT, TRAIN, steps
 
@@ -22,7 +23,7 @@ def _silenced(path, out, exclude=()):
     constant that pruning cuts (weights, biases, per-channel constants, the reading layers' inputs):
     the channels pruning by weight norm removes first, and whose removal changes no output."""
     tree, outside = flatbuffer.read(path)
-    plan = plan_channel_pruning(tree, set(exclude))
+    plan = prepared_plan(tree, path, exclude)  # (values computed from constants alone made constants first)
     g = Graph(tree)
     for region in plan.regions:
         # the middle two of every four units: pruning must score each unit (a head: its rows in each of
@@ -104,6 +105,9 @@ STREAM = ("FULLY_CONNECTED #3", "FULLY_CONNECTED #37", "FULLY_CONNECTED #53", "F
     # Swin's patch merging: the stream (patch convolution and residual MLP) through four STRIDED_SLICEs
     # of other axes joined along the channels, each channel at four places of the joined tensor
     (FIXTURES / "patch_merging.tflite", 4, ()),
+    # a position table resized to the grid of patches at every run (~100 ops of bicubic arithmetic on
+    # constants), computed once: a per-channel constant, cut with the patch convolution's stream
+    (FIXTURES / "resized_positions.tflite", 3, ()),
 ], ids=lambda v: getattr(v, "stem", None) or (str(v) if isinstance(v, int) else "stream-left" if v else "all"))
 def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_path, path, layers, exclude):
     """Half of each group's channels are exact zeros wherever pruning cuts: removing exactly those
@@ -217,6 +221,24 @@ def test_swin_patch_merging_is_pruned_through_the_layernorm_of_its_joined_channe
                       g.shape(g.input(k, 1)) == [8, 16])  # 2·8 outputs at half, from 4·4 joined channels
     assert g.shape(g.input(projection, 0))[-1] == 16
     assert all(np.isfinite(v).all() for out in _outputs(report.result.model) for v in out.values())
+
+
+def test_values_computed_from_constants_alone_become_constants_that_compute_the_same(tmp_path):
+    """litert-torch leaves the bicubic resizing of a position table to the grid of patches in the
+    graph, ~100 ops run at every inference on constants alone. Read once from the interpreter, their
+    result is a constant: the ops go, and the model computes what it did."""
+    from host_tools.compress.tflite.fold import constant_ops
+
+    path = FIXTURES / "resized_positions.tflite"
+    tree, outside = flatbuffer.read(path)
+    before = len(tree.subgraphs[0].operators)
+    assert constant_ops(tree, path) == 1
+    assert len(tree.subgraphs[0].operators) < before - 50
+    flatbuffer.write(tree, outside, tmp_path / "folded.tflite")
+    folded = ModelFile(tmp_path / "folded.tflite", "tflite")
+    for want, got in zip(_outputs(ModelFile(path, "tflite")), _outputs(folded)):
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6)
 
 
 def test_a_quantized_model_is_refused_in_one_line(tmp_path):

@@ -180,12 +180,15 @@ def constant_subgraphs(model, slack_bytes: int = 1 << 20) -> int:
     """Replace tensors computed from constants only with their values, as ONNX Runtime computes them
     (DINOv2 interpolates its position table to the image's patch grid at every run, BEiT looks its
     relative-position bias up in a table with constant indices): pruning then sees a per-channel or
-    per-head constant where it saw an unknown branch. Done only when the new constants take no more
-    than those they replace, plus *slack_bytes*; returns how many tensors became constants."""
-    from onnx import numpy_helper
+    per-head constant where it saw an unknown branch. A value is taken when it is at most
+    *slack_bytes*, or no larger than the constants it is computed from (a broadcast to a large
+    tensor stays a computation); returns how many tensors became constants."""
+    from onnx import helper, numpy_helper
 
     graph = model.graph
-    inputs_of = {i.name for i in graph.initializer}
+    sizes = {i.name: int(np.prod(i.dims)) * helper.tensor_dtype_to_np_dtype(i.data_type).itemsize
+             for i in graph.initializer}
+    inputs_of = set(sizes)
     computed: set[str] = set()
     for node in graph.node:
         given = [name for name in node.input if name]
@@ -200,8 +203,20 @@ def constant_subgraphs(model, slack_bytes: int = 1 << 20) -> int:
     found = runs(model, frontier)
     if not found:
         return 0
+    made_by = {name: node for node in graph.node for name in node.output}
+
+    def from_bytes(name: str) -> int:  # of the constants *name* is computed from
+        seen, stack = set(), [name]
+        while stack:
+            for given in made_by[stack.pop()].input:
+                if given in made_by and given not in seen:
+                    stack.append(given)
+                seen.add(given)
+        return sum(sizes.get(given, 0) for given in seen)
+
     values = {name: found[0][name] for name in frontier
-              if all(np.array_equal(run[name], found[0][name]) for run in found[1:])}
+              if all(np.array_equal(run[name], found[0][name]) for run in found[1:])
+              and found[0][name].nbytes <= max(slack_bytes, from_bytes(name))}
     # the nodes no longer needed once those are constants, and the initializers only they read
     needed = set(outputs) | {name for node in graph.node if not set(node.output) & computed for name in node.input}
     dead = []
@@ -210,9 +225,7 @@ def constant_subgraphs(model, slack_bytes: int = 1 << 20) -> int:
             dead.append(node)
         else:
             needed.update(node.input)
-    sizes = {i.name: numpy_helper.to_array(i).nbytes for i in graph.initializer}
-    freed = sum(sizes[name] for name in sizes if name not in needed)
-    if not values or sum(v.nbytes for v in values.values()) > freed + slack_bytes:
+    if not values:
         return 0
     for node in dead:
         graph.node.remove(node)

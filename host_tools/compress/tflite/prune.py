@@ -106,13 +106,13 @@ class TfliteChannelPruning(Pass):
     Config = ChannelPruningConfig
 
     def run(self, model, config, workdir):
-        from host_tools.compress.tflite.channels import plan_channel_pruning, prune_channels, stale_shape_constants
+        from host_tools.compress.tflite.channels import prune_channels, stale_shape_constants
 
         structured.check(self.name, config)
         pruned = ModelFile(Path(workdir) / f"{model.path.stem}.channels{round(config.ratio * 100)}.tflite", "tflite")
         with failing_as(self.name, model):
             tree, outside = flatbuffer.read(model.path)
-            plan = plan_channel_pruning(tree, set(config.exclude))
+            plan = prepared_plan(tree, model.path, config.exclude)
             if not plan.regions:
                 raise NotApplicable(f"{model.path.name}: no layer whose channels can be removed safely "
                                     f"({plan.why_none()})")
@@ -129,6 +129,16 @@ class TfliteChannelPruning(Pass):
         with failing_as(self.name, model):
             return recover(pruned, teacher=model, data=config.calibration, epochs=config.recover_epochs,
                            labels_weight=config.labels_weight, workdir=workdir)
+
+
+def prepared_plan(tree, path: Path, exclude=()):
+    """The channel-pruning plan of *tree* (read from *path*), after values it computes from constants
+    alone are made constants (``fold``; *tree* changes in place)."""
+    from host_tools.compress.tflite.channels import plan_channel_pruning
+    from host_tools.compress.tflite.fold import constant_ops
+
+    constant_ops(tree, path)
+    return plan_channel_pruning(tree, set(exclude))
 
 
 def _check_consistent(pruned: ModelFile, model: ModelFile, stale: list[str]) -> None:

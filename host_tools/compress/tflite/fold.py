@@ -1,0 +1,89 @@
+"""Values a TFLite graph computes from constants alone, made constants: the TFLite counterpart of
+``onnx/static_shapes.constant_subgraphs``.
+
+litert-torch leaves some computations on constants in the graph, run at every inference: YOLOS
+resizes its position table to the grid of patches (BROADCAST_TO, GATHER_ND of the table with
+constant indices, TRANSPOSE, RESHAPE, CONCATENATION). Structured pruning sees their result as a
+branch no layer explains; as a constant it is a per-channel constant it can cut. The values are read
+from the TFLite interpreter itself (every tensor kept), so they are exactly what the model computed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from host_tools.compress.tflite.channels import Graph
+
+# Never replaced by their values: state, control flow and random draws are not functions of the
+# op's constant inputs.
+NOT_CONSTANT = {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE", "WHILE", "IF", "CALL",
+                "RANDOM_STANDARD_NORMAL", "RANDOM_UNIFORM", "MULTINOMIAL", "DEQUANTIZE", "QUANTIZE"}
+
+
+def constant_ops(tree, path: Path, slack_bytes: int = 1 << 20) -> int:
+    """Replace the tensors of *tree* (read from *path*) that ops compute from constants alone with
+    their values, and drop the ops no longer needed. A value is taken when it is at most
+    *slack_bytes*, or no larger than the constants it is computed from (a broadcast to a large tensor
+    stays a computation). Returns how many tensors became constants."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    g = Graph(tree)
+    computed: set[int] = set()
+    for k, op in enumerate(g.ops):
+        given = [int(t) for t in op.inputs if t >= 0]
+        if given and g.kinds[k] not in NOT_CONSTANT and \
+                all(t in computed or g.const(t) is not None for t in given):
+            computed.update(int(t) for t in op.outputs)
+    live = [k for k, op in enumerate(g.ops) if not {int(t) for t in op.outputs} <= computed]
+    frontier = sorted({int(t) for k in live for t in g.ops[k].inputs if int(t) in computed} - g.outputs)
+    if not frontier:
+        return 0
+    made_by = {int(t): k for k, op in enumerate(g.ops) for t in op.outputs}
+
+    def from_bytes(t: int) -> int:  # of the constants *t* is computed from
+        seen, stack = set(), [t]
+        while stack:
+            for given in (int(i) for i in g.ops[made_by[stack.pop()]].inputs if i >= 0):
+                if given in made_by and given not in seen:
+                    stack.append(given)
+                seen.add(given)
+        return sum(g.const(given).nbytes for given in seen if given not in made_by)
+
+    values = {t: value for t, value in _values(path, frontier).items()
+              if value.nbytes <= max(slack_bytes, from_bytes(t))}
+    if not values:
+        return 0
+    needed = set(g.outputs) | {int(t) for k in live for t in g.ops[k].inputs}
+    dead = set()
+    for k in reversed(range(len(g.ops))):
+        outputs = {int(t) for t in g.ops[k].outputs}
+        if outputs <= computed and not (outputs & needed - set(values)):
+            dead.add(k)
+        else:
+            needed.update(int(t) for t in g.ops[k].inputs)
+    for t, value in values.items():
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(np.ascontiguousarray(value).tobytes(), np.uint8).copy()
+        tree.buffers.append(buffer)
+        g.tensor(t).buffer = len(tree.buffers) - 1
+    g.graph.operators = [op for k, op in enumerate(g.ops) if k not in dead]
+    return len(values)
+
+
+def _values(path: Path, tensors: list[int]) -> dict[int, np.ndarray]:
+    """The values of *tensors* when the model at *path* runs once on zeros, from an interpreter that
+    keeps every tensor (without delegates, which would keep their own); empty when it does not run."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        interpreter = Interpreter(model_path=str(path), experimental_preserve_all_tensors=True,
+                                  experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        interpreter.allocate_tensors()
+        for detail in interpreter.get_input_details():
+            interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
+        interpreter.invoke()
+        return {t: np.array(interpreter.get_tensor(t)) for t in tensors}
+    except Exception:  # noqa: BLE001 — any failure means: not known
+        return {}
