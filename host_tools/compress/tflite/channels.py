@@ -558,14 +558,29 @@ def _tie(regions: list[Region]) -> list[list[Region]]:
         j = by_weight.setdefault(region.weight, i)
         if j != i:
             tied.join(i, j)
+    # the regions holding each tensor, by where they hold it: a meeting there ties a region to all of
+    # them, so they are tied to each other once, and each meeting to the first (an unrolled LSTM's
+    # steps meet the same tensors tens of thousands of times)
+    def place(tensor: int, axis: int, positions: np.ndarray) -> tuple:
+        return tensor, axis, positions.shape, np.ascontiguousarray(positions, np.int64).tobytes()
+
+    holders: dict[tuple, list[int]] = {}
+    for j, r in enumerate(regions):
+        for tensor, (axis, positions) in r.tensors.items():
+            holders.setdefault(place(tensor, axis, positions), []).append(j)
+    joined: set[tuple] = set()
     for i, region in enumerate(regions):
         for tensor, axis, positions, op in region.meets:
-            others = [j for j, r in enumerate(regions) if tensor in r.tensors and r.tensors[tensor][0] == axis
-                      and np.array_equal(r.tensors[tensor][1], positions)]
+            key = place(tensor, axis, positions)
+            others = holders.get(key, [])
             if not others:
                 region.why = region.why or f"its output meets another branch at {op} (a residual connection or a gate)"
-            for j in others:
-                tied.join(i, j)
+                continue
+            if key not in joined:
+                joined.add(key)
+                for j in others[1:]:
+                    tied.join(others[0], j)
+            tied.join(i, others[0])
     return [[regions[i] for i in members] for members in tied.sets()]
 
 
