@@ -1696,3 +1696,50 @@ def test_group_norms_are_pruned_as_the_same_group_norms_of_the_channels_that_sta
         x = torch.randn(3, 3, 8, 8)
         want = small(x).numpy()
     np.testing.assert_allclose(_run(report.result.model.path, x.numpy()), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+def test_tokens_flattened_for_a_batch_norm_keep_their_channels(tmp_path):
+    """LeViT's layers are a Linear and a BatchNorm1d over the tokens flattened into one batch of
+    vectors (x.flatten(0, 1), then back with reshape_as): the channels stay last, so the residual
+    MLP and the stream are pruned through them, and the silent channels removed change nothing."""
+    torch = pytest.importorskip("torch")
+    from host_tools.compress.onnx.prune import prepared_plan
+    nn = torch.nn
+
+    class LinearNorm(nn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.linear, self.norm = nn.Linear(cin, cout), nn.BatchNorm1d(cout)
+
+        def forward(self, x):
+            return self.norm(self.linear(x).flatten(0, 1)).reshape_as(self.linear(x))
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.up, self.down = LinearNorm(6, 16), LinearNorm(16, 32), LinearNorm(32, 16)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            x = self.embed(x)
+            return self.head((x + self.down(nn.functional.hardswish(self.up(x)))).mean(1))
+
+    torch.manual_seed(0)
+    net = Tokens().eval()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm1d):
+                module.running_mean.uniform_(-0.5, 0.5), module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "tokens.onnx"
+    torch.onnx.export(net, (torch.randn(2, 5, 6),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    assert "Flatten" in [n.op_type for n in onnx.load(str(path)).graph.node]
+    proto = onnx.load(str(path))
+    plan = prepared_plan(proto)
+    assert sorted(sorted(p.node.split("/")[1] for p in g.producers) for g in plan.groups) == \
+        [["down", "embed"], ["up"]], plan.skipped
+    silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
+    x = np.random.default_rng(0).standard_normal((3, 5, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(pruned, x), _run(silenced, x), rtol=1e-5, atol=1e-6)

@@ -362,6 +362,10 @@ def _through_one_input(node, region: Region, g: Graph, enter) -> str | None:
             return "unknown spatial size before Flatten"
         block = int(np.prod(shape[2:], dtype=np.int64))
         return enter(node.output[0], replace(layout, kind="vec", rank=2, block=block))
+    if op == "Flatten" and layout.kind == "vec" and layout.rank and \
+            attr(node, "axis", 1) % layout.rank == layout.rank - 1:
+        # tokens flattened into one batch of vectors, the channels still last (LeViT's BatchNorm1d)
+        return enter(node.output[0], replace(layout, rank=2))
     return f"{op} across its channels"
 
 
