@@ -1559,34 +1559,14 @@ def test_a_grouped_conv_it_cannot_cut_evenly_keeps_the_channels_it_reads(tmp_pat
     assert [sorted(p.node for p in g.producers) for g in plan.groups] == [["g"]]  # its own output: 16 in 4 or 8
 
 
-@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
-@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
 def test_a_position_table_interpolated_at_every_run_is_a_constant_the_stream_loses_channels_of(tmp_path):
     """DINOv2 resizes its position table to the image's grid of patches at every run (bicubic, from
-    constants only, as its export writes it). Computed once, it is a per-channel constant added to the
-    patch tokens, so the patch convolution's stream and the residual MLP are pruned with it; the silent
-    channels removed leave the outputs as they were."""
-    torch = pytest.importorskip("torch")
+    constants only, as its export writes it; the fixture does the same). Computed once, it is a
+    per-channel constant added to the patch tokens, so the patch convolution's stream and the residual
+    MLP are pruned with it; the silent channels removed leave the outputs as they were."""
     from host_tools.compress.onnx.prune import prepared_plan
-    nn = torch.nn
 
-    class Patches(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.patch, self.position = nn.Conv2d(3, 16, 4, stride=4), nn.Parameter(torch.randn(1, 16, 3, 3))
-            self.up, self.down, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 3)
-
-        def forward(self, image):
-            x = self.patch(image)
-            table = nn.functional.interpolate(self.position, size=(x.shape[2], x.shape[3]), mode="bicubic",
-                                              align_corners=False)
-            x = x.flatten(2).transpose(1, 2) + table.flatten(2).transpose(1, 2)
-            return self.head((x + self.down(nn.functional.gelu(self.up(x)))).mean(1))
-
-    torch.manual_seed(0)
-    path = tmp_path / "patches.onnx"
-    torch.onnx.export(Patches().eval(), (torch.randn(2, 3, 16, 16),), str(path), input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    path = FIXTURES / "resized_positions.onnx"
     assert "Resize" in [n.op_type for n in onnx.load(str(path)).graph.node]
     proto = onnx.load(str(path))
     plan = prepared_plan(proto)
@@ -1595,9 +1575,10 @@ def test_a_position_table_interpolated_at_every_run_is_a_constant_the_stream_los
     assert "Resize" not in [n.op_type for n in proto.graph.node]  # computed once: a constant [1, 16 tokens, 16]
     x = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
     onnx.save(proto, str(tmp_path / "folded.onnx"))
-    np.testing.assert_allclose(_run(tmp_path / "folded.onnx", x), _run(path, x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_run(tmp_path / "folded.onnx", x, "image"), _run(path, x, "image"),
+                               rtol=1e-6, atol=1e-6)
     silenced, pruned = _silenced_and_pruned(proto, plan, tmp_path)
-    np.testing.assert_allclose(_run(pruned, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_run(pruned, x, "image"), _run(silenced, x, "image"), rtol=1e-5, atol=1e-6)
 
 
 def test_values_computed_from_constants_become_constants_unless_they_would_grow_the_file(tmp_path):
