@@ -79,10 +79,10 @@ def architectures(T) -> dict[str, tuple]:
         "mobilenetv2": (T.MobileNetV2ForImageClassification, T.MobileNetV2Config(
             image_size=32, depth_multiplier=0.25, num_labels=5, initializer_range=0.3), "image"),
         "mobilevit": (T.MobileViTForImageClassification, T.MobileViTConfig(
-            image_size=32, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 48], num_attention_heads=2,
-            num_labels=5, initializer_range=0.5), "image"),
-        "poolformer": (T.PoolFormerForImageClassification, T.PoolFormerConfig(hidden_sizes=[16, 32, 48, 64],
-                                                                              depths=[1, 1, 1, 1], num_labels=5), "image"),
+            image_size=32, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 48],
+            num_attention_heads=2, num_labels=5, initializer_range=0.5), "image"),
+        "poolformer": (T.PoolFormerForImageClassification, T.PoolFormerConfig(
+            hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_labels=5), "image"),
         "resnet": (T.ResNetForImageClassification, T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32],
                                                                   depths=[1, 1], num_labels=5), "image"),
         "regnet": (T.RegNetForImageClassification, T.RegNetConfig(embedding_size=16, hidden_sizes=[32, 64],

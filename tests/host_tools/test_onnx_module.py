@@ -66,7 +66,8 @@ CASES = {
                               [np.random.default_rng(0).standard_normal((2, 3, 5)).astype(np.float32),
                                ("c", np.array([1, 2, 0.5], np.float32)), ("c", np.array([0, 1, -1], np.float32))], F),
     **{op: (op, {}, [np.linspace(-5, 5, 21, dtype=np.float32)], F)
-       for op in ("HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus", "Softsign", "Mish", "Celu", "ThresholdedRelu")},
+       for op in ("HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus", "Softsign", "Mish", "Celu",
+                  "ThresholdedRelu")},
     "HardSigmoid (own constants)": ("HardSigmoid", {"alpha": 0.3, "beta": 0.4},
                                     [np.linspace(-5, 5, 21, dtype=np.float32)], F),
     "Elu (own alpha)": ("Elu", {"alpha": 0.5}, [np.linspace(-5, 5, 21, dtype=np.float32)], F),

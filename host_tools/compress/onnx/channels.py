@@ -255,7 +255,7 @@ def _why_not(indices: list[int], labels: list[str], regions: list[Region]) -> st
     segments = math.lcm(*(regions[i].segments for i in indices))
     if segments > 1 and any(regions[i].out_block != 1 or regions[i].coarse != 1 for i in indices):
         return "a grouped Conv's channels split into attention heads"
-    if segments > 1 and regions[indices[0]].channels % segments or regions[indices[0]].channels < 2 * segments:
+    if segments > 1 and (regions[indices[0]].channels % segments or regions[indices[0]].channels < 2 * segments):
         return f"a grouped Conv's {segments} groups leave fewer than two channels each"
     return None
 
@@ -311,8 +311,8 @@ def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
     # axis 0 first: a grouped Conv's inputs are cut per group, once its rows (each group's outputs) are
     for (name, axis), gone in sorted(removed.items(), key=lambda item: item[0][1] != 0):
         array = arrays.get(name, numpy_helper.to_array(inits[name]))
-        arrays[name] = structured.cut_grouped_inputs(array, grouped[name], gone, axis=1) if name in grouped and axis == 1 else \
-            np.delete(array, sorted(gone), axis=axis)
+        arrays[name] = structured.cut_grouped_inputs(array, grouped[name], gone, axis=1) \
+            if name in grouped and axis == 1 else np.delete(array, sorted(gone), axis=axis)
     for name, value in arrays.items():
         inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
     for node in proto.graph.node:
@@ -330,4 +330,3 @@ def _zero_grouped_inputs(weight: np.ndarray, groups: int, gone) -> np.ndarray:
     for c in gone:
         weight[c // per_group * rows:(c // per_group + 1) * rows, c % per_group] = 0
     return weight
-

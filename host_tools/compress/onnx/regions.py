@@ -18,7 +18,6 @@ hands the walk to ``heads``. Anything else stops the walk with the reason.
 from __future__ import annotations
 
 import math
-
 from dataclasses import replace
 
 import numpy as np

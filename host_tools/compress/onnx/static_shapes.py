@@ -175,7 +175,6 @@ def slice_bounds(node, consts: dict, dims: dict) -> tuple[int, int, int] | None:
     return axis, start, end
 
 
-
 def constant_subgraphs(model, slack_bytes: int = 1 << 20) -> int:
     """Replace tensors computed from constants only with their values, as ONNX Runtime computes them
     (DINOv2 interpolates its position table to the image's patch grid at every run, BEiT looks its
@@ -217,7 +216,9 @@ def constant_subgraphs(model, slack_bytes: int = 1 << 20) -> int:
     values = {name: found[0][name] for name in frontier
               if all(np.array_equal(run[name], found[0][name]) for run in found[1:])
               and found[0][name].nbytes <= max(slack_bytes, from_bytes(name))}
-    # the nodes no longer needed once those are constants, and the initializers only they read
+    if not values:
+        return 0
+    # the nodes no longer needed once those are constants (the initializers only they read go after them)
     needed = set(outputs) | {name for node in graph.node if not set(node.output) & computed for name in node.input}
     dead = []
     for node in reversed(graph.node):
@@ -225,11 +226,8 @@ def constant_subgraphs(model, slack_bytes: int = 1 << 20) -> int:
             dead.append(node)
         else:
             needed.update(node.input)
-    if not values:
-        return 0
     for node in dead:
         graph.node.remove(node)
     graph.initializer.extend(numpy_helper.from_array(np.asarray(value), name) for name, value in values.items())
     drop_unused_initializers(graph, set(sizes))
     return len(values)
-

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from host_tools.compress.tflite.channels import Graph
+from host_tools.compress.tflite.channels import DTYPES, Graph
 
 # Never replaced by their values: state, control flow and random draws are not functions of the
 # op's constant inputs.
@@ -33,8 +33,7 @@ def constant_ops(tree, path: Path, slack_bytes: int = 1 << 20) -> int:
     computed: set[int] = set()
     for k, op in enumerate(g.ops):
         given = [int(t) for t in op.inputs if t >= 0]
-        if given and g.kinds[k] not in NOT_CONSTANT and \
-                all(t in computed or g.const(t) is not None for t in given):
+        if given and g.kinds[k] not in NOT_CONSTANT and all(t in computed or _stored(g, t) for t in given):
             computed.update(int(t) for t in op.outputs)
     live = [k for k, op in enumerate(g.ops) if not {int(t) for t in op.outputs} <= computed]
     frontier = sorted({int(t) for k in live for t in g.ops[k].inputs if int(t) in computed} - g.outputs)
@@ -49,7 +48,7 @@ def constant_ops(tree, path: Path, slack_bytes: int = 1 << 20) -> int:
                 if given in made_by and given not in seen:
                     stack.append(given)
                 seen.add(given)
-        return sum(g.const(given).nbytes for given in seen if given not in made_by)
+        return sum(len(tree.buffers[g.tensor(given).buffer].data) for given in seen if given not in made_by)
 
     values = {t: value for t, value in _values(path, frontier).items()
               if value.nbytes <= max(slack_bytes, from_bytes(t))}
@@ -70,6 +69,12 @@ def constant_ops(tree, path: Path, slack_bytes: int = 1 << 20) -> int:
         g.tensor(t).buffer = len(tree.buffers) - 1
     g.graph.operators = [op for k, op in enumerate(g.ops) if k not in dead]
     return len(values)
+
+
+def _stored(g: Graph, t: int) -> bool:
+    """Whether tensor *t* is a constant the file holds (without reading its bytes out)."""
+    data = g.tree.buffers[g.tensor(t).buffer].data
+    return data is not None and len(data) > 0 and g.tensor(t).type in DTYPES
 
 
 def _values(path: Path, tensors: list[int]) -> dict[int, np.ndarray]:
