@@ -191,6 +191,43 @@ def test_a_technique_that_does_not_apply_is_skipped_in_one_line_and_the_rest_run
     assert dynamic.status == "ok" and report.result is dynamic
 
 
+@pytest.mark.parametrize("recipe", ["int8-dynamic", "int8-static", "fp16", "int4-weights", "channels-50", "sparse-int8"])
+def test_a_model_quantized_already_is_refused_by_every_recipe_with_the_reason(static_report, recipe, tmp_path):
+    """The int8 model a recipe wrote, given back to any recipe: every pass that needs float weights
+    says in one line that the model is quantized already, and what to do; none fails or crashes
+    (fp16 used to make its QuantizeLinear scales float16, which ONNX Runtime cannot load)."""
+    quantized = ModelFile.open(static_report.result.model.path)
+    report = run_recipe(quantized, load_recipe(recipe, "onnx"), calib=CALIB, eval_data=HELDOUT, latency_runs=5,
+                        workdir=tmp_path)
+    assert not report.compressed
+    assert all(s.status != "failed" for s in report.steps), [(s.label, s.status, s.note) for s in report.steps]
+    refusals = [s.note for s in report.steps if "quantized already" in s.note]
+    assert refusals and all(note.endswith("nodes): compress the float model") and "\n" not in note
+                            for note in refusals)
+
+
+@pytest.fixture(scope="module")
+def tflite_int8(tmp_path_factory):
+    pytest.importorskip("litert_quantizer")
+    work = tmp_path_factory.mktemp("tflite_int8")
+    report = run_recipe(ModelFile.open(MODELS / "digits_cnn.tflite"), load_recipe("int8-static", "tflite"), calib=CALIB,
+                        eval_data=HELDOUT, latency_runs=5, workdir=work, out=work / "digits.int8.tflite")
+    assert report.compressed
+    return ModelFile.open(report.result.model.path)
+
+
+@pytest.mark.parametrize("recipe", ["int8-dynamic", "int8-weights", "int8-static", "fp16", "sparse-int8"])
+def test_a_tflite_model_quantized_already_is_refused_with_the_reason(tflite_int8, recipe, tmp_path):
+    """litert-quantizer stops with an AttributeError of its own on a model whose weights are int8
+    already: every TFLite quantizing pass says so in one line instead, and what to do."""
+    report = run_recipe(tflite_int8, load_recipe(recipe, "tflite"), calib=CALIB, eval_data=HELDOUT, latency_runs=5,
+                        workdir=tmp_path)
+    assert not report.compressed
+    assert all(s.status != "failed" for s in report.steps), [(s.label, s.status, s.note) for s in report.steps]
+    assert any(s.note == "digits.int8.tflite's weights are int8 (4 of 4) already: compress the float model"
+               for s in report.steps), [s.note for s in report.steps]
+
+
 def test_recurrent_model_with_state_input_says_what_does_not_apply(tmp_path):
     model = ModelFile.open(graphs.gru_with_state(tmp_path / "gru.onnx"))
     rng = np.random.default_rng(0)

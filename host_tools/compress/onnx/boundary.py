@@ -78,6 +78,21 @@ def output_path(workdir: Path, model: ModelFile, tag: str) -> Path:
     return Path(workdir) / f"{model.path.stem}.{tag}.onnx"
 
 
+# Ops only a quantized graph has (QDQ, QOperator, dynamic int8, int4 weight-only).
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "MatMulInteger", "ConvInteger", "MatMulNBits", "QGemm", "QAttention", "DynamicQuantizeMatMul")
+
+
+def quantized_already(graph) -> str:
+    """'' for a float graph; else what says it is quantized (", quantized already (15 DequantizeLinear,
+    7 QuantizeLinear nodes): compress the float model"), to end a pass's reason for not applying."""
+    found = Counter(node.op_type for node in graph.node if node.op_type in QUANTIZED_OPS)
+    if not found:
+        return ""
+    listed = ", ".join(f"{n} {op}" for op, n in found.most_common(3))
+    return f", quantized already ({listed} node{'s' * (sum(found.values()) != 1)}): compress the float model"
+
+
 def weighted_nodes(path: Path, op_types) -> list[tuple[str, str]]:
     """(name, op type) of the nodes of *op_types* that have a constant weight (an initializer of
     rank 2 or more among their inputs)."""

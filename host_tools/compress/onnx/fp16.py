@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from device_agent.errors import CompressionError, NotApplicable
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import output_path, session_crash
+from host_tools.compress.onnx.boundary import output_path, quantized_already, session_crash
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 
@@ -35,6 +35,9 @@ class OnnxFp16(Pass):
             types = {init.data_type for init in proto.graph.initializer}
             if onnx.TensorProto.FLOAT16 in types and onnx.TensorProto.FLOAT not in types:
                 raise NotApplicable(f"{model.path.name} has float16 weights already")
+            quantized = quantized_already(proto.graph)
+            if quantized:  # (its Quantize/DequantizeLinear nodes would be given float16 scales they cannot take)
+                raise NotApplicable(f"{model.path.name} cannot be made float16{quantized}")
             converted = convert_float_to_float16(
                 proto, keep_io_types=config.keep_io_types,
                 op_block_list=list(config.exclude_op_types) or None, node_block_list=list(config.exclude) or None)

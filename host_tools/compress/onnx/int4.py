@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from device_agent.errors import NotApplicable
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import drop_unused_initializers, output_path, quiet_ort_quantizer, weighted_nodes
+from host_tools.compress.onnx.boundary import (drop_unused_initializers, output_path, quantized_already,
+                                               quiet_ort_quantizer, weighted_nodes)
 from host_tools.compress.onnx.layout import attr
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
@@ -41,7 +42,8 @@ class OnnxInt4WeightOnly(Pass):
             gemms = sum(op == "Gemm" for _, op in layers)
             raise NotApplicable(f"{model.path.name} has no MatMul with constant weights "
                                 f"(int4 weight-only is for MatMul-heavy models such as transformers)" +
-                                (f"; its {gemms} Gemm layer(s) would be with gemm=true" if gemms else ""))
+                                (f"; its {gemms} Gemm layer(s) would be with gemm=true" if gemms else "") +
+                                quantized_already(onnx.load(str(model.path), load_external_data=False).graph))
         out = output_path(workdir, model, "int4")
         with failing_as(self.name, model):
             proto = onnx.load(str(model.path))

@@ -22,7 +22,7 @@ from host_tools.compress.magnitude import MagnitudeConfig, thresholds
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx import static_shapes
 from host_tools.compress.onnx.boundary import (hoist_constants, inline_constant_identities, output_path,
-                                               own_shape_constants, share_equal_initializers)
+                                               own_shape_constants, quantized_already, share_equal_initializers)
 from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
 from host_tools.compress.passes import Pass, failing_as, progress, register
 from host_tools.compress.structured import ChannelPruningConfig
@@ -49,7 +49,7 @@ class OnnxMagnitudePruning(Pass):
             weights = _weight_initializers(proto, config.min_elements)
             if not weights:
                 raise NotApplicable(f"{model.path.name} has no Conv/Gemm/MatMul weight of at least "
-                                    f"{config.min_elements} elements")
+                                    f"{config.min_elements} elements{quantized_already(proto.graph)}")
             arrays = [numpy_helper.to_array(init) for init in weights]
             for init, array, cut in zip(weights, arrays, thresholds(arrays, config)):
                 init.CopyFrom(numpy_helper.from_array(np.where(np.abs(array) <= cut, 0, array).astype(array.dtype),
@@ -88,7 +88,7 @@ class OnnxChannelPruning(Pass):
             plan = prepared_plan(proto, config.exclude)
             if not plan.groups:
                 raise NotApplicable(f"{model.path.name}: no layer whose channels can be removed safely "
-                                    f"({plan.why_none()})")
+                                    f"({plan.why_none()}){quantized_already(proto.graph)}")
             progress(f"      pruning {config.ratio:.0%} of the channels of {plan.summary()}")
             prune_channels(proto, plan, config.ratio, config.criterion)
             _check_consistent(proto, model)

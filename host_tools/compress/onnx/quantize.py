@@ -14,7 +14,8 @@ from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, index_nodes, output_path,
-                                                quiet_ort_quantizer, weighted_nodes, with_opset_at_least)
+                                                quantized_already, quiet_ort_quantizer, weighted_nodes,
+                                                with_opset_at_least)
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
 NO_CALIBRATION = "needs calibration data (--calib): static quantization will not calibrate on random noise"
@@ -177,8 +178,11 @@ def _distance(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
 
 
 def _require_weighted_nodes(model: ModelFile, op_types: tuple[str, ...]) -> list[tuple[str, str]]:
+    import onnx
+
     nodes = weighted_nodes(model.path, op_types)
     if not nodes:
         raise NotApplicable(f"{model.path.name} has no node with constant weights that this quantizer "
-                            f"handles ({', '.join(op_types)})")
+                            f"handles ({', '.join(op_types)})"
+                            + quantized_already(onnx.load(str(model.path), load_external_data=False).graph))
     return nodes

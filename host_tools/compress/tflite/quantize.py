@@ -12,6 +12,7 @@ import contextlib
 import io
 import logging
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,9 @@ class _LiteRtPass(Pass):
 
         out = Path(workdir) / f"{model.path.stem}.{self.tag}.tflite"
         with _quiet(), failing_as(self.name, model):
+            done = _quantized_already(model.path)
+            if done:  # (litert-quantizer fails on such a model with an AttributeError of its own)
+                raise NotApplicable(f"{model.path.name}'s weights are {done} already: compress the float model")
             quantizer = lq.Quantizer(str(model.path))
             self.configure(quantizer, config)
             result = quantizer.quantize(self.calibration(quantizer, model, config))
@@ -157,6 +161,32 @@ class TfliteFp16(_LiteRtPass):
 
         quantizer.add_weight_only_config(regex=config.layers, operation_name=TFLOperationName.ALL_SUPPORTED,
                                          num_bits=16, algorithm_key=AlgorithmName.FLOAT_CASTING)
+
+
+# TFLite TensorType -> name, for the weights a quantized model stores
+_WEIGHT_TYPES = {0: "float32", 1: "float16", 3: "uint8", 7: "int16", 9: "int8", 17: "int4"}
+_WEIGHTED = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1, "TRANSPOSE_CONV": 1, "CONV_3D": 1}
+
+
+def _quantized_already(path: Path) -> str:
+    """'' when some weight of a weighted op is float32; else what its weights are ("int8 (4 of 4)"),
+    a float16 weight counted where a DEQUANTIZE turns it into the float32 the op reads."""
+    from host_tools.compress.tflite.channels import Graph
+
+    g = Graph(flatbuffer.read(path)[0])
+    made_by = {int(t): k for k, op in enumerate(g.ops) for t in op.outputs}
+    kinds = []
+    for k, kind in enumerate(g.kinds):
+        if kind not in _WEIGHTED or g.input(k, _WEIGHTED[kind]) < 0:
+            continue
+        t = g.input(k, _WEIGHTED[kind])
+        if t in made_by and g.kinds[made_by[t]] == "DEQUANTIZE":
+            t = g.input(made_by[t], 0)
+        kinds.append(_WEIGHT_TYPES.get(g.tensor(t).type, "other"))
+    if not kinds or "float32" in kinds:
+        return ""
+    top, n = Counter(kinds).most_common(1)[0]
+    return f"{top} ({n} of {len(kinds)})"
 
 
 @contextlib.contextmanager
