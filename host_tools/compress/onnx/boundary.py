@@ -142,6 +142,35 @@ def consumers(graph) -> dict[str, list]:
     return found
 
 
+def sort_topologically(graph) -> bool:
+    """Put the nodes of *graph* in an order where each comes after the nodes it reads, as ONNX
+    requires (ONNX Runtime loads graphs that are not, and its float16 converter writes its Casts
+    last), moving as few as it can: a node waits only until what it reads is made. A graph in order,
+    or with subgraphs (which read outer names unseen), is left as it is. Returns whether it changed."""
+    nodes = list(graph.node)
+    made = {"", *(i.name for i in graph.initializer), *(v.name for v in graph.input)}
+    placed, pending = [], list(range(len(nodes)))
+    while pending:
+        waiting = []
+        for i in pending:
+            if all(name in made for name in nodes[i].input):
+                placed.append(i)
+                made.update(nodes[i].output)
+            else:
+                waiting.append(i)
+        if len(waiting) == len(pending):
+            return False  # a cycle, or a name nothing makes
+        pending = waiting
+    if has_subgraphs(graph) or placed == sorted(placed):
+        return False
+    copies = [type(nodes[i])() for i in placed]
+    for copy, i in zip(copies, placed):
+        copy.CopyFrom(nodes[i])
+    del graph.node[:]
+    graph.node.extend(copies)
+    return True
+
+
 def has_subgraphs(graph) -> bool:
     """Whether a node carries a graph (If, Loop, Scan), which may read the outer graph's names."""
     return any(a.type in (5, 10) for node in graph.node for a in node.attribute)  # AttributeProto GRAPH(S)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from device_agent.errors import CompressionError, NotApplicable
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import output_path, quantized_already, session_crash
+from host_tools.compress.onnx.boundary import output_path, quantized_already, session_crash, sort_topologically
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 
@@ -41,6 +41,7 @@ class OnnxFp16(Pass):
             converted = convert_float_to_float16(
                 proto, keep_io_types=config.keep_io_types,
                 op_block_list=list(config.exclude_op_types) or None, node_block_list=list(config.exclude) or None)
+            sort_topologically(converted.graph)  # (the converter puts the Casts it adds for the inputs last)
             onnx.save(converted, str(out))
             crash = session_crash(out)
             if crash:

@@ -22,7 +22,8 @@ from host_tools.compress.magnitude import MagnitudeConfig, thresholds
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx import static_shapes
 from host_tools.compress.onnx.boundary import (hoist_constants, inline_constant_identities, output_path,
-                                               own_shape_constants, quantized_already, share_equal_initializers)
+                                               own_shape_constants, quantized_already, share_equal_initializers,
+                                               sort_topologically)
 from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
 from host_tools.compress.passes import Pass, failing_as, progress, register
 from host_tools.compress.structured import ChannelPruningConfig
@@ -126,6 +127,7 @@ def _check_consistent(proto, model: ModelFile) -> None:
 def prepared_plan(proto, exclude=()):
     """The channel-pruning plan of *proto*, after the preparation that lets the planner follow more
     (*proto* changes in place; it computes what it did)."""
+    sort_topologically(proto.graph)  # the walk follows the nodes in order (ONNX Runtime loads any order)
     hoist_constants(proto)  # exporters write biases and activation constants as Constant nodes
     inline_constant_identities(proto)  # or share one through Identity nodes
     static_shapes.fold(proto)  # torch.chunk's bounds, computed from the channel count, made constant
