@@ -150,6 +150,17 @@ def test_a_float16_model_is_valid_onnx_and_prunes_like_its_float32_original(digi
     weights = [i for i in onnx.load(str(report.result.model.path)).graph.initializer if len(i.dims) == 4]
     assert [list(w.dims) for w in weights] == [[8, 1, 3, 3], [16, 8, 3, 3]]
     assert {w.data_type for w in weights} == {onnx.TensorProto.FLOAT16}
+    # with recovery (the named recipe), which trains float32 weights: one line saying what to do instead
+    report = run_recipe(ModelFile.open(unsorted), load_recipe("channels-50", "onnx"), calib=CALIB, eval_data=HELDOUT,
+                        latency_runs=5, workdir=tmp_path / "r")
+    assert report.steps[0].status == "skipped" and report.steps[0].note == \
+        "unsorted.onnx's weights are float16 and recovery trains float32 ones: prune the float32 model, then make " \
+        "it float16 (or recover_epochs=0)"
+    # and int8 of it: what the weights are, and what to quantize instead
+    report = run_recipe(half.result.model, load_recipe("int8-dynamic", "onnx"), eval_data=HELDOUT, latency_runs=5,
+                        workdir=tmp_path / "q")
+    assert not report.compressed and report.steps[1].status == "skipped"
+    assert report.steps[1].note.endswith("its weights are float16 already: compress the float32 model")
 
 
 def test_int4_weights_covers_dense_layers_exported_as_gemm(tmp_path):

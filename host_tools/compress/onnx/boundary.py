@@ -84,9 +84,13 @@ QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
 
 
 def quantized_already(graph) -> str:
-    """'' for a float graph; else what says it is quantized (", quantized already (15 DequantizeLinear,
-    7 QuantizeLinear nodes): compress the float model"), to end a pass's reason for not applying."""
+    """'' for a float32 graph; else what says it is quantized (", quantized already (15 DequantizeLinear,
+    7 QuantizeLinear nodes): compress the float model") or float16 (", its weights are float16
+    already: compress the float32 model"), to end a pass's reason for not applying."""
     found = Counter(node.op_type for node in graph.node if node.op_type in QUANTIZED_OPS)
+    weights = {i.data_type for i in graph.initializer if len(i.dims) >= 2}
+    if not found and weights == {10}:  # TensorProto.FLOAT16
+        return ", its weights are float16 already: compress the float32 model"
     if not found:
         return ""
     listed = ", ".join(f"{n} {op}" for op, n in found.most_common(3))

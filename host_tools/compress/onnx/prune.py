@@ -86,6 +86,10 @@ class OnnxChannelPruning(Pass):
         pruned_path = output_path(workdir, model, f"channels{round(config.ratio * 100)}")
         with failing_as(self.name, model):
             proto = onnx.load(str(model.path))
+            if config.recover_epochs > 0 and {i.data_type for i in proto.graph.initializer if len(i.dims) >= 2} == \
+                    {onnx.TensorProto.FLOAT16}:
+                raise NotApplicable(f"{model.path.name}'s weights are float16 and recovery trains float32 ones: "
+                                    f"prune the float32 model, then make it float16 (or recover_epochs=0)")
             plan = prepared_plan(proto, config.exclude)
             if not plan.groups:
                 raise NotApplicable(f"{model.path.name}: no layer whose channels can be removed safely "
