@@ -14,6 +14,7 @@ from device_agent.bundle.signing import load_private_key, sign
 from device_agent.errors import ConfigError
 from device_agent.runtime import load_runtime
 from device_agent.sample import save_sample
+from host_tools.compress.model import external_data
 
 SAMPLE_FILE = "sample.npz"
 _RUNTIME_BY_SUFFIX = {".onnx": "onnxruntime", ".tflite": "tflite"}
@@ -64,7 +65,9 @@ def build_bundle(model: Path, *, name: str, version: str, key: Path, out: Path,
     with tempfile.TemporaryDirectory(prefix="edgefleet-bundle-") as tmp:
         sample_path = Path(tmp) / SAMPLE_FILE
         save_sample(sample_path, feeds, expected)
-        sources = {model.name: model, SAMPLE_FILE: sample_path}
+        # (an ONNX model's external weight files go too, under the names it reads them by)
+        extra = external_data(model) if runtime_name == "onnxruntime" else {}
+        sources = {model.name: model, **extra, SAMPLE_FILE: sample_path}
         manifest = Manifest(
             name=name, version=version, runtime=runtime_name, model_file=model.name,
             files=tuple(FileEntry(p, src.stat().st_size, sha256_file(src)) for p, src in sources.items()),

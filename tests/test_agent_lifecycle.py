@@ -371,6 +371,36 @@ def test_a_third_party_model_with_three_inputs_and_outputs_goes_through_the_whol
                 np.testing.assert_allclose(have, want, rtol=1e-5)
 
 
+def test_a_model_with_its_weights_in_an_external_data_file_is_bundled_with_it_and_runs(
+        agents, mosquitto, keys, tmp_path):
+    """ONNX models over 2 GB must keep their weights in files beside the graph (external data). The
+    bundle carries those files under the names the model reads them by, so the device loads it; the
+    compression report counts them in the model's size."""
+    import onnx
+
+    from host_tools.compress import ModelFile
+    from host_tools.packaging import build_bundle
+
+    model = tmp_path / "split" / "transformer.onnx"
+    model.parent.mkdir()
+    onnx.save(onnx.load(str(MODELS / "digits_transformer.onnx")), str(model), save_as_external_data=True,
+              location="transformer.weights", size_threshold=1024)
+    assert (model.parent / "transformer.weights").stat().st_size > 5 * model.stat().st_size
+    assert ModelFile.open(model).size_bytes == model.stat().st_size + (model.parent / "transformer.weights").stat().st_size
+    bundle = tmp_path / "split.efb"
+    manifest = build_bundle(model, name="split", version="1.0.0", key=keys["key"], out=bundle)
+    assert "transformer.weights" in [f.path for f in manifest.files]
+    agent = agents.start("split-pi", inference_interval=0)
+    assert agent.wait_for_api()
+    assert deploy(bundle, "split-pi", mosquitto)["state"] == "active"
+    x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
+    with InferenceClient(agent.api_socket) as client:
+        got = client.infer({"image": x})
+    want = ModelFile.open(MODELS / "digits_transformer.onnx").load().run({"image": x})
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
 def test_the_agent_serves_the_local_api_over_http_when_asked(agents, mosquitto, make_bundle, expected_logits):
     import urllib.request
 

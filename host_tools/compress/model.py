@@ -38,8 +38,13 @@ class ModelFile:
         return FORMATS[self.format]
 
     @property
+    def files(self) -> list[Path]:
+        """The model file, and the files an ONNX model keeps its weights in (external data)."""
+        return [self.path, *(external_data(self.path).values() if self.format == "onnx" else ())]
+
+    @property
     def size_bytes(self) -> int:
-        return self.path.stat().st_size
+        return sum(f.stat().st_size for f in self.files)
 
     def load(self, threads: int | None = None):
         """A runtime with this model loaded (the device agent's own runtimes)."""
@@ -57,6 +62,26 @@ class ModelFile:
                             for spec in runtime.inputs})
 
 
+def external_data(path: Path) -> dict[str, Path]:
+    """The files an ONNX model keeps weights in beside itself (external data, as models over 2 GB
+    must), by the name the model gives them; a name that leaves the model's folder, or a file that
+    is not there, is a ModelError in one line."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    names = {entry.value for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
+             for entry in init.external_data if entry.key == "location"}
+    found = {}
+    for name in sorted(names):
+        where = (path.parent / name).resolve()
+        if Path(name).is_absolute() or path.parent.resolve() not in where.parents:
+            raise ModelError(f"{path.name} keeps weights in {name}, outside its own folder")
+        if not where.is_file():
+            raise ModelError(f"{path.name} keeps weights in {name}, which is not beside it")
+        found[name] = path.parent / name
+    return found
+
+
 def _check_onnx(path: Path) -> None:
     """A file named .onnx that ONNX cannot parse, or that holds no graph, fails here in one line
     rather than inside whichever pass reads it first."""
@@ -68,3 +93,4 @@ def _check_onnx(path: Path) -> None:
         raise ModelError(f"{path.name} is not a readable ONNX model: {first_line(exc)}") from None
     if not proto.graph.output:
         raise ModelError(f"{path.name} is not a readable ONNX model: it has no graph outputs")
+    external_data(path)  # (its weight files must be there too)

@@ -281,7 +281,7 @@ def apply_pass(cls, config, model: ModelFile, workdir: Path) -> Measured:
 
 
 def _measured(label: str, model: ModelFile) -> Measured:
-    return Measured(label, model, size_bytes=model.size_bytes, download_bytes=stored_size(model.path))
+    return Measured(label, model, size_bytes=model.size_bytes, download_bytes=sum(map(stored_size, model.files)))
 
 
 def _cpu_name() -> str:

@@ -403,6 +403,28 @@ def test_a_model_onnx_cannot_read_is_one_error(tmp_path):
         ModelFile.open(HELDOUT)
 
 
+def test_a_model_whose_weight_file_is_missing_or_elsewhere_is_one_error(tmp_path):
+    """External data: the weights of an ONNX model in a file beside it. Missing, or named outside
+    the model's folder, it is one line naming the file, before any pass runs."""
+    import onnx
+
+    model = tmp_path / "split.onnx"
+    onnx.save(onnx.load(str(MODELS / "digits_cnn.onnx")), str(model), save_as_external_data=True,
+              location="split.weights", size_threshold=256)
+    assert ModelFile.open(model).files == [model, tmp_path / "split.weights"]
+    (tmp_path / "split.weights").rename(tmp_path / "moved.weights")
+    with pytest.raises(ModelError, match="^split.onnx keeps weights in split.weights, which is not beside it$"):
+        ModelFile.open(model)
+    proto = onnx.load(str(model), load_external_data=False)
+    for init in proto.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = "../moved.weights"
+    onnx.save(proto, str(model))
+    with pytest.raises(ModelError, match="^split.onnx keeps weights in ../moved.weights, outside its own folder$"):
+        ModelFile.open(model)
+
+
 # --- TFLite (litert-quantizer) ------------------------------------------------------------------
 
 @pytest.mark.parametrize("recipe, pass_names", [("int8-dynamic", ["tflite-dynamic", "tflite-int8-params"]),
