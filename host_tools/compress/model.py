@@ -62,15 +62,32 @@ class ModelFile:
                             for spec in runtime.inputs})
 
 
+# An external_data entry whose key is "location" (field 1, 8 bytes), its value (field 2) next, as
+# protobuf writes an ONNX TensorProto's: read from the bytes, so a device-only install (no onnx
+# package) can bundle such a model too.
+_LOCATION = b"\n\x08location\x12"
+
+
 def external_data(path: Path) -> dict[str, Path]:
     """The files an ONNX model keeps weights in beside itself (external data, as models over 2 GB
     must), by the name the model gives them; a name that leaves the model's folder, or a file that
     is not there, is a ModelError in one line."""
-    import onnx
+    import mmap
 
-    proto = onnx.load(str(path), load_external_data=False)
-    names = {entry.value for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
-             for entry in init.external_data if entry.key == "location"}
+    names = set()
+    with path.open("rb") as f:
+        if path.stat().st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                at = data.find(_LOCATION)
+                while at >= 0:
+                    size, shift, i = 0, 0, at + len(_LOCATION)
+                    while i < len(data):  # the value's length, a varint
+                        size |= (data[i] & 0x7F) << shift
+                        shift, i = shift + 7, i + 1
+                        if not data[i - 1] & 0x80:
+                            break
+                    names.add(data[i:i + size].decode("utf-8", "replace"))
+                    at = data.find(_LOCATION, i + size)
     found = {}
     for name in sorted(names):
         where = (path.parent / name).resolve()
