@@ -89,6 +89,8 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
         if not refused:
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(report.result.model.path, out)
+            for extra in report.result.model.files[1:]:  # external weight files, under the names it reads
+                shutil.copyfile(extra, out.parent / extra.relative_to(report.result.model.path.parent))
             doc["result"]["file"] = out.name
         if report_path:
             report_path.write_text(json.dumps(doc, indent=2) + "\n")
@@ -108,6 +110,9 @@ def _check_usage(model, out, recipe, steps, auto, max_drop, eval_data, device_id
         raise click.UsageError("MODEL is required (or --list)")
     if out is None:
         raise click.UsageError("-o/--out is required")
+    if Path(out).resolve() == Path(model).resolve():
+        raise click.UsageError(f"-o {out} is MODEL itself: the original would be overwritten; write the result "
+                               f"elsewhere")
     if sum(map(bool, (recipe, steps, auto))) > 1:
         raise click.UsageError("give one of --recipe, --pass or --auto")
     if (max_drop is not None or auto) and eval_data is None:

@@ -22,6 +22,8 @@ class ModelFile:
     def open(cls, path: str | Path) -> "ModelFile":
         """The model at *path*; its format from the file itself, not only the suffix."""
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder, not a model file")
         if not path.is_file():
             raise ConfigError(f"model file {path} does not exist")
         with path.open("rb") as f:

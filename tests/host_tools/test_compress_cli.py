@@ -91,3 +91,11 @@ def test_bad_input_is_one_line(tmp_path):
     garbage = edgefleet("compress", tmp_path / "garbage.onnx", "--recipe", "int8-dynamic", "-o", tmp_path / "z.onnx")
     assert garbage.returncode == 1 and "garbage.onnx is not a readable ONNX model" in last_line(garbage)
     assert "Traceback" not in garbage.stderr and not (tmp_path / "z.onnx").exists()
+    folder = edgefleet("compress", tmp_path, "--recipe", "int8-dynamic", "-o", tmp_path / "w.onnx")
+    assert folder.returncode == 1 and last_line(folder) == f"error: {tmp_path} is a folder, not a model file"
+    # the original is never the output: written over, the float model would be gone
+    original = tmp_path / "mine.onnx"
+    original.write_bytes(MODEL.read_bytes())
+    over = edgefleet("compress", original, "--recipe", "int8-dynamic", "-o", tmp_path / "." / "mine.onnx")
+    assert over.returncode == 2 and "is MODEL itself: the original would be overwritten" in last_line(over)
+    assert original.read_bytes() == MODEL.read_bytes()
