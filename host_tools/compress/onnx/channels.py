@@ -66,7 +66,8 @@ class Plan:
 
     def why_none(self) -> str:
         reasons = Counter(self.skipped.values())
-        return "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3)) or "no Conv, Gemm or MatMul"
+        return "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3)) or \
+            "no Conv, Gemm or MatMul with a constant weight"
 
     def summary(self) -> str:
         """One line: what is pruned, and how much stays whole and why."""

@@ -93,7 +93,8 @@ class Plan:
 
     def why_none(self) -> str:
         reasons = Counter(self.skipped.values())
-        return "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3)) or "no CONV_2D or FULLY_CONNECTED"
+        return "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3)) or \
+            "no CONV_2D or FULLY_CONNECTED with a constant weight"
 
     def summary(self) -> str:
         n, groups = len({r.layer for r in self.regions}), len(self.groups)
