@@ -211,7 +211,7 @@ def test_swin_patch_merging_is_pruned_through_the_layernorm_of_its_joined_channe
     plan = plan_channel_pruning(flatbuffer.read(path)[0])
     assert plan.skipped == {"FULLY_CONNECTED #29": "its output is a graph output"}
     stream = next(group for group in plan.groups if len(group) == 2)
-    assert [(g_k, positions.shape) for g_k, _, _, positions in stream[0].edits if positions.shape[1] > 1] == \
+    assert [(op, positions.shape) for op, _, _, positions in stream[0].edits if positions.shape[1] > 1] == \
         [(26, (8, 4))]  # the projection: each of the 8 channels at 4 places of its 32 inputs
     report = run_recipe(ModelFile.open(path), steps([("tflite-prune-channels", {"ratio": 0.5})]), latency_runs=5,
                         workdir=tmp_path)
