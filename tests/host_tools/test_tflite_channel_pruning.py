@@ -223,6 +223,30 @@ def test_swin_patch_merging_is_pruned_through_the_layernorm_of_its_joined_channe
     assert all(np.isfinite(v).all() for out in _outputs(report.result.model) for v in out.values())
 
 
+def test_a_group_norm_written_out_is_followed_through_its_statistics(tmp_path):
+    """litert-torch writes PoolFormer's GroupNorm(1, C) as means over the channels and positions
+    together, the inverse deviation times the norm's own scale (one per channel), broadcast back to
+    the channel count. The statistics are followed as the same for every channel until the scale or
+    the broadcast gives the channels back: the stream is pruned through both norms, their scales and
+    shifts lose the same channels, and the model runs. (As with a LayerNorm, the statistics then come
+    from fewer channels, what recovery trains for; onnx-prune-channels' GroupNorm test checks those
+    numbers against PyTorch.)"""
+    path = FIXTURES / "pooling_blocks.tflite"
+    plan = plan_channel_pruning(flatbuffer.read(path)[0])
+    assert plan.skipped == {"FULLY_CONNECTED #46": "its output is a graph output"}
+    assert sorted(sorted(Graph(flatbuffer.read(path)[0]).label(r.layer) for r in group) for group in plan.groups) == \
+        [["CONV_2D #2", "CONV_2D #42"], ["CONV_2D #40"]]
+    report = run_recipe(ModelFile.open(path), steps([("tflite-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path)
+    assert report.steps[0].status == "ok", report.steps[0].note
+    g = Graph(flatbuffer.read(report.result.model.path)[0])
+    per_channel = sorted(g.shape(t) for k in range(len(g.ops)) for t in map(int, g.ops[k].inputs)
+                         if t >= 0 and g.const(t) is not None and len(g.shape(t)) == 4 and g.shape(t)[:2] == [1, 1]
+                         and g.shape(t)[3] == 1 and g.shape(t)[2] > 1)
+    assert per_channel == [[1, 1, 8, 1]] * 4  # both norms' scales and shifts
+    assert all(np.isfinite(v).all() for out in _outputs(report.result.model) for v in out.values())
+
+
 def test_values_computed_from_constants_alone_become_constants_that_compute_the_same(tmp_path):
     """litert-torch leaves the bicubic resizing of a position table to the grid of patches in the
     graph, ~100 ops run at every inference on constants alone. Read once from the interpreter, their

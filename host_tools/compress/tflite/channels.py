@@ -74,6 +74,9 @@ class Region:
     # CONCATENATIONs along the channels, by operator: input position -> (tensor, axis, positions) of
     # each input the walk brought there; joined once the walk has nothing else to follow
     joins: dict[int, dict[int, tuple[int, int, np.ndarray]]] = field(default_factory=dict)
+    # statistics of the channels and other axes together (a GroupNorm's mean and variance), by tensor:
+    # the axis and positions the channels had where they were taken, for a broadcast back to them
+    stats: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)
     # the buffer of the layer's weight, its channel axis and the window's first channel: layers that
     # share a weight (as layers: the same axis, the same window) lose the same channels
     weight: tuple[int, int, int] = (-1, 0, 0)
@@ -321,6 +324,16 @@ def _walk(g: Graph, region: Region, start: int, axis: int, positions: np.ndarray
             pending.extend(follow)
             continue
         t, axis, positions = pending.pop()
+        if axis is None:  # a statistic (positions: where its channels were), followed on its own terms
+            if t not in region.stats:
+                region.stats[t] = positions
+                for k, position in g.consumers.get(t, []):
+                    follow = _from_statistic(g, region, k, position, t, positions)
+                    if isinstance(follow, str):
+                        region.why = follow
+                        return
+                    pending.extend(follow)
+            continue
         if t in region.tensors:
             seen_axis, seen = region.tensors[t]
             if seen_axis != axis or not np.array_equal(seen, positions):
@@ -378,6 +391,11 @@ def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
             # as the same value for every channel. From the channels that stay it is not the same number —
             # as onnx-prune-channels does with LayerNormalization, what recovery trains for.
             return []
+        if kind == "MEAN" and axis in reduced and positions.shape[1] == 1 and \
+                np.array_equal(np.sort(positions[:, 0]), np.arange(g.shape(t)[axis])):
+            # a mean over the channels and other axes together, one value per sample (a GroupNorm of
+            # one group written out): followed as a statistic until it is broadcast back to the channels
+            return [(outputs[0], None, (axis, positions))]
         if axis in reduced:
             return f"reduced over its channels ({g.label(k)})"
         keep = op.builtinOptions is not None and op.builtinOptions.keepDims
@@ -442,6 +460,36 @@ def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
     if kind == "STRIDED_SLICE" and position == 0:
         return _strided(g, region, k, t, axis, positions)
     return f"feeds {g.label(k)}"
+
+
+def _from_statistic(g: Graph, region: Region, k: int, position: int, t: int, where: tuple[int, np.ndarray]):
+    """What op *k* makes of a statistic of the channels (a GroupNorm's mean or variance, the same for
+    every channel): arithmetic with constants or other statistics keeps it one; a BROADCAST_TO back to
+    the channel count at the axis they had gives the channels again (its target follows the pruning);
+    arithmetic with the channels themselves is theirs to follow."""
+    kind, outputs = g.kinds[k], [int(o) for o in g.ops[k].outputs]
+    if kind in UNARY or (kind == "RESHAPE" and int(np.prod(g.shape(outputs[0]))) == 1):
+        return [(outputs[0], None, where)]
+    if kind in BINARY:
+        other = g.input(k, 1 - position)
+        value = g.const(other)
+        if other in region.stats or (value is not None and value.size == 1):
+            return [(outputs[0], None, where)]
+        axis, positions = where
+        if value is not None and value.ndim == len(g.shape(outputs[0])) > axis and \
+                value.shape[axis] == len(positions) and value.size == len(positions):
+            # times the norm's scale, one per channel where the channels were: the channels again
+            region.edits.append((k, 1 - position, axis, positions))
+            return [(outputs[0], axis, positions)]
+        return []  # (a product with the channels: that operand's walk goes on from there)
+    if kind == "BROADCAST_TO" and position == 0 and g.const(g.input(k, 1)) is not None:
+        axis, positions = where
+        shape = g.shape(outputs[0])
+        if axis < len(shape) and shape[axis] == len(positions) and \
+                all(d == 1 for i, d in enumerate(shape) if i != axis):
+            region.targets.add((k, 1))
+            return [(outputs[0], axis, positions)]
+    return f"a statistic of its channels feeds {g.label(k)}"
 
 
 def _join(g: Graph, k: int, parts: dict[int, tuple[int, int, np.ndarray]]):
