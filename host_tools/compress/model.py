@@ -65,8 +65,7 @@ class ModelFile:
 
 
 # An external_data entry whose key is "location" (field 1, 8 bytes), its value (field 2) next, as
-# protobuf writes an ONNX TensorProto's: read from the bytes, so a device-only install (no onnx
-# package) can bundle such a model too.
+# protobuf writes an ONNX TensorProto's: what a device-only install (no onnx package) reads.
 _LOCATION = b"\n\x08location\x12"
 
 
@@ -74,24 +73,8 @@ def external_data(path: Path) -> dict[str, Path]:
     """The files an ONNX model keeps weights in beside itself (external data, as models over 2 GB
     must), by the name the model gives them; a name that leaves the model's folder, or a file that
     is not there, is a ModelError in one line."""
-    import mmap
-
-    names = set()
-    with path.open("rb") as f:
-        if path.stat().st_size:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                at = data.find(_LOCATION)
-                while at >= 0:
-                    size, shift, i = 0, 0, at + len(_LOCATION)
-                    while i < len(data):  # the value's length, a varint
-                        size |= (data[i] & 0x7F) << shift
-                        shift, i = shift + 7, i + 1
-                        if not data[i - 1] & 0x80:
-                            break
-                    names.add(data[i:i + size].decode("utf-8", "replace"))
-                    at = data.find(_LOCATION, i + size)
     found = {}
-    for name in sorted(names):
+    for name in sorted(_external_names(path)):
         where = (path.parent / name).resolve()
         if Path(name).is_absolute() or path.parent.resolve() not in where.parents:
             raise ModelError(f"{path.name} keeps weights in {name}, outside its own folder")
@@ -99,6 +82,37 @@ def external_data(path: Path) -> dict[str, Path]:
             raise ModelError(f"{path.name} keeps weights in {name}, which is not beside it")
         found[name] = path.parent / name
     return found
+
+
+def _external_names(path: Path) -> set[str]:
+    """The external data locations of the initializers, read with the onnx package where it is
+    installed, else from the file's bytes (a "location" key anywhere, a metadata entry's too)."""
+    try:
+        import onnx
+    except ImportError:
+        onnx = None
+    if onnx is not None:
+        proto = onnx.load(str(path), load_external_data=False)
+        return {entry.value for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
+                for entry in init.external_data if entry.key == "location"}
+    import mmap
+
+    names = set()
+    with path.open("rb") as f:
+        if not path.stat().st_size:
+            return names
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            at = data.find(_LOCATION)
+            while at >= 0:
+                size, shift, i = 0, 0, at + len(_LOCATION)
+                while i < len(data):  # the value's length, a varint
+                    size |= (data[i] & 0x7F) << shift
+                    shift, i = shift + 7, i + 1
+                    if not data[i - 1] & 0x80:
+                        break
+                names.add(data[i:i + size].decode("utf-8", "replace"))
+                at = data.find(_LOCATION, i + size)
+    return names
 
 
 def _check_onnx(path: Path) -> None:

@@ -125,3 +125,15 @@ def test_keys_and_bundles_work_on_a_device_only_install(tmp_path, reference_mode
                                                 "1.0.0", "--key", tmp_path / "release.key", "-o", tmp_path / "m.efb")
     assert result.returncode == 0, result.stderr
     assert edgefleet("bundle", "verify", tmp_path / "m.efb", "--key", tmp_path / "release.pub").returncode == 0
+    # a model whose weights are in a file beside it: found without the onnx package, and bundled too
+    import onnx
+
+    split = tmp_path / "split" / "m.onnx"
+    split.parent.mkdir()
+    onnx.save(onnx.load(str(reference_model)), str(split), save_as_external_data=True, location="m.weights",
+              size_threshold=256)
+    result = edgefleet_on_a_device_only_install("bundle", "build", split, "--name", "m", "--version", "1.0.1",
+                                                "--key", tmp_path / "release.key", "-o", tmp_path / "split.efb")
+    assert result.returncode == 0, result.stderr
+    listing = edgefleet("bundle", "inspect", tmp_path / "split.efb")
+    assert "m.weights" in listing.stdout, listing.stdout

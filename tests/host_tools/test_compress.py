@@ -412,6 +412,10 @@ def test_a_model_whose_weight_file_is_missing_or_elsewhere_is_one_error(tmp_path
     onnx.save(onnx.load(str(MODELS / "digits_cnn.onnx")), str(model), save_as_external_data=True,
               location="split.weights", size_threshold=256)
     assert ModelFile.open(model).files == [model, tmp_path / "split.weights"]
+    tagged = onnx.load(str(MODELS / "digits_cnn.onnx"))  # a "location" that is not a weight file's
+    onnx.helper.set_model_props(tagged, {"location": "/srv/models/kitchen"})
+    onnx.save(tagged, str(tmp_path / "tagged.onnx"))
+    assert ModelFile.open(tmp_path / "tagged.onnx").files == [tmp_path / "tagged.onnx"]
     (tmp_path / "split.weights").rename(tmp_path / "moved.weights")
     with pytest.raises(ModelError, match="^split.onnx keeps weights in split.weights, which is not beside it$"):
         ModelFile.open(model)
