@@ -68,6 +68,10 @@ def architectures(T) -> dict[str, tuple]:
                                             num_heads=4), "ids"),
         "vit": (T.ViTForImageClassification, T.ViTConfig(**vision), "image"),
         "dinov2": (T.Dinov2ForImageClassification, T.Dinov2Config(**vision), "image"),  # its position table resized
+        "beit": (T.BeitForImageClassification, T.BeitConfig(**vision, use_relative_position_bias=True), "image"),
+        "levit": (T.LevitForImageClassification, T.LevitConfig(  # a ViT for CPUs: BatchNorm on flattened tokens
+            image_size=32, hidden_sizes=[32, 48, 64], num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
+            key_dim=[8, 8, 8], num_labels=5), "image"),
         "yolos": (T.YolosForObjectDetection, T.YolosConfig(**{**vision, "image_size": [32, 32]},
                                                            num_detection_tokens=4), "image"),  # a detector
         "swin": (T.SwinForImageClassification, T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],

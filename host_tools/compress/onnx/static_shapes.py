@@ -175,13 +175,14 @@ def slice_bounds(node, consts: dict, dims: dict) -> tuple[int, int, int] | None:
     return axis, start, end
 
 
-def constant_subgraphs(model, slack_bytes: int = 1 << 20) -> int:
+def constant_subgraphs(model, slack_bytes: int = 4096) -> int:
     """Replace tensors computed from constants only with their values, as ONNX Runtime computes them
     (DINOv2 interpolates its position table to the image's patch grid at every run, BEiT looks its
     relative-position bias up in a table with constant indices): pruning then sees a per-channel or
     per-head constant where it saw an unknown branch. A value is taken when it is at most
-    *slack_bytes*, or no larger than the constants it is computed from (a broadcast to a large
-    tensor stays a computation); returns how many tensors became constants."""
+    *slack_bytes* larger than the constants it is computed from, so the file does not grow (an
+    attention mask built from a few numbers, or a broadcast, stays a computation); returns how many
+    tensors became constants."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -215,7 +216,7 @@ def constant_subgraphs(model, slack_bytes: int = 1 << 20) -> int:
 
     values = {name: found[0][name] for name in frontier
               if all(np.array_equal(run[name], found[0][name]) for run in found[1:])
-              and found[0][name].nbytes <= max(slack_bytes, from_bytes(name))}
+              and found[0][name].nbytes <= from_bytes(name) + slack_bytes}
     if not values:
         return 0
     # the nodes no longer needed once those are constants (the initializers only they read go after them)

@@ -22,11 +22,12 @@ NOT_CONSTANT = {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE", "
                 "RANDOM_STANDARD_NORMAL", "RANDOM_UNIFORM", "MULTINOMIAL", "DEQUANTIZE", "QUANTIZE"}
 
 
-def constant_ops(tree, path: Path, slack_bytes: int = 1 << 20) -> int:
+def constant_ops(tree, path: Path, slack_bytes: int = 4096) -> int:
     """Replace the tensors of *tree* (read from *path*) that ops compute from constants alone with
     their values, and drop the ops no longer needed. A value is taken when it is at most
-    *slack_bytes*, or no larger than the constants it is computed from (a broadcast to a large tensor
-    stays a computation). Returns how many tensors became constants."""
+    *slack_bytes* larger than the constants it is computed from, so the file does not grow (an
+    attention mask built from a few numbers, or a broadcast, stays a computation). Returns how many
+    tensors became constants."""
     from ai_edge_litert import schema_py_generated as schema
 
     g = Graph(tree)
@@ -51,7 +52,7 @@ def constant_ops(tree, path: Path, slack_bytes: int = 1 << 20) -> int:
         return sum(len(tree.buffers[g.tensor(given).buffer].data) for given in seen if given not in made_by)
 
     values = {t: value for t, value in _values(path, frontier).items()
-              if value.nbytes <= max(slack_bytes, from_bytes(t))}
+              if value.nbytes <= from_bytes(t) + slack_bytes}
     if not values:
         return 0
     needed = set(g.outputs) | {int(t) for k in live for t in g.ops[k].inputs}
@@ -68,7 +69,22 @@ def constant_ops(tree, path: Path, slack_bytes: int = 1 << 20) -> int:
         tree.buffers.append(buffer)
         g.tensor(t).buffer = len(tree.buffers) - 1
     g.graph.operators = [op for k, op in enumerate(g.ops) if k not in dead]
+    _empty_unread_buffers(tree)
     return len(values)
+
+
+def _empty_unread_buffers(tree) -> None:
+    """Empty the buffers only tensors no op reads any more held (the constants the folded ops read,
+    which would otherwise stay in the file beside the values that replaced them)."""
+    graph = tree.subgraphs[0]
+    read = {int(t) for op in graph.operators for t in (*op.inputs, *op.outputs) if t >= 0}
+    read |= {int(t) for t in (*graph.inputs, *graph.outputs)}
+    live = {tensor.buffer for t, tensor in enumerate(graph.tensors) if t in read}
+    live |= {tensor.buffer for other in tree.subgraphs[1:] for tensor in other.tensors}
+    live |= {entry.buffer for entry in tree.metadata or ()}
+    for t, tensor in enumerate(graph.tensors):
+        if t not in read and tensor.buffer not in live and tensor.buffer > 0:
+            tree.buffers[tensor.buffer].data = None
 
 
 def _stored(g: Graph, t: int) -> bool:
