@@ -78,6 +78,13 @@ CASES = {
         [np.random.default_rng(1).standard_normal((1, 2, 7, 6)).astype(np.float32),
          ("c", np.random.default_rng(2).standard_normal((3, 2, k, k)).astype(np.float32))], F)
        for mode, stride, k in (("SAME_UPPER", 2, 3), ("SAME_LOWER", 2, 4), ("SAME_UPPER", 1, 4), ("VALID", 2, 3))},
+    # string attributes (read as str): Resize's mode and coordinate transformation
+    "Resize (nearest, asymmetric)": ("Resize", {"mode": "nearest", "coordinate_transformation_mode": "asymmetric"},
+                                     [np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3),
+                                      ("c", np.array([], np.float32)), ("c", np.array([1, 1, 2, 2], np.float32))], F),
+    "Resize (linear, half pixel)": ("Resize", {"mode": "linear", "coordinate_transformation_mode": "half_pixel"},
+                                    [np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3),
+                                     ("c", np.array([], np.float32)), ("c", np.array([1, 1, 2, 2], np.float32))], F),
     "Slice (backwards)": ("Slice", {}, [np.arange(24, dtype=np.float32).reshape(2, 12), ("c", _i64(-1, 10)),
                                         ("c", _i64(-9223372036854775807, 1)), ("c", _i64(1, 0)), ("c", _i64(-1, -3))],
                           F),

@@ -26,9 +26,11 @@ TRAINABLE_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormal
 
 
 def _attrs(node) -> dict:
+    """A node's attributes by name; a string one as str (ONNX stores them as bytes)."""
     from onnx import helper
 
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return {name: v.decode() if isinstance(v, bytes) else v for name, v in values.items()}
 
 
 class OnnxModule(nn.Module):
@@ -96,8 +98,7 @@ def _conv(a, at):
 def _auto_pads(x, w, at) -> list[int] | None:
     """A Conv's pads from its auto_pad (None when it has none): SAME_UPPER and SAME_LOWER pad so that
     each spatial size becomes ceil(size / stride), the odd one out at the end or at the start."""
-    mode = at.get("auto_pad", b"NOTSET")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = at.get("auto_pad", "NOTSET")
     dims = w.dim() - 2
     if mode == "NOTSET":
         return None
@@ -217,10 +218,8 @@ def _reduce(fn):
 
 def _resize(a, at):
     x = a[0]
-    mode = at.get("mode", b"nearest")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    transform = at.get("coordinate_transformation_mode", b"half_pixel")
-    transform = transform.decode() if isinstance(transform, bytes) else transform
+    mode = at.get("mode", "nearest")
+    transform = at.get("coordinate_transformation_mode", "half_pixel")
     scales = a[2] if len(a) > 2 and a[2] is not None and a[2].numel() else None
     sizes = a[3] if len(a) > 3 and a[3] is not None and a[3].numel() else None
     if mode == "nearest" and transform == "asymmetric":
@@ -275,8 +274,7 @@ def _pad(a, at):
     half = len(pads) // 2
     per_axis = dict(zip(axes, zip(pads[:half], pads[half:])))
     padded = [i for i in range(x.dim()) if per_axis.get(i, (0, 0)) != (0, 0)]
-    mode = at.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = at.get("mode", "constant")
     if not padded:
         return x
     if mode == "constant":
@@ -336,8 +334,7 @@ _OPS = {
     "PRelu": lambda a, at: torch.where(a[0] >= 0, a[0], a[0] * a[1]),
     "Sigmoid": lambda a, at: torch.sigmoid(a[0]),
     "Tanh": lambda a, at: torch.tanh(a[0]),
-    "Gelu": lambda a, at: F.gelu(a[0], approximate="tanh" if at.get("approximate", b"none") in (b"tanh", "tanh")
-                                 else "none"),
+    "Gelu": lambda a, at: F.gelu(a[0], approximate="tanh" if at.get("approximate", "none") == "tanh" else "none"),
     "Clip": lambda a, at: torch.clamp(a[0], *(None if len(a) <= i or a[i] is None else a[i].item() for i in (1, 2))),
     "Softmax": lambda a, at: F.softmax(a[0], dim=at.get("axis", -1)),
     "Identity": lambda a, at: a[0],
