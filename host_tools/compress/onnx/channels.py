@@ -278,12 +278,12 @@ def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
     def scored(p: Producer) -> np.ndarray:
         """A producer's weight without the inputs that earlier groups (upstream, in graph order) removed
         (its outputs stay where they are: another window of the same layer may have lost some; a
-        grouped Conv's removed inputs are zeros, which add nothing to a norm)."""
+        grouped Conv's are cut group by group, as they will be)."""
         array = numpy_helper.to_array(inits[p.weight])
         for (target, axis), gone in removed.items():
             if target == p.weight and axis != p.axis:
-                array = _zero_grouped_inputs(array, grouped[target], gone) if target in grouped else \
-                    np.delete(array, sorted(gone), axis=axis)
+                array = structured.cut_grouped_inputs(array, grouped[target], gone, axis=1) if target in grouped \
+                    else np.delete(array, sorted(gone), axis=axis)
         return array
 
     def drop(name: str, axis: int, gone, offsets=(0,), block: int = 1) -> None:
@@ -321,13 +321,3 @@ def prune_channels(proto, plan: Plan, ratio: float, criterion: str) -> None:
             next(a for a in node.attribute if a.name == "group").i = int(arrays[node.input[1]].shape[0])
     # Shapes recorded for intermediate tensors are stale now; runtimes infer them again.
     del proto.graph.value_info[:]
-
-
-def _zero_grouped_inputs(weight: np.ndarray, groups: int, gone) -> np.ndarray:
-    """A grouped Conv's weight [out, in / groups, ...] with its input channels *gone* (numbered across
-    all groups) made zeros in the rows of the group that reads them."""
-    weight = weight.copy()
-    rows, per_group = weight.shape[0] // groups, weight.shape[1]
-    for c in gone:
-        weight[c // per_group * rows:(c // per_group + 1) * rows, c % per_group] = 0
-    return weight
