@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +40,10 @@ class ModelFile:
     def runtime(self) -> str:
         return FORMATS[self.format]
 
-    @property
+    @functools.cached_property
     def files(self) -> list[Path]:
-        """The model file, and the files an ONNX model keeps its weights in (external data)."""
+        """The model file, and the files an ONNX model keeps its weights in (external data); read
+        once (finding them parses the graph)."""
         return [self.path, *(external_data(self.path).values() if self.format == "onnx" else ())]
 
     @property
@@ -69,12 +71,12 @@ class ModelFile:
 _LOCATION = b"\n\x08location\x12"
 
 
-def external_data(path: Path) -> dict[str, Path]:
+def external_data(path: Path, proto=None) -> dict[str, Path]:
     """The files an ONNX model keeps weights in beside itself (external data, as models over 2 GB
-    must), by the name the model gives them; a name that leaves the model's folder, or a file that
-    is not there, is a ModelError in one line."""
+    must), by the name the model gives them (*proto*: the model, if it is loaded already); a name
+    that leaves the model's folder, or a file that is not there, is a ModelError in one line."""
     found = {}
-    for name in sorted(_external_names(path)):
+    for name in sorted(_external_names(path, proto)):
         where = (path.parent / name).resolve()
         if Path(name).is_absolute() or path.parent.resolve() not in where.parents:
             raise ModelError(f"{path.name} keeps weights in {name}, outside its own folder")
@@ -84,16 +86,17 @@ def external_data(path: Path) -> dict[str, Path]:
     return found
 
 
-def _external_names(path: Path) -> set[str]:
+def _external_names(path: Path, proto=None) -> set[str]:
     """The external data locations of the initializers, read with the onnx package where it is
     installed, else from the file's bytes (a "location" key anywhere, a metadata entry's too)."""
-    try:
-        import onnx
-    except ImportError:
-        onnx = None
-    if onnx is not None:
-        proto = onnx.load(str(path), load_external_data=False)
-        return {entry.value for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
+    if proto is None:
+        try:
+            import onnx
+        except ImportError:
+            onnx = None
+        proto = onnx.load(str(path), load_external_data=False) if onnx is not None else None
+    if proto is not None:
+        return {entry.value for init in proto.graph.initializer if init.data_location == 1  # TensorProto.EXTERNAL
                 for entry in init.external_data if entry.key == "location"}
     import mmap
 
@@ -126,4 +129,4 @@ def _check_onnx(path: Path) -> None:
         raise ModelError(f"{path.name} is not a readable ONNX model: {first_line(exc)}") from None
     if not proto.graph.output:
         raise ModelError(f"{path.name} is not a readable ONNX model: it has no graph outputs")
-    external_data(path)  # (its weight files must be there too)
+    external_data(path, proto)  # (its weight files must be there too)
