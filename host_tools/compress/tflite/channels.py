@@ -132,13 +132,18 @@ class Graph:
         shape = self.tensor(t).shape
         return [int(d) for d in shape] if shape is not None else []
 
-    def const(self, t: int) -> np.ndarray | None:
+    def stored(self, t: int) -> bool:
+        """Whether tensor *t* is a constant the file holds (without reading its bytes out)."""
         if t < 0:
+            return False
+        data = self.tree.buffers[self.tensor(t).buffer].data
+        return data is not None and len(data) > 0 and self.tensor(t).type in DTYPES
+
+    def const(self, t: int) -> np.ndarray | None:
+        if not self.stored(t):
             return None
         tensor = self.tensor(t)
         data = self.tree.buffers[tensor.buffer].data
-        if data is None or len(data) == 0 or tensor.type not in DTYPES:
-            return None
         return np.frombuffer(bytes(data), DTYPES[tensor.type]).reshape(self.shape(t))
 
     def float_weight(self, t: int) -> bool:

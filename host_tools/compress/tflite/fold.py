@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from host_tools.compress.tflite.channels import DTYPES, Graph
+from host_tools.compress.tflite.channels import Graph
 
 # Never replaced by their values: state, control flow and random draws are not functions of the
 # op's constant inputs.
@@ -34,7 +34,7 @@ def constant_ops(tree, path: Path, slack_bytes: int = 4096) -> int:
     computed: set[int] = set()
     for k, op in enumerate(g.ops):
         given = [int(t) for t in op.inputs if t >= 0]
-        if given and g.kinds[k] not in NOT_CONSTANT and all(t in computed or _stored(g, t) for t in given):
+        if given and g.kinds[k] not in NOT_CONSTANT and all(t in computed or g.stored(t) for t in given):
             computed.update(int(t) for t in op.outputs)
     live = [k for k, op in enumerate(g.ops) if not {int(t) for t in op.outputs} <= computed]
     frontier = sorted({int(t) for k in live for t in g.ops[k].inputs if int(t) in computed} - g.outputs)
@@ -85,12 +85,6 @@ def _empty_unread_buffers(tree) -> None:
     for t, tensor in enumerate(graph.tensors):
         if t not in read and tensor.buffer not in live and tensor.buffer > 0:
             tree.buffers[tensor.buffer].data = None
-
-
-def _stored(g: Graph, t: int) -> bool:
-    """Whether tensor *t* is a constant the file holds (without reading its bytes out)."""
-    data = g.tree.buffers[g.tensor(t).buffer].data
-    return data is not None and len(data) > 0 and g.tensor(t).type in DTYPES
 
 
 def _values(path: Path, tensors: list[int]) -> dict[int, np.ndarray]:
