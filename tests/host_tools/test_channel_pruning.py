@@ -35,6 +35,15 @@ def _silent(rng, shape, axis, silent):
     return w
 
 
+def _export(net, x, path) -> None:
+    """*net* exported as users export it: torch.onnx.export, opset 17, one input x and one output y,
+    the batch axis n left dynamic."""
+    import torch
+
+    torch.onnx.export(net, (x,), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+
+
 def _run(path, x, name="x"):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
 
@@ -442,8 +451,7 @@ def _exported(tmp_path, block: str):
     net = nn.Sequential(cbs(3, 16), Residual(bodies[block]()), Residual(bodies[block]()), nn.AdaptiveAvgPool2d(1),
                         nn.Flatten(), nn.Linear(16, 10)).eval()
     path = tmp_path / f"{block}.onnx"
-    torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    _export(net, torch.randn(1, 3, 16, 16), path)
     return ModelFile.open(path)
 
 
@@ -762,8 +770,7 @@ def test_exported_yolo_c2f_blocks_are_pruned_split_halves_and_bottlenecks_includ
     net = nn.Sequential(cbs(3, 16), C2f(16, 32), C2f(32, 32), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                         nn.Linear(32, 10)).eval()
     path = tmp_path / "c2f.onnx"
-    torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    _export(net, torch.randn(1, 3, 16, 16), path)
     model = ModelFile.open(path)
     x = np.random.default_rng(0).standard_normal((128, 3, 16, 16)).astype(np.float32)
     proto = onnx.load(str(path))
@@ -801,8 +808,7 @@ def test_a_layer_used_twice_is_stored_once_after_pruning(tmp_path):
 
     torch.manual_seed(0)
     path = tmp_path / "shared.onnx"
-    torch.onnx.export(Shared().eval(), (torch.randn(2, 5, 8),), str(path), input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    _export(Shared().eval(), torch.randn(2, 5, 8), path)
     model = ModelFile.open(path)
     assert "Identity" in {n.op_type for n in onnx.load(str(path)).graph.node}
     from host_tools.compress.onnx.prune import prepared_plan
@@ -847,8 +853,7 @@ def test_a_gemm_applied_twice_shares_its_weight_and_bias_after_pruning(tmp_path)
             layer.weight[1::2] = 0
             layer.bias[1::2] = 0
     path = tmp_path / "twice.onnx"
-    torch.onnx.export(net, (torch.randn(2, 8),), str(path), input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    _export(net, torch.randn(2, 8), path)
     assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Gemm") == 4
     report = run_recipe(ModelFile.open(path), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
                         workdir=tmp_path / "w")
@@ -922,8 +927,7 @@ def test_channels_are_followed_from_channels_first_to_channels_last(tmp_path):
 
     torch.manual_seed(0)
     path = tmp_path / "front.onnx"
-    torch.onnx.export(Front().eval(), (torch.randn(2, 8, 20),), str(path), input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    _export(Front().eval(), torch.randn(2, 8, 20), path)
     proto = onnx.load(str(path))
     plan = prepared_plan(proto)
     assert sorted(sorted(p.node for p in g.producers) for g in plan.groups) == \
@@ -1120,8 +1124,7 @@ def test_a_constant_bias_per_head_is_cut_with_the_heads(tmp_path):
 
     torch.manual_seed(0)
     path = tmp_path / "window.onnx"
-    torch.onnx.export(WindowAttention().eval(), (torch.randn(2, tokens, 32),), str(path), input_names=["x"],
-                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    _export(WindowAttention().eval(), torch.randn(2, tokens, 32), path)
     proto = onnx.load(str(path))
     plan = prepared_plan(proto)
     (group,) = [g for g in plan.groups if g.channels == heads]
@@ -1163,8 +1166,7 @@ def test_tokens_folded_into_an_image_and_back_keep_their_channels(tmp_path):
 
     torch.manual_seed(0)
     path = tmp_path / "mixffn.onnx"
-    torch.onnx.export(MixFFN().eval(), (torch.randn(2, 3, 2 * side, 2 * side),), str(path), input_names=["x"],
-                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    _export(MixFFN().eval(), torch.randn(2, 3, 2 * side, 2 * side), path)
     proto = onnx.load(str(path))
     plan = prepared_plan(proto)
     assert sorted(sorted(p.node for p in g.producers) for g in plan.groups) == \
@@ -1314,8 +1316,7 @@ def test_a_class_token_put_before_the_patches_loses_the_streams_channels(tmp_pat
 
     torch.manual_seed(0)
     path = tmp_path / "patches.onnx"
-    torch.onnx.export(Patches().eval(), (torch.randn(2, 3, 8, 8),), str(path), input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    _export(Patches().eval(), torch.randn(2, 3, 8, 8), path)
     proto = onnx.load(str(path))
     plan = prepared_plan(proto)
     if expand == "explicit":
@@ -1378,8 +1379,7 @@ def test_a_windowed_stream_padded_and_merged_keeps_its_channels(tmp_path, padded
 
     torch.manual_seed(0)
     path = tmp_path / "windows.onnx"
-    torch.onnx.export(Windows().eval(), (torch.randn(2, 3, 12, 12),), str(path), input_names=["x"],
-                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    _export(Windows().eval(), torch.randn(2, 3, 12, 12), path)
     proto = onnx.load(str(path))
     plan = prepared_plan(proto)
     if padded == "channels":
@@ -1425,8 +1425,7 @@ def test_a_decoder_that_resizes_and_joins_projected_scales_is_pruned(tmp_path):
 
     torch.manual_seed(0)
     path = tmp_path / "decoder.onnx"
-    torch.onnx.export(Decoder().eval(), (torch.randn(2, 3, 16, 16),), str(path), input_names=["x"],
-                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    _export(Decoder().eval(), torch.randn(2, 3, 16, 16), path)
     proto = onnx.load(str(path))
     plan = prepared_plan(proto)
     assert sorted(sorted(p.node for p in g.producers) for g in plan.groups) == \
@@ -1461,8 +1460,7 @@ def test_a_resnext_block_loses_as_many_channels_in_each_group_of_its_grouped_con
 
     torch.manual_seed(0)
     path = tmp_path / "resnext.onnx"
-    torch.onnx.export(Bottleneck().eval(), (torch.randn(2, 3, 8, 8),), str(path), input_names=["x"],
-                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    _export(Bottleneck().eval(), torch.randn(2, 3, 8, 8), path)
     proto = onnx.load(str(path))
     plan = prepared_plan(proto)
     assert sorted((sorted(p.node for p in g.producers), g.segments) for g in plan.groups) == \
@@ -1653,8 +1651,7 @@ def test_group_norms_are_pruned_as_the_same_group_norms_of_the_channels_that_sta
             norm.weight.uniform_(0.5, 1.5)
             norm.bias.uniform_(-0.5, 0.5)
     path = tmp_path / "pool.onnx"
-    torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), str(path), input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    _export(net, torch.randn(2, 3, 8, 8), path)
     plan = prepared_plan(onnx.load(str(path)))
     assert sorted((sorted(p.node for p in g.producers), g.segments) for g in plan.groups) == \
         [(["/down/Conv", "/stem/Conv"], 4), (["/up/Conv"], 1)], plan.skipped
@@ -1715,8 +1712,7 @@ def test_tokens_flattened_for_a_batch_norm_keep_their_channels(tmp_path):
             if isinstance(module, nn.BatchNorm1d):
                 module.running_mean.uniform_(-0.5, 0.5), module.running_var.uniform_(0.5, 1.5)
     path = tmp_path / "tokens.onnx"
-    torch.onnx.export(net, (torch.randn(2, 5, 6),), str(path), input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    _export(net, torch.randn(2, 5, 6), path)
     assert "Flatten" in [n.op_type for n in onnx.load(str(path)).graph.node]
     proto = onnx.load(str(path))
     plan = prepared_plan(proto)
