@@ -993,6 +993,40 @@ def test_a_channel_count_read_to_reshape_another_layers_output_keeps_the_layer_w
     assert plan.skipped["/a/MatMul"] == "its channel count is read (Shape)"
 
 
+@pytest.mark.parametrize("target, batch", [([-1, 128], "n"), ([1, 128], 1), ([0, -1], "n"), ([-1, 16], "n")],
+                         ids=["-1 and the features", "the batch of the example", "0 and -1", "not a flatten"])
+def test_a_flatten_written_as_a_reshape_is_followed_into_the_dense_layer(tmp_path, target, batch):
+    """nn.Flatten as torch.export (PyTorch's default exporter) writes it: a Reshape to [-1, C·h·w], or
+    to [1, C·h·w] with the batch of the example baked in; or x.view(x.size(0), -1). It is a Flatten:
+    the convolution before it loses channels, the dense layer after it their h·w rows, and a feature
+    count written out is rewritten. A Reshape that moves the channels into the batch is not one."""
+    rng = np.random.default_rng(5)
+    odd = [1, 3, 5, 7]
+    features = 128 if target != [-1, 16] else 16
+    inits = [numpy_helper.from_array(_silent(rng, (8, 2, 3, 3), 0, odd).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.where(np.isin(np.arange(8), odd), 0, 0.3).astype(np.float32), "b1"),
+             numpy_helper.from_array(np.array(target, np.int64), "shape"),
+             numpy_helper.from_array(rng.standard_normal((features, 5)).astype(np.float32), "g")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]), helper.make_node("Reshape", ["r1", "shape"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "g"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 5])], inits)
+    path = graphs.save(graph, tmp_path / "m.onnx")
+    report = run_recipe(ModelFile.open(path), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    if features == 16:
+        assert report.steps[0].status == "skipped" and "its output feeds Reshape" in report.steps[0].note
+        return
+    assert report.steps[0].status == "ok", report.steps[0].note
+    pruned = report.result.model.path
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(pruned)).graph.initializer}
+    assert inits["w1"].shape == (4, 2, 3, 3) and inits["g"].shape == (64, 5)
+    assert inits["shape"].tolist() == [target[0], 64 if target[1] == 128 else target[1]]
+    x = rng.standard_normal((1 if batch == 1 else 3, 2, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(_run(pruned, x), _run(path, x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
 @pytest.mark.parametrize("flatten", ["constant", "read", "read earlier"])

@@ -37,7 +37,7 @@ def split(node, region: Region, g: Graph, enter) -> str | None:
     if layout.rank is None:
         return "Reshape to a shape it cannot infer"
     out = _dims_out(node, g, keep=layout.rank - 1)
-    entries = _target_entries(node, g)
+    entries = target_entries(node, g)
     if out and entries and len(entries) == len(out) and out[-1] is None and entries[-1] == ("dim", layout.rank - 1):
         out = [*out[:-1], features]  # x.view(-1, x.size(-1)): the channels, whatever their count
     elif out and entries and len(entries) == len(out) and out[-1] is None and \
@@ -75,7 +75,7 @@ def split(node, region: Region, g: Graph, enter) -> str | None:
     if region.depthwise or any(kind not in (None, "vec") or block != 1 or n != 1 for kind, block, n in placed) or \
             any(start % (size * m) for start in starts):
         return "Reshape into heads of channels joined or flattened on the way"
-    entry = _shape_entry(node, len(out) - 2, heads, g)
+    entry = shape_entry(node, len(out) - 2, heads, g)
     if isinstance(entry, str):
         return entry
     _in_heads(region, sections, heads // m, size * m)
@@ -94,7 +94,7 @@ def spatial(node, layout: Layout, region: Region, g: Graph, enter) -> str | None
     if maker is not None and maker.op_type == "Shape" and not maker.attribute and \
             region.tensors.get(maker.input[0]) == layout:
         return enter(node.output[0], layout)  # x.reshape(t.shape), t holding the channels as x does
-    entries = _target_entries(node, g)
+    entries = target_entries(node, g)
     if layout.block != 1 or layout.width is not None or region.out_block != 1 or not out or not shape or \
             len(out) < 3 or not entries or len(entries) != len(out):
         return "its output feeds Reshape"
@@ -111,7 +111,7 @@ def spatial(node, layout: Layout, region: Region, g: Graph, enter) -> str | None
     if ("dim", 1) in entries[2:] or count not in (0, ("dim", 1), -1, region.channels) or unsure:
         return "Reshape of a feature map across its channels"
     if isinstance(count, int) and count == region.channels:
-        entry = _shape_entry(node, 1, region.channels, g)
+        entry = shape_entry(node, 1, region.channels, g)
         if isinstance(entry, str):
             return entry
         region.reshapes.append((*entry, 1))
@@ -123,7 +123,7 @@ def resized_whole(node, layout: Layout, g: Graph) -> bool:
     at run time (F.interpolate(x, size=(h, w)): sizes x.shape[:2] + (h, w)), so they follow the pruning."""
     if layout.kind != "map" or len(node.input) < 4 or not node.input[3]:
         return False
-    entries = _target_entries(node, g, 3)
+    entries = target_entries(node, g, 3)
     return bool(entries) and entries[:2] == [("dim", 0), ("dim", 1)] and ("dim", 1) not in entries[2:]
 
 
@@ -153,11 +153,11 @@ def _channels_entry(node, entries: list | None, layout: Layout, rank: int, featu
                     g: Graph) -> str | None:
     """A Reshape of the leading axes only ([n, t, C] -> [n·t, C]): a target shape that gives the
     channel count as a constant (x.reshape(-1, 32)) has it rewritten with the channels; -1, 0 (the
-    input's own) or a count read at run time follow by themselves. *entries*: _target_entries."""
+    input's own) or a count read at run time follow by themselves. *entries*: target_entries."""
     last = entries[-1] if entries else None
     if last is None or isinstance(last, tuple) or last == -1 or last == 0 and rank == layout.rank:
         return None
-    entry = _shape_entry(node, rank - 1, features, g)
+    entry = shape_entry(node, rank - 1, features, g)
     if isinstance(entry, str):
         return entry
     if not entry:
@@ -437,7 +437,7 @@ def _merge(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
     if len(shape) == layout.rank:
         shape[layout.at] = count  # what inference may not know: the heads axis holds the heads
     if shape and _keeps_shape(node, layout, shape, g):
-        entry = _shape_entry(node, layout.at, count, g)
+        entry = shape_entry(node, layout.at, count, g)
         if isinstance(entry, str):
             return entry
         if entry:
@@ -449,7 +449,7 @@ def _merge(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
     heads, size = shape[-2:]
     if heads != count or out[-1] != heads * size:
         return "Reshape of its heads it cannot follow"
-    entry = _shape_entry(node, len(out) - 1, heads * size, g)
+    entry = shape_entry(node, len(out) - 1, heads * size, g)
     if isinstance(entry, str):
         return entry
     if entry:
@@ -466,7 +466,7 @@ def _keeps_shape(node, layout: Layout, shape: list, g: Graph) -> bool:
     named = _named(shape, g.names.get(node.input[0]))
     if same and _named(same, g.names.get(node.output[0])) == named and None not in named[layout.at:]:
         return True
-    entries = _target_entries(node, g)
+    entries = target_entries(node, g)
     runs = g.run_sizes(node.input[0])
     return bool(entries) and len(entries) == layout.rank and entries[layout.at] in (-1, shape[layout.at]) and \
         bool(runs) and runs == g.run_sizes(node.output[0]) and all(run[layout.at] == shape[layout.at] for run in runs)
@@ -483,7 +483,7 @@ def _dims_out(node, g: Graph, keep: int, dims: list | None = None) -> list | Non
         return out
     sized_out = _named(out, g.names.get(node.output[0]))
     sized_in = _named(dims, g.names.get(node.input[0]))
-    entries = _target_entries(node, g)
+    entries = target_entries(node, g)
     if entries is None or len(entries) != len(out) or entries.count(-1) != 1 or entries.index(-1) < keep:
         return out
     # Leading axes stay: equal sizes, or sizes inference lost track of on either side that the
@@ -520,7 +520,7 @@ def _named(dims: list, names: list | None) -> list:
     return [d if d is not None else n for d, n in zip(dims, names)]
 
 
-def _target_entries(node, g: Graph, shape_input: int = 1) -> list | None:
+def target_entries(node, g: Graph, shape_input: int = 1) -> list | None:
     """A Reshape's target shape (or another op's, its input *shape_input*: Resize's sizes) where it is
     constant: ints; ("dim", i) for the input's own dimension i read at run time (o.reshape(o.shape[0],
     -1, o.shape[2], 16)); None for other pieces computed at run time (PyTorch's Concat of the batch
@@ -564,7 +564,7 @@ def _own_dims(piece: str, tensor: str, g: Graph) -> list[int]:
     return list(range(bounds[1], bounds[2])) if bounds and bounds[2] > bounds[1] else []
 
 
-def _shape_entry(node, position: int, value: int, g: Graph) -> tuple[str, int] | str | None:
+def shape_entry(node, position: int, value: int, g: Graph) -> tuple[str, int] | str | None:
     """Where a Reshape's target shape holds entry *position*, expected to be *value*: the constant
     and its index to rewrite; None when the entry is -1 (the runtime works it out); else why it
     cannot be rewritten. PyTorch writes the shape as a Concat of the batch size and constants."""

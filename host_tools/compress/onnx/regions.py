@@ -130,6 +130,8 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
         normalized = _group_norm(node, tensors[node.input[0]], region, g)
         if normalized:
             return enter(normalized, tensors[node.input[0]])
+        if _flattens(node, tensors[node.input[0]], g):
+            return _through_flatten(node, tensors[node.input[0]], region, g, enter)
         return heads.spatial(node, tensors[node.input[0]], region, g, enter)
     if op == "Conv" and node.input[0] in tensors and _depthwise(node, tensors[node.input[0]], region, g):
         return _through_depthwise(node, region, g, enter)
@@ -366,6 +368,33 @@ def _through_one_input(node, region: Region, g: Graph, enter) -> str | None:
         # tokens flattened into one batch of vectors, the channels still last (LeViT's BatchNorm1d)
         return enter(node.output[0], replace(layout, rank=2))
     return f"{op} across its channels"
+
+
+def _flattens(node, layout: Layout, g: Graph) -> bool:
+    """Whether a Reshape of a feature map makes one vector of each sample ([n, C, h, w] -> [n, C·h·w]),
+    as Flatten does: nn.Flatten as torch.export writes it, the target [-1, C·h·w] (or [1, C·h·w], the
+    batch of the example it was exported with), or x.view(x.size(0), -1)."""
+    shape, entries = g.shapes.get(node.input[0]), heads.target_entries(node, g)
+    if layout.block != 1 or not shape or len(shape) < 3 or None in shape[1:] or not entries or len(entries) != 2:
+        return False
+    batch, count = entries
+    features = int(np.prod(shape[1:], dtype=np.int64))
+    if count == -1:
+        return batch in (0, ("dim", 0)) or isinstance(batch, int) and batch == shape[0]
+    return count == features and (batch in (-1, 0, ("dim", 0)) or isinstance(batch, int) and batch == shape[0])
+
+
+def _through_flatten(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
+    """A Reshape that _flattens: followed as a Flatten; a feature count written as a constant loses
+    each pruned channel's h·w features."""
+    shape = g.shapes[node.input[0]]
+    block = int(np.prod(shape[2:], dtype=np.int64))
+    entry = heads.shape_entry(node, 1, int(shape[1]) * block, g)
+    if isinstance(entry, str):
+        return entry
+    if entry:
+        region.reshapes.append((*entry, block))
+    return enter(node.output[0], replace(layout, kind="vec", rank=2, block=block))
 
 
 def _through_concat(node, region: Region, g: Graph, enter) -> str | None:
