@@ -47,6 +47,9 @@ class OnnxRuntime:
         # Passed to every call: given None, the C++ run builds default options on each call, 3-6 µs
         # of a 20-40 µs single-sample call of the reference CNN here. Only read during a run.
         self._run_options = ort.RunOptions()
+        # A failing call raises ModelError with ORT's message; its own log of the failure, two coloured
+        # lines on stderr per call, would only repeat it.
+        self._run_options.log_severity_level = 4
         self._direct_run = _direct_run(self._session)
 
     @property

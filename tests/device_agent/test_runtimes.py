@@ -63,6 +63,22 @@ def test_dynamic_dimensions_follow_the_input_given():
         assert out["len"].tolist() == 3
 
 
+def test_a_call_that_fails_is_one_model_error_without_onnx_runtimes_own_log(tmp_path, capfd):
+    """A Reshape to a fixed [1, 4] given two samples: ONNX Runtime's message is in the ModelError, and
+    it does not print its own log of the failure (two coloured lines on stderr per call) as well."""
+    shape = numpy_helper.from_array(np.array([1, 4], np.int64), "shape")
+    model = _graph_model([helper.make_node("Reshape", ["x", "shape"], ["y"])],
+                         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 2])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [shape])
+    onnx.save(model, tmp_path / "m.onnx")
+    runtime = load_runtime("onnxruntime", tmp_path / "m.onnx")
+    assert runtime.run({"x": np.ones((1, 2, 2), np.float32)})["y"].shape == (1, 4)
+    capfd.readouterr()
+    with pytest.raises(ModelError, match="inference failed: .*Reshape"):
+        runtime.run({"x": np.ones((2, 2, 2), np.float32)})
+    assert capfd.readouterr().err == ""
+
+
 def _graph_model(nodes, inputs, outputs, initializers=()):
     graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
