@@ -788,6 +788,31 @@ def test_a_distilled_student_with_a_quarter_of_the_parameters_keeps_the_accuracy
     assert [s.name for s in student.model.load().inputs] == [s.name for s in model.load().inputs]
 
 
+def test_a_model_of_sequences_is_distilled_into_the_mlp_student(tmp_path):
+    """A [N, T, F] input (tokens of features, a sensor's time series) gets the built-in mlp student on
+    the flattened sequence (it failed with PyTorch's shape error, unflattened)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from host_tools.compress.torch.distill import teacher_parameters
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 256)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((256, 4)).astype(np.float32), "head")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("ReduceMean", ["r"], ["pooled"], axes=[1], keepdims=0),
+             helper.make_node("MatMul", ["pooled", "head"], ["y"])]
+    graph = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 12, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], inits)
+    model = ModelFile.open(graphs.save(graph, tmp_path / "seq.onnx"))
+    np.savez(tmp_path / "train.npz", x=rng.standard_normal((512, 12, 16)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((200, 12, 16)).astype(np.float32))
+    report = run_recipe(model, load_recipe("distill", "onnx"), train=str(tmp_path / "train.npz"),
+                        eval_data=str(tmp_path / "eval.npz"), latency_runs=5, workdir=tmp_path / "w")
+    student = report.result
+    assert student.label == "distill", report.steps[0].note
+    assert teacher_parameters(student.model) <= 0.25 * teacher_parameters(model)
+    assert student.fidelity.agreement > 0.6  # four classes: chance is 0.25
+
+
 def test_distillation_refuses_to_train_on_nothing(digits):
     with pytest.raises(ConfigError, match="needs training inputs"):
         run_recipe(digits, load_recipe("distill", "onnx"), eval_data=HELDOUT)

@@ -2,7 +2,8 @@
 
 - ``cnn`` for image-like inputs [N, C, H, W]: ``depth`` 3x3 conv blocks (width doubling), one
   2x2 max-pool when the map is at least 8x8, then a linear classifier;
-- ``mlp`` for vectors [N, F]: ``depth`` hidden layers;
+- ``mlp`` for vectors [N, F], or anything else float (a sequence of vectors [N, T, F], flattened):
+  ``depth`` hidden layers;
 - ``bag`` for token ids [N, T] (int): an embedding averaged over tokens, then an MLP.
 
 ``fit`` picks the widest student whose parameters stay within the budget.
@@ -52,7 +53,7 @@ class MlpStudent(nn.Module):
         self.net = nn.Sequential(*layers, nn.Linear(f, classes))
 
     def forward(self, x):
-        return self.net(x)
+        return self.net(x.flatten(1) if x.dim() > 2 else x)
 
 
 class BagStudent(nn.Module):
