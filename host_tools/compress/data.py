@@ -63,6 +63,7 @@ class BoundData:
     feeds: dict[str, np.ndarray]
     labels: np.ndarray | None
     fixed_batch: bool  # the model takes exactly one sample per call
+    batch_axis_unused: bool = False  # … though its inputs declare a batch axis (found by evaluate.bind)
 
     def __len__(self) -> int:
         return len(next(iter(self.feeds.values())))

@@ -9,12 +9,12 @@ noisy, shared machine slows each of them alike and the ratios stay honest.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from device_agent.errors import ConfigError, ModelError
-from host_tools.compress.data import BoundData
+from host_tools.compress.data import BoundData, Dataset
 from host_tools.compress.model import ModelFile
 
 
@@ -39,6 +39,22 @@ class Latency:
 
     def as_dict(self) -> dict:
         return {"p50_ms": round(self.p50_ms, 4), "p90_ms": round(self.p90_ms, 4), "runs": self.runs}
+
+
+def bind(data: Dataset, runtime) -> BoundData:
+    """*data* as feeds for a loaded model (ModelFile.load): in batches where its inputs have a batch
+    axis, one sample per call where they are [1, …] — or where the graph runs one sample only, though
+    its inputs declare a batch axis (torch.export bakes the batch of its example, 1, into the graph's
+    shapes): tried on two samples. A model that does not run one sample either fails here."""
+    bound = data.bind(runtime.inputs)
+    if bound.fixed_batch or len(bound) < 2:
+        return bound
+    try:
+        runtime.run(bound.sample(0, 2))
+    except ModelError:
+        runtime.run(bound.sample(0))
+        return replace(bound, fixed_batch=True, batch_axis_unused=True)
+    return bound
 
 
 def outputs_on(runtime, data: BoundData) -> dict[str, np.ndarray]:

@@ -181,7 +181,10 @@ class Evaluation:
         self.bound = None
         if self.data is not None:
             runtime = model.load()
-            self.bound = self.data.bind(runtime.inputs)
+            self.bound = evaluate.bind(self.data, runtime)
+            if self.bound.batch_axis_unused:
+                say(f"{model.path.name} declares a batch axis, but its graph runs one sample per call: "
+                    f"one sample at a time here")
             say(f"evaluating the original on {len(self.bound)} samples")
             self.score(self.original, runtime)
         self._say = say

@@ -775,6 +775,60 @@ def test_structured_pruning_removes_channels_and_recovery_brings_accuracy_back(d
     assert {i.name: list(i.dims) for i in rec_graph.initializer} == shapes  # same pruned structure, new weights
 
 
+def _batch_of_one(tmp_path, batch) -> ModelFile:
+    """models/digits_cnn.onnx as torch.export writes it from an example of one sample: its Flatten a
+    Reshape to [1, 512]. Its input and output declare *batch*: 1, or a batch axis ("n") that the graph
+    does not have: it fails at two samples."""
+    from onnx import numpy_helper
+    proto = onnx.load(str(MODELS / "digits_cnn.onnx"))
+    flatten = next(n for n in proto.graph.node if n.op_type == "Flatten")
+    flatten.op_type = "Reshape"
+    del flatten.attribute[:]
+    flatten.input.append("flat_shape")
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([1, 512], np.int64), "flat_shape"))
+    for value in (proto.graph.input[0], proto.graph.output[0]):
+        dim = value.type.tensor_type.shape.dim[0]
+        if batch == 1:
+            dim.dim_value = 1
+        else:
+            dim.dim_param = batch
+    path = tmp_path / f"batch-{batch}.onnx"
+    onnx.save(proto, str(path))
+    return ModelFile.open(path)
+
+
+def test_a_model_of_one_sample_per_call_is_pruned_and_recovered(tmp_path):
+    """A graph whose shapes hold a batch of one is trained a sample at a time (the PyTorch reading ran
+    whole batches through it, and failed on its [1, 512] flatten)."""
+    model = _batch_of_one(tmp_path, 1)
+    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 8})]), train=TRAIN,
+                        eval_data=HELDOUT, latency_runs=5, workdir=tmp_path / "w")
+    pruned = report.steps[0]
+    assert pruned.status == "ok", pruned.note
+    inits = {i.name: i for i in onnx.load(str(pruned.model.path)).graph.initializer}
+    assert list(inits["features.2.weight"].dims) == [16, 8, 3, 3]
+    assert onnx.numpy_helper.to_array(inits["flat_shape"]).tolist() == [1, 256]
+    assert pruned.fidelity.accuracy >= report.original.fidelity.accuracy - 0.02
+
+
+def test_a_model_that_declares_a_batch_axis_but_runs_one_sample_is_fed_one_at_a_time(tmp_path):
+    """Evaluation, calibration and recovery give such a model one sample per call, and say so once;
+    it used to stop at the evaluation of the original (ONNX Runtime's Reshape error)."""
+    model = _batch_of_one(tmp_path, "n")
+    said = []
+    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 8}),
+                                      ("onnx-static", {"per_channel": True})]),
+                        calib=CALIB, train=TRAIN, eval_data=HELDOUT, latency_runs=5, workdir=tmp_path / "w",
+                        progress=said.append)
+    assert sum("declares a batch axis, but its graph runs one sample per call" in line for line in said) == 1
+    assert report.original.fidelity.accuracy > 0.95
+    pruned, static = report.steps
+    assert pruned.status == "ok", pruned.note
+    assert pruned.fidelity.accuracy >= report.original.fidelity.accuracy - 0.02
+    assert static.status == "ok", static.note
+    assert static.fidelity.accuracy >= pruned.fidelity.accuracy - 0.01
+
+
 @pytest.mark.parametrize("teacher", ["digits_cnn.onnx", "digits_cnn.tflite"])
 def test_a_distilled_student_with_a_quarter_of_the_parameters_keeps_the_accuracy(teacher, tmp_path):
     from host_tools.compress.torch.distill import teacher_parameters

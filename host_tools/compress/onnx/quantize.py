@@ -11,6 +11,7 @@ from typing import Literal
 import numpy as np
 
 from device_agent.errors import ConfigError, NotApplicable
+from host_tools.compress import evaluate
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, index_nodes, output_path,
@@ -89,7 +90,7 @@ class OnnxStaticInt8(Pass):
             raise ConfigError(f"{self.name} {NO_CALIBRATION}")
         candidates = _require_weighted_nodes(model, config.op_types or STATIC_OPS)
         data = load_dataset(config.calibration).head(config.samples)
-        feeds = data.bind(model.load(threads=1).inputs)
+        feeds = evaluate.bind(data, model.load(threads=1))
         out = output_path(workdir, model, "static")
         if config.per_channel:  # DequantizeLinear's axis attribute arrived in opset 13
             model = ModelFile(with_opset_at_least(model.path, 13, workdir, "per-channel QDQ"), "onnx")

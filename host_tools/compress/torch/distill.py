@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from device_agent.errors import ConfigError, NotApplicable
+from host_tools.compress import evaluate
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import Pass, PassConfig, register
@@ -50,7 +51,7 @@ class Distill(Pass):
         if config.calibration is None:
             raise ConfigError(f"{self.name} needs inputs to train on (--train or --calib)")
         runtime = model.load()
-        bound = load_dataset(config.calibration).bind(runtime.inputs)
+        bound = evaluate.bind(load_dataset(config.calibration), runtime)
         targets = teacher_targets(runtime, bound)
         inputs = [bound.feeds[s.name] for s in runtime.inputs]
         torch.manual_seed(config.seed)

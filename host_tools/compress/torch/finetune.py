@@ -9,7 +9,7 @@ import numpy as np
 
 from device_agent.errors import CompressionError, ConfigError
 from host_tools.compress.data import BoundData, Dataset, load_dataset
-from host_tools.compress.evaluate import outputs_on
+from host_tools.compress.evaluate import bind, outputs_on
 from host_tools.compress.model import ModelFile
 
 
@@ -21,8 +21,10 @@ def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None
         raise ConfigError("recovery fine-tuning needs inputs to train on (--train or --calib)")
     graph, module, save = _trainable(pruned)
     runtime = teacher.load()
-    bound = load_dataset(data).bind(runtime.inputs)
+    bound = bind(load_dataset(data), runtime)
     targets = outputs_on(runtime, bound)  # the teacher's outputs, by name
+    if bound.fixed_batch:  # (also a graph that declares a batch axis, but runs one sample per call)
+        module.per_sample = True
     inputs = [bound.feeds[name] for name in module.input_names]
     _check_same_as_runtime(module, pruned, bound)
     distill(module, inputs, [targets[name] for name in module.output_names], bound.labels,

@@ -6,6 +6,11 @@ of weighted ops (Conv, Gemm, MatMul, normalisation) become ``nn.Parameter``s, an
 training ``write_back`` puts their values into the same ONNX graph, so the structure the
 device runs is exactly the one that was pruned and measured. Ops outside the supported set are
 refused by name before any training starts.
+
+A graph whose shapes hold a batch of one (inputs declared [1, …], a flatten to [1, 512]; torch.export
+bakes the batch of its example in) runs each sample on its own, vectorised over the training batch
+with ``torch.func.vmap``, as ``tflite_module`` does: ``per_sample``, set from the graph's inputs, or
+by the caller for a graph that declares a batch axis its shapes do not have.
 """
 
 from __future__ import annotations
@@ -55,10 +60,25 @@ class OnnxModule(nn.Module):
                 self.names[init.name] = key
             else:
                 self.consts[init.name] = value
-        self.input_names = [i.name for i in self.graph.input if i.name not in self.consts and i.name not in self.names]
+        inputs = [i for i in self.graph.input if i.name not in self.consts and i.name not in self.names]
+        self.input_names = [i.name for i in inputs]
         self.output_names = [o.name for o in self.graph.output]
+        self.per_sample = bool(inputs) and all(_first_dim(i) == 1 for i in inputs)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """*inputs* are [N, …]; with ``per_sample``, the graph runs each sample as a batch of one, and
+        each output is the samples' outputs joined along their first axis, as calls of one sample give."""
+        if not self.per_sample:
+            return self._run(*inputs)
+        batched = [x.unsqueeze(1) for x in inputs]
+        try:
+            stacked = torch.func.vmap(self._run)(*batched)
+        except RuntimeError:  # an op vmap cannot vectorise: one sample after another
+            outputs = [self._run(*[x[i] for x in batched]) for i in range(len(batched[0]))]
+            stacked = tuple(torch.stack(parts) for parts in zip(*outputs))
+        return tuple(o.flatten(0, 1) if o.dim() >= 2 else o for o in stacked)
+
+    def _run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         env: dict[str, torch.Tensor] = dict(self.consts)
         env.update({name: self.params[key] for name, key in self.names.items()})
         env.update(zip(self.input_names, inputs))
@@ -80,6 +100,11 @@ class OnnxModule(nn.Module):
             original = numpy_helper.to_array(by_name[name])
             value = self.params[key].detach().cpu().numpy().astype(original.dtype)
             by_name[name].CopyFrom(numpy_helper.from_array(value, name))
+
+
+def _first_dim(value_info) -> int | None:
+    dims = value_info.type.tensor_type.shape.dim
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
 
 
 def _conv(a, at):
