@@ -935,6 +935,13 @@ def test_distillation_into_the_users_own_student_module(digits, tmp_path):
     from host_tools.compress.torch.distill import teacher_parameters
     assert teacher_parameters(report.result.model) == 64 * 32 + 32 + 32 * 10 + 10
     assert report.result.fidelity.accuracy > 0.9
+    # a student that does not fit the inputs: PyTorch's error as the step's one line, not a traceback
+    recipe = steps([("distill", {"student": f"{tmp_path / 'student.py'}:Tiny", "epochs": 1})])
+    (tmp_path / "student.py").write_text((tmp_path / "student.py").read_text().replace("Linear(64,", "Linear(48,"))
+    report = run_recipe(digits, recipe, train=TRAIN, eval_data=HELDOUT, latency_runs=10, workdir=tmp_path / "w2")
+    failed = report.steps[0]
+    assert failed.status == "failed" and "distill failed on digits_cnn.onnx: RuntimeError: mat1 and mat2" in failed.note
+    assert "\n" not in failed.note and not report.compressed
 
 
 def test_auto_on_a_tflite_model(tmp_path):

@@ -11,7 +11,7 @@ from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress import evaluate
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
-from host_tools.compress.passes import Pass, PassConfig, register
+from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 
 @register
@@ -66,10 +66,12 @@ class Distill(Pass):
             budget = int(teacher_parameters(model) * config.params)
             vocab = int(inputs[0].max()) + 1 if family == "bag" else 0
             student = students.fit(family, sample, targets[0].shape[1], config.depth, budget, vocab)
-        distill(student, inputs, targets, bound.labels,
-                Schedule(epochs=config.epochs, lr=config.lr, temperature=config.temperature,
-                         labels_weight=config.labels_weight if bound.labels is not None else 0.0, seed=config.seed),
-                what=f"distilling into a {students.count(student)}-parameter student")
+        with failing_as(self.name, model):  # a student that does not fit the inputs: PyTorch's error, in one line
+            distill(student, inputs, targets, bound.labels,
+                    Schedule(epochs=config.epochs, lr=config.lr, temperature=config.temperature,
+                             labels_weight=config.labels_weight if bound.labels is not None else 0.0,
+                             seed=config.seed),
+                    what=f"distilling into a {students.count(student)}-parameter student")
         out = workdir / f"{model.path.stem}.student.onnx"
         _export(student, inputs, runtime, out)
         return ModelFile(out, "onnx")
