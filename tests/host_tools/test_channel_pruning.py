@@ -967,6 +967,30 @@ def test_layers_that_share_a_weight_are_pruned_as_one_and_still_share_it(tmp_pat
     np.testing.assert_allclose(_run(pruned, ids, "ids"), _run(silenced, ids, "ids"), rtol=1e-4, atol=1e-4)
 
 
+def test_layers_whose_equal_biases_an_exporter_stored_once_are_pruned_each_on_its_own(tmp_path):
+    """torch.export's optimizer stores equal constants once: two layers with zero biases (a model not
+    trained yet, or layers whose biases were never used) read one initializer, as if they shared it.
+    Each layer gets its own copy and is pruned on its own (both were left whole); what is equal after
+    the pruning is stored once again."""
+    rng = np.random.default_rng(2)
+    inits = {"w1": _silent(rng, (8, 16), 1, list(range(1, 16, 2))),
+             "w2": _silent(rng, (16, 16), 1, list(range(0, 16, 2))), "w3": rng.standard_normal((16, 4)),
+             "zeros": np.zeros(16)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"), helper.make_node("Add", ["m1", "zeros"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="fc2"), helper.make_node("Add", ["m2", "zeros"], ["a2"]),
+             helper.make_node("Relu", ["a2"], ["r2"]), helper.make_node("MatMul", ["r2", "w3"], ["y"], name="fc3")]
+    model = _model(nodes, inits, ["n", 8], ["n", 4], tmp_path / "m.onnx")
+    report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5, workdir=tmp_path)
+    assert report.steps[0].status == "ok", report.steps[0].note
+    pruned = report.result.model.path
+    shapes = {i.name: list(i.dims) for i in onnx.load(str(pruned)).graph.initializer}
+    assert shapes["w1"] == [8, 8] and shapes["w2"] == [8, 8] and shapes["w3"] == [8, 4]
+    assert sorted(dims for dims in shapes.values() if len(dims) == 1) == [[8]]  # the two zero biases, one again
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(pruned, x), _run(model.path, x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
 def test_a_channel_count_read_to_reshape_another_layers_output_keeps_the_layer_whole(tmp_path):

@@ -296,6 +296,28 @@ def _renamed_copy(tensor, name: str):
     return copy
 
 
+def own_small_constants(model, names: set[str]) -> int:
+    """Give each node that reads one of *names* — float vectors (biases, norm scales; at most one axis)
+    — its own copy: torch.export's optimizer stores equal constants once, so the zero biases and unit
+    LayerNorm scales of layers that have nothing else in common are one initializer. Returns how many
+    copies were made; what pruning leaves equal is shared again afterwards (share_equal_initializers)."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer if i.name in names and len(i.dims) <= 1
+             and i.data_type in (1, 10, 11, 16)}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+    seen: set[str] = set()
+    copies = 0
+    for index, node in enumerate(graph.node):
+        for k, name in enumerate(node.input):
+            if name not in inits:
+                continue
+            if name in seen:
+                graph.initializer.append(_renamed_copy(inits[name], f"{name}.{node.name or index}.{k}"))
+                node.input[k] = graph.initializer[-1].name
+                copies += 1
+            seen.add(name)
+    return copies
+
+
 def own_shape_constants(model) -> int:
     """Give each Split, Reshape and Concat its own copy of an integer constant it shares with other
     nodes (PyTorch's exporter shares equal split sizes and shape pieces this way), so that pruning

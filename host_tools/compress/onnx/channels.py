@@ -63,6 +63,7 @@ class Group:
 class Plan:
     groups: list[Group]
     skipped: dict[str, str]  # node name -> why its channels stay
+    shared: set[str] = field(default_factory=set)  # constants whose sharing kept a group whole
 
     def why_none(self) -> str:
         reasons = Counter(self.skipped.values())
@@ -123,14 +124,16 @@ def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
             group.reshapes += [r for r in regions[i].reshapes if r not in group.reshapes]
             group.readers += [r for r in regions[i].readers.values() if r not in group.readers]
         groups.append((indices, group))
-    for indices, why in _shared_apart([(indices, group) for indices, group in groups], regions, g):
+    shared = set()
+    for indices, why, name in _shared_apart([(indices, group) for indices, group in groups], regions, g):
         skipped.update((labels[i], why) for i in indices)
+        shared.add(name)
     kept = {id(group) for indices, group in groups if not any(labels[i] in skipped for i in indices)}
-    return Plan([group for _, group in groups if id(group) in kept], skipped)
+    return Plan([group for _, group in groups if id(group) in kept], skipped, shared)
 
 
 def _shared_apart(groups: list[tuple[list[int], Group]], regions: list[Region], g: Graph):
-    """(members, why) of each group that cannot cut a constant other nodes also read. A constant read
+    """(members, why, the constant) of each group that cannot cut a constant other nodes also read. A constant read
     by several nodes (a weight one layer applied twice shares, as ALBERT's; a table that is also an
     output layer's weight) is cut once for all of them: along each of its axes by one group only,
     in the same places, and every node reading it must be in that group."""
@@ -141,10 +144,10 @@ def _shared_apart(groups: list[tuple[list[int], Group]], regions: list[Region], 
                 [(name, q.axis, (q.offsets, q.block)) for name, q in group.params]:
             if g.uses[name] > 1:
                 cuts.setdefault((name, axis), {}).setdefault(n, set()).add(where)
-    refused: dict[int, str] = {}
+    refused: dict[int, tuple[str, str]] = {}
     for (name, _), by_group in cuts.items():
         if len(by_group) > 1:
-            refused.update((n, f"a weight it shares ({name}) would lose other channels for another layer")
+            refused.update((n, (f"a weight it shares ({name}) would lose other channels for another layer", name))
                            for n in by_group)
             continue
         [(n, places)] = by_group.items()
@@ -154,10 +157,10 @@ def _shared_apart(groups: list[tuple[list[int], Group]], regions: list[Region], 
         outside = [node.name for node in g.readers.get(name, []) if node.name not in named
                    and not any(t in reached for t in node.input if t != name)]
         if len(places) > 1:
-            refused[n] = f"reads a weight it shares ({name}) in different places"
+            refused[n] = (f"reads a weight it shares ({name}) in different places", name)
         elif outside:
-            refused[n] = f"a weight it shares with {outside[0]} would lose channels there too"
-    return [(groups[n][0], why) for n, why in refused.items()]
+            refused[n] = (f"a weight it shares with {outside[0]} would lose channels there too", name)
+    return [(groups[n][0], why, name) for n, (why, name) in refused.items()]
 
 
 def _graph(proto) -> Graph:

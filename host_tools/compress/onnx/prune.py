@@ -22,7 +22,8 @@ from host_tools.compress.magnitude import MagnitudeConfig, thresholds
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx import static_shapes
 from host_tools.compress.onnx.boundary import (hoist_constants, inline_constant_identities, output_path,
-                                               own_shape_constants, quantized_already, share_equal_initializers,
+                                               own_shape_constants, own_small_constants, quantized_already,
+                                               share_equal_initializers,
                                                sort_topologically)
 from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
 from host_tools.compress.passes import Pass, failing_as, progress, register
@@ -138,4 +139,7 @@ def prepared_plan(proto, exclude=()):
     static_shapes.constant_subgraphs(proto)  # and values computed from constants only, made constants
     static_shapes.slices_as_split(proto)  # and its Slices one Split, whose sizes can be rewritten
     own_shape_constants(proto)  # exporters share equal split sizes and shapes directly
-    return plan_channel_pruning(proto, set(exclude))
+    plan = plan_channel_pruning(proto, set(exclude))
+    if own_small_constants(proto, plan.shared):  # and equal biases and norm scales (torch.export)
+        plan = plan_channel_pruning(proto, set(exclude))
+    return plan
