@@ -267,6 +267,65 @@ def test_attention_heads_that_carry_nothing_are_removed_and_every_output_stays(t
     np.testing.assert_allclose(run(report.result.model.path), run(model.path), rtol=1e-5, atol=1e-5)
 
 
+def test_attention_as_torch_export_writes_it_loses_its_silent_heads(tmp_path):
+    """scaled_dot_product_attention as torch.export (PyTorch's default exporter) writes it: Kᵀ is K
+    reshaped to [-1, t, d] with t and d read from its shape, transposed [0, 2, 1] and reshaped back
+    to K's leading axes from the same shape (a Split of it, once prepared); a NaN guard after the
+    softmax. Removing the two silent heads of four must change no output (K's heads were left whole:
+    its shape is read)."""
+    rng = np.random.default_rng(8)
+    dim, size, silent = 32, 8, [i for h in (1, 3) for i in range(h * 8, (h + 1) * 8)]
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    consts = {"minus1": i64(-1), "size": i64(size), "last": i64(-1), "end": i64(2**63 - 1), "second": i64(-2),
+              "begin": i64(-2**63), "scale": np.array(size ** -0.25, np.float32), "zero": np.array(0, np.float32)}
+    for name in "qkv":
+        consts[f"w{name}"] = _silent(rng, (dim, dim), 1, silent).astype(np.float32)
+        consts[f"b{name}"] = np.where(np.isin(np.arange(dim), silent), 0, rng.standard_normal(dim)).astype(np.float32)
+    consts["wo"], consts["bo"] = rng.standard_normal((dim, dim)).astype(np.float32), np.zeros(dim, np.float32)
+    n = helper.make_node
+    nodes = [n("Shape", ["x"], ["batch"], start=0, end=1), n("Shape", ["x"], ["tokens"], start=1, end=2),
+             n("Concat", ["batch", "tokens", "minus1", "size"], ["heads_shape"], axis=0),
+             n("Concat", ["batch", "tokens", "minus1"], ["merged_shape"], axis=0)]
+    for name in "qkv":
+        nodes += [n("MatMul", ["x", f"w{name}"], [f"{name}m"], name=f"{name}_proj"),
+                  n("Add", [f"{name}m", f"b{name}"], [f"{name}a"]),
+                  n("Reshape", [f"{name}a", "heads_shape"], [f"{name}r"], allowzero=1),
+                  n("Transpose", [f"{name}r"], [f"{name}h"], perm=[0, 2, 1, 3])]
+    nodes += [n("Shape", ["kh"], ["ks"], start=0),
+              n("Slice", ["ks", "last", "end"], ["d"]), n("Slice", ["ks", "second", "last"], ["t"]),
+              n("Slice", ["ks", "begin", "second"], ["lead"]),
+              n("Concat", ["minus1", "t", "d"], ["flat_shape"], axis=0), n("Reshape", ["kh", "flat_shape"], ["kf"]),
+              n("Transpose", ["kf"], ["kft"], perm=[0, 2, 1]),
+              n("Concat", ["lead", "d", "t"], ["back_shape"], axis=0), n("Reshape", ["kft", "back_shape"], ["kt"]),
+              n("Mul", ["qh", "scale"], ["qs"]), n("Mul", ["kt", "scale"], ["ks2"]),
+              n("MatMul", ["qs", "ks2"], ["scores"]), n("Add", ["scores", "mask"], ["masked"]),
+              n("Softmax", ["masked"], ["weights"], axis=-1), n("IsNaN", ["weights"], ["nan"]),
+              n("Where", ["nan", "zero", "weights"], ["guarded"]), n("MatMul", ["guarded", "vh"], ["mixed"]),
+              n("Transpose", ["mixed"], ["mt"], perm=[0, 2, 1, 3]),
+              n("Reshape", ["mt", "merged_shape"], ["merged"], allowzero=1),
+              n("MatMul", ["merged", "wo"], ["om"], name="out_proj"), n("Add", ["om", "bo"], ["y"])]
+    inits = [numpy_helper.from_array(v if v.ndim else v.reshape(1) if v.dtype == np.int64 else v, k)
+             for k, v in consts.items()]
+    graph = helper.make_graph(nodes, "sdpa", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t", dim]),
+                                              helper.make_tensor_value_info("mask", TensorProto.FLOAT,
+                                                                            ["n", 1, 1, "t"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "t", dim])], inits)
+    path = graphs.save(graph, tmp_path / "sdpa.onnx")
+    report = run_recipe(ModelFile.open(path), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    pruned = report.result.model.path
+    shapes = {i.name: list(i.dims) for i in onnx.load(str(pruned)).graph.initializer}
+    assert shapes["wq"] == shapes["wk"] == shapes["wv"] == [32, 16] and shapes["wo"] == [16, 32]
+    feeds = {"x": rng.standard_normal((3, 9, dim)).astype(np.float32),
+             "mask": np.where(rng.random((3, 1, 1, 9)) < 0.3, -1e4, 0).astype(np.float32)}
+
+    def run(model):
+        return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+    np.testing.assert_allclose(run(pruned), run(path), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
 @pytest.mark.parametrize("variant, why", [("softmax over heads", "Softmax across its heads")])

@@ -237,8 +237,65 @@ def step(node, region: Region, g: Graph, enter) -> str | None:
             return enter(repeat.reshape.output[0], replace(layout, block=layout.block * repeat.times))
         return _through_unsqueeze(node, layout, g, enter)
     if op == "Reshape":
+        back = swapped_last_two(node, layout, g)
+        if back is not None:  # Kᵀ as torch.export writes it: the heads stay where they were
+            return enter(back.output[0], layout)
         return _merge(node, layout, region, g, enter)
     return f"its heads feed {op}"
+
+
+def swapped_last_two(reshape, layout: Layout, g: Graph):
+    """x.transpose(-2, -1) as torch.export writes it in scaled_dot_product_attention (Kᵀ): x, heads
+    and all, reshaped to [-1, t, d] with t and d read from its shape, Transpose [0, 2, 1], and
+    reshaped back to x's leading axes read from the same shape, then [d, t]. Each head is
+    transposed on its own, and every size follows the pruning: the last Reshape (whose output then
+    holds the heads where x did), or None where *reshape* does not begin this."""
+    x, rank = reshape.input[0], layout.rank
+    if rank is None or rank < 3 or layout.at >= rank - 2 or \
+            _pieces(reshape.input[1], x, g) != [-1, ("dim", rank - 2), ("dim", rank - 1)]:
+        return None
+    transpose = _only_reader(reshape.output[0], "Transpose", g)
+    if transpose is None or ints(transpose, "perm") != [0, 2, 1]:
+        return None
+    back = _only_reader(transpose.output[0], "Reshape", g)
+    if back is None or back.input[0] != transpose.output[0] or \
+            _pieces(back.input[1], x, g) != [*(("dim", i) for i in range(rank - 2)), ("dim", rank - 1), ("dim", rank - 2)]:
+        return None
+    return back
+
+
+def shape_for_swap(shape, layout: Layout, g: Graph) -> bool:
+    """Whether a Shape of a tensor holding heads is read only for the sizes of swapped_last_two's
+    Reshapes of it (Slices or a Split of it in their targets): then it follows the pruning."""
+    x = shape.input[0]
+    targets = set()
+    for reshape in g.readers.get(x, []):
+        back = swapped_last_two(reshape, layout, g) if reshape.op_type == "Reshape" and reshape.input[0] == x else None
+        if back is not None:
+            targets |= {reshape.input[1], back.input[1]}
+    pieces = [name for s in g.readers.get(shape.output[0], []) for name in s.output]
+    return bool(targets) and shape.output[0] not in g.outputs and \
+        all(s.op_type in ("Slice", "Split") and s.input[0] == shape.output[0] for s in g.readers[shape.output[0]]) and \
+        all(name not in g.outputs and all(u.op_type == "Concat" and u.output[0] in targets
+                                          for u in g.readers.get(name, [])) for name in pieces)
+
+
+def _pieces(target: str, x: str, g: Graph) -> list | None:
+    """A shape built by a Concat: its entries, ints for constants and ("dim", i) for x's dimension i
+    read at run time; None for anything else."""
+    maker = g.made_by.get(target)
+    if maker is None or maker.op_type != "Concat":
+        return None
+    entries: list = []
+    for piece in maker.input:
+        if piece in g.consts:
+            entries += [int(v) for v in const_array(g.consts[piece]).ravel()]
+            continue
+        own = _own_dims(piece, x, g)
+        if not own:
+            return None
+        entries += [("dim", i) for i in own]
+    return entries
 
 
 def _others(node, layout: Layout, region: Region, g: Graph) -> str | None:
@@ -545,23 +602,35 @@ def target_entries(node, g: Graph, shape_input: int = 1) -> list | None:
 
 def _own_dims(piece: str, tensor: str, g: Graph) -> list[int]:
     """[i, …] where *piece* is the tensor's dimensions i, … read at run time: Unsqueeze(Gather(Shape(
-    tensor), i)), or a Slice of Shape(tensor), maybe squeezed and unsqueezed again (x.size(-1),
-    x.shape[:2]); [] where it is something else."""
+    tensor), i)), or a Slice of Shape(tensor), or one part of a Split of it, maybe squeezed and
+    unsqueezed again (x.size(-1), x.shape[:2]); [] where it is something else."""
     node = g.made_by.get(piece)
     while node is not None and node.op_type in ("Unsqueeze", "Squeeze"):
         node = g.made_by.get(node.input[0])
-    if node is None or node.op_type not in ("Gather", "Slice"):
+    if node is None or node.op_type not in ("Gather", "Slice", "Split"):
         return []
     shape = g.made_by.get(node.input[0])
     rank = len(g.shapes.get(tensor) or [])
-    if shape is None or shape.op_type != "Shape" or shape.input[0] != tensor or shape.attribute or not rank:
+    if shape is None or shape.op_type != "Shape" or shape.input[0] != tensor or not rank:
         return []
+    start, end = (min(max(v + rank if v < 0 else v, 0), rank)
+                  for v in (attr(shape, "start", 0), attr(shape, "end", rank)))  # Shape(x, start=…, end=…)
+    length = end - start
     if node.op_type == "Gather":
         index = const_array(g.consts[node.input[1]]).ravel() if node.input[1] in g.consts else []
-        return [int(index[0]) % rank] if len(index) == 1 else []
+        return [start + int(index[0]) % length] if len(index) == 1 and length else []
+    if node.op_type == "Split":
+        sizes = node.input[1] if len(node.input) > 1 else ""
+        if sizes not in g.consts or attr(node, "axis", 0) != 0:
+            return []
+        sizes = [int(v) for v in const_array(g.consts[sizes]).ravel()]
+        j = list(node.output).index(piece) if piece in node.output else -1
+        if j < 0 or sum(sizes) != length:
+            return []
+        return list(range(start + sum(sizes[:j]), start + sum(sizes[:j + 1])))
     consts = {name: const_array(g.consts[name]) for name in node.input[1:] if name in g.consts}
-    bounds = slice_bounds(node, consts, {node.input[0]: [rank]})
-    return list(range(bounds[1], bounds[2])) if bounds and bounds[2] > bounds[1] else []
+    bounds = slice_bounds(node, consts, {node.input[0]: [length]})
+    return list(range(start + bounds[1], start + bounds[2])) if bounds and bounds[2] > bounds[1] else []
 
 
 def shape_entry(node, position: int, value: int, g: Graph) -> tuple[str, int] | str | None:

@@ -173,6 +173,8 @@ def _shape_read(node, layout: Layout, region: Region, g: Graph) -> str | None:
                   for v in (attr(node, "start", 0), attr(node, "end", layout.rank)))
     if not start <= axis < end:
         return None
+    if layout.kind == "heads" and heads.shape_for_swap(node, layout, g):
+        return None  # the sizes of a Kᵀ as torch.export writes it
     for reader in g.readers.get(node.output[0], []):
         if layout.kind == "heads" and reader.op_type == "Gather" and start == 0 and \
                 heads.repeat_reads(reader, node.input[0], layout, g):
