@@ -1298,6 +1298,38 @@ def test_tokens_folded_into_an_image_and_back_keep_their_channels(tmp_path):
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
 @pytest.mark.filterwarnings("ignore:Converting a tensor to a Python boolean")  # GroupNorm's own check, traced
+@pytest.mark.parametrize("target", [[-1, 8, 16], [0, 8, -1], [-1, 8, 8]], ids=["-1 as the batch", "0 and -1", "not the batch"])
+def test_patches_flattened_to_tokens_as_torch_export_writes_it_keep_their_channels(tmp_path, target):
+    """A ViT's patch embedding, x.flatten(2).transpose(1, 2), as torch.export writes it: a Reshape to
+    [-1, C, h·w] (the -1 is the batch: the other entries are the rest of the shape), then tokens
+    into a dense layer. The convolution loses its silent channels, the channel entry is rewritten.
+    [-1, 8, 8] of a [n, 8, 4, 4] map doubles the batch: left whole."""
+    rng = np.random.default_rng(4)
+    odd = [1, 3, 5, 7]
+    inits = [numpy_helper.from_array(_silent(rng, (8, 3, 2, 2), 0, odd).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.array(target, np.int64), "shape"),
+             numpy_helper.from_array(rng.standard_normal((8, 5)).astype(np.float32), "g")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["patches"], name="embed", strides=[2, 2]),
+             helper.make_node("Reshape", ["patches", "shape"], ["flat"]),
+             helper.make_node("Transpose", ["flat"], ["tokens"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["tokens", "g"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, 5])], inits)
+    path = graphs.save(graph, tmp_path / "m.onnx")
+    report = run_recipe(ModelFile.open(path), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    if target == [-1, 8, 8]:
+        assert report.steps[0].status == "skipped" and "Reshape of a feature map's batch" in report.steps[0].note
+        return
+    assert report.steps[0].status == "ok", report.steps[0].note
+    pruned = report.result.model.path
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(pruned)).graph.initializer}
+    assert inits["w1"].shape == (4, 3, 2, 2) and inits["g"].shape == (4, 5)
+    assert inits["shape"].tolist() == [target[0], 4, target[2]]
+    x = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(pruned, x), _run(path, x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_group_norm_with_a_group_per_channel_is_pruned_with_its_convolution(tmp_path):
     """wav2vec2's feature encoder: Conv1d, then GroupNorm with one group per channel, which PyTorch
     exports as a Reshape to [n, C, -1], InstanceNormalization, a Reshape back to the conv's own

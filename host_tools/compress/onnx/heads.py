@@ -101,8 +101,13 @@ def spatial(node, layout: Layout, region: Region, g: Graph, enter) -> str | None
     batch, count = entries[:2]
     named = _named(out, g.names.get(node.output[0]))[0]
     same_batch = isinstance(named, str) and named == _named(shape, g.names.get(node.input[0]))[0]
+    # -1 beside constants that are the rest of the input's shape is its batch (torch.export writes
+    # ViT's x.flatten(2) as a Reshape to [-1, C, h·w]); it still is once the channel entry is rewritten
+    rest = entries[1:]
+    batch_left = batch == -1 and None not in shape[1:] and all(isinstance(e, int) and e > 0 for e in rest) and \
+        np.prod(rest, dtype=np.int64) == np.prod(shape[1:], dtype=np.int64)
     if not (batch in (0, ("dim", 0)) or batch is None and same_batch and out[0] is None or
-            isinstance(batch, int) and batch == shape[0]):
+            isinstance(batch, int) and batch == shape[0] or batch_left):
         return "Reshape of a feature map's batch"
     # (a -1 beside sizes read at run time, x.reshape(n, -1, h, w) as SegFormer's decoder writes it, is
     # the channels if it was in every made-up run)

@@ -140,6 +140,6 @@ def prepared_plan(proto, exclude=()):
     static_shapes.slices_as_split(proto)  # and its Slices one Split, whose sizes can be rewritten
     own_shape_constants(proto)  # exporters share equal split sizes and shapes directly
     plan = plan_channel_pruning(proto, set(exclude))
-    if own_small_constants(proto, plan.shared):  # and equal biases and norm scales (torch.export)
-        plan = plan_channel_pruning(proto, set(exclude))
+    while own_small_constants(proto, plan.shared):  # and equal biases and norm scales (torch.export)
+        plan = plan_channel_pruning(proto, set(exclude))  # (groups that grow may meet more of them)
     return plan
