@@ -280,6 +280,22 @@ def _gather_elements(a, at):
     return torch.gather(a[0], axis, torch.where(index < 0, index + a[0].shape[axis], index))
 
 
+def _gather_nd(a, at):
+    data, index = a[0], a[1].long()
+    batch = at.get("batch_dims", 0)
+    if batch == 0:
+        return data[tuple(index.unbind(-1))]
+    leading = data.shape[:batch]  # the first batch_dims axes pair data and indices one to one
+    data, index = data.reshape(-1, *data.shape[batch:]), index.reshape(-1, *index.shape[batch:])
+    out = torch.stack([d[tuple(i.unbind(-1))] for d, i in zip(data, index)])
+    return out.reshape(*leading, *out.shape[1:])
+
+
+def _shape(a, at):
+    dims = list(a[0].shape)
+    return torch.tensor(dims[slice(at.get("start", 0), at.get("end"))], dtype=torch.int64)  # (start, end: opset 15)
+
+
 def _cumsum(a, at):
     x, axis = a[0], int(a[1].reshape(-1)[0]) % a[0].dim()
     if at.get("reverse", 0):
@@ -374,7 +390,8 @@ _OPS = {
     "Split": _split,
     "Gather": lambda a, at: torch.index_select(a[0], at.get("axis", 0), a[1].reshape(-1).long()).reshape(
         (*a[0].shape[:at.get("axis", 0)], *a[1].shape, *a[0].shape[at.get("axis", 0) + 1:])),
-    "Shape": lambda a, at: torch.tensor(list(a[0].shape), dtype=torch.int64),
+    "Shape": _shape,
+    "GatherND": _gather_nd,
     "Cast": _cast,
     "Constant": _constant,
     "MaxPool": _pool("max"),
@@ -384,6 +401,7 @@ _OPS = {
     "LayerNormalization": _layer_norm,
     "ReduceMean": _reduce(torch.mean),
     "ReduceSum": _reduce(torch.sum),
+    "ReduceL2": _reduce(lambda x, dim, keepdim: torch.sqrt(torch.sum(x * x, dim=dim, keepdim=keepdim))),
     "Where": lambda a, at: torch.where(a[0].bool(), a[1], a[2]),
     "Resize": _resize,
     "Equal": lambda a, at: a[0] == a[1],
