@@ -77,8 +77,10 @@ NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
         "onnx": (Step("onnx-prune-magnitude", {"sparsity": 0.8}), PREPROCESS,
                  Step("onnx-static", {"per_channel": True}), ONNX_COMPACT),
         "tflite": (Step("tflite-prune-magnitude", {"sparsity": 0.8}), Step("tflite-int8"), TFLITE_COMPACT)}),
+    # (the pruned layers keep their names, for whoever trains or inspects them further; what a device
+    # does not need goes: torch.export's per-node metadata is most of a small model's file)
     "channels-50": ("half of the prunable channels removed, recovered by distillation from the original", {
-        "onnx": (ONNX_CHANNELS_50,), "tflite": (TFLITE_CHANNELS_50,)}),
+        "onnx": (ONNX_CHANNELS_50, Step("onnx-compact", {"rename": False})), "tflite": (TFLITE_CHANNELS_50,)}),
     "distill": ("a student with at most 25% of the parameters, trained on the model's outputs", {
         "onnx": (Step("distill"),), "tflite": (Step("distill"),)}),
     "int4-weights": ("int4 blockwise MatMul weights, for transformer-style models", {

@@ -387,6 +387,30 @@ def test_named_recipes_pick_the_passes_of_the_models_format():
         run_recipe(ModelFile.open(MODELS / "digits_cnn.onnx"), steps([("onnx-int3", {})]))
 
 
+@pytest.mark.parametrize("rename", [True, False])
+def test_onnx_compact_drops_each_nodes_export_metadata_and_changes_no_output(digits, rename, tmp_path):
+    """torch.export records every node's module path and Python stack trace in its metadata_props
+    (two thirds of a small CNN's file as it exports it). A device does not need them; onnx-compact
+    drops them (channels-50 ends with it, names kept), and the model's own metadata stays."""
+    proto = onnx.load(str(digits.path))
+    for node in proto.graph.node:
+        onnx.helper.set_metadata_props(node, {"pkg.torch.onnx.stack_trace": "File \"model.py\", line 42\n" * 40})
+    onnx.helper.set_metadata_props(proto, {"author": "someone"})
+    path = tmp_path / "traced.onnx"
+    onnx.save(proto, str(path))
+    model = ModelFile.open(path)
+    report = run_recipe(model, steps([("onnx-compact", {"rename": rename})]), eval_data=HELDOUT, latency_runs=5,
+                        workdir=tmp_path / "w")
+    compact = report.steps[0]
+    assert compact.status == "ok" and compact.size_bytes <= digits.size_bytes + 100 < model.size_bytes - 9 * 1000
+    assert compact.fidelity.agreement == 1.0 and compact.fidelity.max_abs_error == 0.0
+    result = onnx.load(str(compact.model.path))
+    assert all(not node.metadata_props for node in result.graph.node)
+    assert {p.key: p.value for p in result.metadata_props} == {"author": "someone"}
+    assert ("features.0.weight" in {i.name for i in result.graph.initializer}) is not rename
+    assert load_recipe("channels-50", "onnx").steps[-1] == Step("onnx-compact", {"rename": False})
+
+
 def test_every_pass_declares_what_a_recipe_needs():
     for name, cls in all_passes().items():
         assert cls.name == name and cls.formats and cls.summary
