@@ -326,6 +326,62 @@ def test_attention_as_torch_export_writes_it_loses_its_silent_heads(tmp_path):
     np.testing.assert_allclose(run(pruned), run(path), rtol=1e-5, atol=1e-5)
 
 
+def test_grouped_query_attention_as_torch_export_writes_it_loses_kv_heads_in_every_layer(tmp_path):
+    """Two layers of grouped-query attention (4 query heads, 2 K/V heads of 8) as torch.export writes
+    repeat_kv: Unsqueeze, Expand to [n, 2, 2, t, 8] and Reshape to [n, 4, t, 8] with the head counts
+    as constants, in target shapes that both layers (and K and V) share. Each layer's second K/V head
+    and the query heads it serves are silent, and half the first layer's outputs: removing them must
+    change no output, and each layer's constants are rewritten once (the shared ones twice, before)."""
+    rng = np.random.default_rng(9)
+    dim, size = 32, 8
+    consts = {"minus1": np.array([-1]), "size": np.array([size]), "two": np.array([2]), "four": np.array([4])}
+    n = helper.make_node
+    nodes = [n("Shape", ["x"], ["batch"], start=0, end=1), n("Shape", ["x"], ["tokens"], start=1, end=2),
+             n("Concat", ["batch", "tokens", "minus1", "size"], ["heads_shape"], axis=0),
+             n("Concat", ["batch", "two", "two", "tokens", "size"], ["expanded"], axis=0),
+             n("Concat", ["batch", "four", "tokens", "size"], ["repeated"], axis=0),
+             n("Concat", ["batch", "tokens", "minus1"], ["merged_shape"], axis=0)]
+    silent_q, silent_kv = list(range(16, 32)), list(range(8, 16))  # query heads 2 and 3; K/V head 1
+    x = "x"
+    for layer in (1, 2):
+        p = f"l{layer}"
+        for name, width, silent in (("q", dim, silent_q), ("k", 16, silent_kv), ("v", 16, silent_kv)):
+            consts[f"{p}w{name}"] = _silent(rng, (dim, width), 1, silent)
+            nodes += [n("MatMul", [x, f"{p}w{name}"], [f"{p}{name}m"], name=f"{p}_{name}"),
+                      n("Reshape", [f"{p}{name}m", "heads_shape"], [f"{p}{name}r"], allowzero=1),
+                      n("Transpose", [f"{p}{name}r"], [f"{p}{name}h"], perm=[0, 2, 1, 3])]
+        for name in "kv":
+            nodes += [n("Unsqueeze", [f"{p}{name}h", "two"], [f"{p}{name}u"]),
+                      n("Expand", [f"{p}{name}u", "expanded"], [f"{p}{name}e"]),
+                      n("Reshape", [f"{p}{name}e", "repeated"], [f"{p}{name}4"], allowzero=1)]
+        consts[f"{p}wo"] = rng.standard_normal((dim, dim))
+        if layer == 1:
+            consts[f"{p}wo"][:, 1::2] = 0
+        nodes += [n("Transpose", [f"{p}k4"], [f"{p}kt"], perm=[0, 1, 3, 2]),
+                  n("MatMul", [f"{p}qh", f"{p}kt"], [f"{p}s"]), n("Softmax", [f"{p}s"], [f"{p}a"], axis=-1),
+                  n("MatMul", [f"{p}a", f"{p}v4"], [f"{p}mix"]),
+                  n("Transpose", [f"{p}mix"], [f"{p}mt"], perm=[0, 2, 1, 3]),
+                  n("Reshape", [f"{p}mt", "merged_shape"], [f"{p}merged"], allowzero=1),
+                  n("MatMul", [f"{p}merged", f"{p}wo"], ["y" if layer == 2 else f"{p}out"], name=f"{p}_o")]
+        x = f"{p}out"
+    inits = [numpy_helper.from_array(v.astype(np.int64 if k in ("minus1", "size", "two", "four") else np.float32), k)
+             for k, v in consts.items()]
+    graph = helper.make_graph(nodes, "gqa", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t", dim])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "t", dim])], inits)
+    path = graphs.save(graph, tmp_path / "gqa.onnx")
+    report = run_recipe(ModelFile.open(path), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    pruned = report.result.model.path
+    shapes = {i.name: list(i.dims) for i in onnx.load(str(pruned)).graph.initializer}
+    for p in ("l1", "l2"):
+        assert shapes[f"{p}wq"][1] == 16 and shapes[f"{p}wk"][1] == shapes[f"{p}wv"][1] == 8
+    assert shapes["l1wo"] == [16, 16] and shapes["l2wq"][0] == 16
+    feed = {"x": rng.standard_normal((3, 5, dim)).astype(np.float32)}
+    run = lambda m: ort.InferenceSession(str(m), providers=["CPUExecutionProvider"]).run(None, feed)[0]  # noqa: E731
+    np.testing.assert_allclose(run(pruned), run(path), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
 @pytest.mark.parametrize("variant, why", [("softmax over heads", "Softmax across its heads")])

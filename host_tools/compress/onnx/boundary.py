@@ -296,6 +296,31 @@ def _renamed_copy(tensor, name: str):
     return copy
 
 
+def _own_shape_concats(graph, inits) -> int:
+    """A Concat of constants and sizes read at run time that is the target shape of several Reshapes
+    or Expands: each of them after the first gets a copy of it, put right after it."""
+    from onnx import helper
+
+    shaped: dict[str, list] = {}
+    for node in graph.node:
+        if node.op_type in ("Reshape", "Expand") and len(node.input) > 1:
+            shaped.setdefault(node.input[1], []).append(node)
+    copies = 0
+    for concat in [n for n in graph.node if n.op_type == "Concat" and len(shaped.get(n.output[0], [])) > 1]:
+        at = list(graph.node).index(concat)
+        for k, reader in enumerate(shaped[concat.output[0]][1:], start=1):
+            clone = helper.make_node("Concat", list(concat.input), [f"{concat.output[0]}.{k}"],
+                                     name=f"{concat.name}.{k}" if concat.name else "", axis=_concat_axis(concat))
+            graph.node.insert(at + k, clone)
+            reader.input[1] = clone.output[0]
+            copies += 1
+    return copies
+
+
+def _concat_axis(node) -> int:
+    return next(a.i for a in node.attribute if a.name == "axis")
+
+
 def own_small_constants(model, names: set[str]) -> int:
     """Give each node that reads one of *names* — float vectors (biases, norm scales; at most one axis)
     — its own copy: torch.export's optimizer stores equal constants once, so the zero biases and unit
@@ -319,20 +344,28 @@ def own_small_constants(model, names: set[str]) -> int:
 
 
 def own_shape_constants(model) -> int:
-    """Give each Split, Reshape and Concat its own copy of an integer constant it shares with other
-    nodes (PyTorch's exporter shares equal split sizes and shape pieces this way), so that pruning
-    can rewrite one node's sizes alone; returns how many copies were made."""
+    """Give each Split, Reshape, Expand and Concat its own copy of an integer constant it shares with
+    other nodes (PyTorch's exporter shares equal split sizes and shape pieces this way), and each
+    Reshape and Expand its own copy of a Concat that builds its target shape (torch.export builds
+    one for equal targets in different layers), so that pruning can rewrite one node's sizes alone;
+    returns how many copies were made."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
+    copies = _own_shape_concats(graph, inits)
     uses = Counter(name for node in graph.node for name in node.input)
-    copies = 0
+    taken = set(inits) | {name for node in graph.node for name in node.output}
     for index, node in enumerate(graph.node):
-        if node.op_type not in ("Split", "Reshape", "Concat"):
+        if node.op_type not in ("Split", "Reshape", "Expand", "Concat"):
             continue
         for k, name in enumerate(node.input):
             if name in inits and uses[name] > 1 and inits[name].data_type in (6, 7):  # INT32, INT64
-                graph.initializer.append(_renamed_copy(inits[name], f"{name}.{node.name or index}"))
-                node.input[k] = graph.initializer[-1].name
+                # (a node reading it twice, torch.export's [n, 2, 2, t, d], gets a copy for each)
+                copy = f"{name}.{node.name or index}"
+                while copy in taken:
+                    copy += f".{k}"
+                taken.add(copy)
+                graph.initializer.append(_renamed_copy(inits[name], copy))
+                node.input[k] = copy
                 uses[name] -= 1
                 copies += 1
     return copies

@@ -239,6 +239,12 @@ def step(node, region: Region, g: Graph, enter) -> str | None:
         repeat = repeat_of(node.input[0], layout, g)
         if repeat is not None and repeat.unsqueeze.output[0] == node.output[0]:
             # the heads repeated for grouped-query attention: m heads from each, taken as one unit
+            for target, count, m in repeat.written:  # the head counts written as constants, rewritten
+                entry = shape_entry(target, layout.at, count, g)
+                if isinstance(entry, str):
+                    return entry
+                if entry:
+                    region.reshapes.append((*entry, m * layout.block))
             return enter(repeat.reshape.output[0], replace(layout, block=layout.block * repeat.times))
         return _through_unsqueeze(node, layout, g, enter)
     if op == "Reshape":
@@ -375,13 +381,15 @@ def _through_fewer_axes(node, layout: Layout, g: Graph, enter) -> str | None:
 class Repeat:
     """repeat_kv, as Hugging Face writes it for grouped-query attention: h [n, kv, t, d] to
     h[:, :, None].expand(n, kv, m, t, d).reshape(n, kv·m, t, d), each head m times in a row, with
-    the K/V head count read from h's shape at run time (so it follows the pruning)."""
+    the K/V head count read from h's shape at run time (so it follows the pruning), or written as
+    constants kv and kv·m (torch.export), which the pruning rewrites (*written*)."""
     unsqueeze: object
     expand: object
     reshape: object
     times: int
     expand_shape: object  # the Concat each target is built from
     reshape_shape: object
+    written: tuple = ()  # (node, the head count its target holds as a constant, heads per K/V head there)
 
 
 def repeat_of(tensor: str, layout: Layout, g: Graph) -> Repeat | None:
@@ -404,11 +412,27 @@ def repeat_of(tensor: str, layout: Layout, g: Graph) -> Repeat | None:
             return None
         times = times.pop()
         expand_shape, reshape_shape = built_from(expand.input[1], g), built_from(reshape.input[1], g)
-        if times < 2 or expand_shape is None or reshape_shape is None or \
-                _count_read(expand_shape, at, tensor, g) != 1 or _count_read(reshape_shape, at, tensor, g) != times:
+        if times < 2 or expand_shape is None or reshape_shape is None:
             return None
-        return Repeat(node, expand, reshape, times, expand_shape, reshape_shape)
+        kv = runs[0][0][at]
+        written = []
+        for target, shape, m in ((expand, expand_shape, 1), (reshape, reshape_shape, times)):
+            read = _count_read(shape, at, tensor, g)
+            if read is None and _written_count(shape, at, g) == kv * m and all(e[at] == kv for e, _ in runs):
+                written.append((target, kv * m, m))
+            elif read != m:
+                return None
+        return Repeat(node, expand, reshape, times, expand_shape, reshape_shape, tuple(written))
     return None
+
+
+def _written_count(concat, position: int, g: Graph) -> int | None:
+    """The Concat's entry *position* where it is a constant one entry long (each piece one entry)."""
+    if position >= len(concat.input) or \
+            any((list(g.consts[p].dims) if p in g.consts else g.shapes.get(p)) != [1] for p in concat.input):
+        return None
+    piece = concat.input[position]
+    return int(const_array(g.consts[piece]).ravel()[0]) if piece in g.consts else None
 
 
 def repeat_reads(reader, tensor: str, layout: Layout, g: Graph) -> bool:
