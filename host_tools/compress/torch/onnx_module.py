@@ -49,6 +49,7 @@ class OnnxModule(nn.Module):
             raise NotApplicable(f"fine-tuning cannot run op(s) {', '.join(unsupported)} in PyTorch")
         trainable = {n.input[i] for n in self.graph.node for i in TRAINABLE_INPUTS.get(n.op_type, ())
                      if i < len(n.input)}
+        _fix_apart(proto, trainable)
         self.names: dict[str, str] = {}
         self.params = nn.ParameterDict()
         self.consts: dict[str, torch.Tensor] = {}
@@ -100,6 +101,25 @@ class OnnxModule(nn.Module):
             original = numpy_helper.to_array(by_name[name])
             value = self.params[key].detach().cpu().numpy().astype(original.dtype)
             by_name[name].CopyFrom(numpy_helper.from_array(value, name))
+
+
+def _fix_apart(proto, trainable: set[str]) -> None:
+    """A constant that trains where one node reads it and stays fixed where another does
+    (torch.export stores equal constants once: one BatchNorm's bias and another's running mean,
+    both zeros) gets a copy for the fixed reads, in *proto* itself, so training leaves them be."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    copies: dict[str, str] = {}
+    for node in proto.graph.node:
+        roles = TRAINABLE_INPUTS.get(node.op_type, ())
+        for i, name in enumerate(node.input):
+            if name in trainable and name in inits and i not in roles:
+                if name not in copies:
+                    copies[name] = f"{name}.fixed"
+                    proto.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[name]),
+                                                                           copies[name]))
+                node.input[i] = copies[name]
 
 
 def _first_dim(value_info) -> int | None:
