@@ -50,6 +50,30 @@ def test_static_int8_is_a_quarter_less_than_a_third_and_keeps_accuracy(static_re
     assert result.model.path.name == "digits.int8.onnx" and result.model.path.is_file()
 
 
+def test_static_int8_of_a_bias_two_layers_share_loads(tmp_path):
+    """ORT's static quantizer copies a bias that several nodes read as <name><n> (the next number among
+    initializers only): torch.export names values val_1, val_2…, and a copy could take a value's name
+    (bias val_11's copy val_117); the quantized model did not load. Here a shared bias "b" and a value
+    "b0", the name ORT's copy would take."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c1", "w2", "b"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Shape", ["c2"], ["b0"]), helper.make_node("Reshape", ["c2", "b0"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])], inits)
+    model = ModelFile.open(graphs.save(graph, tmp_path / "shared_bias.onnx"))
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 3, 8, 8)).astype(np.float32))
+    report = run_recipe(model, load_recipe("int8-static", "onnx"), calib=str(tmp_path / "calib.npz"),
+                        eval_data=str(tmp_path / "calib.npz"), latency_runs=5, workdir=tmp_path / "w")
+    static = report.steps[1]
+    assert static.status == "ok", static.note
+    assert static.fidelity.cosine > 0.99 and "QuantizeLinear" in ops(report.result.model.path)
+
+
 def test_report_measures_every_step_against_the_original(static_report):
     doc = json.loads(json.dumps(static_report.to_dict()))
     assert [s["label"] for s in doc["steps"]] == ["onnx-preprocess", "onnx-static", "onnx-compact"]

@@ -329,6 +329,7 @@ def own_small_constants(model, names: set[str]) -> int:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer if i.name in names and len(i.dims) <= 1
              and i.data_type in (1, 10, 11, 16)}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+    taken = _names(graph)
     seen: set[str] = set()
     copies = 0
     for index, node in enumerate(graph.node):
@@ -336,11 +337,33 @@ def own_small_constants(model, names: set[str]) -> int:
             if name not in inits:
                 continue
             if name in seen:
-                graph.initializer.append(_renamed_copy(inits[name], f"{name}.{node.name or index}.{k}"))
+                graph.initializer.append(_renamed_copy(inits[name], _fresh(f"{name}.{node.name or index}", taken)))
                 node.input[k] = graph.initializer[-1].name
                 copies += 1
             seen.add(name)
     return copies
+
+
+def shared_vectors(graph) -> set[str]:
+    """Float initializers of at most one axis (biases, norm scales) that several nodes read."""
+    uses = Counter(name for node in graph.node for name in set(node.input))
+    return {i.name for i in graph.initializer if len(i.dims) <= 1 and i.data_type in (1, 10, 11, 16)
+            and uses[i.name] > 1}
+
+
+def _names(graph) -> set[str]:
+    return {i.name for i in graph.initializer} | {name for node in graph.node for name in node.output} | \
+        {v.name for v in (*graph.input, *graph.output)}
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    """*name*, or *name* with a number after it, that is not in *taken* (which gets it)."""
+    fresh, n = name, 0
+    while fresh in taken:
+        n += 1
+        fresh = f"{name}.{n}"
+    taken.add(fresh)
+    return fresh
 
 
 def own_shape_constants(model) -> int:
@@ -353,17 +376,14 @@ def own_shape_constants(model) -> int:
     inits = {i.name: i for i in graph.initializer}
     copies = _own_shape_concats(graph, inits)
     uses = Counter(name for node in graph.node for name in node.input)
-    taken = set(inits) | {name for node in graph.node for name in node.output}
+    taken = _names(graph)
     for index, node in enumerate(graph.node):
         if node.op_type not in ("Split", "Reshape", "Expand", "Concat"):
             continue
         for k, name in enumerate(node.input):
             if name in inits and uses[name] > 1 and inits[name].data_type in (6, 7):  # INT32, INT64
                 # (a node reading it twice, torch.export's [n, 2, 2, t, d], gets a copy for each)
-                copy = f"{name}.{node.name or index}"
-                while copy in taken:
-                    copy += f".{k}"
-                taken.add(copy)
+                copy = _fresh(f"{name}.{node.name or index}", taken)
                 graph.initializer.append(_renamed_copy(inits[name], copy))
                 node.input[k] = copy
                 uses[name] -= 1

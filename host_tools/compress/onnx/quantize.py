@@ -15,8 +15,8 @@ from host_tools.compress import evaluate
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, index_nodes, output_path,
-                                                quantized_already, quiet_ort_quantizer, weighted_nodes,
-                                                with_opset_at_least)
+                                                own_small_constants, quantized_already, quiet_ort_quantizer,
+                                                shared_vectors, weighted_nodes, with_opset_at_least)
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
 NO_CALIBRATION = "needs calibration data (--calib): static quantization will not calibrate on random noise"
@@ -94,6 +94,7 @@ class OnnxStaticInt8(Pass):
         out = output_path(workdir, model, "static")
         if config.per_channel:  # DequantizeLinear's axis attribute arrived in opset 13
             model = ModelFile(with_opset_at_least(model.path, 13, workdir, "per-channel QDQ"), "onnx")
+        model = _with_own_vectors(model, workdir)
         with failing_as(self.name, model), tempfile.TemporaryDirectory(dir=workdir) as tmp:
             cache = Path(tmp) / "ranges"  # calibrate once, reuse for every sensitivity probe
             exclude = list(config.exclude)
@@ -108,6 +109,22 @@ class OnnxStaticInt8(Pass):
                 exclude += [name for name, _ in ranked[:config.auto_exclude]]
             _quantize_static(model.path, out, config, feeds, cache, exclude=exclude)
         return ModelFile(out, "onnx")
+
+
+def _with_own_vectors(model: ModelFile, workdir: Path) -> ModelFile:
+    """The model with a copy, for each node that reads it, of a bias or norm scale several nodes read.
+    ORT's static quantizer copies such a bias itself, as <name><n> for the next free number among
+    initializers only: torch.export names its values val_1, val_2…, and bias val_11's copy was
+    val_117, a value already there; the quantized model did not load. onnx-compact stores equal
+    ones once again."""
+    import onnx
+
+    proto = onnx.load(str(model.path))
+    if not own_small_constants(proto, shared_vectors(proto.graph)):
+        return model
+    out = output_path(workdir, model, "own")
+    onnx.save(proto, str(out))
+    return ModelFile(out, "onnx")
 
 
 def sensitivity(model: ModelFile, config, feeds, nodes: list[str], tmp: Path, cache: Path
