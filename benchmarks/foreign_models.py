@@ -6,10 +6,13 @@
     pip install litert-torch        # for --format tflite (Google's PyTorch-to-TFLite converter)
     python benchmarks/foreign_models.py --format tflite  # the same models as TFLite files
     python benchmarks/foreign_models.py --recover 10     # also recover the pruned models (10 epochs)
+    pip install onnxscript          # for --exporter dynamo (torch.export, PyTorch's default exporter)
+    python benchmarks/foreign_models.py --exporter dynamo
 
 Each architecture is built from a small configuration with random weights (nothing is
 downloaded), exported with ``torch.onnx.export`` (opset 17, dynamic batch; text models also
-dynamic tokens), and given each ONNX recipe, with 64 random inputs (token ids for text) as
+dynamic tokens; by default with the TorchScript exporter, with ``--exporter dynamo`` with
+torch.export, which PyTorch uses unless told otherwise since 2.9, at the opset 18 it writes), and given each ONNX recipe, with 64 random inputs (token ids for text) as
 calibration and evaluation data. The table shows, per recipe, the result's size against the
 original's, or why it did not apply; structured pruning runs without recovery, so its column is
 the structure it found ("4/7 layers, 2 heads": layers pruned of all weighted layers, groups by
@@ -110,6 +113,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", help="architectures to run (default: all)")
     parser.add_argument("--format", choices=("onnx", "tflite"), default="onnx",
                         help="export to ONNX (torch.onnx) or convert to TFLite (litert-torch)")
+    parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                        help="torch.onnx.export's exporter: TorchScript (dynamo=False) or torch.export (dynamo=True)")
     parser.add_argument("--recover", type=int, default=0, metavar="EPOCHS",
                         help="also prune with recovery (this many epochs on the 64 inputs) and show the output "
                              "cosine to the original without and with it")
@@ -123,6 +128,8 @@ def main() -> None:
     except ImportError as exc:
         sys.exit(f"this script needs PyTorch and Hugging Face transformers ({exc.name} is missing): "
                  "pip install 'edgefleet[distill]' transformers")
+    if args.exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+        sys.exit("--exporter dynamo needs onnxscript: pip install onnxscript")
     if args.format == "tflite" and importlib.util.find_spec("litert_torch") is None:
         sys.exit("--format tflite converts with litert-torch: pip install litert-torch")
     transformers.logging.set_verbosity_error()
@@ -133,14 +140,16 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown architecture(s) {', '.join(unknown)}; known: {', '.join(table)}")
     print(machine_line())
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, format {args.format}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, format {args.format}"
+          + (f", exporter {args.exporter}" if args.format == "onnx" else ""))
     started = time.monotonic()
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-foreign-") as tmp:
         for name in chosen:
             print(f"  {name}", file=sys.stderr, flush=True)
-            run = run_onnx if args.format == "onnx" else run_tflite
-            rows.append((name, run(name, *table[name], Path(tmp) / name, torch, args.recover)))
+            work = Path(tmp) / name
+            rows.append((name, run_onnx(name, *table[name], work, torch, args.recover, args.exporter)
+                         if args.format == "onnx" else run_tflite(name, *table[name], work, torch, args.recover)))
     recipes = RECIPES[args.format]
     print()
     print(f"{'model':<11} {'KiB':>6}  " + "  ".join(f"{r:>13}" for r in recipes)
@@ -204,7 +213,8 @@ def recipe_cells(original, model_format: str, dataset, work: Path, row: dict) ->
             row["notes"][recipe] = "; ".join(s.note for s in report.steps if s.status != "ok")
 
 
-def run_onnx(name: str, cls, config, kind: str, work: Path, torch, recover: int = 0) -> dict:
+def run_onnx(name: str, cls, config, kind: str, work: Path, torch, recover: int = 0,
+             exporter: str = "torchscript") -> dict:
     import onnx
 
     from host_tools.compress import Dataset, ModelFile
@@ -216,9 +226,15 @@ def run_onnx(name: str, cls, config, kind: str, work: Path, torch, recover: int 
     path = work / f"{name}.onnx"
     example = tuple(torch.from_numpy(data[n][:2]) for n in names)
     try:
-        with torch.no_grad():
-            torch.onnx.export(module, example, str(path), input_names=names, output_names=["out"],
-                              dynamic_axes={**axes, "out": {0: "batch"}}, opset_version=17, dynamo=False)
+        # (torch.export prints its progress and the onnxscript optimizer's notes)
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            if exporter == "dynamo":  # (its conversion of dynamic_axes fails on these modules' *inputs)
+                dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis in axes[n]} for n in names)
+                torch.onnx.export(module, example, str(path), input_names=names, output_names=["out"],
+                                  dynamic_shapes=(dynamic,), opset_version=18, dynamo=True)
+            else:
+                torch.onnx.export(module, example, str(path), input_names=names, output_names=["out"],
+                                  dynamic_axes={**axes, "out": {0: "batch"}}, opset_version=17, dynamo=False)
     except Exception as exc:  # noqa: BLE001 — reported in the table
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
     original = ModelFile.open(path)
@@ -241,7 +257,10 @@ def prune_cell(original, pass_name: str, dataset, work: Path, row: dict, layers:
     from host_tools.compress.recipes import Recipe, Step
 
     def pruned(epochs: int):
-        return run_recipe(original, Recipe("channels-50", (Step(pass_name, {"ratio": 0.5, "recover_epochs": epochs}),)),
+        # (as the channels-50 recipe: an ONNX result without torch.export's per-node metadata)
+        compact = (Step("onnx-compact", {"rename": False}),) if pass_name.startswith("onnx") else ()
+        return run_recipe(original, Recipe("channels-50", (Step(pass_name, {"ratio": 0.5, "recover_epochs": epochs}),
+                                                           *compact)),
                           calib=dataset, eval_data=dataset, latency_runs=10, workdir=work / f"prune{epochs}")
 
     report = pruned(0)
