@@ -321,6 +321,18 @@ def _concat_axis(node) -> int:
     return next(a.i for a in node.attribute if a.name == "axis")
 
 
+def whole_shapes(model) -> int:
+    """Shape(x, start=0), as torch.export writes every read of a whole shape, as Shape(x): the same
+    value, in the one form the pruning planner looks for; returns how many."""
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == "Shape" and node.attribute and \
+                all(a.name == "start" and a.i == 0 for a in node.attribute):
+            del node.attribute[:]
+            count += 1
+    return count
+
+
 def own_small_constants(model, names: set[str]) -> int:
     """Give each node that reads one of *names* — float vectors (biases, norm scales; at most one axis)
     — its own copy: torch.export's optimizer stores equal constants once, so the zero biases and unit

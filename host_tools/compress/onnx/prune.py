@@ -23,8 +23,7 @@ from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx import static_shapes
 from host_tools.compress.onnx.boundary import (hoist_constants, inline_constant_identities, output_path,
                                                own_shape_constants, own_small_constants, quantized_already,
-                                               share_equal_initializers,
-                                               sort_topologically)
+                                               share_equal_initializers, sort_topologically, whole_shapes)
 from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
 from host_tools.compress.passes import Pass, failing_as, progress, register
 from host_tools.compress.structured import ChannelPruningConfig
@@ -135,6 +134,7 @@ def prepared_plan(proto, exclude=()):
     sort_topologically(proto.graph)  # the walk follows the nodes in order (ONNX Runtime loads any order)
     hoist_constants(proto)  # exporters write biases and activation constants as Constant nodes
     inline_constant_identities(proto)  # or share one through Identity nodes
+    whole_shapes(proto)  # torch.export reads a whole shape as Shape(x, start=0)
     static_shapes.fold(proto)  # torch.chunk's bounds, computed from the channel count, made constant
     static_shapes.constant_subgraphs(proto)  # and values computed from constants only, made constants
     static_shapes.slices_as_split(proto)  # and its Slices one Split, whose sizes can be rewritten
