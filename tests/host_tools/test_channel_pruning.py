@@ -267,12 +267,14 @@ def test_attention_heads_that_carry_nothing_are_removed_and_every_output_stays(t
     np.testing.assert_allclose(run(report.result.model.path), run(model.path), rtol=1e-5, atol=1e-5)
 
 
-def test_attention_as_torch_export_writes_it_loses_its_silent_heads(tmp_path):
+@pytest.mark.parametrize("bias", [False, True], ids=["mask", "per-head bias added to the mask"])
+def test_attention_as_torch_export_writes_it_loses_its_silent_heads(tmp_path, bias):
     """scaled_dot_product_attention as torch.export (PyTorch's default exporter) writes it: Kᵀ is K
     reshaped to [-1, t, d] with t and d read from its shape, transposed [0, 2, 1] and reshaped back
     to K's leading axes from the same shape (a Split of it, once prepared); a NaN guard after the
     softmax. Removing the two silent heads of four must change no output (K's heads were left whole:
-    its shape is read)."""
+    its shape is read). With a constant per head added to the mask before the scores (BEiT's
+    relative-position bias, added to a mask expanded to the batch), the constant loses their entries."""
     rng = np.random.default_rng(8)
     dim, size, silent = 32, 8, [i for h in (1, 3) for i in range(h * 8, (h + 1) * 8)]
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
@@ -298,12 +300,15 @@ def test_attention_as_torch_export_writes_it_loses_its_silent_heads(tmp_path):
               n("Transpose", ["kf"], ["kft"], perm=[0, 2, 1]),
               n("Concat", ["lead", "d", "t"], ["back_shape"], axis=0), n("Reshape", ["kft", "back_shape"], ["kt"]),
               n("Mul", ["qh", "scale"], ["qs"]), n("Mul", ["kt", "scale"], ["ks2"]),
-              n("MatMul", ["qs", "ks2"], ["scores"]), n("Add", ["scores", "mask"], ["masked"]),
+              n("MatMul", ["qs", "ks2"], ["scores"]), n("Add", ["scores", "biased" if bias else "mask"], ["masked"]),
               n("Softmax", ["masked"], ["weights"], axis=-1), n("IsNaN", ["weights"], ["nan"]),
               n("Where", ["nan", "zero", "weights"], ["guarded"]), n("MatMul", ["guarded", "vh"], ["mixed"]),
               n("Transpose", ["mixed"], ["mt"], perm=[0, 2, 1, 3]),
               n("Reshape", ["mt", "merged_shape"], ["merged"], allowzero=1),
               n("MatMul", ["merged", "wo"], ["om"], name="out_proj"), n("Add", ["om", "bo"], ["y"])]
+    if bias:
+        consts["head_bias"] = rng.standard_normal((1, 4, 1, 1)).astype(np.float32)
+        nodes.insert(0, n("Add", ["head_bias", "mask"], ["biased"]))
     inits = [numpy_helper.from_array(v if v.ndim else v.reshape(1) if v.dtype == np.int64 else v, k)
              for k, v in consts.items()]
     graph = helper.make_graph(nodes, "sdpa", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t", dim]),
@@ -317,6 +322,7 @@ def test_attention_as_torch_export_writes_it_loses_its_silent_heads(tmp_path):
     pruned = report.result.model.path
     shapes = {i.name: list(i.dims) for i in onnx.load(str(pruned)).graph.initializer}
     assert shapes["wq"] == shapes["wk"] == shapes["wv"] == [32, 16] and shapes["wo"] == [16, 32]
+    assert shapes.get("head_bias", [1, 2, 1, 1]) == [1, 2, 1, 1]
     feeds = {"x": rng.standard_normal((3, 9, dim)).astype(np.float32),
              "mask": np.where(rng.random((3, 1, 1, 9)) < 0.3, -1e4, 0).astype(np.float32)}
 

@@ -332,8 +332,31 @@ def _others(node, layout: Layout, region: Region, g: Graph) -> str | None:
             continue
         if shape[position] is None and _one_when_run(name, layout, g):
             continue  # a mask built at run time, 1 along the heads in every run
+        if _per_head_sum(name, len(shape), position, layout, region, g):
+            continue
         region.meets.append((name, Layout("heads", len(shape), block=layout.block, at=position), node.op_type))
     return None
+
+
+def _per_head_sum(name: str, rank: int, position: int, layout: Layout, region: Region, g: Graph) -> bool:
+    """Whether *name* (rank *rank*, the heads on *position*), read only here, is a constant with an
+    entry per head plus a tensor the same for every head: BEiT's relative-position bias added to a
+    mask expanded to the batch at run time, as torch.export writes it. The constant then loses the
+    pruned heads' entries (``region.cut``)."""
+    maker = g.made_by.get(name)
+    if maker is None or maker.op_type != "Add" or len(g.readers.get(name, [])) != 1 or name in g.outputs:
+        return False
+    consts = [i for i in maker.input if i in g.consts]
+    others = [i for i in maker.input if i not in g.consts]
+    if len(consts) != 1 or len(others) != 1:
+        return False
+    dims, other = list(g.consts[consts[0]].dims), g.shapes.get(others[0])
+    if len(dims) != rank or dims[position] != region.channels * layout.block or other is None or len(other) > rank:
+        return False
+    at = position - (rank - len(other))  # the heads axis in the other operand (< 0: it broadcasts there)
+    if at >= 0 and other[at] != 1:
+        return False
+    return region.cut(consts[0], Param(position, block=layout.block))
 
 
 def _one_when_run(name: str, layout: Layout, g: Graph) -> bool:
