@@ -332,6 +332,53 @@ def test_attention_as_torch_export_writes_it_loses_its_silent_heads(tmp_path, bi
     np.testing.assert_allclose(run(pruned), run(path), rtol=1e-5, atol=1e-5)
 
 
+def test_gpt2_attention_as_torch_export_writes_it_loses_its_silent_heads(tmp_path):
+    """GPT-2's attention as torch.export writes it: the fused QKV projection on the tokens flattened to
+    rows, Split into Q, K and V with num_outputs=3 (opset 18: no sizes written), and the attention's
+    result merged back to rows [-1, heads·size] for the output projection. Removing the two silent
+    heads of four in each part must change no output (the Split's parts and that merge stopped it)."""
+    rng = np.random.default_rng(11)
+    dim, size, silent = 32, 8, [i for h in (1, 3) for i in range(h * 8, (h + 1) * 8)]
+    wqkv = rng.standard_normal((dim, 3 * dim))
+    wqkv[:, [part * dim + i for part in range(3) for i in silent]] = 0
+    consts = {"rows": np.array([-1, dim]), "minus1": np.array([-1]), "size": np.array([size]),
+              "fused": np.array([3 * dim]), "width": np.array([dim]), "wqkv": wqkv,
+              "wo": rng.standard_normal((dim, dim))}
+    n = helper.make_node
+    nodes = [n("Shape", ["x"], ["batch"], start=0, end=1), n("Shape", ["x"], ["tokens"], start=1, end=2),
+             n("Reshape", ["x", "rows"], ["xr"]), n("MatMul", ["xr", "wqkv"], ["qkv_rows"], name="c_attn"),
+             n("Concat", ["batch", "tokens", "fused"], ["fused_shape"], axis=0),
+             n("Reshape", ["qkv_rows", "fused_shape"], ["qkv"]),
+             n("Split", ["qkv"], ["q", "k", "v"], axis=2, num_outputs=3),
+             n("Concat", ["batch", "tokens", "minus1", "size"], ["heads_shape"], axis=0)]
+    for name in "qkv":
+        nodes += [n("Reshape", [name, "heads_shape"], [f"{name}r"]),
+                  n("Transpose", [f"{name}r"], [f"{name}h"], perm=[0, 2, 1, 3])]
+    nodes += [n("Transpose", ["kh"], ["kt"], perm=[0, 1, 3, 2]), n("MatMul", ["qh", "kt"], ["scores"]),
+              n("Softmax", ["scores"], ["weights"], axis=-1), n("MatMul", ["weights", "vh"], ["mixed"]),
+              n("Transpose", ["mixed"], ["mt"], perm=[0, 2, 1, 3]), n("Reshape", ["mt", "rows"], ["merged"]),
+              n("MatMul", ["merged", "wo"], ["out_rows"], name="c_proj"),
+              n("Concat", ["batch", "tokens", "width"], ["out_shape"], axis=0),
+              n("Reshape", ["out_rows", "out_shape"], ["y"])]
+    inits = [numpy_helper.from_array(v.astype(np.float32 if v.dtype.kind == "f" else np.int64), k)
+             for k, v in consts.items()]
+    graph = helper.make_graph(nodes, "gpt2", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t", dim])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "t", dim])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / "gpt2.onnx"
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    report = run_recipe(ModelFile.open(path), steps([("onnx-prune-channels", {"ratio": 0.5})]), latency_runs=5,
+                        workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    pruned = report.result.model.path
+    shapes = {i.name: list(i.dims) for i in onnx.load(str(pruned)).graph.initializer}
+    assert shapes["wqkv"] == [32, 48] and shapes["wo"] == [16, 32]
+    feed = {"x": rng.standard_normal((3, 5, dim)).astype(np.float32)}
+    run = lambda m: ort.InferenceSession(str(m), providers=["CPUExecutionProvider"]).run(None, feed)[0]  # noqa: E731
+    np.testing.assert_allclose(run(pruned), run(path), rtol=1e-5, atol=1e-5)
+
+
 def test_grouped_query_attention_as_torch_export_writes_it_loses_kv_heads_in_every_layer(tmp_path):
     """Two layers of grouped-query attention (4 query heads, 2 K/V heads of 8) as torch.export writes
     repeat_kv: Unsqueeze, Expand to [n, 2, 2, t, 8] and Reshape to [n, 4, t, 8] with the head counts

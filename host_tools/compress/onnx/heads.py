@@ -552,6 +552,14 @@ def _merge(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
         if entry:
             region.reshapes.append((*entry, layout.block))
         return enter(node.output[0], layout)
+    flat = _flattened_tokens(node, layout, shape, count, g)
+    if isinstance(flat, str):
+        return flat
+    if flat is not None:
+        entry, rows = flat
+        if entry:
+            region.reshapes.append(entry)
+        return enter(node.output[0], rows)
     out = _dims_out(node, g, keep=layout.rank - 2, dims=shape)
     if layout.at != layout.rank - 2 or not shape or not out or None in shape[-2:] or len(out) != layout.rank - 1:
         return "Reshape of its heads it cannot follow"
@@ -564,6 +572,21 @@ def _merge(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
     if entry:
         region.reshapes.append((*entry, size * layout.block))
     return enter(node.output[0], Layout("vec", len(out), block=size * layout.block))
+
+
+def _flattened_tokens(node, layout: Layout, shape: list, count: int, g: Graph):
+    """The heads merged into channels and every token made a row: [n, t, heads, size] to [-1, heads·size],
+    as torch.export writes GPT-2's Conv1D on the attention's result. (the shape entry to rewrite or
+    None, the layout of the rows) when *node* is that Reshape; why not when its count cannot be
+    rewritten; None when it is another Reshape."""
+    entries = target_entries(node, g)
+    if layout.at != layout.rank - 2 or len(shape) != layout.rank or None in shape[-2:] or shape[-2] != count or \
+            not entries or len(entries) != 2 or entries[0] != -1 or entries[1] != count * shape[-1]:
+        return None
+    entry = shape_entry(node, 1, count * shape[-1], g)
+    if isinstance(entry, str):
+        return entry
+    return ((*entry, shape[-1] * layout.block) if entry else None), Layout("vec", 2, block=shape[-1] * layout.block)
 
 
 def _keeps_shape(node, layout: Layout, shape: list, g: Graph) -> bool:

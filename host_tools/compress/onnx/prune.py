@@ -138,6 +138,7 @@ def prepared_plan(proto, exclude=()):
     static_shapes.fold(proto)  # torch.chunk's bounds, computed from the channel count, made constant
     static_shapes.constant_subgraphs(proto)  # and values computed from constants only, made constants
     static_shapes.slices_as_split(proto)  # and its Slices one Split, whose sizes can be rewritten
+    static_shapes.split_sizes_written(proto)  # as can a Split's into num_outputs parts, once written out
     own_shape_constants(proto)  # exporters share equal split sizes and shapes directly
     plan = plan_channel_pruning(proto, set(exclude))
     while own_small_constants(proto, plan.shared):  # and equal biases and norm scales (torch.export)

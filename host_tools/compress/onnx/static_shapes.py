@@ -154,6 +154,40 @@ def slices_as_split(model) -> int:
     return made
 
 
+def split_sizes_written(model) -> int:
+    """Split(x, num_outputs=n) (opset 18; torch.export splits GPT-2's fused QKV so) on an axis of known
+    size as Split(x, sizes): the same parts (the last one smaller when the size does not divide, as
+    ONNX says), in the form whose sizes pruning rewrites; returns how many."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    dims = inferred_dims(model)
+    taken = {i.name for i in graph.initializer}
+    made = 0
+    for node in graph.node:
+        count = next((a.i for a in node.attribute if a.name == "num_outputs"), 0)
+        shape = dims.get(node.input[0])
+        if node.op_type != "Split" or not count or (len(node.input) > 1 and node.input[1]) or not shape:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % len(shape)
+        if shape[axis] is None:
+            continue
+        chunk = -(-shape[axis] // count)
+        sizes = [chunk] * (count - 1) + [shape[axis] - chunk * (count - 1)]
+        name = f"{node.output[0]}.split_sizes"
+        if name in taken or sizes[-1] <= 0:
+            continue
+        taken.add(name)
+        graph.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64), name))
+        del node.input[1:]
+        node.input.append(name)
+        kept = [a for a in node.attribute if a.name != "num_outputs"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        made += 1
+    return made
+
+
 def slice_bounds(node, consts: dict, dims: dict) -> tuple[int, int, int] | None:
     """(axis, start, end) that a Slice of one axis, step 1, with constant bounds takes, clamped to
     the axis (start >= end: nothing); None for any other Slice. *consts*: name -> array; *dims*:
