@@ -269,8 +269,8 @@ def swapped_last_two(reshape, layout: Layout, g: Graph):
     if transpose is None or ints(transpose, "perm") != [0, 2, 1]:
         return None
     back = _only_reader(transpose.output[0], "Reshape", g)
-    if back is None or back.input[0] != transpose.output[0] or \
-            _pieces(back.input[1], x, g) != [*(("dim", i) for i in range(rank - 2)), ("dim", rank - 1), ("dim", rank - 2)]:
+    swapped = [*(("dim", i) for i in range(rank - 2)), ("dim", rank - 1), ("dim", rank - 2)]
+    if back is None or back.input[0] != transpose.output[0] or _pieces(back.input[1], x, g) != swapped:
         return None
     return back
 
@@ -293,20 +293,9 @@ def shape_for_swap(shape, layout: Layout, g: Graph) -> bool:
 
 def _pieces(target: str, x: str, g: Graph) -> list | None:
     """A shape built by a Concat: its entries, ints for constants and ("dim", i) for x's dimension i
-    read at run time; None for anything else."""
-    maker = g.made_by.get(target)
-    if maker is None or maker.op_type != "Concat":
-        return None
-    entries: list = []
-    for piece in maker.input:
-        if piece in g.consts:
-            entries += [int(v) for v in const_array(g.consts[piece]).ravel()]
-            continue
-        own = _own_dims(piece, x, g)
-        if not own:
-            return None
-        entries += [("dim", i) for i in own]
-    return entries
+    read at run time; None where any piece is something else."""
+    entries = _concat_entries(target, x, g)
+    return None if entries is None or None in entries else entries
 
 
 def _others(node, layout: Layout, region: Region, g: Graph) -> str | None:
@@ -660,6 +649,13 @@ def target_entries(node, g: Graph, shape_input: int = 1) -> list | None:
     source = node.input[shape_input]
     if source in g.consts:
         return [int(v) for v in const_array(g.consts[source]).ravel()]
+    return _concat_entries(source, node.input[0], g)
+
+
+def _concat_entries(source: str, tensor: str, g: Graph) -> list | None:
+    """The entries of a shape a Concat builds: ints for constants, ("dim", i) for *tensor*'s dimension
+    i read at run time, None for other pieces; None when it is not a Concat or a piece's length is
+    unknown."""
     maker = g.made_by.get(source)
     if maker is None or maker.op_type != "Concat":
         return None
@@ -670,7 +666,7 @@ def target_entries(node, g: Graph, shape_input: int = 1) -> list | None:
         elif (g.shapes.get(piece) or [None])[0] is None:
             return None
         else:
-            own = _own_dims(piece, node.input[0], g)
+            own = _own_dims(piece, tensor, g)
             entries += [("dim", i) for i in own] if own else [None] * g.shapes[piece][0]
     return entries
 
