@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -111,20 +112,46 @@ class OnnxStaticInt8(Pass):
         return ModelFile(out, "onnx")
 
 
+# ops whose third input ORT's QDQ quantizer quantizes as a bias (to int32, scaled by the other two)
+_BIASED = {"Conv", "ConvTranspose", "Gemm", "InstanceNormalization", "LayerNormalization", "BatchNormalization"}
+
+
 def _with_own_vectors(model: ModelFile, workdir: Path) -> ModelFile:
-    """The model with a copy, for each node that reads it, of a bias or norm scale several nodes read.
-    ORT's static quantizer copies such a bias itself, as <name><n> for the next free number among
-    initializers only: torch.export names its values val_1, val_2…, and bias val_11's copy was
-    val_117, a value already there; the quantized model did not load. onnx-compact stores equal
-    ones once again."""
+    """The model with a copy, for each node that reads it, of a bias several nodes read whose copies
+    ORT would name as values already there. ORT's static quantizer copies such a bias itself, as
+    <name><n> for the next free number among initializers only: torch.export names its values val_1,
+    val_2…, and bias val_11's copy was val_117, a value already there; the quantized model did not
+    load. Any other model is left as it is."""
     import onnx
 
     proto = onnx.load(str(model.path))
-    if not own_small_constants(proto, shared_vectors(proto.graph)):
+    graph = proto.graph
+    readers = Counter(node.input[2] for node in graph.node if node.op_type in _BIASED and len(node.input) > 2)
+    inits = [i.name for i in graph.initializer]
+    values = set(inits) | {name for node in graph.node for name in node.output} | \
+        {v.name for v in (*graph.input, *graph.output)}
+    clashing = {name for name, count in readers.items()
+                if count > 1 and values & set(_ort_copy_names(name, count, inits))}
+    if not own_small_constants(proto, shared_vectors(graph) & clashing):
         return model
     out = output_path(workdir, model, "own")
     onnx.save(proto, str(out))
     return ModelFile(out, "onnx")
+
+
+def _ort_copy_names(name: str, readers: int, initializers: list[str]) -> list[str]:
+    """The names ORT's quantizer gives the copies of a bias *readers* nodes read: <name><n> for the
+    numbers after the largest one an initializer named <name><n> has (onnx_model's
+    get_largest_initializer_name_suffix)."""
+    numbers = []
+    for other in initializers:
+        if other.startswith(name):
+            try:
+                numbers.append(int(other[len(name):]))
+            except ValueError:
+                continue
+    first = max(numbers, default=-1) + 1
+    return [f"{name}{first + k}" for k in range(readers - 1)]
 
 
 def sensitivity(model: ModelFile, config, feeds, nodes: list[str], tmp: Path, cache: Path
