@@ -296,9 +296,10 @@ def _renamed_copy(tensor, name: str):
     return copy
 
 
-def _own_shape_concats(graph, inits) -> int:
+def _own_shape_concats(graph, taken: set[str]) -> int:
     """A Concat of constants and sizes read at run time that is the target shape of several Reshapes
-    or Expands: each of them after the first gets a copy of it, put right after it."""
+    or Expands: each of them after the first gets a copy of it, put right after it. (ONNX Runtime
+    merges equal nodes again when it loads the model.)"""
     from onnx import helper
 
     shaped: dict[str, list] = {}
@@ -309,7 +310,7 @@ def _own_shape_concats(graph, inits) -> int:
     for concat in [n for n in graph.node if n.op_type == "Concat" and len(shaped.get(n.output[0], [])) > 1]:
         at = list(graph.node).index(concat)
         for k, reader in enumerate(shaped[concat.output[0]][1:], start=1):
-            clone = helper.make_node("Concat", list(concat.input), [f"{concat.output[0]}.{k}"],
+            clone = helper.make_node("Concat", list(concat.input), [_fresh(concat.output[0], taken)],
                                      name=f"{concat.name}.{k}" if concat.name else "", axis=_concat_axis(concat))
             graph.node.insert(at + k, clone)
             reader.input[1] = clone.output[0]
@@ -386,9 +387,9 @@ def own_shape_constants(model) -> int:
     returns how many copies were made."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    copies = _own_shape_concats(graph, inits)
-    uses = Counter(name for node in graph.node for name in node.input)
     taken = _names(graph)
+    copies = _own_shape_concats(graph, taken)
+    uses = Counter(name for node in graph.node for name in node.input)
     for index, node in enumerate(graph.node):
         if node.op_type not in ("Split", "Reshape", "Expand", "Concat"):
             continue
