@@ -13,6 +13,11 @@ Reshape turns heads back into channels of *head size* features each, for the out
 read; both Reshapes' shape constants are rewritten for the heads that stay. Anything else stops
 the walk with the reason.
 
+torch.export writes some of this its own way, and those forms are followed too: Kᵀ as a Reshape to
+[-1, t, d], a Transpose and a Reshape back (``swapped_last_two``), the heads merged straight into rows
+[-1, heads·size], head counts of repeat_kv as constants, a per-head bias added to a mask expanded to
+the batch (``_per_head_sum``).
+
 Grouped-query attention repeats each K/V head for m query heads (``repeat_of``); after the repeat
 a K/V layer's unit spans m heads, and the query layer is walked again with its heads taken m at a
 time (``Region.coarse``, tried by ``channels``), so a K/V head is pruned with its query heads.
