@@ -181,7 +181,10 @@ class Evaluation:
         self.bound = None
         if self.data is not None:
             runtime = model.load()
-            self.bound = evaluate.bind(self.data, runtime)
+            try:
+                self.bound = evaluate.bind(self.data, runtime)
+            except ModelError as exc:  # (the same words as score's)
+                raise ConfigError(f"the original model does not run on the evaluation data: {exc}") from None
             if self.bound.batch_axis_unused:
                 say(f"{model.path.name} declares a batch axis, but its graph runs one sample per call: "
                     f"one sample at a time here")

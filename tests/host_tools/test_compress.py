@@ -845,6 +845,22 @@ def _batch_of_one(tmp_path, batch) -> ModelFile:
     return ModelFile.open(path)
 
 
+def test_a_model_that_runs_on_no_sample_of_the_data_is_one_error_naming_it(tmp_path):
+    """A Reshape to a fixed 7 of a [n, 3] input runs for no sample: one ConfigError, before any pass."""
+    from onnx import TensorProto, helper, numpy_helper
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7])],
+                              [numpy_helper.from_array(np.array([7], np.int64), "s")])
+    model = ModelFile.open(graphs.save(graph, tmp_path / "broken.onnx"))
+    np.savez(tmp_path / "data.npz", x=np.ones((4, 3), np.float32))
+    with pytest.raises(ConfigError, match="the original model does not run on the evaluation data: inference "
+                                          "failed: .*Reshape"):
+        run_recipe(model, load_recipe("int8-dynamic", "onnx"), eval_data=str(tmp_path / "data.npz"),
+                   workdir=tmp_path / "w")
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
+
+
 def test_a_model_of_one_sample_per_call_is_pruned_and_recovered(tmp_path):
     """A graph whose shapes hold a batch of one is trained a sample at a time (the PyTorch reading ran
     whole batches through it, and failed on its [1, 512] flatten)."""
