@@ -109,7 +109,7 @@ def _fix_apart(proto, trainable: set[str]) -> None:
     both zeros) gets a copy for the fixed reads, in *proto* itself, so training leaves them be."""
     from onnx import numpy_helper
 
-    inits = {i.name: i for i in proto.graph.initializer}
+    inits = {i.name: i for i in proto.graph.initializer if i.data_type in (1, 10, 11, 16)}  # float ones train
     copies: dict[str, str] = {}
     for node in proto.graph.node:
         roles = TRAINABLE_INPUTS.get(node.op_type, ())
