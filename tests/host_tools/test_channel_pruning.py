@@ -1426,6 +1426,9 @@ def test_patches_flattened_to_tokens_as_torch_export_writes_it_keep_their_channe
     assert inits["shape"].tolist() == [target[0], 4, target[2]]
 
 
+@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")  # (the same exporter)
+@pytest.mark.filterwarnings("ignore:Converting a tensor to a Python boolean")  # (GroupNorm's own check, traced)
 def test_a_group_norm_with_a_group_per_channel_is_pruned_with_its_convolution(tmp_path):
     """wav2vec2's feature encoder: Conv1d, then GroupNorm with one group per channel, which PyTorch
     exports as a Reshape to [n, C, -1], InstanceNormalization, a Reshape back to the conv's own
