@@ -823,6 +823,28 @@ def test_structured_pruning_removes_channels_and_recovery_brings_accuracy_back(d
     assert {i.name: list(i.dims) for i in rec_graph.initializer} == shapes  # same pruned structure, new weights
 
 
+@pytest.mark.parametrize("recipe", ["channels-50", "fp16"])
+def test_a_model_that_lists_its_weights_as_inputs_too_is_pruned_and_made_float16(recipe, tmp_path):
+    """IR < 4 (the model zoo's older files, Caffe2 conversions) lists every initializer as a graph input
+    too. Pruning cut the weights but left those inputs' shapes (an inconsistent graph, the pass failed);
+    fp16 left them float32 (a model no smaller). Both now drop those inputs, as quantization does."""
+    proto = onnx.load(str(MODELS / "digits_cnn.onnx"))
+    for init in proto.graph.initializer:
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    proto.ir_version = 3
+    path = tmp_path / "ir3.onnx"
+    onnx.save(proto, str(path))
+    model = ModelFile.open(path)
+    report = run_recipe(model, load_recipe(recipe, "onnx"), train=TRAIN, eval_data=HELDOUT, latency_runs=5,
+                        workdir=tmp_path / "w")
+    first = report.steps[0]
+    assert first.status == "ok", first.note
+    assert first.size_bytes < (0.3 if recipe == "channels-50" else 0.6) * model.size_bytes
+    assert first.fidelity.accuracy >= report.original.fidelity.accuracy - 0.015
+    result = onnx.load(str(report.result.model.path))
+    assert [i.name for i in result.graph.input] == ["image"] and result.ir_version >= 4
+
+
 def _batch_of_one(tmp_path, batch) -> ModelFile:
     """models/digits_cnn.onnx as torch.export writes it from an example of one sample: its Flatten a
     Reshape to [1, 512]. Its input and output declare *batch*: 1, or a batch axis ("n") that the graph

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from device_agent.errors import CompressionError, NotApplicable
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import output_path, quantized_already, session_crash, sort_topologically
+from host_tools.compress.onnx.boundary import (drop_initializer_inputs, output_path, quantized_already, session_crash,
+                                               sort_topologically)
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 
@@ -32,6 +33,7 @@ class OnnxFp16(Pass):
         out = output_path(workdir, model, "fp16")
         with failing_as(self.name, model):
             proto = onnx.load(str(model.path))
+            drop_initializer_inputs(proto)  # (IR < 4: weights listed as inputs too would stay float32)
             types = {init.data_type for init in proto.graph.initializer}
             if onnx.TensorProto.FLOAT16 in types and onnx.TensorProto.FLOAT not in types:
                 raise NotApplicable(f"{model.path.name} has float16 weights already")

@@ -21,7 +21,8 @@ from host_tools.compress import structured
 from host_tools.compress.magnitude import MagnitudeConfig, thresholds
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx import static_shapes
-from host_tools.compress.onnx.boundary import (hoist_constants, inline_constant_identities, output_path,
+from host_tools.compress.onnx.boundary import (drop_initializer_inputs, hoist_constants, inline_constant_identities,
+                                               output_path,
                                                own_shape_constants, own_small_constants, quantized_already,
                                                share_equal_initializers, sort_topologically, whole_shapes)
 from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
@@ -131,6 +132,7 @@ def _check_consistent(proto, model: ModelFile) -> None:
 def prepared_plan(proto, exclude=()):
     """The channel-pruning plan of *proto*, after the preparation that lets the planner follow more
     (*proto* changes in place; it computes what it did)."""
+    drop_initializer_inputs(proto)  # (IR < 4 lists weights as inputs too, which would keep their old shapes)
     sort_topologically(proto.graph)  # the walk follows the nodes in order (ONNX Runtime loads any order)
     hoist_constants(proto)  # exporters write biases and activation constants as Constant nodes
     inline_constant_identities(proto)  # or share one through Identity nodes
