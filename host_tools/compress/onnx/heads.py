@@ -443,10 +443,15 @@ def repeat_of(tensor: str, layout: Layout, g: Graph) -> Repeat | None:
     return None
 
 
+def _one_entry_each(concat, position: int, g: Graph) -> bool:
+    """Whether every piece of a Concat building a shape is one entry long, and it has entry *position*."""
+    return position < len(concat.input) and \
+        all((list(g.consts[p].dims) if p in g.consts else g.shapes.get(p)) == [1] for p in concat.input)
+
+
 def _written_count(concat, position: int, g: Graph) -> int | None:
     """The Concat's entry *position* where it is a constant one entry long (each piece one entry)."""
-    if position >= len(concat.input) or \
-            any((list(g.consts[p].dims) if p in g.consts else g.shapes.get(p)) != [1] for p in concat.input):
+    if not _one_entry_each(concat, position, g):
         return None
     piece = concat.input[position]
     return int(const_array(g.consts[piece]).ravel()[0]) if piece in g.consts else None
@@ -488,8 +493,7 @@ def built_from(target: str, g: Graph):
 def _count_read(concat, position: int, tensor: str, g: Graph) -> int | None:
     """m where the Concat's entry *position* (each piece one entry long) is *tensor*'s size on that
     axis read at run time, times a constant m; None if it is anything else."""
-    if position >= len(concat.input) or \
-            any((list(g.consts[p].dims) if p in g.consts else g.shapes.get(p)) != [1] for p in concat.input):
+    if not _one_entry_each(concat, position, g):
         return None
     read = _size_read(concat.input[position], g)
     if read is None or read[0] != tensor or read[1] != [position]:
