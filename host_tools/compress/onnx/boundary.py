@@ -296,12 +296,14 @@ def _renamed_copy(tensor, name: str):
     return copy
 
 
+# TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16: the initializers that hold weights (and train)
+FLOAT_TYPES = (1, 10, 11, 16)
+
+
 def _own_shape_concats(graph, taken: set[str]) -> int:
     """A Concat of constants and sizes read at run time that is the target shape of several Reshapes
     or Expands: each of them after the first gets a copy of it, put right after it. (ONNX Runtime
     merges equal nodes again when it loads the model.)"""
-    from onnx import helper
-
     shaped: dict[str, list] = {}
     for node in graph.node:
         if node.op_type in ("Reshape", "Expand") and len(node.input) > 1:
@@ -310,16 +312,14 @@ def _own_shape_concats(graph, taken: set[str]) -> int:
     for concat in [n for n in graph.node if n.op_type == "Concat" and len(shaped.get(n.output[0], [])) > 1]:
         at = list(graph.node).index(concat)
         for k, reader in enumerate(shaped[concat.output[0]][1:], start=1):
-            clone = helper.make_node("Concat", list(concat.input), [_fresh(concat.output[0], taken)],
-                                     name=f"{concat.name}.{k}" if concat.name else "", axis=_concat_axis(concat))
+            clone = type(concat)()
+            clone.CopyFrom(concat)
+            clone.output[0] = _fresh(concat.output[0], taken)
+            clone.name = f"{concat.name}.{k}" if concat.name else ""
             graph.node.insert(at + k, clone)
             reader.input[1] = clone.output[0]
             copies += 1
     return copies
-
-
-def _concat_axis(node) -> int:
-    return next(a.i for a in node.attribute if a.name == "axis")
 
 
 def whole_shapes(model) -> int:
@@ -340,9 +340,8 @@ def own_small_constants(model, names: set[str]) -> int:
     LayerNorm scales of layers that have nothing else in common are one initializer. Returns how many
     copies were made; what pruning leaves equal is shared again afterwards (share_equal_initializers)."""
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer if i.name in names and len(i.dims) <= 1
-             and i.data_type in (1, 10, 11, 16)}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
-    taken = _names(graph)
+    inits = {i.name: i for i in graph.initializer if i.name in names and _float_vector(i)}
+    taken = value_names(graph)
     seen: set[str] = set()
     copies = 0
     for index, node in enumerate(graph.node):
@@ -360,11 +359,15 @@ def own_small_constants(model, names: set[str]) -> int:
 def shared_vectors(graph) -> set[str]:
     """Float initializers of at most one axis (biases, norm scales) that several nodes read."""
     uses = Counter(name for node in graph.node for name in set(node.input))
-    return {i.name for i in graph.initializer if len(i.dims) <= 1 and i.data_type in (1, 10, 11, 16)
-            and uses[i.name] > 1}
+    return {i.name for i in graph.initializer if _float_vector(i) and uses[i.name] > 1}
 
 
-def _names(graph) -> set[str]:
+def _float_vector(init) -> bool:
+    return len(init.dims) <= 1 and init.data_type in FLOAT_TYPES
+
+
+def value_names(graph) -> set[str]:
+    """Every name a value of *graph* has: initializers, node outputs, graph inputs and outputs."""
     return {i.name for i in graph.initializer} | {name for node in graph.node for name in node.output} | \
         {v.name for v in (*graph.input, *graph.output)}
 
@@ -387,7 +390,7 @@ def own_shape_constants(model) -> int:
     returns how many copies were made."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    taken = _names(graph)
+    taken = value_names(graph)
     copies = _own_shape_concats(graph, taken)
     uses = Counter(name for node in graph.node for name in node.input)
     for index, node in enumerate(graph.node):

@@ -17,7 +17,7 @@ from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, index_nodes, output_path,
                                                 own_small_constants, quantized_already, quiet_ort_quantizer,
-                                                shared_vectors, weighted_nodes, with_opset_at_least)
+                                                shared_vectors, value_names, weighted_nodes, with_opset_at_least)
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
 NO_CALIBRATION = "needs calibration data (--calib): static quantization will not calibrate on random noise"
@@ -124,16 +124,15 @@ def _with_own_vectors(model: ModelFile, workdir: Path) -> ModelFile:
     load. Any other model is left as it is."""
     import onnx
 
-    proto = onnx.load(str(model.path))
-    graph = proto.graph
+    graph = onnx.load(str(model.path), load_external_data=False).graph  # (names only: weights not read)
     readers = Counter(node.input[2] for node in graph.node if node.op_type in _BIASED and len(node.input) > 2)
-    inits = [i.name for i in graph.initializer]
-    values = set(inits) | {name for node in graph.node for name in node.output} | \
-        {v.name for v in (*graph.input, *graph.output)}
-    clashing = {name for name, count in readers.items()
-                if count > 1 and values & set(_ort_copy_names(name, count, inits))}
-    if not own_small_constants(proto, shared_vectors(graph) & clashing):
+    inits, values = [i.name for i in graph.initializer], value_names(graph)
+    clashing = shared_vectors(graph) & {name for name, count in readers.items()
+                                        if count > 1 and values & set(_ort_copy_names(name, count, inits))}
+    if not clashing:
         return model
+    proto = onnx.load(str(model.path))
+    own_small_constants(proto, clashing)
     out = output_path(workdir, model, "own")
     onnx.save(proto, str(out))
     return ModelFile(out, "onnx")

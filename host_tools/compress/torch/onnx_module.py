@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from device_agent.errors import NotApplicable
+from host_tools.compress.onnx.boundary import FLOAT_TYPES
 
 TRAINABLE_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2),
                     "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "Add": (0, 1), "Mul": (0, 1),
@@ -109,7 +110,7 @@ def _fix_apart(proto, trainable: set[str]) -> None:
     both zeros) gets a copy for the fixed reads, in *proto* itself, so training leaves them be."""
     from onnx import numpy_helper
 
-    inits = {i.name: i for i in proto.graph.initializer if i.data_type in (1, 10, 11, 16)}  # float ones train
+    inits = {i.name: i for i in proto.graph.initializer if i.data_type in FLOAT_TYPES}  # float ones train
     copies: dict[str, str] = {}
     for node in proto.graph.node:
         roles = TRAINABLE_INPUTS.get(node.op_type, ())
