@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -87,10 +86,7 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
                 err.print(line)
         refused = _refusal(report, max_drop, out)
         if not refused:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(report.result.model.path, out)
-            for extra in report.result.model.files[1:]:  # external weight files, under the names it reads
-                shutil.copyfile(extra, out.parent / extra.relative_to(report.result.model.path.parent))
+            report.result.model.copy_to(out)  # (with its external weight files)
             doc["result"]["file"] = out.name
         if report_path:
             report_path.write_text(json.dumps(doc, indent=2) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,16 @@ class ModelFile:
     @property
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
+
+    def copy_to(self, out: Path) -> "ModelFile":
+        """This model written to *out*, its external weight files beside it under the names it reads
+        them by."""
+        out = Path(out)
+        pairs = [(self.path, out)] + [(f, out.parent / f.relative_to(self.path.parent)) for f in self.files[1:]]
+        for source, target in pairs:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        return ModelFile(out, self.format)
 
     def load(self, threads: int | None = None):
         """A runtime with this model loaded (the device agent's own runtimes)."""

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import io
 import platform
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -240,9 +239,7 @@ def deliver(report: CompressionReport, out: Path | None, *, keep: bool) -> None:
     """Copy the result to *out*; unless *keep*, the intermediate files are about to go with their
     temporary directory, so the report names them by file name only."""
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(report.result.model.path, out)
-        report.result.model = ModelFile(Path(out), report.result.model.format)
+        report.result.model = report.result.model.copy_to(out)
     if not keep:
         for s in report.steps:
             if s is not report.result:

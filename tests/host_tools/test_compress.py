@@ -464,6 +464,11 @@ def test_a_model_whose_weight_file_is_missing_or_elsewhere_is_one_error(tmp_path
     onnx.helper.set_model_props(tagged, {"location": "/srv/models/kitchen"})
     onnx.save(tagged, str(tmp_path / "tagged.onnx"))
     assert ModelFile.open(tmp_path / "tagged.onnx").files == [tmp_path / "tagged.onnx"]
+    # a result handed back as it came (nothing applied) is written with its weight file beside it
+    report = run_recipe(ModelFile.open(model), steps([("onnx-int4", {})]), eval_data=HELDOUT, latency_runs=3,
+                        out=tmp_path / "out" / "result.onnx")
+    assert not report.compressed and ModelFile.open(tmp_path / "out" / "result.onnx").files == \
+        [tmp_path / "out" / "result.onnx", tmp_path / "out" / "split.weights"]
     (tmp_path / "split.weights").rename(tmp_path / "moved.weights")
     with pytest.raises(ModelError, match="^split.onnx keeps weights in split.weights, which is not beside it$"):
         ModelFile.open(model)
