@@ -3,14 +3,20 @@ and quantizers write long paths such as ``/blocks/blocks.0/attn/qkv/MatMul_outpu
 recorded intermediate shapes, doc strings, each node's metadata (torch.export records every node's
 module path and Python stack trace: two thirds of a small CNN's file), unused initializers and
 second copies of equal ones. On a small model these are a sizeable share of the file; the graph's
-inputs and outputs keep their names, and the model's own metadata stays."""
+inputs and outputs keep their names, and the model's own metadata stays.
+
+A float16 graph keeps its recorded shapes when ONNX Runtime would crash without them: ORT 1.32's
+NCHWc layout transformer dies (SIGSEGV) creating a session for some float16 graphs whose shapes it
+must infer itself (an nn.TransformerEncoder's, after the float16 converter: one residual Add whose
+shape the converter had recorded). So such a graph is probed in a child process without them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import has_subgraphs, output_path, share_equal_initializers
+from device_agent.errors import CompressionError
+from host_tools.compress.onnx.boundary import has_subgraphs, output_path, session_crash, share_equal_initializers
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register, short_name
 
 
@@ -32,16 +38,27 @@ class OnnxCompact(Pass):
         out = output_path(workdir, model, "compact")
         with failing_as(self.name, model):
             proto = onnx.load(str(model.path))
+            half = onnx.TensorProto.FLOAT16 in {init.data_type for init in proto.graph.initializer}
+            recorded = half and len(proto.graph.value_info) > 0
             compact(proto, rename=config.rename)
             onnx.save(proto, str(out))
+            if recorded and session_crash(out):
+                proto = onnx.load(str(model.path))
+                compact(proto, rename=config.rename, shapes=True)
+                onnx.save(proto, str(out))
+                crash = session_crash(out)
+                if crash:
+                    raise CompressionError(f"ONNX Runtime crashes ({crash}) creating a CPU session for the model")
         return ModelFile(out, "onnx")
 
 
-def compact(proto, *, rename: bool = True) -> None:
+def compact(proto, *, rename: bool = True, shapes: bool = False) -> None:
+    """*shapes*: keep the recorded intermediate shapes (value_info), renamed with their tensors."""
     graph = proto.graph
     proto.doc_string = ""
     graph.doc_string = ""
-    del graph.value_info[:]
+    if not shapes:
+        del graph.value_info[:]
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     keep = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
@@ -64,6 +81,8 @@ def compact(proto, *, rename: bool = True) -> None:
 
     for init in graph.initializer:
         init.name = short(init.name)
+    for value in graph.value_info:
+        value.name = short(value.name)
     for node in graph.node:
         node.doc_string = ""
         node.input[:] = [short(n) for n in node.input]
