@@ -87,6 +87,18 @@ CASES = {
         [np.random.default_rng(1).standard_normal((1, 2, 7, 6)).astype(np.float32),
          ("c", np.random.default_rng(2).standard_normal((3, 2, k, k)).astype(np.float32))], F)
        for mode, stride, k in (("SAME_UPPER", 2, 3), ("SAME_LOWER", 2, 4), ("SAME_UPPER", 1, 4), ("VALID", 2, 3))},
+    # a U-Net's upsampling: stride 2 (pads, output_padding as torch.onnx.export writes them), pads that
+    # differ, groups (weight [in, out / groups, k, k])
+    **{f"ConvTranspose ({name})": (
+        "ConvTranspose", attrs,
+        [np.random.default_rng(1).standard_normal((1, 4, 5, 6)).astype(np.float32),
+         ("c", np.random.default_rng(2).standard_normal((4, outs, 3, 3)).astype(np.float32)),
+         ("c", np.linspace(-1, 2, outs * attrs.get("group", 1), dtype=np.float32))], F)
+       for name, attrs, outs in (("stride 2", {"strides": [2, 2]}, 3),
+                                 ("stride 2, pads, output_padding", {"strides": [2, 2], "pads": [1, 1, 1, 1],
+                                                                     "output_padding": [1, 1]}, 3),
+                                 ("pads that differ, dilation", {"pads": [0, 2, 1, 0], "dilations": [2, 1]}, 3),
+                                 ("2 groups", {"group": 2, "strides": [2, 1]}, 2))},
     # string attributes (read as str): Resize's mode and coordinate transformation
     "Resize (nearest, asymmetric)": ("Resize", {"mode": "nearest", "coordinate_transformation_mode": "asymmetric"},
                                      [np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3),

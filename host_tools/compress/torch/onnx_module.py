@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from device_agent.errors import NotApplicable
 from host_tools.compress.onnx.boundary import FLOAT_TYPES
 
-TRAINABLE_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2),
+TRAINABLE_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2),
                     "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "Add": (0, 1), "Mul": (0, 1),
                     "PRelu": (1,), "Gather": (0,)}  # (an embedding table: only float initializers become parameters)
 
@@ -139,6 +139,23 @@ def _conv(a, at):
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
     return conv(x, w, b, stride=at.get("strides", 1), padding=pads[:half], dilation=at.get("dilations", 1),
                 groups=at.get("group", 1))
+
+
+def _conv_transpose(a, at):
+    """ConvTranspose (a U-Net's or a decoder's upsampling) with explicit pads (begin and end may
+    differ: computed unpadded, then cropped) and output_padding, as torch.onnx.export writes it;
+    output_shape and auto_pad SAME, which make ONNX work the pads out, are refused by name."""
+    x, w, b = a[0], a[1], a[2] if len(a) > 2 else None
+    dims = w.dim() - 2
+    if "output_shape" in at or at.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise NotApplicable("fine-tuning cannot run ConvTranspose with output_shape or auto_pad SAME in PyTorch")
+    pads = at.get("pads", [0] * (2 * dims)) if at.get("auto_pad", "NOTSET") == "NOTSET" else [0] * (2 * dims)
+    extra = list(at.get("output_padding", [0] * dims))
+    conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[dims]
+    y = conv(x, w, b, stride=at.get("strides", 1), output_padding=extra, groups=at.get("group", 1),
+             dilation=at.get("dilations", 1))
+    crop = tuple(slice(pads[i], y.shape[2 + i] - pads[i + dims]) for i in range(dims))
+    return y[(slice(None), slice(None), *crop)]
 
 
 def _auto_pads(x, w, at) -> list[int] | None:
@@ -380,6 +397,7 @@ def _constant(a, at):
 
 _OPS = {
     "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
     "MatMul": lambda a, at: a[0] @ a[1],
     "Add": lambda a, at: a[0] + a[1],
