@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from host_tools.compress.model import ModelFile
 from device_agent.errors import CompressionError
+from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import has_subgraphs, output_path, session_crash, share_equal_initializers
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register, short_name
 

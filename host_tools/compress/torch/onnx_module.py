@@ -26,9 +26,10 @@ from torch.nn import functional as F
 from device_agent.errors import NotApplicable
 from host_tools.compress.onnx.boundary import FLOAT_TYPES
 
-TRAINABLE_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2),
-                    "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "Add": (0, 1), "Mul": (0, 1),
-                    "PRelu": (1,), "Gather": (0,)}  # (an embedding table: only float initializers become parameters)
+# (Gather: an embedding table; only float initializers become parameters)
+TRAINABLE_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,),
+                    "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),
+                    "Add": (0, 1), "Mul": (0, 1), "PRelu": (1,), "Gather": (0,)}
 
 
 def _attrs(node) -> dict:
