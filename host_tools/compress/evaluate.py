@@ -66,22 +66,30 @@ def outputs_on(runtime, data: BoundData) -> dict[str, np.ndarray]:
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
-def is_classifier(output: np.ndarray) -> bool:
-    return output.dtype.kind == "f" and output.ndim >= 2 and output.shape[-1] >= 2
-
-
-def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray | None) -> float | None:
-    first = next(iter(outputs.values()))
-    if labels is None or not is_classifier(first):
+def class_axis(output: np.ndarray, model_format: str) -> int | None:
+    """The axis of a model output's class scores, or None where it holds none (not float, one axis,
+    or one class): the last ([N, classes], [N, tokens, vocabulary], a TFLite segmentation map
+    [N, h, w, classes]), except in an ONNX output of four axes or more, which is channels first as
+    PyTorch writes it ([N, classes, h, w]: a U-Net's or SegFormer's map, scored per pixel)."""
+    if output.dtype.kind != "f" or output.ndim < 2:
         return None
-    predictions = first.argmax(axis=-1)
+    axis = 1 if model_format == "onnx" and output.ndim >= 4 else output.ndim - 1
+    return axis if output.shape[axis] >= 2 else None
+
+
+def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray | None, model_format: str) -> float | None:
+    first = next(iter(outputs.values()))
+    axis = class_axis(first, model_format)
+    if labels is None or axis is None:
+        return None
+    predictions = first.argmax(axis=axis)
     if predictions.shape != np.shape(labels):
         return None
     return float((predictions == labels).mean())
 
 
 def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
-             labels: np.ndarray | None) -> Fidelity:
+             labels: np.ndarray | None, model_format: str) -> Fidelity:
     missing = set(reference) - set(outputs)
     if missing:
         raise ModelError(f"the compressed model lacks output(s) {', '.join(sorted(missing))}")
@@ -100,10 +108,11 @@ def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
         max_errors.append(float(diff.max()) if diff.size else 0.0)
         mean_errors.append(float(diff.mean()) if diff.size else 0.0)
     first = next(iter(reference))
-    agreement = None
-    if is_classifier(reference[first]):
-        agreement = float((reference[first].argmax(axis=-1) == outputs[first].argmax(axis=-1)).mean())
-    return Fidelity(accuracy(outputs, labels), agreement, min(cosines), max(max_errors), float(np.mean(mean_errors)))
+    agreement, axis = None, class_axis(reference[first], model_format)
+    if axis is not None:
+        agreement = float((reference[first].argmax(axis=axis) == outputs[first].argmax(axis=axis)).mean())
+    return Fidelity(accuracy(outputs, labels, model_format), agreement, min(cosines), max(max_errors),
+                    float(np.mean(mean_errors)))
 
 
 def latencies(models: list[ModelFile], data: BoundData, *, runs: int = 200, rounds: int | None = None,

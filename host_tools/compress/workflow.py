@@ -204,7 +204,8 @@ class Evaluation:
             m.status, m.note = "failed", f"does not run: {exc}"
             return
         try:
-            m.fidelity = evaluate.fidelity(self.original.outputs, m.outputs, self.bound.labels)
+            m.fidelity = evaluate.fidelity(self.original.outputs, m.outputs, self.bound.labels,
+                                           self.original.model.format)
         except ModelError as exc:  # it runs, but gives other outputs than the original
             m.status, m.note = "failed", str(exc)
 

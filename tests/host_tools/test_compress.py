@@ -118,6 +118,35 @@ def test_named_and_sensitive_nodes_stay_in_float(digits, tmp_path):
     assert len(still_float) == 2  # plus the one the sensitivity pass found
 
 
+def test_a_segmentation_map_is_scored_per_pixel_over_its_classes():
+    """An ONNX model's [N, classes, h, w] output (a U-Net's, SegFormer's) is channels first: top-1
+    agreement, accuracy and distillation's soft targets take the class scores along axis 1, as a
+    TFLite map [N, h, w, classes] has them along its last — not along the image's width, where an
+    argmax means nothing."""
+    import torch
+
+    from host_tools.compress.evaluate import fidelity
+    from host_tools.compress.torch.trainer import Schedule, _loss
+
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((4, 3, 5, 6)).astype(np.float32)
+    # every pixel's scores scaled by a factor of its own: each pixel's class stays, the rows' argmax does not
+    rescaled = scores * rng.uniform(0.2, 5, (4, 1, 5, 6)).astype(np.float32)
+    labels = scores.argmax(axis=1)
+    nchw = fidelity({"y": scores}, {"y": rescaled}, labels, "onnx")
+    assert nchw.agreement == 1.0 and nchw.accuracy == 1.0
+    assert fidelity({"y": scores}, {"y": rescaled}, None, "tflite").agreement < 0.9  # the width read as classes
+    last = lambda x: np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # noqa: E731
+    nhwc = fidelity({"y": last(scores)}, {"y": last(rescaled)}, labels, "tflite")
+    assert nhwc.agreement == 1.0 and nhwc.accuracy == 1.0
+    schedule = Schedule(epochs=1)
+    on_classes = _loss(torch.from_numpy(rescaled), torch.from_numpy(scores), None, 1.0, 1, schedule)
+    assert torch.isclose(on_classes, _loss(torch.from_numpy(last(rescaled)), torch.from_numpy(last(scores)), None,
+                                           1.0, 3, schedule))
+    assert not torch.isclose(on_classes, _loss(torch.from_numpy(rescaled), torch.from_numpy(scores), None, 1.0, 3,
+                                               schedule))
+
+
 def test_dynamic_fp16_and_int4_on_a_model_with_constant_node_weights(tmp_path):
     model = ModelFile.open(graphs.mlp_with_constant_weights(tmp_path / "mlp.onnx"))
     data = Dataset({"x": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)}, None, "random")

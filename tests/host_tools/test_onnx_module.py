@@ -179,12 +179,12 @@ def test_training_that_ends_worse_than_it_started_gives_the_weights_back():
         student.weight.copy_(teacher.weight * 3 + 0.01)
         student.bias.copy_(teacher.bias * 3)
     start = [p.detach().clone() for p in student.parameters()]
-    distill(student, [x], [targets], None, Schedule(epochs=3, lr=50.0))
+    distill(student, [x], [targets], None, Schedule(epochs=3, lr=50.0), "onnx")
     assert all(torch.equal(p, q) for p, q in zip(student.parameters(), start))
     with torch.no_grad():  # from further away, the same training helps: its weights are kept
         student.weight.add_(torch.randn_like(student.weight) * 0.5)
     start = [p.detach().clone() for p in student.parameters()]
-    distill(student, [x], [targets], None, Schedule(epochs=30, lr=1e-2))
+    distill(student, [x], [targets], None, Schedule(epochs=30, lr=1e-2), "onnx")
     assert not all(torch.equal(p, q) for p, q in zip(student.parameters(), start))
 
 

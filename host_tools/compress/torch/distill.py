@@ -71,7 +71,7 @@ class Distill(Pass):
                     Schedule(epochs=config.epochs, lr=config.lr, temperature=config.temperature,
                              labels_weight=config.labels_weight if bound.labels is not None else 0.0,
                              seed=config.seed),
-                    what=f"distilling into a {students.count(student)}-parameter student")
+                    model.format, what=f"distilling into a {students.count(student)}-parameter student")
         out = workdir / f"{model.path.stem}.student.onnx"
         _export(student, inputs, runtime, out)
         return ModelFile(out, "onnx")

@@ -29,7 +29,7 @@ def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None
     _check_same_as_runtime(module, pruned, bound)
     distill(module, inputs, [targets[name] for name in module.output_names], bound.labels,
             Schedule(epochs=epochs, lr=lr, labels_weight=labels_weight if bound.labels is not None else 0.0),
-            what="recovering the pruned model")
+            teacher.format, what="recovering the pruned model")
     module.write_back(graph)
     out = Path(workdir) / f"{pruned.path.stem}.recovered{pruned.path.suffix}"
     save(graph, out)

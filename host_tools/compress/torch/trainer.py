@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from host_tools.compress.data import BoundData
-from host_tools.compress.evaluate import is_classifier, outputs_on
+from host_tools.compress.evaluate import class_axis, outputs_on
 from host_tools.compress.passes import progress
 
 
@@ -35,17 +35,19 @@ def teacher_targets(teacher, data: BoundData) -> list[np.ndarray]:
 
 
 def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np.ndarray],
-            labels: np.ndarray | None, schedule: Schedule, what: str = "training") -> float:
+            labels: np.ndarray | None, schedule: Schedule, model_format: str, what: str = "training") -> float:
     """Train *student* (called with the inputs in order, returning a tuple of outputs) to match
-    *targets*; returns its loss on all of them afterwards. Training that ends with a higher loss
-    than it started from gives the weights back as they were (a pruned model recovered on a few
-    inputs can drift away from its teacher)."""
+    *targets*, the outputs of a *model_format* teacher (which says where their class scores are:
+    evaluate.class_axis); returns its loss on all of them afterwards. Training that ends with a
+    higher loss than it started from gives the weights back as they were (a pruned model recovered
+    on a few inputs can drift away from its teacher)."""
     torch.manual_seed(schedule.seed)
     generator = torch.Generator().manual_seed(schedule.seed)
     xs = [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs]
     ts = [torch.from_numpy(np.ascontiguousarray(t)).float() for t in targets]
     ys = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
     scales = [t.var().clamp_min(1e-8) for t in ts]
+    axes = [class_axis(t, model_format) for t in targets]
 
     def loss_on_all() -> float:
         student.eval()
@@ -55,8 +57,8 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
                 part = slice(start, start + schedule.batch)
                 outs = student(*[x[part] for x in xs])
                 outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-                total += float(sum(_loss(o, t[part], None if ys is None else ys[part], s, schedule)
-                                   for o, t, s in zip(outs, ts, scales))) * len(xs[0][part])
+                total += float(sum(_loss(o, t[part], None if ys is None else ys[part], s, a, schedule)
+                                   for o, t, s, a in zip(outs, ts, scales, axes))) * len(xs[0][part])
         return total / len(xs[0])
 
     before, start_state = loss_on_all(), {k: v.detach().clone() for k, v in student.state_dict().items()}
@@ -72,8 +74,8 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
             idx = order[start:start + schedule.batch]
             outs = student(*[x[idx] for x in xs])
             outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-            loss = sum(_loss(o, t[idx], None if ys is None else ys[idx], s, schedule)
-                       for o, t, s in zip(outs, ts, scales))
+            loss = sum(_loss(o, t[idx], None if ys is None else ys[idx], s, a, schedule)
+                       for o, t, s, a in zip(outs, ts, scales, axes))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -89,9 +91,12 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
     return after
 
 
-def _loss(out: torch.Tensor, target: torch.Tensor, labels, scale, schedule: Schedule) -> torch.Tensor:
+def _loss(out: torch.Tensor, target: torch.Tensor, labels, scale, axis: int | None,
+          schedule: Schedule) -> torch.Tensor:
+    """*axis*: where the target's class scores are (class_axis), or None for an output of other values."""
     out = out.reshape(target.shape)
-    if is_classifier(target.numpy()):
+    if axis is not None:
+        out, target = out.movedim(axis, -1), target.movedim(axis, -1)  # the scores last
         t = schedule.temperature
         soft = F.kl_div(F.log_softmax(out / t, dim=-1), F.softmax(target / t, dim=-1),
                         reduction="batchmean") * t * t
