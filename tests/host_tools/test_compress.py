@@ -140,11 +140,11 @@ def test_a_segmentation_map_is_scored_per_pixel_over_its_classes():
     nhwc = fidelity({"y": last(scores)}, {"y": last(rescaled)}, labels, "tflite")
     assert nhwc.agreement == 1.0 and nhwc.accuracy == 1.0
     schedule = Schedule(epochs=1)
-    on_classes = _loss(torch.from_numpy(rescaled), torch.from_numpy(scores), None, 1.0, 1, schedule)
+    on_classes = _loss(torch.from_numpy(rescaled), torch.from_numpy(scores), None, 1.0, 1, False, schedule)
     assert torch.isclose(on_classes, _loss(torch.from_numpy(last(rescaled)), torch.from_numpy(last(scores)), None,
-                                           1.0, 3, schedule))
+                                           1.0, 3, False, schedule))
     assert not torch.isclose(on_classes, _loss(torch.from_numpy(rescaled), torch.from_numpy(scores), None, 1.0, 3,
-                                               schedule))
+                                               False, schedule))
 
 
 def test_dynamic_fp16_and_int4_on_a_model_with_constant_node_weights(tmp_path):
@@ -988,6 +988,42 @@ def test_a_model_of_sequences_is_distilled_into_the_mlp_student(tmp_path):
     assert student.label == "distill", report.steps[0].note
     assert teacher_parameters(student.model) <= 0.25 * teacher_parameters(model)
     assert student.fidelity.agreement > 0.6  # four classes: chance is 0.25
+
+
+def test_a_classifier_ending_in_softmax_is_distilled_into_a_student_that_gives_probabilities(tmp_path):
+    """Many TFLite and Keras classifiers end in a softmax. The student that replaces one must give
+    probabilities too (it gave raw scores: an app thresholding a confidence would break), and is
+    trained on log-probabilities, which temper like the logits (tempering the probabilities
+    themselves flattens the targets towards uniform)."""
+    import onnx
+    import torch
+    from onnx import helper
+
+    from host_tools.compress.torch.trainer import Schedule, _loss
+
+    proto = onnx.load(str(MODELS / "digits_cnn.onnx"))
+    last = next(n for n in proto.graph.node if proto.graph.output[0].name in n.output)
+    last.output[0] = "scores"
+    proto.graph.node.append(helper.make_node("Softmax", ["scores"], [proto.graph.output[0].name], axis=-1))
+    onnx.save(proto, str(tmp_path / "softmax.onnx"))
+    images = np.load(TRAIN)["x"]
+    np.savez(tmp_path / "train.npz", x=images)  # no labels: the teacher's outputs are all it learns from
+    report = run_recipe(ModelFile.open(tmp_path / "softmax.onnx"), load_recipe("distill", "onnx"),
+                        train=str(tmp_path / "train.npz"), eval_data=HELDOUT, latency_runs=5, workdir=tmp_path / "w")
+    student = report.result
+    assert student.label == "distill", report.steps[0].note
+    probs = next(iter(student.outputs.values()))
+    assert probs.min() >= 0 and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+    assert student.fidelity.agreement > 0.97 and student.fidelity.cosine > 0.95
+
+    rng = np.random.default_rng(0)
+    teacher, pupil = (torch.from_numpy(rng.standard_normal((8, 10)).astype(np.float32) * 3) for _ in range(2))
+    schedule = Schedule(epochs=1)
+    on_logits = _loss(pupil, teacher, None, 1.0, 1, False, schedule)
+    assert on_logits > 0.1
+    on_probabilities = _loss(pupil.softmax(1), teacher.softmax(1), None, 1.0, 1, True, schedule)
+    assert torch.isclose(on_probabilities, on_logits, rtol=1e-4)
+    assert torch.isclose(_loss(pupil, teacher.softmax(1), None, 1.0, 1, True, schedule), on_logits, rtol=1e-4)
 
 
 def test_distillation_refuses_to_train_on_nothing(digits):

@@ -46,7 +46,7 @@ class Distill(Pass):
         import torch
 
         from host_tools.compress.torch import students
-        from host_tools.compress.torch.trainer import Schedule, distill, teacher_targets
+        from host_tools.compress.torch.trainer import Schedule, distill, probabilities, teacher_targets
 
         if config.calibration is None:
             raise ConfigError(f"{self.name} needs inputs to train on (--train or --calib)")
@@ -66,6 +66,8 @@ class Distill(Pass):
             budget = int(teacher_parameters(model) * config.params)
             vocab = int(inputs[0].max()) + 1 if family == "bag" else 0
             student = students.fit(family, sample, targets[0].shape[1], config.depth, budget, vocab)
+            if probabilities(targets[0], 1):  # the teacher ends in a softmax: the student does too
+                student = torch.nn.Sequential(student, torch.nn.Softmax(dim=1))
         with failing_as(self.name, model):  # a student that does not fit the inputs: PyTorch's error, in one line
             distill(student, inputs, targets, bound.labels,
                     Schedule(epochs=config.epochs, lr=config.lr, temperature=config.temperature,

@@ -4,6 +4,9 @@ The teacher is any model a runtime can run (ONNX or TFLite); its outputs on the 
 inputs are computed once. Classifier outputs are matched with temperature-scaled soft targets
 (Hinton et al.: T^2 * KL(student/T || teacher/T)) plus cross-entropy on hard labels when the
 data has them; other outputs with a mean squared error scaled by the teacher's variance.
+A classifier that ends in a softmax (probabilities: many TFLite and Keras models) is matched on
+log-probabilities, the logits up to a constant: tempering the probabilities themselves would
+flatten the targets to nearly uniform.
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ class Schedule:
     seed: int = 0
 
 
+def probabilities(output: np.ndarray, axis: int | None) -> bool:
+    """Whether *output* holds a probability distribution along *axis* (class_axis) in every sample:
+    a softmax's output, non-negative and summing to 1."""
+    if axis is None or output.size == 0 or output.min() < 0:
+        return False
+    return bool(np.allclose(output.sum(axis=axis, dtype=np.float64), 1.0, atol=1e-3))
+
+
 def teacher_targets(teacher, data: BoundData) -> list[np.ndarray]:
     """The teacher's outputs (*teacher*: a loaded model, ModelFile.load) on the training inputs."""
     return list(outputs_on(teacher, data).values())
@@ -48,6 +59,7 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
     ys = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
     scales = [t.var().clamp_min(1e-8) for t in ts]
     axes = [class_axis(t, model_format) for t in targets]
+    softmaxed = [probabilities(t, a) for t, a in zip(targets, axes)]
 
     def loss_on_all() -> float:
         student.eval()
@@ -57,8 +69,8 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
                 part = slice(start, start + schedule.batch)
                 outs = student(*[x[part] for x in xs])
                 outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-                total += float(sum(_loss(o, t[part], None if ys is None else ys[part], s, a, schedule)
-                                   for o, t, s, a in zip(outs, ts, scales, axes))) * len(xs[0][part])
+                total += float(sum(_loss(o, t[part], None if ys is None else ys[part], s, a, p, schedule)
+                                   for o, t, s, a, p in zip(outs, ts, scales, axes, softmaxed))) * len(xs[0][part])
         return total / len(xs[0])
 
     before, start_state = loss_on_all(), {k: v.detach().clone() for k, v in student.state_dict().items()}
@@ -74,8 +86,8 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
             idx = order[start:start + schedule.batch]
             outs = student(*[x[idx] for x in xs])
             outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-            loss = sum(_loss(o, t[idx], None if ys is None else ys[idx], s, a, schedule)
-                       for o, t, s, a in zip(outs, ts, scales, axes))
+            loss = sum(_loss(o, t[idx], None if ys is None else ys[idx], s, a, p, schedule)
+                       for o, t, s, a, p in zip(outs, ts, scales, axes, softmaxed))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -91,12 +103,18 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
     return after
 
 
-def _loss(out: torch.Tensor, target: torch.Tensor, labels, scale, axis: int | None,
+def _loss(out: torch.Tensor, target: torch.Tensor, labels, scale, axis: int | None, softmaxed: bool,
           schedule: Schedule) -> torch.Tensor:
-    """*axis*: where the target's class scores are (class_axis), or None for an output of other values."""
+    """*axis*: where the target's class scores are (class_axis), or None for an output of other values;
+    *softmaxed*: they are probabilities; so should the student's be (a pruned graph keeps its softmax, a
+    built-in student is given one), else its outputs are taken as its logits."""
     out = out.reshape(target.shape)
     if axis is not None:
         out, target = out.movedim(axis, -1), target.movedim(axis, -1)  # the scores last
+        if softmaxed:  # log-probabilities: the logits, up to a constant per sample
+            target = torch.log(target.clamp_min(1e-12))
+            distribution = bool((out >= 0).all()) and torch.allclose(out.sum(-1), torch.ones(()), atol=1e-3)
+            out = torch.log(out.clamp_min(1e-12)) if distribution else F.log_softmax(out, dim=-1)
         t = schedule.temperature
         soft = F.kl_div(F.log_softmax(out / t, dim=-1), F.softmax(target / t, dim=-1),
                         reduction="batchmean") * t * t
