@@ -1980,35 +1980,17 @@ def test_tokens_flattened_for_a_batch_norm_keep_their_channels(tmp_path):
     np.testing.assert_allclose(_run(pruned, x), _run(silenced, x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning")
-@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
 def test_a_u_net_with_transposed_convolutions_is_pruned_and_recovers(tmp_path):
-    """A U-Net as users export it: skip connections joined by Concat, upsampling by ConvTranspose2d.
-    Recovery's PyTorch reading of the graph runs ConvTranspose (and trains its weights); without it
-    the whole step was skipped ("fine-tuning cannot run op(s) ConvTranspose"). The layer that feeds
-    the ConvTranspose stays whole, the others lose half their channels."""
-    import torch
-    from torch import nn
-
+    """A U-Net as torch.onnx.export writes it (tests/fixtures/models: u_net): skip connections joined
+    by Concat, upsampling by ConvTranspose2d. Recovery's PyTorch reading of the graph runs
+    ConvTranspose (and trains its weights); without it the whole step was skipped ("fine-tuning
+    cannot run op(s) ConvTranspose"). The layer that feeds the ConvTranspose stays whole, the others
+    lose half their channels."""
     from host_tools.compress import Dataset
 
-    class UNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.down1 = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
-            self.down2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
-            self.up = nn.ConvTranspose2d(32, 16, 2, stride=2)
-            self.out = nn.Sequential(nn.Conv2d(32, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1))
-
-        def forward(self, x):
-            a = self.down1(x)
-            return self.out(torch.cat([a, self.up(self.down2(a))], 1))
-
-    torch.manual_seed(0)
-    path = tmp_path / "unet.onnx"
-    _export(UNet().eval(), torch.rand(2, 3, 16, 16), path)
     images = np.random.default_rng(0).random((64, 3, 16, 16)).astype(np.float32)
-    recovered = _halved_and_recovered(ModelFile.open(path), Dataset({"x": images}, None, "random"), 0.8, tmp_path)
+    data = Dataset({"image": images}, None, "random")
+    recovered = _halved_and_recovered(ModelFile.open(FIXTURES / "u_net.onnx"), data, 0.8, tmp_path)
     weights = {tuple(i.dims) for i in onnx.load(str(recovered.result.model.path)).graph.initializer if len(i.dims) == 4}
     assert {(8, 3, 3, 3), (32, 8, 3, 3), (32, 16, 2, 2), (8, 24, 3, 3), (4, 8, 1, 1)} <= weights, weights
-    assert recovered.result.outputs["y"].shape == (64, 4, 16, 16)
+    assert recovered.result.outputs["classes"].shape == (64, 4, 16, 16)

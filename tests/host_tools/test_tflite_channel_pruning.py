@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from host_tools.compress import ModelFile, load_recipe, run_recipe
+from host_tools.compress import Dataset, ModelFile, load_recipe, run_recipe
 from host_tools.compress.tflite import flatbuffer
 from host_tools.compress.tflite.channels import Graph, plan_channel_pruning, stale_shape_constants
 from host_tools.compress.tflite.prune import prepared_plan
@@ -315,13 +315,14 @@ def test_a_layer_split_in_three_loses_the_same_heads_in_each_part(tmp_path):
 def test_fine_tuning_reads_each_graph_as_tflite_runs_it():
     """The PyTorch reading of a TFLite graph (which recovery trains) gives TFLite's outputs, on the
     reference models and the foreign ones: token ids and masks, an unrolled LSTM read both ways
-    (REVERSE_V2), a GRU's state, grouped-query attention, a split Q/K/V layer."""
+    (REVERSE_V2), a GRU's state, grouped-query attention, a split Q/K/V layer, a U-Net's
+    TRANSPOSE_CONV."""
     torch = pytest.importorskip("torch")
     from host_tools.compress.torch.tflite_module import TfliteModule
 
     paths = [MODELS / f"digits_{m}.tflite" for m in ("cnn", "vgg", "transformer")]
     paths += [FIXTURES / f"{m}.tflite" for m in ("detector", "mobile_blocks", "token_classifier", "fused_qkv",
-                                                 "shared_layers", "text_encoder", "crnn_ocr", "streaming_kws")]
+                                                 "shared_layers", "text_encoder", "crnn_ocr", "streaming_kws", "u_net")]
     for path in paths:
         runtime = ModelFile.open(path).load()
         module = TfliteModule(flatbuffer.read(path)[0])
@@ -336,6 +337,21 @@ def test_fine_tuning_reads_each_graph_as_tflite_runs_it():
             for name, value in zip(module.output_names, mine):
                 np.testing.assert_allclose(value[i].numpy().reshape(theirs[name].shape), theirs[name],
                                            rtol=1e-3, atol=1e-4, err_msg=f"{path.name}: {name}")
+
+
+def test_a_u_net_is_pruned_and_recovered_through_its_transposed_convolution(tmp_path):
+    """channels-50 on a U-Net converted by litert-torch: recovery runs TRANSPOSE_CONV (it was skipped
+    whole: "fine-tuning cannot run op(s) TRANSPOSE_CONV") and brings the class map back towards the
+    original's."""
+    data = Dataset({"image": np.random.default_rng(0).random((64, 3, 16, 16)).astype(np.float32)}, None, "random")
+    pruned, recovered = (run_recipe(ModelFile.open(FIXTURES / "u_net.tflite"),
+                                    steps([("tflite-prune-channels", {"ratio": 0.5, "recover_epochs": epochs})]),
+                                    train=data, eval_data=data, latency_runs=5, workdir=tmp_path / str(epochs))
+                         for epochs in (0, 5))
+    assert recovered.steps[0].status == "ok", recovered.steps[0].note
+    assert recovered.result.size_bytes < 0.8 * recovered.original.size_bytes
+    assert recovered.result.fidelity.cosine > pruned.result.fidelity.cosine, \
+        (pruned.result.fidelity, recovered.result.fidelity)
 
 
 def test_a_residual_stream_and_the_gate_that_scales_it_lose_the_same_channels(tmp_path):

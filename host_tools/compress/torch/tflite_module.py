@@ -2,11 +2,12 @@
 counterpart, for fine-tuning a pruned TFLite model.
 
 The graph is interpreted op by op in its own layout (NHWC); the float constants of weighted ops
-(CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, embedding tables) and the per-channel constants added or multiplied
-(norm scales, position tables) become ``nn.Parameter``s, and ``write_back`` puts their values
-into the same flatbuffer. A converter bakes the batch into the graph's shapes (a flatten to
-[1, 512]), so each sample runs the graph at that batch, vectorised over the training batch with
-``torch.func.vmap``. Ops outside the supported set are refused by name before any training.
+(CONV_2D, DEPTHWISE_CONV_2D, TRANSPOSE_CONV, FULLY_CONNECTED, embedding tables) and the per-channel
+constants added or multiplied (norm scales, position tables) become ``nn.Parameter``s, and
+``write_back`` puts their values into the same flatbuffer. A converter bakes the batch into the
+graph's shapes (a flatten to [1, 512]), so each sample runs the graph at that batch, vectorised over
+the training batch with ``torch.func.vmap``. Ops outside the supported set are refused by name
+before any training.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from torch.nn import functional as F
 from device_agent.errors import NotApplicable
 from host_tools.compress.tflite.channels import DTYPES, FLOAT32, Graph
 
-WEIGHTED = {"CONV_2D": (1, 2), "DEPTHWISE_CONV_2D": (1, 2), "FULLY_CONNECTED": (1, 2), "GATHER": (0,),
-            "EMBEDDING_LOOKUP": (1,)}  # (a GATHER's float table is an embedding's; index tables stay constants)
+# (a GATHER's float table is an embedding's; index tables stay constants)
+WEIGHTED = {"CONV_2D": (1, 2), "DEPTHWISE_CONV_2D": (1, 2), "TRANSPOSE_CONV": (1, 3), "FULLY_CONNECTED": (1, 2),
+            "GATHER": (0,), "EMBEDDING_LOOKUP": (1,)}
 SCALED = {"ADD", "SUB", "MUL"}  # a float constant with a non-trivial shape read by these trains too
 SAME, VALID = 0, 1  # tflite Padding
 
@@ -131,6 +133,22 @@ def _conv(a, o, depthwise=False):
         x = _same_pad(x, w.shape[2:], stride, dilation)
     y = F.conv2d(x, w, b, stride=stride, dilation=dilation, groups=groups)
     return _act(y.permute(0, 2, 3, 1), o.fusedActivationFunction)
+
+
+def _transpose_conv(a, o):
+    """TRANSPOSE_CONV (inputs: the output shape, weights [O, H, W, I], the input, a bias): the full
+    transposed convolution, cropped to the output shape (SAME: the odd pixel of the padding after, as
+    TFLite pads), or widened with zeros where that shape is larger; then the bias."""
+    shape, w, x, b = a[0], a[1], a[2].permute(0, 3, 1, 2), a[3] if len(a) > 3 else None
+    y = F.conv_transpose2d(x, w.permute(3, 0, 1, 2), stride=(o.strideH, o.strideW))
+    size = [int(shape[1]), int(shape[2])]
+    starts = [max(full - want, 0) // 2 if o.padding == SAME else 0 for full, want in zip(y.shape[2:], size)]
+    y = y[:, :, starts[0]:starts[0] + size[0], starts[1]:starts[1] + size[1]]
+    y = F.pad(y, [0, size[1] - y.shape[3], 0, size[0] - y.shape[2]])
+    y = y.permute(0, 2, 3, 1)
+    if b is not None:
+        y = y + b
+    return _act(y, getattr(o, "fusedActivationFunction", 0))
 
 
 def _fully_connected(a, o):
@@ -260,6 +278,7 @@ def _batch_matmul(a, o):
 _OPS = {
     "CONV_2D": _conv,
     "DEPTHWISE_CONV_2D": lambda a, o: _conv(a, o, depthwise=True),
+    "TRANSPOSE_CONV": _transpose_conv,
     "FULLY_CONNECTED": _fully_connected,
     "MAX_POOL_2D": _pool("max"),
     "AVERAGE_POOL_2D": _pool("avg"),
