@@ -678,7 +678,7 @@ def test_zoo_architectures_with_old_ir_and_generated_weights_quantize(name, tmp_
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "models"  # made by make_models.py there
 # per input, one sample's shape: a [0, 1) image or text line, or normal frames and state
 SAMPLE_SHAPES = {"detector": [(3, 64, 64)], "crnn_ocr": [(1, 32, 48)], "streaming_kws": [(10, 20), (1, 48)],
-                 "torch_encoder": [(12, 16)]}
+                 "torch_encoder": [(12, 16)], "u_net": [(3, 16, 16)]}
 FORMAT_RECIPES = {"onnx": ("int8-dynamic", "int8-static", "fp16", "sparse-int8", "int4-weights"),
                   "tflite": ("int8-dynamic", "int8-weights", "int8-static", "fp16", "sparse-int8")}
 
@@ -688,8 +688,8 @@ FORMAT_RECIPES = {"onnx": ("int8-dynamic", "int8-static", "fp16", "sparse-int8",
 def test_every_recipe_runs_on_models_from_real_exporters(name, model_format):
     """torch.onnx.export's and litert-torch's graphs of a detector (two outputs), a CRNN (bidirectional
     LSTM; litert-torch unrolls it into ~800 ops), a streaming model with its recurrent state as an
-    input and an output, and PyTorch's own nn.TransformerEncoder: every recipe gives a model with the
-    original's outputs, or says in one line why a step did not. (The encoder's float16 graph, compacted,
+    input and an output, PyTorch's own nn.TransformerEncoder, and a U-Net whose output is a class map:
+    every recipe gives a model with the original's outputs, or says in one line why a step did not. (The encoder's float16 graph, compacted,
     crashed ONNX Runtime's session creation, and with it the process, until compaction kept the shapes
     ORT needs.)"""
     model = ModelFile.open(FIXTURES / f"{name}.{model_format}")
