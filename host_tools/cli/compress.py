@@ -61,7 +61,7 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
     _check_usage(model, out, recipe, steps, auto, max_drop, eval_data, device_id)
     from host_tools.compress import ModelFile
     from host_tools.compress.report import report_table, skipped_lines
-    from host_tools.compress.workflow import quality_drop
+    from host_tools.compress.workflow import output_path, quality_drop
 
     model = ModelFile.open(model)
     err = console(stderr=True)
@@ -85,9 +85,13 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
             for line in skipped_lines(report):
                 err.print(line)
         refused = _refusal(report, max_drop, out)
+        written = output_path(out, report.result.model.format)
+        if not refused and written.resolve() == model.path.resolve():
+            refused = (f"the result is a {report.result.model.format} model, so it would be written as {written}: "
+                       f"MODEL itself; give -o another name")
         if not refused:
-            report.result.model.copy_to(out)  # (with its external weight files)
-            doc["result"]["file"] = out.name
+            report.result.model.copy_to(written)  # (with its external weight files)
+            doc["result"]["file"] = written.name
         if report_path:
             report_path.write_text(json.dumps(doc, indent=2) + "\n")
         if as_json:
@@ -96,8 +100,10 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
         raise ConfigError(refused)
     if not as_json:
         drop = quality_drop(report.original, report.result)
-        click.echo(f"wrote {out} ({report.recipe.name}: {report.result.size_bytes / report.original.size_bytes:.2f}x "
-                   f"size" + ("" if drop is None else f", drop {drop:+.2f} points") + ")"
+        ratio = report.result.size_bytes / report.original.size_bytes
+        renamed = "" if written == out else f"; named {written.suffix} for its format, not {out.name}"
+        click.echo(f"wrote {written} ({report.recipe.name}: {ratio:.2f}x size"
+                   + ("" if drop is None else f", drop {drop:+.2f} points") + renamed + ")"
                    + (f"; report {report_path}" if report_path else ""))
 
 

@@ -236,11 +236,25 @@ class Evaluation:
                                  latency_where=self.device_bench.where if self.device_bench else "host CPU")
 
 
+# the file name suffix of each model format
+SUFFIXES = {"onnx": ".onnx", "tflite": ".tflite"}
+
+
+def output_path(out: Path, model_format: str) -> Path:
+    """*out*, or *out* with the suffix of *model_format* where its own names the other format: a
+    student distilled from a TFLite model is an ONNX model, which no runtime reads as a .tflite file."""
+    out = Path(out)
+    if out.suffix.lower() in SUFFIXES.values() and out.suffix.lower() != SUFFIXES[model_format]:
+        return out.with_suffix(SUFFIXES[model_format])
+    return out
+
+
 def deliver(report: CompressionReport, out: Path | None, *, keep: bool) -> None:
-    """Copy the result to *out*; unless *keep*, the intermediate files are about to go with their
-    temporary directory, so the report names them by file name only."""
+    """Copy the result to *out* (output_path: with its format's suffix); unless *keep*, the
+    intermediate files are about to go with their temporary directory, so the report names them by
+    file name only."""
     if out is not None:
-        report.result.model = report.result.model.copy_to(out)
+        report.result.model = report.result.model.copy_to(output_path(out, report.result.model.format))
     if not keep:
         for s in report.steps:
             if s is not report.result:

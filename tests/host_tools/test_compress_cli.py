@@ -99,3 +99,21 @@ def test_bad_input_is_one_line(tmp_path):
     over = edgefleet("compress", original, "--recipe", "int8-dynamic", "-o", tmp_path / "." / "mine.onnx")
     assert over.returncode == 2 and "is MODEL itself: the original would be overwritten" in last_line(over)
     assert original.read_bytes() == MODEL.read_bytes()
+
+
+def test_a_result_in_another_format_is_named_for_it(tmp_path):
+    """A student distilled from a TFLite model is an ONNX model: asked for student.tflite, it is written
+    as student.onnx and the line says so (a .tflite file holding ONNX runs nowhere); a name that would
+    then be MODEL itself is refused, and MODEL is left as it was."""
+    out = tmp_path / "student.tflite"
+    result = edgefleet("compress", MODELS / "digits_cnn.tflite", "--recipe", "distill", "--calib",
+                       MODELS / "digits_train.npz", "--eval", HELDOUT, "-o", out, "--latency-runs", 10)
+    assert result.returncode == 0, result.stderr
+    assert not out.exists() and (tmp_path / "student.onnx").is_file()
+    assert "wrote" in result.stdout and "named .onnx for its format, not student.tflite" in result.stdout
+
+    model = tmp_path / "digits.onnx"
+    model.write_bytes(MODEL.read_bytes())
+    clash = edgefleet("compress", model, "--recipe", "int8-dynamic", "-o", tmp_path / "digits.tflite")
+    assert clash.returncode == 1 and "MODEL itself" in last_line(clash), clash.stderr
+    assert model.read_bytes() == MODEL.read_bytes() and not (tmp_path / "digits.tflite").exists()
