@@ -138,6 +138,10 @@ class TfliteFullInt8(_LiteRtPass):
         if len(signatures) != 1:
             raise NotApplicable(f"{model.path.name} has {len(signatures)} signatures; full int8 calibration "
                                 f"needs exactly one")
+        loops = _control_flow(model.path)
+        if loops:  # (litert-quantizer's calibration stops inside it: "Tensor data is null")
+            raise NotApplicable(f"{model.path.name} has control flow ({loops}), which litert-quantizer's full int8 "
+                                f"calibration cannot run; int8-dynamic and int8-weights apply")
         key, signature = next(iter(signatures.items()))
         runtime = model.load(threads=1)
         feeds = load_dataset(config.calibration).head(config.samples).bind(runtime.inputs)
@@ -145,6 +149,18 @@ class TfliteFullInt8(_LiteRtPass):
         by_tensor = dict(zip([s.name for s in runtime.inputs], signature["inputs"]))
         samples = [{by_tensor[name]: value for name, value in feeds.sample(i).items()} for i in range(len(feeds))]
         return quantizer.calibrate({key: samples})
+
+
+def _control_flow(path) -> str:
+    """The control-flow ops of a TFLite model's main graph, as "WHILE, IF" (a Keras LSTM converted by
+    TensorFlow loops over its steps in a WHILE), or ""."""
+    from host_tools.compress.tflite import flatbuffer
+    from host_tools.compress.tflite.channels import Graph
+
+    tree, _ = flatbuffer.read(path)
+    if len(tree.subgraphs) == 1:
+        return ""
+    return ", ".join(sorted({kind for kind in Graph(tree).kinds if kind in ("WHILE", "IF", "CALL_ONCE")}))
 
 
 @register
