@@ -32,6 +32,10 @@ GOALS = ("size", "speed")
 # "Faster" means at most this fraction of the original's p50 in the same interleaved rounds,
 # so that run-to-run noise on a shared machine never passes for a speed-up.
 SPEED_MARGIN = 0.95
+# Passes that add to a candidate (the float parameters left after int8, as 8 bits) without being
+# what it is named for: a candidate still stands where one of these does not apply, and falls where
+# any other compressing pass of it does not ("50% channels pruned, ..." on a model with nothing to prune).
+ADD_ONS = {"onnx-int8-params", "tflite-int8-params"}
 # For size, files within this fraction of the smallest count as equally small, and the
 # fastest of them wins: a 2% smaller file is not worth a 3x slower model.
 SIZE_SLACK = 0.05
@@ -212,7 +216,7 @@ def _plans(todo, model: ModelFile, calib, train) -> tuple[dict, dict[str, str]]:
 
 def _run_chain(candidate: Candidate, plan, model: ModelFile, evaluation: Evaluation,
                chains: dict[str, Measured], workdir: Path) -> Measured:
-    current, last, skipped, compresses = model, None, None, False
+    current, last, skipped, compresses, missing = model, None, None, False, None
     key = ""
     for step, (cls, config) in zip(candidate.steps, plan):
         key += json.dumps(step.to_dict(), sort_keys=True)
@@ -221,6 +225,8 @@ def _run_chain(candidate: Candidate, plan, model: ModelFile, evaluation: Evaluat
             evaluation.score(chains[key])
         if chains[key].status == "skipped":  # as in a recipe: the next pass takes the last good model
             skipped = skipped or chains[key]
+            if cls.compresses and cls.name not in ADD_ONS:
+                missing = missing or chains[key]
             continue
         last = chains[key]
         if last.status != "ok":
@@ -228,6 +234,8 @@ def _run_chain(candidate: Candidate, plan, model: ModelFile, evaluation: Evaluat
         current, compresses = last.model, compresses or last.compresses
     if last is None or (last.status == "ok" and not compresses and skipped is not None):
         last = skipped  # what would have compressed does not apply, so neither does the candidate
+    elif last.status == "ok" and missing is not None:
+        last = missing  # nor when a pass it is named for does not (the rest is another candidate)
     m = Measured(candidate.name, last.model, last.status, last.note,
                  {"passes": [s.to_dict() for s in candidate.steps]},
                  compresses=compresses, seconds=last.seconds, size_bytes=last.size_bytes,

@@ -140,3 +140,22 @@ def test_a_candidate_whose_last_pass_does_not_apply_is_what_the_passes_before_it
     assert report.chosen is not None and report.chosen.label == "dynamic int8", report.auto.verdicts
     assert report.chosen.size_bytes < 0.35 * report.original.size_bytes
     assert "no MatMul" in report.auto.verdicts["int4 MatMul weights"]
+
+
+def test_a_candidate_whose_named_pass_does_not_apply_is_not_chosen_under_its_name():
+    """Nothing of a Keras LSTM can be channel-pruned (its layers feed a WHILE loop). "50% channels
+    pruned, recovered, dynamic-range int8" had been chosen there under that name although only its
+    dynamic-range int8 had applied; it is skipped with the reason, and what is chosen is named for
+    what was done."""
+    from host_tools.compress import Dataset
+    from host_tools.compress.auto import TFLITE_LADDER
+
+    model = ModelFile.open(MODELS.parent / "tests" / "fixtures" / "models" / "keras_lstm.tflite")
+    ids = np.random.default_rng(0).integers(0, 200, (16, 20)).astype(np.int32)
+    data = Dataset({model.load().inputs[0].name: ids}, None, "ids")
+    pruned, dynamic = (next(c for c in TFLITE_LADDER if c.name == name)
+                       for name in ("50% channels pruned, recovered, dynamic-range int8", "dynamic-range int8"))
+    report = search(model, calib=data, eval_data=data, max_drop=1.0, candidates=(pruned, dynamic), latency_runs=10)
+    assert report.chosen is not None and report.chosen.label == "dynamic-range int8", report.auto.verdicts
+    assert report.auto.verdicts[pruned.name].startswith("skipped") and \
+        "no layer whose channels can be removed" in report.auto.verdicts[pruned.name]
