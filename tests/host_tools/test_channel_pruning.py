@@ -1994,3 +1994,38 @@ def test_a_u_net_with_transposed_convolutions_is_pruned_and_recovers(tmp_path):
     weights = {tuple(i.dims) for i in onnx.load(str(recovered.result.model.path)).graph.initializer if len(i.dims) == 4}
     assert {(8, 3, 3, 3), (32, 8, 3, 3), (32, 16, 2, 2), (8, 24, 3, 3), (4, 8, 1, 1)} <= weights, weights
     assert recovered.result.outputs["classes"].shape == (64, 4, 16, 16)
+
+
+def test_nn_multihead_attention_as_torch_export_writes_it_loses_whole_heads(tmp_path):
+    """PyTorch's own nn.TransformerEncoder as torch.export (the default exporter) writes it: the packed
+    Q/K/V reshaped to [T, B, 3, E], the section axis moved to the front and each part taken with a
+    Gather; each part reshaped to [T, B·H, d] (the heads folded into the batch) and unfolded to
+    [B, H, T, d] only after a transpose. Both are rewritten into forms the planner follows — one
+    Split, and a Reshape to [T, B, H, d] with a Transpose — which compute the same; the attention
+    layers then lose whole heads in each of Q, K and V (the walk had stopped at "Gather of its heads":
+    7 of 14 layers), and heads that carry nothing change no output when they go. (The residual stream,
+    whose LayerNorms count every channel, is left whole for that comparison.)"""
+    from host_tools.compress.onnx.prune import prepared_plan
+
+    path = FIXTURES / "torch_encoder_dynamo.onnx"
+    x = np.random.default_rng(0).standard_normal((3, 12, 16)).astype(np.float32)
+    proto = onnx.load(str(path))
+    assert static_shapes.packed_sections_as_split(proto) == 2 and static_shapes.folded_heads_unfolded(proto) == 6
+    onnx.save(proto, str(tmp_path / "rewritten.onnx"))
+    np.testing.assert_allclose(_run(tmp_path / "rewritten.onnx", x, "frames"), _run(path, x, "frames"),
+                               rtol=1e-5, atol=1e-6)
+    proto = onnx.load(str(path))
+    plan = prepared_plan(proto)
+    heads = [g for g in plan.groups if g.producers[0].block == 8]  # a head: 8 features of 32, in 4 heads
+    assert len(heads) == 2 and all(len(g.producers) == 3 and g.channels == 4 for g in heads), plan.groups
+    assert list(plan.skipped) == ["node_linear_9"]  # the output layer only
+    stream = [p.node for p in plan.groups[0].producers]
+    assert len(stream) == 5  # the embedding, each layer's output projection and second feed-forward layer
+    plan = prepared_plan(proto, exclude=stream)
+    silenced = _silenced(proto, plan, tmp_path / "silenced.onnx")
+    report = run_recipe(ModelFile.open(silenced), steps([("onnx-prune-channels", {"ratio": 0.5, "exclude": stream})]),
+                        latency_runs=5, workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    np.testing.assert_allclose(_run(report.result.model.path, x, "frames"), _run(silenced, x, "frames"),
+                               rtol=1e-4, atol=1e-5)
+    assert report.result.size_bytes < 0.8 * report.original.size_bytes

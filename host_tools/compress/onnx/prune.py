@@ -141,6 +141,8 @@ def prepared_plan(proto, exclude=()):
     static_shapes.constant_subgraphs(proto)  # and values computed from constants only, made constants
     static_shapes.slices_as_split(proto)  # and its Slices one Split, whose sizes can be rewritten
     static_shapes.split_sizes_written(proto)  # as can a Split's into num_outputs parts, once written out
+    static_shapes.packed_sections_as_split(proto)  # nn.MultiheadAttention's packed Q/K/V (torch.export)
+    static_shapes.folded_heads_unfolded(proto)  # and its heads folded into the batch, on an axis of their own
     own_shape_constants(proto)  # exporters share equal split sizes and shapes directly
     plan = plan_channel_pruning(proto, set(exclude))
     while own_small_constants(proto, plan.shared):  # and equal biases and norm scales (torch.export)

@@ -266,3 +266,177 @@ def constant_subgraphs(model, slack_bytes: int = 4096) -> int:
     graph.initializer.extend(numpy_helper.from_array(np.asarray(value), name) for name, value in values.items())
     drop_unused_initializers(graph, set(sizes))
     return len(values)
+
+
+# -- nn.MultiheadAttention as torch.export writes it -----------------------------------------------
+def packed_sections_as_split(model) -> int:
+    """nn.MultiheadAttention's packed Q/K/V as torch.export writes it — x [..., S·E] reshaped to
+    [..., S, E], the section axis moved to the front (Unsqueeze, Transpose, Squeeze) and each
+    section taken with a Gather — as one Split of x's last axis into S parts of E: the same tensors,
+    in the form the planner follows (GPT-2's fused QKV, split); returns how many."""
+    from onnx import helper, numpy_helper
+
+    from host_tools.compress.onnx.boundary import default_opset
+
+    graph = model.graph
+    if default_opset(model) < 13:  # (Split's sizes became an input in opset 13)
+        return 0
+    dims, consts, readers, outputs = _graph_facts(model)
+    made, dropped = 0, set()
+    for reshape in list(graph.node):
+        target = _const_target(reshape, consts)
+        shape = dims.get(reshape.input[0]) if target is not None else None
+        if not shape or len(target) != len(shape) + 1 or shape[-1] is None:
+            continue
+        sections, width = target[-2], target[-1]
+        if sections < 2 or width < 1 or sections * width != shape[-1] or not _leading_kept(target[:-2], shape[:-1]):
+            continue
+        chain = _only_chain(reshape.output[0], ("Unsqueeze", "Transpose", "Squeeze"), readers, outputs, consts)
+        if chain is None or _moved(len(target), chain, consts) != [len(target) - 2, *range(len(target) - 2),
+                                                                     len(target) - 1]:
+            continue
+        gathers = readers.get(chain[-1].output[0], [])
+        picked = {}
+        for gather in gathers:
+            index = consts.get(gather.input[1]) if gather.op_type == "Gather" else None
+            if index is None or index.ndim or _axis(gather) != 0 or int(index) % sections in picked:
+                break
+            picked[int(index) % sections] = gather.output[0]
+        if not gathers or len(picked) != len(gathers) or chain[-1].output[0] in outputs:
+            continue
+        sizes = f"{reshape.output[0]}.section_sizes"
+        graph.initializer.append(numpy_helper.from_array(np.full(sections, width, np.int64), sizes))
+        names = [picked.get(s, f"{reshape.output[0]}.section{s}") for s in range(sections)]
+        split = helper.make_node("Split", [reshape.input[0], sizes], names, name=f"{reshape.name}.split",
+                                 axis=len(shape) - 1)
+        position = list(graph.node).index(reshape)
+        for node in (reshape, *chain, *gathers):
+            graph.node.remove(node)
+            dropped.update(node.input[1:])
+        _forget_shapes(graph, {reshape.output[0], *(node.output[0] for node in chain)})
+        graph.node.insert(position, split)
+        made += 1
+    drop_unused_initializers(graph, dropped)
+    return made
+
+
+def folded_heads_unfolded(model) -> int:
+    """nn.MultiheadAttention's heads folded into the batch axis, as torch.export writes them: q
+    [T, B, E] reshaped to [T, B·H, d], transposed to [B·H, T, d] and reshaped to [B, H, T, d] — as q
+    reshaped to [T, B, H, d] and transposed to [B, H, T, d]: the same tensor, with the heads on an
+    axis of their own, whose count pruning rewrites; returns how many."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    dims, consts, readers, outputs = _graph_facts(model)
+    made, dropped = 0, set()
+    for first in list(graph.node):
+        target, shape = _const_target(first, consts), dims.get(first.input[0])
+        if target is None or len(target) != 3 or not shape or len(shape) != 3 or None in (shape[0], shape[2]):
+            continue
+        tokens, folded, size = target
+        swap = _only_reader(first.output[0], readers, outputs)
+        last = _only_reader(swap.output[0], readers, outputs) if swap is not None else None
+        unfolded = _const_target(last, consts) if last is not None else None
+        if swap is None or swap.op_type != "Transpose" or _perm(swap) != [1, 0, 2] or unfolded is None or \
+                len(unfolded) != 4 or tokens != shape[0] or size < 1 or shape[2] % size:
+            continue
+        batch, heads = unfolded[:2]
+        if heads * size != shape[2] or unfolded[2:] != [tokens, size] or not (batch == -1 or batch > 0) or \
+                not (folded == -1 or batch > 0 and folded == batch * heads):
+            continue
+        name = f"{first.output[0]}.heads_shape"
+        graph.initializer.append(numpy_helper.from_array(np.array([tokens, batch, heads, size], np.int64), name))
+        dropped.update((first.input[1], last.input[1]))
+        _forget_shapes(graph, {first.output[0], swap.output[0]})  # (one changed, one gone)
+        first.input[1] = name
+        swap.output[0] = last.output[0]
+        del swap.attribute[:]
+        swap.attribute.append(helper.make_attribute("perm", [1, 2, 0, 3]))
+        graph.node.remove(last)
+        made += 1
+    drop_unused_initializers(graph, dropped)
+    return made
+
+
+def _forget_shapes(graph, names: set[str]) -> None:
+    """Drop the recorded shapes (value_info) of tensors a rewrite changed or removed."""
+    for value in [v for v in graph.value_info if v.name in names]:
+        graph.value_info.remove(value)
+
+
+def _graph_facts(model):
+    """(inferred_dims, constant initializers by name, each tensor's reading nodes, graph output names)."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    return inferred_dims(model), consts, readers, {o.name for o in graph.output}
+
+
+def _const_target(node, consts) -> list[int] | None:
+    """A Reshape's target shape when it is a constant (no 0 entries: copied or literal, both are out)."""
+    if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in consts:
+        return None
+    target = [int(v) for v in consts[node.input[1]].reshape(-1)]
+    return None if 0 in target or target.count(-1) > 1 else target
+
+
+def _leading_kept(entries: list[int], dims: list) -> bool:
+    """Whether a Reshape's leading *entries* keep the input's leading *dims* as they are: each the
+    same number, or the one -1 where the rest fixes it (the trailing entries take the last dim whole)."""
+    return len(entries) == len(dims) and entries.count(-1) <= 1 and \
+        all(e == -1 or d is not None and e == d for e, d in zip(entries, dims))
+
+
+def _only_reader(name: str, readers, outputs):
+    found = readers.get(name, [])
+    return found[0] if len(found) == 1 and name not in outputs else None
+
+
+def _only_chain(name: str, ops: tuple[str, ...], readers, outputs, consts) -> list | None:
+    """The nodes *ops* in that order, each the only reader of the one before, starting at *name*."""
+    chain = []
+    for op in ops:
+        node = _only_reader(name, readers, outputs)
+        if node is None or node.op_type != op or any(i not in consts for i in node.input[1:]):
+            return None
+        chain.append(node)
+        name = node.output[0]
+    return chain
+
+
+def _axes(node, consts) -> list[int]:
+    if len(node.input) > 1 and node.input[1]:
+        return [int(a) for a in consts[node.input[1]].reshape(-1)]
+    return next((list(a.ints) for a in node.attribute if a.name == "axes"), [])
+
+
+def _axis(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 0)
+
+
+def _perm(node) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def _moved(rank: int, chain, consts) -> list | None:
+    """Where Unsqueeze, Transpose, Squeeze take the axes 0..rank-1: the labels of the axes that come
+    out, or None when the Squeeze removes anything but what the Unsqueeze added."""
+    unsqueeze, transpose, squeeze = chain
+    added = sorted(a % (rank + len(_axes(unsqueeze, consts))) for a in _axes(unsqueeze, consts))
+    labels: list = list(range(rank))
+    for a in added:
+        labels.insert(a, None)
+    perm = _perm(transpose)
+    if perm is None or sorted(perm) != list(range(len(labels))):
+        return None
+    labels = [labels[p] for p in perm]
+    gone = {a % len(labels) for a in _axes(squeeze, consts)}
+    if any(labels[a] is not None for a in gone) or len(gone) != len(added):
+        return None
+    return [label for i, label in enumerate(labels) if i not in gone]
