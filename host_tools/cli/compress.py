@@ -87,8 +87,8 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
         refused = _refusal(report, max_drop, out)
         written = output_path(out, report.result.model.format)
         if not refused and written.resolve() == model.path.resolve():
-            refused = (f"the result is a {report.result.model.format} model, so it would be written as {written}: "
-                       f"MODEL itself; give -o another name")
+            refused = (f"-o {out} names the result {written} (its format's suffix), which is MODEL itself; "
+                       f"give -o another name")
         if not refused:
             report.result.model.copy_to(written)  # (with its external weight files)
             doc["result"]["file"] = written.name
