@@ -416,3 +416,26 @@ def test_fine_tuning_trains_a_weight_two_layers_share_as_one():
     module = TfliteModule(tree)
     assert module.names[q] == module.names[o]
     assert len(module.params) == len(TfliteModule(flatbuffer.read(FIXTURES / "token_classifier.tflite")[0]).params) - 1
+
+
+def test_a_keras_encoder_loses_stream_channels_through_tensorflows_layer_norms(tmp_path):
+    """TensorFlow's converter writes LayerNormalization out, and multiplies the norm's scale into
+    rsqrt(variance) before it meets the channels: the residual stream met that product, which no
+    layer explained, and stayed whole ("meets another branch at MUL"). The product's channels are
+    the scale's, which loses them; the stream (the first Dense, the attention's output projection, the
+    second feed-forward layer) is pruned with the heads and the feed-forward width, and recovery
+    brings the pruned model's outputs back towards the original's."""
+    path = FIXTURES / "keras_encoder.tflite"
+    tree, _ = flatbuffer.read(path)
+    plan = prepared_plan(tree, path)
+    assert sorted(sorted(r.layer for r in group) for group in plan.groups) == [[0, 16, 31], [1, 3, 10], [29]]
+    model = ModelFile.open(path)
+    features = np.random.default_rng(0).standard_normal((64, 16, 24)).astype(np.float32)
+    data = Dataset({model.load().inputs[0].name: features}, None, "random")
+    pruned, recovered = (run_recipe(model, steps([("tflite-prune-channels", {"ratio": 0.5, "recover_epochs": epochs})]),
+                                    train=data, eval_data=data, latency_runs=5, workdir=tmp_path / str(epochs))
+                         for epochs in (0, 10))
+    assert recovered.steps[0].status == "ok", recovered.steps[0].note
+    assert recovered.result.size_bytes < 0.5 * recovered.original.size_bytes
+    assert recovered.result.fidelity.cosine > pruned.result.fidelity.cosine, \
+        (pruned.result.fidelity, recovered.result.fidelity)

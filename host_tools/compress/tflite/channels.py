@@ -120,6 +120,7 @@ class Graph:
                 if t >= 0:
                     self.consumers.setdefault(int(t), []).append((k, position))
         self.outputs = {int(t) for t in self.graph.outputs}
+        self.made_by = {int(t): k for k, op in enumerate(self.ops) for t in op.outputs}
         self.buffer_uses = Counter(t.buffer for t in self.graph.tensors)
 
     def label(self, k: int) -> str:
@@ -549,6 +550,12 @@ def _binary(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
     if value is None and (along < 0 or g.shape(other)[along] == 1):
         return [(out, out_axis, positions)]  # one value for every channel (a per-token statistic)
     if value is None:
+        scale = _norm_scale(g, other, along, g.shape(t)[axis])
+        if scale is not None:
+            # a LayerNorm's scale as TensorFlow's converter writes it, rsqrt(variance + eps) * gamma: its
+            # channels are gamma's, which loses them; the scale is followed on as these channels
+            region.edits.append((*scale, positions))
+            return [(out, out_axis, positions), (other, along, positions)]
         # another tensor: it must carry the same channels, from this layer (x * sigmoid(x)) or one tied to it
         region.meets.append((other, len(g.shape(other)) - from_end, positions, g.label(k)))
         return [(out, out_axis, positions)]
@@ -557,6 +564,26 @@ def _binary(g: Graph, region: Region, k: int, position: int, t: int, axis: int, 
             return f"{g.label(k)} with a constant that does not broadcast per channel"
         region.edits.append((k, 1 - position, along, positions))
     return [(out, out_axis, positions)]
+
+
+def _norm_scale(g: Graph, t: int, axis: int, channels: int) -> tuple[int, int, int] | None:
+    """(operator, input position, channel axis) of the constant gamma when tensor *t* is a MUL of a
+    tensor with one value per token (size 1 along *axis*) and a constant with one value per channel
+    along it (every other axis 1): TensorFlow's LayerNorm scale; else None."""
+    k = g.made_by.get(t)
+    if k is None or g.kinds[k] != "MUL" or t in g.outputs or \
+            getattr(g.ops[k].builtinOptions, "fusedActivationFunction", 0):
+        return None
+    rank = len(g.shape(t))
+    for position in (0, 1):
+        value, other = g.const(g.input(k, position)), g.input(k, 1 - position)
+        if value is None or g.const(other) is not None:
+            continue
+        const_axis, other_axis = value.ndim - (rank - axis), len(g.shape(other)) - (rank - axis)
+        if const_axis >= 0 and value.shape[const_axis] == channels == value.size and \
+                (other_axis < 0 or g.shape(other)[other_axis] == 1):
+            return k, position, const_axis
+    return None
 
 
 def _reshaped(g: Graph, region: Region, k: int, t: int, axis: int, positions: np.ndarray):
