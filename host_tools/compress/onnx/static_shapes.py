@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from host_tools.compress.onnx.boundary import drop_unused_initializers
+from host_tools.compress.onnx.layout import attr, axes_of, const_array, ints
 
 # Integer ops the shape arithmetic of exported graphs is made of.
 FOLDABLE = {"Add", "Sub", "Mul", "Div", "Neg", "Max", "Min", "Unsqueeze", "Squeeze", "Concat", "Gather", "Cast"}
@@ -298,8 +299,9 @@ def packed_sections_as_split(model) -> int:
         gathers = readers.get(chain[-1].output[0], [])
         picked = {}
         for gather in gathers:
-            index = consts.get(gather.input[1]) if gather.op_type == "Gather" else None
-            if index is None or index.ndim or _axis(gather) != 0 or int(index) % sections in picked:
+            index = const_array(consts[gather.input[1]]) if gather.op_type == "Gather" and \
+                gather.input[1] in consts else None
+            if index is None or index.ndim or attr(gather, "axis", 0) != 0 or int(index) % sections in picked:
                 break
             picked[int(index) % sections] = gather.output[0]
         if not gathers or len(picked) != len(gathers) or chain[-1].output[0] in outputs:
@@ -338,7 +340,7 @@ def folded_heads_unfolded(model) -> int:
         swap = _only_reader(first.output[0], readers, outputs)
         last = _only_reader(swap.output[0], readers, outputs) if swap is not None else None
         unfolded = _const_target(last, consts) if last is not None else None
-        if swap is None or swap.op_type != "Transpose" or _perm(swap) != [1, 0, 2] or unfolded is None or \
+        if swap is None or swap.op_type != "Transpose" or ints(swap, "perm") != [1, 0, 2] or unfolded is None or \
                 len(unfolded) != 4 or tokens != shape[0] or size < 1 or shape[2] % size:
             continue
         batch, heads = unfolded[:2]
@@ -366,15 +368,13 @@ def _forget_shapes(graph, names: set[str]) -> None:
 
 
 def _graph_facts(model):
-    """(inferred_dims, constant initializers by name, each tensor's reading nodes, graph output names)."""
-    from onnx import numpy_helper
-
+    """(inferred_dims, initializers by name, each tensor's reading nodes, graph output names)."""
     graph = model.graph
     readers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consts = {i.name: i for i in graph.initializer}
     return inferred_dims(model), consts, readers, {o.name for o in graph.output}
 
 
@@ -382,7 +382,7 @@ def _const_target(node, consts) -> list[int] | None:
     """A Reshape's target shape when it is a constant (no 0 entries: copied or literal, both are out)."""
     if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in consts:
         return None
-    target = [int(v) for v in consts[node.input[1]].reshape(-1)]
+    target = [int(v) for v in const_array(consts[node.input[1]]).ravel()]
     return None if 0 in target or target.count(-1) > 1 else target
 
 
@@ -410,33 +410,19 @@ def _only_chain(name: str, ops: tuple[str, ...], readers, outputs, consts) -> li
     return chain
 
 
-def _axes(node, consts) -> list[int]:
-    if len(node.input) > 1 and node.input[1]:
-        return [int(a) for a in consts[node.input[1]].reshape(-1)]
-    return next((list(a.ints) for a in node.attribute if a.name == "axes"), [])
-
-
-def _axis(node) -> int:
-    return next((a.i for a in node.attribute if a.name == "axis"), 0)
-
-
-def _perm(node) -> list[int] | None:
-    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-
-
 def _moved(rank: int, chain, consts) -> list | None:
     """Where Unsqueeze, Transpose, Squeeze take the axes 0..rank-1: the labels of the axes that come
     out, or None when the Squeeze removes anything but what the Unsqueeze added."""
     unsqueeze, transpose, squeeze = chain
-    added = sorted(a % (rank + len(_axes(unsqueeze, consts))) for a in _axes(unsqueeze, consts))
+    added = sorted(a % (rank + len(axes_of(unsqueeze, consts))) for a in axes_of(unsqueeze, consts))
     labels: list = list(range(rank))
     for a in added:
         labels.insert(a, None)
-    perm = _perm(transpose)
-    if perm is None or sorted(perm) != list(range(len(labels))):
+    perm = ints(transpose, "perm")
+    if sorted(perm) != list(range(len(labels))):
         return None
     labels = [labels[p] for p in perm]
-    gone = {a % len(labels) for a in _axes(squeeze, consts)}
+    gone = {a % len(labels) for a in axes_of(squeeze, consts)}
     if any(labels[a] is not None for a in gone) or len(gone) != len(added):
         return None
     return [label for i, label in enumerate(labels) if i not in gone]
