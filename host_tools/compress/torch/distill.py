@@ -66,7 +66,8 @@ class Distill(Pass):
             budget = int(teacher_parameters(model) * config.params)
             vocab = int(inputs[0].max()) + 1 if family == "bag" else 0
             student = students.fit(family, sample, targets[0].shape[1], config.depth, budget, vocab)
-            if probabilities(targets[0], 1):  # the teacher ends in a softmax: the student does too
+            # the teacher ends in a softmax: the student does too
+            if probabilities(targets[0], evaluate.class_axis(targets[0], model.format)):
                 student = torch.nn.Sequential(student, torch.nn.Softmax(dim=1))
         with failing_as(self.name, model):  # a student that does not fit the inputs: PyTorch's error, in one line
             distill(student, inputs, targets, bound.labels,

@@ -113,7 +113,7 @@ def _loss(out: torch.Tensor, target: torch.Tensor, labels, scale, axis: int | No
         out, target = out.movedim(axis, -1), target.movedim(axis, -1)  # the scores last
         if softmaxed:  # log-probabilities: the logits, up to a constant per sample
             target = torch.log(target.clamp_min(1e-12))
-            distribution = bool((out >= 0).all()) and torch.allclose(out.sum(-1), torch.ones(()), atol=1e-3)
+            distribution = probabilities(out.detach().cpu().numpy(), out.dim() - 1)
             out = torch.log(out.clamp_min(1e-12)) if distribution else F.log_softmax(out, dim=-1)
         t = schedule.temperature
         soft = F.kl_div(F.log_softmax(out / t, dim=-1), F.softmax(target / t, dim=-1),
