@@ -9,8 +9,8 @@
     hashes, unpacked; then the download deleted), against the same bytes as raw
     QoS 1 messages of the same size through the same broker (received and counted, nothing
     else; and once more with the subscriber doing the least a device must do with the bytes: one
-    running SHA-256 over them as they arrive, and the write), and an HTTP GET of the file from a local stdlib server (read and discarded);
-    --rounds times (9), the paths interleaved, medians reported; before each path the page cache is
+    running SHA-256 over them as they arrive, and the write), and an HTTP GET of the file from a
+    local stdlib server (read and discarded); --rounds times (9), the paths interleaved, medians reported; before each path the page cache is
     flushed (sync), and a round's files are deleted after it.
 (b) 100 devices fetch a 16 MiB bundle at once (fan-out on), until every one has verified and
     installed it, against the broker fanning the same bytes out raw to 100 subscribers.

@@ -12,8 +12,8 @@
 Each architecture is built from a small configuration with random weights (nothing is
 downloaded), exported with ``torch.onnx.export`` (opset 17, dynamic batch; text models also
 dynamic tokens; by default with the TorchScript exporter, with ``--exporter dynamo`` with
-torch.export, which PyTorch uses unless told otherwise since 2.9, at the opset 18 it writes), and given each ONNX recipe, with 64 random inputs (token ids for text) as
-calibration and evaluation data. The table shows, per recipe, the result's size against the
+torch.export, which PyTorch uses unless told otherwise since 2.9, at the opset 18 it writes), and
+given each ONNX recipe, with 64 random inputs (token ids for text) as calibration and evaluation data. The table shows, per recipe, the result's size against the
 original's, or why it did not apply; structured pruning runs without recovery, so its column is
 the structure it found ("4/7 layers, 2 heads": layers pruned of all weighted layers, groups by
 attention heads), not accuracy; with ``--recover N`` it runs again with N epochs of recovery on

@@ -22,9 +22,9 @@ from host_tools.compress.magnitude import MagnitudeConfig, thresholds
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx import static_shapes
 from host_tools.compress.onnx.boundary import (drop_initializer_inputs, hoist_constants, inline_constant_identities,
-                                               output_path,
-                                               own_shape_constants, own_small_constants, quantized_already,
-                                               share_equal_initializers, sort_topologically, whole_shapes)
+                                               output_path, own_shape_constants, own_small_constants,
+                                               quantized_already, share_equal_initializers, sort_topologically,
+                                               whole_shapes)
 from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
 from host_tools.compress.passes import Pass, failing_as, progress, register
 from host_tools.compress.structured import ChannelPruningConfig
