@@ -188,17 +188,23 @@ def test_training_that_ends_worse_than_it_started_gives_the_weights_back():
     assert not all(torch.equal(p, q) for p, q in zip(student.parameters(), start))
 
 
-def test_a_constant_that_is_a_batch_norms_bias_and_anothers_running_mean_trains_only_as_the_bias():
+@pytest.mark.parametrize("named_like_the_copies", [False, True])
+def test_a_constant_that_is_a_batch_norms_bias_and_anothers_running_mean_trains_only_as_the_bias(
+        named_like_the_copies):
     """torch.export stores equal constants once: fresh BatchNorms share one zeros vector as bias and
     running mean, one ones vector as scale and running variance. Training must move the bias and
     scale and leave the statistics as they were (PyTorch refused to train at all: a running mean
-    that requires grad)."""
+    that requires grad). The fixed copies get names no other value of the graph has."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w"),
              numpy_helper.from_array(np.zeros(4, np.float32), "zeros"),
              numpy_helper.from_array(np.ones(4, np.float32), "ones")]
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
              helper.make_node("BatchNormalization", ["c", "ones", "zeros", "zeros", "ones"], ["y"])]
+    if named_like_the_copies:  # values already called what a plain ".fixed" suffix would give
+        nodes[0].output[0] = "zeros.fixed"
+        nodes[1].input[0] = "zeros.fixed"
+        inits.append(numpy_helper.from_array(np.full(4, 5, np.float32), "ones.fixed"))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, ["n", 4, 3, 3])],
                               [helper.make_tensor_value_info("y", F, ["n", 4, 3, 3])], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -212,3 +218,5 @@ def test_a_constant_that_is_a_batch_norms_bias_and_anothers_running_mean_trains_
     values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     assert not np.allclose(values[bn.input[1]], 1) and not np.allclose(values[bn.input[2]], 0)  # scale, bias trained
     assert np.array_equal(values[bn.input[3]], np.zeros(4)) and np.array_equal(values[bn.input[4]], np.ones(4))
+    names = [i.name for i in proto.graph.initializer] + [o for n in proto.graph.node for o in n.output]
+    assert len(names) == len(set(names))

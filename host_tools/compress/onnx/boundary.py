@@ -314,7 +314,7 @@ def _own_shape_concats(graph, taken: set[str]) -> int:
         for k, reader in enumerate(shaped[concat.output[0]][1:], start=1):
             clone = type(concat)()
             clone.CopyFrom(concat)
-            clone.output[0] = _fresh(concat.output[0], taken)
+            clone.output[0] = fresh_name(concat.output[0], taken)
             clone.name = f"{concat.name}.{k}" if concat.name else ""
             graph.node.insert(at + k, clone)
             reader.input[1] = clone.output[0]
@@ -349,7 +349,7 @@ def own_small_constants(model, names: set[str]) -> int:
             if name not in inits:
                 continue
             if name in seen:
-                graph.initializer.append(_renamed_copy(inits[name], _fresh(f"{name}.{node.name or index}", taken)))
+                graph.initializer.append(_renamed_copy(inits[name], fresh_name(f"{name}.{node.name or index}", taken)))
                 node.input[k] = graph.initializer[-1].name
                 copies += 1
             seen.add(name)
@@ -372,7 +372,7 @@ def value_names(graph) -> set[str]:
         {v.name for v in (*graph.input, *graph.output)}
 
 
-def _fresh(name: str, taken: set[str]) -> str:
+def fresh_name(name: str, taken: set[str]) -> str:
     """*name*, or *name* with a number after it, that is not in *taken* (which gets it)."""
     fresh, n = name, 0
     while fresh in taken:
@@ -399,7 +399,7 @@ def own_shape_constants(model) -> int:
         for k, name in enumerate(node.input):
             if name in inits and uses[name] > 1 and inits[name].data_type in (6, 7):  # INT32, INT64
                 # (a node reading it twice, torch.export's [n, 2, 2, t, d], gets a copy for each)
-                copy = _fresh(f"{name}.{node.name or index}", taken)
+                copy = fresh_name(f"{name}.{node.name or index}", taken)
                 graph.initializer.append(_renamed_copy(inits[name], copy))
                 node.input[k] = copy
                 uses[name] -= 1

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from device_agent.errors import NotApplicable
-from host_tools.compress.onnx.boundary import FLOAT_TYPES
+from host_tools.compress.onnx.boundary import FLOAT_TYPES, fresh_name, value_names
 
 # (Gather: an embedding table; only float initializers become parameters)
 TRAINABLE_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,),
@@ -113,12 +113,13 @@ def _fix_apart(proto, trainable: set[str]) -> None:
 
     inits = {i.name: i for i in proto.graph.initializer if i.data_type in FLOAT_TYPES}  # float ones train
     copies: dict[str, str] = {}
+    taken = value_names(proto.graph)
     for node in proto.graph.node:
         roles = TRAINABLE_INPUTS.get(node.op_type, ())
         for i, name in enumerate(node.input):
             if name in trainable and name in inits and i not in roles:
                 if name not in copies:
-                    copies[name] = f"{name}.fixed"
+                    copies[name] = fresh_name(f"{name}.fixed", taken)
                     proto.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[name]),
                                                                            copies[name]))
                 node.input[i] = copies[name]
