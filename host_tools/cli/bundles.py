@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import click
@@ -81,6 +82,22 @@ def _provenance_line(doc: dict) -> str:
         return json.dumps(doc)  # not written by `edgefleet compress`: show it as it is
 
 
+def _when(unix: float | None) -> str:
+    if unix is None:
+        return "never"
+    return datetime.fromtimestamp(unix, timezone.utc).isoformat(timespec="seconds") + \
+        (" (expired)" if unix < time.time() else "")
+
+
+def _target_line(target: dict) -> str:
+    parts = [f"arch {'|'.join(target['arch'])}"] if target.get("arch") else []
+    if target.get("min_ram_mb"):
+        parts.append(f"RAM >= {target['min_ram_mb']} MB")
+    if target.get("accelerator"):
+        parts.append(target["accelerator"])
+    return ", ".join(parts) or "any device"
+
+
 def _read_report(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text())
@@ -97,13 +114,22 @@ def _read_report(path: Path) -> dict:
 @fail_cleanly
 def bundle_inspect(bundle_path, as_json) -> None:
     from device_agent.bundle import BundleReader
+    from device_agent.bundle.signing import Signature
+    from device_agent.errors import SignatureError
 
     with BundleReader(bundle_path) as reader:
         m = reader.manifest
+        try:
+            signer = f"signed by key {Signature.from_json(reader.signature_bytes).key_id}"
+        except SignatureError as exc:
+            signer = f"signature unreadable: {exc}"
     if as_json:
         click.echo(json.dumps(m.to_dict()))
         return
     click.echo(f"{m.label}  runtime={m.runtime}  created={m.created_at}")
+    click.echo(f"  release {'(by version)' if m.release is None else m.release}  expires {_when(m.expires_at)}"
+               f"  target {_target_line(m.target)}")
+    click.echo(f"  {signer} (not checked here; `edgefleet bundle verify` checks it)")
     for f in m.files:
         click.echo(f"  {f.path:<24} {f.size:>10} bytes  sha256 {f.sha256[:16]}…")
     for kind, specs in (("input", m.inputs), ("output", m.outputs)):

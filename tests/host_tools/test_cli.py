@@ -1,14 +1,16 @@
 """Bad input gets one clear line on stderr and a non-zero exit, never a traceback."""
 
+import io
 import json
 import subprocess
 import sys
+import tarfile
+import time
 
 import pytest
 
 from host_tools.cli.base import EXTRA_OF_MODULE
 from tests.conftest import edgefleet
-
 
 
 def assert_one_line_error(result, *fragments, code=1):
@@ -57,6 +59,31 @@ def test_signing_key_is_never_overwritten(tmp_path):
 
 def test_fleet_status_without_a_database(tmp_path):
     assert_one_line_error(edgefleet("fleet", "status", "--db", tmp_path / "none.db"), "edgefleet monitor")
+
+
+def test_inspect_shows_what_devices_check_before_download(tmp_path, keys, reference_model):
+    out = tmp_path / "b.efb"
+    built = edgefleet("bundle", "build", reference_model, "--name", "digits-cnn", "--version", "2.1.0",
+                      "--key", keys["key"], "-o", out, "--release", 7, "--expires-in-days", 30,
+                      "--arch", "aarch64", "--min-ram-mb", 512)
+    assert built.returncode == 0, built.stderr
+    shown = edgefleet("bundle", "inspect", out).stdout.splitlines()
+    key_id = json.loads(edgefleet("bundle", "verify", out, "--key", keys["pub"], "--json").stdout)["key_id"]
+    expires = json.loads(edgefleet("bundle", "inspect", out, "--json").stdout)["expires_at"]
+    assert 29.9 < (expires - time.time()) / 86400 <= 30
+    when = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(expires))
+    assert shown[1].split() == ["release", "7", "expires", when, "target", "arch", "aarch64,", "RAM", ">=", "512", "MB"]
+    assert f"signed by key {key_id} (not checked here" in shown[2]
+
+    forged = tmp_path / "forged.efb"  # inspect shows a bundle whose signature it cannot read, and says so
+    with tarfile.open(out) as tin, tarfile.open(forged, "w") as tout:
+        for info in tin.getmembers():
+            data = b"{}" if info.name == "manifest.sig" else tin.extractfile(info).read()
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+    listing = edgefleet("bundle", "inspect", forged)
+    assert listing.returncode == 0 and "signature unreadable: malformed signature document" in listing.stdout
+    assert "release 7" in listing.stdout
 
 
 def test_build_inspect_verify_round_trip_in_json(tmp_path, keys, reference_model):
