@@ -1,12 +1,16 @@
 """The built-in student family: small networks scaled in width and depth to a parameter budget.
 
-- ``cnn`` for image-like inputs [N, C, H, W]: ``depth`` 3x3 conv blocks (width doubling), one
-  2x2 max-pool when the map is at least 8x8, then a linear classifier;
+- ``cnn`` for image-like inputs [N, C, H, W]: ``depth`` 3x3 conv blocks (width doubling), each
+  followed by a 2x2 max-pool while the map is at least 8x8, then a linear classifier;
 - ``mlp`` for vectors [N, F], or anything else float (a sequence of vectors [N, T, F], flattened):
   ``depth`` hidden layers;
 - ``bag`` for token ids [N, T] (int): an embedding averaged over tokens, then an MLP.
 
-``fit`` picks the widest student whose parameters stay within the budget.
+``fit`` picks the widest student whose parameters stay within the budget. A student is there to
+be fast, not only small: the cnn's blocks pool as they go, so the later, wider convolutions run on
+a smaller map, and its widths are multiples of 8 where the budget allows (as MobileNet's are),
+because ONNX Runtime computes convolutions in blocks of 8 or 16 channels and a convolution of 15
+channels costs more than one of 16 (docs/benchmarks.md, Compression, has the timings).
 """
 
 from __future__ import annotations
@@ -32,12 +36,11 @@ class CnnStudent(nn.Module):
         for i in range(depth):
             layers += [nn.Conv2d(c, width * 2 ** i, 3, padding=1), nn.ReLU()]
             c = width * 2 ** i
-        pool = height >= 8 and width_px >= 8
-        if pool:
-            layers.append(nn.MaxPool2d(2))
+            if height >= 8 and width_px >= 8:
+                layers.append(nn.MaxPool2d(2))
+                height, width_px = height // 2, width_px // 2
         self.features = nn.Sequential(*layers)
-        features = c * (height // 2 if pool else height) * (width_px // 2 if pool else width_px)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(features, classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * height * width_px, classes))
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -87,7 +90,9 @@ def family_for(sample: torch.Tensor) -> str:
 def fit(family: str, sample: torch.Tensor, classes: int, depth: int, budget: int, vocab: int = 0) -> nn.Module:
     """The widest student of *family* with at most *budget* parameters."""
     best = None
-    for width in range(2, 1025):
+    # below 8 any width; from 8 on, multiples of 8 for the convolutions' channel blocks
+    widths = [*range(2, 8), *range(8, 1025, 8)] if family == "cnn" else range(2, 1025)
+    for width in widths:
         student = build(family, sample, classes, width, depth, vocab)
         if count(student) > budget:
             break
