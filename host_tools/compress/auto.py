@@ -93,7 +93,7 @@ ONNX_LADDER = (
     *_and_7_bit(Candidate("50% channels pruned, recovered, static int8",
                           (ONNX_CHANNELS_50, PREPROCESS, Step("onnx-static", {"per_channel": True})),
                           needs_calibration=True)),
-    Candidate("distilled student, 25% of the parameters", (Step("distill"),), needs_calibration=True),
+    Candidate("distilled student, at most 25% of the parameters", (Step("distill"),), needs_calibration=True),
 )
 TFLITE_LADDER = (  # the distilled student is an ONNX model
     Candidate("dynamic-range int8", (*TFLITE_DYNAMIC, TFLITE_COMPACT)),
@@ -114,7 +114,8 @@ TFLITE_LADDER = (  # the distilled student is an ONNX model
               (TFLITE_CHANNELS_50, *TFLITE_DYNAMIC, TFLITE_COMPACT), needs_calibration=True),
     Candidate("50% channels pruned, recovered, full int8",
               (TFLITE_CHANNELS_50, Step("tflite-int8"), TFLITE_COMPACT), needs_calibration=True),
-    Candidate("distilled student, 25% of the parameters", (Step("distill"), ONNX_COMPACT), needs_calibration=True),
+    Candidate("distilled student, at most 25% of the parameters", (Step("distill"), ONNX_COMPACT),
+              needs_calibration=True),
 )
 
 
