@@ -1,6 +1,7 @@
 """The compression toolkit on real ONNX Runtime: passes, recipes, data, the report and the guard."""
 
 import json
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -702,13 +703,24 @@ def test_every_recipe_runs_on_models_from_real_exporters(name, model_format):
     for recipe, report in reports.items():
         assert all(s.status in ("ok", "skipped", "failed") and "\n" not in s.note for s in report.steps), recipe
         assert report.result.outputs.keys() == report.original.outputs.keys(), recipe
-    dynamic = reports["int8-dynamic"].result
-    assert dynamic.size_bytes < 0.47 * reports["int8-dynamic"].original.size_bytes and dynamic.fidelity.cosine > 0.99
-    static = reports["int8-static"]
+    dynamic, static = reports["int8-dynamic"].result, reports["int8-static"]
+    assert dynamic.size_bytes < 0.47 * reports["int8-dynamic"].original.size_bytes
     # full int8 renames an output it makes int8 ("..._quantized"): the pass gives it its name back
+    assert static.steps[-2].status == "ok", static.steps[-2].note
     # (an attention layer's softmax and LayerNorm inputs in int8 lose a little more)
-    least = 0.98 if name == "torch_encoder" else 0.99
-    assert static.steps[-2].status == "ok" and static.result.fidelity.cosine > least, static.steps[-2].note
+    least = {"int8-dynamic": 0.99, "int8-static": 0.98 if name == "torch_encoder" else 0.99}
+    if model_format == "onnx" and name == "torch_encoder" and _u8s8_saturates():
+        # The encoder's 8-bit products saturate on x86 without VNNI (cosine 0.975 dynamic, 0.963
+        # static on an AVX2-only EPYC; docs/compression.md): the 7-bit weights --auto tries next
+        # must not.
+        for recipe, quantize in (("int8-dynamic", ("onnx-dynamic", {"reduce_range": True})),
+                                 ("int8-static", ("onnx-static", {"per_channel": True, "reduce_range": True}))):
+            seven = run_recipe(model, steps([("onnx-preprocess", {}), quantize]), calib=data, eval_data=data,
+                               latency_runs=3).result
+            assert seven.fidelity.cosine > least[recipe], recipe
+    else:
+        assert dynamic.fidelity.cosine > least["int8-dynamic"]
+        assert static.result.fidelity.cosine > least["int8-static"]
     if name == "detector":
         assert static.result.size_bytes < 0.31 * static.original.size_bytes
     fp16 = reports["fp16"].steps[0]
@@ -720,6 +732,15 @@ def test_every_recipe_runs_on_models_from_real_exporters(name, model_format):
     if model_format == "onnx" and name == "detector":
         int4 = reports["int4-weights"].steps[1]
         assert int4.status == "skipped" and "no MatMul" in int4.note
+
+
+def _u8s8_saturates() -> bool:
+    """Whether ONNX Runtime multiplies u8 x s8 here with vpmaddubsw, whose 16-bit sums saturate: an
+    x86 CPU without VNNI."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    return not {"avx512_vnni", "avx_vnni"} & set(flags.split())
 
 
 @pytest.mark.parametrize("name", ["keras_cnn", "keras_lstm"])
