@@ -26,8 +26,11 @@ Nothing of a download is fsync'd: the record is a hint that the file's hash and 
 check. After a power cut it may claim chunks whose data never reached the disk; they fail
 their CRC-32 when the hash fails and are fetched again. (The fsyncs a save used to take
 were a tenth of the device threads' samples in a py-spy profile of benchmarks/delivery.py
-(b), and an SD card wears.) A completed download is verified and unpacked at once, and what
-is unpacked is fsync'd before it is activated.
+(b), and an SD card wears.) For the same reason a save overwrites the record in place, one
+write, rather than writing a new file and renaming it over the old one (a file created and a
+directory changed once a second): a torn record is caught like a torn chunk. A completed
+download is verified and unpacked at once, and what is unpacked is fsync'd before it is
+activated.
 """
 
 from __future__ import annotations
@@ -145,6 +148,7 @@ class Download:
                 if not complete:
                     self._save_record()
                 self._fh.close()
+                os.close(self._record)
         if not complete:
             self.discard()
             raise TransferError("downloaded bundle does not match its SHA-256" + why)
@@ -176,16 +180,16 @@ class Download:
         self._resumed = len(self._received)
         # Unbuffered: each chunk is one write, and the running hash reads chunks back with pread.
         self._fh = open(self._dest, "r+b", buffering=0)
+        self._record = os.open(self.record_path, os.O_RDWR | os.O_CREAT, 0o644)
         self._saved_at = time.monotonic()
 
     def _save_record(self) -> None:
-        """Note which chunks were written and their CRC-32s (renamed into place: never half a record)."""
+        """Note which chunks were written and their CRC-32s, over the record in place (always
+        5 bytes a chunk long: a record of another length is not read)."""
         n = self._offer.chunk_count
         flags = bytes(1 if i in self._received else 0 for i in range(n))
         crcs = struct.pack(f">{n}I", *(self._received.get(i, 0) for i in range(n)))
-        tmp = self.record_path.with_name(self.record_path.name + ".tmp")
-        tmp.write_bytes(flags + crcs)
-        os.replace(tmp, self.record_path)
+        os.pwrite(self._record, flags + crcs, 0)
         self._saved_at = time.monotonic()
 
     def _fetch(self) -> None:
