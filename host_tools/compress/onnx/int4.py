@@ -47,6 +47,10 @@ class OnnxInt4WeightOnly(Pass):
         out = output_path(workdir, model, "int4")
         with failing_as(self.name, model):
             proto = onnx.load(str(model.path))
+            share = _weight_share(proto, ("MatMul", "Gemm") if config.gemm else ("MatMul",), set(config.exclude))
+            if share is not None and share < 0.5:
+                reach = f"{share:.0%}" if share >= 0.01 else "under 1%"
+                progress(f"      int4 reaches {reach} of the weights (MatMul/Gemm only): try an int8 recipe")
             rewritten = gemms_as_matmuls(proto, set(config.exclude)) if config.gemm else 0
             if rewritten:
                 progress(f"      {rewritten} Gemm layer(s) written as MatMul + Add, for their weights to be int4")
@@ -56,6 +60,27 @@ class OnnxInt4WeightOnly(Pass):
             quantizer.process()
             quantizer.model.save_model_to_file(str(out))
         return ModelFile(out, "onnx")
+
+
+def _weight_share(proto, op_types: tuple[str, ...], exclude: set[str]) -> float | None:
+    """The share of the graph's float weights (initializers of rank 2 or more) that are the
+    constant right-hand side of a MatMul/Gemm of *op_types*: what int4 can reach (None: the
+    graph keeps no float weights as initializers)."""
+    from onnx import TensorProto
+
+    sizes = {i.name: _elements(i.dims) for i in proto.graph.initializer
+             if len(i.dims) >= 2 and i.data_type == TensorProto.FLOAT}
+    reached = {n.input[1] for n in proto.graph.node
+               if n.op_type in op_types and n.name not in exclude and len(n.input) > 1 and n.input[1] in sizes}
+    total = sum(sizes.values())
+    return sum(sizes[name] for name in reached) / total if total else None
+
+
+def _elements(dims) -> int:
+    count = 1
+    for d in dims:
+        count *= d
+    return count
 
 
 def gemms_as_matmuls(proto, exclude: set[str]) -> int:
