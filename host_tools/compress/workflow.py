@@ -104,7 +104,8 @@ class CompressionReport:
             "result": {"label": self.result.label, "file": self.result.model.path.name},
             "evaluation": {"data": self.eval_source, "samples": self.eval_samples, "labels": self.labels},
             "latency_method": None if self.original.latency is None else self.latency_method,
-            "host": {"machine": platform.machine(), "processor": _cpu_name(), "onnxruntime": ort_version},
+            "host": {"machine": platform.machine(), "processor": _cpu_name(), "onnxruntime": ort_version,
+                     "int8_products_saturate": u8s8_saturates()},
         }
 
 
@@ -300,6 +301,20 @@ def apply_pass(cls, config, model: ModelFile, workdir: Path) -> Measured:
 
 def _measured(label: str, model: ModelFile) -> Measured:
     return Measured(label, model, size_bytes=model.size_bytes, download_bytes=sum(map(stored_size, model.files)))
+
+
+def u8s8_saturates() -> bool:
+    """Whether ONNX Runtime multiplies int8 here with x86's vpmaddubsw, whose 16-bit sums of
+    u8 x s8 products saturate: an x86-64 CPU without VNNI (docs/compression.md). False where it
+    cannot tell."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
+                     None)
+    except OSError:
+        return False
+    return flags is not None and not {"avx512_vnni", "avx_vnni"} & set(flags.split())
 
 
 def _cpu_name() -> str:

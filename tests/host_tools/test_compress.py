@@ -1,7 +1,6 @@
 """The compression toolkit on real ONNX Runtime: passes, recipes, data, the report and the guard."""
 
 import json
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from device_agent.errors import ConfigError, ModelError
 from host_tools.compress import Dataset, ModelFile, all_passes, get_pass, load_dataset, load_recipe, run_recipe
 from host_tools.compress.passes import make_config
 from host_tools.compress.recipes import Recipe, Step, parse_step
+from host_tools.compress.workflow import u8s8_saturates
 from tests.conftest import MODELS
 from tests.host_tools import graphs
 
@@ -37,6 +37,33 @@ def static_report(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("static") / "digits.int8.onnx"
     return run_recipe(digits, load_recipe("int8-static", "onnx"), calib=CALIB, eval_data=HELDOUT, out=out,
                       latency_runs=20)
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_the_table_says_when_int8_accuracy_was_measured_where_its_products_saturate(static_report, saturates,
+                                                                                    monkeypatch, tmp_path):
+    """On an x86 CPU without VNNI ONNX Runtime's 8-bit products can saturate, so the int8 rows score
+    worse there than on the Pi or Jetson the model is for: the table says so under an int8 row, and
+    the JSON report records it; a float-only table, or another CPU, says nothing of it."""
+    import io
+
+    from rich.console import Console
+
+    from host_tools.compress import workflow
+    from host_tools.compress.report import report_table
+
+    monkeypatch.setattr(workflow, "u8s8_saturates", lambda: saturates)
+
+    def shown(report) -> str:
+        console = Console(width=400, record=True, file=io.StringIO())
+        console.print(report_table(report))
+        return " ".join(console.export_text().split())  # the caption wraps at the table's width
+
+    assert ("this x86 CPU has no VNNI" in shown(static_report)) == saturates
+    assert static_report.to_dict()["host"]["int8_products_saturate"] is saturates
+    fp16 = run_recipe(static_report.original.model, load_recipe("fp16", "onnx"), eval_data=HELDOUT, latency_runs=3,
+                      workdir=tmp_path / "fp16")
+    assert "VNNI" not in shown(fp16)
 
 
 def test_static_int8_is_a_quarter_less_than_a_third_and_keeps_accuracy(static_report):
@@ -726,7 +753,7 @@ def test_every_recipe_runs_on_models_from_real_exporters(name, model_format):
     assert static.steps[-2].status == "ok", static.steps[-2].note
     # (an attention layer's softmax and LayerNorm inputs in int8 lose a little more)
     least = {"int8-dynamic": 0.99, "int8-static": 0.98 if name == "torch_encoder" else 0.99}
-    if model_format == "onnx" and name == "torch_encoder" and _u8s8_saturates():
+    if model_format == "onnx" and name == "torch_encoder" and u8s8_saturates():
         # The encoder's 8-bit products saturate on x86 without VNNI (cosine 0.975 dynamic, 0.963
         # static on an AVX2-only EPYC; docs/compression.md): the 7-bit weights --auto tries next
         # must not.
@@ -749,15 +776,6 @@ def test_every_recipe_runs_on_models_from_real_exporters(name, model_format):
     if model_format == "onnx" and name == "detector":
         int4 = reports["int4-weights"].steps[1]
         assert int4.status == "skipped" and "no MatMul" in int4.note
-
-
-def _u8s8_saturates() -> bool:
-    """Whether ONNX Runtime multiplies u8 x s8 here with vpmaddubsw, whose 16-bit sums saturate: an
-    x86 CPU without VNNI."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    return not {"avx512_vnni", "avx_vnni"} & set(flags.split())
 
 
 @pytest.mark.parametrize("name", ["keras_cnn", "keras_lstm"])
