@@ -1075,6 +1075,21 @@ def test_the_cnn_student_runs_a_fraction_of_the_teachers_arithmetic(tmp_path):
     assert _multiply_adds(student.model.path) <= 0.3 * _multiply_adds(teacher.path)
 
 
+def test_an_imagenet_size_classifier_gets_a_cnn_student_within_its_budget():
+    """A 224x224 input's map is still 56x56 after the student's two blocks, so its classifier alone
+    (2 x 2 x 56 x 56 x 1000 weights at the narrowest) outgrew a quarter of a MobileNet's 3.4 M
+    parameters, and distillation said no student fits. More max-pools after the blocks make one
+    fit; the digits' student, which fits without them, keeps its one."""
+    import torch
+
+    from host_tools.compress.torch import students
+
+    big = students.fit("cnn", torch.zeros(1, 3, 224, 224), 1000, 2, 850_000)
+    assert students.count(big) <= 850_000 and big(torch.zeros(2, 3, 224, 224)).shape == (2, 1000)
+    digits = students.fit("cnn", torch.zeros(1, 1, 8, 8), 10, 2, 9570)
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in digits.features) == 1
+
+
 def _multiply_adds(path: Path) -> int:
     """Multiply-adds of one sample through the Conv, Gemm and MatMul nodes of a model."""
     model = onnx.shape_inference.infer_shapes(onnx.load(path))

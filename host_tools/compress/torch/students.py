@@ -1,7 +1,10 @@
 """The built-in student family: small networks scaled in width and depth to a parameter budget.
 
 - ``cnn`` for image-like inputs [N, C, H, W]: ``depth`` 3x3 conv blocks (width doubling), each
-  followed by a 2x2 max-pool while the map is at least 8x8, then a linear classifier;
+  followed by a 2x2 max-pool while the map is at least 8x8, then a linear classifier; when no
+  width fits the budget that way (a 224x224 input's map is still 56x56 after two blocks, and the
+  classifier alone outgrows a quarter of a MobileNet), more max-pools follow the blocks while the
+  map is at least 8x8;
 - ``mlp`` for vectors [N, F], or anything else float (a sequence of vectors [N, T, F], flattened):
   ``depth`` hidden layers;
 - ``bag`` for token ids [N, T] (int): an embedding averaged over tokens, then an MLP.
@@ -29,7 +32,7 @@ FAMILIES = ("cnn", "mlp", "bag")
 
 
 class CnnStudent(nn.Module):
-    def __init__(self, shape: Sequence[int], classes: int, width: int, depth: int) -> None:
+    def __init__(self, shape: Sequence[int], classes: int, width: int, depth: int, squeeze: bool = False) -> None:
         super().__init__()
         channels, height, width_px = shape
         layers, c = [], channels
@@ -39,6 +42,9 @@ class CnnStudent(nn.Module):
             if height >= 8 and width_px >= 8:
                 layers.append(nn.MaxPool2d(2))
                 height, width_px = height // 2, width_px // 2
+        while squeeze and height >= 8 and width_px >= 8:
+            layers.append(nn.MaxPool2d(2))
+            height, width_px = height // 2, width_px // 2
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * height * width_px, classes))
 
@@ -69,11 +75,12 @@ class BagStudent(nn.Module):
         return self.head(self.embed(ids).mean(dim=1))
 
 
-def build(family: str, sample: torch.Tensor, classes: int, width: int, depth: int, vocab: int = 0) -> nn.Module:
+def build(family: str, sample: torch.Tensor, classes: int, width: int, depth: int, vocab: int = 0,
+          squeeze: bool = False) -> nn.Module:
     if family == "cnn":
         if sample.dim() != 4:
             raise NotApplicable(f"the cnn student takes [N, C, H, W] inputs, not rank {sample.dim()}")
-        return CnnStudent(sample.shape[1:], classes, width, depth)
+        return CnnStudent(sample.shape[1:], classes, width, depth, squeeze)
     if family == "mlp":
         return MlpStudent(int(sample[0].numel()), classes, width, depth)
     if family == "bag":
@@ -92,11 +99,14 @@ def fit(family: str, sample: torch.Tensor, classes: int, depth: int, budget: int
     best = None
     # below 8 any width; from 8 on, multiples of 8 for the convolutions' channel blocks
     widths = [*range(2, 8), *range(8, 1025, 8)] if family == "cnn" else range(2, 1025)
-    for width in widths:
-        student = build(family, sample, classes, width, depth, vocab)
-        if count(student) > budget:
+    for squeeze in ((False, True) if family == "cnn" else (False,)):
+        for width in widths:
+            student = build(family, sample, classes, width, depth, vocab, squeeze)
+            if count(student) > budget:
+                break
+            best = student
+        if best is not None:
             break
-        best = student
     if best is None:
         raise NotApplicable(f"no {family} student of depth {depth} fits in {budget} parameters")
     return best
