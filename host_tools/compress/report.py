@@ -6,9 +6,6 @@ from host_tools.compress import workflow
 from host_tools.compress.workflow import CompressionReport, Measured, quality_drop
 
 NA = "n/a"
-# ops of an ONNX model whose arithmetic ONNX Runtime does in int8
-INT8_OPS = {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLinear",
-            "QuantizeLinear"}
 
 
 def report_table(report: CompressionReport, title: str = "compression"):
@@ -49,11 +46,13 @@ def _int8_onnx(m: Measured) -> bool:
         return False
     import onnx
 
+    from host_tools.compress.onnx.boundary import INT8_ARITHMETIC_OPS
+
     try:
         graph = onnx.load(str(m.model.path), load_external_data=False).graph
     except Exception:  # noqa: BLE001 - a caption line is not worth an error
         return False
-    return any(n.op_type in INT8_OPS for n in graph.node)
+    return any(n.op_type in INT8_ARITHMETIC_OPS for n in graph.node)
 
 
 def skipped_lines(report: CompressionReport) -> list[str]:

@@ -309,19 +309,20 @@ def u8s8_saturates() -> bool:
     cannot tell."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
-                     None)
-    except OSError:
-        return False
+    flags = _cpuinfo("flags")
     return flags is not None and not {"avx512_vnni", "avx_vnni"} & set(flags.split())
 
 
 def _cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or "unknown"
+
+
+def _cpuinfo(field: str) -> str | None:
+    """The first *field* of /proc/cpuinfo (Linux), or None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None

@@ -81,6 +81,10 @@ def output_path(workdir: Path, model: ModelFile, tag: str) -> Path:
 # Ops only a quantized graph has (QDQ, QOperator, dynamic int8, int4 weight-only).
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
                  "MatMulInteger", "ConvInteger", "MatMulNBits", "QGemm", "QAttention", "DynamicQuantizeMatMul")
+# of those, the ones whose graph ONNX Runtime computes in int8 (a DequantizeLinear of stored
+# weights alone computes in float)
+INT8_ARITHMETIC_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLinear",
+                       "QuantizeLinear")
 
 
 def quantized_already(graph) -> str:

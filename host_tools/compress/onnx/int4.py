@@ -5,6 +5,7 @@ gemm=true (the int4-weights recipe), dense layers exported as Gemm (GPT-2's Conv
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from device_agent.errors import NotApplicable
@@ -68,19 +69,12 @@ def _weight_share(proto, op_types: tuple[str, ...], exclude: set[str]) -> float 
     graph keeps no float weights as initializers)."""
     from onnx import TensorProto
 
-    sizes = {i.name: _elements(i.dims) for i in proto.graph.initializer
+    sizes = {i.name: math.prod(i.dims) for i in proto.graph.initializer
              if len(i.dims) >= 2 and i.data_type == TensorProto.FLOAT}
     reached = {n.input[1] for n in proto.graph.node
                if n.op_type in op_types and n.name not in exclude and len(n.input) > 1 and n.input[1] in sizes}
     total = sum(sizes.values())
     return sum(sizes[name] for name in reached) / total if total else None
-
-
-def _elements(dims) -> int:
-    count = 1
-    for d in dims:
-        count *= d
-    return count
 
 
 def gemms_as_matmuls(proto, exclude: set[str]) -> int:
