@@ -241,7 +241,9 @@ class MqttClient:
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 wait: float | None = None) -> None:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+        # Not connected, or the connection broke under this very call: paho keeps a QoS 1 message and
+        # sends it after the reconnect it makes anyway (a QoS 0 one is gone, as QoS 0 allows).
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_LOST):
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         if wait is not None:
             try:
