@@ -121,13 +121,13 @@ class Download:
         """Fetch the bundle; returns the path of the complete, hash-checked file."""
         offer = self._offer
         self._open_partial()
-        self._router.target = self._on_chunk
-        shared = topics.bundle_chunks(offer.sha256, offer.chunk_size)
-        if self._fanout:  # only once the broker has granted it: else chunks sent there would be lost
-            self._fanout = self._client.subscribe(shared, self._router, qos=CHUNK_QOS, wait=5.0)
-            self._connection = self._client.connections
+        shared = topics.bundle_chunks(offer.sha256, offer.chunk_size) if self._fanout else None
         complete, repairs, why = False, 0, ""
         try:
+            self._router.target = self._on_chunk
+            if shared:  # fan-out only once the broker has granted it: else chunks sent there would be lost
+                self._fanout = self._client.subscribe(shared, self._router, qos=CHUNK_QOS, wait=5.0)
+                self._connection = self._client.connections
             while True:
                 self._fetch()
                 if self._digest() == offer.sha256:
@@ -140,7 +140,7 @@ class Download:
                     break
                 repairs += 1
         finally:
-            if self._fanout:
+            if shared:  # granted or not: the client would subscribe to it again at every reconnect
                 self._client.unsubscribe(shared)
             self._router.target = None
             with self._cond:  # a chunk being handled on the network thread finishes first

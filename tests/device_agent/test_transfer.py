@@ -86,6 +86,35 @@ def test_nobody_serving_the_bundle_ends_in_a_timeout_not_a_hang(clients, tmp_pat
         Download(client, router, "dev-c", offer, tmp_path / "x.part", stall_timeout=1.5).run()
 
 
+def test_a_download_begun_offline_leaves_no_subscription_and_no_open_file_behind(clients, tmp_path):
+    """With the link down, the broker never grants the bundle's shared chunk topic. The download
+    times out; afterwards the client must not subscribe to that topic again when the link comes
+    back (it would receive every chunk later fanned out for the bundle), and the partial file and
+    its record are closed."""
+    offer = BundleOffer(sha256="ef" * 32, size=1000, chunk_size=512, name="m", version="1.0.0")
+    client, router = device(clients, "dev-off")
+    client.drop()
+    open_fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(TransferTimeout, match="not connected"):
+        Download(client, router, "dev-off", offer, tmp_path / "x.part", stall_timeout=1).run()
+    assert len(os.listdir("/proc/self/fd")) == open_fds
+    client.connect_in_background()
+    deadline = time.monotonic() + 10
+    while not client.connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # the subscriptions a reconnect renews are granted
+    host = clients("host")
+    fanned = Chunk(offer.sha256, 0, b"x" * 512).to_payload()
+    own = Chunk(offer.sha256, 1, b"y" * 100).to_payload()
+    host.publish(topics.bundle_chunks(offer.sha256, offer.chunk_size), fanned, qos=1)
+    host.publish(topics.chunks("dev-off"), own, qos=1)  # in order after it, to the same subscriber
+    deadline = time.monotonic() + 5
+    while router.received < len(own) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert router.received == len(own)  # the device's own topic only
+
+
 def answering_server(host, offer, content, device_id, how):
     """Answers chunk requests itself: *how(i, n)* (n: how often chunk i was asked for) says what
     that copy is — "good", "damaged" (one bit flipped after its CRC-32 was computed) or "lost".
