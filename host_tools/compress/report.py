@@ -46,13 +46,13 @@ def _int8_onnx(m: Measured) -> bool:
         return False
     import onnx
 
-    from host_tools.compress.onnx.boundary import INT8_ARITHMETIC_OPS
+    from host_tools.compress.onnx.boundary import computes_in_int8
 
     try:
         graph = onnx.load(str(m.model.path), load_external_data=False).graph
     except Exception:  # noqa: BLE001 - a caption line is not worth an error
         return False
-    return any(n.op_type in INT8_ARITHMETIC_OPS for n in graph.node)
+    return computes_in_int8(graph)
 
 
 def skipped_lines(report: CompressionReport) -> list[str]:

@@ -66,6 +66,47 @@ def test_the_table_says_when_int8_accuracy_was_measured_where_its_products_satur
     assert "VNNI" not in shown(fp16)
 
 
+def test_a_gemm_quantized_by_onnx_runtime_as_qgemm_counts_as_int8_arithmetic(tmp_path):
+    """ONNX Runtime's quantizer writes a Gemm as QGemm (com.microsoft) in the QOperator format: int8
+    arithmetic, as exposed to u8 x s8 saturation as QLinearMatMul, so the table's VNNI caption must
+    see it; the float graph and one whose only quantized ops dequantize stored weights compute in float."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from host_tools.compress.onnx.boundary import computes_in_int8
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.zeros(8, np.float32), "b")])
+    float_path = tmp_path / "gemm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), float_path)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+    quantized = tmp_path / "gemm.qop.onnx"
+    quantize_static(str(float_path), str(quantized), Reader(), quant_format=QuantFormat.QOperator,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    qgraph = onnx.load(str(quantized)).graph
+    assert "QGemm" in {n.op_type for n in qgraph.node}
+    assert computes_in_int8(qgraph)
+    assert not computes_in_int8(onnx.load(str(float_path)).graph)
+    weights_only = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["wq", "s"], ["w"]), *graph.node], "g", graph.input, graph.output,
+        [numpy_helper.from_array(rng.integers(-127, 127, (8, 16)).astype(np.int8), "wq"),
+         numpy_helper.from_array(np.array(0.01, np.float32), "s"), graph.initializer[1]])
+    assert not computes_in_int8(weights_only)
+
+
 def test_static_int8_is_a_quarter_less_than_a_third_and_keeps_accuracy(static_report):
     original, result = static_report.original, static_report.result
     assert [s.label for s in static_report.steps] == ["onnx-preprocess", "onnx-static", "onnx-compact"]

@@ -82,9 +82,16 @@ def output_path(workdir: Path, model: ModelFile, tag: str) -> Path:
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
                  "MatMulInteger", "ConvInteger", "MatMulNBits", "QGemm", "QAttention", "DynamicQuantizeMatMul")
 # of those, the ones whose graph ONNX Runtime computes in int8 (a DequantizeLinear of stored
-# weights alone computes in float)
+# weights alone computes in float; MatMulNBits dequantizes its 4-bit weights): the QOperator ops,
+# the dynamic ones, quantized activations (QDQ), and the com.microsoft fusions of them (QGemm,
+# QAttention, DynamicQuantizeMatMul) that ONNX Runtime's quantizer writes for Gemm and attention
 INT8_ARITHMETIC_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLinear",
-                       "QuantizeLinear")
+                       "QuantizeLinear", "QGemm", "QAttention", "DynamicQuantizeMatMul")
+
+
+def computes_in_int8(graph) -> bool:
+    """Whether ONNX Runtime runs some of *graph*'s arithmetic in 8-bit integers."""
+    return any(node.op_type in INT8_ARITHMETIC_OPS for node in graph.node)
 
 
 def quantized_already(graph) -> str:
