@@ -10,10 +10,13 @@
     QoS 1 messages of the same size through the same broker (received and counted, nothing
     else; and once more with the subscriber doing the least a device must do with the bytes: one
     running SHA-256 over them as they arrive, and the write), and an HTTP GET of the file from a
-    local stdlib server (read and discarded); --rounds times (9), the paths interleaved, medians reported; before each path the page cache is
-    flushed (sync), and a round's files are deleted after it.
+    local stdlib server (read and discarded); --rounds times (9), the paths interleaved, medians
+    reported; before each path the page cache is flushed (sync), and a round's files are deleted
+    after it.
 (b) 100 devices fetch a 16 MiB bundle at once (fan-out on), until every one has verified and
-    installed it, against the broker fanning the same bytes out raw to 100 subscribers.
+    installed it, against the broker fanning the same bytes out raw to 100 subscribers; for each
+    path, the CPU seconds of the broker, of the host side and of the devices (they all share
+    this machine's cores, so the fleet's time follows their sum).
 (c) The device process's CPU seconds per MiB in (a), and what that would be on a Raspberry Pi 4
     (taken as 5x slower per core than this machine) downloading at 10 MB/s.
 
@@ -39,6 +42,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, make_bundle, start_broker  # noqa: E402
@@ -271,22 +275,28 @@ def measure_fleet(host: MqttClient, server: BundleServer, broker: str, work: Pat
     data = bundle.read_bytes()
     log(f"(b) raw fan-out of {len(data) / MiB:.0f} MiB to {fleet} subscribers")
     w = Workers(fleet, "raw", broker, work, size=len(data), topic="bench/raw/fleet", prefix="rawf")
+    cpu = CpuMeter()
     start = w.go()
     publish_raw(host, "bench/raw/fleet", data)
-    raw_s = max(w.results()["finished"].values()) - start
+    raw = w.results()
+    raw_s, raw_cpu = max(raw["finished"].values()) - start, cpu.spent(raw["cpu_s"])
     log(f"(b) raw fan-out to {fleet} subscribers that hash and write like devices")
     w = Workers(fleet, "rawcheck", broker, work, size=len(data), topic="bench/raw/fleet-checked", prefix="rawfc")
+    cpu = CpuMeter()
     checked_start = w.go()
     publish_raw(host, "bench/raw/fleet-checked", data)
     checked = w.results()
+    checked_cpu = cpu.spent(checked["cpu_s"])
     log(f"(b) edgefleet transfer + verify + install on {fleet} devices")
     offer = server.offer(bundle, "big", "1.0.0")
     sent_before, chunks_before, fanouts_before = (server.stats.bytes_sent, server.stats.chunks_sent,
                                                   server.stats.fanout_chunks)
     w = Workers(fleet, "bundle", broker, work, size=len(data), offer=offer, trusted=pub, prefix="fleet",
                 window=window)
+    cpu = CpuMeter()
     start = w.go()
     ours = w.results()
+    ours_cpu = cpu.spent(ours["cpu_s"])
     if ours["errors"] or len(ours["finished"]) != fleet:
         sys.exit(f"fleet delivery failed: {len(ours['finished'])}/{fleet} finished; {ours['errors'][:3]}")
     return {"size": len(data), "fleet": fleet, "raw_s": raw_s,
@@ -297,7 +307,25 @@ def measure_fleet(host: MqttClient, server: BundleServer, broker: str, work: Pat
             "sent": server.stats.bytes_sent - sent_before, "cpu_s": ours["cpu_s"],
             "fanouts": server.stats.fanout_chunks - fanouts_before,
             "direct": server.stats.chunks_sent - chunks_before - (server.stats.fanout_chunks - fanouts_before),
-            "messages": ours["messages"], "duplicates": ours["duplicates"], "asked_again": ours["asked_again"]}
+            "messages": ours["messages"], "duplicates": ours["duplicates"], "asked_again": ours["asked_again"],
+            "cpu_by_party": {"raw fan-out": raw_cpu, "raw fan-out, hash + write": checked_cpu, "edgefleet": ours_cpu}}
+
+
+class CpuMeter:
+    """CPU seconds the broker and this process (the host side) spend from now, to set beside
+    the devices' own (which their workers report): on one machine they all share its cores."""
+
+    def __init__(self) -> None:
+        self._broker = [p for p in psutil.Process().children() if p.name() == "mosquitto"]
+        self._start = self._now()
+
+    def _now(self) -> tuple[float, float]:
+        broker = sum(sum(p.cpu_times()[:2]) for p in self._broker)
+        return broker, cpu_seconds()
+
+    def spent(self, devices: float) -> dict:
+        now = self._now()
+        return {"broker": now[0] - self._start[0], "host": now[1] - self._start[1], "devices": devices}
 
 
 def spread(times, start: float) -> tuple[float, float, float]:
@@ -353,6 +381,8 @@ def report_fleet(r: dict) -> None:
           f"messages, {r['duplicates']} of them not needed")
     print(f"server: {r['fanouts']} chunks published to the shared topic, {r['direct']} to one device's own topic; "
           f"devices asked again for {r['asked_again']} chunks whose answer was late")
+    print("CPU seconds (broker / host process / devices):  " + ";  ".join(
+        f"{label} {c['broker']:.1f} / {c['host']:.1f} / {c['devices']:.1f}" for label, c in r["cpu_by_party"].items()))
     print(f"device CPU per MiB per device: {r['cpu_s'] / fleet / (size / MiB) * 1000:.2f} ms (download + verify + "
           f"install); raw subscriber with the same per-chunk work: "
           f"{r['checked_cpu_s'] / fleet / (size / MiB) * 1000:.2f} ms")
