@@ -50,12 +50,12 @@ from common import machine_line, make_bundle, start_broker  # noqa: E402
 from device_agent.bundle.signing import generate_key_pair, trusted_keys  # noqa: E402
 from device_agent.mqtt import BrokerAddress, MqttClient  # noqa: E402
 from device_agent.protocol import topics  # noqa: E402
-from device_agent.protocol.chunks import BundleOffer  # noqa: E402
+from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, BundleOffer  # noqa: E402
 from device_agent.store import BundleStore  # noqa: E402
 from device_agent.transfer import CHUNK_QOS, ChunkRouter, Download  # noqa: E402
 from host_tools.serve import BundleServer  # noqa: E402
 
-CHUNK = 64 * 1024
+CHUNK = DEFAULT_CHUNK_SIZE  # what devices are offered unless `edgefleet deploy --chunk-size` says otherwise
 DEVICES_PER_WORKER = 25
 MiB = 2**20
 

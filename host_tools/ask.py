@@ -11,6 +11,7 @@ from device_agent.bundle import BundleReader
 from device_agent.errors import ConfigError, EdgefleetError, ProtocolError
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
+from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE
 from device_agent.protocol.commands import BenchCommand, Reply, StatusRequest
 from host_tools.serve import BundleServer
 
@@ -51,7 +52,7 @@ def device_status(client: MqttClient, device: str, timeout: float) -> Reply:
 
 
 def bench_bundle(client: MqttClient, device: str, bundle: Path, *, runs: int, warmup: int, timeout: float,
-                 signer, chunk_size: int = 64 * 1024) -> Reply:
+                 signer, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Reply:
     """Benchmark *bundle* on *device* (which fetches and verifies it first if it lacks it)."""
     with BundleReader(bundle) as reader:
         manifest = reader.manifest

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from device_agent.errors import ProtocolError
 from device_agent.protocol import topics
-from device_agent.protocol.chunks import BundleOffer, Chunk, ChunkRequest
+from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, BundleOffer, Chunk, ChunkRequest
 from device_agent.protocol.commands import (
     BenchCommand, DeployCommand, Reply, RollbackCommand, StatusRequest, parse_command,
 )
@@ -170,3 +170,13 @@ def test_any_signature_field_is_a_signature_error_or_protocol_error_never_a_cras
         parse_command(json.dumps(doc).encode(), command_keys[1])
     except (SignatureError, ProtocolError):
         pass
+
+
+def test_a_default_chunk_message_fits_the_128_kb_a_managed_broker_allows():
+    """AWS IoT Core refuses a message over 128 KB: a chunk of the default size, with its header at
+    the largest index a 1 GiB bundle has and the longer of the two topics it travels on, fits
+    (taking KB as 1,000 bytes, the stricter reading)."""
+    sha = "f" * 64
+    payload = Chunk(sha, (2**30 // DEFAULT_CHUNK_SIZE), bytes(DEFAULT_CHUNK_SIZE)).to_payload(crc=2**32 - 1)
+    topic = max(topics.bundle_chunks(sha, DEFAULT_CHUNK_SIZE), topics.chunks("d" * 64), key=len)
+    assert len(payload) + len(topic.encode()) + 8 <= 128_000  # + the fixed header and lengths of a PUBLISH

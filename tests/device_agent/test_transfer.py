@@ -13,7 +13,7 @@ import pytest
 from device_agent.errors import TransferError, TransferTimeout
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
-from device_agent.protocol.chunks import BundleOffer, Chunk, ChunkRequest
+from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, BundleOffer, Chunk, ChunkRequest
 from device_agent.transfer import CHUNK_QOS, REPAIRS, ChunkRouter, Download
 from host_tools import serve
 from host_tools.serve import BundleServer
@@ -264,13 +264,14 @@ def test_many_devices_fetching_one_bundle_share_one_copy_through_the_broker(clie
 def test_a_request_is_answered_in_the_chunk_size_the_device_asks_for(clients, tmp_path):
     blob = tmp_path / "bundle.efb"
     blob.write_bytes(os.urandom(100_000))
-    server = BundleServer(clients("host"), chunk_size=64 * 1024)  # e.g. `edgefleet serve` with its default
+    server = BundleServer(clients("host"))  # as `edgefleet serve`, with the default chunk size
     server.start()
     served = server.offer(blob, "m", "1.0.0")
     offer = BundleOffer(served.sha256, served.size, 8192, "m", "1.0.0")  # the deploy command said 8 KiB
     client, router = device(clients, "dev-size")
     out = Download(client, router, "dev-size", offer, tmp_path / "got.part").run()
     server.stop()
+    assert served.chunk_size == DEFAULT_CHUNK_SIZE and served.chunk_count == 2
     assert out.read_bytes() == blob.read_bytes() and server.stats.chunks_sent >= offer.chunk_count == 13
 
 
