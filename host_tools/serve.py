@@ -201,6 +201,8 @@ class BundleServer:
                 self._fan_out_again()
             except OSError as exc:  # the file went away or cannot be read: the device will time out
                 log.error("cannot serve: %s", exc)
+            except Exception:  # noqa: BLE001 - a failed answer is asked for again; a dead worker answers nothing
+                log.exception("answering a chunk request failed")
 
     def _fan_out_again(self) -> None:
         """Publish the chunks that devices which began listening after their last fan-out asked for."""

@@ -115,6 +115,33 @@ def test_a_download_begun_offline_leaves_no_subscription_and_no_open_file_behind
     assert router.received == len(own)  # the device's own topic only
 
 
+def test_a_publish_that_fails_on_the_servers_worker_does_not_stop_it_answering(clients, tmp_path):
+    """A window of 32 chunks is answered on the server's worker thread. One publish there failing
+    (paho refusing a message) must cost that answer only: the device asks again and is answered,
+    rather than every later large request going unanswered by a worker that has ended."""
+    from device_agent.errors import MqttError
+
+    blob = tmp_path / "bundle.efb"
+    blob.write_bytes(os.urandom(40 * 1024))
+    host = clients("host")
+    server = BundleServer(host, chunk_size=1024)
+    server.start()
+    offer = server.offer(blob, "m", "1.0.0")
+    publish, failed = host.publish, []
+
+    def publish_once_failing(topic, payload, **kw):
+        if not failed and threading.current_thread().name == "bundle-server":
+            failed.append(topic)
+            raise MqttError(f"publish to {topic} failed: out of memory")
+        return publish(topic, payload, **kw)
+    host.publish = publish_once_failing
+    client, router = device(clients, "dev-w")
+    out = Download(client, router, "dev-w", offer, tmp_path / "w.part", window=32, fanout=False, retry_after=1,
+                   stall_timeout=8).run()
+    server.stop()
+    assert failed and out.read_bytes() == blob.read_bytes()
+
+
 def answering_server(host, offer, content, device_id, how):
     """Answers chunk requests itself: *how(i, n)* (n: how often chunk i was asked for) says what
     that copy is — "good", "damaged" (one bit flipped after its CRC-32 was computed) or "lost".
