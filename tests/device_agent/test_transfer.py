@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 
-from device_agent.errors import TransferError, TransferTimeout
+from device_agent.errors import MqttError, TransferError, TransferTimeout
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, BundleOffer, Chunk, ChunkRequest
@@ -119,8 +119,6 @@ def test_a_publish_that_fails_on_the_servers_worker_does_not_stop_it_answering(c
     """A window of 32 chunks is answered on the server's worker thread. One publish there failing
     (paho refusing a message) must cost that answer only: the device asks again and is answered,
     rather than every later large request going unanswered by a worker that has ended."""
-    from device_agent.errors import MqttError
-
     blob = tmp_path / "bundle.efb"
     blob.write_bytes(os.urandom(40 * 1024))
     host = clients("host")
