@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -58,6 +59,9 @@ class Signature:
 
 def generate_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
     """Write NAME.key (private, mode 0600) and NAME.pub (public) as PEM files."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        raise ConfigError(f"key name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (it names the files "
+                          f"in {directory}), starting with a letter or digit")
     directory.mkdir(parents=True, exist_ok=True)
     private_path, public_path = directory / f"{name}.key", directory / f"{name}.pub"
     if private_path.exists():

@@ -57,6 +57,13 @@ def test_signing_key_is_never_overwritten(tmp_path):
     assert oct((tmp_path / "k.key").stat().st_mode & 0o777) == "0o600"
 
 
+@pytest.mark.parametrize("name", ["../outside", "a/b", ".hidden", ""])
+def test_a_key_name_that_is_not_a_plain_file_name_is_refused(tmp_path, name):
+    keys = tmp_path / "keys"
+    assert_one_line_error(edgefleet("keys", "gen", "--out", keys, "--name", name), "key name")
+    assert not any(tmp_path.rglob("*.key")) and not any(tmp_path.rglob("*.pub"))
+
+
 def test_fleet_status_without_a_database(tmp_path):
     assert_one_line_error(edgefleet("fleet", "status", "--db", tmp_path / "none.db"), "edgefleet monitor")
 
