@@ -18,12 +18,12 @@ from __future__ import annotations
 import re
 
 ROOT = "edgefleet/v1"
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def valid_device_id(device_id: str) -> bool:
     """Device ids become topic levels, so no wildcards, slashes or empty ids."""
-    return bool(_DEVICE_ID.match(device_id))
+    return bool(_DEVICE_ID.fullmatch(device_id))  # (match with $ let a trailing newline through)
 
 
 def _device(device_id: str, leaf: str) -> str:

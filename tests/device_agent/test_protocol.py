@@ -81,7 +81,7 @@ def test_oversized_json_is_refused():
         TelemetrySample.from_payload(b"{" + b" " * 300_000 + b"}")
 
 
-@pytest.mark.parametrize("bad_id", ["", "a/b", "+", "#", "x" * 65, "pi 01"])
+@pytest.mark.parametrize("bad_id", ["", "a/b", "+", "#", "x" * 65, "pi 01", "pi-01\n"])
 def test_device_ids_that_would_break_topics_are_refused(bad_id):
     assert not topics.valid_device_id(bad_id)
     with pytest.raises(ValueError):
