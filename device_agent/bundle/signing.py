@@ -14,7 +14,6 @@ import base64
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from device_agent.errors import ConfigError, SignatureError
+from device_agent.protocol.topics import valid_device_id
 
 ALGORITHM = "ed25519"
 
@@ -59,7 +59,7 @@ class Signature:
 
 def generate_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
     """Write NAME.key (private, mode 0600) and NAME.pub (public) as PEM files."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+    if not valid_device_id(name):  # a device id's rule: a plain file name as well as a topic level
         raise ConfigError(f"key name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (it names the files "
                           f"in {directory}), starting with a letter or digit")
     directory.mkdir(parents=True, exist_ok=True)

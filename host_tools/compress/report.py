@@ -23,7 +23,7 @@ def report_table(report: CompressionReport, title: str = "compression"):
     else:
         caption.append("no evaluation data: fidelity and latency not measured")
     rows = [original] + [s for s in report.steps if s.status == "ok"]
-    if report.eval_samples and any(_int8_onnx(m) for m in rows) and workflow.u8s8_saturates():
+    if report.eval_samples and workflow.u8s8_saturates() and any(_int8_onnx(m) for m in rows):  # (loads models)
         caption.append("int8 rows: this x86 CPU has no VNNI, where ONNX Runtime's 8-bit products can saturate; "
                        "on ARM (a Pi, a Jetson) the same models score as well or better")
     table = Table(title=title, header_style="bold", caption="; ".join(caption), box=box.SIMPLE_HEAD,

@@ -1,16 +1,9 @@
 """The MQTT client wrapper against a real Mosquitto."""
 
-import time
 import uuid
 
 from device_agent.mqtt import MqttClient
-
-
-def wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return condition()
+from tests.conftest import wait_until
 
 
 def test_a_qos1_message_published_as_the_connection_breaks_arrives_after_the_reconnect(mosquitto):
@@ -27,7 +20,7 @@ def test_a_qos1_message_published_as_the_connection_breaks_arrives_after_the_rec
         device.drop()  # the socket is gone; paho has not noticed yet
         device.publish("t/flaky", b"sent while the link was down", qos=1)
         device.connect_in_background()
-        assert wait_for(lambda: got), "the message never arrived after the reconnect"
+        assert wait_until(lambda: got, 10, 0.05), "the message never arrived after the reconnect"
         assert got == [b"sent while the link was down"]
     finally:
         device.disconnect()

@@ -17,7 +17,7 @@ from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, BundleOffer, Chunk,
 from device_agent.transfer import CHUNK_QOS, REPAIRS, ChunkRouter, Download
 from host_tools import serve
 from host_tools.serve import BundleServer
-from tests.conftest import Mosquitto
+from tests.conftest import Mosquitto, wait_until
 
 
 @pytest.fixture
@@ -99,18 +99,14 @@ def test_a_download_begun_offline_leaves_no_subscription_and_no_open_file_behind
         Download(client, router, "dev-off", offer, tmp_path / "x.part", stall_timeout=1).run()
     assert len(os.listdir("/proc/self/fd")) == open_fds
     client.connect_in_background()
-    deadline = time.monotonic() + 10
-    while not client.connected and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert wait_until(lambda: client.connected, 10, 0.05)
     time.sleep(0.3)  # the subscriptions a reconnect renews are granted
     host = clients("host")
     fanned = Chunk(offer.sha256, 0, b"x" * 512).to_payload()
     own = Chunk(offer.sha256, 1, b"y" * 100).to_payload()
     host.publish(topics.bundle_chunks(offer.sha256, offer.chunk_size), fanned, qos=1)
     host.publish(topics.chunks("dev-off"), own, qos=1)  # in order after it, to the same subscriber
-    deadline = time.monotonic() + 5
-    while router.received < len(own) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: router.received >= len(own), 5, 0.05)
     time.sleep(0.2)
     assert router.received == len(own)  # the device's own topic only
 
