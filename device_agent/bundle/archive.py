@@ -33,6 +33,14 @@ BUNDLE_SUFFIX = ".efb"
 COMPRESSED_SUFFIX = ".zst"
 # zstd level of compressed members: most of the gain of 19, at a speed a big model tolerates.
 ZSTD_LEVEL = 10
+# zstd window of compressed members: 1 MiB, which a device holds in memory while it decompresses one.
+# Level 10 alone picks 4 MiB for a big model; model weights compress no worse with 1 MiB (the reference
+# models, and 16 MiB of float, int8 and 80 %-sparse weights: docs/benchmarks.md), and a fleet of
+# installs faulting in 4 MiB each spent 7 % of its CPU there (benchmarks/delivery.py (b)).
+ZSTD_WINDOW_LOG = 20
+# The largest window a device decompresses with: twice what any edgefleet has written (level 10's own
+# 4 MiB before ZSTD_WINDOW_LOG). zstd would allow 128 MiB, allocated before a member's hash can be checked.
+MAX_WINDOW = 8 << 20
 # Compress a member only when that saves at least this fraction of it.
 _MIN_SAVING = 0.01
 _COPY_BLOCK = 1 << 16
@@ -77,10 +85,8 @@ def worth_compressing(size: int, compressed: int) -> bool:
 
 def stored_size(path: Path) -> int:
     """Bytes *path* takes in a bundle written with compression (what a device downloads for it)."""
-    import zstandard
-
     size = Path(path).stat().st_size
-    packer = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+    packer = _compressor().compressobj()
     with open(path, "rb") as src:
         compressed = sum(len(packer.compress(block)) for block in iter(lambda: src.read(1 << 20), b""))
     compressed += len(packer.flush())
@@ -88,12 +94,17 @@ def stored_size(path: Path) -> int:
 
 
 def _zstd_file(source: Path, near: Path) -> Path:
-    import zstandard
-
     packed = near.with_name(near.name + ".member.zst")
     with open(source, "rb") as src, open(packed, "wb") as dst:
-        zstandard.ZstdCompressor(level=ZSTD_LEVEL).copy_stream(src, dst)
+        _compressor().copy_stream(src, dst)
     return packed
+
+
+def _compressor():
+    import zstandard
+
+    params = zstandard.ZstdCompressionParameters.from_level(ZSTD_LEVEL, window_log=ZSTD_WINDOW_LOG)
+    return zstandard.ZstdCompressor(compression_params=params)
 
 
 def _add_file(tar: tarfile.TarFile, name: str, path: Path) -> None:
@@ -195,10 +206,14 @@ class BundleReader:
             target.parent.mkdir(parents=True, exist_ok=True)
             out = open(target, "wb")
         written = 0
+        # One buffer read into again and again: a fresh bytes object per block costs the process new
+        # pages to fault in, which a fleet of installs at once paid for as much as for decompressing.
+        buffer = memoryview(bytearray(_COPY_BLOCK))
         try:
             # Never more than the signed size, however much a compressed member expands to.
-            for block in iter(lambda: src.read(min(_COPY_BLOCK, entry.size - written + 1)), b""):
-                written += len(block)
+            while n := src.readinto(buffer[:min(_COPY_BLOCK, entry.size - written + 1)]):
+                block = buffer[:n]
+                written += n
                 if written > entry.size:
                     raise IntegrityError(f"{entry.path}: more data than the {entry.size} bytes the manifest declares")
                 digest.update(block)
@@ -232,4 +247,4 @@ def _zstd_reader(src, name: str):
         import zstandard
     except ImportError:
         raise BundleError(f"{name} is zstd-compressed in this bundle: pip install zstandard") from None
-    return zstandard.ZstdDecompressor().stream_reader(src)
+    return zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).stream_reader(src)

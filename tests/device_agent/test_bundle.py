@@ -204,6 +204,42 @@ def test_a_compressed_member_that_expands_past_the_signed_size_is_cut_off(make_b
     assert not (tmp_path / "out").exists()
 
 
+def test_a_compressed_member_that_needs_more_memory_than_a_device_allows_is_refused(make_bundle, keys, tmp_path,
+                                                                                  reference_model):
+    """zstd lets a frame ask for a 128 MiB window, allocated before the member's hash can be checked;
+    a device decompresses with at most MAX_WINDOW."""
+    import zstandard
+
+    from device_agent.bundle.archive import MAX_WINDOW
+
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=(2 * MAX_WINDOW).bit_length() - 1)
+    packer = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    hungry = packer.compress(reference_model.read_bytes()) + packer.flush()
+    assert zstandard.get_frame_parameters(hungry).window_size == 2 * MAX_WINDOW
+
+    def edit(info, data):
+        yield info, (hungry if info.name.endswith(".zst") else data)
+    bad = rewrite(make_bundle(), tmp_path / "hungry.efb", edit)
+    with BundleReader(bad) as reader, pytest.raises(IntegrityError, match="cannot decompress.*memory"):
+        reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_big_model_is_packed_with_a_1_mib_zstd_window(tmp_path):
+    """What a device must hold while it decompresses a member, however big the model."""
+    import numpy as np
+    import zstandard
+
+    from device_agent.bundle.archive import _zstd_file
+
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(np.random.default_rng(0).standard_normal(2**20).astype(np.float32).tobytes())  # 4 MiB
+    packed = _zstd_file(weights, tmp_path / "bundle")
+    assert zstandard.get_frame_parameters(packed.read_bytes()[:18]).window_size == 1 << 20
+    assert zstandard.ZstdDecompressor().decompress(packed.read_bytes(), max_output_size=8 << 20) == \
+        weights.read_bytes()
+
+
 def test_another_bundles_model_compressed_under_this_manifest_is_refused(make_bundle, keys, tmp_path):
     with tarfile.open(make_bundle("9.9.9", model=MODELS / "digits_cnn.tflite",
                                   input_name="serving_default_args_0", compress=False)) as t:
