@@ -15,7 +15,9 @@ transfer time; each device still serves its new bundle for the agent's 1 s trial
 until every device has committed. Measured in the same run:
 - wall time, per stage and in all;
 - bytes the broker sent (its $SYS/broker/bytes/sent counter, before and after), per device, against
-  the bundle's size: with the broker fanning chunks out, well under one bundle per device;
+  the bundle's size: about one bundle per device when no device is sent chunks it does not need;
+- chunk bytes the host published (the bundle server's count), per device: under one bundle per
+  device where the broker fans chunks out to devices fetching together;
 - bytes of chunk messages each device received (counted by its agent), the largest against the
   bundle's size: that no device fetched the bundle more than once;
 - CPU seconds of the host side (this process: rollout and bundle server), the monitor, the broker
