@@ -17,13 +17,22 @@ from device_agent.errors import ConfigError, EdgefleetError
 
 
 def fail_cleanly(fn):
-    """Turn any edgefleet error into one line on stderr and exit status 1."""
+    """Turn any edgefleet error, and a file the system refuses (a folder given for a file, a path
+    through a file, no permission, a full disk), into one line on stderr and exit status 1."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except EdgefleetError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:
+            if exc.filename is None:  # not about a path the user gave: a defect, shown as one
+                raise
+            if isinstance(exc, FileExistsError) and os.path.isfile(exc.filename):  # mkdir on a path through a file
+                click.echo(f"error: {exc.filename} is a file, where a folder is needed", err=True)
+            else:
+                click.echo(f"error: {exc.filename}: {exc.strerror or exc}", err=True)
             sys.exit(1)
     return wrapper
 

@@ -49,6 +49,8 @@ def bundle_build(model, name, version, key, out, sample, atol, latency_budget_ms
     from host_tools.packaging import build_bundle
 
     out = out or Path(f"{name}-{version}.efb")
+    if out.is_dir():
+        raise ConfigError(f"-o {out} is a folder: give the bundle's file name (e.g. {out / f'{name}-{version}.efb'})")
     feeds = None
     if sample is not None:
         try:

@@ -58,7 +58,7 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
     if list_only:
         _list(as_json)
         return
-    _check_usage(model, out, recipe, steps, auto, max_drop, eval_data, device_id)
+    _check_usage(model, out, report_path, recipe, steps, auto, max_drop, eval_data, device_id)
     from host_tools.compress import ModelFile
     from host_tools.compress.report import report_table, skipped_lines
     from host_tools.compress.workflow import output_path, quality_drop
@@ -107,7 +107,7 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
                    + (f"; report {report_path}" if report_path else ""))
 
 
-def _check_usage(model, out, recipe, steps, auto, max_drop, eval_data, device_id) -> None:
+def _check_usage(model, out, report_path, recipe, steps, auto, max_drop, eval_data, device_id) -> None:
     if model is None:
         raise click.UsageError("MODEL is required (or --list)")
     if out is None:
@@ -115,6 +115,9 @@ def _check_usage(model, out, recipe, steps, auto, max_drop, eval_data, device_id
     if Path(out).resolve() == Path(model).resolve():
         raise click.UsageError(f"-o {out} is MODEL itself: the original would be overwritten; write the result "
                                f"elsewhere")
+    for option, path in (("-o", out), ("--report", report_path)):  # found out only once the work is done
+        if path is not None and Path(path).is_dir():
+            raise click.UsageError(f"{option} {path} is a folder: give the name of the file to write")
     if sum(map(bool, (recipe, steps, auto))) > 1:
         raise click.UsageError("give one of --recipe, --pass or --auto")
     if (max_drop is not None or auto) and eval_data is None:

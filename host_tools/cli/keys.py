@@ -28,6 +28,8 @@ def keys() -> None:
 def keys_gen(out, name, as_json) -> None:
     from device_agent.bundle.signing import generate_key_pair, key_id, load_public_key
 
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give the folder to write {name}.key and {name}.pub into")
     private, public = generate_key_pair(out, name)
     doc = {"private_key": str(private), "public_key": str(public), "key_id": key_id(load_public_key(public))}
     click.echo(json.dumps(doc) if as_json else f"wrote {private} and {public} (key id {doc['key_id']})")

@@ -64,6 +64,18 @@ def test_a_key_name_that_is_not_a_plain_file_name_is_refused(tmp_path, name):
     assert not any(tmp_path.rglob("*.key")) and not any(tmp_path.rglob("*.pub"))
 
 
+def test_output_paths_the_system_refuses_are_one_line(tmp_path, keys, reference_model):
+    """A folder where a file is wanted and the reverse: said in one line, not an OSError's traceback."""
+    (tmp_path / "a-file").write_text("")
+    build = ("bundle", "build", reference_model, "--name", "m", "--version", "1.0.0", "--key", keys["key"])
+    assert_one_line_error(edgefleet(*build, "-o", tmp_path), f"-o {tmp_path} is a folder", "m-1.0.0.efb")
+    assert_one_line_error(edgefleet(*build, "-o", tmp_path / "a-file" / "m.efb"),
+                          f"error: {tmp_path / 'a-file'} is a file, where a folder is needed")
+    assert_one_line_error(edgefleet("keys", "gen", "--out", tmp_path / "a-file"),
+                          f"--out {tmp_path / 'a-file'} is a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 def test_fleet_status_without_a_database(tmp_path):
     assert_one_line_error(edgefleet("fleet", "status", "--db", tmp_path / "none.db"), "edgefleet monitor")
 

@@ -99,6 +99,17 @@ def test_bad_input_is_one_line(tmp_path):
     over = edgefleet("compress", original, "--recipe", "int8-dynamic", "-o", tmp_path / "." / "mine.onnx")
     assert over.returncode == 2 and "is MODEL itself: the original would be overwritten" in last_line(over)
     assert original.read_bytes() == MODEL.read_bytes()
+    # a folder as -o or --report: said before the work, not as a traceback after it
+    for args in (["-o", tmp_path], ["-o", tmp_path / "v.onnx", "--report", tmp_path]):
+        result = edgefleet("compress", MODEL, "--recipe", "int8-dynamic", *args)
+        assert result.returncode == 2, result.stderr
+        assert last_line(result) == f"Error: {args[-2]} {tmp_path} is a folder: give the name of the file to write"
+        assert "Traceback" not in result.stderr and "[1/" not in result.stderr
+    assert not (tmp_path / "v.onnx").exists()
+    (tmp_path / "a-file").write_text("")
+    unwritable = edgefleet("compress", MODEL, "--recipe", "int8-dynamic", "-o", tmp_path / "a-file" / "u.onnx")
+    assert unwritable.returncode == 1 and "Traceback" not in unwritable.stderr
+    assert last_line(unwritable) == f"error: {tmp_path / 'a-file'} is a file, where a folder is needed"
 
 
 def test_a_result_in_another_format_is_named_for_it(tmp_path):
