@@ -94,6 +94,8 @@ class AgentConfig:
             raise ConfigError(f"device id {self.device_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
         if not self.trusted_keys:
             raise ConfigError("no trusted public key given: the agent would accept no bundle")
+        if Path(self.state_dir).exists() and not Path(self.state_dir).is_dir():
+            raise ConfigError(f"state_dir {self.state_dir} is a file: give the folder the agent keeps its bundles in")
         if self.telemetry_interval <= 0 or self.inference_interval < 0 or self.trial_seconds < 0:
             raise ConfigError("intervals must be positive")
         if self.http_port is not None and not 0 <= self.http_port < 65536:

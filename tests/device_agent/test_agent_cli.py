@@ -46,3 +46,14 @@ def test_rollback_without_a_running_agent_is_one_line(tmp_path):
     result = agent_cli("rollback", "--state-dir", tmp_path)
     assert result.returncode == 1 and "cannot reach the edgefleet agent" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_run_with_a_file_as_its_state_directory_is_one_line_and_leaves_the_file(tmp_path, keys):
+    state = tmp_path / "state"
+    state.write_text("my notes\n")
+    result = agent_cli("run", "--device-id", "pi-01", "--state-dir", state, "--trusted-key", keys["pub"],
+                       "--broker", "127.0.0.1:1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: state_dir {state} is a file: give the folder the agent "
+                                                  f"keeps its bundles in"]
+    assert state.read_text() == "my notes\n"
