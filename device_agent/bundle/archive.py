@@ -61,20 +61,24 @@ def write_bundle(out: Path, manifest: Manifest, signature: signing.Signature,
     if set(sources) != {f.path for f in manifest.files}:
         raise BundleError("the files given do not match the files the manifest lists")
     tmp = out.with_name(out.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in ((MANIFEST_NAME, manifest.to_json()), (SIGNATURE_NAME, signature.to_json())):
-            _add_bytes(tar, name, data)
-        for entry in manifest.files:
-            packed = _zstd_file(Path(sources[entry.path]), tmp) if compress else None
-            try:
-                if packed is not None and worth_compressing(entry.size, packed.stat().st_size):
-                    _add_file(tar, entry.path + COMPRESSED_SUFFIX, packed)
-                else:
-                    _add_file(tar, entry.path, Path(sources[entry.path]))
-            finally:
-                if packed is not None:
-                    packed.unlink()
-    os.replace(tmp, out)
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for name, data in ((MANIFEST_NAME, manifest.to_json()), (SIGNATURE_NAME, signature.to_json())):
+                _add_bytes(tar, name, data)
+            for entry in manifest.files:
+                packed = _zstd_file(Path(sources[entry.path]), tmp) if compress else None
+                try:
+                    if packed is not None and worth_compressing(entry.size, packed.stat().st_size):
+                        _add_file(tar, entry.path + COMPRESSED_SUFFIX, packed)
+                    else:
+                        _add_file(tar, entry.path, Path(sources[entry.path]))
+                finally:
+                    if packed is not None:
+                        packed.unlink()
+        os.replace(tmp, out)
+    except BaseException:  # a full disk, a folder named like the bundle, Ctrl-C: no half-written file stays
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
@@ -95,8 +99,12 @@ def stored_size(path: Path) -> int:
 
 def _zstd_file(source: Path, near: Path) -> Path:
     packed = near.with_name(near.name + ".member.zst")
-    with open(source, "rb") as src, open(packed, "wb") as dst:
-        _compressor().copy_stream(src, dst)
+    try:
+        with open(source, "rb") as src, open(packed, "wb") as dst:
+            _compressor().copy_stream(src, dst)
+    except BaseException:
+        packed.unlink(missing_ok=True)
+        raise
     return packed
 
 

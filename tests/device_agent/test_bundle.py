@@ -260,3 +260,16 @@ def test_a_file_stored_both_plain_and_compressed_is_refused(make_bundle, keys, t
     bad = rewrite(make_bundle(), tmp_path / "twice.efb", edit)
     with BundleReader(bad) as reader, pytest.raises(IntegrityError, match="differ from the manifest"):
         reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "out")
+
+
+def test_a_bundle_that_cannot_be_written_leaves_no_partial_file(keys, tmp_path, reference_model, heldout):
+    """The bundle is written beside its name and renamed into place; when that fails (here a folder
+    has the name), the partial file goes too."""
+    from host_tools.packaging import build_bundle
+
+    taken = tmp_path / "m-1.0.0.efb"
+    taken.mkdir()
+    with pytest.raises(IsADirectoryError):
+        build_bundle(reference_model, name="m", version="1.0.0", key=keys["key"], out=taken,
+                     sample={"image": heldout[0][:1]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-1.0.0.efb"] and not any(taken.iterdir())
