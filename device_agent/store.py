@@ -53,11 +53,15 @@ def fsync_dir(path: Path) -> None:
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace *path* with *data* so that a crash leaves either the old or the new bytes, durably."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: the old file stays, and no partial copy beside it
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

@@ -84,3 +84,17 @@ def test_commit_removes_leftovers_but_never_the_current_version(make_bundle, key
     store.activate(v2)
     removed = store.commit(v1, keep=1)  # even a commit that does not name the current version
     assert leftover.directory.name in removed and v2.directory.is_dir() and v1.directory.is_dir()
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_partial_copy(tmp_path):
+    from device_agent.store import write_atomically
+
+    target = tmp_path / "committed.json"
+    write_atomically(target, b'["a"]')
+    write_atomically(target, b'["a", "b"]')
+    assert target.read_bytes() == b'["a", "b"]' and sorted(p.name for p in tmp_path.iterdir()) == ["committed.json"]
+    blocked = tmp_path / "blocked.json"
+    blocked.mkdir()  # what is there cannot be replaced by a file
+    with pytest.raises(IsADirectoryError):
+        write_atomically(blocked, b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked.json", "committed.json"] and blocked.is_dir()
