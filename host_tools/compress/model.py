@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,13 @@ class ModelFile:
         pairs = [(self.path, out)] + [(f, out.parent / f.relative_to(self.path.parent)) for f in self.files[1:]]
         for source, target in pairs:
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
+            partial = target.with_name(target.name + ".tmp")  # a failed copy (a full disk) leaves no model-looking file
+            try:
+                shutil.copyfile(source, partial)
+                os.replace(partial, target)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
         return ModelFile(out, self.format)
 
     def load(self, threads: int | None = None):

@@ -1325,3 +1325,22 @@ def test_half_the_channels_of_the_vgg_reference_model_removed_and_recovered(tmp_
     assert [shapes[f"features.{i}.weight"][0] for i in (0, 2, 5, 7, 10)] == [16, 16, 32, 32, 64]
     assert teacher_parameters(result.model) < 0.3 * teacher_parameters(model)
     assert result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
+
+
+def test_a_result_that_cannot_be_written_leaves_no_partial_model(tmp_path, monkeypatch):
+    """copy_to writes beside the name and renames: a copy that fails half-way (a full disk) leaves no
+    half-written file that looks like a model."""
+    import errno
+    import shutil
+
+    def disk_full(src, dst):
+        Path(dst).write_bytes(Path(src).read_bytes()[:1000])
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(shutil, "copyfile", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ModelFile.open(MODELS / "digits_cnn.onnx").copy_to(tmp_path / "out.onnx")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    copied = ModelFile.open(MODELS / "digits_cnn.onnx").copy_to(tmp_path / "ok.onnx")
+    assert copied.path.read_bytes() == (MODELS / "digits_cnn.onnx").read_bytes()
