@@ -95,6 +95,11 @@ def _conform(array: np.ndarray, spec, source: str) -> np.ndarray:
             raise ConfigError(f"{source}: input {spec.name!r} is {want.name} in the model, "
                               f"{array.dtype.name} in the data")
         array = array.astype(want)
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        # Calibration would end in ONNX Runtime's "scale issue", evaluation in meaningless scores.
+        bad = int((~np.isfinite(array.reshape(len(array), -1))).any(axis=1).sum()) if array.ndim else 1
+        raise ConfigError(f"{source}: input {spec.name!r} holds NaN or infinite values in {bad} of "
+                          f"{len(array) if array.ndim else 1} samples")
     return np.ascontiguousarray(array)
 
 

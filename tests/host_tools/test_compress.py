@@ -465,6 +465,10 @@ def test_data_is_cast_within_a_kind_and_refused_across(tmp_path):
     with pytest.raises(ConfigError, match="no data for model input"):
         Dataset({"a": np.zeros(2), "b": np.zeros(2)}, None, "two").bind(
             ModelFile.open(graphs.text_encoder(tmp_path / "t.onnx")).load().inputs)
+    holes = np.zeros((5, 1, 8, 8), np.float32)
+    holes[1, 0, 3, 3], holes[4, 0, 0, 0] = np.nan, np.inf
+    with pytest.raises(ConfigError, match="'image' holds NaN or infinite values in 2 of 5 samples"):
+        Dataset({"x": holes}, None, "holes").bind(specs)
 
 
 @pytest.mark.parametrize("make, message", [
