@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-from device_agent.errors import ConfigError, NotApplicable
+from device_agent.errors import ConfigError
 from host_tools.compress.data import Dataset
 from host_tools.compress.passes import PassConfig
 
@@ -31,12 +31,16 @@ class ChannelPruningConfig(PassConfig):
     labels_weight: float = field(default=0.0, metadata={
         "help": "weight of the hard-label loss when the training data has labels (0: soft targets only)"})
 
+    def __post_init__(self) -> None:  # refused with the recipe, before any work (make_config)
+        if not 0 < self.ratio < 1:
+            raise ValueError(f"ratio must be between 0 and 1, not {self.ratio}")
+        if self.recover_epochs < 0:
+            raise ValueError(f"recover_epochs must be 0 or more, not {self.recover_epochs}")
+
 
 def check(pass_name: str, config: ChannelPruningConfig) -> None:
-    """What must hold before a channel-pruning pass starts: a ratio that leaves something, and for
+    """What must hold before a channel-pruning pass starts, beyond its config's own checks: for
     recovery, PyTorch and inputs to train on."""
-    if not 0 < config.ratio < 1:
-        raise NotApplicable(f"ratio must be between 0 and 1, not {config.ratio}")
     if config.recover_epochs > 0 and importlib.util.find_spec("torch") is None:
         raise ConfigError(f"{pass_name} recover_epochs needs PyTorch: pip install 'edgefleet[distill]'")
     if config.recover_epochs > 0 and config.calibration is None:

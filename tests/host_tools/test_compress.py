@@ -509,15 +509,23 @@ def test_command_line_steps_are_typed_like_files():
         ("percentile", 99.9, True, ("n1", "n2"))
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"method": "median"}, "must be minmax | entropy | percentile"),
-    ({"per_channel": "maybe"}, "must be bool"),
-    ({"samples": 2.5}, "must be int"),
-    ({"colour": "red"}, "has no option colour"),
+@pytest.mark.parametrize("name, options, message", [
+    ("onnx-static", {"method": "median"}, "must be minmax | entropy | percentile"),
+    ("onnx-static", {"per_channel": "maybe"}, "must be bool"),
+    ("onnx-static", {"samples": 2.5}, "must be int"),
+    ("onnx-static", {"colour": "red"}, "has no option colour"),
+    # values out of range: refused with the recipe, not found out as a skipped pass after loading the model
+    ("onnx-static", {"method": "percentile", "percentile": 0}, "percentile must be above 0 and at most 100"),
+    ("onnx-static", {"samples": 0}, "samples must be 1 or more"),
+    ("onnx-prune-channels", {"ratio": 1.5}, "ratio must be between 0 and 1, not 1.5"),
+    ("tflite-prune-channels", {"ratio": 0}, "ratio must be between 0 and 1, not 0"),
+    ("onnx-prune-channels", {"recover_epochs": -1}, "recover_epochs must be 0 or more"),
+    ("onnx-prune-magnitude", {"sparsity": -0.1}, "sparsity must be between 0 and 1"),
+    ("tflite-prune-magnitude", {"sparsity": 1}, "sparsity must be between 0 and 1"),
 ])
-def test_bad_pass_options_are_one_clear_error(options, message):
+def test_bad_pass_options_are_one_clear_error(name, options, message):
     with pytest.raises(ConfigError, match=message):
-        make_config(get_pass("onnx-static"), options)
+        make_config(get_pass(name), options)
 
 
 def test_named_recipes_pick_the_passes_of_the_models_format():

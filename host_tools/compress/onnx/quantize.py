@@ -85,6 +85,12 @@ class OnnxStaticInt8(Pass):
         auto_exclude: int = field(default=0, metadata={
             "help": "also leave the N nodes in float whose quantization alone hurts the output most"})
 
+        def __post_init__(self) -> None:  # refused with the recipe, before any work (make_config)
+            if not 0 < self.percentile <= 100:
+                raise ValueError(f"percentile must be above 0 and at most 100, not {self.percentile}")
+            if self.samples < 1 or self.auto_exclude < 0:
+                raise ValueError("samples must be 1 or more, auto_exclude 0 or more")
+
     def run(self, model, config, workdir):
         quiet_ort_quantizer()
         if config.calibration is None:
