@@ -522,6 +522,12 @@ def test_command_line_steps_are_typed_like_files():
     ("onnx-prune-channels", {"recover_epochs": -1}, "recover_epochs must be 0 or more"),
     ("onnx-prune-magnitude", {"sparsity": -0.1}, "sparsity must be between 0 and 1"),
     ("tflite-prune-magnitude", {"sparsity": 1}, "sparsity must be between 0 and 1"),
+    ("distill", {"epochs": 0}, "depth and epochs must be 1 or more"),  # it wrote an untrained student
+    ("distill", {"temperature": 0}, "temperature and lr must be above 0"),
+    ("distill", {"params": 2}, "params must be above 0 and at most 1"),
+    ("distill", {"labels_weight": 1.5}, "labels_weight must be between 0 and 1"),
+    ("onnx-int4", {"block_size": 24}, "block_size must be a power of 2 from 16"),
+    ("onnx-int4", {"accuracy_level": 9}, "accuracy_level must be 0 to 4"),
 ])
 def test_bad_pass_options_are_one_clear_error(name, options, message):
     with pytest.raises(ConfigError, match=message):

@@ -42,6 +42,16 @@ class Distill(Pass):
         lr: float = field(default=3e-3, metadata={"help": "Adam learning rate (cosine decay)"})
         seed: int = field(default=0, metadata={"help": "for a reproducible student"})
 
+        def __post_init__(self) -> None:  # refused with the recipe, before any work (make_config)
+            if not 0 < self.params <= 1:
+                raise ValueError(f"params must be above 0 and at most 1 (of the teacher's), not {self.params}")
+            if self.depth < 1 or self.epochs < 1:
+                raise ValueError(f"depth and epochs must be 1 or more, not {self.depth} and {self.epochs}")
+            if self.temperature <= 0 or self.lr <= 0:
+                raise ValueError(f"temperature and lr must be above 0, not {self.temperature} and {self.lr}")
+            if not 0 <= self.labels_weight <= 1:
+                raise ValueError(f"labels_weight must be between 0 and 1, not {self.labels_weight}")
+
     def run(self, model, config, workdir):
         import torch
 
