@@ -528,6 +528,9 @@ def test_command_line_steps_are_typed_like_files():
     ("distill", {"labels_weight": 1.5}, "labels_weight must be between 0 and 1"),
     ("onnx-int4", {"block_size": 24}, "block_size must be a power of 2 from 16"),
     ("onnx-int4", {"accuracy_level": 9}, "accuracy_level must be 0 to 4"),
+    ("tflite-weight-only", {"bits": 5}, "bits must be 8 or 4, not 5"),
+    ("tflite-int8", {"activation_bits": 12}, "activation_bits must be 8 or 16"),
+    ("tflite-int8", {"samples": 0}, "samples 1 or more"),
 ])
 def test_bad_pass_options_are_one_clear_error(name, options, message):
     with pytest.raises(ConfigError, match=message):

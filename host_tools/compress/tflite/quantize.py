@@ -96,11 +96,13 @@ class TfliteWeightOnlyInt8(_LiteRtPass):
     class Config(LayersConfig):
         bits: int = field(default=8, metadata={"help": "8 or 4"})
 
+        def __post_init__(self) -> None:  # refused with the recipe, before any work (make_config)
+            if self.bits not in (4, 8):
+                raise ValueError(f"bits must be 8 or 4, not {self.bits}")
+
     def configure(self, quantizer, config):
         from litert_quantizer.qtyping import TFLOperationName
 
-        if config.bits not in (4, 8):
-            raise ConfigError(f"{self.name}: bits must be 8 or 4")
         quantizer.add_weight_only_config(regex=config.layers, operation_name=TFLOperationName.ALL_SUPPORTED,
                                          num_bits=config.bits)
 
@@ -118,6 +120,11 @@ class TfliteFullInt8(_LiteRtPass):
             "help": "calibration inputs (.npz, folder, loader); default: --calib", "required": True})
         samples: int = field(default=256, metadata={"help": "calibration samples used at most"})
         activation_bits: int = field(default=8, metadata={"help": "8, or 16 for int16 activations"})
+
+        def __post_init__(self) -> None:  # refused with the recipe, before any work (make_config)
+            if self.activation_bits not in (8, 16) or self.samples < 1:
+                raise ValueError(f"activation_bits must be 8 or 16 (not {self.activation_bits}) and samples 1 "
+                                 f"or more (not {self.samples})")
 
     def configure(self, quantizer, config):
         from litert_quantizer.qtyping import TFLOperationName
