@@ -17,7 +17,7 @@ class MagnitudeConfig(PassConfig):
         "help": "one threshold over all layers, or the same sparsity in each layer"})
     min_elements: int = field(default=1024, metadata={"help": "leave smaller weight tensors alone"})
 
-    def __post_init__(self) -> None:  # refused with the recipe, before any work (make_config)
+    def __post_init__(self) -> None:  # (see PassConfig)
         if not 0 < self.sparsity < 1:
             raise ValueError(f"sparsity must be between 0 and 1, not {self.sparsity}")
 

@@ -42,7 +42,11 @@ DATA_FIELD = "calibration"
 
 @dataclass(frozen=True)
 class PassConfig:
-    """Base of every pass's config: frozen, typed, built from a recipe by ``make_config``."""
+    """Base of every pass's config: frozen, typed, built from a recipe by ``make_config``.
+
+    A config checks its own value ranges in ``__post_init__``, raising ValueError, which
+    ``make_config`` turns into a one-line ConfigError: a bad option is refused with the recipe,
+    before any model is loaded."""
 
     def to_dict(self) -> dict[str, Any]:
         out = {}

@@ -31,7 +31,7 @@ class ChannelPruningConfig(PassConfig):
     labels_weight: float = field(default=0.0, metadata={
         "help": "weight of the hard-label loss when the training data has labels (0: soft targets only)"})
 
-    def __post_init__(self) -> None:  # refused with the recipe, before any work (make_config)
+    def __post_init__(self) -> None:  # (see PassConfig)
         if not 0 < self.ratio < 1:
             raise ValueError(f"ratio must be between 0 and 1, not {self.ratio}")
         if self.recover_epochs < 0:

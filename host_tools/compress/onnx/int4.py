@@ -33,7 +33,7 @@ class OnnxInt4WeightOnly(Pass):
         gemm: bool = field(default=False, metadata={
             "help": "also Gemm layers (GPT-2's Conv1D, a Linear on 2-D input), written as MatMul + Add first"})
 
-        def __post_init__(self) -> None:  # refused with the recipe, before any work (make_config)
+        def __post_init__(self) -> None:  # (see PassConfig)
             if self.block_size < 16 or self.block_size & (self.block_size - 1):
                 raise ValueError(f"block_size must be a power of 2 from 16, not {self.block_size}")
             if not 0 <= self.accuracy_level <= 4:

@@ -85,7 +85,7 @@ class OnnxStaticInt8(Pass):
         auto_exclude: int = field(default=0, metadata={
             "help": "also leave the N nodes in float whose quantization alone hurts the output most"})
 
-        def __post_init__(self) -> None:  # refused with the recipe, before any work (make_config)
+        def __post_init__(self) -> None:  # (see PassConfig)
             if not 0 < self.percentile <= 100:
                 raise ValueError(f"percentile must be above 0 and at most 100, not {self.percentile}")
             if self.samples < 1 or self.auto_exclude < 0:

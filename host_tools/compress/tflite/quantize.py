@@ -96,7 +96,7 @@ class TfliteWeightOnlyInt8(_LiteRtPass):
     class Config(LayersConfig):
         bits: int = field(default=8, metadata={"help": "8 or 4"})
 
-        def __post_init__(self) -> None:  # refused with the recipe, before any work (make_config)
+        def __post_init__(self) -> None:  # (see PassConfig)
             if self.bits not in (4, 8):
                 raise ValueError(f"bits must be 8 or 4, not {self.bits}")
 
@@ -121,7 +121,7 @@ class TfliteFullInt8(_LiteRtPass):
         samples: int = field(default=256, metadata={"help": "calibration samples used at most"})
         activation_bits: int = field(default=8, metadata={"help": "8, or 16 for int16 activations"})
 
-        def __post_init__(self) -> None:  # refused with the recipe, before any work (make_config)
+        def __post_init__(self) -> None:  # (see PassConfig)
             if self.activation_bits not in (8, 16) or self.samples < 1:
                 raise ValueError(f"activation_bits must be 8 or 16 (not {self.activation_bits}) and samples 1 "
                                  f"or more (not {self.samples})")

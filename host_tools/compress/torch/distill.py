@@ -42,7 +42,7 @@ class Distill(Pass):
         lr: float = field(default=3e-3, metadata={"help": "Adam learning rate (cosine decay)"})
         seed: int = field(default=0, metadata={"help": "for a reproducible student"})
 
-        def __post_init__(self) -> None:  # refused with the recipe, before any work (make_config)
+        def __post_init__(self) -> None:  # (see PassConfig)
             if not 0 < self.params <= 1:
                 raise ValueError(f"params must be above 0 and at most 1 (of the teacher's), not {self.params}")
             if self.depth < 1 or self.epochs < 1:
