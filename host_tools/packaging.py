@@ -62,6 +62,10 @@ def build_bundle(model: Path, *, name: str, version: str, key: Path, out: Path,
     runtime = load_runtime(runtime_name, model)
     feeds = sample_inputs(runtime, sample)
     expected = runtime.run(feeds)
+    broken = [k for k, v in expected.items() if np.asarray(v).dtype.kind in "fc" and np.isnan(v).any()]
+    if broken:  # NaN equals nothing, itself included: the check would fail on every device, every time
+        raise ConfigError(f"the model's output {', '.join(map(repr, broken))} on the sample input is NaN, so every "
+                          f"device's health check would fail; give a --sample the model computes numbers for")
     with tempfile.TemporaryDirectory(prefix="edgefleet-bundle-") as tmp:
         sample_path = Path(tmp) / SAMPLE_FILE
         save_sample(sample_path, feeds, expected)

@@ -76,6 +76,17 @@ def test_output_paths_the_system_refuses_are_one_line(tmp_path, keys, reference_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
+def test_a_sample_the_model_answers_with_nan_is_refused_before_a_bundle_exists(tmp_path, keys, reference_model):
+    """NaN equals nothing: every device's health check of such a bundle would fail, and roll it back."""
+    import numpy as np
+
+    np.savez(tmp_path / "nan.npz", image=np.full((1, 1, 8, 8), np.nan, np.float32))
+    result = edgefleet("bundle", "build", reference_model, "--name", "m", "--version", "1.0.0", "--key", keys["key"],
+                       "--sample", tmp_path / "nan.npz", "-o", tmp_path / "m.efb")
+    assert_one_line_error(result, "output 'logits' on the sample input is NaN", "health check would fail")
+    assert not (tmp_path / "m.efb").exists()
+
+
 def test_fleet_status_without_a_database(tmp_path):
     assert_one_line_error(edgefleet("fleet", "status", "--db", tmp_path / "none.db"), "edgefleet monitor")
 
