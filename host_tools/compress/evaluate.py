@@ -83,9 +83,28 @@ def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray | None, model_fo
     if labels is None or axis is None:
         return None
     predictions = first.argmax(axis=axis)
-    if predictions.shape != np.shape(labels):
+    labels = np.asarray(labels)
+    if labels.shape == first.shape and labels.dtype.kind in "biuf":
+        labels = labels.argmax(axis=axis)  # one-hot (or probability) labels
+    if predictions.shape != labels.shape:
         return None
-    return float((predictions == labels).mean())
+    scored = _class_indices(labels, first.shape[axis])
+    return float((predictions[scored] == labels[scored]).mean())
+
+
+def _class_indices(labels: np.ndarray, classes: int) -> np.ndarray:
+    """Where *labels* name a class: a label outside 0..classes-1 is not scored (255 or -100, as
+    segmentation and token-classification data mark what to ignore). Labels that cannot be class
+    indices at all would score every model 0 %, and the guard, measuring the drop between two
+    zeros, would pass any model: refused."""
+    if labels.dtype.kind not in "biuf" or (labels.dtype.kind == "f" and not np.all(labels == np.round(labels))):
+        raise ConfigError(f"labels must be class indices (whole numbers from 0 to {classes - 1}), "
+                          f"not {labels.dtype.name} values")
+    scored = (labels >= 0) & (labels < classes)
+    if labels.size and not scored.any():
+        raise ConfigError(f"no label names one of the model's {classes} classes (0 to {classes - 1}): they run "
+                          f"from {labels.min():g} to {labels.max():g}")
+    return scored
 
 
 def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],

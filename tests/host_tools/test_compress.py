@@ -1365,3 +1365,25 @@ def test_a_result_that_cannot_be_written_leaves_no_partial_model(tmp_path, monke
     monkeypatch.undo()
     copied = ModelFile.open(MODELS / "digits_cnn.onnx").copy_to(tmp_path / "ok.onnx")
     assert copied.path.read_bytes() == (MODELS / "digits_cnn.onnx").read_bytes()
+
+
+def test_labels_that_are_not_class_indices_are_refused_and_ignore_marks_are_not_scored():
+    """Garbage labels scored every model 0 %, so the guard measured a drop of 0 between two zeros and
+    passed any model; one-hot labels were ignored without a word."""
+    from host_tools.compress.evaluate import accuracy
+
+    logits = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 1]]  # predicts 0, 1, 2, 3, 1
+    outputs = {"logits": logits}
+    assert accuracy(outputs, np.array([0, 1, 2, 3, 0]), "onnx") == 0.8
+    assert accuracy(outputs, np.eye(4)[[0, 1, 2, 3, 0]], "onnx") == 0.8  # one-hot
+    assert accuracy(outputs, np.array([0.0, 1.0, 2.0, 3.0, 0.0]), "onnx") == 0.8  # whole floats
+    assert accuracy(outputs, np.array([0, 1, 255, -100, 0]), "onnx") == 2 / 3  # ignore marks not scored
+    for labels, message in ((np.array(["a"] * 5), "must be class indices"),
+                            (np.linspace(0, 1, 5), "must be class indices"),
+                            (np.full(5, 12), "no label names one of the model's 4 classes")):
+        with pytest.raises(ConfigError, match=message):
+            accuracy(outputs, labels, "onnx")
+    # a segmentation map, channels first in ONNX: scored per pixel, 255 not scored
+    seg = np.zeros((1, 3, 2, 2), np.float32)
+    seg[0, 2] = 1.0  # every pixel: class 2
+    assert accuracy({"map": seg}, np.array([[[2, 2], [0, 255]]]), "onnx") == 2 / 3
