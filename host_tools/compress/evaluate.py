@@ -77,26 +77,24 @@ def class_axis(output: np.ndarray, model_format: str) -> int | None:
     return axis if output.shape[axis] >= 2 else None
 
 
-def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray | None, model_format: str) -> float | None:
-    first = next(iter(outputs.values()))
-    axis = class_axis(first, model_format)
+IGNORED = -100  # a label that names no class, as PyTorch's cross-entropy takes it
+
+
+def class_labels(labels: np.ndarray | None, output: np.ndarray, model_format: str) -> np.ndarray | None:
+    """*labels* as class indices shaped like *output*'s predictions (int64), or None where there are
+    none or they do not fit. One-hot (or probability) rows are read as their class. A label outside
+    the output's classes becomes IGNORED and is not scored: 255 and -100 are how segmentation and
+    token-classification data mark what to ignore. Labels that cannot be class indices at all
+    (text, fractions), or of which none names a class, would score every model 0 %, and the guard,
+    measuring the drop between two zeros, would pass any model: refused."""
+    axis = class_axis(output, model_format)
     if labels is None or axis is None:
         return None
-    predictions = first.argmax(axis=axis)
-    labels = np.asarray(labels)
-    if labels.shape == first.shape and labels.dtype.kind in "biuf":
-        labels = labels.argmax(axis=axis)  # one-hot (or probability) labels
-    if predictions.shape != labels.shape:
+    labels, classes = np.asarray(labels), output.shape[axis]
+    if labels.shape == output.shape and labels.dtype.kind in "biuf":
+        labels = labels.argmax(axis=axis)
+    if labels.shape != output.shape[:axis] + output.shape[axis + 1:]:
         return None
-    scored = _class_indices(labels, first.shape[axis])
-    return float((predictions[scored] == labels[scored]).mean())
-
-
-def _class_indices(labels: np.ndarray, classes: int) -> np.ndarray:
-    """Where *labels* name a class: a label outside 0..classes-1 is not scored (255 or -100, as
-    segmentation and token-classification data mark what to ignore). Labels that cannot be class
-    indices at all would score every model 0 %, and the guard, measuring the drop between two
-    zeros, would pass any model: refused."""
     if labels.dtype.kind not in "biuf" or (labels.dtype.kind == "f" and not np.all(labels == np.round(labels))):
         raise ConfigError(f"labels must be class indices (whole numbers from 0 to {classes - 1}), "
                           f"not {labels.dtype.name} values")
@@ -104,7 +102,17 @@ def _class_indices(labels: np.ndarray, classes: int) -> np.ndarray:
     if labels.size and not scored.any():
         raise ConfigError(f"no label names one of the model's {classes} classes (0 to {classes - 1}): they run "
                           f"from {labels.min():g} to {labels.max():g}")
-    return scored
+    return np.where(scored, labels, IGNORED).astype(np.int64)
+
+
+def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray | None, model_format: str) -> float | None:
+    first = next(iter(outputs.values()))
+    indices = class_labels(labels, first, model_format)
+    if indices is None:
+        return None
+    scored = indices != IGNORED
+    predictions = first.argmax(axis=class_axis(first, model_format))
+    return float((predictions[scored] == indices[scored]).mean())
 
 
 def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],

@@ -1387,3 +1387,23 @@ def test_labels_that_are_not_class_indices_are_refused_and_ignore_marks_are_not_
     seg = np.zeros((1, 3, 2, 2), np.float32)
     seg[0, 2] = 1.0  # every pixel: class 2
     assert accuracy({"map": seg}, np.array([[[2, 2], [0, 255]]]), "onnx") == 2 / 3
+
+
+def test_distillation_reads_one_hot_labels_and_skips_ignored_ones(tmp_path):
+    """Training takes labels as evaluation does: 255 (a label to ignore) used to stop distillation with
+    PyTorch's 'Target 255 is out of bounds', and one-hot rows were dropped without a word."""
+    from host_tools.compress.evaluate import IGNORED, class_labels
+
+    with np.load(TRAIN) as data:
+        x, y = data["x"][:64], data["y"][:64]
+    logits = np.zeros((64, 10), np.float32)
+    ignored = y.copy()
+    ignored[::4] = 255
+    assert (class_labels(ignored, logits, "onnx") == np.where(np.arange(64) % 4 == 0, IGNORED, y)).all()
+    assert (class_labels(np.eye(10)[y], logits, "onnx") == y).all()
+    for labels in (ignored, np.eye(10)[y]):
+        np.savez(tmp_path / "train.npz", x=x, y=labels)
+        report = run_recipe(ModelFile.open(MODELS / "digits_cnn.onnx"),
+                            steps([("distill", {"epochs": 1, "labels_weight": 0.5})]), train=tmp_path / "train.npz",
+                            latency_runs=2, workdir=tmp_path / "work")
+        assert report.result.label == "distill", report

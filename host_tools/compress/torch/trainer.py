@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from host_tools.compress.data import BoundData
-from host_tools.compress.evaluate import class_axis, outputs_on
+from host_tools.compress.evaluate import IGNORED, class_axis, class_labels, outputs_on
 from host_tools.compress.passes import progress
 
 
@@ -56,7 +56,8 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
     generator = torch.Generator().manual_seed(schedule.seed)
     xs = [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs]
     ts = [torch.from_numpy(np.ascontiguousarray(t)).float() for t in targets]
-    ys = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
+    indices = class_labels(labels, targets[0], model_format)  # (the first output's classes; IGNORED: none)
+    ys = torch.from_numpy(indices) if indices is not None else None
     scales = [t.var().clamp_min(1e-8) for t in ts]
     axes = [class_axis(t, model_format) for t in targets]
     softmaxed = [probabilities(t, a) for t, a in zip(targets, axes)]
@@ -118,8 +119,9 @@ def _loss(out: torch.Tensor, target: torch.Tensor, labels, scale, axis: int | No
         t = schedule.temperature
         soft = F.kl_div(F.log_softmax(out / t, dim=-1), F.softmax(target / t, dim=-1),
                         reduction="batchmean") * t * t
-        if labels is not None and schedule.labels_weight > 0 and labels.shape == out.shape[:-1]:
-            hard = F.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1))
+        if (labels is not None and schedule.labels_weight > 0 and labels.shape == out.shape[:-1]
+                and bool((labels != IGNORED).any())):  # (a batch of ignored labels only: no hard loss)
+            hard = F.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1), ignore_index=IGNORED)
             return (1 - schedule.labels_weight) * soft + schedule.labels_weight * hard
         return soft
     return F.mse_loss(out, target) / scale
