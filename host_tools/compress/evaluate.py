@@ -82,7 +82,8 @@ IGNORED = -100  # a label that names no class, as PyTorch's cross-entropy takes 
 
 def class_labels(labels: np.ndarray | None, output: np.ndarray, model_format: str) -> np.ndarray | None:
     """*labels* as class indices shaped like *output*'s predictions (int64), or None where there are
-    none or they do not fit. One-hot (or probability) rows are read as their class. A label outside
+    none or they do not fit. One-hot (or probability) rows are read as their class; rows that are not a
+    distribution (regression targets) are not. A label outside
     the output's classes becomes IGNORED and is not scored: 255 and -100 are how segmentation and
     token-classification data mark what to ignore. Labels that cannot be class indices at all
     (text, fractions), or of which none names a class, would score every model 0 %, and the guard,
@@ -91,7 +92,8 @@ def class_labels(labels: np.ndarray | None, output: np.ndarray, model_format: st
     if labels is None or axis is None:
         return None
     labels, classes = np.asarray(labels), output.shape[axis]
-    if labels.shape == output.shape and labels.dtype.kind in "biuf":
+    if labels.shape == output.shape and labels.dtype.kind in "biuf" and labels.size and labels.min() >= 0 \
+            and np.allclose(labels.sum(axis=axis), 1, atol=1e-3):  # rows of a distribution, not regression targets
         labels = labels.argmax(axis=axis)
     if labels.shape != output.shape[:axis] + output.shape[axis + 1:]:
         return None

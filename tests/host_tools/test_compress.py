@@ -1378,6 +1378,7 @@ def test_labels_that_are_not_class_indices_are_refused_and_ignore_marks_are_not_
     assert accuracy(outputs, np.eye(4)[[0, 1, 2, 3, 0]], "onnx") == 0.8  # one-hot
     assert accuracy(outputs, np.array([0.0, 1.0, 2.0, 3.0, 0.0]), "onnx") == 0.8  # whole floats
     assert accuracy(outputs, np.array([0, 1, 255, -100, 0]), "onnx") == 2 / 3  # ignore marks not scored
+    assert accuracy(outputs, np.full((5, 4), 0.7), "onnx") is None  # regression targets, not one-hot rows
     for labels, message in ((np.array(["a"] * 5), "must be class indices"),
                             (np.linspace(0, 1, 5), "must be class indices"),
                             (np.full(5, 12), "no label names one of the model's 4 classes")):
