@@ -8,7 +8,8 @@ What a source may be:
   per input), in file-name order; labels, if any, in ``labels.npy`` in the same folder.
 - ``loader.py`` (a file defining ``load()``) or ``package.module:function``: returns what an
   ``.npz`` holds (a dict of arrays), or an iterable of samples (arrays or dicts of arrays),
-  optionally as a pair ``(inputs, labels)``.
+  optionally as a pair ``(inputs, labels)``, or an iterable of ``(sample, label)`` pairs (what
+  iterating over a PyTorch Dataset gives).
 
 Arrays are matched to the model's inputs when a pass or the evaluation binds them, so one
 file serves any model that takes the same inputs.
@@ -211,6 +212,8 @@ def _from_loader(spec: str) -> Dataset:
         samples = list(result)
     except TypeError:
         raise ConfigError(f"data loader {spec} returned {type(result).__name__}, not arrays or samples") from None
+    if labels is None and samples and all(isinstance(s, tuple) and len(s) == 2 for s in samples):
+        samples, labels = [s[0] for s in samples], [s[1] for s in samples]  # (sample, label), as a torch Dataset
     return _from_samples(samples, labels, spec)
 
 

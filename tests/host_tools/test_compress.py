@@ -445,8 +445,11 @@ def test_data_from_npz_folders_and_loaders(tmp_path):
     (tmp_path / "loader.py").write_text("import numpy as np\n"
                                         f"def load():\n    return np.load({str(tmp_path / 'd.npz')!r})['image'], "
                                         "list(range(5))\n")
+    (tmp_path / "pairs.py").write_text("import numpy as np\n"  # (sample, label) pairs, as a torch Dataset
+                                       f"def load():\n    x = np.load({str(tmp_path / 'd.npz')!r})['image']\n"
+                                       "    return ((x[i], i) for i in range(5))\n")
     specs = ModelFile.open(MODELS / "digits_cnn.onnx").load().inputs
-    for source in (tmp_path / "d.npz", folder, npz_folder, tmp_path / "loader.py"):
+    for source in (tmp_path / "d.npz", folder, npz_folder, tmp_path / "loader.py", tmp_path / "pairs.py"):
         data = load_dataset(source)
         bound = data.bind(specs)
         assert np.array_equal(bound.feeds["image"], x), source
