@@ -129,12 +129,19 @@ def _check_usage(model, out, report_path, recipe, steps, auto, max_drop, eval_da
 
 
 def _run_recipe(model, recipe, steps, calib, options):
-    from host_tools.compress import load_recipe
+    from host_tools.compress import all_passes, get_pass, load_recipe
     from host_tools.compress.recipes import Recipe, parse_step
     from host_tools.compress.workflow import run_recipe
 
     if steps:
         plan = Recipe("command line", tuple(parse_step(s) for s in steps))
+        for step in plan.steps:  # asked for by name: refused now, not skipped after the model is loaded
+            formats = get_pass(step.pass_name).formats
+            if model.format not in formats:
+                twin = f"{model.format}-{step.pass_name.partition('-')[2]}"
+                hint = f"; for {model.format} models: {twin}" if twin in all_passes() else ""
+                raise ConfigError(f"pass {step.pass_name} works on {' and '.join(formats)} models, and "
+                                  f"{model.path.name} is {model.format}{hint}")
     else:
         plan = load_recipe(recipe or ("int8-static" if calib else "int8-dynamic"), model.format)
     return run_recipe(model, plan, **options)
