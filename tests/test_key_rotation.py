@@ -66,3 +66,11 @@ def test_key_commands_refuse_bad_input_in_one_line(mosquitto, tmp_path):
                           (("rotate", not_a_key, "--device", "d"), "is not a PEM public key")]:
         result = edgefleet("keys", *args, "--broker", mosquitto)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_device_that_does_not_answer_a_trust_change_is_not_said_to_refuse_it(mosquitto, keys):
+    result = edgefleet("keys", "revoke", "0123456789abcdef", "--device", "nobody-home", "--broker", mosquitto,
+                       "--key", keys["key"], "--timeout", "1", "--expires-in", "60")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stdout.strip() == ("nobody-home: no answer (nobody-home did not answer within 1s (offline?)); "
+                                     "it may still take the change if it reconnects within the command's 60 s")

@@ -81,8 +81,13 @@ def _change_trust(devices, broker, timeout, signing_key, expires_in, as_json, *,
         click.echo(json.dumps({d: {"ok": r.ok, "error": r.error, **r.body} for d, r in replies.items()}))
     else:
         for d, r in replies.items():
-            click.echo(f"{d}: " + (f"trusts {', '.join(t['key_id'] for t in r.body['trusted'])}" if r.ok
-                                   else f"refused ({r.error})"))
+            if r.ok:
+                click.echo(f"{d}: trusts {', '.join(t['key_id'] for t in r.body['trusted'])}")
+            elif not r.command_id:  # no reply (change_trust): the command may still reach it before it expires
+                click.echo(f"{d}: no answer ({r.error}); it may still take the change if it reconnects "
+                           f"within the command's {expires_in:g} s")
+            else:
+                click.echo(f"{d}: refused ({r.error})")
     if not all(r.ok for r in replies.values()):
         sys.exit(1)
 
