@@ -191,6 +191,14 @@ def _from_folder(folder: Path) -> Dataset:
     if {p.suffix for p in files} != {files[0].suffix}:
         raise ConfigError(f"{folder}: mix of .npy and .npz files; use one kind")
     samples = [_read_npy(p) if p.suffix == ".npy" else _read_npz(p) for p in files]
+    shapes = [{k: np.shape(v) for k, v in s.items()} if isinstance(s, Mapping) else np.shape(s) for s in samples]
+    inputs = [set(shape) if isinstance(shape, dict) else None for shape in shapes]
+    if all(names == inputs[0] for names in inputs):  # (files with other inputs: _from_samples says so)
+        odd = next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)
+        if odd is not None:
+            raise ConfigError(f"{folder}: each file holds one sample, so all need the same shape, but "
+                              f"{files[0].name} is {shapes[0]} and {files[odd].name} {shapes[odd]}; for batches "
+                              f"of samples, use one .npz or a loader")
     labels = _read_npy(labels_file) if labels_file.is_file() else None
     return _from_samples(samples, labels, str(folder))
 

@@ -474,6 +474,15 @@ def test_data_is_cast_within_a_kind_and_refused_across(tmp_path):
         Dataset({"x": holes}, None, "holes").bind(specs)
 
 
+def _batches_folder(parent: Path) -> Path:
+    """A folder of .npy files holding batches, not single samples."""
+    folder = parent / "batches"
+    folder.mkdir()
+    np.save(folder / "a.npy", np.zeros((2, 1, 8, 8), np.float32))
+    np.save(folder / "b.npy", np.zeros((3, 1, 8, 8), np.float32))
+    return folder
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: p / "missing.npz", "does not exist"),
     (lambda p: (p / "bad.npz").write_bytes(b"nope") and p / "bad.npz", "cannot read"),
@@ -484,6 +493,8 @@ def test_data_is_cast_within_a_kind_and_refused_across(tmp_path):
     (lambda p: (p / "broken.py").write_text("def load():\n    raise RuntimeError('disk gone')\n") and p / "broken.py",
      "disk gone"),
     (lambda p: "no_such_module_xyz:load", "cannot import"),
+    (lambda p: _batches_folder(p), r"each file holds one sample, .* a.npy is \(2, 1, 8, 8\) and b.npy \(3, 1, 8, 8\); "
+                                   r"for batches of samples, use one .npz or a loader"),
 ])
 def test_bad_data_is_one_clear_error(tmp_path, make, message):
     with pytest.raises(ConfigError, match=message):
