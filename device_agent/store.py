@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_agent.bundle import BundleReader, Manifest
 from device_agent.errors import BundleError
+from device_agent.files import replaced_when_written
 
 
 @dataclass(frozen=True)
@@ -52,16 +53,10 @@ def fsync_dir(path: Path) -> None:
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace *path* with *data* so that a crash leaves either the old or the new bytes, durably."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk: the old file stays, and no partial copy beside it
-        tmp.unlink(missing_ok=True)
-        raise
+    with replaced_when_written(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     fsync_dir(path.parent)
 
 

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from device_agent.bundle import signing
 from device_agent.bundle.manifest import Manifest
 from device_agent.errors import BundleError, IntegrityError
+from device_agent.files import replaced_when_written
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -60,25 +61,20 @@ def write_bundle(out: Path, manifest: Manifest, signature: signing.Signature,
     *compress*, each file that zstd makes smaller is stored compressed."""
     if set(sources) != {f.path for f in manifest.files}:
         raise BundleError("the files given do not match the files the manifest lists")
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for name, data in ((MANIFEST_NAME, manifest.to_json()), (SIGNATURE_NAME, signature.to_json())):
-                _add_bytes(tar, name, data)
-            for entry in manifest.files:
-                packed = _zstd_file(Path(sources[entry.path]), tmp) if compress else None
-                try:
-                    if packed is not None and worth_compressing(entry.size, packed.stat().st_size):
-                        _add_file(tar, entry.path + COMPRESSED_SUFFIX, packed)
-                    else:
-                        _add_file(tar, entry.path, Path(sources[entry.path]))
-                finally:
-                    if packed is not None:
-                        packed.unlink()
-        os.replace(tmp, out)
-    except BaseException:  # a full disk, a folder named like the bundle, Ctrl-C: no half-written file stays
-        tmp.unlink(missing_ok=True)
-        raise
+    with replaced_when_written(out) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in ((MANIFEST_NAME, manifest.to_json()), (SIGNATURE_NAME, signature.to_json())):
+            _add_bytes(tar, name, data)
+        packed = tmp.with_name(tmp.name + ".member.zst")
+        for entry in manifest.files:
+            try:
+                if compress:
+                    _zstd_file(Path(sources[entry.path]), packed)
+                if compress and worth_compressing(entry.size, packed.stat().st_size):
+                    _add_file(tar, entry.path + COMPRESSED_SUFFIX, packed)
+                else:
+                    _add_file(tar, entry.path, Path(sources[entry.path]))
+            finally:  # (however far the compression got)
+                packed.unlink(missing_ok=True)
     return out
 
 
@@ -97,14 +93,9 @@ def stored_size(path: Path) -> int:
     return compressed if worth_compressing(size, compressed) else size
 
 
-def _zstd_file(source: Path, near: Path) -> Path:
-    packed = near.with_name(near.name + ".member.zst")
-    try:
-        with open(source, "rb") as src, open(packed, "wb") as dst:
-            _compressor().copy_stream(src, dst)
-    except BaseException:
-        packed.unlink(missing_ok=True)
-        raise
+def _zstd_file(source: Path, packed: Path) -> Path:
+    with open(source, "rb") as src, open(packed, "wb") as dst:
+        _compressor().copy_stream(src, dst)
     return packed
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from device_agent.errors import ConfigError, ModelError
+from device_agent.files import replaced_when_written
 from device_agent.runtime.base import first_line
 
 FORMATS = {"onnx": "onnxruntime", "tflite": "tflite"}
@@ -59,13 +59,8 @@ class ModelFile:
         pairs = [(self.path, out)] + [(f, out.parent / f.relative_to(self.path.parent)) for f in self.files[1:]]
         for source, target in pairs:
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".tmp")  # a failed copy (a full disk) leaves no model-looking file
-            try:
+            with replaced_when_written(target) as partial:  # a failed copy leaves no model-looking file
                 shutil.copyfile(source, partial)
-                os.replace(partial, target)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
         return ModelFile(out, self.format)
 
     def load(self, threads: int | None = None):
