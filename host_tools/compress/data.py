@@ -163,24 +163,32 @@ def _from_arrays(arrays: dict[str, Any], source: str) -> Dataset:
     return Dataset(arrays, labels, source)
 
 
-def _from_samples(samples: list, labels, source: str) -> Dataset:
+def _from_samples(samples: list, labels, source: str, files: list[str] | None = None) -> Dataset:
+    """*files*: the name of the file each sample came from (a folder's), for the errors."""
     if not samples:
         raise ConfigError(f"{source}: no samples")
     if all(isinstance(s, Mapping) for s in samples):
         names = set(samples[0])
         if any(set(s) != names for s in samples):
             raise ConfigError(f"{source}: every sample must have the same inputs")
-        arrays = {n: _stack([s[n] for s in samples], source) for n in names}
+        arrays = {n: _stack([s[n] for s in samples], source, files, n) for n in names}
     else:
-        arrays = {"x": _stack(samples, source)}
+        arrays = {"x": _stack(samples, source, files)}
     return _from_arrays({**arrays, **({"labels": labels} if labels is not None else {})}, source)
 
 
-def _stack(samples: list, source: str) -> np.ndarray:
+def _stack(samples: list, source: str, files: list[str] | None = None, name: str | None = None) -> np.ndarray:
     try:
         return np.stack([np.asarray(s) for s in samples])
     except ValueError as exc:
-        raise ConfigError(f"{source}: samples differ in shape ({exc})") from None
+        shapes = [np.shape(s) for s in samples] if files else []
+        odd = next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)
+        if odd is None:
+            raise ConfigError(f"{source}: samples differ in shape ({exc})") from None
+        where = f"{name!r} in " if name else ""
+        raise ConfigError(f"{source}: each file holds one sample, so all need the same shape, but {where}"
+                          f"{files[0]} is {shapes[0]} and {files[odd]} {shapes[odd]}; for batches of samples, "
+                          f"use one .npz or a loader") from None
 
 
 def _from_folder(folder: Path) -> Dataset:
@@ -191,16 +199,8 @@ def _from_folder(folder: Path) -> Dataset:
     if {p.suffix for p in files} != {files[0].suffix}:
         raise ConfigError(f"{folder}: mix of .npy and .npz files; use one kind")
     samples = [_read_npy(p) if p.suffix == ".npy" else _read_npz(p) for p in files]
-    shapes = [{k: np.shape(v) for k, v in s.items()} if isinstance(s, Mapping) else np.shape(s) for s in samples]
-    inputs = [set(shape) if isinstance(shape, dict) else None for shape in shapes]
-    if all(names == inputs[0] for names in inputs):  # (files with other inputs: _from_samples says so)
-        odd = next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)
-        if odd is not None:
-            raise ConfigError(f"{folder}: each file holds one sample, so all need the same shape, but "
-                              f"{files[0].name} is {shapes[0]} and {files[odd].name} {shapes[odd]}; for batches "
-                              f"of samples, use one .npz or a loader")
     labels = _read_npy(labels_file) if labels_file.is_file() else None
-    return _from_samples(samples, labels, str(folder))
+    return _from_samples(samples, labels, str(folder), files=[p.name for p in files])
 
 
 def _from_loader(spec: str) -> Dataset:
