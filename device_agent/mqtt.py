@@ -187,8 +187,11 @@ class MqttClient:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected.is_set()
+        refused = self._waiting_to_connect and not was_connected  # connect() reports it
+        if reason_code != 0 and not refused:  # said before `connected` turns False, which others act on
+            log.warning("lost the connection to %s (%s); reconnecting", self.broker, reason_code)
         self._connected.clear()
-        if self._waiting_to_connect and not was_connected:
+        if refused:
             self._refusal = self._refusal or (
                 "closed the connection before accepting it (does it require TLS or a client certificate? "
                 "see --tls-ca, --tls-cert, --tls-key)" if self.tls is None else
@@ -196,9 +199,6 @@ class MqttClient:
                 "--tls-key)" if self.tls.cert is None else
                 "closed the TLS connection before accepting it (is the client certificate from the broker's CA?)")
             self._refused.set()
-            return
-        if reason_code != 0:
-            log.warning("lost the connection to %s (%s); reconnecting", self.broker, reason_code)
 
     # -- messages ---------------------------------------------------------------------
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, *, wait: float | None = None) -> bool:

@@ -15,7 +15,7 @@ from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.commands import DeployCommand, RollbackCommand
 from device_agent.protocol.reports import DEPLOY_FINAL, DeploymentEvent
-from host_tools.serve import BundleServer
+from host_tools.serve import BundleServer, check_broker_passes_chunks
 from host_tools.terminal import console
 
 
@@ -137,6 +137,7 @@ def run_deployment(client: MqttClient, bundle: Path, devices: Iterable[str], *, 
                    allow_downgrade: bool = False, serve: bool = True) -> dict[str, DeviceProgress]:
     """Serve *bundle* (unless *serve* is False: a running `edgefleet serve` does), deploy it to
     *devices* and show one progress bar per device until all are done."""
+    check_broker_passes_chunks(client, chunk_size)
     server = BundleServer(client, chunk_size=chunk_size)
     if serve:
         server.start()

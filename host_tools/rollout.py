@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 from device_agent.bundle import BundleReader
 from device_agent.errors import ConfigError
+from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 from host_tools.deploy import Deployment, incompatible, run_rollback
 from host_tools.fleet.store import FleetStore
 from host_tools.fleet.view import matching
@@ -87,6 +88,7 @@ class RolloutPlan:
     pending_timeout_s: float = 600.0  # after the last stage, how long to wait for devices that were offline
     max_in_flight: int | None = None  # devices updating at once within a stage (waves); None: the whole stage
     devices: list[str] = field(default_factory=list)  # explicit device ids, instead of selectors
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # transfer chunk size offered to devices (the broker's packet limit)
 
     def __post_init__(self) -> None:
         if not self.stages or any(not 0 < s <= 100 for s in self.stages) or self.stages != sorted(self.stages):
@@ -97,6 +99,8 @@ class RolloutPlan:
             raise ConfigError("max failure rate is a fraction between 0 and 1")
         if self.max_in_flight is not None and self.max_in_flight < 1:
             raise ConfigError("max in flight is at least 1 device")
+        if not 1024 <= self.chunk_size <= MAX_CHUNK_SIZE:
+            raise ConfigError("chunk size is 1 KiB to 1 MiB")
 
 
 class RolloutStore:
@@ -200,7 +204,7 @@ class Rollout:
         # the version before, on the same devices, in its last ten minutes
         before = self._inference(devices, time.time() - 600, exclude=self.manifest.label)
         self._p99_before, self._errors_before = _p99(before, last=10), _error_rate(before)
-        server = self.server = BundleServer(self.client)  # its stats stay readable afterwards
+        server = self.server = BundleServer(self.client, chunk_size=self.plan.chunk_size)  # its stats stay readable
         server.start()
         try:
             for stage in range(doc["stage"], len(self.plan.stages)):

@@ -100,7 +100,7 @@ def announced(broker, device_id: str, timeout: float = 30) -> bool:
 class Mosquitto:
     """A real Mosquitto on a free loopback port; can be stopped and started again on the same port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra_conf: str = "") -> None:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             pytest.fail("mosquitto is not installed: run the README's test command (make test), "
@@ -109,7 +109,7 @@ class Mosquitto:
         self.address = BrokerAddress("127.0.0.1", free_port())
         self.config = workdir / "mosquitto.conf"
         self.config.write_text(f"listener {self.address.port} 127.0.0.1\nallow_anonymous true\n"
-                               "persistence false\nmax_queued_messages 10000\nset_tcp_nodelay true\n")
+                               "persistence false\nmax_queued_messages 10000\nset_tcp_nodelay true\n" + extra_conf)
         self.log = workdir / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
 

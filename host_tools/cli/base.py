@@ -10,6 +10,7 @@ import click
 from device_agent import __version__
 from device_agent.errors import ConfigError
 from device_agent.mqtt import BrokerAddress, MqttClient
+from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 
 DEFAULT_HOME = Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".local/share/edgefleet"))
 
@@ -20,6 +21,9 @@ db_option = click.option("--db", type=click.Path(path_type=Path), default=DEFAUL
 devices_option = click.option("--device", "devices", multiple=True, required=True,
                               help="Target device id; repeatable.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+chunk_size_option = click.option(
+    "--chunk-size", default=DEFAULT_CHUNK_SIZE, show_default=True, type=click.IntRange(1024, MAX_CHUNK_SIZE),
+    help="Transfer chunk size in bytes: keep a chunk and its ~110-byte header under the broker's packet limit.")
 
 
 def signing_options(fn):

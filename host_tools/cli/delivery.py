@@ -11,9 +11,8 @@ import click
 
 from device_agent.cli import fail_cleanly
 from device_agent.errors import ConfigError
-from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE
 from host_tools.cli.base import (
-    DEFAULT_HOME, broker_option, command_signer, host_client, json_option, main, signing_options, devices_option,
+    DEFAULT_HOME, broker_option, chunk_size_option, command_signer, host_client, json_option, main, signing_options, devices_option,
 )
 from host_tools.cli.fleet import fleet_rows
 from host_tools.terminal import console
@@ -24,8 +23,7 @@ from host_tools.terminal import console
 @devices_option
 @broker_option
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every device.")
-@click.option("--chunk-size", default=DEFAULT_CHUNK_SIZE, show_default=True, type=click.IntRange(1024, 1 << 20),
-              help="Transfer chunk size in bytes (keep it under the broker's packet limit).")
+@chunk_size_option
 @click.option("--allow-downgrade", is_flag=True,
               help="Let devices install a lower release than the one they have committed.")
 @click.option("--no-serve", is_flag=True, help="Do not answer chunk requests here: `edgefleet serve` does.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -12,7 +13,7 @@ import click
 from device_agent.cli import fail_cleanly
 from device_agent.errors import ConfigError
 from host_tools.cli.base import (
-    broker_option, command_signer, db_option, host_client, json_option, main, signing_options,
+    broker_option, chunk_size_option, command_signer, db_option, host_client, json_option, main, signing_options,
 )
 from host_tools.terminal import console
 
@@ -77,11 +78,24 @@ class _Progress:
             self.live.stop()
 
 
-def _run_rollout(store, rollout_id, broker, signing_key, expires_in, as_json) -> None:
-    from host_tools.rollout import Rollout
+def _connect(broker, signing_key, expires_in, chunk_size):
+    """The signer and the broker client for a rollout, before the rollout is touched: a bad key,
+    a broker that is away or one that cannot pass its chunks changes nothing."""
+    from host_tools.serve import check_broker_passes_chunks
 
     signer = command_signer(signing_key, expires_in)
     client = host_client(broker, "rollout")
+    try:
+        check_broker_passes_chunks(client, chunk_size)
+    except BaseException:
+        client.disconnect()
+        raise
+    return signer, client
+
+
+def _run_rollout(store, rollout_id, signer, client, as_json) -> None:
+    from host_tools.rollout import Rollout
+
     shown = _Progress(console(stderr=True))
     try:
         doc = Rollout(store, rollout_id, client, signer, log=shown.log, progress=shown.update).run()
@@ -116,13 +130,15 @@ def _run_rollout(store, rollout_id, broker, signing_key, expires_in, as_json) ->
               help="After the last stage, seconds to wait for devices that were offline in theirs.")
 @click.option("--max-in-flight", type=click.IntRange(1), help="At most this many devices updating at once "
               "(a stage goes in waves) [default: a whole stage at once].")
+@chunk_size_option
 @db_option
 @broker_option
 @signing_options
 @json_option
 @fail_cleanly
 def rollout_start(bundle_path, group, selectors, devices, stages, window, stage_timeout, max_failure_rate,
-                  max_p99_ratio, max_error_rate, rollback_on_halt, pending_timeout, max_in_flight, db, broker, signing_key, expires_in, as_json) -> None:
+                  max_p99_ratio, max_error_rate, rollback_on_halt, pending_timeout, max_in_flight, chunk_size,
+                  db, broker, signing_key, expires_in, as_json) -> None:
     from device_agent.bundle import BundleReader
     from host_tools.rollout import RolloutPlan
 
@@ -138,12 +154,12 @@ def rollout_start(bundle_path, group, selectors, devices, stages, window, stage_
                        stages=percents, window_s=window, stage_timeout_s=stage_timeout,
                        max_failure_rate=max_failure_rate, max_p99_ratio=max_p99_ratio, max_error_rate=max_error_rate,
                        rollback_on_halt=rollback_on_halt, pending_timeout_s=pending_timeout,
-                       max_in_flight=max_in_flight,
-                       devices=list(devices))
+                       max_in_flight=max_in_flight, chunk_size=chunk_size, devices=list(devices))
     store = _rollout_store(db)
+    signer, client = _connect(broker, signing_key, expires_in, chunk_size)
     rollout_id = store.create(plan)
     console(stderr=True).print(f"rollout {rollout_id} started")
-    _run_rollout(store, rollout_id, broker, signing_key, expires_in, as_json)
+    _run_rollout(store, rollout_id, signer, client, as_json)
 
 
 @rollout.command("resume", help="Carry on with ROLLOUT_ID (paused, interrupted by a host restart, or waiting "
@@ -163,10 +179,12 @@ def rollout_resume(rollout_id, pending_timeout, db, broker, signing_key, expires
     doc = store.get(rollout_id)
     if doc["state"] not in ("running", "paused", "pending"):
         raise ConfigError(f"rollout {rollout_id} is {doc['state']}; only a running, paused or pending one resumes")
+    plan = RolloutPlan(**doc["plan"])
+    signer, client = _connect(broker, signing_key, expires_in, plan.chunk_size)
     if pending_timeout is not None:
-        store.set_plan(rollout_id, RolloutPlan(**{**doc["plan"], "pending_timeout_s": pending_timeout}))
+        store.set_plan(rollout_id, replace(plan, pending_timeout_s=pending_timeout))
     store.set_state(rollout_id, "running")
-    _run_rollout(store, rollout_id, broker, signing_key, expires_in, as_json)
+    _run_rollout(store, rollout_id, signer, client, as_json)
 
 
 @rollout.command("status", help="Where ROLLOUT_ID is: its stage, and each device's outcome and reason.")
