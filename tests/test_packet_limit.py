@@ -12,7 +12,7 @@ from device_agent.mqtt import MqttClient
 
 from host_tools.fleet.store import FleetStore
 from host_tools.serve import check_broker_passes_chunks
-from tests.conftest import Mosquitto, edgefleet, wait_until
+from tests.conftest import MODELS, Mosquitto, edgefleet, wait_until
 
 LIMIT = 24 * 1024  # bytes per MQTT packet; the default 64 KiB chunks do not fit
 DEVICES = ["lim-0", "lim-1"]
@@ -33,8 +33,8 @@ def rollout(monitor, mosquitto, bundle, *extra):
                      "--broker", mosquitto, "--stages", "50,100", "--window", "0", "--json", *extra, timeout=300)
 
 
-def test_a_rollout_with_chunks_under_the_brokers_packet_limit_reaches_every_device(agents, monitor, mosquitto,
-                                                                                    make_bundle):
+def test_chunks_under_the_brokers_packet_limit_reach_devices_in_rollouts_and_benchmarks(agents, monitor, mosquitto,
+                                                                                         make_bundle, keys, tmp_path):
     bundle = make_bundle("1.0.0")
     assert bundle.stat().st_size > 4 * LIMIT  # several chunks, not one small message
     for device in DEVICES:
@@ -49,6 +49,20 @@ def test_a_rollout_with_chunks_under_the_brokers_packet_limit_reaches_every_devi
     assert json.loads(edgefleet("rollout", "status", doc["rollout_id"], "--db", monitor, "--json").stdout)["plan"][
         "chunk_size"] == 16 * 1024  # kept with the rollout: `rollout resume` offers the same chunks
 
+    # The commands that send a bundle to time it on a device: with smaller chunks it works, without, one line.
+    bench = edgefleet("bench", make_bundle("2.0.0"), "--device", "lim-0", "--broker", mosquitto, "--runs", 5,
+                      "--chunk-size", 16 * 1024, "--json")
+    assert bench.returncode == 0 and json.loads(bench.stdout)["p50_ms"] > 0, bench.stderr
+    compress = ("compress", MODELS / "digits_cnn.onnx", "--recipe", "int8-dynamic", "--eval",
+                MODELS / "digits_heldout.npz", "-o", tmp_path / "x.onnx", "--device", "lim-0", "--broker", mosquitto,
+                "--key", keys["key"], "--latency-runs", 10)
+    result = edgefleet(*compress)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("is its packet limit smaller? use a smaller --chunk-size")
+    assert "evaluating" not in result.stderr and not (tmp_path / "x.onnx").exists()  # before compressing anything
+    result = edgefleet(*compress, "--chunk-size", 16 * 1024, "--json", timeout=300)
+    assert result.returncode == 0 and "device lim-0" in json.loads(result.stdout)["latency_method"], result.stderr
+
 
 def test_rollout_refuses_a_chunk_size_outside_what_devices_accept(monitor, mosquitto, make_bundle):
     for size in ("512", str(2 << 20)):
@@ -59,8 +73,9 @@ def test_rollout_refuses_a_chunk_size_outside_what_devices_accept(monitor, mosqu
 def test_chunks_too_large_for_the_broker_are_one_clear_error_before_anything_is_sent(monitor, mosquitto, make_bundle):
     bundle = make_bundle("1.0.0")
     deploy = edgefleet("deploy", bundle, "--device", "lim-0", "--broker", mosquitto, "--timeout", "60")
+    bench = edgefleet("bench", bundle, "--device", "lim-0", "--broker", mosquitto, "--json")
     rollout_start = rollout(monitor, mosquitto, bundle)
-    for result in (deploy, rollout_start):
+    for result in (deploy, bench, rollout_start):
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         (line,) = result.stderr.strip().splitlines()
         assert "is its packet limit smaller? use a smaller --chunk-size" in line

@@ -11,7 +11,9 @@ import click
 
 from device_agent.cli import fail_cleanly
 from device_agent.errors import ConfigError
-from host_tools.cli.base import broker_option, command_signer, host_client, json_option, main, signing_options
+from host_tools.cli.base import (
+    broker_option, chunk_size_option, command_signer, host_client, json_option, main, signing_options,
+)
 from host_tools.terminal import console
 
 DATA_HELP = ".npz, a folder of .npy/.npz samples, or a loader (file.py defining load(), or module:function)"
@@ -48,13 +50,15 @@ DATA_HELP = ".npz, a folder of .npy/.npz samples, or a loader (file.py defining 
               "agent's benchmark command (needs --broker and a --key the device trusts; nothing is activated).")
 @click.option("--device-timeout", type=click.FloatRange(1), default=300.0, show_default=True,
               help="Seconds to wait for the device's result for each model.")
+@chunk_size_option
 @broker_option
 @signing_options
 @click.option("--list", "list_only", is_flag=True, help="List the passes and the named recipes.")
 @json_option
 @fail_cleanly
 def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, auto, goal, report_path, latency_runs,
-             threads, device_id, device_timeout, broker, signing_key, expires_in, list_only, as_json) -> None:
+             threads, device_id, device_timeout, chunk_size, broker, signing_key, expires_in, list_only,
+             as_json) -> None:
     if list_only:
         _list(as_json)
         return
@@ -68,7 +72,7 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
     say = lambda msg: err.print(f"[dim]{msg}[/]", highlight=False)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp, contextlib.ExitStack() as stack:
         bench = _device_bench(stack, device_id, broker, signing_key, expires_in, latency_runs,
-                              device_timeout, say) if device_id else None
+                              device_timeout, chunk_size, say) if device_id else None
         options = dict(calib=calib, train=train_data, eval_data=eval_data, workdir=Path(tmp), latency_runs=latency_runs,
                        latency_threads=threads, progress=say, device_bench=bench)
         if auto:
@@ -163,17 +167,20 @@ def _refusal(report, max_drop: float | None, out: Path) -> str | None:
 
 
 def _device_bench(stack, device_id: str, broker: str, signing_key: Path, expires_in: float, runs: int,
-                  timeout: float, say):
+                  timeout: float, chunk_size: int, say):
     from host_tools.ask import device_status
     from host_tools.compress.device import DeviceBench
+    from host_tools.serve import check_broker_passes_chunks
 
     signer = command_signer(signing_key, expires_in)
     client = host_client(broker, "compress")
     stack.callback(client.disconnect)
-    # Before any compressing: a device that is not there is an error now, not after the whole search.
+    # Before any compressing: a device that is not there, or a broker that cannot pass the models'
+    # chunks, is an error now, not after the whole search.
     say(f"asking {device_id} for its status")
     device_status(client, device_id, min(timeout, 10.0))
-    return DeviceBench(client, device_id, signing_key, signer, runs=runs, timeout=timeout)
+    check_broker_passes_chunks(client, chunk_size)
+    return DeviceBench(client, device_id, signing_key, signer, runs=runs, timeout=timeout, chunk_size=chunk_size)
 
 
 def _list(as_json: bool) -> None:

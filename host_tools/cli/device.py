@@ -9,7 +9,9 @@ from pathlib import Path
 import click
 
 from device_agent.cli import fail_cleanly
-from host_tools.cli.base import broker_option, host_client, json_option, main, signed_request, signing_options
+from host_tools.cli.base import (
+    broker_option, chunk_size_option, host_client, json_option, main, signed_request, signing_options,
+)
 from host_tools.terminal import console
 
 
@@ -85,21 +87,27 @@ def device_config(device_id, assignments, resets, broker, timeout, signing_key, 
 @click.option("--runs", default=100, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0, 100_000))
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for the result.")
+@chunk_size_option
 @signing_options
 @json_option
 @fail_cleanly
-def bench(bundle_path, device_id, broker, runs, warmup, timeout, signing_key, expires_in, as_json) -> None:
+def bench(bundle_path, device_id, broker, runs, warmup, timeout, chunk_size, signing_key, expires_in, as_json) -> None:
     from device_agent.bundle import BundleReader
     from host_tools.ask import bench_bundle
+    from host_tools.serve import check_broker_passes_chunks
 
     with BundleReader(bundle_path):  # one clear line if it is not a bundle, before anything is sent
         pass
+
+    def send(client, signer):
+        check_broker_passes_chunks(client, chunk_size)
+        return bench_bundle(client, device_id, bundle_path, runs=runs, warmup=warmup, timeout=timeout, signer=signer,
+                            chunk_size=chunk_size)
+
     if not as_json:
         console(stderr=True).print(f"benchmarking {bundle_path.name} on {device_id} "
                                    f"({warmup} warm-up + {runs} runs)...")
-    r = signed_request(broker, "bench", signing_key, expires_in, f"{device_id} could not benchmark the bundle",
-                       lambda client, signer: bench_bundle(client, device_id, bundle_path, runs=runs, warmup=warmup,
-                                                           timeout=timeout, signer=signer))
+    r = signed_request(broker, "bench", signing_key, expires_in, f"{device_id} could not benchmark the bundle", send)
     if as_json:
         click.echo(json.dumps(r))
         return

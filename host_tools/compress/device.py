@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from device_agent.errors import CompressionError
+from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE
 from host_tools.compress.data import BoundData
 from host_tools.compress.evaluate import Latency
 from host_tools.compress.model import ModelFile
@@ -31,6 +32,7 @@ class DeviceBench:
     runs: int = 100
     warmup: int = 10
     timeout: float = 300.0
+    chunk_size: int = DEFAULT_CHUNK_SIZE
 
     @property
     def where(self) -> str:
@@ -49,7 +51,7 @@ class DeviceBench:
                                  key=self.key, out=bundle, sample=data.sample(0))
                 say(f"timing {models[i].path.name} on {self.device} ({self.runs} runs)")
                 reply = bench_bundle(self.client, self.device, bundle, runs=self.runs, warmup=self.warmup,
-                                     timeout=self.timeout, signer=self.signer)
+                                     timeout=self.timeout, signer=self.signer, chunk_size=self.chunk_size)
                 if not reply.ok:
                     raise CompressionError(f"{self.device} could not benchmark {models[i].path.name}: {reply.error}")
                 medians.setdefault(i, []).append((reply.body["p50_ms"], reply.body["p90_ms"]))
