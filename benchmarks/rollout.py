@@ -43,6 +43,7 @@ from common import machine_line, make_bundle, start_broker  # noqa: E402
 
 from device_agent.bundle.signing import generate_key_pair  # noqa: E402
 from device_agent.mqtt import BrokerAddress, MqttClient  # noqa: E402
+from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE  # noqa: E402
 from host_tools.fleet.store import FleetStore  # noqa: E402
 from host_tools.rollout import Rollout, RolloutPlan, RolloutStore  # noqa: E402
 from host_tools.signer import CommandSigner  # noqa: E402
@@ -108,6 +109,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--size-mib", type=float, default=4.0, help="The new bundle's size [4].")
     parser.add_argument("--max-in-flight", type=int, default=250, help="Devices updating at once [250].")
+    parser.add_argument("--chunk-kib", type=int, default=DEFAULT_CHUNK_SIZE // 1024,
+                        help=f"Transfer chunk size in KiB [{DEFAULT_CHUNK_SIZE // 1024}].")
     parser.add_argument("--keep", action="store_true", help="Keep the work directory (logs, databases).")
     args = parser.parse_args()
     count = args.devices or (200 if args.quick else 1000)
@@ -150,7 +153,7 @@ def main() -> None:
         store = RolloutStore(FleetStore(db))
         plan = RolloutPlan(bundle=str(new), selectors=["group=bench"], stages=STAGES, window_s=0.0,
                            stage_timeout_s=600.0, max_p99_ratio=None,
-                           max_in_flight=args.max_in_flight)
+                           max_in_flight=args.max_in_flight, chunk_size=args.chunk_kib * 1024)
         rollout_id = store.create(plan)
         stage_started: list[float] = []
 
@@ -190,7 +193,7 @@ def main() -> None:
         if fleet is not None:
             fleet.stop()
         if monitor is not None:
-            monitor.send_signal(signal.SIGINT)
+            monitor.send_signal(signal.SIGTERM)  # not SIGINT: a script's background jobs ignore it
             monitor.wait(30)
         stop_broker()
         if args.keep:
@@ -198,7 +201,7 @@ def main() -> None:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nrollout of a {size / MiB:.2f} MiB bundle to {count} simulated devices "
+    print(f"\nrollout of a {size / MiB:.2f} MiB bundle in {args.chunk_kib} KiB chunks to {count} simulated devices "
           f"({-(-count // 100)} worker processes), stages {' -> '.join(f'{s:g}%' for s in STAGES)}, "
           f"at most {args.max_in_flight} updating at once, health window 0, {TRIAL_S:g} s trial per device, "
           f"broker {broker_name}")
