@@ -95,6 +95,8 @@ class Download:
         self._fanout = fanout
         self._session = os.urandom(4).hex()  # this download's subscription to the shared chunk topic
         self._connection = 0  # the client's connection count the session began on
+        self._shared: str | None = None  # that topic, while subscribed
+        self._seen: int | None = None  # the lowest publish number (seq) the session received there
         self._refill_at = max(1, window // 4)  # free slots that make a new request worth sending
         self._cond = threading.Condition()
         self._received: dict[int, int] = {}  # chunk written -> the CRC-32 its message carried
@@ -128,6 +130,7 @@ class Download:
             if shared:  # fan-out only once the broker has granted it: else chunks sent there would be lost
                 self._fanout = self._client.subscribe(shared, self._router, qos=CHUNK_QOS, wait=5.0)
                 self._connection = self._client.connections
+                self._shared = shared
             while True:
                 self._fetch()
                 if self._digest() == offer.sha256:
@@ -214,10 +217,11 @@ class Download:
                 # server takes this device for one that began listening now, and answers its asks
                 # for those chunks (as the same session, it would wait for each to be asked twice).
                 self._session, self._connection = os.urandom(4).hex(), self._client.connections
+                self._seen = None
             for i in wanted:
                 self._requested[i] = now
             request = ChunkRequest(self._device_id, tuple(wanted), self._offer.chunk_size, self._fanout,
-                                   self._session if self._fanout else None)
+                                   self._session if self._fanout else None, self._seen if self._fanout else None)
             self._client.publish(topics.chunk_request(self._offer.sha256), request.to_payload(), qos=1)
 
     def _due(self, now: float, total: int) -> list[int]:
@@ -278,11 +282,20 @@ class Download:
                 self._hasher.update(block)
         return self._hasher.hexdigest()
 
+    def _note_seen(self, seq) -> None:
+        """A publish on the shared topic reached us: from the lowest such number on, every one did
+        (the broker keeps one publisher's order on a topic), which our requests tell the server, so
+        that it does not send them again to a device that asked for them just after they went out."""
+        if type(seq) is int and seq >= 0 and (self._seen is None or seq < self._seen):
+            self._seen = seq
+
     def _on_chunk(self, topic: str, payload: bytes) -> None:
         self.messages += 1
         try:
             peeked = Chunk.peek(payload)
             bundle, index = peeked[:2]
+            if topic == self._shared:
+                self._note_seen(peeked[2].get("seq"))
             if bundle != self._offer.sha256 or index in self._received:
                 self.duplicates += 1  # another device's answer, or one we have: not worth a hash
                 return

@@ -19,6 +19,12 @@ us before it. For a chunk a fan-out device asks for:
   chunk, or the broker is still delivering it), then answered on the device's own topic (it was
   lost: one unlucky device does not make every device receive the chunk again).
 
+Devices starting together cannot all ask first: one's first ask reaches us just after another's made
+the chunk go out, though it was listening. Publishes to a shared topic are numbered (``seq``), and a
+download's later requests say the lowest number it received there (``seen``): from that publish on,
+every one reached it. A device that has said so for the chunk's last publish counts as listening,
+and is left out when the askers of a chunk are answered FANOUT_QUIET after its publish.
+
 Requests without fan-out are answered on the device's own topic. Answers are published with
 back-pressure: past MAX_UNACKED unacknowledged messages they wait for the broker, and a device
 asking again for a chunk whose direct answer is still queued is not answered twice.
@@ -107,6 +113,12 @@ class BundleServer:
         self._again: dict[tuple, int] = {}  # session -> chunks it had that fan-outs sent it again
         self._direct: dict[tuple, float] = {}  # (device, session, sha, chunk size, index) -> last direct answer
         self._asked: dict[tuple, bytearray] = {}  # (sha, chunk size, device, session) -> chunks it asked for
+        # Each publish to a shared topic carries a number (seq), in the order the broker gets them; a
+        # download says the lowest it received (ChunkRequest.seen): it was listening at every publish since.
+        self._seq = 0
+        self._seq_lock = threading.Lock()  # numbered and handed to paho in one step: numbers keep their order
+        self._fanout_seq: dict[tuple[str, int, int], int] = {}  # chunk -> number of its last publish there
+        self._seen: dict[tuple, int] = {}  # session -> the lowest number it received
         self.stats = ServerStats()
 
     @property
@@ -215,8 +227,10 @@ class BundleServer:
                 if now - at < ACTIVE_S:
                     listening[(sha, chunk_size)] = listening.get((sha, chunk_size), 0) + 1
             for key in due:
-                (sha, chunk_size, index), (_, asked) = key, self._refan.pop(key)
-                if sha not in self._bundles:
+                (sha, chunk_size, index), (_, sessions) = key, self._refan.pop(key)
+                # Not those that have said since that the publish reached them: they asked before it did.
+                asked = {session[2] for session in sessions if not self._heard(session, key)}
+                if sha not in self._bundles or not asked:
                     continue
                 # Everyone listening gets a fan-out, so it is worth it when enough of them need the
                 # chunk: then one publish serves them all; else each asker gets it on its own topic.
@@ -251,6 +265,8 @@ class BundleServer:
             if request.fanout:
                 session = (sha, chunk_size, request.device_id, request.session)
                 since = self._listening.setdefault(session, now)
+                if request.seen is not None:
+                    self._seen[session] = min(request.seen, self._seen.get(session, request.seen))
                 _, frontier = self._active.get(session, (now, -1))
                 self._active[session] = (now, max(frontier, min(max(request.chunks), count - 1)))
                 others = functools.cache(lambda: self._others_downloading(session, count, now))  # once a request
@@ -286,7 +302,7 @@ class BundleServer:
             self._refan.pop(key, None)
             self.stats.fanout_chunks += 1
             return "fan out"
-        if since >= published:
+        if since >= published and not self._heard(session, key):
             # It began listening after the chunk went out: as many devices starting a stage together
             # do, it waits for one more publish FANOUT_QUIET after the last, collecting who else asks,
             # which then serves them all (a lone straggler gets it on its own topic). Unless no other
@@ -294,7 +310,7 @@ class BundleServer:
             # once (else it would wait up to FANOUT_QUIET for its first window, or the server's next
             # round on every window).
             if key in self._refan or others():
-                self._refan.setdefault(key, (published + FANOUT_QUIET, set()))[1].add(session[2])
+                self._refan.setdefault(key, (published + FANOUT_QUIET, set()))[1].add(session)
                 self.stats.fanout_saved += 1
                 return "covered"
         elif age < FANOUT_QUIET or first:
@@ -307,15 +323,23 @@ class BundleServer:
             return "covered"
         return "direct"
 
+    def _heard(self, session: tuple, key: tuple[str, int, int]) -> bool:
+        """Whether the download *session* said it received a publish to the shared topic no later than
+        chunk *key*'s last one there, so that one reached it too (lock held)."""
+        seen = self._seen.get(session)
+        return seen is not None and seen <= self._fanout_seq.get(key, -1)
+
     def _forget_old(self, now: float) -> None:
         """Keep the server's memory of chunks, downloads and answers bounded (lock held)."""
         if len(self._fanned_out) > 100_000:  # forget chunks published long ago
             self._fanned_out = {k: t for k, t in self._fanned_out.items() if now - t < FANOUT_REPEAT}
+            self._fanout_seq = {k: n for k, n in self._fanout_seq.items() if k in self._fanned_out}
         if len(self._listening) > 100_000:  # downloads that began over an hour ago are long done
             self._listening = {k: t for k, t in self._listening.items() if now - t < 3600}
         if len(self._active) > 10_000:
             self._active = {k: v for k, v in self._active.items() if now - v[0] < ACTIVE_S}
             self._again = {k: n for k, n in self._again.items() if k in self._active}
+            self._seen = {k: n for k, n in self._seen.items() if k in self._active}
         if len(self._asked) > 2_000:  # a byte per chunk each: keep downloads that asked in the last minute
             self._asked = {k: v for k, v in self._asked.items()
                            if k in self._active and now - self._active[k][0] < 60}
@@ -364,6 +388,7 @@ class BundleServer:
         sent = 0
         fd = self._fd(sha, path)
         on_worker = threading.current_thread() is self._worker
+        shared = topics.bundle_chunks(sha, chunk_size)
         for index, topic in plan:
             if on_worker and self._client.unacked >= MAX_UNACKED:  # (the network thread never waits)
                 began = time.monotonic()
@@ -375,7 +400,13 @@ class BundleServer:
             digest = self._digests.get(key)
             if digest is None:  # a chunk size other than the offer's: computed once, however many fetch it
                 digest = self._digests[key] = zlib.crc32(data)
-            self._client.publish(topic, Chunk(sha, index, data).to_payload(digest), qos=1)
+            if topic == shared:
+                with self._seq_lock:
+                    self._seq += 1
+                    self._fanout_seq[key] = self._seq
+                    self._client.publish(topic, Chunk(sha, index, data).to_payload(digest, self._seq), qos=1)
+            else:
+                self._client.publish(topic, Chunk(sha, index, data).to_payload(digest), qos=1)
             sent += len(data)
         with self._lock:
             stats.chunks_sent += len(plan)
@@ -389,7 +420,7 @@ def check_broker_passes_chunks(client: MqttClient, chunk_size: int, timeout: flo
     so devices would stall with no word why) or drops it. At QoS 0, so that paho does not resend it
     either. Where we may not subscribe to that topic, nothing is checked."""
     topic = topics.bundle_chunks("0" * 64, chunk_size)
-    payload = Chunk("0" * 64, 999_999, bytes(chunk_size)).to_payload(2**32 - 1)  # the largest header
+    payload = Chunk("0" * 64, 999_999, bytes(chunk_size)).to_payload(2**32 - 1, 10**12)  # the largest header
     back = threading.Event()
     mqtt_log = logging.getLogger(MqttClient.__module__)
     mqtt_log.addFilter(_quiet)  # a connection lost here is this check's own error, in one line

@@ -57,13 +57,15 @@ class ChunkRequest:
     the device cut the bundle, so any server answers it alike; *fanout*: the device also listens
     on the bundle's shared chunk topic, and the answer may go there, for every device at once;
     *session* names one download (one subscription to that topic), so the server knows when the
-    device started listening."""
+    device started listening; *seen*: the lowest ``seq`` of a chunk the session has received on that
+    topic, so the server knows which of its publishes there reached the device (all from that one on)."""
 
     device_id: str
     chunks: tuple[int, ...]
     chunk_size: int | None = None
     fanout: bool = False
     session: str | None = None
+    seen: int | None = None
 
     def to_payload(self) -> bytes:
         body: dict[str, Any] = {"device_id": self.device_id, "chunks": list(self.chunks)}
@@ -73,6 +75,8 @@ class ChunkRequest:
             body["fanout"] = True
         if self.session is not None:
             body["session"] = self.session
+        if self.seen is not None:
+            body["seen"] = self.seen
         return encode("chunk_request", body)
 
     @classmethod
@@ -88,8 +92,11 @@ class ChunkRequest:
         session = require(doc, "session", str, optional=True)
         if session is not None and len(session) > 32:
             raise ProtocolError("session must be at most 32 characters")
+        seen = require(doc, "seen", int, optional=True)
+        if seen is not None and seen < 0:
+            raise ProtocolError("seen must be a non-negative integer")
         return cls(device_id=require(doc, "device_id", str), chunks=tuple(chunks), chunk_size=chunk_size,
-                   fanout=bool(require(doc, "fanout", bool, optional=True)), session=session)
+                   fanout=bool(require(doc, "fanout", bool, optional=True)), session=session, seen=seen)
 
 
 @dataclass(frozen=True)
@@ -112,10 +119,13 @@ class Chunk:
 
     _LEN = struct.Struct(">I")
 
-    def to_payload(self, crc: int | None = None) -> bytes:
-        """The message; *crc*: the data's CRC-32 if the caller already has it."""
+    def to_payload(self, crc: int | None = None, seq: int | None = None) -> bytes:
+        """The message; *crc*: the data's CRC-32 if the caller already has it; *seq*: the server's
+        number of this publish on a bundle's shared topic (see ChunkRequest.seen)."""
         header = {"bundle": self.bundle_sha256, "index": self.index,
                   "crc32": zlib.crc32(self.data) if crc is None else crc}
+        if seq is not None:
+            header["seq"] = seq
         raw = json.dumps(header).encode()
         return b"".join((self._LEN.pack(len(raw)), raw, self.data))
 

@@ -349,9 +349,9 @@ def watched_server(clients, tmp_path, *device_ids):
     for topic in (topics.bundle_chunks(offer.sha256, offer.chunk_size), *map(topics.chunks, device_ids)):
         assert watcher.subscribe(topic, lambda t, p: seen.append((t, Chunk.peek(p)[1])), wait=5)
 
-    def ask(device_id, chunks):
+    def ask(device_id, chunks, seen=None):
         host.publish(topics.chunk_request(offer.sha256), ChunkRequest(
-            device_id, tuple(chunks), offer.chunk_size, True, device_id + "-session").to_payload(), qos=1)
+            device_id, tuple(chunks), offer.chunk_size, True, device_id + "-session", seen).to_payload(), qos=1)
 
     def wait(count):
         deadline = time.monotonic() + 10
@@ -403,10 +403,35 @@ def test_a_device_behind_a_fan_out_is_not_sent_its_chunks_again_until_it_asks_tw
     assert sorted(i for t, i in seen if t == topics.chunks("behind")) == [2, 4], seen
 
 
+@pytest.mark.parametrize("says_it_heard", [True, False], ids=["says-it-heard-the-publish", "says-nothing"])
+def test_a_device_that_asks_just_after_a_fan_out_it_heard_is_not_sent_it_again(clients, tmp_path, monkeypatch,
+                                                                                 says_it_heard):
+    """Devices starting together: one's first ask reaches the server just after another's made the
+    chunks go out on the shared topic, though it was listening already. Once it says (in a later
+    ask) which publish there was the first to reach it, it is not sent them again; a device that
+    says nothing is taken for one that began listening after them, and gets them on its own topic."""
+    monkeypatch.setattr(serve, "FANOUT_QUIET", 0.3)
+    server, shared, seen, ask, wait = watched_server(clients, tmp_path, "b")
+    numbers = []
+    watcher = clients("numbers")
+    assert watcher.subscribe(shared, lambda t, p: numbers.append(Chunk.peek(p)[2]["seq"]), wait=5)
+    ask("a", range(4))  # chunks 0-3 go out on the shared topic, numbered
+    wait(4)
+    ask("b", range(4))  # its first ask: after that publish
+    ask("b", [4], seen=min(numbers) if says_it_heard else None)  # its window moves on as they arrive
+    wait(5)
+    time.sleep(0.8)  # past the quiet time after the publish, when askers who were not listening are answered
+    server.stop()
+    assert sorted(i for t, i in seen if t == shared) == [0, 1, 2, 3, 4], seen
+    again = sorted(i for t, i in seen if t == topics.chunks("b"))
+    assert again == ([] if says_it_heard else [0, 1, 2, 3]), seen
+
+
 def test_a_download_asks_as_a_new_session_after_its_connection_drops(clients, tmp_path):
     """Chunks fanned out while a device was away never reached it, and the server answers the first
     ask of a session that was listening only when it comes again; after a reconnect the download
-    asks as a new session, which the server answers as a device that began listening then."""
+    asks as a new session, which the server answers as a device that began listening then. The
+    publishes a session heard (`seen`) are its own: a new session starts with none."""
     blob = tmp_path / "bundle.efb"
     blob.write_bytes(os.urandom(12 * 16 * 1024))
     server = BundleServer(clients("host"), chunk_size=16 * 1024)
@@ -415,7 +440,7 @@ def test_a_download_asks_as_a_new_session_after_its_connection_drops(clients, tm
     sessions = []
     watcher = clients("watch")
     assert watcher.subscribe(topics.chunk_request(offer.sha256),
-                             lambda t, p: sessions.append(ChunkRequest.from_payload(p).session), wait=5)
+                             lambda t, p: sessions.append(ChunkRequest.from_payload(p)), wait=5)
     client, router = device(clients, "away")
     dropped = threading.Event()
 
@@ -432,7 +457,10 @@ def test_a_download_asks_as_a_new_session_after_its_connection_drops(clients, tm
                    on_progress=progress).run()
     server.stop()
     assert out.read_bytes() == blob.read_bytes() and dropped.is_set()
-    assert len(set(sessions)) == 2 and sessions[0] != sessions[-1], sessions
+    assert len({r.session for r in sessions}) == 2 and sessions[0].session != sessions[-1].session, sessions
+    first, second = ([r for r in sessions if r.session == s] for s in (sessions[0].session, sessions[-1].session))
+    assert first[0].seen is None and {r.seen for r in first[1:]} == {1}, first  # the first publish there: 1
+    assert second[0].seen is None, second  # what it heard before the cut says nothing of what it missed
 
 
 def test_chunks_that_arrive_twice_and_out_of_order_make_the_same_file(clients, tmp_path):
