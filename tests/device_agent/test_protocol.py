@@ -22,6 +22,7 @@ MESSAGES = [
     Reply("pi-01", "c4", "bench", True, {"p50_ms": 0.3}),
     Reply("pi-01", "c5", "bench", False, {}, "no bundle is active"),
     ChunkRequest("pi-01", (0, 1, 7)),
+    ChunkRequest("pi-01", (8,), 16_384, True, "0a1b2c3d", 41),
     Chunk("ab" * 32, 3, b"\x00\xffdata"),
     DeploymentEvent("pi-01", "c1", "downloading", "digits-cnn 1.0.0", 0.5, None, 2.0),
     DeploymentEvent("pi-01", "c1", "failed", "digits-cnn 1.0.0", 0.0, "signature mismatch", 2.0),
@@ -66,7 +67,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 @settings(max_examples=100, deadline=None)
 @given(body=st.dictionaries(st.sampled_from(["command_id", "bundle", "device_id", "chunks", "state", "seq",
                                              "online", "timestamp", "readings", "progress", "issued_at",
-                                             "runs", "warmup", "kind", "ok", "body"]),
+                                             "runs", "warmup", "kind", "ok", "body", "session", "seen"]),
                             json_values))
 def test_wrongly_typed_json_is_a_protocol_error(cls, kind, body):
     import json
