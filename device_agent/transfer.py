@@ -97,6 +97,7 @@ class Download:
         self._connection = 0  # the client's connection count the session began on
         self._shared: str | None = None  # that topic, while subscribed
         self._seen: int | None = None  # the lowest publish number (seq) the session received there
+        self._tell_seen = False  # the server does not know it yet
         self._refill_at = max(1, window // 4)  # free slots that make a new request worth sending
         self._cond = threading.Condition()
         self._received: dict[int, int] = {}  # chunk written -> the CRC-32 its message carried
@@ -209,20 +210,25 @@ class Download:
                 self._cond.wait(0.5)
 
     def _ask(self, now: float) -> None:
-        """Request what is due (call with the condition held)."""
+        """Request what is due; and once a publish on the shared topic has reached us, say so, even
+        with nothing to ask for (call with the condition held)."""
         wanted = self._due(now, self._offer.chunk_count)
-        if wanted:
-            if self._fanout and self._client.connections != self._connection:
-                # Reconnected: what was fanned out meanwhile never reached us. As a new session the
-                # server takes this device for one that began listening now, and answers its asks
-                # for those chunks (as the same session, it would wait for each to be asked twice).
-                self._session, self._connection = os.urandom(4).hex(), self._client.connections
-                self._seen = None
-            for i in wanted:
-                self._requested[i] = now
-            request = ChunkRequest(self._device_id, tuple(wanted), self._offer.chunk_size, self._fanout,
-                                   self._session if self._fanout else None, self._seen if self._fanout else None)
-            self._client.publish(topics.chunk_request(self._offer.sha256), request.to_payload(), qos=1)
+        if not wanted and not self._tell_seen:
+            return
+        if self._fanout and self._client.connections != self._connection:
+            # Reconnected: what was fanned out meanwhile never reached us. As a new session the
+            # server takes this device for one that began listening now, and answers its asks
+            # for those chunks (as the same session, it would wait for each to be asked twice).
+            self._session, self._connection = os.urandom(4).hex(), self._client.connections
+            self._seen, self._tell_seen = None, False
+            if not wanted:
+                return
+        for i in wanted:
+            self._requested[i] = now
+        request = ChunkRequest(self._device_id, tuple(wanted), self._offer.chunk_size, self._fanout,
+                               self._session if self._fanout else None, self._seen if self._fanout else None)
+        self._tell_seen = False
+        self._client.publish(topics.chunk_request(self._offer.sha256), request.to_payload(), qos=1)
 
     def _due(self, now: float, total: int) -> list[int]:
         """Chunks to ask for now: timed-out ones again, then new ones up to the window. A request
@@ -285,8 +291,10 @@ class Download:
     def _note_seen(self, seq) -> None:
         """A publish on the shared topic reached us: from the lowest such number on, every one did
         (the broker keeps one publisher's order on a topic), which our requests tell the server, so
-        that it does not send them again to a device that asked for them just after they went out."""
+        that it does not send them again to a device that asked for them just after they went out.
+        The first we hear of is told at once (a window that covers the whole bundle asks no more)."""
         if type(seq) is int and seq >= 0 and (self._seen is None or seq < self._seen):
+            self._tell_seen = self._seen is None
             self._seen = seq
 
     def _on_chunk(self, topic: str, payload: bytes) -> None:
@@ -322,7 +330,7 @@ class Download:
                 self._save_record()
             if len(self._received) == offer.chunk_count:
                 self._cond.notify_all()
-            elif self._window - len(self._requested) >= self._refill_at:
+            elif self._window - len(self._requested) >= self._refill_at or self._tell_seen:
                 # Refill the window right here, on the thread the chunk came in on (waking the
                 # download's thread would cost a thread switch per chunk), a quarter at a time.
                 self._ask(now)

@@ -268,7 +268,7 @@ class BundleServer:
                 if request.seen is not None:
                     self._seen[session] = min(request.seen, self._seen.get(session, request.seen))
                 _, frontier = self._active.get(session, (now, -1))
-                self._active[session] = (now, max(frontier, min(max(request.chunks), count - 1)))
+                self._active[session] = (now, max(frontier, min(max(request.chunks, default=-1), count - 1)))
                 others = functools.cache(lambda: self._others_downloading(session, count, now))  # once a request
             backlogged = self._client.unacked >= MAX_UNACKED // 4
             for index in request.chunks:

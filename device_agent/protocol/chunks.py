@@ -58,7 +58,8 @@ class ChunkRequest:
     on the bundle's shared chunk topic, and the answer may go there, for every device at once;
     *session* names one download (one subscription to that topic), so the server knows when the
     device started listening; *seen*: the lowest ``seq`` of a chunk the session has received on that
-    topic, so the server knows which of its publishes there reached the device (all from that one on)."""
+    topic, so the server knows which of its publishes there reached the device (all from that one on);
+    a request may carry no chunks only to say that."""
 
     device_id: str
     chunks: tuple[int, ...]
@@ -83,7 +84,7 @@ class ChunkRequest:
     def from_payload(cls, payload: bytes, max_chunks: int = 1024) -> "ChunkRequest":
         doc = decode(payload, "chunk_request")
         chunks = require(doc, "chunks", list)
-        if not 0 < len(chunks) <= max_chunks or not all(
+        if not len(chunks) <= max_chunks or not all(
                 isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in chunks):
             raise ProtocolError(f"chunks must be 1..{max_chunks} non-negative integers")
         chunk_size = require(doc, "chunk_size", int, optional=True)
@@ -95,6 +96,9 @@ class ChunkRequest:
         seen = require(doc, "seen", int, optional=True)
         if seen is not None and seen < 0:
             raise ProtocolError("seen must be a non-negative integer")
+        if not chunks and (seen is None or not doc.get("fanout")):
+            raise ProtocolError(f"chunks must be 1..{max_chunks} non-negative integers (none only to say "
+                                "what a fan-out download has seen)")
         return cls(device_id=require(doc, "device_id", str), chunks=tuple(chunks), chunk_size=chunk_size,
                    fanout=bool(require(doc, "fanout", bool, optional=True)), session=session, seen=seen)
 

@@ -1,5 +1,7 @@
 """Every message that crosses MQTT round-trips, and anything malformed is a ProtocolError."""
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,6 +25,7 @@ MESSAGES = [
     Reply("pi-01", "c5", "bench", False, {}, "no bundle is active"),
     ChunkRequest("pi-01", (0, 1, 7)),
     ChunkRequest("pi-01", (8,), 16_384, True, "0a1b2c3d", 41),
+    ChunkRequest("pi-01", (), 16_384, True, "0a1b2c3d", 41),  # only says what the fan-out download heard
     Chunk("ab" * 32, 3, b"\x00\xffdata"),
     DeploymentEvent("pi-01", "c1", "downloading", "digits-cnn 1.0.0", 0.5, None, 2.0),
     DeploymentEvent("pi-01", "c1", "failed", "digits-cnn 1.0.0", 0.0, "signature mismatch", 2.0),
@@ -36,6 +39,13 @@ MESSAGES = [
 @pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
 def test_round_trip(message):
     assert type(message).from_payload(message.to_payload()) == message
+
+
+@pytest.mark.parametrize("body", [{"chunks": []}, {"chunks": [], "seen": 3}, {"chunks": [], "fanout": True},
+                                  {"chunks": [1], "seen": -1}, {"chunks": [1], "seen": "3"}])
+def test_a_chunk_request_with_no_chunks_only_says_what_a_fan_out_download_heard(body):
+    with pytest.raises(ProtocolError):
+        ChunkRequest.from_payload(json.dumps({"type": "chunk_request", "device_id": "pi-01", **body}).encode())
 
 
 def test_chunk_count_rounds_up():
