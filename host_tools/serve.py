@@ -226,24 +226,27 @@ class BundleServer:
             for (sha, chunk_size, _, _), (at, _) in self._active.items() if due else ():
                 if now - at < ACTIVE_S:
                     listening[(sha, chunk_size)] = listening.get((sha, chunk_size), 0) + 1
+            backlogged = self._backlogged()
             for key in due:
                 (sha, chunk_size, index), (_, sessions) = key, self._refan.pop(key)
                 # Not those that have said since that the publish reached them: they asked before it did.
-                asked = {session[2] for session in sessions if not self._heard(session, key)}
-                if sha not in self._bundles or not asked:
+                askers = {session[2]: session for session in sessions if not self._heard(session, key)}
+                if sha not in self._bundles or not askers:
                     continue
                 # Everyone listening gets a fan-out, so it is worth it when enough of them need the
                 # chunk: then one publish serves them all; else each asker gets it on its own topic.
                 # And not when a download already past the chunk has received REFAN_BUDGET of the
                 # bundle again this way (a stage's straggler while the next stage starts).
-                if (len(asked) > 1 and len(asked) * REFAN_SHARE >= listening.get((sha, chunk_size), 0)
-                        and self._within_budget(key, asked, now)):
+                if (len(askers) > 1 and len(askers) * REFAN_SHARE >= listening.get((sha, chunk_size), 0)
+                        and self._within_budget(key, set(askers), now)):
                     self._fanned_out[key] = now
                     self.stats.fanout_chunks += 1
                     plan = [(index, topics.bundle_chunks(sha, chunk_size))]
-                else:
-                    plan = [(index, topics.chunks(device)) for device in sorted(asked)]
-                jobs.append((sha, self._bundles[sha][0], chunk_size, plan))
+                else:  # as in _plan: not again while the last answer to the download waits in the queue
+                    plan = [(index, topics.chunks(device)) for device, session in sorted(askers.items())
+                            if self._answer_directly(device, session[3], key, now, backlogged)]
+                if plan:
+                    jobs.append((sha, self._bundles[sha][0], chunk_size, plan))
         for job in jobs:
             self._publish(*job)
 
@@ -270,7 +273,7 @@ class BundleServer:
                 _, frontier = self._active.get(session, (now, -1))
                 self._active[session] = (now, max(frontier, min(max(request.chunks, default=-1), count - 1)))
                 others = functools.cache(lambda: self._others_downloading(session, count, now))  # once a request
-            backlogged = self._client.unacked >= MAX_UNACKED // 4
+            backlogged = self._backlogged()
             for index in request.chunks:
                 if index >= count:
                     continue
@@ -281,12 +284,8 @@ class BundleServer:
                         plan.append((index, topics.bundle_chunks(sha, chunk_size)))
                     if answer != "direct":
                         continue
-                direct = (request.device_id, request.session, *key)
-                if backlogged and now - self._direct.get(direct, -DIRECT_QUIET) < DIRECT_QUIET:
-                    stats.fanout_saved += 1  # its last answer is still in the queue: asking again adds nothing
-                    continue
-                self._direct[direct] = now
-                plan.append((index, topics.chunks(request.device_id)))
+                if self._answer_directly(request.device_id, request.session, key, now, backlogged):
+                    plan.append((index, topics.chunks(request.device_id)))
             self._forget_old(now)
         return (sha, path, chunk_size, plan) if plan else None
 
@@ -322,6 +321,22 @@ class BundleServer:
             self.stats.fanout_saved += 1
             return "covered"
         return "direct"
+
+    def _backlogged(self) -> bool:
+        """Answers queue up: a quarter of MAX_UNACKED are on their way to the broker."""
+        return self._client.unacked >= MAX_UNACKED // 4
+
+    def _answer_directly(self, device: str, session: str | None, key: tuple[str, int, int], now: float,
+                         backlogged: bool) -> bool:
+        """Whether to send chunk *key* to *device*'s own topic now: not while answers queue up
+        (*backlogged*) and its last one to this download is less than DIRECT_QUIET old, as that one is
+        still in the queue and asking again adds nothing; notes the answer (lock held)."""
+        direct = (device, session, *key)
+        if backlogged and now - self._direct.get(direct, -DIRECT_QUIET) < DIRECT_QUIET:
+            self.stats.fanout_saved += 1
+            return False
+        self._direct[direct] = now
+        return True
 
     def _heard(self, session: tuple, key: tuple[str, int, int]) -> bool:
         """Whether the download *session* said it received a publish to the shared topic no later than
