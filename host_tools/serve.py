@@ -326,12 +326,12 @@ class BundleServer:
         """Answers queue up: a quarter of MAX_UNACKED are on their way to the broker."""
         return self._client.unacked >= MAX_UNACKED // 4
 
-    def _answer_directly(self, device: str, session: str | None, key: tuple[str, int, int], now: float,
+    def _answer_directly(self, device: str, session_id: str | None, key: tuple[str, int, int], now: float,
                          backlogged: bool) -> bool:
         """Whether to send chunk *key* to *device*'s own topic now: not while answers queue up
-        (*backlogged*) and its last one to this download is less than DIRECT_QUIET old, as that one is
-        still in the queue and asking again adds nothing; notes the answer (lock held)."""
-        direct = (device, session, *key)
+        (*backlogged*) and its last one to this download (*session_id*) is less than DIRECT_QUIET old,
+        as that one is still in the queue and asking again adds nothing; notes the answer (lock held)."""
+        direct = (device, session_id, *key)
         if backlogged and now - self._direct.get(direct, -DIRECT_QUIET) < DIRECT_QUIET:
             self.stats.fanout_saved += 1
             return False
