@@ -12,7 +12,8 @@ import click
 from device_agent.cli import fail_cleanly
 from device_agent.errors import ConfigError
 from host_tools.cli.base import (
-    DEFAULT_HOME, broker_option, chunk_size_option, command_signer, host_client, json_option, main, signing_options, devices_option,
+    DEFAULT_HOME, broker_option, chunk_size_option, command_signer, devices_option, host_client, json_option, main,
+    signing_options,
 )
 from host_tools.cli.fleet import fleet_rows
 from host_tools.terminal import console
