@@ -1,5 +1,6 @@
-"""A broker with a small packet limit, as managed brokers have: told the chunk size, a rollout's
-transfer fits under it; not told, deploy and rollout say so at once, before anything is sent."""
+"""A broker with a small packet limit, as managed brokers have: told the chunk size, rollouts and
+benchmarks on a device fit their transfers under it; not told, deploy, rollout, bench and compress
+--device say so in one line, before anything is sent."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import pytest
 
 from device_agent.errors import MqttError
 from device_agent.mqtt import MqttClient
-
 from host_tools.fleet.store import FleetStore
 from host_tools.serve import check_broker_passes_chunks
 from tests.conftest import MODELS, Mosquitto, edgefleet, wait_until
