@@ -145,7 +145,7 @@ def main() -> None:
         broker_proc = next(p for p in me.children() if p.name() == "mosquitto")
         workers = [p for p in me.children() if p.pid not in (broker_proc.pid, monitor.pid)]
         time.sleep(2)
-        devices_before = {d["id"]: d["chunk_bytes"] for d in fleet.devices()}
+        devices_before = {d["id"]: d for d in fleet.devices()}
         sent_before = counter.fresh()
         groups = {"host": [me], "monitor": [psutil.Process(monitor.pid)], "broker": [broker_proc], "devices": workers}
         cpu_before = {name: cpu_of(procs) for name, procs in groups.items()}
@@ -186,7 +186,9 @@ def main() -> None:
         sent = counter.fresh() - sent_before
         cpu = {name: cpu_of(procs) - cpu_before[name] for name, procs in groups.items()}
         time.sleep(2)  # the workers' next report
-        received = {d["id"]: d["chunk_bytes"] - devices_before.get(d["id"], 0) for d in fleet.devices()}
+        after = fleet.devices()
+        received = {d["id"]: d["chunk_bytes"] - devices_before[d["id"]]["chunk_bytes"] for d in after}
+        asked_again = sum(d["asked_again"] - devices_before[d["id"]]["asked_again"] for d in after)
     finally:
         if host is not None:
             host.disconnect()
@@ -215,6 +217,7 @@ def main() -> None:
     print(f"{'  per device: median / p99 / max':<48} {ratios[len(ratios) // 2]:>5.2f} / "
           f"{ratios[int(len(ratios) * 0.99)]:.2f} / {ratios[-1]:.2f}   ({sum(r >= 2 for r in ratios)} of {count} "
           f"received 2 bundles' worth or more)")
+    print(f"{'chunks devices asked for again (answer late)':<48} {asked_again:>12}")
     print(f"{'host chunk bytes published per device / bundle size':<48} {served.bytes_sent / count / size:>12.3f}   "
           f"({served.fanout_chunks} chunks fanned out, {served.chunks_sent - served.fanout_chunks} sent to one "
           f"device, {served.fanout_saved} not re-sent; answers waited {served.waited_s:.1f} s for the broker)")

@@ -58,6 +58,14 @@ RECORD_EVERY = 1.0  # seconds between saves of the received-chunk record
 # with a dropped connection). Without them the broker and the device each handle one packet
 # less per chunk (docs/protocol.md: one device's transfer 15% faster).
 CHUNK_QOS = 0
+# How long a download waits before asking again for a chunk adapts to how late answers come, as TCP's
+# retransmission timer does (RFC 6298): SRTT + 4 * RTTVAR over the times from a chunk's ask to its
+# arrival, at least *retry_after*; each time chunks are asked for again it doubles, until a chunk asked
+# for only once arrives (Karn's rule: an answer to a chunk asked for twice says nothing about either
+# ask). A fleet updating at once on a busy broker gets its answers late, not never: asking again every
+# 3 s only adds copies to the queues that made them late. At most RETRY_CAP_SHARE of the stall
+# timeout, so a chunk that was lost is asked for again before the attempt is given up.
+RETRY_CAP_SHARE = 1 / 3
 REPAIRS = 3  # times a download whose hash fails fetches its damaged chunks again before giving up
 
 log = logging.getLogger(__name__)
@@ -70,6 +78,7 @@ class ChunkRouter:
     def __init__(self) -> None:
         self.target: Callable[[str, bytes], None] | None = None
         self.received = 0  # bytes of chunk messages that reached this device, needed or not
+        self.asked_again = 0  # chunks its downloads asked for again (no answer came within their retry time)
 
     def __call__(self, topic: str, payload: bytes) -> None:
         self.received += len(payload)
@@ -101,7 +110,11 @@ class Download:
         self._refill_at = max(1, window // 4)  # free slots that make a new request worth sending
         self._cond = threading.Condition()
         self._received: dict[int, int] = {}  # chunk written -> the CRC-32 its message carried
-        self._requested: dict[int, float] = {}
+        self._requested: dict[int, float] = {}  # chunk asked for -> when it was last asked
+        self._asks: dict[int, int] = {}  # chunk asked for -> how often, in this attempt
+        self._srtt: float | None = None  # smoothed time from a chunk's ask to its arrival
+        self._rttvar = 0.0
+        self._rto = retry_after  # seconds after which a chunk is asked for again
         self._next_new = 0
         self._last_progress = time.monotonic()
         self._resumed = 0
@@ -225,6 +238,7 @@ class Download:
                 return
         for i in wanted:
             self._requested[i] = now
+            self._asks[i] = self._asks.get(i, 0) + 1
         request = ChunkRequest(self._device_id, tuple(wanted), self._offer.chunk_size, self._fanout,
                                self._session if self._fanout else None, self._seen if self._fanout else None)
         self._tell_seen = False
@@ -232,18 +246,34 @@ class Download:
 
     def _due(self, now: float, total: int) -> list[int]:
         """Chunks to ask for now: timed-out ones again, then new ones up to the window. A request
-        times out *retry_after* seconds after it was sent or after the last chunk that arrived,
-        whichever is later: while chunks keep coming (a broker fanning a bundle out to hundreds
-        of devices delivers them late, not never) asking again would only add to the queue."""
+        times out its retry time (see RETRY_CAP_SHARE) after it was sent or after the last chunk
+        that arrived, whichever is later: while chunks keep coming (a broker fanning a bundle out
+        to hundreds of devices delivers them late, not never) asking again would only add to the queue."""
         since = self._last_progress
-        in_flight = [i for i, t in self._requested.items() if now - max(t, since) < self._retry_after]
-        wanted = [i for i, t in self._requested.items() if now - max(t, since) >= self._retry_after]
+        in_flight = [i for i, t in self._requested.items() if now - max(t, since) < self._rto]
+        wanted = [i for i, t in self._requested.items() if now - max(t, since) >= self._rto]
+        if wanted:  # back off (RFC 6298, 5.5)
+            self._rto = min(2 * self._rto, self._rto_cap)
         self.asked_again += len(wanted)
+        self._router.asked_again += len(wanted)
         while len(in_flight) + len(wanted) < self._window and self._next_new < total:
             if self._next_new not in self._received:
                 wanted.append(self._next_new)
             self._next_new += 1
         return wanted
+
+    @property
+    def _rto_cap(self) -> float:
+        return max(self._retry_after, self._stall_timeout * RETRY_CAP_SHARE)
+
+    def _sample_rtt(self, seconds: float) -> None:
+        """Fold one ask-to-arrival time into the estimate and set the retry time from it (RFC 6298, 2)."""
+        if self._srtt is None:
+            self._srtt, self._rttvar = seconds, seconds / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - seconds)
+            self._srtt = 0.875 * self._srtt + 0.125 * seconds
+        self._rto = min(max(self._retry_after, self._srtt + 4 * self._rttvar), self._rto_cap)
 
     def _hash_forward(self, index: int, data) -> None:
         """Extend the running hash over every chunk now contiguous from the start (condition held)."""
@@ -272,6 +302,7 @@ class Download:
                 del self._received[i]
             self._hasher, self._hashed = hashlib.sha256(), 0  # it took the damaged data in
             self._requested.clear()
+            self._asks.clear()
             self._next_new = 0  # _due() skips what is received
             self._last_progress = time.monotonic()
         log.warning("bundle %s did not match its SHA-256: %d chunk(s) arrived damaged (%s), fetching them again",
@@ -302,7 +333,7 @@ class Download:
         try:
             peeked = Chunk.peek(payload)
             bundle, index = peeked[:2]
-            if topic == self._shared:
+            if topic == self._shared and self._fanout:  # (not granted: its requests cannot say it)
                 self._note_seen(peeked[2].get("seq"))
             if bundle != self._offer.sha256 or index in self._received:
                 self.duplicates += 1  # another device's answer, or one we have: not worth a hash
@@ -322,10 +353,12 @@ class Download:
             os.pwrite(self._fh.fileno(), chunk.data, chunk.index * offer.chunk_size)
             self._received[chunk.index] = zlib.crc32(chunk.data) if chunk.crc32 is None else chunk.crc32
             self._hash_forward(chunk.index, chunk.data)
-            self._requested.pop(chunk.index, None)
-            self._last_progress = time.monotonic()
-            done = len(self._received) / offer.chunk_count
             now = time.monotonic()
+            asked = self._requested.pop(chunk.index, None)
+            if asked is not None and self._asks[chunk.index] == 1:  # (which ask an answer came for is unknown)
+                self._sample_rtt(now - asked)
+            self._last_progress = now
+            done = len(self._received) / offer.chunk_count
             if now - self._saved_at >= RECORD_EVERY:
                 self._save_record()
             if len(self._received) == offer.chunk_count:

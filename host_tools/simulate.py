@@ -224,7 +224,7 @@ class SimulatedDevice(Agent):
         bundle = self.slot.bundle
         return {"id": self.config.device_id, "online": self.client.connected,
                 "bundle": bundle.label if bundle else None, "update": self.machine.record.state,
-                "chunk_bytes": self._chunks.received}
+                "chunk_bytes": self._chunks.received, "asked_again": self._chunks.asked_again}
 
 
 def _is_deploy(payload: bytes, keys) -> bool:

@@ -136,10 +136,10 @@ def test_a_publish_that_fails_on_the_servers_worker_does_not_stop_it_answering(c
     assert failed and out.read_bytes() == blob.read_bytes()
 
 
-def answering_server(host, offer, content, device_id, how):
-    """Answers chunk requests itself: *how(i, n)* (n: how often chunk i was asked for) says what
-    that copy is — "good", "damaged" (one bit flipped after its CRC-32 was computed) or "lost".
-    Returns {chunk: times asked}."""
+def answering_server(host, offer, content, device_id, how, delay=0.0):
+    """Answers chunk requests itself, each *delay* seconds after it came: *how(i, n)* (n: how often
+    chunk i was asked for) says what that copy is — "good", "damaged" (one bit flipped after its
+    CRC-32 was computed) or "lost". Returns {chunk: times asked}."""
     asked: dict[int, int] = {}
 
     def answer(topic, payload):
@@ -150,19 +150,19 @@ def answering_server(host, offer, content, device_id, how):
             if copy == "damaged":
                 message = message[:-1] + bytes([message[-1] ^ 1])
             if copy != "lost":
-                host.publish(topics.chunks(device_id), message)
+                threading.Timer(delay, host.publish, (topics.chunks(device_id), message)).start()
     assert host.subscribe(topics.chunk_request(offer.sha256), answer, wait=5.0)
     return asked
 
 
-def answered_by_hand(clients, tmp_path, device_id, how, size=50_000, **download_args):
+def answered_by_hand(clients, tmp_path, device_id, how, size=50_000, delay=0.0, **download_args):
     """(content, a Download of it for *device_id*, {chunk: times asked}): a bundle of *size* random
     bytes (16 KiB chunks) whose chunk requests answering_server answers as *how* says."""
     blob = tmp_path / "bundle.efb"
     blob.write_bytes(os.urandom(size))
     host = clients("host")
     offer = BundleServer(host, chunk_size=16 * 1024).offer(blob, "m", "1.0.0")
-    asked = answering_server(host, offer, blob.read_bytes(), device_id, how)
+    asked = answering_server(host, offer, blob.read_bytes(), device_id, how, delay)
     download = Download(*device(clients, device_id), device_id, offer, tmp_path / "got.part", **download_args)
     return blob.read_bytes(), download, asked
 
@@ -186,6 +186,32 @@ def test_a_chunk_that_always_arrives_damaged_fails_the_download_with_the_reason(
         download.run()
     dest = tmp_path / "got.part"
     assert asked[2] == REPAIRS + 1 and not dest.exists() and not dest.with_suffix(".chunks").exists()
+
+
+def test_answers_that_come_late_are_not_asked_for_again_once_the_download_has_seen_how_late(clients, tmp_path):
+    # Every answer takes 0.6 s, three times the download's retry time: at first it asks again (it
+    # cannot tell late from lost), then its retry time follows what it measured (RFC 6298).
+    content, download, asked = answered_by_hand(clients, tmp_path, "dev-late", lambda i, n: "good",
+                                                size=12 * 16 * 1024, delay=0.6, window=2, retry_after=0.2)
+    assert download.run().read_bytes() == content
+    assert {i for i, n in asked.items() if n > 1} <= {0, 1, 2, 3} and download.asked_again <= 6, asked
+
+
+def test_a_chunk_that_never_comes_is_asked_for_again_less_and_less_often(clients, tmp_path):
+    asks = []
+
+    def lost(i, n):
+        if i == 1:
+            asks.append(time.monotonic())
+        return "lost" if i == 1 else "good"
+    _, download, asked = answered_by_hand(clients, tmp_path, "dev-lost", lost, window=2, retry_after=0.2,
+                                          stall_timeout=6)
+    with pytest.raises(TransferTimeout):
+        download.run()
+    gaps = [b - a for a, b in zip(asks, asks[1:])]
+    # asked again (the last chunk of the window is checked every 0.5 s), each wait twice the one
+    # before up to a third of the stall timeout: 2 s
+    assert 3 <= len(asks) <= 7 and gaps[0] < 1.0 and max(gaps) >= 1.5, gaps
 
 
 @pytest.mark.parametrize("damaged", [False, True], ids=["intact", "chunk-3-damaged"])
@@ -469,6 +495,32 @@ def test_a_download_says_once_which_fan_out_reached_it_first_even_with_nothing_l
     first, *rest = requests
     assert first.chunks == tuple(range(6)) and first.seen is None, requests
     assert [(r.chunks, r.seen, r.session) for r in rest] == [((), 7, first.session)], requests
+
+
+def test_a_download_whose_fan_out_was_not_granted_in_time_never_sends_an_empty_request(clients, tmp_path,
+                                                                                        monkeypatch):
+    """A busy broker can grant the shared topic after the download gave up waiting: chunks then
+    arrive there, but its requests say no fan-out, so they cannot say what it heard either."""
+    blob = tmp_path / "bundle.efb"
+    blob.write_bytes(os.urandom(6 * 16 * 1024))
+    host = clients("host")
+    offer = BundleServer(host, chunk_size=16 * 1024).offer(blob, "m", "1.0.0")
+    content, payloads = blob.read_bytes(), []
+    shared = topics.bundle_chunks(offer.sha256, offer.chunk_size)
+
+    def fan_out(topic, payload):  # answers the first request on the shared topic, numbered
+        payloads.append(payload)
+        for i in ChunkRequest.from_payload(payload).chunks if len(payloads) == 1 else ():
+            data = content[i * offer.chunk_size:(i + 1) * offer.chunk_size]
+            host.publish(shared, Chunk(offer.sha256, i, data).to_payload(seq=i + 1))
+    host.subscribe(topics.chunk_request(offer.sha256), fan_out)
+    client, router = device(clients, "slow-grant")
+    subscribe = client.subscribe
+    monkeypatch.setattr(client, "subscribe", lambda topic, *a, **kw: subscribe(topic, *a, **kw) and topic != shared)
+    assert Download(client, router, "slow-grant", offer, tmp_path / "got.part", window=8).run().read_bytes() == content
+    time.sleep(0.3)
+    requests = [ChunkRequest.from_payload(p) for p in payloads]  # each one well formed
+    assert [(r.chunks, r.fanout, r.seen) for r in requests] == [(tuple(range(6)), False, None)]
 
 
 def test_a_download_asks_as_a_new_session_after_its_connection_drops(clients, tmp_path):
