@@ -19,7 +19,9 @@ until every device has committed. Measured in the same run:
 - chunk bytes the host published (the bundle server's count), per device: under one bundle per
   device where the broker fans chunks out to devices fetching together;
 - bytes of chunk messages each device received (counted by its agent), the largest against the
-  bundle's size: that no device fetched the bundle more than once;
+  bundle's size: that no device fetched the bundle more than once; and the chunks they asked for
+  again (no answer within their retry time);
+- devices that did not commit (a download that failed on a slow machine), with their reasons;
 - CPU seconds of the host side (this process: rollout and bundle server), the monitor, the broker
   and the simulated devices.
 """
@@ -180,9 +182,10 @@ def main() -> None:
         states = {}
         for d in doc["devices"]:
             states[d["state"]] = states.get(d["state"], 0) + 1
-        if doc["state"] != "done" or states != {"active": count}:
-            why = "; ".join(f"{d['device_id']}: {d['reason']}" for d in doc["devices"] if d["state"] != "active")
-            sys.exit(f"rollout ended {doc['state']} ({doc['reason']}): {states}: {why[:2000]}")
+        # Devices that did not end active are reported with the results (a slow machine fails some).
+        unfinished = [f"{d['device_id']}: {d['reason']}" for d in doc["devices"] if d["state"] != "active"]
+        if doc["state"] != "done" and not unfinished:
+            sys.exit(f"rollout ended {doc['state']} ({doc['reason']}): {states}")
         sent = counter.fresh() - sent_before
         cpu = {name: cpu_of(procs) - cpu_before[name] for name, procs in groups.items()}
         time.sleep(2)  # the workers' next report
@@ -223,7 +226,9 @@ def main() -> None:
           f"device, {served.fanout_saved} not re-sent; answers waited {served.waited_s:.1f} s for the broker)")
     for name, seconds in cpu.items():
         print(f"{f'CPU s: {name}':<48} {seconds:>12.1f}   ({seconds / wall:.0%} of one core)")
-    verdict = "MEETS" if wall <= 120 and ratios[-1] < 2 else "MISSES"
+    if unfinished:
+        print(f"\n{len(unfinished)} of {count} devices did not commit ({states}): " + "; ".join(unfinished)[:2000])
+    verdict = "MEETS" if wall <= 120 and ratios[-1] < 2 and not unfinished else "MISSES"
     print(f"\ntarget: all {count} committed within 2 minutes, no device fetching the bundle more than once: {verdict}")
     print(machine_line())
 

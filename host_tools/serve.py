@@ -26,8 +26,10 @@ every one reached it. A device that has said so for the chunk's last publish cou
 and is left out when the askers of a chunk are answered FANOUT_QUIET after its publish.
 
 Requests without fan-out are answered on the device's own topic. Answers are published with
-back-pressure: past MAX_UNACKED unacknowledged messages they wait for the broker, and a device
-asking again for a chunk whose direct answer is still queued is not answered twice.
+back-pressure: past MAX_UNACKED unacknowledged messages they wait for the broker. A device asking
+again for a chunk whose answer to its own topic still waits in our queue is not answered twice (the
+one queued reaches any download of the device, a new attempt's too), nor, while answers queue up,
+one answered there less than DIRECT_QUIET seconds ago.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class BundleServer:
         self._active: dict[tuple, tuple[float, int]] = {}
         self._again: dict[tuple, int] = {}  # session -> chunks it had that fan-outs sent it again
         self._direct: dict[tuple, float] = {}  # (device, session, sha, chunk size, index) -> last direct answer
+        self._queued: set[tuple] = set()  # (topic, sha, chunk size, index) of answers in self._jobs
         self._asked: dict[tuple, bytearray] = {}  # (sha, chunk size, device, session) -> chunks it asked for
         # Each publish to a shared topic carries a number (seq), in the order the broker gets them; a
         # download says the lowest it received (ChunkRequest.seen): it was listening at every publish since.
@@ -183,9 +186,13 @@ class BundleServer:
             except OSError as exc:  # the file went away or cannot be read: the device will time out
                 log.error("cannot serve %s: %s", sha[:12], exc)
             return
+        with self._lock:
+            self._queued.update(_direct_answers(job))
         try:
             self._jobs.put_nowait(job)
         except queue.Full:  # the device asks again after its retry time
+            with self._lock:
+                self._queued.difference_update(_direct_answers(job))
             self.stats.dropped += 1
             if time.monotonic() - self._dropped_logged > 10:
                 self._dropped_logged = time.monotonic()
@@ -209,7 +216,11 @@ class BundleServer:
                 return
             try:
                 if job:
-                    self._publish(*job)
+                    try:
+                        self._publish(*job)
+                    finally:  # on their way (or failed): a device asking for them again is answered again
+                        with self._lock:
+                            self._queued.difference_update(_direct_answers(job))
                 self._fan_out_again()
             except OSError as exc:  # the file went away or cannot be read: the device will time out
                 log.error("cannot serve: %s", exc)
@@ -328,11 +339,13 @@ class BundleServer:
 
     def _answer_directly(self, device: str, session_id: str | None, key: tuple[str, int, int], now: float,
                          backlogged: bool) -> bool:
-        """Whether to send chunk *key* to *device*'s own topic now: not while answers queue up
-        (*backlogged*) and its last one to this download (*session_id*) is less than DIRECT_QUIET old,
-        as that one is still in the queue and asking again adds nothing; notes the answer (lock held)."""
+        """Whether to send chunk *key* to *device*'s own topic now: not while an answer there waits in
+        our queue, nor while answers queue up (*backlogged*) and its last one to this download
+        (*session_id*) is less than DIRECT_QUIET old, as that one is likely still on its way and
+        asking again adds nothing; notes the answer (lock held)."""
         direct = (device, session_id, *key)
-        if backlogged and now - self._direct.get(direct, -DIRECT_QUIET) < DIRECT_QUIET:
+        if (topics.chunks(device), *key) in self._queued or (
+                backlogged and now - self._direct.get(direct, -DIRECT_QUIET) < DIRECT_QUIET):
             self.stats.fanout_saved += 1
             return False
         self._direct[direct] = now
@@ -426,6 +439,13 @@ class BundleServer:
         with self._lock:
             stats.chunks_sent += len(plan)
             stats.bytes_sent += sent
+
+
+def _direct_answers(job: tuple) -> set[tuple]:
+    """(topic, sha, chunk size, index) of each answer of *job* to a device's own topic."""
+    sha, _, chunk_size, plan = job
+    shared = topics.bundle_chunks(sha, chunk_size)
+    return {(topic, sha, chunk_size, index) for index, topic in plan if topic != shared}
 
 
 def check_broker_passes_chunks(client: MqttClient, chunk_size: int, timeout: float = 10.0) -> None:

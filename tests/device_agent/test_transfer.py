@@ -472,6 +472,33 @@ def test_a_late_joiner_asking_again_while_answers_queue_up_is_not_answered_twice
     assert sorted(i for t, i in seen if t == topics.chunks("late")) == [0, 1, 2, 3], seen
 
 
+def test_an_ask_again_for_an_answer_still_in_the_servers_queue_is_not_answered_twice(clients, tmp_path, monkeypatch):
+    """Past the broker's pace, answers wait in the server's queue longer than a device waits to ask
+    again (or to start a new attempt, as another session): the answer queued reaches the device's
+    own topic either way. Once it has gone out, an ask again is answered again (it may be lost)."""
+    monkeypatch.setattr(serve, "INLINE_CHUNKS", 0)  # every answer through the worker's queue
+    server, _, seen, _, wait = watched_server(clients, tmp_path, "dev-q")
+    gate, publish = threading.Event(), server._publish
+    monkeypatch.setattr(server, "_publish", lambda *job: gate.wait(10) and publish(*job))  # the broker is slow
+    sha = next(iter(server._bundles))
+
+    def ask(chunks, session):
+        clients("asker").publish(topics.chunk_request(sha), ChunkRequest(
+            "dev-q", tuple(chunks), 16 * 1024, False, session).to_payload(), qos=1)
+    ask(range(4), None)
+    assert wait_until(lambda: server.stats.requests == 1, 5, 0.02)
+    ask(range(4), None)  # its retry
+    ask([1, 2, 5], None)  # a new attempt's first window: only 5 is not on its way
+    assert wait_until(lambda: server.stats.requests == 3, 5, 0.02)
+    gate.set()
+    wait(5)
+    ask([2], None)  # gone out: asked again, answered again
+    wait(6)
+    time.sleep(0.5)
+    server.stop()
+    assert sorted(i for _, i in seen) == [0, 1, 2, 2, 3, 5], seen
+
+
 def test_a_download_says_once_which_fan_out_reached_it_first_even_with_nothing_left_to_ask(clients, tmp_path):
     """A window that covers the whole bundle asks no more after its first request, so the server
     would never learn that the fan-out reached the device: the first numbered publish it receives,
