@@ -3,6 +3,7 @@ and paho's error codes mapped into MqttError."""
 
 from __future__ import annotations
 
+import array
 import logging
 import socket
 import threading
@@ -15,6 +16,12 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent.errors import BrokerUnreachable, ConfigError, MqttError
+
+try:
+    import fcntl
+    import termios
+except ImportError:  # not a Unix: MqttClient.unread is not known
+    fcntl = termios = None
 
 log = logging.getLogger(__name__)
 Handler = Callable[[str, bytes], None]
@@ -237,6 +244,20 @@ class MqttClient:
         far behind the broker we are. paho keeps each in ``_out_messages`` until its PUBACK and
         has no public accessor; a paho without it reads 0 (no back-pressure, nothing breaks)."""
         return len(getattr(self._client, "_out_messages", ()))
+
+    @property
+    def unread(self) -> int:
+        """Bytes the broker has sent us that the network thread has not read yet (0 when not known):
+        more than nothing means messages for us are here, behind our own reading."""
+        sock = self._client.socket()
+        if sock is None or fcntl is None:
+            return 0
+        try:
+            waiting = array.array("i", [0])
+            fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting)
+            return waiting[0] + (sock.pending() if hasattr(sock, "pending") else 0)  # (TLS: decrypted, unread)
+        except (OSError, ValueError):  # closed meanwhile
+            return 0
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 wait: float | None = None) -> None:

@@ -64,7 +64,9 @@ CHUNK_QOS = 0
 # for only once arrives (Karn's rule: an answer to a chunk asked for twice says nothing about either
 # ask). A fleet updating at once on a busy broker gets its answers late, not never: asking again every
 # 3 s only adds copies to the queues that made them late. At most RETRY_CAP_SHARE of the stall
-# timeout, so a chunk that was lost is asked for again before the attempt is given up.
+# timeout, so a chunk that was lost is asked for again before the attempt is given up. And while bytes
+# the broker sent wait unread in our socket (a device whose CPU is busy), only after that cap: the
+# answers may be among them.
 RETRY_CAP_SHARE = 1 / 3
 REPAIRS = 3  # times a download whose hash fails fetches its damaged chunks again before giving up
 
@@ -250,15 +252,18 @@ class Download:
         that arrived, whichever is later: while chunks keep coming (a broker fanning a bundle out
         to hundreds of devices delivers them late, not never) asking again would only add to the queue."""
         since = self._last_progress
-        in_flight = [i for i, t in self._requested.items() if now - max(t, since) < self._rto]
         wanted = [i for i, t in self._requested.items() if now - max(t, since) >= self._rto]
+        if wanted and self._client.unread:  # answers may be right here, behind our own reading: not yet
+            wanted = [i for i, t in self._requested.items() if now - max(t, since) >= self._rto_cap]
         if wanted:  # back off (RFC 6298, 5.5)
             self._rto = min(2 * self._rto, self._rto_cap)
         self.asked_again += len(wanted)
         self._router.asked_again += len(wanted)
-        while len(in_flight) + len(wanted) < self._window and self._next_new < total:
+        room = self._window - len(self._requested)  # (in flight, or in *wanted* again)
+        while room > 0 and self._next_new < total:
             if self._next_new not in self._received:
                 wanted.append(self._next_new)
+                room -= 1
             self._next_new += 1
         return wanted
 

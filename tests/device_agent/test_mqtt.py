@@ -25,3 +25,25 @@ def test_a_qos1_message_published_as_the_connection_breaks_arrives_after_the_rec
     finally:
         device.disconnect()
         reader.disconnect()
+
+
+def test_unread_counts_what_the_broker_sent_while_the_network_thread_was_busy(mosquitto):
+    import threading
+
+    busy, got = threading.Event(), []
+    client = MqttClient(client_id=f"slow-{uuid.uuid4().hex[:8]}", broker=mosquitto)
+    client.connect()
+    sender = MqttClient(client_id=f"sender-{uuid.uuid4().hex[:8]}", broker=mosquitto)
+    sender.connect()
+    try:
+        assert client.subscribe("t/slow", lambda topic, payload: busy.wait(10) and got.append(payload), wait=5)
+        assert client.unread == 0
+        for n in range(3):  # the first keeps the network thread in its handler; the others wait in the socket
+            sender.publish("t/slow", bytes(10_000), qos=1)
+        assert wait_until(lambda: client.unread >= 10_000, 5, 0.02), client.unread
+        busy.set()
+        assert wait_until(lambda: len(got) == 3, 5, 0.02) and client.unread == 0
+    finally:
+        busy.set()
+        sender.disconnect()
+        client.disconnect()

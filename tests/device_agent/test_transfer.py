@@ -197,6 +197,24 @@ def test_answers_that_come_late_are_not_asked_for_again_once_the_download_has_se
     assert {i for i, n in asked.items() if n > 1} <= {0, 1, 2, 3} and download.asked_again <= 6, asked
 
 
+def test_a_device_too_busy_to_read_its_answers_does_not_ask_for_them_again(clients, tmp_path):
+    """The answers came, and wait in the socket behind the device's own network thread (a busy CPU):
+    asking again would only queue more copies behind them."""
+    content, download, asked = answered_by_hand(clients, tmp_path, "dev-busy", lambda i, n: "good",
+                                                size=8 * 16 * 1024, window=8, retry_after=0.2, stall_timeout=6)
+    router, handle = download._router, ChunkRouter.__call__
+    first = threading.Event()
+
+    def slow_start(self, topic, payload):  # the first chunk takes the network thread 1.5 s
+        if not first.is_set():
+            first.set()
+            time.sleep(1.5)
+        handle(self, topic, payload)
+    router.__class__ = type("SlowRouter", (ChunkRouter,), {"__call__": slow_start})
+    assert download.run().read_bytes() == content
+    assert asked == dict.fromkeys(range(8), 1) and download.asked_again == 0
+
+
 def test_a_chunk_that_never_comes_is_asked_for_again_less_and_less_often(clients, tmp_path):
     asks = []
 
