@@ -517,35 +517,9 @@ def test_an_ask_again_for_an_answer_still_in_the_servers_queue_is_not_answered_t
     assert sorted(i for _, i in seen) == [0, 1, 2, 2, 3, 5], seen
 
 
-def test_a_download_says_once_which_fan_out_reached_it_first_even_with_nothing_left_to_ask(clients, tmp_path):
-    """A window that covers the whole bundle asks no more after its first request, so the server
-    would never learn that the fan-out reached the device: the first numbered publish it receives,
-    it tells at once, in a request with no chunks."""
-    blob = tmp_path / "bundle.efb"
-    blob.write_bytes(os.urandom(6 * 16 * 1024))
-    host = clients("host")
-    offer = BundleServer(host, chunk_size=16 * 1024).offer(blob, "m", "1.0.0")
-    content, requests = blob.read_bytes(), []
-    shared = topics.bundle_chunks(offer.sha256, offer.chunk_size)
-
-    def fan_out(topic, payload):  # a server that answers the first request on the shared topic, numbered 7 on
-        requests.append(ChunkRequest.from_payload(payload))
-        for n, i in enumerate(requests[0].chunks if len(requests) == 1 else ()):
-            data = content[i * offer.chunk_size:(i + 1) * offer.chunk_size]
-            host.publish(shared, Chunk(offer.sha256, i, data).to_payload(seq=7 + n))
-    host.subscribe(topics.chunk_request(offer.sha256), fan_out)
-    client, router = device(clients, "whole")
-    assert Download(client, router, "whole", offer, tmp_path / "got.part", window=8).run().read_bytes() == content
-    time.sleep(0.3)
-    first, *rest = requests
-    assert first.chunks == tuple(range(6)) and first.seen is None, requests
-    assert [(r.chunks, r.seen, r.session) for r in rest] == [((), 7, first.session)], requests
-
-
-def test_a_download_whose_fan_out_was_not_granted_in_time_never_sends_an_empty_request(clients, tmp_path,
-                                                                                        monkeypatch):
-    """A busy broker can grant the shared topic after the download gave up waiting: chunks then
-    arrive there, but its requests say no fan-out, so they cannot say what it heard either."""
+def first_request_fanned_out(clients, tmp_path):
+    """(offer, content, [request payloads]): a bundle of 6 chunks of 16 KiB, and a server that answers
+    only the first request, on the bundle's shared topic, numbering its publishes from 7."""
     blob = tmp_path / "bundle.efb"
     blob.write_bytes(os.urandom(6 * 16 * 1024))
     host = clients("host")
@@ -553,12 +527,34 @@ def test_a_download_whose_fan_out_was_not_granted_in_time_never_sends_an_empty_r
     content, payloads = blob.read_bytes(), []
     shared = topics.bundle_chunks(offer.sha256, offer.chunk_size)
 
-    def fan_out(topic, payload):  # answers the first request on the shared topic, numbered
+    def fan_out(topic, payload):
         payloads.append(payload)
-        for i in ChunkRequest.from_payload(payload).chunks if len(payloads) == 1 else ():
+        for n, i in enumerate(ChunkRequest.from_payload(payload).chunks if len(payloads) == 1 else ()):
             data = content[i * offer.chunk_size:(i + 1) * offer.chunk_size]
-            host.publish(shared, Chunk(offer.sha256, i, data).to_payload(seq=i + 1))
-    host.subscribe(topics.chunk_request(offer.sha256), fan_out)
+            host.publish(shared, Chunk(offer.sha256, i, data).to_payload(seq=7 + n))
+    assert host.subscribe(topics.chunk_request(offer.sha256), fan_out, wait=5.0)
+    return offer, content, payloads
+
+
+def test_a_download_says_once_which_fan_out_reached_it_first_even_with_nothing_left_to_ask(clients, tmp_path):
+    """A window that covers the whole bundle asks no more after its first request, so the server
+    would never learn that the fan-out reached the device: the first numbered publish it receives,
+    it tells at once, in a request with no chunks."""
+    offer, content, payloads = first_request_fanned_out(clients, tmp_path)
+    client, router = device(clients, "whole")
+    assert Download(client, router, "whole", offer, tmp_path / "got.part", window=8).run().read_bytes() == content
+    time.sleep(0.3)
+    first, *rest = map(ChunkRequest.from_payload, payloads)
+    assert first.chunks == tuple(range(6)) and first.seen is None, payloads
+    assert [(r.chunks, r.seen, r.session) for r in rest] == [((), 7, first.session)], payloads
+
+
+def test_a_download_whose_fan_out_was_not_granted_in_time_never_sends_an_empty_request(clients, tmp_path,
+                                                                                        monkeypatch):
+    """A busy broker can grant the shared topic after the download gave up waiting: chunks then
+    arrive there, but its requests say no fan-out, so they cannot say what it heard either."""
+    offer, content, payloads = first_request_fanned_out(clients, tmp_path)
+    shared = topics.bundle_chunks(offer.sha256, offer.chunk_size)
     client, router = device(clients, "slow-grant")
     subscribe = client.subscribe
     monkeypatch.setattr(client, "subscribe", lambda topic, *a, **kw: subscribe(topic, *a, **kw) and topic != shared)
