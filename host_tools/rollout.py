@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from device_agent.bundle import BundleReader
 from device_agent.errors import ConfigError
-from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
+from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from host_tools.deploy import Deployment, incompatible, run_rollback
 from host_tools.fleet.store import FleetStore
 from host_tools.fleet.view import matching
@@ -99,7 +99,7 @@ class RolloutPlan:
             raise ConfigError("max failure rate is a fraction between 0 and 1")
         if self.max_in_flight is not None and self.max_in_flight < 1:
             raise ConfigError("max in flight is at least 1 device")
-        if not 1024 <= self.chunk_size <= MAX_CHUNK_SIZE:
+        if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise ConfigError("chunk size is 1 KiB to 1 MiB")
 
 

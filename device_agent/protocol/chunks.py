@@ -14,6 +14,7 @@ from device_agent.errors import ProtocolError
 from device_agent.protocol.codec import decode, encode, require
 
 MAX_CHUNK_SIZE = 1 << 20
+MIN_CHUNK_SIZE = 1024  # the least a host offers: smaller, and the headers outweigh the data
 # A chunk message (data, a ~110-byte header, the topic) stays well under the 128 KB a managed broker
 # such as AWS IoT Core allows per message. 120 KiB made one device's transfer 1.4x as fast, but a
 # staged rollout then sent half the devices two bundles' worth or more (docs/benchmarks.md, 2026-12-02).

@@ -10,7 +10,7 @@ import click
 from device_agent import __version__
 from device_agent.errors import ConfigError
 from device_agent.mqtt import BrokerAddress, MqttClient
-from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
+from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 DEFAULT_HOME = Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".local/share/edgefleet"))
 
@@ -22,7 +22,7 @@ devices_option = click.option("--device", "devices", multiple=True, required=Tru
                               help="Target device id; repeatable.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 chunk_size_option = click.option(
-    "--chunk-size", default=DEFAULT_CHUNK_SIZE, show_default=True, type=click.IntRange(1024, MAX_CHUNK_SIZE),
+    "--chunk-size", default=DEFAULT_CHUNK_SIZE, show_default=True, type=click.IntRange(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE),
     help="Transfer chunk size in bytes: keep a chunk and its ~110-byte header under the broker's packet limit.")
 
 
