@@ -66,7 +66,12 @@ CHUNK_QOS = 0
 # 3 s only adds copies to the queues that made them late. At most RETRY_CAP_SHARE of the stall
 # timeout, so a chunk that was lost is asked for again before the attempt is given up. And while bytes
 # the broker sent wait unread in our socket (a device whose CPU is busy), only after that cap: the
-# answers may be among them.
+# answers may be among them. When nothing at all has arrived since the overdue chunks were asked for
+# (a download's first window, the whole bundle with large chunks), only the first of them is asked for
+# again, as TCP sends one segment again when its timer fires: if the answers were only late, they are
+# on their way and asking for the window again would have it answered twice; if they were lost, that
+# one's answer shows the way works, and the rest are asked for again once their retry time has passed
+# after it. Not after the connection dropped: what was on its way on it is lost for certain (QoS 0).
 RETRY_CAP_SHARE = 1 / 3
 REPAIRS = 3  # times a download whose hash fails fetches its damaged chunks again before giving up
 
@@ -106,6 +111,7 @@ class Download:
         self._fanout = fanout
         self._session = os.urandom(4).hex()  # this download's subscription to the shared chunk topic
         self._connection = 0  # the client's connection count the session began on
+        self._asked_on = 0  # and the one our last request went out on
         self._shared: str | None = None  # that topic, while subscribed
         self._seen: int | None = None  # the lowest publish number (seq) the session received there
         self._tell_seen = False  # the server does not know it yet
@@ -244,6 +250,7 @@ class Download:
         request = ChunkRequest(self._device_id, tuple(wanted), self._offer.chunk_size, self._fanout,
                                self._session if self._fanout else None, self._seen if self._fanout else None)
         self._tell_seen = False
+        self._asked_on = self._client.connections
         self._client.publish(topics.chunk_request(self._offer.sha256), request.to_payload(), qos=1)
 
     def _due(self, now: float, total: int) -> list[int]:
@@ -255,6 +262,10 @@ class Download:
         wanted = [i for i, t in self._requested.items() if now - max(t, since) >= self._rto]
         if wanted and self._client.unread:  # answers may be right here, behind our own reading: not yet
             wanted = [i for i, t in self._requested.items() if now - max(t, since) >= self._rto_cap]
+        if wanted and since < min(self._requested[i] for i in wanted) and self._connection_held():
+            # Nothing arrived since they were asked for: late, or all lost (a server that was down);
+            # the first of them alone is asked for again (see RETRY_CAP_SHARE).
+            wanted = [min(wanted)]
         if wanted:  # back off (RFC 6298, 5.5)
             self._rto = min(2 * self._rto, self._rto_cap)
         self.asked_again += len(wanted)
@@ -266,6 +277,10 @@ class Download:
                 room -= 1
             self._next_new += 1
         return wanted
+
+    def _connection_held(self) -> bool:
+        """Our last request went out on the connection we are still on."""
+        return self._client.connected and self._client.connections == self._asked_on
 
     @property
     def _rto_cap(self) -> float:

@@ -197,6 +197,58 @@ def test_answers_that_come_late_are_not_asked_for_again_once_the_download_has_se
     assert {i for i, n in asked.items() if n > 1} <= {0, 1, 2, 3} and download.asked_again <= 6, asked
 
 
+def test_a_first_window_answered_late_is_not_asked_for_again_as_a_whole(clients, tmp_path):
+    """The window covers the whole bundle and its answers take 1 s (a busy broker in a rollout's stage):
+    until the first arrives the download cannot tell late from lost, and asks again for its first chunk
+    only, each time its retry time passes. Asking for all eight again would have the whole bundle
+    answered twice."""
+    content, download, asked = answered_by_hand(clients, tmp_path, "dev-late-window", lambda i, n: "good",
+                                                size=8 * 16 * 1024, delay=1.0, window=8, retry_after=0.3)
+    requests = request_log(clients, download._offer)
+    assert download.run().read_bytes() == content
+    # one chunk each time the retry time passes (twice at most before the answers come: 0.3 s, then 0.6)
+    assert requests[0] == tuple(range(8)) and 2 <= len(requests) <= 3, requests
+    assert all(len(r) == 1 for r in requests[1:]) and download.asked_again == len(requests) - 1, requests
+
+
+def request_log(clients, offer):
+    """Every chunk request for *offer*, in the order the broker delivered them."""
+    requests = []
+    assert clients("watch").subscribe(topics.chunk_request(offer.sha256),
+                                      lambda t, p: requests.append(ChunkRequest.from_payload(p).chunks), wait=5)
+    return requests
+
+
+def test_a_lost_window_is_asked_for_again_once_one_chunk_shows_the_way_works(clients, tmp_path):
+    """The server dropped the first request (it was down): one chunk asked for again shows that answers
+    come, and the rest of the window follows."""
+    content, download, asked = answered_by_hand(clients, tmp_path, "dev-lost-window",
+                                                lambda i, n: "lost" if n == 1 else "good",
+                                                size=8 * 16 * 1024, window=8, retry_after=0.3)
+    requests = request_log(clients, download._offer)
+    assert download.run().read_bytes() == content
+    assert asked == dict.fromkeys(range(8), 2)
+    assert requests == [tuple(range(8)), (0,), tuple(range(1, 8))], requests
+
+
+def test_a_window_in_flight_when_the_connection_dropped_is_asked_for_again_whole(clients, tmp_path):
+    """Chunks are subscribed at QoS 0: what was on its way when the connection dropped is lost for
+    certain, so after the reconnect the whole window is asked for again, without a first chunk alone."""
+    content, download, asked = answered_by_hand(clients, tmp_path, "dev-cut-window",
+                                                lambda i, n: "lost" if n == 1 else "good",
+                                                size=8 * 16 * 1024, window=8, retry_after=2, fanout=False)
+    requests = request_log(clients, download._offer)
+    client = download._client
+
+    def cut_when_asked():
+        wait_until(lambda: requests, 5, 0.01)
+        client.drop()  # (up to a second: it stops the network thread)
+        client.connect_in_background()
+    threading.Thread(target=cut_when_asked).start()
+    assert download.run().read_bytes() == content
+    assert requests == [tuple(range(8))] * 2 and asked == dict.fromkeys(range(8), 2), requests
+
+
 def test_a_device_too_busy_to_read_its_answers_does_not_ask_for_them_again(clients, tmp_path):
     """The answers came, and wait in the socket behind the device's own network thread (a busy CPU):
     asking again would only queue more copies behind them."""
