@@ -66,12 +66,15 @@ CHUNK_QOS = 0
 # 3 s only adds copies to the queues that made them late. At most RETRY_CAP_SHARE of the stall
 # timeout, so a chunk that was lost is asked for again before the attempt is given up. And while bytes
 # the broker sent wait unread in our socket (a device whose CPU is busy), only after that cap: the
-# answers may be among them. When nothing at all has arrived since the overdue chunks were asked for
-# (a download's first window, the whole bundle with large chunks), only the first of them is asked for
-# again, as TCP sends one segment again when its timer fires: if the answers were only late, they are
-# on their way and asking for the window again would have it answered twice; if they were lost, that
-# one's answer shows the way works, and the rest are asked for again once their retry time has passed
-# after it. Not after the connection dropped: what was on its way on it is lost for certain (QoS 0).
+# answers may be among them.
+# Which overdue chunks are asked for again: the server answers a device's asks in the order they came,
+# so one asked for before a chunk that has arrived was lost, and is asked for again. Those asked for after the
+# latest chunk that arrived may only be late (a broker answering a fleet, a download's first window:
+# with large chunks the whole bundle): asking for them all again would have them all answered twice.
+# Of those, only the last is asked for again, as TCP sends one segment again when its timer fires. If
+# they were late, the rest arrive before its answer; if they were lost (a server that was down), its
+# answer makes them the lost kind, asked for again once their retry time has passed after it. All of
+# them after the connection dropped: what was on its way on it is lost for certain (QoS 0).
 RETRY_CAP_SHARE = 1 / 3
 REPAIRS = 3  # times a download whose hash fails fetches its damaged chunks again before giving up
 
@@ -120,6 +123,8 @@ class Download:
         self._received: dict[int, int] = {}  # chunk written -> the CRC-32 its message carried
         self._requested: dict[int, float] = {}  # chunk asked for -> when it was last asked
         self._asks: dict[int, int] = {}  # chunk asked for -> how often, in this attempt
+        self._first_ask: dict[int, int] = {}  # chunk asked for -> its place in the order of first asks
+        self._answered_upto = -1  # the latest place of a chunk that arrived (chunks before it are overdue)
         self._srtt: float | None = None  # smoothed time from a chunk's ask to its arrival
         self._rttvar = 0.0
         self._rto = retry_after  # seconds after which a chunk is asked for again
@@ -247,6 +252,7 @@ class Download:
         for i in wanted:
             self._requested[i] = now
             self._asks[i] = self._asks.get(i, 0) + 1
+            self._first_ask.setdefault(i, len(self._first_ask))
         request = ChunkRequest(self._device_id, tuple(wanted), self._offer.chunk_size, self._fanout,
                                self._session if self._fanout else None, self._seen if self._fanout else None)
         self._tell_seen = False
@@ -262,10 +268,11 @@ class Download:
         wanted = [i for i, t in self._requested.items() if now - max(t, since) >= self._rto]
         if wanted and self._client.unread:  # answers may be right here, behind our own reading: not yet
             wanted = [i for i, t in self._requested.items() if now - max(t, since) >= self._rto_cap]
-        if wanted and since < min(self._requested[i] for i in wanted) and self._connection_held():
-            # Nothing arrived since they were asked for: late, or all lost (a server that was down);
-            # the first of them alone is asked for again (see RETRY_CAP_SHARE).
-            wanted = [min(wanted)]
+        if wanted and self._connection_held():  # which are late and which lost: see RETRY_CAP_SHARE
+            late = [i for i in wanted if self._first_ask[i] > self._answered_upto]
+            if late:
+                wanted = [i for i in wanted if self._first_ask[i] < self._answered_upto]  # lost
+                wanted.append(max(late, key=self._first_ask.__getitem__))
         if wanted:  # back off (RFC 6298, 5.5)
             self._rto = min(2 * self._rto, self._rto_cap)
         self.asked_again += len(wanted)
@@ -323,6 +330,8 @@ class Download:
             self._hasher, self._hashed = hashlib.sha256(), 0  # it took the damaged data in
             self._requested.clear()
             self._asks.clear()
+            self._first_ask.clear()
+            self._answered_upto = -1
             self._next_new = 0  # _due() skips what is received
             self._last_progress = time.monotonic()
         log.warning("bundle %s did not match its SHA-256: %d chunk(s) arrived damaged (%s), fetching them again",
@@ -375,8 +384,10 @@ class Download:
             self._hash_forward(chunk.index, chunk.data)
             now = time.monotonic()
             asked = self._requested.pop(chunk.index, None)
-            if asked is not None and self._asks[chunk.index] == 1:  # (which ask an answer came for is unknown)
-                self._sample_rtt(now - asked)
+            if asked is not None:
+                if self._asks[chunk.index] == 1:  # (which ask an answer came for is unknown)
+                    self._sample_rtt(now - asked)
+                self._answered_upto = max(self._answered_upto, self._first_ask[chunk.index])
             self._last_progress = now
             done = len(self._received) / offer.chunk_count
             if now - self._saved_at >= RECORD_EVERY:
