@@ -582,6 +582,27 @@ def test_an_ask_again_for_an_answer_still_in_the_servers_queue_is_not_answered_t
     assert sorted(i for _, i in seen) == [0, 1, 2, 2, 3, 5], seen
 
 
+def test_a_device_at_the_end_of_a_long_queue_gets_a_chunk_before_its_turn(clients, tmp_path, monkeypatch):
+    """Answers go out first come, first served, except that a device none of whose answers went out
+    for STARVE_S gets one first: at the end of a rollout stage's queue it would otherwise wait so long
+    for any chunk that it took its download for stalled and asked for all of it again."""
+    monkeypatch.setattr(serve, "INLINE_CHUNKS", 0)  # every answer through the worker's queue
+    monkeypatch.setattr(serve, "WORKER_BATCH", 2)
+    monkeypatch.setattr(serve, "STARVE_S", 0.25)
+    server, _, seen, _, wait = watched_server(clients, tmp_path, "first", "last")
+    publish = server._publish
+    monkeypatch.setattr(server, "_publish", lambda *job: time.sleep(0.1 * len(job[3])) or publish(*job))  # slow
+    sha = next(iter(server._bundles))
+    for device, chunks in (("first", range(8)), ("last", range(2))):
+        clients("asker").publish(topics.chunk_request(sha), ChunkRequest(
+            device, tuple(chunks), 16 * 1024, False).to_payload(), qos=1)
+    wait(10)
+    server.stop()
+    order = [(t.split("/")[-2], i) for t, i in seen]  # (device, chunk)
+    assert sorted(order) == [("first", i) for i in range(8)] + [("last", 0), ("last", 1)], order
+    assert order[:2] == [("first", 0), ("first", 1)] and order.index(("last", 0)) < order.index(("first", 7)), order
+
+
 def first_request_fanned_out(clients, tmp_path):
     """(offer, content, [request payloads]): a bundle of 6 chunks of 16 KiB, and a server that answers
     only the first request, on the bundle's shared topic, numbering its publishes from 7."""
