@@ -67,14 +67,15 @@ CHUNK_QOS = 0
 # timeout, so a chunk that was lost is asked for again before the attempt is given up. And while bytes
 # the broker sent wait unread in our socket (a device whose CPU is busy), only after that cap: the
 # answers may be among them.
-# Which overdue chunks are asked for again: the server answers a device's asks in the order they came,
-# so one asked for before a chunk that has arrived was lost, and is asked for again. Those asked for after the
-# latest chunk that arrived may only be late (a broker answering a fleet, a download's first window:
-# with large chunks the whole bundle): asking for them all again would have them all answered twice.
-# Of those, only the last is asked for again, as TCP sends one segment again when its timer fires. If
-# they were late, the rest arrive before its answer; if they were lost (a server that was down), its
-# answer makes them the lost kind, asked for again once their retry time has passed after it. All of
-# them after the connection dropped: what was on its way on it is lost for certain (QoS 0).
+# Which overdue chunks are asked for again: the server answers a device's asks in the order they
+# came, so one asked for before a chunk that has arrived was lost, and is asked for again. Those
+# asked for after the latest chunk that arrived may only be late (a broker answering a fleet, a
+# download's first window: with large chunks the whole bundle): asking for them all again would have
+# them all answered twice. Of those, only the last is asked for again, as TCP sends one segment again
+# when its timer fires. If they were late, the rest arrive before its answer; if they were lost (a
+# server that was down), its answer makes them the lost kind, asked for again once their retry time
+# has passed after it. All of them after the connection dropped: what was on its way on it is lost
+# for certain (QoS 0).
 RETRY_CAP_SHARE = 1 / 3
 REPAIRS = 3  # times a download whose hash fails fetches its damaged chunks again before giving up
 
@@ -124,7 +125,7 @@ class Download:
         self._requested: dict[int, float] = {}  # chunk asked for -> when it was last asked
         self._asks: dict[int, int] = {}  # chunk asked for -> how often, in this attempt
         self._first_ask: dict[int, int] = {}  # chunk asked for -> its place in the order of first asks
-        self._answered_upto = -1  # the latest place of a chunk that arrived (chunks before it are overdue)
+        self._answered_upto = -1  # the latest place of a chunk that arrived (one before it still missing: lost)
         self._srtt: float | None = None  # smoothed time from a chunk's ask to its arrival
         self._rttvar = 0.0
         self._rto = retry_after  # seconds after which a chunk is asked for again

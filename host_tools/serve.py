@@ -28,10 +28,10 @@ and is left out when the askers of a chunk are answered FANOUT_QUIET after its p
 Requests without fan-out are answered on the device's own topic. Answers are published with
 back-pressure: past MAX_UNACKED unacknowledged messages they wait for the broker, in the order
 their requests came, except that a device none of whose answers went out for STARVE_S seconds
-gets its next one first (_Answers). A device asking
-again for a chunk whose answer to its own topic still waits in our queue is not answered twice (the
-one queued reaches any download of the device, a new attempt's too), nor, while answers queue up,
-one answered there less than DIRECT_QUIET seconds ago.
+gets its next one first (_Answers). A device asking again for a chunk whose answer to its own
+topic still waits in our queue is not answered twice (the one queued reaches any download of the
+device, a new attempt's too), nor, while answers queue up, one answered there less than
+DIRECT_QUIET seconds ago.
 """
 
 from __future__ import annotations
