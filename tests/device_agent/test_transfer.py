@@ -207,8 +207,8 @@ def test_a_first_window_answered_late_is_not_asked_for_again_as_a_whole(clients,
                                                 size=8 * 16 * 1024, delay=1.0, window=8, retry_after=0.3)
     requests = request_log(clients, download._offer)
     assert download.run().read_bytes() == content
-    # one chunk each time the retry time passes (twice at most before the answers come: 0.3 s, then 0.6)
-    assert requests[0] == tuple(range(8)) and 2 <= len(requests) <= 3, requests
+    # one chunk each time the retry time passes (0.3 s, then 0.6: twice, unless the answers come later still)
+    assert requests[0] == tuple(range(8)) and len(requests) >= 2, requests
     assert requests[1] == (7,) and all(len(r) == 1 for r in requests[2:]), requests
     assert download.asked_again == len(requests) - 1
 
