@@ -16,8 +16,8 @@ from device_agent.protocol.codec import decode, encode, require
 MAX_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 1024  # the least a host offers: smaller, and the headers outweigh the data
 # A chunk message (data, a ~110-byte header, the topic) stays well under the 128 KB a managed broker
-# such as AWS IoT Core allows per message. 120 KiB made one device's transfer 1.4x as fast, but a
-# staged rollout then sent half the devices two bundles' worth or more (docs/benchmarks.md, 2026-12-02).
+# such as AWS IoT Core allows per message. 120 KiB chunks cost a device less CPU per MiB, but 100
+# devices fetching one bundle had it no sooner (docs/benchmarks.md, Rollout, 2026-12-02, a fifth session).
 DEFAULT_CHUNK_SIZE = 64 * 1024
 
 
