@@ -15,6 +15,8 @@ from device_agent.runtime.onnx import choose_providers
 from device_agent.runtime.tflite import find_interpreter
 from tests.conftest import MODELS
 
+FIXTURE_MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models"
+
 ONNX_TEST_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 
 
@@ -135,6 +137,36 @@ def test_tflite_runs_the_converted_reference_model_like_onnx_does(heldout):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
         agree += int(a.argmax() == b.argmax())
     assert agree == 50
+
+
+def test_tflite_follows_a_free_batch_axis_from_call_to_call():
+    """keras_cnn.tflite takes [N, 32, 32, 3]: a call of three samples resizes the interpreter and
+    gives what three single-sample calls give; single-sample calls work again after it."""
+    runtime = load_runtime("tflite", FIXTURE_MODELS / "keras_cnn.tflite", RuntimeOptions(threads=1))
+    (spec,) = runtime.inputs
+    assert spec.shape == ("?", 32, 32, 3)
+    x = np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32)
+    singles = [next(iter(runtime.run({spec.name: x[i:i + 1]}).values())) for i in range(3)]
+    batch = next(iter(runtime.run({spec.name: x}).values()))
+    assert batch.shape == (3, 5)
+    np.testing.assert_allclose(batch, np.concatenate(singles), rtol=1e-5, atol=1e-6)
+    again = next(iter(runtime.run({spec.name: x[2:]}).values()))
+    np.testing.assert_allclose(again, singles[2], rtol=1e-5, atol=1e-6)
+
+
+def test_tflite_outputs_are_the_callers_to_keep_and_a_missing_input_is_named():
+    runtime = load_runtime("tflite", FIXTURE_MODELS / "streaming_kws.tflite", RuntimeOptions(threads=1))
+    audio, state = runtime.inputs
+    rng = np.random.default_rng(1)
+    feeds = {audio.name: rng.random((1, 10, 20), dtype=np.float32), state.name: np.zeros((1, 1, 48), np.float32)}
+    first = runtime.run(feeds)
+    kept = {name: value.copy() for name, value in first.items()}
+    state_out = runtime.outputs[1].name  # the state, fed back in
+    runtime.run({audio.name: rng.random((1, 10, 20), dtype=np.float32), state.name: kept[state_out]})
+    for name, value in first.items():  # the next call did not write into the arrays handed back
+        np.testing.assert_array_equal(value, kept[name])
+    with pytest.raises(ModelError, match=f"missing input\\(s\\) {state.name}$"):
+        runtime.run({audio.name: feeds[audio.name]})
 
 
 def test_tflite_package_is_found_in_the_documented_order():
