@@ -61,8 +61,8 @@ class TFLiteRuntime:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Everything a call needs was read from the interpreter beforehand (_Port): looking it up in
-        # the interpreter's detail dicts on every call cost 3 µs more (the reference CNN's call 18.1
-        # against 15.3 µs, docs/benchmarks.md), a fifth of the call.
+        # the interpreter's detail dicts on every call cost 1-2.5 µs more a call of the reference CNN
+        # (benchmarks/runtime_call.py; 7 µs in the compression benchmark's interleaved timing).
         with self._lock:
             try:
                 values, reshaped = [], False
