@@ -13,6 +13,10 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
+# A script measures the code of the checkout it sits in, whatever PYTHONPATH says; the processes it
+# starts with `python -m` import from the working directory first. To compare with older code, run
+# the older worktree's copy of the script from inside that worktree (`cd /tmp/old && python
+# benchmarks/...`), alternating with this one.
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
