@@ -118,7 +118,7 @@ class TFLiteRuntime:
 class _Port:
     """One input or output tensor of the interpreter, as a call uses it."""
 
-    __slots__ = ("name", "index", "dtype", "shape", "scale", "zero_point")
+    __slots__ = ("name", "index", "dtype", "shape", "scale", "zero_point", "low", "high")
 
     def __init__(self, detail: dict) -> None:
         self.name = detail["name"]
@@ -127,13 +127,26 @@ class _Port:
         self.shape = tuple(int(d) for d in detail["shape"])
         # A quantized tensor's real values are scale * (q - zero_point); None for a float tensor.
         self.scale, self.zero_point = detail["quantization"] if _quantized(detail) else (None, 0)
+        if self.scale is not None:
+            info = np.iinfo(self.dtype)
+            self.low, self.high = int(info.min), int(info.max)
 
+    # Both in place on one new array, a ufunc call per step: np.iinfo, np.clip and the temporaries
+    # of the plain expressions cost 6.7 µs a call of the reference CNN's 64 inputs, more than
+    # its full-int8 interpreter takes (4.5 µs).
     def quantize(self, value: np.ndarray) -> np.ndarray:
-        info = np.iinfo(self.dtype)
-        return np.clip(np.round(value / self.scale) + self.zero_point, info.min, info.max).astype(self.dtype)
+        scaled = np.divide(value, self.scale)
+        np.rint(scaled, out=scaled)  # half to even, as np.round
+        np.add(scaled, self.zero_point, out=scaled)
+        np.maximum(scaled, self.low, out=scaled)
+        np.minimum(scaled, self.high, out=scaled)
+        return scaled.astype(self.dtype)
 
     def dequantize(self, value: np.ndarray) -> np.ndarray:
-        return ((value.astype(np.float32) - self.zero_point) * self.scale).astype(np.float32)
+        real = value.astype(np.float32)
+        np.subtract(real, self.zero_point, out=real)
+        np.multiply(real, self.scale, out=real)
+        return real
 
 
 def _spec(detail: dict) -> TensorSpec:

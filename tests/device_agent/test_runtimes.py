@@ -169,6 +169,27 @@ def test_tflite_outputs_are_the_callers_to_keep_and_a_missing_input_is_named():
         runtime.run({audio.name: feeds[audio.name]})
 
 
+@pytest.mark.parametrize("dtype, zero_point", [(np.int8, -128), (np.int8, 3), (np.uint8, 128)])
+def test_tflite_int8_inputs_and_outputs_convert_at_the_edge_as_the_formula_says(dtype, zero_point):
+    """A full-int8 model's tensors are fed and read as float: q = clamp(round_half_even(x / scale) + zp),
+    x = (q - zp) * scale, in float32, with ties, both ends of the range and beyond them."""
+    from device_agent.runtime.tflite import _Port
+    scale = float(np.float32(0.0392))  # TFLite keeps scales as float32
+    port = _Port({"name": "x", "index": 0, "dtype": dtype, "shape": np.array([1, 9]),
+                  "quantization": (scale, zero_point)})
+    info = np.iinfo(dtype)
+    steps = np.array([-400.5, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 126.5, 400.0])
+    x = (steps * scale).astype(np.float32).reshape(1, 9)
+    want = np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
+    got = port.quantize(x)
+    assert got.dtype == dtype and np.array_equal(got, want)
+    assert got.min() == max(info.min, -400 + zero_point) and got.max() == info.max  # clamped, not wrapped
+    q = np.arange(info.min, info.max + 1, dtype=dtype)
+    real = port.dequantize(q)
+    assert real.dtype == np.float32
+    np.testing.assert_array_equal(real, ((q.astype(np.float32) - zero_point) * np.float32(scale)))
+
+
 def test_tflite_package_is_found_in_the_documented_order():
     _, package = find_interpreter()
     assert package == "ai_edge_litert"  # installed by the test extra; tflite_runtime would come next
