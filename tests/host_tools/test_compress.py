@@ -545,6 +545,7 @@ def test_command_line_steps_are_typed_like_files():
     ("tflite-weight-only", {"bits": 5}, "bits must be 8 or 4, not 5"),
     ("tflite-int8", {"activation_bits": 12}, "activation_bits must be 8 or 16"),
     ("tflite-int8", {"samples": 0}, "samples 1 or more"),
+    ("tflite-int8", {"io": "int16"}, "io must be float or int8, not 'int16'"),
 ])
 def test_bad_pass_options_are_one_clear_error(name, options, message):
     with pytest.raises(ConfigError, match=message):
@@ -649,10 +650,39 @@ def test_tflite_recipes_shrink_the_model_and_keep_its_accuracy(recipe, pass_name
     assert result.size_bytes <= {"fp16": 0.52, "int8-dynamic": 0.27}.get(recipe, 0.28) * report.original.size_bytes
     assert result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
     assert result.fidelity.agreement > 0.98
-    if recipe == "int8-static":  # int8 in and out, yet fed and read as float32 by the agent's runtime
+    if recipe == "int8-static":  # float32 in and out, converted inside the model
         from ai_edge_litert.interpreter import Interpreter
-        assert Interpreter(model_path=str(out)).get_input_details()[0]["dtype"] == np.int8
-        assert ModelFile.open(out).load().inputs[0].dtype == "float32"
+        interpreter = Interpreter(model_path=str(out))
+        assert interpreter.get_input_details()[0]["dtype"] == np.float32
+        assert interpreter.get_output_details()[0]["dtype"] == np.float32
+        assert interpreter.get_signature_runner()  # the signature names the float tensors
+
+
+def test_tflite_full_int8_with_int8_io_computes_what_the_float_io_model_does(tmp_path):
+    """io=int8 hands back the int8 tensors as inputs and outputs (the agent's runtime converts them at
+    the edge); the default wraps them in QUANTIZE/DEQUANTIZE inside the model. Same int8 graph, same
+    results through the runtime, same names; the float-I/O model takes float32 straight."""
+    from ai_edge_litert.interpreter import Interpreter
+    model = ModelFile.open(MODELS / "digits_cnn.tflite")
+    outs = {}
+    for io in ("float", "int8"):
+        recipe = Recipe(io, (Step("tflite-int8", {"io": io, "samples": 64}),))
+        outs[io] = tmp_path / f"{io}.tflite"
+        run_recipe(model, recipe, calib=CALIB, eval_data=HELDOUT, out=outs[io], latency_runs=5)
+    details = {io: Interpreter(model_path=str(path)) for io, path in outs.items()}
+    assert details["int8"].get_input_details()[0]["dtype"] == np.int8
+    assert details["float"].get_input_details()[0]["dtype"] == np.float32
+    for side in ("get_input_details", "get_output_details"):
+        assert ([d["name"] for d in getattr(details["float"], side)()]
+                == [d["name"] for d in getattr(details["int8"], side)()])
+    runtimes = {io: ModelFile.open(path).load(threads=1) for io, path in outs.items()}
+    name = runtimes["float"].inputs[0].name
+    for sample in np.load(HELDOUT)["x"][:40]:
+        f = {name: sample[None]}
+        a, b = runtimes["float"].run(f), runtimes["int8"].run(f)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
 
 
 @pytest.mark.parametrize("name, recipe, max_ratio", [

@@ -143,6 +143,22 @@ def _op_names() -> dict[int, str]:
     return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 
 
+def opcode(tree, builtin: int, version: int) -> int:
+    """The index of operator *builtin* in *tree*'s operator codes (its version raised to *version*),
+    added if missing."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    for i, code in enumerate(tree.operatorCodes):
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
+            code.version = max(code.version, version)
+            return i
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = builtin
+    code.version = version
+    tree.operatorCodes.append(code)
+    return len(tree.operatorCodes) - 1
+
+
 def io_names(data: bytes) -> dict[tuple[int, str, int], bytes]:
     """(subgraph, "in"/"out", position) -> tensor name, for every subgraph's inputs and outputs:
     what an interpreter's input and output details list. Read from the packed flatbuffer, without

@@ -98,21 +98,10 @@ def store_params_as_int8(tree, min_elements: int) -> int:
             tensor.buffer = len(tree.buffers) - 1
             graph.tensors.append(stored)
             op = schema.OperatorT()
-            op.opcodeIndex, op.inputs, op.outputs = _opcode(tree, schema), [len(graph.tensors) - 1], [index]
+            # (version 2: an int8 input)
+            op.opcodeIndex = flatbuffer.opcode(tree, schema.BuiltinOperator.DEQUANTIZE, 2)
+            op.inputs, op.outputs = [len(graph.tensors) - 1], [index]
             dequantize.append(op)
         graph.operators[:0] = dequantize  # before every reader: their input is a constant
         converted += len(dequantize)
     return converted
-
-
-def _opcode(tree, schema) -> int:
-    """The index of DEQUANTIZE (version 2: int8 input) in *tree*'s operator codes, added if missing."""
-    for i, code in enumerate(tree.operatorCodes):
-        if max(code.builtinCode, code.deprecatedBuiltinCode) == schema.BuiltinOperator.DEQUANTIZE:
-            code.version = max(code.version, 2)
-            return i
-    code = schema.OperatorCodeT()
-    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.DEQUANTIZE
-    code.version = 2
-    tree.operatorCodes.append(code)
-    return len(tree.operatorCodes) - 1

@@ -1,9 +1,13 @@
 """TFLite quantization with litert-quantizer: dynamic-range int8, weight-only int8, full int8
 calibrated on the user's data, and fp16 weights.
 
-A full-int8 model's inputs and outputs become int8; edgefleet's TFLite runtime quantizes and
-dequantizes them at the edge, so callers keep feeding float32, and every pass's output keeps the
-original's input and output names.
+A full-int8 model keeps float32 inputs and outputs by default: a QUANTIZE in front of each int8
+input and a DEQUANTIZE behind each int8 output, inside the model (as TensorFlow's converter does by
+default), so callers keep feeding float32 and the interpreter converts in C++. With ``io=int8`` the
+int8 tensors themselves are the model's inputs and outputs (for callers that feed quantized data);
+edgefleet's TFLite runtime then converts them at the edge in NumPy, which on the reference CNN
+cost more than the int8 interpreter's whole call (docs/benchmarks.md). Every pass's output keeps
+the original's input and output names.
 """
 
 from __future__ import annotations
@@ -120,11 +124,23 @@ class TfliteFullInt8(_LiteRtPass):
             "help": "calibration inputs (.npz, folder, loader); default: --calib", "required": True})
         samples: int = field(default=256, metadata={"help": "calibration samples used at most"})
         activation_bits: int = field(default=8, metadata={"help": "8, or 16 for int16 activations"})
+        io: str = field(default="float", metadata={
+            "help": "float: float32 inputs and outputs, converted inside the model; int8: the int8 tensors"})
 
         def __post_init__(self) -> None:  # (see PassConfig)
             if self.activation_bits not in (8, 16) or self.samples < 1:
                 raise ValueError(f"activation_bits must be 8 or 16 (not {self.activation_bits}) and samples 1 "
                                  f"or more (not {self.samples})")
+            if self.io not in ("float", "int8"):
+                raise ValueError(f"io must be float or int8, not {self.io!r}")
+
+    def run(self, model, config, workdir):
+        result = super().run(model, config, workdir)
+        if config.io == "float":
+            tree, outside = flatbuffer.read(result.path)
+            if float_io(tree):
+                flatbuffer.write(tree, outside, result.path)
+        return result
 
     def configure(self, quantizer, config):
         from litert_quantizer.qtyping import TFLOperationName
@@ -156,6 +172,50 @@ class TfliteFullInt8(_LiteRtPass):
         by_tensor = dict(zip([s.name for s in runtime.inputs], signature["inputs"]))
         samples = [{by_tensor[name]: value for name, value in feeds.sample(i).items()} for i in range(len(feeds))]
         return quantizer.calibrate({key: samples})
+
+
+def float_io(tree) -> int:
+    """Give *tree*'s main graph float32 inputs and outputs where they are 8-bit quantized: a float
+    twin of each such tensor takes its place (and its name, in the signature too), converted by a
+    QUANTIZE in front of the graph or a DEQUANTIZE behind it. Returns how many were wrapped."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    graph = tree.subgraphs[0]
+    eight_bit = (schema.TensorType.INT8, schema.TensorType.UINT8)
+    twins: dict[int, int] = {}
+
+    def wrap(index: int, op_code: int, before: bool) -> int:
+        tensor = graph.tensors[index]
+        twin = schema.TensorT()
+        twin.shape, twin.shapeSignature, twin.hasRank = tensor.shape, tensor.shapeSignature, tensor.hasRank
+        twin.type, twin.name = schema.TensorType.FLOAT32, tensor.name
+        tensor.name = (tensor.name or b"") + b"_int8"
+        tree.buffers.append(schema.BufferT())  # (computed: no data)
+        twin.buffer = len(tree.buffers) - 1
+        graph.tensors.append(twin)
+        twins[index] = len(graph.tensors) - 1
+        op = schema.OperatorT()
+        op.opcodeIndex = flatbuffer.opcode(tree, op_code, 2)  # (version 2: int8)
+        op.inputs, op.outputs = ([twins[index]], [index]) if before else ([index], [twins[index]])
+        if before:
+            graph.operators.insert(0, op)
+        else:
+            graph.operators.append(op)
+        return twins[index]
+
+    def quantized(index: int) -> bool:
+        tensor = graph.tensors[index]
+        return (tensor.type in eight_bit and tensor.quantization is not None
+                and tensor.quantization.scale is not None and len(tensor.quantization.scale) == 1)
+
+    graph.inputs = [wrap(t, schema.BuiltinOperator.QUANTIZE, True) if quantized(t) else t for t in graph.inputs]
+    graph.outputs = [wrap(t, schema.BuiltinOperator.DEQUANTIZE, False) if quantized(t) and t not in twins else
+                     twins.get(t, t) for t in graph.outputs]
+    for signature in tree.signatureDefs or []:
+        if signature.subgraphIndex == 0:
+            for entry in [*(signature.inputs or []), *(signature.outputs or [])]:
+                entry.tensorIndex = twins.get(entry.tensorIndex, entry.tensorIndex)
+    return len(twins)
 
 
 def _control_flow(path) -> str:
