@@ -25,6 +25,7 @@ from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import showing_progress
 from host_tools.compress.recipes import (ONNX_CHANNELS_50, ONNX_COMPACT, PREPROCESS, TFLITE_CHANNELS_50,
                                          TFLITE_COMPACT, TFLITE_DYNAMIC, Recipe, Step)
+from host_tools.compress.tflite.quantize import WEIGHTED_OPS
 from host_tools.compress.workflow import (CompressionReport, Evaluation, Measured, Progress, apply_pass, deliver,
                                           plan_steps, quality_drop, read_data)
 
@@ -95,12 +96,17 @@ ONNX_LADDER = (
                           needs_calibration=True)),
     Candidate("distilled student, at most 25% of the parameters", (Step("distill"),), needs_calibration=True),
 )
+# int8 only for the layers with weights, the rest float: what TFLite's XNNPACK delegate runs in one
+# piece (a transformer's full int8 does not, and runs slower than its float model).
+TFLITE_WEIGHTED_INT8 = Step("tflite-int8", {"ops": list(WEIGHTED_OPS)})
 TFLITE_LADDER = (  # the distilled student is an ONNX model
     Candidate("dynamic-range int8", (*TFLITE_DYNAMIC, TFLITE_COMPACT)),
     Candidate("dynamic-range int8, per-channel", (Step("tflite-dynamic"), Step("tflite-int8-params"), TFLITE_COMPACT),
               if_missed="dynamic-range int8"),
     Candidate("int8 weights only", (Step("tflite-weight-only"), TFLITE_COMPACT)),
     Candidate("full int8", (Step("tflite-int8"), TFLITE_COMPACT), needs_calibration=True),
+    Candidate("int8 layers with weights, the rest float", (TFLITE_WEIGHTED_INT8, TFLITE_COMPACT),
+              needs_calibration=True),
     Candidate("fp16", (Step("tflite-fp16"), TFLITE_COMPACT)),
     Candidate("50% sparse, full int8", (Step("tflite-prune-magnitude", {"sparsity": 0.5}), Step("tflite-int8"),
                                         TFLITE_COMPACT), needs_calibration=True),
@@ -114,6 +120,8 @@ TFLITE_LADDER = (  # the distilled student is an ONNX model
               (TFLITE_CHANNELS_50, *TFLITE_DYNAMIC, TFLITE_COMPACT), needs_calibration=True),
     Candidate("50% channels pruned, recovered, full int8",
               (TFLITE_CHANNELS_50, Step("tflite-int8"), TFLITE_COMPACT), needs_calibration=True),
+    Candidate("50% channels pruned, recovered, int8 layers with weights",
+              (TFLITE_CHANNELS_50, TFLITE_WEIGHTED_INT8, TFLITE_COMPACT), needs_calibration=True),
     Candidate("distilled student, at most 25% of the parameters", (Step("distill"), ONNX_COMPACT),
               needs_calibration=True),
 )

@@ -8,6 +8,14 @@ int8 tensors themselves are the model's inputs and outputs (for callers that fee
 edgefleet's TFLite runtime then converts them at the edge in NumPy, which on the reference CNN
 cost more than the int8 interpreter's whole call (docs/benchmarks.md). Every pass's output keeps
 the original's input and output names.
+
+Full int8 can be slower than float: the interpreter's XNNPACK delegate runs a float graph in one
+piece, but has no int8 kernel for some ops (a transformer's layer norms, GELU, batch matmuls), so an
+all-int8 transformer falls apart into two dozen delegate pieces with TFLite's own int8 kernels
+between them (the reference transformer 2.4-2.7x float's time). ``ops=`` quantizes only the op
+types named: ``ops=WEIGHTED_OPS`` (the layers with weights, where int8 pays) leaves the rest float
+between a QUANTIZE and a DEQUANTIZE, which XNNPACK runs in the same piece (the reference transformer
+0.6x float's time, and --auto tries it).
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 from host_tools.compress.tflite import flatbuffer
 
 _OPS_HELP = "regular expression of the tensor names to quantize"
+# The op types with weights, in litert-quantizer's names (its CONV_2D_TRANSPOSE is TRANSPOSE_CONV).
+WEIGHTED_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TRANSPOSE", "EMBEDDING_LOOKUP")
+_SCHEMA_NAMES = {"CONV_2D_TRANSPOSE": "TRANSPOSE_CONV"}
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,9 @@ class TfliteFullInt8(_LiteRtPass):
         activation_bits: int = field(default=8, metadata={"help": "8, or 16 for int16 activations"})
         io: str = field(default="float", metadata={
             "help": "float: float32 inputs and outputs, converted inside the model; int8: the int8 tensors"})
+        ops: tuple[str, ...] = field(default=(), metadata={
+            "help": "op types to quantize (litert-quantizer's names, e.g. FULLY_CONNECTED,CONV_2D), the rest "
+                    "left float; default: every op it can quantize"})
 
         def __post_init__(self) -> None:  # (see PassConfig)
             if self.activation_bits not in (8, 16) or self.samples < 1:
@@ -133,8 +147,20 @@ class TfliteFullInt8(_LiteRtPass):
                                  f"or more (not {self.samples})")
             if self.io not in ("float", "int8"):
                 raise ValueError(f"io must be float or int8, not {self.io!r}")
+            object.__setattr__(self, "ops", tuple(op.upper() for op in self.ops))
+            known = _litert_op_names()
+            unknown = [op for op in self.ops if known is not None and op not in known]
+            if unknown:
+                raise ValueError(f"ops: litert-quantizer knows no op type {', '.join(unknown)} "
+                                 f"(the layers with weights are {','.join(WEIGHTED_OPS)})")
 
     def run(self, model, config, workdir):
+        if config.ops:
+            from host_tools.compress.tflite.channels import Graph
+
+            present = set(Graph(flatbuffer.read(model.path)[0]).kinds)
+            if not any(_SCHEMA_NAMES.get(op, op) in present for op in config.ops):
+                raise NotApplicable(f"{model.path.name} has no {'/'.join(config.ops)} op to quantize")
         result = super().run(model, config, workdir)
         if config.io == "float":
             tree, outside = flatbuffer.read(result.path)
@@ -147,12 +173,14 @@ class TfliteFullInt8(_LiteRtPass):
 
         if config.calibration is None:
             raise ConfigError(f"{self.name} needs calibration data (--calib)")
-        quantizer.add_static_config(regex=config.layers, operation_name=TFLOperationName.ALL_SUPPORTED,
-                                    activation_num_bits=config.activation_bits, weight_num_bits=8)
-        # Its full-int8 policy leaves embedding tables float (a text model's largest weight); an
-        # embedding lookup's int8 table is dequantized as it is read, as in dynamic-range int8.
-        quantizer.add_dynamic_config(regex=config.layers, operation_name=TFLOperationName.EMBEDDING_LOOKUP,
-                                     num_bits=8)
+        for op in set(config.ops or ("ALL_SUPPORTED",)) - {"EMBEDDING_LOOKUP"}:
+            quantizer.add_static_config(regex=config.layers, operation_name=TFLOperationName[op],
+                                        activation_num_bits=config.activation_bits, weight_num_bits=8)
+        if not config.ops or "EMBEDDING_LOOKUP" in config.ops:
+            # Its full-int8 policy leaves embedding tables float (a text model's largest weight); an
+            # embedding lookup's int8 table is dequantized as it is read, as in dynamic-range int8.
+            quantizer.add_dynamic_config(regex=config.layers, operation_name=TFLOperationName.EMBEDDING_LOOKUP,
+                                         num_bits=8)
 
     def calibration(self, quantizer, model, config):
         from ai_edge_litert.interpreter import Interpreter
@@ -172,6 +200,16 @@ class TfliteFullInt8(_LiteRtPass):
         by_tensor = dict(zip([s.name for s in runtime.inputs], signature["inputs"]))
         samples = [{by_tensor[name]: value for name, value in feeds.sample(i).items()} for i in range(len(feeds))]
         return quantizer.calibrate({key: samples})
+
+
+def _litert_op_names() -> frozenset[str] | None:
+    """The op type names litert-quantizer takes (None when it is not installed: the pass's
+    requirement check says so before anything runs)."""
+    try:
+        from litert_quantizer.qtyping import TFLOperationName
+    except ImportError:
+        return None
+    return frozenset(TFLOperationName.__members__)
 
 
 def float_io(tree) -> int:
