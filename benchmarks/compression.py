@@ -36,7 +36,8 @@ from common import REPO, machine_line  # noqa: E402
 MODELS = REPO / "models"
 CALIB, TRAIN, HELDOUT = MODELS / "digits_calib.npz", MODELS / "digits_train.npz", MODELS / "digits_heldout.npz"
 RECIPES = {"onnx": ("int8-dynamic", "int8-static", "int4-weights", "sparse-int8", "channels-50", "distill"),
-           "tflite": ("int8-dynamic", "int8-weights", "int8-static", "fp16", "sparse-int8", "channels-50", "distill")}
+           "tflite": ("int8-dynamic", "int8-weights", "int8-static", "int8-layers", "fp16", "sparse-int8",
+                      "channels-50", "distill")}
 # what a user without edgefleet starts from: each format's quantizer at its defaults
 PLAIN = {"onnx": "plain quantize_dynamic", "tflite": "plain litert dynamic"}
 

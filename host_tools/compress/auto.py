@@ -24,8 +24,7 @@ from host_tools.compress.data import Dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import showing_progress
 from host_tools.compress.recipes import (ONNX_CHANNELS_50, ONNX_COMPACT, PREPROCESS, TFLITE_CHANNELS_50,
-                                         TFLITE_COMPACT, TFLITE_DYNAMIC, Recipe, Step)
-from host_tools.compress.tflite.quantize import WEIGHTED_OPS
+                                         TFLITE_COMPACT, TFLITE_DYNAMIC, TFLITE_WEIGHTED_INT8, Recipe, Step)
 from host_tools.compress.workflow import (CompressionReport, Evaluation, Measured, Progress, apply_pass, deliver,
                                           plan_steps, quality_drop, read_data)
 
@@ -96,9 +95,6 @@ ONNX_LADDER = (
                           needs_calibration=True)),
     Candidate("distilled student, at most 25% of the parameters", (Step("distill"),), needs_calibration=True),
 )
-# int8 only for the layers with weights, the rest float: what TFLite's XNNPACK delegate runs in one
-# piece (a transformer's full int8 does not, and runs slower than its float model).
-TFLITE_WEIGHTED_INT8 = Step("tflite-int8", {"ops": list(WEIGHTED_OPS)})
 TFLITE_LADDER = (  # the distilled student is an ONNX model
     Candidate("dynamic-range int8", (*TFLITE_DYNAMIC, TFLITE_COMPACT)),
     Candidate("dynamic-range int8, per-channel", (Step("tflite-dynamic"), Step("tflite-int8-params"), TFLITE_COMPACT),

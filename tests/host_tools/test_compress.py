@@ -706,10 +706,10 @@ def test_tflite_int8_of_the_layers_with_weights_keeps_a_transformer_in_one_xnnpa
     delegate pieces with TFLite's own kernels between them. ops= quantizes only the op types named (as
     typed on a command line: comma-separated, any case); the layers with weights, int8 between a
     QUANTIZE and a DEQUANTIZE each, leave the rest float and the graph in one piece."""
-    from host_tools.compress.tflite.quantize import WEIGHTED_OPS
+    from host_tools.compress.recipes import TFLITE_WEIGHTED_OPS
     model = ModelFile.open(MODELS / "digits_transformer.tflite")
     outs = {}
-    for label, options in (("all", {}), ("weighted", {"ops": ",".join(WEIGHTED_OPS).lower()})):
+    for label, options in (("all", {}), ("weighted", {"ops": ",".join(TFLITE_WEIGHTED_OPS).lower()})):
         outs[label] = tmp_path / f"{label}.tflite"
         report = run_recipe(model, Recipe(label, (Step("tflite-int8", {"samples": 64, **options}),)), calib=CALIB,
                             eval_data=HELDOUT, out=outs[label], latency_runs=5)
@@ -732,7 +732,7 @@ def test_tflite_int8_of_the_layers_with_weights_keeps_a_transformer_in_one_xnnpa
     # int8-dynamic stores the position table in 8 bits too; full int8 leaves it, the norms and the
     # biases in float (0.30x)
     ("digits_transformer", "int8-dynamic", 0.27), ("digits_transformer", "int8-static", 0.32),
-    ("digits_vgg", "int8-dynamic", 0.27), ("digits_vgg", "int8-static", 0.27)])
+    ("digits_vgg", "int8-dynamic", 0.27), ("digits_vgg", "int8-static", 0.27), ("digits_vgg", "int8-layers", 0.27)])
 def test_tflite_recipes_on_the_transformer_and_vgg_reference_models(name, recipe, max_ratio, tmp_path):
     model = ModelFile.open(MODELS / f"{name}.tflite")
     report = run_recipe(model, load_recipe(recipe, "tflite"), calib=CALIB, eval_data=HELDOUT,

@@ -13,9 +13,9 @@ Full int8 can be slower than float: the interpreter's XNNPACK delegate runs a fl
 piece, but has no int8 kernel for some ops (a transformer's layer norms, GELU, batch matmuls), so an
 all-int8 transformer falls apart into two dozen delegate pieces with TFLite's own int8 kernels
 between them (the reference transformer 2.4-2.7x float's time). ``ops=`` quantizes only the op
-types named: ``ops=WEIGHTED_OPS`` (the layers with weights, where int8 pays) leaves the rest float
-between a QUANTIZE and a DEQUANTIZE, which XNNPACK runs in the same piece (the reference transformer
-0.6x float's time, and --auto tries it).
+types named: the layers with weights (the ``int8-layers`` recipe) leave the rest float between a
+QUANTIZE and a DEQUANTIZE, which XNNPACK runs in the same piece (the reference transformer 0.6x
+float's time; --auto tries it too).
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
+from host_tools.compress.recipes import TFLITE_WEIGHTED_OPS
 from host_tools.compress.tflite import flatbuffer
 
 _OPS_HELP = "regular expression of the tensor names to quantize"
-# The op types with weights, in litert-quantizer's names (its CONV_2D_TRANSPOSE is TRANSPOSE_CONV).
-WEIGHTED_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TRANSPOSE", "EMBEDDING_LOOKUP")
 _SCHEMA_NAMES = {"CONV_2D_TRANSPOSE": "TRANSPOSE_CONV"}
 
 
@@ -152,7 +151,7 @@ class TfliteFullInt8(_LiteRtPass):
             unknown = [op for op in self.ops if known is not None and op not in known]
             if unknown:
                 raise ValueError(f"ops: litert-quantizer knows no op type {', '.join(unknown)} "
-                                 f"(the layers with weights are {','.join(WEIGHTED_OPS)})")
+                                 f"(the layers with weights are {','.join(TFLITE_WEIGHTED_OPS)})")
 
     def run(self, model, config, workdir):
         if config.ops:
