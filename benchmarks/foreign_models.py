@@ -6,6 +6,7 @@
     pip install litert-torch        # for --format tflite (Google's PyTorch-to-TFLite converter)
     python benchmarks/foreign_models.py --format tflite  # the same models as TFLite files
     python benchmarks/foreign_models.py --recover 10     # also recover the pruned models (10 epochs)
+    python benchmarks/foreign_models.py --latency 300    # also time each result against the original
     pip install onnxscript          # for --exporter dynamo (torch.export, PyTorch's default exporter)
     python benchmarks/foreign_models.py --exporter dynamo
 
@@ -27,7 +28,10 @@ weights and inputs the cosine is only a smoke test (80% magnitude pruning of ran
 sparse-int8, leaves little of them).
 
 This is not a speed benchmark: it shows that the recipes run, and what they do, on graphs written
-by an exporter and a model library this project does not control.
+by an exporter and a model library this project does not control. With ``--latency RUNS`` each
+cell adds the result's median single-sample latency as a multiple of the original's, both timed in
+the same interleaved rounds (RUNS calls each, one thread, on this host; random weights run as
+fast as trained ones).
 """
 
 from __future__ import annotations
@@ -118,6 +122,9 @@ def main() -> None:
     parser.add_argument("--recover", type=int, default=0, metavar="EPOCHS",
                         help="also prune with recovery (this many epochs on the 64 inputs) and show the output "
                              "cosine to the original without and with it")
+    parser.add_argument("--latency", type=int, default=0, metavar="RUNS",
+                        help="also time every recipe's result against the original, RUNS single-sample calls "
+                             "each in interleaved rounds, and add the p50 ratio to its cell")
     args = parser.parse_args()
     try:
         # transformers imports torchao where installed (litert-torch brings it), which logs about
@@ -148,18 +155,23 @@ def main() -> None:
         for name in chosen:
             print(f"  {name}", file=sys.stderr, flush=True)
             work = Path(tmp) / name
-            rows.append((name, run_onnx(name, *table[name], work, torch, args.recover, args.exporter)
-                         if args.format == "onnx" else run_tflite(name, *table[name], work, torch, args.recover)))
+            rows.append((name, run_onnx(name, *table[name], work, torch, args.recover, args.exporter, args.latency)
+                         if args.format == "onnx" else
+                         run_tflite(name, *table[name], work, torch, args.recover, args.latency)))
     recipes = RECIPES[args.format]
     print()
-    print(f"{'model':<11} {'KiB':>6}  " + "  ".join(f"{r:>13}" for r in recipes)
+    width = 19 if args.latency else 13
+    if args.latency:
+        print(f"cells: size/output cosine/p50 latency, each as a multiple of the original's "
+              f"({args.latency} single-sample runs each, interleaved, 1 thread)")
+    print(f"{'model':<11} {'KiB':>6}  " + "  ".join(f"{r:>{width}}" for r in recipes)
           + ("  channels-50 (no recovery)" if not args.recover
              else f"  channels-50 (output cosine, top-1 agreement: without -> with {args.recover} epochs of recovery)"))
     for name, row in rows:
         if "error" in row:
             print(f"{name:<11} export failed: {row['error']}")
             continue
-        cells = "  ".join(f"{row[r]:>13}" for r in recipes)
+        cells = "  ".join(f"{row[r]:>{width}}" for r in recipes)
         print(f"{name:<11} {row['kib']:>6.0f}  {cells}  {row.get('prune', '')}".rstrip())
     notes = [(name, r, row["notes"][r]) for name, row in rows for r in row.get("notes", {})]
     if notes:
@@ -199,22 +211,29 @@ def build(cls, config, kind: str, torch):
     return Outputs(model), names, data
 
 
-def recipe_cells(original, model_format: str, dataset, work: Path, row: dict) -> None:
+def recipe_cells(original, model_format: str, dataset, work: Path, row: dict, latency_runs: int = 0) -> None:
     from host_tools.compress import load_recipe, run_recipe
+    from host_tools.compress.evaluate import bind, latencies
 
+    results = {}
     for recipe in RECIPES[model_format]:
         report = run_recipe(original, load_recipe(recipe, model_format), calib=dataset, eval_data=dataset,
                             latency_runs=10, workdir=work / recipe)
         if report.compressed:
-            result = report.result
+            result = results[recipe] = report.result
             row[recipe] = f"{result.size_bytes / report.original.size_bytes:.2f}x/{result.fidelity.cosine:.3f}"
         else:
             row[recipe] = "—"
             row["notes"][recipe] = "; ".join(s.note for s in report.steps if s.status != "ok")
+    if latency_runs and results:
+        base, *timed = latencies([original, *(m.model for m in results.values())],
+                                 bind(dataset, original.load(threads=1)), runs=latency_runs)
+        for recipe, lat in zip(results, timed):
+            row[recipe] += f"/{lat.p50_ms / base.p50_ms:.2f}x"
 
 
 def run_onnx(name: str, cls, config, kind: str, work: Path, torch, recover: int = 0,
-             exporter: str = "torchscript") -> dict:
+             exporter: str = "torchscript", latency_runs: int = 0) -> dict:
     import onnx
 
     from host_tools.compress import Dataset, ModelFile
@@ -241,7 +260,7 @@ def run_onnx(name: str, cls, config, kind: str, work: Path, torch, recover: int 
     dataset = Dataset(data, None, "random")
     # (torch.export writes the weights to <model>.onnx.data beside the graph: counted with it)
     row: dict = {"kib": original.size_bytes / 1024, "notes": {}}
-    recipe_cells(original, "onnx", dataset, work, row)
+    recipe_cells(original, "onnx", dataset, work, row, latency_runs)
     plan = prepared_plan(onnx.load(str(path)))
     layers = sum(len(g.producers) for g in plan.groups)
     heads = sum(any(p.block > 1 for p in g.producers) for g in plan.groups)
@@ -281,7 +300,8 @@ def prune_cell(original, pass_name: str, dataset, work: Path, row: dict, layers:
             row["prune"] += f", top-1 {before.agreement:.0%} -> {after.agreement:.0%}"
 
 
-def run_tflite(name: str, cls, config, kind: str, work: Path, torch, recover: int = 0) -> dict:
+def run_tflite(name: str, cls, config, kind: str, work: Path, torch, recover: int = 0,
+               latency_runs: int = 0) -> dict:
     """Converted with litert-torch at batch 1 (TFLite's shapes are fixed); token ids become int32."""
     from host_tools.compress import Dataset, ModelFile
 
@@ -302,7 +322,7 @@ def run_tflite(name: str, cls, config, kind: str, work: Path, torch, recover: in
     specs = original.load().inputs
     dataset = Dataset({spec.name: data[n] for spec, n in zip(specs, names)}, None, "random")
     row: dict = {"kib": path.stat().st_size / 1024, "notes": {}}
-    recipe_cells(original, "tflite", dataset, work, row)
+    recipe_cells(original, "tflite", dataset, work, row, latency_runs)
     from host_tools.compress.tflite import flatbuffer
     from host_tools.compress.tflite.prune import prepared_plan
 
