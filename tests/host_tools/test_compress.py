@@ -726,6 +726,11 @@ def test_tflite_int8_of_the_layers_with_weights_keeps_a_transformer_in_one_xnnpa
                         calib=CALIB, eval_data=HELDOUT, latency_runs=5)
     assert report.steps[0].status == "skipped" and not report.compressed
     assert report.steps[0].note == "digits_transformer.tflite has no EMBEDDING_LOOKUP/CONV_2D op to quantize"
+    # ALL_SUPPORTED, litert-quantizer's own name for every op, is the default spelled out
+    report = run_recipe(ModelFile.open(MODELS / "digits_cnn.tflite"),
+                        Recipe("all", (Step("tflite-int8", {"ops": "ALL_SUPPORTED", "samples": 16}),)),
+                        calib=CALIB, eval_data=HELDOUT, latency_runs=5)
+    assert report.compressed and report.result.size_bytes < 0.3 * report.original.size_bytes
 
 
 @pytest.mark.parametrize("name, recipe, max_ratio", [

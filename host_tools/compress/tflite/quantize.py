@@ -154,7 +154,7 @@ class TfliteFullInt8(_LiteRtPass):
                                  f"(the layers with weights are {','.join(TFLITE_WEIGHTED_OPS)})")
 
     def run(self, model, config, workdir):
-        if config.ops:
+        if config.ops and "ALL_SUPPORTED" not in config.ops:
             from host_tools.compress.tflite.channels import Graph
 
             present = set(Graph(flatbuffer.read(model.path)[0]).kinds)
@@ -172,7 +172,7 @@ class TfliteFullInt8(_LiteRtPass):
 
         if config.calibration is None:
             raise ConfigError(f"{self.name} needs calibration data (--calib)")
-        for op in set(config.ops or ("ALL_SUPPORTED",)) - {"EMBEDDING_LOOKUP"}:
+        for op in [op for op in config.ops or ("ALL_SUPPORTED",) if op != "EMBEDDING_LOOKUP"]:
             quantizer.add_static_config(regex=config.layers, operation_name=TFLOperationName[op],
                                         activation_num_bits=config.activation_bits, weight_num_bits=8)
         if not config.ops or "EMBEDDING_LOOKUP" in config.ops:
