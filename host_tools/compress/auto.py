@@ -24,7 +24,7 @@ from host_tools.compress.data import Dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import showing_progress
 from host_tools.compress.recipes import (ONNX_CHANNELS_50, ONNX_COMPACT, PREPROCESS, TFLITE_CHANNELS_50,
-                                         TFLITE_COMPACT, TFLITE_DYNAMIC, TFLITE_WEIGHTED_INT8, Recipe, Step)
+                                         TFLITE_COMPACT, TFLITE_DYNAMIC, TFLITE_INT8_LAYERS, Recipe, Step)
 from host_tools.compress.workflow import (CompressionReport, Evaluation, Measured, Progress, apply_pass, deliver,
                                           plan_steps, quality_drop, read_data)
 
@@ -101,7 +101,7 @@ TFLITE_LADDER = (  # the distilled student is an ONNX model
               if_missed="dynamic-range int8"),
     Candidate("int8 weights only", (Step("tflite-weight-only"), TFLITE_COMPACT)),
     Candidate("full int8", (Step("tflite-int8"), TFLITE_COMPACT), needs_calibration=True),
-    Candidate("int8 layers with weights, the rest float", (TFLITE_WEIGHTED_INT8, TFLITE_COMPACT),
+    Candidate("int8 layers, norms and activations float", (TFLITE_INT8_LAYERS, TFLITE_COMPACT),
               needs_calibration=True),
     Candidate("fp16", (Step("tflite-fp16"), TFLITE_COMPACT)),
     Candidate("50% sparse, full int8", (Step("tflite-prune-magnitude", {"sparsity": 0.5}), Step("tflite-int8"),
@@ -116,8 +116,8 @@ TFLITE_LADDER = (  # the distilled student is an ONNX model
               (TFLITE_CHANNELS_50, *TFLITE_DYNAMIC, TFLITE_COMPACT), needs_calibration=True),
     Candidate("50% channels pruned, recovered, full int8",
               (TFLITE_CHANNELS_50, Step("tflite-int8"), TFLITE_COMPACT), needs_calibration=True),
-    Candidate("50% channels pruned, recovered, int8 layers with weights",
-              (TFLITE_CHANNELS_50, TFLITE_WEIGHTED_INT8, TFLITE_COMPACT), needs_calibration=True),
+    Candidate("50% channels pruned, recovered, int8 layers",
+              (TFLITE_CHANNELS_50, TFLITE_INT8_LAYERS, TFLITE_COMPACT), needs_calibration=True),
     Candidate("distilled student, at most 25% of the parameters", (Step("distill"), ONNX_COMPACT),
               needs_calibration=True),
 )

@@ -547,7 +547,7 @@ def test_command_line_steps_are_typed_like_files():
     ("tflite-int8", {"samples": 0}, "samples 1 or more"),
     ("tflite-int8", {"io": "int16"}, "io must be float or int8, not 'int16'"),
     ("tflite-int8", {"ops": "FULLY_CONNECTED,LAYER_NORM"}, "ops: litert-quantizer knows no op type LAYER_NORM "
-                                                          r"\(the layers with weights are FULLY_CONNECTED,"),
+                                                          r"\(int8-layers quantizes FULLY_CONNECTED,"),
 ])
 def test_bad_pass_options_are_one_clear_error(name, options, message):
     with pytest.raises(ConfigError, match=message):
@@ -700,27 +700,28 @@ def _op_types(path: Path) -> tuple[dict[str, set[str]], int]:
     return types, sum(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())
 
 
-def test_tflite_int8_of_the_layers_with_weights_keeps_a_transformer_in_one_xnnpack_piece(tmp_path):
-    """Full int8 of a transformer runs slower than its float model (docs/compression.md): XNNPACK has
-    no int8 kernel for its layer norms, GELU and attention matmuls, so the int8 graph falls apart into
-    delegate pieces with TFLite's own kernels between them. ops= quantizes only the op types named (as
-    typed on a command line: comma-separated, any case); the layers with weights, int8 between a
-    QUANTIZE and a DEQUANTIZE each, leave the rest float and the graph in one piece."""
-    from host_tools.compress.recipes import TFLITE_WEIGHTED_OPS
+def test_tflite_int8_of_the_layers_keeps_a_transformer_in_one_xnnpack_piece(tmp_path):
+    """Full int8 of a transformer runs slower than its float model (docs/compression.md): XNNPACK does
+    not run its norms' elementwise ops, GELU, softmax or attention matmuls in int8, so the int8 graph
+    falls apart into delegate pieces with TFLite's own kernels between them. ops= quantizes only the
+    op types named (as typed on a command line: comma-separated, any case); int8-layers' (the layers
+    with weights, pooling, padding, concatenation, means), int8 between a QUANTIZE and a DEQUANTIZE,
+    leave the rest float and the graph in one piece."""
+    from host_tools.compress.recipes import TFLITE_INT8_LAYER_OPS
     model = ModelFile.open(MODELS / "digits_transformer.tflite")
     outs = {}
-    for label, options in (("all", {}), ("weighted", {"ops": ",".join(TFLITE_WEIGHTED_OPS).lower()})):
+    for label, options in (("all", {}), ("layers", {"ops": ",".join(TFLITE_INT8_LAYER_OPS).lower()})):
         outs[label] = tmp_path / f"{label}.tflite"
         report = run_recipe(model, Recipe(label, (Step("tflite-int8", {"samples": 64, **options}),)), calib=CALIB,
                             eval_data=HELDOUT, out=outs[label], latency_runs=5)
         assert report.result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01, label
         assert report.result.size_bytes < 0.45 * report.original.size_bytes, label
-    (full, full_pieces), (weighted, pieces) = _op_types(outs["all"]), _op_types(outs["weighted"])
-    assert full["FULLY_CONNECTED"] == {"int8"} and full["MEAN"] == {"int8"} and full_pieces > 10
-    assert weighted["FULLY_CONNECTED"] == {"int8"} and pieces == 1
-    for kind in ("MEAN", "RSQRT", "GELU", "SOFTMAX", "BATCH_MATMUL"):
-        assert weighted[kind] == {"float32"}, kind
-    assert weighted["QUANTIZE"] == {"int8"} and weighted["DEQUANTIZE"] == {"float32"}
+    (full, full_pieces), (layers, pieces) = _op_types(outs["all"]), _op_types(outs["layers"])
+    assert full["FULLY_CONNECTED"] == {"int8"} and full["GELU"] == {"int8"} and full_pieces > 10
+    assert layers["FULLY_CONNECTED"] == {"int8"} and layers["MEAN"] == {"int8"} and pieces == 1
+    for kind in ("ADD", "SQUARED_DIFFERENCE", "RSQRT", "GELU", "SOFTMAX", "BATCH_MATMUL"):
+        assert layers[kind] == {"float32"}, kind
+    assert layers["QUANTIZE"] == {"int8"} and layers["DEQUANTIZE"] == {"float32"}
     # a model with none of the op types named: the pass says so in one line and does not apply
     report = run_recipe(model, Recipe("ids", (Step("tflite-int8", {"ops": "EMBEDDING_LOOKUP,CONV_2D"}),)),
                         calib=CALIB, eval_data=HELDOUT, latency_runs=5)
@@ -1407,7 +1408,7 @@ def test_auto_on_a_tflite_model(tmp_path):
     assert {"dynamic-range int8", "int8 weights only", "full int8", "fp16", "50% sparse, full int8",
             "80% sparse, full int8", "25% channels pruned, recovered", "50% channels pruned, recovered",
             "50% channels pruned, recovered, dynamic-range int8", "50% channels pruned, recovered, full int8",
-            "int8 layers with weights, the rest float", "50% channels pruned, recovered, int8 layers with weights"} \
+            "int8 layers, norms and activations float", "50% channels pruned, recovered, int8 layers"} \
         <= set(report.auto.verdicts)
 
 

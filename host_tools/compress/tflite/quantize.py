@@ -10,12 +10,13 @@ cost more than the int8 interpreter's whole call (docs/benchmarks.md). Every pas
 the original's input and output names.
 
 Full int8 can be slower than float: the interpreter's XNNPACK delegate runs a float graph in one
-piece, but has no int8 kernel for some ops (a transformer's layer norms, GELU, batch matmuls), so an
-all-int8 transformer falls apart into two dozen delegate pieces with TFLite's own int8 kernels
-between them (the reference transformer 2.4-2.7x float's time). ``ops=`` quantizes only the op
-types named: the layers with weights (the ``int8-layers`` recipe) leave the rest float between a
-QUANTIZE and a DEQUANTIZE, which XNNPACK runs in the same piece (the reference transformer 0.6x
-float's time; --auto tries it too).
+piece, but not some ops in int8 (of the reference transformer's: ADD, SUB, RSQRT,
+SQUARED_DIFFERENCE, GELU, SOFTMAX, BATCH_MATMUL), so an all-int8 transformer falls apart into two
+dozen delegate pieces with TFLite's own int8 kernels between them (the reference transformer
+2.4-2.7x float's time). ``ops=`` quantizes only the op types named, the others float between a
+QUANTIZE and a DEQUANTIZE; the ``int8-layers`` recipe names the layers with weights and the pooling,
+padding, concatenation and means between them, which XNNPACK keeps in one piece (the reference
+transformer 0.6-0.7x float's time; a ResNet as fast as full int8; --auto tries it too).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
-from host_tools.compress.recipes import TFLITE_WEIGHTED_OPS
+from host_tools.compress.recipes import TFLITE_INT8_LAYER_OPS
 from host_tools.compress.tflite import flatbuffer
 
 _OPS_HELP = "regular expression of the tensor names to quantize"
@@ -151,7 +152,7 @@ class TfliteFullInt8(_LiteRtPass):
             unknown = [op for op in self.ops if known is not None and op not in known]
             if unknown:
                 raise ValueError(f"ops: litert-quantizer knows no op type {', '.join(unknown)} "
-                                 f"(the layers with weights are {','.join(TFLITE_WEIGHTED_OPS)})")
+                                 f"(int8-layers quantizes {','.join(TFLITE_INT8_LAYER_OPS)})")
 
     def run(self, model, config, workdir):
         if config.ops and "ALL_SUPPORTED" not in config.ops:
