@@ -704,9 +704,9 @@ def test_tflite_int8_of_the_layers_keeps_a_transformer_in_one_xnnpack_piece(tmp_
     """Full int8 of a transformer runs slower than its float model (docs/compression.md): XNNPACK does
     not run its norms' elementwise ops, GELU, softmax or attention matmuls in int8, so the int8 graph
     falls apart into delegate pieces with TFLite's own kernels between them. ops= quantizes only the
-    op types named (as typed on a command line: comma-separated, any case); int8-layers' (the layers
-    with weights, pooling, padding, concatenation, means), int8 between a QUANTIZE and a DEQUANTIZE,
-    leave the rest float and the graph in one piece."""
+    op types named (as typed on a command line: comma-separated, any case); int8-layers' op types
+    (the layers with weights, pooling, padding, concatenation, means), int8 between a QUANTIZE and a
+    DEQUANTIZE, leave the rest float and the graph in one piece."""
     from host_tools.compress.recipes import TFLITE_INT8_LAYER_OPS
     model = ModelFile.open(MODELS / "digits_transformer.tflite")
     outs = {}

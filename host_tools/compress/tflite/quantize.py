@@ -13,7 +13,7 @@ Full int8 can be slower than float: the interpreter's XNNPACK delegate runs a fl
 piece, but not some ops in int8 (of the reference transformer's: ADD, SUB, RSQRT,
 SQUARED_DIFFERENCE, GELU, SOFTMAX, BATCH_MATMUL), so an all-int8 transformer falls apart into two
 dozen delegate pieces with TFLite's own int8 kernels between them (the reference transformer
-2.4-2.7x float's time). ``ops=`` quantizes only the op types named, the others float between a
+2.3-2.7x float's time). ``ops=`` quantizes only the op types named, the others float between a
 QUANTIZE and a DEQUANTIZE; the ``int8-layers`` recipe names the layers with weights and the pooling,
 padding, concatenation and means between them, which XNNPACK keeps in one piece (the reference
 transformer 0.6-0.7x float's time; a ResNet as fast as full int8; --auto tries it too).
