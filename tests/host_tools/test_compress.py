@@ -694,10 +694,11 @@ def _op_types(path: Path) -> tuple[dict[str, set[str]], int]:
     interpreter = Interpreter(model_path=str(path))
     interpreter.allocate_tensors()
     dtypes = {t["index"]: t["dtype"].__name__ for t in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()
     types: dict[str, set[str]] = {}
-    for op in interpreter._get_ops_details():
+    for op in ops:
         types.setdefault(op["op_name"], set()).add(dtypes[op["outputs"][0]] if len(op["outputs"]) else "-")
-    return types, sum(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())
+    return types, sum(op["op_name"] == "DELEGATE" for op in ops)
 
 
 def test_tflite_int8_of_the_layers_keeps_a_transformer_in_one_xnnpack_piece(tmp_path):

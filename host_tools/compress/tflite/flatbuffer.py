@@ -159,6 +159,16 @@ def opcode(tree, builtin: int, version: int) -> int:
     return len(tree.operatorCodes) - 1
 
 
+def op_kinds(data: bytes) -> set[str]:
+    """The builtin names of the operators a model uses ("CONV_2D", ...), from its operator codes in
+    the packed flatbuffer, without building the object tree."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(data, 0)
+    codes = (model.OperatorCodes(i) for i in range(model.OperatorCodesLength()))
+    return {op_name(c.BuiltinCode(), c.DeprecatedBuiltinCode()) for c in codes}
+
+
 def io_names(data: bytes) -> dict[tuple[int, str, int], bytes]:
     """(subgraph, "in"/"out", position) -> tensor name, for every subgraph's inputs and outputs:
     what an interpreter's input and output details list. Read from the packed flatbuffer, without

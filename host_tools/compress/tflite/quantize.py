@@ -156,9 +156,7 @@ class TfliteFullInt8(_LiteRtPass):
 
     def run(self, model, config, workdir):
         if config.ops and "ALL_SUPPORTED" not in config.ops:
-            from host_tools.compress.tflite.channels import Graph
-
-            present = set(Graph(flatbuffer.read(model.path)[0]).kinds)
+            present = flatbuffer.op_kinds(model.path.read_bytes())
             if not any(_SCHEMA_NAMES.get(op, op) in present for op in config.ops):
                 raise NotApplicable(f"{model.path.name} has no {'/'.join(config.ops)} op to quantize")
         result = super().run(model, config, workdir)
