@@ -1,6 +1,7 @@
 """The compression toolkit on real ONNX Runtime: passes, recipes, data, the report and the guard."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -548,6 +549,8 @@ def test_command_line_steps_are_typed_like_files():
     ("tflite-int8", {"io": "int16"}, "io must be float or int8, not 'int16'"),
     ("tflite-int8", {"ops": "FULLY_CONNECTED,LAYER_NORM"}, "ops: litert-quantizer knows no op type LAYER_NORM "
                                                           r"\(int8-layers quantizes FULLY_CONNECTED,"),
+    ("tflite-int8", {"joining": "MEAN"}, "joining= needs ops=, the op types to join onto"),
+    ("tflite-int8", {"ops": "CONV_2D", "joining": "mean,pool"}, "knows no op type POOL"),
 ])
 def test_bad_pass_options_are_one_clear_error(name, options, message):
     with pytest.raises(ConfigError, match=message):
@@ -701,17 +704,29 @@ def _op_types(path: Path) -> tuple[dict[str, set[str]], int]:
     return types, sum(op["op_name"] == "DELEGATE" for op in ops)
 
 
+def _mean_dtypes(path: Path) -> dict[str, int]:
+    """How many of a TFLite model's MEAN ops write each dtype."""
+    from ai_edge_litert.interpreter import Interpreter
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    dtypes = {t["index"]: t["dtype"].__name__ for t in interpreter.get_tensor_details()}
+    means = [op for op in interpreter._get_ops_details() if op["op_name"] == "MEAN"]
+    return dict(Counter(dtypes[op["outputs"][0]] for op in means))
+
+
 def test_tflite_int8_of_the_layers_keeps_a_transformer_in_one_xnnpack_piece(tmp_path):
     """Full int8 of a transformer runs slower than its float model (docs/compression.md): XNNPACK does
     not run its norms' elementwise ops, GELU, softmax or attention matmuls in int8, so the int8 graph
     falls apart into delegate pieces with TFLite's own kernels between them. ops= quantizes only the
-    op types named (as typed on a command line: comma-separated, any case); int8-layers' op types
-    (the layers with weights, pooling, padding, concatenation, means), int8 between a QUANTIZE and a
-    DEQUANTIZE, leave the rest float and the graph in one piece."""
-    from host_tools.compress.recipes import TFLITE_INT8_LAYER_OPS
+    op types named (as typed on a command line: comma-separated, any case), joining= those that join
+    onto them; int8-layers' (the layers with weights; the depthwise convolutions, pooling, padding,
+    concatenations and means next to them), int8 between a QUANTIZE and a DEQUANTIZE, leave the rest
+    float and the graph in one piece."""
+    from host_tools.compress.recipes import TFLITE_INT8_JOINING_OPS, TFLITE_INT8_LAYER_OPS
     model = ModelFile.open(MODELS / "digits_transformer.tflite")
     outs = {}
-    for label, options in (("all", {}), ("layers", {"ops": ",".join(TFLITE_INT8_LAYER_OPS).lower()})):
+    for label, options in (("all", {}), ("layers", {"ops": ",".join(TFLITE_INT8_LAYER_OPS).lower(),
+                                                    "joining": ",".join(TFLITE_INT8_JOINING_OPS)})):
         outs[label] = tmp_path / f"{label}.tflite"
         report = run_recipe(model, Recipe(label, (Step("tflite-int8", {"samples": 64, **options}),)), calib=CALIB,
                             eval_data=HELDOUT, out=outs[label], latency_runs=5)
@@ -719,7 +734,11 @@ def test_tflite_int8_of_the_layers_keeps_a_transformer_in_one_xnnpack_piece(tmp_
         assert report.result.size_bytes < 0.45 * report.original.size_bytes, label
     (full, full_pieces), (layers, pieces) = _op_types(outs["all"]), _op_types(outs["layers"])
     assert full["FULLY_CONNECTED"] == {"int8"} and full["GELU"] == {"int8"} and full_pieces > 10
-    assert layers["FULLY_CONNECTED"] == {"int8"} and layers["MEAN"] == {"int8"} and pieces == 1
+    assert layers["FULLY_CONNECTED"] == {"int8"} and pieces == 1
+    # the mean that pools the tokens for the classifier joins onto it, int8; the layer norms' ten,
+    # between float ops, stay float rather than sit int8 between a QUANTIZE and a DEQUANTIZE each
+    assert _mean_dtypes(outs["layers"]) == {"int8": 1, "float32": 10}
+    assert _mean_dtypes(outs["all"]) == {"int8": 11}
     for kind in ("ADD", "SQUARED_DIFFERENCE", "RSQRT", "GELU", "SOFTMAX", "BATCH_MATMUL"):
         assert layers[kind] == {"float32"}, kind
     assert layers["QUANTIZE"] == {"int8"} and layers["DEQUANTIZE"] == {"float32"}

@@ -169,6 +169,29 @@ def op_kinds(data: bytes) -> set[str]:
     return {op_name(c.BuiltinCode(), c.DeprecatedBuiltinCode()) for c in codes}
 
 
+def operators(data: bytes) -> list[list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[bytes, ...]]]]:
+    """Each subgraph's operators in order, as (builtin name, input tensor indices, output tensor
+    indices, output tensor names), read from the packed flatbuffer without building the object
+    tree. An optional input left out is index -1."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(data, 0)
+    kinds = [op_name(c.BuiltinCode(), c.DeprecatedBuiltinCode())
+             for c in (model.OperatorCodes(i) for i in range(model.OperatorCodesLength()))]
+    graphs = []
+    for g in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(g)
+        ops = []
+        for k in range(graph.OperatorsLength()):
+            op = graph.Operators(k)
+            inputs = tuple(op.Inputs(i) for i in range(op.InputsLength()))
+            outputs = tuple(op.Outputs(i) for i in range(op.OutputsLength()))
+            ops.append((kinds[op.OpcodeIndex()], inputs, outputs,
+                        tuple(graph.Tensors(t).Name() or b"" for t in outputs if t >= 0)))
+        graphs.append(ops)
+    return graphs
+
+
 def io_names(data: bytes) -> dict[tuple[int, str, int], bytes]:
     """(subgraph, "in"/"out", position) -> tensor name, for every subgraph's inputs and outputs:
     what an interpreter's input and output details list. Read from the packed flatbuffer, without

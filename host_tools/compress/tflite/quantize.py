@@ -14,9 +14,12 @@ piece, but not some ops in int8 (of the reference transformer's: ADD, SUB, RSQRT
 SQUARED_DIFFERENCE, GELU, SOFTMAX, BATCH_MATMUL), so an all-int8 transformer falls apart into two
 dozen delegate pieces with TFLite's own int8 kernels between them (the reference transformer
 2.3-2.7x float's time). ``ops=`` quantizes only the op types named, the others float between a
-QUANTIZE and a DEQUANTIZE; the ``int8-layers`` recipe names the layers with weights and the pooling,
-padding, concatenation and means between them, which XNNPACK keeps in one piece (the reference
-transformer 0.6-0.7x float's time; a ResNet as fast as full int8; --auto tries it too).
+QUANTIZE and a DEQUANTIZE; ``joining=`` names op types quantized only where they join onto one of
+those (a pooling between two int8 convolutions saves a DEQUANTIZE and a QUANTIZE; a layer norm's
+mean between float ops would only add a pair). The ``int8-layers`` recipe quantizes the layers with
+weights, and the depthwise convolutions, pooling, padding, concatenations and means that join onto
+them, which XNNPACK keeps in one piece (the reference transformer 0.6-0.7x float's time; a ResNet
+as fast as full int8; --auto tries it too).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,7 +37,7 @@ from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
-from host_tools.compress.recipes import TFLITE_INT8_LAYER_OPS
+from host_tools.compress.recipes import TFLITE_INT8_JOINING_OPS, TFLITE_INT8_LAYER_OPS
 from host_tools.compress.tflite import flatbuffer
 
 _OPS_HELP = "regular expression of the tensor names to quantize"
@@ -51,7 +55,7 @@ class _LiteRtPass(Pass):
     extra = "litert"
     tag = ""
 
-    def configure(self, quantizer, config) -> None:
+    def configure(self, quantizer, config, model: ModelFile) -> None:
         raise NotImplementedError
 
     def calibration(self, quantizer, model: ModelFile, config):
@@ -66,7 +70,7 @@ class _LiteRtPass(Pass):
             if done:  # (litert-quantizer fails on such a model with an AttributeError of its own)
                 raise NotApplicable(f"{model.path.name}'s weights are {done} already: compress the float model")
             quantizer = lq.Quantizer(str(model.path))
-            self.configure(quantizer, config)
+            self.configure(quantizer, config, model)
             result = quantizer.quantize(self.calibration(quantizer, model, config))
             if result.quantized_model is None:
                 raise NotApplicable(f"{model.path.name}: litert-quantizer found nothing to quantize")
@@ -90,7 +94,7 @@ class TfliteDynamicInt8(_LiteRtPass):
                     "(7% of the reference transformer's file). Convolutions keep one per channel: TFLite's "
                     "dynamic-range depthwise kernel gives wrong results with one per layer"})
 
-    def configure(self, quantizer, config):
+    def configure(self, quantizer, config, model):
         from litert_quantizer.qtyping import QuantGranularity, TFLOperationName
 
         quantizer.add_dynamic_config(regex=config.layers, operation_name=TFLOperationName.ALL_SUPPORTED, num_bits=8)
@@ -115,7 +119,7 @@ class TfliteWeightOnlyInt8(_LiteRtPass):
             if self.bits not in (4, 8):
                 raise ValueError(f"bits must be 8 or 4, not {self.bits}")
 
-    def configure(self, quantizer, config):
+    def configure(self, quantizer, config, model):
         from litert_quantizer.qtyping import TFLOperationName
 
         quantizer.add_weight_only_config(regex=config.layers, operation_name=TFLOperationName.ALL_SUPPORTED,
@@ -140,6 +144,10 @@ class TfliteFullInt8(_LiteRtPass):
         ops: tuple[str, ...] = field(default=(), metadata={
             "help": "op types to quantize (litert-quantizer's names, e.g. FULLY_CONNECTED,CONV_2D), the rest "
                     "left float; default: every op it can quantize"})
+        joining: tuple[str, ...] = field(default=(), metadata={
+            "help": "op types quantized only where they join onto a quantized op of ops= (its input comes from "
+                    "one or its output goes to one, directly or through others of these), e.g. MAX_POOL_2D,MEAN; "
+                    "elsewhere float, not int8 between a QUANTIZE and a DEQUANTIZE of their own"})
 
         def __post_init__(self) -> None:  # (see PassConfig)
             if self.activation_bits not in (8, 16) or self.samples < 1:
@@ -148,11 +156,15 @@ class TfliteFullInt8(_LiteRtPass):
             if self.io not in ("float", "int8"):
                 raise ValueError(f"io must be float or int8, not {self.io!r}")
             object.__setattr__(self, "ops", tuple(op.upper() for op in self.ops))
+            object.__setattr__(self, "joining", tuple(op.upper() for op in self.joining))
+            if self.joining and (not self.ops or "ALL_SUPPORTED" in self.ops):
+                raise ValueError("joining= needs ops=, the op types to join onto (every op is quantized without)")
             known = _litert_op_names()
-            unknown = [op for op in self.ops if known is not None and op not in known]
+            unknown = [op for op in (*self.ops, *self.joining) if known is not None and op not in known]
             if unknown:
                 raise ValueError(f"ops: litert-quantizer knows no op type {', '.join(unknown)} "
-                                 f"(int8-layers quantizes {','.join(TFLITE_INT8_LAYER_OPS)})")
+                                 f"(int8-layers quantizes {','.join(TFLITE_INT8_LAYER_OPS)} and joining onto "
+                                 f"them {','.join(TFLITE_INT8_JOINING_OPS)})")
 
     def run(self, model, config, workdir):
         if config.ops and "ALL_SUPPORTED" not in config.ops:
@@ -166,13 +178,17 @@ class TfliteFullInt8(_LiteRtPass):
                 flatbuffer.write(tree, outside, result.path)
         return result
 
-    def configure(self, quantizer, config):
+    def configure(self, quantizer, config, model):
         from litert_quantizer.qtyping import TFLOperationName
 
         if config.calibration is None:
             raise ConfigError(f"{self.name} needs calibration data (--calib)")
         for op in [op for op in config.ops or ("ALL_SUPPORTED",) if op != "EMBEDDING_LOOKUP"]:
             quantizer.add_static_config(regex=config.layers, operation_name=TFLOperationName[op],
+                                        activation_num_bits=config.activation_bits, weight_num_bits=8)
+        scope = config.joining and joining_scope(model.path.read_bytes(), config.ops, config.joining, config.layers)
+        for op in config.joining if scope else ():
+            quantizer.add_static_config(regex=scope, operation_name=TFLOperationName[op],
                                         activation_num_bits=config.activation_bits, weight_num_bits=8)
         if not config.ops or "EMBEDDING_LOOKUP" in config.ops:
             # Its full-int8 policy leaves embedding tables float (a text model's largest weight); an
@@ -198,6 +214,42 @@ class TfliteFullInt8(_LiteRtPass):
         by_tensor = dict(zip([s.name for s in runtime.inputs], signature["inputs"]))
         samples = [{by_tensor[name]: value for name, value in feeds.sample(i).items()} for i in range(len(feeds))]
         return quantizer.calibrate({key: samples})
+
+
+def joining_scope(data: bytes, ops: tuple[str, ...], joining: tuple[str, ...], layers: str = ".*") -> str:
+    """A litert-quantizer scope regex (it matches an op by its output tensor names, "a;b;") for the
+    ops of a *joining* type that join onto an op of an *ops* type: one whose input comes from such an
+    op or whose output goes to one, directly or through other joining ops. "" when none does.
+
+    A pooling or a mean between two int8 convolutions saves their DEQUANTIZE and QUANTIZE; one
+    between float ops (a layer norm's means) would only add a pair of its own around it."""
+    # (an embedding lookup's table is int8 but its output float: dequantized as it is read)
+    core = {_SCHEMA_NAMES.get(op, op) for op in ops} - {"EMBEDDING_LOOKUP"}
+    joins = {_SCHEMA_NAMES.get(op, op) for op in joining}
+    scopes = set()
+    for graph in flatbuffer.operators(data):
+        def matched(k: int) -> bool:
+            return bool(graph[k][3]) and re.search(layers, b";".join(graph[k][3]).decode(errors="replace") + ";")
+
+        made_by = {t: k for k, (_, _, outputs, _) in enumerate(graph) for t in outputs}
+        used_by: dict[int, list[int]] = {}
+        for k, (_, inputs, _, _) in enumerate(graph):
+            for t in inputs:
+                used_by.setdefault(t, []).append(k)
+
+        def neighbours(k: int):
+            yield from (made_by[t] for t in graph[k][1] if t in made_by)
+            yield from (j for t in graph[k][2] for j in used_by.get(t, ()))
+
+        reached = [k for k, op in enumerate(graph) if op[0] in core and matched(k)]
+        joined = set()
+        while reached:
+            for j in neighbours(reached.pop()):
+                if j not in joined and graph[j][0] in joins and matched(j):
+                    joined.add(j)
+                    reached.append(j)
+        scopes.update(b";".join(graph[k][3]).decode(errors="replace") + ";" for k in joined)
+    return "^(?:" + "|".join(re.escape(s) for s in sorted(scopes)) + ")$" if scopes else ""
 
 
 def _litert_op_names() -> frozenset[str] | None:
@@ -269,7 +321,7 @@ class TfliteFp16(_LiteRtPass):
     summary = "float16 weights"
     Config = LayersConfig
 
-    def configure(self, quantizer, config):
+    def configure(self, quantizer, config, model):
         from litert_quantizer.algorithm_manager import AlgorithmName
         from litert_quantizer.qtyping import TFLOperationName
 
