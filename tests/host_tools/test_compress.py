@@ -550,7 +550,7 @@ def test_command_line_steps_are_typed_like_files():
     ("tflite-int8", {"ops": "FULLY_CONNECTED,LAYER_NORM"}, "ops: litert-quantizer knows no op type LAYER_NORM "
                                                           r"\(int8-layers quantizes FULLY_CONNECTED,"),
     ("tflite-int8", {"joining": "MEAN"}, "joining= needs ops=, the op types to join onto"),
-    ("tflite-int8", {"ops": "CONV_2D", "joining": "mean,pool"}, "knows no op type POOL"),
+    ("tflite-int8", {"ops": "CONV_2D", "joining": "mean,pool"}, "joining: litert-quantizer knows no op type POOL"),
 ])
 def test_bad_pass_options_are_one_clear_error(name, options, message):
     with pytest.raises(ConfigError, match=message):

@@ -162,7 +162,8 @@ class TfliteFullInt8(_LiteRtPass):
             known = _litert_op_names()
             unknown = [op for op in (*self.ops, *self.joining) if known is not None and op not in known]
             if unknown:
-                raise ValueError(f"ops: litert-quantizer knows no op type {', '.join(unknown)} "
+                where = "ops" if unknown[0] in self.ops else "joining"
+                raise ValueError(f"{where}: litert-quantizer knows no op type {', '.join(unknown)} "
                                  f"(int8-layers quantizes {','.join(TFLITE_INT8_LAYER_OPS)} and joining onto "
                                  f"them {','.join(TFLITE_INT8_JOINING_OPS)})")
 
