@@ -66,6 +66,23 @@ def skipped_lines(report: CompressionReport) -> list[str]:
     return lines
 
 
+# Beyond this, a result's p50 over the original's is read as slower, not as noise between the two.
+SLOWER = 1.1
+
+
+def slower_note(report: CompressionReport) -> str:
+    """A line for a result that runs measurably slower than the original where both were timed
+    (int8 often does on CPUs and runtimes without fast int8 kernels for its ops), else ""."""
+    result, original = report.result, report.original
+    if not (report.compressed and result.latency and original.latency and original.latency.p50_ms):
+        return ""
+    ratio = result.latency.p50_ms / original.latency.p50_ms
+    if ratio <= SLOWER:
+        return ""
+    return (f"note: the result runs {ratio:.2f}x the original's p50 where it was timed (slower, not faster); "
+            f"--auto --goal speed hands back only a model faster than the original")
+
+
 def _cells(m: Measured, original: Measured) -> list[str]:
     f = m.fidelity
     drop = quality_drop(original, m)

@@ -131,3 +131,19 @@ def test_a_result_in_another_format_is_named_for_it(tmp_path):
     clash = edgefleet("compress", model, "--recipe", "int8-dynamic", "-o", tmp_path / "digits.tflite")
     assert clash.returncode == 1 and "MODEL itself" in last_line(clash), clash.stderr
     assert model.read_bytes() == MODEL.read_bytes() and not (tmp_path / "digits.tflite").exists()
+
+
+def test_a_result_slower_than_the_original_says_so(tmp_path):
+    """Full int8 of the TFLite transformer runs 2-3x slower than its float model on a CPU
+    (docs/compression.md): besides the table's ×p50, a line says it is slower and what gives a faster
+    one; int8-layers, 0.6-0.7x, gets no such line."""
+    model = MODELS / "digits_transformer.tflite"
+    for recipe, slower in (("int8-static", True), ("int8-layers", False)):
+        result = edgefleet("compress", model, "--recipe", recipe, "--calib", CALIB, "--eval", HELDOUT,
+                           "-o", tmp_path / f"{recipe}.tflite", "--latency-runs", 100)
+        assert result.returncode == 0, result.stderr
+        said = " ".join(result.stderr.split())
+        assert ("note: the result runs" in said) == slower, said
+        if slower:
+            assert "the original's p50 where it was timed (slower, not faster); --auto --goal speed hands back " \
+                   "only a model faster than the original" in said
