@@ -55,17 +55,19 @@ TFLITE_COMPACT = Step("tflite-compact")
 # Dynamic-range int8 for TFLite as int8-dynamic is for ONNX: one weight scale per dense layer (ONNX
 # Runtime's default; convolutions keep one per channel), and the float constants left after it in 8 bits.
 TFLITE_DYNAMIC = (Step("tflite-dynamic", {"per_channel": False}), Step("tflite-int8-params"))
-# int8-layers: int8 for the layers with weights, and for the depthwise convolutions, pooling, padding,
-# concatenations and means that join onto them (litert-quantizer's op names; its CONV_2D_TRANSPOSE is
-# TRANSPOSE_CONV), the rest float. TFLite's XNNPACK delegate runs all of these in int8 in one piece
-# with the float ops; a transformer's ADD, SUB, RSQRT, SQUARED_DIFFERENCE, GELU, SOFTMAX or
-# BATCH_MATMUL in int8 split it (tflite/quantize.py). A joining op alone between float ops (a layer
-# norm's means, a ConvNeXt's depthwise convolution between layer norms) stays float: in int8 it would
-# only add a QUANTIZE and a DEQUANTIZE of its own.
+# int8-layers: int8 for the layers with weights, for the pooling, padding, concatenations and means
+# that join onto them, and for the depthwise convolutions between two of them (litert-quantizer's op
+# names; its CONV_2D_TRANSPOSE is TRANSPOSE_CONV), the rest float. TFLite's XNNPACK delegate runs all
+# of these in int8 in one piece with the float ops; a transformer's ADD, SUB, RSQRT,
+# SQUARED_DIFFERENCE, GELU, SOFTMAX or BATCH_MATMUL in int8 split it (tflite/quantize.py). A mean
+# alone between float ops (a layer norm's) stays float: in int8 it would only add a QUANTIZE and a
+# DEQUANTIZE of its own; a depthwise convolution with float on one side (a ConvNeXt's, before a layer
+# norm) too: XNNPACK's int8 7x7 kernel is slower than its float one.
 TFLITE_INT8_LAYER_OPS = ("FULLY_CONNECTED", "CONV_2D", "CONV_2D_TRANSPOSE", "EMBEDDING_LOOKUP")
-TFLITE_INT8_JOINING_OPS = ("DEPTHWISE_CONV_2D", "MAX_POOL_2D", "AVERAGE_POOL_2D", "PAD", "CONCATENATION", "MEAN")
-TFLITE_INT8_LAYERS = Step("tflite-int8", {"ops": list(TFLITE_INT8_LAYER_OPS),
-                                          "joining": list(TFLITE_INT8_JOINING_OPS)})
+TFLITE_INT8_JOINING_OPS = ("MAX_POOL_2D", "AVERAGE_POOL_2D", "PAD", "CONCATENATION", "MEAN")
+TFLITE_INT8_BETWEEN_OPS = ("DEPTHWISE_CONV_2D",)
+TFLITE_INT8_LAYERS = Step("tflite-int8", {"ops": list(TFLITE_INT8_LAYER_OPS), "joining": list(TFLITE_INT8_JOINING_OPS),
+                                          "between": list(TFLITE_INT8_BETWEEN_OPS)})
 # Half of the channels pruned and recovered: channels-50, and --auto's pruned candidates.
 ONNX_CHANNELS_50 = Step("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 30})
 TFLITE_CHANNELS_50 = Step("tflite-prune-channels", {"ratio": 0.5, "recover_epochs": 30})

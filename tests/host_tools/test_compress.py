@@ -1,6 +1,7 @@
 """The compression toolkit on real ONNX Runtime: passes, recipes, data, the report and the guard."""
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -551,6 +552,7 @@ def test_command_line_steps_are_typed_like_files():
                                                           r"\(int8-layers quantizes FULLY_CONNECTED,"),
     ("tflite-int8", {"joining": "MEAN"}, "joining= needs ops=, the op types to join onto"),
     ("tflite-int8", {"ops": "CONV_2D", "joining": "mean,pool"}, "joining: litert-quantizer knows no op type POOL"),
+    ("tflite-int8", {"between": "DEPTHWISE_CONV_2D"}, "between= needs ops=, the op types to join onto"),
 ])
 def test_bad_pass_options_are_one_clear_error(name, options, message):
     with pytest.raises(ConfigError, match=message):
@@ -704,6 +706,55 @@ def _op_types(path: Path) -> tuple[dict[str, set[str]], int]:
     return types, sum(op["op_name"] == "DELEGATE" for op in ops)
 
 
+def test_which_ops_join_onto_the_int8_layers(tmp_path):
+    """joining= op types are quantized where they join onto a quantized layer on one side, directly
+    or through others; between= ones only with one on both sides (the rule on a graph of names)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from host_tools.compress.tflite import flatbuffer
+    from host_tools.compress.tflite.quantize import joining_scope
+
+    tree, graph = schema.ModelT(), schema.SubGraphT()
+    tree.buffers, tree.subgraphs, tree.operatorCodes = [schema.BufferT()], [graph], []
+    graph.tensors, graph.operators = [], []
+    names = {}
+
+    def op(kind: str, inputs: list[str], output: str) -> None:
+        for name in [*inputs, output]:
+            if name not in names:
+                tensor = schema.TensorT()
+                tensor.name, tensor.shape, tensor.buffer = name.encode(), [1], 0
+                names[name] = len(graph.tensors)
+                graph.tensors.append(tensor)
+        operator = schema.OperatorT()
+        operator.opcodeIndex = flatbuffer.opcode(tree, getattr(schema.BuiltinOperator, kind), 1)
+        operator.inputs, operator.outputs = [names[n] for n in inputs], [names[output]]
+        graph.operators.append(operator)
+
+    op("CONV_2D", ["x"], "conv1")
+    op("PAD", ["conv1"], "pad")             # joins conv1 ...
+    op("MAX_POOL_2D", ["pad"], "pool")      # ... and through the pad
+    op("DEPTHWISE_CONV_2D", ["pool"], "dw_between")  # int8 on both sides: in
+    op("CONV_2D", ["dw_between"], "conv2")
+    op("DEPTHWISE_CONV_2D", ["conv2"], "dw_before_norm")  # float after it: out
+    op("MEAN", ["dw_before_norm"], "norm_mean")  # between float ops: out
+    op("ADD", ["norm_mean", "dw_before_norm"], "add")
+    op("MEAN", ["add"], "pool_mean")        # joins the classifier after it
+    op("FULLY_CONNECTED", ["pool_mean"], "logits")
+    graph.inputs, graph.outputs = [names["x"]], [names["logits"]]
+    path = tmp_path / "graph.tflite"
+    flatbuffer.write(tree, [], path)
+    scope = joining_scope(path.read_bytes(), ("CONV_2D", "FULLY_CONNECTED"), ("PAD", "MAX_POOL_2D", "MEAN"),
+                          between=("DEPTHWISE_CONV_2D",))
+    chosen = {name for name in names if re.search(scope, name + ";")}
+    assert chosen == {"pad", "pool", "dw_between", "pool_mean"}
+    # a layers= regex narrows the layers joined onto: without conv1, its pad and pool join nothing,
+    # and the depthwise convolution after them has float on one side
+    scope = joining_scope(path.read_bytes(), ("CONV_2D", "FULLY_CONNECTED"), ("PAD", "MAX_POOL_2D", "MEAN"),
+                          layers="^(?!conv1;)", between=("DEPTHWISE_CONV_2D",))
+    assert {name for name in names if re.search(scope, name + ";")} == {"pool_mean"}
+
+
 def _mean_dtypes(path: Path) -> dict[str, int]:
     """How many of a TFLite model's MEAN ops write each dtype."""
     from ai_edge_litert.interpreter import Interpreter
@@ -719,14 +770,15 @@ def test_tflite_int8_of_the_layers_keeps_a_transformer_in_one_xnnpack_piece(tmp_
     not run its norms' elementwise ops, GELU, softmax or attention matmuls in int8, so the int8 graph
     falls apart into delegate pieces with TFLite's own kernels between them. ops= quantizes only the
     op types named (as typed on a command line: comma-separated, any case), joining= those that join
-    onto them; int8-layers' (the layers with weights; the depthwise convolutions, pooling, padding,
-    concatenations and means next to them), int8 between a QUANTIZE and a DEQUANTIZE, leave the rest
-    float and the graph in one piece."""
-    from host_tools.compress.recipes import TFLITE_INT8_JOINING_OPS, TFLITE_INT8_LAYER_OPS
+    onto them, between= those with them on both sides; int8-layers' (the layers with weights; the
+    pooling, padding, concatenations and means next to them; depthwise convolutions between them),
+    int8 between a QUANTIZE and a DEQUANTIZE, leave the rest float and the graph in one piece."""
+    from host_tools.compress.recipes import TFLITE_INT8_BETWEEN_OPS, TFLITE_INT8_JOINING_OPS, TFLITE_INT8_LAYER_OPS
     model = ModelFile.open(MODELS / "digits_transformer.tflite")
     outs = {}
     for label, options in (("all", {}), ("layers", {"ops": ",".join(TFLITE_INT8_LAYER_OPS).lower(),
-                                                    "joining": ",".join(TFLITE_INT8_JOINING_OPS)})):
+                                                    "joining": ",".join(TFLITE_INT8_JOINING_OPS),
+                                                    "between": ",".join(TFLITE_INT8_BETWEEN_OPS)})):
         outs[label] = tmp_path / f"{label}.tflite"
         report = run_recipe(model, Recipe(label, (Step("tflite-int8", {"samples": 64, **options}),)), calib=CALIB,
                             eval_data=HELDOUT, out=outs[label], latency_runs=5)

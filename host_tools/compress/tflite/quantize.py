@@ -16,10 +16,11 @@ dozen delegate pieces with TFLite's own int8 kernels between them (the reference
 2.3-2.7x float's time). ``ops=`` quantizes only the op types named, the others float between a
 QUANTIZE and a DEQUANTIZE; ``joining=`` names op types quantized only where they join onto one of
 those (a pooling between two int8 convolutions saves a DEQUANTIZE and a QUANTIZE; a layer norm's
-mean between float ops would only add a pair). The ``int8-layers`` recipe quantizes the layers with
-weights, and the depthwise convolutions, pooling, padding, concatenations and means that join onto
-them, which XNNPACK keeps in one piece (the reference transformer 0.6-0.7x float's time; a ResNet
-as fast as full int8; --auto tries it too).
+mean between float ops would only add a pair), ``between=`` those quantized only with one on both
+sides. The ``int8-layers`` recipe quantizes the layers with weights, the pooling, padding,
+concatenations and means that join onto them and the depthwise convolutions between them, which
+XNNPACK keeps in one piece (the reference transformer 0.6-0.7x float's time; a ResNet as fast as
+full int8; --auto tries it too).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
-from host_tools.compress.recipes import TFLITE_INT8_JOINING_OPS, TFLITE_INT8_LAYER_OPS
+from host_tools.compress.recipes import TFLITE_INT8_BETWEEN_OPS, TFLITE_INT8_JOINING_OPS, TFLITE_INT8_LAYER_OPS
 from host_tools.compress.tflite import flatbuffer
 
 _OPS_HELP = "regular expression of the tensor names to quantize"
@@ -148,6 +149,9 @@ class TfliteFullInt8(_LiteRtPass):
             "help": "op types quantized only where they join onto a quantized op of ops= (its input comes from "
                     "one or its output goes to one, directly or through others of these), e.g. MAX_POOL_2D,MEAN; "
                     "elsewhere float, not int8 between a QUANTIZE and a DEQUANTIZE of their own"})
+        between: tuple[str, ...] = field(default=(), metadata={
+            "help": "op types quantized only where they join onto quantized ops on both sides (an input from "
+                    "one and an output to one), e.g. DEPTHWISE_CONV_2D"})
 
         def __post_init__(self) -> None:  # (see PassConfig)
             if self.activation_bits not in (8, 16) or self.samples < 1:
@@ -157,15 +161,19 @@ class TfliteFullInt8(_LiteRtPass):
                 raise ValueError(f"io must be float or int8, not {self.io!r}")
             object.__setattr__(self, "ops", tuple(op.upper() for op in self.ops))
             object.__setattr__(self, "joining", tuple(op.upper() for op in self.joining))
-            if self.joining and (not self.ops or "ALL_SUPPORTED" in self.ops):
-                raise ValueError("joining= needs ops=, the op types to join onto (every op is quantized without)")
+            object.__setattr__(self, "between", tuple(op.upper() for op in self.between))
+            for name in ("joining", "between"):
+                if getattr(self, name) and (not self.ops or "ALL_SUPPORTED" in self.ops):
+                    raise ValueError(f"{name}= needs ops=, the op types to join onto (every op is quantized "
+                                     f"without)")
             known = _litert_op_names()
-            unknown = [op for op in (*self.ops, *self.joining) if known is not None and op not in known]
+            unknown = [op for op in (*self.ops, *self.joining, *self.between) if known is not None and op not in known]
             if unknown:
-                where = "ops" if unknown[0] in self.ops else "joining"
+                where = next(name for name in ("ops", "joining", "between") if unknown[0] in getattr(self, name))
                 raise ValueError(f"{where}: litert-quantizer knows no op type {', '.join(unknown)} "
-                                 f"(int8-layers quantizes {','.join(TFLITE_INT8_LAYER_OPS)} and joining onto "
-                                 f"them {','.join(TFLITE_INT8_JOINING_OPS)})")
+                                 f"(int8-layers quantizes {','.join(TFLITE_INT8_LAYER_OPS)}, joining onto them "
+                                 f"{','.join(TFLITE_INT8_JOINING_OPS)}, between them "
+                                 f"{','.join(TFLITE_INT8_BETWEEN_OPS)})")
 
     def run(self, model, config, workdir):
         if config.ops and "ALL_SUPPORTED" not in config.ops:
@@ -187,8 +195,10 @@ class TfliteFullInt8(_LiteRtPass):
         for op in [op for op in config.ops or ("ALL_SUPPORTED",) if op != "EMBEDDING_LOOKUP"]:
             quantizer.add_static_config(regex=config.layers, operation_name=TFLOperationName[op],
                                         activation_num_bits=config.activation_bits, weight_num_bits=8)
-        scope = config.joining and joining_scope(model.path.read_bytes(), config.ops, config.joining, config.layers)
-        for op in config.joining if scope else ():
+        joins = (*config.joining, *config.between)
+        scope = joins and joining_scope(model.path.read_bytes(), config.ops, config.joining, config.layers,
+                                        config.between)
+        for op in joins if scope else ():
             quantizer.add_static_config(regex=scope, operation_name=TFLOperationName[op],
                                         activation_num_bits=config.activation_bits, weight_num_bits=8)
         if not config.ops or "EMBEDDING_LOOKUP" in config.ops:
@@ -217,20 +227,25 @@ class TfliteFullInt8(_LiteRtPass):
         return quantizer.calibrate({key: samples})
 
 
-def joining_scope(data: bytes, ops: tuple[str, ...], joining: tuple[str, ...], layers: str = ".*") -> str:
+def joining_scope(data: bytes, ops: tuple[str, ...], joining: tuple[str, ...], layers: str = ".*",
+                  between: tuple[str, ...] = ()) -> str:
     """A litert-quantizer scope regex (it matches an op by its output tensor names, "a;b;") for the
-    ops of a *joining* type that join onto an op of an *ops* type: one whose input comes from such an
-    op or whose output goes to one, directly or through other joining ops. "" when none does.
+    ops of a *joining* type that join onto an op of an *ops* type (one whose input comes from such an
+    op or whose output goes to one, directly or through other joining ops), and of a *between* type
+    whose input comes from one of those and whose output goes to one. "" when none does.
 
     A pooling or a mean between two int8 convolutions saves their DEQUANTIZE and QUANTIZE; one
-    between float ops (a layer norm's means) would only add a pair of its own around it."""
+    between float ops (a layer norm's means) would only add a pair of its own around it. A depthwise
+    convolution with a conversion left on one side only trades its float kernel for its int8 one,
+    which for XNNPACK's 7x7 is the slower (a ConvNeXt's)."""
     # (an embedding lookup's table is int8 but its output float: dequantized as it is read)
-    core = {_SCHEMA_NAMES.get(op, op) for op in ops} - {"EMBEDDING_LOOKUP"}
-    joins = {_SCHEMA_NAMES.get(op, op) for op in joining}
+    core_kinds = {_SCHEMA_NAMES.get(op, op) for op in ops} - {"EMBEDDING_LOOKUP"}
+    both_kinds = {_SCHEMA_NAMES.get(op, op) for op in between}
+    join_kinds = {_SCHEMA_NAMES.get(op, op) for op in joining} - both_kinds
     scopes = set()
     for graph in flatbuffer.operators(data):
-        def matched(k: int) -> bool:
-            return bool(graph[k][3]) and re.search(layers, b";".join(graph[k][3]).decode(errors="replace") + ";")
+        def scope(k: int) -> str:
+            return b";".join(graph[k][3]).decode(errors="replace") + ";"
 
         made_by = {t: k for k, (_, _, outputs, _) in enumerate(graph) for t in outputs}
         used_by: dict[int, list[int]] = {}
@@ -238,18 +253,26 @@ def joining_scope(data: bytes, ops: tuple[str, ...], joining: tuple[str, ...], l
             for t in inputs:
                 used_by.setdefault(t, []).append(k)
 
-        def neighbours(k: int):
-            yield from (made_by[t] for t in graph[k][1] if t in made_by)
-            yield from (j for t in graph[k][2] for j in used_by.get(t, ()))
+        def before(k: int) -> list[int]:
+            return [made_by[t] for t in graph[k][1] if t in made_by]
 
-        reached = [k for k, op in enumerate(graph) if op[0] in core and matched(k)]
-        joined = set()
-        while reached:
-            for j in neighbours(reached.pop()):
-                if j not in joined and graph[j][0] in joins and matched(j):
+        def after(k: int) -> list[int]:
+            return [j for t in graph[k][2] for j in used_by.get(t, ())]
+
+        def chosen(kinds: set[str]) -> set[int]:
+            return {k for k, op in enumerate(graph) if op[0] in kinds and op[3] and re.search(layers, scope(k))}
+
+        core, joins, betweens = chosen(core_kinds), chosen(join_kinds), chosen(both_kinds)
+        joined, reached = set(), list(core)
+        while reached:  # the joining ops reached from the core, directly or through each other
+            k = reached.pop()
+            for j in (*before(k), *after(k)):
+                if j in joins and j not in joined:
                     joined.add(j)
                     reached.append(j)
-        scopes.update(b";".join(graph[k][3]).decode(errors="replace") + ";" for k in joined)
+        int8 = core | joined
+        joined |= {k for k in betweens if int8.intersection(before(k)) and int8.intersection(after(k))}
+        scopes.update(scope(k) for k in joined)
     return "^(?:" + "|".join(re.escape(s) for s in sorted(scopes)) + ")$" if scopes else ""
 
 
