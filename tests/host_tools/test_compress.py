@@ -553,6 +553,7 @@ def test_command_line_steps_are_typed_like_files():
     ("tflite-int8", {"joining": "MEAN"}, "joining= needs ops=, the op types to join onto"),
     ("tflite-int8", {"ops": "CONV_2D", "joining": "mean,pool"}, "joining: litert-quantizer knows no op type POOL"),
     ("tflite-int8", {"between": "DEPTHWISE_CONV_2D"}, "between= needs ops=, the op types to join onto"),
+    ("tflite-dynamic", {"weight_only": "DEPTHWISE"}, "weight_only: litert-quantizer knows no op type DEPTHWISE"),
 ])
 def test_bad_pass_options_are_one_clear_error(name, options, message):
     with pytest.raises(ConfigError, match=message):
@@ -858,6 +859,22 @@ def test_tflite_compact_drops_internal_names_and_changes_nothing_else(name, at_m
     kept = outside(compact.model.path)
     assert [data for _, data in kept] == [data for _, data in stored_past]
     assert all(offset % 16 == 0 for offset, _ in kept)
+
+
+def test_tflite_int8_dynamic_keeps_depthwise_convolutions_in_float_compute(tmp_path):
+    """XNNPACK does not run a dynamic-range depthwise convolution, so one splits the graph (the small
+    CNN's first layer is one, as converted). int8-dynamic stores its weights int8 behind a DEQUANTIZE,
+    computed in float: one delegate piece, the same size and accuracy; tflite-dynamic with no
+    weight_only= leaves it dynamic-range."""
+    model = ModelFile.open(MODELS / "digits_cnn.tflite")
+    plain = run_recipe(model, steps([("tflite-dynamic", {})]), eval_data=HELDOUT, latency_runs=5, workdir=tmp_path)
+    recipe = run_recipe(model, load_recipe("int8-dynamic", "tflite"), eval_data=HELDOUT, latency_runs=5,
+                        out=tmp_path / "d.tflite")
+    (plain_ops, plain_pieces), (ops, pieces) = _op_types(plain.result.model.path), _op_types(tmp_path / "d.tflite")
+    assert "DEQUANTIZE" not in plain_ops and plain_pieces == 2
+    assert ops["DEQUANTIZE"] == {"float32"} and ops["DEPTHWISE_CONV_2D"] == {"float32"} and pieces == 1
+    assert recipe.result.size_bytes <= 0.27 * recipe.original.size_bytes
+    assert recipe.result.fidelity.accuracy >= recipe.original.fidelity.accuracy - 0.005
 
 
 def test_tflite_float_constants_a_quantizer_leaves_are_stored_as_int8(tmp_path):
@@ -1480,8 +1497,8 @@ def test_auto_on_a_tflite_model(tmp_path):
     assert {"dynamic-range int8", "int8 weights only", "full int8", "fp16", "50% sparse, full int8",
             "80% sparse, full int8", "25% channels pruned, recovered", "50% channels pruned, recovered",
             "50% channels pruned, recovered, dynamic-range int8", "50% channels pruned, recovered, full int8",
-            "int8 layers, norms and activations float", "50% channels pruned, recovered, int8 layers"} \
-        <= set(report.auto.verdicts)
+            "int8 layers, norms and activations float", "50% channels pruned, recovered, int8 layers",
+            "dynamic-range int8, depthwise too"} <= set(report.auto.verdicts)
 
 
 def test_tflite_passes_on_a_converted_text_encoder_with_two_inputs_and_two_outputs():

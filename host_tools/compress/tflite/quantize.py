@@ -94,6 +94,17 @@ class TfliteDynamicInt8(_LiteRtPass):
                     "default); false: one per layer, as ONNX Runtime's quantize_dynamic, 12 bytes less a row "
                     "(7% of the reference transformer's file). Convolutions keep one per channel: TFLite's "
                     "dynamic-range depthwise kernel gives wrong results with one per layer"})
+        weight_only: tuple[str, ...] = field(default=(), metadata={
+            "help": "op types whose int8 weights are turned back into float when the model loads, computed in "
+                    "float, e.g. DEPTHWISE_CONV_2D: XNNPACK does not run a dynamic-range depthwise convolution, "
+                    "which then splits its graph (MobileNetV2 3.1x float's time, 1.3x so)"})
+
+        def __post_init__(self) -> None:  # (see PassConfig)
+            object.__setattr__(self, "weight_only", tuple(op.upper() for op in self.weight_only))
+            known = _litert_op_names()
+            unknown = [op for op in self.weight_only if known is not None and op not in known]
+            if unknown:
+                raise ValueError(f"weight_only: litert-quantizer knows no op type {', '.join(unknown)}")
 
     def configure(self, quantizer, config, model):
         from litert_quantizer.qtyping import QuantGranularity, TFLOperationName
@@ -103,6 +114,8 @@ class TfliteDynamicInt8(_LiteRtPass):
             for op in (TFLOperationName.FULLY_CONNECTED, TFLOperationName.BATCH_MATMUL):
                 quantizer.add_dynamic_config(regex=config.layers, operation_name=op, num_bits=8,
                                              granularity=QuantGranularity.TENSORWISE)
+        for op in config.weight_only:
+            quantizer.add_weight_only_config(regex=config.layers, operation_name=TFLOperationName[op], num_bits=8)
 
 
 @register
