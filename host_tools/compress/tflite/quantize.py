@@ -95,9 +95,10 @@ class TfliteDynamicInt8(_LiteRtPass):
                     "(7% of the reference transformer's file). Convolutions keep one per channel: TFLite's "
                     "dynamic-range depthwise kernel gives wrong results with one per layer"})
         weight_only: tuple[str, ...] = field(default=(), metadata={
-            "help": "op types whose int8 weights are turned back into float when the model loads, computed in "
-                    "float, e.g. DEPTHWISE_CONV_2D: XNNPACK does not run a dynamic-range depthwise convolution, "
-                    "which then splits its graph (MobileNetV2 3.1x float's time, 1.3x so)"})
+            "help": "op types whose weights are stored int8 but turned back into float (a DEQUANTIZE of the "
+                    "constant) and computed in float, e.g. DEPTHWISE_CONV_2D: XNNPACK does not run a "
+                    "dynamic-range depthwise convolution, which then splits its graph (MobileNetV2 3.1x "
+                    "float's time, 1.3x so)"})
 
         def __post_init__(self) -> None:  # (see PassConfig)
             object.__setattr__(self, "weight_only", tuple(op.upper() for op in self.weight_only))
