@@ -877,6 +877,32 @@ def test_tflite_int8_dynamic_keeps_depthwise_convolutions_in_float_compute(tmp_p
     assert recipe.result.fidelity.accuracy >= recipe.original.fidelity.accuracy - 0.005
 
 
+def test_tflite_quantization_takes_a_model_with_a_tensor_name_twice(tmp_path):
+    """litert-quantizer refuses a model in which two tensors share a name ("Tensor name ... is not
+    unique"); the passes quantize a renamed copy, and the result keeps the model's input and output
+    names."""
+    from host_tools.compress.tflite import flatbuffer
+
+    tree, outside = flatbuffer.read(MODELS / "digits_cnn.tflite")
+    graph = tree.subgraphs[0]
+    io = {*graph.inputs, *graph.outputs}
+    inner = [t for t in range(len(graph.tensors)) if t not in io]
+    for t in inner[1:4]:
+        graph.tensors[t].name = graph.tensors[inner[0]].name
+    path = tmp_path / "twice.tflite"
+    flatbuffer.write(tree, outside, path)
+    assert flatbuffer.has_duplicate_names(path.read_bytes())
+    model = ModelFile.open(path)
+    for pass_name in ("tflite-dynamic", "tflite-int8"):
+        report = run_recipe(model, steps([(pass_name, {"calibration": str(CALIB), "samples": 16}
+                                           if pass_name == "tflite-int8" else {})]),
+                            eval_data=HELDOUT, latency_runs=5, workdir=tmp_path / pass_name)
+        assert report.steps[0].status == "ok", report.steps[0].note
+        assert report.result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
+        assert [s.name for s in report.result.model.load().inputs] == [s.name for s in model.load().inputs]
+        assert [s.name for s in report.result.model.load().outputs] == [s.name for s in model.load().outputs]
+
+
 def test_tflite_float_constants_a_quantizer_leaves_are_stored_as_int8(tmp_path):
     """The transformer's position table, which an ADD reads, stays float after dynamic-range int8:
     tflite-int8-params stores it as int8 behind a DEQUANTIZE. Layers' weights and biases stay."""

@@ -821,6 +821,8 @@ def _own(g: Graph, k: int, position: int) -> int:
     if t < 0 or (len(g.consumers.get(t, [])) <= 1 and g.buffer_uses[g.tensor(t).buffer] <= 1):
         return t
     tensor = copy.deepcopy(g.tensor(t))
+    if tensor.name:  # (litert-quantizer wants every tensor name once)
+        tensor.name += b";op%d" % k
     buffer = schema.BufferT()
     buffer.data = np.array(g.tree.buffers[tensor.buffer].data, np.uint8)
     g.tree.buffers.append(buffer)

@@ -192,6 +192,44 @@ def operators(data: bytes) -> list[list[tuple[str, tuple[int, ...], tuple[int, .
     return graphs
 
 
+def has_duplicate_names(data: bytes) -> bool:
+    """Whether two tensors of the model (in any subgraphs) have the same name, which litert-quantizer
+    refuses ("Tensor name ... is not unique"); read from the packed flatbuffer."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(data, 0)
+    seen = set()
+    for g in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(g)
+        for t in range(graph.TensorsLength()):
+            name = graph.Tensors(t).Name() or b""
+            if name in seen:
+                return True
+            seen.add(name)
+    return False
+
+
+def unique_names(tree) -> int:
+    """Rename the tensors of *tree* whose name another tensor has already (a name suffixed ";2", ";3"
+    ...), subgraph inputs and outputs last so that they keep theirs. Returns how many were renamed."""
+    graphs = tree.subgraphs or []
+    io = {(g, t) for g, graph in enumerate(graphs) for t in [*(graph.inputs or []), *(graph.outputs or [])]}
+    taken = {graphs[g].tensors[t].name or b"" for g, t in io}
+    renamed = 0
+    for g, graph in enumerate(graphs):
+        for t, tensor in enumerate(graph.tensors or []):
+            name = tensor.name or b""
+            if (g, t) in io:
+                continue
+            if name in taken:
+                n = 2
+                while name + b";%d" % n in taken:
+                    n += 1
+                tensor.name, renamed = name + b";%d" % n, renamed + 1
+            taken.add(tensor.name or b"")
+    return renamed
+
+
 def io_names(data: bytes) -> dict[tuple[int, str, int], bytes]:
     """(subgraph, "in"/"out", position) -> tensor name, for every subgraph's inputs and outputs:
     what an interpreter's input and output details list. Read from the packed flatbuffer, without

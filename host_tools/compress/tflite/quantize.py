@@ -70,8 +70,14 @@ class _LiteRtPass(Pass):
             done = _quantized_already(model.path)
             if done:  # (litert-quantizer fails on such a model with an AttributeError of its own)
                 raise NotApplicable(f"{model.path.name}'s weights are {done} already: compress the float model")
-            quantizer = lq.Quantizer(str(model.path))
-            self.configure(quantizer, config, model)
+            source = model.path
+            if flatbuffer.has_duplicate_names(source.read_bytes()):  # (litert-quantizer refuses such a model)
+                tree, outside = flatbuffer.read(source)
+                flatbuffer.unique_names(tree)
+                source = Path(workdir) / f"{model.path.stem}.named.tflite"
+                flatbuffer.write(tree, outside, source)
+            quantizer = lq.Quantizer(str(source))
+            self.configure(quantizer, config, ModelFile(source, "tflite"))
             result = quantizer.quantize(self.calibration(quantizer, model, config))
             if result.quantized_model is None:
                 raise NotApplicable(f"{model.path.name}: litert-quantizer found nothing to quantize")
