@@ -70,7 +70,34 @@ def constant_ops(tree, path: Path, slack_bytes: int = 4096) -> int:
         g.tensor(t).buffer = len(tree.buffers) - 1
     g.graph.operators = [op for k, op in enumerate(g.ops) if k not in dead]
     _empty_unread_buffers(tree)
+    _drop_unused_tensors(tree)
     return len(values)
+
+
+def _drop_unused_tensors(tree) -> None:
+    """Take out of the main graph the tensors nothing refers to any more (the dropped ops' results and
+    the constants only they read): left in, with no data and no op making them, they are tensors
+    whose value an interpreter that keeps every tensor cannot give, which stops litert-quantizer's
+    calibration ("Tensor data is null")."""
+    graph = tree.subgraphs[0]
+    used = {int(t) for op in graph.operators for t in (*op.inputs, *op.outputs, *(op.intermediates or ())) if t >= 0}
+    used |= {int(t) for t in (*graph.inputs, *graph.outputs)}
+    signatures = [s for s in tree.signatureDefs or () if s.subgraphIndex == 0]
+    used |= {int(e.tensorIndex) for s in signatures for e in (*(s.inputs or ()), *(s.outputs or ()))}
+    if len(used) == len(graph.tensors):
+        return
+    keep = sorted(used)
+    new = {old: i for i, old in enumerate(keep)}
+
+    def moved(indices):
+        return None if indices is None else [new[int(t)] if t >= 0 else int(t) for t in indices]
+
+    graph.tensors = [graph.tensors[t] for t in keep]
+    for op in graph.operators:
+        op.inputs, op.outputs, op.intermediates = moved(op.inputs), moved(op.outputs), moved(op.intermediates)
+    graph.inputs, graph.outputs = moved(graph.inputs), moved(graph.outputs)
+    for entry in (e for s in signatures for e in (*(s.inputs or ()), *(s.outputs or ()))):
+        entry.tensorIndex = new[int(entry.tensorIndex)]
 
 
 def _empty_unread_buffers(tree) -> None:
