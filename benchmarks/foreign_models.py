@@ -17,8 +17,9 @@ torch.export, which PyTorch uses unless told otherwise since 2.9, at the opset 1
 given each ONNX recipe, with 64 random inputs (token ids for text) as calibration and evaluation data. The table shows, per recipe, the result's size against the
 original's, or why it did not apply; structured pruning runs without recovery, so its column is
 the structure it found ("4/7 layers, 2 heads": layers pruned of all weighted layers, groups by
-attention heads), not accuracy; with ``--recover N`` it runs again with N epochs of recovery on
-the same 64 inputs, and the column adds the output cosine and top-1 agreement with the original
+attention heads), not accuracy, and the size after full int8 of the pruned model (``int8-static``,
+as ``--auto``'s pruned candidates quantize it); with ``--recover N`` it runs again with N epochs of
+recovery on the same 64 inputs, and the column adds the output cosine and top-1 agreement with the original
 without and with it (that recovery runs at all on these graphs, and moves the output back towards
 the original's).
 With ``--format tflite`` each model is converted with litert-torch instead (batch 1; token ids
@@ -289,6 +290,12 @@ def prune_cell(original, pass_name: str, dataset, work: Path, row: dict, layers:
         return
     row["prune"] = (f"{report.result.size_bytes / report.original.size_bytes:.2f}x: {layers}/{of} layers, "
                     f"{heads} by heads")
+    # then full int8 of the pruned model, as --auto's pruned candidates do
+    from host_tools.compress import load_recipe
+    int8 = run_recipe(report.result.model, load_recipe("int8-static", original.format), calib=dataset,
+                      eval_data=dataset, latency_runs=5, workdir=work / "prune-int8")
+    row["prune"] += (f", + int8 {int8.result.size_bytes / report.original.size_bytes:.2f}x" if int8.compressed else
+                     ", + int8 failed: " + "; ".join(s.note for s in int8.steps if s.status != "ok")[:80])
     if recover:
         healed = pruned(recover)
         if not healed.compressed:
