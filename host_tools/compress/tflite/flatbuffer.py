@@ -211,7 +211,7 @@ def has_duplicate_names(data: bytes) -> bool:
 
 def unique_names(tree) -> int:
     """Rename the tensors of *tree* whose name another tensor has already (a name suffixed ";2", ";3"
-    ...), subgraph inputs and outputs last so that they keep theirs. Returns how many were renamed."""
+    ...); subgraph inputs and outputs keep theirs. Returns how many were renamed."""
     graphs = tree.subgraphs or []
     io = {(g, t) for g, graph in enumerate(graphs) for t in [*(graph.inputs or []), *(graph.outputs or [])]}
     taken = {graphs[g].tensors[t].name or b"" for g, t in io}
