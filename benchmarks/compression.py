@@ -11,7 +11,8 @@ dynamic_wi8_afp32 recipe); edgefleet's named recipes (int8-dynamic, int8-static,
 sparse-int8, channels-50, distill; for TFLite int8-dynamic, int8-weights, int8-static, fp16,
 sparse-int8, channels-50, distill); and ``--auto --max-drop 1`` for size and for speed. Calibration on
 digits_calib.npz, training (distillation, pruning recovery) on digits_train.npz, every number
-measured on digits_heldout.npz (360 samples never used for calibration or training).
+measured on digits_heldout.npz (360 samples never used for calibration or training). A candidate
+``--auto`` tried and that failed (it goes on to the others) is printed under the model's table.
 
 Latency: every model of a reference model, the original included, is timed in the same
 interleaved rounds (single-sample calls, ONNX Runtime 1 thread), so the ratios hold on a noisy
@@ -90,6 +91,7 @@ def bench_model(path: Path, workdir: Path, runs: int) -> dict:
     print(f"\n{path.name}: {teacher_parameters(model)} parameters", flush=True)
     evaluation = Evaluation(model, HELDOUT, say)
     rows: list[tuple[str, Measured]] = []
+    failed: dict[str, str] = {}  # --auto's candidates that failed, by name
 
     label = PLAIN[model.format]
     say(f"{label}, defaults")
@@ -124,6 +126,9 @@ def bench_model(path: Path, workdir: Path, runs: int) -> dict:
         label = f"--auto {goal}"
         rows.append((label, report.chosen if report.chosen else
                      Measured(label, model, "none", report.auto.why_none)))
+        # a candidate that fails is a verdict --auto goes on from; printed, so that it is seen
+        failed.update((name, verdict) for name, verdict in report.auto.verdicts.items()
+                      if verdict.startswith("failed"))
 
     timed = [m for _, m in rows if m.status == "ok"]
     say(f"timing {len(timed) + 1} models: {runs} single-sample runs each"
@@ -164,6 +169,8 @@ def bench_model(path: Path, workdir: Path, runs: int) -> dict:
                           "single": single[i].p50_ms / base_single, "batch": batch_ratio(i),
                           "params": params / teacher_parameters(model),
                           "accuracy_kept": m.fidelity.accuracy / original.fidelity.accuracy}
+    for name, verdict in failed.items():
+        print(f"--auto candidate {name}: {verdict[:200]}")
     shutil.rmtree(workdir, ignore_errors=True)
     return {"model": path.name, "results": results}
 
