@@ -107,11 +107,7 @@ class TfliteDynamicInt8(_LiteRtPass):
                     "float's time, 1.3x so)"})
 
         def __post_init__(self) -> None:  # (see PassConfig)
-            object.__setattr__(self, "weight_only", tuple(op.upper() for op in self.weight_only))
-            known = _litert_op_names()
-            unknown = [op for op in self.weight_only if known is not None and op not in known]
-            if unknown:
-                raise ValueError(f"weight_only: litert-quantizer knows no op type {', '.join(unknown)}")
+            _op_type_fields(self, ("weight_only",))
 
     def configure(self, quantizer, config, model):
         from litert_quantizer.qtyping import QuantGranularity, TFLOperationName
@@ -179,21 +175,13 @@ class TfliteFullInt8(_LiteRtPass):
                                  f"or more (not {self.samples})")
             if self.io not in ("float", "int8"):
                 raise ValueError(f"io must be float or int8, not {self.io!r}")
-            object.__setattr__(self, "ops", tuple(op.upper() for op in self.ops))
-            object.__setattr__(self, "joining", tuple(op.upper() for op in self.joining))
-            object.__setattr__(self, "between", tuple(op.upper() for op in self.between))
+            _op_type_fields(self, ("ops", "joining", "between"),
+                            f" (int8-layers quantizes {','.join(TFLITE_INT8_LAYER_OPS)}, joining onto them "
+                            f"{','.join(TFLITE_INT8_JOINING_OPS)}, between them {','.join(TFLITE_INT8_BETWEEN_OPS)})")
             for name in ("joining", "between"):
                 if getattr(self, name) and (not self.ops or "ALL_SUPPORTED" in self.ops):
                     raise ValueError(f"{name}= needs ops=, the op types to join onto (every op is quantized "
                                      f"without)")
-            known = _litert_op_names()
-            unknown = [op for op in (*self.ops, *self.joining, *self.between) if known is not None and op not in known]
-            if unknown:
-                where = next(name for name in ("ops", "joining", "between") if unknown[0] in getattr(self, name))
-                raise ValueError(f"{where}: litert-quantizer knows no op type {', '.join(unknown)} "
-                                 f"(int8-layers quantizes {','.join(TFLITE_INT8_LAYER_OPS)}, joining onto them "
-                                 f"{','.join(TFLITE_INT8_JOINING_OPS)}, between them "
-                                 f"{','.join(TFLITE_INT8_BETWEEN_OPS)})")
 
     def run(self, model, config, workdir):
         if config.ops and "ALL_SUPPORTED" not in config.ops:
@@ -294,6 +282,18 @@ def joining_scope(data: bytes, ops: tuple[str, ...], joining: tuple[str, ...], l
         joined |= {k for k in betweens if int8.intersection(before(k)) and int8.intersection(after(k))}
         scopes.update(scope(k) for k in joined)
     return "^(?:" + "|".join(re.escape(s) for s in sorted(scopes)) + ")$" if scopes else ""
+
+
+def _op_type_fields(config, fields: tuple[str, ...], hint: str = "") -> None:
+    """Op type names in *config*'s *fields*, as typed (any case), made litert-quantizer's (upper case);
+    one it does not know is a ValueError naming the field, with *hint* after it."""
+    for name in fields:
+        object.__setattr__(config, name, tuple(op.upper() for op in getattr(config, name)))
+    known = _litert_op_names()
+    unknown = [op for name in fields for op in getattr(config, name) if known is not None and op not in known]
+    if unknown:
+        where = next(name for name in fields if unknown[0] in getattr(config, name))
+        raise ValueError(f"{where}: litert-quantizer knows no op type {', '.join(unknown)}{hint}")
 
 
 def _litert_op_names() -> frozenset[str] | None:
