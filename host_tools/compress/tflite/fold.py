@@ -69,16 +69,16 @@ def constant_ops(tree, path: Path, slack_bytes: int = 4096) -> int:
         tree.buffers.append(buffer)
         g.tensor(t).buffer = len(tree.buffers) - 1
     g.graph.operators = [op for k, op in enumerate(g.ops) if k not in dead]
-    _empty_unread_buffers(tree)
     _drop_unused_tensors(tree)
     return len(values)
 
 
 def _drop_unused_tensors(tree) -> None:
     """Take out of the main graph the tensors nothing refers to any more (the dropped ops' results and
-    the constants only they read): left in, with no data and no op making them, they are tensors
-    whose value an interpreter that keeps every tensor cannot give, which stops litert-quantizer's
-    calibration ("Tensor data is null")."""
+    the constants only they read), and empty the buffers only they held (which would otherwise stay in
+    the file beside the values that replaced them). Left in, with no data and no op making them, they
+    are tensors whose value an interpreter that keeps every tensor cannot give, which stops
+    litert-quantizer's calibration ("Tensor data is null")."""
     graph = tree.subgraphs[0]
     used = {int(t) for op in graph.operators for t in (*op.inputs, *op.outputs, *(op.intermediates or ())) if t >= 0}
     used |= {int(t) for t in (*graph.inputs, *graph.outputs)}
@@ -87,6 +87,12 @@ def _drop_unused_tensors(tree) -> None:
     if len(used) == len(graph.tensors):
         return
     keep = sorted(used)
+    live = {graph.tensors[t].buffer for t in keep}
+    live |= {tensor.buffer for other in tree.subgraphs[1:] for tensor in other.tensors}
+    live |= {entry.buffer for entry in tree.metadata or ()}
+    for t, tensor in enumerate(graph.tensors):
+        if t not in used and tensor.buffer not in live and tensor.buffer > 0:
+            tree.buffers[tensor.buffer].data = None
     new = {old: i for i, old in enumerate(keep)}
 
     def moved(indices):
@@ -98,20 +104,6 @@ def _drop_unused_tensors(tree) -> None:
     graph.inputs, graph.outputs = moved(graph.inputs), moved(graph.outputs)
     for entry in (e for s in signatures for e in (*(s.inputs or ()), *(s.outputs or ()))):
         entry.tensorIndex = new[int(entry.tensorIndex)]
-
-
-def _empty_unread_buffers(tree) -> None:
-    """Empty the buffers only tensors no op reads any more held (the constants the folded ops read,
-    which would otherwise stay in the file beside the values that replaced them)."""
-    graph = tree.subgraphs[0]
-    read = {int(t) for op in graph.operators for t in (*op.inputs, *op.outputs) if t >= 0}
-    read |= {int(t) for t in (*graph.inputs, *graph.outputs)}
-    live = {tensor.buffer for t, tensor in enumerate(graph.tensors) if t in read}
-    live |= {tensor.buffer for other in tree.subgraphs[1:] for tensor in other.tensors}
-    live |= {entry.buffer for entry in tree.metadata or ()}
-    for t, tensor in enumerate(graph.tensors):
-        if t not in read and tensor.buffer not in live and tensor.buffer > 0:
-            tree.buffers[tensor.buffer].data = None
 
 
 def _values(path: Path, tensors: list[int]) -> dict[int, np.ndarray]:
