@@ -180,6 +180,46 @@ def relative_position_attention(path: Path, dim: int = 16, buckets: int = 8) -> 
     return save(graph, path)
 
 
+def causal_attention(path: Path, dim: int = 16) -> Path:
+    """One attention layer with a causal mask as GPT-2, Llama and Qwen2 export it: a Where between a
+    Constant -inf and 0 over the token pairs (-inf where a token would look ahead), added to the
+    scores before Softmax."""
+    rng = np.random.default_rng(8)
+    inits = [numpy_helper.from_array((rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32), name)
+             for name in ("wq", "wk", "wv", "wo")]
+    inits += [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+              numpy_helper.from_array(np.array([1], np.int64), "one"),
+              numpy_helper.from_array(np.array(0, np.int64), "start"),
+              numpy_helper.from_array(np.array(1, np.int64), "step"),
+              numpy_helper.from_array(np.array(dim ** -0.5, np.float32), "scale")]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Gather", ["x_shape", "one"], ["t1"], name="token_count"),
+        helper.make_node("Squeeze", ["t1", "zero"], ["t"]),
+        helper.make_node("Range", ["start", "t", "step"], ["pos"]),
+        helper.make_node("Unsqueeze", ["pos", "zero"], ["key_pos"]),
+        helper.make_node("Unsqueeze", ["pos", "one"], ["query_pos"]),
+        helper.make_node("Greater", ["key_pos", "query_pos"], ["ahead"]),
+        _const("minus_inf", np.array(-np.inf, np.float32)),
+        _const("no_mask", np.array(0.0, np.float32)),
+        helper.make_node("Where", ["ahead", "minus_inf", "no_mask"], ["mask"], name="causal_mask"),
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
+        helper.make_node("MatMul", ["x", "wv"], ["v"], name="v"),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
+        helper.make_node("Mul", ["scores", "scale"], ["scaled"], name="scale_scores"),
+        helper.make_node("Add", ["scaled", "mask"], ["masked"], name="add_mask"),
+        helper.make_node("Softmax", ["masked"], ["weights"], axis=-1, name="softmax"),
+        helper.make_node("MatMul", ["weights", "v"], ["mixed"], name="mix"),
+        helper.make_node("MatMul", ["mixed", "wo"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(
+        nodes, "causal", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "tokens", dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "tokens", dim])], inits)
+    return save(graph, path)
+
+
 def gemm_mlp(path: Path, features: int = 64, hidden: int = 128, classes: int = 8) -> Path:
     """x [batch, features] -> Gemm (weight [hidden, features], transB=1, as torch exports a Linear) ->
     Relu -> Gemm (weight [hidden, classes], alpha and beta written out) -> logits [batch, classes]."""

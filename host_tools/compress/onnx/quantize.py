@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -110,6 +111,11 @@ class OnnxStaticInt8(Pass):
                 progress(f"      left in float: {len(indices)} node(s) computing indices (their results go to a "
                          "Cast to an integer type)")
                 exclude += indices
+            infinite = [n for n in nonfinite_nodes(model.path, feeds, Path(tmp)) if n not in exclude]
+            if infinite:
+                progress(f"      left in float: {len(infinite)} node(s) writing or reading infinite values "
+                         "(an attention mask's -inf, a Log of 0)")
+                exclude += infinite
             if config.auto_exclude > 0:
                 ranked = sensitivity(model, config, feeds, [n for n, _ in candidates if n not in exclude],
                                      Path(tmp), cache)
@@ -159,6 +165,36 @@ def _ort_copy_names(name: str, readers: int, initializers: list[str]) -> list[st
     return [f"{name}{first + k}" for k in range(readers - 1)]
 
 
+def nonfinite_nodes(path: Path, feeds, tmp: Path) -> list[str]:
+    """Names of the nodes that write or read a float tensor holding ±inf or NaN on the calibration
+    inputs: a causal attention mask (-inf where a token may not look, added to the scores before
+    Softmax), a Log of 0. int8 has no infinity — calibrated, such a tensor's range is infinite and
+    its scale garbage — and ORT's entropy and percentile calibrators stop on it ("supplied range of
+    [-inf, inf] is not finite"); these nodes stay float."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    listed = {o.name for o in graph.output}
+    for node in graph.node:  # every value as an output (a name is enough: ORT works out the type)
+        for name in node.output:
+            if name and name not in listed:
+                graph.output.append(onnx.ValueInfoProto(name=name))
+                listed.add(name)
+    probe = tmp / "every_value.onnx"
+    onnx.save(proto, str(probe), save_as_external_data=proto.ByteSize() > 2**31 - 2**20)
+    runtime = ModelFile(probe, "onnx").load(threads=1)
+    infinite: set[str] = set()
+    for batch in feeds.batches(8):  # (every value of a batch is held at once)
+        for name, value in runtime.run(batch).items():
+            if name not in infinite and isinstance(value, np.ndarray) and value.dtype.kind == "f" \
+                    and not np.isfinite(value).all():
+                infinite.add(name)
+    probe.unlink()
+    return [node.name for node in graph.node if node.name and node.op_type != "Constant"
+            and infinite.intersection([*node.input, *node.output])]
+
+
 def sensitivity(model: ModelFile, config, feeds, nodes: list[str], tmp: Path, cache: Path
                 ) -> list[tuple[str, float]]:
     """Nodes ranked by how much quantizing each one alone moves the model's outputs (most first):
@@ -181,7 +217,7 @@ def _quantize_static(source: Path, dest: Path, config, feeds, cache: Path, *, ex
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.method]
     extra = {"CalibPercentile": config.percentile} if config.method == "percentile" else {}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _finite_histograms():
         # ORT works out scales for every calibrated tensor, also those of nodes left in float (a Log
         # of 0 in index arithmetic has range -inf), and numpy warns; the fidelity check judges the result.
         warnings.filterwarnings("ignore", category=RuntimeWarning, module="onnxruntime.quantization")
@@ -192,6 +228,26 @@ def _quantize_static(source: Path, dest: Path, config, feeds, cache: Path, *, ex
                         op_types_to_quantize=list(config.op_types) or None, nodes_to_quantize=only,
                         nodes_to_exclude=list(exclude) or None, extra_options=extra,
                         calibration_cache_path=str(cache))
+
+
+@contextmanager
+def _finite_histograms():
+    """While ORT calibrates: its histogram collector (entropy, percentile) given every calibrated
+    tensor with ±inf and NaN made 0. It stops on an infinite value otherwise, though the nodes
+    around that tensor stay float (nonfinite_nodes) and its range is never used."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    collect = HistogramCollector.collect
+
+    def finite(self, name_to_arr):
+        return collect(self, {name: [np.asarray(np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)) for a in arrays]
+                              for name, arrays in name_to_arr.items()})
+
+    HistogramCollector.collect = finite
+    try:
+        yield
+    finally:
+        HistogramCollector.collect = collect
 
 
 class _Reader:
