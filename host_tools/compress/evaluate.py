@@ -28,7 +28,9 @@ class Fidelity:
     mean_abs_error: float
 
     def as_dict(self) -> dict:
-        return {k: None if v is None else round(float(v), 6) for k, v in asdict(self).items()}
+        # six significant digits, not decimals: a model whose outputs are ~1e-9 (random weights, a
+        # regression target in small units) has errors that six decimals would write as 0.0
+        return {k: None if v is None else float(f"{float(v):.6g}") for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)

@@ -193,6 +193,16 @@ def test_a_causal_attention_mask_stays_float_and_every_calibration_method_runs(m
     assert report.result.fidelity.cosine > 0.99
 
 
+def test_the_report_keeps_small_errors_that_six_decimals_would_write_as_zero():
+    """A random-weight LeViT's logits are ~1e-9: its float16 copy's errors were reported as 0.0 next to
+    a cosine of 0.91."""
+    from host_tools.compress.evaluate import Fidelity
+
+    written = Fidelity(None, 0.703125, 0.9108214, 1.2425874e-09, 3.1e-10).as_dict()
+    assert written == {"accuracy": None, "agreement": 0.703125, "cosine": 0.910821,
+                       "max_abs_error": 1.24259e-09, "mean_abs_error": 3.1e-10}
+
+
 def test_static_quantization_refuses_to_calibrate_on_nothing(digits, tmp_path):
     with pytest.raises(ConfigError, match="needs calibration data"):
         run_recipe(digits, steps([("onnx-preprocess", {}), ("onnx-static", {})]), eval_data=HELDOUT,
