@@ -7,6 +7,7 @@
     python benchmarks/foreign_models.py --format tflite  # the same models as TFLite files
     python benchmarks/foreign_models.py --recover 10     # also recover the pruned models (10 epochs)
     python benchmarks/foreign_models.py --latency 300    # also time each result against the original
+    python benchmarks/foreign_models.py --auto size      # also --auto --max-drop 1 (size or speed) on each
     pip install onnxscript          # for --exporter dynamo (torch.export, PyTorch's default exporter)
     python benchmarks/foreign_models.py --exporter dynamo
 
@@ -32,7 +33,9 @@ This is not a speed benchmark: it shows that the recipes run, and what they do, 
 by an exporter and a model library this project does not control. With ``--latency RUNS`` each
 cell adds the result's median single-sample latency as a multiple of the original's, both timed in
 the same interleaved rounds (RUNS calls each, one thread, on this host; random weights run as
-fast as trained ones).
+fast as trained ones). With ``--auto GOAL`` each model also goes through ``--auto --max-drop 1 --goal
+GOAL`` on the same inputs; what it chose says little with random weights (near-tied logits move with
+any change), but a candidate that fails is a finding, and each is listed under the table.
 """
 
 from __future__ import annotations
@@ -126,6 +129,9 @@ def main() -> None:
     parser.add_argument("--latency", type=int, default=0, metavar="RUNS",
                         help="also time every recipe's result against the original, RUNS single-sample calls "
                              "each in interleaved rounds, and add the p50 ratio to its cell")
+    parser.add_argument("--auto", choices=("size", "speed"),
+                        help="also run --auto --max-drop 1 with this goal on each model, and list what it chose "
+                             "and every candidate that failed")
     args = parser.parse_args()
     try:
         # transformers imports torchao where installed (litert-torch brings it), which logs about
@@ -156,9 +162,10 @@ def main() -> None:
         for name in chosen:
             print(f"  {name}", file=sys.stderr, flush=True)
             work = Path(tmp) / name
-            rows.append((name, run_onnx(name, *table[name], work, torch, args.recover, args.exporter, args.latency)
+            rows.append((name, run_onnx(name, *table[name], work, torch, args.recover, args.exporter, args.latency,
+                                        args.auto)
                          if args.format == "onnx" else
-                         run_tflite(name, *table[name], work, torch, args.recover, args.latency)))
+                         run_tflite(name, *table[name], work, torch, args.recover, args.latency, args.auto)))
     recipes = RECIPES[args.format]
     print()
     width = 19 if args.latency else 13
@@ -174,6 +181,13 @@ def main() -> None:
             continue
         cells = "  ".join(f"{row[r]:>{width}}" for r in recipes)
         print(f"{name:<11} {row['kib']:>6.0f}  {cells}  {row.get('prune', '')}".rstrip())
+    if args.auto:
+        print(f"\n--auto --max-drop 1 --goal {args.auto} (the 64 inputs as calibration, training and evaluation data):")
+        for name, row in rows:
+            if "auto" in row:
+                print(f"  {name:<11} {row['auto']}")
+            for candidate, verdict in row.get("auto_failed", {}).items():
+                print(f"      {candidate}: {verdict[:200]}")
     notes = [(name, r, row["notes"][r]) for name, row in rows for r in row.get("notes", {})]
     if notes:
         print("\nwhy not:")
@@ -234,7 +248,7 @@ def recipe_cells(original, model_format: str, dataset, work: Path, row: dict, la
 
 
 def run_onnx(name: str, cls, config, kind: str, work: Path, torch, recover: int = 0,
-             exporter: str = "torchscript", latency_runs: int = 0) -> dict:
+             exporter: str = "torchscript", latency_runs: int = 0, auto: str | None = None) -> dict:
     import onnx
 
     from host_tools.compress import Dataset, ModelFile
@@ -267,6 +281,8 @@ def run_onnx(name: str, cls, config, kind: str, work: Path, torch, recover: int 
     heads = sum(any(p.block > 1 for p in g.producers) for g in plan.groups)
     prune_cell(original, "onnx-prune-channels", dataset, work, row, layers, layers + len(plan.skipped), heads,
                recover)
+    if auto:
+        auto_cell(original, dataset, work, row, auto)
     return row
 
 
@@ -307,8 +323,23 @@ def prune_cell(original, pass_name: str, dataset, work: Path, row: dict, layers:
             row["prune"] += f", top-1 {before.agreement:.0%} -> {after.agreement:.0%}"
 
 
+def auto_cell(original, dataset, work: Path, row: dict, goal: str) -> None:
+    """--auto --max-drop 1 --goal *goal*: what it chose (or why nothing), and the candidates that failed."""
+    from host_tools.compress.auto import search
+    from host_tools.compress.workflow import quality_drop
+
+    report = search(original, eval_data=dataset, calib=dataset, max_drop=1.0, goal=goal, workdir=work / "auto",
+                    latency_runs=20)
+    chosen = report.chosen
+    row["auto"] = (f"{chosen.label}: {chosen.size_bytes / report.original.size_bytes:.2f}x the file, "
+                   f"drop {quality_drop(report.original, chosen):+.2f}" if chosen else
+                   f"nothing: {report.auto.why_none}")
+    row["auto_failed"] = {name: verdict for name, verdict in report.auto.verdicts.items()
+                          if verdict.startswith("failed")}
+
+
 def run_tflite(name: str, cls, config, kind: str, work: Path, torch, recover: int = 0,
-               latency_runs: int = 0) -> dict:
+               latency_runs: int = 0, auto: str | None = None) -> dict:
     """Converted with litert-torch at batch 1 (TFLite's shapes are fixed); token ids become int32."""
     from host_tools.compress import Dataset, ModelFile
 
@@ -338,6 +369,8 @@ def run_tflite(name: str, cls, config, kind: str, work: Path, torch, recover: in
     layers = len({r.layer for r in plan.regions})  # (a layer SLICEs split is walked once per part)
     prune_cell(original, "tflite-prune-channels", dataset, work, row, layers, layers + len(plan.skipped), heads,
                recover)
+    if auto:
+        auto_cell(original, dataset, work, row, auto)
     return row
 
 
