@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from device_agent.errors import ConfigError, NotApplicable
+from device_agent.errors import ConfigError, ModelError, NotApplicable
 from host_tools.compress import evaluate
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
@@ -183,14 +183,18 @@ def nonfinite_nodes(path: Path, feeds, tmp: Path) -> list[str]:
                 listed.add(name)
     probe = tmp / "every_value.onnx"
     onnx.save(proto, str(probe), save_as_external_data=proto.ByteSize() > 2**31 - 2**20)
-    runtime = ModelFile(probe, "onnx").load(threads=1)
     infinite: set[str] = set()
-    for batch in feeds.batches(8):  # (every value of a batch is held at once)
-        for name, value in runtime.run(batch).items():
-            if name not in infinite and isinstance(value, np.ndarray) and value.dtype.kind == "f" \
-                    and not np.isfinite(value).all():
-                infinite.add(name)
-    probe.unlink()
+    try:
+        runtime = ModelFile(probe, "onnx").load(threads=1)
+        for batch in feeds.batches(8):  # (every value of a batch is held at once)
+            for name, value in runtime.run(batch).items():
+                if name not in infinite and isinstance(value, np.ndarray) and value.dtype.kind == "f" \
+                        and not np.isfinite(value).all():
+                    infinite.add(name)
+    except ModelError:  # a value ORT will not hand out: the model is quantized as it would have been
+        return []
+    finally:
+        probe.unlink()
     return [node.name for node in graph.node if node.name and node.op_type != "Constant"
             and infinite.intersection([*node.input, *node.output])]
 
