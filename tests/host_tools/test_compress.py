@@ -170,6 +170,42 @@ def test_each_calibration_method_keeps_the_digits_accuracy(digits, method, tmp_p
     assert report.result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.015
 
 
+def test_entropy_calibration_finds_onnx_runtimes_thresholds():
+    """entropy_threshold is ONNX Runtime's search (HistogramCollector.get_entropy_threshold) done with
+    NumPy: the same thresholds on its own histograms of 2,048 bins."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from host_tools.compress.onnx.quantize import ENTROPY_BINS, entropy_threshold
+
+    rng = np.random.default_rng(3)
+    for values in (rng.standard_normal(4000), np.abs(rng.standard_normal(4000)),  # a Relu's output
+                   np.concatenate([rng.standard_normal(4000), [60.0]]), rng.standard_t(2, 8000),  # outliers
+                   np.full(50, 2.0)):
+        ort = HistogramCollector("entropy", False, ENTROPY_BINS, 128, 99.999, "same")
+        ort.collect({"t": [values.astype(np.float32)]})
+        histogram = ort.histogram_dict["t"]
+        assert [float(v) for v in entropy_threshold(histogram, 128)] == \
+            [float(v) for v in ort.get_entropy_threshold(histogram, 128)]
+
+
+def test_entropy_calibration_clips_what_minmax_keeps(digits, tmp_path):
+    """ONNX Runtime's quantize_static gives its entropy calibrator 128 bins, which leaves one threshold,
+    the whole range: method=entropy wrote the MinMax file. With 2,048 it chooses, and some activation
+    ranges come out narrower than the values seen, none wider."""
+    def scales(method):
+        report = run_recipe(digits, steps([("onnx-static", {"method": method})]), calib=CALIB, eval_data=HELDOUT,
+                            latency_runs=5, workdir=tmp_path / method)
+        assert report.result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.015
+        graph = onnx.load(str(report.result.model.path)).graph
+        values = {i.name: float(onnx.numpy_helper.to_array(i)) for i in graph.initializer if not i.dims}
+        return {n.input[0]: values[n.input[1]] for n in graph.node if n.op_type == "QuantizeLinear"}
+
+    minmax, entropy = scales("minmax"), scales("entropy")
+    assert minmax.keys() == entropy.keys()
+    assert all(entropy[t] <= minmax[t] * (1 + 1e-6) for t in minmax)
+    assert any(entropy[t] < minmax[t] * 0.99 for t in minmax)
+
+
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
 def test_a_causal_attention_mask_stays_float_and_every_calibration_method_runs(method, tmp_path):
     """GPT-2, Llama and Qwen2 as exported add a mask of -inf to the attention scores. int8 has no
