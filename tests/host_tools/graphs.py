@@ -129,29 +129,62 @@ def sliced_position_table(path: Path, dim: int = 16, positions: int = 32, classe
     return save(graph, path)
 
 
+def _projections(rng, dim: int) -> list:
+    """An attention layer's query, key, value and output weights (wq, wk, wv, wo), [dim, dim] each."""
+    return [numpy_helper.from_array((rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32), name)
+            for name in ("wq", "wk", "wv", "wo")]
+
+
+def _token_positions(row: str, column: str) -> tuple[list, list]:
+    """Initializers and nodes that number the tokens of x [batch, tokens, dim] at run time, as a row
+    [1, tokens] named *row* and a column [tokens, 1] named *column*."""
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array(0, np.int64), "start"),
+             numpy_helper.from_array(np.array(1, np.int64), "step")]
+    nodes = [helper.make_node("Shape", ["x"], ["x_shape"]),
+             helper.make_node("Gather", ["x_shape", "one"], ["t1"], name="token_count"),
+             helper.make_node("Squeeze", ["t1", "zero"], ["t"]),
+             helper.make_node("Range", ["start", "t", "step"], ["pos"]),
+             helper.make_node("Unsqueeze", ["pos", "zero"], [row]),
+             helper.make_node("Unsqueeze", ["pos", "one"], [column])]
+    return inits, nodes
+
+
+def _attention(path: Path, name: str, before: list, on_scores: list, inits: list, dim: int) -> Path:
+    """One attention layer over x [batch, tokens, dim] (weights from _projections): the nodes *before*,
+    Q, K, V and the scores Q K^T, the nodes *on_scores* (from "scores" to what the Softmax reads: the
+    last one's output), Softmax (named softmax), the mix of V and the output projection, y."""
+    nodes = [*before,
+             helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
+             helper.make_node("MatMul", ["x", "wv"], ["v"], name="v"),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
+             *on_scores,
+             helper.make_node("Softmax", [on_scores[-1].output[0]], ["weights"], axis=-1, name="softmax"),
+             helper.make_node("MatMul", ["weights", "v"], ["mixed"], name="mix"),
+             helper.make_node("MatMul", ["mixed", "wo"], ["y"], name="out")]
+    graph = helper.make_graph(
+        nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "tokens", dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "tokens", dim])], inits)
+    return save(graph, path)
+
+
 def relative_position_attention(path: Path, dim: int = 16, buckets: int = 8) -> Path:
     """One attention layer with T5's relative-position bias: the bucket of each token pair comes
     from float arithmetic on integer distances (Cast, Div, Log, Mul, Cast back to int64, then
     Where/Min) and indexes a bias table. Log(0) on the diagonal is -inf, which Where discards."""
     rng = np.random.default_rng(6)
-    inits = [numpy_helper.from_array((rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32), name)
-             for name in ("wq", "wk", "wv", "wo")]
+    position_inits, position_nodes = _token_positions("pos_row", "pos_col")
+    inits = _projections(rng, dim) + position_inits
     inits += [numpy_helper.from_array(rng.standard_normal(buckets).astype(np.float32), "bias_table"),
-              numpy_helper.from_array(np.array([0], np.int64), "zero"),
-              numpy_helper.from_array(np.array([1], np.int64), "one"),
-              numpy_helper.from_array(np.array(0, np.int64), "start"),
-              numpy_helper.from_array(np.array(1, np.int64), "step"),
               numpy_helper.from_array(np.array(2, np.int64), "exact"),
               numpy_helper.from_array(np.array(buckets - 1, np.int64), "last"),
               numpy_helper.from_array(np.array(2.0, np.float32), "exact_f"),
               numpy_helper.from_array(np.array(3.0, np.float32), "per_log")]
     nodes = [
-        helper.make_node("Shape", ["x"], ["x_shape"]),
-        helper.make_node("Gather", ["x_shape", "one"], ["t1"], name="token_count"),
-        helper.make_node("Squeeze", ["t1", "zero"], ["t"]),
-        helper.make_node("Range", ["start", "t", "step"], ["pos"]),
-        helper.make_node("Unsqueeze", ["pos", "zero"], ["pos_row"]),
-        helper.make_node("Unsqueeze", ["pos", "one"], ["pos_col"]),
+        *position_nodes,
         helper.make_node("Sub", ["pos_row", "pos_col"], ["rel"]),
         helper.make_node("Abs", ["rel"], ["dist"]),
         helper.make_node("Cast", ["dist"], ["dist_f"], to=TensorProto.FLOAT),
@@ -164,60 +197,28 @@ def relative_position_attention(path: Path, dim: int = 16, buckets: int = 8) -> 
         helper.make_node("Less", ["dist", "exact"], ["near"]),
         helper.make_node("Where", ["near", "dist", "far_capped"], ["bucket"]),
         helper.make_node("Gather", ["bias_table", "bucket"], ["rel_bias"], name="bias_lookup"),
-        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
-        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
-        helper.make_node("MatMul", ["x", "wv"], ["v"], name="v"),
-        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
-        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
-        helper.make_node("Add", ["scores", "rel_bias"], ["biased"], name="add_bias"),
-        helper.make_node("Softmax", ["biased"], ["weights"], axis=-1),
-        helper.make_node("MatMul", ["weights", "v"], ["mixed"], name="mix"),
-        helper.make_node("MatMul", ["mixed", "wo"], ["y"], name="out"),
     ]
-    graph = helper.make_graph(
-        nodes, "relative", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "tokens", dim])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "tokens", dim])], inits)
-    return save(graph, path)
+    return _attention(path, "relative", nodes, [helper.make_node("Add", ["scores", "rel_bias"], ["biased"],
+                                                                 name="add_bias")], inits, dim)
 
 
 def causal_attention(path: Path, dim: int = 16) -> Path:
     """One attention layer with a causal mask as GPT-2, Llama and Qwen2 export it: a Where between a
     Constant -inf and 0 over the token pairs (-inf where a token would look ahead), added to the
     scores before Softmax."""
-    rng = np.random.default_rng(8)
-    inits = [numpy_helper.from_array((rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32), name)
-             for name in ("wq", "wk", "wv", "wo")]
-    inits += [numpy_helper.from_array(np.array([0], np.int64), "zero"),
-              numpy_helper.from_array(np.array([1], np.int64), "one"),
-              numpy_helper.from_array(np.array(0, np.int64), "start"),
-              numpy_helper.from_array(np.array(1, np.int64), "step"),
-              numpy_helper.from_array(np.array(dim ** -0.5, np.float32), "scale")]
+    position_inits, position_nodes = _token_positions("key_pos", "query_pos")
+    inits = _projections(np.random.default_rng(8), dim) + position_inits
+    inits.append(numpy_helper.from_array(np.array(dim ** -0.5, np.float32), "scale"))
     nodes = [
-        helper.make_node("Shape", ["x"], ["x_shape"]),
-        helper.make_node("Gather", ["x_shape", "one"], ["t1"], name="token_count"),
-        helper.make_node("Squeeze", ["t1", "zero"], ["t"]),
-        helper.make_node("Range", ["start", "t", "step"], ["pos"]),
-        helper.make_node("Unsqueeze", ["pos", "zero"], ["key_pos"]),
-        helper.make_node("Unsqueeze", ["pos", "one"], ["query_pos"]),
+        *position_nodes,
         helper.make_node("Greater", ["key_pos", "query_pos"], ["ahead"]),
         _const("minus_inf", np.array(-np.inf, np.float32)),
         _const("no_mask", np.array(0.0, np.float32)),
         helper.make_node("Where", ["ahead", "minus_inf", "no_mask"], ["mask"], name="causal_mask"),
-        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
-        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
-        helper.make_node("MatMul", ["x", "wv"], ["v"], name="v"),
-        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
-        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
-        helper.make_node("Mul", ["scores", "scale"], ["scaled"], name="scale_scores"),
-        helper.make_node("Add", ["scaled", "mask"], ["masked"], name="add_mask"),
-        helper.make_node("Softmax", ["masked"], ["weights"], axis=-1, name="softmax"),
-        helper.make_node("MatMul", ["weights", "v"], ["mixed"], name="mix"),
-        helper.make_node("MatMul", ["mixed", "wo"], ["y"], name="out"),
     ]
-    graph = helper.make_graph(
-        nodes, "causal", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "tokens", dim])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "tokens", dim])], inits)
-    return save(graph, path)
+    on_scores = [helper.make_node("Mul", ["scores", "scale"], ["scaled"], name="scale_scores"),
+                 helper.make_node("Add", ["scaled", "mask"], ["masked"], name="add_mask")]
+    return _attention(path, "causal", nodes, on_scores, inits, dim)
 
 
 def gemm_mlp(path: Path, features: int = 64, hidden: int = 128, classes: int = 8) -> Path:
