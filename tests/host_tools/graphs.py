@@ -202,17 +202,17 @@ def relative_position_attention(path: Path, dim: int = 16, buckets: int = 8) -> 
                                                                  name="add_bias")], inits, dim)
 
 
-def causal_attention(path: Path, dim: int = 16) -> Path:
+def causal_attention(path: Path, dim: int = 16, hidden: float = -np.inf) -> Path:
     """One attention layer with a causal mask as GPT-2, Llama and Qwen2 export it: a Where between a
-    Constant -inf and 0 over the token pairs (-inf where a token would look ahead), added to the
-    scores before Softmax."""
+    Constant *hidden* and 0 over the token pairs (*hidden* where a token would look ahead), added to
+    the scores before Softmax. The TorchScript exporter writes -inf; torch.export float32's lowest."""
     position_inits, position_nodes = _token_positions("key_pos", "query_pos")
     inits = _projections(np.random.default_rng(8), dim) + position_inits
     inits.append(numpy_helper.from_array(np.array(dim ** -0.5, np.float32), "scale"))
     nodes = [
         *position_nodes,
         helper.make_node("Greater", ["key_pos", "query_pos"], ["ahead"]),
-        _const("minus_inf", np.array(-np.inf, np.float32)),
+        _const("minus_inf", np.array(hidden, np.float32)),
         _const("no_mask", np.array(0.0, np.float32)),
         helper.make_node("Where", ["ahead", "minus_inf", "no_mask"], ["mask"], name="causal_mask"),
     ]

@@ -111,10 +111,10 @@ class OnnxStaticInt8(Pass):
                 progress(f"      left in float: {len(indices)} node(s) computing indices (their results go to a "
                          "Cast to an integer type)")
                 exclude += indices
-            infinite = [n for n in nonfinite_nodes(model.path, feeds, Path(tmp)) if n not in exclude]
+            infinite = [n for n in unbounded_nodes(model.path, feeds, Path(tmp)) if n not in exclude]
             if infinite:
                 progress(f"      left in float: {len(infinite)} node(s) writing or reading infinite values "
-                         "(an attention mask's -inf, a Log of 0)")
+                         "(an attention mask's -inf or -3.4e38, a Log of 0)")
                 exclude += infinite
             if config.auto_exclude > 0:
                 ranked = sensitivity(model, config, feeds, [n for n, _ in candidates if n not in exclude],
@@ -165,12 +165,18 @@ def _ort_copy_names(name: str, readers: int, initializers: list[str]) -> list[st
     return [f"{name}{first + k}" for k in range(readers - 1)]
 
 
-def nonfinite_nodes(path: Path, feeds, tmp: Path) -> list[str]:
-    """Names of the nodes that write or read a float tensor holding ±inf or NaN on the calibration
-    inputs: a causal attention mask (-inf where a token may not look, added to the scores before
-    Softmax), a Log of 0. int8 has no infinity — calibrated, such a tensor's range is infinite and
-    its scale garbage — and ORT's entropy and percentile calibrators stop on it ("supplied range of
-    [-inf, inf] is not finite"); these nodes stay float."""
+# Beyond this a float value is a stand-in for infinity (torch.export writes a causal mask with float32's
+# lowest, -3.4e38), never an activation: no int8 scale can hold it, and a histogram of it overflows.
+UNBOUNDED = 1e30
+
+
+def unbounded_nodes(path: Path, feeds, tmp: Path) -> list[str]:
+    """Names of the nodes that write or read a float tensor holding ±inf, NaN or a value beyond
+    UNBOUNDED on the calibration inputs: a causal attention mask (-inf, or -3.4e38, where a token may
+    not look, added to the scores before Softmax), a Log of 0. int8 has no infinity — calibrated, such
+    a tensor's range is infinite or vast and its scale garbage — and ORT's entropy and percentile
+    calibrators stop on it ("supplied range of [-inf, inf] is not finite", "Too many bins for data
+    range"); these nodes stay float."""
     import onnx
 
     proto = onnx.load(str(path))
@@ -189,7 +195,7 @@ def nonfinite_nodes(path: Path, feeds, tmp: Path) -> list[str]:
         for batch in feeds.batches(8):  # (every value of a batch is held at once)
             for name, value in runtime.run(batch).items():
                 if name not in infinite and isinstance(value, np.ndarray) and value.dtype.kind == "f" \
-                        and not np.isfinite(value).all():
+                        and not (np.abs(value) < UNBOUNDED).all():  # (NaN too)
                     infinite.add(name)
     except ModelError:  # a value ORT will not hand out: the model is quantized as it would have been
         return []
@@ -260,15 +266,15 @@ def _calibrate_histograms(source: Path, cache: Path, config, feeds) -> None:
 
 
 def _histograms(calibrator):
-    """ONNX Runtime's histogram collector for *calibrator*, with two changes. Values ±inf and NaN are
-    counted as 0: it stops on an infinite value otherwise ("supplied range of [-inf, inf] is not
-    finite"), though the nodes around it stay float (nonfinite_nodes) and its range is never used.
-    And its entropy threshold search is entropy_threshold's."""
+    """ONNX Runtime's histogram collector for *calibrator*, with two changes. Values ±inf, NaN and
+    beyond UNBOUNDED are counted as 0: it stops on them otherwise, though the nodes around them stay
+    float (unbounded_nodes) and their ranges are never used. And its entropy threshold search is
+    entropy_threshold's."""
     from onnxruntime.quantization.calibrate import HistogramCollector
 
     class Histograms(HistogramCollector):
         def collect(self, name_to_arr):
-            return super().collect({name: [np.asarray(np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0))
+            return super().collect({name: [np.where(np.abs(a) < UNBOUNDED, a, np.zeros((), np.asarray(a).dtype))
                                            for a in arrays] for name, arrays in name_to_arr.items()})
 
         def get_entropy_threshold(self, histogram, num_quantized_bins):
