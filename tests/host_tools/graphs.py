@@ -212,9 +212,9 @@ def causal_attention(path: Path, dim: int = 16, hidden: float = -np.inf) -> Path
     nodes = [
         *position_nodes,
         helper.make_node("Greater", ["key_pos", "query_pos"], ["ahead"]),
-        _const("minus_inf", np.array(hidden, np.float32)),
+        _const("hidden", np.array(hidden, np.float32)),
         _const("no_mask", np.array(0.0, np.float32)),
-        helper.make_node("Where", ["ahead", "minus_inf", "no_mask"], ["mask"], name="causal_mask"),
+        helper.make_node("Where", ["ahead", "hidden", "no_mask"], ["mask"], name="causal_mask"),
     ]
     on_scores = [helper.make_node("Mul", ["scores", "scale"], ["scaled"], name="scale_scores"),
                  helper.make_node("Add", ["scaled", "mask"], ["masked"], name="add_mask")]
