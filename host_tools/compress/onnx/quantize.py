@@ -192,7 +192,7 @@ def unbounded_nodes(path: Path, feeds, tmp: Path) -> list[str]:
     infinite: set[str] = set()
     try:
         runtime = ModelFile(probe, "onnx").load(threads=1)
-        for batch in feeds.batches(8):  # (every value of a batch is held at once)
+        for batch in feeds.batches(1):  # (every value of a call is held at once: one sample's at a time)
             for name, value in runtime.run(batch).items():
                 if name not in infinite and isinstance(value, np.ndarray) and value.dtype.kind == "f" \
                         and not (np.abs(value) < UNBOUNDED).all():  # (NaN too)
