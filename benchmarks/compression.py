@@ -127,8 +127,7 @@ def bench_model(path: Path, workdir: Path, runs: int) -> dict:
         rows.append((label, report.chosen if report.chosen else
                      Measured(label, model, "none", report.auto.why_none)))
         # a candidate that fails is a verdict --auto goes on from; printed, so that it is seen
-        failed.update((name, verdict) for name, verdict in report.auto.verdicts.items()
-                      if verdict.startswith("failed"))
+        failed.update(report.auto.failures())
 
     timed = [m for _, m in rows if m.status == "ok"]
     say(f"timing {len(timed) + 1} models: {runs} single-sample runs each"

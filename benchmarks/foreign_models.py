@@ -334,8 +334,7 @@ def auto_cell(original, dataset, work: Path, row: dict, goal: str) -> None:
     row["auto"] = (f"{chosen.label}: {chosen.size_bytes / report.original.size_bytes:.2f}x the file, "
                    f"drop {quality_drop(report.original, chosen):+.2f}" if chosen else
                    f"nothing: {report.auto.why_none}")
-    row["auto_failed"] = {name: verdict for name, verdict in report.auto.verdicts.items()
-                          if verdict.startswith("failed")}
+    row["auto_failed"] = report.auto.failures()
 
 
 def run_tflite(name: str, cls, config, kind: str, work: Path, torch, recover: int = 0,

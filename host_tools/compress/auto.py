@@ -147,6 +147,11 @@ class AutoOutcome:
         return {"max_drop_points": self.max_drop, "goal": self.goal, "chosen": self.chosen,
                 "verdicts": self.verdicts, "none_qualified": self.why_none}
 
+    def failures(self) -> dict[str, str]:
+        """The candidates that failed (a pass raised, or the result did not run), with their verdicts:
+        --auto goes on from them, so they show only here."""
+        return {name: verdict for name, verdict in self.verdicts.items() if verdict.startswith("failed")}
+
 
 def search(model: ModelFile, *, eval_data: str | Dataset, max_drop: float, goal: str = "size",
            calib: str | Dataset | None = None, train: str | Dataset | None = None,

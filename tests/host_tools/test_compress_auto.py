@@ -34,6 +34,7 @@ def test_auto_keeps_the_smallest_within_the_tolerance_and_says_why_for_every_can
     # plain static int8 was within tolerance, so the costlier fall-backs were not tried
     assert auto.verdicts["static int8, 1 sensitive node in float"].startswith("not tried")
     assert "no MatMul" in auto.verdicts["int4 MatMul weights"]
+    assert auto.failures() == {}  # (a candidate that raised would show only among the verdicts)
     doc = report.to_dict()
     assert doc["auto"]["chosen"] == chosen.label
     ladder_steps = next(c.steps for c in ladder(digits) if c.name == chosen.label)
