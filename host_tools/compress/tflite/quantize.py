@@ -56,7 +56,9 @@ class _LiteRtPass(Pass):
     extra = "litert"
     tag = ""
 
-    def configure(self, quantizer, config, model: ModelFile) -> None:
+    def configure(self, quantizer, config, data: bytes) -> None:
+        """Tell *quantizer* what to quantize; *data* is the model it quantizes (its tensor names as it
+        sees them)."""
         raise NotImplementedError
 
     def calibration(self, quantizer, model: ModelFile, config):
@@ -70,14 +72,15 @@ class _LiteRtPass(Pass):
             done = _quantized_already(model.path)
             if done:  # (litert-quantizer fails on such a model with an AttributeError of its own)
                 raise NotApplicable(f"{model.path.name}'s weights are {done} already: compress the float model")
-            source = model.path
-            if flatbuffer.has_duplicate_names(source.read_bytes()):  # (litert-quantizer refuses such a model)
+            source, data = model.path, model.path.read_bytes()
+            if flatbuffer.has_duplicate_names(data):  # (litert-quantizer refuses such a model)
                 tree, outside = flatbuffer.read(source)
                 flatbuffer.unique_names(tree)
                 source = Path(workdir) / f"{model.path.stem}.named.tflite"
                 flatbuffer.write(tree, outside, source)
+                data = source.read_bytes()
             quantizer = lq.Quantizer(str(source))
-            self.configure(quantizer, config, ModelFile(source, "tflite"))
+            self.configure(quantizer, config, data)
             result = quantizer.quantize(self.calibration(quantizer, model, config))
             if result.quantized_model is None:
                 raise NotApplicable(f"{model.path.name}: litert-quantizer found nothing to quantize")
@@ -109,7 +112,7 @@ class TfliteDynamicInt8(_LiteRtPass):
         def __post_init__(self) -> None:  # (see PassConfig)
             _op_type_fields(self, ("weight_only",))
 
-    def configure(self, quantizer, config, model):
+    def configure(self, quantizer, config, data):
         from litert_quantizer.qtyping import QuantGranularity, TFLOperationName
 
         quantizer.add_dynamic_config(regex=config.layers, operation_name=TFLOperationName.ALL_SUPPORTED, num_bits=8)
@@ -136,7 +139,7 @@ class TfliteWeightOnlyInt8(_LiteRtPass):
             if self.bits not in (4, 8):
                 raise ValueError(f"bits must be 8 or 4, not {self.bits}")
 
-    def configure(self, quantizer, config, model):
+    def configure(self, quantizer, config, data):
         from litert_quantizer.qtyping import TFLOperationName
 
         quantizer.add_weight_only_config(regex=config.layers, operation_name=TFLOperationName.ALL_SUPPORTED,
@@ -195,7 +198,7 @@ class TfliteFullInt8(_LiteRtPass):
                 flatbuffer.write(tree, outside, result.path)
         return result
 
-    def configure(self, quantizer, config, model):
+    def configure(self, quantizer, config, data):
         from litert_quantizer.qtyping import TFLOperationName
 
         if config.calibration is None:
@@ -204,8 +207,7 @@ class TfliteFullInt8(_LiteRtPass):
             quantizer.add_static_config(regex=config.layers, operation_name=TFLOperationName[op],
                                         activation_num_bits=config.activation_bits, weight_num_bits=8)
         joins = (*config.joining, *config.between)
-        scope = joins and joining_scope(model.path.read_bytes(), config.ops, config.joining, config.layers,
-                                        config.between)
+        scope = joins and joining_scope(data, config.ops, config.joining, config.layers, config.between)
         for op in joins if scope else ():
             quantizer.add_static_config(regex=scope, operation_name=TFLOperationName[op],
                                         activation_num_bits=config.activation_bits, weight_num_bits=8)
@@ -365,7 +367,7 @@ class TfliteFp16(_LiteRtPass):
     summary = "float16 weights"
     Config = LayersConfig
 
-    def configure(self, quantizer, config, model):
+    def configure(self, quantizer, config, data):
         from litert_quantizer.algorithm_manager import AlgorithmName
         from litert_quantizer.qtyping import TFLOperationName
 
