@@ -12,6 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
+from device_agent.arrays import read_npz
 from device_agent.bundle.manifest import Manifest
 from device_agent.errors import UNREADABLE_ARRAYS, HealthCheckError, ModelError
 from device_agent.runtime import ModelRuntime
@@ -27,8 +28,7 @@ def save_sample(path: Path, inputs: Mapping[str, np.ndarray], outputs: Mapping[s
 
 def load_sample(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+        arrays = read_npz(path)
     except UNREADABLE_ARRAYS as exc:
         raise ModelError(f"cannot read sample file {Path(path).name}: {exc}") from None
     inputs = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("input.")}

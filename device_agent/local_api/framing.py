@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from device_agent.arrays import read_npy, read_npz
 from device_agent.errors import UNREADABLE_ARRAYS, ProtocolError
 
 MAX_FRAME = 256 * 1024 * 1024
@@ -162,10 +163,9 @@ def decode_arrays(kind: bytes, payload: bytes) -> dict[str, Any]:
         return decode_raw(payload)
     try:
         if kind == NPY:
-            return {"": np.load(io.BytesIO(payload), allow_pickle=False)}
+            return {"": read_npy(payload)}
         if kind == NPZ:
-            with np.load(io.BytesIO(payload), allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
+            return read_npz(payload)
         if kind == JSON:
             doc = json.loads(payload)
             if not isinstance(doc, dict):

@@ -44,8 +44,7 @@ def bundle() -> None:
 @fail_cleanly
 def bundle_build(model, name, version, key, out, sample, atol, latency_budget_ms, release, expires_in_days,
                  arch, min_ram_mb, accelerator, compression_report, as_json) -> None:
-    import numpy as np
-
+    from device_agent.arrays import read_npz
     from host_tools.packaging import build_bundle
 
     out = out or Path(f"{name}-{version}.efb")
@@ -54,8 +53,7 @@ def bundle_build(model, name, version, key, out, sample, atol, latency_budget_ms
     feeds = None
     if sample is not None:
         try:
-            with np.load(sample, allow_pickle=False) as data:
-                feeds = {k: data[k] for k in data.files}
+            feeds = read_npz(sample)
         except UNREADABLE_ARRAYS as exc:
             raise ConfigError(f"cannot read sample file {sample}: {exc}") from None
     provenance = _read_report(compression_report) if compression_report else None

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from device_agent.arrays import read_npy, read_npz
 from device_agent.errors import UNREADABLE_ARRAYS, ConfigError
 
 LABEL_NAMES = ("y", "labels")
@@ -133,15 +134,14 @@ def load_dataset(source: str | Path | Dataset) -> Dataset:
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        return read_npz(path)
     except UNREADABLE_ARRAYS as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
 
 
 def _read_npy(path: Path) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        return read_npy(path)
     except UNREADABLE_ARRAYS as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
 

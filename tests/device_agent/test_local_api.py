@@ -191,6 +191,8 @@ def test_http_serves_the_model_description_and_json_and_npz_inference(http_api, 
     (b'{"inputs": {"pixels": [1]}}', "application/json", 400, "missing input(s) image"),
     (b"not json", "application/json", 400, "cannot decode"),
     (b"PK\x03\x04cut short", "application/x-npz", 400, "cannot decode the 'z' payload: File is not a zip file"),
+    (b"\x80\x04 not npz", "application/x-npz", 400, "cannot decode the 'z' payload: not a NumPy .npz archive"),
+    (b"\x80\x04 not npy", "application/x-npy", 400, "not a NumPy .npy file"),
 ])
 def test_http_bad_requests_get_a_status_and_one_clear_message(http_api, body, content_type, status, message):
     import json

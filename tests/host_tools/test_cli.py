@@ -87,6 +87,14 @@ def test_a_sample_the_model_answers_with_nan_is_refused_before_a_bundle_exists(t
     assert not (tmp_path / "m.efb").exists()
 
 
+def test_a_sample_file_that_is_not_an_npz_is_one_line(tmp_path, keys, reference_model):
+    (tmp_path / "sample.npz").write_bytes(bytes(range(256)))  # NumPy alone would call it pickled data
+    result = edgefleet("bundle", "build", reference_model, "--name", "m", "--version", "1.0.0", "--key", keys["key"],
+                       "--sample", tmp_path / "sample.npz", "-o", tmp_path / "m.efb")
+    assert_one_line_error(result, f"cannot read sample file {tmp_path / 'sample.npz'}: not a NumPy .npz archive")
+    assert not (tmp_path / "m.efb").exists()
+
+
 def test_fleet_status_without_a_database(tmp_path):
     assert_one_line_error(edgefleet("fleet", "status", "--db", tmp_path / "none.db"), "edgefleet monitor")
 

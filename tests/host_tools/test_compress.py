@@ -557,8 +557,12 @@ def _batches_folder(parent: Path) -> Path:
 
 @pytest.mark.parametrize("make, message", [
     (lambda p: p / "missing.npz", "does not exist"),
-    (lambda p: (p / "bad.npz").write_bytes(b"nope") and p / "bad.npz", "cannot read"),
-    (lambda p: (p / "empty.npz").touch() or p / "empty.npz", "cannot read .*empty.npz: No data left"),
+    (lambda p: (p / "bad.npz").write_bytes(b"nope") and p / "bad.npz", "cannot read .*bad.npz: not a NumPy .npz"),
+    (lambda p: (p / "empty.npz").touch() or p / "empty.npz", "cannot read .*empty.npz: not a NumPy .npz archive$"),
+    # bytes that are neither zip nor .npy: NumPy takes them for a pickle, and would say so
+    (lambda p: (p / "noise.npz").write_bytes(bytes(range(256)) * 4) and p / "noise.npz", "not a NumPy .npz archive$"),
+    (lambda p: (p / "f").mkdir() or (p / "f" / "a.npy").write_bytes(b"\x80\x04junk") and p / "f",
+     "cannot read .*a.npy: not a NumPy .npy file$"),
     (lambda p: (p / "cut.npz").write_bytes((MODELS / "digits_calib.npz").read_bytes()[:100]) and p / "cut.npz",
      "cannot read .*cut.npz: File is not a zip file"),
     (lambda p: (p / "odd.txt").write_text("x") and p / "odd.txt", "must be an .npz"),
