@@ -6,6 +6,7 @@ import faulthandler
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from concurrent.futures import Future
@@ -22,6 +23,7 @@ from device_agent.local_api import LocalApi
 from device_agent.local_api import framing
 from device_agent.local_api.http import HttpApi
 from device_agent.mqtt import MqttClient, Will
+from device_agent.presence import Presence, describe, holder_of
 from device_agent.protocol import topics
 from device_agent.protocol.commands import (
     BenchCommand, ConfigCommand, DeployCommand, Reply, RollbackCommand, StatusRequest, TrustCommand, command_id_of,
@@ -75,6 +77,10 @@ class Agent:
                                  will=Will(topics.status(config.device_id), offline.to_payload()),
                                  clean_session=False, tls=config.tls,
                                  reconnect_max_delay=config.reconnect_max_delay)
+        # One live agent per device id (a cloned SD card has two): see device_agent/presence.py.
+        self.presence = Presence(self.client, topics.presence(config.device_id), f"device id {config.device_id}",
+                                 on_displaced=self._displaced)
+        self.held_by: dict[str, Any] | None = None  # the other agent holding our device id, while one does
         self.machine = UpdateMachine(UpdateContext(config, self.client, self._chunks, self.store, self.slot,
                                                    self.keys, self._emit, check))
         self._servers: list[LocalApi | HttpApi] = []
@@ -128,7 +134,7 @@ class Agent:
             self._restore_active()
         # After the model is back, so the first status announces it; in the background, so the
         # local API serves even while the broker is away.
-        self.client.connect_in_background()
+        threading.Thread(target=self._join_broker, name="join-broker", daemon=True).start()
         for server in self._servers:
             port = server.start()
             if isinstance(server, HttpApi):
@@ -141,6 +147,37 @@ class Agent:
         for t in threads:
             t.start()
 
+    def _join_broker(self) -> None:
+        """Connect under the device id unless another live agent holds it; while one does, stay off
+        the broker (the local API serves on) and ask again every reconnect_max_delay seconds."""
+        while not self._stop.is_set():
+            try:
+                holder = holder_of(self.config.broker, topics.presence(self.config.device_id),
+                                   me=self.presence.me, tls=self.config.tls)
+            except MqttError:
+                holder = None  # the broker is away or turns us away: connecting says why, and retries
+            if holder is None:
+                self.held_by = None
+                self.client.connect_in_background()
+                return
+            if self.held_by is None or self.held_by["instance"] != holder["instance"]:
+                log.error("device id %s is in use by another agent (%s); this agent stays off the broker and asks "
+                          "again every %g s. Two devices must not share an id: give this one its own "
+                          "(device_id in the agent's config)", self.config.device_id, describe(holder),
+                          self.config.reconnect_max_delay)
+            self.held_by = holder
+            self._stop.wait(self.config.reconnect_max_delay * random.uniform(0.8, 1.2))
+
+    def _displaced(self, holder: dict[str, Any]) -> None:
+        """Another agent with our device id, running since before us, connected while we were away."""
+        self.held_by = holder
+
+        def step_back() -> None:
+            self.client.disconnect()
+            self._join_broker()
+
+        threading.Thread(target=step_back, name="step-back", daemon=True).start()
+
     def stop(self) -> None:
         self._stop.set()
         self._work.put(None)
@@ -151,6 +188,7 @@ class Agent:
             server.stop()
         if self.client.connected:
             try:
+                self.presence.release()
                 self._publish_status(online=False)
             except MqttError as exc:  # the broker may be gone; its last will says offline for us
                 log.warning("could not announce going offline: %s", exc)
@@ -230,6 +268,7 @@ class Agent:
                                                                "bundle": record.label, "kind": record.kind,
                                                                "attempts": record.attempts},
                 "connected": self.client.connected, "pid": os.getpid(), "keys": self.keys.describe(),
+                "id_held_by": self.held_by, "id_rivals": list(self.presence.rivals),
                 **self.settings.describe(self.config)}
 
     def _local_rollback(self) -> dict[str, Any]:

@@ -4,9 +4,9 @@ and an ACL under which each device reaches only its own topics.
 Identities come from ``host_tools.certs``: the broker takes a client certificate's common name
 as the username. A device (CN = its device id) may subscribe to its own command and chunk
 topics and publish to its own status, events, telemetry and reply topics, plus chunk requests
-(which name a bundle, not a device). Host tools (CN = ``host:NAME``) may use everything under
-the protocol's root; they are listed by name, so issue a host certificate before writing the
-configuration (or write it again after).
+(which name a bundle, not a device), and use its own presence topic (device_agent/presence.py).
+Host tools (CN = ``host:NAME``) may use everything under the protocol's root; they are listed by
+name, so issue a host certificate before writing the configuration (or write it again after).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def acl_text(host_users: list[str]) -> str:
              "# Devices: a device's certificate CN is its device id, which Mosquitto substitutes for %u.",
              *(f"pattern read {topics.ROOT}/devices/%u/{leaf}" for leaf in DEVICE_READS),
              *(f"pattern write {topics.ROOT}/devices/%u/{leaf}" for leaf in DEVICE_WRITES),
+             "# Its presence topic: one live agent per device id (asked before connecting under it).",
+             f"pattern readwrite {topics.ROOT}/devices/%u/presence",
              f"pattern write {topics.ALL_CHUNK_REQUESTS}",
              "# Bundle chunks fanned out to every device fetching the bundle (any device may fetch any).",
              f"pattern read {topics.ROOT}/transfer/+/chunks/+",

@@ -8,6 +8,8 @@ Layout (protocol v1, documented in docs/protocol.md)::
     edgefleet/v1/devices/{device}/telemetry   device -> host, QoS 1
     edgefleet/v1/devices/{device}/reply       device -> host, QoS 1 (answers to status and bench)
     edgefleet/v1/devices/{device}/chunks      host -> device, QoS 1 (bundle chunks it asked for)
+    edgefleet/v1/devices/{device}/presence    the agent holding the id <-> one asking for it (presence.py)
+    edgefleet/v1/hosts/{role}/{name}/presence the same for a named host process (`edgefleet monitor --name`)
     edgefleet/v1/transfer/{sha256}/request    device -> host, QoS 1 (which chunks it lacks)
     edgefleet/v1/transfer/{sha256}/chunks/{chunk_size}
                                               host -> every device fetching it, QoS 1 (fan-out)
@@ -54,6 +56,16 @@ def reply(device_id: str) -> str:
 
 def chunks(device_id: str) -> str:
     return _device(device_id, "chunks")
+
+
+def presence(device_id: str) -> str:
+    return _device(device_id, "presence")
+
+
+def host_presence(role: str, name: str) -> str:
+    if not (valid_device_id(role) and valid_device_id(name)):
+        raise ValueError(f"invalid host process name {role}/{name}")
+    return f"{ROOT}/hosts/{role}/{name}/presence"
 
 
 def chunk_request(bundle_sha256: str) -> str:

@@ -10,6 +10,7 @@ import click
 from device_agent import __version__
 from device_agent.errors import ConfigError
 from device_agent.mqtt import BrokerAddress, MqttClient
+from device_agent.protocol import topics
 from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 DEFAULT_HOME = Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".local/share/edgefleet"))
@@ -61,14 +62,36 @@ def signed_request(broker: str, role: str, signing_key: Path, expires_in: float,
 def host_client(broker: str, role: str, *, client_id: str | None = None) -> MqttClient:
     """A connected client; with *client_id*, a persistent session under that id (messages for it
     wait at the broker while it is away), else a throwaway one."""
+    client = MqttClient(client_id=client_id or f"edgefleet-{role}-{os.getpid()}", broker=BrokerAddress.parse(broker),
+                        tls=_tls(), clean_session=client_id is None)
+    client.connect(timeout=5)
+    return client
+
+
+def named_client(broker: str, role: str, name: str, on_displaced):
+    """A connected client with a persistent session as ROLE NAME, held by one process at a time
+    (device_agent.presence): another live one already holding it is one line, not two processes
+    taking the session from each other. *on_displaced(holder)* runs if an earlier one comes back.
+    Returns the client and its device_agent.presence.Presence."""
+    from device_agent.presence import Presence, describe, holder_of
+
+    address, topic = BrokerAddress.parse(broker), topics.host_presence(role, name)
+    client = MqttClient(client_id=f"edgefleet-{role}-{name}", broker=address, tls=_tls(), clean_session=False)
+    presence = Presence(client, topic, f"{role} {name!r}", on_displaced=on_displaced)
+    holder = holder_of(address, topic, me=presence.me, tls=client.tls)
+    if holder is not None:
+        raise ConfigError(f"a {role} named {name!r} is already connected to {broker} ({describe(holder)}): "
+                          f"give this one its own --name")
+    client.connect(timeout=5)
+    return client, presence
+
+
+def _tls():
     from device_agent.mqtt import TlsFiles
 
     ctx = click.get_current_context(silent=True)
     tls = (ctx.find_root().obj or {}).get("tls") if ctx else None
-    client = MqttClient(client_id=client_id or f"edgefleet-{role}-{os.getpid()}", broker=BrokerAddress.parse(broker),
-                        tls=TlsFiles(**tls) if tls else None, clean_session=client_id is None)
-    client.connect(timeout=5)
-    return client
+    return TlsFiles(**tls) if tls else None
 
 
 # Modules of the optional extras -> the extra that installs them; a device-only install has the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import click
 
 from device_agent.cli import fail_cleanly
 from device_agent.errors import ConfigError
-from host_tools.cli.base import broker_option, db_option, host_client, json_option, main
+from host_tools.cli.base import broker_option, db_option, json_option, main, named_client
 from host_tools.terminal import console
 
 
@@ -132,6 +133,7 @@ def dashboard(db, port, address) -> None:
 def monitor(broker, db, name, share, metrics_port, metrics_address, keep_days, keep_hourly_days) -> None:
     import signal as signals
 
+    from device_agent.presence import describe
     from device_agent.protocol import topics
     from host_tools.fleet.ingest import Ingest
     from host_tools.fleet.store import FleetStore
@@ -140,9 +142,11 @@ def monitor(broker, db, name, share, metrics_port, metrics_address, keep_days, k
         if value is not None and not topics.valid_device_id(value):
             raise click.UsageError(f"{what} takes 1-64 letters, digits, '.', '_' or '-', not {value!r}")
     signals.signal(signals.SIGTERM, lambda *_: sys.exit(0))  # systemd's stop: close the database cleanly
-    store = FleetStore(db)
     # A persistent session: what devices report while the monitor restarts waits at the broker.
-    client = host_client(broker, "monitor", client_id=f"edgefleet-monitor-{name}")
+    displaced: list[dict] = []
+    stop = threading.Event()
+    client, presence = named_client(broker, "monitor", name, lambda holder: (displaced.append(holder), stop.set()))
+    store = FleetStore(db)
     ingest = Ingest(client, store, share=share)
     ingest.start()
     if metrics_port is not None:
@@ -161,10 +165,14 @@ def monitor(broker, db, name, share, metrics_port, metrics_address, keep_days, k
             if folded or dropped:
                 click.echo(f"retention: {folded} samples folded into hourly summaries, {dropped} old hours dropped",
                            err=True)
-            time.sleep(600)
+            if stop.wait(600):
+                raise ConfigError(f"a monitor named {name!r} that started earlier ({describe(displaced[0])}) "
+                                  f"connected while this one was away; this one stops: give each its own --name")
     except KeyboardInterrupt:
         pass
     finally:
+        if not displaced:
+            presence.release()
         client.disconnect()
         store.close()
         click.echo(f"stored {ingest.samples} new telemetry samples", err=True)

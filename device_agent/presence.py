@@ -1,0 +1,197 @@
+"""One live process per MQTT identity: a device id, or a named monitor.
+
+Two agents set up with one device id — a Raspberry Pi's SD card cloned, config and all, is the
+usual way — would take each other's MQTT session over: the broker closes the older connection
+when the newer one arrives, the older one reconnects a moment later and closes the newer one, and
+so on, while commands, chunks and status go to whichever holds the session that second. Here:
+
+- Before it connects under its identity, a process asks on the identity's presence topic from a
+  throwaway connection (`holder_of`), which takes nothing over. A live holder answers; the asker
+  then stays off the broker and says who holds the identity. The holder stays connected and notes
+  the asker (`Presence.rivals`).
+- While connected, the holder keeps a retained *claim* on that topic (who it is, since when). A
+  claim that is not its own, seen when it reconnects, means another process connected under its
+  identity while it was away (two that started within a second of each other, or one that asked
+  while the other was cut off). Then the one that started later steps back (`on_displaced`), the
+  other keeps the identity: an odd pair of clocks may pick the other one, but both pick the same.
+
+Messages on the topic are small JSON objects: ``{"claim": WHO}`` (retained; an empty retained
+message clears it), ``{"ask": NONCE, "from": WHO}`` and ``{"here": WHO, "to": NONCE}``, where WHO
+is ``{"instance", "host", "pid", "since"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from datetime import datetime
+from typing import Any, Callable
+
+from device_agent.errors import MqttError
+from device_agent.mqtt import BrokerAddress, MqttClient, TlsFiles
+
+log = logging.getLogger(__name__)
+
+ANSWER_WAIT = 1.0  # how long an asker waits for a holder whose claim is on record to answer
+MAX_PAYLOAD = 2048
+MAX_RIVALS = 8
+
+
+def identity() -> dict[str, Any]:
+    """This process, as it tells others: a random instance id, host name, pid, start time."""
+    return {"instance": secrets.token_hex(8), "host": socket.gethostname()[:255], "pid": os.getpid(),
+            "since": round(time.time(), 3)}
+
+
+def describe(who: dict[str, Any]) -> str:
+    since = datetime.fromtimestamp(who["since"]).isoformat(sep=" ", timespec="seconds")
+    return f"host {who['host']}, pid {who['pid']}, up since {since}"
+
+
+def _who(value: Any) -> dict[str, Any] | None:
+    """A WHO from the network, or None if it is not one."""
+    if not isinstance(value, dict):
+        return None
+    instance, host, pid, since = (value.get(k) for k in ("instance", "host", "pid", "since"))
+    if not (isinstance(instance, str) and 0 < len(instance) <= 64 and isinstance(host, str) and len(host) <= 255
+            and type(pid) is int and isinstance(since, (int, float)) and not isinstance(since, bool)):
+        return None
+    return {"instance": instance, "host": host, "pid": pid, "since": float(since)}
+
+
+def _message(payload: bytes) -> dict[str, Any] | None:
+    if not payload or len(payload) > MAX_PAYLOAD:
+        return None
+    try:
+        doc = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _encode(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _newer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether *a* started after *b*; the instance ids break a tie, so two processes always agree."""
+    return (a["since"], a["instance"]) > (b["since"], b["instance"])
+
+
+class Presence:
+    """Holds an identity on *client*: claims it on every connect, answers asks, and calls
+    *on_displaced* (on the network thread) when another process that started earlier holds it too."""
+
+    def __init__(self, client: MqttClient, topic: str, label: str, *,
+                 on_displaced: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.label = label  # what the identity is, for the log: "device id pi-01", "monitor 'default'"
+        self.me = identity()
+        self.rivals: list[dict[str, Any]] = []  # others that asked for or took this identity, newest last
+        self._client = client
+        self._topic = topic
+        self._on_displaced = on_displaced
+        self._claims = 0
+        self._lock = threading.Lock()
+        client.subscribe(topic, self._on_message, qos=1)
+        client.on_connected(self._claim)
+
+    def release(self) -> None:
+        """Clear the claim on a clean exit, so that the next process need not ask. Connected only."""
+        if self._client.connected:
+            try:
+                self._client.publish(self._topic, b"", qos=1, retain=True, wait=5.0)
+            except MqttError as exc:  # the next process asks, and waits a second for an answer
+                log.warning("could not clear the presence claim: %s", exc)
+
+    def _claim(self) -> None:
+        self._claims += 1
+        self._client.publish(self._topic, _encode({"claim": self.me}), qos=1, retain=True)
+
+    def _note(self, who: dict[str, Any], how: str) -> None:
+        with self._lock:
+            self.rivals = [r for r in self.rivals if r["instance"] != who["instance"]][-(MAX_RIVALS - 1):]
+            self.rivals.append({**who, "how": how, "seen": round(time.time(), 3)})
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        doc = _message(payload)
+        if doc is None:
+            return
+        if isinstance(doc.get("ask"), str) and len(doc["ask"]) <= 64:
+            asker = _who(doc.get("from"))
+            if asker is not None and asker["instance"] == self.me["instance"]:
+                return
+            self._client.publish(self._topic, _encode({"here": self.me, "to": doc["ask"]}), qos=1)
+            if asker is not None:
+                log.warning("another process asked for %s (%s); it was told this one holds it", self.label,
+                            describe(asker))
+                self._note(asker, "asked")
+            return
+        claim = _who(doc.get("claim"))
+        # On the first connect a claim not ours is the process before us (holder_of found it gone).
+        if claim is None or claim["instance"] == self.me["instance"] or self._claims < 2:
+            return
+        self._note(claim, "connected")
+        if _newer(claim, self.me):
+            log.warning("another process connected as %s while this one was away (%s); it started later "
+                        "and steps back", self.label, describe(claim))
+            self._claim()  # the claim on record is ours again
+        elif self._on_displaced is not None:
+            self._on_displaced(claim)
+
+
+def holder_of(broker: BrokerAddress, topic: str, *, me: dict[str, Any], tls: TlsFiles | None = None,
+              wait: float = ANSWER_WAIT) -> dict[str, Any] | None:
+    """The live process holding the identity of *topic*, or None. Asks from a connection of its own
+    under a throwaway client id, so asking takes nothing over. Without a claim on record it returns
+    as soon as its own question comes back; with one, it waits up to *wait* for the holder — unless
+    the claim is from a process of this host that has exited. Raises BrokerUnreachable."""
+    probe = MqttClient(client_id=f"edgefleet-ask-{secrets.token_hex(6)}", broker=broker, tls=tls)
+    nonce = secrets.token_hex(8)
+    found: list[dict[str, Any]] = []
+    claim: list[dict[str, Any]] = []
+    echoed = threading.Event()
+    answered = threading.Event()
+
+    def on_message(topic: str, payload: bytes) -> None:
+        doc = _message(payload) or {}
+        here = _who(doc.get("here"))
+        if here is not None and doc.get("to") == nonce:
+            found.append(here)
+            answered.set()
+        elif doc.get("ask") == nonce:
+            echoed.set()
+        elif _who(doc.get("claim")) is not None:
+            claim.append(_who(doc["claim"]))
+
+    probe.connect(timeout=5)
+    try:
+        if not probe.subscribe(topic, on_message, qos=1, wait=5):
+            log.warning("the broker does not let this client use %s, so whether another process holds this "
+                        "identity is not known (a broker ACL from before presence: write it again with "
+                        "`edgefleet broker config`)", topic)
+            return None
+        probe.publish(topic, _encode({"ask": nonce, "from": me}), qos=1)
+        # The broker sends the retained claim right after the SUBACK, so before our question comes back.
+        echoed.wait(5)
+        if claim and not _exited_here(claim[-1]):
+            answered.wait(wait)
+        return found[0] if found else None
+    finally:
+        probe.disconnect()
+
+
+def _exited_here(who: dict[str, Any]) -> bool:
+    if who["host"] != socket.gethostname()[:255]:
+        return False
+    try:
+        os.kill(who["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, and another user's
+        return False
+    return False

@@ -1,0 +1,94 @@
+"""Two agents set up with one device id (a cloned SD card), and two monitors given one name: the one
+already running keeps its MQTT session, the other stays off the broker and says why. Real agent
+processes, a real monitor, the test's Mosquitto."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+from device_agent.local_api import AgentClient
+from tests.conftest import AgentProcess, announced, edgefleet, wait_until
+
+
+def status(agent: AgentProcess) -> dict:
+    with AgentClient(agent.control_socket, timeout=10) as client:
+        return client.status()
+
+
+def test_a_clone_with_the_same_device_id_stays_off_the_broker_and_the_original_keeps_working(
+        tmp_path, agents, mosquitto, keys):
+    original = agents.start("pi-cloned", extra_args=("--reconnect-max-delay", "2"))
+    assert original.wait_for_api() and announced(mosquitto, "pi-cloned")
+    clone_dir = tmp_path / "clone"
+    shutil.copytree(original.state_dir, clone_dir, ignore=shutil.ignore_patterns("agent.log"))
+    clone = AgentProcess("pi-cloned", clone_dir, mosquitto, keys["pub"],
+                         extra_args=("--reconnect-max-delay", "2"))
+    try:
+        assert clone.wait_for_api()
+        assert wait_until(lambda: status(clone)["id_held_by"] is not None, 30), clone.log.read_text()[-3000:]
+        held = status(clone)
+        assert held["id_held_by"]["pid"] == original.proc.pid and not held["connected"]
+        assert "device id pi-cloned is in use by another agent" in clone.log.read_text()
+        time.sleep(3)  # a few of the clone's asks
+        ours = status(original)
+        assert ours["connected"] and clone.proc.pid in {r["pid"] for r in ours["id_rivals"]}
+        # Commands reach the original, every time, and it never lost its connection.
+        for _ in range(3):
+            reply = json.loads(edgefleet("device", "status", "pi-cloned", "--broker", mosquitto, "--json").stdout)
+            assert reply["pid"] == original.proc.pid
+        assert "lost the connection" not in original.log.read_text()
+        # The original goes away for good: the clone takes the id at its next ask.
+        assert original.terminate() == 0
+        assert wait_until(lambda: status(clone)["connected"], 30), clone.log.read_text()[-3000:]
+        assert status(clone)["id_held_by"] is None
+        reply = json.loads(edgefleet("device", "status", "pi-cloned", "--broker", mosquitto, "--json").stdout)
+        assert reply["pid"] == clone.proc.pid
+    finally:
+        clone.cleanup()
+
+
+def test_two_agents_with_one_id_started_together_settle_on_one(tmp_path, mosquitto, keys):
+    """Started together, both may find nobody holding the id and connect; they then take the session
+    from each other until the one that started later steps back."""
+    pair = [AgentProcess("pi-twins", tmp_path / name, mosquitto, keys["pub"], extra_args=("--reconnect-max-delay", "2"))
+            for name in ("a", "b")]
+    try:
+        assert all(agent.wait_for_api() for agent in pair)
+
+        def settled() -> bool:
+            states = [status(agent) for agent in pair]
+            return sorted(s["connected"] for s in states) == [False, True] and any(s["id_held_by"] for s in states)
+        assert wait_until(settled, 60, interval=0.5), "\n".join(a.log.read_text()[-2000:] for a in pair)
+        holder = next(a for a in pair if status(a)["connected"])
+        time.sleep(4)  # it stays that way
+        assert settled() and status(holder)["connected"]
+        reply = json.loads(edgefleet("device", "status", "pi-twins", "--broker", mosquitto, "--json").stdout)
+        assert reply["pid"] == holder.proc.pid
+    finally:
+        for agent in pair:
+            agent.cleanup()
+
+
+def test_a_second_monitor_with_the_same_name_is_one_line_and_the_first_keeps_ingesting(tmp_path, mosquitto):
+    db = tmp_path / "fleet.db"
+    name = f"dup-{time.time_ns()}"
+    with open(tmp_path / "monitor.log", "wb") as log:
+        first = subprocess.Popen([sys.executable, "-m", "host_tools", "monitor", "--broker", str(mosquitto),
+                                  "--db", str(db), "--name", name], stderr=log)
+    try:
+        assert wait_until(db.exists, 15)
+        second = edgefleet("monitor", "--broker", mosquitto, "--db", tmp_path / "other.db", "--name", name, timeout=30)
+        assert second.returncode == 1
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: a monitor named '{name}' is already connected")
+        assert f"pid {first.pid}" in lines[0] and "--name" in lines[0]
+        assert first.poll() is None
+        time.sleep(1)
+        assert "lost the connection" not in (tmp_path / "monitor.log").read_text()
+    finally:
+        first.terminate()
+        first.wait(10)
