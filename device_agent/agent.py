@@ -29,7 +29,9 @@ from device_agent.protocol.commands import (
     BenchCommand, ConfigCommand, DeployCommand, Reply, RollbackCommand, StatusRequest, TrustCommand, command_id_of,
     parse_command,
 )
-from device_agent.protocol.reports import DeploymentEvent, DeviceStatus, TelemetryBatch, TelemetrySample
+from device_agent.protocol.reports import (
+    RIVAL_FIELDS, DeploymentEvent, DeviceStatus, TelemetryBatch, TelemetrySample,
+)
 from device_agent.serving import ModelSlot, SampleWorkload
 from device_agent.store import BundleStore
 from device_agent.systemd import notify, start_watchdog
@@ -79,7 +81,7 @@ class Agent:
                                  reconnect_max_delay=config.reconnect_max_delay)
         # One live agent per device id (a cloned SD card has two): see device_agent/presence.py.
         self.presence = Presence(self.client, topics.presence(config.device_id), f"device id {config.device_id}",
-                                 on_displaced=self._displaced)
+                                 on_displaced=self._displaced, on_rival=lambda: self._publish_status(online=True))
         self.held_by: dict[str, Any] | None = None  # the other agent holding our device id, while one does
         self.machine = UpdateMachine(UpdateContext(config, self.client, self._chunks, self.store, self.slot,
                                                    self.keys, self._emit, check))
@@ -220,7 +222,8 @@ class Agent:
                               agent_version=__version__, labels=dict(self.config.labels) or None,
                               hardware=self._hardware if online else None,
                               active_bundle=bundle.label if bundle else None,
-                              active_sha256=bundle.sha256 if bundle else None)
+                              active_sha256=bundle.sha256 if bundle else None,
+                              id_shared_with=[{k: r[k] for k in RIVAL_FIELDS} for r in self.presence.rivals] or None)
         self.client.publish(topics.status(self.config.device_id), status.to_payload(), qos=1, retain=True,
                             wait=5.0 if not online else None)
 

@@ -170,6 +170,15 @@ def status(config_file, device_id, state_dir, control_socket, as_json) -> None:
         click.echo(json.dumps(doc))
         return
     click.echo(f"agent:         {'running' if doc['running'] else 'not running'}")
+    if doc.get("id_held_by"):
+        from device_agent.presence import describe
+
+        click.echo(f"broker:        off: another agent holds device id {doc['device_id']} "
+                   f"({describe(doc['id_held_by'])}); give one of them its own id")
+    elif doc["running"]:
+        click.echo(f"broker:        {'connected' if doc.get('connected') else 'not connected'}")
+    for other in doc.get("id_rivals") or ():
+        click.echo(f"id shared:     another agent asked for this device id (host {other['host']}, pid {other['pid']})")
     click.echo(f"active bundle: {doc['active_bundle'] or 'none'}")
     if doc.get("sha256"):
         click.echo(f"sha256:        {doc['sha256']}")

@@ -88,13 +88,15 @@ class Presence:
     *on_displaced* (on the network thread) when another process that started earlier holds it too."""
 
     def __init__(self, client: MqttClient, topic: str, label: str, *,
-                 on_displaced: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_displaced: Callable[[dict[str, Any]], None] | None = None,
+                 on_rival: Callable[[], None] | None = None) -> None:
         self.label = label  # what the identity is, for the log: "device id pi-01", "monitor 'default'"
         self.me = identity()
         self.rivals: list[dict[str, Any]] = []  # others that asked for or took this identity, newest last
         self._client = client
         self._topic = topic
         self._on_displaced = on_displaced
+        self._on_rival = on_rival  # called (on the network thread) when `rivals` gains one
         self._claims = 0
         self._lock = threading.Lock()
         client.subscribe(topic, self._on_message, qos=1)
@@ -112,10 +114,15 @@ class Presence:
         self._claims += 1
         self._client.publish(self._topic, _encode({"claim": self.me}), qos=1, retain=True)
 
-    def _note(self, who: dict[str, Any], how: str) -> None:
+    def _note(self, who: dict[str, Any], how: str) -> bool:
+        """Add or refresh *who* in `rivals`; whether it is new."""
         with self._lock:
+            new = all(r["instance"] != who["instance"] for r in self.rivals)
             self.rivals = [r for r in self.rivals if r["instance"] != who["instance"]][-(MAX_RIVALS - 1):]
             self.rivals.append({**who, "how": how, "seen": round(time.time(), 3)})
+        if new and self._on_rival is not None:
+            self._on_rival()
+        return new
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         doc = _message(payload)
@@ -126,17 +133,16 @@ class Presence:
             if asker is not None and asker["instance"] == self.me["instance"]:
                 return
             self._client.publish(self._topic, _encode({"here": self.me, "to": doc["ask"]}), qos=1)
-            if asker is not None:
+            if asker is not None and self._note(asker, "asked"):
                 log.warning("another process asked for %s (%s); it was told this one holds it", self.label,
                             describe(asker))
-                self._note(asker, "asked")
             return
         claim = _who(doc.get("claim"))
         # On the first connect a claim not ours is the process before us (holder_of found it gone).
         if claim is None or claim["instance"] == self.me["instance"] or self._claims < 2:
             return
-        self._note(claim, "connected")
         if _newer(claim, self.me):
+            self._note(claim, "connected")
             log.warning("another process connected as %s while this one was away (%s); it started later "
                         "and steps back", self.label, describe(claim))
             self._claim()  # the claim on record is ours again

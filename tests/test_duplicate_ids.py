@@ -20,7 +20,7 @@ def status(agent: AgentProcess) -> dict:
 
 
 def test_a_clone_with_the_same_device_id_stays_off_the_broker_and_the_original_keeps_working(
-        tmp_path, agents, mosquitto, keys):
+        tmp_path, agents, mosquitto, keys, monitor):
     original = agents.start("pi-cloned", extra_args=("--reconnect-max-delay", "2"))
     assert original.wait_for_api() and announced(mosquitto, "pi-cloned")
     clone_dir = tmp_path / "clone"
@@ -41,6 +41,16 @@ def test_a_clone_with_the_same_device_id_stays_off_the_broker_and_the_original_k
             reply = json.loads(edgefleet("device", "status", "pi-cloned", "--broker", mosquitto, "--json").stdout)
             assert reply["pid"] == original.proc.pid
         assert "lost the connection" not in original.log.read_text()
+        # Both sides say so: the clone on the device, the original's status in the host's registry.
+        shown = subprocess.run([sys.executable, "-m", "device_agent", "status", "--control-socket",
+                                clone.control_socket], capture_output=True, text=True, timeout=30).stdout
+        assert f"another agent holds device id pi-cloned (host {held['id_held_by']['host']}, " \
+               f"pid {original.proc.pid}" in shown
+        assert wait_until(lambda: _registry(monitor, "pi-cloned").get("id_shared_with"), 15)
+        assert [r["pid"] for r in _registry(monitor, "pi-cloned")["id_shared_with"]] == [clone.proc.pid]
+        shown = edgefleet("devices", "show", "pi-cloned", "--db", monitor).stdout
+        assert f"ID SHARED:  another agent uses this device id: host {held['id_held_by']['host']}, " \
+               f"pid {clone.proc.pid} (turned away" in shown
         # The original goes away for good: the clone takes the id at its next ask.
         assert original.terminate() == 0
         assert wait_until(lambda: status(clone)["connected"], 30), clone.log.read_text()[-3000:]
@@ -49,6 +59,10 @@ def test_a_clone_with_the_same_device_id_stays_off_the_broker_and_the_original_k
         assert reply["pid"] == clone.proc.pid
     finally:
         clone.cleanup()
+
+
+def _registry(db, device_id: str) -> dict:
+    return json.loads(edgefleet("devices", "show", device_id, "--db", db, "--json").stdout)
 
 
 def test_two_agents_with_one_id_started_together_settle_on_one(tmp_path, mosquitto, keys):

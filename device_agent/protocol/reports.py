@@ -52,6 +52,8 @@ class DeviceStatus:
     active_sha256: str | None = None
     labels: dict[str, str] | None = None  # the device's own labels (site, group, ...), from its config
     hardware: dict[str, Any] | None = None  # device_agent.hardware.describe(): class, arch, RAM, runtimes, ...
+    # Other agents seen with this device id (device_agent.presence): host, pid, since, seen, how.
+    id_shared_with: list[dict[str, Any]] | None = None
 
     def to_payload(self) -> bytes:
         return encode("status", asdict(self))
@@ -65,7 +67,27 @@ class DeviceStatus:
                    active_bundle=require(doc, "active_bundle", str, optional=True),
                    active_sha256=require(doc, "active_sha256", str, optional=True),
                    labels=_labels(require(doc, "labels", dict, optional=True)),
-                   hardware=require(doc, "hardware", dict, optional=True))
+                   hardware=require(doc, "hardware", dict, optional=True),
+                   id_shared_with=_rivals(require(doc, "id_shared_with", list, optional=True)))
+
+
+RIVAL_FIELDS = {"host": str, "pid": int, "since": (int, float), "seen": (int, float), "how": str}
+
+
+def _rivals(value: list | None) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    if len(value) > 8:
+        raise ProtocolError("id_shared_with lists at most 8 agents")
+    rivals = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise ProtocolError("id_shared_with holds objects")
+        rival = {k: require(item, k, kind) for k, kind in RIVAL_FIELDS.items()}
+        if len(rival["host"]) > 255 or rival["how"] not in ("asked", "connected"):
+            raise ProtocolError("id_shared_with: host up to 255 characters, how 'asked' or 'connected'")
+        rivals.append(rival)
+    return rivals
 
 
 def _labels(value: dict | None) -> dict[str, str] | None:

@@ -37,7 +37,8 @@ def devices_list(db, selectors, group, as_json) -> None:
     if as_json:
         click.echo(json.dumps([{"device_id": r.device_id, "online": r.online, "hardware": r.hardware,
                                 "labels": r.labels, "active_bundle": r.active_bundle,
-                                "in_flight": updating.get(r.device_id), "last_seen": r.last_seen or None}
+                                "in_flight": updating.get(r.device_id), "last_seen": r.last_seen or None,
+                                "id_shared_with": r.id_shared_with}
                                for r in rows]))
         return
     from rich.table import Table
@@ -52,7 +53,8 @@ def devices_list(db, selectors, group, as_json) -> None:
         table.add_row(r.device_id, hw.get("class", "?"), hw.get("arch", "?"), str(hw.get("ram_mb", "?")),
                       ", ".join(hw.get("runtimes", [])) or "?", ", ".join(hw.get("accelerators", [])) or "none",
                       ", ".join(f"{k}={v}" for k, v in sorted(r.labels.items())), r.active_bundle or "none",
-                      f"{u['bundle']}: {u['state']}" if u else "", "online" if r.online else "offline")
+                      f"{u['bundle']}: {u['state']}" if u else "",
+                      ("online" if r.online else "offline") + (", id shared!" if r.id_shared_with else ""))
     console().print(table)
 
 
@@ -76,7 +78,7 @@ def devices_show(device_id, db, as_json) -> None:
     r = rows[0]
     doc = {"device_id": r.device_id, "online": r.online, "since": r.since, "agent_version": r.agent_version,
            "hardware": r.hardware, "labels": r.labels, "active_bundle": r.active_bundle, "in_flight": updating,
-           "last_seen": r.last_seen, "deployments": events[-10:]}
+           "last_seen": r.last_seen, "id_shared_with": r.id_shared_with, "deployments": events[-10:]}
     if as_json:
         click.echo(json.dumps(doc))
         return
@@ -87,6 +89,10 @@ def devices_show(device_id, db, as_json) -> None:
     click.echo(f"runtimes:   {', '.join(hw.get('runtimes', [])) or '?'}; accelerators: "
                f"{', '.join(hw.get('accelerators', [])) or 'none'}")
     click.echo(f"labels:     {', '.join(f'{k}={v}' for k, v in sorted(r.labels.items())) or 'none'}")
+    for other in r.id_shared_with or ():
+        click.echo(f"ID SHARED:  another agent uses this device id: host {other['host']}, pid {other['pid']} "
+                   f"({'turned away' if other['how'] == 'asked' else 'stepped back'} "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(other['seen']))}); give it its own id")
     click.echo(f"bundle:     {r.active_bundle or 'none'}"
                + (f"; updating to {updating['bundle']}: {updating['state']} ({updating['progress']:.0%})"
                   if updating else ""))

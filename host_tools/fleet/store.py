@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS devices (
     active_sha256 TEXT,
     last_seen     REAL NOT NULL,
     labels        TEXT,
-    hardware      TEXT
+    hardware      TEXT,
+    id_shared_with TEXT                -- other agents seen with this device id (DeviceStatus)
 );
 CREATE TABLE IF NOT EXISTS host_labels (   -- labels the operator gives devices in the registry
     device_id TEXT NOT NULL,
@@ -75,6 +76,7 @@ class DeviceRow:
     samples: int
     labels: dict[str, str] = field(default_factory=dict)  # the device's own, then the operator's over them
     hardware: dict[str, Any] | None = None
+    id_shared_with: list[dict[str, Any]] | None = None
 
 
 class FleetStore:
@@ -88,7 +90,7 @@ class FleetStore:
             self._db.execute("PRAGMA busy_timeout=10000")  # several monitors may share the file
             self._db.executescript(SCHEMA)
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
-            for column in ("labels", "hardware"):  # a database from before them
+            for column in ("labels", "hardware", "id_shared_with"):  # a database from before them
                 if column not in columns:
                     self._db.execute(f"ALTER TABLE devices ADD COLUMN {column} TEXT")
         except sqlite3.Error as exc:
@@ -123,17 +125,21 @@ class FleetStore:
         with self._lock:
             self._db.execute(
                 "INSERT INTO devices (device_id, online, status_at, agent_version, active_bundle, active_sha256, "
-                "last_seen, labels, hardware) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
+                "last_seen, labels, hardware, id_shared_with) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(device_id) DO UPDATE SET "
                 "online=excluded.online, status_at=excluded.status_at, agent_version=excluded.agent_version, "
                 "active_bundle=COALESCE(excluded.active_bundle, devices.active_bundle), "
                 "active_sha256=COALESCE(excluded.active_sha256, devices.active_sha256), "
                 "last_seen=MAX(devices.last_seen, excluded.last_seen), "
                 "labels=COALESCE(excluded.labels, devices.labels), "  # the last will carries none: keep them
-                "hardware=COALESCE(excluded.hardware, devices.hardware)",
+                "hardware=COALESCE(excluded.hardware, devices.hardware), "
+                # what the device last said online: its last will says nothing of it
+                "id_shared_with=CASE WHEN excluded.online THEN excluded.id_shared_with ELSE devices.id_shared_with END",
                 (status.device_id, int(status.online), status.timestamp or received_at, status.agent_version,
                  status.active_bundle, status.active_sha256, received_at if status.online else 0.0,
                  json.dumps(status.labels) if status.labels is not None else None,
-                 json.dumps(status.hardware) if status.hardware is not None else None))
+                 json.dumps(status.hardware) if status.hardware is not None else None,
+                 json.dumps(status.id_shared_with) if status.id_shared_with else None))
 
     def record_telemetry(self, sample: TelemetrySample, received_at: float) -> bool:
         """Store *sample*; False when that (device, seq) was stored before."""
@@ -171,7 +177,8 @@ class FleetStore:
             rows = self._db.execute("""
                 SELECT d.device_id, d.online, d.status_at, d.agent_version, d.active_bundle, d.last_seen,
                        t.readings, t.bundle, t.timestamp,
-                       (SELECT COUNT(*) FROM telemetry c WHERE c.device_id = d.device_id), d.labels, d.hardware
+                       (SELECT COUNT(*) FROM telemetry c WHERE c.device_id = d.device_id), d.labels, d.hardware,
+                       d.id_shared_with
                 FROM devices d
                 LEFT JOIN telemetry t ON t.device_id = d.device_id
                      AND t.seq = (SELECT MAX(seq) FROM telemetry m WHERE m.device_id = d.device_id)
@@ -181,7 +188,7 @@ class FleetStore:
                 given.setdefault(device, {})[name] = value
         return [DeviceRow(r[0], bool(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None,
                           r[7], r[8], r[9], {**(json.loads(r[10]) if r[10] else {}), **given.get(r[0], {})},
-                          json.loads(r[11]) if r[11] else None) for r in rows]
+                          json.loads(r[11]) if r[11] else None, json.loads(r[12]) if r[12] else None) for r in rows]
 
     def set_labels(self, device_id: str, labels: dict[str, str | None]) -> None:
         """Give *device_id* labels in the registry (a value of None removes one); they win over the

@@ -30,6 +30,8 @@ MESSAGES = [
     DeploymentEvent("pi-01", "c1", "downloading", "digits-cnn 1.0.0", 0.5, None, 2.0),
     DeploymentEvent("pi-01", "c1", "failed", "digits-cnn 1.0.0", 0.0, "signature mismatch", 2.0),
     DeviceStatus("pi-01", True, 3.0, "0.1.0", "digits-cnn 1.0.0", "ab" * 32),
+    DeviceStatus("pi-01", True, 3.0, id_shared_with=[{"host": "pi-clone", "pid": 812, "since": 1.5, "seen": 2.5,
+                                                      "how": "asked"}]),
     TelemetrySample("pi-01", 7, 4.0, 1.0, "digits-cnn 1.0.0", {"inference": {"p50_ms": 0.4}}),
     TelemetryBatch("pi-01", (TelemetrySample("pi-01", 8, 5.0, 1.0, None, {}),
                              TelemetrySample("pi-01", 9, 6.0, 1.0, None, {"power": {"total_watts": 5.0}}))),
@@ -77,7 +79,8 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 @settings(max_examples=100, deadline=None)
 @given(body=st.dictionaries(st.sampled_from(["command_id", "bundle", "device_id", "chunks", "state", "seq",
                                              "online", "timestamp", "readings", "progress", "issued_at",
-                                             "runs", "warmup", "kind", "ok", "body", "session", "seen"]),
+                                             "runs", "warmup", "kind", "ok", "body", "session", "seen",
+                                             "id_shared_with"]),
                             json_values))
 def test_wrongly_typed_json_is_a_protocol_error(cls, kind, body):
     import json
@@ -85,6 +88,16 @@ def test_wrongly_typed_json_is_a_protocol_error(cls, kind, body):
         cls.from_payload(json.dumps({"type": kind, **body}).encode())
     except ProtocolError:
         pass
+
+
+@pytest.mark.parametrize("shared", [[1], [{"host": "h", "pid": "1", "since": 1, "seen": 1, "how": "asked"}],
+                                    [{"host": "h", "pid": 1, "since": 1, "seen": 1, "how": "stole"}],
+                                    [{"host": "h" * 256, "pid": 1, "since": 1, "seen": 1, "how": "asked"}],
+                                    [{"host": "h", "pid": 1, "since": 1, "seen": 1, "how": "asked"}] * 9, "h"])
+def test_a_status_naming_other_agents_with_the_id_is_checked(shared):
+    with pytest.raises(ProtocolError):
+        DeviceStatus.from_payload(json.dumps({"type": "status", "device_id": "pi-01", "online": True,
+                                              "timestamp": 1.0, "id_shared_with": shared}).encode())
 
 
 def test_oversized_json_is_refused():
