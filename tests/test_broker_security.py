@@ -4,6 +4,7 @@ writes: TLS with client certificates from `edgefleet certs`, and a per-device AC
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -89,6 +90,48 @@ def test_a_device_reads_only_its_own_commands_and_publishes_only_as_itself(secur
     finally:
         for c in (a, b, host):
             c.client.disconnect()
+
+
+def test_a_device_that_takes_over_another_devices_session_reads_none_of_its_commands(secure_broker):
+    """Mosquitto keys a session by client id alone, so a device can connect under another's and take
+    its session, subscriptions and all (mosquitto issue #3553); the ACL is checked as each message is
+    delivered, so none meant for the other device reaches it."""
+    address, pki, _ = secure_broker
+    session = f"edgefleet-agent-sec-b-{time.time_ns()}"
+    b = MqttClient(client_id=session, broker=address, tls=tls_for(pki, "sec-b"), clean_session=False)
+    b.subscribe(topics.command("sec-b"), lambda t, p: None)
+    b.connect()
+    time.sleep(0.3)
+    b.disconnect()
+    host = Listener(address, pki, "host:ops", [])
+    thief = MqttClient(client_id=session, broker=address, tls=tls_for(pki, "sec-a"), clean_session=False)
+    stolen: list[bytes] = []
+    thief._client.on_message = lambda client, userdata, message: stolen.append(message.payload)  # whatever comes
+    try:
+        host.client.publish(topics.command("sec-b"), b"queued for b", qos=1, wait=5)
+        thief.connect()
+        host.client.publish(topics.command("sec-b"), b"sent to b while taken", qos=1, wait=5)
+        time.sleep(1)
+        assert stolen == []
+    finally:
+        thief.disconnect()
+        host.client.disconnect()
+
+
+def test_a_device_asks_for_its_own_id_on_its_presence_topic_and_not_for_others(secure_broker):
+    from device_agent.presence import Presence, holder_of, identity
+
+    address, pki, _ = secure_broker
+    holder = MqttClient(client_id=f"test-holder-{time.time_ns()}", broker=address, tls=tls_for(pki, "sec-b"))
+    presence = Presence(holder, topics.presence("sec-b"), "device id sec-b")
+    holder.connect()
+    try:
+        assert holder_of(address, topics.presence("sec-b"), me=identity(), tls=tls_for(pki, "sec-b")) == presence.me
+        # Another device learns nothing of sec-b (the broker refuses it the topic).
+        assert holder_of(address, topics.presence("sec-b"), me=identity(), tls=tls_for(pki, "sec-a")) is None
+        assert presence.rivals and all(r["pid"] == os.getpid() for r in presence.rivals) and len(presence.rivals) == 1
+    finally:
+        holder.disconnect()
 
 
 @pytest.mark.parametrize("how, message", [("no certificate", "it wants a client certificate"),
