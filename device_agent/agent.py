@@ -22,7 +22,7 @@ from device_agent.hardware import describe as describe_hardware
 from device_agent.local_api import LocalApi
 from device_agent.local_api import framing
 from device_agent.local_api.http import HttpApi
-from device_agent.mqtt import MqttClient, Will
+from device_agent.mqtt import MqttClient, Will, session_client_id
 from device_agent.presence import Presence, describe, holder_of
 from device_agent.protocol import topics
 from device_agent.protocol.commands import (
@@ -75,7 +75,8 @@ class Agent:
         self._chunks = ChunkRouter()
         offline = DeviceStatus(config.device_id, online=False, timestamp=0.0, agent_version=__version__)
         # A persistent session: commands sent while the device is offline wait at the broker.
-        self.client = MqttClient(client_id=f"edgefleet-agent-{config.device_id}", broker=config.broker,
+        self.client = MqttClient(client_id=session_client_id(f"edgefleet-agent-{config.device_id}",
+                                                             self.store.root / "mqtt-session"), broker=config.broker,
                                  will=Will(topics.status(config.device_id), offline.to_payload()),
                                  clean_session=False, tls=config.tls,
                                  reconnect_max_delay=config.reconnect_max_delay)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import array
 import logging
+import os
+import re
+import secrets
 import socket
 import threading
 import time
@@ -16,6 +19,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent.errors import BrokerUnreachable, ConfigError, MqttError
+from device_agent.files import replaced_when_written
 
 try:
     import fcntl
@@ -25,6 +29,29 @@ except ImportError:  # not a Unix: MqttClient.unread is not known
 
 log = logging.getLogger(__name__)
 Handler = Callable[[str, bytes], None]
+
+
+def session_client_id(prefix: str, record: Path) -> str:
+    """PREFIX-<16 random hex digits>: the client id of a persistent session, its random part made
+    once and kept in *record*. Mosquitto keys a session by client id alone, so whoever can log in
+    and knows the id can take the session over — knock its owner off the broker and drop what was
+    queued for it. A guessable id (the device id) would let any device do that to any other; this
+    one is known to the broker and to the file's owner only."""
+    try:
+        suffix = record.read_text().strip()
+    except FileNotFoundError:
+        suffix = ""
+    if not re.fullmatch(r"[0-9a-f]{16}", suffix):
+        suffix = secrets.token_hex(8)
+        with replaced_when_written(record) as tmp:
+            tmp.write_text(suffix + "\n")
+            os.chmod(tmp, 0o600)
+    return f"{prefix}-{suffix}"
+
+
+def throwaway_client_id(prefix: str) -> str:
+    """A client id for a clean session, unguessable too (see session_client_id)."""
+    return f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,10 @@ so on, while commands, chunks and status go to whichever holds the session that 
 - While connected, the holder keeps a retained *claim* on that topic (who it is, since when). A
   claim that is not its own, seen when it reconnects, means another process connected under its
   identity while it was away (two that started within a second of each other, or one that asked
-  while the other was cut off). Then the one that started later steps back (`on_displaced`), the
-  other keeps the identity: an odd pair of clocks may pick the other one, but both pick the same.
+  while the other was cut off); one seen otherwise is asked about, and its process, if it answers,
+  is connected beside this one (under another client id: agents keep theirs in their state
+  directory). Then the one that started later steps back (`on_displaced`), the other keeps the
+  identity: an odd pair of clocks may pick the other one, but both pick the same.
 
 Messages on the topic are small JSON objects: ``{"claim": WHO}`` (retained; an empty retained
 message clears it), ``{"ask": NONCE, "from": WHO}`` and ``{"here": WHO, "to": NONCE}``, where WHO
@@ -33,7 +35,7 @@ from datetime import datetime
 from typing import Any, Callable
 
 from device_agent.errors import MqttError
-from device_agent.mqtt import BrokerAddress, MqttClient, TlsFiles
+from device_agent.mqtt import BrokerAddress, MqttClient, TlsFiles, throwaway_client_id
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,7 @@ class Presence:
         self._on_displaced = on_displaced
         self._on_rival = on_rival  # called (on the network thread) when `rivals` gains one
         self._claims = 0
+        self._asked: dict[str, bool] = {}  # nonces of our own questions to a claim's process, the last 8
         self._lock = threading.Lock()
         client.subscribe(topic, self._on_message, qos=1)
         client.on_connected(self._claim)
@@ -137,17 +140,34 @@ class Presence:
                 log.warning("another process asked for %s (%s); it was told this one holds it", self.label,
                             describe(asker))
             return
-        claim = _who(doc.get("claim"))
-        # On the first connect a claim not ours is the process before us (holder_of found it gone).
-        if claim is None or claim["instance"] == self.me["instance"] or self._claims < 2:
+        here = _who(doc.get("here"))
+        if here is not None:
+            if self._asked.pop(doc.get("to"), None) and here["instance"] != self.me["instance"]:
+                self._conflict(here)  # it answered our question: it holds the identity now, as we do
             return
-        if _newer(claim, self.me):
-            self._note(claim, "connected")
-            log.warning("another process connected as %s while this one was away (%s); it started later "
-                        "and steps back", self.label, describe(claim))
+        claim = _who(doc.get("claim"))
+        if claim is None or claim["instance"] == self.me["instance"]:
+            return
+        if self._claims >= 2:
+            # A reconnect: it connected after our first connect, while we were away — it may have
+            # taken our session (the same client id), so the two of us are never connected at once.
+            self._conflict(claim)
+        else:
+            # The process before us (holder_of found it gone), or one connected beside us under
+            # another client id: only a live one answers.
+            nonce = secrets.token_hex(8)
+            self._asked = {**dict(list(self._asked.items())[-7:]), nonce: True}
+            self._client.publish(self._topic, _encode({"ask": nonce, "from": self.me}), qos=1)
+
+    def _conflict(self, other: dict[str, Any]) -> None:
+        """Another process holds the identity too: the one that started later steps back."""
+        if _newer(other, self.me):
+            self._note(other, "connected")
+            log.warning("another process connected as %s (%s); it started later and steps back", self.label,
+                        describe(other))
             self._claim()  # the claim on record is ours again
         elif self._on_displaced is not None:
-            self._on_displaced(claim)
+            self._on_displaced(other)
 
 
 def holder_of(broker: BrokerAddress, topic: str, *, me: dict[str, Any], tls: TlsFiles | None = None,
@@ -156,7 +176,7 @@ def holder_of(broker: BrokerAddress, topic: str, *, me: dict[str, Any], tls: Tls
     under a throwaway client id, so asking takes nothing over. Without a claim on record it returns
     as soon as its own question comes back; with one, it waits up to *wait* for the holder — unless
     the claim is from a process of this host that has exited. Raises BrokerUnreachable."""
-    probe = MqttClient(client_id=f"edgefleet-ask-{secrets.token_hex(6)}", broker=broker, tls=tls)
+    probe = MqttClient(client_id=throwaway_client_id("edgefleet-ask"), broker=broker, tls=tls)
     nonce = secrets.token_hex(8)
     found: list[dict[str, Any]] = []
     claim: list[dict[str, Any]] = []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from device_agent.bundle.signing import generate_key_pair
 from device_agent.errors import ConfigError
-from device_agent.mqtt import BrokerAddress, MqttClient
+from device_agent.mqtt import BrokerAddress, MqttClient, throwaway_client_id
 from host_tools import terminal
 
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -99,7 +99,7 @@ def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, tim
         else:
             address = BrokerAddress.parse(broker)
             console.print(f"[bold]1.[/] using MQTT broker at {address}")
-        host = MqttClient(client_id="edgefleet-demo-host", broker=address)
+        host = MqttClient(client_id=throwaway_client_id("edgefleet-demo"), broker=address)
         host.connect(timeout=5)
         stack.callback(host.disconnect)
 

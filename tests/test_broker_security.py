@@ -118,6 +118,31 @@ def test_a_device_that_takes_over_another_devices_session_reads_none_of_its_comm
         host.client.disconnect()
 
 
+def test_another_device_cannot_guess_an_agents_session_and_knock_it_off(secure_broker, agents):
+    """The agent's client id carries 64 random bits kept in its state directory (0600), so the
+    session takeover above needs a secret no other device has."""
+    from device_agent.local_api import AgentClient
+
+    address, pki, _ = secure_broker
+    tls = tls_for(pki, "sec-b")
+    agent = agents.start("sec-b", broker=address, extra_args=(
+        "--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)))
+    assert agent.wait_for_api()
+
+    def connected() -> bool:
+        with AgentClient(agent.control_socket, timeout=10) as client:
+            return client.status()["connected"]
+    assert wait_until(connected, 30), agent.log.read_text()
+    record = agent.state_dir / "mqtt-session"
+    assert len(record.read_text().strip()) == 16 and record.stat().st_mode & 0o777 == 0o600
+    for guess in ("edgefleet-agent-sec-b", "sec-b", f"edgefleet-agent-sec-b-{'0' * 16}"):
+        thief = MqttClient(client_id=guess, broker=address, tls=tls_for(pki, "sec-a"), clean_session=False)
+        thief.connect()
+        time.sleep(0.5)
+        thief.disconnect()
+    assert connected() and "lost the connection" not in agent.log.read_text()
+
+
 def test_a_device_asks_for_its_own_id_on_its_presence_topic_and_not_for_others(secure_broker):
     from device_agent.presence import Presence, holder_of, identity
 

@@ -9,7 +9,7 @@ import click
 
 from device_agent import __version__
 from device_agent.errors import ConfigError
-from device_agent.mqtt import BrokerAddress, MqttClient
+from device_agent.mqtt import BrokerAddress, MqttClient, throwaway_client_id
 from device_agent.protocol import topics
 from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
@@ -59,24 +59,25 @@ def signed_request(broker: str, role: str, signing_key: Path, expires_in: float,
     return reply.body
 
 
-def host_client(broker: str, role: str, *, client_id: str | None = None) -> MqttClient:
-    """A connected client; with *client_id*, a persistent session under that id (messages for it
-    wait at the broker while it is away), else a throwaway one."""
-    client = MqttClient(client_id=client_id or f"edgefleet-{role}-{os.getpid()}", broker=BrokerAddress.parse(broker),
-                        tls=_tls(), clean_session=client_id is None)
+def host_client(broker: str, role: str) -> MqttClient:
+    """A connected client with a clean session."""
+    client = MqttClient(client_id=throwaway_client_id(f"edgefleet-{role}"), broker=BrokerAddress.parse(broker),
+                        tls=_tls())
     client.connect(timeout=5)
     return client
 
 
-def named_client(broker: str, role: str, name: str, on_displaced):
-    """A connected client with a persistent session as ROLE NAME, held by one process at a time
-    (device_agent.presence): another live one already holding it is one line, not two processes
-    taking the session from each other. *on_displaced(holder)* runs if an earlier one comes back.
-    Returns the client and its device_agent.presence.Presence."""
+def named_client(broker: str, role: str, name: str, session: Path, on_displaced):
+    """A connected client with a persistent session as ROLE NAME (its client id's random part kept
+    in *session*), held by one process at a time (device_agent.presence): another live one already
+    holding it is one line, not two processes taking the session from each other.
+    *on_displaced(holder)* runs if an earlier one comes back. Returns the client and its Presence."""
+    from device_agent.mqtt import session_client_id
     from device_agent.presence import Presence, describe, holder_of
 
     address, topic = BrokerAddress.parse(broker), topics.host_presence(role, name)
-    client = MqttClient(client_id=f"edgefleet-{role}-{name}", broker=address, tls=_tls(), clean_session=False)
+    client = MqttClient(client_id=session_client_id(f"edgefleet-{role}-{name}", session), broker=address, tls=_tls(),
+                        clean_session=False)
     presence = Presence(client, topic, f"{role} {name!r}", on_displaced=on_displaced)
     holder = holder_of(address, topic, me=presence.me, tls=client.tls)
     if holder is not None:

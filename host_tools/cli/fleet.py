@@ -145,8 +145,10 @@ def monitor(broker, db, name, share, metrics_port, metrics_address, keep_days, k
     # A persistent session: what devices report while the monitor restarts waits at the broker.
     displaced: list[dict] = []
     stop = threading.Event()
-    client, presence = named_client(broker, "monitor", name, lambda holder: (displaced.append(holder), stop.set()))
     store = FleetStore(db)
+    # (the session's id is kept beside the database, with which it belongs)
+    client, presence = named_client(broker, "monitor", name, db.with_name(f"{db.name}.monitor-{name}"),
+                                    lambda holder: (displaced.append(holder), stop.set()))
     ingest = Ingest(client, store, share=share)
     ingest.start()
     if metrics_port is not None:

@@ -145,3 +145,25 @@ def test_of_two_holders_the_one_that_started_later_steps_back(mosquitto):
         second.disconnect()
         first.disconnect()
 
+
+
+def test_two_holders_under_different_client_ids_find_each_other(mosquitto):
+    """Connected side by side (no session taken over: agents keep their client ids in their state
+    directories, so two set up apart get two), each sees the other's claim, asks, and is answered:
+    the later one steps back."""
+    topic = _topic("apart")
+    first, second = (MqttClient(client_id=f"test-apart-{i}-{time.time_ns()}", broker=mosquitto) for i in range(2))
+    stepped_back = {"first": threading.Event(), "second": threading.Event()}
+    older = Presence(first, topic, "device id apart", on_displaced=lambda who: stepped_back["first"].set())
+    newer = Presence(second, topic, "device id apart", on_displaced=lambda who: stepped_back["second"].set())
+    newer.me["since"] = older.me["since"] + 1
+    first.connect()
+    second.connect()
+    try:
+        assert wait_until(stepped_back["second"].is_set, 10), "the later one did not step back"
+        time.sleep(0.5)
+        assert not stepped_back["first"].is_set()
+        assert [r["instance"] for r in older.rivals] == [newer.me["instance"]]
+    finally:
+        second.disconnect()
+        first.disconnect()
