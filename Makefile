@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test system-tools clean
+.PHONY: install demo test test-device system-tools clean
 
 # A virtual environment with edgefleet (host and test extras), rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -34,5 +34,18 @@ system-tools:
 test: install system-tools
 	$(BIN)/python -m pytest -n 2 --dist worksteal
 
+# The device side alone, as a device installs it (no host extra), on another Python: devices may run
+# 3.10 (JetPack 6), the host tools need 3.11. E.g. `make test-device DEVICE_PYTHON=python3.10`.
+DEVICE_PYTHON ?= python3.10
+DEVICE_VENV   ?= .venv-device
+$(DEVICE_VENV)/.installed: pyproject.toml
+	$(DEVICE_PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[tflite]' \
+	  onnx pytest hypothesis pytest-xdist
+	touch $@
+
+test-device: $(DEVICE_VENV)/.installed system-tools
+	$(DEVICE_VENV)/bin/python -m pytest -n 2 --dist worksteal -p no:cacheprovider tests/device_agent
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEVICE_VENV) .pytest_cache .hypothesis

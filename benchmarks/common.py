@@ -86,7 +86,7 @@ def make_bundle(work: Path, size: int, key: Path, *, name: str = "big", version:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
         [numpy_helper.from_array(weight, "w")])
     model = work / f"{name}-{version}-{size}.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    onnx.save(helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
     out = work / f"{name}-{version}-{size}.efb"
     build_bundle(model, name=name, version=version, key=key, out=out, sample={"x": np.ones((1, 16), np.float32)})
     return out

@@ -42,12 +42,17 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
+import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from device_agent.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: JetPack 6 on a Jetson
+    import tomli as tomllib
 from device_agent.mqtt import BrokerAddress, TlsFiles
 from device_agent.protocol import topics
 from device_agent.runtime.base import RuntimeOptions

@@ -14,7 +14,7 @@ OPSET = [helper.make_opsetid("", 17)]
 
 
 def save(graph, path: Path) -> Path:
-    model = helper.make_model(graph, opset_imports=OPSET, producer_name="edgefleet-tests")
+    model = helper.make_model_gen_version(graph, opset_imports=OPSET, producer_name="edgefleet-tests")
     model.ir_version = 8
     onnx.checker.check_model(model)
     onnx.save(model, str(path))

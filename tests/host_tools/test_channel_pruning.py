@@ -376,7 +376,7 @@ def test_gpt2_attention_as_torch_export_writes_it_loses_its_silent_heads(tmp_pat
              for k, v in consts.items()]
     graph = helper.make_graph(nodes, "gpt2", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t", dim])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "t", dim])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 18)])
     path = tmp_path / "gpt2.onnx"
     onnx.checker.check_model(model)
     onnx.save(model, str(path))

@@ -87,7 +87,7 @@ def test_a_gemm_quantized_by_onnx_runtime_as_qgemm_counts_as_int8_arithmetic(tmp
         [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w"),
          numpy_helper.from_array(np.zeros(8, np.float32), "b")])
     float_path = tmp_path / "gemm.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), float_path)
+    onnx.save(helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 17)]), float_path)
 
     class Reader(CalibrationDataReader):
         def __init__(self):

@@ -124,7 +124,7 @@ def _graph(op, attrs, operands, out_type):
                                                         list(operand.shape)))
     graph = helper.make_graph([helper.make_node(op, names, ["out"], **attrs)], "g", inputs,
                               [helper.make_tensor_value_info("out", out_type, None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -207,7 +207,7 @@ def test_a_constant_that_is_a_batch_norms_bias_and_anothers_running_mean_trains_
         inits.append(numpy_helper.from_array(np.full(4, 5, np.float32), "ones.fixed"))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, ["n", 4, 3, 3])],
                               [helper.make_tensor_value_info("y", F, ["n", 4, 3, 3])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto = helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 18)])
     module = OnnxModule(proto)
     x = torch.from_numpy(rng.standard_normal((8, 4, 3, 3)).astype(np.float32))
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
