@@ -6,6 +6,7 @@ every input is checked before the first file is written.
 
 from __future__ import annotations
 
+import os
 import pwd
 import shutil
 import subprocess
@@ -30,10 +31,26 @@ def unit_text(exec_start: str) -> str:
 
 
 def agent_command() -> str:
+    """This installation's agent: the script beside the running interpreter (a virtual environment's,
+    which `sudo` leaves off PATH), else the one on PATH, else this interpreter running the module
+    (a checkout)."""
+    beside = Path(sys.executable).parent / "edgefleet-agent"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
     exe = shutil.which("edgefleet-agent")
-    if exe is None:  # running from a checkout: the same interpreter, as a module
+    if exe is None:
         return f"{sys.executable} -m device_agent"
     return str(Path(exe).resolve())
+
+
+def _unreachable_for_the_service(command: str) -> str | None:
+    """The home directory *command* lives under, which the service cannot read: it runs as its own
+    user with ProtectHome=yes (and a Pi's /home/pi is 0700)."""
+    program = Path(command.split()[0])
+    for home in (Path("/home"), Path("/root")):
+        if program == home or home in program.parents:
+            return str(home)
+    return None
 
 
 def _toml_str(value: str) -> str:
@@ -74,6 +91,13 @@ def install_service(*, device_id: str, broker: str, trusted: tuple[Path, ...], t
         raise ConfigError(f"{config_path} exists; keeping it (use --force to overwrite)")
     if systemctl and shutil.which("systemctl") is None:
         raise ConfigError("systemctl not found: use --no-systemctl to write the files only")
+    command = agent_command()
+    home = _unreachable_for_the_service(command)
+    if home is not None and root == Path("/"):
+        raise ConfigError(f"the agent here ({command.split()[0]}) is under {home}, which the service cannot read "
+                          f"(it runs as user {SERVICE_USER} with ProtectHome=yes): install edgefleet outside {home}, "
+                          f"e.g. sudo python3 -m venv /opt/edgefleet && sudo /opt/edgefleet/bin/pip install edgefleet, "
+                          f"then sudo /opt/edgefleet/bin/edgefleet-agent install ...")
 
     done = []
     (etc / "keys").mkdir(parents=True, exist_ok=True)
@@ -91,7 +115,7 @@ def install_service(*, device_id: str, broker: str, trusted: tuple[Path, ...], t
     config_path.chmod(0o644)
     done.append(f"wrote {config_path}")
     unit_path.parent.mkdir(parents=True, exist_ok=True)
-    unit_path.write_text(unit_text(f"{agent_command()} run --config /etc/edgefleet/agent.toml"))
+    unit_path.write_text(unit_text(f"{command} run --config /etc/edgefleet/agent.toml"))
     done.append(f"wrote {unit_path}")
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o750)

@@ -211,3 +211,35 @@ def test_a_client_certificate_without_its_key_is_refused(tmp_path, keys):
                        "--root", tmp_path / "root", "--no-systemctl")
     assert result.returncode == 1 and "--tls-cert and --tls-key go together" in result.stderr
     assert not (tmp_path / "root").exists()
+
+
+def test_the_unit_runs_the_agent_of_the_installation_that_wrote_it(installed):
+    """`sudo /opt/edgefleet/bin/edgefleet-agent install`: sudo leaves the virtual environment off PATH,
+    so the unit names the script beside the interpreter, not whatever edgefleet-agent PATH finds."""
+    from pathlib import Path
+
+    beside = Path(sys.executable).parent / "edgefleet-agent"
+    assert beside.is_file()
+    unit = (installed / "etc/systemd/system/edgefleet-agent.service").read_text()
+    assert f"ExecStart={beside} run --config /etc/edgefleet/agent.toml" in unit.splitlines()
+
+
+@pytest.mark.parametrize("program", ["/home/pi/venv/bin/edgefleet-agent", "/root/.local/bin/edgefleet-agent",
+                                     "/home/pi/venv/bin/python -m device_agent"])
+def test_an_agent_under_home_is_refused_before_anything_is_written(monkeypatch, keys, program):
+    """The service runs as its own user with ProtectHome=yes: a unit pointing into /home would fail
+    at every start. Said in one line, with where to install instead; nothing written."""
+    from pathlib import Path
+
+    from device_agent import install
+
+    def no_writes(*args, **kwargs):
+        raise AssertionError("install wrote something")
+    monkeypatch.setattr(install, "agent_command", lambda: program)
+    for name in ("mkdir", "write_text", "chmod"):
+        monkeypatch.setattr(Path, name, no_writes)
+    monkeypatch.setattr(install.shutil, "copyfile", no_writes)
+    with pytest.raises(ConfigError, match=r"is under /(home|root), which the service cannot read .* "
+                                          r"sudo python3 -m venv /opt/edgefleet"):
+        install.install_service(device_id="pi-07", broker="broker.lan:1883", trusted=(keys["pub"],), tls_ca=None,
+                                tls_cert=None, tls_key=None, root=Path("/"), systemctl=False, force=True)
