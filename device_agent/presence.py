@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 ANSWER_WAIT = 1.0  # how long an asker waits for a holder whose claim is on record to answer
 MAX_PAYLOAD = 2048
 MAX_RIVALS = 8
+MAX_TIME = 1e11  # Unix time in the year 5138: anything past it is not a start time, and datetime cannot show it
 
 
 def identity() -> dict[str, Any]:
@@ -61,8 +62,8 @@ def _who(value: Any) -> dict[str, Any] | None:
         return None
     instance, host, pid, since = (value.get(k) for k in ("instance", "host", "pid", "since"))
     if not (isinstance(instance, str) and 0 < len(instance) <= 64 and isinstance(host, str) and len(host) <= 255
-            and type(pid) is int and isinstance(since, (int, float)) and not isinstance(since, bool)):
-        return None
+            and type(pid) is int and type(since) in (int, float) and 0 <= since < MAX_TIME):
+        return None  # (NaN fails the range too)
     return {"instance": instance, "host": host, "pid": pid, "since": float(since)}
 
 

@@ -84,8 +84,10 @@ def _rivals(value: list | None) -> list[dict[str, Any]] | None:
         if not isinstance(item, dict):
             raise ProtocolError("id_shared_with holds objects")
         rival = {k: require(item, k, kind) for k, kind in RIVAL_FIELDS.items()}
-        if len(rival["host"]) > 255 or rival["how"] not in ("asked", "connected"):
-            raise ProtocolError("id_shared_with: host up to 255 characters, how 'asked' or 'connected'")
+        if len(rival["host"]) > 255 or rival["how"] not in ("asked", "connected") or not all(
+                0 <= rival[k] < 1e11 for k in ("since", "seen")):  # (NaN fails too)
+            raise ProtocolError("id_shared_with: host up to 255 characters, how 'asked' or 'connected', "
+                                "since and seen Unix times")
         rivals.append(rival)
     return rivals
 

@@ -110,10 +110,15 @@ def test_malformed_messages_on_the_topic_change_nothing(mosquitto):
     try:
         for payload in (b"", b"{", b"[]", b"null", b'{"ask": 5}', b'{"claim": {"instance": 1}}', b"x" * 5000,
                         json.dumps({"claim": {**identity(), "pid": "7"}}).encode(),
-                        json.dumps({"here": identity(), "to": "nobody"}).encode(), b"[" * 100000):
+                        json.dumps({"here": identity(), "to": "nobody"}).encode(), b"[" * 100000,
+                        json.dumps({"claim": {**identity(), "since": 1e300}}).encode(),
+                        json.dumps({"ask": "x", "from": {**identity(), "since": float("nan")}}).encode(),
+                        json.dumps({"claim": {**identity(), "since": True}}).encode()):
             noise.publish(topic, payload, qos=1, wait=5)
-        assert holder_of(mosquitto, topic, me=identity()) == presence.me  # still answers
+        asker = identity()
+        assert holder_of(mosquitto, topic, me=asker) == presence.me  # still answers
         assert not displaced.is_set() and holder.connected
+        assert [r["instance"] for r in presence.rivals] == [asker["instance"]]  # no garbage noted
     finally:
         noise.disconnect()
         holder.disconnect()

@@ -93,6 +93,7 @@ def test_wrongly_typed_json_is_a_protocol_error(cls, kind, body):
 @pytest.mark.parametrize("shared", [[1], [{"host": "h", "pid": "1", "since": 1, "seen": 1, "how": "asked"}],
                                     [{"host": "h", "pid": 1, "since": 1, "seen": 1, "how": "stole"}],
                                     [{"host": "h" * 256, "pid": 1, "since": 1, "seen": 1, "how": "asked"}],
+                                    [{"host": "h", "pid": 1, "since": 1, "seen": 1e300, "how": "asked"}],
                                     [{"host": "h", "pid": 1, "since": 1, "seen": 1, "how": "asked"}] * 9, "h"])
 def test_a_status_naming_other_agents_with_the_id_is_checked(shared):
     with pytest.raises(ProtocolError):
