@@ -57,6 +57,10 @@ def mosquitto_conf(out: Path, *, port: int, bind: str, persistence_dir: Path | N
              "tls_version tlsv1.2",
              # Commands for offline devices wait in their persistent sessions.
              "max_queued_messages 10000",
+             # ... but not for ever: a session nobody has resumed in a week is dropped (a device whose
+             # state directory was wiped comes back under a new client id; signed commands expire
+             # after a day by default anyway).
+             "persistent_client_expiration 7d",
              # Small messages (chunk requests, acknowledgements) go out at once, not after the
              # peer's delayed ACK: without it a chunk round trip can take 40 ms.
              "set_tcp_nodelay true"]
