@@ -106,11 +106,14 @@ def load_settings(config_file: Path | None, **flags) -> dict:
               help="CA certificate of the broker (turns TLS on).")
 @click.option("--tls-cert", envvar="EDGEFLEET_TLS_CERT", type=click.Path(path_type=Path),
               help="This device's client certificate.")
-@click.option("--tls-key", envvar="EDGEFLEET_TLS_KEY", type=click.Path(path_type=Path), help="This device's client key.")
+@click.option("--tls-key", envvar="EDGEFLEET_TLS_KEY", type=click.Path(path_type=Path),
+              help="This device's client key.")
 @click.option("--reconnect-max-delay", type=float, help="Longest wait in seconds between attempts to reach the "
               "broker, doubling from 1 s [default: 30].")
-@click.option("--api-socket", type=click.Path(path_type=Path), help="Local inference socket [default: STATE_DIR/inference.sock].")
-@click.option("--control-socket", type=click.Path(path_type=Path), help="Control socket [default: STATE_DIR/control.sock].")
+@click.option("--api-socket", type=click.Path(path_type=Path),
+              help="Local inference socket [default: STATE_DIR/inference.sock].")
+@click.option("--control-socket", type=click.Path(path_type=Path),
+              help="Control socket [default: STATE_DIR/control.sock].")
 @click.option("--http-port", type=int, help="Also serve the local API over HTTP on 127.0.0.1:PORT [default: off].")
 @click.option("--sysfs", type=click.Path(path_type=Path), help="Read sensors under this /sys "
               "(e.g. /host/sys in a container) [default: /sys].")
@@ -178,7 +181,8 @@ def status(config_file, device_id, state_dir, control_socket, as_json) -> None:
     elif doc["running"]:
         click.echo(f"broker:        {'connected' if doc.get('connected') else 'not connected'}")
     for other in doc.get("id_rivals") or ():
-        click.echo(f"id shared:     another agent asked for this device id (host {other['host']}, pid {other['pid']})")
+        click.echo(f"id shared:     another agent {'asked for' if other['how'] == 'asked' else 'connected with'} this "
+                   f"device id and was turned away (host {other['host']}, pid {other['pid']})")
     click.echo(f"active bundle: {doc['active_bundle'] or 'none'}")
     if doc.get("sha256"):
         click.echo(f"sha256:        {doc['sha256']}")
