@@ -58,6 +58,15 @@ def devices_list(db, selectors, group, as_json) -> None:
     console().print(table)
 
 
+CLOCK_TOLERANCE = 60.0  # seconds a device's clock may differ from the host's before `show` says so
+
+
+def _span(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s} s" if s < 120 else f"{s // 60} min" if s < 7200 else f"{s // 3600} h {s % 3600 // 60} min" \
+        if s < 172800 else f"{s // 86400} days"
+
+
 @devices.command("show", help="Everything the registry knows about DEVICE_ID, and its recent deployments.")
 @click.argument("device_id")
 @db_option
@@ -78,17 +87,21 @@ def devices_show(device_id, db, as_json) -> None:
     r = rows[0]
     doc = {"device_id": r.device_id, "online": r.online, "since": r.since, "agent_version": r.agent_version,
            "hardware": r.hardware, "labels": r.labels, "active_bundle": r.active_bundle, "in_flight": updating,
-           "last_seen": r.last_seen, "id_shared_with": r.id_shared_with, "deployments": events[-10:]}
+           "last_seen": r.last_seen, "id_shared_with": r.id_shared_with, "clock_lag_s": r.clock_lag,
+           "deployments": events[-10:]}
     if as_json:
         click.echo(json.dumps(doc))
         return
     hw = r.hardware or {}
     click.echo(f"device:     {r.device_id} ({'online' if r.online else 'offline'}, agent {r.agent_version or '?'})")
-    click.echo(f"hardware:   {hw.get('class', '?')} ({hw.get('model') or 'model not reported'}), {hw.get('arch', '?')}, "
-               f"{hw.get('ram_mb', '?')} MiB RAM")
+    click.echo(f"hardware:   {hw.get('class', '?')} ({hw.get('model') or 'model not reported'}), "
+               f"{hw.get('arch', '?')}, {hw.get('ram_mb', '?')} MiB RAM")
     click.echo(f"runtimes:   {', '.join(hw.get('runtimes', [])) or '?'}; accelerators: "
                f"{', '.join(hw.get('accelerators', [])) or 'none'}")
     click.echo(f"labels:     {', '.join(f'{k}={v}' for k, v in sorted(r.labels.items())) or 'none'}")
+    if r.clock_lag is not None and abs(r.clock_lag) > CLOCK_TOLERANCE:
+        click.echo(f"clock:      about {_span(abs(r.clock_lag))} {'behind' if r.clock_lag > 0 else 'ahead of'} this "
+                   f"host's (its telemetry carries its own times: no RTC and no network time?)")
     for other in r.id_shared_with or ():
         click.echo(f"ID SHARED:  another agent uses this device id: host {other['host']}, pid {other['pid']} "
                    f"({'turned away' if other['how'] == 'asked' else 'stepped back'} "

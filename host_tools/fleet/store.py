@@ -26,7 +26,9 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen     REAL NOT NULL,
     labels        TEXT,
     hardware      TEXT,
-    id_shared_with TEXT                -- other agents seen with this device id (DeviceStatus)
+    id_shared_with TEXT,               -- other agents seen with this device id (DeviceStatus)
+    clock_lag     REAL,                -- host time a sample arrived - its device timestamp, least lately
+    clock_lag_at  REAL                 -- when that was measured
 );
 CREATE TABLE IF NOT EXISTS host_labels (   -- labels the operator gives devices in the registry
     device_id TEXT NOT NULL,
@@ -77,6 +79,14 @@ class DeviceRow:
     labels: dict[str, str] = field(default_factory=dict)  # the device's own, then the operator's over them
     hardware: dict[str, Any] | None = None
     id_shared_with: list[dict[str, Any]] | None = None
+    # How far the device's clock is behind the host's (negative: ahead), plus the least delivery delay
+    # seen lately: from telemetry, whose samples the device stamps with its own clock.
+    clock_lag: float | None = None
+
+
+# The least lag over this long estimates the clock's offset: delays only add to it, and a batch sent
+# after an outage (samples queued for hours) does not hold the estimate up for longer than this.
+CLOCK_WINDOW = 600.0
 
 
 class FleetStore:
@@ -90,9 +100,10 @@ class FleetStore:
             self._db.execute("PRAGMA busy_timeout=10000")  # several monitors may share the file
             self._db.executescript(SCHEMA)
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
-            for column in ("labels", "hardware", "id_shared_with"):  # a database from before them
+            for column, kind in (("labels", "TEXT"), ("hardware", "TEXT"), ("id_shared_with", "TEXT"),
+                                 ("clock_lag", "REAL"), ("clock_lag_at", "REAL")):  # a database from before them
                 if column not in columns:
-                    self._db.execute(f"ALTER TABLE devices ADD COLUMN {column} TEXT")
+                    self._db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open fleet database {self.path}: {exc}") from None
         self._lock = threading.Lock()
@@ -158,8 +169,15 @@ class FleetStore:
                                       for s in samples])
                 new = self._db.total_changes - before
                 for device in {s.device_id for s in samples}:
-                    self._db.execute("UPDATE devices SET last_seen=MAX(last_seen, ?) WHERE device_id=?",
-                                     (received_at, device))
+                    lag = received_at - max(s.timestamp for s in samples if s.device_id == device)
+                    self._db.execute(
+                        "UPDATE devices SET last_seen=MAX(last_seen, ?), "
+                        "clock_lag=CASE WHEN clock_lag IS NULL OR ? < clock_lag OR clock_lag_at < ? THEN ? "
+                        "ELSE clock_lag END, "
+                        "clock_lag_at=CASE WHEN clock_lag IS NULL OR ? < clock_lag OR clock_lag_at < ? THEN ? "
+                        "ELSE clock_lag_at END WHERE device_id=?",
+                        (received_at, lag, received_at - CLOCK_WINDOW, lag, lag, received_at - CLOCK_WINDOW,
+                         received_at, device))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -178,7 +196,7 @@ class FleetStore:
                 SELECT d.device_id, d.online, d.status_at, d.agent_version, d.active_bundle, d.last_seen,
                        t.readings, t.bundle, t.timestamp,
                        (SELECT COUNT(*) FROM telemetry c WHERE c.device_id = d.device_id), d.labels, d.hardware,
-                       d.id_shared_with
+                       d.id_shared_with, d.clock_lag
                 FROM devices d
                 LEFT JOIN telemetry t ON t.device_id = d.device_id
                      AND t.seq = (SELECT MAX(seq) FROM telemetry m WHERE m.device_id = d.device_id)
@@ -188,7 +206,8 @@ class FleetStore:
                 given.setdefault(device, {})[name] = value
         return [DeviceRow(r[0], bool(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None,
                           r[7], r[8], r[9], {**(json.loads(r[10]) if r[10] else {}), **given.get(r[0], {})},
-                          json.loads(r[11]) if r[11] else None, json.loads(r[12]) if r[12] else None) for r in rows]
+                          json.loads(r[11]) if r[11] else None, json.loads(r[12]) if r[12] else None, r[13])
+                for r in rows]
 
     def set_labels(self, device_id: str, labels: dict[str, str | None]) -> None:
         """Give *device_id* labels in the registry (a value of None removes one); they win over the

@@ -119,3 +119,44 @@ def test_old_samples_fold_into_hourly_summaries_and_very_old_hours_go(tmp_path):
     assert summary["inference.p50_ms"] == {"mean": 2.0, "max": 3.0, "n": 3}
     assert summary["power.total_watts"] == {"mean": 6.0, "max": 7.0, "n": 2}  # only the samples that had it
     assert "thermal.max_c" not in summary
+
+
+def test_a_device_clock_behind_the_hosts_is_estimated_from_its_telemetry(tmp_path):
+    """A Pi has no RTC: until network time it stamps samples with a clock hours behind. The least
+    lag (host arrival - newest sample) over ten minutes estimates it: delivery delays only add, and a
+    batch of samples queued during an outage does not hold the estimate up once the window passes."""
+    from host_tools.fleet.store import CLOCK_WINDOW
+
+    store = FleetStore(tmp_path / "fleet.db")
+    store.record_status(DeviceStatus("pi-01", True, 1.0), 1.0)
+    host, behind = 1_000_000.0, 3 * 3600.0
+    stamped = lambda seq, at: TelemetrySample("pi-01", seq, at, 1.0, None, {})  # noqa: E731
+    store.record_telemetry_many([stamped(1, host - behind)], host + 0.4)  # 0.4 s on the way
+    store.record_telemetry_many([stamped(2, host + 5 - behind)], host + 5.1)
+    assert abs(store.devices()[0].clock_lag - (behind + 0.1)) < 1e-6
+    # Samples queued while the broker was away arrive late: the estimate stays.
+    store.record_telemetry_many([stamped(3, host + 10 - behind)], host + 400)
+    assert abs(store.devices()[0].clock_lag - (behind + 0.1)) < 1e-6
+    # Network time arrives: once the window has passed, the new offset replaces the old one.
+    later = host + CLOCK_WINDOW + 60
+    store.record_telemetry_many([stamped(4, later - 0.2)], later)
+    assert abs(store.devices()[0].clock_lag - 0.2) < 1e-6
+    store.close()
+
+
+def test_devices_show_says_when_a_device_clock_is_off(tmp_path):
+    import json
+    import time
+
+    from tests.conftest import edgefleet
+
+    store = FleetStore(tmp_path / "fleet.db")
+    for device, behind in (("pi-rtc", 0.0), ("pi-nortc", 2 * 86400.0 + 3600.0)):
+        store.record_status(DeviceStatus(device, True, time.time()), time.time())
+        store.record_telemetry_many([TelemetrySample(device, 1, time.time() - behind, 1.0, None, {})], time.time())
+    store.close()
+    shown = edgefleet("devices", "show", "pi-nortc", "--db", tmp_path / "fleet.db").stdout
+    assert "clock:      about 2 days behind this host's" in shown
+    assert "clock:" not in edgefleet("devices", "show", "pi-rtc", "--db", tmp_path / "fleet.db").stdout
+    doc = json.loads(edgefleet("devices", "show", "pi-nortc", "--db", tmp_path / "fleet.db", "--json").stdout)
+    assert abs(doc["clock_lag_s"] - (2 * 86400 + 3600)) < 5
