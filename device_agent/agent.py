@@ -237,7 +237,13 @@ class Agent:
         if isinstance(command, StatusRequest):
             self._reply(Reply(self.config.device_id, command.command_id, "status", True, self.report()))
             return
-        if command.command_id == self.machine.busy_with or not self._commands.first_time(command.command_id):
+        try:
+            again = command.command_id == self.machine.busy_with or not self._commands.first_time(
+                command.command_id, command.issued_at)
+        except ProtocolError as exc:
+            self._refuse(*command_id_of(payload), exc)
+            return
+        if again:
             log.info("command %s was delivered again; it is done or under way", command.command_id)
             return  # at-least-once delivery
         self._work.put((command, None))

@@ -1,5 +1,12 @@
 """Command ids the agent has acted on, kept on disk: MQTT delivers at least once, and a
-command redelivered after a restart must not run twice."""
+command redelivered after a restart must not run twice — nor one replayed by whoever can
+publish to the device's topic, for as long as its signature has not expired.
+
+The log keeps the last REMEMBERED commands and, of those it has let go, the latest issue time
+(the *horizon*): a command issued at or before it, and not among those remembered, may have run
+already, so it is refused. Without the horizon, a signed rollback captured off the broker could
+be played again once 512 newer commands had pushed its id out, up to its expiry (days).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import threading
 from collections import deque
 from pathlib import Path
 
+from device_agent.errors import ProtocolError
 from device_agent.store import write_atomically
 
 REMEMBERED = 512
@@ -17,22 +25,38 @@ class CommandLog:
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / "commands.json"
         self._lock = threading.Lock()
+        self.horizon = 0.0
+        entries: list[tuple[str, float]] = []
         try:
-            ids = json.loads(self.path.read_text())
-            ids = [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
+            doc = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            ids = []
-        self._ids: deque[str] = deque(ids, maxlen=REMEMBERED)
-        self._set = set(self._ids)
+            doc = None
+        if isinstance(doc, list):  # before the horizon: ids alone
+            entries = [(i, 0.0) for i in doc if isinstance(i, str)]
+        elif isinstance(doc, dict) and isinstance(doc.get("commands"), list):
+            entries = [(e[0], float(e[1])) for e in doc["commands"]
+                       if isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
+                       and type(e[1]) in (int, float)]
+            horizon = doc.get("horizon")
+            self.horizon = float(horizon) if type(horizon) in (int, float) else 0.0
+        self._entries: deque[tuple[str, float]] = deque(entries, maxlen=REMEMBERED)
+        self._ids = {i for i, _ in self._entries}
 
-    def first_time(self, command_id: str) -> bool:
-        """True (and remembered, durably) the first time *command_id* is seen; False after that."""
+    def first_time(self, command_id: str, issued_at: float) -> bool:
+        """True (and remembered, durably) the first time *command_id* is seen; False after that.
+        Raises ProtocolError for a command older than the horizon."""
         with self._lock:
-            if command_id in self._set:
+            if command_id in self._ids:
                 return False
-            if len(self._ids) == self._ids.maxlen:
-                self._set.discard(self._ids[0])
-            self._ids.append(command_id)
-            self._set.add(command_id)
-            write_atomically(self.path, json.dumps(list(self._ids)).encode())
+            if issued_at <= self.horizon:
+                raise ProtocolError("issued before the oldest command this device still remembers, so it may "
+                                    "have run already (played again?)")
+            if len(self._entries) == self._entries.maxlen:
+                gone, gone_at = self._entries[0]
+                self._ids.discard(gone)
+                self.horizon = max(self.horizon, gone_at)
+            self._entries.append((command_id, issued_at))
+            self._ids.add(command_id)
+            write_atomically(self.path, json.dumps({"commands": [list(e) for e in self._entries],
+                                                    "horizon": self.horizon}).encode())
             return True

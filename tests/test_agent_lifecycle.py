@@ -231,6 +231,32 @@ def test_a_duplicate_command_installs_once_even_across_a_restart(agents, mosquit
     assert "delivered again" in agent.log.read_text()
 
 
+def test_a_signed_command_older_than_what_the_device_remembers_is_refused_with_its_reason(
+        agents, mosquitto, keys, tmp_path):
+    """Its id may have been pushed out of the device's command log by newer ones: it may have run,
+    so it does not run (a rollback captured off the broker and played again days later)."""
+    agent = agents.start("replayed")
+    assert agent.wait_for_api() and announced(mosquitto, "replayed")
+    assert agent.terminate() == 0
+    # As if 512 commands newer than this one had been carried out since it was issued.
+    issued = time.time() - 3600
+    (agent.state_dir / "commands.json").write_text(json.dumps({"commands": [], "horizon": issued + 60}))
+    agent.start()
+    assert agent.wait_for_api() and announced(mosquitto, "replayed")
+    events: list[DeploymentEvent] = []
+    host = MqttClient(client_id=f"test-replay-{time.time_ns()}", broker=mosquitto)
+    host.subscribe(topics.events("replayed"), lambda t, p: events.append(DeploymentEvent.from_payload(p)))
+    host.connect()
+    try:
+        time.sleep(0.3)
+        command = sign_command(RollbackCommand("captured-1", issued).to_payload(), load_private_key(keys["key"]))
+        host.publish(topics.command("replayed"), command)
+        assert wait_until(lambda: events, 15), agent.log.read_text()[-2000:]
+    finally:
+        host.disconnect()
+    assert events[0].state == "failed" and "may have run already" in events[0].reason
+
+
 def test_a_command_sent_while_the_device_is_offline_is_carried_out_when_it_returns(
         agents, mosquitto, make_bundle):
     agent = agents.start("sleepy")

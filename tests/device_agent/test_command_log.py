@@ -1,0 +1,49 @@
+"""The agent's record of the commands it acted on: a command runs once, however often MQTT (or
+someone replaying it) delivers it, for as long as its signature has not expired."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from device_agent import command_log
+from device_agent.command_log import CommandLog
+from device_agent.errors import ProtocolError
+
+
+def test_a_command_runs_once_even_across_a_restart(tmp_path):
+    log = CommandLog(tmp_path)
+    assert log.first_time("c1", 100.0)
+    assert not log.first_time("c1", 100.0)
+    assert not CommandLog(tmp_path).first_time("c1", 100.0)  # remembered on disk
+
+
+def test_a_command_pushed_out_of_the_log_cannot_be_played_again(tmp_path, monkeypatch):
+    """Once newer commands have pushed its id out, an old signed command — captured off the broker
+    and published again before it expires — is refused rather than run a second time."""
+    monkeypatch.setattr(command_log, "REMEMBERED", 4)
+    log = CommandLog(tmp_path)
+    assert log.first_time("rollback-1", 100.0)
+    for i in range(4):
+        assert log.first_time(f"config-{i}", 200.0 + i)
+    with pytest.raises(ProtocolError, match="may have run already"):
+        log.first_time("rollback-1", 100.0)
+    with pytest.raises(ProtocolError):
+        CommandLog(tmp_path).first_time("rollback-1", 100.0)  # after a restart too
+    assert CommandLog(tmp_path).first_time("config-9", 300.0)  # newer commands run
+
+
+def test_a_log_written_before_the_horizon_is_read(tmp_path):
+    (tmp_path / "commands.json").write_text(json.dumps(["old-1", "old-2"]))
+    log = CommandLog(tmp_path)
+    assert not log.first_time("old-1", 50.0)
+    assert log.first_time("new-1", 60.0)
+    assert json.loads((tmp_path / "commands.json").read_text())["commands"][-1] == ["new-1", 60.0]
+
+
+@pytest.mark.parametrize("text", ["{", "[1, 2]", '{"commands": [["a"]], "horizon": "x"}', '{"commands": 5}'])
+def test_a_damaged_log_is_read_as_far_as_it_goes(tmp_path, text):
+    (tmp_path / "commands.json").write_text(text)
+    log = CommandLog(tmp_path)
+    assert log.first_time("c1", 1.0) and not log.first_time("c1", 1.0)
