@@ -20,6 +20,7 @@ from device_agent.bundle.signing import Signature, sign, verify
 from device_agent.errors import ProtocolError, SignatureError
 
 DEFAULT_EXPIRY = 24 * 3600.0  # long enough for a device that is offline for a day
+MAX_EXPIRY = 30 * 86400.0  # the longest the host tools sign a command for (--expires-in)
 UNSIGNED_ALLOWED = ("status_request",)  # read-only: asking a device how it is changes nothing
 
 
@@ -56,5 +57,10 @@ def verify_command(doc: dict[str, Any], keys: Mapping[str, Ed25519PublicKey], *,
         raise ProtocolError("signed command has no expiry")
     current = time.time() if now is None else now
     if current > expires_at:
-        raise ProtocolError(f"command expired {current - expires_at:.0f}s ago")
+        issued = body.get("issued_at")
+        hint = ""
+        if type(issued) in (int, float) and current - issued > MAX_EXPIRY:  # older than any command can live
+            hint = (f" (it was issued {(current - issued) / 86400:.0f} days before this device's clock, "
+                    f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(current))} UTC: is the clock right?)")
+        raise ProtocolError(f"command expired {current - expires_at:.0f}s ago{hint}")
     return key

@@ -12,6 +12,7 @@ from device_agent.errors import ConfigError
 from device_agent.mqtt import BrokerAddress, MqttClient, throwaway_client_id
 from device_agent.protocol import topics
 from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from device_agent.protocol.signed import DEFAULT_EXPIRY, MAX_EXPIRY
 
 DEFAULT_HOME = Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".local/share/edgefleet"))
 
@@ -29,7 +30,7 @@ chunk_size_option = click.option(
 
 def signing_options(fn):
     """--key and --expires-in for commands that change or load something on devices."""
-    fn = click.option("--expires-in", type=click.FloatRange(1, 30 * 86400), default=86400.0, show_default=True,
+    fn = click.option("--expires-in", type=click.FloatRange(1, MAX_EXPIRY), default=DEFAULT_EXPIRY, show_default=True,
                       help="Seconds the signed command stays valid (e.g. for a device that is offline).")(fn)
     return click.option("--key", "signing_key", envvar="EDGEFLEET_SIGNING_KEY", type=click.Path(path_type=Path),
                         default=DEFAULT_HOME / "keys" / "release.key", show_default=True,

@@ -182,6 +182,22 @@ def test_unsigned_and_expired_commands_are_refused_but_a_status_request_needs_no
     assert parse_command(StatusRequest("c3", 1.5).to_payload(), trusted) == StatusRequest("c3", 1.5)
 
 
+def test_a_device_whose_clock_runs_far_ahead_is_told_to_check_it(command_keys):
+    """Every command looks expired to a device whose clock is months ahead; the refusal says so."""
+    import time
+
+    from device_agent.protocol.signed import sign_command, verify_command
+
+    private, trusted = command_keys
+    now = time.time()
+    doc = json.loads(sign_command(RollbackCommand("c1", now).to_payload(), private, now=now))
+    with pytest.raises(ProtocolError, match=r"expired .* issued 60 days before this device's clock, .* is the clock"):
+        verify_command(doc, trusted, now=now + 60 * 86400)
+    with pytest.raises(ProtocolError) as late:  # a day late: expired, nothing about the clock
+        verify_command(doc, trusted, now=now + 2 * 86400)
+    assert "clock" not in str(late.value)
+
+
 @settings(max_examples=300, deadline=None)
 @given(signature=json_values)
 def test_any_signature_field_is_a_signature_error_or_protocol_error_never_a_crash(command_keys, signature):
