@@ -263,6 +263,16 @@ class AgentProcess:
         return bool(wait_until(lambda: self.proc.poll() is None and answers(self.api_socket)
                                and answers(self.control_socket), timeout))
 
+    def wait_for_broker(self, timeout: float = 30) -> bool:
+        """Wait until the agent says it is connected to its broker (it connects in the background,
+        after its local API answers and after asking whether its device id is free)."""
+        from device_agent.local_api import AgentClient
+
+        def connected() -> bool:
+            with AgentClient(self.control_socket, timeout=10) as client:
+                return client.status()["connected"]
+        return bool(wait_until(lambda: self.proc.poll() is None and connected(), timeout))
+
     def terminate(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

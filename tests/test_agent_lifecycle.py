@@ -260,7 +260,9 @@ def test_a_signed_command_older_than_what_the_device_remembers_is_refused_with_i
 def test_a_command_sent_while_the_device_is_offline_is_carried_out_when_it_returns(
         agents, mosquitto, make_bundle):
     agent = agents.start("sleepy")
-    assert agent.wait_for_api()  # its persistent session exists at the broker from now on
+    # Once it has announced itself, its persistent session exists at the broker (the local API
+    # answers earlier: the agent connects in the background, after asking whether its id is free).
+    assert agent.wait_for_api() and announced(mosquitto, "sleepy")
     assert agent.terminate() == 0
     host = host_command("deploy", make_bundle("1.0.0"), "--device", "sleepy", "--broker", mosquitto,
                         "--timeout", 60, "--chunk-size", 8192)
@@ -315,7 +317,7 @@ def test_the_inference_api_drops_no_request_during_swaps_and_rollbacks(agents, m
 
 def test_the_agent_serves_and_reports_a_tflite_bundle(agents, mosquitto, make_bundle, expected_logits):
     agent = agents.start("tflite-pi")
-    assert agent.wait_for_api()
+    assert agent.wait_for_api() and announced(mosquitto, "tflite-pi")
     bundle = make_bundle("1.0.0", name="digits-tflite", model=MODELS / "digits_cnn.tflite",
                          input_name="serving_default_args_0")
     assert deploy(bundle, "tflite-pi", mosquitto)["state"] == "active"
@@ -386,7 +388,7 @@ def test_a_third_party_model_with_three_inputs_and_outputs_goes_through_the_whol
     bundle = tmp_path / "nested.efb"
     build_bundle(model, name="nested", version="1.0.0", key=keys["key"], out=bundle, sample=feeds)
     agent = agents.start("third-party", inference_interval=0)
-    assert agent.wait_for_api()
+    assert agent.wait_for_api() and announced(mosquitto, "third-party")
     assert deploy(bundle, "third-party", mosquitto)["state"] == "active"
     with InferenceClient(agent.api_socket) as client:
         assert [i["name"] for i in client.describe()["inputs"]] == list(feeds)
@@ -417,7 +419,7 @@ def test_a_model_with_its_weights_in_an_external_data_file_is_bundled_with_it_an
     manifest = build_bundle(model, name="split", version="1.0.0", key=keys["key"], out=bundle)
     assert "transformer.weights" in [f.path for f in manifest.files]
     agent = agents.start("split-pi", inference_interval=0)
-    assert agent.wait_for_api()
+    assert agent.wait_for_api() and announced(mosquitto, "split-pi")
     assert deploy(bundle, "split-pi", mosquitto)["state"] == "active"
     x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
     with InferenceClient(agent.api_socket) as client:

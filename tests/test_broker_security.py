@@ -121,18 +121,11 @@ def test_a_device_that_takes_over_another_devices_session_reads_none_of_its_comm
 def test_another_device_cannot_guess_an_agents_session_and_knock_it_off(secure_broker, agents):
     """The agent's client id carries 64 random bits kept in its state directory (0600), so the
     session takeover above needs a secret no other device has."""
-    from device_agent.local_api import AgentClient
-
     address, pki, _ = secure_broker
     tls = tls_for(pki, "sec-b")
     agent = agents.start("sec-b", broker=address, extra_args=(
         "--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)))
-    assert agent.wait_for_api()
-
-    def connected() -> bool:
-        with AgentClient(agent.control_socket, timeout=10) as client:
-            return client.status()["connected"]
-    assert wait_until(connected, 30), agent.log.read_text()
+    assert agent.wait_for_api() and agent.wait_for_broker(), agent.log.read_text()
     record = agent.state_dir / "mqtt-session"
     assert len(record.read_text().strip()) == 16 and record.stat().st_mode & 0o777 == 0o600
     for guess in ("edgefleet-agent-sec-b", "sec-b", f"edgefleet-agent-sec-b-{'0' * 16}"):
@@ -140,7 +133,7 @@ def test_another_device_cannot_guess_an_agents_session_and_knock_it_off(secure_b
         thief.connect()
         time.sleep(0.5)
         thief.disconnect()
-    assert connected() and "lost the connection" not in agent.log.read_text()
+    assert agent.wait_for_broker(timeout=1) and "lost the connection" not in agent.log.read_text()
 
 
 def test_a_device_asks_for_its_own_id_on_its_presence_topic_and_not_for_others(secure_broker):
@@ -184,7 +177,7 @@ def test_deploy_and_telemetry_work_over_tls(secure_broker, agents, make_bundle, 
     tls = tls_for(pki, "tls-dev")
     agent = agents.start("tls-dev", broker=address, extra_args=(
         "--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)))
-    assert agent.wait_for_api(), agent.log.read_text()
+    assert agent.wait_for_api() and agent.wait_for_broker(), agent.log.read_text()
     host_tls = tls_for(pki, "host:ops")
     result = edgefleet("--tls-ca", host_tls.ca, "--tls-cert", host_tls.cert, "--tls-key", host_tls.key,
                        "deploy", make_bundle("1.0.0"), "--device", "tls-dev", "--broker", address, "--json")

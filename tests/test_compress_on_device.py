@@ -2,12 +2,12 @@
 
 import json
 
-from tests.conftest import MODELS, edgefleet
+from tests.conftest import MODELS, announced, edgefleet
 
 
 def test_compress_times_every_model_on_the_device_and_activates_nothing(agents, mosquitto, keys, tmp_path):
     agent = agents.start("bench-pi")
-    assert agent.wait_for_api()
+    assert agent.wait_for_api() and announced(mosquitto, "bench-pi")
     out = tmp_path / "digits.int8.onnx"
     result = edgefleet("compress", MODELS / "digits_cnn.onnx", "--recipe", "int8-static",
                        "--calib", MODELS / "digits_calib.npz", "--eval", MODELS / "digits_heldout.npz", "-o", out,

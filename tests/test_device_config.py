@@ -20,7 +20,7 @@ def config(device, broker, *args, key=None):
 
 def test_settings_change_at_once_survive_a_restart_and_bad_ones_change_nothing(agents, mosquitto, keys):
     agent = agents.start("tuned", telemetry_interval=5.0)
-    assert agent.wait_for_api()
+    assert agent.wait_for_api() and announced(mosquitto, "tuned")
     code, body = config("tuned", mosquitto, "--set", "telemetry_interval=0.2", "--set", "keep_versions=5")
     assert code == 0 and body["settings"]["telemetry_interval"] == 0.2 and body["settings"]["keep_versions"] == 5
     assert body["changed_remotely"] == ["keep_versions", "telemetry_interval"]
