@@ -109,7 +109,7 @@ class Hammer:
 
 def start_on_v1(agents, make_bundle, mosquitto, device, **options):
     agent = agents.start(device, **options)
-    assert agent.wait_for_api(), agent.log.read_text()
+    assert agent.wait_for_api() and announced(mosquitto, device), agent.log.read_text()
     assert deploy(make_bundle("1.0.0"), device, mosquitto)["state"] == "active"
     return agent
 

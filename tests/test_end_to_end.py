@@ -13,7 +13,7 @@ from device_agent.mqtt import MqttClient
 from device_agent.protocol.reports import DeviceStatus
 from host_tools.fleet.ingest import Ingest
 from host_tools.fleet.store import FleetStore
-from tests.conftest import MODELS, Mosquitto, edgefleet, free_port, wait_until
+from tests.conftest import MODELS, Mosquitto, announced, edgefleet, free_port, wait_until
 
 DEVICES = ["pi-01", "pi-02", "pi-03"]
 V1 = "digits-cnn 1.0.0"
@@ -173,6 +173,7 @@ def test_edgefleet_serve_answers_for_deploys_that_do_not_serve_and_picks_up_new_
     try:
         agents.start("pi-40")
         assert wait_until(lambda: "answering chunk requests" in (tmp_path / "serve.log").read_text(), 20)
+        assert announced(mosquitto, "pi-40")
         from device_agent.bundle import sha256_file
         from device_agent.protocol import topics
 
@@ -233,6 +234,7 @@ def test_the_monitor_serves_prometheus_metrics_without_made_up_power(mosquitto, 
     try:
         agents.start("pi-60")
         assert wait_until(lambda: "Prometheus metrics" in (tmp_path / "monitor.log").read_text(), 15)
+        assert announced(mosquitto, "pi-60")
         code, _ = deploy(make_bundle("1.0.0"), ["pi-60"], mosquitto)
         assert code == 0
 
