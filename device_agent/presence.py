@@ -31,6 +31,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import deque
 from datetime import datetime
 from typing import Any, Callable
 
@@ -47,8 +48,11 @@ MAX_TIME = 1e11  # Unix time in the year 5138: anything past it is not a start t
 
 def identity() -> dict[str, Any]:
     """This process, as it tells others: a random instance id, host name, pid, start time."""
-    return {"instance": secrets.token_hex(8), "host": socket.gethostname()[:255], "pid": os.getpid(),
-            "since": round(time.time(), 3)}
+    return {"instance": secrets.token_hex(8), "host": _hostname(), "pid": os.getpid(), "since": round(time.time(), 3)}
+
+
+def _hostname() -> str:
+    return socket.gethostname()[:255]
 
 
 def describe(who: dict[str, Any]) -> str:
@@ -101,7 +105,7 @@ class Presence:
         self._on_displaced = on_displaced
         self._on_rival = on_rival  # called (on the network thread) when `rivals` gains one
         self._claims = 0
-        self._asked: dict[str, bool] = {}  # nonces of our own questions to a claim's process, the last 8
+        self._asked: deque[str] = deque(maxlen=8)  # nonces of our own questions to a claim's process
         self._lock = threading.Lock()
         client.subscribe(topic, self._on_message, qos=1)
         client.on_connected(self._claim)
@@ -143,7 +147,8 @@ class Presence:
             return
         here = _who(doc.get("here"))
         if here is not None:
-            if self._asked.pop(doc.get("to"), None) and here["instance"] != self.me["instance"]:
+            if doc.get("to") in self._asked and here["instance"] != self.me["instance"]:
+                self._asked.remove(doc["to"])
                 self._conflict(here)  # it answered our question: it holds the identity now, as we do
             return
         claim = _who(doc.get("claim"))
@@ -157,7 +162,7 @@ class Presence:
             # The process before us (holder_of found it gone), or one connected beside us under
             # another client id: only a live one answers.
             nonce = secrets.token_hex(8)
-            self._asked = {**dict(list(self._asked.items())[-7:]), nonce: True}
+            self._asked.append(nonce)
             self._client.publish(self._topic, _encode({"ask": nonce, "from": self.me}), qos=1)
 
     def _conflict(self, other: dict[str, Any]) -> None:
@@ -192,8 +197,8 @@ def holder_of(broker: BrokerAddress, topic: str, *, me: dict[str, Any], tls: Tls
             answered.set()
         elif doc.get("ask") == nonce:
             echoed.set()
-        elif _who(doc.get("claim")) is not None:
-            claim.append(_who(doc["claim"]))
+        elif (claimed := _who(doc.get("claim"))) is not None:
+            claim.append(claimed)
 
     probe.connect(timeout=5)
     try:
@@ -213,7 +218,7 @@ def holder_of(broker: BrokerAddress, topic: str, *, me: dict[str, Any], tls: Tls
 
 
 def _exited_here(who: dict[str, Any]) -> bool:
-    if who["host"] != socket.gethostname()[:255]:
+    if who["host"] != _hostname():
         return False
     try:
         os.kill(who["pid"], 0)
