@@ -9,7 +9,7 @@ import click
 
 from device_agent import __version__
 from device_agent.errors import ConfigError
-from device_agent.mqtt import BrokerAddress, MqttClient, throwaway_client_id
+from device_agent.mqtt import BrokerAddress, MqttClient, session_client_id, throwaway_client_id
 from device_agent.protocol import topics
 from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from device_agent.protocol.signed import DEFAULT_EXPIRY, MAX_EXPIRY
@@ -73,7 +73,6 @@ def named_client(broker: str, role: str, name: str, session: Path, on_displaced)
     in *session*), held by one process at a time (device_agent.presence): another live one already
     holding it is one line, not two processes taking the session from each other.
     *on_displaced(holder)* runs if an earlier one comes back. Returns the client and its Presence."""
-    from device_agent.mqtt import session_client_id
     from device_agent.presence import Presence, describe, holder_of
 
     address, topic = BrokerAddress.parse(broker), topics.host_presence(role, name)
