@@ -334,6 +334,8 @@ class Agent:
             else:
                 bundle = self.store.installed(command.bundle.sha256)
                 if bundle is None:  # fetch and verify it, but do not activate it
+                    offer = command.bundle
+                    self.store.make_room(offer.sha256, offer.size, offer.unpacked_size or 0, self.config.keep_versions)
                     path = self.store.download_path(command.bundle.sha256)
                     Download(self.client, self._chunks, self.config.device_id, command.bundle, path,
                              window=self.config.chunk_window,

@@ -16,6 +16,7 @@ can turn any edgefleet failure into a single clear line::
     ├── ProtocolError            a malformed MQTT message
     ├── TransferError            a bundle download failed
     │   └── TransferTimeout      no progress before the deadline
+    ├── StorageError             the device's disk has no room for an update, or a write failed
     ├── ModelError               a runtime could not load or run a model
     │   └── HealthCheckError     the model ran but its output is not what the bundle promises
     ├── CompressionError         a compression pass failed on a model (host only)
@@ -70,6 +71,10 @@ class TransferError(EdgefleetError):
 
 
 class TransferTimeout(TransferError):
+    pass
+
+
+class StorageError(EdgefleetError):
     pass
 
 

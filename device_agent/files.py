@@ -1,4 +1,4 @@
-"""Writing a file under its final name only once it is whole."""
+"""Writing a file under its final name only once it is whole; sizes as people read them."""
 
 from __future__ import annotations
 
@@ -20,3 +20,14 @@ def replaced_when_written(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def size_text(n: int) -> str:
+    """*n* bytes as people read them: 900 bytes, 512 KiB, 12.3 MiB, 1.50 GiB."""
+    if n < 2**10:
+        return f"{n} bytes"
+    if n < 2**20:
+        return f"{n / 2**10:.0f} KiB"
+    if n < 2**30:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**30:.2f} GiB"

@@ -24,8 +24,8 @@ from typing import Mapping
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_agent.bundle import BundleReader, Manifest
-from device_agent.errors import BundleError
-from device_agent.files import replaced_when_written
+from device_agent.errors import BundleError, StorageError
+from device_agent.files import replaced_when_written, size_text
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,25 @@ def write_atomically(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _disk_usage(directory: Path) -> int:
+    """Bytes the files under *directory* take on disk."""
+    total = 0
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
 class BundleStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -80,6 +99,46 @@ class BundleStore:
         path = self.download_path(sha256)
         path.unlink(missing_ok=True)
         path.with_suffix(".chunks").unlink(missing_ok=True)
+
+    def make_room(self, sha256: str, download_size: int, unpacked_size: int, keep: int) -> None:
+        """Check that the disk has room to fetch bundle *sha256* (*download_size* bytes, less what
+        its partial file holds already) and unpack it (*unpacked_size*). If it has not, what no
+        update needs goes first: partial downloads of other bundles, leftovers of an unpacking,
+        versions neither active nor committed (one rolled back from, one fetched for a benchmark),
+        and committed ones past the newest *keep* (keep_versions, lowered since they were
+        committed). The rest stay: they are what a rollback goes back to. StorageError if it still
+        does not fit, saying what they take."""
+        try:
+            held = self.download_path(sha256).stat().st_blocks * 512
+        except OSError:
+            held = 0
+        need = max(0, download_size - held) + unpacked_size
+        if shutil.disk_usage(self.root).free >= need:
+            return
+        for path in [*self.downloads.iterdir(), *self.staging.iterdir()]:
+            if not path.name.startswith(f"{sha256}."):
+                _remove(path)
+        committed = self.committed()
+        if len(committed) > keep:
+            committed = committed[-keep:]
+            write_atomically(self._committed_file, json.dumps(committed).encode())
+        kept = set(committed)
+        active = self.active()
+        if active is not None:
+            kept.add(active.directory.name)
+        self._prune(kept)
+        free = shutil.disk_usage(self.root).free
+        if free >= need:
+            return
+        message = (f"not enough disk space: the bundle needs {size_text(download_size)} to download"
+                   + (f" and {size_text(unpacked_size)} unpacked" if unpacked_size else "")
+                   + f", {size_text(free)} are free")
+        earlier = [self.bundles / name for name in kept if active is None or name != active.directory.name]
+        if earlier:
+            taken = size_text(sum(_disk_usage(d) for d in earlier))
+            message += (f" ({len(earlier)} earlier version{'s take' if len(earlier) > 1 else ' takes'} {taken}, "
+                        "kept for rollback; keep_versions sets how many)")
+        raise StorageError(message)
 
     def active(self) -> InstalledBundle | None:
         if not self.current_link.is_symlink():
@@ -113,8 +172,8 @@ class BundleStore:
         *sha256*: the file's hash, when a download has just checked it."""
         work = self.staging / bundle_path.stem
         shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
         try:
+            work.mkdir(parents=True)
             with BundleReader(bundle_path) as reader:
                 verified = reader.verify(keys, extract_to=work / "files", sha256=sha256)
                 (work / "manifest.json").write_bytes(reader.manifest_bytes)
@@ -124,6 +183,8 @@ class BundleStore:
             shutil.rmtree(target, ignore_errors=True)
             os.replace(work, target)
             fsync_dir(self.bundles)
+        except OSError as exc:  # (BundleReader says what is wrong with the bundle file itself)
+            raise StorageError(f"cannot unpack the bundle: {exc.strerror or exc}") from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return InstalledBundle(target, m, verified.sha256)

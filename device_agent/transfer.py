@@ -31,10 +31,16 @@ write, rather than writing a new file and renaming it over the old one (a file c
 directory changed once a second): a torn record is caught like a torn chunk. A completed
 download is verified and unpacked at once, and what is unpacked is fsync'd before it is
 activated.
+
+The partial file's blocks are reserved when it is created (``posix_fallocate``): a download that
+fits when it starts cannot run out of disk half-way because something else on the device filled
+it. A write that fails all the same (a full disk on a file system that cannot reserve, an SD card
+failing with EIO) ends the download at once with that reason, and its partial file is removed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -46,7 +52,8 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
-from device_agent.errors import ProtocolError, TransferError, TransferTimeout
+from device_agent.errors import ProtocolError, StorageError, TransferError, TransferTimeout
+from device_agent.files import size_text
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.chunks import BundleOffer, Chunk, ChunkRequest
@@ -133,6 +140,7 @@ class Download:
         self._last_progress = time.monotonic()
         self._resumed = 0
         self._closed = False  # run() has ended: a chunk still arriving is not written
+        self._write_error: OSError | None = None  # a chunk could not be written: the download ends
         self._hasher = hashlib.sha256()
         self._hashed = 0  # chunks 0.._hashed-1 are in the running hash
         self.messages = self.duplicates = 0  # chunk messages seen, and those not needed
@@ -160,7 +168,11 @@ class Download:
                 self._connection = self._client.connections
                 self._shared = shared
             while True:
-                self._fetch()
+                try:
+                    self._fetch()
+                except StorageError:
+                    self.discard()  # a partial file we could not write to is no use, and takes room
+                    raise
                 if self._digest() == offer.sha256:
                     complete = True
                     break
@@ -176,7 +188,7 @@ class Download:
             self._router.target = None
             with self._cond:  # a chunk being handled on the network thread finishes first
                 self._closed = True
-                if not complete:
+                if not complete and self._write_error is None:
                     self._save_record()
                 self._fh.close()
                 os.close(self._record)
@@ -204,15 +216,30 @@ class Download:
             self.discard()
             free = shutil.disk_usage(self._dest.parent).free
             if free < offer.size:
-                raise TransferError(f"not enough disk space: the bundle needs {offer.size / 2**20:.1f} MiB, "
-                                    f"{free / 2**20:.1f} MiB are free")
+                raise StorageError(self._no_room(free))
             with open(self._dest, "wb") as fh:
                 fh.truncate(offer.size)
         self._resumed = len(self._received)
         # Unbuffered: each chunk is one write, and the running hash reads chunks back with pread.
         self._fh = open(self._dest, "r+b", buffering=0)
+        self._reserve()
         self._record = os.open(self.record_path, os.O_RDWR | os.O_CREAT, 0o644)
         self._saved_at = time.monotonic()
+
+    def _no_room(self, free: int) -> str:
+        return f"not enough disk space: the bundle needs {size_text(self._offer.size)}, {size_text(free)} are free"
+
+    def _reserve(self) -> None:
+        """Allocate the partial file's blocks now (those an earlier attempt left as holes too), so
+        that its chunks' writes cannot find the disk full."""
+        try:
+            os.posix_fallocate(self._fh.fileno(), 0, self._offer.size)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:  # a file system that cannot reserve: writes will tell
+                return
+            self._fh.close()
+            self.discard()
+            raise StorageError(self._no_room(shutil.disk_usage(self._dest.parent).free)) from None
 
     def _save_record(self) -> None:
         """Note which chunks were written and their CRC-32s, over the record in place (always
@@ -220,14 +247,19 @@ class Download:
         n = self._offer.chunk_count
         flags = bytes(1 if i in self._received else 0 for i in range(n))
         crcs = struct.pack(f">{n}I", *(self._received.get(i, 0) for i in range(n)))
-        os.pwrite(self._record, flags + crcs, 0)
         self._saved_at = time.monotonic()
+        try:
+            os.pwrite(self._record, flags + crcs, 0)
+        except OSError as exc:  # a hint only: without it a resumed download fetches more again
+            log.warning("cannot save which chunks of %s arrived: %s", self._offer.sha256[:12], exc)
 
     def _fetch(self) -> None:
         total = self._offer.chunk_count
         with self._cond:
             while len(self._received) < total:
                 now = time.monotonic()
+                if self._write_error is not None:
+                    raise StorageError(f"cannot write the download: {self._write_error.strerror or self._write_error}")
                 if now - self._last_progress > self._stall_timeout:
                     raise TransferTimeout(f"no chunk arrived for {self._stall_timeout:g}s "
                                           f"({len(self._received)}/{total} received"
@@ -378,9 +410,14 @@ class Download:
         if len(chunk.data) != expected_len:
             return  # a device never writes more (or less) than the offer declared
         with self._cond:
-            if self._closed or chunk.index in self._received:
+            if self._closed or self._write_error is not None or chunk.index in self._received:
                 return
-            os.pwrite(self._fh.fileno(), chunk.data, chunk.index * offer.chunk_size)
+            try:
+                os.pwrite(self._fh.fileno(), chunk.data, chunk.index * offer.chunk_size)
+            except OSError as exc:  # the download's thread ends it (see _fetch)
+                self._write_error = exc
+                self._cond.notify_all()
+                return
             self._received[chunk.index] = zlib.crc32(chunk.data) if chunk.crc32 is None else chunk.crc32
             self._hash_forward(chunk.index, chunk.data)
             now = time.monotonic()

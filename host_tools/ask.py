@@ -59,7 +59,7 @@ def bench_bundle(client: MqttClient, device: str, bundle: Path, *, runs: int, wa
     server = BundleServer(client, chunk_size=chunk_size)
     server.start()
     try:
-        offer = server.offer(bundle, manifest.name, manifest.version, manifest.target)
+        offer = server.offer_bundle(bundle, manifest)
         return ask(client, device, lambda cid: BenchCommand(cid, time.time(), offer, runs, warmup), timeout,
                    signer)
     finally:

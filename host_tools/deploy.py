@@ -120,7 +120,7 @@ class Deployment(EventTracker):
         self._server = server
 
     def start(self) -> None:
-        offer = self._server.offer(self.bundle, self.manifest.name, self.manifest.version, self.manifest.target)
+        offer = self._server.offer_bundle(self.bundle, self.manifest)
         self.send(DeployCommand(self.command_id, offer, time.time(), self.allow_downgrade).to_payload())
 
 

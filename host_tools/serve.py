@@ -47,6 +47,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from device_agent.bundle import Manifest
 from device_agent.errors import MqttError, ProtocolError
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
@@ -134,17 +135,22 @@ class BundleServer:
     def chunks_sent(self) -> int:
         return self.stats.chunks_sent
 
-    def offer(self, path: Path, name: str, version: str, target: dict | None = None) -> BundleOffer:
+    def offer(self, path: Path, name: str, version: str, target: dict | None = None, *,
+              unpacked_size: int | None = None) -> BundleOffer:
         """Serve *path*; it is read once here, for its SHA-256 and every chunk's CRC-32 (which
         serving would otherwise compute while devices wait)."""
         path = Path(path)
         sha, crcs = digest_chunks(path, self._chunk_size)
-        offer = BundleOffer(sha256=sha, size=path.stat().st_size,
-                            chunk_size=self._chunk_size, name=name, version=version, target=target or None)
+        offer = BundleOffer(sha256=sha, size=path.stat().st_size, chunk_size=self._chunk_size, name=name,
+                            version=version, target=target or None, unpacked_size=unpacked_size)
         with self._lock:
             self._digests.update(((sha, self._chunk_size, i), crc) for i, crc in enumerate(crcs))
         self._bundles[offer.sha256] = (path, offer)
         return offer
+
+    def offer_bundle(self, path: Path, manifest: Manifest) -> BundleOffer:
+        """Serve the bundle file *path*, whose manifest is *manifest*."""
+        return self.offer(path, manifest.name, manifest.version, manifest.target, unpacked_size=manifest.unpacked_size)
 
     def withdraw(self, sha256: str) -> None:
         self._bundles.pop(sha256, None)
@@ -586,7 +592,7 @@ class BundleDirectory:
             try:
                 with BundleReader(path) as reader:
                     manifest = reader.manifest
-                offer = self._server.offer(path, manifest.name, manifest.version, manifest.target)
+                offer = self._server.offer_bundle(path, manifest)
             except (EdgefleetError, OSError) as exc:
                 lines.append(f"skipping {path}: {exc}")
                 continue

@@ -191,6 +191,33 @@ def make_bundle(tmp_path_factory, keys, reference_model, heldout):
 
 
 @pytest.fixture(scope="session")
+def padded_bundle(tmp_path_factory, keys):
+    """padded_bundle(version, mib) -> a bundle whose model carries *mib* MiB of zero weights: it
+    travels as a few KiB (zstd) and takes *mib* MiB once unpacked, as a pruned model does."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from host_tools.packaging import build_bundle
+
+    out_dir = tmp_path_factory.mktemp("padded")
+
+    def make(version: str, mib: float) -> Path:
+        out = out_dir / f"padded-{version}.efb"
+        if not out.exists():
+            pad = numpy_helper.from_array(np.zeros(int(mib * 2**18), np.float32), "pad")
+            graph = helper.make_graph(
+                [helper.make_node("Gather", ["pad", "first"], ["p"]), helper.make_node("Add", ["x", "p"], ["y"])],
+                "padded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                [pad, numpy_helper.from_array(np.array([0], np.int64), "first")])
+            model = out_dir / f"padded-{version}.onnx"
+            save(helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 13)]), model)
+            build_bundle(model, name="padded", version=version, key=keys["key"], out=out,
+                         sample={"x": np.ones((1, 4), np.float32)})
+        return out
+    return make
+
+
+@pytest.fixture(scope="session")
 def forge_bundle(tmp_path_factory, keys, reference_model, heldout):
     """A correctly signed bundle whose *content* is bad, as a broken build would make it:
     forge_bundle(version, model_bytes=...) or forge_bundle(version, output_offset=...)."""
@@ -299,8 +326,8 @@ def agents(tmp_path, mosquitto, keys):
     started: list[AgentProcess] = []
 
     class Factory:
-        def start(self, device_id: str, *, broker=None, **options) -> AgentProcess:
-            agent = AgentProcess(device_id, tmp_path / "devices" / device_id, broker or mosquitto,
+        def start(self, device_id: str, *, broker=None, state_dir: Path | None = None, **options) -> AgentProcess:
+            agent = AgentProcess(device_id, state_dir or tmp_path / "devices" / device_id, broker or mosquitto,
                                  keys["pub"], **options)
             started.append(agent)
             return agent
@@ -308,6 +335,43 @@ def agents(tmp_path, mosquitto, keys):
     yield Factory()
     for agent in started:
         agent.cleanup()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(mib, inodes=None) -> a directory on a file system of that size of its own (a
+    tmpfs), to see what a full disk does. Mounting needs root: without it the test is skipped."""
+    mounted: list[Path] = []
+
+    def mount(mib: float, *, inodes: int | None = None) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small file system needs root")
+        path = tmp_path / f"disk{len(mounted)}"
+        path.mkdir()
+        options = f"size={int(mib * 2**20)}" + (f",nr_inodes={inodes}" if inodes else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "edgefleet-test", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+    yield mount
+    for path in mounted:  # lazily: an agent the test started may still have files open there
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_disk(directory: Path) -> Path:
+    """Write a file in *directory* until its file system has no room left; returns the file."""
+    filler = directory / "filler"
+    block = b"\xff" * 4096
+    with open(filler, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(block)
+        except OSError:
+            pass
+    assert shutil.disk_usage(directory).free < len(block)
+    return filler
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ bundle — answering correctly on its local API throughout.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -182,6 +183,19 @@ def test_bad_models_are_refused_each_with_its_own_reason(agents, mosquitto, make
     # nothing of the refused versions is left on the device
     current = (agent.state_dir / "current").resolve().name
     assert [p.name for p in (agent.state_dir / "bundles").iterdir()] == [current]
+
+
+def test_an_update_with_no_room_on_the_device_is_refused_before_download_and_the_old_model_serves_on(
+        agents, mosquitto, make_bundle, padded_bundle, small_disk, expected_logits):
+    agent = start_on_v1(agents, make_bundle, mosquitto, "small-card", state_dir=small_disk(6) / "state")
+    result = deploy(padded_bundle("1.0.0", 8), "small-card", mosquitto)  # a few KiB to fetch, 8 MiB unpacked
+    assert result["state"] == "failed", result
+    assert re.fullmatch(r"refused before download: not enough disk space: the bundle needs \d+ KiB to download "
+                        r"and 8\.0 MiB unpacked, [\d.]+ MiB are free", result["reason"]), result
+    assert status(agent)["active_bundle"] == V1
+    assert_answers_correctly(agent, expected_logits)
+    assert not list((agent.state_dir / "downloads").iterdir())
+    assert deploy(padded_bundle("1.1.0", 2), "small-card", mosquitto)["state"] == "active"  # one that fits
 
 
 def test_a_crash_loop_after_activation_ends_in_rollback(agents, mosquitto, make_bundle, expected_logits):

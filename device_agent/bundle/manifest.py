@@ -75,6 +75,11 @@ class Manifest:
     def label(self) -> str:
         return f"{self.name} {self.version}"
 
+    @property
+    def unpacked_size(self) -> int:
+        """Bytes the bundle's files take on a device once unpacked."""
+        return sum(f.size for f in self.files)
+
     def file(self, path: str) -> FileEntry:
         for entry in self.files:
             if entry.path == path:

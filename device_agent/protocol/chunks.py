@@ -33,6 +33,9 @@ class BundleOffer:
     # The manifest's target, repeated here so a device can refuse a bundle it cannot run before
     # downloading it (the signed manifest is checked again after the download).
     target: dict[str, Any] | None = None
+    # Bytes the bundle's files take once unpacked (the manifest's sizes): a device needs room for the
+    # download and for them, and checks before it fetches anything. None: an older host; not checked.
+    unpacked_size: int | None = None
 
     @property
     def chunk_count(self) -> int:
@@ -44,11 +47,14 @@ class BundleOffer:
             raise ProtocolError("bundle offer must be an object")
         offer = cls(sha256=require(doc, "sha256", str), size=require(doc, "size", int),
                     chunk_size=require(doc, "chunk_size", int), name=require(doc, "name", str),
-                    version=require(doc, "version", str), target=require(doc, "target", dict, optional=True))
+                    version=require(doc, "version", str), target=require(doc, "target", dict, optional=True),
+                    unpacked_size=require(doc, "unpacked_size", int, optional=True))
         if len(offer.sha256) != 64 or any(c not in "0123456789abcdef" for c in offer.sha256):
             raise ProtocolError("bundle sha256 must be 64 lower-case hex digits")
         if not 0 < offer.size or not 0 < offer.chunk_size <= MAX_CHUNK_SIZE:
             raise ProtocolError("bundle size and chunk size must be positive (chunk size at most 1 MiB)")
+        if offer.unpacked_size is not None and offer.unpacked_size < 0:
+            raise ProtocolError("unpacked size must not be negative")
         return offer
 
 

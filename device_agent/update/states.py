@@ -29,7 +29,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_agent.config import AgentConfig
-from device_agent.errors import EdgefleetError, PolicyError, TransferTimeout
+from device_agent.errors import EdgefleetError, PolicyError, StorageError, TransferTimeout
 from device_agent.mqtt import MqttClient
 from device_agent.protocol.chunks import BundleOffer
 from device_agent.protocol.reports import DeploymentEvent
@@ -137,6 +137,10 @@ class Downloading(State):
             return _fail(record, f"refused before download: {exc}")
         if ctx.store.installed(offer.sha256) is not None:
             return DONE, record  # installed before (e.g. an earlier version we rolled back from)
+        try:
+            ctx.store.make_room(offer.sha256, offer.size, offer.unpacked_size or 0, ctx.config.keep_versions)
+        except StorageError as exc:
+            return _fail(record, f"refused before download: {exc}")
         path = ctx.store.download_path(offer.sha256)
         last = [-1.0]
 

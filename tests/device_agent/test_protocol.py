@@ -1,6 +1,7 @@
 """Every message that crosses MQTT round-trips, and anything malformed is a ProtocolError."""
 
 import json
+from dataclasses import asdict, replace
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +18,7 @@ from device_agent.protocol.reports import DeploymentEvent, DeviceStatus, Telemet
 OFFER = BundleOffer(sha256="ab" * 32, size=100_000, chunk_size=16_384, name="digits-cnn", version="1.0.0")
 MESSAGES = [
     DeployCommand("c1", OFFER, 1.5),
+    DeployCommand("c1", replace(OFFER, unpacked_size=8 * 2**20), 1.5),
     RollbackCommand("c2", 1.5),
     StatusRequest("c3", 1.5),
     BenchCommand("c4", 1.5, OFFER, runs=50, warmup=5),
@@ -48,6 +50,12 @@ def test_round_trip(message):
 def test_a_chunk_request_with_no_chunks_only_says_what_a_fan_out_download_heard(body):
     with pytest.raises(ProtocolError):
         ChunkRequest.from_payload(json.dumps({"type": "chunk_request", "device_id": "pi-01", **body}).encode())
+
+
+@pytest.mark.parametrize("unpacked_size", [-1, "8", 1.5, True])
+def test_an_offer_with_a_negative_or_non_integer_unpacked_size_is_refused(unpacked_size):
+    with pytest.raises(ProtocolError, match="unpacked"):
+        BundleOffer.from_dict({**asdict(OFFER), "unpacked_size": unpacked_size})
 
 
 def test_chunk_count_rounds_up():

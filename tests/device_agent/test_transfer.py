@@ -1,5 +1,6 @@
 """Chunk transfer over a real Mosquitto: device-driven, windowed, hash-checked."""
 
+import errno
 import os
 import random
 import struct
@@ -10,14 +11,14 @@ import zlib
 
 import pytest
 
-from device_agent.errors import MqttError, TransferError, TransferTimeout
+from device_agent.errors import MqttError, StorageError, TransferError, TransferTimeout
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, BundleOffer, Chunk, ChunkRequest
 from device_agent.transfer import CHUNK_QOS, REPAIRS, ChunkRouter, Download
 from host_tools import serve
 from host_tools.serve import BundleServer
-from tests.conftest import Mosquitto, wait_until
+from tests.conftest import Mosquitto, fill_disk, wait_until
 
 
 @pytest.fixture
@@ -350,9 +351,57 @@ def test_a_bundle_larger_than_the_free_disk_is_refused_before_anything_is_writte
     free = shutil.disk_usage(tmp_path).free
     offer = BundleOffer(sha256="ef" * 32, size=free + 2**30, chunk_size=64 * 1024, name="m", version="1.0.0")
     client, router = device(clients, "dev-f")
-    with pytest.raises(TransferError, match="not enough disk space"):
+    with pytest.raises(StorageError, match="not enough disk space"):
         Download(client, router, "dev-f", offer, tmp_path / "huge.part").run()
     assert list(tmp_path.iterdir()) == []
+
+
+def _download_then_fill_the_disk(clients, tmp_path, disk, device_id):
+    """Start a download into *disk* with no server answering yet, fill the disk once the download
+    has made its partial file, then serve it: returns (the download's thread, its result list)."""
+    blob = tmp_path / "bundle.efb"
+    blob.write_bytes(os.urandom(2 * 2**20))
+    server = BundleServer(clients("host"), chunk_size=64 * 1024)
+    offer = server.offer(blob, "m", "1.0.0")
+    client, router = device(clients, device_id)
+    download = Download(client, router, device_id, offer, disk / "got.part", retry_after=0.3, stall_timeout=20)
+    result: list = []
+
+    def run():
+        try:
+            result.append(download.run())
+        except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+            result.append(exc)
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert wait_until(lambda: (disk / "got.chunks").exists(), 10)  # its file is made, its first ask sent
+    fill_disk(disk)
+    server.start()
+    thread.join(30)
+    server.stop()
+    return blob, result
+
+
+def test_a_download_that_fits_when_it_starts_completes_though_the_disk_fills_up_meanwhile(
+        clients, tmp_path, small_disk):
+    disk = small_disk(3)
+    blob, result = _download_then_fill_the_disk(clients, tmp_path, disk, "dev-fill")
+    assert isinstance(result[0], os.PathLike) and result[0].read_bytes() == blob.read_bytes()
+
+
+def test_a_chunk_that_cannot_be_written_ends_the_download_at_once_and_frees_its_room(
+        clients, tmp_path, small_disk, monkeypatch):
+    # A file system that cannot reserve room ahead (vfat, NFS): its writes are what find the disk full.
+    def cannot_reserve(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+    monkeypatch.setattr(os, "posix_fallocate", cannot_reserve)
+    disk = small_disk(3)
+    started = time.monotonic()
+    _blob, result = _download_then_fill_the_disk(clients, tmp_path, disk, "dev-full")
+    assert isinstance(result[0], StorageError), result
+    assert str(result[0]) == "cannot write the download: No space left on device"
+    assert time.monotonic() - started < 15  # not after the 20 s stall timeout
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # the partial file and its record are gone
 
 
 def test_many_devices_fetching_one_bundle_share_one_copy_through_the_broker(clients, tmp_path):
