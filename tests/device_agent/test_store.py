@@ -9,7 +9,6 @@ from device_agent.bundle import BundleReader
 from device_agent.bundle.signing import trusted_keys
 from device_agent.errors import SignatureError, StorageError
 from device_agent.store import BundleStore
-from tests.conftest import fill_disk
 
 
 def test_install_keeps_current_until_activate(make_bundle, keys, tmp_path):
