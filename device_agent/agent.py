@@ -95,7 +95,8 @@ class Agent:
             if config.http_port is not None:
                 self._servers.append(HttpApi(config.http_port, self.slot))
         self._collectors = TelemetryCollectors(CollectorContext(sysfs=config.sysfs, latency=self.latency,
-                                                                errors=lambda: self.slot.errors), collectors)
+                                                                errors=lambda: self.slot.errors,
+                                                                state_dir=config.state_dir), collectors)
         self._update_thread: threading.Thread | None = None
 
     # -- life cycle -------------------------------------------------------------------

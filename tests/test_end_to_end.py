@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -249,6 +250,8 @@ def test_the_monitor_serves_prometheus_metrics_without_made_up_power(mosquitto, 
         assert 'edgefleet_device_online{bundle="digits-cnn 1.0.0",device="pi-60"} 1.0' in text
         assert 'edgefleet_inferences_per_second{bundle="digits-cnn 1.0.0",device="pi-60"}' in text
         assert 'edgefleet_power_watts{' not in text  # no sensor on this machine: no series, not a zero
+        free = re.search(r'^edgefleet_disk_free_bytes\{bundle="digits-cnn 1.0.0",device="pi-60"\} (\S+)$', text, re.M)
+        assert free and abs(float(free[1]) / shutil.disk_usage(tmp_path).free - 1) < 0.1, text[-2000:]
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0

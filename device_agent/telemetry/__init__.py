@@ -31,6 +31,7 @@ class CollectorContext:
     # Runs `vcgencmd ARGS` and returns its output, None where there is none (tests: recorded output).
     vcgencmd: Callable[..., str | None] = field(default_factory=lambda: _real_vcgencmd)
     clock: Callable[[], float] = time.monotonic
+    state_dir: Path | None = None  # where the agent keeps its bundles (the disk collector's file system)
 
 
 def _real_vcgencmd(*args: str) -> str | None:
@@ -104,4 +105,4 @@ def _energy_per_inference(readings: dict[str, Any]) -> None:
 
 def _load_builtin() -> None:
     # Importing a collector module registers it.
-    from device_agent.telemetry import cpu, inference, memory, power, thermal  # noqa: F401
+    from device_agent.telemetry import cpu, disk, inference, memory, power, thermal  # noqa: F401

@@ -34,6 +34,9 @@ GAUGES = [
      "power_watts", 1),
     ("edgefleet_energy_per_inference_joules", "Device energy over the interval per inference.",
      "energy_per_inference_mj", 1e-3),
+    ("edgefleet_disk_free_bytes", "Room left for the agent on the file system that holds its bundles.",
+     "disk_free_bytes", 1),
+    ("edgefleet_disk_size_bytes", "Size of the file system that holds the agent's bundles.", "disk_total_bytes", 1),
     ("edgefleet_last_seen_timestamp_seconds", "When the host last heard from the device (Unix time).",
      "last_seen", 1),
 ]

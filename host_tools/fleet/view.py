@@ -16,7 +16,7 @@ def readings_summary(readings: dict[str, Any] | None) -> dict[str, Any]:
     def part(name: str) -> dict[str, Any]:
         value = (readings or {}).get(name)
         return value if isinstance(value, dict) else {}
-    inf, mem, cpu, power, thermal = (part(n) for n in ("inference", "memory", "cpu", "power", "thermal"))
+    inf, mem, cpu, power, thermal, disk = (part(n) for n in ("inference", "memory", "cpu", "power", "thermal", "disk"))
     return {
         "latency_p50_ms": inf.get("p50_ms"),
         "latency_p95_ms": inf.get("p95_ms"),
@@ -28,6 +28,8 @@ def readings_summary(readings: dict[str, Any] | None) -> dict[str, Any]:
         "power_source": power.get("source"),
         "energy_per_inference_mj": inf.get("energy_mj"),
         "temperature_c": thermal.get("max_c"),
+        "disk_free_bytes": disk.get("free_bytes"),
+        "disk_total_bytes": disk.get("total_bytes"),
     }
 
 

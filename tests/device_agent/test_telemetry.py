@@ -20,6 +20,16 @@ def test_default_collectors_report_real_process_readings():
     assert "power" not in readings  # this machine has no power sensor: absent, never zero
 
 
+def test_the_disk_collector_reports_the_room_left_where_the_agent_keeps_its_bundles(small_disk):
+    state_dir = small_disk(4)
+    collectors = TelemetryCollectors(CollectorContext(state_dir=state_dir), ["disk"])
+    assert collectors.collect()["disk"] == {"free_bytes": 4 * 2**20, "total_bytes": 4 * 2**20}
+    (state_dir / "bundle").write_bytes(b"\x01" * 3 * 2**20)
+    assert collectors.collect()["disk"] == {"free_bytes": 2**20, "total_bytes": 4 * 2**20}
+    # run on its own, without a state directory, it has nothing to read: no reading at all
+    assert "disk" not in TelemetryCollectors(CollectorContext(), ["disk"]).collect()
+
+
 def test_the_latency_distribution_over_an_interval_has_its_percentiles_and_max():
     hist = LatencyHistogram()
     for ms in range(1, 101):  # 1 ms .. 100 ms, one each

@@ -160,3 +160,26 @@ def test_devices_show_says_when_a_device_clock_is_off(tmp_path):
     assert "clock:" not in edgefleet("devices", "show", "pi-rtc", "--db", tmp_path / "fleet.db").stdout
     doc = json.loads(edgefleet("devices", "show", "pi-nortc", "--db", tmp_path / "fleet.db", "--json").stdout)
     assert abs(doc["clock_lag_s"] - (2 * 86400 + 3600)) < 5
+
+
+def test_devices_show_says_how_much_room_is_left_on_the_device_for_bundles(tmp_path):
+    import json
+    import time
+
+    from tests.conftest import edgefleet
+
+    store = FleetStore(tmp_path / "fleet.db")
+    readings = {"pi-full": {"disk": {"free_bytes": 3 * 2**29, "total_bytes": 29 * 2**30}},
+                "pi-old": {}, "pi-odd": {"disk": {"free_bytes": "lots", "total_bytes": 29 * 2**30}}}
+    for device, sample in readings.items():
+        store.record_status(DeviceStatus(device, True, time.time()), time.time())
+        store.record_telemetry_many([TelemetrySample(device, 1, time.time(), 1.0, None, sample)], time.time())
+    store.close()
+
+    def show(device, *json_flag):
+        return edgefleet("devices", "show", device, "--db", tmp_path / "fleet.db", *json_flag).stdout
+    assert "disk:       1.50 GiB free of 29.00 GiB (the file system that holds its bundles)" in show("pi-full")
+    assert json.loads(show("pi-full", "--json"))["disk"] == {"free_bytes": 3 * 2**29, "total_bytes": 29 * 2**30}
+    for device in ("pi-old", "pi-odd"):  # not reported, or not numbers: nothing is shown, nothing made up
+        assert "disk:" not in show(device)
+        assert json.loads(show(device, "--json"))["disk"] is None
