@@ -17,7 +17,9 @@ from device_agent.bench import benchmark
 from device_agent.bundle.signing import trusted_keys
 from device_agent.command_log import CommandLog
 from device_agent.config import AgentConfig, RemoteSettings
-from device_agent.errors import ConfigError, EdgefleetError, MqttError, ProtocolError, SignatureError
+from device_agent.errors import (
+    ConfigError, EdgefleetError, MqttError, ProtocolError, SignatureError, StorageError,
+)
 from device_agent.hardware import describe as describe_hardware
 from device_agent.local_api import LocalApi
 from device_agent.local_api import framing
@@ -69,6 +71,7 @@ class Agent:
         self._check = check
         self._commands = CommandLog(config.state_dir)
         self.telemetry_queue = TelemetryQueue(self.store.root / "telemetry.db", config.telemetry_queue_max)
+        self._queue_failing = False  # the last sample could not be queued (a full disk): said once
         self._adopt_old_sequence()
         self._hardware = describe_hardware(config.sysfs)
         self._sending = threading.Lock()  # one sender at a time: the telemetry loop, or a reconnect
@@ -337,8 +340,8 @@ class Agent:
                 if bundle is None:  # fetch and verify it, but do not activate it
                     offer = command.bundle
                     self.store.make_room(offer.sha256, offer.size, offer.unpacked_size or 0, self.config.keep_versions)
-                    path = self.store.download_path(command.bundle.sha256)
-                    Download(self.client, self._chunks, self.config.device_id, command.bundle, path,
+                    path = self.store.download_path(offer.sha256)
+                    Download(self.client, self._chunks, self.config.device_id, offer, path,
                              window=self.config.chunk_window,
                              stall_timeout=self.config.download_stall_timeout).run()
                     try:
@@ -386,9 +389,17 @@ class Agent:
             bundle = self.slot.bundle
             readings = self._collectors.collect()
             readings["queue"] = self.telemetry_queue.stats()  # what is waiting, and what was ever dropped
-            self.telemetry_queue.put({"device_id": self.config.device_id, "timestamp": time.time(),
-                                      "interval_s": interval, "bundle": bundle.label if bundle else None,
-                                      "readings": readings})
+            try:
+                self.telemetry_queue.put({"device_id": self.config.device_id, "timestamp": time.time(),
+                                          "interval_s": interval, "bundle": bundle.label if bundle else None,
+                                          "readings": readings})
+                if self._queue_failing:
+                    log.info("telemetry is queued again (the samples lost meanwhile are counted as dropped)")
+                self._queue_failing = False
+            except StorageError as exc:  # a full disk: measure on, and queue again once there is room
+                if not self._queue_failing:
+                    log.warning("%s; samples are lost until there is room", exc)
+                self._queue_failing = True
             self._send_queued()
 
     def _send_queued(self) -> None:
@@ -407,4 +418,8 @@ class Agent:
             except MqttError as exc:  # not acknowledged: they stay queued and go again later
                 log.warning("telemetry not sent yet (%d queued): %s", self.telemetry_queue.stats()["pending"], exc)
                 return
-            self.telemetry_queue.remove_through(samples[-1]["seq"])
+            try:
+                self.telemetry_queue.remove_through(samples[-1]["seq"])
+            except StorageError as exc:  # sent, but still queued: they go again with the next interval's
+                log.warning("%s", exc)
+                return

@@ -257,7 +257,8 @@ class AgentProcess:
 
     def __init__(self, device_id: str, state_dir: Path, broker: BrokerAddress, trusted: Path, *,
                  telemetry_interval: float = 1.0, inference_interval: float = 0.05,
-                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 log: Path | None = None) -> None:
         self.device_id, self.state_dir = device_id, state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self.socket_dir = Path(tempfile.mkdtemp(prefix="ef-", dir="/tmp"))
@@ -269,7 +270,7 @@ class AgentProcess:
                      "--inference-interval", str(inference_interval),
                      "--api-socket", str(self.api_socket), "--control-socket", str(self.control_socket),
                      "--trial-seconds", "0.5", *extra_args]
-        self.log = state_dir / "agent.log"
+        self.log = log or state_dir / "agent.log"  # (elsewhere for a test that fills the state directory's disk)
         self.proc: subprocess.Popen | None = None
         self.start(env)
 

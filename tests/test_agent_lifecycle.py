@@ -195,6 +195,8 @@ def test_an_update_with_no_room_on_the_device_is_refused_before_download_and_the
     assert status(agent)["active_bundle"] == V1
     assert_answers_correctly(agent, expected_logits)
     assert not list((agent.state_dir / "downloads").iterdir())
+    bench = edgefleet("bench", padded_bundle("1.0.0", 8), "--device", "small-card", "--broker", mosquitto)
+    assert bench.returncode == 1 and "not enough disk space" in bench.stderr and "8.0 MiB unpacked" in bench.stderr
     assert deploy(padded_bundle("1.1.0", 2), "small-card", mosquitto)["state"] == "active"  # one that fits
 
 

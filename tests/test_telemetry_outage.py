@@ -10,7 +10,7 @@ import pytest
 from device_agent.mqtt import MqttClient
 from host_tools.fleet.ingest import Ingest
 from host_tools.fleet.store import FleetStore
-from tests.conftest import Mosquitto, wait_until
+from tests.conftest import Mosquitto, fill_disk, wait_until
 
 OUTAGE_S = 60
 RECONNECT_MAX_S = 5
@@ -56,7 +56,46 @@ def test_a_60_second_broker_outage_with_an_agent_restart_loses_and_duplicates_no
         broker.stop()
 
 
-def agent_pending(store: FleetStore) -> int:
+def agent_pending(store: FleetStore, device_id: str = "pi-outage") -> int:
     """What the newest sample says the agent still had queued when it was taken."""
-    (row,) = [r for r in store.devices() if r.device_id == "pi-outage"]
+    (row,) = [r for r in store.devices() if r.device_id == device_id]
     return (row.telemetry or {}).get("queue", {}).get("pending", 0)
+
+
+def test_a_full_disk_while_the_broker_is_away_loses_the_samples_it_cannot_keep_and_nothing_else(
+        tmp_path, agents, small_disk):
+    (tmp_path / "broker").mkdir()
+    broker = Mosquitto(tmp_path / "broker")  # its own broker: this test stops it
+    broker.start()
+    store = FleetStore(tmp_path / "fleet.db")
+    host = MqttClient(client_id="test-full-disk-ingest", broker=broker.address, clean_session=False,
+                      reconnect_max_delay=2)
+    Ingest(host, store).start()
+    host.connect()
+    try:
+        state = small_disk(12)
+        agent = agents.start("pi-full", broker=broker.address, telemetry_interval=0.2, state_dir=state / "state",
+                             log=tmp_path / "agent.log", extra_args=("--reconnect-max-delay", "2"))
+        assert wait_until(lambda: store.telemetry_count("pi-full") >= 3, 30), agent.log.read_text()[-3000:]
+        broker.stop()  # samples queue up on the device...
+        time.sleep(1.5)
+        filler = fill_disk(state)  # ...until its disk is full
+        time.sleep(2)
+        assert "cannot queue telemetry: database or disk is full; samples are lost until there is room" \
+            in agent.log.read_text()
+        filler.unlink()
+        refilled = time.time()
+        broker.start()
+
+        def caught_up() -> bool:
+            index = store.sample_index("pi-full")
+            return bool(index) and index[-1][1] > refilled + 1 and agent_pending(store, "pi-full") == 0
+        assert wait_until(caught_up, 30, interval=0.5), agent.log.read_text()[-3000:]
+        assert agent.proc.poll() is None and "Traceback" not in agent.log.read_text()
+        seqs = [seq for seq, _ in store.sample_index("pi-full")]
+        assert seqs == list(range(1, seqs[-1] + 1))  # what was queued arrived, each once, no gap
+        (row,) = [r for r in store.devices() if r.device_id == "pi-full"]
+        assert row.telemetry["queue"]["dropped"] >= 5  # what the full disk lost is counted, not hidden
+    finally:
+        host.disconnect()
+        broker.stop()

@@ -5,6 +5,8 @@ database, so it survives restarts and never repeats), wait there while the broke
 unreachable, and go out oldest first, in batches, removed only once the broker acknowledged
 the batch (QoS 1). The queue is bounded: past ``max_samples`` the oldest are dropped and
 counted, and the count travels with every later sample, so the host knows what it missed.
+A sample the database cannot take (the device's disk is full) is lost too, and counted among
+the dropped once the database takes writes again; until then ``put`` raises StorageError.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
+
+from device_agent.errors import StorageError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (seq INTEGER PRIMARY KEY, body TEXT NOT NULL);
@@ -33,22 +37,32 @@ class TelemetryQueue:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._unstored = 0  # samples lost since the database last took a write (not yet in 'dropped')
 
     def _counter(self, name: str) -> int:
         return self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
 
     def put(self, sample: dict[str, Any]) -> int:
-        """Queue *sample* (a TelemetrySample's fields without ``seq``); returns its sequence number."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            seq = self._counter("next_seq")
-            self._db.execute("UPDATE counters SET value = ? WHERE name = 'next_seq'", (seq + 1,))
-            self._db.execute("INSERT INTO samples VALUES (?, ?)", (seq, json.dumps({**sample, "seq": seq})))
-            excess = self._db.execute("SELECT COUNT(*) FROM samples").fetchone()[0] - self.max_samples
-            if excess > 0:
-                self._db.execute("DELETE FROM samples WHERE seq IN (SELECT seq FROM samples ORDER BY seq LIMIT ?)",
-                                 (excess,))
-                self._db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (excess,))
+        """Queue *sample* (a TelemetrySample's fields without ``seq``); returns its sequence number.
+        StorageError if the database cannot take it: the sample is lost, and counted."""
+        with self._lock:
+            try:
+                with self._db:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    seq = self._counter("next_seq")
+                    self._db.execute("UPDATE counters SET value = ? WHERE name = 'next_seq'", (seq + 1,))
+                    self._db.execute("INSERT INTO samples VALUES (?, ?)", (seq, json.dumps({**sample, "seq": seq})))
+                    excess = self._db.execute("SELECT COUNT(*) FROM samples").fetchone()[0] - self.max_samples
+                    if excess > 0:
+                        self._db.execute("DELETE FROM samples WHERE seq IN "
+                                         "(SELECT seq FROM samples ORDER BY seq LIMIT ?)", (excess,))
+                    if excess > 0 or self._unstored:
+                        self._db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'",
+                                         (max(0, excess) + self._unstored,))
+            except sqlite3.Error as exc:  # "database or disk is full"
+                self._unstored += 1
+                raise StorageError(f"cannot queue telemetry: {exc}") from None
+            self._unstored = 0
         return seq
 
     def continue_after(self, seq: int) -> None:
@@ -64,12 +78,15 @@ class TelemetryQueue:
     def remove_through(self, seq: int) -> None:
         """The broker has every sample up to *seq*."""
         with self._lock:
-            self._db.execute("DELETE FROM samples WHERE seq <= ?", (seq,))
+            try:
+                self._db.execute("DELETE FROM samples WHERE seq <= ?", (seq,))
+            except sqlite3.Error as exc:  # they stay, and go again (the host keeps each (device, seq) once)
+                raise StorageError(f"cannot remove sent telemetry from the queue: {exc}") from None
 
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"pending": self._db.execute("SELECT COUNT(*) FROM samples").fetchone()[0],
-                    "dropped": self._counter("dropped")}
+                    "dropped": self._counter("dropped") + self._unstored}
 
     def close(self) -> None:
         with self._lock:

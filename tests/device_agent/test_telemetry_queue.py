@@ -1,6 +1,8 @@
 """The device's SQLite telemetry queue: numbered once, kept across restarts, bounded and counted."""
 
+from device_agent.errors import StorageError
 from device_agent.telemetry.queue import TelemetryQueue
+from tests.conftest import fill_disk
 
 
 def sample(i):
@@ -31,3 +33,26 @@ def test_numbering_carries_on_after_an_older_agents_last_sequence_number(tmp_pat
     q = TelemetryQueue(tmp_path / "t.db")
     q.continue_after(41)
     assert q.put(sample(0)) == 42
+
+
+def test_on_a_full_disk_samples_are_lost_and_counted_and_the_queue_takes_them_again_once_there_is_room(
+        small_disk):
+    disk = small_disk(2)
+    q = TelemetryQueue(disk / "t.db")
+    q.put(sample(0))
+    filler = fill_disk(disk)
+    lost = 0
+    for i in range(1, 400):  # a big sample: the database needs new pages soon
+        try:
+            q.put({**sample(i), "readings": {"pad": "x" * 4000}})
+        except StorageError as exc:
+            assert str(exc) == "cannot queue telemetry: database or disk is full"
+            lost += 1
+    assert lost > 0 and q.stats()["dropped"] == lost
+    pending = q.stats()["pending"]
+    filler.unlink()
+    seq = q.put(sample(400))
+    assert q.stats() == {"pending": pending + 1, "dropped": lost}
+    q.close()
+    q = TelemetryQueue(disk / "t.db")  # the count was written down once there was room
+    assert q.stats() == {"pending": pending + 1, "dropped": lost} and q.put(sample(401)) == seq + 1
