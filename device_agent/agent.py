@@ -244,7 +244,7 @@ class Agent:
         try:
             again = command.command_id == self.machine.busy_with or not self._commands.first_time(
                 command.command_id, command.issued_at)
-        except ProtocolError as exc:
+        except (ProtocolError, StorageError) as exc:  # replayed, or the disk is full: it does not run
             self._refuse(*command_id_of(payload), exc)
             return
         if again:

@@ -15,7 +15,7 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from device_agent.errors import ProtocolError
+from device_agent.errors import ProtocolError, StorageError
 from device_agent.store import write_atomically
 
 REMEMBERED = 512
@@ -44,19 +44,24 @@ class CommandLog:
 
     def first_time(self, command_id: str, issued_at: float) -> bool:
         """True (and remembered, durably) the first time *command_id* is seen; False after that.
-        Raises ProtocolError for a command older than the horizon."""
+        Raises ProtocolError for a command older than the horizon, and StorageError when it cannot
+        be written down (a full disk): then it is not remembered either, and must not run."""
         with self._lock:
             if command_id in self._ids:
                 return False
             if issued_at <= self.horizon:
                 raise ProtocolError("issued before the oldest command this device still remembers, so it may "
                                     "have run already (played again?)")
-            if len(self._entries) == self._entries.maxlen:
-                gone, gone_at = self._entries[0]
-                self._ids.discard(gone)
-                self.horizon = max(self.horizon, gone_at)
-            self._entries.append((command_id, issued_at))
-            self._ids.add(command_id)
-            write_atomically(self.path, json.dumps({"commands": [list(e) for e in self._entries],
-                                                    "horizon": self.horizon}).encode())
+            entries = deque(self._entries, maxlen=REMEMBERED)
+            horizon = self.horizon
+            if len(entries) == REMEMBERED:
+                horizon = max(horizon, entries[0][1])
+            entries.append((command_id, issued_at))
+            try:
+                write_atomically(self.path, json.dumps({"commands": [list(e) for e in entries],
+                                                        "horizon": horizon}).encode())
+            except OSError as exc:
+                raise StorageError(f"cannot record it on the device's disk: {exc.strerror or exc}") from None
+            self._entries, self.horizon = entries, horizon
+            self._ids = {i for i, _ in entries}
             return True

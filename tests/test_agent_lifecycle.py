@@ -27,7 +27,7 @@ from device_agent.protocol.signed import sign_command
 from device_agent.update import STATES
 from device_agent.update.faults import CRASH_ENV, HOLD_ENV
 from host_tools.serve import BundleServer
-from tests.conftest import MODELS, announced, edgefleet, free_port, wait_until
+from tests.conftest import MODELS, announced, edgefleet, fill_disk, free_port, wait_until
 
 V1, V2 = "digits-cnn 1.0.0", "digits-cnn 2.0.0"
 
@@ -198,6 +198,30 @@ def test_an_update_with_no_room_on_the_device_is_refused_before_download_and_the
     bench = edgefleet("bench", padded_bundle("1.0.0", 8), "--device", "small-card", "--broker", mosquitto)
     assert bench.returncode == 1 and "not enough disk space" in bench.stderr and "8.0 MiB unpacked" in bench.stderr
     assert deploy(padded_bundle("1.1.0", 2), "small-card", mosquitto)["state"] == "active"  # one that fits
+
+
+def test_a_device_whose_disk_is_full_refuses_commands_at_once_serves_on_and_takes_them_once_there_is_room(
+        agents, mosquitto, make_bundle, small_disk, tmp_path, expected_logits):
+    disk = small_disk(8)
+    agent = start_on_v1(agents, make_bundle, mosquitto, "full-card", state_dir=disk / "state",
+                        log=tmp_path / "agent.log")  # (the log elsewhere: it could not be written either)
+    filler = fill_disk(disk)
+    refused = "command refused: cannot record it on the device's disk: No space left on device"
+    started = time.monotonic()
+    assert deploy(make_bundle("2.0.0"), "full-card", mosquitto) == {
+        "device_id": "full-card", "state": "failed", "progress": 0.0, "reason": refused}
+    rollback = edgefleet("rollback", "--device", "full-card", "--broker", mosquitto, "--json")
+    assert rollback.returncode == 1 and json.loads(rollback.stdout)["full-card"]["reason"] == refused
+    config = edgefleet("device", "config", "full-card", "--set", "telemetry_interval=2", "--broker", mosquitto)
+    assert config.returncode == 1 and refused in config.stderr
+    assert time.monotonic() - started < 30  # answered, not waited out
+    shown = edgefleet("device", "status", "full-card", "--broker", mosquitto)  # asking writes nothing
+    assert shown.returncode == 0 and "active bundle: digits-cnn 1.0.0" in shown.stdout
+    assert status(agent)["active_bundle"] == V1
+    assert_answers_correctly(agent, expected_logits)
+    filler.unlink()
+    assert deploy(make_bundle("2.0.0"), "full-card", mosquitto)["state"] == "active"
+    assert agent.proc.poll() is None and "Traceback" not in agent.log.read_text()
 
 
 def test_a_crash_loop_after_activation_ends_in_rollback(agents, mosquitto, make_bundle, expected_logits):

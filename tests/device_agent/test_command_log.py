@@ -9,7 +9,8 @@ import pytest
 
 from device_agent import command_log
 from device_agent.command_log import CommandLog
-from device_agent.errors import ProtocolError
+from device_agent.errors import ProtocolError, StorageError
+from tests.conftest import fill_disk
 
 
 def test_a_command_runs_once_even_across_a_restart(tmp_path):
@@ -47,3 +48,15 @@ def test_a_damaged_log_is_read_as_far_as_it_goes(tmp_path, text):
     (tmp_path / "commands.json").write_text(text)
     log = CommandLog(tmp_path)
     assert log.first_time("c1", 1.0) and not log.first_time("c1", 1.0)
+
+
+def test_a_command_that_cannot_be_written_down_is_not_remembered_either(small_disk):
+    disk = small_disk(1)
+    log = CommandLog(disk)
+    assert log.first_time("c1", 100.0)
+    filler = fill_disk(disk)
+    with pytest.raises(StorageError, match="^cannot record it on the device's disk: No space left on device$"):
+        log.first_time("c2", 101.0)
+    filler.unlink()
+    # not taken for a redelivery of something done: it runs once there is room
+    assert log.first_time("c2", 101.0) and not CommandLog(disk).first_time("c2", 101.0)
