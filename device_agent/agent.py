@@ -380,7 +380,7 @@ class Agent:
         try:
             self.telemetry_queue.continue_after(int(old.read_text()))
             old.unlink()
-        except (OSError, ValueError):
+        except (OSError, ValueError, StorageError):  # (a full disk: at the next start)
             pass
 
     def _telemetry_loop(self) -> None:

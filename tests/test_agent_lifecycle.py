@@ -224,6 +224,27 @@ def test_a_device_whose_disk_is_full_refuses_commands_at_once_serves_on_and_take
     assert agent.proc.poll() is None and "Traceback" not in agent.log.read_text()
 
 
+def test_an_agent_restarted_on_a_full_disk_serves_its_model_and_says_why_an_update_cannot_start(
+        agents, mosquitto, make_bundle, small_disk, tmp_path, expected_logits):
+    disk = small_disk(8)
+    agent = start_on_v1(agents, make_bundle, mosquitto, "boot-full", state_dir=disk / "state",
+                        log=tmp_path / "agent.log")
+    agent.terminate()
+    filler = fill_disk(disk)  # a log gone wild while it was down (or a power cut and a reboot)
+    agent.start()
+    assert agent.wait_for_api(), agent.log.read_text()[-3000:]  # not a crash loop under systemd
+    assert_answers_correctly(agent, expected_logits)
+    assert status(agent)["active_bundle"] == V1
+    rollback = subprocess.run([sys.executable, "-m", "device_agent", "rollback", "--control-socket",
+                               str(agent.control_socket)], capture_output=True, text=True, timeout=60)
+    assert rollback.returncode == 1 and rollback.stdout.strip() == (
+        "failed: not started: cannot record the update's state on the device's disk: No space left on device")
+    filler.unlink()
+    assert wait_until(lambda: status(agent)["connected"], 30)
+    assert deploy(make_bundle("2.0.0"), "boot-full", mosquitto)["state"] == "active"
+    assert "Traceback" not in agent.log.read_text()
+
+
 def test_a_crash_loop_after_activation_ends_in_rollback(agents, mosquitto, make_bundle, expected_logits):
     agent = start_on_v1(agents, make_bundle, mosquitto, "crashy")
     restart(agent, env={CRASH_ENV: "trial"})  # from now on the agent dies whenever v2 goes live

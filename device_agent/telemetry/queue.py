@@ -31,47 +31,71 @@ class TelemetryQueue:
         self.path = Path(path)
         self.max_samples = max_samples
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        # WAL with synchronous=NORMAL: one sequential write per sample, durable up to the last
-        # checkpoint on power loss (a few samples at worst), and kind to SD cards.
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        self._db: sqlite3.Connection | None = None
         self._unstored = 0  # samples lost since the database last took a write (not yet in 'dropped')
+        try:
+            self._open()
+        except StorageError:  # an agent starting on a full disk serves its model all the same
+            pass
 
-    def _counter(self, name: str) -> int:
-        return self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
+    def _open(self) -> sqlite3.Connection:
+        """The database, opened now if it is not yet: an agent that started while the disk was full
+        (SQLite could not make its write-ahead log) gets its queue once there is room."""
+        if self._db is None:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            try:
+                # WAL with synchronous=NORMAL: one sequential write per sample, durable up to the last
+                # checkpoint on power loss (a few samples at worst), and kind to SD cards.
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(SCHEMA)
+            except sqlite3.Error as exc:
+                db.close()
+                raise StorageError(f"cannot open the telemetry queue: {exc}") from None
+            self._db = db
+        return self._db
+
+    @staticmethod
+    def _counter(db: sqlite3.Connection, name: str) -> int:
+        return db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
 
     def put(self, sample: dict[str, Any]) -> int:
         """Queue *sample* (a TelemetrySample's fields without ``seq``); returns its sequence number.
         StorageError if the database cannot take it: the sample is lost, and counted."""
         with self._lock:
             try:
-                with self._db:
-                    self._db.execute("BEGIN IMMEDIATE")
-                    seq = self._counter("next_seq")
-                    self._db.execute("UPDATE counters SET value = ? WHERE name = 'next_seq'", (seq + 1,))
-                    self._db.execute("INSERT INTO samples VALUES (?, ?)", (seq, json.dumps({**sample, "seq": seq})))
-                    excess = self._db.execute("SELECT COUNT(*) FROM samples").fetchone()[0] - self.max_samples
+                db = self._open()
+                with db:
+                    db.execute("BEGIN IMMEDIATE")
+                    seq = self._counter(db, "next_seq")
+                    db.execute("UPDATE counters SET value = ? WHERE name = 'next_seq'", (seq + 1,))
+                    db.execute("INSERT INTO samples VALUES (?, ?)", (seq, json.dumps({**sample, "seq": seq})))
+                    excess = db.execute("SELECT COUNT(*) FROM samples").fetchone()[0] - self.max_samples
                     if excess > 0:
-                        self._db.execute("DELETE FROM samples WHERE seq IN "
-                                         "(SELECT seq FROM samples ORDER BY seq LIMIT ?)", (excess,))
+                        db.execute("DELETE FROM samples WHERE seq IN (SELECT seq FROM samples ORDER BY seq LIMIT ?)",
+                                   (excess,))
                     if excess > 0 or self._unstored:
-                        self._db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'",
-                                         (max(0, excess) + self._unstored,))
-            except sqlite3.Error as exc:  # "database or disk is full"
+                        db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'",
+                                   (max(0, excess) + self._unstored,))
+            except (sqlite3.Error, StorageError) as exc:  # "database or disk is full"
                 self._unstored += 1
-                raise StorageError(f"cannot queue telemetry: {exc}") from None
+                message = str(exc) if isinstance(exc, StorageError) else f"cannot queue telemetry: {exc}"
+                raise StorageError(message) from None
             self._unstored = 0
         return seq
 
     def continue_after(self, seq: int) -> None:
         """Number new samples after *seq* (the last one an older agent sent)."""
         with self._lock:
-            self._db.execute("UPDATE counters SET value = MAX(value, ?) WHERE name = 'next_seq'", (seq + 1,))
+            try:
+                self._open().execute("UPDATE counters SET value = MAX(value, ?) WHERE name = 'next_seq'", (seq + 1,))
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot update the telemetry queue: {exc}") from None
 
     def oldest(self, limit: int) -> list[dict[str, Any]]:
         with self._lock:
+            if self._db is None:
+                return []
             rows = self._db.execute("SELECT body FROM samples ORDER BY seq LIMIT ?", (limit,)).fetchall()
         return [json.loads(body) for (body,) in rows]
 
@@ -79,15 +103,19 @@ class TelemetryQueue:
         """The broker has every sample up to *seq*."""
         with self._lock:
             try:
-                self._db.execute("DELETE FROM samples WHERE seq <= ?", (seq,))
+                self._open().execute("DELETE FROM samples WHERE seq <= ?", (seq,))
             except sqlite3.Error as exc:  # they stay, and go again (the host keeps each (device, seq) once)
                 raise StorageError(f"cannot remove sent telemetry from the queue: {exc}") from None
 
     def stats(self) -> dict[str, int]:
         with self._lock:
+            if self._db is None:
+                return {"pending": 0, "dropped": self._unstored}
             return {"pending": self._db.execute("SELECT COUNT(*) FROM samples").fetchone()[0],
-                    "dropped": self._counter("dropped") + self._unstored}
+                    "dropped": self._counter(self._db, "dropped") + self._unstored}
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
+                self._db = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, replace
 
+from device_agent.errors import StorageError
 from device_agent.protocol.commands import DeployCommand
 from device_agent.protocol.reports import DeploymentEvent
 from device_agent.update import faults
@@ -51,14 +52,14 @@ class UpdateMachine:
                 record = replace(saved, reason=reason).entering(fail)
         log.warning("found update %s (%s) in state %s after a restart; going on with %s",
                     record.command_id or "-", record.label or "-", saved.state, record.state)
-        self._save(record)
+        self._save_or_go_on(record)
         return record
 
     def resume(self) -> DeploymentEvent | None:
         """Carry on with what plan_recovery decided (a download waits for the broker like any other)."""
         if self.record.state == "idle":
             return None
-        return self._run(self.record)
+        return self._run(self.record, new=False)
 
     # -- commands ---------------------------------------------------------------------
     @property
@@ -87,10 +88,20 @@ class UpdateMachine:
         return self._run(record.entering(TRANSITIONS[("idle", "rollback")]))
 
     # -- the loop ---------------------------------------------------------------------
-    def _run(self, record: UpdateRecord) -> DeploymentEvent:
+    def _run(self, record: UpdateRecord, *, new: bool = True) -> DeploymentEvent:
+        """Run *record* to idle. A *new* update whose first state cannot be saved (a full disk)
+        does not start: it is reported failed with nothing changed."""
         self.ctx.last_event = None
+        if new:
+            try:
+                self._save(record)
+            except StorageError as exc:
+                return self.ctx.event(record, "failed", reason=f"not started: {exc}")
+        saved = new
         while record.state != "idle":
-            self._save(record)  # durable before the state's side effect
+            if not saved:
+                self._save_or_go_on(record)  # durable before the state's side effect
+            saved = False
             faults.entered(record.state, self.ctx.config.state_dir)
             log.info("update %s: %s", record.command_id, record.state)
             try:
@@ -104,10 +115,20 @@ class UpdateMachine:
                 event = FAIL
             following = TRANSITIONS[(record.state, event)]
             record = IDLE if following == "idle" else record.entering(following)
-        self._save(IDLE)
+        self._save_or_go_on(IDLE)
         return self.ctx.last_event
 
     def _save(self, record: UpdateRecord) -> None:
         self.journal.save(record)
         self.record = record
+
+    def _save_or_go_on(self, record: UpdateRecord) -> None:
+        """Save *record*; if the disk is full, go on with it unsaved. Every state can be entered
+        again, so a crash then resumes from the last state saved and does the rest again; but its
+        attempts are not counted until the record can be written."""
+        try:
+            self._save(record)
+        except StorageError as exc:
+            log.warning("%s; going on (a restart now would resume from %s)", exc, self.journal.saved_state())
+            self.record = record
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from device_agent.errors import StorageError
 from device_agent.store import write_atomically
 
 
@@ -70,4 +71,15 @@ class UpdateJournal:
             raise CorruptRecord(f"{self.path.name} is corrupt: {exc}") from None
 
     def save(self, record: UpdateRecord) -> None:
-        write_atomically(self.path, record.to_json())
+        try:
+            write_atomically(self.path, record.to_json())
+        except OSError as exc:
+            raise StorageError(f"cannot record the update's state on the device's disk: "
+                               f"{exc.strerror or exc}") from None
+
+    def saved_state(self) -> str:
+        """The state on disk, for a log line: what a restart would find."""
+        try:
+            return self.load().state
+        except CorruptRecord:
+            return "a corrupt record"

@@ -62,14 +62,11 @@ def test_a_corrupt_record_is_reported_not_trusted(tmp_path, content):
         UpdateJournal(tmp_path).load()
 
 
-def test_an_unexpected_error_in_a_state_takes_its_fail_edge_and_is_reported(tmp_path, monkeypatch):
-    """Found at 1,000 simulated devices: an OSError escaping a state left the update "downloading"
-    for good. Any exception now counts as the state failing, with the error as the reason."""
+def _machine(tmp_path):
+    """An update machine on a real store and journal, with no broker; returns (machine, events)."""
     from device_agent.bundle.signing import generate_key_pair
     from device_agent.config import AgentConfig
     from device_agent.mqtt import BrokerAddress, MqttClient
-    from device_agent.protocol.chunks import BundleOffer
-    from device_agent.protocol.commands import DeployCommand
     from device_agent.serving import ModelSlot
     from device_agent.store import BundleStore
     from device_agent.telemetry.histogram import LatencyHistogram
@@ -82,13 +79,65 @@ def test_an_unexpected_error_in_a_state_takes_its_fail_edge_and_is_reported(tmp_
     events = []
     ctx = UpdateContext(config, MqttClient(client_id="unused", broker=BrokerAddress()), ChunkRouter(),
                         BundleStore(config.state_dir), ModelSlot(LatencyHistogram()), {}, events.append)
+    return UpdateMachine(ctx), events
+
+
+def _deploy(machine):
+    from device_agent.protocol.chunks import BundleOffer
+    from device_agent.protocol.commands import DeployCommand
+
+    offer = BundleOffer(sha256="ab" * 32, size=10, chunk_size=4, name="m", version="1.0.0")
+    return machine.deploy(DeployCommand("c1", offer, 0.0))
+
+
+def _journal_unwritable(state_dir):
+    """Make every save of update.json fail with a real OS error (as a full disk would): it is
+    written as update.json.tmp and renamed, and a directory of that name cannot be opened."""
+    (state_dir / "update.json.tmp").mkdir(exist_ok=True)
+
+
+def test_an_unexpected_error_in_a_state_takes_its_fail_edge_and_is_reported(tmp_path, monkeypatch):
+    """Found at 1,000 simulated devices: an OSError escaping a state left the update "downloading"
+    for good. Any exception now counts as the state failing, with the error as the reason."""
+    machine, events = _machine(tmp_path)
 
     def broken(self, ctx, record):
         raise FileNotFoundError("the disk went away")
     monkeypatch.setattr(type(STATES["downloading"]), "enter", broken)
-    offer = BundleOffer(sha256="ab" * 32, size=10, chunk_size=4, name="m", version="1.0.0")
-    machine = UpdateMachine(ctx)
-    event = machine.deploy(DeployCommand("c1", offer, 0.0))
+    event = _deploy(machine)
     assert event.state == "failed" and "downloading failed unexpectedly: the disk went away" in event.reason
     assert [e.state for e in events] == ["accepted", "failed"]
     assert machine.record.state == "idle"  # cleaned up, not stuck
+
+
+def test_an_update_whose_first_state_cannot_be_saved_does_not_start(tmp_path, monkeypatch):
+    machine, events = _machine(tmp_path)
+    entered = []
+    monkeypatch.setattr(type(STATES["downloading"]), "enter", lambda self, ctx, record: entered.append(1))
+    _journal_unwritable(tmp_path / "state")
+    event = _deploy(machine)
+    assert event.state == "failed" and event.reason == (
+        "not started: cannot record the update's state on the device's disk: Is a directory")
+    assert [e.state for e in events] == ["accepted", "failed"] and not entered
+    assert machine.record.state == "idle" and machine.journal.load().state == "idle"
+
+
+def test_an_update_whose_later_states_cannot_be_saved_goes_on_and_ends_idle(tmp_path, monkeypatch):
+    machine, events = _machine(tmp_path)
+
+    def disk_fills(self, ctx, record):  # saved in downloading; from here on nothing can be written
+        _journal_unwritable(ctx.config.state_dir)
+        return FAIL, record
+    monkeypatch.setattr(type(STATES["downloading"]), "enter", disk_fills)
+    event = _deploy(machine)
+    assert event.state == "failed" and [e.state for e in events] == ["accepted", "failed"]  # cleanup ran
+    assert machine.record.state == "idle" and machine.busy_with is None  # not stuck
+    assert machine.journal.load().state == "downloading"  # a restart would resume there, and clean up
+
+
+def test_recovery_goes_on_when_the_disk_is_too_full_to_count_the_attempt(tmp_path):
+    machine, _ = _machine(tmp_path)
+    machine.journal.save(UpdateRecord(state="trial", kind="deploy", command_id="c1", attempts=1))
+    _journal_unwritable(tmp_path / "state")
+    record = machine.plan_recovery()  # at start-up, before the local API: it must not raise
+    assert (record.state, record.attempts) == ("trial", 2) and machine.record == record
