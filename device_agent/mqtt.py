@@ -43,9 +43,13 @@ def session_client_id(prefix: str, record: Path) -> str:
         suffix = ""
     if not re.fullmatch(r"[0-9a-f]{16}", suffix):
         suffix = secrets.token_hex(8)
-        with replaced_when_written(record) as tmp:
-            tmp.write_text(suffix + "\n")
-            os.chmod(tmp, 0o600)
+        try:
+            with replaced_when_written(record) as tmp:
+                tmp.write_text(suffix + "\n")
+                os.chmod(tmp, 0o600)
+        except OSError as exc:  # a full disk: connect all the same, under an id this run alone uses
+            log.warning("cannot keep the MQTT session's id in %s (%s): commands sent while this process is "
+                        "down will not wait for the next", record, exc.strerror or exc)
     return f"{prefix}-{suffix}"
 
 

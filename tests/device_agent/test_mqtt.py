@@ -47,3 +47,16 @@ def test_unread_counts_what_the_broker_sent_while_the_network_thread_was_busy(mo
         busy.set()
         sender.disconnect()
         client.disconnect()
+
+
+def test_a_session_id_that_cannot_be_kept_is_used_for_this_run_and_made_again_once_it_can(tmp_path, caplog):
+    from device_agent.mqtt import session_client_id
+
+    record = tmp_path / "mqtt-session"
+    (tmp_path / "mqtt-session.tmp").mkdir()  # its write fails with a real OS error, as on a full disk
+    first = session_client_id("edgefleet-agent-pi", record)
+    assert first.startswith("edgefleet-agent-pi-") and len(first) == len("edgefleet-agent-pi-") + 16
+    assert not record.exists() and "cannot keep the MQTT session's id" in caplog.text
+    (tmp_path / "mqtt-session.tmp").rmdir()
+    kept = session_client_id("edgefleet-agent-pi", record)
+    assert kept == session_client_id("edgefleet-agent-pi", record) == "edgefleet-agent-pi-" + record.read_text().strip()
