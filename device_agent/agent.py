@@ -38,6 +38,7 @@ from device_agent.serving import ModelSlot, SampleWorkload
 from device_agent.store import BundleStore
 from device_agent.systemd import notify, start_watchdog
 from device_agent.telemetry import CollectorContext, TelemetryCollectors
+from device_agent.telemetry.disk import room
 from device_agent.telemetry.histogram import LatencyHistogram
 from device_agent.telemetry.queue import TelemetryQueue
 from device_agent.transfer import CHUNK_QOS, ChunkRouter, Download
@@ -282,6 +283,7 @@ class Agent:
                                                                "bundle": record.label, "kind": record.kind,
                                                                "attempts": record.attempts},
                 "connected": self.client.connected, "pid": os.getpid(), "keys": self.keys.describe(),
+                "disk": room(self.store.root),
                 "id_held_by": self.held_by, "id_rivals": list(self.presence.rivals),
                 **self.settings.describe(self.config)}
 

@@ -155,6 +155,7 @@ def _control_client(config_file, device_id, state_dir, control_socket):
 @fail_cleanly
 def status(config_file, device_id, state_dir, control_socket, as_json) -> None:
     from device_agent.store import BundleStore
+    from device_agent.telemetry.disk import room, room_text
 
     client, settings = _control_client(config_file, device_id, state_dir, control_socket)
     try:
@@ -168,7 +169,8 @@ def status(config_file, device_id, state_dir, control_socket, as_json) -> None:
         active = store.active()
         doc = {"running": False, "active_bundle": active.label if active else None,
                "sha256": active.sha256 if active else None,
-               "committed": [b.label for b in map(store.by_name, store.committed()) if b is not None]}
+               "committed": [b.label for b in map(store.by_name, store.committed()) if b is not None],
+               "disk": room(store.root)}
     if as_json:
         click.echo(json.dumps(doc))
         return
@@ -187,6 +189,8 @@ def status(config_file, device_id, state_dir, control_socket, as_json) -> None:
     if doc.get("sha256"):
         click.echo(f"sha256:        {doc['sha256']}")
     click.echo(f"kept versions: {', '.join(doc['committed']) or 'none'}")
+    if doc.get("disk"):
+        click.echo(f"disk:          {room_text(doc['disk'])}")
     if doc.get("update"):
         u = doc["update"]
         click.echo(f"update:        {u['kind']} {u['bundle']} in state {doc['update_state']}")

@@ -217,6 +217,7 @@ def test_a_device_whose_disk_is_full_refuses_commands_at_once_serves_on_and_take
     assert time.monotonic() - started < 30  # answered, not waited out
     shown = edgefleet("device", "status", "full-card", "--broker", mosquitto)  # asking writes nothing
     assert shown.returncode == 0 and "active bundle: digits-cnn 1.0.0" in shown.stdout
+    assert re.search(r"^disk: +[\d.]+ (bytes|KiB) free of 8\.0 MiB \(where the bundles are kept\)$", shown.stdout, re.M)
     assert status(agent)["active_bundle"] == V1
     assert_answers_correctly(agent, expected_logits)
     filler.unlink()
@@ -231,6 +232,10 @@ def test_an_agent_restarted_on_a_full_disk_serves_its_model_and_says_why_an_upda
                         log=tmp_path / "agent.log")
     agent.terminate()
     filler = fill_disk(disk)  # a log gone wild while it was down (or a power cut and a reboot)
+    shown = subprocess.run([sys.executable, "-m", "device_agent", "status", "--state-dir", agent.state_dir,
+                            "--control-socket", agent.control_socket], capture_output=True, text=True, timeout=30)
+    assert "agent:         not running" in shown.stdout, shown.stderr
+    assert re.search(r"^disk: +[\d.]+ (bytes|KiB) free of 8\.0 MiB \(where the bundles are kept\)$", shown.stdout, re.M)
     agent.start()
     assert agent.wait_for_api(), agent.log.read_text()[-3000:]  # not a crash loop under systemd
     assert_answers_correctly(agent, expected_logits)

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from device_agent.cli import fail_cleanly
+from device_agent.telemetry.disk import room_text, valid_room
 from host_tools.cli.base import (
     broker_option, chunk_size_option, host_client, json_option, main, signed_request, signing_options,
 )
@@ -41,6 +42,8 @@ def device_status(device_id, broker, timeout, as_json) -> None:
     click.echo(f"device:        {doc['device_id']} (agent {doc['agent_version']})")
     click.echo(f"active bundle: {doc['active_bundle'] or 'none'}")
     click.echo(f"kept versions: {', '.join(doc['committed']) or 'none'}")
+    if disk := valid_room(doc.get("disk")):  # (agents before it do not say)
+        click.echo(f"disk:          {room_text(disk)}")
     click.echo(f"update:        {doc['update_state']}" + (f" ({doc['update']['kind']} {doc['update']['bundle']})"
                                                            if doc.get("update") else ""))
 

@@ -9,7 +9,7 @@ import click
 
 from device_agent.cli import fail_cleanly
 from device_agent.errors import ConfigError
-from device_agent.files import size_text
+from device_agent.telemetry.disk import room_text, valid_room
 from host_tools.cli.base import db_option, json_option, main
 from host_tools.cli.fleet import fleet_rows, group_filter, label_filter
 from host_tools.terminal import console
@@ -68,16 +68,6 @@ def _span(seconds: float) -> str:
         if s < 172800 else f"{s // 86400} days"
 
 
-def _disk(readings: dict | None) -> dict | None:
-    """The newest sample's free and total bytes of the device's bundle disk; None if it sent none
-    (an agent from before the disk collector, or no telemetry yet)."""
-    disk = (readings or {}).get("disk")
-    if not isinstance(disk, dict):
-        return None
-    sizes = {k: disk.get(k) for k in ("free_bytes", "total_bytes")}
-    return sizes if all(type(v) is int and v >= 0 for v in sizes.values()) else None
-
-
 @devices.command("show", help="Everything the registry knows about DEVICE_ID, and its recent deployments.")
 @click.argument("device_id")
 @db_option
@@ -96,7 +86,7 @@ def devices_show(device_id, db, as_json) -> None:
     finally:
         store.close()
     r = rows[0]
-    disk = _disk(r.telemetry)
+    disk = valid_room((r.telemetry or {}).get("disk"))  # None: not sent (an older agent, no telemetry yet)
     doc = {"device_id": r.device_id, "online": r.online, "since": r.since, "agent_version": r.agent_version,
            "hardware": r.hardware, "labels": r.labels, "active_bundle": r.active_bundle, "in_flight": updating,
            "last_seen": r.last_seen, "id_shared_with": r.id_shared_with, "clock_lag_s": r.clock_lag,
@@ -112,8 +102,7 @@ def devices_show(device_id, db, as_json) -> None:
                f"{', '.join(hw.get('accelerators', [])) or 'none'}")
     click.echo(f"labels:     {', '.join(f'{k}={v}' for k, v in sorted(r.labels.items())) or 'none'}")
     if disk is not None:
-        click.echo(f"disk:       {size_text(disk['free_bytes'])} free of {size_text(disk['total_bytes'])} "
-                   "(the file system that holds its bundles)")
+        click.echo(f"disk:       {room_text(disk)}")
     if r.clock_lag is not None and abs(r.clock_lag) > CLOCK_TOLERANCE:
         click.echo(f"clock:      about {_span(abs(r.clock_lag))} {'behind' if r.clock_lag > 0 else 'ahead of'} this "
                    f"host's (its telemetry carries its own times: no RTC and no network time?)")

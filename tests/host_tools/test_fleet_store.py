@@ -178,7 +178,7 @@ def test_devices_show_says_how_much_room_is_left_on_the_device_for_bundles(tmp_p
 
     def show(device, *json_flag):
         return edgefleet("devices", "show", device, "--db", tmp_path / "fleet.db", *json_flag).stdout
-    assert "disk:       1.50 GiB free of 29.00 GiB (the file system that holds its bundles)" in show("pi-full")
+    assert "disk:       1.50 GiB free of 29.00 GiB (where the bundles are kept)" in show("pi-full")
     assert json.loads(show("pi-full", "--json"))["disk"] == {"free_bytes": 3 * 2**29, "total_bytes": 29 * 2**30}
     for device in ("pi-old", "pi-odd"):  # not reported, or not numbers: nothing is shown, nothing made up
         assert "disk:" not in show(device)
