@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,47 @@ def test_the_monitor_serves_prometheus_metrics_without_made_up_power(mosquitto, 
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
+
+
+def test_a_monitor_whose_disk_fills_up_says_so_once_runs_on_and_stores_again_once_there_is_room(
+        mosquitto, tmp_path, small_disk):
+    from device_agent.protocol import topics
+    from device_agent.protocol.reports import TelemetryBatch, TelemetrySample
+    from tests.conftest import fill_disk
+
+    disk, log_path = small_disk(4), tmp_path / "monitor.log"
+    db = disk / "fleet.db"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "host_tools", "monitor", "--broker", str(mosquitto),
+                                 "--db", str(db), "--name", f"full-{time.time_ns()}"], stderr=log)
+    device = MqttClient(client_id=f"pi-91-{time.time_ns()}", broker=mosquitto)
+    device.connect()
+
+    def send(seq: int) -> None:
+        sample = TelemetrySample("pi-91", seq, time.time(), 1.0, None, {"pad": "x" * 3000})
+        device.publish(topics.telemetry("pi-91"), TelemetryBatch("pi-91", (sample,)).to_payload(), qos=1, wait=10)
+    try:
+        assert wait_until(lambda: "ingesting from" in log_path.read_text(), 15), log_path.read_text()
+        send(1)
+        filler = fill_disk(disk)
+        for seq in range(2, 42):
+            send(seq)
+        assert wait_until(lambda: "cannot store what devices report" in log_path.read_text(), 15), log_path.read_text()
+        time.sleep(1)
+        text = log_path.read_text()
+        assert text.count("cannot store what devices report") == 1 and "Traceback" not in text, text[-3000:]
+        assert proc.poll() is None
+        filler.unlink()
+        send(100)
+        assert wait_until(lambda: "storing again; " in log_path.read_text(), 15), log_path.read_text()[-3000:]
+    finally:
+        device.disconnect()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    store = FleetStore(db)
+    stored = [seq for seq, _ in store.sample_index("pi-91")]
+    store.close()
+    assert stored[0] == 1 and stored[-1] == 100 and len(stored) < 41  # what came while it was full is gone
 
 
 def test_devices_carry_their_labels_and_the_fleet_views_filter_by_them(mosquitto, agents, monitor):

@@ -132,6 +132,7 @@ def dashboard(db, port, address) -> None:
 @fail_cleanly
 def monitor(broker, db, name, share, metrics_port, metrics_address, keep_days, keep_hourly_days) -> None:
     import signal as signals
+    import sqlite3
 
     from device_agent.presence import describe
     from device_agent.protocol import topics
@@ -163,7 +164,11 @@ def monitor(broker, db, name, share, metrics_port, metrics_address, keep_days, k
                + "; Ctrl-C to stop", err=True)
     try:
         while True:  # retention: now, then every ten minutes
-            folded, dropped = store.retain(time.time(), raw_days=keep_days, hourly_days=keep_hourly_days)
+            try:
+                folded, dropped = store.retain(time.time(), raw_days=keep_days, hourly_days=keep_hourly_days)
+            except sqlite3.Error as exc:  # a full disk: ingest goes on as it can; try again next time
+                click.echo(f"retention: cannot change the database now ({exc})", err=True)
+                folded = dropped = 0
             if folded or dropped:
                 click.echo(f"retention: {folded} samples folded into hourly summaries, {dropped} old hours dropped",
                            err=True)

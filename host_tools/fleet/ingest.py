@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
+from typing import Callable
 
 from device_agent.errors import ProtocolError
 from device_agent.mqtt import MqttClient
@@ -24,6 +26,7 @@ class Ingest:
         self.store = store
         self.rejected = 0
         self.samples = 0
+        self.unstored = 0  # messages the database could not take (a full disk), since the last it took
         self._prefix = f"$share/{share}/" if share else ""
 
     def start(self) -> None:
@@ -45,17 +48,33 @@ class Ingest:
             return None
         return message
 
+    def _stored(self, write: Callable[[], int | None]) -> int:
+        """Run one write to the database. One that fails (a full disk) drops the message and is
+        said once, not once per message, until the database takes writes again."""
+        try:
+            written = write() or 0
+        except sqlite3.Error as exc:
+            if not self.unstored:
+                log.warning("cannot store what devices report (%s): dropping it until the database takes writes "
+                            "again", exc)
+            self.unstored += 1
+            return 0
+        if self.unstored:
+            log.warning("storing again; %d message(s) from devices were dropped meanwhile", self.unstored)
+            self.unstored = 0
+        return written
+
     def _on_status(self, topic: str, payload: bytes) -> None:
         if payload and (status := self._decode(topic, payload, DeviceStatus)):
-            self.store.record_status(status, time.time())
+            self._stored(lambda: self.store.record_status(status, time.time()))
 
     def _on_telemetry(self, topic: str, payload: bytes) -> None:
         # Agents send batches (what they queued, oldest first); a single sample is still understood.
         batch = b'"telemetry_batch"' in payload[:64]
         if message := self._decode(topic, payload, TelemetryBatch if batch else TelemetrySample):
-            self.samples += self.store.record_telemetry_many(list(message.samples if batch else (message,)),
-                                                             time.time())
+            samples = list(message.samples if batch else (message,))
+            self.samples += self._stored(lambda: self.store.record_telemetry_many(samples, time.time()))
 
     def _on_event(self, topic: str, payload: bytes) -> None:
         if event := self._decode(topic, payload, DeploymentEvent):
-            self.store.record_event(event)
+            self._stored(lambda: self.store.record_event(event))

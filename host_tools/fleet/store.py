@@ -180,7 +180,8 @@ class FleetStore:
                          received_at, device))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # (SQLite ends it itself on some errors: a full disk)
+                    self._db.execute("ROLLBACK")
                 raise
             return new
 
