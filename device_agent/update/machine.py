@@ -131,4 +131,3 @@ class UpdateMachine:
         except StorageError as exc:
             log.warning("%s; going on (a restart now would resume from %s)", exc, self.journal.saved_state())
             self.record = record
-
