@@ -3,11 +3,15 @@ restart), and the host ends up with every sample exactly once."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
 
 from device_agent.mqtt import MqttClient
+from device_agent.protocol import topics
+from device_agent.protocol.reports import DeviceStatus
 from host_tools.fleet.ingest import Ingest
 from host_tools.fleet.store import FleetStore
 from tests.conftest import Mosquitto, fill_disk, wait_until
@@ -85,7 +89,24 @@ def test_a_full_disk_while_the_broker_is_away_loses_the_samples_it_cannot_keep_a
             in agent.log.read_text()
         filler.unlink()
         refilled = time.time()
-        broker.start()
+        # This broker keeps no sessions across a restart: the host must subscribe again before the
+        # agent sends its backlog, or the broker drops it (a test's race, not the agent's), so the
+        # agent is paused until a status sent after the restart has reached the host's database.
+        os.kill(agent.proc.pid, signal.SIGSTOP)
+        try:
+            broker.start()
+            probe = MqttClient(client_id=f"probe-{time.time_ns()}", broker=broker.address)
+            probe.connect()
+            try:
+                def host_listens() -> bool:
+                    probe.publish(topics.status("probe-dev"), DeviceStatus("probe-dev", True, time.time()).to_payload(),
+                                  qos=1, wait=5)
+                    return any(r.device_id == "probe-dev" for r in store.devices())
+                assert wait_until(host_listens, 20, interval=0.5)
+            finally:
+                probe.disconnect()
+        finally:
+            os.kill(agent.proc.pid, signal.SIGCONT)
 
         def caught_up() -> bool:
             index = store.sample_index("pi-full")
