@@ -1,9 +1,11 @@
 """The demo's path with real parts: Mosquitto, agent processes, the CLI, the ingest and SQLite."""
 
+import contextlib
 import json
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -275,9 +277,16 @@ def test_a_monitor_whose_disk_fills_up_says_so_once_runs_on_and_stores_again_onc
     def send(seq: int) -> None:
         sample = TelemetrySample("pi-91", seq, time.time(), 1.0, None, {"pad": "x" * 3000})
         device.publish(topics.telemetry("pi-91"), TelemetryBatch("pi-91", (sample,)).to_payload(), qos=1, wait=10)
+    def stored(seq: int) -> bool:
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+                return bool(con.execute("SELECT 1 FROM telemetry WHERE device_id = 'pi-91' AND seq = ?",
+                                        (seq,)).fetchone())
+        except sqlite3.Error:  # not made yet
+            return False
     try:
-        assert wait_until(lambda: "ingesting from" in log_path.read_text(), 15), log_path.read_text()
-        send(1)
+        # sent until it is stored: the monitor may not have subscribed yet when it first goes out
+        assert wait_until(lambda: send(1) or stored(1), 15, interval=0.5), log_path.read_text()
         filler = fill_disk(disk)
         for seq in range(2, 42):
             send(seq)
@@ -294,9 +303,9 @@ def test_a_monitor_whose_disk_fills_up_says_so_once_runs_on_and_stores_again_onc
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     store = FleetStore(db)
-    stored = [seq for seq, _ in store.sample_index("pi-91")]
+    seqs = [seq for seq, _ in store.sample_index("pi-91")]
     store.close()
-    assert stored[0] == 1 and stored[-1] == 100 and len(stored) < 41  # what came while it was full is gone
+    assert seqs[0] == 1 and seqs[-1] == 100 and len(seqs) < 41  # what came while it was full is gone
 
 
 def test_devices_carry_their_labels_and_the_fleet_views_filter_by_them(mosquitto, agents, monitor):
