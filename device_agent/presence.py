@@ -37,13 +37,12 @@ from typing import Any, Callable
 
 from device_agent.errors import MqttError
 from device_agent.mqtt import BrokerAddress, MqttClient, TlsFiles, throwaway_client_id
+from device_agent.protocol.reports import MAX_RIVALS, MAX_TIME
 
 log = logging.getLogger(__name__)
 
 ANSWER_WAIT = 1.0  # how long an asker waits for a holder whose claim is on record to answer
 MAX_PAYLOAD = 2048
-MAX_RIVALS = 8
-MAX_TIME = 1e11  # Unix time in the year 5138: anything past it is not a start time, and datetime cannot show it
 
 
 def identity() -> dict[str, Any]:

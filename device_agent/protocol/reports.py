@@ -72,20 +72,22 @@ class DeviceStatus:
 
 
 RIVAL_FIELDS = {"host": str, "pid": int, "since": (int, float), "seen": (int, float), "how": str}
+MAX_RIVALS = 8  # other agents a status lists (device_agent.presence keeps no more)
+MAX_TIME = 1e11  # Unix time in the year 5138: anything past it is not a start time, and datetime cannot show it
 
 
 def _rivals(value: list | None) -> list[dict[str, Any]] | None:
     if value is None:
         return None
-    if len(value) > 8:
-        raise ProtocolError("id_shared_with lists at most 8 agents")
+    if len(value) > MAX_RIVALS:
+        raise ProtocolError(f"id_shared_with lists at most {MAX_RIVALS} agents")
     rivals = []
     for item in value:
         if not isinstance(item, dict):
             raise ProtocolError("id_shared_with holds objects")
         rival = {k: require(item, k, kind) for k, kind in RIVAL_FIELDS.items()}
         if len(rival["host"]) > 255 or rival["how"] not in ("asked", "connected") or not all(
-                0 <= rival[k] < 1e11 for k in ("since", "seen")):  # (NaN fails too)
+                0 <= rival[k] < MAX_TIME for k in ("since", "seen")):  # (NaN fails too)
             raise ProtocolError("id_shared_with: host up to 255 characters, how 'asked' or 'connected', "
                                 "since and seen Unix times")
         rivals.append(rival)
