@@ -72,7 +72,6 @@ class Agent:
         self._check = check
         self._commands = CommandLog(config.state_dir)
         self.telemetry_queue = TelemetryQueue(self.store.root / "telemetry.db", config.telemetry_queue_max)
-        self._queue_failing = False  # the last sample could not be queued (a full disk): said once
         self._adopt_old_sequence()
         self._hardware = describe_hardware(config.sysfs)
         self._sending = threading.Lock()  # one sender at a time: the telemetry loop, or a reconnect
@@ -391,17 +390,16 @@ class Agent:
             bundle = self.slot.bundle
             readings = self._collectors.collect()
             readings["queue"] = self.telemetry_queue.stats()  # what is waiting, and what was ever dropped
+            losing = self.telemetry_queue.losing  # said once, when it starts and when it ends
             try:
                 self.telemetry_queue.put({"device_id": self.config.device_id, "timestamp": time.time(),
                                           "interval_s": interval, "bundle": bundle.label if bundle else None,
                                           "readings": readings})
-                if self._queue_failing:
+                if losing:
                     log.info("telemetry is queued again (the samples lost meanwhile are counted as dropped)")
-                self._queue_failing = False
             except StorageError as exc:  # a full disk: measure on, and queue again once there is room
-                if not self._queue_failing:
+                if not losing:
                     log.warning("%s; samples are lost until there is room", exc)
-                self._queue_failing = True
             self._send_queued()
 
     def _send_queued(self) -> None:

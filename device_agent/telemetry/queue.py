@@ -35,8 +35,13 @@ class TelemetryQueue:
         self._unstored = 0  # samples lost since the database last took a write (not yet in 'dropped')
         try:
             self._open()
-        except StorageError:  # an agent starting on a full disk serves its model all the same
+        except sqlite3.Error:  # an agent starting on a full disk serves its model all the same
             pass
+
+    @property
+    def losing(self) -> bool:
+        """The last sample could not be queued (and the database has taken no write since)."""
+        return self._unstored > 0
 
     def _open(self) -> sqlite3.Connection:
         """The database, opened now if it is not yet: an agent that started while the disk was full
@@ -49,9 +54,9 @@ class TelemetryQueue:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.executescript(SCHEMA)
-            except sqlite3.Error as exc:
+            except sqlite3.Error:
                 db.close()
-                raise StorageError(f"cannot open the telemetry queue: {exc}") from None
+                raise
             self._db = db
         return self._db
 
@@ -77,10 +82,9 @@ class TelemetryQueue:
                     if excess > 0 or self._unstored:
                         db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'",
                                    (max(0, excess) + self._unstored,))
-            except (sqlite3.Error, StorageError) as exc:  # "database or disk is full"
+            except sqlite3.Error as exc:  # "database or disk is full"
                 self._unstored += 1
-                message = str(exc) if isinstance(exc, StorageError) else f"cannot queue telemetry: {exc}"
-                raise StorageError(message) from None
+                raise StorageError(f"cannot queue telemetry: {exc}") from None
             self._unstored = 0
         return seq
 
