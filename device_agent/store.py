@@ -119,21 +119,18 @@ class BundleStore:
             if not path.name.startswith(f"{sha256}."):
                 _remove(path)
         committed = self.committed()
-        if len(committed) > keep:
+        if len(committed) > keep:  # what commit() would have removed
             committed = committed[-keep:]
             write_atomically(self._committed_file, json.dumps(committed).encode())
-        kept = set(committed)
-        active = self.active()
-        if active is not None:
-            kept.add(active.directory.name)
-        self._prune(kept)
+        self._prune(set(committed))  # (never the active one)
         free = shutil.disk_usage(self.root).free
         if free >= need:
             return
         message = (f"not enough disk space: the bundle needs {size_text(download_size)} to download"
                    + (f" and {size_text(unpacked_size)} unpacked" if unpacked_size else "")
                    + f", {size_text(free)} are free")
-        earlier = [self.bundles / name for name in kept if active is None or name != active.directory.name]
+        active = self.active()
+        earlier = [self.bundles / name for name in committed if active is None or name != active.directory.name]
         if earlier:
             taken = size_text(sum(_disk_usage(d) for d in earlier))
             message += (f" ({len(earlier)} earlier version{'s take' if len(earlier) > 1 else ' takes'} {taken}, "
