@@ -183,3 +183,27 @@ def test_devices_show_says_how_much_room_is_left_on_the_device_for_bundles(tmp_p
     for device in ("pi-old", "pi-odd"):  # not reported, or not numbers: nothing is shown, nothing made up
         assert "disk:" not in show(device)
         assert json.loads(show(device, "--json"))["disk"] is None
+
+
+def test_a_reading_that_is_not_a_number_gets_no_metric_and_breaks_no_scrape(tmp_path):
+    import time
+
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from host_tools.fleet.metrics import FleetMetrics
+
+    store = FleetStore(tmp_path / "fleet.db")
+    for device, readings in (("pi-ok", {"disk": {"free_bytes": 2**30, "total_bytes": 2**34}}),
+                             ("pi-odd", {"disk": {"free_bytes": "lots", "total_bytes": 2**34},
+                                         "inference": {"p50_ms": "fast"}})):
+        store.record_status(DeviceStatus(device, True, time.time()), time.time())
+        store.record_telemetry_many([TelemetrySample(device, 1, time.time(), 1.0, None, readings)], time.time())
+    registry = CollectorRegistry()
+    registry.register(FleetMetrics(store))
+    text = generate_latest(registry).decode()
+    assert 'edgefleet_disk_free_bytes{bundle="",device="pi-ok"} 1.073741824e+09' in text
+    assert 'edgefleet_disk_size_bytes{bundle="",device="pi-odd"} 1.7179869184e+10' in text  # its numbers stay
+    assert 'edgefleet_disk_free_bytes{bundle="",device="pi-odd"}' not in text
+    assert 'edgefleet_inference_latency_p50_seconds{bundle="",device="pi-odd"}' not in text
+    store.close()
