@@ -87,6 +87,12 @@ class DeviceRow:
 # The least lag over this long estimates the clock's offset: delays only add to it, and a batch sent
 # after an outage (samples queued for hours) does not hold the estimate up for longer than this.
 CLOCK_WINDOW = 600.0
+# A batch of a device's telemetry arrived: when, and its clock lag — a new estimate when it is lower
+# than the one on record, or that one is older than the window.
+_NEWER_LAG = "clock_lag IS NULL OR :lag < clock_lag OR clock_lag_at < :stale"
+_SEEN = (f"UPDATE devices SET last_seen=MAX(last_seen, :now), "
+         f"clock_lag=CASE WHEN {_NEWER_LAG} THEN :lag ELSE clock_lag END, "
+         f"clock_lag_at=CASE WHEN {_NEWER_LAG} THEN :now ELSE clock_lag_at END WHERE device_id=:device")
 
 
 class FleetStore:
@@ -170,14 +176,8 @@ class FleetStore:
                 new = self._db.total_changes - before
                 for device in {s.device_id for s in samples}:
                     lag = received_at - max(s.timestamp for s in samples if s.device_id == device)
-                    self._db.execute(
-                        "UPDATE devices SET last_seen=MAX(last_seen, ?), "
-                        "clock_lag=CASE WHEN clock_lag IS NULL OR ? < clock_lag OR clock_lag_at < ? THEN ? "
-                        "ELSE clock_lag END, "
-                        "clock_lag_at=CASE WHEN clock_lag IS NULL OR ? < clock_lag OR clock_lag_at < ? THEN ? "
-                        "ELSE clock_lag_at END WHERE device_id=?",
-                        (received_at, lag, received_at - CLOCK_WINDOW, lag, lag, received_at - CLOCK_WINDOW,
-                         received_at, device))
+                    self._db.execute(_SEEN, {"now": received_at, "lag": lag, "stale": received_at - CLOCK_WINDOW,
+                                             "device": device})
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:  # (SQLite ends it itself on some errors: a full disk)
