@@ -53,8 +53,8 @@ class FleetMetrics(Collector):
             family = GaugeMetricFamily(name, help_text, labels=labels)
             for s in rows:
                 value = s[field]
-                if not isinstance(value, (int, float)):  # (online is a bool: 1 or 0)
-                    continue  # not reported by this device (or not a number): no series, never a zero
+                if value is None:
+                    continue  # not reported by this device: no series, never a zero
                 extra = [s["power_source"] or ""] if field == "power_watts" else []
                 family.add_metric([s["device_id"], s["active_bundle"] or ""] + extra, float(value) * scale)
             yield family

@@ -12,24 +12,30 @@ NA = "n/a"
 
 def readings_summary(readings: dict[str, Any] | None) -> dict[str, Any]:
     """The numbers the views show, from one sample's readings; one the device did not send is
-    None, never 0."""
+    None, never 0 — and so is one it sent that is not a number (the table, /metrics and the
+    dashboard would fail on it)."""
     def part(name: str) -> dict[str, Any]:
         value = (readings or {}).get(name)
         return value if isinstance(value, dict) else {}
+
+    def number(reading: dict[str, Any], key: str) -> int | float | None:
+        value = reading.get(key)
+        return value if type(value) in (int, float) else None
     inf, mem, cpu, power, thermal, disk = (part(n) for n in ("inference", "memory", "cpu", "power", "thermal", "disk"))
+    source = power.get("source")
     return {
-        "latency_p50_ms": inf.get("p50_ms"),
-        "latency_p95_ms": inf.get("p95_ms"),
-        "latency_p99_ms": inf.get("p99_ms"),
-        "inferences_per_s": inf.get("per_s"),
-        "process_rss_bytes": mem.get("process_rss_bytes"),
-        "process_cpu_percent": cpu.get("process_percent"),
-        "power_watts": power.get("total_watts"),
-        "power_source": power.get("source"),
-        "energy_per_inference_mj": inf.get("energy_mj"),
-        "temperature_c": thermal.get("max_c"),
-        "disk_free_bytes": disk.get("free_bytes"),
-        "disk_total_bytes": disk.get("total_bytes"),
+        "latency_p50_ms": number(inf, "p50_ms"),
+        "latency_p95_ms": number(inf, "p95_ms"),
+        "latency_p99_ms": number(inf, "p99_ms"),
+        "inferences_per_s": number(inf, "per_s"),
+        "process_rss_bytes": number(mem, "process_rss_bytes"),
+        "process_cpu_percent": number(cpu, "process_percent"),
+        "power_watts": number(power, "total_watts"),
+        "power_source": source if isinstance(source, str) else None,
+        "energy_per_inference_mj": number(inf, "energy_mj"),
+        "temperature_c": number(thermal, "max_c"),
+        "disk_free_bytes": number(disk, "free_bytes"),
+        "disk_total_bytes": number(disk, "total_bytes"),
     }
 
 

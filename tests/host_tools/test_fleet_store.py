@@ -185,13 +185,15 @@ def test_devices_show_says_how_much_room_is_left_on_the_device_for_bundles(tmp_p
         assert json.loads(show(device, "--json"))["disk"] is None
 
 
-def test_a_reading_that_is_not_a_number_gets_no_metric_and_breaks_no_scrape(tmp_path):
+def test_a_reading_that_is_not_a_number_is_shown_as_not_reported_and_breaks_no_view(tmp_path):
     import time
 
     from prometheus_client import generate_latest
     from prometheus_client.registry import CollectorRegistry
+    from rich.console import Console
 
     from host_tools.fleet.metrics import FleetMetrics
+    from host_tools.fleet.view import fleet_table
 
     store = FleetStore(tmp_path / "fleet.db")
     for device, readings in (("pi-ok", {"disk": {"free_bytes": 2**30, "total_bytes": 2**34}}),
@@ -206,4 +208,9 @@ def test_a_reading_that_is_not_a_number_gets_no_metric_and_breaks_no_scrape(tmp_
     assert 'edgefleet_disk_size_bytes{bundle="",device="pi-odd"} 1.7179869184e+10' in text  # its numbers stay
     assert 'edgefleet_disk_free_bytes{bundle="",device="pi-odd"}' not in text
     assert 'edgefleet_inference_latency_p50_seconds{bundle="",device="pi-odd"}' not in text
+    (odd,) = [r for r in store.devices() if r.device_id == "pi-odd"]
+    assert summarize(odd)["latency_p50_ms"] is None and summarize(odd)["disk_free_bytes"] is None
+    console = Console(width=200, record=True)
+    console.print(fleet_table([odd], now=time.time()))  # the table shows n/a rather than failing
+    assert "pi-odd" in console.export_text()
     store.close()
