@@ -109,12 +109,17 @@ class MqttClient:
 
     def __init__(self, *, client_id: str, broker: BrokerAddress, will: Will | None = None,
                  clean_session: bool = True, keepalive: int = 30, tls: TlsFiles | None = None,
-                 reconnect_max_delay: float = 30.0) -> None:
+                 reconnect_max_delay: float = 30.0, held_acks: bool = False) -> None:
+        """With *held_acks*, a handler may take a QoS 1 message without acknowledging it yet (hold());
+        until it is acknowledged the broker redelivers it after a reconnect, and sends a client at most
+        its in-flight limit of such messages (Mosquitto: 20), keeping the rest in the session."""
         self.broker = broker
         self.client_id = client_id
         self.tls = tls
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                   clean_session=clean_session, protocol=paho.MQTTv311)
+                                   clean_session=clean_session, protocol=paho.MQTTv311, manual_ack=held_acks)
+        self.held_acks = held_acks
+        self._handling = threading.local()  # the message a handler on this thread is handling
         self._client.max_inflight_messages_set(64)
         self._client.max_queued_messages_set(0)
         if tls is not None:
@@ -310,8 +315,27 @@ class MqttClient:
             exact = self._handlers.get(message.topic)
             matches = [exact[1]] if exact is not None else []
             matches += [h for f, h in self._patterns.items() if paho.topic_matches_sub(_unshared(f), message.topic)]
+        self._handling.message, self._handling.held = message, False
         for handler in matches:
             try:
                 handler(message.topic, message.payload)
             except Exception:  # a bad handler must not kill the network thread
                 log.exception("handler for %s failed", message.topic)
+        self._handling.message = None
+        if self.held_acks and message.qos and not self._handling.held:
+            self._client.ack(message.mid, message.qos)
+
+    def hold(self) -> Callable[[], None]:
+        """From a handler, with held_acks: leave the message it handles unacknowledged, and get the
+        function that acknowledges it. Called after a reconnect, that does nothing: the broker
+        sends the message again (a persistent session) and the handler gets it again."""
+        message = getattr(self._handling, "message", None)
+        if not self.held_acks or message is None:
+            raise RuntimeError("hold() is for a handler of a client made with held_acks=True")
+        self._handling.held = True
+        mid, qos, connection = message.mid, message.qos, self.connections
+
+        def acknowledge() -> None:
+            if qos and self.connections == connection:
+                self._client.ack(mid, qos)
+        return acknowledge

@@ -120,3 +120,83 @@ def test_a_full_disk_while_the_broker_is_away_loses_the_samples_it_cannot_keep_a
     finally:
         host.disconnect()
         broker.stop()
+
+
+def _event(n: int) -> bytes:
+    from device_agent.protocol.reports import DeploymentEvent
+
+    event = DeploymentEvent("pi-held", f"cmd-{n}", "downloading", "m 1.0.0", n / 100, f"event {n}", time.time())
+    return event.to_payload()
+
+
+def _stored_events(store: FleetStore):
+    return lambda: [e["reason"] for e in store.events("pi-held", ("downloading",))]
+
+
+def test_what_a_full_host_disk_held_back_is_stored_once_though_the_connection_broke_meanwhile(
+        mosquitto, small_disk, caplog):
+    """The monitor's way (held acknowledgements, a persistent session): events are stored as they
+    come, not deduplicated, so one stored twice would show."""
+    import host_tools.fleet.ingest as ingest_module
+
+    disk = small_disk(4)
+    store = FleetStore(disk / "fleet.db")
+    host = MqttClient(client_id=f"held-ingest-{time.time_ns()}", broker=mosquitto, clean_session=False,
+                      held_acks=True)
+    ingest = Ingest(host, store)
+    ingest.start()
+    host.connect()
+    device = MqttClient(client_id=f"pi-held-{time.time_ns()}", broker=mosquitto)
+    device.connect()
+    stored = _stored_events(store)
+    try:
+        filler = fill_disk(disk)
+        for n in range(10):  # (the first may still fit in the database's log)
+            device.publish(topics.events("pi-held"), _event(n), qos=1, wait=5)
+        assert wait_until(lambda: ingest.unstored + len(stored()) == 10, 10, 0.05), ingest.unstored
+        held = ingest.unstored
+        assert held >= 9
+        connections = host.connections
+        host.drop()  # what is held comes again from the broker over the new connection
+        host.connect_in_background()
+        assert wait_until(lambda: host.connections > connections, 10, 0.05)
+        time.sleep(0.5)  # past the instant between the reconnect and the ingest forgetting what it held
+        assert wait_until(lambda: ingest.unstored == held, 10, 0.05)
+        filler.unlink()
+        assert wait_until(lambda: ingest.unstored == 0, 3 * ingest_module.RETRY_INTERVAL + 5, 0.1)
+        assert sorted(stored()) == [f"event {n}" for n in range(10)]
+        assert caplog.text.count("cannot store what devices report") == 1, caplog.text
+        assert f"storing again; the {held} message(s) from devices that waited are stored" in caplog.text
+    finally:
+        device.disconnect()
+        host.disconnect()
+        store.close()
+
+
+def test_a_client_without_held_acknowledgements_drops_what_its_full_disk_cannot_take_and_says_how_much(
+        mosquitto, small_disk, caplog):
+    disk = small_disk(4)
+    store = FleetStore(disk / "fleet.db")
+    host = MqttClient(client_id=f"clean-ingest-{time.time_ns()}", broker=mosquitto)
+    ingest = Ingest(host, store)
+    ingest.start()
+    host.connect()
+    device = MqttClient(client_id=f"pi-held-{time.time_ns()}", broker=mosquitto)
+    device.connect()
+    stored = _stored_events(store)
+    try:
+        filler = fill_disk(disk)
+        for n in range(5):  # (the first may still fit in the database's log)
+            device.publish(topics.events("pi-held"), _event(n), qos=1, wait=5)
+        assert wait_until(lambda: ingest.unstored + len(stored()) == 5, 10, 0.05), ingest.unstored
+        dropped, kept = ingest.unstored, stored()
+        filler.unlink()
+        device.publish(topics.events("pi-held"), _event(5), qos=1, wait=5)
+        assert wait_until(lambda: "event 5" in stored(), 10, 0.05)
+        assert dropped >= 4 and stored() == [*kept, "event 5"]
+        assert "dropping it until the database takes writes again" in caplog.text
+        assert f"storing again; {dropped} message(s) from devices were dropped meanwhile" in caplog.text
+    finally:
+        device.disconnect()
+        host.disconnect()
+        store.close()

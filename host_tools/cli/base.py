@@ -68,16 +68,17 @@ def host_client(broker: str, role: str) -> MqttClient:
     return client
 
 
-def named_client(broker: str, role: str, name: str, session: Path, on_displaced):
+def named_client(broker: str, role: str, name: str, session: Path, on_displaced, *, held_acks: bool = False):
     """A connected client with a persistent session as ROLE NAME (its client id's random part kept
     in *session*), held by one process at a time (device_agent.presence): another live one already
     holding it is one line, not two processes taking the session from each other.
-    *on_displaced(holder)* runs if an earlier one comes back. Returns the client and its Presence."""
+    *on_displaced(holder)* runs if an earlier one comes back; *held_acks* as MqttClient's.
+    Returns the client and its Presence."""
     from device_agent.presence import Presence, describe, holder_of
 
     address, topic = BrokerAddress.parse(broker), topics.host_presence(role, name)
     client = MqttClient(client_id=session_client_id(f"edgefleet-{role}-{name}", session), broker=address, tls=_tls(),
-                        clean_session=False)
+                        clean_session=False, held_acks=held_acks)
     presence = Presence(client, topic, f"{role} {name!r}", on_displaced=on_displaced)
     holder = holder_of(address, topic, me=presence.me, tls=client.tls)
     if holder is not None:

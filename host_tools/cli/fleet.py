@@ -148,8 +148,9 @@ def monitor(broker, db, name, share, metrics_port, metrics_address, keep_days, k
     stop = threading.Event()
     store = FleetStore(db)
     # (the session's id is kept beside the database, with which it belongs)
+    # Held acknowledgements: what cannot be stored yet (a full disk) stays the broker's to send again.
     client, presence = named_client(broker, "monitor", name, db.with_name(f"{db.name}.monitor-{name}"),
-                                    lambda holder: (displaced.append(holder), stop.set()))
+                                    lambda holder: (displaced.append(holder), stop.set()), held_acks=True)
     ingest = Ingest(client, store, share=share)
     ingest.start()
     if metrics_port is not None:

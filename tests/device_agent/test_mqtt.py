@@ -60,3 +60,42 @@ def test_a_session_id_that_cannot_be_kept_is_used_for_this_run_and_made_again_on
     (tmp_path / "mqtt-session.tmp").rmdir()
     kept = session_client_id("edgefleet-agent-pi", record)
     assert kept == session_client_id("edgefleet-agent-pi", record) == "edgefleet-agent-pi-" + record.read_text().strip()
+
+
+def test_a_message_held_unacknowledged_comes_again_after_a_reconnect_and_one_acknowledged_does_not(mosquitto):
+    """What `edgefleet monitor` relies on when its disk is full: a message it could not store yet is
+    not lost — the broker sends it again — and one it stored is not stored twice."""
+    got, acks = [], []
+    client = MqttClient(client_id=f"held-{uuid.uuid4().hex[:8]}", broker=mosquitto, clean_session=False,
+                        held_acks=True)
+
+    def handler(topic, payload):
+        got.append(payload)
+        if payload == b"hold":
+            acks.append(client.hold())
+    client.connect()
+    sender = MqttClient(client_id=f"sender-{uuid.uuid4().hex[:8]}", broker=mosquitto)
+    sender.connect()
+    try:
+        assert client.subscribe("t/held", handler, wait=5)
+        sender.publish("t/held", b"hold", qos=1, wait=5)
+        sender.publish("t/held", b"taken", qos=1, wait=5)
+        assert wait_until(lambda: got == [b"hold", b"taken"], 5, 0.02), got
+
+        def reconnected():
+            connections = client.connections
+            client.drop()
+            client.connect_in_background()
+            assert wait_until(lambda: client.connections > connections, 10, 0.02)
+        reconnected()
+        assert wait_until(lambda: len(got) == 3, 5, 0.02) and got[2] == b"hold", got  # not b"taken"
+        acks[0]()  # the first connection's: a no-op now, not an acknowledgement of whatever has its id
+        reconnected()
+        assert wait_until(lambda: len(got) == 4, 5, 0.02) and got[3] == b"hold", got
+        acks[2]()
+        reconnected()
+        sender.publish("t/held", b"after", qos=1, wait=5)
+        assert wait_until(lambda: len(got) == 5, 5, 0.02) and got[4] == b"after", got  # "hold" is gone
+    finally:
+        sender.disconnect()
+        client.disconnect()
