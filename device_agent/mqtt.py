@@ -327,8 +327,9 @@ class MqttClient:
 
     def hold(self) -> Callable[[], None]:
         """From a handler, with held_acks: leave the message it handles unacknowledged, and get the
-        function that acknowledges it. Called after a reconnect, that does nothing: the broker
-        sends the message again (a persistent session) and the handler gets it again."""
+        function that acknowledges it. Called once the connection has gone, that does nothing: the
+        broker sends the message again (a persistent session) and the handler gets it again, while
+        the id it had may by then be another message's."""
         message = getattr(self._handling, "message", None)
         if not self.held_acks or message is None:
             raise RuntimeError("hold() is for a handler of a client made with held_acks=True")
@@ -336,6 +337,6 @@ class MqttClient:
         mid, qos, connection = message.mid, message.qos, self.connections
 
         def acknowledge() -> None:
-            if qos and self.connections == connection:
+            if qos and self.connections == connection and self._connected.is_set():
                 self._client.ack(mid, qos)
         return acknowledge
