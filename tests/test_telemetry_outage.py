@@ -122,38 +122,47 @@ def test_a_full_disk_while_the_broker_is_away_loses_the_samples_it_cannot_keep_a
         broker.stop()
 
 
-def _event(n: int) -> bytes:
-    from device_agent.protocol.reports import DeploymentEvent
+class _FullDiskIngest:
+    """An Ingest whose database is on a small disk of its own, and a device that reports events:
+    events are stored as they come, not deduplicated, so one stored twice would show."""
 
-    event = DeploymentEvent("pi-held", f"cmd-{n}", "downloading", "m 1.0.0", n / 100, f"event {n}", time.time())
-    return event.to_payload()
+    def __init__(self, mosquitto, small_disk, **client_options) -> None:
+        self.disk = small_disk(4)
+        self.store = FleetStore(self.disk / "fleet.db")
+        self.host = MqttClient(client_id=f"ingest-{time.time_ns()}", broker=mosquitto, **client_options)
+        self.ingest = Ingest(self.host, self.store)
+        self.ingest.start()
+        self.host.connect()
+        self.device = MqttClient(client_id=f"pi-held-{time.time_ns()}", broker=mosquitto)
+        self.device.connect()
 
+    def report(self, n: int) -> None:
+        from device_agent.protocol.reports import DeploymentEvent
 
-def _stored_events(store: FleetStore):
-    return lambda: [e["reason"] for e in store.events("pi-held", ("downloading",))]
+        event = DeploymentEvent("pi-held", f"cmd-{n}", "downloading", "m 1.0.0", n / 100, f"event {n}", time.time())
+        self.device.publish(topics.events("pi-held"), event.to_payload(), qos=1, wait=5)
+
+    def stored(self) -> list[str]:
+        return [e["reason"] for e in self.store.events("pi-held", ("downloading",))]
+
+    def close(self) -> None:
+        self.device.disconnect()
+        self.host.disconnect()
+        self.store.close()
 
 
 def test_what_a_full_host_disk_held_back_is_stored_once_though_the_connection_broke_meanwhile(
         mosquitto, small_disk, caplog):
-    """The monitor's way (held acknowledgements, a persistent session): events are stored as they
-    come, not deduplicated, so one stored twice would show."""
+    """The monitor's way: held acknowledgements, a persistent session."""
     import host_tools.fleet.ingest as ingest_module
 
-    disk = small_disk(4)
-    store = FleetStore(disk / "fleet.db")
-    host = MqttClient(client_id=f"held-ingest-{time.time_ns()}", broker=mosquitto, clean_session=False,
-                      held_acks=True)
-    ingest = Ingest(host, store)
-    ingest.start()
-    host.connect()
-    device = MqttClient(client_id=f"pi-held-{time.time_ns()}", broker=mosquitto)
-    device.connect()
-    stored = _stored_events(store)
+    fleet = _FullDiskIngest(mosquitto, small_disk, clean_session=False, held_acks=True)
+    ingest, host = fleet.ingest, fleet.host
     try:
-        filler = fill_disk(disk)
+        filler = fill_disk(fleet.disk)
         for n in range(10):  # (the first may still fit in the database's log)
-            device.publish(topics.events("pi-held"), _event(n), qos=1, wait=5)
-        assert wait_until(lambda: ingest.unstored + len(stored()) == 10, 10, 0.05), ingest.unstored
+            fleet.report(n)
+        assert wait_until(lambda: ingest.unstored + len(fleet.stored()) == 10, 10, 0.05), ingest.unstored
         held = ingest.unstored
         assert held >= 9
         connections = host.connections
@@ -164,39 +173,28 @@ def test_what_a_full_host_disk_held_back_is_stored_once_though_the_connection_br
         assert wait_until(lambda: ingest.unstored == held, 10, 0.05)
         filler.unlink()
         assert wait_until(lambda: ingest.unstored == 0, 3 * ingest_module.RETRY_INTERVAL + 5, 0.1)
-        assert sorted(stored()) == [f"event {n}" for n in range(10)]
+        assert sorted(fleet.stored()) == [f"event {n}" for n in range(10)]
         assert caplog.text.count("cannot store what devices report") == 1, caplog.text
         assert f"storing again; the {held} message(s) from devices that waited are stored" in caplog.text
     finally:
-        device.disconnect()
-        host.disconnect()
-        store.close()
+        fleet.close()
 
 
 def test_a_client_without_held_acknowledgements_drops_what_its_full_disk_cannot_take_and_says_how_much(
         mosquitto, small_disk, caplog):
-    disk = small_disk(4)
-    store = FleetStore(disk / "fleet.db")
-    host = MqttClient(client_id=f"clean-ingest-{time.time_ns()}", broker=mosquitto)
-    ingest = Ingest(host, store)
-    ingest.start()
-    host.connect()
-    device = MqttClient(client_id=f"pi-held-{time.time_ns()}", broker=mosquitto)
-    device.connect()
-    stored = _stored_events(store)
+    fleet = _FullDiskIngest(mosquitto, small_disk)
+    ingest = fleet.ingest
     try:
-        filler = fill_disk(disk)
+        filler = fill_disk(fleet.disk)
         for n in range(5):  # (the first may still fit in the database's log)
-            device.publish(topics.events("pi-held"), _event(n), qos=1, wait=5)
-        assert wait_until(lambda: ingest.unstored + len(stored()) == 5, 10, 0.05), ingest.unstored
-        dropped, kept = ingest.unstored, stored()
+            fleet.report(n)
+        assert wait_until(lambda: ingest.unstored + len(fleet.stored()) == 5, 10, 0.05), ingest.unstored
+        dropped, kept = ingest.unstored, fleet.stored()
         filler.unlink()
-        device.publish(topics.events("pi-held"), _event(5), qos=1, wait=5)
-        assert wait_until(lambda: "event 5" in stored(), 10, 0.05)
-        assert dropped >= 4 and stored() == [*kept, "event 5"]
+        fleet.report(5)
+        assert wait_until(lambda: "event 5" in fleet.stored(), 10, 0.05)
+        assert dropped >= 4 and fleet.stored() == [*kept, "event 5"]
         assert "dropping it until the database takes writes again" in caplog.text
         assert f"storing again; {dropped} message(s) from devices were dropped meanwhile" in caplog.text
     finally:
-        device.disconnect()
-        host.disconnect()
-        store.close()
+        fleet.close()
