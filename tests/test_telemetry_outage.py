@@ -198,3 +198,27 @@ def test_a_client_without_held_acknowledgements_drops_what_its_full_disk_cannot_
         assert f"storing again; {dropped} message(s) from devices were dropped meanwhile" in caplog.text
     finally:
         fleet.close()
+
+
+def test_past_its_limit_of_held_messages_an_ingest_drops_and_counts_the_rest(mosquitto, small_disk, caplog,
+                                                                           monkeypatch):
+    """A broker whose in-flight window is larger than what the ingest keeps in memory (here the
+    limit is lowered below Mosquitto's 20)."""
+    import host_tools.fleet.ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "MAX_HELD", 3)
+    fleet = _FullDiskIngest(mosquitto, small_disk, clean_session=False, held_acks=True)
+    ingest = fleet.ingest
+    try:
+        filler = fill_disk(fleet.disk)
+        for n in range(10):  # (the first may still fit in the database's log)
+            fleet.report(n)
+        assert wait_until(lambda: ingest.unstored + len(fleet.stored()) == 10, 10, 0.05), ingest.unstored
+        dropped, kept = ingest.dropped, fleet.stored()
+        assert dropped == ingest.unstored - 3
+        filler.unlink()
+        assert wait_until(lambda: ingest.unstored == 0, 3 * ingest_module.RETRY_INTERVAL + 5, 0.1)
+        assert len(fleet.stored()) == len(kept) + 3
+        assert f"storing again; {dropped} message(s) from devices were dropped meanwhile" in caplog.text
+    finally:
+        fleet.close()
