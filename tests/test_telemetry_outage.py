@@ -3,6 +3,7 @@ restart), and the host ends up with every sample exactly once."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -124,9 +125,15 @@ def test_a_full_disk_while_the_broker_is_away_loses_the_samples_it_cannot_keep_a
 
 class _FullDiskIngest:
     """An Ingest whose database is on a small disk of its own, and a device that reports events:
-    events are stored as they come, not deduplicated, so one stored twice would show."""
+    events are stored as they come, not deduplicated, so one stored twice would show. Its own
+    broker: what other tests' devices report would be counted too."""
 
-    def __init__(self, mosquitto, small_disk, **client_options) -> None:
+    def __init__(self, tmp_path, small_disk, caplog, **client_options) -> None:
+        caplog.set_level(logging.WARNING, logger="host_tools.fleet.ingest")  # whatever an earlier test set
+        (tmp_path / "broker").mkdir()
+        self.broker = Mosquitto(tmp_path / "broker")
+        self.broker.start()
+        mosquitto = self.broker.address
         self.disk = small_disk(4)
         self.store = FleetStore(self.disk / "fleet.db")
         self.host = MqttClient(client_id=f"ingest-{time.time_ns()}", broker=mosquitto, **client_options)
@@ -135,6 +142,12 @@ class _FullDiskIngest:
         self.host.connect()
         self.device = MqttClient(client_id=f"pi-held-{time.time_ns()}", broker=mosquitto)
         self.device.connect()
+
+        def listening() -> bool:  # the ingest's subscriptions are made as it connects, not waited for
+            self.device.publish(topics.status("pi-held"), DeviceStatus("pi-held", True, time.time()).to_payload(),
+                                qos=1, wait=5)
+            return any(r.device_id == "pi-held" for r in self.store.devices())
+        assert wait_until(listening, 10, interval=0.2)
 
     def report(self, n: int) -> None:
         from device_agent.protocol.reports import DeploymentEvent
@@ -149,14 +162,15 @@ class _FullDiskIngest:
         self.device.disconnect()
         self.host.disconnect()
         self.store.close()
+        self.broker.stop()
 
 
 def test_what_a_full_host_disk_held_back_is_stored_once_though_the_connection_broke_meanwhile(
-        mosquitto, small_disk, caplog):
+        tmp_path, small_disk, caplog):
     """The monitor's way: held acknowledgements, a persistent session."""
     import host_tools.fleet.ingest as ingest_module
 
-    fleet = _FullDiskIngest(mosquitto, small_disk, clean_session=False, held_acks=True)
+    fleet = _FullDiskIngest(tmp_path, small_disk, caplog, clean_session=False, held_acks=True)
     ingest, host = fleet.ingest, fleet.host
     try:
         filler = fill_disk(fleet.disk)
@@ -181,8 +195,8 @@ def test_what_a_full_host_disk_held_back_is_stored_once_though_the_connection_br
 
 
 def test_a_client_without_held_acknowledgements_drops_what_its_full_disk_cannot_take_and_says_how_much(
-        mosquitto, small_disk, caplog):
-    fleet = _FullDiskIngest(mosquitto, small_disk)
+        tmp_path, small_disk, caplog):
+    fleet = _FullDiskIngest(tmp_path, small_disk, caplog)
     ingest = fleet.ingest
     try:
         filler = fill_disk(fleet.disk)
@@ -195,19 +209,20 @@ def test_a_client_without_held_acknowledgements_drops_what_its_full_disk_cannot_
         assert wait_until(lambda: "event 5" in fleet.stored(), 10, 0.05)
         assert dropped >= 4 and fleet.stored() == [*kept, "event 5"]
         assert "dropping it until the database takes writes again" in caplog.text
-        assert f"storing again; {dropped} message(s) from devices were dropped meanwhile" in caplog.text
+        said = f"storing again; {dropped} message(s) from devices were dropped meanwhile"
+        assert wait_until(lambda: said in caplog.text, 5, 0.05), caplog.text  # said just after it is stored
     finally:
         fleet.close()
 
 
-def test_past_its_limit_of_held_messages_an_ingest_drops_and_counts_the_rest(mosquitto, small_disk, caplog,
+def test_past_its_limit_of_held_messages_an_ingest_drops_and_counts_the_rest(tmp_path, small_disk, caplog,
                                                                            monkeypatch):
     """A broker whose in-flight window is larger than what the ingest keeps in memory (here the
     limit is lowered below Mosquitto's 20)."""
     import host_tools.fleet.ingest as ingest_module
 
     monkeypatch.setattr(ingest_module, "MAX_HELD", 3)
-    fleet = _FullDiskIngest(mosquitto, small_disk, clean_session=False, held_acks=True)
+    fleet = _FullDiskIngest(tmp_path, small_disk, caplog, clean_session=False, held_acks=True)
     ingest = fleet.ingest
     try:
         filler = fill_disk(fleet.disk)
