@@ -115,8 +115,9 @@ class Ingest:
                     return
 
     def _forget_waiting(self) -> None:
-        """After a reconnect the broker sends again what it had not had acknowledged (the session is
-        persistent: held_acks): kept here too, it would be stored twice."""
+        """After a reconnect the broker sends again what it had not had acknowledged: kept here too, it
+        would be stored twice. (A client with held acknowledgements is meant to have a persistent
+        session, as the monitor's has; with a clean one the broker would have forgotten them.)"""
         with self._order:
             if self._client.held_acks:
                 self.unstored -= len(self._waiting)
