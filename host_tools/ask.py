@@ -13,11 +13,14 @@ from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE
 from device_agent.protocol.commands import BenchCommand, Reply, StatusRequest
+from host_tools.connectivity import NEVER_SEEN, Connectivity
 from host_tools.serve import BundleServer
 
 
 class DeviceTimeout(EdgefleetError):
-    pass
+    def __init__(self, message: str, *, queued: bool = True) -> None:
+        super().__init__(message)
+        self.queued = queued  # whether the broker holds the command for the device (it has a session there)
 
 
 def ask(client: MqttClient, device: str, make_command, timeout: float, signer=None) -> Reply:
@@ -38,13 +41,22 @@ def ask(client: MqttClient, device: str, make_command, timeout: float, signer=No
             got.append(reply)
             arrived.set()
 
-    client.subscribe(topics.reply(device), on_reply, qos=1)
-    time.sleep(0.1)  # let the subscription reach the broker before the device can answer
-    payload = make_command(command_id).to_payload()
-    client.publish(topics.command(device), signer(payload) if signer else payload, qos=1)
-    if not arrived.wait(timeout):
-        raise DeviceTimeout(f"{device} did not answer within {timeout:g}s (offline?)")
-    return got[0]
+    client.subscribe(topics.reply(device), on_reply, qos=1, wait=5.0)  # granted before the device can answer
+    connectivity = Connectivity(client, [device])
+    connectivity.watch()
+    try:
+        payload = make_command(command_id).to_payload()
+        client.publish(topics.command(device), signer(payload) if signer else payload, qos=1)
+        deadline = time.monotonic() + timeout
+        while not arrived.wait(0.1):
+            note = connectivity.note(device)
+            if note == NEVER_SEEN:  # nobody will answer: the broker did not even keep the command
+                raise DeviceTimeout(f"{device} has {NEVER_SEEN}", queued=False)
+            if time.monotonic() >= deadline:
+                raise DeviceTimeout(f"{device} did not answer within {timeout:g}s" + (f": {note}" if note else ""))
+        return got[0]
+    finally:
+        connectivity.close()
 
 
 def device_status(client: MqttClient, device: str, timeout: float) -> Reply:

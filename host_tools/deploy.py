@@ -15,6 +15,7 @@ from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.commands import DeployCommand, RollbackCommand
 from device_agent.protocol.reports import DEPLOY_FINAL, DeploymentEvent
+from host_tools.connectivity import Connectivity
 from host_tools.serve import BundleServer, check_broker_passes_chunks
 from host_tools.terminal import console
 
@@ -57,23 +58,29 @@ class EventTracker:
     """Follows one command's deployment events from each device until every device has a final state."""
 
     def __init__(self, client: MqttClient, devices: Iterable[str], signer: Callable[[bytes], bytes],
-                 on_update: Callable[[DeviceProgress], None] | None = None) -> None:
+                 on_update: Callable[[DeviceProgress], None] | None = None, *,
+                 watch_connectivity: bool = False) -> None:
+        """With *watch_connectivity*, a device that has not answered yet and is offline, or has never
+        connected to this broker, is said to be (in its progress's reason) while the command waits."""
         self._client = client
         self._signer = signer
         self.devices = list(dict.fromkeys(devices))
         bad = [d for d in self.devices if not topics.valid_device_id(d)]
         if not self.devices or bad:
             raise ConfigError(f"invalid device id(s): {', '.join(bad) or '(none given)'}")
-        self._on_update = on_update
+        self.on_update = on_update
         self._lock = threading.Condition()
         self.command_id = uuid.uuid4().hex
         self.progress = {d: DeviceProgress(d) for d in self.devices}
+        self.connectivity = Connectivity(client, self.devices, self._on_connectivity) if watch_connectivity else None
 
     def send(self, payload: bytes) -> None:
         """Subscribe to the devices' events, then send them *payload* (a command with our id), signed."""
         payload = self._signer(payload)
         for device in self.devices:
             self._client.subscribe(topics.events(device), self._on_event, qos=1)
+        if self.connectivity is not None:
+            self.connectivity.watch()
         for device in self.devices:
             self._client.publish(topics.command(device), payload, qos=1)
 
@@ -85,11 +92,29 @@ class EventTracker:
             while not all(p.done for p in self.progress.values()):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return {d: p if p.done else replace(p, state="timed_out",
-                                                        reason=f"no outcome within {timeout:g}s (device offline?)")
+                    return {d: p if p.done else replace(p, state="timed_out", reason=self._timed_out(d, timeout))
                             for d, p in self.progress.items()}
                 self._lock.wait(min(remaining, 0.5))
             return dict(self.progress)
+
+    def close(self) -> None:
+        if self.connectivity is not None:
+            self.connectivity.close()
+
+    def _timed_out(self, device: str, timeout: float) -> str:
+        note = self.connectivity.note(device) if self.connectivity is not None else None
+        if note is not None:
+            return f"no outcome within {timeout:g}s: {note}"
+        return f"no outcome within {timeout:g}s" + (" (device offline?)" if self.connectivity is None else "")
+
+    def _on_connectivity(self, device: str) -> None:
+        with self._lock:
+            if self.progress[device].state != "pending":
+                return
+            update = replace(self.progress[device], reason=self.connectivity.note(device, short=True))
+            self.progress[device] = update
+        if self.on_update is not None:
+            self.on_update(update)
 
     def _on_event(self, topic: str, payload: bytes) -> None:
         try:
@@ -104,19 +129,19 @@ class EventTracker:
             update = DeviceProgress(event.device_id, event.state, event.progress, event.reason)
             self.progress[event.device_id] = update
             self._lock.notify_all()
-        if self._on_update is not None:
-            self._on_update(update)
+        if self.on_update is not None:
+            self.on_update(update)
 
 
 class Deployment(EventTracker):
     def __init__(self, client: MqttClient, server: BundleServer, bundle: Path, devices: Iterable[str],
                  signer: Callable[[bytes], bytes], on_update: Callable[[DeviceProgress], None] | None = None,
-                 allow_downgrade: bool = False) -> None:
+                 allow_downgrade: bool = False, watch_connectivity: bool = False) -> None:
         self.bundle = Path(bundle)
         self.allow_downgrade = allow_downgrade
         with BundleReader(self.bundle) as reader:  # refuse what is not a bundle before telling anyone
             self.manifest = reader.manifest
-        super().__init__(client, devices, signer, on_update)
+        super().__init__(client, devices, signer, on_update, watch_connectivity=watch_connectivity)
         self._server = server
 
     def start(self) -> None:
@@ -127,9 +152,12 @@ class Deployment(EventTracker):
 def run_rollback(client: MqttClient, devices: Iterable[str], *, signer: Callable[[bytes], bytes],
                  timeout: float) -> dict[str, DeviceProgress]:
     """Ask *devices* to go back to their previous committed version and wait for each outcome."""
-    tracker = EventTracker(client, devices, signer)
-    tracker.send(RollbackCommand(tracker.command_id, time.time()).to_payload())
-    return tracker.wait(timeout)
+    tracker = EventTracker(client, devices, signer, watch_connectivity=True)
+    try:
+        tracker.send(RollbackCommand(tracker.command_id, time.time()).to_payload())
+        return tracker.wait(timeout)
+    finally:
+        tracker.close()
 
 
 def run_deployment(client: MqttClient, bundle: Path, devices: Iterable[str], *, signer: Callable[[bytes], bytes],
@@ -142,22 +170,34 @@ def run_deployment(client: MqttClient, bundle: Path, devices: Iterable[str], *, 
     if serve:
         server.start()
     try:
-        if not show_progress:
-            deployment = Deployment(client, server, bundle, devices, signer, allow_downgrade=allow_downgrade)
-            deployment.start()
-            return deployment.wait(timeout)
-        return _with_progress(client, server, bundle, devices, signer, timeout, allow_downgrade)
+        deployment = Deployment(client, server, bundle, devices, signer, allow_downgrade=allow_downgrade,
+                                watch_connectivity=True)
+        try:
+            if not show_progress:
+                deployment.start()
+                return deployment.wait(timeout)
+            return _with_progress(deployment, timeout)
+        finally:
+            deployment.close()
     finally:
         if serve:
             server.stop()
 
 
-def _with_progress(client, server, bundle, devices, signer, timeout, allow_downgrade) -> dict[str, DeviceProgress]:
+def _with_progress(deployment: Deployment, timeout: float) -> dict[str, DeviceProgress]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Column
 
     err = console(stderr=True)
-    progress = Progress(TextColumn("{task.fields[device]:<14}"), BarColumn(),
-                        TextColumn("{task.percentage:>3.0f}%"), TextColumn("{task.fields[state]}"),
+    # A long state (a failure's reason) is cut short here, not the device or the bar; the caller
+    # prints every outcome that is not a success in full.
+    name_width = min(24, max(14, *(len(d) for d in deployment.devices)))
+    bar_width = 24 if err.width >= 100 else 16
+    state_width = max(16, err.width - name_width - bar_width - 4 - 7 - 4)  # less percentage, time and spaces
+    progress = Progress(TextColumn("{task.fields[device]}", table_column=Column(min_width=name_width, no_wrap=True)),
+                        BarColumn(bar_width=bar_width), TextColumn("{task.percentage:>3.0f}%"),
+                        TextColumn("{task.fields[state]}", table_column=Column(max_width=state_width, no_wrap=True,
+                                                                              overflow="ellipsis")),
                         TimeElapsedColumn(), console=err)
     tasks: dict[str, int] = {}
 
@@ -165,9 +205,8 @@ def _with_progress(client, server, bundle, devices, signer, timeout, allow_downg
         state = p.state if p.reason is None else f"{p.state}: {p.reason}"
         progress.update(tasks[p.device_id], completed=p.progress * 100, state=state)
 
-    deployment = Deployment(client, server, bundle, devices, signer, on_update=on_update,
-                            allow_downgrade=allow_downgrade)
-    err.print(f"deploying {deployment.manifest.label} ({Path(bundle).stat().st_size} bytes) "
+    deployment.on_update = on_update
+    err.print(f"deploying {deployment.manifest.label} ({deployment.bundle.stat().st_size} bytes) "
                   f"to {len(deployment.devices)} device(s)")
     with progress:
         for d in deployment.devices:

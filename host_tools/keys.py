@@ -36,6 +36,6 @@ def change_trust(client: MqttClient, devices: Iterable[str], signer, *, add: Ite
         try:
             replies[device] = ask(client, device, lambda cid: TrustCommand(cid, time.time(), add, revoke),
                                   timeout, signer)
-        except DeviceTimeout as exc:  # the command waits at the broker until it expires
-            replies[device] = Reply(device, "", "trust", False, {}, str(exc))
+        except DeviceTimeout as exc:  # the command waits at the broker until it expires, if it has a session there
+            replies[device] = Reply(device, "", "trust", False, {"queued": exc.queued}, str(exc))
     return replies

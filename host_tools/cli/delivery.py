@@ -53,9 +53,13 @@ def deploy(bundle_path, devices, broker, timeout, chunk_size, allow_downgrade, n
                                  show_progress=not as_json) if send else {}
     finally:
         client.disconnect()
-    results.update({d: DeviceProgress(d, "skipped", 0.0, why) for d, why in skipped.items()})
     if as_json:
+        results.update({d: DeviceProgress(d, "skipped", 0.0, why) for d, why in skipped.items()})
         click.echo(json.dumps({d: vars(p) for d, p in results.items()}))
+    else:  # in full: the progress bars cut long reasons short (skipped devices were said above)
+        for d, p in results.items():
+            if not p.succeeded:
+                click.echo(f"{d}: {p.state}" + (f" ({p.reason})" if p.reason else ""), err=True)
     if not all(p.succeeded for p in results.values()):
         sys.exit(1)
 

@@ -84,8 +84,9 @@ def _change_trust(devices, broker, timeout, signing_key, expires_in, as_json, *,
             if r.ok:
                 click.echo(f"{d}: trusts {', '.join(t['key_id'] for t in r.body['trusted'])}")
             elif not r.command_id:  # no reply (change_trust): the command may still reach it before it expires
-                click.echo(f"{d}: no answer ({r.error}); it may still take the change if it reconnects "
-                           f"within the command's {expires_in:g} s")
+                click.echo(f"{d}: no answer ({r.error})" + (
+                    f"; it may still take the change if it reconnects within the command's {expires_in:g} s"
+                    if r.body["queued"] else ""))
             else:
                 click.echo(f"{d}: refused ({r.error})")
     if not all(r.ok for r in replies.values()):

@@ -68,7 +68,7 @@ def _num(value: Any, fmt: str) -> str:
     return NA if value is None else format(value, fmt)
 
 
-def _ago(ts: float | None, now: float) -> str:
+def ago(ts: float | None, now: float) -> str:
     if not ts:
         return NA
     s = max(0, int(now - ts))
@@ -89,7 +89,7 @@ def fleet_table(rows: list[DeviceRow], now: float | None = None):
                          no_wrap=header != "bundle", min_width=bundle_width if header == "bundle" else None)
     for row in rows:
         s = summarize(row)
-        state = "[green]online[/]" if s["online"] else f"[red]offline[/] {_ago(s['since'], now)}"
+        state = "[green]online[/]" if s["online"] else f"[red]offline[/] {ago(s['since'], now)}"
         rss = s["process_rss_bytes"]
         power = _num(s["power_watts"], ".2f")
         if s["power_source"]:
@@ -98,5 +98,5 @@ def fleet_table(rows: list[DeviceRow], now: float | None = None):
                       _num(s["latency_p50_ms"], ".3f"), _num(s["latency_p95_ms"], ".3f"),
                       _num(s["latency_p99_ms"], ".3f"), _num(s["inferences_per_s"], ".1f"),
                       NA if rss is None else f"{rss / 2**20:.1f}", _num(s["process_cpu_percent"], ".1f"),
-                      _num(s["temperature_c"], ".1f"), power, _ago(s["last_seen"], now))
+                      _num(s["temperature_c"], ".1f"), power, ago(s["last_seen"], now))
     return table

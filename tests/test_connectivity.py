@@ -1,0 +1,114 @@
+"""A command to a device that is not there says why while it waits: offline since when, its
+connection dropped, or never connected to this broker — from the statuses the broker retains."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+from device_agent.bundle.signing import generate_key_pair, key_id, load_public_key
+from device_agent.mqtt import MqttClient
+from device_agent.protocol import topics
+from device_agent.protocol.reports import DeviceStatus
+from host_tools.connectivity import NEVER_SEEN, SHORT_NEVER_SEEN, Connectivity
+from host_tools.deploy import EventTracker
+from tests.conftest import announced, edgefleet, wait_until
+from tests.test_agent_lifecycle import status
+
+OFFLINE_SINCE = r"device offline since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(\d+s ago, when its agent stopped\)"
+
+
+def test_a_stopped_device_is_said_to_be_offline_since_it_stopped_and_gets_the_command_when_it_returns(
+        agents, mosquitto, keys, tmp_path):
+    agent = agents.start("dozy")
+    assert agent.wait_for_api() and announced(mosquitto, "dozy")
+    assert agent.terminate() == 0  # a clean stop: the agent says offline itself, with the time
+
+    asked = edgefleet("device", "status", "dozy", "--broker", mosquitto, "--timeout", "2")
+    assert asked.returncode == 1 and "Traceback" not in asked.stderr
+    assert re.fullmatch(rf"error: dozy did not answer within 2s: {OFFLINE_SINCE}", asked.stderr.strip()), asked.stderr
+
+    _, new_pub = generate_key_pair(tmp_path / "keys", "next")
+    new_id = key_id(load_public_key(new_pub))
+    rotated = edgefleet("keys", "rotate", new_pub, "--device", "dozy", "--broker", mosquitto, "--key", keys["key"],
+                        "--timeout", "1", "--expires-in", "300")
+    assert rotated.returncode == 1 and "Traceback" not in rotated.stderr
+    assert re.fullmatch(rf"dozy: no answer \(dozy did not answer within 1s: {OFFLINE_SINCE}\); it may still take the "
+                        r"change if it reconnects within the command's 300 s", rotated.stdout.strip()), rotated.stdout
+
+    agent.start()  # ... and so it does: the command waited in its session
+    assert agent.wait_for_api()
+    assert wait_until(lambda: new_id in {k["key_id"] for k in status(agent)["keys"]["trusted"]}, 30)
+
+
+def test_a_killed_device_is_said_to_be_offline_because_its_connection_dropped(agents, mosquitto, keys):
+    agent = agents.start("crashy")
+    assert agent.wait_for_api() and announced(mosquitto, "crashy")
+    agent.kill()  # no goodbye: the broker publishes its last will
+    result = edgefleet("rollback", "--device", "crashy", "--broker", mosquitto, "--timeout", "2", "--json",
+                       "--key", keys["key"])
+    outcome = json.loads(result.stdout)["crashy"]
+    assert result.returncode == 1 and outcome["state"] == "timed_out"
+    assert outcome["reason"] == "no outcome within 2s: device offline (its connection dropped)"
+
+
+def test_the_progress_of_a_command_says_why_a_device_has_not_answered_as_soon_as_the_broker_tells(mosquitto):
+    host = MqttClient(client_id="test-connectivity-host", broker=mosquitto)
+    host.connect()
+    device = MqttClient(client_id="test-connectivity-device", broker=mosquitto)
+    device.connect()
+    updates: dict[str, list] = {"never-01": [], "gone-01": [], "late-01": []}
+    seen = threading.Condition()
+
+    def on_update(progress):
+        with seen:
+            updates[progress.device_id].append((progress.state, progress.reason))
+            seen.notify_all()
+
+    try:
+        device.publish(topics.status("gone-01"), DeviceStatus("gone-01", False, 0.0).to_payload(), retain=True,
+                       wait=5)
+        tracker = EventTracker(host, list(updates), lambda p: p, on_update, watch_connectivity=True)
+        tracker.send(b"{}")
+        with seen:
+            assert seen.wait_for(lambda: updates["never-01"] and updates["gone-01"] and updates["late-01"], 10)
+        assert updates["never-01"] == [("pending", SHORT_NEVER_SEEN)]
+        assert updates["gone-01"] == [("pending", "offline (connection dropped)")]
+        # A status that is not one, or names another device, changes nothing; the device's own does.
+        device.publish(topics.status("late-01"), b"not json", retain=True, wait=5)
+        device.publish(topics.status("late-01"), DeviceStatus("gone-01", True, 1.0).to_payload(), wait=5)
+        device.publish(topics.status("late-01"), DeviceStatus("late-01", True, 1.0).to_payload(), wait=5)
+        with seen:
+            assert seen.wait_for(lambda: len(updates["late-01"]) == 2, 10)
+        assert updates["late-01"] == [("pending", SHORT_NEVER_SEEN), ("pending", None)]
+        assert tracker.wait(0.1)["never-01"].reason == f"no outcome within 0.1s: {NEVER_SEEN}"
+        assert tracker.wait(0.5)["late-01"].reason == "no outcome within 0.5s"
+        assert tracker.wait(0.1)["gone-01"].reason == "no outcome within 0.1s: device offline (its connection dropped)"
+        tracker.close()
+    finally:
+        for name in ("gone-01", "late-01"):
+            device.publish(topics.status(name), b"", retain=True, wait=5)  # the shared broker forgets them
+        device.disconnect()
+        host.disconnect()
+
+
+def test_watching_no_longer_after_close(mosquitto):
+    host = MqttClient(client_id="test-connectivity-close", broker=mosquitto)
+    host.connect()
+    try:
+        changes = []
+        watch = Connectivity(host, ["shut-01"], changes.append)
+        watch.watch()
+        watch.close()  # before it settles: nothing is said after
+        assert not wait_until(lambda: changes, 2)
+        assert watch.note("shut-01") is None
+    finally:
+        host.disconnect()
+
+
+def test_deploy_says_in_full_why_each_device_did_not_take_the_bundle(mosquitto, make_bundle):
+    result = edgefleet("deploy", make_bundle(), "--device", "ghost-2", "--broker", mosquitto, "--timeout", "2")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    # the progress bar cuts a long reason short; the line after it does not
+    assert result.stderr.strip().splitlines()[-1] == f"ghost-2: timed_out (no outcome within 2s: {NEVER_SEEN})"
