@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 from device_agent.bundle.signing import generate_key_pair, key_id, load_public_key
 from device_agent.mqtt import MqttClient
@@ -112,3 +113,20 @@ def test_deploy_says_in_full_why_each_device_did_not_take_the_bundle(mosquitto, 
     assert result.returncode == 1 and "Traceback" not in result.stderr
     # the progress bar cuts a long reason short; the line after it does not
     assert result.stderr.strip().splitlines()[-1] == f"ghost-2: timed_out (no outcome within 2s: {NEVER_SEEN})"
+
+
+def test_garbage_on_a_status_topic_is_not_taken_for_a_status(mosquitto):
+    from tests.test_end_to_end import GARBAGE
+
+    host = MqttClient(client_id="test-connectivity-garbage", broker=mosquitto)
+    host.connect()
+    try:
+        watch = Connectivity(host, ["junk-01"])
+        for payload in GARBAGE + [DeviceStatus("junk-01", False, 5.0).to_payload()[:-1]]:
+            watch._on_status(topics.status("junk-01"), payload)  # as the network thread would, without raising
+        assert watch.note("junk-01") is None  # nothing taken: not offline, and not settled yet
+        watch._on_status(topics.status("junk-01"), DeviceStatus("junk-01", False, time.time() - 300).to_payload())
+        assert re.fullmatch(OFFLINE_SINCE.replace(r"\d+s ago", "5m ago"), watch.note("junk-01"))
+        assert re.fullmatch(r"offline since \d\d:\d\d:\d\d", watch.note("junk-01", short=True))
+    finally:
+        host.disconnect()
