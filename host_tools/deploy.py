@@ -15,7 +15,7 @@ from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.commands import DeployCommand, RollbackCommand
 from device_agent.protocol.reports import DEPLOY_FINAL, DeploymentEvent
-from host_tools.connectivity import Connectivity
+from host_tools.connectivity import NEVER_SEEN, Connectivity
 from host_tools.serve import BundleServer, check_broker_passes_chunks
 from host_tools.terminal import console
 
@@ -29,7 +29,7 @@ class DeviceProgress:
 
     @property
     def done(self) -> bool:
-        return self.state in DEPLOY_FINAL or self.state == "timed_out"
+        return self.state in DEPLOY_FINAL or self.state in ("timed_out", "unreachable")
 
     @property
     def succeeded(self) -> bool:
@@ -85,17 +85,24 @@ class EventTracker:
             self._client.publish(topics.command(device), payload, qos=1)
 
     def wait(self, timeout: float) -> dict[str, DeviceProgress]:
-        """Block until every device is done or *timeout* passes; devices without an outcome by then
-        are timed_out in what this returns (their events still count if they come later)."""
+        """Block until every device is done, or has never connected to the broker (watching
+        connectivity: the broker kept no command for it), or *timeout* passes. In what this returns,
+        the former are unreachable and devices without an outcome by the timeout timed_out (their
+        events still count if they come later)."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while not all(p.done for p in self.progress.values()):
+            while not all(p.done or self._unreachable(d) for d, p in self.progress.items()):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return {d: p if p.done else replace(p, state="timed_out", reason=self._timed_out(d, timeout))
-                            for d, p in self.progress.items()}
+                    break
                 self._lock.wait(min(remaining, 0.5))
-            return dict(self.progress)
+            return {d: p if p.done else
+                    replace(p, state="unreachable", reason=NEVER_SEEN) if self._unreachable(d) else
+                    replace(p, state="timed_out", reason=self._timed_out(d, timeout))
+                    for d, p in self.progress.items()}
+
+    def _unreachable(self, device: str) -> bool:
+        return self.connectivity is not None and self.connectivity.note(device) == NEVER_SEEN
 
     def close(self) -> None:
         if self.connectivity is not None:
@@ -113,6 +120,7 @@ class EventTracker:
                 return
             update = replace(self.progress[device], reason=self.connectivity.note(device, short=True))
             self.progress[device] = update
+            self._lock.notify_all()  # a device that never connected ends the wait for it
         if self.on_update is not None:
             self.on_update(update)
 
@@ -214,6 +222,6 @@ def _with_progress(deployment: Deployment, timeout: float) -> dict[str, DevicePr
         deployment.start()
         results = deployment.wait(timeout)
         for p in results.values():
-            if p.state == "timed_out":
+            if p.state in ("timed_out", "unreachable"):
                 on_update(p)
     return results

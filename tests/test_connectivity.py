@@ -13,7 +13,7 @@ from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.reports import DeviceStatus
 from host_tools.connectivity import NEVER_SEEN, SHORT_NEVER_SEEN, Connectivity
-from host_tools.deploy import EventTracker
+from host_tools.deploy import DeviceProgress, EventTracker
 from tests.conftest import announced, edgefleet, wait_until
 from tests.test_agent_lifecycle import status
 
@@ -83,7 +83,7 @@ def test_the_progress_of_a_command_says_why_a_device_has_not_answered_as_soon_as
         with seen:
             assert seen.wait_for(lambda: len(updates["late-01"]) == 2, 10)
         assert updates["late-01"] == [("pending", SHORT_NEVER_SEEN), ("pending", None)]
-        assert tracker.wait(0.1)["never-01"].reason == f"no outcome within 0.1s: {NEVER_SEEN}"
+        assert tracker.wait(0.1)["never-01"] == DeviceProgress("never-01", "unreachable", 0.0, NEVER_SEEN)
         assert tracker.wait(0.5)["late-01"].reason == "no outcome within 0.5s"
         assert tracker.wait(0.1)["gone-01"].reason == "no outcome within 0.1s: device offline (its connection dropped)"
         tracker.close()
@@ -112,7 +112,7 @@ def test_deploy_says_in_full_why_each_device_did_not_take_the_bundle(mosquitto, 
     result = edgefleet("deploy", make_bundle(), "--device", "ghost-2", "--broker", mosquitto, "--timeout", "2")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     # the progress bar cuts a long reason short; the line after it does not
-    assert result.stderr.strip().splitlines()[-1] == f"ghost-2: timed_out (no outcome within 2s: {NEVER_SEEN})"
+    assert result.stderr.strip().splitlines()[-1] == f"ghost-2: unreachable ({NEVER_SEEN})"
 
 
 def test_garbage_on_a_status_topic_is_not_taken_for_a_status(mosquitto):
@@ -130,3 +130,13 @@ def test_garbage_on_a_status_topic_is_not_taken_for_a_status(mosquitto):
         assert re.fullmatch(r"offline since \d\d:\d\d:\d\d", watch.note("junk-01", short=True))
     finally:
         host.disconnect()
+
+
+def test_a_device_that_never_connected_does_not_end_the_wait_for_the_others(agents, mosquitto, make_bundle):
+    agent = agents.start("lively")
+    assert agent.wait_for_api() and announced(mosquitto, "lively")
+    result = edgefleet("deploy", make_bundle(), "--device", "ghost-3", "--device", "lively", "--broker", mosquitto,
+                       "--timeout", "60", "--chunk-size", "8192", "--json")
+    outcomes = json.loads(result.stdout)
+    assert result.returncode == 1
+    assert (outcomes["ghost-3"]["state"], outcomes["lively"]["state"]) == ("unreachable", "active")

@@ -122,11 +122,14 @@ def test_agent_and_ingest_come_back_after_a_broker_restart(tmp_path, agents):
         broker.stop()
 
 
-def test_deploying_to_a_device_that_is_not_there_times_out_with_a_reason(mosquitto, make_bundle):
+def test_deploying_to_a_device_that_never_connected_fails_for_it_at_once_with_a_reason(mosquitto, make_bundle):
+    started = time.monotonic()
     result = edgefleet("deploy", make_bundle(), "--device", "ghost-1", "--broker", mosquitto,
-                       "--timeout", "3", "--json")
+                       "--timeout", "60", "--json")
     assert result.returncode == 1
-    assert json.loads(result.stdout)["ghost-1"]["state"] == "timed_out"
+    outcome = json.loads(result.stdout)["ghost-1"]
+    assert outcome["state"] == "unreachable" and outcome["reason"].startswith("never connected to this broker")
+    assert time.monotonic() - started < 50  # not the 60 s: the broker kept the command for nobody
 
 
 GARBAGE = [b"", b"\xff\xfe\x00", b"[]", b"{}", b"null", b'"text"', b"[" * 100_000, b"{" + b" " * 300_000 + b"}",
