@@ -27,7 +27,7 @@ def simulate(tmp_path, mosquitto, monitor, keys):
     def start(*flags):
         log = open(tmp_path / f"simulate-{len(procs)}.log", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "host_tools", "simulate", "--devices", str(FLEET),
-                                 "--broker", str(mosquitto), "--trusted", str(keys["pub"]), "--group", "sim",
+                                 "--broker", str(mosquitto), "--trusted-key", str(keys["pub"]), "--group", "sim",
                                  "--per-worker", "50", "--telemetry-interval", "1",
                                  "--trial-seconds", "0.2", "--state-dir", str(tmp_path / "sim"),
                                  *map(str, flags)], stderr=log)

@@ -25,9 +25,9 @@ MAX_PER_WORKER = 125
                    "Runs until Ctrl-C (or --duration).")
 @click.option("--devices", "count", default=100, show_default=True, type=click.IntRange(1, 10_000))
 @broker_option
-@click.option("--trusted", multiple=True, type=click.Path(path_type=Path),
+@click.option("--trusted-key", "--trusted", "trusted", multiple=True, type=click.Path(path_type=Path),
               default=[DEFAULT_HOME / "keys" / "release.pub"], show_default=True,
-              help="Public key the devices trust; repeatable.")
+              help="Public key the devices trust, as edgefleet-agent's --trusted-key; repeatable.")
 @click.option("--bundle", type=click.Path(path_type=Path),
               help="Install and commit this bundle on every device first (a fleet already running it).")
 @click.option("--state-dir", type=click.Path(path_type=Path),
