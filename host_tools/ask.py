@@ -17,7 +17,9 @@ from host_tools.connectivity import NEVER_SEEN, Connectivity
 from host_tools.serve import BundleServer
 
 
-class DeviceTimeout(EdgefleetError):
+class NoAnswer(EdgefleetError):
+    """The device did not answer in time, or never connected to the broker (nothing will answer)."""
+
     def __init__(self, message: str, *, queued: bool = True) -> None:
         super().__init__(message)
         self.queued = queued  # whether the broker holds the command for the device (it has a session there)
@@ -25,7 +27,7 @@ class DeviceTimeout(EdgefleetError):
 
 def ask(client: MqttClient, device: str, make_command, timeout: float, signer=None) -> Reply:
     """Send make_command(command_id), signed by *signer* if given, to *device*; return its Reply
-    (raises DeviceTimeout)."""
+    (raises NoAnswer)."""
     if not topics.valid_device_id(device):
         raise ConfigError(f"invalid device id {device!r}")
     command_id = uuid.uuid4().hex
@@ -51,9 +53,9 @@ def ask(client: MqttClient, device: str, make_command, timeout: float, signer=No
         while not arrived.wait(0.1):
             note = connectivity.note(device)
             if note == NEVER_SEEN:  # nobody will answer: the broker did not even keep the command
-                raise DeviceTimeout(f"{device} has {NEVER_SEEN}", queued=False)
+                raise NoAnswer(f"{device} has {NEVER_SEEN}", queued=False)
             if time.monotonic() >= deadline:
-                raise DeviceTimeout(f"{device} did not answer within {timeout:g}s" + (f": {note}" if note else ""))
+                raise NoAnswer(f"{device} did not answer within {timeout:g}s" + (f": {note}" if note else ""))
         return got[0]
     finally:
         connectivity.close()

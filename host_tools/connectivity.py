@@ -91,4 +91,3 @@ class Connectivity:
         if self._on_change is not None:
             for device in unseen:
                 self._on_change(device)
-

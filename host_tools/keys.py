@@ -11,7 +11,7 @@ from device_agent.bundle.signing import key_id, load_public_key
 from device_agent.errors import ConfigError
 from device_agent.mqtt import MqttClient
 from device_agent.protocol.commands import Reply, TrustCommand
-from host_tools.ask import DeviceTimeout, ask
+from host_tools.ask import NoAnswer, ask
 
 
 def local_keys(directory: Path) -> list[dict[str, Any]]:
@@ -36,6 +36,6 @@ def change_trust(client: MqttClient, devices: Iterable[str], signer, *, add: Ite
         try:
             replies[device] = ask(client, device, lambda cid: TrustCommand(cid, time.time(), add, revoke),
                                   timeout, signer)
-        except DeviceTimeout as exc:  # the command waits at the broker until it expires, if it has a session there
+        except NoAnswer as exc:  # the command waits at the broker until it expires, if it has a session there
             replies[device] = Reply(device, "", "trust", False, {"queued": exc.queued}, str(exc))
     return replies
