@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -131,6 +132,39 @@ def test_deploying_to_a_device_that_never_connected_fails_for_it_at_once_with_a_
     assert outcome["state"] == "unreachable" and outcome["reason"].startswith("never connected to this broker")
     assert time.monotonic() - started < 50  # not the 60 s: the broker kept the command for nobody
 
+
+
+@pytest.mark.parametrize("serve", [True, False])
+def test_ctrl_c_during_a_deploy_says_what_becomes_of_the_devices_in_one_line(mosquitto, make_bundle, serve):
+    from device_agent.protocol import topics
+
+    device = f"away-{int(serve)}"  # offline as far as the broker knows: the deploy waits for it
+    host = MqttClient(client_id=f"test-ctrl-c-{device}", broker=mosquitto)
+    host.connect()
+    try:
+        host.publish(topics.status(device), DeviceStatus(device, False, time.time()).to_payload(), retain=True, wait=5)
+        proc = subprocess.Popen([sys.executable, "-m", "host_tools", "deploy", str(make_bundle()), "--device", device,
+                                 "--broker", str(mosquitto), "--timeout", "60", *([] if serve else ["--no-serve"])],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader.start()
+        assert wait_until(lambda: any(line.startswith("deploying") for line in lines), 60), lines
+        time.sleep(1)  # into waiting for the device
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+        reader.join(10)
+        err = "".join(lines)
+    finally:
+        host.publish(topics.status(device), b"", retain=True, wait=5)  # the shared broker forgets it
+        host.disconnect()
+    assert proc.returncode == 130 and "Traceback" not in err and "Aborted" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last == ("stopped following the deployment and serving its chunks: devices already downloading keep "
+                    "asking for them for a while, then fail; deploy the bundle again (or run `edgefleet serve`) to "
+                    "let them finish" if serve else
+                    "stopped following the deployment: the devices carry on with it (`edgefleet device status` shows "
+                    "how far one is)")
 
 GARBAGE = [b"", b"\xff\xfe\x00", b"[]", b"{}", b"null", b'"text"', b"[" * 100_000, b"{" + b" " * 300_000 + b"}",
            b'{"type": ["deploy"]}', b'{"type": "deploy", "command_id": 5, "bundle": []}',

@@ -51,6 +51,13 @@ def deploy(bundle_path, devices, broker, timeout, chunk_size, allow_downgrade, n
         results = run_deployment(client, bundle_path, send, signer=signer, timeout=timeout, chunk_size=chunk_size,
                                  allow_downgrade=allow_downgrade, serve=not no_serve,
                                  show_progress=not as_json) if send else {}
+    except KeyboardInterrupt:  # Ctrl-C: the devices go on with the command; say what becomes of it
+        click.echo("stopped following the deployment: the devices carry on with it (`edgefleet device status` "
+                   "shows how far one is)" if no_serve else
+                   "stopped following the deployment and serving its chunks: devices already downloading keep "
+                   "asking for them for a while, then fail; deploy the bundle again (or run `edgefleet serve`) to "
+                   "let them finish", err=True)
+        sys.exit(130)
     finally:
         client.disconnect()
     if as_json:
