@@ -25,9 +25,11 @@ class NoAnswer(EdgefleetError):
         self.queued = queued  # whether the broker holds the command for the device (it has a session there)
 
 
-def ask(client: MqttClient, device: str, make_command, timeout: float, signer=None) -> Reply:
+def ask(client: MqttClient, device: str, make_command, timeout: float, signer=None, *,
+        wait_if_offline: bool = True) -> Reply:
     """Send make_command(command_id), signed by *signer* if given, to *device*; return its Reply
-    (raises NoAnswer)."""
+    (raises NoAnswer: at once if it never connected to the broker, or, unless *wait_if_offline*,
+    if the broker says it is offline)."""
     if not topics.valid_device_id(device):
         raise ConfigError(f"invalid device id {device!r}")
     command_id = uuid.uuid4().hex
@@ -54,6 +56,10 @@ def ask(client: MqttClient, device: str, make_command, timeout: float, signer=No
             note = connectivity.note(device)
             if note == NEVER_SEEN:  # nobody will answer: the broker did not even keep the command
                 raise NoAnswer(f"{device} has {NEVER_SEEN}", queued=False)
+            if note is not None and not wait_if_offline:
+                last = connectivity.last_status(device)
+                raise NoAnswer(f"{device}: {note}" + (f"; it last ran {last.active_bundle}"
+                                                      if last and last.active_bundle else ""))
             if time.monotonic() >= deadline:
                 raise NoAnswer(f"{device} did not answer within {timeout:g}s" + (f": {note}" if note else ""))
         return got[0]
@@ -62,7 +68,9 @@ def ask(client: MqttClient, device: str, make_command, timeout: float, signer=No
 
 
 def device_status(client: MqttClient, device: str, timeout: float) -> Reply:
-    return ask(client, device, lambda cid: StatusRequest(cid, time.time()), timeout)
+    """The device's own account; a device the broker says is offline is said to be at once (what it
+    would answer when it is back, the caller would no longer be waiting for)."""
+    return ask(client, device, lambda cid: StatusRequest(cid, time.time()), timeout, wait_if_offline=False)
 
 
 def bench_bundle(client: MqttClient, device: str, bundle: Path, *, runs: int, warmup: int, timeout: float,

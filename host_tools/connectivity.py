@@ -56,6 +56,10 @@ class Connectivity:
         for device in self.devices:
             self._client.unsubscribe(topics.status(device))
 
+    def last_status(self, device: str) -> DeviceStatus | None:
+        with self._lock:
+            return self._status.get(device)
+
     def note(self, device: str, *, short: bool = False) -> str | None:
         """Why *device* may not be answering, or None (online, or not known yet); *short* for a
         progress line."""

@@ -26,9 +26,11 @@ def test_a_stopped_device_is_said_to_be_offline_since_it_stopped_and_gets_the_co
     assert agent.wait_for_api() and announced(mosquitto, "dozy")
     assert agent.terminate() == 0  # a clean stop: the agent says offline itself, with the time
 
-    asked = edgefleet("device", "status", "dozy", "--broker", mosquitto, "--timeout", "2")
+    started = time.monotonic()  # a question about its status is answered at once: the broker knows
+    asked = edgefleet("device", "status", "dozy", "--broker", mosquitto, "--timeout", "60")
     assert asked.returncode == 1 and "Traceback" not in asked.stderr
-    assert re.fullmatch(rf"error: dozy did not answer within 2s: {OFFLINE_SINCE}", asked.stderr.strip()), asked.stderr
+    assert re.fullmatch(rf"error: dozy: {OFFLINE_SINCE}", asked.stderr.strip()), asked.stderr
+    assert time.monotonic() - started < 50
 
     _, new_pub = generate_key_pair(tmp_path / "keys", "next")
     new_id = key_id(load_public_key(new_pub))
@@ -140,3 +142,19 @@ def test_a_device_that_never_connected_does_not_end_the_wait_for_the_others(agen
     outcomes = json.loads(result.stdout)
     assert result.returncode == 1
     assert (outcomes["ghost-3"]["state"], outcomes["lively"]["state"]) == ("unreachable", "active")
+
+
+def test_the_status_of_an_offline_device_says_what_it_last_ran(mosquitto):
+    host = MqttClient(client_id="test-connectivity-last-ran", broker=mosquitto)
+    host.connect()
+    try:
+        host.publish(topics.status("gone-02"), DeviceStatus("gone-02", False, time.time() - 120,
+                                                            active_bundle="digits-cnn 1.0.0").to_payload(),
+                     retain=True, wait=5)
+        result = edgefleet("device", "status", "gone-02", "--broker", mosquitto)
+    finally:
+        host.publish(topics.status("gone-02"), b"", retain=True, wait=5)
+        host.disconnect()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(r"error: gone-02: " + OFFLINE_SINCE.replace(r"\d+s ago", "2m ago") +
+                        "; it last ran digits-cnn 1.0.0", result.stderr.strip()), result.stderr
