@@ -102,13 +102,19 @@ class EventTracker:
                     for d, p in self.progress.items()}
 
     def _unreachable(self, device: str) -> bool:
-        return self.connectivity is not None and self.connectivity.note(device) == NEVER_SEEN
+        """No word from *device* and no status of it at the broker (one that does answer, on a broker
+        that keeps no status, is followed to the end)."""
+        return (self.progress[device].state == "pending" and self.connectivity is not None
+                and self.connectivity.note(device) == NEVER_SEEN)
 
     def close(self) -> None:
         if self.connectivity is not None:
             self.connectivity.close()
 
     def _timed_out(self, device: str, timeout: float) -> str:
+        last = self.progress[device].state
+        if last != "pending":  # it did answer: where it got to
+            return f"no outcome within {timeout:g}s (the last it said: {last})"
         note = self.connectivity.note(device) if self.connectivity is not None else None
         if note is not None:
             return f"no outcome within {timeout:g}s: {note}"

@@ -158,3 +158,21 @@ def test_the_status_of_an_offline_device_says_what_it_last_ran(mosquitto):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert re.fullmatch(r"error: gone-02: " + OFFLINE_SINCE.replace(r"\d+s ago", "2m ago") +
                         "; it last ran digits-cnn 1.0.0", result.stderr.strip()), result.stderr
+
+
+def test_a_device_that_answers_is_followed_though_the_broker_holds_no_status_of_it(mosquitto):
+    from device_agent.protocol.reports import DeploymentEvent
+
+    host = MqttClient(client_id="test-connectivity-answers", broker=mosquitto)
+    host.connect()
+    try:
+        tracker = EventTracker(host, ["quiet-01"], lambda p: p, watch_connectivity=True)
+        tracker.send(b"{}")
+        event = DeploymentEvent("quiet-01", tracker.command_id, "downloading", "digits-cnn 1.0.0", 0.5)
+        host.publish(topics.events("quiet-01"), event.to_payload(), wait=5)
+        outcome = tracker.wait(3)["quiet-01"]  # past the settling second: no status arrived
+        tracker.close()
+    finally:
+        host.disconnect()
+    assert (outcome.state, outcome.progress) == ("timed_out", 0.5)
+    assert outcome.reason == "no outcome within 3s (the last it said: downloading)"
