@@ -189,15 +189,27 @@ def rollout_doc(monitor, rollout_id):
     return json.loads(result.stdout)
 
 
-def test_a_rollout_survives_its_host_process_being_killed_and_resumes_where_it_was(simulate, monitor, mosquitto,
-                                                                                   make_bundle, tmp_path):
+@pytest.mark.parametrize("how", ["killed", "ctrl-c"])
+def test_a_rollout_survives_its_host_process_being_stopped_and_resumes_where_it_was(simulate, monitor, mosquitto,
+                                                                                    make_bundle, tmp_path, how):
     store = simulate("--bundle", make_bundle("1.0.0"))
-    proc, rollout_id, _ = start_in_background(tmp_path, monitor, mosquitto, make_bundle("2.0.0"), "--window", "3")
+    proc, rollout_id, err = start_in_background(tmp_path, monitor, mosquitto, make_bundle("2.0.0"), "--window", "3")
     assert wait_until(lambda: rollout_doc(monitor, rollout_id)["stage"] >= 1, 60)  # into the second stage
-    proc.kill()  # the host goes away mid-rollout, without a word
-    proc.wait(10)
-    doc = rollout_doc(monitor, rollout_id)
-    assert doc["state"] == "running" and doc["stage"] >= 1
+    if how == "killed":
+        proc.kill()  # the host goes away mid-rollout, without a word
+        proc.wait(10)
+        doc = rollout_doc(monitor, rollout_id)
+        assert doc["state"] == "running" and doc["stage"] >= 1
+    else:  # the operator stops following it: it is paused, and told how to go on
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+        doc = rollout_doc(monitor, rollout_id)
+        stage = f"stage {doc['stage'] + 1}/3"
+        assert doc["state"] == "paused" and doc["reason"] == f"interrupted (Ctrl-C) at {stage}"
+        said = err.read_text().strip().splitlines()[-1]
+        assert said == (f"stopped driving rollout {rollout_id} at {stage} and paused it: devices still downloading "
+                        f"stall without its chunks; `edgefleet rollout resume {rollout_id}` sends them the bundle "
+                        f"again and carries on, `edgefleet rollout abort {rollout_id}` ends it"), err.read_text()
     result = edgefleet("rollout", "resume", rollout_id, "--db", monitor, "--broker", mosquitto, "--json", timeout=300)
     doc = json.loads(result.stdout)
     assert result.returncode == 0 and doc["state"] == "done", result.stderr[-2000:]

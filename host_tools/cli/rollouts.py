@@ -99,6 +99,18 @@ def _run_rollout(store, rollout_id, signer, client, as_json) -> None:
     shown = _Progress(console(stderr=True))
     try:
         doc = Rollout(store, rollout_id, client, signer, log=shown.log, progress=shown.update).run()
+    except KeyboardInterrupt:  # Ctrl-C: nothing drives it now; say so in the store too, and what comes next
+        shown.close()
+        doc = store.get(rollout_id)
+        stage = f"stage {doc['stage'] + 1}/{len(doc['plan']['stages'])}"
+        if doc["state"] == "running":
+            store.set_state(rollout_id, "paused", reason=f"interrupted (Ctrl-C) at {stage}")
+        click.echo(f"stopped driving rollout {rollout_id} at {stage}" +
+                   (" and paused it" if doc["state"] == "running" else f" ({doc['state']})") +
+                   f": devices still downloading stall without its chunks; `edgefleet rollout resume {rollout_id}` "
+                   f"sends them the bundle again and carries on, `edgefleet rollout abort {rollout_id}` ends it",
+                   err=True)
+        sys.exit(130)
     finally:
         shown.close()
         client.disconnect()
