@@ -237,3 +237,28 @@ def test_pause_stops_a_rollout_before_its_next_stage_and_abort_ends_it(simulate,
     refused = edgefleet("rollout", "resume", rollout_id, "--db", monitor, "--broker", mosquitto)
     assert refused.returncode == 1 and "aborted; only a running, paused or pending one resumes" in refused.stderr
     assert sum(r.active_bundle == "digits-cnn 2.0.0" for r in sims(store)) == 10
+
+
+def test_the_simulator_stops_promptly_though_its_broker_has_gone(tmp_path, keys):
+    """Each device's connection lingers up to a second in its reconnect back-off: one after another,
+    100 devices took ~50 s to stop, past the 60 s after which a stopping fleet's workers are killed."""
+    from tests.conftest import Mosquitto
+
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    err = tmp_path / "simulate.log"
+    with open(err, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "host_tools", "simulate", "--devices", "100", "--per-worker",
+                                 "100", "--broker", str(broker.address), "--trusted-key", str(keys["pub"]),
+                                 "--prefix", "gone", "--state-dir", str(tmp_path / "sim")], stderr=log)
+    try:
+        assert wait_until(lambda: "100 devices: 100 online" in err.read_text(), 90, 0.5), err.read_text()[-2000:]
+        broker.stop()
+        time.sleep(2)  # every device has lost its connection and is trying to get it back
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, err.read_text()[-2000:]
+        assert time.monotonic() - started < 20, err.read_text()[-2000:]
+    finally:
+        proc.kill()
+        broker.stop()
