@@ -155,6 +155,15 @@ class _FullDiskIngest:
         event = DeploymentEvent("pi-held", f"cmd-{n}", "downloading", "m 1.0.0", n / 100, f"event {n}", time.time())
         self.device.publish(topics.events("pi-held"), event.to_payload(), qos=1, wait=5)
 
+    def report_to_a_full_disk(self, count: int):
+        """Fill the disk, report *count* events and wait until the ingest has taken each, stored or
+        not (the first may still fit in the database's log); returns the file that fills the disk."""
+        filler = fill_disk(self.disk)
+        for n in range(count):
+            self.report(n)
+        assert wait_until(lambda: self.ingest.unstored + len(self.stored()) == count, 10, 0.05), self.ingest.unstored
+        return filler
+
     def stored(self) -> list[str]:
         return [e["reason"] for e in self.store.events("pi-held", ("downloading",))]
 
@@ -173,10 +182,7 @@ def test_what_a_full_host_disk_held_back_is_stored_once_though_the_connection_br
     fleet = _FullDiskIngest(tmp_path, small_disk, caplog, clean_session=False, held_acks=True)
     ingest, host = fleet.ingest, fleet.host
     try:
-        filler = fill_disk(fleet.disk)
-        for n in range(10):  # (the first may still fit in the database's log)
-            fleet.report(n)
-        assert wait_until(lambda: ingest.unstored + len(fleet.stored()) == 10, 10, 0.05), ingest.unstored
+        filler = fleet.report_to_a_full_disk(10)
         held = ingest.unstored
         assert held >= 9
         connections = host.connections
@@ -199,10 +205,7 @@ def test_a_client_without_held_acknowledgements_drops_what_its_full_disk_cannot_
     fleet = _FullDiskIngest(tmp_path, small_disk, caplog)
     ingest = fleet.ingest
     try:
-        filler = fill_disk(fleet.disk)
-        for n in range(5):  # (the first may still fit in the database's log)
-            fleet.report(n)
-        assert wait_until(lambda: ingest.unstored + len(fleet.stored()) == 5, 10, 0.05), ingest.unstored
+        filler = fleet.report_to_a_full_disk(5)
         dropped, kept = ingest.unstored, fleet.stored()
         filler.unlink()
         fleet.report(5)
@@ -225,10 +228,7 @@ def test_past_its_limit_of_held_messages_an_ingest_drops_and_counts_the_rest(tmp
     fleet = _FullDiskIngest(tmp_path, small_disk, caplog, clean_session=False, held_acks=True)
     ingest = fleet.ingest
     try:
-        filler = fill_disk(fleet.disk)
-        for n in range(10):  # (the first may still fit in the database's log)
-            fleet.report(n)
-        assert wait_until(lambda: ingest.unstored + len(fleet.stored()) == 10, 10, 0.05), ingest.unstored
+        filler = fleet.report_to_a_full_disk(10)
         dropped, kept = ingest.dropped, fleet.stored()
         assert dropped == ingest.unstored - 3
         filler.unlink()
