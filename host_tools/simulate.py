@@ -268,7 +268,7 @@ def worker(spec: FleetSpec) -> None:
     for device in devices:
         device.stop()
     # All at once: each waits on its own connection (with the broker gone, up to a second for its
-    # network thread to leave its reconnect back-off), which one after another took minutes.
+    # network thread to leave its reconnect back-off): one after another, 100 devices took ~50 s.
     closing = [threading.Thread(target=device.shutdown, name=f"shutdown-{i}") for i, device in enumerate(devices)]
     for thread in closing:
         thread.start()

@@ -105,11 +105,12 @@ def _run_rollout(store, rollout_id, signer, client, as_json) -> None:
         stage = f"stage {doc['stage'] + 1}/{len(doc['plan']['stages'])}"
         if doc["state"] == "running":
             store.set_state(rollout_id, "paused", reason=f"interrupted (Ctrl-C) at {stage}")
-        click.echo(f"stopped driving rollout {rollout_id} at {stage}" +
-                   (" and paused it" if doc["state"] == "running" else f" ({doc['state']})") +
-                   f": devices still downloading stall without its chunks; `edgefleet rollout resume {rollout_id}` "
-                   f"sends them the bundle again and carries on, `edgefleet rollout abort {rollout_id}` ends it",
-                   err=True)
+        said = f"stopped driving rollout {rollout_id} at {stage}" + (
+            " and paused it" if doc["state"] == "running" else f" ({doc['state']})")
+        if doc["state"] in ("running", "paused", "pending"):  # what `resume` takes
+            said += (f": devices still downloading stall without its chunks; `edgefleet rollout resume {rollout_id}` "
+                     f"sends them the bundle again and carries on, `edgefleet rollout abort {rollout_id}` ends it")
+        click.echo(said, err=True)
         sys.exit(130)
     finally:
         shown.close()
