@@ -75,7 +75,8 @@ def device_status(client: MqttClient, device: str, timeout: float) -> Reply:
 
 def bench_bundle(client: MqttClient, device: str, bundle: Path, *, runs: int, warmup: int, timeout: float,
                  signer, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Reply:
-    """Benchmark *bundle* on *device* (which fetches and verifies it first if it lacks it)."""
+    """Benchmark *bundle* on *device* (which fetches and verifies it first if it lacks it); one the
+    broker says is offline is said to be at once (the bundle is served only while this waits)."""
     with BundleReader(bundle) as reader:
         manifest = reader.manifest
     server = BundleServer(client, chunk_size=chunk_size)
@@ -83,6 +84,6 @@ def bench_bundle(client: MqttClient, device: str, bundle: Path, *, runs: int, wa
     try:
         offer = server.offer_bundle(bundle, manifest)
         return ask(client, device, lambda cid: BenchCommand(cid, time.time(), offer, runs, warmup), timeout,
-                   signer)
+                   signer, wait_if_offline=False)
     finally:
         server.stop()

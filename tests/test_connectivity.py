@@ -21,7 +21,7 @@ OFFLINE_SINCE = r"device offline since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(\d+s ago
 
 
 def test_a_stopped_device_is_said_to_be_offline_since_it_stopped_and_gets_the_command_when_it_returns(
-        agents, mosquitto, keys, tmp_path):
+        agents, mosquitto, keys, tmp_path, make_bundle):
     agent = agents.start("dozy")
     assert agent.wait_for_api() and announced(mosquitto, "dozy")
     assert agent.terminate() == 0  # a clean stop: the agent says offline itself, with the time
@@ -30,6 +30,9 @@ def test_a_stopped_device_is_said_to_be_offline_since_it_stopped_and_gets_the_co
     asked = edgefleet("device", "status", "dozy", "--broker", mosquitto, "--timeout", "60")
     assert asked.returncode == 1 and "Traceback" not in asked.stderr
     assert re.fullmatch(rf"error: dozy: {OFFLINE_SINCE}", asked.stderr.strip()), asked.stderr
+    benched = edgefleet("bench", make_bundle(), "--device", "dozy", "--broker", mosquitto, "--timeout", "60")
+    assert benched.returncode == 1 and "Traceback" not in benched.stderr  # after its "benchmarking..." line
+    assert re.fullmatch(rf"error: dozy: {OFFLINE_SINCE}", benched.stderr.strip().splitlines()[-1]), benched.stderr
     assert time.monotonic() - started < 50
 
     _, new_pub = generate_key_pair(tmp_path / "keys", "next")
