@@ -48,19 +48,26 @@ def ask(client: MqttClient, device: str, make_command, timeout: float, signer=No
     client.subscribe(topics.reply(device), on_reply, qos=1, wait=5.0)  # granted before the device can answer
     connectivity = Connectivity(client, [device])
     connectivity.watch()
+
+    def not_there(sent: bool) -> None:
+        note = connectivity.note(device)
+        if note == NEVER_SEEN:  # nobody will answer: the broker does not even keep the command
+            raise NoAnswer(f"{device} has {NEVER_SEEN}", queued=False)
+        if note is not None and not wait_if_offline:
+            last = connectivity.last_status(device)
+            raise NoAnswer(f"{device}: {note}" + (f"; it last ran {last.active_bundle}"
+                                                  if last and last.active_bundle else ""), queued=sent)
     try:
+        if not wait_if_offline:  # a question for now: not asked at all of a device that is not there (queued in
+            connectivity.wait_known(device)  # its session, it would hold up its next commands when it returns)
+            not_there(sent=False)
         payload = make_command(command_id).to_payload()
         client.publish(topics.command(device), signer(payload) if signer else payload, qos=1)
         deadline = time.monotonic() + timeout
         while not arrived.wait(0.1):
-            note = connectivity.note(device)
-            if note == NEVER_SEEN:  # nobody will answer: the broker did not even keep the command
-                raise NoAnswer(f"{device} has {NEVER_SEEN}", queued=False)
-            if note is not None and not wait_if_offline:
-                last = connectivity.last_status(device)
-                raise NoAnswer(f"{device}: {note}" + (f"; it last ran {last.active_bundle}"
-                                                      if last and last.active_bundle else ""))
+            not_there(sent=True)
             if time.monotonic() >= deadline:
+                note = connectivity.note(device)
                 raise NoAnswer(f"{device} did not answer within {timeout:g}s" + (f": {note}" if note else ""))
         return got[0]
     finally:

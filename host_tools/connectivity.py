@@ -36,7 +36,7 @@ class Connectivity:
         self._client = client
         self.devices = list(dict.fromkeys(devices))
         self._on_change = on_change
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._status: dict[str, DeviceStatus] = {}
         self._settled = False
         self._timer: threading.Timer | None = None
@@ -55,6 +55,11 @@ class Connectivity:
             self._timer.cancel()
         for device in self.devices:
             self._client.unsubscribe(topics.status(device))
+
+    def wait_known(self, device: str, timeout: float = SETTLE_S + 5) -> None:
+        """Block until *device*'s status has arrived or it is settled that none will (after watch())."""
+        with self._lock:
+            self._lock.wait_for(lambda: device in self._status or self._settled, timeout)
 
     def last_status(self, device: str) -> DeviceStatus | None:
         with self._lock:
@@ -85,12 +90,14 @@ class Connectivity:
             return
         with self._lock:
             self._status[status.device_id] = status
+            self._lock.notify_all()
         if self._on_change is not None:
             self._on_change(status.device_id)
 
     def _settle(self) -> None:
         with self._lock:
             self._settled = True
+            self._lock.notify_all()
             unseen = [d for d in self.devices if d not in self._status]
         if self._on_change is not None:
             for device in unseen:

@@ -43,9 +43,23 @@ def test_a_stopped_device_is_said_to_be_offline_since_it_stopped_and_gets_the_co
     assert re.fullmatch(rf"dozy: no answer \(dozy did not answer within 1s: {OFFLINE_SINCE}\); it may still take the "
                         r"change if it reconnects within the command's 300 s", rotated.stdout.strip()), rotated.stdout
 
-    agent.start()  # ... and so it does: the command waited in its session
+    configured = edgefleet("device", "config", "dozy", "--set", "telemetry_interval=7", "--broker", mosquitto,
+                           "--key", keys["key"], "--timeout", "1", "--expires-in", "300")
+    assert configured.returncode == 1 and "Traceback" not in configured.stderr
+    assert re.fullmatch(rf"error: dozy did not answer within 1s: {OFFLINE_SINCE}; it may still take the change if "
+                        r"it reconnects within the command's 300 s", configured.stderr.strip()), configured.stderr
+
+    agent.start()  # ... and so it does: the commands waited in its session
     assert agent.wait_for_api()
-    assert wait_until(lambda: new_id in {k["key_id"] for k in status(agent)["keys"]["trusted"]}, 30)
+    # and soon: the bench was not sent at all (queued, it would go first and wait 30 s for a bundle
+    # nobody serves any more)
+    assert wait_until(lambda: new_id in {k["key_id"] for k in status(agent)["keys"]["trusted"]}, 15), \
+        agent.log.read_text()[-3000:]
+
+    def interval() -> float:
+        shown = edgefleet("device", "config", "dozy", "--broker", mosquitto, "--key", keys["key"], "--json")
+        return json.loads(shown.stdout)["settings"]["telemetry_interval"] if shown.returncode == 0 else None
+    assert wait_until(lambda: interval() == 7, 30)
 
 
 def test_a_killed_device_is_said_to_be_offline_because_its_connection_dropped(agents, mosquitto, keys):

@@ -61,7 +61,7 @@ def device_status(device_id, broker, timeout, as_json) -> None:
 @fail_cleanly
 def device_config(device_id, assignments, resets, broker, timeout, signing_key, expires_in, as_json) -> None:
     from device_agent.protocol.commands import ConfigCommand
-    from host_tools.ask import ask
+    from host_tools.ask import NoAnswer, ask
 
     settings: dict = {name: None for name in resets}
     for item in assignments:
@@ -70,10 +70,16 @@ def device_config(device_id, assignments, resets, broker, timeout, signing_key, 
             settings[name.strip() or "?"] = float(value)
         except ValueError:
             raise click.UsageError(f"--set takes NAME=NUMBER, not {item!r}") from None
-    body = signed_request(broker, "config", signing_key, expires_in, f"{device_id} refused",
-                          lambda client, signer: ask(client, device_id,
-                                                     lambda cid: ConfigCommand(cid, time.time(), settings),
-                                                     timeout, signer))
+    try:  # (only showing them is a question: an offline device is said to be at once)
+        body = signed_request(broker, "config", signing_key, expires_in, f"{device_id} refused",
+                              lambda client, signer: ask(client, device_id,
+                                                         lambda cid: ConfigCommand(cid, time.time(), settings),
+                                                         timeout, signer, wait_if_offline=bool(settings)))
+    except NoAnswer as exc:
+        if settings and exc.queued:  # the change waits in the device's session until it expires
+            raise NoAnswer(f"{exc}; it may still take the change if it reconnects within the command's "
+                           f"{expires_in:g} s") from None
+        raise
     if as_json:
         click.echo(json.dumps(body))
         return
