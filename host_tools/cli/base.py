@@ -46,6 +46,11 @@ def command_signer(signing_key: Path, expires_in: float):
     return CommandSigner.load(signing_key, expires_in)
 
 
+def may_still_take(expires_in: float) -> str:
+    """What to add when a signed change got no answer but waits in the device's session."""
+    return f"it may still take the change if it reconnects within the command's {expires_in:g} s"
+
+
 def signed_request(broker: str, role: str, signing_key: Path, expires_in: float, refused: str, send) -> dict:
     """Connect, run send(client, signer) for a device's Reply, and return its body; a refusal is
     one line: "<refused>: <the device's reason>"."""

@@ -11,7 +11,8 @@ import click
 from device_agent.cli import fail_cleanly
 from device_agent.telemetry.disk import room_text, valid_room
 from host_tools.cli.base import (
-    broker_option, chunk_size_option, host_client, json_option, main, signed_request, signing_options,
+    broker_option, chunk_size_option, host_client, json_option, main, may_still_take, signed_request,
+    signing_options,
 )
 from host_tools.terminal import console
 
@@ -77,8 +78,7 @@ def device_config(device_id, assignments, resets, broker, timeout, signing_key, 
                                                          timeout, signer, wait_if_offline=bool(settings)))
     except NoAnswer as exc:
         if settings and exc.queued:  # the change waits in the device's session until it expires
-            raise NoAnswer(f"{exc}; it may still take the change if it reconnects within the command's "
-                           f"{expires_in:g} s") from None
+            raise NoAnswer(f"{exc}; {may_still_take(expires_in)}") from None
         raise
     if as_json:
         click.echo(json.dumps(body))

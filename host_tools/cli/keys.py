@@ -11,7 +11,8 @@ import click
 from device_agent.cli import fail_cleanly
 from device_agent.errors import ConfigError
 from host_tools.cli.base import (
-    DEFAULT_HOME, broker_option, command_signer, host_client, json_option, main, signing_options, devices_option,
+    DEFAULT_HOME, broker_option, command_signer, host_client, json_option, main, may_still_take, signing_options,
+    devices_option,
 )
 
 
@@ -84,9 +85,8 @@ def _change_trust(devices, broker, timeout, signing_key, expires_in, as_json, *,
             if r.ok:
                 click.echo(f"{d}: trusts {', '.join(t['key_id'] for t in r.body['trusted'])}")
             elif not r.command_id:  # no reply (change_trust): the command may still reach it before it expires
-                click.echo(f"{d}: no answer ({r.error})" + (
-                    f"; it may still take the change if it reconnects within the command's {expires_in:g} s"
-                    if r.body["queued"] else ""))
+                click.echo(f"{d}: no answer ({r.error})" + (f"; {may_still_take(expires_in)}" if r.body["queued"]
+                                                            else ""))
             else:
                 click.echo(f"{d}: refused ({r.error})")
     if not all(r.ok for r in replies.values()):
