@@ -20,6 +20,10 @@ from host_tools.serve import BundleServer, check_broker_passes_chunks
 from host_tools.terminal import console
 
 
+# The outcomes the host gives a device itself when it waits no longer (EventTracker.wait).
+GIVEN_UP = ("timed_out", "unreachable")
+
+
 @dataclass(frozen=True)
 class DeviceProgress:
     device_id: str
@@ -29,7 +33,7 @@ class DeviceProgress:
 
     @property
     def done(self) -> bool:
-        return self.state in DEPLOY_FINAL or self.state in ("timed_out", "unreachable")
+        return self.state in DEPLOY_FINAL or self.state in GIVEN_UP
 
     @property
     def succeeded(self) -> bool:
@@ -228,6 +232,6 @@ def _with_progress(deployment: Deployment, timeout: float) -> dict[str, DevicePr
         deployment.start()
         results = deployment.wait(timeout)
         for p in results.values():
-            if p.state in ("timed_out", "unreachable"):
+            if p.state in GIVEN_UP:
                 on_update(p)
     return results
