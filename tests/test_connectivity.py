@@ -8,6 +8,8 @@ import re
 import threading
 import time
 
+import pytest
+
 from device_agent.bundle.signing import generate_key_pair, key_id, load_public_key
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
@@ -16,6 +18,16 @@ from host_tools.connectivity import NEVER_SEEN, SHORT_NEVER_SEEN, Connectivity
 from host_tools.deploy import DeviceProgress, EventTracker
 from tests.conftest import announced, edgefleet, wait_until
 from tests.test_agent_lifecycle import status
+
+
+@pytest.fixture
+def host(mosquitto, request):
+    """A connected host-side client of the shared broker, as the host tools make one."""
+    client = MqttClient(client_id=f"test-connectivity-{request.node.name}"[:64], broker=mosquitto)
+    client.connect()
+    yield client
+    client.disconnect()
+
 
 OFFLINE_SINCE = r"device offline since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(\d+s ago, when its agent stopped\)"
 
@@ -73,9 +85,7 @@ def test_a_killed_device_is_said_to_be_offline_because_its_connection_dropped(ag
     assert outcome["reason"] == "no outcome within 2s: device offline (its connection dropped)"
 
 
-def test_the_progress_of_a_command_says_why_a_device_has_not_answered_as_soon_as_the_broker_tells(mosquitto):
-    host = MqttClient(client_id="test-connectivity-host", broker=mosquitto)
-    host.connect()
+def test_the_progress_of_a_command_says_why_a_device_has_not_answered_as_soon_as_the_broker_tells(mosquitto, host):
     device = MqttClient(client_id="test-connectivity-device", broker=mosquitto)
     device.connect()
     updates: dict[str, list] = {"never-01": [], "gone-01": [], "late-01": []}
@@ -110,21 +120,15 @@ def test_the_progress_of_a_command_says_why_a_device_has_not_answered_as_soon_as
         for name in ("gone-01", "late-01"):
             device.publish(topics.status(name), b"", retain=True, wait=5)  # the shared broker forgets them
         device.disconnect()
-        host.disconnect()
 
 
-def test_watching_no_longer_after_close(mosquitto):
-    host = MqttClient(client_id="test-connectivity-close", broker=mosquitto)
-    host.connect()
-    try:
-        changes = []
-        watch = Connectivity(host, ["shut-01"], changes.append)
-        watch.watch()
-        watch.close()  # before it settles: nothing is said after
-        assert not wait_until(lambda: changes, 2)
-        assert watch.note("shut-01") is None
-    finally:
-        host.disconnect()
+def test_watching_no_longer_after_close(host):
+    changes = []
+    watch = Connectivity(host, ["shut-01"], changes.append)
+    watch.watch()
+    watch.close()  # before it settles: nothing is said after
+    assert not wait_until(lambda: changes, 2)
+    assert watch.note("shut-01") is None
 
 
 def test_deploy_says_in_full_why_each_device_did_not_take_the_bundle(mosquitto, make_bundle):
@@ -134,21 +138,16 @@ def test_deploy_says_in_full_why_each_device_did_not_take_the_bundle(mosquitto, 
     assert result.stderr.strip().splitlines()[-1] == f"ghost-2: unreachable ({NEVER_SEEN})"
 
 
-def test_garbage_on_a_status_topic_is_not_taken_for_a_status(mosquitto):
+def test_garbage_on_a_status_topic_is_not_taken_for_a_status(host):
     from tests.test_end_to_end import GARBAGE
 
-    host = MqttClient(client_id="test-connectivity-garbage", broker=mosquitto)
-    host.connect()
-    try:
-        watch = Connectivity(host, ["junk-01"])
-        for payload in GARBAGE + [DeviceStatus("junk-01", False, 5.0).to_payload()[:-1]]:
-            watch._on_status(topics.status("junk-01"), payload)  # as the network thread would, without raising
-        assert watch.note("junk-01") is None  # nothing taken: not offline, and not settled yet
-        watch._on_status(topics.status("junk-01"), DeviceStatus("junk-01", False, time.time() - 300).to_payload())
-        assert re.fullmatch(OFFLINE_SINCE.replace(r"\d+s ago", "5m ago"), watch.note("junk-01"))
-        assert re.fullmatch(r"offline since \d\d:\d\d:\d\d", watch.note("junk-01", short=True))
-    finally:
-        host.disconnect()
+    watch = Connectivity(host, ["junk-01"])
+    for payload in GARBAGE + [DeviceStatus("junk-01", False, 5.0).to_payload()[:-1]]:
+        watch._on_status(topics.status("junk-01"), payload)  # as the network thread would, without raising
+    assert watch.note("junk-01") is None  # nothing taken: not offline, and not settled yet
+    watch._on_status(topics.status("junk-01"), DeviceStatus("junk-01", False, time.time() - 300).to_payload())
+    assert re.fullmatch(OFFLINE_SINCE.replace(r"\d+s ago", "5m ago"), watch.note("junk-01"))
+    assert re.fullmatch(r"offline since \d\d:\d\d:\d\d", watch.note("junk-01", short=True))
 
 
 def test_a_device_that_never_connected_does_not_end_the_wait_for_the_others(agents, mosquitto, make_bundle):
@@ -161,9 +160,7 @@ def test_a_device_that_never_connected_does_not_end_the_wait_for_the_others(agen
     assert (outcomes["ghost-3"]["state"], outcomes["lively"]["state"]) == ("unreachable", "active")
 
 
-def test_the_status_of_an_offline_device_says_what_it_last_ran(mosquitto):
-    host = MqttClient(client_id="test-connectivity-last-ran", broker=mosquitto)
-    host.connect()
+def test_the_status_of_an_offline_device_says_what_it_last_ran(mosquitto, host):
     try:
         host.publish(topics.status("gone-02"), DeviceStatus("gone-02", False, time.time() - 120,
                                                             active_bundle="digits-cnn 1.0.0").to_payload(),
@@ -171,25 +168,19 @@ def test_the_status_of_an_offline_device_says_what_it_last_ran(mosquitto):
         result = edgefleet("device", "status", "gone-02", "--broker", mosquitto)
     finally:
         host.publish(topics.status("gone-02"), b"", retain=True, wait=5)
-        host.disconnect()
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert re.fullmatch(r"error: gone-02: " + OFFLINE_SINCE.replace(r"\d+s ago", "2m ago") +
                         "; it last ran digits-cnn 1.0.0", result.stderr.strip()), result.stderr
 
 
-def test_a_device_that_answers_is_followed_though_the_broker_holds_no_status_of_it(mosquitto):
+def test_a_device_that_answers_is_followed_though_the_broker_holds_no_status_of_it(host):
     from device_agent.protocol.reports import DeploymentEvent
 
-    host = MqttClient(client_id="test-connectivity-answers", broker=mosquitto)
-    host.connect()
-    try:
-        tracker = EventTracker(host, ["quiet-01"], lambda p: p, watch_connectivity=True)
-        tracker.send(b"{}")
-        event = DeploymentEvent("quiet-01", tracker.command_id, "downloading", "digits-cnn 1.0.0", 0.5)
-        host.publish(topics.events("quiet-01"), event.to_payload(), wait=5)
-        outcome = tracker.wait(3)["quiet-01"]  # past the settling second: no status arrived
-        tracker.close()
-    finally:
-        host.disconnect()
+    tracker = EventTracker(host, ["quiet-01"], lambda p: p, watch_connectivity=True)
+    tracker.send(b"{}")
+    event = DeploymentEvent("quiet-01", tracker.command_id, "downloading", "digits-cnn 1.0.0", 0.5)
+    host.publish(topics.events("quiet-01"), event.to_payload(), wait=5)
+    outcome = tracker.wait(3)["quiet-01"]  # past the settling second: no status arrived
+    tracker.close()
     assert (outcome.state, outcome.progress) == ("timed_out", 0.5)
     assert outcome.reason == "no outcome within 3s (the last it said: downloading)"
