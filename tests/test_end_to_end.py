@@ -133,7 +133,6 @@ def test_deploying_to_a_device_that_never_connected_fails_for_it_at_once_with_a_
     assert time.monotonic() - started < 50  # not the 60 s: the broker kept the command for nobody
 
 
-
 @pytest.mark.parametrize("serve", [True, False])
 def test_ctrl_c_during_a_deploy_says_what_becomes_of_the_devices_in_one_line(mosquitto, make_bundle, serve):
     from device_agent.protocol import topics
@@ -165,6 +164,7 @@ def test_ctrl_c_during_a_deploy_says_what_becomes_of_the_devices_in_one_line(mos
                     "let them finish" if serve else
                     "stopped following the deployment: the devices carry on with it (`edgefleet device status` shows "
                     "how far one is)")
+
 
 GARBAGE = [b"", b"\xff\xfe\x00", b"[]", b"{}", b"null", b'"text"', b"[" * 100_000, b"{" + b" " * 300_000 + b"}",
            b'{"type": ["deploy"]}', b'{"type": "deploy", "command_id": 5, "bundle": []}',
