@@ -208,6 +208,8 @@ def test_a_first_window_answered_late_is_not_asked_for_again_as_a_whole(clients,
                                                 size=8 * 16 * 1024, delay=1.0, window=8, retry_after=0.3)
     requests = request_log(clients, download._offer)
     assert download.run().read_bytes() == content
+    # (the watcher hears the last request a moment after the download may have finished)
+    wait_until(lambda: len(requests) >= download.asked_again + 1, 5, 0.01)
     asks = [r.chunks for r in requests]
     # one chunk each time the retry time passes (0.3 s, then 0.6: twice, unless the answers come later still)
     assert asks[0] == tuple(range(8)) and len(asks) >= 2, asks
@@ -244,6 +246,7 @@ def test_a_lost_window_is_asked_for_again_once_one_chunk_shows_the_way_works(cli
     requests = request_log(clients, download._offer)
     assert download.run().read_bytes() == content
     assert asked == dict.fromkeys(range(8), 2)
+    wait_until(lambda: len(requests) >= 3, 5, 0.01)  # (the watcher may hear the last one after the end)
     assert [r.chunks for r in requests] == [tuple(range(8)), (7,), tuple(range(7))], requests
 
 
@@ -262,6 +265,7 @@ def test_a_window_in_flight_when_the_connection_dropped_is_asked_for_again_whole
         client.connect_in_background()
     threading.Thread(target=cut_when_asked).start()
     assert download.run().read_bytes() == content
+    wait_until(lambda: len(requests) >= 2, 5, 0.01)  # (the watcher may hear the last one after the end)
     assert [r.chunks for r in requests] == [tuple(range(8))] * 2 and asked == dict.fromkeys(range(8), 2), requests
 
 
@@ -728,6 +732,7 @@ def test_a_download_asks_as_a_new_session_after_its_connection_drops(clients, tm
                    on_progress=progress).run()
     server.stop()
     assert out.read_bytes() == blob.read_bytes() and dropped.is_set()
+    wait_until(lambda: len({r.session for r in sessions}) >= 2, 5, 0.01)  # (the watcher may lag the server)
     assert len({r.session for r in sessions}) == 2 and sessions[0].session != sessions[-1].session, sessions
     first, second = ([r for r in sessions if r.session == s] for s in (sessions[0].session, sessions[-1].session))
     assert first[0].seen is None and {r.seen for r in first[1:]} == {1}, first  # the first publish there: 1
