@@ -9,7 +9,8 @@ import pytest
 
 from host_tools.compress import Dataset, ModelFile, load_recipe, run_recipe
 from host_tools.compress.tflite import flatbuffer
-from host_tools.compress.tflite.channels import Graph, plan_channel_pruning, stale_shape_constants
+from host_tools.compress.tflite.channels import plan_channel_pruning, stale_shape_constants
+from host_tools.compress.tflite.graph import Graph
 from host_tools.compress.tflite.prune import prepared_plan
 from tests.conftest import MODELS
 from tests.host_tools.test_compress import HELDOUT, TRAIN, steps

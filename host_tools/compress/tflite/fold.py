@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from host_tools.compress.tflite.channels import Graph
+from host_tools.compress.tflite.graph import Graph
 
 # Never replaced by their values: state, control flow and random draws are not functions of the
 # op's constant inputs.

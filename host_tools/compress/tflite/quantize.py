@@ -383,7 +383,7 @@ _WEIGHTED = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1, "TRANSP
 def _quantized_already(path: Path) -> str:
     """'' when some weight of a weighted op is float32; else what its weights are ("int8 (4 of 4)"),
     a float16 weight counted where a DEQUANTIZE turns it into the float32 the op reads."""
-    from host_tools.compress.tflite.channels import Graph
+    from host_tools.compress.tflite.graph import Graph
 
     g = Graph(flatbuffer.read(path)[0])
     made_by = {int(t): k for k, op in enumerate(g.ops) for t in op.outputs}

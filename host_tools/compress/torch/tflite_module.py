@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from device_agent.errors import NotApplicable
-from host_tools.compress.tflite.channels import DTYPES, FLOAT32, Graph
+from host_tools.compress.tflite.graph import DTYPES, FLOAT32, Graph
 
 # (a GATHER's float table is an embedding's; index tables stay constants)
 WEIGHTED = {"CONV_2D": (1, 2), "DEPTHWISE_CONV_2D": (1, 2), "TRANSPOSE_CONV": (1, 3), "FULLY_CONNECTED": (1, 2),
