@@ -28,7 +28,7 @@ and is left out when the askers of a chunk are answered FANOUT_QUIET after its p
 Requests without fan-out are answered on the device's own topic. Answers are published with
 back-pressure: past MAX_UNACKED unacknowledged messages they wait for the broker, in the order
 their requests came, except that a device none of whose answers went out for STARVE_S seconds
-gets its next one first (_Answers). A device asking again for a chunk whose answer to its own
+gets its next one first (``answer_queue``). A device asking again for a chunk whose answer to its own
 topic still waits in our queue is not answered twice (the one queued reaches any download of the
 device, a new attempt's too), nor, while answers queue up, one answered there less than
 DIRECT_QUIET seconds ago.
@@ -43,7 +43,6 @@ import os
 import threading
 import time
 import zlib
-from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from device_agent.errors import MqttError, ProtocolError
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, BundleOffer, Chunk, ChunkRequest
+from host_tools.answer_queue import AnswerQueue, direct_answers
 
 log = logging.getLogger(__name__)
 # Seconds after which a chunk is published to a bundle's shared topic again on any request, as for
@@ -61,11 +61,7 @@ log = logging.getLogger(__name__)
 FANOUT_REPEAT = 600.0
 FANOUT_QUIET = 2.5    # seconds a device listening at the publish is assumed to have the chunk (its retry: 3 s)
 MAX_QUEUED_ANSWERS = 200_000
-# A device none of whose queued answers went out for this long gets its next one before the queue's
-# turn (see _Answers): well within a download's stall timeout (30 s by default).
-STARVE_S = 5.0
 INLINE_CHUNKS = 16  # answers this small are published on the network thread (see _on_request)
-WORKER_BATCH = 16  # answers to one topic the worker publishes before it looks at the queue's order again
 # Chunks on their way to the broker (published, not acknowledged) past which answers wait on the
 # worker thread until the broker has caught up. Without a bound, hundreds of devices asking while
 # the broker is busy grow the host's queue without limit (and run paho out of its 65,535 message ids).
@@ -106,7 +102,7 @@ class BundleServer:
         self._client = client
         self._chunk_size = chunk_size
         self._bundles: dict[str, tuple[Path, BundleOffer]] = {}
-        self._answers = _Answers(MAX_QUEUED_ANSWERS)  # for the worker
+        self._answers = AnswerQueue(MAX_QUEUED_ANSWERS)  # for the worker
         self._dropped_logged = 0.0
         self._worker = threading.Thread(target=self._serve, name="bundle-server", daemon=True)
         self._fanned_out: dict[tuple[str, int, int], float] = {}
@@ -196,10 +192,10 @@ class BundleServer:
                 log.error("cannot serve %s: %s", sha[:12], exc)
             return
         with self._lock:
-            self._queued.update(_direct_answers(job))
+            self._queued.update(direct_answers(job))
         if not self._answers.put(job):  # full: the device asks again after its retry time
             with self._lock:
-                self._queued.difference_update(_direct_answers(job))
+                self._queued.difference_update(direct_answers(job))
             self.stats.dropped += 1
             if time.monotonic() - self._dropped_logged > 10:
                 self._dropped_logged = time.monotonic()
@@ -224,7 +220,7 @@ class BundleServer:
                         self._publish(*job)
                     finally:  # on their way (or failed): a device asking for them again is answered again
                         with self._lock:
-                            self._queued.difference_update(_direct_answers(job))
+                            self._queued.difference_update(direct_answers(job))
                 self._fan_out_again()
             except OSError as exc:  # the file went away or cannot be read: the device will time out
                 log.error("cannot serve: %s", exc)
@@ -443,80 +439,6 @@ class BundleServer:
         with self._lock:
             stats.chunks_sent += len(plan)
             stats.bytes_sent += sent
-
-
-class _Answers:
-    """Answers waiting for the worker, by the topic they go to. First come, first served: one
-    device's window, then the next, so that the first devices are done early and make room for
-    others. But a topic none of whose answers went out for STARVE_S seconds gets its next one first:
-    in a queue of hundreds of windows (a rollout's stage on a slow broker), the devices at its end
-    keep receiving a chunk every few seconds, instead of taking their downloads for stalled after
-    half a minute and asking for all of it again while the first answers are still on their way."""
-
-    def __init__(self, limit: int) -> None:
-        self._topics: OrderedDict[str, deque] = OrderedDict()  # topic -> its answers; first come first
-        self._served: OrderedDict[str, float] = OrderedDict()  # topic -> last served (or queued); oldest first
-        self._count = 0
-        self._limit = limit
-        self._closed = False
-        self._cond = threading.Condition()
-
-    def __len__(self) -> int:
-        return self._count
-
-    def put(self, job: tuple) -> bool:
-        """Queue *job*'s answers; False (none queued) if that would pass the limit."""
-        sha, path, chunk_size, plan = job
-        with self._cond:
-            if self._count + len(plan) > self._limit:
-                return False
-            now = time.monotonic()
-            for index, topic in plan:
-                if topic not in self._topics:
-                    self._topics[topic], self._served[topic] = deque(), now
-                self._topics[topic].append((sha, path, chunk_size, index))
-            self._count += len(plan)
-            self._cond.notify()
-        return True
-
-    def get(self, timeout: float) -> tuple | None:
-        """A job of up to WORKER_BATCH answers to one topic; () if none came within *timeout*, None once closed."""
-        with self._cond:
-            if not self._count and not self._closed:
-                self._cond.wait(timeout)
-            if self._closed:
-                return None
-            if not self._count:
-                return ()
-            now = time.monotonic()
-            topic, served = next(iter(self._served.items()))
-            take = 1  # a starved topic's next answer
-            if now - served < STARVE_S:
-                topic, take = next(iter(self._topics)), WORKER_BATCH
-            answers = self._topics[topic]
-            sha, path, chunk_size, _ = answers[0]
-            plan = []
-            while answers and len(plan) < take and answers[0][:3] == (sha, path, chunk_size):
-                plan.append((answers.popleft()[3], topic))
-            self._count -= len(plan)
-            if answers:
-                self._served[topic] = now
-                self._served.move_to_end(topic)
-            else:
-                del self._topics[topic], self._served[topic]
-            return sha, path, chunk_size, plan
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
-def _direct_answers(job: tuple) -> set[tuple]:
-    """(topic, sha, chunk size, index) of each answer of *job* to a device's own topic."""
-    sha, _, chunk_size, plan = job
-    shared = topics.bundle_chunks(sha, chunk_size)
-    return {(topic, sha, chunk_size, index) for index, topic in plan if topic != shared}
 
 
 def check_broker_passes_chunks(client: MqttClient, chunk_size: int, timeout: float = 10.0) -> None:

@@ -16,7 +16,7 @@ from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, BundleOffer, Chunk, ChunkRequest
 from device_agent.transfer import CHUNK_QOS, REPAIRS, ChunkRouter, Download
-from host_tools import serve
+from host_tools import answer_queue, serve
 from host_tools.serve import BundleServer
 from tests.conftest import Mosquitto, fill_disk, wait_until
 
@@ -642,8 +642,8 @@ def test_a_device_at_the_end_of_a_long_queue_gets_a_chunk_before_its_turn(client
     for STARVE_S gets one first: at the end of a rollout stage's queue it would otherwise wait so long
     for any chunk that it took its download for stalled and asked for all of it again."""
     monkeypatch.setattr(serve, "INLINE_CHUNKS", 0)  # every answer through the worker's queue
-    monkeypatch.setattr(serve, "WORKER_BATCH", 2)
-    monkeypatch.setattr(serve, "STARVE_S", 0.25)
+    monkeypatch.setattr(answer_queue, "WORKER_BATCH", 2)
+    monkeypatch.setattr(answer_queue, "STARVE_S", 0.25)
     server, _, seen, _, wait = watched_server(clients, tmp_path, "first", "last")
     publish = server._publish
     monkeypatch.setattr(server, "_publish", lambda *job: time.sleep(0.1 * len(job[3])) or publish(*job))  # slow
