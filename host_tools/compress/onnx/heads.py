@@ -18,20 +18,22 @@ torch.export writes some of this its own way, and those forms are followed too: 
 [-1, heads·size], head counts of repeat_kv as constants, a per-head bias added to a mask expanded to
 the batch (``_per_head_sum``).
 
-Grouped-query attention repeats each K/V head for m query heads (``repeat_of``); after the repeat
+Grouped-query attention repeats each K/V head for m query heads (``repeat_kv``); after the repeat
 a K/V layer's unit spans m heads, and the query layer is walked again with its heads taken m at a
 time (``Region.coarse``, tried by ``channels``), so a K/V head is pruned with its query heads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
 from host_tools.compress.onnx.layout import (BINARY_OPS, UNARY_OPS, Graph, Layout, Param, Region, attr, axes_of,
-                                             const_array, ints, is_scalar)
-from host_tools.compress.onnx.static_shapes import slice_bounds
+                                             ints, is_scalar)
+from host_tools.compress.onnx.repeat_kv import repeat_of
+from host_tools.compress.onnx.shape_targets import (concat_pieces, dims_out, shape_entry, size_read, target_entries,
+                                                    with_names)
 
 
 def split(node, region: Region, g: Graph, enter) -> str | None:
@@ -41,13 +43,13 @@ def split(node, region: Region, g: Graph, enter) -> str | None:
     features = (layout.width or region.channels) * layout.block
     if layout.rank is None:
         return "Reshape to a shape it cannot infer"
-    out = _dims_out(node, g, keep=layout.rank - 1)
+    out = dims_out(node, g, keep=layout.rank - 1)
     entries = target_entries(node, g)
     if out and entries and len(entries) == len(out) and out[-1] is None and entries[-1] == ("dim", layout.rank - 1):
         out = [*out[:-1], features]  # x.view(-1, x.size(-1)): the channels, whatever their count
     elif out and entries and len(entries) == len(out) and out[-1] is None and \
             (entries[-1] == -1 or entries[-1] is None and _reads_channels(node, region, g)) and \
-            _last_in_every_run(node.output[0], features, g):
+            g.in_every_run(node.output[0], -1, features):
         # x.reshape(n, h, w, -1) (SegFormer's tokens to an image): the runtime works the channels out,
         # whatever their count, as it did in every made-up run; or the count read at run time from a
         # tensor of this region (Swin's windows, viewed with the count it read once), which the walk
@@ -104,8 +106,8 @@ def spatial(node, layout: Layout, region: Region, g: Graph, enter) -> str | None
             len(out) < 3 or not entries or len(entries) != len(out):
         return "its output feeds Reshape"
     batch, count = entries[:2]
-    named = _named(out, g.names.get(node.output[0]))[0]
-    same_batch = isinstance(named, str) and named == _named(shape, g.names.get(node.input[0]))[0]
+    named = with_names(out, g.names.get(node.output[0]))[0]
+    same_batch = isinstance(named, str) and named == with_names(shape, g.names.get(node.input[0]))[0]
     # -1 beside constants that are the rest of the input's shape is its batch (torch.export writes
     # ViT's x.flatten(2) as a Reshape to [-1, C, h·w]); it still is once the channel entry is rewritten
     rest = entries[1:]
@@ -117,7 +119,7 @@ def spatial(node, layout: Layout, region: Region, g: Graph, enter) -> str | None
     # (a -1 beside sizes read at run time, x.reshape(n, -1, h, w) as SegFormer's decoder writes it, is
     # the channels if it was in every made-up run)
     unsure = count == -1 and any(e is None for e in entries) and \
-        not _in_every_run(node.output[0], 1, region.channels, g)
+        not g.in_every_run(node.output[0], 1, region.channels)
     if ("dim", 1) in entries[2:] or count not in (0, ("dim", 1), -1, region.channels) or unsure:
         return "Reshape of a feature map across its channels"
     if isinstance(count, int) and count == region.channels:
@@ -141,22 +143,13 @@ def _reads_channels(node, region: Region, g: Graph) -> bool:
     """Whether a Reshape's target ends with the channel count of a tensor of *region*, read at run
     time: Unsqueeze(Gather(Shape(t), i)), i its channel axis, as the target's last piece."""
     maker = g.made_by.get(node.input[1])
-    read = _size_read(maker.input[-1], g) if maker is not None and maker.op_type == "Concat" else None
+    read = size_read(maker.input[-1], g) if maker is not None and maker.op_type == "Concat" else None
     if read is None or read[2] is not None:  # (the count itself, not a multiple)
         return False
     layout = region.tensors.get(read[0])
     if layout is None or layout.kind not in ("vec", "map") or layout.rank is None:
         return False
     return [i % layout.rank for i in read[1]] == [layout.rank - 1 if layout.kind == "vec" else 1]
-
-
-def _last_in_every_run(name: str, size: int, g: Graph) -> bool:
-    return _in_every_run(name, -1, size, g)
-
-
-def _in_every_run(name: str, axis: int, size: int, g: Graph) -> bool:
-    runs = g.run_sizes(name)
-    return bool(runs) and all(len(run) > axis % max(len(run), 1) and run[axis] == size for run in runs)
 
 
 def _channels_entry(node, entries: list | None, layout: Layout, rank: int, features: int, region: Region,
@@ -268,14 +261,14 @@ def swapped_last_two(reshape, layout: Layout, g: Graph):
     holds the heads where x did), or None where *reshape* does not begin this."""
     x, rank = reshape.input[0], layout.rank
     if rank is None or rank < 3 or layout.at >= rank - 2 or \
-            _pieces(reshape.input[1], x, g) != [-1, ("dim", rank - 2), ("dim", rank - 1)]:
+            concat_pieces(reshape.input[1], x, g) != [-1, ("dim", rank - 2), ("dim", rank - 1)]:
         return None
-    transpose = _only_reader(reshape.output[0], "Transpose", g)
+    transpose = g.only_reader(reshape.output[0], "Transpose")
     if transpose is None or ints(transpose, "perm") != [0, 2, 1]:
         return None
-    back = _only_reader(transpose.output[0], "Reshape", g)
+    back = g.only_reader(transpose.output[0], "Reshape")
     swapped = [*(("dim", i) for i in range(rank - 2)), ("dim", rank - 1), ("dim", rank - 2)]
-    if back is None or back.input[0] != transpose.output[0] or _pieces(back.input[1], x, g) != swapped:
+    if back is None or back.input[0] != transpose.output[0] or concat_pieces(back.input[1], x, g) != swapped:
         return None
     return back
 
@@ -294,13 +287,6 @@ def shape_for_swap(shape, layout: Layout, g: Graph) -> bool:
         all(s.op_type in ("Slice", "Split") and s.input[0] == shape.output[0] for s in g.readers[shape.output[0]]) and \
         all(name not in g.outputs and all(u.op_type == "Concat" and u.output[0] in targets
                                           for u in g.readers.get(name, [])) for name in pieces)
-
-
-def _pieces(target: str, x: str, g: Graph) -> list | None:
-    """A shape built by a Concat: its entries, ints for constants and ("dim", i) for x's dimension i
-    read at run time; None where any piece is something else."""
-    entries = _concat_entries(target, x, g)
-    return None if entries is None or None in entries else entries
 
 
 def _others(node, layout: Layout, region: Region, g: Graph) -> str | None:
@@ -394,135 +380,6 @@ def _through_fewer_axes(node, layout: Layout, g: Graph, enter) -> str | None:
     return enter(node.output[0], replace(layout, rank=layout.rank + len(indices) - 1, at=layout.at + shift))
 
 
-@dataclass(frozen=True)
-class Repeat:
-    """repeat_kv, as Hugging Face writes it for grouped-query attention: h [n, kv, t, d] to
-    h[:, :, None].expand(n, kv, m, t, d).reshape(n, kv·m, t, d), each head m times in a row, with
-    the K/V head count read from h's shape at run time (so it follows the pruning), or written as
-    constants kv and kv·m (torch.export), which the pruning rewrites (*written*)."""
-    unsqueeze: object
-    expand: object
-    reshape: object
-    times: int
-    expand_shape: object  # the Concat each target is built from
-    reshape_shape: object
-    written: tuple = ()  # (node, the head count its target holds as a constant, heads per K/V head there)
-
-
-def repeat_of(tensor: str, layout: Layout, g: Graph) -> Repeat | None:
-    """The repeat_kv of *tensor* (heads on axis ``layout.at``), or None if it is not repeated so."""
-    at, rank = layout.at, layout.rank
-    for node in g.readers.get(tensor, []):
-        if node.op_type != "Unsqueeze" or node.input[0] != tensor:
-            continue
-        if [a % (rank + 1) for a in axes_of(node, g.consts)] != [at + 1]:
-            continue
-        expand = _only_reader(node.output[0], "Expand", g)
-        reshape = expand and _only_reader(expand.output[0], "Reshape", g)
-        if not reshape or expand.input[0] != node.output[0] or reshape.input[0] != expand.output[0]:
-            return None
-        runs = list(zip(g.run_sizes(expand.output[0]), g.run_sizes(reshape.output[0])))
-        times = {e[at + 1] for e, _ in runs if len(e) == rank + 1}
-        if not runs or len(times) != 1 or not all(
-                len(e) == rank + 1 and len(r) == rank and r[at] == e[at] * e[at + 1] and
-                r[:at] == e[:at] and r[at + 1:] == e[at + 2:] for e, r in runs):
-            return None
-        times = times.pop()
-        expand_shape, reshape_shape = built_from(expand.input[1], g), built_from(reshape.input[1], g)
-        if times < 2 or expand_shape is None or reshape_shape is None:
-            return None
-        kv = runs[0][0][at]
-        written = []
-        for target, shape, m in ((expand, expand_shape, 1), (reshape, reshape_shape, times)):
-            read = _count_read(shape, at, tensor, g)
-            if read is None and _written_count(shape, at, g) == kv * m and all(e[at] == kv for e, _ in runs):
-                written.append((target, kv * m, m))
-            elif read != m:
-                return None
-        return Repeat(node, expand, reshape, times, expand_shape, reshape_shape, tuple(written))
-    return None
-
-
-def _one_entry_each(concat, position: int, g: Graph) -> bool:
-    """Whether every piece of a Concat building a shape is one entry long, and it has entry *position*."""
-    return position < len(concat.input) and \
-        all((list(g.consts[p].dims) if p in g.consts else g.shapes.get(p)) == [1] for p in concat.input)
-
-
-def _written_count(concat, position: int, g: Graph) -> int | None:
-    """The Concat's entry *position* where it is a constant one entry long (each piece one entry)."""
-    if not _one_entry_each(concat, position, g):
-        return None
-    piece = concat.input[position]
-    return int(const_array(g.consts[piece]).ravel()[0]) if piece in g.consts else None
-
-
-def repeat_reads(reader, tensor: str, layout: Layout, g: Graph) -> bool:
-    """Whether *reader* (a Gather of *tensor*'s shape) takes the head count only for its repeat_kv."""
-    repeat = repeat_of(tensor, layout, g)
-    if repeat is None:
-        return False
-    pieces = {repeat.expand_shape.input[layout.at], repeat.reshape_shape.input[layout.at]}
-    reached = set()
-    for user in g.readers.get(reader.output[0], []):
-        if user.op_type == "Mul":
-            user = _only_reader(user.output[0], "Unsqueeze", g)
-        if user is None or user.op_type != "Unsqueeze" or user.output[0] not in pieces:
-            return False
-        reached.add(user.output[0])
-    return reached == pieces
-
-
-def _only_reader(tensor: str, op: str, g: Graph):
-    readers = g.readers.get(tensor, [])
-    return readers[0] if len(readers) == 1 and readers[0].op_type == op and tensor not in g.outputs else None
-
-
-def built_from(target: str, g: Graph):
-    """The Concat a shape target is built from, through PyTorch's handling of -1 in expand
-    (Where(Equal(s, -1), 1, s)) and Reshapes of the shape vector itself."""
-    node = g.made_by.get(target)
-    for _ in range(8):
-        if node is None or node.op_type == "Concat":
-            return node
-        node = g.made_by.get(node.input[2] if node.op_type == "Where" else node.input[0]) \
-            if node.op_type in ("Where", "Reshape") else None
-    return None
-
-
-def _count_read(concat, position: int, tensor: str, g: Graph) -> int | None:
-    """m where the Concat's entry *position* (each piece one entry long) is *tensor*'s size on that
-    axis read at run time, times a constant m; None if it is anything else."""
-    if not _one_entry_each(concat, position, g):
-        return None
-    read = _size_read(concat.input[position], g)
-    if read is None or read[0] != tensor or read[1] != [position]:
-        return None
-    return 1 if read[2] is None else read[2]
-
-
-def _size_read(piece: str, g: Graph) -> tuple[str, list[int], int | None] | None:
-    """(t, [i], m) where a shape target's *piece* is Unsqueeze(Gather(Shape(t), i)), the size t has on
-    axis i read at run time (m None), or that times a scalar constant m (Unsqueeze(Mul(…, m))); else
-    None."""
-    node, times = g.made_by.get(piece), None
-    if node is None or node.op_type != "Unsqueeze":
-        return None
-    node = g.made_by.get(node.input[0])
-    if node is not None and node.op_type == "Mul":
-        other = [name for name in node.input if name in g.consts]
-        read = [name for name in node.input if name not in g.consts]
-        if len(other) != 1 or len(read) != 1 or not is_scalar(g.consts[other[0]]):
-            return None
-        times, node = int(const_array(g.consts[other[0]]).ravel()[0]), g.made_by.get(read[0])
-    if node is None or node.op_type != "Gather" or node.input[1] not in g.consts:
-        return None
-    shape = g.made_by.get(node.input[0])
-    if shape is None or shape.op_type != "Shape" or shape.attribute:
-        return None
-    return shape.input[0], [int(i) for i in const_array(g.consts[node.input[1]]).ravel()], times
-
-
 def _through_unsqueeze(node, layout: Layout, g: Graph, enter) -> str | None:
     """New axes of size 1, before or after the heads (T5's position bias made [1, heads, q, k])."""
     axes = axes_of(node, g.consts)
@@ -558,7 +415,7 @@ def _merge(node, layout: Layout, region: Region, g: Graph, enter) -> str | None:
         if entry:
             region.reshapes.append(entry)
         return enter(node.output[0], rows)
-    out = _dims_out(node, g, keep=layout.rank - 2, dims=shape)
+    out = dims_out(node, g, keep=layout.rank - 2, dims=shape)
     if layout.at != layout.rank - 2 or not shape or not out or None in shape[-2:] or len(out) != layout.rank - 1:
         return "Reshape of its heads it cannot follow"
     heads, size = shape[-2:]
@@ -592,149 +449,13 @@ def _keeps_shape(node, layout: Layout, shape: list, g: Graph) -> bool:
     has the input's sizes — numbers, or the same names — from the heads axis on; or, where inference
     lost track of the sizes, it did in every made-up run of the model, with the heads count given as
     -1 or as the count itself."""
-    same = _dims_out(node, g, keep=layout.at, dims=shape)
-    named = _named(shape, g.names.get(node.input[0]))
-    if same and _named(same, g.names.get(node.output[0])) == named and None not in named[layout.at:]:
+    same = dims_out(node, g, keep=layout.at, dims=shape)
+    named = with_names(shape, g.names.get(node.input[0]))
+    if same and with_names(same, g.names.get(node.output[0])) == named and None not in named[layout.at:]:
         return True
     entries = target_entries(node, g)
     runs = g.run_sizes(node.input[0])
     return bool(entries) and len(entries) == layout.rank and entries[layout.at] in (-1, shape[layout.at]) and \
         bool(runs) and runs == g.run_sizes(node.output[0]) and all(run[layout.at] == shape[layout.at] for run in runs)
 
-
-def _dims_out(node, g: Graph, keep: int, dims: list | None = None) -> list | None:
-    """A Reshape's output dimensions as inferred. Where inference could not tell the entry the target
-    shape gives as -1 (Hugging Face writes heads as [batch, tokens, -1, size]), and the first *keep*
-    axes stay as they were, the -1 is what is left of the input's other axes: sizes the exporter
-    named (batch, tokens) cancel by name. *dims*: the input's, where the caller knows more."""
-    out = g.shapes.get(node.output[0])
-    dims = dims or g.shapes.get(node.input[0])
-    if not out or None not in out or not dims or len(dims) < keep:
-        return out
-    sized_out = _named(out, g.names.get(node.output[0]))
-    sized_in = _named(dims, g.names.get(node.input[0]))
-    entries = target_entries(node, g)
-    if entries is None or len(entries) != len(out) or entries.count(-1) != 1 or entries.index(-1) < keep:
-        return out
-    # Leading axes stay: equal sizes, or sizes inference lost track of on either side that the
-    # target reads at run time (x.shape[i]: a Shape read, or 0, the input's own).
-    def unnamed(size) -> bool:
-        return size is None or isinstance(size, str) and size.startswith("unk__")
-
-    def read(entry) -> bool:
-        return entry is None or isinstance(entry, tuple) or entry == 0
-
-    if not all(a == b and not unnamed(a) or (unnamed(a) or unnamed(b)) and read(entries[i])
-               for i, (a, b) in enumerate(zip(sized_out[:keep], sized_in[:keep]))):
-        return out
-    at = entries.index(-1)
-    left = list(sized_in[keep:])
-    known = 1
-    for i, size in enumerate(sized_out[keep:], keep):
-        if i == at:
-            continue
-        if isinstance(size, int):
-            known *= size
-        elif size in left:
-            left.remove(size)
-        else:
-            return out
-    if not all(isinstance(size, int) for size in left) or known == 0 or int(np.prod(left, dtype=np.int64)) % known:
-        return out
-    return [*out[:at], int(np.prod(left, dtype=np.int64)) // known, *out[at + 1:]]
-
-
-def _named(dims: list, names: list | None) -> list:
-    """Dimensions with the exporter's names for the sizes inference does not know as numbers."""
-    names = names if names and len(names) == len(dims) else [None] * len(dims)
-    return [d if d is not None else n for d, n in zip(dims, names)]
-
-
-def target_entries(node, g: Graph, shape_input: int = 1) -> list | None:
-    """A Reshape's target shape (or another op's, its input *shape_input*: Resize's sizes) where it is
-    constant: ints; ("dim", i) for the input's own dimension i read at run time (o.reshape(o.shape[0],
-    -1, o.shape[2], 16)); None for other pieces computed at run time (PyTorch's Concat of the batch
-    size read with Shape and constants)."""
-    source = node.input[shape_input]
-    if source in g.consts:
-        return [int(v) for v in const_array(g.consts[source]).ravel()]
-    return _concat_entries(source, node.input[0], g)
-
-
-def _concat_entries(source: str, tensor: str, g: Graph) -> list | None:
-    """The entries of a shape a Concat builds: ints for constants, ("dim", i) for *tensor*'s dimension
-    i read at run time, None for other pieces; None when it is not a Concat or a piece's length is
-    unknown."""
-    maker = g.made_by.get(source)
-    if maker is None or maker.op_type != "Concat":
-        return None
-    entries: list = []
-    for piece in maker.input:
-        if piece in g.consts:
-            entries += [int(v) for v in const_array(g.consts[piece]).ravel()]
-        elif (g.shapes.get(piece) or [None])[0] is None:
-            return None
-        else:
-            own = _own_dims(piece, tensor, g)
-            entries += [("dim", i) for i in own] if own else [None] * g.shapes[piece][0]
-    return entries
-
-
-def _own_dims(piece: str, tensor: str, g: Graph) -> list[int]:
-    """[i, …] where *piece* is the tensor's dimensions i, … read at run time: Unsqueeze(Gather(Shape(
-    tensor), i)), or a Slice of Shape(tensor), or one part of a Split of it, maybe squeezed and
-    unsqueezed again (x.size(-1), x.shape[:2]); [] where it is something else."""
-    node = g.made_by.get(piece)
-    while node is not None and node.op_type in ("Unsqueeze", "Squeeze"):
-        node = g.made_by.get(node.input[0])
-    if node is None or node.op_type not in ("Gather", "Slice", "Split"):
-        return []
-    shape = g.made_by.get(node.input[0])
-    rank = len(g.shapes.get(tensor) or [])
-    if shape is None or shape.op_type != "Shape" or shape.input[0] != tensor or not rank:
-        return []
-    start, end = (min(max(v + rank if v < 0 else v, 0), rank)
-                  for v in (attr(shape, "start", 0), attr(shape, "end", rank)))  # Shape(x, start=…, end=…)
-    length = end - start
-    if node.op_type == "Gather":
-        index = const_array(g.consts[node.input[1]]).ravel() if node.input[1] in g.consts else []
-        return [start + int(index[0]) % length] if len(index) == 1 and length else []
-    if node.op_type == "Split":
-        sizes = node.input[1] if len(node.input) > 1 else ""
-        if sizes not in g.consts or attr(node, "axis", 0) != 0:
-            return []
-        sizes = [int(v) for v in const_array(g.consts[sizes]).ravel()]
-        j = list(node.output).index(piece) if piece in node.output else -1
-        if j < 0 or sum(sizes) != length:
-            return []
-        return list(range(start + sum(sizes[:j]), start + sum(sizes[:j + 1])))
-    consts = {name: const_array(g.consts[name]) for name in node.input[1:] if name in g.consts}
-    bounds = slice_bounds(node, consts, {node.input[0]: [length]})
-    return list(range(start + bounds[1], start + bounds[2])) if bounds and bounds[2] > bounds[1] else []
-
-
-def shape_entry(node, position: int, value: int, g: Graph) -> tuple[str, int] | str | None:
-    """Where a Reshape's target shape holds entry *position*, expected to be *value*: the constant
-    and its index to rewrite; None when the entry is -1 (the runtime works it out); else why it
-    cannot be rewritten. PyTorch writes the shape as a Concat of the batch size and constants."""
-    source, index = node.input[1], position
-    if source not in g.consts:
-        maker = g.made_by.get(source)
-        pieces = list(maker.input) if maker is not None and maker.op_type == "Concat" else []
-        for piece in pieces:
-            length = g.consts[piece].dims[0] if piece in g.consts else (g.shapes.get(piece) or [None])[0]
-            if length is None:
-                break
-            if index < length:
-                source = piece
-                break
-            index -= length
-    if source not in g.consts:
-        return "Reshape with a shape it cannot rewrite"
-    if g.uses[source] > 1:
-        return "Reshape shape shared with another node"
-    entry = int(const_array(g.consts[source]).ravel()[index])
-    if entry == -1:
-        return None
-    return (source, index) if entry == value else "Reshape with a shape it cannot rewrite"
 

@@ -59,6 +59,16 @@ class Graph:
     run_sizes: Callable[[str], list] = lambda name: []  # tensor -> its shapes in made-up runs (static_shapes)
     run_values: Callable[[str], list] = lambda name: []  # small integer tensor -> its values in those runs
 
+    def only_reader(self, tensor: str, op: str):
+        """The node that alone reads *tensor* (not a graph output), if it is an *op*; else None."""
+        readers = self.readers.get(tensor, [])
+        return readers[0] if len(readers) == 1 and readers[0].op_type == op and tensor not in self.outputs else None
+
+    def in_every_run(self, name: str, axis: int, size: int) -> bool:
+        """Whether tensor *name* had *size* on *axis* in every made-up run of the model (and there were runs)."""
+        runs = self.run_sizes(name)
+        return bool(runs) and all(len(run) > axis % max(len(run), 1) and run[axis] == size for run in runs)
+
 
 @dataclass(frozen=True)
 class Param:

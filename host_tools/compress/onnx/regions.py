@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from host_tools.compress.onnx import heads
+from host_tools.compress.onnx import heads, repeat_kv, shape_targets
 from host_tools.compress.onnx.layout import (BINARY_OPS, POOL_OPS, REDUCE_OPS, UNARY_OPS, WEIGHTED_OPS, Graph, Layout,
                                              Param, Reader, Region, attr, axes_of, const_array, ints, is_scalar)
 from host_tools.compress.onnx.static_shapes import slice_bounds
@@ -177,7 +177,7 @@ def _shape_read(node, layout: Layout, region: Region, g: Graph) -> str | None:
         return None  # the sizes of a Kᵀ as torch.export writes it
     for reader in g.readers.get(node.output[0], []):
         if layout.kind == "heads" and reader.op_type == "Gather" and start == 0 and \
-                heads.repeat_reads(reader, node.input[0], layout, g):
+                repeat_kv.repeat_reads(reader, node.input[0], layout, g):
             continue  # the K/V head count for their repeat (grouped-query attention): it follows the pruning
         if reader.op_type == "Reshape" and reader.input[1] == node.output[0] and (start, end) == (0, layout.rank):
             # x.reshape(t.shape), as GroupNorm puts its output back: checked once the walk is done,
@@ -376,7 +376,7 @@ def _flattens(node, layout: Layout, g: Graph) -> bool:
     """Whether a Reshape of a feature map makes one vector of each sample ([n, C, h, w] -> [n, C·h·w]),
     as Flatten does: nn.Flatten as torch.export writes it, the target [-1, C·h·w] (or [1, C·h·w], the
     batch of the example it was exported with), or x.view(x.size(0), -1)."""
-    shape, entries = g.shapes.get(node.input[0]), heads.target_entries(node, g)
+    shape, entries = g.shapes.get(node.input[0]), shape_targets.target_entries(node, g)
     if layout.block != 1 or not shape or len(shape) < 3 or None in shape[1:] or not entries or len(entries) != 2:
         return False
     batch, count = entries
@@ -391,7 +391,7 @@ def _through_flatten(node, layout: Layout, region: Region, g: Graph, enter) -> s
     each pruned channel's h·w features."""
     shape = g.shapes[node.input[0]]
     block = int(np.prod(shape[2:], dtype=np.int64))
-    entry = heads.shape_entry(node, 1, int(shape[1]) * block, g)
+    entry = shape_targets.shape_entry(node, 1, int(shape[1]) * block, g)
     if isinstance(entry, str):
         return entry
     if entry:
@@ -458,7 +458,7 @@ def _keeps_size(target: str, axis: int, g: Graph) -> bool:
     if target in g.consts:
         entries = const_array(g.consts[target]).ravel()
         return axis < len(entries) and int(entries[axis]) in (1, -1)
-    concat = heads.built_from(target, g)
+    concat = shape_targets.built_from(target, g)
     if concat is None or axis >= len(concat.input) or concat.input[axis] not in g.consts:
         return False
     piece = const_array(g.consts[concat.input[axis]]).ravel()
