@@ -262,7 +262,8 @@ def print_bench(r: dict) -> None:
 @click.option("--root", type=click.Path(path_type=Path), default=Path("/"), show_default=True,
               help="Install under this root (an image being built, or a test).")
 @click.option("--no-systemctl", is_flag=True, help="Write the files only; do not create the user or start the service.")
-@click.option("--force", is_flag=True, help="Overwrite an existing config file.")
+@click.option("--force", is_flag=True, help="Overwrite an existing config file (and keys or TLS files of the same "
+              "names) that says otherwise.")
 @fail_cleanly
 def install(device_id, broker, trusted, tls_ca, tls_cert, tls_key, root, no_systemctl, force) -> None:
     from device_agent.install import install_service

@@ -1,7 +1,9 @@
 """``edgefleet-agent install``: the unit file, the config file, the keys and the state directory.
 
-Nothing already there is harmed: an existing config file is kept unless forced, and
-every input is checked before the first file is written.
+Nothing already there is harmed: every input is checked before the first file is written, and
+an existing config file is kept unless forced. Run again with the same inputs, install finishes
+what an earlier run could not (systemd was not reachable): the files it would write are the ones
+there, so nothing is overwritten that says anything else.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from device_agent.mqtt import BrokerAddress
 
 UNIT_NAME = "edgefleet-agent.service"
 SERVICE_USER = "edgefleet"
+SYSTEMD_RUNNING = Path("/run/systemd/system")  # exists only when systemd is the init system (sd_booted)
 
 
 def unit_text(exec_start: str) -> str:
@@ -87,10 +90,18 @@ def install_service(*, device_id: str, broker: str, trusted: tuple[Path, ...], t
     key_names = [f"/etc/edgefleet/keys/{Path(k).name}" for k in trusted]
     text = config_text(device_id, broker, key_names,
                        {name: f"/etc/edgefleet/tls/{Path(p).name}" for name, p in tls_files.items()})
-    if config_path.exists() and not force:
-        raise ConfigError(f"{config_path} exists; keeping it (use --force to overwrite)")
+    copies = {etc / "keys" / Path(key).name: Path(key) for key in trusted}
+    copies.update({etc / "tls" / Path(path).name: Path(path) for path in tls_files.values()})
+    again = config_path.exists() and not force
+    if again:
+        different = _different(config_path, text, copies)
+        if different is not None:
+            raise ConfigError(f"{different} exists and says otherwise; keeping it (use --force to overwrite)")
     if systemctl and shutil.which("systemctl") is None:
         raise ConfigError("systemctl not found: use --no-systemctl to write the files only")
+    if systemctl and not SYSTEMD_RUNNING.is_dir():
+        raise ConfigError(f"systemd is not running here ({SYSTEMD_RUNNING} is missing: a container, or an image "
+                          f"being built?): use --no-systemctl to write the files only")
     command = agent_command()
     home = _unreachable_for_the_service(command)
     if home is not None and root == Path("/"):
@@ -100,20 +111,18 @@ def install_service(*, device_id: str, broker: str, trusted: tuple[Path, ...], t
                           f"then sudo /opt/edgefleet/bin/edgefleet-agent install ...")
 
     done = []
-    (etc / "keys").mkdir(parents=True, exist_ok=True)
-    for key in trusted:
-        shutil.copyfile(key, etc / "keys" / Path(key).name)
-    if tls_files:
-        (etc / "tls").mkdir(parents=True, exist_ok=True)
-        for name, path in tls_files.items():
-            target = etc / "tls" / Path(path).name
-            shutil.copyfile(path, target)
-            if name == "tls_key":
-                target.chmod(0o640)
+    for target, source in copies.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    if tls_key is not None:
+        (etc / "tls" / Path(tls_key).name).chmod(0o640)
     done.append(f"copied {len(trusted)} trusted key(s){' and TLS files' if tls_files else ''} to {etc}")
-    config_path.write_text(text)
-    config_path.chmod(0o644)
-    done.append(f"wrote {config_path}")
+    if again:
+        done.append(f"kept {config_path} (unchanged)")
+    else:
+        config_path.write_text(text)
+        config_path.chmod(0o644)
+        done.append(f"wrote {config_path}")
     unit_path.parent.mkdir(parents=True, exist_ok=True)
     unit_path.write_text(unit_text(f"{command} run --config /etc/edgefleet/agent.toml"))
     done.append(f"wrote {unit_path}")
@@ -121,7 +130,10 @@ def install_service(*, device_id: str, broker: str, trusted: tuple[Path, ...], t
     state_dir.chmod(0o750)
     done.append(f"created {state_dir}")
     if systemctl:
-        done += _enable(state_dir, etc / "tls")
+        try:
+            done += _enable(state_dir, etc / "tls")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (the files are in place: once that is fixed, run this again)") from None
     else:
         done.append("next: useradd --system edgefleet; systemctl daemon-reload; "
                     "systemctl enable --now edgefleet-agent")
@@ -151,11 +163,23 @@ def _checked_inputs(device_id: str, broker: str, trusted: tuple[Path, ...], tls_
     return tls_files
 
 
+def _different(config_path: Path, text: str, copies: dict[Path, Path]) -> Path | None:
+    """The first file already there that differs from what install would write in its place (the
+    config, a trusted key, a TLS file); None when every one is absent or the same."""
+    if config_path.read_text() != text:
+        return config_path
+    for target, source in copies.items():
+        if target.exists() and target.read_bytes() != source.read_bytes():
+            return target
+    return None
+
+
 def _enable(state_dir: Path, tls_dir: Path) -> list[str]:
     def run(*cmd: str) -> None:
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            raise ConfigError(f"{' '.join(cmd)} failed: {result.stderr.strip().splitlines()[-1:]}")
+            said = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+            raise ConfigError(f"{' '.join(cmd)} failed: {said}")
 
     done = []
     try:

@@ -61,6 +61,44 @@ def test_install_keeps_an_existing_config(installed, keys):
     assert "# edited by hand" in config.read_text()
 
 
+def test_install_run_again_with_the_same_inputs_finishes_without_force(installed, keys):
+    """A first run that stopped after writing the files (systemd not reachable) is finished by the
+    same command again: the config it would write is the one there, so it is kept, not refused."""
+    config = installed / "etc/edgefleet/agent.toml"
+    before = config.read_text()
+    result = agent_cli("install", "--device-id", "pi-07", "--broker", "broker.lan:8883", "--trusted-key", keys["pub"],
+                       "--root", installed, "--no-systemctl")
+    assert result.returncode == 0, result.stderr
+    assert f"kept {config} (unchanged)" in result.stdout and config.read_text() == before
+
+
+def test_install_again_does_not_replace_a_trusted_key_with_another_of_the_same_name(installed, keys, tmp_path):
+    """The same config, but a key file of the same name that holds another key: which keys a device
+    trusts does not change without --force."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / keys["pub"].name).write_bytes(keys["rogue_pub"].read_bytes())
+    result = agent_cli("install", "--device-id", "pi-07", "--broker", "broker.lan:8883",
+                       "--trusted-key", other / keys["pub"].name, "--root", installed, "--no-systemctl")
+    kept = installed / "etc/edgefleet/keys" / keys["pub"].name
+    assert result.returncode == 1 and f"{kept} exists and says otherwise" in result.stderr, result.stderr
+    assert "--force" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert kept.read_bytes() == keys["pub"].read_bytes()
+
+
+def test_without_systemd_running_install_says_so_before_anything_is_written(monkeypatch, keys, tmp_path):
+    """In a container, or a chroot building an image, systemctl is there but systemd is not: starting
+    the service cannot work, so install says to write the files only, and writes nothing."""
+    from device_agent import install
+
+    monkeypatch.setattr(install, "SYSTEMD_RUNNING", tmp_path / "run/systemd/system")  # (not there)
+    monkeypatch.setattr(install.shutil, "which", lambda name: f"/usr/bin/{name}")
+    with pytest.raises(ConfigError, match=r"systemd is not running here .* use --no-systemctl"):
+        install.install_service(device_id="pi-07", broker="broker.lan:1883", trusted=(keys["pub"],), tls_ca=None,
+                                tls_cert=None, tls_key=None, root=tmp_path / "root", systemctl=True, force=False)
+    assert not (tmp_path / "root").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--device-id", "pi 1", "--broker", "b:1883"], "device id"),
     (["--device-id", "pi-1", "--broker", "b:99999"], "HOST:PORT"),
