@@ -29,6 +29,21 @@ except ImportError:  # not a Unix: MqttClient.unread is not known
 
 log = logging.getLogger(__name__)
 Handler = Callable[[str, bytes], None]
+# While the broker stays unreachable for the same reason, it is said again this often (seconds).
+UNREACHABLE_REPEAT_S = 600.0
+
+
+class _Paho(paho.Client):
+    """paho's client, remembering why its last attempt to connect failed: its on_connect_fail does not say."""
+
+    last_error: OSError | None = None
+
+    def reconnect(self):
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self.last_error = exc
+            raise
 
 
 def session_client_id(prefix: str, record: Path) -> str:
@@ -116,8 +131,8 @@ class MqttClient:
         self.broker = broker
         self.client_id = client_id
         self.tls = tls
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                   clean_session=clean_session, protocol=paho.MQTTv311, manual_ack=held_acks)
+        self._client = _Paho(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             clean_session=clean_session, protocol=paho.MQTTv311, manual_ack=held_acks)
         self.held_acks = held_acks
         self._handling = threading.local()  # the message a handler on this thread is handling
         self._client.max_inflight_messages_set(64)
@@ -137,6 +152,9 @@ class MqttClient:
         self._patterns: dict[str, Handler] = {}
         self._connected_callbacks: list[Callable[[], None]] = []
         self._client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_delay)
+        self._reconnect_max_delay = reconnect_max_delay
+        # an outage of the broker as seen from here: (since, failed attempts, the reason last said, when)
+        self._unreachable: tuple[float, int, str, float] | None = None
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._refused = threading.Event()  # the broker turned a blocking connect() away
@@ -147,6 +165,7 @@ class MqttClient:
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
         self._client.on_socket_open = self._on_socket_open
+        self._client.on_connect_fail = self._on_connect_fail
         self.connections = 0  # accepted connections so far: a change means the broker forgot what it held for us
         self._subacks: dict[int, bool] = {}  # mid -> granted, for the last few SUBACKs
         self._suback_arrived = threading.Condition()
@@ -217,6 +236,11 @@ class MqttClient:
             log.error("broker %s refused the connection: %s", self.broker, reason_code)
             return
         self.connections += 1
+        if self._unreachable is not None:
+            since, attempts, _, _ = self._unreachable
+            self._unreachable = None
+            log.info("connected to the MQTT broker at %s after %d failed attempt%s in %.0f s", self.broker, attempts,
+                     "s" * (attempts != 1), time.monotonic() - since)
         with self._lock:
             subs = [(f, qos) for f, (qos, _) in self._handlers.items()]
         for topic_filter, qos in subs:  # resubscribe after every reconnect
@@ -227,6 +251,20 @@ class MqttClient:
                 callback()
             except Exception:
                 log.exception("on-connect callback failed")
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        """A background attempt to connect failed (paho tries again after its back-off): said once
+        per outage, again when the reason changes, and every UNREACHABLE_REPEAT_S while it lasts."""
+        now = time.monotonic()
+        why = str(client.last_error or "no reason given")
+        since, attempts, said, said_at = self._unreachable or (now, 0, "", now)
+        attempts += 1
+        if attempts == 1 or why != said or now - said_at >= UNREACHABLE_REPEAT_S:
+            log.warning("cannot reach the MQTT broker at %s (%s)%s; trying again, at least every %g s",
+                        self.broker, why, f" for {now - since:.0f} s" if attempts > 1 else "",
+                        self._reconnect_max_delay)
+            said, said_at = why, now
+        self._unreachable = (since, attempts, said, said_at)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected.is_set()

@@ -1,5 +1,6 @@
 """The MQTT client wrapper against a real Mosquitto."""
 
+import time
 import uuid
 
 from device_agent.mqtt import MqttClient
@@ -99,3 +100,33 @@ def test_a_message_held_unacknowledged_comes_again_after_a_reconnect_and_one_ack
     finally:
         sender.disconnect()
         client.disconnect()
+
+
+def test_a_broker_that_is_not_there_yet_is_said_once_with_why_and_then_that_it_is(tmp_path, caplog, monkeypatch):
+    """An agent started before its broker (or given a wrong address) keeps trying in the background;
+    the log says at once that it cannot reach it and why, not at every attempt, and says when it
+    connected in the end."""
+    import logging
+
+    from device_agent import mqtt
+    from tests.conftest import Mosquitto
+
+    broker = Mosquitto(tmp_path)  # its port is free: nothing listens there yet
+    client = MqttClient(client_id=f"early-{uuid.uuid4().hex[:8]}", broker=broker.address, reconnect_max_delay=1)
+    caplog.set_level(logging.INFO, logger=mqtt.__name__)
+    client.connect_in_background()
+    try:
+        assert wait_until(lambda: "cannot reach" in caplog.text, 10, 0.05), caplog.text
+        time.sleep(2.5)  # more attempts, a second apart, for the same reason: not said again
+        said = [r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage()]
+        assert said == [f"cannot reach the MQTT broker at {broker.address} ([Errno 111] Connection refused); "
+                        "trying again, at least every 1 s"], said
+        broker.start()
+        assert wait_until(lambda: client.connected, 10, 0.05)
+        connected = [r.getMessage() for r in caplog.records if r.getMessage().startswith("connected to")]
+        assert len(connected) == 1 and f"connected to the MQTT broker at {broker.address} after " in connected[0]
+        attempts = int(connected[0].split(" after ")[1].split()[0])
+        assert attempts >= 2, connected  # (one at once, then others after the back-off: said once)
+    finally:
+        client.disconnect()
+        broker.stop()
