@@ -155,6 +155,7 @@ class MqttClient:
         self._reconnect_max_delay = reconnect_max_delay
         # an outage of the broker as seen from here: (since, failed attempts, the reason last said, when)
         self._unreachable: tuple[float, int, str, float] | None = None
+        self._turned_away = False  # the broker refused the connection in its CONNACK (said, then it closes)
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._refused = threading.Event()  # the broker turned a blocking connect() away
@@ -233,7 +234,8 @@ class MqttClient:
                 self._refusal = f"refused the connection: {reason_code}"
                 self._refused.set()
                 return
-            log.error("broker %s refused the connection: %s", self.broker, reason_code)
+            self._turned_away = True
+            self._cannot_connect(f"it refused the connection: {reason_code}", logging.ERROR)
             return
         self.connections += 1
         if self._unreachable is not None:
@@ -241,6 +243,8 @@ class MqttClient:
             self._unreachable = None
             log.info("connected to the MQTT broker at %s after %d failed attempt%s in %.0f s", self.broker, attempts,
                      "s" * (attempts != 1), time.monotonic() - since)
+        else:
+            log.info("connected to the MQTT broker at %s", self.broker)
         with self._lock:
             subs = [(f, qos) for f, (qos, _) in self._handlers.items()]
         for topic_filter, qos in subs:  # resubscribe after every reconnect
@@ -253,33 +257,39 @@ class MqttClient:
                 log.exception("on-connect callback failed")
 
     def _on_connect_fail(self, client, userdata) -> None:
-        """A background attempt to connect failed (paho tries again after its back-off): said once
-        per outage, again when the reason changes, and every UNREACHABLE_REPEAT_S while it lasts."""
+        self._cannot_connect(str(client.last_error or "no reason given"), logging.WARNING)
+
+    def _cannot_connect(self, why: str, level: int) -> None:
+        """A background attempt to connect failed, or the broker turned it away (paho tries again
+        after its back-off): said once per outage, again when the reason changes, and every
+        UNREACHABLE_REPEAT_S while it lasts."""
         now = time.monotonic()
-        why = str(client.last_error or "no reason given")
         since, attempts, said, said_at = self._unreachable or (now, 0, "", now)
         attempts += 1
         if attempts == 1 or why != said or now - said_at >= UNREACHABLE_REPEAT_S:
-            log.warning("cannot reach the MQTT broker at %s (%s)%s; trying again, at least every %g s",
-                        self.broker, why, f" for {now - since:.0f} s" if attempts > 1 else "",
-                        self._reconnect_max_delay)
+            log.log(level, "cannot reach the MQTT broker at %s%s: %s; trying again, at least every %g s",
+                    self.broker, f" (for {now - since:.0f} s)" if attempts > 1 else "", why, self._reconnect_max_delay)
             said, said_at = why, now
         self._unreachable = (since, attempts, said, said_at)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected.is_set()
-        refused = self._waiting_to_connect and not was_connected  # connect() reports it
-        if reason_code != 0 and not refused:  # said before `connected` turns False, which others act on
+        if reason_code != 0 and was_connected:  # said before `connected` turns False, which others act on
             log.warning("lost the connection to %s (%s); reconnecting", self.broker, reason_code)
         self._connected.clear()
-        if refused:
-            self._refusal = self._refusal or (
-                "closed the connection before accepting it (does it require TLS or a client certificate? "
-                "see --tls-ca, --tls-cert, --tls-key)" if self.tls is None else
-                "closed the TLS connection before accepting it (it wants a client certificate: --tls-cert, "
-                "--tls-key)" if self.tls.cert is None else
-                "closed the TLS connection before accepting it (is the client certificate from the broker's CA?)")
+        turned_away, self._turned_away = self._turned_away, False
+        if was_connected or turned_away:  # (a refusal in the CONNACK was said by _on_connect)
+            return
+        closed = "closed the connection before accepting it (does it require TLS or a client certificate? " \
+                 "see --tls-ca, --tls-cert, --tls-key)" if self.tls is None else \
+                 "closed the TLS connection before accepting it (it wants a client certificate: --tls-cert, " \
+                 "--tls-key)" if self.tls.cert is None else \
+                 "closed the TLS connection before accepting it (is the client certificate from the broker's CA?)"
+        if self._waiting_to_connect:  # connect() reports it
+            self._refusal = self._refusal or closed
             self._refused.set()
+        elif reason_code != 0:
+            self._cannot_connect(f"it {closed}", logging.WARNING)
 
     # -- messages ---------------------------------------------------------------------
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, *, wait: float | None = None) -> bool:

@@ -4,6 +4,7 @@ writes: TLS with client certificates from `edgefleet certs`, and a per-device AC
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -156,20 +157,44 @@ def test_a_device_asks_for_its_own_id_on_its_presence_topic_and_not_for_others(s
                                           ("certificate from another CA", "from the broker's CA?"),
                                           ("plain TCP", "does it require TLS")])
 def test_a_client_without_a_valid_certificate_is_refused(secure_broker, tmp_path, how, message):
-    address, pki, _ = secure_broker
-    if how == "plain TCP":
-        client = MqttClient(client_id="test-plain", broker=address)
-    elif how == "no certificate":
-        client = MqttClient(client_id="test-nocert", broker=address, tls=TlsFiles(ca=pki.ca_cert))
-    else:
-        other = Pki(tmp_path / "other")
-        other.init(["127.0.0.1"])
-        cert, key = other.issue_client("sec-a")  # the right name, the wrong CA
-        client = MqttClient(client_id="test-forged", broker=address, tls=TlsFiles(ca=pki.ca_cert, cert=cert, key=key))
+    client = unwelcome_client(how, secure_broker, tmp_path)
     with pytest.raises(BrokerUnreachable) as refused:
         client.connect(timeout=3)
     assert message in str(refused.value)
     client.disconnect()
+
+
+@pytest.mark.parametrize("how, message", [("no certificate", "it wants a client certificate"),
+                                          ("certificate from another CA", "from the broker's CA?"),
+                                          ("plain TCP", "does it require TLS")])
+def test_an_agent_turned_away_while_it_keeps_trying_says_why_once(secure_broker, tmp_path, caplog, how, message):
+    """An agent connects in the background and keeps trying, a second apart here: its log says why
+    the broker turns it away, once, not at every attempt."""
+    client = unwelcome_client(how, secure_broker, tmp_path, reconnect_max_delay=1)
+    caplog.set_level(logging.INFO, logger=MqttClient.__module__)
+    client.connect_in_background()
+    try:
+        assert wait_until(lambda: caplog.records, 10, 0.05)
+        time.sleep(2.5)  # (more attempts)
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1 and said[0].startswith(f"cannot reach the MQTT broker at {secure_broker[0]}: it ") and \
+            message in said[0] and not client.connected, said
+    finally:
+        client.disconnect()
+
+
+def unwelcome_client(how: str, secure_broker, tmp_path: Path, **settings) -> MqttClient:
+    """A client the secure broker turns away: without TLS, without a certificate, or with one from another CA."""
+    address, pki, _ = secure_broker
+    if how == "plain TCP":
+        return MqttClient(client_id="test-plain", broker=address, **settings)
+    if how == "no certificate":
+        return MqttClient(client_id="test-nocert", broker=address, tls=TlsFiles(ca=pki.ca_cert), **settings)
+    other = Pki(tmp_path / "other")
+    other.init(["127.0.0.1"])
+    cert, key = other.issue_client("sec-a")  # the right name, the wrong CA
+    return MqttClient(client_id="test-forged", broker=address, tls=TlsFiles(ca=pki.ca_cert, cert=cert, key=key),
+                      **settings)
 
 
 def test_deploy_and_telemetry_work_over_tls(secure_broker, agents, make_bundle, keys):

@@ -119,7 +119,7 @@ def test_a_broker_that_is_not_there_yet_is_said_once_with_why_and_then_that_it_i
         assert wait_until(lambda: "cannot reach" in caplog.text, 10, 0.05), caplog.text
         time.sleep(2.5)  # more attempts, a second apart, for the same reason: not said again
         said = [r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage()]
-        assert said == [f"cannot reach the MQTT broker at {broker.address} ([Errno 111] Connection refused); "
+        assert said == [f"cannot reach the MQTT broker at {broker.address}: [Errno 111] Connection refused; "
                         "trying again, at least every 1 s"], said
         broker.start()
         assert wait_until(lambda: client.connected, 10, 0.05)
@@ -127,6 +127,29 @@ def test_a_broker_that_is_not_there_yet_is_said_once_with_why_and_then_that_it_i
         assert len(connected) == 1 and f"connected to the MQTT broker at {broker.address} after " in connected[0]
         attempts = int(connected[0].split(" after ")[1].split()[0])
         assert attempts >= 2, connected  # (one at once, then others after the back-off: said once)
+    finally:
+        client.disconnect()
+        broker.stop()
+
+
+def test_a_broker_that_refuses_the_connection_is_said_once_as_an_error(tmp_path, caplog):
+    """A broker that turns the client away in its CONNACK (no anonymous clients here): one error
+    line with the broker's reason, not one, and a "lost the connection" besides, at every attempt."""
+    import logging
+
+    from tests.conftest import Mosquitto
+
+    broker = Mosquitto(tmp_path, extra_conf="allow_anonymous false\n")
+    broker.start()
+    client = MqttClient(client_id=f"anon-{uuid.uuid4().hex[:8]}", broker=broker.address, reconnect_max_delay=1)
+    caplog.set_level(logging.INFO, logger=MqttClient.__module__)
+    client.connect_in_background()
+    try:
+        assert wait_until(lambda: caplog.records, 10, 0.05)
+        time.sleep(2.5)  # more attempts, each refused the same way
+        said = [(r.levelname, r.getMessage()) for r in caplog.records]
+        assert said == [("ERROR", f"cannot reach the MQTT broker at {broker.address}: it refused the connection: "
+                                  "Not authorized; trying again, at least every 1 s")], said
     finally:
         client.disconnect()
         broker.stop()
