@@ -155,6 +155,9 @@ class MqttClient:
         self._reconnect_max_delay = reconnect_max_delay
         # an outage of the broker as seen from here: (since, failed attempts, the reason last said, when)
         self._unreachable: tuple[float, int, str, float] | None = None
+        # The level of what was said about the connection being down: the all-clear is said at the same
+        # level, so that whoever saw the one sees the other (a host CLI shows warnings only).
+        self._alarm = logging.INFO
         self._turned_away = False  # the broker refused the connection in its CONNACK (said, then it closes)
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -238,13 +241,14 @@ class MqttClient:
             self._cannot_connect(f"it refused the connection: {reason_code}", logging.ERROR)
             return
         self.connections += 1
+        level, self._alarm = self._alarm, logging.INFO
         if self._unreachable is not None:
             since, attempts, _, _ = self._unreachable
             self._unreachable = None
-            log.info("connected to the MQTT broker at %s after %d failed attempt%s in %.0f s", self.broker, attempts,
-                     "s" * (attempts != 1), time.monotonic() - since)
+            log.log(level, "connected to the MQTT broker at %s after %d failed attempt%s in %.0f s", self.broker,
+                    attempts, "s" * (attempts != 1), time.monotonic() - since)
         else:
-            log.info("connected to the MQTT broker at %s", self.broker)
+            log.log(level, "connected to the MQTT broker at %s%s", self.broker, " again" * (self.connections > 1))
         with self._lock:
             subs = [(f, qos) for f, (qos, _) in self._handlers.items()]
         for topic_filter, qos in subs:  # resubscribe after every reconnect
@@ -270,12 +274,14 @@ class MqttClient:
             log.log(level, "cannot reach the MQTT broker at %s%s: %s; trying again, at least every %g s",
                     self.broker, f" (for {now - since:.0f} s)" if attempts > 1 else "", why, self._reconnect_max_delay)
             said, said_at = why, now
+            self._alarm = max(self._alarm, level)
         self._unreachable = (since, attempts, said, said_at)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected.is_set()
         if reason_code != 0 and was_connected:  # said before `connected` turns False, which others act on
             log.warning("lost the connection to %s (%s); reconnecting", self.broker, reason_code)
+            self._alarm = max(self._alarm, logging.WARNING)
         self._connected.clear()
         turned_away, self._turned_away = self._turned_away, False
         if was_connected or turned_away:  # (a refusal in the CONNACK was said by _on_connect)

@@ -105,7 +105,7 @@ def test_a_message_held_unacknowledged_comes_again_after_a_reconnect_and_one_ack
 def test_a_broker_that_is_not_there_yet_is_said_once_with_why_and_then_that_it_is(tmp_path, caplog, monkeypatch):
     """An agent started before its broker (or given a wrong address) keeps trying in the background;
     the log says at once that it cannot reach it and why, not at every attempt, and says when it
-    connected in the end."""
+    connected in the end, as loudly as it said the broker was away."""
     import logging
 
     from device_agent import mqtt
@@ -125,6 +125,8 @@ def test_a_broker_that_is_not_there_yet_is_said_once_with_why_and_then_that_it_i
         assert wait_until(lambda: client.connected, 10, 0.05)
         connected = [r.getMessage() for r in caplog.records if r.getMessage().startswith("connected to")]
         assert len(connected) == 1 and f"connected to the MQTT broker at {broker.address} after " in connected[0]
+        # said at the warning's level, so that a log showing warnings only (a host CLI's) shows it too
+        assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"], caplog.records
         attempts = int(connected[0].split(" after ")[1].split()[0])
         assert attempts >= 2, connected  # (one at once, then others after the back-off: said once)
     finally:
