@@ -247,7 +247,7 @@ class MqttClient:
             self._unreachable = None
             log.log(level, "connected to the MQTT broker at %s after %d failed attempt%s in %.0f s", self.broker,
                     attempts, "s" * (attempts != 1), time.monotonic() - since)
-        else:
+        elif not self._waiting_to_connect:  # (connect()'s caller knows)
             log.log(level, "connected to the MQTT broker at %s%s", self.broker, " again" * (self.connections > 1))
         with self._lock:
             subs = [(f, qos) for f, (qos, _) in self._handlers.items()]
