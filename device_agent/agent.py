@@ -281,7 +281,8 @@ class Agent:
                 "update": None if record.state == "idle" else {"command_id": record.command_id,
                                                                "bundle": record.label, "kind": record.kind,
                                                                "attempts": record.attempts},
-                "connected": self.client.connected, "pid": os.getpid(), "keys": self.keys.describe(),
+                "connected": self.client.connected, "broker_problem": self.client.problem,
+                "pid": os.getpid(), "keys": self.keys.describe(),
                 "disk": room(self.store.root),
                 "id_held_by": self.held_by, "id_rivals": list(self.presence.rivals),
                 **self.settings.describe(self.config)}

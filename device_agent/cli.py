@@ -181,7 +181,10 @@ def status(config_file, device_id, state_dir, control_socket, as_json) -> None:
         click.echo(f"broker:        off: another agent holds device id {doc['device_id']} "
                    f"({describe(doc['id_held_by'])}); give one of them its own id")
     elif doc["running"]:
-        click.echo(f"broker:        {'connected' if doc.get('connected') else 'not connected'}")
+        problem = doc.get("broker_problem")
+        click.echo(f"broker:        {'connected' if doc.get('connected') else 'not connected'}" + (
+            f": {problem['why']} (for {problem['for_s']:.0f} s, {problem['attempts']} attempt"
+            f"{'s' * (problem['attempts'] != 1)})" if problem else ""))
     for other in doc.get("id_rivals") or ():
         click.echo(f"id shared:     another agent {'asked for' if other['how'] == 'asked' else 'connected with'} this "
                    f"device id and was turned away (host {other['host']}, pid {other['pid']})")

@@ -222,6 +222,16 @@ class MqttClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def problem(self) -> dict | None:
+        """While background attempts to connect fail: why (the last reason said), since how many
+        seconds, and how many attempts; None otherwise."""
+        outage = self._unreachable
+        if outage is None or self.connected:
+            return None
+        since, attempts, why, _ = outage
+        return {"why": why, "for_s": round(time.monotonic() - since, 1), "attempts": attempts}
+
     @staticmethod
     def _on_socket_open(client, userdata, sock) -> None:
         # Small messages (chunk requests, PUBACKs) must not wait for Nagle's algorithm: with the

@@ -60,3 +60,30 @@ def test_run_with_a_file_as_its_state_directory_is_one_line_and_leaves_the_file(
     assert result.stderr.strip().splitlines() == [f"error: state_dir {state} is a file: give the folder the agent "
                                                   f"keeps its bundles in"]
     assert state.read_text() == "my notes\n"
+
+
+def test_status_of_an_agent_that_cannot_reach_its_broker_says_why(tmp_path, keys):
+    """On the device, `status` is where one looks when it does not show up on the host: it says
+    the agent runs, is not connected, and why, for how long, after how many attempts."""
+    from device_agent.mqtt import BrokerAddress
+    from tests.conftest import AgentProcess, free_port, wait_until
+
+    nowhere = BrokerAddress("127.0.0.1", free_port())  # nothing listens there
+    agent = AgentProcess("pi-offline", tmp_path / "state", nowhere, keys["pub"])
+    try:
+        assert agent.wait_for_api(), agent.log.read_text()
+
+        def status() -> str:
+            result = agent_cli("status", "--state-dir", tmp_path / "state", "--control-socket", agent.control_socket)
+            assert result.returncode == 0, result.stderr
+            return result.stdout
+        assert wait_until(lambda: "Connection refused" in status(), 15, 0.2), status()
+        lines = status().splitlines()
+        assert lines[0] == "agent:         running"
+        assert lines[1].startswith("broker:        not connected: [Errno 111] Connection refused (for "), lines
+        assert lines[1].endswith(" attempt)") or lines[1].endswith(" attempts)"), lines
+        doc = json.loads(agent_cli("status", "--state-dir", tmp_path / "state", "--control-socket",
+                                   agent.control_socket, "--json").stdout)
+        assert doc["connected"] is False and doc["broker_problem"]["attempts"] >= 1
+    finally:
+        agent.terminate()
