@@ -5,6 +5,7 @@ constant, its recorded shape following."""
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import numpy as np
@@ -73,8 +74,6 @@ class Graph:
 
     def own(self, k: int, position: int) -> int:
         """The tensor op *k* reads at *position*, copied (tensor and buffer) first when anything else reads it."""
-        import copy
-
         from ai_edge_litert import schema_py_generated as schema
 
         t = self.input(k, position)
