@@ -72,6 +72,7 @@ def ask(client: MqttClient, device: str, make_command, timeout: float, signer=No
         return got[0]
     finally:
         connectivity.close()
+        client.unsubscribe(topics.reply(device))  # a client asking many devices in turn keeps no stale handlers
 
 
 def device_status(client: MqttClient, device: str, timeout: float) -> Reply:

@@ -79,8 +79,9 @@ def _wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
 
 def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, timeout: float) -> bool:
     from host_tools.broker import EmbeddedBroker
+    from host_tools.bundle_directory import BundleDirectory
     from host_tools.deploy import run_deployment
-    from host_tools.serve import BundleDirectory, BundleServer
+    from host_tools.serve import BundleServer
     from host_tools.signer import CommandSigner
     from host_tools.fleet.ingest import Ingest
     from host_tools.fleet.store import FleetStore

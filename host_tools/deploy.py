@@ -16,7 +16,8 @@ from device_agent.protocol import topics
 from device_agent.protocol.commands import DeployCommand, RollbackCommand
 from device_agent.protocol.reports import DEPLOY_FINAL, DeploymentEvent
 from host_tools.connectivity import NEVER_SEEN, Connectivity
-from host_tools.serve import BundleServer, check_broker_passes_chunks
+from host_tools.packet_limit import check_broker_passes_chunks
+from host_tools.serve import BundleServer
 from host_tools.terminal import console
 
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from device_agent.bundle import Manifest
-from device_agent.errors import MqttError, ProtocolError
+from device_agent.errors import ProtocolError
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, BundleOffer, Chunk, ChunkRequest
@@ -441,42 +441,6 @@ class BundleServer:
             stats.bytes_sent += sent
 
 
-def check_broker_passes_chunks(client: MqttClient, chunk_size: int, timeout: float = 10.0) -> None:
-    """Raise MqttError unless the broker passes a message as large as a chunk message of
-    *chunk_size*: sent to ourselves on a chunk topic of no bundle, it must come back. A broker with
-    a smaller packet limit closes the connection on it (and would again at every resend of a chunk,
-    so devices would stall with no word why) or drops it. At QoS 0, so that paho does not resend it
-    either. Where we may not subscribe to that topic, nothing is checked."""
-    topic = topics.bundle_chunks("0" * 64, chunk_size)
-    payload = Chunk("0" * 64, 999_999, bytes(chunk_size)).to_payload(2**32 - 1, 10**12)  # the largest header
-    back = threading.Event()
-    mqtt_log = logging.getLogger(MqttClient.__module__)
-    mqtt_log.addFilter(_quiet)  # a connection lost here is this check's own error, in one line
-    try:
-        if not client.subscribe(topic, lambda _, data: len(data) == len(payload) and back.set(), qos=0,
-                                wait=timeout):
-            return
-        connection = client.connections
-        client.publish(topic, payload, qos=0)
-        deadline = time.monotonic() + timeout
-        while not back.wait(0.05):
-            if client.connections != connection or not client.connected:
-                raise MqttError(f"the broker at {client.broker} closed the connection on a {len(payload)}-byte "
-                                f"message ({chunk_size}-byte chunks): is its packet limit smaller? "
-                                "use a smaller --chunk-size")
-            if time.monotonic() >= deadline:
-                raise MqttError(f"the broker at {client.broker} did not pass on a {len(payload)}-byte message "
-                                f"within {timeout:g}s ({chunk_size}-byte chunks): is its message size limit "
-                                "smaller? use a smaller --chunk-size")
-    finally:
-        client.unsubscribe(topic)
-        mqtt_log.removeFilter(_quiet)
-
-
-def _quiet(record: logging.LogRecord) -> bool:
-    return False
-
-
 def digest_chunks(path: Path, chunk_size: int) -> tuple[str, list[int]]:
     """The file's SHA-256 and the CRC-32 of each *chunk_size* piece, in one read."""
     whole, crcs = hashlib.sha256(), []
@@ -485,44 +449,3 @@ def digest_chunks(path: Path, chunk_size: int) -> tuple[str, list[int]]:
             whole.update(block)
             crcs.append(zlib.crc32(block))
     return whole.hexdigest(), crcs
-
-
-class BundleDirectory:
-    """What `edgefleet serve` serves: given bundle files, and every ``*.efb`` in a directory,
-    looked at again on each scan() so that new bundles are served without a restart."""
-
-    def __init__(self, server: BundleServer, files: list[Path], directory: Path | None = None) -> None:
-        self._server, self._files, self._dir = server, [Path(f) for f in files], directory
-        self._seen: dict[Path, tuple[float, int]] = {}
-        self._by_path: dict[Path, str] = {}
-
-    def scan(self) -> list[str]:
-        """Offer new or changed bundles, withdraw vanished ones; returns one line per change."""
-        from device_agent.bundle import BundleReader
-        from device_agent.errors import EdgefleetError
-
-        paths = list(self._files) + (sorted(self._dir.glob("*.efb")) if self._dir and self._dir.is_dir() else [])
-        lines = []
-        for path in paths:
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            if self._seen.get(path) == (st.st_mtime, st.st_size):
-                continue
-            self._seen[path] = (st.st_mtime, st.st_size)
-            try:
-                with BundleReader(path) as reader:
-                    manifest = reader.manifest
-                offer = self._server.offer_bundle(path, manifest)
-            except (EdgefleetError, OSError) as exc:
-                lines.append(f"skipping {path}: {exc}")
-                continue
-            self._by_path[path] = offer.sha256
-            lines.append(f"serving {manifest.label} ({offer.size / 2**20:.1f} MiB, sha256 {offer.sha256[:12]}) "
-                         f"from {path}")
-        for path in [p for p in self._by_path if p not in paths or not p.exists()]:
-            self._server.withdraw(self._by_path.pop(path))
-            self._seen.pop(path, None)
-            lines.append(f"no longer serving {path}")
-        return lines

@@ -11,7 +11,7 @@ import pytest
 from device_agent.errors import MqttError
 from device_agent.mqtt import MqttClient
 from host_tools.fleet.store import FleetStore
-from host_tools.serve import check_broker_passes_chunks
+from host_tools.packet_limit import check_broker_passes_chunks
 from tests.conftest import MODELS, Mosquitto, edgefleet, wait_until
 
 LIMIT = 24 * 1024  # bytes per MQTT packet; the default 64 KiB chunks do not fit

@@ -171,7 +171,7 @@ def _device_bench(stack, device_id: str, broker: str, signing_key: Path, expires
                   timeout: float, chunk_size: int, say):
     from host_tools.ask import device_status
     from host_tools.compress.device import DeviceBench
-    from host_tools.serve import check_broker_passes_chunks
+    from host_tools.packet_limit import check_broker_passes_chunks
 
     signer = command_signer(signing_key, expires_in)
     client = host_client(broker, "compress")

@@ -83,7 +83,8 @@ def serve(bundles, bundle_dir, broker, stats_every) -> None:
     import signal as signals
     import threading
 
-    from host_tools.serve import BundleDirectory, BundleServer
+    from host_tools.bundle_directory import BundleDirectory
+    from host_tools.serve import BundleServer
 
     if not bundles and bundle_dir is None:
         raise click.UsageError("give bundle files, --dir, or both")

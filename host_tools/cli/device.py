@@ -103,7 +103,7 @@ def device_config(device_id, assignments, resets, broker, timeout, signing_key, 
 def bench(bundle_path, device_id, broker, runs, warmup, timeout, chunk_size, signing_key, expires_in, as_json) -> None:
     from device_agent.bundle import BundleReader
     from host_tools.ask import bench_bundle
-    from host_tools.serve import check_broker_passes_chunks
+    from host_tools.packet_limit import check_broker_passes_chunks
 
     with BundleReader(bundle_path):  # one clear line if it is not a bundle, before anything is sent
         pass

@@ -81,7 +81,7 @@ class _Progress:
 def _connect(broker, signing_key, expires_in, chunk_size):
     """The signer and the broker client for a rollout, before the rollout is touched: a bad key,
     a broker that is away or one that cannot pass its chunks changes nothing."""
-    from host_tools.serve import check_broker_passes_chunks
+    from host_tools.packet_limit import check_broker_passes_chunks
 
     signer = command_signer(signing_key, expires_in)
     client = host_client(broker, "rollout")
