@@ -277,5 +277,20 @@ def install(device_id, broker, trusted, tls_ca, tls_cert, tls_key, root, no_syst
         click.echo(line)
 
 
+@main.command(help="Stop and disable the service and remove its unit file. The config, the trusted keys and the "
+                   "bundles stay (installing again picks them up) unless --purge.")
+@click.option("--purge", is_flag=True, help="Also remove /etc/edgefleet, /var/lib/edgefleet (every bundle kept for "
+              "rollback) and the edgefleet user.")
+@click.option("--root", type=click.Path(path_type=Path), default=Path("/"), show_default=True,
+              help="Uninstall from under this root (an image being built, or a test).")
+@click.option("--no-systemctl", is_flag=True, help="Remove the files only; do not stop the service or remove the user.")
+@fail_cleanly
+def uninstall(purge, root, no_systemctl) -> None:
+    from device_agent.install import uninstall_service
+
+    for line in uninstall_service(root=root, systemctl=not no_systemctl, purge=purge):
+        click.echo(line)
+
+
 if __name__ == "__main__":
     main()

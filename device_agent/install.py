@@ -1,9 +1,12 @@
-"""``edgefleet-agent install``: the unit file, the config file, the keys and the state directory.
+"""``edgefleet-agent install``: the unit file, the config file, the keys and the state directory;
+and ``edgefleet-agent uninstall``, which takes them away again.
 
 Nothing already there is harmed: every input is checked before the first file is written, and
 an existing config file is kept unless forced. Run again with the same inputs, install finishes
 what an earlier run could not (systemd was not reachable): the files it would write are the ones
-there, so nothing is overwritten that says anything else.
+there, so nothing is overwritten that says anything else. Uninstall stops the service before it
+removes anything, keeps the config and the bundles unless purging (as a package manager's remove
+and purge do), and never deletes a state directory from under an agent that still answers.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from importlib import resources
 from pathlib import Path
 
 from device_agent.bundle.signing import trusted_keys
-from device_agent.config import build_config
-from device_agent.errors import ConfigError
+from device_agent.config import build_config, read_config_file
+from device_agent.errors import ConfigError, EdgefleetError
 from device_agent.mqtt import BrokerAddress
 
 UNIT_NAME = "edgefleet-agent.service"
@@ -80,11 +83,8 @@ def install_service(*, device_id: str, broker: str, trusted: tuple[Path, ...], t
                     tls_cert: Path | None, tls_key: Path | None, root: Path, systemctl: bool,
                     force: bool) -> list[str]:
     """Write everything; returns one line per step for the user."""
-    root = Path(root)
-    etc = root / "etc/edgefleet"
+    etc, unit_path, state_dir = _paths(Path(root))
     config_path = etc / "agent.toml"
-    unit_path = root / "etc/systemd/system" / UNIT_NAME
-    state_dir = root / "var/lib/edgefleet"
 
     tls_files = _checked_inputs(device_id, broker, trusted, tls_ca, tls_cert, tls_key)
     key_names = [f"/etc/edgefleet/keys/{Path(k).name}" for k in trusted]
@@ -97,14 +97,11 @@ def install_service(*, device_id: str, broker: str, trusted: tuple[Path, ...], t
         different = _different(config_path, text, copies)
         if different is not None:
             raise ConfigError(f"{different} exists and says otherwise; keeping it (use --force to overwrite)")
-    if systemctl and shutil.which("systemctl") is None:
-        raise ConfigError("systemctl not found: use --no-systemctl to write the files only")
-    if systemctl and not SYSTEMD_RUNNING.is_dir():
-        raise ConfigError(f"systemd is not running here ({SYSTEMD_RUNNING} is missing: a container, or an image "
-                          f"being built?): use --no-systemctl to write the files only")
+    if systemctl:
+        _require_systemd("write the files only")
     command = agent_command()
     home = _unreachable_for_the_service(command)
-    if home is not None and root == Path("/"):
+    if home is not None and Path(root) == Path("/"):
         raise ConfigError(f"the agent here ({command.split()[0]}) is under {home}, which the service cannot read "
                           f"(it runs as user {SERVICE_USER} with ProtectHome=yes): install edgefleet outside {home}, "
                           f"e.g. sudo python3 -m venv /opt/edgefleet && sudo /opt/edgefleet/bin/pip install edgefleet, "
@@ -138,6 +135,98 @@ def install_service(*, device_id: str, broker: str, trusted: tuple[Path, ...], t
         done.append("next: useradd --system edgefleet; systemctl daemon-reload; "
                     "systemctl enable --now edgefleet-agent")
     return done
+
+
+def uninstall_service(*, root: Path, systemctl: bool, purge: bool) -> list[str]:
+    """Stop and disable the service and remove its unit file; with *purge*, also the config directory
+    (config, trusted keys, TLS files), the state directory (bundles, the update record) and the
+    service user. Returns one line per step for the user."""
+    root = Path(root)
+    etc, unit_path, state_dir = _paths(root)
+    if not any(path.exists() for path in (etc, unit_path, state_dir)):
+        return [f"the agent is not installed under {root}: nothing to remove"]
+    if systemctl:
+        _require_systemd("remove the files only")
+    done = []
+    if systemctl and unit_path.exists():
+        _run("systemctl", "disable", "--now", UNIT_NAME)
+        done.append(f"stopped and disabled {UNIT_NAME}")
+    if purge:
+        answering = _answering_agent(root, etc / "agent.toml", state_dir)
+        if answering is not None:  # one started by hand, or under another name: its bundles stay where it reads them
+            raise ConfigError(f"an agent still answers on {answering}: stop it, then run this again "
+                              f"({'; '.join(done) or 'nothing was removed'})")
+    # With --no-systemctl, what `systemctl enable` linked goes too (pointing at nothing, it would be an error at boot).
+    for link in [*(wants / UNIT_NAME for wants in unit_path.parent.glob("*.wants")), unit_path]:
+        if link.exists() or link.is_symlink():
+            link.unlink()
+            done.append(f"removed {link}")
+    if systemctl:
+        _run("systemctl", "daemon-reload")
+    elif Path(root) == Path("/"):
+        done.append("next: systemctl daemon-reload" + (f"; userdel {SERVICE_USER}" if purge else ""))
+    if not purge:
+        kept = [f"{etc} (the config and trusted keys)"] if etc.exists() else []
+        if state_dir.exists():
+            kept.append(f"{state_dir} (bundles and update state, {_size(state_dir) / 2**20:.1f} MiB)")
+        if kept:
+            done.append(f"kept {' and '.join(kept)}: --purge removes them too")
+        return done
+    elsewhere = _configured_state_dir(etc / "agent.toml")
+    for directory in (etc, state_dir):
+        if directory.exists():
+            shutil.rmtree(directory)
+            done.append(f"removed {directory}")
+    if elsewhere is not None and elsewhere != Path("/var/lib/edgefleet"):
+        done.append(f"kept {elsewhere}, the state directory the config named: remove it yourself if it is the agent's")
+    if systemctl and _user_exists(SERVICE_USER):
+        _run("userdel", SERVICE_USER)
+        done.append(f"removed system user {SERVICE_USER}")
+    return done
+
+
+def _answering_agent(root: Path, config_path: Path, state_dir: Path) -> Path | None:
+    """The control socket under *root* on which an agent answers, if one does."""
+    from device_agent.local_api import AgentClient
+
+    sockets = [state_dir / "control.sock", root / "run/edgefleet/control.sock"]
+    configured = Path(_installed_settings(config_path).get("control_socket") or "")
+    if configured.is_absolute():  # as the device sees it; under *root* here
+        sockets.insert(0, root / configured.relative_to(configured.anchor))
+    for path in sockets:
+        if not path.exists():
+            continue
+        try:
+            with AgentClient(path, timeout=5.0) as agent:
+                agent.status()
+        except (OSError, EdgefleetError):  # a socket file left behind: nobody listens on it
+            continue
+        return path
+    return None
+
+
+def _installed_settings(config_path: Path) -> dict:
+    try:
+        return read_config_file(config_path)
+    except ConfigError:  # missing or edited beyond reading: what install wrote is all there is to go by
+        return {}
+
+
+def _configured_state_dir(config_path: Path) -> Path | None:
+    state_dir = _installed_settings(config_path).get("state_dir")
+    return Path(state_dir) if state_dir else None
+
+
+def _size(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file() and not path.is_symlink())
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _checked_inputs(device_id: str, broker: str, trusted: tuple[Path, ...], tls_ca: Path | None,
@@ -174,24 +263,36 @@ def _different(config_path: Path, text: str, copies: dict[Path, Path]) -> Path |
     return None
 
 
-def _enable(state_dir: Path, tls_dir: Path) -> list[str]:
-    def run(*cmd: str) -> None:
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            said = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
-            raise ConfigError(f"{' '.join(cmd)} failed: {said}")
+def _paths(root: Path) -> tuple[Path, Path, Path]:
+    """Where install writes under *root*: the config directory, the unit file, the state directory."""
+    return root / "etc/edgefleet", root / "etc/systemd/system" / UNIT_NAME, root / "var/lib/edgefleet"
 
+
+def _require_systemd(otherwise: str) -> None:
+    if shutil.which("systemctl") is None:
+        raise ConfigError(f"systemctl not found: use --no-systemctl to {otherwise}")
+    if not SYSTEMD_RUNNING.is_dir():
+        raise ConfigError(f"systemd is not running here ({SYSTEMD_RUNNING} is missing: a container, or an image "
+                          f"being built?): use --no-systemctl to {otherwise}")
+
+
+def _run(*cmd: str) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        said = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        raise ConfigError(f"{' '.join(cmd)} failed: {said}")
+
+
+def _enable(state_dir: Path, tls_dir: Path) -> list[str]:
     done = []
-    try:
-        pwd.getpwnam(SERVICE_USER)
-    except KeyError:
-        run("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER)
+    if not _user_exists(SERVICE_USER):
+        _run("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER)
         done.append(f"created system user {SERVICE_USER}")
     shutil.chown(state_dir, SERVICE_USER, SERVICE_USER)
     if tls_dir.is_dir():  # the client key is 0640: readable by the agent's group, nobody else
         for path in tls_dir.iterdir():
             shutil.chown(path, "root", SERVICE_USER)
-    run("systemctl", "daemon-reload")
-    run("systemctl", "enable", "--now", UNIT_NAME)
+    _run("systemctl", "daemon-reload")
+    _run("systemctl", "enable", "--now", UNIT_NAME)
     done.append(f"enabled and started {UNIT_NAME}")
     return done
