@@ -142,7 +142,10 @@ class MqttClient:
                 self._client.tls_set(ca_certs=str(tls.ca), certfile=str(tls.cert) if tls.cert else None,
                                      keyfile=str(tls.key) if tls.key else None)
             except (OSError, ValueError) as exc:
-                raise ConfigError(f"cannot use the TLS files {tls.ca}: {exc}") from None
+                files = [str(f) for f in (tls.ca, tls.cert, tls.key) if f is not None]
+                missing = [f for f in files if not os.path.isfile(f)]
+                raise ConfigError(f"no TLS file {missing[0]}" if missing else
+                                  f"cannot use the TLS files {', '.join(files)}: {exc}") from None
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self._keepalive = keepalive

@@ -7,6 +7,8 @@ topics and publish to its own status, events, telemetry and reply topics, plus c
 (which name a bundle, not a device), and use its own presence topic (device_agent/presence.py).
 Host tools (CN = ``host:NAME``) may use everything under the protocol's root; they are listed by
 name, so issue a host certificate before writing the configuration (or write it again after).
+Revoked certificates are refused by the CRL at connection, and their names denied everything in
+the ACL, which also cuts off a connection made before the revocation once the broker reloads.
 """
 
 from __future__ import annotations
@@ -16,9 +18,6 @@ import pwd
 import shutil
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
-
 from device_agent.errors import ConfigError
 from device_agent.protocol import topics
 from host_tools.certs import HOST_PREFIX, Pki
@@ -27,7 +26,7 @@ DEVICE_READS = ("cmd", "chunks")
 DEVICE_WRITES = ("status", "events", "telemetry", "reply")
 
 
-def acl_text(host_users: list[str]) -> str:
+def acl_text(host_users: list[str], revoked: list[str] = ()) -> str:
     lines = ["# edgefleet ACL, written by `edgefleet broker config`.",
              "# Devices: a device's certificate CN is its device id, which Mosquitto substitutes for %u.",
              *(f"pattern read {topics.ROOT}/devices/%u/{leaf}" for leaf in DEVICE_READS),
@@ -40,6 +39,11 @@ def acl_text(host_users: list[str]) -> str:
              "", "# Host tools (certificate CN host:NAME): the whole protocol."]
     for user in host_users:
         lines += [f"user {user}", f"topic readwrite {topics.ROOT}/#"]
+    if revoked:
+        lines += ["", "# Revoked (edgefleet certs revoke): nothing, from the broker's reload on. A connection made",
+                  "# before it stays open, so this cuts it off; crl.pem refuses the certificate at the next."]
+        for user in revoked:
+            lines += [f"user {user}", "topic deny #"]
     return "\n".join(lines) + "\n"
 
 
@@ -54,6 +58,8 @@ def mosquitto_conf(out: Path, *, port: int, bind: str, persistence_dir: Path | N
              f"keyfile {out / 'broker.key'}",
              "require_certificate true",
              "use_identity_as_username true",
+             # Revoked client certificates (edgefleet certs revoke), reread when the broker reloads.
+             f"crlfile {out / 'crl.pem'}",
              "tls_version tlsv1.2",
              # Commands for offline devices wait in their persistent sessions.
              "max_queued_messages 10000",
@@ -72,16 +78,7 @@ def mosquitto_conf(out: Path, *, port: int, bind: str, persistence_dir: Path | N
 
 
 def host_users(pki: Pki) -> list[str]:
-    users = []
-    for cert in sorted((pki.dir / "clients").glob("*.crt")):
-        try:
-            cn = x509.load_pem_x509_certificate(cert.read_bytes()).subject.get_attributes_for_oid(
-                NameOID.COMMON_NAME)[0].value
-        except (ValueError, IndexError):
-            continue
-        if isinstance(cn, str) and cn.startswith(HOST_PREFIX):
-            users.append(cn)
-    return users
+    return [c.name for c in pki.issued() if not c.revoked and c.name.startswith(HOST_PREFIX)]
 
 
 def _give_to_broker_user(*paths: Path) -> None:
@@ -112,8 +109,10 @@ def write_broker_config(pki: Pki, out: Path, *, port: int = 8883, bind: str = ""
     shutil.copyfile(pki.broker_cert, out / "broker.crt")
     shutil.copyfile(pki.broker_key, out / "broker.key")
     (out / "broker.key").chmod(0o600)
-    (out / "acl").write_text(acl_text(users))
+    shutil.copyfile(pki.ensure_revocation_list(), out / "crl.pem")
+    (out / "acl").write_text(acl_text(users, sorted(pki.revoked_names())))
     (out / "mosquitto.conf").write_text(mosquitto_conf(out, port=port, bind=bind,
                                                        persistence_dir=persistence_dir))
     _give_to_broker_user(out / "broker.key", out / "acl")
-    return [out / "mosquitto.conf", out / "acl", out / "ca.crt", out / "broker.crt", out / "broker.key"]
+    return [out / "mosquitto.conf", out / "acl", out / "ca.crt", out / "broker.crt", out / "broker.key",
+            out / "crl.pem"]

@@ -9,6 +9,11 @@ device's CN is its device id; a host tool's CN is ``host:NAME``, which no device
     ca.key ca.crt                   the CA (keep ca.key off the broker and the devices)
     broker.key broker.crt           the broker's server certificate (SANs: the names given)
     clients/NAME.key clients/NAME.crt   devices and host tools
+    crl.pem                         the revocation list (empty until a certificate is revoked)
+    revoked/NAME-SERIAL.crt         revoked certificates (their keys are deleted)
+
+A revoked name can be issued a new certificate (a replacement device under the same id); until
+it is, the broker's ACL denies that name everything (``host_tools.broker_config``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -39,6 +45,13 @@ def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write *path* whole or not at all."""
+    part = path.with_name(path.name + ".part")
+    part.write_bytes(data)
+    os.replace(part, path)
 
 
 def _issue(subject: str, public_key, issuer_name: x509.Name, issuer_key, *, days: int, ca: bool = False,
@@ -72,9 +85,38 @@ def _general_name(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
+def not_after(cert: x509.Certificate) -> dt.datetime:
+    """When *cert* expires, in UTC (cryptography before 42 has only the naive attribute)."""
+    when = getattr(cert, "not_valid_after_utc", None)
+    return when if when is not None else cert.not_valid_after.replace(tzinfo=dt.timezone.utc)
+
+
+def common_name(cert: x509.Certificate) -> str | None:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return names[0].value if names and isinstance(names[0].value, str) else None
+
+
+@dataclass(frozen=True)
+class IssuedCert:
+    """A client certificate of the PKI, as `edgefleet certs list` shows it."""
+    name: str
+    path: Path
+    serial: int
+    expires: dt.datetime
+    revoked: bool
+
+    @property
+    def kind(self) -> str:
+        return "host tool" if self.name.startswith(HOST_PREFIX) else "device"
+
+
 class Pki:
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)
+
+    @property
+    def crl(self) -> Path:
+        return self.dir / "crl.pem"
 
     @property
     def ca_cert(self) -> Path:
@@ -127,6 +169,72 @@ class Pki:
         _write_private(key_path, _key_pem(key))
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cert_path, key_path
+
+    def issued(self) -> list[IssuedCert]:
+        """Every client certificate issued here: the current ones, then the revoked ones."""
+        found = []
+        for folder, revoked in ((self.dir / "clients", False), (self.dir / "revoked", True)):
+            for path in sorted(folder.glob("*.crt")):
+                try:
+                    cert = x509.load_pem_x509_certificate(path.read_bytes())
+                except ValueError:
+                    continue
+                name = common_name(cert)
+                if name is not None:
+                    found.append(IssuedCert(name, path, cert.serial_number, not_after(cert), revoked))
+        return found
+
+    def revoke(self, name: str) -> IssuedCert:
+        """Revoke *name*'s current certificate: its serial goes into crl.pem (signed by the CA, valid
+        until the CA expires, so the list never lapses and locks every device out), the certificate
+        into revoked/, and its key is deleted."""
+        cert_path, key_path = self.client_files(name)
+        issued = [c for c in self.issued() if c.name == name]
+        current = next((c for c in issued if c.path == cert_path), None)
+        if current is None:
+            self._load_ca()  # (no CA at all is the clearer error)
+            raise ConfigError(f"{name} has no current certificate in {self.dir / 'clients'}"
+                              + (" (revoked already)" if issued else ""))
+        self._sign_revocation_list(add=current.serial)
+        kept = self.dir / "revoked" / f"{cert_path.stem}-{current.serial:x}.crt"
+        kept.parent.mkdir(exist_ok=True)
+        os.replace(cert_path, kept)
+        key_path.unlink(missing_ok=True)
+        return IssuedCert(name, kept, current.serial, current.expires, True)
+
+    def ensure_revocation_list(self) -> Path:
+        """crl.pem, made empty if nothing was revoked yet: the broker is configured with one from the
+        start, as Mosquitto rereads the file on a reload but does not take up a crlfile added then."""
+        if not self.crl.exists():
+            self._sign_revocation_list()
+        return self.crl
+
+    def _sign_revocation_list(self, add: int | None = None) -> None:
+        ca_key, ca = self._load_ca()
+        now = dt.datetime.now(dt.timezone.utc)
+        entries = list(self._revocation_list(ca)) if self.crl.exists() else []
+        if add is not None and add not in {entry.serial_number for entry in entries}:  # (again after a failed move)
+            entries.append(x509.RevokedCertificateBuilder().serial_number(add).revocation_date(now).build())
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
+                   .last_update(now - dt.timedelta(minutes=5)).next_update(not_after(ca)))
+        for entry in entries:
+            builder = builder.add_revoked_certificate(entry)
+        _replace(self.crl, builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+
+    def revoked_names(self) -> set[str]:
+        """Names whose last certificate was revoked and that have no current one."""
+        issued = self.issued()
+        current = {c.name for c in issued if not c.revoked}
+        return {c.name for c in issued if c.revoked and c.name not in current}
+
+    def _revocation_list(self, ca: x509.Certificate) -> x509.CertificateRevocationList:
+        try:
+            crl = x509.load_pem_x509_crl(self.crl.read_bytes())
+        except ValueError as exc:
+            raise ConfigError(f"{self.crl} is unreadable: {exc}") from None
+        if crl.issuer != ca.subject:
+            raise ConfigError(f"{self.crl} was not issued by the CA in {self.dir}")
+        return crl
 
     def _load_ca(self):
         try:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -22,34 +23,60 @@ from host_tools.certs import Pki
 from tests.conftest import edgefleet, free_port, wait_until
 
 
-@pytest.fixture(scope="module")
-def secure_broker(tmp_path_factory):
-    """A CA, certificates for devices sec-a and sec-b and the host tool host:ops, and Mosquitto
-    running the generated configuration on a free port."""
-    # Mosquitto started as root drops to its own user before it reads the ACL, as it would
-    # from /etc/mosquitto: the broker's directory must be readable to it (pytest's is not).
-    work = Path(tempfile.mkdtemp(prefix="ef-broker-", dir="/tmp"))
-    work.chmod(0o755)
-    pki = work / "pki"
-    for args in (("certs", "init", "--dir", pki, "--broker-host", "127.0.0.1", "--broker-host", "localhost"),
-                 ("certs", "client", "sec-a", "sec-b", "tls-dev", "host:ops", "--dir", pki)):
-        result = edgefleet(*args)
+class SecureMosquitto:
+    """A CA, client certificates for *clients*, and Mosquitto running the configuration `edgefleet
+    broker config` wrote, on a free port."""
+
+    def __init__(self, *clients: str) -> None:
+        # Mosquitto started as root drops to its own user before it reads the ACL, as it would
+        # from /etc/mosquitto: the broker's directory must be readable to it (pytest's is not).
+        self.work = Path(tempfile.mkdtemp(prefix="ef-broker-", dir="/tmp"))
+        self.work.chmod(0o755)
+        self.pki = Pki(self.work / "pki")
+        for args in (("certs", "init", "--dir", self.pki.dir, "--broker-host", "127.0.0.1", "--broker-host",
+                      "localhost"), ("certs", "client", *clients, "--dir", self.pki.dir)):
+            result = edgefleet(*args)
+            assert result.returncode == 0, result.stderr
+        self.address = BrokerAddress("127.0.0.1", free_port())
+        self.configure()
+        self.log = open(self.work / "mosquitto.log", "ab")
+        self.start()
+
+    def configure(self) -> None:
+        """`edgefleet broker config`, again after the PKI changed."""
+        result = edgefleet("broker", "config", "--pki", self.pki.dir, "--out", self.work / "broker", "--port",
+                           self.address.port, "--bind", "127.0.0.1", "--no-persistence")
         assert result.returncode == 0, result.stderr
-    port = free_port()
-    result = edgefleet("broker", "config", "--pki", pki, "--out", work / "broker", "--port", port,
-                       "--bind", "127.0.0.1", "--no-persistence")
-    assert result.returncode == 0, result.stderr
-    log = open(work / "mosquitto.log", "ab")
-    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
-                             str(work / "broker" / "mosquitto.conf")], stdout=log, stderr=log)
-    address = BrokerAddress("127.0.0.1", port)
-    if not wait_until(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 10):
-        pytest.fail((work / "mosquitto.log").read_text())
-    yield address, Pki(pki), work
-    proc.terminate()
-    proc.wait(10)
-    log.close()
-    shutil.rmtree(work, ignore_errors=True)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                                      str(self.work / "broker" / "mosquitto.conf")], stdout=self.log, stderr=self.log)
+        port = self.address.port
+        if not wait_until(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 10):
+            pytest.fail((self.work / "mosquitto.log").read_text())
+
+    def reload(self) -> None:
+        said = (self.work / "mosquitto.log").read_text().count("Reloading config")
+        self.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: (self.work / "mosquitto.log").read_text().count("Reloading config") > said, 10)
+        time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        self.stop()
+        self.log.close()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def secure_broker():
+    """Devices sec-a, sec-b and tls-dev and the host tool host:ops, under one broker for the module."""
+    broker = SecureMosquitto("sec-a", "sec-b", "tls-dev", "host:ops")
+    yield broker.address, broker.pki, broker.work
+    broker.close()
 
 
 def tls_for(pki: Pki, name: str) -> TlsFiles:
@@ -60,9 +87,10 @@ def tls_for(pki: Pki, name: str) -> TlsFiles:
 class Listener:
     """An MQTT client as *name* that records what it receives."""
 
-    def __init__(self, address, pki, name, filters):
+    def __init__(self, address, pki, name, filters, tls=None):
         self.got: list[tuple[str, bytes]] = []
-        self.client = MqttClient(client_id=f"test-{name}-{time.time_ns()}", broker=address, tls=tls_for(pki, name))
+        self.client = MqttClient(client_id=f"test-{name}-{time.time_ns()}", broker=address,
+                                 tls=tls or tls_for(pki, name), reconnect_max_delay=1)
         for f in filters:
             self.client.subscribe(f, lambda t, p: self.got.append((t, p)))
         self.client.connect()
@@ -214,3 +242,60 @@ def test_deploy_and_telemetry_work_over_tls(secure_broker, agents, make_bundle, 
     without = edgefleet("device", "status", "tls-dev", "--broker", address)  # no certificate: one line, exit 1
     assert without.returncode == 1 and len(without.stderr.splitlines()) == 1
     assert "does it require TLS or a client certificate?" in without.stderr
+
+
+def test_a_revoked_device_is_cut_off_at_once_and_refused_when_it_connects_again():
+    """`edgefleet certs revoke` a lost device, write the configuration again and reload Mosquitto:
+    its open connection carries nothing more either way, a new one is refused, the other devices
+    carry on; a certificate issued afterwards for the same id (its replacement) works, and the old
+    one stays out."""
+    broker = SecureMosquitto("rev-a", "rev-b", "host:ops")
+    address, pki = broker.address, broker.pki
+    stolen = broker.work / "stolen"  # what the lost device holds
+    stolen.mkdir()
+    for f in pki.client_files("rev-b"):
+        shutil.copy(f, stolen)
+    a = Listener(address, pki, "rev-a", [topics.command("rev-a")])
+    b = Listener(address, pki, "rev-b", [topics.command("rev-b")], tls=TlsFiles(
+        ca=pki.ca_cert, cert=stolen / "rev-b.crt", key=stolen / "rev-b.key"))
+    host = Listener(address, pki, "host:ops", [topics.all_devices("telemetry")])
+    try:
+        revoked = edgefleet("certs", "revoke", "rev-b", "--dir", pki.dir)
+        assert revoked.returncode == 0 and "next: `edgefleet broker config" in revoked.stdout, revoked.stderr
+        broker.configure()
+        broker.reload()
+        for device in ("rev-a", "rev-b"):
+            host.client.publish(topics.command(device), f"for {device}".encode(), qos=1)
+        a.client.publish(topics.telemetry("rev-a"), b"from a", qos=1)
+        b.client.publish(topics.telemetry("rev-b"), b"from b", qos=1)
+        assert wait_until(lambda: a.got and host.got, 10)
+        time.sleep(0.5)  # what was going to arrive has arrived
+        assert a.got == [(topics.command("rev-a"), b"for rev-a")] and b.got == []
+        assert host.got == [(topics.telemetry("rev-a"), b"from a")]
+
+        again = MqttClient(client_id=f"test-rev-b-{time.time_ns()}", broker=address, reconnect_max_delay=1,
+                           tls=TlsFiles(ca=pki.ca_cert, cert=stolen / "rev-b.crt", key=stolen / "rev-b.key"))
+        with pytest.raises(BrokerUnreachable, match="closed the TLS connection before accepting it"):
+            again.connect(timeout=3)
+        again.disconnect()
+        listed = json.loads(edgefleet("certs", "list", "--dir", pki.dir, "--json").stdout)
+        assert ("rev-b", "revoked") in {(c["name"], c["status"]) for c in listed}
+
+        # The replacement device gets the id back, after a restart (as `certs client` says): a reload
+        # would lift the ACL's denial from the old connection too.
+        issued = edgefleet("certs", "client", "rev-b", "--dir", pki.dir)
+        assert issued.returncode == 0 and "restart Mosquitto" in issued.stdout, issued.stderr
+        broker.configure()
+        broker.stop()
+        broker.start()
+        replacement = Listener(address, pki, "rev-b", [topics.command("rev-b")])
+        assert wait_until(lambda: a.client.connected, 10)
+        host.client.publish(topics.command("rev-b"), b"for the new rev-b", qos=1, wait=5)
+        assert wait_until(lambda: replacement.got, 10)
+        time.sleep(1)  # the old one's reconnecting, refused
+        assert b.got == [] and not b.client.connected
+        replacement.client.disconnect()
+    finally:
+        for c in (a, b, host):
+            c.client.disconnect()
+        broker.close()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
 from device_agent.cli import fail_cleanly
-from host_tools.cli.base import DEFAULT_HOME, main
+from device_agent.errors import ConfigError
+from host_tools.cli.base import DEFAULT_HOME, json_option, main
+from host_tools.terminal import console
 
 
 @main.group(help="Certificates for the broker, devices and host tools (a small CA of your own).")
@@ -41,9 +44,70 @@ def certs_client(names, pki_dir, days) -> None:
     from host_tools.certs import Pki
 
     pki = Pki(pki_dir)
+    revoked = pki.revoked_names()
     for name in names:
         cert, key = pki.issue_client(name, days=days)
         click.echo(f"wrote {cert} and {key}")
+        if name in revoked:  # the ACL's denial of the name goes with the next `broker config`
+            click.echo(f"note: {name}'s earlier certificate is revoked; after `edgefleet broker config`, restart "
+                       f"Mosquitto rather than reload it, so that a connection the revoked one still holds ends")
+
+
+@certs.command("list", help="Every client certificate issued: its name, kind, serial, expiry, and whether it is "
+                             "revoked (renew one before it expires: `certs revoke` it, then `certs client` again).")
+@pki_option
+@json_option
+@fail_cleanly
+def certs_list(pki_dir, as_json) -> None:
+    import datetime as dt
+
+    from host_tools.certs import Pki
+
+    if not Pki(pki_dir).ca_cert.is_file():
+        raise ConfigError(f"no CA in {pki_dir}: run `edgefleet certs init` first")
+    now = dt.datetime.now(dt.timezone.utc)
+    rows = [{"name": c.name, "kind": c.kind, "serial": f"{c.serial:x}", "expires": c.expires.isoformat(),
+             "days_left": (c.expires - now).days, "status": _status(c, now), "path": str(c.path)}
+            for c in Pki(pki_dir).issued()]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo(f"no client certificates in {pki_dir} (issue one with `edgefleet certs client NAME`)")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("name", "kind", "serial", "expires", "status"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["name"], r["kind"], r["serial"][:16], r["expires"][:10], r["status"])
+    console().print(table)
+
+
+def _status(cert, now) -> str:
+    if cert.revoked:
+        return "revoked"
+    if cert.expires <= now:
+        return "EXPIRED"
+    days = (cert.expires - now).days
+    return f"valid, {days} days left" + (": renew it soon" if days < 30 else "")
+
+
+@certs.command("revoke", help="Revoke the certificates of NAMES (a lost or retired device, a host tool's leaked "
+                              "key): added to the CA's revocation list, which `broker config` hands to Mosquitto.")
+@click.argument("names", nargs=-1, required=True)
+@pki_option
+@fail_cleanly
+def certs_revoke(names, pki_dir) -> None:
+    from host_tools.certs import Pki
+
+    pki = Pki(pki_dir)
+    for name in names:
+        revoked = pki.revoke(name)
+        click.echo(f"revoked {name} (serial {f'{revoked.serial:x}'[:16]}); kept as {revoked.path}, its key deleted")
+    click.echo("next: `edgefleet broker config --out DIR` again, then reload Mosquitto (systemctl reload mosquitto, "
+               "or kill -HUP its pid): a connection it has now is cut off, and it is refused when it connects again")
 
 
 @main.group(help="The MQTT broker: a Mosquitto configuration for the fleet.")

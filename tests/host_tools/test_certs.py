@@ -1,0 +1,86 @@
+"""`edgefleet certs`: issuing, listing and revoking client certificates, and what `broker config`
+makes of a revocation (tests/test_broker_security.py runs it under a real Mosquitto)."""
+
+import json
+
+import pytest
+from cryptography import x509
+
+from host_tools.certs import Pki, not_after
+from tests.conftest import edgefleet
+
+
+@pytest.fixture
+def pki(tmp_path):
+    pki = Pki(tmp_path / "pki")
+    pki.init(["127.0.0.1"])
+    for name in ("pi-a", "pi-b", "host:ops"):
+        pki.issue_client(name)
+    pki.issue_client("pi-short", days=10)
+    return pki
+
+
+def listed(pki: Pki) -> dict[tuple[str, str], dict]:
+    result = edgefleet("certs", "list", "--dir", pki.dir, "--json")
+    assert result.returncode == 0, result.stderr
+    return {(c["name"], c["status"]): c for c in json.loads(result.stdout)}
+
+
+def test_certs_list_shows_each_certificate_its_kind_expiry_and_one_about_to_expire(pki):
+    rows = listed(pki)
+    assert set(rows) == {("host:ops", "valid, 824 days left"), ("pi-a", "valid, 824 days left"),
+                         ("pi-b", "valid, 824 days left"), ("pi-short", "valid, 9 days left: renew it soon")}
+    assert rows[("host:ops", "valid, 824 days left")]["kind"] == "host tool"
+    assert rows[("pi-a", "valid, 824 days left")]["kind"] == "device"
+    table = edgefleet("certs", "list", "--dir", pki.dir)
+    assert "pi-short" in table.stdout and "renew it soon" in table.stdout
+
+
+def test_a_revoked_certificate_is_listed_in_a_crl_the_ca_signed_that_lasts_as_long_as_the_ca(pki):
+    serial = x509.load_pem_x509_certificate(pki.client_files("pi-b")[0].read_bytes()).serial_number
+    result = edgefleet("certs", "revoke", "pi-b", "--dir", pki.dir)
+    assert result.returncode == 0, result.stderr
+    assert not any(path.exists() for path in pki.client_files("pi-b"))  # key deleted, certificate kept aside
+    assert ("pi-b", "revoked") in listed(pki)
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    crl = x509.load_pem_x509_crl(pki.crl.read_bytes())
+    assert crl.is_signature_valid(ca.public_key())
+    assert [entry.serial_number for entry in crl] == [serial]
+    assert abs((crl.next_update_utc - not_after(ca)).total_seconds()) < 1  # never lapses while the CA is good
+    assert edgefleet("certs", "revoke", "pi-a", "--dir", pki.dir).returncode == 0
+    assert len(list(x509.load_pem_x509_crl(pki.crl.read_bytes()))) == 2  # the earlier entry carried over
+
+
+@pytest.mark.parametrize("name, message", [("pi-b", "pi-b has no current certificate in {dir}/clients "
+                                                    "(revoked already)"),
+                                           ("pi-zz", "pi-zz has no current certificate in {dir}/clients")])
+def test_revoking_a_name_with_no_current_certificate_is_one_line_and_changes_nothing(pki, name, message):
+    assert edgefleet("certs", "revoke", "pi-b", "--dir", pki.dir).returncode == 0
+    before = pki.crl.read_bytes()
+    result = edgefleet("certs", "revoke", name, "--dir", pki.dir)
+    assert result.returncode == 1 and result.stderr == f"error: {message.format(dir=pki.dir)}\n"
+    assert pki.crl.read_bytes() == before
+
+
+def test_broker_config_denies_a_revoked_name_everything_until_it_is_issued_again(pki, tmp_path):
+    out = tmp_path / "broker"
+
+    def configured() -> tuple[str, str]:
+        result = edgefleet("broker", "config", "--pki", pki.dir, "--out", out, "--no-persistence")
+        assert result.returncode == 0, result.stderr
+        return (out / "acl").read_text(), (out / "mosquitto.conf").read_text()
+
+    acl, conf = configured()
+    assert "topic deny" not in acl and f"crlfile {out}/crl.pem" in conf  # from the start: reloads reread it
+    assert list(x509.load_pem_x509_crl((out / "crl.pem").read_bytes())) == []
+    for name in ("pi-b", "host:ops"):
+        assert edgefleet("certs", "revoke", name, "--dir", pki.dir).returncode == 0
+    assert edgefleet("certs", "client", "host:ci", "--dir", pki.dir).returncode == 0
+    acl, _ = configured()
+    assert "user pi-b\ntopic deny #\n" in acl and "user host:ops\ntopic deny #\n" in acl
+    assert "user host:ops\ntopic readwrite" not in acl and "user host:ci\ntopic readwrite edgefleet/v1/#" in acl
+    assert (out / "crl.pem").read_bytes() == pki.crl.read_bytes()
+    again = edgefleet("certs", "client", "pi-b", "--dir", pki.dir)
+    assert again.returncode == 0 and "restart Mosquitto rather than reload it" in again.stdout
+    acl, _ = configured()
+    assert "user pi-b" not in acl
