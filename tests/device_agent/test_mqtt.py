@@ -3,7 +3,10 @@
 import time
 import uuid
 
-from device_agent.mqtt import MqttClient
+import pytest
+
+from device_agent.errors import ConfigError
+from device_agent.mqtt import MqttClient, TlsFiles
 from tests.conftest import wait_until
 
 
@@ -155,3 +158,14 @@ def test_a_broker_that_refuses_the_connection_is_said_once_as_an_error(tmp_path,
     finally:
         client.disconnect()
         broker.stop()
+
+
+def test_a_tls_file_that_is_not_there_is_named(tmp_path, mosquitto):
+    """Whichever of the three files is missing (a key deleted when its certificate was revoked, a
+    typo in the config), the error names that one, not the CA."""
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(b"")
+    with pytest.raises(ConfigError, match=f"^no TLS file {tmp_path}/pi.key$"):
+        MqttClient(client_id="t", broker=mosquitto, tls=TlsFiles(ca=ca, cert=ca, key=tmp_path / "pi.key"))
+    with pytest.raises(ConfigError, match=f"^cannot use the TLS files {ca}: "):
+        MqttClient(client_id="t", broker=mosquitto, tls=TlsFiles(ca=ca))  # there, but not a certificate
