@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -20,6 +21,7 @@ from host_tools.packet_limit import check_broker_passes_chunks
 from host_tools.serve import BundleServer
 from host_tools.terminal import console
 
+log = logging.getLogger(__name__)
 
 # The outcomes the host gives a device itself when it waits no longer (EventTracker.wait).
 GIVEN_UP = ("timed_out", "unreachable")
@@ -145,6 +147,8 @@ class EventTracker:
         with self._lock:
             if self.progress[event.device_id].done:
                 return
+            if event.state != self.progress[event.device_id].state:  # (not every percent of a download)
+                log.info("%s: %s%s", event.device_id, event.state, f" ({event.reason})" if event.reason else "")
             update = DeviceProgress(event.device_id, event.state, event.progress, event.reason)
             self.progress[event.device_id] = update
             self._lock.notify_all()

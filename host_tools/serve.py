@@ -125,6 +125,7 @@ class BundleServer:
         self._seq_lock = threading.Lock()  # numbered and handed to paho in one step: numbers keep their order
         self._fanout_seq: dict[tuple[str, int, int], int] = {}  # chunk -> number of its last publish there
         self._seen: dict[tuple, int] = {}  # session -> the lowest number it received
+        self._downloads_seen: set[tuple] = set()  # (sha, device, session): logged when it first asks
         self.stats = ServerStats()
 
     @property
@@ -275,6 +276,13 @@ class BundleServer:
         with self._lock:
             stats.requests += 1
             stats.devices.add(request.device_id)
+            download = (sha, request.device_id, request.session)
+            if download not in self._downloads_seen:
+                if len(self._downloads_seen) >= 100_000:
+                    self._downloads_seen.clear()
+                self._downloads_seen.add(download)
+                log.info("%s is fetching %s %s (%d-byte chunks%s)", request.device_id, offer.name, offer.version,
+                         chunk_size, ", with the fan-out" if request.fanout else "")
             since = None
             if request.fanout:
                 session = (sha, chunk_size, request.device_id, request.session)

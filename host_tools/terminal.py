@@ -1,6 +1,9 @@
-"""The rich console every host command prints through."""
+"""The rich console every host command prints through, and where its log lines go."""
 
 from __future__ import annotations
+
+import logging
+import sys
 
 PIPE_WIDTH = 120
 
@@ -12,3 +15,26 @@ def console(*, stderr: bool = False):
 
     c = Console(stderr=stderr)
     return c if c.is_terminal else Console(stderr=stderr, width=PIPE_WIDTH)
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged: a live progress display swaps it for
+    one that prints above itself, and a handler that kept the original would draw through the bars."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def show_log_lines(verbose: bool) -> None:
+    """With --verbose, info lines (each device's steps, who fetches what) go to stderr; without,
+    warnings only, bare, as Python prints them when nothing is configured."""
+    if not verbose:
+        return
+    handler = _CurrentStderr()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)

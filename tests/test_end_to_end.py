@@ -209,7 +209,7 @@ def test_edgefleet_serve_answers_for_deploys_that_do_not_serve_and_picks_up_new_
     shelf.mkdir()
     shutil.copy(make_bundle("1.0.0"), shelf / "v1.efb")
     with open(tmp_path / "serve.log", "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "host_tools", "serve", "--dir", str(shelf),
+        server = subprocess.Popen([sys.executable, "-m", "host_tools", "--verbose", "serve", "--dir", str(shelf),
                                    "--broker", str(mosquitto), "--stats-every", "1"], stderr=log)
     try:
         agents.start("pi-40")
@@ -223,12 +223,20 @@ def test_edgefleet_serve_answers_for_deploys_that_do_not_serve_and_picks_up_new_
         for payload in GARBAGE:  # on the very topic the server answers
             vandal.publish(topics.chunk_request(sha256_file(shelf / "v1.efb")), payload, qos=1, wait=5.0)
         vandal.disconnect()
-        code, results = deploy(make_bundle("1.0.0"), ["pi-40"], mosquitto, "--no-serve")
-        assert code == 0 and results["pi-40"]["state"] == "active"
+        # --verbose: each device's steps on the deploy (and who fetches what on the server); without it none
+        told = edgefleet("--verbose", "deploy", make_bundle("1.0.0"), "--device", "pi-40", "--broker", mosquitto,
+                         "--no-serve", "--json")
+        assert json.loads(told.stdout)["pi-40"]["state"] == "active", told.stderr
+        steps = [line.removeprefix("INFO host_tools.deploy: pi-40: ") for line in told.stderr.splitlines()]
+        assert steps[-1] == "active" and "downloading" in steps and "verifying" in steps, told.stderr
         shutil.copy(make_bundle("2.0.0"), shelf / "v2.efb")  # served without a restart
         assert wait_until(lambda: "digits-cnn 2.0.0" in (tmp_path / "serve.log").read_text(), 10)
-        code, results = deploy(make_bundle("2.0.0"), ["pi-40"], mosquitto, "--no-serve")
-        assert code == 0 and results["pi-40"]["state"] == "active"
+        quiet = edgefleet("deploy", make_bundle("2.0.0"), "--device", "pi-40", "--broker", mosquitto, "--no-serve",
+                          "--json")
+        assert json.loads(quiet.stdout)["pi-40"]["state"] == "active" and quiet.stderr == ""
+        said = (tmp_path / "serve.log").read_text()
+        assert said.count("INFO host_tools.serve: pi-40 is fetching digits-cnn 1.0.0 (65536-byte chunks") == 1
+        assert said.count("INFO host_tools.serve: pi-40 is fetching digits-cnn 2.0.0 (65536-byte chunks") == 1
         assert wait_until(lambda: "chunks," in (tmp_path / "serve.log").read_text(), 15)  # its progress line
     finally:
         server.send_signal(signal.SIGTERM)

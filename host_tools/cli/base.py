@@ -133,8 +133,13 @@ class HostCommands(click.Group):
               help="This host tool's client certificate, CN host:NAME (env EDGEFLEET_TLS_CERT).")
 @click.option("--tls-key", envvar="EDGEFLEET_TLS_KEY", type=click.Path(path_type=Path),
               help="Its private key (env EDGEFLEET_TLS_KEY).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also log what happens on the way: each device's steps, who fetches which bundle, connections.")
 @click.pass_context
-def main(ctx, tls_ca, tls_cert, tls_key) -> None:
+def main(ctx, tls_ca, tls_cert, tls_key, verbose) -> None:
+    from host_tools.terminal import show_log_lines
+
+    show_log_lines(verbose)
     if (tls_cert or tls_key) and not tls_ca:
         raise click.UsageError("--tls-cert and --tls-key need --tls-ca")
     if bool(tls_cert) != bool(tls_key):
