@@ -289,7 +289,7 @@ def test_a_revoked_device_is_cut_off_at_once_and_refused_when_it_connects_again(
         broker.stop()
         broker.start()
         replacement = Listener(address, pki, "rev-b", [topics.command("rev-b")])
-        assert wait_until(lambda: a.client.connected, 10)
+        assert wait_until(lambda: a.client.connected and host.client.connected, 10)
         host.client.publish(topics.command("rev-b"), b"for the new rev-b", qos=1, wait=5)
         assert wait_until(lambda: replacement.got, 10)
         time.sleep(1)  # the old one's reconnecting, refused
