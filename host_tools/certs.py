@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -104,10 +104,7 @@ class IssuedCert:
     serial: int
     expires: dt.datetime
     revoked: bool
-
-    @property
-    def kind(self) -> str:
-        return "host tool" if self.name.startswith(HOST_PREFIX) else "device"
+    kind: str  # "device", "host tool", "CA" or "broker"
 
 
 class Pki:
@@ -181,7 +178,18 @@ class Pki:
                     continue
                 name = common_name(cert)
                 if name is not None:
-                    found.append(IssuedCert(name, path, cert.serial_number, not_after(cert), revoked))
+                    kind = "host tool" if name.startswith(HOST_PREFIX) else "device"
+                    found.append(IssuedCert(name, path, cert.serial_number, not_after(cert), revoked, kind))
+        return found
+
+    def own(self) -> list[IssuedCert]:
+        """The CA's and the broker's certificates: when either expires, no device can connect."""
+        found = []
+        for path, kind in ((self.ca_cert, "CA"), (self.broker_cert, "broker")):
+            if path.is_file():
+                cert = x509.load_pem_x509_certificate(path.read_bytes())
+                found.append(IssuedCert(common_name(cert) or path.name, path, cert.serial_number, not_after(cert),
+                                        False, kind))
         return found
 
     def revoke(self, name: str) -> IssuedCert:
@@ -200,7 +208,7 @@ class Pki:
         kept.parent.mkdir(exist_ok=True)
         os.replace(cert_path, kept)
         key_path.unlink(missing_ok=True)
-        return IssuedCert(name, kept, current.serial, current.expires, True)
+        return replace(current, path=kept, revoked=True)
 
     def ensure_revocation_list(self) -> Path:
         """crl.pem, made empty if nothing was revoked yet: the broker is configured with one from the

@@ -53,8 +53,9 @@ def certs_client(names, pki_dir, days) -> None:
                        f"Mosquitto rather than reload it, so that a connection the revoked one still holds ends")
 
 
-@certs.command("list", help="Every client certificate issued: its name, kind, serial, expiry, and whether it is "
-                             "revoked (renew one before it expires: `certs revoke` it, then `certs client` again).")
+@certs.command("list", help="The CA's and the broker's certificates and every client certificate issued: name, "
+                             "kind, serial, expiry, and whether it is revoked (renew a client's before it expires: "
+                             "`certs revoke` it, then `certs client` again).")
 @pki_option
 @json_option
 @fail_cleanly
@@ -63,17 +64,15 @@ def certs_list(pki_dir, as_json) -> None:
 
     from host_tools.certs import Pki
 
-    if not Pki(pki_dir).ca_cert.is_file():
+    pki = Pki(pki_dir)
+    if not pki.ca_cert.is_file():
         raise ConfigError(f"no CA in {pki_dir}: run `edgefleet certs init` first")
     now = dt.datetime.now(dt.timezone.utc)
     rows = [{"name": c.name, "kind": c.kind, "serial": f"{c.serial:x}", "expires": c.expires.isoformat(),
              "days_left": (c.expires - now).days, "status": _status(c, now), "path": str(c.path)}
-            for c in Pki(pki_dir).issued()]
+            for c in pki.own() + pki.issued()]
     if as_json:
         click.echo(json.dumps(rows))
-        return
-    if not rows:
-        click.echo(f"no client certificates in {pki_dir} (issue one with `edgefleet certs client NAME`)")
         return
     from rich.table import Table
 

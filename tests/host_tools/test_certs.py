@@ -26,12 +26,14 @@ def listed(pki: Pki) -> dict[tuple[str, str], dict]:
     return {(c["name"], c["status"]): c for c in json.loads(result.stdout)}
 
 
-def test_certs_list_shows_each_certificate_its_kind_expiry_and_one_about_to_expire(pki):
+def test_certs_list_shows_each_certificate_the_ca_and_broker_too_its_expiry_and_one_about_to_expire(pki):
     rows = listed(pki)
-    assert set(rows) == {("host:ops", "valid, 824 days left"), ("pi-a", "valid, 824 days left"),
+    assert set(rows) == {("edgefleet CA", "valid, 3649 days left"), ("127.0.0.1", "valid, 3649 days left"),
+                         ("host:ops", "valid, 824 days left"), ("pi-a", "valid, 824 days left"),
                          ("pi-b", "valid, 824 days left"), ("pi-short", "valid, 9 days left: renew it soon")}
-    assert rows[("host:ops", "valid, 824 days left")]["kind"] == "host tool"
-    assert rows[("pi-a", "valid, 824 days left")]["kind"] == "device"
+    assert [rows[key]["kind"] for key in (("edgefleet CA", "valid, 3649 days left"),
+                                          ("127.0.0.1", "valid, 3649 days left"), ("host:ops", "valid, 824 days left"),
+                                          ("pi-a", "valid, 824 days left"))] == ["CA", "broker", "host tool", "device"]
     table = edgefleet("certs", "list", "--dir", pki.dir)
     assert "pi-short" in table.stdout and "renew it soon" in table.stdout
 
