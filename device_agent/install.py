@@ -22,6 +22,7 @@ from pathlib import Path
 from device_agent.bundle.signing import trusted_keys
 from device_agent.config import build_config, read_config_file
 from device_agent.errors import ConfigError, EdgefleetError
+from device_agent.files import size_text
 from device_agent.mqtt import BrokerAddress
 
 UNIT_NAME = "edgefleet-agent.service"
@@ -168,7 +169,7 @@ def uninstall_service(*, root: Path, systemctl: bool, purge: bool) -> list[str]:
     if not purge:
         kept = [f"{etc} (the config and trusted keys)"] if etc.exists() else []
         if state_dir.exists():
-            kept.append(f"{state_dir} (bundles and update state, {_size(state_dir) / 2**20:.1f} MiB)")
+            kept.append(f"{state_dir} (bundles and update state, {size_text(_size(state_dir))})")
         if kept:
             done.append(f"kept {' and '.join(kept)}: --purge removes them too")
         return done

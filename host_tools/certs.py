@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from device_agent.errors import ConfigError
+from device_agent.files import replaced_when_written
 from device_agent.protocol import topics
 
 HOST_PREFIX = "host:"
@@ -45,13 +46,6 @@ def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Write *path* whole or not at all."""
-    part = path.with_name(path.name + ".part")
-    part.write_bytes(data)
-    os.replace(part, path)
 
 
 def _issue(subject: str, public_key, issuer_name: x509.Name, issuer_key, *, days: int, ca: bool = False,
@@ -227,7 +221,8 @@ class Pki:
                    .last_update(now - dt.timedelta(minutes=5)).next_update(not_after(ca)))
         for entry in entries:
             builder = builder.add_revoked_certificate(entry)
-        _replace(self.crl, builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        with replaced_when_written(self.crl) as tmp:
+            tmp.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
 
     def revoked_names(self) -> set[str]:
         """Names whose last certificate was revoked and that have no current one."""
