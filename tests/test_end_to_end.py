@@ -445,3 +445,60 @@ def test_the_registry_knows_each_devices_hardware_takes_labels_and_keeps_bundles
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["pi-90"]["state"] == "skipped" and "riscv64" in result.stderr
     assert "update" not in agent.log.read_text()  # it was never sent the command
+
+
+def test_a_forgotten_device_leaves_the_registry_and_the_brokers_retained_status_and_an_online_one_is_refused(
+        mosquitto, agents, monitor, tmp_path):
+    from device_agent.protocol import topics
+
+    gone, kept = agents.start("pi-95"), agents.start("pi-96")
+    store = FleetStore(monitor)
+    assert wait_until(lambda: is_online(store, "pi-95") and is_online(store, "pi-96"), 30)
+    assert wait_until(lambda: store.telemetry_count("pi-95") > 0, 20)
+    assert edgefleet("devices", "label", "pi-95", "site=lab", "--db", monitor).returncode == 0
+
+    def listed():
+        return {r["device_id"] for r in json.loads(edgefleet("devices", "list", "--db", monitor, "--json").stdout)}
+
+    def forget(*args, **run):
+        return subprocess.run([sys.executable, "-m", "host_tools", "devices", "forget", *args, "--db", str(monitor),
+                               "--broker", str(mosquitto)], capture_output=True, text=True, timeout=60, **run)
+
+    refused = forget("pi-95", "--yes")  # online: its agent would bring it back at once
+    assert refused.returncode == 1 and "online: pi-95" in refused.stderr and "Traceback" not in refused.stderr
+    unknown = forget("pi-95", "pi-nope", "--yes")
+    assert unknown.returncode == 1 and "pi-nope" in unknown.stderr and "pi-95" not in unknown.stderr
+
+    assert gone.terminate() == 0 and kept.terminate() == 0
+    assert wait_until(lambda: not is_online(store, "pi-95") and not is_online(store, "pi-96"), 30)
+    # A killed agent leaves its presence claim retained; forgetting the device clears that too.
+    stale = MqttClient(client_id="test-stale-claim", broker=mosquitto)
+    stale.connect()
+    stale.publish(topics.presence("pi-95"), b'{"claim": {"instance": "x", "host": "h", "pid": 1, "since": 1}}',
+                  qos=1, retain=True, wait=5)
+    stale.disconnect()
+    declined = forget("pi-95", input="n\n")  # asked first, and no changes nothing
+    assert declined.returncode == 1 and "pi-95" in listed()
+
+    done = forget("pi-95", "--yes")
+    assert done.returncode == 0, done.stderr
+    samples = int(re.search(r"forgot pi-95: (\d+) telemetry samples", done.stdout).group(1))
+    assert samples > 0 and "1 labels" in done.stdout
+    assert "pi-95" not in listed() and "pi-96" in listed()
+    assert edgefleet("devices", "show", "pi-95", "--db", monitor).returncode == 1
+    assert store.telemetry_count("pi-95") == 0 and store.events("pi-95") == []
+
+    # What the broker still holds: a monitor started now on an empty database learns of pi-96, not pi-95.
+    claims: list[bytes] = []
+    later = MqttClient(client_id="test-later-monitor", broker=mosquitto)
+    later.subscribe(topics.presence("pi-95"), lambda t, p: claims.append(p))
+    fresh = FleetStore(tmp_path / "later.db")
+    Ingest(later, fresh).start()
+    later.connect()
+    try:
+        assert wait_until(lambda: "pi-96" in {r.device_id for r in fresh.devices()}, 10)
+        time.sleep(1.0)  # retained messages come right after the subscription is granted
+        assert "pi-95" not in {r.device_id for r in fresh.devices()} and claims == []
+    finally:
+        later.disconnect()
+    assert "pi-95" not in listed()  # the running monitor took the cleared status as no news

@@ -8,9 +8,10 @@ import time
 import click
 
 from device_agent.cli import fail_cleanly
-from device_agent.errors import ConfigError
+from device_agent.errors import ConfigError, MqttError
+from device_agent.protocol import topics
 from device_agent.telemetry.disk import room_text, valid_room
-from host_tools.cli.base import db_option, json_option, main
+from host_tools.cli.base import broker_option, db_option, host_client, json_option, main
 from host_tools.cli.fleet import fleet_rows, group_filter, label_filter
 from host_tools.terminal import console
 
@@ -141,3 +142,70 @@ def devices_label(device_id, assignments, db) -> None:
     finally:
         store.close()
     click.echo(", ".join(f"{k}={v}" if v is not None else f"{k} removed" for k, v in changes.items()))
+
+
+@devices.command("forget", help="Decommission DEVICE_IDS: clear what the broker keeps for them (their retained "
+                                "status and presence claim), so a monitor started later does not bring them back, "
+                                "and delete them from the registry with their labels, telemetry and deployment "
+                                "history. Online devices are refused: an agent that connects reports itself again, "
+                                "so stop it first (`edgefleet-agent uninstall` on the device) or revoke its "
+                                "certificate (`edgefleet certs revoke`).")
+@click.argument("device_ids", nargs=-1, required=True)
+@db_option
+@broker_option
+@click.option("--registry-only", is_flag=True,
+              help="Leave the broker alone (it is gone, or another one now): a retained status it still holds "
+                   "brings the device back when a monitor subscribes.")
+@click.option("--yes", is_flag=True, help="Do not ask before deleting.")
+@fail_cleanly
+def devices_forget(device_ids, db, broker, registry_only, yes) -> None:
+    from host_tools.fleet.store import FleetStore
+
+    device_ids = list(dict.fromkeys(device_ids))
+    known = {r.device_id: r for r in fleet_rows(db, (), None)}
+    if unknown := [d for d in device_ids if d not in known]:
+        raise ConfigError(f"not in the registry at {db}: {', '.join(unknown)} (nothing was forgotten)")
+    try:
+        client = None if registry_only else host_client(broker, "forget")
+    except MqttError as exc:
+        raise MqttError(f"{exc} (nothing was forgotten; --registry-only forgets without the broker)") from None
+    try:
+        online = _online(client, device_ids) if client else [d for d in device_ids if known[d].online]
+        if online:
+            raise ConfigError(f"online: {', '.join(online)}; its agent would report it again at once. Stop it "
+                              f"(`edgefleet-agent uninstall` on the device) or revoke its certificate (`edgefleet "
+                              f"certs revoke`) first (nothing was forgotten)")
+        if not yes:
+            click.confirm(f"Forget {', '.join(device_ids)}: delete {'its' if len(device_ids) == 1 else 'their'} "
+                          f"telemetry and deployment history from {db}?", abort=True, err=True)
+        if client:
+            for device in device_ids:  # an empty retained message deletes the retained one
+                for topic in (topics.status(device), topics.presence(device)):
+                    client.publish(topic, b"", qos=1, retain=True, wait=5.0)
+    finally:
+        if client:
+            client.disconnect()
+    store = FleetStore(db)
+    try:
+        for device in device_ids:
+            gone = store.forget(device)
+            click.echo(f"forgot {device}: {gone['samples']} telemetry samples ({gone['hours']} hourly summaries), "
+                       f"{gone['events']} deployment events, {gone['labels']} labels"
+                       + ("" if registry_only else "; the broker's retained status is cleared"))
+    finally:
+        store.close()
+
+
+def _online(client, device_ids: list[str]) -> list[str]:
+    """Those of *device_ids* whose retained status on the broker says online (the broker's word,
+    fresher than the registry's)."""
+    from host_tools.connectivity import Connectivity
+
+    watch = Connectivity(client, device_ids)
+    watch.watch()
+    try:
+        for device in device_ids:
+            watch.wait_known(device)
+        return [d for d in device_ids if (status := watch.last_status(d)) is not None and status.online]
+    finally:
+        watch.close()

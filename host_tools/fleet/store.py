@@ -222,6 +222,24 @@ class FleetStore:
                 else:
                     self._db.execute("INSERT OR REPLACE INTO host_labels VALUES (?,?,?)", (device_id, name, value))
 
+    def forget(self, device_id: str) -> dict[str, int]:
+        """Delete everything stored of *device_id* (status, labels, telemetry, its hourly summaries,
+        deployment events) in one transaction; returns how many rows of each went. Rollouts keep their
+        record of it: they are history of the rollout."""
+        tables = {"status": "devices", "labels": "host_labels", "samples": "telemetry",
+                  "hours": "telemetry_hourly", "events": "events"}
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                gone = {what: self._db.execute(f"DELETE FROM {table} WHERE device_id=?", (device_id,)).rowcount
+                        for what, table in tables.items()}
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        return gone
+
     def retain(self, now: float, *, raw_days: float = 7.0, hourly_days: float = 90.0) -> tuple[int, int]:
         """Keep raw samples for *raw_days*; fold older ones into hourly summaries (mean and max of
         each number the view shows), kept for *hourly_days*. Returns (samples folded, hours dropped)."""

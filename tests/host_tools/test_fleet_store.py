@@ -1,6 +1,6 @@
 """The fleet database stores each telemetry sample once, whatever the redelivery."""
 
-from device_agent.protocol.reports import DeviceStatus, TelemetrySample
+from device_agent.protocol.reports import DeploymentEvent, DeviceStatus, TelemetrySample
 from host_tools.fleet.store import FleetStore
 from host_tools.fleet.view import summarize
 
@@ -214,3 +214,41 @@ def test_a_reading_that_is_not_a_number_is_shown_as_not_reported_and_breaks_no_v
     console.print(fleet_table([odd], now=time.time()))  # the table shows n/a rather than failing
     assert "pi-odd" in console.export_text()
     store.close()
+
+
+def test_forgetting_a_device_deletes_all_that_is_stored_of_it_and_only_that(tmp_path):
+    store = FleetStore(tmp_path / "fleet.db")
+    for device in ("pi-01", "pi-02"):
+        store.record_status(DeviceStatus(device, False, 1.0), 1.0)
+        store.record_telemetry_many([TelemetrySample(device, seq, 10.0 + seq, 1.0, None, {"inference": {"p50_ms": 1}})
+                                     for seq in range(3)], 20.0)
+        store.record_event(DeploymentEvent(device, "c1", "active", "m 1.0.0", 1.0, None, 30.0))
+        store.set_labels(device, {"site": "lab"})
+    store.retain(20.0 + 8 * 86400)  # the samples become hourly summaries...
+    store.record_telemetry_many([TelemetrySample("pi-01", 9, 40.0, 1.0, None, {})], 40.0)  # ...and a new one
+
+    assert store.forget("pi-01") == {"status": 1, "labels": 1, "samples": 1, "hours": 1, "events": 1}
+    assert [r.device_id for r in store.devices()] == ["pi-02"] and store.devices()[0].labels == {"site": "lab"}
+    assert store.hourly("pi-01") == [] and store.events("pi-01") == [] and store.telemetry_count("pi-01") == 0
+    assert len(store.hourly("pi-02")) == 1 and len(store.events("pi-02")) == 1
+    assert store.forget("pi-01") == {"status": 0, "labels": 0, "samples": 0, "hours": 0, "events": 0}
+
+
+def test_devices_forget_registry_only_needs_no_broker_and_refuses_a_device_the_registry_has_online(tmp_path):
+    from tests.conftest import edgefleet, free_port
+
+    store = FleetStore(tmp_path / "fleet.db")
+    store.record_status(DeviceStatus("pi-up", True, 1.0), 1.0)
+    store.record_status(DeviceStatus("pi-gone", False, 1.0), 1.0)
+    nowhere = f"127.0.0.1:{free_port()}"
+
+    def forget(*args):
+        return edgefleet("devices", "forget", *args, "--yes", "--db", tmp_path / "fleet.db", "--broker", nowhere)
+    unreachable = forget("pi-gone")  # the broker is asked first: not reachable, nothing is deleted
+    assert unreachable.returncode == 1 and unreachable.stderr.count("\n") == 1 and "Traceback" not in unreachable.stderr
+    refused = forget("pi-up", "pi-gone", "--registry-only")
+    assert refused.returncode == 1 and "online: pi-up" in refused.stderr
+    assert {r.device_id for r in store.devices()} == {"pi-up", "pi-gone"}
+    done = forget("pi-gone", "--registry-only")
+    assert done.returncode == 0 and "forgot pi-gone" in done.stdout and "broker" not in done.stdout
+    assert [r.device_id for r in store.devices()] == ["pi-up"]
