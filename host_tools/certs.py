@@ -161,6 +161,33 @@ class Pki:
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cert_path, key_path
 
+    def renew(self, name: str | None, *, days: int = 825) -> IssuedCert:
+        """A new certificate for the client *name* (None: the broker), valid *days* from now, over the
+        same key, common name and host names as its current one, which it replaces in place. The
+        earlier one stays valid until it expires (it is no secret that leaked: nothing to revoke), so
+        a device can be given the new file whenever it suits, and its key never moves."""
+        path = self.broker_cert if name is None else self.client_files(name)[0]
+        ca_key, ca = self._load_ca()
+        try:
+            old = x509.load_pem_x509_certificate(path.read_bytes())
+        except FileNotFoundError:
+            revoked = name in self.revoked_names()
+            raise ConfigError(f"{name or 'the broker'} has no current certificate in {path.parent}"
+                              + (" (revoked: `edgefleet certs client` issues a new one)" if revoked else "")) from None
+        except ValueError as exc:
+            raise ConfigError(f"{path} is unreadable: {exc}") from None
+        try:
+            sans = list(old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        except x509.ExtensionNotFound:
+            sans = None
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if name is None else ExtendedKeyUsageOID.CLIENT_AUTH
+        cert = _issue(common_name(old) or "", old.public_key(), ca.subject, ca_key, days=days, sans=sans,
+                      usage=[usage])
+        with replaced_when_written(path) as tmp:
+            tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        kind = "broker" if name is None else "host tool" if name.startswith(HOST_PREFIX) else "device"
+        return IssuedCert(common_name(cert) or path.name, path, cert.serial_number, not_after(cert), False, kind)
+
     def issued(self) -> list[IssuedCert]:
         """Every client certificate issued here: the current ones, then the revoked ones."""
         found = []

@@ -299,3 +299,53 @@ def test_a_revoked_device_is_cut_off_at_once_and_refused_when_it_connects_again(
         for c in (a, b, host):
             c.client.disconnect()
         broker.close()
+
+
+def presented_serial(address: BrokerAddress, pki: Pki, name: str) -> int:
+    """The serial of the certificate the broker presents in a TLS handshake (as device *name*)."""
+    import ssl
+
+    from cryptography import x509
+
+    context = ssl.create_default_context(cafile=str(pki.ca_cert))
+    context.load_cert_chain(*map(str, pki.client_files(name)))
+    with socket.create_connection((address.host, address.port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=address.host) as tls:
+            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+
+
+def test_renewed_certificates_work_at_once_and_the_earlier_ones_until_they_expire(tmp_path):
+    """`edgefleet certs renew` a device's and the broker's certificates: after `broker config` and a
+    reload the broker presents its new one, the device connects with its new one over the same key,
+    and one still holding the earlier certificate (not given the new file yet) connects too."""
+    from cryptography import x509
+
+    broker = SecureMosquitto("ren-a", "host:ops")
+    address, pki = broker.address, broker.pki
+    cert, key = pki.client_files("ren-a")
+    earlier = tmp_path / "earlier.crt"
+    shutil.copy(cert, earlier)
+    try:
+        broker_before = presented_serial(address, pki, "ren-a")
+        renewed = edgefleet("certs", "renew", "ren-a", "--broker", "--days", "400", "--dir", pki.dir)
+        assert renewed.returncode == 0, renewed.stderr
+        assert "renewed the broker" in renewed.stdout and "renewed ren-a" in renewed.stdout
+        assert earlier.read_bytes() != cert.read_bytes()
+        broker.configure()
+        broker.reload()
+        broker_now = x509.load_pem_x509_certificate(pki.broker_cert.read_bytes()).serial_number
+        assert broker_now != broker_before
+        assert wait_until(lambda: presented_serial(address, pki, "ren-a") == broker_now, 10)
+
+        for held in (cert, earlier):
+            device = Listener(address, pki, "ren-a", [topics.command("ren-a")],
+                              tls=TlsFiles(ca=pki.ca_cert, cert=held, key=key))
+            host = Listener(address, pki, "host:ops", [])
+            try:
+                host.client.publish(topics.command("ren-a"), held.name.encode(), qos=1, wait=5)
+                assert wait_until(lambda: device.got == [(topics.command("ren-a"), held.name.encode())], 10)
+            finally:
+                device.client.disconnect()
+                host.client.disconnect()
+    finally:
+        broker.close()

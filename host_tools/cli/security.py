@@ -54,8 +54,8 @@ def certs_client(names, pki_dir, days) -> None:
 
 
 @certs.command("list", help="The CA's and the broker's certificates and every client certificate issued: name, "
-                             "kind, serial, expiry, and whether it is revoked (renew a client's before it expires: "
-                             "`certs revoke` it, then `certs client` again).")
+                             "kind, serial, expiry, and whether it is revoked (`certs renew` one before it "
+                             "expires).")
 @pki_option
 @json_option
 @fail_cleanly
@@ -107,6 +107,36 @@ def certs_revoke(names, pki_dir) -> None:
         click.echo(f"revoked {name} (serial {f'{revoked.serial:x}'[:16]}); kept as {revoked.path}, its key deleted")
     click.echo("next: `edgefleet broker config --out DIR` again, then reload Mosquitto (systemctl reload mosquitto, "
                "or kill -HUP its pid): a connection it has now is cut off, and it is refused when it connects again")
+
+
+@certs.command("renew", help="Renew the certificates of NAMES (devices, host:NAME tools), or with --broker the "
+                             "broker's, before they expire: a new certificate over the same key and names, written "
+                             "over the current one. The earlier one stays valid until it expires, so each device "
+                             "can be given its new .crt when it suits (its key does not change).")
+@click.argument("names", nargs=-1)
+@click.option("--broker", "broker_cert", is_flag=True, help="Renew the broker's server certificate too.")
+@pki_option
+@click.option("--days", default=825, show_default=True, type=click.IntRange(1, 36500))
+@fail_cleanly
+def certs_renew(names, broker_cert, pki_dir, days) -> None:
+    from host_tools.certs import Pki
+
+    if not names and not broker_cert:
+        raise click.UsageError("give the NAMES of the client certificates to renew, or --broker")
+    pki = Pki(pki_dir)
+    ca_expires = next(c.expires for c in pki.own() if c.kind == "CA") if pki.ca_cert.is_file() else None
+    for name in ((None,) if broker_cert else ()) + tuple(names):
+        cert = pki.renew(name, days=days)
+        click.echo(f"renewed {name or 'the broker'}: {cert.path}, serial {f'{cert.serial:x}'[:16]}, valid until "
+                   f"{cert.expires:%Y-%m-%d}")
+        if ca_expires is not None and cert.expires > ca_expires:
+            click.echo(f"note: the CA expires first, on {ca_expires:%Y-%m-%d}; nothing it signed is valid after that")
+    if broker_cert:
+        click.echo("next: `edgefleet broker config --out DIR` again, then reload Mosquitto: it presents the new "
+                   "certificate to the connections that follow")
+    if names:
+        click.echo("next: copy each device's new .crt over its old one (the key stays) and restart its agent "
+                   "(systemctl restart edgefleet-agent): it reads its TLS files when it starts")
 
 
 @main.group(help="The MQTT broker: a Mosquitto configuration for the fleet.")

@@ -1,6 +1,7 @@
 """`edgefleet certs`: issuing, listing and revoking client certificates, and what `broker config`
 makes of a revocation (tests/test_broker_security.py runs it under a real Mosquitto)."""
 
+import datetime as dt
 import json
 
 import pytest
@@ -86,3 +87,41 @@ def test_broker_config_denies_a_revoked_name_everything_until_it_is_issued_again
     assert again.returncode == 0 and "restart Mosquitto rather than reload it" in again.stdout
     acl, _ = configured()
     assert "user pi-b" not in acl
+
+
+def test_renewing_keeps_the_key_and_names_and_gives_a_new_lifetime_signed_by_the_ca(pki):
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    def load(path):
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    old_client, old_broker = load(pki.client_files("pi-short")[0]), load(pki.broker_cert)
+    key_before = pki.client_files("pi-short")[1].read_bytes()
+    result = edgefleet("certs", "renew", "pi-short", "--broker", "--days", "400", "--dir", pki.dir)
+    assert result.returncode == 0, result.stderr
+    ca = load(pki.ca_cert)
+    for old, path, usage in ((old_client, pki.client_files("pi-short")[0], ExtendedKeyUsageOID.CLIENT_AUTH),
+                             (old_broker, pki.broker_cert, ExtendedKeyUsageOID.SERVER_AUTH)):
+        new = load(path)
+        assert new.serial_number != old.serial_number and new.subject == old.subject
+        assert new.public_key() == old.public_key()  # the device's key stays where it is
+        assert list(new.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [usage]
+        new.verify_directly_issued_by(ca)
+        assert (not_after(new) - dt.datetime.now(dt.timezone.utc)).days == 399  # 400 days from a moment ago
+    assert pki.client_files("pi-short")[1].read_bytes() == key_before
+    broker_names = load(pki.broker_cert).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(n.value) for n in broker_names] == ["127.0.0.1"]
+    assert ("pi-short", "valid, 399 days left") in listed(pki)  # no longer "renew it soon"
+    assert not pki.crl.exists() or list(x509.load_pem_x509_crl(pki.crl.read_bytes())) == []  # nothing revoked
+
+
+@pytest.mark.parametrize("args, message", [(("pi-gone",), "error: pi-gone has no current certificate in {dir}/clients "
+                                                          "(revoked: `edgefleet certs client` issues a new one)\n"),
+                                           (("pi-zz",), "error: pi-zz has no current certificate in {dir}/clients\n")])
+def test_renewing_a_name_with_no_current_certificate_is_one_line_and_changes_nothing(pki, args, message):
+    pki.issue_client("pi-gone")
+    pki.revoke("pi-gone")
+    files = {p: p.read_bytes() for p in pki.dir.rglob("*") if p.is_file()}
+    result = edgefleet("certs", "renew", *args, "--dir", pki.dir)
+    assert result.returncode == 1 and result.stderr == message.format(dir=pki.dir)
+    assert {p: p.read_bytes() for p in pki.dir.rglob("*") if p.is_file()} == files
+    assert edgefleet("certs", "renew", "--dir", pki.dir).returncode == 2  # nothing named
