@@ -172,9 +172,9 @@ def devices_forget(device_ids, db, broker, registry_only, yes) -> None:
     try:
         online = _online(client, device_ids) if client else [d for d in device_ids if known[d].online]
         if online:
-            raise ConfigError(f"online: {', '.join(online)}; its agent would report it again at once. Stop it "
-                              f"(`edgefleet-agent uninstall` on the device) or revoke its certificate (`edgefleet "
-                              f"certs revoke`) first (nothing was forgotten)")
+            raise ConfigError(f"online: {', '.join(online)} (a running agent reports itself again at once): stop "
+                              f"it first (`edgefleet-agent uninstall` on the device) or revoke its certificate "
+                              f"(`edgefleet certs revoke`); nothing was forgotten")
         if not yes:
             click.confirm(f"Forget {', '.join(device_ids)}: delete {'its' if len(device_ids) == 1 else 'their'} "
                           f"telemetry and deployment history from {db}?", abort=True, err=True)
