@@ -112,6 +112,8 @@ def test_renewing_keeps_the_key_and_names_and_gives_a_new_lifetime_signed_by_the
     assert [str(n.value) for n in broker_names] == ["127.0.0.1"]
     assert ("pi-short", "valid, 399 days left") in listed(pki)  # no longer "renew it soon"
     assert not pki.crl.exists() or list(x509.load_pem_x509_crl(pki.crl.read_bytes())) == []  # nothing revoked
+    assert edgefleet("certs", "renew", "pi-a", "--broker", "--dir", pki.dir).returncode == 0  # their own lifetimes
+    assert {("pi-a", "valid, 824 days left"), ("127.0.0.1", "valid, 3649 days left")} <= set(listed(pki))
 
 
 @pytest.mark.parametrize("args, message", [(("pi-gone",), "error: pi-gone has no current certificate in {dir}/clients "
