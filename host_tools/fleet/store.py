@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,16 +124,23 @@ class FleetStore:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
+    @contextmanager
+    def _transaction(self, begin: str = "BEGIN IMMEDIATE"):
+        """Under the lock, one transaction: committed when the block ends, rolled back if it raises."""
+        with self._lock:
+            self._db.execute(begin)
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # (SQLite ends it itself on some errors: a full disk)
+                    self._db.execute("ROLLBACK")
+                raise
+
     def run_many(self, sql: str, rows: list[tuple]) -> None:
         """One statement for each of *rows*, in one transaction."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany(sql, rows)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._transaction("BEGIN"):
+            self._db.executemany(sql, rows)
 
     def ensure_schema(self, script: str) -> None:
         with self._lock:
@@ -166,24 +174,17 @@ class FleetStore:
         """Store *samples* in one transaction; returns how many were new (the rest were redelivered)."""
         if not samples:
             return 0
-        with self._lock:
+        with self._transaction():
             before = self._db.total_changes
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?)",
-                                     [(s.device_id, s.seq, s.timestamp, s.bundle, json.dumps(s.readings))
-                                      for s in samples])
-                new = self._db.total_changes - before
-                for device in {s.device_id for s in samples}:
-                    lag = received_at - max(s.timestamp for s in samples if s.device_id == device)
-                    self._db.execute(_SEEN, {"now": received_at, "lag": lag, "stale": received_at - CLOCK_WINDOW,
-                                             "device": device})
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:  # (SQLite ends it itself on some errors: a full disk)
-                    self._db.execute("ROLLBACK")
-                raise
-            return new
+            self._db.executemany("INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?)",
+                                 [(s.device_id, s.seq, s.timestamp, s.bundle, json.dumps(s.readings))
+                                  for s in samples])
+            new = self._db.total_changes - before
+            for device in {s.device_id for s in samples}:
+                lag = received_at - max(s.timestamp for s in samples if s.device_id == device)
+                self._db.execute(_SEEN, {"now": received_at, "lag": lag, "stale": received_at - CLOCK_WINDOW,
+                                         "device": device})
+        return new
 
     def record_event(self, event: DeploymentEvent) -> None:
         with self._lock:
@@ -228,44 +229,32 @@ class FleetStore:
         record of it: they are history of the rollout."""
         tables = {"status": "devices", "labels": "host_labels", "samples": "telemetry",
                   "hours": "telemetry_hourly", "events": "events"}
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                gone = {what: self._db.execute(f"DELETE FROM {table} WHERE device_id=?", (device_id,)).rowcount
-                        for what, table in tables.items()}
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
-        return gone
+        with self._transaction():
+            return {what: self._db.execute(f"DELETE FROM {table} WHERE device_id=?", (device_id,)).rowcount
+                    for what, table in tables.items()}
 
     def retain(self, now: float, *, raw_days: float = 7.0, hourly_days: float = 90.0) -> tuple[int, int]:
         """Keep raw samples for *raw_days*; fold older ones into hourly summaries (mean and max of
         each number the view shows), kept for *hourly_days*. Returns (samples folded, hours dropped)."""
         cutoff, oldest = now - raw_days * 86400, now - hourly_days * 86400
-        with self._lock:
+        # The samples are read in the transaction that deletes them: another monitor sharing the
+        # file cannot add one in between that would be deleted without being folded.
+        with self._transaction():
             rows = self._db.execute("SELECT device_id, timestamp, bundle, readings FROM telemetry "
                                     "WHERE timestamp < ? ORDER BY device_id, timestamp", (cutoff,)).fetchall()
             hours: dict[tuple[str, float], list] = {}
             for device, ts, bundle, readings in rows:
                 hours.setdefault((device, ts - ts % 3600), []).append((bundle, json.loads(readings)))
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for (device, hour), samples in hours.items():
-                    prior = self._db.execute("SELECT samples, summary FROM telemetry_hourly WHERE device_id=? "
-                                             "AND hour=?", (device, hour)).fetchone()
-                    summary = _summarize_hour([r for _, r in samples],
-                                              (prior[0], json.loads(prior[1])) if prior else None)
-                    self._db.execute("INSERT OR REPLACE INTO telemetry_hourly VALUES (?,?,?,?,?)",
-                                     (device, hour, len(samples) + (prior[0] if prior else 0), samples[-1][0],
-                                      json.dumps(summary)))
-                self._db.execute("DELETE FROM telemetry WHERE timestamp < ?", (cutoff,))
-                dropped = self._db.execute("DELETE FROM telemetry_hourly WHERE hour < ?", (oldest,)).rowcount
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            for (device, hour), samples in hours.items():
+                prior = self._db.execute("SELECT samples, summary FROM telemetry_hourly WHERE device_id=? "
+                                         "AND hour=?", (device, hour)).fetchone()
+                summary = _summarize_hour([r for _, r in samples],
+                                          (prior[0], json.loads(prior[1])) if prior else None)
+                self._db.execute("INSERT OR REPLACE INTO telemetry_hourly VALUES (?,?,?,?,?)",
+                                 (device, hour, len(samples) + (prior[0] if prior else 0), samples[-1][0],
+                                  json.dumps(summary)))
+            self._db.execute("DELETE FROM telemetry WHERE timestamp < ?", (cutoff,))
+            dropped = self._db.execute("DELETE FROM telemetry_hourly WHERE hour < ?", (oldest,)).rowcount
         return len(rows), dropped
 
     def hourly(self, device_id: str) -> list[tuple[float, int, dict[str, Any]]]:
