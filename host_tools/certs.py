@@ -34,6 +34,8 @@ from device_agent.files import replaced_when_written
 from device_agent.protocol import topics
 
 HOST_PREFIX = "host:"
+CA_DAYS = 3650  # the CA's and the broker's certificates
+CLIENT_DAYS = 825  # devices' and host tools'
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -90,6 +92,10 @@ def common_name(cert: x509.Certificate) -> str | None:
     return names[0].value if names and isinstance(names[0].value, str) else None
 
 
+def _client_kind(name: str) -> str:
+    return "host tool" if name.startswith(HOST_PREFIX) else "device"
+
+
 @dataclass(frozen=True)
 class IssuedCert:
     """A client certificate of the PKI, as `edgefleet certs list` shows it."""
@@ -126,7 +132,7 @@ class Pki:
         stem = name.replace(":", "-")  # file names stay portable
         return self.dir / "clients" / f"{stem}.crt", self.dir / "clients" / f"{stem}.key"
 
-    def init(self, broker_names: list[str], *, days: int = 3650) -> list[Path]:
+    def init(self, broker_names: list[str], *, days: int = CA_DAYS) -> list[Path]:
         """Create the CA and the broker certificate (valid for *broker_names*: DNS names or IPs)."""
         if self.ca_cert.exists() or (self.dir / "ca.key").exists():
             raise ConfigError(f"{self.dir} already holds a CA; refusing to overwrite it")
@@ -144,7 +150,7 @@ class Pki:
         self.broker_cert.write_bytes(broker.public_bytes(serialization.Encoding.PEM))
         return [self.dir / "ca.key", self.ca_cert, self.broker_key, self.broker_cert]
 
-    def issue_client(self, name: str, *, days: int = 825) -> tuple[Path, Path]:
+    def issue_client(self, name: str, *, days: int = CLIENT_DAYS) -> tuple[Path, Path]:
         """A client certificate whose common name is *name*: a device id, or ``host:NAME``."""
         plain = name[len(HOST_PREFIX):] if name.startswith(HOST_PREFIX) else name
         if not topics.valid_device_id(plain):
@@ -161,9 +167,10 @@ class Pki:
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cert_path, key_path
 
-    def renew(self, name: str | None, *, days: int = 825) -> IssuedCert:
-        """A new certificate for the client *name* (None: the broker), valid *days* from now, over the
-        same key, common name and host names as its current one, which it replaces in place. The
+    def renew(self, name: str | None, *, days: int | None = None) -> IssuedCert:
+        """A new certificate for the client *name* (None: the broker), valid *days* from now (by
+        default as long as such certificates are issued for), over the same key, common name and
+        host names as its current one, which it replaces in place. The
         earlier one stays valid until it expires (it is no secret that leaked: nothing to revoke), so
         a device can be given the new file whenever it suits, and its key never moves."""
         path = self.broker_cert if name is None else self.client_files(name)[0]
@@ -181,12 +188,12 @@ class Pki:
         except x509.ExtensionNotFound:
             sans = None
         usage = ExtendedKeyUsageOID.SERVER_AUTH if name is None else ExtendedKeyUsageOID.CLIENT_AUTH
-        cert = _issue(common_name(old) or "", old.public_key(), ca.subject, ca_key, days=days, sans=sans,
-                      usage=[usage])
+        cert = _issue(common_name(old) or "", old.public_key(), ca.subject, ca_key,
+                      days=days or (CA_DAYS if name is None else CLIENT_DAYS), sans=sans, usage=[usage])
         with replaced_when_written(path) as tmp:
             tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        kind = "broker" if name is None else "host tool" if name.startswith(HOST_PREFIX) else "device"
-        return IssuedCert(common_name(cert) or path.name, path, cert.serial_number, not_after(cert), False, kind)
+        return IssuedCert(common_name(cert) or path.name, path, cert.serial_number, not_after(cert), False,
+                          "broker" if name is None else _client_kind(name))
 
     def issued(self) -> list[IssuedCert]:
         """Every client certificate issued here: the current ones, then the revoked ones."""
@@ -199,8 +206,8 @@ class Pki:
                     continue
                 name = common_name(cert)
                 if name is not None:
-                    kind = "host tool" if name.startswith(HOST_PREFIX) else "device"
-                    found.append(IssuedCert(name, path, cert.serial_number, not_after(cert), revoked, kind))
+                    found.append(IssuedCert(name, path, cert.serial_number, not_after(cert), revoked,
+                                            _client_kind(name)))
         return found
 
     def own(self) -> list[IssuedCert]:

@@ -117,7 +117,7 @@ def certs_revoke(names, pki_dir) -> None:
 @click.option("--broker", "broker_cert", is_flag=True, help="Renew the broker's server certificate too.")
 @pki_option
 @click.option("--days", type=click.IntRange(1, 36500),
-              help="Lifetime of the new certificates [default: 825 days for clients, 3650 for the broker, as issued].")
+              help="Lifetime of the new certificates [default: as `certs client` and `certs init` issue them].")
 @fail_cleanly
 def certs_renew(names, broker_cert, pki_dir, days) -> None:
     from host_tools.certs import Pki
@@ -127,7 +127,7 @@ def certs_renew(names, broker_cert, pki_dir, days) -> None:
     pki = Pki(pki_dir)
     ca_expires = next(c.expires for c in pki.own() if c.kind == "CA") if pki.ca_cert.is_file() else None
     for name in ((None,) if broker_cert else ()) + tuple(names):
-        cert = pki.renew(name, days=days or (3650 if name is None else 825))
+        cert = pki.renew(name, days=days)
         click.echo(f"renewed {name or 'the broker'}: {cert.path}, serial {f'{cert.serial:x}'[:16]}, valid until "
                    f"{cert.expires:%Y-%m-%d}")
         if ca_expires is not None and cert.expires > ca_expires:
