@@ -60,10 +60,10 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("waits") is None)
 
 
-def edgefleet(*args, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run the host CLI as a user would, in its own process."""
+def edgefleet(*args, timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run the host CLI as a user would, in its own process (*input*: what is typed at its prompts)."""
     return subprocess.run([sys.executable, "-m", "host_tools", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, input=input)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1):

@@ -460,9 +460,8 @@ def test_a_forgotten_device_leaves_the_registry_and_the_brokers_retained_status_
     def listed():
         return {r["device_id"] for r in json.loads(edgefleet("devices", "list", "--db", monitor, "--json").stdout)}
 
-    def forget(*args, **run):
-        return subprocess.run([sys.executable, "-m", "host_tools", "devices", "forget", *args, "--db", str(monitor),
-                               "--broker", str(mosquitto)], capture_output=True, text=True, timeout=60, **run)
+    def forget(*args, input=None):
+        return edgefleet("devices", "forget", *args, "--db", monitor, "--broker", mosquitto, input=input)
 
     refused = forget("pi-95", "--yes")  # online: its agent would bring it back at once
     assert refused.returncode == 1 and "online: pi-95" in refused.stderr and "Traceback" not in refused.stderr
