@@ -10,11 +10,13 @@ import random
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any, Callable
 
 from device_agent import __version__
 from device_agent.bench import benchmark
 from device_agent.bundle.signing import trusted_keys
+from device_agent.client_cert import ClientCertificate
 from device_agent.command_log import CommandLog
 from device_agent.config import AgentConfig, RemoteSettings
 from device_agent.errors import (
@@ -24,12 +26,12 @@ from device_agent.hardware import describe as describe_hardware
 from device_agent.local_api import LocalApi
 from device_agent.local_api import framing
 from device_agent.local_api.http import HttpApi
-from device_agent.mqtt import MqttClient, Will, session_client_id
+from device_agent.mqtt import MqttClient, TlsFiles, Will, session_client_id
 from device_agent.presence import Presence, describe, holder_of
 from device_agent.protocol import topics
 from device_agent.protocol.commands import (
-    BenchCommand, ConfigCommand, DeployCommand, Reply, RollbackCommand, StatusRequest, TrustCommand, command_id_of,
-    parse_command,
+    ANSWERED, BenchCommand, CertificateCommand, ConfigCommand, DeployCommand, Reply, RollbackCommand, StatusRequest,
+    TrustCommand, command_id_of, parse_command,
 )
 from device_agent.protocol.reports import (
     RIVAL_FIELDS, DeploymentEvent, DeviceStatus, TelemetryBatch, TelemetrySample,
@@ -48,6 +50,7 @@ from device_agent.update.health import health_check
 
 log = logging.getLogger(__name__)
 TELEMETRY_BATCH = 50  # samples per telemetry message when catching up after an outage
+CERTIFICATE_ATTEMPTS = 3  # connections a renewed client certificate may fail before the earlier one is back
 
 
 class Agent:
@@ -62,7 +65,9 @@ class Agent:
             config = self.settings.apply(config)
         except ConfigError as exc:  # saved by an older agent with other rules: keep the file's
             log.error("ignoring the remotely changed settings: %s", exc)
-        self.config = config
+        # The client certificate it shows the broker: the configured one, or a renewed one the host sent.
+        self.certificate = ClientCertificate(config.tls, config.state_dir, config.device_id)
+        self.config = config = replace(config, tls=self.certificate.tls)
         self.keys = TrustStore(config.state_dir, trusted_keys(config.trusted_keys))
         self.store = BundleStore(config.state_dir)
         self.latency = LatencyHistogram()
@@ -258,7 +263,7 @@ class Agent:
         if command_id is None:
             return
         reason = f"command refused: {exc}"
-        if kind in ("bench", "status_request", "trust", "config"):
+        if kind in ANSWERED:
             self._reply(Reply(self.config.device_id, command_id, "status" if kind == "status_request" else kind,
                               False, {}, reason))
         else:
@@ -282,7 +287,7 @@ class Agent:
                                                                "bundle": record.label, "kind": record.kind,
                                                                "attempts": record.attempts},
                 "connected": self.client.connected, "broker_problem": self.client.problem,
-                "pid": os.getpid(), "keys": self.keys.describe(),
+                "pid": os.getpid(), "keys": self.keys.describe(), "certificate": self.certificate.describe(),
                 "disk": room(self.store.root),
                 "id_held_by": self.held_by, "id_rivals": list(self.presence.rivals),
                 **self.settings.describe(self.config)}
@@ -315,6 +320,8 @@ class Agent:
                     self._change_trust(command)
                 elif isinstance(command, ConfigCommand):
                     self._change_settings(command)
+                elif isinstance(command, CertificateCommand):
+                    self._renew_certificate(command)
             except Exception as exc:  # the update thread must survive anything one command does
                 log.exception("command %s failed", command.command_id)
                 if done is not None:
@@ -374,6 +381,39 @@ class Agent:
             log.info("settings changed by the host: %s", command.settings)
         self._reply(Reply(self.config.device_id, command.command_id, "config", True,
                           self.settings.describe(self.config)))
+
+    def _renew_certificate(self, command: CertificateCommand) -> None:
+        """Reconnect showing the renewed certificate; keep it once the broker accepts it, else go back
+        to the one before (renewal does not revoke it, so it still works)."""
+        earlier = self.config.tls
+        try:
+            self._present(self.certificate.stage(command.certificate))
+        except EdgefleetError as exc:
+            self.certificate.discard()
+            self._refuse("certificate", command.command_id, exc)
+            return
+        connections = self.client.connections
+        self.client.reconnect()
+        deadline = time.monotonic() + 10 + 2 * self.config.reconnect_max_delay
+        while not (self.client.connected and self.client.connections > connections):
+            if self._stop.wait(0.1):
+                return  # stopping: the staged certificate is dropped at the next start
+            problem = self.client.problem
+            if time.monotonic() >= deadline or (problem and problem["attempts"] >= CERTIFICATE_ATTEMPTS):
+                self.certificate.discard()
+                self._present(earlier)
+                self.client.reconnect()
+                self._refuse("certificate", command.command_id, EdgefleetError(
+                    "the broker did not accept a connection with the renewed certificate; the earlier one is in "
+                    "use again"))
+                return
+        self._present(self.certificate.commit())
+        log.info("the broker accepted the renewed client certificate; it is kept")
+        self._reply(Reply(self.config.device_id, command.command_id, "certificate", True, self.certificate.describe()))
+
+    def _present(self, tls: TlsFiles) -> None:
+        self.client.present(tls)
+        self.config = self.machine.ctx.config = replace(self.config, tls=tls)
 
     def _adopt_old_sequence(self) -> None:
         # Agents before the queue kept the last sequence number in telemetry.seq; carry on after

@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -111,6 +112,13 @@ class TlsFiles:
     key: Path | None = None
 
 
+def _unusable(tls: TlsFiles, exc: Exception) -> ConfigError:
+    files = [str(f) for f in (tls.ca, tls.cert, tls.key) if f is not None]
+    missing = [f for f in files if not os.path.isfile(f)]
+    return ConfigError(f"no TLS file {missing[0]}" if missing else
+                       f"cannot use the TLS files {', '.join(files)}: {exc}")
+
+
 @dataclass(frozen=True)
 class Will:
     topic: str
@@ -137,15 +145,16 @@ class MqttClient:
         self._handling = threading.local()  # the message a handler on this thread is handling
         self._client.max_inflight_messages_set(64)
         self._client.max_queued_messages_set(0)
+        self._tls_context: ssl.SSLContext | None = None
         if tls is not None:
+            # (what paho's tls_set makes, kept to present a renewed client certificate later)
+            self._tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the broker's certificate and name
             try:
-                self._client.tls_set(ca_certs=str(tls.ca), certfile=str(tls.cert) if tls.cert else None,
-                                     keyfile=str(tls.key) if tls.key else None)
+                self._tls_context.load_verify_locations(str(tls.ca))
             except (OSError, ValueError) as exc:
-                files = [str(f) for f in (tls.ca, tls.cert, tls.key) if f is not None]
-                missing = [f for f in files if not os.path.isfile(f)]
-                raise ConfigError(f"no TLS file {missing[0]}" if missing else
-                                  f"cannot use the TLS files {', '.join(files)}: {exc}") from None
+                raise _unusable(tls, exc) from None
+            self._load_client_certificate(tls)
+            self._client.tls_set_context(self._tls_context)
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self._keepalive = keepalive
@@ -216,6 +225,27 @@ class MqttClient:
         if sock is not None:
             sock.close()
         self._connected.clear()
+
+    def present(self, tls: TlsFiles) -> None:
+        """Show the broker *tls*'s client certificate from the next connection on (a renewed one;
+        the CA stays the one given at the start). Raises ConfigError if it cannot be used."""
+        if self._tls_context is None:
+            raise ConfigError("this client does not use TLS")
+        self._load_client_certificate(tls)
+        self.tls = tls
+
+    def _load_client_certificate(self, tls: TlsFiles) -> None:
+        if tls.cert is None:
+            return
+        try:
+            self._tls_context.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
+        except (OSError, ValueError) as exc:
+            raise _unusable(tls, exc) from None
+
+    def reconnect(self) -> None:
+        """Close the connection (cleanly: no will) and connect again in the background."""
+        self.disconnect()
+        self.connect_in_background()
 
     def on_connected(self, callback: Callable[[], None]) -> None:
         """Call *callback* on the network thread after every (re)connection, e.g. to re-announce."""

@@ -6,6 +6,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Iterable
 
 from device_agent.bundle import BundleReader
 from device_agent.errors import ConfigError, EdgefleetError, ProtocolError
@@ -73,6 +74,20 @@ def ask(client: MqttClient, device: str, make_command, timeout: float, signer=No
     finally:
         connectivity.close()
         client.unsubscribe(topics.reply(device))  # a client asking many devices in turn keeps no stale handlers
+
+
+def ask_each(client: MqttClient, devices: Iterable[str], make_command, timeout: float, signer, kind: str
+             ) -> dict[str, Reply]:
+    """ask() each device in turn with make_command(device, command_id); {device: its Reply}. No
+    answer is a Reply with ok False, no command id, and body {"queued": whether the broker keeps the
+    command for the device until it expires}."""
+    replies = {}
+    for device in devices:
+        try:
+            replies[device] = ask(client, device, lambda cid: make_command(device, cid), timeout, signer)
+        except NoAnswer as exc:
+            replies[device] = Reply(device, "", kind, False, {"queued": exc.queued}, str(exc))
+    return replies
 
 
 def device_status(client: MqttClient, device: str, timeout: float) -> Reply:

@@ -81,12 +81,6 @@ def _general_name(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
-def not_after(cert: x509.Certificate) -> dt.datetime:
-    """When *cert* expires, in UTC (cryptography before 42 has only the naive attribute)."""
-    when = getattr(cert, "not_valid_after_utc", None)
-    return when if when is not None else cert.not_valid_after.replace(tzinfo=dt.timezone.utc)
-
-
 def common_name(cert: x509.Certificate) -> str | None:
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return names[0].value if names and isinstance(names[0].value, str) else None
@@ -173,16 +167,8 @@ class Pki:
         host names as its current one, which it replaces in place. The
         earlier one stays valid until it expires (it is no secret that leaked: nothing to revoke), so
         a device can be given the new file whenever it suits, and its key never moves."""
-        path = self.broker_cert if name is None else self.client_files(name)[0]
         ca_key, ca = self._load_ca()
-        try:
-            old = x509.load_pem_x509_certificate(path.read_bytes())
-        except FileNotFoundError:
-            revoked = name in self.revoked_names()
-            raise ConfigError(f"{name or 'the broker'} has no current certificate in {path.parent}"
-                              + (" (revoked: `edgefleet certs client` issues a new one)" if revoked else "")) from None
-        except ValueError as exc:
-            raise ConfigError(f"{path} is unreadable: {exc}") from None
+        path, old = self._current(name)
         try:
             sans = list(old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
         except x509.ExtensionNotFound:
@@ -192,8 +178,29 @@ class Pki:
                       days=days or (CA_DAYS if name is None else CLIENT_DAYS), sans=sans, usage=[usage])
         with replaced_when_written(path) as tmp:
             tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return IssuedCert(common_name(cert) or path.name, path, cert.serial_number, not_after(cert), False,
+        return IssuedCert(common_name(cert) or path.name, path, cert.serial_number, cert.not_valid_after_utc, False,
                           "broker" if name is None else _client_kind(name))
+
+    def device_certificate(self, name: str) -> str:
+        """Device *name*'s current certificate (PEM), to send it to the device (`certs push`)."""
+        if name.startswith(HOST_PREFIX):
+            raise ConfigError(f"{name} is a host tool's certificate: copy it to where the tool runs")
+        if not topics.valid_device_id(name):
+            raise ConfigError(f"{name!r} is not a device id")
+        path, _ = self._current(name)
+        return path.read_text()
+
+    def _current(self, name: str | None) -> tuple[Path, x509.Certificate]:
+        """The current certificate of the client *name* (None: the broker's), and its file."""
+        path = self.broker_cert if name is None else self.client_files(name)[0]
+        try:
+            return path, x509.load_pem_x509_certificate(path.read_bytes())
+        except FileNotFoundError:
+            revoked = name in self.revoked_names()
+            raise ConfigError(f"{name or 'the broker'} has no current certificate in {path.parent}"
+                              + (" (revoked: `edgefleet certs client` issues a new one)" if revoked else "")) from None
+        except ValueError as exc:
+            raise ConfigError(f"{path} is unreadable: {exc}") from None
 
     def issued(self) -> list[IssuedCert]:
         """Every client certificate issued here: the current ones, then the revoked ones."""
@@ -206,7 +213,7 @@ class Pki:
                     continue
                 name = common_name(cert)
                 if name is not None:
-                    found.append(IssuedCert(name, path, cert.serial_number, not_after(cert), revoked,
+                    found.append(IssuedCert(name, path, cert.serial_number, cert.not_valid_after_utc, revoked,
                                             _client_kind(name)))
         return found
 
@@ -216,8 +223,8 @@ class Pki:
         for path, kind in ((self.ca_cert, "CA"), (self.broker_cert, "broker")):
             if path.is_file():
                 cert = x509.load_pem_x509_certificate(path.read_bytes())
-                found.append(IssuedCert(common_name(cert) or path.name, path, cert.serial_number, not_after(cert),
-                                        False, kind))
+                found.append(IssuedCert(common_name(cert) or path.name, path, cert.serial_number,
+                                        cert.not_valid_after_utc, False, kind))
         return found
 
     def revoke(self, name: str) -> IssuedCert:
@@ -252,7 +259,7 @@ class Pki:
         if add is not None and add not in {entry.serial_number for entry in entries}:  # (again after a failed move)
             entries.append(x509.RevokedCertificateBuilder().serial_number(add).revocation_date(now).build())
         builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
-                   .last_update(now - dt.timedelta(minutes=5)).next_update(not_after(ca)))
+                   .last_update(now - dt.timedelta(minutes=5)).next_update(ca.not_valid_after_utc))
         for entry in entries:
             builder = builder.add_revoked_certificate(entry)
         with replaced_when_written(self.crl) as tmp:

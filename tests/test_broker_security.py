@@ -349,3 +349,69 @@ def test_renewed_certificates_work_at_once_and_the_earlier_ones_until_they_expir
                 host.client.disconnect()
     finally:
         broker.close()
+
+
+def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earlier_one_expires(agents, keys, tmp_path):
+    """`certs renew` and `certs push` a device whose certificate runs out in 40 s: it reconnects with
+    the new one, keeps it across a restart, and is back after a broker restart once the earlier one
+    has expired (the broker refuses that one then). Before that, a certificate the broker does not
+    take (from a second CA in the device's CA file) is tried and given up: the earlier one is back."""
+    from device_agent.local_api import AgentClient
+
+    broker = SecureMosquitto("cert-a", "host:ops")
+    address, pki = broker.address, broker.pki
+    lifetime = 40
+    earlier = pki.renew("cert-a", days=lifetime / 86400)  # what the device was given
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    cert, key = pki.client_files("cert-a")
+    shutil.copy(cert, etc / "device.crt")
+    shutil.copy(key, etc / "device.key")
+    other = Pki(tmp_path / "other")  # the device's CA file has a second CA, the broker's does not
+    other.init(["127.0.0.1"])
+    (etc / "ca.pem").write_bytes(pki.ca_cert.read_bytes() + other.ca_cert.read_bytes())
+    other.client_files("cert-a")[0].parent.mkdir()
+    shutil.copy(cert, other.client_files("cert-a")[0])
+    other.renew("cert-a")  # the device's key and name, signed by the second CA
+    host = tls_for(pki, "host:ops")
+    as_host = ("--tls-ca", host.ca, "--tls-cert", host.cert, "--tls-key", host.key)
+
+    def in_use(agent) -> dict:
+        with AgentClient(agent.control_socket, timeout=10) as client:
+            return client.status()["certificate"]
+    try:
+        agent = agents.start("cert-a", broker=address, extra_args=(
+            "--tls-ca", str(etc / "ca.pem"), "--tls-cert", str(etc / "device.crt"), "--tls-key",
+            str(etc / "device.key"), "--reconnect-max-delay", "1"))
+        assert agent.wait_for_api() and agent.wait_for_broker(), agent.log.read_text()
+        assert in_use(agent) == {"serial": f"{earlier.serial:x}", "expires": earlier.expires.isoformat(),
+                                 "source": "config"}
+
+        tried = edgefleet(*as_host, "certs", "push", "cert-a", "--dir", other.dir, "--broker", address, "--json")
+        assert tried.returncode == 1, tried.stderr + agent.log.read_text()[-3000:]
+        assert "the broker did not accept a connection with the renewed certificate" in \
+            json.loads(tried.stdout)["cert-a"]["error"]
+        assert agent.wait_for_broker(10) and in_use(agent)["serial"] == f"{earlier.serial:x}"
+
+        renewed = pki.renew("cert-a")
+        pushed = edgefleet(*as_host, "certs", "push", "cert-a", "--dir", pki.dir, "--broker", address)
+        assert pushed.returncode == 0, pushed.stderr + agent.log.read_text()[-3000:]
+        assert pushed.stdout == f"cert-a: uses serial {f'{renewed.serial:x}'[:16]}, valid until " \
+                                f"{renewed.expires:%Y-%m-%d}\n"
+        assert in_use(agent)["source"] == "renewed" and agent.wait_for_broker(10)
+        assert (etc / "device.crt").read_bytes() != cert.read_bytes()  # the configured file is left alone
+
+        agent.terminate()
+        agent.start()
+        assert agent.wait_for_api() and agent.wait_for_broker(), agent.log.read_text()[-3000:]
+        assert in_use(agent)["serial"] == f"{renewed.serial:x}"
+
+        time.sleep(max(0.0, earlier.expires.timestamp() - time.time() + 1))
+        broker.stop()
+        broker.start()  # every client connects again: now past the earlier certificate's end
+        with pytest.raises(BrokerUnreachable, match="closed the TLS connection"):
+            Listener(address, pki, "cert-a", [], tls=TlsFiles(ca=pki.ca_cert, cert=etc / "device.crt",
+                                                              key=etc / "device.key"))
+        assert agent.wait_for_broker(20), agent.log.read_text()[-3000:]
+    finally:
+        broker.close()

@@ -1,4 +1,4 @@
-"""Commands from the host to a device (deploy, rollback, status, bench, trust, config), each a
+"""Commands from the host to a device (deploy, rollback, status, bench, trust, config, certificate), each a
 small frozen class with one encoding, and the Reply a device answers some of them with."""
 
 from __future__ import annotations
@@ -146,8 +146,36 @@ class ConfigCommand:
                    settings=settings)
 
 
+MAX_CERTIFICATE = 16 * 1024  # a PEM certificate is 1-2 KiB
+
+
+@dataclass(frozen=True)
+class CertificateCommand:
+    """Present this renewed client certificate (PEM, over the device's own key) to the broker from
+    now on (see ``device_agent.client_cert``); answered with a Reply."""
+
+    command_id: str
+    issued_at: float
+    certificate: str
+
+    def to_payload(self) -> bytes:
+        return encode("certificate", {"command_id": self.command_id, "issued_at": self.issued_at,
+                                       "certificate": self.certificate})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "CertificateCommand":
+        doc = decode(payload, "certificate")
+        pem = require(doc, "certificate", str)
+        if not pem.startswith("-----BEGIN CERTIFICATE-----") or len(pem) > MAX_CERTIFICATE:
+            raise ProtocolError(f"'certificate' must be one PEM certificate of up to {MAX_CERTIFICATE} characters")
+        return cls(command_id=require(doc, "command_id", str), issued_at=float(require(doc, "issued_at", (int, float))),
+                   certificate=pem)
+
+
 COMMANDS = {"deploy": DeployCommand, "rollback": RollbackCommand, "status_request": StatusRequest,
-            "bench": BenchCommand, "trust": TrustCommand, "config": ConfigCommand}
+            "bench": BenchCommand, "trust": TrustCommand, "config": ConfigCommand, "certificate": CertificateCommand}
+# The commands a device answers with a Reply (the others with deployment events).
+ANSWERED = ("status_request", "bench", "trust", "config", "certificate")
 
 
 def parse_command(payload: bytes, keys=None):
@@ -182,7 +210,7 @@ class Reply:
 
     device_id: str
     command_id: str
-    kind: str  # "status", "bench", "trust" or "config"
+    kind: str  # "status", "bench", "trust", "config" or "certificate"
     ok: bool
     body: dict[str, Any]
     error: str | None = None

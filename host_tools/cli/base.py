@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -63,6 +65,36 @@ def signed_request(broker: str, role: str, signing_key: Path, expires_in: float,
     if not reply.ok:
         raise ConfigError(f"{refused}: {reply.error}")
     return reply.body
+
+
+def send_to_each(broker: str, role: str, devices, kind: str, make_command, *, timeout: float, signing_key: Path,
+                 expires_in: float, as_json: bool, took) -> None:
+    """Send each device its signed make_command(device, command_id) (of type *kind*) and say what
+    became of it: a line per device (took(reply body) when it took it, why it refused, or that it
+    did not answer), or with *as_json* {device: {"ok", "error", ...body}}; exit 1 unless every
+    device took it."""
+    from host_tools.ask import ask_each
+
+    signer = command_signer(signing_key, expires_in)
+    client = host_client(broker, role)
+    try:
+        replies = ask_each(client, devices, make_command, timeout, signer, kind)
+    finally:
+        client.disconnect()
+    if as_json:
+        click.echo(json.dumps({d: {"ok": r.ok, "error": r.error, **r.body} for d, r in replies.items()}))
+    else:
+        for d, r in replies.items():
+            click.echo(f"{d}: {took(r.body) if r.ok else _not_taken(r, expires_in)}")
+    if not all(r.ok for r in replies.values()):
+        sys.exit(1)
+
+
+def _not_taken(reply, expires_in: float) -> str:
+    if reply.command_id:
+        return f"refused ({reply.error})"
+    # no answer (ask_each): the command may still reach it before it expires
+    return f"no answer ({reply.error})" + (f"; {may_still_take(expires_in)}" if reply.body["queued"] else "")
 
 
 def host_client(broker: str, role: str) -> MqttClient:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
+import time
 from pathlib import Path
 
 import click
@@ -11,8 +11,7 @@ import click
 from device_agent.cli import fail_cleanly
 from device_agent.errors import ConfigError
 from host_tools.cli.base import (
-    DEFAULT_HOME, broker_option, command_signer, host_client, json_option, main, may_still_take, signing_options,
-    devices_option,
+    DEFAULT_HOME, broker_option, devices_option, host_client, json_option, main, send_to_each, signing_options,
 )
 
 
@@ -70,27 +69,11 @@ def keys_list(key_dir, devices, broker, timeout, as_json) -> None:
 
 
 def _change_trust(devices, broker, timeout, signing_key, expires_in, as_json, *, add=(), revoke=()) -> None:
-    from host_tools.keys import change_trust
+    from device_agent.protocol.commands import TrustCommand
 
-    signer = command_signer(signing_key, expires_in)
-    client = host_client(broker, "keys")
-    try:
-        replies = change_trust(client, devices, signer, add=add, revoke=revoke, timeout=timeout)
-    finally:
-        client.disconnect()
-    if as_json:
-        click.echo(json.dumps({d: {"ok": r.ok, "error": r.error, **r.body} for d, r in replies.items()}))
-    else:
-        for d, r in replies.items():
-            if r.ok:
-                click.echo(f"{d}: trusts {', '.join(t['key_id'] for t in r.body['trusted'])}")
-            elif not r.command_id:  # no reply (change_trust): the command may still reach it before it expires
-                click.echo(f"{d}: no answer ({r.error})" + (f"; {may_still_take(expires_in)}" if r.body["queued"]
-                                                            else ""))
-            else:
-                click.echo(f"{d}: refused ({r.error})")
-    if not all(r.ok for r in replies.values()):
-        sys.exit(1)
+    send_to_each(broker, "keys", devices, "trust", lambda device, cid: TrustCommand(cid, time.time(), add, revoke),
+                 timeout=timeout, signing_key=signing_key, expires_in=expires_in, as_json=as_json,
+                 took=lambda body: f"trusts {', '.join(t['key_id'] for t in body['trusted'])}")
 
 
 @keys.command("rotate", help="Make devices trust NEW_PUBLIC_KEY, vouched for by --key (a key they trust now); "

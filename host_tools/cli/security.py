@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
 
 from device_agent.cli import fail_cleanly
 from device_agent.errors import ConfigError
-from host_tools.cli.base import DEFAULT_HOME, json_option, main
+from host_tools.cli.base import DEFAULT_HOME, broker_option, json_option, main, send_to_each, signing_options
 from host_tools.terminal import console
 
 
@@ -136,8 +137,31 @@ def certs_renew(names, broker_cert, pki_dir, days) -> None:
         click.echo("next: `edgefleet broker config --out DIR` again, then reload Mosquitto: it presents the new "
                    "certificate to the connections that follow")
     if names:
-        click.echo("next: copy each device's new .crt over its old one (the key stays) and restart its agent "
-                   "(systemctl restart edgefleet-agent): it reads its TLS files when it starts")
+        click.echo("next: `edgefleet certs push NAMES --broker ADDR` sends the devices theirs over MQTT (or copy each "
+                   "new .crt over the old one and restart the agent); host tools' by hand")
+
+
+@certs.command("push", help="Send devices their current certificates (after `certs renew`) in signed commands. "
+                            "Each checks that it is for its key and device id, from its CA, and lasts longer than "
+                            "the one it uses; reconnects with it; keeps it once the broker accepts it, else goes "
+                            "back to the one before.")
+@click.argument("names", nargs=-1, required=True)
+@pki_option
+@broker_option
+@click.option("--timeout", default=90.0, show_default=True, help="Seconds to wait for each device.")
+@signing_options
+@json_option
+@fail_cleanly
+def certs_push(names, pki_dir, broker, timeout, signing_key, expires_in, as_json) -> None:
+    from device_agent.protocol.commands import CertificateCommand
+    from host_tools.certs import Pki
+
+    pki = Pki(pki_dir)
+    pems = {name: pki.device_certificate(name) for name in names}  # all found before any is sent
+    send_to_each(broker, "certs", names, "certificate",
+                 lambda device, cid: CertificateCommand(cid, time.time(), pems[device]),
+                 timeout=timeout, signing_key=signing_key, expires_in=expires_in, as_json=as_json,
+                 took=lambda body: f"uses serial {body['serial'][:16]}, valid until {body['expires'][:10]}")
 
 
 @main.group(help="The MQTT broker: a Mosquitto configuration for the fleet.")

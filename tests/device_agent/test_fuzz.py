@@ -16,8 +16,11 @@ from device_agent.bundle.manifest import FileEntry, Manifest, SampleCheck, Tenso
 from device_agent.bundle.signing import load_private_key, trusted_keys
 from device_agent.errors import ManifestError, ProtocolError, SignatureError
 from device_agent.protocol.chunks import BundleOffer, Chunk
-from device_agent.protocol.commands import BenchCommand, DeployCommand, RollbackCommand, TrustCommand, parse_command
-from device_agent.protocol.signed import sign_command
+from device_agent.protocol.commands import (
+    COMMANDS, BenchCommand, CertificateCommand, ConfigCommand, DeployCommand, RollbackCommand, TrustCommand,
+    parse_command,
+)
+from device_agent.protocol.signed import UNSIGNED_ALLOWED, sign_command
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -84,12 +87,15 @@ def test_manifest_with_any_field_replaced_by_any_json(path, value):
 
 @pytest.fixture(scope="module")
 def signed(keys):
-    """Valid signed commands of every kind, and the keys that verify them."""
+    """Valid signed commands of every kind that must be signed, and the keys that verify them."""
     offer = BundleOffer(sha256="ab" * 32, size=100_000, chunk_size=16_384, name="digits-cnn", version="1.0.0",
                         target={"arch": ["x86_64"]})
     private = load_private_key(keys["key"])
     commands = [DeployCommand("d1", offer, 1.5), RollbackCommand("r1", 1.5), BenchCommand("b1", 1.5, offer),
-                TrustCommand("t1", 1.5, add=(keys["rogue_pub"].read_text(),), revoke=("0123456789abcdef",))]
+                TrustCommand("t1", 1.5, add=(keys["rogue_pub"].read_text(),), revoke=("0123456789abcdef",)),
+                ConfigCommand("c1", 1.5, {"telemetry_interval": 2.0}),
+                CertificateCommand("x1", 1.5, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")]
+    assert {json.loads(c.to_payload())["type"] for c in commands} == set(COMMANDS) - set(UNSIGNED_ALLOWED)
     return [json.loads(sign_command(c.to_payload(), private)) for c in commands], trusted_keys([keys["pub"]])
 
 

@@ -1,0 +1,157 @@
+"""The client certificate the agent shows the broker, and taking a renewed one over MQTT.
+
+`edgefleet certs renew` issues a device a new certificate over its existing key; `edgefleet certs
+push` sends it in a signed ``certificate`` command. The agent takes it only if it is for this
+device's key and name, signed by a CA in the agent's CA file, valid now and for longer than the one
+in use. It then reconnects with it and keeps it (``STATE/tls/client.crt``) only once the broker has
+accepted a connection with it; if the broker does not, it goes back to the one before, which still
+works (renewal does not revoke it) — as an update that does not come up healthy is rolled back. The
+key never travels and the configured files are never written: a certificate kept in the state
+directory is used over the configured one while it lasts longer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from device_agent.errors import ConfigError, ProtocolError, StorageError
+from device_agent.files import replaced_when_written
+from device_agent.mqtt import TlsFiles
+
+log = logging.getLogger(__name__)
+CLOCK_SKEW = dt.timedelta(minutes=5)  # a certificate issued on a host whose clock is a little ahead
+
+
+def _load(path: Path):
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+class ClientCertificate:
+    """Which client certificate to present (*tls* as configured, or a renewed one kept under
+    *state_dir*), and the checks and the keeping of a renewed one."""
+
+    def __init__(self, tls: TlsFiles | None, state_dir: Path, device_id: str) -> None:
+        self.configured = tls
+        self.device_id = device_id
+        self.kept = state_dir / "tls" / "client.crt"
+        self.candidate = self.kept.with_name("client.crt.new")
+        self.candidate.unlink(missing_ok=True)  # one the broker never accepted (the agent stopped meanwhile)
+        self.tls = tls
+        if tls is None or tls.cert is None or not self.kept.exists():
+            return
+        try:
+            kept = self.check(self.kept.read_text(), newer_than=tls.cert)
+        except (OSError, ValueError, ProtocolError, ConfigError) as exc:  # e.g. outlasted by a newer configured one
+            log.warning("not using the renewed client certificate %s: %s", self.kept, exc)
+            return
+        self.tls = replace(tls, cert=self.kept)
+        log.info("using the renewed client certificate %s (serial %x, valid until %s)", self.kept, kept.serial_number,
+                 f"{kept.not_valid_after_utc:%Y-%m-%d}")
+
+    def describe(self) -> dict[str, Any] | None:
+        """Serial, expiry and source ("config" or "renewed") of the certificate in use; None without one."""
+        if self.tls is None or self.tls.cert is None:
+            return None
+        try:
+            cert = _load(self.tls.cert)
+        except (OSError, ValueError):
+            return None
+        return {"serial": f"{cert.serial_number:x}", "expires": cert.not_valid_after_utc.isoformat(),
+                "source": "renewed" if self.tls.cert == self.kept else "config"}
+
+    def check(self, pem: str, *, newer_than: Path | None = None):
+        """The certificate in *pem* if this device may present it instead of the one in *newer_than*
+        (default: the one in use); else ProtocolError with the reason."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        tls = self.configured
+        if tls is None or tls.cert is None or tls.key is None:
+            raise ConfigError("this agent connects without a client certificate (tls_cert and tls_key in its config): "
+                              "there is none to renew")
+        try:
+            cert = x509.load_pem_x509_certificate(pem.encode())
+        except ValueError:
+            raise ProtocolError("not a PEM certificate") from None
+        names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if names != [self.device_id]:
+            raise ProtocolError(f"the certificate is for {', '.join(map(str, names)) or 'no name'}, "
+                                f"not {self.device_id}")
+        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        try:
+            key = serialization.load_pem_private_key(tls.key.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"cannot read this agent's key {tls.key}: {exc}") from None
+        if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+            raise ProtocolError("the certificate is for another key than this device's (a renewal keeps the key: "
+                                "`edgefleet certs renew`)")
+        try:
+            usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+                raise ProtocolError("the certificate is not for TLS clients (its extended key usage)")
+        except x509.ExtensionNotFound:
+            pass
+        if not any(_issued_by(cert, ca) for ca in _cas(tls.ca)):
+            raise ProtocolError(f"the certificate is not signed by a CA in {tls.ca}")
+        now = dt.datetime.now(dt.timezone.utc)
+        if cert.not_valid_before_utc > now + CLOCK_SKEW:
+            raise ProtocolError(f"the certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+        if cert.not_valid_after_utc <= now:
+            raise ProtocolError(f"the certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+        current = newer_than or (self.tls.cert if self.tls else None)
+        try:
+            in_use = _load(current) if current is not None else None
+        except (OSError, ValueError):
+            in_use = None  # unreadable: anything valid is better
+        if in_use is not None and cert.not_valid_after_utc <= in_use.not_valid_after_utc:
+            raise ProtocolError(f"the certificate expires ({cert.not_valid_after_utc:%Y-%m-%d}) no later than the one "
+                                f"in use ({in_use.not_valid_after_utc:%Y-%m-%d}): nothing to renew")
+        return cert
+
+    def stage(self, pem: str) -> TlsFiles:
+        """Check *pem* and write it beside the kept one; the TLS files that present it."""
+        cert = self.check(pem)
+        try:
+            self.candidate.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with replaced_when_written(self.candidate) as tmp:
+                tmp.write_text(pem)
+        except OSError as exc:
+            raise StorageError(f"cannot keep the renewed certificate in {self.candidate.parent}: {exc}") from None
+        log.info("trying the renewed client certificate (serial %x, valid until %s)", cert.serial_number,
+                 f"{cert.not_valid_after_utc:%Y-%m-%d}")
+        return replace(self.configured, cert=self.candidate)
+
+    def commit(self) -> TlsFiles:
+        """The broker accepted the staged certificate: keep it (across restarts) and use it."""
+        self.candidate.replace(self.kept)
+        self.tls = replace(self.configured, cert=self.kept)
+        return self.tls
+
+    def discard(self) -> None:
+        self.candidate.unlink(missing_ok=True)
+
+
+def _cas(path: Path) -> list:
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the CA file {path}: {exc}") from None
+
+
+def _issued_by(cert, ca) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        cert.verify_directly_issued_by(ca)
+        return True
+    except (ValueError, TypeError, InvalidSignature):  # another issuer's name, key type or signature
+        return False

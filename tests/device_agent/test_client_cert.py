@@ -1,0 +1,118 @@
+"""What an agent accepts as its renewed client certificate, and which one it shows after a restart
+(device_agent.client_cert; tests/test_broker_security.py pushes one to a real agent under Mosquitto)."""
+
+import shutil
+import time
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from device_agent.client_cert import ClientCertificate
+from device_agent.errors import ConfigError, ProtocolError
+from device_agent.mqtt import TlsFiles
+from device_agent.protocol.commands import CertificateCommand, parse_command
+from host_tools.certs import Pki, _issue
+
+
+@pytest.fixture
+def pki(tmp_path):
+    pki = Pki(tmp_path / "pki")
+    pki.init(["127.0.0.1"])
+    pki.issue_client("pi-a")
+    pki.issue_client("pi-b")
+    return pki
+
+
+@pytest.fixture
+def device(tmp_path, pki):
+    """pi-a's TLS files as installed on the device, and its state directory."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    cert, key = pki.client_files("pi-a")
+    for f in (pki.ca_cert, cert, key):
+        shutil.copy(f, etc)
+    return TlsFiles(ca=etc / "ca.crt", cert=etc / "pi-a.crt", key=etc / "pi-a.key"), tmp_path / "state"
+
+
+def serial(pem_or_path) -> int:
+    data = pem_or_path.read_bytes() if hasattr(pem_or_path, "read_bytes") else pem_or_path.encode()
+    return x509.load_pem_x509_certificate(data).serial_number
+
+
+def test_a_renewed_certificate_is_staged_kept_once_committed_and_shown_after_a_restart(pki, device):
+    tls, state = device
+    certificate = ClientCertificate(tls, state, "pi-a")
+    assert certificate.tls == tls and certificate.describe()["source"] == "config"
+    renewed = pki.renew("pi-a", days=900)
+    pem = renewed.path.read_text()
+
+    staged = certificate.stage(pem)
+    assert staged == TlsFiles(ca=tls.ca, cert=state / "tls" / "client.crt.new", key=tls.key)
+    assert ClientCertificate(tls, state, "pi-a").tls == tls  # an agent that restarts before the broker accepted it
+    assert not staged.cert.exists()  # ... drops it: it was never shown to work
+
+    certificate.stage(pem)
+    kept = certificate.commit()
+    assert kept.cert == state / "tls" / "client.crt" and serial(kept.cert) == renewed.serial
+    assert certificate.describe() == {"serial": f"{renewed.serial:x}", "expires": renewed.expires.isoformat(),
+                                      "source": "renewed"}
+    after_restart = ClientCertificate(tls, state, "pi-a")
+    assert after_restart.tls == kept and after_restart.describe()["source"] == "renewed"
+    assert serial(tls.cert) != renewed.serial  # the configured file is never written
+
+    # A newer certificate put in place by hand afterwards wins over the kept one.
+    newer = pki.renew("pi-a", days=1000)
+    shutil.copy(newer.path, tls.cert)
+    assert ClientCertificate(tls, state, "pi-a").tls == tls
+
+
+def test_a_certificate_for_another_device_key_or_ca_expired_or_not_newer_is_refused_and_nothing_is_kept(
+        pki, device, tmp_path):
+    tls, state = device
+    certificate = ClientCertificate(tls, state, "pi-a")
+    other = Pki(tmp_path / "other")
+    other.init(["127.0.0.1"])
+    other.issue_client("pi-a")  # another key, another CA
+    shutil.copy(pki.client_files("pi-a")[0], other.client_files("pi-a")[0])
+    other_ca = other.renew("pi-a").path.read_text()  # pi-a's own key and name, signed by the other CA
+    other_key = other.issue_client("pi-c")[0]
+    ca_key, ca = pki._load_ca()
+    public = serialization.load_pem_private_key(tls.key.read_bytes(), None).public_key()
+    server_only = _issue("pi-a", public, ca.subject, ca_key, days=900, usage=[ExtendedKeyUsageOID.SERVER_AUTH])
+    pki_b = pki.renew("pi-b").path.read_text()
+    expired = pki.renew("pi-a", days=1e-6).path.read_text()  # valid for 0.09 s
+    time.sleep(0.1)
+    same = tls.cert.read_text()  # the one in use
+    foreign_key = ClientCertificate(TlsFiles(ca=tls.ca, cert=tls.cert, key=other.client_files("pi-c")[1]),
+                                    state, "pi-a")
+    cases = [
+        (certificate, "not a PEM", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+        (certificate, "the certificate is for pi-b, not pi-a", pki_b),
+        (certificate, "the certificate is for pi-c, not pi-a", other_key.read_text()),
+        (foreign_key, "for another key than this device's", pki.renew("pi-a", days=900).path.read_text()),
+        (certificate, f"not signed by a CA in {tls.ca}", other_ca),
+        (certificate, "not for TLS clients", server_only.public_bytes(serialization.Encoding.PEM).decode()),
+        (certificate, "the certificate expired on", expired),
+        (certificate, "no later than the one in use", same),
+    ]
+    for who, reason, pem in cases:
+        with pytest.raises(ProtocolError, match=reason):
+            who.stage(pem)
+        assert not (state / "tls" / "client.crt.new").exists() and not (state / "tls" / "client.crt").exists()
+    assert certificate.tls == tls
+
+    without = ClientCertificate(TlsFiles(ca=tls.ca), state, "pi-a")
+    with pytest.raises(ConfigError, match="connects without a client certificate"):
+        without.stage(pki.renew("pi-a").path.read_text())
+    assert without.describe() is None
+
+
+def test_the_certificate_command_carries_one_pem_and_nothing_else():
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    command = parse_command(CertificateCommand("c1", 1.5, pem).to_payload())
+    assert command == CertificateCommand("c1", 1.5, pem)
+    for bad in ("not a certificate", "-----BEGIN CERTIFICATE-----" + "A" * 20_000):
+        with pytest.raises(ProtocolError, match="one PEM certificate"):
+            parse_command(CertificateCommand("c1", 1.5, bad).to_payload())
