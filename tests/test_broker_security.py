@@ -404,7 +404,9 @@ def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earli
         agent.terminate()
         agent.start()
         assert agent.wait_for_api() and agent.wait_for_broker(), agent.log.read_text()[-3000:]
-        assert in_use(agent)["serial"] == f"{renewed.serial:x}"
+        shown = edgefleet(*as_host, "device", "status", "cert-a", "--broker", address)
+        assert f"certificate:   serial {f'{renewed.serial:x}'[:16]}, valid until {renewed.expires:%Y-%m-%d} " \
+               f"(renewed over MQTT)\n" in shown.stdout, shown.stderr
 
         time.sleep(max(0.0, earlier.expires.timestamp() - time.time() + 1))
         broker.stop()
