@@ -233,7 +233,8 @@ class Agent:
                               hardware=self._hardware if online else None,
                               active_bundle=bundle.label if bundle else None,
                               active_sha256=bundle.sha256 if bundle else None,
-                              id_shared_with=[{k: r[k] for k in RIVAL_FIELDS} for r in self.presence.rivals] or None)
+                              id_shared_with=[{k: r[k] for k in RIVAL_FIELDS} for r in self.presence.rivals] or None,
+                              certificate=self.certificate.describe() if online else None)
         self.client.publish(topics.status(self.config.device_id), status.to_payload(), qos=1, retain=True,
                             wait=5.0 if not online else None)
 
@@ -331,12 +332,14 @@ class Agent:
                 done.set_result(result)
 
     def _after_update(self, event: DeploymentEvent | None) -> None:
-        if event is None:
-            return
+        if event is not None:
+            self._announce("the new active bundle")
+
+    def _announce(self, what: str) -> None:
         try:  # QoS 1: sent now, or queued by the client until the connection is back
             self._publish_status(online=True)
         except MqttError as exc:
-            log.warning("could not announce the new active bundle: %s", exc)
+            log.warning("could not announce %s: %s", what, exc)
 
     def _bench(self, command: BenchCommand) -> None:
         try:
@@ -409,6 +412,7 @@ class Agent:
                 return
         self._present(self.certificate.commit())
         log.info("the broker accepted the renewed client certificate; it is kept")
+        self._announce("the renewed certificate")  # (the status sent on connecting showed the one before)
         self._reply(Reply(self.config.device_id, command.command_id, "certificate", True, self.certificate.describe()))
 
     def _present(self, tls: TlsFiles) -> None:

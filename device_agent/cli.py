@@ -194,6 +194,10 @@ def status(config_file, device_id, state_dir, control_socket, as_json) -> None:
     click.echo(f"kept versions: {', '.join(doc['committed']) or 'none'}")
     if doc.get("disk"):
         click.echo(f"disk:          {room_text(doc['disk'])}")
+    if doc.get("certificate"):
+        from device_agent.client_cert import certificate_text
+
+        click.echo(f"certificate:   {certificate_text(doc['certificate'])}")
     if doc.get("update"):
         u = doc["update"]
         click.echo(f"update:        {u['kind']} {u['bundle']} in state {doc['update_state']}")

@@ -24,6 +24,22 @@ from device_agent.mqtt import TlsFiles
 
 log = logging.getLogger(__name__)
 CLOCK_SKEW = dt.timedelta(minutes=5)  # a certificate issued on a host whose clock is a little ahead
+RENEW_WITHIN_DAYS = 30  # a certificate with fewer days left is said to need renewing
+
+
+def days_left(described: dict[str, str], now: dt.datetime | None = None) -> float:
+    """Days until a certificate as ClientCertificate.describe() gives it expires (negative: since)."""
+    expires = dt.datetime.fromisoformat(described["expires"])
+    return (expires - (now or dt.datetime.now(dt.timezone.utc))).total_seconds() / 86400
+
+
+def certificate_text(described: dict[str, str], now: dt.datetime | None = None) -> str:
+    """One line for a certificate as ClientCertificate.describe() gives it: serial, expiry, whether
+    it was renewed over MQTT, and a warning when it is about to expire or has."""
+    left = days_left(described, now)
+    return (f"serial {described['serial'][:16]}, valid until {described['expires'][:10]}"
+            + (" (renewed over MQTT)" if described["source"] == "renewed" else "")
+            + (", EXPIRED" if left <= 0 else f", {int(left)} days left: renew it" if left < RENEW_WITHIN_DAYS else ""))
 
 
 def _load(path: Path):

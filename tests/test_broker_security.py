@@ -19,6 +19,7 @@ import pytest
 from device_agent.errors import BrokerUnreachable
 from device_agent.mqtt import BrokerAddress, MqttClient, TlsFiles
 from device_agent.protocol import topics
+from device_agent.protocol.reports import DeviceStatus
 from host_tools.certs import Pki
 from tests.conftest import edgefleet, free_port, wait_until
 
@@ -399,6 +400,12 @@ def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earli
         assert pushed.stdout == f"cert-a: uses serial {f'{renewed.serial:x}'[:16]}, valid until " \
                                 f"{renewed.expires:%Y-%m-%d}\n"
         assert in_use(agent)["source"] == "renewed" and agent.wait_for_broker(10)
+        watcher = Listener(address, pki, "host:ops", [topics.status("cert-a")])  # what the fleet's monitor reads
+        try:
+            assert wait_until(lambda: watcher.got and DeviceStatus.from_payload(watcher.got[-1][1]).certificate == {
+                "serial": f"{renewed.serial:x}", "expires": renewed.expires.isoformat(), "source": "renewed"}, 10)
+        finally:
+            watcher.client.disconnect()
         assert (etc / "device.crt").read_bytes() != cert.read_bytes()  # the configured file is left alone
 
         agent.terminate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -54,6 +55,8 @@ class DeviceStatus:
     hardware: dict[str, Any] | None = None  # device_agent.hardware.describe(): class, arch, RAM, runtimes, ...
     # Other agents seen with this device id (device_agent.presence): host, pid, since, seen, how.
     id_shared_with: list[dict[str, Any]] | None = None
+    # The client certificate it shows the broker (device_agent.client_cert): serial, expires, source.
+    certificate: dict[str, str] | None = None
 
     def to_payload(self) -> bytes:
         return encode("status", asdict(self))
@@ -68,7 +71,8 @@ class DeviceStatus:
                    active_sha256=require(doc, "active_sha256", str, optional=True),
                    labels=_labels(require(doc, "labels", dict, optional=True)),
                    hardware=require(doc, "hardware", dict, optional=True),
-                   id_shared_with=_rivals(require(doc, "id_shared_with", list, optional=True)))
+                   id_shared_with=_rivals(require(doc, "id_shared_with", list, optional=True)),
+                   certificate=_certificate(require(doc, "certificate", dict, optional=True)))
 
 
 RIVAL_FIELDS = {"host": str, "pid": int, "since": (int, float), "seen": (int, float), "how": str}
@@ -92,6 +96,26 @@ def _rivals(value: list | None) -> list[dict[str, Any]] | None:
                                 "since and seen Unix times")
         rivals.append(rival)
     return rivals
+
+
+def _certificate(value: dict | None) -> dict[str, str] | None:
+    if value is None:
+        return None
+    cert = {k: require(value, k, str) for k in ("serial", "expires", "source")}
+    try:
+        expires = dt.datetime.fromisoformat(cert["expires"])
+    except ValueError:
+        expires = None
+    if len(cert["serial"]) > 40 or expires is None or expires.tzinfo is None or cert["source"] not in (
+            "config", "renewed"):
+        raise ProtocolError("certificate: serial up to 40 hex digits, expires an ISO 8601 time with its zone, "
+                            "source 'config' or 'renewed'")
+    return cert
+
+
+def expires_at(certificate: dict[str, str] | None) -> float | None:
+    """When a status's (validated) certificate expires, as Unix time."""
+    return dt.datetime.fromisoformat(certificate["expires"]).timestamp() if certificate else None
 
 
 def _labels(value: dict | None) -> dict[str, str] | None:

@@ -46,8 +46,9 @@ def device_status(device_id, broker, timeout, as_json) -> None:
     if disk := valid_room(doc.get("disk")):  # (agents before it do not say)
         click.echo(f"disk:          {room_text(disk)}")
     if cert := doc.get("certificate"):  # (with a client certificate, from agents that say)
-        click.echo(f"certificate:   serial {cert['serial'][:16]}, valid until {cert['expires'][:10]}"
-                   + (" (renewed over MQTT)" if cert["source"] == "renewed" else ""))
+        from device_agent.client_cert import certificate_text
+
+        click.echo(f"certificate:   {certificate_text(cert)}")
     click.echo(f"update:        {doc['update_state']}" + (f" ({doc['update']['kind']} {doc['update']['bundle']})"
                                                            if doc.get("update") else ""))
 

@@ -40,15 +40,15 @@ def devices_list(db, selectors, group, as_json) -> None:
         click.echo(json.dumps([{"device_id": r.device_id, "online": r.online, "hardware": r.hardware,
                                 "labels": r.labels, "active_bundle": r.active_bundle,
                                 "in_flight": updating.get(r.device_id), "last_seen": r.last_seen or None,
-                                "id_shared_with": r.id_shared_with}
+                                "id_shared_with": r.id_shared_with, "certificate": r.certificate}
                                for r in rows]))
         return
     from rich.table import Table
 
     table = Table(title="devices", header_style="bold")
-    for header in ("device", "class", "arch", "RAM MiB", "runtimes", "accelerators", "labels", "bundle", "updating",
-                   "state"):
+    for header in ("device", "class", "arch", "RAM MiB", "runtimes", "accelerators", "labels", "bundle", "updating"):
         table.add_column(header)
+    table.add_column("state", no_wrap=True)  # (its alarms are read whole)
     for r in rows:
         hw = r.hardware or {}
         u = updating.get(r.device_id)
@@ -56,8 +56,18 @@ def devices_list(db, selectors, group, as_json) -> None:
                       ", ".join(hw.get("runtimes", [])) or "?", ", ".join(hw.get("accelerators", [])) or "none",
                       ", ".join(f"{k}={v}" for k, v in sorted(r.labels.items())), r.active_bundle or "none",
                       f"{u['bundle']}: {u['state']}" if u else "",
-                      ("online" if r.online else "offline") + (", id shared!" if r.id_shared_with else ""))
+                      ("online" if r.online else "offline") + (", id shared!" if r.id_shared_with else "")
+                      + _certificate_alarm(r.certificate))
     console().print(table)
+
+
+def _certificate_alarm(certificate: dict[str, str] | None) -> str:
+    """What `devices list` says of a client certificate about to expire (nothing otherwise)."""
+    from device_agent.client_cert import RENEW_WITHIN_DAYS, days_left
+
+    left = days_left(certificate) if certificate else RENEW_WITHIN_DAYS
+    return ", certificate expired!" if left <= 0 else \
+        f", certificate: {int(left)} days left!" if left < RENEW_WITHIN_DAYS else ""
 
 
 CLOCK_TOLERANCE = 60.0  # seconds a device's clock may differ from the host's before `show` says so
@@ -91,7 +101,7 @@ def devices_show(device_id, db, as_json) -> None:
     doc = {"device_id": r.device_id, "online": r.online, "since": r.since, "agent_version": r.agent_version,
            "hardware": r.hardware, "labels": r.labels, "active_bundle": r.active_bundle, "in_flight": updating,
            "last_seen": r.last_seen, "id_shared_with": r.id_shared_with, "clock_lag_s": r.clock_lag,
-           "disk": disk, "deployments": events[-10:]}
+           "disk": disk, "certificate": r.certificate, "deployments": events[-10:]}
     if as_json:
         click.echo(json.dumps(doc))
         return
@@ -104,6 +114,10 @@ def devices_show(device_id, db, as_json) -> None:
     click.echo(f"labels:     {', '.join(f'{k}={v}' for k, v in sorted(r.labels.items())) or 'none'}")
     if disk is not None:
         click.echo(f"disk:       {room_text(disk)}")
+    if r.certificate:
+        from device_agent.client_cert import certificate_text
+
+        click.echo(f"certificate: {certificate_text(r.certificate)}")
     if r.clock_lag is not None and abs(r.clock_lag) > CLOCK_TOLERANCE:
         click.echo(f"clock:      about {_span(abs(r.clock_lag))} {'behind' if r.clock_lag > 0 else 'ahead of'} this "
                    f"host's (its telemetry carries its own times: no RTC and no network time?)")

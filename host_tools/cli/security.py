@@ -90,8 +90,10 @@ def _status(cert, now) -> str:
         return "revoked"
     if cert.expires <= now:
         return "EXPIRED"
+    from device_agent.client_cert import RENEW_WITHIN_DAYS
+
     days = (cert.expires - now).days
-    return f"valid, {days} days left" + (": renew it soon" if days < 30 else "")
+    return f"valid, {days} days left" + (": renew it soon" if days < RENEW_WITHIN_DAYS else "")
 
 
 @certs.command("revoke", help="Revoke the certificates of NAMES (a lost or retired device, a host tool's leaked "

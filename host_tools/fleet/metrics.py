@@ -39,6 +39,8 @@ GAUGES = [
     ("edgefleet_disk_size_bytes", "Size of the file system that holds the agent's bundles.", "disk_total_bytes", 1),
     ("edgefleet_last_seen_timestamp_seconds", "When the host last heard from the device (Unix time).",
      "last_seen", 1),
+    ("edgefleet_client_certificate_expiry_timestamp_seconds",
+     "When the client certificate the device shows the broker expires (Unix time).", "certificate_expires", 1),
 ]
 
 

@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS devices (
     labels        TEXT,
     hardware      TEXT,
     id_shared_with TEXT,               -- other agents seen with this device id (DeviceStatus)
+    certificate   TEXT,                -- the client certificate it shows the broker: serial, expires, source
     clock_lag     REAL,                -- host time a sample arrived - its device timestamp, least lately
     clock_lag_at  REAL                 -- when that was measured
 );
@@ -83,6 +84,7 @@ class DeviceRow:
     # How far the device's clock is behind the host's (negative: ahead), plus the least delivery delay
     # seen lately: from telemetry, whose samples the device stamps with its own clock.
     clock_lag: float | None = None
+    certificate: dict[str, str] | None = None  # DeviceStatus.certificate, as last said online
 
 
 # The least lag over this long estimates the clock's offset: delays only add to it, and a batch sent
@@ -108,7 +110,8 @@ class FleetStore:
             self._db.executescript(SCHEMA)
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
             for column, kind in (("labels", "TEXT"), ("hardware", "TEXT"), ("id_shared_with", "TEXT"),
-                                 ("clock_lag", "REAL"), ("clock_lag_at", "REAL")):  # a database from before them
+                                 ("clock_lag", "REAL"), ("clock_lag_at", "REAL"),
+                                 ("certificate", "TEXT")):  # a database from before them
                 if column not in columns:
                     self._db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
         except sqlite3.Error as exc:
@@ -150,7 +153,7 @@ class FleetStore:
         with self._lock:
             self._db.execute(
                 "INSERT INTO devices (device_id, online, status_at, agent_version, active_bundle, active_sha256, "
-                "last_seen, labels, hardware, id_shared_with) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                "last_seen, labels, hardware, id_shared_with, certificate) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(device_id) DO UPDATE SET "
                 "online=excluded.online, status_at=excluded.status_at, agent_version=excluded.agent_version, "
                 "active_bundle=COALESCE(excluded.active_bundle, devices.active_bundle), "
@@ -158,13 +161,15 @@ class FleetStore:
                 "last_seen=MAX(devices.last_seen, excluded.last_seen), "
                 "labels=COALESCE(excluded.labels, devices.labels), "  # the last will carries none: keep them
                 "hardware=COALESCE(excluded.hardware, devices.hardware), "
+                "certificate=COALESCE(excluded.certificate, devices.certificate), "
                 # what the device last said online: its last will says nothing of it
                 "id_shared_with=CASE WHEN excluded.online THEN excluded.id_shared_with ELSE devices.id_shared_with END",
                 (status.device_id, int(status.online), status.timestamp or received_at, status.agent_version,
                  status.active_bundle, status.active_sha256, received_at if status.online else 0.0,
                  json.dumps(status.labels) if status.labels is not None else None,
                  json.dumps(status.hardware) if status.hardware is not None else None,
-                 json.dumps(status.id_shared_with) if status.id_shared_with else None))
+                 json.dumps(status.id_shared_with) if status.id_shared_with else None,
+                 json.dumps(status.certificate) if status.certificate is not None else None))
 
     def record_telemetry(self, sample: TelemetrySample, received_at: float) -> bool:
         """Store *sample*; False when that (device, seq) was stored before."""
@@ -198,7 +203,7 @@ class FleetStore:
                 SELECT d.device_id, d.online, d.status_at, d.agent_version, d.active_bundle, d.last_seen,
                        t.readings, t.bundle, t.timestamp,
                        (SELECT COUNT(*) FROM telemetry c WHERE c.device_id = d.device_id), d.labels, d.hardware,
-                       d.id_shared_with, d.clock_lag
+                       d.id_shared_with, d.clock_lag, d.certificate
                 FROM devices d
                 LEFT JOIN telemetry t ON t.device_id = d.device_id
                      AND t.seq = (SELECT MAX(seq) FROM telemetry m WHERE m.device_id = d.device_id)
@@ -208,7 +213,8 @@ class FleetStore:
                 given.setdefault(device, {})[name] = value
         return [DeviceRow(r[0], bool(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None,
                           r[7], r[8], r[9], {**(json.loads(r[10]) if r[10] else {}), **given.get(r[0], {})},
-                          json.loads(r[11]) if r[11] else None, json.loads(r[12]) if r[12] else None, r[13])
+                          json.loads(r[11]) if r[11] else None, json.loads(r[12]) if r[12] else None, r[13],
+                          json.loads(r[14]) if r[14] else None)
                 for r in rows]
 
     def set_labels(self, device_id: str, labels: dict[str, str | None]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from device_agent.protocol.reports import expires_at
 from host_tools.fleet.store import DeviceRow
 
 NA = "n/a"
@@ -50,6 +51,7 @@ def summarize(row: DeviceRow) -> dict[str, Any]:
         **readings_summary(row.telemetry),
         "telemetry_samples": row.samples,
         "last_seen": row.last_seen or None,
+        "certificate_expires": expires_at(row.certificate),
     }
 
 

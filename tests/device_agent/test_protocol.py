@@ -109,6 +109,22 @@ def test_a_status_naming_other_agents_with_the_id_is_checked(shared):
                                               "timestamp": 1.0, "id_shared_with": shared}).encode())
 
 
+GOOD_CERT = {"serial": "1f" * 20, "expires": "2029-03-09T08:33:20+00:00", "source": "renewed"}
+
+
+@pytest.mark.parametrize("certificate", [{**GOOD_CERT, "serial": "1f" * 21}, {**GOOD_CERT, "expires": "soon"},
+                                         {**GOOD_CERT, "expires": "2029-03-09T08:33:20"},  # no zone
+                                         {**GOOD_CERT, "source": "stolen"}, {**GOOD_CERT, "serial": 31},
+                                         {"serial": "1f"}, "1f"])
+def test_a_status_describing_its_certificate_is_checked(certificate):
+    def status(cert):
+        return DeviceStatus.from_payload(json.dumps({"type": "status", "device_id": "pi-01", "online": True,
+                                                     "timestamp": 1.0, "certificate": cert}).encode())
+    assert status(GOOD_CERT).certificate == GOOD_CERT
+    with pytest.raises(ProtocolError):
+        status(certificate)
+
+
 def test_oversized_json_is_refused():
     with pytest.raises(ProtocolError, match="exceeds"):
         TelemetrySample.from_payload(b"{" + b" " * 300_000 + b"}")

@@ -252,3 +252,45 @@ def test_devices_forget_registry_only_needs_no_broker_and_refuses_a_device_the_r
     done = forget("pi-gone", "--registry-only")
     assert done.returncode == 0 and "forgot pi-gone" in done.stdout and "broker" not in done.stdout
     assert [r.device_id for r in store.devices()] == ["pi-up"]
+
+
+def test_the_client_certificate_each_device_shows_reaches_the_registry_and_metrics_and_one_near_its_end_is_flagged(
+        tmp_path):
+    import datetime as dt
+    import json
+
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from host_tools.fleet.metrics import FleetMetrics
+    from tests.conftest import edgefleet
+
+    now = dt.datetime.now(dt.timezone.utc)
+    store = FleetStore(tmp_path / "fleet.db")
+    for device, days, source in (("pi-fresh", 700, "renewed"), ("pi-due", 12.5, "config"), ("pi-late", -1, "config")):
+        cert = {"serial": "ab12" * 5, "expires": (now + dt.timedelta(days=days)).isoformat(), "source": source}
+        store.record_status(DeviceStatus(device, True, 1.0, certificate=cert), 1.0)
+    store.record_status(DeviceStatus("pi-due", False, 0.0), 2.0)  # its last will says nothing of it: kept
+    store.record_status(DeviceStatus("pi-plain", True, 1.0), 1.0)  # no client certificate (or an older agent)
+    store.close()
+    db = tmp_path / "fleet.db"
+
+    listed = edgefleet("devices", "list", "--db", db, "--json")
+    assert {d["device_id"]: (d["certificate"] or {}).get("source") for d in json.loads(listed.stdout)} == {
+        "pi-fresh": "renewed", "pi-due": "config", "pi-late": "config", "pi-plain": None}
+    table = edgefleet("devices", "list", "--db", db).stdout
+    assert "certificate: 12 days left!" in table and "certificate expired!" in table
+    assert table.count("certificate") == 2  # the fresh one and the one without are not flagged
+    shown = edgefleet("devices", "show", "pi-fresh", "--db", db).stdout
+    assert f"certificate: serial {'ab12' * 4}, valid until {now + dt.timedelta(days=700):%Y-%m-%d} (renewed over " \
+           f"MQTT)\n" in shown
+    assert "12 days left: renew it" in edgefleet("devices", "show", "pi-due", "--db", db).stdout
+    assert "certificate" not in edgefleet("devices", "show", "pi-plain", "--db", db).stdout
+
+    registry = CollectorRegistry()
+    registry.register(FleetMetrics(FleetStore(db)))
+    text = generate_latest(registry).decode()
+    due = float(text.split('edgefleet_client_certificate_expiry_timestamp_seconds{bundle="",device="pi-due"} ')[1]
+                .split()[0])
+    assert abs(due - (now + dt.timedelta(days=12.5)).timestamp()) < 1
+    assert 'edgefleet_client_certificate_expiry_timestamp_seconds{bundle="",device="pi-plain"}' not in text
