@@ -33,23 +33,20 @@ from device_agent.protocol.commands import (
     ANSWERED, BenchCommand, CertificateCommand, ConfigCommand, DeployCommand, Reply, RollbackCommand, StatusRequest,
     TrustCommand, command_id_of, parse_command,
 )
-from device_agent.protocol.reports import (
-    RIVAL_FIELDS, DeploymentEvent, DeviceStatus, TelemetryBatch, TelemetrySample,
-)
+from device_agent.protocol.reports import RIVAL_FIELDS, DeploymentEvent, DeviceStatus
 from device_agent.serving import ModelSlot, SampleWorkload
 from device_agent.store import BundleStore
 from device_agent.systemd import notify, start_watchdog
 from device_agent.telemetry import CollectorContext, TelemetryCollectors
 from device_agent.telemetry.disk import room
 from device_agent.telemetry.histogram import LatencyHistogram
-from device_agent.telemetry.queue import TelemetryQueue
+from device_agent.telemetry.reporter import TelemetryReporter
 from device_agent.transfer import CHUNK_QOS, ChunkRouter, Download
 from device_agent.trust import TrustStore
 from device_agent.update import UpdateContext, UpdateMachine
 from device_agent.update.health import health_check
 
 log = logging.getLogger(__name__)
-TELEMETRY_BATCH = 50  # samples per telemetry message when catching up after an outage
 CERTIFICATE_ATTEMPTS = 3  # connections a renewed client certificate may fail before the earlier one is back
 
 
@@ -76,10 +73,7 @@ class Agent:
         self._work: queue.Queue[tuple[Any, Future | None] | None] = queue.Queue()  # None: stop
         self._check = check
         self._commands = CommandLog(config.state_dir)
-        self.telemetry_queue = TelemetryQueue(self.store.root / "telemetry.db", config.telemetry_queue_max)
-        self._adopt_old_sequence()
         self._hardware = describe_hardware(config.sysfs)
-        self._sending = threading.Lock()  # one sender at a time: the telemetry loop, or a reconnect
         self._chunks = ChunkRouter()
         offline = DeviceStatus(config.device_id, online=False, timestamp=0.0, agent_version=__version__)
         # A persistent session: commands sent while the device is offline wait at the broker.
@@ -102,9 +96,10 @@ class Agent:
                     framing.STATUS: self.report, framing.ROLLBACK: self._local_rollback})]
             if config.http_port is not None:
                 self._servers.append(HttpApi(config.http_port, self.slot))
-        self._collectors = TelemetryCollectors(CollectorContext(sysfs=config.sysfs, latency=self.latency,
-                                                                errors=lambda: self.slot.errors,
-                                                                state_dir=config.state_dir), collectors)
+        context = CollectorContext(sysfs=config.sysfs, latency=self.latency, errors=lambda: self.slot.errors,
+                                   state_dir=config.state_dir)
+        self.telemetry = TelemetryReporter(self.store.root, lambda: self.config, self.client,
+                                           TelemetryCollectors(context, collectors), self.slot, self._stop)
         self._update_thread: threading.Thread | None = None
 
     # -- life cycle -------------------------------------------------------------------
@@ -135,10 +130,6 @@ class Agent:
         # After a dropped connection the broker has published our last will (offline);
         # announce again on every reconnect, not only the first connect.
         self.client.on_connected(lambda: self._publish_status(online=True))
-        # Samples queued while the broker was away go out at once, not at the next interval (on
-        # a thread of their own: waiting for acknowledgements on the network thread would hang it).
-        self.client.on_connected(lambda: threading.Thread(target=self._send_queued, name="telemetry-catch-up",
-                                                          daemon=True).start())
         if plan.state == "rolling_back":
             # Finish the rollback before serving: the current bundle may be the one that crashed us.
             self.machine.resume()
@@ -153,7 +144,7 @@ class Agent:
                 log.info("local API also on http://127.0.0.1:%d", port)
         self._update_thread = threading.Thread(target=self._update_loop, name="update", daemon=True)
         threads = [self._update_thread,
-                   threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True)]
+                   threading.Thread(target=self.telemetry.run, name="telemetry", daemon=True)]
         if self.config.inference_interval > 0:
             threads.append(SampleWorkload(self.slot, self.config.inference_interval, self._stop))
         for t in threads:
@@ -418,53 +409,3 @@ class Agent:
     def _present(self, tls: TlsFiles) -> None:
         self.client.present(tls)
         self.config = self.machine.ctx.config = replace(self.config, tls=tls)
-
-    def _adopt_old_sequence(self) -> None:
-        # Agents before the queue kept the last sequence number in telemetry.seq; carry on after
-        # it, or the host would take new samples for ones it already has.
-        old = self.store.root / "telemetry.seq"
-        try:
-            self.telemetry_queue.continue_after(int(old.read_text()))
-            old.unlink()
-        except (OSError, ValueError, StorageError):  # (a full disk: at the next start)
-            pass
-
-    def _telemetry_loop(self) -> None:
-        """Every interval: measure, queue (connected or not), and send what is queued."""
-        while not self._stop.wait(interval := self.config.telemetry_interval):
-            bundle = self.slot.bundle
-            readings = self._collectors.collect()
-            readings["queue"] = self.telemetry_queue.stats()  # what is waiting, and what was ever dropped
-            losing = self.telemetry_queue.losing  # said once, when it starts and when it ends
-            try:
-                self.telemetry_queue.put({"device_id": self.config.device_id, "timestamp": time.time(),
-                                          "interval_s": interval, "bundle": bundle.label if bundle else None,
-                                          "readings": readings})
-                if losing:
-                    log.info("telemetry is queued again (the samples lost meanwhile are counted as dropped)")
-            except StorageError as exc:  # a full disk: measure on, and queue again once there is room
-                if not losing:
-                    log.warning("%s; samples are lost until there is room", exc)
-            self._send_queued()
-
-    def _send_queued(self) -> None:
-        """Publish queued samples oldest first, in batches; each leaves the queue once acknowledged."""
-        with self._sending:
-            self._send_batches()
-
-    def _send_batches(self) -> None:
-        while self.client.connected and not self._stop.is_set():
-            samples = self.telemetry_queue.oldest(TELEMETRY_BATCH)
-            if not samples:
-                return
-            batch = TelemetryBatch(self.config.device_id, tuple(TelemetrySample.from_dict(s) for s in samples))
-            try:
-                self.client.publish(topics.telemetry(self.config.device_id), batch.to_payload(), qos=1, wait=10.0)
-            except MqttError as exc:  # not acknowledged: they stay queued and go again later
-                log.warning("telemetry not sent yet (%d queued): %s", self.telemetry_queue.stats()["pending"], exc)
-                return
-            try:
-                self.telemetry_queue.remove_through(samples[-1]["seq"])
-            except StorageError as exc:  # sent, but still queued: they go again with the next interval's
-                log.warning("%s", exc)
-                return
