@@ -78,11 +78,6 @@ def _wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
 
 
 def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, timeout: float) -> bool:
-    from host_tools.broker import EmbeddedBroker
-    from host_tools.bundle_directory import BundleDirectory
-    from host_tools.deploy import run_deployment
-    from host_tools.serve import BundleServer
-    from host_tools.signer import CommandSigner
     from host_tools.fleet.ingest import Ingest
     from host_tools.fleet.store import FleetStore
 
@@ -94,12 +89,7 @@ def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, tim
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
 
-        if broker is None:
-            address = stack.enter_context(EmbeddedBroker()).address
-            console.print(f"[bold]1.[/] embedded MQTT broker (amqtt) on {address}")
-        else:
-            address = BrokerAddress.parse(broker)
-            console.print(f"[bold]1.[/] using MQTT broker at {address}")
+        address = _broker(stack, broker, console)
         host = MqttClient(client_id=throwaway_client_id("edgefleet-demo"), broker=address)
         host.connect(timeout=5)
         stack.callback(host.disconnect)
@@ -125,26 +115,49 @@ def run_demo(*, broker: str | None, device_count: int, workdir: Path | None, tim
                           f"{workdir / 'devices'}[/]")
             return False
 
-        # What `edgefleet serve --dir <workdir>/bundles` does: answer chunk requests for every bundle there.
-        server = BundleServer(host)
-        BundleDirectory(server, [], bundle.parent).scan()
-        server.start()
-        stack.callback(server.stop)
-        console.print(f"[bold]6.[/] serving {bundle.parent} (as `edgefleet serve` does) and deploying over MQTT "
-                      "(devices fetch the chunks they ask for; the broker fans them out):")
-        results = run_deployment(host, bundle, devices, signer=CommandSigner.load(private_key), timeout=timeout,
-                                 chunk_size=16 * 1024, serve=False)
-        failed = {d: p for d, p in results.items() if not p.succeeded}
-        for d, p in failed.items():
-            console.print(f"[red]{d}: {p.state}: {p.reason}[/]")
-
-        ok = _fleet_reports(console, store, devices, manifest.label) and not failed
+        deployed = _serve_and_deploy(stack, console, host, bundle, devices, private_key, timeout)
+        ok = _fleet_reports(console, store, devices, manifest.label) and deployed
         console.print("[bold]8.[/] shutting down agents and broker")
     if ok:
         console.print(f"[green]demo passed:[/] {len(devices)} devices run {manifest.label} and report telemetry")
     else:
         console.print("[red]demo failed:[/] not every device activated the bundle and reported telemetry")
     return ok
+
+
+def _broker(stack: contextlib.ExitStack, broker: str | None, console) -> BrokerAddress:
+    """Step 1: the broker at *broker*, or an embedded one for the demo's length."""
+    from host_tools.broker import EmbeddedBroker
+
+    if broker is None:
+        address = stack.enter_context(EmbeddedBroker()).address
+        console.print(f"[bold]1.[/] embedded MQTT broker (amqtt) on {address}")
+        return address
+    console.print(f"[bold]1.[/] using MQTT broker at {BrokerAddress.parse(broker)}")
+    return BrokerAddress.parse(broker)
+
+
+def _serve_and_deploy(stack: contextlib.ExitStack, console, host: MqttClient, bundle: Path, devices: list[str],
+                      private_key: Path, timeout: float) -> bool:
+    """Step 6: serve the bundles' folder as `edgefleet serve --dir` does and deploy *bundle*; whether
+    every device activated it."""
+    from host_tools.bundle_directory import BundleDirectory
+    from host_tools.deploy import run_deployment
+    from host_tools.serve import BundleServer
+    from host_tools.signer import CommandSigner
+
+    server = BundleServer(host)
+    BundleDirectory(server, [], bundle.parent).scan()
+    server.start()
+    stack.callback(server.stop)
+    console.print(f"[bold]6.[/] serving {bundle.parent} (as `edgefleet serve` does) and deploying over MQTT "
+                  "(devices fetch the chunks they ask for; the broker fans them out):")
+    results = run_deployment(host, bundle, devices, signer=CommandSigner.load(private_key), timeout=timeout,
+                             chunk_size=16 * 1024, serve=False)
+    for d, p in results.items():
+        if not p.succeeded:
+            console.print(f"[red]{d}: {p.state}: {p.reason}[/]")
+    return all(p.succeeded for p in results.values())
 
 
 def _fleet_reports(console, store, devices: list[str], label: str) -> bool:

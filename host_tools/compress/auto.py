@@ -177,30 +177,10 @@ def search(model: ModelFile, *, eval_data: str | Dataset, max_drop: float, goal:
         evaluation = Evaluation(model, eval_data, say, device_bench)
         if evaluation.bound is None:
             raise ConfigError("--auto needs evaluation data (--eval)")
-        chains: dict[str, Measured] = {}  # a recipe prefix's result, shared between candidates
-        results: dict[str, Measured] = {}
-        for i, candidate in enumerate(todo, start=1):
-            if candidate.if_missed and (candidate.if_missed not in results or
-                                        _qualifies(results[candidate.if_missed], evaluation, max_drop)):
-                outcome.verdicts[candidate.name] = f"not tried: {candidate.if_missed} did not miss the tolerance"
-                say(f"[{i}/{len(todo)}] {candidate.name}: {outcome.verdicts[candidate.name]}")
-                continue
-            say(f"[{i}/{len(todo)}] {candidate.name}")
-            m = _run_chain(candidate, plans[candidate.name], model, evaluation, chains, workdir)
-            results[candidate.name] = m
-            say(f"      {_summary(m, evaluation.original)}")
-        measured = [m for m in results.values() if m.status == "ok"]
-        within = [m for m in measured if _qualifies(m, evaluation, max_drop)]
+        results = _measure(todo, plans, model, evaluation, workdir, outcome, say)
+        within = [m for m in results.values() if m.status == "ok" and _qualifies(m, evaluation, max_drop)]
         evaluation.time(within, latency_runs, latency_threads)
-        chosen = _choose(within, evaluation.original, goal)
-        not_again: dict[str, float] = {}  # faster in the first timing, not in a second: its ratio there
-        while goal == "speed" and chosen is not None:
-            say(f"timing {chosen.label} against the original again")
-            ratio = evaluation.ratio_again(chosen, latency_runs, latency_threads)
-            if ratio <= SPEED_MARGIN:
-                break
-            not_again[chosen.label] = ratio
-            chosen = _choose([m for m in within if m.label not in not_again], evaluation.original, goal)
+        chosen, not_again = _choose_confirmed(within, evaluation, goal, latency_runs, latency_threads, say)
         for m in results.values():
             outcome.verdicts[m.label] = _verdict(m, evaluation.original, max_drop, goal, chosen,
                                                  not_again.get(m.label))
@@ -216,6 +196,40 @@ def search(model: ModelFile, *, eval_data: str | Dataset, max_drop: float, goal:
         report.chosen, report.auto = chosen, outcome
         deliver(report, out if chosen else None, keep=workdir != Path(tmp))
         return report
+
+
+def _measure(todo, plans, model: ModelFile, evaluation, workdir: Path, outcome: AutoOutcome, say
+             ) -> dict[str, Measured]:
+    """Run and measure each candidate in turn (one tried only if another missed the tolerance, only
+    then); {name: its measurement}."""
+    chains: dict[str, Measured] = {}  # a recipe prefix's result, shared between candidates
+    results: dict[str, Measured] = {}
+    for i, candidate in enumerate(todo, start=1):
+        if candidate.if_missed and (candidate.if_missed not in results or
+                                    _qualifies(results[candidate.if_missed], evaluation, outcome.max_drop)):
+            outcome.verdicts[candidate.name] = f"not tried: {candidate.if_missed} did not miss the tolerance"
+            say(f"[{i}/{len(todo)}] {candidate.name}: {outcome.verdicts[candidate.name]}")
+            continue
+        say(f"[{i}/{len(todo)}] {candidate.name}")
+        results[candidate.name] = _run_chain(candidate, plans[candidate.name], model, evaluation, chains, workdir)
+        say(f"      {_summary(results[candidate.name], evaluation.original)}")
+    return results
+
+
+def _choose_confirmed(within: list[Measured], evaluation, goal: str, runs: int, threads: int | None, say
+                      ) -> tuple[Measured | None, dict[str, float]]:
+    """The best of *within* for *goal*; for speed, one that is faster again in a second timing.
+    Also {label: its ratio in the second timing} of those that were not."""
+    chosen = _choose(within, evaluation.original, goal)
+    not_again: dict[str, float] = {}
+    while goal == "speed" and chosen is not None:
+        say(f"timing {chosen.label} against the original again")
+        ratio = evaluation.ratio_again(chosen, runs, threads)
+        if ratio <= SPEED_MARGIN:
+            break
+        not_again[chosen.label] = ratio
+        chosen = _choose([m for m in within if m.label not in not_again], evaluation.original, goal)
+    return chosen, not_again
 
 
 def _plans(todo, model: ModelFile, calib, train) -> tuple[dict, dict[str, str]]:
