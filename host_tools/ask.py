@@ -6,7 +6,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from device_agent.bundle import BundleReader
 from device_agent.errors import ConfigError, EdgefleetError, ProtocolError
@@ -76,18 +76,60 @@ def ask(client: MqttClient, device: str, make_command, timeout: float, signer=No
         client.unsubscribe(topics.reply(device))  # a client asking many devices in turn keeps no stale handlers
 
 
-def ask_each(client: MqttClient, devices: Iterable[str], make_command, timeout: float, signer, kind: str
-             ) -> dict[str, Reply]:
-    """ask() each device in turn with make_command(device, command_id); {device: its Reply}. No
-    answer is a Reply with ok False, no command id, and body {"queued": whether the broker keeps the
-    command for the device until it expires}."""
-    replies = {}
+def ask_each(client: MqttClient, devices: Iterable[str], make_command, timeout: float, signer, kind: str, *,
+             on_answer: Callable[[str], None] | None = None) -> dict[str, Reply]:
+    """Send every device its make_command(device, command_id) at once (signed by *signer*) and wait
+    up to *timeout* for all their Replies together; {device: its Reply}, *on_answer(device)* as
+    each arrives. A device that never connected to this broker is not waited for. No answer is a
+    Reply with ok False, no command id, the reason, and body {"queued": whether the broker keeps
+    the command for the device until it expires}."""
+    devices = list(dict.fromkeys(devices))
     for device in devices:
+        if not topics.valid_device_id(device):
+            raise ConfigError(f"invalid device id {device!r}")
+    asked = {device: uuid.uuid4().hex for device in devices}
+    got: dict[str, Reply] = {}
+    arrived = threading.Condition()
+
+    def on_reply(topic: str, payload: bytes) -> None:
         try:
-            replies[device] = ask(client, device, lambda cid: make_command(device, cid), timeout, signer)
-        except NoAnswer as exc:
-            replies[device] = Reply(device, "", kind, False, {"queued": exc.queued}, str(exc))
-    return replies
+            reply = Reply.from_payload(payload)
+        except ProtocolError:
+            return
+        device = topics.device_of(topic)
+        with arrived:
+            if device not in asked or reply.command_id != asked[device] or device in got:
+                return
+            got[device] = reply
+            arrived.notify_all()
+        if on_answer is not None:
+            on_answer(device)
+
+    for i, device in enumerate(devices):  # granted before any device can answer
+        client.subscribe(topics.reply(device), on_reply, qos=1, wait=5.0 if i == len(devices) - 1 else None)
+    connectivity = Connectivity(client, devices)
+    connectivity.watch()
+    try:
+        for device in devices:
+            payload = make_command(device, asked[device]).to_payload()
+            client.publish(topics.command(device), signer(payload) if signer else payload, qos=1)
+        deadline = time.monotonic() + timeout
+        with arrived:
+            while time.monotonic() < deadline and any(
+                    d not in got and connectivity.note(d) != NEVER_SEEN for d in devices):
+                arrived.wait(0.1)
+        answers = dict(got)
+    finally:
+        connectivity.close()
+        for device in devices:  # a client asking again later keeps no stale handlers
+            client.unsubscribe(topics.reply(device))
+    for device in devices:
+        if device not in answers:
+            note = connectivity.note(device)
+            why = f"{device} has {NEVER_SEEN}" if note == NEVER_SEEN else \
+                f"{device} did not answer within {timeout:g}s" + (f": {note}" if note else "")
+            answers[device] = Reply(device, "", kind, False, {"queued": note != NEVER_SEEN}, why)
+    return {device: answers[device] for device in devices}
 
 
 def device_status(client: MqttClient, device: str, timeout: float) -> Reply:

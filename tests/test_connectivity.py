@@ -32,6 +32,32 @@ def host(mosquitto, request):
 OFFLINE_SINCE = r"device offline since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(\d+s ago, when its agent stopped\)"
 
 
+def test_a_signed_change_goes_to_every_device_at_once_and_waits_for_their_answers_together(
+        agents, mosquitto, keys, tmp_path):
+    """`keys rotate` to four devices: the one online takes it; two stopped ones are named offline
+    after one wait, not one after the other; the one never seen is said to be so."""
+    fleet = {name: agents.start(name) for name in ("all-on", "all-off-1", "all-off-2")}
+    for name, agent in fleet.items():
+        assert agent.wait_for_api() and announced(mosquitto, name)
+    for name in ("all-off-1", "all-off-2"):
+        assert fleet[name].terminate() == 0
+    _, new_pub = generate_key_pair(tmp_path / "keys", "next")
+    started = time.monotonic()
+    rotated = edgefleet("keys", "rotate", new_pub, *[a for d in ("all-off-1", "all-on", "all-off-2", "all-never")
+                                                     for a in ("--device", d)],
+                        "--broker", mosquitto, "--key", keys["key"], "--timeout", "8", "--expires-in", "300")
+    took = time.monotonic() - started
+    assert rotated.returncode == 1 and "Traceback" not in rotated.stderr, rotated.stderr
+    lines = rotated.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["all-off-1", "all-on", "all-off-2", "all-never"]
+    assert re.fullmatch(rf"all-off-1: no answer \(all-off-1 did not answer within 8s: {OFFLINE_SINCE}\); it may "
+                        r"still take the change if it reconnects within the command's 300 s", lines[0]), lines[0]
+    assert lines[1].startswith("all-on: trusts ") and key_id(load_public_key(new_pub)) in lines[1]
+    assert lines[2].startswith("all-off-2: no answer (all-off-2 did not answer within 8s: device offline since")
+    assert lines[3] == f"all-never: no answer (all-never has {NEVER_SEEN})"
+    assert took < 15  # one wait of 8 s for both offline devices (one after the other: over 16 s)
+
+
 def test_a_stopped_device_is_said_to_be_offline_since_it_stopped_and_gets_the_command_when_it_returns(
         agents, mosquitto, keys, tmp_path, make_bundle):
     agent = agents.start("dozy")

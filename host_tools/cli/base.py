@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -69,16 +70,18 @@ def signed_request(broker: str, role: str, signing_key: Path, expires_in: float,
 
 def send_to_each(broker: str, role: str, devices, kind: str, make_command, *, timeout: float, signing_key: Path,
                  expires_in: float, as_json: bool, took) -> None:
-    """Send each device its signed make_command(device, command_id) (of type *kind*) and say what
-    became of it: a line per device (took(reply body) when it took it, why it refused, or that it
-    did not answer), or with *as_json* {device: {"ok", "error", ...body}}; exit 1 unless every
-    device took it."""
+    """Send every device its signed make_command(device, command_id) (of type *kind*), all at once,
+    and say what became of each: a line per device (took(reply body) when it took it, why it
+    refused, or that it did not answer within *timeout*), or with *as_json* {device: {"ok",
+    "error", ...body}}; exit 1 unless every device took it. Answers are counted on stderr while
+    they arrive."""
     from host_tools.ask import ask_each
 
     signer = command_signer(signing_key, expires_in)
     client = host_client(broker, role)
     try:
-        replies = ask_each(client, devices, make_command, timeout, signer, kind)
+        with _answers_counted(kind, len(set(devices))) as counted:
+            replies = ask_each(client, devices, make_command, timeout, signer, kind, on_answer=counted)
     finally:
         client.disconnect()
     if as_json:
@@ -88,6 +91,22 @@ def send_to_each(broker: str, role: str, devices, kind: str, make_command, *, ti
             click.echo(f"{d}: {took(r.body) if r.ok else _not_taken(r, expires_in)}")
     if not all(r.ok for r in replies.values()):
         sys.exit(1)
+
+
+@contextlib.contextmanager
+def _answers_counted(kind: str, total: int):
+    """A bar on stderr counting the answers of several devices; yields what to call on each."""
+    if total < 2:
+        yield lambda _device: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from host_tools.terminal import console
+
+    with Progress(TextColumn(f"{kind}: answers"), BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console(stderr=True), transient=True) as progress:
+        task = progress.add_task(kind, total=total)
+        yield lambda _device: progress.advance(task)
 
 
 def _not_taken(reply, expires_in: float) -> str:

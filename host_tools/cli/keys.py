@@ -82,7 +82,7 @@ def _change_trust(devices, broker, timeout, signing_key, expires_in, as_json, *,
 @devices_option
 @click.option("--retire", is_flag=True, help="Revoke the key that signs this command once the new one is in.")
 @broker_option
-@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for each device.")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the devices' answers.")
 @signing_options
 @json_option
 @fail_cleanly
@@ -99,7 +99,7 @@ def keys_rotate(new_public_key, devices, retire, broker, timeout, signing_key, e
 @click.argument("revoked_key_id")
 @devices_option
 @broker_option
-@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for each device.")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the devices' answers.")
 @signing_options
 @json_option
 @fail_cleanly

@@ -150,7 +150,7 @@ def certs_renew(names, broker_cert, pki_dir, days) -> None:
 @click.argument("names", nargs=-1, required=True)
 @pki_option
 @broker_option
-@click.option("--timeout", default=90.0, show_default=True, help="Seconds to wait for each device.")
+@click.option("--timeout", default=90.0, show_default=True, help="Seconds to wait for the devices' answers.")
 @signing_options
 @json_option
 @fail_cleanly
