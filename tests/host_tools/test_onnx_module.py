@@ -12,7 +12,7 @@ from host_tools.compress import ModelFile, run_recipe
 from tests.host_tools.test_compress import steps
 
 torch = pytest.importorskip("torch")
-from host_tools.compress.torch import onnx_module  # noqa: E402
+from host_tools.compress.torch import onnx_ops  # noqa: E402
 from host_tools.compress.torch.onnx_module import OnnxModule  # noqa: E402
 
 F, I64, B = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
@@ -157,7 +157,7 @@ def test_a_pruned_graph_read_differently_from_onnx_runtime_is_not_trained(tmp_pa
     recipe = steps([("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": 1})])
     report = run_recipe(model, recipe, calib=str(tmp_path / "train.npz"), latency_runs=5, workdir=tmp_path / "ok")
     assert report.steps[0].status == "ok", report.steps[0].note
-    monkeypatch.setitem(onnx_module._OPS, "Relu", lambda a, at: torch.abs(a[0]))  # a wrong reading of Relu
+    monkeypatch.setitem(onnx_ops.OPS, "Relu", lambda a, at: torch.abs(a[0]))  # a wrong reading of Relu
     report = run_recipe(model, recipe, calib=str(tmp_path / "train.npz"), latency_runs=5, workdir=tmp_path / "bad")
     assert report.steps[0].status == "failed"
     assert "reads mlp.channels50.onnx differently from ONNX Runtime" in report.steps[0].note
