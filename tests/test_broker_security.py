@@ -353,11 +353,15 @@ def test_renewed_certificates_work_at_once_and_the_earlier_ones_until_they_expir
 
 
 def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earlier_one_expires(agents, keys, tmp_path):
-    """`certs renew` and `certs push` a device whose certificate runs out in 40 s: it reconnects with
-    the new one, keeps it across a restart, and is back after a broker restart once the earlier one
-    has expired (the broker refuses that one then). Before that, a certificate the broker does not
+    """`certs renew` and `certs push --stale` (the devices the registry shows with an older
+    certificate) a device whose certificate runs out in 40 s: it reconnects with the new one, keeps
+    it across a restart, and is back after a broker restart once the earlier one has expired (the
+    broker refuses that one then). Before that, a certificate the broker does not
     take (from a second CA in the device's CA file) is tried and given up: the earlier one is back."""
+    from cryptography import x509
+
     from device_agent.local_api import AgentClient
+    from host_tools.fleet.store import FleetStore
 
     broker = SecureMosquitto("cert-a", "host:ops")
     address, pki = broker.address, broker.pki
@@ -394,8 +398,17 @@ def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earli
             json.loads(tried.stdout)["cert-a"]["error"]
         assert agent.wait_for_broker(10) and in_use(agent)["serial"] == f"{earlier.serial:x}"
 
+        # The registry as a monitor keeps it: cert-a shows the earlier certificate, cert-b its current one.
+        registry = FleetStore(tmp_path / "fleet.db")
+        registry.record_status(DeviceStatus("cert-a", True, time.time(), certificate=in_use(agent)), time.time())
+        pki.issue_client("cert-b")
+        registry.record_status(DeviceStatus("cert-b", True, time.time(), certificate={
+            "serial": f"{x509.load_pem_x509_certificate(pki.client_files('cert-b')[0].read_bytes()).serial_number:x}",
+            "expires": "2030-01-01T00:00:00+00:00", "source": "config"}), time.time())
+        registry.close()
         renewed = pki.renew("cert-a")
-        pushed = edgefleet(*as_host, "certs", "push", "cert-a", "--dir", pki.dir, "--broker", address)
+        pushed = edgefleet(*as_host, "certs", "push", "--stale", "--db", tmp_path / "fleet.db", "--dir", pki.dir,
+                           "--broker", address)
         assert pushed.returncode == 0, pushed.stderr + agent.log.read_text()[-3000:]
         assert pushed.stdout == f"cert-a: uses serial {f'{renewed.serial:x}'[:16]}, valid until " \
                                 f"{renewed.expires:%Y-%m-%d}\n"
@@ -407,6 +420,13 @@ def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earli
         finally:
             watcher.client.disconnect()
         assert (etc / "device.crt").read_bytes() != cert.read_bytes()  # the configured file is left alone
+        registry = FleetStore(tmp_path / "fleet.db")
+        registry.record_status(DeviceStatus("cert-a", True, time.time(), certificate=in_use(agent)), time.time())
+        registry.close()
+        none_left = edgefleet(*as_host, "certs", "push", "--stale", "--db", tmp_path / "fleet.db", "--dir", pki.dir,
+                              "--broker", address)
+        assert (none_left.returncode, none_left.stdout) == (
+            0, f"every device in {tmp_path / 'fleet.db'} that reports a certificate shows its current one\n")
 
         agent.terminate()
         agent.start()

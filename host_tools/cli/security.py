@@ -10,7 +10,9 @@ import click
 
 from device_agent.cli import fail_cleanly
 from device_agent.errors import ConfigError
-from host_tools.cli.base import DEFAULT_HOME, broker_option, json_option, main, send_to_each, signing_options
+from host_tools.cli.base import (
+    DEFAULT_HOME, broker_option, db_option, json_option, main, send_to_each, signing_options,
+)
 from host_tools.terminal import console
 
 
@@ -118,16 +120,28 @@ def certs_revoke(names, pki_dir) -> None:
                              "can be given its new .crt when it suits (its key does not change).")
 @click.argument("names", nargs=-1)
 @click.option("--broker", "broker_cert", is_flag=True, help="Renew the broker's server certificate too.")
+@click.option("--expiring-within", "within_days", type=click.FloatRange(0, 36500), metavar="DAYS",
+              help="Also renew every client certificate that expires within DAYS days.")
 @pki_option
 @click.option("--days", type=click.IntRange(1, 36500),
               help="Lifetime of the new certificates [default: as `certs client` and `certs init` issue them].")
 @fail_cleanly
-def certs_renew(names, broker_cert, pki_dir, days) -> None:
+def certs_renew(names, broker_cert, within_days, pki_dir, days) -> None:
+    import datetime as dt
+
     from host_tools.certs import Pki
 
-    if not names and not broker_cert:
-        raise click.UsageError("give the NAMES of the client certificates to renew, or --broker")
+    if not names and not broker_cert and within_days is None:
+        raise click.UsageError("give the NAMES of the client certificates to renew, --expiring-within DAYS, or "
+                               "--broker")
     pki = Pki(pki_dir)
+    if within_days is not None:
+        soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=within_days)
+        due = [c.name for c in pki.issued() if not c.revoked and c.expires <= soon and c.name not in names]
+        if not due and not names and not broker_cert:
+            click.echo(f"no client certificate expires within {within_days:g} days")
+            return
+        names = tuple(names) + tuple(due)
     ca_expires = next(c.expires for c in pki.own() if c.kind == "CA") if pki.ca_cert.is_file() else None
     for name in ((None,) if broker_cert else ()) + tuple(names):
         cert = pki.renew(name, days=days)
@@ -139,31 +153,60 @@ def certs_renew(names, broker_cert, pki_dir, days) -> None:
         click.echo("next: `edgefleet broker config --out DIR` again, then reload Mosquitto: it presents the new "
                    "certificate to the connections that follow")
     if names:
-        click.echo("next: `edgefleet certs push NAMES --broker ADDR` sends the devices theirs over MQTT (or copy each "
-                   "new .crt over the old one and restart the agent); host tools' by hand")
+        click.echo("next: `edgefleet certs push NAMES --broker ADDR` (or `--stale`) sends the devices theirs over "
+                   "MQTT (or copy each new .crt over the old one and restart the agent); host tools' by hand")
 
 
-@certs.command("push", help="Send devices their current certificates (after `certs renew`) in signed commands. "
-                            "Each checks that it is for its key and device id, from its CA, and lasts longer than "
-                            "the one it uses; reconnects with it; keeps it once the broker accepts it, else goes "
-                            "back to the one before.")
-@click.argument("names", nargs=-1, required=True)
+@certs.command("push", help="Send the devices NAMES (or with --stale, every device the registry shows with an "
+                            "older one) their current certificates, after `certs renew`, in signed commands. Each "
+                            "checks that it is for its key and device id, from its CA, and lasts longer than the "
+                            "one it uses; reconnects with it; keeps it once the broker accepts it, else goes back "
+                            "to the one before.")
+@click.argument("names", nargs=-1)
+@click.option("--stale", is_flag=True, help="Also every device whose certificate in the registry (--db, as it "
+                                            "reports it) is not its current one here.")
+@db_option
 @pki_option
 @broker_option
 @click.option("--timeout", default=90.0, show_default=True, help="Seconds to wait for the devices' answers.")
 @signing_options
 @json_option
 @fail_cleanly
-def certs_push(names, pki_dir, broker, timeout, signing_key, expires_in, as_json) -> None:
+def certs_push(names, stale, db, pki_dir, broker, timeout, signing_key, expires_in, as_json) -> None:
     from device_agent.protocol.commands import CertificateCommand
     from host_tools.certs import Pki
 
+    if not names and not stale:
+        raise click.UsageError("give the NAMES of the devices to send their certificates to, or --stale")
     pki = Pki(pki_dir)
+    if stale:
+        names = tuple(names) + tuple(d for d in _stale_devices(pki, db) if d not in names)
+        if not names:
+            click.echo(f"every device in {db} that reports a certificate shows its current one")
+            return
     pems = {name: pki.device_certificate(name) for name in names}  # all found before any is sent
     send_to_each(broker, "certs", names, "certificate",
                  lambda device, cid: CertificateCommand(cid, time.time(), pems[device]),
                  timeout=timeout, signing_key=signing_key, expires_in=expires_in, as_json=as_json,
                  took=lambda body: f"uses serial {body['serial'][:16]}, valid until {body['expires'][:10]}")
+
+
+def _stale_devices(pki, db: Path) -> list[str]:
+    """The devices in the registry at *db* that report a certificate other than their current one
+    in *pki* (a renewed one not given to them yet); those that report none (no client certificate,
+    or an agent from before) are not counted."""
+    from host_tools.fleet.store import FleetStore
+
+    if not db.is_file():
+        raise ConfigError(f"no fleet database at {db} (`edgefleet monitor` writes it): give --db, or the NAMES")
+    current = {c.name: f"{c.serial:x}" for c in pki.issued() if not c.revoked and c.kind == "device"}
+    store = FleetStore(db)
+    try:
+        rows = store.devices()
+    finally:
+        store.close()
+    return [r.device_id for r in rows if r.certificate and r.device_id in current
+            and r.certificate["serial"] != current[r.device_id]]
 
 
 @main.group(help="The MQTT broker: a Mosquitto configuration for the fleet.")

@@ -116,6 +116,25 @@ def test_renewing_keeps_the_key_and_names_and_gives_a_new_lifetime_signed_by_the
     assert {("pi-a", "valid, 824 days left"), ("127.0.0.1", "valid, 3649 days left")} <= set(listed(pki))
 
 
+def test_renewing_what_expires_within_some_days_picks_those_certificates_and_no_others(pki):
+    pki.issue_client("pi-gone", days=5)
+    pki.revoke("pi-gone")  # revoked: not renewed, though it is about to expire
+    before = {(c["name"], c["serial"]) for c in json.loads(edgefleet("certs", "list", "--dir", pki.dir,
+                                                                        "--json").stdout)}
+    result = edgefleet("certs", "renew", "--expiring-within", "30", "--dir", pki.dir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("renewed pi-short: ") and result.stdout.count("renewed ") == 1
+    after = {(c["name"], c["serial"]) for c in json.loads(edgefleet("certs", "list", "--dir", pki.dir,
+                                                                       "--json").stdout)}
+    assert {name for name, _ in after - before} == {"pi-short"}
+    again = edgefleet("certs", "renew", "--expiring-within", "30", "--dir", pki.dir)
+    assert (again.returncode, again.stdout) == (0, "no client certificate expires within 30 days\n")
+    both = edgefleet("certs", "renew", "pi-a", "--expiring-within", "900", "--dir", pki.dir)  # pi-a named and due
+    assert both.returncode == 0 and both.stdout.count("renewed pi-a: ") == 1
+    assert {line.split(": ")[0] for line in both.stdout.splitlines() if line.startswith("renewed")} == {
+        "renewed pi-a", "renewed pi-b", "renewed host:ops", "renewed pi-short"}
+
+
 @pytest.mark.parametrize("args, message", [(("pi-gone",), "error: pi-gone has no current certificate in {dir}/clients "
                                                           "(revoked: `edgefleet certs client` issues a new one)\n"),
                                            (("pi-zz",), "error: pi-zz has no current certificate in {dir}/clients\n")])
