@@ -280,12 +280,21 @@ class Pki:
             raise ConfigError(f"{self.crl} was not issued by the CA in {self.dir}")
         return crl
 
+    def require_ca(self) -> "Pki":
+        """This PKI, once it has a CA (else one line saying to make one)."""
+        if not self.ca_cert.is_file():
+            raise self._no_ca()
+        return self
+
+    def _no_ca(self) -> ConfigError:
+        return ConfigError(f"no CA in {self.dir}: run `edgefleet certs init` first")
+
     def _load_ca(self):
         try:
             ca_key = serialization.load_pem_private_key((self.dir / "ca.key").read_bytes(), password=None)
             ca = x509.load_pem_x509_certificate(self.ca_cert.read_bytes())
         except FileNotFoundError:
-            raise ConfigError(f"no CA in {self.dir}: run `edgefleet certs init` first") from None
+            raise self._no_ca() from None
         except ValueError as exc:
             raise ConfigError(f"the CA in {self.dir} is unreadable: {exc}") from None
         return ca_key, ca

@@ -67,9 +67,7 @@ def certs_list(pki_dir, as_json) -> None:
 
     from host_tools.certs import Pki
 
-    pki = Pki(pki_dir)
-    if not pki.ca_cert.is_file():
-        raise ConfigError(f"no CA in {pki_dir}: run `edgefleet certs init` first")
+    pki = Pki(pki_dir).require_ca()
     now = dt.datetime.now(dt.timezone.utc)
     rows = [{"name": c.name, "kind": c.kind, "serial": f"{c.serial:x}", "expires": c.expires.isoformat(),
              "days_left": (c.expires - now).days, "status": _status(c, now), "path": str(c.path)}
@@ -134,7 +132,7 @@ def certs_renew(names, broker_cert, within_days, pki_dir, days) -> None:
     if not names and not broker_cert and within_days is None:
         raise click.UsageError("give the NAMES of the client certificates to renew, --expiring-within DAYS, or "
                                "--broker")
-    pki = Pki(pki_dir)
+    pki = Pki(pki_dir).require_ca()
     if within_days is not None:
         soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=within_days)
         due = [c.name for c in pki.issued() if not c.revoked and c.expires <= soon and c.name not in names]
@@ -178,7 +176,7 @@ def certs_push(names, stale, db, pki_dir, broker, timeout, signing_key, expires_
 
     if not names and not stale:
         raise click.UsageError("give the NAMES of the devices to send their certificates to, or --stale")
-    pki = Pki(pki_dir)
+    pki = Pki(pki_dir).require_ca()
     if stale:
         names = tuple(names) + tuple(d for d in _stale_devices(pki, db) if d not in names)
         if not names:

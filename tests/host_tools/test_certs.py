@@ -133,6 +133,10 @@ def test_renewing_what_expires_within_some_days_picks_those_certificates_and_no_
     assert both.returncode == 0 and both.stdout.count("renewed pi-a: ") == 1
     assert {line.split(": ")[0] for line in both.stdout.splitlines() if line.startswith("renewed")} == {
         "renewed pi-a", "renewed pi-b", "renewed host:ops", "renewed pi-short"}
+    for command in (("renew", "--expiring-within", "30"), ("push", "pi-a")):  # no PKI there: one line, not "none due"
+        result = edgefleet("certs", *command, "--dir", pki.dir.parent / "elsewhere")
+        assert (result.returncode, result.stderr) == (1, f"error: no CA in {pki.dir.parent / 'elsewhere'}: run "
+                                                         f"`edgefleet certs init` first\n")
 
 
 @pytest.mark.parametrize("args, message", [(("pi-gone",), "error: pi-gone has no current certificate in {dir}/clients "
