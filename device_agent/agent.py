@@ -379,6 +379,10 @@ class Agent:
     def _renew_certificate(self, command: CertificateCommand) -> None:
         """Reconnect showing the renewed certificate; keep it once the broker accepts it, else go back
         to the one before (renewal does not revoke it, so it still works)."""
+        if self.certificate.shows(command.certificate):  # sent again (its answer was lost): nothing to do
+            self._reply(Reply(self.config.device_id, command.command_id, "certificate", True,
+                              self.certificate.describe()))
+            return
         earlier = self.config.tls
         try:
             self._present(self.certificate.stage(command.certificate))

@@ -81,6 +81,16 @@ class ClientCertificate:
         return {"serial": f"{cert.serial_number:x}", "expires": cert.not_valid_after_utc.isoformat(),
                 "source": "renewed" if self.tls.cert == self.kept else "config"}
 
+    def shows(self, pem: str) -> bool:
+        """Whether *pem* is the certificate in use already (the same one pushed again)."""
+        from cryptography import x509
+
+        try:
+            return self.tls is not None and self.tls.cert is not None and \
+                x509.load_pem_x509_certificate(pem.encode()) == _load(self.tls.cert)
+        except (OSError, ValueError):
+            return False
+
     def check(self, pem: str, *, newer_than: Path | None = None):
         """The certificate in *pem* if this device may present it instead of the one in *newer_than*
         (default: the one in use); else ProtocolError with the reason."""

@@ -427,6 +427,9 @@ def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earli
                               "--broker", address)
         assert (none_left.returncode, none_left.stdout) == (
             0, f"every device in {tmp_path / 'fleet.db'} that reports a certificate shows its current one\n")
+        again = edgefleet(*as_host, "certs", "push", "cert-a", "--dir", pki.dir, "--broker", address)
+        assert (again.returncode, again.stdout) == (0, pushed.stdout)  # sent again: it is the one in use
+        assert agent.log.read_text().count("trying the renewed client certificate") == 2  # (no reconnection)
 
         agent.terminate()
         agent.start()

@@ -53,8 +53,10 @@ def test_a_renewed_certificate_is_staged_kept_once_committed_and_shown_after_a_r
     assert ClientCertificate(tls, state, "pi-a").tls == tls  # an agent that restarts before the broker accepted it
     assert not staged.cert.exists()  # ... drops it: it was never shown to work
 
+    assert not certificate.shows(pem) and certificate.shows(tls.cert.read_text())
     certificate.stage(pem)
     kept = certificate.commit()
+    assert certificate.shows(pem)  # pushed again: already in use
     assert kept.cert == state / "tls" / "client.crt" and serial(kept.cert) == renewed.serial
     assert certificate.describe() == {"serial": f"{renewed.serial:x}", "expires": renewed.expires.isoformat(),
                                       "source": "renewed"}
