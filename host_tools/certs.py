@@ -11,6 +11,8 @@ device's CN is its device id; a host tool's CN is ``host:NAME``, which no device
     clients/NAME.key clients/NAME.crt   devices and host tools
     crl.pem                         the revocation list (empty until a certificate is revoked)
     revoked/NAME-SERIAL.crt         revoked certificates (their keys are deleted)
+    superseded/NAME-SERIAL.crt      client certificates renewed over: valid until they expire, so
+                                    revoking NAME revokes them too
 
 A revoked name can be issued a new certificate (a replacement device under the same id); until
 it is, the broker's ACL denies that name everything (``host_tools.broker_config``).
@@ -21,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -176,6 +179,10 @@ class Pki:
         usage = ExtendedKeyUsageOID.SERVER_AUTH if name is None else ExtendedKeyUsageOID.CLIENT_AUTH
         cert = _issue(common_name(old) or "", old.public_key(), ca.subject, ca_key,
                       days=days or (CA_DAYS if name is None else CLIENT_DAYS), sans=sans, usage=[usage])
+        if name is not None:  # a device may still show it: it is revoked with the name (revoke)
+            earlier = self.dir / "superseded" / f"{path.stem}-{old.serial_number:x}.crt"
+            earlier.parent.mkdir(exist_ok=True)
+            earlier.write_bytes(old.public_bytes(serialization.Encoding.PEM))
         with replaced_when_written(path) as tmp:
             tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return IssuedCert(common_name(cert) or path.name, path, cert.serial_number, cert.not_valid_after_utc, False,
@@ -228,9 +235,9 @@ class Pki:
         return found
 
     def revoke(self, name: str) -> IssuedCert:
-        """Revoke *name*'s current certificate: its serial goes into crl.pem (signed by the CA, valid
-        until the CA expires, so the list never lapses and locks every device out), the certificate
-        into revoked/, and its key is deleted."""
+        """Revoke *name*'s current certificate and those it was renewed over: their serials go into
+        crl.pem (signed by the CA, valid until the CA expires, so the list never lapses and locks
+        every device out), the certificates into revoked/, and the key is deleted."""
         cert_path, key_path = self.client_files(name)
         issued = [c for c in self.issued() if c.name == name]
         current = next((c for c in issued if c.path == cert_path), None)
@@ -238,9 +245,14 @@ class Pki:
             self._load_ca()  # (no CA at all is the clearer error)
             raise ConfigError(f"{name} has no current certificate in {self.dir / 'clients'}"
                               + (" (revoked already)" if issued else ""))
-        self._sign_revocation_list(add=current.serial)
+        superseded = sorted(p for p in (self.dir / "superseded").glob(f"{cert_path.stem}-*.crt")
+                            if re.fullmatch(rf"{re.escape(cert_path.stem)}-[0-9a-f]+\.crt", p.name))  # not pi-a-b's
+        earlier = [x509.load_pem_x509_certificate(p.read_bytes()).serial_number for p in superseded]
+        self._sign_revocation_list(add=(current.serial, *earlier))
         kept = self.dir / "revoked" / f"{cert_path.stem}-{current.serial:x}.crt"
         kept.parent.mkdir(exist_ok=True)
+        for path in superseded:
+            os.replace(path, kept.parent / path.name)
         os.replace(cert_path, kept)
         key_path.unlink(missing_ok=True)
         return replace(current, path=kept, revoked=True)
@@ -252,12 +264,15 @@ class Pki:
             self._sign_revocation_list()
         return self.crl
 
-    def _sign_revocation_list(self, add: int | None = None) -> None:
+    def _sign_revocation_list(self, add: tuple[int, ...] = ()) -> None:
         ca_key, ca = self._load_ca()
         now = dt.datetime.now(dt.timezone.utc)
         entries = list(self._revocation_list(ca)) if self.crl.exists() else []
-        if add is not None and add not in {entry.serial_number for entry in entries}:  # (again after a failed move)
-            entries.append(x509.RevokedCertificateBuilder().serial_number(add).revocation_date(now).build())
+        listed = {entry.serial_number for entry in entries}
+        for serial in add:
+            if serial not in listed:  # (again after a failed move)
+                entries.append(x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
+                listed.add(serial)
         builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
                    .last_update(now - dt.timedelta(minutes=5)).next_update(ca.not_valid_after_utc))
         for entry in entries:

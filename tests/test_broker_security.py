@@ -315,10 +315,11 @@ def presented_serial(address: BrokerAddress, pki: Pki, name: str) -> int:
             return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
 
 
-def test_renewed_certificates_work_at_once_and_the_earlier_ones_until_they_expire(tmp_path):
+def test_renewed_certificates_work_at_once_and_the_earlier_ones_until_they_expire_or_are_revoked(tmp_path):
     """`edgefleet certs renew` a device's and the broker's certificates: after `broker config` and a
     reload the broker presents its new one, the device connects with its new one over the same key,
-    and one still holding the earlier certificate (not given the new file yet) connects too."""
+    and one still holding the earlier certificate (not given the new file yet) connects too — until
+    the name is revoked, which revokes both."""
     from cryptography import x509
 
     broker = SecureMosquitto("ren-a", "host:ops")
@@ -348,6 +349,17 @@ def test_renewed_certificates_work_at_once_and_the_earlier_ones_until_they_expir
             finally:
                 device.client.disconnect()
                 host.client.disconnect()
+
+        # Revoking the name revokes the certificate it was renewed over too: the earlier one is
+        # refused at the handshake, not only left without topics by the ACL.
+        for f in (cert, key):  # what the lost device holds (revoke moves the PKI's certificate, deletes its key)
+            shutil.copy(f, tmp_path / f"lost{f.suffix}")
+        assert edgefleet("certs", "revoke", "ren-a", "--dir", pki.dir).returncode == 0
+        broker.configure()
+        broker.reload()
+        for held in (tmp_path / "lost.crt", earlier):
+            with pytest.raises(BrokerUnreachable, match="closed the TLS connection"):
+                Listener(address, pki, "ren-a", [], tls=TlsFiles(ca=pki.ca_cert, cert=held, key=tmp_path / "lost.key"))
     finally:
         broker.close()
 

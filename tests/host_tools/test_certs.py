@@ -54,6 +54,23 @@ def test_a_revoked_certificate_is_listed_in_a_crl_the_ca_signed_that_lasts_as_lo
     assert len(list(x509.load_pem_x509_crl(pki.crl.read_bytes()))) == 2  # the earlier entry carried over
 
 
+def test_revoking_a_renewed_name_revokes_the_certificates_it_was_renewed_over_too_and_no_others(pki):
+    def serial(path):
+        return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+    pki.issue_client("pi-a-beef")  # a name that starts like pi-a's
+    pki.renew("pi-a-beef", days=900)
+    serials = [serial(pki.client_files("pi-a")[0])]
+    for days in (900, 901):
+        serials.append(pki.renew("pi-a", days=days).serial)
+    result = edgefleet("certs", "revoke", "pi-a", "--dir", pki.dir)
+    assert result.returncode == 0, result.stderr
+    assert sorted(entry.serial_number for entry in x509.load_pem_x509_crl(pki.crl.read_bytes())) == sorted(serials)
+    assert [c["status"] for c in json.loads(edgefleet("certs", "list", "--dir", pki.dir, "--json").stdout)
+            if c["name"] == "pi-a"] == ["revoked"] * 3
+    (left,) = (pki.dir / "superseded").iterdir()  # pi-a-beef's earlier certificate is not pi-a's
+    assert x509.load_pem_x509_certificate(left.read_bytes()).subject.rfc4514_string() == "CN=pi-a-beef"
+
+
 @pytest.mark.parametrize("name, message", [("pi-b", "pi-b has no current certificate in {dir}/clients "
                                                     "(revoked already)"),
                                            ("pi-zz", "pi-zz has no current certificate in {dir}/clients")])
