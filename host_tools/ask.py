@@ -31,58 +31,21 @@ def ask(client: MqttClient, device: str, make_command, timeout: float, signer=No
     """Send make_command(command_id), signed by *signer* if given, to *device*; return its Reply
     (raises NoAnswer: at once if it never connected to the broker, or, unless *wait_if_offline*,
     if the broker says it is offline)."""
-    if not topics.valid_device_id(device):
-        raise ConfigError(f"invalid device id {device!r}")
-    command_id = uuid.uuid4().hex
-    got: list[Reply] = []
-    arrived = threading.Event()
-
-    def on_reply(topic: str, payload: bytes) -> None:
-        try:
-            reply = Reply.from_payload(payload)
-        except ProtocolError:
-            return
-        if reply.command_id == command_id:
-            got.append(reply)
-            arrived.set()
-
-    client.subscribe(topics.reply(device), on_reply, qos=1, wait=5.0)  # granted before the device can answer
-    connectivity = Connectivity(client, [device])
-    connectivity.watch()
-
-    def not_there(sent: bool) -> None:
-        note = connectivity.note(device)
-        if note == NEVER_SEEN:  # nobody will answer: the broker does not even keep the command
-            raise NoAnswer(f"{device} has {NEVER_SEEN}", queued=False)
-        if note is not None and not wait_if_offline:
-            last = connectivity.last_status(device)
-            raise NoAnswer(f"{device}: {note}" + (f"; it last ran {last.active_bundle}"
-                                                  if last and last.active_bundle else ""), queued=sent)
-    try:
-        if not wait_if_offline:  # a question for now: not asked at all of a device that is not there (queued in
-            connectivity.wait_known(device)  # its session, it would hold up its next commands when it returns)
-            not_there(sent=False)
-        payload = make_command(command_id).to_payload()
-        client.publish(topics.command(device), signer(payload) if signer else payload, qos=1)
-        deadline = time.monotonic() + timeout
-        while not arrived.wait(0.1):
-            not_there(sent=True)
-            if time.monotonic() >= deadline:
-                note = connectivity.note(device)
-                raise NoAnswer(f"{device} did not answer within {timeout:g}s" + (f": {note}" if note else ""))
-        return got[0]
-    finally:
-        connectivity.close()
-        client.unsubscribe(topics.reply(device))  # a client asking many devices in turn keeps no stale handlers
+    reply = ask_each(client, [device], lambda _device, cid: make_command(cid), timeout, signer, "",
+                     wait_if_offline=wait_if_offline)[device]
+    if not reply.command_id:
+        raise NoAnswer(reply.error or "", queued=reply.body["queued"])
+    return reply
 
 
 def ask_each(client: MqttClient, devices: Iterable[str], make_command, timeout: float, signer, kind: str, *,
-             on_answer: Callable[[str], None] | None = None) -> dict[str, Reply]:
+             wait_if_offline: bool = True, on_answer: Callable[[str], None] | None = None) -> dict[str, Reply]:
     """Send every device its make_command(device, command_id) at once (signed by *signer*) and wait
     up to *timeout* for all their Replies together; {device: its Reply}, *on_answer(device)* as
-    each arrives. A device that never connected to this broker is not waited for. No answer is a
-    Reply with ok False, no command id, the reason, and body {"queued": whether the broker keeps
-    the command for the device until it expires}."""
+    each arrives. A device that never connected to this broker is not waited for, nor, unless
+    *wait_if_offline*, one the broker says is offline (not even asked, if it is when this starts).
+    No answer is a Reply with ok False, no command id, the reason, and body {"queued": whether the
+    broker keeps the command for the device until it expires}."""
     devices = list(dict.fromkeys(devices))
     for device in devices:
         if not topics.valid_device_id(device):
@@ -109,16 +72,35 @@ def ask_each(client: MqttClient, devices: Iterable[str], make_command, timeout: 
         client.subscribe(topics.reply(device), on_reply, qos=1, wait=5.0 if i == len(devices) - 1 else None)
     connectivity = Connectivity(client, devices)
     connectivity.watch()
+    ended: dict[str, Reply] = {}  # not waited for (any more): why
+
+    def end_if_gone(device: str, sent: bool) -> None:
+        note = connectivity.note(device)
+        if note == NEVER_SEEN:  # nobody will answer: the broker does not even keep the command
+            ended[device] = Reply(device, "", kind, False, {"queued": False}, f"{device} has {NEVER_SEEN}")
+        elif note is not None and not wait_if_offline:
+            last = connectivity.last_status(device)
+            ended[device] = Reply(device, "", kind, False, {"queued": sent}, f"{device}: {note}" + (
+                f"; it last ran {last.active_bundle}" if last and last.active_bundle else ""))
     try:
         for device in devices:
+            if not wait_if_offline:  # a question for now: not asked at all of a device that is not there (queued
+                connectivity.wait_known(device)  # in its session, it would hold up its next commands when it returns)
+                end_if_gone(device, sent=False)
+                if device in ended:
+                    continue
             payload = make_command(device, asked[device]).to_payload()
             client.publish(topics.command(device), signer(payload) if signer else payload, qos=1)
         deadline = time.monotonic() + timeout
         with arrived:
-            while time.monotonic() < deadline and any(
-                    d not in got and connectivity.note(d) != NEVER_SEEN for d in devices):
+            while True:
+                for device in devices:
+                    if device not in got and device not in ended:
+                        end_if_gone(device, sent=True)
+                if time.monotonic() >= deadline or all(d in got or d in ended for d in devices):
+                    break
                 arrived.wait(0.1)
-        answers = dict(got)
+            answers = {**ended, **got}
     finally:
         connectivity.close()
         for device in devices:  # a client asking again later keeps no stale handlers
@@ -126,9 +108,8 @@ def ask_each(client: MqttClient, devices: Iterable[str], make_command, timeout: 
     for device in devices:
         if device not in answers:
             note = connectivity.note(device)
-            why = f"{device} has {NEVER_SEEN}" if note == NEVER_SEEN else \
-                f"{device} did not answer within {timeout:g}s" + (f": {note}" if note else "")
-            answers[device] = Reply(device, "", kind, False, {"queued": note != NEVER_SEEN}, why)
+            answers[device] = Reply(device, "", kind, False, {"queued": True}, f"{device} did not answer within "
+                                    f"{timeout:g}s" + (f": {note}" if note else ""))
     return {device: answers[device] for device in devices}
 
 
