@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,22 +22,22 @@ from typing import Any
 from device_agent.errors import ConfigError, ProtocolError, StorageError
 from device_agent.files import replaced_when_written
 from device_agent.mqtt import TlsFiles
+from device_agent.protocol.reports import expires_at
 
 log = logging.getLogger(__name__)
 CLOCK_SKEW = dt.timedelta(minutes=5)  # a certificate issued on a host whose clock is a little ahead
 RENEW_WITHIN_DAYS = 30  # a certificate with fewer days left is said to need renewing
 
 
-def days_left(described: dict[str, str], now: dt.datetime | None = None) -> float:
+def days_left(described: dict[str, str]) -> float:
     """Days until a certificate as ClientCertificate.describe() gives it expires (negative: since)."""
-    expires = dt.datetime.fromisoformat(described["expires"])
-    return (expires - (now or dt.datetime.now(dt.timezone.utc))).total_seconds() / 86400
+    return (expires_at(described) - time.time()) / 86400
 
 
-def certificate_text(described: dict[str, str], now: dt.datetime | None = None) -> str:
+def certificate_text(described: dict[str, str]) -> str:
     """One line for a certificate as ClientCertificate.describe() gives it: serial, expiry, whether
     it was renewed over MQTT, and a warning when it is about to expire or has."""
-    left = days_left(described, now)
+    left = days_left(described)
     return (f"serial {described['serial'][:16]}, valid until {described['expires'][:10]}"
             + (" (renewed over MQTT)" if described["source"] == "renewed" else "")
             + (", EXPIRED" if left <= 0 else f", {int(left)} days left: renew it" if left < RENEW_WITHIN_DAYS else ""))
