@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 
 from device_agent.cli import fail_cleanly
-from device_agent.errors import ConfigError
 from host_tools.cli.base import (
     DEFAULT_HOME, broker_option, db_option, json_option, main, send_to_each, signing_options,
 )
@@ -193,17 +192,10 @@ def _stale_devices(pki, db: Path) -> list[str]:
     """The devices in the registry at *db* that report a certificate other than their current one
     in *pki* (a renewed one not given to them yet); those that report none (no client certificate,
     or an agent from before) are not counted."""
-    from host_tools.fleet.store import FleetStore
+    from host_tools.cli.fleet import fleet_rows
 
-    if not db.is_file():
-        raise ConfigError(f"no fleet database at {db} (`edgefleet monitor` writes it): give --db, or the NAMES")
     current = {c.name: f"{c.serial:x}" for c in pki.issued() if not c.revoked and c.kind == "device"}
-    store = FleetStore(db)
-    try:
-        rows = store.devices()
-    finally:
-        store.close()
-    return [r.device_id for r in rows if r.certificate and r.device_id in current
+    return [r.device_id for r in fleet_rows(db, (), None) if r.certificate and r.device_id in current
             and r.certificate["serial"] != current[r.device_id]]
 
 
