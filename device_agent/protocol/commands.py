@@ -11,6 +11,11 @@ from device_agent.protocol.chunks import BundleOffer
 from device_agent.protocol.codec import decode, decode_object, encode, require
 
 
+def _header(doc: dict) -> dict[str, Any]:
+    """What every command carries: its id and when it was issued."""
+    return {"command_id": require(doc, "command_id", str), "issued_at": float(require(doc, "issued_at", (int, float)))}
+
+
 @dataclass(frozen=True)
 class DeployCommand:
     command_id: str
@@ -25,7 +30,7 @@ class DeployCommand:
     @classmethod
     def from_payload(cls, payload: bytes) -> "DeployCommand":
         doc = decode(payload, "deploy")
-        return cls(command_id=require(doc, "command_id", str), issued_at=float(require(doc, "issued_at", (int, float))),
+        return cls(**_header(doc),
                    bundle=BundleOffer.from_dict(doc.get("bundle")),
                    allow_downgrade=bool(require(doc, "allow_downgrade", bool, optional=True)))
 
@@ -43,7 +48,7 @@ class RollbackCommand:
     @classmethod
     def from_payload(cls, payload: bytes) -> "RollbackCommand":
         doc = decode(payload, "rollback")
-        return cls(command_id=require(doc, "command_id", str), issued_at=float(require(doc, "issued_at", (int, float))))
+        return cls(**_header(doc))
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ class StatusRequest:
     @classmethod
     def from_payload(cls, payload: bytes) -> "StatusRequest":
         doc = decode(payload, "status_request")
-        return cls(command_id=require(doc, "command_id", str), issued_at=float(require(doc, "issued_at", (int, float))))
+        return cls(**_header(doc))
 
 
 MAX_BENCH_RUNS = 100_000
@@ -87,7 +92,7 @@ class BenchCommand:
         if not 0 < runs <= MAX_BENCH_RUNS or not 0 <= warmup <= MAX_BENCH_RUNS:
             raise ProtocolError(f"runs must be 1..{MAX_BENCH_RUNS} and warmup 0..{MAX_BENCH_RUNS}")
         bundle = doc.get("bundle")
-        return cls(command_id=require(doc, "command_id", str), issued_at=float(require(doc, "issued_at", (int, float))),
+        return cls(**_header(doc),
                    bundle=None if bundle is None else BundleOffer.from_dict(bundle), runs=runs, warmup=warmup)
 
 
@@ -116,7 +121,7 @@ class TrustCommand:
             raise ProtocolError("'add' and 'revoke' must be lists of strings")
         if not add and not revoke or len(add) > MAX_TRUST_CHANGES or len(revoke) > MAX_TRUST_CHANGES:
             raise ProtocolError(f"a trust change adds or revokes 1..{MAX_TRUST_CHANGES} keys")
-        return cls(command_id=require(doc, "command_id", str), issued_at=float(require(doc, "issued_at", (int, float))),
+        return cls(**_header(doc),
                    add=tuple(add), revoke=tuple(revoke))
 
 
@@ -142,7 +147,7 @@ class ConfigCommand:
                 isinstance(k, str) and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
                 for k, v in settings.items()):
             raise ProtocolError("settings must map up to 32 names to numbers (or null)")
-        return cls(command_id=require(doc, "command_id", str), issued_at=float(require(doc, "issued_at", (int, float))),
+        return cls(**_header(doc),
                    settings=settings)
 
 
@@ -168,7 +173,7 @@ class CertificateCommand:
         pem = require(doc, "certificate", str)
         if not pem.startswith("-----BEGIN CERTIFICATE-----") or len(pem) > MAX_CERTIFICATE:
             raise ProtocolError(f"'certificate' must be one PEM certificate of up to {MAX_CERTIFICATE} characters")
-        return cls(command_id=require(doc, "command_id", str), issued_at=float(require(doc, "issued_at", (int, float))),
+        return cls(**_header(doc),
                    certificate=pem)
 
 
