@@ -50,67 +50,94 @@ def ask_each(client: MqttClient, devices: Iterable[str], make_command, timeout: 
     for device in devices:
         if not topics.valid_device_id(device):
             raise ConfigError(f"invalid device id {device!r}")
-    asked = {device: uuid.uuid4().hex for device in devices}
-    got: dict[str, Reply] = {}
-    arrived = threading.Condition()
+    questions = _Questions(client, devices, kind, wait_if_offline, on_answer)
+    try:
+        questions.send(make_command, signer)
+        questions.wait(timeout)
+    finally:
+        questions.close()
+    return questions.answers(timeout)
 
-    def on_reply(topic: str, payload: bytes) -> None:
+
+class _Questions:
+    """One ask_each: a command id per device, the Replies that came back for them, and the devices
+    no longer waited for (with the Reply that says why)."""
+
+    def __init__(self, client: MqttClient, devices: list[str], kind: str, wait_if_offline: bool,
+                 on_answer: Callable[[str], None] | None) -> None:
+        self._client, self._devices, self._kind = client, devices, kind
+        self._wait_if_offline, self._on_answer = wait_if_offline, on_answer
+        self._asked = {device: uuid.uuid4().hex for device in devices}
+        self._got: dict[str, Reply] = {}
+        self._ended: dict[str, Reply] = {}
+        self._arrived = threading.Condition()
+        for i, device in enumerate(devices):  # granted before any device can answer
+            client.subscribe(topics.reply(device), self._on_reply, qos=1, wait=5.0 if i == len(devices) - 1 else None)
+        self._connectivity = Connectivity(client, devices)
+        self._connectivity.watch()
+
+    def _on_reply(self, topic: str, payload: bytes) -> None:
         try:
             reply = Reply.from_payload(payload)
         except ProtocolError:
             return
         device = topics.device_of(topic)
-        with arrived:
-            if device not in asked or reply.command_id != asked[device] or device in got:
+        with self._arrived:
+            if device not in self._asked or reply.command_id != self._asked[device] or device in self._got:
                 return
-            got[device] = reply
-            arrived.notify_all()
-        if on_answer is not None:
-            on_answer(device)
+            self._got[device] = reply
+            self._arrived.notify_all()
+        if self._on_answer is not None:
+            self._on_answer(device)
 
-    for i, device in enumerate(devices):  # granted before any device can answer
-        client.subscribe(topics.reply(device), on_reply, qos=1, wait=5.0 if i == len(devices) - 1 else None)
-    connectivity = Connectivity(client, devices)
-    connectivity.watch()
-    ended: dict[str, Reply] = {}  # not waited for (any more): why
-
-    def end_if_gone(device: str, sent: bool) -> None:
-        note = connectivity.note(device)
-        if note == NEVER_SEEN:  # nobody will answer: the broker does not even keep the command
-            ended[device] = Reply(device, "", kind, False, {"queued": False}, f"{device} has {NEVER_SEEN}")
-        elif note is not None and not wait_if_offline:
-            last = connectivity.last_status(device)
-            ended[device] = Reply(device, "", kind, False, {"queued": sent}, f"{device}: {note}" + (
-                f"; it last ran {last.active_bundle}" if last and last.active_bundle else ""))
-    try:
-        for device in devices:
-            if not wait_if_offline:  # a question for now: not asked at all of a device that is not there (queued
-                connectivity.wait_known(device)  # in its session, it would hold up its next commands when it returns)
-                end_if_gone(device, sent=False)
-                if device in ended:
+    def send(self, make_command, signer) -> None:
+        for device in self._devices:
+            if not self._wait_if_offline:  # a question for now: not asked at all of a device that is not there
+                self._connectivity.wait_known(device)  # (queued in its session, it would hold up its next
+                self._end_if_gone(device, sent=False)  # commands when it returns)
+                if device in self._ended:
                     continue
-            payload = make_command(device, asked[device]).to_payload()
-            client.publish(topics.command(device), signer(payload) if signer else payload, qos=1)
+            payload = make_command(device, self._asked[device]).to_payload()
+            self._client.publish(topics.command(device), signer(payload) if signer else payload, qos=1)
+
+    def wait(self, timeout: float) -> None:
+        """Until every device answered or is not waited for any more, or *timeout* passed."""
         deadline = time.monotonic() + timeout
-        with arrived:
+        with self._arrived:
             while True:
-                for device in devices:
-                    if device not in got and device not in ended:
-                        end_if_gone(device, sent=True)
-                if time.monotonic() >= deadline or all(d in got or d in ended for d in devices):
-                    break
-                arrived.wait(0.1)
-            answers = {**ended, **got}
-    finally:
-        connectivity.close()
-        for device in devices:  # a client asking again later keeps no stale handlers
-            client.unsubscribe(topics.reply(device))
-    for device in devices:
-        if device not in answers:
-            note = connectivity.note(device)
-            answers[device] = Reply(device, "", kind, False, {"queued": True}, f"{device} did not answer within "
-                                    f"{timeout:g}s" + (f": {note}" if note else ""))
-    return {device: answers[device] for device in devices}
+                waiting = [d for d in self._devices if d not in self._got and d not in self._ended]
+                for device in waiting:
+                    self._end_if_gone(device, sent=True)
+                if time.monotonic() >= deadline or all(d in self._got or d in self._ended for d in waiting):
+                    return
+                self._arrived.wait(0.1)
+
+    def _end_if_gone(self, device: str, sent: bool) -> None:
+        """Stop waiting for *device* if nothing will answer: it never connected to this broker, or
+        (unless waiting for devices that are offline) the broker says it is offline."""
+        note = self._connectivity.note(device)
+        if note == NEVER_SEEN:  # nobody will answer: the broker does not even keep the command
+            self._ended[device] = Reply(device, "", self._kind, False, {"queued": False}, f"{device} has {NEVER_SEEN}")
+        elif note is not None and not self._wait_if_offline:
+            last = self._connectivity.last_status(device)
+            self._ended[device] = Reply(device, "", self._kind, False, {"queued": sent}, f"{device}: {note}" + (
+                f"; it last ran {last.active_bundle}" if last and last.active_bundle else ""))
+
+    def close(self) -> None:
+        self._connectivity.close()
+        for device in self._devices:  # a client asking again later keeps no stale handlers
+            self._client.unsubscribe(topics.reply(device))
+
+    def answers(self, timeout: float) -> dict[str, Reply]:
+        """{device: its Reply, or why there is none}, in the order asked."""
+        with self._arrived:
+            answers = {**self._ended, **self._got}
+        for device in self._devices:
+            if device not in answers:
+                note = self._connectivity.note(device)
+                answers[device] = Reply(device, "", self._kind, False, {"queued": True}, f"{device} did not answer "
+                                        f"within {timeout:g}s" + (f": {note}" if note else ""))
+        return {device: answers[device] for device in self._devices}
 
 
 def device_status(client: MqttClient, device: str, timeout: float) -> Reply:
