@@ -16,7 +16,7 @@ from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, BundleOffer, Chunk, ChunkRequest
 from device_agent.transfer import CHUNK_QOS, REPAIRS, ChunkRouter, Download
-from host_tools import answer_queue, serve
+from host_tools import answer_queue, fanout, serve
 from host_tools.serve import BundleServer
 from tests.conftest import Mosquitto, fill_disk, wait_until
 
@@ -478,7 +478,7 @@ def test_a_device_that_joins_after_a_chunk_went_out_still_gets_it_without_asking
 @pytest.mark.parametrize("pause", [0.0, 0.5], ids=["within-the-quiet-time", "past-it"])
 def test_a_device_fetching_alone_after_an_earlier_fan_out_is_answered_at_once(clients, tmp_path, monkeypatch,
                                                                               pause):
-    monkeypatch.setattr(serve, "FANOUT_QUIET", 0.3)
+    monkeypatch.setattr(fanout, "FANOUT_QUIET", 0.3)
     blob = tmp_path / "bundle.efb"
     blob.write_bytes(os.urandom(640 * 1024))  # 40 chunks of 16 KiB
     server = BundleServer(clients("host"), chunk_size=16 * 1024)
@@ -529,8 +529,8 @@ def test_a_fan_out_again_never_sends_a_download_past_the_chunk_over_its_budget_t
     """A stage's straggler (past chunk 2 already) while three new devices ask for chunks 0-2 together:
     chunks 0 and 1 go to the shared topic again (one message serves the three), chunk 2 would send
     the straggler more than its budget (2 of 8 chunks) a second time, so the three get it directly."""
-    monkeypatch.setattr(serve, "FANOUT_QUIET", 0.5)
-    monkeypatch.setattr(serve, "REFAN_BUDGET", 0.25)
+    monkeypatch.setattr(fanout, "FANOUT_QUIET", 0.5)
+    monkeypatch.setattr(fanout, "REFAN_BUDGET", 0.25)
     server, shared, seen, ask, wait = watched_server(clients, tmp_path, "n1", "n2", "n3")
     ask("straggler", range(7))  # the first publish of chunks 0-6 on the shared topic
     wait(7)
@@ -549,7 +549,7 @@ def test_a_device_behind_a_fan_out_is_not_sent_its_chunks_again_until_it_asks_tw
     (its window got to them before the broker's queue to it did) has them coming: sending them again on
     its own topic only queued more behind them (a hundred devices sharing two cores were sent up to a quarter of
     the bundle this way each). A chunk it asks for a second time was lost, and it goes to it directly."""
-    monkeypatch.setattr(serve, "FANOUT_QUIET", 0.3)
+    monkeypatch.setattr(fanout, "FANOUT_QUIET", 0.3)
     server, shared, seen, ask, wait = watched_server(clients, tmp_path, "behind")
     ask("behind", [0])  # it listens from here on
     wait(1)
@@ -575,7 +575,7 @@ def test_a_device_that_asks_just_after_a_fan_out_it_heard_is_not_sent_it_again(c
     with no chunks) which publish there was the first to reach it, it is not sent them again; a
     device that says nothing is taken for one that began listening after them, and gets them on
     its own topic."""
-    monkeypatch.setattr(serve, "FANOUT_QUIET", 0.3)
+    monkeypatch.setattr(fanout, "FANOUT_QUIET", 0.3)
     server, shared, seen, ask, wait = watched_server(clients, tmp_path, "b")
     numbers = []
     watcher = clients("numbers")
@@ -597,9 +597,9 @@ def test_a_late_joiner_asking_again_while_answers_queue_up_is_not_answered_twice
     the broker is behind (answers queue up) and it asks again before that answer reached it, the
     answer on its way is all it gets (in a slow phase of the rollout benchmark, a fifth of 1,000
     devices received the bundle twice this way)."""
-    monkeypatch.setattr(serve, "FANOUT_QUIET", 0.3)
+    monkeypatch.setattr(fanout, "FANOUT_QUIET", 0.3)
     server, shared, seen, ask, wait = watched_server(clients, tmp_path, "late")
-    monkeypatch.setattr(server, "_backlogged", lambda: True)
+    monkeypatch.setattr(server._fanout, "_backlogged", lambda: True)
     ask("early", range(4))  # the fan-out
     wait(4)
     ask("late", range(4))  # after it: answered on its own topic 0.3 s after the fan-out
