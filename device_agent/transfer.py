@@ -2,7 +2,8 @@
 
 The device keeps a window of chunk requests in flight, writes each chunk at its
 offset in a partial file, re-asks for chunks that have not arrived after a
-timeout, and checks the whole file's SHA-256 at the end.
+timeout (``request_window`` decides which and when), and checks the whole file's
+SHA-256 at the end.
 
 Each chunk message carries a CRC-32 of its data. The device keeps it but does not compute
 it as the chunk arrives: the whole file's SHA-256 covers every byte anyway, so on the usual
@@ -57,6 +58,7 @@ from device_agent.files import size_text
 from device_agent.mqtt import MqttClient
 from device_agent.protocol import topics
 from device_agent.protocol.chunks import BundleOffer, Chunk, ChunkRequest
+from device_agent.request_window import RequestWindow
 
 RECORD_EVERY = 1.0  # seconds between saves of the received-chunk record
 # Devices subscribe to chunk topics at QoS 0: the server publishes at QoS 1 (the broker's
@@ -65,25 +67,6 @@ RECORD_EVERY = 1.0  # seconds between saves of the received-chunk record
 # with a dropped connection). Without them the broker and the device each handle one packet
 # less per chunk (docs/protocol.md: one device's transfer 15% faster).
 CHUNK_QOS = 0
-# How long a download waits before asking again for a chunk adapts to how late answers come, as TCP's
-# retransmission timer does (RFC 6298): SRTT + 4 * RTTVAR over the times from a chunk's ask to its
-# arrival, at least *retry_after*; each time chunks are asked for again it doubles, until a chunk asked
-# for only once arrives (Karn's rule: an answer to a chunk asked for twice says nothing about either
-# ask). A fleet updating at once on a busy broker gets its answers late, not never: asking again every
-# 3 s only adds copies to the queues that made them late. At most RETRY_CAP_SHARE of the stall
-# timeout, so a chunk that was lost is asked for again before the attempt is given up. And while bytes
-# the broker sent wait unread in our socket (a device whose CPU is busy), only after that cap: the
-# answers may be among them.
-# Which overdue chunks are asked for again: the server answers a device's asks in the order they
-# came, so one asked for before a chunk that has arrived was lost, and is asked for again. Those
-# asked for after the latest chunk that arrived may only be late (a broker answering a fleet, a
-# download's first window: with large chunks the whole bundle): asking for them all again would have
-# them all answered twice. Of those, only the last is asked for again, as TCP sends one segment again
-# when its timer fires. If they were late, the rest arrive before its answer; if they were lost (a
-# server that was down), its answer makes them the lost kind, asked for again once their retry time
-# has passed after it. All of them after the connection dropped: what was on its way on it is lost
-# for certain (QoS 0).
-RETRY_CAP_SHARE = 1 / 3
 REPAIRS = 3  # times a download whose hash fails fetches its damaged chunks again before giving up
 
 log = logging.getLogger(__name__)
@@ -115,8 +98,6 @@ class Download:
         self._device_id = device_id
         self._offer = offer
         self._dest = dest
-        self._window = window
-        self._retry_after = retry_after
         self._stall_timeout = stall_timeout
         self._on_progress = on_progress
         self._fanout = fanout
@@ -129,14 +110,9 @@ class Download:
         self._refill_at = max(1, window // 4)  # free slots that make a new request worth sending
         self._cond = threading.Condition()
         self._received: dict[int, int] = {}  # chunk written -> the CRC-32 its message carried
-        self._requested: dict[int, float] = {}  # chunk asked for -> when it was last asked
-        self._asks: dict[int, int] = {}  # chunk asked for -> how often, in this attempt
-        self._first_ask: dict[int, int] = {}  # chunk asked for -> its place in the order of first asks
-        self._answered_upto = -1  # the latest place of a chunk that arrived (one before it still missing: lost)
-        self._srtt: float | None = None  # smoothed time from a chunk's ask to its arrival
-        self._rttvar = 0.0
-        self._rto = retry_after  # seconds after which a chunk is asked for again
-        self._next_new = 0
+        self._asks = RequestWindow(offer.chunk_count, window=window, retry_after=retry_after,
+                                   stall_timeout=stall_timeout, unread=lambda: client.unread > 0,
+                                   connection_held=self._connection_held)
         self._last_progress = time.monotonic()
         self._resumed = 0
         self._closed = False  # run() has ended: a chunk still arriving is not written
@@ -271,7 +247,9 @@ class Download:
     def _ask(self, now: float) -> None:
         """Request what is due; and once a publish on the shared topic has reached us, say so, even
         with nothing to ask for (call with the condition held)."""
-        wanted = self._due(now, self._offer.chunk_count)
+        wanted, again = self._asks.due(now, self._last_progress, self._received)
+        self.asked_again += again
+        self._router.asked_again += again
         if not wanted and not self._tell_seen:
             return
         if self._fanout and self._client.connections != self._connection:
@@ -282,58 +260,16 @@ class Download:
             self._seen, self._tell_seen = None, False
             if not wanted:
                 return
-        for i in wanted:
-            self._requested[i] = now
-            self._asks[i] = self._asks.get(i, 0) + 1
-            self._first_ask.setdefault(i, len(self._first_ask))
+        self._asks.asked(wanted, now)
         request = ChunkRequest(self._device_id, tuple(wanted), self._offer.chunk_size, self._fanout,
                                self._session if self._fanout else None, self._seen if self._fanout else None)
         self._tell_seen = False
         self._asked_on = self._client.connections
         self._client.publish(topics.chunk_request(self._offer.sha256), request.to_payload(), qos=1)
 
-    def _due(self, now: float, total: int) -> list[int]:
-        """Chunks to ask for now: timed-out ones again, then new ones up to the window. A request
-        times out its retry time (see RETRY_CAP_SHARE) after it was sent or after the last chunk
-        that arrived, whichever is later: while chunks keep coming (a broker fanning a bundle out
-        to hundreds of devices delivers them late, not never) asking again would only add to the queue."""
-        since = self._last_progress
-        wanted = [i for i, t in self._requested.items() if now - max(t, since) >= self._rto]
-        if wanted and self._client.unread:  # answers may be right here, behind our own reading: not yet
-            wanted = [i for i, t in self._requested.items() if now - max(t, since) >= self._rto_cap]
-        if wanted and self._connection_held():  # which are late and which lost: see RETRY_CAP_SHARE
-            late = [i for i in wanted if self._first_ask[i] > self._answered_upto]
-            if late:
-                wanted = [i for i in wanted if self._first_ask[i] < self._answered_upto]  # lost
-                wanted.append(max(late, key=self._first_ask.__getitem__))
-        if wanted:  # back off (RFC 6298, 5.5)
-            self._rto = min(2 * self._rto, self._rto_cap)
-        self.asked_again += len(wanted)
-        self._router.asked_again += len(wanted)
-        room = self._window - len(self._requested)  # (in flight, or in *wanted* again)
-        while room > 0 and self._next_new < total:
-            if self._next_new not in self._received:
-                wanted.append(self._next_new)
-                room -= 1
-            self._next_new += 1
-        return wanted
-
     def _connection_held(self) -> bool:
         """Our last request went out on the connection we are still on."""
         return self._client.connected and self._client.connections == self._asked_on
-
-    @property
-    def _rto_cap(self) -> float:
-        return max(self._retry_after, self._stall_timeout * RETRY_CAP_SHARE)
-
-    def _sample_rtt(self, seconds: float) -> None:
-        """Fold one ask-to-arrival time into the estimate and set the retry time from it (RFC 6298, 2)."""
-        if self._srtt is None:
-            self._srtt, self._rttvar = seconds, seconds / 2
-        else:
-            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - seconds)
-            self._srtt = 0.875 * self._srtt + 0.125 * seconds
-        self._rto = min(max(self._retry_after, self._srtt + 4 * self._rttvar), self._rto_cap)
 
     def _hash_forward(self, index: int, data) -> None:
         """Extend the running hash over every chunk now contiguous from the start (condition held)."""
@@ -361,11 +297,7 @@ class Download:
             for i in damaged:
                 del self._received[i]
             self._hasher, self._hashed = hashlib.sha256(), 0  # it took the damaged data in
-            self._requested.clear()
-            self._asks.clear()
-            self._first_ask.clear()
-            self._answered_upto = -1
-            self._next_new = 0  # _due() skips what is received
+            self._asks.restart()
             self._last_progress = time.monotonic()
         log.warning("bundle %s did not match its SHA-256: %d chunk(s) arrived damaged (%s), fetching them again",
                     self._offer.sha256[:12], len(damaged), ", ".join(map(str, sorted(damaged)[:10]))
@@ -421,18 +353,14 @@ class Download:
             self._received[chunk.index] = zlib.crc32(chunk.data) if chunk.crc32 is None else chunk.crc32
             self._hash_forward(chunk.index, chunk.data)
             now = time.monotonic()
-            asked = self._requested.pop(chunk.index, None)
-            if asked is not None:
-                if self._asks[chunk.index] == 1:  # (which ask an answer came for is unknown)
-                    self._sample_rtt(now - asked)
-                self._answered_upto = max(self._answered_upto, self._first_ask[chunk.index])
+            self._asks.arrived(chunk.index, now)
             self._last_progress = now
             done = len(self._received) / offer.chunk_count
             if now - self._saved_at >= RECORD_EVERY:
                 self._save_record()
             if len(self._received) == offer.chunk_count:
                 self._cond.notify_all()
-            elif self._window - len(self._requested) >= self._refill_at or self._tell_seen:
+            elif self._asks.free >= self._refill_at or self._tell_seen:
                 # Refill the window right here, on the thread the chunk came in on (waking the
                 # download's thread would cost a thread switch per chunk), a quarter at a time.
                 self._ask(now)
