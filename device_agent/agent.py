@@ -378,7 +378,17 @@ class Agent:
 
     def _renew_certificate(self, command: CertificateCommand) -> None:
         """Reconnect showing the renewed certificate; keep it once the broker accepts it, else go back
-        to the one before (renewal does not revoke it, so it still works)."""
+        to the one before (renewal does not revoke it, so it still works). A renewed CA certificate
+        it carries is trusted from now on."""
+        if command.ca is not None:
+            try:
+                if self.certificate.take_ca(command.ca) is not None:
+                    self.client.trust(command.ca)
+                    self.config = self.machine.ctx.config = replace(self.config, tls=self.certificate.tls)
+                    self._announce("the renewed CA")
+            except EdgefleetError as exc:
+                self._refuse("certificate", command.command_id, exc)
+                return
         if self.certificate.shows(command.certificate):  # sent again (its answer was lost): nothing to do
             self._reply(Reply(self.config.device_id, command.command_id, "certificate", True,
                               self.certificate.describe()))

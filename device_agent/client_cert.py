@@ -8,6 +8,12 @@ accepted a connection with it; if the broker does not, it goes back to the one b
 works (renewal does not revoke it) — as an update that does not come up healthy is rolled back. The
 key never travels and the configured files are never written: a certificate kept in the state
 directory is used over the configured one while it lasts longer.
+
+The same command carries the CA's current certificate. When the host renewed it (`edgefleet certs
+renew --ca`: the same name and key, a later end), the agent trusts it beside the configured CA file
+(``STATE/tls/ca.crt``: the configured CAs and the renewals of them taken up), so the broker's
+certificate still verifies once the earlier CA certificate has expired. Only a renewal of a CA the
+configured file names is taken: a command cannot bring a new CA in.
 """
 
 from __future__ import annotations
@@ -29,18 +35,24 @@ CLOCK_SKEW = dt.timedelta(minutes=5)  # a certificate issued on a host whose clo
 RENEW_WITHIN_DAYS = 30  # a certificate with fewer days left is said to need renewing
 
 
-def days_left(described: dict[str, str]) -> float:
-    """Days until a certificate as ClientCertificate.describe() gives it expires (negative: since)."""
-    return (expires_at(described) - time.time()) / 86400
+def days_left(described: dict[str, str], which: str = "expires") -> float | None:
+    """Days until a certificate as ClientCertificate.describe() gives it expires (negative: since);
+    with *which* "ca_expires", until the CA certificates it is signed under do (None: not said)."""
+    end = expires_at(described, which)
+    return None if end is None else (end - time.time()) / 86400
 
 
 def certificate_text(described: dict[str, str]) -> str:
     """One line for a certificate as ClientCertificate.describe() gives it: serial, expiry, whether
-    it was renewed over MQTT, and a warning when it is about to expire or has."""
-    left = days_left(described)
+    it was renewed over MQTT, its CA's expiry, and a warning when either is about to expire or has."""
+    def warning(left: float | None) -> str:
+        return "" if left is None else ", EXPIRED" if left <= 0 else \
+            f", {int(left)} days left: renew it" if left < RENEW_WITHIN_DAYS else ""
+
     return (f"serial {described['serial'][:16]}, valid until {described['expires'][:10]}"
-            + (" (renewed over MQTT)" if described["source"] == "renewed" else "")
-            + (", EXPIRED" if left <= 0 else f", {int(left)} days left: renew it" if left < RENEW_WITHIN_DAYS else ""))
+            + (" (renewed over MQTT)" if described["source"] == "renewed" else "") + warning(days_left(described))
+            + (f"; its CA until {described['ca_expires'][:10]}" + warning(days_left(described, "ca_expires"))
+               if "ca_expires" in described else ""))
 
 
 def _load(path: Path):
@@ -57,30 +69,101 @@ class ClientCertificate:
         self.configured = tls
         self.device_id = device_id
         self.kept = state_dir / "tls" / "client.crt"
+        self.kept_ca = self.kept.with_name("ca.crt")
         self.candidate = self.kept.with_name("client.crt.new")
         self.candidate.unlink(missing_ok=True)  # one the broker never accepted (the agent stopped meanwhile)
         self.tls = tls
-        if tls is None or tls.cert is None or not self.kept.exists():
+        if tls is None:
+            return
+        self.tls = replace(tls, ca=self._trusted_cas())
+        if tls.cert is None or not self.kept.exists():
             return
         try:
             kept = self.check(self.kept.read_text(), newer_than=tls.cert)
         except (OSError, ValueError, ProtocolError, ConfigError) as exc:  # e.g. outlasted by a newer configured one
             log.warning("not using the renewed client certificate %s: %s", self.kept, exc)
             return
-        self.tls = replace(tls, cert=self.kept)
+        self.tls = replace(self.tls, cert=self.kept)
         log.info("using the renewed client certificate %s (serial %x, valid until %s)", self.kept, kept.serial_number,
                  f"{kept.not_valid_after_utc:%Y-%m-%d}")
 
+    def _trusted_cas(self) -> Path:
+        """The configured CA file; or, once renewed CA certificates were taken up, the kept one: the
+        configured file's CAs and those renewals of them that have not expired (made again at each
+        start, so that a CA taken out of the configured file takes its renewals with it)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        configured = self.configured.ca
+        if not self.kept_ca.exists():
+            return configured
+        try:
+            cas = _cas(configured)
+            kept = x509.load_pem_x509_certificates(self.kept_ca.read_bytes())
+        except (OSError, ValueError, ConfigError) as exc:  # (an unreadable configured file: the connection says so)
+            log.warning("not using the renewed CA certificates in %s: %s", self.kept_ca, exc)
+            return configured
+        now = dt.datetime.now(dt.timezone.utc)
+        renewals = [c for c in kept if c not in cas and _renewed(c, cas) and c.not_valid_after_utc > now]
+        try:
+            if not renewals:
+                self.kept_ca.unlink()
+                return configured
+            with replaced_when_written(self.kept_ca) as tmp:
+                tmp.write_bytes(configured.read_bytes().rstrip(b"\n") + b"\n" + b"".join(
+                    c.public_bytes(serialization.Encoding.PEM) for c in renewals))
+        except OSError as exc:
+            log.warning("not using the renewed CA certificates in %s: %s", self.kept_ca, exc)
+            return configured
+        return self.kept_ca
+
+    def take_ca(self, pem: str):
+        """Trust the CA certificate *pem* from now on if it renews a CA this device trusts (the same
+        name and key, valid now, and ending later than every certificate of that CA here): it is
+        then added to the kept CA file, and returned. None if there is nothing to take (it is
+        trusted already, or outlasted); ProtocolError if it renews no CA this device trusts."""
+        from cryptography import x509
+
+        if self.tls is None:
+            raise ConfigError("this agent does not use TLS: it has no CA to renew")
+        try:
+            cert = x509.load_pem_x509_certificate(pem.encode())
+        except ValueError:
+            raise ProtocolError("the CA is not a PEM certificate") from None
+        cas = _cas(self.tls.ca)
+        if cert in cas:
+            return None
+        if not _renewed(cert, cas):
+            raise ProtocolError(f"the CA certificate renews none of the CAs in {self.configured.ca} (the same name and "
+                                f"key): a CA is trusted only from the configured file")
+        _check_times(cert, "the CA certificate")
+        if cert.not_valid_after_utc <= max(c.not_valid_after_utc for c in cas if _renewed(cert, [c])):
+            return None
+        try:
+            self.kept_ca.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            trusted = self.tls.ca.read_bytes()
+            with replaced_when_written(self.kept_ca) as tmp:
+                tmp.write_bytes(trusted.rstrip(b"\n") + b"\n" + pem.encode().strip() + b"\n")
+        except OSError as exc:
+            raise StorageError(f"cannot keep the renewed CA certificate in {self.kept_ca.parent}: {exc}") from None
+        self.tls = replace(self.tls, ca=self.kept_ca)
+        log.info("trusting the renewed CA certificate (serial %x, valid until %s)", cert.serial_number,
+                 f"{cert.not_valid_after_utc:%Y-%m-%d}")
+        return cert
+
     def describe(self) -> dict[str, Any] | None:
-        """Serial, expiry and source ("config" or "renewed") of the certificate in use; None without one."""
+        """Serial, expiry and source ("config" or "renewed") of the certificate in use, and when the
+        last of the CA certificates here that it is signed under expires; None without one."""
         if self.tls is None or self.tls.cert is None:
             return None
         try:
             cert = _load(self.tls.cert)
-        except (OSError, ValueError):
+            issuers = [ca for ca in _cas(self.tls.ca) if _issued_by(cert, ca)]
+        except (OSError, ValueError, ConfigError):
             return None
         return {"serial": f"{cert.serial_number:x}", "expires": cert.not_valid_after_utc.isoformat(),
-                "source": "renewed" if self.tls.cert == self.kept else "config"}
+                "source": "renewed" if self.tls.cert == self.kept else "config",
+                **({"ca_expires": max(ca.not_valid_after_utc for ca in issuers).isoformat()} if issuers else {})}
 
     def shows(self, pem: str) -> bool:
         """Whether *pem* is the certificate in use already (the same one pushed again)."""
@@ -125,13 +208,9 @@ class ClientCertificate:
                 raise ProtocolError("the certificate is not for TLS clients (its extended key usage)")
         except x509.ExtensionNotFound:
             pass
-        if not any(_issued_by(cert, ca) for ca in _cas(tls.ca)):
+        if not any(_issued_by(cert, ca) for ca in _cas(self.tls.ca)):
             raise ProtocolError(f"the certificate is not signed by a CA in {tls.ca}")
-        now = dt.datetime.now(dt.timezone.utc)
-        if cert.not_valid_before_utc > now + CLOCK_SKEW:
-            raise ProtocolError(f"the certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
-        if cert.not_valid_after_utc <= now:
-            raise ProtocolError(f"the certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+        _check_times(cert, "the certificate")
         current = newer_than or (self.tls.cert if self.tls else None)
         try:
             in_use = _load(current) if current is not None else None
@@ -153,12 +232,12 @@ class ClientCertificate:
             raise StorageError(f"cannot keep the renewed certificate in {self.candidate.parent}: {exc}") from None
         log.info("trying the renewed client certificate (serial %x, valid until %s)", cert.serial_number,
                  f"{cert.not_valid_after_utc:%Y-%m-%d}")
-        return replace(self.configured, cert=self.candidate)
+        return replace(self.tls, cert=self.candidate)
 
     def commit(self) -> TlsFiles:
         """The broker accepted the staged certificate: keep it (across restarts) and use it."""
         self.candidate.replace(self.kept)
-        self.tls = replace(self.configured, cert=self.kept)
+        self.tls = replace(self.tls, cert=self.kept)
         return self.tls
 
     def discard(self) -> None:
@@ -172,6 +251,29 @@ def _cas(path: Path) -> list:
         return x509.load_pem_x509_certificates(path.read_bytes())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read the CA file {path}: {exc}") from None
+
+
+def _renewed(cert, cas: list) -> bool:
+    """Whether *cert* is a self-signed CA certificate with the name and key of one of *cas*."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+    return is_ca and _issued_by(cert, cert) and any(
+        ca.subject == cert.subject and ca.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki)
+        for ca in cas)
+
+
+def _check_times(cert, what: str) -> None:
+    now = dt.datetime.now(dt.timezone.utc)
+    if cert.not_valid_before_utc > now + CLOCK_SKEW:
+        raise ProtocolError(f"{what} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+    if cert.not_valid_after_utc <= now:
+        raise ProtocolError(f"{what} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
 
 
 def _issued_by(cert, ca) -> bool:

@@ -228,11 +228,21 @@ class MqttClient:
 
     def present(self, tls: TlsFiles) -> None:
         """Show the broker *tls*'s client certificate from the next connection on (a renewed one;
-        the CA stays the one given at the start). Raises ConfigError if it cannot be used."""
+        the CAs stay those given at the start, and trust()). Raises ConfigError if it cannot be used."""
         if self._tls_context is None:
             raise ConfigError("this client does not use TLS")
         self._load_client_certificate(tls)
         self.tls = tls
+
+    def trust(self, ca_pem: str) -> None:
+        """Also accept a broker certificate signed under the CA certificate *ca_pem* (a renewed one),
+        from the next connection on."""
+        if self._tls_context is None:
+            raise ConfigError("this client does not use TLS")
+        try:
+            self._tls_context.load_verify_locations(cadata=ca_pem)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"cannot use the CA certificate: {exc}") from None
 
     def _load_client_certificate(self, tls: TlsFiles) -> None:
         if tls.cert is None:

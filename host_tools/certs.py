@@ -13,6 +13,7 @@ device's CN is its device id; a host tool's CN is ``host:NAME``, which no device
     revoked/NAME-SERIAL.crt         revoked certificates (their keys are deleted)
     superseded/NAME-SERIAL.crt      client certificates renewed over: valid until they expire, so
                                     revoking NAME revokes them too
+    superseded/ca/SERIAL.crt        the CA's certificates renewed over (`certs renew --ca`)
 
 A revoked name can be issued a new certificate (a replacement device under the same id); until
 it is, the broker's ACL denies that name everything (``host_tools.broker_config``).
@@ -187,6 +188,31 @@ class Pki:
             tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return IssuedCert(common_name(cert) or path.name, path, cert.serial_number, cert.not_valid_after_utc, False,
                           "broker" if name is None else _client_kind(name))
+
+    def renew_ca(self, *, days: int = CA_DAYS) -> IssuedCert:
+        """A new certificate for the CA, valid *days* from now, over its key and name, written over
+        ca.crt. Everything the CA signed verifies under it as under the earlier one (the same name
+        and key), so nothing is issued again; the broker, the devices and the host tools need it
+        in their CA files before the earlier one expires (`certs push` gives it to the devices).
+        The earlier one is kept in superseded/ca/; crl.pem is signed again to last as long."""
+        ca_key, old = self._load_ca()
+        new = _issue(common_name(old) or "", ca_key.public_key(), old.subject, ca_key, days=days, ca=True)
+        if new.subject != old.subject:  # (a CA made elsewhere, its name more than a common name)
+            raise ConfigError(f"the CA in {self.dir} is named {old.subject.rfc4514_string()}: only a CA that "
+                              f"`edgefleet certs init` made can be renewed here")
+        kept = self.dir / "superseded" / "ca" / f"{old.serial_number:x}.crt"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_bytes(old.public_bytes(serialization.Encoding.PEM))
+        with replaced_when_written(self.ca_cert) as tmp:
+            tmp.write_bytes(new.public_bytes(serialization.Encoding.PEM))
+        if self.crl.exists():  # its next update was the earlier certificate's end
+            self._sign_revocation_list()
+        return IssuedCert(common_name(new) or "CA", self.ca_cert, new.serial_number, new.not_valid_after_utc, False,
+                          "CA")
+
+    def ca_certificate(self) -> str:
+        """The CA's current certificate (PEM), to send it to the devices with theirs (`certs push`)."""
+        return self.require_ca().ca_cert.read_text()
 
     def device_certificate(self, name: str) -> str:
         """Device *name*'s current certificate (PEM), to send it to the device (`certs push`)."""

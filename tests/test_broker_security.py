@@ -364,6 +364,75 @@ def test_renewed_certificates_work_at_once_and_the_earlier_ones_until_they_expir
         broker.close()
 
 
+def test_a_renewed_ca_pushed_over_mqtt_keeps_a_device_connected_after_the_earlier_ca_certificate_expires(
+        agents, keys, tmp_path):
+    """The devices' CA certificate runs out in 35 s. `certs renew --ca`, then `certs push --stale`
+    (the devices the registry shows with the earlier CA): the agent trusts the renewed one beside its
+    configured CA file, and after the earlier one has expired it is back after a broker restart and
+    an agent restart, while a client with only the CA file the device was given is refused."""
+    from cryptography import x509
+
+    from device_agent.local_api import AgentClient
+    from host_tools.fleet.store import FleetStore
+
+    broker = SecureMosquitto("ca-a", "ca-b", "host:ops")
+    address, pki = broker.address, broker.pki
+    earlier = pki.renew_ca(days=35 / 86400)  # the CA certificate the devices were given
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    shutil.copy(pki.ca_cert, etc / "ca.crt")
+    given = (etc / "ca.crt").read_bytes()
+    for name in ("ca-a", "ca-b"):
+        cert, key = pki.client_files(name)
+        shutil.copy(cert, etc / f"{name}.crt")
+        shutil.copy(key, etc / f"{name}.key")
+    host = tls_for(pki, "host:ops")
+    as_host = ("--tls-ca", host.ca, "--tls-cert", host.cert, "--tls-key", host.key)
+
+    def in_use(agent) -> dict:
+        with AgentClient(agent.control_socket, timeout=10) as client:
+            return client.status()["certificate"]
+    try:
+        agent = agents.start("ca-a", broker=address, extra_args=(
+            "--tls-ca", str(etc / "ca.crt"), "--tls-cert", str(etc / "ca-a.crt"), "--tls-key", str(etc / "ca-a.key"),
+            "--reconnect-max-delay", "1"))
+        assert agent.wait_for_api() and agent.wait_for_broker(), agent.log.read_text()
+        assert in_use(agent)["ca_expires"] == earlier.expires.isoformat()
+
+        renewed = edgefleet("certs", "renew", "--ca", "--days", "30", "--dir", pki.dir)
+        assert renewed.returncode == 0, renewed.stderr
+        ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+        registry = FleetStore(tmp_path / "fleet.db")  # as the monitor keeps it: ca-b reports the renewed CA
+        registry.record_status(DeviceStatus("ca-a", True, time.time(), certificate=in_use(agent)), time.time())
+        serial_b = x509.load_pem_x509_certificate((etc / "ca-b.crt").read_bytes()).serial_number
+        registry.record_status(DeviceStatus("ca-b", True, time.time(), certificate={
+            **in_use(agent), "serial": f"{serial_b:x}", "ca_expires": ca.not_valid_after_utc.isoformat()}), time.time())
+        registry.close()
+        pushed = edgefleet(*as_host, "certs", "push", "--stale", "--db", tmp_path / "fleet.db", "--dir", pki.dir,
+                           "--broker", address)
+        assert pushed.returncode == 0, pushed.stderr + agent.log.read_text()[-3000:]
+        client_cert = x509.load_pem_x509_certificate((etc / "ca-a.crt").read_bytes())
+        assert pushed.stdout == f"ca-a: uses serial {f'{client_cert.serial_number:x}'[:16]}, valid until " \
+                                f"{client_cert.not_valid_after_utc:%Y-%m-%d}, its CA until " \
+                                f"{ca.not_valid_after_utc:%Y-%m-%d}\n"
+        assert in_use(agent)["ca_expires"] == ca.not_valid_after_utc.isoformat()
+        assert (etc / "ca.crt").read_bytes() == given  # the configured file is left alone
+
+        time.sleep(max(0.0, earlier.expires.timestamp() - time.time() + 1))
+        broker.stop()
+        broker.start()  # every client connects again: now past the earlier CA certificate's end
+        assert agent.wait_for_broker(20), agent.log.read_text()[-3000:]
+        with pytest.raises(BrokerUnreachable, match="certificate"):  # the device's CA file alone no longer does
+            Listener(address, pki, "ca-b", [], tls=TlsFiles(ca=etc / "ca.crt", cert=etc / "ca-b.crt",
+                                                            key=etc / "ca-b.key"))
+        agent.terminate()
+        agent.start()
+        assert agent.wait_for_api() and agent.wait_for_broker(20), agent.log.read_text()[-3000:]
+        assert in_use(agent)["ca_expires"] == ca.not_valid_after_utc.isoformat()
+    finally:
+        broker.close()
+
+
 def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earlier_one_expires(agents, keys, tmp_path):
     """`certs renew` and `certs push --stale` (the devices the registry shows with an older
     certificate) a device whose certificate runs out in 40 s: it reconnects with the new one, keeps
@@ -401,8 +470,9 @@ def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earli
             "--tls-ca", str(etc / "ca.pem"), "--tls-cert", str(etc / "device.crt"), "--tls-key",
             str(etc / "device.key"), "--reconnect-max-delay", "1"))
         assert agent.wait_for_api() and agent.wait_for_broker(), agent.log.read_text()
+        ca_expires = next(c.expires for c in pki.own() if c.kind == "CA")
         assert in_use(agent) == {"serial": f"{earlier.serial:x}", "expires": earlier.expires.isoformat(),
-                                 "source": "config"}
+                                 "source": "config", "ca_expires": ca_expires.isoformat()}
 
         tried = edgefleet(*as_host, "certs", "push", "cert-a", "--dir", other.dir, "--broker", address, "--json")
         assert tried.returncode == 1, tried.stderr + agent.log.read_text()[-3000:]
@@ -423,12 +493,13 @@ def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earli
                            "--broker", address)
         assert pushed.returncode == 0, pushed.stderr + agent.log.read_text()[-3000:]
         assert pushed.stdout == f"cert-a: uses serial {f'{renewed.serial:x}'[:16]}, valid until " \
-                                f"{renewed.expires:%Y-%m-%d}\n"
+                                f"{renewed.expires:%Y-%m-%d}, its CA until {ca_expires:%Y-%m-%d}\n"
         assert in_use(agent)["source"] == "renewed" and agent.wait_for_broker(10)
         watcher = Listener(address, pki, "host:ops", [topics.status("cert-a")])  # what the fleet's monitor reads
         try:
             assert wait_until(lambda: watcher.got and DeviceStatus.from_payload(watcher.got[-1][1]).certificate == {
-                "serial": f"{renewed.serial:x}", "expires": renewed.expires.isoformat(), "source": "renewed"}, 10)
+                "serial": f"{renewed.serial:x}", "expires": renewed.expires.isoformat(), "source": "renewed",
+                "ca_expires": ca_expires.isoformat()}, 10)
         finally:
             watcher.client.disconnect()
         assert (etc / "device.crt").read_bytes() != cert.read_bytes()  # the configured file is left alone
@@ -448,7 +519,7 @@ def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earli
         assert agent.wait_for_api() and agent.wait_for_broker(), agent.log.read_text()[-3000:]
         shown = edgefleet(*as_host, "device", "status", "cert-a", "--broker", address)
         assert f"certificate:   serial {f'{renewed.serial:x}'[:16]}, valid until {renewed.expires:%Y-%m-%d} " \
-               f"(renewed over MQTT)\n" in shown.stdout, shown.stderr
+               f"(renewed over MQTT); its CA until {ca_expires:%Y-%m-%d}\n" in shown.stdout, shown.stderr
 
         time.sleep(max(0.0, earlier.expires.timestamp() - time.time() + 1))
         broker.stop()

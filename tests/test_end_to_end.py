@@ -395,7 +395,8 @@ def test_the_dashboard_renders_real_plots_rollout_marks_and_versions_in_headless
                       and store.telemetry_count("pi-81", "digits-cnn 2.0.0") >= 4, 20)
     soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=12.5)  # a device whose certificate runs out
     store.record_status(DeviceStatus("pi-82", False, time.time(), certificate={
-        "serial": "ab12", "expires": soon.isoformat(), "source": "config"}), time.time())
+        "serial": "ab12", "expires": soon.isoformat(), "source": "config",
+        "ca_expires": (soon - dt.timedelta(days=9)).isoformat()}), time.time())  # ... and its CA's sooner
 
     port = free_port()
     page = subprocess.Popen([sys.executable, "-m", "host_tools", "dashboard", "--db", str(monitor),
@@ -421,7 +422,8 @@ def test_the_dashboard_renders_real_plots_rollout_marks_and_versions_in_headless
     watts = re.search(r'data-series="watts" points="([^"]+)"', jetson_card)
     assert watts and len(watts.group(1).split()) >= 4 and "power (W) — jetson-ina3221" in jetson_card
     assert 'data-plot="watts">not reported by this device' in plain_card  # not a line at zero
-    assert '<span class="alarm" data-alarm="certificate">certificate: 12 days left, renew it</span>' in cards["pi-82"]
+    assert '<span class="alarm" data-alarm="certificate">certificate: 12 days left, renew it</span> ' \
+           '<span class="alarm" data-alarm="CA">CA: 3 days left, renew it</span>' in cards["pi-82"]
     assert 'data-alarm' not in jetson_card + plain_card  # (no client certificate at all: nothing to say)
 
 

@@ -157,24 +157,31 @@ MAX_CERTIFICATE = 16 * 1024  # a PEM certificate is 1-2 KiB
 @dataclass(frozen=True)
 class CertificateCommand:
     """Present this renewed client certificate (PEM, over the device's own key) to the broker from
-    now on (see ``device_agent.client_cert``); answered with a Reply."""
+    now on, and trust *ca*, the CA's current certificate, if it renews one the device trusts (see
+    ``device_agent.client_cert``); answered with a Reply."""
 
     command_id: str
     issued_at: float
     certificate: str
+    ca: str | None = None
 
     def to_payload(self) -> bytes:
         return encode("certificate", {"command_id": self.command_id, "issued_at": self.issued_at,
-                                       "certificate": self.certificate})
+                                       "certificate": self.certificate,
+                                       **({"ca": self.ca} if self.ca is not None else {})})
 
     @classmethod
     def from_payload(cls, payload: bytes) -> "CertificateCommand":
         doc = decode(payload, "certificate")
-        pem = require(doc, "certificate", str)
-        if not pem.startswith("-----BEGIN CERTIFICATE-----") or len(pem) > MAX_CERTIFICATE:
-            raise ProtocolError(f"'certificate' must be one PEM certificate of up to {MAX_CERTIFICATE} characters")
-        return cls(**_header(doc),
-                   certificate=pem)
+        return cls(**_header(doc), certificate=_pem(doc, "certificate"),
+                   ca=_pem(doc, "ca") if doc.get("ca") is not None else None)
+
+
+def _pem(doc: dict, key: str) -> str:
+    pem = require(doc, key, str)
+    if not pem.startswith("-----BEGIN CERTIFICATE-----") or len(pem) > MAX_CERTIFICATE:
+        raise ProtocolError(f"{key!r} must be one PEM certificate of up to {MAX_CERTIFICATE} characters")
+    return pem
 
 
 COMMANDS = {"deploy": DeployCommand, "rollback": RollbackCommand, "status_request": StatusRequest,

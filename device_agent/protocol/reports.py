@@ -102,20 +102,27 @@ def _certificate(value: dict | None) -> dict[str, str] | None:
     if value is None:
         return None
     cert = {k: require(value, k, str) for k in ("serial", "expires", "source")}
-    try:
-        expires = dt.datetime.fromisoformat(cert["expires"])
-    except ValueError:
-        expires = None
-    if len(cert["serial"]) > 40 or expires is None or expires.tzinfo is None or cert["source"] not in (
-            "config", "renewed"):
-        raise ProtocolError("certificate: serial up to 40 hex digits, expires an ISO 8601 time with its zone, "
-                            "source 'config' or 'renewed'")
+    ca_expires = require(value, "ca_expires", str, optional=True)  # (agents from before leave it out)
+    if ca_expires is not None:
+        cert["ca_expires"] = ca_expires
+    times = [cert["expires"]] + ([ca_expires] if ca_expires is not None else [])
+    if len(cert["serial"]) > 40 or not all(map(_zoned_time, times)) or cert["source"] not in ("config", "renewed"):
+        raise ProtocolError("certificate: serial up to 40 hex digits, expires (and ca_expires) an ISO 8601 time "
+                            "with its zone, source 'config' or 'renewed'")
     return cert
 
 
-def expires_at(certificate: dict[str, str] | None) -> float | None:
-    """When a status's (validated) certificate expires, as Unix time."""
-    return dt.datetime.fromisoformat(certificate["expires"]).timestamp() if certificate else None
+def _zoned_time(text: str) -> bool:
+    try:
+        return dt.datetime.fromisoformat(text).tzinfo is not None
+    except ValueError:
+        return False
+
+
+def expires_at(certificate: dict[str, str] | None, which: str = "expires") -> float | None:
+    """When a status's (validated) certificate expires, as Unix time; with *which* "ca_expires",
+    when the CA the device trusts for it does (None: not said)."""
+    return dt.datetime.fromisoformat(certificate[which]).timestamp() if certificate and which in certificate else None
 
 
 def _labels(value: dict | None) -> dict[str, str] | None:

@@ -62,12 +62,16 @@ def devices_list(db, selectors, group, as_json) -> None:
 
 
 def _certificate_alarm(certificate: dict[str, str] | None) -> str:
-    """What `devices list` says of a client certificate about to expire (nothing otherwise)."""
+    """What `devices list` says of a client certificate, or the CA it is signed under, about to
+    expire (nothing otherwise)."""
     from device_agent.client_cert import RENEW_WITHIN_DAYS, days_left
 
-    left = days_left(certificate) if certificate else RENEW_WITHIN_DAYS
-    return ", certificate expired!" if left <= 0 else \
-        f", certificate: {int(left)} days left!" if left < RENEW_WITHIN_DAYS else ""
+    said = ""
+    for which, what in (("expires", "certificate"), ("ca_expires", "CA")):
+        left = days_left(certificate, which) if certificate else None
+        if left is not None and left < RENEW_WITHIN_DAYS:
+            said += f", {what} expired!" if left <= 0 else f", {what}: {int(left)} days left!"
+    return said
 
 
 CLOCK_TOLERANCE = 60.0  # seconds a device's clock may differ from the host's before `show` says so

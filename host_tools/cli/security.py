@@ -112,26 +112,38 @@ def certs_revoke(names, pki_dir) -> None:
 
 
 @certs.command("renew", help="Renew the certificates of NAMES (devices, host:NAME tools), or with --broker the "
-                             "broker's, before they expire: a new certificate over the same key and names, written "
-                             "over the current one. The earlier one stays valid until it expires, so each device "
-                             "can be given its new .crt when it suits (its key does not change).")
+                             "broker's, or with --ca the CA's, before they expire: a new certificate over the same "
+                             "key and names, written over the current one. The earlier one stays valid until it "
+                             "expires, so each device can be given its new .crt when it suits (its key does not "
+                             "change); what the CA signed is valid under its renewed certificate as before.")
 @click.argument("names", nargs=-1)
 @click.option("--broker", "broker_cert", is_flag=True, help="Renew the broker's server certificate too.")
+@click.option("--ca", "ca_cert", is_flag=True, help="Renew the CA's certificate too (its key stays; `certs push` "
+                                                    "gives it to the devices).")
 @click.option("--expiring-within", "within_days", type=click.FloatRange(0, 36500), metavar="DAYS",
               help="Also renew every client certificate that expires within DAYS days.")
 @pki_option
 @click.option("--days", type=click.IntRange(1, 36500),
               help="Lifetime of the new certificates [default: as `certs client` and `certs init` issue them].")
 @fail_cleanly
-def certs_renew(names, broker_cert, within_days, pki_dir, days) -> None:
+def certs_renew(names, broker_cert, ca_cert, within_days, pki_dir, days) -> None:
     import datetime as dt
 
     from host_tools.certs import Pki
 
-    if not names and not broker_cert and within_days is None:
-        raise click.UsageError("give the NAMES of the client certificates to renew, --expiring-within DAYS, or "
-                               "--broker")
+    if not names and not broker_cert and not ca_cert and within_days is None:
+        raise click.UsageError("give the NAMES of the client certificates to renew, --expiring-within DAYS, "
+                               "--broker or --ca")
     pki = Pki(pki_dir).require_ca()
+    if ca_cert:
+        cert = pki.renew_ca(**({"days": days} if days else {}))
+        click.echo(f"renewed the CA: {cert.path}, serial {f'{cert.serial:x}'[:16]}, valid until "
+                   f"{cert.expires:%Y-%m-%d}")
+        click.echo("next, before the earlier one expires: `edgefleet broker config --out DIR` again and reload "
+                   "Mosquitto; `edgefleet certs push --stale --broker ADDR` gives the devices the renewed CA with "
+                   "their certificates; copy ca.crt to the host tools (--tls-ca) by hand")
+    if not names and not broker_cert and within_days is None:
+        return
     if within_days is not None:
         soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=within_days)
         due = [c.name for c in pki.issued() if not c.revoked and c.expires <= soon and c.name not in names]
@@ -182,21 +194,27 @@ def certs_push(names, stale, db, pki_dir, broker, timeout, signing_key, expires_
             click.echo(f"every device in {db} that reports a certificate shows its current one")
             return
     pems = {name: pki.device_certificate(name) for name in names}  # all found before any is sent
+    ca = pki.ca_certificate()  # a renewed one the devices take up (one they have already, they ignore)
     send_to_each(broker, "certs", names, "certificate",
-                 lambda device, cid: CertificateCommand(cid, time.time(), pems[device]),
+                 lambda device, cid: CertificateCommand(cid, time.time(), pems[device], ca),
                  timeout=timeout, signing_key=signing_key, expires_in=expires_in, as_json=as_json,
-                 took=lambda body: f"uses serial {body['serial'][:16]}, valid until {body['expires'][:10]}")
+                 took=lambda body: f"uses serial {body['serial'][:16]}, valid until {body['expires'][:10]}"
+                 + (f", its CA until {body['ca_expires'][:10]}" if body.get("ca_expires") else ""))
 
 
 def _stale_devices(pki, db: Path) -> list[str]:
     """The devices in the registry at *db* that report a certificate other than their current one
-    in *pki* (a renewed one not given to them yet); those that report none (no client certificate,
-    or an agent from before) are not counted."""
+    in *pki* (a renewed one not given to them yet), or a CA that expires before the CA's current
+    certificate (a renewed CA); those that report none (no client certificate, or an agent from
+    before) are not counted."""
+    from device_agent.protocol.reports import expires_at
     from host_tools.cli.fleet import fleet_rows
 
     current = {c.name: f"{c.serial:x}" for c in pki.issued() if not c.revoked and c.kind == "device"}
+    ca_expires = next(c.expires for c in pki.own() if c.kind == "CA").timestamp()
     return [r.device_id for r in fleet_rows(db, (), None) if r.certificate and r.device_id in current
-            and r.certificate["serial"] != current[r.device_id]]
+            and (r.certificate["serial"] != current[r.device_id]
+                 or (expires_at(r.certificate, "ca_expires") or ca_expires) < ca_expires)]
 
 
 @main.group(help="The MQTT broker: a Mosquitto configuration for the fleet.")

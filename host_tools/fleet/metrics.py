@@ -41,6 +41,9 @@ GAUGES = [
      "last_seen", 1),
     ("edgefleet_client_certificate_expiry_timestamp_seconds",
      "When the client certificate the device shows the broker expires (Unix time).", "certificate_expires", 1),
+    ("edgefleet_ca_certificate_expiry_timestamp_seconds",
+     "When the last of the CA certificates the device trusts for its client certificate expires (Unix time).",
+     "ca_certificate_expires", 1),
 ]
 
 

@@ -52,6 +52,7 @@ def summarize(row: DeviceRow) -> dict[str, Any]:
         "telemetry_samples": row.samples,
         "last_seen": row.last_seen or None,
         "certificate_expires": expires_at(row.certificate),
+        "ca_certificate_expires": expires_at(row.certificate, "ca_expires"),
     }
 
 

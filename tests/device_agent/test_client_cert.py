@@ -58,8 +58,9 @@ def test_a_renewed_certificate_is_staged_kept_once_committed_and_shown_after_a_r
     kept = certificate.commit()
     assert certificate.shows(pem)  # pushed again: already in use
     assert kept.cert == state / "tls" / "client.crt" and serial(kept.cert) == renewed.serial
+    ca_expires = next(c.expires for c in pki.own() if c.kind == "CA").isoformat()
     assert certificate.describe() == {"serial": f"{renewed.serial:x}", "expires": renewed.expires.isoformat(),
-                                      "source": "renewed"}
+                                      "source": "renewed", "ca_expires": ca_expires}
     after_restart = ClientCertificate(tls, state, "pi-a")
     assert after_restart.tls == kept and after_restart.describe()["source"] == "renewed"
     assert serial(tls.cert) != renewed.serial  # the configured file is never written
@@ -111,10 +112,51 @@ def test_a_certificate_for_another_device_key_or_ca_expired_or_not_newer_is_refu
     assert without.describe() is None
 
 
-def test_the_certificate_command_carries_one_pem_and_nothing_else():
+def test_a_renewed_ca_certificate_is_trusted_beside_the_configured_file_and_nothing_else_is(pki, device, tmp_path):
+    tls, state = device
+    certificate = ClientCertificate(tls, state, "pi-a")
+    configured = tls.ca.read_bytes()
+    earlier_end = certificate.describe()["ca_expires"]
+    assert certificate.take_ca(pki.ca_certificate()) is None  # the one it has: nothing to take
+
+    renewed = pki.renew_ca(days=4000)
+    assert certificate.take_ca(pki.ca_certificate()).serial_number == renewed.serial
+    assert certificate.tls == TlsFiles(ca=state / "tls" / "ca.crt", cert=tls.cert, key=tls.key)
+    trusted = x509.load_pem_x509_certificates(certificate.tls.ca.read_bytes())
+    assert [c.serial_number for c in trusted] == [serial(tls.ca), renewed.serial]
+    assert certificate.describe()["ca_expires"] == renewed.expires.isoformat() != earlier_end
+    assert tls.ca.read_bytes() == configured  # the configured file is never written
+    assert certificate.take_ca(pki.ca_certificate()) is None  # pushed again
+    # A renewed client certificate is checked against, and shown with, both.
+    assert certificate.stage(pki.renew("pi-a", days=900).path.read_text()).ca == state / "tls" / "ca.crt"
+    assert ClientCertificate(tls, state, "pi-a").tls.ca == state / "tls" / "ca.crt"  # after a restart
+
+    shorter = pki.renew_ca(days=3000)  # ends before the one taken: nothing to take
+    assert certificate.take_ca(shorter.path.read_text()) is None
+    other = Pki(tmp_path / "other")
+    other.init(["127.0.0.1"])  # another CA, named as ours: a command cannot bring it in
+    for pem, reason in ((other.ca_certificate(), "renews none of the CAs"),
+                        (pki.client_files("pi-b")[0].read_text(), "renews none of the CAs"),  # not a CA
+                        (pki.renew_ca(days=1e-6).path.read_text(), "not valid|expired")):
+        time.sleep(0.1)
+        with pytest.raises(ProtocolError, match=reason):
+            certificate.take_ca(pem)
+    assert [c.serial_number for c in x509.load_pem_x509_certificates(certificate.tls.ca.read_bytes())] == \
+        [serial(tls.ca), renewed.serial]
+
+    # The configured file names another CA now (the device was moved to another PKI): the renewals of
+    # the one it named before go with it.
+    shutil.copy(other.ca_cert, tls.ca)
+    assert ClientCertificate(tls, state, "pi-a").tls.ca == tls.ca and not (state / "tls" / "ca.crt").exists()
+
+
+def test_the_certificate_command_carries_one_pem_and_perhaps_the_ca_and_nothing_else():
     pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
     command = parse_command(CertificateCommand("c1", 1.5, pem).to_payload())
     assert command == CertificateCommand("c1", 1.5, pem)
+    assert parse_command(CertificateCommand("c1", 1.5, pem, pem).to_payload()).ca == pem
     for bad in ("not a certificate", "-----BEGIN CERTIFICATE-----" + "A" * 20_000):
         with pytest.raises(ProtocolError, match="one PEM certificate"):
             parse_command(CertificateCommand("c1", 1.5, bad).to_payload())
+        with pytest.raises(ProtocolError, match="'ca' must be one PEM certificate"):
+            parse_command(CertificateCommand("c1", 1.5, pem, bad).to_payload())

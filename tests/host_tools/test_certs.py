@@ -133,6 +133,32 @@ def test_renewing_keeps_the_key_and_names_and_gives_a_new_lifetime_signed_by_the
     assert {("pi-a", "valid, 824 days left"), ("127.0.0.1", "valid, 3649 days left")} <= set(listed(pki))
 
 
+def test_renewing_the_ca_keeps_its_name_and_key_so_that_what_it_signed_stays_valid_and_the_crl_lasts_as_long(pki):
+    def load(path):
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    pki.revoke("pi-b")
+    old_ca = load(pki.ca_cert)
+    result = edgefleet("certs", "renew", "--ca", "--days", "5000", "--dir", pki.dir)
+    assert result.returncode == 0, result.stderr
+    ca = load(pki.ca_cert)
+    assert result.stdout.startswith(f"renewed the CA: {pki.ca_cert}, serial {f'{ca.serial_number:x}'[:16]}, valid "
+                                    f"until {ca.not_valid_after_utc:%Y-%m-%d}\n")
+    assert "certs push --stale" in result.stdout
+    assert (ca.subject, ca.public_key()) == (old_ca.subject, old_ca.public_key())
+    assert ca.serial_number != old_ca.serial_number
+    assert (ca.not_valid_after_utc - old_ca.not_valid_after_utc).days > 1000
+    ca.verify_directly_issued_by(ca)
+    for path in (pki.broker_cert, pki.client_files("pi-a")[0], pki.client_files("host:ops")[0]):
+        load(path).verify_directly_issued_by(ca)  # nothing needs issuing again
+    assert load(pki.dir / "superseded" / "ca" / f"{old_ca.serial_number:x}.crt") == old_ca
+    crl = x509.load_pem_x509_crl(pki.crl.read_bytes())
+    assert crl.is_signature_valid(ca.public_key()) and crl.next_update_utc == ca.not_valid_after_utc
+    assert [entry.serial_number for entry in crl] == [c.serial for c in pki.issued() if c.name == "pi-b"]
+    assert ("edgefleet CA", "valid, 4999 days left") in listed(pki)
+    pki.revoke("pi-a")  # the renewed CA signs revocations as before
+    assert len(list(x509.load_pem_x509_crl(pki.crl.read_bytes()))) == 2
+
+
 def test_renewing_what_expires_within_some_days_picks_those_certificates_and_no_others(pki):
     pki.issue_client("pi-gone", days=5)
     pki.revoke("pi-gone")  # revoked: not renewed, though it is about to expire

@@ -271,21 +271,27 @@ def test_the_client_certificate_each_device_shows_reaches_the_registry_and_metri
         cert = {"serial": "ab12" * 5, "expires": (now + dt.timedelta(days=days)).isoformat(), "source": source}
         store.record_status(DeviceStatus(device, True, 1.0, certificate=cert), 1.0)
     store.record_status(DeviceStatus("pi-due", False, 0.0), 2.0)  # its last will says nothing of it: kept
+    store.record_status(DeviceStatus("pi-ca", True, 1.0, certificate={  # its own is fresh, its CA's is not
+        "serial": "cd34" * 5, "expires": (now + dt.timedelta(days=700)).isoformat(), "source": "config",
+        "ca_expires": (now + dt.timedelta(days=5.5)).isoformat()}), 1.0)
     store.record_status(DeviceStatus("pi-plain", True, 1.0), 1.0)  # no client certificate (or an older agent)
     store.close()
     db = tmp_path / "fleet.db"
 
     listed = edgefleet("devices", "list", "--db", db, "--json")
     assert {d["device_id"]: (d["certificate"] or {}).get("source") for d in json.loads(listed.stdout)} == {
-        "pi-fresh": "renewed", "pi-due": "config", "pi-late": "config", "pi-plain": None}
+        "pi-fresh": "renewed", "pi-due": "config", "pi-late": "config", "pi-plain": None, "pi-ca": "config"}
     table = edgefleet("devices", "list", "--db", db).stdout
     assert "certificate: 12 days left!" in table and "certificate expired!" in table
     assert table.count("certificate") == 2  # the fresh one and the one without are not flagged
+    assert table.count("CA: 5 days left!") == 1
     shown = edgefleet("devices", "show", "pi-fresh", "--db", db).stdout
     assert f"certificate: serial {'ab12' * 4}, valid until {now + dt.timedelta(days=700):%Y-%m-%d} (renewed over " \
            f"MQTT)\n" in shown
     assert "12 days left: renew it" in edgefleet("devices", "show", "pi-due", "--db", db).stdout
     assert "certificate" not in edgefleet("devices", "show", "pi-plain", "--db", db).stdout
+    assert "(renewed" not in (ca := edgefleet("devices", "show", "pi-ca", "--db", db).stdout)
+    assert f"; its CA until {now + dt.timedelta(days=5.5):%Y-%m-%d}, 5 days left: renew it\n" in ca
 
     registry = CollectorRegistry()
     registry.register(FleetMetrics(FleetStore(db)))
@@ -294,3 +300,7 @@ def test_the_client_certificate_each_device_shows_reaches_the_registry_and_metri
                 .split()[0])
     assert abs(due - (now + dt.timedelta(days=12.5)).timestamp()) < 1
     assert 'edgefleet_client_certificate_expiry_timestamp_seconds{bundle="",device="pi-plain"}' not in text
+    ca_due = float(text.split('edgefleet_ca_certificate_expiry_timestamp_seconds{bundle="",device="pi-ca"} ')[1]
+                   .split()[0])
+    assert abs(ca_due - (now + dt.timedelta(days=5.5)).timestamp()) < 1
+    assert 'edgefleet_ca_certificate_expiry_timestamp_seconds{bundle="",device="pi-due"}' not in text  # not said
