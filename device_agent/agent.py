@@ -26,7 +26,7 @@ from device_agent.hardware import describe as describe_hardware
 from device_agent.local_api import LocalApi
 from device_agent.local_api import framing
 from device_agent.local_api.http import HttpApi
-from device_agent.mqtt import MqttClient, TlsFiles, Will, session_client_id
+from device_agent.mqtt import MqttClient, Will, session_client_id
 from device_agent.presence import Presence, describe, holder_of
 from device_agent.protocol import topics
 from device_agent.protocol.commands import (
@@ -41,6 +41,7 @@ from device_agent.telemetry import CollectorContext, TelemetryCollectors
 from device_agent.telemetry.disk import room
 from device_agent.telemetry.histogram import LatencyHistogram
 from device_agent.telemetry.reporter import TelemetryReporter
+from device_agent.tls import TlsFiles
 from device_agent.transfer import CHUNK_QOS, ChunkRouter, Download
 from device_agent.trust import TrustStore
 from device_agent.update import UpdateContext, UpdateMachine

@@ -27,7 +27,7 @@ from typing import Any
 
 from device_agent.errors import ConfigError, ProtocolError, StorageError
 from device_agent.files import replaced_when_written
-from device_agent.mqtt import TlsFiles
+from device_agent.tls import TlsFiles
 from device_agent.protocol.reports import expires_at
 
 log = logging.getLogger(__name__)

@@ -53,7 +53,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: JetPack 6 on a Jetson
     import tomli as tomllib
-from device_agent.mqtt import BrokerAddress, TlsFiles
+from device_agent.mqtt import BrokerAddress
+from device_agent.tls import TlsFiles
 from device_agent.protocol import topics
 from device_agent.runtime.base import RuntimeOptions
 from device_agent.store import write_atomically

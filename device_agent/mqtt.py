@@ -9,7 +9,6 @@ import os
 import re
 import secrets
 import socket
-import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent.errors import BrokerUnreachable, ConfigError, MqttError
 from device_agent.files import replaced_when_written
+from device_agent.tls import BrokerTls, TlsFiles
 
 try:
     import fcntl
@@ -104,22 +104,6 @@ def _unshared(topic_filter: str) -> str:
 
 
 @dataclass(frozen=True)
-class TlsFiles:
-    """TLS to the broker: the CA that signed its certificate, and optionally our client certificate."""
-
-    ca: Path
-    cert: Path | None = None
-    key: Path | None = None
-
-
-def _unusable(tls: TlsFiles, exc: Exception) -> ConfigError:
-    files = [str(f) for f in (tls.ca, tls.cert, tls.key) if f is not None]
-    missing = [f for f in files if not os.path.isfile(f)]
-    return ConfigError(f"no TLS file {missing[0]}" if missing else
-                       f"cannot use the TLS files {', '.join(files)}: {exc}")
-
-
-@dataclass(frozen=True)
 class Will:
     topic: str
     payload: bytes
@@ -145,16 +129,9 @@ class MqttClient:
         self._handling = threading.local()  # the message a handler on this thread is handling
         self._client.max_inflight_messages_set(64)
         self._client.max_queued_messages_set(0)
-        self._tls_context: ssl.SSLContext | None = None
-        if tls is not None:
-            # (what paho's tls_set makes, kept to present a renewed client certificate later)
-            self._tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the broker's certificate and name
-            try:
-                self._tls_context.load_verify_locations(str(tls.ca))
-            except (OSError, ValueError) as exc:
-                raise _unusable(tls, exc) from None
-            self._load_client_certificate(tls)
-            self._client.tls_set_context(self._tls_context)
+        self._tls = BrokerTls(tls) if tls is not None else None
+        if self._tls is not None:
+            self._client.tls_set_context(self._tls.context)
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self._keepalive = keepalive
@@ -229,28 +206,18 @@ class MqttClient:
     def present(self, tls: TlsFiles) -> None:
         """Show the broker *tls*'s client certificate from the next connection on (a renewed one;
         the CAs stay those given at the start, and trust()). Raises ConfigError if it cannot be used."""
-        if self._tls_context is None:
-            raise ConfigError("this client does not use TLS")
-        self._load_client_certificate(tls)
+        self._tls_in_use().present(tls)
         self.tls = tls
 
     def trust(self, ca_pem: str) -> None:
         """Also accept a broker certificate signed under the CA certificate *ca_pem* (a renewed one),
         from the next connection on."""
-        if self._tls_context is None:
-            raise ConfigError("this client does not use TLS")
-        try:
-            self._tls_context.load_verify_locations(cadata=ca_pem)
-        except (ssl.SSLError, ValueError) as exc:
-            raise ConfigError(f"cannot use the CA certificate: {exc}") from None
+        self._tls_in_use().trust(ca_pem)
 
-    def _load_client_certificate(self, tls: TlsFiles) -> None:
-        if tls.cert is None:
-            return
-        try:
-            self._tls_context.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
-        except (OSError, ValueError) as exc:
-            raise _unusable(tls, exc) from None
+    def _tls_in_use(self) -> BrokerTls:
+        if self._tls is None:
+            raise ConfigError("this client does not use TLS")
+        return self._tls
 
     def reconnect(self) -> None:
         """Close the connection (cleanly: no will) and connect again in the background."""

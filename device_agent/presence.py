@@ -36,7 +36,8 @@ from datetime import datetime
 from typing import Any, Callable
 
 from device_agent.errors import MqttError
-from device_agent.mqtt import BrokerAddress, MqttClient, TlsFiles, throwaway_client_id
+from device_agent.mqtt import BrokerAddress, MqttClient, throwaway_client_id
+from device_agent.tls import TlsFiles
 from device_agent.protocol.reports import MAX_RIVALS, MAX_TIME
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from device_agent.errors import BrokerUnreachable
-from device_agent.mqtt import BrokerAddress, MqttClient, TlsFiles
+from device_agent.mqtt import BrokerAddress, MqttClient
+from device_agent.tls import TlsFiles
 from device_agent.protocol import topics
 from device_agent.protocol.reports import DeviceStatus
 from host_tools.certs import Pki

@@ -145,7 +145,7 @@ def named_client(broker: str, role: str, name: str, session: Path, on_displaced,
 
 
 def _tls():
-    from device_agent.mqtt import TlsFiles
+    from device_agent.tls import TlsFiles
 
     ctx = click.get_current_context(silent=True)
     tls = (ctx.find_root().obj or {}).get("tls") if ctx else None

@@ -11,7 +11,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from device_agent.client_cert import ClientCertificate
 from device_agent.errors import ConfigError, ProtocolError
-from device_agent.mqtt import TlsFiles
+from device_agent.tls import TlsFiles
 from device_agent.protocol.commands import CertificateCommand, parse_command
 from host_tools.certs import Pki, _issue
 

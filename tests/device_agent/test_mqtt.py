@@ -6,7 +6,8 @@ import uuid
 import pytest
 
 from device_agent.errors import ConfigError
-from device_agent.mqtt import MqttClient, TlsFiles
+from device_agent.mqtt import MqttClient
+from device_agent.tls import TlsFiles
 from tests.conftest import wait_until
 
 
