@@ -648,8 +648,9 @@ def test_a_device_at_the_end_of_a_long_queue_gets_a_chunk_before_its_turn(client
     publish = server._publish
     monkeypatch.setattr(server, "_publish", lambda *job: time.sleep(0.1 * len(job[3])) or publish(*job))  # slow
     sha = next(iter(server._bundles))
+    asker = clients("asker")  # one connection: the broker passes its two requests on in the order sent
     for device, chunks in (("first", range(8)), ("last", range(2))):
-        clients("asker").publish(topics.chunk_request(sha), ChunkRequest(
+        asker.publish(topics.chunk_request(sha), ChunkRequest(
             device, tuple(chunks), 16 * 1024, False).to_payload(), qos=1)
     wait(10)
     server.stop()
