@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from host_tools.compress.onnx import heads, moves, shape_reads
+from host_tools.compress.onnx import heads, map_reshapes, moves, shape_reads
 from host_tools.compress.onnx.layout import (BINARY_OPS, POOL_OPS, REDUCE_OPS, UNARY_OPS, WEIGHTED_OPS, Graph, Layout,
                                              Param, Reader, Region, attr, axes_of, const_array, is_scalar)
 
@@ -132,7 +132,7 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
             return enter(normalized, tensors[node.input[0]])
         if moves.flattens(node, tensors[node.input[0]], g):
             return moves.flatten(node, tensors[node.input[0]], region, g, enter)
-        return heads.spatial(node, tensors[node.input[0]], region, g, enter)
+        return map_reshapes.spatial(node, tensors[node.input[0]], region, g, enter)
     if op == "Conv" and node.input[0] in tensors and _depthwise(node, tensors[node.input[0]], region, g):
         return _through_depthwise(node, region, g, enter)
     if op in WEIGHTED_OPS:
@@ -155,7 +155,7 @@ def _step(node, region: Region, g: Graph, enter) -> str | None:
         return f"its output is an extra input of {op}"
     if op == "Resize" and not any(name in tensors for name in node.input[1:]) and \
             all(not name or name in g.consts for name in node.input[1:3]) and \
-            heads.resized_whole(node, tensors[node.input[0]], g):
+            map_reshapes.resized_whole(node, tensors[node.input[0]], g):
         return enter(node.output[0], tensors[node.input[0]])
     if any(name in tensors or (name and name not in g.consts) for name in node.input[1:]):
         return f"{op} with an input that is not a constant"

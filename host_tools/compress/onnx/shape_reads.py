@@ -66,7 +66,7 @@ def _count_for_a_reshape(reader, source: str, g: Graph) -> list[str] | None:
             shaped = g.readers.get(user.output[0], [])
             if len(shaped) == 1 and shaped[0].op_type == "Resize" and shaped[0].input[0] == source and \
                     list(shaped[0].input).index(user.output[0]) == 3:
-                continue  # the sizes of a Resize of source itself: its own batch and channels (heads.resized_whole)
+                continue  # the sizes of a Resize of source itself: its own batch and channels (resized_whole)
             if not shaped or any(n.op_type != "Reshape" or n.input[1] != user.output[0] for n in shaped):
                 return None
             inputs = {n.input[0] for n in shaped}
