@@ -94,7 +94,8 @@ def signed(keys):
     commands = [DeployCommand("d1", offer, 1.5), RollbackCommand("r1", 1.5), BenchCommand("b1", 1.5, offer),
                 TrustCommand("t1", 1.5, add=(keys["rogue_pub"].read_text(),), revoke=("0123456789abcdef",)),
                 ConfigCommand("c1", 1.5, {"telemetry_interval": 2.0}),
-                CertificateCommand("x1", 1.5, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")]
+                CertificateCommand("x1", 1.5, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+                                   ca="-----BEGIN CERTIFICATE-----\nMIIC\n-----END CERTIFICATE-----\n")]
     assert {json.loads(c.to_payload())["type"] for c in commands} == set(COMMANDS) - set(UNSIGNED_ALLOWED)
     return [json.loads(sign_command(c.to_payload(), private)) for c in commands], trusted_keys([keys["pub"]])
 
