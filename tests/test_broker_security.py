@@ -365,6 +365,20 @@ def test_renewed_certificates_work_at_once_and_the_earlier_ones_until_they_expir
         broker.close()
 
 
+def host_tool_args(pki: Pki) -> tuple:
+    """The TLS options of a host CLI run as host:ops."""
+    host = tls_for(pki, "host:ops")
+    return "--tls-ca", host.ca, "--tls-cert", host.cert, "--tls-key", host.key
+
+
+def in_use(agent) -> dict:
+    """The certificate the agent says it shows the broker (its local status)."""
+    from device_agent.local_api import AgentClient
+
+    with AgentClient(agent.control_socket, timeout=10) as client:
+        return client.status()["certificate"]
+
+
 def test_a_renewed_ca_pushed_over_mqtt_keeps_a_device_connected_after_the_earlier_ca_certificate_expires(
         agents, keys, tmp_path):
     """The devices' CA certificate runs out in 35 s. `certs renew --ca`, then `certs push --stale`
@@ -373,7 +387,6 @@ def test_a_renewed_ca_pushed_over_mqtt_keeps_a_device_connected_after_the_earlie
     an agent restart, while a client with only the CA file the device was given is refused."""
     from cryptography import x509
 
-    from device_agent.local_api import AgentClient
     from host_tools.fleet.store import FleetStore
 
     broker = SecureMosquitto("ca-a", "ca-b", "host:ops")
@@ -387,12 +400,7 @@ def test_a_renewed_ca_pushed_over_mqtt_keeps_a_device_connected_after_the_earlie
         cert, key = pki.client_files(name)
         shutil.copy(cert, etc / f"{name}.crt")
         shutil.copy(key, etc / f"{name}.key")
-    host = tls_for(pki, "host:ops")
-    as_host = ("--tls-ca", host.ca, "--tls-cert", host.cert, "--tls-key", host.key)
-
-    def in_use(agent) -> dict:
-        with AgentClient(agent.control_socket, timeout=10) as client:
-            return client.status()["certificate"]
+    as_host = host_tool_args(pki)
     try:
         agent = agents.start("ca-a", broker=address, extra_args=(
             "--tls-ca", str(etc / "ca.crt"), "--tls-cert", str(etc / "ca-a.crt"), "--tls-key", str(etc / "ca-a.key"),
@@ -442,7 +450,6 @@ def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earli
     take (from a second CA in the device's CA file) is tried and given up: the earlier one is back."""
     from cryptography import x509
 
-    from device_agent.local_api import AgentClient
     from host_tools.fleet.store import FleetStore
 
     broker = SecureMosquitto("cert-a", "host:ops")
@@ -460,12 +467,7 @@ def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earli
     other.client_files("cert-a")[0].parent.mkdir()
     shutil.copy(cert, other.client_files("cert-a")[0])
     other.renew("cert-a")  # the device's key and name, signed by the second CA
-    host = tls_for(pki, "host:ops")
-    as_host = ("--tls-ca", host.ca, "--tls-cert", host.cert, "--tls-key", host.key)
-
-    def in_use(agent) -> dict:
-        with AgentClient(agent.control_socket, timeout=10) as client:
-            return client.status()["certificate"]
+    as_host = host_tool_args(pki)
     try:
         agent = agents.start("cert-a", broker=address, extra_args=(
             "--tls-ca", str(etc / "ca.pem"), "--tls-cert", str(etc / "device.crt"), "--tls-key",
