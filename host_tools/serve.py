@@ -32,7 +32,7 @@ from host_tools.fanout import FanoutPolicy
 
 log = logging.getLogger(__name__)
 MAX_QUEUED_ANSWERS = 200_000
-INLINE_CHUNKS = 16  # answers this small are published on the network thread (see _on_request)
+INLINE_CHUNKS = 16  # answers this small are published on the network thread (see _answer)
 # Chunks on their way to the broker (published, not acknowledged) past which answers wait on the
 # worker thread until the broker has caught up. Without a bound, hundreds of devices asking while
 # the broker is busy grow the host's queue without limit (and run paho out of its 65,535 message ids).
@@ -67,6 +67,8 @@ class BundleServer:
         self._dropped_logged = 0.0
         self._worker = threading.Thread(target=self._serve, name="bundle-server", daemon=True)
         self._lock = threading.Lock()
+        self._answering = threading.Lock()  # held while the network thread answers a request
+        self._stopped = False
         self._files: dict[str, int] = {}  # bundle sha -> open fd, read with pread from any thread
         self._digests: dict[tuple[str, int, int], int] = {}  # (sha, chunk size, index) -> chunk CRC-32
         # Each publish to a shared topic carries a number (seq), in the order the broker gets them; a
@@ -111,15 +113,24 @@ class BundleServer:
         self._worker.start()
 
     def stop(self) -> None:
+        """Stop answering; the bundles' files are closed once no answer is being read from them (a
+        request the network thread is answering finishes first: a file closed under it would be
+        "Bad file descriptor", or, its number taken by a file opened since, another file's bytes)."""
+        self._stopped = True
         self._client.unsubscribe(topics.ALL_CHUNK_REQUESTS)
         self._answers.close()
         self._worker.join(timeout=5)
-        with self._lock:
+        with self._answering, self._lock:
             for fd in self._files.values():
                 os.close(fd)
             self._files.clear()
 
     def _on_request(self, topic: str, payload: bytes) -> None:
+        with self._answering:
+            if not self._stopped:
+                self._answer(topic, payload)
+
+    def _answer(self, topic: str, payload: bytes) -> None:
         sha = topic.split("/")[-2]
         if sha not in self._bundles:
             return
@@ -209,14 +220,16 @@ class BundleServer:
         """Read, and publish each (index, topic) of *plan* (never under the lock); on the worker,
         wait while MAX_UNACKED messages are on their way to the broker."""
         stats = self.stats
-        sent = 0
+        sent = count = 0
         fd = self._fd(sha, path)
         on_worker = threading.current_thread() is self._worker
         shared = topics.bundle_chunks(sha, chunk_size)
         for index, topic in plan:
+            if self._stopped:  # (its files are about to close)
+                break
             if on_worker and self._client.unacked >= MAX_UNACKED:  # (the network thread never waits)
                 began = time.monotonic()
-                while self._client.unacked >= MAX_UNACKED and self._client.connected:
+                while self._client.unacked >= MAX_UNACKED and self._client.connected and not self._stopped:
                     time.sleep(0.002)
                 stats.waited_s += time.monotonic() - began
             data = os.pread(fd, chunk_size, index * chunk_size)
@@ -232,8 +245,9 @@ class BundleServer:
             else:
                 self._client.publish(topic, Chunk(sha, index, data).to_payload(digest), qos=1)
             sent += len(data)
+            count += 1
         with self._lock:
-            stats.chunks_sent += len(plan)
+            stats.chunks_sent += count
             stats.bytes_sent += sent
 
 

@@ -800,3 +800,23 @@ def test_a_download_survives_a_broker_restart_and_does_not_fetch_what_it_has_aga
         for c in made:
             c.disconnect()
         broker.stop()
+
+
+def test_stopping_the_server_while_it_answers_waits_for_that_answer_and_reads_no_closed_file(clients, tmp_path,
+                                                                                                monkeypatch, caplog):
+    """A rollout stopped with Ctrl-C stops its server while the network thread may be answering a
+    request: the bundle's file must not be closed under that answer ("cannot serve: Bad file
+    descriptor", or another file's bytes once the number is reused)."""
+    server, _, seen, ask, _ = watched_server(clients, tmp_path, "dev-s")
+    answering, go_on, publish = threading.Event(), threading.Event(), server._publish
+    monkeypatch.setattr(server, "_publish", lambda *job: answering.set() or go_on.wait(5) and publish(*job))
+    ask("dev-s", range(2))
+    assert answering.wait(5)
+    stopping = threading.Thread(target=server.stop)
+    stopping.start()
+    time.sleep(0.3)
+    assert stopping.is_alive()  # waits for the answer under way
+    go_on.set()
+    stopping.join(5)
+    assert not stopping.is_alive() and "cannot serve" not in caplog.text, caplog.text
+    assert seen == []  # stopped: nothing more read and sent
