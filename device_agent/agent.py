@@ -385,7 +385,7 @@ class Agent:
             try:
                 if self.certificate.take_ca(command.ca) is not None:
                     self.client.trust(command.ca)
-                    self.config = self.machine.ctx.config = replace(self.config, tls=self.certificate.tls)
+                    self._use_tls(self.certificate.tls)
                     self._announce("the renewed CA")
             except EdgefleetError as exc:
                 self._refuse("certificate", command.command_id, exc)
@@ -423,4 +423,8 @@ class Agent:
 
     def _present(self, tls: TlsFiles) -> None:
         self.client.present(tls)
+        self._use_tls(tls)
+
+    def _use_tls(self, tls: TlsFiles) -> None:
+        """The TLS files the agent's config names from now on (its other connections use them)."""
         self.config = self.machine.ctx.config = replace(self.config, tls=tls)

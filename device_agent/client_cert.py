@@ -109,9 +109,7 @@ class ClientCertificate:
             if not renewals:
                 self.kept_ca.unlink()
                 return configured
-            with replaced_when_written(self.kept_ca) as tmp:
-                tmp.write_bytes(configured.read_bytes().rstrip(b"\n") + b"\n" + b"".join(
-                    c.public_bytes(serialization.Encoding.PEM) for c in renewals))
+            self._keep_cas(configured, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in renewals))
         except OSError as exc:
             log.warning("not using the renewed CA certificates in %s: %s", self.kept_ca, exc)
             return configured
@@ -137,19 +135,22 @@ class ClientCertificate:
             raise ProtocolError(f"the CA certificate renews none of the CAs in {self.configured.ca} (the same name and "
                                 f"key): a CA is trusted only from the configured file")
         _check_times(cert, "the CA certificate")
-        if cert.not_valid_after_utc <= max(c.not_valid_after_utc for c in cas if _renewed(cert, [c])):
+        if cert.not_valid_after_utc <= max(c.not_valid_after_utc for c in cas if _same_ca(cert, c)):
             return None
         try:
             self.kept_ca.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            trusted = self.tls.ca.read_bytes()
-            with replaced_when_written(self.kept_ca) as tmp:
-                tmp.write_bytes(trusted.rstrip(b"\n") + b"\n" + pem.encode().strip() + b"\n")
+            self._keep_cas(self.tls.ca, pem.encode().strip() + b"\n")
         except OSError as exc:
             raise StorageError(f"cannot keep the renewed CA certificate in {self.kept_ca.parent}: {exc}") from None
         self.tls = replace(self.tls, ca=self.kept_ca)
         log.info("trusting the renewed CA certificate (serial %x, valid until %s)", cert.serial_number,
                  f"{cert.not_valid_after_utc:%Y-%m-%d}")
         return cert
+
+    def _keep_cas(self, trusted: Path, renewals: bytes) -> None:
+        """Write the kept CA file: the CA certificates in *trusted*, then *renewals* (PEM)."""
+        with replaced_when_written(self.kept_ca) as tmp:
+            tmp.write_bytes(trusted.read_bytes().rstrip(b"\n") + b"\n" + renewals)
 
     def describe(self) -> dict[str, Any] | None:
         """Serial, expiry and source ("config" or "renewed") of the certificate in use, and when the
@@ -194,12 +195,11 @@ class ClientCertificate:
         if names != [self.device_id]:
             raise ProtocolError(f"the certificate is for {', '.join(map(str, names)) or 'no name'}, "
                                 f"not {self.device_id}")
-        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         try:
             key = serialization.load_pem_private_key(tls.key.read_bytes(), password=None)
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(f"cannot read this agent's key {tls.key}: {exc}") from None
-        if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        if _key_bytes(cert.public_key()) != _key_bytes(key.public_key()):
             raise ProtocolError("the certificate is for another key than this device's (a renewal keeps the key: "
                                 "`edgefleet certs renew`)")
         try:
@@ -256,16 +256,23 @@ def _cas(path: Path) -> list:
 def _renewed(cert, cas: list) -> bool:
     """Whether *cert* is a self-signed CA certificate with the name and key of one of *cas*."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
 
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     try:
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         return False
-    return is_ca and _issued_by(cert, cert) and any(
-        ca.subject == cert.subject and ca.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki)
-        for ca in cas)
+    return is_ca and _issued_by(cert, cert) and any(_same_ca(cert, ca) for ca in cas)
+
+
+def _same_ca(cert, ca) -> bool:
+    """Whether two certificates have the same subject and key (a CA's, renewed or not)."""
+    return cert.subject == ca.subject and _key_bytes(cert.public_key()) == _key_bytes(ca.public_key())
+
+
+def _key_bytes(public_key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _check_times(cert, what: str) -> None:

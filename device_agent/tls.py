@@ -26,7 +26,6 @@ class BrokerTls:
     renewed client certificate can be shown, or a renewed CA certificate trusted, later."""
 
     def __init__(self, tls: TlsFiles) -> None:
-        self.files = tls
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         try:
             self.context.load_verify_locations(str(tls.ca))
@@ -42,7 +41,6 @@ class BrokerTls:
                 self.context.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
             except (OSError, ValueError) as exc:
                 raise _unusable(tls, exc) from None
-        self.files = tls
 
     def trust(self, ca_pem: str) -> None:
         """Also accept a broker certificate signed under the CA certificate *ca_pem* (a renewed one),
