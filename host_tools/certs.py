@@ -210,6 +210,10 @@ class Pki:
         return IssuedCert(common_name(new) or "CA", self.ca_cert, new.serial_number, new.not_valid_after_utc, False,
                           "CA")
 
+    def ca_expires(self) -> dt.datetime:
+        """When the CA's current certificate expires."""
+        return x509.load_pem_x509_certificate(self.require_ca().ca_cert.read_bytes()).not_valid_after_utc
+
     def ca_certificate(self) -> str:
         """The CA's current certificate (PEM), to send it to the devices with theirs (`certs push`)."""
         return self.require_ca().ca_cert.read_text()

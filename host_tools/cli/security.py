@@ -151,12 +151,12 @@ def certs_renew(names, broker_cert, ca_cert, within_days, pki_dir, days) -> None
             click.echo(f"no client certificate expires within {within_days:g} days")
             return
         names = tuple(names) + tuple(due)
-    ca_expires = next(c.expires for c in pki.own() if c.kind == "CA") if pki.ca_cert.is_file() else None
+    ca_expires = pki.ca_expires()
     for name in ((None,) if broker_cert else ()) + tuple(names):
         cert = pki.renew(name, days=days)
         click.echo(f"renewed {name or 'the broker'}: {cert.path}, serial {f'{cert.serial:x}'[:16]}, valid until "
                    f"{cert.expires:%Y-%m-%d}")
-        if ca_expires is not None and cert.expires > ca_expires:
+        if cert.expires > ca_expires:
             click.echo(f"note: the CA expires first, on {ca_expires:%Y-%m-%d}; nothing it signed is valid after that")
     if broker_cert:
         click.echo("next: `edgefleet broker config --out DIR` again, then reload Mosquitto: it presents the new "
@@ -211,7 +211,7 @@ def _stale_devices(pki, db: Path) -> list[str]:
     from host_tools.cli.fleet import fleet_rows
 
     current = {c.name: f"{c.serial:x}" for c in pki.issued() if not c.revoked and c.kind == "device"}
-    ca_expires = next(c.expires for c in pki.own() if c.kind == "CA").timestamp()
+    ca_expires = pki.ca_expires().timestamp()
     return [r.device_id for r in fleet_rows(db, (), None) if r.certificate and r.device_id in current
             and (r.certificate["serial"] != current[r.device_id]
                  or (expires_at(r.certificate, "ca_expires") or ca_expires) < ca_expires)]
