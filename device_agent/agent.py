@@ -380,13 +380,13 @@ class Agent:
     def _renew_certificate(self, command: CertificateCommand) -> None:
         """Reconnect showing the renewed certificate; keep it once the broker accepts it, else go back
         to the one before (renewal does not revoke it, so it still works). A renewed CA certificate
-        it carries is trusted from now on."""
+        it carries, or a new one linked from a CA trusted here, is trusted from now on."""
         if command.ca is not None:
             try:
-                if self.certificate.take_ca(command.ca) is not None:
+                if self.certificate.take_ca(command.ca, command.ca_link) is not None:
                     self.client.trust(command.ca)
                     self._use_tls(self.certificate.tls)
-                    self._announce("the renewed CA")
+                    self._announce("the CA taken up")
             except EdgefleetError as exc:
                 self._refuse("certificate", command.command_id, exc)
                 return

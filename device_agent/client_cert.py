@@ -12,8 +12,12 @@ directory is used over the configured one while it lasts longer.
 The same command carries the CA's current certificate. When the host renewed it (`edgefleet certs
 renew --ca`: the same name and key, a later end), the agent trusts it beside the configured CA file
 (``STATE/tls/ca.crt``: the configured CAs and the renewals of them taken up), so the broker's
-certificate still verifies once the earlier CA certificate has expired. Only a renewal of a CA the
-configured file names is taken: a command cannot bring a new CA in.
+certificate still verifies once the earlier CA certificate has expired. When the host moved to a
+new CA key (`edgefleet certs rotate-ca`), the command also carries the new CA's link: its name and
+key signed by the CA before it. The agent takes the new CA only if that link is signed by a CA it
+trusts, and keeps the link (``STATE/tls/ca-links.crt``) to check it again at each start. So a command
+cannot bring in a CA that the trusted ones did not sign for: neither a renewal nor a linked CA comes
+from anywhere but the configured file's CAs.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class ClientCertificate:
         self.device_id = device_id
         self.kept = state_dir / "tls" / "client.crt"
         self.kept_ca = self.kept.with_name("ca.crt")
+        self.links = self.kept.with_name("ca-links.crt")
         self.candidate = self.kept.with_name("client.crt.new")
         self.candidate.unlink(missing_ok=True)  # one the broker never accepted (the agent stopped meanwhile)
         self.tls = tls
@@ -88,9 +93,10 @@ class ClientCertificate:
                  f"{kept.not_valid_after_utc:%Y-%m-%d}")
 
     def _trusted_cas(self) -> Path:
-        """The configured CA file; or, once renewed CA certificates were taken up, the kept one: the
-        configured file's CAs and those renewals of them that have not expired (made again at each
-        start, so that a CA taken out of the configured file takes its renewals with it)."""
+        """The configured CA file; or, once CA certificates were taken up, the kept one: the
+        configured file's CAs and those taken up that have not expired and that the configured
+        ones still vouch for — renewals of them, or new CAs a kept link from them signs for (made
+        again at each start, so that a CA taken out of the configured file takes those with it)."""
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
@@ -100,50 +106,69 @@ class ClientCertificate:
         try:
             cas = _cas(configured)
             kept = x509.load_pem_x509_certificates(self.kept_ca.read_bytes())
+            links = x509.load_pem_x509_certificates(self.links.read_bytes()) if self.links.exists() else []
         except (OSError, ValueError, ConfigError) as exc:  # (an unreadable configured file: the connection says so)
-            log.warning("not using the renewed CA certificates in %s: %s", self.kept_ca, exc)
+            log.warning("not using the CA certificates taken up in %s: %s", self.kept_ca, exc)
             return configured
         now = dt.datetime.now(dt.timezone.utc)
-        renewals = [c for c in kept if c not in cas and _renewed(c, cas) and c.not_valid_after_utc > now]
+        taken = _vouched_for([c for c in kept if c not in cas and c.not_valid_after_utc > now], cas, links)
+        links = [link for link in links if any(_same_ca(link, ca) for ca in taken)]
         try:
-            if not renewals:
+            if not taken:
                 self.kept_ca.unlink()
+                self.links.unlink(missing_ok=True)
                 return configured
-            self._keep_cas(configured, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in renewals))
+            self._keep_cas(configured, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in taken))
+            if links:
+                self._keep_links(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in links))
+            else:
+                self.links.unlink(missing_ok=True)
         except OSError as exc:
-            log.warning("not using the renewed CA certificates in %s: %s", self.kept_ca, exc)
+            log.warning("not using the CA certificates taken up in %s: %s", self.kept_ca, exc)
             return configured
         return self.kept_ca
 
-    def take_ca(self, pem: str):
+    def take_ca(self, pem: str, link: str | None = None):
         """Trust the CA certificate *pem* from now on if it renews a CA this device trusts (the same
-        name and key, valid now, and ending later than every certificate of that CA here): it is
-        then added to the kept CA file, and returned. None if there is nothing to take (it is
-        trusted already, or outlasted); ProtocolError if it renews no CA this device trusts."""
+        name and key, valid now, and ending later than every certificate of that CA here), or if
+        *link* — its name and key, valid now — is signed by a CA this device trusts: it is then
+        added to the kept CA file (and the link kept beside it), and returned. None if there is
+        nothing to take (it is trusted already, or outlasted); ProtocolError if no CA this device
+        trusts vouches for it."""
         from cryptography import x509
 
         if self.tls is None:
             raise ConfigError("this agent does not use TLS: it has no CA to renew")
         try:
             cert = x509.load_pem_x509_certificate(pem.encode())
+            linked = x509.load_pem_x509_certificate(link.encode()) if link is not None else None
         except ValueError:
-            raise ProtocolError("the CA is not a PEM certificate") from None
+            raise ProtocolError("the CA or its link is not a PEM certificate") from None
         cas = _cas(self.tls.ca)
         if cert in cas:
             return None
-        if not _renewed(cert, cas):
-            raise ProtocolError(f"the CA certificate renews none of the CAs in {self.configured.ca} (the same name and "
-                                f"key): a CA is trusted only from the configured file")
-        _check_times(cert, "the CA certificate")
-        if cert.not_valid_after_utc <= max(c.not_valid_after_utc for c in cas if _same_ca(cert, c)):
-            return None
+        renewal = _renewed(cert, cas)
+        if renewal:
+            _check_times(cert, "the CA certificate")
+            if cert.not_valid_after_utc <= max(c.not_valid_after_utc for c in cas if _same_ca(cert, c)):
+                return None
+        elif linked is not None and _vouched_for([cert], cas, [linked]):
+            _check_times(linked, "the CA's link")
+            _check_times(cert, "the CA certificate")
+        else:
+            raise ProtocolError(f"the CA certificate neither renews a CA in {self.configured.ca} (the same name and "
+                                f"key) nor comes with a link from one: a CA is trusted only from the configured file")
         try:
             self.kept_ca.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not renewal:
+                self._keep_links((self.links.read_bytes() if self.links.exists() else b"") + link.encode().strip()
+                                 + b"\n")
             self._keep_cas(self.tls.ca, pem.encode().strip() + b"\n")
         except OSError as exc:
-            raise StorageError(f"cannot keep the renewed CA certificate in {self.kept_ca.parent}: {exc}") from None
+            raise StorageError(f"cannot keep the CA certificate in {self.kept_ca.parent}: {exc}") from None
         self.tls = replace(self.tls, ca=self.kept_ca)
-        log.info("trusting the renewed CA certificate (serial %x, valid until %s)", cert.serial_number,
+        log.info("trusting the %s CA certificate %s (serial %x, valid until %s)",
+                 "renewed" if renewal else "new", cert.subject.rfc4514_string(), cert.serial_number,
                  f"{cert.not_valid_after_utc:%Y-%m-%d}")
         return cert
 
@@ -151,6 +176,10 @@ class ClientCertificate:
         """Write the kept CA file: the CA certificates in *trusted*, then *renewals* (PEM)."""
         with replaced_when_written(self.kept_ca) as tmp:
             tmp.write_bytes(trusted.read_bytes().rstrip(b"\n") + b"\n" + renewals)
+
+    def _keep_links(self, links: bytes) -> None:
+        with replaced_when_written(self.links) as tmp:
+            tmp.write_bytes(links)
 
     def describe(self) -> dict[str, Any] | None:
         """Serial, expiry and source ("config" or "renewed") of the certificate in use, and when the
@@ -255,13 +284,32 @@ def _cas(path: Path) -> list:
 
 def _renewed(cert, cas: list) -> bool:
     """Whether *cert* is a self-signed CA certificate with the name and key of one of *cas*."""
+    return _is_ca(cert) and _issued_by(cert, cert) and any(_same_ca(cert, ca) for ca in cas)
+
+
+def _vouched_for(candidates: list, trusted: list, links: list) -> list:
+    """Those of the self-signed CA certificates *candidates* that the CAs in *trusted* vouch for: a
+    renewal of one (the same name and key), or a new CA whose name and key one of *links* gives,
+    signed by one — and so on, as a CA taken up vouches for the next (a second move)."""
+    taken: list = []
+    pending = [c for c in candidates if _is_ca(c) and _issued_by(c, c)]
+    while True:
+        known = trusted + taken
+        more = [c for c in pending if any(_same_ca(c, ca) for ca in known) or any(
+            _same_ca(link, c) and _is_ca(link) and any(_issued_by(link, ca) for ca in known) for link in links)]
+        if not more:
+            return taken
+        taken += more
+        pending = [c for c in pending if c not in more]
+
+
+def _is_ca(cert) -> bool:
     from cryptography import x509
 
     try:
-        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         return False
-    return is_ca and _issued_by(cert, cert) and any(_same_ca(cert, ca) for ca in cas)
 
 
 def _same_ca(cert, ca) -> bool:

@@ -109,7 +109,7 @@ def write_broker_config(pki: Pki, out: Path, *, port: int = 8883, bind: str = ""
     shutil.copyfile(pki.broker_cert, out / "broker.crt")
     shutil.copyfile(pki.broker_key, out / "broker.key")
     (out / "broker.key").chmod(0o600)
-    shutil.copyfile(pki.ensure_revocation_list(), out / "crl.pem")
+    (out / "crl.pem").write_bytes(pki.revocation_lists())
     (out / "acl").write_text(acl_text(users, sorted(pki.revoked_names())))
     (out / "mosquitto.conf").write_text(mosquitto_conf(out, port=port, bind=bind,
                                                        persistence_dir=persistence_dir))

@@ -13,7 +13,16 @@ device's CN is its device id; a host tool's CN is ``host:NAME``, which no device
     revoked/NAME-SERIAL.crt         revoked certificates (their keys are deleted)
     superseded/NAME-SERIAL.crt      client certificates renewed over: valid until they expire, so
                                     revoking NAME revokes them too
-    superseded/ca/SERIAL.crt        the CA's certificates renewed over (`certs renew --ca`)
+    superseded/ca/SERIAL.crt        the CA's certificates renewed over (`certs renew --ca`), or
+                                    retired (`certs retire-ca`)
+    previous/ca.key previous/ca.crt previous/crl.pem
+                                    while the fleet moves to a new CA key (`certs rotate-ca`): the
+                                    CA before, which ca.crt names too (after the current one) and
+                                    which still signs the broker's certificate, until `certs
+                                    retire-ca`
+    ca-link.crt                     meanwhile, the current CA's name and key signed by the previous
+                                    CA: what makes a device that trusts only the previous one take
+                                    up the current one (`certs push`; device_agent.client_cert)
 
 A revoked name can be issued a new certificate (a replacement device under the same id); until
 it is, the broker's ACL denies that name everything (``host_tools.broker_config``).
@@ -25,6 +34,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -54,11 +64,12 @@ def _write_private(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
-def _issue(subject: str, public_key, issuer_name: x509.Name, issuer_key, *, days: int, ca: bool = False,
+def _issue(subject: str, public_key, issuer_name: x509.Name, issuer_key, *, days: float, ca: bool = False,
            sans: list[x509.GeneralName] | None = None, usage: list | None = None) -> x509.Certificate:
     now = dt.datetime.now(dt.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+               .subject_name(name)
                .issuer_name(issuer_name).public_key(public_key).serial_number(x509.random_serial_number())
                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
                .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
@@ -68,7 +79,7 @@ def _issue(subject: str, public_key, issuer_name: x509.Name, issuer_key, *, days
             digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
             key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
             decipher_only=False), critical=True)
-    else:
+    if issuer_name != name:  # (a client's, the broker's, or a CA's link from the CA before it)
         builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
                                         critical=False)
     if sans:
@@ -116,6 +127,15 @@ class Pki:
     @property
     def ca_cert(self) -> Path:
         return self.dir / "ca.crt"
+
+    @property
+    def previous(self) -> Path:
+        """The CA before the current one, while the fleet moves off it (rotate_ca)."""
+        return self.dir / "previous"
+
+    @property
+    def ca_link(self) -> Path:
+        return self.dir / "ca-link.crt"
 
     @property
     def broker_cert(self) -> Path:
@@ -171,7 +191,8 @@ class Pki:
         host names as its current one, which it replaces in place. The
         earlier one stays valid until it expires (it is no secret that leaked: nothing to revoke), so
         a device can be given the new file whenever it suits, and its key never moves."""
-        ca_key, ca = self._load_ca()
+        # The broker's certificate stays under the previous CA while devices that trust only it remain.
+        ca_key, ca = self._load_ca(self.previous if name is None and self.moving() else self.dir)
         path, old = self._current(name)
         try:
             sans = list(old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
@@ -203,20 +224,94 @@ class Pki:
         kept = self.dir / "superseded" / "ca" / f"{old.serial_number:x}.crt"
         kept.parent.mkdir(parents=True, exist_ok=True)
         kept.write_bytes(old.public_bytes(serialization.Encoding.PEM))
-        with replaced_when_written(self.ca_cert) as tmp:
-            tmp.write_bytes(new.public_bytes(serialization.Encoding.PEM))
+        self._write_ca(new)
         if self.crl.exists():  # its next update was the earlier certificate's end
             self._sign_revocation_list()
         return IssuedCert(common_name(new) or "CA", self.ca_cert, new.serial_number, new.not_valid_after_utc, False,
                           "CA")
 
+    def rotate_ca(self, *, days: int = CA_DAYS) -> IssuedCert:
+        """Begin moving the fleet to a new CA key (the old one leaked, or is due to be replaced): a
+        new CA ("edgefleet CA 2", 3, ...), and every current client certificate issued again under
+        it over the same key. The CA before moves to previous/: ca.crt names both, the broker keeps
+        a certificate from the previous one (devices that trust only it still connect) and takes
+        client certificates from either, and ca-link.crt — the new CA signed by the previous one —
+        is what lets a device that trusts only the previous CA take up the new one (`certs push`).
+        `retire_ca` ends the move."""
+        if self.moving():
+            raise ConfigError(f"{self.previous} holds the CA before the current one: end that move first "
+                              f"(`edgefleet certs retire-ca`)")
+        old_key, old = self._load_ca()
+        name = _next_ca_name(common_name(old) or "")
+        key = ec.generate_private_key(ec.SECP256R1())
+        own_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        new = _issue(name, key.public_key(), own_name, key, days=days, ca=True)
+        left = (old.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).total_seconds() / 86400
+        link = _issue(name, key.public_key(), old.subject, old_key, days=min(days, left), ca=True)
+        self.ensure_revocation_list()
+        self.previous.mkdir(mode=0o700)
+        os.replace(self.crl, self.previous / "crl.pem")
+        self.previous.joinpath("ca.crt").write_bytes(old.public_bytes(serialization.Encoding.PEM))
+        _write_private(self.previous / "ca.key", _key_pem(old_key))
+        self.ca_link.write_bytes(link.public_bytes(serialization.Encoding.PEM))
+        with replaced_when_written(self.dir / "ca.key") as tmp:
+            tmp.touch(mode=0o600)
+            tmp.write_bytes(_key_pem(key))
+        self._write_ca(new)
+        self._sign_revocation_list()  # the new CA's, empty: a revoked name has no current certificate
+        for issued in self.issued():
+            if not issued.revoked:
+                self.renew(issued.name)
+        return IssuedCert(name, self.ca_cert, new.serial_number, new.not_valid_after_utc, False, "CA")
+
+    def retire_ca(self) -> IssuedCert:
+        """End the move rotate_ca began: the broker's certificate is issued again under the current
+        CA, the previous CA's key is deleted (its certificate is kept in superseded/ca/), and ca.crt
+        and the broker trust the current CA alone. Devices still showing a certificate from the
+        previous CA cannot connect after that."""
+        if not self.moving():
+            self._load_ca()  # (no CA at all is the clearer error)
+            raise ConfigError(f"no earlier CA in {self.previous}: nothing to retire (`edgefleet certs rotate-ca` "
+                              f"begins a move to a new CA key)")
+        _, previous = self._load_ca(self.previous)
+        _, current = self._load_ca()
+        kept = self.dir / "superseded" / "ca" / f"{previous.serial_number:x}.crt"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_bytes(previous.public_bytes(serialization.Encoding.PEM))
+        self.ca_link.unlink(missing_ok=True)
+        shutil.rmtree(self.previous)  # its key above all
+        self._write_ca(current)
+        return self.renew(None)
+
+    def moving(self) -> bool:
+        """Whether the fleet is moving to a new CA key (rotate_ca, not yet retire_ca)."""
+        return (self.previous / "ca.crt").is_file()
+
     def ca_expires(self) -> dt.datetime:
         """When the CA's current certificate expires."""
-        return x509.load_pem_x509_certificate(self.require_ca().ca_cert.read_bytes()).not_valid_after_utc
+        return self._read_ca(self.require_ca().dir).not_valid_after_utc
 
     def ca_certificate(self) -> str:
         """The CA's current certificate (PEM), to send it to the devices with theirs (`certs push`)."""
-        return self.require_ca().ca_cert.read_text()
+        return self._read_ca(self.require_ca().dir).public_bytes(serialization.Encoding.PEM).decode()
+
+    def ca_link_certificate(self) -> str | None:
+        """While the fleet moves to a new CA key, the link to it from the previous CA (PEM)."""
+        return self.ca_link.read_text() if self.moving() and self.ca_link.is_file() else None
+
+    def revocation_lists(self) -> bytes:
+        """crl.pem, and the previous CA's during a move: what the broker checks client certificates
+        against (each against its issuer's list)."""
+        lists = self.ensure_revocation_list().read_bytes()
+        return lists + (self.previous / "crl.pem").read_bytes() if self.moving() else lists
+
+    def _write_ca(self, current: x509.Certificate) -> None:
+        """ca.crt: the current CA's certificate, then during a move the previous CA's."""
+        pem = current.public_bytes(serialization.Encoding.PEM)
+        if self.moving():
+            pem += (self.previous / "ca.crt").read_bytes()
+        with replaced_when_written(self.ca_cert) as tmp:
+            tmp.write_bytes(pem)
 
     def device_certificate(self, name: str) -> str:
         """Device *name*'s current certificate (PEM), to send it to the device (`certs push`)."""
@@ -255,11 +350,13 @@ class Pki:
         return found
 
     def own(self) -> list[IssuedCert]:
-        """The CA's and the broker's certificates: when either expires, no device can connect."""
+        """The CA's and the broker's certificates (and the previous CA's during a move): when one
+        expires, no device can connect."""
         found = []
-        for path, kind in ((self.ca_cert, "CA"), (self.broker_cert, "broker")):
+        for path, kind in ((self.ca_cert, "CA"), (self.previous / "ca.crt", "previous CA"),
+                           (self.broker_cert, "broker")):
             if path.is_file():
-                cert = x509.load_pem_x509_certificate(path.read_bytes())
+                cert = x509.load_pem_x509_certificates(path.read_bytes())[0]  # (ca.crt: the current CA first)
                 found.append(IssuedCert(common_name(cert) or path.name, path, cert.serial_number,
                                         cert.not_valid_after_utc, False, kind))
         return found
@@ -295,9 +392,16 @@ class Pki:
         return self.crl
 
     def _sign_revocation_list(self, add: tuple[int, ...] = ()) -> None:
-        ca_key, ca = self._load_ca()
+        """Sign crl.pem again, listing *add* too; during a move the previous CA's as well (with the
+        same serials: one a CA did not issue matches nothing on its list)."""
+        for home in (self.dir, self.previous) if self.moving() else (self.dir,):
+            self._sign_crl(home, add)
+
+    def _sign_crl(self, home: Path, add: tuple[int, ...]) -> None:
+        ca_key, ca = self._load_ca(home)
+        crl = home / "crl.pem"
         now = dt.datetime.now(dt.timezone.utc)
-        entries = list(self._revocation_list(ca)) if self.crl.exists() else []
+        entries = list(self._revocation_list(ca, crl)) if crl.exists() else []
         listed = {entry.serial_number for entry in entries}
         for serial in add:
             if serial not in listed:  # (again after a failed move)
@@ -307,7 +411,7 @@ class Pki:
                    .last_update(now - dt.timedelta(minutes=5)).next_update(ca.not_valid_after_utc))
         for entry in entries:
             builder = builder.add_revoked_certificate(entry)
-        with replaced_when_written(self.crl) as tmp:
+        with replaced_when_written(crl) as tmp:
             tmp.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
 
     def revoked_names(self) -> set[str]:
@@ -316,13 +420,14 @@ class Pki:
         current = {c.name for c in issued if not c.revoked}
         return {c.name for c in issued if c.revoked and c.name not in current}
 
-    def _revocation_list(self, ca: x509.Certificate) -> x509.CertificateRevocationList:
+    @staticmethod
+    def _revocation_list(ca: x509.Certificate, path: Path) -> x509.CertificateRevocationList:
         try:
-            crl = x509.load_pem_x509_crl(self.crl.read_bytes())
+            crl = x509.load_pem_x509_crl(path.read_bytes())
         except ValueError as exc:
-            raise ConfigError(f"{self.crl} is unreadable: {exc}") from None
+            raise ConfigError(f"{path} is unreadable: {exc}") from None
         if crl.issuer != ca.subject:
-            raise ConfigError(f"{self.crl} was not issued by the CA in {self.dir}")
+            raise ConfigError(f"{path} was not issued by the CA in {path.parent}")
         return crl
 
     def require_ca(self) -> "Pki":
@@ -334,12 +439,28 @@ class Pki:
     def _no_ca(self) -> ConfigError:
         return ConfigError(f"no CA in {self.dir}: run `edgefleet certs init` first")
 
-    def _load_ca(self):
+    def _load_ca(self, home: Path | None = None):
+        """The key and certificate of the CA in *home*: this PKI's directory (the current CA), or
+        previous/ during a move."""
+        home = home or self.dir
         try:
-            ca_key = serialization.load_pem_private_key((self.dir / "ca.key").read_bytes(), password=None)
-            ca = x509.load_pem_x509_certificate(self.ca_cert.read_bytes())
+            ca_key = serialization.load_pem_private_key((home / "ca.key").read_bytes(), password=None)
+            ca = self._read_ca(home)
         except FileNotFoundError:
             raise self._no_ca() from None
         except ValueError as exc:
-            raise ConfigError(f"the CA in {self.dir} is unreadable: {exc}") from None
+            raise ConfigError(f"the CA in {home} is unreadable: {exc}") from None
         return ca_key, ca
+
+    @staticmethod
+    def _read_ca(home: Path) -> x509.Certificate:
+        """The first certificate in *home*/ca.crt: the CA's (during a move, the previous CA's follows)."""
+        return x509.load_pem_x509_certificates((home / "ca.crt").read_bytes())[0]
+
+
+def _next_ca_name(name: str) -> str:
+    """The name of the CA after *name*: "edgefleet CA" -> "edgefleet CA 2" -> "edgefleet CA 3". A
+    name of its own keeps the broker's lookups of a client's issuer and its revocation list apart
+    while both CAs are trusted."""
+    found = re.fullmatch(r"(.*?) (\d+)", name)
+    return f"{found[1]} {int(found[2]) + 1}" if found else f"{name or 'edgefleet CA'} 2"

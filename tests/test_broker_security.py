@@ -442,6 +442,85 @@ def test_a_renewed_ca_pushed_over_mqtt_keeps_a_device_connected_after_the_earlie
         broker.close()
 
 
+def test_a_fleet_moved_to_a_new_ca_key_stays_connected_and_the_previous_ca_is_shut_out(agents, keys, tmp_path):
+    """`certs rotate-ca`, `broker config` and a restart: the agent, whose CA file names the first CA
+    alone, is back at once. `certs push` gives it the new CA (taken on the first one's link) and its
+    certificate from it. `certs retire-ca` refuses while the registry shows mv-b without its new
+    certificate, then goes ahead with --force; after `broker config` and a restart the broker
+    trusts the new CA alone: the agent is back, and after its own restart too, while mv-b with the
+    files it was given is refused."""
+    from cryptography import x509
+
+    from host_tools.fleet.store import FleetStore
+
+    broker = SecureMosquitto("mv-a", "mv-b", "host:ops")
+    address, pki = broker.address, broker.pki
+    pki.renew("mv-a", days=100)  # (so that its certificate from the new CA ends later, as it would in use)
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    shutil.copy(pki.ca_cert, etc / "ca.crt")
+    for name in ("mv-a", "mv-b"):
+        cert, key = pki.client_files(name)
+        shutil.copy(cert, etc / f"{name}.crt")
+        shutil.copy(key, etc / f"{name}.key")
+    db = tmp_path / "fleet.db"
+
+    def registry_shows(device: str, certificate: dict) -> None:  # as the monitor records a status
+        registry = FleetStore(db)
+        registry.record_status(DeviceStatus(device, True, time.time(), certificate=certificate), time.time())
+        registry.close()
+
+    try:
+        agent = agents.start("mv-a", broker=address, extra_args=(
+            "--tls-ca", str(etc / "ca.crt"), "--tls-cert", str(etc / "mv-a.crt"), "--tls-key", str(etc / "mv-a.key"),
+            "--reconnect-max-delay", "1"))
+        assert agent.wait_for_api() and agent.wait_for_broker(), agent.log.read_text()
+
+        rotated = edgefleet("certs", "rotate-ca", "--dir", pki.dir)
+        assert rotated.returncode == 0, rotated.stderr
+        assert "new CA: edgefleet CA 2" in rotated.stdout and "3 client certificates" in rotated.stdout
+        new_ca = x509.load_pem_x509_certificates(pki.ca_cert.read_bytes())[0]
+        broker.configure()
+        broker.stop()
+        broker.start()  # it takes either CA's client certificates, and still shows one from the first CA
+        assert agent.wait_for_broker(20), agent.log.read_text()[-3000:]
+
+        pushed = edgefleet(*host_tool_args(pki), "certs", "push", "mv-a", "--dir", pki.dir, "--broker", address,
+                           "--timeout", 30)
+        assert pushed.returncode == 0, pushed.stderr + agent.log.read_text()[-3000:]
+        def serial(path: Path) -> str:
+            return f"{x509.load_pem_x509_certificate(path.read_bytes()).serial_number:x}"
+        shown = in_use(agent)
+        assert shown["serial"] == serial(pki.client_files("mv-a")[0])
+        assert shown["ca_expires"] == new_ca.not_valid_after_utc.isoformat()
+        registry_shows("mv-a", shown)
+        registry_shows("mv-b", {**shown, "serial": serial(etc / "mv-b.crt")})  # as it was given
+
+        refused = edgefleet("certs", "retire-ca", "--dir", pki.dir, "--db", db)
+        assert refused.returncode == 1 and "1 devices do not show their certificate from the new CA" in refused.stderr \
+            and "mv-b" in refused.stderr and "mv-a" not in refused.stderr, refused.stderr
+        assert pki.moving()
+        retired = edgefleet("certs", "retire-ca", "--dir", pki.dir, "--db", db, "--force")
+        assert retired.returncode == 0, retired.stderr
+        assert not pki.moving() and not (pki.dir / "previous").exists()
+        broker.configure()
+        broker.stop()
+        broker.start()  # the new CA alone, on both sides
+        assert agent.wait_for_broker(20), agent.log.read_text()[-3000:]
+        with pytest.raises(BrokerUnreachable, match="certificate"):  # mv-b as it was given its files
+            Listener(address, pki, "mv-b", [], tls=TlsFiles(ca=etc / "ca.crt", cert=etc / "mv-b.crt",
+                                                            key=etc / "mv-b.key"))
+        with pytest.raises(BrokerUnreachable):  # its certificate from the first CA, however it checks the broker
+            Listener(address, pki, "mv-b", [], tls=TlsFiles(ca=pki.ca_cert, cert=etc / "mv-b.crt",
+                                                            key=etc / "mv-b.key"))
+        agent.terminate()
+        agent.start()
+        assert agent.wait_for_api() and agent.wait_for_broker(20), agent.log.read_text()[-3000:]
+        assert in_use(agent)["ca_expires"] == new_ca.not_valid_after_utc.isoformat()
+    finally:
+        broker.close()
+
+
 def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earlier_one_expires(agents, keys, tmp_path):
     """`certs renew` and `certs push --stale` (the devices the registry shows with an older
     certificate) a device whose certificate runs out in 40 s: it reconnects with the new one, keeps

@@ -157,24 +157,28 @@ MAX_CERTIFICATE = 16 * 1024  # a PEM certificate is 1-2 KiB
 @dataclass(frozen=True)
 class CertificateCommand:
     """Present this renewed client certificate (PEM, over the device's own key) to the broker from
-    now on, and trust *ca*, the CA's current certificate, if it renews one the device trusts (see
+    now on, and trust *ca*, the CA's current certificate, if it renews one the device trusts, or if
+    *ca_link* — the same CA signed by one the device trusts — vouches for a new CA key (see
     ``device_agent.client_cert``); answered with a Reply."""
 
     command_id: str
     issued_at: float
     certificate: str
     ca: str | None = None
+    ca_link: str | None = None
 
     def to_payload(self) -> bytes:
         return encode("certificate", {"command_id": self.command_id, "issued_at": self.issued_at,
                                        "certificate": self.certificate,
-                                       **({"ca": self.ca} if self.ca is not None else {})})
+                                       **({"ca": self.ca} if self.ca is not None else {}),
+                                       **({"ca_link": self.ca_link} if self.ca_link is not None else {})})
 
     @classmethod
     def from_payload(cls, payload: bytes) -> "CertificateCommand":
         doc = decode(payload, "certificate")
         return cls(**_header(doc), certificate=_pem(doc, "certificate"),
-                   ca=_pem(doc, "ca") if doc.get("ca") is not None else None)
+                   ca=_pem(doc, "ca") if doc.get("ca") is not None else None,
+                   ca_link=_pem(doc, "ca_link") if doc.get("ca_link") is not None else None)
 
 
 def _pem(doc: dict, key: str) -> str:

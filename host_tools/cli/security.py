@@ -87,6 +87,8 @@ def certs_list(pki_dir, as_json) -> None:
 def _status(cert, now) -> str:
     if cert.revoked:
         return "revoked"
+    if cert.kind == "previous CA":
+        return "being retired (`certs retire-ca` once every device has moved)"
     if cert.expires <= now:
         return "EXPIRED"
     from device_agent.client_cert import RENEW_WITHIN_DAYS
@@ -166,6 +168,57 @@ def certs_renew(names, broker_cert, ca_cert, within_days, pki_dir, days) -> None
                    "MQTT (or copy each new .crt over the old one and restart the agent); host tools' by hand")
 
 
+@certs.command("rotate-ca", help="Begin moving the fleet to a new CA key (the CA's key leaked, or is due to be "
+                                  "replaced): a new CA, and every client certificate issued again under it over "
+                                  "the same key. Until `certs retire-ca` the broker takes client certificates from "
+                                  "either CA and keeps its certificate from the previous one; `certs push` gives "
+                                  "the devices the new CA (signed by the previous one, so they take it up) and "
+                                  "their new certificates.")
+@pki_option
+@click.option("--days", default=3650, show_default=True, type=click.IntRange(1, 36500),
+              help="Lifetime of the new CA's certificate.")
+@fail_cleanly
+def certs_rotate_ca(pki_dir, days) -> None:
+    from host_tools.certs import Pki
+
+    pki = Pki(pki_dir).require_ca()
+    cert = pki.rotate_ca(days=days)
+    clients = [c for c in pki.issued() if not c.revoked]
+    click.echo(f"new CA: {cert.name}, {cert.path}, serial {f'{cert.serial:x}'[:16]}, valid until "
+               f"{cert.expires:%Y-%m-%d}; the previous one is in {pki.previous}")
+    click.echo(f"issued again under it, over the same keys: {len(clients)} client certificates")
+    click.echo("next: 1. `edgefleet broker config --out DIR` again and restart Mosquitto (it takes client "
+               "certificates from either CA now); 2. `edgefleet certs push --stale --broker ADDR` gives the devices "
+               "the new CA and their new certificates; copy the host tools' new .crt files and ca.crt by hand; "
+               "3. once every device shows its new certificate, `edgefleet certs retire-ca`")
+
+
+@certs.command("retire-ca", help="End the move `certs rotate-ca` began: the broker's certificate is issued again "
+                                 "under the new CA and the previous CA's key is deleted; after `broker config` and "
+                                 "a restart the broker trusts the new CA alone. Refused while the registry (--db) "
+                                 "shows devices without their new certificates, unless --force.")
+@pki_option
+@db_option
+@click.option("--force", is_flag=True, help="Retire it even though devices have not moved: they cannot connect "
+                                            "afterwards, until they are given new files by hand.")
+@fail_cleanly
+def certs_retire_ca(pki_dir, db, force) -> None:
+    from host_tools.certs import Pki
+
+    pki = Pki(pki_dir).require_ca()
+    if pki.moving() and not force:
+        behind = _not_moved(pki, db)
+        if behind:
+            shown = ", ".join(behind[:10]) + (f" and {len(behind) - 10} more" if len(behind) > 10 else "")
+            raise click.ClickException(f"{len(behind)} devices do not show their certificate from the new CA in "
+                                       f"{db} yet: {shown}. `edgefleet certs push --stale` them, or --force")
+    cert = pki.retire_ca()
+    click.echo(f"retired the previous CA (its key is deleted); the broker's certificate is issued again under the "
+               f"new one: {cert.path}, serial {f'{cert.serial:x}'[:16]}, valid until {cert.expires:%Y-%m-%d}")
+    click.echo("next: `edgefleet broker config --out DIR` again and restart Mosquitto; copy ca.crt to the host tools "
+               "(--tls-ca) by hand")
+
+
 @certs.command("push", help="Send the devices NAMES (or with --stale, every device the registry shows with an "
                             "older one) their current certificates, after `certs renew`, in signed commands. Each "
                             "checks that it is for its key and device id, from its CA, and lasts longer than the "
@@ -194,9 +247,10 @@ def certs_push(names, stale, db, pki_dir, broker, timeout, signing_key, expires_
             click.echo(f"every device in {db} that reports a certificate shows its current one")
             return
     pems = {name: pki.device_certificate(name) for name in names}  # all found before any is sent
-    ca = pki.ca_certificate()  # a renewed one the devices take up (one they have already, they ignore)
+    ca = pki.ca_certificate()  # a renewed or new one the devices take up (one they have already, they ignore)
+    link = pki.ca_link_certificate()  # during a move to a new CA key: why they may take it
     send_to_each(broker, "certs", names, "certificate",
-                 lambda device, cid: CertificateCommand(cid, time.time(), pems[device], ca),
+                 lambda device, cid: CertificateCommand(cid, time.time(), pems[device], ca, link),
                  timeout=timeout, signing_key=signing_key, expires_in=expires_in, as_json=as_json,
                  took=lambda body: f"uses serial {body['serial'][:16]}, valid until {body['expires'][:10]}"
                  + (f", its CA until {body['ca_expires'][:10]}" if body.get("ca_expires") else ""))
@@ -215,6 +269,19 @@ def _stale_devices(pki, db: Path) -> list[str]:
     return [r.device_id for r in fleet_rows(db, (), None) if r.certificate and r.device_id in current
             and (r.certificate["serial"] != current[r.device_id]
                  or (expires_at(r.certificate, "ca_expires") or ca_expires) < ca_expires)]
+
+
+def _not_moved(pki, db: Path) -> list[str]:
+    """The devices with a current certificate in *pki* that the registry at *db* does not show using
+    it (a certificate from the previous CA, or none reported)."""
+    from host_tools.cli.fleet import fleet_rows
+
+    if not db.is_file():
+        raise click.ClickException(f"no registry at {db} to check that every device has moved: give --db (as "
+                                   f"`edgefleet monitor` keeps it), or --force")
+    shown = {r.device_id: r.certificate.get("serial") for r in fleet_rows(db, (), None) if r.certificate}
+    return [c.name for c in pki.issued() if not c.revoked and c.kind == "device"
+            and shown.get(c.name) != f"{c.serial:x}"]
 
 
 @main.group(help="The MQTT broker: a Mosquitto configuration for the fleet.")

@@ -135,8 +135,8 @@ def test_a_renewed_ca_certificate_is_trusted_beside_the_configured_file_and_noth
     assert certificate.take_ca(shorter.path.read_text()) is None
     other = Pki(tmp_path / "other")
     other.init(["127.0.0.1"])  # another CA, named as ours: a command cannot bring it in
-    for pem, reason in ((other.ca_certificate(), "renews none of the CAs"),
-                        (pki.client_files("pi-b")[0].read_text(), "renews none of the CAs"),  # not a CA
+    for pem, reason in ((other.ca_certificate(), "neither renews a CA"),
+                        (pki.client_files("pi-b")[0].read_text(), "neither renews a CA"),  # not a CA
                         (pki.renew_ca(days=1e-6).path.read_text(), "not valid|expired")):
         time.sleep(0.1)
         with pytest.raises(ProtocolError, match=reason):
@@ -150,13 +150,65 @@ def test_a_renewed_ca_certificate_is_trusted_beside_the_configured_file_and_noth
     assert ClientCertificate(tls, state, "pi-a").tls.ca == tls.ca and not (state / "tls" / "ca.crt").exists()
 
 
+def test_a_new_ca_key_is_trusted_on_its_link_from_a_trusted_ca_across_restarts_and_moves_and_nothing_else_is(
+        pki, device, tmp_path):
+    tls, state = device
+    pki.renew("pi-a", days=100)  # (its certificate from the new CA ends later)
+    shutil.copy(pki.client_files("pi-a")[0], tls.cert)
+    certificate = ClientCertificate(tls, state, "pi-a")
+    pki.rotate_ca()
+    ca, link = pki.ca_certificate(), pki.ca_link_certificate()
+    other = Pki(tmp_path / "other")
+    other.init(["127.0.0.1"])
+    other.rotate_ca()  # a CA 2 and a link of its own: signed by a CA the device does not trust
+    expired_link = _issue("edgefleet CA 2", x509.load_pem_x509_certificate(ca.encode()).public_key(),
+                          x509.load_pem_x509_certificates((pki.previous / "ca.crt").read_bytes())[0].subject,
+                          serialization.load_pem_private_key((pki.previous / "ca.key").read_bytes(), None),
+                          days=1e-6, ca=True).public_bytes(serialization.Encoding.PEM).decode()
+    time.sleep(0.1)
+    for pem, given, reason in ((ca, None, "nor comes with a link"),
+                               (ca, other.ca_link_certificate(), "nor comes with a link"),  # an untrusted signer
+                               (other.ca_certificate(), link, "nor comes with a link"),  # a link for another key
+                               (ca, expired_link, "the CA's link expired"),
+                               (ca, "not a certificate", "not a PEM certificate")):
+        with pytest.raises(ProtocolError, match=reason):
+            certificate.take_ca(pem, given)
+    assert certificate.tls.ca == tls.ca and not (state / "tls").exists()  # nothing kept
+
+    taken = certificate.take_ca(ca, link)
+    assert taken.subject.rfc4514_string() == "CN=edgefleet CA 2"
+    assert certificate.take_ca(ca, link) is None  # pushed again
+    staged = certificate.stage(pki.device_certificate("pi-a"))  # from the new CA: checked against it
+    assert staged.ca == state / "tls" / "ca.crt"
+    certificate.commit()
+    assert certificate.describe()["ca_expires"] == taken.not_valid_after_utc.isoformat()
+    restarted = ClientCertificate(tls, state, "pi-a")
+    assert [c.subject.rfc4514_string() for c in x509.load_pem_x509_certificates(restarted.tls.ca.read_bytes())] == \
+        ["CN=edgefleet CA", "CN=edgefleet CA 2"] and restarted.describe() == certificate.describe()
+
+    pki.retire_ca()
+    pki.rotate_ca()  # a second move: CA 3, linked from CA 2, which the device took up
+    assert restarted.take_ca(pki.ca_certificate(), pki.ca_link_certificate()).subject.rfc4514_string() == \
+        "CN=edgefleet CA 3"
+    again = ClientCertificate(tls, state, "pi-a")
+    assert [c.subject.rfc4514_string() for c in x509.load_pem_x509_certificates(again.tls.ca.read_bytes())] == \
+        ["CN=edgefleet CA", "CN=edgefleet CA 2", "CN=edgefleet CA 3"]
+
+    shutil.copy(other.previous / "ca.crt", tls.ca)  # moved to another PKI by hand: what ours vouched for goes
+    assert ClientCertificate(tls, state, "pi-a").tls.ca == tls.ca
+    assert not (state / "tls" / "ca.crt").exists() and not (state / "tls" / "ca-links.crt").exists()
+
+
 def test_the_certificate_command_carries_one_pem_and_perhaps_the_ca_and_nothing_else():
     pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
     command = parse_command(CertificateCommand("c1", 1.5, pem).to_payload())
     assert command == CertificateCommand("c1", 1.5, pem)
     assert parse_command(CertificateCommand("c1", 1.5, pem, pem).to_payload()).ca == pem
+    assert parse_command(CertificateCommand("c1", 1.5, pem, pem, pem).to_payload()).ca_link == pem
     for bad in ("not a certificate", "-----BEGIN CERTIFICATE-----" + "A" * 20_000):
         with pytest.raises(ProtocolError, match="one PEM certificate"):
             parse_command(CertificateCommand("c1", 1.5, bad).to_payload())
         with pytest.raises(ProtocolError, match="'ca' must be one PEM certificate"):
             parse_command(CertificateCommand("c1", 1.5, pem, bad).to_payload())
+        with pytest.raises(ProtocolError, match="'ca_link' must be one PEM certificate"):
+            parse_command(CertificateCommand("c1", 1.5, pem, pem, bad).to_payload())

@@ -159,6 +159,61 @@ def test_renewing_the_ca_keeps_its_name_and_key_so_that_what_it_signed_stays_val
     assert len(list(x509.load_pem_x509_crl(pki.crl.read_bytes()))) == 2
 
 
+def test_rotating_the_ca_key_issues_everything_again_under_a_new_ca_and_retiring_ends_the_previous_one(
+        pki, tmp_path):
+    def load(path):
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    pki.revoke("pi-b")
+    first, broker, pi_a = load(pki.ca_cert), load(pki.broker_cert), load(pki.client_files("pi-a")[0])
+    result = edgefleet("certs", "rotate-ca", "--dir", pki.dir)
+    assert result.returncode == 0, result.stderr
+    ca = x509.load_pem_x509_certificates(pki.ca_cert.read_bytes())
+    assert [c.subject.rfc4514_string() for c in ca] == ["CN=edgefleet CA 2", "CN=edgefleet CA"]  # what to trust
+    new = ca[0]
+    assert new.public_key() != first.public_key() and load(pki.previous / "ca.crt") == first
+    assert "3 client certificates" in result.stdout and "certs retire-ca" in result.stdout
+    link = load(pki.ca_link)  # the new CA's name and key, signed by the first, ending with it
+    assert (link.subject, link.public_key()) == (new.subject, new.public_key())
+    link.verify_directly_issued_by(first)
+    assert link.not_valid_after_utc <= first.not_valid_after_utc
+    for name in ("pi-a", "pi-short", "host:ops"):  # issued again over the same keys; the earlier ones kept
+        cert = load(pki.client_files(name)[0])
+        cert.verify_directly_issued_by(new)
+        assert len(list((pki.dir / "superseded").glob(pki.client_files(name)[0].stem + "-*.crt"))) == 1
+    assert load(pki.client_files("pi-a")[0]).public_key() == pi_a.public_key()
+    assert load(pki.broker_cert) == broker  # devices that trust the first CA alone still take it ...
+    pki.renew(None)
+    load(pki.broker_cert).verify_directly_issued_by(first)  # ... renewed too, until the move ends
+    assert ("edgefleet CA", "being retired (`certs retire-ca` once every device has moved)") in listed(pki)
+    written = edgefleet("broker", "config", "--pki", pki.dir, "--out", tmp_path / "broker", "--no-persistence")
+    assert written.returncode == 0, written.stderr
+    assert (tmp_path / "broker" / "ca.crt").read_bytes() == pki.ca_cert.read_bytes()  # either CA's clients
+    lists = [x509.load_pem_x509_crl(b"-----BEGIN X509 CRL-----" + part)
+             for part in (tmp_path / "broker" / "crl.pem").read_bytes().split(b"-----BEGIN X509 CRL-----")[1:]]
+    assert [crl.issuer for crl in lists] == [new.subject, first.subject]  # each CA's own list
+    pki.revoke("pi-a")  # a revocation during the move is on both lists
+    for crl_path, signer in ((pki.crl, new), (pki.previous / "crl.pem", first)):
+        crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+        assert crl.is_signature_valid(signer.public_key())
+        assert {c.serial for c in pki.issued() if c.name == "pi-a"} <= {entry.serial_number for entry in crl}
+    again = edgefleet("certs", "rotate-ca", "--dir", pki.dir)
+    assert again.returncode == 1 and "end that move first" in again.stderr
+
+    unchecked = edgefleet("certs", "retire-ca", "--dir", pki.dir, "--db", tmp_path / "none.db")
+    assert unchecked.returncode == 1 and "no registry at" in unchecked.stderr and pki.moving()
+    retired = edgefleet("certs", "retire-ca", "--dir", pki.dir, "--force")
+    assert retired.returncode == 0, retired.stderr
+    assert [c.subject for c in x509.load_pem_x509_certificates(pki.ca_cert.read_bytes())] == [new.subject]
+    assert not pki.previous.exists() and not pki.ca_link.exists()  # the first CA's key above all
+    load(pki.broker_cert).verify_directly_issued_by(new)
+    assert load(pki.dir / "superseded" / "ca" / f"{first.serial_number:x}.crt") == first
+    assert {c.kind for c in pki.own()} == {"CA", "broker"}
+    nothing = edgefleet("certs", "retire-ca", "--dir", pki.dir)
+    assert nothing.returncode == 1 and "nothing to retire" in nothing.stderr
+    pki.rotate_ca()  # the next move: its CA is named after this one
+    assert load(pki.ca_cert).subject.rfc4514_string() == "CN=edgefleet CA 3"
+
+
 def test_renewing_what_expires_within_some_days_picks_those_certificates_and_no_others(pki):
     pki.issue_client("pi-gone", days=5)
     pki.revoke("pi-gone")  # revoked: not renewed, though it is about to expire
