@@ -247,6 +247,9 @@ class Pki:
         own_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         new = _issue(name, key.public_key(), own_name, key, days=days, ca=True)
         left = (old.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).total_seconds() / 86400
+        if left <= 0:  # no device can take a link from it, nor connect to be given one
+            raise ConfigError(f"the CA's certificate expired on {old.not_valid_after_utc:%Y-%m-%d}: renew it first "
+                              f"(`edgefleet certs renew --ca`) and give the devices it")
         link = _issue(name, key.public_key(), old.subject, old_key, days=min(days, left), ca=True)
         self.ensure_revocation_list()
         self.previous.mkdir(mode=0o700)
