@@ -380,16 +380,20 @@ class Agent:
     def _renew_certificate(self, command: CertificateCommand) -> None:
         """Reconnect showing the renewed certificate; keep it once the broker accepts it, else go back
         to the one before (renewal does not revoke it, so it still works). A renewed CA certificate
-        it carries, or a new one linked from a CA trusted here, is trusted from now on."""
-        if command.ca is not None:
-            try:
-                if self.certificate.take_ca(command.ca, command.ca_link) is not None:
-                    self.client.trust(command.ca)
-                    self._use_tls(self.certificate.tls)
-                    self._announce("the CA taken up")
-            except EdgefleetError as exc:
-                self._refuse("certificate", command.command_id, exc)
-                return
+        it carries, or a new one linked from a CA trusted here, is trusted from now on; the CAs it
+        names as retired are not."""
+        try:
+            if command.ca is not None and self.certificate.take_ca(command.ca, command.ca_link) is not None:
+                self.client.trust(command.ca)
+                self._use_tls(self.certificate.tls)
+                self._announce("the CA taken up")
+            if self.certificate.retire_cas(command.ca_retired, self.client.peer_certificate()):
+                self.client.trust_only(self.certificate.tls)
+                self._use_tls(self.certificate.tls)
+                self._announce("the CA retired")
+        except EdgefleetError as exc:
+            self._refuse("certificate", command.command_id, exc)
+            return
         if self.certificate.shows(command.certificate):  # sent again (its answer was lost): nothing to do
             self._reply(Reply(self.config.device_id, command.command_id, "certificate", True,
                               self.certificate.describe()))

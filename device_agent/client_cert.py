@@ -18,6 +18,13 @@ key signed by the CA before it. The agent takes the new CA only if that link is 
 trusts, and keeps the link (``STATE/tls/ca-links.crt``) to check it again at each start. So a command
 cannot bring in a CA that the trusted ones did not sign for: neither a renewal nor a linked CA comes
 from anywhere but the configured file's CAs.
+
+Once the move is over (`edgefleet certs retire-ca`), the command names the keys of the CAs the
+host retired (``ca_retired``): the agent stops trusting every CA certificate over those keys, the
+configured file's included, and records the keys (``STATE/tls/ca-retired``) so that they stay
+retired across restarts and no command brings them back. It does so only while the broker it is
+connected to shows a certificate from a CA it keeps, so that it cannot shut itself out. The links
+it took stay evidence: a retired CA still vouches for the links it signed before, never for more.
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ class ClientCertificate:
         self.kept = state_dir / "tls" / "client.crt"
         self.kept_ca = self.kept.with_name("ca.crt")
         self.links = self.kept.with_name("ca-links.crt")
+        self.retired = self.kept.with_name("ca-retired")
         self.candidate = self.kept.with_name("client.crt.new")
         self.candidate.unlink(missing_ok=True)  # one the broker never accepted (the agent stopped meanwhile)
         self.tls = tls
@@ -93,37 +101,42 @@ class ClientCertificate:
                  f"{kept.not_valid_after_utc:%Y-%m-%d}")
 
     def _trusted_cas(self) -> Path:
-        """The configured CA file; or, once CA certificates were taken up, the kept one: the
-        configured file's CAs and those taken up that have not expired and that the configured
-        ones still vouch for — renewals of them, or new CAs a kept link from them signs for (made
-        again at each start, so that a CA taken out of the configured file takes those with it)."""
-        from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
-
+        """The configured CA file; or, once CA certificates were taken up or retired, the kept one: the
+        configured file's CAs and those taken up that have not expired and that the configured ones
+        vouch for — renewals of them, or new CAs a kept link from them signs for — less those over a
+        retired key (made again at each start, so that a CA taken out of the configured file takes
+        those with it). ConfigError if that leaves none."""
         configured = self.configured.ca
-        if not self.kept_ca.exists():
+        if not (self.kept_ca.exists() or self.retired.exists()):
             return configured
+        try:
+            retired = self._retired_keys()
+        except OSError as exc:  # not knowing which are retired must not trust them again
+            raise ConfigError(f"cannot read the retired CA keys in {self.retired}: {exc}") from None
         try:
             cas = _cas(configured)
-            kept = x509.load_pem_x509_certificates(self.kept_ca.read_bytes())
-            links = x509.load_pem_x509_certificates(self.links.read_bytes()) if self.links.exists() else []
-        except (OSError, ValueError, ConfigError) as exc:  # (an unreadable configured file: the connection says so)
-            log.warning("not using the CA certificates taken up in %s: %s", self.kept_ca, exc)
-            return configured
+        except ConfigError:
+            return configured  # (the connection says it cannot read it)
+        kept, links = _certificates(self.kept_ca), _certificates(self.links)
         now = dt.datetime.now(dt.timezone.utc)
-        taken = _vouched_for([c for c in kept if c not in cas and c.not_valid_after_utc > now], cas, links)
-        links = [link for link in links if any(_same_ca(link, ca) for ca in taken)]
+        taken, links = _vouched_for([c for c in kept if c not in cas], cas, links)
+        trusted = [c for c in cas + [c for c in taken if c.not_valid_after_utc > now] if key_id(c) not in retired]
+        if not trusted:
+            raise ConfigError(f"every CA in {configured} was retired on this device by the host (`edgefleet certs "
+                              f"retire-ca`; their keys are in {self.retired}): configure the current CA's certificate")
         try:
-            if not taken:
-                self.kept_ca.unlink()
+            if trusted == cas:
+                self.kept_ca.unlink(missing_ok=True)
                 self.links.unlink(missing_ok=True)
                 return configured
-            self._keep_cas(configured, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in taken))
+            self._keep_cas(trusted)
             if links:
-                self._keep_links(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in links))
+                self._keep_links(_pem(links))
             else:
                 self.links.unlink(missing_ok=True)
         except OSError as exc:
+            if retired:
+                raise ConfigError(f"cannot write the CAs this device trusts to {self.kept_ca}: {exc}") from None
             log.warning("not using the CA certificates taken up in %s: %s", self.kept_ca, exc)
             return configured
         return self.kept_ca
@@ -147,12 +160,14 @@ class ClientCertificate:
         cas = _cas(self.tls.ca)
         if cert in cas:
             return None
+        if key_id(cert) in self._retired_keys():
+            raise ProtocolError(f"the CA certificate {cert.subject.rfc4514_string()} is over a key the host retired")
         renewal = _renewed(cert, cas)
         if renewal:
             _check_times(cert, "the CA certificate")
             if cert.not_valid_after_utc <= max(c.not_valid_after_utc for c in cas if _same_ca(cert, c)):
                 return None
-        elif linked is not None and _vouched_for([cert], cas, [linked]):
+        elif linked is not None and _vouched_for([cert], cas, [linked])[0]:
             _check_times(linked, "the CA's link")
             _check_times(cert, "the CA certificate")
         else:
@@ -163,7 +178,7 @@ class ClientCertificate:
             if not renewal:
                 self._keep_links((self.links.read_bytes() if self.links.exists() else b"") + link.encode().strip()
                                  + b"\n")
-            self._keep_cas(self.tls.ca, pem.encode().strip() + b"\n")
+            self._keep_cas(cas + [cert])
         except OSError as exc:
             raise StorageError(f"cannot keep the CA certificate in {self.kept_ca.parent}: {exc}") from None
         self.tls = replace(self.tls, ca=self.kept_ca)
@@ -172,28 +187,80 @@ class ClientCertificate:
                  f"{cert.not_valid_after_utc:%Y-%m-%d}")
         return cert
 
-    def _keep_cas(self, trusted: Path, renewals: bytes) -> None:
-        """Write the kept CA file: the CA certificates in *trusted*, then *renewals* (PEM)."""
+    def retire_cas(self, keys: tuple[str, ...], broker_certificate: bytes | None) -> list:
+        """Stop trusting the CA certificates over the *keys* (SHA-256 of their public keys, hex) the
+        host retired, and keep them retired across restarts; the certificates dropped (none: nothing
+        here is over those keys). Refused (ProtocolError, nothing changed) unless the broker's
+        certificate (*broker_certificate*, DER, from the connection in use) and this device's own
+        are signed by a CA that stays: the broker must have moved first, or the agent would shut
+        itself out."""
+        from cryptography import x509
+
+        if not keys:
+            return []
+        if self.tls is None:
+            raise ConfigError("this agent does not use TLS: it has no CA to retire")
+        trusted = _cas(self.tls.ca)
+        retiring = [c for c in trusted if key_id(c) in keys]
+        if not retiring:
+            return []
+        staying = [c for c in trusted if c not in retiring]
+        names = ", ".join(sorted({c.subject.rfc4514_string() for c in retiring}))
+        try:
+            broker = x509.load_der_x509_certificate(broker_certificate) if broker_certificate else None
+        except ValueError:
+            broker = None
+        if broker is None or not any(_issued_by(broker, ca) for ca in staying):
+            raise ProtocolError(f"the broker does not show a certificate from a CA this device keeps, so it will not "
+                                f"stop trusting {names}: after `edgefleet certs retire-ca`, write the broker's "
+                                f"configuration again and restart it first")
+        try:
+            own = _load(self.tls.cert) if self.tls.cert is not None else None
+        except (OSError, ValueError):
+            own = None
+        if own is not None and not any(_issued_by(own, ca) for ca in staying):
+            raise ProtocolError(f"this device's certificate is from {names}: it needs one from the current CA "
+                                f"first (`edgefleet certs push`)")
+        try:
+            self.kept_ca.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with replaced_when_written(self.retired) as tmp:
+                tmp.write_text("".join(f"{k}\n" for k in sorted(self._retired_keys() | set(keys))))
+            self._keep_cas(staying)
+        except OSError as exc:
+            raise StorageError(f"cannot keep the retired CA keys in {self.kept_ca.parent}: {exc}") from None
+        self.tls = replace(self.tls, ca=self.kept_ca)
+        log.info("no longer trusting the CA %s, which the host retired", names)
+        return retiring
+
+    def _retired_keys(self) -> set[str]:
+        return set(self.retired.read_text().split()) if self.retired.exists() else set()
+
+    def _keep_cas(self, cas: list) -> None:
+        """Write the kept CA file: the CA certificates this device trusts."""
         with replaced_when_written(self.kept_ca) as tmp:
-            tmp.write_bytes(trusted.read_bytes().rstrip(b"\n") + b"\n" + renewals)
+            tmp.write_bytes(_pem(cas))
 
     def _keep_links(self, links: bytes) -> None:
         with replaced_when_written(self.links) as tmp:
             tmp.write_bytes(links)
 
     def describe(self) -> dict[str, Any] | None:
-        """Serial, expiry and source ("config" or "renewed") of the certificate in use, and when the
-        last of the CA certificates here that it is signed under expires; None without one."""
+        """Serial, expiry and source ("config" or "renewed") of the certificate in use, when the last
+        of the CA certificates here that it is signed under expires, and the keys of the CAs trusted
+        (key_id, comma-separated: the host finds the devices that still trust a retired one); None
+        without a client certificate."""
         if self.tls is None or self.tls.cert is None:
             return None
         try:
             cert = _load(self.tls.cert)
-            issuers = [ca for ca in _cas(self.tls.ca) if _issued_by(cert, ca)]
+            trusted = _cas(self.tls.ca)
+            issuers = [ca for ca in trusted if _issued_by(cert, ca)]
         except (OSError, ValueError, ConfigError):
             return None
         return {"serial": f"{cert.serial_number:x}", "expires": cert.not_valid_after_utc.isoformat(),
                 "source": "renewed" if self.tls.cert == self.kept else "config",
-                **({"ca_expires": max(ca.not_valid_after_utc for ca in issuers).isoformat()} if issuers else {})}
+                **({"ca_expires": max(ca.not_valid_after_utc for ca in issuers).isoformat()} if issuers else {}),
+                "ca_keys": ",".join(sorted({key_id(ca) for ca in trusted}))}
 
     def shows(self, pem: str) -> bool:
         """Whether *pem* is the certificate in use already (the same one pushed again)."""
@@ -282,25 +349,33 @@ def _cas(path: Path) -> list:
         raise ConfigError(f"cannot read the CA file {path}: {exc}") from None
 
 
+def _certificates(path: Path) -> list:
+    """The certificates in *path*; none if it does not exist, or cannot be read (said)."""
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes()) if path.exists() else []
+    except (OSError, ValueError) as exc:
+        log.warning("not using the CA certificates kept in %s: %s", path, exc)
+        return []
+
+
 def _renewed(cert, cas: list) -> bool:
     """Whether *cert* is a self-signed CA certificate with the name and key of one of *cas*."""
     return _is_ca(cert) and _issued_by(cert, cert) and any(_same_ca(cert, ca) for ca in cas)
 
 
-def _vouched_for(candidates: list, trusted: list, links: list) -> list:
-    """Those of the self-signed CA certificates *candidates* that the CAs in *trusted* vouch for: a
+def _vouched_for(candidates: list, trusted: list, links: list) -> tuple[list, list]:
+    """Those of the self-signed CA certificates *candidates* that the CAs in *trusted* vouch for — a
     renewal of one (the same name and key), or a new CA whose name and key one of *links* gives,
-    signed by one — and so on, as a CA taken up vouches for the next (a second move)."""
-    taken: list = []
-    pending = [c for c in candidates if _is_ca(c) and _issued_by(c, c)]
-    while True:
-        known = trusted + taken
-        more = [c for c in pending if any(_same_ca(c, ca) for ca in known) or any(
-            _same_ca(link, c) and _is_ca(link) and any(_issued_by(link, ca) for ca in known) for link in links)]
-        if not more:
-            return taken
-        taken += more
-        pending = [c for c in pending if c not in more]
+    signed by one or by a link they vouch for (a second move) — and the links that are vouched for."""
+    known, vouched = list(trusted), []
+    pending = [link for link in links if _is_ca(link)]
+    while more := [link for link in pending if any(_issued_by(link, ca) for ca in known)]:
+        known += more
+        vouched += more
+        pending = [link for link in pending if link not in more]
+    return [c for c in candidates if _is_ca(c) and _issued_by(c, c) and any(_same_ca(c, ca) for ca in known)], vouched
 
 
 def _is_ca(cert) -> bool:
@@ -315,6 +390,19 @@ def _is_ca(cert) -> bool:
 def _same_ca(cert, ca) -> bool:
     """Whether two certificates have the same subject and key (a CA's, renewed or not)."""
     return cert.subject == ca.subject and _key_bytes(cert.public_key()) == _key_bytes(ca.public_key())
+
+
+def key_id(cert) -> str:
+    """A CA's key as the host names it when it retires it: the SHA-256 of its public key, hex."""
+    import hashlib
+
+    return hashlib.sha256(_key_bytes(cert.public_key())).hexdigest()
+
+
+def _pem(certs: list) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
 def _key_bytes(public_key) -> bytes:

@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -213,6 +214,20 @@ class MqttClient:
         """Also accept a broker certificate signed under the CA certificate *ca_pem* (a renewed one),
         from the next connection on."""
         self._tls_in_use().trust(ca_pem)
+
+    def trust_only(self, tls: TlsFiles) -> None:
+        """Trust exactly the CAs in *tls*'s CA file (and show its certificate) from the next
+        connection on: a retired CA no longer verifies."""
+        self._tls_in_use().restart(tls)
+        self.tls = tls
+
+    def peer_certificate(self) -> bytes | None:
+        """The certificate the broker showed the connection in use (DER); None without one."""
+        sock = self._client.socket()
+        try:
+            return sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+        except (OSError, ValueError):  # (closed meanwhile)
+            return None
 
     def _tls_in_use(self) -> BrokerTls:
         if self._tls is None:

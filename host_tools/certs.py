@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from device_agent.client_cert import key_id
 from device_agent.errors import ConfigError
 from device_agent.files import replaced_when_written
 from device_agent.protocol import topics
@@ -301,6 +302,13 @@ class Pki:
     def ca_link_certificate(self) -> str | None:
         """While the fleet moves to a new CA key, the link to it from the previous CA (PEM)."""
         return self.ca_link.read_text() if self.moving() and self.ca_link.is_file() else None
+
+    def retired_ca_keys(self) -> tuple[str, ...]:
+        """The keys of the CAs retired here (`certs retire-ca`), as devices name them (SHA-256 of the
+        public key, hex): `certs push` has the devices stop trusting them."""
+        own = {key_id(self._read_ca(home)) for home in (self.dir, self.previous) if (home / "ca.crt").is_file()}
+        ended = (x509.load_pem_x509_certificate(p.read_bytes()) for p in (self.dir / "superseded" / "ca").glob("*.crt"))
+        return tuple(sorted({key_id(cert) for cert in ended} - own))
 
     def revocation_lists(self) -> bytes:
         """crl.pem, and the previous CA's during a move: what the broker checks client certificates

@@ -446,11 +446,19 @@ def test_a_fleet_moved_to_a_new_ca_key_stays_connected_and_the_previous_ca_is_sh
     """`certs rotate-ca`, `broker config` and a restart: the agent, whose CA file names the first CA
     alone, is back at once. `certs push` gives it the new CA (taken on the first one's link) and its
     certificate from it. `certs retire-ca` refuses while the registry shows mv-b without its new
-    certificate, then goes ahead with --force; after `broker config` and a restart the broker
-    trusts the new CA alone: the agent is back, and after its own restart too, while mv-b with the
-    files it was given is refused."""
-    from cryptography import x509
+    certificate, then goes ahead with --force; `certs push --stale` (the devices the registry shows
+    trusting the first CA) is refused until the broker shows its new certificate; after `broker
+    config` and a restart the broker trusts the new CA alone: the agent is back, while mv-b with
+    the files it was given is refused; pushed again, the agent stops trusting the first CA: a broker
+    with a certificate from its (leaked) key is refused, after the agent's restart too."""
+    import ipaddress
 
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from device_agent.client_cert import key_id
+    from host_tools.certs import _issue
     from host_tools.fleet.store import FleetStore
 
     broker = SecureMosquitto("mv-a", "mv-b", "host:ops")
@@ -500,9 +508,21 @@ def test_a_fleet_moved_to_a_new_ca_key_stays_connected_and_the_previous_ca_is_sh
         assert refused.returncode == 1 and "1 devices do not show their certificate from the new CA" in refused.stderr \
             and "mv-b" in refused.stderr and "mv-a" not in refused.stderr, refused.stderr
         assert pki.moving()
+        leaked = tmp_path / "leaked"  # the first CA's key, as whoever it leaked to keeps it
+        shutil.copytree(pki.previous, leaked)
+        moving_ca = shutil.copy(pki.ca_cert, tmp_path / "moving-ca.crt")  # both CAs
         retired = edgefleet("certs", "retire-ca", "--dir", pki.dir, "--db", db, "--force")
         assert retired.returncode == 0, retired.stderr
         assert not pki.moving() and not (pki.dir / "previous").exists()
+        registry_shows("mv-a", in_use(agent))  # it still trusts the first CA too
+        registry_shows("mv-b", {**in_use(agent), "serial": serial(pki.client_files("mv-b")[0]),
+                                "ca_keys": key_id(new_ca)})  # (moved, trusting the new CA alone: not stale)
+        push = ("certs", "push", "--stale", "--db", db, "--dir", pki.dir, "--broker", address, "--timeout", 30)
+        # The broker still shows its certificate from the first CA (which the host's CA file, as it was
+        # during the move, names too).
+        early = edgefleet("--tls-ca", moving_ca, *host_tool_args(pki)[2:], *push, "--json")
+        assert early.returncode == 1 and list(json.loads(early.stdout)) == ["mv-a"], early.stdout + early.stderr
+        assert "does not show a certificate from a CA this device keeps" in json.loads(early.stdout)["mv-a"]["error"]
         broker.configure()
         broker.stop()
         broker.start()  # the new CA alone, on both sides
@@ -513,12 +533,44 @@ def test_a_fleet_moved_to_a_new_ca_key_stays_connected_and_the_previous_ca_is_sh
         with pytest.raises(BrokerUnreachable):  # its certificate from the first CA, however it checks the broker
             Listener(address, pki, "mv-b", [], tls=TlsFiles(ca=pki.ca_cert, cert=etc / "mv-b.crt",
                                                             key=etc / "mv-b.key"))
+        pushed = edgefleet(*host_tool_args(pki), *push)
+        assert pushed.returncode == 0 and "trusts no retired CA" in pushed.stdout and "mv-b" not in pushed.stdout, \
+            pushed.stdout + pushed.stderr + agent.log.read_text()[-3000:]
+        assert in_use(agent)["ca_keys"] == key_id(new_ca)
+
+        # A broker that shows a certificate from the leaked key: the agent no longer connects to it.
+        impostor = _issue("127.0.0.1", serialization.load_pem_private_key((broker.work / "broker" / "broker.key")
+                                                                          .read_bytes(), None).public_key(),
+                          x509.load_pem_x509_certificate((leaked / "ca.crt").read_bytes()).subject,
+                          serialization.load_pem_private_key((leaked / "ca.key").read_bytes(), None), days=1,
+                          sans=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+                          usage=[ExtendedKeyUsageOID.SERVER_AUTH])
+        genuine = (broker.work / "broker" / "broker.crt").read_bytes()
+        broker.stop()
+        (broker.work / "broker" / "broker.crt").write_bytes(impostor.public_bytes(serialization.Encoding.PEM))
+        broker.start()
+        assert wait_until(lambda: "certificate verify failed" in (problem(agent) or {}).get("why", ""), 20), \
+            agent.log.read_text()[-3000:]
+        broker.stop()
+        (broker.work / "broker" / "broker.crt").write_bytes(genuine)
+        broker.start()
+        assert agent.wait_for_broker(20), agent.log.read_text()[-3000:]
+
         agent.terminate()
         agent.start()
         assert agent.wait_for_api() and agent.wait_for_broker(20), agent.log.read_text()[-3000:]
         assert in_use(agent)["ca_expires"] == new_ca.not_valid_after_utc.isoformat()
+        assert in_use(agent)["ca_keys"] == key_id(new_ca)  # retired for good, though its CA file names it
     finally:
         broker.close()
+
+
+def problem(agent) -> dict | None:
+    """Why the agent cannot connect to its broker, as its local status says (None: it is connected)."""
+    from device_agent.local_api import AgentClient
+
+    with AgentClient(agent.control_socket, timeout=10) as client:
+        return client.status()["broker_problem"]
 
 
 def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earlier_one_expires(agents, keys, tmp_path):
@@ -529,6 +581,7 @@ def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earli
     take (from a second CA in the device's CA file) is tried and given up: the earlier one is back."""
     from cryptography import x509
 
+    from device_agent.client_cert import key_id
     from host_tools.fleet.store import FleetStore
 
     broker = SecureMosquitto("cert-a", "host:ops")
@@ -554,7 +607,9 @@ def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earli
         assert agent.wait_for_api() and agent.wait_for_broker(), agent.log.read_text()
         ca_expires = next(c.expires for c in pki.own() if c.kind == "CA")
         assert in_use(agent) == {"serial": f"{earlier.serial:x}", "expires": earlier.expires.isoformat(),
-                                 "source": "config", "ca_expires": ca_expires.isoformat()}
+                                 "source": "config", "ca_expires": ca_expires.isoformat(),
+                                 "ca_keys": ",".join(sorted(key_id(x509.load_pem_x509_certificate(ca.read_bytes()))
+                                                            for ca in (pki.ca_cert, other.ca_cert)))}
 
         tried = edgefleet(*as_host, "certs", "push", "cert-a", "--dir", other.dir, "--broker", address, "--json")
         assert tried.returncode == 1, tried.stderr + agent.log.read_text()[-3000:]
@@ -581,7 +636,7 @@ def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earli
         try:
             assert wait_until(lambda: watcher.got and DeviceStatus.from_payload(watcher.got[-1][1]).certificate == {
                 "serial": f"{renewed.serial:x}", "expires": renewed.expires.isoformat(), "source": "renewed",
-                "ca_expires": ca_expires.isoformat()}, 10)
+                "ca_expires": ca_expires.isoformat(), "ca_keys": in_use(agent)["ca_keys"]}, 10)
         finally:
             watcher.client.disconnect()
         assert (etc / "device.crt").read_bytes() != cert.read_bytes()  # the configured file is left alone

@@ -3,6 +3,7 @@ small frozen class with one encoding, and the Reply a device answers some of the
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -152,6 +153,8 @@ class ConfigCommand:
 
 
 MAX_CERTIFICATE = 16 * 1024  # a PEM certificate is 1-2 KiB
+MAX_RETIRED_CAS = 64
+_KEY_ID = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -159,26 +162,33 @@ class CertificateCommand:
     """Present this renewed client certificate (PEM, over the device's own key) to the broker from
     now on, and trust *ca*, the CA's current certificate, if it renews one the device trusts, or if
     *ca_link* — the same CA signed by one the device trusts — vouches for a new CA key (see
-    ``device_agent.client_cert``); answered with a Reply."""
+    ``device_agent.client_cert``), and stop trusting the CAs over the keys *ca_retired* (SHA-256
+    of each public key, hex), which the host retired; answered with a Reply."""
 
     command_id: str
     issued_at: float
     certificate: str
     ca: str | None = None
     ca_link: str | None = None
+    ca_retired: tuple[str, ...] = ()
 
     def to_payload(self) -> bytes:
         return encode("certificate", {"command_id": self.command_id, "issued_at": self.issued_at,
                                        "certificate": self.certificate,
                                        **({"ca": self.ca} if self.ca is not None else {}),
-                                       **({"ca_link": self.ca_link} if self.ca_link is not None else {})})
+                                       **({"ca_link": self.ca_link} if self.ca_link is not None else {}),
+                                       **({"ca_retired": list(self.ca_retired)} if self.ca_retired else {})})
 
     @classmethod
     def from_payload(cls, payload: bytes) -> "CertificateCommand":
         doc = decode(payload, "certificate")
+        retired = require(doc, "ca_retired", list, optional=True) or []
+        if len(retired) > MAX_RETIRED_CAS or not all(isinstance(k, str) and _KEY_ID.fullmatch(k) for k in retired):
+            raise ProtocolError(f"'ca_retired' must list up to {MAX_RETIRED_CAS} SHA-256 digests (64 hex digits)")
         return cls(**_header(doc), certificate=_pem(doc, "certificate"),
                    ca=_pem(doc, "ca") if doc.get("ca") is not None else None,
-                   ca_link=_pem(doc, "ca_link") if doc.get("ca_link") is not None else None)
+                   ca_link=_pem(doc, "ca_link") if doc.get("ca_link") is not None else None,
+                   ca_retired=tuple(retired))
 
 
 def _pem(doc: dict, key: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -55,7 +56,8 @@ class DeviceStatus:
     hardware: dict[str, Any] | None = None  # device_agent.hardware.describe(): class, arch, RAM, runtimes, ...
     # Other agents seen with this device id (device_agent.presence): host, pid, since, seen, how.
     id_shared_with: list[dict[str, Any]] | None = None
-    # The client certificate it shows the broker (device_agent.client_cert): serial, expires, source.
+    # The client certificate it shows the broker (device_agent.client_cert): serial, expires, source,
+    # ca_expires, ca_keys.
     certificate: dict[str, str] | None = None
 
     def to_payload(self) -> bytes:
@@ -105,11 +107,19 @@ def _certificate(value: dict | None) -> dict[str, str] | None:
     ca_expires = require(value, "ca_expires", str, optional=True)  # (agents from before leave it out)
     if ca_expires is not None:
         cert["ca_expires"] = ca_expires
+    ca_keys = require(value, "ca_keys", str, optional=True)
+    if ca_keys is not None:
+        cert["ca_keys"] = ca_keys
     times = [cert["expires"]] + ([ca_expires] if ca_expires is not None else [])
-    if len(cert["serial"]) > 40 or not all(map(_zoned_time, times)) or cert["source"] not in ("config", "renewed"):
+    if len(cert["serial"]) > 40 or not all(map(_zoned_time, times)) or cert["source"] not in ("config", "renewed") \
+            or (ca_keys is not None and not _KEY_IDS.fullmatch(ca_keys)):
         raise ProtocolError("certificate: serial up to 40 hex digits, expires (and ca_expires) an ISO 8601 time "
-                            "with its zone, source 'config' or 'renewed'")
+                            "with its zone, source 'config' or 'renewed', ca_keys up to 16 SHA-256 digests "
+                            "(hex, comma-separated)")
     return cert
+
+
+_KEY_IDS = re.compile(r"[0-9a-f]{64}(,[0-9a-f]{64}){0,15}")
 
 
 def _zoned_time(text: str) -> bool:

@@ -215,18 +215,20 @@ def certs_retire_ca(pki_dir, db, force) -> None:
     cert = pki.retire_ca()
     click.echo(f"retired the previous CA (its key is deleted); the broker's certificate is issued again under the "
                f"new one: {cert.path}, serial {f'{cert.serial:x}'[:16]}, valid until {cert.expires:%Y-%m-%d}")
-    click.echo("next: `edgefleet broker config --out DIR` again and restart Mosquitto; copy ca.crt to the host tools "
-               "(--tls-ca) by hand")
+    click.echo("next: 1. `edgefleet broker config --out DIR` again and restart Mosquitto; copy ca.crt to the host "
+               "tools (--tls-ca) by hand; 2. `edgefleet certs push --stale --broker ADDR` has the devices stop "
+               "trusting the previous CA")
 
 
 @certs.command("push", help="Send the devices NAMES (or with --stale, every device the registry shows with an "
                             "older one) their current certificates, after `certs renew`, in signed commands. Each "
                             "checks that it is for its key and device id, from its CA, and lasts longer than the "
                             "one it uses; reconnects with it; keeps it once the broker accepts it, else goes back "
-                            "to the one before.")
+                            "to the one before. After `certs retire-ca`, they also stop trusting the CA retired.")
 @click.argument("names", nargs=-1)
 @click.option("--stale", is_flag=True, help="Also every device whose certificate in the registry (--db, as it "
-                                            "reports it) is not its current one here.")
+                                            "reports it) is not its current one here, or that still trusts a "
+                                            "retired CA.")
 @db_option
 @pki_option
 @broker_option
@@ -249,26 +251,31 @@ def certs_push(names, stale, db, pki_dir, broker, timeout, signing_key, expires_
     pems = {name: pki.device_certificate(name) for name in names}  # all found before any is sent
     ca = pki.ca_certificate()  # a renewed or new one the devices take up (one they have already, they ignore)
     link = pki.ca_link_certificate()  # during a move to a new CA key: why they may take it
+    retired = pki.retired_ca_keys()  # after one: the keys they stop trusting
     send_to_each(broker, "certs", names, "certificate",
-                 lambda device, cid: CertificateCommand(cid, time.time(), pems[device], ca, link),
+                 lambda device, cid: CertificateCommand(cid, time.time(), pems[device], ca, link, retired),
                  timeout=timeout, signing_key=signing_key, expires_in=expires_in, as_json=as_json,
                  took=lambda body: f"uses serial {body['serial'][:16]}, valid until {body['expires'][:10]}"
-                 + (f", its CA until {body['ca_expires'][:10]}" if body.get("ca_expires") else ""))
+                 + (f", its CA until {body['ca_expires'][:10]}" if body.get("ca_expires") else "")
+                 + (", trusts no retired CA" if retired and body.get("ca_keys") is not None
+                    and not set(retired) & set(body["ca_keys"].split(",")) else ""))
 
 
 def _stale_devices(pki, db: Path) -> list[str]:
     """The devices in the registry at *db* that report a certificate other than their current one
-    in *pki* (a renewed one not given to them yet), or a CA that expires before the CA's current
-    certificate (a renewed CA); those that report none (no client certificate, or an agent from
-    before) are not counted."""
+    in *pki* (a renewed one not given to them yet), a CA that expires before the CA's current
+    certificate (a renewed CA), or trusting a CA retired here; those that report none (no client
+    certificate, or an agent from before) are not counted."""
     from device_agent.protocol.reports import expires_at
     from host_tools.cli.fleet import fleet_rows
 
     current = {c.name: f"{c.serial:x}" for c in pki.issued() if not c.revoked and c.kind == "device"}
     ca_expires = pki.ca_expires().timestamp()
+    retired = set(pki.retired_ca_keys())
     return [r.device_id for r in fleet_rows(db, (), None) if r.certificate and r.device_id in current
             and (r.certificate["serial"] != current[r.device_id]
-                 or (expires_at(r.certificate, "ca_expires") or ca_expires) < ca_expires)]
+                 or (expires_at(r.certificate, "ca_expires") or ca_expires) < ca_expires
+                 or retired & set(r.certificate.get("ca_keys", "").split(",")))]
 
 
 def _not_moved(pki, db: Path) -> list[str]:

@@ -9,7 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from device_agent.client_cert import ClientCertificate
+from device_agent.client_cert import ClientCertificate, key_id
 from device_agent.errors import ConfigError, ProtocolError
 from device_agent.tls import TlsFiles
 from device_agent.protocol.commands import CertificateCommand, parse_command
@@ -60,7 +60,8 @@ def test_a_renewed_certificate_is_staged_kept_once_committed_and_shown_after_a_r
     assert kept.cert == state / "tls" / "client.crt" and serial(kept.cert) == renewed.serial
     ca_expires = next(c.expires for c in pki.own() if c.kind == "CA").isoformat()
     assert certificate.describe() == {"serial": f"{renewed.serial:x}", "expires": renewed.expires.isoformat(),
-                                      "source": "renewed", "ca_expires": ca_expires}
+                                      "source": "renewed", "ca_expires": ca_expires,
+                                      "ca_keys": key_id(x509.load_pem_x509_certificate(tls.ca.read_bytes()))}
     after_restart = ClientCertificate(tls, state, "pi-a")
     assert after_restart.tls == kept and after_restart.describe()["source"] == "renewed"
     assert serial(tls.cert) != renewed.serial  # the configured file is never written
@@ -199,12 +200,79 @@ def test_a_new_ca_key_is_trusted_on_its_link_from_a_trusted_ca_across_restarts_a
     assert not (state / "tls" / "ca.crt").exists() and not (state / "tls" / "ca-links.crt").exists()
 
 
+def test_a_ca_the_host_retired_is_no_longer_trusted_once_the_broker_moved_and_stays_retired_across_restarts_and_moves(
+        pki, device):
+    tls, state = device
+    pki.renew("pi-a", days=100)
+    shutil.copy(pki.client_files("pi-a")[0], tls.cert)
+    certificate = ClientCertificate(tls, state, "pi-a")
+    first = x509.load_pem_x509_certificate(tls.ca.read_bytes())
+    pki.rotate_ca()
+    second = x509.load_pem_x509_certificate(pki.ca_certificate().encode())
+    certificate.take_ca(pki.ca_certificate(), pki.ca_link_certificate())
+    broker_before = der(pki.broker_cert)  # during the move: from the first CA
+    assert pki.retired_ca_keys() == ()
+    pki.retire_ca()
+    retired = pki.retired_ca_keys()
+    assert retired == (key_id(first),)
+    broker_after = der(pki.broker_cert)
+
+    def trusted(cc: ClientCertificate) -> list[str]:
+        return [c.subject.rfc4514_string() for c in x509.load_pem_x509_certificates(cc.tls.ca.read_bytes())]
+
+    for broker, reason in ((broker_before, "the broker does not show a certificate from a CA this device keeps"),
+                           (None, "the broker does not show a certificate"),  # (not connected)
+                           (broker_after, "this device's certificate is from CN=edgefleet CA: it needs one")):
+        with pytest.raises(ProtocolError, match=reason):
+            certificate.retire_cas(retired, broker)
+        assert trusted(certificate) == ["CN=edgefleet CA", "CN=edgefleet CA 2"]
+        assert not (state / "tls" / "ca-retired").exists()
+    certificate.stage(pki.device_certificate("pi-a"))
+    certificate.commit()
+    assert certificate.describe()["ca_keys"] == ",".join(sorted([key_id(first), key_id(second)]))
+
+    assert certificate.retire_cas(retired, broker_after) == [first]
+    assert trusted(certificate) == ["CN=edgefleet CA 2"]
+    assert certificate.describe()["ca_keys"] == key_id(second)
+    assert certificate.retire_cas(retired, broker_after) == []  # pushed again
+    with pytest.raises(ProtocolError, match="over a key the host retired"):
+        certificate.take_ca(first.public_bytes(serialization.Encoding.PEM).decode())
+    restarted = ClientCertificate(tls, state, "pi-a")  # the configured file still names the first CA
+    assert trusted(restarted) == ["CN=edgefleet CA 2"] and restarted.describe() == certificate.describe()
+
+    pki.rotate_ca()  # a second move: CA 3, linked from CA 2
+    assert restarted.take_ca(pki.ca_certificate(), pki.ca_link_certificate()) is not None
+    pki.renew("pi-a", days=4000)  # (ends later than the one from CA 2, issued perhaps in the same second)
+    restarted.stage(pki.device_certificate("pi-a"))
+    restarted.commit()
+    pki.retire_ca()
+    assert len(pki.retired_ca_keys()) == 2
+    assert [c.subject.rfc4514_string() for c in restarted.retire_cas(pki.retired_ca_keys(), der(pki.broker_cert))] \
+        == ["CN=edgefleet CA 2"]
+    again = ClientCertificate(tls, state, "pi-a")  # CA 3 still vouched for: by CA 2's link from the first CA
+    assert trusted(again) == ["CN=edgefleet CA 3"]
+
+    for kept in ("ca.crt", "ca-links.crt"):  # the CAs taken up lost: the configured file's is retired
+        (state / "tls" / kept).unlink()
+    with pytest.raises(ConfigError, match="every CA in .* was retired on this device"):
+        ClientCertificate(tls, state, "pi-a")
+
+
+def der(path) -> bytes:
+    return x509.load_pem_x509_certificate(path.read_bytes()).public_bytes(serialization.Encoding.DER)
+
+
 def test_the_certificate_command_carries_one_pem_and_perhaps_the_ca_and_nothing_else():
     pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
     command = parse_command(CertificateCommand("c1", 1.5, pem).to_payload())
     assert command == CertificateCommand("c1", 1.5, pem)
     assert parse_command(CertificateCommand("c1", 1.5, pem, pem).to_payload()).ca == pem
     assert parse_command(CertificateCommand("c1", 1.5, pem, pem, pem).to_payload()).ca_link == pem
+    keys = ("a" * 64, "0123456789abcdef" * 4)
+    assert parse_command(CertificateCommand("c1", 1.5, pem, ca_retired=keys).to_payload()).ca_retired == keys
+    for bad in (("A" * 64,), ("a" * 63,), (7,), ("a" * 64,) * 65):
+        with pytest.raises(ProtocolError, match="'ca_retired' must list up to 64 SHA-256 digests"):
+            parse_command(CertificateCommand("c1", 1.5, pem, ca_retired=bad).to_payload())
     for bad in ("not a certificate", "-----BEGIN CERTIFICATE-----" + "A" * 20_000):
         with pytest.raises(ProtocolError, match="one PEM certificate"):
             parse_command(CertificateCommand("c1", 1.5, bad).to_payload())

@@ -7,6 +7,7 @@ import json
 import pytest
 from cryptography import x509
 
+from device_agent.client_cert import key_id
 from host_tools.certs import Pki
 from tests.conftest import edgefleet
 
@@ -208,6 +209,9 @@ def test_rotating_the_ca_key_issues_everything_again_under_a_new_ca_and_retiring
     load(pki.broker_cert).verify_directly_issued_by(new)
     assert load(pki.dir / "superseded" / "ca" / f"{first.serial_number:x}.crt") == first
     assert {c.kind for c in pki.own()} == {"CA", "broker"}
+    assert pki.retired_ca_keys() == (key_id(first),) and "certs push --stale" in retired.stdout  # devices drop it
+    pki.renew_ca()  # the current CA's certificate renewed over is kept in superseded/ca/ too: not retired
+    assert pki.retired_ca_keys() == (key_id(first),)
     nothing = edgefleet("certs", "retire-ca", "--dir", pki.dir)
     assert nothing.returncode == 1 and "nothing to retire" in nothing.stderr
     pki.rotate_ca()  # the next move: its CA is named after this one
