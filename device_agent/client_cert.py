@@ -39,7 +39,7 @@ from typing import Any
 from device_agent.errors import ConfigError, ProtocolError, StorageError
 from device_agent.files import replaced_when_written
 from device_agent.tls import TlsFiles
-from device_agent.protocol.reports import expires_at
+from device_agent.protocol.reports import MAX_CA_KEYS, expires_at
 
 log = logging.getLogger(__name__)
 CLOCK_SKEW = dt.timedelta(minutes=5)  # a certificate issued on a host whose clock is a little ahead
@@ -247,8 +247,8 @@ class ClientCertificate:
     def describe(self) -> dict[str, Any] | None:
         """Serial, expiry and source ("config" or "renewed") of the certificate in use, when the last
         of the CA certificates here that it is signed under expires, and the keys of the CAs trusted
-        (key_id, comma-separated: the host finds the devices that still trust a retired one); None
-        without a client certificate."""
+        (key_id, comma-separated: the host finds the devices that still trust a retired one; left out
+        beyond MAX_CA_KEYS, as with a system CA bundle); None without a client certificate."""
         if self.tls is None or self.tls.cert is None:
             return None
         try:
@@ -260,7 +260,8 @@ class ClientCertificate:
         return {"serial": f"{cert.serial_number:x}", "expires": cert.not_valid_after_utc.isoformat(),
                 "source": "renewed" if self.tls.cert == self.kept else "config",
                 **({"ca_expires": max(ca.not_valid_after_utc for ca in issuers).isoformat()} if issuers else {}),
-                "ca_keys": ",".join(sorted({key_id(ca) for ca in trusted}))}
+                **({"ca_keys": ",".join(sorted(keys))} if len(keys := {key_id(ca) for ca in trusted}) <= MAX_CA_KEYS
+                   else {})}
 
     def shows(self, pem: str) -> bool:
         """Whether *pem* is the certificate in use already (the same one pushed again)."""

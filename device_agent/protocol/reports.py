@@ -114,12 +114,13 @@ def _certificate(value: dict | None) -> dict[str, str] | None:
     if len(cert["serial"]) > 40 or not all(map(_zoned_time, times)) or cert["source"] not in ("config", "renewed") \
             or (ca_keys is not None and not _KEY_IDS.fullmatch(ca_keys)):
         raise ProtocolError("certificate: serial up to 40 hex digits, expires (and ca_expires) an ISO 8601 time "
-                            "with its zone, source 'config' or 'renewed', ca_keys up to 16 SHA-256 digests "
-                            "(hex, comma-separated)")
+                            f"with its zone, source 'config' or 'renewed', ca_keys up to {MAX_CA_KEYS} SHA-256 "
+                            "digests (hex, comma-separated)")
     return cert
 
 
-_KEY_IDS = re.compile(r"[0-9a-f]{64}(,[0-9a-f]{64}){0,15}")
+MAX_CA_KEYS = 16  # a device trusting more (a system CA bundle) leaves ca_keys out
+_KEY_IDS = re.compile(r"[0-9a-f]{64}(,[0-9a-f]{64}){0,%d}" % (MAX_CA_KEYS - 1))
 
 
 def _zoned_time(text: str) -> bool:

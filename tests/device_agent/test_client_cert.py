@@ -3,10 +3,12 @@
 
 import shutil
 import time
+from dataclasses import replace
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from device_agent.client_cert import ClientCertificate, key_id
@@ -201,7 +203,7 @@ def test_a_new_ca_key_is_trusted_on_its_link_from_a_trusted_ca_across_restarts_a
 
 
 def test_a_ca_the_host_retired_is_no_longer_trusted_once_the_broker_moved_and_stays_retired_across_restarts_and_moves(
-        pki, device):
+        pki, device, tmp_path):
     tls, state = device
     pki.renew("pi-a", days=100)
     shutil.copy(pki.client_files("pi-a")[0], tls.cert)
@@ -251,6 +253,14 @@ def test_a_ca_the_host_retired_is_no_longer_trusted_once_the_broker_moved_and_st
         == ["CN=edgefleet CA 2"]
     again = ClientCertificate(tls, state, "pi-a")  # CA 3 still vouched for: by CA 2's link from the first CA
     assert trusted(again) == ["CN=edgefleet CA 3"]
+
+    many = tls.ca.with_name("many.crt")  # a CA file of 17 (a system bundle): too many to list in a status
+    many.write_bytes(pki.ca_cert.read_bytes() + b"".join(
+        _issue(f"CA {i}", key.public_key(), x509.Name.from_rfc4514_string(f"CN=CA {i}"), key, days=1, ca=True)
+        .public_bytes(serialization.Encoding.PEM) for i, key in enumerate(ec.generate_private_key(ec.SECP256R1())
+                                                                          for _ in range(16))))
+    described = ClientCertificate(replace(tls, ca=many), tmp_path / "other-state", "pi-a").describe()
+    assert "ca_keys" not in described and described["serial"] == f"{serial(tls.cert):x}"
 
     for kept in ("ca.crt", "ca-links.crt"):  # the CAs taken up lost: the configured file's is retired
         (state / "tls" / kept).unlink()

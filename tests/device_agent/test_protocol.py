@@ -115,12 +115,16 @@ GOOD_CERT = {"serial": "1f" * 20, "expires": "2029-03-09T08:33:20+00:00", "sourc
 @pytest.mark.parametrize("certificate", [{**GOOD_CERT, "serial": "1f" * 21}, {**GOOD_CERT, "expires": "soon"},
                                          {**GOOD_CERT, "expires": "2029-03-09T08:33:20"},  # no zone
                                          {**GOOD_CERT, "source": "stolen"}, {**GOOD_CERT, "serial": 31},
-                                         {"serial": "1f"}, "1f"])
+                                         {"serial": "1f"}, "1f", {**GOOD_CERT, "ca_keys": "ab" * 32 + ","},
+                                         {**GOOD_CERT, "ca_keys": ",".join(["ab" * 32] * 17)},
+                                         {**GOOD_CERT, "ca_keys": "AB" * 32}, {**GOOD_CERT, "ca_keys": ["ab" * 32]}])
 def test_a_status_describing_its_certificate_is_checked(certificate):
     def status(cert):
         return DeviceStatus.from_payload(json.dumps({"type": "status", "device_id": "pi-01", "online": True,
                                                      "timestamp": 1.0, "certificate": cert}).encode())
     assert status(GOOD_CERT).certificate == GOOD_CERT
+    with_keys = {**GOOD_CERT, "ca_keys": ",".join(["ab" * 32] * 16)}
+    assert status(with_keys).certificate == with_keys
     with pytest.raises(ProtocolError):
         status(certificate)
 
