@@ -37,12 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.errors import ConfigError, ProtocolError, StorageError
+from device_agent.certificates import (cas_in, certificates_in, check_times, issued_by, key_bytes, key_id, load,
+                                       pem_of, renews, same_ca, vouched_for)
 from device_agent.files import replaced_when_written
 from device_agent.tls import TlsFiles
 from device_agent.protocol.reports import MAX_CA_KEYS, expires_at
 
 log = logging.getLogger(__name__)
-CLOCK_SKEW = dt.timedelta(minutes=5)  # a certificate issued on a host whose clock is a little ahead
 RENEW_WITHIN_DAYS = 30  # a certificate with fewer days left is said to need renewing
 
 
@@ -64,12 +65,6 @@ def certificate_text(described: dict[str, str]) -> str:
             + (" (renewed over MQTT)" if described["source"] == "renewed" else "") + warning(days_left(described))
             + (f"; its CA until {described['ca_expires'][:10]}" + warning(days_left(described, "ca_expires"))
                if "ca_expires" in described else ""))
-
-
-def _load(path: Path):
-    from cryptography import x509
-
-    return x509.load_pem_x509_certificate(path.read_bytes())
 
 
 class ClientCertificate:
@@ -114,12 +109,12 @@ class ClientCertificate:
         except OSError as exc:  # not knowing which are retired must not trust them again
             raise ConfigError(f"cannot read the retired CA keys in {self.retired}: {exc}") from None
         try:
-            cas = _cas(configured)
+            cas = cas_in(configured)
         except ConfigError:
             return configured  # (the connection says it cannot read it)
-        kept, links = _certificates(self.kept_ca), _certificates(self.links)
+        kept, links = certificates_in(self.kept_ca), certificates_in(self.links)
         now = dt.datetime.now(dt.timezone.utc)
-        taken, links = _vouched_for([c for c in kept if c not in cas], cas, links)
+        taken, links = vouched_for([c for c in kept if c not in cas], cas, links)
         trusted = [c for c in cas + [c for c in taken if c.not_valid_after_utc > now] if key_id(c) not in retired]
         if not trusted:
             raise ConfigError(f"every CA in {configured} was retired on this device by the host (`edgefleet certs "
@@ -131,7 +126,7 @@ class ClientCertificate:
                 return configured
             self._keep_cas(trusted)
             if links:
-                self._keep_links(_pem(links))
+                self._keep_links(pem_of(links))
             else:
                 self.links.unlink(missing_ok=True)
         except OSError as exc:
@@ -157,19 +152,19 @@ class ClientCertificate:
             linked = x509.load_pem_x509_certificate(link.encode()) if link is not None else None
         except ValueError:
             raise ProtocolError("the CA or its link is not a PEM certificate") from None
-        cas = _cas(self.tls.ca)
+        cas = cas_in(self.tls.ca)
         if cert in cas:
             return None
         if key_id(cert) in self._retired_keys():
             raise ProtocolError(f"the CA certificate {cert.subject.rfc4514_string()} is over a key the host retired")
-        renewal = _renewed(cert, cas)
+        renewal = renews(cert, cas)
         if renewal:
-            _check_times(cert, "the CA certificate")
-            if cert.not_valid_after_utc <= max(c.not_valid_after_utc for c in cas if _same_ca(cert, c)):
+            check_times(cert, "the CA certificate")
+            if cert.not_valid_after_utc <= max(c.not_valid_after_utc for c in cas if same_ca(cert, c)):
                 return None
-        elif linked is not None and _vouched_for([cert], cas, [linked])[0]:
-            _check_times(linked, "the CA's link")
-            _check_times(cert, "the CA certificate")
+        elif linked is not None and vouched_for([cert], cas, [linked])[0]:
+            check_times(linked, "the CA's link")
+            check_times(cert, "the CA certificate")
         else:
             raise ProtocolError(f"the CA certificate neither renews a CA in {self.configured.ca} (the same name and "
                                 f"key) nor comes with a link from one: a CA is trusted only from the configured file")
@@ -200,7 +195,7 @@ class ClientCertificate:
             return []
         if self.tls is None:
             raise ConfigError("this agent does not use TLS: it has no CA to retire")
-        trusted = _cas(self.tls.ca)
+        trusted = cas_in(self.tls.ca)
         retiring = [c for c in trusted if key_id(c) in keys]
         if not retiring:
             return []
@@ -210,15 +205,15 @@ class ClientCertificate:
             broker = x509.load_der_x509_certificate(broker_certificate) if broker_certificate else None
         except ValueError:
             broker = None
-        if broker is None or not any(_issued_by(broker, ca) for ca in staying):
+        if broker is None or not any(issued_by(broker, ca) for ca in staying):
             raise ProtocolError(f"the broker does not show a certificate from a CA this device keeps, so it will not "
                                 f"stop trusting {names}: after `edgefleet certs retire-ca`, write the broker's "
                                 f"configuration again and restart it first")
         try:
-            own = _load(self.tls.cert) if self.tls.cert is not None else None
+            own = load(self.tls.cert) if self.tls.cert is not None else None
         except (OSError, ValueError):
             own = None
-        if own is not None and not any(_issued_by(own, ca) for ca in staying):
+        if own is not None and not any(issued_by(own, ca) for ca in staying):
             raise ProtocolError(f"this device's certificate is from {names}: it needs one from the current CA "
                                 f"first (`edgefleet certs push`)")
         try:
@@ -238,7 +233,7 @@ class ClientCertificate:
     def _keep_cas(self, cas: list) -> None:
         """Write the kept CA file: the CA certificates this device trusts."""
         with replaced_when_written(self.kept_ca) as tmp:
-            tmp.write_bytes(_pem(cas))
+            tmp.write_bytes(pem_of(cas))
 
     def _keep_links(self, links: bytes) -> None:
         with replaced_when_written(self.links) as tmp:
@@ -252,9 +247,9 @@ class ClientCertificate:
         if self.tls is None or self.tls.cert is None:
             return None
         try:
-            cert = _load(self.tls.cert)
-            trusted = _cas(self.tls.ca)
-            issuers = [ca for ca in trusted if _issued_by(cert, ca)]
+            cert = load(self.tls.cert)
+            trusted = cas_in(self.tls.ca)
+            issuers = [ca for ca in trusted if issued_by(cert, ca)]
         except (OSError, ValueError, ConfigError):
             return None
         return {"serial": f"{cert.serial_number:x}", "expires": cert.not_valid_after_utc.isoformat(),
@@ -269,7 +264,7 @@ class ClientCertificate:
 
         try:
             return self.tls is not None and self.tls.cert is not None and \
-                x509.load_pem_x509_certificate(pem.encode()) == _load(self.tls.cert)
+                x509.load_pem_x509_certificate(pem.encode()) == load(self.tls.cert)
         except (OSError, ValueError):
             return False
 
@@ -296,7 +291,7 @@ class ClientCertificate:
             key = serialization.load_pem_private_key(tls.key.read_bytes(), password=None)
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(f"cannot read this agent's key {tls.key}: {exc}") from None
-        if _key_bytes(cert.public_key()) != _key_bytes(key.public_key()):
+        if key_bytes(cert.public_key()) != key_bytes(key.public_key()):
             raise ProtocolError("the certificate is for another key than this device's (a renewal keeps the key: "
                                 "`edgefleet certs renew`)")
         try:
@@ -305,12 +300,12 @@ class ClientCertificate:
                 raise ProtocolError("the certificate is not for TLS clients (its extended key usage)")
         except x509.ExtensionNotFound:
             pass
-        if not any(_issued_by(cert, ca) for ca in _cas(self.tls.ca)):
+        if not any(issued_by(cert, ca) for ca in cas_in(self.tls.ca)):
             raise ProtocolError(f"the certificate is not signed by a CA in {tls.ca}")
-        _check_times(cert, "the certificate")
+        check_times(cert, "the certificate")
         current = newer_than or (self.tls.cert if self.tls else None)
         try:
-            in_use = _load(current) if current is not None else None
+            in_use = load(current) if current is not None else None
         except (OSError, ValueError):
             in_use = None  # unreadable: anything valid is better
         if in_use is not None and cert.not_valid_after_utc <= in_use.not_valid_after_utc:
@@ -339,92 +334,3 @@ class ClientCertificate:
 
     def discard(self) -> None:
         self.candidate.unlink(missing_ok=True)
-
-
-def _cas(path: Path) -> list:
-    from cryptography import x509
-
-    try:
-        return x509.load_pem_x509_certificates(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the CA file {path}: {exc}") from None
-
-
-def _certificates(path: Path) -> list:
-    """The certificates in *path*; none if it does not exist, or cannot be read (said)."""
-    from cryptography import x509
-
-    try:
-        return x509.load_pem_x509_certificates(path.read_bytes()) if path.exists() else []
-    except (OSError, ValueError) as exc:
-        log.warning("not using the CA certificates kept in %s: %s", path, exc)
-        return []
-
-
-def _renewed(cert, cas: list) -> bool:
-    """Whether *cert* is a self-signed CA certificate with the name and key of one of *cas*."""
-    return _is_ca(cert) and _issued_by(cert, cert) and any(_same_ca(cert, ca) for ca in cas)
-
-
-def _vouched_for(candidates: list, trusted: list, links: list) -> tuple[list, list]:
-    """Those of the self-signed CA certificates *candidates* that the CAs in *trusted* vouch for — a
-    renewal of one (the same name and key), or a new CA whose name and key one of *links* gives,
-    signed by one or by a link they vouch for (a second move) — and the links that are vouched for."""
-    known, vouched = list(trusted), []
-    pending = [link for link in links if _is_ca(link)]
-    while more := [link for link in pending if any(_issued_by(link, ca) for ca in known)]:
-        known += more
-        vouched += more
-        pending = [link for link in pending if link not in more]
-    return [c for c in candidates if _is_ca(c) and _issued_by(c, c) and any(_same_ca(c, ca) for ca in known)], vouched
-
-
-def _is_ca(cert) -> bool:
-    from cryptography import x509
-
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
-
-
-def _same_ca(cert, ca) -> bool:
-    """Whether two certificates have the same subject and key (a CA's, renewed or not)."""
-    return cert.subject == ca.subject and _key_bytes(cert.public_key()) == _key_bytes(ca.public_key())
-
-
-def key_id(cert) -> str:
-    """A CA's key as the host names it when it retires it: the SHA-256 of its public key, hex."""
-    import hashlib
-
-    return hashlib.sha256(_key_bytes(cert.public_key())).hexdigest()
-
-
-def _pem(certs: list) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-
-
-def _key_bytes(public_key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _check_times(cert, what: str) -> None:
-    now = dt.datetime.now(dt.timezone.utc)
-    if cert.not_valid_before_utc > now + CLOCK_SKEW:
-        raise ProtocolError(f"{what} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
-    if cert.not_valid_after_utc <= now:
-        raise ProtocolError(f"{what} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
-
-
-def _issued_by(cert, ca) -> bool:
-    from cryptography.exceptions import InvalidSignature
-
-    try:
-        cert.verify_directly_issued_by(ca)
-        return True
-    except (ValueError, TypeError, InvalidSignature):  # another issuer's name, key type or signature
-        return False

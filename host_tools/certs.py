@@ -31,7 +31,6 @@ it is, the broker's ACL denies that name everything (``host_tools.broker_config`
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import os
 import re
 import shutil
@@ -43,63 +42,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from device_agent.client_cert import key_id
+from device_agent.certificates import key_id
 from device_agent.errors import ConfigError
 from device_agent.files import replaced_when_written
 from device_agent.protocol import topics
+from host_tools.issuing import common_name, general_name, issue, key_pem, next_ca_name, write_private
 
 HOST_PREFIX = "host:"
 CA_DAYS = 3650  # the CA's and the broker's certificates
 CLIENT_DAYS = 825  # devices' and host tools'
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-
-
-def _issue(subject: str, public_key, issuer_name: x509.Name, issuer_key, *, days: float, ca: bool = False,
-           sans: list[x509.GeneralName] | None = None, usage: list | None = None) -> x509.Certificate:
-    now = dt.datetime.now(dt.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (x509.CertificateBuilder()
-               .subject_name(name)
-               .issuer_name(issuer_name).public_key(public_key).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
-            decipher_only=False), critical=True)
-    if issuer_name != name:  # (a client's, the broker's, or a CA's link from the CA before it)
-        builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-                                        critical=False)
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    if usage:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _general_name(name: str) -> x509.GeneralName:
-    try:
-        return x509.IPAddress(ipaddress.ip_address(name))
-    except ValueError:
-        return x509.DNSName(name)
-
-
-def common_name(cert: x509.Certificate) -> str | None:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return names[0].value if names and isinstance(names[0].value, str) else None
 
 
 def _client_kind(name: str) -> str:
@@ -159,13 +110,13 @@ class Pki:
             raise ConfigError("give at least one --broker-host name or IP the devices will connect to")
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgefleet CA")])
-        ca = _issue("edgefleet CA", ca_key.public_key(), ca_name, ca_key, days=days, ca=True)
-        _write_private(self.dir / "ca.key", _key_pem(ca_key))
+        ca = issue("edgefleet CA", ca_key.public_key(), ca_name, ca_key, days=days, ca=True)
+        write_private(self.dir / "ca.key", key_pem(ca_key))
         self.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
         broker_key = ec.generate_private_key(ec.SECP256R1())
-        broker = _issue(broker_names[0], broker_key.public_key(), ca_name, ca_key, days=days,
-                        sans=[_general_name(n) for n in broker_names], usage=[ExtendedKeyUsageOID.SERVER_AUTH])
-        _write_private(self.broker_key, _key_pem(broker_key))
+        broker = issue(broker_names[0], broker_key.public_key(), ca_name, ca_key, days=days,
+                        sans=[general_name(n) for n in broker_names], usage=[ExtendedKeyUsageOID.SERVER_AUTH])
+        write_private(self.broker_key, key_pem(broker_key))
         self.broker_cert.write_bytes(broker.public_bytes(serialization.Encoding.PEM))
         return [self.dir / "ca.key", self.ca_cert, self.broker_key, self.broker_cert]
 
@@ -180,9 +131,9 @@ class Pki:
             raise ConfigError(f"{cert_path} already exists; refusing to overwrite it")
         ca_key, ca = self._load_ca()
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = _issue(name, key.public_key(), ca.subject, ca_key, days=days,
+        cert = issue(name, key.public_key(), ca.subject, ca_key, days=days,
                       usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
-        _write_private(key_path, _key_pem(key))
+        write_private(key_path, key_pem(key))
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cert_path, key_path
 
@@ -200,7 +151,7 @@ class Pki:
         except x509.ExtensionNotFound:
             sans = None
         usage = ExtendedKeyUsageOID.SERVER_AUTH if name is None else ExtendedKeyUsageOID.CLIENT_AUTH
-        cert = _issue(common_name(old) or "", old.public_key(), ca.subject, ca_key,
+        cert = issue(common_name(old) or "", old.public_key(), ca.subject, ca_key,
                       days=days or (CA_DAYS if name is None else CLIENT_DAYS), sans=sans, usage=[usage])
         if name is not None:  # a device may still show it: it is revoked with the name (revoke)
             earlier = self.dir / "superseded" / f"{path.stem}-{old.serial_number:x}.crt"
@@ -218,7 +169,7 @@ class Pki:
         in their CA files before the earlier one expires (`certs push` gives it to the devices).
         The earlier one is kept in superseded/ca/; crl.pem is signed again to last as long."""
         ca_key, old = self._load_ca()
-        new = _issue(common_name(old) or "", ca_key.public_key(), old.subject, ca_key, days=days, ca=True)
+        new = issue(common_name(old) or "", ca_key.public_key(), old.subject, ca_key, days=days, ca=True)
         if new.subject != old.subject:  # (a CA made elsewhere, its name more than a common name)
             raise ConfigError(f"the CA in {self.dir} is named {old.subject.rfc4514_string()}: only a CA that "
                               f"`edgefleet certs init` made can be renewed here")
@@ -243,24 +194,24 @@ class Pki:
             raise ConfigError(f"{self.previous} holds the CA before the current one: end that move first "
                               f"(`edgefleet certs retire-ca`)")
         old_key, old = self._load_ca()
-        name = _next_ca_name(common_name(old) or "")
+        name = next_ca_name(common_name(old) or "")
         key = ec.generate_private_key(ec.SECP256R1())
         own_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        new = _issue(name, key.public_key(), own_name, key, days=days, ca=True)
+        new = issue(name, key.public_key(), own_name, key, days=days, ca=True)
         left = (old.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).total_seconds() / 86400
         if left <= 0:  # no device can take a link from it, nor connect to be given one
             raise ConfigError(f"the CA's certificate expired on {old.not_valid_after_utc:%Y-%m-%d}: renew it first "
                               f"(`edgefleet certs renew --ca`) and give the devices it")
-        link = _issue(name, key.public_key(), old.subject, old_key, days=min(days, left), ca=True)
+        link = issue(name, key.public_key(), old.subject, old_key, days=min(days, left), ca=True)
         self.ensure_revocation_list()
         self.previous.mkdir(mode=0o700)
         os.replace(self.crl, self.previous / "crl.pem")
         self.previous.joinpath("ca.crt").write_bytes(old.public_bytes(serialization.Encoding.PEM))
-        _write_private(self.previous / "ca.key", _key_pem(old_key))
+        write_private(self.previous / "ca.key", key_pem(old_key))
         self.ca_link.write_bytes(link.public_bytes(serialization.Encoding.PEM))
         with replaced_when_written(self.dir / "ca.key") as tmp:
             tmp.touch(mode=0o600)
-            tmp.write_bytes(_key_pem(key))
+            tmp.write_bytes(key_pem(key))
         self._write_ca(new)
         self._sign_revocation_list()  # the new CA's, empty: a revoked name has no current certificate
         for issued in self.issued():
@@ -467,11 +418,3 @@ class Pki:
     def _read_ca(home: Path) -> x509.Certificate:
         """The first certificate in *home*/ca.crt: the CA's (during a move, the previous CA's follows)."""
         return x509.load_pem_x509_certificates((home / "ca.crt").read_bytes())[0]
-
-
-def _next_ca_name(name: str) -> str:
-    """The name of the CA after *name*: "edgefleet CA" -> "edgefleet CA 2" -> "edgefleet CA 3". A
-    name of its own keeps the broker's lookups of a client's issuer and its revocation list apart
-    while both CAs are trusted."""
-    found = re.fullmatch(r"(.*?) (\d+)", name)
-    return f"{found[1]} {int(found[2]) + 1}" if found else f"{name or 'edgefleet CA'} 2"

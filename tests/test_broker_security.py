@@ -457,8 +457,8 @@ def test_a_fleet_moved_to_a_new_ca_key_stays_connected_and_the_previous_ca_is_sh
     from cryptography.hazmat.primitives import serialization
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    from device_agent.client_cert import key_id
-    from host_tools.certs import _issue
+    from device_agent.certificates import key_id
+    from host_tools.issuing import issue
     from host_tools.fleet.store import FleetStore
 
     broker = SecureMosquitto("mv-a", "mv-b", "host:ops")
@@ -539,7 +539,7 @@ def test_a_fleet_moved_to_a_new_ca_key_stays_connected_and_the_previous_ca_is_sh
         assert in_use(agent)["ca_keys"] == key_id(new_ca)
 
         # A broker that shows a certificate from the leaked key: the agent no longer connects to it.
-        impostor = _issue("127.0.0.1", serialization.load_pem_private_key((broker.work / "broker" / "broker.key")
+        impostor = issue("127.0.0.1", serialization.load_pem_private_key((broker.work / "broker" / "broker.key")
                                                                           .read_bytes(), None).public_key(),
                           x509.load_pem_x509_certificate((leaked / "ca.crt").read_bytes()).subject,
                           serialization.load_pem_private_key((leaked / "ca.key").read_bytes(), None), days=1,
@@ -581,7 +581,7 @@ def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earli
     take (from a second CA in the device's CA file) is tried and given up: the earlier one is back."""
     from cryptography import x509
 
-    from device_agent.client_cert import key_id
+    from device_agent.certificates import key_id
     from host_tools.fleet.store import FleetStore
 
     broker = SecureMosquitto("cert-a", "host:ops")

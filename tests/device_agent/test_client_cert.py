@@ -11,11 +11,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from device_agent.client_cert import ClientCertificate, key_id
+from device_agent.certificates import key_id
+from device_agent.client_cert import ClientCertificate
 from device_agent.errors import ConfigError, ProtocolError
 from device_agent.tls import TlsFiles
 from device_agent.protocol.commands import CertificateCommand, parse_command
-from host_tools.certs import Pki, _issue
+from host_tools.certs import Pki
+from host_tools.issuing import issue
 
 
 @pytest.fixture
@@ -86,7 +88,7 @@ def test_a_certificate_for_another_device_key_or_ca_expired_or_not_newer_is_refu
     other_key = other.issue_client("pi-c")[0]
     ca_key, ca = pki._load_ca()
     public = serialization.load_pem_private_key(tls.key.read_bytes(), None).public_key()
-    server_only = _issue("pi-a", public, ca.subject, ca_key, days=900, usage=[ExtendedKeyUsageOID.SERVER_AUTH])
+    server_only = issue("pi-a", public, ca.subject, ca_key, days=900, usage=[ExtendedKeyUsageOID.SERVER_AUTH])
     pki_b = pki.renew("pi-b").path.read_text()
     expired = pki.renew("pi-a", days=1e-6).path.read_text()  # valid for 0.09 s
     time.sleep(0.1)
@@ -164,7 +166,7 @@ def test_a_new_ca_key_is_trusted_on_its_link_from_a_trusted_ca_across_restarts_a
     other = Pki(tmp_path / "other")
     other.init(["127.0.0.1"])
     other.rotate_ca()  # a CA 2 and a link of its own: signed by a CA the device does not trust
-    expired_link = _issue("edgefleet CA 2", x509.load_pem_x509_certificate(ca.encode()).public_key(),
+    expired_link = issue("edgefleet CA 2", x509.load_pem_x509_certificate(ca.encode()).public_key(),
                           x509.load_pem_x509_certificates((pki.previous / "ca.crt").read_bytes())[0].subject,
                           serialization.load_pem_private_key((pki.previous / "ca.key").read_bytes(), None),
                           days=1e-6, ca=True).public_bytes(serialization.Encoding.PEM).decode()
@@ -256,7 +258,7 @@ def test_a_ca_the_host_retired_is_no_longer_trusted_once_the_broker_moved_and_st
 
     many = tls.ca.with_name("many.crt")  # a CA file of 17 (a system bundle): too many to list in a status
     many.write_bytes(pki.ca_cert.read_bytes() + b"".join(
-        _issue(f"CA {i}", key.public_key(), x509.Name.from_rfc4514_string(f"CN=CA {i}"), key, days=1, ca=True)
+        issue(f"CA {i}", key.public_key(), x509.Name.from_rfc4514_string(f"CN=CA {i}"), key, days=1, ca=True)
         .public_bytes(serialization.Encoding.PEM) for i, key in enumerate(ec.generate_private_key(ec.SECP256R1())
                                                                           for _ in range(16))))
     described = ClientCertificate(replace(tls, ca=many), tmp_path / "other-state", "pi-a").describe()

@@ -7,7 +7,7 @@ import json
 import pytest
 from cryptography import x509
 
-from device_agent.client_cert import key_id
+from device_agent.certificates import key_id
 from host_tools.certs import Pki
 from tests.conftest import edgefleet
 
