@@ -124,9 +124,9 @@ class ClientCertificate:
                 self.kept_ca.unlink(missing_ok=True)
                 self.links.unlink(missing_ok=True)
                 return configured
-            self._keep_cas(trusted)
+            self._keep(self.kept_ca, trusted)
             if links:
-                self._keep_links(pem_of(links))
+                self._keep(self.links, links)
             else:
                 self.links.unlink(missing_ok=True)
         except OSError as exc:
@@ -171,9 +171,8 @@ class ClientCertificate:
         try:
             self.kept_ca.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not renewal:
-                self._keep_links((self.links.read_bytes() if self.links.exists() else b"") + link.encode().strip()
-                                 + b"\n")
-            self._keep_cas(cas + [cert])
+                self._keep(self.links, certificates_in(self.links) + [linked])
+            self._keep(self.kept_ca, cas + [cert])
         except OSError as exc:
             raise StorageError(f"cannot keep the CA certificate in {self.kept_ca.parent}: {exc}") from None
         self.tls = replace(self.tls, ca=self.kept_ca)
@@ -220,7 +219,7 @@ class ClientCertificate:
             self.kept_ca.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             with replaced_when_written(self.retired) as tmp:
                 tmp.write_text("".join(f"{k}\n" for k in sorted(self._retired_keys() | set(keys))))
-            self._keep_cas(staying)
+            self._keep(self.kept_ca, staying)
         except OSError as exc:
             raise StorageError(f"cannot keep the retired CA keys in {self.kept_ca.parent}: {exc}") from None
         self.tls = replace(self.tls, ca=self.kept_ca)
@@ -230,14 +229,11 @@ class ClientCertificate:
     def _retired_keys(self) -> set[str]:
         return set(self.retired.read_text().split()) if self.retired.exists() else set()
 
-    def _keep_cas(self, cas: list) -> None:
-        """Write the kept CA file: the CA certificates this device trusts."""
-        with replaced_when_written(self.kept_ca) as tmp:
-            tmp.write_bytes(pem_of(cas))
-
-    def _keep_links(self, links: bytes) -> None:
-        with replaced_when_written(self.links) as tmp:
-            tmp.write_bytes(links)
+    @staticmethod
+    def _keep(path: Path, certs: list) -> None:
+        """Write *certs* to *path* (the kept CA file, or the links), replacing it whole."""
+        with replaced_when_written(path) as tmp:
+            tmp.write_bytes(pem_of(certs))
 
     def describe(self) -> dict[str, Any] | None:
         """Serial, expiry and source ("config" or "renewed") of the certificate in use, when the last

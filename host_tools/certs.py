@@ -115,7 +115,7 @@ class Pki:
         self.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
         broker_key = ec.generate_private_key(ec.SECP256R1())
         broker = issue(broker_names[0], broker_key.public_key(), ca_name, ca_key, days=days,
-                        sans=[general_name(n) for n in broker_names], usage=[ExtendedKeyUsageOID.SERVER_AUTH])
+                       sans=[general_name(n) for n in broker_names], usage=[ExtendedKeyUsageOID.SERVER_AUTH])
         write_private(self.broker_key, key_pem(broker_key))
         self.broker_cert.write_bytes(broker.public_bytes(serialization.Encoding.PEM))
         return [self.dir / "ca.key", self.ca_cert, self.broker_key, self.broker_cert]
@@ -132,7 +132,7 @@ class Pki:
         ca_key, ca = self._load_ca()
         key = ec.generate_private_key(ec.SECP256R1())
         cert = issue(name, key.public_key(), ca.subject, ca_key, days=days,
-                      usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
+                     usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
         write_private(key_path, key_pem(key))
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cert_path, key_path
@@ -152,7 +152,7 @@ class Pki:
             sans = None
         usage = ExtendedKeyUsageOID.SERVER_AUTH if name is None else ExtendedKeyUsageOID.CLIENT_AUTH
         cert = issue(common_name(old) or "", old.public_key(), ca.subject, ca_key,
-                      days=days or (CA_DAYS if name is None else CLIENT_DAYS), sans=sans, usage=[usage])
+                     days=days or (CA_DAYS if name is None else CLIENT_DAYS), sans=sans, usage=[usage])
         if name is not None:  # a device may still show it: it is revoked with the name (revoke)
             earlier = self.dir / "superseded" / f"{path.stem}-{old.serial_number:x}.crt"
             earlier.parent.mkdir(exist_ok=True)
@@ -173,9 +173,7 @@ class Pki:
         if new.subject != old.subject:  # (a CA made elsewhere, its name more than a common name)
             raise ConfigError(f"the CA in {self.dir} is named {old.subject.rfc4514_string()}: only a CA that "
                               f"`edgefleet certs init` made can be renewed here")
-        kept = self.dir / "superseded" / "ca" / f"{old.serial_number:x}.crt"
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        kept.write_bytes(old.public_bytes(serialization.Encoding.PEM))
+        self._supersede_ca(old)
         self._write_ca(new)
         if self.crl.exists():  # its next update was the earlier certificate's end
             self._sign_revocation_list()
@@ -194,14 +192,14 @@ class Pki:
             raise ConfigError(f"{self.previous} holds the CA before the current one: end that move first "
                               f"(`edgefleet certs retire-ca`)")
         old_key, old = self._load_ca()
-        name = next_ca_name(common_name(old) or "")
-        key = ec.generate_private_key(ec.SECP256R1())
-        own_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        new = issue(name, key.public_key(), own_name, key, days=days, ca=True)
         left = (old.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).total_seconds() / 86400
         if left <= 0:  # no device can take a link from it, nor connect to be given one
             raise ConfigError(f"the CA's certificate expired on {old.not_valid_after_utc:%Y-%m-%d}: renew it first "
                               f"(`edgefleet certs renew --ca`) and give the devices it")
+        name = next_ca_name(common_name(old) or "")
+        key = ec.generate_private_key(ec.SECP256R1())
+        own_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        new = issue(name, key.public_key(), own_name, key, days=days, ca=True)
         link = issue(name, key.public_key(), old.subject, old_key, days=min(days, left), ca=True)
         self.ensure_revocation_list()
         self.previous.mkdir(mode=0o700)
@@ -230,9 +228,7 @@ class Pki:
                               f"begins a move to a new CA key)")
         _, previous = self._load_ca(self.previous)
         _, current = self._load_ca()
-        kept = self.dir / "superseded" / "ca" / f"{previous.serial_number:x}.crt"
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        kept.write_bytes(previous.public_bytes(serialization.Encoding.PEM))
+        self._supersede_ca(previous)
         self.ca_link.unlink(missing_ok=True)
         shutil.rmtree(self.previous)  # its key above all
         self._write_ca(current)
@@ -266,6 +262,12 @@ class Pki:
         against (each against its issuer's list)."""
         lists = self.ensure_revocation_list().read_bytes()
         return lists + (self.previous / "crl.pem").read_bytes() if self.moving() else lists
+
+    def _supersede_ca(self, cert: x509.Certificate) -> None:
+        """Keep a CA certificate renewed over or retired in superseded/ca/ (retired_ca_keys reads them)."""
+        kept = self.dir / "superseded" / "ca" / f"{cert.serial_number:x}.crt"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     def _write_ca(self, current: x509.Certificate) -> None:
         """ca.crt: the current CA's certificate, then during a move the previous CA's."""

@@ -10,6 +10,7 @@ from typing import Any
 from device_agent.errors import ProtocolError
 from device_agent.protocol.chunks import BundleOffer
 from device_agent.protocol.codec import decode, decode_object, encode, require
+from device_agent.protocol.reports import KEY_ID
 
 
 def _header(doc: dict) -> dict[str, Any]:
@@ -154,7 +155,7 @@ class ConfigCommand:
 
 MAX_CERTIFICATE = 16 * 1024  # a PEM certificate is 1-2 KiB
 MAX_RETIRED_CAS = 64
-_KEY_ID = re.compile(r"[0-9a-f]{64}")
+_KEY_ID = re.compile(KEY_ID)
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,8 @@ def _certificate(value: dict | None) -> dict[str, str] | None:
 
 
 MAX_CA_KEYS = 16  # a device trusting more (a system CA bundle) leaves ca_keys out
-_KEY_IDS = re.compile(r"[0-9a-f]{64}(,[0-9a-f]{64}){0,%d}" % (MAX_CA_KEYS - 1))
+KEY_ID = r"[0-9a-f]{64}"  # a CA's key as device_agent.certificates.key_id names it
+_KEY_IDS = re.compile(rf"{KEY_ID}(,{KEY_ID}){{0,{MAX_CA_KEYS - 1}}}")
 
 
 def _zoned_time(text: str) -> bool:

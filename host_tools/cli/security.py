@@ -243,39 +243,44 @@ def certs_push(names, stale, db, pki_dir, broker, timeout, signing_key, expires_
     if not names and not stale:
         raise click.UsageError("give the NAMES of the devices to send their certificates to, or --stale")
     pki = Pki(pki_dir).require_ca()
+    retired = pki.retired_ca_keys()  # after a move: the keys the devices stop trusting
     if stale:
-        names = tuple(names) + tuple(d for d in _stale_devices(pki, db) if d not in names)
+        names = tuple(names) + tuple(d for d in _stale_devices(pki, db, retired) if d not in names)
         if not names:
             click.echo(f"every device in {db} that reports a certificate shows its current one")
             return
     pems = {name: pki.device_certificate(name) for name in names}  # all found before any is sent
     ca = pki.ca_certificate()  # a renewed or new one the devices take up (one they have already, they ignore)
     link = pki.ca_link_certificate()  # during a move to a new CA key: why they may take it
-    retired = pki.retired_ca_keys()  # after one: the keys they stop trusting
     send_to_each(broker, "certs", names, "certificate",
                  lambda device, cid: CertificateCommand(cid, time.time(), pems[device], ca, link, retired),
                  timeout=timeout, signing_key=signing_key, expires_in=expires_in, as_json=as_json,
                  took=lambda body: f"uses serial {body['serial'][:16]}, valid until {body['expires'][:10]}"
                  + (f", its CA until {body['ca_expires'][:10]}" if body.get("ca_expires") else "")
-                 + (", trusts no retired CA" if retired and body.get("ca_keys") is not None
-                    and not set(retired) & set(body["ca_keys"].split(",")) else ""))
+                 + (", trusts no retired CA" if retired and "ca_keys" in body and not _retired_trusted(body, retired)
+                    else ""))
 
 
-def _stale_devices(pki, db: Path) -> list[str]:
+def _retired_trusted(described: dict, retired: tuple[str, ...]) -> set[str]:
+    """Which of the *retired* CA keys a device's certificate report (ClientCertificate.describe) says it
+    still trusts; none when it does not list them."""
+    return set(retired) & set(described.get("ca_keys", "").split(","))
+
+
+def _stale_devices(pki, db: Path, retired: tuple[str, ...]) -> list[str]:
     """The devices in the registry at *db* that report a certificate other than their current one
     in *pki* (a renewed one not given to them yet), a CA that expires before the CA's current
-    certificate (a renewed CA), or trusting a CA retired here; those that report none (no client
+    certificate (a renewed CA), or trusting a CA key in *retired*; those that report none (no client
     certificate, or an agent from before) are not counted."""
     from device_agent.protocol.reports import expires_at
     from host_tools.cli.fleet import fleet_rows
 
     current = {c.name: f"{c.serial:x}" for c in pki.issued() if not c.revoked and c.kind == "device"}
     ca_expires = pki.ca_expires().timestamp()
-    retired = set(pki.retired_ca_keys())
     return [r.device_id for r in fleet_rows(db, (), None) if r.certificate and r.device_id in current
             and (r.certificate["serial"] != current[r.device_id]
                  or (expires_at(r.certificate, "ca_expires") or ca_expires) < ca_expires
-                 or retired & set(r.certificate.get("ca_keys", "").split(",")))]
+                 or _retired_trusted(r.certificate, retired))]
 
 
 def _not_moved(pki, db: Path) -> list[str]:
