@@ -143,11 +143,17 @@ class _FullDiskIngest:
         self.device = MqttClient(client_id=f"pi-held-{time.time_ns()}", broker=mosquitto)
         self.device.connect()
 
+        sent: list[str] = []
+
         def listening() -> bool:  # the ingest's subscriptions are made as it connects, not waited for
-            self.device.publish(topics.status("pi-held"), DeviceStatus("pi-held", True, time.time()).to_payload(),
-                                qos=1, wait=5)
+            sent.append(f"probe {len(sent)}")
+            status = DeviceStatus("pi-held", True, time.time(), agent_version=sent[-1])
+            self.device.publish(topics.status("pi-held"), status.to_payload(), qos=1, wait=5)
             return any(r.device_id == "pi-held" for r in self.store.devices())
         assert wait_until(listening, 10, interval=0.2)
+        # Every status sent on the way stored (they come in order): one still on its way when the disk
+        # fills would be counted among the messages the ingest could not store.
+        assert wait_until(lambda: [r.agent_version for r in self.store.devices()] == [sent[-1]], 10, 0.05)
 
     def report(self, n: int) -> None:
         from device_agent.protocol.reports import DeploymentEvent
