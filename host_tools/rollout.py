@@ -3,7 +3,9 @@ goes badly stops the rollout before the rest of the fleet sees the bundle.
 
 A stage deploys to its share of the eligible devices (the registry's devices matching the
 selector whose hardware the bundle's target allows), waits for each device's outcome, then
-watches them for a health window. It is judged on what the devices report:
+watches them for a health window before the next stage (the last stage is judged on what has
+come in by the time its devices finish; a device's own trial period before it commits still
+rolls back a crash or a crash loop after that). It is judged on what the devices report:
 
 - the update lifecycle's outcomes: the share of the stage that failed or rolled back, against
   ``max_failure_rate``;
@@ -255,12 +257,13 @@ class Rollout:
             if verdict:
                 return verdict
         stage_rows = [d for d in self.store.get(self.rollout_id)["devices"] if d["stage"] == stage]
-        if self.plan.window_s > 0 and stage < len(self.plan.stages) - 1:
+        last = stage == len(self.plan.stages) - 1  # no stage after it to hold back: not watched
+        if self.plan.window_s > 0 and not last:
             self.log(f"watching stage {stage + 1} for {self.plan.window_s:g}s")
             time.sleep(self.plan.window_s)
         updated = [d["device_id"] for d in stage_rows if d["state"] == "active"]
         after = self._inference(updated, started, only=self.manifest.label)
-        return self._error_verdict(after) or self._latency_verdict(updated, after)
+        return self._error_verdict(after) or self._latency_verdict(updated, after, watched=not last)
 
     def _failure_verdict(self, stage: int) -> str | None:
         answered = [d for d in self.store.get(self.rollout_id)["devices"]
@@ -343,15 +346,19 @@ class Rollout:
                     f"{before:.1%} on the previous version (limit +{self.plan.max_error_rate:.1%})")
         return None
 
-    def _latency_verdict(self, updated: list[str], after: dict[str, list[dict]]) -> str | None:
+    def _latency_verdict(self, updated: list[str], after: dict[str, list[dict]], *, watched: bool) -> str | None:
+        """*watched*: the stage had its window (every stage but the last), so a longer one would have
+        given the new version more time to report."""
         if self.plan.max_p99_ratio is None or not updated:
             return None
         baseline, now = self._p99_before, _p99(after)
         ratios = [now[d] / baseline[d] for d in updated if d in now and baseline.get(d)]
         if not ratios:
+            why = ("a longer --window gives the new version time to report" if watched else
+                   "the last stage is judged as its devices finish, not watched: no stage after it waits")
             self.log(f"fewer than {MIN_SAMPLES} latency samples from before and after on the same devices "
                      f"(before: {len(baseline)} devices, after: {len(now)} of {len(updated)}): judged on outcomes "
-                     "only (a longer --window gives the new version time to report)")
+                     f"only ({why})")
             return None
         ratio = statistics.median(ratios)
         if ratio > self.plan.max_p99_ratio:
