@@ -355,7 +355,7 @@ class Rollout:
         ratios = [now[d] / baseline[d] for d in updated if d in now and baseline.get(d)]
         if not ratios:
             why = ("a longer --window gives the new version time to report" if watched else
-                   "the last stage is judged as its devices finish, not watched: no stage after it waits")
+                   "the last stage is not watched: no later stage waits on it")
             self.log(f"fewer than {MIN_SAMPLES} latency samples from before and after on the same devices "
                      f"(before: {len(baseline)} devices, after: {len(now)} of {len(updated)}): judged on outcomes "
                      f"only ({why})")
