@@ -35,6 +35,7 @@ from device_agent.protocol.commands import (
 )
 from device_agent.protocol.reports import RIVAL_FIELDS, DeploymentEvent, DeviceStatus
 from device_agent.serving import ModelSlot, SampleWorkload
+from device_agent.state_lock import StateDirectoryLock
 from device_agent.store import BundleStore
 from device_agent.systemd import notify, start_watchdog
 from device_agent.telemetry import CollectorContext, TelemetryCollectors
@@ -58,6 +59,9 @@ class Agent:
 
     def __init__(self, config: AgentConfig, *, check: Callable = health_check,
                  collectors: list[str] | None = None, local_api: bool = True) -> None:
+        # Before anything reads the state directory: an agent already on it keeps it to itself.
+        self._state_lock = StateDirectoryLock(config.state_dir)
+        self._state_lock.acquire()
         self.settings = RemoteSettings(config)  # what the host changed over MQTT wins over the file
         try:
             config = self.settings.apply(config)
@@ -197,6 +201,7 @@ class Agent:
             except MqttError as exc:  # the broker may be gone; its last will says offline for us
                 log.warning("could not announce going offline: %s", exc)
         self.client.disconnect()
+        self._state_lock.release()
 
     def _restore_active(self) -> None:
         """Serve the current bundle; if it no longer loads, the newest committed one that does."""

@@ -270,6 +270,34 @@ def test_a_crash_loop_after_activation_ends_in_rollback(agents, mosquitto, make_
     assert_answers_correctly(agent, expected_logits)
 
 
+def test_a_second_agent_on_a_running_agents_state_directory_stops_before_touching_its_update(
+        agents, mosquitto, make_bundle, expected_logits, tmp_path):
+    # `edgefleet-agent run --config /etc/edgefleet/agent.toml` typed while the service is mid-update:
+    # without the state directory's lock it would take the update record for one a crash left, count
+    # starts against it (rolling it back past max_start_attempts) and carry it on beside the service.
+    agent = start_on_v1(agents, make_bundle, mosquitto, "taken")
+    restart(agent, env={HOLD_ENV: "trial"})
+    host = host_command("deploy", make_bundle("2.0.0"), "--device", "taken", "--broker", mosquitto,
+                        "--timeout", 90, "--chunk-size", 8192)
+    held = agent.state_dir / "held-in-trial"
+    assert wait_until(held.exists, 60), agent.log.read_text()[-3000:]
+    record = (agent.state_dir / "update.json").read_bytes()
+    for n in range(4):  # one more than max_start_attempts
+        second = agents.start("taken", state_dir=agent.state_dir, log=tmp_path / f"second-{n}.log")
+        assert second.proc.wait(30) == 1
+        said = second.log.read_text()
+        assert said == (f"error: another agent (pid {agent.proc.pid}) is already running on the state directory "
+                        f"{agent.state_dir}: stop it first (`systemctl stop edgefleet-agent` for the service), "
+                        "or give this one a state directory of its own\n"), said
+    assert (agent.state_dir / "update.json").read_bytes() == record
+    assert agent.proc.poll() is None and status(agent)["active_bundle"] == V2
+    assert_answers_correctly(agent, expected_logits)
+    held.unlink()
+    restart(agent)  # a killed agent's lock goes with its process: the next one starts and finishes
+    assert outcome(host, "taken")["state"] == "active"
+    assert status(agent)["active_bundle"] == V2
+
+
 def test_a_duplicate_command_installs_once_even_across_a_restart(agents, mosquitto, make_bundle, keys):
     agent = agents.start("dupes")
     assert agent.wait_for_api() and announced(mosquitto, "dupes")
