@@ -250,6 +250,30 @@ def test_an_agent_restarted_on_a_full_disk_serves_its_model_and_says_why_an_upda
     assert "Traceback" not in agent.log.read_text()
 
 
+def test_an_agent_on_a_state_directory_remounted_read_only_serves_its_model_and_still_keeps_it_to_itself(
+        agents, mosquitto, make_bundle, small_disk, tmp_path, expected_logits):
+    # The kernel remounts a failing SD card read-only; the device must keep serving what it runs.
+    disk = small_disk(8)
+    agent = start_on_v1(agents, make_bundle, mosquitto, "ro-card", state_dir=disk / "state",
+                        log=tmp_path / "agent.log")
+    agent.terminate()
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    agent.start()
+    assert agent.wait_for_api(), agent.log.read_text()[-3000:]
+    assert_answers_correctly(agent, expected_logits)
+    assert status(agent)["active_bundle"] == V1
+    second = agents.start("ro-card", state_dir=agent.state_dir, log=tmp_path / "second.log")
+    assert second.proc.wait(30) == 1 and f"error: another agent (pid {agent.proc.pid}) is already running on the " \
+        "state directory" in second.log.read_text()
+    rollback = subprocess.run([sys.executable, "-m", "device_agent", "rollback", "--control-socket",
+                               str(agent.control_socket)], capture_output=True, text=True, timeout=60)
+    assert rollback.returncode == 1 and rollback.stdout.strip() == (
+        "failed: not started: cannot record the update's state on the device's disk: Read-only file system")
+    subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)  # the card repaired
+    assert deploy(make_bundle("2.0.0"), "ro-card", mosquitto)["state"] == "active"
+    assert "Traceback" not in agent.log.read_text()
+
+
 def test_a_crash_loop_after_activation_ends_in_rollback(agents, mosquitto, make_bundle, expected_logits):
     agent = start_on_v1(agents, make_bundle, mosquitto, "crashy")
     restart(agent, env={CRASH_ENV: "trial"})  # from now on the agent dies whenever v2 goes live
