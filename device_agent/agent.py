@@ -75,6 +75,7 @@ class Agent:
         self.latency = LatencyHistogram()
         self.slot = ModelSlot(self.latency)
         self._stop = threading.Event()
+        self._signalled = False  # see on_signal
         self._work: queue.Queue[tuple[Any, Future | None] | None] = queue.Queue()  # None: stop
         self._check = check
         self._commands = CommandLog(config.state_dir)
@@ -109,7 +110,7 @@ class Agent:
 
     # -- life cycle -------------------------------------------------------------------
     def run(self) -> None:
-        """Run until stop() is called (SIGTERM/SIGINT in the CLI)."""
+        """Run until stop() is called, or on_signal (SIGTERM/SIGINT in the CLI)."""
         self.start()
         notify("READY=1")
         start_watchdog(lambda: self._update_thread.is_alive(), self._stop)
@@ -117,8 +118,9 @@ class Agent:
                  self.config.broker)
         # Wake up now and then: a SIGTERM the kernel hands to another thread only runs its Python
         # handler when the main thread executes bytecode again, and an untimed wait never does.
-        while not self._stop.wait(0.5):
+        while not (self._signalled or self._stop.wait(0.5)):
             pass
+        self.stop()
         log.info("stopping")
         # A shutdown that hangs is a bug worth a report: dump every thread's stack if it takes long.
         faulthandler.dump_traceback_later(8, exit=False)
@@ -185,6 +187,13 @@ class Agent:
             self._join_broker()
 
         threading.Thread(target=step_back, name="step-back", daemon=True).start()
+
+    def on_signal(self, *_: Any) -> None:
+        """A signal handler for stopping: it only sets a flag, which run() reads within half a
+        second. Python runs handlers in the main thread between any two bytecodes, so one that took
+        a lock (stop(): Event.set, Queue.put) could wait forever on a lock the code it interrupted
+        holds — a second SIGTERM arriving while the first's handler was in Queue.put hung an agent."""
+        self._signalled = True
 
     def stop(self) -> None:
         self._stop.set()

@@ -132,8 +132,8 @@ def run(config_file, log_level, **flags) -> None:
     configure_logging(log_level)
     config = build_config(load_settings(config_file, **flags))
     agent = Agent(config)
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
-    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    signal.signal(signal.SIGTERM, agent.on_signal)
+    signal.signal(signal.SIGINT, agent.on_signal)
     agent.run()
 
 

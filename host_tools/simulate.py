@@ -258,12 +258,15 @@ def worker(spec: FleetSpec) -> None:
     """Run *spec*'s devices until SIGTERM/SIGINT or stdin closes; a JSON line of their state every second."""
     devices = build_devices(spec)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # A handler only notes the signal (see Agent.on_signal): Ctrl-C reaches a worker twice at once,
+    # from the terminal and from its parent, and a second Event.set inside the first would hang it.
+    signalled: list[int] = []
+    signal.signal(signal.SIGTERM, lambda number, _: signalled.append(number))
+    signal.signal(signal.SIGINT, lambda number, _: signalled.append(number))
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()  # parent gone: stop
     for device in devices:
         device.start()
-    while not stop.wait(1.0):
+    while not (signalled or stop.wait(1.0)):
         print(json.dumps([d.describe() for d in devices]), flush=True)
     for device in devices:
         device.stop()

@@ -81,7 +81,6 @@ def deploy(bundle_path, devices, broker, timeout, chunk_size, allow_downgrade, n
 @fail_cleanly
 def serve(bundles, bundle_dir, broker, stats_every) -> None:
     import signal as signals
-    import threading
 
     from host_tools.bundle_directory import BundleDirectory
     from host_tools.serve import BundleServer
@@ -96,17 +95,22 @@ def serve(bundles, bundle_dir, broker, stats_every) -> None:
     client = host_client(broker, "serve")
     server = BundleServer(client)
     catalog = BundleDirectory(server, list(bundles), bundle_dir)
-    stop = threading.Event()
-    signals.signal(signals.SIGTERM, lambda *_: stop.set())
-    signals.signal(signals.SIGINT, lambda *_: stop.set())
+    signalled: list[int] = []  # a signal handler takes no lock (see Agent.on_signal): the loop looks
+    signals.signal(signals.SIGTERM, lambda number, _: signalled.append(number))
+    signals.signal(signals.SIGINT, lambda number, _: signalled.append(number))
     err = console(stderr=True)
     for line in catalog.scan():
         err.print(line)
     server.start()
     err.print(f"answering chunk requests on {broker}; Ctrl-C to stop")
-    last, shown = time.monotonic(), (0, 0)
+    last = scanned = time.monotonic()
+    shown = (0, 0)
     try:
-        while not stop.wait(2.0):
+        while not signalled:
+            time.sleep(0.25)  # (a signal's handler runs within it; the sleep then goes on, so keep it short)
+            if signalled or time.monotonic() - scanned < 2.0:
+                continue
+            scanned = time.monotonic()
             for line in catalog.scan():
                 err.print(line)
             s = server.stats
