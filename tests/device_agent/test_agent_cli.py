@@ -87,3 +87,4 @@ def test_status_of_an_agent_that_cannot_reach_its_broker_says_why(tmp_path, keys
         assert doc["connected"] is False and doc["broker_problem"]["attempts"] >= 1
     finally:
         agent.terminate()
+        agent.cleanup()  # (its socket directory under /tmp)
