@@ -268,6 +268,8 @@ def worker(spec: FleetSpec) -> None:
         device.start()
     while not (signalled or stop.wait(1.0)):
         print(json.dumps([d.describe() for d in devices]), flush=True)
+    if signalled:  # the last line of its log, which the parent shows if it did not send the signal itself
+        print(f"stopped by {signal.Signals(signalled[0]).name}", file=sys.stderr, flush=True)
     for device in devices:
         device.stop()
     # All at once: each waits on its own connection (with the broker gone, up to a second for its
