@@ -54,6 +54,12 @@ def status(agent) -> dict:
         return client.status()
 
 
+def local_rollback(agent, *flags) -> subprocess.CompletedProcess:
+    """`edgefleet-agent rollback` typed on the device."""
+    return subprocess.run([sys.executable, "-m", "device_agent", "rollback", "--control-socket",
+                           str(agent.control_socket), *flags], capture_output=True, text=True, timeout=60)
+
+
 def status_unless_it_exits(agent, timeout: float = 30) -> dict | None:
     """The status of a just (re)started agent once its control socket answers (a loaded machine can
     take more than a second to start one), or None if the process exits first."""
@@ -240,8 +246,7 @@ def test_an_agent_restarted_on_a_full_disk_serves_its_model_and_says_why_an_upda
     assert agent.wait_for_api(), agent.log.read_text()[-3000:]  # not a crash loop under systemd
     assert_answers_correctly(agent, expected_logits)
     assert status(agent)["active_bundle"] == V1
-    rollback = subprocess.run([sys.executable, "-m", "device_agent", "rollback", "--control-socket",
-                               str(agent.control_socket)], capture_output=True, text=True, timeout=60)
+    rollback = local_rollback(agent)
     assert rollback.returncode == 1 and rollback.stdout.strip() == (
         "failed: not started: cannot record the update's state on the device's disk: No space left on device")
     filler.unlink()
@@ -265,8 +270,7 @@ def test_an_agent_on_a_state_directory_remounted_read_only_serves_its_model_and_
     second = agents.start("ro-card", state_dir=agent.state_dir, log=tmp_path / "second.log")
     assert second.proc.wait(30) == 1 and f"error: another agent (pid {agent.proc.pid}) is already running on the " \
         "state directory" in second.log.read_text()
-    rollback = subprocess.run([sys.executable, "-m", "device_agent", "rollback", "--control-socket",
-                               str(agent.control_socket)], capture_output=True, text=True, timeout=60)
+    rollback = local_rollback(agent)
     assert rollback.returncode == 1 and rollback.stdout.strip() == (
         "failed: not started: cannot record the update's state on the device's disk: Read-only file system")
     subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)  # the card repaired
@@ -410,8 +414,7 @@ def test_rollback_over_mqtt_and_locally_and_old_versions_are_pruned(agents, mosq
     assert_answers_correctly(agent, expected_logits)
 
     # nothing earlier is kept, so a second rollback (here, locally) refuses and changes nothing
-    local = subprocess.run([sys.executable, "-m", "device_agent", "rollback", "--control-socket",
-                            agent.control_socket, "--json"], capture_output=True, text=True, timeout=60)
+    local = local_rollback(agent, "--json")
     assert local.returncode == 1 and "no earlier committed version" in local.stdout
     assert status(agent)["active_bundle"] == "digits-cnn 2.0.0"
 
