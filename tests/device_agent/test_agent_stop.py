@@ -26,4 +26,3 @@ def test_the_signal_handler_takes_no_lock_the_code_it_interrupts_may_hold_and_th
     running.start()
     running.join(30)
     assert not running.is_alive() and time.monotonic() - started < 10
-

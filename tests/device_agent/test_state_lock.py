@@ -3,6 +3,7 @@ tests/test_agent_lifecycle.py."""
 
 import logging
 import os
+import re
 import subprocess
 
 import pytest
@@ -15,7 +16,7 @@ def test_a_second_lock_is_refused_naming_the_holder_until_the_first_is_released(
     first = StateDirectoryLock(tmp_path / "state")
     first.acquire()  # (creates the directory, as a first start does)
     with pytest.raises(ConfigError, match=rf"^another agent \(pid {os.getpid()}\) is already running on the state "
-                                          rf"directory {tmp_path / 'state'}: stop it first"):
+                                          rf"directory {re.escape(str(tmp_path / 'state'))}: stop it first"):
         StateDirectoryLock(tmp_path / "state").acquire()
     first.release()
     again = StateDirectoryLock(tmp_path / "state")
