@@ -76,6 +76,10 @@ class Agent:
         self.slot = ModelSlot(self.latency)
         self._stop = threading.Event()
         self._signalled = False  # see on_signal
+        # Connecting (in the background, once the device id is found free) and disconnecting one at a
+        # time: an agent stopped as it started had its MQTT thread joined before it began (a
+        # RuntimeError in shutdown), or connected after shutdown.
+        self._connecting = threading.Lock()
         self._work: queue.Queue[tuple[Any, Future | None] | None] = queue.Queue()  # None: stop
         self._check = check
         self._commands = CommandLog(config.state_dir)
@@ -168,7 +172,9 @@ class Agent:
                 holder = None  # the broker is away or turns us away: connecting says why, and retries
             if holder is None:
                 self.held_by = None
-                self.client.connect_in_background()
+                with self._connecting:  # not once shutdown() has disconnected, nor while it does
+                    if not self._stop.is_set():
+                        self.client.connect_in_background()
                 return
             if self.held_by is None or self.held_by["instance"] != holder["instance"]:
                 log.error("device id %s is in use by another agent (%s); this agent stays off the broker and asks "
@@ -183,7 +189,8 @@ class Agent:
         self.held_by = holder
 
         def step_back() -> None:
-            self.client.disconnect()
+            with self._connecting:
+                self.client.disconnect()
             self._join_broker()
 
         threading.Thread(target=step_back, name="step-back", daemon=True).start()
@@ -209,7 +216,8 @@ class Agent:
                 self._publish_status(online=False)
             except MqttError as exc:  # the broker may be gone; its last will says offline for us
                 log.warning("could not announce going offline: %s", exc)
-        self.client.disconnect()
+        with self._connecting:
+            self.client.disconnect()
         self._state_lock.release()
 
     def _restore_active(self) -> None:

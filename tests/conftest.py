@@ -201,7 +201,7 @@ def padded_bundle(tmp_path_factory, keys):
     out_dir = tmp_path_factory.mktemp("padded")
 
     def make(version: str, mib: float) -> Path:
-        out = out_dir / f"padded-{version}.efb"
+        out = out_dir / f"padded-{version}-{mib:g}MiB.efb"  # (by size too: tests ask for one version in several)
         if not out.exists():
             pad = numpy_helper.from_array(np.zeros(int(mib * 2**18), np.float32), "pad")
             graph = helper.make_graph(
@@ -209,7 +209,7 @@ def padded_bundle(tmp_path_factory, keys):
                 "padded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
                 [pad, numpy_helper.from_array(np.array([0], np.int64), "first")])
-            model = out_dir / f"padded-{version}.onnx"
+            model = out_dir / f"padded-{version}-{mib:g}MiB.onnx"
             save(helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 13)]), model)
             build_bundle(model, name="padded", version=version, key=keys["key"], out=out,
                          sample={"x": np.ones((1, 4), np.float32)})

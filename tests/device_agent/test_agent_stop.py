@@ -3,12 +3,16 @@
 import threading
 import time
 
+import pytest
+
 from device_agent.agent import Agent
 from device_agent.config import AgentConfig
 from device_agent.mqtt import BrokerAddress
 from tests.conftest import free_port
 
 
+# (an exception in the agent's threads, e.g. its shutdown racing its first connect, fails it too)
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 def test_the_signal_handler_takes_no_lock_the_code_it_interrupts_may_hold_and_the_agent_then_stops(tmp_path, keys):
     # Python runs a handler in the main thread between two bytecodes of whatever runs there, even
     # inside another handler: a second SIGTERM that came while the first one's handler held the
