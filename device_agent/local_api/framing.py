@@ -135,7 +135,7 @@ def decode_raw(payload: bytes) -> dict[str, np.ndarray]:
         if offset != len(payload):
             raise ValueError("payload length does not match the header")
         return arrays
-    except (ValueError, TypeError, struct.error, UnicodeDecodeError) as exc:
+    except (ValueError, TypeError, struct.error, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(f"cannot decode the raw tensors: {exc}") from None
 
 

@@ -152,7 +152,7 @@ class Chunk:
         header_end = cls._LEN.size + header_len
         try:
             header = json.loads(payload[cls._LEN.size:header_end])
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[... nested deep
             raise ProtocolError("chunk header is not JSON") from None
         if not isinstance(header, dict):
             raise ProtocolError("chunk header must be an object")

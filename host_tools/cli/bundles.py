@@ -101,7 +101,7 @@ def _target_line(target: dict) -> str:
 def _read_report(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ConfigError(f"cannot read compression report {path}: {exc}") from None
     if not isinstance(doc, dict) or "recipe" not in doc or "result" not in doc:
         raise ConfigError(f"{path} is not a report written by `edgefleet compress --report`")

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from device_agent.bundle.manifest import FileEntry, Manifest, SampleCheck, TensorSpec
 from device_agent.bundle.signing import load_private_key, trusted_keys
 from device_agent.errors import ManifestError, ProtocolError, SignatureError
+from device_agent.local_api.framing import decode_raw
 from device_agent.protocol.chunks import BundleOffer, Chunk
 from device_agent.protocol.commands import (
     COMMANDS, BenchCommand, CertificateCommand, ConfigCommand, DeployCommand, RollbackCommand, TrustCommand,
@@ -156,7 +157,18 @@ def test_chunks_with_any_header_and_length(header, data, lie):
     assert unchecked == chunk and unchecked.crc32 == chunk.crc32
 
 
-@pytest.mark.parametrize("parse, error", [(parse_command, ProtocolError), (Manifest.from_json, ManifestError)])
-def test_json_nested_too_deep_for_the_parser_is_refused_not_a_crash(parse, error):
+def _header_first(nested: bytes) -> bytes:
+    """A chunk or raw-tensor message whose length-prefixed JSON header is *nested*."""
+    return Chunk._LEN.pack(len(nested)) + nested + b"data"
+
+
+@pytest.mark.parametrize("parse, error, payload", [
+    (parse_command, ProtocolError, b"[" * 100_000),
+    (Manifest.from_json, ManifestError, b"[" * 200_000 + b"]" * 200_000),
+    # a chunk header may be 1 KiB, deep enough for the parser's recursion limit
+    (Chunk.from_payload, ProtocolError, _header_first(b"[" * 1020)),
+    (decode_raw, ProtocolError, _header_first(b"[" * 5000)),  # a local application's tensors
+])
+def test_json_nested_too_deep_for_the_parser_is_refused_not_a_crash(parse, error, payload):
     with pytest.raises(error):
-        parse(b"[" * 200_000 + b"]" * 200_000 if parse is Manifest.from_json else b"[" * 100_000)
+        parse(payload)

@@ -95,6 +95,19 @@ def test_a_sample_file_that_is_not_an_npz_is_one_line(tmp_path, keys, reference_
     assert not (tmp_path / "m.efb").exists()
 
 
+@pytest.mark.parametrize("text, says", [
+    ("[" * 100_000, "cannot read compression report"),  # nested past the JSON parser's recursion limit
+    ("{not json", "cannot read compression report"),
+    ('{"steps": []}', "is not a report written by `edgefleet compress --report`"),
+])
+def test_a_compression_report_that_is_not_one_is_one_line(tmp_path, keys, reference_model, text, says):
+    (tmp_path / "report.json").write_text(text)
+    result = edgefleet("bundle", "build", reference_model, "--name", "m", "--version", "1.0.0", "--key", keys["key"],
+                       "--compression-report", tmp_path / "report.json", "-o", tmp_path / "m.efb")
+    assert_one_line_error(result, says)
+    assert not (tmp_path / "m.efb").exists()
+
+
 def test_fleet_status_without_a_database(tmp_path):
     assert_one_line_error(edgefleet("fleet", "status", "--db", tmp_path / "none.db"), "edgefleet monitor")
 
