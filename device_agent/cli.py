@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -14,6 +15,17 @@ import click
 
 from device_agent import __version__
 from device_agent.errors import ConfigError, EdgefleetError
+
+
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf: nan passes every range check, and a NaN
+    timeout, expiry or interval would then never end (or end at once)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def fail_cleanly(fn):
@@ -94,8 +106,8 @@ def load_settings(config_file: Path | None, **flags) -> dict:
 @click.option("--broker", envvar="EDGEFLEET_BROKER", help="MQTT broker as HOST:PORT [default: 127.0.0.1:1883].")
 @click.option("--trusted-key", "trusted_keys", envvar="EDGEFLEET_TRUSTED_KEYS", multiple=True,
               type=click.Path(path_type=Path), help="Public key (PEM) whose bundles this device accepts; repeatable.")
-@click.option("--telemetry-interval", type=float, help="Seconds between telemetry samples [default: 5].")
-@click.option("--inference-interval", type=float,
+@click.option("--telemetry-interval", type=FiniteRange(0), help="Seconds between telemetry samples [default: 5].")
+@click.option("--inference-interval", type=FiniteRange(0),
               help="Run the active model on its sample input every this many seconds, standing in for an "
                    "application [default: 0, off].")
 @click.option("--threads", type=int, help="Runtime threads [default: the runtime's choice].")
@@ -108,8 +120,8 @@ def load_settings(config_file: Path | None, **flags) -> dict:
               help="This device's client certificate.")
 @click.option("--tls-key", envvar="EDGEFLEET_TLS_KEY", type=click.Path(path_type=Path),
               help="This device's client key.")
-@click.option("--reconnect-max-delay", type=float, help="Longest wait in seconds between attempts to reach the "
-              "broker, doubling from 1 s [default: 30].")
+@click.option("--reconnect-max-delay", type=FiniteRange(0), help="Longest wait in seconds between attempts to "
+              "reach the broker, doubling from 1 s [default: 30].")
 @click.option("--api-socket", type=click.Path(path_type=Path),
               help="Local inference socket [default: STATE_DIR/inference.sock].")
 @click.option("--control-socket", type=click.Path(path_type=Path),
@@ -121,7 +133,8 @@ def load_settings(config_file: Path | None, **flags) -> dict:
               help="A label the host can filter and target by (site, group, ...); repeatable.")
 @click.option("--api-spin-us", type=int, help="Microseconds the local API polls for a client's next request "
               "before sleeping [default: 200, or 0 on a single core].")
-@click.option("--trial-seconds", type=float, help="How long a new bundle serves before it is committed [default: 2].")
+@click.option("--trial-seconds", type=FiniteRange(0),
+              help="How long a new bundle serves before it is committed [default: 2].")
 @click.option("--keep-versions", type=int, help="Committed versions kept for rollback [default: 3].")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @fail_cleanly

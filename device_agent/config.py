@@ -41,6 +41,7 @@ Command-line flags and ``EDGEFLEET_*`` environment variables override the file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields, replace
@@ -102,7 +103,10 @@ class AgentConfig:
             raise ConfigError("no trusted public key given: the agent would accept no bundle")
         if Path(self.state_dir).exists() and not Path(self.state_dir).is_dir():
             raise ConfigError(f"state_dir {self.state_dir} is a file: give the folder the agent keeps its bundles in")
-        if self.telemetry_interval <= 0 or self.inference_interval < 0 or self.trial_seconds < 0:
+        for name in _SECONDS:  # (NaN passes every comparison; TOML and JSON both can say it)
+            if not 0 <= getattr(self, name) <= MAX_SECONDS:
+                raise ConfigError(f"{name} must be 0 to {MAX_SECONDS:.0f} seconds, not {getattr(self, name)}")
+        if self.telemetry_interval <= 0:
             raise ConfigError("intervals must be positive")
         if self.http_port is not None and not 0 <= self.http_port < 65536:
             raise ConfigError(f"http port {self.http_port} is out of range")
@@ -131,11 +135,21 @@ class AgentConfig:
         return self.control_socket or Path(self.state_dir) / "control.sock"
 
 
+# Settings in seconds, each 0 to MAX_SECONDS (a day: longer waits say nothing useful and overflow
+# the clock's timeouts at the far end).
+_SECONDS = ("reconnect_max_delay", "telemetry_interval", "inference_interval", "download_stall_timeout",
+            "download_backoff", "trial_seconds")
+MAX_SECONDS = 86400.0
+
 # Settings the host may change on a running device with a signed `config` command; they take
 # effect at once and are kept in <state_dir>/remote_config.json, over the config file's values.
 REMOTE_SETTINGS = ("telemetry_interval", "chunk_window", "download_stall_timeout", "download_attempts",
                    "download_backoff", "keep_versions", "trial_seconds", "max_start_attempts")
 _INTEGER_SETTINGS = {"chunk_window", "download_attempts", "keep_versions", "max_start_attempts"}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class RemoteSettings:
@@ -147,7 +161,8 @@ class RemoteSettings:
         self.base = {k: getattr(config, k) for k in REMOTE_SETTINGS}
         try:
             doc = json.loads(self.path.read_text())
-            self.values = {k: v for k, v in doc.items() if k in REMOTE_SETTINGS} if isinstance(doc, dict) else {}
+            self.values = {k: v for k, v in doc.items() if k in REMOTE_SETTINGS and _number(v)} \
+                if isinstance(doc, dict) else {}
         except (OSError, ValueError):  # none, or damaged: the config file's values hold until the host sets them
             self.values = {}
 
@@ -160,6 +175,8 @@ class RemoteSettings:
                 raise ConfigError(f"{key!r} cannot be set remotely; these can: {', '.join(REMOTE_SETTINGS)}")
             if value is None:
                 values.pop(key, None)
+            elif not _number(value):
+                raise ConfigError(f"{key} must be a finite number")
             elif key in _INTEGER_SETTINGS:
                 if value != int(value):
                     raise ConfigError(f"{key} must be a whole number")

@@ -5,6 +5,7 @@ TypeError, so a malformed message from the network is logged and dropped, never 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from device_agent.errors import ProtocolError
@@ -29,6 +30,14 @@ def decode(payload: bytes, expected_type: str) -> dict[str, Any]:
     if doc.get("type") != expected_type:
         raise ProtocolError(f"expected a {expected_type!r} message")
     return doc
+
+
+def finite(value: float, key: str) -> float:
+    """*value*, a number JSON carried, unless Python's decoder let NaN or Infinity through (a
+    time or a setting of NaN compares false with everything, so every check on it would pass)."""
+    if not math.isfinite(value):
+        raise ProtocolError(f"field {key!r} must be a finite number")
+    return value
 
 
 def require(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:

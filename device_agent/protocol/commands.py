@@ -3,19 +3,21 @@ small frozen class with one encoding, and the Reply a device answers some of the
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from device_agent.errors import ProtocolError
 from device_agent.protocol.chunks import BundleOffer
-from device_agent.protocol.codec import decode, decode_object, encode, require
+from device_agent.protocol.codec import decode, decode_object, encode, finite, require
 from device_agent.protocol.reports import KEY_ID
 
 
 def _header(doc: dict) -> dict[str, Any]:
     """What every command carries: its id and when it was issued."""
-    return {"command_id": require(doc, "command_id", str), "issued_at": float(require(doc, "issued_at", (int, float)))}
+    return {"command_id": require(doc, "command_id", str),
+            "issued_at": finite(float(require(doc, "issued_at", (int, float))), "issued_at")}
 
 
 @dataclass(frozen=True)
@@ -146,9 +148,10 @@ class ConfigCommand:
         doc = decode(payload, "config")
         settings = require(doc, "settings", dict)
         if len(settings) > 32 or not all(
-                isinstance(k, str) and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
+                isinstance(k, str) and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      and math.isfinite(v)))
                 for k, v in settings.items()):
-            raise ProtocolError("settings must map up to 32 names to numbers (or null)")
+            raise ProtocolError("settings must map up to 32 names to finite numbers (or null)")
         return cls(**_header(doc),
                    settings=settings)
 

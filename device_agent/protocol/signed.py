@@ -11,6 +11,7 @@ what de-duplication keys on, so a replay is dropped as already done.
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any, Mapping
 
@@ -53,8 +54,8 @@ def verify_command(doc: dict[str, Any], keys: Mapping[str, Ed25519PublicKey], *,
     body = {k: v for k, v in doc.items() if k != "signature"}
     key = verify(_canonical(body), signature, keys, what="the command")
     expires_at = body.get("expires_at")
-    if not isinstance(expires_at, (int, float)) or isinstance(expires_at, bool):
-        raise ProtocolError("signed command has no expiry")
+    if not isinstance(expires_at, (int, float)) or isinstance(expires_at, bool) or not math.isfinite(expires_at):
+        raise ProtocolError("signed command has no expiry")  # (NaN would never expire)
     current = time.time() if now is None else now
     if current > expires_at:
         issued = body.get("issued_at")

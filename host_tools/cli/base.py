@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from device_agent import __version__
+from device_agent.cli import FiniteRange
 from device_agent.errors import ConfigError
 from device_agent.mqtt import BrokerAddress, MqttClient, session_client_id, throwaway_client_id
 from device_agent.protocol import topics
@@ -31,9 +32,13 @@ chunk_size_option = click.option(
     help="Transfer chunk size in bytes: keep a chunk and its ~110-byte header under the broker's packet limit.")
 
 
+def timeout_option(default: float, help: str):
+    return click.option("--timeout", default=default, show_default=True, type=FiniteRange(0, min_open=True), help=help)
+
+
 def signing_options(fn):
     """--key and --expires-in for commands that change or load something on devices."""
-    fn = click.option("--expires-in", type=click.FloatRange(1, MAX_EXPIRY), default=DEFAULT_EXPIRY, show_default=True,
+    fn = click.option("--expires-in", type=FiniteRange(1, MAX_EXPIRY), default=DEFAULT_EXPIRY, show_default=True,
                       help="Seconds the signed command stays valid (e.g. for a device that is offline).")(fn)
     return click.option("--key", "signing_key", envvar="EDGEFLEET_SIGNING_KEY", type=click.Path(path_type=Path),
                         default=DEFAULT_HOME / "keys" / "release.key", show_default=True,

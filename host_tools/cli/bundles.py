@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from device_agent.cli import fail_cleanly
+from device_agent.cli import FiniteRange, fail_cleanly
 from device_agent.errors import UNREADABLE_ARRAYS, ConfigError
 from host_tools.cli.base import json_option, main
 
@@ -28,11 +28,11 @@ def bundle() -> None:
 @click.option("--sample", type=click.Path(path_type=Path),
               help=".npz with one array per model input, used as the device's health-check input.")
 @click.option("--atol", default=1e-3, show_default=True, help="Absolute tolerance of the sample check.")
-@click.option("--latency-budget-ms", type=float, default=None,
+@click.option("--latency-budget-ms", type=FiniteRange(0, min_open=True), default=None,
               help="Median sample latency a device must meet before it commits the bundle.")
 @click.option("--release", type=click.IntRange(0), help="Release counter of this model name; devices refuse "
               "a lower one than they have committed [default: compare versions].")
-@click.option("--expires-in-days", type=click.FloatRange(min=0, min_open=True),
+@click.option("--expires-in-days", type=FiniteRange(min=0, min_open=True),
               help="Devices refuse the bundle after this many days [default: never].")
 @click.option("--arch", multiple=True, help="CPU architecture the bundle runs on (uname -m, e.g. aarch64); repeatable.")
 @click.option("--min-ram-mb", type=click.IntRange(1), help="RAM a device needs for this bundle.")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from device_agent.cli import fail_cleanly
+from device_agent.cli import FiniteRange, fail_cleanly
 from device_agent.errors import ConfigError
 from host_tools.cli.base import (
     broker_option, chunk_size_option, command_signer, host_client, json_option, main, signing_options,
@@ -34,7 +34,7 @@ DATA_HELP = ".npz, a folder of .npy/.npz samples, or a loader (file.py defining 
 @click.option("--train", "train_data", help=f"Training inputs for distillation and pruning recovery, labels "
               f"optional (default: --calib): {DATA_HELP}.")
 @click.option("--eval", "eval_data", help=f"Evaluation inputs, labels optional: {DATA_HELP}.")
-@click.option("--max-drop", type=click.FloatRange(min=0), help="Accuracy guard: refuse (exit 1, write nothing) "
+@click.option("--max-drop", type=FiniteRange(min=0), help="Accuracy guard: refuse (exit 1, write nothing) "
               "if the result loses more than this many points against the original.")
 @click.option("--auto", is_flag=True, help="Try a ladder of candidates (dynamic, static per-tensor/per-channel, "
               "sensitive nodes left in float, int4, fp16…) and keep the best within --max-drop.")
@@ -48,7 +48,7 @@ DATA_HELP = ".npz, a folder of .npy/.npz samples, or a loader (file.py defining 
               help="Inference threads while timing on this host (a device core or several).")
 @click.option("--device", "device_id", help="Time the models on this device instead of the host, through the "
               "agent's benchmark command (needs --broker and a --key the device trusts; nothing is activated).")
-@click.option("--device-timeout", type=click.FloatRange(1), default=300.0, show_default=True,
+@click.option("--device-timeout", type=FiniteRange(1), default=300.0, show_default=True,
               help="Seconds to wait for the device's result for each model.")
 @chunk_size_option
 @broker_option

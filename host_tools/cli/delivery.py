@@ -9,11 +9,11 @@ from pathlib import Path
 
 import click
 
-from device_agent.cli import fail_cleanly
+from device_agent.cli import FiniteRange, fail_cleanly
 from device_agent.errors import ConfigError
 from host_tools.cli.base import (
     DEFAULT_HOME, broker_option, chunk_size_option, command_signer, devices_option, host_client, json_option, main,
-    signing_options,
+    signing_options, timeout_option,
 )
 from host_tools.cli.fleet import fleet_rows
 from host_tools.terminal import console
@@ -23,7 +23,7 @@ from host_tools.terminal import console
 @click.argument("bundle_path", type=click.Path(path_type=Path))
 @devices_option
 @broker_option
-@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every device.")
+@timeout_option(120.0, "Seconds to wait for every device.")
 @chunk_size_option
 @click.option("--allow-downgrade", is_flag=True,
               help="Let devices install a lower release than the one they have committed.")
@@ -76,7 +76,7 @@ def deploy(bundle_path, devices, broker, timeout, chunk_size, allow_downgrade, n
 @click.argument("bundles", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--dir", "bundle_dir", type=click.Path(path_type=Path), help="Serve every bundle in this directory.")
 @broker_option
-@click.option("--stats-every", default=10.0, show_default=True, type=click.FloatRange(0.5),
+@click.option("--stats-every", default=10.0, show_default=True, type=FiniteRange(0.5),
               help="Seconds between progress lines (only when something was served).")
 @fail_cleanly
 def serve(bundles, bundle_dir, broker, stats_every) -> None:
@@ -126,7 +126,7 @@ def serve(bundles, bundle_dir, broker, stats_every) -> None:
 @main.command(help="Roll devices back to their previous committed version and follow each until done.")
 @devices_option
 @broker_option
-@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every device.")
+@timeout_option(120.0, "Seconds to wait for every device.")
 @signing_options
 @json_option
 @fail_cleanly

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from device_agent.cli import fail_cleanly
-from host_tools.cli.base import main
+from host_tools.cli.base import main, timeout_option
 
 
 @main.command(help="Run the whole path on this machine: broker, compression, signed bundle, "
@@ -17,7 +17,7 @@ from host_tools.cli.base import main
 @click.option("--devices", default=3, show_default=True, type=click.IntRange(1, 20))
 @click.option("--workdir", type=click.Path(path_type=Path), help="Keep keys, bundles and agent state here "
               "(default: a temporary directory, removed afterwards).")
-@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for the deployment.")
+@timeout_option(120.0, "Seconds to wait for the deployment.")
 @fail_cleanly
 def demo(broker, devices, workdir, timeout) -> None:
     from host_tools.demo import run_demo

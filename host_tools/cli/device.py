@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from device_agent.cli import fail_cleanly
 from device_agent.telemetry.disk import room_text, valid_room
 from host_tools.cli.base import (
     broker_option, chunk_size_option, host_client, json_option, main, may_still_take, signed_request,
-    signing_options,
+    signing_options, timeout_option,
 )
 from host_tools.terminal import console
 
@@ -25,7 +26,7 @@ def device() -> None:
 @device.command("status", help="The device's own account: active bundle, kept versions, update under way.")
 @click.argument("device_id")
 @broker_option
-@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the answer.")
+@timeout_option(10.0, "Seconds to wait for the answer.")
 @json_option
 @fail_cleanly
 def device_status(device_id, broker, timeout, as_json) -> None:
@@ -60,7 +61,7 @@ def device_status(device_id, broker, timeout, as_json) -> None:
 @click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE", help="Repeatable.")
 @click.option("--reset", "resets", multiple=True, metavar="NAME", help="Repeatable.")
 @broker_option
-@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the answer.")
+@timeout_option(10.0, "Seconds to wait for the answer.")
 @signing_options
 @json_option
 @fail_cleanly
@@ -72,9 +73,11 @@ def device_config(device_id, assignments, resets, broker, timeout, signing_key, 
     for item in assignments:
         name, _, value = item.partition("=")
         try:
-            settings[name.strip() or "?"] = float(value)
+            settings[name.strip() or "?"] = number = float(value)
         except ValueError:
-            raise click.UsageError(f"--set takes NAME=NUMBER, not {item!r}") from None
+            number = math.nan
+        if not math.isfinite(number):
+            raise click.UsageError(f"--set takes NAME=NUMBER, not {item!r}")
     try:  # (only showing them is a question: an offline device is said to be at once)
         body = signed_request(broker, "config", signing_key, expires_in, f"{device_id} refused",
                               lambda client, signer: ask(client, device_id,
@@ -99,7 +102,7 @@ def device_config(device_id, assignments, resets, broker, timeout, signing_key, 
 @broker_option
 @click.option("--runs", default=100, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0, 100_000))
-@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for the result.")
+@timeout_option(300.0, "Seconds to wait for the result.")
 @chunk_size_option
 @signing_options
 @json_option

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from device_agent.cli import fail_cleanly
+from device_agent.cli import FiniteRange, fail_cleanly
 from device_agent.errors import ConfigError
 from host_tools.cli.base import broker_option, db_option, json_option, main, named_client
 from host_tools.terminal import console
@@ -64,7 +64,7 @@ def fleet_status(db, selectors, group, as_json) -> None:
 @db_option
 @label_filter
 @group_filter
-@click.option("--every", default=2.0, show_default=True, type=click.FloatRange(0.2))
+@click.option("--every", default=2.0, show_default=True, type=FiniteRange(0.2))
 @click.option("--count", type=click.IntRange(1), help="Stop after this many redraws (for scripts and tests).")
 @fail_cleanly
 def fleet_watch(db, selectors, group, every, count) -> None:
@@ -125,9 +125,9 @@ def dashboard(db, port, address) -> None:
 @click.option("--metrics-port", type=click.IntRange(1, 65535),
               help="Also serve the fleet as Prometheus metrics on http://ADDRESS:PORT/metrics.")
 @click.option("--metrics-address", default="0.0.0.0", show_default=True)
-@click.option("--keep-days", default=7.0, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--keep-days", default=7.0, show_default=True, type=FiniteRange(0, min_open=True),
               help="Keep every sample this long; older ones are folded into hourly summaries.")
-@click.option("--keep-hourly-days", default=90.0, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--keep-hourly-days", default=90.0, show_default=True, type=FiniteRange(0, min_open=True),
               help="Keep hourly summaries this long.")
 @fail_cleanly
 def monitor(broker, db, name, share, metrics_port, metrics_address, keep_days, keep_hourly_days) -> None:

@@ -12,6 +12,7 @@ from device_agent.cli import fail_cleanly
 from device_agent.errors import ConfigError
 from host_tools.cli.base import (
     DEFAULT_HOME, broker_option, devices_option, host_client, json_option, main, send_to_each, signing_options,
+    timeout_option,
 )
 
 
@@ -39,7 +40,7 @@ def keys_gen(out, name, as_json) -> None:
 @click.option("--dir", "key_dir", type=click.Path(path_type=Path), default=DEFAULT_HOME / "keys", show_default=True)
 @click.option("--device", "devices", multiple=True, help="Also ask this device which keys it trusts; repeatable.")
 @broker_option
-@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for each device.")
+@timeout_option(10.0, "Seconds to wait for each device.")
 @json_option
 @fail_cleanly
 def keys_list(key_dir, devices, broker, timeout, as_json) -> None:
@@ -82,7 +83,7 @@ def _change_trust(devices, broker, timeout, signing_key, expires_in, as_json, *,
 @devices_option
 @click.option("--retire", is_flag=True, help="Revoke the key that signs this command once the new one is in.")
 @broker_option
-@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the devices' answers.")
+@timeout_option(30.0, "Seconds to wait for the devices' answers.")
 @signing_options
 @json_option
 @fail_cleanly
@@ -99,7 +100,7 @@ def keys_rotate(new_public_key, devices, retire, broker, timeout, signing_key, e
 @click.argument("revoked_key_id")
 @devices_option
 @broker_option
-@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the devices' answers.")
+@timeout_option(30.0, "Seconds to wait for the devices' answers.")
 @signing_options
 @json_option
 @fail_cleanly

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from device_agent.cli import fail_cleanly
+from device_agent.cli import FiniteRange, fail_cleanly
 from device_agent.errors import ConfigError
 from host_tools.cli.base import (
     broker_option, chunk_size_option, command_signer, db_option, host_client, json_option, main, signing_options,
@@ -127,19 +127,19 @@ def _run_rollout(store, rollout_id, signer, client, as_json) -> None:
 @click.option("--label", "selectors", multiple=True, metavar="NAME=VALUE", help="Devices with this label; repeatable.")
 @click.option("--device", "devices", multiple=True, help="These devices; repeatable.")
 @click.option("--stages", default="10,50,100", show_default=True, help="Cumulative percentages of the devices.")
-@click.option("--window", default=60.0, show_default=True, type=click.FloatRange(0),
+@click.option("--window", default=60.0, show_default=True, type=FiniteRange(0),
               help="Seconds to watch a stage before the next.")
-@click.option("--stage-timeout", default=300.0, show_default=True, type=click.FloatRange(1),
+@click.option("--stage-timeout", default=300.0, show_default=True, type=FiniteRange(1),
               help="Seconds a stage waits for its devices' outcomes; later ones are reported pending.")
-@click.option("--max-failure-rate", default=0.1, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--max-failure-rate", default=0.1, show_default=True, type=FiniteRange(0, 1),
               help="Halt when more than this share of a stage fails or rolls back.")
-@click.option("--max-p99-ratio", default=1.5, show_default=True, type=click.FloatRange(1),
+@click.option("--max-p99-ratio", default=1.5, show_default=True, type=FiniteRange(1),
               help="Halt when the stage's p99 latency is more than this times the previous version's.")
-@click.option("--max-error-rate", default=0.02, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--max-error-rate", default=0.02, show_default=True, type=FiniteRange(0, 1),
               help="Halt when the share of inference calls that fail on the new version exceeds the previous "
                    "version's by more than this.")
 @click.option("--rollback-on-halt", is_flag=True, help="When halting, roll back the devices already updated.")
-@click.option("--pending-timeout", default=600.0, show_default=True, type=click.FloatRange(0),
+@click.option("--pending-timeout", default=600.0, show_default=True, type=FiniteRange(0),
               help="After the last stage, seconds to wait for devices that were offline in theirs.")
 @click.option("--max-in-flight", type=click.IntRange(1), help="At most this many devices updating at once "
               "(a stage goes in waves) [default: a whole stage at once].")
@@ -178,7 +178,7 @@ def rollout_start(bundle_path, group, selectors, devices, stages, window, stage_
 @rollout.command("resume", help="Carry on with ROLLOUT_ID (paused, interrupted by a host restart, or waiting "
                                 "for devices that were offline: they are sent the bundle again).")
 @click.argument("rollout_id")
-@click.option("--pending-timeout", type=click.FloatRange(0),
+@click.option("--pending-timeout", type=FiniteRange(0),
               help="Change how long the last stage waits for devices that were offline [default: as started].")
 @db_option
 @broker_option

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from device_agent.cli import fail_cleanly
+from device_agent.cli import FiniteRange, fail_cleanly
 from host_tools.cli.base import (
-    DEFAULT_HOME, broker_option, db_option, json_option, main, send_to_each, signing_options,
+    DEFAULT_HOME, broker_option, db_option, json_option, main, send_to_each, signing_options, timeout_option,
 )
 from host_tools.terminal import console
 
@@ -122,7 +122,7 @@ def certs_revoke(names, pki_dir) -> None:
 @click.option("--broker", "broker_cert", is_flag=True, help="Renew the broker's server certificate too.")
 @click.option("--ca", "ca_cert", is_flag=True, help="Renew the CA's certificate too (its key stays; `certs push` "
                                                     "gives it to the devices).")
-@click.option("--expiring-within", "within_days", type=click.FloatRange(0, 36500), metavar="DAYS",
+@click.option("--expiring-within", "within_days", type=FiniteRange(0, 36500), metavar="DAYS",
               help="Also renew every client certificate that expires within DAYS days.")
 @pki_option
 @click.option("--days", type=click.IntRange(1, 36500),
@@ -232,7 +232,7 @@ def certs_retire_ca(pki_dir, db, force) -> None:
 @db_option
 @pki_option
 @broker_option
-@click.option("--timeout", default=90.0, show_default=True, help="Seconds to wait for the devices' answers.")
+@timeout_option(90.0, "Seconds to wait for the devices' answers.")
 @signing_options
 @json_option
 @fail_cleanly

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from device_agent.cli import fail_cleanly
+from device_agent.cli import FiniteRange, fail_cleanly
 from device_agent.errors import ConfigError
 from host_tools.cli.base import DEFAULT_HOME, broker_option, host_client, main
 from host_tools.terminal import console
@@ -35,23 +35,23 @@ MAX_PER_WORKER = 125
 @click.option("--prefix", default="sim", show_default=True, help="Device ids are PREFIX-0000, PREFIX-0001, ...")
 @click.option("--group", default="sim", show_default=True, help="The devices' group label.")
 @click.option("--label", "labels", multiple=True, metavar="NAME=VALUE", help="Another label; repeatable.")
-@click.option("--reject", default=0.0, type=click.FloatRange(0, 1), help="Share of devices whose health check "
+@click.option("--reject", default=0.0, type=FiniteRange(0, 1), help="Share of devices whose health check "
               "refuses every new model.")
-@click.option("--slow", default=0.0, type=click.FloatRange(0, 1), help="Share of devices that run models slower.")
-@click.option("--slow-factor", default=5.0, show_default=True, type=click.FloatRange(1), help="How much slower.")
-@click.option("--errors", default=0.0, type=click.FloatRange(0, 1), help="Share of devices on which every fifth "
+@click.option("--slow", default=0.0, type=FiniteRange(0, 1), help="Share of devices that run models slower.")
+@click.option("--slow-factor", default=5.0, show_default=True, type=FiniteRange(1), help="How much slower.")
+@click.option("--errors", default=0.0, type=FiniteRange(0, 1), help="Share of devices on which every fifth "
               "inference of a new model fails.")
-@click.option("--offline", default=0.0, type=click.FloatRange(0, 1), help="Share of devices that drop off the "
+@click.option("--offline", default=0.0, type=FiniteRange(0, 1), help="Share of devices that drop off the "
               "network when their first deploy arrives.")
-@click.option("--offline-for", default=30.0, show_default=True, type=click.FloatRange(0),
+@click.option("--offline-for", default=30.0, show_default=True, type=FiniteRange(0),
               help="Seconds until those come back and carry the deploy out.")
-@click.option("--telemetry-interval", default=5.0, show_default=True, type=click.FloatRange(0.1))
-@click.option("--inference-interval", default=0.5, show_default=True, type=click.FloatRange(0),
+@click.option("--telemetry-interval", default=5.0, show_default=True, type=FiniteRange(0.1))
+@click.option("--inference-interval", default=0.5, show_default=True, type=FiniteRange(0),
               help="Seconds between each device's runs of its model on the sample input (0: none).")
-@click.option("--trial-seconds", default=1.0, show_default=True, type=click.FloatRange(0))
+@click.option("--trial-seconds", default=1.0, show_default=True, type=FiniteRange(0))
 @click.option("--per-worker", default=100, show_default=True, type=click.IntRange(1, MAX_PER_WORKER),
               help="Devices per worker process.")
-@click.option("--duration", type=click.FloatRange(0), help="Stop after this many seconds [default: run until Ctrl-C].")
+@click.option("--duration", type=FiniteRange(0), help="Stop after this many seconds [default: run until Ctrl-C].")
 @fail_cleanly
 def simulate(count, broker, trusted, bundle, state_dir, prefix, group, labels, reject, slow, slow_factor, errors, offline,
              offline_for, telemetry_interval, inference_interval, trial_seconds, per_worker, duration) -> None:

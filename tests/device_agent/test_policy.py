@@ -1,6 +1,7 @@
 """What a device refuses from genuine bundles: expired, older than committed, other hardware."""
 
 import dataclasses
+import math
 
 import pytest
 
@@ -60,6 +61,7 @@ def test_an_expired_bundle_is_refused(manifest):
 
 
 @pytest.mark.parametrize("change", [{"release": -1}, {"release": True}, {"expires_at": "soon"},
+                                    {"expires_at": math.nan}, {"expires_at": math.inf},  # NaN would never expire
                                     {"target": {"arch": "x86_64"}}, {"target": {"gpu": True}}])
 def test_malformed_policy_fields_are_manifest_errors(manifest, change):
     with pytest.raises(ManifestError):

@@ -1,6 +1,7 @@
 """Every message that crosses MQTT round-trips, and anything malformed is a ProtocolError."""
 
 import json
+import math
 from dataclasses import asdict, replace
 
 import pytest
@@ -11,7 +12,7 @@ from device_agent.errors import ProtocolError
 from device_agent.protocol import topics
 from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE, BundleOffer, Chunk, ChunkRequest
 from device_agent.protocol.commands import (
-    BenchCommand, DeployCommand, Reply, RollbackCommand, StatusRequest, parse_command,
+    BenchCommand, ConfigCommand, DeployCommand, Reply, RollbackCommand, StatusRequest, parse_command,
 )
 from device_agent.protocol.reports import DeploymentEvent, DeviceStatus, TelemetryBatch, TelemetrySample
 
@@ -208,6 +209,25 @@ def test_unsigned_and_expired_commands_are_refused_but_a_status_request_needs_no
     with pytest.raises(ProtocolError, match="expired"):
         parse_command(sign_command(DeployCommand("c1", OFFER, 1.5).to_payload(), private, expires_in=-1), trusted)
     assert parse_command(StatusRequest("c3", 1.5).to_payload(), trusted) == StatusRequest("c3", 1.5)
+
+
+def test_a_signed_command_with_nan_or_infinite_times_or_settings_is_refused(command_keys):
+    """Python's JSON reads NaN and Infinity, and NaN passes every comparison: an expiry of NaN
+    would never expire, an issue time of NaN would slip past the replay horizon (and then
+    become it), and a telemetry interval of NaN would send telemetry in a busy loop."""
+    from device_agent.protocol.signed import sign_command
+
+    private, trusted = command_keys
+    with pytest.raises(ProtocolError, match="no expiry"):
+        parse_command(sign_command(RollbackCommand("c1", 1.0).to_payload(), private, expires_in=math.nan), trusted)
+    with pytest.raises(ProtocolError, match="'issued_at' must be a finite number"):
+        parse_command(sign_command(RollbackCommand("c2", math.nan).to_payload(), private), trusted)
+    for value in (math.nan, math.inf):
+        with pytest.raises(ProtocolError, match="finite numbers"):
+            parse_command(sign_command(ConfigCommand("c3", 1.0, {"telemetry_interval": value}).to_payload(),
+                                       private), trusted)
+    assert parse_command(sign_command(ConfigCommand("c4", 1.0, {"telemetry_interval": 0.5}).to_payload(), private),
+                         trusted).settings == {"telemetry_interval": 0.5}
 
 
 def test_a_device_whose_clock_runs_far_ahead_is_told_to_check_it(command_keys):

@@ -1,6 +1,8 @@
 """`edgefleet-agent install`, the systemd unit it writes, the config file, and the notify protocol."""
 
+import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -156,6 +158,37 @@ def test_the_reconnect_back_off_cap_comes_from_the_file_and_is_bounded(installed
     for bad in (0.5, 7200.0):
         with pytest.raises(ConfigError, match="reconnect_max_delay must be 1 to 3600"):
             build_config(load_settings(path, reconnect_max_delay=bad))
+
+
+@pytest.mark.parametrize("setting", ["telemetry_interval", "trial_seconds", "download_stall_timeout",
+                                     "download_backoff"])
+@pytest.mark.parametrize("value", ["nan", "inf", "1e300", "-1"])
+def test_a_time_in_the_config_file_that_is_not_a_sane_number_of_seconds_is_refused(installed, tmp_path, setting,
+                                                                                    value):
+    """TOML can say nan and inf; NaN passes every comparison, and a telemetry interval of NaN
+    would publish in a busy loop (one of inf or 1e300 overflows the wait and stops the reporter)."""
+    path = tmp_path / "agent.toml"
+    text = re.sub(f"^{setting} = .*\n", "", (installed / "etc/edgefleet/agent.toml").read_text(), flags=re.M)
+    path.write_text(text.replace("[limits]\n", f"[limits]\n{setting} = {value}\n"))
+    with pytest.raises(ConfigError, match=f"{setting} must be 0 to 86400 seconds"):
+        build_config(read_config_file(path))
+
+
+def test_settings_from_the_host_must_be_finite_and_none_is_saved_otherwise(tmp_path, keys):
+    from device_agent.config import AgentConfig, RemoteSettings
+
+    config = AgentConfig(device_id="d", state_dir=tmp_path, trusted_keys=(keys["pub"],))
+    settings = RemoteSettings(config)
+    for change in ({"telemetry_interval": math.nan}, {"chunk_window": math.inf}, {"keep_versions": math.nan},
+                   {"telemetry_interval": 1e300}, {"trial_seconds": True}):
+        with pytest.raises(ConfigError):
+            settings.apply(config, change)
+    assert not settings.path.exists()
+    assert settings.apply(config, {"telemetry_interval": 1.5}).telemetry_interval == 1.5
+    # a file from before the check, with NaN in it: the config file's value holds
+    settings.path.write_text('{"telemetry_interval": NaN, "keep_versions": 4}')
+    reloaded = RemoteSettings(config).apply(config)
+    assert reloaded.telemetry_interval == 5.0 and reloaded.keep_versions == 4
 
 
 @pytest.mark.parametrize("text, message", [("device_id = 'x'\n[limits]\nspeed = 3\n", "unknown setting"),

@@ -154,6 +154,23 @@ def test_usage_errors_exit_2(args):
     assert edgefleet(*args).returncode == 2
 
 
+@pytest.mark.parametrize("args", [
+    # click's FloatRange lets nan through (every comparison with it is false): a bundle or command
+    # that never expires, or a wait that never ends
+    ["bundle", "build", "m.onnx", "--name", "m", "--version", "1.0.0", "--key", "k", "--expires-in-days", "nan"],
+    ["rollback", "--device", "d", "--expires-in", "nan"],
+    ["deploy", "b.efb", "--device", "d", "--timeout", "nan"],
+    ["device", "status", "d", "--timeout", "-1"],
+    ["rollout", "start", "b.efb", "--group", "g", "--window", "inf"],
+    ["device", "config", "d", "--set", "telemetry_interval=nan"],
+])
+def test_a_number_that_is_not_finite_or_in_range_is_a_usage_error(args):
+    result = edgefleet(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert ("not a finite number" in result.stderr or "not in the range" in result.stderr
+            or "NAME=NUMBER" in result.stderr), result.stderr
+
+
 NEVER_CONNECTED = ("has never connected to this broker: not installed yet, or a wrong device id? (the broker "
                    "keeps commands only for devices it has seen)")
 
