@@ -115,14 +115,14 @@ def bench(bundle_path, device_id, broker, runs, warmup, timeout, chunk_size, sig
     with BundleReader(bundle_path):  # one clear line if it is not a bundle, before anything is sent
         pass
 
-    def send(client, signer):
+    def send(client, signer):  # (the signing key and the broker are there: a mistake in either is one line)
         check_broker_passes_chunks(client, chunk_size)
+        if not as_json:
+            console(stderr=True).print(f"benchmarking {bundle_path.name} on {device_id} "
+                                       f"({warmup} warm-up + {runs} runs)...")
         return bench_bundle(client, device_id, bundle_path, runs=runs, warmup=warmup, timeout=timeout, signer=signer,
                             chunk_size=chunk_size)
 
-    if not as_json:
-        console(stderr=True).print(f"benchmarking {bundle_path.name} on {device_id} "
-                                   f"({warmup} warm-up + {runs} runs)...")
     r = signed_request(broker, "bench", signing_key, expires_in, f"{device_id} could not benchmark the bundle", send)
     if as_json:
         click.echo(json.dumps(r))

@@ -192,10 +192,11 @@ def test_settings_from_the_host_must_be_finite_and_none_is_saved_otherwise(tmp_p
 
 
 @pytest.mark.parametrize("text, message", [("device_id = 'x'\n[limits]\nspeed = 3\n", "unknown setting"),
-                                            ("device_id = \n", "not valid TOML")])
+                                            ("device_id = \n", "not valid TOML"),
+                                            (b"device_id = '\xad'\n", "not valid TOML: 'utf-8' codec")])
 def test_a_bad_config_file_is_one_clear_error(tmp_path, text, message):
     path = tmp_path / "agent.toml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ConfigError, match=message):
         read_config_file(path)
 

@@ -206,8 +206,9 @@ def test_bench_of_a_missing_or_broken_bundle_is_one_line(mosquitto, tmp_path, ke
     assert "benchmarking" not in broken.stderr
 
 
-def test_sending_a_command_without_a_signing_key_is_one_line(mosquitto, make_bundle, tmp_path):
-    result = edgefleet("deploy", make_bundle(), "--device", "pi-1", "--broker", mosquitto,
+@pytest.mark.parametrize("command", ["deploy", "bench"])
+def test_sending_a_command_without_a_signing_key_is_one_line(mosquitto, make_bundle, tmp_path, command):
+    result = edgefleet(command, make_bundle(), "--device", "pi-1", "--broker", mosquitto,
                        "--key", tmp_path / "none.key")
     assert_one_line_error(result, "error:", "no signing key at", "edgefleet keys gen")
 
