@@ -110,7 +110,7 @@ def load_settings(config_file: Path | None, **flags) -> dict:
 @click.option("--inference-interval", type=FiniteRange(0),
               help="Run the active model on its sample input every this many seconds, standing in for an "
                    "application [default: 0, off].")
-@click.option("--threads", type=int, help="Runtime threads [default: the runtime's choice].")
+@click.option("--threads", type=click.IntRange(1, 1024), help="Runtime threads [default: the runtime's choice].")
 @click.option("--onnx-provider", "onnx_providers", multiple=True,
               help="ONNX Runtime execution provider to use, in order; repeatable [default: the best this "
                    "device has: TensorRT, CUDA, then CPU].")
@@ -241,7 +241,7 @@ def rollback(config_file, device_id, state_dir, control_socket, as_json) -> None
               help="Public key the bundle must be signed with; repeatable.")
 @click.option("--runs", default=100, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0, 100_000))
-@click.option("--threads", type=int, help="Runtime threads [default: the runtime's choice].")
+@click.option("--threads", type=click.IntRange(1, 1024), help="Runtime threads [default: the runtime's choice].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @fail_cleanly
 def bench(bundle, trusted, runs, warmup, threads, as_json) -> None:

@@ -8,6 +8,7 @@ from typing import Mapping, Protocol
 import numpy as np
 
 from device_agent.bundle.manifest import TensorSpec
+from device_agent.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,10 @@ class RuntimeOptions:
     threads: int | None = None  # None: the runtime's own choice
     # ONNX Runtime execution providers in order of preference; empty: pick from what the device has.
     onnx_providers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and (type(self.threads) is not int or not 1 <= self.threads <= 1024):
+            raise ConfigError(f"threads must be 1 to 1024 (or unset: the runtime's choice), not {self.threads!r}")
 
 
 class ModelRuntime(Protocol):

@@ -174,6 +174,15 @@ def test_a_time_in_the_config_file_that_is_not_a_sane_number_of_seconds_is_refus
         build_config(read_config_file(path))
 
 
+@pytest.mark.parametrize("threads", ["0", "-1", "4096", "2.5"])
+def test_runtime_threads_outside_1_to_1024_are_refused(installed, tmp_path, threads):
+    path = tmp_path / "agent.toml"
+    text = re.sub("^threads = .*\n", "", (installed / "etc/edgefleet/agent.toml").read_text(), flags=re.M)
+    path.write_text(text.replace("[runtime]\n", f"[runtime]\nthreads = {threads}\n"))
+    with pytest.raises(ConfigError, match="threads must be 1 to 1024"):
+        build_config(read_config_file(path))
+
+
 def test_settings_from_the_host_must_be_finite_and_none_is_saved_otherwise(tmp_path, keys):
     from device_agent.config import AgentConfig, RemoteSettings
 
