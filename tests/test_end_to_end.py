@@ -173,7 +173,16 @@ GARBAGE = [b"", b"\xff\xfe\x00", b"[]", b"{}", b"null", b'"text"', b"[" * 100_00
            b'{"type": "status", "device_id": {"a": 1}, "online": "yes"}',
            b'{"type": "chunk_request", "device_id": "pi-30", "chunks": [-1, 1e9, "a"]}',
            b'{"type": "trust", "command_id": "t", "issued_at": 1, "add": [1], "revoke": null}',
-           b"\x00\x00\x00\x10{\"index\": \"x\"}data"]
+           b"\x00\x00\x00\x10{\"index\": \"x\"}data",
+           b"\x00\x00\x03\xfc" + b"[" * 1020 + b"data",  # a chunk header nested past the JSON parser's limit
+           # Well formed but for NaN, which Python's JSON reads: SQLite would store the status time as
+           # NULL, and the ingest held everything after it, from every device, behind that write
+           b'{"type": "status", "device_id": "pi-30", "online": true, "timestamp": NaN}',
+           b'{"type": "telemetry", "device_id": "pi-30", "seq": 1, "timestamp": NaN, "interval_s": 5, "readings": {}}',
+           b'{"type": "telemetry", "device_id": "pi-30", "seq": 1180591620717411303424, "timestamp": 1, '
+           b'"interval_s": 5, "readings": {}}',  # past SQLite's 64-bit integers
+           b'{"type": "deployment", "device_id": "pi-30", "command_id": "c", "state": "active", "bundle": "x 1", '
+           b'"progress": NaN, "timestamp": Infinity}']
 
 
 def test_garbage_on_every_topic_harms_neither_the_agent_nor_the_ingest(mosquitto, agents, monitor, make_bundle):

@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from device_agent.errors import ProtocolError
-from device_agent.protocol.codec import decode, encode, require
+from device_agent.protocol.codec import decode, encode, finite, require
+
+
+MAX_TIME = 1e11  # Unix time in the year 5138: anything past it is not a time, and datetime cannot show it
+
+
+def _time(doc: dict[str, Any], key: str) -> float:
+    """A Unix time field: 0 to MAX_TIME (a NaN one would fail every comparison the host makes, and
+    SQLite stores it as NULL)."""
+    value = float(require(doc, key, (int, float)))
+    if not 0 <= value < MAX_TIME:
+        raise ProtocolError(f"field {key!r} must be a Unix time")
+    return value
+
+
+def _measured(value: Any) -> Any:
+    """Free-form readings with NaN and Infinity (which Python's JSON reads) made None: not a
+    measurement, so shown as n/a, and what the host stores and serves stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _measured(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_measured(v) for v in value]
+    return value
 
 
 # Deployment states a device reports, in the order a successful deployment passes them.
@@ -37,9 +62,9 @@ class DeploymentEvent:
             raise ProtocolError(f"unknown deployment state {state!r}")
         return cls(device_id=require(doc, "device_id", str), command_id=require(doc, "command_id", str),
                    state=state, bundle=require(doc, "bundle", str),
-                   progress=float(require(doc, "progress", (int, float))),
+                   progress=finite(float(require(doc, "progress", (int, float))), "progress"),
                    reason=require(doc, "reason", str, optional=True),
-                   timestamp=float(require(doc, "timestamp", (int, float))))
+                   timestamp=_time(doc, "timestamp"))
 
 
 @dataclass(frozen=True)
@@ -67,19 +92,18 @@ class DeviceStatus:
     def from_payload(cls, payload: bytes) -> "DeviceStatus":
         doc = decode(payload, "status")
         return cls(device_id=require(doc, "device_id", str), online=require(doc, "online", bool),
-                   timestamp=float(require(doc, "timestamp", (int, float))),
+                   timestamp=_time(doc, "timestamp"),
                    agent_version=require(doc, "agent_version", str, optional=True) or "",
                    active_bundle=require(doc, "active_bundle", str, optional=True),
                    active_sha256=require(doc, "active_sha256", str, optional=True),
                    labels=_labels(require(doc, "labels", dict, optional=True)),
-                   hardware=require(doc, "hardware", dict, optional=True),
+                   hardware=_measured(require(doc, "hardware", dict, optional=True)),
                    id_shared_with=_rivals(require(doc, "id_shared_with", list, optional=True)),
                    certificate=_certificate(require(doc, "certificate", dict, optional=True)))
 
 
 RIVAL_FIELDS = {"host": str, "pid": int, "since": (int, float), "seen": (int, float), "how": str}
 MAX_RIVALS = 8  # other agents a status lists (device_agent.presence keeps no more)
-MAX_TIME = 1e11  # Unix time in the year 5138: anything past it is not a start time, and datetime cannot show it
 
 
 def _rivals(value: list | None) -> list[dict[str, Any]] | None:
@@ -168,11 +192,14 @@ class TelemetrySample:
     def from_dict(cls, doc: Any) -> "TelemetrySample":
         if not isinstance(doc, dict):
             raise ProtocolError("a telemetry sample must be an object")
-        return cls(device_id=require(doc, "device_id", str), seq=require(doc, "seq", int),
-                   timestamp=float(require(doc, "timestamp", (int, float))),
-                   interval_s=float(require(doc, "interval_s", (int, float))),
+        seq = require(doc, "seq", int)
+        if not 0 <= seq < 2**63:  # what SQLite's integers hold
+            raise ProtocolError("field 'seq' must be 0 to 2**63 - 1")
+        return cls(device_id=require(doc, "device_id", str), seq=seq,
+                   timestamp=_time(doc, "timestamp"),
+                   interval_s=finite(float(require(doc, "interval_s", (int, float))), "interval_s"),
                    bundle=require(doc, "bundle", str, optional=True),
-                   readings=require(doc, "readings", dict))
+                   readings=_measured(require(doc, "readings", dict)))
 
 
 MAX_BATCH = 100

@@ -72,6 +72,9 @@ class Ingest:
                 try:
                     self._took(write())
                     return
+                except (sqlite3.IntegrityError, OverflowError) as exc:  # the message, not the database: held,
+                    self._bad(exc)                                      # it would hold up all that follow
+                    return
                 except sqlite3.Error as exc:
                     if not self._said:
                         self._said = True
@@ -86,6 +89,10 @@ class Ingest:
             if self._retrying is None:
                 self._retrying = threading.Thread(target=self._retry, name="ingest-retry", daemon=True)
                 self._retrying.start()
+
+    def _bad(self, exc: Exception) -> None:
+        self.rejected += 1
+        log.warning("dropping a message from a device that the database refuses: %s", exc)
 
     def _took(self, written: int | None) -> None:
         self.samples += written or 0
@@ -105,6 +112,9 @@ class Ingest:
                     write, acknowledge = self._waiting[0]
                     try:
                         written = write()
+                    except (sqlite3.IntegrityError, OverflowError) as exc:
+                        self._bad(exc)
+                        written = None
                     except sqlite3.Error:
                         break
                     self._waiting.popleft()

@@ -230,6 +230,27 @@ def test_a_signed_command_with_nan_or_infinite_times_or_settings_is_refused(comm
                          trusted).settings == {"telemetry_interval": 0.5}
 
 
+def test_reports_with_nan_times_are_refused_and_nan_readings_are_not_measurements():
+    with pytest.raises(ProtocolError, match="'timestamp' must be a Unix time"):
+        DeviceStatus.from_payload(b'{"type": "status", "device_id": "d", "online": true, "timestamp": NaN}')
+    with pytest.raises(ProtocolError, match="'progress' must be a finite number"):
+        DeploymentEvent.from_payload(b'{"type": "deployment", "device_id": "d", "command_id": "c", '
+                                     b'"state": "active", "bundle": "m 1", "progress": NaN, "timestamp": 1}')
+    for stamp in (b"NaN", b"Infinity", b"-1", b"1e300"):
+        with pytest.raises(ProtocolError, match="'timestamp' must be a Unix time"):
+            TelemetrySample.from_payload(b'{"type": "telemetry", "device_id": "d", "seq": 1, "timestamp": ' + stamp
+                                         + b', "interval_s": 5, "readings": {}}')
+    sample = TelemetrySample.from_payload(
+        b'{"type": "telemetry", "device_id": "d", "seq": 1, "timestamp": 1.7e9, "interval_s": 5, "readings": '
+        b'{"inference": {"p50_ms": NaN, "p99_ms": Infinity, "count": 3}, "power": {"rails": [-Infinity, 1.5]}}}')
+    assert sample.readings == {"inference": {"p50_ms": None, "p99_ms": None, "count": 3},
+                               "power": {"rails": [None, 1.5]}}
+    status = DeviceStatus.from_payload(b'{"type": "status", "device_id": "d", "online": true, "timestamp": 1.7e9, '
+                                       b'"hardware": {"ram_mb": NaN, "arch": "aarch64"}}')
+    assert status.hardware == {"ram_mb": None, "arch": "aarch64"}
+    json.loads(sample.to_payload(), parse_constant=pytest.fail)  # what the host stores and serves: strict JSON
+
+
 def test_a_device_whose_clock_runs_far_ahead_is_told_to_check_it(command_keys):
     """Every command looks expired to a device whose clock is months ahead; the refusal says so."""
     import time

@@ -304,3 +304,23 @@ def test_the_client_certificate_each_device_shows_reaches_the_registry_and_metri
                    .split()[0])
     assert abs(ca_due - (now + dt.timedelta(days=5.5)).timestamp()) < 1
     assert 'edgefleet_ca_certificate_expiry_timestamp_seconds{bundle="",device="pi-due"}' not in text  # not said
+
+
+def test_a_message_the_database_refuses_is_dropped_and_does_not_hold_up_the_rest(tmp_path):
+    """A constraint the data breaks (NaN, which SQLite stores as NULL, in a NOT NULL column; an
+    integer past 64 bits) is the message's fault, not the database's: the ingest drops it rather
+    than holding it, and everything after it, until the database "takes writes again"."""
+    import math
+
+    from device_agent.mqtt import BrokerAddress, MqttClient
+    from host_tools.fleet.ingest import Ingest
+
+    store = FleetStore(tmp_path / "fleet.db")
+    client = MqttClient(client_id="unused", broker=BrokerAddress.parse("127.0.0.1:1"), held_acks=True)
+    ingest = Ingest(client, store)
+    ingest._stored(lambda: store.record_status(DeviceStatus("pi-01", True, math.nan), 1.7e9))
+    ingest._stored(lambda: store.record_telemetry_many([sample(2**64)], 1.7e9))
+    ingest._stored(lambda: store.record_status(DeviceStatus("pi-01", True, 1.7e9), 1.7e9))
+    ingest._stored(lambda: store.record_telemetry_many([sample(1)], 1.7e9))
+    assert ingest.rejected == 2 and ingest.unstored == 0 and ingest.samples == 1
+    assert [d.device_id for d in store.devices()] == ["pi-01"] and store.telemetry_count("pi-01") == 1
