@@ -24,6 +24,7 @@ import contextvars
 import dataclasses
 import importlib
 import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -198,9 +199,9 @@ def _convert_one(hint, value):
             raise ValueError
         return int(value)
     if hint is float:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not math.isfinite(number := float(value)):  # (NaN passes every range check)
             raise ValueError
-        return float(value)
+        return number
     if hint is str:
         if isinstance(value, (str, Path)):
             return str(value)

@@ -614,6 +614,9 @@ def test_command_line_steps_are_typed_like_files():
     ("tflite-prune-magnitude", {"sparsity": 1}, "sparsity must be between 0 and 1"),
     ("distill", {"epochs": 0}, "depth and epochs must be 1 or more"),  # it wrote an untrained student
     ("distill", {"temperature": 0}, "temperature and lr must be above 0"),
+    # NaN passes every range check: a student trained on it is all NaN, written when there is no --eval
+    ("distill", {"temperature": "nan"}, "option temperature must be float, not 'nan'"),
+    ("distill", {"lr": float("inf")}, "option lr must be float, not inf"),
     ("distill", {"params": 2}, "params must be above 0 and at most 1"),
     ("distill", {"labels_weight": 1.5}, "labels_weight must be between 0 and 1"),
     ("onnx-int4", {"block_size": 24}, "block_size must be a power of 2 from 16"),
