@@ -41,7 +41,6 @@ Command-line flags and ``EDGEFLEET_*`` environment variables override the file.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field, fields, replace
@@ -57,6 +56,7 @@ else:  # Python 3.10: JetPack 6 on a Jetson
 from device_agent.mqtt import BrokerAddress
 from device_agent.tls import TlsFiles
 from device_agent.protocol import topics
+from device_agent.protocol.codec import is_number
 from device_agent.runtime.base import RuntimeOptions
 from device_agent.store import write_atomically
 
@@ -148,10 +148,6 @@ REMOTE_SETTINGS = ("telemetry_interval", "chunk_window", "download_stall_timeout
 _INTEGER_SETTINGS = {"chunk_window", "download_attempts", "keep_versions", "max_start_attempts"}
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 class RemoteSettings:
     """The settings changed over MQTT, persisted in the state directory, over *config*'s (the
     config file's and flags') values, which a setting returns to when the host clears it."""
@@ -161,7 +157,7 @@ class RemoteSettings:
         self.base = {k: getattr(config, k) for k in REMOTE_SETTINGS}
         try:
             doc = json.loads(self.path.read_text())
-            self.values = {k: v for k, v in doc.items() if k in REMOTE_SETTINGS and _number(v)} \
+            self.values = {k: v for k, v in doc.items() if k in REMOTE_SETTINGS and is_number(v)} \
                 if isinstance(doc, dict) else {}
         except (OSError, ValueError):  # none, or damaged: the config file's values hold until the host sets them
             self.values = {}
@@ -175,7 +171,7 @@ class RemoteSettings:
                 raise ConfigError(f"{key!r} cannot be set remotely; these can: {', '.join(REMOTE_SETTINGS)}")
             if value is None:
                 values.pop(key, None)
-            elif not _number(value):
+            elif not is_number(value):
                 raise ConfigError(f"{key} must be a finite number")
             elif key in _INTEGER_SETTINGS:
                 if value != int(value):

@@ -8,12 +8,12 @@ bytes a device verifies.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from device_agent.errors import ManifestError
+from device_agent.protocol.codec import is_number
 
 FORMAT_VERSION = 1
 RUNTIMES = ("onnxruntime", "tflite")
@@ -134,11 +134,6 @@ def _require(condition: bool, message: str) -> None:
         raise ManifestError(message)
 
 
-def _finite(x: Any) -> bool:
-    """A number, and not NaN or Infinity (which Python's JSON reads, and NaN passes every comparison)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _validate(m: Manifest) -> None:
     _require(isinstance(m.name, str) and bool(_NAME.match(m.name)),
              f"model name {m.name!r} must be 1-64 lower-case letters, digits, '.', '_' or '-'")
@@ -164,16 +159,16 @@ def _validate(m: Manifest) -> None:
             _require(spec.dtype in DTYPES, f"{kind} {spec.name!r} has unsupported dtype {spec.dtype!r}")
             _require(all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in spec.shape),
                      f"{kind} {spec.name!r} has an invalid shape")
-    _require(all(_finite(x) and x >= 0 for x in (m.sample.atol, m.sample.rtol)),
+    _require(all(is_number(x) and x >= 0 for x in (m.sample.atol, m.sample.rtol)),
              "sample tolerances must be non-negative numbers")
     budget = m.sample.latency_budget_ms
-    _require(budget is None or (_finite(budget) and budget > 0),
+    _require(budget is None or (is_number(budget) and budget > 0),
              "the latency budget must be a positive number of milliseconds")
     _require(isinstance(m.compression, dict) and isinstance(m.metrics, dict),
              "compression and metrics must be objects")
     _require(m.release is None or (isinstance(m.release, int) and not isinstance(m.release, bool) and m.release >= 0),
              "release must be a non-negative integer")
-    _require(m.expires_at is None or _finite(m.expires_at), "expires_at must be a Unix time")  # (NaN: never)
+    _require(m.expires_at is None or is_number(m.expires_at), "expires_at must be a Unix time")  # (NaN: never)
     validate_target(m.target)
 
 

@@ -32,6 +32,12 @@ def decode(payload: bytes, expected_type: str) -> dict[str, Any]:
     return doc
 
 
+def is_number(value: Any) -> bool:
+    """A JSON number that is a number: not a bool, and not NaN or Infinity (which Python's JSON
+    reads, and NaN passes every comparison, so any range check on it would pass)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def finite(value: float, key: str) -> float:
     """*value*, a number JSON carried, unless Python's decoder let NaN or Infinity through (a
     time or a setting of NaN compares false with everything, so every check on it would pass)."""

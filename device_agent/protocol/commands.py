@@ -3,14 +3,13 @@ small frozen class with one encoding, and the Reply a device answers some of the
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from device_agent.errors import ProtocolError
 from device_agent.protocol.chunks import BundleOffer
-from device_agent.protocol.codec import decode, decode_object, encode, finite, require
+from device_agent.protocol.codec import decode, decode_object, encode, finite, is_number, require
 from device_agent.protocol.reports import KEY_ID
 
 
@@ -148,9 +147,7 @@ class ConfigCommand:
         doc = decode(payload, "config")
         settings = require(doc, "settings", dict)
         if len(settings) > 32 or not all(
-                isinstance(k, str) and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                      and math.isfinite(v)))
-                for k, v in settings.items()):
+                isinstance(k, str) and (v is None or is_number(v)) for k, v in settings.items()):
             raise ProtocolError("settings must map up to 32 names to finite numbers (or null)")
         return cls(**_header(doc),
                    settings=settings)

@@ -11,7 +11,6 @@ what de-duplication keys on, so a replay is dropped as already done.
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Any, Mapping
 
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from device_agent.bundle.signing import Signature, sign, verify
 from device_agent.errors import ProtocolError, SignatureError
+from device_agent.protocol.codec import is_number
 
 DEFAULT_EXPIRY = 24 * 3600.0  # long enough for a device that is offline for a day
 MAX_EXPIRY = 30 * 86400.0  # the longest the host tools sign a command for (--expires-in)
@@ -54,7 +54,7 @@ def verify_command(doc: dict[str, Any], keys: Mapping[str, Ed25519PublicKey], *,
     body = {k: v for k, v in doc.items() if k != "signature"}
     key = verify(_canonical(body), signature, keys, what="the command")
     expires_at = body.get("expires_at")
-    if not isinstance(expires_at, (int, float)) or isinstance(expires_at, bool) or not math.isfinite(expires_at):
+    if not is_number(expires_at):
         raise ProtocolError("signed command has no expiry")  # (NaN would never expire)
     current = time.time() if now is None else now
     if current > expires_at:
