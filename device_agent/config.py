@@ -136,9 +136,9 @@ class AgentConfig:
 
 
 # Settings in seconds, each 0 to MAX_SECONDS (a day: longer waits say nothing useful and overflow
-# the clock's timeouts at the far end).
-_SECONDS = ("reconnect_max_delay", "telemetry_interval", "inference_interval", "download_stall_timeout",
-            "download_backoff", "trial_seconds")
+# the clock's timeouts at the far end); reconnect_max_delay has tighter bounds of its own.
+_SECONDS = ("telemetry_interval", "inference_interval", "download_stall_timeout", "download_backoff",
+            "trial_seconds")
 MAX_SECONDS = 86400.0
 
 # Settings the host may change on a running device with a signed `config` command; they take

@@ -38,9 +38,9 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def finite(value: float, key: str) -> float:
-    """*value*, a number JSON carried, unless Python's decoder let NaN or Infinity through (a
-    time or a setting of NaN compares false with everything, so every check on it would pass)."""
+def require_finite(doc: dict[str, Any], key: str) -> float:
+    """Field *key* as a float, refused if it is not a number or is NaN or Infinity (see is_number)."""
+    value = float(require(doc, key, (int, float)))
     if not math.isfinite(value):
         raise ProtocolError(f"field {key!r} must be a finite number")
     return value

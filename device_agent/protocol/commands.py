@@ -9,14 +9,13 @@ from typing import Any
 
 from device_agent.errors import ProtocolError
 from device_agent.protocol.chunks import BundleOffer
-from device_agent.protocol.codec import decode, decode_object, encode, finite, is_number, require
+from device_agent.protocol.codec import decode, decode_object, encode, is_number, require, require_finite
 from device_agent.protocol.reports import KEY_ID
 
 
 def _header(doc: dict) -> dict[str, Any]:
     """What every command carries: its id and when it was issued."""
-    return {"command_id": require(doc, "command_id", str),
-            "issued_at": finite(float(require(doc, "issued_at", (int, float))), "issued_at")}
+    return {"command_id": require(doc, "command_id", str), "issued_at": require_finite(doc, "issued_at")}
 
 
 @dataclass(frozen=True)

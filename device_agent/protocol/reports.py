@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from device_agent.errors import ProtocolError
-from device_agent.protocol.codec import decode, encode, finite, require
+from device_agent.protocol.codec import decode, encode, require, require_finite
 
 
 MAX_TIME = 1e11  # Unix time in the year 5138: anything past it is not a time, and datetime cannot show it
@@ -62,7 +62,7 @@ class DeploymentEvent:
             raise ProtocolError(f"unknown deployment state {state!r}")
         return cls(device_id=require(doc, "device_id", str), command_id=require(doc, "command_id", str),
                    state=state, bundle=require(doc, "bundle", str),
-                   progress=finite(float(require(doc, "progress", (int, float))), "progress"),
+                   progress=require_finite(doc, "progress"),
                    reason=require(doc, "reason", str, optional=True),
                    timestamp=_time(doc, "timestamp"))
 
@@ -197,7 +197,7 @@ class TelemetrySample:
             raise ProtocolError("field 'seq' must be 0 to 2**63 - 1")
         return cls(device_id=require(doc, "device_id", str), seq=seq,
                    timestamp=_time(doc, "timestamp"),
-                   interval_s=finite(float(require(doc, "interval_s", (int, float))), "interval_s"),
+                   interval_s=require_finite(doc, "interval_s"),
                    bundle=require(doc, "bundle", str, optional=True),
                    readings=_measured(require(doc, "readings", dict)))
 

@@ -73,11 +73,12 @@ def device_config(device_id, assignments, resets, broker, timeout, signing_key, 
     for item in assignments:
         name, _, value = item.partition("=")
         try:
-            settings[name.strip() or "?"] = number = float(value)
+            number = float(value)
         except ValueError:
             number = math.nan
         if not math.isfinite(number):
             raise click.UsageError(f"--set takes NAME=NUMBER, not {item!r}")
+        settings[name.strip() or "?"] = number
     try:  # (only showing them is a question: an offline device is said to be at once)
         body = signed_request(broker, "config", signing_key, expires_in, f"{device_id} refused",
                               lambda client, signer: ask(client, device_id,

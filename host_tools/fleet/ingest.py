@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 RETRY_INTERVAL = 2.0  # seconds between tries to store what waits, while the database takes no writes
 MAX_HELD = 1000  # messages kept waiting in memory; a broker sends no more than its in-flight limit (20)
+# A write that fails for the data it carries (NaN stored as NULL in a NOT NULL column, an integer past
+# 64 bits), not for the database: no retry would store it.
+REFUSED_DATA = (sqlite3.IntegrityError, OverflowError)
 
 
 class Ingest:
@@ -72,8 +75,8 @@ class Ingest:
                 try:
                     self._took(write())
                     return
-                except (sqlite3.IntegrityError, OverflowError) as exc:  # the message, not the database: held,
-                    self._bad(exc)                                      # it would hold up all that follow
+                except REFUSED_DATA as exc:  # the message, not the database: held, it would hold up all after it
+                    self._bad(exc)
                     return
                 except sqlite3.Error as exc:
                     if not self._said:
@@ -112,7 +115,7 @@ class Ingest:
                     write, acknowledge = self._waiting[0]
                     try:
                         written = write()
-                    except (sqlite3.IntegrityError, OverflowError) as exc:
+                    except REFUSED_DATA as exc:
                         self._bad(exc)
                         written = None
                     except sqlite3.Error:
