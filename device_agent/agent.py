@@ -10,7 +10,7 @@ import random
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, Callable
 
 from device_agent import __version__
@@ -248,7 +248,8 @@ class Agent:
                               active_bundle=bundle.label if bundle else None,
                               active_sha256=bundle.sha256 if bundle else None,
                               id_shared_with=[{k: r[k] for k in RIVAL_FIELDS} for r in self.presence.rivals] or None,
-                              certificate=self.certificate.describe() if online else None)
+                              certificate=self.certificate.describe() if online else None,
+                              last_update=self.machine.last_outcome)
         self.client.publish(topics.status(self.config.device_id), status.to_payload(), qos=1, retain=True,
                             wait=5.0 if not online else None)
 
@@ -301,6 +302,7 @@ class Agent:
                 "update": None if record.state == "idle" else {"command_id": record.command_id,
                                                                "bundle": record.label, "kind": record.kind,
                                                                "attempts": record.attempts},
+                "last_update": asdict(outcome) if (outcome := self.machine.last_outcome) else None,
                 "connected": self.client.connected, "broker_problem": self.client.problem,
                 "pid": os.getpid(), "keys": self.keys.describe(), "certificate": self.certificate.describe(),
                 "disk": room(self.store.root),

@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -167,8 +168,11 @@ def _control_client(config_file, device_id, state_dir, control_socket):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @fail_cleanly
 def status(config_file, device_id, state_dir, control_socket, as_json) -> None:
+    from dataclasses import asdict
+
     from device_agent.store import BundleStore
     from device_agent.telemetry.disk import room, room_text
+    from device_agent.update.record import UpdateJournal
 
     client, settings = _control_client(config_file, device_id, state_dir, control_socket)
     try:
@@ -179,11 +183,11 @@ def status(config_file, device_id, state_dir, control_socket, as_json) -> None:
         if not settings.get("state_dir") or not Path(settings["state_dir"]).is_dir():
             raise ConfigError("the agent is not running and no state directory was found") from None
         store = BundleStore(Path(settings["state_dir"]))  # not running: read what is on disk
-        active = store.active()
+        active, last = store.active(), UpdateJournal(store.root).load_outcome()
         doc = {"running": False, "active_bundle": active.label if active else None,
                "sha256": active.sha256 if active else None,
                "committed": [b.label for b in map(store.by_name, store.committed()) if b is not None],
-               "disk": room(store.root)}
+               "disk": room(store.root), "last_update": asdict(last) if last else None}
     if as_json:
         click.echo(json.dumps(doc))
         return
@@ -211,6 +215,11 @@ def status(config_file, device_id, state_dir, control_socket, as_json) -> None:
         from device_agent.client_cert import certificate_text
 
         click.echo(f"certificate:   {certificate_text(doc['certificate'])}")
+    if doc.get("last_update"):
+        last = doc["last_update"]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["timestamp"]))
+        click.echo(f"last update:   {last['state']} {last['bundle'] or ''}".rstrip()
+                   + (f": {last['reason']}" if last["reason"] else "") + f" ({when}, command {last['command_id']})")
     if doc.get("update"):
         u = doc["update"]
         click.echo(f"update:        {u['kind']} {u['bundle']} in state {doc['update_state']}")

@@ -67,7 +67,9 @@ class EventTracker:
     def __init__(self, client: MqttClient, devices: Iterable[str], signer: Callable[[bytes], bytes],
                  on_update: Callable[[DeviceProgress], None] | None = None, *,
                  watch_connectivity: bool = False) -> None:
-        """With *watch_connectivity*, a device that has not answered yet and is offline, or has never
+        """The devices' retained statuses are followed too: one that carries this command's outcome
+        (its last update) ends the wait for that device though its event never arrived. With
+        *watch_connectivity*, a device that has not answered yet and is offline, or has never
         connected to this broker, is said to be (in its progress's reason) while the command waits."""
         self._client = client
         self._signer = signer
@@ -79,15 +81,15 @@ class EventTracker:
         self._lock = threading.Condition()
         self.command_id = uuid.uuid4().hex
         self.progress = {d: DeviceProgress(d) for d in self.devices}
-        self.connectivity = Connectivity(client, self.devices, self._on_connectivity) if watch_connectivity else None
+        self._notes = watch_connectivity
+        self.connectivity = Connectivity(client, self.devices, self._on_status)
 
     def send(self, payload: bytes) -> None:
         """Subscribe to the devices' events, then send them *payload* (a command with our id), signed."""
         payload = self._signer(payload)
         for device in self.devices:
             self._client.subscribe(topics.events(device), self._on_event, qos=1)
-        if self.connectivity is not None:
-            self.connectivity.watch()
+        self.connectivity.watch()
         for device in self.devices:
             self._client.publish(topics.command(device), payload, qos=1)
 
@@ -111,23 +113,28 @@ class EventTracker:
     def _unreachable(self, device: str) -> bool:
         """No word from *device* and no status of it at the broker (one that does answer, on a broker
         that keeps no status, is followed to the end)."""
-        return (self.progress[device].state == "pending" and self.connectivity is not None
+        return (self.progress[device].state == "pending" and self._notes
                 and self.connectivity.note(device) == NEVER_SEEN)
 
     def close(self) -> None:
-        if self.connectivity is not None:
-            self.connectivity.close()
+        self.connectivity.close()
 
     def _timed_out(self, device: str, timeout: float) -> str:
         last = self.progress[device].state
         if last != "pending":  # it did answer: where it got to
             return f"no outcome within {timeout:g}s (the last it said: {last})"
-        note = self.connectivity.note(device) if self.connectivity is not None else None
+        note = self.connectivity.note(device) if self._notes else None
         if note is not None:
             return f"no outcome within {timeout:g}s: {note}"
-        return f"no outcome within {timeout:g}s" + (" (device offline?)" if self.connectivity is None else "")
+        return f"no outcome within {timeout:g}s" + ("" if self._notes else " (device offline?)")
 
-    def _on_connectivity(self, device: str) -> None:
+    def _on_status(self, device: str) -> None:
+        status = self.connectivity.last_status(device)
+        if status is not None and status.last_update is not None and status.last_update.command_id == self.command_id:
+            self._progressed(status.last_update, " (from its status: its event did not arrive)")
+            return
+        if not self._notes:
+            return
         with self._lock:
             if self.progress[device].state != "pending":
                 return
@@ -144,11 +151,15 @@ class EventTracker:
             return
         if event.command_id != self.command_id or event.device_id not in self.progress:
             return
+        self._progressed(event)
+
+    def _progressed(self, event: DeploymentEvent, how: str = "") -> None:
         with self._lock:
             if self.progress[event.device_id].done:
                 return
             if event.state != self.progress[event.device_id].state:  # (not every percent of a download)
-                log.info("%s: %s%s", event.device_id, event.state, f" ({event.reason})" if event.reason else "")
+                log.info("%s: %s%s%s", event.device_id, event.state, f" ({event.reason})" if event.reason else "",
+                         how)
             update = DeviceProgress(event.device_id, event.state, event.progress, event.reason)
             self.progress[event.device_id] = update
             self._lock.notify_all()

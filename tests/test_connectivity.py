@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,8 +18,8 @@ from device_agent.protocol import topics
 from device_agent.protocol.reports import DeviceStatus
 from host_tools.connectivity import NEVER_SEEN, SHORT_NEVER_SEEN, Connectivity
 from host_tools.deploy import DeviceProgress, EventTracker
-from tests.conftest import announced, edgefleet, wait_until
-from tests.test_agent_lifecycle import status
+from tests.conftest import Mosquitto, announced, edgefleet, wait_until
+from tests.test_agent_lifecycle import host_command, status
 
 
 @pytest.fixture
@@ -210,3 +212,40 @@ def test_a_device_that_answers_is_followed_though_the_broker_holds_no_status_of_
     tracker.close()
     assert (outcome.state, outcome.progress) == ("timed_out", 0.5)
     assert outcome.reason == "no outcome within 3s (the last it said: downloading)"
+
+
+def test_a_deploy_learns_the_outcome_a_device_reached_while_the_broker_was_down(tmp_path, agents, make_bundle):
+    """Found by a chaos run (connections cut and stalled, broker restarts, agents killed): a device
+    that finished its update while the broker was down sent its final event on reconnecting, before
+    the host had reconnected and subscribed again, and the deploy said it timed out though the
+    device ran the new bundle. Its retained status carries the outcome now, across restarts too."""
+    broker = Mosquitto(tmp_path)  # its own: this test restarts it
+    broker.start()
+    try:
+        # The agent is back within a second of the broker, the host (backing off 1, 2, 4 s) later.
+        agent = agents.start("pi-lost", broker=broker.address,
+                             extra_args=("--trial-seconds", "4", "--reconnect-max-delay", "1"))
+        assert agent.wait_for_api() and agent.wait_for_broker()
+        deploy = host_command("-v", "deploy", make_bundle(), "--device", "pi-lost", "--broker", broker.address,
+                              "--timeout", "60")
+        for line in deploy.stderr:
+            if "pi-lost: activating" in line:
+                break
+        broker.stop()  # no persistence: the broker forgets everything
+        assert wait_until(lambda: status(agent)["update_state"] == "idle", 30)  # its trial ended with no broker
+        broker.start()
+        out, err = deploy.communicate(timeout=90)
+        assert deploy.returncode == 0, err
+        assert json.loads(out)["pi-lost"]["state"] == "active"
+        assert "pi-lost: active (from its status: its event did not arrive)" in err
+
+        agent.kill()
+        agent.start()
+        assert agent.wait_for_api()
+        shown = subprocess.run([sys.executable, "-m", "device_agent", "status", "--control-socket",
+                                agent.control_socket], capture_output=True, text=True, timeout=60)
+        when = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+        assert re.search(rf"last update: +active digits-cnn 1.0.0 \({when}, command [0-9a-f]{{32}}\)", shown.stdout), \
+            shown.stdout + shown.stderr
+    finally:
+        broker.stop()

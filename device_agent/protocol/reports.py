@@ -56,7 +56,10 @@ class DeploymentEvent:
 
     @classmethod
     def from_payload(cls, payload: bytes) -> "DeploymentEvent":
-        doc = decode(payload, "deployment")
+        return cls.from_dict(decode(payload, "deployment"))
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "DeploymentEvent":
         state = require(doc, "state", str)
         if state not in DEPLOY_STATES + DEPLOY_FINAL:
             raise ProtocolError(f"unknown deployment state {state!r}")
@@ -84,6 +87,9 @@ class DeviceStatus:
     # The client certificate it shows the broker (device_agent.client_cert): serial, expires, source,
     # ca_expires, ca_keys.
     certificate: dict[str, str] | None = None
+    # The outcome of the last update (deploy or rollback) it carried out, as its final event said it:
+    # the event itself can be lost (sent while the host was away), the retained status is not.
+    last_update: DeploymentEvent | None = None
 
     def to_payload(self) -> bytes:
         return encode("status", asdict(self))
@@ -99,7 +105,17 @@ class DeviceStatus:
                    labels=_labels(require(doc, "labels", dict, optional=True)),
                    hardware=_measured(require(doc, "hardware", dict, optional=True)),
                    id_shared_with=_rivals(require(doc, "id_shared_with", list, optional=True)),
-                   certificate=_certificate(require(doc, "certificate", dict, optional=True)))
+                   certificate=_certificate(require(doc, "certificate", dict, optional=True)),
+                   last_update=_last_update(require(doc, "last_update", dict, optional=True), doc["device_id"]))
+
+
+def _last_update(value: dict | None, device_id: str) -> DeploymentEvent | None:
+    if value is None:
+        return None
+    event = DeploymentEvent.from_dict(value)
+    if event.state not in DEPLOY_FINAL or event.device_id != device_id:
+        raise ProtocolError("last_update must be a final deployment event of the device itself")
+    return event
 
 
 RIVAL_FIELDS = {"host": str, "pid": int, "since": (int, float), "seen": (int, float), "how": str}

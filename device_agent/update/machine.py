@@ -7,7 +7,7 @@ from dataclasses import asdict, replace
 
 from device_agent.errors import StorageError
 from device_agent.protocol.commands import DeployCommand
-from device_agent.protocol.reports import DeploymentEvent
+from device_agent.protocol.reports import DEPLOY_FINAL, DeploymentEvent
 from device_agent.update import faults
 from device_agent.update.record import IDLE, CorruptRecord, UpdateJournal, UpdateRecord
 from device_agent.update.states import (
@@ -22,6 +22,10 @@ class UpdateMachine:
         self.ctx = ctx
         self.journal = UpdateJournal(ctx.config.state_dir)
         self.record = IDLE
+        # The final event of the last update, kept on disk: the agent's retained status carries it,
+        # so a host that missed the event itself (it was sent while the host or the broker was
+        # away, or the agent stopped before it went out) still learns what became of its command.
+        self.last_outcome = self.journal.load_outcome()
 
     # -- start-up ---------------------------------------------------------------------
     def plan_recovery(self) -> UpdateRecord:
@@ -73,7 +77,7 @@ class UpdateMachine:
                               allow_downgrade=command.allow_downgrade)
         active = self.ctx.slot.bundle
         if active is not None and active.sha256 == offer.sha256:
-            return self.ctx.event(record, "already_installed", 1.0)
+            return self._finished(self.ctx.event(record, "already_installed", 1.0))
         record = replace(record, previous=active.directory.name if active is not None else None)
         self.ctx.event(record, "accepted")
         return self._run(record.entering(TRANSITIONS[("idle", "deploy")]))
@@ -96,7 +100,7 @@ class UpdateMachine:
             try:
                 self._save(record)
             except StorageError as exc:
-                return self.ctx.event(record, "failed", reason=f"not started: {exc}")
+                return self._finished(self.ctx.event(record, "failed", reason=f"not started: {exc}"))
         saved = new
         while record.state != "idle":
             if not saved:
@@ -115,8 +119,19 @@ class UpdateMachine:
                 event = FAIL
             following = TRANSITIONS[(record.state, event)]
             record = IDLE if following == "idle" else record.entering(following)
+        self._finished(self.ctx.last_event)  # before idle is saved: a crash in between ends the update again
         self._save_or_go_on(IDLE)
         return self.ctx.last_event
+
+    def _finished(self, event: DeploymentEvent | None) -> DeploymentEvent | None:
+        """Keep *event* as the last outcome if it is a command's final event."""
+        if event is not None and event.command_id and event.state in DEPLOY_FINAL:
+            self.last_outcome = event
+            try:
+                self.journal.save_outcome(event)
+            except StorageError as exc:
+                log.warning("%s; a restart would forget it", exc)
+        return event
 
     def _save(self, record: UpdateRecord) -> None:
         self.journal.save(record)

@@ -1,6 +1,7 @@
 """The update record: what the update machine is doing, saved durably before every side effect.
 
-``update.json`` in the state directory holds one record. It is replaced
+``update.json`` in the state directory holds one record, and ``last_update.json`` the final
+event of the last update (see UpdateMachine.last_outcome). It is replaced
 atomically (write, fsync, rename, fsync the directory), so after a power cut or
 SIGKILL the agent finds either the previous record or the new one, never half
 of one. A record that cannot be read is reported as corrupt, and recovery
@@ -14,7 +15,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from device_agent.errors import StorageError
+from device_agent.errors import ProtocolError, StorageError
+from device_agent.protocol.reports import DEPLOY_FINAL, DeploymentEvent
 from device_agent.store import write_atomically
 
 
@@ -49,6 +51,7 @@ class CorruptRecord(Exception):
 class UpdateJournal:
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / "update.json"
+        self.outcome_path = Path(state_dir) / "last_update.json"  # the last update's final event
 
     def load(self) -> UpdateRecord:
         """The saved record; IDLE when there is none. Raises CorruptRecord when it is unreadable."""
@@ -75,6 +78,22 @@ class UpdateJournal:
             write_atomically(self.path, record.to_json())
         except OSError as exc:
             raise StorageError(f"cannot record the update's state on the device's disk: "
+                               f"{exc.strerror or exc}") from None
+
+    def load_outcome(self) -> DeploymentEvent | None:
+        """The final event of the last update, as saved; None when there is none (or it is unreadable:
+        it only tells the host, and is written again by the next update)."""
+        try:
+            event = DeploymentEvent.from_payload(self.outcome_path.read_bytes())
+        except (OSError, ProtocolError):
+            return None
+        return event if event.state in DEPLOY_FINAL else None
+
+    def save_outcome(self, event: DeploymentEvent) -> None:
+        try:
+            write_atomically(self.outcome_path, event.to_payload())
+        except OSError as exc:
+            raise StorageError(f"cannot record the update's outcome on the device's disk: "
                                f"{exc.strerror or exc}") from None
 
     def saved_state(self) -> str:

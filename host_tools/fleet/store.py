@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.errors import ConfigError
-from device_agent.protocol.reports import DeploymentEvent, DeviceStatus, TelemetrySample
+from device_agent.protocol.reports import DEPLOY_FINAL, DeploymentEvent, DeviceStatus, TelemetrySample
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -63,7 +63,13 @@ CREATE TABLE IF NOT EXISTS events (
     reason     TEXT,
     timestamp  REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS events_by_command ON events (device_id, command_id);
 """
+
+# An update's outcome is stored once: it comes as the device's final event, and again in every
+# status the device sends after it (last_update), which is how it arrives when the event was lost.
+_OUTCOME = ("INSERT INTO events SELECT ?,?,?,?,?,?,? WHERE NOT EXISTS "
+            "(SELECT 1 FROM events WHERE device_id=? AND command_id=? AND state=?)")
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,9 @@ class FleetStore:
             self._db.executescript(script)
 
     def record_status(self, status: DeviceStatus, received_at: float) -> None:
-        with self._lock:
+        with self._transaction():
+            if status.last_update is not None:
+                self._record_event(status.last_update)
             self._db.execute(
                 "INSERT INTO devices (device_id, online, status_at, agent_version, active_bundle, active_sha256, "
                 "last_seen, labels, hardware, id_shared_with, certificate) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
@@ -193,9 +201,15 @@ class FleetStore:
 
     def record_event(self, event: DeploymentEvent) -> None:
         with self._lock:
-            self._db.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?)",
-                             (event.device_id, event.command_id, event.state, event.bundle, event.progress,
-                              event.reason, event.timestamp))
+            self._record_event(event)
+
+    def _record_event(self, event: DeploymentEvent) -> None:
+        row = (event.device_id, event.command_id, event.state, event.bundle, event.progress, event.reason,
+               event.timestamp)
+        if event.state in DEPLOY_FINAL:
+            self._db.execute(_OUTCOME, row + (event.device_id, event.command_id, event.state))
+        else:
+            self._db.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?)", row)
 
     def devices(self) -> list[DeviceRow]:
         with self._lock:
@@ -287,8 +301,6 @@ class FleetStore:
     def in_flight(self) -> dict[str, dict]:
         """{device: its update under way} from each device's newest deployment event, for devices
         whose newest event is not an outcome (accepted, downloading, verifying, ...)."""
-        from device_agent.protocol.reports import DEPLOY_FINAL
-
         with self._lock:
             rows = self._db.execute("SELECT device_id, state, bundle, progress, timestamp, MAX(rowid) FROM events "
                                     "GROUP BY device_id").fetchall()

@@ -1,9 +1,12 @@
 """`edgefleet-agent bench|status|rollback` on their own, as a user on a device types them."""
 
 import json
+import re
 import subprocess
 import sys
+from dataclasses import asdict
 
+from device_agent.protocol.reports import DeploymentEvent
 from tests.conftest import MODELS
 
 
@@ -41,8 +44,14 @@ def test_status_of_a_stopped_agent_reads_the_state_directory(tmp_path):
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     disk = doc.pop("disk")
-    assert doc == {"running": False, "active_bundle": None, "sha256": None, "committed": []}
+    assert doc == {"running": False, "active_bundle": None, "sha256": None, "committed": [], "last_update": None}
     assert 0 < disk["free_bytes"] <= disk["total_bytes"]
+    outcome = DeploymentEvent("pi-01", "c1", "failed", "digits-cnn 2.0.0", 0.0, "refused: expired", 1.7e9)
+    (tmp_path / "state" / "last_update.json").write_bytes(outcome.to_payload())  # as the agent left it
+    assert json.loads(agent_cli("status", "--state-dir", tmp_path / "state", "--json").stdout)["last_update"] == \
+        asdict(outcome)
+    shown = agent_cli("status", "--state-dir", tmp_path / "state").stdout
+    assert re.search(r"last update: +failed digits-cnn 2.0.0: refused: expired \(2023-11-1\d .*, command c1\)", shown)
 
 
 def test_rollback_without_a_running_agent_is_one_line(tmp_path):

@@ -35,6 +35,8 @@ MESSAGES = [
     DeviceStatus("pi-01", True, 3.0, "0.1.0", "digits-cnn 1.0.0", "ab" * 32),
     DeviceStatus("pi-01", True, 3.0, id_shared_with=[{"host": "pi-clone", "pid": 812, "since": 1.5, "seen": 2.5,
                                                       "how": "asked"}]),
+    DeviceStatus("pi-01", True, 3.0, active_bundle="digits-cnn 1.0.0",
+                 last_update=DeploymentEvent("pi-01", "c1", "active", "digits-cnn 1.0.0", 1.0, None, 2.0)),
     TelemetrySample("pi-01", 7, 4.0, 1.0, "digits-cnn 1.0.0", {"inference": {"p50_ms": 0.4}}),
     TelemetryBatch("pi-01", (TelemetrySample("pi-01", 8, 5.0, 1.0, None, {}),
                              TelemetrySample("pi-01", 9, 6.0, 1.0, None, {"power": {"total_watts": 5.0}}))),
@@ -89,7 +91,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 @given(body=st.dictionaries(st.sampled_from(["command_id", "bundle", "device_id", "chunks", "state", "seq",
                                              "online", "timestamp", "readings", "progress", "issued_at",
                                              "runs", "warmup", "kind", "ok", "body", "session", "seen",
-                                             "id_shared_with"]),
+                                             "id_shared_with", "last_update"]),
                             json_values))
 def test_wrongly_typed_json_is_a_protocol_error(cls, kind, body):
     import json
@@ -108,6 +110,20 @@ def test_a_status_naming_other_agents_with_the_id_is_checked(shared):
     with pytest.raises(ProtocolError):
         DeviceStatus.from_payload(json.dumps({"type": "status", "device_id": "pi-01", "online": True,
                                               "timestamp": 1.0, "id_shared_with": shared}).encode())
+
+
+@pytest.mark.parametrize("last_update", [
+    {"device_id": "pi-01", "command_id": "c1", "state": "downloading", "bundle": "m 1", "progress": 0.5,
+     "timestamp": 2.0},  # not an outcome
+    {"device_id": "pi-02", "command_id": "c1", "state": "active", "bundle": "m 1", "progress": 1.0,
+     "timestamp": 2.0},  # another device's
+    {"device_id": "pi-01", "command_id": 7, "state": "active", "bundle": "m 1", "progress": 1.0, "timestamp": 2.0},
+    {"device_id": "pi-01", "command_id": "c1", "state": "active", "bundle": "m 1", "progress": 1.0},
+    "active", [1]])
+def test_the_last_update_a_status_carries_is_a_final_event_of_that_device(last_update):
+    with pytest.raises(ProtocolError):
+        DeviceStatus.from_payload(json.dumps({"type": "status", "device_id": "pi-01", "online": True,
+                                              "timestamp": 1.0, "last_update": last_update}).encode())
 
 
 GOOD_CERT = {"serial": "1f" * 20, "expires": "2029-03-09T08:33:20+00:00", "source": "renewed"}

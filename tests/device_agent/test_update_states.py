@@ -74,7 +74,9 @@ def _machine(tmp_path):
     from device_agent.update.machine import UpdateMachine
     from device_agent.update.states import UpdateContext
 
-    _, pub = generate_key_pair(tmp_path, "k")
+    pub = tmp_path / "k.pub"  # (a second machine on the same state directory, as after a restart, shares it)
+    if not pub.exists():
+        _, pub = generate_key_pair(tmp_path, "k")
     config = AgentConfig(device_id="dev", state_dir=tmp_path / "state", trusted_keys=(pub,))
     events = []
     ctx = UpdateContext(config, MqttClient(client_id="unused", broker=BrokerAddress()), ChunkRouter(),
@@ -120,6 +122,18 @@ def test_an_update_whose_first_state_cannot_be_saved_does_not_start(tmp_path, mo
         "not started: cannot record the update's state on the device's disk: Is a directory")
     assert [e.state for e in events] == ["accepted", "failed"] and not entered
     assert machine.record.state == "idle" and machine.journal.load().state == "idle"
+
+
+def test_the_outcome_of_the_last_update_is_kept_across_a_restart(tmp_path, monkeypatch):
+    machine, _ = _machine(tmp_path)
+    assert machine.last_outcome is None
+    monkeypatch.setattr(type(STATES["downloading"]), "enter", lambda self, ctx, record: (FAIL, record))
+    event = _deploy(machine)
+    assert event.state == "failed" and machine.last_outcome == event
+    again, _ = _machine(tmp_path)  # the agent started again on the same state directory
+    assert again.last_outcome == event and again.plan_recovery().state == "idle"
+    (tmp_path / "state" / "last_update.json").write_text("{half")
+    assert _machine(tmp_path)[0].last_outcome is None  # unreadable: not known, the agent still starts
 
 
 def test_an_update_whose_later_states_cannot_be_saved_goes_on_and_ends_idle(tmp_path, monkeypatch):

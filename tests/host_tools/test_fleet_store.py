@@ -32,6 +32,19 @@ def test_offline_will_keeps_the_last_known_bundle_and_missing_readings_stay_miss
     assert s["process_rss_bytes"] == 5
 
 
+def test_an_update_whose_final_event_was_lost_ends_with_the_status_that_carries_it_and_is_stored_once(tmp_path):
+    store = FleetStore(tmp_path / "fleet.db")
+    store.record_event(DeploymentEvent("pi-01", "c1", "activating", "m 2.0.0", 0.9, None, 10.0))
+    assert store.in_flight()["pi-01"]["state"] == "activating"  # the "active" event never came
+    active = DeploymentEvent("pi-01", "c1", "active", "m 2.0.0", 1.0, None, 11.0)
+    status = DeviceStatus("pi-01", True, 12.0, "0.1.0", "m 2.0.0", "cd" * 32, last_update=active)
+    store.record_status(status, 12.0)
+    assert store.in_flight() == {}  # not shown as updating for ever
+    store.record_status(status, 20.0)  # sent again on every reconnect
+    store.record_event(active)  # and the event itself, late
+    assert store.events("pi-01") == [{"timestamp": 11.0, "state": "active", "bundle": "m 2.0.0", "reason": None}]
+
+
 def test_the_database_survives_reopening(tmp_path):
     store = FleetStore(tmp_path / "fleet.db")
     store.record_status(DeviceStatus("pi-01", True, 1.0), 1.0)
