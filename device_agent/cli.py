@@ -62,8 +62,9 @@ SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, loggin
 
 def configure_logging(level: str) -> None:
     """One line per record on stderr. Under systemd (JOURNAL_STREAM is set) each line starts with
-    its syslog priority, ``<4>``, which journald turns into the entry's priority; journald adds
-    its own timestamps, so neither form repeats them."""
+    its syslog priority, ``<4>``, which journald turns into the entry's priority, and journald adds
+    its own timestamps; anywhere else (a terminal, a container's log) each line starts with its
+    local time, to the millisecond."""
     class Priority(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             record.priority = SYSLOG_PRIORITY.get(record.levelno, 6)
@@ -71,9 +72,11 @@ def configure_logging(level: str) -> None:
 
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(Priority())
-    fmt = "<%(priority)d>%(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
-        "%(levelname)s %(name)s: %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(logging.Formatter("<%(priority)d>%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
+                                               "%Y-%m-%d %H:%M:%S"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 

@@ -242,22 +242,39 @@ def test_the_agent_tells_systemd_it_is_ready_and_feeds_the_watchdog(tmp_path, mo
         listener.close()
 
 
-def test_under_systemd_log_lines_carry_their_syslog_priority_and_no_broker_is_not_fatal(tmp_path, keys):
-    # JOURNAL_STREAM tells a service its stderr goes to the journal; a bad broker gives a warning line
+def _log_lines(tmp_path, keys, *, journal: bool) -> list[str]:
+    """What `edgefleet-agent run` with no broker writes to stderr in 2 s, as a systemd service
+    (*journal*: JOURNAL_STREAM set) or not."""
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    if journal:
+        env["JOURNAL_STREAM"] = "8:1234"
     proc = subprocess.Popen(
         [sys.executable, "-m", "device_agent", "run", "--device-id", "journal-1", "--state-dir", str(tmp_path / "s"),
          "--broker", "127.0.0.1:1", "--trusted-key", str(keys["pub"]),
          "--api-socket", f"/tmp/ef-journal-{os.getpid()}.sock", "--control-socket", f"/tmp/ef-journal-{os.getpid()}.ctl"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "JOURNAL_STREAM": "8:1234"})
+        stderr=subprocess.PIPE, text=True, env=env)
     time.sleep(2)
     proc.terminate()
     _, err = proc.communicate(timeout=15)
     assert proc.returncode == 0  # no broker is no reason to stop serving the local API
-    lines = [line for line in err.splitlines() if line]
-    assert any(line.startswith("<6>device_agent.agent: agent journal-1 up") for line in lines), err
+    return [line for line in err.splitlines() if line]
+
+
+def test_under_systemd_log_lines_carry_their_syslog_priority_and_no_broker_is_not_fatal(tmp_path, keys):
+    # JOURNAL_STREAM tells a service its stderr goes to the journal; a bad broker gives a warning line
+    lines = _log_lines(tmp_path, keys, journal=True)
+    assert any(line.startswith("<6>device_agent.agent: agent journal-1 up") for line in lines), lines
     assert any(line.startswith("<4>device_agent.mqtt: cannot reach the MQTT broker at 127.0.0.1:1: [Errno 111] "
-                               "Connection refused;") for line in lines), err
-    assert all(line[0] == "<" and line[2] == ">" for line in lines), err
+                               "Connection refused;") for line in lines), lines
+    assert all(line[0] == "<" and line[2] == ">" for line in lines), lines
+
+
+def test_elsewhere_each_log_line_starts_with_its_time(tmp_path, keys):
+    # in a terminal or a container's log nothing else stamps the lines (journald does, above)
+    lines = _log_lines(tmp_path, keys, journal=False)
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}"
+    assert any(re.match(rf"{stamp} INFO device_agent.agent: agent journal-1 up", line) for line in lines), lines
+    assert all(re.match(rf"{stamp} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ", line) for line in lines), lines
 
 
 def test_an_execution_provider_the_device_lacks_is_reported_when_the_model_loads(tmp_path, keys, make_bundle):
