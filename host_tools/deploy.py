@@ -131,7 +131,9 @@ class EventTracker:
     def _on_status(self, device: str) -> None:
         status = self.connectivity.last_status(device)
         if status is not None and status.last_update is not None and status.last_update.command_id == self.command_id:
-            self._progressed(status.last_update, " (from its status: its event did not arrive)")
+            # (A reconnecting agent's status goes out before the events it queued while away, and
+            # is all there is of an event lost with the broker or while this host was away.)
+            self._progressed(status.last_update, " (as its status says)")
             return
         if not self._notes:
             return
