@@ -74,11 +74,7 @@ class UpdateJournal:
             raise CorruptRecord(f"{self.path.name} is corrupt: {exc}") from None
 
     def save(self, record: UpdateRecord) -> None:
-        try:
-            write_atomically(self.path, record.to_json())
-        except OSError as exc:
-            raise StorageError(f"cannot record the update's state on the device's disk: "
-                               f"{exc.strerror or exc}") from None
+        _write(self.path, record.to_json(), "state")
 
     def load_outcome(self) -> DeploymentEvent | None:
         """The final event of the last update, as saved; None when there is none (or it is unreadable:
@@ -90,11 +86,7 @@ class UpdateJournal:
         return event if event.state in DEPLOY_FINAL else None
 
     def save_outcome(self, event: DeploymentEvent) -> None:
-        try:
-            write_atomically(self.outcome_path, event.to_payload())
-        except OSError as exc:
-            raise StorageError(f"cannot record the update's outcome on the device's disk: "
-                               f"{exc.strerror or exc}") from None
+        _write(self.outcome_path, event.to_payload(), "outcome")
 
     def saved_state(self) -> str:
         """The state on disk, for a log line: what a restart would find."""
@@ -102,3 +94,10 @@ class UpdateJournal:
             return self.load().state
         except CorruptRecord:
             return "a corrupt record"
+
+
+def _write(path: Path, data: bytes, what: str) -> None:
+    try:
+        write_atomically(path, data)
+    except OSError as exc:
+        raise StorageError(f"cannot record the update's {what} on the device's disk: {exc.strerror or exc}") from None
