@@ -27,7 +27,7 @@ from device_agent.local_api import LocalApi
 from device_agent.local_api import framing
 from device_agent.local_api.http import HttpApi
 from device_agent.mqtt import MqttClient, Will, session_client_id
-from device_agent.presence import Presence, describe, holder_of
+from device_agent.presence import Presence, StatusGuard, describe, holder_of
 from device_agent.protocol import topics
 from device_agent.protocol.commands import (
     ANSWERED, BenchCommand, CertificateCommand, ConfigCommand, DeployCommand, Reply, RollbackCommand, StatusRequest,
@@ -95,6 +95,8 @@ class Agent:
         # One live agent per device id (a cloned SD card has two): see device_agent/presence.py.
         self.presence = Presence(self.client, topics.presence(config.device_id), f"device id {config.device_id}",
                                  on_displaced=self._displaced, on_rival=lambda: self._publish_status(online=True))
+        self._status_guard = StatusGuard(self.client, topics.status(config.device_id),
+                                         lambda: self._publish_status(online=True), self._stop.is_set)
         self.held_by: dict[str, Any] | None = None  # the other agent holding our device id, while one does
         self.machine = UpdateMachine(UpdateContext(config, self.client, self._chunks, self.store, self.slot,
                                                    self.keys, self._emit, check))
@@ -250,7 +252,9 @@ class Agent:
                               id_shared_with=[{k: r[k] for k in RIVAL_FIELDS} for r in self.presence.rivals] or None,
                               certificate=self.certificate.describe() if online else None,
                               last_update=self.machine.last_outcome)
-        self.client.publish(topics.status(self.config.device_id), status.to_payload(), qos=1, retain=True,
+        payload = status.to_payload()
+        self._status_guard.said(payload)
+        self.client.publish(topics.status(self.config.device_id), payload, qos=1, retain=True,
                             wait=5.0 if not online else None)
 
     def _on_command(self, topic: str, payload: bytes) -> None:

@@ -103,7 +103,7 @@ class Presence:
         self._client = client
         self._topic = topic
         self._on_displaced = on_displaced
-        self._on_rival = on_rival  # called (on the network thread) when `rivals` gains one
+        self._on_rival = on_rival  # called (on the network thread) when `rivals` gains one, or one steps back
         self._claims = 0
         self._asked: deque[str] = deque(maxlen=8)  # nonces of our own questions to a claim's process
         self._lock = threading.Lock()
@@ -168,12 +168,45 @@ class Presence:
     def _conflict(self, other: dict[str, Any]) -> None:
         """Another process holds the identity too: the one that started later steps back."""
         if _newer(other, self.me):
-            self._note(other, "connected")
+            if not self._note(other, "connected") and self._on_rival is not None:
+                self._on_rival()  # (what it said on connecting, a status, was said over ours)
             log.warning("another process connected as %s (%s); it started later and steps back", self.label,
                         describe(other))
             self._claim()  # the claim on record is ours again
         elif self._on_displaced is not None:
             self._on_displaced(other)
+
+
+class StatusGuard:
+    """Keeps the holder's retained status on top. Another process connected under the same identity
+    leaves its last will (offline) on the status topic when its connection ends without a clean
+    DISCONNECT — as a connection stepping back can: a socket closed while messages for it are
+    still arriving is reset, and the broker never reads its DISCONNECT. Seen after the holder's own
+    latest status, such an offline status is said over at once with *republish*."""
+
+    def __init__(self, client: MqttClient, topic: str, republish: Callable[[], None],
+                 leaving: Callable[[], bool]) -> None:
+        self._republish, self._leaving = republish, leaving
+        self._said: bytes | None = None
+        self._echoed = False  # whether our latest status has come back to us: what arrives after it is newer
+        client.subscribe(topic, self._on_status, qos=1)
+
+    def said(self, payload: bytes) -> None:
+        """The holder publishes *payload* as its status now."""
+        self._said, self._echoed = payload, False
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        if payload == self._said:
+            self._echoed = True
+            return
+        doc = _message(payload)
+        # Before the echo it is older than ours (the broker replays what was retained when we
+        # subscribed); an online one is another connection's own, which Presence answers.
+        if not self._echoed or self._leaving() or doc is None or doc.get("online") is not False:
+            return
+        log.info("another connection under this identity went away and its last will says offline; "
+                 "saying online again")
+        self._republish()
 
 
 def holder_of(broker: BrokerAddress, topic: str, *, me: dict[str, Any], tls: TlsFiles | None = None,

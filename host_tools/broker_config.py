@@ -3,8 +3,8 @@ and an ACL under which each device reaches only its own topics.
 
 Identities come from ``host_tools.certs``: the broker takes a client certificate's common name
 as the username. A device (CN = its device id) may subscribe to its own command and chunk
-topics and publish to its own status, events, telemetry and reply topics, plus chunk requests
-(which name a bundle, not a device), and use its own presence topic (device_agent/presence.py).
+topics and publish to its own events, telemetry and reply topics, plus chunk requests (which
+name a bundle, not a device), and use its own status and presence topics (device_agent/presence.py).
 Host tools (CN = ``host:NAME``) may use everything under the protocol's root; they are listed by
 name, so issue a host certificate before writing the configuration (or write it again after).
 Revoked certificates are refused by the CRL at connection, and their names denied everything in
@@ -23,7 +23,7 @@ from device_agent.protocol import topics
 from host_tools.certs import HOST_PREFIX, Pki
 
 DEVICE_READS = ("cmd", "chunks")
-DEVICE_WRITES = ("status", "events", "telemetry", "reply")
+DEVICE_WRITES = ("events", "telemetry", "reply")
 
 
 def acl_text(host_users: list[str], revoked: list[str] = ()) -> str:
@@ -31,6 +31,8 @@ def acl_text(host_users: list[str], revoked: list[str] = ()) -> str:
              "# Devices: a device's certificate CN is its device id, which Mosquitto substitutes for %u.",
              *(f"pattern read {topics.ROOT}/devices/%u/{leaf}" for leaf in DEVICE_READS),
              *(f"pattern write {topics.ROOT}/devices/%u/{leaf}" for leaf in DEVICE_WRITES),
+             "# Its status, which it also reads: a will another connection under its id leaves there is said over.",
+             f"pattern readwrite {topics.ROOT}/devices/%u/status",
              "# Its presence topic: one live agent per device id (asked before connecting under it).",
              f"pattern readwrite {topics.ROOT}/devices/%u/presence",
              f"pattern write {topics.ALL_CHUNK_REQUESTS}",

@@ -123,6 +123,23 @@ def test_a_device_reads_only_its_own_commands_and_publishes_only_as_itself(secur
             c.client.disconnect()
 
 
+def test_a_device_reads_its_own_status_and_no_other_devices(secure_broker):
+    """An agent reads its own status topic, to say its status again over a will another connection
+    under its id left there (device_agent/presence.StatusGuard)."""
+    address, pki, _ = secure_broker
+    a = Listener(address, pki, "sec-a", [topics.status("sec-a"), topics.status("sec-b")])
+    host = Listener(address, pki, "host:ops", [])
+    try:
+        host.client.publish(topics.status("sec-b"), b"b's", qos=1, wait=5)
+        host.client.publish(topics.status("sec-a"), b"a's", qos=1, wait=5)
+        assert wait_until(lambda: a.got, 15)
+        time.sleep(0.5)
+        assert a.got == [(topics.status("sec-a"), b"a's")]
+    finally:
+        for c in (a, host):
+            c.client.disconnect()
+
+
 def test_a_device_that_takes_over_another_devices_session_reads_none_of_its_commands(secure_broker):
     """Mosquitto keys a session by client id alone, so a device can connect under another's and take
     its session, subscriptions and all (mosquitto issue #3553); the ACL is checked as each message is

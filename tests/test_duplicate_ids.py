@@ -11,6 +11,9 @@ import sys
 import time
 
 from device_agent.local_api import AgentClient
+from device_agent.mqtt import MqttClient, Will
+from device_agent.protocol import topics
+from device_agent.protocol.reports import DeviceStatus
 from tests.conftest import AgentProcess, announced, edgefleet, wait_until
 
 
@@ -61,6 +64,36 @@ def test_a_clone_with_the_same_device_id_stays_off_the_broker_and_the_original_k
         clone.cleanup()
 
 
+def test_the_last_will_of_another_connection_under_the_id_does_not_leave_the_holder_shown_offline(
+        agents, mosquitto):
+    """A connection under the same device id that ends uncleanly (a clone's, as it steps back) makes
+    the broker publish its last will — offline — over the holder's status; the holder says it again."""
+    agent = agents.start("pi-willed")
+    assert agent.wait_for_api() and announced(mosquitto, "pi-willed")
+    will = DeviceStatus("pi-willed", online=False, timestamp=0.0, agent_version="0.0.0").to_payload()
+    other = MqttClient(client_id=f"test-willed-{time.time_ns()}", broker=mosquitto,
+                       will=Will(topics.status("pi-willed"), will))
+    other.connect()
+    time.sleep(0.5)  # after the agent's own status has come back to it
+    seen: list[DeviceStatus] = []
+    watcher = MqttClient(client_id=f"test-watch-{time.time_ns()}", broker=mosquitto)
+    watcher.subscribe(topics.status("pi-willed"), lambda t, p: seen.append(DeviceStatus.from_payload(p)))
+    watcher.connect()
+    try:
+        assert wait_until(lambda: seen, 10) and seen[-1].online
+        other.drop()  # no DISCONNECT: the broker publishes the will
+        assert wait_until(lambda: any(not s.online for s in seen), 10), "the broker did not publish the will"
+        assert wait_until(lambda: seen[-1].online, 10), [s.online for s in seen]
+        assert seen[-1].active_bundle is None and seen[-1].hardware is not None
+        assert "its last will says offline; saying online again" in agent.log.read_text()
+    finally:
+        watcher.disconnect()
+    # What a new subscriber gets, retained, is the agent's status, and the host says it is there.
+    reply = edgefleet("device", "status", "pi-willed", "--broker", mosquitto, "--json")
+    assert reply.returncode == 0, reply.stderr
+    assert json.loads(reply.stdout)["pid"] == agent.proc.pid
+
+
 def _registry(db, device_id: str) -> dict:
     return json.loads(edgefleet("devices", "show", device_id, "--db", db, "--json").stdout)
 
@@ -80,7 +113,9 @@ def test_two_agents_with_one_id_started_together_settle_on_one(tmp_path, mosquit
         holder = next(a for a in pair if status(a)["connected"])
         time.sleep(4)  # it stays that way
         assert settled() and status(holder)["connected"]
-        reply = json.loads(edgefleet("device", "status", "pi-twins", "--broker", mosquitto, "--json").stdout)
+        shown = edgefleet("device", "status", "pi-twins", "--broker", mosquitto, "--json")
+        assert shown.returncode == 0, shown.stderr + "\n".join(a.log.read_text()[-4000:] for a in pair)
+        reply = json.loads(shown.stdout)
         assert reply["pid"] == holder.proc.pid
     finally:
         for agent in pair:
