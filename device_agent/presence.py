@@ -180,8 +180,9 @@ class Presence:
 class StatusGuard:
     """Keeps the holder's retained status on top. Another process connected under the same identity
     leaves its last will (offline) on the status topic when its connection ends without a clean
-    DISCONNECT — as a connection stepping back can: a socket closed while messages for it are
-    still arriving is reset, and the broker never reads its DISCONNECT. Seen after the holder's own
+    DISCONNECT — as a connection stepping back can: closed with messages for it unread, its socket
+    is reset, and the broker's next write to it fails before the broker has read the DISCONNECT
+    (Mosquitto 2.0 logs "disconnected due to out of memory"). Seen after the holder's own
     latest status, such an offline status is said over at once with *republish*."""
 
     def __init__(self, client: MqttClient, topic: str, republish: Callable[[], None],
