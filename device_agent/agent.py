@@ -17,7 +17,7 @@ from device_agent import __version__
 from device_agent.bench import benchmark
 from device_agent.bundle.signing import trusted_keys
 from device_agent.client_cert import ClientCertificate
-from device_agent.command_log import CommandLog
+from device_agent.command_log import CommandLog, ReplyLog
 from device_agent.config import AgentConfig, RemoteSettings
 from device_agent.errors import (
     ConfigError, EdgefleetError, MqttError, ProtocolError, SignatureError, StorageError,
@@ -83,6 +83,7 @@ class Agent:
         self._work: queue.Queue[tuple[Any, Future | None] | None] = queue.Queue()  # None: stop
         self._check = check
         self._commands = CommandLog(config.state_dir)
+        self._replies = ReplyLog(config.state_dir)
         self._hardware = describe_hardware(config.sysfs)
         self._chunks = ChunkRouter()
         offline = DeviceStatus(config.device_id, online=False, timestamp=0.0, agent_version=__version__)
@@ -272,6 +273,11 @@ class Agent:
         except (ProtocolError, StorageError) as exc:  # replayed, or the disk is full: it does not run
             self._refuse(*command_id_of(payload), exc)
             return
+        if again and (kept := self._replies.get(command.command_id)) is not None:
+            # Sent again by a host that lost our reply on the way (it reconnected), or redelivered.
+            log.info("command %s was delivered again; it is done: sending its reply again", command.command_id)
+            self.client.publish(topics.reply(self.config.device_id), kept, qos=1)
+            return
         if again:
             log.info("command %s was delivered again; it is done or under way", command.command_id)
             return  # at-least-once delivery
@@ -293,7 +299,10 @@ class Agent:
         self.client.publish(topics.events(self.config.device_id), event.to_payload(), qos=1)
 
     def _reply(self, reply: Reply) -> None:
-        self.client.publish(topics.reply(self.config.device_id), reply.to_payload(), qos=1)
+        payload = reply.to_payload()
+        if reply.kind != "status":  # (a status request is answered anew each time)
+            self._replies.keep(reply.command_id, payload)
+        self.client.publish(topics.reply(self.config.device_id), payload, qos=1)
 
     def report(self) -> dict[str, Any]:
         """What `status` shows: the active bundle, the versions kept, and any update under way."""

@@ -65,3 +65,43 @@ class CommandLog:
             self._entries, self.horizon = entries, horizon
             self._ids = {i for i, _ in entries}
             return True
+
+
+KEPT_REPLIES = 32
+MAX_KEPT_REPLY = 64 * 1024
+
+
+class ReplyLog:
+    """The replies the agent sent to its last KEPT_REPLIES answered commands (trust, config,
+    certificate, bench), by command id, kept on disk. A host whose connection dropped as a reply
+    came loses it (its session is clean); it sends the command again once it is back, and the
+    agent, which never runs a command twice, sends the reply it kept instead — restarted meanwhile
+    or not. A full disk keeps them in memory only."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / "replies.json"
+        self._lock = threading.Lock()
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            doc = None
+        self._replies: dict[str, str] = {k: v for k, v in doc.items() if isinstance(v, str)} \
+            if isinstance(doc, dict) else {}
+
+    def keep(self, command_id: str, payload: bytes) -> None:
+        if len(payload) > MAX_KEPT_REPLY:
+            return
+        with self._lock:
+            self._replies.pop(command_id, None)
+            self._replies[command_id] = payload.decode()
+            while len(self._replies) > KEPT_REPLIES:
+                del self._replies[next(iter(self._replies))]
+            try:
+                write_atomically(self.path, json.dumps(self._replies).encode())
+            except OSError:
+                pass  # kept in memory: what a host asks again for before a restart is still answered
+
+    def get(self, command_id: str) -> bytes | None:
+        with self._lock:
+            payload = self._replies.get(command_id)
+        return payload.encode() if payload is not None else None

@@ -243,6 +243,10 @@ class MqttClient:
         """Call *callback* on the network thread after every (re)connection, e.g. to re-announce."""
         self._connected_callbacks.append(callback)
 
+    def remove_on_connected(self, callback: Callable[[], None]) -> None:
+        if callback in self._connected_callbacks:
+            self._connected_callbacks.remove(callback)
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()

@@ -68,6 +68,7 @@ class _Questions:
         self._client, self._devices, self._kind = client, devices, kind
         self._wait_if_offline, self._on_answer = wait_if_offline, on_answer
         self._asked = {device: uuid.uuid4().hex for device in devices}
+        self._sent: dict[str, bytes] = {}  # each device's command as published (signed)
         self._got: dict[str, Reply] = {}
         self._ended: dict[str, Reply] = {}
         self._arrived = threading.Condition()
@@ -75,6 +76,7 @@ class _Questions:
             client.subscribe(topics.reply(device), self._on_reply, qos=1, wait=5.0 if i == len(devices) - 1 else None)
         self._connectivity = Connectivity(client, devices)
         self._connectivity.watch()
+        client.on_connected(self._send_again)
 
     def _on_reply(self, topic: str, payload: bytes) -> None:
         try:
@@ -98,7 +100,18 @@ class _Questions:
                 if device in self._ended:
                     continue
             payload = make_command(device, self._asked[device]).to_payload()
-            self._client.publish(topics.command(device), signer(payload) if signer else payload, qos=1)
+            with self._arrived:
+                self._sent[device] = signer(payload) if signer else payload
+            self._client.publish(topics.command(device), self._sent[device], qos=1)
+
+    def _send_again(self) -> None:
+        """Our connection came back: a reply sent while it was down is lost (our session is clean),
+        so each device that has not answered gets its command again. A device runs none twice: it
+        sends again the reply it kept (device_agent.command_log.ReplyLog), or answers when done."""
+        with self._arrived:
+            waiting = [(d, p) for d, p in self._sent.items() if d not in self._got and d not in self._ended]
+        for device, payload in waiting:
+            self._client.publish(topics.command(device), payload, qos=1)
 
     def wait(self, timeout: float) -> None:
         """Until every device answered or is not waited for any more, or *timeout* passed."""
@@ -124,6 +137,7 @@ class _Questions:
                 f"; it last ran {last.active_bundle}" if last and last.active_bundle else ""))
 
     def close(self) -> None:
+        self._client.remove_on_connected(self._send_again)
         self._connectivity.close()
         for device in self._devices:  # a client asking again later keeps no stale handlers
             self._client.unsubscribe(topics.reply(device))

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from device_agent import command_log
-from device_agent.command_log import CommandLog
+from device_agent.command_log import CommandLog, ReplyLog
 from device_agent.errors import ProtocolError, StorageError
 from tests.conftest import fill_disk
 
@@ -60,3 +60,33 @@ def test_a_command_that_cannot_be_written_down_is_not_remembered_either(small_di
     filler.unlink()
     # not taken for a redelivery of something done: it runs once there is room
     assert log.first_time("c2", 101.0) and not CommandLog(disk).first_time("c2", 101.0)
+
+
+def test_the_last_replies_are_kept_across_a_restart_and_the_oldest_let_go(tmp_path):
+    log = ReplyLog(tmp_path)
+    for i in range(command_log.KEPT_REPLIES + 2):
+        log.keep(f"c{i}", b'{"n": %d}' % i)
+    log.keep("c5", b'{"n": "again"}')  # kept anew, as the newest
+    kept = ReplyLog(tmp_path)
+    assert kept.get("c0") is None and kept.get("c1") is None and kept.get("c2") == b'{"n": 2}'
+    assert kept.get("c5") == b'{"n": "again"}' and kept.get(f"c{command_log.KEPT_REPLIES + 1}") is not None
+    log.keep("c-new", b"{}")  # c5 is no longer the oldest: c2 goes
+    assert ReplyLog(tmp_path).get("c2") is None and ReplyLog(tmp_path).get("c5") is not None
+
+
+@pytest.mark.parametrize("text", ["{", "[1, 2]", '{"a": 5, "b": "{}"}'])
+def test_damaged_kept_replies_are_read_as_far_as_they_go(tmp_path, text):
+    (tmp_path / "replies.json").write_text(text)
+    log = ReplyLog(tmp_path)
+    assert log.get("a") is None and log.get("b") in (None, b"{}")
+    log.keep("c1", b"{}")
+    assert ReplyLog(tmp_path).get("c1") == b"{}"
+
+
+def test_replies_that_cannot_be_written_down_are_kept_in_memory(small_disk):
+    disk = small_disk(1)
+    log = ReplyLog(disk)
+    filler = fill_disk(disk)
+    log.keep("c1", b'{"ok": true}')
+    assert log.get("c1") == b'{"ok": true}' and ReplyLog(disk).get("c1") is None
+    filler.unlink()
