@@ -27,7 +27,7 @@ from device_agent.local_api import LocalApi
 from device_agent.local_api import framing
 from device_agent.local_api.http import HttpApi
 from device_agent.mqtt import MqttClient, Will, session_client_id
-from device_agent.presence import Presence, StatusGuard, describe, holder_of
+from device_agent.presence import Presence, StatusGuard, describe, holder_of, identity
 from device_agent.protocol import topics
 from device_agent.protocol.commands import (
     ANSWERED, BenchCommand, CertificateCommand, ConfigCommand, DeployCommand, Reply, RollbackCommand, StatusRequest,
@@ -86,7 +86,9 @@ class Agent:
         self._replies = ReplyLog(config.state_dir)
         self._hardware = describe_hardware(config.sysfs)
         self._chunks = ChunkRouter()
-        offline = DeviceStatus(config.device_id, online=False, timestamp=0.0, agent_version=__version__)
+        me = identity()  # this process, as presence and the last will name it
+        offline = DeviceStatus(config.device_id, online=False, timestamp=0.0, agent_version=__version__,
+                               instance=me["instance"])
         # A persistent session: commands sent while the device is offline wait at the broker.
         self.client = MqttClient(client_id=session_client_id(f"edgefleet-agent-{config.device_id}",
                                                              self.store.root / "mqtt-session"), broker=config.broker,
@@ -95,9 +97,11 @@ class Agent:
                                  reconnect_max_delay=config.reconnect_max_delay)
         # One live agent per device id (a cloned SD card has two): see device_agent/presence.py.
         self.presence = Presence(self.client, topics.presence(config.device_id), f"device id {config.device_id}",
-                                 on_displaced=self._displaced, on_rival=lambda: self._publish_status(online=True))
+                                 on_displaced=self._displaced, on_rival=lambda: self._publish_status(online=True),
+                                 me=me)
         self._status_guard = StatusGuard(self.client, topics.status(config.device_id),
-                                         lambda: self._publish_status(online=True), self._stop.is_set)
+                                         lambda: self._publish_status(online=True), self._stop.is_set,
+                                         own_will=offline.to_payload())
         self.held_by: dict[str, Any] | None = None  # the other agent holding our device id, while one does
         self.machine = UpdateMachine(UpdateContext(config, self.client, self._chunks, self.store, self.slot,
                                                    self.keys, self._emit, check))

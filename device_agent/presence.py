@@ -96,9 +96,9 @@ class Presence:
 
     def __init__(self, client: MqttClient, topic: str, label: str, *,
                  on_displaced: Callable[[dict[str, Any]], None] | None = None,
-                 on_rival: Callable[[], None] | None = None) -> None:
+                 on_rival: Callable[[], None] | None = None, me: dict[str, Any] | None = None) -> None:
         self.label = label  # what the identity is, for the log: "device id pi-01", "monitor 'default'"
-        self.me = identity()
+        self.me = me or identity()
         self.rivals: list[dict[str, Any]] = []  # others that asked for or took this identity, newest last
         self._client = client
         self._topic = topic
@@ -183,11 +183,13 @@ class StatusGuard:
     DISCONNECT — as a connection stepping back can: closed with messages for it unread, its socket
     is reset, and the broker's next write to it fails before the broker has read the DISCONNECT
     (Mosquitto 2.0 logs "disconnected due to out of memory"). Seen after the holder's own
-    latest status, such an offline status is said over at once with *republish*."""
+    latest status, such an offline status is said over at once with *republish* — unless it is
+    *own_will*, which names this process (a broker shutting down publishes every client's will,
+    ours too, before our connection ends)."""
 
     def __init__(self, client: MqttClient, topic: str, republish: Callable[[], None],
-                 leaving: Callable[[], bool]) -> None:
-        self._republish, self._leaving = republish, leaving
+                 leaving: Callable[[], bool], own_will: bytes) -> None:
+        self._republish, self._leaving, self._own_will = republish, leaving, own_will
         self._said: bytes | None = None
         self._echoed = False  # whether our latest status has come back to us: what arrives after it is newer
         client.subscribe(topic, self._on_status, qos=1)
@@ -199,6 +201,8 @@ class StatusGuard:
     def _on_status(self, topic: str, payload: bytes) -> None:
         if payload == self._said:
             self._echoed = True
+            return
+        if payload == self._own_will:
             return
         doc = _message(payload)
         # Before the echo it is older than ours (the broker replays what was retained when we

@@ -192,7 +192,8 @@ def test_a_device_asks_for_its_own_id_on_its_presence_topic_and_not_for_others(s
     presence = Presence(holder, topics.presence("sec-b"), "device id sec-b")
     holder.connect()
     try:
-        assert holder_of(address, topics.presence("sec-b"), me=identity(), tls=tls_for(pki, "sec-b")) == presence.me
+        assert holder_of(address, topics.presence("sec-b"), me=identity(), tls=tls_for(pki, "sec-b"),
+                         wait=10) == presence.me
         # Another device learns nothing of sec-b (the broker refuses it the topic).
         assert holder_of(address, topics.presence("sec-b"), me=identity(), tls=tls_for(pki, "sec-a")) is None
         assert presence.rivals and all(r["pid"] == os.getpid() for r in presence.rivals) and len(presence.rivals) == 1

@@ -14,7 +14,7 @@ from device_agent.local_api import AgentClient
 from device_agent.mqtt import MqttClient, Will
 from device_agent.protocol import topics
 from device_agent.protocol.reports import DeviceStatus
-from tests.conftest import AgentProcess, announced, edgefleet, wait_until
+from tests.conftest import AgentProcess, Mosquitto, announced, edgefleet, wait_until
 
 
 def status(agent: AgentProcess) -> dict:
@@ -92,6 +92,27 @@ def test_the_last_will_of_another_connection_under_the_id_does_not_leave_the_hol
     reply = edgefleet("device", "status", "pi-willed", "--broker", mosquitto, "--json")
     assert reply.returncode == 0, reply.stderr
     assert json.loads(reply.stdout)["pid"] == agent.proc.pid
+
+
+def test_the_agent_tells_its_own_last_will_from_another_connections(tmp_path, keys):
+    """A broker shutting down publishes every client's will — the agent's own too, to the agent,
+    still connected for a moment: that one is not another connection's, and is not said over."""
+    (tmp_path / "broker").mkdir()
+    broker = Mosquitto(tmp_path / "broker")
+    broker.start()
+    agent = AgentProcess("pi-own-will", tmp_path / "agent", broker.address, keys["pub"],
+                         extra_args=("--reconnect-max-delay", "1"))
+    try:
+        assert agent.wait_for_api() and announced(broker.address, "pi-own-will")
+        time.sleep(0.5)  # its status has come back to it
+        broker.stop()
+        broker.start()
+        assert announced(broker.address, "pi-own-will")
+        assert agent.log.read_text().count("lost the connection") == 1
+        assert "saying online again" not in agent.log.read_text()
+    finally:
+        agent.cleanup()
+        broker.stop()
 
 
 def _registry(db, device_id: str) -> dict:

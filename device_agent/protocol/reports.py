@@ -90,9 +90,15 @@ class DeviceStatus:
     # The outcome of the last update (deploy or rollback) it carried out, as its final event said it:
     # the event itself can be lost (sent while the host was away), the retained status is not.
     last_update: DeploymentEvent | None = None
+    # In the last will only: the agent process whose connection it was (device_agent.presence), so
+    # that the one holding the device id tells its own will from another connection's.
+    instance: str | None = None
 
     def to_payload(self) -> bytes:
-        return encode("status", asdict(self))
+        doc = asdict(self)
+        if doc["instance"] is None:
+            del doc["instance"]
+        return encode("status", doc)
 
     @classmethod
     def from_payload(cls, payload: bytes) -> "DeviceStatus":
@@ -106,7 +112,14 @@ class DeviceStatus:
                    hardware=_measured(require(doc, "hardware", dict, optional=True)),
                    id_shared_with=_rivals(require(doc, "id_shared_with", list, optional=True)),
                    certificate=_certificate(require(doc, "certificate", dict, optional=True)),
-                   last_update=_last_update(require(doc, "last_update", dict, optional=True), doc["device_id"]))
+                   last_update=_last_update(require(doc, "last_update", dict, optional=True), doc["device_id"]),
+                   instance=_instance(require(doc, "instance", str, optional=True)))
+
+
+def _instance(value: str | None) -> str | None:
+    if value is not None and not 0 < len(value) <= 64:
+        raise ProtocolError("instance: 1 to 64 characters")
+    return value
 
 
 def _last_update(value: dict | None, device_id: str) -> DeploymentEvent | None:

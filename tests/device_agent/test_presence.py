@@ -43,7 +43,7 @@ def test_a_live_holder_answers_and_notes_who_asked(mosquitto):
     holder.connect()
     try:
         asker = identity()
-        found = holder_of(mosquitto, topic, me=asker)
+        found = holder_of(mosquitto, topic, me=asker, wait=10)  # (returns once answered)
         assert found == presence.me  # who holds it: instance, host, pid, start time
         assert wait_until(lambda: presence.rivals, 5)
         assert presence.rivals[0]["instance"] == asker["instance"] and presence.rivals[0]["how"] == "asked"
@@ -116,7 +116,7 @@ def test_malformed_messages_on_the_topic_change_nothing(mosquitto):
                         json.dumps({"claim": {**identity(), "since": True}}).encode()):
             noise.publish(topic, payload, qos=1, wait=5)
         asker = identity()
-        assert holder_of(mosquitto, topic, me=asker) == presence.me  # still answers
+        assert holder_of(mosquitto, topic, me=asker, wait=10) == presence.me  # still answers
         assert not displaced.is_set() and holder.connected
         assert [r["instance"] for r in presence.rivals] == [asker["instance"]]  # no garbage noted
     finally:
@@ -145,7 +145,7 @@ def test_of_two_holders_the_one_that_started_later_steps_back(mosquitto):
         time.sleep(1.5)
         assert first.connected and not stepped_back["first"].is_set()
         assert any(r["instance"] == newer.me["instance"] for r in older.rivals)
-        assert holder_of(mosquitto, topic, me=identity()) == older.me
+        assert holder_of(mosquitto, topic, me=identity(), wait=10) == older.me
     finally:
         second.disconnect()
         first.disconnect()

@@ -37,6 +37,7 @@ MESSAGES = [
                                                       "how": "asked"}]),
     DeviceStatus("pi-01", True, 3.0, active_bundle="digits-cnn 1.0.0",
                  last_update=DeploymentEvent("pi-01", "c1", "active", "digits-cnn 1.0.0", 1.0, None, 2.0)),
+    DeviceStatus("pi-01", False, 0.0, "0.1.0", instance="0a1b2c3d4e5f6071"),  # a last will
     TelemetrySample("pi-01", 7, 4.0, 1.0, "digits-cnn 1.0.0", {"inference": {"p50_ms": 0.4}}),
     TelemetryBatch("pi-01", (TelemetrySample("pi-01", 8, 5.0, 1.0, None, {}),
                              TelemetrySample("pi-01", 9, 6.0, 1.0, None, {"power": {"total_watts": 5.0}}))),
@@ -124,6 +125,17 @@ def test_the_last_update_a_status_carries_is_a_final_event_of_that_device(last_u
     with pytest.raises(ProtocolError):
         DeviceStatus.from_payload(json.dumps({"type": "status", "device_id": "pi-01", "online": True,
                                               "timestamp": 1.0, "last_update": last_update}).encode())
+
+
+@pytest.mark.parametrize("instance", ["", "x" * 65, 7])
+def test_the_instance_a_last_will_names_is_checked(instance):
+    with pytest.raises(ProtocolError):
+        DeviceStatus.from_payload(json.dumps({"type": "status", "device_id": "pi-01", "online": False,
+                                              "timestamp": 0.0, "instance": instance}).encode())
+
+
+def test_a_status_without_an_instance_says_none():
+    assert b"instance" not in DeviceStatus("pi-01", True, 3.0).to_payload()
 
 
 GOOD_CERT = {"serial": "1f" * 20, "expires": "2029-03-09T08:33:20+00:00", "source": "renewed"}
