@@ -103,7 +103,7 @@ class Presence:
         self._client = client
         self._topic = topic
         self._on_displaced = on_displaced
-        self._on_rival = on_rival  # called (on the network thread) when `rivals` gains one, or one steps back
+        self._on_rival = on_rival  # called (on the network thread) when `rivals` gains one, or one connects beside us
         self._claims = 0
         self._asked: deque[str] = deque(maxlen=8)  # nonces of our own questions to a claim's process
         self._lock = threading.Lock()
