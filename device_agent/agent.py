@@ -277,14 +277,13 @@ class Agent:
         except (ProtocolError, StorageError) as exc:  # replayed, or the disk is full: it does not run
             self._refuse(*command_id_of(payload), exc)
             return
-        if again and (kept := self._replies.get(command.command_id)) is not None:
-            # Sent again by a host that lost our reply on the way (it reconnected), or redelivered.
-            log.info("command %s was delivered again; it is done: sending its reply again", command.command_id)
-            self.client.publish(topics.reply(self.config.device_id), kept, qos=1)
+        if again:  # at-least-once delivery, or a host that lost our reply on the way sent it again
+            if (kept := self._replies.get(command.command_id)) is not None:
+                log.info("command %s was delivered again; it is done: sending its reply again", command.command_id)
+                self.client.publish(topics.reply(self.config.device_id), kept, qos=1)
+            else:
+                log.info("command %s was delivered again; it is done or under way", command.command_id)
             return
-        if again:
-            log.info("command %s was delivered again; it is done or under way", command.command_id)
-            return  # at-least-once delivery
         self._work.put((command, None))
 
     def _refuse(self, kind: str | None, command_id: str | None, exc: EdgefleetError) -> None:
