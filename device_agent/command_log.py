@@ -27,10 +27,7 @@ class CommandLog:
         self._lock = threading.Lock()
         self.horizon = 0.0
         entries: list[tuple[str, float]] = []
-        try:
-            doc = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            doc = None
+        doc = _read(self.path)
         if isinstance(doc, list):  # before the horizon: ids alone
             entries = [(i, 0.0) for i in doc if isinstance(i, str)]
         elif isinstance(doc, dict) and isinstance(doc.get("commands"), list):
@@ -81,10 +78,7 @@ class ReplyLog:
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / "replies.json"
         self._lock = threading.Lock()
-        try:
-            doc = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            doc = None
+        doc = _read(self.path)
         self._replies: dict[str, str] = {k: v for k, v in doc.items() if isinstance(v, str)} \
             if isinstance(doc, dict) else {}
 
@@ -105,3 +99,11 @@ class ReplyLog:
         with self._lock:
             payload = self._replies.get(command_id)
         return payload.encode() if payload is not None else None
+
+
+def _read(path: Path):
+    """The JSON document in *path*; None if it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
