@@ -6,7 +6,6 @@ import faulthandler
 import logging
 import os
 import queue
-import random
 import threading
 import time
 from concurrent.futures import Future
@@ -27,7 +26,7 @@ from device_agent.local_api import LocalApi
 from device_agent.local_api import framing
 from device_agent.local_api.http import HttpApi
 from device_agent.mqtt import MqttClient, Will, session_client_id
-from device_agent.presence import Presence, StatusGuard, describe, holder_of, identity
+from device_agent.presence import Presence, Seat, StatusGuard, identity
 from device_agent.protocol import topics
 from device_agent.protocol.commands import (
     ANSWERED, BenchCommand, CertificateCommand, ConfigCommand, DeployCommand, Reply, RollbackCommand, StatusRequest,
@@ -76,10 +75,6 @@ class Agent:
         self.slot = ModelSlot(self.latency)
         self._stop = threading.Event()
         self._signalled = False  # see on_signal
-        # Connecting (in the background, once the device id is found free) and disconnecting one at a
-        # time: an agent stopped as it started had its MQTT thread joined before it began (a
-        # RuntimeError in shutdown), or connected after shutdown.
-        self._connecting = threading.Lock()
         self._work: queue.Queue[tuple[Any, Future | None] | None] = queue.Queue()  # None: stop
         self._check = check
         self._commands = CommandLog(config.state_dir)
@@ -96,13 +91,14 @@ class Agent:
                                  clean_session=False, tls=config.tls,
                                  reconnect_max_delay=config.reconnect_max_delay)
         # One live agent per device id (a cloned SD card has two): see device_agent/presence.py.
-        self.presence = Presence(self.client, topics.presence(config.device_id), f"device id {config.device_id}",
-                                 on_displaced=self._displaced, on_rival=lambda: self._publish_status(online=True),
-                                 me=me)
+        label = f"device id {config.device_id}"
+        self.seat = Seat(self.client, topics.presence(config.device_id), label, me=me, tls=lambda: self.config.tls,
+                         retry=config.reconnect_max_delay, stop=self._stop)
+        self.presence = Presence(self.client, topics.presence(config.device_id), label, me=me,
+                                 on_displaced=self.seat.step_back, on_rival=lambda: self._publish_status(online=True))
         self._status_guard = StatusGuard(self.client, topics.status(config.device_id),
                                          lambda: self._publish_status(online=True), self._stop.is_set,
                                          own_will=offline.to_payload())
-        self.held_by: dict[str, Any] | None = None  # the other agent holding our device id, while one does
         self.machine = UpdateMachine(UpdateContext(config, self.client, self._chunks, self.store, self.slot,
                                                    self.keys, self._emit, check))
         self._servers: list[LocalApi | HttpApi] = []
@@ -155,7 +151,7 @@ class Agent:
             self._restore_active()
         # After the model is back, so the first status announces it; in the background, so the
         # local API serves even while the broker is away.
-        threading.Thread(target=self._join_broker, name="join-broker", daemon=True).start()
+        threading.Thread(target=self.seat.join, name="join-broker", daemon=True).start()
         for server in self._servers:
             port = server.start()
             if isinstance(server, HttpApi):
@@ -167,40 +163,6 @@ class Agent:
             threads.append(SampleWorkload(self.slot, self.config.inference_interval, self._stop))
         for t in threads:
             t.start()
-
-    def _join_broker(self) -> None:
-        """Connect under the device id unless another live agent holds it; while one does, stay off
-        the broker (the local API serves on) and ask again every reconnect_max_delay seconds."""
-        while not self._stop.is_set():
-            try:
-                holder = holder_of(self.config.broker, topics.presence(self.config.device_id),
-                                   me=self.presence.me, tls=self.config.tls)
-            except MqttError:
-                holder = None  # the broker is away or turns us away: connecting says why, and retries
-            if holder is None:
-                self.held_by = None
-                with self._connecting:  # not once shutdown() has disconnected, nor while it does
-                    if not self._stop.is_set():
-                        self.client.connect_in_background()
-                return
-            if self.held_by is None or self.held_by["instance"] != holder["instance"]:
-                log.error("device id %s is in use by another agent (%s); this agent stays off the broker and asks "
-                          "again every %g s. Two devices must not share an id: give this one its own "
-                          "(device_id in the agent's config)", self.config.device_id, describe(holder),
-                          self.config.reconnect_max_delay)
-            self.held_by = holder
-            self._stop.wait(self.config.reconnect_max_delay * random.uniform(0.8, 1.2))
-
-    def _displaced(self, holder: dict[str, Any]) -> None:
-        """Another agent with our device id, running since before us, connected while we were away."""
-        self.held_by = holder
-
-        def step_back() -> None:
-            with self._connecting:
-                self.client.disconnect()
-            self._join_broker()
-
-        threading.Thread(target=step_back, name="step-back", daemon=True).start()
 
     def on_signal(self, *_: Any) -> None:
         """A signal handler for stopping: it only sets a flag, which run() reads within half a
@@ -223,8 +185,7 @@ class Agent:
                 self._publish_status(online=False)
             except MqttError as exc:  # the broker may be gone; its last will says offline for us
                 log.warning("could not announce going offline: %s", exc)
-        with self._connecting:
-            self.client.disconnect()
+        self.seat.leave()
         self._state_lock.release()
 
     def _restore_active(self) -> None:
@@ -322,7 +283,7 @@ class Agent:
                 "connected": self.client.connected, "broker_problem": self.client.problem,
                 "pid": os.getpid(), "keys": self.keys.describe(), "certificate": self.certificate.describe(),
                 "disk": room(self.store.root),
-                "id_held_by": self.held_by, "id_rivals": list(self.presence.rivals),
+                "id_held_by": self.seat.held_by, "id_rivals": list(self.presence.rivals),
                 **self.settings.describe(self.config)}
 
     def _local_rollback(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import secrets
 import socket
 import threading
@@ -175,6 +176,55 @@ class Presence:
             self._claim()  # the claim on record is ours again
         elif self._on_displaced is not None:
             self._on_displaced(other)
+
+
+class Seat:
+    """An agent's place on the broker under its identity. `join` connects *client* once no other
+    live process holds the identity; while one does, the agent stays off the broker (its local API
+    serves on), says who holds it, and asks again every *retry* seconds. `step_back` (Presence's
+    *on_displaced*) leaves and joins again. Connecting and disconnecting go one at a time, and
+    there is no connecting once *stop* is set: an agent stopped as it started had its MQTT thread
+    joined before it began, or connected after it had shut down."""
+
+    def __init__(self, client: MqttClient, topic: str, label: str, *, me: dict[str, Any],
+                 tls: Callable[[], TlsFiles | None], retry: float, stop: threading.Event) -> None:
+        self.held_by: dict[str, Any] | None = None  # the other process holding the identity, while one does
+        self._client, self._topic, self._label, self._me = client, topic, label, me
+        self._tls, self._retry, self._stop = tls, retry, stop  # (tls: the files in use now, renewed ones too)
+        self._lock = threading.Lock()
+
+    def join(self) -> None:
+        while not self._stop.is_set():
+            try:
+                holder = holder_of(self._client.broker, self._topic, me=self._me, tls=self._tls())
+            except MqttError:
+                holder = None  # the broker is away or turns us away: connecting says why, and retries
+            if holder is None:
+                self.held_by = None
+                with self._lock:
+                    if not self._stop.is_set():
+                        self._client.connect_in_background()
+                return
+            if self.held_by is None or self.held_by["instance"] != holder["instance"]:
+                log.error("%s is in use by another agent (%s); this agent stays off the broker and asks again every "
+                          "%g s. Two devices must not share an id: give this one its own (device_id in the agent's "
+                          "config)", self._label, describe(holder), self._retry)
+            self.held_by = holder
+            self._stop.wait(self._retry * random.uniform(0.8, 1.2))
+
+    def step_back(self, holder: dict[str, Any]) -> None:
+        """Another process with our identity, running since before us, connected while we were away."""
+        self.held_by = holder
+
+        def again() -> None:
+            self.leave()
+            self.join()
+
+        threading.Thread(target=again, name="step-back", daemon=True).start()
+
+    def leave(self) -> None:
+        with self._lock:
+            self._client.disconnect()
 
 
 class StatusGuard:
