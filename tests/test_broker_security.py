@@ -397,6 +397,7 @@ def in_use(agent) -> dict:
         return client.status()["certificate"]
 
 
+@pytest.mark.waits  # most of it is waiting for a certificate to expire
 def test_a_renewed_ca_pushed_over_mqtt_keeps_a_device_connected_after_the_earlier_ca_certificate_expires(
         agents, keys, tmp_path):
     """The devices' CA certificate runs out in 35 s. `certs renew --ca`, then `certs push --stale`
@@ -591,6 +592,7 @@ def problem(agent) -> dict | None:
         return client.status()["broker_problem"]
 
 
+@pytest.mark.waits  # most of it is waiting for a certificate to expire
 def test_a_certificate_pushed_over_mqtt_keeps_a_device_connected_after_its_earlier_one_expires(agents, keys, tmp_path):
     """`certs renew` and `certs push --stale` (the devices the registry shows with an older
     certificate) a device whose certificate runs out in 40 s: it reconnects with the new one, keeps
