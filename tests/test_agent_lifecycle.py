@@ -341,6 +341,9 @@ def test_a_duplicate_command_installs_once_even_across_a_restart(agents, mosquit
         host.publish(topics.command("dupes"), command)
         assert wait_until(lambda: any(e.state == "active" for e in events), 30), \
             ([(e.state, e.reason) for e in events], server.stats, agent.log.read_text()[-2000:])
+        # "active" goes out in committing, before the update's record moves on: killed in between, the
+        # agent commits again and says "active" again (test_killed_in_state[committing]), as it must.
+        assert wait_until(lambda: status(agent)["update_state"] == "idle", 30)
         host.publish(topics.command("dupes"), command)  # the broker redelivers, or the host retries
         restart(agent)
         host.publish(topics.command("dupes"), command)
