@@ -30,9 +30,11 @@ system-tools:
 	  [ -z "$$missing" ] || { echo "installing$$missing (apt-get)"; $(SUDO) apt-get update -qq && \
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }
 
-# Two worker processes (pytest-xdist): much of the suite waits on brokers, agents and timeouts.
+# Three worker processes (pytest-xdist), on two cores too: much of the suite waits on brokers, agents and
+# timeouts, and with two workers a third of the CPU time sat idle. On 2 cores, 2026-12-07: 584-613 s
+# against 710-754 s with `-n 2` (docs/benchmarks.md, "The test suite").
 test: install system-tools
-	$(BIN)/python -m pytest -n 2 --dist worksteal
+	$(BIN)/python -m pytest -n 3 --dist worksteal
 
 # The device side alone, as a device installs it (no host extra), on another Python: devices may run
 # 3.10 (JetPack 6), the host tools need 3.11. E.g. `make test-device DEVICE_PYTHON=python3.10`.

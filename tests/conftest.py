@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-# Under `-n 2` each worker would give PyTorch (OpenMP) a thread per core: four threads that spin-wait
+# Under `-n 2` or more, each worker would give PyTorch (OpenMP) a thread per core: four threads that spin-wait
 # at every barrier, on two cores, made tests/host_tools 3x slower (466 s -> 146 s with one thread
 # each). Set before numpy and torch are loaded; a run in one process keeps the defaults.
 if "PYTEST_XDIST_WORKER" in os.environ:
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
 
 
-# Tests run in two processes (`make test` passes `-n 2`). Ports the tests choose come from a range
+# Tests run in three processes (`make test` passes `-n 3`). Ports the tests choose come from a range
 # of their own per worker, below the kernel's ephemeral range (32768-60999 on Linux): no other
 # worker, and no outgoing connection's source port, can take a port a test holds or has stopped
 # a broker on and is about to use again.
