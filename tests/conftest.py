@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-# Under `-n 2` or more, each worker would give PyTorch (OpenMP) a thread per core: four threads that spin-wait
-# at every barrier, on two cores, made tests/host_tools 3x slower (466 s -> 146 s with one thread
+# Under xdist each worker would give PyTorch (OpenMP) a thread per core: with `-n 2`, four threads that
+# spin-wait at every barrier, on two cores, made tests/host_tools 3x slower (466 s -> 146 s with one thread
 # each). Set before numpy and torch are loaded; a run in one process keeps the defaults.
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
