@@ -100,9 +100,10 @@ class _Questions:
                 if device in self._ended:
                     continue
             payload = make_command(device, self._asked[device]).to_payload()
+            signed = signer(payload) if signer else payload
             with self._arrived:
-                self._sent[device] = signer(payload) if signer else payload
-            self._client.publish(topics.command(device), self._sent[device], qos=1)
+                self._sent[device] = signed
+            self._client.publish(topics.command(device), signed, qos=1)
 
     def _send_again(self) -> None:
         """Our connection came back: a reply sent while it was down is lost (our session is clean),
