@@ -36,7 +36,8 @@ class LatencyHistogram:
     def snapshot_and_reset(self) -> "HistogramSnapshot":
         with self._lock:
             parts, self._parts = self._parts, {}
-        snap = HistogramSnapshot(sum((c for c, _, _ in parts.values()), np.zeros(_BUCKETS, dtype=np.int64)),
+        counts = [c for c, _, _ in parts.values()]
+        snap = HistogramSnapshot(counts[0] if len(counts) == 1 else sum(counts, np.zeros(_BUCKETS, dtype=np.int64)),
                                  max((m for _, m, _ in parts.values()), default=0.0),
                                  sum(t for _, _, t in parts.values()))
         snap.by_version = {v: HistogramSnapshot(c, m, t) for v, (c, m, t) in parts.items() if v is not None}
@@ -50,6 +51,7 @@ class HistogramSnapshot:
         self.count = int(counts.sum())
         self.max_s = max_s
         self.mean_s = sum_s / self.count if self.count else None
+        self._cumulative: np.ndarray | None = None  # made once, for all the percentiles asked of it
 
     def percentile(self, q: float) -> float | None:
         """Upper bound of the bucket holding the q-th percentile, never above the observed max;
@@ -57,7 +59,9 @@ class HistogramSnapshot:
         if self.count == 0:
             return None
         rank = max(1, math.ceil(q / 100.0 * self.count))
-        index = int(np.searchsorted(np.cumsum(self.counts), rank))
+        if self._cumulative is None:
+            self._cumulative = np.cumsum(self.counts)
+        index = int(np.searchsorted(self._cumulative, rank))
         if index == _BUCKETS - 1:
             return self.max_s
         return float(min(_UPPER[index], self.max_s))

@@ -49,6 +49,13 @@ def test_round_trip(message):
     assert type(message).from_payload(message.to_payload()) == message
 
 
+def test_a_telemetry_sample_sends_every_field_it_has():
+    """to_dict is written out by hand (asdict copied the readings value by value); a field added to
+    the class and not to it would be missing from every message."""
+    sample = next(m for m in MESSAGES if type(m) is TelemetrySample)
+    assert sample.to_dict() == asdict(sample)
+
+
 @pytest.mark.parametrize("body", [{"chunks": []}, {"chunks": [], "seen": 3}, {"chunks": [], "fanout": True},
                                   {"chunks": [1], "seen": -1}, {"chunks": [1], "seen": "3"}])
 def test_a_chunk_request_with_no_chunks_only_says_what_a_fan_out_download_heard(body):
