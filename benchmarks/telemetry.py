@@ -8,9 +8,11 @@ what the collectors cost on one device.
     Mosquitto. 1,000 simulated devices (worker processes of 250, one MQTT connection each,
     publishing what the agent publishes: `telemetry_batch` messages, readings as a Jetson's) first
     report at 1 Hz for a while, then all send a 30-sample backlog at once, as they would after an
-    outage. Measured: samples/s the ingest stores while catching up, with every (device, seq)
-    checked to be there exactly once; against a raw SQLite loop inserting the same rows into the
-    same schema in the same run (one transaction per message, as the ingest does).
+    outage (encoded before the clock starts: a fleet's devices encode on their own CPUs, not on
+    the 2 cores the monitor has here). Measured: samples/s the ingest stores while catching up,
+    with every (device, seq) checked to be there exactly once; against a raw SQLite loop inserting
+    the same rows into the same schema in the same run (one transaction per message, as the
+    ingest does).
 (2) Collectors. The agent's default collectors on this machine (real /proc and /sys) and on the
     fixture trees of real boards (tests/fixtures/boards): CPU time per collection, and that as a
     share of one core at one collection a second.
@@ -68,15 +70,19 @@ def worker(args) -> None:
             samples.append(TelemetrySample(device_id, seq[device_id], time.time(), 1.0, "digits-cnn 1.0.0", readings))
         return TelemetryBatch(device_id, tuple(samples)).to_payload()
 
+    backlog: list[bytes] = []
     for line in sys.stdin:
         command = line.split()
         if command[0] == "tick":  # one sample from every device, spread over the second
             for device_id, client in zip(ids, clients):
                 client.publish(topics.telemetry(device_id), batch(device_id, 1), qos=1)
                 time.sleep(0.9 / len(ids))
-        elif command[0] == "backlog":  # what each queued during an outage, in batches of 30
-            for device_id, client in zip(ids, clients):
-                client.publish(topics.telemetry(device_id), batch(device_id, BACKLOG), qos=1)
+        elif command[0] == "prepare":  # what each queued during an outage, in batches of 30, encoded
+            # before the clock starts: real devices encode on their own CPUs, not on the monitor's
+            backlog = [batch(device_id, BACKLOG) for device_id in ids]
+        elif command[0] == "backlog":
+            for device_id, client, payload in zip(ids, clients, backlog):
+                client.publish(topics.telemetry(device_id), payload, qos=1)
         elif command[0] == "quit":
             break
         print(json.dumps(seq), flush=True)
@@ -183,6 +189,7 @@ def main() -> None:
         while stored(db)[0] < sent and time.monotonic() < deadline:
             time.sleep(0.2)
         steady_rows = stored(db)[0]
+        everyone("prepare")
         print(f"all {devices} devices send a {BACKLOG}-sample backlog at once", file=sys.stderr, flush=True)
         start = time.perf_counter()
         seqs = everyone("backlog")
