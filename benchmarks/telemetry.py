@@ -77,10 +77,9 @@ def worker(args) -> None:
             for device_id, client in zip(ids, clients):
                 client.publish(topics.telemetry(device_id), batch(device_id, 1), qos=1)
                 time.sleep(0.9 / len(ids))
-        elif command[0] == "prepare":  # what each queued during an outage, in batches of 30, encoded
-            # before the clock starts: real devices encode on their own CPUs, not on the monitor's
+        elif command[0] == "prepare":  # what each queued during an outage, in batches of 30 (untimed)
             backlog = [batch(device_id, BACKLOG) for device_id in ids]
-        elif command[0] == "backlog":
+        elif command[0] == "backlog":  # ... and sent at once
             for device_id, client, payload in zip(ids, clients, backlog):
                 client.publish(topics.telemetry(device_id), payload, qos=1)
         elif command[0] == "quit":
