@@ -1,5 +1,6 @@
 """The MQTT client wrapper against a real Mosquitto."""
 
+import logging
 import time
 import uuid
 
@@ -57,6 +58,7 @@ def test_unread_counts_what_the_broker_sent_while_the_network_thread_was_busy(mo
 def test_a_session_id_that_cannot_be_kept_is_used_for_this_run_and_made_again_once_it_can(tmp_path, caplog):
     from device_agent.mqtt import session_client_id
 
+    caplog.set_level(logging.WARNING, logger="device_agent.mqtt")
     record = tmp_path / "mqtt-session"
     (tmp_path / "mqtt-session.tmp").mkdir()  # its write fails with a real OS error, as on a full disk
     first = session_client_id("edgefleet-agent-pi", record)
@@ -110,7 +112,6 @@ def test_a_broker_that_is_not_there_yet_is_said_once_with_why_and_then_that_it_i
     """An agent started before its broker (or given a wrong address) keeps trying in the background;
     the log says at once that it cannot reach it and why, not at every attempt, and says when it
     connected in the end, as loudly as it said the broker was away."""
-    import logging
 
     from device_agent import mqtt
     from tests.conftest import Mosquitto
@@ -141,7 +142,6 @@ def test_a_broker_that_is_not_there_yet_is_said_once_with_why_and_then_that_it_i
 def test_a_broker_that_refuses_the_connection_is_said_once_as_an_error(tmp_path, caplog):
     """A broker that turns the client away in its CONNACK (no anonymous clients here): one error
     line with the broker's reason, not one, and a "lost the connection" besides, at every attempt."""
-    import logging
 
     from tests.conftest import Mosquitto
 

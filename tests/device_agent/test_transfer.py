@@ -2,6 +2,7 @@
 
 import errno
 import gc
+import logging
 import os
 import random
 import struct
@@ -181,6 +182,7 @@ def answered_by_hand(clients, tmp_path, device_id, how, size=50_000, delay=0.0, 
 ], ids=["one-chunk", "every-chunk"])
 def test_chunks_damaged_on_the_way_are_found_by_their_crc_and_only_they_fetched_again(clients, tmp_path, how, asks,
                                                                                      caplog):
+    caplog.set_level(logging.WARNING, logger="device_agent.transfer")  # whatever an earlier test set
     content, download, asked = answered_by_hand(clients, tmp_path, "dev-d", how)
     assert download.run().read_bytes() == content
     assert asked == asks
@@ -813,6 +815,7 @@ def test_stopping_the_server_while_it_answers_waits_for_that_answer_and_reads_no
     """A rollout stopped with Ctrl-C stops its server while the network thread may be answering a
     request: the bundle's file must not be closed under that answer ("cannot serve: Bad file
     descriptor", or another file's bytes once the number is reused)."""
+    caplog.set_level(logging.ERROR, logger="host_tools.serve")  # (so that "not in" below can fail)
     server, _, seen, ask, _ = watched_server(clients, tmp_path, "dev-s")
     answering, go_on, publish = threading.Event(), threading.Event(), server._publish
     monkeypatch.setattr(server, "_publish", lambda *job: answering.set() or go_on.wait(5) and publish(*job))

@@ -1,6 +1,7 @@
 """The compression toolkit on real ONNX Runtime: passes, recipes, data, the report and the guard."""
 
 import json
+import logging
 import re
 from collections import Counter
 from pathlib import Path
@@ -286,6 +287,23 @@ def test_a_segmentation_map_is_scored_per_pixel_over_its_classes():
                                            1.0, 3, False, schedule))
     assert not torch.isclose(on_classes, _loss(torch.from_numpy(rescaled), torch.from_numpy(scores), None, 1.0, 3,
                                                False, schedule))
+
+
+@pytest.mark.parametrize("model, recipe", [("digits_cnn", "int8-dynamic"), ("digits_cnn", "fp16"),
+                                           ("digits_transformer", "int4-weights")])
+def test_a_pass_quiets_onnx_runtimes_logging_only_while_it_runs(tmp_path, caplog, model, recipe):
+    """ORT's quantizers and float16 converter log through the root logger (the int4 quantizer's module
+    even calls logging.basicConfig when imported); the passes keep that off the terminal while they
+    run, and a program using host_tools.compress (or the agent beside them in one process) still has
+    its own warnings afterwards: a pass once left the root logger at ERROR for good."""
+    caplog.set_level(logging.INFO)
+    handlers = list(logging.getLogger().handlers)
+    run_recipe(ModelFile.open(MODELS / f"{model}.onnx"), load_recipe(recipe, "onnx"), eval_data=HELDOUT,
+               latency_runs=3, workdir=tmp_path)
+    assert logging.getLogger().level == logging.INFO and logging.getLogger().handlers == handlers
+    assert not [r for r in caplog.records if r.name.startswith("onnxruntime") or r.name == "root"], caplog.text
+    logging.getLogger("device_agent.mqtt").warning("still heard")
+    assert "still heard" in caplog.text
 
 
 def test_dynamic_fp16_and_int4_on_a_model_with_constant_node_weights(tmp_path):

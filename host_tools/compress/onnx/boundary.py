@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import hashlib
 import logging
 from collections import Counter
@@ -18,13 +19,37 @@ DYNAMIC_OPS = ("Conv", "MatMul", "Gemm", "Attention", "LSTM", "Gather")
 STATIC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
 
 
-def quiet_ort_quantizer() -> None:
-    """ORT's quantizer logs progress and warnings through the root logger, and its sessions
-    warn about unused initializers on stderr; keep the terminal ours."""
+@contextlib.contextmanager
+def quiet_ort_quantizer():
+    """While inside (or around a decorated function): ORT's quantizer logs progress and warnings
+    through the root logger, and its sessions warn about unused initializers on stderr; keep the
+    terminal ours. The root logger's level is put back after, so the program that ran the pass
+    (the agent beside it in a test process, an application using host_tools.compress) keeps its
+    own warnings."""
     import onnxruntime
 
-    logging.getLogger().setLevel(logging.ERROR)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
     onnxruntime.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def import_leaving_logging_alone(module: str):
+    """*module*, imported with what its import does to the root logger undone: ORT's
+    matmul_nbits_quantizer calls logging.basicConfig(level=INFO) when imported, which gives the root
+    logger a handler of its own and lowers its level."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        return importlib.import_module(module)
+    finally:
+        root.setLevel(level)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
 
 
 @contextlib.contextmanager

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from device_agent.errors import CompressionError, NotApplicable
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import (drop_initializer_inputs, output_path, quantized_already, session_crash,
-                                               sort_topologically)
+from host_tools.compress.onnx.boundary import (drop_initializer_inputs, output_path, quantized_already,
+                                               quiet_ort_quantizer, session_crash, sort_topologically)
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 
@@ -26,6 +26,7 @@ class OnnxFp16(Pass):
         exclude_op_types: tuple[str, ...] = field(default=(), metadata={"help": "op types to keep in float32"})
         exclude: tuple[str, ...] = field(default=(), metadata={"help": "node names to keep in float32"})
 
+    @quiet_ort_quantizer()  # (its converter logs through the root logger too)
     def run(self, model, config, workdir):
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16

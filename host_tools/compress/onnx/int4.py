@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from device_agent.errors import NotApplicable
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import (drop_unused_initializers, output_path, quantized_already,
-                                               quiet_ort_quantizer, weighted_nodes)
+from host_tools.compress.onnx.boundary import (drop_unused_initializers, import_leaving_logging_alone, output_path,
+                                               quantized_already, quiet_ort_quantizer, weighted_nodes)
 from host_tools.compress.onnx.layout import attr
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
@@ -39,11 +39,12 @@ class OnnxInt4WeightOnly(Pass):
             if not 0 <= self.accuracy_level <= 4:
                 raise ValueError(f"accuracy_level must be 0 to 4, not {self.accuracy_level}")
 
+    @quiet_ort_quantizer()
     def run(self, model, config, workdir):
         import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        MatMulNBitsQuantizer = import_leaving_logging_alone(  # noqa: N806
+            "onnxruntime.quantization.matmul_nbits_quantizer").MatMulNBitsQuantizer
 
-        quiet_ort_quantizer()
         layers = [(n, op) for n, op in weighted_nodes(model.path, ("MatMul", "Gemm")) if n not in config.exclude]
         if not any(op == "MatMul" or config.gemm for _, op in layers):
             gemms = sum(op == "Gemm" for _, op in layers)

@@ -33,11 +33,11 @@ class OnnxPreprocess(Pass):
         symbolic_shapes: bool = field(default=True, metadata={
             "help": "symbolic shape inference (falls back to ONNX's own when it cannot)"})
 
+    @quiet_ort_quantizer()
     def run(self, model, config, workdir):
         import onnx
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        quiet_ort_quantizer()
         workdir = Path(workdir).resolve()
         out, prepared = output_path(workdir, model, "pre"), output_path(workdir, model, "pre-in")
         with failing_as(self.name, model), held_log_errors("onnxruntime.quantization.shape_inference") as held:

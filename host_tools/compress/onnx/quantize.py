@@ -43,10 +43,10 @@ class OnnxDynamicInt8(Pass):
         op_types: tuple[str, ...] = field(default=(), metadata={"help": _OPS_HELP})
         exclude: tuple[str, ...] = field(default=(), metadata={"help": _EXCLUDE_HELP})
 
+    @quiet_ort_quantizer()
     def run(self, model, config, workdir):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quiet_ort_quantizer()
         _require_weighted_nodes(model, config.op_types or DYNAMIC_OPS)
         out = output_path(workdir, model, "dynamic")
         with failing_as(self.name, model):
@@ -92,8 +92,8 @@ class OnnxStaticInt8(Pass):
             if self.samples < 1 or self.auto_exclude < 0:
                 raise ValueError("samples must be 1 or more, auto_exclude 0 or more")
 
+    @quiet_ort_quantizer()
     def run(self, model, config, workdir):
-        quiet_ort_quantizer()
         if config.calibration is None:
             raise ConfigError(f"{self.name} {NO_CALIBRATION}")
         candidates = _require_weighted_nodes(model, config.op_types or STATIC_OPS)
