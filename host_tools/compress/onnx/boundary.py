@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import hashlib
+import importlib
 import logging
 from collections import Counter
 from pathlib import Path
