@@ -112,7 +112,6 @@ def test_a_broker_that_is_not_there_yet_is_said_once_with_why_and_then_that_it_i
     """An agent started before its broker (or given a wrong address) keeps trying in the background;
     the log says at once that it cannot reach it and why, not at every attempt, and says when it
     connected in the end, as loudly as it said the broker was away."""
-
     from device_agent import mqtt
     from tests.conftest import Mosquitto
 
@@ -142,7 +141,6 @@ def test_a_broker_that_is_not_there_yet_is_said_once_with_why_and_then_that_it_i
 def test_a_broker_that_refuses_the_connection_is_said_once_as_an_error(tmp_path, caplog):
     """A broker that turns the client away in its CONNACK (no anonymous clients here): one error
     line with the broker's reason, not one, and a "lost the connection" besides, at every attempt."""
-
     from tests.conftest import Mosquitto
 
     broker = Mosquitto(tmp_path, extra_conf="allow_anonymous false\n")
