@@ -91,10 +91,10 @@ class Agent:
                                  clean_session=False, tls=config.tls,
                                  reconnect_max_delay=config.reconnect_max_delay)
         # One live agent per device id (a cloned SD card has two): see device_agent/presence.py.
-        label = f"device id {config.device_id}"
-        self.seat = Seat(self.client, topics.presence(config.device_id), label, me=me, tls=lambda: self.config.tls,
+        topic, label = topics.presence(config.device_id), f"device id {config.device_id}"
+        self.seat = Seat(self.client, topic, label, me=me, tls=lambda: self.config.tls,
                          retry=config.reconnect_max_delay, stop=self._stop)
-        self.presence = Presence(self.client, topics.presence(config.device_id), label, me=me,
+        self.presence = Presence(self.client, topic, label, me=me,
                                  on_displaced=self.seat.step_back, on_rival=lambda: self._publish_status(online=True))
         self._status_guard = StatusGuard(self.client, topics.status(config.device_id),
                                          lambda: self._publish_status(online=True), self._stop.is_set,
