@@ -28,17 +28,25 @@ def report_table(report: CompressionReport, title: str = "compression"):
                        "on ARM (a Pi, a Jetson) the same models score as well or better")
     table = Table(title=title, header_style="bold", caption="; ".join(caption), box=box.SIMPLE_HEAD,
                   pad_edge=False, collapse_padding=True)
-    for header in ("model", "KiB", "×size", "dl KiB", "p50 ms", "×p50", "acc", "drop", "top-1|cos"):
+    unit, scale = latency_unit(original)
+    for header in ("model", "KiB", "×size", "dl KiB", f"p50 {unit}", "×p50", "acc", "drop", "top-1|cos"):
         if header == "model":
             table.add_column(header, min_width=12)
         else:
             table.add_column(header, justify="right", no_wrap=True)
     for m in rows:
-        cells = _cells(m, original)
+        cells = _cells(m, original, scale)
         if report.auto is not None and m is report.chosen:
             cells[0] = f"[bold]→ {cells[0]}[/]"
         table.add_row(*cells)
     return table
+
+
+def latency_unit(original: Measured) -> tuple[str, float]:
+    """The p50 column's unit and its factor from milliseconds, chosen by the original so that every
+    row reads alike: µs for a model that runs in under a millisecond (13.2, not 0.0132 ms)."""
+    p50 = original.latency.p50_ms if original.latency else None
+    return ("µs", 1000.0) if p50 is not None and p50 < 1 else ("ms", 1.0)
 
 
 def _int8_onnx(m: Measured) -> bool:
@@ -83,7 +91,7 @@ def slower_note(report: CompressionReport) -> str:
             f"--auto --goal speed hands back only a model faster than the original")
 
 
-def _cells(m: Measured, original: Measured) -> list[str]:
+def _cells(m: Measured, original: Measured, scale: float) -> list[str]:
     f = m.fidelity
     drop = quality_drop(original, m)
     ratio = lambda a, b: f"{a / b:.2f}" if a is not None and b else NA  # noqa: E731
@@ -93,9 +101,14 @@ def _cells(m: Measured, original: Measured) -> list[str]:
         f"{m.size_bytes / 1024:.1f}",
         ratio(m.size_bytes, original.size_bytes),
         f"{m.download_bytes / 1024:.1f}",
-        NA if p50 is None else f"{p50:.3g}",
+        NA if p50 is None else _digits(p50 * scale),
         ratio(p50, original.latency.p50_ms if original.latency else None),
         NA if f is None or f.accuracy is None else f"{f.accuracy * 100:.1f}%",
         "—" if m is original else (NA if drop is None else f"{drop:+.2f}"),
         NA if f is None else (f"{f.agreement * 100:.1f}%" if f.agreement is not None else f"{f.cosine:.4f}"),
     ]
+
+
+def _digits(value: float) -> str:
+    """A latency to three or four figures, alike in every row: 13.2, 562.1, 0.93."""
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"

@@ -69,6 +69,36 @@ def test_the_table_says_when_int8_accuracy_was_measured_where_its_products_satur
     assert "VNNI" not in shown(fp16)
 
 
+def test_the_table_gives_each_rows_latency_in_the_unit_the_original_reads_best_in(static_report):
+    """The small CNN runs in about 15 µs: its column is in µs, every row to a tenth of one (not
+    0.0132 ms beside 0.013 ms); a model that takes milliseconds keeps ms, with the same digits."""
+    import dataclasses
+    import io
+
+    from rich.console import Console
+
+    from host_tools.compress.evaluate import Latency
+    from host_tools.compress.report import report_table
+
+    def rows(report) -> dict[str, list[str]]:  # each row's cells by its first, before the caption
+        console = Console(width=400, record=True, file=io.StringIO())
+        console.print(report_table(report))
+        lines = [line.split() for line in console.export_text().splitlines() if line.strip()]
+        return {cells[0]: cells for cells in reversed(lines)}
+
+    def at(report, ms: float, result_ms: float):
+        timed = lambda m, p50: dataclasses.replace(m, latency=Latency(p50, p50, 20))  # noqa: E731
+        return dataclasses.replace(report, original=timed(report.original, ms),
+                                   steps=[timed(s, result_ms) for s in report.steps])
+
+    fast = rows(at(static_report, 0.01324, 0.00968))
+    assert "p50" in fast["model"] and "µs" in fast["model"]
+    assert fast["original"][4] == "13.2" and fast["onnx-static"][4] == "9.68"
+    slow = rows(at(static_report, 562.14, 8.4))
+    assert "ms" in slow["model"] and "µs" not in slow["model"]
+    assert slow["original"][4] == "562.1" and slow["onnx-static"][4] == "8.40"
+
+
 def test_a_gemm_quantized_by_onnx_runtime_as_qgemm_counts_as_int8_arithmetic(tmp_path):
     """ONNX Runtime's quantizer writes a Gemm as QGemm (com.microsoft) in the QOperator format: int8
     arithmetic, as exposed to u8 x s8 saturation as QLinearMatMul, so the table's VNNI caption must

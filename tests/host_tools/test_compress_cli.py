@@ -16,7 +16,7 @@ def test_compress_writes_the_model_and_a_report_that_a_bundle_carries(tmp_path, 
     result = edgefleet("compress", MODEL, "--recipe", "int8-static", "--calib", CALIB, "--eval", HELDOUT,
                        "-o", out, "--report", report, "--latency-runs", 20)
     assert result.returncode == 0, result.stderr
-    assert out.is_file() and "onnx-static" in result.stdout and "p50 ms" in result.stdout
+    assert out.is_file() and "onnx-static" in result.stdout and "p50 µs" in result.stdout
     doc = json.loads(report.read_text())
     assert doc["recipe"]["name"] == "int8-static" and doc["result"]["file"] == out.name
     bundle = tmp_path / "d.efb"
