@@ -9,6 +9,7 @@ number rather than a made-up zero.
 from __future__ import annotations
 
 import threading
+from decimal import Decimal
 from typing import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -17,33 +18,33 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from host_tools.fleet.store import FleetStore
 from host_tools.fleet.view import summarize
 
-# (metric name, help, summary field, scale)
+# (metric name, help, summary field, the power of ten that scales it to the metric's unit)
 GAUGES = [
-    ("edgefleet_device_online", "1 if the device is connected, 0 if not.", "online", 1),
+    ("edgefleet_device_online", "1 if the device is connected, 0 if not.", "online", 0),
     ("edgefleet_inference_latency_p50_seconds", "Median inference latency over the last interval.",
-     "latency_p50_ms", 1e-3),
+     "latency_p50_ms", -3),
     ("edgefleet_inference_latency_p95_seconds", "95th percentile inference latency over the last interval.",
-     "latency_p95_ms", 1e-3),
+     "latency_p95_ms", -3),
     ("edgefleet_inference_latency_p99_seconds", "99th percentile inference latency over the last interval.",
-     "latency_p99_ms", 1e-3),
-    ("edgefleet_inferences_per_second", "Inferences per second over the last interval.", "inferences_per_s", 1),
-    ("edgefleet_process_resident_memory_bytes", "The agent process's RSS.", "process_rss_bytes", 1),
-    ("edgefleet_process_cpu_percent", "The agent process's CPU, % of one core.", "process_cpu_percent", 1),
-    ("edgefleet_temperature_celsius", "The device's hottest thermal zone.", "temperature_c", 1),
+     "latency_p99_ms", -3),
+    ("edgefleet_inferences_per_second", "Inferences per second over the last interval.", "inferences_per_s", 0),
+    ("edgefleet_process_resident_memory_bytes", "The agent process's RSS.", "process_rss_bytes", 0),
+    ("edgefleet_process_cpu_percent", "The agent process's CPU, % of one core.", "process_cpu_percent", 0),
+    ("edgefleet_temperature_celsius", "The device's hottest thermal zone.", "temperature_c", 0),
     ("edgefleet_power_watts", "Power as the device's sensor measures it (see the source label).",
-     "power_watts", 1),
+     "power_watts", 0),
     ("edgefleet_energy_per_inference_joules", "Device energy over the interval per inference.",
-     "energy_per_inference_mj", 1e-3),
+     "energy_per_inference_mj", -3),
     ("edgefleet_disk_free_bytes", "Room left for the agent on the file system that holds its bundles.",
-     "disk_free_bytes", 1),
-    ("edgefleet_disk_size_bytes", "Size of the file system that holds the agent's bundles.", "disk_total_bytes", 1),
+     "disk_free_bytes", 0),
+    ("edgefleet_disk_size_bytes", "Size of the file system that holds the agent's bundles.", "disk_total_bytes", 0),
     ("edgefleet_last_seen_timestamp_seconds", "When the host last heard from the device (Unix time).",
-     "last_seen", 1),
+     "last_seen", 0),
     ("edgefleet_client_certificate_expiry_timestamp_seconds",
-     "When the client certificate the device shows the broker expires (Unix time).", "certificate_expires", 1),
+     "When the client certificate the device shows the broker expires (Unix time).", "certificate_expires", 0),
     ("edgefleet_ca_certificate_expiry_timestamp_seconds",
      "When the last of the CA certificates the device trusts for its client certificate expires (Unix time).",
-     "ca_certificate_expires", 1),
+     "ca_certificate_expires", 0),
 ]
 
 
@@ -53,7 +54,7 @@ class FleetMetrics(Collector):
 
     def collect(self) -> Iterator:
         rows = [summarize(row) for row in self._store.devices()]
-        for name, help_text, field, scale in GAUGES:
+        for name, help_text, field, exponent in GAUGES:
             labels = ["device", "bundle"] + (["source"] if field == "power_watts" else [])
             family = GaugeMetricFamily(name, help_text, labels=labels)
             for s in rows:
@@ -61,13 +62,20 @@ class FleetMetrics(Collector):
                 if value is None:
                     continue  # not reported by this device: no series, never a zero
                 extra = [s["power_source"] or ""] if field == "power_watts" else []
-                family.add_metric([s["device_id"], s["active_bundle"] or ""] + extra, float(value) * scale)
+                family.add_metric([s["device_id"], s["active_bundle"] or ""] + extra, scaled(value, exponent))
             yield family
         samples = CounterMetricFamily("edgefleet_telemetry_samples", "Telemetry samples stored for the device.",
                                       labels=["device"])
         for s in rows:
             samples.add_metric([s["device_id"]], s["telemetry_samples"])
         yield samples
+
+
+def scaled(value: float, exponent: int) -> float:
+    """*value* times ten to the *exponent*, as the decimal it is: 0.2559 ms is 0.0002559 s, where
+    multiplying by 1e-3 gives 0.00025590000000000004."""
+    value = float(value)
+    return float(Decimal(repr(value)).scaleb(exponent)) if exponent else value
 
 
 def serve_metrics(store: FleetStore, port: int, address: str = "0.0.0.0") -> threading.Thread:

@@ -89,12 +89,15 @@ def test_prometheus_series_carry_the_power_source_and_exist_only_for_readings_se
     store.record_telemetry(TelemetrySample("nano-1", 1, 1.0, 1.0, "m 1.0.0", TelemetryCollectors(
         CollectorContext(sysfs=board, vcgencmd=lambda *a: None), ["power", "thermal"]).collect()), 2.0)
     store.record_status(DeviceStatus("pi-2", True, 1.0, "0.1.0", "m 1.0.0", "cd" * 32), 1.0)
+    store.record_telemetry(TelemetrySample("pi-2", 1, 1.0, 1.0, "m 1.0.0", {"inference": {"p50_ms": 0.2559}}), 2.0)
     registry = CollectorRegistry()
     registry.register(FleetMetrics(store))
     text = generate_latest(registry).decode()
     assert 'edgefleet_power_watts{bundle="m 1.0.0",device="nano-1",source="jetson-ina3221"} 2.964' in text
     assert 'edgefleet_temperature_celsius{bundle="m 1.0.0",device="nano-1"} 36.5' in text
     assert 'device="pi-2"' in text and 'edgefleet_power_watts{bundle="m 1.0.0",device="pi-2"' not in text
+    # milliseconds become seconds as the decimal they are, not 0.00025590000000000004
+    assert 'edgefleet_inference_latency_p50_seconds{bundle="m 1.0.0",device="pi-2"} 0.0002559\n' in text
 
 
 def test_the_shipped_grafana_dashboard_queries_only_metrics_the_monitor_exports():
