@@ -186,9 +186,11 @@ class Deployment(EventTracker):
 
 
 def run_rollback(client: MqttClient, devices: Iterable[str], *, signer: Callable[[bytes], bytes],
-                 timeout: float) -> dict[str, DeviceProgress]:
-    """Ask *devices* to go back to their previous committed version and wait for each outcome."""
-    tracker = EventTracker(client, devices, signer, watch_connectivity=True)
+                 timeout: float, on_update: Callable[[DeviceProgress], None] | None = None,
+                 ) -> dict[str, DeviceProgress]:
+    """Ask *devices* to go back to their previous committed version and wait for each outcome
+    (*on_update* with each device's progress while it waits)."""
+    tracker = EventTracker(client, devices, signer, on_update, watch_connectivity=True)
     try:
         tracker.send(RollbackCommand(tracker.command_id, time.time()).to_payload())
         return tracker.wait(timeout)

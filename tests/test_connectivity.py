@@ -111,6 +111,12 @@ def test_a_killed_device_is_said_to_be_offline_because_its_connection_dropped(ag
     outcome = json.loads(result.stdout)["crashy"]
     assert result.returncode == 1 and outcome["state"] == "timed_out"
     assert outcome["reason"] == "no outcome within 2s: device offline (its connection dropped)"
+    # on a terminal's streams: why it waits, while it waits, and that the rollback waits in its session
+    said = edgefleet("rollback", "--device", "crashy", "--broker", mosquitto, "--timeout", "2", "--expires-in", "300",
+                     "--key", keys["key"])
+    assert said.returncode == 1 and said.stderr == "crashy: offline (connection dropped); waiting up to 2 s for it\n"
+    assert said.stdout == ("crashy: timed_out (no outcome within 2s: device offline (its connection dropped)); it may "
+                           "still take the change if it reconnects within the command's 300 s\n")
 
 
 def test_the_progress_of_a_command_says_why_a_device_has_not_answered_as_soon_as_the_broker_tells(mosquitto, host):

@@ -85,7 +85,7 @@ def send_to_each(broker: str, role: str, devices, kind: str, make_command, *, ti
     signer = command_signer(signing_key, expires_in)
     client = host_client(broker, role)
     try:
-        with _answers_counted(kind, len(set(devices))) as counted:
+        with answers_counted(kind, len(set(devices))) as counted:
             replies = ask_each(client, devices, make_command, timeout, signer, kind, on_answer=counted)
     finally:
         client.disconnect()
@@ -99,17 +99,19 @@ def send_to_each(broker: str, role: str, devices, kind: str, make_command, *, ti
 
 
 @contextlib.contextmanager
-def _answers_counted(kind: str, total: int):
-    """A bar on stderr counting the answers of several devices; yields what to call on each."""
-    if total < 2:
+def answers_counted(kind: str, total: int):
+    """A bar on stderr counting the answers of several devices; yields what to call on each. Not on
+    a pipe or file, where it would leave only an empty line."""
+    from host_tools.terminal import console
+
+    err = console(stderr=True)
+    if total < 2 or not err.is_terminal:
         yield lambda _device: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from host_tools.terminal import console
-
     with Progress(TextColumn(f"{kind}: answers"), BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console(stderr=True), transient=True) as progress:
+                  console=err, transient=True) as progress:
         task = progress.add_task(kind, total=total)
         yield lambda _device: progress.advance(task)
 

@@ -12,8 +12,8 @@ import click
 from device_agent.cli import FiniteRange, fail_cleanly
 from device_agent.errors import ConfigError
 from host_tools.cli.base import (
-    DEFAULT_HOME, broker_option, chunk_size_option, command_signer, devices_option, host_client, json_option, main,
-    signing_options, timeout_option,
+    DEFAULT_HOME, answers_counted, broker_option, chunk_size_option, command_signer, devices_option, host_client,
+    json_option, main, may_still_take, signing_options, timeout_option,
 )
 from host_tools.cli.fleet import fleet_rows
 from host_tools.terminal import console
@@ -135,14 +135,39 @@ def rollback(devices, broker, timeout, signing_key, expires_in, as_json) -> None
 
     signer = command_signer(signing_key, expires_in)
     client = host_client(broker, "rollback")
+    answered: set[str] = set()
     try:
-        results = run_rollback(client, devices, signer=signer, timeout=timeout)
+        with answers_counted("rollback", len(set(devices))) as counted:
+            results = run_rollback(client, devices, signer=signer, timeout=timeout,
+                                   on_update=_followed(answered, counted, timeout))
     finally:
         client.disconnect()
     if as_json:
         click.echo(json.dumps({d: vars(p) for d, p in results.items()}))
     else:
         for d, p in results.items():
-            click.echo(f"{d}: {p.state}" + (f" ({p.reason})" if p.reason else ""))
+            unanswered = p.state == "timed_out" and d not in answered  # the command waits in its session
+            click.echo(f"{d}: {p.state}" + (f" ({p.reason})" if p.reason else "")
+                       + (f"; {may_still_take(expires_in)}" if unanswered else ""))
     if not all(p.succeeded for p in results.values()):
         sys.exit(1)
+
+
+def _followed(answered: set[str], counted, timeout: float):
+    """What a rollback calls with each device's progress: it adds the devices that answered to
+    *answered*, counts each outcome, and says once on stderr that a device is offline (the wait
+    for it can take the whole *timeout*; one never seen is not waited for)."""
+    from host_tools.connectivity import SHORT_NEVER_SEEN
+
+    noted: set[str] = set()
+
+    def on_update(p) -> None:
+        if p.state != "pending":
+            answered.add(p.device_id)
+        if p.done:
+            counted(p.device_id)
+        elif p.state == "pending" and p.reason not in (None, SHORT_NEVER_SEEN) and p.device_id not in noted:
+            noted.add(p.device_id)
+            print(f"{p.device_id}: {p.reason}; waiting up to {timeout:g} s for it", file=sys.stderr)
+
+    return on_update

@@ -195,6 +195,10 @@ def test_rolling_back_a_device_that_never_connected_ends_at_once_and_says_why(mo
     assert outcome["reason"] == "never connected to this broker: not installed yet, or a wrong device id? (the " \
                                 "broker keeps commands only for devices it has seen)"
     assert time.monotonic() - started < 50
+    # two of them, into a pipe: a line each, and on stderr nothing (no bar, no "waiting" for them)
+    two = edgefleet("rollback", "--device", "ghost-8", "--device", "ghost-9", "--broker", mosquitto, "--timeout", "60")
+    assert two.returncode == 1 and two.stderr == ""
+    assert [line.split(" (")[0] for line in two.stdout.splitlines()] == ["ghost-8: unreachable", "ghost-9: unreachable"]
 
 
 def test_bench_of_a_missing_or_broken_bundle_is_one_line(mosquitto, tmp_path, keys):
