@@ -124,8 +124,12 @@ class UpdateMachine:
         return self.ctx.last_event
 
     def _finished(self, event: DeploymentEvent | None) -> DeploymentEvent | None:
-        """Keep *event* as the last outcome if it is a command's final event."""
+        """Keep *event* as the last outcome if it is a command's final event, and log it: the
+        device's own log says how every update ended, and why one failed."""
         if event is not None and event.command_id and event.state in DEPLOY_FINAL:
+            log.log(logging.WARNING if event.state == "failed" else logging.INFO, "update %s (%s): %s%s",
+                    event.command_id, event.bundle or "no bundle", event.state,
+                    f": {event.reason}" if event.reason else "")
             self.last_outcome = event
             try:
                 self.journal.save_outcome(event)

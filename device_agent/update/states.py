@@ -341,7 +341,8 @@ class RollingBack(State):
             ctx.event(record, "rolled_back", 1.0, reason=outcome)
         elif record.kind == "deploy":
             ctx.event(record, "failed", reason=f"{record.reason or 'update failed'}; {outcome}")
-        log.warning("%s (%s)", outcome, record.reason or record.kind)
+        else:  # no command to report to (the machine logs those outcomes)
+            log.warning("%s (%s)", outcome, record.reason or record.kind)
 
 
 class Cleanup(State):

@@ -112,6 +112,23 @@ def test_an_unexpected_error_in_a_state_takes_its_fail_edge_and_is_reported(tmp_
     assert machine.record.state == "idle"  # cleaned up, not stuck
 
 
+def test_the_devices_log_says_how_each_update_ended_and_why_one_failed(tmp_path, monkeypatch, caplog):
+    """journalctl is where someone at the device looks: every command's outcome is one line there,
+    a failure a warning with its reason, as the host was told."""
+    import logging
+    from dataclasses import replace
+
+    machine, _ = _machine(tmp_path)
+    monkeypatch.setattr(type(STATES["downloading"]), "enter",
+                        lambda self, ctx, record: (FAIL, replace(record, reason="no chunk for 60 s")))
+    caplog.set_level(logging.INFO, logger="device_agent.update")
+    assert _deploy(machine).reason == "no chunk for 60 s"
+    assert machine.rollback("c2").state == "failed"
+    outcomes = [(r.levelname, r.getMessage()) for r in caplog.records if ": failed" in r.getMessage()]
+    assert outcomes == [("WARNING", "update c1 (m 1.0.0): failed: no chunk for 60 s"),
+                        ("WARNING", "update c2 (no bundle): failed: no earlier committed version to roll back to")]
+
+
 def test_an_update_whose_first_state_cannot_be_saved_does_not_start(tmp_path, monkeypatch):
     machine, events = _machine(tmp_path)
     entered = []
