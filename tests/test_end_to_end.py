@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from device_agent.mqtt import MqttClient
-from device_agent.protocol.reports import DeviceStatus
+from device_agent.protocol.reports import DeviceStatus, TelemetrySample
 from host_tools.fleet.ingest import Ingest
 from host_tools.fleet.store import FleetStore
 from tests.conftest import MODELS, Mosquitto, announced, edgefleet, free_port, wait_until
@@ -406,6 +406,9 @@ def test_the_dashboard_renders_real_plots_rollout_marks_and_versions_in_headless
     store.record_status(DeviceStatus("pi-82", False, time.time(), certificate={
         "serial": "ab12", "expires": soon.isoformat(), "source": "config",
         "ca_expires": (soon - dt.timedelta(days=9)).isoformat()}), time.time())  # ... and its CA's sooner
+    for seq, ago in enumerate((300, 299, 298, 60, 59), 1):  # ... and that was switched off for four minutes
+        store.record_telemetry(TelemetrySample("pi-82", seq, time.time() - ago, 1.0, None,
+                                               {"inference": {"p50_ms": 1.0}}), time.time())
 
     port = free_port()
     page = subprocess.Popen([sys.executable, "-m", "host_tools", "dashboard", "--db", str(monitor),
@@ -434,6 +437,9 @@ def test_the_dashboard_renders_real_plots_rollout_marks_and_versions_in_headless
     assert '<span class="alarm" data-alarm="certificate">certificate: 12 days left, renew it</span> ' \
            '<span class="alarm" data-alarm="CA">CA: 3 days left, renew it</span>' in cards["pi-82"]
     assert 'data-alarm' not in jetson_card + plain_card  # (no client certificate at all: nothing to say)
+    # the time it sent nothing is a break in its line, not a line drawn across it
+    assert [len(points.split()) for points in re.findall(r'data-series="p50_ms" points="([^"]+)"', cards["pi-82"])] \
+        == [3, 2]
 
 
 def test_the_registry_knows_each_devices_hardware_takes_labels_and_keeps_bundles_from_devices_that_cannot_run_them(

@@ -9,7 +9,8 @@ JSON endpoints:
     /api/series?device=ID&hours=H  that device's samples, flattened to the plotted readings
     /api/events?device=ID         its deployment outcomes (the rollout marks)
 
-A reading a device never sent is plotted as "not reported", never as a line at zero.
+A reading a device never sent is plotted as "not reported", never as a line at zero, and a time
+it sent nothing (switched off, say) as a break in the line, not a line drawn across it.
 """
 
 from __future__ import annotations
