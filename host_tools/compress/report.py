@@ -28,7 +28,7 @@ def report_table(report: CompressionReport, title: str = "compression"):
                        "on ARM (a Pi, a Jetson) the same models score as well or better")
     table = Table(title=title, header_style="bold", caption="; ".join(caption), box=box.SIMPLE_HEAD,
                   pad_edge=False, collapse_padding=True)
-    unit, scale = latency_unit(original)
+    unit, scale = _latency_unit(original)
     for header in ("model", "KiB", "×size", "dl KiB", f"p50 {unit}", "×p50", "acc", "drop", "top-1|cos"):
         if header == "model":
             table.add_column(header, min_width=12)
@@ -42,7 +42,7 @@ def report_table(report: CompressionReport, title: str = "compression"):
     return table
 
 
-def latency_unit(original: Measured) -> tuple[str, float]:
+def _latency_unit(original: Measured) -> tuple[str, float]:
     """The p50 column's unit and its factor from milliseconds, chosen by the original so that every
     row reads alike: µs for a model that runs in under a millisecond (13.2, not 0.0132 ms)."""
     p50 = original.latency.p50_ms if original.latency else None
