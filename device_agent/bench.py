@@ -18,6 +18,18 @@ from device_agent.runtime import RuntimeOptions, load_runtime
 from device_agent.sample import load_sample
 from device_agent.store import InstalledBundle
 
+# The timings a benchmark's result holds, (label, key) in the order both CLIs print them.
+TIMINGS = (("load", "load_ms"), ("first inference", "first_inference_ms"), ("p50", "p50_ms"), ("p90", "p90_ms"),
+           ("p99", "p99_ms"), ("mean", "mean_ms"))
+
+
+def duration(ms: float) -> str:
+    """*ms* in the unit it reads best in, to three or four figures: 15.2 µs (not 0.015 ms), 1.991 ms,
+    812.3 ms."""
+    if ms < 1:
+        return f"{ms * 1000:.1f} µs"
+    return f"{ms:.3f} ms" if ms < 10 else f"{ms:.1f} ms"
+
 
 def benchmark(bundle: InstalledBundle, options: RuntimeOptions, *, runs: int = 100, warmup: int = 10,
               on_progress=None) -> dict[str, Any]:

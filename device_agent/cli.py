@@ -276,11 +276,12 @@ def bench(bundle, trusted, runs, warmup, threads, as_json) -> None:
 
 
 def print_bench(r: dict) -> None:
+    from device_agent.bench import TIMINGS, duration
+
     click.echo(f"{r['bundle']} on {r['runtime']} ({r['runs']} runs after {r['warmup']} warm-up)")
-    for label, key in (("load", "load_ms"), ("first inference", "first_inference_ms"), ("p50", "p50_ms"),
-                       ("p90", "p90_ms"), ("p99", "p99_ms"), ("mean", "mean_ms")):
-        click.echo(f"  {label:<16} {r[key]:>10.3f} ms")
-    click.echo(f"  {'peak RSS':<16} {r['peak_rss_bytes'] / 2**20:>10.1f} MiB")
+    for label, key in TIMINGS:
+        click.echo(f"  {label:<16} {duration(r[key]):>13}")
+    click.echo(f"  {'peak RSS':<16} {r['peak_rss_bytes'] / 2**20:>9.1f} MiB")
 
 
 @main.command(help="Install the agent as a systemd service: unit file, config file, user and state directory.")

@@ -133,9 +133,10 @@ def bench(bundle_path, device_id, broker, runs, warmup, timeout, chunk_size, sig
     table = Table(title=f"{r['bundle']} on {device_id} ({r['runtime']}, {r['runs']} runs after {r['warmup']} warm-up)")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    for label, key in (("load", "load_ms"), ("first inference", "first_inference_ms"), ("p50", "p50_ms"),
-                       ("p90", "p90_ms"), ("p99", "p99_ms"), ("mean", "mean_ms")):
-        table.add_row(label, f"{r[key]:.3f} ms")
+    from device_agent.bench import TIMINGS, duration
+
+    for label, key in TIMINGS:
+        table.add_row(label, duration(r[key]))
     table.add_row("peak RSS (agent process)", f"{r['peak_rss_bytes'] / 2**20:.1f} MiB")
     table.add_row("RSS after load and runs", f"{r['rss_after_runs_bytes'] / 2**20:.1f} MiB")
     console().print(table)

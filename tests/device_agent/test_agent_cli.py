@@ -22,6 +22,15 @@ def test_bench_runs_a_verified_bundle_locally(make_bundle, keys):
     assert r["runs"] == 30 and r["load_ms"] > 0 and 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
     table = agent_cli("bench", make_bundle(), "--trusted-key", keys["pub"], "--runs", 10)
     assert table.returncode == 0 and "first inference" in table.stdout and "peak RSS" in table.stdout
+    assert re.search(r"^  p50 +\d+\.\d+ (µs|ms)$", table.stdout, re.M), table.stdout
+
+
+def test_bench_timings_read_in_the_unit_that_suits_them():
+    """benchmark_model speaks µs: a 15 µs model is not "0.015 ms" (two figures) here either."""
+    from device_agent.bench import duration
+
+    assert [duration(ms) for ms in (0.01524, 0.9996, 1.99141, 812.34)] == \
+        ["15.2 µs", "999.6 µs", "1.991 ms", "812.3 ms"]
 
 
 def test_bench_of_a_tflite_bundle(make_bundle, keys):
