@@ -50,6 +50,8 @@ def test_auto_as_json(tmp_path):
     assert "] dynamic int8" in result.stderr and "timing" in result.stderr  # progress while it searches
     assert "recovering the pruned model: epoch 30/30" in result.stderr  # and inside the slow passes
     assert "distilling into a" in result.stderr
+    # what they train on: the --calib inputs here (no --train), without labels, which the user can tell
+    assert "recovering the pruned model: 200 samples, 30 epochs" in result.stderr
 
 
 def test_json_is_all_that_stdout_carries_even_when_a_library_prints(tmp_path):

@@ -80,6 +80,7 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
     steps_per_epoch = max(1, -(-len(xs[0]) // schedule.batch))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=schedule.epochs * steps_per_epoch)
     student.train()
+    progress(f"      {what}: {len(xs[0])} samples{', labelled' if ys is not None else ''}, {schedule.epochs} epochs")
     for epoch in range(schedule.epochs):
         order = torch.randperm(len(xs[0]), generator=generator)
         total = 0.0
