@@ -130,11 +130,11 @@ def bench(bundle_path, device_id, broker, runs, warmup, timeout, chunk_size, sig
         return
     from rich.table import Table
 
+    from device_agent.bench import TIMINGS, duration
+
     table = Table(title=f"{r['bundle']} on {device_id} ({r['runtime']}, {r['runs']} runs after {r['warmup']} warm-up)")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    from device_agent.bench import TIMINGS, duration
-
     for label, key in TIMINGS:
         table.add_row(label, duration(r[key]))
     table.add_row("peak RSS (agent process)", f"{r['peak_rss_bytes'] / 2**20:.1f} MiB")
