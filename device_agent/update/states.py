@@ -341,7 +341,7 @@ class RollingBack(State):
             ctx.event(record, "rolled_back", 1.0, reason=outcome)
         elif record.kind == "deploy":
             ctx.event(record, "failed", reason=f"{record.reason or 'update failed'}; {outcome}")
-        else:  # no command to report to (the machine logs those outcomes)
+        else:  # a recovery no command asked for: no event, so no line from the machine's log of outcomes
             log.warning("%s (%s)", outcome, record.reason or record.kind)
 
 
