@@ -12,14 +12,16 @@ What a source may be:
   iterating over a PyTorch Dataset gives).
 
 Arrays are matched to the model's inputs when a pass or the evaluation binds them, so one
-file serves any model that takes the same inputs.
+file serves any model that takes the same inputs. An input whose batch is not its first axis (a
+recurrent state [layers, batch, hidden], named so by torch.onnx.export's dynamic axes) has its
+samples along the first axis here too: [samples, layers, hidden].
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -44,8 +46,9 @@ class Dataset:
         return Dataset({k: v[:count] for k, v in self.arrays.items()},
                        None if self.labels is None else self.labels[:count], self.source)
 
-    def bind(self, specs: Sequence) -> "BoundData":
-        """These arrays as feeds for a model whose inputs are *specs* (TensorSpec-like)."""
+    def bind(self, specs: Sequence, outputs: Sequence = ()) -> "BoundData":
+        """These arrays as feeds for a model whose inputs are *specs* (TensorSpec-like, as are its
+        *outputs*, whose batch axes the BoundData then knows too)."""
         arrays = dict(self.arrays)
         if len(specs) == 1 and specs[0].name not in arrays:
             if len(arrays) != 1:
@@ -56,41 +59,76 @@ class Dataset:
         if missing:
             raise ConfigError(f"{self.source}: no data for model input(s) {', '.join(missing)} "
                               f"(the data has {', '.join(sorted(arrays))})")
-        feeds = {s.name: _conform(arrays[s.name], s, self.source) for s in specs}
-        return BoundData(feeds, self.labels, fixed_batch=any(s.shape and s.shape[0] == 1 for s in specs))
+        axes = batch_axes([*specs, *outputs], specs)
+        feeds = {s.name: _conform(arrays[s.name], s, self.source, axes.get(s.name, 0)) for s in specs}
+        fixed = any(s.shape and s.shape[axes.get(s.name, 0)] == 1 for s in specs)
+        return BoundData(feeds, self.labels, fixed_batch=fixed, axes=axes)
+
+
+def batch_axes(specs: Sequence, inputs: Sequence) -> dict[str, int]:
+    """Which of *specs* (a model's tensors, TensorSpec-like) hold their batch along an axis other
+    than the first, and that axis: the one dimension named as the first of the model's *inputs*,
+    in a tensor whose first dimension is fixed. torch.onnx.export writes a recurrent layer's state
+    so: [layers, "batch", hidden] beside frames ["batch", time, features]."""
+    names = {s.shape[0] for s in inputs if s.shape and isinstance(s.shape[0], str) and s.shape[0] != "?"}
+    axes = {}
+    for spec in specs:
+        found = [i for i, d in enumerate(spec.shape) if d in names]
+        if spec.shape and isinstance(spec.shape[0], int) and len(found) == 1:
+            axes[spec.name] = found[0]
+    return axes
 
 
 @dataclass(frozen=True)
 class BoundData:
-    feeds: dict[str, np.ndarray]
+    feeds: dict[str, np.ndarray]  # every input's samples along axis 0
     labels: np.ndarray | None
     fixed_batch: bool  # the model takes exactly one sample per call
     batch_axis_unused: bool = False  # … though its inputs declare a batch axis (found by evaluate.bind)
+    axes: Mapping[str, int] = field(default_factory=dict)  # tensors batched along another axis (batch_axes)
 
     def __len__(self) -> int:
         return len(next(iter(self.feeds.values())))
 
+    def head(self, count: int) -> "BoundData":
+        return replace(self, feeds={k: v[:count] for k, v in self.feeds.items()},
+                       labels=None if self.labels is None else self.labels[:count])
+
     def sample(self, index: int, size: int = 1) -> dict[str, np.ndarray]:
-        """Feeds of *size* samples from *index* (one sample: a batch of 1)."""
-        return {k: v[index:index + size] for k, v in self.feeds.items()}
+        """Feeds of *size* samples from *index* (one sample: a batch of 1), as the model takes them."""
+        return self.as_model_takes({k: v[index:index + size] for k, v in self.feeds.items()})
 
     def batches(self, size: int = 64) -> Iterator[dict[str, np.ndarray]]:
         step = 1 if self.fixed_batch else size
         for start in range(0, len(self), step):
-            yield {k: v[start:start + step] for k, v in self.feeds.items()}
+            yield self.as_model_takes({k: v[start:start + step] for k, v in self.feeds.items()})
+
+    def as_model_takes(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """*tensors* (samples along axis 0) with each batch where the model holds it."""
+        return {k: np.ascontiguousarray(np.moveaxis(v, 0, self.axes[k])) if k in self.axes else v
+                for k, v in tensors.items()}
+
+    def samples_first(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's *tensors* (its outputs, say) with each one's samples along axis 0."""
+        return {k: np.moveaxis(v, self.axes[k], 0) if k in self.axes else v for k, v in tensors.items()}
 
 
-def _conform(array: np.ndarray, spec, source: str) -> np.ndarray:
+def _conform(array: np.ndarray, spec, source: str, axis: int = 0) -> np.ndarray:
+    """*array*: samples of input *spec* along its first axis, the model's batch along *axis*."""
     array = np.asarray(array)
     rank = len(spec.shape)
-    if rank and array.ndim == rank + 1 and array.shape[1] == 1:
-        array = array[:, 0]  # samples saved with their own batch axis of 1
+    if rank and array.ndim == rank + 1 and array.shape[axis + 1] == 1:
+        array = np.squeeze(array, axis + 1)  # samples saved with their own batch axis of 1
     if rank and array.ndim != rank:
         raise ConfigError(f"{source}: input {spec.name!r} takes rank-{rank} tensors {list(spec.shape)}; "
                           f"the data's samples stack to shape {list(array.shape)}")
-    for i, (want, have) in enumerate(zip(spec.shape[1:], array.shape[1:]), start=1):
+    dims = [i for i in range(rank) if i != axis]  # the model's dimensions of one sample
+    for i, have in zip(dims, array.shape[1:]):
+        want = spec.shape[i]
         if isinstance(want, int) and want > 0 and want != have:
-            raise ConfigError(f"{source}: input {spec.name!r} has {want} in dimension {i}, the data {have}")
+            raise ConfigError(f"{source}: input {spec.name!r} has {want} in dimension {i}, the data {have}"
+                              + (f" (its samples go along the first axis; the model's batch is its dimension "
+                                 f"{axis})" if axis else ""))
     want = np.dtype(spec.dtype) if _is_numpy_dtype(spec.dtype) else None
     if want is not None and array.dtype != want:
         if array.dtype.kind != want.kind and not (array.dtype.kind in "iu" and want.kind in "iu"):
@@ -154,13 +192,24 @@ def _from_arrays(arrays: dict[str, Any], source: str) -> Dataset:
     counts = {k: len(v) for k, v in arrays.items() if v.ndim}
     if len(counts) != len(arrays) or len(set(counts.values())) != 1:
         raise ConfigError(f"{source}: every input array needs the same number of samples along its first "
-                          f"axis (got {counts})")
+                          f"axis (got {counts}){_moved_batch(arrays, counts)}")
     count = next(iter(counts.values()))
     if count == 0:
         raise ConfigError(f"{source}: no samples")
     if labels is not None and len(labels) != count:
         raise ConfigError(f"{source}: {len(labels)} labels for {count} samples")
     return Dataset(arrays, labels, source)
+
+
+def _moved_batch(arrays: dict[str, np.ndarray], counts: dict[str, int]) -> str:
+    """What to do when one array holds the others' number of samples along another axis, as a
+    recurrent state saved the way the model takes it ([layers, batch, hidden]) does."""
+    most = max(counts.values(), default=0)  # (a state's layers are fewer than the samples)
+    for name, array in arrays.items():
+        axis = next((i for i, n in enumerate(array.shape[1:], start=1) if n == most), None)
+        if counts.get(name) != most and axis is not None:
+            return f"; {name!r} has {most} along axis {axis}: save it as np.moveaxis({name}, {axis}, 0)"
+    return ""
 
 
 def _from_samples(samples: list, labels, source: str, files: list[str] | None = None) -> Dataset:

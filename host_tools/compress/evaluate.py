@@ -48,7 +48,7 @@ def bind(data: Dataset, runtime) -> BoundData:
     axis, one sample per call where they are [1, …] — or where the graph runs one sample only, though
     its inputs declare a batch axis (torch.export bakes the batch of its example, 1, into the graph's
     shapes): tried on two samples. A model that does not run one sample either fails here."""
-    bound = data.bind(runtime.inputs)
+    bound = data.bind(runtime.inputs, runtime.outputs)
     if bound.fixed_batch or len(bound) < 2:
         return bound
     try:
@@ -63,7 +63,7 @@ def outputs_on(runtime, data: BoundData) -> dict[str, np.ndarray]:
     """Every output of a loaded model (ModelFile.load) over all of *data*, samples along axis 0."""
     parts: dict[str, list[np.ndarray]] = {o.name: [] for o in runtime.outputs}
     for feeds in data.batches():
-        for name, value in runtime.run(feeds).items():
+        for name, value in data.samples_first(runtime.run(feeds)).items():
             parts[name].append(np.asarray(value))
     return {name: np.concatenate(values) for name, values in parts.items()}
 

@@ -81,24 +81,64 @@ def text_encoder_data(count: int, tokens: int = 12, vocab: int = 100) -> dict[st
     return {"ids": rng.integers(0, vocab, (count, tokens)).astype(np.int64), "mask": mask}
 
 
-def gru_with_state(path: Path, features: int = 16, hidden: int = 32) -> Path:
-    """A speech-style recurrent layer: x [batch, time, features] and state h0 [1, batch, hidden]
-    in; the sequence output and the next state out."""
+def gru_with_state(path: Path, features: int = 16, hidden: int = 32, directions: int = 1) -> Path:
+    """A speech-style recurrent layer: x [batch, time, features] and state h0 [directions, batch,
+    hidden] in (the batch in its second axis, as torch.onnx.export names it); the sequence output
+    [batch, time, directions * hidden] and the next state out."""
     rng = np.random.default_rng(4)
-    inits = [numpy_helper.from_array((rng.standard_normal((1, 3 * hidden, features)) * 0.2).astype(np.float32), "W"),
-             numpy_helper.from_array((rng.standard_normal((1, 3 * hidden, hidden)) * 0.2).astype(np.float32), "R"),
-             numpy_helper.from_array(np.array([1], np.int64), "dir_axis")]
+    inits = [numpy_helper.from_array((rng.standard_normal((directions, 3 * hidden, features)) * 0.2)
+                                     .astype(np.float32), "W"),
+             numpy_helper.from_array((rng.standard_normal((directions, 3 * hidden, hidden)) * 0.2)
+                                     .astype(np.float32), "R"),
+             numpy_helper.from_array(np.array([0, 0, directions * hidden], np.int64), "bt_shape")]
     nodes = [
         helper.make_node("Transpose", ["x"], ["x_tbf"], name="to_time_major", perm=[1, 0, 2]),
-        helper.make_node("GRU", ["x_tbf", "W", "R", "", "", "h0"], ["y", "h_next"], name="gru", hidden_size=hidden),
-        helper.make_node("Squeeze", ["y", "dir_axis"], ["y_tbh"], name="squeeze_dir"),
-        helper.make_node("Transpose", ["y_tbh"], ["out"], name="to_batch_major", perm=[1, 0, 2]),
+        helper.make_node("GRU", ["x_tbf", "W", "R", "", "", "h0"], ["y", "h_next"], name="gru", hidden_size=hidden,
+                         direction="bidirectional" if directions == 2 else "forward"),
+        helper.make_node("Transpose", ["y"], ["y_btdh"], name="to_batch_major", perm=[2, 0, 1, 3]),
+        helper.make_node("Reshape", ["y_btdh", "bt_shape"], ["out"], name="join_directions"),
     ]
     graph = helper.make_graph(
         nodes, "gru", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "time", features]),
-                       helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "batch", hidden])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "time", hidden]),
-         helper.make_tensor_value_info("h_next", TensorProto.FLOAT, [1, "batch", hidden])], inits)
+                       helper.make_tensor_value_info("h0", TensorProto.FLOAT, [directions, "batch", hidden])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "time", directions * hidden]),
+         helper.make_tensor_value_info("h_next", TensorProto.FLOAT, [directions, "batch", hidden])], inits)
+    return save(graph, path)
+
+
+def stateful_cell(path: Path, features: int = 64, hidden: int = 32, layers: int = 2, width: int = 8) -> Path:
+    """A streaming cell, one step of a recurrent network: x [batch, features] and its state
+    [layers, batch, width] in (the batch in its second axis, as torch.onnx.export writes an RNN's
+    state); x -> Gemm -> Relu -> Gemm, plus the state read as [batch, layers * width], -> Tanh is the
+    next state (out in the same layout), and a Gemm of it the scores [batch, 4]. The first layer's
+    channels are the ones channel pruning can remove."""
+    rng = np.random.default_rng(5)
+    state = layers * width
+
+    def weight(name, rows, cols):
+        return numpy_helper.from_array((rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32), name)
+    inits = [weight("w1", hidden, features), numpy_helper.from_array(np.zeros(hidden, np.float32), "b1"),
+             weight("w2", state, hidden), numpy_helper.from_array(np.zeros(state, np.float32), "b2"),
+             weight("w3", 4, state), numpy_helper.from_array(np.zeros(4, np.float32), "b3"),
+             numpy_helper.from_array(np.array([0, state], np.int64), "flat"),
+             numpy_helper.from_array(np.array([0, layers, width], np.int64), "split")]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h1"], ["h2"], name="relu"),
+        helper.make_node("Gemm", ["h2", "w2", "b2"], ["h3"], name="fc2", transB=1),
+        helper.make_node("Transpose", ["state"], ["state_bl"], name="batch_first", perm=[1, 0, 2]),
+        helper.make_node("Reshape", ["state_bl", "flat"], ["state_flat"], name="flatten_state"),
+        helper.make_node("Add", ["h3", "state_flat"], ["h4"], name="recur"),
+        helper.make_node("Tanh", ["h4"], ["h5"], name="tanh"),
+        helper.make_node("Gemm", ["h5", "w3", "b3"], ["scores"], name="head", transB=1),
+        helper.make_node("Reshape", ["h5", "split"], ["h6"], name="unflatten_state"),
+        helper.make_node("Transpose", ["h6"], ["next_state"], name="layers_first", perm=[1, 0, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes, "cell", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features]),
+                        helper.make_tensor_value_info("state", TensorProto.FLOAT, [layers, "batch", width])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("next_state", TensorProto.FLOAT, [layers, "batch", width])], inits)
     return save(graph, path)
 
 

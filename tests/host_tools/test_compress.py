@@ -542,6 +542,36 @@ def test_recurrent_model_with_state_input_says_what_does_not_apply(tmp_path):
     assert report.result.label == "onnx-fp16" and report.result.fidelity.cosine > 0.999
 
 
+def test_a_state_batched_along_its_second_axis_is_fed_and_compared_sample_by_sample(tmp_path):
+    """torch.onnx.export writes an RNN's state as [layers or directions, batch, hidden]. Its samples
+    are stored first, as every input's are; the evaluation gives the model each batch where the model
+    holds it, and reads each output's samples back where the output holds them, so a two-direction
+    state runs and each sample is compared with the original's own."""
+    model = ModelFile.open(graphs.gru_with_state(tmp_path / "gru2.onnx", directions=2))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((20, 6, 16)).astype(np.float32)
+    h0 = (0.5 * rng.standard_normal((20, 2, 32))).astype(np.float32)
+    report = run_recipe(model, steps([("onnx-preprocess", {}), ("onnx-fp16", {})]),
+                        eval_data=Dataset({"x": x, "h0": h0}, None, "speech"), latency_runs=5)
+    assert [s.status for s in report.steps] == ["ok", "ok"], [s.note for s in report.steps]
+    runtime = model.load()
+    for i in (0, 7, 19):  # sample i on its own, as the model takes it, is the report's row i
+        alone = runtime.run({"x": x[i:i + 1], "h0": h0[i][:, None]})
+        assert np.allclose(report.original.outputs["h_next"][i], alone["h_next"][:, 0], atol=1e-5)
+        assert np.allclose(report.original.outputs["out"][i], alone["out"][0], atol=1e-5)
+    assert report.result.fidelity.cosine > 0.999
+
+
+def test_a_state_stored_as_the_model_takes_it_is_refused_saying_how_to_store_it(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((20, 6, 16), np.float32), h0=np.zeros((2, 20, 32), np.float32))
+    with pytest.raises(ConfigError, match=re.escape("'h0' has 20 along axis 1: save it as np.moveaxis(h0, 1, 0)")):
+        load_dataset(tmp_path / "d.npz")
+    specs = ModelFile.open(graphs.gru_with_state(tmp_path / "g.onnx", directions=2)).load().inputs
+    with pytest.raises(ConfigError, match=re.escape("'h0' has 2 in dimension 0, the data 1 (its samples go along "
+                                                    "the first axis; the model's batch is its dimension 1)")):
+        Dataset({"x": np.zeros((4, 6, 16), np.float32), "h0": np.zeros((4, 1, 32), np.float32)}, None, "d").bind(specs)
+
+
 def test_a_tflite_model_skips_onnx_passes(tmp_path):
     model = ModelFile.open(MODELS / "digits_cnn.tflite")
     report = run_recipe(model, steps([("onnx-fp16", {})]), latency_runs=10)
@@ -1637,6 +1667,31 @@ def test_distillation_into_the_users_own_student_module(digits, tmp_path):
     failed = report.steps[0]
     assert failed.status == "failed" and "distill failed on digits_cnn.onnx: RuntimeError: mat1 and mat2" in failed.note
     assert "\n" not in failed.note and not report.compressed
+
+
+def test_a_student_takes_and_gives_a_recurrent_state_where_its_teacher_does(tmp_path):
+    """A user's student for a model with an RNN state [directions, batch, hidden] is written like the
+    teacher (torch's GRU takes its state so): it is trained on samples-first data, and exported with
+    the teacher's layout, so the application that feeds the original feeds the student unchanged."""
+    teacher = ModelFile.open(graphs.gru_with_state(tmp_path / "gru2.onnx", directions=2))
+    (tmp_path / "student.py").write_text(
+        "import torch\n"
+        "class Stream(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.gru = torch.nn.GRU(16, 32, batch_first=True, bidirectional=True, bias=False)\n"
+        "    def forward(self, x, h0):\n"
+        "        return self.gru(x, h0)\n")
+    rng = np.random.default_rng(2)
+    data = Dataset({"x": rng.standard_normal((64, 6, 16)).astype(np.float32),
+                    "h0": (0.5 * rng.standard_normal((64, 2, 32))).astype(np.float32)}, None, "speech")
+    recipe = steps([("distill", {"student": f"{tmp_path / 'student.py'}:Stream", "epochs": 80, "lr": 0.02})])
+    report = run_recipe(teacher, recipe, train=data, eval_data=data, latency_runs=5, workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    student = report.result.model.load()
+    assert [(s.name, s.shape) for s in student.inputs] == [("x", ("batch", 6, 16)), ("h0", (2, "batch", 32))]
+    assert [(s.name, s.shape) for s in student.outputs][1] == ("h_next", (2, "batch", 32))
+    assert report.result.fidelity.cosine > 0.9
 
 
 def test_auto_on_a_tflite_model(tmp_path):

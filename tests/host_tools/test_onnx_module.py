@@ -163,6 +163,28 @@ def test_a_pruned_graph_read_differently_from_onnx_runtime_is_not_trained(tmp_pa
     assert "reads mlp.channels50.onnx differently from ONNX Runtime" in report.steps[0].note
 
 
+def test_a_pruned_cell_whose_state_is_batched_along_its_second_axis_is_recovered(tmp_path):
+    """An RNN's state [layers, batch, width], as torch.onnx.export writes it, is stored samples first
+    like every input; recovery gives it to the PyTorch reading where the graph holds its batch and
+    takes the next state back the same way, so the check against ONNX Runtime and the training see
+    the same model the device runs."""
+    from tests.host_tools import graphs
+
+    model = ModelFile.open(graphs.stateful_cell(tmp_path / "cell.onnx"))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", x=rng.standard_normal((48, 64)).astype(np.float32),
+             state=rng.standard_normal((48, 2, 8)).astype(np.float32))
+    cosines = []
+    for epochs in (0, 20):
+        report = run_recipe(model, steps([("onnx-prune-channels", {"ratio": 0.5, "recover_epochs": epochs})]),
+                            calib=str(tmp_path / "train.npz"), eval_data=str(tmp_path / "train.npz"),
+                            latency_runs=5, workdir=tmp_path / str(epochs))
+        assert report.steps[0].status == "ok", report.steps[0].note
+        assert report.result.outputs["next_state"].shape == (48, 2, 8)
+        cosines.append(report.result.fidelity.cosine)
+    assert cosines[1] > cosines[0] + 0.05, cosines  # recovered towards the unpruned cell
+
+
 def test_training_that_ends_worse_than_it_started_gives_the_weights_back():
     """Recovery fine-tunes a pruned model on a few inputs; where that moves it away from its teacher
     (here: a learning rate far too high), the weights it started from are kept."""

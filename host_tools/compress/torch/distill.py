@@ -9,7 +9,7 @@ import numpy as np
 
 from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress import evaluate
-from host_tools.compress.data import Dataset, load_dataset
+from host_tools.compress.data import BoundData, Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
@@ -56,7 +56,7 @@ class Distill(Pass):
         import torch
 
         from host_tools.compress.torch import students
-        from host_tools.compress.torch.trainer import Schedule, distill, probabilities, teacher_targets
+        from host_tools.compress.torch.trainer import SamplesFirst, Schedule, distill, probabilities, teacher_targets
 
         if config.calibration is None:
             raise ConfigError(f"{self.name} needs inputs to train on (--train or --calib)")
@@ -79,14 +79,15 @@ class Distill(Pass):
             # the teacher ends in a softmax: the student does too
             if probabilities(targets[0], evaluate.class_axis(targets[0], model.format)):
                 student = torch.nn.Sequential(student, torch.nn.Softmax(dim=1))
+        names = [s.name for s in runtime.inputs], [s.name for s in runtime.outputs]
         with failing_as(self.name, model):  # a student that does not fit the inputs: PyTorch's error, in one line
-            distill(student, inputs, targets, bound.labels,
+            distill(SamplesFirst(student, *names, bound.axes), inputs, targets, bound.labels,
                     Schedule(epochs=config.epochs, lr=config.lr, temperature=config.temperature,
                              labels_weight=config.labels_weight if bound.labels is not None else 0.0,
                              seed=config.seed),
                     model.format, what=f"distilling into a {students.count(student)}-parameter student")
         out = workdir / f"{model.path.stem}.student.onnx"
-        _export(student, inputs, runtime, out)
+        _export(student, bound, runtime, out)
         return ModelFile(out, "onnx")
 
 
@@ -107,14 +108,18 @@ def teacher_parameters(model: ModelFile) -> int:
                if t["index"] not in produced | inputs and len(t["shape"]) >= 1)
 
 
-def _export(student, inputs: list[np.ndarray], runtime, out) -> None:
+def _export(student, bound: BoundData, runtime, out) -> None:
+    """*student* to ONNX, with the teacher's input and output names, each batched where the
+    teacher's is (an input fixed at a batch of one stays so)."""
     import torch
 
     names = [s.name for s in runtime.inputs]
     outputs = [s.name for s in runtime.outputs]
-    dynamic = {name: {0: "batch"} for name, spec in zip(names, runtime.inputs) if spec.shape[:1] != (1,)}
-    dynamic.update({name: {0: "batch"} for name in outputs} if dynamic else {})
-    example = tuple(torch.from_numpy(x[:1]) for x in inputs)
+    axes = {name: bound.axes.get(name, 0) for name in names + outputs}
+    dynamic = {s.name: {axes[s.name]: "batch"} for s in runtime.inputs if s.shape[axes[s.name]:][:1] != (1,)}
+    dynamic.update({name: {axes[name]: "batch"} for name in outputs} if dynamic else {})
+    first = bound.sample(0)
+    example = tuple(torch.from_numpy(first[name]) for name in names)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter announces its own deprecation

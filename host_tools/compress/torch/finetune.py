@@ -3,6 +3,7 @@ the unpruned model as teacher, then write them back into the same ONNX graph or 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from host_tools.compress.model import ModelFile
 
 def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None, epochs: int,
             labels_weight: float, workdir: Path, lr: float = 3e-3) -> ModelFile:
-    from host_tools.compress.torch.trainer import Schedule, distill
+    from host_tools.compress.torch.trainer import SamplesFirst, Schedule, distill
 
     if data is None:
         raise ConfigError("recovery fine-tuning needs inputs to train on (--train or --calib)")
@@ -25,9 +26,10 @@ def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None
     targets = outputs_on(runtime, bound)  # the teacher's outputs, by name
     if bound.fixed_batch:  # (also a graph that declares a batch axis, but runs one sample per call)
         module.per_sample = True
+    trained = SamplesFirst(module, module.input_names, module.output_names, bound.axes)
     inputs = [bound.feeds[name] for name in module.input_names]
-    _check_same_as_runtime(module, pruned, bound)
-    distill(module, inputs, [targets[name] for name in module.output_names], bound.labels,
+    _check_same_as_runtime(trained, pruned, bound)
+    distill(trained, inputs, [targets[name] for name in module.output_names], bound.labels,
             Schedule(epochs=epochs, lr=lr, labels_weight=labels_weight if bound.labels is not None else 0.0),
             teacher.format, what="recovering the pruned model")
     module.write_back(graph)
@@ -52,17 +54,18 @@ def _trainable(model: ModelFile):
     return proto, OnnxModule(proto), lambda proto, out: onnx.save(proto, str(out))
 
 
-def _check_same_as_runtime(module, model: ModelFile, data: BoundData, samples: int = 8) -> None:
-    """The PyTorch reading of the graph must compute what its runtime does before it is trained: an
-    op read differently would train a different model than the one written back."""
+def _check_same_as_runtime(trained, model: ModelFile, data: BoundData, samples: int = 8) -> None:
+    """The PyTorch reading of the graph (*trained*: SamplesFirst) must compute what its runtime does
+    before it is trained: an op read differently would train a different model than the one
+    written back."""
     import torch
 
-    first = BoundData(data.sample(0, samples), None, fixed_batch=True)
+    first = replace(data.head(samples), fixed_batch=True)
     with torch.no_grad():
-        mine = [o.numpy() for o in module(*[torch.from_numpy(np.ascontiguousarray(first.feeds[name]))
-                                            for name in module.input_names])]
+        mine = [o.numpy() for o in trained(*[torch.from_numpy(np.ascontiguousarray(first.feeds[name]))
+                                             for name in trained.input_names])]
     theirs = outputs_on(model.load(), first)
-    for name, value in zip(module.output_names, mine):
+    for name, value in zip(trained.output_names, mine):
         want = theirs[name]
         value = value.reshape(want.shape)
         scale = float(np.abs(want).max()) or 1.0

@@ -32,6 +32,22 @@ class Schedule:
     seed: int = 0
 
 
+class SamplesFirst(torch.nn.Module):
+    """*module*, which takes and gives tensors where the model batches them (a recurrent state
+    [layers, batch, hidden]: data.batch_axes), called with and giving every tensor samples first,
+    as the training data and the teacher's targets hold them."""
+
+    def __init__(self, module: torch.nn.Module, inputs: list[str], outputs: list[str], axes: dict[str, int]) -> None:
+        super().__init__()
+        self.module, self.input_names, self.output_names = module, inputs, outputs
+        self.axes = [axes.get(n, 0) for n in inputs], [axes.get(n, 0) for n in outputs]
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.module(*[x.movedim(0, axis) for x, axis in zip(inputs, self.axes[0])])
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        return tuple(o.movedim(axis, 0) for o, axis in zip(outputs, self.axes[1]))
+
+
 def probabilities(output: np.ndarray, axis: int | None) -> bool:
     """Whether *output* holds a probability distribution along *axis* (class_axis) in every sample:
     a softmax's output, non-negative and summing to 1."""
