@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from device_agent.bundle.manifest import TensorSpec
 from device_agent.errors import ModelError
-from device_agent.runtime.base import RuntimeOptions, first_line as _first_line
+from device_agent.runtime.base import RuntimeOptions
 
 # Preferred first: TensorRT and CUDA where a Jetson's build has them, the CPU always.
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -39,7 +40,7 @@ class OnnxRuntime:
             self._session = ort.InferenceSession(str(model_path), sess_options=session_options,
                                                  providers=list(providers))
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... family
-            raise ModelError(f"ONNX Runtime cannot load {Path(model_path).name}: {_first_line(exc)}") from None
+            raise ModelError(f"ONNX Runtime cannot load {Path(model_path).name}: {_reason(exc)}") from None
         self.providers = tuple(self._session.get_providers())
         self._inputs = tuple(_spec(i) for i in self._session.get_inputs())
         self._outputs = tuple(_spec(o) for o in self._session.get_outputs())
@@ -68,9 +69,23 @@ class OnnxRuntime:
             try:
                 values = self._session.run(self._output_names, feeds, self._run_options)
             except Exception as exc:
-                raise ModelError(f"inference failed: {_first_line(exc)}") from None
+                raise ModelError(f"inference failed: {_reason(exc)}") from None
             self._direct_run = _direct_run(self._session)  # a provider fallback rebuilds the session
         return dict(zip(self._output_names, values))
+
+
+_CODE = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+
+
+def _reason(exc: BaseException) -> str:
+    """ONNX Runtime's message in one line, without its error code: the first line, and the lines
+    ("index: 0 Got: 3 Expected: 2") that alone say which dimension of an input is wrong; not its
+    closing advice ("Please fix either the inputs/outputs or the model.")."""
+    lines = [line.strip() for line in str(exc).strip().splitlines()]
+    if not lines:
+        return type(exc).__name__
+    head, indices = _CODE.sub("", lines[0]), [line for line in lines[1:] if line.startswith("index:")]
+    return f"{head}: {'; '.join(indices)}" if indices else head
 
 
 def _direct_run(session):

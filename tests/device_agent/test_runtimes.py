@@ -234,6 +234,11 @@ def test_a_failed_call_gives_onnx_runtimes_reason_and_the_next_call_still_works(
     runtime = load_runtime("onnxruntime", reference_model)
     with pytest.raises(ModelError, match=r"inference failed: .*(Invalid rank|Got invalid dimensions)"):
         runtime.run({"image": np.zeros((1, 8, 8), np.float32)})
+    # which dimension is wrong, which ONNX Runtime says only after its first line; without its error code
+    with pytest.raises(ModelError) as wrong:
+        runtime.run({"image": np.zeros((1, 2, 8, 8), np.float32)})
+    assert str(wrong.value) == ("inference failed: Got invalid dimensions for input: image for the following "
+                                "indices: index: 1 Got: 2 Expected: 1")
     with pytest.raises(ModelError, match=r"inference failed: .*image"):
         runtime.run({"pixels": heldout[0][:1]})
     import onnxruntime as ort
