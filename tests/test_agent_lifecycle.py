@@ -467,6 +467,8 @@ def test_bench_reports_load_first_inference_and_warm_latency(agents, mosquitto, 
 
     table = edgefleet("bench", make_bundle("2.0.0"), "--device", "bencher", "--broker", mosquitto, "--runs", 20)
     assert table.returncode == 0 and "p99" in table.stdout and "first inference" in table.stdout
+    # what was measured, on one line (a table's title wrapped at the table's width)
+    assert "digits-cnn 2.0.0 on bencher (onnxruntime, 20 runs after 10 warm-up)\n" in table.stdout
 
 
 @pytest.mark.parametrize("saved", [b"\x00\x01 torn write", b'{"state": "teleporting"}'])

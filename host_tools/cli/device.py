@@ -132,11 +132,12 @@ def bench(bundle_path, device_id, broker, runs, warmup, timeout, chunk_size, sig
 
     from device_agent.bench import TIMINGS, duration
 
-    table = Table(title=f"{r['bundle']} on {device_id} ({r['runtime']}, {r['runs']} runs after {r['warmup']} warm-up)")
+    table = Table()  # (its title a line of its own: a table's title wraps at the table's narrow width)
     table.add_column("measure")
     table.add_column("value", justify="right")
     for label, key in TIMINGS:
         table.add_row(label, duration(r[key]))
     table.add_row("peak RSS (agent process)", f"{r['peak_rss_bytes'] / 2**20:.1f} MiB")
     table.add_row("RSS after load and runs", f"{r['rss_after_runs_bytes'] / 2**20:.1f} MiB")
+    console().print(f"{r['bundle']} on {device_id} ({r['runtime']}, {r['runs']} runs after {r['warmup']} warm-up)")
     console().print(table)
