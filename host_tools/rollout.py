@@ -270,9 +270,8 @@ class Rollout:
                     if d["stage"] == stage and d["state"] in SUCCESS + FAILURE]
         failed = [d for d in answered if d["state"] in FAILURE]
         if answered and len(failed) / len(answered) > self.plan.max_failure_rate:
-            reasons = "; ".join(f"{d['device_id']}: {d['reason']}" for d in failed[:3])
             return (f"{len(failed)} of {len(answered)} devices in the stage failed "
-                    f"(more than {self.plan.max_failure_rate:.0%}): {reasons}")
+                    f"(more than {self.plan.max_failure_rate:.0%}): {_by_reason(failed)}")
         return None
 
     def _deploy(self, server: BundleServer, devices: list[str]) -> Deployment:
@@ -400,3 +399,18 @@ def _error_rate(readings: dict[str, list[dict]]) -> tuple[float | None, int]:
             errors += i.get("errors") or 0
             calls += (i.get("count") or 0) + (i.get("errors") or 0)
     return (errors / calls if calls else None), calls
+
+
+def _by_reason(failed: list[dict], reasons: int = 3, devices: int = 3) -> str:
+    """The failed devices grouped by why, the commonest reason first: a fleet's failures are mostly
+    one fault, said once with the devices it hit ("… (sim-0004, sim-0009 and 12 more)")."""
+    groups: dict[str, list[str]] = {}
+    for d in failed:
+        groups.setdefault(d["reason"] or "no reason given", []).append(d["device_id"])
+    ranked = sorted(groups.items(), key=lambda item: -len(item[1]))
+    said = []
+    for reason, ids in ranked[:reasons]:
+        more = f" and {len(ids) - devices} more" if len(ids) > devices else ""
+        said.append(f"{reason} ({', '.join(ids[:devices])}{more})")
+    others = sum(len(ids) for _, ids in ranked[reasons:])
+    return "; ".join(said) + (f"; {others} more for other reasons" if others else "")

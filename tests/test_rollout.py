@@ -107,3 +107,13 @@ def test_a_canary_that_is_much_slower_halts_the_rollout_and_is_rolled_back(agent
     assert canary["state"] == "rolled_back" and len(doc["devices"]) == 1  # healthy outcome, slow model: stopped
     assert wait_until(lambda: all(r.active_bundle == "digits-cnn 1.0.0" for r in store.devices()
                                   if r.device_id in FLEET), 20)
+
+
+def test_a_halts_reason_says_each_fault_once_with_the_devices_it_hit():
+    from host_tools.rollout import _by_reason
+
+    failed = ([{"device_id": f"d-{i}", "reason": "health check failed: output differs"} for i in range(6)]
+              + [{"device_id": "e-1", "reason": "no space left"}, {"device_id": "e-2", "reason": None}]
+              + [{"device_id": f"f-{i}", "reason": f"odd {i}"} for i in range(2)])
+    assert _by_reason(failed) == ("health check failed: output differs (d-0, d-1, d-2 and 3 more); "
+                                  "no space left (e-1); no reason given (e-2); 2 more for other reasons")

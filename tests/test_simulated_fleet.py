@@ -81,7 +81,10 @@ def test_when_20_percent_of_the_canary_fails_the_rollout_halts_there_and_rolls_i
     code, doc, log = rollout(monitor, mosquitto, make_bundle("2.0.0"), "sim", "--rollback-on-halt")
     assert code == 1 and doc["state"] == "halted", log[-2000:]
     assert "2 of 10 devices in the stage failed" in doc["reason"]
-    assert "simulated fault: this device rejects every new model" in doc["reason"]
+    # the one fault said once, with the devices it hit
+    failed = [d["device_id"] for d in doc["devices"] if d["state"] == "failed"]
+    assert (f"health check failed: simulated fault: this device rejects every new model ({', '.join(failed)})"
+            in doc["reason"]), doc["reason"]
     # only the canary was sent the bundle: 2 refused it, the 8 that took it went back to 1.0.0
     assert by_stage(doc) == {0: {"failed": 2, "rolled_back": 8}}
     assert wait_until(lambda: sum(r.active_bundle == "digits-cnn 1.0.0" for r in sims(store)) == FLEET, 30)
