@@ -15,9 +15,10 @@ rolls back a crash or a crash loop after that). It is judged on what the devices
   p99 latency in the window against its own p99 on the previous version before the rollout, against
   ``max_p99_ratio`` (the median over the stage's devices).
 
-Crossing a threshold halts the rollout; with ``rollback_on_halt`` the stage's updated devices are
-rolled back. Devices that do not answer (offline) are reported as pending: the command waits in
-their persistent session and runs when they return. The rollout's state is kept in the fleet
+Crossing a threshold halts the rollout; with ``rollback_on_halt`` every device it updated is rolled
+back then, else when the operator says (`edgefleet rollout rollback`). Devices that do not answer
+(offline) are reported as pending: the command waits in their persistent session and runs when
+they return. The rollout's state is kept in the fleet
 database (tables ``rollouts`` and ``rollout_devices``), so `edgefleet rollout status` reads it from
 anywhere and `edgefleet rollout resume` carries on after the host restarts.
 """
@@ -150,6 +151,18 @@ class RolloutStore:
         self.fleet.run_many("INSERT OR REPLACE INTO rollout_devices VALUES (?,?,?,?,?)",
                             [(rollout_id, d, stage, state, why) for d, (state, why) in states.items()])
 
+    def updated(self, rollout_id: str) -> dict[str, int]:
+        """{device: its stage} of the devices this rollout left on its version."""
+        return {d["device_id"]: d["stage"] for d in self.get(rollout_id)["devices"]
+                if d["state"] in SUCCESS and d["stage"] >= 0}
+
+    def rolled_back(self, rollout_id: str, updated: dict[str, int], results: dict, why: str) -> None:
+        """Record the outcomes (*results*: DeviceProgress by device) of rolling back *updated*."""
+        for device, p in results.items():
+            back = p.state == "rolled_back"
+            self.set_device(rollout_id, device, updated[device], "rolled_back" if back else "pending",
+                            f"rolled back: {why}" if back else p.reason)
+
 
 class _Subset:
     """Some of a deployment's devices, followed like a deployment."""
@@ -220,7 +233,10 @@ class Rollout:
                     self.store.set_state(self.rollout_id, "halted", reason=verdict)
                     self.log(f"halted at stage {stage + 1}: {verdict}")
                     if self.plan.rollback_on_halt:
-                        self._roll_back(stage)
+                        self._roll_back()
+                    elif updated := self.store.updated(self.rollout_id):
+                        self.log(f"{len(updated)} device(s) stay on {self.manifest.label}; `edgefleet rollout "
+                                 f"rollback {self.rollout_id}` takes them back")
                     return self.store.get(self.rollout_id)
             waiting = self._wait_for_pending(server)
             if waiting:
@@ -365,18 +381,14 @@ class Rollout:
                     f"(limit {self.plan.max_p99_ratio:g}x)")
         return None
 
-    def _roll_back(self, stage: int) -> None:
+    def _roll_back(self) -> None:
         """Take every device this rollout updated back to its previous version."""
-        updated = {d["device_id"]: d["stage"] for d in self.store.get(self.rollout_id)["devices"]
-                   if d["state"] in SUCCESS and d["stage"] >= 0}
+        updated = self.store.updated(self.rollout_id)
         if not updated:
             return
         self.log(f"rolling back {len(updated)} device(s)")
         results = run_rollback(self.client, list(updated), signer=self.signer, timeout=self.plan.stage_timeout_s)
-        for device, p in results.items():
-            self.store.set_device(self.rollout_id, device, updated[device],
-                                  "rolled_back" if p.state == "rolled_back" else "pending",
-                                  "rolled back: the rollout halted" if p.state == "rolled_back" else p.reason)
+        self.store.rolled_back(self.rollout_id, updated, results, "the rollout halted")
 
 
 def _p99(readings: dict[str, list[dict]], last: int | None = None) -> dict[str, float]:

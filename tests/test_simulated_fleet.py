@@ -125,6 +125,33 @@ def test_a_stage_goes_in_waves_and_a_bad_wave_stops_the_next(simulate, monitor, 
     assert code == 1 and doc["state"] == "halted" and "2 of 20 devices in the stage failed" in doc["reason"], log
     assert by_stage(doc) == {0: {"active": 18, "failed": 2}}  # the other 80 were never sent it
     assert wait_until(lambda: sum(r.active_bundle == "digits-cnn 2.0.0" for r in sims(store)) == 18, 30)
+    # the halt says what is left on the new version, and how to take it back
+    rollout_id = doc["rollout_id"]
+    assert f"18 device(s) stay on digits-cnn 2.0.0; `edgefleet rollout rollback {rollout_id}` takes them back" in log
+    back = edgefleet("rollout", "rollback", rollout_id, "--db", monitor, "--broker", mosquitto, "--json", timeout=120)
+    assert back.returncode == 0, back.stderr
+    assert sorted(json.loads(back.stdout)) == sorted(d["device_id"] for d in doc["devices"] if d["state"] == "active")
+    doc = json.loads(edgefleet("rollout", "status", rollout_id, "--db", monitor, "--json").stdout)
+    assert by_stage(doc) == {0: {"rolled_back": 18, "failed": 2}} and doc["state"] == "halted"
+    assert {d["reason"] for d in doc["devices"] if d["state"] == "rolled_back"} == {"rolled back: by the operator"}
+    assert wait_until(lambda: sum(r.active_bundle == "digits-cnn 1.0.0" for r in sims(store)) == FLEET, 30)
+    again = edgefleet("rollout", "rollback", rollout_id, "--db", monitor, "--broker", mosquitto)
+    assert again.returncode == 0 and "nothing to roll back" in again.stderr
+
+
+def test_a_rollout_that_would_go_on_is_not_rolled_back_until_aborted(monitor, mosquitto, make_bundle):
+    from host_tools.rollout import RolloutPlan, RolloutStore
+
+    store = RolloutStore(FleetStore(monitor))
+    rollout_id = store.create(RolloutPlan(bundle=str(make_bundle("2.0.0")), selectors=["group=sim"]))
+    store.set_state(rollout_id, "paused")
+    refused = edgefleet("rollout", "rollback", rollout_id, "--db", monitor, "--broker", mosquitto)
+    assert refused.returncode == 1
+    assert refused.stderr == f"error: rollout {rollout_id} is paused; `edgefleet rollout abort {rollout_id}` first\n"
+    assert store.get(rollout_id)["state"] == "paused"
+    assert edgefleet("rollout", "abort", rollout_id, "--db", monitor).returncode == 0
+    nothing = edgefleet("rollout", "rollback", rollout_id, "--db", monitor, "--broker", mosquitto)
+    assert nothing.returncode == 0 and "nothing to roll back" in nothing.stderr
 
 
 @pytest.mark.waits

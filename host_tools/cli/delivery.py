@@ -131,6 +131,14 @@ def serve(bundles, bundle_dir, broker, stats_every) -> None:
 @json_option
 @fail_cleanly
 def rollback(devices, broker, timeout, signing_key, expires_in, as_json) -> None:
+    results = roll_back(devices, broker, timeout, signing_key, expires_in, as_json)
+    if not all(p.succeeded for p in results.values()):
+        sys.exit(1)
+
+
+def roll_back(devices, broker, timeout, signing_key, expires_in, as_json) -> dict:
+    """Ask *devices* to go back to their previous committed version, follow them (an offline one
+    named on stderr at once), and print each outcome; returns them (DeviceProgress by device)."""
     from host_tools.deploy import run_rollback
 
     signer = command_signer(signing_key, expires_in)
@@ -149,8 +157,7 @@ def rollback(devices, broker, timeout, signing_key, expires_in, as_json) -> None
             unanswered = p.state == "timed_out" and d not in answered  # the command waits in its session
             click.echo(f"{d}: {p.state}" + (f" ({p.reason})" if p.reason else "")
                        + (f"; {may_still_take(expires_in)}" if unanswered else ""))
-    if not all(p.succeeded for p in results.values()):
-        sys.exit(1)
+    return results
 
 
 def _followed(answered: set[str], counted, timeout: float):

@@ -14,6 +14,7 @@ from device_agent.cli import FiniteRange, fail_cleanly
 from device_agent.errors import ConfigError
 from host_tools.cli.base import (
     broker_option, chunk_size_option, command_signer, db_option, host_client, json_option, main, signing_options,
+    timeout_option,
 )
 from host_tools.terminal import console
 
@@ -245,3 +246,29 @@ def rollout_abort(rollout_id, db) -> None:
     store.get(rollout_id)  # one clear line if there is no such rollout
     store.set_state(rollout_id, "aborted", reason="aborted by the operator")
     click.echo(f"rollout {rollout_id} aborted")
+
+
+@rollout.command("rollback", help="Take the devices ROLLOUT_ID updated back to their previous version (a halted, "
+                                  "aborted or finished rollout), and follow each until done.")
+@click.argument("rollout_id")
+@timeout_option(120.0, "Seconds to wait for every device.")
+@db_option
+@broker_option
+@signing_options
+@json_option
+@fail_cleanly
+def rollout_rollback(rollout_id, timeout, db, broker, signing_key, expires_in, as_json) -> None:
+    from host_tools.cli.delivery import roll_back
+
+    store = _rollout_store(db)
+    state = store.get(rollout_id)["state"]
+    if state in ("running", "paused", "pending"):  # it would go on, and send the bundle again
+        raise ConfigError(f"rollout {rollout_id} is {state}; `edgefleet rollout abort {rollout_id}` first")
+    updated = store.updated(rollout_id)
+    if not updated:
+        click.echo(f"no device of rollout {rollout_id} is on its version: nothing to roll back", err=True)
+        return
+    results = roll_back(list(updated), broker, timeout, signing_key, expires_in, as_json)
+    store.rolled_back(rollout_id, updated, results, "by the operator")
+    if not all(p.succeeded for p in results.values()):
+        sys.exit(1)
