@@ -34,3 +34,14 @@ def test_compress_on_a_device_that_does_not_answer_is_one_line(mosquitto, keys, 
         "keeps commands only for devices it has seen)")
     assert "evaluating" not in result.stderr  # asked before compressing anything
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_an_original_timed_much_slower_last_than_first_says_the_ratios_are_that_uncertain():
+    """A Pi that throttles, or gets busy, while the series runs: the report's latency line says the
+    original's two timings and how far apart they are, instead of ratios that look exact."""
+    from host_tools.compress.device import drifted
+
+    assert drifted(0.0202, 0.0375) == (": 20.2 µs and 37.5 µs, 1.86x apart, so the device's speed changed during "
+                                      "the series and the ratios are that uncertain")
+    assert drifted(2.5, 1.25).startswith(": 2.500 ms and 1.250 ms, 2.00x apart")  # faster last: the same doubt
+    assert drifted(1.0, 1.15) == drifted(1.15, 1.0) == ""  # within 20%: the averaged p50 stands on its own

@@ -4,18 +4,20 @@ Each model is packaged as a throw-away bundle (signed with the operator's key, i
 evaluation sample as the sample input), fetched by the device, loaded and timed there
 (`edgefleet bench` does the same for one bundle). Benchmarking never activates a bundle. The
 original is timed first and again last, and its two medians averaged, so a device that warms up
-or throttles during the series does not favour the candidates.
+or throttles during the series does not favour the candidates; where the two differ by more than
+DRIFT, the report says so beside the latencies, which are that uncertain.
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from device_agent.bench import duration
 from device_agent.errors import CompressionError
 from device_agent.protocol.chunks import DEFAULT_CHUNK_SIZE
 from host_tools.compress.data import BoundData
@@ -33,10 +35,11 @@ class DeviceBench:
     warmup: int = 10
     timeout: float = 300.0
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    drift: str = field(default="", init=False)  # the last series': drifted()
 
     @property
     def where(self) -> str:
-        return f"device {self.device} (the agent's benchmark command, original timed first and last)"
+        return f"device {self.device} (the agent's benchmark command, original timed first and last{self.drift})"
 
     def __call__(self, models: list[ModelFile], data: BoundData, say: Callable[[str], None]) -> list[Latency]:
         from host_tools.ask import bench_bundle
@@ -55,5 +58,20 @@ class DeviceBench:
                 if not reply.ok:
                     raise CompressionError(f"{self.device} could not benchmark {models[i].path.name}: {reply.error}")
                 medians.setdefault(i, []).append((reply.body["p50_ms"], reply.body["p90_ms"]))
+        self.drift = drifted(medians[0][0][0], medians[0][-1][0])
         return [Latency(float(np.mean([p for p, _ in medians[i]])), float(np.mean([q for _, q in medians[i]])),
                         self.runs * len(medians[i])) for i in range(len(models))]
+
+
+DRIFT = 1.2  # the original's first and last p50 further apart than this: the device's speed changed
+
+
+def drifted(first_ms: float, last_ms: float) -> str:
+    """What the report says of the original's p50 at the start of a series (*first_ms*) and at its
+    end: nothing where the two agree within DRIFT, else both, as the uncertainty of every ratio (a
+    device that throttled, or got busy with something else, while the series ran)."""
+    low, high = sorted((first_ms, last_ms))
+    if high <= low * DRIFT:
+        return ""
+    return (f": {duration(first_ms)} and {duration(last_ms)}, {high / low:.2f}x apart, so the device's speed changed "
+            f"during the series and the ratios are that uncertain")
