@@ -68,10 +68,25 @@ def skipped_lines(report: CompressionReport) -> list[str]:
     if report.auto is None:
         return [f"{s.label}: {s.status}: {s.note}" for s in report.steps if s.status != "ok"]
     auto = report.auto
-    lines = [f"{name}: {verdict}" for name, verdict in auto.verdicts.items()]
+    lines = verdict_lines(auto.verdicts)
     lines.append(f"--auto chose {auto.chosen} (goal {auto.goal}, max drop {auto.max_drop:g} points)" if auto.chosen
                  else f"--auto: nothing qualifies: {auto.why_none}")
     return lines
+
+
+def verdict_lines(verdicts: dict[str, str]) -> list[str]:
+    """"candidate: verdict" for each of --auto's candidates, in order, except that candidates skipped
+    for one reason (every sparsity level of a model with no layer to sparsify) share one line."""
+    lines: list[tuple[list[str], str]] = []
+    skipped: dict[str, list[str]] = {}  # reason -> the names on its line
+    for name, verdict in verdicts.items():
+        if verdict in skipped:
+            skipped[verdict].append(name)
+            continue
+        lines.append(([name], verdict))
+        if verdict.startswith("skipped"):
+            skipped[verdict] = lines[-1][0]
+    return [f"{'; '.join(names)}: {verdict}" for names, verdict in lines]
 
 
 # Beyond this, a result's p50 over the original's is read as slower, not as noise between the two.

@@ -160,3 +160,20 @@ def test_a_candidate_whose_named_pass_does_not_apply_is_not_chosen_under_its_nam
     assert report.chosen is not None and report.chosen.label == "dynamic-range int8", report.auto.verdicts
     assert report.auto.verdicts[pruned.name].startswith("skipped") and \
         "no layer whose channels can be removed" in report.auto.verdicts[pruned.name]
+
+
+def test_candidates_skipped_for_one_reason_share_its_line():
+    """--auto's list of verdicts: every sparsity level of a model with no layer to sparsify is one
+    line, not four saying the same; other verdicts keep a line each, in order."""
+    from host_tools.compress.report import verdict_lines
+
+    none = "skipped: m.onnx has no Conv/Gemm/MatMul weight of at least 1024 elements"
+    verdicts = {"dynamic int8": "chosen: 0.28x size", "50% sparse": none, "fp16": "within tolerance (0.51x size)",
+                "80% sparse": none, "25% channels": "skipped: no layer whose channels can be removed safely",
+                "7-bit": "not tried: dynamic int8 did not miss the tolerance",
+                "8-bit": "not tried: dynamic int8 did not miss the tolerance"}
+    assert verdict_lines(verdicts) == [
+        "dynamic int8: chosen: 0.28x size", f"50% sparse; 80% sparse: {none}", "fp16: within tolerance (0.51x size)",
+        "25% channels: skipped: no layer whose channels can be removed safely",
+        "7-bit: not tried: dynamic int8 did not miss the tolerance",
+        "8-bit: not tried: dynamic int8 did not miss the tolerance"]
