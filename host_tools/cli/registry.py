@@ -43,21 +43,36 @@ def devices_list(db, selectors, group, as_json) -> None:
                                 "id_shared_with": r.id_shared_with, "certificate": r.certificate}
                                for r in rows]))
         return
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="devices", header_style="bold")
-    for header in ("device", "class", "arch", "RAM MiB", "runtimes", "accelerators", "labels", "bundle", "updating"):
-        table.add_column(header)
-    table.add_column("state", no_wrap=True)  # (its alarms are read whole)
+    rows_shown = []
     for r in rows:
         hw = r.hardware or {}
         u = updating.get(r.device_id)
-        table.add_row(r.device_id, hw.get("class", "?"), hw.get("arch", "?"), str(hw.get("ram_mb", "?")),
-                      ", ".join(hw.get("runtimes", [])) or "?", ", ".join(hw.get("accelerators", [])) or "none",
-                      ", ".join(f"{k}={v}" for k, v in sorted(r.labels.items())), r.active_bundle or "none",
-                      f"{u['bundle']}: {u['state']}" if u else "",
-                      ("online" if r.online else "offline") + (", id shared!" if r.id_shared_with else "")
-                      + _certificate_alarm(r.certificate))
+        rows_shown.append({
+            "device": r.device_id,
+            "state": ("online" if r.online else "offline") + (", id shared!" if r.id_shared_with else "")
+            + _certificate_alarm(r.certificate),
+            "bundle": r.active_bundle or "none", "updating": f"{u['bundle']}: {u['state']}" if u else "",
+            "class": hw.get("class", "?"), "arch": hw.get("arch", "?"), "RAM MiB": str(hw.get("ram_mb", "?")),
+            "runtimes": ", ".join(hw.get("runtimes", [])) or "?",
+            "accelerators": ", ".join(hw.get("accelerators", [])) or "none",
+            "labels": ", ".join(f"{k}={v}" for k, v in sorted(r.labels.items()))})
+    # What is read first comes first, and is never cut: the state (its alarms too), then the bundle. The
+    # names the hardware reports wrap between words, not within ("onnxruntim…"); labels fold if need be.
+    headers = ["device", "state", "bundle", "updating", "class", "arch", "RAM MiB", "runtimes", "accelerators",
+               "labels"]
+    if not updating:
+        headers.remove("updating")  # (a column of blanks)
+    table = Table(title="devices", header_style="bold", box=box.SIMPLE_HEAD)  # (no rules between columns: room)
+    for header in headers:
+        if header in ("device", "state"):
+            table.add_column(header, no_wrap=True)
+        else:
+            table.add_column(header, overflow="fold")
+    for row in rows_shown:
+        table.add_row(*(row[h] for h in headers))
     console().print(table)
 
 

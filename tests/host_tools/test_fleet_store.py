@@ -340,3 +340,24 @@ def test_a_message_the_database_refuses_is_dropped_and_does_not_hold_up_the_rest
     ingest._stored(lambda: store.record_telemetry_many([sample(1)], 1.7e9))
     assert ingest.rejected == 2 and ingest.unstored == 0 and ingest.samples == 1
     assert [d.device_id for d in store.devices()] == ["pi-01"] and store.telemetry_count("pi-01") == 1
+
+
+def test_devices_list_hides_nothing_behind_an_ellipsis_and_shows_no_column_of_blanks(tmp_path):
+    """Thirty Jetsons, each with two runtimes and two labels: at the table's width, the runtimes and
+    the hardware class read "onnxruntim…" and "jetson-orin-…", and the state column went past the
+    edge. The state comes second now and is never cut, the other columns wrap, and with no update
+    under way there is no "updating" column of blanks."""
+    from tests.conftest import edgefleet
+
+    store = FleetStore(tmp_path / "fleet.db")
+    hardware = {"class": "jetson-orin-nano-8gb", "arch": "aarch64", "ram_mb": 7620,
+                "runtimes": ["onnxruntime", "tflite"], "accelerators": ["cuda", "tensorrt"]}
+    for i in range(30):
+        store.record_status(DeviceStatus(f"orin-{i:04d}", i % 3 > 0, 1.0, active_bundle="detector 2.1.0",
+                                         labels={"group": "warehouse", "site": "north-dock"}, hardware=hardware), 1.0)
+    store.close()
+    table = edgefleet("devices", "list", "--db", tmp_path / "fleet.db").stdout
+    assert "…" not in table and "onnxruntime," in table and "tensorrt" in table
+    rows = [line.split() for line in table.splitlines() if line.strip().startswith("orin-")]
+    assert [row[1] for row in rows] == ["offline" if i % 3 == 0 else "online" for i in range(30)]
+    assert "updating" not in table
