@@ -18,9 +18,9 @@ rolls back a crash or a crash loop after that). It is judged on what the devices
 Crossing a threshold halts the rollout; with ``rollback_on_halt`` every device it updated is rolled
 back then, else when the operator says (`edgefleet rollout rollback`). Devices that do not answer
 (offline) are reported as pending: the command waits in their persistent session and runs when
-they return. The rollout's state is kept in the fleet
-database (tables ``rollouts`` and ``rollout_devices``), so `edgefleet rollout status` reads it from
-anywhere and `edgefleet rollout resume` carries on after the host restarts.
+they return. The rollout's state is kept in the fleet database (tables ``rollouts`` and
+``rollout_devices``), so `edgefleet rollout status` reads it from anywhere and `edgefleet rollout
+resume` carries on after the host restarts.
 """
 
 from __future__ import annotations

@@ -139,5 +139,5 @@ def bench(bundle_path, device_id, broker, runs, warmup, timeout, chunk_size, sig
         table.add_row(label, duration(r[key]))
     table.add_row("peak RSS (agent process)", f"{r['peak_rss_bytes'] / 2**20:.1f} MiB")
     table.add_row("RSS after load and runs", f"{r['rss_after_runs_bytes'] / 2**20:.1f} MiB")
-    console().print(f"{r['bundle']} on {device_id} ({r['runtime']}, {r['runs']} runs after {r['warmup']} warm-up)")
+    click.echo(f"{r['bundle']} on {device_id} ({r['runtime']}, {r['runs']} runs after {r['warmup']} warm-up)")
     console().print(table)

@@ -60,7 +60,7 @@ def devices_list(db, selectors, group, as_json) -> None:
             "accelerators": ", ".join(hw.get("accelerators", [])) or "none",
             "labels": ", ".join(f"{k}={v}" for k, v in sorted(r.labels.items()))})
     # What is read first comes first, and is never cut: the state (its alarms too), then the bundle. The
-    # names the hardware reports wrap between words, not within ("onnxruntim…"); labels fold if need be.
+    # other columns wrap, a word longer than its column folded, rather than end in "…" ("onnxruntim…").
     headers = ["device", "state", "bundle", "updating", "class", "arch", "RAM MiB", "runtimes", "accelerators",
                "labels"]
     if not updating:

@@ -19,6 +19,10 @@ from host_tools.cli.base import (
 from host_tools.terminal import console
 
 
+# A rollout in one of these states goes on: `rollout resume` takes it, and `rollout rollback` does not.
+GOES_ON = ("running", "paused", "pending")
+
+
 @main.group(help="Staged rollouts: a bundle to a fleet in stages, halted when a stage goes badly.")
 def rollout() -> None:
     pass
@@ -108,7 +112,7 @@ def _run_rollout(store, rollout_id, signer, client, as_json) -> None:
             store.set_state(rollout_id, "paused", reason=f"interrupted (Ctrl-C) at {stage}")
         said = f"stopped driving rollout {rollout_id} at {stage}" + (
             " and paused it" if doc["state"] == "running" else f" ({doc['state']})")
-        if doc["state"] in ("running", "paused", "pending"):  # what `resume` takes
+        if doc["state"] in GOES_ON:
             said += (f": devices still downloading stall without its chunks; `edgefleet rollout resume {rollout_id}` "
                      f"sends them the bundle again and carries on, `edgefleet rollout abort {rollout_id}` ends it")
         click.echo(said, err=True)
@@ -191,7 +195,7 @@ def rollout_resume(rollout_id, pending_timeout, db, broker, signing_key, expires
 
     store = _rollout_store(db)
     doc = store.get(rollout_id)
-    if doc["state"] not in ("running", "paused", "pending"):
+    if doc["state"] not in GOES_ON:
         raise ConfigError(f"rollout {rollout_id} is {doc['state']}; only a running, paused or pending one resumes")
     plan = RolloutPlan(**doc["plan"])
     signer, client = _connect(broker, signing_key, expires_in, plan.chunk_size)
@@ -262,7 +266,7 @@ def rollout_rollback(rollout_id, timeout, db, broker, signing_key, expires_in, a
 
     store = _rollout_store(db)
     state = store.get(rollout_id)["state"]
-    if state in ("running", "paused", "pending"):  # it would go on, and send the bundle again
+    if state in GOES_ON:  # it would send the bundle again
         raise ConfigError(f"rollout {rollout_id} is {state}; `edgefleet rollout abort {rollout_id}` first")
     updated = store.updated(rollout_id)
     if not updated:
