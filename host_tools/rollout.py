@@ -42,6 +42,7 @@ from host_tools.deploy import Deployment, incompatible, run_rollback
 from host_tools.fleet.store import FleetStore
 from host_tools.fleet.view import matching
 from host_tools.serve import BundleServer
+from host_tools.terminal import listed
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -420,9 +421,6 @@ def _by_reason(failed: list[dict], reasons: int = 3, devices: int = 3) -> str:
     for d in failed:
         groups.setdefault(d["reason"] or "no reason given", []).append(d["device_id"])
     ranked = sorted(groups.items(), key=lambda item: -len(item[1]))
-    said = []
-    for reason, ids in ranked[:reasons]:
-        more = f" and {len(ids) - devices} more" if len(ids) > devices else ""
-        said.append(f"{reason} ({', '.join(ids[:devices])}{more})")
+    said = [f"{reason} ({listed(ids, devices)})" for reason, ids in ranked[:reasons]]
     others = sum(len(ids) for _, ids in ranked[reasons:])
     return "; ".join(said) + (f"; {others} more for other reasons" if others else "")

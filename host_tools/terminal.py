@@ -1,4 +1,5 @@
-"""The rich console every host command prints through, and where its log lines go."""
+"""The rich console every host command prints through, where its log lines go, and how a line
+names many devices."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import logging
 import sys
 
 PIPE_WIDTH = 120
+
+
+def listed(names: list[str], shown: int) -> str:
+    """The first *shown* of *names*, then how many more: "pi-1, pi-2, pi-3 and 12 more"."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def console(*, stderr: bool = False):

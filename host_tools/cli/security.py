@@ -12,7 +12,7 @@ from device_agent.cli import FiniteRange, fail_cleanly
 from host_tools.cli.base import (
     DEFAULT_HOME, broker_option, db_option, json_option, main, send_to_each, signing_options, timeout_option,
 )
-from host_tools.terminal import console
+from host_tools.terminal import console, listed
 
 
 @main.group(help="Certificates for the broker, devices and host tools (a small CA of your own).")
@@ -209,9 +209,9 @@ def certs_retire_ca(pki_dir, db, force) -> None:
     if pki.moving() and not force:
         behind = _not_moved(pki, db)
         if behind:
-            shown = ", ".join(behind[:10]) + (f" and {len(behind) - 10} more" if len(behind) > 10 else "")
             raise click.ClickException(f"{len(behind)} devices do not show their certificate from the new CA in "
-                                       f"{db} yet: {shown}. `edgefleet certs push --stale` them, or --force")
+                                       f"{db} yet: {listed(behind, 10)}. `edgefleet certs push --stale` them, or "
+                                       f"--force")
     cert = pki.retire_ca()
     click.echo(f"retired the previous CA (its key is deleted); the broker's certificate is issued again under the "
                f"new one: {cert.path}, serial {f'{cert.serial:x}'[:16]}, valid until {cert.expires:%Y-%m-%d}")
