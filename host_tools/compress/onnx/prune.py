@@ -30,6 +30,9 @@ from host_tools.compress.passes import Pass, failing_as, progress, register
 from host_tools.compress.structured import ChannelPruningConfig
 
 PRUNABLE_OPS = ("Conv", "Gemm", "MatMul")
+# op type -> the inputs holding its weights, for magnitude pruning: a recurrent layer's input and
+# recurrent matrices (W, R) hold most of a speech model's weights
+SPARSE_WEIGHTS = {**{op: (1,) for op in PRUNABLE_OPS}, "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
 
 
 @register
@@ -50,7 +53,7 @@ class OnnxMagnitudePruning(Pass):
             proto = onnx.load(str(model.path))
             weights = _weight_initializers(proto, config.min_elements)
             if not weights:
-                raise NotApplicable(f"{model.path.name} has no Conv/Gemm/MatMul weight of at least "
+                raise NotApplicable(f"{model.path.name} has no Conv/Gemm/MatMul/LSTM/GRU/RNN weight of at least "
                                     f"{config.min_elements} elements{quantized_already(proto.graph)}")
             arrays = [numpy_helper.to_array(init) for init in weights]
             for init, array, cut in zip(weights, arrays, thresholds(arrays, config)):
@@ -64,9 +67,10 @@ def _weight_initializers(proto, min_elements: int) -> list:
     by_name = {i.name: i for i in proto.graph.initializer}
     found = {}
     for node in proto.graph.node:
-        if node.op_type in PRUNABLE_OPS and len(node.input) > 1 and node.input[1] in by_name:
-            init = by_name[node.input[1]]
-            if len(init.dims) >= 2 and int(np.prod(init.dims)) >= min_elements and init.data_type == 1:
+        for position in SPARSE_WEIGHTS.get(node.op_type, ()):
+            init = by_name.get(node.input[position]) if position < len(node.input) else None
+            if init is not None and len(init.dims) >= 2 and int(np.prod(init.dims)) >= min_elements \
+                    and init.data_type == 1:
                 found[init.name] = init
     return list(found.values())
 

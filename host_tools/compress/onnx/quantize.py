@@ -54,7 +54,27 @@ class OnnxDynamicInt8(Pass):
                              per_channel=config.per_channel, reduce_range=config.reduce_range,
                              op_types_to_quantize=list(config.op_types) or None,
                              nodes_to_exclude=list(config.exclude) or None)
+        _say_float_recurrent(model.path)
         return ModelFile(out, "onnx")
+
+
+def _say_float_recurrent(path: Path) -> None:
+    """A progress line naming the GRU and RNN layers, which stay in float (ONNX Runtime quantizes an
+    LSTM's weights, dynamically, but has no int8 GRU or RNN) and can hold most of a speech model's
+    weights: the report's size would otherwise leave the user guessing why."""
+    left = Counter(op for _, op in weighted_nodes(path, ("GRU", "RNN")))
+    if left:
+        listed = ", ".join(f"{count} {op}" for op, count in sorted(left.items()))
+        progress(f"      left in float: {listed} node(s) (ONNX Runtime has no int8 form for them)")
+
+
+def _quantize_dynamic(source: Path, dest: Path, exclude: list[str]) -> None:
+    """The LSTM layers of a QDQ model as DynamicQuantizeLSTM: int8 weights, inputs quantized at run
+    time. Nothing else is touched."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(dest), weight_type=QuantType.QInt8, op_types_to_quantize=["LSTM"],
+                     nodes_to_exclude=exclude or None)
 
 
 @register
@@ -85,6 +105,9 @@ class OnnxStaticInt8(Pass):
         exclude: tuple[str, ...] = field(default=(), metadata={"help": _EXCLUDE_HELP})
         auto_exclude: int = field(default=0, metadata={
             "help": "also leave the N nodes in float whose quantization alone hurts the output most"})
+        lstm: Literal["dynamic", "float"] = field(default="dynamic", metadata={
+            "help": "LSTM layers, which QDQ has no int8 form for: int8 weights with inputs quantized at run time "
+                    "(ORT's DynamicQuantizeLSTM), or left in float"})
 
         def __post_init__(self) -> None:  # (see PassConfig)
             if not 0 < self.percentile <= 100:
@@ -96,7 +119,8 @@ class OnnxStaticInt8(Pass):
     def run(self, model, config, workdir):
         if config.calibration is None:
             raise ConfigError(f"{self.name} {NO_CALIBRATION}")
-        candidates = _require_weighted_nodes(model, config.op_types or STATIC_OPS)
+        quantizable = config.op_types or (STATIC_OPS + ("LSTM",) if config.lstm == "dynamic" else STATIC_OPS)
+        candidates = _require_weighted_nodes(model, quantizable)
         data = load_dataset(config.calibration).head(config.samples)
         feeds = evaluate.bind(data, model.load(threads=1))
         out = output_path(workdir, model, "static")
@@ -117,10 +141,16 @@ class OnnxStaticInt8(Pass):
                          "(an attention mask's -inf or -3.4e38, a Log of 0)")
                 exclude += infinite
             if config.auto_exclude > 0:
-                ranked = sensitivity(model, config, feeds, [n for n, _ in candidates if n not in exclude],
-                                     Path(tmp), cache)
+                ranked = sensitivity(model, config, feeds, [n for n, op in candidates
+                                                            if n not in exclude and op != "LSTM"], Path(tmp), cache)
                 exclude += [name for name, _ in ranked[:config.auto_exclude]]
             _quantize_static(model.path, out, config, feeds, cache, exclude=exclude)
+            lstms = [n for n, op in candidates if op == "LSTM" and n not in exclude]
+            if lstms and config.lstm == "dynamic":
+                progress(f"      {len(lstms)} LSTM node(s): int8 weights, inputs quantized at run time (QDQ has "
+                         "no int8 LSTM)")
+                _quantize_dynamic(out, out, exclude)
+            _say_float_recurrent(model.path)
         return ModelFile(out, "onnx")
 
 
