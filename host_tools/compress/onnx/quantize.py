@@ -61,11 +61,13 @@ class OnnxDynamicInt8(Pass):
 def _say_float_recurrent(path: Path) -> None:
     """A progress line naming the GRU and RNN layers, which stay in float (ONNX Runtime quantizes an
     LSTM's weights, dynamically, but has no int8 GRU or RNN) and can hold most of a speech model's
-    weights: the report's size would otherwise leave the user guessing why."""
+    weights: the report's size would otherwise leave the user guessing why, and the line names the
+    pass that stores them as 8-bit (int8-dynamic runs it next; int8-static does not)."""
     left = Counter(op for _, op in weighted_nodes(path, ("GRU", "RNN")))
     if left:
         listed = ", ".join(f"{count} {op}" for op, count in sorted(left.items()))
-        progress(f"      left in float: {listed} node(s) (ONNX Runtime has no int8 form for them)")
+        progress(f"      left in float: {listed} node(s) (ONNX Runtime has no int8 GRU or RNN); onnx-int8-params "
+                 "stores their weights as 8-bit, their compute staying float")
 
 
 def _quantize_dynamic(source: Path, dest: Path, exclude: list[str]) -> None:
