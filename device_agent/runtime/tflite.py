@@ -9,6 +9,13 @@ takes and gives float32 here: inputs are quantized and outputs dequantized at th
 callers, health-check samples and telemetry do not change with the model's precision. (edgefleet's
 own full int8 keeps float32 inputs and outputs inside the model unless told `io=int8`: the
 interpreter's conversion costs less than this one in NumPy.)
+
+A model with variable tensors — the state of an LSTM that TensorFlow's converter fused into one
+UNIDIRECTIONAL_SEQUENCE_LSTM, as it does with a Keras LSTM — would carry its state from one call
+into the next: the interpreter leaves the last call's state there, so the same input gives another
+answer, and a keyword spotter scored at chance. Those variables are reset before every call, so
+each call stands alone as it does in ONNX Runtime; a streaming model takes its state as an input
+and gives it back as an output.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ class TFLiteRuntime:
         except Exception as exc:  # the interpreter raises ValueError/RuntimeError with C++ text
             raise ModelError(f"TFLite cannot load {Path(model_path).name}: {first_line(exc)}") from None
         self._lock = threading.Lock()
+        self._stateful = _keeps_state(Path(model_path))
         self._read_ports()
         self._inputs = tuple(_spec(d) for d in self._interpreter.get_input_details())
         self._outputs = tuple(_spec(d) for d in self._interpreter.get_output_details())
@@ -77,6 +85,8 @@ class TFLiteRuntime:
                 set_tensor, get_tensor = self._interpreter.set_tensor, self._interpreter.get_tensor
                 for port, value in zip(self._in_ports, values):
                     set_tensor(port.index, value)
+                if self._stateful:
+                    self._interpreter.reset_all_variables()
                 self._interpreter.invoke()
                 # get_tensor hands back a copy, which the caller may keep across calls.
                 outputs = {}
@@ -115,6 +125,19 @@ class TFLiteRuntime:
     def _read_ports(self) -> None:
         self._in_ports = tuple(_Port(d) for d in self._interpreter.get_input_details())
         self._out_ports = tuple(_Port(d) for d in self._interpreter.get_output_details())
+
+
+def _keeps_state(path: Path) -> bool:
+    """Whether the model has variable tensors (state the interpreter keeps between calls). Read
+    with LiteRT's flatbuffer schema; without it (tflite-runtime), taken as yes: a reset costs
+    about a microsecond, one call's state in the next a wrong answer."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        return True
+    model = schema.Model.GetRootAs(path.read_bytes(), 0)
+    return any(graph.Tensors(t).IsVariable() for graph in map(model.Subgraphs, range(model.SubgraphsLength()))
+               for t in range(graph.TensorsLength()))
 
 
 class _Port:

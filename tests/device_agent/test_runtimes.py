@@ -154,6 +154,25 @@ def test_tflite_follows_a_free_batch_axis_from_call_to_call():
     np.testing.assert_allclose(again, singles[2], rtol=1e-5, atol=1e-6)
 
 
+def test_a_fused_tflite_lstm_answers_each_call_as_if_it_were_the_first():
+    """TensorFlow's converter fuses a Keras 2 LSTM into UNIDIRECTIONAL_SEQUENCE_LSTM, whose state is a
+    variable tensor the interpreter keeps from one call to the next: the same input gave another
+    answer after another call, and a keyword spotter made so scored at chance (13 % on ten digits;
+    95 % with each call alone). Every call now starts from the zero state the model was trained from."""
+    path = FIXTURE_MODELS / "keras2_lstm.tflite"
+    runtime = load_runtime("tflite", path, RuntimeOptions(threads=1))
+    (spec,) = runtime.inputs
+    a, b = np.random.default_rng(0).standard_normal((2, 1, 16, 12)).astype(np.float32)
+    first = next(iter(runtime.run({spec.name: a}).values()))
+    runtime.run({spec.name: b})
+    np.testing.assert_array_equal(next(iter(runtime.run({spec.name: a}).values())), first)
+    fresh = find_interpreter()[0](model_path=str(path), num_threads=1)  # the first call of a new interpreter
+    fresh.allocate_tensors()
+    fresh.set_tensor(fresh.get_input_details()[0]["index"], a)
+    fresh.invoke()
+    np.testing.assert_allclose(first, fresh.get_tensor(fresh.get_output_details()[0]["index"]), rtol=1e-6)
+
+
 def test_tflite_outputs_are_the_callers_to_keep_and_a_missing_input_is_named():
     runtime = load_runtime("tflite", FIXTURE_MODELS / "streaming_kws.tflite", RuntimeOptions(threads=1))
     audio, state = runtime.inputs
