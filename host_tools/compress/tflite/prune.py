@@ -24,11 +24,12 @@ from host_tools.compress.magnitude import MagnitudeConfig, thresholds
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import Pass, failing_as, progress, register
 from host_tools.compress.structured import ChannelPruningConfig
-from host_tools.compress.tflite import flatbuffer
+from host_tools.compress.tflite import flatbuffer, recurrent
 
-# builtin operator name -> the inputs that hold its weights
+# builtin operator name -> the inputs that hold its weights (a fused LSTM's: its gate matrices)
 WEIGHT_INPUTS = {"CONV_2D": (1,), "DEPTHWISE_CONV_2D": (1,), "CONV_3D": (1,), "FULLY_CONNECTED": (1,),
-                 "TRANSPOSE_CONV": (1,), "BATCH_MATMUL": (0, 1), "EMBEDDING_LOOKUP": (1,)}
+                 "TRANSPOSE_CONV": (1,), "BATCH_MATMUL": (0, 1), "EMBEDDING_LOOKUP": (1,),
+                 recurrent.LSTM_OP: recurrent.WEIGHTS}
 
 
 @register
@@ -47,8 +48,8 @@ class TfliteMagnitudePruning(Pass):
             data = bytearray(model.path.read_bytes())
             weights = weight_views(data, config.min_elements)
             if not weights:
-                raise NotApplicable(f"{model.path.name} has no float32 Conv/FullyConnected/BatchMatMul weight of at "
-                                    f"least {config.min_elements} elements (a model quantized already has none)")
+                raise NotApplicable(f"{model.path.name} has no float32 Conv/FullyConnected/BatchMatMul/LSTM weight of "
+                                    f"at least {config.min_elements} elements (a model quantized already has none)")
             for view, cut in zip(weights, thresholds(weights, config)):
                 view[np.abs(view) <= cut] = 0  # a view into *data*: the file's bytes change in place
             out.write_bytes(data)

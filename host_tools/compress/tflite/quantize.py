@@ -21,6 +21,9 @@ sides. The ``int8-layers`` recipe quantizes the layers with weights, the pooling
 concatenations and means that join onto them and the depthwise convolutions between them, which
 XNNPACK keeps in one piece (the reference transformer 0.6-0.7x float's time; a ResNet as fast as
 full int8; --auto tries it too).
+
+litert-quantizer does not know TensorFlow's fused UNIDIRECTIONAL_SEQUENCE_LSTM (a Keras 2 LSTM):
+each pass stores those weights afterwards, as ``recurrent`` describes.
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ from pathlib import Path
 from device_agent.errors import ConfigError, NotApplicable
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
-from host_tools.compress.passes import Pass, PassConfig, failing_as, register
+from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 from host_tools.compress.recipes import TFLITE_INT8_BETWEEN_OPS, TFLITE_INT8_JOINING_OPS, TFLITE_INT8_LAYER_OPS
-from host_tools.compress.tflite import flatbuffer
+from host_tools.compress.tflite import flatbuffer, recurrent
 
 _OPS_HELP = "regular expression of the tensor names to quantize"
 _SCHEMA_NAMES = {"CONV_2D_TRANSPOSE": "TRANSPOSE_CONV"}
@@ -55,6 +58,7 @@ class _LiteRtPass(Pass):
     requires = ("litert_quantizer",)
     extra = "litert"
     tag = ""
+    lstm = ""  # how fused LSTMs' weights are stored afterwards (see recurrent.py); "": left float
 
     def configure(self, quantizer, config, data: bytes) -> None:
         """Tell *quantizer* what to quantize; *data* is the model it quantizes (its tensor names as it
@@ -82,18 +86,32 @@ class _LiteRtPass(Pass):
             quantizer = lq.Quantizer(str(source))
             self.configure(quantizer, config, data)
             result = quantizer.quantize(self.calibration(quantizer, model, config))
-            if result.quantized_model is None:
+            lstms = recurrent.fused_lstms(data)
+            if result.quantized_model is None and not (lstms and self.lstm):
                 raise NotApplicable(f"{model.path.name}: litert-quantizer found nothing to quantize")
-            out.write_bytes(bytes(result.quantized_model))
+            out.write_bytes(data if result.quantized_model is None else bytes(result.quantized_model))
             flatbuffer.restore_io_names(model.path, out)
+        if lstms:
+            with failing_as(self.name, model):  # (outside _quiet: its lines are for the user)
+                self._say_lstms(out, lstms)
         return ModelFile(out, "tflite")
+
+    def _say_lstms(self, out: Path, lstms: int) -> None:
+        stored = recurrent.store_weights(out, self.lstm) if self.lstm else 0
+        if stored:
+            progress(f"      {stored} fused LSTM(s) ({recurrent.LSTM_OP}): weights stored as "
+                     f"{'int8, computed as dynamic-range int8' if self.lstm == 'hybrid' else self.lstm}")
+        if stored < lstms:
+            progress(f"      left in float: {lstms - stored} fused LSTM(s) ({recurrent.LSTM_OP}): "
+                     + ("litert-quantizer has no int8 LSTM" if not self.lstm else
+                        "peephole or projection weights, or weights another op shares"))
 
 
 @register
 class TfliteDynamicInt8(_LiteRtPass):
     """int8 weights (dense layers optionally one scale per layer), activations quantized by the kernels."""
 
-    name, tag = "tflite-dynamic", "dynamic"
+    name, tag, lstm = "tflite-dynamic", "dynamic", "hybrid"
     summary = "dynamic-range int8 (int8 weights, float activations quantized by the kernels)"
 
     @dataclass(frozen=True)
@@ -128,7 +146,7 @@ class TfliteDynamicInt8(_LiteRtPass):
 class TfliteWeightOnlyInt8(_LiteRtPass):
     """int8 weights dequantized before float compute: smallest loss, no speed-up."""
 
-    name, tag = "tflite-weight-only", "wo8"
+    name, tag, lstm = "tflite-weight-only", "wo8", "int8"
     summary = "int8 weights only, float compute"
 
     @dataclass(frozen=True)
@@ -150,7 +168,7 @@ class TfliteWeightOnlyInt8(_LiteRtPass):
 class TfliteFullInt8(_LiteRtPass):
     """int8 weights and activations, ranges calibrated on the user's inputs (refuses without)."""
 
-    name, tag = "tflite-int8", "int8"
+    name, tag, lstm = "tflite-int8", "int8", "hybrid"
     summary = "full int8 (weights and activations), calibrated"
 
     @dataclass(frozen=True)
@@ -363,7 +381,7 @@ def _control_flow(path: Path) -> str:
 class TfliteFp16(_LiteRtPass):
     """float16 weights (cast back to float for compute on CPUs; GPU delegates run them natively)."""
 
-    name, tag = "tflite-fp16", "fp16"
+    name, tag, lstm = "tflite-fp16", "fp16", "float16"
     summary = "float16 weights"
     Config = LayersConfig
 
