@@ -1337,6 +1337,28 @@ def test_every_tflite_recipe_stores_a_fused_lstms_weights_smaller(tmp_path):
     assert sum("2 fused LSTM(s) (UNIDIRECTIONAL_SEQUENCE_LSTM): weights stored as" in line for line in said) == 5
 
 
+def test_a_fused_lstm_with_peepholes_keeps_its_float_weights(tmp_path):
+    """recurrent.store_weights rewrites only an LSTM whose weights are its eight gate matrices: one
+    that also reads peephole weights (kept float, which the int8 kernel would read as int8) is left
+    as it is, and the other LSTM of the model is still stored."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from host_tools.compress.tflite import flatbuffer, recurrent
+
+    tree, outside = flatbuffer.read(FIXTURES / "keras2_lstm.tflite")
+    graph = tree.subgraphs[0]
+    first, second = [op for op in graph.operators if len(op.inputs) > 20]
+    first.inputs[9] = first.inputs[12]  # a [32] vector as its cell-to-input peephole
+    path = tmp_path / "peephole.tflite"
+    flatbuffer.write(tree, outside, path)
+    assert recurrent.store_weights(path, "hybrid") == 1
+    tree, _ = flatbuffer.read(path)
+    graph = tree.subgraphs[0]
+    first, second = [op for op in graph.operators if len(op.inputs) > 20]
+    assert {graph.tensors[t].type for t in first.inputs[1:9]} == {schema.TensorType.FLOAT32}
+    assert {graph.tensors[t].type for t in second.inputs[1:9]} == {schema.TensorType.INT8}
+
+
 def test_a_tflite_file_stores_equal_shapes_quantization_parameters_and_options_once(tmp_path):
     """litert-quantizer's full int8 gives each of the CRNN's ~900 unrolled tensors its own copy of a
     shape and of quantization parameters that its neighbours have too, and each operator its own

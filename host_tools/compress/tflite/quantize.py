@@ -58,7 +58,7 @@ class _LiteRtPass(Pass):
     requires = ("litert_quantizer",)
     extra = "litert"
     tag = ""
-    lstm = ""  # how fused LSTMs' weights are stored afterwards (see recurrent.py); "": left float
+    lstm = "hybrid"  # how fused LSTMs' weights are stored afterwards: hybrid, int8 or float16 (recurrent.py)
 
     def configure(self, quantizer, config, data: bytes) -> None:
         """Tell *quantizer* what to quantize; *data* is the model it quantizes (its tensor names as it
@@ -87,7 +87,7 @@ class _LiteRtPass(Pass):
             self.configure(quantizer, config, data)
             result = quantizer.quantize(self.calibration(quantizer, model, config))
             lstms = recurrent.fused_lstms(data)
-            if result.quantized_model is None and not (lstms and self.lstm):
+            if result.quantized_model is None and not lstms:
                 raise NotApplicable(f"{model.path.name}: litert-quantizer found nothing to quantize")
             out.write_bytes(data if result.quantized_model is None else bytes(result.quantized_model))
             flatbuffer.restore_io_names(model.path, out)
@@ -97,14 +97,13 @@ class _LiteRtPass(Pass):
         return ModelFile(out, "tflite")
 
     def _say_lstms(self, out: Path, lstms: int) -> None:
-        stored = recurrent.store_weights(out, self.lstm) if self.lstm else 0
+        stored = recurrent.store_weights(out, self.lstm)
         if stored:
             progress(f"      {stored} fused LSTM(s) ({recurrent.LSTM_OP}): weights stored as "
                      f"{'int8, computed as dynamic-range int8' if self.lstm == 'hybrid' else self.lstm}")
         if stored < lstms:
-            progress(f"      left in float: {lstms - stored} fused LSTM(s) ({recurrent.LSTM_OP}): "
-                     + ("litert-quantizer has no int8 LSTM" if not self.lstm else
-                        "peephole or projection weights, or weights another op shares"))
+            progress(f"      left in float: {lstms - stored} fused LSTM(s) ({recurrent.LSTM_OP}) with peephole or "
+                     "projection weights, or weights another op shares")
 
 
 @register
