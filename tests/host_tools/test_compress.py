@@ -1335,6 +1335,9 @@ def test_every_tflite_recipe_stores_a_fused_lstms_weights_smaller(tmp_path):
     sparse = reports["sparse-int8"].steps[0]
     assert sparse.status == "ok" and sparse.download_bytes < 0.6 * reports["sparse-int8"].original.download_bytes
     assert sum("2 fused LSTM(s) (UNIDIRECTIONAL_SEQUENCE_LSTM): weights stored as" in line for line in said) == 5
+    again = run_recipe(reports["int8-dynamic"].result.model, steps([("tflite-dynamic", {})]), eval_data=eval_data,
+                       latency_runs=3, workdir=tmp_path / "again").steps[0]
+    assert again.status == "skipped" and "weights are int8 (3 of 3) already" in again.note, again.note
 
 
 def test_a_fused_lstm_with_peepholes_keeps_its_float_weights(tmp_path):
@@ -1351,7 +1354,7 @@ def test_a_fused_lstm_with_peepholes_keeps_its_float_weights(tmp_path):
     first.inputs[9] = first.inputs[12]  # a [32] vector as its cell-to-input peephole
     path = tmp_path / "peephole.tflite"
     flatbuffer.write(tree, outside, path)
-    assert recurrent.store_weights(path, "hybrid") == 1
+    assert recurrent.store_weights(path, "hybrid") == (1, 1)
     tree, _ = flatbuffer.read(path)
     graph = tree.subgraphs[0]
     first, second = [op for op in graph.operators if len(op.inputs) > 20]

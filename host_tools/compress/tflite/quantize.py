@@ -93,16 +93,16 @@ class _LiteRtPass(Pass):
             flatbuffer.restore_io_names(model.path, out)
         if lstms:
             with failing_as(self.name, model):  # (outside _quiet: its lines are for the user)
-                self._say_lstms(out, lstms)
+                self._say_lstms(out)
         return ModelFile(out, "tflite")
 
-    def _say_lstms(self, out: Path, lstms: int) -> None:
-        stored = recurrent.store_weights(out, self.lstm)
+    def _say_lstms(self, out: Path) -> None:
+        stored, left = recurrent.store_weights(out, self.lstm)
         if stored:
             progress(f"      {stored} fused LSTM(s) ({recurrent.LSTM_OP}): weights stored as "
                      f"{'int8, computed as dynamic-range int8' if self.lstm == 'hybrid' else self.lstm}")
-        if stored < lstms:
-            progress(f"      left in float: {lstms - stored} fused LSTM(s) ({recurrent.LSTM_OP}) with peephole or "
+        if left:
+            progress(f"      left in float: {left} fused LSTM(s) ({recurrent.LSTM_OP}) with peephole or "
                      "projection weights, or weights another op shares")
 
 
@@ -394,7 +394,8 @@ class TfliteFp16(_LiteRtPass):
 
 # TFLite TensorType -> name, for the weights a quantized model stores
 _WEIGHT_TYPES = {0: "float32", 1: "float16", 3: "uint8", 7: "int16", 9: "int8", 17: "int4"}
-_WEIGHTED = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1, "TRANSPOSE_CONV": 1, "CONV_3D": 1}
+_WEIGHTED = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1, "TRANSPOSE_CONV": 1, "CONV_3D": 1,
+             recurrent.LSTM_OP: recurrent.WEIGHTS[0]}
 
 
 def _quantized_already(path: Path) -> str:

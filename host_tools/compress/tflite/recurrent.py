@@ -34,9 +34,10 @@ def fused_lstms(data: bytes) -> int:
     return sum(op[0] == LSTM_OP for graph in flatbuffer.operators(data) for op in graph)
 
 
-def store_weights(path: Path, how: str) -> int:
+def store_weights(path: Path, how: str) -> tuple[int, int]:
     """Rewrite the model at *path* with its fused LSTMs' float32 weights stored *how* ("hybrid",
-    "int8" or "float16"); returns how many LSTMs were rewritten."""
+    "int8" or "float16"); returns how many LSTMs were rewritten, and how many with float32 weights
+    were left as they are."""
     from ai_edge_litert import schema_py_generated as schema
 
     tree, outside = flatbuffer.read(path)
@@ -46,11 +47,13 @@ def store_weights(path: Path, how: str) -> int:
             readers[tensor.buffer] = readers.get(tensor.buffer, 0) + 1
     lstm = flatbuffer.opcode(tree, schema.BuiltinOperator.UNIDIRECTIONAL_SEQUENCE_LSTM, 3 if how == "hybrid" else 1)
     dequantize = flatbuffer.opcode(tree, schema.BuiltinOperator.DEQUANTIZE, 2) if how != "hybrid" else None
-    done = 0
+    done = left = 0
     for graph in tree.subgraphs:
         operators = []
         for op in graph.operators:
             weights = _float_weights(tree, graph, op, readers) if op.opcodeIndex == lstm else None
+            if op.opcodeIndex == lstm and not weights:
+                left += graph.tensors[op.inputs[WEIGHTS[0]]].type == schema.TensorType.FLOAT32
             if weights:
                 done += 1
                 if how == "hybrid":
@@ -63,7 +66,7 @@ def store_weights(path: Path, how: str) -> int:
         graph.operators = operators
     if done:
         flatbuffer.write(tree, outside, path)
-    return done
+    return done, left
 
 
 def _float_weights(tree, graph, op, readers: dict[int, int]) -> list | None:
