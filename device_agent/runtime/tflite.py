@@ -20,7 +20,11 @@ and gives it back as an output.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Mapping
@@ -51,8 +55,9 @@ class TFLiteRuntime:
     def __init__(self, model_path: Path, options: RuntimeOptions = RuntimeOptions()) -> None:
         interpreter_cls, self.package = find_interpreter()
         try:
-            self._interpreter = interpreter_cls(model_path=str(model_path), num_threads=options.threads)
-            self._interpreter.allocate_tensors()
+            with _without_delegate_banner():
+                self._interpreter = interpreter_cls(model_path=str(model_path), num_threads=options.threads)
+                self._interpreter.allocate_tensors()
         except Exception as exc:  # the interpreter raises ValueError/RuntimeError with C++ text
             raise ModelError(f"TFLite cannot load {Path(model_path).name}: {first_line(exc)}") from None
         self._lock = threading.Lock()
@@ -125,6 +130,40 @@ class TFLiteRuntime:
     def _read_ports(self) -> None:
         self._in_ports = tuple(_Port(d) for d in self._interpreter.get_input_details())
         self._out_ports = tuple(_Port(d) for d in self._interpreter.get_output_details())
+
+
+_BANNER = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+_banner_due = True  # TFLite prints it once a process, when the first interpreter allocates its tensors
+
+
+@contextlib.contextmanager
+def _without_delegate_banner():
+    """Around the process's first interpreter: TFLite's C++ writes *_BANNER* straight to file
+    descriptor 2 (no setting turns it off), which put it at the top of every `edgefleet compress`
+    of a TFLite model and in the agent's journal at each start. Whatever else C++ writes there
+    meanwhile (a kernel's error) is passed on when the interpreter is built."""
+    global _banner_due
+    if not _banner_due:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no stderr to take over
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+            _banner_due = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            kept = [line for line in sink.read().splitlines(keepends=True) if not line.startswith(_BANNER)]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def _keeps_state(path: Path) -> bool:

@@ -1,6 +1,7 @@
 """Both runtimes behind one interface, on models nobody here made and on every input kind a
 device meets: several inputs and outputs, dynamic dimensions, int64/uint8/int8, state inputs."""
 
+import os
 import threading
 from pathlib import Path
 
@@ -171,6 +172,29 @@ def test_a_fused_tflite_lstm_answers_each_call_as_if_it_were_the_first():
     fresh.set_tensor(fresh.get_input_details()[0]["index"], a)
     fresh.invoke()
     np.testing.assert_allclose(first, fresh.get_tensor(fresh.get_output_details()[0]["index"]), rtol=1e-6)
+
+
+def test_loading_a_tflite_model_prints_no_delegate_banner_but_passes_other_lines_on(monkeypatch, capfd):
+    """TFLite's C++ writes "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." to stderr when a
+    process's first interpreter allocates its tensors, with no setting to turn it off: it stood at the
+    top of every `edgefleet compress` of a TFLite model and in the agent's journal at each start. A
+    fresh process loads and runs a model and writes nothing to stderr; anything else C++ writes
+    while the interpreter is built still reaches stderr."""
+    import subprocess
+    import sys
+
+    from device_agent.runtime import tflite
+
+    script = ("import numpy as np; from pathlib import Path; from device_agent.runtime import load_runtime; "
+              f"r = load_runtime('tflite', Path({str(MODELS / 'digits_cnn.tflite')!r})); "
+              "r.run({r.inputs[0].name: np.zeros((1, 1, 8, 8), np.float32)}); print('ran')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parents[2])
+    assert done.stdout == "ran\n" and done.stderr == "", done.stderr
+    monkeypatch.setattr(tflite, "_banner_due", True)
+    with tflite._without_delegate_banner():
+        os.write(2, tflite._BANNER + b"\nERROR: a kernel's own complaint\n")
+    assert capfd.readouterr().err == "ERROR: a kernel's own complaint\n"
 
 
 def test_tflite_outputs_are_the_callers_to_keep_and_a_missing_input_is_named():
