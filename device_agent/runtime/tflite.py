@@ -59,7 +59,8 @@ class TFLiteRuntime:
                 self._interpreter = interpreter_cls(model_path=str(model_path), num_threads=options.threads)
                 self._interpreter.allocate_tensors()
         except Exception as exc:  # the interpreter raises ValueError/RuntimeError with C++ text
-            raise ModelError(f"TFLite cannot load {Path(model_path).name}: {first_line(exc)}") from None
+            raise ModelError(f"TFLite cannot load {Path(model_path).name}: {_why_not(Path(model_path), exc)}") \
+                from None
         self._lock = threading.Lock()
         self._stateful = _keeps_state(Path(model_path))
         self._read_ports()
@@ -164,6 +165,29 @@ def _without_delegate_banner():
             kept = [line for line in sink.read().splitlines(keepends=True) if not line.startswith(_BANNER)]
             if kept:
                 os.write(2, b"".join(kept))
+
+
+def _why_not(path: Path, exc: Exception) -> str:
+    """Why the interpreter refused the model, in one line. A model converted with TensorFlow's
+    select ops (SELECT_TF_OPS) gets a paragraph about Android's Flex dependency run into "Node
+    number 3 (FlexMatrixDeterminant) failed to prepare"; it is named, with the way out."""
+    flex = sorted({code[len("Flex"):] for code in _custom_codes(path) if code.startswith("Flex")})
+    if flex and "Select TensorFlow op" in str(exc):
+        return (f"it uses TensorFlow ops that TFLite runs only with the Flex delegate, which this TFLite package "
+                f"lacks ({', '.join(flex)}): convert the model with TFLITE_BUILTINS alone")
+    return first_line(exc)
+
+
+def _custom_codes(path: Path) -> list[str]:
+    """The model's custom operator names ("FlexMatrixDeterminant"); none where it cannot be read."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+
+        model = schema.Model.GetRootAs(path.read_bytes(), 0)
+        codes = (model.OperatorCodes(i) for i in range(model.OperatorCodesLength()))
+        return [code.CustomCode().decode(errors="replace") for code in codes if code.CustomCode()]
+    except Exception:  # noqa: BLE001 — no schema, not a flatbuffer: nothing to name
+        return []
 
 
 def _keeps_state(path: Path) -> bool:

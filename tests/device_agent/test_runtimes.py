@@ -251,6 +251,18 @@ def test_a_file_that_is_not_a_tflite_model_does_not_load(tmp_path):
         load_runtime("tflite", bad)
 
 
+def test_a_model_that_needs_tensorflows_select_ops_is_refused_naming_them():
+    """Converted with SELECT_TF_OPS, a model holds Flex ops that no TFLite package a device installs
+    runs. The interpreter's own words ran a paragraph about Android's Flex dependency into "Node
+    number 3 (FlexMatrixDeterminant) failed to prepare"; the refusal names the op and the way out,
+    in one line (bundle build and compress --eval refuse with it too)."""
+    with pytest.raises(ModelError) as refused:
+        load_runtime("tflite", FIXTURE_MODELS / "keras_select_ops.tflite")
+    assert str(refused.value) == (
+        "TFLite cannot load keras_select_ops.tflite: it uses TensorFlow ops that TFLite runs only with the Flex "
+        "delegate, which this TFLite package lacks (MatrixDeterminant): convert the model with TFLITE_BUILTINS alone")
+
+
 @pytest.mark.parametrize("available, override, chosen", [
     (["CPUExecutionProvider"], (), ("CPUExecutionProvider",)),
     (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], (),
