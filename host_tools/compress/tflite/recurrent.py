@@ -6,14 +6,15 @@ litert-quantizer does not know the op, so every recipe left those weights — mo
 spotter's — float32, and int8-dynamic handed back 0.99x the size. The quantization passes store
 them here, after litert-quantizer has done the rest of the model:
 
-- ``hybrid`` (dynamic-range int8): int8 weights, one scale per matrix, which TFLite's LSTM kernel
-  multiplies with its inputs quantized at run time, as TensorFlow's own dynamic-range
-  quantization writes the op;
+- ``hybrid`` (dynamic-range and full int8): int8 weights, one scale per matrix, which TFLite's
+  LSTM kernel multiplies with its inputs quantized at run time, as TensorFlow's own
+  dynamic-range quantization writes the op (full int8 feeds it float32 too: litert-quantizer
+  leaves it between a DEQUANTIZE and a QUANTIZE);
 - ``int8`` and ``float16`` (weight-only and fp16): the weights stored so, each behind a
   DEQUANTIZE that gives the op float32 weights, computed in float.
 
-Full int8 leaves the op in float between a DEQUANTIZE and a QUANTIZE, and says so. An LSTM with
-peephole or projection weights, or whose weights another op reads too, is left as it is.
+An LSTM with peephole or projection weights, or whose weights another op reads too, is left as it
+is, and the pass says so.
 """
 
 from __future__ import annotations
