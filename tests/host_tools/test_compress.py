@@ -1154,6 +1154,15 @@ FORMAT_RECIPES = {"onnx": ("int8-dynamic", "int8-static", "fp16", "sparse-int8",
                   "tflite": ("int8-dynamic", "int8-weights", "int8-static", "fp16", "sparse-int8")}
 
 
+def _fixture_data(name: str, model_format: str = "onnx", count: int = 16) -> tuple[ModelFile, Dataset]:
+    """A fixture model and *count* samples for it (SAMPLE_SHAPES)."""
+    model = ModelFile.open(FIXTURES / f"{name}.{model_format}")
+    rng = np.random.default_rng(0)
+    return model, Dataset({spec.name: (rng.random((count, *shape)) if len(shape) == 3
+                                       else 0.5 * rng.standard_normal((count, *shape))).astype(np.float32)
+                           for spec, shape in zip(model.load().inputs, SAMPLE_SHAPES[name])}, None, name)
+
+
 @pytest.mark.parametrize("model_format", ["onnx", "tflite"])
 @pytest.mark.parametrize("name", list(SAMPLE_SHAPES))
 def test_every_recipe_runs_on_models_from_real_exporters(name, model_format):
@@ -1163,10 +1172,7 @@ def test_every_recipe_runs_on_models_from_real_exporters(name, model_format):
     every recipe gives a model with the original's outputs, or says in one line why a step did not.
     (The encoder's float16 graph, compacted, crashed ONNX Runtime's session creation, and with it the
     process, until compaction kept the shapes ORT needs.)"""
-    model = ModelFile.open(FIXTURES / f"{name}.{model_format}")
-    rng = np.random.default_rng(0)
-    data = Dataset({spec.name: (rng.random((8, *shape)) if len(shape) == 3 else 0.5 * rng.standard_normal((8, *shape)))
-                    .astype(np.float32) for spec, shape in zip(model.load().inputs, SAMPLE_SHAPES[name])}, None, name)
+    model, data = _fixture_data(name, model_format, count=8)
     reports = {recipe: run_recipe(model, load_recipe(recipe, model_format), calib=data, eval_data=data, latency_runs=3)
                for recipe in FORMAT_RECIPES[model_format]}
     for recipe, report in reports.items():
@@ -1201,14 +1207,6 @@ def test_every_recipe_runs_on_models_from_real_exporters(name, model_format):
     if model_format == "onnx" and name == "detector":
         int4 = reports["int4-weights"].steps[1]
         assert int4.status == "skipped" and "no MatMul" in int4.note
-
-
-def _fixture_data(name: str, count: int = 16) -> tuple[ModelFile, Dataset]:
-    model = ModelFile.open(FIXTURES / f"{name}.onnx")
-    rng = np.random.default_rng(0)
-    return model, Dataset({spec.name: (rng.random((count, *shape)) if len(shape) == 3
-                                       else 0.5 * rng.standard_normal((count, *shape))).astype(np.float32)
-                           for spec, shape in zip(model.load().inputs, SAMPLE_SHAPES[name])}, None, name)
 
 
 def test_static_int8_gives_an_lstm_int8_weights_and_says_a_gru_stays_float(tmp_path):
