@@ -29,8 +29,12 @@ def runtime_for(model: Path) -> str:
 
 def sample_inputs(runtime, given: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
     """The sample input: the one given, or a fixed-seed random one shaped like the model's inputs
-    (dynamic dimensions as 1)."""
+    (dynamic dimensions as 1). A model of one input takes a file of one array whatever its name,
+    as `edgefleet compress` takes data (a TFLite input's name is the converter's, e.g.
+    "serving_default_input_2:0")."""
     if given is not None:
+        if len(runtime.inputs) == 1 and len(given) == 1:
+            given = {runtime.inputs[0].name: next(iter(given.values()))}
         missing = [s.name for s in runtime.inputs if s.name not in given]
         if missing:
             raise ConfigError(f"sample file lacks input(s) {', '.join(missing)}")

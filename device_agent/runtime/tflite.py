@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -80,8 +81,9 @@ class TFLiteRuntime:
         # the interpreter's detail dicts on every call cost 1-2.5 µs more a call of the reference CNN
         # (benchmarks/runtime_call.py; 7 µs in the compression benchmark's interleaved timing).
         with self._lock:
+            shapes, reshaped = [port.shape for port in self._in_ports], False
             try:
-                values, reshaped = [], False
+                values = []
                 for port in self._in_ports:
                     value = self._take(port, feeds)
                     reshaped = reshaped or value.shape != port.shape
@@ -103,7 +105,10 @@ class TFLiteRuntime:
             except ModelError:
                 raise
             except Exception as exc:
-                raise ModelError(f"inference failed: {first_line(exc)}") from None
+                if not reshaped:
+                    raise ModelError(f"inference failed: {first_line(exc)}") from None
+                self._resize_to(shapes)  # (left at the shapes that failed, every later call would fail too)
+                raise ModelError(f"inference failed: {self._not_at(values, exc)}") from None
 
     def _take(self, port: _Port, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         try:
@@ -120,11 +125,31 @@ class TFLiteRuntime:
                              f"the model takes {port.dtype.name}")
         return value
 
+    def _not_at(self, values: list[np.ndarray], exc: Exception) -> str:
+        """Why a call at new input shapes failed. TFLite resizes any dimension on request, but a model
+        whose converter fixed one may not run at another size, and the kernel says so in C++ terms
+        ("…unidirectional_sequence_lstm.cc:980 NumElements(output_state) != … Node number 2 (…)
+        failed to prepare."): the input, its shape and the model's are named, with the node."""
+        node = re.search(r"Node number \d+ \(\w+\) failed to \w+", str(exc))
+        for spec, value in zip(self._inputs, values):
+            if len(spec.shape) != value.ndim or any(d not in ("?", n) for d, n in zip(spec.shape, value.shape)):
+                return (f"input {spec.name!r} is {list(value.shape)}, the model takes "
+                        f"{[d if d != '?' else 'any' for d in spec.shape]} and does not run at that shape"
+                        + (f" ({node.group(0)})" if node else f": {first_line(exc)}"))
+        return first_line(exc)
+
     def _resize_for(self, values: list[np.ndarray]) -> None:
         # Dynamic dimensions: resize to what this call brings, then re-allocate once.
         for port, value in zip(self._in_ports, values):
             if value.shape != port.shape:
                 self._interpreter.resize_tensor_input(port.index, list(value.shape))
+        self._interpreter.allocate_tensors()
+        self._read_ports()
+
+    def _resize_to(self, shapes: list[tuple[int, ...]]) -> None:
+        """Every input back at *shapes* (those of the last call that ran)."""
+        for port, shape in zip(self._in_ports, shapes):
+            self._interpreter.resize_tensor_input(port.index, list(shape))
         self._interpreter.allocate_tensors()
         self._read_ports()
 

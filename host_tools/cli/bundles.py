@@ -26,7 +26,8 @@ def bundle() -> None:
 @click.option("--key", type=click.Path(path_type=Path), required=True, help="Private signing key (PEM).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Bundle file (default NAME-VERSION.efb).")
 @click.option("--sample", type=click.Path(path_type=Path),
-              help=".npz with one array per model input, used as the device's health-check input.")
+              help=".npz with one array per model input, named after it (a model of one input takes any one "
+                   "array), used as the device's health-check input.")
 @click.option("--atol", default=1e-3, show_default=True, help="Absolute tolerance of the sample check.")
 @click.option("--latency-budget-ms", type=FiniteRange(0, min_open=True), default=None,
               help="Median sample latency a device must meet before it commits the bundle.")

@@ -2,6 +2,7 @@
 device meets: several inputs and outputs, dynamic dimensions, int64/uint8/int8, state inputs."""
 
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -172,6 +173,24 @@ def test_a_fused_tflite_lstm_answers_each_call_as_if_it_were_the_first():
     fresh.set_tensor(fresh.get_input_details()[0]["index"], a)
     fresh.invoke()
     np.testing.assert_allclose(first, fresh.get_tensor(fresh.get_output_details()[0]["index"]), rtol=1e-6)
+
+
+def test_a_tflite_call_at_a_shape_the_model_cannot_take_names_it_and_the_next_call_still_works():
+    """TFLite resizes an input to whatever a call brings, fixed dimensions too; a fused LSTM
+    converted for one sample then fails in C++ terms, and the interpreter stayed at the failed shape:
+    every later call, of the right shape too, failed ("Dimension mismatch. Got 1 but expected 200"),
+    so one bad request to the agent's local API broke the model for every client until a restart."""
+    runtime = load_runtime("tflite", FIXTURE_MODELS / "keras2_lstm.tflite", RuntimeOptions(threads=1))
+    (spec,) = runtime.inputs
+    x = np.random.default_rng(0).random((200, 8, 8), dtype=np.float32)
+    first = next(iter(runtime.run({spec.name: x[:1]}).values()))
+    with pytest.raises(ModelError) as failed:
+        runtime.run({spec.name: x})
+    said = f"inference failed: input {spec.name!r} is [200, 8, 8], the model takes [1, 8, 8] and does not run at " \
+           "that shape (Node number "
+    assert re.fullmatch(re.escape(said) + r"\d \(UNIDIRECTIONAL_SEQUENCE_LSTM\) failed to prepare\)",
+                        str(failed.value)), str(failed.value)
+    np.testing.assert_array_equal(next(iter(runtime.run({spec.name: x[:1]}).values())), first)
 
 
 def test_loading_a_tflite_model_prints_no_delegate_banner_but_passes_other_lines_on(monkeypatch, capfd):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -85,6 +86,25 @@ def test_a_sample_the_model_answers_with_nan_is_refused_before_a_bundle_exists(t
                        "--sample", tmp_path / "nan.npz", "-o", tmp_path / "m.efb")
     assert_one_line_error(result, "output 'logits' on the sample input is NaN", "health check would fail")
     assert not (tmp_path / "m.efb").exists()
+
+
+def test_a_sample_of_one_array_is_a_one_input_models_whatever_its_name(tmp_path, keys):
+    """A TFLite converter names the input "serving_default_input_2:0": a file of one array feeds a model
+    of one input, as compress's data does. One call's input the model cannot take (200 samples where it
+    was converted for one) is refused naming the shapes, and no bundle is written."""
+    import numpy as np
+
+    model = Path(__file__).resolve().parents[1] / "fixtures" / "models" / "keras2_lstm.tflite"
+    images = np.random.default_rng(0).random((200, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "one.npz", x=images[:1])
+    np.savez(tmp_path / "all.npz", x=images)
+    build = ("bundle", "build", model, "--name", "kws", "--version", "1.0.0", "--key", keys["key"])
+    result = edgefleet(*build, "--sample", tmp_path / "one.npz", "-o", tmp_path / "kws.efb")
+    assert result.returncode == 0 and result.stderr == "", result.stderr  # (no TFLite banner either)
+    result = edgefleet(*build, "--sample", tmp_path / "all.npz", "-o", tmp_path / "all.efb")
+    assert_one_line_error(result, "input 'serving_default_input_2:0' is [200, 8, 8], the model takes [1, 8, 8] and "
+                          "does not run at that shape")
+    assert not (tmp_path / "all.efb").exists()
 
 
 def test_a_sample_file_that_is_not_an_npz_is_one_line(tmp_path, keys, reference_model):
