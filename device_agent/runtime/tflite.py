@@ -81,10 +81,10 @@ class TFLiteRuntime:
         # the interpreter's detail dicts on every call cost 1-2.5 µs more a call of the reference CNN
         # (benchmarks/runtime_call.py; 7 µs in the compression benchmark's interleaved timing).
         with self._lock:
-            shapes, reshaped = [port.shape for port in self._in_ports], False
+            ports, reshaped = self._in_ports, False  # (as they are: a resize reads new ones)
             try:
                 values = []
-                for port in self._in_ports:
+                for port in ports:
                     value = self._take(port, feeds)
                     reshaped = reshaped or value.shape != port.shape
                     values.append(value)
@@ -107,7 +107,8 @@ class TFLiteRuntime:
             except Exception as exc:
                 if not reshaped:
                     raise ModelError(f"inference failed: {first_line(exc)}") from None
-                self._resize_to(shapes)  # (left at the shapes that failed, every later call would fail too)
+                # back to the last shapes that ran: left at these, every later call would fail too
+                self._resize_to([port.shape for port in ports])
                 raise ModelError(f"inference failed: {self._not_at(values, exc)}") from None
 
     def _take(self, port: _Port, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
