@@ -88,8 +88,8 @@ class TFLiteRuntime:
                     value = self._take(port, feeds)
                     reshaped = reshaped or value.shape != port.shape
                     values.append(value)
-                if reshaped:
-                    self._resize_for(values)
+                if reshaped:  # dynamic dimensions: resized to what this call brings
+                    self._resize_to([value.shape for value in values])
                 set_tensor, get_tensor = self._interpreter.set_tensor, self._interpreter.get_tensor
                 for port, value in zip(self._in_ports, values):
                     set_tensor(port.index, value)
@@ -139,16 +139,10 @@ class TFLiteRuntime:
                         + (f" ({node.group(0)})" if node else f": {first_line(exc)}"))
         return first_line(exc)
 
-    def _resize_for(self, values: list[np.ndarray]) -> None:
-        # Dynamic dimensions: resize to what this call brings, then re-allocate once.
-        for port, value in zip(self._in_ports, values):
-            if value.shape != port.shape:
-                self._interpreter.resize_tensor_input(port.index, list(value.shape))
-        self._interpreter.allocate_tensors()
-        self._read_ports()
-
     def _resize_to(self, shapes: list[tuple[int, ...]]) -> None:
-        """Every input back at *shapes* (those of the last call that ran)."""
+        """Every input at *shapes*, then the tensors re-allocated once. Each is resized, even one
+        whose port says it is there already: after a failed allocation the ports are not the
+        interpreter's (TFLite leaves an input already at the shape as it is)."""
         for port, shape in zip(self._in_ports, shapes):
             self._interpreter.resize_tensor_input(port.index, list(shape))
         self._interpreter.allocate_tensors()
@@ -204,29 +198,34 @@ def _why_not(path: Path, exc: Exception) -> str:
     return first_line(exc)
 
 
+def _packed(path: Path):
+    """The model's flatbuffer, read lazily with LiteRT's schema; None without the schema
+    (tflite-runtime)."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        return None
+    return schema.Model.GetRootAs(path.read_bytes(), 0)
+
+
 def _custom_codes(path: Path) -> list[str]:
     """The model's custom operator names ("FlexMatrixDeterminant"); none where it cannot be read."""
     try:
-        from ai_edge_litert import schema_py_generated as schema
-
-        model = schema.Model.GetRootAs(path.read_bytes(), 0)
-        codes = (model.OperatorCodes(i) for i in range(model.OperatorCodesLength()))
+        model = _packed(path)
+        codes = (model.OperatorCodes(i) for i in range(model.OperatorCodesLength())) if model is not None else ()
         return [code.CustomCode().decode(errors="replace") for code in codes if code.CustomCode()]
-    except Exception:  # noqa: BLE001 — no schema, not a flatbuffer: nothing to name
+    except Exception:  # noqa: BLE001 — not a flatbuffer (the interpreter said why): nothing to name
         return []
 
 
 def _keeps_state(path: Path) -> bool:
-    """Whether the model has variable tensors (state the interpreter keeps between calls). Read
-    with LiteRT's flatbuffer schema; without it (tflite-runtime), taken as yes: a reset costs
-    about a microsecond, one call's state in the next a wrong answer."""
-    try:
-        from ai_edge_litert import schema_py_generated as schema
-    except ImportError:
-        return True
-    model = schema.Model.GetRootAs(path.read_bytes(), 0)
-    return any(graph.Tensors(t).IsVariable() for graph in map(model.Subgraphs, range(model.SubgraphsLength()))
-               for t in range(graph.TensorsLength()))
+    """Whether the model has variable tensors (state the interpreter keeps between calls). Where
+    it cannot be read (tflite-runtime has no schema), taken as yes: a reset costs about a
+    microsecond, one call's state in the next a wrong answer."""
+    model = _packed(path)
+    return model is None or any(graph.Tensors(t).IsVariable()
+                                for graph in map(model.Subgraphs, range(model.SubgraphsLength()))
+                                for t in range(graph.TensorsLength()))
 
 
 class _Port:

@@ -86,7 +86,7 @@ class _LiteRtPass(Pass):
             quantizer = lq.Quantizer(str(source))
             self.configure(quantizer, config, data)
             result = quantizer.quantize(self.calibration(quantizer, model, config))
-            lstms = recurrent.fused_lstms(data)
+            lstms = recurrent.LSTM_OP in flatbuffer.op_kinds(data)
             if result.quantized_model is None and not lstms:
                 raise NotApplicable(f"{model.path.name}: litert-quantizer found nothing to quantize")
             out.write_bytes(data if result.quantized_model is None else bytes(result.quantized_model))

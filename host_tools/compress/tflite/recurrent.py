@@ -30,11 +30,6 @@ WEIGHTS = (1, 2, 3, 4, 5, 6, 7, 8)  # the op's inputs holding its gate matrices
 _OPTIONAL_WEIGHTS = (9, 10, 11, 16, 17)  # peepholes and the projection: kept float, so the op is left alone
 
 
-def fused_lstms(data: bytes) -> int:
-    """How many UNIDIRECTIONAL_SEQUENCE_LSTM ops the model has."""
-    return sum(op[0] == LSTM_OP for graph in flatbuffer.operators(data) for op in graph)
-
-
 def store_weights(path: Path, how: str) -> tuple[int, int]:
     """Rewrite the model at *path* with its fused LSTMs' float32 weights stored *how* ("hybrid",
     "int8" or "float16"); returns how many LSTMs were rewritten, and how many with float32 weights
