@@ -121,12 +121,15 @@ def computes_in_int8(graph) -> bool:
 
 def quantized_already(graph) -> str:
     """'' for a float32 graph; else what says it is quantized (", quantized already (15 DequantizeLinear,
-    7 QuantizeLinear nodes): compress the float model") or float16 (", its weights are float16
-    already: compress the float32 model"), to end a pass's reason for not applying."""
+    7 QuantizeLinear nodes): compress the float model"), float16 (", its weights are float16
+    already: compress the float32 model") or stored as 8-bit by onnx-int8-params, to end a pass's
+    reason for not applying."""
     found = Counter(node.op_type for node in graph.node if node.op_type in QUANTIZED_OPS)
-    weights = {i.data_type for i in graph.initializer if len(i.dims) >= 2}
-    if not found and weights == {10}:  # TensorProto.FLOAT16
+    weights = Counter(i.data_type for i in graph.initializer if len(i.dims) >= 2)
+    if not found and set(weights) == {10}:  # TensorProto.FLOAT16
         return ", its weights are float16 already: compress the float32 model"
+    if not found and weights[2]:  # TensorProto.UINT8: onnx-int8-params' storage, restored by a Cast
+        return f", {weights[2]} of its weight tensors are stored as 8-bit already: compress the float model"
     if not found:
         return ""
     listed = ", ".join(f"{n} {op}" for op, n in found.most_common(3))
