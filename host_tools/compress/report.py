@@ -103,7 +103,25 @@ def slower_note(report: CompressionReport) -> str:
     if ratio <= SLOWER:
         return ""
     return (f"note: the result runs {ratio:.2f}x the original's p50 where it was timed (slower, not faster); "
-            f"--auto --goal speed hands back only a model faster than the original")
+            f"{_slow_part(result.model)}--auto --goal speed hands back only a model faster than the original")
+
+
+def _slow_part(model) -> str:
+    """What in *model* is known to be slower than float, with the way around it, or "". ONNX
+    Runtime's dynamically quantized convolutions (ConvInteger) ran 3.4-8.8x slower than float on
+    every CPU docs/benchmarks.md measured (AVX2; AVX-512 with VNNI; AMX), where static int8 ran the
+    same convolutions in 0.4x the float time: a plain "slower" leaves a CNN's user guessing."""
+    if model.format != "onnx" or not model.path.is_file():
+        return ""
+    import onnx
+
+    graph = onnx.load(str(model.path), load_external_data=False).graph
+    count = sum(node.op_type == "ConvInteger" for node in graph.node)
+    if not count:
+        return ""
+    return (f"its {count} ConvInteger node{'s' * (count != 1)} (convolutions quantized dynamically) are slow in "
+            "ONNX Runtime on most CPUs, and int8-static (calibrated on --calib) runs convolutions in int8 without "
+            "them; ")
 
 
 def _cells(m: Measured, original: Measured, scale: float) -> list[str]:
