@@ -7,7 +7,7 @@
 For each reference model (models/digits_cnn.onnx, digits_transformer.onnx, digits_vgg.onnx,
 digits_resnet.onnx) it makes, in one run: plain ``onnxruntime.quantization.quantize_dynamic`` at
 its defaults (the baseline users start from; for a TFLite model, litert-quantizer's
-dynamic_wi8_afp32 recipe); edgefleet's named recipes (int8-dynamic, int8-static, int4-weights,
+dynamic_wi8_afp32 recipe); edgefleet's named recipes (int8-dynamic, int8-weights, int8-static, int4-weights,
 sparse-int8, channels-50, distill; for TFLite int8-dynamic, int8-weights, int8-static, fp16,
 sparse-int8, channels-50, distill); and ``--auto --max-drop 1`` for size and for speed. Calibration on
 digits_calib.npz, training (distillation, pruning recovery) on digits_train.npz, every number
@@ -36,7 +36,8 @@ from common import REPO, machine_line  # noqa: E402
 
 MODELS = REPO / "models"
 CALIB, TRAIN, HELDOUT = MODELS / "digits_calib.npz", MODELS / "digits_train.npz", MODELS / "digits_heldout.npz"
-RECIPES = {"onnx": ("int8-dynamic", "int8-static", "int4-weights", "sparse-int8", "channels-50", "distill"),
+RECIPES = {"onnx": ("int8-dynamic", "int8-weights", "int8-static", "int4-weights", "sparse-int8", "channels-50",
+                    "distill"),
            "tflite": ("int8-dynamic", "int8-weights", "int8-static", "int8-layers", "fp16", "sparse-int8",
                       "channels-50", "distill")}
 # what a user without edgefleet starts from: each format's quantizer at its defaults

@@ -53,7 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line  # noqa: E402
 
-RECIPES = {"onnx": ("int8-dynamic", "int8-static", "fp16", "int4-weights", "sparse-int8"),
+RECIPES = {"onnx": ("int8-dynamic", "int8-weights", "int8-static", "fp16", "int4-weights", "sparse-int8"),
            "tflite": ("int8-dynamic", "int8-weights", "int8-static", "int8-layers", "fp16", "sparse-int8")}
 TOKENS, VOCAB, SAMPLES = 16, 200, 64
 

@@ -67,6 +67,9 @@ ONNX_LADDER = (
     Candidate("dynamic int8, MatMul/Gemm only", (PREPROCESS, Step("onnx-dynamic", {"op_types": ["MatMul", "Gemm"]}))),
     Candidate("dynamic int8, 7-bit weights", (PREPROCESS, Step("onnx-dynamic", {"reduce_range": True}),
                                               Step("onnx-int8-params")), if_missed="dynamic int8"),
+    # (the size of int8 at float speed, where int8 compute is slower than float: ConvInteger, CPUs
+    # without int8 dot products)
+    Candidate("int8 weights only", (Step("onnx-preprocess", {"optimize": False}), Step("onnx-weight-only"))),
     Candidate("static int8 per-tensor", (PREPROCESS, Step("onnx-static")), needs_calibration=True),
     *_and_7_bit(Candidate("static int8 per-channel", (PREPROCESS, Step("onnx-static", {"per_channel": True})),
                           needs_calibration=True)),

@@ -1150,7 +1150,7 @@ FIXTURES = Path(__file__).parent.parent / "fixtures" / "models"  # made by make_
 # per input, one sample's shape: a [0, 1) image or text line, or normal frames and state
 SAMPLE_SHAPES = {"detector": [(3, 64, 64)], "crnn_ocr": [(1, 32, 48)], "streaming_kws": [(10, 20), (1, 48)],
                  "torch_encoder": [(12, 16)], "u_net": [(3, 16, 16)]}
-FORMAT_RECIPES = {"onnx": ("int8-dynamic", "int8-static", "fp16", "sparse-int8", "int4-weights"),
+FORMAT_RECIPES = {"onnx": ("int8-dynamic", "int8-weights", "int8-static", "fp16", "sparse-int8", "int4-weights"),
                   "tflite": ("int8-dynamic", "int8-weights", "int8-static", "fp16", "sparse-int8")}
 
 
@@ -1782,6 +1782,50 @@ def test_float_parameters_a_quantizer_leaves_are_stored_as_8_bit(tmp_path):
     assert params.fidelity.cosine > dynamic.fidelity.cosine - 0.001
     assert params.fidelity.accuracy >= dynamic.fidelity.accuracy - 1 / 360
     assert nothing_left.status == "skipped" and "no float parameter" in nothing_left.note
+
+
+def test_int8_weights_stores_every_weight_as_8_bit_and_computes_in_float_at_float_speed(tmp_path):
+    """ONNX int8-weights: no calibration data, the file of int8, and the float model's compute, for
+    CNNs whose dynamically quantized convolutions run 3-8x slower than float. Each layer weight has a
+    scale per output channel, so a channel of small weights keeps its precision; the restore is
+    folded by ONNX Runtime when it loads the model, so a call runs exactly the float graph's ops."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = ModelFile.open(MODELS / "digits_cnn.onnx")
+    report = run_recipe(model, load_recipe("int8-weights", "onnx"), eval_data=HELDOUT, latency_runs=10,
+                        workdir=tmp_path)
+    assert [s.status for s in report.steps] == ["ok", "ok", "ok"], [s.note for s in report.steps]
+    weights8 = report.steps[1]
+    assert report.result.size_bytes < 0.3 * report.original.size_bytes
+    assert report.result.fidelity.agreement >= 0.99 and report.result.fidelity.accuracy >= \
+        report.original.fidelity.accuracy - 0.005
+    graph = onnx.load(str(weights8.model.path)).graph
+    stored = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    original = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(report.steps[0].model.path)).graph.initializer}
+    conv = original["features.2.weight"]  # [32, 16, 3, 3]
+    q, scale, zero = (stored[f"features.2.weight_u8{part}"] for part in ("", "_scale", "_zero"))
+    assert q.dtype == np.uint8 and scale.shape == (32, 1, 1, 1)  # one scale per output channel
+    restored = (q.astype(np.float32) - zero) * scale
+    assert np.all(np.abs(restored - conv) <= scale / 2 + 1e-7)  # half a step of each channel's own range
+    gemm = stored["classifier.1.weight_u8_scale"]  # [64, 512], transB: its rows are the outputs
+    assert gemm.shape == (64, 1)
+    assert not {"ConvInteger", "MatMulInteger", "QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in graph.node}
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "as_loaded.onnx")
+    ort.InferenceSession(str(weights8.model.path), options, providers=["CPUExecutionProvider"])
+    options.optimized_model_filepath = str(tmp_path / "float_as_loaded.onnx")
+    ort.InferenceSession(str(report.steps[0].model.path), options, providers=["CPUExecutionProvider"])
+    loaded, float_loaded = (Counter(n.op_type for n in onnx.load(str(tmp_path / f)).graph.node)
+                            for f in ("as_loaded.onnx", "float_as_loaded.onnx"))
+    assert loaded == float_loaded  # the same graph runs: the restore is gone at load
+
+    per_tensor = run_recipe(model, steps([("onnx-weight-only", {"per_channel": False})]), workdir=tmp_path / "t")
+    whole = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(per_tensor.result.model.path)).graph.initializer}
+    assert whole["features.2.weight_u8_scale"].shape == ()
+    again = run_recipe(report.result.model, steps([("onnx-weight-only", {})]), workdir=tmp_path / "again").steps[0]
+    assert again.status == "skipped" and "stored as 8-bit already" in again.note, again.note
 
 
 def test_a_missing_extra_is_named_in_one_line_before_anything_runs(digits, tmp_path):
