@@ -23,7 +23,8 @@ DATA_HELP = ".npz, a folder of .npy/.npz samples, or a loader (file.py defining 
                    "against the original: size, download size, host latency, accuracy/fidelity.\n\n"
                    "  edgefleet compress model.onnx --recipe int8-static --calib calib.npz --eval heldout.npz "
                    "-o model.int8.onnx\n\n"
-                   "Without --recipe or --pass: int8-static when --calib is given, else int8-dynamic. "
+                   "Without --recipe or --pass: int8-static when --calib is given, else int8-dynamic "
+                   "(int8-weights for an ONNX model with convolutions). "
                    "`edgefleet compress --list` shows the passes and named recipes.")
 @click.argument("model", type=click.Path(path_type=Path), required=False)
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Where to write the compressed model.")
@@ -135,7 +136,7 @@ def _check_usage(model, out, report_path, recipe, steps, auto, max_drop, eval_da
 
 def _run_recipe(model, recipe, steps, calib, options):
     from host_tools.compress import all_passes, get_pass, load_recipe
-    from host_tools.compress.recipes import Recipe, parse_step
+    from host_tools.compress.recipes import Recipe, default_recipe, parse_step
     from host_tools.compress.workflow import run_recipe
 
     if steps:
@@ -148,7 +149,10 @@ def _run_recipe(model, recipe, steps, calib, options):
                 raise ConfigError(f"pass {step.pass_name} works on {' and '.join(formats)} models, and "
                                   f"{model.path.name} is {model.format}{hint}")
     else:
-        plan = load_recipe(recipe or ("int8-static" if calib else "int8-dynamic"), model.format)
+        if not recipe:
+            recipe, why = default_recipe(model, calib is not None)
+            options["progress"](f"recipe {recipe}: {why} (--recipe chooses another)")
+        plan = load_recipe(recipe, model.format)
     return run_recipe(model, plan, **options)
 
 

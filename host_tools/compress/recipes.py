@@ -111,6 +111,22 @@ NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
 }
 
 
+def default_recipe(model, calibrated: bool) -> tuple[str, str]:
+    """The named recipe for a ``compress`` without --recipe, and why: static int8 with calibration
+    data; without, dynamic int8, except for an ONNX model with convolutions, whose dynamically
+    quantized form (ConvInteger) ran 2.3-10x slower than float on every CPU docs/benchmarks.md
+    measured: int8 weights only, the same size at the float model's speed."""
+    if calibrated:
+        return "int8-static", "--calib given"
+    if model.format == "onnx":
+        from host_tools.compress.onnx.boundary import weighted_nodes
+
+        if weighted_nodes(model.path, ("Conv", "ConvTranspose")):
+            return "int8-weights", ("no --calib, and the model has convolutions, which dynamic int8 makes slower "
+                                    "than float")
+    return "int8-dynamic", "no --calib"
+
+
 def named_recipe(name: str, model_format: str) -> Recipe:
     description, by_format = NAMED[name]
     if model_format not in by_format:

@@ -155,3 +155,22 @@ def test_a_result_slower_than_the_original_says_so(tmp_path):
         assert ("its 2 ConvInteger nodes (convolutions quantized dynamically) are slow in ONNX Runtime on most "
                 "CPUs: int8-static (calibrated on --calib) runs convolutions in int8 without them, int8-weights "
                 "gives the same size at float speed; " in said) == model.endswith(".onnx"), said
+
+
+def test_without_a_recipe_a_cnn_gets_int8_weights_and_a_transformer_dynamic_int8(tmp_path):
+    """Without --recipe or --calib, dynamic int8 was the choice: for a CNN a model 3.9-10x slower than
+    float (ONNX Runtime's ConvInteger). A model with convolutions now gets int8 weights at float
+    speed, one without them dynamic int8, with --calib static int8; a line says which and why."""
+    import onnx
+
+    for model, calib, chosen, why in (("digits_cnn.onnx", (), "int8-weights", "no --calib, and the model has "
+                                       "convolutions, which dynamic int8 makes slower than float"),
+                                      ("digits_transformer.onnx", (), "int8-dynamic", "no --calib"),
+                                      ("digits_cnn.onnx", ("--calib", CALIB), "int8-static", "--calib given")):
+        out = tmp_path / f"{chosen}.{model}"
+        result = edgefleet("compress", MODELS / model, *calib, "-o", out)
+        assert result.returncode == 0, result.stderr
+        assert f"recipe {chosen}: {why} (--recipe chooses another)" in " ".join(result.stderr.split())
+        assert f"({chosen}: 0.2" in result.stdout.splitlines()[-1]
+        made = {n.op_type for n in onnx.load(str(out)).graph.node}
+        assert "ConvInteger" not in made
