@@ -278,3 +278,28 @@ def gemm_mlp(path: Path, features: int = 64, hidden: int = 128, classes: int = 8
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], inits)
     return save(graph, path)
+
+
+def branching_mlp(path: Path, features: int = 64, hidden: int = 128, classes: int = 8) -> Path:
+    """x [batch, features] -> MatMul -> Relu -> If (the sum of x above 0) with a MatMul in each branch
+    -> logits [batch, classes]: the branches read weights of the outer graph by name, as an exported
+    model with data-dependent control flow does."""
+    rng = np.random.default_rng(2)
+    w1, w_then, w_else = ((rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+                          for shape in ((features, hidden), (hidden, classes), (hidden, classes)))
+    branch = {name: helper.make_graph([helper.make_node("MatMul", ["h", weight], [f"{name}_out"], name=name)],
+                                      name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT,
+                                                                               ["batch", classes])])
+              for name, weight in (("then", "w_then"), ("else", "w_else"))}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+             helper.make_node("Relu", ["h0"], ["h"], name="relu"),
+             helper.make_node("ReduceSum", ["x"], ["total"], name="total", keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"], name="positive"),
+             helper.make_node("If", ["positive"], ["logits"], name="branch", then_branch=branch["then"],
+                              else_branch=branch["else"])]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w_then, "w_then"),
+             numpy_helper.from_array(w_else, "w_else"), numpy_helper.from_array(np.array(0, np.float32), "zero")]
+    graph = helper.make_graph(nodes, "branching_mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], inits)
+    return save(graph, path)

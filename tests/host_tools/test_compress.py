@@ -1828,6 +1828,31 @@ def test_int8_weights_stores_every_weight_as_8_bit_and_computes_in_float_at_floa
     assert again.status == "skipped" and "stored as 8-bit already" in again.note, again.note
 
 
+def test_int8_weights_leaves_what_a_branch_reads_and_stores_the_rest(tmp_path):
+    """A model with control flow: the If's branches read outer weights by name. Those stay as they
+    are (8-bit storage used to be refused for the whole model); the main graph's weight is stored
+    as 8-bit, and the model gives the original's outputs down both branches."""
+    from onnx import numpy_helper
+
+    model = ModelFile.open(graphs.branching_mlp(tmp_path / "branching.onnx"))
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, 64)).astype(np.float32)
+    x[:20] = np.abs(x[:20])  # a positive sum: the then branch; below, negative: the else branch
+    x[20:] = -np.abs(x[20:])
+    report = run_recipe(model, steps([("onnx-weight-only", {})]), eval_data=Dataset({"x": x}, None, "mixed"),
+                        latency_runs=3, workdir=tmp_path / "w")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    graph = onnx.load(str(report.result.model.path)).graph
+    stored = {i.name: numpy_helper.to_array(i).dtype for i in graph.initializer}
+    assert stored["w1_u8"] == np.uint8 and "w1" not in stored
+    assert stored["w_then"] == stored["w_else"] == np.float32
+    runtime = report.result.model.load()
+    for rows in (slice(0, 1), slice(20, 21)):
+        original = model.load().run({"x": x[rows]})["logits"]
+        assert np.allclose(runtime.run({"x": x[rows]})["logits"], original, atol=0.02)
+    assert report.result.fidelity.cosine > 0.999
+
+
 def test_a_missing_extra_is_named_in_one_line_before_anything_runs(digits, tmp_path):
     from dataclasses import dataclass
 

@@ -219,6 +219,16 @@ def has_subgraphs(graph) -> bool:
     return any(a.type in (5, 10) for node in graph.node for a in node.attribute)  # AttributeProto GRAPH(S)
 
 
+def subgraph_reads(graph) -> set[str]:
+    """The names the subgraphs of *graph*'s nodes (If, Loop, Scan; nested ones too) read."""
+    names: set[str] = set()
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == 5 else list(a.graphs) if a.type == 10 else []):
+                names |= {name for inner in sub.node for name in inner.input} | subgraph_reads(sub)
+    return names
+
+
 def default_opset(proto) -> int:
     """The opset version of the default (ai.onnx) domain a model imports."""
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)

@@ -25,7 +25,7 @@ import numpy as np
 
 from device_agent.errors import NotApplicable
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import consumers, default_opset, has_subgraphs, output_path, quantized_already
+from host_tools.compress.onnx.boundary import consumers, default_opset, output_path, quantized_already, subgraph_reads
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 # Inputs some runtimes want to see as constants when the session is built (shapes, scales,
@@ -103,10 +103,9 @@ def store_params_as_uint8(proto, min_elements: int, read_by: frozenset[str] | No
     from onnx import TensorProto, helper, numpy_helper
 
     graph = proto.graph
-    if has_subgraphs(graph):
-        return 0  # subgraphs may read outer initializers; not worth the risk
     readers = consumers(graph)
-    pinned = {v.name for v in graph.input} | {v.name for v in graph.output}
+    # (what an If's, Loop's or Scan's subgraph reads stays as it is: an outer initializer there)
+    pinned = {v.name for v in graph.input} | {v.name for v in graph.output} | subgraph_reads(graph)
     converted, keep, new_nodes = 0, [], []
     for init in graph.initializer:
         ops = {node.op_type for node in readers.get(init.name, ())}
