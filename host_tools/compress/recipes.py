@@ -85,7 +85,7 @@ NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
         "tflite": (Step("tflite-int8"), TFLITE_COMPACT)}),
     "int8-layers": ("int8 layers and the pooling, padding between them; norms, GELU, softmax float; calibrated", {
         "tflite": (TFLITE_INT8_LAYERS, TFLITE_COMPACT)}),
-    "int8-static-safe": ("static int8 with the 2 most sensitive nodes left in float", {
+    "int8-static-safe": ("static int8 with the 2 most sensitive nodes computing in float (their weights 8-bit)", {
         "onnx": (PREPROCESS, Step("onnx-static", {"per_channel": True, "auto_exclude": 2}), ONNX_COMPACT)}),
     "int8-weights": ("int8 weights only, float compute (no calibration data needed)", {
         # (without ORT's optimizations saved into the file: at load they would fuse an Add and a LayerNorm the

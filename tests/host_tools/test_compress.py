@@ -279,15 +279,28 @@ def test_static_quantization_refuses_to_calibrate_on_nothing(digits, tmp_path):
 
 
 def test_named_and_sensitive_nodes_stay_in_float(digits, tmp_path):
+    """Nodes named in exclude= and the most sensitive ones compute in float; their weights are stored
+    as 8-bit (restored by a Mul that ONNX Runtime folds at load: the fully-connected layer left float
+    had kept the file at 0.9x), or with float_layers=float kept as they were."""
     big_fc = "/classifier/classifier.1/Gemm"
-    recipe = steps([("onnx-static", {"exclude": [big_fc], "auto_exclude": 1})])
-    report = run_recipe(digits, recipe, calib=CALIB, eval_data=HELDOUT, latency_runs=10, workdir=tmp_path)
-    graph = onnx.load(str(report.result.model.path)).graph
-    float_weights = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2}
-    gemms = {n.name: n for n in graph.node if n.op_type in ("Gemm", "Conv")}
-    assert gemms[big_fc].input[1] in float_weights  # named: weight still fp32, fed directly
-    still_float = [n for n, node in gemms.items() if node.input[1] in float_weights]
-    assert len(still_float) == 2  # plus the one the sensitivity pass found
+    for float_layers in ("weights-8bit", "float"):
+        recipe = steps([("onnx-static", {"exclude": [big_fc], "auto_exclude": 1, "float_layers": float_layers})])
+        report = run_recipe(digits, recipe, calib=CALIB, eval_data=HELDOUT, latency_runs=10,
+                            workdir=tmp_path / float_layers)
+        graph = onnx.load(str(report.result.model.path)).graph
+        made_by = {out: node.op_type for node in graph.node for out in node.output}
+        float_weights = {i.name for i in graph.initializer
+                         if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2}
+        layers = {n.name: n for n in graph.node if n.op_type in ("Gemm", "Conv")}
+        weight_from = {name: made_by.get(node.input[1], "a float initializer" * (node.input[1] in float_weights))
+                       for name, node in layers.items()}
+        left = "Mul" if float_layers == "weights-8bit" else "a float initializer"
+        assert weight_from[big_fc] == left  # named: float compute
+        assert sorted(weight_from.values()).count(left) == 2, weight_from  # plus the one the sensitivity pass found
+        assert all(v in (left, "DequantizeLinear") for v in weight_from.values()), weight_from
+        if float_layers == "weights-8bit":
+            assert report.result.size_bytes < 0.35 * report.original.size_bytes
+            assert report.result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
 
 
 def test_a_segmentation_map_is_scored_per_pixel_over_its_classes():
@@ -1228,7 +1241,11 @@ def test_static_int8_gives_an_lstm_int8_weights_and_a_gru_8bit_storage(tmp_path)
     assert static.result.fidelity.cosine > 0.99
     assert sum("1 LSTM node(s): int8 weights" in line for line in said) == 1, said
     kept = run_recipe(model, steps([("onnx-preprocess", {}), ("onnx-static", {"lstm": "float"})]), calib=data,
-                      eval_data=data, latency_runs=3, workdir=tmp_path / "b")
+                      eval_data=data, latency_runs=3, workdir=tmp_path / "b")  # float compute, 8-bit weights
+    assert "LSTM" in ops(kept.result.model.path) and kept.result.size_bytes < 0.35 * kept.original.size_bytes
+    all_float = {"lstm": "float", "float_layers": "float"}
+    kept = run_recipe(model, steps([("onnx-preprocess", {}), ("onnx-static", all_float)]), calib=data, eval_data=data,
+                      latency_runs=3, workdir=tmp_path / "b2")
     assert "LSTM" in ops(kept.result.model.path) and kept.result.size_bytes > 0.6 * kept.original.size_bytes
 
     model, data = _fixture_data("streaming_kws")
@@ -1253,7 +1270,7 @@ def test_static_int8_gives_an_lstm_int8_weights_and_a_gru_8bit_storage(tmp_path)
     assert sum(left + "their weights stored as 8-bit" in line for line in said["int8-static"]) == 1, said
     assert sum(left + "onnx-int8-params stores their weights as 8-bit" in line
                for line in said["int8-dynamic"]) == 1, said
-    kept = run_recipe(model, steps([("onnx-static", {"recurrent": "float"})]), calib=data, eval_data=data,
+    kept = run_recipe(model, steps([("onnx-static", {"float_layers": "float"})]), calib=data, eval_data=data,
                       latency_runs=3, workdir=tmp_path / "c")
     assert kept.result.size_bytes > 0.8 * kept.original.size_bytes
     # a model whose GRU weights are 8-bit already is not taken for a float one

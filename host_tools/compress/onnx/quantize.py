@@ -25,6 +25,9 @@ NO_CALIBRATION = "needs calibration data (--calib): static quantization will not
 _EXCLUDE_HELP = "node names to leave in float"
 _OPS_HELP = "only quantize these op types (empty: all ORT can)"
 RECURRENT_FLOAT = ("GRU", "RNN")  # weighted ops ONNX Runtime has no int8 kernel for
+# layers whose weights static int8 leaves float where it leaves the layer float (their other readers,
+# had they any, would be DequantizeLinear nodes, whose inputs stay as they are)
+_FLOAT_LAYERS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "Gather"})
 
 
 @register
@@ -114,9 +117,10 @@ class OnnxStaticInt8(Pass):
         lstm: Literal["dynamic", "float"] = field(default="dynamic", metadata={
             "help": "LSTM layers, which QDQ has no int8 form for: int8 weights with inputs quantized at run time "
                     "(ORT's DynamicQuantizeLSTM), or left in float"})
-        recurrent: Literal["weights-8bit", "float"] = field(default="weights-8bit", metadata={
-            "help": "GRU and RNN layers, which ONNX Runtime has no int8 kernel for: their weights stored as 8-bit, "
-                    "computing in float (as onnx-int8-params does), or left in float"})
+        float_layers: Literal["weights-8bit", "float"] = field(default="weights-8bit", metadata={
+            "help": "the layers left computing in float (GRU and RNN, which ONNX Runtime has no int8 kernel for; "
+                    "excluded and sensitive nodes; LSTMs with lstm=float): their weights stored as 8-bit, a scale per "
+                    "output channel, restored when ONNX Runtime loads the model; or left as they are"})
 
         def __post_init__(self) -> None:  # (see PassConfig)
             if not 0 < self.percentile <= 100:
@@ -159,21 +163,27 @@ class OnnxStaticInt8(Pass):
                 progress(f"      {len(lstms)} LSTM node(s): int8 weights, inputs quantized at run time (QDQ has "
                          "no int8 LSTM)")
                 _quantize_dynamic(out, out, exclude)
-            stored = config.recurrent == "weights-8bit" and _store_recurrent_weights(out)
-            _say_float_recurrent(model.path, stored)
+            recurrent, others = _store_float_layer_weights(out) if config.float_layers == "weights-8bit" else (0, 0)
+            _say_float_recurrent(model.path, recurrent > 0)
+            if others:
+                progress(f"      {others} weight tensor(s) of layers left in float stored as 8-bit, their compute "
+                         "staying float")
         return ModelFile(out, "onnx")
 
 
-def _store_recurrent_weights(path: Path) -> bool:
-    """The GRU and RNN weights of the quantized model at *path* stored as 8-bit, in place. Left
-    float, a speech model's GRU kept int8-static at 0.95x the size."""
+def _store_float_layer_weights(path: Path) -> tuple[int, int]:
+    """The weights of the layers that compute in float in the quantized model at *path* stored as
+    8-bit, a scale per output channel, in place; how many of them GRUs and RNNs read, how many
+    other layers. Left float, a speech model's GRU kept int8-static at 0.95x the size, and the two
+    sensitive nodes int8-static-safe leaves in float the small CNN at 0.91x (0.27x stored)."""
     import onnx
 
     proto = onnx.load(str(path))
-    if not store_params_as_uint8(proto, MIN_ELEMENTS, frozenset(RECURRENT_FLOAT)):
-        return False
-    onnx.save(proto, str(path))
-    return True
+    recurrent = store_params_as_uint8(proto, MIN_ELEMENTS, frozenset(RECURRENT_FLOAT), per_channel=True)
+    others = store_params_as_uint8(proto, MIN_ELEMENTS, _FLOAT_LAYERS, per_channel=True)
+    if recurrent or others:
+        onnx.save(proto, str(path))
+    return recurrent, others
 
 
 # ops whose third input ORT's QDQ quantizer quantizes as a bias (to int32, scaled by the other two)
