@@ -1841,8 +1841,15 @@ def test_int8_weights_stores_every_weight_as_8_bit_and_computes_in_float_at_floa
     per_tensor = run_recipe(model, steps([("onnx-weight-only", {"per_channel": False})]), workdir=tmp_path / "t")
     whole = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(per_tensor.result.model.path)).graph.initializer}
     assert whole["features.2.weight_u8_scale"].shape == ()
-    again = run_recipe(report.result.model, steps([("onnx-weight-only", {})]), workdir=tmp_path / "again").steps[0]
-    assert again.status == "skipped" and "stored as 8-bit already" in again.note, again.note
+    # compressed again: every recipe says so, and none undoes the storage (ORT's constant folding in
+    # onnx-preprocess had written the weights out as float, and dynamic int8 then quantized them)
+    for recipe in ("int8-weights", "int8-dynamic", "int8-static"):
+        again = run_recipe(report.result.model, load_recipe(recipe, "onnx"), calib=CALIB,
+                           workdir=tmp_path / f"again-{recipe}")
+        assert not again.compressed, recipe
+        assert all(s.status == "skipped" for s in again.steps if s.label != "onnx-compact"), \
+            [(s.label, s.status) for s in again.steps]
+        assert any("stored as 8-bit already: compress the float model" in s.note for s in again.steps), recipe
 
 
 def test_int8_weights_leaves_what_a_branch_reads_and_stores_the_rest(tmp_path):

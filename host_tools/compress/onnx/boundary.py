@@ -125,15 +125,22 @@ def quantized_already(graph) -> str:
     already: compress the float32 model") or stored as 8-bit by onnx-int8-params, to end a pass's
     reason for not applying."""
     found = Counter(node.op_type for node in graph.node if node.op_type in QUANTIZED_OPS)
-    weights = Counter(i.data_type for i in graph.initializer if len(i.dims) >= 2)
-    if not found and set(weights) == {10}:  # TensorProto.FLOAT16
+    weights = {i.data_type for i in graph.initializer if len(i.dims) >= 2}
+    if not found and weights == {10}:  # TensorProto.FLOAT16
         return ", its weights are float16 already: compress the float32 model"
-    if not found and weights[2]:  # TensorProto.UINT8: onnx-int8-params' storage, restored by a Cast
-        return f", {weights[2]} of its weight tensors are stored as 8-bit already: compress the float model"
+    if not found and (stored := stored_as_8_bit(graph)):
+        return f", {stored} of its weight tensors are stored as 8-bit already: compress the float model"
     if not found:
         return ""
     listed = ", ".join(f"{n} {op}" for op, n in found.most_common(3))
     return f", quantized already ({listed} node{'s' * (sum(found.values()) != 1)}): compress the float model"
+
+
+def stored_as_8_bit(graph) -> int:
+    """How many of *graph*'s weights (rank 2 or more) are uint8 read by a Cast: 8-bit storage as
+    onnx-int8-params and onnx-weight-only write it, restored to float when the model is loaded."""
+    uint8 = {i.name for i in graph.initializer if i.data_type == 2 and len(i.dims) >= 2}  # TensorProto.UINT8
+    return len({name for node in graph.node if node.op_type == "Cast" for name in node.input if name in uint8})
 
 
 def weighted_nodes(path: Path, op_types) -> list[tuple[str, str]]:

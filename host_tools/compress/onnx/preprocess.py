@@ -7,9 +7,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from device_agent.errors import NotApplicable
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import (drop_initializer_inputs, held_log_errors, hoist_constants,
-                                                output_path, quiet_ort_quantizer)
+                                                output_path, quantized_already, quiet_ort_quantizer, stored_as_8_bit)
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
 
@@ -42,6 +43,9 @@ class OnnxPreprocess(Pass):
         out, prepared = output_path(workdir, model, "pre"), output_path(workdir, model, "pre-in")
         with failing_as(self.name, model), held_log_errors("onnxruntime.quantization.shape_inference") as held:
             source = onnx.load(str(model.path))
+            if stored_as_8_bit(source.graph):  # ORT's constant folding would write them out as float again
+                raise NotApplicable(f"{model.path.name} would lose its 8-bit storage to constant folding"
+                                    f"{quantized_already(source.graph)}")
             drop_initializer_inputs(source)
             hoist_constants(source)
             # Given as a file: handed a ModelProto whose symbolic inference failed, ORT's pre-processing
