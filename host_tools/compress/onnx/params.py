@@ -53,19 +53,16 @@ class OnnxInt8Params(Pass):
 
 
 @register
-class OnnxWeightOnly(Pass):
+class OnnxWeightOnly(OnnxInt8Params):
     """Every float weight stored as 8-bit, the compute left in float: the size of int8 at the float
     model's speed, with no calibration data, where int8 compute is slow (ONNX Runtime's dynamically
     quantized convolutions, a CPU without int8 dot products) or loses too much."""
 
     name = "onnx-weight-only"
-    formats = ("onnx",)
     summary = "int8 weights only (8-bit storage, a scale per output channel), float compute at float speed"
-    requires = ("onnx",)
 
     @dataclass(frozen=True)
-    class Config(PassConfig):
-        min_elements: int = field(default=MIN_ELEMENTS, metadata={"help": _MIN_HELP})
+    class Config(OnnxInt8Params.Config):
         per_channel: bool = field(default=True, metadata={
             "help": "one scale per output channel of a layer's weights (Conv, ConvTranspose, Gemm, MatMul, LSTM, "
                     "GRU, RNN; an embedding table's per column); else one per tensor"})
