@@ -15,6 +15,7 @@ one, with the same bytes in every tensor.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,12 @@ def opcode(tree, builtin: int, version: int) -> int:
     code.version = version
     tree.operatorCodes.append(code)
     return len(tree.operatorCodes) - 1
+
+
+def buffer_holders(tree) -> Counter:
+    """How many tensors, in every subgraph, hold each buffer: a constant whose buffer only one tensor
+    holds can be rewritten without changing another tensor's value."""
+    return Counter(tensor.buffer for graph in tree.subgraphs for tensor in graph.tensors)
 
 
 def op_kinds(data: bytes) -> set[str]:

@@ -14,7 +14,6 @@ constant of the layer (kernels and delegates want those when the interpreter is 
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +68,7 @@ def store_params_as_int8(tree, min_elements: int) -> int:
             for t in op.inputs:
                 readers.setdefault((g, int(t)), set()).add(flatbuffer.op_name(code.builtinCode,
                                                                              code.deprecatedBuiltinCode))
-    holders = Counter(tensor.buffer for graph in tree.subgraphs for tensor in graph.tensors)  # tensors per buffer
+    holders = flatbuffer.buffer_holders(tree)
     converted = 0
     for g, graph in enumerate(tree.subgraphs):
         pinned = set(graph.inputs) | set(graph.outputs)

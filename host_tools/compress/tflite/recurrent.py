@@ -37,17 +37,14 @@ def store_weights(path: Path, how: str) -> tuple[int, int]:
     from ai_edge_litert import schema_py_generated as schema
 
     tree, outside = flatbuffer.read(path)
-    readers: dict[int, int] = {}
-    for graph in tree.subgraphs:
-        for tensor in graph.tensors:
-            readers[tensor.buffer] = readers.get(tensor.buffer, 0) + 1
+    holders = flatbuffer.buffer_holders(tree)
     lstm = flatbuffer.opcode(tree, schema.BuiltinOperator.UNIDIRECTIONAL_SEQUENCE_LSTM, 3 if how == "hybrid" else 1)
     dequantize = flatbuffer.opcode(tree, schema.BuiltinOperator.DEQUANTIZE, 2) if how != "hybrid" else None
     done = left = 0
     for graph in tree.subgraphs:
         operators = []
         for op in graph.operators:
-            weights = _float_weights(tree, graph, op, readers) if op.opcodeIndex == lstm else None
+            weights = _float_weights(tree, graph, op, holders) if op.opcodeIndex == lstm else None
             if op.opcodeIndex == lstm and not weights:
                 left += graph.tensors[op.inputs[WEIGHTS[0]]].type == schema.TensorType.FLOAT32
             if weights:
@@ -65,7 +62,7 @@ def store_weights(path: Path, how: str) -> tuple[int, int]:
     return done, left
 
 
-def _float_weights(tree, graph, op, readers: dict[int, int]) -> list | None:
+def _float_weights(tree, graph, op, holders) -> list | None:
     """The op's eight weight tensors, where all are float32 constants no other tensor shares and the
     op has no peephole or projection weights; else None."""
     from ai_edge_litert import schema_py_generated as schema
@@ -79,7 +76,7 @@ def _float_weights(tree, graph, op, readers: dict[int, int]) -> list | None:
     for tensor in tensors:
         data = tree.buffers[tensor.buffer].data
         if tensor.type != schema.TensorType.FLOAT32 or data is None or len(data) == 0 \
-                or readers[tensor.buffer] != 1:
+                or holders[tensor.buffer] != 1:
             return None
     return tensors
 
