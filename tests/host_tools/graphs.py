@@ -303,3 +303,40 @@ def branching_mlp(path: Path, features: int = 64, hidden: int = 128, classes: in
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], inits)
     return save(graph, path)
+
+
+def float16_branching(path: Path, features: int = 16, hidden: int = 32, classes: int = 4) -> Path:
+    """A graph in float16 throughout, as a model published in float16 is: x [batch, features]
+    float16 -> MatMul -> Relu -> times a ConstantOfShape of 0.5 -> If (the sum of x above 0): the then
+    branch scales its MatMul by the largest of x (the outer graph's input, read by name), the else
+    branch Casts its MatMul to float16 -> logits [batch, classes], float16, which a Softmax also reads
+    -> probs, float16."""
+    rng = np.random.default_rng(3)
+    w1, w_then, w_else = ((rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float16)
+                          for shape in ((features, hidden), (hidden, classes), (hidden, classes)))
+    out = {name: [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT16, ["batch", classes])]
+           for name in ("then", "else")}
+    then = helper.make_graph([helper.make_node("MatMul", ["hh", "w_then"], ["t0"]),
+                              helper.make_node("ReduceMax", ["x"], ["x_max"], axes=[1], keepdims=1),
+                              helper.make_node("Mul", ["t0", "x_max"], ["then_out"])], "then", [], out["then"])
+    other = helper.make_graph([helper.make_node("MatMul", ["hh", "w_else"], ["e0"]),
+                               helper.make_node("Cast", ["e0"], ["else_out"], to=TensorProto.FLOAT16)],
+                              "else", [], out["else"])
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+             helper.make_node("Relu", ["h0"], ["h"], name="relu"),
+             helper.make_node("Shape", ["h"], ["h_shape"], name="shape"),
+             helper.make_node("ConstantOfShape", ["h_shape"], ["halves"], name="halves",
+                              value=helper.make_tensor("value", TensorProto.FLOAT16, [1], [0.5])),
+             helper.make_node("Mul", ["h", "halves"], ["hh"], name="halved"),
+             helper.make_node("ReduceSum", ["x"], ["total"], name="total", keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"], name="positive"),
+             helper.make_node("If", ["positive"], ["logits"], name="branch", then_branch=then, else_branch=other),
+             helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1)]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w_then, "w_then"),
+             numpy_helper.from_array(w_else, "w_else"), numpy_helper.from_array(np.array(0, np.float16), "zero")]
+    graph = helper.make_graph(nodes, "float16_branching",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", features])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["batch", classes]),
+                               helper.make_tensor_value_info("probs", TensorProto.FLOAT16, ["batch", classes])],
+                              inits)
+    return save(graph, path)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto
 
 from device_agent.errors import ConfigError, ModelError
 from host_tools.compress import Dataset, ModelFile, all_passes, get_pass, load_dataset, load_recipe, run_recipe
@@ -405,17 +406,73 @@ def test_a_float16_model_is_valid_onnx_and_prunes_like_its_float32_original(digi
     weights = [i for i in onnx.load(str(report.result.model.path)).graph.initializer if len(i.dims) == 4]
     assert [list(w.dims) for w in weights] == [[8, 1, 3, 3], [16, 8, 3, 3]]
     assert {w.data_type for w in weights} == {onnx.TensorProto.FLOAT16}
-    # with recovery (the named recipe), which trains float32 weights: one line saying what to do instead
-    report = run_recipe(ModelFile.open(unsorted), load_recipe("channels-50", "onnx"), calib=CALIB, eval_data=HELDOUT,
-                        latency_runs=5, workdir=tmp_path / "r")
-    assert report.steps[0].status == "skipped" and report.steps[0].note == \
-        "unsorted.onnx's weights are float16 and recovery trains float32 ones: prune the float32 model, then make " \
-        "it float16 (or recover_epochs=0)"
-    # and int8 of it: what the weights are, and what to quantize instead
-    report = run_recipe(half.result.model, load_recipe("int8-dynamic", "onnx"), eval_data=HELDOUT, latency_runs=5,
-                        workdir=tmp_path / "q")
-    assert not report.compressed and report.steps[1].status == "skipped"
-    assert report.steps[1].note.endswith("its weights are float16 already: compress the float32 model")
+    # with recovery, which trains float32 weights: widened to float32 first, and said so (it had refused)
+    said = []
+    report = run_recipe(ModelFile.open(unsorted), load_recipe("channels-50", "onnx"), calib=CALIB, train=str(TRAIN),
+                        eval_data=HELDOUT, latency_runs=5, workdir=tmp_path / "r", progress=said.append)
+    assert report.steps[0].status == "ok", report.steps[0].note
+    assert any("unsorted.onnx computes in float16: widened to float32 to recover it" in line for line in said), said
+    weights = [i for i in onnx.load(str(report.result.model.path)).graph.initializer if len(i.dims) == 4]
+    assert [list(w.dims) for w in weights] == [[8, 1, 3, 3], [16, 8, 3, 3]]
+    assert {w.data_type for w in weights} == {onnx.TensorProto.FLOAT}
+    assert report.result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01
+
+
+def test_a_float16_graph_is_widened_to_float32_exactly_and_keeps_its_inputs_and_outputs(tmp_path):
+    """widen_float16, which onnx-preprocess runs on a model in float16: every weight and constant
+    float32 with the value it had, every Cast to float16 one to float32, subgraphs too (an If's branch
+    that reads the outer graph's float16 input by name), and the inputs and outputs still float16
+    behind a Cast, so callers feed and read what they did; the graph type-checks and computes what
+    the float16 one does, to float16's rounding."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from host_tools.compress.onnx.widen import widen_float16
+
+    path = graphs.float16_branching(tmp_path / "half.onnx")
+    proto = onnx.load(str(path))
+    before = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert widen_float16(proto) > 0
+    onnx.checker.check_model(proto, full_check=True)  # (types agree everywhere, in the branches too)
+    after = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert {v.dtype for v in after.values()} == {np.dtype(np.float32)}
+    assert all(np.array_equal(after[name], value.astype(np.float32)) for name, value in before.items())
+    assert {v.type.tensor_type.elem_type for v in (*proto.graph.input, *proto.graph.output)} == {TensorProto.FLOAT16}
+    wide = tmp_path / "wide.onnx"
+    onnx.save(proto, str(wide))
+    x = np.abs(np.random.default_rng(0).standard_normal((6, 16))).astype(np.float16)
+    for sign in (1, -1):  # each branch of the If
+        want = ort.InferenceSession(str(path)).run(None, {"x": sign * x})
+        got = ort.InferenceSession(str(wide)).run(None, {"x": sign * x})
+        assert [v.dtype for v in got] == [np.dtype(np.float16)] * 2
+        for a, b in zip(want, got):
+            assert np.allclose(a.astype(np.float32), b.astype(np.float32), rtol=4e-3, atol=4e-3)
+    assert widen_float16(proto) == 0  # float32 already: left as it is
+
+
+@pytest.mark.parametrize("keep_io_types", [True, False])
+def test_a_float16_model_is_quantized_and_distilled(digits, keep_io_types, tmp_path):
+    """A model published in float16 only (ONNX Runtime's float16 converter's model of the reference
+    CNN, with float32 or with float16 inputs and outputs): every int8 recipe said "its weights are
+    float16 already: compress the float32 model", and a student, trained in float32, could not be
+    fed its float16 inputs. onnx-preprocess widens it to float32 first, says so, and int8 of it
+    keeps the float16 model's accuracy, inputs and outputs; the student takes and gives its types."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    half = tmp_path / "half.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(digits.path)), keep_io_types=keep_io_types), str(half))
+    model = ModelFile.open(half)
+    said = []
+    for recipe in ("int8-static", "int8-weights", "int8-dynamic", "distill"):
+        report = run_recipe(model, load_recipe(recipe, "onnx"), calib=CALIB, train=str(TRAIN), eval_data=HELDOUT,
+                            latency_runs=3, workdir=tmp_path / recipe, progress=said.append)
+        assert report.compressed, (recipe, [s.note for s in report.steps])
+        assert report.result.size_bytes < 0.6 * report.original.size_bytes, recipe
+        assert report.result.fidelity.accuracy >= report.original.fidelity.accuracy - 0.01, recipe
+        runs, result = model.load(), report.result.model.load()
+        assert [(s.name, s.dtype) for s in result.inputs] == [(s.name, s.dtype) for s in runs.inputs], recipe
+        assert [(s.name, s.dtype) for s in result.outputs] == [(s.name, s.dtype) for s in runs.outputs], recipe
+    assert any("half.onnx computes in float16: widened to float32 first" in line for line in said), said
 
 
 def test_int4_weights_covers_dense_layers_exported_as_gemm(tmp_path):
@@ -1059,7 +1116,7 @@ def test_tflite_quantization_takes_a_model_with_a_tensor_name_twice(tmp_path):
         graph.tensors[t].name = graph.tensors[inner[0]].name
     path = tmp_path / "twice.tflite"
     flatbuffer.write(tree, outside, path)
-    assert flatbuffer.has_duplicate_names(path.read_bytes())
+    assert flatbuffer.lacks_unique_names(path.read_bytes())
     model = ModelFile.open(path)
     for pass_name in ("tflite-dynamic", "tflite-int8"):
         report = run_recipe(model, steps([(pass_name, {"calibration": str(CALIB), "samples": 16}
@@ -1331,6 +1388,43 @@ def test_every_tflite_recipe_runs_on_models_from_tensorflows_converter(name):
         assert static.status == "ok" and reports["int8-static"].result.size_bytes < 0.4 * dynamic.original.size_bytes
         pruned = reports["channels-50"]
         assert pruned.steps[0].status == "ok" and pruned.result.size_bytes < 0.6 * pruned.original.size_bytes
+
+
+def test_int8_is_made_from_a_float16_tflite_file(tmp_path):
+    """TensorFlow's float16 quantization (keras_cnn_fp16.tflite: float16 weights, each behind a
+    DEQUANTIZE) and edgefleet's own fp16 recipe (compacted: no tensor names, on which
+    litert-quantizer stopped with an AttributeError): int8, magnitude and channel pruning refused
+    them ("weights are float16 already", "no weight"). Their float16 weights are widened to float32
+    first, said in a line, and int8 of them keeps the float16 model's results."""
+    from host_tools.compress.tflite import flatbuffer
+    from host_tools.compress.tflite.quantize import _quantized_already
+
+    model = ModelFile.open(FIXTURES / "keras_cnn_fp16.tflite")
+    assert _quantized_already(model.path) == "float16 (4 of 4)"
+    spec = model.load().inputs[0]
+    data = Dataset({spec.name: np.random.default_rng(0).random((16, 32, 32, 3)).astype(np.float32)}, None, "images")
+    said = []
+    for recipe in ("int8-dynamic", "int8-static", "sparse-int8"):
+        report = run_recipe(model, load_recipe(recipe, "tflite"), calib=data, eval_data=data, latency_runs=3,
+                            workdir=tmp_path / recipe, progress=said.append)
+        assert report.compressed and report.steps[0].status == "ok", (recipe, [s.note for s in report.steps])
+        assert _quantized_already(report.result.model.path) == "int8 (4 of 4)", recipe
+        assert report.result.size_bytes < 0.7 * report.original.size_bytes, recipe
+        assert report.result.fidelity.cosine > 0.99, recipe
+    assert any("keras_cnn_fp16.tflite stores weights as float16: 6 widened to float32 first" in line
+               for line in said), said
+    pruned = run_recipe(model, steps([("tflite-prune-channels", {"ratio": 0.5, "recover_epochs": 2})]), calib=data,
+                        eval_data=data, latency_runs=3, workdir=tmp_path / "channels")
+    assert pruned.steps[0].status == "ok", pruned.steps[0].note
+    assert pruned.result.size_bytes < 0.7 * pruned.original.size_bytes
+    # edgefleet's own float16 file of the reference CNN, its tensors' names compacted away
+    half = run_recipe(ModelFile.open(MODELS / "digits_cnn.tflite"), load_recipe("fp16", "tflite"), eval_data=HELDOUT,
+                      latency_runs=3, workdir=tmp_path / "half").result
+    assert flatbuffer.lacks_unique_names(half.model.path.read_bytes())
+    int8 = run_recipe(half.model, load_recipe("int8-static", "tflite"), calib=CALIB, eval_data=HELDOUT, latency_runs=3,
+                      workdir=tmp_path / "int8")
+    assert int8.compressed and int8.result.size_bytes < 0.6 * int8.original.size_bytes
+    assert int8.result.fidelity.accuracy >= int8.original.fidelity.accuracy - 0.01
 
 
 def test_every_tflite_recipe_stores_a_fused_lstms_weights_smaller(tmp_path):

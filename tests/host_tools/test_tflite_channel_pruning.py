@@ -165,7 +165,7 @@ def test_the_transformer_loses_half_its_heads_stream_and_feed_forward_width_and_
     assert report.original.fidelity.accuracy - step.fidelity.accuracy <= 0.01
     # the shape constants a pruned layer needs its own copy of are named apart: litert-quantizer refuses
     # a model with a tensor name twice, which kept pruned + full int8 from running on it
-    assert not flatbuffer.has_duplicate_names(step.model.path.read_bytes())
+    assert not flatbuffer.lacks_unique_names(step.model.path.read_bytes())
     int8 = run_recipe(step.model, steps([("tflite-int8", {"calibration": str(TRAIN), "samples": 32})]),
                       eval_data=str(HELDOUT), latency_runs=5, workdir=tmp_path / "int8")
     assert int8.steps[0].status == "ok", int8.steps[0].note

@@ -11,15 +11,17 @@ from device_agent.errors import NotApplicable
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import (drop_initializer_inputs, held_log_errors, hoist_constants,
                                                 output_path, quantized_already, quiet_ort_quantizer, stored_as_8_bit)
+from host_tools.compress.onnx.widen import widen_float16
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
 
 @register
 class OnnxPreprocess(Pass):
     """Weights made quantizable, then ONNX Runtime's quantization pre-processing: Constant nodes
-    become initializers, initializers stop posing as graph inputs (old exporters), symbolic and
-    ONNX shape inference, ORT's basic graph optimizations (constant folding, redundant node
-    removal). Plain ``quantize_dynamic`` skips or stops on many exported graphs without it."""
+    become initializers, initializers stop posing as graph inputs (old exporters), a float16 graph
+    is widened to float32 (``widen``), symbolic and ONNX shape inference, ORT's basic graph
+    optimizations (constant folding, redundant node removal). Plain ``quantize_dynamic`` skips or
+    stops on many exported graphs without it."""
 
     name = "onnx-preprocess"
     formats = ("onnx",)
@@ -48,6 +50,9 @@ class OnnxPreprocess(Pass):
                                     f"{quantized_already(source.graph)}")
             drop_initializer_inputs(source)
             hoist_constants(source)
+            if widen_float16(source):
+                progress(f"      {model.path.name} computes in float16: widened to float32 first, every value "
+                         "exactly as it was (its inputs and outputs keep their types)")
             # Given as a file: handed a ModelProto whose symbolic inference failed, ORT's pre-processing
             # moves its weights out to an external file it never writes, and its session cannot load them.
             onnx.save(source, str(prepared))

@@ -26,6 +26,7 @@ from host_tools.compress.onnx.boundary import (drop_initializer_inputs, hoist_co
                                                quantized_already, share_equal_initializers, sort_topologically,
                                                whole_shapes)
 from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
+from host_tools.compress.onnx.widen import widen_float16
 from host_tools.compress.passes import Pass, failing_as, progress, register
 from host_tools.compress.structured import ChannelPruningConfig
 
@@ -70,7 +71,7 @@ def _weight_initializers(proto, min_elements: int) -> list:
         for position in SPARSE_WEIGHTS.get(node.op_type, ()):
             init = by_name.get(node.input[position]) if position < len(node.input) else None
             if init is not None and len(init.dims) >= 2 and int(np.prod(init.dims)) >= min_elements \
-                    and init.data_type == 1:
+                    and init.data_type in (1, 10):  # float32, float16 (zeros where they were)
                 found[init.name] = init
     return list(found.values())
 
@@ -91,10 +92,9 @@ class OnnxChannelPruning(Pass):
         pruned_path = output_path(workdir, model, f"channels{round(config.ratio * 100)}")
         with failing_as(self.name, model):
             proto = onnx.load(str(model.path))
-            if config.recover_epochs > 0 and {i.data_type for i in proto.graph.initializer if len(i.dims) >= 2} == \
-                    {onnx.TensorProto.FLOAT16}:
-                raise NotApplicable(f"{model.path.name}'s weights are float16 and recovery trains float32 ones: "
-                                    f"prune the float32 model, then make it float16 (or recover_epochs=0)")
+            if config.recover_epochs > 0 and widen_float16(proto):  # (recovery trains float32 weights)
+                progress(f"      {model.path.name} computes in float16: widened to float32 to recover it, exactly; "
+                         "the result is float32 (onnx-fp16 after this pass makes it float16 again)")
             plan = prepared_plan(proto, config.exclude)
             if not plan.groups:
                 raise NotApplicable(f"{model.path.name}: no layer whose channels can be removed safely "

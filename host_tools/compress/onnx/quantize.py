@@ -257,7 +257,7 @@ def unbounded_nodes(path: Path, feeds, tmp: Path) -> list[str]:
         for batch in feeds.batches(1):  # (every value of a call is held at once: one sample's at a time)
             for name, value in runtime.run(batch).items():
                 if name not in infinite and isinstance(value, np.ndarray) and value.dtype.kind == "f" \
-                        and not (np.abs(value) < UNBOUNDED).all():  # (NaN too)
+                        and not (np.abs(value.astype(np.float32, copy=False)) < UNBOUNDED).all():  # (NaN too)
                     infinite.add(name)
     except ModelError:  # a value ORT will not hand out: the model is quantized as it would have been
         return []

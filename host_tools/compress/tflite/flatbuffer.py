@@ -199,9 +199,10 @@ def operators(data: bytes) -> list[list[tuple[str, tuple[int, ...], tuple[int, .
     return graphs
 
 
-def has_duplicate_names(data: bytes) -> bool:
-    """Whether two tensors of the model (in any subgraphs) have the same name, which litert-quantizer
-    refuses ("Tensor name ... is not unique"); read from the packed flatbuffer."""
+def lacks_unique_names(data: bytes) -> bool:
+    """Whether a tensor of the model (in any subgraph) has no name, or the name of another, which
+    litert-quantizer refuses ("Tensor name ... is not unique", or an AttributeError on the missing
+    name: tflite-compact's output has none); read from the packed flatbuffer."""
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.Model.GetRootAs(data, 0)
@@ -209,31 +210,34 @@ def has_duplicate_names(data: bytes) -> bool:
     for g in range(model.SubgraphsLength()):
         graph = model.Subgraphs(g)
         for t in range(graph.TensorsLength()):
-            name = graph.Tensors(t).Name() or b""
-            if name in seen:
+            name = graph.Tensors(t).Name()
+            if not name or name in seen:
                 return True
             seen.add(name)
     return False
 
 
 def unique_names(tree) -> int:
-    """Rename the tensors of *tree* whose name another tensor has already (a name suffixed ";2", ";3"
-    ...); subgraph inputs and outputs keep theirs. Returns how many were renamed."""
+    """Name the tensors of *tree* that have no name ("tensor"), and rename those whose name another
+    tensor has already (suffixed ";2", ";3" ...); subgraph inputs and outputs keep theirs. Returns
+    how many were named or renamed."""
     graphs = tree.subgraphs or []
     io = {(g, t) for g, graph in enumerate(graphs) for t in [*(graph.inputs or []), *(graph.outputs or [])]}
     taken = {graphs[g].tensors[t].name or b"" for g, t in io}
     renamed = 0
     for g, graph in enumerate(graphs):
         for t, tensor in enumerate(graph.tensors or []):
-            name = tensor.name or b""
             if (g, t) in io:
                 continue
+            name = tensor.name or b"tensor"
             if name in taken:
                 n = 2
                 while name + b";%d" % n in taken:
                     n += 1
-                tensor.name, renamed = name + b";%d" % n, renamed + 1
-            taken.add(tensor.name or b"")
+                name = name + b";%d" % n
+            if name != tensor.name:
+                tensor.name, renamed = name, renamed + 1
+            taken.add(name)
     return renamed
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from host_tools.compress.passes import progress
+from host_tools.compress.tflite import flatbuffer
 from host_tools.compress.tflite.graph import Graph
 
 # Never replaced by their values: state, control flow and random draws are not functions of the
@@ -71,6 +73,54 @@ def constant_ops(tree, path: Path, slack_bytes: int = 4096) -> int:
     g.graph.operators = [op for k, op in enumerate(g.ops) if k not in dead]
     _drop_unused_tensors(tree)
     return len(values)
+
+
+def widened_copy(path: Path, workdir: Path) -> Path:
+    """*path* itself when no DEQUANTIZE there reads a float16 constant; else a copy in *workdir* whose
+    float16 weights are float32 (``widen_float16``)."""
+    if "DEQUANTIZE" not in flatbuffer.op_kinds(path.read_bytes()):
+        return path
+    tree, outside = flatbuffer.read(path)
+    if not widen_float16(tree, path.name):
+        return path
+    out = Path(workdir) / f"{path.stem}.float32.tflite"
+    flatbuffer.write(tree, outside, out)
+    return out
+
+
+def widen_float16(tree, name: str) -> int:
+    """``float16_constants`` on *tree* (of the model file *name*), said in a progress line when it
+    widened any."""
+    widened = float16_constants(tree)
+    if widened:
+        progress(f"      {name} stores weights as float16: {widened} widened to float32 first, every value "
+                 "exactly as it was")
+    return widened
+
+
+def float16_constants(tree) -> int:
+    """Where a DEQUANTIZE of the main graph turns a float16 constant into the float32 its readers
+    take (TensorFlow's and litert's float16 quantization), make the float32 values the constant and
+    drop the DEQUANTIZE: the TFLite counterpart of ``onnx/widen``, so that a float16 file can be
+    quantized to int8 (litert-quantizer reads float32 weights only). Every value stays exactly what
+    the readers took. Returns how many constants were widened."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    g = Graph(tree)
+    widened = set()
+    for k, kind in enumerate(g.kinds):
+        source = g.input(k, 0)
+        if kind != "DEQUANTIZE" or not g.stored(source) or g.tensor(source).type != schema.TensorType.FLOAT16:
+            continue
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(g.const(source).astype(np.float32).tobytes(), np.uint8).copy()
+        tree.buffers.append(buffer)
+        g.tensor(int(g.ops[k].outputs[0])).buffer = len(tree.buffers) - 1
+        widened.add(k)
+    if widened:
+        g.graph.operators = [op for k, op in enumerate(g.ops) if k not in widened]
+        _drop_unused_tensors(tree)
+    return len(widened)
 
 
 def _drop_unused_tensors(tree) -> None:

@@ -25,6 +25,7 @@ from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import Pass, failing_as, progress, register
 from host_tools.compress.structured import ChannelPruningConfig
 from host_tools.compress.tflite import flatbuffer, recurrent
+from host_tools.compress.tflite.fold import constant_ops, widen_float16, widened_copy
 
 # builtin operator name -> the inputs that hold its weights (a fused LSTM's: its gate matrices)
 WEIGHT_INPUTS = {"CONV_2D": (1,), "DEPTHWISE_CONV_2D": (1,), "CONV_3D": (1,), "FULLY_CONNECTED": (1,),
@@ -45,7 +46,7 @@ class TfliteMagnitudePruning(Pass):
     def run(self, model, config, workdir):
         out = Path(workdir) / f"{model.path.stem}.sparse{round(config.sparsity * 100)}.tflite"
         with failing_as(self.name, model):
-            data = bytearray(model.path.read_bytes())
+            data = bytearray(widened_copy(model.path, Path(workdir)).read_bytes())
             weights = weight_views(data, config.min_elements)
             if not weights:
                 raise NotApplicable(f"{model.path.name} has no float32 Conv/FullyConnected/BatchMatMul/LSTM weight of "
@@ -134,11 +135,11 @@ class TfliteChannelPruning(Pass):
 
 def prepared_plan(tree, path: Path, exclude=()):
     """The channel-pruning plan of *tree* (read from *path*), after values it computes from constants
-    alone are made constants (``fold``; *tree* changes in place)."""
+    alone are made constants and float16 weights float32 (``fold``; *tree* changes in place)."""
     from host_tools.compress.tflite.channels import plan_channel_pruning
-    from host_tools.compress.tflite.fold import constant_ops
 
-    constant_ops(tree, path)
+    constant_ops(tree, path)  # (first: it reads values by the indices the file at *path* has)
+    widen_float16(tree, path.name)
     return plan_channel_pruning(tree, set(exclude))
 
 

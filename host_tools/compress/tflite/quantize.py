@@ -42,7 +42,7 @@ from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 from host_tools.compress.recipes import TFLITE_INT8_BETWEEN_OPS, TFLITE_INT8_JOINING_OPS, TFLITE_INT8_LAYER_OPS
-from host_tools.compress.tflite import flatbuffer, recurrent
+from host_tools.compress.tflite import flatbuffer, fold, recurrent
 
 _OPS_HELP = "regular expression of the tensor names to quantize"
 _SCHEMA_NAMES = {"CONV_2D_TRANSPOSE": "TRANSPOSE_CONV"}
@@ -59,6 +59,7 @@ class _LiteRtPass(Pass):
     extra = "litert"
     tag = ""
     lstm = "hybrid"  # how fused LSTMs' weights are stored afterwards: hybrid, int8 or float16 (recurrent.py)
+    widens = True  # float16 weights are widened to float32 first (fold.widened_copy)
 
     def configure(self, quantizer, config, data: bytes) -> None:
         """Tell *quantizer* what to quantize; *data* is the model it quantizes (its tensor names as it
@@ -72,12 +73,14 @@ class _LiteRtPass(Pass):
         from litert_quantizer import quantizer as lq
 
         out = Path(workdir) / f"{model.path.stem}.{self.tag}.tflite"
+        with failing_as(self.name, model):  # (outside _quiet: its line is for the user)
+            source = fold.widened_copy(model.path, Path(workdir)) if self.widens else model.path
+            done = _quantized_already(source)
         with _quiet(), failing_as(self.name, model):
-            done = _quantized_already(model.path)
             if done:  # (litert-quantizer fails on such a model with an AttributeError of its own)
                 raise NotApplicable(f"{model.path.name}'s weights are {done} already: compress the float model")
-            source, data = model.path, model.path.read_bytes()
-            if flatbuffer.has_duplicate_names(data):  # (litert-quantizer refuses such a model)
+            data = source.read_bytes()
+            if flatbuffer.lacks_unique_names(data):  # (litert-quantizer refuses such a model)
                 tree, outside = flatbuffer.read(source)
                 flatbuffer.unique_names(tree)
                 source = Path(workdir) / f"{model.path.stem}.named.tflite"
@@ -380,7 +383,7 @@ def _control_flow(path: Path) -> str:
 class TfliteFp16(_LiteRtPass):
     """float16 weights (cast back to float for compute on CPUs; GPU delegates run them natively)."""
 
-    name, tag, lstm = "tflite-fp16", "fp16", "float16"
+    name, tag, lstm, widens = "tflite-fp16", "fp16", "float16", False
     summary = "float16 weights"
     Config = LayersConfig
 

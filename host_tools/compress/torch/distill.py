@@ -63,7 +63,8 @@ class Distill(Pass):
         runtime = model.load()
         bound = evaluate.bind(load_dataset(config.calibration), runtime)
         targets = teacher_targets(runtime, bound)
-        inputs = [bound.feeds[s.name] for s in runtime.inputs]
+        # (a float16 model's inputs: the student trains in float32, and _export gives it the model's types)
+        inputs = [_float32(bound.feeds[s.name]) for s in runtime.inputs]
         torch.manual_seed(config.seed)
         if config.student not in ("auto", *students.FAMILIES):
             student = students.user_module(config.student)
@@ -120,6 +121,8 @@ def _export(student, bound: BoundData, runtime, out) -> None:
     dynamic.update({name: {axes[name]: "batch"} for name in outputs} if dynamic else {})
     first = bound.sample(0)
     example = tuple(torch.from_numpy(first[name]) for name in names)
+    if any(s.dtype == "float16" for s in (*runtime.inputs, *runtime.outputs)):
+        student = _taking_float16(student, [s.dtype == "float16" for s in runtime.outputs])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter announces its own deprecation
@@ -127,3 +130,26 @@ def _export(student, bound: BoundData, runtime, out) -> None:
                               dynamic_axes=dynamic or None, opset_version=17, dynamo=False)
     except Exception as exc:  # torch's exporter raises a wide variety
         raise NotApplicable(f"the student does not export to ONNX: {type(exc).__name__}: {exc}") from None
+
+
+def _float32(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float32) if array.dtype == np.float16 else array
+
+
+def _taking_float16(student, halves: list[bool]):
+    """*student* (trained in float32) taking a float16 model's float16 inputs and giving float16
+    where the model's outputs are, so that it replaces the model for its callers."""
+    import torch
+
+    class TakingFloat16(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = student
+
+        def forward(self, *inputs):
+            outputs = self.student(*[x.float() if x.dtype == torch.float16 else x for x in inputs])
+            many = isinstance(outputs, (tuple, list))
+            outputs = [o.half() if half else o for o, half in zip(outputs if many else (outputs,), halves)]
+            return tuple(outputs) if many else outputs[0]
+
+    return TakingFloat16()
