@@ -10,6 +10,7 @@
     python benchmarks/foreign_models.py --auto size      # also --auto --max-drop 1 (size or speed) on each
     pip install onnxscript          # for --exporter dynamo (torch.export, PyTorch's default exporter)
     python benchmarks/foreign_models.py --exporter dynamo
+    python benchmarks/foreign_models.py --float16        # each export made float16 first, then compressed
 
 Each architecture is built from a small configuration with random weights (nothing is
 downloaded), exported with ``torch.onnx.export`` (opset 17, dynamic batch; text models also
@@ -123,6 +124,9 @@ def main() -> None:
                         help="export to ONNX (torch.onnx) or convert to TFLite (litert-torch)")
     parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                         help="torch.onnx.export's exporter: TorchScript (dynamo=False) or torch.export (dynamo=True)")
+    parser.add_argument("--float16", action="store_true",
+                        help="ONNX: make each export float16 first (ONNX Runtime's float16 converter, float16 inputs "
+                             "and outputs too), as models published in float16 only are, and compress that")
     parser.add_argument("--recover", type=int, default=0, metavar="EPOCHS",
                         help="also prune with recovery (this many epochs on the 64 inputs) and show the output "
                              "cosine to the original without and with it")
@@ -155,7 +159,8 @@ def main() -> None:
         sys.exit(f"unknown architecture(s) {', '.join(unknown)}; known: {', '.join(table)}")
     print(machine_line())
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, format {args.format}"
-          + (f", exporter {args.exporter}" if args.format == "onnx" else ""))
+          + (f", exporter {args.exporter}" if args.format == "onnx" else "")
+          + (", made float16 by onnxruntime.transformers.float16" if args.float16 else ""))
     started = time.monotonic()
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-foreign-") as tmp:
@@ -163,7 +168,7 @@ def main() -> None:
             print(f"  {name}", file=sys.stderr, flush=True)
             work = Path(tmp) / name
             rows.append((name, run_onnx(name, *table[name], work, torch, args.recover, args.exporter, args.latency,
-                                        args.auto)
+                                        args.auto, args.float16)
                          if args.format == "onnx" else
                          run_tflite(name, *table[name], work, torch, args.recover, args.latency, args.auto)))
     recipes = RECIPES[args.format]
@@ -248,7 +253,8 @@ def recipe_cells(original, model_format: str, dataset, work: Path, row: dict, la
 
 
 def run_onnx(name: str, cls, config, kind: str, work: Path, torch, recover: int = 0,
-             exporter: str = "torchscript", latency_runs: int = 0, auto: str | None = None) -> dict:
+             exporter: str = "torchscript", latency_runs: int = 0, auto: str | None = None,
+             float16: bool = False) -> dict:
     import onnx
 
     from host_tools.compress import Dataset, ModelFile
@@ -271,6 +277,13 @@ def run_onnx(name: str, cls, config, kind: str, work: Path, torch, recover: int 
                                   dynamic_axes={**axes, "out": {0: "batch"}}, opset_version=17, dynamo=False)
     except Exception as exc:  # noqa: BLE001 — reported in the table
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+    if float16:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        half = convert_float_to_float16(onnx.load(str(path)), keep_io_types=False)
+        for stale in work.glob(f"{name}.onnx*"):  # (torch.export's external weights: now inside)
+            stale.unlink()
+        onnx.save(half, str(path))
     original = ModelFile.open(path)
     dataset = Dataset(data, None, "random")
     # (torch.export writes the weights to <model>.onnx.data beside the graph: counted with it)

@@ -107,7 +107,9 @@ NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
         "onnx": (Step("distill"),), "tflite": (Step("distill"),)}),
     "int4-weights": ("int4 blockwise MatMul weights, for transformer-style models", {
         # without ORT's optimizations, which would fuse MatMul+Add into Gemm for gemm=true to take apart again
-        "onnx": (Step("onnx-preprocess", {"optimize": False}), Step("onnx-int4", {"gemm": True}), ONNX_COMPACT)}),
+        # and without widening float16: int4's quantizer takes float16 weights, and what it leaves stays float16
+        "onnx": (Step("onnx-preprocess", {"optimize": False, "widen": False}), Step("onnx-int4", {"gemm": True}),
+                 ONNX_COMPACT)}),
 }
 
 

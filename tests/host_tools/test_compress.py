@@ -456,14 +456,15 @@ def test_a_float16_model_is_quantized_and_distilled(digits, keep_io_types, tmp_p
     CNN, with float32 or with float16 inputs and outputs): every int8 recipe said "its weights are
     float16 already: compress the float32 model", and a student, trained in float32, could not be
     fed its float16 inputs. onnx-preprocess widens it to float32 first, says so, and int8 of it
-    keeps the float16 model's accuracy, inputs and outputs; the student takes and gives its types."""
+    keeps the float16 model's accuracy, inputs and outputs; the student takes and gives its types.
+    int4 (of the dense layers) leaves the rest float16, not float32."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     half = tmp_path / "half.onnx"
     onnx.save(convert_float_to_float16(onnx.load(str(digits.path)), keep_io_types=keep_io_types), str(half))
     model = ModelFile.open(half)
     said = []
-    for recipe in ("int8-static", "int8-weights", "int8-dynamic", "distill"):
+    for recipe in ("int8-static", "int8-weights", "int8-dynamic", "distill", "int4-weights"):
         report = run_recipe(model, load_recipe(recipe, "onnx"), calib=CALIB, train=str(TRAIN), eval_data=HELDOUT,
                             latency_runs=3, workdir=tmp_path / recipe, progress=said.append)
         assert report.compressed, (recipe, [s.note for s in report.steps])
@@ -473,6 +474,9 @@ def test_a_float16_model_is_quantized_and_distilled(digits, keep_io_types, tmp_p
         assert [(s.name, s.dtype) for s in result.inputs] == [(s.name, s.dtype) for s in runs.inputs], recipe
         assert [(s.name, s.dtype) for s in result.outputs] == [(s.name, s.dtype) for s in runs.outputs], recipe
     assert any("half.onnx computes in float16: widened to float32 first" in line for line in said), said
+    # int4's quantizer takes float16 weights: not widened, what it leaves (the convolutions) stays float16
+    convolutions = [i for i in onnx.load(str(report.result.model.path)).graph.initializer if len(i.dims) == 4]
+    assert {i.data_type for i in convolutions} == {TensorProto.FLOAT16}
 
 
 def test_int4_weights_covers_dense_layers_exported_as_gemm(tmp_path):

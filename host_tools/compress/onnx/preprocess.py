@@ -35,6 +35,9 @@ class OnnxPreprocess(Pass):
             "help": "run ORT's basic graph optimizations (constant folding; also fuses MatMul+Add into Gemm)"})
         symbolic_shapes: bool = field(default=True, metadata={
             "help": "symbolic shape inference (falls back to ONNX's own when it cannot)"})
+        widen: bool = field(default=True, metadata={
+            "help": "a float16 graph widened to float32, exactly, for quantizers that read float32 weights; false "
+                    "for int4, whose quantizer takes float16 ones (widened, what it leaves would double in size)"})
 
     @quiet_ort_quantizer()
     def run(self, model, config, workdir):
@@ -50,7 +53,7 @@ class OnnxPreprocess(Pass):
                                     f"{quantized_already(source.graph)}")
             drop_initializer_inputs(source)
             hoist_constants(source)
-            if widen_float16(source):
+            if config.widen and widen_float16(source):
                 progress(f"      {model.path.name} computes in float16: widened to float32 first, every value "
                          "exactly as it was (its inputs and outputs keep their types)")
             # Given as a file: handed a ModelProto whose symbolic inference failed, ORT's pre-processing
