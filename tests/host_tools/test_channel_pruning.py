@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from host_tools.compress import ModelFile, load_recipe, run_recipe
 from host_tools.compress.onnx import static_shapes
-from host_tools.compress.onnx.boundary import hoist_constants, inline_constant_identities
+from host_tools.compress.onnx.initializers import hoist_constants, inline_constant_identities
 from host_tools.compress.onnx.channels import plan_channel_pruning
 from host_tools.compress.onnx.layout import Param
 from tests.conftest import MODELS

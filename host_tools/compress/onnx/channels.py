@@ -80,7 +80,7 @@ class Plan:
 
 
 def plan_channel_pruning(proto, exclude: set[str]) -> Plan:
-    """Constants must be initializers (``boundary.hoist_constants``) to be seen as constants."""
+    """Constants must be initializers (``initializers.hoist_constants``) to be seen as constants."""
     g = _graph(proto)
     regions: list[Region] = []
     labels: list[str] = []  # a layer's name, and its window when a Split divides it

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from device_agent.errors import CompressionError
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import has_subgraphs, output_path, session_crash, share_equal_initializers
+from host_tools.compress.onnx.boundary import has_subgraphs, output_path, session_crash
+from host_tools.compress.onnx.initializers import share_equal_initializers
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register, short_name
 
 

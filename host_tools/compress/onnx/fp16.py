@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from device_agent.errors import CompressionError, NotApplicable
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import (drop_initializer_inputs, output_path, quantized_already,
-                                               quiet_ort_quantizer, session_crash, sort_topologically)
+from host_tools.compress.onnx.boundary import (output_path, quantized_already, quiet_ort_quantizer, session_crash,
+                                               sort_topologically)
+from host_tools.compress.onnx.initializers import drop_initializer_inputs
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 
 

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 
 from device_agent.errors import NotApplicable
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import (drop_unused_initializers, import_leaving_logging_alone, output_path,
-                                               quantized_already, quiet_ort_quantizer, weighted_nodes)
+from host_tools.compress.onnx.boundary import (import_leaving_logging_alone, output_path, quantized_already,
+                                               quiet_ort_quantizer, weighted_nodes)
+from host_tools.compress.onnx.initializers import drop_unused_initializers
 from host_tools.compress.onnx.layout import attr
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 

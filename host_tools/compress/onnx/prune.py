@@ -21,10 +21,10 @@ from host_tools.compress import structured
 from host_tools.compress.magnitude import MagnitudeConfig, thresholds
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx import static_shapes
-from host_tools.compress.onnx.boundary import (drop_initializer_inputs, hoist_constants, inline_constant_identities,
-                                               output_path, own_shape_constants, own_small_constants,
-                                               quantized_already, share_equal_initializers, sort_topologically,
-                                               whole_shapes)
+from host_tools.compress.onnx.boundary import output_path, quantized_already, sort_topologically
+from host_tools.compress.onnx.initializers import (drop_initializer_inputs, hoist_constants,
+                                                   inline_constant_identities, own_shape_constants,
+                                                   own_small_constants, share_equal_initializers, whole_shapes)
 from host_tools.compress.onnx.channels import plan_channel_pruning, prune_channels
 from host_tools.compress.onnx.widen import widen_float16
 from host_tools.compress.passes import Pass, failing_as, progress, register

@@ -15,9 +15,9 @@ from device_agent.errors import ConfigError, ModelError, NotApplicable
 from host_tools.compress import evaluate
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, index_nodes, output_path,
-                                                own_small_constants, quantized_already, quiet_ort_quantizer,
-                                                shared_vectors, value_names, weighted_nodes, with_opset_at_least)
+from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, index_nodes, output_path, quantized_already,
+                                               quiet_ort_quantizer, weighted_nodes, with_opset_at_least)
+from host_tools.compress.onnx.initializers import own_small_constants, shared_vectors, value_names
 from host_tools.compress.onnx.params import MIN_ELEMENTS, store_params_as_uint8
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from host_tools.compress.onnx.boundary import drop_unused_initializers
+from host_tools.compress.onnx.initializers import drop_unused_initializers
 from host_tools.compress.onnx.layout import attr, axes_of, const_array, ints
 
 # Integer ops the shape arithmetic of exported graphs is made of.

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from device_agent.errors import NotApplicable
-from host_tools.compress.onnx.boundary import FLOAT_TYPES, fresh_name, value_names
+from host_tools.compress.onnx.initializers import FLOAT_TYPES, fresh_name, value_names
 from host_tools.compress.torch.onnx_ops import OPS
 
 # (Gather: an embedding table; only float initializers become parameters)
