@@ -1,4 +1,5 @@
-"""Reading NumPy's .npz and .npy files — from a path or from bytes — and nothing else.
+"""Reading NumPy's .npz and .npy files — from a path or from bytes — and giving data a model
+input's width.
 
 ``np.load`` takes whatever is neither zip nor .npy for a pickle, so a damaged or wrong file
 makes it say "This file contains pickled (object) data"; here it says what the file is not.
@@ -39,3 +40,18 @@ def _opened(source, magic: bytes, kind: str):
     if head != magic:
         raise NotNumpy(f"not {kind}")
     return source
+
+
+def in_width_of(array: np.ndarray, dtype: str) -> np.ndarray | None:
+    """*array* as *dtype* (a model input's NumPy type name) where that changes only the width:
+    float32 or float64 data for a float16 input, int32 for int64; *array* itself where it is that
+    type already or *dtype* is not NumPy's; None where the kinds differ (floats for integers)."""
+    try:
+        want = np.dtype(dtype)
+    except TypeError:
+        return array
+    if array.dtype == want:
+        return array
+    if array.dtype.kind != want.kind and not (array.dtype.kind in "iu" and want.kind in "iu"):
+        return None
+    return array.astype(want)

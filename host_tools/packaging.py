@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from device_agent.arrays import in_width_of
 from device_agent.bundle import FileEntry, Manifest, SampleCheck, sha256_file, write_bundle
 from device_agent.bundle.signing import load_private_key, sign
 from device_agent.errors import ConfigError
@@ -31,14 +32,20 @@ def sample_inputs(runtime, given: Mapping[str, np.ndarray] | None) -> dict[str, 
     """The sample input: the one given, or a fixed-seed random one shaped like the model's inputs
     (dynamic dimensions as 1). A model of one input takes a file of one array whatever its name,
     as `edgefleet compress` takes data (a TFLite input's name is the converter's, e.g.
-    "serving_default_input_2:0")."""
+    "serving_default_input_2:0"), in the width the model takes (float32 samples for a float16
+    model)."""
     if given is not None:
         if len(runtime.inputs) == 1 and len(given) == 1:
             given = {runtime.inputs[0].name: next(iter(given.values()))}
         missing = [s.name for s in runtime.inputs if s.name not in given]
         if missing:
             raise ConfigError(f"sample file lacks input(s) {', '.join(missing)}")
-        return {s.name: np.asarray(given[s.name]) for s in runtime.inputs}
+        feeds = {s.name: in_width_of(np.asarray(given[s.name]), s.dtype) for s in runtime.inputs}
+        wrong = [f"{s.name!r} is {s.dtype} in the model, {np.asarray(given[s.name]).dtype.name} in the file"
+                 for s in runtime.inputs if feeds[s.name] is None]
+        if wrong:
+            raise ConfigError(f"sample input {wrong[0]}")
+        return feeds
     rng = np.random.default_rng(0)
     feeds = {}
     for spec in runtime.inputs:

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from device_agent.arrays import read_npy, read_npz
+from device_agent.arrays import in_width_of, read_npy, read_npz
 from device_agent.errors import UNREADABLE_ARRAYS, ConfigError
 
 LABEL_NAMES = ("y", "labels")
@@ -129,26 +129,15 @@ def _conform(array: np.ndarray, spec, source: str, axis: int = 0) -> np.ndarray:
             raise ConfigError(f"{source}: input {spec.name!r} has {want} in dimension {i}, the data {have}"
                               + (f" (its samples go along the first axis; the model's batch is its dimension "
                                  f"{axis})" if axis else ""))
-    want = np.dtype(spec.dtype) if _is_numpy_dtype(spec.dtype) else None
-    if want is not None and array.dtype != want:
-        if array.dtype.kind != want.kind and not (array.dtype.kind in "iu" and want.kind in "iu"):
-            raise ConfigError(f"{source}: input {spec.name!r} is {want.name} in the model, "
-                              f"{array.dtype.name} in the data")
-        array = array.astype(want)
+    given, array = array, in_width_of(array, spec.dtype)
+    if array is None:
+        raise ConfigError(f"{source}: input {spec.name!r} is {spec.dtype} in the model, {given.dtype.name} in the data")
     if array.dtype.kind in "fc" and not np.isfinite(array).all():
         # Calibration would end in ONNX Runtime's "scale issue", evaluation in meaningless scores.
         bad = int((~np.isfinite(array.reshape(len(array), -1))).any(axis=1).sum()) if array.ndim else 1
         raise ConfigError(f"{source}: input {spec.name!r} holds NaN or infinite values in {bad} of "
                           f"{len(array) if array.ndim else 1} samples")
     return np.ascontiguousarray(array)
-
-
-def _is_numpy_dtype(name: str) -> bool:
-    try:
-        np.dtype(name)
-        return True
-    except TypeError:
-        return False
 
 
 def load_dataset(source: str | Path | Dataset) -> Dataset:

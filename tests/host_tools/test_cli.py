@@ -107,6 +107,34 @@ def test_a_sample_of_one_array_is_a_one_input_models_whatever_its_name(tmp_path,
     assert not (tmp_path / "all.efb").exists()
 
 
+def test_a_float32_sample_is_given_to_a_float16_model_in_its_width(tmp_path, keys, reference_model):
+    """A model published in float16 (inputs too), and a sample from a float32 pipeline: the bundle's
+    sample is stored float16, what the model and every device's health check feed it (it stopped in
+    ONNX Runtime's "Unexpected input data type"). A sample of another kind (integers for a float
+    input) is refused naming both types, and no bundle is written."""
+    import numpy as np
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from device_agent.bundle import BundleReader
+    from device_agent.bundle.signing import trusted_keys
+
+    half = tmp_path / "half.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(reference_model)), keep_io_types=False), str(half))
+    np.savez(tmp_path / "float32.npz", image=np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32))
+    np.savez(tmp_path / "ints.npz", image=np.zeros((1, 1, 8, 8), np.int32))
+    build = ("bundle", "build", half, "--name", "m", "--version", "1.0.0", "--key", keys["key"])
+    result = edgefleet(*build, "--sample", tmp_path / "float32.npz", "-o", tmp_path / "m.efb")
+    assert result.returncode == 0, result.stderr
+    with BundleReader(tmp_path / "m.efb") as reader:
+        reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "m")
+    sample = np.load(tmp_path / "m" / "sample.npz")
+    assert {sample[k].dtype for k in sample.files} == {np.dtype(np.float16)}
+    result = edgefleet(*build, "--sample", tmp_path / "ints.npz", "-o", tmp_path / "i.efb")
+    assert_one_line_error(result, "sample input 'image' is float16 in the model, int32 in the file")
+    assert not (tmp_path / "i.efb").exists()
+
+
 def test_a_sample_file_that_is_not_an_npz_is_one_line(tmp_path, keys, reference_model):
     (tmp_path / "sample.npz").write_bytes(bytes(range(256)))  # NumPy alone would call it pickled data
     result = edgefleet("bundle", "build", reference_model, "--name", "m", "--version", "1.0.0", "--key", keys["key"],
