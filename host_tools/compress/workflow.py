@@ -16,6 +16,7 @@ import numpy as np
 
 from device_agent.bundle.archive import stored_size
 from device_agent.errors import CompressionError, ConfigError, ModelError, NotApplicable
+from device_agent.runtime.base import first_line
 from host_tools.compress import evaluate
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
@@ -171,14 +172,15 @@ def plan_steps(steps, model: ModelFile, calib, train=None) -> list[tuple[type, A
 
 class Evaluation:
     """The evaluation data bound to the model's inputs, and the original measured on it;
-    without data, only sizes are measured."""
+    without data, only sizes are measured, and each result is run once on zeros where the
+    original runs so (a pass's output that does not load is never handed back)."""
 
     def __init__(self, model: ModelFile, eval_data: str | Dataset | None, say: Progress,
                  device_bench=None) -> None:
         self.data = load_dataset(eval_data) if eval_data is not None else None
         self.device_bench = device_bench  # latency on a device (compress.device.DeviceBench), else this host
         self.original = _measured("original", model)
-        self.bound = None
+        self.bound, self.on_zeros = None, False
         if self.data is not None:
             runtime = model.load()
             try:
@@ -190,12 +192,19 @@ class Evaluation:
                     f"one sample at a time here")
             say(f"evaluating the original on {len(self.bound)} samples")
             self.score(self.original, runtime)
+        else:
+            self.on_zeros = _runs_on_zeros(model) is None
         self._say = say
 
     def score(self, m: Measured, runtime=None) -> None:
         """Fidelity of *m* against the original (a model that no longer runs fails here);
         *runtime*: *m* already loaded."""
-        if self.bound is None or m.status != "ok":
+        if m.status != "ok":
+            return
+        if self.bound is None:
+            failure = _runs_on_zeros(m.model) if self.on_zeros and m is not self.original else None
+            if failure:
+                m.status, m.note = "failed", f"does not run: {failure}"
             return
         try:
             m.outputs = evaluate.outputs_on(runtime or m.model.load(), self.bound)
@@ -235,6 +244,15 @@ class Evaluation:
                                  0 if self.bound is None else len(self.bound),
                                  self.bound is not None and self.bound.labels is not None, threads,
                                  latency_where=self.device_bench.where if self.device_bench else "host CPU")
+
+
+def _runs_on_zeros(model: ModelFile) -> str | None:
+    """None when *model* loads and runs on zeros; else why not, in one line."""
+    try:
+        model.outputs_on_zeros()
+    except Exception as exc:  # noqa: BLE001 — each runtime raises its own (ModelError, RuntimeError, ValueError)
+        return first_line(exc)
+    return None
 
 
 # the file name suffix of each model format

@@ -1996,6 +1996,50 @@ def test_a_missing_extra_is_named_in_one_line_before_anything_runs(digits, tmp_p
         del REGISTRY["test-needs-absent"]
 
 
+def test_without_evaluation_data_a_result_that_does_not_load_is_not_handed_back(digits, tmp_path):
+    """Without --eval nothing ran a pass's output: ORT's dynamic quantizer, handed a float16 graph
+    directly (without onnx-preprocess), wrote one ONNX Runtime refuses to load, and `compress` wrote
+    it out ("0.58x size"). Each result is now run once on zeros, as the original is: one that does
+    not run is a failed step, and nothing is written. The quantizers also refuse a float16 graph
+    themselves, naming the pass that widens it."""
+    from dataclasses import dataclass
+
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from host_tools.compress.passes import REGISTRY, Pass, PassConfig, register
+
+    @register
+    class WritesGarbage(Pass):
+        name, formats, summary = "test-writes-garbage", ("onnx",), "test only"
+
+        @dataclass(frozen=True)
+        class Config(PassConfig):
+            pass
+
+        def run(self, model, config, workdir):
+            out = Path(workdir) / "garbage.onnx"
+            proto = onnx.load(str(model.path))
+            proto.graph.node[0].op_type = "NoSuchOp"
+            onnx.save(proto, str(out))
+            return ModelFile(out, "onnx")
+    try:
+        report = run_recipe(digits, steps([("test-writes-garbage", {})]), out=tmp_path / "out.onnx",
+                            workdir=tmp_path / "w")
+    finally:
+        del REGISTRY["test-writes-garbage"]
+    step = report.steps[0]
+    assert step.status == "failed" and step.note.startswith("does not run:") and "NoSuchOp" in step.note, step.note
+    # (the last good model is the original; the command line writes nothing when no pass applied)
+    assert not report.compressed and (tmp_path / "out.onnx").read_bytes() == digits.path.read_bytes()
+    half = tmp_path / "half.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(digits.path)), keep_io_types=False), str(half))
+    for quantizer in ("onnx-dynamic", "onnx-static"):
+        report = run_recipe(ModelFile.open(half), steps([(quantizer, {})]), calib=CALIB, workdir=tmp_path / quantizer)
+        assert report.steps[0].status == "skipped" and report.steps[0].note == (
+            "half.onnx: ONNX Runtime's quantizers take float32 weights, its weights are float16: onnx-preprocess "
+            "before this pass widens them to float32"), report.steps[0].note
+
+
 def test_distillation_into_the_users_own_student_module(digits, tmp_path):
     (tmp_path / "student.py").write_text(
         "from torch import nn\n"

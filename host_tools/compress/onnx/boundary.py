@@ -120,19 +120,23 @@ def computes_in_int8(graph) -> bool:
 
 def quantized_already(graph) -> str:
     """'' for a float32 graph; else what says it is quantized (", quantized already (15 DequantizeLinear,
-    7 QuantizeLinear nodes): compress the float model"), float16 (", its weights are float16
-    already: compress the float32 model") or stored as 8-bit by onnx-int8-params, to end a pass's
-    reason for not applying."""
+    7 QuantizeLinear nodes): compress the float model"), float16 (", its weights are float16:
+    onnx-preprocess before this pass widens them to float32", as every int8 recipe has it) or stored
+    as 8-bit by onnx-int8-params, to end a pass's reason for not applying."""
     found = Counter(node.op_type for node in graph.node if node.op_type in QUANTIZED_OPS)
-    weights = {i.data_type for i in graph.initializer if len(i.dims) >= 2}
-    if not found and weights == {10}:  # TensorProto.FLOAT16
-        return ", its weights are float16 already: compress the float32 model"
+    if not found and float16_weights(graph):
+        return ", its weights are float16: onnx-preprocess before this pass widens them to float32"
     if not found and (stored := stored_as_8_bit(graph)):
         return f", {stored} of its weight tensors are stored as 8-bit already: compress the float model"
     if not found:
         return ""
     listed = ", ".join(f"{n} {op}" for op, n in found.most_common(3))
     return f", quantized already ({listed} node{'s' * (sum(found.values()) != 1)}): compress the float model"
+
+
+def float16_weights(graph) -> bool:
+    """Whether every weight (rank 2 or more) of *graph* is float16."""
+    return {i.data_type for i in graph.initializer if len(i.dims) >= 2} == {10}  # TensorProto.FLOAT16
 
 
 def stored_as_8_bit(graph) -> int:

@@ -15,8 +15,9 @@ from device_agent.errors import ConfigError, ModelError, NotApplicable
 from host_tools.compress import evaluate
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, index_nodes, output_path, quantized_already,
-                                               quiet_ort_quantizer, weighted_nodes, with_opset_at_least)
+from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, float16_weights, index_nodes, output_path,
+                                               quantized_already, quiet_ort_quantizer, weighted_nodes,
+                                               with_opset_at_least)
 from host_tools.compress.onnx.initializers import own_small_constants, shared_vectors, value_names
 from host_tools.compress.onnx.params import MIN_ELEMENTS, store_params_as_uint8
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
@@ -431,8 +432,11 @@ def _require_weighted_nodes(model: ModelFile, op_types: tuple[str, ...]) -> list
     import onnx
 
     nodes = weighted_nodes(model.path, op_types)
+    graph = onnx.load(str(model.path), load_external_data=False).graph
+    if nodes and float16_weights(graph):  # (ORT's quantizers would write a graph that does not load)
+        raise NotApplicable(f"{model.path.name}: ONNX Runtime's quantizers take float32 weights"
+                            + quantized_already(graph))
     if not nodes:
         raise NotApplicable(f"{model.path.name} has no node with constant weights that this quantizer "
-                            f"handles ({', '.join(op_types)})"
-                            + quantized_already(onnx.load(str(model.path), load_external_data=False).graph))
+                            f"handles ({', '.join(op_types)})" + quantized_already(graph))
     return nodes

@@ -76,8 +76,9 @@ def store_params_as_int8(tree, min_elements: int) -> int:
         for index, tensor in enumerate(graph.tensors):
             data = tree.buffers[tensor.buffer].data
             ops = readers.get((g, index), set())
-            if (tensor.type != schema.TensorType.FLOAT32 or data is None or len(data) < 4 * min_elements or index in pinned
-                    or not ops or not ops <= ELEMENTWISE or holders[tensor.buffer] != 1 or tensor.isVariable
+            if (tensor.type != schema.TensorType.FLOAT32 or data is None or len(data) < 4 * min_elements
+                    or index in pinned or not ops or not ops <= ELEMENTWISE or holders[tensor.buffer] != 1
+                    or tensor.isVariable
                     or (tensor.quantization is not None and tensor.quantization.scale is not None)):
                 continue
             values = np.frombuffer(bytes(data), np.float32)
