@@ -108,7 +108,7 @@ TFLITE_LADDER = (  # the distilled student is an ONNX model
     # ConvNeXt's 7x7: 0.53x float's time against 1.03x)
     Candidate("dynamic-range int8, depthwise too", (Step("tflite-dynamic", {"per_channel": False}),
                                                     Step("tflite-int8-params"), TFLITE_COMPACT)),
-    Candidate("int8 weights only", (Step("tflite-weight-only"), TFLITE_COMPACT)),
+    Candidate("int8 weights only", (Step("tflite-weight-only"), Step("tflite-int8-params"), TFLITE_COMPACT)),
     Candidate("full int8", (Step("tflite-int8"), TFLITE_COMPACT), needs_calibration=True),
     Candidate("int8 layers, norms and activations float", (TFLITE_INT8_LAYERS, TFLITE_COMPACT),
               needs_calibration=True),

@@ -91,7 +91,7 @@ NAMED: dict[str, tuple[str, dict[str, tuple[Step, ...]]]] = {
         # (without ORT's optimizations saved into the file: at load they would fuse an Add and a LayerNorm the
         # float model keeps apart, and the reference transformer ran 1.05-1.10x the float model's time)
         "onnx": (Step("onnx-preprocess", {"optimize": False}), Step("onnx-weight-only"), ONNX_COMPACT),
-        "tflite": (Step("tflite-weight-only"), TFLITE_COMPACT)}),
+        "tflite": (Step("tflite-weight-only"), Step("tflite-int8-params"), TFLITE_COMPACT)}),
     "fp16": ("float16 weights (and compute where the runtime has it)", {
         "onnx": (Step("onnx-fp16"), ONNX_COMPACT),
         "tflite": (Step("tflite-fp16"), TFLITE_COMPACT)}),

@@ -99,46 +99,50 @@ def widen_float16(tree, name: str) -> int:
 
 
 def float16_constants(tree) -> int:
-    """Where a DEQUANTIZE of the main graph turns a float16 constant into the float32 its readers
-    take (TensorFlow's and litert's float16 quantization), make the float32 values the constant and
-    drop the DEQUANTIZE: the TFLite counterpart of ``onnx/widen``, so that a float16 file can be
-    quantized to int8 (litert-quantizer reads float32 weights only). Every value stays exactly what
-    the readers took. Returns how many constants were widened."""
+    """Where a DEQUANTIZE turns a float16 constant into the float32 its readers take (TensorFlow's
+    and litert's float16 quantization), make the float32 values the constant and drop the
+    DEQUANTIZE, in every subgraph (a Keras LSTM's loop body holds its weights): the TFLite
+    counterpart of ``onnx/widen``, so that a float16 file can be quantized to int8
+    (litert-quantizer reads float32 weights only). Every value stays exactly what the readers took.
+    Returns how many constants were widened."""
     from ai_edge_litert import schema_py_generated as schema
 
-    g = Graph(tree)
-    widened = set()
-    for k, kind in enumerate(g.kinds):
-        source = g.input(k, 0)
-        if kind != "DEQUANTIZE" or not g.stored(source) or g.tensor(source).type != schema.TensorType.FLOAT16:
-            continue
-        buffer = schema.BufferT()
-        buffer.data = np.frombuffer(g.const(source).astype(np.float32).tobytes(), np.uint8).copy()
-        tree.buffers.append(buffer)
-        g.tensor(int(g.ops[k].outputs[0])).buffer = len(tree.buffers) - 1
-        widened.add(k)
-    if widened:
-        g.graph.operators = [op for k, op in enumerate(g.ops) if k not in widened]
-        _drop_unused_tensors(tree)
-    return len(widened)
+    count = 0
+    for index in range(len(tree.subgraphs)):
+        g = Graph(tree, index)
+        widened = set()
+        for k, kind in enumerate(g.kinds):
+            source = g.input(k, 0)
+            if kind != "DEQUANTIZE" or not g.stored(source) or g.tensor(source).type != schema.TensorType.FLOAT16:
+                continue
+            buffer = schema.BufferT()
+            buffer.data = np.frombuffer(g.const(source).astype(np.float32).tobytes(), np.uint8).copy()
+            tree.buffers.append(buffer)
+            g.tensor(int(g.ops[k].outputs[0])).buffer = len(tree.buffers) - 1
+            widened.add(k)
+        if widened:
+            g.graph.operators = [op for k, op in enumerate(g.ops) if k not in widened]
+            _drop_unused_tensors(tree, index)
+            count += len(widened)
+    return count
 
 
-def _drop_unused_tensors(tree) -> None:
-    """Take out of the main graph the tensors nothing refers to any more (the dropped ops' results and
-    the constants only they read), and empty the buffers only they held (which would otherwise stay in
-    the file beside the values that replaced them). Left in, with no data and no op making them, they
-    are tensors whose value an interpreter that keeps every tensor cannot give, which stops
-    litert-quantizer's calibration ("Tensor data is null")."""
-    graph = tree.subgraphs[0]
+def _drop_unused_tensors(tree, index: int = 0) -> None:
+    """Take out of subgraph *index* (the main graph unless told) the tensors nothing refers to any
+    more (the dropped ops' results and the constants only they read), and empty the buffers only
+    they held (which would otherwise stay in the file beside the values that replaced them). Left
+    in, with no data and no op making them, they are tensors whose value an interpreter that keeps
+    every tensor cannot give, which stops litert-quantizer's calibration ("Tensor data is null")."""
+    graph = tree.subgraphs[index]
     used = {int(t) for op in graph.operators for t in (*op.inputs, *op.outputs, *(op.intermediates or ())) if t >= 0}
     used |= {int(t) for t in (*graph.inputs, *graph.outputs)}
-    signatures = [s for s in tree.signatureDefs or () if s.subgraphIndex == 0]
+    signatures = [s for s in tree.signatureDefs or () if s.subgraphIndex == index]
     used |= {int(e.tensorIndex) for s in signatures for e in (*(s.inputs or ()), *(s.outputs or ()))}
     if len(used) == len(graph.tensors):
         return
     keep = sorted(used)
     live = {graph.tensors[t].buffer for t in keep}
-    live |= {tensor.buffer for other in tree.subgraphs[1:] for tensor in other.tensors}
+    live |= {tensor.buffer for i, other in enumerate(tree.subgraphs) if i != index for tensor in other.tensors}
     live |= {entry.buffer for entry in tree.metadata or ()}
     for t, tensor in enumerate(graph.tensors):
         if t not in used and tensor.buffer not in live and tensor.buffer > 0:

@@ -19,11 +19,12 @@ DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 6
 
 
 class Graph:
-    """The first subgraph of a TFLite object tree, with what the passes ask of it."""
+    """A subgraph of a TFLite object tree (the first, the model's own, unless told), with what the
+    passes ask of it."""
 
-    def __init__(self, tree) -> None:
+    def __init__(self, tree, index: int = 0) -> None:
         self.tree = tree
-        self.graph = tree.subgraphs[0]
+        self.graph = tree.subgraphs[index]
         self.ops = list(self.graph.operators)
         self.kinds = [flatbuffer.op_name(c.builtinCode, c.deprecatedBuiltinCode)
                       for c in (tree.operatorCodes[op.opcodeIndex] for op in self.ops)]

@@ -8,8 +8,11 @@ and zero point, read through a DEQUANTIZE that TFLite evaluates once, when the i
 built (its input is constant), so compute stays as it was. The error is at most half a step of
 1/255 of the constant's range, which the accuracy guard measures like any other pass's.
 
-Only constants that elementwise arithmetic reads are converted: a layer's weight or bias stays a
-constant of the layer (kernels and delegates want those when the interpreter is built).
+Only constants that elementwise arithmetic or a GATHER reads are converted: a layer's weight or
+bias stays a constant of the layer (kernels and delegates want those when the interpreter is
+built). A GATHER's table is a Keras Embedding as TensorFlow's converter writes it, which
+litert-quantizer's dynamic-range recipe leaves float (it knows EMBEDDING_LOOKUP): most of a text
+model's weights.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from host_tools.compress.passes import Pass, PassConfig, failing_as, register
 from host_tools.compress.tflite import flatbuffer
 
 ELEMENTWISE = {"ADD", "SUB", "MUL", "DIV", "SQUARED_DIFFERENCE", "MAXIMUM", "MINIMUM"}
+READERS = ELEMENTWISE | {"GATHER"}  # (a GATHER's float input is its table: its indices are integers)
 
 
 @register
@@ -46,7 +50,7 @@ class TfliteInt8Params(Pass):
             tree, outside = flatbuffer.read(model.path)
             if store_params_as_int8(tree, config.min_elements) == 0:
                 raise NotApplicable(f"{model.path.name} has no float constant of {config.min_elements} elements "
-                                    "or more that only elementwise arithmetic reads")
+                                    "or more that only elementwise arithmetic or a GATHER reads")
             flatbuffer.write(tree, outside, out)
         result = ModelFile(out, "tflite")
         try:
@@ -77,7 +81,7 @@ def store_params_as_int8(tree, min_elements: int) -> int:
             data = tree.buffers[tensor.buffer].data
             ops = readers.get((g, index), set())
             if (tensor.type != schema.TensorType.FLOAT32 or data is None or len(data) < 4 * min_elements
-                    or index in pinned or not ops or not ops <= ELEMENTWISE or holders[tensor.buffer] != 1
+                    or index in pinned or not ops or not ops <= READERS or holders[tensor.buffer] != 1
                     or tensor.isVariable
                     or (tensor.quantization is not None and tensor.quantization.scale is not None)):
                 continue
