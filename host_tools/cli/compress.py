@@ -65,7 +65,7 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
         return
     _check_usage(model, out, report_path, recipe, steps, auto, max_drop, eval_data, device_id)
     from host_tools.compress import ModelFile
-    from host_tools.compress.report import report_table, skipped_lines, slower_note
+    from host_tools.compress.report import larger_note, report_table, skipped_lines, slower_note
     from host_tools.compress.workflow import output_path, quality_drop
 
     model = ModelFile.open(model)
@@ -87,7 +87,7 @@ def compress(model, out, recipe, steps, calib, train_data, eval_data, max_drop, 
         doc = report.to_dict()
         if not as_json:
             console().print(report_table(report, title=title))
-            for line in [*skipped_lines(report), slower_note(report)]:
+            for line in [*skipped_lines(report), slower_note(report), larger_note(report)]:
                 if line:
                     err.print(line)
         refused = _refusal(report, max_drop, out)

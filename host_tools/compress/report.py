@@ -106,6 +106,33 @@ def slower_note(report: CompressionReport) -> str:
             f"{_slow_part(result.model)}--auto --goal speed hands back only a model faster than the original")
 
 
+def larger_note(report: CompressionReport) -> str:
+    """A line for a compressed result whose file is larger than the original's, else "": a float16
+    original's weights that a recipe does not quantize come back float32 (widened to be quantized
+    or pruned), and on a small model a format's own tables can outweigh what a pass saved."""
+    result, original = report.result, report.original
+    if not report.compressed or result.size_bytes <= original.size_bytes:
+        return ""
+    return (f"note: the result is {result.size_bytes / original.size_bytes:.2f}x the original's size (larger, not "
+            f"smaller){_float16_part(original.model)}; --auto --goal size hands back only a smaller model")
+
+
+def _float16_part(model) -> str:
+    """Why a result of a float16 *model* may be larger than it, or ""."""
+    if model.format == "onnx":
+        import onnx
+
+        from host_tools.compress.onnx.boundary import float16_weights
+
+        half = float16_weights(onnx.load(str(model.path), load_external_data=False).graph)
+    else:
+        from host_tools.compress.tflite.quantize import _quantized_already
+
+        half = _quantized_already(model.path).startswith("float16")
+    return (": the original's weights are float16, and what the recipe left unquantized is float32 now (onnx-fp16 "
+            "or tflite-fp16 after it stores that as float16 again)") if half else ""
+
+
 def _slow_part(model) -> str:
     """What in *model* is known to be slower than float, with the way around it, or "". ONNX
     Runtime's dynamically quantized convolutions (ConvInteger) ran 3.4-8.8x slower than float on

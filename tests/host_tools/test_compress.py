@@ -1439,6 +1439,17 @@ def test_int8_is_made_from_a_float16_tflite_file(tmp_path):
                         eval_data=data, latency_runs=3, workdir=tmp_path / "channels")
     assert pruned.steps[0].status == "ok", pruned.steps[0].note
     assert pruned.result.size_bytes < 0.7 * pruned.original.size_bytes
+    # a quarter of the channels pruned leaves the widened float32 weights larger than the float16 file: said
+    from host_tools.compress.report import larger_note
+
+    assert larger_note(pruned) == ""
+    quarter = run_recipe(model, steps([("tflite-prune-channels", {"ratio": 0.25, "recover_epochs": 1})]), calib=data,
+                         eval_data=data, latency_runs=3, workdir=tmp_path / "quarter")
+    assert quarter.result.size_bytes > quarter.original.size_bytes
+    assert larger_note(quarter).startswith(
+        f"note: the result is {quarter.result.size_bytes / quarter.original.size_bytes:.2f}x the original's size "
+        "(larger, not smaller): the original's weights are float16, and what the recipe left unquantized is float32 "
+        "now"), larger_note(quarter)
     # edgefleet's own float16 file of the reference CNN, its tensors' names compacted away
     half = run_recipe(ModelFile.open(MODELS / "digits_cnn.tflite"), load_recipe("fp16", "tflite"), eval_data=HELDOUT,
                       latency_runs=3, workdir=tmp_path / "half").result
