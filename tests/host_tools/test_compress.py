@@ -448,6 +448,13 @@ def test_a_float16_graph_is_widened_to_float32_exactly_and_keeps_its_inputs_and_
         for a, b in zip(want, got):
             assert np.allclose(a.astype(np.float32), b.astype(np.float32), rtol=4e-3, atol=4e-3)
     assert widen_float16(proto) == 0  # float32 already: left as it is
+    # an old exporter's graph, which lists its weights as inputs too: those inputs are float32 with the weights
+    listed = onnx.load(str(path))
+    listed.graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+                              for i in listed.graph.initializer)
+    assert widen_float16(listed) > 0
+    onnx.checker.check_model(listed, full_check=True)
+    assert {v.type.tensor_type.elem_type for v in listed.graph.input} == {TensorProto.FLOAT16, TensorProto.FLOAT}
 
 
 @pytest.mark.parametrize("keep_io_types", [True, False])

@@ -12,6 +12,7 @@ measures every pass against the float16 original, as against any original.
 from __future__ import annotations
 
 from host_tools.compress.onnx.boundary import subgraph_reads
+from host_tools.compress.onnx.initializers import fresh_name, value_names
 
 FLOAT, FLOAT16 = 1, 10  # TensorProto data types
 _GRAPH, _TENSOR, _GRAPHS, _TENSORS = 5, 4, 10, 9  # AttributeProto types
@@ -30,16 +31,22 @@ def widen_float16(model) -> int:
     changed = _widen_graph(graph, made)
     if not changed:  # (float16 inputs and outputs alone: read and made by Casts, as widening leaves them)
         return 0
+    weights = {init.name for init in graph.initializer}
+    for value in graph.input:  # (old exporters list weights as inputs too: float32 now, as the weights are)
+        if value.name in weights:
+            _widen_type(value.type)
     inputs = [v.name for v in graph.input if _elem_type(v.type) == FLOAT16]
+    taken = value_names(graph)
     for name in inputs:  # the caller still feeds float16; the graph reads it as float32
-        _rename_reads(graph, name, f"{name}_float32")
-        graph.node.insert(0, _cast(name, f"{name}_float32", FLOAT))
+        wide = fresh_name(f"{name}_float32", taken)
+        _rename_reads(graph, name, wide)
+        graph.node.insert(0, _cast(name, wide, FLOAT))
     for value in graph.output:
         if _elem_type(value.type) != FLOAT16 or value.name in inputs or value.name in made:
             continue
-        name = value.name  # the caller still reads float16: made at the end from the float32 result
-        _rename_everywhere(graph, name, f"{name}_float32")
-        graph.node.append(_cast(f"{name}_float32", name, FLOAT16))
+        name, wide = value.name, fresh_name(f"{value.name}_float32", taken)
+        _rename_everywhere(graph, name, wide)  # the caller still reads float16: made at the end from the float32
+        graph.node.append(_cast(wide, name, FLOAT16))
     return changed
 
 
