@@ -45,6 +45,9 @@ class OnnxRuntime:
         self._inputs = tuple(_spec(i) for i in self._session.get_inputs())
         self._outputs = tuple(_spec(o) for o in self._session.get_outputs())
         self._output_names = [spec.name for spec in self._outputs]
+        # outputs ORT gives as a list of {class: score} dicts (a ZipMap: scikit-learn classifiers as
+        # skl2onnx exports them), given as [N, classes] arrays like any classifier's scores
+        self._maps = [o.name for o in self._session.get_outputs() if _MAP_SEQUENCE.match(o.type)]
         # Passed to every call: given None, the C++ run builds default options on each call, 3-6 µs
         # of a 20-40 µs single-sample call of the reference CNN here. Only read during a run.
         self._run_options = ort.RunOptions()
@@ -71,7 +74,19 @@ class OnnxRuntime:
             except Exception as exc:
                 raise ModelError(f"inference failed: {_reason(exc)}") from None
             self._direct_run = _direct_run(self._session)  # a provider fallback rebuilds the session
-        return dict(zip(self._output_names, values))
+        outputs = dict(zip(self._output_names, values))
+        for name in self._maps:
+            outputs[name] = _scores(outputs[name])
+        return outputs
+
+
+def _scores(maps: list, dtype=np.float32) -> np.ndarray:
+    """A ZipMap's list of {class: score} dicts as [N, classes], the classes in sorted order (the
+    order of a scikit-learn classifier's classes_, which skl2onnx's ZipMap keeps)."""
+    if not maps:
+        return np.zeros((0, 0), dtype)
+    keys = sorted(maps[0])
+    return np.array([[row[k] for k in keys] for row in maps], dtype)
 
 
 _CODE = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
@@ -98,7 +113,12 @@ def _direct_run(session):
     return inner.run if callable(getattr(inner, "run", None)) else session.run
 
 
+_MAP_SEQUENCE = re.compile(r"^seq\(map\((int64|string),tensor\(float\)\)\)$")
+
+
 def _spec(arg) -> TensorSpec:
+    if _MAP_SEQUENCE.match(arg.type):  # (given as an array: OnnxRuntime.run)
+        return TensorSpec(name=arg.name, shape=("?", "?"), dtype="float32")
     shape = tuple(d if isinstance(d, int) else (d or "?") for d in (arg.shape or ()))
     return TensorSpec(name=arg.name, shape=shape, dtype=_ORT_TYPES.get(arg.type, arg.type))
 

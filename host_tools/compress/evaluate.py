@@ -109,8 +109,17 @@ def class_labels(labels: np.ndarray | None, output: np.ndarray, model_format: st
     return np.where(scored, labels, IGNORED).astype(np.int64)
 
 
+def scores_output(outputs: dict[str, np.ndarray], model_format: str) -> str:
+    """The name of the output that holds class scores: the first, or where the first holds none (a
+    scikit-learn classifier's predicted label, before its probabilities), the first that does."""
+    first = next(iter(outputs))
+    if class_axis(outputs[first], model_format) is not None:
+        return first
+    return next((name for name, value in outputs.items() if class_axis(value, model_format) is not None), first)
+
+
 def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray | None, model_format: str) -> float | None:
-    first = next(iter(outputs.values()))
+    first = outputs[scores_output(outputs, model_format)]
     indices = class_labels(labels, first, model_format)
     if indices is None:
         return None
@@ -138,7 +147,7 @@ def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
         diff = np.abs(a - b)
         max_errors.append(float(diff.max()) if diff.size else 0.0)
         mean_errors.append(float(diff.mean()) if diff.size else 0.0)
-    first = next(iter(reference))
+    first = scores_output(reference, model_format)
     agreement, axis = None, class_axis(reference[first], model_format)
     if axis is not None:
         agreement = float((reference[first].argmax(axis=axis) == outputs[first].argmax(axis=axis)).mean())

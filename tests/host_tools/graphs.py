@@ -340,3 +340,40 @@ def float16_branching(path: Path, features: int = 16, hidden: int = 32, classes:
                                helper.make_tensor_value_info("probs", TensorProto.FLOAT16, ["batch", classes])],
                               inits)
     return save(graph, path)
+
+
+def sklearn_style_mlp(path: Path, features: int = 16, hidden: tuple[int, int] = (128, 64), classes: int = 3) -> Path:
+    """x [batch, features] -> a StandardScaler and an MLPClassifier as skl2onnx exports them: ai.onnx.ml's
+    Scaler (an op ONNX's type inference does not type), a Cast to float, MatMul + Add + Relu twice,
+    MatMul + Add + Softmax -> output_label (the ArgMax, int64 [batch]) and output_probability (a
+    ZipMap: a sequence of {class: probability} maps, as scikit-learn's predict_proba rows)."""
+    rng = np.random.default_rng(4)
+    sizes = (features, *hidden, classes)
+    weights = [(rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32) for a, b in zip(sizes, sizes[1:])]
+    biases = [(0.1 * rng.standard_normal(b)).astype(np.float32) for b in sizes[1:]]
+    nodes = [helper.make_node("Scaler", ["x"], ["scaled"], domain="ai.onnx.ml", name="scaler",
+                              offset=[0.5] * features, scale=[2.0] * features),
+             helper.make_node("Cast", ["scaled"], ["h0"], to=TensorProto.FLOAT, name="cast")]
+    inits = []
+    for k, (w, b) in enumerate(zip(weights, biases)):
+        inits += [numpy_helper.from_array(w, f"coefficient{k}"), numpy_helper.from_array(b, f"intercepts{k}")]
+        nodes += [helper.make_node("MatMul", [f"h{k}", f"coefficient{k}"], [f"mul{k}"], name=f"matmul{k}"),
+                  helper.make_node("Add", [f"mul{k}", f"intercepts{k}"], [f"add{k}"], name=f"add{k}")]
+        last = k == len(weights) - 1
+        nodes.append(helper.make_node("Softmax" if last else "Relu", [f"add{k}"], ["scores" if last else f"h{k + 1}"],
+                                      name="softmax" if last else f"relu{k}", **({"axis": 1} if last else {})))
+    nodes += [helper.make_node("ArgMax", ["scores"], ["output_label"], axis=1, keepdims=0, name="argmax"),
+              helper.make_node("ZipMap", ["scores"], ["output_probability"], domain="ai.onnx.ml", name="zipmap",
+                               classlabels_int64s=list(range(classes)))]
+    probabilities = helper.make_sequence_type_proto(helper.make_map_type_proto(
+        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    graph = helper.make_graph(nodes, "sklearn_style_mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+                              [helper.make_tensor_value_info("output_label", TensorProto.INT64, ["batch"]),
+                               helper.make_value_info("output_probability", probabilities)], inits)
+    model = helper.make_model_gen_version(graph, producer_name="edgefleet-tests",
+                                          opset_imports=[*OPSET, helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path

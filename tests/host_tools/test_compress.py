@@ -2076,6 +2076,45 @@ def test_without_evaluation_data_a_result_that_does_not_load_is_not_handed_back(
             "before this pass widens them to float32"), report.steps[0].note
 
 
+def test_a_scikit_learn_classifier_as_skl2onnx_exports_it_is_quantized_and_packaged(tmp_path, keys):
+    """A StandardScaler + MLPClassifier the way skl2onnx writes it (graphs.sklearn_style_mlp): its
+    probabilities are a ZipMap, a sequence of {class: probability} maps, and its scaler an
+    ai.onnx.ml op ONNX's type inference does not type. Before, evaluating it stopped in a traceback
+    (a dict where numbers were expected), ORT's quantizers in "Unable to find data type" and "Only an
+    existing tensor can be modified", and a bundle's sample check stored Python objects no device
+    could read. The agent's runtime gives a ZipMap as [N, classes] scores, the evaluation scores the
+    first output that holds class scores, and onnx-preprocess types what ONNX leaves untyped from
+    ONNX Runtime's own view: every int8 recipe runs and keeps the accuracy, and the bundle builds."""
+    from device_agent.bundle import BundleReader
+    from device_agent.bundle.signing import trusted_keys
+    from device_agent.runtime import load_runtime
+    from device_agent.sample import check_sample, load_sample
+    from host_tools.packaging import build_bundle
+
+    model = ModelFile.open(graphs.sklearn_style_mlp(tmp_path / "mlp.onnx"))
+    runtime = model.load()
+    assert [(s.name, s.dtype) for s in runtime.outputs] == [("output_label", "int64"),
+                                                              ("output_probability", "float32")]
+    x = np.random.default_rng(0).random((200, 16)).astype(np.float32)
+    out = runtime.run({"x": x})
+    assert out["output_probability"].shape == (200, 3) and np.allclose(out["output_probability"].sum(axis=1), 1)
+    assert (out["output_probability"].argmax(axis=1) == out["output_label"]).all()
+    data = Dataset({"x": x}, out["output_label"], "tabular")  # labelled with its own predictions: 100 %
+    for recipe in ("int8-dynamic", "int8-static", "int8-weights"):
+        report = run_recipe(model, load_recipe(recipe, "onnx"), calib=data, eval_data=data, latency_runs=3,
+                            workdir=tmp_path / recipe)
+        assert all(s.status == "ok" for s in report.steps), (recipe, [s.note for s in report.steps])
+        assert report.original.fidelity.accuracy == 1.0 and report.result.fidelity.agreement >= 0.97, recipe
+        assert report.result.size_bytes < 0.35 * report.original.size_bytes, recipe
+    manifest = build_bundle(model.path, name="mlp", version="1.0.0", key=keys["key"], out=tmp_path / "mlp.efb")
+    with BundleReader(tmp_path / "mlp.efb") as reader:
+        reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "bundle")
+    # the device's health check: the sample's expected scores are an array a device reads (not pickled maps)
+    check_sample(load_runtime("onnxruntime", tmp_path / "bundle" / "mlp.onnx"), manifest, tmp_path / "bundle")
+    _, expected = load_sample(tmp_path / "bundle" / manifest.sample.file)
+    assert expected["output_probability"].dtype == np.float32 and expected["output_probability"].shape[1] == 3
+
+
 def test_distillation_into_the_users_own_student_module(digits, tmp_path):
     (tmp_path / "student.py").write_text(
         "from torch import nn\n"
