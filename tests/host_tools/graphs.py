@@ -343,18 +343,23 @@ def float16_branching(path: Path, features: int = 16, hidden: int = 32, classes:
 
 
 def sklearn_style_mlp(path: Path, features: int = 16, hidden: tuple[int, int] = (128, 64), classes: int = 3) -> Path:
-    """x [batch, features] -> a StandardScaler and an MLPClassifier as skl2onnx exports them: ai.onnx.ml's
-    Scaler (an op ONNX's type inference does not type), a Cast to float, MatMul + Add + Relu twice,
-    MatMul + Add + Softmax -> output_label (the ArgMax, int64 [batch]) and output_probability (a
-    ZipMap: a sequence of {class: probability} maps, as scikit-learn's predict_proba rows)."""
+    """x [batch, features] -> a StandardScaler, a PCA and an MLPClassifier as skl2onnx exports them:
+    ai.onnx.ml's Scaler (an op ONNX's type inference does not type), the PCA's Sub of the mean and
+    MatMul, a Cast to float, MatMul + Add + Relu twice, MatMul + Add + Softmax -> output_label (the
+    ArgMax, int64 [batch]) and output_probability (a ZipMap: a sequence of {class: probability}
+    maps, as scikit-learn's predict_proba rows)."""
     rng = np.random.default_rng(4)
-    sizes = (features, *hidden, classes)
+    sizes = (features - 4, *hidden, classes)
     weights = [(rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32) for a, b in zip(sizes, sizes[1:])]
     biases = [(0.1 * rng.standard_normal(b)).astype(np.float32) for b in sizes[1:]]
     nodes = [helper.make_node("Scaler", ["x"], ["scaled"], domain="ai.onnx.ml", name="scaler",
                               offset=[0.5] * features, scale=[2.0] * features),
-             helper.make_node("Cast", ["scaled"], ["h0"], to=TensorProto.FLOAT, name="cast")]
-    inits = []
+             helper.make_node("Sub", ["scaled", "mean"], ["centred"], name="pca_sub"),
+             helper.make_node("MatMul", ["centred", "components"], ["projected"], name="pca_matmul"),
+             helper.make_node("Cast", ["projected"], ["h0"], to=TensorProto.FLOAT, name="cast")]
+    inits = [numpy_helper.from_array((0.1 * rng.standard_normal(features)).astype(np.float32), "mean"),
+             numpy_helper.from_array(np.linalg.qr(rng.standard_normal((features, features)))[0][:, :features - 4]
+                                     .astype(np.float32), "components")]
     for k, (w, b) in enumerate(zip(weights, biases)):
         inits += [numpy_helper.from_array(w, f"coefficient{k}"), numpy_helper.from_array(b, f"intercepts{k}")]
         nodes += [helper.make_node("MatMul", [f"h{k}", f"coefficient{k}"], [f"mul{k}"], name=f"matmul{k}"),

@@ -2106,6 +2106,10 @@ def test_a_scikit_learn_classifier_as_skl2onnx_exports_it_is_quantized_and_packa
         assert all(s.status == "ok" for s in report.steps), (recipe, [s.note for s in report.steps])
         assert report.original.fidelity.accuracy == 1.0 and report.result.fidelity.agreement >= 0.97, recipe
         assert report.result.size_bytes < 0.35 * report.original.size_bytes, recipe
+    # float16: ORT's converter puts a Cast where the types say float meets float16 (the Sub after the scaler)
+    report = run_recipe(model, load_recipe("fp16", "onnx"), eval_data=data, latency_runs=3, workdir=tmp_path / "fp16")
+    assert report.steps[0].status == "ok", report.steps[0].note
+    assert report.result.fidelity.agreement >= 0.97 and report.result.size_bytes < 0.6 * report.original.size_bytes
     manifest = build_bundle(model.path, name="mlp", version="1.0.0", key=keys["key"], out=tmp_path / "mlp.efb")
     with BundleReader(tmp_path / "mlp.efb") as reader:
         reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "bundle")

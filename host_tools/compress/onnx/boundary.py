@@ -261,3 +261,38 @@ def with_opset_at_least(path: Path, opset: int, workdir: Path, why: str) -> Path
     out = Path(workdir) / f"{path.stem}.opset{opset}.onnx"
     onnx.save(converted, str(out))
     return out
+
+
+def typed_by_ort(model) -> int:
+    """Give the values of *model* (a ModelProto, changed in place) that ONNX's type inference leaves
+    untyped the types ONNX Runtime gives them, then infer again from there; returns how many were
+    given. ONNX has no inference for some ops (ai.onnx.ml's Scaler: a scikit-learn StandardScaler as
+    skl2onnx exports it), and once ORT's optimizer removed the Cast after one, nothing downstream had
+    a type: ORT's quantizers stopped ("Unable to find data type", and in calibration "Only an
+    existing tensor can be modified"), and its float16 converter left a float input of a float16
+    Sub without a Cast."""
+    import onnx
+    import onnxruntime
+
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    typed = {v.name for v in (*graph.value_info, *graph.input, *graph.output)} | {i.name for i in graph.initializer}
+    untyped = [name for node in graph.node for name in node.output if name and name not in typed]
+    if not untyped:
+        return 0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in untyped)
+    try:
+        session = onnxruntime.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 — a graph ORT cannot load this way stays as it was
+        return 0
+    elem = {"tensor(float)": onnx.TensorProto.FLOAT, "tensor(float16)": onnx.TensorProto.FLOAT16,
+            "tensor(double)": onnx.TensorProto.DOUBLE, "tensor(int64)": onnx.TensorProto.INT64,
+            "tensor(int32)": onnx.TensorProto.INT32}
+    given = [onnx.helper.make_tensor_value_info(o.name, elem[o.type], None)
+             for o in session.get_outputs() if o.name in set(untyped) and o.type in elem]
+    model.graph.value_info.extend(given)
+    inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred)
+    return len(given)

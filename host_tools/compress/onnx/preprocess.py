@@ -10,7 +10,7 @@ from pathlib import Path
 from device_agent.errors import NotApplicable
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import (held_log_errors, output_path, quantized_already, quiet_ort_quantizer,
-                                               stored_as_8_bit)
+                                               stored_as_8_bit, typed_by_ort)
 from host_tools.compress.onnx.initializers import drop_initializer_inputs, hoist_constants
 from host_tools.compress.onnx.widen import widen_float16
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
@@ -78,42 +78,8 @@ class OnnxPreprocess(Pass):
             progress(f"      ONNX Runtime's graph optimization failed ({held[-1][:120]}): shapes inferred, "
                      "graph not optimized")
         with failing_as(self.name, model):
-            typed_by_ort(out)
+            proto = onnx.load(str(out))
+            if proto.ByteSize() < 2**31 - 2**20 and typed_by_ort(proto):  # (a model that large is left as it is)
+                onnx.save(proto, str(out))
         return ModelFile(out, "onnx")
 
-
-def typed_by_ort(path: Path) -> int:
-    """Give the values ONNX's type inference leaves untyped the types ONNX Runtime gives them, then
-    infer again from there; returns how many were given. ONNX has no inference for some ops
-    (ai.onnx.ml's Scaler: a scikit-learn StandardScaler as skl2onnx exports it), and once ORT's
-    optimizer removed the Cast after one, nothing downstream had a type: ORT's quantizers stopped
-    ("Unable to find data type", and in calibration "Only an existing tensor can be modified")."""
-    import onnx
-    import onnxruntime
-
-    proto = onnx.load(str(path))
-    if proto.ByteSize() > 2**31 - 2**20:  # (a model that large is left as it is)
-        return 0
-    graph = onnx.shape_inference.infer_shapes(proto).graph
-    typed = {v.name for v in (*graph.value_info, *graph.input, *graph.output)} | {i.name for i in graph.initializer}
-    untyped = [name for node in graph.node for name in node.output if name and name not in typed]
-    if not untyped:
-        return 0
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in untyped)
-    try:
-        session = onnxruntime.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-        outputs = session.get_outputs()
-    except Exception:  # noqa: BLE001 — a graph ORT cannot load this way stays as it was
-        return 0
-    elem = {"tensor(float)": onnx.TensorProto.FLOAT, "tensor(float16)": onnx.TensorProto.FLOAT16,
-            "tensor(double)": onnx.TensorProto.DOUBLE, "tensor(int64)": onnx.TensorProto.INT64,
-            "tensor(int32)": onnx.TensorProto.INT32}
-    given = [onnx.helper.make_tensor_value_info(o.name, elem[o.type], None)
-             for o in outputs if o.name in set(untyped) and o.type in elem]
-    if not given:
-        return 0
-    proto.graph.value_info.extend(given)
-    onnx.save(onnx.shape_inference.infer_shapes(proto), str(path))
-    return len(given)
