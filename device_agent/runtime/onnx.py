@@ -19,7 +19,7 @@ PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CP
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
     "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int16)": "int16",
-    "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool",
+    "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool", "tensor(string)": "str",
 }
 
 
@@ -48,6 +48,10 @@ class OnnxRuntime:
         # outputs ORT gives as a list of {class: score} dicts (a ZipMap: scikit-learn classifiers as
         # skl2onnx exports them), given as [N, classes] arrays like any classifier's scores
         self._maps = [o.name for o in self._session.get_outputs() if _MAP_SEQUENCE.match(o.type)]
+        self.classes: dict[str, tuple] = {}  # a ZipMap output's class labels, in its columns' order, once run
+        # and string outputs (a classifier's labels when it was trained on names) as NumPy strings, not
+        # Python objects: a bundle's sample and the local API's frames hold them without pickling
+        self._strings = [o.name for o in self._session.get_outputs() if o.type == "tensor(string)"]
         # Passed to every call: given None, the C++ run builds default options on each call, 3-6 µs
         # of a 20-40 µs single-sample call of the reference CNN here. Only read during a run.
         self._run_options = ort.RunOptions()
@@ -76,7 +80,11 @@ class OnnxRuntime:
             self._direct_run = _direct_run(self._session)  # a provider fallback rebuilds the session
         outputs = dict(zip(self._output_names, values))
         for name in self._maps:
+            if outputs[name] and name not in self.classes:
+                self.classes[name] = tuple(sorted(outputs[name][0]))
             outputs[name] = _scores(outputs[name])
+        for name in self._strings:
+            outputs[name] = np.asarray(outputs[name]).astype(str)
         return outputs
 
 

@@ -49,14 +49,32 @@ def bind(data: Dataset, runtime) -> BoundData:
     its inputs declare a batch axis (torch.export bakes the batch of its example, 1, into the graph's
     shapes): tried on two samples. A model that does not run one sample either fails here."""
     bound = data.bind(runtime.inputs, runtime.outputs)
-    if bound.fixed_batch or len(bound) < 2:
-        return bound
-    try:
-        runtime.run(bound.sample(0, 2))
-    except ModelError:
-        runtime.run(bound.sample(0))
-        return replace(bound, fixed_batch=True, batch_axis_unused=True)
+    if not bound.fixed_batch and len(bound) >= 2:
+        try:
+            runtime.run(bound.sample(0, 2))
+        except ModelError:
+            runtime.run(bound.sample(0))
+            bound = replace(bound, fixed_batch=True, batch_axis_unused=True)
+    if bound.labels is not None and np.asarray(bound.labels).dtype.kind in "UO":
+        runtime.run(bound.sample(0))  # (the runtime learns a ZipMap's class labels as it runs)
+        bound = replace(bound, labels=_indices_of_names(bound.labels, runtime, data.source))
     return bound
+
+
+def _indices_of_names(labels, runtime, source: str) -> np.ndarray:
+    """Labels that are class names (a scikit-learn classifier trained on them) as the indices of the
+    model's score columns, by the class labels its ZipMap output carries; a name the model does not
+    have is IGNORED. Without such an output, or where no name is one of the model's, refused."""
+    classes = next(iter(getattr(runtime, "classes", {}).values()), None)
+    names = np.asarray(labels).astype(str)
+    if classes is None:
+        raise ConfigError(f"{source}: labels are names ({', '.join(sorted(set(names))[:3])}…), and the model gives "
+                          "no class names to match them to: give class indices")
+    index = {str(c): i for i, c in enumerate(classes)}
+    indices = np.array([index.get(n, IGNORED) for n in names.ravel()], np.int64).reshape(names.shape)
+    if names.size and (indices == IGNORED).all():
+        raise ConfigError(f"{source}: no label names one of the model's classes ({', '.join(map(str, classes[:5]))})")
+    return indices
 
 
 def outputs_on(runtime, data: BoundData) -> dict[str, np.ndarray]:
@@ -138,6 +156,9 @@ def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
         out = outputs[name]
         if out.shape != ref.shape:
             raise ModelError(f"output {name!r} changed shape: {list(ref.shape)} -> {list(out.shape)}")
+        if ref.dtype.kind not in "biufc":  # (class names: the share of samples that give the same ones)
+            cosines.append(float(np.all(ref.reshape(len(ref), -1) == out.reshape(len(out), -1), axis=1).mean()))
+            continue
         a = ref.reshape(len(ref), -1).astype(np.float64)
         b = out.reshape(len(out), -1).astype(np.float64)
         norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
@@ -151,8 +172,8 @@ def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
     agreement, axis = None, class_axis(reference[first], model_format)
     if axis is not None:
         agreement = float((reference[first].argmax(axis=axis) == outputs[first].argmax(axis=axis)).mean())
-    return Fidelity(accuracy(outputs, labels, model_format), agreement, min(cosines), max(max_errors),
-                    float(np.mean(mean_errors)))
+    return Fidelity(accuracy(outputs, labels, model_format), agreement, min(cosines), max(max_errors, default=0.0),
+                    float(np.mean(mean_errors)) if mean_errors else 0.0)
 
 
 def latencies(models: list[ModelFile], data: BoundData, *, runs: int = 200, rounds: int | None = None,

@@ -342,12 +342,15 @@ def float16_branching(path: Path, features: int = 16, hidden: int = 32, classes:
     return save(graph, path)
 
 
-def sklearn_style_mlp(path: Path, features: int = 16, hidden: tuple[int, int] = (128, 64), classes: int = 3) -> Path:
+def sklearn_style_mlp(path: Path, features: int = 16, hidden: tuple[int, int] = (128, 64), classes: int = 3,
+                      names: tuple[str, ...] = ()) -> Path:
     """x [batch, features] -> a StandardScaler, a PCA and an MLPClassifier as skl2onnx exports them:
     ai.onnx.ml's Scaler (an op ONNX's type inference does not type), the PCA's Sub of the mean and
     MatMul, a Cast to float, MatMul + Add + Relu twice, MatMul + Add + Softmax -> output_label (the
     ArgMax, int64 [batch]) and output_probability (a ZipMap: a sequence of {class: probability}
-    maps, as scikit-learn's predict_proba rows)."""
+    maps, as scikit-learn's predict_proba rows). With *names* (a classifier trained on class names),
+    the ZipMap's keys are those names and output_label is the name (an ArrayFeatureExtractor of the
+    names by the ArgMax, string [batch])."""
     rng = np.random.default_rng(4)
     sizes = (features - 4, *hidden, classes)
     weights = [(rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32) for a, b in zip(sizes, sizes[1:])]
@@ -367,14 +370,24 @@ def sklearn_style_mlp(path: Path, features: int = 16, hidden: tuple[int, int] = 
         last = k == len(weights) - 1
         nodes.append(helper.make_node("Softmax" if last else "Relu", [f"add{k}"], ["scores" if last else f"h{k + 1}"],
                                       name="softmax" if last else f"relu{k}", **({"axis": 1} if last else {})))
-    nodes += [helper.make_node("ArgMax", ["scores"], ["output_label"], axis=1, keepdims=0, name="argmax"),
-              helper.make_node("ZipMap", ["scores"], ["output_probability"], domain="ai.onnx.ml", name="zipmap",
-                               classlabels_int64s=list(range(classes)))]
+    key, label = (TensorProto.STRING, TensorProto.STRING) if names else (TensorProto.INT64, TensorProto.INT64)
+    if names:
+        inits += [helper.make_tensor("class_names", TensorProto.STRING, [classes], [n.encode() for n in names]),
+                  numpy_helper.from_array(np.array([-1], np.int64), "flat")]
+        nodes += [helper.make_node("ArgMax", ["scores"], ["argmax"], axis=1, keepdims=0, name="argmax"),
+                  helper.make_node("ArrayFeatureExtractor", ["class_names", "argmax"], ["picked"], domain="ai.onnx.ml",
+                                   name="names"),
+                  helper.make_node("Reshape", ["picked", "flat"], ["output_label"], name="flatten")]
+    else:
+        nodes.append(helper.make_node("ArgMax", ["scores"], ["output_label"], axis=1, keepdims=0, name="argmax"))
+    nodes.append(helper.make_node("ZipMap", ["scores"], ["output_probability"], domain="ai.onnx.ml", name="zipmap",
+                                  **({"classlabels_strings": list(names)} if names
+                                     else {"classlabels_int64s": list(range(classes))})))
     probabilities = helper.make_sequence_type_proto(helper.make_map_type_proto(
-        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+        key, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
     graph = helper.make_graph(nodes, "sklearn_style_mlp",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
-                              [helper.make_tensor_value_info("output_label", TensorProto.INT64, ["batch"]),
+                              [helper.make_tensor_value_info("output_label", label, ["batch"]),
                                helper.make_value_info("output_probability", probabilities)], inits)
     model = helper.make_model_gen_version(graph, producer_name="edgefleet-tests",
                                           opset_imports=[*OPSET, helper.make_opsetid("ai.onnx.ml", 1)])

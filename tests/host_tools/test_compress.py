@@ -2119,6 +2119,40 @@ def test_a_scikit_learn_classifier_as_skl2onnx_exports_it_is_quantized_and_packa
     assert expected["output_probability"].dtype == np.float32 and expected["output_probability"].shape[1] == 3
 
 
+def test_a_classifier_trained_on_class_names_is_scored_against_names_and_packaged(tmp_path, keys):
+    """A scikit-learn classifier trained on names ("cat", "dog", "emu") gives them as a string output
+    and keys its ZipMap by them. Its evaluation data's labels are names too: they are matched to the
+    model's score columns by the ZipMap's keys (a names-only file had been refused as "not class
+    indices", and a string output stopped the evaluation in a traceback). The names reach a bundle's
+    sample and the device's health check as NumPy strings (the manifest had refused the dtype), and
+    the check compares them for equality."""
+    from device_agent.bundle import BundleReader
+    from device_agent.bundle.signing import trusted_keys
+    from device_agent.runtime import load_runtime
+    from device_agent.sample import check_sample
+    from host_tools.packaging import build_bundle
+
+    names = ("cat", "dog", "emu")
+    model = ModelFile.open(graphs.sklearn_style_mlp(tmp_path / "named.onnx", names=names))
+    x = np.random.default_rng(1).random((300, 16)).astype(np.float32)
+    predicted = model.load().run({"x": x})["output_label"]
+    assert predicted.dtype.kind == "U" and set(predicted) <= set(names)
+    labels = predicted.copy()
+    labels[:30] = np.where(labels[:30] == "cat", "dog", "cat")  # a tenth of them wrong: 90 %
+    report = run_recipe(model, load_recipe("int8-dynamic", "onnx"), eval_data=Dataset({"x": x}, labels, "named"),
+                        latency_runs=3, workdir=tmp_path / "w")
+    assert report.original.fidelity.accuracy == pytest.approx(0.9)
+    assert report.compressed and report.result.fidelity.cosine >= 0.97  # (the names output: the share equal)
+    with pytest.raises(ConfigError, match=r"no label names one of the model's classes \(cat, dog, emu\)"):
+        run_recipe(model, steps([("onnx-dynamic", {})]), eval_data=Dataset({"x": x}, np.full(300, "yak"), "yaks"),
+                   workdir=tmp_path / "y")
+    manifest = build_bundle(model.path, name="named", version="1.0.0", key=keys["key"], out=tmp_path / "n.efb")
+    assert [s.dtype for s in manifest.outputs] == ["str", "float32"]
+    with BundleReader(tmp_path / "n.efb") as reader:
+        reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "bundle")
+    check_sample(load_runtime("onnxruntime", tmp_path / "bundle" / "named.onnx"), manifest, tmp_path / "bundle")
+
+
 def test_distillation_into_the_users_own_student_module(digits, tmp_path):
     (tmp_path / "student.py").write_text(
         "from torch import nn\n"
