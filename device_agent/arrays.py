@@ -50,6 +50,8 @@ def in_width_of(array: np.ndarray, dtype: str) -> np.ndarray | None:
         want = np.dtype(dtype)
     except TypeError:
         return array
+    if want.kind in "USO":  # text ("str"): any width of it, as it is
+        return array.astype(str) if array.dtype.kind in "USO" else None
     if array.dtype == want:
         return array
     if array.dtype.kind != want.kind and not (array.dtype.kind in "iu" and want.kind in "iu"):

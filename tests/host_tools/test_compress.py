@@ -703,6 +703,12 @@ def test_data_is_cast_within_a_kind_and_refused_across(tmp_path):
     holes[1, 0, 3, 3], holes[4, 0, 0, 0] = np.nan, np.inf
     with pytest.raises(ConfigError, match="'image' holds NaN or infinite values in 2 of 5 samples"):
         Dataset({"x": holes}, None, "holes").bind(specs)
+    # a text input (dtype str, as a TfidfVectorizer pipeline's): strings of any width pass as they are
+    from device_agent.arrays import in_width_of
+
+    assert in_width_of(np.array([["a cat sat"], ["dogs"]]), "str").tolist() == [["a cat sat"], ["dogs"]]
+    assert in_width_of(np.array([["a"]], object), "str").dtype.kind == "U"
+    assert in_width_of(np.zeros(2, np.float32), "str") is None
 
 
 def _batches_folder(parent: Path) -> Path:
