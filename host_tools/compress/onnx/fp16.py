@@ -39,13 +39,15 @@ class OnnxFp16(Pass):
             types = {init.data_type for init in proto.graph.initializer}
             if onnx.TensorProto.FLOAT16 in types and onnx.TensorProto.FLOAT not in types:
                 raise NotApplicable(f"{model.path.name} has float16 weights already")
-            if not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2 for i in proto.graph.initializer):
-                ml = sorted({n.op_type for n in proto.graph.node if n.domain == "ai.onnx.ml"})
-                raise NotApplicable(f"{model.path.name} has no float32 weight tensor to store as float16"
-                                    + (f" (its parameters are attributes of {', '.join(ml[:3])})" if ml else ""))
             quantized = quantized_already(proto.graph)
             if quantized:  # (its Quantize/DequantizeLinear nodes would be given float16 scales they cannot take)
                 raise NotApplicable(f"{model.path.name} cannot be made float16{quantized}")
+            constants = [*proto.graph.initializer, *(a.t for n in proto.graph.node if n.op_type == "Constant"
+                                                     for a in n.attribute if a.name == "value")]
+            if not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2 for t in constants):
+                ml = sorted({n.op_type for n in proto.graph.node if n.domain == "ai.onnx.ml"})
+                raise NotApplicable(f"{model.path.name} has no float32 weight tensor to store as float16"
+                                    + (f" (its parameters are attributes of {', '.join(ml[:3])})" if ml else ""))
             if proto.ByteSize() < 2**31 - 2**20:  # (the converter puts Casts where the types say to)
                 typed_by_ort(proto)
             converted = convert_float_to_float16(
