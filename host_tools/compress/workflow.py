@@ -193,6 +193,7 @@ class Evaluation:
             say(f"evaluating the original on {len(self.bound)} samples")
             self.score(self.original, runtime)
         else:
+            model.load()  # (one that does not load is refused, as with data: each result would be written out)
             self.on_zeros = _runs_on_zeros(model) is None
         self._say = say
 

@@ -2073,6 +2073,13 @@ def test_without_evaluation_data_a_result_that_does_not_load_is_not_handed_back(
     assert step.status == "failed" and step.note.startswith("does not run:") and "NoSuchOp" in step.note, step.note
     # (the last good model is the original; the command line writes nothing when no pass applied)
     assert not report.compressed and (tmp_path / "out.onnx").read_bytes() == digits.path.read_bytes()
+    # an original ONNX Runtime does not load is refused up front, data or not (its int8 had been written out)
+    broken = onnx.load(str(digits.path))
+    broken.graph.node[0].op_type = "Erfc"  # (tf2onnx writes one for a Keras GELU; no opset has it)
+    onnx.save(broken, str(tmp_path / "broken.onnx"))
+    with pytest.raises(ModelError, match="^ONNX Runtime cannot load broken.onnx"):
+        run_recipe(ModelFile.open(tmp_path / "broken.onnx"), load_recipe("int8-dynamic", "onnx"),
+                   workdir=tmp_path / "b")
     half = tmp_path / "half.onnx"
     onnx.save(convert_float_to_float16(onnx.load(str(digits.path)), keep_io_types=False), str(half))
     for quantizer in ("onnx-dynamic", "onnx-static"):
