@@ -320,6 +320,11 @@ def _verdict(m: Measured, original: Measured, max_drop: float, goal: str, chosen
 
 
 def _why_none(results: dict[str, Measured], within: list[Measured], max_drop: float, goal: str) -> str:
+    tried = [m for m in results.values() if m is not None]
+    if not any(m.status == "ok" and m.compresses for m in tried):  # (a tree ensemble: parameters in attributes)
+        first = next((m.note for m in tried if m.note), "")
+        return (f"none of {len(results)} candidates applies to this model"
+                + (f"; the first says: {first.splitlines()[0][:200]}" if first else ""))
     if not within:
         return f"none of {len(results)} candidates stays within {max_drop:g} points of the original"
     if goal == "speed":

@@ -395,3 +395,24 @@ def sklearn_style_mlp(path: Path, features: int = 16, hidden: tuple[int, int] = 
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def linear_classifier(path: Path, features: int = 8, classes: int = 3) -> Path:
+    """x [batch, features] -> ai.onnx.ml's LinearClassifier with softmax scores, as skl2onnx exports a
+    LogisticRegression: its coefficients are attributes of the op, not weight tensors -> label
+    (int64 [batch]) and probabilities [batch, classes]."""
+    rng = np.random.default_rng(5)
+    node = helper.make_node("LinearClassifier", ["x"], ["label", "probabilities"], domain="ai.onnx.ml", name="linear",
+                            coefficients=rng.standard_normal(classes * features).astype(np.float32).tolist(),
+                            intercepts=np.zeros(classes, np.float32).tolist(), classlabels_ints=list(range(classes)),
+                            post_transform="SOFTMAX")
+    graph = helper.make_graph([node], "linear_classifier",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
+                               helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])])
+    model = helper.make_model_gen_version(graph, producer_name="edgefleet-tests",
+                                          opset_imports=[*OPSET, helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path

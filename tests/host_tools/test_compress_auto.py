@@ -50,6 +50,23 @@ def test_auto_says_plainly_when_nothing_is_within_the_tolerance(digits, tmp_path
     assert report.auto.verdicts["clipped static int8"].startswith("loses")
 
 
+def test_auto_says_when_no_candidate_applies_to_the_model_at_all(tmp_path):
+    """A model whose parameters are attributes of an ai.onnx.ml op (a LogisticRegression as skl2onnx
+    writes it; a forest's trees likewise) has nothing any candidate compresses: --auto says that,
+    with the first candidate's reason, not that none stayed within the tolerance."""
+    from host_tools.compress import Dataset
+    from tests.host_tools import graphs
+
+    model = ModelFile.open(graphs.linear_classifier(tmp_path / "linear.onnx"))
+    x = np.random.default_rng(0).random((64, 8)).astype(np.float32)
+    data = Dataset({"x": x}, model.load().run({"x": x})["label"], "tabular")
+    report = search(model, eval_data=data, calib=data, max_drop=1.0, latency_runs=10, out=tmp_path / "out.onnx")
+    assert report.chosen is None and not (tmp_path / "out.onnx").exists()
+    assert report.auto.why_none.startswith(f"none of {len(ladder(model))} candidates applies to this model; the "
+                                           "first says: "), report.auto.why_none
+    assert report.original.fidelity.accuracy == 1.0  # (scored from its probabilities, its second output)
+
+
 def test_auto_for_speed_never_hands_back_a_slower_model(digits, tmp_path):
     report = search(digits, eval_data=HELDOUT, calib=CALIB, max_drop=1.0, goal="speed",
                     candidates=(PLAIN, CLIPPED), latency_runs=40)
