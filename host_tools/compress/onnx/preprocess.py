@@ -21,8 +21,9 @@ class OnnxPreprocess(Pass):
     """Weights made quantizable, then ONNX Runtime's quantization pre-processing: Constant nodes
     become initializers, initializers stop posing as graph inputs (old exporters), a float16 graph
     is widened to float32 (``widen``), symbolic and ONNX shape inference, ORT's basic graph
-    optimizations (constant folding, redundant node removal). Plain ``quantize_dynamic`` skips or
-    stops on many exported graphs without it."""
+    optimizations (constant folding, redundant node removal), and the values ONNX's inference
+    leaves untyped typed as ORT sees them (``boundary.typed_by_ort``). Plain ``quantize_dynamic``
+    skips or stops on many exported graphs without it."""
 
     name = "onnx-preprocess"
     formats = ("onnx",)
@@ -82,4 +83,3 @@ class OnnxPreprocess(Pass):
             if proto.ByteSize() < 2**31 - 2**20 and typed_by_ort(proto):  # (a model that large is left as it is)
                 onnx.save(proto, str(out))
         return ModelFile(out, "onnx")
-
