@@ -11,10 +11,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = [helper.make_opsetid("", 17)]
+ML_OPSET = [*OPSET, helper.make_opsetid("ai.onnx.ml", 1)]  # (scikit-learn's ops, as skl2onnx writes them)
 
 
-def save(graph, path: Path) -> Path:
-    model = helper.make_model_gen_version(graph, opset_imports=OPSET, producer_name="edgefleet-tests")
+def save(graph, path: Path, opsets=OPSET) -> Path:
+    model = helper.make_model_gen_version(graph, opset_imports=opsets, producer_name="edgefleet-tests")
     model.ir_version = 8
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
@@ -389,12 +390,7 @@ def sklearn_style_mlp(path: Path, features: int = 16, hidden: tuple[int, int] = 
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
                               [helper.make_tensor_value_info("output_label", label, ["batch"]),
                                helper.make_value_info("output_probability", probabilities)], inits)
-    model = helper.make_model_gen_version(graph, producer_name="edgefleet-tests",
-                                          opset_imports=[*OPSET, helper.make_opsetid("ai.onnx.ml", 1)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return save(graph, path, ML_OPSET)
 
 
 def linear_classifier(path: Path, features: int = 8, classes: int = 3) -> Path:
@@ -410,9 +406,4 @@ def linear_classifier(path: Path, features: int = 8, classes: int = 3) -> Path:
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
                               [helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
                                helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])])
-    model = helper.make_model_gen_version(graph, producer_name="edgefleet-tests",
-                                          opset_imports=[*OPSET, helper.make_opsetid("ai.onnx.ml", 1)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return save(graph, path, ML_OPSET)
