@@ -146,12 +146,12 @@ def stored_as_8_bit(graph) -> int:
     return len({name for node in graph.node if node.op_type == "Cast" for name in node.input if name in uint8})
 
 
-def weighted_nodes(path: Path, op_types) -> list[tuple[str, str]]:
+def weighted_nodes(source, op_types) -> list[tuple[str, str]]:
     """(name, op type) of the nodes of *op_types* that have a constant weight (an initializer of
-    rank 2 or more among their inputs)."""
+    rank 2 or more among their inputs); *source* is a model file, or its graph loaded already."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = onnx.load(str(source), load_external_data=False).graph if isinstance(source, (str, Path)) else source
     weights = {i.name for i in graph.initializer if len(i.dims) >= 2}
     return [(n.name, n.op_type) for n in graph.node
             if n.op_type in op_types and any(i in weights for i in n.input)]

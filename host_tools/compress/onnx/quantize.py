@@ -431,8 +431,8 @@ def _distance(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
 def _require_weighted_nodes(model: ModelFile, op_types: tuple[str, ...]) -> list[tuple[str, str]]:
     import onnx
 
-    nodes = weighted_nodes(model.path, op_types)
     graph = onnx.load(str(model.path), load_external_data=False).graph
+    nodes = weighted_nodes(graph, op_types)
     if nodes and float16_weights(graph):  # (ORT's quantizers would write a graph that does not load)
         raise NotApplicable(f"{model.path.name}: ONNX Runtime's quantizers take float32 weights"
                             + quantized_already(graph))
