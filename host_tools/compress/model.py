@@ -69,12 +69,12 @@ class ModelFile:
 
         return load_runtime(self.runtime, self.path, RuntimeOptions(threads=threads))
 
-    def outputs_on_zeros(self) -> dict:
-        """Load the model and run it once on zeros (a dimension without a size as 1): how a pass
-        checks that a model it wrote loads and runs."""
+    def outputs_on_zeros(self, runtime=None) -> dict:
+        """Load the model (*runtime*: loaded already) and run it once on zeros (a dimension without a
+        size as 1): how a pass checks that a model it wrote loads and runs."""
         import numpy as np
 
-        runtime = self.load()
+        runtime = runtime or self.load()
         return runtime.run({spec.name: np.zeros([d if isinstance(d, int) else 1 for d in spec.shape], spec.dtype)
                             for spec in runtime.inputs})
 

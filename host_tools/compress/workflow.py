@@ -193,8 +193,8 @@ class Evaluation:
             say(f"evaluating the original on {len(self.bound)} samples")
             self.score(self.original, runtime)
         else:
-            model.load()  # (one that does not load is refused, as with data: each result would be written out)
-            self.on_zeros = _runs_on_zeros(model) is None
+            # (one that does not load is refused, as with data: each result would be written out)
+            self.on_zeros = _runs_on_zeros(model, model.load()) is None
         self._say = say
 
     def score(self, m: Measured, runtime=None) -> None:
@@ -247,10 +247,10 @@ class Evaluation:
                                  latency_where=self.device_bench.where if self.device_bench else "host CPU")
 
 
-def _runs_on_zeros(model: ModelFile) -> str | None:
-    """None when *model* loads and runs on zeros; else why not, in one line."""
+def _runs_on_zeros(model: ModelFile, runtime=None) -> str | None:
+    """None when *model* (*runtime*: loaded already) loads and runs on zeros; else why not, in one line."""
     try:
-        model.outputs_on_zeros()
+        model.outputs_on_zeros(runtime)
     except Exception as exc:  # noqa: BLE001 — each runtime raises its own (ModelError, RuntimeError, ValueError)
         return first_line(exc)
     return None
