@@ -1994,8 +1994,8 @@ def test_int8_weights_stores_every_weight_as_8_bit_and_computes_in_float_at_floa
 
 def test_int8_weights_leaves_what_a_branch_reads_and_stores_the_rest(tmp_path):
     """A model with control flow: the If's branches read outer weights by name. Those stay as they
-    are (8-bit storage used to be refused for the whole model); the main graph's weight is stored
-    as 8-bit, and the model gives the original's outputs down both branches."""
+    are (8-bit storage used to be refused for the whole model), and compacting keeps them; the main
+    graph's weight is stored as 8-bit, and the model gives the original's outputs down both branches."""
     from onnx import numpy_helper
 
     model = ModelFile.open(graphs.branching_mlp(tmp_path / "branching.onnx"))
@@ -2003,9 +2003,10 @@ def test_int8_weights_leaves_what_a_branch_reads_and_stores_the_rest(tmp_path):
     x = rng.standard_normal((40, 64)).astype(np.float32)
     x[:20] = np.abs(x[:20])  # a positive sum: the then branch; below, negative: the else branch
     x[20:] = -np.abs(x[20:])
-    report = run_recipe(model, steps([("onnx-weight-only", {})]), eval_data=Dataset({"x": x}, None, "mixed"),
-                        latency_runs=3, workdir=tmp_path / "w")
-    assert report.steps[0].status == "ok", report.steps[0].note
+    report = run_recipe(model, steps([("onnx-weight-only", {}), ("onnx-compact", {})]),
+                        eval_data=Dataset({"x": x}, None, "mixed"), latency_runs=3, workdir=tmp_path / "w")
+    # (compact keeps the weights only a branch reads: it had dropped them, and the model did not load)
+    assert [s.status for s in report.steps] == ["ok", "ok"], [s.note for s in report.steps]
     graph = onnx.load(str(report.result.model.path)).graph
     stored = {i.name: numpy_helper.to_array(i).dtype for i in graph.initializer}
     assert stored["w1_u8"] == np.uint8 and "w1" not in stored

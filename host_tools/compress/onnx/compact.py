@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from device_agent.errors import CompressionError
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import has_subgraphs, output_path, session_crash
+from host_tools.compress.onnx.boundary import has_subgraphs, output_path, session_crash, subgraph_reads
 from host_tools.compress.onnx.initializers import share_equal_initializers
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register, short_name
 
@@ -60,7 +60,7 @@ def compact(proto, *, rename: bool = True, shapes: bool = False) -> None:
     graph.doc_string = ""
     if not shapes:
         del graph.value_info[:]
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output} | subgraph_reads(graph)
     keep = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
