@@ -60,9 +60,11 @@ class Dataset:
             raise ConfigError(f"{self.source}: no data for model input(s) {', '.join(missing)} "
                               f"(the data has {', '.join(sorted(arrays))})")
         axes = batch_axes([*specs, *outputs], specs)
-        feeds = {s.name: _conform(arrays[s.name], s, self.source, axes.get(s.name, 0)) for s in specs}
-        fixed = any(s.shape and s.shape[axes.get(s.name, 0)] == 1 for s in specs)
-        return BoundData(feeds, self.labels, fixed_batch=fixed, axes=axes)
+        unbatched = frozenset(s.name for s in specs if _unbatched(arrays[s.name], s, axes.get(s.name, 0)))
+        feeds = {s.name: _conform(arrays[s.name], s, self.source, axes.get(s.name, 0), s.name in unbatched)
+                 for s in specs}
+        fixed = bool(unbatched) or any(s.shape and s.shape[axes.get(s.name, 0)] == 1 for s in specs)
+        return BoundData(feeds, self.labels, fixed_batch=fixed, axes=axes, unbatched=unbatched)
 
 
 def batch_axes(specs: Sequence, inputs: Sequence) -> dict[str, int]:
@@ -86,6 +88,7 @@ class BoundData:
     fixed_batch: bool  # the model takes exactly one sample per call
     batch_axis_unused: bool = False  # … though its inputs declare a batch axis (found by evaluate.bind)
     axes: Mapping[str, int] = field(default_factory=dict)  # tensors batched along another axis (batch_axes)
+    unbatched: frozenset[str] = frozenset()  # inputs that take one sample with no batch axis at all
 
     def __len__(self) -> int:
         return len(next(iter(self.feeds.values())))
@@ -104,8 +107,10 @@ class BoundData:
             yield self.as_model_takes({k: v[start:start + step] for k, v in self.feeds.items()})
 
     def as_model_takes(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """*tensors* (samples along axis 0) with each batch where the model holds it."""
-        return {k: np.ascontiguousarray(np.moveaxis(v, 0, self.axes[k])) if k in self.axes else v
+        """*tensors* (samples along axis 0) with each batch where the model holds it (an input that
+        takes one sample without a batch axis: that sample)."""
+        return {k: v[0] if k in self.unbatched else
+                np.ascontiguousarray(np.moveaxis(v, 0, self.axes[k])) if k in self.axes else v
                 for k, v in tensors.items()}
 
     def samples_first(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -113,12 +118,43 @@ class BoundData:
         return {k: np.moveaxis(v, self.axes[k], 0) if k in self.axes else v for k, v in tensors.items()}
 
 
-def _conform(array: np.ndarray, spec, source: str, axis: int = 0) -> np.ndarray:
-    """*array*: samples of input *spec* along its first axis, the model's batch along *axis*."""
+def _unbatched(array, spec, axis: int) -> bool:
+    """Whether *array* holds samples of an input that takes one sample with no batch axis (a
+    torchvision detector's image [3, H, W]): each of its samples has the input's whole shape, one
+    axis more than the input has, and they are not samples saved with a batch axis of 1."""
+    shape, rank = np.shape(array), len(spec.shape)
+    if not rank or len(shape) != rank + 1 or shape[axis + 1] == 1:
+        return False
+    return all(not isinstance(want, int) or want <= 0 or want == have for want, have in zip(spec.shape, shape[1:]))
+
+
+def _conform(array: np.ndarray, spec, source: str, axis: int = 0, unbatched: bool = False) -> np.ndarray:
+    """*array*: samples of input *spec* along its first axis, the model's batch along *axis* (or,
+    *unbatched*, each sample the whole input, as _unbatched found)."""
     array = np.asarray(array)
+    if not unbatched:
+        array = _without_own_batch(array, spec, axis)
+        _check_shape(array, spec, source, axis)
+    given, array = array, in_width_of(array, spec.dtype)
+    if array is None:
+        raise ConfigError(f"{source}: input {spec.name!r} is {spec.dtype} in the model, {given.dtype.name} in the data")
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        # Calibration would end in ONNX Runtime's "scale issue", evaluation in meaningless scores.
+        bad = int((~np.isfinite(array.reshape(len(array), -1))).any(axis=1).sum()) if array.ndim else 1
+        raise ConfigError(f"{source}: input {spec.name!r} holds NaN or infinite values in {bad} of "
+                          f"{len(array) if array.ndim else 1} samples")
+    return np.ascontiguousarray(array)
+
+
+def _without_own_batch(array: np.ndarray, spec, axis: int) -> np.ndarray:
     rank = len(spec.shape)
     if rank and array.ndim == rank + 1 and array.shape[axis + 1] == 1:
-        array = np.squeeze(array, axis + 1)  # samples saved with their own batch axis of 1
+        return np.squeeze(array, axis + 1)  # samples saved with their own batch axis of 1
+    return array
+
+
+def _check_shape(array: np.ndarray, spec, source: str, axis: int) -> None:
+    rank = len(spec.shape)
     if rank and array.ndim != rank:
         raise ConfigError(f"{source}: input {spec.name!r} takes rank-{rank} tensors {list(spec.shape)}; "
                           f"the data's samples stack to shape {list(array.shape)}")
@@ -129,15 +165,6 @@ def _conform(array: np.ndarray, spec, source: str, axis: int = 0) -> np.ndarray:
             raise ConfigError(f"{source}: input {spec.name!r} has {want} in dimension {i}, the data {have}"
                               + (f" (its samples go along the first axis; the model's batch is its dimension "
                                  f"{axis})" if axis else ""))
-    given, array = array, in_width_of(array, spec.dtype)
-    if array is None:
-        raise ConfigError(f"{source}: input {spec.name!r} is {spec.dtype} in the model, {given.dtype.name} in the data")
-    if array.dtype.kind in "fc" and not np.isfinite(array).all():
-        # Calibration would end in ONNX Runtime's "scale issue", evaluation in meaningless scores.
-        bad = int((~np.isfinite(array.reshape(len(array), -1))).any(axis=1).sum()) if array.ndim else 1
-        raise ConfigError(f"{source}: input {spec.name!r} holds NaN or infinite values in {bad} of "
-                          f"{len(array) if array.ndim else 1} samples")
-    return np.ascontiguousarray(array)
 
 
 def load_dataset(source: str | Path | Dataset) -> Dataset:

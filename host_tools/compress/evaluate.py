@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from device_agent.errors import ConfigError, ModelError
+from host_tools.compress import detections
 from host_tools.compress.data import BoundData, Dataset
 from host_tools.compress.model import ModelFile
 
@@ -78,12 +79,16 @@ def _indices_of_names(labels, runtime, source: str) -> np.ndarray:
 
 
 def outputs_on(runtime, data: BoundData) -> dict[str, np.ndarray]:
-    """Every output of a loaded model (ModelFile.load) over all of *data*, samples along axis 0."""
+    """Every output of a loaded model (ModelFile.load) over all of *data*, samples along axis 0;
+    one whose size depends on the input (detections), an object array of each sample's value."""
     parts: dict[str, list[np.ndarray]] = {o.name: [] for o in runtime.outputs}
     for feeds in data.batches():
         for name, value in data.samples_first(runtime.run(feeds)).items():
             parts[name].append(np.asarray(value))
-    return {name: np.concatenate(values) for name, values in parts.items()}
+    specs = {o.name: o for o in runtime.outputs}
+    return {name: detections.gathered(values, specs[name])
+            if detections.per_call(values, specs[name], data.fixed_batch, bool(data.unbatched))
+            else np.concatenate(values) for name, values in parts.items()}
 
 
 def class_axis(output: np.ndarray, model_format: str) -> int | None:
@@ -152,8 +157,12 @@ def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
     if missing:
         raise ModelError(f"the compressed model lacks output(s) {', '.join(sorted(missing))}")
     cosines, max_errors, mean_errors = [], [], []
+    ragged = [name for name, ref in reference.items()
+              if detections.is_ragged(ref) or detections.is_ragged(outputs[name])]
     for name, ref in reference.items():
         out = outputs[name]
+        if name in ragged:
+            continue
         if out.shape != ref.shape:
             raise ModelError(f"output {name!r} changed shape: {list(ref.shape)} -> {list(out.shape)}")
         if ref.dtype.kind not in "biufc":  # (class names: the share of samples that give the same ones)
@@ -170,8 +179,14 @@ def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
         mean_errors.append(float(diff.mean()) if diff.size else 0.0)
     first = scores_output(reference, model_format)
     agreement, axis = None, class_axis(reference[first], model_format)
-    if axis is not None:
+    if axis is not None and first not in ragged:
         agreement = float((reference[first].argmax(axis=axis) == outputs[first].argmax(axis=axis)).mean())
+    if ragged:  # (detections: how many pair up with the original's is their agreement)
+        rows = detections.compare({name: reference[name] for name in ragged}, outputs)
+        agreement = rows.agreement if agreement is None else min(agreement, rows.agreement)
+        cosines.append(rows.cosine)
+        max_errors.append(rows.max_abs_error)
+        mean_errors.append(rows.mean_abs_error)
     return Fidelity(accuracy(outputs, labels, model_format), agreement, min(cosines), max(max_errors, default=0.0),
                     float(np.mean(mean_errors)) if mean_errors else 0.0)
 

@@ -407,3 +407,70 @@ def linear_classifier(path: Path, features: int = 8, classes: int = 3) -> Path:
                               [helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
                                helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])])
     return save(graph, path, ML_OPSET)
+
+
+def detector(path: Path, size: int = 8, channels: int = 16, classes: int = 3, threshold: float = 0.5,
+             batch_of_one: bool = False) -> Path:
+    """A detector as torchvision exports one: image [3, size, size] (one image, no batch axis; with
+    *batch_of_one* [1, 3, size, size], as a YOLO export with NMS takes it) -> Conv
+    -> Relu -> Conv -> per cell four box offsets and class logits -> the cells scoring over a
+    threshold (NonZero: how many is data-dependent) -> an If like torchvision's batched_nms: none
+    kept when there are none, else NonMaxSuppression per class on boxes the branch makes -> boxes
+    [n, 4], scores [n], labels [n] (int64)."""
+    rng = np.random.default_rng(6)
+    cells, values = size * size, 4 + classes
+    ys, xs = np.divmod(np.arange(cells, dtype=np.float32), size)
+    anchors = np.stack([xs - 1.5, ys - 1.5, xs + 2.5, ys + 2.5], axis=1)  # (overlapping: NMS has work to do)
+    consts = {"w1": rng.standard_normal((channels, 3, 3, 3)) / np.sqrt(27), "b1": np.zeros(channels),
+              "w2": rng.standard_normal((values, channels, 1, 1)) * 4 / np.sqrt(channels), "b2": np.zeros(values),
+              "anchors": anchors, "half": np.array(0.5), "threshold": np.array(threshold),
+              "spread": np.array(float(size * 4)), "iou": np.array([0.5])}
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()]
+    inits += [numpy_helper.from_array(np.asarray(v, np.int64), k) for k, v in
+              {"zero": [0], "one": [1], "rows": [values, -1], "split": [4, classes], "most": [100], "none": np.zeros(0),
+               "column": np.array(2)}.items()]
+    other = helper.make_graph([
+        helper.make_node("Cast", ["cand_labels"], ["label_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["label_f", "spread"], ["offset0"]),
+        helper.make_node("Unsqueeze", ["offset0", "one"], ["offset"]),
+        helper.make_node("Add", ["cand_boxes", "offset"], ["apart"]),  # (classes far apart: NMS per class)
+        helper.make_node("Unsqueeze", ["apart", "zero"], ["nms_boxes"]),
+        helper.make_node("Unsqueeze", ["cand_scores", "zero"], ["scores1"]),
+        helper.make_node("Unsqueeze", ["scores1", "zero"], ["nms_scores"]),
+        helper.make_node("NonMaxSuppression", ["nms_boxes", "nms_scores", "most", "iou"], ["selected"]),
+        helper.make_node("Gather", ["selected", "column"], ["picked"], axis=1)], "nms", [],
+        [helper.make_tensor_value_info("picked", TensorProto.INT64, ["kept"])])
+    nothing = helper.make_graph([helper.make_node("Identity", ["none"], ["no_one"])], "nothing", [],
+                                [helper.make_tensor_value_info("no_one", TensorProto.INT64, ["kept"])])
+    nodes = [helper.make_node("Identity" if batch_of_one else "Unsqueeze", ["image"] + ["zero"] * (not batch_of_one),
+                              ["batch1"], name="batch1"),
+             helper.make_node("Conv", ["batch1", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["head"], name="head"),
+             helper.make_node("Reshape", ["head", "rows"], ["per_value"], name="per_value"),
+             helper.make_node("Transpose", ["per_value"], ["per_cell"], name="per_cell", perm=[1, 0]),
+             helper.make_node("Split", ["per_cell", "split"], ["deltas", "logits"], name="split", axis=1),
+             helper.make_node("Mul", ["deltas", "half"], ["moved"], name="moved"),
+             helper.make_node("Add", ["anchors", "moved"], ["all_boxes"], name="all_boxes"),
+             helper.make_node("Sigmoid", ["logits"], ["probs"], name="probs"),
+             helper.make_node("ReduceMax", ["probs"], ["all_scores"], name="all_scores", axes=[1], keepdims=0),
+             helper.make_node("ArgMax", ["probs"], ["all_labels"], name="all_labels", axis=1, keepdims=0),
+             helper.make_node("Greater", ["all_scores", "threshold"], ["over"], name="over"),
+             helper.make_node("NonZero", ["over"], ["where"], name="where"),
+             helper.make_node("Squeeze", ["where", "zero"], ["cand"], name="cand"),
+             helper.make_node("Gather", ["all_boxes", "cand"], ["cand_boxes"], name="cand_boxes"),
+             helper.make_node("Gather", ["all_scores", "cand"], ["cand_scores"], name="cand_scores"),
+             helper.make_node("Gather", ["all_labels", "cand"], ["cand_labels"], name="cand_labels"),
+             helper.make_node("Size", ["cand"], ["count"], name="count"),
+             helper.make_node("Equal", ["count", "zero_scalar"], ["empty"], name="empty"),
+             helper.make_node("If", ["empty"], ["keep"], name="batched_nms", then_branch=nothing, else_branch=other),
+             helper.make_node("Gather", ["cand_boxes", "keep"], ["boxes"], name="boxes"),
+             helper.make_node("Gather", ["cand_scores", "keep"], ["scores"], name="scores"),
+             helper.make_node("Gather", ["cand_labels", "keep"], ["labels"], name="labels")]
+    inits.append(numpy_helper.from_array(np.array(0, np.int64), "zero_scalar"))
+    graph = helper.make_graph(nodes, "detector", [helper.make_tensor_value_info(
+                                  "image", TensorProto.FLOAT, [1] * batch_of_one + [3, size, size])],
+                              [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["detections", 4]),
+                               helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["detections"]),
+                               helper.make_tensor_value_info("labels", TensorProto.INT64, ["detections"])], inits)
+    return save(graph, path)

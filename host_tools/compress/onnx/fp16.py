@@ -53,6 +53,7 @@ class OnnxFp16(Pass):
             converted = convert_float_to_float16(
                 proto, keep_io_types=config.keep_io_types,
                 op_block_list=list(config.exclude_op_types) or None, node_block_list=list(config.exclude) or None)
+            casts_into_subgraphs(converted.graph)
             sort_topologically(converted.graph)  # (the converter puts the Casts it adds for the inputs last)
             onnx.save(converted, str(out))
             crash = session_crash(out)
@@ -63,3 +64,35 @@ class OnnxFp16(Pass):
                                        f"session for the float16 model, so it is not kept; keeping some ops in "
                                        f"float32 (exclude_op_types=..., exclude=...) may avoid it")
         return ModelFile(out, "onnx")
+
+
+def casts_into_subgraphs(graph) -> int:
+    """ONNX Runtime's float16 converter adds every Cast to the main graph, those around an op it
+    keeps in float32 inside an If or Loop body too (a NonMaxSuppression in torchvision's
+    batched_nms), where the Cast reads a name only that body makes and ONNX Runtime refuses the model.
+    Each such Cast goes into the body that makes what it reads, right after the node that makes it.
+    Returns how many moved."""
+    moved = 0
+    while True:
+        made = {"", *(i.name for i in graph.initializer), *(v.name for v in graph.input),
+                *(name for node in graph.node for name in node.output)}
+        stray = next((node for node in graph.node if node.op_type == "Cast" and node.input[0] not in made), None)
+        home = stray and _maker(graph, stray.input[0])
+        if not home:
+            return moved
+        body, index = home
+        graph.node.remove(stray)
+        body.node.insert(index + 1, stray)
+        moved += 1
+
+
+def _maker(graph, name: str):
+    """(the subgraph of a node of *graph*, at any depth, whose node *index* makes *name*), or None."""
+    for node in graph.node:
+        for a in node.attribute:
+            for body in ([a.g] if a.type == 5 else list(a.graphs) if a.type == 10 else []):  # GRAPH(S)
+                index = next((i for i, inner in enumerate(body.node) if name in inner.output), None)
+                found = (body, index) if index is not None else _maker(body, name)
+                if found:
+                    return found
+    return None

@@ -16,14 +16,14 @@ from host_tools.compress.model import ModelFile
 
 def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None, epochs: int,
             labels_weight: float, workdir: Path, lr: float = 3e-3) -> ModelFile:
-    from host_tools.compress.torch.trainer import SamplesFirst, Schedule, distill
+    from host_tools.compress.torch.trainer import SamplesFirst, Schedule, distill, teacher_targets
 
     if data is None:
         raise ConfigError("recovery fine-tuning needs inputs to train on (--train or --calib)")
     graph, module, save = _trainable(pruned)
     runtime = teacher.load()
     bound = bind(load_dataset(data), runtime)
-    targets = outputs_on(runtime, bound)  # the teacher's outputs, by name
+    targets = dict(zip([o.name for o in runtime.outputs], teacher_targets(runtime, bound)))  # by name
     if bound.fixed_batch:  # (also a graph that declares a batch axis, but runs one sample per call)
         module.per_sample = True
     trained = SamplesFirst(module, module.input_names, module.output_names, bound.axes)

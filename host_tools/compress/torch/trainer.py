@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from device_agent.errors import NotApplicable
 from host_tools.compress.data import BoundData
 from host_tools.compress.evaluate import IGNORED, class_axis, class_labels, outputs_on
 from host_tools.compress.passes import progress
@@ -57,8 +58,23 @@ def probabilities(output: np.ndarray, axis: int | None) -> bool:
 
 
 def teacher_targets(teacher, data: BoundData) -> list[np.ndarray]:
-    """The teacher's outputs (*teacher*: a loaded model, ModelFile.load) on the training inputs."""
-    return list(outputs_on(teacher, data).values())
+    """The teacher's outputs (*teacher*: a loaded model, ModelFile.load) on the training inputs;
+    NotApplicable for a model that cannot train on batches (see trainable)."""
+    trainable(data)
+    targets = outputs_on(teacher, data)
+    ragged = next((name for name, value in targets.items() if value.dtype == object), None)
+    if ragged:
+        raise NotApplicable(f"the size of output {ragged!r} depends on the input (detections after NMS): "
+                            "training needs outputs of one shape for every sample")
+    return list(targets.values())
+
+
+def trainable(data: BoundData) -> None:
+    """NotApplicable where *data*'s model takes one sample with no batch axis: a student or a
+    fine-tuned copy trains on batches, and would not take what the model takes."""
+    if data.unbatched:
+        raise NotApplicable(f"input {sorted(data.unbatched)[0]!r} takes one sample with no batch axis: "
+                            "training runs on batches")
 
 
 def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np.ndarray],

@@ -1,0 +1,118 @@
+"""A detector as torchvision exports one (graphs.detector): it takes one image with no batch axis,
+and how many boxes it gives depends on the image (NonZero, then NonMaxSuppression inside an If)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from device_agent.errors import ConfigError
+from host_tools.compress import Dataset, ModelFile, load_recipe, run_recipe
+from host_tools.compress.detections import compare, gathered
+from tests.host_tools import graphs
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory):
+    return ModelFile.open(graphs.detector(tmp_path_factory.mktemp("detector") / "detector.onnx"))
+
+
+def images(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((count, 3, 8, 8), dtype=np.float32)
+
+
+def test_images_stacked_for_a_model_without_a_batch_axis_are_given_one_at_a_time(detector, tmp_path):
+    """Data for a model that takes one image [3, 8, 8] holds images along a first axis [n, 3, 8, 8]:
+    each call gets one image as the model takes it, and each output keeps each image's detections,
+    however many. Before, the data was refused ("takes rank-3 tensors"), with no way to give it; and
+    a model that takes a batch of one gave its detections of every image run together."""
+    from host_tools.compress.evaluate import bind, outputs_on
+
+    runtime = detector.load()
+    bound = bind(Dataset({"image": images(6)}, None, "images"), runtime)
+    assert bound.fixed_batch and bound.sample(2)["image"].shape == (3, 8, 8)
+    outputs = outputs_on(runtime, bound)
+    counts = [len(b) for b in outputs["boxes"]]
+    assert len(counts) == 6 and len(set(counts)) > 1  # (a different number of boxes per image)
+    for i in (0, 5):
+        alone = runtime.run({"image": images(6)[i]})
+        assert all(np.array_equal(outputs[name][i], alone[name]) for name in ("boxes", "scores", "labels"))
+    with pytest.raises(ConfigError, match=r"takes rank-3 tensors \[3, 8, 8\]; the data's samples stack to shape"):
+        bind(Dataset({"image": np.zeros((6, 3, 9, 9), np.float32)}, None, "images"), runtime)
+    # taking a batch of one image, [1, 3, 8, 8], as a YOLO export with NMS does: the same detections
+    batched = ModelFile.open(graphs.detector(tmp_path / "batched.onnx", batch_of_one=True)).load()
+    bound = bind(Dataset({"image": images(6)}, None, "images"), batched)
+    assert bound.sample(2)["image"].shape == (1, 3, 8, 8)
+    again = outputs_on(batched, bound)
+    assert all(np.array_equal(a, b) for name in outputs for a, b in zip(outputs[name], again[name]))
+
+
+@pytest.mark.parametrize("recipe", ["int8-dynamic", "int8-static", "int8-weights", "fp16"])
+def test_a_detector_is_compressed_and_its_detections_matched_to_the_originals(detector, recipe, tmp_path):
+    """Each recipe runs on the detector and its fidelity is the share of detections that match the
+    original's (IoU ≥ 0.5, the same label), which the guard reads its drop from. fp16 had failed:
+    ORT's float16 converter puts the Casts around the NonMaxSuppression it keeps in float32 into the
+    main graph, where they read a name only the If's branch makes, and onnx-compact then dropped the
+    weights only the branch reads."""
+    data = Dataset({"image": images(24)}, None, "images")
+    report = run_recipe(detector, load_recipe(recipe, "onnx"), calib=data, eval_data=data, latency_runs=3,
+                        workdir=tmp_path)
+    assert all(s.status == "ok" for s in report.steps), [(s.label, s.note) for s in report.steps]
+    fidelity = report.result.fidelity
+    assert fidelity.agreement >= 0.9 and fidelity.cosine > 0.99 and fidelity.mean_abs_error < 0.1, fidelity
+    assert report.original.fidelity.agreement == 1.0
+    result = report.result.model.load()
+    image = images(1, seed=9)[0]
+    mine, theirs = result.run({"image": image}), detector.load().run({"image": image})
+    rows = compare({k: gathered([theirs[k]], spec) for k, spec in ((s.name, s) for s in result.outputs)},
+                   {k: gathered([mine[k]], spec) for k, spec in ((s.name, s) for s in result.outputs)})
+    assert rows.agreement >= 0.8
+    if recipe == "fp16":
+        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in onnx.load(str(report.result.model.path))
+                   .graph.initializer)
+
+
+def _ragged(*values):
+    return gathered([np.asarray(v) for v in values], type("Spec", (), {"shape": ["n", 4]})())
+
+
+def test_detections_pair_by_overlap_and_label_and_count_what_does_not_pair():
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [0, 20, 10, 30]], np.float32)
+    labels = np.array([1, 2, 1])
+    same = compare({"b": _ragged(boxes), "l": _ragged(labels)}, {"b": _ragged(boxes), "l": _ragged(labels)})
+    assert (same.agreement, same.cosine, same.max_abs_error) == (1.0, 1.0, 0.0)
+    # the model finds the first two (the first moved by 1: IoU 0.68), not the third, and one of its own
+    moved = np.array([[1, 1, 11, 11], [20, 20, 30, 30], [50, 50, 60, 60]], np.float32)
+    got = compare({"b": _ragged(boxes), "l": _ragged(labels)}, {"b": _ragged(moved), "l": _ragged(labels)})
+    assert got.agreement == pytest.approx(2 * 2 / 6) and got.max_abs_error == 1.0
+    # the same box with another label does not pair; neither does one that overlaps too little
+    relabelled = compare({"b": _ragged(boxes), "l": _ragged(labels)},
+                         {"b": _ragged(boxes), "l": _ragged(np.array([1, 2, 2]))})
+    assert relabelled.agreement == pytest.approx(2 * 2 / 6)
+    shifted = compare({"b": _ragged(boxes[:1])}, {"b": _ragged(boxes[:1] + 5)})  # IoU 25/175
+    assert shifted.agreement == 0.0
+    # per image: none found by both is full agreement; one the model misses halves that image's
+    two = compare({"b": _ragged(boxes[:0], boxes[:1])}, {"b": _ragged(boxes[:0], boxes[:0])})
+    assert two.agreement == pytest.approx((1.0 + 0.0) / 2)
+    # centre and size, as YOLO writes boxes, are read as such
+    centred = np.array([[50, 50, 10, 10], [5, 5, 10, 10]], np.float32)
+    nudged = centred + np.array([1, 0, 0, 0], np.float32)
+    assert compare({"b": _ragged(centred)}, {"b": _ragged(nudged)}).agreement == 1.0
+
+
+def test_training_passes_say_in_a_line_why_a_detector_does_not_apply(detector, tmp_path):
+    """Distillation trains on batches of outputs of one shape; a detector that takes one image and
+    gives however many boxes has neither. It says so in one line, as channel pruning says why its
+    recovery cannot run this graph, and the recipe goes on."""
+    from host_tools.compress.recipes import Recipe, parse_step
+
+    data = Dataset({"image": images(8)}, None, "images")
+    recipe = Recipe("detector", (parse_step("distill epochs=1"), parse_step("onnx-prune-channels recover-epochs=1"),
+                                 parse_step("onnx-weight-only")))
+    report = run_recipe(detector, recipe, calib=data, eval_data=data, latency_runs=3, workdir=tmp_path)
+    assert [s.status for s in report.steps][-1] == "ok"
+    distill, prune = report.steps[:2]
+    assert distill.status == "skipped"
+    assert distill.note.endswith("input 'image' takes one sample with no batch axis: training runs on batches")
+    assert prune.status == "skipped" and "cannot run op(s) ArgMax, If, NonZero" in prune.note
