@@ -39,6 +39,11 @@ def gathered(parts: list[np.ndarray], spec) -> np.ndarray:
     fixed = bool(spec.shape) and all(isinstance(d, int) and d >= 0 for d in spec.shape)
     if fixed and len({p.shape for p in parts}) == 1:
         return np.stack(parts)
+    return as_objects(parts)
+
+
+def as_objects(parts: list[np.ndarray]) -> np.ndarray:
+    """*parts* as an object array, one element each (np.array would stack those of one shape)."""
     ragged = np.empty(len(parts), dtype=object)
     for i, part in enumerate(parts):
         ragged[i] = part

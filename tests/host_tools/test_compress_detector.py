@@ -116,3 +116,19 @@ def test_training_passes_say_in_a_line_why_a_detector_does_not_apply(detector, t
     assert distill.status == "skipped"
     assert distill.note.endswith("input 'image' takes one sample with no batch axis: training runs on batches")
     assert prune.status == "skipped" and "cannot run op(s) ArgMax, If, NonZero" in prune.note
+
+
+def test_auto_tries_every_candidate_on_a_detector_and_keeps_one_within_the_tolerance(detector, tmp_path):
+    """--auto's whole ladder on the detector: no candidate fails. Entropy calibration had stopped in
+    ONNX Runtime's histogram collector ("inhomogeneous shape": it stacks each tensor's values over
+    the batches, and after NonZero their sizes differ), the sensitivity search in stacking the
+    outputs; the ones that do not apply say why."""
+    from host_tools.compress.auto import search
+
+    data = Dataset({"image": images(24)}, None, "images")
+    out = tmp_path / "auto.onnx"
+    report = search(detector, eval_data=data, calib=data, max_drop=1.0, latency_runs=3, out=out)
+    assert report.auto.failures() == {}, report.auto.failures()
+    assert report.auto.verdicts["static int8 per-channel, entropy"].startswith(("within", "loses", "chosen"))
+    assert report.auto.verdicts["static int8, 1 sensitive node in float"].startswith(("within", "loses", "chosen"))
+    assert report.chosen is not None and out.is_file() and report.chosen.fidelity.agreement >= 0.97

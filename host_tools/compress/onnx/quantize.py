@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 
 from device_agent.errors import ConfigError, ModelError, NotApplicable
-from host_tools.compress import evaluate
+from host_tools.compress import detections, evaluate
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, float16_weights, index_nodes, output_path,
@@ -329,16 +329,19 @@ def _calibrate_histograms(source: Path, cache: Path, config, feeds) -> None:
 
 
 def _histograms(calibrator):
-    """ONNX Runtime's histogram collector for *calibrator*, with two changes. Values ±inf, NaN and
+    """ONNX Runtime's histogram collector for *calibrator*, with three changes. Values ±inf, NaN and
     beyond UNBOUNDED are counted as 0: it stops on them otherwise, though the nodes around them stay
-    float (unbounded_nodes) and their ranges are never used. And its entropy threshold search is
-    entropy_threshold's."""
+    float (unbounded_nodes) and their ranges are never used. A tensor's values over the batches
+    reach it as one flat array: it stacks them, which stops where a tensor's size depends on the
+    input (a detector's boxes after NonZero). And its entropy threshold search is entropy_threshold's."""
     from onnxruntime.quantization.calibrate import HistogramCollector
 
     class Histograms(HistogramCollector):
         def collect(self, name_to_arr):
-            return super().collect({name: [np.where(np.abs(a) < UNBOUNDED, a, np.zeros((), np.asarray(a).dtype))
-                                           for a in arrays] for name, arrays in name_to_arr.items()})
+            flat = {name: np.concatenate([np.ravel(a) for a in arrays]) for name, arrays in name_to_arr.items()
+                    if len(arrays)}
+            return super().collect({name: [np.where(np.abs(a) < UNBOUNDED, a, np.zeros((), a.dtype))]
+                                    for name, a in flat.items()})
 
         def get_entropy_threshold(self, histogram, num_quantized_bins):
             return entropy_threshold(histogram, num_quantized_bins)
@@ -414,17 +417,26 @@ def _probe_feeds(feeds, count: int):
     return [feeds.sample(i) for i in range(min(count, len(feeds)))]
 
 
-def _run(path: Path, probe: list[dict]) -> list[np.ndarray]:
+def _run(path: Path, probe: list[dict]) -> dict[str, list[np.ndarray]]:
     runtime = ModelFile(path, "onnx").load(threads=1)
-    return [np.concatenate([runtime.run(f)[o.name].reshape(1, -1) for f in probe]) for o in runtime.outputs]
+    calls = [runtime.run(f) for f in probe]
+    return {o.name: [np.asarray(call[o.name]) for call in calls] for o in runtime.outputs}
 
 
-def _distance(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
-    worst = 0.0
-    for a, b in zip(reference, other):
-        a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+def _distance(reference: dict[str, list[np.ndarray]], other: dict[str, list[np.ndarray]]) -> float:
+    """1 - cosine similarity of the worst output; of detections (outputs whose size depends on the
+    input), 1 - the share that pair with the original's, or of their cosine, whichever is worse."""
+    worst, ragged = 0.0, [name for name, values in reference.items()
+                          if len({v.shape for v in (*values, *other[name])}) > 1]
+    for name in reference.keys() - set(ragged):
+        a = np.concatenate([v.ravel() for v in reference[name]]).astype(np.float64)
+        b = np.concatenate([v.ravel() for v in other[name]]).astype(np.float64)
         denom = np.linalg.norm(a) * np.linalg.norm(b)
         worst = max(worst, 0.0 if denom == 0 else 1.0 - float(a @ b / denom))
+    if ragged:
+        rows = detections.compare({n: detections.as_objects(reference[n]) for n in ragged},
+                                  {n: detections.as_objects(other[n]) for n in ragged})
+        worst = max(worst, 1.0 - rows.agreement, 1.0 - rows.cosine)
     return worst
 
 
