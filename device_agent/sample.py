@@ -12,6 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
+from device_agent import detections
 from device_agent.arrays import read_npz
 from device_agent.bundle.manifest import Manifest
 from device_agent.errors import UNREADABLE_ARRAYS, HealthCheckError, ModelError
@@ -36,13 +37,26 @@ def load_sample(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray
     return inputs, outputs
 
 
+# Detections whose number differs from the sample's: the share of boxes that must pair with the
+# expected ones (IoU >= 0.5, the same label), each pair within the tolerance.
+MIN_PAIRED = 0.9
+
+
 def check_sample(runtime: ModelRuntime, manifest: Manifest, bundle_dir: Path) -> dict[str, np.ndarray]:
-    """Run the sample input and compare with the expected output within the manifest's tolerance."""
+    """Run the sample input and compare with the expected output within the manifest's tolerance.
+    A detector's boxes, scores and labels, where the model finds another number of boxes than the
+    sample holds (a device's rounding, or TensorRT's, moves a box across a score threshold), are
+    compared box by box instead (device_agent.detections): MIN_PAIRED of them must pair."""
     inputs, expected = load_sample(bundle_dir / manifest.sample.file)
     got = runtime.run(inputs)
+    counted = _counted(runtime, expected, got)
+    if counted:
+        _check_detections({n: expected[n] for n in counted}, {n: got[n] for n in counted}, manifest)
     for name, want in expected.items():
         if name not in got:
             raise HealthCheckError(f"model gives no output {name!r}")
+        if name in counted:
+            continue
         have = got[name]
         if have.shape != want.shape:
             raise HealthCheckError(f"output {name!r} has shape {have.shape}, expected {want.shape}")
@@ -56,3 +70,29 @@ def check_sample(runtime: ModelRuntime, manifest: Manifest, bundle_dir: Path) ->
             raise HealthCheckError(f"output {name!r} differs from the expected sample output "
                                    f"(max abs error {worst:.3g}, atol {manifest.sample.atol:g})")
     return inputs
+
+
+def _counted(runtime: ModelRuntime, expected: dict, got: dict) -> set[str]:
+    """The outputs whose first axis counts what the model found (declared with a size of its own,
+    not an input's batch), where their sizes differ from the sample's and one of them holds boxes
+    ([n, 4] floats); else none, and every output is checked as it is."""
+    batch = {d for spec in runtime.inputs for d in spec.shape if isinstance(d, str)}
+    counted = {spec.name for spec in runtime.outputs if spec.name in expected and spec.name in got and spec.shape
+               and isinstance(spec.shape[0], str) and spec.shape[0] not in batch}
+    boxes = any(expected[n].ndim == 2 and expected[n].shape[1] == 4 and expected[n].dtype.kind == "f" for n in counted)
+    moved = any(got[n].shape != expected[n].shape for n in counted)
+    return counted if boxes and moved else set()
+
+
+def _check_detections(want: dict[str, np.ndarray], have: dict[str, np.ndarray], manifest: Manifest) -> None:
+    rows = detections.compare({n: detections.one_sample(v) for n, v in want.items()},
+                              {n: detections.one_sample(v) for n, v in have.items()})
+    boxes = next(n for n, v in want.items() if v.ndim == 2 and v.shape[1] == 4 and v.dtype.kind == "f")
+    found = f"the model found {len(have[boxes])} boxes ({boxes!r}) where the sample expects {len(want[boxes])}"
+    if rows.agreement < MIN_PAIRED:
+        raise HealthCheckError(f"{found}, and {rows.agreement:.0%} of them pair with the expected ones (IoU >= "
+                               f"{detections.IOU}, the same label; {MIN_PAIRED:.0%} must)")
+    largest = max((float(np.abs(v).max()) for v in want.values() if v.size and v.dtype.kind in "biuf"), default=0.0)
+    if rows.max_abs_error > manifest.sample.atol + manifest.sample.rtol * largest:
+        raise HealthCheckError(f"{found}; those that pair differ from the expected (max abs error "
+                               f"{rows.max_abs_error:.3g}, atol {manifest.sample.atol:g})")

@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from device_agent.detections import compare as compare_detections
 from device_agent.errors import ConfigError, ModelError
 from host_tools.compress import detections
 from host_tools.compress.data import BoundData, Dataset
 from host_tools.compress.model import ModelFile
-
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
     if axis is not None and first not in ragged:
         agreement = float((reference[first].argmax(axis=axis) == outputs[first].argmax(axis=axis)).mean())
     if ragged:  # (detections: how many pair up with the original's is their agreement)
-        rows = detections.compare({name: reference[name] for name in ragged}, outputs)
+        rows = compare_detections({name: reference[name] for name in ragged}, outputs)
         agreement = rows.agreement if agreement is None else min(agreement, rows.agreement)
         cosines.append(rows.cosine)
         max_errors.append(rows.max_abs_error)

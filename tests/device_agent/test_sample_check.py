@@ -54,3 +54,44 @@ def test_runtime_describes_the_reference_model(reference_model):
     assert (inp.name, inp.dtype, inp.shape[1:]) == ("image", "float32", (1, 8, 8))
     assert (out.name, out.dtype, out.shape[1:]) == ("logits", "float32", (10,))
     assert runtime.run({"image": np.zeros((3, 1, 8, 8), np.float32)})["logits"].shape == (3, 10)
+
+
+def test_a_detector_whose_device_finds_another_number_of_boxes_is_checked_box_by_box(keys, tmp_path):
+    """A detector's sample output holds however many boxes the host found; a device's rounding (or
+    TensorRT's) can move a box across a score threshold. Where the number differs, the boxes are
+    paired with the expected ones (IoU >= 0.5, the same label): the check passes when 90 % pair and
+    the pairs agree within the tolerance, and fails saying how many were found and expected. With
+    the same number, every output is compared value by value, as before."""
+    from device_agent.bundle import BundleReader
+    from host_tools.packaging import build_bundle
+    from tests.host_tools import graphs
+
+    model = graphs.detector(tmp_path / "detector.onnx")
+    sample = {"image": np.random.default_rng(3).random((3, 8, 8), dtype=np.float32)}
+    manifest = build_bundle(model, name="detector", version="1.0.0", key=keys["key"], out=tmp_path / "d.efb",
+                            sample=sample)
+    with BundleReader(tmp_path / "d.efb") as reader:
+        reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "bundle")
+    runtime = load_runtime("onnxruntime", tmp_path / "bundle" / "detector.onnx")
+    path = tmp_path / "bundle" / manifest.sample.file
+    inputs, found = load_sample(path)
+    assert len(found["boxes"]) >= 10
+    check_sample(runtime, manifest, tmp_path / "bundle")
+
+    def expect(rows, boxes=None):
+        save_sample(path, inputs, {"boxes": found["boxes"][rows] if boxes is None else boxes,
+                                   "scores": found["scores"][rows], "labels": found["labels"][rows]})
+
+    expect(slice(1, None))  # the device finds one box more than the host did
+    check_sample(runtime, manifest, tmp_path / "bundle")
+    expect(slice(0, len(found["boxes"]) // 2))  # half of them more
+    with pytest.raises(HealthCheckError, match=rf"the model found {len(found['boxes'])} boxes \('boxes'\) where "
+                                               rf"the sample expects {len(found['boxes']) // 2}, and 67% of them pair"):
+        check_sample(runtime, manifest, tmp_path / "bundle")
+    moved = found["boxes"][1:] + np.float32(0.05)  # one more, and the others 0.05 off: beyond the tolerance
+    expect(slice(1, None), moved)
+    with pytest.raises(HealthCheckError, match="those that pair differ from the expected"):
+        check_sample(runtime, manifest, tmp_path / "bundle")
+    expect(slice(None), found["boxes"] + np.float32(0.05))  # as many, 0.05 off: compared value by value
+    with pytest.raises(HealthCheckError, match="output 'boxes' differs from the expected sample output"):
+        check_sample(runtime, manifest, tmp_path / "bundle")

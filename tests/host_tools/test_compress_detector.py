@@ -7,9 +7,10 @@ import numpy as np
 import onnx
 import pytest
 
+from device_agent.detections import compare
 from device_agent.errors import ConfigError
 from host_tools.compress import Dataset, ModelFile, load_recipe, run_recipe
-from host_tools.compress.detections import compare, gathered
+from host_tools.compress.detections import gathered
 from tests.host_tools import graphs
 
 

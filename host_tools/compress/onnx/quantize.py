@@ -11,6 +11,7 @@ from typing import Literal
 
 import numpy as np
 
+from device_agent.detections import compare as compare_detections
 from device_agent.errors import ConfigError, ModelError, NotApplicable
 from host_tools.compress import detections, evaluate
 from host_tools.compress.data import Dataset, load_dataset
@@ -434,7 +435,7 @@ def _distance(reference: dict[str, list[np.ndarray]], other: dict[str, list[np.n
         denom = np.linalg.norm(a) * np.linalg.norm(b)
         worst = max(worst, 0.0 if denom == 0 else 1.0 - float(a @ b / denom))
     if ragged:
-        rows = detections.compare({n: detections.as_objects(reference[n]) for n in ragged},
+        rows = compare_detections({n: detections.as_objects(reference[n]) for n in ragged},
                                   {n: detections.as_objects(other[n]) for n in ragged})
         worst = max(worst, 1.0 - rows.agreement, 1.0 - rows.cosine)
     return worst
