@@ -14,7 +14,9 @@ What a source may be:
 Arrays are matched to the model's inputs when a pass or the evaluation binds them, so one
 file serves any model that takes the same inputs. An input whose batch is not its first axis (a
 recurrent state [layers, batch, hidden], named so by torch.onnx.export's dynamic axes) has its
-samples along the first axis here too: [samples, layers, hidden].
+samples along the first axis here too: [samples, layers, hidden]. An input with no batch axis at
+all (a torchvision detector's image [3, H, W]) has its samples along a new first axis,
+[samples, 3, H, W], and is given them one at a time.
 """
 
 from __future__ import annotations

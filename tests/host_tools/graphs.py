@@ -409,7 +409,7 @@ def linear_classifier(path: Path, features: int = 8, classes: int = 3) -> Path:
     return save(graph, path, ML_OPSET)
 
 
-def detector(path: Path, size: int = 8, channels: int = 16, classes: int = 3, threshold: float = 0.5,
+def detector(path: Path, size: int = 8, channels: int = 16, classes: int = 3, threshold: float = 0.55,
              batch_of_one: bool = False) -> Path:
     """A detector as torchvision exports one: image [3, size, size] (one image, no batch axis; with
     *batch_of_one* [1, 3, size, size], as a YOLO export with NMS takes it) -> Conv
@@ -464,10 +464,21 @@ def detector(path: Path, size: int = 8, channels: int = 16, classes: int = 3, th
              helper.make_node("Size", ["cand"], ["count"], name="count"),
              helper.make_node("Equal", ["count", "zero_scalar"], ["empty"], name="empty"),
              helper.make_node("If", ["empty"], ["keep"], name="batched_nms", then_branch=nothing, else_branch=other),
-             helper.make_node("Gather", ["cand_boxes", "keep"], ["boxes"], name="boxes"),
+             helper.make_node("Gather", ["cand_boxes", "keep"], ["kept_boxes"], name="kept_boxes"),
+             # (torchvision's box decoding: corners stacked, flattened, reshaped to the flat size)
+             helper.make_node("Reshape", ["kept_boxes", "corner_pairs"], ["corners"], name="corners"),
+             helper.make_node("Flatten", ["corners"], ["flat"], name="flat", axis=1),
+             helper.make_node("Shape", ["flat"], ["flat_shape"], name="flat_shape"),
+             helper.make_node("Gather", ["flat_shape", "zero_scalar"], ["rows_n"], name="rows_n"),
+             helper.make_node("Gather", ["flat_shape", "one_scalar"], ["row_size"], name="row_size"),
+             helper.make_node("Unsqueeze", ["rows_n", "zero"], ["rows_n1"], name="rows_n1"),
+             helper.make_node("Unsqueeze", ["row_size", "zero"], ["row_size1"], name="row_size1"),
+             helper.make_node("Concat", ["rows_n1", "row_size1"], ["box_shape"], name="box_shape", axis=0),
+             helper.make_node("Reshape", ["corners", "box_shape"], ["boxes"], name="boxes"),
              helper.make_node("Gather", ["cand_scores", "keep"], ["scores"], name="scores"),
              helper.make_node("Gather", ["cand_labels", "keep"], ["labels"], name="labels")]
-    inits.append(numpy_helper.from_array(np.array(0, np.int64), "zero_scalar"))
+    inits += [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in
+              {"zero_scalar": 0, "one_scalar": 1, "corner_pairs": [-1, 2, 2]}.items()]
     graph = helper.make_graph(nodes, "detector", [helper.make_tensor_value_info(
                                   "image", TensorProto.FLOAT, [1] * batch_of_one + [3, size, size])],
                               [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["detections", 4]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -296,3 +297,58 @@ def typed_by_ort(model) -> int:
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred)
     return len(given)
+
+
+def forget_counted_sizes(graph) -> int:
+    """Forget the sizes shape inference recorded for the values that follow what the data decides
+    the size of (a detector's boxes after NonZero or NonMaxSuppression; ORT's symbolic inference
+    names their number), where the inputs' sizes do not make them up; returns how many. Given such
+    a name on both sides of a Reshape, ONNX Runtime's optimizer rewrites the Reshape's target as
+    [0, -1], which fails on an empty tensor ("cannot be reshaped to the requested shape"): the model
+    ran on an image with boxes and failed on one without. (Other recorded sizes stay: without them
+    ORT crashes on some float16 graphs, see compact.py.)"""
+    inputs = {d.dim_param for v in graph.input for d in v.type.tensor_type.shape.dim if d.dim_param}
+    counted = _counted_values(graph)
+    forgot = 0
+    for value in graph.value_info:
+        if value.name not in counted:
+            continue
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param and not set(_NAME.findall(dim.dim_param)) <= inputs:
+                dim.Clear()
+                forgot += 1
+    return forgot
+
+
+# ops whose output's size the data decides
+COUNTING_OPS = {"NonZero", "NonMaxSuppression", "Unique", "Compress"}
+
+
+def _counted_values(graph) -> set[str]:
+    """The values of *graph* that a COUNTING_OPS node makes or that follow one (an If or Loop whose
+    body holds one counts too), in whatever order the nodes are (the float16 converter's Casts last)."""
+    counted: set[str] = set()
+    while True:
+        before = len(counted)
+        for node in graph.node:
+            if node.op_type in COUNTING_OPS or counted.intersection(node.input) or any(
+                    inner.op_type in COUNTING_OPS for a in node.attribute if a.type == 5 for inner in a.g.node):
+                counted.update(node.output)
+        if len(counted) == before:
+            return counted
+
+
+def forget_counted_sizes_in(path: Path) -> int:
+    """forget_counted_sizes on the model file at *path*, saved again where any went (its external
+    weight files, if it has them, untouched). ORT's quantizers infer shapes again, so every ONNX
+    pass's output gets this (workflow.apply_pass)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    forgot = forget_counted_sizes(proto.graph)
+    if forgot:
+        onnx.save(proto, str(path))
+    return forgot
+
+
+_NAME = re.compile(r"[A-Za-z_][\w:./]*")  # (a size's name, or the names in an expression of them: 2*batch)

@@ -9,9 +9,19 @@ from pathlib import Path
 
 from device_agent.errors import NotApplicable
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import (held_log_errors, output_path, quantized_already, quiet_ort_quantizer,
-                                               stored_as_8_bit, typed_by_ort)
-from host_tools.compress.onnx.initializers import drop_initializer_inputs, hoist_constants
+from host_tools.compress.onnx.boundary import (
+    forget_counted_sizes,
+    held_log_errors,
+    output_path,
+    quantized_already,
+    quiet_ort_quantizer,
+    stored_as_8_bit,
+    typed_by_ort,
+)
+from host_tools.compress.onnx.initializers import (
+    drop_initializer_inputs,
+    hoist_constants,
+)
 from host_tools.compress.onnx.widen import widen_float16
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
@@ -44,7 +54,6 @@ class OnnxPreprocess(Pass):
     @quiet_ort_quantizer()
     def run(self, model, config, workdir):
         import onnx
-        from onnxruntime.quantization.shape_inference import quant_pre_process
 
         workdir = Path(workdir).resolve()
         out, prepared = output_path(workdir, model, "pre"), output_path(workdir, model, "pre-in")
@@ -61,20 +70,10 @@ class OnnxPreprocess(Pass):
             # Given as a file: handed a ModelProto whose symbolic inference failed, ORT's pre-processing
             # moves its weights out to an external file it never writes, and its session cannot load them.
             onnx.save(source, str(prepared))
-            # ORT's symbolic inference, when it gives up, saves the graph to the current directory
-            # (sym_shape_infer_temp.onnx and its data): let it do that in a directory that goes away.
-            with tempfile.TemporaryDirectory(dir=workdir) as scratch, contextlib.chdir(scratch):
-                try:
-                    quant_pre_process(str(prepared), str(out), skip_optimization=not config.optimize,
-                                      skip_symbolic_shape=not config.symbolic_shapes)
-                except Exception:
-                    if not config.symbolic_shapes:
-                        raise
-                    # Symbolic inference gives up on some graphs (loops, unusual ops); ONNX's own still helps.
-                    quant_pre_process(str(prepared), str(out), skip_optimization=not config.optimize,
-                                      skip_symbolic_shape=True)
-                finally:
-                    prepared.unlink(missing_ok=True)
+            try:
+                _pre_process(prepared, out, config, workdir)
+            finally:
+                prepared.unlink(missing_ok=True)
         if held:  # ORT's optimizer failed; it went on with shape inference alone
             progress(f"      ONNX Runtime's graph optimization failed ({held[-1][:120]}): shapes inferred, "
                      "graph not optimized")
@@ -83,3 +82,32 @@ class OnnxPreprocess(Pass):
             if proto.ByteSize() < 2**31 - 2**20 and typed_by_ort(proto):  # (a model that large is left as it is)
                 onnx.save(proto, str(out))
         return ModelFile(out, "onnx")
+
+
+def _pre_process(prepared: Path, out: Path, config, workdir: Path) -> None:
+    """ONNX Runtime's quantization pre-processing of *prepared* into *out*, in two runs: shape
+    inference, then the optimizer (and ONNX's inference again), with the sizes that only the data
+    decides forgotten in between (boundary.forget_counted_sizes). Given them, the optimizer folded a
+    detector's Reshape after NMS into a target that fails on an image with no boxes."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    inferred = prepared.with_name(f"{prepared.stem}.shapes.onnx")
+    # ORT's symbolic inference, when it gives up, saves the graph to the current directory
+    # (sym_shape_infer_temp.onnx and its data): let it do that in a directory that goes away.
+    with tempfile.TemporaryDirectory(dir=workdir) as scratch, contextlib.chdir(scratch):
+        try:
+            try:
+                quant_pre_process(str(prepared), str(inferred), skip_optimization=True,
+                                  skip_symbolic_shape=not config.symbolic_shapes)
+            except Exception:
+                if not config.symbolic_shapes:
+                    raise
+                # Symbolic inference gives up on some graphs (loops, unusual ops); ONNX's own still helps.
+                quant_pre_process(str(prepared), str(inferred), skip_optimization=True, skip_symbolic_shape=True)
+            proto = onnx.load(str(inferred))
+            if proto.ByteSize() < 2**31 - 2**20 and forget_counted_sizes(proto.graph):
+                onnx.save(proto, str(inferred))
+            quant_pre_process(str(inferred), str(out), skip_optimization=not config.optimize, skip_symbolic_shape=True)
+        finally:
+            inferred.unlink(missing_ok=True)

@@ -16,9 +16,9 @@ from device_agent.errors import ConfigError, ModelError, NotApplicable
 from host_tools.compress import detections, evaluate
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, float16_weights, index_nodes, output_path,
-                                               quantized_already, quiet_ort_quantizer, weighted_nodes,
-                                               with_opset_at_least)
+from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, float16_weights, forget_counted_sizes_in,
+                                               index_nodes, output_path, quantized_already, quiet_ort_quantizer,
+                                               weighted_nodes, with_opset_at_least)
 from host_tools.compress.onnx.initializers import own_small_constants, shared_vectors, value_names
 from host_tools.compress.onnx.params import MIN_ELEMENTS, store_params_as_uint8
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
@@ -281,6 +281,7 @@ def sensitivity(model: ModelFile, config, feeds, nodes: list[str], tmp: Path, ca
             progress(f"      sensitivity: node {i + 1}/{len(nodes)}")
         path = tmp / f"probe{i}.onnx"
         _quantize_static(model.path, path, config, feeds, cache, only=[node])
+        forget_counted_sizes_in(path)
         scores.append((node, _distance(reference, _run(path, probe))))
     return sorted(scores, key=lambda s: -s[1])
 
