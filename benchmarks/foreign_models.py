@@ -177,15 +177,8 @@ def main() -> None:
     if args.latency:
         print(f"cells: size/output cosine/p50 latency, each as a multiple of the original's "
               f"({args.latency} single-sample runs each, interleaved, 1 thread)")
-    print(f"{'model':<11} {'KiB':>6}  " + "  ".join(f"{r:>{width}}" for r in recipes)
-          + ("  channels-50 (no recovery)" if not args.recover
-             else f"  channels-50 (output cosine, top-1 agreement: without -> with {args.recover} epochs of recovery)"))
-    for name, row in rows:
-        if "error" in row:
-            print(f"{name:<11} export failed: {row['error']}")
-            continue
-        cells = "  ".join(f"{row[r]:>{width}}" for r in recipes)
-        print(f"{name:<11} {row['kib']:>6.0f}  {cells}  {row.get('prune', '')}".rstrip())
+    print_table(rows, recipes, width, 11, "channels-50 (no recovery)" if not args.recover else
+                f"channels-50 (output cosine, top-1 agreement: without -> with {args.recover} epochs of recovery)")
     if args.auto:
         print(f"\n--auto --max-drop 1 --goal {args.auto} (the 64 inputs as calibration, training and evaluation data):")
         for name, row in rows:
@@ -193,12 +186,29 @@ def main() -> None:
                 print(f"  {name:<11} {row['auto']}")
             for candidate, verdict in row.get("auto_failed", {}).items():
                 print(f"      {candidate}: {verdict[:200]}")
+    print_notes(rows)
+    print(f"\n({time.monotonic() - started:.0f} s in all)")
+
+
+def print_table(rows: list[tuple[str, dict]], recipes, width: int, name_width: int, last: str) -> None:
+    """A line per model: its size, a cell per recipe (*width* wide), and the pruning column (*last*
+    heads it)."""
+    print(f"{'model':<{name_width}} {'KiB':>7}  " + "  ".join(f"{r:>{width}}" for r in recipes) + f"  {last}")
+    for name, row in rows:
+        if "error" in row:
+            print(f"{name:<{name_width}} export failed: {row['error']}")
+            continue
+        cells = "  ".join(f"{row[r]:>{width}}" for r in recipes)
+        print(f"{name:<{name_width}} {row['kib']:>7.0f}  {cells}  {row.get('prune', '')}".rstrip())
+
+
+def print_notes(rows: list[tuple[str, dict]]) -> None:
+    """Why each recipe that did not apply to a model did not."""
     notes = [(name, r, row["notes"][r]) for name, row in rows for r in row.get("notes", {})]
     if notes:
         print("\nwhy not:")
         for name, recipe, note in notes:
             print(f"  {name} {recipe}: {note[:160]}")
-    print(f"\n({time.monotonic() - started:.0f} s in all)")
 
 
 def build(cls, config, kind: str, torch):
@@ -231,17 +241,19 @@ def build(cls, config, kind: str, torch):
     return Outputs(model), names, data
 
 
-def recipe_cells(original, model_format: str, dataset, work: Path, row: dict, latency_runs: int = 0) -> None:
+def recipe_cells(original, model_format: str, dataset, work: Path, row: dict, latency_runs: int = 0,
+                 recipes: tuple[str, ...] = (), shown=lambda fidelity: f"{fidelity.cosine:.3f}") -> None:
+    """Each of *recipes* (default: RECIPES) on *original*: "size/fidelity" (*shown* writes the latter)."""
     from host_tools.compress import load_recipe, run_recipe
     from host_tools.compress.evaluate import bind, latencies
 
     results = {}
-    for recipe in RECIPES[model_format]:
+    for recipe in recipes or RECIPES[model_format]:
         report = run_recipe(original, load_recipe(recipe, model_format), calib=dataset, eval_data=dataset,
                             latency_runs=10, workdir=work / recipe)
         if report.compressed:
             result = results[recipe] = report.result
-            row[recipe] = f"{result.size_bytes / report.original.size_bytes:.2f}x/{result.fidelity.cosine:.3f}"
+            row[recipe] = f"{result.size_bytes / report.original.size_bytes:.2f}x/{shown(result.fidelity)}"
         else:
             row[recipe] = "—"
             row["notes"][recipe] = "; ".join(s.note for s in report.steps if s.status != "ok")
