@@ -190,6 +190,10 @@ class Evaluation:
             if self.bound.batch_axis_unused:
                 say(f"{model.path.name} declares a batch axis, but its graph runs one sample per call: "
                     f"one sample at a time here")
+            if self.bound.unbatched:
+                names = ", ".join(sorted(self.bound.unbatched))
+                say(f"{model.path.name} takes one sample with no batch axis ({names}): the data's samples, along "
+                    f"its first axis, one at a time")
             say(f"evaluating the original on {len(self.bound)} samples")
             self.score(self.original, runtime)
         else:

@@ -140,3 +140,33 @@ def test_auto_tries_every_candidate_on_a_detector_and_keeps_one_within_the_toler
     assert report.auto.verdicts["static int8 per-channel, entropy"].startswith(("within", "loses", "chosen"))
     assert report.auto.verdicts["static int8, 1 sensitive node in float"].startswith(("within", "loses", "chosen"))
     assert report.chosen is not None and out.is_file() and report.chosen.fidelity.agreement >= 0.97
+
+
+def test_edgefleet_compress_and_bundle_build_take_a_detector(detector, keys, tmp_path):
+    """The commands a user types: images stacked in an .npz for a model that takes one image, a line
+    that says how they are given, the table's caption saying what its agreement column means, and a
+    bundle of the result whose sample a device checks."""
+    import json
+
+    from device_agent.bundle import BundleReader
+    from device_agent.bundle.signing import trusted_keys
+    from device_agent.runtime import load_runtime
+    from device_agent.sample import check_sample
+    from tests.conftest import edgefleet
+
+    data, out, report = tmp_path / "images.npz", tmp_path / "int8.onnx", tmp_path / "report.json"
+    np.savez(data, image=images(16))
+    result = edgefleet("compress", detector.path, "--recipe", "int8-static", "--calib", data, "--eval", data,
+                       "-o", out, "--report", report, "--latency-runs", 10)
+    assert result.returncode == 0, result.stderr
+    assert "detector.onnx takes one sample with no batch axis (image): the data's samples, along its first axis, " \
+           "one at a time" in result.stderr
+    assert "the share of detections that match the original's" in " ".join(result.stdout.split())
+    assert json.loads(report.read_text())["steps"][-1]["fidelity"]["agreement"] >= 0.9
+    bundle = tmp_path / "d.efb"
+    built = edgefleet("bundle", "build", out, "--name", "detector", "--version", "1.0.0", "--key", keys["key"],
+                      "-o", bundle, "--compression-report", report)
+    assert built.returncode == 0, built.stderr
+    with BundleReader(bundle) as reader:
+        manifest = reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "bundle").manifest
+    check_sample(load_runtime("onnxruntime", tmp_path / "bundle" / out.name), manifest, tmp_path / "bundle")
