@@ -329,8 +329,8 @@ def prune_cell(original, pass_name: str, dataset, work: Path, row: dict, layers:
     if not report.compressed:
         row["prune"] = "— " + "; ".join(s.note for s in report.steps if s.status != "ok")[:100]
         return
-    row["prune"] = (f"{report.result.size_bytes / report.original.size_bytes:.2f}x: {layers}/{of} layers, "
-                    f"{heads} by heads")
+    row["prune"] = (f"{report.result.size_bytes / report.original.size_bytes:.2f}x: {layers}/{of} layers"
+                    + (f", {heads} by heads" if heads else ""))
     # then full int8 of the pruned model, as --auto's pruned candidates do
     from host_tools.compress import load_recipe
     int8 = run_recipe(report.result.model, load_recipe("int8-static", original.format), calib=dataset,

@@ -207,7 +207,7 @@ def test_entropy_calibration_finds_onnx_runtimes_thresholds():
     NumPy: the same thresholds on its own histograms of 2,048 bins."""
     from onnxruntime.quantization.calibrate import HistogramCollector
 
-    from host_tools.compress.onnx.quantize import ENTROPY_BINS, entropy_threshold
+    from host_tools.compress.onnx.calibration import ENTROPY_BINS, entropy_threshold
 
     rng = np.random.default_rng(3)
     for values in (rng.standard_normal(4000), np.abs(rng.standard_normal(4000)),  # a Relu's output

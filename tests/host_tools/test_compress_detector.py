@@ -76,6 +76,13 @@ def test_a_detector_is_compressed_and_its_detections_matched_to_the_originals(de
     assert len(detector.load().run({"image": nothing})["boxes"]) == 0
     for step in report.steps:  # (each step's model: the float16 converter's output keeps its recorded shapes)
         assert step.model.load().run({"image": nothing})["boxes"].shape == (0, 4), step.label
+    if recipe == "int8-static":  # (the post-processing stays float: box arithmetic on however many boxes)
+        from host_tools.compress.onnx.boundary import _counted_values
+
+        after_nonzero = _counted_values(onnx.load(str(detector.path)).graph)
+        static = onnx.load(str(next(s for s in report.steps if s.label == "onnx-static").model.path)).graph
+        quantized = {n.input[0] for n in static.node if n.op_type == "QuantizeLinear"}
+        assert quantized and not quantized & after_nonzero, quantized & after_nonzero
     if recipe == "fp16":
         assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in onnx.load(str(report.result.model.path))
                    .graph.initializer)

@@ -187,6 +187,26 @@ def index_nodes(path: Path) -> list[str]:
     return [n.name for n in graph.node if id(n) in found and n.name]
 
 
+def counted_nodes(path: Path) -> list[str]:
+    """Names of the nodes that compute on what follows a NonZero, NonMaxSuppression, Unique or
+    Compress (COUNTING_OPS), and of those in their If or Loop bodies, but for layers with weights (a
+    two-stage detector's box head): a detector's post-processing, box arithmetic on however many
+    boxes it kept. Static int8 leaves them in float: a box's coordinates lose what int8 rounds off,
+    the saving is nil (no weights, few values), and ONNX Runtime 1.32 crashed (SIGSEGV) running
+    torchvision's RetinaNet quantized so, with no boxes."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    counted = _counted_values(graph)
+    weights = {i.name for i in graph.initializer if len(i.dims) >= 2}
+    names = []
+    for node in graph.node:
+        if counted.intersection(node.output) and not weights.intersection(node.input):
+            names.append(node.name)
+            names += [inner.name for a in node.attribute if a.type == 5 for inner in a.g.node]
+    return [name for name in names if name]
+
+
 def consumers(graph) -> dict[str, list]:
     """tensor name -> the nodes that read it."""
     found: dict[str, list] = {}

@@ -16,9 +16,10 @@ from device_agent.errors import ConfigError, ModelError, NotApplicable
 from host_tools.compress import detections, evaluate
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, float16_weights, forget_counted_sizes_in,
-                                               index_nodes, output_path, quantized_already, quiet_ort_quantizer,
-                                               weighted_nodes, with_opset_at_least)
+from host_tools.compress.onnx.calibration import UNBOUNDED, CalibrationReader, calibrate_histograms
+from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, counted_nodes, float16_weights,
+                                               forget_counted_sizes_in, index_nodes, output_path, quantized_already,
+                                               quiet_ort_quantizer, weighted_nodes, with_opset_at_least)
 from host_tools.compress.onnx.initializers import own_small_constants, shared_vectors, value_names
 from host_tools.compress.onnx.params import MIN_ELEMENTS, store_params_as_uint8
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
@@ -150,6 +151,11 @@ class OnnxStaticInt8(Pass):
                 progress(f"      left in float: {len(indices)} node(s) computing indices (their results go to a "
                          "Cast to an integer type)")
                 exclude += indices
+            counted = [n for n in counted_nodes(model.path) if n not in exclude]
+            if counted:
+                progress(f"      left in float: {len(counted)} node(s) after a NonZero or NonMaxSuppression (a "
+                         "detector's post-processing, on however many boxes it keeps)")
+                exclude += counted
             infinite = [n for n in unbounded_nodes(model.path, feeds, Path(tmp)) if n not in exclude]
             if infinite:
                 progress(f"      left in float: {len(infinite)} node(s) writing or reading infinite values "
@@ -229,11 +235,6 @@ def _ort_copy_names(name: str, readers: int, initializers: list[str]) -> list[st
     return [f"{name}{first + k}" for k in range(readers - 1)]
 
 
-# Beyond this a float value is a stand-in for infinity (torch.export writes a causal mask with float32's
-# lowest, -3.4e38), never an activation: no int8 scale can hold it, and a histogram of it overflows.
-UNBOUNDED = 1e30
-
-
 def unbounded_nodes(path: Path, feeds, tmp: Path) -> list[str]:
     """Names of the nodes that write or read a float tensor holding ±inf, NaN or a value beyond
     UNBOUNDED on the calibration inputs: a causal attention mask (-inf, or -3.4e38, where a token may
@@ -292,127 +293,18 @@ def _quantize_static(source: Path, dest: Path, config, feeds, cache: Path, *, ex
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.method]
     if config.method != "minmax" and not cache.exists():
-        _calibrate_histograms(source, cache, config, feeds)
+        calibrate_histograms(source, cache, config, feeds)
     with warnings.catch_warnings():
         # ORT works out scales for every calibrated tensor, also those of nodes left in float (a Log
         # of 0 in index arithmetic has range -inf), and numpy warns; the fidelity check judges the result.
         warnings.filterwarnings("ignore", category=RuntimeWarning, module="onnxruntime.quantization")
-        quantize_static(str(source), str(dest), _Reader(feeds), quant_format=QuantFormat.QDQ,
+        quantize_static(str(source), str(dest), CalibrationReader(feeds), quant_format=QuantFormat.QDQ,
                         per_channel=config.per_channel, reduce_range=config.reduce_range,
                         activation_type=QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8,
                         weight_type=QuantType.QInt8, calibrate_method=method,
                         op_types_to_quantize=list(config.op_types) or None, nodes_to_quantize=only,
                         nodes_to_exclude=list(exclude) or None,
                         calibration_cache_path=str(cache))
-
-
-ENTROPY_BINS = 2048  # histogram bins for entropy calibration (TensorRT's, PyTorch's; quantize_static gives 128)
-
-
-def _calibrate_histograms(source: Path, cache: Path, config, feeds) -> None:
-    """Entropy or percentile calibration by ONNX Runtime's own calibrator, its ranges written to
-    *cache* for quantize_static to read, with our histogram collector (_histograms). quantize_static
-    would give the entropy calibrator 128 bins, which leaves it one threshold to choose, the whole
-    range: it wrote the MinMax file on every reference model."""
-    from onnxruntime.quantization import CalibrationMethod, create_calibrator
-    from onnxruntime.quantization.calibrate import save_tensors_data
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
-    entropy = config.method == "entropy"
-    calibrator = create_calibrator(
-        source, list(config.op_types) or sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),  # (quantize_static's)
-        augmented_model_path=str(cache.parent / "augmented.onnx"),
-        calibrate_method=CalibrationMethod.Entropy if entropy else CalibrationMethod.Percentile,
-        extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": 128} if entropy
-        else {"percentile": config.percentile})
-    calibrator.collector = _histograms(calibrator)
-    calibrator.collect_data(_Reader(feeds))
-    save_tensors_data(calibrator.compute_data(), cache)
-
-
-def _histograms(calibrator):
-    """ONNX Runtime's histogram collector for *calibrator*, with three changes. Values ±inf, NaN and
-    beyond UNBOUNDED are counted as 0: it stops on them otherwise, though the nodes around them stay
-    float (unbounded_nodes) and their ranges are never used. A tensor's values over the batches
-    reach it as one flat array: it stacks them, which stops where a tensor's size depends on the
-    input (a detector's boxes after NonZero). And its entropy threshold search is entropy_threshold's."""
-    from onnxruntime.quantization.calibrate import HistogramCollector
-
-    class Histograms(HistogramCollector):
-        def collect(self, name_to_arr):
-            flat = {name: np.concatenate([np.ravel(a) for a in arrays]) for name, arrays in name_to_arr.items()
-                    if len(arrays)}
-            return super().collect({name: [np.where(np.abs(a) < UNBOUNDED, a, np.zeros((), a.dtype))]
-                                    for name, a in flat.items()})
-
-        def get_entropy_threshold(self, histogram, num_quantized_bins):
-            return entropy_threshold(histogram, num_quantized_bins)
-
-    return Histograms(method=calibrator.method, symmetric=calibrator.symmetric, num_bins=calibrator.num_bins,
-                      num_quantized_bins=calibrator.num_quantized_bins, percentile=calibrator.percentile,
-                      scenario=calibrator.scenario)
-
-
-def entropy_threshold(histogram, num_quantized_bins: int) -> tuple:
-    """ONNX Runtime's entropy calibration (TensorRT's): of the windows of the histogram symmetric about
-    its middle bin and at least *num_quantized_bins* wide, the one whose counts (the outliers clipped
-    into its end bins) lose least, by KL divergence, when merged into *num_quantized_bins* bins and
-    spread back; its edges, within the values seen. *histogram* is ORT's (counts, edges, lowest,
-    highest). ORT's own loops over the merged bins in Python, ~1 s a tensor at 2,048 bins; this
-    does them with NumPy and finds the same thresholds."""
-    hist, edges, lowest, highest = histogram[0], histogram[1], histogram[2], histogram[3]
-    zero = hist.size // 2
-    below = np.concatenate([[0], np.cumsum(hist)])  # below[k]: the count in the bins before k
-    best, chosen = np.float32(np.inf), num_quantized_bins // 2
-    for i in range(num_quantized_bins // 2, zero + 1):  # the window of bins zero - i .. zero + i
-        start, end = zero - i, min(zero + i + 1, hist.size)
-        window = hist[start:end]
-        p = window.astype(np.int64)
-        p[0] += below[start]
-        p[-1] += below[-1] - below[end]
-        merged = window.size // num_quantized_bins
-        body = num_quantized_bins * merged
-        quantized = window[:body].reshape(num_quantized_bins, merged).sum(axis=1).astype(np.int64)
-        quantized[-1] += window[body:].sum()
-        nonzero = (p[:body] != 0).reshape(num_quantized_bins, merged).sum(axis=1)
-        q = np.zeros(p.size, np.int64)  # each merged bin spread over its nonzero bins, in whole counts as ORT
-        q[:body] = np.repeat(quantized // np.maximum(nonzero, 1) * (nonzero != 0), merged)
-        ps, qs = _smoothed(p), _smoothed(q)
-        divergence = np.float32(np.inf) if ps is None or qs is None else _divergence(ps, qs)
-        if divergence < best:
-            best, chosen = divergence, i
-    low, high = edges[zero - chosen], edges[min(zero + chosen + 1, hist.size)]
-    return (lowest if low < lowest else low, highest if high > highest else high)
-
-
-def _smoothed(p: np.ndarray, eps: float = 0.0001) -> np.ndarray | None:
-    """ORT's smooth_distribution: zeros become eps, taken off the other bins (None: all zero)."""
-    zeros = p == 0
-    count = int(zeros.sum())
-    if count == p.size:
-        return None
-    return p.astype(np.float32) + np.where(zeros, np.float32(eps), np.float32(-eps * count / (p.size - count)))
-
-
-def _divergence(p: np.ndarray, q: np.ndarray) -> np.float32:
-    """KL(p || q) of the two normalised, as ORT's entropy() (both smoothed: no zeros)."""
-    p, q = p / p.sum(), q / q.sum()
-    return np.float32((p * np.log(p / q)).sum())
-
-
-class _Reader:
-    """ORT's CalibrationDataReader: one batch of feeds per call, then None. All batches have one
-    size (ORT's histogram calibrators stack them), the largest divisor of the count up to 32."""
-
-    def __init__(self, feeds) -> None:
-        size = max(d for d in range(1, 33) if len(feeds) % d == 0)
-        self._batches = iter(list(feeds.batches(size)))
-
-    def get_next(self):
-        return next(self._batches, None)
-
-    def rewind(self) -> None:  # ORT calls this between calibration passes in some versions
-        pass
 
 
 def _probe_feeds(feeds, count: int):
