@@ -17,11 +17,18 @@ import numpy as np
 IOU = 0.5
 
 
-def one_sample(value: np.ndarray) -> np.ndarray:
-    """*value*, one sample's, as compare takes it: an object array of one element."""
-    holder = np.empty(1, dtype=object)
-    holder[0] = value
+def as_objects(parts: list[np.ndarray]) -> np.ndarray:
+    """Each sample's value (*parts*) as compare takes them: an object array of one element each
+    (np.array would stack those of one shape)."""
+    holder = np.empty(len(parts), dtype=object)
+    for i, part in enumerate(parts):
+        holder[i] = part
     return holder
+
+
+def is_boxes(value: np.ndarray) -> bool:
+    """Whether one sample's *value* is boxes: [n, 4] floats."""
+    return value.ndim == 2 and value.shape[1] == 4 and value.dtype.kind == "f"
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,7 @@ def compare(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) ->
 def _boxes_and_labels(ref: dict[str, list[np.ndarray]]) -> tuple[str | None, str | None]:
     """The name of the output that holds boxes ([n, 4] floats in every sample), and of the one that
     holds their labels (integers, one per box), where the outputs have them."""
-    boxes = next((name for name, values in ref.items()
-                  if values and all(v.ndim == 2 and v.shape[1] == 4 and v.dtype.kind == "f" for v in values)), None)
+    boxes = next((name for name, values in ref.items() if values and all(map(is_boxes, values))), None)
     if boxes is None:
         return None, None
     labels = next((name for name, values in ref.items() if name != boxes and all(

@@ -79,15 +79,15 @@ def _counted(runtime: ModelRuntime, expected: dict, got: dict) -> set[str]:
     batch = {d for spec in runtime.inputs for d in spec.shape if isinstance(d, str)}
     counted = {spec.name for spec in runtime.outputs if spec.name in expected and spec.name in got and spec.shape
                and isinstance(spec.shape[0], str) and spec.shape[0] not in batch}
-    boxes = any(expected[n].ndim == 2 and expected[n].shape[1] == 4 and expected[n].dtype.kind == "f" for n in counted)
+    boxes = any(detections.is_boxes(expected[n]) for n in counted)
     moved = any(got[n].shape != expected[n].shape for n in counted)
     return counted if boxes and moved else set()
 
 
 def _check_detections(want: dict[str, np.ndarray], have: dict[str, np.ndarray], manifest: Manifest) -> None:
-    rows = detections.compare({n: detections.one_sample(v) for n, v in want.items()},
-                              {n: detections.one_sample(v) for n, v in have.items()})
-    boxes = next(n for n, v in want.items() if v.ndim == 2 and v.shape[1] == 4 and v.dtype.kind == "f")
+    rows = detections.compare({n: detections.as_objects([v]) for n, v in want.items()},
+                              {n: detections.as_objects([v]) for n, v in have.items()})
+    boxes = next(n for n, v in want.items() if detections.is_boxes(v))
     found = f"the model found {len(have[boxes])} boxes ({boxes!r}) where the sample expects {len(want[boxes])}"
     if rows.agreement < MIN_PAIRED:
         raise HealthCheckError(f"{found}, and {rows.agreement:.0%} of them pair with the expected ones (IoU >= "

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from device_agent.detections import as_objects
+
 
 def per_call(parts: list[np.ndarray], spec, fixed_batch: bool, unbatched: bool) -> bool:
     """Whether an output (*spec*, its values *parts* over the calls) holds no sample axis: each
@@ -37,13 +39,6 @@ def gathered(parts: list[np.ndarray], spec) -> np.ndarray:
     return as_objects(parts)
 
 
-def as_objects(parts: list[np.ndarray]) -> np.ndarray:
-    """*parts* as an object array, one element each (np.array would stack those of one shape)."""
-    ragged = np.empty(len(parts), dtype=object)
-    for i, part in enumerate(parts):
-        ragged[i] = part
-    return ragged
-
-
 def is_ragged(value: np.ndarray) -> bool:
+    """Whether *value* (an output over the samples, as gathered) is one array per sample."""
     return value.dtype == object

@@ -11,15 +11,16 @@ from typing import Literal
 
 import numpy as np
 
+from device_agent.detections import as_objects
 from device_agent.detections import compare as compare_detections
 from device_agent.errors import ConfigError, ModelError, NotApplicable
-from host_tools.compress import detections, evaluate
+from host_tools.compress import evaluate
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.calibration import UNBOUNDED, CalibrationReader, calibrate_histograms
 from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, counted_nodes, float16_weights,
                                                forget_counted_sizes_in, index_nodes, output_path, quantized_already,
                                                quiet_ort_quantizer, weighted_nodes, with_opset_at_least)
+from host_tools.compress.onnx.calibration import UNBOUNDED, CalibrationReader, calibrate_histograms
 from host_tools.compress.onnx.initializers import own_small_constants, shared_vectors, value_names
 from host_tools.compress.onnx.params import MIN_ELEMENTS, store_params_as_uint8
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
@@ -328,8 +329,8 @@ def _distance(reference: dict[str, list[np.ndarray]], other: dict[str, list[np.n
         denom = np.linalg.norm(a) * np.linalg.norm(b)
         worst = max(worst, 0.0 if denom == 0 else 1.0 - float(a @ b / denom))
     if ragged:
-        rows = compare_detections({n: detections.as_objects(reference[n]) for n in ragged},
-                                  {n: detections.as_objects(other[n]) for n in ragged})
+        rows = compare_detections({n: as_objects(reference[n]) for n in ragged},
+                                  {n: as_objects(other[n]) for n in ragged})
         worst = max(worst, 1.0 - rows.agreement, 1.0 - rows.cosine)
     return worst
 
