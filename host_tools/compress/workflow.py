@@ -317,7 +317,7 @@ def apply_pass(cls, config, model: ModelFile, workdir: Path) -> Measured:
         return Measured(cls.name, model, "skipped", str(exc), config.to_dict())
     except (CompressionError, ModelError) as exc:
         return Measured(cls.name, model, "failed", str(exc), config.to_dict())
-    if result.format == "onnx":  # (a model that ran on an image with boxes failed on one without: see there)
+    if result.format == "onnx" and result.path != model.path:  # (ran on an image with boxes, failed on one without)
         from host_tools.compress.onnx.boundary import forget_counted_sizes_in
 
         forget_counted_sizes_in(result.path)
