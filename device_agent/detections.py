@@ -81,7 +81,10 @@ def _paired_detections(ref: np.ndarray, out: np.ndarray, labels) -> list[tuple[i
     most confident first) takes the free box of the same label it overlaps most, at IoU ≥ 0.5."""
     if not len(ref) or not len(out):
         return []
-    iou = _iou(_corners(ref), _corners(out))
+    # (a box with no area, clipped flat against the image's edge, would overlap nothing, not even
+    # itself: every box is given at least a thousandth of the coordinates' scale in each direction)
+    least = 1e-3 * max(float(np.abs(ref).max()), float(np.abs(out).max()), 1.0)
+    iou = _iou(_corners(ref, least), _corners(out, least))
     if labels:
         iou = np.where(labels[0][:, None] == labels[1][None, :], iou, 0.0)
     pairs, free = [], np.ones(len(out), bool)
@@ -94,14 +97,15 @@ def _paired_detections(ref: np.ndarray, out: np.ndarray, labels) -> list[tuple[i
     return pairs
 
 
-def _corners(boxes: np.ndarray) -> np.ndarray:
-    """[n, 4] as (x1, y1, x2, y2): as they are where every box has its far corner beyond its near
-    one, else read as (centre x, centre y, width, height), as YOLO writes them."""
+def _corners(boxes: np.ndarray, least: float = 0.0) -> np.ndarray:
+    """[n, 4] as (x1, y1, x2, y2), each side at least *least* long: as they are where every box has
+    its far corner beyond its near one, else read as (centre x, centre y, width, height), as YOLO
+    writes them."""
     boxes = boxes.astype(np.float64)
-    if np.all(boxes[:, 2] >= boxes[:, 0]) and np.all(boxes[:, 3] >= boxes[:, 1]):
-        return boxes
-    centre, half = boxes[:, :2], np.abs(boxes[:, 2:]) / 2
-    return np.concatenate([centre - half, centre + half], axis=1)
+    if not (np.all(boxes[:, 2] >= boxes[:, 0]) and np.all(boxes[:, 3] >= boxes[:, 1])):
+        centre, half = boxes[:, :2], np.abs(boxes[:, 2:]) / 2
+        boxes = np.concatenate([centre - half, centre + half], axis=1)
+    return np.concatenate([boxes[:, :2], np.maximum(boxes[:, 2:], boxes[:, :2] + least)], axis=1)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -110,6 +110,10 @@ def test_detections_pair_by_overlap_and_label_and_count_what_does_not_pair():
     # per image: none found by both is full agreement; one the model misses halves that image's
     two = compare({"b": _ragged(boxes[:0], boxes[:1])}, {"b": _ragged(boxes[:0], boxes[:0])})
     assert two.agreement == pytest.approx((1.0 + 0.0) / 2)
+    # a box with no area (clipped flat against the image's edge) pairs with itself, not with another
+    flat = np.array([[128, 256, 128, 256], [64, 288, 67, 288]], np.float32)
+    assert compare({"b": _ragged(flat)}, {"b": _ragged(flat + np.float32(1e-4))}).agreement == 1.0
+    assert compare({"b": _ragged(flat)}, {"b": _ragged(flat[::-1] + np.float32(3))}).agreement == 0.0
     # centre and size, as YOLO writes boxes, are read as such
     centred = np.array([[50, 50, 10, 10], [5, 5, 10, 10]], np.float32)
     nudged = centred + np.array([1, 0, 0, 0], np.float32)
