@@ -9,19 +9,9 @@ from pathlib import Path
 
 from device_agent.errors import NotApplicable
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import (
-    forget_counted_sizes,
-    held_log_errors,
-    output_path,
-    quantized_already,
-    quiet_ort_quantizer,
-    stored_as_8_bit,
-    typed_by_ort,
-)
-from host_tools.compress.onnx.initializers import (
-    drop_initializer_inputs,
-    hoist_constants,
-)
+from host_tools.compress.onnx.boundary import (forget_counted_sizes, held_log_errors, output_path, quantized_already,
+                                               quiet_ort_quantizer, stored_as_8_bit, typed_by_ort)
+from host_tools.compress.onnx.initializers import drop_initializer_inputs, hoist_constants
 from host_tools.compress.onnx.widen import widen_float16
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 
