@@ -135,6 +135,12 @@ def test_training_passes_say_in_a_line_why_a_detector_does_not_apply(detector, t
     assert distill.status == "skipped"
     assert distill.note.endswith("input 'image' takes one sample with no batch axis: training runs on batches")
     assert prune.status == "skipped" and "cannot run op(s) ArgMax, If, NonZero" in prune.note
+    # taking a batch of one image, as a YOLO export with NMS does: its boxes are what has no one shape
+    batched = ModelFile.open(graphs.detector(tmp_path / "batched.onnx", batch_of_one=True))
+    report = run_recipe(batched, Recipe("detector", (parse_step("distill epochs=1"),)), calib=data, eval_data=data,
+                        latency_runs=3, workdir=tmp_path / "batched")
+    assert report.steps[0].status == "skipped"
+    assert "the size of output 'boxes' depends on the input (detections after NMS)" in report.steps[0].note
 
 
 def test_auto_tries_every_candidate_on_a_detector_and_keeps_one_within_the_tolerance(detector, tmp_path):

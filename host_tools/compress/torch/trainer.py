@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from device_agent.errors import NotApplicable
 from host_tools.compress.data import BoundData
+from host_tools.compress.detections import is_ragged
 from host_tools.compress.evaluate import IGNORED, class_axis, class_labels, outputs_on
 from host_tools.compress.passes import progress
 
@@ -62,7 +63,7 @@ def teacher_targets(teacher, data: BoundData) -> list[np.ndarray]:
     NotApplicable for a model that cannot train on batches (see trainable)."""
     trainable(data)
     targets = outputs_on(teacher, data)
-    ragged = next((name for name, value in targets.items() if value.dtype == object), None)
+    ragged = next((name for name, value in targets.items() if is_ragged(value)), None)
     if ragged:
         raise NotApplicable(f"the size of output {ragged!r} depends on the input (detections after NMS): "
                             "training needs outputs of one shape for every sample")
