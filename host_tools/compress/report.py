@@ -129,9 +129,9 @@ def _float16_part(model) -> str:
 
         half = float16_weights(onnx.load(str(model.path), load_external_data=False).graph)
     else:
-        from host_tools.compress.tflite.quantize import _quantized_already
+        from host_tools.compress.tflite.quantize import quantized_weights
 
-        half = _quantized_already(model.path).startswith("float16")
+        half = quantized_weights(model.path).startswith("float16")
     return (": the original's weights are float16, and what the recipe left unquantized is float32 now (onnx-fp16 "
             "or tflite-fp16 after it stores that as float16 again)") if half else ""
 

@@ -1420,10 +1420,10 @@ def test_int8_is_made_from_a_float16_tflite_file(tmp_path):
     them ("weights are float16 already", "no weight"). Their float16 weights are widened to float32
     first, said in a line, and int8 of them keeps the float16 model's results."""
     from host_tools.compress.tflite import flatbuffer
-    from host_tools.compress.tflite.quantize import _quantized_already
+    from host_tools.compress.tflite.quantize import quantized_weights
 
     model = ModelFile.open(FIXTURES / "keras_cnn_fp16.tflite")
-    assert _quantized_already(model.path) == "float16 (4 of 4)"
+    assert quantized_weights(model.path) == "float16 (4 of 4)"
     spec = model.load().inputs[0]
     data = Dataset({spec.name: np.random.default_rng(0).random((16, 32, 32, 3)).astype(np.float32)}, None, "images")
     said = []
@@ -1431,7 +1431,7 @@ def test_int8_is_made_from_a_float16_tflite_file(tmp_path):
         report = run_recipe(model, load_recipe(recipe, "tflite"), calib=data, eval_data=data, latency_runs=3,
                             workdir=tmp_path / recipe, progress=said.append)
         assert report.compressed and report.steps[0].status == "ok", (recipe, [s.note for s in report.steps])
-        assert _quantized_already(report.result.model.path) == "int8 (4 of 4)", recipe
+        assert quantized_weights(report.result.model.path) == "int8 (4 of 4)", recipe
         assert report.result.size_bytes < 0.7 * report.original.size_bytes, recipe
         assert report.result.fidelity.cosine > 0.99, recipe
     assert any("keras_cnn_fp16.tflite stores weights as float16: 6 widened to float32 first" in line

@@ -150,22 +150,27 @@ def stored_as_8_bit(graph) -> int:
 def weighted_nodes(source, op_types) -> list[tuple[str, str]]:
     """(name, op type) of the nodes of *op_types* that have a constant weight (an initializer of
     rank 2 or more among their inputs); *source* is a model file, or its graph loaded already."""
-    import onnx
-
-    graph = onnx.load(str(source), load_external_data=False).graph if isinstance(source, (str, Path)) else source
+    graph = graph_of(source)
     weights = {i.name for i in graph.initializer if len(i.dims) >= 2}
     return [(n.name, n.op_type) for n in graph.node
             if n.op_type in op_types and any(i in weights for i in n.input)]
 
 
-def index_nodes(path: Path) -> list[str]:
+def graph_of(source):
+    """The graph of *source*: a model file (read without its external weights), or a graph already."""
+    import onnx
+
+    return onnx.load(str(source), load_external_data=False).graph if isinstance(source, (str, Path)) else source
+
+
+def index_nodes(source) -> list[str]:
     """Names of the nodes whose results only go to a Cast to an integer type, directly or through
     other such nodes: float arithmetic that computes indices (T5's relative-position buckets:
     Div, Log, Mul, then Cast to int64 and Gather). Calibrated int8 there rounds an index to a
-    different one, or to garbage; they stay in float."""
+    different one, or to garbage; they stay in float. *source*: a model file, or its graph."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = graph_of(source)
     readers = consumers(graph)
     integer = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
                onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
@@ -187,16 +192,14 @@ def index_nodes(path: Path) -> list[str]:
     return [n.name for n in graph.node if id(n) in found and n.name]
 
 
-def counted_nodes(path: Path) -> list[str]:
+def counted_nodes(source) -> list[str]:
     """Names of the nodes that compute on what follows a NonZero, NonMaxSuppression, Unique or
     Compress (COUNTING_OPS), and of those in their If or Loop bodies, but for layers with weights (a
     two-stage detector's box head): a detector's post-processing, box arithmetic on however many
     boxes it kept. Static int8 leaves them in float: a box's coordinates lose what int8 rounds off,
     the saving is nil (no weights, few values), and ONNX Runtime 1.32 crashed (SIGSEGV) running
-    torchvision's RetinaNet quantized so, with no boxes."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
+    torchvision's RetinaNet quantized so, with no boxes. *source*: a model file, or its graph."""
+    graph = graph_of(source)
     counted = _counted_values(graph)
     weights = {i.name for i in graph.initializer if len(i.dims) >= 2}
     names = []

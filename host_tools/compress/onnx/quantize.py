@@ -18,8 +18,9 @@ from host_tools.compress import evaluate
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, counted_nodes, float16_weights,
-                                               forget_counted_sizes_in, index_nodes, output_path, quantized_already,
-                                               quiet_ort_quantizer, weighted_nodes, with_opset_at_least)
+                                               forget_counted_sizes_in, graph_of, index_nodes, output_path,
+                                               quantized_already, quiet_ort_quantizer, weighted_nodes,
+                                               with_opset_at_least)
 from host_tools.compress.onnx.calibration import UNBOUNDED, CalibrationReader, calibrate_histograms
 from host_tools.compress.onnx.initializers import own_small_constants, shared_vectors, value_names
 from host_tools.compress.onnx.params import MIN_ELEMENTS, store_params_as_uint8
@@ -146,13 +147,13 @@ class OnnxStaticInt8(Pass):
         model = _with_own_vectors(model, workdir)
         with failing_as(self.name, model), tempfile.TemporaryDirectory(dir=workdir) as tmp:
             cache = Path(tmp) / "ranges"  # calibrate once, reuse for every sensitivity probe
-            exclude = list(config.exclude)
-            indices = [n for n in index_nodes(model.path) if n not in exclude]
+            exclude, graph = list(config.exclude), graph_of(model.path)
+            indices = [n for n in index_nodes(graph) if n not in exclude]
             if indices:
                 progress(f"      left in float: {len(indices)} node(s) computing indices (their results go to a "
                          "Cast to an integer type)")
                 exclude += indices
-            counted = [n for n in counted_nodes(model.path) if n not in exclude]
+            counted = [n for n in counted_nodes(graph) if n not in exclude]
             if counted:
                 progress(f"      left in float: {len(counted)} node(s) after a NonZero or NonMaxSuppression (a "
                          "detector's post-processing, on however many boxes it keeps)")

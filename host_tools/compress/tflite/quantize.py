@@ -75,7 +75,7 @@ class _LiteRtPass(Pass):
         out = Path(workdir) / f"{model.path.stem}.{self.tag}.tflite"
         with failing_as(self.name, model):  # (outside _quiet: its line is for the user)
             source = fold.widened_copy(model.path, Path(workdir)) if self.widens else model.path
-            done = _quantized_already(source)
+            done = quantized_weights(source)
         with _quiet(), failing_as(self.name, model):
             if done:  # (litert-quantizer fails on such a model with an AttributeError of its own)
                 raise NotApplicable(f"{model.path.name}'s weights are {done} already: compress the float model")
@@ -401,7 +401,7 @@ _WEIGHTED = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1, "TRANSP
              recurrent.LSTM_OP: recurrent.WEIGHTS[0]}
 
 
-def _quantized_already(path: Path) -> str:
+def quantized_weights(path: Path) -> str:
     """'' when some weight of a weighted op is float32; else what its weights are ("int8 (4 of 4)"),
     a float16 weight counted where a DEQUANTIZE turns it into the float32 the op reads."""
     from host_tools.compress.tflite.graph import Graph
