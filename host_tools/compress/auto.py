@@ -176,9 +176,9 @@ def search(model: ModelFile, *, eval_data: str | Dataset, max_drop: float, goal:
                           + ("" if calib is not None else " without calibration data (--calib)")
                           + "".join(f"; {why}" for why in list(unavailable.values())[:1]))
     outcome = AutoOutcome(max_drop, goal, dict(unavailable))
-    with tempfile.TemporaryDirectory(prefix="edgefleet-auto-") as tmp, showing_progress(say):
+    with tempfile.TemporaryDirectory(prefix="edgefleet-auto-") as tmp, showing_progress(say), \
+            Evaluation(model, eval_data, say, device_bench) as evaluation:
         workdir = Path(workdir or tmp)
-        evaluation = Evaluation(model, eval_data, say, device_bench)
         if evaluation.bound is None:
             raise ConfigError("--auto needs evaluation data (--eval)")
         results = _measure(todo, plans, model, evaluation, workdir, outcome, say)

@@ -19,6 +19,7 @@ from device_agent.errors import CompressionError, ConfigError, ModelError, NotAp
 from device_agent.runtime.base import first_line
 from host_tools.compress import evaluate
 from host_tools.compress.data import Dataset, load_dataset
+from host_tools.compress.isolated import RuntimeCrash, Sandbox
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import DATA_FIELD, check_requirements, get_pass, make_config, showing_progress
 from host_tools.compress.recipes import Recipe
@@ -136,9 +137,9 @@ def run_recipe(model: ModelFile, recipe: Recipe, *, calib: str | Dataset | None 
     say = progress or (lambda _msg: None)
     calib, train = read_data(calib), read_data(train)  # a missing file fails here, before any pass
     plan = plan_steps(recipe.steps, model, calib, train)
-    with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp, showing_progress(say):
+    with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp, showing_progress(say), \
+            Evaluation(model, eval_data, say, device_bench) as evaluation:
         workdir = Path(workdir or tmp)
-        evaluation = Evaluation(model, eval_data, say, device_bench)
         steps, current = [], model
         for i, (cls, config) in enumerate(plan, start=1):
             say(f"[{i}/{len(plan)}] {cls.name}")
@@ -173,7 +174,8 @@ def plan_steps(steps, model: ModelFile, calib, train=None) -> list[tuple[type, A
 class Evaluation:
     """The evaluation data bound to the model's inputs, and the original measured on it;
     without data, only sizes are measured, and each result is run once on zeros where the
-    original runs so (a pass's output that does not load is never handed back)."""
+    original runs so (a pass's output that does not load is never handed back). A pass's output
+    runs in a child process (isolated.Sandbox), where a runtime that dies on it fails only it."""
 
     def __init__(self, model: ModelFile, eval_data: str | Dataset | None, say: Progress,
                  device_bench=None) -> None:
@@ -200,6 +202,13 @@ class Evaluation:
             # (one that does not load is refused, as with data: each result would be written out)
             self.on_zeros = _runs_on_zeros(model, model.load()) is None
         self._say = say
+        self.sandbox = Sandbox(self.bound)
+
+    def __enter__(self) -> "Evaluation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sandbox.close()
 
     def score(self, m: Measured, runtime=None) -> None:
         """Fidelity of *m* against the original (a model that no longer runs fails here);
@@ -207,16 +216,20 @@ class Evaluation:
         if m.status != "ok":
             return
         if self.bound is None:
-            failure = _runs_on_zeros(m.model) if self.on_zeros and m is not self.original else None
+            failure = self.sandbox.runs_on_zeros(m.model) if self.on_zeros and m is not self.original else None
             if failure:
                 m.status, m.note = "failed", f"does not run: {failure}"
             return
         try:
-            m.outputs = evaluate.outputs_on(runtime or m.model.load(), self.bound)
+            m.outputs = (evaluate.outputs_on(runtime or m.model.load(), self.bound) if m is self.original
+                         else self.sandbox.outputs(m.model))
         except ModelError as exc:
             if m is self.original:
                 raise ConfigError(f"the original model does not run on the evaluation data: {exc}") from None
             m.status, m.note = "failed", f"does not run: {exc}"
+            return
+        except RuntimeCrash as exc:
+            m.status, m.note = "failed", f"{exc} on the evaluation data"
             return
         try:
             m.fidelity = evaluate.fidelity(self.original.outputs, m.outputs, self.bound.labels,

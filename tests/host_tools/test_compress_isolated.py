@@ -1,0 +1,103 @@
+"""A runtime that dies on a pass's output takes only that result with it, not the compress command.
+
+The crash is a real one: ONNX Runtime 1.32's NCHWc layout transformer dies (SIGSEGV) creating a CPU
+session for the CRNN fixture's float16 graph. The float16 pass looks for that itself, in a child
+process; here its look is turned off, as it would be for any crash nobody foresaw, and the
+evaluation, which runs every result in a child process, has to catch it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import psutil
+import pytest
+
+from device_agent.errors import ModelError
+from host_tools.compress import Dataset, ModelFile, run_recipe
+from host_tools.compress.auto import Candidate, search
+from host_tools.compress.data import load_dataset
+from host_tools.compress.evaluate import bind, outputs_on
+from host_tools.compress.isolated import RuntimeCrash, Sandbox
+from host_tools.compress.onnx import fp16
+from host_tools.compress.recipes import Recipe, Step
+from tests.conftest import MODELS
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "models"
+CRASH = "ONNX Runtime crashed running it (SIGSEGV, signal 11)"
+
+pytestmark = pytest.mark.skipif(onnxruntime.__version__ != "1.32.0",
+                                reason="the float16 CRNN crashes ONNX Runtime 1.32 (compact.py); others may not")
+
+
+def recipe(*names: str) -> Recipe:
+    return Recipe("test", tuple(Step(name, {}) for name in names))
+
+
+@pytest.fixture
+def crnn(monkeypatch) -> tuple[ModelFile, Dataset]:
+    """The CRNN fixture, 8 text-line images for it, and the float16 pass without its own crash check."""
+    monkeypatch.setattr(fp16, "session_crash", lambda path: None)
+    model = ModelFile.open(FIXTURES / "crnn_ocr.onnx")
+    name = model.load().inputs[0].name
+    return model, Dataset({name: np.random.default_rng(0).random((8, 1, 32, 48), np.float32)}, None, "lines")
+
+
+def test_a_result_the_runtime_dies_on_fails_its_step_and_the_recipe_goes_on(crnn, tmp_path):
+    model, data = crnn
+    report = run_recipe(model, recipe("onnx-fp16", "onnx-dynamic"), eval_data=data, latency_runs=3,
+                        workdir=tmp_path)
+    crashed, dynamic = report.steps
+    assert crashed.status == "failed" and crashed.note == f"{CRASH} on the evaluation data", crashed.note
+    assert crashed.latency is None and crashed.outputs is None
+    # the next pass took the original, as after any failed step, and was measured and timed
+    assert dynamic.status == "ok" and dynamic.fidelity.cosine > 0.99 and dynamic.latency is not None
+    assert report.result is dynamic and report.to_dict()["steps"][0]["note"] == crashed.note
+
+
+def test_without_evaluation_data_the_run_on_zeros_is_isolated_too(crnn, tmp_path):
+    model, _ = crnn
+    report = run_recipe(model, recipe("onnx-fp16", "onnx-dynamic"), latency_runs=3, workdir=tmp_path)
+    assert [s.status for s in report.steps] == ["failed", "ok"]
+    assert report.steps[0].note == f"does not run: {CRASH}"
+
+
+def test_auto_goes_on_past_a_candidate_the_runtime_dies_on(crnn, tmp_path):
+    model, data = crnn
+    candidates = (Candidate("fp16", (Step("onnx-fp16", {}),)), Candidate("dynamic", (Step("onnx-dynamic", {}),)))
+    report = search(model, eval_data=data, max_drop=5.0, candidates=candidates, latency_runs=3,
+                    goal="size", out=tmp_path / "out.onnx")
+    assert report.chosen is not None and report.chosen.label == "dynamic"
+    assert report.auto.verdicts["fp16"].startswith("failed") and CRASH in report.auto.verdicts["fp16"], \
+        report.auto.verdicts
+
+
+def test_one_child_serves_every_model_and_a_new_one_follows_a_crash(crnn, tmp_path):
+    """The sandbox gives the same outputs as running in this process; a model the runtime
+    refuses is a ModelError, as in this process; after a crash the next model runs."""
+    model, _ = crnn
+    crashing = fp16.OnnxFp16().run(model, fp16.OnnxFp16.Config(), tmp_path)
+    digits = ModelFile.open(MODELS / "digits_cnn.onnx")
+    heldout = bind(load_dataset(MODELS / "digits_heldout.npz"), digits.load())
+    with Sandbox(heldout) as sandbox:
+        expected = outputs_on(digits.load(), heldout)
+        first = sandbox.outputs(digits)
+        child = sandbox._child.process.pid
+        assert all(np.array_equal(first[k], expected[k]) for k in expected)
+        with pytest.raises(ModelError):
+            sandbox.outputs(model)  # (the CRNN does not take 8x8 digits)
+        assert sandbox._child.process.pid == child
+        with pytest.raises(RuntimeCrash, match="SIGSEGV"):
+            sandbox.outputs(crashing)
+        assert not psutil.pid_exists(child)
+        again = sandbox.outputs(digits)
+        child = sandbox._child.process.pid
+        assert all(np.array_equal(again[k], expected[k]) for k in expected)
+    # the next command's sandbox takes the same child, which forgot the last one's data
+    with Sandbox(None) as sandbox:
+        assert sandbox.runs_on_zeros(digits) is None and sandbox._child.process.pid == child
+        with pytest.raises(RuntimeError, match="outputs_on"):
+            sandbox.outputs(digits)  # (no data to run it on: our fault, with the child's traceback)
+    ours = [c.pid for c in psutil.Process().children() if "isolated import serve" in " ".join(c.cmdline())]
+    assert ours == [child]  # (one idle child, no more)
