@@ -6,15 +6,23 @@ boxes differs from the expected (another CPU's or an accelerator's rounding move
 score threshold). A sample's rows pair by detection where one output is boxes ([n, 4], corners or
 centre and size), with the labels of an integer output of one value per box where there is one;
 elsewhere its rows pair only where each value has the expected shape.
+
+A TFLite detector (the TensorFlow Object Detection API's SSDs, EfficientDet-Lite) ends in the op
+TFLite_Detection_PostProcess instead, whose outputs have a fixed number of rows: boxes [1, K, 4]
+(ymin, xmin, ymax, xmax), classes [1, K] (as floats), scores [1, K], and the count of rows that
+are detections [1]; the rest is padding. ``unpadded`` makes those the same one array per sample
+of detections, so they are compared alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 IOU = 0.5
+POSTPROCESS_OP = "TFLite_Detection_PostProcess"
 
 
 def as_objects(parts: list[np.ndarray]) -> np.ndarray:
@@ -24,6 +32,18 @@ def as_objects(parts: list[np.ndarray]) -> np.ndarray:
     for i, part in enumerate(parts):
         holder[i] = part
     return holder
+
+
+def unpadded(outputs: Mapping[str, np.ndarray], padded: Sequence[str]) -> dict[str, np.ndarray]:
+    """*outputs* (samples along axis 0) with a padded detector's (*padded*: the names of its boxes,
+    classes, scores and count, as POSTPROCESS_OP gives them) as one array per sample of the rows
+    that are detections, the classes as integers. The count goes: each sample's length is it."""
+    boxes, classes, scores, count = padded
+    counts = np.asarray(outputs[count]).reshape(len(outputs[count]), -1)[:, 0]
+    rows = [int(np.clip(np.nan_to_num(n), 0, np.shape(outputs[boxes])[1])) for n in counts]
+    cut = {boxes: np.float32, classes: np.int64, scores: np.float32}
+    return {name: as_objects([np.asarray(v[:n]).astype(cut[name]) for v, n in zip(value, rows)])
+            if name in cut else value for name, value in outputs.items() if name != count}
 
 
 def is_boxes(value: np.ndarray) -> bool:

@@ -67,6 +67,8 @@ class TFLiteRuntime:
         self._read_ports()
         self._inputs = tuple(_spec(d) for d in self._interpreter.get_input_details())
         self._outputs = tuple(_spec(d) for d in self._interpreter.get_output_details())
+        # (boxes, classes, scores, count) where the model ends in TFLite's detection post-processing
+        self.padded_detections = _padded_detections(Path(model_path), self._out_ports)
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -216,6 +218,39 @@ def _custom_codes(path: Path) -> list[str]:
         return [code.CustomCode().decode(errors="replace") for code in codes if code.CustomCode()]
     except Exception:  # noqa: BLE001 — not a flatbuffer (the interpreter said why): nothing to name
         return []
+
+
+def _padded_detections(path: Path, outputs: tuple["_Port", ...]) -> tuple[str, ...] | None:
+    """The names of the outputs the model's detection post-processing op (detections.POSTPROCESS_OP)
+    gives, in its order: boxes, classes, scores, count (through a QUANTIZE or DEQUANTIZE, which full
+    int8 adds); None where it has no such op, or cannot be read (tflite-runtime has no schema)."""
+    from device_agent.detections import POSTPROCESS_OP
+
+    try:
+        model = _packed(path)
+        if model is None:
+            return None
+        graph, codes = model.Subgraphs(0), [model.OperatorCodes(i) for i in range(model.OperatorCodesLength())]
+        ops = [graph.Operators(k) for k in range(graph.OperatorsLength())]
+        maker = {op.Outputs(p): (op, p) for op in ops for p in range(op.OutputsLength())}
+
+        def kind(op) -> str:
+            code = codes[op.OpcodeIndex()]
+            return (code.CustomCode() or b"").decode(errors="replace") or str(max(code.BuiltinCode(),
+                                                                                   code.DeprecatedBuiltinCode()))
+        from ai_edge_litert.schema_py_generated import BuiltinOperator
+
+        passing = {str(BuiltinOperator.QUANTIZE), str(BuiltinOperator.DEQUANTIZE)}  # (they change the type only)
+        found = {}
+        for port in outputs:
+            op, position = maker.get(port.index, (None, 0))
+            while op is not None and kind(op) in passing:
+                op, position = maker.get(op.Inputs(0), (None, 0))
+            if op is not None and kind(op) == POSTPROCESS_OP:
+                found[position] = port.name
+    except Exception:  # noqa: BLE001 — not readable: compared value by value, as before
+        return None
+    return tuple(found[p] for p in range(4)) if sorted(found) == [0, 1, 2, 3] else None
 
 
 def _keeps_state(path: Path) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from device_agent.detections import compare as compare_detections
+from device_agent.detections import unpadded
 from device_agent.errors import ConfigError, ModelError
 from host_tools.compress import detections
 from host_tools.compress.data import BoundData, Dataset
@@ -80,15 +81,18 @@ def _indices_of_names(labels, runtime, source: str) -> np.ndarray:
 
 def outputs_on(runtime, data: BoundData) -> dict[str, np.ndarray]:
     """Every output of a loaded model (ModelFile.load) over all of *data*, samples along axis 0;
-    one whose size depends on the input (detections), an object array of each sample's value."""
+    one whose size depends on the input (detections), an object array of each sample's value, as
+    are the detections of a TFLite detector whose post-processing pads them (its count goes)."""
     parts: dict[str, list[np.ndarray]] = {o.name: [] for o in runtime.outputs}
     for feeds in data.batches():
         for name, value in data.samples_first(runtime.run(feeds)).items():
             parts[name].append(np.asarray(value))
     specs = {o.name: o for o in runtime.outputs}
-    return {name: detections.gathered(values, specs[name])
-            if detections.per_call(values, specs[name], data.fixed_batch, bool(data.unbatched))
-            else np.concatenate(values) for name, values in parts.items()}
+    outputs = {name: detections.gathered(values, specs[name])
+               if detections.per_call(values, specs[name], data.fixed_batch, bool(data.unbatched))
+               else np.concatenate(values) for name, values in parts.items()}
+    padded = getattr(runtime, "padded_detections", None)
+    return unpadded(outputs, padded) if padded else outputs
 
 
 def class_axis(output: np.ndarray, model_format: str) -> int | None:

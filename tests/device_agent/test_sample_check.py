@@ -95,3 +95,45 @@ def test_a_detector_whose_device_finds_another_number_of_boxes_is_checked_box_by
     expect(slice(None), found["boxes"] + np.float32(0.05))  # as many, 0.05 off: compared value by value
     with pytest.raises(HealthCheckError, match="output 'boxes' differs from the expected sample output"):
         check_sample(runtime, manifest, tmp_path / "bundle")
+
+
+def test_a_tflite_detector_whose_post_processing_pads_its_detections_is_checked_by_them(keys, tmp_path):
+    """A TFLite SSD's outputs have a fixed number of rows, of which its count output says how many
+    are detections. Where the device counts another number than the sample holds, the rows that are
+    detections are paired as any detector's; the padding is never compared."""
+    from device_agent.bundle import BundleReader
+    from host_tools.packaging import build_bundle
+    from tests.host_tools import tflite_graphs
+
+    model = tflite_graphs.ssd(tmp_path / "ssd.tflite")
+    image = np.random.default_rng(5).random((1, 3, 64, 64), dtype=np.float32)
+    runtime = load_runtime("tflite", model)
+    manifest = build_bundle(model, name="ssd", version="1.0.0", key=keys["key"], out=tmp_path / "s.efb",
+                            sample={runtime.inputs[0].name: image})
+    with BundleReader(tmp_path / "s.efb") as reader:
+        reader.verify(trusted_keys([keys["pub"]]), extract_to=tmp_path / "bundle")
+    boxes, classes, scores, count = runtime.padded_detections
+    path = tmp_path / "bundle" / manifest.sample.file
+    inputs, found = load_sample(path)
+    n = int(found[count][0])
+    assert 6 <= n < 10  # (one fewer still pairs 90 %, and some rows are padding)
+    check_sample(runtime, manifest, tmp_path / "bundle")
+
+    def expect(rows: int, padding: float = 0.0, off: float = 0.0):
+        kept = {name: found[name].copy() for name in found}
+        kept[count][0] = rows
+        kept[boxes][0, rows:] = kept[classes][0, rows:] = kept[scores][0, rows:] = padding
+        kept[boxes][0, :rows] += np.float32(off)
+        save_sample(path, inputs, kept)
+
+    expect(n, padding=7.0)  # the same detections, other padding: not compared
+    check_sample(runtime, manifest, tmp_path / "bundle")
+    expect(n - 1)  # the device finds one more
+    check_sample(runtime, manifest, tmp_path / "bundle")
+    expect(n // 2)
+    with pytest.raises(HealthCheckError, match=rf"the model found {n} boxes \('{boxes}'\) where the sample expects "
+                                               rf"{n // 2}"):
+        check_sample(runtime, manifest, tmp_path / "bundle")
+    expect(n, off=0.05)  # as many, 0.05 off
+    with pytest.raises(HealthCheckError, match=f"output '{boxes}' differs from the expected sample output"):
+        check_sample(runtime, manifest, tmp_path / "bundle")
