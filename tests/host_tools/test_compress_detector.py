@@ -235,3 +235,7 @@ def test_a_tflite_detector_with_padded_detections_is_compared_by_the_rows_that_a
     for step in done:
         assert step.fidelity.agreement == pytest.approx(compare(want, by_hand(step.model, data)).agreement)
     assert report.result.fidelity.agreement > 0.5
+    # full int8 had put a QUANTIZE and a DEQUANTIZE after the op it leaves float: its boxes, scores and
+    # classes came out rounded to 8 bits (256 values at most), and 63 % of the detections paired, not 77 %
+    boxes = np.concatenate(list(by_hand(report.result.model, data)["TFLite_Detection_PostProcess"]))
+    assert len(np.unique(boxes)) > 256

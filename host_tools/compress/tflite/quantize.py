@@ -43,6 +43,7 @@ from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
 from host_tools.compress.recipes import TFLITE_INT8_BETWEEN_OPS, TFLITE_INT8_JOINING_OPS, TFLITE_INT8_LAYER_OPS
 from host_tools.compress.tflite import flatbuffer, fold, recurrent
+from host_tools.compress.tflite.float_io import float_io, without_round_trips
 
 _OPS_HELP = "regular expression of the tensor names to quantize"
 _SCHEMA_NAMES = {"CONV_2D_TRANSPOSE": "TRANSPOSE_CONV"}
@@ -214,7 +215,7 @@ class TfliteFullInt8(_LiteRtPass):
         result = super().run(model, config, workdir)
         if config.io == "float":
             tree, outside = flatbuffer.read(result.path)
-            if float_io(tree):
+            if float_io(tree) + without_round_trips(tree):
                 flatbuffer.write(tree, outside, result.path)
         return result
 
@@ -326,50 +327,6 @@ def _litert_op_names() -> frozenset[str] | None:
     except ImportError:
         return None
     return frozenset(TFLOperationName.__members__)
-
-
-def float_io(tree) -> int:
-    """Give *tree*'s main graph float32 inputs and outputs where they are 8-bit quantized: a float
-    twin of each such tensor takes its place (and its name, in the signature too), converted by a
-    QUANTIZE in front of the graph or a DEQUANTIZE behind it. Returns how many were wrapped."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    graph = tree.subgraphs[0]
-    eight_bit = (schema.TensorType.INT8, schema.TensorType.UINT8)
-    twins: dict[int, int] = {}
-
-    def wrap(index: int, op_code: int, before: bool) -> int:
-        tensor = graph.tensors[index]
-        twin = schema.TensorT()
-        twin.shape, twin.shapeSignature, twin.hasRank = tensor.shape, tensor.shapeSignature, tensor.hasRank
-        twin.type, twin.name = schema.TensorType.FLOAT32, tensor.name
-        tensor.name = (tensor.name or b"") + b"_int8"
-        tree.buffers.append(schema.BufferT())  # (computed: no data)
-        twin.buffer = len(tree.buffers) - 1
-        graph.tensors.append(twin)
-        twins[index] = len(graph.tensors) - 1
-        op = schema.OperatorT()
-        op.opcodeIndex = flatbuffer.opcode(tree, op_code, 2)  # (version 2: int8)
-        op.inputs, op.outputs = ([twins[index]], [index]) if before else ([index], [twins[index]])
-        if before:
-            graph.operators.insert(0, op)
-        else:
-            graph.operators.append(op)
-        return twins[index]
-
-    def quantized(index: int) -> bool:
-        tensor = graph.tensors[index]
-        return (tensor.type in eight_bit and tensor.quantization is not None
-                and tensor.quantization.scale is not None and len(tensor.quantization.scale) == 1)
-
-    graph.inputs = [wrap(t, schema.BuiltinOperator.QUANTIZE, True) if quantized(t) else t for t in graph.inputs]
-    graph.outputs = [wrap(t, schema.BuiltinOperator.DEQUANTIZE, False) if quantized(t) and t not in twins else
-                     twins.get(t, t) for t in graph.outputs]
-    for signature in tree.signatureDefs or []:
-        if signature.subgraphIndex == 0:
-            for entry in [*(signature.inputs or []), *(signature.outputs or [])]:
-                entry.tensorIndex = twins.get(entry.tensorIndex, entry.tensorIndex)
-    return len(twins)
 
 
 def _control_flow(path: Path) -> str:
