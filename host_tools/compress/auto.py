@@ -161,9 +161,10 @@ def search(model: ModelFile, *, eval_data: str | Dataset, max_drop: float, goal:
            calib: str | Dataset | None = None, train: str | Dataset | None = None,
            candidates: tuple[Candidate, ...] | None = None, out: Path | None = None,
            workdir: Path | None = None, latency_runs: int = 200, latency_threads: int | None = 1,
-           progress: Progress | None = None, device_bench=None) -> CompressionReport:
+           progress: Progress | None = None, device_bench=None, isolated: bool = True) -> CompressionReport:
     """Measure every candidate of the ladder (or *candidates*) and choose by *goal*; the
-    report's ``auto`` says what was chosen and why each candidate was or was not."""
+    report's ``auto`` says what was chosen and why each candidate was or was not. *isolated*: as
+    run_recipe's."""
     if goal not in GOALS:
         raise ConfigError(f"--goal must be one of {', '.join(GOALS)}")
     say = progress or (lambda _msg: None)
@@ -177,7 +178,7 @@ def search(model: ModelFile, *, eval_data: str | Dataset, max_drop: float, goal:
                           + "".join(f"; {why}" for why in list(unavailable.values())[:1]))
     outcome = AutoOutcome(max_drop, goal, dict(unavailable))
     with tempfile.TemporaryDirectory(prefix="edgefleet-auto-") as tmp, showing_progress(say), \
-            Evaluation(model, eval_data, say, device_bench) as evaluation:
+            Evaluation(model, eval_data, say, device_bench, isolated) as evaluation:
         workdir = Path(workdir or tmp)
         if evaluation.bound is None:
             raise ConfigError("--auto needs evaluation data (--eval)")
@@ -254,7 +255,8 @@ def _run_chain(candidate: Candidate, plan, model: ModelFile, evaluation: Evaluat
     for step, (cls, config) in zip(candidate.steps, plan):
         key += json.dumps(step.to_dict(), sort_keys=True)
         if key not in chains:
-            chains[key] = apply_pass(cls, config, current, workdir / f"{len(chains):02d}-{cls.name}")
+            chains[key] = apply_pass(cls, config, current, workdir / f"{len(chains):02d}-{cls.name}",
+                                     evaluation.sandbox)
             evaluation.score(chains[key])
         if chains[key].status == "skipped":  # as in a recipe: the next pass takes the last good model
             skipped = skipped or chains[key]

@@ -1,13 +1,15 @@
-"""Running a pass's output on the evaluation data in a child process, so that a runtime that dies
-on it takes only that child with it.
+"""Running the passes, and their outputs on the evaluation data, in a child process, so that a
+library that dies on a model takes only that child with it.
 
-ONNX Runtime and LiteRT are C++ libraries: on some graphs a compressed model makes, they do not
-raise, they die (ORT 1.32 took a segmentation fault running RetinaNet's int8 model on an image
-without boxes). In the compress process that would end the command, and with it every result
-already measured. Here each candidate runs in one long-lived child that holds the evaluation data;
-a child that dies is reported as the step's failure, in one line with the signal, and the next
-candidate gets a new child. The models are timed in the compress process afterwards, only those
-that ran here, on samples of the same data.
+ONNX Runtime, LiteRT and PyTorch are C++ libraries: on some graphs they do not raise, they die
+(ORT 1.32 took a segmentation fault running RetinaNet's int8 model on an image without boxes, and
+creating a session for a CRNN's float16 graph). In the compress process that would end the
+command, and with it every result already measured. Here each pass runs, and each result is run
+on the data, in one long-lived child that holds the evaluation data; a child that dies is reported
+as that step's failure, in one line with the signal, and the next step gets a new child. The models
+are timed in the compress process afterwards, only those that ran here, on samples of the same data.
+A pass's progress lines come back as it runs. A pass class the child cannot import by name (one
+defined in a script's `__main__` or inside a function) runs in the compress process.
 
 The child is a new Python that runs `serve`, about half a second of CPU to start: not
 multiprocessing's fork, which would copy the compress process's threads (PyTorch's, ONNX Runtime's)
@@ -32,7 +34,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from device_agent.errors import ModelError
+from device_agent.errors import EdgefleetError
 from device_agent.runtime.base import first_line
 from host_tools.compress import evaluate
 from host_tools.compress.data import BoundData
@@ -45,31 +47,55 @@ POLL_SECONDS = 0.2
 class RuntimeCrash(Exception):
     """The runtime died running the model: the child process ended without an answer."""
 
+    def __init__(self, message: str, how: str = "") -> None:
+        super().__init__(message)
+        self.how = how  # "SIGSEGV, signal 11"
+
 
 class Sandbox:
-    """A child process that runs models on *bound* (None: on zeros, as Evaluation does without
-    data): taken on the first request, replaced after a crash, handed on when closed."""
+    """A child process that runs passes, and models on *bound* (None: on zeros, as Evaluation does
+    without data): taken on the first request, replaced after a crash, handed on when closed."""
 
-    def __init__(self, bound: BoundData | None) -> None:
+    def __init__(self, bound: BoundData | None, *, in_process: bool = False) -> None:
         self.bound = bound
+        self.in_process = in_process  # (everything here instead: to debug or profile a pass, say)
         self._child: _Child | None = None
 
     def outputs(self, model: ModelFile) -> dict[str, Any]:
         """*model*'s outputs on the data (evaluate.outputs_on). ModelError where the runtime refuses
         it; RuntimeCrash where the runtime dies."""
+        if self.in_process:
+            return evaluate.outputs_on(model.load(), self.bound)
         return self._ask("outputs", model)
 
     def runs_on_zeros(self, model: ModelFile) -> str | None:
         """None when *model* loads and runs on zeros; else why not, in one line (a crash too)."""
+        if self.in_process:
+            return _zeros_failure(model)
         try:
             return self._ask("zeros", model)
         except RuntimeCrash as exc:
             return str(exc)
 
+    def run_pass(self, cls, config, model: ModelFile, workdir: Path, say) -> ModelFile:
+        """``cls().run(model, config, workdir)`` in the child (here, where the child could not import
+        *cls*), its progress lines to *say*; what the pass raises is raised here, RuntimeCrash
+        where the child dies."""
+        if self.in_process or not _isolable(cls):
+            return _run_pass(cls, config, model, workdir)
+        try:
+            return self._ask("pass", (cls, config, model, workdir), say)
+        except RuntimeCrash as exc:
+            raise RuntimeCrash(f"the pass crashed ({exc.how}): a library it runs died on the model") from None
+
     def close(self) -> None:
         child, self._child = self._child, None
-        if child is not None and child.ask(("data", None)) is not None:  # (it forgets the data)
+        if child is None:
+            return
+        if child.ask(("data", None)) is not None:  # (it forgets the data)
             _hand_on(child)
+        else:  # (killed, as on Ctrl-C)
+            child.end()
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -77,19 +103,20 @@ class Sandbox:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _ask(self, kind: str, model: ModelFile):
+    def _ask(self, kind: str, request, say=None):
         if self._child is None:
             self._child = _take(self.bound)
-        answer = self._child.ask((kind, model))
+        answer = self._child.ask((kind, request), say)
         if answer is None:
             code, self._child = self._child.end(), None
+            model = request if kind != "pass" else request[2]
             runtime = "ONNX Runtime" if model.format == "onnx" else "LiteRT"
-            raise RuntimeCrash(f"{runtime} crashed running it ({_how(code)})")
+            raise RuntimeCrash(f"{runtime} crashed running it ({_how(code)})", _how(code))
         status, value = answer
-        if status == "model-error":
-            raise ModelError(value)
+        if status == "raise":
+            raise value
         if status == "error":
-            raise RuntimeError(f"evaluating {model.path.name} in a child process failed:\n{value}")
+            raise RuntimeError(f"{kind} in the compress child process failed:\n{value}")
         return value
 
 
@@ -101,20 +128,30 @@ class _Child:
         root = str(Path(__file__).resolve().parents[2])  # (where host_tools is, installed or not)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         with theirs:
+            # (what libraries print goes to stderr: stdout may be a report piped from --json)
             self.process = subprocess.Popen([sys.executable, "-c", _CHILD, str(theirs.fileno())],
-                                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
+                                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=2, env=env)
         self.conn = Connection(ours.detach())
 
-    def ask(self, message: tuple):
-        """The child's answer to *message*; None where it died first."""
+    def ask(self, message: tuple, say=None):
+        """The child's answer to *message*, its progress lines on the way to *say*; None where it
+        died first. Interrupted (Ctrl-C), the child is killed: it may be in the middle of a pass."""
         try:
             self.conn.send(message)
-            while not self.conn.poll(POLL_SECONDS):
-                if self.process.poll() is not None:
-                    break
-            return self.conn.recv() if self.conn.poll() else None
+            while True:
+                while not self.conn.poll(POLL_SECONDS):
+                    if self.process.poll() is not None:
+                        return None
+                answer = self.conn.recv()
+                if answer[0] != "progress":
+                    return answer
+                if say is not None:
+                    say(answer[1])
         except (EOFError, OSError):  # (it died while we sent, or before it answered)
             return None
+        except BaseException:
+            self.process.kill()
+            raise
 
     def end(self) -> int | None:
         """Close the socket (the child's recv ends, and so does the child); its exit code, None
@@ -176,7 +213,8 @@ _CHILD = ("import sys; from multiprocessing.connection import Connection; "
 
 
 def serve(conn: Connection) -> None:
-    """The child: hold the data it is given, run models on it, until the other end closes."""
+    """The child: hold the data it is given, run passes and models, until the other end closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (Ctrl-C is the compress process's to handle)
     bound = None
     while True:
         try:
@@ -190,13 +228,34 @@ def serve(conn: Connection) -> None:
         try:
             if kind == "zeros":
                 answer = ("ok", _zeros_failure(value))
+            elif kind == "pass":
+                answer = ("ok", _run_pass(*value, conn=conn))
             else:
                 answer = ("ok", evaluate.outputs_on(value.load(), bound))
-        except ModelError as exc:
-            answer = ("model-error", str(exc))
+        except EdgefleetError as exc:
+            answer = ("raise", exc)
         except Exception:  # noqa: BLE001 — a fault of ours, not the model's: its traceback goes back
             answer = ("error", traceback.format_exc())
         conn.send(answer)
+
+
+def _run_pass(cls, config, model: ModelFile, workdir: Path, conn: Connection | None = None) -> ModelFile:
+    """The pass's result; in the child, its progress lines sent along *conn*."""
+    import contextlib
+    import io
+
+    from host_tools.compress.passes import showing_progress
+
+    # What libraries print (ONNX Runtime's calibrators report their histograms on stdout) would mix
+    # into the report a user pipes from --json; the pass's own progress goes to stderr.
+    with contextlib.redirect_stdout(io.StringIO()), \
+            showing_progress(lambda line: conn.send(("progress", line))) if conn else contextlib.nullcontext():
+        return cls().run(model, config, workdir)
+
+
+def _isolable(cls) -> bool:
+    """Whether the child can import pass class *cls* by its name."""
+    return cls.__module__ != "__main__" and "<locals>" not in cls.__qualname__
 
 
 def _zeros_failure(model: ModelFile) -> str | None:

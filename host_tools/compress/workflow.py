@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import platform
 import tempfile
 import time
@@ -21,7 +19,8 @@ from host_tools.compress import evaluate
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.isolated import RuntimeCrash, Sandbox
 from host_tools.compress.model import ModelFile
-from host_tools.compress.passes import DATA_FIELD, check_requirements, get_pass, make_config, showing_progress
+from host_tools.compress.passes import (DATA_FIELD, check_requirements, get_pass, make_config, progress,
+                                        showing_progress)
 from host_tools.compress.recipes import Recipe
 
 Progress = Callable[[str], None]
@@ -127,9 +126,10 @@ def quality_drop(original: Measured, candidate: Measured) -> float | None:
 def run_recipe(model: ModelFile, recipe: Recipe, *, calib: str | Dataset | None = None,
                train: str | Dataset | None = None, eval_data: str | Dataset | None = None, out: Path | None = None,
                workdir: Path | None = None, latency_runs: int = 200, latency_threads: int | None = 1,
-               progress: Progress | None = None, device_bench=None) -> CompressionReport:
+               progress: Progress | None = None, device_bench=None, isolated: bool = True) -> CompressionReport:
     """Apply *recipe*'s passes in order; measure the original and each output on *eval_data*
-    (latency on this host, or with *device_bench* on a device).
+    (latency on this host, or with *device_bench* on a device). The passes and their outputs run in
+    a child process (isolated.py; *isolated* False: in this one, to debug or profile a pass).
 
     A pass that does not apply to the model (or fails on it) is reported and skipped; the
     next pass takes the last good model. The last good model is copied to *out*.
@@ -138,12 +138,12 @@ def run_recipe(model: ModelFile, recipe: Recipe, *, calib: str | Dataset | None 
     calib, train = read_data(calib), read_data(train)  # a missing file fails here, before any pass
     plan = plan_steps(recipe.steps, model, calib, train)
     with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as tmp, showing_progress(say), \
-            Evaluation(model, eval_data, say, device_bench) as evaluation:
+            Evaluation(model, eval_data, say, device_bench, isolated) as evaluation:
         workdir = Path(workdir or tmp)
         steps, current = [], model
         for i, (cls, config) in enumerate(plan, start=1):
             say(f"[{i}/{len(plan)}] {cls.name}")
-            step = apply_pass(cls, config, current, workdir / f"{i:02d}-{cls.name}")
+            step = apply_pass(cls, config, current, workdir / f"{i:02d}-{cls.name}", evaluation.sandbox)
             evaluation.score(step)
             if step.status == "ok":
                 current = step.model
@@ -174,11 +174,12 @@ def plan_steps(steps, model: ModelFile, calib, train=None) -> list[tuple[type, A
 class Evaluation:
     """The evaluation data bound to the model's inputs, and the original measured on it;
     without data, only sizes are measured, and each result is run once on zeros where the
-    original runs so (a pass's output that does not load is never handed back). A pass's output
-    runs in a child process (isolated.Sandbox), where a runtime that dies on it fails only it."""
+    original runs so (a pass's output that does not load is never handed back). The passes and
+    their outputs run in a child process (isolated.Sandbox), where a library that dies fails only
+    that step."""
 
     def __init__(self, model: ModelFile, eval_data: str | Dataset | None, say: Progress,
-                 device_bench=None) -> None:
+                 device_bench=None, isolated: bool = True) -> None:
         self.data = load_dataset(eval_data) if eval_data is not None else None
         self.device_bench = device_bench  # latency on a device (compress.device.DeviceBench), else this host
         self.original = _measured("original", model)
@@ -202,7 +203,7 @@ class Evaluation:
             # (one that does not load is refused, as with data: each result would be written out)
             self.on_zeros = _runs_on_zeros(model, model.load()) is None
         self._say = say
-        self.sandbox = Sandbox(self.bound)
+        self.sandbox = Sandbox(self.bound, in_process=not isolated)
 
     def __enter__(self) -> "Evaluation":
         return self
@@ -315,20 +316,19 @@ def _with_data(cls, options: dict, calib, train=None) -> dict:
     return {**options, DATA_FIELD: calib}
 
 
-def apply_pass(cls, config, model: ModelFile, workdir: Path) -> Measured:
+def apply_pass(cls, config, model: ModelFile, workdir: Path, sandbox: Sandbox | None = None) -> Measured:
+    """The pass's output, measured for size (Evaluation.score measures the rest); with *sandbox*, the
+    pass runs in its child process (isolated.py), where a library that dies fails only this step."""
     if model.format not in cls.formats:
         return Measured(cls.name, model, "skipped", f"does not apply to {model.format} models "
                         f"(it takes {', '.join(cls.formats)})", config.to_dict())
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     try:
-        # What libraries print (ONNX Runtime's calibrators report their histograms on stdout) would
-        # mix into the report a user pipes from --json; the pass's own progress goes to stderr.
-        with contextlib.redirect_stdout(io.StringIO()):
-            result = cls().run(model, config, workdir)
+        result = (sandbox or Sandbox(None, in_process=True)).run_pass(cls, config, model, workdir, progress)
     except NotApplicable as exc:
         return Measured(cls.name, model, "skipped", str(exc), config.to_dict())
-    except (CompressionError, ModelError) as exc:
+    except (CompressionError, ModelError, RuntimeCrash) as exc:
         return Measured(cls.name, model, "failed", str(exc), config.to_dict())
     if result.format == "onnx" and result.path != model.path:  # (ran on an image with boxes, failed on one without)
         from host_tools.compress.onnx.boundary import forget_counted_sizes_in

@@ -1,9 +1,10 @@
-"""A runtime that dies on a pass's output takes only that result with it, not the compress command.
+"""A library that dies in a pass, or on a pass's output, takes only that step with it, not the
+compress command.
 
 The crash is a real one: ONNX Runtime 1.32's NCHWc layout transformer dies (SIGSEGV) creating a CPU
 session for the CRNN fixture's float16 graph. The float16 pass looks for that itself, in a child
-process; here its look is turned off, as it would be for any crash nobody foresaw, and the
-evaluation, which runs every result in a child process, has to catch it."""
+process; the tests make that graph with its look turned off, as for any crash nobody foresaw, and
+hand it to a pass (passes_for_tests) that hands it back as its output, or loads it."""
 
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ from host_tools.compress.data import load_dataset
 from host_tools.compress.evaluate import bind, outputs_on
 from host_tools.compress.isolated import RuntimeCrash, Sandbox
 from host_tools.compress.onnx import fp16
+from host_tools.compress.passes import REGISTRY, showing_progress
 from host_tools.compress.recipes import Recipe, Step
+from host_tools.compress.workflow import apply_pass
 from tests.conftest import MODELS
+from tests.host_tools.passes_for_tests import HandsBack, LoadsInOrt
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "models"
 CRASH = "ONNX Runtime crashed running it (SIGSEGV, signal 11)"
@@ -31,23 +35,30 @@ pytestmark = pytest.mark.skipif(onnxruntime.__version__ != "1.32.0",
                                 reason="the float16 CRNN crashes ONNX Runtime 1.32 (compact.py); others may not")
 
 
-def recipe(*names: str) -> Recipe:
-    return Recipe("test", tuple(Step(name, {}) for name in names))
+def recipe(*steps: tuple[str, dict]) -> Recipe:
+    return Recipe("test", tuple(Step(name, dict(options)) for name, options in steps))
 
 
 @pytest.fixture
-def crnn(monkeypatch) -> tuple[ModelFile, Dataset]:
-    """The CRNN fixture, 8 text-line images for it, and the float16 pass without its own crash check."""
-    monkeypatch.setattr(fp16, "session_crash", lambda path: None)
+def crnn(monkeypatch, tmp_path) -> tuple[ModelFile, Dataset, str]:
+    """The CRNN fixture, 8 text-line images for it, and its float16 graph that ORT dies on (written
+    with the float16 pass's own check off, never loaded here); the test passes registered."""
+    for cls in (HandsBack, LoadsInOrt):
+        monkeypatch.setitem(REGISTRY, cls.name, cls)
     model = ModelFile.open(FIXTURES / "crnn_ocr.onnx")
+    with monkeypatch.context() as patched:
+        patched.setattr(fp16, "session_crash", lambda path: None)
+        (tmp_path / "fp16").mkdir()
+        crashing = fp16.OnnxFp16().run(model, fp16.OnnxFp16.Config(), tmp_path / "fp16")
     name = model.load().inputs[0].name
-    return model, Dataset({name: np.random.default_rng(0).random((8, 1, 32, 48), np.float32)}, None, "lines")
+    lines = Dataset({name: np.random.default_rng(0).random((8, 1, 32, 48), np.float32)}, None, "lines")
+    return model, lines, str(crashing.path)
 
 
 def test_a_result_the_runtime_dies_on_fails_its_step_and_the_recipe_goes_on(crnn, tmp_path):
-    model, data = crnn
-    report = run_recipe(model, recipe("onnx-fp16", "onnx-dynamic"), eval_data=data, latency_runs=3,
-                        workdir=tmp_path)
+    model, data, crashing = crnn
+    report = run_recipe(model, recipe(("test-hands-back", {"path": crashing}), ("onnx-dynamic", {})),
+                        eval_data=data, latency_runs=3, workdir=tmp_path)
     crashed, dynamic = report.steps
     assert crashed.status == "failed" and crashed.note == f"{CRASH} on the evaluation data", crashed.note
     assert crashed.latency is None and crashed.outputs is None
@@ -57,15 +68,31 @@ def test_a_result_the_runtime_dies_on_fails_its_step_and_the_recipe_goes_on(crnn
 
 
 def test_without_evaluation_data_the_run_on_zeros_is_isolated_too(crnn, tmp_path):
-    model, _ = crnn
-    report = run_recipe(model, recipe("onnx-fp16", "onnx-dynamic"), latency_runs=3, workdir=tmp_path)
+    model, _, crashing = crnn
+    report = run_recipe(model, recipe(("test-hands-back", {"path": crashing}), ("onnx-dynamic", {})),
+                        latency_runs=3, workdir=tmp_path)
     assert [s.status for s in report.steps] == ["failed", "ok"]
     assert report.steps[0].note == f"does not run: {CRASH}"
 
 
+def test_a_pass_a_library_dies_in_fails_its_step_and_its_progress_was_shown(crnn, tmp_path):
+    """A pass runs in the child too: ORT dying inside it (as it could calibrating, or probing
+    sensitivity) fails that step; what the pass said before is shown as it ran."""
+    model, data, crashing = crnn
+    said = []
+    with showing_progress(said.append):
+        report = run_recipe(model, recipe(("test-loads-in-ort", {"path": crashing}), ("onnx-dynamic", {})),
+                            eval_data=data, latency_runs=3, workdir=tmp_path, progress=said.append)
+    crashed, dynamic = report.steps
+    assert crashed.status == "failed" and dynamic.status == "ok"
+    assert crashed.note == "the pass crashed (SIGSEGV, signal 11): a library it runs died on the model"
+    assert f"loading {Path(crashing).name}" in said
+
+
 def test_auto_goes_on_past_a_candidate_the_runtime_dies_on(crnn, tmp_path):
-    model, data = crnn
-    candidates = (Candidate("fp16", (Step("onnx-fp16", {}),)), Candidate("dynamic", (Step("onnx-dynamic", {}),)))
+    model, data, crashing = crnn
+    candidates = (Candidate("fp16", (Step("test-hands-back", {"path": crashing}),)),
+                  Candidate("dynamic", (Step("onnx-dynamic", {}),)))
     report = search(model, eval_data=data, max_drop=5.0, candidates=candidates, latency_runs=3,
                     goal="size", out=tmp_path / "out.onnx")
     assert report.chosen is not None and report.chosen.label == "dynamic"
@@ -73,11 +100,22 @@ def test_auto_goes_on_past_a_candidate_the_runtime_dies_on(crnn, tmp_path):
         report.auto.verdicts
 
 
-def test_one_child_serves_every_model_and_a_new_one_follows_a_crash(crnn, tmp_path):
+def test_a_pass_defined_where_the_child_cannot_import_it_runs_here(crnn, tmp_path):
+    model, _, _ = crnn
+
+    class Local(HandsBack):  # (inside a function: not importable by its name)
+        pass
+
+    with Sandbox(None) as sandbox:
+        step = apply_pass(Local, Local.Config(str(model.path)), model, tmp_path, sandbox)
+        assert step.status == "ok" and sandbox._child is None  # (never asked)
+
+
+def test_one_child_serves_every_model_and_a_new_one_follows_a_crash(crnn):
     """The sandbox gives the same outputs as running in this process; a model the runtime
     refuses is a ModelError, as in this process; after a crash the next model runs."""
-    model, _ = crnn
-    crashing = fp16.OnnxFp16().run(model, fp16.OnnxFp16.Config(), tmp_path)
+    model, _, crashing = crnn
+    crashing = ModelFile.open(crashing)
     digits = ModelFile.open(MODELS / "digits_cnn.onnx")
     heldout = bind(load_dataset(MODELS / "digits_heldout.npz"), digits.load())
     with Sandbox(heldout) as sandbox:
