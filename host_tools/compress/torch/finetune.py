@@ -15,11 +15,21 @@ from host_tools.compress.model import ModelFile
 
 
 def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None, epochs: int,
-            labels_weight: float, workdir: Path, lr: float = 3e-3) -> ModelFile:
+            labels_weight: float, workdir: Path, lr: float = 3e-3, values: frozenset[str] = frozenset()) -> ModelFile:
+    """*pruned* fine-tuned to give *teacher*'s outputs on *data* (the outputs named in *values* are
+    matched as values, whatever their shape: a detector's box encodings)."""
     from host_tools.compress.torch.trainer import SamplesFirst, Schedule, distill, teacher_targets
 
     if data is None:
         raise ConfigError("recovery fine-tuning needs inputs to train on (--train or --calib)")
+    heads = _detector_heads(pruned, teacher, workdir)
+    if heads:  # (a TFLite detector: trained up to its post-processing, which stays as it is)
+        from host_tools.compress.tflite.detection import with_weights_of
+
+        boxes = heads[0].load().outputs[0].name  # (the encodings, the op's first input)
+        trained = recover(heads[0], teacher=heads[1], data=data, epochs=epochs, labels_weight=labels_weight,
+                          workdir=workdir, lr=lr, values=frozenset({boxes}))
+        return with_weights_of(pruned, trained, Path(workdir) / f"{pruned.path.stem}.recovered{pruned.path.suffix}")
     graph, module, save = _trainable(pruned)
     runtime = teacher.load()
     bound = bind(load_dataset(data), runtime)
@@ -31,11 +41,27 @@ def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None
     _check_same_as_runtime(trained, pruned, bound)
     distill(trained, inputs, [targets[name] for name in module.output_names], bound.labels,
             Schedule(epochs=epochs, lr=lr, labels_weight=labels_weight if bound.labels is not None else 0.0),
-            teacher.format, what="recovering the pruned model")
+            teacher.format, what="recovering the pruned model",
+            values=frozenset(i for i, name in enumerate(module.output_names) if name in values))
     module.write_back(graph)
     out = Path(workdir) / f"{pruned.path.stem}.recovered{pruned.path.suffix}"
     save(graph, out)
     return ModelFile(out, pruned.format)
+
+
+def _detector_heads(pruned: ModelFile, teacher: ModelFile, workdir: Path) -> tuple[ModelFile, ModelFile] | None:
+    """Where both are TFLite detectors that end in TFLite_Detection_PostProcess, copies of both that
+    end before it (tflite.detection.heads_only); else None."""
+    if pruned.format != "tflite" or teacher.format != "tflite":
+        return None
+    from host_tools.compress.passes import progress
+    from host_tools.compress.tflite.detection import heads_only
+
+    heads = heads_only(pruned, workdir), heads_only(teacher, workdir)
+    if not all(heads):
+        return None
+    progress("      a detector: recovering its box encodings and class scores, before TFLite_Detection_PostProcess")
+    return heads
 
 
 def _trainable(model: ModelFile):

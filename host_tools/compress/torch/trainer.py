@@ -79,10 +79,12 @@ def trainable(data: BoundData) -> None:
 
 
 def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np.ndarray],
-            labels: np.ndarray | None, schedule: Schedule, model_format: str, what: str = "training") -> float:
+            labels: np.ndarray | None, schedule: Schedule, model_format: str, what: str = "training",
+            values: frozenset[int] = frozenset()) -> float:
     """Train *student* (called with the inputs in order, returning a tuple of outputs) to match
     *targets*, the outputs of a *model_format* teacher (which says where their class scores are:
-    evaluate.class_axis); returns its loss on all of them afterwards. Training that ends with a
+    evaluate.class_axis; the targets at positions *values* hold values whatever their shape, a
+    detector's box encodings); returns its loss on all of them afterwards. Training that ends with a
     higher loss than it started from gives the weights back as they were (a pruned model recovered
     on a few inputs can drift away from its teacher)."""
     torch.manual_seed(schedule.seed)
@@ -92,7 +94,7 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
     indices = class_labels(labels, targets[0], model_format)  # (the first output's classes; IGNORED: none)
     ys = torch.from_numpy(indices) if indices is not None else None
     scales = [t.var().clamp_min(1e-8) for t in ts]
-    axes = [class_axis(t, model_format) for t in targets]
+    axes = [None if i in values else class_axis(t, model_format) for i, t in enumerate(targets)]
     softmaxed = [probabilities(t, a) for t, a in zip(targets, axes)]
 
     def loss_on_all() -> float:
