@@ -15,7 +15,7 @@ import numpy as np
 from device_agent.bundle.archive import stored_size
 from device_agent.errors import CompressionError, ConfigError, ModelError, NotApplicable
 from device_agent.runtime.base import first_line
-from host_tools.compress import evaluate
+from host_tools.compress import evaluate, yolo
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.isolated import RuntimeCrash, Sandbox
 from host_tools.compress.model import ModelFile
@@ -183,7 +183,7 @@ class Evaluation:
         self.data = load_dataset(eval_data) if eval_data is not None else None
         self.device_bench = device_bench  # latency on a device (compress.device.DeviceBench), else this host
         self.original = _measured("original", model)
-        self.bound, self.on_zeros = None, False
+        self.bound, self.on_zeros, self.yolo = None, False, None
         if self.data is not None:
             runtime = model.load()
             try:
@@ -197,6 +197,10 @@ class Evaluation:
                 names = ", ".join(sorted(self.bound.unbatched))
                 say(f"{model.path.name} takes one sample with no batch axis ({names}): the data's samples, along "
                     f"its first axis, one at a time")
+            self.yolo = yolo.head(model.path, runtime.outputs) if model.format == "onnx" else None
+            if self.yolo:
+                say(f"{model.path.name} is an Ultralytics detector (its metadata says so): its output "
+                    f"{self.yolo.output!r} is compared by its detections, score >= {yolo.CONF}, NMS at IoU {yolo.IOU}")
             say(f"evaluating the original on {len(self.bound)} samples")
             self.score(self.original, runtime)
         else:
@@ -232,6 +236,8 @@ class Evaluation:
         except RuntimeCrash as exc:
             m.status, m.note = "failed", f"{exc} on the evaluation data"
             return
+        if self.yolo is not None and self.yolo.output in m.outputs:  # (as the original's are: see yolo.py)
+            m.outputs = yolo.decoded(m.outputs, self.yolo)
         try:
             m.fidelity = evaluate.fidelity(self.original.outputs, m.outputs, self.bound.labels,
                                            self.original.model.format)
