@@ -37,14 +37,8 @@ class Head:
 def head(path: Path, outputs) -> Head | None:
     """The Ultralytics detection head among *outputs* (a runtime's TensorSpecs) of the ONNX model at
     *path*, by the metadata the export writes; None for any other model."""
-    import onnx
-
-    try:
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        names = ast.literal_eval(meta.get("names", "None"))
-    except (ValueError, SyntaxError, OSError):
-        return None
-    if meta.get("task") != "detect" or not isinstance(names, dict) or not outputs:
+    meta, names = _metadata(path)
+    if names is None or not outputs:
         return None
     first, classes = outputs[0], len(names)
     shape = list(first.shape)
@@ -53,6 +47,41 @@ def head(path: Path, outputs) -> Head | None:
     if shape[2] == 6 and (meta.get("end2end") == "True" or shape[1] != 4 + classes):
         return Head(first.name, classes, rows=True)
     return Head(first.name, classes, rows=False) if shape[1] == 4 + classes else None
+
+
+def _metadata(path: Path, proto=None) -> tuple[dict[str, str], dict | None]:
+    """The model's metadata, and its class names where it says it is an Ultralytics detector."""
+    import onnx
+
+    try:
+        proto = proto or onnx.load(str(path), load_external_data=False)
+        meta = {p.key: p.value for p in proto.metadata_props}
+        names = ast.literal_eval(meta.get("names", "None"))
+    except (ValueError, SyntaxError, OSError):
+        return {}, None
+    return meta, names if meta.get("task") == "detect" and isinstance(names, dict) else None
+
+
+def decode_nodes(proto) -> list[str]:
+    """An Ultralytics detector's decode: the nodes after which no layer with weights runs (the boxes'
+    arithmetic, the scores' sigmoid, the Concat that joins boxes in pixels and scores from 0 to 1
+    into one output), by name; none for any other model (*proto*: an ONNX ModelProto). Static int8
+    leaves them in float: with one scale for that Concat, the scores are rounded to a step of about a
+    pixel's, and there are no weights there to shrink."""
+    if _metadata(Path(), proto)[1] is None:
+        return []
+    graph = proto.graph
+    weights = {i.name for i in graph.initializer if len(i.dims) >= 2}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    feeds_a_layer: set[str] = set()  # nodes from which a layer with weights is reached
+    for node in reversed(graph.node):  # (in topological order: what reads a node's outputs comes after it)
+        if weights.intersection(node.input) or any(r.name in feeds_a_layer for out in node.output
+                                                   for r in readers.get(out, ())):
+            feeds_a_layer.add(node.name)
+    return [n.name for n in graph.node if n.name and n.name not in feeds_a_layer and n.op_type != "Constant"]
 
 
 def decoded(outputs: dict[str, np.ndarray], found: Head) -> dict[str, np.ndarray]:

@@ -525,6 +525,8 @@ def yolo(path: Path, size: int = 32, classes: int = 3, rows: bool = False) -> Pa
                   helper.make_node("Concat", ["lo", "hi", "best", "label"], ["columns"], axis=1),
                   helper.make_node("Transpose", ["columns"], ["output0"], perm=[0, 2, 1])]
         out = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, grid * grid, 6])
+    for i, node in enumerate(nodes):
+        node.name = f"/model/{node.op_type}_{i}"  # (as torch.onnx.export names them)
     graph = helper.make_graph(nodes, "yolo", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
                                                                               [1, 3, size, size])], [out], inits)
     model = helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 17)],

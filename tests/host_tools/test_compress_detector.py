@@ -334,7 +334,7 @@ def test_an_ultralytics_head_is_decoded_as_ultralytics_predict_decodes_it():
 @pytest.mark.parametrize("rows", [False, True], ids=["raw-head", "end-to-end"])
 def test_an_ultralytics_detector_is_compressed_and_compared_by_its_detections(rows, tmp_path):
     """Its export says what its output is (metadata task: detect, names): each image's detections are
-    what is compared, as any detector's. Before, the output [1, 7, 64] was read as a classifier's,
+    what is compared, as any detector's, and static int8 leaves its decode in float. Before, the output [1, 7, 64] was read as a classifier's,
     and its "top-1 agreement" was the share of its 7 channels whose largest anchor was the same one."""
     from device_agent.detections import compare
     from host_tools.compress import yolo
@@ -353,4 +353,9 @@ def test_an_ultralytics_detector_is_compressed_and_compared_by_its_detections(ro
         assert np.all(scores >= yolo.CONF) and np.all(np.diff(scores) <= 0)
     result = report.result
     assert report.compressed and result.fidelity.agreement == pytest.approx(compare(original, result.outputs).agreement)
-    assert 0.5 < result.fidelity.agreement <= 1.0
+    # Static int8 leaves the decode after the last Conv in float: quantized, the Concat that joins boxes
+    # in pixels and scores from 0 to 1 rounded the scores to a pixel's step, and 84 % of the detections
+    # paired (52 % of the end-to-end rows'), against 99 % now
+    assert any("node(s) of an Ultralytics detector's decode" in line for line in said), said
+    made_by = {out: node.op_type for node in onnx.load(str(result.model.path)).graph.node for out in node.output}
+    assert made_by["output0"] != "DequantizeLinear" and result.fidelity.agreement > 0.95

@@ -18,13 +18,14 @@ from host_tools.compress import evaluate
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.onnx.boundary import (DYNAMIC_OPS, STATIC_OPS, counted_nodes, float16_weights,
-                                               forget_counted_sizes_in, graph_of, index_nodes, output_path,
+                                               forget_counted_sizes_in, index_nodes, output_path,
                                                quantized_already, quiet_ort_quantizer, weighted_nodes,
                                                with_opset_at_least)
 from host_tools.compress.onnx.calibration import UNBOUNDED, CalibrationReader, calibrate_histograms
 from host_tools.compress.onnx.initializers import own_small_constants, shared_vectors, value_names
 from host_tools.compress.onnx.params import MIN_ELEMENTS, store_params_as_uint8
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
+from host_tools.compress.yolo import decode_nodes
 
 NO_CALIBRATION = "needs calibration data (--calib): static quantization will not calibrate on random noise"
 _EXCLUDE_HELP = "node names to leave in float"
@@ -135,6 +136,8 @@ class OnnxStaticInt8(Pass):
 
     @quiet_ort_quantizer()
     def run(self, model, config, workdir):
+        import onnx
+
         if config.calibration is None:
             raise ConfigError(f"{self.name} {NO_CALIBRATION}")
         quantizable = config.op_types or (STATIC_OPS + ("LSTM",) if config.lstm == "dynamic" else STATIC_OPS)
@@ -147,7 +150,8 @@ class OnnxStaticInt8(Pass):
         model = _with_own_vectors(model, workdir)
         with failing_as(self.name, model), tempfile.TemporaryDirectory(dir=workdir) as tmp:
             cache = Path(tmp) / "ranges"  # calibrate once, reuse for every sensitivity probe
-            exclude, graph = list(config.exclude), graph_of(model.path)
+            proto = onnx.load(str(model.path), load_external_data=False)  # (its graph, and its metadata)
+            exclude, graph = list(config.exclude), proto.graph
             indices = [n for n in index_nodes(graph) if n not in exclude]
             if indices:
                 progress(f"      left in float: {len(indices)} node(s) computing indices (their results go to a "
@@ -158,6 +162,11 @@ class OnnxStaticInt8(Pass):
                 progress(f"      left in float: {len(counted)} node(s) after a NonZero or NonMaxSuppression (a "
                          "detector's post-processing, on however many boxes it keeps)")
                 exclude += counted
+            decode = [n for n in decode_nodes(proto) if n not in exclude]
+            if decode:
+                progress(f"      left in float: {len(decode)} node(s) of an Ultralytics detector's decode, after its "
+                         "last layer (boxes in pixels and scores from 0 to 1, joined into one output)")
+                exclude += decode
             infinite = [n for n in unbounded_nodes(model.path, feeds, Path(tmp)) if n not in exclude]
             if infinite:
                 progress(f"      left in float: {len(infinite)} node(s) writing or reading infinite values "
