@@ -202,6 +202,19 @@ def print_table(rows: list[tuple[str, dict]], recipes, width: int, name_width: i
         print(f"{name:<{name_width}} {row['kib']:>7.0f}  {cells}  {row.get('prune', '')}".rstrip())
 
 
+def print_results(rows: list[tuple[str, dict]], recipes, latency_runs: int, name_width: int, last: str,
+                  started: float, fidelity: str = "fidelity", call: str = "single-sample") -> None:
+    """The table (cells *fidelity*, with *latency_runs* also p50), why any recipe did not apply, and
+    the time since *started*."""
+    print()
+    if latency_runs:
+        print(f"cells: size/{fidelity}/p50 latency, size and latency as multiples of the original's "
+              f"({latency_runs} {call} runs each, interleaved, 1 thread)")
+    print_table(rows, recipes, 17 if latency_runs else 11, name_width, last)
+    print_notes(rows)
+    print(f"\n({time.monotonic() - started:.0f} s in all)")
+
+
 def print_notes(rows: list[tuple[str, dict]]) -> None:
     """Why each recipe that did not apply to a model did not."""
     notes = [(name, r, row["notes"][r]) for name, row in rows for r in row.get("notes", {})]

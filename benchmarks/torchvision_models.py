@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line  # noqa: E402
-from foreign_models import print_notes, print_table, prune_cell, recipe_cells  # noqa: E402
+from foreign_models import print_results, prune_cell, recipe_cells  # noqa: E402
 
 RECIPES = ("int8-dynamic", "int8-weights", "int8-static", "fp16")
 CLASSIFIERS = ("mobilenet_v3_small", "mobilenet_v2", "shufflenet_v2_x0_5", "squeezenet1_1", "efficientnet_b0",
@@ -76,14 +76,7 @@ def main() -> None:
         for name in chosen:
             print(f"  {name}", file=sys.stderr, flush=True)
             rows.append((name, run(name, torch, torchvision, Path(tmp) / name, args.latency)))
-    width = 17 if args.latency else 11
-    print()
-    if args.latency:
-        print(f"cells: size/fidelity/p50 latency, size and latency as multiples of the original's "
-              f"({args.latency} single-sample runs each, interleaved, 1 thread)")
-    print_table(rows, RECIPES, width, 19, "channels-50 (no recovery)")
-    print_notes(rows)
-    print(f"\n({time.monotonic() - started:.0f} s in all)")
+    print_results(rows, RECIPES, args.latency, 19, "channels-50 (no recovery)", started)
 
 
 def run(name: str, torch, torchvision, work: Path, latency_runs: int) -> dict:

@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line  # noqa: E402
-from foreign_models import print_notes, print_table, recipe_cells  # noqa: E402
+from foreign_models import print_results, recipe_cells  # noqa: E402
 
 RECIPES = ("int8-dynamic", "int8-weights", "int8-static", "fp16")
 MODELS = ("yolov8n", "yolo11n", "yolo26n")
@@ -72,14 +72,8 @@ def main() -> None:
         for name in args.models:
             print(f"  {name}", file=sys.stderr, flush=True)
             rows.append((name, run(name, images, Path(tmp) / name, args)))
-    width = 17 if args.latency else 11
-    print()
-    if args.latency:
-        print(f"cells: size/agreement/p50 latency, size and latency as multiples of the original's "
-              f"({args.latency} single-image runs each, interleaved, 1 thread)")
-    print_table(rows, RECIPES, width, 9, "detections per image (original)")
-    print_notes(rows)
-    print(f"\n({time.monotonic() - started:.0f} s in all)")
+    print_results(rows, RECIPES, args.latency, 9, "detections per image (original)", started, "agreement",
+                  "single-image")
 
 
 def photographs(size: int) -> np.ndarray:

@@ -71,7 +71,7 @@ class Sandbox:
     def runs_on_zeros(self, model: ModelFile) -> str | None:
         """None when *model* loads and runs on zeros; else why not, in one line (a crash too)."""
         if self.in_process:
-            return _zeros_failure(model)
+            return failure_on_zeros(model)
         try:
             return self._ask("zeros", model)
         except RuntimeCrash as exc:
@@ -227,7 +227,7 @@ def serve(conn: Connection) -> None:
             continue
         try:
             if kind == "zeros":
-                answer = ("ok", _zeros_failure(value))
+                answer = ("ok", failure_on_zeros(value))
             elif kind == "pass":
                 answer = ("ok", _run_pass(*value, conn=conn))
             else:
@@ -258,9 +258,10 @@ def _isolable(cls) -> bool:
     return cls.__module__ != "__main__" and "<locals>" not in cls.__qualname__
 
 
-def _zeros_failure(model: ModelFile) -> str | None:
+def failure_on_zeros(model: ModelFile, runtime=None) -> str | None:
+    """None when *model* (*runtime*: loaded already) loads and runs on zeros; else why not, in one line."""
     try:
-        model.outputs_on_zeros()
+        model.outputs_on_zeros(runtime)
     except Exception as exc:  # noqa: BLE001 — each runtime raises its own (ModelError, RuntimeError, ValueError)
         return first_line(exc)
     return None

@@ -14,10 +14,9 @@ import numpy as np
 
 from device_agent.bundle.archive import stored_size
 from device_agent.errors import CompressionError, ConfigError, ModelError, NotApplicable
-from device_agent.runtime.base import first_line
 from host_tools.compress import evaluate, yolo
 from host_tools.compress.data import Dataset, load_dataset
-from host_tools.compress.isolated import RuntimeCrash, Sandbox
+from host_tools.compress.isolated import RuntimeCrash, Sandbox, failure_on_zeros
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import (DATA_FIELD, check_requirements, get_pass, make_config, progress,
                                         showing_progress)
@@ -205,7 +204,7 @@ class Evaluation:
             self.score(self.original, runtime)
         else:
             # (one that does not load is refused, as with data: each result would be written out)
-            self.on_zeros = _runs_on_zeros(model, model.load()) is None
+            self.on_zeros = failure_on_zeros(model, model.load()) is None
         self._say = say
         self.sandbox = Sandbox(self.bound, in_process=not isolated)
 
@@ -269,15 +268,6 @@ class Evaluation:
                                  0 if self.bound is None else len(self.bound),
                                  self.bound is not None and self.bound.labels is not None, threads,
                                  latency_where=self.device_bench.where if self.device_bench else "host CPU")
-
-
-def _runs_on_zeros(model: ModelFile, runtime=None) -> str | None:
-    """None when *model* (*runtime*: loaded already) loads and runs on zeros; else why not, in one line."""
-    try:
-        model.outputs_on_zeros(runtime)
-    except Exception as exc:  # noqa: BLE001 — each runtime raises its own (ModelError, RuntimeError, ValueError)
-        return first_line(exc)
-    return None
 
 
 # the file name suffix of each model format
