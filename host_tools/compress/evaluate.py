@@ -9,6 +9,7 @@ noisy, shared machine slows each of them alike and the ratios stay honest.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -136,13 +137,25 @@ def class_labels(labels: np.ndarray | None, output: np.ndarray, model_format: st
     return np.where(scored, labels, IGNORED).astype(np.int64)
 
 
+def box_outputs(outputs: Mapping) -> set:
+    """The keys of the outputs that hold boxes beside another's class scores, as a detector's raw head
+    gives them (an SSD's or RetinaNet's, before decoding): floats [N, anchors, 4] where another output
+    is [N, anchors, C] floats, C not 4. Their last axis is coordinates, not 4 classes: they are
+    compared, and trained, as values."""
+    shapes = {key: np.shape(value) for key, value in outputs.items()
+              if getattr(value, "dtype", None) is not None and value.dtype.kind == "f"}
+    return {key for key, shape in shapes.items() if len(shape) >= 3 and shape[-1] == 4
+            and any(other != key and len(s) == len(shape) and s[:-1] == shape[:-1] and s[-1] != 4
+                    for other, s in shapes.items())}
+
+
 def scores_output(outputs: dict[str, np.ndarray], model_format: str) -> str:
     """The name of the output that holds class scores: the first, or where the first holds none (a
-    scikit-learn classifier's predicted label, before its probabilities), the first that does."""
-    first = next(iter(outputs))
-    if class_axis(outputs[first], model_format) is not None:
-        return first
-    return next((name for name, value in outputs.items() if class_axis(value, model_format) is not None), first)
+    scikit-learn classifier's predicted label, before its probabilities; a raw detection head's
+    boxes, box_outputs), the first that does."""
+    boxes = box_outputs(outputs)
+    kept = [name for name in outputs if name not in boxes]  # (never empty: boxes sit beside another)
+    return next((name for name in kept if class_axis(outputs[name], model_format) is not None), kept[0])
 
 
 def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray | None, model_format: str) -> float | None:

@@ -12,6 +12,7 @@ from device_agent.errors import ConfigError
 from host_tools.compress import Dataset, ModelFile, load_recipe, run_recipe
 from host_tools.compress.detections import gathered
 from tests.host_tools import graphs
+from tests.host_tools.tflite_graphs import FIXTURES
 
 
 @pytest.fixture(scope="module")
@@ -272,40 +273,6 @@ def test_a_tflite_detector_is_pruned_and_recovered_up_to_its_post_processing(ssd
     assert np.abs(recovered[0] - boxes).mean() < 0.01 * boxes.std()
 
 
-def test_box_encodings_are_matched_as_values_not_as_class_scores():
-    """A detector's box encodings [N, anchors, 4] have the shape of class scores (a last axis of 4).
-    Matched as class scores, by the KL divergence of their softmax, encodings off by the same amount
-    in all four coordinates look right, and nothing is learnt. Recovery matches the encodings as
-    values (mean squared error)."""
-    import copy
-
-    import torch
-
-    from host_tools.compress.torch.trainer import Schedule, distill
-
-    class Head(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = torch.nn.Linear(8, 12)
-
-        def forward(self, x):
-            return (self.linear(x).reshape(-1, 3, 4),)
-
-    torch.manual_seed(0)
-    head = Head()
-    x = np.random.default_rng(0).random((64, 8), dtype=np.float32)
-    with torch.no_grad():
-        target = head(torch.from_numpy(x))[0].numpy() + 0.5  # (each box moved by 0.5, every coordinate)
-    errors = []
-    for values in (frozenset(), frozenset({0})):
-        trained = copy.deepcopy(head)
-        distill(trained, [x], [target], None, Schedule(epochs=100, lr=1e-2), "tflite", values=values)
-        with torch.no_grad():
-            errors.append(float(np.abs(trained(torch.from_numpy(x))[0].numpy() - target).mean()))
-    as_scores, as_values = errors
-    assert as_scores > 0.45 and as_values < 0.05, errors
-
-
 # --- an Ultralytics YOLO export: its raw head, decoded ---------------------------------------
 
 
@@ -334,8 +301,9 @@ def test_an_ultralytics_head_is_decoded_as_ultralytics_predict_decodes_it():
 @pytest.mark.parametrize("rows", [False, True], ids=["raw-head", "end-to-end"])
 def test_an_ultralytics_detector_is_compressed_and_compared_by_its_detections(rows, tmp_path):
     """Its export says what its output is (metadata task: detect, names): each image's detections are
-    what is compared, as any detector's, and static int8 leaves its decode in float. Before, the output [1, 7, 64] was read as a classifier's,
-    and its "top-1 agreement" was the share of its 7 channels whose largest anchor was the same one."""
+    what is compared, as any detector's, and static int8 leaves its decode in float. Before, the
+    output [1, 7, 64] was read as a classifier's, and its "top-1 agreement" was the share of its 7
+    channels whose largest anchor was the same one."""
     from device_agent.detections import compare
     from host_tools.compress import yolo
 
@@ -359,3 +327,46 @@ def test_an_ultralytics_detector_is_compressed_and_compared_by_its_detections(ro
     assert any("node(s) of an Ultralytics detector's decode" in line for line in said), said
     made_by = {out: node.op_type for node in onnx.load(str(result.model.path)).graph.node for out in node.output}
     assert made_by["output0"] != "DequantizeLinear" and result.fidelity.agreement > 0.95
+
+
+def test_a_raw_detection_head_is_scored_by_its_class_scores_not_its_box_coordinates(tmp_path):
+    """The detector fixture gives its raw head, as an SSD exported before decoding does: boxes
+    [N, 960, 4] beside class scores [N, 960, 3]. The boxes' last axis is coordinates: before, the
+    agreement the guard read was the share of boxes whose largest coordinate stayed the same one.
+    It is now each anchor's top class, from the scores, and the boxes count in cosine and errors."""
+    model = ModelFile.open(FIXTURES / "detector.onnx")
+    data = Dataset({"image": np.random.default_rng(4).random((16, 3, 64, 64), dtype=np.float32)}, None, "images")
+    report = run_recipe(model, load_recipe("int8-static", "onnx"), calib=data, eval_data=data, latency_runs=3,
+                        workdir=tmp_path)
+    ref, out = report.original.outputs, report.result.outputs
+    assert set(ref) == {"boxes", "scores"} and report.compressed
+    top_class = float((ref["scores"].argmax(-1) == out["scores"].argmax(-1)).mean())
+    largest_coordinate = float((ref["boxes"].argmax(-1) == out["boxes"].argmax(-1)).mean())
+    assert report.result.fidelity.agreement == pytest.approx(top_class) and top_class != largest_coordinate
+
+
+def test_box_encodings_beside_class_scores_are_trained_as_values():
+    """Trained as class scores, by the KL divergence of their softmax, boxes off by the same amount in
+    all four coordinates would look right, and nothing would be learnt. Beside an output of class
+    scores, an output [N, anchors, 4] is boxes, and its loss is the mean squared error."""
+    import torch
+
+    from host_tools.compress.torch.trainer import Schedule, distill
+
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.boxes, self.scores = torch.nn.Linear(8, 12), torch.nn.Linear(8, 6)
+
+        def forward(self, x):
+            return self.boxes(x).reshape(-1, 3, 4), self.scores(x).reshape(-1, 3, 2)
+
+    torch.manual_seed(0)
+    head = Head()
+    x = np.random.default_rng(0).random((64, 8), dtype=np.float32)
+    with torch.no_grad():
+        boxes, scores = (t.numpy() for t in head(torch.from_numpy(x)))
+    target = boxes + 0.5  # (each box moved by 0.5, every coordinate)
+    distill(head, [x], [target, scores], None, Schedule(epochs=100, lr=1e-2), "onnx")
+    with torch.no_grad():
+        assert float(np.abs(head(torch.from_numpy(x))[0].numpy() - target).mean()) < 0.05

@@ -15,9 +15,8 @@ from host_tools.compress.model import ModelFile
 
 
 def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None, epochs: int,
-            labels_weight: float, workdir: Path, lr: float = 3e-3, values: frozenset[str] = frozenset()) -> ModelFile:
-    """*pruned* fine-tuned to give *teacher*'s outputs on *data* (the outputs named in *values* are
-    matched as values, whatever their shape: a detector's box encodings)."""
+            labels_weight: float, workdir: Path, lr: float = 3e-3) -> ModelFile:
+    """*pruned* fine-tuned to give *teacher*'s outputs on *data*."""
     from host_tools.compress.torch.trainer import SamplesFirst, Schedule, distill, teacher_targets
 
     if data is None:
@@ -26,9 +25,8 @@ def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None
     if heads:  # (a TFLite detector: trained up to its post-processing, which stays as it is)
         from host_tools.compress.tflite.detection import with_weights_of
 
-        boxes = heads[0].load().outputs[0].name  # (the encodings, the op's first input)
         trained = recover(heads[0], teacher=heads[1], data=data, epochs=epochs, labels_weight=labels_weight,
-                          workdir=workdir, lr=lr, values=frozenset({boxes}))
+                          workdir=workdir, lr=lr)
         return with_weights_of(pruned, trained, Path(workdir) / f"{pruned.path.stem}.recovered{pruned.path.suffix}")
     graph, module, save = _trainable(pruned)
     runtime = teacher.load()
@@ -41,8 +39,7 @@ def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None
     _check_same_as_runtime(trained, pruned, bound)
     distill(trained, inputs, [targets[name] for name in module.output_names], bound.labels,
             Schedule(epochs=epochs, lr=lr, labels_weight=labels_weight if bound.labels is not None else 0.0),
-            teacher.format, what="recovering the pruned model",
-            values=frozenset(i for i, name in enumerate(module.output_names) if name in values))
+            teacher.format, what="recovering the pruned model")
     module.write_back(graph)
     out = Path(workdir) / f"{pruned.path.stem}.recovered{pruned.path.suffix}"
     save(graph, out)

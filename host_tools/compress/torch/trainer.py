@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from device_agent.errors import NotApplicable
 from host_tools.compress.data import BoundData
 from host_tools.compress.detections import is_ragged
-from host_tools.compress.evaluate import IGNORED, class_axis, class_labels, outputs_on
+from host_tools.compress.evaluate import IGNORED, box_outputs, class_axis, class_labels, outputs_on
 from host_tools.compress.passes import progress
 
 
@@ -79,12 +79,11 @@ def trainable(data: BoundData) -> None:
 
 
 def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np.ndarray],
-            labels: np.ndarray | None, schedule: Schedule, model_format: str, what: str = "training",
-            values: frozenset[int] = frozenset()) -> float:
+            labels: np.ndarray | None, schedule: Schedule, model_format: str, what: str = "training") -> float:
     """Train *student* (called with the inputs in order, returning a tuple of outputs) to match
     *targets*, the outputs of a *model_format* teacher (which says where their class scores are:
-    evaluate.class_axis; the targets at positions *values* hold values whatever their shape, a
-    detector's box encodings); returns its loss on all of them afterwards. Training that ends with a
+    evaluate.class_axis; a raw detection head's boxes are values, evaluate.box_outputs); returns
+    its loss on all of them afterwards. Training that ends with a
     higher loss than it started from gives the weights back as they were (a pruned model recovered
     on a few inputs can drift away from its teacher)."""
     torch.manual_seed(schedule.seed)
@@ -94,7 +93,8 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
     indices = class_labels(labels, targets[0], model_format)  # (the first output's classes; IGNORED: none)
     ys = torch.from_numpy(indices) if indices is not None else None
     scales = [t.var().clamp_min(1e-8) for t in ts]
-    axes = [None if i in values else class_axis(t, model_format) for i, t in enumerate(targets)]
+    boxes = box_outputs(dict(enumerate(targets)))
+    axes = [None if i in boxes else class_axis(t, model_format) for i, t in enumerate(targets)]
     softmaxed = [probabilities(t, a) for t, a in zip(targets, axes)]
 
     def loss_on_all() -> float:
