@@ -31,6 +31,7 @@ import sys
 import threading
 import traceback
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,10 @@ class RuntimeCrash(Exception):
     def __init__(self, message: str, how: str = "") -> None:
         super().__init__(message)
         self.how = how  # "SIGSEGV, signal 11"
+
+
+class Unpicklable(Exception):
+    """What was to be sent to the child cannot be pickled (a class defined inside a function)."""
 
 
 class Sandbox:
@@ -85,6 +90,8 @@ class Sandbox:
             return _run_pass(cls, config, model, workdir)
         try:
             return self._ask("pass", (cls, config, model, workdir), say)
+        except Unpicklable:  # (a config of the caller's own making, say: it runs here, as before)
+            return _run_pass(cls, config, model, workdir)
         except RuntimeCrash as exc:
             raise RuntimeCrash(f"the pass crashed ({exc.how}): a library it runs died on the model") from None
 
@@ -135,9 +142,14 @@ class _Child:
 
     def ask(self, message: tuple, say=None):
         """The child's answer to *message*, its progress lines on the way to *say*; None where it
-        died first. Interrupted (Ctrl-C), the child is killed: it may be in the middle of a pass."""
+        died first; Unpicklable, and nothing sent, where *message* cannot be sent. Interrupted
+        (Ctrl-C), the child is killed: it may be in the middle of a pass."""
         try:
-            self.conn.send(message)
+            payload = ForkingPickler.dumps(message)
+        except Exception as exc:  # noqa: BLE001 — pickle raises PicklingError, TypeError, AttributeError
+            raise Unpicklable(first_line(exc)) from None
+        try:
+            self.conn.send_bytes(payload)
             while True:
                 while not self.conn.poll(POLL_SECONDS):
                     if self.process.poll() is not None:

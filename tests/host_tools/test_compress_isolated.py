@@ -100,15 +100,20 @@ def test_auto_goes_on_past_a_candidate_the_runtime_dies_on(crnn, tmp_path):
         report.auto.verdicts
 
 
-def test_a_pass_defined_where_the_child_cannot_import_it_runs_here(crnn, tmp_path):
+def test_a_pass_or_config_the_child_cannot_import_runs_here(crnn, tmp_path):
     model, _, _ = crnn
 
     class Local(HandsBack):  # (inside a function: not importable by its name)
         pass
 
+    class LocalConfig(HandsBack.Config):  # (a config the child cannot unpickle: likewise)
+        pass
+
     with Sandbox(None) as sandbox:
         step = apply_pass(Local, Local.Config(str(model.path)), model, tmp_path, sandbox)
         assert step.status == "ok" and sandbox._child is None  # (never asked)
+        step = apply_pass(HandsBack, LocalConfig(str(model.path)), model, tmp_path, sandbox)
+        assert step.status == "ok"  # (not sent: pickling it failed here, before anything went to the child)
 
 
 def test_one_child_serves_every_model_and_a_new_one_follows_a_crash(crnn):
