@@ -82,6 +82,19 @@ class Sandbox:
         except RuntimeCrash as exc:
             return str(exc)
 
+    def check_loads(self, model: ModelFile) -> None:
+        """RuntimeCrash where the runtime dies loading *model* (what it raises, it raises when the
+        caller loads the model: not this method's to report)."""
+        if not self.in_process:
+            self._ask("load", model)
+
+    def hold(self, bound: BoundData | None) -> None:
+        """Run models on *bound* from now on."""
+        self.bound = bound
+        if self._child is not None and self._child.ask(("data", bound)) is None:
+            self._child.end()  # (it died: the next request starts another, with the data)
+            self._child = None
+
     def run_pass(self, cls, config, model: ModelFile, workdir: Path, say) -> ModelFile:
         """``cls().run(model, config, workdir)`` in the child (here, where the child could not import
         *cls*), its progress lines to *say*; what the pass raises is raised here, RuntimeCrash
@@ -238,7 +251,9 @@ def serve(conn: Connection) -> None:
             conn.send(("ok", None))
             continue
         try:
-            if kind == "zeros":
+            if kind == "load":
+                answer = ("ok", _loaded(value))
+            elif kind == "zeros":
                 answer = ("ok", failure_on_zeros(value))
             elif kind == "pass":
                 answer = ("ok", _run_pass(*value, conn=conn))
@@ -268,6 +283,13 @@ def _run_pass(cls, config, model: ModelFile, workdir: Path, conn: Connection | N
 def _isolable(cls) -> bool:
     """Whether the child can import pass class *cls* by its name."""
     return cls.__module__ != "__main__" and "<locals>" not in cls.__qualname__
+
+
+def _loaded(model: ModelFile) -> None:
+    try:
+        model.load()
+    except Exception:  # noqa: BLE001 — the caller loads it too, and reports what the runtime says
+        pass
 
 
 def failure_on_zeros(model: ModelFile, runtime=None) -> str | None:

@@ -183,30 +183,43 @@ class Evaluation:
         self.device_bench = device_bench  # latency on a device (compress.device.DeviceBench), else this host
         self.original = _measured("original", model)
         self.bound, self.on_zeros, self.yolo = None, False, None
-        if self.data is not None:
-            runtime = model.load()
-            try:
-                self.bound = evaluate.bind(self.data, runtime)
-            except ModelError as exc:  # (the same words as score's)
-                raise ConfigError(f"the original model does not run on the evaluation data: {exc}") from None
-            if self.bound.batch_axis_unused:
-                say(f"{model.path.name} declares a batch axis, but its graph runs one sample per call: "
-                    f"one sample at a time here")
-            if self.bound.unbatched:
-                names = ", ".join(sorted(self.bound.unbatched))
-                say(f"{model.path.name} takes one sample with no batch axis ({names}): the data's samples, along "
-                    f"its first axis, one at a time")
-            self.yolo = yolo.head(model.path, runtime.outputs) if model.format == "onnx" else None
-            if self.yolo:
-                say(f"{model.path.name} is an Ultralytics detector (its metadata says so): its output "
-                    f"{self.yolo.output!r} is compared by its detections, score >= {yolo.CONF}, NMS at IoU {yolo.IOU}")
-            say(f"evaluating the original on {len(self.bound)} samples")
-            self.score(self.original, runtime)
-        else:
+        self._say = say
+        self.sandbox = Sandbox(None, in_process=not isolated)
+        try:
+            self._measure_original(model, say)
+        except BaseException:
+            self.sandbox.close()
+            raise
+
+    def _measure_original(self, model: ModelFile, say: Progress) -> None:
+        try:  # (a model that kills the runtime as it loads, as some float16 graphs kill ORT 1.32: one line)
+            self.sandbox.check_loads(model)
+        except RuntimeCrash as exc:
+            raise ConfigError(f"{model.path.name}: {str(exc).replace('running it', 'loading it')}; there is "
+                              f"nothing to compress it against") from None
+        if self.data is None:
             # (one that does not load is refused, as with data: each result would be written out)
             self.on_zeros = failure_on_zeros(model, model.load()) is None
-        self._say = say
-        self.sandbox = Sandbox(self.bound, in_process=not isolated)
+            return
+        runtime = model.load()
+        try:
+            self.bound = evaluate.bind(self.data, runtime)
+        except ModelError as exc:  # (the same words as score's)
+            raise ConfigError(f"the original model does not run on the evaluation data: {exc}") from None
+        if self.bound.batch_axis_unused:
+            say(f"{model.path.name} declares a batch axis, but its graph runs one sample per call: "
+                f"one sample at a time here")
+        if self.bound.unbatched:
+            names = ", ".join(sorted(self.bound.unbatched))
+            say(f"{model.path.name} takes one sample with no batch axis ({names}): the data's samples, along "
+                f"its first axis, one at a time")
+        self.yolo = yolo.head(model.path, runtime.outputs) if model.format == "onnx" else None
+        if self.yolo:
+            say(f"{model.path.name} is an Ultralytics detector (its metadata says so): its output "
+                f"{self.yolo.output!r} is compared by its detections, score >= {yolo.CONF}, NMS at IoU {yolo.IOU}")
+        self.sandbox.hold(self.bound)
+        say(f"evaluating the original on {len(self.bound)} samples")
+        self.score(self.original, runtime)
 
     def __enter__(self) -> "Evaluation":
         return self

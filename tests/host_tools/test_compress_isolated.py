@@ -144,3 +144,19 @@ def test_one_child_serves_every_model_and_a_new_one_follows_a_crash(crnn):
             sandbox.outputs(digits)  # (no data to run it on: our fault, with the child's traceback)
     ours = [c.pid for c in psutil.Process().children() if "isolated import serve" in " ".join(c.cmdline())]
     assert ours == [child]  # (one idle child, no more)
+
+
+def test_an_original_that_kills_the_runtime_as_it_loads_is_one_line_and_exit_1(crnn, tmp_path):
+    """Handed such a model to compress (a float16 graph ORT 1.32's optimizer dies on), the command had
+    died with "Segmentation fault". It is loaded in the child first, and refused in one line."""
+    from tests.conftest import edgefleet
+
+    _, _, crashing = crnn
+    np.savez(tmp_path / "lines.npz", line=np.random.default_rng(0).random((4, 1, 32, 48), np.float32))
+    for extra in ([], ["--eval", tmp_path / "lines.npz"]):
+        done = edgefleet("compress", crashing, "--recipe", "int8-dynamic", "-o", tmp_path / "out.onnx", *extra)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"error: {Path(crashing).name}: ONNX Runtime crashed loading it (SIGSEGV, signal 11); there is nothing "
+            f"to compress it against"), done.stderr
+        assert "Traceback" not in done.stderr and not (tmp_path / "out.onnx").exists()
