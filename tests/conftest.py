@@ -28,6 +28,7 @@ from device_agent.mqtt import BrokerAddress
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
+FIXTURES = REPO / "tests" / "fixtures" / "models"  # made by the scripts there
 
 
 # Tests run in three processes (`make test` passes `-n 3`). Ports the tests choose come from a range

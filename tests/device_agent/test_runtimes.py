@@ -15,9 +15,8 @@ from device_agent.errors import ModelError
 from device_agent.runtime import RuntimeOptions, load_runtime
 from device_agent.runtime.onnx import choose_providers
 from device_agent.runtime.tflite import find_interpreter
-from tests.conftest import MODELS
+from tests.conftest import FIXTURES, MODELS
 
-FIXTURE_MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models"
 
 ONNX_TEST_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 
@@ -144,7 +143,7 @@ def test_tflite_runs_the_converted_reference_model_like_onnx_does(heldout):
 def test_tflite_follows_a_free_batch_axis_from_call_to_call():
     """keras_cnn.tflite takes [N, 32, 32, 3]: a call of three samples resizes the interpreter and
     gives what three single-sample calls give; single-sample calls work again after it."""
-    runtime = load_runtime("tflite", FIXTURE_MODELS / "keras_cnn.tflite", RuntimeOptions(threads=1))
+    runtime = load_runtime("tflite", FIXTURES / "keras_cnn.tflite", RuntimeOptions(threads=1))
     (spec,) = runtime.inputs
     assert spec.shape == ("?", 32, 32, 3)
     x = np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32)
@@ -161,7 +160,7 @@ def test_a_fused_tflite_lstm_answers_each_call_as_if_it_were_the_first():
     variable tensor the interpreter keeps from one call to the next: the same input gave another
     answer after another call, and a keyword spotter made so scored at chance (13 % on ten digits;
     95 % with each call alone). Every call now starts from the zero state the model was trained from."""
-    path = FIXTURE_MODELS / "keras2_lstm.tflite"
+    path = FIXTURES / "keras2_lstm.tflite"
     runtime = load_runtime("tflite", path, RuntimeOptions(threads=1))
     (spec,) = runtime.inputs
     a, b = np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32)
@@ -180,7 +179,7 @@ def test_a_tflite_call_at_a_shape_the_model_cannot_take_names_it_and_the_next_ca
     converted for one sample then fails in C++ terms, and the interpreter stayed at the failed shape:
     every later call, of the right shape too, failed ("Dimension mismatch. Got 1 but expected 200"),
     so one bad request to the agent's local API broke the model for every client until a restart."""
-    runtime = load_runtime("tflite", FIXTURE_MODELS / "keras2_lstm.tflite", RuntimeOptions(threads=1))
+    runtime = load_runtime("tflite", FIXTURES / "keras2_lstm.tflite", RuntimeOptions(threads=1))
     (spec,) = runtime.inputs
     x = np.random.default_rng(0).random((200, 8, 8), dtype=np.float32)
     first = next(iter(runtime.run({spec.name: x[:1]}).values()))
@@ -217,7 +216,7 @@ def test_loading_a_tflite_model_prints_no_delegate_banner_but_passes_other_lines
 
 
 def test_tflite_outputs_are_the_callers_to_keep_and_a_missing_input_is_named():
-    runtime = load_runtime("tflite", FIXTURE_MODELS / "streaming_kws.tflite", RuntimeOptions(threads=1))
+    runtime = load_runtime("tflite", FIXTURES / "streaming_kws.tflite", RuntimeOptions(threads=1))
     audio, state = runtime.inputs
     rng = np.random.default_rng(1)
     feeds = {audio.name: rng.random((1, 10, 20), dtype=np.float32), state.name: np.zeros((1, 1, 48), np.float32)}
@@ -276,7 +275,7 @@ def test_a_model_that_needs_tensorflows_select_ops_is_refused_naming_them():
     number 3 (FlexMatrixDeterminant) failed to prepare"; the refusal names the op and the way out,
     in one line (bundle build and compress --eval refuse with it too)."""
     with pytest.raises(ModelError) as refused:
-        load_runtime("tflite", FIXTURE_MODELS / "keras_select_ops.tflite")
+        load_runtime("tflite", FIXTURES / "keras_select_ops.tflite")
     assert str(refused.value) == (
         "TFLite cannot load keras_select_ops.tflite: it uses TensorFlow ops that TFLite runs only with the Flex "
         "delegate, which this TFLite package lacks (MatrixDeterminant): convert the model with TFLITE_BUILTINS alone")

@@ -12,11 +12,10 @@ from host_tools.compress.onnx import static_shapes
 from host_tools.compress.onnx.initializers import hoist_constants, inline_constant_identities
 from host_tools.compress.onnx.channels import plan_channel_pruning
 from host_tools.compress.onnx.layout import Param
-from tests.conftest import MODELS
+from tests.conftest import FIXTURES, MODELS
 from tests.host_tools import graphs
 from tests.host_tools.test_compress import HELDOUT, TRAIN, steps
 
-FIXTURES = MODELS.parent / "tests" / "fixtures" / "models"
 
 
 def _model(nodes, inits, x_shape, y_shape, path):

@@ -6,12 +6,11 @@ import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
 
 import pytest
 
 from host_tools.cli.base import EXTRA_OF_MODULE
-from tests.conftest import edgefleet
+from tests.conftest import FIXTURES, edgefleet
 
 
 def assert_one_line_error(result, *fragments, code=1):
@@ -94,7 +93,7 @@ def test_a_sample_of_one_array_is_a_one_input_models_whatever_its_name(tmp_path,
     was converted for one) is refused naming the shapes, and no bundle is written."""
     import numpy as np
 
-    model = Path(__file__).resolve().parents[1] / "fixtures" / "models" / "keras2_lstm.tflite"
+    model = FIXTURES / "keras2_lstm.tflite"
     images = np.random.default_rng(0).random((200, 8, 8), dtype=np.float32)
     np.savez(tmp_path / "one.npz", x=images[:1])
     np.savez(tmp_path / "all.npz", x=images)

@@ -16,7 +16,7 @@ from host_tools.compress import Dataset, ModelFile, all_passes, get_pass, load_d
 from host_tools.compress.passes import make_config
 from host_tools.compress.recipes import Recipe, Step, parse_step
 from host_tools.compress.workflow import u8s8_saturates
-from tests.conftest import MODELS
+from tests.conftest import FIXTURES, MODELS
 from tests.host_tools import graphs
 
 HELDOUT = MODELS / "digits_heldout.npz"
@@ -1233,7 +1233,6 @@ def test_zoo_architectures_with_old_ir_and_generated_weights_quantize(name, tmp_
 
 # --- models from the exporters users use: a detector, OCR with an LSTM, a stream with state ------------
 
-FIXTURES = Path(__file__).parent.parent / "fixtures" / "models"  # made by make_models.py there
 # per input, one sample's shape: a [0, 1) image or text line, or normal frames and state
 SAMPLE_SHAPES = {"detector": [(3, 64, 64)], "crnn_ocr": [(1, 32, 48)], "streaming_kws": [(10, 20), (1, 48)],
                  "torch_encoder": [(12, 16)], "u_net": [(3, 16, 16)]}
@@ -2231,7 +2230,7 @@ def test_auto_on_a_tflite_model(tmp_path):
 def test_tflite_passes_on_a_converted_text_encoder_with_two_inputs_and_two_outputs():
     """Made by litert-torch from a PyTorch module (tests/fixtures/models/make_models.py): int token
     ids and a float mask in, logits and the pooled vector out."""
-    model = ModelFile.open(Path(__file__).parent.parent / "fixtures" / "models" / "text_encoder.tflite")
+    model = ModelFile.open(FIXTURES / "text_encoder.tflite")
     tokens = graphs.text_encoder_data(60)  # int64 ids: cast to the model's int32 within the kind
     names = [s.name for s in model.load().inputs]
     data = Dataset(dict(zip(names, (tokens["ids"], tokens["mask"]))), None, "tokens")

@@ -5,7 +5,7 @@ import pytest
 
 from host_tools.compress import ModelFile, Step
 from host_tools.compress.auto import ONNX_LADDER, SPEED_MARGIN, Candidate, ladder, search
-from tests.conftest import MODELS
+from tests.conftest import FIXTURES, MODELS
 
 HELDOUT, CALIB = MODELS / "digits_heldout.npz", MODELS / "digits_calib.npz"
 # Percentile calibration at the 10th percentile clips most activations: a candidate that loses.
@@ -168,7 +168,7 @@ def test_a_candidate_whose_named_pass_does_not_apply_is_not_chosen_under_its_nam
     from host_tools.compress import Dataset
     from host_tools.compress.auto import TFLITE_LADDER
 
-    model = ModelFile.open(MODELS.parent / "tests" / "fixtures" / "models" / "keras_lstm.tflite")
+    model = ModelFile.open(FIXTURES / "keras_lstm.tflite")
     ids = np.random.default_rng(0).integers(0, 200, (16, 20)).astype(np.int32)
     data = Dataset({model.load().inputs[0].name: ids}, None, "ids")
     pruned, dynamic = (next(c for c in TFLITE_LADDER if c.name == name)

@@ -11,8 +11,8 @@ from device_agent.detections import compare
 from device_agent.errors import ConfigError
 from host_tools.compress import Dataset, ModelFile, load_recipe, run_recipe
 from host_tools.compress.detections import gathered
+from tests.conftest import FIXTURES
 from tests.host_tools import graphs
-from tests.host_tools.tflite_graphs import FIXTURES
 
 
 @pytest.fixture(scope="module")

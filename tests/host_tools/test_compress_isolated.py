@@ -25,10 +25,9 @@ from host_tools.compress.onnx import fp16
 from host_tools.compress.passes import REGISTRY, showing_progress
 from host_tools.compress.recipes import Recipe, Step
 from host_tools.compress.workflow import apply_pass
-from tests.conftest import MODELS
+from tests.conftest import FIXTURES, MODELS
 from tests.host_tools.passes_for_tests import HandsBack, LoadsInOrt
 
-FIXTURES = Path(__file__).parent.parent / "fixtures" / "models"
 CRASH = "ONNX Runtime crashed running it (SIGSEGV, signal 11)"
 
 pytestmark = pytest.mark.skipif(onnxruntime.__version__ != "1.32.0",

@@ -12,11 +12,10 @@ from host_tools.compress.tflite import flatbuffer
 from host_tools.compress.tflite.channels import plan_channel_pruning, stale_shape_constants
 from host_tools.compress.tflite.graph import Graph
 from host_tools.compress.tflite.prune import prepared_plan
-from tests.conftest import MODELS
+from tests.conftest import FIXTURES, MODELS
 from tests.host_tools.test_compress import HELDOUT, TRAIN, steps
 
 pytest.importorskip("ai_edge_litert")
-FIXTURES = MODELS.parent / "tests" / "fixtures" / "models"
 
 
 def _silenced(path, out, exclude=()):

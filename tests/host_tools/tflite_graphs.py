@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from host_tools.compress.tflite import flatbuffer
-
-FIXTURES = Path(__file__).parent.parent / "fixtures" / "models"
+from tests.conftest import FIXTURES
 
 
 def ssd(out: Path, max_detections: int = 10, score_threshold: float = 0.37) -> Path:
