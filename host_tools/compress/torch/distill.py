@@ -62,7 +62,7 @@ class Distill(Pass):
             raise ConfigError(f"{self.name} needs inputs to train on (--train or --calib)")
         runtime = model.load()
         bound = evaluate.bind(load_dataset(config.calibration), runtime)
-        targets = teacher_targets(runtime, bound)
+        targets = list(teacher_targets(runtime, bound).values())
         # (a float16 model's inputs: the student trains in float32, and _export gives it the model's types)
         inputs = [_float32(bound.feeds[s.name]) for s in runtime.inputs]
         torch.manual_seed(config.seed)

@@ -31,7 +31,7 @@ def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None
     graph, module, save = _trainable(pruned)
     runtime = teacher.load()
     bound = bind(load_dataset(data), runtime)
-    targets = dict(zip([o.name for o in runtime.outputs], teacher_targets(runtime, bound)))  # by name
+    targets = teacher_targets(runtime, bound)
     if bound.fixed_batch:  # (also a graph that declares a batch axis, but runs one sample per call)
         module.per_sample = True
     trained = SamplesFirst(module, module.input_names, module.output_names, bound.axes)

@@ -58,8 +58,8 @@ def probabilities(output: np.ndarray, axis: int | None) -> bool:
     return bool(np.allclose(output.sum(axis=axis, dtype=np.float64), 1.0, atol=1e-3))
 
 
-def teacher_targets(teacher, data: BoundData) -> list[np.ndarray]:
-    """The teacher's outputs (*teacher*: a loaded model, ModelFile.load) on the training inputs;
+def teacher_targets(teacher, data: BoundData) -> dict[str, np.ndarray]:
+    """The teacher's outputs by name (*teacher*: a loaded model, ModelFile.load) on the training inputs;
     NotApplicable for a model that cannot train on batches (see trainable)."""
     trainable(data)
     targets = outputs_on(teacher, data)
@@ -67,7 +67,7 @@ def teacher_targets(teacher, data: BoundData) -> list[np.ndarray]:
     if ragged:
         raise NotApplicable(f"the size of output {ragged!r} depends on the input (detections after NMS): "
                             "training needs outputs of one shape for every sample")
-    return list(targets.values())
+    return targets
 
 
 def trainable(data: BoundData) -> None:
