@@ -104,12 +104,12 @@ def _paired_detections(ref: np.ndarray, out: np.ndarray, labels) -> list[tuple[i
     # (a box with no area, clipped flat against the image's edge, would overlap nothing, not even
     # itself: every box is given at least a thousandth of the coordinates' scale in each direction)
     least = 1e-3 * max(float(np.abs(ref).max()), float(np.abs(out).max()), 1.0)
-    iou = _iou(_corners(ref, least), _corners(out, least))
+    overlap = iou(_corners(ref, least), _corners(out, least))
     if labels:
-        iou = np.where(labels[0][:, None] == labels[1][None, :], iou, 0.0)
+        overlap = np.where(labels[0][:, None] == labels[1][None, :], overlap, 0.0)
     pairs, free = [], np.ones(len(out), bool)
     for r in range(len(ref)):
-        scores = np.where(free, iou[r], 0.0)
+        scores = np.where(free, overlap[r], 0.0)
         best = int(scores.argmax())
         if scores[best] >= IOU:
             pairs.append((r, best))
@@ -128,7 +128,8 @@ def _corners(boxes: np.ndarray, least: float = 0.0) -> np.ndarray:
     return np.concatenate([boxes[:, :2], np.maximum(boxes[:, 2:], boxes[:, :2] + least)], axis=1)
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of each box of *a* with each of *b* (corners, [n, 4] and [m, 4]): [n, m]."""
     low = np.maximum(a[:, None, :2], b[None, :, :2])
     high = np.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = np.prod(np.clip(high - low, 0, None), axis=2)

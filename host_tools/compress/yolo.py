@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agent.detections import as_objects
+from device_agent.detections import as_objects, iou
 
 CONF, IOU, MAX_DET = 0.25, 0.7, 300
 CANDIDATES = 3000  # the most confident anchors non-maximum suppression looks at (Ultralytics: 30000)
@@ -125,15 +125,10 @@ def _nms(boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
     if not len(boxes):
         return np.zeros(0, np.int64)
     shifted = boxes + (labels * (float(np.abs(boxes).max()) + 1))[:, None]
-    area = np.prod(np.clip(shifted[:, 2:] - shifted[:, :2], 0, None), axis=1)
     alive, kept = np.ones(len(boxes), bool), []
     for i in range(len(boxes)):
         if not alive[i]:
             continue
         kept.append(i)
-        low = np.maximum(shifted[i, :2], shifted[i + 1:, :2])
-        high = np.minimum(shifted[i, 2:], shifted[i + 1:, 2:])
-        inter = np.prod(np.clip(high - low, 0, None), axis=1)
-        union = area[i] + area[i + 1:] - inter
-        alive[i + 1:] &= ~(np.where(union > 0, inter / np.where(union > 0, union, 1), 0) > IOU)
+        alive[i + 1:] &= ~(iou(shifted[i:i + 1], shifted[i + 1:])[0] > IOU)
     return np.array(kept, np.int64)
