@@ -364,7 +364,7 @@ def _counted_values(graph) -> set[str]:
 def forget_counted_sizes_in(path: Path) -> int:
     """forget_counted_sizes on the model file at *path*, saved again where any went (its external
     weight files, if it has them, untouched). ORT's quantizers infer shapes again, so every ONNX
-    pass's output gets this (workflow.apply_pass)."""
+    pass's output gets this (workflow.apply_pass), and onnx-preprocess's shapes before it optimizes."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from device_agent.errors import NotApplicable
 from host_tools.compress.model import ModelFile
-from host_tools.compress.onnx.boundary import (forget_counted_sizes, held_log_errors, output_path, quantized_already,
+from host_tools.compress.onnx.boundary import (forget_counted_sizes_in, held_log_errors, output_path, quantized_already,
                                                quiet_ort_quantizer, stored_as_8_bit, typed_by_ort)
 from host_tools.compress.onnx.initializers import drop_initializer_inputs, hoist_constants
 from host_tools.compress.onnx.widen import widen_float16
@@ -77,9 +77,8 @@ class OnnxPreprocess(Pass):
 def _pre_process(prepared: Path, out: Path, config, workdir: Path) -> None:
     """ONNX Runtime's quantization pre-processing of *prepared* into *out*, in two runs: shape
     inference, then the optimizer (and ONNX's inference again), with the sizes that only the data
-    decides forgotten in between (boundary.forget_counted_sizes). Given them, the optimizer folded a
+    decides forgotten in between (boundary.forget_counted_sizes_in). Given them, the optimizer folded a
     detector's Reshape after NMS into a target that fails on an image with no boxes."""
-    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     inferred = prepared.with_name(f"{prepared.stem}.shapes.onnx")
@@ -95,9 +94,7 @@ def _pre_process(prepared: Path, out: Path, config, workdir: Path) -> None:
                     raise
                 # Symbolic inference gives up on some graphs (loops, unusual ops); ONNX's own still helps.
                 quant_pre_process(str(prepared), str(inferred), skip_optimization=True, skip_symbolic_shape=True)
-            proto = onnx.load(str(inferred))
-            if proto.ByteSize() < 2**31 - 2**20 and forget_counted_sizes(proto.graph):
-                onnx.save(proto, str(inferred))
+            forget_counted_sizes_in(inferred)
             quant_pre_process(str(inferred), str(out), skip_optimization=not config.optimize, skip_symbolic_shape=True)
         finally:
             inferred.unlink(missing_ok=True)
