@@ -103,7 +103,7 @@ def run(name: str, images: np.ndarray, work: Path, args) -> dict:
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
     original = ModelFile.open(path)
     runtime = original.load()
-    found = head(path, runtime.outputs)
+    found = head(original, runtime)
     if found is None:
         return {"error": "its output is not an Ultralytics detection head edgefleet knows"}
     outputs = {found.output: np.concatenate([runtime.run({"images": image[None]})[found.output] for image in images])}

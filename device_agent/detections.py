@@ -54,6 +54,7 @@ def is_boxes(value: np.ndarray) -> bool:
 @dataclass(frozen=True)
 class Comparison:
     agreement: float  # the share of rows that pair, averaged over samples
+    by_detection: bool  # whether rows are detections (paired by their boxes), else whole values
     cosine: float  # of the paired rows, averaged over samples that have some
     max_abs_error: float
     mean_abs_error: float
@@ -81,7 +82,7 @@ def compare(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) ->
             cosines.append(float(a @ b / norms) if norms > 0 else float(np.array_equal(a, b)))
             errors.append(np.abs(a - b))
     diff = np.concatenate(errors) if errors else np.zeros(0)
-    return Comparison(float(np.mean(agreements)), float(np.mean(cosines)) if cosines else 0.0,
+    return Comparison(float(np.mean(agreements)), boxes is not None, float(np.mean(cosines)) if cosines else 0.0,
                       float(diff.max()) if diff.size else 0.0, float(diff.mean()) if diff.size else 0.0)
 
 

@@ -196,10 +196,12 @@ def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
         mean_errors.append(float(diff.mean()) if diff.size else 0.0)
     first = scores_output(reference, model_format)
     agreement, axis = None, class_axis(reference[first], model_format)
-    if axis is not None and first not in ragged:
+    rows = compare_detections({name: reference[name] for name in ragged}, outputs) if ragged else None
+    # (beside detections, a map with channels is not class scores: a YOLO segmenter's prototype
+    # masks, which its detections' coefficients weigh; it is compared as values)
+    if axis is not None and first not in ragged and not (rows and rows.by_detection):
         agreement = float((reference[first].argmax(axis=axis) == outputs[first].argmax(axis=axis)).mean())
-    if ragged:  # (detections: how many pair up with the original's is their agreement)
-        rows = compare_detections({name: reference[name] for name in ragged}, outputs)
+    if rows:  # (detections: how many pair up with the original's is their agreement)
         agreement = rows.agreement if agreement is None else min(agreement, rows.agreement)
         cosines.append(rows.cosine)
         max_errors.append(rows.max_abs_error)

@@ -213,10 +213,11 @@ class Evaluation:
             names = ", ".join(sorted(self.bound.unbatched))
             say(f"{model.path.name} takes one sample with no batch axis ({names}): the data's samples, along "
                 f"its first axis, one at a time")
-        self.yolo = yolo.head(model.path, runtime.outputs) if model.format == "onnx" else None
+        self.yolo = yolo.head(model, runtime)
         if self.yolo:
-            say(f"{model.path.name} is an Ultralytics detector (its metadata says so): its output "
-                f"{self.yolo.output!r} is compared by its detections, score >= {yolo.CONF}, NMS at IoU {yolo.IOU}")
+            say(f"{model.path.name} is an Ultralytics YOLO model, task {self.yolo.task} (its metadata says so): "
+                f"its output {self.yolo.output!r} is compared by its detections, score >= {yolo.CONF}, NMS at "
+                f"IoU {yolo.IOU}")
         self.sandbox.hold(self.bound)
         say(f"evaluating the original on {len(self.bound)} samples")
         self.score(self.original, runtime)
@@ -343,6 +344,10 @@ def apply_pass(cls, config, model: ModelFile, workdir: Path, sandbox: Sandbox | 
         from host_tools.compress.onnx.boundary import forget_counted_sizes_in
 
         forget_counted_sizes_in(result.path)
+    if result.format == "tflite" and result.path != model.path:
+        from host_tools.compress.tflite.flatbuffer import keep_appended
+
+        keep_appended(model.path, result.path)
     step = _measured(cls.name, result)
     step.config, step.seconds, step.compresses = config.to_dict(), time.monotonic() - start, cls.compresses
     return step

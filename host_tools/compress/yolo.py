@@ -1,21 +1,33 @@
-"""Ultralytics YOLO detectors, as `yolo export format=onnx` writes them: their detections, decoded as
-Ultralytics' own predict decodes them, so that a compressed model is compared detection by detection.
+"""Ultralytics YOLO models, as `yolo export` writes them to ONNX or TFLite: their detections, decoded
+as Ultralytics' own predict decodes them, so that a compressed model is compared detection by
+detection.
 
-Such an export's output is the raw head, ``output0`` [batch, 4 + classes, anchors] (YOLOv8, YOLO11:
-each anchor's box as centre x, centre y, width, height in pixels, then its class scores, after the
-sigmoid), or, exported with ``nms=True`` or end to end (YOLOv10, YOLO26), rows of detections
-[batch, N, 6] (x1, y1, x2, y2, score, class). Read as a classifier's output, as any other [N, C, A]
-float tensor is, the top-1 agreement would be over anchors or coordinates, a number about nothing.
-The export says what it is in the model's metadata (``task: detect``, ``names``, ``end2end``), so
-the output is recognized from that, never from its shape alone. Each image's detections are the
-anchors whose best class scores at least CONF, after non-maximum suppression within each class at
-IOU, at most MAX_DET (Ultralytics' predict defaults), most confident first: boxes (x1, y1, x2, y2),
-scores and labels, which ``device_agent.detections.compare`` pairs with the original's.
+Such an export's first output is the raw head, [batch, 4 + classes + extra, anchors] (YOLOv8,
+YOLO11: each anchor's box as centre x, centre y, width, height, then its class scores, after the
+sigmoid, then what the task adds per box), or, exported with ``nms=True`` or end to end (YOLOv10,
+YOLO26), rows of detections [batch, N, 6 + extra] (x1, y1, x2, y2, score, class, then the same
+extra). The extra is a pose model's keypoints (``kpt_shape``: K keypoints of x, y and, where there
+are three values, visibility), a segmenter's mask coefficients (its second output is the prototype
+masks they weigh, compared as values), or an oriented box's angle (OBB: its box is centre and size,
+rows too, turned by the angle). Read as a classifier's output, as any other [N, C, A] float tensor
+is, the top-1 agreement would be over anchors or coordinates, a number about nothing.
+
+The export says what it is in its metadata (``task``, ``names``, ``end2end``, ``args``), in an ONNX
+model's metadata_props or in a zip appended to a TFLite file, so the output is recognized from
+that, never from its shape alone. A TFLite export's coordinates are fractions of the image (so that
+int8 keeps the scores' resolution); they are multiplied back by its width and height, where and as
+Ultralytics' LiteRT backend does. Each image's detections are the anchors whose best class scores at
+least CONF, after non-maximum suppression within each class at IOU (for oriented boxes, on their
+probabilistic IoU, as Ultralytics' fast NMS), at most MAX_DET (Ultralytics' predict defaults), most
+confident first: boxes (x1, y1, x2, y2; an oriented box's axis-aligned bounds), scores, labels and
+the task's values per box, which ``device_agent.detections.compare`` pairs with the original's.
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,50 +37,90 @@ from device_agent.detections import as_objects, iou
 
 CONF, IOU, MAX_DET = 0.25, 0.7, 300
 CANDIDATES = 3000  # the most confident anchors non-maximum suppression looks at (Ultralytics: 30000)
+TASKS = ("detect", "pose", "segment", "obb")  # the tasks whose first output is a detection head
+PARTS = {"pose": "keypoints", "segment": "mask_coefficients", "obb": "xywhr"}  # the task's values per box
+_PARSED = ("imgsz", "names", "kpt_shape", "args", "end2end")  # (what Ultralytics parses from text)
 
 
 @dataclass(frozen=True)
 class Head:
     output: str  # the output's name
     classes: int
-    rows: bool  # detections as rows (x1, y1, x2, y2, score, class) already
+    rows: bool  # detections as rows (x1, y1, x2, y2, score, class, extra) already
+    task: str = "detect"
+    extra: int = 0  # values per box after the class scores (rows: after score and class)
+    keypoint_values: int = 2  # (pose) values per keypoint: x, y and, where 3, visibility
+    scale: tuple[int, int] | None = None  # (width, height) where coordinates are fractions of the image
 
 
-def head(path: Path, outputs) -> Head | None:
-    """The Ultralytics detection head among *outputs* (a runtime's TensorSpecs) of the ONNX model at
-    *path*, by the metadata the export writes; None for any other model."""
-    meta, names = _metadata(path)
-    if names is None or not outputs:
-        return None
-    first, classes = outputs[0], len(names)
-    shape = list(first.shape)
-    if len(shape) != 3:
-        return None
-    if shape[2] == 6 and (meta.get("end2end") == "True" or shape[1] != 4 + classes):
-        return Head(first.name, classes, rows=True)
-    return Head(first.name, classes, rows=False) if shape[1] == 4 + classes else None
-
-
-def _metadata(path: Path, proto=None) -> tuple[dict[str, str], dict | None]:
-    """The model's metadata, and its class names where it says it is an Ultralytics detector."""
-    import onnx
-
+def metadata(path: Path, model_format: str, proto=None) -> dict:
+    """The metadata of an Ultralytics export, its values parsed as Ultralytics parses them, end2end
+    true also where it was exported with NMS (``args.nms``); {} for any other model. ONNX: the
+    model's metadata_props (*proto*, where it is loaded already); TFLite: the zip appended to the
+    file, its metadata.json, or the one entry of an older export (a Python dict's text)."""
     try:
-        proto = proto or onnx.load(str(path), load_external_data=False)
-        meta = {p.key: p.value for p in proto.metadata_props}
-        names = ast.literal_eval(meta.get("names", "None"))
-    except (ValueError, SyntaxError, OSError):
-        return {}, None
-    return meta, names if meta.get("task") == "detect" and isinstance(names, dict) else None
+        if model_format == "onnx":
+            import onnx
+
+            proto = proto or onnx.load(str(path), load_external_data=False)
+            meta = {p.key: p.value for p in proto.metadata_props}
+        else:
+            with zipfile.ZipFile(path) as appended:
+                names = appended.namelist()
+                text = appended.read("metadata.json" if "metadata.json" in names else names[0]).decode()
+            meta = json.loads(text) if "metadata.json" in names else ast.literal_eval(text)
+        meta = {key: ast.literal_eval(value) if key in _PARSED and isinstance(value, str) else value
+                for key, value in meta.items()}
+    except (ValueError, SyntaxError, OSError, IndexError, KeyError, zipfile.BadZipFile):
+        return {}
+    if not isinstance(meta, dict) or not isinstance(meta.get("args", {}), dict):
+        return {}
+    meta["end2end"] = bool(meta.get("end2end") or meta.get("args", {}).get("nms"))
+    return meta
+
+
+def head(model, runtime) -> Head | None:
+    """The Ultralytics detection head among the outputs of *model* (a ModelFile, loaded as
+    *runtime*), by the metadata its export writes; None for any other model, and where the first
+    output of three axes is not as its task makes it."""
+    meta = metadata(model.path, model.format)
+    task, names = meta.get("task"), meta.get("names")
+    found = next((o for o in runtime.outputs if len(o.shape) == 3), None)
+    if task not in TASKS or not isinstance(names, dict) or not names or found is None:
+        return None
+    rows = meta["end2end"]
+    width = found.shape[2] if rows else found.shape[1]
+    if not isinstance(width, int):
+        return None
+    extra = width - (6 if rows else 4 + len(names))
+    keypoints = meta.get("kpt_shape") or [0, 0]
+    wanted = {"detect": 0, "obb": 1, "pose": int(np.prod(keypoints))}.get(task)
+    if extra != wanted if wanted is not None else extra <= 0:  # (segment: any number of coefficients)
+        return None
+    scale = _fractions_of(runtime.inputs[0].shape, meta, rows) if model.format == "tflite" else None
+    return Head(found.name, len(names), rows, task, extra, int(keypoints[1]) if task == "pose" else 2, scale)
+
+
+def _fractions_of(shape, meta: dict, rows: bool) -> tuple[int, int] | None:
+    """The image's (width, height) where a TFLite export's coordinates are fractions of it, as
+    Ultralytics' LiteRT backend reads them (*shape*: the input's): a raw head's always; end-to-end
+    rows where the input is channels last (onnx2tf's; litert-torch's, channels first, are pixels)."""
+    channels_last = shape[-1] == int(meta.get("channels", 3))
+    if rows and not channels_last:
+        return None
+    height, width = shape[1:3] if channels_last else shape[2:4]
+    if not (isinstance(width, int) and isinstance(height, int)):  # (a dynamic size: the size exported at)
+        height, width = (list(meta.get("imgsz") or [0, 0]) * 2)[:2]
+    return (int(width), int(height)) if width and height else None
 
 
 def decode_nodes(proto) -> list[str]:
-    """An Ultralytics detector's decode: the nodes after which no layer with weights runs (the boxes'
+    """An Ultralytics model's decode: the nodes after which no layer with weights runs (the boxes'
     arithmetic, the scores' sigmoid, the Concat that joins boxes in pixels and scores from 0 to 1
     into one output), by name; none for any other model (*proto*: an ONNX ModelProto). Static int8
     leaves them in float: with one scale for that Concat, the scores are rounded to a step of about a
     pixel's, and there are no weights there to shrink."""
-    if _metadata(Path(), proto)[1] is None:
+    if metadata(Path(), "onnx", proto).get("task") not in TASKS:
         return []
     graph = proto.graph
     weights = {i.name for i in graph.initializer if len(i.dims) >= 2}
@@ -86,36 +138,77 @@ def decode_nodes(proto) -> list[str]:
 
 def decoded(outputs: dict[str, np.ndarray], found: Head) -> dict[str, np.ndarray]:
     """*outputs* (samples along axis 0) with the head's replaced by each sample's detections: outputs
-    "<name>.boxes", "<name>.scores" and "<name>.labels", one array per sample."""
-    per_image = [_rows(value) if found.rows else _detections(value) for value in outputs[found.output]]
+    "<name>.boxes", "<name>.scores", "<name>.labels" and, for a task that adds values per box,
+    "<name>.<PARTS[task]>", one array per sample."""
+    decode = _rows if found.rows else _detections
+    per_image = [decode(_in_pixels(value.T if not found.rows else value, found), found)
+                 for value in outputs[found.output]]
+    parts = ("boxes", "scores", "labels") + ((PARTS[found.task],) if found.task in PARTS else ())
     out = {}
     for name, value in outputs.items():
         if name != found.output:
             out[name] = value
             continue
-        for i, part in enumerate(("boxes", "scores", "labels")):
+        for i, part in enumerate(parts):
             out[f"{name}.{part}"] = as_objects([d[i] for d in per_image])
     return out
 
 
-def _rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One image's rows (x1, y1, x2, y2, score, class) as (boxes, scores, labels), most confident first."""
+def _in_pixels(table: np.ndarray, found: Head) -> np.ndarray:
+    """One image's detections, a row each (box, then scores or score and class, then the extra),
+    with the box and a pose's keypoints multiplied back to pixels where they are fractions."""
+    table = table.astype(np.float32)  # (a copy)
+    if found.scale:
+        width, height = found.scale
+        table[:, [0, 2]] *= width
+        table[:, [1, 3]] *= height
+        if found.task == "pose":
+            first, step = table.shape[1] - found.extra, found.keypoint_values
+            table[:, first::step] *= width
+            table[:, first + 1::step] *= height
+    return table
+
+
+def _rows(rows: np.ndarray, found: Head) -> tuple[np.ndarray, ...]:
+    """One image's rows (box, score, class, extra) as (boxes, scores, labels[, extra]), most
+    confident first."""
     kept = rows[rows[:, 4] >= CONF]
     kept = kept[np.argsort(-kept[:, 4], kind="stable")]
-    return (kept[:, :4].astype(np.float32), kept[:, 4].astype(np.float32),
-            np.round(kept[:, 5]).astype(np.int64))
+    extra = kept[:, 6:]
+    boxes = kept[:, :4]
+    if found.task == "obb":  # (centre, size and, last, the angle)
+        extra = np.concatenate([boxes, extra[:, -1:]], axis=1)
+        boxes = _bounds(extra)
+    return (boxes, kept[:, 4], np.round(kept[:, 5]).astype(np.int64)) + ((extra,) if found.extra else ())
 
 
-def _detections(head: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One image's [4 + classes, anchors] as (boxes, scores, labels)."""
-    scores_all = head[4:].astype(np.float32)
-    labels, scores = scores_all.argmax(axis=0), scores_all.max(axis=0)
+def _detections(table: np.ndarray, found: Head) -> tuple[np.ndarray, ...]:
+    """One image's anchors, a row each (centre x, centre y, width, height, class scores, extra), as
+    (boxes, scores, labels[, extra])."""
+    scores_all = table[:, 4:4 + found.classes]
+    labels, scores = scores_all.argmax(axis=1), scores_all.max(axis=1)
     keep = np.flatnonzero(scores >= CONF)
     keep = keep[np.argsort(-scores[keep], kind="stable")][:CANDIDATES]
-    centre, size = head[:2, keep].T, head[2:4, keep].T
-    boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1).astype(np.float32)
-    chosen = _nms(boxes, labels[keep])[:MAX_DET]
-    return boxes[chosen], scores[keep][chosen], labels[keep][chosen].astype(np.int64)
+    extra, labels, scores = table[keep, 4 + found.classes:], labels[keep], scores[keep]
+    if found.task == "obb":
+        extra = np.concatenate([table[keep, :4], extra], axis=1)
+        boxes = _bounds(extra)
+        chosen = _rotated_nms(extra, labels)[:MAX_DET]
+    else:
+        centre, size = table[keep, :2], table[keep, 2:4]
+        boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
+        chosen = _nms(boxes, labels)[:MAX_DET]
+    found_here = (boxes[chosen], scores[chosen], labels[chosen].astype(np.int64))
+    return found_here + ((extra[chosen],) if found.extra else ())
+
+
+def _bounds(xywhr: np.ndarray) -> np.ndarray:
+    """Oriented boxes (centre x, centre y, width, height, angle in radians) as the corners of the
+    axis-aligned boxes that bound them, as Ultralytics' ``obb.xyxy``."""
+    cos, sin = np.abs(np.cos(xywhr[:, 4])), np.abs(np.sin(xywhr[:, 4]))
+    half_w, half_h = xywhr[:, 2] / 2, xywhr[:, 3] / 2
+    reach = np.stack([half_w * cos + half_h * sin, half_w * sin + half_h * cos], axis=1)
+    return np.concatenate([xywhr[:, :2] - reach, xywhr[:, :2] + reach], axis=1)
 
 
 def _nms(boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -132,3 +225,36 @@ def _nms(boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
         kept.append(i)
         alive[i + 1:] &= ~(iou(shifted[i:i + 1], shifted[i + 1:])[0] > IOU)
     return np.array(kept, np.int64)
+
+
+def _rotated_nms(xywhr: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Indices of oriented boxes (most confident first) that no more confident box of the same
+    label overlaps at probabilistic IoU > IOU, suppressed or not: Ultralytics' fast NMS for OBB."""
+    suppressed = np.zeros(len(xywhr), bool)
+    for i in range(len(xywhr) - 1):
+        rest = slice(i + 1, None)
+        suppressed[rest] |= (labels[rest] == labels[i]) & (_probiou(xywhr[i], xywhr[rest]) > IOU)
+    return np.flatnonzero(~suppressed)
+
+
+def _probiou(box: np.ndarray, others: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """The probabilistic IoU (1 - the Hellinger distance of the boxes' Gaussians, arXiv 2106.06072)
+    of one oriented box with each of *others*, as Ultralytics' batch_probiou."""
+    box, others = box.astype(np.float64), others.astype(np.float64)
+    (a1, b1, c1), (a2, b2, c2) = _covariance(box[None]), _covariance(others)
+    a, b, c = a1 + a2, b1 + b2, c1 + c2
+    dx, dy = box[0] - others[:, 0], box[1] - others[:, 1]
+    det = a * b - c ** 2
+    t1 = (a * dy ** 2 + b * dx ** 2) / (det + eps) * 0.25
+    t2 = (c * -dx * dy) / (det + eps) * 0.5
+    own = np.clip(a1 * b1 - c1 ** 2, 0, None) * np.clip(a2 * b2 - c2 ** 2, 0, None)
+    t3 = np.log(det / (4 * np.sqrt(own) + eps) + eps) * 0.5
+    distance = np.clip(t1 + t2 + t3, eps, 100.0)
+    return 1 - np.sqrt(1 - np.exp(-distance) + eps)
+
+
+def _covariance(xywhr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The covariance [[a, c], [c, b]] of each oriented box's Gaussian."""
+    w2, h2 = xywhr[:, 2] ** 2 / 12, xywhr[:, 3] ** 2 / 12
+    cos, sin = np.cos(xywhr[:, 4]), np.sin(xywhr[:, 4])
+    return w2 * cos ** 2 + h2 * sin ** 2, w2 * sin ** 2 + h2 * cos ** 2, (w2 - h2) * cos * sin

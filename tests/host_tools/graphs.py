@@ -487,54 +487,74 @@ def detector(path: Path, size: int = 8, channels: int = 16, classes: int = 3, th
     return save(graph, path)
 
 
-def yolo(path: Path, size: int = 32, classes: int = 3, rows: bool = False) -> Path:
-    """An Ultralytics-style detection export (`yolo export format=onnx`): images [1, 3, size, size] ->
-    two strided Convs -> output0 [1, 4 + classes, anchors]: each anchor's box as centre x, centre y,
-    width, height in pixels, then its class scores after a sigmoid; with the metadata the exporter
-    writes (task, names, stride, imgsz). *rows*: output0 is instead the top rows of detections
-    [1, anchors, 6] (x1, y1, x2, y2, score, class), as an end-to-end export's, metadata end2end."""
+YOLO_EXTRA = {"detect": 0, "pose": 6, "segment": 4, "obb": 1}  # values per box after the class scores
+
+
+def yolo(path: Path, size: int = 32, classes: int = 3, rows: bool = False, task: str = "detect") -> Path:
+    """An Ultralytics-style export (`yolo export format=onnx`): images [1, 3, size, size] -> two
+    strided Convs -> output0 [1, 4 + classes + extra, anchors]: each anchor's box as centre x, centre
+    y, width, height in pixels, then its class scores after a sigmoid, then the *task*'s values
+    (YOLO_EXTRA: pose, 2 keypoints of x, y, visibility; segment, 4 mask coefficients, and output1,
+    prototype masks [1, 4, size / 2, size / 2]; obb, the box's angle); with the metadata the exporter
+    writes (task, names, stride, imgsz, kpt_shape). *rows*: output0 is instead the top rows of
+    detections [1, anchors, 6 + extra] (x1, y1, x2, y2 — OBB: centre and size — score, class,
+    extra), as an end-to-end export's, metadata end2end."""
     rng = np.random.default_rng(7)
-    grid, channels = size // 4, 4 + classes
+    grid, extra = size // 4, YOLO_EXTRA[task]
+    channels = 4 + classes + extra
     inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.4).astype(np.float32), "w1"),
              numpy_helper.from_array(np.zeros(8, np.float32), "b1"),
              numpy_helper.from_array((rng.standard_normal((channels, 8, 3, 3)) * 0.3).astype(np.float32), "w2"),
-             numpy_helper.from_array(np.r_[np.zeros(4), np.full(classes, -1.5)].astype(np.float32), "b2"),
+             numpy_helper.from_array(np.r_[np.zeros(4), np.full(classes, -1.5), np.zeros(extra)].astype(np.float32),
+                                     "b2"),
              numpy_helper.from_array(np.array([1, channels, grid * grid], np.int64), "flat"),
-             numpy_helper.from_array(np.array([2, 2, classes], np.int64), "parts"),
+             numpy_helper.from_array(np.array([2, 2, classes] + [extra] * bool(extra), np.int64), "parts"),
              numpy_helper.from_array(np.array(float(size), np.float32), "scale_xy"),
              numpy_helper.from_array(np.array(size / 2, np.float32), "scale_wh")]
+    split = ["xy", "wh", "cls"] + ["extra"] * bool(extra)
     nodes = [helper.make_node("Conv", ["images", "w1", "b1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c1"], ["r1"]),
              helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1]),
              helper.make_node("Reshape", ["c2", "flat"], ["anchors"]),
-             helper.make_node("Split", ["anchors", "parts"], ["xy", "wh", "cls"], axis=1),
+             helper.make_node("Split", ["anchors", "parts"], split, axis=1),
              helper.make_node("Sigmoid", ["xy"], ["xy01"]), helper.make_node("Mul", ["xy01", "scale_xy"], ["xyp"]),
              helper.make_node("Sigmoid", ["wh"], ["wh01"]), helper.make_node("Mul", ["wh01", "scale_wh"], ["whp"]),
              helper.make_node("Sigmoid", ["cls"], ["scores"])]
+    extras = []
+    if extra:  # (keypoints and angles from a sigmoid, in pixels and radians; mask coefficients as they come)
+        nodes += [helper.make_node("Sigmoid", ["extra"], ["extra01"]),
+                  helper.make_node("Mul", ["extra01", "scale_xy"], ["values"])] if task != "segment" else []
+        extras = ["values" if task != "segment" else "extra"]
+    outputs = []
     if not rows:
-        nodes.append(helper.make_node("Concat", ["xyp", "whp", "scores"], ["output0"], axis=1))
-        out = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, channels, grid * grid])
+        nodes.append(helper.make_node("Concat", ["xyp", "whp", "scores", *extras], ["output0"], axis=1))
+        outputs.append(helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, channels, grid * grid]))
     else:  # (corners, best score and its class, per anchor: rows as an end-to-end head gives them)
-        inits += [numpy_helper.from_array(np.array(0.5, np.float32), "half"),
-                  numpy_helper.from_array(np.array([0, 2, 1], np.int64), "rows_perm")]
+        inits += [numpy_helper.from_array(np.array(0.5, np.float32), "half")]
         nodes += [helper.make_node("Mul", ["whp", "half"], ["hw"]), helper.make_node("Sub", ["xyp", "hw"], ["lo"]),
                   helper.make_node("Add", ["xyp", "hw"], ["hi"]),
                   helper.make_node("ReduceMax", ["scores"], ["best"], axes=[1], keepdims=1),
                   helper.make_node("ArgMax", ["scores"], ["label_i"], axis=1, keepdims=1),
                   helper.make_node("Cast", ["label_i"], ["label"], to=TensorProto.FLOAT),
-                  helper.make_node("Concat", ["lo", "hi", "best", "label"], ["columns"], axis=1),
+                  helper.make_node("Concat", (["xyp", "whp"] if task == "obb" else ["lo", "hi"])
+                                   + ["best", "label", *extras], ["columns"], axis=1),
                   helper.make_node("Transpose", ["columns"], ["output0"], perm=[0, 2, 1])]
-        out = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, grid * grid, 6])
+        outputs.append(helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, grid * grid, 6 + extra]))
+    if task == "segment":  # (the prototype masks, from the first Conv's map)
+        inits.append(numpy_helper.from_array((rng.standard_normal((4, 8, 1, 1)) * 0.5).astype(np.float32), "wp"))
+        nodes.append(helper.make_node("Conv", ["r1", "wp"], ["output1"]))
+        outputs.append(helper.make_tensor_value_info("output1", TensorProto.FLOAT, [1, 4, size // 2, size // 2]))
     for i, node in enumerate(nodes):
         node.name = f"/model/{node.op_type}_{i}"  # (as torch.onnx.export names them)
     graph = helper.make_graph(nodes, "yolo", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
-                                                                              [1, 3, size, size])], [out], inits)
+                                                                              [1, 3, size, size])], outputs, inits)
     model = helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 17)],
                                           producer_name="pytorch")
     model.ir_version = 8
     names = {i: name for i, name in enumerate(["person", "bicycle", "car", "dog", "cat"][:classes])}
-    for key, value in {"description": "Ultralytics YOLO11n model", "author": "Ultralytics", "task": "detect",
-                       "stride": 4, "batch": 1, "imgsz": [size, size], "names": names, "end2end": rows}.items():
+    meta = {"description": "Ultralytics YOLO11n model", "author": "Ultralytics", "task": task, "stride": 4,
+            "batch": 1, "imgsz": [size, size], "names": names, "end2end": rows}
+    for key, value in {**meta, **({"kpt_shape": [2, 3]} if task == "pose" else {})}.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, str(value)
     onnx.checker.check_model(model)

@@ -273,62 +273,6 @@ def test_a_tflite_detector_is_pruned_and_recovered_up_to_its_post_processing(ssd
     assert np.abs(recovered[0] - boxes).mean() < 0.01 * boxes.std()
 
 
-# --- an Ultralytics YOLO export: its raw head, decoded ---------------------------------------
-
-
-def test_an_ultralytics_head_is_decoded_as_ultralytics_predict_decodes_it():
-    """[4 + classes, anchors]: centre and size in pixels, then class scores. Anchors whose best score
-    is under 0.25 are not detections; of two boxes of one class that overlap at IoU > 0.7 the more
-    confident stays; a box of another class stays however it overlaps. End-to-end rows (x1, y1, x2,
-    y2, score, class) are only thresholded."""
-    from host_tools.compress import yolo
-
-    anchors = {  # centre x, centre y, w, h, score of class 0, of class 1
-        "a": (10, 10, 8, 8, 0.9, 0.1), "b": (10.5, 10, 8, 8, 0.8, 0.1),  # b overlaps a at IoU 0.88
-        "c": (10, 10, 8, 8, 0.1, 0.7), "d": (30, 30, 4, 4, 0.2, 0.1), "e": (30, 10, 4, 4, 0.3, 0.0)}
-    raw = np.array(list(anchors.values()), np.float32).T[None]  # [1, 6, 5]
-    head = yolo.Head("output0", 2, rows=False)
-    out = yolo.decoded({"output0": raw, "other": np.zeros((1, 2))}, head)
-    assert list(out) == ["output0.boxes", "output0.scores", "output0.labels", "other"]
-    np.testing.assert_allclose(out["output0.boxes"][0], [[6, 6, 14, 14], [6, 6, 14, 14], [28, 8, 32, 12]])
-    np.testing.assert_allclose(out["output0.scores"][0], [0.9, 0.7, 0.3])
-    assert out["output0.labels"][0].tolist() == [0, 1, 0]
-    rows = np.array([[[1, 2, 3, 4, 0.8, 2], [5, 6, 7, 8, 0.1, 1], [0, 0, 0, 0, 0, 0]]], np.float32)
-    out = yolo.decoded({"output0": rows}, yolo.Head("output0", 3, rows=True))
-    assert out["output0.labels"][0].tolist() == [2] and out["output0.boxes"][0].tolist() == [[1, 2, 3, 4]]
-
-
-@pytest.mark.parametrize("rows", [False, True], ids=["raw-head", "end-to-end"])
-def test_an_ultralytics_detector_is_compressed_and_compared_by_its_detections(rows, tmp_path):
-    """Its export says what its output is (metadata task: detect, names): each image's detections are
-    what is compared, as any detector's, and static int8 leaves its decode in float. Before, the
-    output [1, 7, 64] was read as a classifier's, and its "top-1 agreement" was the share of its 7
-    channels whose largest anchor was the same one."""
-    from device_agent.detections import compare
-    from host_tools.compress import yolo
-
-    model = ModelFile.open(graphs.yolo(tmp_path / "yolo.onnx", rows=rows))
-    data = Dataset({"images": np.random.default_rng(3).random((12, 3, 32, 32), dtype=np.float32)}, None, "images")
-    said = []
-    report = run_recipe(model, load_recipe("int8-static", "onnx"), calib=data, eval_data=data, latency_runs=3,
-                        workdir=tmp_path / "w", progress=said.append)
-    assert any("is an Ultralytics detector (its metadata says so)" in line for line in said), said
-    original = report.original.outputs
-    assert set(original) == {"output0.boxes", "output0.scores", "output0.labels"}
-    counts = [len(b) for b in original["output0.boxes"]]
-    assert len(counts) == 12 and 0 < min(counts) and max(counts) < 64
-    for scores in original["output0.scores"]:
-        assert np.all(scores >= yolo.CONF) and np.all(np.diff(scores) <= 0)
-    result = report.result
-    assert report.compressed and result.fidelity.agreement == pytest.approx(compare(original, result.outputs).agreement)
-    # Static int8 leaves the decode after the last Conv in float: quantized, the Concat that joins boxes
-    # in pixels and scores from 0 to 1 rounded the scores to a pixel's step, and 84 % of the detections
-    # paired (52 % of the end-to-end rows'), against 99 % now
-    assert any("node(s) of an Ultralytics detector's decode" in line for line in said), said
-    made_by = {out: node.op_type for node in onnx.load(str(result.model.path)).graph.node for out in node.output}
-    assert made_by["output0"] != "DequantizeLinear" and result.fidelity.agreement > 0.95
-
-
 def test_a_raw_detection_head_is_scored_by_its_class_scores_not_its_box_coordinates(tmp_path):
     """The detector fixture gives its raw head, as an SSD exported before decoding does: boxes
     [N, 960, 4] beside class scores [N, 960, 3]. The boxes' last axis is coordinates: before, the

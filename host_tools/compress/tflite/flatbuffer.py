@@ -15,6 +15,7 @@ one, with the same bytes in every tensor.
 from __future__ import annotations
 
 import functools
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -278,3 +279,20 @@ def restore_io_names(original: Path, changed: Path) -> None:
                 other.name = want + b"_float"
         graph.tensors[(graph.inputs if side == "in" else graph.outputs)[position]].name = want
     write(tree, outside, changed)
+
+
+def keep_appended(original: Path, changed: Path) -> None:
+    """Append to *changed* the files of the zip appended to *original*, where it has one and
+    *changed* none: the metadata an Ultralytics export carries (metadata.json: task, class names,
+    image size), which Ultralytics' predict reads from the model file, or TFLite Support's
+    associated files (labels). Passes write a new flatbuffer, and lost it."""
+    try:
+        with zipfile.ZipFile(original) as appended:
+            files = [(info, appended.read(info)) for info in appended.infolist()]
+    except (zipfile.BadZipFile, OSError):
+        return
+    if not files or zipfile.is_zipfile(changed):
+        return
+    with zipfile.ZipFile(changed, "a") as appending:
+        for info, data in files:
+            appending.writestr(info, data)

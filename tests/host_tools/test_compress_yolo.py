@@ -1,0 +1,157 @@
+"""Ultralytics YOLO exports (`yolo export format=onnx` or `format=tflite`), read by the metadata the
+exporter writes, and compared detection by detection as Ultralytics' predict decodes them: detect,
+pose, segment and OBB models, raw heads and end-to-end rows."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+
+from device_agent.detections import compare
+from host_tools.compress import Dataset, ModelFile, load_recipe, run_recipe, yolo
+from tests.conftest import FIXTURES
+from tests.host_tools import graphs
+
+POSE_METADATA = {"description": "Ultralytics YOLO11n-pose model", "author": "Ultralytics", "task": "pose",
+                 "stride": 4, "batch": 1, "imgsz": [32, 32], "names": {"0": "person"}, "kpt_shape": [2, 3],
+                 "args": {"batch": 1, "half": False, "int8": False, "nms": False}, "channels": 3,
+                 "end2end": False}
+
+
+def test_an_ultralytics_head_is_decoded_as_ultralytics_predict_decodes_it():
+    """[4 + classes, anchors]: centre and size in pixels, then class scores. Anchors whose best score
+    is under 0.25 are not detections; of two boxes of one class that overlap at IoU > 0.7 the more
+    confident stays; a box of another class stays however it overlaps. End-to-end rows (x1, y1, x2,
+    y2, score, class) are only thresholded."""
+    anchors = {  # centre x, centre y, w, h, score of class 0, of class 1
+        "a": (10, 10, 8, 8, 0.9, 0.1), "b": (10.5, 10, 8, 8, 0.8, 0.1),  # b overlaps a at IoU 0.88
+        "c": (10, 10, 8, 8, 0.1, 0.7), "d": (30, 30, 4, 4, 0.2, 0.1), "e": (30, 10, 4, 4, 0.3, 0.0)}
+    raw = np.array(list(anchors.values()), np.float32).T[None]  # [1, 6, 5]
+    head = yolo.Head("output0", 2, rows=False)
+    out = yolo.decoded({"output0": raw, "other": np.zeros((1, 2))}, head)
+    assert list(out) == ["output0.boxes", "output0.scores", "output0.labels", "other"]
+    np.testing.assert_allclose(out["output0.boxes"][0], [[6, 6, 14, 14], [6, 6, 14, 14], [28, 8, 32, 12]])
+    np.testing.assert_allclose(out["output0.scores"][0], [0.9, 0.7, 0.3])
+    assert out["output0.labels"][0].tolist() == [0, 1, 0]
+    rows = np.array([[[1, 2, 3, 4, 0.8, 2], [5, 6, 7, 8, 0.1, 1], [0, 0, 0, 0, 0, 0]]], np.float32)
+    out = yolo.decoded({"output0": rows}, yolo.Head("output0", 3, rows=True))
+    assert out["output0.labels"][0].tolist() == [2] and out["output0.boxes"][0].tolist() == [[1, 2, 3, 4]]
+
+
+def test_each_task_keeps_its_values_per_box_and_a_tflite_exports_fractions_become_pixels():
+    """A pose model's keypoints, a segmenter's mask coefficients and an oriented box stay with their
+    detections (and are paired with them). A TFLite export's coordinates are fractions of the image:
+    its boxes and keypoints, not the keypoints' visibility, are multiplied back by width and height.
+    Oriented boxes are suppressed by their probabilistic IoU: one turned a little is the same box,
+    one turned a quarter is another, though both have the same axis-aligned bounds as it."""
+    pose = np.array([[0.5, 0.5, 0.2, 0.4, 0.9, 0.25, 0.5, 0.8, 0.75, 0.25, 0.3],
+                     [0.1, 0.1, 0.1, 0.1, 0.1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]], np.float32).T[None]
+    head = yolo.Head("out", 1, rows=False, task="pose", extra=6, keypoint_values=3, scale=(40, 20))
+    out = yolo.decoded({"out": pose}, head)
+    np.testing.assert_allclose(out["out.boxes"][0], [[16, 6, 24, 14]], rtol=1e-6)
+    np.testing.assert_allclose(out["out.keypoints"][0], [[10, 10, 0.8, 30, 5, 0.3]], rtol=1e-6)
+
+    segment = np.array([[10, 10, 8, 8, 0.9, 0.1, 1, 2, 3], [10.5, 10, 8, 8, 0.8, 0.1, 4, 5, 6],
+                        [30, 10, 4, 4, 0.1, 0.6, 7, 8, 9]], np.float32).T[None]
+    out = yolo.decoded({"out": segment}, yolo.Head("out", 2, rows=False, task="segment", extra=3))
+    assert out["out.mask_coefficients"][0].tolist() == [[1, 2, 3], [7, 8, 9]]
+
+    turned = [(50, 50, 40, 8, 0.9, 0.0), (50, 50, 40, 8, 0.8, 0.05), (50, 50, 40, 8, 0.7, np.pi / 2)]
+    raw = np.array([(x, y, w, h, score, angle) for x, y, w, h, score, angle in turned], np.float32).T[None]
+    out = yolo.decoded({"out": raw}, yolo.Head("out", 1, rows=False, task="obb", extra=1))
+    np.testing.assert_allclose(out["out.xywhr"][0], [turned[0][:4] + (0,), turned[2][:4] + (np.pi / 2,)], atol=1e-5)
+    np.testing.assert_allclose(out["out.boxes"][0], [[30, 46, 70, 54], [46, 30, 54, 70]], atol=1e-4)
+    rows = np.array([[[50, 50, 40, 8, 0.9, 0, np.pi / 2], [1, 1, 1, 1, 0.1, 0, 0]]], np.float32)
+    out = yolo.decoded({"out": rows}, yolo.Head("out", 1, rows=True, task="obb", extra=1))
+    np.testing.assert_allclose(out["out.boxes"][0], [[46, 30, 54, 70]], atol=1e-4)
+
+
+@pytest.mark.parametrize("task, rows", [("detect", False), ("detect", True), ("pose", False), ("segment", False),
+                                        ("segment", True), ("obb", False), ("obb", True)])
+def test_an_ultralytics_model_is_compressed_and_compared_by_its_detections(task, rows, tmp_path):
+    """Its export says what its output is (metadata task, names): each image's detections, with the
+    task's values per box, are what is compared, as any detector's, and static int8 leaves its decode
+    in float. Before, the output [1, 7, 64] was read as a classifier's, and its "top-1 agreement" was
+    the share of its 7 channels whose largest anchor was the same one. A segmenter's prototype masks
+    beside the detections are compared as values, not as a map of 4 classes."""
+    model = ModelFile.open(graphs.yolo(tmp_path / "yolo.onnx", rows=rows, task=task))
+    data = Dataset({"images": np.random.default_rng(3).random((12, 3, 32, 32), dtype=np.float32)}, None, "images")
+    said = []
+    report = run_recipe(model, load_recipe("int8-static", "onnx"), calib=data, eval_data=data, latency_runs=3,
+                        workdir=tmp_path / "w", progress=said.append)
+    assert any(f"is an Ultralytics YOLO model, task {task} (its metadata says so)" in line for line in said), said
+    original = report.original.outputs
+    parts = {"output0.boxes", "output0.scores", "output0.labels"} | (
+        {f"output0.{yolo.PARTS[task]}"} if task in yolo.PARTS else set())
+    assert set(original) == parts | ({"output1"} if task == "segment" else set())
+    counts = [len(b) for b in original["output0.boxes"]]
+    assert len(counts) == 12 and 0 < min(counts) and max(counts) < 64
+    for i, scores in enumerate(original["output0.scores"]):
+        assert np.all(scores >= yolo.CONF) and np.all(np.diff(scores) <= 0)
+        assert all(len(original[part][i]) == len(scores) for part in parts)
+    result = report.result
+    assert report.compressed and result.fidelity.agreement == pytest.approx(compare(original, result.outputs).agreement)
+    # Static int8 leaves the decode after the last Conv in float: quantized, the Concat that joins boxes
+    # in pixels and scores from 0 to 1 rounded the scores to a pixel's step, and 84 % of the detections
+    # paired (52 % of the end-to-end rows'), against 99 % now
+    assert any("node(s) of an Ultralytics detector's decode" in line for line in said), said
+    made_by = {out: node.op_type for node in onnx.load(str(result.model.path)).graph.node for out in node.output}
+    assert made_by["output0"] != "DequantizeLinear" and result.fidelity.agreement > 0.9
+
+
+def appended(path, metadata: dict, as_json: bool):
+    """*path* with *metadata* appended as Ultralytics' TFLite export appends it: a zip whose
+    metadata.json holds it (older exports: one entry, the dict's Python text)."""
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("metadata.json" if as_json else "metadata.txt",
+                    json.dumps(metadata, indent=2) if as_json else repr(metadata))
+    return path
+
+
+@pytest.mark.parametrize("as_json", [True, False], ids=["metadata.json", "older-export"])
+def test_an_ultralytics_tflite_export_is_read_by_the_metadata_appended_to_it(as_json, tmp_path):
+    """`yolo export format=tflite` appends its metadata to the model file as a zip. Its pose model's
+    head [1, 4 + 1 + 2 x 3, 64] is decoded from it, coordinates back in pixels; the compressed file
+    keeps the metadata, so Ultralytics' predict can still run it. Before, the TFLite export was read
+    as a classifier over 11 channels, and each pass's output lost the metadata."""
+    path = appended(shutil.copy(FIXTURES / "yolo_pose.tflite", tmp_path / "pose.tflite"), POSE_METADATA, as_json)
+    model = ModelFile.open(path)
+    data = Dataset({"images": np.random.default_rng(5).random((12, 3, 32, 32), dtype=np.float32)}, None, "images")
+    said = []
+    report = run_recipe(model, load_recipe("int8-static", "tflite"), calib=data, eval_data=data, latency_runs=3,
+                        workdir=tmp_path / "w", progress=said.append)
+    assert any("is an Ultralytics YOLO model, task pose (its metadata says so)" in line for line in said), said
+    (name,) = {key.rsplit(".", 1)[0] for key in report.original.outputs}
+    boxes, keypoints = report.original.outputs[f"{name}.boxes"], report.original.outputs[f"{name}.keypoints"]
+    assert min(map(len, boxes)) > 0
+    corners, points = np.concatenate(list(boxes)), np.concatenate(list(keypoints))
+    assert corners.max() > 16 and corners.min() > -8 and corners.max() < 40  # (pixels of a 32 x 32 image)
+    assert points[:, [0, 1, 3, 4]].max() > 16 and points[:, [2, 5]].max() <= 1  # (visibility stays 0 to 1)
+    assert report.compressed and report.result.fidelity.agreement > 0.9
+    with zipfile.ZipFile(report.result.model.path) as zf:
+        kept = zf.read(zf.namelist()[0]).decode()
+    assert (json.loads(kept) if as_json else ast.literal_eval(kept)) == POSE_METADATA
+
+
+def test_a_model_without_ultralytics_metadata_is_not_read_as_one(tmp_path):
+    """The same TFLite file with no metadata appended, and an ONNX export whose metadata names
+    another task, keep their outputs as they are: a head is never recognized by its shape alone.
+    An export with NMS (args nms) gives rows of detections, as an end-to-end one."""
+    plain = ModelFile.open(shutil.copy(FIXTURES / "yolo_pose.tflite", tmp_path / "plain.tflite"))
+    assert yolo.metadata(plain.path, "tflite") == {} and yolo.head(plain, plain.load()) is None
+    path = graphs.yolo(tmp_path / "yolo.onnx")
+    proto = onnx.load(str(path))
+    entries = {p.key: p for p in proto.metadata_props}
+    entries["task"].value = "classify"
+    onnx.save(proto, str(path))
+    other = ModelFile.open(path)
+    assert yolo.head(other, other.load()) is None
+    nms = appended(shutil.copy(FIXTURES / "yolo_pose.tflite", tmp_path / "nms.tflite"),
+                   {**POSE_METADATA, "args": {"nms": True}}, as_json=True)
+    assert yolo.metadata(nms, "tflite")["end2end"] is True
