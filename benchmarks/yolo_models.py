@@ -1,9 +1,11 @@
-"""The compression recipes on Ultralytics YOLO detectors, exported as `yolo export format=onnx`
-exports them: the raw head of YOLOv8n and YOLO11n, and YOLO26n's end-to-end rows.
+"""The compression recipes on Ultralytics YOLO models, exported as `yolo export format=onnx` (or
+``--format tflite``) exports them: the raw head of YOLOv8n and YOLO11n, YOLO26n's end-to-end rows,
+and YOLO11n's pose, segmentation and oriented-box (OBB) models.
 
     pip install ultralytics ultralytics-thop polars matplotlib opencv-python-headless --no-deps
     pip install torchvision==0.28.0 --no-deps           # (the one that goes with torch 2.13)
-    python benchmarks/yolo_models.py                    # the three below, 320x320
+    pip install litert-torch                            # (--format tflite: Ultralytics' TFLite exporter)
+    python benchmarks/yolo_models.py                    # the six below, 320x320
     python benchmarks/yolo_models.py --models yolo11n --size 640 --latency 20
 
 None of these is an edgefleet dependency; ``--no-deps`` keeps pip from replacing the CPU PyTorch
@@ -44,7 +46,7 @@ from common import machine_line  # noqa: E402
 from foreign_models import print_results, recipe_cells  # noqa: E402
 
 RECIPES = ("int8-dynamic", "int8-weights", "int8-static", "fp16")
-MODELS = ("yolov8n", "yolo11n", "yolo26n")
+MODELS = ("yolov8n", "yolo11n", "yolo26n", "yolo11n-pose", "yolo11n-seg", "yolo11n-obb")
 IMAGES = 16
 
 
@@ -55,6 +57,8 @@ def main() -> None:
     parser.add_argument("--latency", type=int, default=0, metavar="RUNS",
                         help="also time every recipe's result against the original, RUNS single-image calls each")
     parser.add_argument("--keep-prior", action="store_true", help="leave the class scores' bias as initialized")
+    parser.add_argument("--format", choices=("onnx", "tflite"), default="onnx",
+                        help="export to ONNX (opset 17), or to TFLite as Ultralytics does (litert-torch)")
     args = parser.parse_args()
     if importlib.util.find_spec("ultralytics") is None:
         sys.exit("this script needs Ultralytics: see the install lines at the top of benchmarks/yolo_models.py")
@@ -64,7 +68,8 @@ def main() -> None:
     import ultralytics
 
     print(machine_line())
-    print(f"ultralytics {ultralytics.__version__}, ONNX opset 17, {args.size}x{args.size}, {IMAGES} images"
+    exported = "ONNX opset 17" if args.format == "onnx" else "TFLite (litert-torch)"
+    print(f"ultralytics {ultralytics.__version__}, {exported}, {args.size}x{args.size}, {IMAGES} images"
           + ("" if args.keep_prior else "; BatchNorm statistics from the images, 1 % of anchors over 0.25"))
     images = photographs(args.size)
     started, rows = time.monotonic(), []
@@ -98,7 +103,7 @@ def run(name: str, images: np.ndarray, work: Path, args) -> dict:
 
     work.mkdir(parents=True)
     try:
-        path = export(name, work, images, args.keep_prior)
+        path = export(name, work, images, args.keep_prior, args.format)
     except Exception as exc:  # noqa: BLE001 — reported in the table
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
     original = ModelFile.open(path)
@@ -106,17 +111,18 @@ def run(name: str, images: np.ndarray, work: Path, args) -> dict:
     found = head(original, runtime)
     if found is None:
         return {"error": "its output is not an Ultralytics detection head edgefleet knows"}
-    outputs = {found.output: np.concatenate([runtime.run({"images": image[None]})[found.output] for image in images])}
+    feed = runtime.inputs[0].name
+    outputs = {found.output: np.concatenate([runtime.run({feed: image[None]})[found.output] for image in images])}
     counts = [len(b) for b in decoded(outputs, found)[f"{found.output}.boxes"]]
     row: dict = {"kib": original.size_bytes / 1024, "notes": {},
                  "prune": f"{np.mean(counts):.1f} ({min(counts)}-{max(counts)})"
                           + (", end-to-end rows" if found.rows else "")}
-    recipe_cells(original, "onnx", Dataset({"images": images}, None, "photographs"), work, row, args.latency,
+    recipe_cells(original, args.format, Dataset({feed: images}, None, "photographs"), work, row, args.latency,
                  RECIPES, lambda f: f"{f.agreement:.0%}")
     return row
 
 
-def export(name: str, work: Path, images: np.ndarray, keep_prior: bool) -> Path:
+def export(name: str, work: Path, images: np.ndarray, keep_prior: bool, model_format: str) -> Path:
     import torch
     from ultralytics import YOLO
 
@@ -128,7 +134,8 @@ def export(name: str, work: Path, images: np.ndarray, keep_prior: bool) -> Path:
             model = YOLO(f"{name}.yaml")
             if not keep_prior:
                 scores_spread(model.model, torch.from_numpy(images), torch)
-            return Path(model.export(format="onnx", imgsz=images.shape[-1], opset=17, simplify=False)).resolve()
+            options = {"opset": 17, "simplify": False} if model_format == "onnx" else {}
+            return Path(model.export(format=model_format, imgsz=images.shape[-1], **options)).resolve()
     finally:
         os.chdir(cwd)
 

@@ -69,11 +69,14 @@ def metadata(path: Path, model_format: str, proto=None) -> dict:
                 names = appended.namelist()
                 text = appended.read("metadata.json" if "metadata.json" in names else names[0]).decode()
             meta = json.loads(text) if "metadata.json" in names else ast.literal_eval(text)
+        if not isinstance(meta, dict):
+            return {}
         meta = {key: ast.literal_eval(value) if key in _PARSED and isinstance(value, str) else value
                 for key, value in meta.items()}
-    except (ValueError, SyntaxError, OSError, IndexError, KeyError, zipfile.BadZipFile):
+        meta["channels"] = int(meta.get("channels", 3))
+    except (ValueError, TypeError, SyntaxError, OSError, IndexError, KeyError, zipfile.BadZipFile):
         return {}
-    if not isinstance(meta, dict) or not isinstance(meta.get("args", {}), dict):
+    if not isinstance(meta.get("args", {}), dict):
         return {}
     meta["end2end"] = bool(meta.get("end2end") or meta.get("args", {}).get("nms"))
     return meta
@@ -90,27 +93,37 @@ def head(model, runtime) -> Head | None:
         return None
     rows = meta["end2end"]
     width = found.shape[2] if rows else found.shape[1]
-    if not isinstance(width, int):
-        return None
-    extra = width - (6 if rows else 4 + len(names))
-    keypoints = meta.get("kpt_shape") or [0, 0]
-    wanted = {"detect": 0, "obb": 1, "pose": int(np.prod(keypoints))}.get(task)
-    if extra != wanted if wanted is not None else extra <= 0:  # (segment: any number of coefficients)
+    wanted = _per_box(task, meta)
+    extra = width - (6 if rows else 4 + len(names)) if isinstance(width, int) else -1
+    if wanted is None or (extra <= 0 if task == "segment" else extra != wanted):
         return None
     scale = _fractions_of(runtime.inputs[0].shape, meta, rows) if model.format == "tflite" else None
-    return Head(found.name, len(names), rows, task, extra, int(keypoints[1]) if task == "pose" else 2, scale)
+    return Head(found.name, len(names), rows, task, extra, meta["kpt_shape"][1] if task == "pose" else 2, scale)
+
+
+def _per_box(task: str, meta: dict) -> int | None:
+    """How many values per box *task* adds after the class scores: a pose model's kpt_shape
+    [keypoints, values each] multiplied out, 1 angle, or 0 (for segment, which may have any number
+    of mask coefficients); None where kpt_shape is not two counts."""
+    if task != "pose":
+        return {"obb": 1}.get(task, 0)
+    shape = meta.get("kpt_shape")
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(k, int) and k > 0 for k in shape)):
+        return None
+    return shape[0] * shape[1]
 
 
 def _fractions_of(shape, meta: dict, rows: bool) -> tuple[int, int] | None:
     """The image's (width, height) where a TFLite export's coordinates are fractions of it, as
     Ultralytics' LiteRT backend reads them (*shape*: the input's): a raw head's always; end-to-end
     rows where the input is channels last (onnx2tf's; litert-torch's, channels first, are pixels)."""
-    channels_last = shape[-1] == int(meta.get("channels", 3))
-    if rows and not channels_last:
+    channels_last = len(shape) == 4 and shape[-1] == meta["channels"]
+    if len(shape) != 4 or rows and not channels_last:
         return None
     height, width = shape[1:3] if channels_last else shape[2:4]
     if not (isinstance(width, int) and isinstance(height, int)):  # (a dynamic size: the size exported at)
-        height, width = (list(meta.get("imgsz") or [0, 0]) * 2)[:2]
+        size = meta.get("imgsz")
+        height, width = (size, size) if isinstance(size, int) else (list(size or [0, 0]) * 2)[:2]
     return (int(width), int(height)) if width and height else None
 
 

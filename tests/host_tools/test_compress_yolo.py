@@ -140,9 +140,10 @@ def test_an_ultralytics_tflite_export_is_read_by_the_metadata_appended_to_it(as_
 
 
 def test_a_model_without_ultralytics_metadata_is_not_read_as_one(tmp_path):
-    """The same TFLite file with no metadata appended, and an ONNX export whose metadata names
-    another task, keep their outputs as they are: a head is never recognized by its shape alone.
-    An export with NMS (args nms) gives rows of detections, as an end-to-end one."""
+    """The same TFLite file with no metadata appended, an ONNX export whose metadata names another
+    task, and a pose model whose keypoints do not add up keep their outputs as they are: a head is
+    never recognized by its shape alone. An export with NMS (args nms) gives rows of detections, as
+    an end-to-end one."""
     plain = ModelFile.open(shutil.copy(FIXTURES / "yolo_pose.tflite", tmp_path / "plain.tflite"))
     assert yolo.metadata(plain.path, "tflite") == {} and yolo.head(plain, plain.load()) is None
     path = graphs.yolo(tmp_path / "yolo.onnx")
@@ -155,3 +156,6 @@ def test_a_model_without_ultralytics_metadata_is_not_read_as_one(tmp_path):
     nms = appended(shutil.copy(FIXTURES / "yolo_pose.tflite", tmp_path / "nms.tflite"),
                    {**POSE_METADATA, "args": {"nms": True}}, as_json=True)
     assert yolo.metadata(nms, "tflite")["end2end"] is True
+    odd = ModelFile.open(appended(shutil.copy(FIXTURES / "yolo_pose.tflite", tmp_path / "odd.tflite"),
+                                  {**POSE_METADATA, "kpt_shape": [6]}, as_json=True))
+    assert yolo.head(odd, odd.load()) is None  # (keypoints it cannot count: not read as a pose model)
