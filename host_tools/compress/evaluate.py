@@ -51,7 +51,12 @@ def bind(data: Dataset, runtime) -> BoundData:
     axis, one sample per call where they are [1, …] — or where the graph runs one sample only, though
     its inputs declare a batch axis (torch.export bakes the batch of its example, 1, into the graph's
     shapes): tried on two samples. A model that does not run one sample either fails here."""
-    bound = data.bind(runtime.inputs, runtime.outputs)
+    return probed(data.bind(runtime.inputs, runtime.outputs), runtime, data.source)
+
+
+def probed(bound: BoundData, runtime, source: str) -> BoundData:
+    """*bound* (the data from *source* bound to the model's inputs by their specs) as the model,
+    *runtime*, runs it: what bind learns by running it on the first samples."""
     if not bound.fixed_batch and len(bound) >= 2:
         try:
             runtime.run(bound.sample(0, 2))
@@ -60,7 +65,7 @@ def bind(data: Dataset, runtime) -> BoundData:
             bound = replace(bound, fixed_batch=True, batch_axis_unused=True)
     if bound.labels is not None and np.asarray(bound.labels).dtype.kind in "UO":
         runtime.run(bound.sample(0))  # (the runtime learns a ZipMap's class labels as it runs)
-        bound = replace(bound, labels=_indices_of_names(bound.labels, runtime, data.source))
+        bound = replace(bound, labels=_indices_of_names(bound.labels, runtime, source))
     return bound
 
 

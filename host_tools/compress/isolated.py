@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import traceback
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -38,7 +39,7 @@ from typing import Any
 from device_agent.errors import EdgefleetError
 from device_agent.runtime.base import first_line
 from host_tools.compress import evaluate
-from host_tools.compress.data import BoundData
+from host_tools.compress.data import BoundData, Dataset
 from host_tools.compress.model import ModelFile
 
 # How often the compress process looks whether a child that has not answered is still alive.
@@ -88,6 +89,18 @@ class Sandbox:
         if not self.in_process:
             self._ask("load", model)
 
+    def bind(self, data: Dataset, model: ModelFile, runtime) -> BoundData:
+        """evaluate.bind(*data*, *runtime*: *model* loaded here), with the model's runs on the first
+        samples in the child, which holds the data from then on. ModelError where the model does not
+        run on it; RuntimeCrash where the runtime dies."""
+        bound = data.bind(runtime.inputs, runtime.outputs)
+        if self.in_process:
+            self.bound = evaluate.probed(bound, runtime, data.source)
+            return self.bound
+        self.hold(bound)
+        self.bound = replace(bound, **self._ask("probe", (model, data.source)))
+        return self.bound
+
     def hold(self, bound: BoundData | None) -> None:
         """Run models on *bound* from now on."""
         self.bound = bound
@@ -129,7 +142,7 @@ class Sandbox:
         answer = self._child.ask((kind, request), say)
         if answer is None:
             code, self._child = self._child.end(), None
-            model = request if kind != "pass" else request[2]
+            model = request[2] if kind == "pass" else request[0] if kind == "probe" else request
             runtime = "ONNX Runtime" if model.format == "onnx" else "LiteRT"
             raise RuntimeCrash(f"{runtime} crashed running it ({_how(code)})", _how(code))
         status, value = answer
@@ -233,6 +246,8 @@ def _how(code: int | None) -> str:
         return f"signal {-code}"
 
 
+_PROBED = ("fixed_batch", "batch_axis_unused", "labels")  # the fields of BoundData evaluate.probed sets
+
 _CHILD = ("import sys; from multiprocessing.connection import Connection; "
           f"from {__name__} import serve; serve(Connection(int(sys.argv[1])))")
 
@@ -257,6 +272,9 @@ def serve(conn: Connection) -> None:
                 answer = ("ok", failure_on_zeros(value))
             elif kind == "pass":
                 answer = ("ok", _run_pass(*value, conn=conn))
+            elif kind == "probe":  # (what the runs on the first samples found, kept here and sent back)
+                bound = evaluate.probed(bound, value[0].load(), value[1])
+                answer = ("ok", {name: getattr(bound, name) for name in _PROBED})
             else:
                 answer = ("ok", evaluate.outputs_on(value.load(), bound))
         except EdgefleetError as exc:

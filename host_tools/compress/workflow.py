@@ -203,9 +203,11 @@ class Evaluation:
             return
         runtime = model.load()
         try:
-            self.bound = evaluate.bind(self.data, runtime)
+            self.bound = self.sandbox.bind(self.data, model, runtime)
         except ModelError as exc:  # (the same words as score's)
             raise ConfigError(f"the original model does not run on the evaluation data: {exc}") from None
+        except RuntimeCrash as exc:
+            raise self._crashed(model, exc) from None
         if self.bound.batch_axis_unused:
             say(f"{model.path.name} declares a batch axis, but its graph runs one sample per call: "
                 f"one sample at a time here")
@@ -218,9 +220,13 @@ class Evaluation:
             say(f"{model.path.name} is an Ultralytics YOLO model, task {self.yolo.task} (its metadata says so): "
                 f"its output {self.yolo.output!r} is compared by its detections, score >= {yolo.CONF}, NMS at "
                 f"IoU {yolo.IOU}")
-        self.sandbox.hold(self.bound)
         say(f"evaluating the original on {len(self.bound)} samples")
-        self.score(self.original, runtime)
+        self.score(self.original)
+
+    @staticmethod
+    def _crashed(model: ModelFile, exc: RuntimeCrash) -> ConfigError:
+        return ConfigError(f"{model.path.name}: {exc} on the evaluation data; there is nothing to compress it "
+                           f"against")
 
     def __enter__(self) -> "Evaluation":
         return self
@@ -228,9 +234,9 @@ class Evaluation:
     def __exit__(self, *exc) -> None:
         self.sandbox.close()
 
-    def score(self, m: Measured, runtime=None) -> None:
-        """Fidelity of *m* against the original (a model that no longer runs fails here);
-        *runtime*: *m* already loaded."""
+    def score(self, m: Measured) -> None:
+        """Fidelity of *m* against the original (a model that no longer runs fails here; the
+        original, where it does not run, ends the command in one line). Both run in the child."""
         if m.status != "ok":
             return
         if self.bound is None:
@@ -239,14 +245,15 @@ class Evaluation:
                 m.status, m.note = "failed", f"does not run: {failure}"
             return
         try:
-            m.outputs = (evaluate.outputs_on(runtime or m.model.load(), self.bound) if m is self.original
-                         else self.sandbox.outputs(m.model))
+            m.outputs = self.sandbox.outputs(m.model)
         except ModelError as exc:
             if m is self.original:
                 raise ConfigError(f"the original model does not run on the evaluation data: {exc}") from None
             m.status, m.note = "failed", f"does not run: {exc}"
             return
         except RuntimeCrash as exc:
+            if m is self.original:
+                raise self._crashed(m.model, exc) from None
             m.status, m.note = "failed", f"{exc} on the evaluation data"
             return
         if self.yolo is not None and self.yolo.output in m.outputs:  # (as the original's are: see yolo.py)

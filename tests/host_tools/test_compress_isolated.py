@@ -159,3 +159,44 @@ def test_an_original_that_kills_the_runtime_as_it_loads_is_one_line_and_exit_1(c
             f"error: {Path(crashing).name}: ONNX Runtime crashed loading it (SIGSEGV, signal 11); there is nothing "
             f"to compress it against"), done.stderr
         assert "Traceback" not in done.stderr and not (tmp_path / "out.onnx").exists()
+
+
+def slow_model(path: Path, side: int = 384, layers: int = 30) -> ModelFile:
+    """[N, side, side] through *layers* MatMuls with one weight and Tanh: a few tenths of a second a sample."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array((np.eye(side) * 0.9).astype(np.float32), "w")
+    nodes, last = [], "x"
+    for i in range(layers):
+        nodes += [helper.make_node("MatMul", [last, "w"], [f"m{i}"]), helper.make_node("Tanh", [f"m{i}"], [f"t{i}"])]
+        last = f"t{i}"
+    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", side, side])],
+                              [helper.make_tensor_value_info(last, TensorProto.FLOAT, ["n", side, side])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return ModelFile.open(path)
+
+
+def test_an_original_the_runtime_dies_on_while_it_runs_the_data_is_one_line(tmp_path):
+    """The original runs on the evaluation data in the child too: the runtime dying there (here the
+    child is sent SIGSEGV while it runs) is one line, where it had taken the command down."""
+    import os
+    import signal
+    import threading
+
+    from device_agent.errors import ConfigError
+
+    model = slow_model(tmp_path / "slow.onnx")
+    data = Dataset({"x": np.random.default_rng(0).random((8, 384, 384), np.float32)}, None, "frames")
+
+    def kill_the_child_as_it_runs(line: str) -> None:
+        if line.startswith("evaluating the original"):
+            (child,) = [c.pid for c in psutil.Process().children() if "isolated import serve" in " ".join(c.cmdline())]
+            threading.Timer(0.3, os.kill, (child, signal.SIGSEGV)).start()
+
+    with pytest.raises(ConfigError) as raised:
+        run_recipe(model, recipe(("onnx-dynamic", {})), eval_data=data, latency_runs=3, workdir=tmp_path,
+                   progress=kill_the_child_as_it_runs)
+    assert str(raised.value) == f"slow.onnx: {CRASH} on the evaluation data; there is nothing to compress it against"
