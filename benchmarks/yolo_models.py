@@ -77,8 +77,8 @@ def main() -> None:
         for name in args.models:
             print(f"  {name}", file=sys.stderr, flush=True)
             rows.append((name, run(name, images, Path(tmp) / name, args)))
-    print_results(rows, RECIPES, args.latency, 9, "detections per image (original)", started, "agreement",
-                  "single-image")
+    print_results(rows, RECIPES, args.latency, max(map(len, args.models)), "detections per image (original)",
+                  started, "agreement", "single-image")
 
 
 def photographs(size: int) -> np.ndarray:
