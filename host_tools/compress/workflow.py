@@ -217,9 +217,10 @@ class Evaluation:
                 f"its first axis, one at a time")
         self.yolo = yolo.head(model, runtime)
         if self.yolo:
-            say(f"{model.path.name} is an Ultralytics YOLO model, task {self.yolo.task} (its metadata says so): "
-                f"its output {self.yolo.output!r} is compared by its detections, score >= {yolo.CONF}, NMS at "
-                f"IoU {yolo.IOU}")
+            layout = ", YOLOv5's layout" if self.yolo.objectness else ""
+            say(f"{model.path.name} is an Ultralytics YOLO model, task {self.yolo.task}{layout} (its metadata says "
+                f"so): its output {self.yolo.output!r} is compared by its detections, score > {yolo.CONF}, NMS at "
+                f"IoU {self.yolo.iou}")
         say(f"evaluating the original on {len(self.bound)} samples")
         self.score(self.original)
 

@@ -9,18 +9,22 @@ YOLO26), rows of detections [batch, N, 6 + extra] (x1, y1, x2, y2, score, class,
 extra). The extra is a pose model's keypoints (``kpt_shape``: K keypoints of x, y and, where there
 are three values, visibility), a segmenter's mask coefficients (its second output is the prototype
 masks they weigh, compared as values), or an oriented box's angle (OBB: its box is centre and size,
-rows too, turned by the angle). Read as a classifier's output, as any other [N, C, A] float tensor
-is, the top-1 agreement would be over anchors or coordinates, a number about nothing.
+rows too, turned by the angle). YOLOv5's export (and YOLOv7's) is [batch, anchors, 5 + classes]:
+the box, then its objectness, then class probabilities. Read as a classifier's output, as any other
+[N, C, A] float tensor is, the top-1 agreement would be over anchors or coordinates, a number about
+nothing.
 
-The export says what it is in its metadata (``task``, ``names``, ``end2end``, ``args``), in an ONNX
-model's metadata_props or in a zip appended to a TFLite file, so the output is recognized from
-that, never from its shape alone. A TFLite export's coordinates are fractions of the image (so that
-int8 keeps the scores' resolution); they are multiplied back by its width and height, where and as
-Ultralytics' LiteRT backend does. Each image's detections are the anchors whose best class scores at
-least CONF, after non-maximum suppression within each class at IOU (for oriented boxes, on their
-probabilistic IoU, as Ultralytics' fast NMS), at most MAX_DET (Ultralytics' predict defaults), most
-confident first: boxes (x1, y1, x2, y2; an oriented box's axis-aligned bounds), scores, labels and
-the task's values per box, which ``device_agent.detections.compare`` pairs with the original's.
+The export says what it is in its metadata (``task``, ``names``, ``end2end``, ``args``; YOLOv5's
+only ``stride`` and ``names``), in an ONNX model's metadata_props or in a zip appended to a TFLite
+file, so the output is recognized from that, never from its shape alone. A TFLite export's
+coordinates are fractions of the image (so that int8 keeps the scores' resolution); they are
+multiplied back by its width and height, where and as Ultralytics' LiteRT backend does. Each
+image's detections are the anchors whose best class scores over CONF (YOLOv5: whose objectness
+does, and the score is the class's probability times it), after non-maximum suppression within
+each class at IOU (YOLOv5: V5_IOU; oriented boxes on their probabilistic IoU, as Ultralytics' fast
+NMS), at most MAX_DET (V5_MAX_DET): the predict defaults. Most confident first: boxes (x1, y1, x2,
+y2; an oriented box's axis-aligned bounds), scores, labels and the task's values per box, which
+``device_agent.detections.compare`` pairs with the original's.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 from device_agent.detections import as_objects, iou
 
 CONF, IOU, MAX_DET = 0.25, 0.7, 300
+V5_IOU, V5_MAX_DET = 0.45, 1000  # YOLOv5's detect.py defaults (its CONF is the same)
 CANDIDATES = 3000  # the most confident anchors non-maximum suppression looks at (Ultralytics: 30000)
 TASKS = ("detect", "pose", "segment", "obb")  # the tasks whose first output is a detection head
 PARTS = {"pose": "keypoints", "segment": "mask_coefficients", "obb": "xywhr"}  # the task's values per box
@@ -51,6 +56,15 @@ class Head:
     extra: int = 0  # values per box after the class scores (rows: after score and class)
     keypoint_values: int = 2  # (pose) values per keypoint: x, y and, where 3, visibility
     scale: tuple[int, int] | None = None  # (width, height) where coordinates are fractions of the image
+    objectness: bool = False  # YOLOv5's layout: [anchors, 5 + classes], each box's objectness before its scores
+
+    @property
+    def iou(self) -> float:
+        return V5_IOU if self.objectness else IOU
+
+    @property
+    def max_det(self) -> int:
+        return V5_MAX_DET if self.objectness else MAX_DET
 
 
 def metadata(path: Path, model_format: str, proto=None) -> dict:
@@ -79,6 +93,10 @@ def metadata(path: Path, model_format: str, proto=None) -> dict:
     if not isinstance(meta.get("args", {}), dict):
         return {}
     meta["end2end"] = bool(meta.get("end2end") or meta.get("args", {}).get("nms"))
+    if isinstance(meta.get("names"), list):  # (YOLOv5 before 7.0)
+        meta["names"] = dict(enumerate(meta["names"]))
+    if "task" not in meta and "stride" in meta and isinstance(meta.get("names"), dict):
+        meta.update(task="detect", objectness=True)  # (YOLOv5's and YOLOv7's exports write only these two)
     return meta
 
 
@@ -91,14 +109,16 @@ def head(model, runtime) -> Head | None:
     found = next((o for o in runtime.outputs if len(o.shape) == 3), None)
     if task not in TASKS or not isinstance(names, dict) or not names or found is None:
         return None
-    rows = meta["end2end"]
-    width = found.shape[2] if rows else found.shape[1]
+    rows, objectness = meta["end2end"], meta.get("objectness", False)
+    width = found.shape[2] if rows or objectness else found.shape[1]
     wanted = _per_box(task, meta)
-    extra = width - (6 if rows else 4 + len(names)) if isinstance(width, int) else -1
+    before = 6 if rows else 5 + len(names) if objectness else 4 + len(names)  # (what comes before the extra)
+    extra = width - before if isinstance(width, int) else -1
     if wanted is None or (extra <= 0 if task == "segment" else extra != wanted):
         return None
     scale = _fractions_of(runtime.inputs[0].shape, meta, rows) if model.format == "tflite" else None
-    return Head(found.name, len(names), rows, task, extra, meta["kpt_shape"][1] if task == "pose" else 2, scale)
+    return Head(found.name, len(names), rows, task, extra, meta["kpt_shape"][1] if task == "pose" else 2, scale,
+                objectness)
 
 
 def _per_box(task: str, meta: dict) -> int | None:
@@ -154,7 +174,7 @@ def decoded(outputs: dict[str, np.ndarray], found: Head) -> dict[str, np.ndarray
     "<name>.boxes", "<name>.scores", "<name>.labels" and, for a task that adds values per box,
     "<name>.<PARTS[task]>", one array per sample."""
     decode = _rows if found.rows else _detections
-    per_image = [decode(_in_pixels(value.T if not found.rows else value, found), found)
+    per_image = [decode(_in_pixels(value if found.rows or found.objectness else value.T, found), found)
                  for value in outputs[found.output]]
     parts = ("boxes", "scores", "labels") + ((PARTS[found.task],) if found.task in PARTS else ())
     out = {}
@@ -185,7 +205,7 @@ def _in_pixels(table: np.ndarray, found: Head) -> np.ndarray:
 def _rows(rows: np.ndarray, found: Head) -> tuple[np.ndarray, ...]:
     """One image's rows (box, score, class, extra) as (boxes, scores, labels[, extra]), most
     confident first."""
-    kept = rows[rows[:, 4] >= CONF]
+    kept = rows[rows[:, 4] > CONF]
     kept = kept[np.argsort(-kept[:, 4], kind="stable")]
     extra = kept[:, 6:]
     boxes = kept[:, :4]
@@ -196,13 +216,16 @@ def _rows(rows: np.ndarray, found: Head) -> tuple[np.ndarray, ...]:
 
 
 def _detections(table: np.ndarray, found: Head) -> tuple[np.ndarray, ...]:
-    """One image's anchors, a row each (centre x, centre y, width, height, class scores, extra), as
-    (boxes, scores, labels[, extra])."""
-    scores_all = table[:, 4:4 + found.classes]
+    """One image's anchors, a row each (centre x, centre y, width, height[, objectness], class
+    scores, extra), as (boxes, scores, labels[, extra])."""
+    first = 5 if found.objectness else 4
+    scores_all = table[:, first:first + found.classes]
+    if found.objectness:  # (YOLOv5: a box is a candidate where its objectness is over CONF, and a
+        scores_all = scores_all * table[:, 4:5]  # class's score is its probability times that)
     labels, scores = scores_all.argmax(axis=1), scores_all.max(axis=1)
-    keep = np.flatnonzero(scores >= CONF)
+    keep = np.flatnonzero((scores > CONF) & (table[:, 4] > CONF if found.objectness else True))
     keep = keep[np.argsort(-scores[keep], kind="stable")][:CANDIDATES]
-    extra, labels, scores = table[keep, 4 + found.classes:], labels[keep], scores[keep]
+    extra, labels, scores = table[keep, first + found.classes:], labels[keep], scores[keep]
     if found.task == "obb":
         extra = np.concatenate([table[keep, :4], extra], axis=1)
         boxes = _bounds(extra)
@@ -210,7 +233,7 @@ def _detections(table: np.ndarray, found: Head) -> tuple[np.ndarray, ...]:
     else:
         centre, size = table[keep, :2], table[keep, 2:4]
         boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
-        chosen = _nms(boxes, labels)[:MAX_DET]
+        chosen = _nms(boxes, labels, found.iou)[:found.max_det]
     found_here = (boxes[chosen], scores[chosen], labels[chosen].astype(np.int64))
     return found_here + ((extra[chosen],) if found.extra else ())
 
@@ -224,9 +247,9 @@ def _bounds(xywhr: np.ndarray) -> np.ndarray:
     return np.concatenate([xywhr[:, :2] - reach, xywhr[:, :2] + reach], axis=1)
 
 
-def _nms(boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def _nms(boxes: np.ndarray, labels: np.ndarray, threshold: float = IOU) -> np.ndarray:
     """Indices of *boxes* (most confident first) that no more confident box of the same label
-    overlaps at IoU > IOU: each label's boxes moved apart from the others', as torchvision's
+    overlaps at IoU > *threshold*: each label's boxes moved apart from the others', as torchvision's
     batched_nms does, then one greedy pass."""
     if not len(boxes):
         return np.zeros(0, np.int64)
@@ -236,7 +259,7 @@ def _nms(boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
         if not alive[i]:
             continue
         kept.append(i)
-        alive[i + 1:] &= ~(iou(shifted[i:i + 1], shifted[i + 1:])[0] > IOU)
+        alive[i + 1:] &= ~(iou(shifted[i:i + 1], shifted[i + 1:])[0] > threshold)
     return np.array(kept, np.int64)
 
 

@@ -490,7 +490,8 @@ def detector(path: Path, size: int = 8, channels: int = 16, classes: int = 3, th
 YOLO_EXTRA = {"detect": 0, "pose": 6, "segment": 4, "obb": 1}  # values per box after the class scores
 
 
-def yolo(path: Path, size: int = 32, classes: int = 3, rows: bool = False, task: str = "detect") -> Path:
+def yolo(path: Path, size: int = 32, classes: int = 3, rows: bool = False, task: str = "detect",
+         yolov5: bool = False) -> Path:
     """An Ultralytics-style export (`yolo export format=onnx`): images [1, 3, size, size] -> two
     strided Convs -> output0 [1, 4 + classes + extra, anchors]: each anchor's box as centre x, centre
     y, width, height in pixels, then its class scores after a sigmoid, then the *task*'s values
@@ -498,17 +499,19 @@ def yolo(path: Path, size: int = 32, classes: int = 3, rows: bool = False, task:
     prototype masks [1, 4, size / 2, size / 2]; obb, the box's angle); with the metadata the exporter
     writes (task, names, stride, imgsz, kpt_shape). *rows*: output0 is instead the top rows of
     detections [1, anchors, 6 + extra] (x1, y1, x2, y2 — OBB: centre and size — score, class,
-    extra), as an end-to-end export's, metadata end2end."""
+    extra), as an end-to-end export's, metadata end2end. *yolov5*: output0 is [1, anchors, 5 + classes],
+    each box, its objectness and class probabilities (sigmoids), as YOLOv5's export gives it, with
+    only the metadata YOLOv5 writes (stride, names)."""
     rng = np.random.default_rng(7)
     grid, extra = size // 4, YOLO_EXTRA[task]
-    channels = 4 + classes + extra
+    channels = 4 + yolov5 + classes + extra
     inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.4).astype(np.float32), "w1"),
              numpy_helper.from_array(np.zeros(8, np.float32), "b1"),
              numpy_helper.from_array((rng.standard_normal((channels, 8, 3, 3)) * 0.3).astype(np.float32), "w2"),
-             numpy_helper.from_array(np.r_[np.zeros(4), np.full(classes, -1.5), np.zeros(extra)].astype(np.float32),
-                                     "b2"),
+             numpy_helper.from_array(np.r_[np.zeros(4), np.full(classes + yolov5, -1.5 + 2 * yolov5),
+                                           np.zeros(extra)].astype(np.float32), "b2"),
              numpy_helper.from_array(np.array([1, channels, grid * grid], np.int64), "flat"),
-             numpy_helper.from_array(np.array([2, 2, classes] + [extra] * bool(extra), np.int64), "parts"),
+             numpy_helper.from_array(np.array([2, 2, classes + yolov5] + [extra] * bool(extra), np.int64), "parts"),
              numpy_helper.from_array(np.array(float(size), np.float32), "scale_xy"),
              numpy_helper.from_array(np.array(size / 2, np.float32), "scale_wh")]
     split = ["xy", "wh", "cls"] + ["extra"] * bool(extra)
@@ -526,7 +529,11 @@ def yolo(path: Path, size: int = 32, classes: int = 3, rows: bool = False, task:
                   helper.make_node("Mul", ["extra01", "scale_xy"], ["values"])] if task != "segment" else []
         extras = ["values" if task != "segment" else "extra"]
     outputs = []
-    if not rows:
+    if yolov5:  # (objectness and class probabilities are one sigmoid here: "scores", the first its objectness)
+        nodes += [helper.make_node("Concat", ["xyp", "whp", "scores"], ["columns"], axis=1),
+                  helper.make_node("Transpose", ["columns"], ["output0"], perm=[0, 2, 1])]
+        outputs.append(helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, grid * grid, channels]))
+    elif not rows:
         nodes.append(helper.make_node("Concat", ["xyp", "whp", "scores", *extras], ["output0"], axis=1))
         outputs.append(helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, channels, grid * grid]))
     else:  # (corners, best score and its class, per anchor: rows as an end-to-end head gives them)
@@ -554,6 +561,8 @@ def yolo(path: Path, size: int = 32, classes: int = 3, rows: bool = False, task:
     names = {i: name for i, name in enumerate(["person", "bicycle", "car", "dog", "cat"][:classes])}
     meta = {"description": "Ultralytics YOLO11n model", "author": "Ultralytics", "task": task, "stride": 4,
             "batch": 1, "imgsz": [size, size], "names": names, "end2end": rows}
+    if yolov5:
+        meta = {"stride": 4, "names": names}
     for key, value in {**meta, **({"kpt_shape": [2, 3]} if task == "pose" else {})}.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, str(value)
