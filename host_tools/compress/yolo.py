@@ -10,21 +10,22 @@ extra). The extra is a pose model's keypoints (``kpt_shape``: K keypoints of x, 
 are three values, visibility), a segmenter's mask coefficients (its second output is the prototype
 masks they weigh, compared as values), or an oriented box's angle (OBB: its box is centre and size,
 rows too, turned by the angle). YOLOv5's export (and YOLOv7's) is [batch, anchors, 5 + classes]:
-the box, then its objectness, then class probabilities. Read as a classifier's output, as any other
-[N, C, A] float tensor is, the top-1 agreement would be over anchors or coordinates, a number about
-nothing.
+the box, then its objectness, then class probabilities; YOLOv9's is laid out as YOLOv8's. Read as
+a classifier's output, as any other [N, C, A] float tensor is, the top-1 agreement would be over
+anchors or coordinates, a number about nothing.
 
-The export says what it is in its metadata (``task``, ``names``, ``end2end``, ``args``; YOLOv5's
-only ``stride`` and ``names``), in an ONNX model's metadata_props or in a zip appended to a TFLite
-file, so the output is recognized from that, never from its shape alone. A TFLite export's
-coordinates are fractions of the image (so that int8 keeps the scores' resolution); they are
-multiplied back by its width and height, where and as Ultralytics' LiteRT backend does. Each
-image's detections are the anchors whose best class scores over CONF (YOLOv5: whose objectness
-does, and the score is the class's probability times it), after non-maximum suppression within
-each class at IOU (YOLOv5: V5_IOU; oriented boxes on their probabilistic IoU, as Ultralytics' fast
-NMS), at most MAX_DET (V5_MAX_DET): the predict defaults. Most confident first: boxes (x1, y1, x2,
-y2; an oriented box's axis-aligned bounds), scores, labels and the task's values per box, which
-``device_agent.detections.compare`` pairs with the original's.
+The export says what it is in its metadata (``task``, ``names``, ``end2end``, ``args``; YOLOv5's,
+YOLOv7's and YOLOv9's only ``stride`` and ``names``, and which layout, the output's shape), in an
+ONNX model's metadata_props or in a zip appended to a TFLite file, so the output is recognized from
+that, never from its shape alone. A TFLite export's coordinates are fractions of the image (so that
+int8 keeps the scores' resolution); they are multiplied back by its width and height, where and as
+Ultralytics' LiteRT backend does. Each image's detections are the anchors whose best class scores
+over CONF (YOLOv5: whose objectness does, and the score is the class's probability times it), after
+non-maximum suppression within each class at IOU (oriented boxes on their probabilistic IoU, as
+Ultralytics' fast NMS), at most MAX_DET (YOLOv5's, YOLOv7's and YOLOv9's: V5_IOU, V5_MAX_DET): the
+predict defaults.
+Most confident first: boxes (x1, y1, x2, y2; an oriented box's axis-aligned bounds), scores, labels
+and the task's values per box, which ``device_agent.detections.compare`` pairs with the original's.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import numpy as np
 from device_agent.detections import as_objects, iou
 
 CONF, IOU, MAX_DET = 0.25, 0.7, 300
-V5_IOU, V5_MAX_DET = 0.45, 1000  # YOLOv5's detect.py defaults (its CONF is the same)
+V5_IOU, V5_MAX_DET = 0.45, 1000  # detect.py's defaults in YOLOv5's repository, and YOLOv7's and YOLOv9's
 CANDIDATES = 3000  # the most confident anchors non-maximum suppression looks at (Ultralytics: 30000)
 TASKS = ("detect", "pose", "segment", "obb")  # the tasks whose first output is a detection head
 PARTS = {"pose": "keypoints", "segment": "mask_coefficients", "obb": "xywhr"}  # the task's values per box
@@ -57,14 +58,8 @@ class Head:
     keypoint_values: int = 2  # (pose) values per keypoint: x, y and, where 3, visibility
     scale: tuple[int, int] | None = None  # (width, height) where coordinates are fractions of the image
     objectness: bool = False  # YOLOv5's layout: [anchors, 5 + classes], each box's objectness before its scores
-
-    @property
-    def iou(self) -> float:
-        return V5_IOU if self.objectness else IOU
-
-    @property
-    def max_det(self) -> int:
-        return V5_MAX_DET if self.objectness else MAX_DET
+    iou: float = IOU  # NMS's threshold, and how many detections it keeps: its predict's defaults
+    max_det: int = MAX_DET
 
 
 def metadata(path: Path, model_format: str, proto=None) -> dict:
@@ -96,7 +91,8 @@ def metadata(path: Path, model_format: str, proto=None) -> dict:
     if isinstance(meta.get("names"), list):  # (YOLOv5 before 7.0)
         meta["names"] = dict(enumerate(meta["names"]))
     if "task" not in meta and "stride" in meta and isinstance(meta.get("names"), dict):
-        meta.update(task="detect", objectness=True)  # (YOLOv5's and YOLOv7's exports write only these two)
+        # (YOLOv5's, YOLOv7's and YOLOv9's exports write only these two; which layout, the output says)
+        meta.update(task="detect", objectness=None)
     return meta
 
 
@@ -109,7 +105,9 @@ def head(model, runtime) -> Head | None:
     found = next((o for o in runtime.outputs if len(o.shape) == 3), None)
     if task not in TASKS or not isinstance(names, dict) or not names or found is None:
         return None
-    rows, objectness = meta["end2end"], meta.get("objectness", False)
+    rows, objectness, repository = meta["end2end"], meta.get("objectness", False), "objectness" in meta
+    if repository:  # (YOLOv5's [anchors, 5 + classes], or YOLOv9's, as YOLOv8's)
+        objectness = found.shape[2] == 5 + len(names)
     width = found.shape[2] if rows or objectness else found.shape[1]
     wanted = _per_box(task, meta)
     before = 6 if rows else 5 + len(names) if objectness else 4 + len(names)  # (what comes before the extra)
@@ -118,7 +116,7 @@ def head(model, runtime) -> Head | None:
         return None
     scale = _fractions_of(runtime.inputs[0].shape, meta, rows) if model.format == "tflite" else None
     return Head(found.name, len(names), rows, task, extra, meta["kpt_shape"][1] if task == "pose" else 2, scale,
-                objectness)
+                objectness, *((V5_IOU, V5_MAX_DET) if repository else (IOU, MAX_DET)))
 
 
 def _per_box(task: str, meta: dict) -> int | None:

@@ -491,7 +491,7 @@ YOLO_EXTRA = {"detect": 0, "pose": 6, "segment": 4, "obb": 1}  # values per box 
 
 
 def yolo(path: Path, size: int = 32, classes: int = 3, rows: bool = False, task: str = "detect",
-         yolov5: bool = False) -> Path:
+         repo: str = "ultralytics") -> Path:
     """An Ultralytics-style export (`yolo export format=onnx`): images [1, 3, size, size] -> two
     strided Convs -> output0 [1, 4 + classes + extra, anchors]: each anchor's box as centre x, centre
     y, width, height in pixels, then its class scores after a sigmoid, then the *task*'s values
@@ -499,11 +499,12 @@ def yolo(path: Path, size: int = 32, classes: int = 3, rows: bool = False, task:
     prototype masks [1, 4, size / 2, size / 2]; obb, the box's angle); with the metadata the exporter
     writes (task, names, stride, imgsz, kpt_shape). *rows*: output0 is instead the top rows of
     detections [1, anchors, 6 + extra] (x1, y1, x2, y2 — OBB: centre and size — score, class,
-    extra), as an end-to-end export's, metadata end2end. *yolov5*: output0 is [1, anchors, 5 + classes],
-    each box, its objectness and class probabilities (sigmoids), as YOLOv5's export gives it, with
-    only the metadata YOLOv5 writes (stride, names)."""
+    extra), as an end-to-end export's, metadata end2end. *repo* "yolov5": output0 is [1, anchors,
+    5 + classes], each box, its objectness and class probabilities (sigmoids), as YOLOv5's export
+    gives it, with only the metadata YOLOv5 writes (stride, names); "yolov9": the raw head as
+    Ultralytics', with YOLOv9's metadata, the same two."""
     rng = np.random.default_rng(7)
-    grid, extra = size // 4, YOLO_EXTRA[task]
+    grid, extra, yolov5 = size // 4, YOLO_EXTRA[task], repo == "yolov5"
     channels = 4 + yolov5 + classes + extra
     inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.4).astype(np.float32), "w1"),
              numpy_helper.from_array(np.zeros(8, np.float32), "b1"),
@@ -561,7 +562,7 @@ def yolo(path: Path, size: int = 32, classes: int = 3, rows: bool = False, task:
     names = {i: name for i, name in enumerate(["person", "bicycle", "car", "dog", "cat"][:classes])}
     meta = {"description": "Ultralytics YOLO11n model", "author": "Ultralytics", "task": task, "stride": 4,
             "batch": 1, "imgsz": [size, size], "names": names, "end2end": rows}
-    if yolov5:
+    if repo != "ultralytics":
         meta = {"stride": 4, "names": names}
     for key, value in {**meta, **({"kpt_shape": [2, 3]} if task == "pose" else {})}.items():
         entry = model.metadata_props.add()

@@ -80,7 +80,8 @@ def test_a_yolov5_export_is_decoded_with_its_objectness_and_its_own_thresholds()
                (12, 10, 8, 8, 0.9, 0.7, 0.1),  # 0.63, at IoU 0.6 with the first
                (30, 30, 4, 4, 0.2, 0.99, 0.0),  # objectness under 0.25: no candidate, however sure its class
                (30, 10, 4, 4, 0.5, 0.4, 0.45)]  # 0.225 at best
-    out = yolo.decoded({"out": np.array([anchors], np.float32)}, yolo.Head("out", 2, rows=False, objectness=True))
+    head = yolo.Head("out", 2, rows=False, objectness=True, iou=yolo.V5_IOU, max_det=yolo.V5_MAX_DET)
+    out = yolo.decoded({"out": np.array([anchors], np.float32)}, head)
     np.testing.assert_allclose(out["out.boxes"][0], [[6, 6, 14, 14]])
     np.testing.assert_allclose(out["out.scores"][0], [0.72], rtol=1e-6)
     out = yolo.decoded({"out": np.array([anchors], np.float32)[..., [0, 1, 2, 3, 5, 6]].transpose(0, 2, 1)},
@@ -88,24 +89,27 @@ def test_a_yolov5_export_is_decoded_with_its_objectness_and_its_own_thresholds()
     assert len(out["out.boxes"][0]) == 4  # (both of the overlapping pair, and each best class over 0.25)
 
 
-@pytest.mark.parametrize("task, rows, yolov5", [
-    ("detect", False, False), ("detect", True, False), ("pose", False, False), ("segment", False, False),
-    ("segment", True, False), ("obb", False, False), ("obb", True, False), ("detect", False, True)],
-    ids=["detect", "detect-rows", "pose", "segment", "segment-rows", "obb", "obb-rows", "yolov5"])
-def test_an_ultralytics_model_is_compressed_and_compared_by_its_detections(task, rows, yolov5, tmp_path):
+@pytest.mark.parametrize("task, rows, repo", [
+    ("detect", False, "ultralytics"), ("detect", True, "ultralytics"), ("pose", False, "ultralytics"),
+    ("segment", False, "ultralytics"), ("segment", True, "ultralytics"), ("obb", False, "ultralytics"),
+    ("obb", True, "ultralytics"), ("detect", False, "yolov5"), ("detect", False, "yolov9")],
+    ids=["detect", "detect-rows", "pose", "segment", "segment-rows", "obb", "obb-rows", "yolov5", "yolov9"])
+def test_an_ultralytics_model_is_compressed_and_compared_by_its_detections(task, rows, repo, tmp_path):
     """Its export says what its output is (metadata task, names): each image's detections, with the
     task's values per box, are what is compared, as any detector's, and static int8 leaves its decode
     in float. Before, the output [1, 7, 64] was read as a classifier's, and its "top-1 agreement" was
     the share of its 7 channels whose largest anchor was the same one. A segmenter's prototype masks
     beside the detections are compared as values, not as a map of 4 classes."""
-    model = ModelFile.open(graphs.yolo(tmp_path / "yolo.onnx", rows=rows, task=task, yolov5=yolov5))
+    model = ModelFile.open(graphs.yolo(tmp_path / "yolo.onnx", rows=rows, task=task, repo=repo))
     data = Dataset({"images": np.random.default_rng(3).random((12, 3, 32, 32), dtype=np.float32)}, None, "images")
     said = []
     report = run_recipe(model, load_recipe("int8-static", "onnx"), calib=data, eval_data=data, latency_runs=3,
                         workdir=tmp_path / "w", progress=said.append)
-    layout = ", YOLOv5's layout" if yolov5 else ""
+    layout = ", YOLOv5's layout" if repo == "yolov5" else ""
     assert any(f"is an Ultralytics YOLO model, task {task}{layout} (its metadata says so)" in line for line in said), \
         said
+    iou = 0.7 if repo == "ultralytics" else 0.45  # (YOLOv5's and YOLOv9's detect.py decode so)
+    assert any(line.endswith(f"NMS at IoU {iou}") for line in said), said
     original = report.original.outputs
     parts = {"output0.boxes", "output0.scores", "output0.labels"} | (
         {f"output0.{yolo.PARTS[task]}"} if task in yolo.PARTS else set())
