@@ -88,7 +88,7 @@ def metadata(path: Path, model_format: str, proto=None) -> dict:
     if not isinstance(meta.get("args", {}), dict):
         return {}
     meta["end2end"] = bool(meta.get("end2end") or meta.get("args", {}).get("nms"))
-    if isinstance(meta.get("names"), list):  # (YOLOv5 before 7.0)
+    if isinstance(meta.get("names"), list):  # (older YOLOv5 exports)
         meta["names"] = dict(enumerate(meta["names"]))
     if "task" not in meta and "stride" in meta and isinstance(meta.get("names"), dict):
         # (YOLOv5's, YOLOv7's and YOLOv9's exports write only these two; which layout, the output says)
