@@ -108,6 +108,10 @@ STREAM = ("FULLY_CONNECTED #3", "FULLY_CONNECTED #37", "FULLY_CONNECTED #53", "F
     # a position table resized to the grid of patches at every run (~100 ops of bicubic arithmetic on
     # constants), computed once: a per-channel constant, cut with the patch convolution's stream
     (FIXTURES / "resized_positions.tflite", 3, ()),
+    # YOLO's C2f split: a layer's channels in two windows (SLICEs), the first pruned, the second given
+    # out whole, its SLICE starting earlier by what the first lost (YOLO11n's TFLite export had not
+    # loaded: "Invalid begin and size")
+    (FIXTURES / "split_windows.tflite", 2, ()),
 ], ids=lambda v: getattr(v, "stem", None) or (str(v) if isinstance(v, int) else "stream-left" if v else "all"))
 def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_path, path, layers, exclude):
     """Half of each group's channels are exact zeros wherever pruning cuts: removing exactly those

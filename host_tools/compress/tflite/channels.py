@@ -29,6 +29,9 @@ from host_tools.compress.tflite.regions import Region, prunable, tiling, walked
 class Plan:
     groups: list[list[Region]]  # layers that lose the same channels
     skipped: dict[str, str]  # layer -> why its channels stay
+    # SLICEs that take windows of a layer's channels (YOLO's C2f split in two): each starts earlier by
+    # what was removed before it, whether its own window loses channels or stays whole
+    windows: frozenset[int] = frozenset()
 
     @property
     def regions(self) -> list[Region]:
@@ -48,7 +51,7 @@ class Plan:
 def plan_channel_pruning(tree, exclude: set[str] = frozenset()) -> Plan:
     g = Graph(tree)
     choices: list[list[Region]] = []  # per layer, the ways of pruning it
-    skipped = {}
+    skipped, slices = {}, set()
     for k in range(len(g.ops)):
         found = prunable(g, k)
         if found is None:
@@ -72,6 +75,7 @@ def plan_channel_pruning(tree, exclude: set[str] = frozenset()) -> Plan:
         path = region
         for window in windows or [None]:  # each window of a split layer is pruned on its own
             if window is not None:
+                slices.add(window[0])
                 window = (*window[:3], path)
                 region = walked(g, k, found, np.arange(window[2])[:, None], window)
             # a reshape split the channels: whole groups of them (heads) instead, each way that gets through
@@ -87,7 +91,7 @@ def plan_channel_pruning(tree, exclude: set[str] = frozenset()) -> Plan:
         else:
             groups.append(members)
     _untangle(g, groups, skipped)
-    return Plan(groups, skipped)
+    return Plan(groups, skipped, frozenset(slices))
 
 
 def _coarser(splits: list[np.ndarray]) -> list[np.ndarray]:
@@ -204,7 +208,6 @@ def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> Non
     removals: dict[tuple[int, int], dict[int, set[int]]] = {}  # (op, input) -> axis -> indices
     shrink: dict[int, dict[int, set[int]]] = {}  # tensor -> axis -> indices removed along it
     targets: set[tuple[int, int]] = set()
-    begins: set[int] = set()
     for group in plan.groups:
         channels = group[0].channels
         score = np.zeros(channels)
@@ -221,15 +224,16 @@ def prune_channels(tree, plan: Plan, ratio: float, criterion: str = "l1") -> Non
             for t, (axis, positions) in region.tensors.items():
                 shrink.setdefault(t, {}).setdefault(axis, set()).update(positions[gone].ravel().tolist())
             targets |= region.targets
-            begins |= region.begins
             if g.kinds[region.layer] == "DEPTHWISE_CONV_2D":
                 g.ops[region.layer].builtinOptions.depthMultiplier = keep
     _cut(g, removals, {k: g.conv_groups(k) for k, kind in enumerate(g.kinds) if kind == "CONV_2D"})
-    for k in begins:  # a window of a layer's channels starts earlier by what was removed before it
+    for k in plan.windows:  # a window of a layer's channels starts earlier by what was removed before it
         t, axis = g.input(k, 0), len(g.shape(g.input(k, 0))) - 1
-        begin = g.const(g.own(k, 1)).copy()
-        begin[axis] -= sum(i < begin[axis] for i in shrink.get(t, {}).get(axis, ()))
-        g.store(g.input(k, 1), begin)
+        begin = g.const(g.input(k, 1)).copy()
+        earlier = sum(i < begin[axis] for i in shrink.get(t, {}).get(axis, ()))
+        if earlier:
+            begin[axis] -= earlier
+            g.store(g.own(k, 1), begin)
     for k, position in targets:  # a shape constant follows the output's shape: its own copy, rewritten
         fewer = shrink.get(int(g.ops[k].outputs[0]), {})
         _shrink_target(g, k, position, {axis: len(gone) for axis, gone in fewer.items()})
