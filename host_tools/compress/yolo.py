@@ -119,6 +119,18 @@ def head(model, runtime) -> Head | None:
                 objectness, *((V5_IOU, V5_MAX_DET) if repository else (IOU, MAX_DET)))
 
 
+def channels_of(model, runtime, output_names: list[str]) -> dict[int, tuple[int, slice]]:
+    """Where *model* (loaded as *runtime*) is an Ultralytics export, {the index of its head among
+    *output_names*: (the axis of that output, samples first, along which each box's values lie,
+    where its scores after their sigmoid are)}: trainer.distill trains those as probabilities and
+    the rest (boxes in pixels, the task's values) each by its own spread; else {}."""
+    found = head(model, runtime)
+    if found is None or found.output not in output_names:
+        return {}
+    scores = slice(4, 5) if found.rows else slice(4, 5 + found.classes if found.objectness else 4 + found.classes)
+    return {output_names.index(found.output): (2 if found.rows or found.objectness else 1, scores)}
+
+
 def _per_box(task: str, meta: dict) -> int | None:
     """How many values per box *task* adds after the class scores: a pose model's kpt_shape
     [keypoints, values each] multiplied out, 1 angle, or 0 (for segment, which may have any number

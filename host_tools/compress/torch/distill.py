@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from device_agent.errors import ConfigError, NotApplicable
-from host_tools.compress import evaluate
+from host_tools.compress import evaluate, yolo
 from host_tools.compress.data import BoundData, Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import Pass, PassConfig, failing_as, register
@@ -86,7 +86,8 @@ class Distill(Pass):
                     Schedule(epochs=config.epochs, lr=config.lr, temperature=config.temperature,
                              labels_weight=config.labels_weight if bound.labels is not None else 0.0,
                              seed=config.seed),
-                    model.format, what=f"distilling into a {students.count(student)}-parameter student")
+                    model.format, what=f"distilling into a {students.count(student)}-parameter student",
+                    channels=yolo.channels_of(model, runtime, names[1]))
         out = workdir / f"{model.path.stem}.student.onnx"
         _export(student, bound, runtime, out)
         return ModelFile(out, "onnx")

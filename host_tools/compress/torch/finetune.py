@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from device_agent.errors import CompressionError, ConfigError
+from host_tools.compress import yolo
 from host_tools.compress.data import BoundData, Dataset, load_dataset
 from host_tools.compress.evaluate import bind, outputs_on
 from host_tools.compress.model import ModelFile
@@ -39,7 +40,8 @@ def recover(pruned: ModelFile, *, teacher: ModelFile, data: Dataset | str | None
     _check_same_as_runtime(trained, pruned, bound)
     distill(trained, inputs, [targets[name] for name in module.output_names], bound.labels,
             Schedule(epochs=epochs, lr=lr, labels_weight=labels_weight if bound.labels is not None else 0.0),
-            teacher.format, what="recovering the pruned model")
+            teacher.format, what="recovering the pruned model",
+            channels=yolo.channels_of(teacher, runtime, module.output_names))
     module.write_back(graph)
     out = Path(workdir) / f"{pruned.path.stem}.recovered{pruned.path.suffix}"
     save(graph, out)

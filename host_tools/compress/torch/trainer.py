@@ -11,6 +11,7 @@ flatten the targets to nearly uniform.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,10 +80,13 @@ def trainable(data: BoundData) -> None:
 
 
 def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np.ndarray],
-            labels: np.ndarray | None, schedule: Schedule, model_format: str, what: str = "training") -> float:
+            labels: np.ndarray | None, schedule: Schedule, model_format: str, what: str = "training",
+            channels: Mapping[int, tuple[int, slice]] | None = None) -> float:
     """Train *student* (called with the inputs in order, returning a tuple of outputs) to match
     *targets*, the outputs of a *model_format* teacher (which says where their class scores are:
-    evaluate.class_axis; a raw detection head's boxes are values, evaluate.box_outputs); returns
+    evaluate.class_axis; a raw detection head's boxes are values, evaluate.box_outputs; *channels*:
+    the outputs, by index, that hold values of several kinds along an axis, as a YOLO head's boxes
+    in pixels beside scores from 0 to 1: (that axis, where its scores are), see _head_loss); returns
     its loss on all of them afterwards. Training that ends with a
     higher loss than it started from gives the weights back as they were (a pruned model recovered
     on a few inputs can drift away from its teacher)."""
@@ -92,9 +96,11 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
     ts = [torch.from_numpy(np.ascontiguousarray(t)).float() for t in targets]
     indices = class_labels(labels, targets[0], model_format)  # (the first output's classes; IGNORED: none)
     ys = torch.from_numpy(indices) if indices is not None else None
-    scales = [t.var().clamp_min(1e-8) for t in ts]
-    boxes = box_outputs(dict(enumerate(targets)))
-    axes = [None if i in boxes else class_axis(t, model_format) for i, t in enumerate(targets)]
+    channels = channels or {}
+    scales = [_spread(t, channels[i][0] if i in channels else None) for i, t in enumerate(ts)]
+    heads = [channels.get(i) for i in range(len(ts))]
+    values = box_outputs(dict(enumerate(targets))) | set(channels)
+    axes = [None if i in values else class_axis(t, model_format) for i, t in enumerate(targets)]
     softmaxed = [probabilities(t, a) for t, a in zip(targets, axes)]
 
     def loss_on_all() -> float:
@@ -105,8 +111,9 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
                 part = slice(start, start + schedule.batch)
                 outs = student(*[x[part] for x in xs])
                 outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-                total += float(sum(_loss(o, t[part], None if ys is None else ys[part], s, a, p, schedule)
-                                   for o, t, s, a, p in zip(outs, ts, scales, axes, softmaxed))) * len(xs[0][part])
+                total += float(sum(_loss(o, t[part], None if ys is None else ys[part], s, a, p, schedule, h)
+                                   for o, t, s, a, p, h in zip(outs, ts, scales, axes, softmaxed, heads))
+                               ) * len(xs[0][part])
         return total / len(xs[0])
 
     before, start_state = loss_on_all(), {k: v.detach().clone() for k, v in student.state_dict().items()}
@@ -123,8 +130,8 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
             idx = order[start:start + schedule.batch]
             outs = student(*[x[idx] for x in xs])
             outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-            loss = sum(_loss(o, t[idx], None if ys is None else ys[idx], s, a, p, schedule)
-                       for o, t, s, a, p in zip(outs, ts, scales, axes, softmaxed))
+            loss = sum(_loss(o, t[idx], None if ys is None else ys[idx], s, a, p, schedule, h)
+                       for o, t, s, a, p, h in zip(outs, ts, scales, axes, softmaxed, heads))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -141,11 +148,13 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
 
 
 def _loss(out: torch.Tensor, target: torch.Tensor, labels, scale, axis: int | None, softmaxed: bool,
-          schedule: Schedule) -> torch.Tensor:
+          schedule: Schedule, head: tuple[int, slice] | None = None) -> torch.Tensor:
     """*axis*: where the target's class scores are (class_axis), or None for an output of other values;
     *softmaxed*: they are probabilities; so should the student's be (a pruned graph keeps its softmax, a
-    built-in student is given one), else its outputs are taken as its logits."""
+    built-in student is given one), else its outputs are taken as its logits. *head*: see _head_loss."""
     out = out.reshape(target.shape)
+    if head is not None:
+        return _head_loss(out, target, scale, *head)
     if axis is not None:
         out, target = out.movedim(axis, -1), target.movedim(axis, -1)  # the scores last
         if softmaxed:  # log-probabilities: the logits, up to a constant per sample
@@ -160,4 +169,28 @@ def _loss(out: torch.Tensor, target: torch.Tensor, labels, scale, axis: int | No
             hard = F.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1), ignore_index=IGNORED)
             return (1 - schedule.labels_weight) * soft + schedule.labels_weight * hard
         return soft
-    return F.mse_loss(out, target) / scale
+    return (F.mse_loss(out, target, reduction="none") / scale).mean()
+
+
+def _head_loss(out: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, axis: int, scores: slice) -> torch.Tensor:
+    """A detection head's loss: of the channels along *axis* at *scores* (each box's class scores
+    after their sigmoid), binary cross-entropy against the teacher's, whose gradient does not vanish
+    where a pruned model's scores sit at 0; of the others (boxes in pixels, keypoints, mask
+    coefficients), the squared error over each channel's own spread (*scale*, _spread)."""
+    count = target.shape[axis]
+    picked = torch.zeros(count, dtype=torch.bool)
+    picked[scores] = True
+    shape = [1] * target.dim()
+    shape[axis] = count
+    picked = picked.reshape(shape).expand_as(target)
+    bce = F.binary_cross_entropy(out[picked].clamp(0, 1), target[picked].clamp(0, 1))
+    rest = ~picked
+    return bce + ((out - target) ** 2 / scale)[rest].mean() if bool(rest.any()) else bce
+
+
+def _spread(target: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """The variance of *target*, or of each of its channels along *axis* (shaped to divide it)."""
+    if axis is None:
+        return target.var().clamp_min(1e-8)
+    others = [d for d in range(target.dim()) if d != axis]
+    return target.var(dim=others, keepdim=True).clamp_min(1e-6)
