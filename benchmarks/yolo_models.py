@@ -19,8 +19,8 @@ logits spread by 2 and offset so that 1 % of the anchors' best classes score ove
 (``scores_spread``): the detections of a random network that has some.
 
 Images: scikit-learn's two sample photographs (china.jpg, flower.jpg), 16 crops of SIZE x SIZE at
-random places and scales, RGB in [0, 1) as Ultralytics feeds them; calibration and evaluation on the
-same 16. A cell is the result's size as a multiple of the original's, then the share of detections
+random places and scales, RGB in [0, 1) as Ultralytics feeds them; calibration, channels-50's
+recovery (30 epochs) and evaluation on the same 16. A cell is the result's size as a multiple of the original's, then the share of detections
 that pair with the original's (IoU >= 0.5, the same class; edgefleet decodes the raw head as
 Ultralytics' predict does: host_tools/compress/yolo.py), then with ``--latency RUNS`` its p50 as a
 multiple of the original's (RUNS single-image calls each, interleaved, 1 thread).
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line  # noqa: E402
 from foreign_models import print_results, recipe_cells  # noqa: E402
 
-RECIPES = ("int8-dynamic", "int8-weights", "int8-static", "fp16")
+RECIPES = ("int8-dynamic", "int8-weights", "int8-static", "fp16", "channels-50")
 MODELS = ("yolov8n", "yolo11n", "yolo26n", "yolo11n-pose", "yolo11n-seg", "yolo11n-obb")
 IMAGES = 16
 

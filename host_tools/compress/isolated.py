@@ -310,10 +310,10 @@ def _loaded(model: ModelFile) -> None:
         pass
 
 
-def failure_on_zeros(model: ModelFile, runtime=None) -> str | None:
-    """None when *model* (*runtime*: loaded already) loads and runs on zeros; else why not, in one line."""
+def failure_on_zeros(model: ModelFile) -> str | None:
+    """None when *model* loads and runs on zeros; else why not, in one line."""
     try:
-        model.outputs_on_zeros(runtime)
+        model.outputs_on_zeros()
     except Exception as exc:  # noqa: BLE001 — each runtime raises its own (ModelError, RuntimeError, ValueError)
         return first_line(exc)
     return None

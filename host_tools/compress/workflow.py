@@ -16,7 +16,7 @@ from device_agent.bundle.archive import stored_size
 from device_agent.errors import CompressionError, ConfigError, ModelError, NotApplicable
 from host_tools.compress import evaluate, yolo
 from host_tools.compress.data import Dataset, load_dataset
-from host_tools.compress.isolated import RuntimeCrash, Sandbox, failure_on_zeros
+from host_tools.compress.isolated import RuntimeCrash, Sandbox
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import (DATA_FIELD, check_requirements, get_pass, make_config, progress,
                                         showing_progress)
@@ -199,7 +199,7 @@ class Evaluation:
                               f"nothing to compress it against") from None
         if self.data is None:
             # (one that does not load is refused, as with data: each result would be written out)
-            self.on_zeros = failure_on_zeros(model, model.load()) is None
+            self.on_zeros = self.sandbox.runs_on_zeros(model) is None
             return
         runtime = model.load()
         try:
