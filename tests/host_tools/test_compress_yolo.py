@@ -164,6 +164,25 @@ def test_an_ultralytics_tflite_export_is_read_by_the_metadata_appended_to_it(as_
     assert (json.loads(kept) if as_json else ast.literal_eval(kept)) == POSE_METADATA
 
 
+def test_a_tflite_obb_export_is_pruned_recovered_and_compared_by_its_turned_boxes(tmp_path):
+    """An oriented-box export decodes its boxes turned by their angle (COS and SIN in the graph):
+    channels-50 recovers it in PyTorch op by op, which had stopped at those two ops; each result is
+    compared by its detections, with the boxes themselves (centre, size, angle) in pixels."""
+    metadata = {**POSE_METADATA, "task": "obb", "names": {"0": "plane"}}
+    del metadata["kpt_shape"]
+    model = ModelFile.open(appended(shutil.copy(FIXTURES / "yolo_obb.tflite", tmp_path / "obb.tflite"), metadata,
+                                    as_json=True))
+    data = Dataset({"images": np.random.default_rng(6).random((12, 3, 32, 32), dtype=np.float32)}, None, "images")
+    report = run_recipe(model, load_recipe("channels-50", "tflite"), calib=data, eval_data=data, latency_runs=3,
+                        workdir=tmp_path / "w")
+    assert [s.status for s in report.steps] == ["ok"], [s.note for s in report.steps]
+    (name,) = {key.rsplit(".", 1)[0] for key in report.original.outputs}
+    turned = np.concatenate(list(report.original.outputs[f"{name}.xywhr"]))
+    assert len(turned) and 4 < turned[:, 0].max() < 32 and np.ptp(turned[:, 4]) > 0.1  # (pixels; angles apart)
+    assert report.result.fidelity.agreement == pytest.approx(
+        compare(report.original.outputs, report.result.outputs).agreement)
+
+
 def test_a_model_without_ultralytics_metadata_is_not_read_as_one(tmp_path):
     """The same TFLite file with no metadata appended, an ONNX export whose metadata names another
     task, and a pose model whose keypoints do not add up keep their outputs as they are: a head is

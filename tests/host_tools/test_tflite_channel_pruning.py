@@ -332,14 +332,15 @@ def test_fine_tuning_reads_each_graph_as_tflite_runs_it():
     """The PyTorch reading of a TFLite graph (which recovery trains) gives TFLite's outputs, on the
     reference models and the foreign ones: token ids and masks, an unrolled LSTM read both ways
     (REVERSE_V2), a GRU's state, grouped-query attention, a split Q/K/V layer, a U-Net's
-    TRANSPOSE_CONV and TensorFlow's, cropped to "same" padding."""
+    TRANSPOSE_CONV and TensorFlow's, cropped to "same" padding, YOLO's oriented boxes turned by COS
+    and SIN."""
     torch = pytest.importorskip("torch")
     from host_tools.compress.torch.tflite_module import TfliteModule
 
     paths = [MODELS / f"digits_{m}.tflite" for m in ("cnn", "vgg", "transformer")]
     paths += [FIXTURES / f"{m}.tflite" for m in ("detector", "mobile_blocks", "token_classifier", "fused_qkv",
                                                  "shared_layers", "text_encoder", "crnn_ocr", "streaming_kws", "u_net",
-                                                 "keras_upsample")]
+                                                 "keras_upsample", "yolo_obb")]
     for path in paths:
         runtime = ModelFile.open(path).load()
         module = TfliteModule(flatbuffer.read(path)[0])

@@ -301,6 +301,8 @@ _OPS = {
     "RSQRT": lambda a, o: torch.rsqrt(a[0]),
     "SQRT": lambda a, o: torch.sqrt(a[0]),
     "EXP": lambda a, o: torch.exp(a[0]),
+    "COS": lambda a, o: torch.cos(a[0]),
+    "SIN": lambda a, o: torch.sin(a[0]),
     "ABS": lambda a, o: torch.abs(a[0]),
     "NEG": lambda a, o: -a[0],
     "SQUARE": lambda a, o: a[0] * a[0],
