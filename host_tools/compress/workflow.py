@@ -198,7 +198,7 @@ class Evaluation:
             raise ConfigError(f"{model.path.name}: {str(exc).replace('running it', 'loading it')}; there is "
                               f"nothing to compress it against") from None
         if self.data is None:
-            # (one that does not load is refused, as with data: each result would be written out)
+            model.load()  # (one that does not load is refused, as with data: each result would be written out)
             self.on_zeros = self.sandbox.runs_on_zeros(model) is None
             return
         runtime = model.load()
