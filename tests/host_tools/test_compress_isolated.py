@@ -193,7 +193,8 @@ def test_an_original_the_runtime_dies_on_while_it_runs_the_data_is_one_line(tmp_
 
     def kill_the_child_as_it_runs(line: str) -> None:
         if line.startswith("evaluating the original"):
-            (child,) = [c.pid for c in psutil.Process().children() if "isolated import serve" in " ".join(c.cmdline())]
+            (child,) = [c.pid for c in psutil.Process().children()
+                        if c.status() != psutil.STATUS_ZOMBIE and "isolated import serve" in " ".join(c.cmdline())]
             threading.Timer(0.3, os.kill, (child, signal.SIGSEGV)).start()
 
     with pytest.raises(ConfigError) as raised:
