@@ -161,8 +161,9 @@ def test_an_original_that_kills_the_runtime_as_it_loads_is_one_line_and_exit_1(c
         assert "Traceback" not in done.stderr and not (tmp_path / "out.onnx").exists()
 
 
-def slow_model(path: Path, side: int = 384, layers: int = 30) -> ModelFile:
-    """[N, side, side] through *layers* MatMuls with one weight and Tanh: a few tenths of a second a sample."""
+def slow_model(path: Path, side: int = 384, layers: int = 200) -> ModelFile:
+    """[N, side, side] through *layers* MatMuls with one weight and Tanh: a quarter of a second a sample
+    or more (the fastest machine here: 8 samples in 2 s)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -181,7 +182,8 @@ def slow_model(path: Path, side: int = 384, layers: int = 30) -> ModelFile:
 
 def test_an_original_the_runtime_dies_on_while_it_runs_the_data_is_one_line(tmp_path):
     """The original runs on the evaluation data in the child too: the runtime dying there (here the
-    child is sent SIGSEGV while it runs) is one line, where it had taken the command down."""
+    child is sent SIGSEGV while it runs, 0.3 s into seconds of work) is one line, where it had taken
+    the command down."""
     import os
     import signal
     import threading
