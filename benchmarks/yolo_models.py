@@ -20,10 +20,11 @@ logits spread by 2 and offset so that 1 % of the anchors' best classes score ove
 
 Images: scikit-learn's two sample photographs (china.jpg, flower.jpg), 16 crops of SIZE x SIZE at
 random places and scales, RGB in [0, 1) as Ultralytics feeds them; calibration, channels-50's
-recovery (30 epochs) and evaluation on the same 16. A cell is the result's size as a multiple of the original's, then the share of detections
-that pair with the original's (IoU >= 0.5, the same class; edgefleet decodes the raw head as
-Ultralytics' predict does: host_tools/compress/yolo.py), then with ``--latency RUNS`` its p50 as a
-multiple of the original's (RUNS single-image calls each, interleaved, 1 thread).
+recovery (30 epochs) and evaluation on the same 16. A cell is the result's size as a multiple of
+the original's, then the share of detections that pair with the original's (IoU >= 0.5, the same
+class; edgefleet decodes the head as Ultralytics' predict does: host_tools/compress/yolo.py), then
+with ``--latency RUNS`` its p50 as a multiple of the original's (RUNS single-image calls each,
+interleaved, 1 thread).
 """
 
 from __future__ import annotations
