@@ -72,14 +72,14 @@ class Sandbox:
         it; RuntimeCrash where the runtime dies."""
         if self.in_process:
             return evaluate.outputs_on(model.load(), self.bound)
-        return self._ask("outputs", model)
+        return self._ask("outputs", model, model)
 
     def runs_on_zeros(self, model: ModelFile) -> str | None:
         """None when *model* loads and runs on zeros; else why not, in one line (a crash too)."""
         if self.in_process:
             return failure_on_zeros(model)
         try:
-            return self._ask("zeros", model)
+            return self._ask("zeros", model, model)
         except RuntimeCrash as exc:
             return str(exc)
 
@@ -87,7 +87,7 @@ class Sandbox:
         """RuntimeCrash where the runtime dies loading *model* (what it raises, it raises when the
         caller loads the model: not this method's to report)."""
         if not self.in_process:
-            self._ask("load", model)
+            self._ask("load", model, model)
 
     def bind(self, data: Dataset, model: ModelFile, runtime) -> BoundData:
         """evaluate.bind(*data*, *runtime*: *model* loaded here), with the model's runs on the first
@@ -98,7 +98,7 @@ class Sandbox:
             self.bound = evaluate.probed(bound, runtime, data.source)
             return self.bound
         self.hold(bound)
-        self.bound = replace(bound, **self._ask("probe", (model, data.source)))
+        self.bound = replace(bound, **self._ask("probe", (model, data.source), model))
         return self.bound
 
     def hold(self, bound: BoundData | None) -> None:
@@ -115,7 +115,7 @@ class Sandbox:
         if self.in_process or not _isolable(cls):
             return _run_pass(cls, config, model, workdir)
         try:
-            return self._ask("pass", (cls, config, model, workdir), say)
+            return self._ask("pass", (cls, config, model, workdir), model, say)
         except Unpicklable:  # (a config of the caller's own making, say: it runs here, as before)
             return _run_pass(cls, config, model, workdir)
         except RuntimeCrash as exc:
@@ -136,13 +136,13 @@ class Sandbox:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _ask(self, kind: str, request, say=None):
+    def _ask(self, kind: str, request, model: ModelFile, say=None):
+        """The child's answer to (*kind*, *request*), which runs *model* (or a pass on it)."""
         if self._child is None:
             self._child = _take(self.bound)
         answer = self._child.ask((kind, request), say)
         if answer is None:
             code, self._child = self._child.end(), None
-            model = request[2] if kind == "pass" else request[0] if kind == "probe" else request
             runtime = "ONNX Runtime" if model.format == "onnx" else "LiteRT"
             raise RuntimeCrash(f"{runtime} crashed running it ({_how(code)})", _how(code))
         status, value = answer
@@ -255,7 +255,7 @@ _CHILD = ("import sys; from multiprocessing.connection import Connection; "
 def serve(conn: Connection) -> None:
     """The child: hold the data it is given, run passes and models, until the other end closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # (Ctrl-C is the compress process's to handle)
-    bound = None
+    bound, loaded = None, _Loaded()
     while True:
         try:
             kind, value = conn.recv()
@@ -263,20 +263,22 @@ def serve(conn: Connection) -> None:
             return
         if kind == "data":
             bound = value
+            if value is None:  # (the command is over: what it loaded goes too)
+                loaded = _Loaded()
             conn.send(("ok", None))
             continue
         try:
             if kind == "load":
-                answer = ("ok", _loaded(value))
+                answer = ("ok", _loaded(value, loaded))
             elif kind == "zeros":
                 answer = ("ok", failure_on_zeros(value))
             elif kind == "pass":
                 answer = ("ok", _run_pass(*value, conn=conn))
             elif kind == "probe":  # (what the runs on the first samples found, kept here and sent back)
-                bound = evaluate.probed(bound, value[0].load(), value[1])
+                bound = evaluate.probed(bound, loaded(value[0]), value[1])
                 answer = ("ok", {name: getattr(bound, name) for name in _PROBED})
             else:
-                answer = ("ok", evaluate.outputs_on(value.load(), bound))
+                answer = ("ok", evaluate.outputs_on(loaded(value), bound))
         except EdgefleetError as exc:
             answer = ("raise", exc)
         except Exception:  # noqa: BLE001 — a fault of ours, not the model's: its traceback goes back
@@ -303,9 +305,28 @@ def _isolable(cls) -> bool:
     return cls.__module__ != "__main__" and "<locals>" not in cls.__qualname__
 
 
-def _loaded(model: ModelFile) -> None:
+class _Loaded:
+    """The model the child loaded last, kept: the original is loaded to see that it loads, then run
+    on the first samples, then on all of them, and each load of a large model takes seconds."""
+
+    def __init__(self) -> None:
+        self.key, self.runtime = None, None
+
+    def __call__(self, model: ModelFile):
+        try:
+            stat = model.path.stat()
+        except OSError:
+            return model.load()  # (which says what is missing)
+        key = (str(model.path), model.format, stat.st_mtime_ns, stat.st_size)
+        if key != self.key:
+            self.key, self.runtime = None, None  # (the last one freed before the next loads)
+            self.runtime, self.key = model.load(), key
+        return self.runtime
+
+
+def _loaded(model: ModelFile, loaded: _Loaded) -> None:
     try:
-        model.load()
+        loaded(model)
     except Exception:  # noqa: BLE001 — the caller loads it too, and reports what the runtime says
         pass
 
