@@ -65,7 +65,7 @@ def compare(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) ->
     model's *outputs* against the original's."""
     ref = {name: list(value) for name, value in reference.items()}
     out = {name: list(outputs[name]) for name in reference}
-    boxes, labels = _boxes_and_labels(ref)
+    boxes, labels = boxes_and_labels(ref)
     agreements, cosines, errors = [], [], []
     for i in range(len(next(iter(ref.values())))):
         if boxes:
@@ -86,7 +86,7 @@ def compare(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) ->
                       float(diff.max()) if diff.size else 0.0, float(diff.mean()) if diff.size else 0.0)
 
 
-def _boxes_and_labels(ref: dict[str, list[np.ndarray]]) -> tuple[str | None, str | None]:
+def boxes_and_labels(ref: dict[str, list[np.ndarray]]) -> tuple[str | None, str | None]:
     """The name of the output that holds boxes ([n, 4] floats in every sample), and of the one that
     holds their labels (integers, one per box), where the outputs have them."""
     boxes = next((name for name, values in ref.items() if values and all(map(is_boxes, values))), None)
@@ -105,7 +105,7 @@ def _paired_detections(ref: np.ndarray, out: np.ndarray, labels) -> list[tuple[i
     # (a box with no area, clipped flat against the image's edge, would overlap nothing, not even
     # itself: every box is given at least a thousandth of the coordinates' scale in each direction)
     least = 1e-3 * max(float(np.abs(ref).max()), float(np.abs(out).max()), 1.0)
-    overlap = iou(_corners(ref, least), _corners(out, least))
+    overlap = iou(corners(ref, least), corners(out, least))
     if labels:
         overlap = np.where(labels[0][:, None] == labels[1][None, :], overlap, 0.0)
     pairs, free = [], np.ones(len(out), bool)
@@ -118,7 +118,7 @@ def _paired_detections(ref: np.ndarray, out: np.ndarray, labels) -> list[tuple[i
     return pairs
 
 
-def _corners(boxes: np.ndarray, least: float = 0.0) -> np.ndarray:
+def corners(boxes: np.ndarray, least: float = 0.0) -> np.ndarray:
     """[n, 4] as (x1, y1, x2, y2), each side at least *least* long: as they are where every box has
     its far corner beyond its near one, else read as (centre x, centre y, width, height), as YOLO
     writes them."""

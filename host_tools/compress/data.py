@@ -3,9 +3,11 @@
 What a source may be:
 
 - ``data.npz``: one array per model input, named after it, samples along the first axis
-  (a single-input model may call it anything, e.g. ``x``); labels, if any, in ``y`` or ``labels``.
+  (a single-input model may call it anything, e.g. ``x``); labels, if any, in ``y`` or ``labels``,
+  or a detector's ground-truth boxes in ``label_boxes`` (``truth``).
 - a folder: one sample per ``.npy`` file (single-input models) or per ``.npz`` file (one array
-  per input), in file-name order; labels, if any, in ``labels.npy`` in the same folder.
+  per input), in file-name order; labels, if any, in ``labels.npy`` (or ``label_boxes.npy``) in
+  the same folder.
 - ``loader.py`` (a file defining ``load()``) or ``package.module:function``: returns what an
   ``.npz`` holds (a dict of arrays), or an iterable of samples (arrays or dicts of arrays),
   optionally as a pair ``(inputs, labels)``, or an iterable of ``(sample, label)`` pairs (what
@@ -31,6 +33,7 @@ import numpy as np
 
 from device_agent.arrays import in_width_of, read_npy, read_npz
 from device_agent.errors import UNREADABLE_ARRAYS, ConfigError
+from host_tools.compress import truth
 
 LABEL_NAMES = ("y", "labels")
 
@@ -203,7 +206,10 @@ def _read_npy(path: Path) -> np.ndarray:
 
 
 def _from_arrays(arrays: dict[str, Any], source: str) -> Dataset:
-    labels = next((np.asarray(arrays.pop(n)) for n in LABEL_NAMES if n in arrays), None)
+    boxes = arrays.pop(truth.NAME, None)
+    labels = next((_labels(arrays.pop(n), source) for n in LABEL_NAMES if n in arrays), None)
+    if boxes is not None and labels is not None:
+        raise ConfigError(f"{source}: both labels and {truth.NAME}: give a classifier's labels or a detector's boxes")
     if not arrays:
         raise ConfigError(f"{source}: no input arrays (only labels)")
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
@@ -216,7 +222,21 @@ def _from_arrays(arrays: dict[str, Any], source: str) -> Dataset:
         raise ConfigError(f"{source}: no samples")
     if labels is not None and len(labels) != count:
         raise ConfigError(f"{source}: {len(labels)} labels for {count} samples")
+    if isinstance(boxes, np.ndarray) and boxes.dtype != object:
+        labels = truth.from_table(boxes, count, source)
+    elif boxes is not None:  # (a loader's one array per sample)
+        if len(boxes) != count:
+            raise ConfigError(f"{source}: {truth.NAME} for {len(boxes)} samples, and there are {count}")
+        labels = truth.from_samples(boxes, source)
     return Dataset(arrays, labels, source)
+
+
+def _labels(labels, source: str) -> np.ndarray:
+    try:
+        return np.asarray(labels)
+    except ValueError:  # (numpy refuses a list of arrays of different lengths)
+        raise ConfigError(f"{source}: the labels differ in shape from sample to sample; a detector's boxes go in "
+                          f"{truth.NAME}, rows of ({truth.COLUMNS})") from None
 
 
 def _moved_batch(arrays: dict[str, np.ndarray], counts: dict[str, int]) -> str:
@@ -230,8 +250,10 @@ def _moved_batch(arrays: dict[str, np.ndarray], counts: dict[str, int]) -> str:
     return ""
 
 
-def _from_samples(samples: list, labels, source: str, files: list[str] | None = None) -> Dataset:
-    """*files*: the name of the file each sample came from (a folder's), for the errors."""
+def _from_samples(samples: list, labels, source: str, files: list[str] | None = None,
+                  extra: Mapping | None = None) -> Dataset:
+    """*files*: the name of the file each sample came from (a folder's), for the errors; *extra*:
+    what goes beside the samples' arrays (a folder's ground-truth boxes)."""
     if not samples:
         raise ConfigError(f"{source}: no samples")
     if all(isinstance(s, Mapping) for s in samples):
@@ -241,7 +263,7 @@ def _from_samples(samples: list, labels, source: str, files: list[str] | None = 
         arrays = {n: _stack([s[n] for s in samples], source, files, n) for n in names}
     else:
         arrays = {"x": _stack(samples, source, files)}
-    return _from_arrays({**arrays, **({"labels": labels} if labels is not None else {})}, source)
+    return _from_arrays({**arrays, **(extra or {}), **({"labels": labels} if labels is not None else {})}, source)
 
 
 def _stack(samples: list, source: str, files: list[str] | None = None, name: str | None = None) -> np.ndarray:
@@ -259,15 +281,16 @@ def _stack(samples: list, source: str, files: list[str] | None = None, name: str
 
 
 def _from_folder(folder: Path) -> Dataset:
-    labels_file = folder / "labels.npy"
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz") and p != labels_file)
+    labels_file, boxes_file = folder / "labels.npy", folder / f"{truth.NAME}.npy"
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz") and p not in (labels_file, boxes_file))
     if not files:
         raise ConfigError(f"{folder}: no .npy or .npz files")
     if {p.suffix for p in files} != {files[0].suffix}:
         raise ConfigError(f"{folder}: mix of .npy and .npz files; use one kind")
     samples = [_read_npy(p) if p.suffix == ".npy" else _read_npz(p) for p in files]
     labels = _read_npy(labels_file) if labels_file.is_file() else None
-    return _from_samples(samples, labels, str(folder), files=[p.name for p in files])
+    boxes = {truth.NAME: _read_npy(boxes_file)} if boxes_file.is_file() else {}
+    return _from_samples(samples, labels, str(folder), files=[p.name for p in files], extra=boxes)
 
 
 def _from_loader(spec: str) -> Dataset:

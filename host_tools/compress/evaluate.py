@@ -2,8 +2,9 @@
 
 Fidelity is measured output against output on the evaluation data: top-1 agreement and task
 accuracy (with labels) for classifier outputs, cosine similarity and max/mean absolute error
-for every output. Latency is measured for all models in the same interleaved rounds, so a
-noisy, shared machine slows each of them alike and the ratios stay honest.
+for every output; a detector's accuracy, where its labels are boxes, is its mAP50-95 (``truth``).
+Latency is measured for all models in the same interleaved rounds, so a noisy, shared machine
+slows each of them alike and the ratios stay honest.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from device_agent.detections import compare as compare_detections
 from device_agent.detections import unpadded
 from device_agent.errors import ConfigError, ModelError
-from host_tools.compress import detections
+from host_tools.compress import detections, truth
 from host_tools.compress.data import BoundData, Dataset
 from host_tools.compress.model import ModelFile
 
@@ -63,7 +64,7 @@ def probed(bound: BoundData, runtime, source: str) -> BoundData:
         except ModelError:
             runtime.run(bound.sample(0))
             bound = replace(bound, fixed_batch=True, batch_axis_unused=True)
-    if bound.labels is not None and np.asarray(bound.labels).dtype.kind in "UO":
+    if bound.labels is not None and np.asarray(bound.labels).dtype.kind in "UO" and not truth.is_truth(bound.labels):
         runtime.run(bound.sample(0))  # (the runtime learns a ZipMap's class labels as it runs)
         bound = replace(bound, labels=_indices_of_names(bound.labels, runtime, source))
     return bound
@@ -124,7 +125,7 @@ def class_labels(labels: np.ndarray | None, output: np.ndarray, model_format: st
     (text, fractions), or of which none names a class, would score every model 0 %, and the guard,
     measuring the drop between two zeros, would pass any model: refused."""
     axis = class_axis(output, model_format)
-    if labels is None or axis is None:
+    if labels is None or axis is None or truth.is_truth(labels):
         return None
     labels, classes = np.asarray(labels), output.shape[axis]
     if labels.shape == output.shape and labels.dtype.kind in "biuf" and labels.size and labels.min() >= 0 \
@@ -164,6 +165,8 @@ def scores_output(outputs: dict[str, np.ndarray], model_format: str) -> str:
 
 
 def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray | None, model_format: str) -> float | None:
+    if truth.is_truth(labels):
+        return truth.mean_average_precision(outputs, labels).map50_95
     first = outputs[scores_output(outputs, model_format)]
     indices = class_labels(labels, first, model_format)
     if indices is None:
@@ -174,7 +177,9 @@ def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray | None, model_fo
 
 
 def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
-             labels: np.ndarray | None, model_format: str) -> Fidelity:
+             labels: np.ndarray | None, model_format: str, scored: dict[str, np.ndarray] | None = None) -> Fidelity:
+    """*outputs* against *reference*, the original's; accuracy on *labels*, of *scored* where the
+    model's outputs are read otherwise for it (a YOLO's detections at `yolo val`'s threshold)."""
     missing = set(reference) - set(outputs)
     if missing:
         raise ModelError(f"the compressed model lacks output(s) {', '.join(sorted(missing))}")
@@ -211,7 +216,8 @@ def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
         cosines.append(rows.cosine)
         max_errors.append(rows.max_abs_error)
         mean_errors.append(rows.mean_abs_error)
-    return Fidelity(accuracy(outputs, labels, model_format), agreement, min(cosines), max(max_errors, default=0.0),
+    return Fidelity(accuracy(outputs if scored is None else scored, labels, model_format), agreement, min(cosines),
+                    max(max_errors, default=0.0),
                     float(np.mean(mean_errors)) if mean_errors else 0.0)
 
 

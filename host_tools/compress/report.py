@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from host_tools.compress import detections, workflow
+from host_tools.compress import detections, truth, workflow
 from host_tools.compress.workflow import CompressionReport, Measured, quality_drop
 
 NA = "n/a"
@@ -20,7 +20,8 @@ def report_table(report: CompressionReport, title: str = "compression"):
         ragged = any(detections.is_ragged(v) for v in (original.outputs or {}).values())
         caption.append(f"fidelity over {report.eval_samples} samples of {report.eval_source}"
                        + ("; top-1|cos: the share of detections that match the original's (IoU ≥ 0.5), drop: "
-                          "the share that do not" if ragged else
+                          + (f"points of acc, its {truth.METRIC}" if report.boxes else "the share that do not")
+                          if ragged else
                           "; top-1|cos: top-1 agreement with the original (classifiers), else cosine similarity"
                           + ("" if report.labels else "; no labels: drop = top-1 disagreement or 1 - cosine")))
     else:

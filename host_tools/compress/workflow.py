@@ -14,7 +14,7 @@ import numpy as np
 
 from device_agent.bundle.archive import stored_size
 from device_agent.errors import CompressionError, ConfigError, ModelError, NotApplicable
-from host_tools.compress import evaluate, yolo
+from host_tools.compress import evaluate, truth, yolo
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.isolated import RuntimeCrash, Sandbox
 from host_tools.compress.model import ModelFile
@@ -53,6 +53,7 @@ class CompressionReport:
     labels: bool
     latency_threads: int | None
     latency_where: str = "host CPU"
+    boxes: bool = False  # the labels are a detector's ground-truth boxes: accuracy is mAP50-95
     # --auto: steps are alternatives, not a chain; the one chosen (None: none qualified) and why
     chosen: Measured | None = None
     auto: Any = None
@@ -102,7 +103,8 @@ class CompressionReport:
             "original": row(self.original),
             "steps": [row(s) for s in self.steps],
             "result": {"label": self.result.label, "file": self.result.model.path.name},
-            "evaluation": {"data": self.eval_source, "samples": self.eval_samples, "labels": self.labels},
+            "evaluation": {"data": self.eval_source, "samples": self.eval_samples, "labels": self.labels,
+                           **({"accuracy": truth.METRIC} if self.boxes else {})},
             "latency_method": None if self.original.latency is None else self.latency_method,
             "host": {"machine": platform.machine(), "processor": _cpu_name(), "onnxruntime": ort_version,
                      "int8_products_saturate": u8s8_saturates()},
@@ -257,11 +259,14 @@ class Evaluation:
                 raise self._crashed(m.model, exc) from None
             m.status, m.note = "failed", f"{exc} on the evaluation data"
             return
+        scored = None
         if self.yolo is not None and self.yolo.output in m.outputs:  # (as the original's are: see yolo.py)
+            if truth.is_truth(self.bound.labels):  # (mAP: decoded as `yolo val` decodes them)
+                scored = yolo.decoded(m.outputs, yolo.for_validation(self.yolo))
             m.outputs = yolo.decoded(m.outputs, self.yolo)
         try:
             m.fidelity = evaluate.fidelity(self.original.outputs, m.outputs, self.bound.labels,
-                                           self.original.model.format)
+                                           self.original.model.format, scored)
         except ModelError as exc:  # it runs, but gives other outputs than the original
             m.status, m.note = "failed", str(exc)
 
@@ -289,7 +294,8 @@ class Evaluation:
         return CompressionReport(self.original, steps, recipe, None if self.data is None else self.data.source,
                                  0 if self.bound is None else len(self.bound),
                                  self.bound is not None and self.bound.labels is not None, threads,
-                                 latency_where=self.device_bench.where if self.device_bench else "host CPU")
+                                 latency_where=self.device_bench.where if self.device_bench else "host CPU",
+                                 boxes=self.bound is not None and truth.is_truth(self.bound.labels))
 
 
 # the file name suffix of each model format

@@ -23,7 +23,8 @@ Ultralytics' LiteRT backend does. Each image's detections are the anchors whose 
 over CONF (YOLOv5: whose objectness does, and the score is the class's probability times it), after
 non-maximum suppression within each class at IOU (oriented boxes on their probabilistic IoU, as
 Ultralytics' fast NMS), at most MAX_DET (YOLOv5's, YOLOv7's and YOLOv9's: V5_IOU, V5_MAX_DET): the
-predict defaults.
+predict defaults. Scored against ground-truth boxes (mAP, ``truth``), detections are decoded as
+`yolo val` decodes them instead (``for_validation``): every anchor over VAL_CONF.
 Most confident first: boxes (x1, y1, x2, y2; an oriented box's axis-aligned bounds), scores, labels
 and the task's values per box, which ``device_agent.detections.compare`` pairs with the original's.
 """
@@ -33,7 +34,7 @@ from __future__ import annotations
 import ast
 import json
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ from device_agent.detections import as_objects, iou
 
 CONF, IOU, MAX_DET = 0.25, 0.7, 300
 V5_IOU, V5_MAX_DET = 0.45, 1000  # detect.py's defaults in YOLOv5's repository, and YOLOv7's and YOLOv9's
+VAL_CONF, VAL_MAX_DET, V5_VAL_IOU = 0.001, 300, 0.6  # `yolo val`'s (at IOU), and YOLOv5's val.py's
 CANDIDATES = 3000  # the most confident anchors non-maximum suppression looks at (Ultralytics: 30000)
 TASKS = ("detect", "pose", "segment", "obb")  # the tasks whose first output is a detection head
 PARTS = {"pose": "keypoints", "segment": "mask_coefficients", "obb": "xywhr"}  # the task's values per box
@@ -60,6 +62,13 @@ class Head:
     objectness: bool = False  # YOLOv5's layout: [anchors, 5 + classes], each box's objectness before its scores
     iou: float = IOU  # NMS's threshold, and how many detections it keeps: its predict's defaults
     max_det: int = MAX_DET
+    conf: float = CONF  # the least score of a detection (over it)
+
+
+def for_validation(found: Head) -> Head:
+    """*found* decoded as its validation decodes it, for mAP: Ultralytics' `yolo val`, or YOLOv5's
+    val.py for its layout (YOLOv9's val.py uses Ultralytics' numbers)."""
+    return replace(found, conf=VAL_CONF, iou=V5_VAL_IOU if found.objectness else IOU, max_det=VAL_MAX_DET)
 
 
 def metadata(path: Path, model_format: str, proto=None) -> dict:
@@ -215,7 +224,7 @@ def _in_pixels(table: np.ndarray, found: Head) -> np.ndarray:
 def _rows(rows: np.ndarray, found: Head) -> tuple[np.ndarray, ...]:
     """One image's rows (box, score, class, extra) as (boxes, scores, labels[, extra]), most
     confident first."""
-    kept = rows[rows[:, 4] > CONF]
+    kept = rows[rows[:, 4] > found.conf]
     kept = kept[np.argsort(-kept[:, 4], kind="stable")]
     extra = kept[:, 6:]
     boxes = kept[:, :4]
@@ -233,13 +242,13 @@ def _detections(table: np.ndarray, found: Head) -> tuple[np.ndarray, ...]:
     if found.objectness:  # (YOLOv5: a box is a candidate where its objectness is over CONF, and a
         scores_all = scores_all * table[:, 4:5]  # class's score is its probability times that)
     labels, scores = scores_all.argmax(axis=1), scores_all.max(axis=1)
-    keep = np.flatnonzero((scores > CONF) & (table[:, 4] > CONF if found.objectness else True))
+    keep = np.flatnonzero((scores > found.conf) & (table[:, 4] > found.conf if found.objectness else True))
     keep = keep[np.argsort(-scores[keep], kind="stable")][:CANDIDATES]
     extra, labels, scores = table[keep, first + found.classes:], labels[keep], scores[keep]
     if found.task == "obb":
         extra = np.concatenate([table[keep, :4], extra], axis=1)
         boxes = _bounds(extra)
-        chosen = _rotated_nms(extra, labels)[:MAX_DET]
+        chosen = _rotated_nms(extra, labels)[:found.max_det]
     else:
         centre, size = table[keep, :2], table[keep, 2:4]
         boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
