@@ -30,11 +30,13 @@ class Fidelity:
     cosine: float  # worst output's mean per-sample cosine similarity to the original
     max_abs_error: float
     mean_abs_error: float
+    map50: float | None = None  # a detector's on labelled boxes, beside its mAP50-95 (accuracy)
 
     def as_dict(self) -> dict:
         # six significant digits, not decimals: a model whose outputs are ~1e-9 (random weights, a
         # regression target in small units) has errors that six decimals would write as 0.0
-        return {k: None if v is None else float(f"{float(v):.6g}") for k, v in asdict(self).items()}
+        return {k: None if v is None else float(f"{float(v):.6g}") for k, v in asdict(self).items()
+                if k != "map50" or v is not None}
 
 
 @dataclass(frozen=True)
@@ -165,8 +167,6 @@ def scores_output(outputs: dict[str, np.ndarray], model_format: str) -> str:
 
 
 def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray | None, model_format: str) -> float | None:
-    if truth.is_truth(labels):
-        return truth.mean_average_precision(outputs, labels).map50_95
     first = outputs[scores_output(outputs, model_format)]
     indices = class_labels(labels, first, model_format)
     if indices is None:
@@ -216,9 +216,11 @@ def fidelity(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
         cosines.append(rows.cosine)
         max_errors.append(rows.max_abs_error)
         mean_errors.append(rows.mean_abs_error)
-    return Fidelity(accuracy(outputs if scored is None else scored, labels, model_format), agreement, min(cosines),
-                    max(max_errors, default=0.0),
-                    float(np.mean(mean_errors)) if mean_errors else 0.0)
+    errors = (min(cosines), max(max_errors, default=0.0), float(np.mean(mean_errors)) if mean_errors else 0.0)
+    if truth.is_truth(labels):
+        precision = truth.mean_average_precision(outputs if scored is None else scored, labels)
+        return Fidelity(precision.map50_95, agreement, *errors, map50=precision.map50)
+    return Fidelity(accuracy(outputs, labels, model_format), agreement, *errors)
 
 
 def latencies(models: list[ModelFile], data: BoundData, *, runs: int = 200, rounds: int | None = None,

@@ -122,11 +122,12 @@ def test_a_yolo_model_is_guarded_on_its_map_decoded_as_yolo_val_decodes(tmp_path
     data = Dataset({"images": images}, truth.from_table(rows, len(images), "truth"), "truth")
     report = run_recipe(model, load_recipe("int8-static", "onnx"), calib=data, eval_data=data, latency_runs=3,
                         workdir=tmp_path / "w")
-    assert report.original.fidelity.accuracy == 1.0
+    assert report.original.fidelity.accuracy == 1.0 and report.original.fidelity.map50 == 1.0
     result = report.result
     assert result.fidelity.accuracy < 1.0 and result.fidelity.agreement > result.fidelity.accuracy
     doc = report.to_dict()
     assert doc["evaluation"]["accuracy"] == truth.METRIC
+    assert doc["steps"][-1]["fidelity"]["map50"] == pytest.approx(result.fidelity.map50, abs=1e-5)
     assert doc["steps"][-1]["drop_points"] == pytest.approx((1 - result.fidelity.accuracy) * 100, abs=1e-3)
 
 
