@@ -112,6 +112,12 @@ STREAM = ("FULLY_CONNECTED #3", "FULLY_CONNECTED #37", "FULLY_CONNECTED #53", "F
     # out whole, its SLICE starting earlier by what the first lost (YOLO11n's TFLite export had not
     # loaded: "Invalid begin and size")
     (FIXTURES / "split_windows.tflite", 2, ()),
+    # YOLO's C2f and SPPF (7 regions: the first convolution's two windows, each its own): the second
+    # half's channels joined at two places (as they are, and summed with the bottleneck's output),
+    # SPPF's map at four (it and its three max-pools); each place is an input channel of the
+    # convolution that reads the join (YOLO11n's TFLite export had left 12 layers whole: "read by
+    # CONV_2D along another axis")
+    (FIXTURES / "c2f_sppf.tflite", 7, ()),
 ], ids=lambda v: getattr(v, "stem", None) or (str(v) if isinstance(v, int) else "stream-left" if v else "all"))
 def test_pruned_channels_that_carry_nothing_leave_every_output_as_it_was(tmp_path, path, layers, exclude):
     """Half of each group's channels are exact zeros wherever pruning cuts: removing exactly those

@@ -199,7 +199,7 @@ def _walk(g: Graph, region: Region, start: int, axis: int, positions: np.ndarray
 def _follow(g: Graph, region: Region, k: int, position: int, t: int, axis: int, positions: np.ndarray):
     """What op *k* makes of the channels it reads at input *position*: tensors to follow on, or why not."""
     kind, rank, out = g.kinds[k], len(g.shape(t)), int(g.ops[k].outputs[0])
-    if kind in UNARY or (kind in POOLS and axis == rank - 1 and positions.shape[1] == 1):
+    if kind in UNARY or (kind in POOLS and axis == rank - 1):
         return [(out, axis, positions)]
     if kind in BINARY:
         return _binary(g, region, k, position, t, axis, positions)
@@ -225,7 +225,7 @@ def _read(g: Graph, region: Region, k: int, t: int, axis: int, positions: np.nda
         return f"read by {g.label(k)} as its input, with a computed weight"
     if not g.float_weight(g.input(k, 1)):
         return f"read by {g.label(k)}, whose weight is not float32"
-    if axis != rank - 1 or (kind == "CONV_2D" and positions.shape[1] != 1):
+    if axis != rank - 1:
         return f"read by {g.label(k)} along another axis"
     if g.shape(g.input(k, 1))[-1] != g.shape(t)[-1]:
         why = _grouped_read(g, region, k, t, positions)
@@ -236,7 +236,7 @@ def _read(g: Graph, region: Region, k: int, t: int, axis: int, positions: np.nda
 
 
 def _depthwise(g: Graph, region: Region, k: int, t: int, axis: int, positions: np.ndarray):
-    if axis != len(g.shape(t)) - 1 or positions.shape[1] != 1:
+    if axis != len(g.shape(t)) - 1:
         return f"feeds {g.label(k)}"
     if g.ops[k].builtinOptions.depthMultiplier != 1 or not g.float_weight(g.input(k, 1)):
         return f"feeds {g.label(k)} with a depth multiplier or a quantized weight"
