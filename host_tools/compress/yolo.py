@@ -47,6 +47,7 @@ VAL_CONF, VAL_MAX_DET, V5_VAL_IOU = 0.001, 300, 0.6  # `yolo val`'s (at IOU), an
 CANDIDATES = 3000  # the most confident anchors non-maximum suppression looks at (Ultralytics: 30000)
 TASKS = ("detect", "pose", "segment", "obb")  # the tasks whose first output is a detection head
 PARTS = {"pose": "keypoints", "segment": "mask_coefficients", "obb": "xywhr"}  # the task's values per box
+LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the ops that read a weight as their second input
 _PARSED = ("imgsz", "names", "kpt_shape", "args", "end2end")  # (what Ultralytics parses from text)
 
 
@@ -182,7 +183,9 @@ def decode_nodes(proto) -> list[str]:
             readers.setdefault(name, []).append(node)
     feeds_a_layer: set[str] = set()  # nodes from which a layer with weights is reached
     for node in reversed(graph.node):  # (in topological order: what reads a node's outputs comes after it)
-        if weights.intersection(node.input) or any(r.name in feeds_a_layer for out in node.output
+        # (a layer: an op with a weight; YOLOv5's anchor grid, a constant of several axes that a Mul
+        # reads, is the decode's)
+        if (node.op_type in LAYERS and weights.intersection(node.input[1:2])) or any(r.name in feeds_a_layer for out in node.output
                                                    for r in readers.get(out, ())):
             feeds_a_layer.add(node.name)
     return [n.name for n in graph.node if n.name and n.name not in feeds_a_layer and n.op_type != "Constant"]

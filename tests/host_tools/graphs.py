@@ -514,7 +514,8 @@ def yolo(path: Path, size: int = 32, classes: int = 3, rows: bool = False, task:
              numpy_helper.from_array(np.array([1, channels, grid * grid], np.int64), "flat"),
              numpy_helper.from_array(np.array([2, 2, classes + yolov5] + [extra] * bool(extra), np.int64), "parts"),
              numpy_helper.from_array(np.array(float(size), np.float32), "scale_xy"),
-             numpy_helper.from_array(np.array(size / 2, np.float32), "scale_wh")]
+             # (YOLOv5's: an anchor grid, a tensor of several axes [1, 2, 1], where Ultralytics' is a scalar)
+             numpy_helper.from_array(np.full((1, 2, 1) if yolov5 else (), size / 2, np.float32), "scale_wh")]
     split = ["xy", "wh", "cls"] + ["extra"] * bool(extra)
     nodes = [helper.make_node("Conv", ["images", "w1", "b1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c1"], ["r1"]),

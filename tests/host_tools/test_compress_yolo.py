@@ -205,6 +205,18 @@ def test_a_model_without_ultralytics_metadata_is_not_read_as_one(tmp_path):
     assert yolo.head(odd, odd.load()) is None  # (keypoints it cannot count: not read as a pose model)
 
 
+def test_the_decode_that_static_int8_leaves_in_float_is_everything_after_the_last_layer(tmp_path):
+    """Every node after the last Conv, YOLOv5's too: its anchor grid, a constant of several axes that
+    the boxes' sizes are multiplied by, is not a layer's weight (it had been taken for one, and the
+    boxes' arithmetic before it was quantized)."""
+    for repo in ("ultralytics", "yolov5"):
+        proto = onnx.load(str(graphs.yolo(tmp_path / f"{repo}.onnx", repo=repo)))
+        for i, node in enumerate(proto.graph.node):
+            node.name = f"{node.op_type}_{i}"
+        last = max(i for i, node in enumerate(proto.graph.node) if node.op_type == "Conv")
+        assert yolo.decode_nodes(proto) == [node.name for node in proto.graph.node[last + 1:]], repo
+
+
 class ScoresAndBoxes(torch.nn.Module):
     """[N, 8] -> [N, 4 + 2, 16], as a YOLO head: each anchor's box in pixels, then 2 class scores
     after their sigmoid; *bias*: the scores' logits start there."""
