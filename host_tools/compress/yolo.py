@@ -185,8 +185,8 @@ def decode_nodes(proto) -> list[str]:
     for node in reversed(graph.node):  # (in topological order: what reads a node's outputs comes after it)
         # (a layer: an op with a weight; YOLOv5's anchor grid, a constant of several axes that a Mul
         # reads, is the decode's)
-        if (node.op_type in LAYERS and weights.intersection(node.input[1:2])) or any(r.name in feeds_a_layer for out in node.output
-                                                   for r in readers.get(out, ())):
+        layer = node.op_type in LAYERS and weights.intersection(node.input[1:2])
+        if layer or any(r.name in feeds_a_layer for out in node.output for r in readers.get(out, ())):
             feeds_a_layer.add(node.name)
     return [n.name for n in graph.node if n.name and n.name not in feeds_a_layer and n.op_type != "Constant"]
 
