@@ -34,7 +34,9 @@ DATA_HELP = ".npz, a folder of .npy/.npz samples, or a loader (file.py defining 
 @click.option("--calib", help=f"Calibration inputs: {DATA_HELP}.")
 @click.option("--train", "train_data", help=f"Training inputs for distillation and pruning recovery, labels "
               f"optional (default: --calib): {DATA_HELP}.")
-@click.option("--eval", "eval_data", help=f"Evaluation inputs, labels optional: {DATA_HELP}.")
+@click.option("--eval", "eval_data", help=f"Evaluation inputs, labels optional (y or labels: class indices; "
+              f"label_boxes: a detector's boxes, rows of sample, class, x1, y1, x2, y2, scored by mAP50-95): "
+              f"{DATA_HELP}.")
 @click.option("--max-drop", type=FiniteRange(min=0), help="Accuracy guard: refuse (exit 1, write nothing) "
               "if the result loses more than this many points against the original.")
 @click.option("--auto", is_flag=True, help="Try a ladder of candidates (dynamic, static per-tensor/per-channel, "
