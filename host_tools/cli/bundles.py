@@ -76,8 +76,9 @@ def _provenance_line(doc: dict) -> str:
                  f"{result['size_bytes'] / original['size_bytes']:.2f}x size"]
         if result.get("latency_ratio") is not None:
             parts.append(f"{result['latency_ratio']:.2f}x p50")
-        if fidelity.get("accuracy") is not None:
-            parts.append(f"accuracy {fidelity['accuracy'] * 100:.2f}% (drop {result.get('drop_points', 0):+.2f})")
+        if fidelity.get("accuracy") is not None:  # (a detector's, on labelled boxes: its mAP50-95)
+            metric = "mAP50-95" if doc.get("evaluation", {}).get("accuracy") else "accuracy"
+            parts.append(f"{metric} {fidelity['accuracy'] * 100:.2f}% (drop {result.get('drop_points', 0):+.2f})")
         return ", ".join(parts)
     except (KeyError, TypeError, ZeroDivisionError):
         return json.dumps(doc)  # not written by `edgefleet compress`: show it as it is

@@ -141,3 +141,23 @@ def test_boxes_for_a_model_that_gives_no_detections_are_one_line(tmp_path):
     assert result.returncode == 1 and not out.exists() and "Traceback" not in result.stderr
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert "the labels are boxes (label_boxes), and the model gives no detections to score against them" in last
+
+
+def test_a_detectors_bundle_says_its_accuracy_is_map(tmp_path, keys):
+    """As a user runs it: label_boxes in the evaluation .npz, the report into a bundle, whose
+    provenance line names the accuracy for what it is."""
+    model = graphs.yolo(tmp_path / "yolo.onnx")
+    images = np.random.default_rng(4).random((8, 3, 32, 32), dtype=np.float32)
+    np.savez(tmp_path / "eval.npz", images=images,
+             label_boxes=np.array([[i, i % 3, 4, 4, 20, 24] for i in range(8)], np.float32))
+    out, report = tmp_path / "yolo.fp16.onnx", tmp_path / "report.json"
+    result = edgefleet("compress", model, "--recipe", "fp16", "--eval", tmp_path / "eval.npz", "-o", out,
+                       "--report", report, "--latency-runs", 10)
+    assert result.returncode == 0, result.stderr
+    assert "mAP50-95 against the labelled boxes" in " ".join(result.stdout.split())
+    bundle = tmp_path / "yolo.efb"
+    built = edgefleet("bundle", "build", out, "--name", "yolo", "--version", "1.0.0", "--key", keys["key"],
+                      "-o", bundle, "--compression-report", report)
+    assert built.returncode == 0, built.stderr
+    assert "fp16 -> " in (shown := edgefleet("bundle", "inspect", bundle).stdout) and "% (drop " in shown
+    assert "mAP50-95 " in shown and "accuracy " not in shown
