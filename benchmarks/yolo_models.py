@@ -61,11 +61,7 @@ def main() -> None:
     parser.add_argument("--format", choices=("onnx", "tflite"), default="onnx",
                         help="export to ONNX (opset 17), or to TFLite as Ultralytics does (litert-torch)")
     args = parser.parse_args()
-    if importlib.util.find_spec("ultralytics") is None:
-        sys.exit("this script needs Ultralytics: see the install lines at the top of benchmarks/yolo_models.py")
-    os.environ.setdefault("YOLO_OFFLINE", "1")  # (no update checks, no downloads)
-    os.environ.setdefault("YOLO_VERBOSE", "False")  # (its log goes to stdout, where the table goes)
-    warnings.filterwarnings("ignore")
+    offline_ultralytics("yolo_models.py")
     import ultralytics
 
     print(machine_line())
@@ -80,6 +76,16 @@ def main() -> None:
             rows.append((name, run(name, images, Path(tmp) / name, args)))
     print_results(rows, RECIPES, args.latency, max(map(len, args.models)), "detections per image (original)",
                   started, "agreement", "single-image")
+
+
+def offline_ultralytics(script: str) -> None:
+    """Stop where Ultralytics is not installed, pointing at *script*'s install lines; else keep it
+    from checking for updates or downloading, and its log off stdout, where the table goes."""
+    if importlib.util.find_spec("ultralytics") is None:
+        sys.exit(f"this script needs Ultralytics: see the install lines at the top of benchmarks/{script}")
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    warnings.filterwarnings("ignore")
 
 
 def photographs(size: int) -> np.ndarray:

@@ -30,18 +30,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
-import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line  # noqa: E402
+from yolo_models import offline_ultralytics  # noqa: E402
 
 RECIPES = ("int8-dynamic", "int8-weights", "int8-static", "fp16", "channels-50")
 CLASSES = ("circle", "square", "triangle")
@@ -60,11 +58,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
     parser.add_argument("--no-auto", action="store_true", help="skip --auto --max-drop 1")
     args = parser.parse_args()
-    if importlib.util.find_spec("ultralytics") is None:
-        sys.exit("this script needs Ultralytics: see the install lines at the top of benchmarks/yolo_trained.py")
-    os.environ.setdefault("YOLO_OFFLINE", "1")  # (no update checks, no downloads)
-    os.environ.setdefault("YOLO_VERBOSE", "False")  # (its log goes to stdout, where the table goes)
-    warnings.filterwarnings("ignore")
+    offline_ultralytics("yolo_trained.py")
     started = time.monotonic()
     print(machine_line())
     folder = args.work / f"{args.size}px-{args.images[0]}-{args.images[1]}"
