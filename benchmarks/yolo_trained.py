@@ -164,20 +164,21 @@ def validate(weights: Path, data: Path, size: int) -> str:
     return f"mAP50-95 {box.map:.3f}, mAP50 {box.map50:.3f}"
 
 
-def arrays(data: Path, split: str, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A split's images as the export takes them ([n, 3, H, W], RGB in [0, 1]) and their boxes as
-    label_boxes rows (sample, class, x1, y1, x2, y2 in pixels)."""
+def arrays(data: Path, split: str, count: int | None = None, channels_last: bool = False):
+    """A split's images as the export takes them ([n, 3, H, W], or [n, H, W, 3]; RGB in [0, 1]) and
+    their boxes as label_boxes rows (sample, class, x1, y1, x2, y2 in pixels)."""
     import cv2
 
     files = sorted((data.parent / "images" / split).glob("*.png"))[:count]
-    images = np.stack([cv2.imread(str(f))[:, :, ::-1].transpose(2, 0, 1) for f in files]) / np.float32(255)
-    size, rows = images.shape[-1], []
+    images = np.stack([cv2.imread(str(f))[:, :, ::-1] for f in files]) / np.float32(255)
+    images = images if channels_last else images.transpose(0, 3, 1, 2)
+    size, rows = images.shape[2], []
     for i, f in enumerate(files):
         for line in (data.parent / "labels" / split / f"{f.stem}.txt").read_text().split("\n"):
             if line:
                 c, cx, cy, w, h = map(float, line.split())
                 rows.append((i, c, (cx - w / 2) * size, (cy - h / 2) * size, (cx + w / 2) * size, (cy + h / 2) * size))
-    return images.astype(np.float32), np.array(rows)
+    return np.ascontiguousarray(images, np.float32), np.array(rows)
 
 
 def measure(exported: Path, data: Path, args) -> None:
@@ -186,10 +187,11 @@ def measure(exported: Path, data: Path, args) -> None:
     from host_tools.compress.truth import from_table
 
     model = ModelFile.open(exported)
-    feed = model.load().inputs[0].name
-    images, rows = arrays(data, "val")
+    spec = model.load().inputs[0]
+    feed, last = spec.name, spec.shape[-1] == 3  # (channels last: a TFLite export's [1, H, W, 3])
+    images, rows = arrays(data, "val", channels_last=last)
     heldout = Dataset({feed: images}, from_table(rows, len(images), "held-out"), "held-out images")
-    train_images, _ = arrays(data, "train", RECOVERY)
+    train_images, _ = arrays(data, "train", RECOVERY, channels_last=last)
     calib = Dataset({feed: train_images[:CALIBRATION]}, None, "training images")
     train = Dataset({feed: train_images}, None, "training images")
     print(f"{args.format}: {model.size_bytes / 1024:.0f} KiB; evaluation: {len(images)} held-out images, "
