@@ -59,6 +59,10 @@ def main() -> None:
     parser.add_argument("--no-auto", action="store_true", help="skip --auto --max-drop 1")
     args = parser.parse_args()
     offline_ultralytics("yolo_trained.py")
+    import torch
+    from torchvision_models import _import_torchvision
+
+    _import_torchvision(torch)  # (before Ultralytics imports it: see torchvision_models.py)
     started = time.monotonic()
     print(machine_line())
     folder = args.work / f"{args.size}px-{args.images[0]}-{args.images[1]}"
@@ -122,13 +126,11 @@ def drawn(rng, photos, size: int) -> tuple[np.ndarray, list[tuple]]:
 def trained(data: Path, folder: Path, size: int, epochs: int) -> Path:
     """YOLO11n trained on *data* from its configuration (once): its best weights."""
     import torch
-    from torchvision_models import _import_torchvision
+    from ultralytics import YOLO
 
     weights = folder / "weights" / "best.pt"
     if weights.is_file():
         return weights
-    _import_torchvision(torch)
-    from ultralytics import YOLO
 
     print(f"  training YOLO11n for {epochs} epochs", file=sys.stderr, flush=True)
     torch.manual_seed(0)
