@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from device_agent.errors import ConfigError, NotApplicable
+from host_tools.compress import yolo
 from host_tools.compress.data import Dataset, load_dataset
 from host_tools.compress.model import ModelFile
 from host_tools.compress.passes import Pass, PassConfig, failing_as, progress, register
@@ -70,6 +71,10 @@ class _LiteRtPass(Pass):
     def calibration(self, quantizer, model: ModelFile, config):
         return None
 
+    def kept_float(self, quantizer, model: ModelFile, data: bytes) -> str:
+        """Tell *quantizer* what to leave in float, after configure; what, said in a line (or "")."""
+        return ""
+
     def run(self, model, config, workdir):
         from litert_quantizer import quantizer as lq
 
@@ -89,12 +94,15 @@ class _LiteRtPass(Pass):
                 data = source.read_bytes()
             quantizer = lq.Quantizer(str(source))
             self.configure(quantizer, config, data)
+            kept = self.kept_float(quantizer, model, data)
             result = quantizer.quantize(self.calibration(quantizer, model, config))
             lstms = recurrent.LSTM_OP in flatbuffer.op_kinds(data)
             if result.quantized_model is None and not lstms:
                 raise NotApplicable(f"{model.path.name}: litert-quantizer found nothing to quantize")
             out.write_bytes(data if result.quantized_model is None else bytes(result.quantized_model))
             flatbuffer.restore_io_names(model.path, out)
+        if kept:
+            progress(f"      left in float: {kept}")
         if lstms:
             with failing_as(self.name, model):  # (outside _quiet: its lines are for the user)
                 self._say_lstms(out)
@@ -238,6 +246,33 @@ class TfliteFullInt8(_LiteRtPass):
             quantizer.add_dynamic_config(regex=config.layers, operation_name=TFLOperationName.EMBEDDING_LOOKUP,
                                          num_bits=8)
 
+    def kept_float(self, quantizer, model, data):
+        """An Ultralytics export's decode (yolo.decode_nodes: the ops after its last layer), as
+        onnx-static leaves it: one int8 scale for the output that joins boxes and scores rounds the
+        boxes, and there are no weights there to shrink."""
+        from litert_quantizer.algorithm_manager import AlgorithmName
+        from litert_quantizer.qtyping import TFLOperationName
+
+        if yolo.metadata(model.path, "tflite").get("task") not in yolo.TASKS:
+            return ""
+        graph = flatbuffer.operators(data)[0]
+        readers: dict[int, list[int]] = {}
+        for k, (_, inputs, _, _) in enumerate(graph):
+            for t in inputs:
+                readers.setdefault(t, []).append(k)
+        feeds_a_layer: set[int] = set()
+        for k in reversed(range(len(graph))):  # (in order of execution: what reads an op's outputs comes after)
+            if graph[k][0] in DECODE_ENDS or any(r in feeds_a_layer for t in graph[k][2] for r in readers.get(t, ())):
+                feeds_a_layer.add(k)
+        decode = [b";".join(graph[k][3]).decode(errors="replace") + ";"
+                  for k in range(len(graph)) if k not in feeds_a_layer and graph[k][3]]
+        if not decode:
+            return ""
+        quantizer.update_quantization_recipe(regex="^(?:" + "|".join(map(re.escape, decode)) + ")$",
+                                             operation_name=TFLOperationName.ALL_SUPPORTED,
+                                             algorithm_key=AlgorithmName.NO_QUANTIZE)
+        return f"{len(decode)} op(s) of an Ultralytics detector's decode, after its last layer"
+
     def calibration(self, quantizer, model, config):
         from ai_edge_litert.interpreter import Interpreter
 
@@ -256,6 +291,9 @@ class TfliteFullInt8(_LiteRtPass):
         by_tensor = dict(zip([s.name for s in runtime.inputs], signature["inputs"]))
         samples = [{by_tensor[name]: value for name, value in feeds.sample(i).items()} for i in range(len(feeds))]
         return quantizer.calibrate({key: samples})
+
+
+DECODE_ENDS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")  # its layers: the decode follows
 
 
 def joining_scope(data: bytes, ops: tuple[str, ...], joining: tuple[str, ...], layers: str = ".*",
