@@ -247,9 +247,9 @@ class TfliteFullInt8(_LiteRtPass):
                                          num_bits=8)
 
     def kept_float(self, quantizer, model, data):
-        """An Ultralytics export's decode (yolo.decode_nodes: the ops after its last layer), as
-        onnx-static leaves it: one int8 scale for the output that joins boxes and scores rounds the
-        boxes, and there are no weights there to shrink."""
+        """An Ultralytics export's decode, the ops after its last layer (DECODE_ENDS), left in float
+        as onnx-static leaves an ONNX export's (yolo.decode_nodes): one int8 scale for the output
+        that joins boxes and scores rounds the boxes, and there are no weights there to shrink."""
         from litert_quantizer.algorithm_manager import AlgorithmName
         from litert_quantizer.qtyping import TFLOperationName
 
