@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edgefleet-benchmarks" / "yolo-shapes",
                         help="where the data set and the trained model are kept between runs")
     parser.add_argument("--size", type=int, default=160, help="image size (a multiple of 32)")
+    parser.add_argument("--model", choices=("yolo11n", "yolov8n", "yolo26n"), default="yolo11n")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--images", type=int, nargs=2, default=(600, 100), metavar=("TRAIN", "HELDOUT"))
     parser.add_argument("--latency", type=int, default=200, metavar="RUNS", help="single-image calls per model")
@@ -67,9 +68,9 @@ def main() -> None:
     print(machine_line())
     folder = args.work / f"{args.size}px-{args.images[0]}-{args.images[1]}"
     data = shapes(folder / "shapes", args.size, *args.images)
-    weights = trained(data, folder / f"yolo11n-{args.epochs}", args.size, args.epochs)
+    weights = trained(data, folder / f"{args.model}-{args.epochs}", args.model, args.size, args.epochs)
     exported = export(weights, args.size, args.format)
-    print(f"YOLO11n trained {args.epochs} epochs on {args.images[0]} images of SHAPES, {args.size}x{args.size}; "
+    print(f"{args.model} trained {args.epochs} epochs on {args.images[0]} images of SHAPES, {args.size}x{args.size}; "
           f"Ultralytics' val of it: {validate(weights, data, args.size)}")
     measure(exported, data, args)
     print(f"\n({time.monotonic() - started:.0f} s in all)")
@@ -123,8 +124,8 @@ def drawn(rng, photos, size: int) -> tuple[np.ndarray, list[tuple]]:
     return np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8), boxes
 
 
-def trained(data: Path, folder: Path, size: int, epochs: int) -> Path:
-    """YOLO11n trained on *data* from its configuration (once): its best weights."""
+def trained(data: Path, folder: Path, name: str, size: int, epochs: int) -> Path:
+    """*name* (YOLO11n) trained on *data* from its configuration (once): its best weights."""
     import torch
     from ultralytics import YOLO
 
@@ -132,9 +133,9 @@ def trained(data: Path, folder: Path, size: int, epochs: int) -> Path:
     if weights.is_file():
         return weights
 
-    print(f"  training YOLO11n for {epochs} epochs", file=sys.stderr, flush=True)
+    print(f"  training {name} for {epochs} epochs", file=sys.stderr, flush=True)
     torch.manual_seed(0)
-    model, begun = YOLO("yolo11n.yaml"), time.monotonic()
+    model, begun = YOLO(f"{name}.yaml"), time.monotonic()
 
     def said(trainer) -> None:
         done = trainer.epoch + 1
