@@ -70,9 +70,10 @@ def from_samples(per_sample, source: str) -> np.ndarray:
     """A loader's one [n, 5] array (class, x1, y1, x2, y2) per sample, checked as from_table checks."""
     rows = []
     for i, boxes in enumerate(per_sample):
-        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5) if np.size(boxes) % 5 == 0 else None
-        if boxes is None:
-            raise ConfigError(f"{source}: {NAME} of sample {i} must be rows of (class, x1, y1, x2, y2)")
+        try:
+            boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
+        except (TypeError, ValueError):  # (not numbers, rows of other lengths, or not rows of 5)
+            raise ConfigError(f"{source}: {NAME} of sample {i} must be rows of (class, x1, y1, x2, y2)") from None
         rows.append(np.column_stack([np.full(len(boxes), i), boxes]))
     return from_table(np.concatenate(rows) if rows else np.zeros((0, 6)), len(rows), source)
 

@@ -95,6 +95,11 @@ def test_label_boxes_come_from_an_npz_a_folder_or_a_loader_and_bad_rows_are_one_
         np.savez(tmp_path / "bad.npz", images=images, label_boxes=np.array(rows, np.float32))
         with pytest.raises(ConfigError, match=re.escape(said)):
             load_dataset(str(tmp_path / "bad.npz"))
+    for rows in ("[[1, 0, 0, 4]]", "[[1, 0, 0, 4, 4], [2, 0]]", "[['a', 0, 0, 4, 4]]"):  # (a loader's, per sample)
+        (tmp_path / "odd.py").write_text("import numpy as np\ndef load():\n"
+                                         f"    return {{'images': np.zeros((1, 1, 8, 8)), 'label_boxes': [{rows}]}}\n")
+        with pytest.raises(ConfigError, match=re.escape("label_boxes of sample 0 must be rows of (class, x1")):
+            load_dataset(str(tmp_path / "odd.py"))
     np.savez(tmp_path / "both.npz", images=images, labels=np.zeros(3), label_boxes=table)
     with pytest.raises(ConfigError, match="both labels and label_boxes"):
         load_dataset(str(tmp_path / "both.npz"))
