@@ -177,18 +177,27 @@ def decode_nodes(proto) -> list[str]:
         return []
     graph = proto.graph
     weights = {i.name for i in graph.initializer if len(i.dims) >= 2}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    feeds_a_layer: set[str] = set()  # nodes from which a layer with weights is reached
-    for node in reversed(graph.node):  # (in topological order: what reads a node's outputs comes after it)
-        # (a layer: an op with a weight; YOLOv5's anchor grid, a constant of several axes that a Mul
-        # reads, is the decode's)
-        layer = node.op_type in LAYERS and weights.intersection(node.input[1:2])
-        if layer or any(r.name in feeds_a_layer for out in node.output for r in readers.get(out, ())):
-            feeds_a_layer.add(node.name)
-    return [n.name for n in graph.node if n.name and n.name not in feeds_a_layer and n.op_type != "Constant"]
+    # (a layer: an op with a weight; YOLOv5's anchor grid, a constant of several axes that a Mul
+    # reads, is the decode's)
+    ops = [(n.op_type in LAYERS and bool(weights.intersection(n.input[1:2])), n.input, n.output) for n in graph.node]
+    return [graph.node[k].name for k in after_layers(ops)
+            if graph.node[k].name and graph.node[k].op_type != "Constant"]
+
+
+def after_layers(ops) -> list[int]:
+    """The indices of *ops*, in order of execution, each (whether it is a layer with weights, its
+    inputs, its outputs), from which no layer is reached: a detector's decode, in an ONNX graph
+    (decode_nodes) or a TFLite one (tflite-int8's kept_float)."""
+    readers: dict = {}
+    for k, (_, inputs, _) in enumerate(ops):
+        for name in inputs:
+            readers.setdefault(name, []).append(k)
+    feeds_a_layer: set[int] = set()
+    for k in reversed(range(len(ops))):  # (what reads an op's outputs comes after it)
+        layer, _, outputs = ops[k]
+        if layer or any(r in feeds_a_layer for out in outputs for r in readers.get(out, ())):
+            feeds_a_layer.add(k)
+    return [k for k in range(len(ops)) if k not in feeds_a_layer]
 
 
 def decoded(outputs: dict[str, np.ndarray], found: Head) -> dict[str, np.ndarray]:

@@ -256,16 +256,8 @@ class TfliteFullInt8(_LiteRtPass):
         if yolo.metadata(model.path, "tflite").get("task") not in yolo.TASKS:
             return ""
         graph = flatbuffer.operators(data)[0]
-        readers: dict[int, list[int]] = {}
-        for k, (_, inputs, _, _) in enumerate(graph):
-            for t in inputs:
-                readers.setdefault(t, []).append(k)
-        feeds_a_layer: set[int] = set()
-        for k in reversed(range(len(graph))):  # (in order of execution: what reads an op's outputs comes after)
-            if graph[k][0] in DECODE_ENDS or any(r in feeds_a_layer for t in graph[k][2] for r in readers.get(t, ())):
-                feeds_a_layer.add(k)
-        decode = [b";".join(graph[k][3]).decode(errors="replace") + ";"
-                  for k in range(len(graph)) if k not in feeds_a_layer and graph[k][3]]
+        ops = [(kind in DECODE_ENDS, inputs, outputs) for kind, inputs, outputs, _ in graph]
+        decode = [b";".join(graph[k][3]).decode(errors="replace") + ";" for k in yolo.after_layers(ops) if graph[k][3]]
         if not decode:
             return ""
         quantizer.update_quantization_recipe(regex="^(?:" + "|".join(map(re.escape, decode)) + ")$",
