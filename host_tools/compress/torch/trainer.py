@@ -116,17 +116,20 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
     axes = [None if i in values else class_axis(t, model_format) for i, t in enumerate(targets)]
     softmaxed = [probabilities(t, a) for t, a in zip(targets, axes)]
 
+    def loss_of(part) -> torch.Tensor:
+        """The student's loss on the samples *part* (a slice or indices), summed over its outputs."""
+        outs = student(*[x[part] for x in xs])
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        return sum(_loss(o, t[part], None if ys is None else ys[part], s, a, p, schedule, h)
+                   for o, t, s, a, p, h in zip(outs, ts, scales, axes, softmaxed, heads))
+
     def loss_on_all() -> float:
         student.eval()
         with torch.no_grad():
             total = 0.0
             for start in range(0, len(xs[0]), schedule.batch):
                 part = slice(start, start + schedule.batch)
-                outs = student(*[x[part] for x in xs])
-                outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-                total += float(sum(_loss(o, t[part], None if ys is None else ys[part], s, a, p, schedule, h)
-                                   for o, t, s, a, p, h in zip(outs, ts, scales, axes, softmaxed, heads))
-                               ) * len(xs[0][part])
+                total += float(loss_of(part)) * len(xs[0][part])
         return total / len(xs[0])
 
     batch = schedule.detector_batch(len(xs[0])) if channels else schedule.batch
@@ -143,10 +146,7 @@ def distill(student: torch.nn.Module, inputs: list[np.ndarray], targets: list[np
         total = 0.0
         for start in range(0, len(order), batch):
             idx = order[start:start + batch]
-            outs = student(*[x[idx] for x in xs])
-            outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-            loss = sum(_loss(o, t[idx], None if ys is None else ys[idx], s, a, p, schedule, h)
-                       for o, t, s, a, p, h in zip(outs, ts, scales, axes, softmaxed, heads))
+            loss = loss_of(idx)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
