@@ -97,11 +97,17 @@ def photographs(size: int) -> np.ndarray:
     crops = []
     for i in range(IMAGES):
         photo = photos[i % len(photos)]
-        side = int(rng.integers(min(photo.shape[:2]) // 2, min(photo.shape[:2]) + 1))
-        top, left = (int(rng.integers(0, photo.shape[k] - side + 1)) for k in (0, 1))
-        pick = (np.arange(size) * side // size)
-        crops.append(photo[top + pick][:, left + pick].transpose(2, 0, 1))
+        crops.append(crop(rng, photo, size, min(photo.shape[:2]) // 2).transpose(2, 0, 1))
     return (np.stack(crops) / 255.0).astype(np.float32)
+
+
+def crop(rng, photo: np.ndarray, size: int, least: int) -> np.ndarray:
+    """A square of *photo* (HWC) at a random place, of a random side from *least* to the photo's
+    shorter side, resized to *size* (nearest pixel)."""
+    side = int(rng.integers(least, min(photo.shape[:2]) + 1))
+    top, left = (int(rng.integers(0, photo.shape[k] - side + 1)) for k in (0, 1))
+    pick = np.arange(size) * side // size
+    return photo[top + pick][:, left + pick]
 
 
 def run(name: str, images: np.ndarray, work: Path, args) -> dict:

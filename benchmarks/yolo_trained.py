@@ -4,8 +4,8 @@ yolo_models.py's networks have random weights: a compressed one can only be comp
 original, detection by detection. This script trains one, so that what each recipe costs is
 measured as a detector's users measure it. It draws a data set (SHAPES: 1 to 4 circles, squares
 and triangles of random colours and sizes over crops of scikit-learn's two sample photographs,
-darkened, with noise; SIZE x SIZE), trains Ultralytics' YOLO11n on it from its configuration
-(nothing is downloaded; ~30 s an epoch on 2 cores), exports it as `yolo export format=onnx` does
+darkened, with noise; SIZE x SIZE), trains Ultralytics' YOLO11n (or --model) on it from its
+configuration (nothing is downloaded; 17-27 s an epoch on 2 cores), exports it as `yolo export format=onnx` does
 (opset 17, no simplification), and runs each recipe: calibration on 64 training images,
 channels-50's recovery on 256 of them (unlabelled: distilled from the original), evaluation on the
 held-out images with their boxes (``label_boxes``). The data set and the trained model are kept in
@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line  # noqa: E402
-from yolo_models import offline_ultralytics  # noqa: E402
+from yolo_models import crop, offline_ultralytics  # noqa: E402
 
 RECIPES = ("int8-dynamic", "int8-weights", "int8-static", "fp16", "channels-50")
 CLASSES = ("circle", "square", "triangle")
@@ -102,11 +102,7 @@ def shapes(root: Path, size: int, train: int, heldout: int) -> Path:
 
 def drawn(rng, photos, size: int) -> tuple[np.ndarray, list[tuple]]:
     """One image (RGB, uint8) and its boxes (class, x1, y1, x2, y2 in pixels)."""
-    photo = photos[int(rng.integers(len(photos)))]
-    side = int(rng.integers(size, min(photo.shape[:2]) + 1))
-    top, left = (int(rng.integers(0, photo.shape[k] - side + 1)) for k in (0, 1))
-    pick = np.arange(size) * side // size
-    image = photo[top + pick][:, left + pick].astype(np.float32) * 0.6
+    image = crop(rng, photos[int(rng.integers(len(photos)))], size, size).astype(np.float32) * 0.6
     y, x = np.mgrid[0:size, 0:size] + 0.5
     boxes = []
     for _ in range(int(rng.integers(1, 5))):
